@@ -1,0 +1,29 @@
+# The whole fleet in one evaluation. The reconciler writes fleetFile from the
+# validated host definitions:  { "hosts": { "<name>": <normalised host> } }
+#
+#   nix-instantiate --eval --strict --json fleet.nix -A images ...   # change detection
+#   nix-build fleet.nix -A 'hosts."web-1".artifacts' --argstr version 3 ...
+{ fleetFile
+, repoDir                       # checkout of the config repository (packages/ lives there)
+, toolchainDir ? null           # staged by toolchain/import-debian.sh
+, toolchain ? import ./toolchain-debian.nix { dir = toolchainDir; }
+, version ? "0"                 # release number, only baked into the artifacts step
+}:
+let
+  fleet = builtins.fromJSON (builtins.readFile fleetFile);
+  repo = /. + repoDir;
+  # One instance per package name, shared by every host using it.
+  packageNames = builtins.concatMap
+    (h: map (s: s.package) (builtins.attrValues h.services))
+    (builtins.attrValues fleet.hosts);
+  packages = builtins.listToAttrs (map
+    (p: { name = p; value = import (repo + "/packages/${p}.nix") { inherit toolchain; }; })
+    (builtins.filter (p: p != "busybox") packageNames));
+  mkHost = import ./host.nix { inherit toolchain packages version; };
+  hosts = builtins.mapAttrs (_: mkHost) fleet.hosts;
+in
+{
+  inherit hosts toolchain;
+  # Change detection keys on the version-independent image derivation.
+  images = builtins.mapAttrs (_: h: h.image.drvPath) hosts;
+}

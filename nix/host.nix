@@ -1,0 +1,120 @@
+# One host: a version-independent image (root tree + AppImage), then the release
+# artifacts, which add only what names the release number (ACI manifest, file names).
+{ toolchain, packages, version }:
+host:
+let
+  bb = toolchain.busybox;
+  name = host.name;
+  q = s: "'" + builtins.replaceStrings [ "'" ] [ "'\\''" ] s + "'";
+  lines = builtins.concatStringsSep "\n";
+  has = f: builtins.elem f host.formats;
+
+  # Busybox applets on PATH inside the builder, which starts with none.
+  prelude = ''
+    set -eu
+    ${bb} mkdir -p "$TMPDIR/bin"
+    for a in $(${bb} --list); do ${bb} ln -sf ${bb} "$TMPDIR/bin/$a"; done
+    export PATH="$TMPDIR/bin"
+  '';
+
+  usedPackages = builtins.attrNames (builtins.listToAttrs (map
+    (s: { name = s.package; value = null; })
+    (builtins.attrValues host.services)));
+
+  services = import ./services.nix { inherit toolchain name; services = host.services; };
+
+  net = host.network;
+  networkEnv = builtins.toFile "network.env" (lines (
+    [ "HOSTNAME=${name}" ]
+    ++ (if net ? address then [ "ADDRESS=${net.address}" ] else [ ])
+    ++ (if net ? gateway then [ "GATEWAY=${net.gateway}" ] else [ ])
+    ++ (if net ? dns then [ "DNS=${q (builtins.concatStringsSep " " net.dns)}" ] else [ ])
+  ) + "\n");
+  hostJson = builtins.toFile "host.json" (builtins.toJSON host);
+  desktop = builtins.toFile "${name}.desktop" ''
+    [Desktop Entry]
+    Type=Application
+    Name=${name}
+    Exec=AppRun
+    Icon=${name}
+    Categories=System;
+    Terminal=true
+  '';
+  icon = ./icon.svg;
+
+  installFiles = lines (map
+    (p: "install_file ${q p} ${builtins.toFile "host-file" host.files.${p}}")
+    (builtins.attrNames host.files));
+
+  image = derivation {
+    name = "host-${name}-image";
+    system = "x86_64-linux";
+    builder = bb;
+    args = [ "sh" "-c" ''
+      ${prelude}
+      install_file() { mkdir -p "$(dirname "$1")"; cp "$2" "$1"; }
+      mkdir -p "$out/root"
+      cd "$out/root"
+      ${lines (map (p: "cp -RP ${packages.${p}}/. . && chmod -R u+w .")
+                   (builtins.filter (p: p != "busybox") usedPackages))}
+      cp -RP ${services}/. .
+      chmod -R u+w .
+      mkdir -p bin etc/reconciler
+      cp ${bb} bin/busybox
+      cp ${hostJson} etc/reconciler/host.json
+      cp ${networkEnv} etc/reconciler/network.env
+      ${installFiles}
+      cp ${desktop} ${name}.desktop
+      cp ${icon} ${name}.svg
+      ln -sf ${name}.svg .DirIcon
+      chmod -R u+w,go-w,a+rX .
+      ${if has "appimage" then ''
+        ${toolchain.mksquashfs} . "$TMPDIR/payload.squashfs" -noappend -quiet \
+          -all-root -no-xattrs -mkfs-time 0 -all-time 0
+        cat ${toolchain.runtimeBin}/runtime "$TMPDIR/payload.squashfs" > "$out/image.AppImage"
+        chmod 555 "$out/image.AppImage"
+      '' else ""}
+    '' ];
+  };
+
+  manifest = builtins.toFile "manifest" (builtins.toJSON {
+    acKind = "ImageManifest";
+    acVersion = "0.8.11";
+    inherit name;
+    labels = [
+      { name = "version"; value = version; }
+      { name = "os"; value = "linux"; }
+      { name = "arch"; value = "amd64"; }
+    ];
+    app = {
+      exec = [ "/AppRun" ];
+      user = "0";
+      group = "0";
+      environment = [ { name = "APPDIR"; value = "/"; } ];
+    };
+  });
+
+  artifacts = derivation {
+    name = "host-${name}-${version}";
+    system = "x86_64-linux";
+    builder = bb;
+    args = [ "sh" "-c" ''
+      ${prelude}
+      mkdir -p "$out"
+      ${if has "aci" then ''
+        mkdir "$TMPDIR/aci"
+        cp ${manifest} "$TMPDIR/aci/manifest"
+        cp -RP ${image}/root "$TMPDIR/aci/rootfs"
+        ${toolchain.tar} -C "$TMPDIR/aci" -cf "$out/${name}-${version}-linux-amd64.aci" \
+          --sort=name --format=gnu --owner=0 --group=0 --numeric-owner --mtime=@1 \
+          --mode=u+w --no-acls --no-xattrs --no-selinux manifest rootfs
+      '' else ""}
+      ${if has "appimage" then ''
+        ln -s ${image}/image.AppImage "$out/${name}-${version}-x86_64.AppImage"
+      '' else ""}
+    '' ];
+  };
+in
+{
+  inherit image artifacts;
+}

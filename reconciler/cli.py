@@ -1,0 +1,174 @@
+"""Command line: `reconciler COMMAND ...`. Errors become one line, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import FrameType
+
+from reconciler import __version__, log
+from reconciler.config import Config, load_config
+from reconciler.errors import ReconcilerError
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(Path(args.config))
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from reconciler.demo import init
+
+    cfg = init(Path(args.dir))
+    print(f"created demo in {args.dir}; next: reconciler reconcile -c {cfg}")
+    return 0
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    from reconciler.daemon import Reconciler
+
+    rec = Reconciler(_load(args))
+    try:
+        result = rec.reconcile()
+    finally:
+        rec.close()
+    print(f"commit {result.plan.commit}")
+    outcomes = {o.host: o for o in result.outcomes}
+    for entry in result.plan.entries:
+        o = outcomes.get(entry.host)
+        if o is None:
+            line = f"{entry.host}: {entry.action} ({'; '.join(entry.reasons)})"
+        elif o.ok:
+            line = f"{entry.host}: published version {o.version}"
+        else:
+            line = f"{entry.host}: FAILED: {o.error}"
+        print(line)
+    return 0 if result.ok else 1
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from reconciler.daemon import Reconciler
+
+    rec = Reconciler(_load(args))
+    try:
+        _, plan = rec.plan()
+    finally:
+        rec.close()
+    if args.json:
+        print(json.dumps(plan.to_json(), indent=2))
+    else:
+        print(f"commit {plan.commit}")
+        for e in plan.entries:
+            print(f"{e.host}: {e.action}: {'; '.join(e.reasons)}")
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from reconciler.daemon import Reconciler
+    from reconciler.hosts import parse_fleet, read_tree
+
+    rec = Reconciler(_load(args))
+    try:
+        rec.source.fetch()
+        fleet = parse_fleet(read_tree(rec.source.checkout))
+        host = fleet.hosts.get(args.host)
+        if host is None:
+            why = next((str(e) for e in fleet.errors if e.path.endswith(f"/{args.host}.yaml")), None)
+            raise ReconcilerError(why or f"no host {args.host!r} in {rec.cfg.repo.url}")
+        out = rec.build(host, rec._published_version(host.name) + 1)
+    finally:
+        rec.close()
+    for _, path in sorted(out.files.items()):
+        print(path)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from reconciler.daemon import status
+    from reconciler.state import State
+
+    cfg = _load(args)
+    state = State(cfg.state_dir)
+    try:
+        st = status(state)
+    finally:
+        state.close()
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    print(f"commit {st['commit'] or '(never reconciled)'}")
+    hosts = st["hosts"]
+    assert isinstance(hosts, dict)
+    for name, h in hosts.items():
+        extra = f" ({h['error']})" if h["error"] else ""
+        print(f"{name}: version {h['version']} {h['status']}{extra}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from reconciler.verify import verify
+
+    for line in verify([Path(k) for k in args.key], args.target):
+        print(line)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from reconciler.daemon import Daemon
+
+    daemon = Daemon(_load(args))
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        daemon.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    daemon.run()
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="reconciler", description="GitOps reconciler for Nix-built host images.")
+    p.add_argument("--version", action="version", version=f"reconciler {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(
+        name: str, fn: Callable[[argparse.Namespace], int], help: str, config: bool = True
+    ) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        if config:
+            sp.add_argument("-c", "--config", required=True, help="path to reconciler.yaml")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    add("run", cmd_run, "the daemon: watch, reconcile, serve /metrics, /healthz, /readyz")
+    add("reconcile", cmd_reconcile, "one reconcile pass, then exit (non-zero if any host failed)")
+    add("plan", cmd_plan, "which hosts would rebuild and why; changes nothing").add_argument(
+        "--json", action="store_true", help="machine-readable output"
+    )
+    add("build", cmd_build, "build one host and print the artifact paths").add_argument("host")
+    add("status", cmd_status, "last reconciled commit and each host's published version").add_argument(
+        "--json", action="store_true", help="machine-readable output"
+    )
+    v = add("verify", cmd_verify, "check an artifact or release file/URL against public keys", config=False)
+    v.add_argument("--key", action="append", required=True, help="armored public key file (repeatable)")
+    v.add_argument("target", help="file path or URL of an artifact or release .json")
+    add(
+        "init", cmd_init, "create a demo: config repo, signing key, reconciler.yaml", config=False
+    ).add_argument("dir")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    log.configure()
+    try:
+        return int(args.fn(args))
+    except ReconcilerError as exc:
+        print(f"reconciler: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,174 @@
+"""The daemon's configuration file (reconciler.yaml).
+
+Relative paths in the file are taken relative to the file's own directory, so a
+config directory can be moved as a whole.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from reconciler.errors import ConfigError
+
+DURATION_RE = re.compile(r"^(\d+)([smhd])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+@dataclass(frozen=True)
+class RepoConfig:
+    url: str
+    branch: str = "main"
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    type: str
+    path: Path
+
+
+@dataclass(frozen=True)
+class SigningConfig:
+    gnupghome: Path
+    key: str
+    passphrase_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class NixConfig:
+    toolchain: str = "debian"
+    # Staging directory of the imported Debian toolchain; shared between configs on
+    # one machine because it is content-addressed once imported.
+    toolchain_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    repo: RepoConfig
+    store: StoreConfig
+    state_dir: Path
+    signing: SigningConfig
+    nix: NixConfig
+    listen: str = "127.0.0.1:9180"
+    poll_interval: float = 30.0
+    jobs: int = 2
+    release_lifetime: timedelta = timedelta(days=30)
+
+
+TOP_KEYS = frozenset(
+    {"repo", "store", "state_dir", "signing", "nix", "listen", "poll_interval", "jobs", "release_lifetime"}
+)
+SECTION_KEYS = {
+    "repo": frozenset({"url", "branch"}),
+    "store": frozenset({"type", "path"}),
+    "signing": frozenset({"gnupghome", "key", "passphrase_file"}),
+    "nix": frozenset({"toolchain", "toolchain_dir"}),
+}
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate a reconciler.yaml; errors name the file and key."""
+    p = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(p, "", f"cannot read: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(p, "", f"invalid YAML{where}: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(p, "", "must be a mapping")
+    for k in data:
+        if k not in TOP_KEYS:
+            raise ConfigError(p, str(k), f"unknown key (allowed: {', '.join(sorted(TOP_KEYS))})")
+    base = path.resolve().parent
+
+    def section(key: str, required: bool = True) -> dict[str, Any]:
+        v = data.get(key)
+        if v is None and not required:
+            return {}
+        if not isinstance(v, dict):
+            raise ConfigError(p, key, "must be a mapping" if v is not None else "is required")
+        allowed = SECTION_KEYS[key]
+        for k in v:
+            if k not in allowed:
+                raise ConfigError(p, f"{key}.{k}", f"unknown key (allowed: {', '.join(sorted(allowed))})")
+        return v
+
+    def string(sec: dict[str, Any], key: str, dotted: str, default: str | None = None) -> str:
+        v = sec.get(key, default)
+        if not isinstance(v, str) or not v:
+            raise ConfigError(p, dotted, "must be a non-empty string" if key in sec else "is required")
+        return v
+
+    def path_of(s: str) -> Path:
+        q = Path(s).expanduser()
+        return q if q.is_absolute() else base / q
+
+    repo = section("repo")
+    url = string(repo, "url", "repo.url")
+    # A local path stays a path; anything with a scheme or scp-like host is a remote.
+    if "://" not in url and not re.match(r"^[\w.-]+@[\w.-]+:", url):
+        url = str(path_of(url))
+    store = section("store")
+    store_type = string(store, "type", "store.type", "filesystem")
+    if store_type != "filesystem":
+        raise ConfigError(p, "store.type", f"unsupported store type {store_type!r} (supported: filesystem)")
+    signing = section("signing")
+    pf = signing.get("passphrase_file")
+    if pf is not None and (not isinstance(pf, str) or not pf):
+        raise ConfigError(p, "signing.passphrase_file", "must be a path")
+    nix = section("nix", required=False)
+    toolchain = string(nix, "toolchain", "nix.toolchain", "debian")
+    if toolchain not in ("debian", "nixpkgs"):
+        raise ConfigError(p, "nix.toolchain", "must be 'debian' or 'nixpkgs'")
+    tdir = nix.get("toolchain_dir")
+    if tdir is not None and not isinstance(tdir, str):
+        raise ConfigError(p, "nix.toolchain_dir", "must be a path")
+
+    listen = data.get("listen", "127.0.0.1:9180")
+    m = re.fullmatch(r"[\w.\-\[\]:]+:(\d{1,5})", listen) if isinstance(listen, str) else None
+    if not m or int(m.group(1)) > 65535:
+        raise ConfigError(p, "listen", "must be HOST:PORT")
+    poll = data.get("poll_interval", 30)
+    if not isinstance(poll, (int, float)) or isinstance(poll, bool) or not (poll > 0 and math.isfinite(poll)):
+        raise ConfigError(p, "poll_interval", "must be a positive number of seconds")
+    jobs = data.get("jobs", 2)
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or not 1 <= jobs <= 64:
+        raise ConfigError(p, "jobs", "must be an integer from 1 to 64")
+    return Config(
+        path=path.resolve(),
+        repo=RepoConfig(url=url, branch=string(repo, "branch", "repo.branch", "main")),
+        store=StoreConfig(type=store_type, path=path_of(string(store, "path", "store.path"))),
+        state_dir=path_of(string(data, "state_dir", "state_dir")),
+        signing=SigningConfig(
+            gnupghome=path_of(string(signing, "gnupghome", "signing.gnupghome")),
+            key=string(signing, "key", "signing.key"),
+            passphrase_file=path_of(pf) if isinstance(pf, str) else None,
+        ),
+        nix=NixConfig(toolchain=toolchain, toolchain_dir=path_of(tdir) if tdir else None),
+        listen=listen,
+        poll_interval=float(poll),
+        jobs=jobs,
+        release_lifetime=parse_duration(p, "release_lifetime", data.get("release_lifetime", "30d")),
+    )
+
+
+def parse_duration(path: str, key: str, value: Any) -> timedelta:
+    m = DURATION_RE.fullmatch(str(value))
+    if not m or int(m.group(1)) <= 0:
+        raise ConfigError(path, key, f"must be a duration like 90s, 15m, 12h or 30d, got {value!r}")
+    return timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])

@@ -1,0 +1,337 @@
+"""The reconcile loop, written as a controller: observe, diff, act, record.
+
+observe: fetch the config repo, parse host definitions, evaluate the fleet in Nix;
+diff:    compare each host's image derivation with the one it was published from;
+act:     build, sign and publish the hosts that differ, in a bounded worker pool;
+record:  persist the outcome in the state database and in metrics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from reconciler import log
+from reconciler.config import Config
+from reconciler.errors import BuildError, ReconcilerError, SigningError, SourceError, VerificationError
+from reconciler.hosts import Fleet, Host, parse_fleet, read_tree
+from reconciler.metrics import Metrics
+from reconciler.nix import BuildOutput, Evaluation, Nix
+from reconciler.plan import INVALID, REBUILD, REMOVED, UNCHANGED, HostPlan, Plan, make_plan
+from reconciler.publish import publish
+from reconciler.release import Artifact, Release, latest_path, new_release, parse_release, release_path
+from reconciler.server import Server
+from reconciler.signing import Signer
+from reconciler.source import GitSource
+from reconciler.state import State
+from reconciler.store import FilesystemStore
+
+COMMIT_KEY = "commit"
+# How many taken version numbers to skip over before giving up on a host.
+VERSION_PROBES = 5
+
+
+@dataclass(frozen=True)
+class Observation:
+    commit: str
+    fleet: Fleet
+    evaluation: Evaluation
+    changed: frozenset[str] | None
+
+
+@dataclass(frozen=True)
+class HostOutcome:
+    host: str
+    ok: bool
+    version: int | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class ReconcileResult:
+    plan: Plan
+    outcomes: tuple[HostOutcome, ...]
+
+    @property
+    def ok(self) -> bool:
+        return all(o.ok for o in self.outcomes) and not self.plan.with_action(INVALID)
+
+
+def sha256_file(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+class Reconciler:
+    def __init__(self, cfg: Config, metrics: Metrics | None = None) -> None:
+        self.cfg = cfg
+        self.metrics = metrics or Metrics()
+        self.state = State(cfg.state_dir)
+        self.source = GitSource(cfg.repo.url, cfg.repo.branch, cfg.state_dir / "checkout")
+        self.nix = Nix(cfg.state_dir, cfg.nix.toolchain, cfg.nix.toolchain_dir)
+        self.store = FilesystemStore(cfg.store.path)
+        self._signer: Signer | None = None
+        self._pass_lock = threading.Lock()
+        for name, hs in self.state.hosts().items():
+            if hs.version and hs.status != REMOVED:
+                self.metrics.host_version.labels(name).set(hs.version)
+
+    @property
+    def signer(self) -> Signer:
+        if self._signer is None:
+            s = self.cfg.signing
+            try:
+                self._signer = Signer(s.gnupghome, s.key, s.passphrase_file)
+            except SigningError:
+                self.metrics.signing_failures.inc()
+                raise
+        return self._signer
+
+    def close(self) -> None:
+        self.state.close()
+
+    # -- observe ---------------------------------------------------------------
+
+    def observe(self) -> Observation:
+        try:
+            commit = self.source.fetch()
+        except SourceError:
+            self.metrics.git_fetch_errors.inc()
+            raise
+        fleet = parse_fleet(read_tree(self.source.checkout))
+        for err in fleet.errors:
+            log.event("host_invalid", logging.WARNING, file=err.path, key=err.key, reason=err.reason)
+        evaluation = self.nix.evaluate(list(fleet.hosts.values()), self.source.checkout)
+        changed = self.source.changed_files(self.state.get_meta(COMMIT_KEY), commit)
+        return Observation(commit, fleet, evaluation, changed)
+
+    # -- diff ------------------------------------------------------------------
+
+    def plan(self) -> tuple[Observation, Plan]:
+        obs = self.observe()
+        plan = make_plan(
+            obs.commit,
+            obs.fleet,
+            obs.evaluation.images,
+            obs.evaluation.errors,
+            self.state.hosts(),
+            obs.changed,
+        )
+        return obs, plan
+
+    # -- act and record --------------------------------------------------------
+
+    def reconcile(self) -> ReconcileResult:
+        """One pass. Raises only when nothing could be observed."""
+        with self._pass_lock:
+            started = time.monotonic()
+            try:
+                result = self._reconcile()
+            except ReconcilerError:
+                self.metrics.reconcile_runs.labels("failure").inc()
+                raise
+            finally:
+                self.metrics.reconcile_duration.observe(time.monotonic() - started)
+            self.metrics.reconcile_runs.labels("success" if result.ok else "failure").inc()
+            if result.ok:
+                self.metrics.last_success.set(time.time())
+            log.event(
+                "reconcile_done",
+                commit=result.plan.commit,
+                ok=result.ok,
+                rebuilt=sum(o.ok for o in result.outcomes),
+                failed=sum(not o.ok for o in result.outcomes),
+                invalid=len(result.plan.with_action(INVALID)),
+                seconds=round(time.monotonic() - started, 3),
+            )
+            return result
+
+    def _reconcile(self) -> ReconcileResult:
+        obs, plan = self.plan()
+        log.event(
+            "reconcile_start",
+            commit=obs.commit,
+            hosts=len(obs.fleet.hosts),
+            rebuild=len(plan.with_action(REBUILD)),
+        )
+        states = self.state.hosts()
+        self.metrics.invalid_hosts.set(len(plan.with_action(INVALID)))
+        for entry in plan.entries:
+            if entry.action == INVALID:
+                self.state.record_failure(entry.host, INVALID, entry.reasons[0])
+            elif entry.action == REMOVED:
+                self.state.record_failure(entry.host, REMOVED, entry.reasons[0])
+                self.metrics.host_version.remove(entry.host)
+                log.event("host_removed", host=entry.host)
+            elif entry.action == UNCHANGED and states[entry.host].status != "published":
+                hs = states[entry.host]
+                self.state.record_published(entry.host, hs.version, hs.image or "", hs.commit or obs.commit)
+                self.metrics.host_version.labels(entry.host).set(hs.version)
+        todo = plan.with_action(REBUILD)
+        self.metrics.build_queue_depth.set(len(todo))
+        with ThreadPoolExecutor(max_workers=self.cfg.jobs, thread_name_prefix="build") as pool:
+            outcomes = tuple(pool.map(lambda e: self._act(e, obs), todo))
+        self.state.set_meta(COMMIT_KEY, obs.commit)
+        self.metrics.source.info({"commit": obs.commit, "branch": self.cfg.repo.branch})
+        return ReconcileResult(plan, outcomes)
+
+    def _act(self, entry: HostPlan, obs: Observation) -> HostOutcome:
+        host = obs.fleet.hosts[entry.host]
+        try:
+            release = self._build_and_publish(host, entry, obs.commit)
+        except ReconcilerError as exc:
+            self.state.record_failure(host.name, "failed", str(exc))
+            log.event("host_failed", logging.ERROR, host=host.name, error=str(exc))
+            return HostOutcome(host.name, ok=False, error=str(exc))
+        finally:
+            self.metrics.build_queue_depth.dec()
+        assert entry.image is not None
+        self.state.record_published(host.name, release.version, entry.image, obs.commit)
+        self.metrics.host_version.labels(host.name).set(release.version)
+        log.event(
+            "host_published",
+            host=host.name,
+            version=release.version,
+            commit=obs.commit,
+            artifacts=",".join(a.name for a in release.artifacts),
+        )
+        return HostOutcome(host.name, ok=True, version=release.version)
+
+    def _published_version(self, host: str) -> int:
+        """Highest version recorded anywhere: state, or the store's latest.json
+        (the store outlives a lost state directory)."""
+        version = 0
+        hs = self.state.hosts().get(host)
+        if hs is not None:
+            version = hs.version
+        latest = self.store.get_bytes(latest_path(host))
+        if latest is not None:
+            try:
+                version = max(version, parse_release(latest, latest_path(host)).version)
+            except VerificationError as exc:
+                log.event("latest_unreadable", logging.WARNING, host=host, error=str(exc))
+        return version
+
+    def build(self, host: Host, version: int) -> BuildOutput:
+        started = time.monotonic()
+        try:
+            out = self.nix.build(host, version, self.source.checkout)
+        except BuildError:
+            self.metrics.host_builds.labels("failure").inc()
+            raise
+        self.metrics.host_builds.labels("success").inc()
+        self.metrics.build_duration.observe(time.monotonic() - started)
+        return out
+
+    def _build_and_publish(self, host: Host, entry: HostPlan, commit: str) -> Release:
+        version = self._published_version(host.name) + 1
+        for _ in range(VERSION_PROBES):
+            log.event("host_build", host=host.name, version=version, reasons="; ".join(entry.reasons))
+            out = self.build(host, version)
+            release = self._release_for(host, version, out, commit)
+            if release is not None:
+                break
+            version += 1
+        else:
+            raise BuildError(host.name, f"versions up to {version} are taken by other releases")
+        try:
+            publish(
+                self.store,
+                release,
+                out.files,
+                self.signer.sign_file,
+                self.signer.sign,
+                on_artifact=lambda fmt: self.metrics.artifacts_published.labels(fmt).inc(),
+            )
+        except SigningError:
+            self.metrics.signing_failures.inc()
+            raise
+        return release
+
+    def _release_for(self, host: Host, version: int, out: BuildOutput, commit: str) -> Release | None:
+        """The release to publish as ``version``: a new one, or the one a crashed pass
+        already wrote for this very build. None if the version is taken by another."""
+        key = release_path(host.name, version)
+        existing = self.store.get_bytes(key)
+        if existing is not None:
+            prev = parse_release(existing, key)
+            return prev if prev.derivation == out.derivation else None
+        artifacts = tuple(
+            Artifact(format=fmt, name=path.name, size=path.stat().st_size, sha256=sha256_file(path))
+            for fmt, path in sorted(out.files.items())
+        )
+        return new_release(
+            host.name,
+            version,
+            commit,
+            out.derivation,
+            artifacts,
+            now=datetime.now(UTC),
+            lifetime=self.cfg.release_lifetime,
+        )
+
+
+def status(state: State) -> Mapping[str, object]:
+    """What the daemon last recorded, as plain data for the CLI."""
+    return {
+        "commit": state.get_meta(COMMIT_KEY),
+        "hosts": {
+            name: {"version": hs.version, "status": hs.status, "error": hs.error, "commit": hs.commit}
+            for name, hs in state.hosts().items()
+        },
+    }
+
+
+class Daemon:
+    """`reconciler run`: reconcile on every poll interval and serve the endpoints."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.reconciler = Reconciler(cfg)
+        self.stopping = threading.Event()
+        self._observed = False
+        self._last_error: str | None = None
+        self.server = Server(cfg.listen, self.reconciler.metrics.registry, self.healthy, self.ready)
+
+    def healthy(self) -> tuple[bool, str]:
+        return (not self.stopping.is_set()), ("stopping" if self.stopping.is_set() else "ok")
+
+    def ready(self) -> tuple[bool, str]:
+        """Ready once a pass has observed the repository; a later fetch error keeps
+        it ready, because what it published is still served."""
+        if self._observed:
+            return True, "ok"
+        return False, self._last_error or "first reconcile not finished"
+
+    def run(self) -> None:
+        self.server.start()
+        log.event(
+            "daemon_start",
+            listen=f"{self.cfg.listen}",
+            port=self.server.port,
+            repo=self.cfg.repo.url,
+            poll_interval=self.cfg.poll_interval,
+        )
+        try:
+            while not self.stopping.is_set():
+                try:
+                    self.reconciler.reconcile()
+                    self._observed = True
+                except ReconcilerError as exc:
+                    self._last_error = str(exc)
+                    log.event("reconcile_failed", logging.ERROR, error=str(exc))
+                self.stopping.wait(self.cfg.poll_interval)
+        finally:
+            self.server.stop()
+            self.reconciler.close()
+            log.event("daemon_stop")
+
+    def stop(self) -> None:
+        self.stopping.set()

@@ -1,0 +1,50 @@
+"""The project's exception hierarchy.
+
+Every error a user can cause carries enough context (file, key, host, reason) for
+the CLI to print one line that says what to fix.
+"""
+
+from __future__ import annotations
+
+
+class ReconcilerError(Exception):
+    """Base of every error the reconciler raises on purpose."""
+
+
+class ConfigError(ReconcilerError):
+    """A configuration or definition file is invalid.
+
+    ``path`` is the file, ``key`` the dotted key inside it (empty for the whole file).
+    """
+
+    def __init__(self, path: str, key: str, reason: str) -> None:
+        self.path = path
+        self.key = key
+        self.reason = reason
+        where = f"{path}: {key}" if key else path
+        super().__init__(f"{where}: {reason}")
+
+
+class SourceError(ReconcilerError):
+    """The config repository could not be fetched or read."""
+
+
+class BuildError(ReconcilerError):
+    """Nix evaluation or a host build failed."""
+
+    def __init__(self, host: str, reason: str) -> None:
+        self.host = host
+        self.reason = reason
+        super().__init__(f"build of host {host!r} failed: {reason}" if host else reason)
+
+
+class SigningError(ReconcilerError):
+    """gpg could not sign or the signing key is unusable."""
+
+
+class VerificationError(ReconcilerError):
+    """A signature, checksum or release check failed."""
+
+
+class StoreError(ReconcilerError):
+    """The artifact store refused or failed an operation."""

@@ -1,0 +1,418 @@
+"""Host definitions: parse, merge profiles, validate, normalise.
+
+The core is pure: :func:`parse_fleet` takes the repository's files as a mapping of
+relative path to text and returns validated :class:`Host` values plus one
+:class:`~reconciler.errors.ConfigError` per invalid host. Only :func:`read_tree`
+touches the disk.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import posixpath
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from reconciler.errors import ConfigError
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+SERVICE_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+FORMATS = ("aci", "appimage")
+RESTART_POLICIES = ("always", "on-failure", "never")
+BUILTIN_PACKAGES = frozenset({"busybox"})
+HOST_KEYS = frozenset({"name", "include", "formats", "network", "services", "files"})
+PROFILE_KEYS = HOST_KEYS - {"name"}
+NETWORK_KEYS = frozenset({"address", "gateway", "dns"})
+SERVICE_KEYS = frozenset({"package", "exec", "restart"})
+# Paths the image builder owns; a host's `files` may not shadow them.
+RESERVED_PREFIXES = ("AppRun", ".reconciler", "etc/reconciler", "etc/service", "bin/busybox")
+MAX_FILE_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Service:
+    """One supervised sub-process of a host."""
+
+    name: str
+    package: str
+    exec: tuple[str, ...]
+    restart: str
+
+
+@dataclass(frozen=True)
+class Network:
+    address: str | None = None
+    gateway: str | None = None
+    dns: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Host:
+    """A validated host definition, profiles already merged in."""
+
+    name: str
+    formats: tuple[str, ...]
+    network: Network
+    services: tuple[Service, ...]
+    files: tuple[tuple[str, str], ...]
+    # Repository files this host's definition was read from: its own file and every
+    # profile it includes, transitively. Used to explain why a host rebuilds.
+    sources: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def packages(self) -> tuple[str, ...]:
+        return tuple(sorted({s.package for s in self.services}))
+
+    def inputs(self) -> tuple[str, ...]:
+        """Repository paths that feed this host's build."""
+        pkgs = tuple(f"packages/{p}.nix" for p in self.packages if p not in BUILTIN_PACKAGES)
+        return self.sources + pkgs
+
+    def to_nix(self) -> dict[str, Any]:
+        """The normalised form handed to Nix; formatting of the YAML does not show."""
+        net: dict[str, Any] = {}
+        if self.network.address is not None:
+            net["address"] = self.network.address
+        if self.network.gateway is not None:
+            net["gateway"] = self.network.gateway
+        if self.network.dns:
+            net["dns"] = list(self.network.dns)
+        return {
+            "name": self.name,
+            "formats": list(self.formats),
+            "network": net,
+            "services": {
+                s.name: {"package": s.package, "exec": list(s.exec), "restart": s.restart}
+                for s in self.services
+            },
+            "files": dict(self.files),
+        }
+
+
+@dataclass(frozen=True)
+class Fleet:
+    hosts: Mapping[str, Host]
+    errors: tuple[ConfigError, ...]
+    # Host names whose file exists but failed validation: they are neither built
+    # nor treated as deleted.
+    invalid: frozenset[str] = frozenset()
+
+
+def read_tree(root: Path) -> dict[str, str]:
+    """Read hosts/, profiles/ and the names in packages/ of a checkout.
+
+    Symlinks are refused wherever they point: a definition must live in the repo.
+    A file that is a symlink, too large or unreadable is returned as a sentinel text
+    so that :func:`parse_fleet` reports it against that file alone.
+    """
+    files: dict[str, str] = {}
+    for sub in ("hosts", "profiles", "packages"):
+        d = root / sub
+        if d.is_symlink():
+            raise ConfigError(sub, "", "is a symlink; definitions must live in the repository")
+        if not d.is_dir():
+            continue
+        for entry in sorted(os.scandir(d), key=lambda e: e.name):
+            rel = f"{sub}/{entry.name}"
+            if sub == "packages":
+                # Nix reads packages itself; we only need to know which exist.
+                if entry.name.endswith(".nix"):
+                    files[rel] = ""
+                continue
+            if not entry.name.endswith((".yaml", ".yml")):
+                continue
+            if entry.is_symlink():
+                files[rel] = _SYMLINK
+                continue
+            if entry.stat().st_size > MAX_FILE_BYTES:
+                files[rel] = _TOO_BIG
+                continue
+            try:
+                files[rel] = Path(entry.path).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                files[rel] = _UNREADABLE + str(exc)
+    return files
+
+
+# Sentinels for files read_tree refused; parse_fleet turns them into errors so that a
+# bad file costs only its own host.
+_SYMLINK = "\0symlink"
+_TOO_BIG = "\0too-big"
+_UNREADABLE = "\0unreadable:"
+
+
+def parse_fleet(files: Mapping[str, str]) -> Fleet:
+    """Validate every host in ``files`` (relative path -> text)."""
+    profiles = {_stem(p): p for p in files if p.startswith("profiles/") and _is_yaml(p)}
+    packages = {posixpath.basename(p)[:-4] for p in files if p.startswith("packages/")}
+    hosts: dict[str, Host] = {}
+    errors: list[ConfigError] = []
+    invalid: set[str] = set()
+    for path in sorted(files):
+        if not (path.startswith("hosts/") and _is_yaml(path)):
+            continue
+        try:
+            host = _parse_host(path, files, profiles, packages)
+        except ConfigError as exc:
+            errors.append(exc)
+            invalid.add(_stem(path))
+            continue
+        if host.name in hosts:
+            errors.append(ConfigError(path, "name", f"host {host.name!r} is defined twice"))
+            invalid.add(host.name)
+            del hosts[host.name]
+            continue
+        hosts[host.name] = host
+    return Fleet(hosts=hosts, errors=tuple(errors), invalid=frozenset(invalid))
+
+
+def _is_yaml(path: str) -> bool:
+    return path.endswith((".yaml", ".yml")) and posixpath.dirname(path).count("/") == 0
+
+
+def _stem(path: str) -> str:
+    return posixpath.splitext(posixpath.basename(path))[0]
+
+
+def _load_yaml(path: str, text: str) -> dict[str, Any]:
+    if text == _SYMLINK:
+        raise ConfigError(path, "", "is a symlink; definitions must live in the repository")
+    if text == _TOO_BIG:
+        raise ConfigError(path, "", f"is larger than {MAX_FILE_BYTES} bytes")
+    if text.startswith(_UNREADABLE):
+        raise ConfigError(path, "", "cannot be read: " + text[len(_UNREADABLE) :])
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(path, "", f"invalid YAML{where}: {problem}") from None
+    except RecursionError:
+        raise ConfigError(path, "", "invalid YAML: nested too deeply") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(path, "", f"must be a mapping, not {_kind(data)}")
+    return data
+
+
+def _resolve_profile(
+    name: str,
+    files: Mapping[str, str],
+    profiles: Mapping[str, str],
+    stack: tuple[str, ...],
+) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """A profile with its own includes merged in, and the files it came from."""
+    path = profiles[name]
+    if name in stack:
+        raise ConfigError(path, "include", "include cycle: " + " -> ".join((*stack, name)))
+    data = _load_yaml(path, files[path])
+    _check_keys(path, "", data, PROFILE_KEYS)
+    merged: dict[str, Any] = {}
+    sources: tuple[str, ...] = ()
+    for inc in _includes(path, data, profiles):
+        inc_data, inc_sources = _resolve_profile(inc, files, profiles, (*stack, name))
+        merged = deep_merge(merged, inc_data)
+        sources += inc_sources
+    body = {k: v for k, v in data.items() if k != "include"}
+    return deep_merge(merged, body), (*sources, path)
+
+
+def _includes(path: str, data: Mapping[str, Any], profiles: Mapping[str, str]) -> list[str]:
+    inc = data.get("include", [])
+    if isinstance(inc, str):
+        inc = [inc]
+    if not isinstance(inc, list) or not all(isinstance(i, str) for i in inc):
+        raise ConfigError(path, "include", "must be a list of profile names")
+    for i in inc:
+        if i not in profiles:
+            raise ConfigError(path, "include", f"unknown profile {i!r} (no profiles/{i}.yaml)")
+    return inc
+
+
+def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge ``over`` onto ``base``: mappings merge recursively, anything else is replaced."""
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _parse_host(
+    path: str,
+    files: Mapping[str, str],
+    profiles: Mapping[str, str],
+    packages: set[str],
+) -> Host:
+    stem = _stem(path)
+    if not NAME_RE.fullmatch(stem):
+        raise ConfigError(path, "", f"file name {stem!r} is not a valid host name ({NAME_RE.pattern})")
+    data = _load_yaml(path, files[path])
+    _check_keys(path, "", data, HOST_KEYS)
+    name = data.get("name")
+    if name is None:
+        raise ConfigError(path, "name", "is required")
+    if name != stem:
+        raise ConfigError(path, "name", f"must equal the file stem {stem!r}, got {name!r}")
+    merged: dict[str, Any] = {}
+    sources: tuple[str, ...] = ()
+    for inc in _includes(path, data, profiles):
+        try:
+            inc_data, inc_sources = _resolve_profile(inc, files, profiles, ())
+        except ConfigError as exc:
+            # Charge a broken profile to the host that includes it, so callers that map
+            # errors to hosts by path (plan, cli build) see this host, not the profile.
+            raise ConfigError(path, "include", str(exc)) from None
+        merged = deep_merge(merged, inc_data)
+        sources += inc_sources
+    merged = deep_merge(merged, {k: v for k, v in data.items() if k != "include"})
+    # Report errors against the host file: that is where the operator looks first.
+    return Host(
+        name=stem,
+        formats=_formats(path, merged.get("formats", list(FORMATS))),
+        network=_network(path, merged.get("network", {})),
+        services=_services(path, merged.get("services", {}), packages),
+        files=_files(path, merged.get("files", {})),
+        sources=tuple(dict.fromkeys((path, *sources))),
+    )
+
+
+def _check_keys(path: str, prefix: str, data: Mapping[str, Any], allowed: frozenset[str]) -> None:
+    for k in data:
+        if not isinstance(k, str):
+            raise ConfigError(path, prefix or "", f"key {k!r} must be a string")
+        if k not in allowed:
+            key = f"{prefix}.{k}" if prefix else k
+            raise ConfigError(path, key, f"unknown key (allowed: {', '.join(sorted(allowed))})")
+
+
+def _kind(v: object) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", type(None): "empty"}.get(
+        type(v), type(v).__name__
+    )
+
+
+def _formats(path: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise ConfigError(path, "formats", f"must be a non-empty list of {', '.join(FORMATS)}")
+    for f in value:
+        if f not in FORMATS:
+            raise ConfigError(path, "formats", f"unknown format {f!r} (allowed: {', '.join(FORMATS)})")
+    return tuple(f for f in FORMATS if f in value)
+
+
+def _network(path: str, value: Any) -> Network:
+    if not isinstance(value, dict):
+        raise ConfigError(path, "network", f"must be a mapping, not {_kind(value)}")
+    _check_keys(path, "network", value, NETWORK_KEYS)
+    address = value.get("address")
+    if address is not None:
+        try:
+            address = str(ipaddress.ip_interface(str(address)))
+        except ValueError:
+            raise ConfigError(path, "network.address", f"{address!r} is not an address/prefix") from None
+        if "/" not in str(value["address"]):
+            raise ConfigError(path, "network.address", "needs a prefix length, e.g. 10.0.0.5/24")
+    gateway = value.get("gateway")
+    if gateway is not None:
+        try:
+            gateway = str(ipaddress.ip_address(str(gateway)))
+        except ValueError:
+            raise ConfigError(path, "network.gateway", f"{gateway!r} is not an IP address") from None
+    dns = value.get("dns", [])
+    if not isinstance(dns, list):
+        raise ConfigError(path, "network.dns", "must be a list of IP addresses")
+    try:
+        dns_t = tuple(str(ipaddress.ip_address(str(d))) for d in dns)
+    except ValueError as exc:
+        raise ConfigError(path, "network.dns", str(exc)) from None
+    return Network(address=address, gateway=gateway, dns=dns_t)
+
+
+def _services(path: str, value: Any, packages: set[str]) -> tuple[Service, ...]:
+    if not isinstance(value, dict):
+        raise ConfigError(path, "services", f"must be a mapping, not {_kind(value)}")
+    out = []
+    for name in sorted(value, key=str):
+        key = f"services.{name}"
+        if not isinstance(name, str) or not SERVICE_RE.fullmatch(name):
+            raise ConfigError(path, key, f"service name must match {SERVICE_RE.pattern}")
+        spec = value[name]
+        if not isinstance(spec, dict):
+            raise ConfigError(path, key, f"must be a mapping, not {_kind(spec)}")
+        _check_keys(path, key, spec, SERVICE_KEYS)
+        package = spec.get("package", "busybox")
+        if not isinstance(package, str) or not PACKAGE_RE.fullmatch(package):
+            raise ConfigError(path, f"{key}.package", f"must be a package name ({PACKAGE_RE.pattern})")
+        if package not in BUILTIN_PACKAGES and package not in packages:
+            raise ConfigError(
+                path, f"{key}.package", f"unknown package {package!r} (no packages/{package}.nix)"
+            )
+        argv = spec.get("exec")
+        if (
+            not isinstance(argv, list)
+            or not argv
+            or not all(isinstance(a, (str, int, float)) and not isinstance(a, bool) for a in argv)
+        ):
+            raise ConfigError(path, f"{key}.exec", "must be a non-empty list of strings")
+        argv = [str(a) for a in argv]
+        if any("\0" in a for a in argv):
+            raise ConfigError(path, f"{key}.exec", "must not contain NUL characters")
+        _relative_path(path, f"{key}.exec", argv[0])
+        restart = spec.get("restart", "always")
+        if restart not in RESTART_POLICIES:
+            raise ConfigError(
+                path, f"{key}.restart", f"must be one of {', '.join(RESTART_POLICIES)}, got {restart!r}"
+            )
+        out.append(Service(name=name, package=package, exec=tuple(argv), restart=restart))
+    return tuple(out)
+
+
+def _relative_path(path: str, key: str, p: str) -> str:
+    """A normalised path inside the image root, or an error naming ``key``."""
+    if not p or p.startswith("/") or "\0" in p or "\\" in p:
+        raise ConfigError(path, key, f"{p!r} must be a relative path inside the image")
+    parts = p.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise ConfigError(path, key, f"{p!r} must not contain empty, '.' or '..' components")
+    return p
+
+
+def _files(path: str, value: Any) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, dict):
+        raise ConfigError(path, "files", f"must be a mapping, not {_kind(value)}")
+    out = []
+    for name in sorted(value, key=str):
+        key = f"files.{name}"
+        if not isinstance(name, str):
+            raise ConfigError(path, key, "file names must be strings")
+        _relative_path(path, key, name)
+        if any(name == r or name.startswith(r + "/") or r.startswith(name + "/") for r in RESERVED_PREFIXES):
+            raise ConfigError(path, key, "is reserved for the image builder")
+        content = value[name]
+        if not isinstance(content, str):
+            raise ConfigError(path, key, f"content must be a string, not {_kind(content)}")
+        if "\0" in content:
+            raise ConfigError(path, key, "content must be text without NUL characters")
+        out.append((name, content))
+    names = [n for n, _ in out]
+    for n in names:
+        parent = n.rsplit("/", 1)[0] if "/" in n else None
+        while parent:
+            if parent in names:
+                raise ConfigError(path, f"files.{n}", f"its parent {parent!r} is also a file")
+            parent = parent.rsplit("/", 1)[0] if "/" in parent else None
+    return tuple(out)

@@ -1,0 +1,58 @@
+"""Prometheus metrics of the daemon, on a registry of its own."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+# Builds of real hosts take seconds to minutes; reconciles of an unchanged fleet
+# take well under a second.
+BUILD_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+RECONCILE_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.reconcile_runs = Counter(
+            "reconciler_reconcile_runs", "Reconcile passes by result.", ["result"], registry=r
+        )
+        self.reconcile_duration = Histogram(
+            "reconciler_reconcile_duration_seconds",
+            "Duration of a reconcile pass.",
+            buckets=RECONCILE_BUCKETS,
+            registry=r,
+        )
+        self.last_success = Gauge(
+            "reconciler_last_successful_reconcile_timestamp_seconds",
+            "Unix time of the last reconcile in which every host succeeded.",
+            registry=r,
+        )
+        self.source = Info("reconciler_source", "The config repository commit last reconciled.", registry=r)
+        self.host_builds = Counter("reconciler_host_builds", "Host builds by result.", ["result"], registry=r)
+        self.build_duration = Histogram(
+            "reconciler_build_duration_seconds",
+            "Duration of one host build.",
+            buckets=BUILD_BUCKETS,
+            registry=r,
+        )
+        self.artifacts_published = Counter(
+            "reconciler_artifacts_published", "Artifacts published by format.", ["format"], registry=r
+        )
+        self.signing_failures = Counter("reconciler_signing_failures", "gpg signing failures.", registry=r)
+        self.git_fetch_errors = Counter(
+            "reconciler_git_fetch_errors", "Failed fetches of the config repository.", registry=r
+        )
+        self.build_queue_depth = Gauge(
+            "reconciler_build_queue_depth", "Host builds waiting or running.", registry=r
+        )
+        self.host_version = Gauge(
+            "reconciler_host_published_version", "Published release version per host.", ["host"], registry=r
+        )
+        self.invalid_hosts = Gauge(
+            "reconciler_invalid_hosts", "Host definitions that failed validation or evaluation.", registry=r
+        )
+        for result in ("success", "failure"):
+            self.reconcile_runs.labels(result)
+            self.host_builds.labels(result)
+        for fmt in ("aci", "appimage"):
+            self.artifacts_published.labels(fmt)

@@ -1,0 +1,201 @@
+"""Thin wrapper around nix-instantiate / nix-store for nix/fleet.nix.
+
+The whole fleet is evaluated in one process; only when that fails is each host
+evaluated alone, so that one broken host or package costs only itself.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from reconciler.errors import BuildError
+from reconciler.hosts import Host
+
+NIX_DIR = Path(__file__).resolve().parent.parent / "nix"
+# Offline: no binary cache is reachable and none is wanted for reproducibility.
+NIX_OPTIONS = ("--option", "substituters", "")
+LOG_TAIL = 12
+
+
+@dataclass(frozen=True)
+class BuildOutput:
+    derivation: str
+    out: Path
+    files: Mapping[str, Path]  # format -> artifact, named as it is published
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    images: Mapping[str, str]  # host -> image derivation path
+    errors: Mapping[str, str]  # host -> why it could not be evaluated
+
+
+def _tail(text: str) -> str:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return " | ".join(lines[-LOG_TAIL:]) or "no output"
+
+
+class Nix:
+    def __init__(
+        self,
+        state_dir: Path,
+        toolchain: str = "debian",
+        toolchain_dir: Path | None = None,
+        nix_dir: Path = NIX_DIR,
+    ) -> None:
+        self.nix_dir = nix_dir
+        self.toolchain = toolchain
+        self.toolchain_dir = toolchain_dir or state_dir / "toolchain"
+        self.gcroots = state_dir / "gcroots"
+        self.work = state_dir / "work"
+        self._toolchain_lock = threading.Lock()
+
+    def ensure_toolchain(self) -> None:
+        """Stage the Debian toolchain when missing or built from other sources.
+
+        A no-op for the nixpkgs toolchain. A stamp beside the directory holds the
+        digest of the sources it was staged from; a file lock keeps a daemon and a
+        CLI call from staging it twice at once.
+        """
+        if self.toolchain != "debian":
+            return
+        digest = self._toolchain_digest()
+        stamp = self.toolchain_dir.with_name(self.toolchain_dir.name + ".stamp")
+        with self._toolchain_lock:
+            self.toolchain_dir.parent.mkdir(parents=True, exist_ok=True)
+            lock_path = self.toolchain_dir.with_name(self.toolchain_dir.name + ".lock")
+            with lock_path.open("w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if self.toolchain_dir.is_dir() and stamp.exists() and stamp.read_text() == digest:
+                    return
+                script = self.nix_dir / "toolchain" / "import-debian.sh"
+                proc = subprocess.run([str(script), str(self.toolchain_dir)], capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise BuildError("", f"toolchain import failed: {_tail(proc.stderr)}")
+                stamp.write_text(digest)
+
+    def _toolchain_digest(self) -> str:
+        h = hashlib.sha256()
+        sources = [self.nix_dir / "toolchain" / "import-debian.sh", *(self.nix_dir / "runtime").rglob("*")]
+        for p in sorted(sources):
+            if p.is_file():
+                h.update(p.relative_to(self.nix_dir).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
+        return h.hexdigest()
+
+    def _args(self, fleet_file: Path, repo: Path) -> list[str]:
+        args = [
+            str(self.nix_dir / "fleet.nix"),
+            *NIX_OPTIONS,
+            "--argstr",
+            "fleetFile",
+            str(fleet_file),
+            "--argstr",
+            "repoDir",
+            str(repo.resolve()),
+        ]
+        if self.toolchain == "debian":
+            args += ["--argstr", "toolchainDir", str(self.toolchain_dir)]
+        else:
+            args += ["--arg", "toolchain", f"import {self.nix_dir / 'toolchain-nixpkgs.nix'} {{}}"]
+        return args
+
+    def write_fleet(self, hosts: Sequence[Host]) -> Path:
+        """Write the normalised fleet for fleet.nix; the name is unique per content."""
+        self.work.mkdir(parents=True, exist_ok=True)
+        data = json.dumps({"hosts": {h.name: h.to_nix() for h in hosts}}, sort_keys=True).encode()
+        fd, tmp = tempfile.mkstemp(dir=self.work, prefix="fleet-", suffix=".json")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return Path(tmp)
+
+    def evaluate(self, hosts: Sequence[Host], repo: Path) -> Evaluation:
+        """Image derivation path of every host, in one evaluation when possible."""
+        self.ensure_toolchain()
+        if not hosts:
+            return Evaluation(images={}, errors={})
+        fleet_file = self.write_fleet(hosts)
+        try:
+            ok, out = self._eval_images(fleet_file, repo)
+            if ok:
+                return Evaluation(images=json.loads(out), errors={})
+            if len(hosts) == 1:
+                return Evaluation(images={}, errors={hosts[0].name: out})
+            images: dict[str, str] = {}
+            errors: dict[str, str] = {}
+            for h in hosts:
+                one = self.evaluate([h], repo)
+                images.update(one.images)
+                errors.update(one.errors)
+            return Evaluation(images=images, errors=errors)
+        finally:
+            fleet_file.unlink(missing_ok=True)
+
+    def _eval_images(self, fleet_file: Path, repo: Path) -> tuple[bool, str]:
+        proc = subprocess.run(
+            [
+                "nix-instantiate",
+                "--eval",
+                "--strict",
+                "--json",
+                "-A",
+                "images",
+                *self._args(fleet_file, repo),
+            ],
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode != 0:
+            return False, _tail(proc.stderr)
+        return True, proc.stdout
+
+    def build(self, host: Host, version: int, repo: Path) -> BuildOutput:
+        """Build one host's release artifacts; the output is kept as a GC root."""
+        self.ensure_toolchain()
+        self.gcroots.mkdir(parents=True, exist_ok=True)
+        fleet_file = self.write_fleet([host])
+        attr = f'hosts."{host.name}".artifacts'
+        root = self.gcroots / host.name
+        try:
+            inst = subprocess.run(
+                [
+                    "nix-instantiate",
+                    "-A",
+                    attr,
+                    "--argstr",
+                    "version",
+                    str(version),
+                    *self._args(fleet_file, repo),
+                ],
+                capture_output=True,
+                text=True,
+            )
+        finally:
+            fleet_file.unlink(missing_ok=True)
+        if inst.returncode != 0:
+            raise BuildError(host.name, f"evaluation failed: {_tail(inst.stderr)}")
+        drv = inst.stdout.strip().splitlines()[-1]
+        real = subprocess.run(
+            ["nix-store", "--realise", drv, "--add-root", str(root), "--indirect", *NIX_OPTIONS],
+            capture_output=True,
+            text=True,
+        )
+        if real.returncode != 0:
+            raise BuildError(host.name, _tail(real.stderr))
+        out = Path(real.stdout.strip().splitlines()[-1])
+        files = {}
+        for entry in sorted(out.iterdir()):
+            fmt = "aci" if entry.name.endswith(".aci") else "appimage"
+            files[fmt] = entry
+        missing = set(host.formats) - set(files)
+        if missing:
+            raise BuildError(host.name, f"build produced no {', '.join(sorted(missing))} artifact")
+        return BuildOutput(derivation=drv, out=out, files=files)

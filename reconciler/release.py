@@ -1,0 +1,171 @@
+"""Release metadata: the signed statement of what a host should run.
+
+Pure functions on frozen dataclasses. The JSON form is canonical (sorted keys, fixed
+indentation) so that the same release always serialises to the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from reconciler.errors import VerificationError
+
+SCHEMA = "reconciler.release/v1"
+HEX64 = re.compile(r"^[0-9a-f]{64}$")
+COMMIT_RE = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")
+BLOB_PREFIX = "blobs/sha256/"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    format: str
+    name: str
+    size: int
+    sha256: str
+
+    @property
+    def blob(self) -> str:
+        return blob_path(self.sha256)
+
+
+@dataclass(frozen=True)
+class Release:
+    host: str
+    version: int
+    commit: str
+    derivation: str
+    created: datetime
+    expires: datetime
+    artifacts: tuple[Artifact, ...]
+
+    def to_json(self) -> bytes:
+        doc = {
+            "schema": SCHEMA,
+            "host": self.host,
+            "version": self.version,
+            "commit": self.commit,
+            "derivation": self.derivation,
+            "created": format_time(self.created),
+            "expires": format_time(self.expires),
+            "artifacts": [
+                {"format": a.format, "name": a.name, "size": a.size, "sha256": a.sha256, "blob": a.blob}
+                for a in self.artifacts
+            ],
+        }
+        return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+
+    def artifact(self, fmt: str) -> Artifact | None:
+        return next((a for a in self.artifacts if a.format == fmt), None)
+
+
+def blob_path(sha256: str) -> str:
+    return BLOB_PREFIX + sha256
+
+
+def release_path(host: str, version: int) -> str:
+    return f"hosts/{host}/releases/{version}.json"
+
+
+def latest_path(host: str) -> str:
+    return f"hosts/{host}/latest.json"
+
+
+def format_time(t: datetime) -> str:
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(s: str) -> datetime:
+    t = datetime.fromisoformat(s.replace("Z", "+00:00"))
+    if t.tzinfo is None:
+        raise ValueError(f"{s!r} has no time zone")
+    return t.astimezone(UTC)
+
+
+def new_release(
+    host: str,
+    version: int,
+    commit: str,
+    derivation: str,
+    artifacts: tuple[Artifact, ...],
+    now: datetime,
+    lifetime: timedelta,
+) -> Release:
+    now = now.astimezone(UTC).replace(microsecond=0)
+    return Release(
+        host=host,
+        version=version,
+        commit=commit,
+        derivation=derivation,
+        created=now,
+        expires=now + lifetime,
+        artifacts=tuple(sorted(artifacts, key=lambda a: a.format)),
+    )
+
+
+def parse_release(data: bytes, source: str) -> Release:
+    """Parse and validate release JSON; errors name ``source`` and the key."""
+
+    def bad(key: str, why: str) -> VerificationError:
+        return VerificationError(f"{source}: {key}: {why}" if key else f"{source}: {why}")
+
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad("", f"not valid JSON ({exc})") from None
+    except RecursionError:
+        raise bad("", "not valid JSON (nested too deeply)") from None
+    if not isinstance(doc, dict):
+        raise bad("", "must be a JSON object")
+    if doc.get("schema") != SCHEMA:
+        raise bad("schema", f"expected {SCHEMA!r}, got {doc.get('schema')!r}")
+
+    def field(key: str, kind: type) -> Any:
+        v = doc.get(key)
+        if not isinstance(v, kind) or isinstance(v, bool):
+            raise bad(key, f"must be a {kind.__name__}")
+        return v
+
+    host = field("host", str)
+    version = field("version", int)
+    if version < 1:
+        raise bad("version", "must be >= 1")
+    commit = field("commit", str)
+    if not COMMIT_RE.fullmatch(commit):
+        raise bad("commit", "must be a full git commit id")
+    derivation = field("derivation", str)
+    times = {}
+    for key in ("created", "expires"):
+        try:
+            times[key] = parse_time(field(key, str))
+        except (ValueError, OverflowError) as exc:
+            raise bad(key, str(exc)) from None
+    arts = []
+    for i, a in enumerate(field("artifacts", list)):
+        key = f"artifacts[{i}]"
+        if not isinstance(a, dict):
+            raise bad(key, "must be an object")
+        fmt, name, size, sha = a.get("format"), a.get("name"), a.get("size"), a.get("sha256")
+        if fmt not in ("aci", "appimage"):
+            raise bad(f"{key}.format", f"unknown format {fmt!r}")
+        if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+            raise bad(f"{key}.name", "must be a plain file name")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise bad(f"{key}.size", "must be a non-negative integer")
+        if not isinstance(sha, str) or not HEX64.fullmatch(sha):
+            raise bad(f"{key}.sha256", "must be 64 lowercase hex digits")
+        if a.get("blob") != blob_path(sha):
+            raise bad(f"{key}.blob", f"must be {blob_path(sha)!r}")
+        arts.append(Artifact(format=fmt, name=name, size=size, sha256=sha))
+    return Release(
+        host=host,
+        version=version,
+        commit=commit,
+        derivation=derivation,
+        created=times["created"],
+        expires=times["expires"],
+        artifacts=tuple(arts),
+    )

@@ -1,0 +1,74 @@
+"""The config repository, through gitpython.
+
+The daemon keeps its own clone in the state directory and checks out the tracked
+branch's head detached, so a force-push on the remote is just a new head.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import git
+
+from reconciler.errors import SourceError
+
+
+class GitSource:
+    def __init__(self, url: str, branch: str, checkout: Path) -> None:
+        self.url = url
+        self.branch = branch
+        self.checkout = checkout
+        self._repo: git.Repo | None = None
+
+    def _open(self) -> git.Repo:
+        if self._repo is not None:
+            return self._repo
+        try:
+            if (self.checkout / ".git").is_dir():
+                repo = git.Repo(self.checkout)
+                if repo.remotes.origin.url != self.url:
+                    repo.remotes.origin.set_url(self.url)
+            else:
+                if self.checkout.exists():
+                    shutil.rmtree(self.checkout)
+                self.checkout.parent.mkdir(parents=True, exist_ok=True)
+                repo = git.Repo.clone_from(self.url, self.checkout, no_checkout=True)
+        except (git.GitCommandError, git.InvalidGitRepositoryError, OSError) as exc:
+            raise SourceError(f"cannot clone {self.url}: {_why(exc)}") from None
+        self._repo = repo
+        return repo
+
+    def fetch(self) -> str:
+        """Fetch the branch, check its head out, and return the commit id."""
+        repo = self._open()
+        ref = f"refs/remotes/origin/{self.branch}"
+        try:
+            # '+' accepts force-pushes: the remote's history is the truth.
+            repo.git.fetch("origin", f"+refs/heads/{self.branch}:{ref}", "--prune")
+            commit = repo.git.rev_parse(ref + "^{commit}")
+            repo.git.checkout("--force", "--detach", commit)
+            repo.git.clean("-ffdx")
+        except git.GitCommandError as exc:
+            raise SourceError(f"cannot fetch branch {self.branch!r} from {self.url}: {_why(exc)}") from None
+        return str(commit)
+
+    def changed_files(self, old: str | None, new: str) -> frozenset[str] | None:
+        """Paths that differ between two commits, or None when ``old`` is unknown
+        (first run, or history rewritten by a force-push)."""
+        if old is None:
+            return None
+        repo = self._open()
+        try:
+            out = repo.git.diff("--name-only", "--no-renames", old, new)
+        except git.GitCommandError:
+            return None
+        return frozenset(line for line in out.splitlines() if line)
+
+
+def _why(exc: Exception) -> str:
+    if isinstance(exc, git.GitCommandError):
+        lines = [ln.strip() for ln in str(exc.stderr).splitlines() if ln.strip()]
+        msg = lines[-1] if lines else f"git exited {exc.status}"
+        return msg.removeprefix("stderr: ").strip("'")
+    return str(exc)

@@ -1,0 +1,161 @@
+"""Shared fixtures: a throwaway gpg key, config repositories in git, configs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import git
+import pytest
+import yaml
+
+from reconciler.demo import make_signing_key
+
+# The staged toolchain is content-addressed and restaged when its sources change,
+# so test runs share one copy instead of compiling the runtime per test.
+TOOLCHAIN_DIR = Path(os.environ.get("RECONCILER_TEST_CACHE", Path.home() / ".cache" / "reconciler-tests")) / (
+    "toolchain"
+)
+
+WEB = """\
+name: {name}
+include: [base]
+network:
+  address: {address}
+services:
+  web:
+    package: site
+    exec: [bin/busybox, httpd, -f, -p, "{port}", -h, srv/www]
+"""
+
+BASE = """\
+network:
+  gateway: 10.42.0.1
+files:
+  etc/motd: "managed\\n"
+"""
+
+SITE = """\
+{ toolchain }:
+derivation {
+  name = "site";
+  system = "x86_64-linux";
+  builder = toolchain.busybox;
+  args = [ "sh" "-c" ''
+    ${toolchain.busybox} mkdir -p $out/srv/www
+    echo '<h1>fleet</h1>' > $out/srv/www/index.html
+  '' ];
+}
+"""
+
+
+@dataclass
+class Signing:
+    gnupghome: Path
+    fingerprint: str
+    public_key: Path
+
+
+@pytest.fixture(scope="session")
+def signing(tmp_path_factory: pytest.TempPathFactory) -> Signing:
+    home = tmp_path_factory.mktemp("gnupg")
+    fpr = make_signing_key(home, name="Reconciler Test")
+    pub = home / "publisher.asc"
+    pub.write_bytes(
+        subprocess.run(
+            ["gpg", "--homedir", str(home), "--armor", "--export", fpr], check=True, capture_output=True
+        ).stdout
+    )
+    return Signing(home, fpr, pub)
+
+
+class ConfigRepo:
+    """A config repository on local disk that tests edit and commit to."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.repo = git.Repo.init(path, initial_branch="main")
+        with self.repo.config_writer() as cw:
+            cw.set_value("user", "name", "Test")
+            cw.set_value("user", "email", "test@example.invalid")
+
+    def write(self, rel: str, text: str) -> None:
+        p = self.path / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+
+    def remove(self, rel: str) -> None:
+        (self.path / rel).unlink()
+
+    def commit(self, message: str = "change") -> str:
+        self.repo.git.add("-A")
+        return str(self.repo.index.commit(message).hexsha)
+
+    @property
+    def head(self) -> str:
+        return str(self.repo.head.commit.hexsha)
+
+
+def standard_fleet(repo: ConfigRepo) -> str:
+    """Three hosts sharing profile `base`, two of them using package `site`."""
+    repo.write("profiles/base.yaml", BASE)
+    repo.write("packages/site.nix", SITE)
+    repo.write("hosts/web-1.yaml", WEB.format(name="web-1", address="10.42.0.11/24", port=18081))
+    repo.write("hosts/web-2.yaml", WEB.format(name="web-2", address="10.42.0.12/24", port=18082))
+    repo.write(
+        "hosts/worker-1.yaml",
+        "name: worker-1\ninclude: [base]\nformats: [aci]\nservices:\n"
+        "  tick: {exec: [bin/busybox, sh, -c, 'while true; do echo tick; sleep 5; done']}\n",
+    )
+    return repo.commit("fleet")
+
+
+@pytest.fixture
+def config_repo(tmp_path: Path) -> ConfigRepo:
+    return ConfigRepo(tmp_path / "repo")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(tmp_path: Path, repo: ConfigRepo, signing: Signing, **extra: object) -> Path:
+    cfg: dict[str, object] = {
+        "repo": {"url": str(repo.path), "branch": "main"},
+        "store": {"type": "filesystem", "path": str(tmp_path / "store")},
+        "state_dir": str(tmp_path / "state"),
+        "signing": {"gnupghome": str(signing.gnupghome), "key": signing.fingerprint},
+        "nix": {"toolchain_dir": str(TOOLCHAIN_DIR)},
+        "listen": f"127.0.0.1:{free_port()}",
+        "poll_interval": 1,
+        "jobs": 2,
+    }
+    cfg.update(extra)
+    path = tmp_path / "reconciler.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def gpg_verify(public_key: Path, data: Path, signature: Path, home: Path) -> subprocess.CompletedProcess[str]:
+    """Plain `gpg --verify` in a fresh keyring holding only ``public_key``."""
+    home.mkdir(mode=0o700, exist_ok=True)
+    subprocess.run(
+        ["gpg", "--homedir", str(home), "-q", "--import", str(public_key)], check=True, capture_output=True
+    )
+    return subprocess.run(
+        ["gpg", "--homedir", str(home), "--verify", str(signature), str(data)], capture_output=True, text=True
+    )
+
+
+@pytest.fixture
+def gpg_home(tmp_path: Path) -> Iterator[Path]:
+    home = tmp_path / "verify-gnupg"
+    yield home
+    shutil.rmtree(home, ignore_errors=True)

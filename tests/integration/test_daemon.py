@@ -1,0 +1,164 @@
+"""`reconciler run`: polls the repo, publishes, serves /metrics, /healthz, /readyz."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import WEB, ConfigRepo, Signing, standard_fleet, write_config
+
+pytestmark = pytest.mark.integration
+
+SPEC_METRICS = {
+    "reconciler_reconcile_runs",
+    "reconciler_reconcile_duration_seconds",
+    "reconciler_last_successful_reconcile_timestamp_seconds",
+    "reconciler_source",
+    "reconciler_host_builds",
+    "reconciler_build_duration_seconds",
+    "reconciler_artifacts_published",
+    "reconciler_signing_failures",
+    "reconciler_git_fetch_errors",
+    "reconciler_build_queue_depth",
+    "reconciler_host_published_version",
+}
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture
+def daemon(
+    tmp_path: Path, config_repo: ConfigRepo, signing: Signing
+) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    standard_fleet(config_repo)
+    cfg = write_config(tmp_path, config_repo, signing)
+    base = "http://" + yaml.safe_load(cfg.read_text())["listen"]
+    log = (tmp_path / "daemon.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "reconciler", "run", "-c", str(cfg)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        yield base, proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        log.close()
+
+
+def test_daemon_publishes_serves_metrics_and_picks_up_new_commits(
+    daemon: tuple[str, subprocess.Popen[str]], config_repo: ConfigRepo, tmp_path: Path
+) -> None:
+    base, proc = daemon
+
+    def ready() -> bool:
+        try:
+            return get(base + "/readyz")[0] == 200
+        except OSError:
+            return False
+
+    wait_for(ready, 300, "/readyz")
+    assert get(base + "/healthz")[0] == 200
+    status, text = get(base + "/metrics")
+    assert status == 200
+    names = {fam.name for fam in text_string_to_metric_families(text)}
+    assert names >= SPEC_METRICS, SPEC_METRICS - names
+    m = samples(text)
+    assert m[("reconciler_reconcile_runs_total", (("result", "success"),))] >= 1
+    assert m[("reconciler_host_builds_total", (("result", "success"),))] == 3
+    assert m[("reconciler_artifacts_published_total", (("format", "aci"),))] == 3
+    assert m[("reconciler_artifacts_published_total", (("format", "appimage"),))] == 2
+    assert m[("reconciler_host_published_version", (("host", "web-1"),))] == 1
+    assert m[("reconciler_signing_failures_total", ())] == 0
+    assert m[("reconciler_build_queue_depth", ())] == 0
+    assert m[("reconciler_last_successful_reconcile_timestamp_seconds", ())] > time.time() - 600
+    info = [k for k in m if k[0] == "reconciler_source_info"]
+    assert info and ("commit", config_repo.head) in info[0][1]
+
+    config_repo.write("hosts/web-2.yaml", WEB.format(name="web-2", address="10.42.0.77/24", port=18082))
+    new_head = config_repo.commit("move web-2")
+
+    def published_v2() -> bool:
+        return (
+            samples(get(base + "/metrics")[1]).get(
+                ("reconciler_host_published_version", (("host", "web-2"),))
+            )
+            == 2
+        )
+
+    wait_for(published_v2, 300, "web-2 version 2 on /metrics")
+    m = samples(get(base + "/metrics")[1])
+    assert m[("reconciler_host_published_version", (("host", "web-1"),))] == 1
+    assert m[("reconciler_host_builds_total", (("result", "success"),))] == 4
+    assert any(("commit", new_head) in k[1] for k in m if k[0] == "reconciler_source_info")
+    assert (tmp_path / "store/hosts/web-2/releases/2.json").exists()
+
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0
+
+
+def test_git_fetch_errors_are_counted_and_not_ready(tmp_path: Path, signing: Signing) -> None:
+    missing = ConfigRepo.__new__(ConfigRepo)
+    missing.path = tmp_path / "no-such-repo"
+    cfg = write_config(tmp_path, missing, signing)
+    base = "http://" + yaml.safe_load(cfg.read_text())["listen"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "reconciler", "run", "-c", str(cfg)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+
+        def counted() -> bool:
+            try:
+                text = get(base + "/metrics")[1]
+            except OSError:
+                return False
+            return samples(text).get(("reconciler_git_fetch_errors_total", ()), 0) >= 2
+
+        wait_for(counted, 60, "git fetch errors on /metrics")
+        code, body = get(base + "/readyz")
+        assert code == 503
+        assert "cannot clone" in body
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert "event=reconcile_failed" in err and "cannot clone" in err
