@@ -1,0 +1,34 @@
+# A host's supervision tree: the AppRun launcher, the runit supervisor and, per
+# service, what apprun.sh turns into a runit service directory at start:
+#   etc/service/<name>/run      the command, run from the image root
+#   etc/service/<name>/restart  always | on-failure | never
+{ toolchain, name, services }:
+let
+  bb = toolchain.busybox;
+  q = s: "'" + builtins.replaceStrings [ "'" ] [ "'\\''" ] s + "'";
+  # exec[0] is relative to the image root; the run script starts there.
+  runScript = s: builtins.toFile "run"
+    ("exec " + builtins.concatStringsSep " " (map q ([ "./${builtins.head s.exec}" ] ++ builtins.tail s.exec)) + "\n");
+  install = svc: s: ''
+    mkdir -p "$out/etc/service/${svc}"
+    cp ${runScript s} "$out/etc/service/${svc}/run"
+    echo ${q s.restart} > "$out/etc/service/${svc}/restart"
+  '';
+in
+derivation {
+  name = "host-${name}-services";
+  system = "x86_64-linux";
+  builder = bb;
+  args = [ "sh" "-c" ''
+    set -eu
+    ${bb} mkdir -p "$TMPDIR/bin"
+    for a in $(${bb} --list); do ${bb} ln -sf ${bb} "$TMPDIR/bin/$a"; done
+    export PATH="$TMPDIR/bin"
+    mkdir -p "$out/.reconciler" "$out/etc/service"
+    cp ${toolchain.runtimeBin}/AppRun "$out/AppRun"
+    cp ${./apprun.sh} "$out/.reconciler/apprun.sh"
+    cp -RP ${toolchain.runit} "$out/.reconciler/runit"
+    ${builtins.concatStringsSep "\n" (builtins.attrValues (builtins.mapAttrs install services))}
+    chmod -R u+w "$out"
+  '' ];
+}
