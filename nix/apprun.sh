@@ -24,8 +24,11 @@ chmod() { "$bb" chmod "$@"; }
 mkdir "$run/bin"
 for applet in $("$bb" --list); do "$bb" ln -s "$bb" "$run/bin/$applet"; done
 for tool in runsvdir runsv sv; do
-  printf '#!%s sh\nexec %s/lib/ld-linux-x86-64.so.2 --library-path %s/lib --argv0 %s %s/libexec/%s "$@"\n' \
-    "$bb" "$runit" "$runit" "$tool" "$runit" "$tool" > "$run/bin/$tool"
+  # The Debian toolchain's runit is dynamically linked and carries its own loader.
+  via=""
+  [ -x "$runit/lib/ld-linux-x86-64.so.2" ] &&
+    via="\"$runit/lib/ld-linux-x86-64.so.2\" --library-path \"$runit/lib\" --argv0 $tool "
+  printf '#!%s sh\nexec %s"%s/libexec/%s" "$@"\n' "$bb" "$via" "$runit" "$tool" > "$run/bin/$tool"
   chmod 755 "$run/bin/$tool"
 done
 export PATH="$run/bin:$PATH"

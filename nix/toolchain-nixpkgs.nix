@@ -1,6 +1,8 @@
 # The same toolchain interface as toolchain-debian.nix, taken from nixpkgs, for users
-# who have a nixpkgs channel: nix-build fleet.nix --arg toolchain 'import ./toolchain-nixpkgs.nix {}'
-# Builds are reproducible within one toolchain; bytes differ from the Debian one.
+# who have a nixpkgs channel:
+#   nix-build fleet.nix --arg toolchain 'import ./toolchain-nixpkgs.nix {}' ...
+# or `nix: {toolchain: nixpkgs}` in reconciler.yaml. Builds are reproducible within
+# one toolchain; the bytes differ from the Debian toolchain's.
 { pkgs ? import <nixpkgs> { } }:
 let
   static = pkgs.pkgsStatic;
@@ -9,20 +11,19 @@ let
     src = ./runtime;
     nativeBuildInputs = [ pkgs.pkg-config ];
     buildInputs = [ static.squashfuse static.fuse3 static.zlib static.zstd static.xz ];
-    buildPhase = ''
-      $CC -O2 -static -o runtime runtime.c $(pkg-config --cflags --libs squashfuse_ll fuse3) -lzstd -llzma -lz
-      $CC -O2 -static -o AppRun apprun.c
-      printf 'AI\002' | dd of=runtime bs=1 seek=8 conv=notrunc
-    '';
-    installPhase = ''
-      mkdir -p $out
-      cp runtime AppRun $out/
-      cp ${static.runit}/bin/runsv ${static.runit}/bin/runsvdir ${static.runit}/bin/sv $out/
-    '';
+    buildPhase = "sh ./build.sh $out";
+    dontInstall = true;
   };
-in {
+  # apprun.sh runs runit's tools from libexec/ (directly when they are static).
+  runit = pkgs.runCommand "reconciler-runit" { } ''
+    mkdir -p $out/libexec
+    for t in runsvdir runsv sv; do cp ${static.runit}/bin/$t $out/libexec/; done
+  '';
+in
+{
   busybox = "${static.busybox}/bin/busybox";
   tar = "${pkgs.gnutar}/bin/tar";
   mksquashfs = "${pkgs.squashfsTools}/bin/mksquashfs";
   runtimeBin = "${runtimeBin}";
+  runit = "${runit}";
 }
