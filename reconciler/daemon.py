@@ -327,6 +327,10 @@ class Daemon:
                 except ReconcilerError as exc:
                     self._last_error = str(exc)
                     log.event("reconcile_failed", logging.ERROR, error=str(exc))
+                except Exception as exc:
+                    # A bug must not stop the daemon: log it and try again next interval.
+                    self._last_error = f"internal error: {exc!r}"
+                    log.event("reconcile_crashed", logging.ERROR, error=repr(exc))
                 self.stopping.wait(self.cfg.poll_interval)
         finally:
             self.server.stop()

@@ -62,7 +62,7 @@ class Signing:
 
 
 @pytest.fixture(scope="session")
-def signing(tmp_path_factory: pytest.TempPathFactory) -> Signing:
+def signing(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Signing]:
     home = tmp_path_factory.mktemp("gnupg")
     fpr = make_signing_key(home, name="Reconciler Test")
     pub = home / "publisher.asc"
@@ -71,7 +71,9 @@ def signing(tmp_path_factory: pytest.TempPathFactory) -> Signing:
             ["gpg", "--homedir", str(home), "--armor", "--export", fpr], check=True, capture_output=True
         ).stdout
     )
-    return Signing(home, fpr, pub)
+    yield Signing(home, fpr, pub)
+    # gpg started an agent for this keyring; it must not outlive the test run.
+    subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], capture_output=True)
 
 
 class ConfigRepo:
@@ -158,4 +160,5 @@ def gpg_verify(public_key: Path, data: Path, signature: Path, home: Path) -> sub
 def gpg_home(tmp_path: Path) -> Iterator[Path]:
     home = tmp_path / "verify-gnupg"
     yield home
+    subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], capture_output=True)
     shutil.rmtree(home, ignore_errors=True)
