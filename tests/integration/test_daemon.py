@@ -23,7 +23,7 @@ SPEC_METRICS = {
     "reconciler_reconcile_runs",
     "reconciler_reconcile_duration_seconds",
     "reconciler_last_successful_reconcile_timestamp_seconds",
-    "reconciler_source",
+    "reconciler_source_info",
     "reconciler_host_builds",
     "reconciler_build_duration_seconds",
     "reconciler_artifacts_published",

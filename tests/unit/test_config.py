@@ -1,0 +1,281 @@
+"""Unit tests for reconciler.config: reconciler.yaml loading and validation."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+
+from reconciler.config import (
+    Config,
+    NixConfig,
+    RepoConfig,
+    SigningConfig,
+    StoreConfig,
+    load_config,
+    parse_duration,
+)
+from reconciler.errors import ConfigError
+
+MINIMAL: dict[str, Any] = {
+    "repo": {"url": "repo"},
+    "store": {"path": "store"},
+    "state_dir": "state",
+    "signing": {"gnupghome": "gnupg", "key": "ABCDEF0123456789"},
+}
+
+
+def write_config(directory: Path, data: Any) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "reconciler.yaml"
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+def config_error(tmp_path: Path, data: Any) -> ConfigError:
+    path = write_config(tmp_path / "cfg", data)
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert exc.value.path == str(path)
+    return exc.value
+
+
+DELETE = object()
+
+
+def merged(**changes: Any) -> dict[str, Any]:
+    """MINIMAL with top-level keys replaced; a dotted key changes one key of a section."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in MINIMAL.items()}
+    for key, value in changes.items():
+        section, _, sub = key.partition("__")
+        target: dict[str, Any] = data
+        if sub:
+            target = data.setdefault(section, {})
+            key = sub
+        if value is DELETE:
+            target.pop(key, None)
+        else:
+            target[key] = value
+    return data
+
+
+def test_defaults_and_relative_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg_dir = tmp_path / "etc" / "reconciler"
+    path = write_config(cfg_dir, MINIMAL)
+    # Paths are relative to the config file, not the working directory.
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(Path("etc/reconciler/reconciler.yaml"))
+    assert cfg == Config(
+        path=path,
+        repo=RepoConfig(url=str(cfg_dir / "repo"), branch="main"),
+        store=StoreConfig(type="filesystem", path=cfg_dir / "store"),
+        state_dir=cfg_dir / "state",
+        signing=SigningConfig(gnupghome=cfg_dir / "gnupg", key="ABCDEF0123456789", passphrase_file=None),
+        nix=NixConfig(toolchain="debian", toolchain_dir=None),
+        listen="127.0.0.1:9180",
+        poll_interval=30.0,
+        jobs=2,
+        release_lifetime=timedelta(days=30),
+    )
+    assert cfg.path.is_absolute()
+
+
+def test_every_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    cfg_dir = tmp_path / "cfg"
+    path = write_config(
+        cfg_dir,
+        {
+            "repo": {"url": "https://git.example.com/fleet.git", "branch": "prod"},
+            "store": {"type": "filesystem", "path": "/srv/store"},
+            "state_dir": "~/state",
+            "signing": {"gnupghome": "../gnupg", "key": "K", "passphrase_file": "secret/pass"},
+            "nix": {"toolchain": "nixpkgs", "toolchain_dir": "tc"},
+            "listen": "[::1]:9100",
+            "poll_interval": 2.5,
+            "jobs": 64,
+            "release_lifetime": "12h",
+        },
+    )
+    cfg = load_config(path)
+    assert cfg.repo == RepoConfig(url="https://git.example.com/fleet.git", branch="prod")
+    assert cfg.store == StoreConfig(type="filesystem", path=Path("/srv/store"))
+    assert cfg.state_dir == tmp_path / "home" / "state"
+    assert cfg.signing == SigningConfig(
+        gnupghome=cfg_dir / ".." / "gnupg", key="K", passphrase_file=cfg_dir / "secret" / "pass"
+    )
+    assert cfg.nix == NixConfig(toolchain="nixpkgs", toolchain_dir=cfg_dir / "tc")
+    assert (cfg.listen, cfg.poll_interval, cfg.jobs) == ("[::1]:9100", 2.5, 64)
+    assert cfg.release_lifetime == timedelta(hours=12)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["https://git.example.com/fleet.git", "ssh://git@example.com/fleet", "git@example.com:org/fleet.git"],
+)
+def test_remote_urls_are_kept(tmp_path: Path, url: str) -> None:
+    cfg = load_config(write_config(tmp_path, merged(repo__url=url)))
+    assert cfg.repo.url == url
+
+
+def test_absolute_repo_path_is_kept(tmp_path: Path) -> None:
+    cfg = load_config(write_config(tmp_path / "cfg", merged(repo__url="/srv/repo")))
+    assert cfg.repo.url == "/srv/repo"
+
+
+TOP = (
+    "unknown key (allowed: "
+    + ", ".join(
+        [
+            "jobs",
+            "listen",
+            "nix",
+            "poll_interval",
+            "release_lifetime",
+            "repo",
+            "signing",
+            "state_dir",
+            "store",
+        ]
+    )
+    + ")"
+)
+PORT = "must be HOST:PORT"
+POLL = "must be a positive number of seconds"
+JOBS = "must be an integer from 1 to 64"
+
+
+def duration(value: Any) -> str:
+    return f"must be a duration like 90s, 15m, 12h or 30d, got {value!r}"
+
+
+@pytest.mark.parametrize(
+    ("data", "key", "reason"),
+    [
+        (merged(colour="blue"), "colour", TOP),
+        (merged(repo__brnach="dev"), "repo.brnach", "unknown key (allowed: branch, url)"),
+        (merged(store__bucket="b"), "store.bucket", "unknown key (allowed: path, type)"),
+        (
+            merged(signing__passphrase="x"),
+            "signing.passphrase",
+            "unknown key (allowed: gnupghome, key, passphrase_file)",
+        ),
+        (merged(nix__sandbox=True), "nix.sandbox", "unknown key (allowed: toolchain, toolchain_dir)"),
+        (merged(repo=DELETE), "repo", "is required"),
+        (merged(repo=["x"]), "repo", "must be a mapping"),
+        (merged(repo__url=DELETE), "repo.url", "is required"),
+        (merged(repo__url=""), "repo.url", "must be a non-empty string"),
+        (merged(repo__url=3), "repo.url", "must be a non-empty string"),
+        (merged(repo__branch=None), "repo.branch", "must be a non-empty string"),
+        (merged(store=DELETE), "store", "is required"),
+        (merged(store__path=DELETE), "store.path", "is required"),
+        (merged(store__type="s3"), "store.type", "unsupported store type 's3' (supported: filesystem)"),
+        (merged(state_dir=DELETE), "state_dir", "is required"),
+        (merged(state_dir=["a"]), "state_dir", "must be a non-empty string"),
+        (merged(signing=DELETE), "signing", "is required"),
+        (merged(signing__key=DELETE), "signing.key", "is required"),
+        (merged(signing__gnupghome=""), "signing.gnupghome", "must be a non-empty string"),
+        (merged(signing__passphrase_file=3), "signing.passphrase_file", "must be a path"),
+        (merged(nix="debian"), "nix", "must be a mapping"),
+        (merged(nix__toolchain="guix"), "nix.toolchain", "must be 'debian' or 'nixpkgs'"),
+        (merged(nix__toolchain_dir=3), "nix.toolchain_dir", "must be a path"),
+        (merged(jobs=0), "jobs", JOBS),
+        (merged(jobs=65), "jobs", JOBS),
+        (merged(jobs=-1), "jobs", JOBS),
+        (merged(jobs="2"), "jobs", JOBS),
+        (merged(jobs=True), "jobs", JOBS),
+        (merged(jobs=2.0), "jobs", JOBS),
+        (merged(listen="9180"), "listen", PORT),
+        (merged(listen="localhost"), "listen", PORT),
+        (merged(listen="localhost:"), "listen", PORT),
+        (merged(listen="127.0.0.1:99999"), "listen", PORT),
+        (merged(listen="127.0.0.1:80\n"), "listen", PORT),
+        (merged(listen="http://127.0.0.1:80"), "listen", PORT),
+        (merged(listen=9180), "listen", PORT),
+        (merged(poll_interval=-1), "poll_interval", POLL),
+        (merged(poll_interval=0), "poll_interval", POLL),
+        (merged(poll_interval="30"), "poll_interval", POLL),
+        (merged(poll_interval=True), "poll_interval", POLL),
+        (merged(poll_interval=float("nan")), "poll_interval", POLL),
+        (merged(poll_interval=float("inf")), "poll_interval", POLL),
+        (merged(release_lifetime="30"), "release_lifetime", duration("30")),
+        (merged(release_lifetime=30), "release_lifetime", duration(30)),
+        (merged(release_lifetime="0d"), "release_lifetime", duration("0d")),
+        (merged(release_lifetime="1w"), "release_lifetime", duration("1w")),
+        (merged(release_lifetime="-1d"), "release_lifetime", duration("-1d")),
+        (merged(release_lifetime="30d\n"), "release_lifetime", duration("30d\n")),
+        (merged(release_lifetime=None), "release_lifetime", duration(None)),
+    ],
+)
+def test_bad_setting_names_file_and_key(tmp_path: Path, data: dict[str, Any], key: str, reason: str) -> None:
+    err = config_error(tmp_path, data)
+    assert (err.key, err.reason) == (key, reason)
+    assert str(err) == f"{err.path}: {key}: {reason}"
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("repo: [1, 2\n", "invalid YAML at line 2, column 1: expected ',' or ']', but got '<stream end>'"),
+        (
+            "repo:\n  url: x\n bad: y\n",
+            "invalid YAML at line 3, column 2: expected <block end>, but found '<block mapping start>'",
+        ),
+        ("- repo\n- store\n", "must be a mapping"),
+        ("just text\n", "must be a mapping"),
+        ("0\n", "must be a mapping"),
+        ("false\n", "must be a mapping"),
+        ("[]\n", "must be a mapping"),
+    ],
+)
+def test_document_errors(tmp_path: Path, text: str, reason: str) -> None:
+    err = config_error(tmp_path, text)
+    assert (err.key, err.reason) == ("", reason)
+    assert str(err) == f"{err.path}: {reason}"
+
+
+def test_empty_file_reports_the_first_missing_section(tmp_path: Path) -> None:
+    err = config_error(tmp_path, "# nothing yet\n")
+    assert (err.key, err.reason) == ("repo", "is required")
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert (exc.value.path, exc.value.key, exc.value.reason) == (
+        str(path),
+        "",
+        "cannot read: No such file or directory",
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("90s", 90), ("15m", 900), ("12h", 43200), ("30d", 2592000), ("1s", 1)],
+)
+def test_parse_duration(text: str, seconds: int) -> None:
+    assert parse_duration("f", "k", text) == timedelta(seconds=seconds)
+
+
+@given(st.integers(min_value=1, max_value=10**6), st.sampled_from(["s", "m", "h", "d"]))
+def test_parse_duration_property(n: int, unit: str) -> None:
+    factor = {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
+    assert parse_duration("f", "k", f"{n}{unit}") == timedelta(seconds=n * factor)
+
+
+@given(st.one_of(st.text(max_size=10), st.integers(), st.none(), st.floats()))
+def test_parse_duration_refuses_with_config_error_only(value: object) -> None:
+    try:
+        d = parse_duration("f.yaml", "release_lifetime", value)
+    except ConfigError as exc:
+        assert (exc.path, exc.key) == ("f.yaml", "release_lifetime")
+        assert exc.reason == duration(value)
+    else:
+        assert isinstance(value, str)
+        assert d > timedelta(0)

@@ -1,0 +1,921 @@
+"""Unit and property tests for reconciler.hosts: parsing, profiles, validation, read_tree."""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import random
+import string
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from reconciler.errors import ConfigError
+from reconciler.hosts import (
+    MAX_FILE_BYTES,
+    Fleet,
+    Host,
+    Network,
+    Service,
+    deep_merge,
+    parse_fleet,
+    read_tree,
+)
+
+HOST = "hosts/web-1.yaml"
+# Generous for slow CI machines; the examples themselves are small.
+PROPERTY = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+BASE = """\
+network:
+  gateway: 10.42.0.1
+  dns: [10.42.0.1]
+services:
+  web:
+    exec: [bin/busybox, httpd, -f]
+    restart: never
+files:
+  etc/motd: "managed\\n"
+  etc/issue: "base\\n"
+"""
+
+WEB = """\
+name: web-1
+include: [base]
+formats: [appimage]
+network:
+  address: 10.42.0.11/24
+services:
+  web:
+    package: site
+    restart: always
+files:
+  etc/motd: "hello\\n"
+"""
+
+
+def one_host(text: str, extra: Mapping[str, str] | None = None, path: str = HOST) -> Fleet:
+    return parse_fleet({path: text, **(extra or {})})
+
+
+def error_of(text: str, extra: Mapping[str, str] | None = None, path: str = HOST) -> ConfigError:
+    """The single error a one-host fleet produced; fails if the host was accepted."""
+    fleet = one_host(text, extra, path)
+    assert dict(fleet.hosts) == {}, f"expected {path} to be refused, got {fleet.hosts}"
+    assert len(fleet.errors) == 1, fleet.errors
+    return fleet.errors[0]
+
+
+def host_of(text: str, extra: Mapping[str, str] | None = None) -> Host:
+    fleet = one_host(text, extra)
+    assert fleet.errors == (), [str(e) for e in fleet.errors]
+    return fleet.hosts["web-1"]
+
+
+# -- a valid fleet -----------------------------------------------------------------------------
+
+
+def test_host_with_profile_is_deep_merged_and_host_wins() -> None:
+    host = host_of(WEB, {"profiles/base.yaml": BASE, "packages/site.nix": ""})
+    assert host == Host(
+        name="web-1",
+        formats=("appimage",),
+        network=Network(address="10.42.0.11/24", gateway="10.42.0.1", dns=("10.42.0.1",)),
+        # exec comes from the profile; package and restart from the host.
+        services=(
+            Service(name="web", package="site", exec=("bin/busybox", "httpd", "-f"), restart="always"),
+        ),
+        files=(("etc/issue", "base\n"), ("etc/motd", "hello\n")),
+    )
+    assert host.sources == ("hosts/web-1.yaml", "profiles/base.yaml")
+    assert host.packages == ("site",)
+    assert host.inputs() == ("hosts/web-1.yaml", "profiles/base.yaml", "packages/site.nix")
+    assert host.to_nix() == {
+        "name": "web-1",
+        "formats": ["appimage"],
+        "network": {"address": "10.42.0.11/24", "gateway": "10.42.0.1", "dns": ["10.42.0.1"]},
+        "services": {"web": {"package": "site", "exec": ["bin/busybox", "httpd", "-f"], "restart": "always"}},
+        "files": {"etc/issue": "base\n", "etc/motd": "hello\n"},
+    }
+
+
+def test_defaults_of_a_minimal_host() -> None:
+    host = host_of("name: web-1\n")
+    assert host == Host(name="web-1", formats=("aci", "appimage"), network=Network(), services=(), files=())
+    assert host.to_nix() == {
+        "name": "web-1",
+        "formats": ["aci", "appimage"],
+        "network": {},
+        "services": {},
+        "files": {},
+    }
+    assert host.inputs() == ("hosts/web-1.yaml",)
+
+
+def test_service_defaults_are_busybox_and_always() -> None:
+    host = host_of("name: web-1\nservices:\n  tick: {exec: [bin/busybox, sleep, 5]}\n")
+    assert host.services == (Service("tick", "busybox", ("bin/busybox", "sleep", "5"), "always"),)
+    # busybox is built in: no packages/busybox.nix input.
+    assert host.packages == ("busybox",)
+    assert host.inputs() == ("hosts/web-1.yaml",)
+
+
+def test_nested_includes_merge_in_order_and_are_all_sources() -> None:
+    files = {
+        "profiles/a.yaml": "include: [b]\nfiles: {etc/a: from-a, etc/shared: from-a}\n",
+        "profiles/b.yaml": "files: {etc/b: from-b, etc/shared: from-b}\nnetwork: {gateway: 10.0.0.1}\n",
+        "profiles/c.yaml": "include: b\nfiles: {etc/c: from-c}\n",
+    }
+    host = host_of("name: web-1\ninclude: [a, c]\nfiles: {etc/host: mine}\n", files)
+    assert host.files == (
+        ("etc/a", "from-a"),
+        ("etc/b", "from-b"),
+        ("etc/c", "from-c"),
+        ("etc/host", "mine"),
+        # a overrides b; c re-includes b, which then overrides a's value (later wins).
+        ("etc/shared", "from-b"),
+    )
+    assert host.network == Network(gateway="10.0.0.1")
+    # Own file first, each profile once, included profiles before their includer.
+    assert host.sources == ("hosts/web-1.yaml", "profiles/b.yaml", "profiles/a.yaml", "profiles/c.yaml")
+
+
+def test_include_as_a_single_string() -> None:
+    host = host_of("name: web-1\ninclude: base\n", {"profiles/base.yaml": "formats: [aci]\n"})
+    assert host.formats == ("aci",)
+    assert host.sources == ("hosts/web-1.yaml", "profiles/base.yaml")
+
+
+def test_include_cycle_names_the_chain() -> None:
+    err = error_of(
+        "name: web-1\ninclude: [a]\n",
+        {
+            "profiles/a.yaml": "include: [b]\n",
+            "profiles/b.yaml": "include: [c]\n",
+            "profiles/c.yaml": "include: [a]\n",
+        },
+    )
+    assert (err.path, err.key) == (HOST, "include")
+    assert err.reason == "profiles/a.yaml: include: include cycle: a -> b -> c -> a"
+    assert str(err) == "hosts/web-1.yaml: include: profiles/a.yaml: include: include cycle: a -> b -> c -> a"
+
+
+def test_profile_including_itself() -> None:
+    err = error_of("name: web-1\ninclude: [a]\n", {"profiles/a.yaml": "include: [a]\n"})
+    assert err.reason == "profiles/a.yaml: include: include cycle: a -> a"
+
+
+def test_unknown_profile() -> None:
+    err = error_of("name: web-1\ninclude: [nope]\n")
+    assert (err.path, err.key, err.reason) == (
+        HOST,
+        "include",
+        "unknown profile 'nope' (no profiles/nope.yaml)",
+    )
+
+
+def test_error_in_a_profile_is_charged_to_each_including_host() -> None:
+    fleet = parse_fleet(
+        {
+            "hosts/web-1.yaml": "name: web-1\ninclude: [base]\n",
+            "hosts/web-2.yaml": "name: web-2\ninclude: [base]\n",
+            "hosts/web-3.yaml": "name: web-3\n",
+            "profiles/base.yaml": "name: base\n",
+        }
+    )
+    assert list(fleet.hosts) == ["web-3"]
+    assert fleet.invalid == frozenset({"web-1", "web-2"})
+    reason = "profiles/base.yaml: name: unknown key (allowed: files, formats, include, network, services)"
+    assert [(e.path, e.key, e.reason) for e in fleet.errors] == [
+        ("hosts/web-1.yaml", "include", reason),
+        ("hosts/web-2.yaml", "include", reason),
+    ]
+
+
+def test_profile_values_are_validated_after_merging() -> None:
+    err = error_of("name: web-1\ninclude: [base]\n", {"profiles/base.yaml": "network: {gateway: nope}\n"})
+    assert (err.path, err.key, err.reason) == (HOST, "network.gateway", "'nope' is not an IP address")
+
+
+# -- names ------------------------------------------------------------------------------------
+
+
+def test_name_is_required() -> None:
+    err = error_of("formats: [aci]\n")
+    assert (err.path, err.key, err.reason) == (HOST, "name", "is required")
+
+
+def test_name_must_equal_the_file_stem() -> None:
+    err = error_of("name: web-2\n")
+    assert (err.path, err.key, err.reason) == (HOST, "name", "must equal the file stem 'web-1', got 'web-2'")
+
+
+@pytest.mark.parametrize(
+    "stem",
+    ["Web-1", "-web", "web_1", "web.1", "a" * 64, "wéb", "web\n"],
+)
+def test_invalid_file_stem(stem: str) -> None:
+    path = f"hosts/{stem}.yaml"
+    err = error_of(f"name: {stem!r}\n", path=path)
+    assert (err.path, err.key) == (path, "")
+    assert err.reason == f"file name {stem!r} is not a valid host name (^[a-z0-9][a-z0-9-]{{0,62}}$)"
+    assert str(err) == f"{path}: {err.reason}"
+
+
+@pytest.mark.parametrize("stem", ["a", "0", "web-1", "a" * 63, "9-9", "web-"])
+def test_valid_file_stem(stem: str) -> None:
+    fleet = parse_fleet({f"hosts/{stem}.yaml": f"name: '{stem}'\n"})
+    assert fleet.errors == ()
+    assert list(fleet.hosts) == [stem]
+
+
+def test_yml_extension_and_non_yaml_files() -> None:
+    fleet = parse_fleet(
+        {
+            "hosts/web-1.yml": "name: web-1\n",
+            "hosts/README.md": "# not a host",
+            "hosts/sub/web-9.yaml": "name: web-9\n",
+            "profiles/x.yaml": "name: [broken",
+        }
+    )
+    assert list(fleet.hosts) == ["web-1"]
+    assert fleet.errors == ()  # an unused broken profile is not an error of any host
+
+
+def test_duplicate_host() -> None:
+    fleet = parse_fleet(
+        {
+            "hosts/web-1.yaml": "name: web-1\n",
+            "hosts/web-1.yml": "name: web-1\n",
+            "hosts/web-2.yaml": "name: web-2\n",
+        }
+    )
+    assert list(fleet.hosts) == ["web-2"]
+    assert [(e.path, e.key, e.reason) for e in fleet.errors] == [
+        ("hosts/web-1.yml", "name", "host 'web-1' is defined twice")
+    ]
+    assert fleet.invalid == frozenset({"web-1"})
+
+
+# -- document shape ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        (
+            "name: web-1\nfoo: [1, 2\n",
+            "invalid YAML at line 3, column 1: expected ',' or ']', but got '<stream end>'",
+        ),
+        ("name: web-1\n  bad: x\n", "invalid YAML at line 2, column 6: mapping values are not allowed here"),
+        (
+            "\tname: web-1\n",
+            "invalid YAML at line 1, column 1: found character '\\t' that cannot start any token",
+        ),
+        (
+            "name: !!python/object:os.system x\n",
+            "invalid YAML at line 1, column 7: "
+            "could not determine a constructor for the tag 'tag:yaml.org,2002:python/object:os.system'",
+        ),
+        ("- a\n- b\n", "must be a mapping, not a list"),
+        ("just text\n", "must be a mapping, not a string"),
+        ("42\n", "must be a mapping, not int"),
+    ],
+)
+def test_document_errors(text: str, reason: str) -> None:
+    err = error_of(text)
+    assert (err.path, err.key, err.reason) == (HOST, "", reason)
+
+
+def test_empty_document_is_an_empty_mapping() -> None:
+    err = error_of("# nothing here\n")
+    assert (err.key, err.reason) == ("name", "is required")
+
+
+def test_unknown_top_level_key() -> None:
+    err = error_of("name: web-1\nhostname: web-1\n")
+    assert (err.path, err.key) == (HOST, "hostname")
+    assert err.reason == "unknown key (allowed: files, formats, include, name, network, services)"
+
+
+def test_non_string_top_level_key() -> None:
+    err = error_of("name: web-1\n1: x\n")
+    assert (err.path, err.key, err.reason) == (HOST, "", "key 1 must be a string")
+
+
+# -- per-key validation ----------------------------------------------------------------------------
+
+NOT_RELATIVE = "must be a relative path inside the image"
+BAD_COMPONENTS = "must not contain empty, '.' or '..' components"
+RESERVED = "is reserved for the image builder"
+EXEC_LIST = "must be a non-empty list of strings"
+
+
+@pytest.mark.parametrize(
+    ("body", "key", "reason"),
+    [
+        ("include: 3", "include", "must be a list of profile names"),
+        ("include: [[a]]", "include", "must be a list of profile names"),
+        # formats
+        ("formats: []", "formats", "must be a non-empty list of aci, appimage"),
+        ("formats: {aci: 1}", "formats", "must be a non-empty list of aci, appimage"),
+        ("formats: [aci, docker]", "formats", "unknown format 'docker' (allowed: aci, appimage)"),
+        ("formats: [ACI]", "formats", "unknown format 'ACI' (allowed: aci, appimage)"),
+        # network
+        ("network: [10.0.0.1]", "network", "must be a mapping, not a list"),
+        ("network: {mtu: 1500}", "network.mtu", "unknown key (allowed: address, dns, gateway)"),
+        ("network: {address: 10.0.0.300/24}", "network.address", "'10.0.0.300/24' is not an address/prefix"),
+        ("network: {address: 10.0.0.5/33}", "network.address", "'10.0.0.5/33' is not an address/prefix"),
+        ("network: {address: web}", "network.address", "'web' is not an address/prefix"),
+        ("network: {address: 10.0.0.5}", "network.address", "needs a prefix length, e.g. 10.0.0.5/24"),
+        ("network: {gateway: nope}", "network.gateway", "'nope' is not an IP address"),
+        ("network: {gateway: 10.0.0.1/24}", "network.gateway", "'10.0.0.1/24' is not an IP address"),
+        ("network: {dns: 10.0.0.1}", "network.dns", "must be a list of IP addresses"),
+        ("network: {dns: }", "network.dns", "must be a list of IP addresses"),
+        (
+            "network: {dns: [1.1.1.1, bogus]}",
+            "network.dns",
+            "'bogus' does not appear to be an IPv4 or IPv6 address",
+        ),
+        # services
+        ("services: [web]", "services", "must be a mapping, not a list"),
+        (
+            "services: {Web: {exec: [bin/sh]}}",
+            "services.Web",
+            "service name must match ^[a-z0-9][a-z0-9_-]{0,62}$",
+        ),
+        (
+            'services: {"web\\n": {exec: [bin/sh]}}',
+            "services.web\n",
+            "service name must match ^[a-z0-9][a-z0-9_-]{0,62}$",
+        ),
+        (
+            "services: {1: {exec: [bin/sh]}}",
+            "services.1",
+            "service name must match ^[a-z0-9][a-z0-9_-]{0,62}$",
+        ),
+        ("services: {web: bin/sh}", "services.web", "must be a mapping, not a string"),
+        (
+            "services: {web: {exec: [bin/sh], user: root}}",
+            "services.web.user",
+            "unknown key (allowed: exec, package, restart)",
+        ),
+        ("services: {web: {}}", "services.web.exec", EXEC_LIST),
+        ("services: {web: {exec: []}}", "services.web.exec", EXEC_LIST),
+        ("services: {web: {exec: bin/sh}}", "services.web.exec", EXEC_LIST),
+        ("services: {web: {exec: [bin/sh, [x]]}}", "services.web.exec", EXEC_LIST),
+        ("services: {web: {exec: [bin/sh, true]}}", "services.web.exec", EXEC_LIST),
+        ("services: {web: {exec: [bin/sh, null]}}", "services.web.exec", EXEC_LIST),
+        (
+            'services: {web: {exec: [bin/sh, "a\\0b"]}}',
+            "services.web.exec",
+            "must not contain NUL characters",
+        ),
+        ("services: {web: {exec: [/bin/sh]}}", "services.web.exec", f"'/bin/sh' {NOT_RELATIVE}"),
+        ("services: {web: {exec: [../bin/sh]}}", "services.web.exec", f"'../bin/sh' {BAD_COMPONENTS}"),
+        ("services: {web: {exec: ['']}}", "services.web.exec", f"'' {NOT_RELATIVE}"),
+        (
+            "services: {web: {exec: [x], package: Site}}",
+            "services.web.package",
+            "must be a package name (^[a-z0-9][a-z0-9_-]{0,62}$)",
+        ),
+        (
+            "services: {web: {exec: [x], package: 3}}",
+            "services.web.package",
+            "must be a package name (^[a-z0-9][a-z0-9_-]{0,62}$)",
+        ),
+        (
+            "services: {web: {exec: [x], package: nope}}",
+            "services.web.package",
+            "unknown package 'nope' (no packages/nope.nix)",
+        ),
+        (
+            "services: {web: {exec: [x], restart: sometimes}}",
+            "services.web.restart",
+            "must be one of always, on-failure, never, got 'sometimes'",
+        ),
+        (
+            "services: {web: {exec: [x], restart: [always]}}",
+            "services.web.restart",
+            "must be one of always, on-failure, never, got ['always']",
+        ),
+        # files
+        ("files: [etc/motd]", "files", "must be a mapping, not a list"),
+        ("files: {../x: a}", "files.../x", f"'../x' {BAD_COMPONENTS}"),
+        ("files: {etc/../../x: a}", "files.etc/../../x", f"'etc/../../x' {BAD_COMPONENTS}"),
+        ("files: {./x: a}", "files../x", f"'./x' {BAD_COMPONENTS}"),
+        ("files: {etc//x: a}", "files.etc//x", f"'etc//x' {BAD_COMPONENTS}"),
+        ("files: {etc/x/: a}", "files.etc/x/", f"'etc/x/' {BAD_COMPONENTS}"),
+        ("files: {/etc/x: a}", "files./etc/x", f"'/etc/x' {NOT_RELATIVE}"),
+        ("files: {'': a}", "files.", f"'' {NOT_RELATIVE}"),
+        ('files: {"etc\\\\x": a}', "files.etc\\x", f"'etc\\\\x' {NOT_RELATIVE}"),
+        ("files: {AppRun: a}", "files.AppRun", RESERVED),
+        ("files: {.reconciler/x: a}", "files..reconciler/x", RESERVED),
+        ("files: {etc/reconciler/host.json: a}", "files.etc/reconciler/host.json", RESERVED),
+        ("files: {etc/service/web/run: a}", "files.etc/service/web/run", RESERVED),
+        ("files: {bin/busybox: a}", "files.bin/busybox", RESERVED),
+        # A file that is a parent directory of a reserved path would shadow it too.
+        ("files: {etc: a}", "files.etc", RESERVED),
+        ("files: {bin: a}", "files.bin", RESERVED),
+        ("files: {etc/app: a, etc/app/conf: b}", "files.etc/app/conf", "its parent 'etc/app' is also a file"),
+        (
+            "files: {srv: a, srv/www/index.html: b}",
+            "files.srv/www/index.html",
+            "its parent 'srv' is also a file",
+        ),
+        ("files: {etc/motd: 3}", "files.etc/motd", "content must be a string, not int"),
+        ("files: {etc/motd: }", "files.etc/motd", "content must be a string, not empty"),
+        ("files: {etc/motd: [a]}", "files.etc/motd", "content must be a string, not a list"),
+        ('files: {etc/motd: "a\\0b"}', "files.etc/motd", "content must be text without NUL characters"),
+        ("files: {1: a}", "files.1", "file names must be strings"),
+    ],
+)
+def test_validation_error_names_file_key_and_reason(body: str, key: str, reason: str) -> None:
+    err = error_of(f"name: web-1\n{body}\n")
+    assert (err.path, err.key, err.reason) == (HOST, key, reason)
+    assert str(err) == f"{HOST}: {key}: {reason}"
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["etc/motd", "etc/reconciler-notes", "etc/services", "binary", "srv/www/index.html", "AppRun2", "e/t/c"],
+)
+def test_allowed_file_names(name: str) -> None:
+    host = host_of(f"name: web-1\nfiles: {{{name}: x}}\n")
+    assert host.files == ((name, "x"),)
+
+
+def test_network_is_normalised() -> None:
+    host = host_of(
+        "name: web-1\n"
+        "network: {address: 2001:DB8::1/64, gateway: '2001:db8:0:0::fe', dns: [2001:DB8::53, 9.9.9.9]}\n"
+    )
+    assert host.network == Network(
+        address="2001:db8::1/64", gateway="2001:db8::fe", dns=("2001:db8::53", "9.9.9.9")
+    )
+
+
+def test_formats_are_normalised() -> None:
+    assert host_of("name: web-1\nformats: [appimage, aci, appimage]\n").formats == ("aci", "appimage")
+    assert host_of("name: web-1\nformats: aci\n").formats == ("aci",)
+
+
+def test_exec_numbers_become_strings() -> None:
+    host = host_of("name: web-1\nservices: {web: {exec: [bin/busybox, httpd, -p, 8080, 1.5]}}\n")
+    assert host.services[0].exec == ("bin/busybox", "httpd", "-p", "8080", "1.5")
+
+
+def test_one_bad_host_does_not_stop_the_others() -> None:
+    fleet = parse_fleet(
+        {
+            "hosts/a-1.yaml": "name: a-1\n",
+            "hosts/b-1.yaml": "name: b-1\nnetwork: {gateway: nope}\n",
+            "hosts/c-1.yaml": "name: [",
+            "hosts/d-1.yaml": "name: d-1\nformats: [aci]\n",
+            "hosts/E.yaml": "name: E\n",
+        }
+    )
+    assert sorted(fleet.hosts) == ["a-1", "d-1"]
+    assert fleet.hosts["d-1"].formats == ("aci",)
+    assert [(e.path, e.key) for e in fleet.errors] == [
+        ("hosts/E.yaml", ""),
+        ("hosts/b-1.yaml", "network.gateway"),
+        ("hosts/c-1.yaml", ""),
+    ]
+    assert fleet.invalid == frozenset({"E", "b-1", "c-1"})
+
+
+# -- to_nix normalisation -----------------------------------------------------------------------
+
+
+def test_to_nix_ignores_formatting_comments_and_key_order() -> None:
+    block = """\
+# the web host
+name: web-1
+formats:
+  - aci
+  - appimage
+network:
+  address: 10.42.0.11/24   # static
+  gateway: 10.42.0.1
+services:
+  web:
+    exec:
+      - bin/busybox
+      - httpd
+    restart: always
+  cron:
+    exec: [bin/busybox, crond, -f]
+files:
+  etc/motd: "hello\\n"
+  etc/hosts: |
+    127.0.0.1 localhost
+"""
+    flow = (
+        "{files: {'etc/hosts': \"127.0.0.1 localhost\\n\", etc/motd: 'hello\n\n  '},"
+        "  services: {cron: {restart: always, exec: [bin/busybox, crond, '-f'], package: busybox},"
+        "  web: {exec: [bin/busybox, httpd]}}, network: {gateway: '10.42.0.1', address: \"10.42.0.11/24\"},"
+        "  formats: [appimage, aci], name: web-1}"
+    )
+    a, b = host_of(block), host_of(flow)
+    assert a == b
+    assert a.to_nix() == b.to_nix()
+    assert a.to_nix()["files"] == {"etc/hosts": "127.0.0.1 localhost\n", "etc/motd": "hello\n"}
+    assert list(a.to_nix()["services"]) == ["cron", "web"]
+
+
+# -- read_tree ----------------------------------------------------------------------------------
+
+
+def write(root: Path, rel: str, data: str | bytes) -> Path:
+    p = root / rel
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(data, bytes):
+        p.write_bytes(data)
+    else:
+        p.write_text(data)
+    return p
+
+
+def test_read_tree_reads_definitions_and_package_names(tmp_path: Path) -> None:
+    write(tmp_path, "hosts/web-1.yaml", WEB)
+    write(tmp_path, "hosts/notes.txt", "ignored")
+    write(tmp_path, "hosts/sub/web-9.yaml", "name: web-9\n")
+    write(tmp_path, "profiles/base.yaml", BASE)
+    write(tmp_path, "packages/site.nix", "{ toolchain }: derivation {}")
+    write(tmp_path, "packages/README.md", "ignored")
+    write(tmp_path, "other/x.yaml", "ignored")
+    assert read_tree(tmp_path) == {
+        "hosts/web-1.yaml": WEB,
+        "profiles/base.yaml": BASE,
+        "packages/site.nix": "",
+    }
+    fleet = parse_fleet(read_tree(tmp_path))
+    assert fleet.errors == ()
+    assert fleet.hosts["web-1"].inputs() == ("hosts/web-1.yaml", "profiles/base.yaml", "packages/site.nix")
+
+
+def test_read_tree_of_an_empty_checkout(tmp_path: Path) -> None:
+    assert read_tree(tmp_path) == {}
+    assert parse_fleet({}) == Fleet(hosts={}, errors=())
+
+
+def test_read_tree_refuses_symlinks_big_and_unreadable_files_one_by_one(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    write(repo, "hosts/good.yaml", "name: good\n")
+    outside = write(tmp_path, "outside/evil.yaml", "name: evil\n")
+    os.symlink(outside, repo / "hosts" / "evil.yaml")
+    os.symlink("good.yaml", repo / "hosts" / "alias.yaml")  # even inside the repo
+    write(repo, "hosts/big.yaml", "name: big\n" + "#" * MAX_FILE_BYTES)
+    write(repo, "hosts/latin.yaml", b'name: latin\nfiles: {etc/motd: "\xe9"}\n')
+    (repo / "hosts" / "dir.yaml").mkdir()
+
+    fleet = parse_fleet(read_tree(repo))
+    assert list(fleet.hosts) == ["good"]
+    errors = {e.path: e for e in fleet.errors}
+    assert sorted(errors) == [
+        "hosts/alias.yaml",
+        "hosts/big.yaml",
+        "hosts/dir.yaml",
+        "hosts/evil.yaml",
+        "hosts/latin.yaml",
+    ]
+    assert all(e.key == "" for e in fleet.errors)
+    symlink = "is a symlink; definitions must live in the repository"
+    assert errors["hosts/evil.yaml"].reason == symlink
+    assert str(errors["hosts/evil.yaml"]) == f"hosts/evil.yaml: {symlink}"
+    assert errors["hosts/alias.yaml"].reason == symlink
+    assert errors["hosts/big.yaml"].reason == f"is larger than {MAX_FILE_BYTES} bytes"
+    assert errors["hosts/latin.yaml"].reason == (
+        "cannot be read: 'utf-8' codec can't decode byte 0xe9 in position 31: invalid continuation byte"
+    )
+    assert errors["hosts/dir.yaml"].reason.startswith("cannot be read: [Errno 21] Is a directory")
+    assert fleet.invalid == frozenset({"alias", "big", "dir", "evil", "latin"})
+
+
+def test_read_tree_exactly_max_size_is_read(tmp_path: Path) -> None:
+    text = "name: web-1\n"
+    text += "#" * (MAX_FILE_BYTES - len(text))
+    write(tmp_path, "hosts/web-1.yaml", text)
+    assert list(parse_fleet(read_tree(tmp_path)).hosts) == ["web-1"]
+
+
+def test_read_tree_symlinked_profile_costs_only_its_hosts(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    outside = write(tmp_path, "outside/base.yaml", "formats: [aci]\n")
+    (repo / "profiles").mkdir(parents=True)
+    os.symlink(outside, repo / "profiles" / "base.yaml")
+    write(repo, "hosts/web-1.yaml", "name: web-1\ninclude: [base]\n")
+    write(repo, "hosts/web-2.yaml", "name: web-2\n")
+    fleet = parse_fleet(read_tree(repo))
+    assert list(fleet.hosts) == ["web-2"]
+    assert [str(e) for e in fleet.errors] == [
+        "hosts/web-1.yaml: include: profiles/base.yaml: is a symlink; definitions must live in the repository"
+    ]
+
+
+def test_read_tree_refuses_a_symlinked_directory(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    write(tmp_path, "elsewhere/web-1.yaml", "name: web-1\n")
+    repo.mkdir()
+    os.symlink(tmp_path / "elsewhere", repo / "hosts")
+    with pytest.raises(ConfigError) as exc:
+        read_tree(repo)
+    assert (exc.value.path, exc.value.key) == ("hosts", "")
+    assert exc.value.reason == "is a symlink; definitions must live in the repository"
+
+
+# -- deep_merge ------------------------------------------------------------------------------------
+
+
+def test_deep_merge_examples() -> None:
+    base = {"a": 1, "n": {"x": 1, "y": {"p": 1}}, "l": [1, 2]}
+    over = {"a": 2, "n": {"y": {"q": 2}, "z": 3}, "l": [3]}
+    assert deep_merge(base, over) == {"a": 2, "n": {"x": 1, "y": {"p": 1, "q": 2}, "z": 3}, "l": [3]}
+    # A mapping replaces a scalar and vice versa; lists are not concatenated.
+    assert deep_merge({"k": 1}, {"k": {"x": 1}}) == {"k": {"x": 1}}
+    assert deep_merge({"k": {"x": 1}}, {"k": None}) == {"k": None}
+    # Inputs are not mutated.
+    assert base == {"a": 1, "n": {"x": 1, "y": {"p": 1}}, "l": [1, 2]}
+
+
+# -- property tests --------------------------------------------------------------------------------
+
+scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=8))
+keys = st.sampled_from(["a", "b", "c", "d"])
+trees: st.SearchStrategy[dict[str, Any]] = st.recursive(
+    st.dictionaries(keys, scalars, max_size=3),
+    lambda children: st.dictionaries(keys, st.one_of(scalars, children), max_size=3),
+    max_leaves=12,
+)
+
+
+def leaves(d: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from leaves(v, (*prefix, k))
+        else:
+            yield (*prefix, k), v
+
+
+def lookup(d: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    for k in path:
+        d = d[k]
+    return d
+
+
+def has_prefix(d: Mapping[str, Any], path: tuple[str, ...]) -> bool:
+    """Whether ``d`` defines any prefix of ``path`` as something other than a mapping, or path itself."""
+    cur: Any = d
+    for k in path:
+        if not isinstance(cur, dict) or k not in cur:
+            return False
+        cur = cur[k]
+        if not isinstance(cur, dict):
+            return True
+    return True
+
+
+@PROPERTY
+@given(trees, trees)
+def test_deep_merge_laws(base: dict[str, Any], over: dict[str, Any]) -> None:
+    merged = deep_merge(base, over)
+    # Host wins: every leaf of the overriding mapping is in the result as is.
+    for path, value in leaves(over):
+        assert lookup(merged, path) == value
+    # Base leaves survive unless the override touches their path.
+    for path, value in leaves(base):
+        if not has_prefix(over, path):
+            assert lookup(merged, path) == value
+    assert set(merged) == set(base) | set(over)
+
+
+@PROPERTY
+@given(trees)
+def test_deep_merge_identity_and_idempotence(d: dict[str, Any]) -> None:
+    assert deep_merge(d, {}) == d
+    assert deep_merge({}, d) == d
+    assert deep_merge(d, d) == d
+
+
+@PROPERTY
+@given(st.text(), st.text())
+def test_parse_fleet_never_raises_on_arbitrary_text(host_text: str, profile_text: str) -> None:
+    fleet = parse_fleet({HOST: host_text, "profiles/base.yaml": profile_text})
+    assert len(fleet.hosts) + len(fleet.errors) == 1
+    for e in fleet.errors:
+        assert e.path == HOST
+        assert e.reason
+    assert fleet.invalid == ({"web-1"} if fleet.errors else set())
+
+
+yaml_values: st.SearchStrategy[Any] = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(),
+        st.floats(allow_nan=False),
+        st.text(max_size=12),
+        st.sampled_from(["aci", "appimage", "10.0.0.1", "10.0.0.1/24", "bin/sh", "../x", "/etc/x", "always"]),
+    ),
+    lambda children: st.one_of(
+        st.lists(children, max_size=4),
+        st.dictionaries(
+            st.one_of(
+                st.sampled_from(
+                    [
+                        "address",
+                        "gateway",
+                        "dns",
+                        "exec",
+                        "package",
+                        "restart",
+                        "web",
+                        "etc/motd",
+                        "etc",
+                        "base",
+                    ]
+                ),
+                st.text(max_size=6),
+                st.integers(),
+            ),
+            children,
+            max_size=4,
+        ),
+    ),
+    max_leaves=16,
+)
+
+
+@PROPERTY
+@given(
+    st.fixed_dictionaries(
+        {"name": st.just("web-1")},
+        optional={
+            "include": st.one_of(st.just(["base"]), yaml_values),
+            "formats": yaml_values,
+            "network": yaml_values,
+            "services": yaml_values,
+            "files": yaml_values,
+        },
+    ),
+    st.dictionaries(st.sampled_from(["network", "services", "files", "formats", "include"]), yaml_values),
+)
+def test_parse_fleet_never_raises_on_arbitrary_structures(
+    host: dict[str, Any], profile: dict[str, Any]
+) -> None:
+    fleet = parse_fleet(
+        {
+            HOST: yaml.safe_dump(host, sort_keys=False),
+            "profiles/base.yaml": yaml.safe_dump(profile, sort_keys=False),
+        }
+    )
+    assert len(fleet.hosts) + len(fleet.errors) == 1
+    assert all(e.path == HOST and e.reason for e in fleet.errors)
+    if fleet.hosts:
+        nix = fleet.hosts["web-1"].to_nix()
+        assert nix["name"] == "web-1"
+        assert nix["formats"] in (["aci"], ["appimage"], ["aci", "appimage"])
+
+
+segments = st.one_of(
+    st.sampled_from(["..", ".", "", "etc", "x"]),
+    st.text(alphabet=string.ascii_lowercase + "./\\", min_size=1, max_size=5),
+)
+
+
+@PROPERTY
+@given(st.lists(segments, min_size=1, max_size=5), st.booleans())
+def test_traversal_in_file_names_is_refused(parts: list[str], absolute: bool) -> None:
+    name = ("/" if absolute else "") + "/".join(parts)
+    fleet = one_host(yaml.safe_dump({"name": "web-1", "files": {name: "x"}}))
+    split = name.split("/")
+    escapes = absolute or "\\" in name or any(p in ("", ".", "..") for p in split)
+    if escapes:
+        assert dict(fleet.hosts) == {}
+        (err,) = fleet.errors
+        assert (err.path, err.key) == (HOST, f"files.{name}")
+    elif fleet.hosts:
+        (accepted,) = fleet.hosts["web-1"].files
+        assert accepted == (name, "x")
+        assert posixpath.normpath(name) == name
+    else:
+        # The only other refusal of a clean relative path is a reserved name.
+        (err,) = fleet.errors
+        assert (err.key, err.reason) == (f"files.{name}", RESERVED)
+
+
+@PROPERTY
+@given(st.text(max_size=20))
+def test_any_accepted_file_name_stays_inside_the_image(name: str) -> None:
+    text = yaml.safe_dump({"name": "web-1", "files": {name: "x"}})
+    assume(yaml.safe_load(text) == {"name": "web-1", "files": {name: "x"}})
+    fleet = one_host(text)
+    if fleet.errors:
+        (err,) = fleet.errors
+        assert err.key == f"files.{name}"
+        return
+    (accepted,) = fleet.hosts["web-1"].files
+    assert accepted[0] == name
+    assert not name.startswith("/")
+    assert posixpath.normpath(name) == name
+    assert ".." not in name.split("/")
+    assert posixpath.normpath(posixpath.join("/image", name)).startswith("/image/")
+
+
+@PROPERTY
+@given(st.lists(segments, min_size=1, max_size=4), st.booleans())
+def test_traversal_in_exec_is_refused(parts: list[str], absolute: bool) -> None:
+    argv0 = ("/" if absolute else "") + "/".join(parts)
+    fleet = one_host(yaml.safe_dump({"name": "web-1", "services": {"web": {"exec": [argv0]}}}))
+    escapes = absolute or "\\" in argv0 or any(p in ("", ".", "..") for p in argv0.split("/"))
+    if escapes:
+        (err,) = fleet.errors
+        assert (err.path, err.key) == (HOST, "services.web.exec")
+    else:
+        assert fleet.errors == ()
+        assert fleet.hosts["web-1"].services[0].exec == (argv0,)
+
+
+# A strategy for valid host definitions, to check that formatting never shows.
+ident = st.from_regex(r"[a-z0-9][a-z0-9-]{0,8}", fullmatch=True)
+ipv4 = st.ip_addresses(v=4).map(str)
+# NEL and the Unicode line/paragraph separators are left out: PyYAML's emitter with
+# allow_unicode=True writes them raw and its reader then folds them (a PyYAML quirk,
+# not something the reconciler could normalise).
+plain_text = st.text(st.characters(codec="utf-8", exclude_characters="\0\x85\u2028\u2029"), max_size=30)
+valid_hosts = st.fixed_dictionaries(
+    {"name": st.just("web-1")},
+    optional={
+        "formats": st.lists(st.sampled_from(["aci", "appimage"]), min_size=1, max_size=3),
+        "network": st.fixed_dictionaries(
+            {},
+            optional={
+                "address": st.tuples(ipv4, st.integers(0, 32)).map(lambda t: f"{t[0]}/{t[1]}"),
+                "gateway": ipv4,
+                "dns": st.lists(ipv4, max_size=3),
+            },
+        ),
+        "services": st.dictionaries(
+            ident,
+            st.fixed_dictionaries(
+                {
+                    "exec": st.tuples(
+                        st.sampled_from(["bin/busybox", "srv/app"]), st.lists(plain_text, max_size=3)
+                    ).map(lambda t: [t[0], *t[1]])
+                },
+                optional={
+                    "package": st.sampled_from(["busybox", "site"]),
+                    "restart": st.sampled_from(["always", "on-failure", "never"]),
+                },
+            ),
+            max_size=3,
+        ),
+        "files": st.dictionaries(ident.map(lambda s: f"srv/{s}"), plain_text, max_size=4),
+    },
+)
+
+
+def shuffled(data: Any, rnd: random.Random) -> Any:
+    """``data`` with every mapping's keys in a random order, recursively."""
+    if isinstance(data, dict):
+        items = [(k, shuffled(v, rnd)) for k, v in data.items()]
+        rnd.shuffle(items)
+        return dict(items)
+    if isinstance(data, list):
+        return [shuffled(v, rnd) for v in data]
+    return data
+
+
+@PROPERTY
+@given(
+    valid_hosts,
+    st.sampled_from([None, True, False]),
+    st.booleans(),
+    st.randoms(use_true_random=False),
+    st.sampled_from([None, 2, 4]),
+)
+def test_to_nix_is_stable_under_yaml_reserialisation(
+    data: dict[str, Any], flow: bool | None, sort_keys: bool, rnd: random.Random, indent: int | None
+) -> None:
+    packages = {"packages/site.nix": ""}
+    reference = one_host(yaml.safe_dump(data), packages)
+    assert reference.errors == (), [str(e) for e in reference.errors]
+    host = reference.hosts["web-1"]
+    text = yaml.safe_dump(
+        shuffled(data, rnd), default_flow_style=flow, sort_keys=sort_keys, indent=indent, allow_unicode=True
+    )
+    again = one_host("# reformatted\n" + text, packages)
+    assert again.errors == ()
+    assert again.hosts["web-1"] == host
+    assert again.hosts["web-1"].to_nix() == host.to_nix()
+    # And the normalised form reflects the data.
+    nix = host.to_nix()
+    assert nix["files"] == data.get("files", {})
+    assert sorted(nix["services"]) == sorted(data.get("services", {}))
+    assert nix["formats"] == [f for f in ("aci", "appimage") if f in data.get("formats", ["aci", "appimage"])]

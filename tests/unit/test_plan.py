@@ -1,0 +1,260 @@
+"""Unit tests for reconciler.plan: which hosts rebuild and why."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from reconciler.errors import ConfigError
+from reconciler.hosts import Fleet, Host, Network, Service, parse_fleet
+from reconciler.plan import INVALID, REBUILD, REMOVED, UNCHANGED, HostPlan, Plan, make_plan
+from reconciler.state import HostState
+
+COMMIT = "c" * 40
+IMG_A = "/nix/store/aaaa-host-web-1-image.drv"
+IMG_B = "/nix/store/bbbb-host-web-1-image.drv"
+
+
+def host(name: str, *, profiles: tuple[str, ...] = (), package: str | None = None) -> Host:
+    services = () if package is None else (Service("web", package, ("bin/busybox", "httpd"), "always"),)
+    return Host(
+        name=name,
+        formats=("aci", "appimage"),
+        network=Network(),
+        services=services,
+        files=(),
+        sources=(f"hosts/{name}.yaml", *(f"profiles/{p}.yaml" for p in profiles)),
+    )
+
+
+def fleet(*hosts: Host, errors: tuple[ConfigError, ...] = (), invalid: frozenset[str] = frozenset()) -> Fleet:
+    return Fleet(hosts={h.name: h for h in hosts}, errors=errors, invalid=invalid)
+
+
+def published(name: str, image: str | None = IMG_A, version: int = 4, status: str = "published") -> HostState:
+    return HostState(name, version, image, "d" * 40, status, None, 1700000000.0)
+
+
+def states(*s: HostState) -> dict[str, HostState]:
+    return {h.name: h for h in s}
+
+
+def plan_one(
+    h: Host,
+    image: str,
+    prev: HostState | None,
+    changed: frozenset[str] | None,
+) -> HostPlan:
+    p = make_plan(COMMIT, fleet(h), {h.name: image}, {}, states(prev) if prev else {}, changed)
+    assert p.commit == COMMIT
+    (entry,) = p.entries
+    return entry
+
+
+WEB = host("web-1", profiles=("base",), package="site")
+
+
+def test_new_host_rebuilds() -> None:
+    assert plan_one(WEB, IMG_A, None, frozenset()) == HostPlan(
+        "web-1", REBUILD, ("new host, never published",), IMG_A
+    )
+
+
+def test_host_that_only_ever_failed_counts_as_new() -> None:
+    prev = published("web-1", image=None, version=0, status="failed")
+    assert plan_one(WEB, IMG_A, prev, None) == HostPlan(
+        "web-1", REBUILD, ("new host, never published",), IMG_A
+    )
+
+
+def test_same_image_is_unchanged() -> None:
+    entry = plan_one(WEB, IMG_A, published("web-1"), frozenset({"hosts/other.yaml", "README.md"}))
+    assert entry == HostPlan("web-1", UNCHANGED, ("inputs unchanged",), IMG_A)
+
+
+def test_same_image_with_touched_inputs_says_the_build_did_not_change() -> None:
+    entry = plan_one(WEB, IMG_A, published("web-1"), frozenset({"profiles/base.yaml", "hosts/web-1.yaml"}))
+    assert entry == HostPlan(
+        "web-1",
+        UNCHANGED,
+        ("hosts/web-1.yaml changed but not its build", "profiles/base.yaml changed but not its build"),
+        IMG_A,
+    )
+
+
+def test_changed_image_names_the_touched_inputs_sorted() -> None:
+    changed = frozenset({"packages/site.nix", "profiles/base.yaml", "hosts/web-2.yaml", "nix/host.nix"})
+    entry = plan_one(WEB, IMG_B, published("web-1"), changed)
+    assert entry == HostPlan(
+        "web-1", REBUILD, ("packages/site.nix changed", "profiles/base.yaml changed"), IMG_B
+    )
+
+
+def test_changed_image_without_touched_inputs_is_a_recipe_change() -> None:
+    entry = plan_one(WEB, IMG_B, published("web-1"), frozenset({"nix/host.nix"}))
+    assert entry == HostPlan("web-1", REBUILD, ("build recipe changed (nix/ library or toolchain)",), IMG_B)
+
+
+def test_changed_image_with_unknown_history() -> None:
+    entry = plan_one(WEB, IMG_B, published("web-1"), None)
+    assert entry == HostPlan(
+        "web-1",
+        REBUILD,
+        ("build inputs changed (no common history with the last reconciled commit)",),
+        IMG_B,
+    )
+
+
+def test_unknown_history_with_the_same_image_is_unchanged() -> None:
+    assert plan_one(WEB, IMG_A, published("web-1"), None) == HostPlan(
+        "web-1", UNCHANGED, ("inputs unchanged",), IMG_A
+    )
+
+
+def test_builtin_package_is_not_an_input() -> None:
+    h = host("web-1", package="busybox")
+    entry = plan_one(h, IMG_B, published("web-1"), frozenset({"packages/busybox.nix"}))
+    assert entry.reasons == ("build recipe changed (nix/ library or toolchain)",)
+
+
+def test_published_host_missing_from_the_fleet_is_removed() -> None:
+    p = make_plan(
+        COMMIT,
+        fleet(WEB),
+        {"web-1": IMG_A},
+        {},
+        states(published("web-1"), published("old-1"), published("gone-1", status=REMOVED)),
+        frozenset({"hosts/old-1.yaml"}),
+    )
+    assert p.entries == (
+        HostPlan("old-1", REMOVED, ("hosts/old-1.yaml no longer exists",)),
+        HostPlan("web-1", UNCHANGED, ("inputs unchanged",), IMG_A),
+    )
+
+
+def test_invalid_host_is_listed_and_not_removed() -> None:
+    err = ConfigError("hosts/bad-1.yaml", "network.gateway", "'nope' is not an IP address")
+    p = make_plan(
+        COMMIT,
+        fleet(WEB, errors=(err,), invalid=frozenset({"bad-1"})),
+        {"web-1": IMG_A},
+        {},
+        states(published("web-1"), published("bad-1")),
+        frozenset({"hosts/bad-1.yaml"}),
+    )
+    assert p.entries == (
+        HostPlan("bad-1", INVALID, ("hosts/bad-1.yaml: network.gateway: 'nope' is not an IP address",)),
+        HostPlan("web-1", UNCHANGED, ("inputs unchanged",), IMG_A),
+    )
+    assert p.with_action(REMOVED) == ()
+
+
+def test_broken_profile_makes_its_hosts_invalid_not_the_profile() -> None:
+    f = parse_fleet(
+        {
+            "hosts/web-1.yaml": "name: web-1\ninclude: [a]\n",
+            "hosts/web-2.yaml": "name: web-2\n",
+            "profiles/a.yaml": "include: [b]\n",
+            "profiles/b.yaml": "include: [a]\n",
+        }
+    )
+    p = make_plan(COMMIT, f, {"web-2": IMG_A}, {}, states(published("web-1"), published("web-2")), None)
+    assert p.entries == (
+        HostPlan(
+            "web-1",
+            INVALID,
+            ("hosts/web-1.yaml: include: profiles/a.yaml: include: include cycle: a -> b -> a",),
+        ),
+        HostPlan("web-2", UNCHANGED, ("inputs unchanged",), IMG_A),
+    )
+
+
+def test_duplicate_host_is_invalid_and_not_removed() -> None:
+    f = parse_fleet({"hosts/web-1.yaml": "name: web-1\n", "hosts/web-1.yml": "name: web-1\n"})
+    p = make_plan(COMMIT, f, {}, {}, states(published("web-1")), frozenset())
+    assert p.entries == (
+        HostPlan("web-1", INVALID, ("hosts/web-1.yml: name: host 'web-1' is defined twice",)),
+    )
+
+
+def test_evaluation_error_is_invalid() -> None:
+    p = make_plan(
+        COMMIT, fleet(WEB), {}, {"web-1": "attribute 'site' missing"}, states(published("web-1")), frozenset()
+    )
+    assert p.entries == (HostPlan("web-1", INVALID, ("nix evaluation failed: attribute 'site' missing",)),)
+
+
+def test_entries_are_sorted_by_host_and_serialise() -> None:
+    err = ConfigError("hosts/m-1.yaml", "", "is a symlink; definitions must live in the repository")
+    hosts = [host("z-1"), host("a-1"), host("k-1")]
+    p = make_plan(
+        COMMIT,
+        fleet(*hosts, errors=(err,), invalid=frozenset({"m-1"})),
+        {"z-1": IMG_A, "a-1": IMG_B, "k-1": IMG_A},
+        {},
+        states(published("z-1", image=IMG_B), published("k-1"), published("b-1")),
+        frozenset({"hosts/z-1.yaml"}),
+    )
+    assert [(e.host, e.action) for e in p.entries] == [
+        ("a-1", REBUILD),
+        ("b-1", REMOVED),
+        ("k-1", UNCHANGED),
+        ("m-1", INVALID),
+        ("z-1", REBUILD),
+    ]
+    assert [e.host for e in p.with_action(REBUILD)] == ["a-1", "z-1"]
+    assert p.to_json() == {
+        "commit": COMMIT,
+        "hosts": [
+            {"host": "a-1", "action": "rebuild", "reasons": ["new host, never published"], "image": IMG_B},
+            {
+                "host": "b-1",
+                "action": "removed",
+                "reasons": ["hosts/b-1.yaml no longer exists"],
+                "image": None,
+            },
+            {"host": "k-1", "action": "unchanged", "reasons": ["inputs unchanged"], "image": IMG_A},
+            {
+                "host": "m-1",
+                "action": "invalid",
+                "reasons": ["hosts/m-1.yaml: is a symlink; definitions must live in the repository"],
+                "image": None,
+            },
+            {"host": "z-1", "action": "rebuild", "reasons": ["hosts/z-1.yaml changed"], "image": IMG_A},
+        ],
+    }
+
+
+def test_empty_everything() -> None:
+    assert make_plan(COMMIT, fleet(), {}, {}, {}, None) == Plan(COMMIT, ())
+
+
+# -- property: the decision depends only on the image ----------------------------------------------
+
+names = st.from_regex(r"[a-z][a-z0-9-]{0,6}", fullmatch=True)
+images = st.sampled_from([IMG_A, IMG_B, "/nix/store/cccc-x.drv"])
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.dictionaries(names, images, max_size=6),
+    st.dictionaries(names, st.one_of(st.none(), images), max_size=6),
+    st.one_of(st.none(), st.frozensets(st.sampled_from(["hosts/a.yaml", "profiles/base.yaml", "nix/x"]))),
+)
+def test_rebuild_exactly_when_the_image_differs(
+    current: Mapping[str, str], before: Mapping[str, str | None], changed: frozenset[str] | None
+) -> None:
+    f = fleet(*(host(n, profiles=("base",)) for n in current))
+    prev = states(*(published(n, image=img, version=0 if img is None else 2) for n, img in before.items()))
+    p = make_plan(COMMIT, f, current, {}, prev, changed)
+    assert [e.host for e in p.entries] == sorted(set(current) | set(before))
+    for e in p.entries:
+        if e.host not in current:
+            assert (e.action, e.image) == (REMOVED, None)
+        elif before.get(e.host) == current[e.host]:
+            assert (e.action, e.image) == (UNCHANGED, current[e.host])
+        else:
+            assert (e.action, e.image) == (REBUILD, current[e.host])
+        assert e.reasons

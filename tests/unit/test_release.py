@@ -1,0 +1,380 @@
+"""Unit and property tests for reconciler.release: canonical JSON, parsing, validation."""
+
+from __future__ import annotations
+
+import copy
+import json
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from reconciler.errors import VerificationError
+from reconciler.release import (
+    SCHEMA,
+    Artifact,
+    Release,
+    blob_path,
+    format_time,
+    latest_path,
+    new_release,
+    parse_release,
+    parse_time,
+    release_path,
+)
+
+PROPERTY = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SRC = "hosts/web-1/releases/3.json"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+SHA_A = "a" * 64
+SHA_B = "b" * 64
+DRV = "/nix/store/0000000000000000000000000000000-host-web-1-image.drv"
+
+RELEASE = Release(
+    host="web-1",
+    version=3,
+    commit=COMMIT,
+    derivation=DRV,
+    created=datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC),
+    expires=datetime(2024, 5, 31, 12, 0, 0, tzinfo=UTC),
+    artifacts=(
+        Artifact("aci", "web-1-3-linux-amd64.aci", 1024, SHA_A),
+        Artifact("appimage", "web-1-3.AppImage", 2048, SHA_B),
+    ),
+)
+
+EXPECTED_JSON = f"""\
+{{
+  "artifacts": [
+    {{
+      "blob": "blobs/sha256/{SHA_A}",
+      "format": "aci",
+      "name": "web-1-3-linux-amd64.aci",
+      "sha256": "{SHA_A}",
+      "size": 1024
+    }},
+    {{
+      "blob": "blobs/sha256/{SHA_B}",
+      "format": "appimage",
+      "name": "web-1-3.AppImage",
+      "sha256": "{SHA_B}",
+      "size": 2048
+    }}
+  ],
+  "commit": "{COMMIT}",
+  "created": "2024-05-01T12:00:00Z",
+  "derivation": "{DRV}",
+  "expires": "2024-05-31T12:00:00Z",
+  "host": "web-1",
+  "schema": "reconciler.release/v1",
+  "version": 3
+}}
+""".encode()
+
+
+def valid_doc() -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(RELEASE.to_json())
+    return doc
+
+
+def parse_doc(doc: Any) -> Release:
+    return parse_release(json.dumps(doc).encode(), SRC)
+
+
+def error_of(doc: Any) -> str:
+    with pytest.raises(VerificationError) as exc:
+        parse_doc(doc)
+    return str(exc.value)
+
+
+# -- canonical form ---------------------------------------------------------------------------
+
+
+def test_to_json_is_canonical() -> None:
+    assert RELEASE.to_json() == EXPECTED_JSON
+    # An equal release built separately, with times in another zone, gives the same bytes.
+    cet = timezone(timedelta(hours=2))
+    other = Release(
+        host="web-1",
+        version=3,
+        commit=COMMIT,
+        derivation=DRV,
+        created=datetime(2024, 5, 1, 14, 0, 0, tzinfo=cet),
+        expires=datetime(2024, 5, 31, 14, 0, 0, tzinfo=cet),
+        artifacts=tuple(RELEASE.artifacts),
+    )
+    assert other.to_json() == EXPECTED_JSON
+
+
+def test_parse_release_round_trip() -> None:
+    assert parse_release(EXPECTED_JSON, SRC) == RELEASE
+    # Key order and whitespace of the input do not matter.
+    compact = json.dumps(valid_doc(), separators=(",", ":")).encode()
+    assert parse_release(compact, SRC) == RELEASE
+
+
+def test_artifact_lookup_and_paths() -> None:
+    aci = RELEASE.artifact("aci")
+    assert aci is not None
+    assert aci.name == "web-1-3-linux-amd64.aci"
+    assert aci.blob == f"blobs/sha256/{SHA_A}"
+    assert RELEASE.artifact("docker") is None
+    assert blob_path(SHA_B) == f"blobs/sha256/{SHA_B}"
+    assert release_path("web-1", 3) == "hosts/web-1/releases/3.json"
+    assert latest_path("web-1") == "hosts/web-1/latest.json"
+
+
+def test_new_release_normalises_time_and_artifact_order() -> None:
+    now = datetime(2024, 5, 1, 14, 0, 0, 123456, tzinfo=timezone(timedelta(hours=2)))
+    r = new_release(
+        "web-1",
+        3,
+        COMMIT,
+        DRV,
+        (Artifact("appimage", "b", 2, SHA_B), Artifact("aci", "a", 1, SHA_A)),
+        now,
+        timedelta(days=30),
+    )
+    assert r.created == datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
+    assert r.created.tzinfo is UTC
+    assert r.expires == datetime(2024, 5, 31, 12, 0, 0, tzinfo=UTC)
+    assert [a.format for a in r.artifacts] == ["aci", "appimage"]
+    assert parse_release(r.to_json(), SRC) == r
+
+
+def test_time_helpers() -> None:
+    assert format_time(datetime(2024, 1, 2, 3, 4, 5, 999, tzinfo=UTC)) == "2024-01-02T03:04:05Z"
+    assert parse_time("2024-01-02T03:04:05Z") == datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)
+    assert parse_time("2024-01-02T05:04:05+02:00") == datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)
+    assert parse_time("2024-01-02T05:04:05+02:00").tzinfo is UTC
+    with pytest.raises(ValueError, match="has no time zone"):
+        parse_time("2024-01-02T03:04:05")
+
+
+# -- validation -----------------------------------------------------------------------------------
+
+
+DELETE = object()
+
+
+def with_value(key: str, value: Any) -> dict[str, Any]:
+    doc = valid_doc()
+    if value is DELETE:
+        del doc[key]
+    else:
+        doc[key] = value
+    return doc
+
+
+def with_artifact(key: str, value: Any, index: int = 0) -> dict[str, Any]:
+    doc = valid_doc()
+    if value is DELETE:
+        del doc["artifacts"][index][key]
+    else:
+        doc["artifacts"][index][key] = value
+    return doc
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        (
+            with_value("schema", "reconciler.release/v0"),
+            "schema: expected 'reconciler.release/v1', got 'reconciler.release/v0'",
+        ),
+        (with_value("schema", DELETE), "schema: expected 'reconciler.release/v1', got None"),
+        (with_value("host", DELETE), "host: must be a str"),
+        (with_value("host", 1), "host: must be a str"),
+        (with_value("version", 0), "version: must be >= 1"),
+        (with_value("version", -3), "version: must be >= 1"),
+        (with_value("version", "3"), "version: must be a int"),
+        (with_value("version", True), "version: must be a int"),
+        (with_value("version", 3.0), "version: must be a int"),
+        (with_value("commit", "abc123"), "commit: must be a full git commit id"),
+        (with_value("commit", COMMIT.upper()), "commit: must be a full git commit id"),
+        (with_value("commit", COMMIT + "0"), "commit: must be a full git commit id"),
+        (with_value("commit", COMMIT + "\n"), "commit: must be a full git commit id"),
+        (with_value("commit", None), "commit: must be a str"),
+        (with_value("derivation", ["x"]), "derivation: must be a str"),
+        (with_value("created", "2024-05-01T12:00:00"), "created: '2024-05-01T12:00:00' has no time zone"),
+        (with_value("created", "yesterday"), "created: Invalid isoformat string: 'yesterday'"),
+        (with_value("created", "9999-12-31T23:59:59-01:00"), "created: date value out of range"),
+        (with_value("expires", DELETE), "expires: must be a str"),
+        (with_value("expires", 1714564800), "expires: must be a str"),
+        (with_value("artifacts", {}), "artifacts: must be a list"),
+        (with_value("artifacts", ["aci"]), "artifacts[0]: must be an object"),
+        (with_artifact("format", "docker"), "artifacts[0].format: unknown format 'docker'"),
+        (with_artifact("format", DELETE), "artifacts[0].format: unknown format None"),
+        (with_artifact("name", "../web-1.aci"), "artifacts[0].name: must be a plain file name"),
+        (with_artifact("name", "dir/web-1.aci"), "artifacts[0].name: must be a plain file name"),
+        (with_artifact("name", ".hidden"), "artifacts[0].name: must be a plain file name"),
+        (with_artifact("name", ""), "artifacts[0].name: must be a plain file name"),
+        (with_artifact("name", 7, index=1), "artifacts[1].name: must be a plain file name"),
+        (with_artifact("size", -1), "artifacts[0].size: must be a non-negative integer"),
+        (with_artifact("size", "1024"), "artifacts[0].size: must be a non-negative integer"),
+        (with_artifact("size", True), "artifacts[0].size: must be a non-negative integer"),
+        (with_artifact("size", 1.5), "artifacts[0].size: must be a non-negative integer"),
+        (with_artifact("sha256", "A" * 64), "artifacts[0].sha256: must be 64 lowercase hex digits"),
+        (with_artifact("sha256", "a" * 63), "artifacts[0].sha256: must be 64 lowercase hex digits"),
+        (with_artifact("sha256", "a" * 64 + "\n"), "artifacts[0].sha256: must be 64 lowercase hex digits"),
+        (with_artifact("sha256", "g" * 64), "artifacts[0].sha256: must be 64 lowercase hex digits"),
+        (
+            with_artifact("blob", f"blobs/sha256/{SHA_B}"),
+            f"artifacts[0].blob: must be 'blobs/sha256/{SHA_A}'",
+        ),
+        (with_artifact("blob", DELETE), f"artifacts[0].blob: must be 'blobs/sha256/{SHA_A}'"),
+        (
+            with_artifact("blob", f"/blobs/sha256/{SHA_A}"),
+            f"artifacts[0].blob: must be 'blobs/sha256/{SHA_A}'",
+        ),
+    ],
+)
+def test_each_validation_error_names_source_and_key(doc: dict[str, Any], message: str) -> None:
+    assert error_of(doc) == f"{SRC}: {message}"
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"[]", "must be a JSON object"),
+        (b'"release"', "must be a JSON object"),
+        (b"null", "must be a JSON object"),
+        (b"", "not valid JSON (Expecting value: line 1 column 1 (char 0))"),
+        (
+            b"{",
+            "not valid JSON (Expecting property name enclosed in double quotes: line 1 column 2 (char 1))",
+        ),
+        (
+            b"\xff\xfe\xff",
+            "not valid JSON ('utf-16-le' codec can't decode byte 0xff in position 2: truncated data)",
+        ),
+        pytest.param(b"[" * 100_000, "not valid JSON (nested too deeply)", id="deeply-nested"),
+    ],
+)
+def test_not_an_object(data: bytes, message: str) -> None:
+    with pytest.raises(VerificationError) as exc:
+        parse_release(data, SRC)
+    assert str(exc.value) == f"{SRC}: {message}"
+
+
+def test_unknown_keys_are_ignored_and_do_not_survive_re_serialisation() -> None:
+    doc = valid_doc()
+    doc["comment"] = "hi"
+    doc["artifacts"][0]["extra"] = 1
+    r = parse_doc(doc)
+    assert r == RELEASE
+    assert r.to_json() == EXPECTED_JSON
+
+
+# -- property tests ---------------------------------------------------------------------------------
+
+hexes = st.text(alphabet="0123456789abcdef", min_size=64, max_size=64)
+utc_times = st.datetimes(
+    min_value=datetime(2000, 1, 1), max_value=datetime(2200, 1, 1), timezones=st.just(UTC)
+).map(lambda t: t.replace(microsecond=0))
+zones = st.integers(-23 * 60 - 59, 23 * 60 + 59).map(lambda m: timezone(timedelta(minutes=m)))
+any_zone_times = st.builds(lambda t, z: t.astimezone(z), utc_times, zones)
+artifacts = st.builds(
+    Artifact,
+    format=st.sampled_from(["aci", "appimage"]),
+    name=st.text(min_size=1, max_size=30).filter(lambda s: "/" not in s and not s.startswith(".")),
+    size=st.integers(min_value=0, max_value=2**63),
+    sha256=hexes,
+)
+releases = st.builds(
+    Release,
+    host=st.from_regex(r"[a-z0-9][a-z0-9-]{0,62}", fullmatch=True),
+    version=st.integers(min_value=1, max_value=2**63),
+    commit=st.one_of(
+        st.text(alphabet="0123456789abcdef", min_size=40, max_size=40),
+        st.text(alphabet="0123456789abcdef", min_size=64, max_size=64),
+    ),
+    derivation=st.text(max_size=80),
+    created=any_zone_times,
+    expires=any_zone_times,
+    artifacts=st.lists(artifacts, max_size=3).map(tuple),
+)
+
+
+@PROPERTY
+@given(releases)
+def test_round_trip_property(r: Release) -> None:
+    data = r.to_json()
+    assert data == r.to_json()
+    back = parse_release(data, SRC)
+    assert back == r
+    assert back.created.tzinfo is UTC and back.expires.tzinfo is UTC
+    assert back.to_json() == data
+    assert data.endswith(b"}\n")
+    # Canonical: what json.dumps makes of it with sorted keys and indent 2.
+    assert json.dumps(json.loads(data), indent=2, sort_keys=True).encode() + b"\n" == data
+
+
+@PROPERTY
+@given(st.binary(max_size=300))
+def test_garbage_bytes_only_raise_verification_error(data: bytes) -> None:
+    try:
+        parse_release(data, SRC)
+    except VerificationError as exc:
+        assert str(exc).startswith(f"{SRC}: ")
+
+
+json_values: st.SearchStrategy[Any] = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.text(max_size=20),
+        st.sampled_from(
+            [
+                "aci",
+                SCHEMA,
+                COMMIT,
+                SHA_A,
+                f"blobs/sha256/{SHA_A}",
+                "2024-05-01T12:00:00Z",
+                "0001-01-01T00:00:00+01:00",
+            ]
+        ),
+    ),
+    lambda children: st.one_of(
+        st.lists(children, max_size=3), st.dictionaries(st.text(max_size=8), children, max_size=3)
+    ),
+    max_leaves=10,
+)
+
+
+@PROPERTY
+@given(
+    st.sampled_from(["schema", "host", "version", "commit", "derivation", "created", "expires", "artifacts"]),
+    json_values,
+    st.sampled_from([None, "format", "name", "size", "sha256", "blob"]),
+)
+def test_mutated_release_only_raises_verification_error(key: str, value: Any, art_key: str | None) -> None:
+    doc = copy.deepcopy(valid_doc())
+    if art_key is None:
+        doc[key] = value
+    else:
+        doc["artifacts"][1][art_key] = value
+    try:
+        r = parse_doc(doc)
+    except VerificationError as exc:
+        # The error names the mutated key (or, for a changed sha256, the blob that no
+        # longer matches it).
+        expected_key = key if art_key is None else "artifacts[1]."
+        assert str(exc).startswith(f"{SRC}: {expected_key}")
+    else:
+        # Whatever was accepted serialises canonically and parses back the same.
+        assert parse_release(r.to_json(), SRC) == r
+
+
+@PROPERTY
+@given(json_values)
+def test_arbitrary_json_only_raises_verification_error(doc: Any) -> None:
+    try:
+        parse_doc(doc)
+    except VerificationError as exc:
+        assert str(exc).startswith(f"{SRC}: ")
