@@ -32,7 +32,9 @@ PROFILE_KEYS = HOST_KEYS - {"name"}
 NETWORK_KEYS = frozenset({"address", "gateway", "dns"})
 SERVICE_KEYS = frozenset({"package", "exec", "restart"})
 # Paths the image builder owns; a host's `files` may not shadow them.
-RESERVED_PREFIXES = ("AppRun", ".reconciler", "etc/reconciler", "etc/service", "bin/busybox")
+RESERVED_PREFIXES = ("AppRun", ".reconciler", "etc/reconciler", "etc/service", "bin/busybox", ".DirIcon")
+# The AppImage's desktop entry and icon at the image root (nix/host.nix).
+RESERVED_TOP_SUFFIXES = (".desktop", ".svg")
 MAX_FILE_BYTES = 1 << 20
 
 
@@ -283,7 +285,7 @@ def _parse_host(
         formats=_formats(path, merged.get("formats", list(FORMATS))),
         network=_network(path, merged.get("network", {})),
         services=_services(path, merged.get("services", {}), packages),
-        files=_files(path, merged.get("files", {})),
+        files=_files(path, merged.get("files", {}), stem),
         sources=tuple(dict.fromkeys((path, *sources))),
     )
 
@@ -391,7 +393,7 @@ def _relative_path(path: str, key: str, p: str) -> str:
     return p
 
 
-def _files(path: str, value: Any) -> tuple[tuple[str, str], ...]:
+def _files(path: str, value: Any, host: str) -> tuple[tuple[str, str], ...]:
     if not isinstance(value, dict):
         raise ConfigError(path, "files", f"must be a mapping, not {_kind(value)}")
     out = []
@@ -400,7 +402,10 @@ def _files(path: str, value: Any) -> tuple[tuple[str, str], ...]:
         if not isinstance(name, str):
             raise ConfigError(path, key, "file names must be strings")
         _relative_path(path, key, name)
-        if any(name == r or name.startswith(r + "/") or r.startswith(name + "/") for r in RESERVED_PREFIXES):
+        builder_owned = any(
+            name == r or name.startswith(r + "/") or r.startswith(name + "/") for r in RESERVED_PREFIXES
+        )
+        if builder_owned or name in (host + sfx for sfx in RESERVED_TOP_SUFFIXES):
             raise ConfigError(path, key, "is reserved for the image builder")
         content = value[name]
         if not isinstance(content, str):

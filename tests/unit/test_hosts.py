@@ -919,3 +919,15 @@ def test_to_nix_is_stable_under_yaml_reserialisation(
     assert nix["files"] == data.get("files", {})
     assert sorted(nix["services"]) == sorted(data.get("services", {}))
     assert nix["formats"] == [f for f in ("aci", "appimage") if f in data.get("formats", ["aci", "appimage"])]
+
+
+@pytest.mark.parametrize("name", [".DirIcon", "web-1.desktop", "web-1.svg"])
+def test_files_may_not_replace_the_appimage_desktop_entry_or_icon(name: str) -> None:
+    fleet = parse_fleet({"hosts/web-1.yaml": f"name: web-1\nfiles: {{{name}: x}}\n"})
+    reason = "is reserved for the image builder"
+    assert [str(e) for e in fleet.errors] == [f"hosts/web-1.yaml: files.{name}: {reason}"]
+
+
+def test_other_desktop_files_are_allowed() -> None:
+    fleet = parse_fleet({"hosts/web-1.yaml": "name: web-1\nfiles: {web-2.desktop: x, share/web-1.svg: y}\n"})
+    assert fleet.errors == ()
