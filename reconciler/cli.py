@@ -32,7 +32,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
     rec = Reconciler(_load(args))
     try:
-        result = rec.reconcile()
+        result = rec.reconcile(respect_backoff=False)
     finally:
         rec.close()
     print(f"commit {result.plan.commit}")
@@ -78,7 +78,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         if host is None:
             why = next((str(e) for e in fleet.errors if e.path.endswith(f"/{args.host}.yaml")), None)
             raise ReconcilerError(why or f"no host {args.host!r} in {rec.cfg.repo.url}")
-        out = rec.build(host, rec._published_version(host.name) + 1)
+        out = rec.build(host, rec.first_version(host.name))
     finally:
         rec.close()
     for _, path in sorted(out.files.items()):

@@ -49,6 +49,14 @@ class NixConfig:
 
 
 @dataclass(frozen=True)
+class RetryConfig:
+    """Backoff of failed host builds: ``initial`` after the first failure, doubling up to ``max``."""
+
+    initial: timedelta = timedelta(seconds=30)
+    max: timedelta = timedelta(hours=1)
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     repo: RepoConfig
@@ -60,16 +68,29 @@ class Config:
     poll_interval: float = 30.0
     jobs: int = 2
     release_lifetime: timedelta = timedelta(days=30)
+    retry: RetryConfig = RetryConfig()
 
 
 TOP_KEYS = frozenset(
-    {"repo", "store", "state_dir", "signing", "nix", "listen", "poll_interval", "jobs", "release_lifetime"}
+    {
+        "repo",
+        "store",
+        "state_dir",
+        "signing",
+        "nix",
+        "listen",
+        "poll_interval",
+        "jobs",
+        "release_lifetime",
+        "retry",
+    }
 )
 SECTION_KEYS = {
     "repo": frozenset({"url", "branch"}),
     "store": frozenset({"type", "path"}),
     "signing": frozenset({"gnupghome", "key", "passphrase_file"}),
     "nix": frozenset({"toolchain", "toolchain_dir"}),
+    "retry": frozenset({"initial", "max"}),
 }
 
 
@@ -139,6 +160,7 @@ def load_config(path: Path) -> Config:
     if tdir is not None and not isinstance(tdir, str):
         raise ConfigError(p, "nix.toolchain_dir", "must be a path")
 
+    retry = section("retry", required=False)
     listen = data.get("listen", "127.0.0.1:9180")
     m = re.fullmatch(r"[\w.\-\[\]:]+:(\d{1,5})", listen) if isinstance(listen, str) else None
     if not m or int(m.group(1)) > 65535:
@@ -164,6 +186,10 @@ def load_config(path: Path) -> Config:
         poll_interval=float(poll),
         jobs=jobs,
         release_lifetime=parse_duration(p, "release_lifetime", data.get("release_lifetime", "30d")),
+        retry=RetryConfig(
+            initial=parse_duration(p, "retry.initial", retry.get("initial", "30s")),
+            max=parse_duration(p, "retry.max", retry.get("max", "1h")),
+        ),
     )
 
 

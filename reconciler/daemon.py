@@ -24,7 +24,17 @@ from reconciler.errors import BuildError, ReconcilerError, SigningError, SourceE
 from reconciler.hosts import Fleet, Host, parse_fleet, read_tree
 from reconciler.metrics import Metrics
 from reconciler.nix import BuildOutput, Evaluation, Nix
-from reconciler.plan import INVALID, REBUILD, REMOVED, UNCHANGED, HostPlan, Plan, make_plan
+from reconciler.plan import (
+    BACKOFF,
+    INVALID,
+    REBUILD,
+    REMOVED,
+    UNCHANGED,
+    HostPlan,
+    Plan,
+    make_plan,
+    retry_delay,
+)
 from reconciler.publish import publish
 from reconciler.release import Artifact, Release, latest_path, new_release, parse_release, release_path
 from reconciler.server import Server
@@ -61,7 +71,11 @@ class ReconcileResult:
 
     @property
     def ok(self) -> bool:
-        return all(o.ok for o in self.outcomes) and not self.plan.with_action(INVALID)
+        return (
+            all(o.ok for o in self.outcomes)
+            and not self.plan.with_action(INVALID)
+            and not self.plan.with_action(BACKOFF)
+        )
 
 
 def sha256_file(path: Path) -> str:
@@ -114,7 +128,7 @@ class Reconciler:
 
     # -- diff ------------------------------------------------------------------
 
-    def plan(self) -> tuple[Observation, Plan]:
+    def plan(self, respect_backoff: bool = True) -> tuple[Observation, Plan]:
         obs = self.observe()
         plan = make_plan(
             obs.commit,
@@ -123,17 +137,22 @@ class Reconciler:
             obs.evaluation.errors,
             self.state.hosts(),
             obs.changed,
+            now=time.time() if respect_backoff else None,
         )
         return obs, plan
 
     # -- act and record --------------------------------------------------------
 
-    def reconcile(self) -> ReconcileResult:
-        """One pass. Raises only when nothing could be observed."""
+    def reconcile(self, respect_backoff: bool = True) -> ReconcileResult:
+        """One pass. Raises only when nothing could be observed.
+
+        Hosts whose last build failed wait out their backoff unless
+        ``respect_backoff`` is false (an operator's one-shot pass retries at once).
+        """
         with self._pass_lock:
             started = time.monotonic()
             try:
-                result = self._reconcile()
+                result = self._reconcile(respect_backoff)
             except ReconcilerError:
                 self.metrics.reconcile_runs.labels("failure").inc()
                 raise
@@ -153,8 +172,8 @@ class Reconciler:
             )
             return result
 
-    def _reconcile(self) -> ReconcileResult:
-        obs, plan = self.plan()
+    def _reconcile(self, respect_backoff: bool) -> ReconcileResult:
+        obs, plan = self.plan(respect_backoff)
         log.event(
             "reconcile_start",
             commit=obs.commit,
@@ -187,8 +206,7 @@ class Reconciler:
         try:
             release = self._build_and_publish(host, entry, obs.commit)
         except ReconcilerError as exc:
-            self.state.record_failure(host.name, "failed", str(exc))
-            log.event("host_failed", logging.ERROR, host=host.name, error=str(exc))
+            self._record_failure(host.name, entry, str(exc))
             return HostOutcome(host.name, ok=False, error=str(exc))
         finally:
             self.metrics.build_queue_depth.dec()
@@ -204,20 +222,38 @@ class Reconciler:
         )
         return HostOutcome(host.name, ok=True, version=release.version)
 
-    def _published_version(self, host: str) -> int:
-        """Highest version recorded anywhere: state, or the store's latest.json
-        (the store outlives a lost state directory)."""
-        version = 0
+    def _record_failure(self, host: str, entry: HostPlan, error: str) -> None:
+        assert entry.image is not None
+        prev = self.state.hosts().get(host)
+        failures = prev.failures + 1 if prev is not None and prev.failed_image == entry.image else 1
+        delay = retry_delay(
+            failures, self.cfg.retry.initial.total_seconds(), self.cfg.retry.max.total_seconds()
+        )
+        self.state.record_build_failure(host, error, entry.image, failures, time.time() + delay)
+        log.event(
+            "host_failed", logging.ERROR, host=host, error=error, failures=failures, retry_in=round(delay)
+        )
+
+    def first_version(self, host: str) -> int:
+        """The version number to try first for ``host``'s next release.
+
+        Normally one past what the state recorded. When the store is ahead (a pass
+        died after writing ``latest.json`` but before recording it, or the state
+        directory was lost), the store's newest version comes first: if it holds
+        this very build it is adopted instead of published again.
+        """
         hs = self.state.hosts().get(host)
-        if hs is not None:
-            version = hs.version
+        recorded = hs.version if hs is not None else 0
         latest = self.store.get_bytes(latest_path(host))
         if latest is not None:
             try:
-                version = max(version, parse_release(latest, latest_path(host)).version)
+                in_store = parse_release(latest, latest_path(host)).version
             except VerificationError as exc:
                 log.event("latest_unreadable", logging.WARNING, host=host, error=str(exc))
-        return version
+            else:
+                if in_store > recorded:
+                    return in_store
+        return recorded + 1
 
     def build(self, host: Host, version: int) -> BuildOutput:
         started = time.monotonic()
@@ -231,7 +267,7 @@ class Reconciler:
         return out
 
     def _build_and_publish(self, host: Host, entry: HostPlan, commit: str) -> Release:
-        version = self._published_version(host.name) + 1
+        version = self.first_version(host.name)
         for _ in range(VERSION_PROBES):
             log.event("host_build", host=host.name, version=version, reasons="; ".join(entry.reasons))
             out = self.build(host, version)

@@ -6,6 +6,7 @@ published release was built from. The git diff only explains the decision.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -16,6 +17,8 @@ REBUILD = "rebuild"
 UNCHANGED = "unchanged"
 INVALID = "invalid"
 REMOVED = "removed"
+# Would rebuild, but the same build failed recently and its retry time has not come.
+BACKOFF = "backoff"
 
 
 @dataclass(frozen=True)
@@ -48,9 +51,11 @@ def make_plan(
     eval_errors: Mapping[str, str],
     published: Mapping[str, HostState],
     changed: frozenset[str] | None,
+    now: float | None = None,
 ) -> Plan:
     """``changed`` is the set of repo paths changed since the last reconciled commit,
-    or None when that is unknown (first run, rewritten history)."""
+    or None when that is unknown (first run, rewritten history). With ``now`` (unix
+    time), a build that failed is not retried before its recorded retry time."""
     entries: list[HostPlan] = []
     for err in fleet.errors:
         name = err.path.rsplit("/", 1)[-1].rsplit(".", 1)[0]
@@ -62,22 +67,38 @@ def make_plan(
         image = images[name]
         prev = published.get(name)
         touched = sorted(set(host.inputs()) & changed) if changed is not None else []
-        if prev is None or prev.version == 0 or prev.image is None:
-            entries.append(HostPlan(name, REBUILD, ("new host, never published",), image))
-        elif prev.image != image:
-            if touched:
-                why = tuple(f"{p} changed" for p in touched)
-            elif changed is None:
-                why = ("build inputs changed (no common history with the last reconciled commit)",)
-            else:
-                why = ("build recipe changed (nix/ library or toolchain)",)
-            entries.append(HostPlan(name, REBUILD, why, image))
-        else:
+        if prev is not None and prev.version > 0 and prev.image == image:
             why = tuple(f"{p} changed but not its build" for p in touched) or ("inputs unchanged",)
             entries.append(HostPlan(name, UNCHANGED, why, image))
+            continue
+        if prev is None or prev.version == 0 or prev.image is None:
+            why = ("new host, never published",)
+        elif touched:
+            why = tuple(f"{p} changed" for p in touched)
+        elif changed is None:
+            why = ("build inputs changed (no common history with the last reconciled commit)",)
+        else:
+            why = ("build recipe changed (nix/ library or toolchain)",)
+        if (
+            now is not None
+            and prev is not None
+            and prev.failed_image == image
+            and prev.retry_at is not None
+            and now < prev.retry_at
+        ):
+            wait = math.ceil(prev.retry_at - now)
+            why = (f"build failed {prev.failures} time(s) in a row; next retry in {wait}s", *why)
+            entries.append(HostPlan(name, BACKOFF, why, image))
+            continue
+        entries.append(HostPlan(name, REBUILD, why, image))
     present = set(fleet.hosts) | set(fleet.invalid)
     for name, prev in sorted(published.items()):
         if name not in present and prev.status != REMOVED:
             entries.append(HostPlan(name, REMOVED, (f"hosts/{name}.yaml no longer exists",)))
     entries.sort(key=lambda e: e.host)
     return Plan(commit=commit, entries=tuple(entries))
+
+
+def retry_delay(failures: int, initial: float, maximum: float) -> float:
+    """Seconds to wait after the ``failures``-th consecutive failure: doubling, capped."""
+    return float(min(initial * 2 ** min(failures - 1, 62), maximum))

@@ -23,7 +23,10 @@ CREATE TABLE IF NOT EXISTS hosts (
     commit_id TEXT,
     status TEXT NOT NULL,
     error TEXT,
-    updated REAL NOT NULL
+    updated REAL NOT NULL,
+    failures INTEGER NOT NULL DEFAULT 0,
+    failed_image TEXT,
+    retry_at REAL
 );
 """
 
@@ -37,6 +40,9 @@ class HostState:
     status: str  # published | failed | invalid | removed
     error: str | None
     updated: float
+    failures: int = 0  # consecutive failed builds of failed_image
+    failed_image: str | None = None
+    retry_at: float | None = None  # unix time before which failed_image is not retried
 
 
 class State:
@@ -67,12 +73,29 @@ class State:
     def hosts(self) -> Mapping[str, HostState]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT name, version, image, commit_id, status, error, updated FROM hosts ORDER BY name"
+                "SELECT name, version, image, commit_id, status, error, updated,"
+                " failures, failed_image, retry_at FROM hosts ORDER BY name"
             ).fetchall()
         return {r[0]: HostState(*r) for r in rows}
 
     def record_published(self, name: str, version: int, image: str, commit: str) -> None:
-        self._upsert(name, status="published", error=None, version=version, image=image, commit_id=commit)
+        self._upsert(
+            name,
+            status="published",
+            error=None,
+            version=version,
+            image=image,
+            commit_id=commit,
+            failures=0,
+            failed_image=None,
+            retry_at=None,
+        )
+
+    def record_build_failure(self, name: str, error: str, image: str, failures: int, retry_at: float) -> None:
+        """A failed build of ``image``: the ``failures``-th in a row, not retried before ``retry_at``."""
+        self._upsert(
+            name, status="failed", error=error, failures=failures, failed_image=image, retry_at=retry_at
+        )
 
     def record_failure(self, name: str, status: str, error: str) -> None:
         """Mark a host failed/invalid/removed; what it has published stays recorded."""

@@ -15,6 +15,7 @@ from reconciler.config import (
     Config,
     NixConfig,
     RepoConfig,
+    RetryConfig,
     SigningConfig,
     StoreConfig,
     load_config,
@@ -138,6 +139,7 @@ TOP = (
             "poll_interval",
             "release_lifetime",
             "repo",
+            "retry",
             "signing",
             "state_dir",
             "store",
@@ -279,3 +281,17 @@ def test_parse_duration_refuses_with_config_error_only(value: object) -> None:
     else:
         assert isinstance(value, str)
         assert d > timedelta(0)
+
+
+def test_retry_backoff_defaults_and_overrides(tmp_path: Path) -> None:
+    assert load_config(write_config(tmp_path / "a", merged())).retry == RetryConfig(
+        initial=timedelta(seconds=30), max=timedelta(hours=1)
+    )
+    cfg = load_config(write_config(tmp_path / "b", merged(retry={"initial": "5s", "max": "2m"})))
+    assert cfg.retry == RetryConfig(initial=timedelta(seconds=5), max=timedelta(minutes=2))
+
+
+def test_retry_backoff_errors_name_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(write_config(tmp_path, merged(retry={"initial": "soon"})))
+    assert err.value.key == "retry.initial"

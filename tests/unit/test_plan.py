@@ -9,7 +9,17 @@ from hypothesis import strategies as st
 
 from reconciler.errors import ConfigError
 from reconciler.hosts import Fleet, Host, Network, Service, parse_fleet
-from reconciler.plan import INVALID, REBUILD, REMOVED, UNCHANGED, HostPlan, Plan, make_plan
+from reconciler.plan import (
+    BACKOFF,
+    INVALID,
+    REBUILD,
+    REMOVED,
+    UNCHANGED,
+    HostPlan,
+    Plan,
+    make_plan,
+    retry_delay,
+)
 from reconciler.state import HostState
 
 COMMIT = "c" * 40
@@ -258,3 +268,48 @@ def test_rebuild_exactly_when_the_image_differs(
         else:
             assert (e.action, e.image) == (REBUILD, current[e.host])
         assert e.reasons
+
+
+def failed(image: str, failures: int, retry_at: float) -> HostState:
+    return HostState("web-1", 4, IMG_A, "d" * 40, "failed", "boom", 1700000000.0, failures, image, retry_at)
+
+
+def test_a_failed_build_waits_for_its_retry_time() -> None:
+    prev = failed(IMG_B, 2, retry_at=1000.0)
+    p = make_plan(COMMIT, fleet(WEB), {"web-1": IMG_B}, {}, states(prev), frozenset(), now=940.0)
+    assert p.entries == (
+        HostPlan(
+            "web-1",
+            BACKOFF,
+            (
+                "build failed 2 time(s) in a row; next retry in 60s",
+                "build recipe changed (nix/ library or toolchain)",
+            ),
+            IMG_B,
+        ),
+    )
+
+
+def test_a_failed_build_is_retried_once_its_time_has_come_or_backoff_is_ignored() -> None:
+    prev = failed(IMG_B, 2, retry_at=1000.0)
+    for now in (1000.0, None):
+        p = make_plan(COMMIT, fleet(WEB), {"web-1": IMG_B}, {}, states(prev), frozenset(), now=now)
+        assert [e.action for e in p.entries] == [REBUILD]
+
+
+def test_a_different_build_does_not_wait_for_the_failed_ones_backoff() -> None:
+    prev = failed("/nix/store/cccc-host-web-1-image.drv", 5, retry_at=10_000.0)
+    p = make_plan(COMMIT, fleet(WEB), {"web-1": IMG_B}, {}, states(prev), frozenset(), now=1.0)
+    assert [e.action for e in p.entries] == [REBUILD]
+
+
+def test_retry_delay_doubles_from_initial_up_to_the_cap() -> None:
+    assert [retry_delay(n, 30, 3600) for n in range(1, 10)] == [30, 60, 120, 240, 480, 960, 1920, 3600, 3600]
+    assert retry_delay(10_000, 30, 3600) == 3600
+
+
+@given(st.integers(1, 500), st.floats(0.1, 1e4), st.floats(0.1, 1e6))
+def test_retry_delay_is_monotonic_and_capped(failures: int, initial: float, maximum: float) -> None:
+    d = retry_delay(failures, initial, maximum)
+    assert d <= maximum
+    assert retry_delay(failures + 1, initial, maximum) >= d
