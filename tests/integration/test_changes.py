@@ -1,0 +1,349 @@
+"""Change detection with real git and Nix: exactly the hosts whose build inputs changed rebuild."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from reconciler.config import load_config
+from reconciler.daemon import Reconciler
+from reconciler.nix import NIX_DIR, Nix
+from reconciler.plan import Plan
+from tests.conftest import WEB, ConfigRepo, Signing, write_config
+
+pytestmark = pytest.mark.integration
+
+# web-1 and web-2 include profile `web` (which includes `base`) and use package `site`;
+# worker-1 includes only `base` and uses busybox alone.
+FILES = {
+    "profiles/base.yaml": 'network: {gateway: 10.42.0.1}\nfiles: {etc/motd: "managed\\n"}\n',
+    "profiles/web.yaml": 'include: [base]\nfiles: {etc/role: "web\\n"}\n',
+    "packages/site.nix": """\
+{ toolchain }:
+derivation {
+  name = "site";
+  system = "x86_64-linux";
+  builder = toolchain.busybox;
+  args = [ "sh" "-c" "${toolchain.busybox} mkdir -p $out/srv/www && echo v1 > $out/srv/www/index.html" ];
+}
+""",
+    "hosts/web-1.yaml": WEB.format(name="web-1", address="10.42.0.11/24", port=18081).replace(
+        "include: [base]", "include: [web]"
+    ),
+    "hosts/web-2.yaml": WEB.format(name="web-2", address="10.42.0.12/24", port=18082).replace(
+        "include: [base]", "include: [web]"
+    ),
+    "hosts/worker-1.yaml": """\
+name: worker-1
+include: [base]
+formats: [aci]
+network: {address: 10.42.0.21/24}
+services:
+  tick: {exec: [bin/busybox, sh, -c, "while true; do sleep 5; done"]}
+""",
+}
+
+
+def actions(plan: Plan) -> dict[str, tuple[str, tuple[str, ...]]]:
+    return {e.host: (e.action, e.reasons) for e in plan.entries}
+
+
+@pytest.fixture
+def repo(config_repo: ConfigRepo) -> ConfigRepo:
+    for rel, text in FILES.items():
+        config_repo.write(rel, text)
+    config_repo.commit("fleet")
+    return config_repo
+
+
+@pytest.fixture
+def config(tmp_path: Path, repo: ConfigRepo, signing: Signing) -> Path:
+    return write_config(tmp_path, repo, signing, jobs=2)
+
+
+@pytest.fixture
+def rec(config: Path) -> Iterator[Reconciler]:
+    r = Reconciler(load_config(config))
+    assert r.reconcile().ok
+    yield r
+    r.close()
+
+
+def test_host_file_edit_rebuilds_that_host_only(rec: Reconciler, repo: ConfigRepo) -> None:
+    text = FILES["hosts/worker-1.yaml"].replace("10.42.0.21/24", "10.42.0.22/24")
+    repo.write("hosts/worker-1.yaml", text)
+    repo.commit("move worker")
+    _, plan = rec.plan()
+    assert actions(plan) == {
+        "web-1": ("unchanged", ("inputs unchanged",)),
+        "web-2": ("unchanged", ("inputs unchanged",)),
+        "worker-1": ("rebuild", ("hosts/worker-1.yaml changed",)),
+    }
+
+
+def test_profile_edit_rebuilds_every_host_including_it_and_no_other(
+    rec: Reconciler, repo: ConfigRepo
+) -> None:
+    repo.write("profiles/web.yaml", FILES["profiles/web.yaml"].replace("web\\n", "frontend\\n"))
+    repo.commit("rename role")
+    _, plan = rec.plan()
+    assert actions(plan) == {
+        "web-1": ("rebuild", ("profiles/web.yaml changed",)),
+        "web-2": ("rebuild", ("profiles/web.yaml changed",)),
+        "worker-1": ("unchanged", ("inputs unchanged",)),
+    }
+    # base is included by every host, directly or through web.
+    repo.write("profiles/base.yaml", FILES["profiles/base.yaml"].replace("10.42.0.1", "10.42.0.254"))
+    repo.commit("new gateway")
+    _, plan = rec.plan()
+    assert {h: a for h, (a, _) in actions(plan).items()} == {
+        "web-1": "rebuild",
+        "web-2": "rebuild",
+        "worker-1": "rebuild",
+    }
+    assert actions(plan)["worker-1"][1] == ("profiles/base.yaml changed",)
+    result = rec.reconcile()
+    assert result.ok
+    assert sorted((o.host, o.version) for o in result.outcomes) == [
+        ("web-1", 2),
+        ("web-2", 2),
+        ("worker-1", 2),
+    ]
+
+
+def test_package_edit_rebuilds_the_hosts_using_it(rec: Reconciler, repo: ConfigRepo) -> None:
+    repo.write("packages/site.nix", FILES["packages/site.nix"].replace("echo v1", "echo v2"))
+    repo.commit("new site")
+    _, plan = rec.plan()
+    assert actions(plan) == {
+        "web-1": ("rebuild", ("packages/site.nix changed",)),
+        "web-2": ("rebuild", ("packages/site.nix changed",)),
+        "worker-1": ("unchanged", ("inputs unchanged",)),
+    }
+
+
+def test_formatting_and_comment_changes_rebuild_nothing(rec: Reconciler, repo: ConfigRepo) -> None:
+    reformatted = """\
+# the worker: only the ticker
+name:   worker-1
+services:
+  tick:
+    exec:
+      - bin/busybox
+      - sh
+      - -c
+      - "while true; do sleep 5; done"
+network:
+  address: 10.42.0.21/24   # same address, other layout
+formats: [aci]
+include:
+  - base
+"""
+    repo.write("hosts/worker-1.yaml", reformatted)
+    repo.write("profiles/base.yaml", "# shared\n" + FILES["profiles/base.yaml"] + "\n\n")
+    repo.commit("reformat")
+    _, plan = rec.plan()
+    assert {h: a for h, (a, _) in actions(plan).items()} == dict.fromkeys(
+        ("web-1", "web-2", "worker-1"), "unchanged"
+    )
+    assert actions(plan)["worker-1"][1] == (
+        "hosts/worker-1.yaml changed but not its build",
+        "profiles/base.yaml changed but not its build",
+    )
+    assert rec.reconcile().outcomes == ()
+
+
+def test_deleted_host_keeps_its_store_entries_and_status_says_removed(
+    rec: Reconciler, repo: ConfigRepo, tmp_path: Path
+) -> None:
+    repo.remove("hosts/web-2.yaml")
+    repo.commit("retire web-2")
+    result = rec.reconcile()
+    assert result.ok and result.outcomes == ()
+    assert actions(result.plan)["web-2"] == ("removed", ("hosts/web-2.yaml no longer exists",))
+    assert (tmp_path / "store/hosts/web-2/latest.json").exists()
+    assert (tmp_path / "store/hosts/web-2/releases/1.json").exists()
+    assert rec.state.hosts()["web-2"].status == "removed"
+    # The next pass does not report it again, and nothing rebuilds.
+    again = rec.reconcile()
+    assert "web-2" not in actions(again.plan) and again.outcomes == ()
+
+
+def test_renamed_host_is_built_under_its_new_name_and_the_old_one_removed(
+    rec: Reconciler, repo: ConfigRepo
+) -> None:
+    repo.repo.git.mv("hosts/web-2.yaml", "hosts/web-3.yaml")
+    repo.write("hosts/web-3.yaml", FILES["hosts/web-2.yaml"].replace("name: web-2", "name: web-3"))
+    repo.commit("rename web-2 to web-3")
+    result = rec.reconcile()
+    assert result.ok
+    assert actions(result.plan) == {
+        "web-1": ("unchanged", ("inputs unchanged",)),
+        "web-2": ("removed", ("hosts/web-2.yaml no longer exists",)),
+        "web-3": ("rebuild", ("new host, never published",)),
+        "worker-1": ("unchanged", ("inputs unchanged",)),
+    }
+    assert [(o.host, o.version) for o in result.outcomes] == [("web-3", 1)]
+
+
+def test_force_push_rewriting_history_rebuilds_only_what_differs(rec: Reconciler, repo: ConfigRepo) -> None:
+    repo.write("hosts/web-1.yaml", FILES["hosts/web-1.yaml"].replace("10.42.0.11/24", "10.42.0.91/24"))
+    repo.commit("move web-1")
+    assert [(o.host, o.version) for o in rec.reconcile().outcomes] == [("web-1", 2)]
+    # Rewrite: drop that commit and make another that moves web-2 instead.
+    repo.repo.git.reset("--hard", "HEAD~1")
+    repo.write("hosts/web-2.yaml", FILES["hosts/web-2.yaml"].replace("10.42.0.12/24", "10.42.0.92/24"))
+    rewritten = repo.commit("move web-2 instead")
+    _, plan = rec.plan()
+    assert plan.commit == rewritten
+    # The diff is taken between trees, so the rewrite is explained file by file. web-1 goes
+    # back to its first definition: a new release, version 3 (versions never go back).
+    assert actions(plan) == {
+        "web-1": ("rebuild", ("hosts/web-1.yaml changed",)),
+        "web-2": ("rebuild", ("hosts/web-2.yaml changed",)),
+        "worker-1": ("unchanged", ("inputs unchanged",)),
+    }
+    result = rec.reconcile()
+    assert sorted((o.host, o.version) for o in result.outcomes) == [("web-1", 3), ("web-2", 2)]
+
+
+def test_nix_library_change_rebuilds_every_host(rec: Reconciler, tmp_path: Path) -> None:
+    nix_dir = tmp_path / "nix"
+    shutil.copytree(NIX_DIR, nix_dir)
+    host_nix = nix_dir / "host.nix"
+    host_nix.write_text(host_nix.read_text().replace("Categories=System;", "Categories=System;Utility;"))
+    rec.nix = Nix(rec.cfg.state_dir, rec.cfg.nix.toolchain, rec.cfg.nix.toolchain_dir, nix_dir=nix_dir)
+    _, plan = rec.plan()
+    recipe = ("build recipe changed (nix/ library or toolchain)",)
+    assert actions(plan) == dict.fromkeys(("web-1", "web-2", "worker-1"), ("rebuild", recipe))
+
+
+def test_restart_rebuilds_nothing_already_published(rec: Reconciler, config: Path) -> None:
+    rec.close()
+    again = Reconciler(load_config(config))
+    try:
+        result = again.reconcile()
+    finally:
+        again.close()
+    assert result.ok and result.outcomes == ()
+    assert {h: a for h, (a, _) in actions(result.plan).items()} == dict.fromkeys(
+        ("web-1", "web-2", "worker-1"), "unchanged"
+    )
+
+
+def test_reconcile_killed_mid_pass_resumes_and_completes(
+    repo: ConfigRepo, config: Path, tmp_path: Path
+) -> None:
+    cfg = load_config(config)
+    cmd = [sys.executable, "-m", "reconciler", "reconcile", "-c", str(config)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    killed_after = None
+    deadline = time.monotonic() + 300
+    for line in proc.stderr:
+        if "event=host_published" in line:
+            killed_after = line
+            proc.send_signal(signal.SIGKILL)
+            break
+        assert time.monotonic() < deadline, "no host was published in time"
+    proc.wait(30)
+    assert killed_after is not None and proc.returncode == -signal.SIGKILL
+    first_host = killed_after.split("host=")[1].split()[0]
+
+    rec = Reconciler(cfg)
+    try:
+        result = rec.reconcile()
+        assert result.ok
+        # The host published before the kill is not published again.
+        assert first_host not in {o.host for o in result.outcomes}
+        assert {h: hs.version for h, hs in rec.state.hosts().items()} == {
+            "web-1": 1,
+            "web-2": 1,
+            "worker-1": 1,
+        }
+    finally:
+        rec.close()
+    for host in ("web-1", "web-2", "worker-1"):
+        releases = sorted(p.name for p in (tmp_path / "store/hosts" / host / "releases").iterdir())
+        assert releases == ["1.json", "1.json.asc"], (host, releases)
+        assert json.loads((tmp_path / "store/hosts" / host / "latest.json").read_text())["version"] == 1
+
+
+def test_state_behind_the_store_adopts_the_published_release(rec: Reconciler, config: Path) -> None:
+    """A crash after latest.json was written but before the state recorded it."""
+    rec.close()
+    (rec.cfg.state_dir / "state.db").unlink()
+    for suffix in ("-wal", "-shm"):
+        (rec.cfg.state_dir / f"state.db{suffix}").unlink(missing_ok=True)
+    again = Reconciler(load_config(config))
+    try:
+        result = again.reconcile()
+        assert result.ok
+        assert sorted((o.host, o.version) for o in result.outcomes) == [
+            ("web-1", 1),
+            ("web-2", 1),
+            ("worker-1", 1),
+        ]
+        assert not (rec.cfg.store.path / "hosts/web-1/releases/2.json").exists()
+    finally:
+        again.close()
+
+
+BROKEN = """\
+{ toolchain }:
+derivation {
+  name = "broken";
+  system = "x86_64-linux";
+  builder = toolchain.busybox;
+  args = [ "sh" "-c" "echo the broken package fails on purpose >&2; exit 3" ];
+}
+"""
+
+
+def test_failed_build_does_not_stop_the_others_and_backs_off(
+    repo: ConfigRepo, tmp_path: Path, signing: Signing
+) -> None:
+    repo.write("packages/broken.nix", BROKEN)
+    repo.write(
+        "hosts/worker-1.yaml", FILES["hosts/worker-1.yaml"].replace("tick: {", "tick: {package: broken, ")
+    )
+    repo.commit("break worker-1")
+    cfg = load_config(write_config(tmp_path, repo, signing, retry={"initial": "60s", "max": "10m"}))
+    rec = Reconciler(cfg)
+    try:
+        first = rec.reconcile()
+        assert not first.ok
+        outcomes = {o.host: o for o in first.outcomes}
+        assert outcomes["web-1"].ok and outcomes["web-2"].ok
+        assert not outcomes["worker-1"].ok
+        assert "the broken package fails on purpose" in (outcomes["worker-1"].error or "")
+        hs = rec.state.hosts()["worker-1"]
+        assert (hs.status, hs.failures) == ("failed", 1)
+        assert hs.retry_at is not None and 55 < hs.retry_at - time.time() <= 60
+
+        # The daemon waits out the backoff; an operator's one-shot pass retries at once.
+        waiting = rec.reconcile()
+        assert waiting.outcomes == () and not waiting.ok
+        action, reasons = actions(waiting.plan)["worker-1"]
+        assert action == "backoff" and reasons[0].startswith("build failed 1 time(s) in a row; next retry in")
+        forced = rec.reconcile(respect_backoff=False)
+        assert [(o.host, o.ok) for o in forced.outcomes] == [("worker-1", False)]
+        hs = rec.state.hosts()["worker-1"]
+        assert hs.failures == 2 and hs.retry_at is not None and 115 < hs.retry_at - time.time() <= 120
+
+        # A fix is a new build: it does not wait for the old one's backoff.
+        repo.write("hosts/worker-1.yaml", FILES["hosts/worker-1.yaml"])
+        repo.commit("fix worker-1")
+        fixed = rec.reconcile()
+        assert fixed.ok and [(o.host, o.version) for o in fixed.outcomes] == [("worker-1", 1)]
+        assert rec.state.hosts()["worker-1"].failures == 0
+    finally:
+        rec.close()
