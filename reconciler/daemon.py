@@ -21,9 +21,9 @@ from pathlib import Path
 from reconciler import log
 from reconciler.config import Config
 from reconciler.errors import BuildError, ReconcilerError, SigningError, SourceError, VerificationError
-from reconciler.hosts import Fleet, Host, parse_fleet, read_tree
+from reconciler.hosts import Fleet, Host, ParseCache, parse_fleet, read_tree
 from reconciler.metrics import Metrics
-from reconciler.nix import BuildOutput, Evaluation, Nix
+from reconciler.nix import BuildOutput, Evaluation, Nix, eval_key
 from reconciler.plan import (
     BACKOFF,
     INVALID,
@@ -92,6 +92,7 @@ class Reconciler:
         self.nix = Nix(cfg.state_dir, cfg.nix.toolchain, cfg.nix.toolchain_dir)
         self.store = FilesystemStore(cfg.store.path)
         self._signer: Signer | None = None
+        self._parse_cache = ParseCache()
         self._pass_lock = threading.Lock()
         for name, hs in self.state.hosts().items():
             if hs.version and hs.status != REMOVED:
@@ -119,12 +120,28 @@ class Reconciler:
         except SourceError:
             self.metrics.git_fetch_errors.inc()
             raise
-        fleet = parse_fleet(read_tree(self.source.checkout))
+        fleet = parse_fleet(read_tree(self.source.checkout), self._parse_cache)
         for err in fleet.errors:
             log.event("host_invalid", logging.WARNING, file=err.path, key=err.key, reason=err.reason)
-        evaluation = self.nix.evaluate(list(fleet.hosts.values()), self.source.checkout)
+        evaluation = self._evaluate(fleet)
         changed = self.source.changed_files(self.state.get_meta(COMMIT_KEY), commit)
         return Observation(commit, fleet, evaluation, changed)
+
+    def _evaluate(self, fleet: Fleet) -> Evaluation:
+        """Every host's image derivation, evaluating in Nix only the hosts whose
+        inputs changed since they were last evaluated (one process for all of them)."""
+        recipe = self.nix.recipe_digest()
+        hosts = list(fleet.hosts.values())
+        if recipe is None:
+            return self.nix.evaluate(hosts, self.source.checkout)
+        # Everything in the repository but host and profile files can reach a build
+        # (packages import what they like); those two are in the normalised host.
+        recipe += self.source.tree_digest(exclude=frozenset({"hosts", "profiles"}))
+        keys = {h.name: eval_key(h, recipe) for h in hosts}
+        known = self.state.evaluated(keys)
+        fresh = self.nix.evaluate([h for h in hosts if h.name not in known], self.source.checkout)
+        self.state.record_evaluated({name: (keys[name], image) for name, image in fresh.images.items()})
+        return Evaluation(images={**known, **fresh.images}, errors=fresh.errors)
 
     # -- diff ------------------------------------------------------------------
 

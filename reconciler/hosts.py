@@ -8,11 +8,14 @@ touches the disk.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import ipaddress
+import json
 import os
 import posixpath
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,28 +153,66 @@ _TOO_BIG = "\0too-big"
 _UNREADABLE = "\0unreadable:"
 
 
-def parse_fleet(files: Mapping[str, str]) -> Fleet:
-    """Validate every host in ``files`` (relative path -> text)."""
+# libyaml's loader when PyYAML was built with it: parsing dominates planning a large fleet.
+_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+@dataclass
+class ParseCache:
+    """What one :func:`parse_fleet` call parsed, for the next call to reuse.
+
+    ``docs`` maps file text to its parsed document; documents are shared between
+    hosts and calls, so nothing may mutate them (deep_merge builds new mappings).
+    ``hosts`` maps (host file, its text, digest of every profile and package name)
+    to the resulting host or error.
+    """
+
+    docs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    hosts: dict[tuple[str, str, str], Host | ConfigError] = field(default_factory=dict)
+
+
+def parse_fleet(files: Mapping[str, str], cache: ParseCache | None = None) -> Fleet:
+    """Validate every host in ``files`` (relative path -> text).
+
+    ``cache`` carries results from one call to the next; on return it holds exactly
+    what ``files`` gave.
+    """
+    old = cache or ParseCache()
+    new = ParseCache()
+    load = functools.partial(_load_yaml, seen=new.docs, cache=old.docs)
     profiles = {_stem(p): p for p in files if p.startswith("profiles/") and _is_yaml(p)}
     packages = {posixpath.basename(p)[:-4] for p in files if p.startswith("packages/")}
     hosts: dict[str, Host] = {}
     errors: list[ConfigError] = []
     invalid: set[str] = set()
+    # A host's validation depends on its own text, every profile and the package names.
+    context = hashlib.sha256(
+        json.dumps([sorted(packages), sorted((p, files[p]) for p in profiles.values())]).encode()
+    ).hexdigest()
     for path in sorted(files):
         if not (path.startswith("hosts/") and _is_yaml(path)):
             continue
-        try:
-            host = _parse_host(path, files, profiles, packages)
-        except ConfigError as exc:
-            errors.append(exc)
+        key = (path, files[path], context)
+        result = old.hosts.get(key)
+        if result is None:
+            try:
+                result = _parse_host(path, files, profiles, packages, load)
+            except ConfigError as exc:
+                result = exc
+        new.hosts[key] = result
+        if isinstance(result, ConfigError):
+            errors.append(result)
             invalid.add(_stem(path))
             continue
+        host = result
         if host.name in hosts:
             errors.append(ConfigError(path, "name", f"host {host.name!r} is defined twice"))
             invalid.add(host.name)
             del hosts[host.name]
             continue
         hosts[host.name] = host
+    if cache is not None:
+        cache.docs, cache.hosts = new.docs, new.hosts
     return Fleet(hosts=hosts, errors=tuple(errors), invalid=frozenset(invalid))
 
 
@@ -183,7 +224,19 @@ def _stem(path: str) -> str:
     return posixpath.splitext(posixpath.basename(path))[0]
 
 
-def _load_yaml(path: str, text: str) -> dict[str, Any]:
+def _load_yaml(
+    path: str, text: str, seen: dict[str, dict[str, Any]], cache: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    done = seen.get(text)
+    if done is None:
+        done = seen[text] = cache[text] if text in cache else _parse_yaml(path, text)
+    return done
+
+
+Load = Callable[[str, str], dict[str, Any]]
+
+
+def _parse_yaml(path: str, text: str) -> dict[str, Any]:
     if text == _SYMLINK:
         raise ConfigError(path, "", "is a symlink; definitions must live in the repository")
     if text == _TOO_BIG:
@@ -191,7 +244,11 @@ def _load_yaml(path: str, text: str) -> dict[str, Any]:
     if text.startswith(_UNREADABLE):
         raise ConfigError(path, "", "cannot be read: " + text[len(_UNREADABLE) :])
     try:
-        data = yaml.safe_load(text)
+        try:
+            data = yaml.load(text, Loader=_LOADER)
+        except yaml.YAMLError:
+            # The Python loader says more precisely where and why; errors are rare.
+            data = yaml.load(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -211,17 +268,18 @@ def _resolve_profile(
     files: Mapping[str, str],
     profiles: Mapping[str, str],
     stack: tuple[str, ...],
+    load: Load,
 ) -> tuple[dict[str, Any], tuple[str, ...]]:
     """A profile with its own includes merged in, and the files it came from."""
     path = profiles[name]
     if name in stack:
         raise ConfigError(path, "include", "include cycle: " + " -> ".join((*stack, name)))
-    data = _load_yaml(path, files[path])
+    data = load(path, files[path])
     _check_keys(path, "", data, PROFILE_KEYS)
     merged: dict[str, Any] = {}
     sources: tuple[str, ...] = ()
     for inc in _includes(path, data, profiles):
-        inc_data, inc_sources = _resolve_profile(inc, files, profiles, (*stack, name))
+        inc_data, inc_sources = _resolve_profile(inc, files, profiles, (*stack, name), load)
         merged = deep_merge(merged, inc_data)
         sources += inc_sources
     body = {k: v for k, v in data.items() if k != "include"}
@@ -256,11 +314,12 @@ def _parse_host(
     files: Mapping[str, str],
     profiles: Mapping[str, str],
     packages: set[str],
+    load: Load,
 ) -> Host:
     stem = _stem(path)
     if not NAME_RE.fullmatch(stem):
         raise ConfigError(path, "", f"file name {stem!r} is not a valid host name ({NAME_RE.pattern})")
-    data = _load_yaml(path, files[path])
+    data = load(path, files[path])
     _check_keys(path, "", data, HOST_KEYS)
     name = data.get("name")
     if name is None:
@@ -271,7 +330,7 @@ def _parse_host(
     sources: tuple[str, ...] = ()
     for inc in _includes(path, data, profiles):
         try:
-            inc_data, inc_sources = _resolve_profile(inc, files, profiles, ())
+            inc_data, inc_sources = _resolve_profile(inc, files, profiles, (), load)
         except ConfigError as exc:
             # Charge a broken profile to the host that includes it, so callers that map
             # errors to hosts by path (plan, cli build) see this host, not the profile.

@@ -13,7 +13,7 @@ import os
 import subprocess
 import tempfile
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +39,21 @@ class Evaluation:
     errors: Mapping[str, str]  # host -> why it could not be evaluated
 
 
+def eval_key(host: Host, recipe: str) -> str:
+    """What a host's image derivation is a function of: its normalised definition and
+    ``recipe`` (the digest of every other input). Equal keys, equal derivations."""
+    data = json.dumps(host.to_nix(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(f"{recipe}\n{data}".encode()).hexdigest()
+
+
+def _digest_files(root: Path, paths: Iterable[Path]) -> str:
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        if p.is_file():
+            h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
 def _tail(text: str) -> str:
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     return " | ".join(lines[-LOG_TAIL:]) or "no output"
@@ -58,38 +73,54 @@ class Nix:
         self.gcroots = state_dir / "gcroots"
         self.work = state_dir / "work"
         self._toolchain_lock = threading.Lock()
+        self._nix_version: str | None = None
 
-    def ensure_toolchain(self) -> None:
-        """Stage the Debian toolchain when missing or built from other sources.
+    def ensure_toolchain(self) -> str | None:
+        """Stage the Debian toolchain when missing or built from other sources, and
+        return the digest of what is staged (None for the nixpkgs toolchain, whose
+        content this side cannot know).
 
-        A no-op for the nixpkgs toolchain. A stamp beside the directory holds the
-        digest of the sources it was staged from; a file lock keeps a daemon and a
-        CLI call from staging it twice at once.
+        A stamp beside the directory holds the digest of the sources it was staged
+        from and of the staged files; a file lock keeps a daemon and a CLI call from
+        staging it twice at once.
         """
         if self.toolchain != "debian":
-            return
-        digest = self._toolchain_digest()
+            return None
+        sources = _digest_files(
+            self.nix_dir,
+            [self.nix_dir / "toolchain" / "import-debian.sh", *(self.nix_dir / "runtime").rglob("*")],
+        )
         stamp = self.toolchain_dir.with_name(self.toolchain_dir.name + ".stamp")
         with self._toolchain_lock:
             self.toolchain_dir.parent.mkdir(parents=True, exist_ok=True)
             lock_path = self.toolchain_dir.with_name(self.toolchain_dir.name + ".lock")
             with lock_path.open("w") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
-                if self.toolchain_dir.is_dir() and stamp.exists() and stamp.read_text() == digest:
-                    return
+                recorded = stamp.read_text().split() if stamp.exists() else []
+                if self.toolchain_dir.is_dir() and len(recorded) == 2 and recorded[0] == sources:
+                    return recorded[1]
                 script = self.nix_dir / "toolchain" / "import-debian.sh"
                 proc = subprocess.run([str(script), str(self.toolchain_dir)], capture_output=True, text=True)
                 if proc.returncode != 0:
                     raise BuildError("", f"toolchain import failed: {_tail(proc.stderr)}")
-                stamp.write_text(digest)
+                # The staged binaries come from Debian packages, which can change
+                # while our sources do not.
+                content = _digest_files(self.toolchain_dir, self.toolchain_dir.rglob("*"))
+                stamp.write_text(f"{sources}\n{content}\n")
+                return content
 
-    def _toolchain_digest(self) -> str:
-        h = hashlib.sha256()
-        sources = [self.nix_dir / "toolchain" / "import-debian.sh", *(self.nix_dir / "runtime").rglob("*")]
-        for p in sorted(sources):
-            if p.is_file():
-                h.update(p.relative_to(self.nix_dir).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
-        return h.hexdigest()
+    def recipe_digest(self) -> str | None:
+        """Digest of everything besides the config repository that an image derivation
+        depends on: the nix/ library, the staged toolchain and the Nix version. None
+        when that cannot be known (nixpkgs toolchain)."""
+        toolchain = self.ensure_toolchain()
+        if toolchain is None:
+            return None
+        if self._nix_version is None:
+            proc = subprocess.run(["nix-instantiate", "--version"], capture_output=True, text=True)
+            self._nix_version = proc.stdout.strip()
+        library = _digest_files(self.nix_dir, self.nix_dir.rglob("*"))
+        return hashlib.sha256(f"{self._nix_version}\n{toolchain}\n{library}".encode()).hexdigest()
 
     def _args(self, fleet_file: Path, repo: Path) -> list[str]:
         args = [

@@ -6,6 +6,7 @@ branch's head detached, so a force-push on the remote is just a new head.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from pathlib import Path
 
@@ -52,6 +53,17 @@ class GitSource:
         except git.GitCommandError as exc:
             raise SourceError(f"cannot fetch branch {self.branch!r} from {self.url}: {_why(exc)}") from None
         return str(commit)
+
+    def tree_digest(self, exclude: frozenset[str]) -> str:
+        """Digest of the checked-out commit's tree without the top-level ``exclude``
+        entries: git's object ids, so nothing is read or hashed here."""
+        repo = self._open()
+        try:
+            listing = repo.git.ls_tree("HEAD")
+        except git.GitCommandError as exc:
+            raise SourceError(f"cannot list the checkout of {self.url}: {_why(exc)}") from None
+        kept = [ln for ln in listing.splitlines() if ln.split("\t", 1)[-1] not in exclude]
+        return hashlib.sha256("\n".join(kept).encode()).hexdigest()
 
     def changed_files(self, old: str | None, new: str) -> frozenset[str] | None:
         """Paths that differ between two commits, or None when ``old`` is unknown

@@ -28,6 +28,9 @@ CREATE TABLE IF NOT EXISTS hosts (
     failed_image TEXT,
     retry_at REAL
 );
+-- The image derivation each host evaluated to, under the key of its inputs
+-- (nix.eval_key): a host whose key is unchanged need not be evaluated again.
+CREATE TABLE IF NOT EXISTS evaluations (host TEXT PRIMARY KEY, key TEXT NOT NULL, image TEXT NOT NULL);
 """
 
 
@@ -77,6 +80,21 @@ class State:
                 " failures, failed_image, retry_at FROM hosts ORDER BY name"
             ).fetchall()
         return {r[0]: HostState(*r) for r in rows}
+
+    def evaluated(self, keys: Mapping[str, str]) -> dict[str, str]:
+        """Image derivations recorded for hosts whose key (host -> key) is unchanged."""
+        with self._lock:
+            rows = self._db.execute("SELECT host, key, image FROM evaluations").fetchall()
+        return {host: image for host, key, image in rows if keys.get(host) == key}
+
+    def record_evaluated(self, entries: Mapping[str, tuple[str, str]]) -> None:
+        """Remember host -> (key, image derivation)."""
+        with self._lock, self._db:
+            self._db.executemany(
+                "INSERT INTO evaluations(host, key, image) VALUES(?, ?, ?) "
+                "ON CONFLICT(host) DO UPDATE SET key = excluded.key, image = excluded.image",
+                [(host, key, image) for host, (key, image) in entries.items()],
+            )
 
     def record_published(self, name: str, version: int, image: str, commit: str) -> None:
         self._upsert(

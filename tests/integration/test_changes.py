@@ -15,7 +15,8 @@ import pytest
 
 from reconciler.config import load_config
 from reconciler.daemon import Reconciler
-from reconciler.nix import NIX_DIR, Nix
+from reconciler.hosts import Host
+from reconciler.nix import NIX_DIR, Evaluation, Nix
 from reconciler.plan import Plan
 from tests.conftest import WEB, ConfigRepo, Signing, write_config
 
@@ -347,3 +348,33 @@ def test_failed_build_does_not_stop_the_others_and_backs_off(
         assert rec.state.hosts()["worker-1"].failures == 0
     finally:
         rec.close()
+
+
+def test_only_hosts_whose_inputs_changed_are_evaluated_again(
+    rec: Reconciler, repo: ConfigRepo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    evaluated: list[list[str]] = []
+    real = rec.nix.evaluate
+
+    def recording(hosts: list[Host], checkout: Path) -> Evaluation:
+        evaluated.append(sorted(h.name for h in hosts))
+        return real(hosts, checkout)
+
+    monkeypatch.setattr(rec.nix, "evaluate", recording)
+    rec.plan()
+    assert evaluated == [[]]
+    repo.write("hosts/web-1.yaml", FILES["hosts/web-1.yaml"].replace("10.42.0.11/24", "10.42.0.31/24"))
+    repo.commit("move web-1")
+    assert actions(rec.plan()[1])["web-1"][0] == "rebuild"
+    assert evaluated[-1] == ["web-1"]
+    # Anything else in the repository may reach a build: every host is evaluated again,
+    # and only the ones whose derivation changed rebuild.
+    repo.write("README", "notes\n")
+    repo.commit("add notes")
+    _, plan = rec.plan()
+    assert evaluated[-1] == ["web-1", "web-2", "worker-1"]
+    assert {h: a for h, (a, _) in actions(plan).items()} == {
+        "web-1": "rebuild",
+        "web-2": "unchanged",
+        "worker-1": "unchanged",
+    }

@@ -21,6 +21,7 @@ from reconciler.hosts import (
     Fleet,
     Host,
     Network,
+    ParseCache,
     Service,
     deep_merge,
     parse_fleet,
@@ -931,3 +932,30 @@ def test_files_may_not_replace_the_appimage_desktop_entry_or_icon(name: str) -> 
 def test_other_desktop_files_are_allowed() -> None:
     fleet = parse_fleet({"hosts/web-1.yaml": "name: web-1\nfiles: {web-2.desktop: x, share/web-1.svg: y}\n"})
     assert fleet.errors == ()
+
+
+def test_parse_cache_reuses_unchanged_hosts_and_revalidates_on_profile_change() -> None:
+    files = {
+        "profiles/base.yaml": "network: {gateway: 10.0.0.1}\n",
+        "hosts/a.yaml": "name: a\ninclude: [base]\n",
+        "hosts/b.yaml": "name: b\ninclude: [base]\n",
+    }
+    cache = ParseCache()
+    first = parse_fleet(files, cache)
+    again = parse_fleet({**files, "hosts/b.yaml": "name: b\ninclude: [base]\nformats: [aci]\n"}, cache)
+    assert again.hosts["a"] is first.hosts["a"]
+    assert again.hosts["b"].formats == ("aci",)
+    changed = parse_fleet({**files, "profiles/base.yaml": "network: {gateway: 10.0.0.9}\n"}, cache)
+    assert changed.hosts["a"].network.gateway == "10.0.0.9"
+    # Only what the last call saw is kept.
+    assert {k[0] for k in cache.hosts} == {"hosts/a.yaml", "hosts/b.yaml"}
+    assert len(cache.docs) == 3
+
+
+def test_parse_cache_keeps_errors_per_file() -> None:
+    cache = ParseCache()
+    files = {"hosts/a.yaml": "name: a\nformats: [tar]\n"}
+    first = parse_fleet(files, cache)
+    second = parse_fleet(files, cache)
+    assert [str(e) for e in second.errors] == [str(e) for e in first.errors]
+    assert "formats: unknown format 'tar'" in str(second.errors[0])
