@@ -51,7 +51,8 @@ derivation {{
   name = "{name}";
   system = "x86_64-linux";
   builder = toolchain.busybox;
-  args = [ "sh" "-c" "${{toolchain.busybox}} mkdir -p $out/srv/{name} && echo {name} > $out/srv/{name}/index" ];
+  args = [ "sh" "-c" "${{toolchain.busybox}} mkdir -p $out/srv/{name} &&
+    echo {name} > $out/srv/{name}/index" ];
 }}
 """
 
