@@ -1,0 +1,281 @@
+"""The artifacts themselves: actool-valid ACIs, runnable supervising AppImages, reproducible bytes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tarfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from reconciler.config import load_config
+from reconciler.daemon import Reconciler
+from reconciler.hosts import parse_fleet, read_tree
+from reconciler.release import Release, parse_release
+from tests.conftest import ConfigRepo, Signing, free_port, standard_fleet, write_config
+
+pytestmark = pytest.mark.integration
+
+# A host with two services: httpd to fetch from, and a chatty one to see log prefixes.
+SERVED = """\
+name: served
+include: [base]
+network: {{address: 10.42.0.50/24}}
+services:
+  web:
+    package: site
+    exec: [bin/busybox, httpd, -f, -p, "{port}", -h, srv/www]
+    restart: always
+  chatter:
+    exec: [bin/busybox, sh, -c, "while true; do echo hello from chatter; sleep 1; done"]
+"""
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def pids_matching(needle: str) -> set[int]:
+    """Processes whose command line contains ``needle``."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if needle in cmdline and int(entry.name) != os.getpid():
+            found.add(int(entry.name))
+    return found
+
+
+def fetch(url: str) -> str | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return str(r.read().decode())
+    except OSError:
+        return None
+
+
+class Fleet:
+    """A config repo reconciled once into a store."""
+
+    def __init__(self, root: Path, signing: Signing, port: int) -> None:
+        self.root = root
+        self.port = port
+        self.repo = ConfigRepo(root / "repo")
+        standard_fleet(self.repo)
+        self.repo.write("hosts/served.yaml", SERVED.format(port=port))
+        self.repo.commit("add served")
+        self.config = load_config(write_config(root, self.repo, signing))
+        rec = Reconciler(self.config)
+        try:
+            result = rec.reconcile()
+        finally:
+            rec.close()
+        assert result.ok, result.outcomes
+        self.store = root / "store"
+
+    def release(self, host: str) -> Release:
+        path = self.store / "hosts" / host / "latest.json"
+        return parse_release(path.read_bytes(), str(path))
+
+    def artifact(self, host: str, fmt: str) -> Path:
+        art = self.release(host).artifact(fmt)
+        assert art is not None, f"{host} has no {fmt}"
+        return self.store / art.blob
+
+    @property
+    def hosts(self) -> list[str]:
+        return sorted(p.name for p in (self.store / "hosts").iterdir())
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory, signing: Signing) -> Fleet:
+    return Fleet(tmp_path_factory.mktemp("images"), signing, free_port())
+
+
+def test_every_aci_is_valid_and_carries_its_host(fleet: Fleet, tmp_path: Path) -> None:
+    assert fleet.hosts == ["served", "web-1", "web-2", "worker-1"]
+    for host in fleet.hosts:
+        release = fleet.release(host)
+        art = release.artifact("aci")
+        assert art is not None
+        assert art.name == f"{host}-{release.version}-linux-amd64.aci"
+        blob = fleet.store / art.blob
+        val = subprocess.run(["actool", "validate", str(blob)], capture_output=True, text=True)
+        assert val.returncode == 0, val.stdout + val.stderr
+        with tarfile.open(blob) as tar:
+            manifest = json.load(tar.extractfile("manifest"))  # type: ignore[arg-type]
+            names = set(tar.getnames())
+            network = tar.extractfile("rootfs/etc/reconciler/network.env").read().decode()  # type: ignore[union-attr]
+        assert manifest["acKind"] == "ImageManifest"
+        assert manifest["name"] == host
+        labels = {lab["name"]: lab["value"] for lab in manifest["labels"]}
+        assert labels == {"version": str(release.version), "os": "linux", "arch": "amd64"}
+        assert manifest["app"]["exec"] == ["/AppRun"]
+        # A fat image: the supervisor, its tools and the services' files are all inside.
+        for needed in (
+            "rootfs/AppRun",
+            "rootfs/bin/busybox",
+            "rootfs/.reconciler/apprun.sh",
+            "rootfs/.reconciler/runit/libexec/runsv",
+            "rootfs/.reconciler/runit/lib/libc.so.6",
+            "rootfs/etc/motd",
+        ):
+            assert needed in names, f"{host}: {needed} missing"
+        assert f"HOSTNAME={host}" in network and "GATEWAY=10.42.0.1" in network
+    with tarfile.open(fleet.artifact("web-1", "aci")) as tar:
+        assert "rootfs/srv/www/index.html" in tar.getnames()
+        run = tar.extractfile("rootfs/etc/service/web/run").read().decode()  # type: ignore[union-attr]
+        network = tar.extractfile("rootfs/etc/reconciler/network.env").read().decode()  # type: ignore[union-attr]
+    assert run == "exec './bin/busybox' 'httpd' '-f' '-p' '18081' '-h' 'srv/www'\n"
+    assert "ADDRESS=10.42.0.11/24" in network
+
+
+def test_appimage_is_type_2_with_a_squashfs_payload(fleet: Fleet, tmp_path: Path) -> None:
+    blob = fleet.artifact("served", "appimage")
+    app = tmp_path / "served.AppImage"
+    shutil.copy(blob, app)
+    app.chmod(0o755)
+    head = app.read_bytes()[:16]
+    assert head[:4] == b"\x7fELF" and head[8:11] == b"AI\x02"
+    offset = int(
+        subprocess.run([str(app), "--appimage-offset"], capture_output=True, text=True, check=True).stdout
+    )
+    assert 0 < offset < app.stat().st_size
+    assert app.read_bytes()[offset : offset + 4] == b"hsqs"
+    listing = subprocess.run(
+        ["unsquashfs", "-o", str(offset), "-l", "-d", "", str(app)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for path in (
+        "/AppRun",
+        "/bin/busybox",
+        "/srv/www/index.html",
+        "/etc/service/chatter/run",
+        "/served.desktop",
+    ):
+        assert path in listing.splitlines(), f"{path} not in the payload"
+    subprocess.run([str(app), "--appimage-extract"], cwd=tmp_path, capture_output=True, check=True)
+    root = tmp_path / "squashfs-root"
+    assert (root / "srv/www/index.html").read_text() == "<h1>fleet</h1>\n"
+    assert os.access(root / "AppRun", os.X_OK)
+
+
+@pytest.fixture
+def plain_env(tmp_path: Path) -> dict[str, str]:
+    """An environment without Nix or the project: only the base system's PATH."""
+    return {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "TMPDIR": str(tmp_path)}
+
+
+@pytest.mark.parametrize("mode", ["fuse", "extract-and-run"])
+def test_appimage_supervises_its_services_and_stops_cleanly(
+    fleet: Fleet, tmp_path: Path, plain_env: dict[str, str], mode: str
+) -> None:
+    app = tmp_path / "served.AppImage"
+    shutil.copy(fleet.artifact("served", "appimage"), app)
+    app.chmod(0o755)
+    env = dict(plain_env)
+    if mode == "extract-and-run":
+        env["APPIMAGE_EXTRACT_AND_RUN"] = "1"
+    url = f"http://127.0.0.1:{fleet.port}/"
+    httpd = f"httpd -f -p {fleet.port}"
+    assert not pids_matching(httpd), "port already served by a leftover"
+    log = (tmp_path / "out.log").open("w")
+    proc = subprocess.Popen([str(app)], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        wait_for(lambda: fetch(url) == "<h1>fleet</h1>\n", 30, "the page")
+        (first,) = pids_matching(httpd)
+        os.kill(first, signal.SIGKILL)
+        wait_for(
+            lambda: bool(pids_matching(httpd) - {first}) and fetch(url) is not None, 15, "httpd restarted"
+        )
+        wait_for(lambda: "chatter: hello from chatter" in (tmp_path / "out.log").read_text(), 10, "log line")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        log.close()
+    wait_for(
+        lambda: not pids_matching(httpd) and not pids_matching("hello from chatter"), 10, "no service left"
+    )
+    assert not pids_matching(str(tmp_path)), "a process from the image outlived it"
+    lines = (tmp_path / "out.log").read_text().splitlines()
+    assert all(not ln.startswith("hello") for ln in lines), "a log line without its service prefix"
+    mounts = Path("/proc/self/mounts").read_text()
+    assert str(tmp_path) not in mounts
+    assert not list(tmp_path.glob("reconciler-run.*")), "the runtime directory was left behind"
+
+
+def build_outputs(rec: Reconciler, host: str) -> dict[str, bytes]:
+    fleet = parse_fleet(read_tree(rec.source.checkout))
+    out = rec.build(fleet.hosts[host], 7)
+    return {fmt: path.read_bytes() for fmt, path in out.files.items()}
+
+
+@pytest.fixture
+def reconciler(tmp_path: Path, config_repo: ConfigRepo, signing: Signing) -> Iterator[Reconciler]:
+    standard_fleet(config_repo)
+    rec = Reconciler(load_config(write_config(tmp_path, config_repo, signing)))
+    rec.source.fetch()
+    yield rec
+    rec.close()
+
+
+def test_builds_are_bit_for_bit_reproducible(reconciler: Reconciler, tmp_path: Path) -> None:
+    first = build_outputs(reconciler, "web-1")
+    assert set(first) == {"aci", "appimage"}
+    # Rebuild every derivation of the host from scratch and compare with the first build.
+    fleet = parse_fleet(read_tree(reconciler.source.checkout))
+    out = reconciler.build(fleet.hosts["web-1"], 7)
+    image = reconciler.nix.evaluate([fleet.hosts["web-1"]], reconciler.source.checkout).images["web-1"]
+    requisites = subprocess.run(
+        ["nix-store", "--query", "--requisites", out.derivation], capture_output=True, text=True, check=True
+    ).stdout.split()
+    ours = [d for d in requisites if d.endswith(".drv")]
+    assert image in ours and out.derivation in ours
+    check = subprocess.run(
+        ["nix-store", "--realise", "--check", *ours, "--option", "substituters", ""],
+        capture_output=True,
+        text=True,
+    )
+    assert check.returncode == 0, check.stderr
+    assert build_outputs(reconciler, "web-1") == first
+
+
+def test_changing_one_address_changes_only_that_hosts_outputs(
+    reconciler: Reconciler, config_repo: ConfigRepo
+) -> None:
+    checkout = reconciler.source.checkout
+    before_fleet = parse_fleet(read_tree(checkout))
+    before = reconciler.nix.evaluate(list(before_fleet.hosts.values()), checkout).images
+    before_web2 = build_outputs(reconciler, "web-2")
+    before_web1 = build_outputs(reconciler, "web-1")
+    text = (config_repo.path / "hosts/web-2.yaml").read_text().replace("10.42.0.12/24", "10.42.0.13/24")
+    config_repo.write("hosts/web-2.yaml", text)
+    config_repo.commit("move web-2")
+    reconciler.source.fetch()
+    after_fleet = parse_fleet(read_tree(checkout))
+    after = reconciler.nix.evaluate(list(after_fleet.hosts.values()), checkout).images
+    assert {h for h in before if before[h] != after[h]} == {"web-2"}
+    assert build_outputs(reconciler, "web-1") == before_web1
+    after_web2 = build_outputs(reconciler, "web-2")
+    assert after_web2["aci"] != before_web2["aci"] and after_web2["appimage"] != before_web2["appimage"]
