@@ -48,3 +48,7 @@ class VerificationError(ReconcilerError):
 
 class StoreError(ReconcilerError):
     """The artifact store refused or failed an operation."""
+
+
+class FetchError(ReconcilerError):
+    """A store object could not be read, or its answer broke a limit."""

@@ -7,48 +7,30 @@ sha256 and signature. Any other file is checked against its ``.asc``.
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
-import urllib.error
-import urllib.parse
-import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import BinaryIO
 
+from reconciler import fetch
 from reconciler.errors import VerificationError
 from reconciler.release import Release, parse_release
 from reconciler.signing import Verifier
 
-FETCH_TIMEOUT = 60
+# Release metadata and signatures are small; anything larger is not ours.
+METADATA_LIMIT = 1 << 20
+SIGNATURE_LIMIT = 1 << 16
+# A plain artifact checked on its own has no release to bound its size.
+ARTIFACT_LIMIT = 1 << 40
 
 
-def _is_url(target: str) -> bool:
-    return urllib.parse.urlparse(target).scheme in ("http", "https", "file")
-
-
-def _open(target: str) -> BinaryIO:
-    if _is_url(target):
-        resp: BinaryIO = urllib.request.urlopen(target, timeout=FETCH_TIMEOUT)
-        return resp
-    return Path(target).open("rb")
-
-
-def fetch(target: str, dest: Path, limit: int | None = None) -> Path:
-    """Copy ``target`` (path or URL) to ``dest``; refuse more than ``limit`` bytes."""
-    try:
-        src = _open(target)
-    except (OSError, urllib.error.URLError) as exc:
-        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
-        raise VerificationError(f"cannot fetch {target}: {reason}") from None
-    got = 0
-    with src, dest.open("wb") as out:
-        while chunk := src.read(1 << 20):
-            got += len(chunk)
-            if limit is not None and got > limit:
-                raise VerificationError(f"{target}: larger than the {limit} bytes expected")
-            out.write(chunk)
-    return dest
+def read_keys(key_files: list[Path]) -> list[bytes]:
+    keys = []
+    for k in key_files:
+        try:
+            keys.append(k.read_bytes())
+        except OSError as exc:
+            raise VerificationError(f"cannot read key {k}: {exc.strerror}") from None
+    return keys
 
 
 def _store_root(target: str) -> str:
@@ -62,39 +44,42 @@ def _store_root(target: str) -> str:
 
 def verify(key_files: list[Path], target: str, now: datetime | None = None) -> list[str]:
     """Check ``target``; return one line per verified object or raise."""
-    keys = []
-    for k in key_files:
-        try:
-            keys.append(k.read_bytes())
-        except OSError as exc:
-            raise VerificationError(f"cannot read key {k}: {exc.strerror}") from None
-    with Verifier(keys) as verifier, tempfile.TemporaryDirectory(prefix="reconciler-verify-") as tmp:
-        work = Path(tmp)
-        data = fetch(target, work / "target")
-        sig = fetch(target + ".asc", work / "target.asc", limit=1 << 16)
-        fpr = verifier.verify(data, sig.read_bytes(), target)
-        lines = [f"OK {target} signed by {fpr}"]
+    with Verifier(read_keys(key_files)) as verifier, tempfile.TemporaryDirectory(prefix="reconciler-") as tmp:
         if not target.endswith(".json"):
-            return lines
-        release = parse_release(data.read_bytes(), target)
-        _check_fresh(release, target, now or datetime.now(UTC))
+            data = Path(tmp) / "target"
+            fetch.download(target, data, ARTIFACT_LIMIT, exact=False)
+            sig = _get(target + ".asc", SIGNATURE_LIMIT)
+            fpr = verifier.verify(data, sig, target)
+            return [f"OK {target} signed by {fpr}"]
+        meta = _get(target, METADATA_LIMIT)
+        fpr = verifier.verify_bytes(meta, _get(target + ".asc", SIGNATURE_LIMIT), target)
+        lines = [f"OK {target} signed by {fpr}"]
+        release = parse_release(meta, target)
+        check_fresh(release, target, now or datetime.now(UTC))
         root = _store_root(target)
         for art in release.artifacts:
-            where = f"{root}/{art.blob}"
-            blob = fetch(where, work / art.sha256, limit=art.size)
-            if blob.stat().st_size != art.size:
-                raise VerificationError(f"{where}: size {blob.stat().st_size}, release says {art.size}")
-            with blob.open("rb") as f:
-                digest = hashlib.file_digest(f, "sha256").hexdigest()
-            if digest != art.sha256:
-                raise VerificationError(f"{where}: sha256 {digest}, release says {art.sha256}")
-            blob_sig = fetch(where + ".asc", work / (art.sha256 + ".asc"), limit=1 << 16)
-            verifier.verify(blob, blob_sig.read_bytes(), where)
+            where = fetch.join(root, art.blob)
+            blob = Path(tmp) / art.sha256
+            verify_blob(verifier, where, blob, art.size, art.sha256)
             lines.append(f"OK {art.name} ({art.format}, {art.size} bytes, sha256 {art.sha256})")
             blob.unlink()
         return lines
 
 
-def _check_fresh(release: Release, target: str, now: datetime) -> None:
+def verify_blob(verifier: Verifier, where: str, dest: Path, size: int, sha256: str) -> None:
+    """Download the blob at ``where`` into ``dest`` and check size, digest and signature."""
+    digest = fetch.download(where, dest, size)
+    if digest != sha256:
+        raise VerificationError(f"{where}: sha256 {digest}, release says {sha256}")
+    verifier.verify(dest, _get(where + ".asc", SIGNATURE_LIMIT), where)
+
+
+def _get(target: str, limit: int) -> bytes:
+    got = fetch.get(target, limit)
+    assert got is not None  # an unconditional read always answers
+    return got.data
+
+
+def check_fresh(release: Release, target: str, now: datetime) -> None:
     if release.expires <= now:
         raise VerificationError(f"{target}: expired at {release.expires.isoformat()}")
