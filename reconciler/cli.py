@@ -6,6 +6,7 @@ import argparse
 import json
 import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
@@ -130,6 +131,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_agent(args: argparse.Namespace) -> int:
+    from reconciler.agent import Agent, load_agent_config
+
+    agent = Agent(load_agent_config(Path(args.config)))
+    if args.once:
+        if agent.app is not None:
+            raise ReconcilerError(f"{args.config}: supervise: needs the long-running agent, not --once")
+        return 0 if agent.poll() in ("idle", "current", "updated") else 1
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    agent.run(stopping)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reconciler", description="GitOps reconciler for Nix-built host images.")
     p.add_argument("--version", action="version", version=f"reconciler {__version__}")
@@ -156,6 +176,9 @@ def parser() -> argparse.ArgumentParser:
     v = add("verify", cmd_verify, "check an artifact or release file/URL against public keys", config=False)
     v.add_argument("--key", action="append", required=True, help="armored public key file (repeatable)")
     v.add_argument("target", help="file path or URL of an artifact or release .json")
+    agent = add("agent", cmd_agent, "the host side: pull, verify, switch, roll back", config=False)
+    agent.add_argument("-c", "--config", required=True, help="path to the agent's config")
+    agent.add_argument("--once", action="store_true", help="poll once and exit (for a timer)")
     add(
         "init", cmd_init, "create a demo: config repo, signing key, reconciler.yaml", config=False
     ).add_argument("dir")

@@ -141,6 +141,7 @@ def write_config(tmp_path: Path, repo: ConfigRepo, keys: Signing, **extra: objec
         "jobs": 2,
     }
     cfg.update(extra)
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "reconciler.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
