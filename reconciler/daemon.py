@@ -54,6 +54,7 @@ class Observation:
     fleet: Fleet
     evaluation: Evaluation
     changed: frozenset[str] | None
+    commit_time: float  # committer time, unix seconds
 
 
 @dataclass(frozen=True)
@@ -115,17 +116,21 @@ class Reconciler:
     # -- observe ---------------------------------------------------------------
 
     def observe(self) -> Observation:
+        stage = self.metrics.stage_duration
         try:
-            commit = self.source.fetch()
+            with stage.labels("fetch").time():
+                commit = self.source.fetch()
         except SourceError:
             self.metrics.git_fetch_errors.inc()
             raise
-        fleet = parse_fleet(read_tree(self.source.checkout), self._parse_cache)
+        with stage.labels("parse").time():
+            fleet = parse_fleet(read_tree(self.source.checkout), self._parse_cache)
         for err in fleet.errors:
             log.event("host_invalid", logging.WARNING, file=err.path, key=err.key, reason=err.reason)
-        evaluation = self._evaluate(fleet)
+        with stage.labels("evaluate").time():
+            evaluation = self._evaluate(fleet)
         changed = self.source.changed_files(self.state.get_meta(COMMIT_KEY), commit)
-        return Observation(commit, fleet, evaluation, changed)
+        return Observation(commit, fleet, evaluation, changed, self.source.commit_time(commit))
 
     def _evaluate(self, fleet: Fleet) -> Evaluation:
         """Every host's image derivation, evaluating in Nix only the hosts whose
@@ -230,6 +235,7 @@ class Reconciler:
         assert entry.image is not None
         self.state.record_published(host.name, release.version, entry.image, obs.commit)
         self.metrics.host_version.labels(host.name).set(release.version)
+        self.metrics.commit_to_published.observe(max(0.0, time.time() - obs.commit_time))
         log.event(
             "host_published",
             host=host.name,
@@ -275,7 +281,8 @@ class Reconciler:
     def build(self, host: Host, version: int) -> BuildOutput:
         started = time.monotonic()
         try:
-            out = self.nix.build(host, version, self.source.checkout)
+            with self.metrics.stage_duration.labels("build").time():
+                out = self.nix.build(host, version, self.source.checkout)
         except BuildError:
             self.metrics.host_builds.labels("failure").inc()
             raise
@@ -294,15 +301,26 @@ class Reconciler:
             version += 1
         else:
             raise BuildError(host.name, f"versions up to {version} are taken by other releases")
+        signing = self.metrics.stage_duration.labels("sign")
+
+        def sign_file(path: Path) -> bytes:
+            with signing.time():
+                return self.signer.sign_file(path)
+
+        def sign_bytes(data: bytes) -> bytes:
+            with signing.time():
+                return self.signer.sign(data)
+
         try:
-            publish(
-                self.store,
-                release,
-                out.files,
-                self.signer.sign_file,
-                self.signer.sign,
-                on_artifact=lambda fmt: self.metrics.artifacts_published.labels(fmt).inc(),
-            )
+            with self.metrics.stage_duration.labels("publish").time():
+                publish(
+                    self.store,
+                    release,
+                    out.files,
+                    sign_file,
+                    sign_bytes,
+                    on_artifact=lambda fmt: self.metrics.artifacts_published.labels(fmt).inc(),
+                )
         except SigningError:
             self.metrics.signing_failures.inc()
             raise

@@ -8,6 +8,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 # take well under a second.
 BUILD_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 RECONCILE_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+STAGE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+# From a push to a published release: seconds when all is well, hours when a build waits.
+LATENCY_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
+# fetch, parse and evaluate happen once per pass; build, sign and publish once per
+# host release (publish includes the signing it waits for).
+STAGES = ("fetch", "parse", "evaluate", "build", "sign", "publish")
 
 
 class Metrics:
@@ -51,6 +57,21 @@ class Metrics:
         self.invalid_hosts = Gauge(
             "reconciler_invalid_hosts", "Host definitions that failed validation or evaluation.", registry=r
         )
+        self.stage_duration = Histogram(
+            "reconciler_stage_duration_seconds",
+            "Duration of one stage of a reconcile pass or of a host's release.",
+            ["stage"],
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
+        self.commit_to_published = Histogram(
+            "reconciler_commit_to_published_seconds",
+            "From a commit's committer time to a host's release built from it being published.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        for stage in STAGES:
+            self.stage_duration.labels(stage)
         for result in ("success", "failure"):
             self.reconcile_runs.labels(result)
             self.host_builds.labels(result)

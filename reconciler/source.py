@@ -54,6 +54,10 @@ class GitSource:
             raise SourceError(f"cannot fetch branch {self.branch!r} from {self.url}: {_why(exc)}") from None
         return str(commit)
 
+    def commit_time(self, commit: str) -> float:
+        """The committer time of ``commit``, unix seconds."""
+        return float(self._open().commit(commit).committed_date)
+
     def tree_digest(self, exclude: frozenset[str]) -> str:
         """Digest of the checked-out commit's tree without the top-level ``exclude``
         entries: git's object ids, so nothing is read or hashed here."""
