@@ -11,15 +11,28 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from reconciler.errors import ReconcilerError
 
 Check = Callable[[], tuple[bool, str]]
+Response = tuple[int, str, bytes]
+# A POST handler gets the request's headers and body.
+PostHandler = Callable[[dict[str, str], bytes], Response]
+# Webhook payloads are a few kilobytes; anything far larger is refused unread.
+MAX_BODY = 5 << 20
 
 
 class Server:
     """A small threaded HTTP server; ``healthy`` and ``ready`` say (ok, reason)."""
 
-    def __init__(self, listen: str, registry: CollectorRegistry, healthy: Check, ready: Check) -> None:
+    def __init__(
+        self,
+        listen: str,
+        registry: CollectorRegistry,
+        healthy: Check,
+        ready: Check,
+        post: dict[str, PostHandler] | None = None,
+    ) -> None:
         host, _, port = listen.rpartition(":")
         host = host.strip("[]")
-        routes: dict[str, Callable[[], tuple[int, str, bytes]]] = {
+        post_routes = post or {}
+        routes: dict[str, Callable[[], Response]] = {
             "/metrics": lambda: (200, CONTENT_TYPE_LATEST, generate_latest(registry)),
             "/healthz": lambda: _probe(healthy),
             "/readyz": lambda: _probe(ready),
@@ -28,7 +41,24 @@ class Server:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 route = routes.get(self.path.split("?", 1)[0])
-                code, ctype, body = route() if route else (404, "text/plain", b"not found\n")
+                self._answer(*(route() if route else (404, "text/plain", b"not found\n")))
+
+            def do_POST(self) -> None:
+                handler = post_routes.get(self.path.split("?", 1)[0])
+                try:
+                    length = int(self.headers.get("Content-Length", ""))
+                except ValueError:
+                    length = -1
+                if handler is None:
+                    self._answer(404, "text/plain", b"not found\n")
+                elif not 0 <= length <= MAX_BODY:
+                    self.close_connection = True
+                    self._answer(413 if length > MAX_BODY else 411, "text/plain", b"bad length\n")
+                else:
+                    body = self.rfile.read(length)
+                    self._answer(*handler({k: v for k, v in self.headers.items()}, body))
+
+            def _answer(self, code: int, ctype: str, body: bytes) -> None:
                 self.send_response(code)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))

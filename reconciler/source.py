@@ -54,6 +54,29 @@ class GitSource:
             raise SourceError(f"cannot fetch branch {self.branch!r} from {self.url}: {_why(exc)}") from None
         return str(commit)
 
+    def signer(self, commit: str, gnupghome: Path) -> tuple[str | None, str]:
+        """The fingerprints behind a good signature of ``commit`` (the signing key's,
+        then its primary key's, space-separated), checked with the keys in
+        ``gnupghome`` alone; or None and why not."""
+        repo = self._open()
+        env = {"GNUPGHOME": str(gnupghome)}
+        try:
+            status = repo.git.verify_commit("--raw", commit, env=env, with_extended_output=True)[2]
+        except git.GitCommandError as exc:
+            status = str(exc.stderr)
+        lines = [ln.split() for ln in status.splitlines()]
+        fields = {ln[1]: ln[2:] for ln in lines if len(ln) > 1 and ln[0] == "[GNUPG:]"}
+        if "VALIDSIG" in fields and "GOODSIG" in fields:
+            valid = fields["VALIDSIG"]
+            return " ".join((valid[0], valid[-1])), "good signature"
+        if "ERRSIG" in fields or "NO_PUBKEY" in fields:
+            return None, "signed by an unknown key"
+        if "BADSIG" in fields:
+            return None, "bad signature"
+        if "EXPKEYSIG" in fields or "REVKEYSIG" in fields:
+            return None, "signed by an expired or revoked key"
+        return None, "not signed"
+
     def commit_time(self, commit: str) -> float:
         """The committer time of ``commit``, unix seconds."""
         return float(self._open().commit(commit).committed_date)

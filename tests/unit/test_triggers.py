@@ -1,0 +1,109 @@
+"""Unit tests for webhook authentication and the debounced wake-up."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import threading
+import time
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from reconciler.triggers import Push, Unauthorized, Wakeup, authenticate, concerns
+
+SECRET = b"s3cret"
+BODY = json.dumps({"ref": "refs/heads/main", "after": "a" * 40}).encode()
+
+
+def sig(body: bytes, secret: bytes = SECRET) -> str:
+    return hmac.new(secret, body, hashlib.sha256).hexdigest()
+
+
+def test_github_push_with_a_good_signature() -> None:
+    headers = {"X-GitHub-Event": "push", "X-Hub-Signature-256": "sha256=" + sig(BODY)}
+    assert authenticate(headers, BODY, SECRET) == Push("github", "refs/heads/main", "push")
+
+
+def test_gitea_push_with_a_good_signature() -> None:
+    headers = {"X-Gitea-Event": "push", "X-Gitea-Signature": sig(BODY), "X-Hub-Signature-256": "sha256=x"}
+    assert authenticate(headers, BODY, SECRET) == Push("gitea", "refs/heads/main", "push")
+
+
+def test_gitlab_push_with_the_token() -> None:
+    headers = {"X-Gitlab-Event": "Push Hook", "X-Gitlab-Token": "s3cret"}
+    assert authenticate(headers, BODY, SECRET) == Push("gitlab", "refs/heads/main", "Push Hook")
+
+
+@pytest.mark.parametrize(
+    ("headers", "why"),
+    [
+        ({"X-GitHub-Event": "push", "X-Hub-Signature-256": "sha256=" + sig(BODY, b"other")}, "github"),
+        ({"X-GitHub-Event": "push"}, "github: wrong or missing"),
+        ({"X-GitHub-Event": "push", "X-Hub-Signature-256": sig(BODY)}, "github"),  # no sha256= prefix
+        ({"X-Gitea-Event": "push", "X-Gitea-Signature": sig(BODY + b" ")}, "gitea"),
+        ({"X-Gitlab-Event": "Push Hook", "X-Gitlab-Token": "wrong"}, "gitlab"),
+        ({"X-Gitlab-Event": "Push Hook"}, "gitlab"),
+        ({"Content-Type": "application/json"}, "no event header"),
+    ],
+)
+def test_bad_or_missing_credentials_are_unauthorized(headers: dict[str, str], why: str) -> None:
+    with pytest.raises(Unauthorized) as err:
+        authenticate(headers, BODY, SECRET)
+    assert why in str(err.value)
+
+
+@given(st.binary(max_size=300), st.binary(min_size=1, max_size=40))
+def test_a_body_changed_after_signing_is_refused(body: bytes, extra: bytes) -> None:
+    headers = {"X-GitHub-Event": "push", "X-Hub-Signature-256": "sha256=" + sig(body)}
+    with pytest.raises(Unauthorized):
+        authenticate(headers, body + extra, SECRET)
+
+
+def test_only_pushes_to_the_tracked_branch_concern_us() -> None:
+    assert concerns(Push("github", "refs/heads/main", "push"), "main")
+    assert not concerns(Push("github", "refs/heads/dev", "push"), "main")
+    assert not concerns(Push("github", "refs/tags/main", "push"), "main")
+    assert not concerns(Push("github", None, "ping"), "main")
+
+
+def test_wakeup_times_out_empty() -> None:
+    w = Wakeup(quiet=0.05, max_delay=1)
+    t = time.monotonic()
+    assert w.wait(0.1) == []
+    assert time.monotonic() - t >= 0.1
+
+
+def test_a_burst_is_debounced_into_one_wakeup() -> None:
+    w = Wakeup(quiet=0.2, max_delay=5)
+
+    def burst() -> None:
+        for _ in range(10):
+            w.notify("webhook")
+            time.sleep(0.02)
+
+    threading.Thread(target=burst).start()
+    assert w.wait(5) == ["webhook"] * 10
+    assert w.wait(0.3) == []
+
+
+def test_a_steady_stream_still_wakes_after_max_delay() -> None:
+    w = Wakeup(quiet=0.5, max_delay=0.3)
+    stop = threading.Event()
+
+    def stream() -> None:
+        while not stop.is_set():
+            w.notify("filesystem")
+            time.sleep(0.05)
+
+    threading.Thread(target=stream).start()
+    try:
+        t = time.monotonic()
+        reasons = w.wait(5)
+        waited = time.monotonic() - t
+    finally:
+        stop.set()
+    assert reasons and set(reasons) == {"filesystem"}
+    assert waited < 2.5, "max_delay did not bound the wait"
