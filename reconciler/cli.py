@@ -109,6 +109,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gc(args: argparse.Namespace) -> int:
+    from reconciler.retention import collect
+    from reconciler.store import open_store
+
+    cfg = _load(args)
+    verb = "would delete" if args.dry_run else "deleted"
+    store = open_store(cfg.store)
+    keys = collect(store, cfg.retention.keep, args.dry_run, on_delete=lambda key: print(f"{verb} {key}"))
+    print(f"{len(keys)} objects {verb} (keeping {cfg.retention.keep} releases per host)")
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from reconciler.verify import verify
 
@@ -172,6 +184,9 @@ def parser() -> argparse.ArgumentParser:
     add("build", cmd_build, "build one host and print the artifact paths").add_argument("host")
     add("status", cmd_status, "last reconciled commit and each host's published version").add_argument(
         "--json", action="store_true", help="machine-readable output"
+    )
+    add("gc", cmd_gc, "delete releases beyond retention.keep per host and unreferenced blobs").add_argument(
+        "--dry-run", action="store_true", help="print what would be deleted, delete nothing"
     )
     v = add("verify", cmd_verify, "check an artifact or release file/URL against public keys", config=False)
     v.add_argument("--key", action="append", required=True, help="armored public key file (repeatable)")

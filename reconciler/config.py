@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import urllib.parse
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -29,8 +30,15 @@ class RepoConfig:
 
 @dataclass(frozen=True)
 class StoreConfig:
+    """``type`` filesystem uses ``path``; ``type`` s3 uses the other fields."""
+
     type: str
-    path: Path
+    path: Path | None = None
+    bucket: str | None = None
+    prefix: str = ""
+    endpoint: str | None = None
+    region: str = "us-east-1"
+    credentials_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,13 @@ class RetryConfig:
 
 
 @dataclass(frozen=True)
+class RetentionConfig:
+    """How many releases per host garbage collection keeps."""
+
+    keep: int = 10
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     repo: RepoConfig
@@ -69,6 +84,7 @@ class Config:
     jobs: int = 2
     release_lifetime: timedelta = timedelta(days=30)
     retry: RetryConfig = RetryConfig()
+    retention: RetentionConfig = RetentionConfig()
 
 
 TOP_KEYS = frozenset(
@@ -83,14 +99,22 @@ TOP_KEYS = frozenset(
         "jobs",
         "release_lifetime",
         "retry",
+        "retention",
     }
 )
+# The store section's keys depend on its type.
+STORE_KEYS = {
+    "filesystem": frozenset({"type", "path"}),
+    "s3": frozenset({"type", "bucket", "prefix", "endpoint", "region", "credentials_file"}),
+}
+BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 SECTION_KEYS = {
     "repo": frozenset({"url", "branch"}),
-    "store": frozenset({"type", "path"}),
+    "store": frozenset().union(*STORE_KEYS.values()),  # checked per type in load_config
     "signing": frozenset({"gnupghome", "key", "passphrase_file"}),
     "nix": frozenset({"toolchain", "toolchain_dir"}),
     "retry": frozenset({"initial", "max"}),
+    "retention": frozenset({"keep"}),
 }
 
 
@@ -117,17 +141,20 @@ def load_config(path: Path) -> Config:
             raise ConfigError(p, str(k), f"unknown key (allowed: {', '.join(sorted(TOP_KEYS))})")
     base = path.resolve().parent
 
-    def section(key: str, required: bool = True) -> dict[str, Any]:
+    def section(key: str, required: bool = True, check: bool = True) -> dict[str, Any]:
         v = data.get(key)
         if v is None and not required:
             return {}
         if not isinstance(v, dict):
             raise ConfigError(p, key, "must be a mapping" if v is not None else "is required")
-        allowed = SECTION_KEYS[key]
+        if check:
+            check_keys(key, v, SECTION_KEYS[key])
+        return v
+
+    def check_keys(key: str, v: dict[str, Any], allowed: frozenset[str]) -> None:
         for k in v:
             if k not in allowed:
                 raise ConfigError(p, f"{key}.{k}", f"unknown key (allowed: {', '.join(sorted(allowed))})")
-        return v
 
     def string(sec: dict[str, Any], key: str, dotted: str, default: str | None = None) -> str:
         v = sec.get(key, default)
@@ -144,10 +171,44 @@ def load_config(path: Path) -> Config:
     # A local path stays a path; anything with a scheme or scp-like host is a remote.
     if "://" not in url and not re.match(r"^[\w.-]+@[\w.-]+:", url):
         url = str(path_of(url))
-    store = section("store")
+    store = section("store", check=False)
     store_type = string(store, "type", "store.type", "filesystem")
-    if store_type != "filesystem":
-        raise ConfigError(p, "store.type", f"unsupported store type {store_type!r} (supported: filesystem)")
+    if store_type not in STORE_KEYS:
+        supported = ", ".join(sorted(STORE_KEYS))
+        raise ConfigError(p, "store.type", f"unsupported store type {store_type!r} (supported: {supported})")
+    check_keys("store", store, STORE_KEYS[store_type])
+    if store_type == "filesystem":
+        store_config = StoreConfig(type=store_type, path=path_of(string(store, "path", "store.path")))
+    else:
+        bucket = string(store, "bucket", "store.bucket")
+        if not BUCKET_RE.fullmatch(bucket) or ".." in bucket:
+            raise ConfigError(
+                p, "store.bucket", "must be a bucket name: 3 to 63 lowercase letters, digits, '.' and '-'"
+            )
+        prefix = store.get("prefix", "")
+        parts = prefix.strip("/").split("/") if isinstance(prefix, str) and prefix.strip("/") else []
+        if not isinstance(prefix, str) or any(part in ("", ".", "..") for part in parts):
+            raise ConfigError(p, "store.prefix", "must be a key prefix like fleet/prod")
+        endpoint = store.get("endpoint")
+        if endpoint is not None:
+            parsed = urllib.parse.urlsplit(endpoint) if isinstance(endpoint, str) else None
+            if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname:
+                raise ConfigError(p, "store.endpoint", "must be an http:// or https:// URL")
+            try:
+                _ = parsed.port  # raises on a bad port
+            except ValueError:
+                raise ConfigError(p, "store.endpoint", "must be an http:// or https:// URL") from None
+        cred = store.get("credentials_file")
+        if cred is not None and (not isinstance(cred, str) or not cred):
+            raise ConfigError(p, "store.credentials_file", "must be a path")
+        store_config = StoreConfig(
+            type=store_type,
+            bucket=bucket,
+            prefix=prefix.strip("/"),
+            endpoint=endpoint,
+            region=string(store, "region", "store.region", "us-east-1"),
+            credentials_file=path_of(cred) if cred else None,
+        )
     signing = section("signing")
     pf = signing.get("passphrase_file")
     if pf is not None and (not isinstance(pf, str) or not pf):
@@ -171,10 +232,13 @@ def load_config(path: Path) -> Config:
     jobs = data.get("jobs", 2)
     if not isinstance(jobs, int) or isinstance(jobs, bool) or not 1 <= jobs <= 64:
         raise ConfigError(p, "jobs", "must be an integer from 1 to 64")
+    keep = section("retention", required=False).get("keep", 10)
+    if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
+        raise ConfigError(p, "retention.keep", "must be an integer >= 1")
     return Config(
         path=path.resolve(),
         repo=RepoConfig(url=url, branch=string(repo, "branch", "repo.branch", "main")),
-        store=StoreConfig(type=store_type, path=path_of(string(store, "path", "store.path"))),
+        store=store_config,
         state_dir=path_of(string(data, "state_dir", "state_dir")),
         signing=SigningConfig(
             gnupghome=path_of(string(signing, "gnupghome", "signing.gnupghome")),
@@ -190,6 +254,7 @@ def load_config(path: Path) -> Config:
             initial=parse_duration(p, "retry.initial", retry.get("initial", "30s")),
             max=parse_duration(p, "retry.max", retry.get("max", "1h")),
         ),
+        retention=RetentionConfig(keep=keep),
     )
 
 

@@ -15,6 +15,7 @@ from reconciler.config import (
     Config,
     NixConfig,
     RepoConfig,
+    RetentionConfig,
     RetryConfig,
     SigningConfig,
     StoreConfig,
@@ -139,6 +140,7 @@ TOP = (
             "poll_interval",
             "release_lifetime",
             "repo",
+            "retention",
             "retry",
             "signing",
             "state_dir",
@@ -148,6 +150,17 @@ TOP = (
     + ")"
 )
 PORT = "must be HOST:PORT"
+S3_KEYS = "unknown key (allowed: bucket, credentials_file, endpoint, prefix, region, type)"
+BUCKET = "must be a bucket name: 3 to 63 lowercase letters, digits, '.' and '-'"
+PREFIX = "must be a key prefix like fleet/prod"
+ENDPOINT = "must be an http:// or https:// URL"
+KEEP = "must be an integer >= 1"
+
+
+def s3(**keys: Any) -> dict[str, Any]:
+    return {"type": "s3", "bucket": "fleet-artifacts", **keys}
+
+
 POLL = "must be a positive number of seconds"
 JOBS = "must be an integer from 1 to 64"
 
@@ -176,7 +189,36 @@ def duration(value: Any) -> str:
         (merged(repo__branch=None), "repo.branch", "must be a non-empty string"),
         (merged(store=DELETE), "store", "is required"),
         (merged(store__path=DELETE), "store.path", "is required"),
-        (merged(store__type="s3"), "store.type", "unsupported store type 's3' (supported: filesystem)"),
+        (merged(store__type="gcs"), "store.type", "unsupported store type 'gcs' (supported: filesystem, s3)"),
+        (merged(store__type=""), "store.type", "must be a non-empty string"),
+        (merged(store={"type": "s3", "bucket": "b", "path": "x"}), "store.path", S3_KEYS),
+        (merged(store={"type": "s3"}), "store.bucket", "is required"),
+        (merged(store={"type": "s3", "bucket": ""}), "store.bucket", "must be a non-empty string"),
+        (merged(store={"type": "s3", "bucket": 7}), "store.bucket", "must be a non-empty string"),
+        (merged(store={"type": "s3", "bucket": "ab"}), "store.bucket", BUCKET),
+        (merged(store={"type": "s3", "bucket": "Fleet"}), "store.bucket", BUCKET),
+        (merged(store={"type": "s3", "bucket": "fleet_store"}), "store.bucket", BUCKET),
+        (merged(store={"type": "s3", "bucket": "-fleet"}), "store.bucket", BUCKET),
+        (merged(store={"type": "s3", "bucket": "a..b"}), "store.bucket", BUCKET),
+        (merged(store=s3(prefix="a/../b")), "store.prefix", PREFIX),
+        (merged(store=s3(prefix="a//b")), "store.prefix", PREFIX),
+        (merged(store=s3(prefix=3)), "store.prefix", PREFIX),
+        (merged(store=s3(endpoint="127.0.0.1:8333")), "store.endpoint", ENDPOINT),
+        (merged(store=s3(endpoint="ftp://127.0.0.1:8333")), "store.endpoint", ENDPOINT),
+        (merged(store=s3(endpoint="http://")), "store.endpoint", ENDPOINT),
+        (merged(store=s3(endpoint="http://127.0.0.1:99999")), "store.endpoint", ENDPOINT),
+        (merged(store=s3(endpoint=8333)), "store.endpoint", ENDPOINT),
+        (merged(store=s3(region="")), "store.region", "must be a non-empty string"),
+        (merged(store=s3(credentials_file="")), "store.credentials_file", "must be a path"),
+        (merged(store=s3(credentials_file=["a"])), "store.credentials_file", "must be a path"),
+        (merged(retention="10"), "retention", "must be a mapping"),
+        (merged(retention={"kep": 3}), "retention.kep", "unknown key (allowed: keep)"),
+        (merged(retention={"keep": 0}), "retention.keep", KEEP),
+        (merged(retention={"keep": -2}), "retention.keep", KEEP),
+        (merged(retention={"keep": "3"}), "retention.keep", KEEP),
+        (merged(retention={"keep": True}), "retention.keep", KEEP),
+        (merged(retention={"keep": 2.5}), "retention.keep", KEEP),
+        (merged(retention={"keep": None}), "retention.keep", KEEP),
         (merged(state_dir=DELETE), "state_dir", "is required"),
         (merged(state_dir=["a"]), "state_dir", "must be a non-empty string"),
         (merged(signing=DELETE), "signing", "is required"),
@@ -295,3 +337,47 @@ def test_retry_backoff_errors_name_the_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(write_config(tmp_path, merged(retry={"initial": "soon"})))
     assert err.value.key == "retry.initial"
+
+
+def test_s3_store_defaults(tmp_path: Path) -> None:
+    cfg = load_config(write_config(tmp_path, merged(store=s3())))
+    assert cfg.store == StoreConfig(
+        type="s3",
+        path=None,
+        bucket="fleet-artifacts",
+        prefix="",
+        endpoint=None,
+        region="us-east-1",
+        credentials_file=None,
+    )
+
+
+def test_s3_store_every_setting(tmp_path: Path) -> None:
+    cfg_dir = tmp_path / "cfg"
+    store = s3(
+        prefix="/fleet/prod/",
+        endpoint="http://127.0.0.1:8333",
+        region="eu-west-1",
+        credentials_file="secret/s3.creds",
+    )
+    cfg = load_config(write_config(cfg_dir, merged(store=store)))
+    assert cfg.store == StoreConfig(
+        type="s3",
+        bucket="fleet-artifacts",
+        prefix="fleet/prod",
+        endpoint="http://127.0.0.1:8333",
+        region="eu-west-1",
+        credentials_file=cfg_dir / "secret" / "s3.creds",
+    )
+
+
+def test_filesystem_is_the_default_store_type(tmp_path: Path) -> None:
+    cfg = load_config(write_config(tmp_path, merged(store__type="filesystem")))
+    assert cfg.store == StoreConfig(type="filesystem", path=tmp_path / "store")
+    assert load_config(write_config(tmp_path / "b", merged())).store.type == "filesystem"
+
+
+def test_retention_keep(tmp_path: Path) -> None:
+    assert load_config(write_config(tmp_path / "a", merged())).retention == RetentionConfig(keep=10)
+    assert load_config(write_config(tmp_path / "b", merged(retention={}))).retention.keep == 10
+    assert load_config(write_config(tmp_path / "c", merged(retention={"keep": 1}))).retention.keep == 1
