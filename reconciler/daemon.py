@@ -20,7 +20,14 @@ from pathlib import Path
 
 from reconciler import log
 from reconciler.config import Config
-from reconciler.errors import BuildError, ReconcilerError, SigningError, SourceError, VerificationError
+from reconciler.errors import (
+    BuildError,
+    ReconcilerError,
+    SigningError,
+    SourceError,
+    StoreError,
+    VerificationError,
+)
 from reconciler.hosts import Fleet, Host, ParseCache, parse_fleet, read_tree
 from reconciler.metrics import Metrics
 from reconciler.nix import BuildOutput, Evaluation, Nix, eval_key
@@ -41,7 +48,7 @@ from reconciler.server import Server
 from reconciler.signing import Signer
 from reconciler.source import GitSource
 from reconciler.state import State
-from reconciler.store import FilesystemStore
+from reconciler.store import open_store
 
 COMMIT_KEY = "commit"
 # How many taken version numbers to skip over before giving up on a host.
@@ -91,7 +98,7 @@ class Reconciler:
         self.state = State(cfg.state_dir)
         self.source = GitSource(cfg.repo.url, cfg.repo.branch, cfg.state_dir / "checkout")
         self.nix = Nix(cfg.state_dir, cfg.nix.toolchain, cfg.nix.toolchain_dir)
-        self.store = FilesystemStore(cfg.store.path)
+        self.store = open_store(cfg.store)
         self._signer: Signer | None = None
         self._parse_cache = ParseCache()
         self._pass_lock = threading.Lock()
@@ -323,6 +330,9 @@ class Reconciler:
                 )
         except SigningError:
             self.metrics.signing_failures.inc()
+            raise
+        except StoreError:
+            self.metrics.publish_failures.inc()
             raise
         return release
 

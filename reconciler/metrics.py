@@ -45,6 +45,9 @@ class Metrics:
             "reconciler_artifacts_published", "Artifacts published by format.", ["format"], registry=r
         )
         self.signing_failures = Counter("reconciler_signing_failures", "gpg signing failures.", registry=r)
+        self.publish_failures = Counter(
+            "reconciler_publish_failures", "Releases the store refused or failed to take.", registry=r
+        )
         self.git_fetch_errors = Counter(
             "reconciler_git_fetch_errors", "Failed fetches of the config repository.", registry=r
         )
