@@ -101,6 +101,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(st, indent=2))
         return 0
     print(f"commit {st['commit'] or '(never reconciled)'}")
+    if st["source_error"]:
+        print(f"source: {st['source_error']}")
     hosts = st["hosts"]
     assert isinstance(hosts, dict)
     for name, h in hosts.items():

@@ -26,6 +26,27 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 class RepoConfig:
     url: str
     branch: str = "main"
+    depth: int | None = None  # shallow fetches of this many commits
+    credentials_file: Path | None = None  # https: git-credential-store lines
+    ssh_key: Path | None = None  # ssh: private key
+    known_hosts: Path | None = None  # ssh: the only host keys accepted
+    # Commit signature verification: only a head commit with a good signature by one
+    # of these fingerprints (from these key files) is built.
+    trusted_keys: tuple[Path, ...] = ()
+    trusted_fingerprints: frozenset[str] = frozenset()
+
+    @property
+    def is_local(self) -> bool:
+        return self.url.startswith("/")
+
+
+@dataclass(frozen=True)
+class TriggerConfig:
+    """What wakes the daemon before its poll interval, and how bursts are merged."""
+
+    webhook_secret_file: Path | None = None  # HMAC secret (GitHub, Gitea) or token (GitLab)
+    watch: bool = True  # filesystem events, for a repository on local disk
+    debounce: float = 0.2  # quiet time that ends a burst
 
 
 @dataclass(frozen=True)
@@ -84,6 +105,7 @@ class Config:
     jobs: int = 2
     release_lifetime: timedelta = timedelta(days=30)
     retry: RetryConfig = RetryConfig()
+    triggers: TriggerConfig = TriggerConfig()
     retention: RetentionConfig = RetentionConfig()
 
 
@@ -100,6 +122,7 @@ TOP_KEYS = frozenset(
         "release_lifetime",
         "retry",
         "retention",
+        "triggers",
     }
 )
 # The store section's keys depend on its type.
@@ -109,7 +132,10 @@ STORE_KEYS = {
 }
 BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 SECTION_KEYS = {
-    "repo": frozenset({"url", "branch"}),
+    "repo": frozenset(
+        {"url", "branch", "depth", "credentials_file", "ssh_key", "known_hosts", "verify_commits"}
+    ),
+    "triggers": frozenset({"webhook_secret_file", "watch", "debounce"}),
     "store": frozenset().union(*STORE_KEYS.values()),  # checked per type in load_config
     "signing": frozenset({"gnupghome", "key", "passphrase_file"}),
     "nix": frozenset({"toolchain", "toolchain_dir"}),
@@ -162,6 +188,12 @@ def load_config(path: Path) -> Config:
             raise ConfigError(p, dotted, "must be a non-empty string" if key in sec else "is required")
         return v
 
+    def optional_path(sec: dict[str, Any], dotted: str) -> Path | None:
+        key = dotted.rsplit(".", 1)[1]
+        if sec.get(key) is None:
+            return None
+        return path_of(string(sec, key, dotted))
+
     def path_of(s: str) -> Path:
         q = Path(s).expanduser()
         return q if q.is_absolute() else base / q
@@ -171,6 +203,29 @@ def load_config(path: Path) -> Config:
     # A local path stays a path; anything with a scheme or scp-like host is a remote.
     if "://" not in url and not re.match(r"^[\w.-]+@[\w.-]+:", url):
         url = str(path_of(url))
+    depth = repo.get("depth")
+    if depth is not None and (not isinstance(depth, int) or isinstance(depth, bool) or depth < 1):
+        raise ConfigError(p, "repo.depth", "must be a positive number of commits")
+    trusted_keys: tuple[Path, ...] = ()
+    trusted_fingerprints: frozenset[str] = frozenset()
+    vc = repo.get("verify_commits")
+    if vc is not None:
+        if not isinstance(vc, dict) or set(vc) - {"keys", "fingerprints"}:
+            raise ConfigError(p, "repo.verify_commits", "must be a mapping with keys and fingerprints")
+        keys, fprs = vc.get("keys"), vc.get("fingerprints")
+        if not isinstance(keys, list) or not keys or not all(isinstance(k, str) and k for k in keys):
+            raise ConfigError(p, "repo.verify_commits.keys", "must list public key files")
+        if not isinstance(fprs, list) or not fprs or not all(isinstance(f, str) for f in fprs):
+            raise ConfigError(p, "repo.verify_commits.fingerprints", "must list trusted key fingerprints")
+        cleaned = [f.replace(" ", "").upper() for f in fprs]
+        if not all(re.fullmatch(r"[0-9A-F]{40}([0-9A-F]{24})?", f) for f in cleaned):
+            raise ConfigError(p, "repo.verify_commits.fingerprints", "must be full 40-hex-digit fingerprints")
+        trusted_keys = tuple(path_of(k) for k in keys)
+        trusted_fingerprints = frozenset(cleaned)
+    triggers = section("triggers", required=False)
+    watch = triggers.get("watch", True)
+    if not isinstance(watch, bool):
+        raise ConfigError(p, "triggers.watch", "must be true or false")
     store = section("store", check=False)
     store_type = string(store, "type", "store.type", "filesystem")
     if store_type not in STORE_KEYS:
@@ -237,7 +292,21 @@ def load_config(path: Path) -> Config:
         raise ConfigError(p, "retention.keep", "must be an integer >= 1")
     return Config(
         path=path.resolve(),
-        repo=RepoConfig(url=url, branch=string(repo, "branch", "repo.branch", "main")),
+        repo=RepoConfig(
+            url=url,
+            branch=string(repo, "branch", "repo.branch", "main"),
+            depth=depth,
+            credentials_file=optional_path(repo, "repo.credentials_file"),
+            ssh_key=optional_path(repo, "repo.ssh_key"),
+            known_hosts=optional_path(repo, "repo.known_hosts"),
+            trusted_keys=trusted_keys,
+            trusted_fingerprints=trusted_fingerprints,
+        ),
+        triggers=TriggerConfig(
+            webhook_secret_file=optional_path(triggers, "triggers.webhook_secret_file"),
+            watch=watch,
+            debounce=parse_seconds(p, "triggers.debounce", triggers.get("debounce", 0.2)),
+        ),
         store=store_config,
         state_dir=path_of(string(data, "state_dir", "state_dir")),
         signing=SigningConfig(
@@ -256,6 +325,15 @@ def load_config(path: Path) -> Config:
         ),
         retention=RetentionConfig(keep=keep),
     )
+
+
+def parse_seconds(path: str, key: str, value: Any) -> float:
+    """A number of seconds (fractions allowed) or a duration like 2s."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not 0 < value < float("inf"):
+            raise ConfigError(path, key, "must be a positive number of seconds")
+        return float(value)
+    return parse_duration(path, key, value).total_seconds()
 
 
 def parse_duration(path: str, key: str, value: Any) -> timedelta:

@@ -22,6 +22,7 @@ from reconciler import log
 from reconciler.config import Config
 from reconciler.errors import (
     BuildError,
+    ConfigError,
     ReconcilerError,
     SigningError,
     SourceError,
@@ -44,13 +45,18 @@ from reconciler.plan import (
 )
 from reconciler.publish import publish
 from reconciler.release import Artifact, Release, latest_path, new_release, parse_release, release_path
-from reconciler.server import Server
-from reconciler.signing import Signer
+from reconciler.server import PostHandler, Server
+from reconciler.signing import Signer, Verifier
 from reconciler.source import GitSource
 from reconciler.state import State
 from reconciler.store import open_store
+from reconciler.triggers import RepoWatcher, Unauthorized, Wakeup, authenticate, concerns
+from reconciler.verify import read_keys
 
 COMMIT_KEY = "commit"
+# Why the newest commit was not built (an untrusted signature), or empty.
+SOURCE_ERROR_KEY = "source_error"
+UNTRUSTED_REASONS = {"not signed": "unsigned", "signed by an unknown key": "unknown-key"}
 # How many taken version numbers to skip over before giving up on a host.
 VERSION_PROBES = 5
 
@@ -96,11 +102,17 @@ class Reconciler:
         self.cfg = cfg
         self.metrics = metrics or Metrics()
         self.state = State(cfg.state_dir)
-        self.source = GitSource(cfg.repo.url, cfg.repo.branch, cfg.state_dir / "checkout")
+        r = cfg.repo
+        self.source = GitSource(
+            r.url, r.branch, cfg.state_dir / "checkout", r.depth, r.credentials_file, r.ssh_key, r.known_hosts
+        )
         self.nix = Nix(cfg.state_dir, cfg.nix.toolchain, cfg.nix.toolchain_dir)
         self.store = open_store(cfg.store)
         self._signer: Signer | None = None
         self._parse_cache = ParseCache()
+        self._commit_keys: Verifier | None = None
+        if r.trusted_fingerprints:
+            self._commit_keys = Verifier(read_keys(list(r.trusted_keys)))
         self._pass_lock = threading.Lock()
         for name, hs in self.state.hosts().items():
             if hs.version and hs.status != REMOVED:
@@ -119,6 +131,8 @@ class Reconciler:
 
     def close(self) -> None:
         self.state.close()
+        if self._commit_keys is not None:
+            self._commit_keys.close()
 
     # -- observe ---------------------------------------------------------------
 
@@ -130,6 +144,7 @@ class Reconciler:
         except SourceError:
             self.metrics.git_fetch_errors.inc()
             raise
+        self._check_signature(commit)
         with stage.labels("parse").time():
             fleet = parse_fleet(read_tree(self.source.checkout), self._parse_cache)
         for err in fleet.errors:
@@ -138,6 +153,24 @@ class Reconciler:
             evaluation = self._evaluate(fleet)
         changed = self.source.changed_files(self.state.get_meta(COMMIT_KEY), commit)
         return Observation(commit, fleet, evaluation, changed, self.source.commit_time(commit))
+
+    def _check_signature(self, commit: str) -> None:
+        """With trusted fingerprints configured, build nothing from a head commit that
+        is not signed by one of them."""
+        if self._commit_keys is None:
+            return
+        signer, why = self.source.signer(commit, self._commit_keys.home)
+        if signer is not None and set(signer.split()) & self.cfg.repo.trusted_fingerprints:
+            self.state.set_meta(SOURCE_ERROR_KEY, "")
+            return
+        if signer is not None:
+            why, label = f"signed by {signer.split()[0]}, which is not a trusted key", "untrusted-key"
+        else:
+            label = UNTRUSTED_REASONS.get(why, "bad-signature")
+        self.metrics.untrusted_commits.labels(label).inc()
+        message = f"commit {commit} is not built: {why}"
+        self.state.set_meta(SOURCE_ERROR_KEY, message)
+        raise SourceError(message)
 
     def _evaluate(self, fleet: Fleet) -> Evaluation:
         """Every host's image derivation, evaluating in Nix only the hosts whose
@@ -363,6 +396,7 @@ def status(state: State) -> Mapping[str, object]:
     """What the daemon last recorded, as plain data for the CLI."""
     return {
         "commit": state.get_meta(COMMIT_KEY),
+        "source_error": state.get_meta(SOURCE_ERROR_KEY) or None,
         "hosts": {
             name: {"version": hs.version, "status": hs.status, "error": hs.error, "commit": hs.commit}
             for name, hs in state.hosts().items()
@@ -379,7 +413,39 @@ class Daemon:
         self.stopping = threading.Event()
         self._observed = False
         self._last_error: str | None = None
-        self.server = Server(cfg.listen, self.reconciler.metrics.registry, self.healthy, self.ready)
+        self.metrics = self.reconciler.metrics
+        t = cfg.triggers
+        self.wakeup = Wakeup(quiet=t.debounce, max_delay=max(2.0, 10 * t.debounce))
+        post: dict[str, PostHandler] = {}
+        self._webhook_secret = b""
+        if t.webhook_secret_file is not None:
+            try:
+                self._webhook_secret = t.webhook_secret_file.read_bytes().strip()
+            except OSError as exc:
+                raise ConfigError(
+                    str(cfg.path), "triggers.webhook_secret_file", exc.strerror or str(exc)
+                ) from None
+            if not self._webhook_secret:
+                raise ConfigError(str(cfg.path), "triggers.webhook_secret_file", "the file is empty")
+            post["/webhook"] = self.webhook
+        self.server = Server(cfg.listen, self.metrics.registry, self.healthy, self.ready, post)
+        self.watcher = RepoWatcher(Path(cfg.repo.url), self.wakeup) if cfg.repo.is_local and t.watch else None
+
+    def webhook(self, headers: dict[str, str], body: bytes) -> tuple[int, str, bytes]:
+        """POST /webhook: a forge's push event, authenticated, wakes the loop."""
+        try:
+            push = authenticate(headers, body, self._webhook_secret)
+        except Unauthorized as exc:
+            self.metrics.webhook_requests.labels("unauthorized").inc()
+            log.event("webhook_refused", logging.WARNING, reason=str(exc))
+            return 401, "text/plain", b"unauthorized\n"
+        if not concerns(push, self.cfg.repo.branch):
+            self.metrics.webhook_requests.labels("ignored").inc()
+            return 200, "text/plain", b"ignored: not a push to the tracked branch\n"
+        self.metrics.webhook_requests.labels("accepted").inc()
+        log.event("webhook_push", forge=push.forge, ref=push.ref)
+        self.wakeup.notify("webhook")
+        return 202, "text/plain", b"accepted\n"
 
     def healthy(self) -> tuple[bool, str]:
         return (not self.stopping.is_set()), ("stopping" if self.stopping.is_set() else "ok")
@@ -400,6 +466,8 @@ class Daemon:
             repo=self.cfg.repo.url,
             poll_interval=self.cfg.poll_interval,
         )
+        if self.watcher is not None:
+            self.watcher.start()
         try:
             while not self.stopping.is_set():
                 try:
@@ -412,11 +480,16 @@ class Daemon:
                     # A bug must not stop the daemon: log it and try again next interval.
                     self._last_error = f"internal error: {exc!r}"
                     log.event("reconcile_crashed", logging.ERROR, error=repr(exc))
-                self.stopping.wait(self.cfg.poll_interval)
+                reasons = self.wakeup.wait(self.cfg.poll_interval)
+                # A burst of triggers is one pass; it is counted under what started it.
+                self.metrics.wakeups.labels(reasons[0] if reasons else "poll").inc()
         finally:
+            if self.watcher is not None:
+                self.watcher.stop()
             self.server.stop()
             self.reconciler.close()
             log.event("daemon_stop")
 
     def stop(self) -> None:
         self.stopping.set()
+        self.wakeup.notify("stop")

@@ -45,6 +45,18 @@ class Metrics:
             "reconciler_artifacts_published", "Artifacts published by format.", ["format"], registry=r
         )
         self.signing_failures = Counter("reconciler_signing_failures", "gpg signing failures.", registry=r)
+        self.untrusted_commits = Counter(
+            "reconciler_untrusted_commits",
+            "Head commits not built because their signature is missing or not trusted.",
+            ["reason"],
+            registry=r,
+        )
+        self.webhook_requests = Counter(
+            "reconciler_webhook_requests", "Webhook requests by result.", ["result"], registry=r
+        )
+        self.wakeups = Counter(
+            "reconciler_wakeups", "Reconcile passes by what started them.", ["trigger"], registry=r
+        )
         self.publish_failures = Counter(
             "reconciler_publish_failures", "Releases the store refused or failed to take.", registry=r
         )
@@ -75,6 +87,10 @@ class Metrics:
         )
         for stage in STAGES:
             self.stage_duration.labels(stage)
+        for result in ("accepted", "ignored", "unauthorized"):
+            self.webhook_requests.labels(result)
+        for trigger in ("poll", "webhook", "filesystem"):
+            self.wakeups.labels(trigger)
         for result in ("success", "failure"):
             self.reconcile_runs.labels(result)
             self.host_builds.labels(result)

@@ -70,6 +70,11 @@ class Verifier:
         if not self.fingerprints:
             raise VerificationError("no usable public key was given")
 
+    @property
+    def home(self) -> Path:
+        """The private keyring holding only the given keys (for gpg run by others, e.g. git)."""
+        return Path(self._home.name)
+
     def close(self) -> None:
         self._home.cleanup()
 

@@ -7,6 +7,7 @@ branch's head detached, so a force-push on the remote is just a new head.
 from __future__ import annotations
 
 import hashlib
+import shlex
 import shutil
 from pathlib import Path
 
@@ -16,11 +17,37 @@ from reconciler.errors import SourceError
 
 
 class GitSource:
-    def __init__(self, url: str, branch: str, checkout: Path) -> None:
+    def __init__(
+        self,
+        url: str,
+        branch: str,
+        checkout: Path,
+        depth: int | None = None,
+        credentials_file: Path | None = None,
+        ssh_key: Path | None = None,
+        known_hosts: Path | None = None,
+    ) -> None:
         self.url = url
         self.branch = branch
         self.checkout = checkout
+        self.depth = depth
         self._repo: git.Repo | None = None
+        # A daemon has no one to answer a prompt: fail instead of waiting for one.
+        self.env = {"GIT_TERMINAL_PROMPT": "0"}
+        if credentials_file is not None:
+            # git's own credential store: lines of https://user:token@host
+            self.env.update(
+                GIT_CONFIG_COUNT="1",
+                GIT_CONFIG_KEY_0="credential.helper",
+                GIT_CONFIG_VALUE_0=f"store --file={shlex.quote(str(credentials_file))}",
+            )
+        if ssh_key is not None or known_hosts is not None:
+            ssh = ["ssh", "-o", "BatchMode=yes"]
+            if ssh_key is not None:
+                ssh += ["-i", str(ssh_key), "-o", "IdentitiesOnly=yes"]
+            if known_hosts is not None:
+                ssh += ["-o", f"UserKnownHostsFile={known_hosts}", "-o", "StrictHostKeyChecking=yes"]
+            self.env["GIT_SSH_COMMAND"] = shlex.join(ssh)
 
     def _open(self) -> git.Repo:
         if self._repo is not None:
@@ -34,9 +61,13 @@ class GitSource:
                 if self.checkout.exists():
                     shutil.rmtree(self.checkout)
                 self.checkout.parent.mkdir(parents=True, exist_ok=True)
-                repo = git.Repo.clone_from(self.url, self.checkout, no_checkout=True)
+                shallow = [f"--depth={self.depth}"] if self.depth else []
+                repo = git.Repo.clone_from(
+                    self.url, self.checkout, env=self.env, multi_options=["--no-checkout", *shallow]
+                )
         except (git.GitCommandError, git.InvalidGitRepositoryError, OSError) as exc:
             raise SourceError(f"cannot clone {self.url}: {_why(exc)}") from None
+        repo.git.update_environment(**self.env)
         self._repo = repo
         return repo
 
@@ -46,7 +77,8 @@ class GitSource:
         ref = f"refs/remotes/origin/{self.branch}"
         try:
             # '+' accepts force-pushes: the remote's history is the truth.
-            repo.git.fetch("origin", f"+refs/heads/{self.branch}:{ref}", "--prune")
+            shallow = [f"--depth={self.depth}"] if self.depth else []
+            repo.git.fetch("origin", f"+refs/heads/{self.branch}:{ref}", "--prune", *shallow)
             commit = repo.git.rev_parse(ref + "^{commit}")
             repo.git.checkout("--force", "--detach", commit)
             repo.git.clean("-ffdx")
@@ -107,7 +139,8 @@ class GitSource:
 
 def _why(exc: Exception) -> str:
     if isinstance(exc, git.GitCommandError):
-        lines = [ln.strip() for ln in str(exc.stderr).splitlines() if ln.strip()]
-        msg = lines[-1] if lines else f"git exited {exc.status}"
-        return msg.removeprefix("stderr: ").strip("'")
+        # gitpython quotes the whole stderr: stderr: 'Cloning into...\nfatal: ...\n'
+        lines = [ln.strip().removeprefix("stderr: ").strip("'").strip() for ln in str(exc.stderr).splitlines()]
+        lines = [ln for ln in lines if ln]
+        return lines[-1].removeprefix("fatal: ") if lines else f"git exited {exc.status}"
     return str(exc)

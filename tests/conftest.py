@@ -128,10 +128,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def write_config(tmp_path: Path, repo: ConfigRepo, keys: Signing, **extra: object) -> Path:
+def write_config(tmp_path: Path, source: ConfigRepo, keys: Signing, /, **extra: object) -> Path:
     """A reconciler.yaml for ``repo``; ``extra`` replaces top-level keys."""
     cfg: dict[str, object] = {
-        "repo": {"url": str(repo.path), "branch": "main"},
+        "repo": {"url": str(source.path), "branch": "main"},
         "store": {"type": "filesystem", "path": str(tmp_path / "store")},
         "state_dir": str(tmp_path / "state"),
         "signing": {"gnupghome": str(keys.gnupghome), "key": keys.fingerprint},

@@ -145,6 +145,7 @@ TOP = (
             "signing",
             "state_dir",
             "store",
+            "triggers",
         ]
     )
     + ")"
@@ -173,7 +174,12 @@ def duration(value: Any) -> str:
     ("data", "key", "reason"),
     [
         (merged(colour="blue"), "colour", TOP),
-        (merged(repo__brnach="dev"), "repo.brnach", "unknown key (allowed: branch, url)"),
+        (
+            merged(repo__brnach="dev"),
+            "repo.brnach",
+            "unknown key (allowed: branch, credentials_file, depth, known_hosts, ssh_key, url, "
+            "verify_commits)",
+        ),
         (merged(store__bucket="b"), "store.bucket", "unknown key (allowed: path, type)"),
         (
             merged(signing__passphrase="x"),
@@ -381,3 +387,47 @@ def test_retention_keep(tmp_path: Path) -> None:
     assert load_config(write_config(tmp_path / "a", merged())).retention == RetentionConfig(keep=10)
     assert load_config(write_config(tmp_path / "b", merged(retention={}))).retention.keep == 10
     assert load_config(write_config(tmp_path / "c", merged(retention={"keep": 1}))).retention.keep == 1
+
+
+def test_repository_access_and_trust_settings(tmp_path: Path) -> None:
+    fpr = "AB" * 20
+    data = merged(
+        repo={
+            "url": "https://git.example/fleet.git",
+            "depth": 1,
+            "credentials_file": "creds",
+            "verify_commits": {"keys": ["dev.asc"], "fingerprints": ["ab" * 10 + " " + "AB" * 10]},
+        },
+        triggers={"webhook_secret_file": "hook.secret", "watch": False, "debounce": 0.5},
+    )
+    cfg = load_config(write_config(tmp_path, data))
+    assert cfg.repo.depth == 1 and not cfg.repo.is_local
+    assert cfg.repo.credentials_file == tmp_path / "creds"
+    assert cfg.repo.trusted_keys == (tmp_path / "dev.asc",)
+    assert cfg.repo.trusted_fingerprints == frozenset({fpr})
+    assert cfg.triggers.webhook_secret_file == tmp_path / "hook.secret"
+    assert (cfg.triggers.watch, cfg.triggers.debounce) == (False, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("repo", "key", "reason"),
+    [
+        ({"depth": 0}, "repo.depth", "must be a positive number of commits"),
+        ({"verify_commits": {"keys": ["k"]}}, "repo.verify_commits.fingerprints", "must list trusted"),
+        ({"verify_commits": {"fingerprints": ["AB" * 20]}}, "repo.verify_commits.keys", "must list public"),
+        (
+            {"verify_commits": {"keys": ["k"], "fingerprints": ["DEADBEEF"]}},
+            "repo.verify_commits.fingerprints",
+            "must be full 40-hex-digit fingerprints",
+        ),
+    ],
+)
+def test_repository_setting_errors(tmp_path: Path, repo: dict[str, Any], key: str, reason: str) -> None:
+    err = config_error(tmp_path, merged(repo={"url": "r", **repo}))
+    assert err.key == key and err.reason.startswith(reason), (err.key, err.reason)
+
+
+def test_trigger_setting_errors(tmp_path: Path) -> None:
+    assert config_error(tmp_path / "a", merged(triggers={"watch": "yes"})).key == "triggers.watch"
+    assert config_error(tmp_path / "b", merged(triggers={"debounce": -1})).key == "triggers.debounce"
+    assert config_error(tmp_path / "c", merged(triggers={"webhook": "x"})).key == "triggers.webhook"

@@ -1,0 +1,322 @@
+"""Trusting and reaching the config repository: triggers, commit signatures, remotes."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from reconciler.config import load_config
+from reconciler.daemon import Reconciler
+from reconciler.demo import make_signing_key
+from tests.conftest import WEB, ConfigRepo, Signing, standard_fleet, write_config
+
+pytestmark = pytest.mark.integration
+
+SECRET = "webhook-secret-for-tests"
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def metric(base: str, name: str, labels: dict[str, str] | None = None) -> float:
+    with urllib.request.urlopen(base + "/metrics", timeout=5) as r:
+        text = r.read().decode()
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name and s.labels == (labels or {}):
+                return float(s.value)
+    return 0.0
+
+
+def post(url: str, body: bytes, headers: dict[str, str]) -> int:
+    req = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+
+
+def published(store: Path, host: str) -> int:
+    latest = store / "hosts" / host / "latest.json"
+    return int(json.loads(latest.read_text())["version"]) if latest.exists() else 0
+
+
+class Daemon:
+    def __init__(self, tmp_path: Path, repo: ConfigRepo, signing: Signing, **extra: Any) -> None:
+        self.cfg = write_config(tmp_path, repo, signing, poll_interval=3600, **extra)
+        self.base = "http://" + yaml.safe_load(self.cfg.read_text())["listen"]
+        self.store = tmp_path / "store"
+        self.log = tmp_path / "daemon.log"
+        with self.log.open("w") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "reconciler", "run", "-c", str(self.cfg)], stderr=out
+            )
+        wait_for(self.ready, 180, "the first pass")
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.base + "/readyz", timeout=2) as r:
+                return int(r.status) == 200
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        assert self.proc.wait(60) == 0
+
+
+@pytest.fixture
+def fleet(config_repo: ConfigRepo) -> ConfigRepo:
+    standard_fleet(config_repo)
+    return config_repo
+
+
+def relocate(repo: ConfigRepo, octet: int) -> None:
+    repo.write("hosts/web-1.yaml", WEB.format(name="web-1", address=f"10.42.0.{octet}/24", port=18081))
+
+
+def move(repo: ConfigRepo, octet: int) -> str:
+    relocate(repo, octet)
+    return repo.commit(f"move web-1 to .{octet}")
+
+
+def test_webhooks_wake_the_daemon_and_bad_signatures_get_401(
+    tmp_path: Path, fleet: ConfigRepo, signing: Signing
+) -> None:
+    (tmp_path / "secret").write_text(SECRET + "\n")
+    d = Daemon(
+        tmp_path, fleet, signing, triggers={"webhook_secret_file": str(tmp_path / "secret"), "watch": False}
+    )
+    try:
+        assert published(d.store, "web-1") == 1
+        move(fleet, 31)
+        body = json.dumps({"ref": "refs/heads/main"}).encode()
+        good = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+        bad = "sha256=" + hmac.new(b"guess", body, hashlib.sha256).hexdigest()
+        hook = d.base + "/webhook"
+        assert post(hook, body, {"X-GitHub-Event": "push", "X-Hub-Signature-256": bad}) == 401
+        assert post(hook, body, {"X-GitHub-Event": "push"}) == 401
+        assert metric(d.base, "reconciler_webhook_requests_total", {"result": "unauthorized"}) == 2
+        time.sleep(1.5)
+        assert published(d.store, "web-1") == 1, "an unauthorized webhook started a pass"
+        other = json.dumps({"ref": "refs/heads/dev"}).encode()
+        sig = "sha256=" + hmac.new(SECRET.encode(), other, hashlib.sha256).hexdigest()
+        assert post(hook, other, {"X-GitHub-Event": "push", "X-Hub-Signature-256": sig}) == 200
+        assert post(hook, body, {"X-GitHub-Event": "push", "X-Hub-Signature-256": good}) == 202
+        wait_for(lambda: published(d.store, "web-1") == 2, 60, "version 2 after the GitHub webhook")
+        move(fleet, 32)
+        gitlab = {"X-Gitlab-Event": "Push Hook", "X-Gitlab-Token": SECRET}
+        assert post(hook, body, gitlab) == 202
+        wait_for(lambda: published(d.store, "web-1") == 3, 60, "version 3 after the GitLab webhook")
+        assert metric(d.base, "reconciler_webhook_requests_total", {"result": "accepted"}) == 2
+        assert metric(d.base, "reconciler_webhook_requests_total", {"result": "ignored"}) == 1
+        assert metric(d.base, "reconciler_wakeups_total", {"trigger": "webhook"}) >= 2
+    finally:
+        d.stop()
+    assert "event=webhook_refused" in d.log.read_text()
+
+
+def test_commits_to_a_local_repository_are_noticed_without_polling(
+    tmp_path: Path, fleet: ConfigRepo, signing: Signing
+) -> None:
+    d = Daemon(tmp_path, fleet, signing)
+    try:
+        move(fleet, 41)
+        wait_for(lambda: published(d.store, "web-1") == 2, 60, "version 2 after a commit")
+        assert metric(d.base, "reconciler_wakeups_total", {"trigger": "filesystem"}) >= 1
+        assert metric(d.base, "reconciler_wakeups_total", {"trigger": "poll"}) == 0
+    finally:
+        d.stop()
+
+
+def gpg_key(home: Path, name: str) -> tuple[str, Path]:
+    fpr = make_signing_key(home, name=name)
+    pub = home / "public.asc"
+    pub.write_bytes(
+        subprocess.run(
+            ["gpg", "--homedir", str(home), "--armor", "--export", fpr], capture_output=True
+        ).stdout
+    )
+    return fpr, pub
+
+
+def signed_commit(repo: ConfigRepo, home: Path | None, fpr: str | None, message: str) -> str:
+    repo.repo.git.add("-A")
+    args = ["-m", message]
+    env = dict(os.environ)
+    if home is not None and fpr is not None:
+        args = ["-S" + fpr, *args]
+        env["GNUPGHOME"] = str(home)
+    subprocess.run(["git", "-C", str(repo.path), "commit", "-q", *args], check=True, env=env)
+    return repo.head
+
+
+def test_only_commits_signed_by_a_trusted_key_are_built(
+    tmp_path: Path, config_repo: ConfigRepo, signing: Signing
+) -> None:
+    dev_home, other_home = tmp_path / "dev-gnupg", tmp_path / "other-gnupg"
+    dev, dev_pub = gpg_key(dev_home, "Developer")
+    other, other_pub = gpg_key(other_home, "Stranger")
+    standard_fleet(config_repo)  # the first commit is unsigned
+    trusted = {"verify_commits": {"keys": [str(dev_pub), str(other_pub)], "fingerprints": [dev]}}
+    cfg = write_config(tmp_path, config_repo, signing, repo={"url": str(config_repo.path), **trusted})
+    rec = Reconciler(load_config(cfg))
+    try:
+        for octet, home, fpr, why, label in (
+            (50, None, None, "not signed", "unsigned"),
+            (51, other_home, other, f"signed by {other}, which is not a trusted key", "untrusted-key"),
+        ):
+            relocate(config_repo, octet)
+            commit = signed_commit(config_repo, home, fpr, "try")
+            with pytest.raises(Exception, match=f"commit {commit} is not built: {why}"):
+                rec.reconcile()
+            assert (
+                rec.metrics.registry.get_sample_value("reconciler_untrusted_commits_total", {"reason": label})
+                == 1
+            )
+            assert not (tmp_path / "store" / "hosts").exists()
+            status = subprocess.run(
+                [sys.executable, "-m", "reconciler", "status", "-c", str(cfg)], capture_output=True, text=True
+            )
+            assert f"source: commit {commit} is not built: {why}" in status.stdout
+        relocate(config_repo, 52)
+        good = signed_commit(config_repo, dev_home, dev, "signed by the developer")
+        result = rec.reconcile()
+        assert result.ok and result.plan.commit == good
+        assert published(tmp_path / "store", "web-1") == 1
+        status = subprocess.run(
+            [sys.executable, "-m", "reconciler", "status", "-c", str(cfg)], capture_output=True, text=True
+        )
+        assert "source:" not in status.stdout
+    finally:
+        rec.close()
+        for home in (dev_home, other_home):
+            subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], capture_output=True)
+
+
+class GitHttp:
+    """git's own smart-HTTP server (git http-backend) behind HTTP basic auth."""
+
+    def __init__(self, root: Path, user: str, password: str) -> None:
+        self.root = root
+        expected = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+        def app(environ: dict[str, Any], start: Callable[..., Any]) -> Iterable[bytes]:
+            if environ.get("HTTP_AUTHORIZATION") != expected:
+                start("401 Unauthorized", [("WWW-Authenticate", 'Basic realm="git"')])
+                return [b"who are you?\n"]
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+            body = environ["wsgi.input"].read(length) if length else b""
+            env = {
+                "PATH": os.environ["PATH"],
+                "GIT_PROJECT_ROOT": str(root),
+                "GIT_HTTP_EXPORT_ALL": "1",
+                "REMOTE_USER": user,
+                **{k: str(environ.get(k, "")) for k in ("PATH_INFO", "QUERY_STRING", "REQUEST_METHOD")},
+                "CONTENT_TYPE": str(environ.get("CONTENT_TYPE", "")),
+                "CONTENT_LENGTH": str(len(body)),
+            }
+            if environ.get("HTTP_GIT_PROTOCOL"):
+                env["GIT_PROTOCOL"] = str(environ["HTTP_GIT_PROTOCOL"])
+            out = subprocess.run(["git", "http-backend"], input=body, env=env, capture_output=True).stdout
+            head, _, payload = out.partition(b"\r\n\r\n")
+            headers = [tuple(h.split(": ", 1)) for h in head.decode().split("\r\n") if ": " in h]
+            status = next((v for k, v in headers if k.lower() == "status"), "200 OK")
+            start(status, [(k, v) for k, v in headers if k.lower() != "status"])
+            return [payload]
+
+        class Quiet(WSGIRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server: WSGIServer = make_server("127.0.0.1", 0, app, handler_class=Quiet)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def git_http(tmp_path: Path, fleet: ConfigRepo) -> Iterator[GitHttp]:
+    bare = tmp_path / "served" / "fleet.git"
+    subprocess.run(["git", "clone", "-q", "--bare", str(fleet.path), str(bare)], check=True)
+    server = GitHttp(tmp_path / "served", "deploy", "t0ken")
+    yield server
+    server.stop()
+
+
+def test_https_style_remote_with_credentials_from_a_file_and_shallow_fetches(
+    tmp_path: Path, git_http: GitHttp, fleet: ConfigRepo, signing: Signing
+) -> None:
+    url = f"{git_http.url}/fleet.git"
+    creds = tmp_path / "git-credentials"
+    creds.write_text(f"http://deploy:t0ken@127.0.0.1:{git_http.server.server_port}\n")
+    creds.chmod(0o600)
+    repo = {"url": url, "credentials_file": str(creds), "depth": 1}
+    rec = Reconciler(load_config(write_config(tmp_path, fleet, signing, repo=repo)))
+    try:
+        result = rec.reconcile()
+        assert result.ok and result.plan.commit == fleet.head
+        shallow = subprocess.run(
+            ["git", "-C", str(rec.source.checkout), "rev-parse", "--is-shallow-repository"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        assert shallow == "true"
+        # A new commit pushed to the served repository is fetched, still shallow.
+        head = move(fleet, 61)
+        subprocess.run(
+            ["git", "-C", str(fleet.path), "push", "-q", str(tmp_path / "served/fleet.git"), "main"]
+        )
+        second = rec.reconcile()
+        assert second.plan.commit == head and [(o.host, o.version) for o in second.outcomes] == [("web-1", 2)]
+    finally:
+        rec.close()
+
+
+def test_wrong_credentials_fail_clearly_without_prompting(
+    tmp_path: Path, git_http: GitHttp, fleet: ConfigRepo, signing: Signing
+) -> None:
+    creds = tmp_path / "git-credentials"
+    creds.write_text(f"http://deploy:wrong@127.0.0.1:{git_http.server.server_port}\n")
+    repo = {"url": f"{git_http.url}/fleet.git", "credentials_file": str(creds)}
+    cfg = write_config(tmp_path, fleet, signing, repo=repo)
+    res = subprocess.run(
+        [sys.executable, "-m", "reconciler", "reconcile", "-c", str(cfg)],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=60,
+    )
+    assert res.returncode == 1
+    err = res.stderr.strip().splitlines()[-1]
+    assert err.startswith(f"reconciler: error: cannot clone {git_http.url}/fleet.git:"), err
+    assert "Authentication failed" in err or "401" in err, err
+    assert "Traceback" not in res.stderr
