@@ -140,7 +140,9 @@ class GitSource:
 def _why(exc: Exception) -> str:
     if isinstance(exc, git.GitCommandError):
         # gitpython quotes the whole stderr: stderr: 'Cloning into...\nfatal: ...\n'
-        lines = [ln.strip().removeprefix("stderr: ").strip("'").strip() for ln in str(exc.stderr).splitlines()]
+        lines = [
+            ln.strip().removeprefix("stderr: ").strip("'").strip() for ln in str(exc.stderr).splitlines()
+        ]
         lines = [ln for ln in lines if ln]
         return lines[-1].removeprefix("fatal: ") if lines else f"git exited {exc.status}"
     return str(exc)

@@ -136,11 +136,19 @@ class RepoWatcher:
         self._observer.join(10)
 
 
+WRITES = frozenset({"created", "modified", "moved", "deleted", "closed"})
+
+
 class _RefHandler(FileSystemEventHandler):
     def __init__(self, wakeup: Wakeup) -> None:
         self.wakeup = wakeup
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        path = str(event.src_path)
-        if "/refs/heads/" in path or path.endswith(("packed-refs", "/HEAD")):
-            self.wakeup.notify("filesystem")
+        # Only writes: opening and reading refs (as the daemon's own fetch does) must
+        # not wake it, or every pass would start the next.
+        if event.event_type not in WRITES:
+            return
+        for path in (str(event.src_path), str(getattr(event, "dest_path", "") or "")):
+            if "/refs/heads/" in path or path.endswith(("packed-refs", "/HEAD")):
+                self.wakeup.notify("filesystem")
+                return

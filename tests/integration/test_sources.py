@@ -148,8 +148,14 @@ def test_commits_to_a_local_repository_are_noticed_without_polling(
     try:
         move(fleet, 41)
         wait_for(lambda: published(d.store, "web-1") == 2, 60, "version 2 after a commit")
-        assert metric(d.base, "reconciler_wakeups_total", {"trigger": "filesystem"}) >= 1
+        woken = metric(d.base, "reconciler_wakeups_total", {"trigger": "filesystem"})
+        assert woken >= 1
         assert metric(d.base, "reconciler_wakeups_total", {"trigger": "poll"}) == 0
+        # The daemon's own reads of the repository (its fetch) do not wake it again.
+        runs = metric(d.base, "reconciler_reconcile_runs_total", {"result": "success"})
+        time.sleep(2)
+        assert metric(d.base, "reconciler_wakeups_total", {"trigger": "filesystem"}) == woken
+        assert metric(d.base, "reconciler_reconcile_runs_total", {"result": "success"}) == runs
     finally:
         d.stop()
 
