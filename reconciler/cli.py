@@ -112,14 +112,17 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from reconciler.retention import collect
-    from reconciler.store import open_store
+    from reconciler.daemon import Reconciler
 
     cfg = _load(args)
     verb = "would delete" if args.dry_run else "deleted"
-    store = open_store(cfg.store)
-    keys = collect(store, cfg.retention.keep, args.dry_run, on_delete=lambda key: print(f"{verb} {key}"))
-    print(f"{len(keys)} objects {verb} (keeping {cfg.retention.keep} releases per host)")
+    rec = Reconciler(cfg)
+    try:
+        # Waits for a running daemon's pass to end: GC must not race a publish.
+        keys = rec.collect_garbage(args.dry_run, on_delete=lambda key: print(f"{verb} {key}"))
+    finally:
+        rec.close()
+    print(f"{verb} {len(keys)} objects (keeping {cfg.retention.keep} releases per host)")
     return 0
 
 

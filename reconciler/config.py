@@ -90,6 +90,8 @@ class RetentionConfig:
     """How many releases per host garbage collection keeps."""
 
     keep: int = 10
+    # The daemon collects after a pass at most this often (seconds); 0: only `reconciler gc`.
+    interval: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -140,7 +142,7 @@ SECTION_KEYS = {
     "signing": frozenset({"gnupghome", "key", "passphrase_file"}),
     "nix": frozenset({"toolchain", "toolchain_dir"}),
     "retry": frozenset({"initial", "max"}),
-    "retention": frozenset({"keep"}),
+    "retention": frozenset({"keep", "interval"}),
 }
 
 
@@ -287,7 +289,10 @@ def load_config(path: Path) -> Config:
     jobs = data.get("jobs", 2)
     if not isinstance(jobs, int) or isinstance(jobs, bool) or not 1 <= jobs <= 64:
         raise ConfigError(p, "jobs", "must be an integer from 1 to 64")
-    keep = section("retention", required=False).get("keep", 10)
+    retention = section("retention", required=False)
+    keep = retention.get("keep", 10)
+    gc_every = retention.get("interval", "1h")
+    retention_interval = 0.0 if gc_every in (0, "0") else parse_seconds(p, "retention.interval", gc_every)
     if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
         raise ConfigError(p, "retention.keep", "must be an integer >= 1")
     return Config(
@@ -323,7 +328,7 @@ def load_config(path: Path) -> Config:
             initial=parse_duration(p, "retry.initial", retry.get("initial", "30s")),
             max=parse_duration(p, "retry.max", retry.get("max", "1h")),
         ),
-        retention=RetentionConfig(keep=keep),
+        retention=RetentionConfig(keep=keep, interval=retention_interval),
     )
 
 

@@ -8,11 +8,13 @@ record:  persist the outcome in the state database and in metrics.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -45,6 +47,7 @@ from reconciler.plan import (
 )
 from reconciler.publish import publish
 from reconciler.release import Artifact, Release, latest_path, new_release, parse_release, release_path
+from reconciler.retention import collect
 from reconciler.server import PostHandler, Server
 from reconciler.signing import Signer, Verifier
 from reconciler.source import GitSource
@@ -114,6 +117,7 @@ class Reconciler:
         if r.trusted_fingerprints:
             self._commit_keys = Verifier(read_keys(list(r.trusted_keys)))
         self._pass_lock = threading.Lock()
+        self._last_gc = time.monotonic()
         for name, hs in self.state.hosts().items():
             if hs.version and hs.status != REMOVED:
                 self.metrics.host_version.labels(name).set(hs.version)
@@ -211,7 +215,7 @@ class Reconciler:
         Hosts whose last build failed wait out their backoff unless
         ``respect_backoff`` is false (an operator's one-shot pass retries at once).
         """
-        with self._pass_lock:
+        with self.exclusive():
             started = time.monotonic()
             try:
                 result = self._reconcile(respect_backoff)
@@ -232,7 +236,37 @@ class Reconciler:
                 invalid=len(result.plan.with_action(INVALID)),
                 seconds=round(time.monotonic() - started, 3),
             )
+            interval = self.cfg.retention.interval
+            if interval and time.monotonic() - self._last_gc >= interval:
+                try:
+                    self._collect(dry_run=False, on_delete=lambda key: None)
+                except StoreError as exc:
+                    # What was published stands; collection is tried again next interval.
+                    log.event("gc_failed", logging.ERROR, error=str(exc))
             return result
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the pass lock: one pass or garbage collection at a time, in this
+        process and, through a lock file in the state directory, in any other."""
+        with self._pass_lock, (self.cfg.state_dir / "pass.lock").open("w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield
+
+    def collect_garbage(self, dry_run: bool, on_delete: Callable[[str], None]) -> list[str]:
+        """Delete releases beyond retention.keep and blobs nothing kept refers to."""
+        with self.exclusive():
+            return self._collect(dry_run, on_delete)
+
+    def _collect(self, dry_run: bool, on_delete: Callable[[str], None]) -> list[str]:
+        # Under the pass lock: a blob uploaded by a publish whose release file is not
+        # written yet would look unreferenced.
+        self._last_gc = time.monotonic()
+        keys = collect(self.store, self.cfg.retention.keep, dry_run, on_delete)
+        if not dry_run:
+            self.metrics.gc_deleted.inc(len(keys))
+        log.event("gc_done", deleted=len(keys), dry_run=dry_run, keep=self.cfg.retention.keep)
+        return keys
 
     def _reconcile(self, respect_backoff: bool) -> ReconcileResult:
         obs, plan = self.plan(respect_backoff)

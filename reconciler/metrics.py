@@ -57,6 +57,9 @@ class Metrics:
         self.wakeups = Counter(
             "reconciler_wakeups", "Reconcile passes by what started them.", ["trigger"], registry=r
         )
+        self.gc_deleted = Counter(
+            "reconciler_gc_deleted_objects", "Store objects deleted by garbage collection.", registry=r
+        )
         self.publish_failures = Counter(
             "reconciler_publish_failures", "Releases the store refused or failed to take.", registry=r
         )

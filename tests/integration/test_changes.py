@@ -18,6 +18,7 @@ from reconciler.daemon import Reconciler
 from reconciler.hosts import Host
 from reconciler.nix import NIX_DIR, Evaluation, Nix
 from reconciler.plan import Plan
+from reconciler.release import parse_release
 from tests.conftest import WEB, ConfigRepo, Signing, write_config
 
 pytestmark = pytest.mark.integration
@@ -378,3 +379,37 @@ def test_only_hosts_whose_inputs_changed_are_evaluated_again(
         "web-2": "unchanged",
         "worker-1": "unchanged",
     }
+
+
+def test_the_daemon_collects_garbage_under_its_pass_lock(
+    repo: ConfigRepo, tmp_path: Path, signing: Signing
+) -> None:
+    cfg = load_config(write_config(tmp_path, repo, signing, retention={"keep": 1, "interval": 1}))
+    rec = Reconciler(cfg)
+    try:
+        assert rec.reconcile().ok
+        first = parse_release((tmp_path / "store/hosts/worker-1/latest.json").read_bytes(), "v1")
+        repo.write(
+            "hosts/worker-1.yaml", FILES["hosts/worker-1.yaml"].replace("10.42.0.21/24", "10.42.0.29/24")
+        )
+        repo.commit("move worker")
+        time.sleep(1.1)
+        assert [(o.host, o.version) for o in rec.reconcile().outcomes] == [("worker-1", 2)]
+        releases = sorted(p.name for p in (tmp_path / "store/hosts/worker-1/releases").iterdir())
+        assert releases == ["2.json", "2.json.asc"]
+        # The old release's blob went with it; the other hosts' releases stay.
+        assert not (tmp_path / "store" / first.artifacts[0].blob).exists()
+        assert (tmp_path / "store/hosts/web-1/releases/1.json").exists()
+        deleted = rec.metrics.registry.get_sample_value("reconciler_gc_deleted_objects_total")
+        assert deleted is not None and deleted >= 4
+    finally:
+        rec.close()
+    # `reconciler gc` takes the same lock and finds nothing more to delete.
+    res = subprocess.run(
+        [sys.executable, "-m", "reconciler", "gc", "-c", str(cfg.path), "--dry-run"],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0 and res.stdout.strip().endswith(
+        "would delete 0 objects (keeping 1 releases per host)"
+    )

@@ -643,7 +643,7 @@ def test_gc_command(backend: str, tmp_path: Path, signing: Signing, request: pyt
     assert real.returncode == 0, real.stderr
     lines = real.stdout.splitlines()
     assert lines[:-1] == [ln.replace("would delete", "deleted") for ln in dry.stdout.splitlines()[:-1]]
-    assert lines[-1] == f"{len(lines) - 1} objects deleted (keeping 3 releases per host)"
+    assert lines[-1] == f"deleted {len(lines) - 1} objects (keeping 3 releases per host)"
     assert set(store.list()) == set(before) - {ln.split()[-1] for ln in lines[:-1]}
     assert "hosts/a/releases/1.json" not in store.list()
 

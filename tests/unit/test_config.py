@@ -218,7 +218,7 @@ def duration(value: Any) -> str:
         (merged(store=s3(credentials_file="")), "store.credentials_file", "must be a path"),
         (merged(store=s3(credentials_file=["a"])), "store.credentials_file", "must be a path"),
         (merged(retention="10"), "retention", "must be a mapping"),
-        (merged(retention={"kep": 3}), "retention.kep", "unknown key (allowed: keep)"),
+        (merged(retention={"kep": 3}), "retention.kep", "unknown key (allowed: interval, keep)"),
         (merged(retention={"keep": 0}), "retention.keep", KEEP),
         (merged(retention={"keep": -2}), "retention.keep", KEEP),
         (merged(retention={"keep": "3"}), "retention.keep", KEEP),
