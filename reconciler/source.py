@@ -138,11 +138,15 @@ class GitSource:
 
 
 def _why(exc: Exception) -> str:
-    if isinstance(exc, git.GitCommandError):
-        # gitpython quotes the whole stderr: stderr: 'Cloning into...\nfatal: ...\n'
-        lines = [
-            ln.strip().removeprefix("stderr: ").strip("'").strip() for ln in str(exc.stderr).splitlines()
-        ]
-        lines = [ln for ln in lines if ln]
-        return lines[-1].removeprefix("fatal: ") if lines else f"git exited {exc.status}"
-    return str(exc)
+    """The cause in git's error output: its fatal line and what ssh or the remote said
+    just before it, without gitpython's quoting or git's generic advice after it."""
+    if not isinstance(exc, git.GitCommandError):
+        return str(exc)
+    # gitpython quotes the whole stderr: stderr: 'Cloning into...\nfatal: ...\n'
+    lines = [ln.strip().removeprefix("stderr: ").strip("'").strip() for ln in str(exc.stderr).splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith("Cloning into")]
+    fatal = next((i for i, ln in enumerate(lines) if ln.startswith(("fatal:", "error:"))), None)
+    if fatal is None:
+        return lines[-1] if lines else f"git exited {exc.status}"
+    said = [ln.removeprefix("fatal: ").removeprefix("error: ") for ln in lines[max(0, fatal - 1) : fatal + 1]]
+    return "; ".join(said)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import threading
 import time
 from collections.abc import Mapping
@@ -128,12 +129,18 @@ class RepoWatcher:
         self.path = git_dir
 
     def start(self) -> None:
-        self._observer.start()
+        """Start watching; if the repository cannot be watched (yet), polling remains."""
+        try:
+            self._observer.start()
+        except OSError as exc:
+            log.event("watch_failed", logging.WARNING, path=str(self.path), error=exc.strerror or str(exc))
+            return
         log.event("watching", path=str(self.path))
 
     def stop(self) -> None:
-        self._observer.stop()
-        self._observer.join(10)
+        if self._observer.is_alive():
+            self._observer.stop()
+            self._observer.join(10)
 
 
 WRITES = frozenset({"created", "modified", "moved", "deleted", "closed"})

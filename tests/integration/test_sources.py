@@ -8,6 +8,7 @@ import hmac
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from reconciler.config import load_config
 from reconciler.daemon import Reconciler
 from reconciler.demo import make_signing_key
-from tests.conftest import WEB, ConfigRepo, Signing, standard_fleet, write_config
+from tests.conftest import WEB, ConfigRepo, Signing, free_port, standard_fleet, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -326,3 +327,88 @@ def test_wrong_credentials_fail_clearly_without_prompting(
     assert err.startswith(f"reconciler: error: cannot clone {git_http.url}/fleet.git:"), err
     assert "Authentication failed" in err or "401" in err, err
     assert "Traceback" not in res.stderr
+
+
+class Sshd:
+    """A real OpenSSH server on 127.0.0.1 accepting one client key."""
+
+    def __init__(self, root: Path) -> None:
+        root.mkdir()
+        for name in ("host", "client", "other-host"):
+            subprocess.run(
+                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / name)], check=True
+            )
+        (root / "authorized_keys").write_text((root / "client.pub").read_text())
+        self.port = free_port()
+        settings = [
+            "ListenAddress 127.0.0.1",
+            f"Port {self.port}",
+            f"HostKey {root / 'host'}",
+            f"AuthorizedKeysFile {root / 'authorized_keys'}",
+            "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no",
+            "PermitRootLogin prohibit-password",
+            "StrictModes no",
+            "UsePAM no",
+            f"PidFile {root / 'sshd.pid'}",
+        ]
+        (root / "sshd_config").write_text("\n".join(settings) + "\n")
+        Path("/run/sshd").mkdir(exist_ok=True)
+        self.proc = subprocess.Popen(
+            ["/usr/sbin/sshd", "-D", "-f", str(root / "sshd_config"), "-E", str(root / "log")]
+        )
+        self.key = root / "client"
+        self.known_hosts = root / "known_hosts"
+        host_key = " ".join((root / "host.pub").read_text().split()[:2])
+        self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {host_key}\n")
+        self.wrong_known_hosts = root / "wrong_known_hosts"
+        other = " ".join((root / "other-host.pub").read_text().split()[:2])
+        self.wrong_known_hosts.write_text(f"[127.0.0.1]:{self.port} {other}\n")
+        wait_for(self._listening, 10, "sshd to listen")
+
+    def _listening(self) -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def sshd(tmp_path: Path, fleet: ConfigRepo) -> Iterator[Sshd]:
+    if not Path("/usr/sbin/sshd").exists():
+        pytest.skip("openssh-server is not installed (scripts/setup installs it)")
+    server = Sshd(tmp_path / "ssh")
+    subprocess.run(
+        ["git", "clone", "-q", "--bare", str(fleet.path), str(tmp_path / "ssh/fleet.git")], check=True
+    )
+    yield server
+    server.stop()
+
+
+def test_ssh_remote_with_a_key_and_strict_host_keys(
+    tmp_path: Path, sshd: Sshd, fleet: ConfigRepo, signing: Signing
+) -> None:
+    url = f"ssh://root@127.0.0.1:{sshd.port}{tmp_path / 'ssh/fleet.git'}"
+    repo = {"url": url, "ssh_key": str(sshd.key), "known_hosts": str(sshd.known_hosts)}
+    rec = Reconciler(load_config(write_config(tmp_path / "good", fleet, signing, repo=repo)))
+    try:
+        result = rec.reconcile()
+        assert result.ok and result.plan.commit == fleet.head
+    finally:
+        rec.close()
+    # A server whose host key is not the pinned one is refused.
+    repo["known_hosts"] = str(sshd.wrong_known_hosts)
+    cfg = write_config(tmp_path / "bad", fleet, signing, repo=repo)
+    res = subprocess.run(
+        [sys.executable, "-m", "reconciler", "reconcile", "-c", str(cfg)],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=60,
+    )
+    assert res.returncode == 1
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"reconciler: error: cannot clone {url}:"), last
+    assert "Could not read from remote repository" in last or "Host key verification failed" in last, last
