@@ -57,6 +57,7 @@ from reconciler.triggers import RepoWatcher, Unauthorized, Wakeup, authenticate,
 from reconciler.verify import read_keys
 
 COMMIT_KEY = "commit"
+PUBLISHER_KEY = "keys/publisher.asc"
 # Why the newest commit was not built (an untrusted signature), or empty.
 SOURCE_ERROR_KEY = "source_error"
 UNTRUSTED_REASONS = {"not signed": "unsigned", "signed by an unknown key": "unknown-key"}
@@ -118,6 +119,7 @@ class Reconciler:
             self._commit_keys = Verifier(read_keys(list(r.trusted_keys)))
         self._pass_lock = threading.Lock()
         self._last_gc = time.monotonic()
+        self._key_published = False
         for name, hs in self.state.hosts().items():
             if hs.version and hs.status != REMOVED:
                 self.metrics.host_version.labels(name).set(hs.version)
@@ -386,6 +388,7 @@ class Reconciler:
                 return self.signer.sign(data)
 
         try:
+            self._publish_key()
             with self.metrics.stage_duration.labels("publish").time():
                 publish(
                     self.store,
@@ -402,6 +405,15 @@ class Reconciler:
             self.metrics.publish_failures.inc()
             raise
         return release
+
+    def _publish_key(self) -> None:
+        """keys/publisher.asc, for people and tools (agents pin their own copy)."""
+        if self._key_published:
+            return
+        key = self.signer.public_key()
+        if self.store.get_bytes(PUBLISHER_KEY) != key:
+            self.store.put_bytes(PUBLISHER_KEY, key)
+        self._key_published = True
 
     def _release_for(self, host: Host, version: int, out: BuildOutput, commit: str) -> Release | None:
         """The release to publish as ``version``: a new one, or the one a crashed pass

@@ -12,6 +12,7 @@ import pytest
 from reconciler.config import load_config
 from reconciler.daemon import Reconciler
 from reconciler.release import parse_release
+from reconciler.signing import Verifier
 from tests.conftest import WEB, ConfigRepo, Signing, gpg_verify, standard_fleet, write_config
 
 pytestmark = pytest.mark.integration
@@ -68,6 +69,8 @@ def test_commit_publishes_signed_verified_artifacts(
                 assert art.name == f"{host}-1-x86_64.AppImage"
                 assert blob.read_bytes()[8:11] == b"AI\x02"
 
+    with Verifier([(store / "keys/publisher.asc").read_bytes()]) as published_key:
+        assert published_key.fingerprints == {signing.fingerprint}
     ok = cli("verify", "--key", str(signing.public_key), str(store / "hosts" / "web-1" / "latest.json"))
     assert ok.returncode == 0, ok.stderr
     assert "OK web-1-1-linux-amd64.aci" in ok.stdout
