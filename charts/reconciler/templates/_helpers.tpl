@@ -1,0 +1,88 @@
+{{/* Chart name, truncated to the 63 characters of a DNS label. */}}
+{{- define "reconciler.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Fully qualified app name. */}}
+{{- define "reconciler.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "reconciler.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "reconciler.labels" -}}
+helm.sh/chart: {{ include "reconciler.chart" . }}
+{{ include "reconciler.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "reconciler.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "reconciler.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "reconciler.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "reconciler.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "reconciler.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/* The Secret holding the signing key. */}}
+{{- define "reconciler.signingSecret" -}}
+{{- default (printf "%s-signing" (include "reconciler.fullname" .)) .Values.signing.existingSecret }}
+{{- end }}
+
+{{/* Paths inside the pod. */}}
+{{- define "reconciler.stateDir" -}}/var/lib/reconciler{{- end }}
+{{- define "reconciler.gnupgHome" -}}/run/reconciler/gnupg{{- end }}
+{{- define "reconciler.signingDir" -}}/etc/reconciler-signing{{- end }}
+
+{{/* reconciler.yaml */}}
+{{- define "reconciler.config" -}}
+{{- $signing := dict "gnupghome" (include "reconciler.gnupgHome" .) "key" .Values.signing.fingerprint }}
+{{- if or .Values.signing.passphrase .Values.signing.existingSecret }}
+{{- $_ := set $signing "passphrase_file" (printf "%s/passphrase" (include "reconciler.signingDir" .)) }}
+{{- end }}
+{{- $cfg := dict
+      "repo" .Values.config.repo
+      "store" .Values.config.store
+      "state_dir" (include "reconciler.stateDir" .)
+      "signing" $signing
+      "nix" (.Values.config.nix | default dict)
+      "listen" (printf "0.0.0.0:%d" (int .Values.metrics.port))
+      "poll_interval" .Values.config.poll_interval
+      "jobs" .Values.config.jobs
+      "release_lifetime" .Values.config.release_lifetime
+      "retry" .Values.config.retry }}
+{{- toYaml (mergeOverwrite $cfg (deepCopy .Values.extraConfig)) }}
+{{- end }}
+
+{{/* The store server's nginx server block: deploy/nginx/store.conf, adapted to the pod. */}}
+{{- define "reconciler.storeConf" -}}
+{{- $conf := .Files.Get "files/store.conf" }}
+{{- $conf = regexReplaceAll "(?m)^\\s*listen\\s+\\[::\\][^;]*;\\n" $conf "" }}
+{{- $conf = regexReplaceAll "(?m)^(\\s*)listen\\s+80;" $conf (printf "${1}listen %d;" (int .Values.storeServer.port)) }}
+{{- $conf = regexReplaceAll "(?m)^(\\s*)server_name\\s+[^;]*;" $conf "${1}server_name _;" }}
+{{- $conf = regexReplaceAll "(?m)^(\\s*)root\\s+[^;]*;" $conf (printf "${1}root %s;" (.Values.config.store.path | default "/var/lib/reconciler/store")) }}
+{{- $conf = regexReplaceAll "(?m)^(\\s*)access_log\\s+[^;]*;" $conf "${1}access_log /dev/stdout;" }}
+{{- $conf = regexReplaceAll "(?m)^(\\s*)error_log\\s+[^;]*;" $conf "${1}error_log /dev/stderr;" }}
+{{- $conf }}
+{{- end }}

