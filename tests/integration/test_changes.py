@@ -327,6 +327,11 @@ def test_failed_build_does_not_stop_the_others_and_backs_off(
         assert outcomes["web-1"].ok and outcomes["web-2"].ok
         assert not outcomes["worker-1"].ok
         assert "the broken package fails on purpose" in (outcomes["worker-1"].error or "")
+        failed_builds = rec.metrics.registry.get_sample_value(
+            "reconciler_host_builds_total", {"result": "failure"}
+        )
+        assert failed_builds == 1
+        assert not (tmp_path / "store/hosts/worker-1").exists(), "a failed build left a partial release"
         hs = rec.state.hosts()["worker-1"]
         assert (hs.status, hs.failures) == ("failed", 1)
         assert hs.retry_at is not None and 55 < hs.retry_at - time.time() <= 60
