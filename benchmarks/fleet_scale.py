@@ -165,15 +165,7 @@ def run(work: Path, hosts: int, repeat: int) -> int:
         # A bare evaluation of the same hosts, as the daemon's fleet file gives them to Nix.
         fleet = parse_fleet(read_tree(rec.source.checkout))
         fleet_file = rec.nix.write_fleet(list(fleet.hosts.values()))
-        bare_cmd = [
-            "nix-instantiate",
-            "--eval",
-            "--strict",
-            "--json",
-            "-A",
-            "images",
-            *rec.nix._args(fleet_file, rec.source.checkout),
-        ]
+        bare_cmd = rec.nix.eval_command(fleet_file, rec.source.checkout)
         bare = timed(lambda: subprocess.run(bare_cmd, check=True, capture_output=True), repeat)
 
         # One host changes, in a new commit before each timed plan.

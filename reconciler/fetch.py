@@ -115,8 +115,11 @@ def _validators(meta: dict[str, str]) -> Validators:
     return Validators(etag=etag, last_modified=modified)
 
 
-def _read_limited(src: BinaryIO, target: str, limit: int, count: Callable[[int], None]) -> bytes:
-    parts = []
+def _stream(
+    src: BinaryIO, target: str, limit: int, count: Callable[[int], None], sink: Callable[[bytes], object]
+) -> int:
+    """Pass ``src`` to ``sink`` chunk by chunk, refusing more than ``limit`` bytes; the
+    number of bytes read."""
     got = 0
     try:
         while chunk := src.read(CHUNK):
@@ -124,9 +127,15 @@ def _read_limited(src: BinaryIO, target: str, limit: int, count: Callable[[int],
             count(len(chunk))
             if got > limit:
                 raise FetchError(f"{target}: larger than the {limit} bytes expected")
-            parts.append(chunk)
+            sink(chunk)
     except (OSError, ValueError, http.client.HTTPException) as exc:
         raise FetchError(f"cannot fetch {target}: interrupted after {got} bytes ({_reason(exc)})") from None
+    return got
+
+
+def _read_limited(src: BinaryIO, target: str, limit: int, count: Callable[[int], None]) -> bytes:
+    parts: list[bytes] = []
+    _stream(src, target, limit, count, parts.append)
     return b"".join(parts)
 
 
@@ -145,20 +154,14 @@ def download(
     except (OSError, urllib.error.URLError, ValueError, http.client.HTTPException) as exc:
         raise FetchError(f"cannot fetch {target}: {_reason(exc)}") from None
     digest = hashlib.sha256()
-    got = 0
+
     with src, dest.open("wb") as out:
-        try:
-            while chunk := src.read(CHUNK):
-                got += len(chunk)
-                count(len(chunk))
-                if got > size:
-                    raise FetchError(f"{target}: larger than the {size} bytes expected")
-                digest.update(chunk)
-                out.write(chunk)
-        except (OSError, ValueError, http.client.HTTPException) as exc:
-            raise FetchError(
-                f"cannot fetch {target}: interrupted after {got} bytes ({_reason(exc)})"
-            ) from None
+
+        def sink(chunk: bytes) -> None:
+            digest.update(chunk)
+            out.write(chunk)
+
+        got = _stream(src, target, size, count, sink)
     if exact and got != size:
         raise FetchError(f"{target}: got {got} bytes, expected {size} (truncated)")
     return digest.hexdigest()

@@ -170,20 +170,14 @@ class Nix:
         finally:
             fleet_file.unlink(missing_ok=True)
 
+    def eval_command(self, fleet_file: Path, repo: Path) -> list[str]:
+        """The one nix-instantiate that evaluates every host of ``fleet_file`` to its image
+        derivation, printed as JSON."""
+        args = self._args(fleet_file, repo)
+        return ["nix-instantiate", "--eval", "--strict", "--json", "-A", "images", *args]
+
     def _eval_images(self, fleet_file: Path, repo: Path) -> tuple[bool, str]:
-        proc = subprocess.run(
-            [
-                "nix-instantiate",
-                "--eval",
-                "--strict",
-                "--json",
-                "-A",
-                "images",
-                *self._args(fleet_file, repo),
-            ],
-            capture_output=True,
-            text=True,
-        )
+        proc = subprocess.run(self.eval_command(fleet_file, repo), capture_output=True, text=True)
         if proc.returncode != 0:
             return False, _tail(proc.stderr)
         return True, proc.stdout

@@ -16,9 +16,8 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
@@ -35,7 +34,7 @@ from reconciler.config import load_config
 from reconciler.daemon import Reconciler
 from reconciler.demo import make_signing_key
 from reconciler.release import parse_release
-from tests.conftest import ConfigRepo, Signing, free_port, write_config
+from tests.conftest import ConfigRepo, Signing, free_port, wait_for, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -404,15 +403,6 @@ def test_store_on_a_local_path_and_once_mode(tmp_path: Path, stores: Stores, sig
     assert 'reconciler_agent_running_version{host="web-1"} 2.0' in (tmp_path / "agent.prom").read_text()
     again = subprocess.run(once, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "event=agent_switched" not in again.stderr
-
-
-def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def test_daemon_publishes_version_2_and_the_running_agent_switches(tmp_path: Path, signing: Signing) -> None:

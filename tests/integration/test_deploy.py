@@ -21,7 +21,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ import yaml
 
 from reconciler.agent import load_agent_config
 from reconciler.config import load_config
-from tests.conftest import ConfigRepo, Signing, free_port, standard_fleet, write_config
+from tests.conftest import ConfigRepo, Signing, free_port, standard_fleet, wait_for, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -100,15 +100,6 @@ def need(tool: str) -> str:
 
 def run(args: list[str], timeout: float = 60, **kw: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, **kw)
-
-
-def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def http(

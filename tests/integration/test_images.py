@@ -8,9 +8,8 @@ import shutil
 import signal
 import subprocess
 import tarfile
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from reconciler.config import load_config
 from reconciler.daemon import Reconciler
 from reconciler.hosts import parse_fleet, read_tree
 from reconciler.release import Release, parse_release
-from tests.conftest import ConfigRepo, Signing, free_port, standard_fleet, write_config
+from tests.conftest import ConfigRepo, Signing, free_port, standard_fleet, wait_for, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -36,15 +35,6 @@ services:
   chatter:
     exec: [bin/busybox, sh, -c, "while true; do echo hello from chatter; sleep 1; done"]
 """
-
-
-def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def pids_matching(needle: str) -> set[int]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,15 +12,9 @@ from reconciler.config import load_config
 from reconciler.daemon import Reconciler
 from reconciler.release import parse_release
 from reconciler.signing import Verifier
-from tests.conftest import WEB, ConfigRepo, Signing, gpg_verify, standard_fleet, write_config
+from tests.conftest import WEB, ConfigRepo, Signing, cli, gpg_verify, standard_fleet, write_config
 
 pytestmark = pytest.mark.integration
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "reconciler", *args], capture_output=True, text=True, timeout=600
-    )
 
 
 def latest(store: Path, host: str) -> dict[str, object]:

@@ -27,20 +27,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from reconciler.config import load_config
 from reconciler.daemon import Reconciler
 from reconciler.demo import make_signing_key
-from tests.conftest import WEB, ConfigRepo, Signing, free_port, standard_fleet, write_config
+from tests.conftest import WEB, ConfigRepo, Signing, cli, free_port, standard_fleet, wait_for, write_config
 
 pytestmark = pytest.mark.integration
 
 SECRET = "webhook-secret-for-tests"
-
-
-def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def metric(base: str, name: str, labels: dict[str, str] | None = None) -> float:
@@ -207,18 +198,14 @@ def test_only_commits_signed_by_a_trusted_key_are_built(
                 == 1
             )
             assert not (tmp_path / "store" / "hosts").exists()
-            status = subprocess.run(
-                [sys.executable, "-m", "reconciler", "status", "-c", str(cfg)], capture_output=True, text=True
-            )
+            status = cli("status", "-c", str(cfg))
             assert f"source: commit {commit} is not built: {why}" in status.stdout
         relocate(config_repo, 52)
         good = signed_commit(config_repo, dev_home, dev, "signed by the developer")
         result = rec.reconcile()
         assert result.ok and result.plan.commit == good
         assert published(tmp_path / "store", "web-1") == 1
-        status = subprocess.run(
-            [sys.executable, "-m", "reconciler", "status", "-c", str(cfg)], capture_output=True, text=True
-        )
+        status = cli("status", "-c", str(cfg))
         assert "source:" not in status.stdout
     finally:
         rec.close()
@@ -315,13 +302,7 @@ def test_wrong_credentials_fail_clearly_without_prompting(
     creds.write_text(f"http://deploy:wrong@127.0.0.1:{git_http.server.server_port}\n")
     repo = {"url": f"{git_http.url}/fleet.git", "credentials_file": str(creds)}
     cfg = write_config(tmp_path, fleet, signing, repo=repo)
-    res = subprocess.run(
-        [sys.executable, "-m", "reconciler", "reconcile", "-c", str(cfg)],
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        timeout=60,
-    )
+    res = cli("reconcile", "-c", str(cfg))
     assert res.returncode == 1
     err = res.stderr.strip().splitlines()[-1]
     assert err.startswith(f"reconciler: error: cannot clone {git_http.url}/fleet.git:"), err
@@ -401,13 +382,7 @@ def test_ssh_remote_with_a_key_and_strict_host_keys(
     # A server whose host key is not the pinned one is refused.
     repo["known_hosts"] = str(sshd.wrong_known_hosts)
     cfg = write_config(tmp_path / "bad", fleet, signing, repo=repo)
-    res = subprocess.run(
-        [sys.executable, "-m", "reconciler", "reconcile", "-c", str(cfg)],
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        timeout=60,
-    )
+    res = cli("reconcile", "-c", str(cfg))
     assert res.returncode == 1
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith(f"reconciler: error: cannot clone {url}:"), last
