@@ -52,12 +52,14 @@ from reconciler.server import PostHandler, Server
 from reconciler.signing import Signer, Verifier
 from reconciler.source import GitSource
 from reconciler.state import State
-from reconciler.store import open_store
+from reconciler.store import FilesystemStore, open_store
 from reconciler.triggers import RepoWatcher, Unauthorized, Wakeup, authenticate, concerns
 from reconciler.verify import read_keys
 
 COMMIT_KEY = "commit"
 PUBLISHER_KEY = "keys/publisher.asc"
+# A temporary file of a store write this old belongs to a write that died.
+STALE_TEMPORARY = 3600.0
 # Why the newest commit was not built (an untrusted signature), or empty.
 SOURCE_ERROR_KEY = "source_error"
 UNTRUSTED_REASONS = {"not signed": "unsigned", "signed by an unknown key": "unknown-key"}
@@ -105,18 +107,19 @@ class Reconciler:
     def __init__(self, cfg: Config, metrics: Metrics | None = None) -> None:
         self.cfg = cfg
         self.metrics = metrics or Metrics()
-        self.state = State(cfg.state_dir)
         r = cfg.repo
+        # What can fail on bad configuration comes before the state is opened.
+        self.store = open_store(cfg.store)
+        self._commit_keys: Verifier | None = None
+        if r.trusted_fingerprints:
+            self._commit_keys = Verifier(read_keys(list(r.trusted_keys)))
+        self.state = State(cfg.state_dir)
         self.source = GitSource(
             r.url, r.branch, cfg.state_dir / "checkout", r.depth, r.credentials_file, r.ssh_key, r.known_hosts
         )
         self.nix = Nix(cfg.state_dir, cfg.nix.toolchain, cfg.nix.toolchain_dir)
-        self.store = open_store(cfg.store)
         self._signer: Signer | None = None
         self._parse_cache = ParseCache()
-        self._commit_keys: Verifier | None = None
-        if r.trusted_fingerprints:
-            self._commit_keys = Verifier(read_keys(list(r.trusted_keys)))
         self._pass_lock = threading.Lock()
         self._last_gc = time.monotonic()
         self._key_published = False
@@ -265,6 +268,10 @@ class Reconciler:
         # written yet would look unreferenced.
         self._last_gc = time.monotonic()
         keys = collect(self.store, self.cfg.retention.keep, dry_run, on_delete)
+        if isinstance(self.store, FilesystemStore) and not dry_run:
+            for leftover in self.store.sweep(older_than=STALE_TEMPORARY):
+                on_delete(leftover)
+                keys.append(leftover)
         if not dry_run:
             self.metrics.gc_deleted.inc(len(keys))
         log.event("gc_done", deleted=len(keys), dry_run=dry_run, keep=self.cfg.retention.keep)

@@ -16,6 +16,7 @@ import os
 import shutil
 import stat
 import tempfile
+import time
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -168,6 +169,20 @@ class FilesystemStore:
             target.unlink(missing_ok=True)
         except OSError as exc:
             raise StoreError(f"cannot delete {key} from {self.root}: {exc.strerror or exc}") from None
+
+    def sweep(self, older_than: float) -> builtins.list[str]:
+        """Remove temporary files of writes that died (a kill mid-write) and are older
+        than ``older_than`` seconds, so that no write in progress is touched."""
+        limit = time.time() - older_than
+        removed = []
+        for tmp in self.root.rglob(TMP_PREFIX + "*"):
+            try:
+                if tmp.is_file() and tmp.stat().st_mtime < limit:
+                    tmp.unlink()
+                    removed.append(tmp.relative_to(self.root).as_posix())
+            except OSError as exc:
+                raise StoreError(f"cannot remove {tmp}: {exc.strerror or exc}") from None
+        return removed
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -398,8 +399,15 @@ def test_the_daemon_collects_garbage_under_its_pass_lock(
             "hosts/worker-1.yaml", FILES["hosts/worker-1.yaml"].replace("10.42.0.21/24", "10.42.0.29/24")
         )
         repo.commit("move worker")
+        # What a killed write left an hour ago goes; a write that may be in progress stays.
+        releases_dir = tmp_path / "store/hosts/worker-1/releases"
+        (releases_dir / ".tmp-dead").write_text("partial")
+        os.utime(releases_dir / ".tmp-dead", (time.time() - 7200, time.time() - 7200))
+        (releases_dir / ".tmp-live").write_text("partial")
         time.sleep(1.1)
         assert [(o.host, o.version) for o in rec.reconcile().outcomes] == [("worker-1", 2)]
+        assert not (releases_dir / ".tmp-dead").exists() and (releases_dir / ".tmp-live").exists()
+        (releases_dir / ".tmp-live").unlink()
         releases = sorted(p.name for p in (tmp_path / "store/hosts/worker-1/releases").iterdir())
         assert releases == ["2.json", "2.json.asc"]
         # The old release's blob went with it; the other hosts' releases stay.
