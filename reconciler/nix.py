@@ -20,7 +20,12 @@ from pathlib import Path
 from reconciler.errors import BuildError
 from reconciler.hosts import Host
 
-NIX_DIR = Path(__file__).resolve().parent.parent / "nix"
+_HERE = Path(__file__).resolve().parent
+# The Nix library: beside the package in a checkout (or an editable install), inside
+# it as _nix in an installed wheel.
+NIX_DIR = next(
+    (d for d in (_HERE.parent / "nix", _HERE / "_nix") if (d / "fleet.nix").is_file()), _HERE.parent / "nix"
+)
 # Offline: no binary cache is reachable and none is wanted for reproducibility.
 NIX_OPTIONS = ("--option", "substituters", "")
 LOG_TAIL = 12
@@ -86,10 +91,8 @@ class Nix:
         """
         if self.toolchain != "debian":
             return None
-        sources = _digest_files(
-            self.nix_dir,
-            [self.nix_dir / "toolchain" / "import-debian.sh", *(self.nix_dir / "runtime").rglob("*")],
-        )
+        script = self.nix_dir / "toolchain" / "import-debian.sh"
+        sources = _digest_files(self.nix_dir, [script, *(self.nix_dir / "runtime").rglob("*")])
         stamp = self.toolchain_dir.with_name(self.toolchain_dir.name + ".stamp")
         with self._toolchain_lock:
             self.toolchain_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -99,8 +102,9 @@ class Nix:
                 recorded = stamp.read_text().split() if stamp.exists() else []
                 if self.toolchain_dir.is_dir() and len(recorded) == 2 and recorded[0] == sources:
                     return recorded[1]
-                script = self.nix_dir / "toolchain" / "import-debian.sh"
-                proc = subprocess.run([str(script), str(self.toolchain_dir)], capture_output=True, text=True)
+                proc = subprocess.run(
+                    ["sh", str(script), str(self.toolchain_dir)], capture_output=True, text=True
+                )
                 if proc.returncode != 0:
                     raise BuildError("", f"toolchain import failed: {_tail(proc.stderr)}")
                 # The staged binaries come from Debian packages, which can change

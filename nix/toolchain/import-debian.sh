@@ -41,7 +41,7 @@ bundle "$tmp" /usr/bin/mksquashfs
 # runit goes into the images, so it gets a directory of its own with only its libraries.
 for tool in runsvdir runsv sv; do bundle "$tmp/runit" "/usr/bin/$tool"; done
 
-"$here/runtime/build.sh" "$tmp/runtime"
+sh "$here/runtime/build.sh" "$tmp/runtime"
 
 chmod -R a-w,a+rX "$tmp"
 chmod u+w "$tmp"
