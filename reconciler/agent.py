@@ -46,6 +46,10 @@ from reconciler.signing import Verifier
 from reconciler.verify import METADATA_LIMIT, SIGNATURE_LIMIT, read_keys, verify_blob
 
 STOP_TIMEOUT = 30.0
+# An app that exits sooner than this after its start counts as crashing: its restarts
+# back off, doubling from a second up to a minute.
+STABLE_AFTER = 60.0
+MAX_RESTART_DELAY = 60.0
 
 
 @dataclass(frozen=True)
@@ -307,10 +311,25 @@ class App:
     def __init__(self, host: str) -> None:
         self.host = host
         self.proc: subprocess.Popen[bytes] | None = None
+        self.started = 0.0
+        self.crashes = 0  # exits in a row, each soon after its start
+        self.restart_at = 0.0
 
     def start(self, artifact: Path) -> None:
         self.proc = subprocess.Popen([str(artifact)], cwd=artifact.parent, start_new_session=True)
+        self.started = time.monotonic()
         log.event("app_started", host=self.host, artifact=str(artifact), pid=self.proc.pid)
+
+    def exited(self) -> None:
+        """Note that the app exited on its own; restarts back off while it keeps crashing."""
+        assert self.proc is not None
+        now = time.monotonic()
+        self.crashes = self.crashes + 1 if now - self.started < STABLE_AFTER else 1
+        delay = min(2.0 ** (self.crashes - 1), MAX_RESTART_DELAY)
+        self.restart_at = now + delay
+        status = self.proc.returncode
+        log.event("app_exited", logging.WARNING, host=self.host, status=status, restart_in=round(delay))
+        self.proc = None
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -504,6 +523,7 @@ class Agent:
         """Start ``version`` and check it; the reason it is unhealthy, or None."""
         if self.app is not None:
             self.app.stop()
+            self.app.crashes = 0
             self.app.start(self.current / self.artifact(version).name)
         if self.cfg.activate is not None:
             env = {
@@ -561,10 +581,9 @@ class Agent:
             while not stopping.is_set():
                 if self.app is not None and self.state.version and not self.app.running():
                     if self.app.proc is not None:
-                        log.event(
-                            "app_exited", logging.WARNING, host=self.cfg.host, status=self.app.proc.returncode
-                        )
-                    self.app.start(self.current / self.artifact(self.state.version).name)
+                        self.app.exited()
+                    if time.monotonic() >= self.app.restart_at:
+                        self.app.start(self.current / self.artifact(self.state.version).name)
                 if time.monotonic() >= next_poll:
                     self.poll()
                     next_poll = time.monotonic() + self.cfg.poll_interval

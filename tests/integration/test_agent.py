@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -441,3 +442,29 @@ def test_daemon_publishes_version_2_and_the_running_agent_switches(tmp_path: Pat
     assert page(port) is None
     agent_log = (tmp_path / "agent.log").read_text()
     assert "event=agent_switched host=web-1 version=2 previous=1" in agent_log
+
+
+def test_a_crashing_app_is_restarted_with_backoff(running: Running, events: io.StringIO) -> None:
+    agent = running.agent
+    assert agent.app is not None
+    agent.app.stop()
+    # The installed artifact now exits at once, as a crashing app would.
+    starts = running.served.parent / "starts"
+    artifact = agent.artifact(1)
+    artifact.unlink()
+    artifact.write_text(f"#!/bin/sh\necho start >> {starts}\nexit 3\n")
+    artifact.chmod(0o755)
+    stopping = threading.Event()
+    loop = threading.Thread(target=agent.run, args=(stopping,))
+    loop.start()
+    try:
+        time.sleep(8)
+    finally:
+        stopping.set()
+        loop.join(60)
+    # Restarts after 1, 2, 4 s instead of every second: three starts in 8 s, not eight.
+    count = len(starts.read_text().splitlines())
+    assert 2 <= count <= 4, count
+    exits = [ln for ln in events.getvalue().splitlines() if "event=app_exited" in ln]
+    assert exits and "status=3" in exits[0] and "restart_in=1" in exits[0]
+    assert any("restart_in=2" in ln for ln in exits)
