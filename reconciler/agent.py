@@ -33,11 +33,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
 from prometheus_client import CollectorRegistry, Counter, Gauge, write_to_textfile
 
 from reconciler import fetch, log
-from reconciler.config import parse_duration
+from reconciler.config import parse_duration, read_yaml
 from reconciler.errors import ConfigError, FetchError, ReconcilerError, VerificationError
 from reconciler.hosts import FORMATS, NAME_RE
 from reconciler.release import Release, latest_path, parse_release, release_path
@@ -101,12 +100,7 @@ HEALTH_KEYS = frozenset({"url", "command", "timeout", "interval"})
 def load_agent_config(path: Path) -> AgentConfig:
     """Read and validate an agent config; errors name the file and key."""
     p = str(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(p, "", f"cannot read: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(p, "", f"invalid YAML: {str(exc).splitlines()[0]}") from None
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(p, "", "must be a mapping")
     for k in data:

@@ -146,20 +146,26 @@ SECTION_KEYS = {
 }
 
 
-def load_config(path: Path) -> Config:
-    """Read and validate a reconciler.yaml; errors name the file and key."""
+def read_yaml(path: Path) -> Any:
+    """The YAML document in ``path``; errors name the file, and the line and column."""
     p = str(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(p, "", f"cannot read: {exc.strerror or exc}") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(p, "", f"invalid YAML{where}: {problem}") from None
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate a reconciler.yaml; errors name the file and key."""
+    p = str(path)
+    data = read_yaml(path)
     if data is None:
         data = {}
     if not isinstance(data, dict):

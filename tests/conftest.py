@@ -187,3 +187,14 @@ def gpg_home(tmp_path: Path) -> Iterator[Path]:
     yield home
     subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], capture_output=True)
     shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture
+def no_ambient_aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Credentials come from the tests only; never the machine's AWS setup or an instance
+    metadata service."""
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))

@@ -55,7 +55,7 @@ from tests.conftest import ConfigRepo, Signing, gpg_verify, standard_fleet, writ
 if TYPE_CHECKING:
     from types_boto3_s3.client import S3Client
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_ambient_aws")]
 
 ACCESS_KEY = "reconciler-test"
 SECRET_KEY = "reconciler-test-secret"
@@ -214,16 +214,6 @@ def weed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Weed]:
     server = start_weed(tmp_path_factory.mktemp("seaweedfs"))
     yield server
     server.stop()
-
-
-@pytest.fixture(autouse=True)
-def no_ambient_aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Credentials come from the tests only; never ask an instance metadata service."""
-    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
 
 
 @pytest.fixture(params=["filesystem", "s3"])
