@@ -58,8 +58,6 @@ from reconciler.verify import read_keys
 
 COMMIT_KEY = "commit"
 PUBLISHER_KEY = "keys/publisher.asc"
-# A temporary file of a store write this old belongs to a write that died.
-STALE_TEMPORARY = 3600.0
 # Why the newest commit was not built (an untrusted signature), or empty.
 SOURCE_ERROR_KEY = "source_error"
 UNTRUSTED_REASONS = {"not signed": "unsigned", "signed by an unknown key": "unknown-key"}
@@ -123,6 +121,7 @@ class Reconciler:
         self._pass_lock = threading.Lock()
         self._last_gc = time.monotonic()
         self._key_published = False
+        self._store_recovered = False
         for name, hs in self.state.hosts().items():
             if hs.version and hs.status != REMOVED:
                 self.metrics.host_version.labels(name).set(hs.version)
@@ -223,6 +222,7 @@ class Reconciler:
         with self.exclusive():
             started = time.monotonic()
             try:
+                self._recover_store()
                 result = self._reconcile(respect_backoff)
             except ReconcilerError:
                 self.metrics.reconcile_runs.labels("failure").inc()
@@ -261,17 +261,32 @@ class Reconciler:
     def collect_garbage(self, dry_run: bool, on_delete: Callable[[str], None]) -> list[str]:
         """Delete releases beyond retention.keep and blobs nothing kept refers to."""
         with self.exclusive():
+            if not dry_run:
+                self._recover_store()
             return self._collect(dry_run, on_delete)
+
+    def _recover_store(self) -> None:
+        """Remove what writes killed mid-way left in the store: once per process,
+        under the pass lock.
+
+        A store has one publisher (versions strictly increasing need that), and
+        the pass lock keeps every other pass of it out, so no temporary file in
+        the store can belong to a write still running. A write that fails in a
+        live process removes its own.
+        """
+        if self._store_recovered:
+            return
+        if isinstance(self.store, FilesystemStore):
+            removed = self.store.sweep()
+            if removed:
+                log.event("store_recovered", removed=len(removed), files=",".join(removed))
+        self._store_recovered = True
 
     def _collect(self, dry_run: bool, on_delete: Callable[[str], None]) -> list[str]:
         # Under the pass lock: a blob uploaded by a publish whose release file is not
         # written yet would look unreferenced.
         self._last_gc = time.monotonic()
         keys = collect(self.store, self.cfg.retention.keep, dry_run, on_delete)
-        if isinstance(self.store, FilesystemStore) and not dry_run:
-            for leftover in self.store.sweep(older_than=STALE_TEMPORARY):
-                on_delete(leftover)
-                keys.append(leftover)
         if not dry_run:
             self.metrics.gc_deleted.inc(len(keys))
         log.event("gc_done", deleted=len(keys), dry_run=dry_run, keep=self.cfg.retention.keep)

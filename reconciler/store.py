@@ -16,7 +16,6 @@ import os
 import shutil
 import stat
 import tempfile
-import time
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -170,14 +169,14 @@ class FilesystemStore:
         except OSError as exc:
             raise StoreError(f"cannot delete {key} from {self.root}: {exc.strerror or exc}") from None
 
-    def sweep(self, older_than: float) -> builtins.list[str]:
-        """Remove temporary files of writes that died (a kill mid-write) and are older
-        than ``older_than`` seconds, so that no write in progress is touched."""
-        limit = time.time() - older_than
+    def sweep(self) -> builtins.list[str]:
+        """Remove the temporary files of writes that died (a kill mid-write).
+
+        Call it only where no write can be in progress."""
         removed = []
-        for tmp in self.root.rglob(TMP_PREFIX + "*"):
+        for tmp in sorted(self.root.rglob(TMP_PREFIX + "*")):
             try:
-                if tmp.is_file() and tmp.stat().st_mtime < limit:
+                if tmp.is_file():
                     tmp.unlink()
                     removed.append(tmp.relative_to(self.root).as_posix())
             except OSError as exc:

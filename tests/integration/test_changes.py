@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -278,6 +277,38 @@ def test_reconcile_killed_mid_pass_resumes_and_completes(
         releases = sorted(p.name for p in (tmp_path / "store/hosts" / host / "releases").iterdir())
         assert releases == ["1.json", "1.json.asc"], (host, releases)
         assert json.loads((tmp_path / "store/hosts" / host / "latest.json").read_text())["version"] == 1
+    # Whatever write the kill cut short left no temporary file behind the restarted pass.
+    assert not list((tmp_path / "store").rglob(".tmp-*"))
+
+
+def test_temporary_files_of_killed_writes_go_at_the_first_pass_only(
+    repo: ConfigRepo, tmp_path: Path, signing: Signing
+) -> None:
+    cfg = load_config(write_config(tmp_path, repo, signing))
+    dead = [tmp_path / "store/hosts/web-1/releases/.tmp-dead", tmp_path / "store/blobs/sha256/.tmp-dead"]
+    for path in dead:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("partial")
+    rec = Reconciler(cfg)
+    try:
+        # A dry-run collection changes nothing, not even leftovers.
+        rec.collect_garbage(dry_run=True, on_delete=lambda key: None)
+        assert all(path.exists() for path in dead)
+        assert rec.reconcile().ok
+        assert not any(path.exists() for path in dead)
+        # Later passes of the same process leave the store's directories alone: only a
+        # write of a dead process can have left a temporary file.
+        dead[0].write_text("partial")
+        assert rec.reconcile().ok
+        assert dead[0].exists()
+    finally:
+        rec.close()
+    again = Reconciler(cfg)
+    try:
+        again.collect_garbage(dry_run=False, on_delete=lambda key: None)
+        assert not dead[0].exists()
+    finally:
+        again.close()
 
 
 def test_state_behind_the_store_adopts_the_published_release(rec: Reconciler, config: Path) -> None:
@@ -399,15 +430,8 @@ def test_the_daemon_collects_garbage_under_its_pass_lock(
             "hosts/worker-1.yaml", FILES["hosts/worker-1.yaml"].replace("10.42.0.21/24", "10.42.0.29/24")
         )
         repo.commit("move worker")
-        # What a killed write left an hour ago goes; a write that may be in progress stays.
-        releases_dir = tmp_path / "store/hosts/worker-1/releases"
-        (releases_dir / ".tmp-dead").write_text("partial")
-        os.utime(releases_dir / ".tmp-dead", (time.time() - 7200, time.time() - 7200))
-        (releases_dir / ".tmp-live").write_text("partial")
         time.sleep(1.1)
         assert [(o.host, o.version) for o in rec.reconcile().outcomes] == [("worker-1", 2)]
-        assert not (releases_dir / ".tmp-dead").exists() and (releases_dir / ".tmp-live").exists()
-        (releases_dir / ".tmp-live").unlink()
         releases = sorted(p.name for p in (tmp_path / "store/hosts/worker-1/releases").iterdir())
         assert releases == ["2.json", "2.json.asc"]
         # The old release's blob went with it; the other hosts' releases stay.
