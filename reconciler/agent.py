@@ -49,6 +49,9 @@ STOP_TIMEOUT = 30.0
 # back off, doubling from a second up to a minute.
 STABLE_AFTER = 60.0
 MAX_RESTART_DELAY = 60.0
+# A release whose download keeps failing is tried at polls 1, 2, 4, 8 ... apart, at
+# most this many apart: a tampered or unreachable blob is not fetched every poll.
+MAX_POLLS_BETWEEN_TRIES = 64
 
 
 @dataclass(frozen=True)
@@ -241,6 +244,25 @@ class AgentState:
     previous: int = 0
     failed: list[int] = field(default_factory=list)  # versions that failed their health check
     validators: fetch.Validators = field(default_factory=fetch.Validators)
+    # The version whose download failed ``retry_failures`` times in a row, and how
+    # many polls to let pass before the next try.
+    retry_version: int = 0
+    retry_failures: int = 0
+    retry_skip: int = 0
+
+    def download_failed(self, version: int) -> None:
+        """Count a failed download of ``version`` and space the next try out."""
+        if version != self.retry_version:
+            self.retry_version, self.retry_failures = version, 0
+        self.retry_failures += 1
+        self.retry_skip = min(2 ** (self.retry_failures - 1), MAX_POLLS_BETWEEN_TRIES) - 1
+
+    def defer(self, version: int) -> bool:
+        """Whether this poll lets ``version`` be (one poll of its backoff used up)."""
+        if version != self.retry_version or self.retry_skip <= 0:
+            return False
+        self.retry_skip -= 1
+        return True
 
     @classmethod
     def load(cls, path: Path) -> AgentState:
@@ -255,6 +277,9 @@ class AgentState:
             previous=int(doc.get("previous", 0)),
             failed=[int(v) for v in doc.get("failed", [])],
             validators=fetch.Validators(**doc.get("validators", {})),
+            retry_version=int(doc.get("retry_version", 0)),
+            retry_failures=int(doc.get("retry_failures", 0)),
+            retry_skip=int(doc.get("retry_skip", 0)),
         )
 
     def save(self, path: Path) -> None:
@@ -263,6 +288,9 @@ class AgentState:
             "previous": self.previous,
             "failed": self.failed[-20:],
             "validators": self.validators.to_json(),
+            "retry_version": self.retry_version,
+            "retry_failures": self.retry_failures,
+            "retry_skip": self.retry_skip,
         }
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(doc, indent=2) + "\n")
@@ -295,7 +323,7 @@ class AgentMetrics:
         self.downloaded = Counter(
             "reconciler_agent_downloaded_bytes", "Bytes of metadata and artifacts downloaded.", registry=r
         )
-        for result in ("idle", "current", "updated", "refused", "rolled-back", "error"):
+        for result in ("idle", "current", "deferred", "updated", "refused", "rolled-back", "error"):
             self.polls.labels(result)
 
 
@@ -408,6 +436,16 @@ class Agent:
         if version == self.state.version or version in self.state.failed:
             self._remember(got.validators)
             return "current"
+        if self.state.defer(version):
+            self.state.save(self.state_file)
+            log.event(
+                "agent_deferred",
+                host=self.cfg.host,
+                version=version,
+                failures=self.state.retry_failures,
+                polls_left=self.state.retry_skip,
+            )
+            return "deferred"
         try:
             release = self._verified_release(version)
             check_release(release, self.cfg.host, self.state.version, self.cfg.format, self._now())
@@ -415,7 +453,12 @@ class Agent:
             # A refusal is final for this latest.json; a new one gets a new look.
             self._remember(got.validators)
             raise
-        self._install(release)
+        try:
+            self._install(release)
+        except (RefusalError, FetchError, VerificationError, OSError):
+            self.state.download_failed(version)
+            self.state.save(self.state_file)
+            raise
         result = self._switch(release.version)
         self._remember(got.validators)
         return result

@@ -261,6 +261,20 @@ def test_tampered_blob_is_refused(running: Running, stores: Stores, events: io.S
     data[len(data) // 2] ^= 0x01
     blob.write_bytes(bytes(data))
     attack(running, events, "tampered", "release says")
+    # Tried once more at the next poll, then at doubling distances; a deferred poll
+    # fetches latest.json and nothing else.
+    assert running.agent.poll() == "refused"
+    before = running.metric("reconciler_agent_downloaded_bytes_total")
+    assert running.agent.poll() == "deferred"
+    assert running.metric("reconciler_agent_downloaded_bytes_total") - before < 4096
+    assert running.agent.poll() == "refused"
+    assert running.metric("reconciler_agent_refusals_total", {"reason": "tampered"}) == 3
+    assert [running.agent.poll() for _ in range(3)] == ["deferred"] * 3
+    still_on_v1(running)
+    # The store is repaired: the next try installs it.
+    running.serve(stores.v2)
+    assert running.agent.poll() == "updated"
+    assert page(running.port) == "two"
 
 
 def test_endless_data_is_cut_at_the_released_size(
