@@ -236,19 +236,14 @@ def _load_yaml(
 Load = Callable[[str, str], dict[str, Any]]
 
 
-def _parse_yaml(path: str, text: str) -> dict[str, Any]:
-    if text == _SYMLINK:
-        raise ConfigError(path, "", "is a symlink; definitions must live in the repository")
-    if text == _TOO_BIG:
-        raise ConfigError(path, "", f"is larger than {MAX_FILE_BYTES} bytes")
-    if text.startswith(_UNREADABLE):
-        raise ConfigError(path, "", "cannot be read: " + text[len(_UNREADABLE) :])
+def parse_yaml(path: str, text: str) -> Any:
+    """The YAML document ``text`` read from ``path``; errors name the file, line and column."""
     try:
         try:
-            data = yaml.load(text, Loader=_LOADER)
+            return yaml.load(text, Loader=_LOADER)
         except yaml.YAMLError:
             # The Python loader says more precisely where and why; errors are rare.
-            data = yaml.load(text, Loader=yaml.SafeLoader)
+            return yaml.load(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -256,6 +251,16 @@ def _parse_yaml(path: str, text: str) -> dict[str, Any]:
         raise ConfigError(path, "", f"invalid YAML{where}: {problem}") from None
     except RecursionError:
         raise ConfigError(path, "", "invalid YAML: nested too deeply") from None
+
+
+def _parse_yaml(path: str, text: str) -> dict[str, Any]:
+    if text == _SYMLINK:
+        raise ConfigError(path, "", "is a symlink; definitions must live in the repository")
+    if text == _TOO_BIG:
+        raise ConfigError(path, "", f"is larger than {MAX_FILE_BYTES} bytes")
+    if text.startswith(_UNREADABLE):
+        raise ConfigError(path, "", "cannot be read: " + text[len(_UNREADABLE) :])
+    data = parse_yaml(path, text)
     if data is None:
         data = {}
     if not isinstance(data, dict):
