@@ -9,8 +9,11 @@ let
   runtimeBin = static.stdenv.mkDerivation {
     name = "reconciler-appimage-runtime";
     src = ./runtime;
-    nativeBuildInputs = [ pkgs.pkg-config ];
-    buildInputs = [ static.squashfuse static.fuse3 static.zlib static.zstd static.xz ];
+    # build.sh takes the compiler and tools from CC, NM, READELF and PKG_CONFIG;
+    # pkgsStatic is a cross (musl) stdenv, whose tools carry the target prefix.
+    nativeBuildInputs = [ static.buildPackages.pkg-config ];
+    # squashfuse links every decompressor it was built with: all need static libraries.
+    buildInputs = [ static.squashfuse static.fuse3 static.zlib static.zstd static.xz static.lz4 static.lzo ];
     buildPhase = "sh ./build.sh $out";
     dontInstall = true;
   };

@@ -1,7 +1,8 @@
 #!/bin/sh
 # Build the static AppImage type 2 runtime (OUTDIR/runtime) and the AppRun
 # launcher (OUTDIR/AppRun) from runtime.c and launcher.c beside this script,
-# against Debian's static libraries (see packages.txt).
+# against Debian's static libraries (see packages.txt), or with the compiler and
+# tools a Nix stdenv names in CC, NM, READELF and PKG_CONFIG (toolchain-nixpkgs.nix).
 #
 # Reproducible: the same sources and Debian package versions give the same
 # bytes, whatever the source and output directories, the time or the locale.
@@ -17,34 +18,39 @@ export LC_ALL TZ SOURCE_DATE_EPOCH
 
 fail() { echo "runtime/build.sh: $*" >&2; exit 1; }
 
+cc=${CC:-gcc}
+nm=${NM:-nm}
+readelf=${READELF:-readelf}
+pkgconf=${PKG_CONFIG:-pkg-config}
+
 need_cmd() { # COMMAND PACKAGE
   command -v "$1" >/dev/null 2>&1 || fail "$1 not found (install the Debian package $2)"
 }
 need_pc() { # MODULE PACKAGE
-  pkg-config --exists "$1" || fail "pkg-config module $1 not found (install the Debian package $2)"
+  "$pkgconf" --exists "$1" || fail "pkg-config module $1 not found (install the Debian package $2)"
 }
 static_lib() { # NAME PACKAGE: path of libNAME.a
-  lib=$(gcc -print-file-name="lib$1.a")
+  lib=$("$cc" -print-file-name="lib$1.a")
   [ "$lib" != "lib$1.a" ] && [ -f "$lib" ] || fail "lib$1.a not found (install the Debian package $2)"
   echo "$lib"
 }
 need_header() { # HEADER PACKAGE CFLAGS...
   h=$1 p=$2
   shift 2
-  printf '#define _GNU_SOURCE\n#include <%s>\n' "$h" | gcc -E -x c "$@" - >/dev/null 2>&1 ||
+  printf '#define _GNU_SOURCE\n#include <%s>\n' "$h" | "$cc" -E -x c "$@" - >/dev/null 2>&1 ||
     fail "<$h> not found (install the Debian package $p)"
 }
 
-need_cmd gcc gcc
-need_cmd pkg-config pkg-config
-need_cmd nm binutils
-need_cmd readelf binutils
+need_cmd "$cc" gcc
+need_cmd "$pkgconf" pkg-config
+need_cmd "$nm" binutils
+need_cmd "$readelf" binutils
 static_lib c libc6-dev >/dev/null
 need_pc fuse3 libfuse3-dev
 need_pc squashfuse_ll libsquashfuse-dev
 static_lib fuse3 libfuse3-dev >/dev/null
 squashfuse_ll=$(static_lib squashfuse_ll libsquashfuse-dev)
-cflags_deps=$(pkg-config --cflags squashfuse_ll fuse3)
+cflags_deps=$("$pkgconf" --cflags squashfuse_ll fuse3)
 # shellcheck disable=SC2086  # word splitting of flags is intended
 need_header fuse3/fuse_lowlevel.h libfuse3-dev -DFUSE_USE_VERSION=32 $cflags_deps
 # shellcheck disable=SC2086
@@ -54,7 +60,7 @@ need_header squashfuse/ll.h libsquashfuse-dev $cflags_deps
 # both archives, which can pull duplicate objects into a static link, so only
 # it is linked. Its decompressors are those it calls: link each one's static
 # library (gzip, xz and zstd payloads are required).
-undefined=$(nm "$squashfuse_ll" | awk '$1 == "U" { print $2 }' | sort -u)
+undefined=$("$nm" "$squashfuse_ll" | awk '$1 == "U" { print $2 }' | sort -u)
 libs_comp=""
 comps=""
 for entry in \
@@ -68,8 +74,8 @@ for entry in \
   sym=$1 module=$2 lib=$3 pkg=$4 name=$5
   if printf '%s\n' "$undefined" | grep -qx "$sym"; then
     static_lib "$lib" "$pkg" >/dev/null
-    if pkg-config --exists "$module"; then
-      libs_comp="$libs_comp $(pkg-config --static --libs "$module")"
+    if "$pkgconf" --exists "$module"; then
+      libs_comp="$libs_comp $("$pkgconf" --static --libs "$module")"
     else
       libs_comp="$libs_comp -l$lib"
     fi
@@ -86,7 +92,7 @@ done
 cflags="-std=gnu11 -O2 -Wall -Wextra -Werror=implicit-function-declaration -D_FILE_OFFSET_BITS=64 \
 -ffile-prefix-map=$src=. -fdebug-prefix-map=$src=. -frandom-seed=appimage-runtime"
 ldflags="-static -s -Wl,--build-id=none"
-libs="-lsquashfuse_ll $(pkg-config --static --libs fuse3)$libs_comp"
+libs="-lsquashfuse_ll $("$pkgconf" --static --libs fuse3)$libs_comp"
 
 mkdir -p "$out"
 out=$(cd "$out" && pwd -P)
@@ -99,13 +105,13 @@ cd "$src"
 # libsquashfuse_ll's option helpers pull in libfuse's high-level part, whose
 # (never used) module loader makes the linker warn about dlopen: drop that one.
 # shellcheck disable=SC2086
-gcc $cflags $cflags_deps -o "$work/runtime" runtime.c $ldflags $libs 2>"$work/gcc.log" || {
+"$cc" $cflags $cflags_deps -o "$work/runtime" runtime.c $ldflags $libs 2>"$work/gcc.log" || {
   cat "$work/gcc.log" >&2
   fail "compiling runtime.c failed"
 }
 grep -v -e "in function \`fuse_get_module'" -e "Using 'dlopen' in statically linked" "$work/gcc.log" >&2 || true
 # shellcheck disable=SC2086
-gcc $cflags -Os -o "$work/AppRun" launcher.c $ldflags
+"$cc" $cflags -Os -o "$work/AppRun" launcher.c $ldflags
 
 # AppImage type 2 magic at offset 8 of the ELF header (EI_PAD, unused by ELF).
 printf 'AI\002' | dd of="$work/runtime" bs=1 seek=8 count=3 conv=notrunc 2>/dev/null
@@ -116,7 +122,7 @@ printf 'AI\002' | dd of="$work/runtime" bs=1 seek=8 count=3 conv=notrunc 2>/dev/
 for section in .upd_info:1024 .sha256_sig:1024 .sig_key:8192; do
   name=${section%%:*} want=${section#*:}
   # "[Nr] Name Type Address Off Size ..." -> "Type Size" (hex) of that section.
-  set -- $(readelf -SW "$work/runtime" | sed -n 's/^ *\[ *[0-9]*\] *//p' | awk -v n="$name" '$1 == n { print $2, $5 }')
+  set -- $("$readelf" -SW "$work/runtime" | sed -n 's/^ *\[ *[0-9]*\] *//p' | awk -v n="$name" '$1 == n { print $2, $5 }')
   [ $# -eq 2 ] && [ "$1" = PROGBITS ] && [ $((0x$2)) -eq "$want" ] ||
     fail "section $name ($want bytes of PROGBITS) missing from the runtime"
 done

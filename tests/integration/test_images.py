@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 from reconciler.config import load_config
 from reconciler.daemon import Reconciler
 from reconciler.hosts import parse_fleet, read_tree
+from reconciler.nix import NIX_DIR
 from reconciler.release import Release, parse_release
 from tests.conftest import ConfigRepo, Signing, free_port, standard_fleet, wait_for, write_config
 
@@ -269,3 +271,24 @@ def test_changing_one_address_changes_only_that_hosts_outputs(
     assert build_outputs(reconciler, "web-1") == before_web1
     after_web2 = build_outputs(reconciler, "web-2")
     assert after_web2["aci"] != before_web2["aci"] and after_web2["appimage"] != before_web2["appimage"]
+
+
+def test_the_nixpkgs_toolchain_offers_what_the_builds_use() -> None:
+    """No nixpkgs here to build it with; Nix is lazy, so its interface still evaluates."""
+
+    def names(expr: str) -> set[str]:
+        out = subprocess.run(
+            ["nix-instantiate", "--eval", "--strict", "--json", "-E", f"builtins.attrNames ({expr})"],
+            cwd=NIX_DIR,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        return set(json.loads(out))
+
+    nixpkgs = names('import ./toolchain-nixpkgs.nix { pkgs = throw "no nixpkgs"; }')
+    assert nixpkgs == names("import ./toolchain-debian.nix { dir = /nonexistent; }")
+    used = {
+        m.group(1) for f in NIX_DIR.glob("*.nix") for m in re.finditer(r"\btoolchain\.(\w+)", f.read_text())
+    }
+    assert used and used <= nixpkgs, used - nixpkgs
