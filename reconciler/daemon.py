@@ -52,7 +52,7 @@ from reconciler.server import PostHandler, Server
 from reconciler.signing import Signer, Verifier
 from reconciler.source import GitSource
 from reconciler.state import State
-from reconciler.store import FilesystemStore, open_store
+from reconciler.store import open_store
 from reconciler.triggers import RepoWatcher, Unauthorized, Wakeup, authenticate, concerns
 from reconciler.verify import read_keys
 
@@ -222,7 +222,11 @@ class Reconciler:
         with self.exclusive():
             started = time.monotonic()
             try:
-                self._recover_store()
+                try:
+                    self._recover_store()
+                except StoreError as exc:
+                    # Leftovers are invisible to readers: publish anyway, sweep next pass.
+                    log.event("store_recover_failed", logging.WARNING, error=str(exc))
                 result = self._reconcile(respect_backoff)
             except ReconcilerError:
                 self.metrics.reconcile_runs.labels("failure").inc()
@@ -261,25 +265,25 @@ class Reconciler:
     def collect_garbage(self, dry_run: bool, on_delete: Callable[[str], None]) -> list[str]:
         """Delete releases beyond retention.keep and blobs nothing kept refers to."""
         with self.exclusive():
+            keys = self._collect(dry_run, on_delete)
             if not dry_run:
                 self._recover_store()
-            return self._collect(dry_run, on_delete)
+            return keys
 
     def _recover_store(self) -> None:
-        """Remove what writes killed mid-way left in the store: once per process,
-        under the pass lock.
+        """Remove what writes killed mid-way left in the store (temporary files,
+        unfinished multipart uploads): once per process, under the pass lock.
 
         A store has one publisher (versions strictly increasing need that), and
-        the pass lock keeps every other pass of it out, so no temporary file in
-        the store can belong to a write still running. A write that fails in a
-        live process removes its own.
+        the pass lock keeps every other pass of it out, so nothing left over can
+        belong to a write still running. A write that fails in a live process
+        cleans up after itself.
         """
         if self._store_recovered:
             return
-        if isinstance(self.store, FilesystemStore):
-            removed = self.store.sweep()
-            if removed:
-                log.event("store_recovered", removed=len(removed), files=",".join(removed))
+        removed = self.store.sweep()
+        if removed:
+            log.event("store_recovered", removed=len(removed), leftovers=",".join(removed))
         self._store_recovered = True
 
     def _collect(self, dry_run: bool, on_delete: Callable[[str], None]) -> list[str]:

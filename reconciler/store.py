@@ -58,6 +58,11 @@ class Store(Protocol):
         """Remove ``key``; removing a missing key is not an error."""
         ...
 
+    def sweep(self) -> builtins.list[str]:
+        """Remove what writes that died mid-way left (never visible as keys); call it
+        only where no write can be in progress. Returns what was removed."""
+        ...
+
 
 def _check_key(key: str) -> None:
     parts = key.split("/")
@@ -170,9 +175,7 @@ class FilesystemStore:
             raise StoreError(f"cannot delete {key} from {self.root}: {exc.strerror or exc}") from None
 
     def sweep(self) -> builtins.list[str]:
-        """Remove the temporary files of writes that died (a kill mid-write).
-
-        Call it only where no write can be in progress."""
+        """Remove the temporary files of writes that died (a kill mid-write)."""
         removed = []
         for tmp in sorted(self.root.rglob(TMP_PREFIX + "*")):
             try:
@@ -426,6 +429,23 @@ class S3Store:
             self.client.delete_object(Bucket=self.bucket, Key=full)
         except (BotoCoreError, ClientError) as exc:
             raise self._error("delete", key, exc) from None
+
+    def sweep(self) -> builtins.list[str]:
+        """Abort the multipart uploads that writes which died left: unseen, but stored."""
+        removed = []
+        try:
+            paginator = self.client.get_paginator("list_multipart_uploads")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
+                for upload in page.get("Uploads", []):
+                    key, upload_id = upload.get("Key", ""), upload.get("UploadId", "")
+                    if not key.startswith(self.prefix):
+                        continue
+                    self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+                    removed.append(f"{key[len(self.prefix) :]} (upload {upload_id})")
+        except (BotoCoreError, ClientError) as exc:
+            reason = self._reason(exc)
+            raise StoreError(f"cannot abort unfinished uploads in {self.location}: {reason}") from None
+        return removed
 
 
 def _content_type(key: str) -> str:

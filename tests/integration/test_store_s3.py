@@ -304,6 +304,32 @@ def test_delete_is_idempotent(store: Store) -> None:
     assert store.list() == ["hosts/a/releases/1.json.asc"]
 
 
+def test_sweep_removes_what_dead_writes_left_and_nothing_else(store: Store, tmp_path: Path) -> None:
+    store.put_bytes("hosts/a/latest.json", b"1")
+    key = "blobs/sha256/" + "cd" * 32
+    if isinstance(store, FilesystemStore):
+        # What a write killed between its temporary file and the rename leaves.
+        (tmp_path / "store/blobs/sha256").mkdir(parents=True)
+        (tmp_path / "store/blobs/sha256/.tmp-dead").write_bytes(b"partial")
+    else:
+        assert isinstance(store, S3Store)
+        # What a multipart upload killed before completing leaves: parts, stored, unseen.
+        full = store.prefix + key
+        upload = store.client.create_multipart_upload(Bucket=store.bucket, Key=full)["UploadId"]
+        store.client.upload_part(
+            Bucket=store.bucket, Key=full, UploadId=upload, PartNumber=1, Body=os.urandom(5 << 20)
+        )
+    assert store.list() == ["hosts/a/latest.json"]
+    removed = store.sweep()
+    assert len(removed) == 1 and removed[0].startswith("blobs/sha256/"), removed
+    assert store.sweep() == []
+    assert store.list() == ["hosts/a/latest.json"] and store.get_bytes("hosts/a/latest.json") == b"1"
+    assert store.get_bytes(key) is None
+    if isinstance(store, S3Store):
+        left = store.client.list_multipart_uploads(Bucket=store.bucket, Prefix=store.prefix)
+        assert not left.get("Uploads"), left
+
+
 def test_overwrite_is_atomic_for_concurrent_readers(store: Store, tmp_path: Path) -> None:
     one, two = b"1" * (3 << 20), b"2" * (2 << 20)
     files = [tmp_path / "one", tmp_path / "two"]
