@@ -15,7 +15,7 @@ import json
 import os
 import posixpath
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -180,18 +180,23 @@ def parse_fleet(files: Mapping[str, str], cache: ParseCache | None = None) -> Fl
     old = cache or ParseCache()
     new = ParseCache()
     load = functools.partial(_load_yaml, seen=new.docs, cache=old.docs)
-    profiles = {_stem(p): p for p in files if p.startswith("profiles/") and _is_yaml(p)}
+    profiles = _by_stem(files, "profiles/")
     packages = {posixpath.basename(p)[:-4] for p in files if p.startswith("packages/")}
     hosts: dict[str, Host] = {}
     errors: list[ConfigError] = []
     invalid: set[str] = set()
     # A host's validation depends on its own text, every profile and the package names.
     context = hashlib.sha256(
-        json.dumps([sorted(packages), sorted((p, files[p]) for p in profiles.values())]).encode()
+        json.dumps([sorted(packages), [(p, files[p]) for ps in profiles.values() for p in ps]]).encode()
     ).hexdigest()
-    for path in sorted(files):
-        if not (path.startswith("hosts/") and _is_yaml(path)):
+    for stem, paths in _by_stem(files, "hosts/").items():
+        if len(paths) > 1:
+            # x.yaml beside x.yml: neither is taken, whichever is valid.
+            both = " and ".join(paths)
+            errors.append(ConfigError(paths[0], "", f"host {stem!r} is defined twice: {both}"))
+            invalid.add(stem)
             continue
+        (path,) = paths
         key = (path, files[path], context)
         result = old.hosts.get(key)
         if result is None:
@@ -202,15 +207,9 @@ def parse_fleet(files: Mapping[str, str], cache: ParseCache | None = None) -> Fl
         new.hosts[key] = result
         if isinstance(result, ConfigError):
             errors.append(result)
-            invalid.add(_stem(path))
+            invalid.add(stem)
             continue
-        host = result
-        if host.name in hosts:
-            errors.append(ConfigError(path, "name", f"host {host.name!r} is defined twice"))
-            invalid.add(host.name)
-            del hosts[host.name]
-            continue
-        hosts[host.name] = host
+        hosts[result.name] = result
     if cache is not None:
         cache.docs, cache.hosts = new.docs, new.hosts
     return Fleet(hosts=hosts, errors=tuple(errors), invalid=frozenset(invalid))
@@ -218,6 +217,16 @@ def parse_fleet(files: Mapping[str, str], cache: ParseCache | None = None) -> Fl
 
 def _is_yaml(path: str) -> bool:
     return path.endswith((".yaml", ".yml")) and posixpath.dirname(path).count("/") == 0
+
+
+def _by_stem(files: Iterable[str], folder: str) -> dict[str, tuple[str, ...]]:
+    """The YAML files directly in ``folder`` by stem, sorted; two for x.yaml and x.yml."""
+    out: dict[str, tuple[str, ...]] = {}
+    for path in sorted(files):
+        if path.startswith(folder) and _is_yaml(path):
+            stem = _stem(path)
+            out[stem] = (*out.get(stem, ()), path)
+    return out
 
 
 def _stem(path: str) -> str:
@@ -271,12 +280,14 @@ def _parse_yaml(path: str, text: str) -> dict[str, Any]:
 def _resolve_profile(
     name: str,
     files: Mapping[str, str],
-    profiles: Mapping[str, str],
+    profiles: Mapping[str, tuple[str, ...]],
     stack: tuple[str, ...],
     load: Load,
 ) -> tuple[dict[str, Any], tuple[str, ...]]:
     """A profile with its own includes merged in, and the files it came from."""
-    path = profiles[name]
+    path, *twins = profiles[name]
+    if twins:
+        raise ConfigError(path, "", f"profile {name!r} is defined twice: {' and '.join((path, *twins))}")
     if name in stack:
         raise ConfigError(path, "include", "include cycle: " + " -> ".join((*stack, name)))
     data = load(path, files[path])
@@ -291,7 +302,7 @@ def _resolve_profile(
     return deep_merge(merged, body), (*sources, path)
 
 
-def _includes(path: str, data: Mapping[str, Any], profiles: Mapping[str, str]) -> list[str]:
+def _includes(path: str, data: Mapping[str, Any], profiles: Mapping[str, tuple[str, ...]]) -> list[str]:
     inc = data.get("include", [])
     if isinstance(inc, str):
         inc = [inc]
@@ -317,7 +328,7 @@ def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, An
 def _parse_host(
     path: str,
     files: Mapping[str, str],
-    profiles: Mapping[str, str],
+    profiles: Mapping[str, tuple[str, ...]],
     packages: set[str],
     load: Load,
 ) -> Host:

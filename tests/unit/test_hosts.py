@@ -248,18 +248,41 @@ def test_yml_extension_and_non_yaml_files() -> None:
     assert fleet.errors == ()  # an unused broken profile is not an error of any host
 
 
-def test_duplicate_host() -> None:
+@pytest.mark.parametrize(
+    ("yaml_text", "yml_text"),
+    [
+        ("name: web-1\n", "name: web-1\n"),
+        ("name: web-1\n", "name: [broken"),  # the valid one is not taken either, ...
+        ("name: [broken", "name: web-1\n"),  # ... whichever sorts first
+    ],
+)
+def test_a_host_in_two_files_is_taken_from_neither(yaml_text: str, yml_text: str) -> None:
     fleet = parse_fleet(
         {
-            "hosts/web-1.yaml": "name: web-1\n",
-            "hosts/web-1.yml": "name: web-1\n",
+            "hosts/web-1.yaml": yaml_text,
+            "hosts/web-1.yml": yml_text,
             "hosts/web-2.yaml": "name: web-2\n",
         }
     )
     assert list(fleet.hosts) == ["web-2"]
-    assert [(e.path, e.key, e.reason) for e in fleet.errors] == [
-        ("hosts/web-1.yml", "name", "host 'web-1' is defined twice")
-    ]
+    both = "host 'web-1' is defined twice: hosts/web-1.yaml and hosts/web-1.yml"
+    assert [(e.path, e.key, e.reason) for e in fleet.errors] == [("hosts/web-1.yaml", "", both)]
+    assert fleet.invalid == frozenset({"web-1"})
+
+
+def test_a_profile_in_two_files_fails_the_hosts_that_include_it() -> None:
+    fleet = parse_fleet(
+        {
+            "profiles/base.yaml": "formats: [aci]\n",
+            "profiles/base.yml": "formats: [appimage]\n",
+            "hosts/web-1.yaml": "name: web-1\ninclude: [base]\n",
+            "hosts/web-2.yaml": "name: web-2\n",
+        }
+    )
+    assert list(fleet.hosts) == ["web-2"]
+    [error] = fleet.errors
+    assert (error.path, error.key) == ("hosts/web-1.yaml", "include")
+    assert "profile 'base' is defined twice: profiles/base.yaml and profiles/base.yml" in error.reason
     assert fleet.invalid == frozenset({"web-1"})
 
 
@@ -959,3 +982,25 @@ def test_parse_cache_keeps_errors_per_file() -> None:
     second = parse_fleet(files, cache)
     assert [str(e) for e in second.errors] == [str(e) for e in first.errors]
     assert "formats: unknown format 'tar'" in str(second.errors[0])
+
+
+host_stems = st.sampled_from(["web-1", "web-2", "Bad_Name", "db"])
+host_texts = st.sampled_from(
+    ["name: {stem}\n", "name: {stem}\ninclude: [base]\n", "name: [broken", "name: other\n"]
+)
+
+
+@given(
+    st.dictionaries(st.tuples(host_stems, st.sampled_from([".yaml", ".yml"])), host_texts, max_size=6),
+    st.sets(st.sampled_from(["profiles/base.yaml", "profiles/base.yml"])),
+)
+def test_every_host_file_gives_one_host_or_one_error(
+    host_files: dict[tuple[str, str], str], profile_files: set[str]
+) -> None:
+    files = {f"hosts/{stem}{ext}": text.format(stem=stem) for (stem, ext), text in host_files.items()}
+    files |= dict.fromkeys(profile_files, "formats: [aci]\n")
+    fleet = parse_fleet(files)
+    stems = {stem for stem, _ in host_files}
+    assert set(fleet.hosts) | fleet.invalid == stems
+    assert not set(fleet.hosts) & fleet.invalid
+    assert sorted(Path(e.path).stem for e in fleet.errors) == sorted(fleet.invalid)

@@ -185,7 +185,11 @@ def test_duplicate_host_is_invalid_and_not_removed() -> None:
     f = parse_fleet({"hosts/web-1.yaml": "name: web-1\n", "hosts/web-1.yml": "name: web-1\n"})
     p = make_plan(COMMIT, f, {}, {}, states(published("web-1")), frozenset())
     assert p.entries == (
-        HostPlan("web-1", INVALID, ("hosts/web-1.yml: name: host 'web-1' is defined twice",)),
+        HostPlan(
+            "web-1",
+            INVALID,
+            ("hosts/web-1.yaml: host 'web-1' is defined twice: hosts/web-1.yaml and hosts/web-1.yml",),
+        ),
     )
 
 
