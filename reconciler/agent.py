@@ -38,7 +38,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, write_to_textfi
 from reconciler import fetch, log
 from reconciler.config import parse_duration, read_yaml
 from reconciler.errors import ConfigError, FetchError, ReconcilerError, VerificationError
-from reconciler.hosts import FORMATS, NAME_RE
+from reconciler.hosts import FORMATS, NAME_RE, check_keys
 from reconciler.release import Release, latest_path, parse_release, release_path
 from reconciler.server import Server
 from reconciler.signing import Verifier
@@ -106,9 +106,7 @@ def load_agent_config(path: Path) -> AgentConfig:
     data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(p, "", "must be a mapping")
-    for k in data:
-        if k not in AGENT_KEYS:
-            raise ConfigError(p, str(k), f"unknown key (allowed: {', '.join(sorted(AGENT_KEYS))})")
+    check_keys(p, "", data, AGENT_KEYS)
     base = path.resolve().parent
 
     def path_of(key: str, v: Any) -> Path:
@@ -147,11 +145,7 @@ def load_agent_config(path: Path) -> AgentConfig:
     if health is not None:
         if not isinstance(health, dict):
             raise ConfigError(p, "health", "must be a mapping")
-        for k in health:
-            if k not in HEALTH_KEYS:
-                raise ConfigError(
-                    p, f"health.{k}", f"unknown key (allowed: {', '.join(sorted(HEALTH_KEYS))})"
-                )
+        check_keys(p, "health", health, HEALTH_KEYS)
         url, command = health.get("url"), argv("health.command", health.get("command"))
         if (url is None) == (command is None):
             raise ConfigError(p, "health", "needs exactly one of url or command")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from reconciler.errors import ConfigError
-from reconciler.hosts import parse_yaml
+from reconciler.hosts import check_keys, parse_yaml
 
 DURATION_RE = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -163,9 +163,7 @@ def load_config(path: Path) -> Config:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(p, "", "must be a mapping")
-    for k in data:
-        if k not in TOP_KEYS:
-            raise ConfigError(p, str(k), f"unknown key (allowed: {', '.join(sorted(TOP_KEYS))})")
+    check_keys(p, "", data, TOP_KEYS)
     base = path.resolve().parent
 
     def section(key: str, required: bool = True, check: bool = True) -> dict[str, Any]:
@@ -175,13 +173,8 @@ def load_config(path: Path) -> Config:
         if not isinstance(v, dict):
             raise ConfigError(p, key, "must be a mapping" if v is not None else "is required")
         if check:
-            check_keys(key, v, SECTION_KEYS[key])
+            check_keys(p, key, v, SECTION_KEYS[key])
         return v
-
-    def check_keys(key: str, v: dict[str, Any], allowed: frozenset[str]) -> None:
-        for k in v:
-            if k not in allowed:
-                raise ConfigError(p, f"{key}.{k}", f"unknown key (allowed: {', '.join(sorted(allowed))})")
 
     def string(sec: dict[str, Any], key: str, dotted: str, default: str | None = None) -> str:
         v = sec.get(key, default)
@@ -232,7 +225,7 @@ def load_config(path: Path) -> Config:
     if store_type not in STORE_KEYS:
         supported = ", ".join(sorted(STORE_KEYS))
         raise ConfigError(p, "store.type", f"unsupported store type {store_type!r} (supported: {supported})")
-    check_keys("store", store, STORE_KEYS[store_type])
+    check_keys(p, "store", store, STORE_KEYS[store_type])
     if store_type == "filesystem":
         store_config = StoreConfig(type=store_type, path=path_of(string(store, "path", "store.path")))
     else:

@@ -291,7 +291,7 @@ def _resolve_profile(
     if name in stack:
         raise ConfigError(path, "include", "include cycle: " + " -> ".join((*stack, name)))
     data = load(path, files[path])
-    _check_keys(path, "", data, PROFILE_KEYS)
+    check_keys(path, "", data, PROFILE_KEYS)
     merged: dict[str, Any] = {}
     sources: tuple[str, ...] = ()
     for inc in _includes(path, data, profiles):
@@ -336,7 +336,7 @@ def _parse_host(
     if not NAME_RE.fullmatch(stem):
         raise ConfigError(path, "", f"file name {stem!r} is not a valid host name ({NAME_RE.pattern})")
     data = load(path, files[path])
-    _check_keys(path, "", data, HOST_KEYS)
+    check_keys(path, "", data, HOST_KEYS)
     name = data.get("name")
     if name is None:
         raise ConfigError(path, "name", "is required")
@@ -365,7 +365,8 @@ def _parse_host(
     )
 
 
-def _check_keys(path: str, prefix: str, data: Mapping[str, Any], allowed: frozenset[str]) -> None:
+def check_keys(path: str, prefix: str, data: Mapping[Any, Any], allowed: frozenset[str]) -> None:
+    """Refuse a key of ``data`` (at dotted ``prefix`` in file ``path``) not in ``allowed``."""
     for k in data:
         if not isinstance(k, str):
             raise ConfigError(path, prefix or "", f"key {k!r} must be a string")
@@ -394,7 +395,7 @@ def _formats(path: str, value: Any) -> tuple[str, ...]:
 def _network(path: str, value: Any) -> Network:
     if not isinstance(value, dict):
         raise ConfigError(path, "network", f"must be a mapping, not {_kind(value)}")
-    _check_keys(path, "network", value, NETWORK_KEYS)
+    check_keys(path, "network", value, NETWORK_KEYS)
     address = value.get("address")
     if address is not None:
         try:
@@ -430,7 +431,7 @@ def _services(path: str, value: Any, packages: set[str]) -> tuple[Service, ...]:
         spec = value[name]
         if not isinstance(spec, dict):
             raise ConfigError(path, key, f"must be a mapping, not {_kind(spec)}")
-        _check_keys(path, key, spec, SERVICE_KEYS)
+        check_keys(path, key, spec, SERVICE_KEYS)
         package = spec.get("package", "busybox")
         if not isinstance(package, str) or not PACKAGE_RE.fullmatch(package):
             raise ConfigError(path, f"{key}.package", f"must be a package name ({PACKAGE_RE.pattern})")
