@@ -72,13 +72,17 @@ typedef Elf32_Shdr Shdr;
 
 /* ---------------------------------------------------------------- helpers */
 
+static void vwarnx(const char *fmt, va_list ap) {
+    fputs("appimage: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+}
+
 static void warnx(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static void warnx(const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
-    fputs("appimage: ", stderr);
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
+    vwarnx(fmt, ap);
     va_end(ap);
 }
 
@@ -86,9 +90,7 @@ static void die(const char *fmt, ...) __attribute__((format(printf, 1, 2), noret
 static void die(const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
-    fputs("appimage: ", stderr);
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
+    vwarnx(fmt, ap);
     va_end(ap);
     exit(1);
 }
