@@ -26,18 +26,32 @@ trap 'rm -rf "$tmp"' EXIT
 mkdir -p "$tmp/bin"
 cp /bin/busybox "$tmp/bin/busybox"
 
+# ldd in an empty environment: the caller's LD_PRELOAD and LD_LIBRARY_PATH would
+# otherwise add their libraries to the list, and so to every image.
+ldd_clean() { env -i /usr/bin/ldd "$1"; }
+
 # bundle DIR BINARY: DIR/libexec/BINARY plus DIR/lib with its libraries and loader.
 bundle() {
   mkdir -p "$1/lib" "$1/libexec"
   cp "$2" "$1/libexec/$(basename "$2")"
   # ldd prints "name => /path (addr)" and the loader as "/lib64/ld-linux... (addr)".
-  ldd "$2" | awk '/=> \//{print $3} /^\t\/lib/{print $1}' | while read -r lib; do
+  ldd_clean "$2" | awk '/=> \//{print $3} /^\t\/lib/{print $1}' | while read -r lib; do
     cp -L "$lib" "$1/lib/$(basename "$lib")"
   done
   [ -e "$1/lib/ld-linux-x86-64.so.2" ] || { echo "import-debian: no x86-64 loader for $2" >&2; exit 1; }
 }
+
+# glibc dlopen()s libgcc_s.so.1 when a thread exits or is cancelled (mksquashfs's
+# workers do): ldd cannot see that, and inside the build sandbox the host's copy
+# is out of reach, so it is bundled beside libc.
+libgcc_s() {
+  lib=$(ldconfig -p | awk '$1 == "libgcc_s.so.1" && /x86-64/ {print $NF; exit}')
+  [ -n "$lib" ] || { echo "import-debian: libgcc_s.so.1 not found (install Debian package libgcc-s1)" >&2; exit 1; }
+  cp -L "$lib" "$1/lib/libgcc_s.so.1"
+}
 bundle "$tmp" /bin/tar
 bundle "$tmp" /usr/bin/mksquashfs
+libgcc_s "$tmp"
 # runit goes into the images, so it gets a directory of its own with only its libraries.
 for tool in runsvdir runsv sv; do bundle "$tmp/runit" "/usr/bin/$tool"; done
 
