@@ -103,6 +103,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"commit {st['commit'] or '(never reconciled)'}")
     if st["source_error"]:
         print(f"source: {st['source_error']}")
+    if st["sandbox"] == "off":
+        print("sandbox: off (nix.sandbox: false): builds can read the machine's files and reach the network")
     hosts = st["hosts"]
     assert isinstance(hosts, dict)
     for name, h in hosts.items():

@@ -19,6 +19,8 @@ from reconciler.hosts import check_keys, parse_yaml
 
 DURATION_RE = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+SIZE_RE = re.compile(r"^(\d+)\s*([KMGT]?)i?B?$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,15 @@ class NixConfig:
     # Staging directory of the imported Debian toolchain; shared between configs on
     # one machine because it is content-addressed once imported.
     toolchain_dir: Path | None = None
+    # Builds run in Nix's sandbox. False is the explicit opt-out: the daemon then
+    # starts against a Nix that builds unsandboxed, and says so in status and metrics.
+    sandbox: bool = True
+    # A build (one nix-store --realise) is stopped after this long.
+    build_timeout: timedelta = timedelta(hours=1)
+    # Evaluating the fleet (or one host) is stopped after this long.
+    eval_timeout: timedelta = timedelta(minutes=5)
+    # A host whose build closure (everything it produced and used) is larger fails.
+    max_output_size: int = 4 << 30
 
 
 @dataclass(frozen=True)
@@ -139,7 +150,9 @@ SECTION_KEYS = {
     "triggers": frozenset({"webhook_secret_file", "watch", "debounce"}),
     "store": frozenset().union(*STORE_KEYS.values()),  # checked per type in load_config
     "signing": frozenset({"gnupghome", "key", "passphrase_file"}),
-    "nix": frozenset({"toolchain", "toolchain_dir"}),
+    "nix": frozenset(
+        {"toolchain", "toolchain_dir", "sandbox", "build_timeout", "eval_timeout", "max_output_size"}
+    ),
     "retry": frozenset({"initial", "max"}),
     "retention": frozenset({"keep", "interval"}),
 }
@@ -269,6 +282,9 @@ def load_config(path: Path) -> Config:
     tdir = nix.get("toolchain_dir")
     if tdir is not None and not isinstance(tdir, str):
         raise ConfigError(p, "nix.toolchain_dir", "must be a path")
+    sandbox = nix.get("sandbox", True)
+    if not isinstance(sandbox, bool):
+        raise ConfigError(p, "nix.sandbox", "must be true or false")
 
     retry = section("retry", required=False)
     listen = data.get("listen", "127.0.0.1:9180")
@@ -311,7 +327,14 @@ def load_config(path: Path) -> Config:
             key=string(signing, "key", "signing.key"),
             passphrase_file=path_of(pf) if isinstance(pf, str) else None,
         ),
-        nix=NixConfig(toolchain=toolchain, toolchain_dir=path_of(tdir) if tdir else None),
+        nix=NixConfig(
+            toolchain=toolchain,
+            toolchain_dir=path_of(tdir) if tdir else None,
+            sandbox=sandbox,
+            build_timeout=parse_duration(p, "nix.build_timeout", nix.get("build_timeout", "1h")),
+            eval_timeout=parse_duration(p, "nix.eval_timeout", nix.get("eval_timeout", "5m")),
+            max_output_size=parse_size(p, "nix.max_output_size", nix.get("max_output_size", "4G")),
+        ),
         listen=listen,
         poll_interval=float(poll),
         jobs=jobs,
@@ -338,3 +361,15 @@ def parse_duration(path: str, key: str, value: Any) -> timedelta:
     if not m or int(m.group(1)) <= 0:
         raise ConfigError(path, key, f"must be a duration like 90s, 15m, 12h or 30d, got {value!r}")
     return timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
+
+
+def parse_size(path: str, key: str, value: Any) -> int:
+    """A positive number of bytes, or a size like 512M or 4GiB (powers of 1024)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value <= 0:
+            raise ConfigError(path, key, "must be a positive number of bytes")
+        return value
+    m = SIZE_RE.fullmatch(str(value).strip())
+    if not m or int(m.group(1)) <= 0:
+        raise ConfigError(path, key, f"must be a size like 512M or 4G, got {value!r}")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]

@@ -61,6 +61,8 @@ PUBLISHER_KEY = "keys/publisher.asc"
 # Why the newest commit was not built (an untrusted signature), or empty.
 SOURCE_ERROR_KEY = "source_error"
 UNTRUSTED_REASONS = {"not signed": "unsigned", "signed by an unknown key": "unknown-key"}
+# Whether builds run in Nix's sandbox, as the last probe found: "on" or "off".
+SANDBOX_KEY = "sandbox"
 # How many taken version numbers to skip over before giving up on a host.
 VERSION_PROBES = 5
 
@@ -115,7 +117,8 @@ class Reconciler:
         self.source = GitSource(
             r.url, r.branch, cfg.state_dir / "checkout", r.depth, r.credentials_file, r.ssh_key, r.known_hosts
         )
-        self.nix = Nix(cfg.state_dir, cfg.nix.toolchain, cfg.nix.toolchain_dir)
+        self.nix = Nix(cfg.state_dir, cfg.nix)
+        self._sandbox_checked = False
         self._signer: Signer | None = None
         self._parse_cache = ParseCache()
         self._pass_lock = threading.Lock()
@@ -136,6 +139,29 @@ class Reconciler:
                 self.metrics.signing_failures.inc()
                 raise
         return self._signer
+
+    def check_sandbox(self) -> None:
+        """Refuse to build with a Nix that would build unsandboxed, unless the config
+        opts out explicitly; once per process, by a probe build (a setting can be
+        overridden by a Nix daemon, a probe cannot)."""
+        if self._sandbox_checked:
+            return
+        sandboxed = self.nix.probe_sandbox(self.cfg.signing.gnupghome)
+        self.metrics.build_sandbox.set(1 if sandboxed else 0)
+        self.state.set_meta(SANDBOX_KEY, "on" if sandboxed else "off")
+        if not sandboxed and self.cfg.nix.sandbox:
+            log.event("sandbox_missing", logging.ERROR)
+            raise ConfigError(
+                str(self.cfg.path),
+                "nix.sandbox",
+                "Nix builds unsandboxed here (a probe build saw the machine's files): set 'sandbox = true' "
+                "in nix.conf (scripts/setup does), or set nix.sandbox: false to accept unsandboxed builds",
+            )
+        if sandboxed:
+            log.event("sandbox_probe", sandbox="on")
+        else:
+            log.event("sandbox_off", logging.WARNING, reason="nix.sandbox: false in the config")
+        self._sandbox_checked = True
 
     def close(self) -> None:
         self.state.close()
@@ -222,6 +248,7 @@ class Reconciler:
         with self.exclusive():
             started = time.monotonic()
             try:
+                self.check_sandbox()
                 try:
                     self._recover_store()
                 except StoreError as exc:
@@ -381,6 +408,7 @@ class Reconciler:
         return recorded + 1
 
     def build(self, host: Host, version: int) -> BuildOutput:
+        self.check_sandbox()
         started = time.monotonic()
         try:
             with self.metrics.stage_duration.labels("build").time():
@@ -469,6 +497,7 @@ def status(state: State) -> Mapping[str, object]:
     return {
         "commit": state.get_meta(COMMIT_KEY),
         "source_error": state.get_meta(SOURCE_ERROR_KEY) or None,
+        "sandbox": state.get_meta(SANDBOX_KEY),
         "hosts": {
             name: {"version": hs.version, "status": hs.status, "error": hs.error, "commit": hs.commit}
             for name, hs in state.hosts().items()
@@ -530,6 +559,9 @@ class Daemon:
         return False, self._last_error or "first reconcile not finished"
 
     def run(self) -> None:
+        # Before anything listens or builds: a Nix that would build unsandboxed
+        # stops the start (unless the config accepts it).
+        self.reconciler.check_sandbox()
         self.server.start()
         log.event(
             "daemon_start",

@@ -72,6 +72,12 @@ class Metrics:
         self.host_version = Gauge(
             "reconciler_host_published_version", "Published release version per host.", ["host"], registry=r
         )
+        self.build_sandbox = Gauge(
+            "reconciler_build_sandbox",
+            "1 when a probe build found Nix building in its sandbox, 0 when builds run unsandboxed"
+            " (allowed only by nix.sandbox: false).",
+            registry=r,
+        )
         self.invalid_hosts = Gauge(
             "reconciler_invalid_hosts", "Host definitions that failed validation or evaluation.", registry=r
         )

@@ -2,6 +2,14 @@
 
 The whole fleet is evaluated in one process; only when that fails is each host
 evaluated alone, so that one broken host or package costs only itself.
+
+The config repository is untrusted, so Nix sees it through three walls:
+evaluation is restricted to the checkout, the Nix library, the staged toolchain
+and the fleet file (no other path, no URL, no import from a derivation, no
+search path from the environment); builds run in Nix's sandbox (checked by a
+probe build, not assumed from a setting); and every message shown is redacted
+(reconciler.nixlog). Each evaluation and build has a deadline, and a build's
+closure a size limit.
 """
 
 from __future__ import annotations
@@ -13,12 +21,15 @@ import os
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from reconciler.config import NixConfig
 from reconciler.errors import BuildError
 from reconciler.hosts import Host
+from reconciler.nixlog import Redaction, redact, tail
 
 _HERE = Path(__file__).resolve().parent
 # The Nix library: beside the package in a checkout (or an editable install), inside
@@ -28,7 +39,27 @@ NIX_DIR = next(
 )
 # Offline: no binary cache is reachable and none is wanted for reproducibility.
 NIX_OPTIONS = ("--option", "substituters", "")
-LOG_TAIL = 12
+# Evaluation sees only what -I names (see Nix._search_path): restricted mode, no
+# URL, no search path from nix.conf, and no builds while evaluating (a builder run
+# by import-from-derivation would escape the build deadline and the output limit).
+HERMETIC_OPTIONS = (
+    "--option",
+    "restrict-eval",
+    "true",
+    "--option",
+    "allowed-uris",
+    "",
+    "--option",
+    "allow-import-from-derivation",
+    "false",
+    "--option",
+    "nix-path",
+    "",
+)
+# Beyond the build's own deadline, for Nix to report the timeout and exit.
+EXIT_GRACE = 60.0
+# What a builder sees of the machine only when it is not sandboxed.
+PROBE_PATHS = ("/usr", "/home", "/root", "/var")
 
 
 @dataclass(frozen=True)
@@ -60,25 +91,53 @@ def _digest_files(root: Path, paths: Iterable[Path]) -> str:
 
 
 def _tail(text: str) -> str:
-    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    return " | ".join(lines[-LOG_TAIL:]) or "no output"
+    return tail([ln.strip() for ln in text.splitlines() if ln.strip()])
+
+
+def _environment() -> dict[str, str]:
+    """The environment of every Nix process: the daemon's, without a search path
+    (NIX_PATH entries would become readable to evaluation)."""
+    return {k: v for k, v in os.environ.items() if k != "NIX_PATH"}
 
 
 class Nix:
-    def __init__(
-        self,
-        state_dir: Path,
-        toolchain: str = "debian",
-        toolchain_dir: Path | None = None,
-        nix_dir: Path = NIX_DIR,
-    ) -> None:
+    def __init__(self, state_dir: Path, settings: NixConfig | None = None, nix_dir: Path = NIX_DIR) -> None:
+        self.settings = settings or NixConfig()
         self.nix_dir = nix_dir
-        self.toolchain = toolchain
-        self.toolchain_dir = toolchain_dir or state_dir / "toolchain"
+        self.toolchain = self.settings.toolchain
+        self.toolchain_dir = self.settings.toolchain_dir or state_dir / "toolchain"
         self.gcroots = state_dir / "gcroots"
         self.work = state_dir / "work"
         self._toolchain_lock = threading.Lock()
         self._nix_version: str | None = None
+        # Until a probe build says otherwise, a builder's output may have seen anything.
+        self.sandboxed = False
+        self.env = _environment()
+        if self.toolchain == "nixpkgs":
+            # nixpkgs comes from the operator's search path; it becomes readable too.
+            self.env = dict(os.environ)
+
+    def _run(
+        self, args: Sequence[str], timeout: float, what: str, host: str = ""
+    ) -> subprocess.CompletedProcess[str]:
+        try:
+            return subprocess.run(
+                list(args),
+                capture_output=True,
+                text=True,
+                env=self.env,
+                timeout=timeout,
+                stdin=subprocess.DEVNULL,
+            )
+        except subprocess.TimeoutExpired:
+            raise BuildError(host, f"{what} took longer than {round(timeout)}s and was stopped") from None
+
+    def redaction(self, repo: Path) -> Redaction:
+        labels = {
+            str(self.nix_dir.resolve()): "<reconciler nix>",
+            str(self.toolchain_dir.resolve()): "<toolchain>",
+        }
+        return Redaction(repo=str(repo.resolve()), labels=labels)
 
     def ensure_toolchain(self) -> str | None:
         """Stage the Debian toolchain when missing or built from other sources, and
@@ -126,22 +185,76 @@ class Nix:
         library = _digest_files(self.nix_dir, self.nix_dir.rglob("*"))
         return hashlib.sha256(f"{self._nix_version}\n{toolchain}\n{library}".encode()).hexdigest()
 
+    def _search_path(self, *allowed: Path) -> list[str]:
+        """-I entries: in restricted mode, the only paths evaluation may read."""
+        paths = [self.nix_dir, *allowed]
+        if self.toolchain == "debian":
+            paths.append(self.toolchain_dir)
+        return [arg for p in paths for arg in ("-I", str(p.resolve()))]
+
+    def _toolchain_args(self) -> list[str]:
+        if self.toolchain == "debian":
+            return ["--argstr", "toolchainDir", str(self.toolchain_dir.resolve())]
+        return ["--arg", "toolchain", f"import {self.nix_dir / 'toolchain-nixpkgs.nix'} {{}}"]
+
     def _args(self, fleet_file: Path, repo: Path) -> list[str]:
-        args = [
+        return [
             str(self.nix_dir / "fleet.nix"),
             *NIX_OPTIONS,
+            *HERMETIC_OPTIONS,
+            *self._search_path(repo, fleet_file),
             "--argstr",
             "fleetFile",
-            str(fleet_file),
+            str(fleet_file.resolve()),
             "--argstr",
             "repoDir",
             str(repo.resolve()),
+            *self._toolchain_args(),
         ]
-        if self.toolchain == "debian":
-            args += ["--argstr", "toolchainDir", str(self.toolchain_dir)]
-        else:
-            args += ["--arg", "toolchain", f"import {self.nix_dir / 'toolchain-nixpkgs.nix'} {{}}"]
-        return args
+
+    def _build_options(self) -> list[str]:
+        """Options of every realisation: sandbox as configured (a Nix daemon decides
+        for clients it does not trust; the probe tells), and the deadline."""
+        timeout = str(round(self.settings.build_timeout.total_seconds()))
+        sandbox = "true" if self.settings.sandbox else "false"
+        return [*NIX_OPTIONS, "--option", "sandbox", sandbox, "--option", "timeout", timeout]
+
+    def probe_sandbox(self, key_dir: Path) -> bool:
+        """Whether builds run in Nix's sandbox here, found by building a derivation
+        that looks for what only an unsandboxed builder sees: the machine's own
+        directories and the signing key's. Built anew each time (a nonce): a
+        setting may have changed since the last probe."""
+        self.ensure_toolchain()
+        inst = self._run(
+            [
+                "nix-instantiate",
+                str(self.nix_dir / "probe.nix"),
+                *NIX_OPTIONS,
+                *HERMETIC_OPTIONS,
+                *self._search_path(),
+                *self._toolchain_args(),
+                "--argstr",
+                "nonce",
+                f"{time.time_ns()}-{os.getpid()}",
+                "--argstr",
+                "paths",
+                " ".join((*PROBE_PATHS, str(key_dir.resolve()))),
+            ],
+            self.settings.eval_timeout.total_seconds(),
+            "the sandbox probe's evaluation",
+        )
+        if inst.returncode != 0:
+            raise BuildError("", f"sandbox probe: evaluation failed: {_tail(inst.stderr)}")
+        real = self._run(
+            ["nix-store", "--realise", inst.stdout.strip(), *self._build_options()],
+            self.settings.build_timeout.total_seconds() + EXIT_GRACE,
+            "the sandbox probe's build",
+        )
+        if real.returncode != 0:
+            raise BuildError("", f"sandbox probe: build failed: {_tail(real.stderr)}")
+        verdict = Path(real.stdout.strip().splitlines()[-1]).read_text().strip()
+        self.sandboxed = verdict == "sandboxed"
+        return self.sandboxed
 
     def write_fleet(self, hosts: Sequence[Host]) -> Path:
         """Write the normalised fleet for fleet.nix; the name is unique per content."""
@@ -181,9 +294,14 @@ class Nix:
         return ["nix-instantiate", "--eval", "--strict", "--json", "-A", "images", *args]
 
     def _eval_images(self, fleet_file: Path, repo: Path) -> tuple[bool, str]:
-        proc = subprocess.run(self.eval_command(fleet_file, repo), capture_output=True, text=True)
+        try:
+            proc = self._run(
+                self.eval_command(fleet_file, repo), self.settings.eval_timeout.total_seconds(), "evaluation"
+            )
+        except BuildError as exc:
+            return False, exc.reason
         if proc.returncode != 0:
-            return False, _tail(proc.stderr)
+            return False, redact(proc.stderr, self.redaction(repo), builder_output=False)
         return True, proc.stdout
 
     def build(self, host: Host, version: int, repo: Path) -> BuildOutput:
@@ -193,8 +311,9 @@ class Nix:
         fleet_file = self.write_fleet([host])
         attr = f'hosts."{host.name}".artifacts'
         root = self.gcroots / host.name
+        how = self.redaction(repo)
         try:
-            inst = subprocess.run(
+            inst = self._run(
                 [
                     "nix-instantiate",
                     "-A",
@@ -204,21 +323,26 @@ class Nix:
                     str(version),
                     *self._args(fleet_file, repo),
                 ],
-                capture_output=True,
-                text=True,
+                self.settings.eval_timeout.total_seconds(),
+                "evaluation",
+                host.name,
             )
         finally:
             fleet_file.unlink(missing_ok=True)
         if inst.returncode != 0:
-            raise BuildError(host.name, f"evaluation failed: {_tail(inst.stderr)}")
+            raise BuildError(
+                host.name, f"evaluation failed: {redact(inst.stderr, how, builder_output=False)}"
+            )
         drv = inst.stdout.strip().splitlines()[-1]
-        real = subprocess.run(
-            ["nix-store", "--realise", drv, "--add-root", str(root), "--indirect", *NIX_OPTIONS],
-            capture_output=True,
-            text=True,
+        real = self._run(
+            ["nix-store", "--realise", drv, "--add-root", str(root), "--indirect", *self._build_options()],
+            self.settings.build_timeout.total_seconds() + EXIT_GRACE,
+            "the build",
+            host.name,
         )
         if real.returncode != 0:
-            raise BuildError(host.name, _tail(real.stderr))
+            raise BuildError(host.name, redact(real.stderr, how, builder_output=self.sandboxed))
+        self._check_size(host.name, drv)
         out = Path(real.stdout.strip().splitlines()[-1])
         files = {}
         for entry in sorted(out.iterdir()):
@@ -228,3 +352,22 @@ class Nix:
         if missing:
             raise BuildError(host.name, f"build produced no {', '.join(sorted(missing))} artifact")
         return BuildOutput(derivation=drv, out=out, files=files)
+
+    def _check_size(self, host: str, drv: str) -> None:
+        """Fail ``host`` when its build closure (every output it built or used, and
+        its sources) is larger than the limit. Nix 2.8 has no limit during a build;
+        the build deadline bounds what one can write meanwhile."""
+        deadline = self.settings.eval_timeout.total_seconds()
+        req = self._run(
+            ["nix-store", "--query", "--requisites", "--include-outputs", drv], deadline, "sizing", host
+        )
+        paths = [p for p in req.stdout.split() if not p.endswith(".drv")]
+        sizes = self._run(["nix-store", "--query", "--size", *paths], deadline, "sizing", host)
+        if req.returncode != 0 or sizes.returncode != 0:
+            raise BuildError(host, "cannot measure the build's size")
+        total = sum(int(n) for n in sizes.stdout.split())
+        limit = self.settings.max_output_size
+        if total > limit:
+            raise BuildError(
+                host, f"the build's closure is {total} bytes, over nix.max_output_size ({limit} bytes)"
+            )

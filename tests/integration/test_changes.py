@@ -222,7 +222,7 @@ def test_nix_library_change_rebuilds_every_host(rec: Reconciler, tmp_path: Path)
     shutil.copytree(NIX_DIR, nix_dir)
     host_nix = nix_dir / "host.nix"
     host_nix.write_text(host_nix.read_text().replace("Categories=System;", "Categories=System;Utility;"))
-    rec.nix = Nix(rec.cfg.state_dir, rec.cfg.nix.toolchain, rec.cfg.nix.toolchain_dir, nix_dir=nix_dir)
+    rec.nix = Nix(rec.cfg.state_dir, rec.cfg.nix, nix_dir=nix_dir)
     _, plan = rec.plan()
     recipe = ("build recipe changed (nix/ library or toolchain)",)
     assert actions(plan) == dict.fromkeys(("web-1", "web-2", "worker-1"), ("rebuild", recipe))

@@ -97,7 +97,14 @@ def test_every_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
             "store": {"type": "filesystem", "path": "/srv/store"},
             "state_dir": "~/state",
             "signing": {"gnupghome": "../gnupg", "key": "K", "passphrase_file": "secret/pass"},
-            "nix": {"toolchain": "nixpkgs", "toolchain_dir": "tc"},
+            "nix": {
+                "toolchain": "nixpkgs",
+                "toolchain_dir": "tc",
+                "sandbox": False,
+                "build_timeout": "20m",
+                "eval_timeout": "90s",
+                "max_output_size": "512MiB",
+            },
             "listen": "[::1]:9100",
             "poll_interval": 2.5,
             "jobs": 64,
@@ -111,7 +118,14 @@ def test_every_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert cfg.signing == SigningConfig(
         gnupghome=cfg_dir / ".." / "gnupg", key="K", passphrase_file=cfg_dir / "secret" / "pass"
     )
-    assert cfg.nix == NixConfig(toolchain="nixpkgs", toolchain_dir=cfg_dir / "tc")
+    assert cfg.nix == NixConfig(
+        toolchain="nixpkgs",
+        toolchain_dir=cfg_dir / "tc",
+        sandbox=False,
+        build_timeout=timedelta(minutes=20),
+        eval_timeout=timedelta(seconds=90),
+        max_output_size=512 << 20,
+    )
     assert (cfg.listen, cfg.poll_interval, cfg.jobs) == ("[::1]:9100", 2.5, 64)
     assert cfg.release_lifetime == timedelta(hours=12)
 
@@ -186,7 +200,26 @@ def duration(value: Any) -> str:
             "signing.passphrase",
             "unknown key (allowed: gnupghome, key, passphrase_file)",
         ),
-        (merged(nix__sandbox=True), "nix.sandbox", "unknown key (allowed: toolchain, toolchain_dir)"),
+        (
+            merged(nix__sandboxed=True),
+            "nix.sandboxed",
+            "unknown key (allowed: build_timeout, eval_timeout, max_output_size, sandbox, toolchain, "
+            "toolchain_dir)",
+        ),
+        (merged(nix__sandbox="no"), "nix.sandbox", "must be true or false"),
+        (merged(nix__build_timeout="soon"), "nix.build_timeout", duration("soon")),
+        (merged(nix__eval_timeout=0), "nix.eval_timeout", duration(0)),
+        (
+            merged(nix__max_output_size="lots"),
+            "nix.max_output_size",
+            "must be a size like 512M or 4G, got 'lots'",
+        ),
+        (merged(nix__max_output_size=0), "nix.max_output_size", "must be a positive number of bytes"),
+        (
+            merged(nix__max_output_size="0G"),
+            "nix.max_output_size",
+            "must be a size like 512M or 4G, got '0G'",
+        ),
         (merged(repo=DELETE), "repo", "is required"),
         (merged(repo=["x"]), "repo", "must be a mapping"),
         (merged(repo__url=DELETE), "repo.url", "is required"),

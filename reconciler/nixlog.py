@@ -1,0 +1,78 @@
+"""What of Nix's output may be shown in logs, ``status`` and metrics.
+
+Nix's messages name files and quote their lines, and a failed build's output is
+whatever the builder printed. The config repository is untrusted, so none of that
+may carry a path or a line of a file outside the repository to an operator's
+screen or a log shipper. Pure: text in, text out.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+# How many lines of Nix's output a host's error keeps (the last ones: the cause).
+TAIL_LINES = 12
+OUTSIDE = "<outside the repository>"
+# Nix quotes the source lines around an error ("   12| code", "     | ^").
+_SNIPPET = re.compile(r"^\s*\d*\s*\|")
+# An absolute path: starts a word with "/", ends at white space, a quote or a colon
+# (Nix writes "at /path:line:col:").
+_PATH = re.compile(r"(?<![\w./-])/[^\s'\"`:,;()<>\[\]{}]*")
+# Paths that name nothing of the machine's: the store is world-readable and holds
+# only what builds put there; the others exist only inside the build sandbox.
+_PUBLIC = ("/nix/store", "/build", "/proc", "/dev")
+# Nix's own verdict on a build. An unsandboxed builder can print anything, so a
+# line passes only if nothing in it can be chosen but a store path's name.
+_NIX_VERDICT = re.compile(
+    r"^error: (builder for|\d+ dependencies of derivation|building of|build of) "
+    r"'/nix/store/[0-9a-z]{32}-[\w+.?=-]+'"
+    r"( failed with exit code \d+;?| failed to build| timed out after \d+ seconds;?| failed)$"
+)
+
+
+@dataclass(frozen=True)
+class Redaction:
+    """How to rewrite paths: the repository checkout becomes repo-relative, each of
+    ``labels`` (a trusted directory such as the Nix library) becomes its label."""
+
+    repo: str
+    labels: Mapping[str, str]
+
+    def path(self, p: str) -> str:
+        if p == self.repo:
+            return "."
+        if p.startswith(self.repo + "/"):
+            return p[len(self.repo) + 1 :]
+        for root, label in self.labels.items():
+            if p == root or p.startswith(root + "/"):
+                return label + p[len(root) :]
+        if any(p == q or p.startswith(q + "/") for q in _PUBLIC):
+            return p
+        return OUTSIDE
+
+
+def redact(text: str, how: Redaction, builder_output: bool) -> str:
+    """Nix's ``text`` as one line that is safe to show.
+
+    Quoted source lines are dropped wherever they come from; paths outside the
+    repository, the trusted ``labels`` and the store are replaced. Unless
+    ``builder_output`` is true, only Nix's verdict lines are kept: a sandboxed
+    builder sees nothing but the repository and the store, an unsandboxed one the
+    whole machine. (Evaluation runs no builder: import-from-derivation is off.)
+    """
+    kept: list[str] = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or _SNIPPET.match(raw):
+            continue
+        if not builder_output and not _NIX_VERDICT.match(line):
+            continue
+        kept.append(_PATH.sub(lambda m: how.path(m.group(0)), line))
+    return tail(kept)
+
+
+def tail(lines: Sequence[str]) -> str:
+    """The last lines of a message joined into one."""
+    return " | ".join(lines[-TAIL_LINES:]) or "no output"
