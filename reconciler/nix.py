@@ -301,7 +301,7 @@ class Nix:
         except BuildError as exc:
             return False, exc.reason
         if proc.returncode != 0:
-            return False, redact(proc.stderr, self.redaction(repo), builder_output=False)
+            return False, redact(proc.stderr, self.redaction(repo))
         return True, proc.stdout
 
     def build(self, host: Host, version: int, repo: Path) -> BuildOutput:
@@ -330,9 +330,7 @@ class Nix:
         finally:
             fleet_file.unlink(missing_ok=True)
         if inst.returncode != 0:
-            raise BuildError(
-                host.name, f"evaluation failed: {redact(inst.stderr, how, builder_output=False)}"
-            )
+            raise BuildError(host.name, f"evaluation failed: {redact(inst.stderr, how)}")
         drv = inst.stdout.strip().splitlines()[-1]
         real = self._run(
             ["nix-store", "--realise", drv, "--add-root", str(root), "--indirect", *self._build_options()],
@@ -341,7 +339,7 @@ class Nix:
             host.name,
         )
         if real.returncode != 0:
-            raise BuildError(host.name, redact(real.stderr, how, builder_output=self.sandboxed))
+            raise BuildError(host.name, redact(real.stderr, how, unsandboxed_build=not self.sandboxed))
         self._check_size(host.name, drv)
         out = Path(real.stdout.strip().splitlines()[-1])
         files = {}

@@ -53,12 +53,12 @@ class Redaction:
         return OUTSIDE
 
 
-def redact(text: str, how: Redaction, builder_output: bool) -> str:
+def redact(text: str, how: Redaction, unsandboxed_build: bool = False) -> str:
     """Nix's ``text`` as one line that is safe to show.
 
     Quoted source lines are dropped wherever they come from; paths outside the
-    repository, the trusted ``labels`` and the store are replaced. Unless
-    ``builder_output`` is true, only Nix's verdict lines are kept: a sandboxed
+    repository, the trusted ``labels`` and the store are replaced. Of an
+    ``unsandboxed_build``'s output only Nix's verdict lines are kept: a sandboxed
     builder sees nothing but the repository and the store, an unsandboxed one the
     whole machine. (Evaluation runs no builder: import-from-derivation is off.)
     """
@@ -67,7 +67,7 @@ def redact(text: str, how: Redaction, builder_output: bool) -> str:
         line = raw.strip()
         if not line or _SNIPPET.match(raw):
             continue
-        if not builder_output and not _NIX_VERDICT.match(line):
+        if unsandboxed_build and not _NIX_VERDICT.match(line):
             continue
         kept.append(_PATH.sub(lambda m: how.path(m.group(0)), line))
     return tail(kept)

@@ -124,14 +124,18 @@ def config_repo(tmp_path: Path) -> ConfigRepo:
     return ConfigRepo(tmp_path / "repo")
 
 
-def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    """`reconciler ARGS...` as an operator runs it: its own process, no terminal to prompt on."""
+def cli(
+    *args: str, timeout: float = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`reconciler ARGS...` as an operator runs it: its own process, no terminal to prompt on.
+    ``env`` adds to the environment."""
     return subprocess.run(
         [sys.executable, "-m", "reconciler", *args],
         capture_output=True,
         text=True,
         stdin=subprocess.DEVNULL,
         timeout=timeout,
+        env={**os.environ, **(env or {})},
     )
 
 

