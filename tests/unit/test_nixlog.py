@@ -1,0 +1,83 @@
+"""What of Nix's output reaches logs and status: reconciler.nixlog."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from reconciler.nixlog import OUTSIDE, TAIL_LINES, Redaction, redact
+
+HOW = Redaction(repo="/var/lib/reconciler/checkout", labels={"/opt/reconciler/nix": "<reconciler nix>"})
+DRV = "/nix/store/" + "a" * 32 + "-host-web-1-image.drv"
+
+
+def test_a_quoted_file_outside_the_repository_shows_neither_its_lines_nor_its_path() -> None:
+    nix = (
+        "error: undefined variable 'root'\n\n"
+        "       at /etc/shadow:1:1:\n\n"
+        "            1| root:$6$salt$hash:19000:0:99999:7:::\n"
+        "             | ^\n"
+        "(use '--show-trace' to show detailed location information)\n"
+    )
+    shown = redact(nix, HOW)
+    assert "salt" not in shown and "/etc/shadow" not in shown
+    assert shown == (
+        f"error: undefined variable 'root' | at {OUTSIDE}:1:1: | "
+        "(use '--show-trace' to show detailed location information)"
+    )
+
+
+def test_repository_paths_become_relative_and_trusted_ones_labelled() -> None:
+    nix = (
+        "error: syntax error, unexpected '}'\n"
+        "       at /var/lib/reconciler/checkout/packages/site.nix:3:1:\n"
+        "       … while evaluating /opt/reconciler/nix/fleet.nix\n"
+        f"error: access to canonical path '/root/.gnupg/private-keys-v1.d' is forbidden in restricted mode\n"
+        f"building '{DRV}'...\n"
+        "cp: can't stat '/build/x': No such file or directory\n"
+    )
+    assert redact(nix, HOW).split(" | ") == [
+        "error: syntax error, unexpected '}'",
+        "at packages/site.nix:3:1:",
+        "… while evaluating <reconciler nix>/fleet.nix",
+        f"error: access to canonical path '{OUTSIDE}' is forbidden in restricted mode",
+        f"building '{DRV}'...",
+        "cp: can't stat '/build/x': No such file or directory",
+    ]
+
+
+def test_an_unsandboxed_builder_s_output_is_dropped_but_nix_s_verdict_kept() -> None:
+    nix = (
+        f"building '{DRV}'...\n"
+        "root:$6$salt$hash:19000:0:99999:7:::\n"
+        f"error: builder for '{DRV}' failed with exit code 1 root:$6$salt\n"
+        f"error: builder for '{DRV}' failed with exit code 1;\n"
+        f"error: 1 dependencies of derivation '{DRV}' failed to build\n"
+        f"error: building of '{DRV}' timed out after 3 seconds\n"
+    )
+    assert redact(nix, HOW, unsandboxed_build=True).split(" | ") == [
+        f"error: builder for '{DRV}' failed with exit code 1;",
+        f"error: 1 dependencies of derivation '{DRV}' failed to build",
+        f"error: building of '{DRV}' timed out after 3 seconds",
+    ]
+
+
+def test_only_the_last_lines_are_kept() -> None:
+    text = "\n".join(f"line {i}" for i in range(100))
+    assert redact(text, HOW).split(" | ") == [f"line {i}" for i in range(100 - TAIL_LINES, 100)]
+    assert redact("", HOW) == "no output"
+
+
+_SECRET_DIRS = st.sampled_from(["/etc", "/root", "/home/op", "/var/lib/reconciler/gnupg", "/tmp", "/srv"])
+_NAME = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-_.", min_size=1, max_size=12)
+_NOISE = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)
+
+
+@given(st.lists(st.tuples(_NOISE, _SECRET_DIRS, _NAME, _NOISE), min_size=1, max_size=8), st.booleans())
+def test_no_path_outside_the_repository_survives(
+    lines: list[tuple[str, str, str, str]], unsandboxed: bool
+) -> None:
+    text = "\n".join(f"{a} {d}/{n}:1:2: {b}" for a, d, n, b in lines)
+    shown = redact(text, HOW, unsandboxed_build=unsandboxed)
+    for _, d, n, _ in lines:
+        assert f"{d}/{n}" not in shown
