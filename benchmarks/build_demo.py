@@ -1,8 +1,11 @@
-"""Build time per host and artifact sizes for the demo fleet (`reconciler init`).
+"""Build time per host and artifact sizes for the demo fleet (`reconciler init`),
+with Nix's sandbox on next to off.
 
 Every derivation of each host (its packages, services, image and release
 artifacts) is built again from scratch with `nix-store --realise --check`, which
 also proves the rebuild gives the same bytes. The toolchain import is not counted.
+Each repetition builds the host once in the sandbox and once outside it, in turn,
+so both see the same machine; the ratio is sandboxed over unsandboxed.
 
     python3 benchmarks/build_demo.py [--repeat 3]
 """
@@ -35,6 +38,23 @@ def host_derivations(artifacts_drv: str) -> list[str]:
     return [p for p in closure if p.endswith(".drv")]
 
 
+def rebuild(drvs: list[str], sandbox: bool) -> float:
+    """Seconds to build ``drvs`` again from scratch, checking the bytes are the same."""
+    t = time.perf_counter()
+    check = [
+        "nix-store",
+        "--realise",
+        "--check",
+        *drvs,
+        *NIX_OPTIONS,
+        "--option",
+        "sandbox",
+        str(sandbox).lower(),
+    ]
+    subprocess.run(check, check=True, capture_output=True)
+    return time.perf_counter() - t
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=3)
@@ -48,25 +68,33 @@ def main() -> int:
             t = time.perf_counter()
             rec.nix.ensure_toolchain()
             print(f"toolchain ready in {time.perf_counter() - t:.1f}s (staged once, then content-addressed)")
-            print(f"{'host':<10} {'build s':>8} {'ACI bytes':>12} {'AppImage bytes':>15}  derivations")
-            total = 0.0
+            print(
+                f"{'host':<10} {'sandbox s':>10} {'no sandbox s':>13} {'ratio':>6} {'ACI bytes':>12}"
+                f" {'AppImage bytes':>15}  derivations"
+            )
+            totals = {True: 0.0, False: 0.0}
             for name, host in sorted(fleet.hosts.items()):
                 out = rec.build(host, 1)
                 drvs = host_derivations(out.derivation)
-                times = []
+                times: dict[bool, list[float]] = {True: [], False: []}
                 for _ in range(args.repeat):
-                    t = time.perf_counter()
-                    check = ["nix-store", "--realise", "--check", *drvs, *NIX_OPTIONS]
-                    subprocess.run(check, check=True, capture_output=True)
-                    times.append(time.perf_counter() - t)
-                seconds = statistics.median(times)
-                total += seconds
+                    for sandbox in (True, False):
+                        times[sandbox].append(rebuild(drvs, sandbox))
+                seconds = {sandbox: statistics.median(t) for sandbox, t in times.items()}
+                for sandbox in totals:
+                    totals[sandbox] += seconds[sandbox]
                 sizes = {fmt: path.stat().st_size for fmt, path in out.files.items()}
+                ratio = seconds[True] / seconds[False]
                 print(
-                    f"{name:<10} {seconds:>8.2f} {sizes.get('aci', 0):>12,} {sizes.get('appimage', 0):>15,}"
-                    f"  {len(drvs)}"
+                    f"{name:<10} {seconds[True]:>10.2f} {seconds[False]:>13.2f} {ratio:>6.2f}"
+                    f" {sizes.get('aci', 0):>12,} {sizes.get('appimage', 0):>15,}  {len(drvs)}"
                 )
-            print(f"{'total':<10} {total:>8.2f}  (median of {args.repeat} rebuilds per host, one at a time)")
+            ratio = totals[True] / totals[False]
+            print(
+                f"{'total':<10} {totals[True]:>10.2f} {totals[False]:>13.2f} {ratio:>6.2f}"
+                f"  (median of {args.repeat} rebuilds per host and mode, one at a time)"
+            )
+            print(f"sandbox probe at start: builds sandboxed = {rec.nix.sandboxed}")
         finally:
             rec.close()
     return 0
