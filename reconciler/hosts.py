@@ -362,7 +362,10 @@ def parse_fleet(files: Mapping[str, str], cache: ParseCache | None = None) -> Fl
     """
     old = cache or ParseCache()
     new = ParseCache()
-    load = functools.partial(_load_yaml, seen=new.docs, cache=old.docs)
+    load = functools.partial(_load_yaml, seen=new.docs, cache=old.docs, failed={})
+    # Each profile is resolved once per call, whichever hosts and profiles include it:
+    # expanding includes afresh at every mention costs 2**depth for a diamond.
+    resolved: dict[str, Resolved] = {}
     profiles = _by_stem(files, "profiles/")
     packages = {posixpath.basename(p)[:-4] for p in files if p.startswith("packages/")}
     hosts: dict[str, Host] = {}
@@ -384,7 +387,7 @@ def parse_fleet(files: Mapping[str, str], cache: ParseCache | None = None) -> Fl
         result = old.hosts.get(key)
         if result is None:
             try:
-                result = _parse_host(path, files, profiles, packages, load)
+                result = _parse_host(path, files, profiles, packages, load, resolved)
             except ConfigError as exc:
                 result = exc
         new.hosts[key] = result
@@ -417,15 +420,33 @@ def _stem(path: str) -> str:
 
 
 def _load_yaml(
-    path: str, text: str, seen: dict[str, dict[str, Any]], cache: dict[str, dict[str, Any]]
+    path: str,
+    text: str,
+    seen: dict[str, dict[str, Any]],
+    cache: dict[str, dict[str, Any]],
+    failed: dict[tuple[str, str], ConfigError],
 ) -> dict[str, Any]:
     done = seen.get(text)
-    if done is None:
-        done = seen[text] = cache[text] if text in cache else _parse_yaml(path, text)
-    return done
+    if done is not None:
+        return done
+    if text in cache:
+        done = seen[text] = cache[text]
+        return done
+    # A broken profile is parsed once, not once per host including it; keyed by path
+    # too because the error names the file.
+    err = failed.get((path, text))
+    if err is None:
+        try:
+            done = seen[text] = _parse_yaml(path, text)
+            return done
+        except ConfigError as exc:
+            err = failed[(path, text)] = exc
+    raise ConfigError(err.path, err.key, err.reason)
 
 
 Load = Callable[[str, str], dict[str, Any]]
+# A profile with its includes merged in, and the files it came from (each once, in order).
+Resolved = tuple[dict[str, Any], tuple[str, ...]]
 
 
 def parse_yaml(path: str, text: str) -> Any:
@@ -480,8 +501,17 @@ def _resolve_profile(
     profiles: Mapping[str, tuple[str, ...]],
     stack: tuple[str, ...],
     load: Load,
-) -> tuple[dict[str, Any], tuple[str, ...]]:
-    """A profile with its own includes merged in, and the files it came from."""
+    resolved: dict[str, Resolved],
+) -> Resolved:
+    """A profile with its own includes merged in, and the files it came from.
+
+    ``resolved`` memoises successes only. They do not depend on ``stack``: a profile
+    that resolves has no include cycle below it. Errors do (the cycle is named from
+    where it was entered) and end the host's resolution anyway.
+    """
+    done = resolved.get(name)
+    if done is not None:
+        return done
     path, *twins = profiles[name]
     if twins:
         raise ConfigError(path, "", f"profile {name!r} is defined twice: {' and '.join((path, *twins))}")
@@ -492,11 +522,14 @@ def _resolve_profile(
     merged: dict[str, Any] = {}
     sources: tuple[str, ...] = ()
     for inc in _includes(path, data, profiles):
-        inc_data, inc_sources = _resolve_profile(inc, files, profiles, (*stack, name), load)
+        inc_data, inc_sources = _resolve_profile(inc, files, profiles, (*stack, name), load, resolved)
         merged = deep_merge(merged, inc_data)
         sources += inc_sources
     body = {k: v for k, v in data.items() if k != "include"}
-    return deep_merge(merged, body), (*sources, path)
+    # Dropping repeats here keeps the first occurrences, and so the order, the host's
+    # own de-duplication would give, without a tuple that doubles at every diamond.
+    done = resolved[name] = (deep_merge(merged, body), tuple(dict.fromkeys((*sources, path))))
+    return done
 
 
 def _includes(path: str, data: Mapping[str, Any], profiles: Mapping[str, tuple[str, ...]]) -> list[str]:
@@ -528,6 +561,7 @@ def _parse_host(
     profiles: Mapping[str, tuple[str, ...]],
     packages: set[str],
     load: Load,
+    resolved: dict[str, Resolved],
 ) -> Host:
     stem = _stem(path)
     if not NAME_RE.fullmatch(stem):
@@ -543,7 +577,7 @@ def _parse_host(
     sources: tuple[str, ...] = ()
     for inc in _includes(path, data, profiles):
         try:
-            inc_data, inc_sources = _resolve_profile(inc, files, profiles, (), load)
+            inc_data, inc_sources = _resolve_profile(inc, files, profiles, (), load, resolved)
         except ConfigError as exc:
             # Charge a broken profile to the host that includes it, so callers that map
             # errors to hosts by path (plan, cli build) see this host, not the profile.

@@ -1288,3 +1288,117 @@ def test_config_files_get_the_same_checks(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(cfg)
     assert info.value.reason == f"is larger than {MAX_FILE_BYTES} bytes"
+
+
+# -- includes: each profile resolved once --------------------------------------------------------
+
+
+def naive_fleet(
+    files: Mapping[str, str],
+) -> dict[str, tuple[tuple[tuple[str, str], ...], tuple[str, ...]] | str]:
+    """Hosts' files and sources, or their error text, by expanding every include afresh
+    (what parse_fleet did before it memoised; exponential, so for small fleets only)."""
+    docs = {
+        posixpath.basename(p)[:-5]: yaml.safe_load(t) for p, t in files.items() if p.startswith("profiles/")
+    }
+
+    def resolve(name: str, stack: tuple[str, ...]) -> tuple[dict[str, Any], tuple[str, ...]]:
+        path = f"profiles/{name}.yaml"
+        if name in stack:
+            raise ConfigError(path, "include", "include cycle: " + " -> ".join((*stack, name)))
+        merged: dict[str, Any] = {}
+        sources: tuple[str, ...] = ()
+        for inc in docs[name].get("include", []):
+            data, srcs = resolve(inc, (*stack, name))
+            merged, sources = deep_merge(merged, data), sources + srcs
+        body = {k: v for k, v in docs[name].items() if k != "include"}
+        return deep_merge(merged, body), (*sources, path)
+
+    out: dict[str, tuple[tuple[tuple[str, str], ...], tuple[str, ...]] | str] = {}
+    for path, text in files.items():
+        if not path.startswith("hosts/"):
+            continue
+        doc = yaml.safe_load(text)
+        merged: dict[str, Any] = {}
+        sources: tuple[str, ...] = ()
+        try:
+            for inc in doc.get("include", []):
+                data, srcs = resolve(inc, ())
+                merged, sources = deep_merge(merged, data), sources + srcs
+        except ConfigError as exc:
+            out[doc["name"]] = str(ConfigError(path, "include", str(exc)))
+            continue
+        merged = deep_merge(merged, {k: v for k, v in doc.items() if k != "include"})
+        out[doc["name"]] = (
+            tuple(sorted(merged.get("files", {}).items())),
+            tuple(dict.fromkeys((path, *sources))),
+        )
+    return out
+
+
+@st.composite
+def include_graphs(draw: st.DrawFn, acyclic: bool) -> dict[str, str]:
+    """Profiles p0..pN that include each other (only later ones if ``acyclic``) and set
+    overlapping files, so that merge order shows; hosts that include some of them."""
+    n = draw(st.integers(1, 7))
+    names = [f"p{i}" for i in range(n)]
+    keys = st.sampled_from(["etc/a", "etc/b", "etc/c"])
+    files: dict[str, str] = {}
+    for i, name in enumerate(names):
+        choices = names[i + 1 :] if acyclic else names
+        inc = draw(st.lists(st.sampled_from(choices), max_size=3, unique=True)) if choices else []
+        own = draw(st.sets(keys, max_size=2))
+        files[f"profiles/{name}.yaml"] = yaml.safe_dump(
+            {"include": inc, "files": {k: name for k in sorted(own)}}
+        )
+    for h in range(draw(st.integers(1, 3))):
+        inc = draw(st.lists(st.sampled_from(names), max_size=3, unique=True))
+        own = draw(st.sets(keys, max_size=1))
+        files[f"hosts/h{h}.yaml"] = yaml.safe_dump(
+            {"name": f"h{h}", "include": inc, "files": {k: f"h{h}" for k in sorted(own)}}
+        )
+    return files
+
+
+def memoised_fleet(
+    files: Mapping[str, str],
+) -> dict[str, tuple[tuple[tuple[str, str], ...], tuple[str, ...]] | str]:
+    fleet = parse_fleet(files)
+    out: dict[str, tuple[tuple[tuple[str, str], ...], tuple[str, ...]] | str] = {
+        name: (h.files, h.sources) for name, h in fleet.hosts.items()
+    }
+    out.update({posixpath.basename(e.path)[:-5]: str(e) for e in fleet.errors})
+    return out
+
+
+@PROPERTY
+@given(include_graphs(acyclic=True))
+def test_resolving_each_profile_once_gives_what_expanding_every_include_gives(files: dict[str, str]) -> None:
+    fleet = memoised_fleet(files)
+    assert fleet == naive_fleet(files)
+    assert all(not isinstance(v, str) for v in fleet.values())
+
+
+@PROPERTY
+@given(include_graphs(acyclic=False))
+def test_include_cycles_are_reported_as_before(files: dict[str, str]) -> None:
+    assert memoised_fleet(files) == naive_fleet(files)
+
+
+def test_a_profile_shared_by_many_hosts_and_profiles_is_parsed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    parsed: list[str] = []
+    real = hosts._parse_yaml
+
+    def counting(path: str, text: str) -> dict[str, Any]:
+        parsed.append(path)
+        return real(path, text)
+
+    monkeypatch.setattr(hosts, "_parse_yaml", counting)
+    files = {f"profiles/p{i}.yaml": f"include: [p{i + 1}, bad]\n" for i in range(5)}
+    files["profiles/p5.yaml"] = "formats: [aci]\n"
+    files["profiles/bad.yaml"] = "formats: [aci\n"
+    files |= {f"hosts/h{i}.yaml": f"name: h{i}\ninclude: [p0]\n" for i in range(10)}
+    fleet = parse_fleet(files)
+    assert len(fleet.errors) == 10
+    assert all("profiles/bad.yaml: invalid YAML at line 2" in e.reason for e in fleet.errors)
+    assert sorted(parsed) == sorted(files)
