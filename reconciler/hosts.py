@@ -720,8 +720,8 @@ def _files(path: str, value: Any, host: str) -> tuple[tuple[str, str], ...]:
         if "\0" in content:
             raise ConfigError(path, key, "content must be text without NUL characters")
         out.append((name, content))
-    names = [n for n, _ in out]
-    for n in names:
+    names = {n for n, _ in out}
+    for n in sorted(names):
         parent = n.rsplit("/", 1)[0] if "/" in n else None
         while parent:
             if parent in names:
