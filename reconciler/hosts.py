@@ -15,12 +15,14 @@ import json
 import os
 import posixpath
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from yaml.events import AliasEvent, CollectionEndEvent, CollectionStartEvent, Event, ScalarEvent
+from yaml.nodes import MappingNode, Node, SequenceNode
 
 from reconciler.errors import ConfigError
 
@@ -39,6 +41,19 @@ RESERVED_PREFIXES = ("AppRun", ".reconciler", "etc/reconciler", "etc/service", "
 # The AppImage's desktop entry and icon at the image root (nix/host.nix).
 RESERVED_TOP_SUFFIXES = (".desktop", ".svg")
 MAX_FILE_BYTES = 1 << 20
+# A definition is about five levels deep (services.web.exec[0]). libyaml composes nodes
+# by recursing in C once per level, where some ten thousand levels overflow the stack
+# and kill the daemon (SIGSEGV, no exception to catch); deep_merge and JSON for Nix
+# recurse too. Checked on the parser's event stream, aliases counted as the nodes they
+# stand for, before anything recursive runs.
+MAX_DEPTH = 64
+# Nodes and scalar characters a document may hold once every alias is counted as what
+# it stands for. A MAX_FILE_BYTES document written out without aliases stays within
+# both (a node takes about a byte of text or more, a scalar's value is no longer than
+# its text), so aliases ("billion laughs") cannot make a file cost more in deep_merge,
+# validation and the JSON handed to Nix than the largest file read_tree accepts.
+MAX_NODES = MAX_FILE_BYTES
+MAX_SCALAR_CHARS = MAX_FILE_BYTES
 
 
 @dataclass(frozen=True)
@@ -153,8 +168,176 @@ _TOO_BIG = "\0too-big"
 _UNREADABLE = "\0unreadable:"
 
 
+class _RefusedError(Exception):
+    """A document the loaders would accept but we do not; parse_yaml names the file."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(reason)
+        self.key = key
+        self.reason = reason
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _UniqueKeys(yaml.constructor.SafeConstructor):
+    """Refuses a mapping that states a key twice.
+
+    PyYAML keeps the last value silently, so the file would mean something other than
+    what a reader who stopped at the first one sees. Keys that a merge (``<<``) brings
+    in may still be overridden: that is what merging is for.
+    """
+
+    _root: Node | None = None
+    _checked: set[int]
+
+    def construct_document(self, node: Node) -> Any:
+        self._root, self._checked = node, set()
+        return super().construct_document(node)
+
+    def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[Hashable, Any]:
+        self._check_unique(node)
+        return super().construct_mapping(node, deep=deep)
+
+    def _check_unique(self, node: MappingNode) -> None:
+        # Once per node and before flatten_mapping rewrites it: a merge source, once
+        # flattened, holds the merged keys beside its own.
+        if id(node) in self._checked:
+            return
+        self._checked.add(id(node))
+        seen: dict[Any, Node] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == _MERGE_TAG:
+                sources = value_node.value if isinstance(value_node, SequenceNode) else [value_node]
+                for src in sources:
+                    if isinstance(src, MappingNode):
+                        self._check_unique(src)
+                continue
+            key = self.construct_object(key_node)
+            if not isinstance(key, Hashable):
+                continue  # SafeConstructor refuses it, with its position
+            first = seen.setdefault(key, key_node)
+            if first is not key_node:
+                raise _RefusedError(
+                    _key_path(self._root, node, key),
+                    f"duplicate key at {_position(key_node)} (first at {_position(first)}): "
+                    "ambiguous, YAML would silently keep only the last",
+                )
+
+
+class _PyLoader(_UniqueKeys, yaml.SafeLoader):
+    """Pure Python: slower, but says more precisely where and why a document is invalid."""
+
+
 # libyaml's loader when PyYAML was built with it: parsing dominates planning a large fleet.
-_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_LOADER: type[yaml.SafeLoader] | type[yaml.CSafeLoader] = _PyLoader
+if getattr(yaml, "__with_libyaml__", False):
+
+    class _CLoader(_UniqueKeys, yaml.CSafeLoader):
+        pass
+
+    _LOADER = _CLoader
+
+
+def _position(item: Node | Event) -> str:
+    mark = item.start_mark
+    return f"line {mark.line + 1}, column {mark.column + 1}" if mark else "an unknown position"
+
+
+def _key_path(root: Node | None, target: MappingNode, key: object) -> str:
+    """The dotted path of ``key`` in ``target``, found from the document root.
+
+    Only on error, so a walk of the whole document is cheap enough.
+    """
+    todo: list[tuple[Node, str]] = [(root, "")] if root is not None else []
+    visited: set[int] = set()
+    while todo:
+        node, prefix = todo.pop()
+        if node is target:
+            return f"{prefix}.{key}" if prefix else str(key)
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
+        if isinstance(node, MappingNode):
+            for k, v in node.value:
+                seg = str(k.value) if isinstance(k.value, str) else "?"
+                todo.append((v, f"{prefix}.{seg}" if prefix else seg))
+        elif isinstance(node, SequenceNode):
+            todo.extend((v, f"{prefix}[{i}]") for i, v in enumerate(node.value))
+    return str(key)
+
+
+def _check_limits(text: str, loader: type[yaml.SafeLoader] | type[yaml.CSafeLoader]) -> None:
+    """Refuse a document too deep or too large before a loader builds it.
+
+    Walks the parser's event stream (both parsers are iterative, only composing nodes
+    recurses) and stops at the first limit broken, so a hostile document costs no more
+    than the text up to that point. An alias counts as the whole node it names:
+    its nodes, its scalar characters and its height below the alias.
+    """
+    # Per open collection: its anchor, and nodes and characters before it began.
+    open_: list[tuple[str | None, int, int]] = []
+    # Per open collection: the height of its tallest child so far.
+    heights: list[int] = []
+    # Per anchor: (nodes, characters, height); None while the anchored node is open.
+    anchors: dict[str, tuple[int, int, int] | None] = {}
+    nodes = chars = 0
+    for event in yaml.parse(text, Loader=loader):
+        if isinstance(event, ScalarEvent):
+            n, c, h = 1, len(event.value), 0
+            if event.anchor is not None:
+                anchors[event.anchor] = (n, c, h)
+        elif isinstance(event, AliasEvent):
+            if event.anchor not in anchors:
+                continue  # the composer reports the undefined alias
+            size = anchors[event.anchor]
+            if size is None:
+                raise _RefusedError(
+                    "", f"alias *{event.anchor} at {_position(event)} refers to a node containing it"
+                )
+            n, c, h = size
+            if len(open_) + h > MAX_DEPTH:
+                raise _RefusedError(
+                    "", f"nested deeper than {MAX_DEPTH} levels (alias *{event.anchor} at {_position(event)})"
+                )
+        elif isinstance(event, CollectionStartEvent):
+            if len(open_) >= MAX_DEPTH:
+                raise _RefusedError("", f"nested deeper than {MAX_DEPTH} levels at {_position(event)}")
+            open_.append((event.anchor, nodes, chars))
+            heights.append(0)
+            if event.anchor is not None:
+                anchors[event.anchor] = None
+            nodes += 1
+            _check_size(nodes, chars, event)
+            continue
+        elif isinstance(event, CollectionEndEvent):
+            anchor, nodes_before, chars_before = open_.pop()
+            h = heights.pop() + 1
+            if anchor is not None:
+                anchors[anchor] = (nodes - nodes_before, chars - chars_before, h)
+            if heights:
+                heights[-1] = max(heights[-1], h)
+            continue
+        else:
+            continue
+        if heights:
+            heights[-1] = max(heights[-1], h)
+        nodes += n
+        chars += c
+        _check_size(nodes, chars, event)
+
+
+def _check_size(nodes: int, chars: int, event: Event) -> None:
+    if nodes > MAX_NODES:
+        raise _RefusedError(
+            "", f"holds more than {MAX_NODES} nodes, aliases expanded (reached at {_position(event)})"
+        )
+    if chars > MAX_SCALAR_CHARS:
+        raise _RefusedError(
+            "",
+            f"holds more than {MAX_SCALAR_CHARS} characters of scalars, aliases expanded "
+            f"(reached at {_position(event)})",
+        )
 
 
 @dataclass
@@ -179,7 +362,10 @@ def parse_fleet(files: Mapping[str, str], cache: ParseCache | None = None) -> Fl
     """
     old = cache or ParseCache()
     new = ParseCache()
-    load = functools.partial(_load_yaml, seen=new.docs, cache=old.docs)
+    load = functools.partial(_load_yaml, seen=new.docs, cache=old.docs, failed={})
+    # Each profile is resolved once per call, whichever hosts and profiles include it:
+    # expanding includes afresh at every mention costs 2**depth for a diamond.
+    resolved: dict[str, Resolved] = {}
     profiles = _by_stem(files, "profiles/")
     packages = {posixpath.basename(p)[:-4] for p in files if p.startswith("packages/")}
     hosts: dict[str, Host] = {}
@@ -201,7 +387,7 @@ def parse_fleet(files: Mapping[str, str], cache: ParseCache | None = None) -> Fl
         result = old.hosts.get(key)
         if result is None:
             try:
-                result = _parse_host(path, files, profiles, packages, load)
+                result = _parse_host(path, files, profiles, packages, load, resolved)
             except ConfigError as exc:
                 result = exc
         new.hosts[key] = result
@@ -234,25 +420,52 @@ def _stem(path: str) -> str:
 
 
 def _load_yaml(
-    path: str, text: str, seen: dict[str, dict[str, Any]], cache: dict[str, dict[str, Any]]
+    path: str,
+    text: str,
+    seen: dict[str, dict[str, Any]],
+    cache: dict[str, dict[str, Any]],
+    failed: dict[tuple[str, str], ConfigError],
 ) -> dict[str, Any]:
     done = seen.get(text)
-    if done is None:
-        done = seen[text] = cache[text] if text in cache else _parse_yaml(path, text)
-    return done
+    if done is not None:
+        return done
+    if text in cache:
+        done = seen[text] = cache[text]
+        return done
+    # A broken profile is parsed once, not once per host including it; keyed by path
+    # too because the error names the file.
+    err = failed.get((path, text))
+    if err is None:
+        try:
+            done = seen[text] = _parse_yaml(path, text)
+            return done
+        except ConfigError as exc:
+            err = failed[(path, text)] = exc
+    raise ConfigError(err.path, err.key, err.reason)
 
 
 Load = Callable[[str, str], dict[str, Any]]
+# A profile with its includes merged in, and the files it came from (each once, in order).
+Resolved = tuple[dict[str, Any], tuple[str, ...]]
 
 
 def parse_yaml(path: str, text: str) -> Any:
-    """The YAML document ``text`` read from ``path``; errors name the file, line and column."""
+    """The YAML document ``text`` read from ``path``; errors name the file, line and column.
+
+    Refuses what loading would make costly or ambiguous: more than MAX_FILE_BYTES,
+    nesting beyond MAX_DEPTH, more than MAX_NODES or MAX_SCALAR_CHARS once aliases are
+    expanded, an alias inside the node it names, a key stated twice in one mapping.
+    """
+    if len(text) > MAX_FILE_BYTES or len(text.encode("utf-8", "surrogatepass")) > MAX_FILE_BYTES:
+        raise ConfigError(path, "", f"is larger than {MAX_FILE_BYTES} bytes")
     try:
         try:
-            return yaml.load(text, Loader=_LOADER)
+            return _load(text, _LOADER)
         except yaml.YAMLError:
             # The Python loader says more precisely where and why; errors are rare.
-            return yaml.load(text, Loader=yaml.SafeLoader)
+            return _load(text, _PyLoader)
+    except _RefusedError as exc:
+        raise ConfigError(path, exc.key, exc.reason) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -260,6 +473,11 @@ def parse_yaml(path: str, text: str) -> Any:
         raise ConfigError(path, "", f"invalid YAML{where}: {problem}") from None
     except RecursionError:
         raise ConfigError(path, "", "invalid YAML: nested too deeply") from None
+
+
+def _load(text: str, loader: type[yaml.SafeLoader] | type[yaml.CSafeLoader]) -> Any:
+    _check_limits(text, loader)
+    return yaml.load(text, Loader=loader)
 
 
 def _parse_yaml(path: str, text: str) -> dict[str, Any]:
@@ -283,8 +501,17 @@ def _resolve_profile(
     profiles: Mapping[str, tuple[str, ...]],
     stack: tuple[str, ...],
     load: Load,
-) -> tuple[dict[str, Any], tuple[str, ...]]:
-    """A profile with its own includes merged in, and the files it came from."""
+    resolved: dict[str, Resolved],
+) -> Resolved:
+    """A profile with its own includes merged in, and the files it came from.
+
+    ``resolved`` memoises successes only. They do not depend on ``stack``: a profile
+    that resolves has no include cycle below it. Errors do (the cycle is named from
+    where it was entered) and end the host's resolution anyway.
+    """
+    done = resolved.get(name)
+    if done is not None:
+        return done
     path, *twins = profiles[name]
     if twins:
         raise ConfigError(path, "", f"profile {name!r} is defined twice: {' and '.join((path, *twins))}")
@@ -295,11 +522,14 @@ def _resolve_profile(
     merged: dict[str, Any] = {}
     sources: tuple[str, ...] = ()
     for inc in _includes(path, data, profiles):
-        inc_data, inc_sources = _resolve_profile(inc, files, profiles, (*stack, name), load)
+        inc_data, inc_sources = _resolve_profile(inc, files, profiles, (*stack, name), load, resolved)
         merged = deep_merge(merged, inc_data)
         sources += inc_sources
     body = {k: v for k, v in data.items() if k != "include"}
-    return deep_merge(merged, body), (*sources, path)
+    # Dropping repeats here keeps the first occurrences, and so the order, the host's
+    # own de-duplication would give, without a tuple that doubles at every diamond.
+    done = resolved[name] = (deep_merge(merged, body), tuple(dict.fromkeys((*sources, path))))
+    return done
 
 
 def _includes(path: str, data: Mapping[str, Any], profiles: Mapping[str, tuple[str, ...]]) -> list[str]:
@@ -331,6 +561,7 @@ def _parse_host(
     profiles: Mapping[str, tuple[str, ...]],
     packages: set[str],
     load: Load,
+    resolved: dict[str, Resolved],
 ) -> Host:
     stem = _stem(path)
     if not NAME_RE.fullmatch(stem):
@@ -346,7 +577,7 @@ def _parse_host(
     sources: tuple[str, ...] = ()
     for inc in _includes(path, data, profiles):
         try:
-            inc_data, inc_sources = _resolve_profile(inc, files, profiles, (), load)
+            inc_data, inc_sources = _resolve_profile(inc, files, profiles, (), load, resolved)
         except ConfigError as exc:
             # Charge a broken profile to the host that includes it, so callers that map
             # errors to hosts by path (plan, cli build) see this host, not the profile.
@@ -489,8 +720,8 @@ def _files(path: str, value: Any, host: str) -> tuple[tuple[str, str], ...]:
         if "\0" in content:
             raise ConfigError(path, key, "content must be text without NUL characters")
         out.append((name, content))
-    names = [n for n, _ in out]
-    for n in names:
+    names = {n for n, _ in out}
+    for n in sorted(names):
         parent = n.rsplit("/", 1)[0] if "/" in n else None
         while parent:
             if parent in names:

@@ -6,7 +6,7 @@ import os
 import posixpath
 import random
 import string
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +15,14 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from reconciler import hosts
+from reconciler.config import load_config
 from reconciler.errors import ConfigError
 from reconciler.hosts import (
+    MAX_DEPTH,
     MAX_FILE_BYTES,
+    MAX_NODES,
+    MAX_SCALAR_CHARS,
     Fleet,
     Host,
     Network,
@@ -25,6 +30,7 @@ from reconciler.hosts import (
     Service,
     deep_merge,
     parse_fleet,
+    parse_yaml,
     read_tree,
 )
 
@@ -1004,3 +1010,395 @@ def test_every_host_file_gives_one_host_or_one_error(
     assert set(fleet.hosts) | fleet.invalid == stems
     assert not set(fleet.hosts) & fleet.invalid
     assert sorted(Path(e.path).stem for e in fleet.errors) == sorted(fleet.invalid)
+
+
+# -- YAML limits: depth, size, aliases -----------------------------------------------------------
+
+
+def refusal(text: str) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        parse_yaml("f.yaml", text)
+    assert info.value.path == "f.yaml"
+    return info.value
+
+
+def depth_of(value: object) -> int:
+    """Nesting depth of loaded data: collections count, scalars do not."""
+    if isinstance(value, dict):
+        return 1 + max(map(depth_of, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(depth_of, value), default=0)
+    return 0
+
+
+def flow_nesting(depth: int) -> str:
+    # The top-level mapping is one level.
+    return "a: " + "[" * (depth - 1) + "]" * (depth - 1) + "\n"
+
+
+def block_nesting(depth: int) -> str:
+    return "".join("  " * i + "k:\n" for i in range(depth - 1)) + "  " * (depth - 1) + "k: x\n"
+
+
+def alias_nesting(depth: int) -> str:
+    # Each anchor holds the previous one one level deeper: little text, deep data.
+    lines = ["a1: &a1 [x]"] + [f"a{i}: &a{i} [*a{i - 1}]" for i in range(2, depth)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("nesting", [flow_nesting, block_nesting, alias_nesting])
+def test_nesting_up_to_the_limit_is_accepted(nesting: Callable[[int], str]) -> None:
+    assert depth_of(parse_yaml("f.yaml", nesting(MAX_DEPTH))) == MAX_DEPTH
+
+
+def test_one_level_too_deep_is_refused_where_it_happens() -> None:
+    err = refusal(flow_nesting(MAX_DEPTH + 1))
+    assert (err.key, err.reason) == (
+        "",
+        f"nested deeper than {MAX_DEPTH} levels at line 1, column {MAX_DEPTH + 3}",
+    )
+    err = refusal(block_nesting(MAX_DEPTH + 1))
+    # The innermost mapping begins at its first key.
+    assert (
+        err.reason
+        == f"nested deeper than {MAX_DEPTH} levels at line {MAX_DEPTH + 1}, column {2 * MAX_DEPTH + 1}"
+    )
+    err = refusal(alias_nesting(MAX_DEPTH + 1))
+    alias = f"*a{MAX_DEPTH - 1} at line {MAX_DEPTH}, column {2 * len(str(MAX_DEPTH)) + 8}"
+    assert err.reason == f"nested deeper than {MAX_DEPTH} levels (alias {alias})"
+
+
+def test_a_host_nested_50000_deep_is_invalid_and_the_others_are_not() -> None:
+    # libyaml composes nodes recursively in C: this used to kill the process (SIGSEGV).
+    deep = "name: web-1\nfiles: " + "[" * 50_000 + "]" * 50_000 + "\n"
+    fleet = parse_fleet({"hosts/web-1.yaml": deep, "hosts/web-2.yaml": "name: web-2\n"})
+    assert list(fleet.hosts) == ["web-2"]
+    [err] = fleet.errors
+    assert (err.path, err.key) == ("hosts/web-1.yaml", "")
+    assert err.reason == f"nested deeper than {MAX_DEPTH} levels at line 2, column {MAX_DEPTH + 7}"
+
+
+def node_bomb(nodes: int) -> str:
+    """A document of exactly ``nodes`` nodes once its aliases are expanded; little text."""
+    unit = 1024  # an anchored list of 1023 empty strings
+    fixed = 1 + 3 + unit + 2  # root, keys a b c, the anchored list, lists b and c
+    copies, pad = divmod(nodes - fixed, unit)
+    return "a: &x [" + "'', " * (unit - 1) + "]\nb: [" + "*x, " * copies + "]\nc: [" + "'', " * pad + "]\n"
+
+
+def chars_bomb(chars: int) -> str:
+    """A document of exactly ``chars`` characters of scalars once its aliases are expanded."""
+    unit = 1000
+    copies, pad = divmod(chars - 3 - unit, unit)  # keys a b c, the anchored string
+    return f"a: &x {'x' * unit}\nb: [{'*x, ' * copies}]\nc: '{'y' * pad}'\n"
+
+
+def test_nodes_up_to_the_limit_are_accepted_and_one_more_refused() -> None:
+    data = parse_yaml("f.yaml", node_bomb(MAX_NODES))
+    assert len(data["b"]) * 1024 + len(data["c"]) + 1030 == MAX_NODES
+    err = refusal(node_bomb(MAX_NODES + 1))
+    assert err.reason.startswith(
+        f"holds more than {MAX_NODES} nodes, aliases expanded (reached at line 3, column "
+    )
+
+
+def test_scalar_text_up_to_the_limit_is_accepted_and_one_more_character_refused() -> None:
+    data = parse_yaml("f.yaml", chars_bomb(MAX_SCALAR_CHARS))
+    assert 3 + 1000 * (len(data["b"]) + 1) + len(data["c"]) == MAX_SCALAR_CHARS
+    err = refusal(chars_bomb(MAX_SCALAR_CHARS + 1))
+    expect = f"holds more than {MAX_SCALAR_CHARS} characters of scalars, aliases expanded"
+    assert err.reason.startswith(f"{expect} (reached at line 3, column ")
+
+
+def test_billion_laughs_is_refused_before_anything_expands_it() -> None:
+    # Nine levels of ten aliases each: 10**9 mappings once expanded, a few hundred bytes of text.
+    lines = ["l0: &l0 {gateway: 10.0.0.1}"]
+    for i in range(1, 10):
+        body = ", ".join(f"k{j}: *l{i - 1}" for j in range(10))
+        lines.append(f"l{i}: &l{i} {{{body}}}")
+    err = error_of("name: web-1\nnetwork: *l9\n" + "\n".join(f"x{line}" for line in lines) + "\n")
+    # (the anchors sit under unknown keys; the limit must be what refuses the file)
+    assert err.key == "" and err.reason.startswith("holds more than ")
+    assert "aliases expanded" in err.reason
+
+
+def test_an_alias_inside_its_own_anchor_is_refused() -> None:
+    # Self-referencing data sent deep_merge into unbounded recursion (RecursionError
+    # out of parse_fleet) when a profile and its host both held one.
+    fleet = parse_fleet(
+        {
+            HOST: "name: web-1\ninclude: [base]\nnetwork: &n {gateway: *n}\n",
+            "profiles/base.yaml": "network: &m {gateway: *m}\n",
+        }
+    )
+    [err] = fleet.errors
+    assert (err.path, err.key, err.reason) == (
+        HOST,
+        "",
+        "alias *n at line 3, column 23 refers to a node containing it",
+    )
+    assert (
+        refusal("a: &x [1, {b: *x}]\n").reason
+        == "alias *x at line 1, column 15 refers to a node containing it"
+    )
+
+
+def test_a_document_larger_than_the_file_limit_is_refused() -> None:
+    padding = "# " + "x" * (MAX_FILE_BYTES - len("a: 1\n# \n")) + "\n"
+    assert parse_yaml("f.yaml", "a: 1\n" + padding) == {"a": 1}
+    assert refusal("a: 1\n" + padding + "\n").reason == f"is larger than {MAX_FILE_BYTES} bytes"
+    # Bytes, not characters: the limit means the same as read_tree's.
+    assert refusal("a: 1\n" + padding[:-2] + "é\n").reason == f"is larger than {MAX_FILE_BYTES} bytes"
+
+
+@st.composite
+def shared_documents(draw: st.DrawFn) -> dict[str, Any]:
+    """Nested lists and mappings that reuse earlier values, which safe_dump writes as
+    anchors and aliases."""
+    pool: list[Any] = [draw(st.text(alphabet="xyz", max_size=3))]
+    for _ in range(draw(st.integers(1, 10))):
+        kind = draw(st.sampled_from(["text", "list", "map"]))
+        if kind == "text":
+            pool.append(draw(st.text(alphabet="xyz", max_size=4)))
+            continue
+        children = draw(st.lists(st.sampled_from(pool), max_size=4))
+        pool.append(children if kind == "list" else {f"k{i}": c for i, c in enumerate(children)})
+    return {"doc": pool[-1], "more": pool[-2:]}
+
+
+def expanded(value: object) -> tuple[int, int]:
+    """Nodes and characters of scalars, every alias counted as what it stands for."""
+    if isinstance(value, str):
+        return 1, len(value)
+    children = [*value.keys(), *value.values()] if isinstance(value, dict) else list(value)  # type: ignore[call-overload]
+    sizes = [expanded(c) for c in children]
+    return 1 + sum(n for n, _ in sizes), sum(c for _, c in sizes)
+
+
+@PROPERTY
+@given(shared_documents())
+def test_limits_count_what_the_aliases_expand_to(doc: dict[str, Any]) -> None:
+    text = yaml.safe_dump(doc)
+    nodes, chars = expanded(doc)
+    depth = depth_of(doc)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(hosts, "MAX_NODES", nodes)
+        mp.setattr(hosts, "MAX_SCALAR_CHARS", chars)
+        mp.setattr(hosts, "MAX_DEPTH", depth)
+        assert parse_yaml("f.yaml", text) == doc
+        for limit, value, reason in (
+            ("MAX_NODES", nodes, "nodes"),
+            ("MAX_SCALAR_CHARS", chars, "characters of scalars"),
+            ("MAX_DEPTH", depth, "nested deeper"),
+        ):
+            if limit == "MAX_SCALAR_CHARS" and chars == 0:
+                continue
+            mp.setattr(hosts, limit, value - 1)
+            assert reason in refusal(text).reason
+            mp.setattr(hosts, limit, value)
+
+
+# -- YAML: duplicate keys ------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["libyaml", "python"])
+def loader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each test runs with the C loader and with the pure Python one it falls back to."""
+    if request.param == "libyaml":
+        if not yaml.__with_libyaml__:
+            pytest.skip("PyYAML without libyaml")
+        monkeypatch.setattr(hosts, "_LOADER", hosts._CLoader)
+    else:
+        monkeypatch.setattr(hosts, "_LOADER", hosts._PyLoader)
+    return str(request.param)
+
+
+AMBIGUOUS = "ambiguous, YAML would silently keep only the last"
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "where"),
+    [
+        ("name: web-1\nname: web-2\n", "name", "line 2, column 1 (first at line 1, column 1)"),
+        (
+            "name: web-1\nservices:\n  web:\n    exec: [bin/a]\n    restart: never\n    exec: [bin/b]\n",
+            "services.web.exec",
+            "line 6, column 5 (first at line 4, column 5)",
+        ),
+        (
+            "name: web-1\nfiles: {etc/a: x, etc/a: y}\n",
+            "files.etc/a",
+            "line 2, column 19 (first at line 2, column 9)",
+        ),
+        (
+            "name: web-1\nnetwork:\n  dns: [{a: 1, a: 1}]\n",
+            "network.dns[0].a",
+            "line 3, column 16 (first at line 3, column 10)",
+        ),
+        # Equal once loaded: the second would silently replace the first.
+        (
+            "name: web-1\nfiles: {1: x, 1.0: y}\n",
+            "files.1.0",
+            "line 2, column 15 (first at line 2, column 9)",
+        ),
+    ],
+)
+def test_a_key_stated_twice_is_refused(loader: str, text: str, key: str, where: str) -> None:
+    err = error_of(text)
+    assert (err.path, err.key, err.reason) == (HOST, key, f"duplicate key at {where}: {AMBIGUOUS}")
+
+
+def test_a_duplicate_key_in_a_profile_is_charged_to_its_hosts(loader: str) -> None:
+    err = error_of(
+        "name: web-1\ninclude: [base]\n", {"profiles/base.yaml": "formats: [aci]\nformats: [appimage]\n"}
+    )
+    assert (err.path, err.key) == (HOST, "include")
+    where = "line 2, column 1 (first at line 1, column 1)"
+    assert err.reason == f"profiles/base.yaml: formats: duplicate key at {where}: {AMBIGUOUS}"
+
+
+def test_merge_keys_may_still_be_overridden(loader: str) -> None:
+    text = (
+        "name: web-1\n"
+        "x-base: &base {etc/a: base, etc/b: base}\n"
+        "x-mid: &mid {<<: *base, etc/b: mid}\n"
+        "files: {<<: *mid, etc/a: host}\n"
+    )
+    assert parse_yaml(HOST, text)["files"] == {"etc/a": "host", "etc/b": "mid"}
+    # ...but not a key stated twice inside a mapping that is merged in.
+    err = refusal("files: {<<: {etc/a: x, etc/a: y}}\n")
+    assert err.key == "files.<<.etc/a"
+
+
+def test_config_files_get_the_same_checks(tmp_path: Path) -> None:
+    cfg = tmp_path / "reconciler.yaml"
+    cfg.write_text("repo: {url: a}\nrepo: {url: b}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(cfg)
+    assert (info.value.path, info.value.key) == (str(cfg), "repo")
+    assert info.value.reason.startswith("duplicate key at line 2, column 1")
+    cfg.write_text("repo: " + "[" * 50_000 + "]" * 50_000 + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(cfg)
+    assert (info.value.path, info.value.reason) == (
+        str(cfg),
+        f"nested deeper than {MAX_DEPTH} levels at line 1, column {MAX_DEPTH + 6}",
+    )
+    cfg.write_text("repo: {url: a}\n" + "#" * MAX_FILE_BYTES + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(cfg)
+    assert info.value.reason == f"is larger than {MAX_FILE_BYTES} bytes"
+
+
+# -- includes: each profile resolved once --------------------------------------------------------
+
+
+def naive_fleet(
+    files: Mapping[str, str],
+) -> dict[str, tuple[tuple[tuple[str, str], ...], tuple[str, ...]] | str]:
+    """Hosts' files and sources, or their error text, by expanding every include afresh
+    (what parse_fleet did before it memoised; exponential, so for small fleets only)."""
+    docs = {
+        posixpath.basename(p)[:-5]: yaml.safe_load(t) for p, t in files.items() if p.startswith("profiles/")
+    }
+
+    def resolve(name: str, stack: tuple[str, ...]) -> tuple[dict[str, Any], tuple[str, ...]]:
+        path = f"profiles/{name}.yaml"
+        if name in stack:
+            raise ConfigError(path, "include", "include cycle: " + " -> ".join((*stack, name)))
+        merged: dict[str, Any] = {}
+        sources: tuple[str, ...] = ()
+        for inc in docs[name].get("include", []):
+            data, srcs = resolve(inc, (*stack, name))
+            merged, sources = deep_merge(merged, data), sources + srcs
+        body = {k: v for k, v in docs[name].items() if k != "include"}
+        return deep_merge(merged, body), (*sources, path)
+
+    out: dict[str, tuple[tuple[tuple[str, str], ...], tuple[str, ...]] | str] = {}
+    for path, text in files.items():
+        if not path.startswith("hosts/"):
+            continue
+        doc = yaml.safe_load(text)
+        merged: dict[str, Any] = {}
+        sources: tuple[str, ...] = ()
+        try:
+            for inc in doc.get("include", []):
+                data, srcs = resolve(inc, ())
+                merged, sources = deep_merge(merged, data), sources + srcs
+        except ConfigError as exc:
+            out[doc["name"]] = str(ConfigError(path, "include", str(exc)))
+            continue
+        merged = deep_merge(merged, {k: v for k, v in doc.items() if k != "include"})
+        out[doc["name"]] = (
+            tuple(sorted(merged.get("files", {}).items())),
+            tuple(dict.fromkeys((path, *sources))),
+        )
+    return out
+
+
+@st.composite
+def include_graphs(draw: st.DrawFn, acyclic: bool) -> dict[str, str]:
+    """Profiles p0..pN that include each other (only later ones if ``acyclic``) and set
+    overlapping files, so that merge order shows; hosts that include some of them."""
+    n = draw(st.integers(1, 7))
+    names = [f"p{i}" for i in range(n)]
+    keys = st.sampled_from(["etc/a", "etc/b", "etc/c"])
+    files: dict[str, str] = {}
+    for i, name in enumerate(names):
+        choices = names[i + 1 :] if acyclic else names
+        inc = draw(st.lists(st.sampled_from(choices), max_size=3, unique=True)) if choices else []
+        own = draw(st.sets(keys, max_size=2))
+        files[f"profiles/{name}.yaml"] = yaml.safe_dump(
+            {"include": inc, "files": {k: name for k in sorted(own)}}
+        )
+    for h in range(draw(st.integers(1, 3))):
+        inc = draw(st.lists(st.sampled_from(names), max_size=3, unique=True))
+        own = draw(st.sets(keys, max_size=1))
+        files[f"hosts/h{h}.yaml"] = yaml.safe_dump(
+            {"name": f"h{h}", "include": inc, "files": {k: f"h{h}" for k in sorted(own)}}
+        )
+    return files
+
+
+def memoised_fleet(
+    files: Mapping[str, str],
+) -> dict[str, tuple[tuple[tuple[str, str], ...], tuple[str, ...]] | str]:
+    fleet = parse_fleet(files)
+    out: dict[str, tuple[tuple[tuple[str, str], ...], tuple[str, ...]] | str] = {
+        name: (h.files, h.sources) for name, h in fleet.hosts.items()
+    }
+    out.update({posixpath.basename(e.path)[:-5]: str(e) for e in fleet.errors})
+    return out
+
+
+@PROPERTY
+@given(include_graphs(acyclic=True))
+def test_resolving_each_profile_once_gives_what_expanding_every_include_gives(files: dict[str, str]) -> None:
+    fleet = memoised_fleet(files)
+    assert fleet == naive_fleet(files)
+    assert all(not isinstance(v, str) for v in fleet.values())
+
+
+@PROPERTY
+@given(include_graphs(acyclic=False))
+def test_include_cycles_are_reported_as_before(files: dict[str, str]) -> None:
+    assert memoised_fleet(files) == naive_fleet(files)
+
+
+def test_a_profile_shared_by_many_hosts_and_profiles_is_parsed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    parsed: list[str] = []
+    real = hosts._parse_yaml
+
+    def counting(path: str, text: str) -> dict[str, Any]:
+        parsed.append(path)
+        return real(path, text)
+
+    monkeypatch.setattr(hosts, "_parse_yaml", counting)
+    files = {f"profiles/p{i}.yaml": f"include: [p{i + 1}, bad]\n" for i in range(5)}
+    files["profiles/p5.yaml"] = "formats: [aci]\n"
+    files["profiles/bad.yaml"] = "formats: [aci\n"
+    files |= {f"hosts/h{i}.yaml": f"name: h{i}\ninclude: [p0]\n" for i in range(10)}
+    fleet = parse_fleet(files)
+    assert len(fleet.errors) == 10
+    assert all("profiles/bad.yaml: invalid YAML at line 2" in e.reason for e in fleet.errors)
+    assert sorted(parsed) == sorted(files)

@@ -1,0 +1,120 @@
+"""A config repository written to stop the fleet: one commit may cost its own hosts, never
+the others, and never a pass that does not end (real git, Nix and gpg, through the CLI)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from reconciler.hosts import MAX_DEPTH
+from tests.conftest import ConfigRepo, Signing, cli, standard_fleet, write_config
+
+pytestmark = pytest.mark.integration
+
+HOSTS = ("web-1", "web-2", "worker-1")
+# Far longer than the passes below take, far shorter than what the attacks cost before
+# the fix (measured: minutes). A pass that blows it fails the test with TimeoutExpired.
+ATTACK_TIMEOUT = 60
+
+
+def published(store: Path) -> dict[str, int]:
+    out = {}
+    for host in HOSTS:
+        latest = store / "hosts" / host / "latest.json"
+        if latest.exists():
+            out[host] = json.loads(latest.read_text())["version"]
+    return out
+
+
+def warm(cfg: Path) -> None:
+    """One plan of the standard fleet first: staging the toolchain on a cold cache is no
+    part of what the attack tests time."""
+    res = cli("plan", "-c", str(cfg))
+    assert res.returncode == 0, res.stderr
+
+
+def test_a_host_nested_50000_deep_is_invalid_and_the_others_publish(
+    tmp_path: Path, config_repo: ConfigRepo, signing: Signing
+) -> None:
+    standard_fleet(config_repo)
+    # libyaml composes nested nodes by recursing in C: this killed every pass (SIGSEGV).
+    config_repo.write("hosts/deep-1.yaml", "name: deep-1\nfiles: " + "[" * 50_000 + "]" * 50_000 + "\n")
+    config_repo.commit("a host nested 50,000 deep")
+    cfg = write_config(tmp_path, config_repo, signing)
+    res = cli("reconcile", "-c", str(cfg))
+    assert res.returncode == 1, (res.returncode, res.stderr[-2000:])
+    reason = f"hosts/deep-1.yaml: nested deeper than {MAX_DEPTH} levels at line 2, column {MAX_DEPTH + 7}"
+    assert f"deep-1: invalid ({reason})" in res.stdout
+    assert "Traceback" not in res.stderr
+    assert published(tmp_path / "store") == dict.fromkeys(HOSTS, 1)
+    status = json.loads(cli("status", "-c", str(cfg), "--json").stdout)
+    assert status["hosts"]["deep-1"]["status"] == "invalid"
+    assert status["hosts"]["deep-1"]["error"] == reason
+
+
+def test_a_duplicate_key_makes_its_host_invalid_and_the_others_publish(
+    tmp_path: Path, config_repo: ConfigRepo, signing: Signing
+) -> None:
+    standard_fleet(config_repo)
+    # Which `services` runs? PyYAML silently took the second.
+    config_repo.write(
+        "hosts/dup-1.yaml",
+        "name: dup-1\nservices:\n  tick: {exec: [bin/busybox, sleep, '60']}\n"
+        "formats: [aci]\nservices:\n  tock: {exec: [bin/busybox, sleep, '1']}\n",
+    )
+    config_repo.commit("a host stating services twice")
+    cfg = write_config(tmp_path, config_repo, signing)
+    res = cli("reconcile", "-c", str(cfg))
+    assert res.returncode == 1, res.stderr[-2000:]
+    reason = (
+        "hosts/dup-1.yaml: services: duplicate key at line 5, column 1 (first at line 2, column 1): "
+        "ambiguous, YAML would silently keep only the last"
+    )
+    assert f"dup-1: invalid ({reason})" in res.stdout
+    assert published(tmp_path / "store") == dict.fromkeys(HOSTS, 1)
+    assert not (tmp_path / "store" / "hosts" / "dup-1").exists()
+    status = json.loads(cli("status", "-c", str(cfg), "--json").stdout)
+    assert (status["hosts"]["dup-1"]["status"], status["hosts"]["dup-1"]["error"]) == ("invalid", reason)
+
+
+def test_profiles_including_each_other_25_levels_deep_are_planned_promptly(
+    tmp_path: Path, config_repo: ConfigRepo, signing: Signing
+) -> None:
+    standard_fleet(config_repo)
+    cfg = write_config(tmp_path, config_repo, signing)
+    warm(cfg)
+    # Level i has a_i and b_i, each including both of level i+1: 50 files, 2**25 paths.
+    depth = 25
+    for i in range(1, depth + 1):
+        for p in ("a", "b"):
+            inc = f"include: [a{i + 1}, b{i + 1}]\n" if i < depth else ""
+            config_repo.write(f"profiles/{p}{i}.yaml", f"{inc}files: {{etc/{p}{i}: '{i}'}}\n")
+    config_repo.write("hosts/layered-1.yaml", "name: layered-1\ninclude: [a1, b1]\nformats: [aci]\n")
+    config_repo.commit("a diamond of profiles 25 levels deep")
+    res = cli("plan", "-c", str(cfg), "--json", timeout=ATTACK_TIMEOUT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    plan = {h["host"]: h for h in json.loads(res.stdout)["hosts"]}
+    assert plan["layered-1"]["action"] == "rebuild", plan["layered-1"]
+    assert {plan[h]["action"] for h in HOSTS} == {"rebuild"}
+
+
+def test_hosts_with_many_files_entries_are_planned_promptly(
+    tmp_path: Path, config_repo: ConfigRepo, signing: Signing
+) -> None:
+    standard_fleet(config_repo)
+    cfg = write_config(tmp_path, config_repo, signing)
+    warm(cfg)
+    # 70,000 entries just under the size limit; the last one's parent is also a file,
+    # found only after every entry was compared with every other (quadratic before).
+    entries = "".join(f"  d/{i}: x\n" for i in range(70_000)) + "  zz: x\n  zz/x: x\n"
+    for h in ("many-1", "many-2", "many-3"):
+        config_repo.write(f"hosts/{h}.yaml", f"name: {h}\nfiles:\n{entries}")
+    config_repo.commit("hosts with 70,000 files each")
+    res = cli("plan", "-c", str(cfg), "--json", timeout=ATTACK_TIMEOUT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    plan = {h["host"]: h for h in json.loads(res.stdout)["hosts"]}
+    for h in ("many-1", "many-2", "many-3"):
+        assert plan[h]["action"] == "invalid"
+        assert plan[h]["reasons"] == [f"hosts/{h}.yaml: files.zz/x: its parent 'zz' is also a file"]
