@@ -33,6 +33,9 @@ class RepoConfig:
     # of these fingerprints (from these key files) is built.
     trusted_keys: tuple[Path, ...] = ()
     trusted_fingerprints: frozenset[str] = frozenset()
+    # A new head that does not descend from the last reconciled commit is built only
+    # when this is set (reconciler.gate).
+    allow_force_push: bool = False
 
     @property
     def is_local(self) -> bool:
@@ -134,7 +137,16 @@ STORE_KEYS = {
 BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 SECTION_KEYS = {
     "repo": frozenset(
-        {"url", "branch", "depth", "credentials_file", "ssh_key", "known_hosts", "verify_commits"}
+        {
+            "url",
+            "branch",
+            "depth",
+            "credentials_file",
+            "ssh_key",
+            "known_hosts",
+            "verify_commits",
+            "allow_force_push",
+        }
     ),
     "triggers": frozenset({"webhook_secret_file", "watch", "debounce"}),
     "store": frozenset().union(*STORE_KEYS.values()),  # checked per type in load_config
@@ -202,6 +214,9 @@ def load_config(path: Path) -> Config:
         raise ConfigError(p, "repo.depth", "must be a positive number of commits")
     trusted_keys: tuple[Path, ...] = ()
     trusted_fingerprints: frozenset[str] = frozenset()
+    # A new head that does not descend from the last reconciled commit is built only
+    # when this is set (reconciler.gate).
+    allow_force_push: bool = False
     vc = repo.get("verify_commits")
     if vc is not None:
         if not isinstance(vc, dict) or set(vc) - {"keys", "fingerprints"}:
@@ -216,6 +231,9 @@ def load_config(path: Path) -> Config:
             raise ConfigError(p, "repo.verify_commits.fingerprints", "must be full 40-hex-digit fingerprints")
         trusted_keys = tuple(path_of(k) for k in keys)
         trusted_fingerprints = frozenset(cleaned)
+    allow_force_push = repo.get("allow_force_push", False)
+    if not isinstance(allow_force_push, bool):
+        raise ConfigError(p, "repo.allow_force_push", "must be true or false")
     triggers = section("triggers", required=False)
     watch = triggers.get("watch", True)
     if not isinstance(watch, bool):
@@ -298,6 +316,7 @@ def load_config(path: Path) -> Config:
             known_hosts=optional_path(repo, "repo.known_hosts"),
             trusted_keys=trusted_keys,
             trusted_fingerprints=trusted_fingerprints,
+            allow_force_push=allow_force_push,
         ),
         triggers=TriggerConfig(
             webhook_secret_file=optional_path(triggers, "triggers.webhook_secret_file"),
