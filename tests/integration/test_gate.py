@@ -1,5 +1,6 @@
 """The commit gate and gpg's deadlines, with real git and gpg: a head is built only if its
-signature (with verify_commits) is good and it descends from the last reconciled commit."""
+signature (with verify_commits) is good and it descends from the last reconciled commit;
+a signature, from a commit or a store, reaches gpg only if it is signature packets."""
 
 from __future__ import annotations
 
@@ -327,6 +328,25 @@ def test_build_and_plan_go_through_the_gate(
         res = cli(*command)
         assert res.returncode == 1 and res.stderr.strip().splitlines()[-1] == why, res.stderr
         assert res.stdout == ""
+
+
+def test_reconciler_verify_refuses_a_compressed_packet_signature_before_gpg_reads_it(
+    tmp_path: Path, config_repo: ConfigRepo, signing: Signing
+) -> None:
+    standard_fleet(config_repo)
+    rec = Reconciler(load_config(write_config(tmp_path, config_repo, signing)))
+    try:
+        assert rec.reconcile().ok
+    finally:
+        rec.close()
+    release = tmp_path / "store/hosts/web-1/releases/1.json"
+    release.with_suffix(".json.asc").write_bytes(compression_bomb(BOMB_GIB))
+    # gpg would inflate it for about half a minute.
+    res = cli("verify", "--key", str(signing.public_key), str(release), timeout=15)
+    assert res.returncode == 1
+    assert res.stderr.strip() == (
+        f"reconciler: error: {release}: signature holds a packet of type 8, not a signature"
+    )
 
 
 @pytest.fixture
