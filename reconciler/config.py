@@ -214,9 +214,6 @@ def load_config(path: Path) -> Config:
         raise ConfigError(p, "repo.depth", "must be a positive number of commits")
     trusted_keys: tuple[Path, ...] = ()
     trusted_fingerprints: frozenset[str] = frozenset()
-    # A new head that does not descend from the last reconciled commit is built only
-    # when this is set (reconciler.gate).
-    allow_force_push: bool = False
     vc = repo.get("verify_commits")
     if vc is not None:
         if not isinstance(vc, dict) or set(vc) - {"keys", "fingerprints"}:
