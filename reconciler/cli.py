@@ -73,7 +73,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     rec = Reconciler(_load(args))
     try:
-        rec.source.fetch()
+        rec.check_head(rec.source.fetch())
         fleet = parse_fleet(read_tree(rec.source.checkout))
         host = fleet.hosts.get(args.host)
         if host is None:

@@ -35,6 +35,9 @@ class RepoConfig:
     # of these fingerprints (from these key files) is built.
     trusted_keys: tuple[Path, ...] = ()
     trusted_fingerprints: frozenset[str] = frozenset()
+    # A new head that does not descend from the last reconciled commit is built only
+    # when this is set (reconciler.gate).
+    allow_force_push: bool = False
 
     @property
     def is_local(self) -> bool:
@@ -145,7 +148,16 @@ STORE_KEYS = {
 BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 SECTION_KEYS = {
     "repo": frozenset(
-        {"url", "branch", "depth", "credentials_file", "ssh_key", "known_hosts", "verify_commits"}
+        {
+            "url",
+            "branch",
+            "depth",
+            "credentials_file",
+            "ssh_key",
+            "known_hosts",
+            "verify_commits",
+            "allow_force_push",
+        }
     ),
     "triggers": frozenset({"webhook_secret_file", "watch", "debounce"}),
     "store": frozenset().union(*STORE_KEYS.values()),  # checked per type in load_config
@@ -229,6 +241,9 @@ def load_config(path: Path) -> Config:
             raise ConfigError(p, "repo.verify_commits.fingerprints", "must be full 40-hex-digit fingerprints")
         trusted_keys = tuple(path_of(k) for k in keys)
         trusted_fingerprints = frozenset(cleaned)
+    allow_force_push = repo.get("allow_force_push", False)
+    if not isinstance(allow_force_push, bool):
+        raise ConfigError(p, "repo.allow_force_push", "must be true or false")
     triggers = section("triggers", required=False)
     watch = triggers.get("watch", True)
     if not isinstance(watch, bool):
@@ -314,6 +329,7 @@ def load_config(path: Path) -> Config:
             known_hosts=optional_path(repo, "repo.known_hosts"),
             trusted_keys=trusted_keys,
             trusted_fingerprints=trusted_fingerprints,
+            allow_force_push=allow_force_push,
         ),
         triggers=TriggerConfig(
             webhook_secret_file=optional_path(triggers, "triggers.webhook_secret_file"),

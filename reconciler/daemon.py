@@ -31,6 +31,7 @@ from reconciler.errors import (
     StoreError,
     VerificationError,
 )
+from reconciler.gate import CommitRefusedError, Gate
 from reconciler.hosts import Fleet, Host, ParseCache, parse_fleet, read_tree
 from reconciler.metrics import Metrics
 from reconciler.nix import BuildOutput, Evaluation, Nix, eval_key
@@ -49,18 +50,16 @@ from reconciler.publish import publish
 from reconciler.release import Artifact, Release, latest_path, new_release, parse_release, release_path
 from reconciler.retention import collect
 from reconciler.server import PostHandler, Server
-from reconciler.signing import Signer, Verifier
+from reconciler.signing import Signer
 from reconciler.source import GitSource
 from reconciler.state import State
 from reconciler.store import open_store
 from reconciler.triggers import RepoWatcher, Unauthorized, Wakeup, authenticate, concerns
-from reconciler.verify import read_keys
 
 COMMIT_KEY = "commit"
 PUBLISHER_KEY = "keys/publisher.asc"
-# Why the newest commit was not built (an untrusted signature), or empty.
+# Why the newest commit was not built (refused by the commit gate), or empty.
 SOURCE_ERROR_KEY = "source_error"
-UNTRUSTED_REASONS = {"not signed": "unsigned", "signed by an unknown key": "unknown-key"}
 # Whether builds run in Nix's sandbox, as the last probe found: "on" or "off".
 SANDBOX_KEY = "sandbox"
 # How many taken version numbers to skip over before giving up on a host.
@@ -110,9 +109,7 @@ class Reconciler:
         r = cfg.repo
         # What can fail on bad configuration comes before the state is opened.
         self.store = open_store(cfg.store)
-        self._commit_keys: Verifier | None = None
-        if r.trusted_fingerprints:
-            self._commit_keys = Verifier(read_keys(list(r.trusted_keys)))
+        self._gate = Gate(r)
         self.state = State(cfg.state_dir)
         self.source = GitSource(
             r.url, r.branch, cfg.state_dir / "checkout", r.depth, r.credentials_file, r.ssh_key, r.known_hosts
@@ -165,8 +162,7 @@ class Reconciler:
 
     def close(self) -> None:
         self.state.close()
-        if self._commit_keys is not None:
-            self._commit_keys.close()
+        self._gate.close()
 
     # -- observe ---------------------------------------------------------------
 
@@ -178,7 +174,7 @@ class Reconciler:
         except SourceError:
             self.metrics.git_fetch_errors.inc()
             raise
-        self._check_signature(commit)
+        self.check_head(commit)
         with stage.labels("parse").time():
             fleet = parse_fleet(read_tree(self.source.checkout), self._parse_cache)
         for err in fleet.errors:
@@ -188,23 +184,17 @@ class Reconciler:
         changed = self.source.changed_files(self.state.get_meta(COMMIT_KEY), commit)
         return Observation(commit, fleet, evaluation, changed, self.source.commit_time(commit))
 
-    def _check_signature(self, commit: str) -> None:
-        """With trusted fingerprints configured, build nothing from a head commit that
-        is not signed by one of them."""
-        if self._commit_keys is None:
-            return
-        signer, why = self.source.signer(commit, self._commit_keys.home)
-        if signer is not None and set(signer.split()) & self.cfg.repo.trusted_fingerprints:
-            self.state.set_meta(SOURCE_ERROR_KEY, "")
-            return
-        if signer is not None:
-            why, label = f"signed by {signer.split()[0]}, which is not a trusted key", "untrusted-key"
-        else:
-            label = UNTRUSTED_REASONS.get(why, "bad-signature")
-        self.metrics.untrusted_commits.labels(label).inc()
-        message = f"commit {commit} is not built: {why}"
-        self.state.set_meta(SOURCE_ERROR_KEY, message)
-        raise SourceError(message)
+    def check_head(self, commit: str) -> None:
+        """Build nothing from a head commit the commit gate refuses (reconciler.gate);
+        every path that builds passes through here."""
+        try:
+            self._gate.check(self.source, commit, self.state.get_meta(COMMIT_KEY))
+        except CommitRefusedError as exc:
+            self.metrics.untrusted_commits.labels(exc.reason).inc()
+            self.state.set_meta(SOURCE_ERROR_KEY, str(exc))
+            log.event("commit_refused", logging.WARNING, commit=commit, reason=exc.reason, why=exc.why)
+            raise
+        self.state.set_meta(SOURCE_ERROR_KEY, "")
 
     def _evaluate(self, fleet: Fleet) -> Evaluation:
         """Every host's image derivation, evaluating in Nix only the hosts whose

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
+from reconciler.gate import Refusal
+
 # Builds of real hosts take seconds to minutes; reconciles of an unchanged fleet
 # take well under a second.
 BUILD_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
@@ -47,7 +49,8 @@ class Metrics:
         self.signing_failures = Counter("reconciler_signing_failures", "gpg signing failures.", registry=r)
         self.untrusted_commits = Counter(
             "reconciler_untrusted_commits",
-            "Head commits not built because their signature is missing or not trusted.",
+            "Head commits not built: signature missing or not trusted, or not a descendant"
+            " of the last reconciled commit.",
             ["reason"],
             registry=r,
         )
@@ -105,3 +108,5 @@ class Metrics:
             self.host_builds.labels(result)
         for fmt in ("aci", "appimage"):
             self.artifacts_published.labels(fmt)
+        for reason in Refusal:
+            self.untrusted_commits.labels(reason)

@@ -1,19 +1,33 @@
 """The config repository, through gitpython.
 
 The daemon keeps its own clone in the state directory and checks out the tracked
-branch's head detached, so a force-push on the remote is just a new head.
+branch's head detached; whether a new head may be built (signature, ancestry) is
+reconciler.gate's decision, from what this module reads.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import shlex
 import shutil
+import signal
+import subprocess
 from pathlib import Path
 
 import git
 
-from reconciler.errors import SourceError
+from reconciler.errors import SourceError, VerificationError
+
+# A commit is read whole to find its signature header; a longer one (it is its
+# message that grows) is not read at all. Real commits are a few KB.
+COMMIT_LIMIT = 1 << 20
+# `git verify-commit` runs gpg on a signature that reconciler.openpgp already
+# checked: milliseconds of work. Past this, git and its gpg are killed.
+VERIFY_TIMEOUT = 10.0
+# Telling ancestry in a shallow clone: the history is deepened by these many commits
+# in turn (a fetch each) before giving up.
+DEEPEN_STEPS = (100, 1000, 10000)
 
 
 class GitSource:
@@ -76,7 +90,8 @@ class GitSource:
         repo = self._open()
         ref = f"refs/remotes/origin/{self.branch}"
         try:
-            # '+' accepts force-pushes: the remote's history is the truth.
+            # '+': the ref follows a force-push; whether such a head is built is
+            # reconciler.gate's decision.
             shallow = [f"--depth={self.depth}"] if self.depth else []
             repo.git.fetch("origin", f"+refs/heads/{self.branch}:{ref}", "--prune", *shallow)
             commit = repo.git.rev_parse(ref + "^{commit}")
@@ -86,28 +101,81 @@ class GitSource:
             raise SourceError(f"cannot fetch branch {self.branch!r} from {self.url}: {_why(exc)}") from None
         return str(commit)
 
-    def signer(self, commit: str, gnupghome: Path) -> tuple[str | None, str]:
-        """The fingerprints behind a good signature of ``commit`` (the signing key's,
-        then its primary key's, space-separated), checked with the keys in
-        ``gnupghome`` alone; or None and why not."""
+    def signature(self, commit: str) -> bytes | None:
+        """The signature in ``commit``'s header, as `git verify-commit` hands it to
+        gpg: the lines of its ``gpgsig`` headers; None if it has none. A commit larger
+        than COMMIT_LIMIT is a VerificationError, unread."""
         repo = self._open()
-        env = {"GNUPGHOME": str(gnupghome)}
         try:
-            status = repo.git.verify_commit("--raw", commit, env=env, with_extended_output=True)[2]
+            size = int(repo.git.cat_file("-s", commit))
+            if size > COMMIT_LIMIT:
+                raise VerificationError(f"commit larger than {COMMIT_LIMIT} bytes, its signature is not read")
+            raw = repo.git.cat_file("commit", commit, stdout_as_string=False)
+            header_name = (
+                b"gpgsig" if repo.git.rev_parse("--show-object-format") == "sha1" else b"gpgsig-sha256"
+            )
         except git.GitCommandError as exc:
-            status = str(exc.stderr)
-        lines = [ln.split() for ln in status.splitlines()]
-        fields = {ln[1]: ln[2:] for ln in lines if len(ln) > 1 and ln[0] == "[GNUPG:]"}
-        if "VALIDSIG" in fields and "GOODSIG" in fields:
-            valid = fields["VALIDSIG"]
-            return " ".join((valid[0], valid[-1])), "good signature"
-        if "ERRSIG" in fields or "NO_PUBKEY" in fields:
-            return None, "signed by an unknown key"
-        if "BADSIG" in fields:
-            return None, "bad signature"
-        if "EXPKEYSIG" in fields or "REVKEYSIG" in fields:
-            return None, "signed by an expired or revoked key"
-        return None, "not signed"
+            raise SourceError(f"cannot read commit {commit}: {_why(exc)}") from None
+        # git's own rule (commit.c, parse_buffer_signed_by_header): every header line
+        # named for the repository's hash, and the continuation lines after each.
+        lines: list[bytes] = []
+        inside = False
+        for line in bytes(raw).split(b"\n\n", 1)[0].split(b"\n"):
+            if inside and line.startswith(b" "):
+                lines.append(line[1:])
+                continue
+            inside = line.startswith(header_name + b" ")
+            if inside:
+                lines.append(line[len(header_name) + 1 :])
+        return b"".join(ln + b"\n" for ln in lines) if lines else None
+
+    def verify_commit(self, commit: str, gnupghome: Path) -> str:
+        """gpg's status lines about the signature of ``commit``, checked by `git
+        verify-commit` with the keys in ``gnupghome`` alone."""
+        env = {**os.environ, **self.env, "GNUPGHOME": str(gnupghome)}
+        args = ["git", "-C", str(self.checkout), "verify-commit", "--raw", commit]
+        # A process group of its own: a timeout kills the gpg git started, too.
+        with subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=env,
+            start_new_session=True,
+        ) as proc:
+            try:
+                _, status = proc.communicate(timeout=VERIFY_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                raise SourceError(
+                    f"checking the signature of commit {commit} timed out after {VERIFY_TIMEOUT:g} s"
+                ) from None
+        return status.decode(errors="replace")
+
+    def is_ancestor(self, old: str, new: str) -> bool | None:
+        """Whether ``old`` is ``new`` or an ancestor of it; None when a shallow clone,
+        deepened by each of DEEPEN_STEPS in turn, still cannot tell."""
+        repo = self._open()
+        steps = iter(DEEPEN_STEPS)
+        while True:
+            try:
+                repo.git.merge_base("--is-ancestor", old, new)
+                return True
+            except git.GitCommandError as exc:
+                # 1: not an ancestor; 128: ``old`` is not (yet) in the local history.
+                if exc.status not in (1, 128):
+                    raise SourceError(f"cannot compare commits {old} and {new}: {_why(exc)}") from None
+            try:
+                if repo.git.rev_parse("--is-shallow-repository") != "true":
+                    return False  # all of new's history is here
+                step = next(steps, None)
+                if step is None:
+                    return None
+                # Relative to the shallow boundary; only FETCH_HEAD moves.
+                repo.git.fetch("origin", f"refs/heads/{self.branch}", f"--deepen={step}")
+            except git.GitCommandError as exc:
+                raise SourceError(f"cannot deepen the history of {self.url}: {_why(exc)}") from None
 
     def commit_time(self, commit: str) -> float:
         """The committer time of ``commit``, unix seconds."""

@@ -11,14 +11,15 @@ import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
-from reconciler import fetch
+from reconciler import fetch, openpgp
 from reconciler.errors import VerificationError
 from reconciler.release import Release, parse_release
 from reconciler.signing import Verifier
 
-# Release metadata and signatures are small; anything larger is not ours.
+# Release metadata and signatures are small; anything larger is not ours. A longer
+# signature would be refused unread anyway (reconciler.openpgp): stop fetching there.
 METADATA_LIMIT = 1 << 20
-SIGNATURE_LIMIT = 1 << 16
+SIGNATURE_LIMIT = openpgp.ARMORED_LIMIT
 # A plain artifact checked on its own has no release to bound its size.
 ARTIFACT_LIMIT = 1 << 40
 

@@ -36,6 +36,7 @@ from reconciler.daemon import Reconciler
 from reconciler.demo import make_signing_key
 from reconciler.release import parse_release
 from tests.conftest import ConfigRepo, Signing, free_port, wait_for, write_config
+from tests.integration.test_gate import compression_bomb
 
 pytestmark = pytest.mark.integration
 
@@ -303,6 +304,14 @@ def test_release_signed_by_another_key_is_refused(
         (running.served / (key + ".asc")).write_bytes(sig)
     subprocess.run(["gpgconf", "--homedir", str(other), "--kill", "all"], capture_output=True)
     attack(running, events, "bad-signature", "signed by a key that is not trusted")
+
+
+def test_compressed_packet_signature_is_refused_before_gpg_reads_it(
+    running: Running, stores: Stores, events: io.StringIO
+) -> None:
+    running.serve(stores.v2)
+    (running.served / "hosts/web-1/releases/2.json.asc").write_bytes(compression_bomb(6))
+    attack(running, events, "bad-signature", "signature holds a packet of type 8, not a signature")
 
 
 def test_unsigned_metadata_is_refused(running: Running, stores: Stores, events: io.StringIO) -> None:

@@ -196,25 +196,34 @@ def test_renamed_host_is_built_under_its_new_name_and_the_old_one_removed(
     assert [(o.host, o.version) for o in result.outcomes] == [("web-3", 1)]
 
 
-def test_force_push_rewriting_history_rebuilds_only_what_differs(rec: Reconciler, repo: ConfigRepo) -> None:
-    repo.write("hosts/web-1.yaml", FILES["hosts/web-1.yaml"].replace("10.42.0.11/24", "10.42.0.91/24"))
-    repo.commit("move web-1")
-    assert [(o.host, o.version) for o in rec.reconcile().outcomes] == [("web-1", 2)]
-    # Rewrite: drop that commit and make another that moves web-2 instead.
-    repo.repo.git.reset("--hard", "HEAD~1")
-    repo.write("hosts/web-2.yaml", FILES["hosts/web-2.yaml"].replace("10.42.0.12/24", "10.42.0.92/24"))
-    rewritten = repo.commit("move web-2 instead")
-    _, plan = rec.plan()
-    assert plan.commit == rewritten
-    # The diff is taken between trees, so the rewrite is explained file by file. web-1 goes
-    # back to its first definition: a new release, version 3 (versions never go back).
-    assert actions(plan) == {
-        "web-1": ("rebuild", ("hosts/web-1.yaml changed",)),
-        "web-2": ("rebuild", ("hosts/web-2.yaml changed",)),
-        "worker-1": ("unchanged", ("inputs unchanged",)),
-    }
-    result = rec.reconcile()
-    assert sorted((o.host, o.version) for o in result.outcomes) == [("web-1", 3), ("web-2", 2)]
+def test_force_push_rewriting_history_rebuilds_only_what_differs(
+    repo: ConfigRepo, tmp_path: Path, signing: Signing
+) -> None:
+    # Force-pushes are refused unless the config allows them (tests/integration/test_gate.py).
+    allowed = {"url": str(repo.path), "branch": "main", "allow_force_push": True}
+    rec = Reconciler(load_config(write_config(tmp_path, repo, signing, jobs=2, repo=allowed)))
+    try:
+        assert rec.reconcile().ok
+        repo.write("hosts/web-1.yaml", FILES["hosts/web-1.yaml"].replace("10.42.0.11/24", "10.42.0.91/24"))
+        repo.commit("move web-1")
+        assert [(o.host, o.version) for o in rec.reconcile().outcomes] == [("web-1", 2)]
+        # Rewrite: drop that commit and make another that moves web-2 instead.
+        repo.repo.git.reset("--hard", "HEAD~1")
+        repo.write("hosts/web-2.yaml", FILES["hosts/web-2.yaml"].replace("10.42.0.12/24", "10.42.0.92/24"))
+        rewritten = repo.commit("move web-2 instead")
+        _, plan = rec.plan()
+        assert plan.commit == rewritten
+        # The diff is taken between trees, so the rewrite is explained file by file. web-1 goes
+        # back to its first definition: a new release, version 3 (versions never go back).
+        assert actions(plan) == {
+            "web-1": ("rebuild", ("hosts/web-1.yaml changed",)),
+            "web-2": ("rebuild", ("hosts/web-2.yaml changed",)),
+            "worker-1": ("unchanged", ("inputs unchanged",)),
+        }
+        result = rec.reconcile()
+        assert sorted((o.host, o.version) for o in result.outcomes) == [("web-1", 3), ("web-2", 2)]
+    finally:
+        rec.close()
 
 
 def test_nix_library_change_rebuilds_every_host(rec: Reconciler, tmp_path: Path) -> None:

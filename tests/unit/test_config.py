@@ -191,8 +191,8 @@ def duration(value: Any) -> str:
         (
             merged(repo__brnach="dev"),
             "repo.brnach",
-            "unknown key (allowed: branch, credentials_file, depth, known_hosts, ssh_key, url, "
-            "verify_commits)",
+            "unknown key (allowed: allow_force_push, branch, credentials_file, depth, known_hosts, "
+            "ssh_key, url, verify_commits)",
         ),
         (merged(store__bucket="b"), "store.bucket", "unknown key (allowed: path, type)"),
         (
@@ -438,6 +438,7 @@ def test_repository_access_and_trust_settings(tmp_path: Path) -> None:
     assert cfg.repo.credentials_file == tmp_path / "creds"
     assert cfg.repo.trusted_keys == (tmp_path / "dev.asc",)
     assert cfg.repo.trusted_fingerprints == frozenset({fpr})
+    assert cfg.repo.allow_force_push is False
     assert cfg.triggers.webhook_secret_file == tmp_path / "hook.secret"
     assert (cfg.triggers.watch, cfg.triggers.debounce) == (False, 0.5)
 
@@ -453,11 +454,19 @@ def test_repository_access_and_trust_settings(tmp_path: Path) -> None:
             "repo.verify_commits.fingerprints",
             "must be full 40-hex-digit fingerprints",
         ),
+        ({"allow_force_push": "yes"}, "repo.allow_force_push", "must be true or false"),
+        ({"allow_force_push": 1}, "repo.allow_force_push", "must be true or false"),
     ],
 )
 def test_repository_setting_errors(tmp_path: Path, repo: dict[str, Any], key: str, reason: str) -> None:
     err = config_error(tmp_path, merged(repo={"url": "r", **repo}))
     assert err.key == key and err.reason.startswith(reason), (err.key, err.reason)
+
+
+def test_force_pushes_are_refused_unless_allowed(tmp_path: Path) -> None:
+    assert load_config(write_config(tmp_path / "a", merged())).repo.allow_force_push is False
+    allowed = merged(repo={"url": "r", "allow_force_push": True})
+    assert load_config(write_config(tmp_path / "b", allowed)).repo.allow_force_push is True
 
 
 def test_trigger_setting_errors(tmp_path: Path) -> None:
