@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -17,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
+from reconciler import log
 from reconciler.errors import ReconcilerError
 from reconciler.metrics import Dropped, http_connections_dropped
 
@@ -211,6 +214,14 @@ class _Listener(ThreadingHTTPServer):
         with self._lock:
             self._serving.discard(request)
             super().shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        # A client that hangs up or resets mid-response is no fault of ours, and the
+        # default traceback per connection on stderr would let any client flood the log.
+        if isinstance(exc, ConnectionError):
+            return
+        log.event("http_handler_crashed", logging.ERROR, error=repr(exc))
 
     def close_connections(self) -> None:
         with self._lock:

@@ -3,7 +3,9 @@ connections served at once, and a stop() that leaves no connection open."""
 
 from __future__ import annotations
 
+import logging
 import socket
+import struct
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -12,7 +14,8 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from reconciler.server import Server
+from reconciler.server import PostHandler, Server
+from tests.conftest import wait_for
 
 # Every wait in these tests is bounded by a socket timeout this long: far above the
 # deadlines under test, so a pass means the server acted, a hang means it did not.
@@ -31,7 +34,7 @@ class Echo:
 
 
 class Running:
-    def __init__(self, **limits: Any) -> None:
+    def __init__(self, routes: dict[str, PostHandler] | None = None, **limits: Any) -> None:
         self.registry = CollectorRegistry()
         self.echo = Echo()
         self.server = Server(
@@ -39,7 +42,7 @@ class Running:
             self.registry,
             lambda: (True, "ok"),
             lambda: (True, "ok"),
-            {"/echo": self.echo},
+            {"/echo": self.echo, **(routes or {})},
             **limits,
         )
         self.server.start()
@@ -65,8 +68,8 @@ def serve() -> Iterator[type[Running]]:
     started: list[Running] = []
 
     class Tracked(Running):
-        def __init__(self, **limits: Any) -> None:
-            super().__init__(**limits)
+        def __init__(self, routes: dict[str, PostHandler] | None = None, **limits: Any) -> None:
+            super().__init__(routes, **limits)
             started.append(self)
 
     yield Tracked
@@ -172,3 +175,38 @@ def test_stop_returns_and_closes_the_connections_still_open(serve: type[Running]
     # The listener's counter left the registry with it: a new listener can serve it.
     again = Server("127.0.0.1:0", running.registry, lambda: (True, "ok"), lambda: (True, "ok"))
     again.stop()
+
+
+def test_clients_that_reset_leave_no_traceback_and_a_crashing_route_one_event(
+    serve: type[Running], capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    called, release = threading.Event(), threading.Event()
+
+    def slow(headers: dict[str, str], body: bytes) -> tuple[int, str, bytes]:
+        called.set()
+        release.wait(WAIT)
+        return 200, "text/plain", b"x" * (1 << 20)
+
+    def crash(headers: dict[str, str], body: bytes) -> tuple[int, str, bytes]:
+        raise RuntimeError("a bug in a route")
+
+    running = serve({"/slow": slow, "/crash": crash})
+    threads = threading.active_count()
+    for _ in range(3):
+        called.clear()
+        reset = running.connect()
+        reset.sendall(b"POST /slow HTTP/1.0\r\nContent-Length: 0\r\n\r\n")
+        assert called.wait(WAIT)
+        # Closing with a zero linger resets the connection under the response.
+        reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        reset.close()
+        release.set()
+        wait_for(lambda: threading.active_count() == threads, WAIT, "the handler to finish")
+        release.clear()
+    crashing = running.connect()
+    crashing.sendall(b"POST /crash HTTP/1.0\r\nContent-Length: 0\r\n\r\n")
+    with caplog.at_level(logging.INFO, logger="reconciler"):
+        assert until_closed(crashing) == b""
+        wait_for(lambda: threading.active_count() == threads, WAIT, "the handler to finish")
+    assert "Traceback" not in capfd.readouterr().err
+    assert [r.getMessage() for r in caplog.records] == ["http_handler_crashed"]
