@@ -1,14 +1,30 @@
-"""HTTP endpoints of the daemon: /metrics, /healthz, /readyz."""
+"""HTTP endpoints of the daemon: /metrics, /healthz, /readyz and POST routes such as /webhook.
+
+Anyone who can reach the port can open connections, so no connection may hold a thread
+for long and only so many are served at once: the rest are refused on arrival.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
+import socket
+import sys
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
+from reconciler import log
 from reconciler.errors import ReconcilerError
+from reconciler.metrics import Dropped, http_connections_dropped
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 Check = Callable[[], tuple[bool, str]]
 Response = tuple[int, str, bytes]
@@ -16,10 +32,38 @@ Response = tuple[int, str, bytes]
 PostHandler = Callable[[dict[str, str], bytes], Response]
 # Webhook payloads are a few kilobytes; anything far larger is refused unread.
 MAX_BODY = 5 << 20
+# A request (line, headers and body) must have arrived whole this long after the server
+# started waiting for it, however it trickles in: a per-read timeout alone lets a client
+# that sends a byte every few seconds hold a thread forever. Scrapers, probes and forges
+# send a request in milliseconds.
+REQUEST_TIMEOUT = 10.0
+# A connection that has sent nothing of its request is closed sooner: it holds one of the
+# MAX_CONNECTIONS places while doing nothing.
+IDLE_TIMEOUT = 5.0
+# One write of a response to a client that does not read it blocks no longer than this.
+WRITE_TIMEOUT = 10.0
+# Connections served at once, each by a thread. Prometheus, probes and a forge need a
+# handful; past this, a connection gets a 503 and is closed at once, so a flood costs no
+# threads and holds no file descriptors, and the deadlines above free places within seconds.
+MAX_CONNECTIONS = 64
+# Connections the kernel holds until the accept loop takes them (Linux caps it at
+# net.core.somaxconn, 4096 by default). With the socketserver default of 5, or even 128, a
+# burst of connections overflows the queue and the kernel drops SYNs: honest clients then
+# wait whole retransmission seconds to connect. A queued connection costs no thread, and
+# the accept loop drains the queue fast: those past MAX_CONNECTIONS get no thread either.
+LISTEN_BACKLOG = 1024
+# Sent, without waiting, to a connection refused at MAX_CONNECTIONS.
+BUSY = (
+    b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n"
+    b"Retry-After: 1\r\nConnection: close\r\n\r\nbusy\n"
+)
 
 
 class Server:
-    """A small threaded HTTP server; ``healthy`` and ``ready`` say (ok, reason)."""
+    """A small threaded HTTP server; ``healthy`` and ``ready`` say (ok, reason).
+
+    The limits default to the production values above; tests pass small ones.
+    """
 
     def __init__(
         self,
@@ -28,6 +72,10 @@ class Server:
         healthy: Check,
         ready: Check,
         post: dict[str, PostHandler] | None = None,
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        request_timeout: float = REQUEST_TIMEOUT,
+        idle_timeout: float = IDLE_TIMEOUT,
     ) -> None:
         host, _, port = listen.rpartition(":")
         host = host.strip("[]")
@@ -37,8 +85,29 @@ class Server:
             "/healthz": lambda: _probe(healthy),
             "/readyz": lambda: _probe(ready),
         }
+        self._registry = registry
+        dropped = http_connections_dropped(registry)
+        self._dropped = dropped
+        timed_out = dropped.labels(Dropped.TIMEOUT.value)
 
         class Handler(BaseHTTPRequestHandler):
+            def setup(self) -> None:
+                super().setup()
+                # Replaces the plain socket file, which must be closed or the socket
+                # would stay open after the server closes it.
+                self.rfile.close()
+                self._reader = _RequestReader(self.connection, timed_out.inc)
+                self.rfile = io.BufferedReader(self._reader)
+
+            def handle_one_request(self) -> None:
+                self._reader.expect_request(idle_timeout, request_timeout)
+                super().handle_one_request()
+
+            def end_headers(self) -> None:
+                # The response gets a deadline of its own, not what is left of the request's.
+                self.connection.settimeout(WRITE_TIMEOUT)
+                super().end_headers()
+
             def do_GET(self) -> None:
                 route = routes.get(self.path.split("?", 1)[0])
                 self._answer(*(route() if route else (404, "text/plain", b"not found\n")))
@@ -56,6 +125,10 @@ class Server:
                     self._answer(413 if length > MAX_BODY else 411, "text/plain", b"bad length\n")
                 else:
                     body = self.rfile.read(length)
+                    if len(body) < length:
+                        # The client stopped sending: a cut body is not the request it meant.
+                        self.close_connection = True
+                        return
                     self._answer(*handler({k: v for k, v in self.headers.items()}, body))
 
             def _answer(self, code: int, ctype: str, body: bytes) -> None:
@@ -69,11 +142,12 @@ class Server:
                 pass  # scrapes every few seconds would drown the event log
 
         try:
-            self._httpd = ThreadingHTTPServer((host, int(port)), Handler)
+            self._httpd = _Listener((host, int(port)), Handler, max_connections, dropped)
         except OSError as exc:
+            registry.unregister(dropped)
             raise ReconcilerError(f"cannot listen on {listen}: {exc.strerror}") from None
-        self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="http", daemon=True)
+        self._stopped = False
 
     @property
     def port(self) -> int:
@@ -83,8 +157,113 @@ class Server:
         self._thread.start()
 
     def stop(self) -> None:
-        self._httpd.shutdown()
+        """Stop accepting, close the connections being served and return without waiting
+        for their threads, which then see the end of their connection."""
+        if self._thread.is_alive():
+            self._httpd.shutdown()
         self._httpd.server_close()
+        self._httpd.close_connections()
+        if not self._stopped:
+            # A later Server on the same registry (an agent run again) registers its own.
+            self._registry.unregister(self._dropped)
+            self._stopped = True
+
+
+class _Listener(ThreadingHTTPServer):
+    """ThreadingHTTPServer serving at most ``max_connections`` connections at once."""
+
+    daemon_threads = True
+    # stop() closes the connections instead of waiting for their threads.
+    block_on_close = False
+    request_queue_size = LISTEN_BACKLOG
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[BaseHTTPRequestHandler],
+        max_connections: int,
+        dropped: Counter,
+    ) -> None:
+        self._max_connections = max_connections
+        self._busy = dropped.labels(Dropped.BUSY.value)
+        self._lock = threading.Lock()
+        self._serving: set[socket.socket] = set()
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._lock:
+            admitted = len(self._serving) < self._max_connections
+            if admitted:
+                self._serving.add(request)
+        if admitted:
+            super().process_request(request, client_address)
+            return
+        self._busy.inc()
+        try:
+            # A fresh connection's send buffer is empty, so this does not block; if it
+            # would, the client just sees the connection closed.
+            request.setblocking(False)
+            request.send(BUSY)
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def shutdown_request(self, request: Any) -> None:
+        # Closed under the lock, so close_connections never shuts down a descriptor
+        # number that a new connection has already been given.
+        with self._lock:
+            self._serving.discard(request)
+            super().shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        # A client that hangs up or resets mid-response is no fault of ours, and the
+        # default traceback per connection on stderr would let any client flood the log.
+        if isinstance(exc, ConnectionError):
+            return
+        log.event("http_handler_crashed", logging.ERROR, error=repr(exc))
+
+    def close_connections(self) -> None:
+        with self._lock:
+            for conn in self._serving:
+                # A connection its client closed already is not an error here.
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+
+
+class _RequestReader(io.RawIOBase):
+    """The read side of one connection: each read waits only as long as the request being
+    read has left, so its deadline holds however slowly the bytes come."""
+
+    def __init__(self, conn: socket.socket, timed_out: Callable[[], None]) -> None:
+        super().__init__()
+        self._conn = conn
+        self._timed_out = timed_out
+        self._first_byte_by = self._complete_by = 0.0
+        self._started = False
+
+    def expect_request(self, idle_timeout: float, request_timeout: float) -> None:
+        now = time.monotonic()
+        self._first_byte_by = now + min(idle_timeout, request_timeout)
+        self._complete_by = now + request_timeout
+        self._started = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        left = (self._complete_by if self._started else self._first_byte_by) - time.monotonic()
+        try:
+            if left <= 0:
+                raise TimeoutError("the request did not arrive before its deadline")
+            self._conn.settimeout(left)
+            n = self._conn.recv_into(buffer)
+        except TimeoutError:
+            # http.server drops the connection on TimeoutError; count it once, here.
+            self._timed_out()
+            raise
+        self._started = True
+        return n
 
 
 def _probe(check: Check) -> tuple[int, str, bytes]:

@@ -1,0 +1,212 @@
+"""The HTTP listener's limits, on real sockets on 127.0.0.1: request deadlines, a bound on
+connections served at once, and a stop() that leaves no connection open."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+import threading
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from reconciler.server import PostHandler, Server
+from tests.conftest import wait_for
+
+# Every wait in these tests is bounded by a socket timeout this long: far above the
+# deadlines under test, so a pass means the server acted, a hang means it did not.
+WAIT = 10.0
+
+
+class Echo:
+    """A POST route that answers with the body it was given and remembers each call."""
+
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+
+    def __call__(self, headers: dict[str, str], body: bytes) -> tuple[int, str, bytes]:
+        self.bodies.append(body)
+        return 200, "application/octet-stream", body
+
+
+class Running:
+    def __init__(self, routes: dict[str, PostHandler] | None = None, **limits: Any) -> None:
+        self.registry = CollectorRegistry()
+        self.echo = Echo()
+        self.server = Server(
+            "127.0.0.1:0",
+            self.registry,
+            lambda: (True, "ok"),
+            lambda: (True, "ok"),
+            {"/echo": self.echo, **(routes or {})},
+            **limits,
+        )
+        self.server.start()
+        self.url = f"http://127.0.0.1:{self.server.port}"
+        self.clients: list[socket.socket] = []
+
+    def connect(self) -> socket.socket:
+        conn = socket.create_connection(("127.0.0.1", self.server.port), timeout=WAIT)
+        self.clients.append(conn)
+        return conn
+
+    def dropped(self, reason: str) -> float | None:
+        return self.registry.get_sample_value("reconciler_http_connections_dropped_total", {"reason": reason})
+
+    def close(self) -> None:
+        for conn in self.clients:
+            conn.close()
+        self.server.stop()
+
+
+@pytest.fixture
+def serve() -> Iterator[type[Running]]:
+    started: list[Running] = []
+
+    class Tracked(Running):
+        def __init__(self, routes: dict[str, PostHandler] | None = None, **limits: Any) -> None:
+            super().__init__(routes, **limits)
+            started.append(self)
+
+    yield Tracked
+    for running in started:
+        running.close()
+
+
+def until_closed(conn: socket.socket) -> bytes:
+    """What the server sent before closing ``conn``; a TimeoutError if it kept it open."""
+    received = b""
+    for _ in range(1000):
+        try:
+            chunk = conn.recv(65536)
+        except ConnectionResetError:
+            return received
+        if not chunk:
+            return received
+        received += chunk
+    raise AssertionError("the server kept sending")
+
+
+def test_a_connection_that_sends_nothing_is_closed_at_the_idle_deadline(serve: type[Running]) -> None:
+    running = serve(idle_timeout=0.5, request_timeout=60)
+    idle = running.connect()
+    assert until_closed(idle) == b""
+    assert running.dropped("timeout") == 1
+
+
+def test_a_request_trickled_in_is_cut_at_the_whole_request_deadline(serve: type[Running]) -> None:
+    # One byte every 0.2 s never leaves a read waiting for the idle deadline of 1 s:
+    # only a deadline on the whole request stops it.
+    running = serve(idle_timeout=1, request_timeout=2)
+    slow = running.connect()
+    slow.settimeout(0.2)
+    request = b"GET /metrics HTTP/1.0\r\nX-Slow: " + b"a" * 60
+    for sent in range(len(request)):
+        try:
+            slow.send(request[sent : sent + 1])
+            if not slow.recv(1):
+                break
+        except TimeoutError:
+            continue  # still open: trickle on
+        except (ConnectionResetError, BrokenPipeError):
+            break
+    else:
+        raise AssertionError(f"a request trickled in over {len(request) * 0.2:.0f}s was never cut")
+    assert running.dropped("timeout") == 1
+
+
+def test_connections_past_the_bound_are_refused_until_the_deadline_frees_places(
+    serve: type[Running],
+) -> None:
+    running = serve(max_connections=4, idle_timeout=2, request_timeout=3)
+    holders = [running.connect() for _ in range(4)]
+    # The kernel completes connections in order and the server takes them in order, so
+    # the four holders have the places when these arrive.
+    for _ in range(6):
+        refused = running.connect()
+        assert until_closed(refused).startswith(b"HTTP/1.0 503 "), "a connection past the bound was served"
+    assert running.dropped("busy") == 6
+    for holder in holders:
+        assert until_closed(holder) == b""
+    with urllib.request.urlopen(running.url + "/metrics", timeout=WAIT) as r:
+        assert r.status == 200
+        metrics = r.read().decode()
+    assert 'reconciler_http_connections_dropped_total{reason="busy"} 6.0' in metrics
+    assert 'reconciler_http_connections_dropped_total{reason="timeout"} 4.0' in metrics
+
+
+def test_a_post_with_a_body_is_answered(serve: type[Running]) -> None:
+    running = serve()
+    body = b'{"ref": "refs/heads/main"}' * 100
+    req = urllib.request.Request(running.url + "/echo", data=body, method="POST")
+    with urllib.request.urlopen(req, timeout=WAIT) as r:
+        assert (r.status, r.read()) == (200, body)
+    with urllib.request.urlopen(running.url + "/healthz", timeout=WAIT) as r:
+        assert (r.status, r.read()) == (200, b"ok\n")
+    assert running.echo.bodies == [body]
+    assert running.dropped("timeout") == running.dropped("busy") == 0
+
+
+def test_a_body_cut_short_is_not_handed_to_the_route(serve: type[Running]) -> None:
+    running = serve()
+    cut = running.connect()
+    cut.sendall(b"POST /echo HTTP/1.0\r\nContent-Length: 100\r\n\r\n" + b"x" * 50)
+    cut.shutdown(socket.SHUT_WR)
+    assert until_closed(cut) == b""
+    assert running.echo.bodies == []
+
+
+def test_stop_returns_and_closes_the_connections_still_open(serve: type[Running]) -> None:
+    # Deadlines far beyond WAIT: only stop() can close these in time.
+    running = serve(idle_timeout=60, request_timeout=60)
+    idle = running.connect()
+    partial = running.connect()
+    partial.sendall(b"GET /metrics HTTP/1.0\r\nX-Partial: ")
+    stopper = threading.Thread(target=running.server.stop)
+    stopper.start()
+    stopper.join(WAIT)
+    assert not stopper.is_alive(), "stop() waited on open connections"
+    for conn in (idle, partial):
+        assert until_closed(conn) == b""
+    # The listener's counter left the registry with it: a new listener can serve it.
+    again = Server("127.0.0.1:0", running.registry, lambda: (True, "ok"), lambda: (True, "ok"))
+    again.stop()
+
+
+def test_clients_that_reset_leave_no_traceback_and_a_crashing_route_one_event(
+    serve: type[Running], capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    called, release = threading.Event(), threading.Event()
+
+    def slow(headers: dict[str, str], body: bytes) -> tuple[int, str, bytes]:
+        called.set()
+        release.wait(WAIT)
+        return 200, "text/plain", b"x" * (1 << 20)
+
+    def crash(headers: dict[str, str], body: bytes) -> tuple[int, str, bytes]:
+        raise RuntimeError("a bug in a route")
+
+    running = serve({"/slow": slow, "/crash": crash})
+    threads = threading.active_count()
+    for _ in range(3):
+        called.clear()
+        reset = running.connect()
+        reset.sendall(b"POST /slow HTTP/1.0\r\nContent-Length: 0\r\n\r\n")
+        assert called.wait(WAIT)
+        # Closing with a zero linger resets the connection under the response.
+        reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        reset.close()
+        release.set()
+        wait_for(lambda: threading.active_count() == threads, WAIT, "the handler to finish")
+        release.clear()
+    crashing = running.connect()
+    crashing.sendall(b"POST /crash HTTP/1.0\r\nContent-Length: 0\r\n\r\n")
+    with caplog.at_level(logging.INFO, logger="reconciler"):
+        assert until_closed(crashing) == b""
+        wait_for(lambda: threading.active_count() == threads, WAIT, "the handler to finish")
+    assert "Traceback" not in capfd.readouterr().err
+    assert [r.getMessage() for r in caplog.records] == ["http_handler_crashed"]
