@@ -292,3 +292,29 @@ def test_the_nixpkgs_toolchain_offers_what_the_builds_use() -> None:
         m.group(1) for f in NIX_DIR.glob("*.nix") for m in re.finditer(r"\btoolchain\.(\w+)", f.read_text())
     }
     assert used and used <= nixpkgs, used - nixpkgs
+
+
+def test_the_toolchain_import_takes_nothing_from_the_callers_loader_environment(tmp_path: Path) -> None:
+    """LD_PRELOAD and LD_LIBRARY_PATH of whoever stages the toolchain must not add their
+    libraries to it: its runit goes into every image."""
+    extra = tmp_path / "extra-libs"
+    extra.mkdir()
+    # A library tar would otherwise resolve from LD_LIBRARY_PATH, and one preloaded into all.
+    # The copy differs by a trailing byte, which the loader ignores and a comparison does not.
+    (extra / "libacl.so.1").write_bytes(Path("/lib/x86_64-linux-gnu/libacl.so.1").read_bytes() + b"\0")
+    env = {**os.environ, "LD_PRELOAD": "/lib/x86_64-linux-gnu/libanl.so.1", "LD_LIBRARY_PATH": str(extra)}
+    out = tmp_path / "toolchain"
+    staged = subprocess.run(
+        ["sh", str(NIX_DIR / "toolchain" / "import-debian.sh"), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert staged.returncode == 0, staged.stderr
+    libs = {p.name for p in out.rglob("*.so*")}
+    assert "libanl.so.1" not in libs
+    # tar's libacl is the system's, not the copy LD_LIBRARY_PATH pointed at.
+    assert (out / "lib" / "libacl.so.1").read_bytes() == Path(
+        "/lib/x86_64-linux-gnu/libacl.so.1"
+    ).read_bytes()
+    assert "libgcc_s.so.1" in {p.name for p in (out / "lib").iterdir()}
