@@ -23,11 +23,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from reconciler.adapters.nix import NIX_OPTIONS  # noqa: E402
 from reconciler.config import load_config  # noqa: E402
-from reconciler.daemon import Reconciler  # noqa: E402
+from reconciler.core.hosts import parse_fleet, read_tree  # noqa: E402
+from reconciler.daemon.reconciler import Reconciler  # noqa: E402
 from reconciler.demo import init  # noqa: E402
-from reconciler.hosts import parse_fleet, read_tree  # noqa: E402
-from reconciler.nix import NIX_OPTIONS  # noqa: E402
 
 
 def host_derivations(artifacts_drv: str) -> list[str]:

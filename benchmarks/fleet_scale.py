@@ -35,9 +35,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from reconciler.config import load_config  # noqa: E402
-from reconciler.daemon import COMMIT_KEY, Reconciler  # noqa: E402
+from reconciler.core.hosts import parse_fleet, read_tree  # noqa: E402
+from reconciler.daemon.reconciler import COMMIT_KEY, Reconciler  # noqa: E402
 from reconciler.demo import make_signing_key  # noqa: E402
-from reconciler.hosts import parse_fleet, read_tree  # noqa: E402
 
 TOOLCHAIN_DIR = Path(os.environ.get("RECONCILER_TEST_CACHE", Path.home() / ".cache" / "reconciler-tests")) / (
     "toolchain"

@@ -35,13 +35,14 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, write_to_textfile
 
-from reconciler import fetch, log
+from reconciler import log
+from reconciler.adapters import fetch
+from reconciler.adapters.gpg import Verifier
+from reconciler.adapters.http import Server
 from reconciler.config import parse_duration, read_yaml
+from reconciler.core.hosts import FORMATS, NAME_RE, check_keys
+from reconciler.core.release import Release, latest_path, parse_release, release_path
 from reconciler.errors import ConfigError, FetchError, ReconcilerError, VerificationError
-from reconciler.hosts import FORMATS, NAME_RE, check_keys
-from reconciler.release import Release, latest_path, parse_release, release_path
-from reconciler.server import Server
-from reconciler.signing import Verifier
 from reconciler.verify import METADATA_LIMIT, SIGNATURE_LIMIT, read_keys, verify_blob
 
 STOP_TIMEOUT = 30.0

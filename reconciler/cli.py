@@ -29,7 +29,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
-    from reconciler.daemon import Reconciler
+    from reconciler.daemon.reconciler import Reconciler
 
     rec = Reconciler(_load(args))
     try:
@@ -51,7 +51,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from reconciler.daemon import Reconciler
+    from reconciler.daemon.reconciler import Reconciler
 
     rec = Reconciler(_load(args))
     try:
@@ -68,8 +68,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from reconciler.daemon import Reconciler
-    from reconciler.hosts import parse_fleet, read_tree
+    from reconciler.core.hosts import parse_fleet, read_tree
+    from reconciler.daemon.reconciler import Reconciler
 
     rec = Reconciler(_load(args))
     try:
@@ -88,8 +88,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from reconciler.daemon import status
-    from reconciler.state import State
+    from reconciler.adapters.ledger import State
+    from reconciler.daemon.reconciler import status
 
     cfg = _load(args)
     state = State(cfg.state_dir)
@@ -114,7 +114,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from reconciler.daemon import Reconciler
+    from reconciler.daemon.reconciler import Reconciler
 
     cfg = _load(args)
     verb = "would delete" if args.dry_run else "deleted"
@@ -137,7 +137,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from reconciler.daemon import Daemon
+    from reconciler.daemon.loop import Daemon
 
     daemon = Daemon(_load(args))
 

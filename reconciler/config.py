@@ -14,8 +14,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from reconciler.core.hosts import check_keys, parse_yaml
 from reconciler.errors import ConfigError
-from reconciler.hosts import check_keys, parse_yaml
 
 DURATION_RE = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}

@@ -11,10 +11,11 @@ import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
-from reconciler import fetch, openpgp
+from reconciler.adapters import fetch
+from reconciler.adapters.gpg import Verifier
+from reconciler.core import openpgp
+from reconciler.core.release import Release, parse_release
 from reconciler.errors import VerificationError
-from reconciler.release import Release, parse_release
-from reconciler.signing import Verifier
 
 # Release metadata and signatures are small; anything larger is not ours. A longer
 # signature would be refused unread anyway (reconciler.openpgp): stop fetching there.

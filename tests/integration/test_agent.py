@@ -32,9 +32,9 @@ import yaml
 from reconciler import log
 from reconciler.agent import Agent, load_agent_config
 from reconciler.config import load_config
-from reconciler.daemon import Reconciler
+from reconciler.core.release import parse_release
+from reconciler.daemon.reconciler import Reconciler
 from reconciler.demo import make_signing_key
-from reconciler.release import parse_release
 from tests.conftest import ConfigRepo, Signing, free_port, wait_for, write_config
 from tests.integration.test_gate import compression_bomb
 

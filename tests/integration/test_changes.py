@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from reconciler.adapters.nix import NIX_DIR, Evaluation, Nix
 from reconciler.config import load_config
-from reconciler.daemon import Reconciler
-from reconciler.hosts import Host
-from reconciler.nix import NIX_DIR, Evaluation, Nix
-from reconciler.plan import Plan
-from reconciler.release import parse_release
+from reconciler.core.hosts import Host
+from reconciler.core.plan import Plan
+from reconciler.core.release import parse_release
+from reconciler.daemon.reconciler import Reconciler
 from tests.conftest import WEB, ConfigRepo, Signing, write_config
 
 pytestmark = pytest.mark.integration

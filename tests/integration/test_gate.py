@@ -18,14 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from reconciler import signing as gpg
-from reconciler import source
+from reconciler.adapters import git as source
+from reconciler.adapters import gpg as gpg
+from reconciler.adapters.git import GitSource
+from reconciler.adapters.gpg import Signer
 from reconciler.config import load_config
-from reconciler.daemon import Reconciler
+from reconciler.core.openpgp import crc24
+from reconciler.daemon.reconciler import Reconciler
 from reconciler.errors import ReconcilerError, SigningError, SourceError
-from reconciler.openpgp import crc24
-from reconciler.signing import Signer
-from reconciler.source import GitSource
 from tests.conftest import ConfigRepo, Signing, cli, standard_fleet, wait_for, write_config
 from tests.integration.test_sources import gpg_key, relocate, signed_commit
 

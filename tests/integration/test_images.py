@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from reconciler.adapters.nix import NIX_DIR
 from reconciler.config import load_config
-from reconciler.daemon import Reconciler
-from reconciler.hosts import parse_fleet, read_tree
-from reconciler.nix import NIX_DIR
-from reconciler.release import Release, parse_release
+from reconciler.core.hosts import parse_fleet, read_tree
+from reconciler.core.release import Release, parse_release
+from reconciler.daemon.reconciler import Reconciler
 from tests.conftest import ConfigRepo, Signing, free_port, standard_fleet, wait_for, write_config
 
 pytestmark = pytest.mark.integration

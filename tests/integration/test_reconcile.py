@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from reconciler.adapters.gpg import Verifier
 from reconciler.config import load_config
-from reconciler.daemon import Reconciler
-from reconciler.release import parse_release
-from reconciler.signing import Verifier
+from reconciler.core.release import parse_release
+from reconciler.daemon.reconciler import Reconciler
 from tests.conftest import WEB, ConfigRepo, Signing, cli, gpg_verify, standard_fleet, write_config
 
 pytestmark = pytest.mark.integration

@@ -25,7 +25,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from reconciler.config import load_config
-from reconciler.daemon import Reconciler
+from reconciler.daemon.reconciler import Reconciler
 from reconciler.demo import make_signing_key
 from tests.conftest import WEB, ConfigRepo, Signing, cli, free_port, standard_fleet, wait_for, write_config
 

@@ -33,11 +33,10 @@ import yaml
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
+from reconciler.adapters.gpg import Signer
+from reconciler.adapters.store import FilesystemStore, S3Credentials, S3Store, Store
 from reconciler.config import load_config
-from reconciler.daemon import Reconciler
-from reconciler.errors import StoreError
-from reconciler.publish import publish
-from reconciler.release import (
+from reconciler.core.release import (
     Artifact,
     Release,
     blob_path,
@@ -46,9 +45,10 @@ from reconciler.release import (
     parse_release,
     release_path,
 )
-from reconciler.retention import collect
-from reconciler.signing import Signer
-from reconciler.store import FilesystemStore, S3Credentials, S3Store, Store
+from reconciler.daemon.gc import collect
+from reconciler.daemon.publish import publish
+from reconciler.daemon.reconciler import Reconciler
+from reconciler.errors import StoreError
 from reconciler.verify import verify
 from tests.conftest import ConfigRepo, Signing, gpg_verify, standard_fleet, write_config
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.config import load_config
-from reconciler.daemon import Reconciler
+from reconciler.daemon.reconciler import Reconciler
 from tests.conftest import ConfigRepo, Signing, cli, wait_for, write_config
 
 pytestmark = pytest.mark.integration

@@ -20,8 +20,8 @@ from reconciler.agent import (
     load_agent_config,
     peek_version,
 )
+from reconciler.core.release import Artifact, Release
 from reconciler.errors import ConfigError
-from reconciler.release import Artifact, Release
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 

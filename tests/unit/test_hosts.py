@@ -15,10 +15,9 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from reconciler import hosts
 from reconciler.config import load_config
-from reconciler.errors import ConfigError
-from reconciler.hosts import (
+from reconciler.core import hosts
+from reconciler.core.hosts import (
     MAX_DEPTH,
     MAX_FILE_BYTES,
     MAX_NODES,
@@ -33,6 +32,7 @@ from reconciler.hosts import (
     parse_yaml,
     read_tree,
 )
+from reconciler.errors import ConfigError
 
 HOST = "hosts/web-1.yaml"
 # Generous for slow CI machines; the examples themselves are small.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from reconciler.nixlog import OUTSIDE, TAIL_LINES, Redaction, redact
+from reconciler.core.nixlog import OUTSIDE, TAIL_LINES, Redaction, redact
 
 HOW = Redaction(repo="/var/lib/reconciler/checkout", labels={"/opt/reconciler/nix": "<reconciler nix>"})
 DRV = "/nix/store/" + "a" * 32 + "-host-web-1-image.drv"

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from reconciler.core.openpgp import ARMORED_LIMIT, crc24, detached_signature
 from reconciler.errors import VerificationError
-from reconciler.openpgp import ARMORED_LIMIT, crc24, detached_signature
 
 PROPERTY = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

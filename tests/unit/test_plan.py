@@ -7,9 +7,9 @@ from collections.abc import Mapping
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reconciler.errors import ConfigError
-from reconciler.hosts import Fleet, Host, Network, Service, parse_fleet
-from reconciler.plan import (
+from reconciler.adapters.ledger import HostState
+from reconciler.core.hosts import Fleet, Host, Network, Service, parse_fleet
+from reconciler.core.plan import (
     BACKOFF,
     INVALID,
     REBUILD,
@@ -20,7 +20,7 @@ from reconciler.plan import (
     make_plan,
     retry_delay,
 )
-from reconciler.state import HostState
+from reconciler.errors import ConfigError
 
 COMMIT = "c" * 40
 IMG_A = "/nix/store/aaaa-host-web-1-image.drv"

@@ -11,8 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reconciler.errors import VerificationError
-from reconciler.release import (
+from reconciler.core.release import (
     SCHEMA,
     Artifact,
     Release,
@@ -24,6 +23,7 @@ from reconciler.release import (
     parse_time,
     release_path,
 )
+from reconciler.errors import VerificationError
 
 PROPERTY = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SRC = "hosts/web-1/releases/3.json"

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from reconciler.server import PostHandler, Server
+from reconciler.adapters.http import PostHandler, Server
 from tests.conftest import wait_for
 
 # Every wait in these tests is bounded by a socket timeout this long: far above the

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from reconciler.adapters.store import FilesystemStore, S3Credentials, S3Store, open_store, read_credentials
 from reconciler.config import StoreConfig
 from reconciler.errors import ConfigError, StoreError
-from reconciler.store import FilesystemStore, S3Credentials, S3Store, open_store, read_credentials
 
 CREDS = S3Credentials("AKID", "SECRET")
 

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from reconciler.triggers import Push, Unauthorized, Wakeup, authenticate, concerns
+from reconciler.daemon.triggers import Push, Unauthorized, Wakeup, authenticate, concerns
 
 SECRET = b"s3cret"
 BODY = json.dumps({"ref": "refs/heads/main", "after": "a" * 40}).encode()

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
 from reconciler import log
+from reconciler.daemon.metrics import Dropped, http_connections_dropped
 from reconciler.errors import ReconcilerError
-from reconciler.metrics import Dropped, http_connections_dropped
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer

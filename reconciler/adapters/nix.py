@@ -27,15 +27,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reconciler.config import NixConfig
+from reconciler.core.hosts import Host
+from reconciler.core.nixlog import Redaction, redact, tail
 from reconciler.errors import BuildError
-from reconciler.hosts import Host
-from reconciler.nixlog import Redaction, redact, tail
 
-_HERE = Path(__file__).resolve().parent
+_PACKAGE = Path(__file__).resolve().parent.parent
 # The Nix library: beside the package in a checkout (or an editable install), inside
 # it as _nix in an installed wheel.
 NIX_DIR = next(
-    (d for d in (_HERE.parent / "nix", _HERE / "_nix") if (d / "fleet.nix").is_file()), _HERE.parent / "nix"
+    (d for d in (_PACKAGE.parent / "nix", _PACKAGE / "_nix") if (d / "fleet.nix").is_file()),
+    _PACKAGE.parent / "nix",
 )
 # Offline: no binary cache is reachable and none is wanted for reproducibility.
 NIX_OPTIONS = ("--option", "substituters", "")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import gnupg
 
-from reconciler import openpgp
+from reconciler.core import openpgp
 from reconciler.errors import ReconcilerError, SigningError, VerificationError
 
 # python-gnupg waits for gpg as long as gpg runs: a hung gpg-agent or an input crafted

@@ -10,8 +10,8 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from reconciler.hosts import Fleet
-from reconciler.state import HostState
+from reconciler.adapters.ledger import HostState
+from reconciler.core.hosts import Fleet
 
 REBUILD = "rebuild"
 UNCHANGED = "unchanged"

@@ -21,21 +21,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from reconciler import log
+from reconciler.adapters.git import GitSource
+from reconciler.adapters.gpg import Signer
+from reconciler.adapters.ledger import State
+from reconciler.adapters.nix import BuildOutput, Evaluation, Nix, eval_key
+from reconciler.adapters.store import open_store
 from reconciler.config import Config
-from reconciler.errors import (
-    BuildError,
-    ConfigError,
-    ReconcilerError,
-    SigningError,
-    SourceError,
-    StoreError,
-    VerificationError,
-)
-from reconciler.gate import CommitRefusedError, Gate
-from reconciler.hosts import Fleet, Host, ParseCache, parse_fleet, read_tree
-from reconciler.metrics import Metrics
-from reconciler.nix import BuildOutput, Evaluation, Nix, eval_key
-from reconciler.plan import (
+from reconciler.core.hosts import Fleet, Host, ParseCache, parse_fleet, read_tree
+from reconciler.core.plan import (
     BACKOFF,
     INVALID,
     REBUILD,
@@ -46,15 +39,20 @@ from reconciler.plan import (
     make_plan,
     retry_delay,
 )
-from reconciler.publish import publish
-from reconciler.release import Artifact, Release, latest_path, new_release, parse_release, release_path
-from reconciler.retention import collect
-from reconciler.server import PostHandler, Server
-from reconciler.signing import Signer
-from reconciler.source import GitSource
-from reconciler.state import State
-from reconciler.store import open_store
-from reconciler.triggers import RepoWatcher, Unauthorized, Wakeup, authenticate, concerns
+from reconciler.core.release import Artifact, Release, latest_path, new_release, parse_release, release_path
+from reconciler.daemon.gate import CommitRefusedError, Gate
+from reconciler.daemon.gc import collect
+from reconciler.daemon.metrics import Metrics
+from reconciler.daemon.publish import publish
+from reconciler.errors import (
+    BuildError,
+    ConfigError,
+    ReconcilerError,
+    SigningError,
+    SourceError,
+    StoreError,
+    VerificationError,
+)
 
 COMMIT_KEY = "commit"
 PUBLISHER_KEY = "keys/publisher.asc"
@@ -493,97 +491,3 @@ def status(state: State) -> Mapping[str, object]:
             for name, hs in state.hosts().items()
         },
     }
-
-
-class Daemon:
-    """`reconciler run`: reconcile on every poll interval and serve the endpoints."""
-
-    def __init__(self, cfg: Config) -> None:
-        self.cfg = cfg
-        self.reconciler = Reconciler(cfg)
-        self.stopping = threading.Event()
-        self._observed = False
-        self._last_error: str | None = None
-        self.metrics = self.reconciler.metrics
-        t = cfg.triggers
-        self.wakeup = Wakeup(quiet=t.debounce, max_delay=max(2.0, 10 * t.debounce))
-        post: dict[str, PostHandler] = {}
-        self._webhook_secret = b""
-        if t.webhook_secret_file is not None:
-            try:
-                self._webhook_secret = t.webhook_secret_file.read_bytes().strip()
-            except OSError as exc:
-                raise ConfigError(
-                    str(cfg.path), "triggers.webhook_secret_file", exc.strerror or str(exc)
-                ) from None
-            if not self._webhook_secret:
-                raise ConfigError(str(cfg.path), "triggers.webhook_secret_file", "the file is empty")
-            post["/webhook"] = self.webhook
-        self.server = Server(cfg.listen, self.metrics.registry, self.healthy, self.ready, post)
-        self.watcher = RepoWatcher(Path(cfg.repo.url), self.wakeup) if cfg.repo.is_local and t.watch else None
-
-    def webhook(self, headers: dict[str, str], body: bytes) -> tuple[int, str, bytes]:
-        """POST /webhook: a forge's push event, authenticated, wakes the loop."""
-        try:
-            push = authenticate(headers, body, self._webhook_secret)
-        except Unauthorized as exc:
-            self.metrics.webhook_requests.labels("unauthorized").inc()
-            log.event("webhook_refused", logging.WARNING, reason=str(exc))
-            return 401, "text/plain", b"unauthorized\n"
-        if not concerns(push, self.cfg.repo.branch):
-            self.metrics.webhook_requests.labels("ignored").inc()
-            return 200, "text/plain", b"ignored: not a push to the tracked branch\n"
-        self.metrics.webhook_requests.labels("accepted").inc()
-        log.event("webhook_push", forge=push.forge, ref=push.ref)
-        self.wakeup.notify("webhook")
-        return 202, "text/plain", b"accepted\n"
-
-    def healthy(self) -> tuple[bool, str]:
-        return (not self.stopping.is_set()), ("stopping" if self.stopping.is_set() else "ok")
-
-    def ready(self) -> tuple[bool, str]:
-        """Ready once a pass has observed the repository; a later fetch error keeps
-        it ready, because what it published is still served."""
-        if self._observed:
-            return True, "ok"
-        return False, self._last_error or "first reconcile not finished"
-
-    def run(self) -> None:
-        # Before anything listens or builds: a Nix that would build unsandboxed
-        # stops the start (unless the config accepts it).
-        self.reconciler.check_sandbox()
-        self.server.start()
-        log.event(
-            "daemon_start",
-            listen=f"{self.cfg.listen}",
-            port=self.server.port,
-            repo=self.cfg.repo.url,
-            poll_interval=self.cfg.poll_interval,
-        )
-        if self.watcher is not None:
-            self.watcher.start()
-        try:
-            while not self.stopping.is_set():
-                try:
-                    self.reconciler.reconcile()
-                    self._observed = True
-                except ReconcilerError as exc:
-                    self._last_error = str(exc)
-                    log.event("reconcile_failed", logging.ERROR, error=str(exc))
-                except Exception as exc:
-                    # A bug must not stop the daemon: log it and try again next interval.
-                    self._last_error = f"internal error: {exc!r}"
-                    log.event("reconcile_crashed", logging.ERROR, error=repr(exc))
-                reasons = self.wakeup.wait(self.cfg.poll_interval)
-                # A burst of triggers is one pass; it is counted under what started it.
-                self.metrics.wakeups.labels(reasons[0] if reasons else "poll").inc()
-        finally:
-            if self.watcher is not None:
-                self.watcher.stop()
-            self.server.stop()
-            self.reconciler.close()
-            log.event("daemon_stop")
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.wakeup.notify("stop")

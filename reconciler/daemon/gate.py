@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TypeVar
 
-from reconciler import openpgp
+from reconciler.adapters.git import GitSource
+from reconciler.adapters.gpg import Verifier
 from reconciler.config import RepoConfig
+from reconciler.core import openpgp
 from reconciler.errors import SourceError, VerificationError
-from reconciler.signing import Verifier
-from reconciler.source import GitSource
 from reconciler.verify import read_keys
 
 # Verdicts remembered per gate; a head moves a few times a day, an attacker's pushes

@@ -6,7 +6,7 @@ from enum import Enum
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
-from reconciler.gate import Refusal
+from reconciler.daemon.gate import Refusal
 
 # Builds of real hosts take seconds to minutes; reconciles of an unchanged fleet
 # take well under a second.

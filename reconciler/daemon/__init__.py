@@ -1,0 +1,1 @@
+"""The daemon: the reconcile pass over the adapters, its loop, triggers and metrics."""
