@@ -30,8 +30,8 @@ sys.path.insert(0, str(ROOT))
 from reconciler.adapters.gpg import Signer  # noqa: E402
 from reconciler.agent import Agent, load_agent_config  # noqa: E402
 from reconciler.config import load_config  # noqa: E402
-from reconciler.daemon.reconciler import Reconciler  # noqa: E402
 from reconciler.demo import init  # noqa: E402
+from reconciler.wiring import open_reconciler  # noqa: E402
 
 
 class Counter:
@@ -99,7 +99,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="reconciler-poll-bench-") as tmp:
         work = Path(tmp)
         cfg = load_config(init(work / "demo"))
-        rec = Reconciler(cfg)
+        rec = open_reconciler(cfg)
         try:
             assert rec.reconcile().ok
         finally:

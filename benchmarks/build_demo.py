@@ -24,10 +24,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from reconciler.adapters.nix import NIX_OPTIONS  # noqa: E402
+from reconciler.adapters.tree import read_tree  # noqa: E402
 from reconciler.config import load_config  # noqa: E402
-from reconciler.core.hosts import parse_fleet, read_tree  # noqa: E402
-from reconciler.daemon.reconciler import Reconciler  # noqa: E402
+from reconciler.core.hosts import parse_fleet  # noqa: E402
 from reconciler.demo import init  # noqa: E402
+from reconciler.wiring import open_reconciler  # noqa: E402
 
 
 def host_derivations(artifacts_drv: str) -> list[str]:
@@ -61,7 +62,7 @@ def main() -> int:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="reconciler-build-bench-") as tmp:
         cfg = load_config(init(Path(tmp) / "demo"))
-        rec = Reconciler(cfg)
+        rec = open_reconciler(cfg)
         try:
             rec.source.fetch()
             fleet = parse_fleet(read_tree(rec.source.checkout))

@@ -34,10 +34,12 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from reconciler.adapters.tree import read_tree  # noqa: E402
 from reconciler.config import load_config  # noqa: E402
-from reconciler.core.hosts import parse_fleet, read_tree  # noqa: E402
-from reconciler.daemon.reconciler import COMMIT_KEY, Reconciler  # noqa: E402
+from reconciler.core.hosts import parse_fleet  # noqa: E402
+from reconciler.daemon.reconciler import COMMIT_KEY  # noqa: E402
 from reconciler.demo import make_signing_key  # noqa: E402
+from reconciler.wiring import open_reconciler  # noqa: E402
 
 TOOLCHAIN_DIR = Path(os.environ.get("RECONCILER_TEST_CACHE", Path.home() / ".cache" / "reconciler-tests")) / (
     "toolchain"
@@ -150,7 +152,7 @@ def run(work: Path, hosts: int, repeat: int) -> int:
         )
     )
     cfg = load_config(cfg_path)
-    rec = Reconciler(cfg)
+    rec = open_reconciler(cfg)
     try:
         # Seed: every host published from the first commit. This first plan is cold:
         # no parsed or evaluated host is cached yet.

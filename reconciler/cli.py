@@ -6,6 +6,7 @@ import argparse
 import json
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,9 +30,9 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
-    from reconciler.daemon.reconciler import Reconciler
+    from reconciler.wiring import open_reconciler
 
-    rec = Reconciler(_load(args))
+    rec = open_reconciler(_load(args))
     try:
         result = rec.reconcile(respect_backoff=False)
     finally:
@@ -51,13 +52,14 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from reconciler.daemon.reconciler import Reconciler
+    from reconciler.wiring import open_planner
 
-    rec = Reconciler(_load(args))
-    try:
-        _, plan = rec.plan()
-    finally:
-        rec.close()
+    with tempfile.TemporaryDirectory(prefix="reconciler-plan-") as work:
+        rec = open_planner(_load(args), Path(work))
+        try:
+            _, plan = rec.plan()
+        finally:
+            rec.close()
     if args.json:
         print(json.dumps(plan.to_json(), indent=2))
     else:
@@ -68,18 +70,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from reconciler.core.hosts import parse_fleet, read_tree
-    from reconciler.daemon.reconciler import Reconciler
+    from reconciler.core.hosts import parse_fleet
+    from reconciler.wiring import open_reconciler
 
-    rec = Reconciler(_load(args))
+    rec = open_reconciler(_load(args))
     try:
-        rec.check_head(rec.source.fetch())
-        fleet = parse_fleet(read_tree(rec.source.checkout))
-        host = fleet.hosts.get(args.host)
-        if host is None:
-            why = next((str(e) for e in fleet.errors if e.path.endswith(f"/{args.host}.yaml")), None)
-            raise ReconcilerError(why or f"no host {args.host!r} in {rec.cfg.repo.url}")
-        out = rec.build(host, rec.first_version(host.name))
+        # The daemon's checkout changes only under the pass lock, and the head passes
+        # the commit gate as in a pass.
+        with rec.exclusive():
+            rec.check_head(rec.source.fetch())
+            fleet = parse_fleet(rec.source.read_tree())
+            host = fleet.hosts.get(args.host)
+            if host is None:
+                why = next((str(e) for e in fleet.errors if e.path.endswith(f"/{args.host}.yaml")), None)
+                raise ReconcilerError(why or f"no host {args.host!r} in {rec.cfg.repo.url}")
+            # A root of its own: the published build keeps the host's.
+            out = rec.build(host, rec.first_version(host.name), gcroot=f"{host.name}.build")
     finally:
         rec.close()
     for _, path in sorted(out.files.items()):
@@ -88,11 +94,11 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from reconciler.adapters.ledger import State
     from reconciler.daemon.reconciler import status
+    from reconciler.wiring import open_ledger
 
     cfg = _load(args)
-    state = State(cfg.state_dir)
+    state = open_ledger(cfg, read_only=True)
     try:
         st = status(state)
     finally:
@@ -114,11 +120,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from reconciler.daemon.reconciler import Reconciler
+    from reconciler.wiring import open_reconciler
 
     cfg = _load(args)
     verb = "would delete" if args.dry_run else "deleted"
-    rec = Reconciler(cfg)
+    rec = open_reconciler(cfg)
     try:
         # Waits for a running daemon's pass to end: GC must not race a publish.
         keys = rec.collect_garbage(args.dry_run, on_delete=lambda key: print(f"{verb} {key}"))
@@ -137,9 +143,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from reconciler.daemon.loop import Daemon
+    from reconciler.wiring import open_daemon
 
-    daemon = Daemon(_load(args))
+    daemon = open_daemon(_load(args))
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         daemon.stop()

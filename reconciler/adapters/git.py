@@ -13,10 +13,12 @@ import shlex
 import shutil
 import signal
 import subprocess
+import tarfile
 from pathlib import Path
 
 import git
 
+from reconciler.adapters.tree import read_tree
 from reconciler.errors import SourceError, VerificationError
 
 # A commit is read whole to find its signature header; a longer one (it is its
@@ -28,6 +30,8 @@ VERIFY_TIMEOUT = 10.0
 # Telling ancestry in a shallow clone: the history is deepened by these many commits
 # in turn (a fetch each) before giving up.
 DEEPEN_STEPS = (100, 1000, 10000)
+# Writing a commit's tree out of git objects (`reconciler plan`).
+EXPORT_TIMEOUT = 300.0
 
 
 class GitSource:
@@ -88,18 +92,47 @@ class GitSource:
     def fetch(self) -> str:
         """Fetch the branch, check its head out, and return the commit id."""
         repo = self._open()
-        ref = f"refs/remotes/origin/{self.branch}"
+        commit = self.fetch_objects(f"refs/remotes/origin/{self.branch}")
         try:
-            # '+': the ref follows a force-push; whether such a head is built is
-            # reconciler.gate's decision.
-            shallow = [f"--depth={self.depth}"] if self.depth else []
-            repo.git.fetch("origin", f"+refs/heads/{self.branch}:{ref}", "--prune", *shallow)
-            commit = repo.git.rev_parse(ref + "^{commit}")
             repo.git.checkout("--force", "--detach", commit)
             repo.git.clean("-ffdx")
         except git.GitCommandError as exc:
+            raise SourceError(f"cannot check out {commit} of {self.url}: {_why(exc)}") from None
+        return commit
+
+    def fetch_objects(self, ref: str) -> str:
+        """Fetch the branch into ``ref`` and return its head commit; the work tree is
+        not touched."""
+        repo = self._open()
+        try:
+            # '+': the ref follows a force-push; whether such a head is built is
+            # reconciler.daemon.gate's decision.
+            shallow = [f"--depth={self.depth}"] if self.depth else []
+            repo.git.fetch("origin", f"+refs/heads/{self.branch}:{ref}", "--prune", *shallow)
+            return str(repo.git.rev_parse(ref + "^{commit}"))
+        except git.GitCommandError as exc:
             raise SourceError(f"cannot fetch branch {self.branch!r} from {self.url}: {_why(exc)}") from None
-        return str(commit)
+
+    def export(self, commit: str, dest: Path) -> None:
+        """Write ``commit``'s tree into the new directory ``dest`` from git objects."""
+        repo = self._open()
+        dest.mkdir(parents=True)
+        proc = subprocess.Popen(
+            ["git", "-C", str(repo.git_dir), "archive", "--format=tar", commit],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+        )
+        assert proc.stdout is not None
+        try:
+            with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
+                # As git checks out: symlinks stay symlinks, wherever they point (the
+                # readers refuse or confine them).
+                tar.extractall(dest, filter="tar")
+        finally:
+            proc.stdout.close()
+            if proc.wait(timeout=EXPORT_TIMEOUT) != 0:
+                raise SourceError(f"cannot export {commit} of {self.url}: git archive failed")
 
     def signature(self, commit: str) -> bytes | None:
         """The signature in ``commit``'s header, as `git verify-commit` hands it to
@@ -177,16 +210,20 @@ class GitSource:
             except git.GitCommandError as exc:
                 raise SourceError(f"cannot deepen the history of {self.url}: {_why(exc)}") from None
 
+    def read_tree(self) -> dict[str, str]:
+        """The definition files of the checked-out commit."""
+        return read_tree(self.checkout)
+
     def commit_time(self, commit: str) -> float:
         """The committer time of ``commit``, unix seconds."""
         return float(self._open().commit(commit).committed_date)
 
-    def tree_digest(self, exclude: frozenset[str]) -> str:
-        """Digest of the checked-out commit's tree without the top-level ``exclude``
-        entries: git's object ids, so nothing is read or hashed here."""
+    def tree_digest(self, commit: str, exclude: frozenset[str]) -> str:
+        """Digest of ``commit``'s tree without the top-level ``exclude`` entries: git's
+        object ids, so nothing is read or hashed here."""
         repo = self._open()
         try:
-            listing = repo.git.ls_tree("HEAD")
+            listing = repo.git.ls_tree(commit)
         except git.GitCommandError as exc:
             raise SourceError(f"cannot list the checkout of {self.url}: {_why(exc)}") from None
         kept = [ln for ln in listing.splitlines() if ln.split("\t", 1)[-1] not in exclude]
@@ -218,3 +255,48 @@ def _why(exc: Exception) -> str:
         return lines[-1] if lines else f"git exited {exc.status}"
     said = [ln.removeprefix("fatal: ").removeprefix("error: ") for ln in lines[max(0, fatal - 1) : fatal + 1]]
     return "; ".join(said)
+
+
+class Snapshot:
+    """The Source port for what only reads (``reconciler plan``): the branch head read
+    from git objects into ``workdir``, fetched into a ref of its own. The daemon's work
+    tree and refs stay as they are, so a pass running meanwhile builds what it checked
+    out."""
+
+    REF = "refs/reconciler/snapshot"
+
+    def __init__(self, git: GitSource, workdir: Path) -> None:
+        self._git = git
+        self._tree = workdir / "tree"
+
+    @property
+    def checkout(self) -> Path:
+        return self._tree
+
+    def fetch(self) -> str:
+        commit = self._git.fetch_objects(self.REF)
+        if self._tree.exists():
+            shutil.rmtree(self._tree)
+        self._git.export(commit, self._tree)
+        return commit
+
+    def read_tree(self) -> dict[str, str]:
+        return read_tree(self._tree)
+
+    def commit_time(self, commit: str) -> float:
+        return self._git.commit_time(commit)
+
+    def tree_digest(self, commit: str, exclude: frozenset[str]) -> str:
+        return self._git.tree_digest(commit, exclude)
+
+    def changed_files(self, old: str | None, new: str) -> frozenset[str] | None:
+        return self._git.changed_files(old, new)
+
+    def signature(self, commit: str) -> bytes | None:
+        return self._git.signature(commit)
+
+    def verify_commit(self, commit: str, gnupghome: Path) -> str:
+        return self._git.verify_commit(commit, gnupghome)
+
+    def is_ancestor(self, old: str, new: str) -> bool | None:
+        return self._git.is_ancestor(old, new)

@@ -14,13 +14,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from enum import Enum
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
 from reconciler import log
-from reconciler.daemon.metrics import Dropped, http_connections_dropped
 from reconciler.errors import ReconcilerError
 
 if TYPE_CHECKING:
@@ -57,6 +57,26 @@ BUSY = (
     b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n"
     b"Retry-After: 1\r\nConnection: close\r\n\r\nbusy\n"
 )
+
+
+class Dropped(Enum):
+    """Why the HTTP listener closed a connection without answering a request on it."""
+
+    BUSY = "busy"  # refused on arrival: as many connections as allowed were being served
+    TIMEOUT = "timeout"  # its request did not arrive in full before the deadline
+
+
+def http_connections_dropped(registry: CollectorRegistry) -> Counter:
+    """The HTTP listener's counter, on the registry it serves: the daemon's or the agent's."""
+    dropped = Counter(
+        "reconciler_http_connections_dropped",
+        "HTTP connections closed without a request served, by reason.",
+        ["reason"],
+        registry=registry,
+    )
+    for reason in Dropped:
+        dropped.labels(reason.value)
+    return dropped
 
 
 class Server:

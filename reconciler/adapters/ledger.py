@@ -11,8 +11,9 @@ import sqlite3
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
+
+from reconciler.core.model import HostState, Status
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -34,28 +35,45 @@ CREATE TABLE IF NOT EXISTS evaluations (host TEXT PRIMARY KEY, key TEXT NOT NULL
 """
 
 
-@dataclass(frozen=True)
-class HostState:
-    name: str
-    version: int  # 0: never published
-    image: str | None  # image derivation of the published version
-    commit: str | None
-    status: str  # published | failed | invalid | removed
-    error: str | None
-    updated: float
-    failures: int = 0  # consecutive failed builds of failed_image
-    failed_image: str | None = None
-    retry_at: float | None = None  # unix time before which failed_image is not retried
+# The tables a read-only ledger copies from the file.
+TABLES = ("meta", "hosts", "evaluations")
 
 
 class State:
-    def __init__(self, state_dir: Path) -> None:
-        state_dir.mkdir(parents=True, exist_ok=True)
+    """The ledger in ``state_dir/state.db``. ``read_only``: a copy in memory of what the
+    file holds (nothing if there is none), so that what only reads (``plan``,
+    ``status``) creates and changes nothing on disk while a daemon writes it."""
+
+    def __init__(self, state_dir: Path, read_only: bool = False) -> None:
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(state_dir / "state.db", check_same_thread=False, isolation_level=None)
+        path = state_dir / "state.db"
+        if read_only:
+            self._db = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
+            self._db.executescript(SCHEMA)
+            if path.exists():
+                self._copy_from(path)
+            return
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+
+    def _copy_from(self, path: Path) -> None:
+        # Through a connection of its own, which SQLite's URI modes keep from writing.
+        # While a daemon has the database open (its write-ahead log exists) read-only
+        # mode reads its last committed pass; otherwise the file alone is the database,
+        # and "immutable" reads it without creating the log files beside it.
+        live = path.with_name(path.name + "-wal").exists()
+        disk = sqlite3.connect(f"file:{path}?{'mode=ro' if live else 'immutable=1'}", uri=True)
+        try:
+            for table in TABLES:
+                rows = disk.execute(f"SELECT * FROM {table}").fetchall()
+                if rows:
+                    marks = ",".join("?" * len(rows[0]))
+                    self._db.executemany(f"INSERT INTO {table} VALUES ({marks})", rows)
+        finally:
+            disk.close()
 
     def close(self) -> None:
         self._db.close()
@@ -79,7 +97,7 @@ class State:
                 "SELECT name, version, image, commit_id, status, error, updated,"
                 " failures, failed_image, retry_at FROM hosts ORDER BY name"
             ).fetchall()
-        return {r[0]: HostState(*r) for r in rows}
+        return {r[0]: HostState(r[0], r[1], r[2], r[3], Status(r[4]), *r[5:]) for r in rows}
 
     def evaluated(self, keys: Mapping[str, str]) -> dict[str, str]:
         """Image derivations recorded for hosts whose key (host -> key) is unchanged."""
@@ -99,7 +117,7 @@ class State:
     def record_published(self, name: str, version: int, image: str, commit: str) -> None:
         self._upsert(
             name,
-            status="published",
+            status=Status.PUBLISHED,
             error=None,
             version=version,
             image=image,
@@ -112,10 +130,10 @@ class State:
     def record_build_failure(self, name: str, error: str, image: str, failures: int, retry_at: float) -> None:
         """A failed build of ``image``: the ``failures``-th in a row, not retried before ``retry_at``."""
         self._upsert(
-            name, status="failed", error=error, failures=failures, failed_image=image, retry_at=retry_at
+            name, status=Status.FAILED, error=error, failures=failures, failed_image=image, retry_at=retry_at
         )
 
-    def record_failure(self, name: str, status: str, error: str) -> None:
+    def record_failure(self, name: str, status: Status, error: str) -> None:
         """Mark a host failed/invalid/removed; what it has published stays recorded."""
         self._upsert(name, status=status, error=error)
 

@@ -22,12 +22,12 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from reconciler.config import NixConfig
 from reconciler.core.hosts import Host
+from reconciler.core.model import BuildOutput, Evaluation
 from reconciler.core.nixlog import Redaction, redact, tail
 from reconciler.errors import BuildError
 
@@ -61,26 +61,6 @@ HERMETIC_OPTIONS = (
 EXIT_GRACE = 60.0
 # What a builder sees of the machine only when it is not sandboxed.
 PROBE_PATHS = ("/usr", "/home", "/root", "/var")
-
-
-@dataclass(frozen=True)
-class BuildOutput:
-    derivation: str
-    out: Path
-    files: Mapping[str, Path]  # format -> artifact, named as it is published
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    images: Mapping[str, str]  # host -> image derivation path
-    errors: Mapping[str, str]  # host -> why it could not be evaluated
-
-
-def eval_key(host: Host, recipe: str) -> str:
-    """What a host's image derivation is a function of: its normalised definition and
-    ``recipe`` (the digest of every other input). Equal keys, equal derivations."""
-    data = json.dumps(host.to_nix(), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(f"{recipe}\n{data}".encode()).hexdigest()
 
 
 def _digest_files(root: Path, paths: Iterable[Path]) -> str:
@@ -305,13 +285,14 @@ class Nix:
             return False, redact(proc.stderr, self.redaction(repo))
         return True, proc.stdout
 
-    def build(self, host: Host, version: int, repo: Path) -> BuildOutput:
-        """Build one host's release artifacts; the output is kept as a GC root."""
+    def build(self, host: Host, version: int, repo: Path, root: str) -> BuildOutput:
+        """Build one host's release artifacts; the output is kept as the GC root
+        ``root`` (the pass's per host, another for ``reconciler build``)."""
         self.ensure_toolchain()
         self.gcroots.mkdir(parents=True, exist_ok=True)
         fleet_file = self.write_fleet([host])
         attr = f'hosts."{host.name}".artifacts'
-        root = self.gcroots / host.name
+        gcroot = self.gcroots / root
         how = self.redaction(repo)
         try:
             inst = self._run(
@@ -334,7 +315,7 @@ class Nix:
             raise BuildError(host.name, f"evaluation failed: {redact(inst.stderr, how)}")
         drv = inst.stdout.strip().splitlines()[-1]
         real = self._run(
-            ["nix-store", "--realise", drv, "--add-root", str(root), "--indirect", *self._build_options()],
+            ["nix-store", "--realise", drv, "--add-root", str(gcroot), "--indirect", *self._build_options()],
             self.settings.build_timeout.total_seconds() + EXIT_GRACE,
             "the build",
             host.name,

@@ -1,7 +1,7 @@
 """The artifact store: a key -> bytes namespace laid out as SPEC says.
 
-Backends implement :class:`Store`: :class:`FilesystemStore` (a directory tree) and
-:class:`S3Store` (a bucket of an S3-compatible service); :func:`open_store` picks one
+Backends implement reconciler.ports.Store: :class:`FilesystemStore` (a directory tree) and
+:class:`S3Store` (a bucket of an S3-compatible service); reconciler.wiring picks one
 from the configuration. Every write is atomic: a reader sees the old object or the
 whole new one, never a prefix. Every failure is a :class:`StoreError` naming the key
 and the reason in one line.
@@ -20,7 +20,7 @@ import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import boto3
 from boto3.exceptions import S3UploadFailedError
@@ -36,32 +36,10 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-from reconciler.config import StoreConfig
 from reconciler.errors import ConfigError, StoreError
 
 if TYPE_CHECKING:
     from types_boto3_s3.client import S3Client
-
-
-class Store(Protocol):
-    def put_file(self, key: str, path: Path) -> None: ...
-    def put_bytes(self, key: str, data: bytes) -> None: ...
-    def get_bytes(self, key: str) -> bytes | None: ...
-    def exists(self, key: str) -> bool: ...
-    def size(self, key: str) -> int | None: ...
-    def url(self, key: str) -> str: ...
-    def list(self, prefix: str = "") -> builtins.list[str]:
-        """Every key that starts with ``prefix`` (a plain string prefix), sorted."""
-        ...
-
-    def delete(self, key: str) -> None:
-        """Remove ``key``; removing a missing key is not an error."""
-        ...
-
-    def sweep(self) -> builtins.list[str]:
-        """Remove what writes that died mid-way left (never visible as keys); call it
-        only where no write can be in progress. Returns what was removed."""
-        ...
 
 
 def _check_key(key: str) -> None:
@@ -450,17 +428,3 @@ class S3Store:
 
 def _content_type(key: str) -> str:
     return _CONTENT_TYPES.get(Path(key).suffix, "application/octet-stream")
-
-
-def open_store(cfg: StoreConfig) -> Store:
-    """The store ``cfg`` describes (reconciler.yaml's ``store`` section)."""
-    if cfg.type == "s3":
-        if not cfg.bucket:
-            raise StoreError("an s3 store needs a bucket")
-        credentials = read_credentials(cfg.credentials_file) if cfg.credentials_file else None
-        return S3Store(cfg.bucket, cfg.prefix, cfg.endpoint, cfg.region, credentials)
-    if cfg.type == "filesystem":
-        if cfg.path is None:
-            raise StoreError("a filesystem store needs a path")
-        return FilesystemStore(cfg.path)
-    raise StoreError(f"unsupported store type {cfg.type!r}")

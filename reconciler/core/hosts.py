@@ -12,12 +12,10 @@ import functools
 import hashlib
 import ipaddress
 import json
-import os
 import posixpath
 import re
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -125,47 +123,9 @@ class Fleet:
     invalid: frozenset[str] = frozenset()
 
 
-def read_tree(root: Path) -> dict[str, str]:
-    """Read hosts/, profiles/ and the names in packages/ of a checkout.
-
-    Symlinks are refused wherever they point: a definition must live in the repo.
-    A file that is a symlink, too large or unreadable is returned as a sentinel text
-    so that :func:`parse_fleet` reports it against that file alone.
-    """
-    files: dict[str, str] = {}
-    for sub in ("hosts", "profiles", "packages"):
-        d = root / sub
-        if d.is_symlink():
-            raise ConfigError(sub, "", "is a symlink; definitions must live in the repository")
-        if not d.is_dir():
-            continue
-        for entry in sorted(os.scandir(d), key=lambda e: e.name):
-            rel = f"{sub}/{entry.name}"
-            if sub == "packages":
-                # Nix reads packages itself; we only need to know which exist.
-                if entry.name.endswith(".nix"):
-                    files[rel] = ""
-                continue
-            if not entry.name.endswith((".yaml", ".yml")):
-                continue
-            if entry.is_symlink():
-                files[rel] = _SYMLINK
-                continue
-            if entry.stat().st_size > MAX_FILE_BYTES:
-                files[rel] = _TOO_BIG
-                continue
-            try:
-                files[rel] = Path(entry.path).read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                files[rel] = _UNREADABLE + str(exc)
-    return files
-
-
-# Sentinels for files read_tree refused; parse_fleet turns them into errors so that a
-# bad file costs only its own host.
-_SYMLINK = "\0symlink"
-_TOO_BIG = "\0too-big"
-_UNREADABLE = "\0unreadable:"
+SYMLINK = "\0symlink"
+TOO_BIG = "\0too-big"
+UNREADABLE = "\0unreadable:"
 
 
 class _RefusedError(Exception):
@@ -481,12 +441,12 @@ def _load(text: str, loader: type[yaml.SafeLoader] | type[yaml.CSafeLoader]) -> 
 
 
 def _parse_yaml(path: str, text: str) -> dict[str, Any]:
-    if text == _SYMLINK:
+    if text == SYMLINK:
         raise ConfigError(path, "", "is a symlink; definitions must live in the repository")
-    if text == _TOO_BIG:
+    if text == TOO_BIG:
         raise ConfigError(path, "", f"is larger than {MAX_FILE_BYTES} bytes")
-    if text.startswith(_UNREADABLE):
-        raise ConfigError(path, "", "cannot be read: " + text[len(_UNREADABLE) :])
+    if text.startswith(UNREADABLE):
+        raise ConfigError(path, "", "cannot be read: " + text[len(UNREADABLE) :])
     data = parse_yaml(path, text)
     if data is None:
         data = {}
@@ -728,3 +688,10 @@ def _files(path: str, value: Any, host: str) -> tuple[tuple[str, str], ...]:
                 raise ConfigError(path, f"files.{n}", f"its parent {parent!r} is also a file")
             parent = parent.rsplit("/", 1)[0] if "/" in parent else None
     return tuple(out)
+
+
+def eval_key(host: Host, recipe: str) -> str:
+    """What a host's image derivation is a function of: its normalised definition and
+    ``recipe`` (the digest of every other input). Equal keys, equal derivations."""
+    data = json.dumps(host.to_nix(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(f"{recipe}\n{data}".encode()).hexdigest()

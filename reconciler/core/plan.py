@@ -10,21 +10,14 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from reconciler.adapters.ledger import HostState
 from reconciler.core.hosts import Fleet
-
-REBUILD = "rebuild"
-UNCHANGED = "unchanged"
-INVALID = "invalid"
-REMOVED = "removed"
-# Would rebuild, but the same build failed recently and its retry time has not come.
-BACKOFF = "backoff"
+from reconciler.core.model import Action, HostState, Status
 
 
 @dataclass(frozen=True)
 class HostPlan:
     host: str
-    action: str
+    action: Action
     reasons: tuple[str, ...]
     image: str | None = None
 
@@ -37,7 +30,7 @@ class Plan:
     commit: str
     entries: tuple[HostPlan, ...]
 
-    def with_action(self, action: str) -> tuple[HostPlan, ...]:
+    def with_action(self, action: Action) -> tuple[HostPlan, ...]:
         return tuple(e for e in self.entries if e.action == action)
 
     def to_json(self) -> dict[str, object]:
@@ -59,17 +52,17 @@ def make_plan(
     entries: list[HostPlan] = []
     for err in fleet.errors:
         name = err.path.rsplit("/", 1)[-1].rsplit(".", 1)[0]
-        entries.append(HostPlan(name, INVALID, (str(err),)))
+        entries.append(HostPlan(name, Action.INVALID, (str(err),)))
     for name, host in sorted(fleet.hosts.items()):
         if name in eval_errors:
-            entries.append(HostPlan(name, INVALID, (f"nix evaluation failed: {eval_errors[name]}",)))
+            entries.append(HostPlan(name, Action.INVALID, (f"nix evaluation failed: {eval_errors[name]}",)))
             continue
         image = images[name]
         prev = published.get(name)
         touched = sorted(set(host.inputs()) & changed) if changed is not None else []
         if prev is not None and prev.version > 0 and prev.image == image:
             why = tuple(f"{p} changed but not its build" for p in touched) or ("inputs unchanged",)
-            entries.append(HostPlan(name, UNCHANGED, why, image))
+            entries.append(HostPlan(name, Action.UNCHANGED, why, image))
             continue
         if prev is None or prev.version == 0 or prev.image is None:
             why = ("new host, never published",)
@@ -88,13 +81,13 @@ def make_plan(
         ):
             wait = math.ceil(prev.retry_at - now)
             why = (f"build failed {prev.failures} time(s) in a row; next retry in {wait}s", *why)
-            entries.append(HostPlan(name, BACKOFF, why, image))
+            entries.append(HostPlan(name, Action.BACKOFF, why, image))
             continue
-        entries.append(HostPlan(name, REBUILD, why, image))
+        entries.append(HostPlan(name, Action.REBUILD, why, image))
     present = set(fleet.hosts) | set(fleet.invalid)
     for name, prev in sorted(published.items()):
-        if name not in present and prev.status != REMOVED:
-            entries.append(HostPlan(name, REMOVED, (f"hosts/{name}.yaml no longer exists",)))
+        if name not in present and prev.status != Status.REMOVED:
+            entries.append(HostPlan(name, Action.REMOVED, (f"hosts/{name}.yaml no longer exists",)))
     entries.sort(key=lambda e: e.host)
     return Plan(commit=commit, entries=tuple(entries))
 

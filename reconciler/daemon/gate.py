@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TypeVar
 
-from reconciler.adapters.git import GitSource
 from reconciler.adapters.gpg import Verifier
 from reconciler.config import RepoConfig
 from reconciler.core import openpgp
 from reconciler.errors import SourceError, VerificationError
+from reconciler.ports import Source
 from reconciler.verify import read_keys
 
 # Verdicts remembered per gate; a head moves a few times a day, an attacker's pushes
@@ -76,7 +76,7 @@ class Gate:
         if self._keys is not None:
             self._keys.close()
 
-    def check(self, source: GitSource, commit: str, last: str | None) -> None:
+    def check(self, source: Source, commit: str, last: str | None) -> None:
         """Raise CommitRefusedError unless ``commit`` may be built, ``last`` being the last
         reconciled commit (None before the first pass)."""
         if self._keys is not None:
@@ -102,7 +102,7 @@ class Gate:
                 "(history rewritten; repo.allow_force_push: true builds it)",
             )
 
-    def _signature(self, source: GitSource, keys: Verifier, commit: str) -> _Verdict:
+    def _signature(self, source: Source, keys: Verifier, commit: str) -> _Verdict:
         try:
             signature = source.signature(commit)
             if signature is None:

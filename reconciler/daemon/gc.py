@@ -26,9 +26,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from reconciler import log
-from reconciler.adapters.store import Store
 from reconciler.core.release import Release, parse_release, release_path
 from reconciler.errors import VerificationError
+from reconciler.ports import Store
 
 DEFAULT_KEEP = 10
 RELEASE_RE = re.compile(r"^hosts/([^/]+)/releases/([1-9][0-9]{0,17})\.json(\.asc)?$")

@@ -17,9 +17,9 @@ from reconciler.errors import ConfigError, ReconcilerError
 class Daemon:
     """`reconciler run`: reconcile on every poll interval and serve the endpoints."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, reconciler: Reconciler) -> None:
         self.cfg = cfg
-        self.reconciler = Reconciler(cfg)
+        self.reconciler = reconciler
         self.stopping = threading.Event()
         self._observed = False
         self._last_error: str | None = None

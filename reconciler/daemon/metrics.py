@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from enum import Enum
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from reconciler.daemon.gate import Refusal
@@ -112,23 +110,3 @@ class Metrics:
             self.artifacts_published.labels(fmt)
         for reason in Refusal:
             self.untrusted_commits.labels(reason)
-
-
-class Dropped(Enum):
-    """Why the HTTP listener closed a connection without answering a request on it."""
-
-    BUSY = "busy"  # refused on arrival: as many connections as allowed were being served
-    TIMEOUT = "timeout"  # its request did not arrive in full before the deadline
-
-
-def http_connections_dropped(registry: CollectorRegistry) -> Counter:
-    """The HTTP listener's counter, on the registry it serves: the daemon's or the agent's."""
-    dropped = Counter(
-        "reconciler_http_connections_dropped",
-        "HTTP connections closed without a request served, by reason.",
-        ["reason"],
-        registry=registry,
-    )
-    for reason in Dropped:
-        dropped.labels(reason.value)
-    return dropped

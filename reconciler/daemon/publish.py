@@ -15,9 +15,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from reconciler.adapters.store import Store
 from reconciler.core.release import Release, latest_path, release_path
 from reconciler.errors import StoreError
+from reconciler.ports import Store
 
 SignFile = Callable[[Path], bytes]
 SignBytes = Callable[[bytes], bytes]

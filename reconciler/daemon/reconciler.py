@@ -13,7 +13,6 @@ import fcntl
 import hashlib
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,26 +20,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from reconciler import log
-from reconciler.adapters.git import GitSource
-from reconciler.adapters.gpg import Signer
-from reconciler.adapters.ledger import State
-from reconciler.adapters.nix import BuildOutput, Evaluation, Nix, eval_key
-from reconciler.adapters.store import open_store
 from reconciler.config import Config
-from reconciler.core.hosts import Fleet, Host, ParseCache, parse_fleet, read_tree
-from reconciler.core.plan import (
-    BACKOFF,
-    INVALID,
-    REBUILD,
-    REMOVED,
-    UNCHANGED,
-    HostPlan,
-    Plan,
-    make_plan,
-    retry_delay,
-)
+from reconciler.core.hosts import Fleet, Host, ParseCache, eval_key, parse_fleet
+from reconciler.core.model import Action, BuildOutput, Evaluation, Status
+from reconciler.core.plan import HostPlan, Plan, make_plan, retry_delay
 from reconciler.core.release import Artifact, Release, latest_path, new_release, parse_release, release_path
-from reconciler.daemon.gate import CommitRefusedError, Gate
+from reconciler.daemon.gate import CommitRefusedError
 from reconciler.daemon.gc import collect
 from reconciler.daemon.metrics import Metrics
 from reconciler.daemon.publish import publish
@@ -53,6 +38,7 @@ from reconciler.errors import (
     StoreError,
     VerificationError,
 )
+from reconciler.ports import Ledger, Ports, Signer
 
 COMMIT_KEY = "commit"
 PUBLISHER_KEY = "keys/publisher.asc"
@@ -90,8 +76,8 @@ class ReconcileResult:
     def ok(self) -> bool:
         return (
             all(o.ok for o in self.outcomes)
-            and not self.plan.with_action(INVALID)
-            and not self.plan.with_action(BACKOFF)
+            and not self.plan.with_action(Action.INVALID)
+            and not self.plan.with_action(Action.BACKOFF)
         )
 
 
@@ -101,35 +87,35 @@ def sha256_file(path: Path) -> str:
 
 
 class Reconciler:
-    def __init__(self, cfg: Config, metrics: Metrics | None = None) -> None:
+    """The pass over its ports (reconciler.ports); reconciler.wiring builds one from a
+    Config with the real adapters."""
+
+    def __init__(self, cfg: Config, ports: Ports, metrics: Metrics | None = None) -> None:
         self.cfg = cfg
         self.metrics = metrics or Metrics()
-        r = cfg.repo
-        # What can fail on bad configuration comes before the state is opened.
-        self.store = open_store(cfg.store)
-        self._gate = Gate(r)
-        self.state = State(cfg.state_dir)
-        self.source = GitSource(
-            r.url, r.branch, cfg.state_dir / "checkout", r.depth, r.credentials_file, r.ssh_key, r.known_hosts
-        )
-        self.nix = Nix(cfg.state_dir, cfg.nix)
+        self.source = ports.source
+        self.nix = ports.nix
+        self.store = ports.store
+        self.state = ports.ledger
+        self.clock = ports.clock
+        self._gate = ports.gate
+        self._open_signer = ports.signer
         self._sandbox_checked = False
         self._signer: Signer | None = None
         self._parse_cache = ParseCache()
         self._pass_lock = threading.Lock()
-        self._last_gc = time.monotonic()
+        self._last_gc = self.clock.monotonic()
         self._key_published = False
         self._store_recovered = False
         for name, hs in self.state.hosts().items():
-            if hs.version and hs.status != REMOVED:
+            if hs.version and hs.status != Status.REMOVED:
                 self.metrics.host_version.labels(name).set(hs.version)
 
     @property
     def signer(self) -> Signer:
         if self._signer is None:
-            s = self.cfg.signing
             try:
-                self._signer = Signer(s.gnupghome, s.key, s.passphrase_file)
+                self._signer = self._open_signer()
             except SigningError:
                 self.metrics.signing_failures.inc()
                 raise
@@ -174,11 +160,11 @@ class Reconciler:
             raise
         self.check_head(commit)
         with stage.labels("parse").time():
-            fleet = parse_fleet(read_tree(self.source.checkout), self._parse_cache)
+            fleet = parse_fleet(self.source.read_tree(), self._parse_cache)
         for err in fleet.errors:
             log.event("host_invalid", logging.WARNING, file=err.path, key=err.key, reason=err.reason)
         with stage.labels("evaluate").time():
-            evaluation = self._evaluate(fleet)
+            evaluation = self._evaluate(commit, fleet)
         changed = self.source.changed_files(self.state.get_meta(COMMIT_KEY), commit)
         return Observation(commit, fleet, evaluation, changed, self.source.commit_time(commit))
 
@@ -194,7 +180,7 @@ class Reconciler:
             raise
         self.state.set_meta(SOURCE_ERROR_KEY, "")
 
-    def _evaluate(self, fleet: Fleet) -> Evaluation:
+    def _evaluate(self, commit: str, fleet: Fleet) -> Evaluation:
         """Every host's image derivation, evaluating in Nix only the hosts whose
         inputs changed since they were last evaluated (one process for all of them)."""
         recipe = self.nix.recipe_digest()
@@ -203,7 +189,7 @@ class Reconciler:
             return self.nix.evaluate(hosts, self.source.checkout)
         # Everything in the repository but host and profile files can reach a build
         # (packages import what they like); those two are in the normalised host.
-        recipe += self.source.tree_digest(exclude=frozenset({"hosts", "profiles"}))
+        recipe += self.source.tree_digest(commit, exclude=frozenset({"hosts", "profiles"}))
         keys = {h.name: eval_key(h, recipe) for h in hosts}
         known = self.state.evaluated(keys)
         fresh = self.nix.evaluate([h for h in hosts if h.name not in known], self.source.checkout)
@@ -221,7 +207,7 @@ class Reconciler:
             obs.evaluation.errors,
             self.state.hosts(),
             obs.changed,
-            now=time.time() if respect_backoff else None,
+            now=self.clock.now() if respect_backoff else None,
         )
         return obs, plan
 
@@ -234,7 +220,7 @@ class Reconciler:
         ``respect_backoff`` is false (an operator's one-shot pass retries at once).
         """
         with self.exclusive():
-            started = time.monotonic()
+            started = self.clock.monotonic()
             try:
                 self.check_sandbox()
                 try:
@@ -247,21 +233,21 @@ class Reconciler:
                 self.metrics.reconcile_runs.labels("failure").inc()
                 raise
             finally:
-                self.metrics.reconcile_duration.observe(time.monotonic() - started)
+                self.metrics.reconcile_duration.observe(self.clock.monotonic() - started)
             self.metrics.reconcile_runs.labels("success" if result.ok else "failure").inc()
             if result.ok:
-                self.metrics.last_success.set(time.time())
+                self.metrics.last_success.set(self.clock.now())
             log.event(
                 "reconcile_done",
                 commit=result.plan.commit,
                 ok=result.ok,
                 rebuilt=sum(o.ok for o in result.outcomes),
                 failed=sum(not o.ok for o in result.outcomes),
-                invalid=len(result.plan.with_action(INVALID)),
-                seconds=round(time.monotonic() - started, 3),
+                invalid=len(result.plan.with_action(Action.INVALID)),
+                seconds=round(self.clock.monotonic() - started, 3),
             )
             interval = self.cfg.retention.interval
-            if interval and time.monotonic() - self._last_gc >= interval:
+            if interval and self.clock.monotonic() - self._last_gc >= interval:
                 try:
                     self._collect(dry_run=False, on_delete=lambda key: None)
                 except StoreError as exc:
@@ -304,7 +290,7 @@ class Reconciler:
     def _collect(self, dry_run: bool, on_delete: Callable[[str], None]) -> list[str]:
         # Under the pass lock: a blob uploaded by a publish whose release file is not
         # written yet would look unreferenced.
-        self._last_gc = time.monotonic()
+        self._last_gc = self.clock.monotonic()
         keys = collect(self.store, self.cfg.retention.keep, dry_run, on_delete)
         if not dry_run:
             self.metrics.gc_deleted.inc(len(keys))
@@ -317,22 +303,22 @@ class Reconciler:
             "reconcile_start",
             commit=obs.commit,
             hosts=len(obs.fleet.hosts),
-            rebuild=len(plan.with_action(REBUILD)),
+            rebuild=len(plan.with_action(Action.REBUILD)),
         )
         states = self.state.hosts()
-        self.metrics.invalid_hosts.set(len(plan.with_action(INVALID)))
+        self.metrics.invalid_hosts.set(len(plan.with_action(Action.INVALID)))
         for entry in plan.entries:
-            if entry.action == INVALID:
-                self.state.record_failure(entry.host, INVALID, entry.reasons[0])
-            elif entry.action == REMOVED:
-                self.state.record_failure(entry.host, REMOVED, entry.reasons[0])
+            if entry.action == Action.INVALID:
+                self.state.record_failure(entry.host, Status.INVALID, entry.reasons[0])
+            elif entry.action == Action.REMOVED:
+                self.state.record_failure(entry.host, Status.REMOVED, entry.reasons[0])
                 self.metrics.host_version.remove(entry.host)
                 log.event("host_removed", host=entry.host)
-            elif entry.action == UNCHANGED and states[entry.host].status != "published":
+            elif entry.action == Action.UNCHANGED and states[entry.host].status != Status.PUBLISHED:
                 hs = states[entry.host]
                 self.state.record_published(entry.host, hs.version, hs.image or "", hs.commit or obs.commit)
                 self.metrics.host_version.labels(entry.host).set(hs.version)
-        todo = plan.with_action(REBUILD)
+        todo = plan.with_action(Action.REBUILD)
         self.metrics.build_queue_depth.set(len(todo))
         with ThreadPoolExecutor(max_workers=self.cfg.jobs, thread_name_prefix="build") as pool:
             outcomes = tuple(pool.map(lambda e: self._act(e, obs), todo))
@@ -352,7 +338,7 @@ class Reconciler:
         assert entry.image is not None
         self.state.record_published(host.name, release.version, entry.image, obs.commit)
         self.metrics.host_version.labels(host.name).set(release.version)
-        self.metrics.commit_to_published.observe(max(0.0, time.time() - obs.commit_time))
+        self.metrics.commit_to_published.observe(max(0.0, self.clock.now() - obs.commit_time))
         log.event(
             "host_published",
             host=host.name,
@@ -369,7 +355,7 @@ class Reconciler:
         delay = retry_delay(
             failures, self.cfg.retry.initial.total_seconds(), self.cfg.retry.max.total_seconds()
         )
-        self.state.record_build_failure(host, error, entry.image, failures, time.time() + delay)
+        self.state.record_build_failure(host, error, entry.image, failures, self.clock.now() + delay)
         log.event(
             "host_failed", logging.ERROR, host=host, error=error, failures=failures, retry_in=round(delay)
         )
@@ -395,17 +381,19 @@ class Reconciler:
                     return in_store
         return recorded + 1
 
-    def build(self, host: Host, version: int) -> BuildOutput:
+    def build(self, host: Host, version: int, gcroot: str | None = None) -> BuildOutput:
+        """Build ``host`` as ``version``, kept from Nix's garbage collection under the
+        root ``gcroot`` (default: the host's, which the published build holds)."""
         self.check_sandbox()
-        started = time.monotonic()
+        started = self.clock.monotonic()
         try:
             with self.metrics.stage_duration.labels("build").time():
-                out = self.nix.build(host, version, self.source.checkout)
+                out = self.nix.build(host, version, self.source.checkout, gcroot or host.name)
         except BuildError:
             self.metrics.host_builds.labels("failure").inc()
             raise
         self.metrics.host_builds.labels("success").inc()
-        self.metrics.build_duration.observe(time.monotonic() - started)
+        self.metrics.build_duration.observe(self.clock.monotonic() - started)
         return out
 
     def _build_and_publish(self, host: Host, entry: HostPlan, commit: str) -> Release:
@@ -475,12 +463,12 @@ class Reconciler:
             commit,
             out.derivation,
             artifacts,
-            now=datetime.now(UTC),
+            now=datetime.fromtimestamp(self.clock.now(), UTC),
             lifetime=self.cfg.release_lifetime,
         )
 
 
-def status(state: State) -> Mapping[str, object]:
+def status(state: Ledger) -> Mapping[str, object]:
     """What the daemon last recorded, as plain data for the CLI."""
     return {
         "commit": state.get_meta(COMMIT_KEY),

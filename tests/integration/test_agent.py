@@ -33,8 +33,8 @@ from reconciler import log
 from reconciler.agent import Agent, load_agent_config
 from reconciler.config import load_config
 from reconciler.core.release import parse_release
-from reconciler.daemon.reconciler import Reconciler
 from reconciler.demo import make_signing_key
+from reconciler.wiring import open_reconciler
 from tests.conftest import ConfigRepo, Signing, free_port, wait_for, write_config
 from tests.integration.test_gate import compression_bomb
 
@@ -113,7 +113,7 @@ def publish(root: Path, name: str, repo: ConfigRepo, signing: Signing, store: Pa
     cfg = load_config(
         write_config(root / name, repo, signing, store={"type": "filesystem", "path": str(store)})
     )
-    rec = Reconciler(cfg)
+    rec = open_reconciler(cfg)
     try:
         assert rec.reconcile().ok
     finally:

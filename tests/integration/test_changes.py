@@ -19,6 +19,7 @@ from reconciler.core.hosts import Host
 from reconciler.core.plan import Plan
 from reconciler.core.release import parse_release
 from reconciler.daemon.reconciler import Reconciler
+from reconciler.wiring import open_reconciler
 from tests.conftest import WEB, ConfigRepo, Signing, write_config
 
 pytestmark = pytest.mark.integration
@@ -73,7 +74,7 @@ def config(tmp_path: Path, repo: ConfigRepo, signing: Signing) -> Path:
 
 @pytest.fixture
 def rec(config: Path) -> Iterator[Reconciler]:
-    r = Reconciler(load_config(config))
+    r = open_reconciler(load_config(config))
     assert r.reconcile().ok
     yield r
     r.close()
@@ -201,7 +202,7 @@ def test_force_push_rewriting_history_rebuilds_only_what_differs(
 ) -> None:
     # Force-pushes are refused unless the config allows them (tests/integration/test_gate.py).
     allowed = {"url": str(repo.path), "branch": "main", "allow_force_push": True}
-    rec = Reconciler(load_config(write_config(tmp_path, repo, signing, jobs=2, repo=allowed)))
+    rec = open_reconciler(load_config(write_config(tmp_path, repo, signing, jobs=2, repo=allowed)))
     try:
         assert rec.reconcile().ok
         repo.write("hosts/web-1.yaml", FILES["hosts/web-1.yaml"].replace("10.42.0.11/24", "10.42.0.91/24"))
@@ -239,7 +240,7 @@ def test_nix_library_change_rebuilds_every_host(rec: Reconciler, tmp_path: Path)
 
 def test_restart_rebuilds_nothing_already_published(rec: Reconciler, config: Path) -> None:
     rec.close()
-    again = Reconciler(load_config(config))
+    again = open_reconciler(load_config(config))
     try:
         result = again.reconcile()
     finally:
@@ -269,7 +270,7 @@ def test_reconcile_killed_mid_pass_resumes_and_completes(
     assert killed_after is not None and proc.returncode == -signal.SIGKILL
     first_host = killed_after.split("host=")[1].split()[0]
 
-    rec = Reconciler(cfg)
+    rec = open_reconciler(cfg)
     try:
         result = rec.reconcile()
         assert result.ok
@@ -298,7 +299,7 @@ def test_temporary_files_of_killed_writes_go_at_the_first_pass_only(
     for path in dead:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("partial")
-    rec = Reconciler(cfg)
+    rec = open_reconciler(cfg)
     try:
         # A dry-run collection changes nothing, not even leftovers.
         rec.collect_garbage(dry_run=True, on_delete=lambda key: None)
@@ -312,7 +313,7 @@ def test_temporary_files_of_killed_writes_go_at_the_first_pass_only(
         assert dead[0].exists()
     finally:
         rec.close()
-    again = Reconciler(cfg)
+    again = open_reconciler(cfg)
     try:
         again.collect_garbage(dry_run=False, on_delete=lambda key: None)
         assert not dead[0].exists()
@@ -326,7 +327,7 @@ def test_state_behind_the_store_adopts_the_published_release(rec: Reconciler, co
     (rec.cfg.state_dir / "state.db").unlink()
     for suffix in ("-wal", "-shm"):
         (rec.cfg.state_dir / f"state.db{suffix}").unlink(missing_ok=True)
-    again = Reconciler(load_config(config))
+    again = open_reconciler(load_config(config))
     try:
         result = again.reconcile()
         assert result.ok
@@ -360,7 +361,7 @@ def test_failed_build_does_not_stop_the_others_and_backs_off(
     )
     repo.commit("break worker-1")
     cfg = load_config(write_config(tmp_path, repo, signing, retry={"initial": "60s", "max": "10m"}))
-    rec = Reconciler(cfg)
+    rec = open_reconciler(cfg)
     try:
         first = rec.reconcile()
         assert not first.ok
@@ -431,7 +432,7 @@ def test_the_daemon_collects_garbage_under_its_pass_lock(
     repo: ConfigRepo, tmp_path: Path, signing: Signing
 ) -> None:
     cfg = load_config(write_config(tmp_path, repo, signing, retention={"keep": 1, "interval": 1}))
-    rec = Reconciler(cfg)
+    rec = open_reconciler(cfg)
     try:
         assert rec.reconcile().ok
         first = parse_release((tmp_path / "store/hosts/worker-1/latest.json").read_bytes(), "v1")

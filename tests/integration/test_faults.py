@@ -23,6 +23,7 @@ from reconciler.adapters.gpg import Verifier
 from reconciler.config import load_config
 from reconciler.core.release import parse_release
 from reconciler.daemon.reconciler import Reconciler
+from reconciler.wiring import open_reconciler
 from tests.conftest import ConfigRepo, Signing, standard_fleet, write_config
 
 pytestmark = pytest.mark.integration
@@ -149,7 +150,7 @@ def test_full_disk_fails_clearly_with_a_metric_and_no_partial_release(
     tmp_path: Path, fleet: ConfigRepo, signing: Signing, verifier: Verifier, small_disk: Path
 ) -> None:
     store = small_disk / "store"
-    rec = Reconciler(
+    rec = open_reconciler(
         load_config(write_config(tmp_path, fleet, signing, store={"type": "filesystem", "path": str(store)}))
     )
     try:
@@ -173,7 +174,7 @@ def test_store_outage_fails_clearly_with_a_metric_and_no_partial_release(
     # The store's directory is unusable: a file stands where it should be.
     blocked = tmp_path / "store"
     blocked.write_text("not a directory\n")
-    rec = Reconciler(load_config(write_config(tmp_path, fleet, signing)))
+    rec = open_reconciler(load_config(write_config(tmp_path, fleet, signing)))
     try:
         result = rec.reconcile()
         assert not result.ok and len(result.outcomes) == 3
@@ -229,7 +230,7 @@ def test_gpg_failure_fails_clearly_with_a_metric_and_publishes_nothing(
         (tmp_path / "passphrase").write_text("wrong\n")
         extra, expected = {"passphrase_file": str(tmp_path / "passphrase")}, "gpg could not sign"
     cfg = write_config(tmp_path, fleet, signing, signing={"gnupghome": str(home), "key": fpr, **extra})
-    rec = Reconciler(load_config(cfg))
+    rec = open_reconciler(load_config(cfg))
     try:
         result = rec.reconcile()
         errors = [o.error or "" for o in result.outcomes]

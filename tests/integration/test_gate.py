@@ -26,6 +26,7 @@ from reconciler.config import load_config
 from reconciler.core.openpgp import crc24
 from reconciler.daemon.reconciler import Reconciler
 from reconciler.errors import ReconcilerError, SigningError, SourceError
+from reconciler.wiring import open_reconciler
 from tests.conftest import ConfigRepo, Signing, cli, standard_fleet, wait_for, write_config
 from tests.integration.test_sources import gpg_key, relocate, signed_commit
 
@@ -120,7 +121,7 @@ def test_a_compressed_packet_signature_is_refused_before_gpg_reads_it(
     assert not (tmp_path / "store" / "hosts").exists()
     # In the daemon, the verdict is remembered: the same head costs no git or gpg run
     # again, and is still counted and reported every pass.
-    rec = Reconciler(load_config(cfg))
+    rec = open_reconciler(load_config(cfg))
     reads: list[str] = []
     real = rec.source.signature
 
@@ -153,7 +154,7 @@ def test_a_commit_too_large_to_hold_a_real_signature_is_refused_unread(
     subprocess.run([*git, "commit", "-q", f"-S{fpr}", "-F", str(message)], check=True, env=env)
     big = config_repo.head
     repo = {"url": str(config_repo.path), **trusting(developer)}
-    rec = Reconciler(load_config(write_config(tmp_path, config_repo, signing, repo=repo)))
+    rec = open_reconciler(load_config(write_config(tmp_path, config_repo, signing, repo=repo)))
     try:
         why = f"commit {big} is not built: commit larger than {source.COMMIT_LIMIT} bytes"
         with pytest.raises(SourceError, match=why):
@@ -205,7 +206,7 @@ def test_a_force_push_back_to_an_older_signed_commit_is_refused(
     repo = {"url": str(config_repo.path), **trusting(developer)}
     cfg = write_config(tmp_path, config_repo, signing, repo=repo)
     store = tmp_path / "store"
-    rec = Reconciler(load_config(cfg))
+    rec = open_reconciler(load_config(cfg))
     try:
         assert rec.reconcile().ok
         relocate(config_repo, 72)
@@ -234,7 +235,7 @@ def test_a_force_push_back_to_an_older_signed_commit_is_refused(
     # Allowed in the config, the older commit is built, as new versions.
     config_repo.repo.git.reset("--hard", old)
     cfg = write_config(tmp_path, config_repo, signing, repo={**repo, "allow_force_push": True})
-    rec = Reconciler(load_config(cfg))
+    rec = open_reconciler(load_config(cfg))
     try:
         result = rec.reconcile()
         assert result.ok and result.plan.commit == old
@@ -257,7 +258,7 @@ def test_without_verify_commits_a_rewritten_history_is_refused_too(
 ) -> None:
     first = standard_fleet(config_repo)
     cfg = write_config(tmp_path, config_repo, signing)
-    rec = Reconciler(load_config(cfg))
+    rec = open_reconciler(load_config(cfg))
     try:
         assert rec.reconcile().ok
         published = versions(tmp_path / "store")
@@ -281,7 +282,7 @@ def test_a_shallow_clone_deepens_its_history_to_tell_ancestry(
     # file://: a plain local path would ignore the depth.
     repo = {"url": f"file://{config_repo.path}", "depth": 1}
     cfg = write_config(tmp_path, config_repo, signing, repo=repo)
-    rec = Reconciler(load_config(cfg))
+    rec = open_reconciler(load_config(cfg))
     try:
         last = rec.reconcile().plan.commit
         for octet in (91, 92, 93):
@@ -303,14 +304,14 @@ def test_a_shallow_clone_deepens_its_history_to_tell_ancestry(
     # When even the deepened history does not reach back to it, the gate cannot tell,
     # and refuses.
     monkeypatch.setattr(source, "DEEPEN_STEPS", (1,))
-    rec = Reconciler(load_config(cfg))
+    rec = open_reconciler(load_config(cfg))
     try:
         with pytest.raises(SourceError, match=f"commit {head} is not built: cannot tell whether it descends"):
             rec.reconcile()
     finally:
         rec.close()
     monkeypatch.undo()
-    rec = Reconciler(load_config(cfg))
+    rec = open_reconciler(load_config(cfg))
     try:
         assert rec.reconcile().plan.commit == head
     finally:
@@ -334,7 +335,7 @@ def test_reconciler_verify_refuses_a_compressed_packet_signature_before_gpg_read
     tmp_path: Path, config_repo: ConfigRepo, signing: Signing
 ) -> None:
     standard_fleet(config_repo)
-    rec = Reconciler(load_config(write_config(tmp_path, config_repo, signing)))
+    rec = open_reconciler(load_config(write_config(tmp_path, config_repo, signing)))
     try:
         assert rec.reconcile().ok
     finally:

@@ -16,10 +16,12 @@ from pathlib import Path
 import pytest
 
 from reconciler.adapters.nix import NIX_DIR
+from reconciler.adapters.tree import read_tree
 from reconciler.config import load_config
-from reconciler.core.hosts import parse_fleet, read_tree
+from reconciler.core.hosts import parse_fleet
 from reconciler.core.release import Release, parse_release
 from reconciler.daemon.reconciler import Reconciler
+from reconciler.wiring import open_reconciler
 from tests.conftest import ConfigRepo, Signing, free_port, standard_fleet, wait_for, write_config
 
 pytestmark = pytest.mark.integration
@@ -73,7 +75,7 @@ class Fleet:
         self.repo.write("hosts/served.yaml", SERVED.format(port=port))
         self.repo.commit("add served")
         self.config = load_config(write_config(root, self.repo, signing))
-        rec = Reconciler(self.config)
+        rec = open_reconciler(self.config)
         try:
             result = rec.reconcile()
         finally:
@@ -226,7 +228,7 @@ def build_outputs(rec: Reconciler, host: str) -> dict[str, bytes]:
 @pytest.fixture
 def reconciler(tmp_path: Path, config_repo: ConfigRepo, signing: Signing) -> Iterator[Reconciler]:
     standard_fleet(config_repo)
-    rec = Reconciler(load_config(write_config(tmp_path, config_repo, signing)))
+    rec = open_reconciler(load_config(write_config(tmp_path, config_repo, signing)))
     rec.source.fetch()
     yield rec
     rec.close()

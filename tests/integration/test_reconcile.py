@@ -11,7 +11,7 @@ import pytest
 from reconciler.adapters.gpg import Verifier
 from reconciler.config import load_config
 from reconciler.core.release import parse_release
-from reconciler.daemon.reconciler import Reconciler
+from reconciler.wiring import open_reconciler
 from tests.conftest import WEB, ConfigRepo, Signing, cli, gpg_verify, standard_fleet, write_config
 
 pytestmark = pytest.mark.integration
@@ -78,7 +78,7 @@ def test_second_commit_publishes_version_2_for_the_changed_host_only(
 ) -> None:
     standard_fleet(config_repo)
     cfg = load_config(write_config(tmp_path, config_repo, signing))
-    rec = Reconciler(cfg)
+    rec = open_reconciler(cfg)
     try:
         first = rec.reconcile()
         assert first.ok

@@ -25,8 +25,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from reconciler.config import load_config
-from reconciler.daemon.reconciler import Reconciler
 from reconciler.demo import make_signing_key
+from reconciler.wiring import open_reconciler
 from tests.conftest import WEB, ConfigRepo, Signing, cli, free_port, standard_fleet, wait_for, write_config
 
 pytestmark = pytest.mark.integration
@@ -183,7 +183,7 @@ def test_only_commits_signed_by_a_trusted_key_are_built(
     standard_fleet(config_repo)  # the first commit is unsigned
     trusted = {"verify_commits": {"keys": [str(dev_pub), str(other_pub)], "fingerprints": [dev]}}
     cfg = write_config(tmp_path, config_repo, signing, repo={"url": str(config_repo.path), **trusted})
-    rec = Reconciler(load_config(cfg))
+    rec = open_reconciler(load_config(cfg))
     try:
         for octet, home, fpr, why, label in (
             (50, None, None, "not signed", "unsigned"),
@@ -274,7 +274,7 @@ def test_https_style_remote_with_credentials_from_a_file_and_shallow_fetches(
     creds.write_text(f"http://deploy:t0ken@127.0.0.1:{git_http.server.server_port}\n")
     creds.chmod(0o600)
     repo = {"url": url, "credentials_file": str(creds), "depth": 1}
-    rec = Reconciler(load_config(write_config(tmp_path, fleet, signing, repo=repo)))
+    rec = open_reconciler(load_config(write_config(tmp_path, fleet, signing, repo=repo)))
     try:
         result = rec.reconcile()
         assert result.ok and result.plan.commit == fleet.head
@@ -373,7 +373,7 @@ def test_ssh_remote_with_a_key_and_strict_host_keys(
 ) -> None:
     url = f"ssh://root@127.0.0.1:{sshd.port}{tmp_path / 'ssh/fleet.git'}"
     repo = {"url": url, "ssh_key": str(sshd.key), "known_hosts": str(sshd.known_hosts)}
-    rec = Reconciler(load_config(write_config(tmp_path / "good", fleet, signing, repo=repo)))
+    rec = open_reconciler(load_config(write_config(tmp_path / "good", fleet, signing, repo=repo)))
     try:
         result = rec.reconcile()
         assert result.ok and result.plan.commit == fleet.head

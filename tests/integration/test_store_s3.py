@@ -34,7 +34,7 @@ from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
 from reconciler.adapters.gpg import Signer
-from reconciler.adapters.store import FilesystemStore, S3Credentials, S3Store, Store
+from reconciler.adapters.store import FilesystemStore, S3Credentials, S3Store
 from reconciler.config import load_config
 from reconciler.core.release import (
     Artifact,
@@ -47,9 +47,10 @@ from reconciler.core.release import (
 )
 from reconciler.daemon.gc import collect
 from reconciler.daemon.publish import publish
-from reconciler.daemon.reconciler import Reconciler
 from reconciler.errors import StoreError
+from reconciler.ports import Store
 from reconciler.verify import verify
+from reconciler.wiring import open_reconciler
 from tests.conftest import ConfigRepo, Signing, gpg_verify, standard_fleet, write_config
 
 if TYPE_CHECKING:
@@ -682,7 +683,7 @@ def test_reconciler_publishes_the_fleet_to_s3(
         "credentials_file": str(creds),
     }
     cfg = load_config(write_config(tmp_path, config_repo, signing, store=section))
-    rec = Reconciler(cfg)
+    rec = open_reconciler(cfg)
     try:
         assert isinstance(rec.store, S3Store)
         result = rec.reconcile(respect_backoff=False)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.config import load_config
-from reconciler.daemon.reconciler import Reconciler
+from reconciler.wiring import open_reconciler
 from tests.conftest import ConfigRepo, Signing, cli, wait_for, write_config
 
 pytestmark = pytest.mark.integration
@@ -298,7 +298,7 @@ def test_a_nix_that_builds_unsandboxed_is_refused_unless_the_config_opts_out(
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
             mp.setenv(k, v)
-        rec = Reconciler(load_config(cfg))
+        rec = open_reconciler(load_config(cfg))
         try:
             rec.check_sandbox()
             assert rec.metrics.registry.get_sample_value("reconciler_build_sandbox") == 0

@@ -15,6 +15,7 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from reconciler.adapters.tree import read_tree
 from reconciler.config import load_config
 from reconciler.core import hosts
 from reconciler.core.hosts import (
@@ -30,7 +31,6 @@ from reconciler.core.hosts import (
     deep_merge,
     parse_fleet,
     parse_yaml,
-    read_tree,
 )
 from reconciler.errors import ConfigError
 

@@ -7,19 +7,9 @@ from collections.abc import Mapping
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reconciler.adapters.ledger import HostState
 from reconciler.core.hosts import Fleet, Host, Network, Service, parse_fleet
-from reconciler.core.plan import (
-    BACKOFF,
-    INVALID,
-    REBUILD,
-    REMOVED,
-    UNCHANGED,
-    HostPlan,
-    Plan,
-    make_plan,
-    retry_delay,
-)
+from reconciler.core.model import Action, HostState, Status
+from reconciler.core.plan import HostPlan, Plan, make_plan, retry_delay
 from reconciler.errors import ConfigError
 
 COMMIT = "c" * 40
@@ -43,7 +33,9 @@ def fleet(*hosts: Host, errors: tuple[ConfigError, ...] = (), invalid: frozenset
     return Fleet(hosts={h.name: h for h in hosts}, errors=errors, invalid=invalid)
 
 
-def published(name: str, image: str | None = IMG_A, version: int = 4, status: str = "published") -> HostState:
+def published(
+    name: str, image: str | None = IMG_A, version: int = 4, status: Status = Status.PUBLISHED
+) -> HostState:
     return HostState(name, version, image, "d" * 40, status, None, 1700000000.0)
 
 
@@ -68,27 +60,27 @@ WEB = host("web-1", profiles=("base",), package="site")
 
 def test_new_host_rebuilds() -> None:
     assert plan_one(WEB, IMG_A, None, frozenset()) == HostPlan(
-        "web-1", REBUILD, ("new host, never published",), IMG_A
+        "web-1", Action.REBUILD, ("new host, never published",), IMG_A
     )
 
 
 def test_host_that_only_ever_failed_counts_as_new() -> None:
-    prev = published("web-1", image=None, version=0, status="failed")
+    prev = published("web-1", image=None, version=0, status=Status.FAILED)
     assert plan_one(WEB, IMG_A, prev, None) == HostPlan(
-        "web-1", REBUILD, ("new host, never published",), IMG_A
+        "web-1", Action.REBUILD, ("new host, never published",), IMG_A
     )
 
 
 def test_same_image_is_unchanged() -> None:
     entry = plan_one(WEB, IMG_A, published("web-1"), frozenset({"hosts/other.yaml", "README.md"}))
-    assert entry == HostPlan("web-1", UNCHANGED, ("inputs unchanged",), IMG_A)
+    assert entry == HostPlan("web-1", Action.UNCHANGED, ("inputs unchanged",), IMG_A)
 
 
 def test_same_image_with_touched_inputs_says_the_build_did_not_change() -> None:
     entry = plan_one(WEB, IMG_A, published("web-1"), frozenset({"profiles/base.yaml", "hosts/web-1.yaml"}))
     assert entry == HostPlan(
         "web-1",
-        UNCHANGED,
+        Action.UNCHANGED,
         ("hosts/web-1.yaml changed but not its build", "profiles/base.yaml changed but not its build"),
         IMG_A,
     )
@@ -98,20 +90,22 @@ def test_changed_image_names_the_touched_inputs_sorted() -> None:
     changed = frozenset({"packages/site.nix", "profiles/base.yaml", "hosts/web-2.yaml", "nix/host.nix"})
     entry = plan_one(WEB, IMG_B, published("web-1"), changed)
     assert entry == HostPlan(
-        "web-1", REBUILD, ("packages/site.nix changed", "profiles/base.yaml changed"), IMG_B
+        "web-1", Action.REBUILD, ("packages/site.nix changed", "profiles/base.yaml changed"), IMG_B
     )
 
 
 def test_changed_image_without_touched_inputs_is_a_recipe_change() -> None:
     entry = plan_one(WEB, IMG_B, published("web-1"), frozenset({"nix/host.nix"}))
-    assert entry == HostPlan("web-1", REBUILD, ("build recipe changed (nix/ library or toolchain)",), IMG_B)
+    assert entry == HostPlan(
+        "web-1", Action.REBUILD, ("build recipe changed (nix/ library or toolchain)",), IMG_B
+    )
 
 
 def test_changed_image_with_unknown_history() -> None:
     entry = plan_one(WEB, IMG_B, published("web-1"), None)
     assert entry == HostPlan(
         "web-1",
-        REBUILD,
+        Action.REBUILD,
         ("build inputs changed (no common history with the last reconciled commit)",),
         IMG_B,
     )
@@ -119,7 +113,7 @@ def test_changed_image_with_unknown_history() -> None:
 
 def test_unknown_history_with_the_same_image_is_unchanged() -> None:
     assert plan_one(WEB, IMG_A, published("web-1"), None) == HostPlan(
-        "web-1", UNCHANGED, ("inputs unchanged",), IMG_A
+        "web-1", Action.UNCHANGED, ("inputs unchanged",), IMG_A
     )
 
 
@@ -135,12 +129,12 @@ def test_published_host_missing_from_the_fleet_is_removed() -> None:
         fleet(WEB),
         {"web-1": IMG_A},
         {},
-        states(published("web-1"), published("old-1"), published("gone-1", status=REMOVED)),
+        states(published("web-1"), published("old-1"), published("gone-1", status=Status.REMOVED)),
         frozenset({"hosts/old-1.yaml"}),
     )
     assert p.entries == (
-        HostPlan("old-1", REMOVED, ("hosts/old-1.yaml no longer exists",)),
-        HostPlan("web-1", UNCHANGED, ("inputs unchanged",), IMG_A),
+        HostPlan("old-1", Action.REMOVED, ("hosts/old-1.yaml no longer exists",)),
+        HostPlan("web-1", Action.UNCHANGED, ("inputs unchanged",), IMG_A),
     )
 
 
@@ -155,10 +149,12 @@ def test_invalid_host_is_listed_and_not_removed() -> None:
         frozenset({"hosts/bad-1.yaml"}),
     )
     assert p.entries == (
-        HostPlan("bad-1", INVALID, ("hosts/bad-1.yaml: network.gateway: 'nope' is not an IP address",)),
-        HostPlan("web-1", UNCHANGED, ("inputs unchanged",), IMG_A),
+        HostPlan(
+            "bad-1", Action.INVALID, ("hosts/bad-1.yaml: network.gateway: 'nope' is not an IP address",)
+        ),
+        HostPlan("web-1", Action.UNCHANGED, ("inputs unchanged",), IMG_A),
     )
-    assert p.with_action(REMOVED) == ()
+    assert p.with_action(Action.REMOVED) == ()
 
 
 def test_broken_profile_makes_its_hosts_invalid_not_the_profile() -> None:
@@ -174,10 +170,10 @@ def test_broken_profile_makes_its_hosts_invalid_not_the_profile() -> None:
     assert p.entries == (
         HostPlan(
             "web-1",
-            INVALID,
+            Action.INVALID,
             ("hosts/web-1.yaml: include: profiles/a.yaml: include: include cycle: a -> b -> a",),
         ),
-        HostPlan("web-2", UNCHANGED, ("inputs unchanged",), IMG_A),
+        HostPlan("web-2", Action.UNCHANGED, ("inputs unchanged",), IMG_A),
     )
 
 
@@ -187,7 +183,7 @@ def test_duplicate_host_is_invalid_and_not_removed() -> None:
     assert p.entries == (
         HostPlan(
             "web-1",
-            INVALID,
+            Action.INVALID,
             ("hosts/web-1.yaml: host 'web-1' is defined twice: hosts/web-1.yaml and hosts/web-1.yml",),
         ),
     )
@@ -197,7 +193,9 @@ def test_evaluation_error_is_invalid() -> None:
     p = make_plan(
         COMMIT, fleet(WEB), {}, {"web-1": "attribute 'site' missing"}, states(published("web-1")), frozenset()
     )
-    assert p.entries == (HostPlan("web-1", INVALID, ("nix evaluation failed: attribute 'site' missing",)),)
+    assert p.entries == (
+        HostPlan("web-1", Action.INVALID, ("nix evaluation failed: attribute 'site' missing",)),
+    )
 
 
 def test_entries_are_sorted_by_host_and_serialise() -> None:
@@ -212,13 +210,13 @@ def test_entries_are_sorted_by_host_and_serialise() -> None:
         frozenset({"hosts/z-1.yaml"}),
     )
     assert [(e.host, e.action) for e in p.entries] == [
-        ("a-1", REBUILD),
-        ("b-1", REMOVED),
-        ("k-1", UNCHANGED),
-        ("m-1", INVALID),
-        ("z-1", REBUILD),
+        ("a-1", Action.REBUILD),
+        ("b-1", Action.REMOVED),
+        ("k-1", Action.UNCHANGED),
+        ("m-1", Action.INVALID),
+        ("z-1", Action.REBUILD),
     ]
-    assert [e.host for e in p.with_action(REBUILD)] == ["a-1", "z-1"]
+    assert [e.host for e in p.with_action(Action.REBUILD)] == ["a-1", "z-1"]
     assert p.to_json() == {
         "commit": COMMIT,
         "hosts": [
@@ -266,16 +264,18 @@ def test_rebuild_exactly_when_the_image_differs(
     assert [e.host for e in p.entries] == sorted(set(current) | set(before))
     for e in p.entries:
         if e.host not in current:
-            assert (e.action, e.image) == (REMOVED, None)
+            assert (e.action, e.image) == (Action.REMOVED, None)
         elif before.get(e.host) == current[e.host]:
-            assert (e.action, e.image) == (UNCHANGED, current[e.host])
+            assert (e.action, e.image) == (Action.UNCHANGED, current[e.host])
         else:
-            assert (e.action, e.image) == (REBUILD, current[e.host])
+            assert (e.action, e.image) == (Action.REBUILD, current[e.host])
         assert e.reasons
 
 
 def failed(image: str, failures: int, retry_at: float) -> HostState:
-    return HostState("web-1", 4, IMG_A, "d" * 40, "failed", "boom", 1700000000.0, failures, image, retry_at)
+    return HostState(
+        "web-1", 4, IMG_A, "d" * 40, Status.FAILED, "boom", 1700000000.0, failures, image, retry_at
+    )
 
 
 def test_a_failed_build_waits_for_its_retry_time() -> None:
@@ -284,7 +284,7 @@ def test_a_failed_build_waits_for_its_retry_time() -> None:
     assert p.entries == (
         HostPlan(
             "web-1",
-            BACKOFF,
+            Action.BACKOFF,
             (
                 "build failed 2 time(s) in a row; next retry in 60s",
                 "build recipe changed (nix/ library or toolchain)",
@@ -298,13 +298,13 @@ def test_a_failed_build_is_retried_once_its_time_has_come_or_backoff_is_ignored(
     prev = failed(IMG_B, 2, retry_at=1000.0)
     for now in (1000.0, None):
         p = make_plan(COMMIT, fleet(WEB), {"web-1": IMG_B}, {}, states(prev), frozenset(), now=now)
-        assert [e.action for e in p.entries] == [REBUILD]
+        assert [e.action for e in p.entries] == [Action.REBUILD]
 
 
 def test_a_different_build_does_not_wait_for_the_failed_ones_backoff() -> None:
     prev = failed("/nix/store/cccc-host-web-1-image.drv", 5, retry_at=10_000.0)
     p = make_plan(COMMIT, fleet(WEB), {"web-1": IMG_B}, {}, states(prev), frozenset(), now=1.0)
-    assert [e.action for e in p.entries] == [REBUILD]
+    assert [e.action for e in p.entries] == [Action.REBUILD]
 
 
 def test_retry_delay_doubles_from_initial_up_to_the_cap() -> None:

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.adapters.store import FilesystemStore, S3Credentials, S3Store, open_store, read_credentials
+from reconciler.adapters.store import FilesystemStore, S3Credentials, S3Store, read_credentials
 from reconciler.config import StoreConfig
 from reconciler.errors import ConfigError, StoreError
+from reconciler.wiring import open_store
 
 CREDS = S3Credentials("AKID", "SECRET")
 

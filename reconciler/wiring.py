@@ -1,0 +1,105 @@
+"""The composition root: configuration in, adapters wired to the daemon out.
+
+The only module that opens adapters for the daemon; the CLI calls it, the daemon's
+pass (reconciler.daemon.reconciler) sees only the ports (reconciler.ports).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from reconciler.adapters.git import GitSource, Snapshot
+from reconciler.adapters.gpg import Signer
+from reconciler.adapters.ledger import State
+from reconciler.adapters.nix import Nix
+from reconciler.adapters.store import FilesystemStore, S3Store, read_credentials
+from reconciler.config import Config, StoreConfig
+from reconciler.daemon.gate import Gate
+from reconciler.daemon.loop import Daemon
+from reconciler.daemon.metrics import Metrics
+from reconciler.daemon.reconciler import Reconciler
+from reconciler.errors import StoreError
+from reconciler.ports import Ledger, Ports, Store
+
+
+class SystemClock:
+    def now(self) -> float:
+        return time.time()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
+def open_store(cfg: StoreConfig) -> Store:
+    """The store ``cfg`` describes (reconciler.yaml's ``store`` section)."""
+    if cfg.type == "s3":
+        if not cfg.bucket:
+            raise StoreError("an s3 store needs a bucket")
+        credentials = read_credentials(cfg.credentials_file) if cfg.credentials_file else None
+        return S3Store(cfg.bucket, cfg.prefix, cfg.endpoint, cfg.region, credentials)
+    if cfg.type == "filesystem":
+        if cfg.path is None:
+            raise StoreError("a filesystem store needs a path")
+        return FilesystemStore(cfg.path)
+    raise StoreError(f"unsupported store type {cfg.type!r}")
+
+
+def source(cfg: Config) -> GitSource:
+    """The daemon's clone of the config repository, in its state directory."""
+    return _clone_in(cfg, cfg.state_dir / "checkout")
+
+
+def open_reconciler(cfg: Config, metrics: Metrics | None = None, ledger: Ledger | None = None) -> Reconciler:
+    """The daemon's pass with the real adapters. ``ledger`` replaces the state
+    database (``reconciler plan`` reads it without writing)."""
+    # What can fail on bad configuration comes before the state is opened.
+    store = open_store(cfg.store)
+    gate = Gate(cfg.repo)
+    s = cfg.signing
+    ports = Ports(
+        source=source(cfg),
+        nix=Nix(cfg.state_dir, cfg.nix),
+        store=store,
+        ledger=ledger if ledger is not None else State(cfg.state_dir),
+        gate=gate,
+        signer=lambda: Signer(s.gnupghome, s.key, s.passphrase_file),
+        clock=SystemClock(),
+    )
+    return Reconciler(cfg, ports, metrics)
+
+
+def open_planner(cfg: Config, workdir: Path) -> Reconciler:
+    """The pass for ``reconciler plan``, which changes nothing a daemon uses: the head
+    is read from git objects into ``workdir`` (the daemon's clone serves as the object
+    store when there is one), the ledger is a read-only copy, and Nix writes its fleet
+    files under ``workdir``. Only Nix's store and the staged toolchain, both caches
+    keyed by content, may grow."""
+    checkout = cfg.state_dir / "checkout"
+    git = source(cfg) if (checkout / ".git").is_dir() else _clone_in(cfg, workdir / "clone")
+    s = cfg.signing
+    nix_settings = replace(cfg.nix, toolchain_dir=cfg.nix.toolchain_dir or cfg.state_dir / "toolchain")
+    ports = Ports(
+        source=Snapshot(git, workdir),
+        nix=Nix(workdir, nix_settings),
+        store=open_store(cfg.store),
+        ledger=State(cfg.state_dir, read_only=True),
+        gate=Gate(cfg.repo),
+        signer=lambda: Signer(s.gnupghome, s.key, s.passphrase_file),
+        clock=SystemClock(),
+    )
+    return Reconciler(cfg, ports)
+
+
+def _clone_in(cfg: Config, checkout: Path) -> GitSource:
+    r = cfg.repo
+    return GitSource(r.url, r.branch, checkout, r.depth, r.credentials_file, r.ssh_key, r.known_hosts)
+
+
+def open_daemon(cfg: Config) -> Daemon:
+    return Daemon(cfg, open_reconciler(cfg))
+
+
+def open_ledger(cfg: Config, read_only: bool = False) -> Ledger:
+    return State(cfg.state_dir, read_only=read_only)

@@ -1,0 +1,268 @@
+"""In-memory fakes of every port (reconciler.ports), for unit tests of the whole pass.
+
+Each keeps to its port's contract and records what was asked of it, so that a test
+can say what a pass did without git, Nix, gpg, a store or sqlite.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from reconciler.core.hosts import Host
+from reconciler.core.model import BuildOutput, Evaluation, HostState, Status
+from reconciler.daemon.gate import CommitRefusedError, Refusal
+from reconciler.errors import BuildError, SigningError, StoreError
+from reconciler.ports import Source
+
+
+def digest(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass
+class Commit:
+    id: str
+    files: dict[str, str]
+    parent: str | None
+    time: float
+
+
+class FakeSource:
+    """A branch of commits, each a mapping of path to text; ``push`` moves the head."""
+
+    def __init__(self) -> None:
+        self.commits: dict[str, Commit] = {}
+        self.head: str | None = None
+        self.fetches = 0
+
+    def push(self, files: Mapping[str, str], parent: str | None = "head", at: float = 1_700_000_000.0) -> str:
+        """A new commit with ``files``; its parent is the current head unless given."""
+        base = self.head if parent == "head" else parent
+        commit = digest(files, base, len(self.commits))[:40]
+        self.commits[commit] = Commit(commit, dict(files), base, at)
+        self.head = commit
+        return commit
+
+    @property
+    def checkout(self) -> Path:
+        return Path("/nonexistent/checkout")
+
+    def fetch(self) -> str:
+        self.fetches += 1
+        assert self.head is not None, "nothing pushed"
+        return self.head
+
+    def read_tree(self) -> dict[str, str]:
+        assert self.head is not None
+        return dict(self.commits[self.head].files)
+
+    def commit_time(self, commit: str) -> float:
+        return self.commits[commit].time
+
+    def tree_digest(self, commit: str, exclude: frozenset[str]) -> str:
+        files = self.commits[commit].files
+        return digest({p: t for p, t in files.items() if p.split("/", 1)[0] not in exclude})
+
+    def changed_files(self, old: str | None, new: str) -> frozenset[str] | None:
+        if old is None or old not in self.commits:
+            return None
+        a, b = self.commits[old].files, self.commits[new].files
+        return frozenset(p for p in set(a) | set(b) if a.get(p) != b.get(p))
+
+    def signature(self, commit: str) -> bytes | None:
+        return None
+
+    def verify_commit(self, commit: str, gnupghome: Path) -> str:
+        return ""
+
+    def is_ancestor(self, old: str, new: str) -> bool | None:
+        c: str | None = new
+        while c is not None:
+            if c == old:
+                return True
+            c = self.commits[c].parent
+        return False
+
+
+class FakeNix:
+    """Evaluation and builds as pure functions of the host; a build writes small
+    artifact files under ``workdir``."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.sandboxed = True
+        self.builds: list[tuple[str, int]] = []
+        self.evaluated: list[str] = []
+        self.failing: set[str] = set()  # hosts whose build fails
+        self.broken: set[str] = set()  # hosts whose evaluation fails
+
+    def recipe_digest(self) -> str | None:
+        return "recipe-1"
+
+    def image(self, host: Host) -> str:
+        return f"/nix/store/{digest(host.to_nix())[:32]}-host-{host.name}-image.drv"
+
+    def evaluate(self, hosts: Sequence[Host], repo: Path) -> Evaluation:
+        self.evaluated += [h.name for h in hosts]
+        images = {h.name: self.image(h) for h in hosts if h.name not in self.broken}
+        errors = {h.name: "error: undefined variable 'oops'" for h in hosts if h.name in self.broken}
+        return Evaluation(images=images, errors=errors)
+
+    def build(self, host: Host, version: int, repo: Path, root: str) -> BuildOutput:
+        self.builds.append((host.name, version))
+        if host.name in self.failing:
+            raise BuildError(host.name, "builder failed with exit code 1")
+        drv = f"/nix/store/{digest(self.image(host), version)[:32]}-host-{host.name}-{version}.drv"
+        out = self.workdir / digest(drv)[:16]
+        out.mkdir(parents=True, exist_ok=True)
+        files = {}
+        for fmt in host.formats:
+            name = (
+                f"{host.name}-{version}-linux-amd64.aci"
+                if fmt == "aci"
+                else f"{host.name}-{version}.AppImage"
+            )
+            (out / name).write_bytes(f"{fmt} of {self.image(host)} as {version}".encode())
+            files[fmt] = out / name
+        return BuildOutput(derivation=drv, out=out, files=files)
+
+    def probe_sandbox(self, key_dir: Path) -> bool:
+        return self.sandboxed
+
+
+class FakeSigner:
+    def __init__(self) -> None:
+        self.broken = False
+        self.signed = 0
+
+    def _sig(self, data: bytes) -> bytes:
+        if self.broken:
+            raise SigningError("gpg could not sign: the key is unusable")
+        self.signed += 1
+        return b"-----SIG " + hashlib.sha256(data).hexdigest().encode() + b"-----\n"
+
+    def sign(self, data: bytes) -> bytes:
+        return self._sig(data)
+
+    def sign_file(self, path: Path) -> bytes:
+        return self._sig(path.read_bytes())
+
+    def public_key(self) -> bytes:
+        return b"-----PUBLIC KEY-----\n"
+
+
+class MemoryStore:
+    """A store in a dict. ``full`` makes every write fail as a full disk does."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+        self.writes: list[str] = []
+        self.full = False
+
+    def _put(self, key: str, data: bytes) -> None:
+        if self.full:
+            raise StoreError(f"cannot write {key}: No space left on device")
+        self.writes.append(key)
+        self.objects[key] = data
+
+    def put_file(self, key: str, path: Path) -> None:
+        self._put(key, path.read_bytes())
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self._put(key, data)
+
+    def get_bytes(self, key: str) -> bytes | None:
+        return self.objects.get(key)
+
+    def exists(self, key: str) -> bool:
+        return key in self.objects
+
+    def size(self, key: str) -> int | None:
+        data = self.objects.get(key)
+        return None if data is None else len(data)
+
+    def url(self, key: str) -> str:
+        return f"memory:///{key}"
+
+    def list(self, prefix: str = "") -> builtins.list[str]:
+        return sorted(k for k in self.objects if k.startswith(prefix))
+
+    def delete(self, key: str) -> None:
+        self.objects.pop(key, None)
+
+    def sweep(self) -> builtins.list[str]:
+        return []
+
+
+@dataclass
+class MemoryLedger:
+    meta: dict[str, str] = field(default_factory=dict)
+    states: dict[str, HostState] = field(default_factory=dict)
+    evaluations: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    def close(self) -> None:
+        pass
+
+    def get_meta(self, key: str) -> str | None:
+        return self.meta.get(key)
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.meta[key] = value
+
+    def hosts(self) -> Mapping[str, HostState]:
+        return dict(self.states)
+
+    def evaluated(self, keys: Mapping[str, str]) -> dict[str, str]:
+        return {h: self.evaluations[h][1] for h, k in keys.items() if self.evaluations.get(h, ("",))[0] == k}
+
+    def record_evaluated(self, entries: Mapping[str, tuple[str, str]]) -> None:
+        self.evaluations.update(entries)
+
+    def _prev(self, name: str) -> HostState:
+        return self.states.get(name) or HostState(name, 0, None, None, Status.FAILED, None, 0.0)
+
+    def record_published(self, name: str, version: int, image: str, commit: str) -> None:
+        self.states[name] = HostState(name, version, image, commit, Status.PUBLISHED, None, 0.0)
+
+    def record_build_failure(self, name: str, error: str, image: str, failures: int, retry_at: float) -> None:
+        p = self._prev(name)
+        self.states[name] = HostState(
+            name, p.version, p.image, p.commit, Status.FAILED, error, 0.0, failures, image, retry_at
+        )
+
+    def record_failure(self, name: str, status: Status, error: str) -> None:
+        p = self._prev(name)
+        self.states[name] = HostState(name, p.version, p.image, p.commit, status, error, 0.0)
+
+
+class FakeClock:
+    def __init__(self, now: float = 1_700_000_100.0) -> None:
+        self.t = now
+
+    def now(self) -> float:
+        return self.t
+
+    def monotonic(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+class RefusingGate:
+    """A commit gate that refuses the commits in ``refused`` as unsigned."""
+
+    def __init__(self) -> None:
+        self.refused: set[str] = set()
+
+    def check(self, source: Source, commit: str, last: str | None) -> None:
+        if commit in self.refused:
+            raise CommitRefusedError(commit, Refusal.UNSIGNED, "not signed")
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,147 @@
+"""`plan` and `build` beside a daemon's pass: they share its steps, not its checkout.
+
+Real git, Nix and gpg; the CLI as operators run it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ConfigRepo, Signing, cli, wait_for, write_config
+
+pytestmark = pytest.mark.integration
+
+# A package whose build takes long enough for a command to run beside it; the nonce
+# keeps Nix from finding it built by an earlier run.
+SLOW = """{{ toolchain }}:
+derivation {{
+  name = "slow";
+  system = "x86_64-linux";
+  builder = toolchain.busybox;
+  nonce = "{nonce}";
+  args = [ "sh" "-c" "${{toolchain.busybox}} sleep 8; ${{toolchain.busybox}} mkdir -p $out/srv" ];
+}}
+"""
+SITE = """{{ toolchain }}:
+derivation {{
+  name = "site";
+  system = "x86_64-linux";
+  builder = toolchain.busybox;
+  args = [ "sh" "-c" "${{toolchain.busybox}} mkdir -p $out/srv && echo {text} > $out/srv/index.html" ];
+}}
+"""
+NONCE = uuid.uuid4().hex
+HOST = (
+    "name: {name}\nformats: [aci]\nservices:\n  s: {{package: {package}, exec: [bin/busybox, sleep, '9']}}\n"
+)
+
+
+def fleet(repo: ConfigRepo, text: str) -> str:
+    repo.write("packages/slow.nix", SLOW.format(nonce=NONCE))
+    repo.write("packages/site.nix", SITE.format(text=text))
+    repo.write("hosts/a-slow.yaml", HOST.format(name="a-slow", package="slow"))
+    repo.write("hosts/b-site.yaml", HOST.format(name="b-site", package="site"))
+    return repo.commit(f"site says {text}")
+
+
+def aci_file(store: Path, host: str, version: int, name: str) -> bytes:
+    release = json.loads((store / "hosts" / host / "releases" / f"{version}.json").read_text())
+    (aci,) = release["artifacts"]
+    with tarfile.open(store / aci["blob"]) as tar:
+        member = tar.extractfile(f"rootfs/{name}")
+        assert member is not None
+        return member.read()
+
+
+def test_plan_during_a_pass_changes_nothing_the_pass_builds(
+    tmp_path: Path, config_repo: ConfigRepo, signing: Signing
+) -> None:
+    first = fleet(config_repo, "first")
+    cfg = write_config(tmp_path, config_repo, signing, jobs=1)
+    log = tmp_path / "reconcile.log"
+    with log.open("w") as err:
+        # a-slow builds first (hosts build in name order, one at a time), b-site after it.
+        rec = subprocess.Popen(
+            [sys.executable, "-m", "reconciler", "reconcile", "-c", str(cfg)],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
+    try:
+        wait_for(lambda: "event=host_build host=a-slow" in log.read_text(), 120, "a-slow's build to start")
+        second = fleet(config_repo, "second")
+        planned = cli("plan", "-c", str(cfg), "--json")
+        assert planned.returncode == 0, planned.stderr
+        assert json.loads(planned.stdout)["commit"] == second
+        # The plan ran while a-slow was still building.
+        assert "host_published host=a-slow" not in log.read_text()
+        rec.communicate(timeout=600)
+    finally:
+        rec.kill()
+    assert rec.returncode == 0, log.read_text()[-3000:]
+    store = tmp_path / "store"
+    release = json.loads((store / "hosts/b-site/releases/1.json").read_text())
+    assert release["commit"] == first
+    # What the release says it was built from is what it holds.
+    assert aci_file(store, "b-site", 1, "srv/index.html") == b"first\n"
+
+
+def test_plan_writes_nothing(tmp_path: Path, config_repo: ConfigRepo, signing: Signing) -> None:
+    fleet(config_repo, "first")
+    cfg = write_config(tmp_path, config_repo, signing)
+    state = tmp_path / "state"
+    planned = cli("plan", "-c", str(cfg))
+    assert planned.returncode == 0, planned.stderr
+    assert "b-site: rebuild: new host, never published" in planned.stdout
+    # No ledger, no clone of the daemon's: only the content-addressed toolchain cache.
+    assert not (state / "state.db").exists()
+    assert not (state / "checkout").exists()
+
+    assert cli("reconcile", "-c", str(cfg)).returncode == 0
+    fleet(config_repo, "second")
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in state.glob("state.db*")}
+    head = subprocess.run(
+        ["git", "-C", str(state / "checkout"), "rev-parse", "HEAD"], capture_output=True, text=True
+    )
+    planned = cli("plan", "-c", str(cfg))
+    assert planned.returncode == 0, planned.stderr
+    assert "b-site: rebuild: packages/site.nix changed" in planned.stdout
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in state.glob("state.db*")} == before
+    after = subprocess.run(
+        ["git", "-C", str(state / "checkout"), "rev-parse", "HEAD"], capture_output=True, text=True
+    )
+    assert after.stdout == head.stdout
+    assert (
+        subprocess.run(
+            ["git", "-C", str(state / "checkout"), "status", "--porcelain"], capture_output=True, text=True
+        ).stdout
+        == ""
+    )
+
+
+def test_build_keeps_the_published_builds_gc_root(
+    tmp_path: Path, config_repo: ConfigRepo, signing: Signing
+) -> None:
+    fleet(config_repo, "first")
+    cfg = write_config(tmp_path, config_repo, signing)
+    assert cli("reconcile", "-c", str(cfg)).returncode == 0
+    root = tmp_path / "state" / "gcroots" / "b-site"
+    published = os.readlink(root)
+    fleet(config_repo, "second")
+    built = cli("build", "-c", str(cfg), "b-site")
+    assert built.returncode == 0, built.stderr
+    assert os.readlink(root) == published
+    # The command's own build is kept under a root of its own, through which it
+    # printed the artifacts.
+    mine = tmp_path / "state" / "gcroots" / "b-site.build"
+    assert os.readlink(mine) != published
+    assert built.stdout.strip() == f"{mine}/b-site-2-linux-amd64.aci"

@@ -1,0 +1,244 @@
+"""The whole reconcile pass (reconciler.daemon.reconciler) on in-memory fakes of every port."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import pytest
+
+from reconciler.config import Config, NixConfig, RepoConfig, RetentionConfig, SigningConfig, StoreConfig
+from reconciler.core.model import Action, Status
+from reconciler.core.release import latest_path, release_path
+from reconciler.daemon.gate import CommitRefusedError, Gate
+from reconciler.daemon.reconciler import COMMIT_KEY, SOURCE_ERROR_KEY, Reconciler
+from reconciler.errors import ConfigError
+from reconciler.ports import Ports
+from tests.fakes import FakeClock, FakeNix, FakeSigner, FakeSource, MemoryLedger, MemoryStore, RefusingGate
+
+HOST = "name: {name}\nformats: [aci]\nnetwork: {{address: {address}}}\n"
+FLEET = {
+    "hosts/web-1.yaml": HOST.format(name="web-1", address="10.0.0.1/24"),
+    "hosts/web-2.yaml": HOST.format(name="web-2", address="10.0.0.2/24"),
+}
+
+
+@dataclass
+class World:
+    tmp: Path
+    source: FakeSource = field(default_factory=FakeSource)
+    store: MemoryStore = field(default_factory=MemoryStore)
+    ledger: MemoryLedger = field(default_factory=MemoryLedger)
+    signer: FakeSigner = field(default_factory=FakeSigner)
+    clock: FakeClock = field(default_factory=FakeClock)
+    allow_force_push: bool = False
+    gate: RefusingGate | None = None
+    nix: FakeNix = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.nix = FakeNix(self.tmp / "builds")
+
+    def config(self) -> Config:
+        return Config(
+            path=self.tmp / "reconciler.yaml",
+            repo=RepoConfig(url="/nonexistent/repo", allow_force_push=self.allow_force_push),
+            store=StoreConfig(type="filesystem", path=self.tmp / "unused-store"),
+            state_dir=self.tmp / "state",
+            signing=SigningConfig(gnupghome=self.tmp / "gnupg", key="K"),
+            nix=NixConfig(),
+            retention=RetentionConfig(interval=0),
+        )
+
+    def reconciler(self) -> Reconciler:
+        """A daemon process over this world (a new one per restart)."""
+        cfg = self.config()
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        gate = self.gate if self.gate is not None else Gate(cfg.repo)
+        ports = Ports(self.source, self.nix, self.store, self.ledger, gate, lambda: self.signer, self.clock)
+        return Reconciler(cfg, ports)
+
+    def latest(self, host: str) -> dict[str, object]:
+        data = self.store.get_bytes(latest_path(host))
+        assert data is not None, f"{host} has no latest.json"
+        doc = json.loads(data)
+        assert isinstance(doc, dict)
+        return doc
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> World:
+    return World(tmp_path)
+
+
+def outcomes(rec: Reconciler) -> dict[str, tuple[bool, int | None]]:
+    result = rec.reconcile()
+    return {o.host: (o.ok, o.version) for o in result.outcomes}
+
+
+def test_a_commit_publishes_every_host_signed_and_in_order(world: World) -> None:
+    commit = world.source.push(FLEET)
+    assert outcomes(world.reconciler()) == {"web-1": (True, 1), "web-2": (True, 1)}
+    for host in ("web-1", "web-2"):
+        assert world.latest(host)["commit"] == commit
+        # SPEC's order: blobs and their signatures, the release file, latest.json last.
+        release, latest = release_path(host, 1), latest_path(host)
+        blobs = [str(a["blob"]) for a in world.latest(host)["artifacts"]]  # type: ignore[attr-defined]
+        order = world.store.writes.index
+        assert max(order(b + sfx) for b in blobs for sfx in ("", ".asc")) < order(release + ".asc")
+        assert order(release + ".asc") < order(release) < order(latest + ".asc") < order(latest)
+        for key in (release, latest):
+            assert world.store.exists(key + ".asc")
+    assert world.ledger.meta[COMMIT_KEY] == commit
+    assert {h: s.version for h, s in world.ledger.states.items()} == {"web-1": 1, "web-2": 1}
+
+
+def test_an_unchanged_fleet_builds_nothing_and_a_change_rebuilds_only_its_host(world: World) -> None:
+    world.source.push(FLEET)
+    rec = world.reconciler()
+    rec.reconcile()
+    builds = len(world.nix.builds)
+    rec.reconcile()
+    assert len(world.nix.builds) == builds
+    world.source.push({**FLEET, "hosts/web-2.yaml": HOST.format(name="web-2", address="10.0.0.9/24")})
+    assert outcomes(rec) == {"web-2": (True, 2)}
+    assert world.latest("web-1")["version"] == 1
+
+
+def test_a_pass_that_died_after_publishing_is_adopted_not_published_again(world: World) -> None:
+    world.source.push(FLEET)
+    world.reconciler().reconcile()
+    # The process died before recording: a new one starts with an empty ledger.
+    world.ledger = MemoryLedger()
+    writes = len(world.store.writes)
+    assert outcomes(world.reconciler()) == {"web-1": (True, 1), "web-2": (True, 1)}
+    # Nothing is built into a new version; only latest.json is written again, as the
+    # crash may have come before it.
+    assert world.nix.builds.count(("web-1", 2)) == 0
+    assert {k for k in world.store.writes[writes:]} == {
+        key + sfx for h in ("web-1", "web-2") for key in (latest_path(h),) for sfx in ("", ".asc")
+    }
+    assert world.ledger.states["web-1"].version == 1
+
+
+def test_a_version_taken_by_another_build_is_skipped(world: World) -> None:
+    world.source.push(FLEET)
+    world.reconciler().reconcile()
+    # Another release 2 of web-1 exists (not this daemon's), unknown to the ledger.
+    taken = world.store.get_bytes(release_path("web-1", 1))
+    assert taken is not None
+    doc = json.loads(taken)
+    doc.update(version=2, derivation="/nix/store/" + "0" * 32 + "-other.drv")
+    world.store.objects[release_path("web-1", 2)] = json.dumps(doc).encode()
+    world.store.objects[latest_path("web-1")] = json.dumps(doc).encode()
+    world.source.push({**FLEET, "hosts/web-1.yaml": HOST.format(name="web-1", address="10.0.0.7/24")})
+    assert outcomes(world.reconciler()) == {"web-1": (True, 3)}
+    assert world.latest("web-1")["version"] == 3
+
+
+def test_a_full_disk_fails_the_hosts_and_leaves_no_pointer_to_anything_missing(world: World) -> None:
+    world.source.push(FLEET)
+    world.store.full = True
+    rec = world.reconciler()
+    assert outcomes(rec) == {"web-1": (False, None), "web-2": (False, None)}
+    assert world.store.objects == {}
+    assert world.ledger.states["web-1"].status == Status.FAILED
+    assert "No space left on device" in (world.ledger.states["web-1"].error or "")
+    assert rec.metrics.registry.get_sample_value("reconciler_publish_failures_total") == 2
+
+
+def test_a_gpg_failure_publishes_nothing_unsigned(world: World) -> None:
+    world.source.push(FLEET)
+    world.signer.broken = True
+    rec = world.reconciler()
+    assert outcomes(rec) == {"web-1": (False, None), "web-2": (False, None)}
+    assert not any(k.startswith("hosts/") for k in world.store.objects)
+    assert rec.metrics.registry.get_sample_value("reconciler_signing_failures_total") == 2
+
+
+def test_a_failed_build_backs_off_doubling_then_retries(world: World) -> None:
+    world.source.push(FLEET)
+    world.nix.failing.add("web-1")
+    rec = world.reconciler()
+    assert outcomes(rec)["web-1"] == (False, None)
+    first = world.ledger.states["web-1"]
+    assert (first.failures, first.retry_at) == (1, world.clock.now() + 30)
+    world.clock.advance(29)
+    result = rec.reconcile()
+    assert [e.action for e in result.plan.entries if e.host == "web-1"] == [Action.BACKOFF]
+    assert world.nix.builds.count(("web-1", 1)) == 1
+    world.clock.advance(2)
+    assert outcomes(rec)["web-1"] == (False, None)
+    second = world.ledger.states["web-1"]
+    assert (second.failures, second.retry_at) == (2, world.clock.now() + 60)
+    world.nix.failing.clear()
+    world.clock.advance(61)
+    assert outcomes(rec)["web-1"] == (True, 1)
+
+
+def test_an_invalid_host_costs_only_itself_and_keeps_what_it_published(world: World) -> None:
+    world.source.push(FLEET)
+    rec = world.reconciler()
+    rec.reconcile()
+    published = world.store.get_bytes(latest_path("web-1"))
+    world.source.push(
+        {
+            **FLEET,
+            "hosts/web-1.yaml": "name: web-1\nformats: [tarball]\n",
+            "hosts/web-2.yaml": HOST.format(name="web-2", address="10.0.0.5/24"),
+        }
+    )
+    result = rec.reconcile()
+    assert not result.ok
+    assert {o.host: o.version for o in result.outcomes} == {"web-2": 2}
+    assert world.ledger.states["web-1"].status == Status.INVALID
+    assert "formats" in (world.ledger.states["web-1"].error or "")
+    assert world.store.get_bytes(latest_path("web-1")) == published
+
+
+def test_an_untrusted_commit_builds_nothing_and_says_why(world: World) -> None:
+    world.gate = RefusingGate()
+    world.gate.refused.add(world.source.push(FLEET))
+    rec = world.reconciler()
+    with pytest.raises(CommitRefusedError):
+        rec.reconcile()
+    assert world.nix.builds == [] and world.store.objects == {}
+    assert "not signed" in world.ledger.meta[SOURCE_ERROR_KEY]
+    assert (
+        rec.metrics.registry.get_sample_value("reconciler_untrusted_commits_total", {"reason": "unsigned"})
+        == 1
+    )
+    assert (
+        rec.metrics.registry.get_sample_value("reconciler_reconcile_runs_total", {"result": "failure"}) == 1
+    )
+
+
+@pytest.mark.parametrize("allowed", [False, True])
+def test_a_force_push_is_refused_unless_allowed(world: World, allowed: bool) -> None:
+    world.allow_force_push = allowed
+    first = world.source.push(FLEET)
+    world.source.push({**FLEET, "hosts/web-1.yaml": HOST.format(name="web-1", address="10.0.0.3/24")})
+    rec = world.reconciler()
+    rec.reconcile()
+    # Back to a sibling of what was reconciled: the first commit's history, rewritten.
+    world.source.push(
+        {**FLEET, "hosts/web-2.yaml": HOST.format(name="web-2", address="10.0.0.4/24")}, parent=first
+    )
+    if not allowed:
+        with pytest.raises(CommitRefusedError, match="does not descend from"):
+            rec.reconcile()
+        assert world.latest("web-2")["version"] == 1
+    else:
+        assert outcomes(rec) == {"web-1": (True, 2), "web-2": (True, 2)}
+
+
+def test_an_unsandboxed_nix_is_refused_unless_the_config_opts_out(world: World) -> None:
+    world.source.push(FLEET)
+    world.nix.sandboxed = False
+    with pytest.raises(ConfigError, match=r"nix\.sandbox"):
+        world.reconciler().reconcile()
+    assert world.nix.builds == []
+    rec = world.reconciler()
+    rec.cfg = replace(rec.cfg, nix=NixConfig(sandbox=False))
+    assert outcomes(rec) == {"web-1": (True, 1), "web-2": (True, 1)}
+    assert rec.metrics.registry.get_sample_value("reconciler_build_sandbox") == 0
