@@ -1047,13 +1047,16 @@ def test_helm_chart_lints_and_renders(helm: Path, tmp_path: Path) -> None:
     pod = spec["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
     # No fsGroup (its set-group-ID directories break Nix builds): an init container hands
-    # the volume roots to the daemon's user, as root with CHOWN and FOWNER only.
+    # the state volume's root to the daemon's user, 0700, as root with CHOWN and FOWNER only.
     assert "fsGroup" not in pod["securityContext"]
-    perms = next(c for c in pod["initContainers"] if c["name"] == "volume-permissions")
+    inits = {c["name"]: c for c in pod["initContainers"]}
+    perms = inits["volume-permissions"]
     assert perms["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN", "FOWNER"]}
-    assert {m["mountPath"] for m in perms["volumeMounts"]} == {"/nix", "/var/lib/reconciler"}
+    assert {m["mountPath"] for m in perms["volumeMounts"]} == {"/var/lib/reconciler"}
+    assert 'chmod u=rwx,go=,g-s "$d"' in perms["command"][-1]
     for c in pod["containers"]:
         assert c["securityContext"].get("runAsNonRoot", True) is not False, c["name"]
+        assert c["securityContext"].get("privileged", False) is False, c["name"]
     main = next(c for c in pod["containers"] if c["name"] == "reconciler")
     assert main["args"] == ["run", "-c", "/etc/reconciler/reconciler.yaml"]
     assert main["securityContext"]["allowPrivilegeEscalation"] is False
@@ -1064,6 +1067,32 @@ def test_helm_chart_lints_and_renders(helm: Path, tmp_path: Path) -> None:
     assert mounts["nix"] == "/nix"
     port = next(p["containerPort"] for p in main["ports"] if p["name"] == "metrics")
 
+    # Builds: the nix-daemon, a native sidecar from the same image, root and privileged
+    # for the sandbox, owning /nix; the reconciler reaches it over a socket in a volume
+    # the two share, and has /nix read-only. The gpg home and the key stay out of it.
+    nixd = inits["nix-daemon"]
+    assert list(inits).index("nix-daemon") < list(inits).index("import-signing-key")
+    assert nixd["restartPolicy"] == "Always" and nixd["image"] == main["image"]
+    assert nixd["command"] == ["reconciler-nix-daemon"]
+    assert nixd["securityContext"]["privileged"] is True and nixd["securityContext"]["runAsUser"] == 0
+    assert nixd["securityContext"]["runAsNonRoot"] is False
+    daemon_mounts = {m["name"]: m for m in nixd["volumeMounts"]}
+    main_mounts = {m["name"]: m for m in main["volumeMounts"]}
+    assert daemon_mounts["nix"]["mountPath"] == "/nix" and not daemon_mounts["nix"].get("readOnly")
+    assert main_mounts["nix"]["readOnly"] is True
+    assert daemon_mounts["state"]["readOnly"] is True  # the GC follows the reconciler's root links
+    assert not {"run", "signing", "config"} & set(daemon_mounts)
+    env = {e["name"]: e.get("value") for e in main["env"]}
+    daemon_env = {e["name"]: e.get("value") for e in nixd["env"]}
+    assert env["NIX_REMOTE"] == "daemon"
+    socket_path = Path(env["NIX_DAEMON_SOCKET_PATH"])
+    assert daemon_env["NIX_DAEMON_SOCKET_PATH"] == str(socket_path)
+    shared = [n for n, m in main_mounts.items() if m["mountPath"] == str(socket_path.parent)]
+    assert shared and daemon_mounts[shared[0]]["mountPath"] == str(socket_path.parent)
+    assert str(socket_path) in nixd["startupProbe"]["exec"]["command"]
+    kube_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["kubeVersion"]
+    assert kube_version == ">=1.29.0-0"  # native sidecars
+
     # reconciler.yaml from the ConfigMap loads with the daemon's own loader.
     cm = next(d for d in docs if d["kind"] == "ConfigMap")
     cfg_file = tmp_path / "reconciler.yaml"
@@ -1072,6 +1101,7 @@ def test_helm_chart_lints_and_renders(helm: Path, tmp_path: Path) -> None:
     assert cfg.listen == f"0.0.0.0:{port}"
     assert cfg.state_dir == Path(mounts["state"])
     assert cfg.signing.gnupghome.is_relative_to(mounts["run"])
+    assert "chmod 0700" in inits["import-signing-key"]["command"][-1]
     assert cfg.store.path is not None and cfg.store.path.is_relative_to(cfg.state_dir)
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["config"]["configMap"]["name"] == cm["metadata"]["name"]
