@@ -6,12 +6,15 @@ daemon, and helm."""
 from __future__ import annotations
 
 import base64
+import grp
 import hashlib
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tarfile
@@ -189,6 +192,38 @@ def test_example_configs_load_with_the_projects_loaders() -> None:
 
 UNITS = ["reconciler.service", "reconciler-agent.service", "reconciler-agent-once.service"]
 
+# Stand-ins for the nix-daemon units of Debian's nix-setup-systemd (2.8.0-1.1), which
+# reconciler.service requires, where that package is not installed: their text as shipped.
+DEBIAN_NIX_UNITS = {
+    "nix-daemon.socket": """[Unit]
+Description=Nix Daemon Socket
+Before=multi-user.target
+RequiresMountsFor=/nix/store
+ConditionPathIsReadWrite=/nix/var/nix/daemon-socket
+
+[Socket]
+ListenStream=/nix/var/nix/daemon-socket/socket
+
+[Install]
+WantedBy=sockets.target
+""",
+    "nix-daemon.service": """[Unit]
+Description=Nix Daemon
+Documentation=man:nix-daemon https://nixos.org/manual
+RequiresMountsFor=/nix/store
+RequiresMountsFor=/nix/var
+RequiresMountsFor=/nix/var/nix/db
+ConditionPathIsReadWrite=/nix/var/nix/daemon-socket
+
+[Service]
+ExecStart=@/usr/bin/nix-daemon nix-daemon --daemon
+KillMode=process
+
+[Install]
+WantedBy=multi-user.target
+""",
+}
+
 
 def test_systemd_units_verify_clean(tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
@@ -214,7 +249,12 @@ def test_systemd_units_verify_clean(tmp_path: Path) -> None:
         (units / src.name).write_text(text)
         names.append(src.name)
     assert set(UNITS) | {"reconciler-agent.timer", "reconciler-app.service"} <= set(names)
-    got = run([analyze, "verify", *names], cwd=units)
+    # The nix-daemon's units are Debian's (nix-setup-systemd), not ours.
+    assert not {"nix-daemon.socket", "nix-daemon.service"} & set(names)
+    for name, text in DEBIAN_NIX_UNITS.items():
+        installed = Path("/lib/systemd/system") / name
+        (units / name).write_text(installed.read_text() if installed.is_file() else text)
+    got = run([analyze, "verify", *names, *DEBIAN_NIX_UNITS], cwd=units)
     assert got.returncode == 0 and not (got.stdout + got.stderr).strip(), got.stdout + got.stderr
 
     daemon = (DEPLOY / "systemd/reconciler.service").read_text()
@@ -222,29 +262,38 @@ def test_systemd_units_verify_clean(tmp_path: Path) -> None:
     for directive in (
         "User=reconciler",
         "StateDirectory=reconciler",
+        "StateDirectoryMode=0700",
+        "Environment=NIX_REMOTE=daemon",
+        "Requires=nix-daemon.socket",
         "NoNewPrivileges=yes",
         "PrivateTmp=yes",
         "ProtectSystem=strict",
         "ProtectHome=yes",
         "ProtectKernelTunables=yes",
         "ProtectKernelModules=yes",
-        "RestrictAddressFamilies=",
+        "RestrictNamespaces=yes",
+        "LockPersonality=yes",
+        "MemoryDenyWriteExecute=yes",
+        "CapabilityBoundingSet=",
+        "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
         "SystemCallArchitectures=native",
+        "SystemCallFilter=@system-service",
     ):
-        assert re.search(rf"^{re.escape(directive)}", daemon, re.M), directive
+        assert re.search(rf"^{re.escape(directive)}$", daemon, re.M), directive
+    after = re.search(r"^After=(.*)$", daemon, re.M)
+    assert after and {"nix-daemon.socket", "nix-daemon.service"} <= set(after.group(1).split())
+    # /nix is the nix-daemon's: read-only here (ProtectSystem=strict), and no system call
+    # beyond @system-service (a single-user Nix needed seccomp(2) for its builders' filter).
     rw = re.search(r"^ReadWritePaths=(.*)$", daemon, re.M)
-    assert rw and {"/nix", "/var/lib/reconciler"} <= set(rw.group(1).split())
-    # Nix sets personality(ADDR_NO_RANDOMIZE) for its builders: no LockPersonality there.
-    # And it installs a seccomp filter around each builder: seccomp(2) stays allowed.
-    filters = re.findall(r"^SystemCallFilter=(.*)$", daemon, re.M)
-    if filters and not filters[0].startswith("~"):
-        assert any("seccomp" in f.split() for f in filters if not f.startswith("~")), filters
-    assert not re.search(r"^LockPersonality=yes", daemon, re.M)
+    assert rw and set(rw.group(1).split()) == {"/var/lib/reconciler", "/srv/reconciler/store"}
+    allowed = [f for f in re.findall(r"^SystemCallFilter=(.*)$", daemon, re.M) if not f.startswith("~")]
+    assert allowed == ["@system-service"], allowed
     timer = (DEPLOY / "systemd/reconciler-agent.timer").read_text()
     assert "Unit=reconciler-agent-once.service" in timer
     assert "--once" in (DEPLOY / "systemd/reconciler-agent-once.service").read_text()
 
-    # sysusers.d and tmpfiles.d, applied to an empty root: the user, and /nix owned by it.
+    # sysusers.d and tmpfiles.d, applied to an empty root: the user, in the group that
+    # may reach the nix-daemon's socket; its state dir and gpg home 0700; /nix not its.
     root = tmp_path / "root"
     for kind in ("sysusers", "tmpfiles"):
         (root / f"etc/{kind}.d").mkdir(parents=True)
@@ -253,22 +302,90 @@ def test_systemd_units_verify_clean(tmp_path: Path) -> None:
         if shutil.which(tool[0]):
             got = run([*tool, f"--root={root}"])
             assert got.returncode == 0, got.stderr
-    if (root / "etc/passwd").exists() and (root / "nix").exists():
+    if (root / "etc/passwd").exists() and (root / "var/lib/reconciler").exists():
         user = next(
             line for line in (root / "etc/passwd").read_text().splitlines() if line.startswith("reconciler:")
         )
         uid = int(user.split(":")[2])
-        for d in ("nix", "nix/var/nix", "srv/reconciler/store"):
-            assert (root / d).stat().st_uid == uid, d
+        groups = {
+            g.split(":")[0]: g.split(":")[3].split(",") for g in (root / "etc/group").read_text().splitlines()
+        }
+        assert "reconciler" in groups["nix-users"]
+        for d in ("var/lib/reconciler", "var/lib/reconciler/gnupg"):
+            st = (root / d).stat()
+            assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (uid, 0o700), d
+        assert (root / "srv/reconciler/store").stat().st_uid == uid
+        assert not (root / "nix").exists()
 
     # The offline security review of the daemon's unit: the hardening is real.
     got = run([analyze, "security", "--offline=yes", "reconciler.service"], cwd=units)
     level = re.search(r"Overall exposure level for reconciler\.service: ([0-9.]+)", got.stdout)
     if level is not None:
-        assert float(level.group(1)) <= 3.0, got.stdout[-2000:]
+        assert float(level.group(1)) <= 2.0, got.stdout[-2000:]
 
 
-# -- single-user Nix as an unprivileged user --------------------------------------------
+def test_nix_conf_is_what_nix_reads() -> None:
+    """deploy/nix/nix.conf, as Nix itself reads it: no unknown setting, and the values the
+    layout depends on."""
+    need("nix")
+    got = run(
+        ["nix", "--extra-experimental-features", "nix-command", "show-config"],
+        env={**os.environ, "NIX_CONF_DIR": str(DEPLOY / "nix"), "NIX_USER_CONF_FILES": "", "NIX_CONFIG": ""},
+    )
+    assert got.returncode == 0, got.stderr
+    assert "unknown setting" not in got.stderr, got.stderr
+    settings = {}
+    for line in got.stdout.splitlines():
+        key, _, value = line.partition(" =")
+        settings[key] = value.strip()
+    assert settings["build-users-group"] == "nixbld"
+    assert settings["sandbox"] == "true"
+    assert settings["sandbox-fallback"] == "false"
+    assert settings["substituters"] == ""
+    assert settings["trusted-users"] == "root"
+    assert settings["allowed-users"] == "reconciler"
+
+
+# -- the production layout: the reconciler as its own user, builds by a root nix-daemon --
+
+# The reconciler's user and group in the test: a uid without privilege or other groups.
+NOBODY = 65534
+
+THIEF_HOST = (
+    "name: thief\nformats: [aci]\nservices:\n  app: {package: thief, exec: [bin/busybox, sleep, '3600']}\n"
+)
+
+
+def thief_package(gnupghome: Path) -> str:
+    """packages/thief.nix: a builder that copies what it can of ``gnupghome`` (an absolute
+    path, as a string: evaluation refuses it as a path) into its image."""
+    return f"""{{ toolchain }}:
+derivation {{
+  name = "thief";
+  system = "x86_64-linux";
+  builder = toolchain.busybox;
+  args = [ "sh" "-c" ''
+    bb=${{toolchain.busybox}}
+    $bb mkdir -p $out/etc
+    echo ran > $out/etc/ran
+    $bb cat {gnupghome}/private-keys-v1.d/* > $out/etc/stolen 2>/dev/null
+    $bb ls -a {gnupghome} >> $out/etc/stolen 2>/dev/null
+    true
+  '' ];
+}}
+"""
+
+
+def aci_file(store: Path, host: str, name: str) -> bytes | None:
+    """A file of ``host``'s published ACI, or None if the image has none."""
+    release = json.loads((store / "hosts" / host / "latest.json").read_text())
+    (aci,) = [a for a in release["artifacts"] if a["format"] == "aci"]
+    with tarfile.open(store / aci["blob"]) as tar:
+        try:
+            member = tar.extractfile(f"rootfs/{name}")
+        except KeyError:
+            return None
+        return member.read() if member is not None else None
 
 
 def blocking_dirs(paths: list[Path]) -> list[tuple[Path, str]]:
@@ -283,14 +400,56 @@ def blocking_dirs(paths: list[Path]) -> list[tuple[Path, str]]:
     return out
 
 
-def test_single_user_nix_as_an_unprivileged_user_builds_the_same_bytes(
-    tmp_path: Path, config_repo: ConfigRepo, signing: Signing
+def unblock(blocked: list[tuple[Path, str]], scratch: Path) -> list[str]:
+    """Shell lines for a private mount namespace: a way for other users through directories
+    that bar them (such as /root, holding a pyenv Python) to what Python needs."""
+    lines = []
+    for i, (d, child) in enumerate(blocked):
+        keep = scratch / f"keep{i}"
+        keep.mkdir()
+        lines += [
+            f"mount --bind {d}/{child} {keep}",
+            f"mount -t tmpfs -o mode=0755 tmpfs {d}",
+            f"mkdir {d}/{child}",
+            f"mount --move {keep} {d}/{child}",
+        ]
+    return lines
+
+
+def as_user(pid: int, uid: int, gid: int, env: dict[str, str], *command: str) -> list[str]:
+    """``command`` as uid:gid, without other groups, in the mount namespace of process
+    ``pid`` (the nix-daemon's), with /nix read-only as the reconciler has it in production."""
+    script = 'set -e; mount -o remount,bind,ro /nix; exec "$@"'
+    ids = [f"--reuid={uid}", f"--regid={gid}", "--clear-groups"]
+    env_args = [f"{k}={v}" for k, v in env.items()]
+    return [
+        *("nsenter", f"--target={pid}", "--mount", "--", "unshare", "--mount", "--"),
+        *("/bin/sh", "-c", script, "sh", "setpriv", *ids, "env", "-i", *env_args, *command),
+    ]
+
+
+@pytest.mark.parametrize("builders", ["sandboxed", "escaped"])
+def test_reconciler_as_its_own_user_builds_through_a_root_nix_daemon(
+    tmp_path: Path, config_repo: ConfigRepo, signing: Signing, builders: str
 ) -> None:
-    """The premise of deploy/systemd, the Containerfile and the chart: Nix run single-user by
-    a user without privilege, owning a fresh /nix that is not set-group-ID, builds the fleet,
-    and the artifacts are byte for byte those built as root."""
-    if os.geteuid() != 0 or not (shutil.which("unshare") and shutil.which("setpriv")):
-        pytest.skip("needs root, unshare and setpriv to run Nix as another user on a private /nix")
+    """The premise of deploy/systemd, deploy/nix, the Containerfile and the chart: the
+    reconciler runs as a user of its own that neither owns nor may write /nix, with its gpg
+    home 0700 in its 0700 state dir, and builds through a nix-daemon run as root with
+    deploy/nix/nix.conf (build users, sandbox on, only root trusted). The artifacts are byte
+    for byte those built as root, and a package whose builder reaches for the gpg home by
+    its absolute path gets nothing of it into its image. "escaped": the same with the
+    daemon's sandbox off, builders where one that escaped its sandbox would be: in the
+    machine's filesystem, as a build user."""
+    escaped = builders == "escaped"
+    tools = ("unshare", "nsenter", "setpriv", "nix-daemon")
+    if os.geteuid() != 0 or not all(shutil.which(t) for t in tools):
+        pytest.skip("needs root and unshare, nsenter, setpriv and nix-daemon")
+    try:
+        nixbld = grp.getgrnam("nixbld")
+    except KeyError:
+        pytest.skip("no build users here (group nixbld: scripts/setup creates them)")
+    if not nixbld.gr_mem:
+        pytest.skip("group nixbld has no build users")
     probe = run(["unshare", "-m", "true"])
     if probe.returncode != 0:
         pytest.skip(f"cannot create a mount namespace here: {probe.stderr.strip()}")
@@ -298,55 +457,177 @@ def test_single_user_nix_as_an_unprivileged_user_builds_the_same_bytes(
     if any(d == Path("/") for d, _ in blocked):
         pytest.skip("the Python installation is not reachable by an unprivileged user")
 
-    standard_fleet(config_repo)
-    as_root = write_config(tmp_path / "root", config_repo, signing)
-    got = run([sys.executable, "-m", "reconciler", "reconcile", "-c", str(as_root)], timeout=600)
-    assert got.returncode == 0, got.stderr[-3000:]
-
-    uid = gid = 65534  # nobody
-    base = Path(tempfile.mkdtemp(prefix="rn-"))
+    base = Path(tempfile.mkdtemp(prefix="rn-"))  # short: gpg-agent's socket lives below it
+    base.chmod(0o755)
+    state = base / "state"
+    gnupghome = state / "gnupg"
     try:
+        standard_fleet(config_repo)
+        config_repo.write("hosts/thief.yaml", THIEF_HOST)
+        config_repo.write("packages/thief.nix", thief_package(gnupghome))
+        config_repo.commit("a package reaching for the signing key")
+
+        # deploy/nix/nix.conf as it is, but for the name of the reconciler's user.
+        nix_conf = (DEPLOY / "nix/nix.conf").read_text()
+        for setting in ("allowed-users = reconciler", "sandbox = true"):
+            assert re.search(rf"^{setting}$", nix_conf, re.M), setting
+        nix_conf = nix_conf.replace("allowed-users = reconciler", "allowed-users = nobody")
+        if escaped:
+            nix_conf = nix_conf.replace("sandbox = true", "sandbox = false")
+        conf_dir = base / "etc-nix"
+        conf_dir.mkdir()
+        (conf_dir / "nix.conf").write_text(nix_conf)
+        nix_env = {"NIX_CONF_DIR": str(conf_dir)}
+
+        # The reference: root, on this machine's store, without a daemon.
+        as_root = write_config(tmp_path / "root", config_repo, signing)
+        env = {k: v for k, v in os.environ.items() if k not in ("NIX_REMOTE", "NIX_DAEMON_SOCKET_PATH")}
+        got = run(
+            [sys.executable, "-m", "reconciler", "reconcile", "-c", str(as_root)],
+            timeout=600,
+            env={**env, **nix_env},
+        )
+        assert got.returncode == 0, got.stderr[-3000:]
+
+        # The reconciler's own files: the repository it is given, its state dir (0700)
+        # holding its gpg home (0700), and the artifact store.
         repo = ConfigRepo.__new__(ConfigRepo)
         repo.path = base / "repo"
         shutil.copytree(config_repo.path, repo.path)
-        ignore = shutil.ignore_patterns("S.*", "*.lock", ".#*")
-        shutil.copytree(signing.gnupghome, base / "gnupg", ignore=ignore)
-        keys = Signing(base / "gnupg", signing.fingerprint, signing.public_key)
+        shutil.copytree(signing.gnupghome, gnupghome, ignore=shutil.ignore_patterns("S.*", "*.lock", ".#*"))
+        keys = Signing(gnupghome, signing.fingerprint, signing.public_key)
         # The toolchain is staged under the state dir: the shared test cache is root's.
-        as_nobody = write_config(base, repo, keys, nix={"toolchain": "debian"})
-        for sub in ("nix", "home"):
-            (base / sub).mkdir()
-        for dirpath, dirnames, filenames in os.walk(base):
-            for name in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
-                os.lchown(name, uid, gid)
-        # In a private mount namespace: the empty /nix, and a way through directories that
-        # bar other users (such as /root, holding a pyenv Python) to what Python needs.
-        script = ["set -e", "mount --make-rprivate /", f"mount --bind {base}/nix /nix"]
-        for i, (d, child) in enumerate(blocked):
-            keep = base / f"keep{i}"
-            keep.mkdir()
-            script += [
-                f"mount --bind {d}/{child} {keep}",
-                f"mount -t tmpfs -o mode=0755 tmpfs {d}",
-                f"mkdir {d}/{child}",
-                f"mount --move {keep} {d}/{child}",
-            ]
-        env = f"env -i HOME={base}/home PATH={os.environ['PATH']} LANG=C.UTF-8"
-        command = f"{sys.executable} -m reconciler reconcile -c {as_nobody}"
-        script.append(f"exec setpriv --reuid={uid} --regid={gid} --clear-groups {env} {command}")
-        got = run(["unshare", "-m", "/bin/sh", "-c", "\n".join(script)], timeout=600, cwd=base)
-        assert got.returncode == 0, got.stdout[-2000:] + got.stderr[-3000:]
-        assert (base / "nix/store").stat().st_uid == uid
+        # Without a sandbox the reconciler would refuse to build unless told to accept it.
+        cfg = write_config(base, repo, keys, nix={"toolchain": "debian", "sandbox": not escaped})
+        (base / "store").mkdir()
+        for top in (repo.path, state, base / "store"):
+            for dirpath, dirnames, filenames in os.walk(top):
+                for name in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
+                    os.lchown(name, NOBODY, NOBODY)
+        state.chmod(0o700)
+        gnupghome.chmod(0o700)
 
-        for host in ("web-1", "web-2", "worker-1"):
+        # The nix-daemon, as root, in a private mount namespace holding a fresh, empty /nix,
+        # started as the image starts it (whose environment says NIX_REMOTE=daemon); the
+        # socket's directory as the image and Debian's nix-setup-systemd (tmpfiles.d) make
+        # it, open to root and the reconciler's group only.
+        # Build users are the machine's, shared with its own store: the lock files that
+        # give each build its own user must be shared too, or the daemon would take a
+        # user another build holds (and kill that build's processes, as Nix does).
+        pool = Path("/nix/var/nix/userpool")
+        pool.mkdir(parents=True, exist_ok=True)
+        (base / "nix" / pool.relative_to("/nix")).mkdir(parents=True)
+        builder = pwd.getpwnam(nixbld.gr_mem[0])
+        script = [
+            "set -e",
+            "mount --make-rprivate /",
+            f"mount --bind {pool} {base}/nix/{pool.relative_to('/nix')}",
+            f"mount --rbind {base}/nix /nix",
+            *unblock(blocked, base),
+            f"install -d -m 0770 -o root -g {NOBODY} /nix/var/nix/daemon-socket",
+            f"exec {DEPLOY}/container/reconciler-nix-daemon",
+        ]
+        log_path = base / "nix-daemon.log"
+        socket_path = base / "nix/var/nix/daemon-socket/socket"
+        with log_path.open("w") as log:
+            daemon = subprocess.Popen(
+                ["unshare", "-m", "/bin/sh", "-c", "\n".join(script)],
+                env={**env, **nix_env, "NIX_REMOTE": "daemon"},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        try:
+            wait_for(lambda: daemon.poll() is not None or socket_path.exists(), 30, "the nix-daemon's socket")
+            assert daemon.poll() is None, log_path.read_text()
+
+            client_env = {
+                "HOME": str(state),
+                "PATH": os.environ["PATH"],
+                "LANG": "C.UTF-8",
+                "PYTHONPATH": str(ROOT),
+                "NIX_REMOTE": "daemon",
+                **nix_env,
+            }
+
+            def reconciler(*args: str) -> subprocess.CompletedProcess[str]:
+                command = [sys.executable, "-m", "reconciler", *args]
+                return run(as_user(daemon.pid, NOBODY, NOBODY, client_env, *command), timeout=600, cwd=base)
+
+            got = reconciler("reconcile", "-c", str(cfg))
+            assert got.returncode == 0, got.stdout[-2000:] + got.stderr[-3000:]
+            got = reconciler("status", "-c", str(cfg), "--json")
+            assert got.returncode == 0, got.stdout + got.stderr
+            assert json.loads(got.stdout)["sandbox"] == ("off" if escaped else "on")
+
+            if not escaped:
+                # Not a trusted user: asking for no sandbox changes nothing.
+                off = base / "sandbox-off.yaml"
+                settings = yaml.safe_load(cfg.read_text())
+                settings["nix"]["sandbox"] = False
+                off.write_text(yaml.safe_dump(settings))
+                got = reconciler("reconcile", "-c", str(off))
+                assert got.returncode == 0, got.stdout[-2000:] + got.stderr[-3000:]
+                got = reconciler("status", "-c", str(off), "--json")
+                assert got.returncode == 0 and json.loads(got.stdout)["sandbox"] == "on", (
+                    got.stdout + got.stderr
+                )
+
+            # Past a sandbox escape, a builder is a build user: the daemon refuses it even
+            # with the socket's directory open to it, and the gpg home is closed to it.
+            some_path = os.readlink(state / "gcroots" / "web-1")
+            got = run(
+                as_user(
+                    daemon.pid,
+                    builder.pw_uid,
+                    NOBODY,
+                    {"PATH": os.environ["PATH"], "NIX_REMOTE": "daemon", **nix_env},
+                    *("nix-store", "--query", "--hash", some_path),
+                )
+            )
+            assert got.returncode != 0 and "cannot open connection" in got.stderr, got.stdout + got.stderr
+        finally:
+            stop(daemon)
+        secret = next((gnupghome / "private-keys-v1.d").iterdir())
+        ids = [f"--reuid={builder.pw_uid}", f"--regid={nixbld.gr_gid}", "--clear-groups"]
+        got = run(["setpriv", *ids, "cat", str(secret)])
+        assert got.returncode != 0 and "Permission denied" in got.stderr, got.stdout
+
+        daemon_log = log_path.read_text()
+        assert re.search(r"^accepted connection from pid \d+, user nobody$", daemon_log, re.M), daemon_log
+        assert f"user '{builder.pw_name}' is not allowed to connect to the Nix daemon" in daemon_log, (
+            daemon_log
+        )
+        for host in ("web-1", "web-2", "worker-1", "thief"):
             mine = json.loads((base / f"store/hosts/{host}/latest.json").read_text())
             roots = json.loads((tmp_path / f"root/store/hosts/{host}/latest.json").read_text())
             assert mine["derivation"] == roots["derivation"], host
             assert [(a["format"], a["sha256"]) for a in mine["artifacts"]] == [
                 (a["format"], a["sha256"]) for a in roots["artifacts"]
             ], host
+        assert aci_file(base / "store", "thief", "etc/ran") == b"ran\n"
+        assert aci_file(base / "store", "thief", "etc/stolen") == b""
+
+        # /nix is the daemon's: the store is root's and the build users' group's, and the
+        # reconciler owns nothing there but the empty per-user directories the daemon makes
+        # for every user it serves (Nix's multi-user layout: its profiles and GC roots).
+        store = (base / "nix/store").stat()
+        assert (store.st_uid, store.st_gid, stat.S_IMODE(store.st_mode)) == (0, nixbld.gr_gid, 0o1775)
+        owned = set()
+        for dirpath, _, filenames in os.walk(base / "nix"):
+            for name in [dirpath, *(os.path.join(dirpath, n) for n in filenames)]:
+                if os.lstat(name).st_uid == NOBODY:
+                    owned.add(str(Path(name).relative_to(base / "nix")))
+        assert owned == {f"var/nix/{d}/per-user/nobody" for d in ("profiles", "gcroots")}, owned
+        assert not any(p for d in owned for p in (base / "nix" / d).iterdir())
+        # Indirect GC roots through the daemon: the link in the state dir is the
+        # reconciler's, the daemon registers it in /nix/var/nix/gcroots/auto.
+        link = state / "gcroots" / "web-1"
+        assert link.is_symlink() and link.lstat().st_uid == NOBODY
+        auto = base / "nix/var/nix/gcroots/auto"
+        assert str(link) in {os.readlink(p) for p in auto.iterdir()}
     finally:
-        run(["gpgconf", "--homedir", str(base / "gnupg"), "--kill", "all"])
+        run(["gpgconf", "--homedir", str(gnupghome), "--kill", "all"])
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -558,10 +839,26 @@ def test_grafana_dashboard_uses_only_known_metrics_and_valid_promql(tmp_path: Pa
 
 def test_containerfile_installs_through_scripts_setup() -> None:
     text = (DEPLOY / "container/Containerfile").read_text()
-    assert re.search(r"^FROM debian:bookworm", text, re.M)
-    assert re.search(r"^RUN scripts/setup", text, re.M)
-    assert re.search(r"^USER ", text, re.M)
-    assert '"run", "-c", "/etc/reconciler/reconciler.yaml"' in text
+    steps = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
+    assert re.search(r"^FROM debian:bookworm", steps, re.M)
+    assert re.search(r"^RUN scripts/setup", steps, re.M)
+    # The reconciler by default: unprivileged, a client of the nix-daemon, owning no /nix.
+    assert re.search(r"^USER 10001:10001$", steps, re.M)
+    assert re.search(r'^CMD \["reconciler", "run", "-c", "/etc/reconciler/reconciler.yaml"\]$', steps, re.M)
+    assert not re.search(r"^ENTRYPOINT", steps, re.M)
+    assert "NIX_REMOTE=daemon" in steps
+    assert not re.search(r"chown[^\n]*/nix\b", steps)
+    assert "chmod 0700 /var/lib/reconciler /var/lib/reconciler/gnupg" in steps
+    # The nix-daemon from the same image: build users, the production nix.conf, and an
+    # entry point that does not inherit the reconciler's NIX_REMOTE.
+    assert "install -m 0644 deploy/nix/nix.conf /etc/nix/nix.conf" in steps
+    assert "--gid nixbld" in steps and '"nixbld$n"' in steps
+    assert "deploy/container/reconciler-nix-daemon /usr/local/sbin/reconciler-nix-daemon" in steps
+    entry = (DEPLOY / "container/reconciler-nix-daemon").read_text()
+    assert os.access(DEPLOY / "container/reconciler-nix-daemon", os.X_OK)
+    assert re.search(r"^unset NIX_REMOTE$", entry, re.M) and re.search(
+        r'^exec nix-daemon "\$@"$', entry, re.M
+    )
 
 
 # -- a real Prometheus scraping a real daemon ----------------------------------------
@@ -750,13 +1047,16 @@ def test_helm_chart_lints_and_renders(helm: Path, tmp_path: Path) -> None:
     pod = spec["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
     # No fsGroup (its set-group-ID directories break Nix builds): an init container hands
-    # the volume roots to the daemon's user, as root with CHOWN and FOWNER only.
+    # the state volume's root to the daemon's user, 0700, as root with CHOWN and FOWNER only.
     assert "fsGroup" not in pod["securityContext"]
-    perms = next(c for c in pod["initContainers"] if c["name"] == "volume-permissions")
+    inits = {c["name"]: c for c in pod["initContainers"]}
+    perms = inits["volume-permissions"]
     assert perms["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN", "FOWNER"]}
-    assert {m["mountPath"] for m in perms["volumeMounts"]} == {"/nix", "/var/lib/reconciler"}
+    assert {m["mountPath"] for m in perms["volumeMounts"]} == {"/var/lib/reconciler"}
+    assert 'chmod u=rwx,go=,g-s "$d"' in perms["command"][-1]
     for c in pod["containers"]:
         assert c["securityContext"].get("runAsNonRoot", True) is not False, c["name"]
+        assert c["securityContext"].get("privileged", False) is False, c["name"]
     main = next(c for c in pod["containers"] if c["name"] == "reconciler")
     assert main["args"] == ["run", "-c", "/etc/reconciler/reconciler.yaml"]
     assert main["securityContext"]["allowPrivilegeEscalation"] is False
@@ -767,6 +1067,32 @@ def test_helm_chart_lints_and_renders(helm: Path, tmp_path: Path) -> None:
     assert mounts["nix"] == "/nix"
     port = next(p["containerPort"] for p in main["ports"] if p["name"] == "metrics")
 
+    # Builds: the nix-daemon, a native sidecar from the same image, root and privileged
+    # for the sandbox, owning /nix; the reconciler reaches it over a socket in a volume
+    # the two share, and has /nix read-only. The gpg home and the key stay out of it.
+    nixd = inits["nix-daemon"]
+    assert list(inits).index("nix-daemon") < list(inits).index("import-signing-key")
+    assert nixd["restartPolicy"] == "Always" and nixd["image"] == main["image"]
+    assert nixd["command"] == ["reconciler-nix-daemon"]
+    assert nixd["securityContext"]["privileged"] is True and nixd["securityContext"]["runAsUser"] == 0
+    assert nixd["securityContext"]["runAsNonRoot"] is False
+    daemon_mounts = {m["name"]: m for m in nixd["volumeMounts"]}
+    main_mounts = {m["name"]: m for m in main["volumeMounts"]}
+    assert daemon_mounts["nix"]["mountPath"] == "/nix" and not daemon_mounts["nix"].get("readOnly")
+    assert main_mounts["nix"]["readOnly"] is True
+    assert daemon_mounts["state"]["readOnly"] is True  # the GC follows the reconciler's root links
+    assert not {"run", "signing", "config"} & set(daemon_mounts)
+    env = {e["name"]: e.get("value") for e in main["env"]}
+    daemon_env = {e["name"]: e.get("value") for e in nixd["env"]}
+    assert env["NIX_REMOTE"] == "daemon"
+    socket_path = Path(env["NIX_DAEMON_SOCKET_PATH"])
+    assert daemon_env["NIX_DAEMON_SOCKET_PATH"] == str(socket_path)
+    shared = [n for n, m in main_mounts.items() if m["mountPath"] == str(socket_path.parent)]
+    assert shared and daemon_mounts[shared[0]]["mountPath"] == str(socket_path.parent)
+    assert str(socket_path) in nixd["startupProbe"]["exec"]["command"]
+    kube_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["kubeVersion"]
+    assert kube_version == ">=1.29.0-0"  # native sidecars
+
     # reconciler.yaml from the ConfigMap loads with the daemon's own loader.
     cm = next(d for d in docs if d["kind"] == "ConfigMap")
     cfg_file = tmp_path / "reconciler.yaml"
@@ -775,6 +1101,7 @@ def test_helm_chart_lints_and_renders(helm: Path, tmp_path: Path) -> None:
     assert cfg.listen == f"0.0.0.0:{port}"
     assert cfg.state_dir == Path(mounts["state"])
     assert cfg.signing.gnupghome.is_relative_to(mounts["run"])
+    assert "chmod 0700" in inits["import-signing-key"]["command"][-1]
     assert cfg.store.path is not None and cfg.store.path.is_relative_to(cfg.state_dir)
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["config"]["configMap"]["name"] == cm["metadata"]["name"]

@@ -54,6 +54,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "reconciler.stateDir" -}}/var/lib/reconciler{{- end }}
 {{- define "reconciler.gnupgHome" -}}/run/reconciler/gnupg{{- end }}
 {{- define "reconciler.signingDir" -}}/etc/reconciler-signing{{- end }}
+{{/* The nix-daemon's socket, in an emptyDir only the reconciler and nix-daemon containers mount. */}}
+{{- define "reconciler.nixDaemonSocketDir" -}}/run/nix-daemon{{- end }}
 
 {{/* reconciler.yaml */}}
 {{- define "reconciler.config" -}}
