@@ -97,6 +97,8 @@ class FakeNix:
         self.workdir = workdir
         self.sandboxed = True
         self.builds: list[tuple[str, int]] = []
+        self.instantiated: list[tuple[str, int]] = []
+        self._drvs: dict[str, tuple[Host, int]] = {}
         self.evaluated: list[str] = []
         self.failing: set[str] = set()  # hosts whose build fails
         self.broken: set[str] = set()  # hosts whose evaluation fails
@@ -113,11 +115,17 @@ class FakeNix:
         errors = {h.name: "error: undefined variable 'oops'" for h in hosts if h.name in self.broken}
         return Evaluation(images=images, errors=errors)
 
-    def build(self, host: Host, version: int, repo: Path, root: str) -> BuildOutput:
+    def instantiate(self, host: Host, version: int, repo: Path) -> str:
+        self.instantiated.append((host.name, version))
+        drv = f"/nix/store/{digest(self.image(host), version)[:32]}-host-{host.name}-{version}.drv"
+        self._drvs[drv] = (host, version)
+        return drv
+
+    def realise(self, host: Host, drv: str, repo: Path, root: str) -> BuildOutput:
+        _, version = self._drvs[drv]
         self.builds.append((host.name, version))
         if host.name in self.failing:
             raise BuildError(host.name, "builder failed with exit code 1")
-        drv = f"/nix/store/{digest(self.image(host), version)[:32]}-host-{host.name}-{version}.drv"
         out = self.workdir / digest(drv)[:16]
         out.mkdir(parents=True, exist_ok=True)
         files = {}

@@ -285,15 +285,11 @@ class Nix:
             return False, redact(proc.stderr, self.redaction(repo))
         return True, proc.stdout
 
-    def build(self, host: Host, version: int, repo: Path, root: str) -> BuildOutput:
-        """Build one host's release artifacts; the output is kept as the GC root
-        ``root`` (the pass's per host, another for ``reconciler build``)."""
+    def instantiate(self, host: Host, version: int, repo: Path) -> str:
+        """The derivation of ``host``'s release artifacts as ``version``; builds nothing."""
         self.ensure_toolchain()
-        self.gcroots.mkdir(parents=True, exist_ok=True)
         fleet_file = self.write_fleet([host])
         attr = f'hosts."{host.name}".artifacts'
-        gcroot = self.gcroots / root
-        how = self.redaction(repo)
         try:
             inst = self._run(
                 [
@@ -312,15 +308,29 @@ class Nix:
         finally:
             fleet_file.unlink(missing_ok=True)
         if inst.returncode != 0:
-            raise BuildError(host.name, f"evaluation failed: {redact(inst.stderr, how)}")
-        drv = inst.stdout.strip().splitlines()[-1]
+            raise BuildError(host.name, f"evaluation failed: {redact(inst.stderr, self.redaction(repo))}")
+        return inst.stdout.strip().splitlines()[-1]
+
+    def realise(self, host: Host, drv: str, repo: Path, root: str) -> BuildOutput:
+        """Build ``drv`` (from :meth:`instantiate`); the output is kept as the GC root
+        ``root`` (the pass's per host, another for ``reconciler build``)."""
+        self.gcroots.mkdir(parents=True, exist_ok=True)
         real = self._run(
-            ["nix-store", "--realise", drv, "--add-root", str(gcroot), "--indirect", *self._build_options()],
+            [
+                "nix-store",
+                "--realise",
+                drv,
+                "--add-root",
+                str(self.gcroots / root),
+                "--indirect",
+                *self._build_options(),
+            ],
             self.settings.build_timeout.total_seconds() + EXIT_GRACE,
             "the build",
             host.name,
         )
         if real.returncode != 0:
+            how = self.redaction(repo)
             raise BuildError(host.name, redact(real.stderr, how, unsandboxed_build=not self.sandboxed))
         self._check_size(host.name, drv)
         out = Path(real.stdout.strip().splitlines()[-1])

@@ -25,6 +25,7 @@ from reconciler.core.hosts import Fleet, Host, ParseCache, eval_key, parse_fleet
 from reconciler.core.model import Action, BuildOutput, Evaluation, Status
 from reconciler.core.plan import HostPlan, Plan, make_plan, retry_delay
 from reconciler.core.release import Artifact, Release, latest_path, new_release, parse_release, release_path
+from reconciler.core.versions import MAX_TAKEN, Adopt, Decision, Taken, decide, first_candidate
 from reconciler.daemon.gate import CommitRefusedError
 from reconciler.daemon.gc import collect
 from reconciler.daemon.metrics import Metrics
@@ -46,8 +47,6 @@ PUBLISHER_KEY = "keys/publisher.asc"
 SOURCE_ERROR_KEY = "source_error"
 # Whether builds run in Nix's sandbox, as the last probe found: "on" or "off".
 SANDBOX_KEY = "sandbox"
-# How many taken version numbers to skip over before giving up on a host.
-VERSION_PROBES = 5
 
 
 @dataclass(frozen=True)
@@ -360,35 +359,40 @@ class Reconciler:
             "host_failed", logging.ERROR, host=host, error=error, failures=failures, retry_in=round(delay)
         )
 
-    def first_version(self, host: str) -> int:
-        """The version number to try first for ``host``'s next release.
+    def _in_store(self, host: str, version: int | None = None) -> Release | None:
+        """``host``'s release ``version`` in the store (its latest.json without one);
+        None if there is none or it cannot be read (logged)."""
+        key = latest_path(host) if version is None else release_path(host, version)
+        data = self.store.get_bytes(key)
+        if data is None:
+            return None
+        try:
+            return parse_release(data, key)
+        except VerificationError as exc:
+            if version is not None:
+                raise
+            log.event("latest_unreadable", logging.WARNING, host=host, error=str(exc))
+            return None
 
-        Normally one past what the state recorded. When the store is ahead (a pass
-        died after writing ``latest.json`` but before recording it, or the state
-        directory was lost), the store's newest version comes first: if it holds
-        this very build it is adopted instead of published again.
-        """
+    def first_version(self, host: str) -> int:
+        """The version number to try first for ``host``'s next release (core.versions)."""
         hs = self.state.hosts().get(host)
-        recorded = hs.version if hs is not None else 0
-        latest = self.store.get_bytes(latest_path(host))
-        if latest is not None:
-            try:
-                in_store = parse_release(latest, latest_path(host)).version
-            except VerificationError as exc:
-                log.event("latest_unreadable", logging.WARNING, host=host, error=str(exc))
-            else:
-                if in_store > recorded:
-                    return in_store
-        return recorded + 1
+        latest = self._in_store(host)
+        return first_candidate(hs.version if hs is not None else 0, latest.version if latest else None)
 
     def build(self, host: Host, version: int, gcroot: str | None = None) -> BuildOutput:
         """Build ``host`` as ``version``, kept from Nix's garbage collection under the
         root ``gcroot`` (default: the host's, which the published build holds)."""
+        return self._realise(
+            host, self.nix.instantiate(host, version, self.source.checkout), gcroot or host.name
+        )
+
+    def _realise(self, host: Host, drv: str, gcroot: str) -> BuildOutput:
         self.check_sandbox()
         started = self.clock.monotonic()
         try:
             with self.metrics.stage_duration.labels("build").time():
-                out = self.nix.build(host, version, self.source.checkout, gcroot or host.name)
+                out = self.nix.realise(host, drv, self.source.checkout, gcroot)
         except BuildError:
             self.metrics.host_builds.labels("failure").inc()
             raise
@@ -396,17 +400,28 @@ class Reconciler:
         self.metrics.build_duration.observe(self.clock.monotonic() - started)
         return out
 
-    def _build_and_publish(self, host: Host, entry: HostPlan, commit: str) -> Release:
+    def _decide(self, host: Host) -> tuple[Decision, str]:
+        """The version decision for ``host`` and the derivation it is for: only
+        instantiations, one per taken version; nothing is built."""
         version = self.first_version(host.name)
-        for _ in range(VERSION_PROBES):
-            log.event("host_build", host=host.name, version=version, reasons="; ".join(entry.reasons))
-            out = self.build(host, version)
-            release = self._release_for(host, version, out, commit)
-            if release is not None:
-                break
+        for _ in range(MAX_TAKEN):
+            drv = self.nix.instantiate(host, version, self.source.checkout)
+            decision = decide(version, self._in_store(host.name, version), drv)
+            if not isinstance(decision, Taken):
+                return decision, drv
             version += 1
-        else:
-            raise BuildError(host.name, f"versions up to {version} are taken by other releases")
+        raise BuildError(host.name, f"versions up to {version - 1} are taken by other releases")
+
+    def _build_and_publish(self, host: Host, entry: HostPlan, commit: str) -> Release:
+        decision, drv = self._decide(host)
+        version = decision.release.version if isinstance(decision, Adopt) else decision.version
+        log.event("host_build", host=host.name, version=version, reasons="; ".join(entry.reasons))
+        # An adopted release is built too: its artifacts are what publish() reads if a
+        # blob is missing, and Nix finds the build it kept under the host's root.
+        out = self._realise(host, drv, host.name)
+        release = (
+            decision.release if isinstance(decision, Adopt) else self._new_release(host, version, out, commit)
+        )
         signing = self.metrics.stage_duration.labels("sign")
 
         def sign_file(path: Path) -> bytes:
@@ -445,14 +460,7 @@ class Reconciler:
             self.store.put_bytes(PUBLISHER_KEY, key)
         self._key_published = True
 
-    def _release_for(self, host: Host, version: int, out: BuildOutput, commit: str) -> Release | None:
-        """The release to publish as ``version``: a new one, or the one a crashed pass
-        already wrote for this very build. None if the version is taken by another."""
-        key = release_path(host.name, version)
-        existing = self.store.get_bytes(key)
-        if existing is not None:
-            prev = parse_release(existing, key)
-            return prev if prev.derivation == out.derivation else None
+    def _new_release(self, host: Host, version: int, out: BuildOutput, commit: str) -> Release:
         artifacts = tuple(
             Artifact(format=fmt, name=path.name, size=path.stat().st_size, sha256=sha256_file(path))
             for fmt, path in sorted(out.files.items())

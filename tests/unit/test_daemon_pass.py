@@ -132,8 +132,12 @@ def test_a_version_taken_by_another_build_is_skipped(world: World) -> None:
     world.store.objects[release_path("web-1", 2)] = json.dumps(doc).encode()
     world.store.objects[latest_path("web-1")] = json.dumps(doc).encode()
     world.source.push({**FLEET, "hosts/web-1.yaml": HOST.format(name="web-1", address="10.0.0.7/24")})
+    builds = len(world.nix.builds)
     assert outcomes(world.reconciler()) == {"web-1": (True, 3)}
     assert world.latest("web-1")["version"] == 3
+    # Version 2 was only instantiated to find it taken: one build, as version 3.
+    assert world.nix.builds[builds:] == [("web-1", 3)]
+    assert ("web-1", 2) in world.nix.instantiated
 
 
 def test_a_full_disk_fails_the_hosts_and_leaves_no_pointer_to_anything_missing(world: World) -> None:
