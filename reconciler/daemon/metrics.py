@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from collections.abc import Iterator
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from reconciler.core.model import Status
 from reconciler.daemon.gate import Refusal
+from reconciler.ports import Ledger
 
 # Builds of real hosts take seconds to minutes; reconciles of an unchanged fleet
 # take well under a second.
@@ -16,6 +22,30 @@ LATENCY_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 864
 # fetch, parse and evaluate happen once per pass; build, sign and publish once per
 # host release (publish includes the signing it waits for).
 STAGES = ("fetch", "parse", "evaluate", "build", "sign", "publish")
+
+
+class LedgerCollector(Collector):
+    """Per-host figures read from the ledger when Prometheus scrapes (client_python's
+    custom collector), so /metrics says what the ledger says, however a pass ended."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self._ledger = ledger
+
+    def collect(self) -> Iterator[Metric]:
+        version = GaugeMetricFamily(
+            "reconciler_host_published_version", "Published release version per host.", labels=["host"]
+        )
+        invalid = 0
+        for name, hs in sorted(self._ledger.hosts().items()):
+            if hs.version and hs.status != Status.REMOVED:
+                version.add_metric([name], hs.version)
+            invalid += hs.status == Status.INVALID
+        yield version
+        yield GaugeMetricFamily(
+            "reconciler_invalid_hosts",
+            "Host definitions that failed validation or evaluation.",
+            value=invalid,
+        )
 
 
 class Metrics:
@@ -72,17 +102,11 @@ class Metrics:
         self.build_queue_depth = Gauge(
             "reconciler_build_queue_depth", "Host builds waiting or running.", registry=r
         )
-        self.host_version = Gauge(
-            "reconciler_host_published_version", "Published release version per host.", ["host"], registry=r
-        )
         self.build_sandbox = Gauge(
             "reconciler_build_sandbox",
             "1 when a probe build found Nix building in its sandbox, 0 when builds run unsandboxed"
             " (allowed only by nix.sandbox: false).",
             registry=r,
-        )
-        self.invalid_hosts = Gauge(
-            "reconciler_invalid_hosts", "Host definitions that failed validation or evaluation.", registry=r
         )
         self.stage_duration = Histogram(
             "reconciler_stage_duration_seconds",
@@ -110,3 +134,7 @@ class Metrics:
             self.artifacts_published.labels(fmt)
         for reason in Refusal:
             self.untrusted_commits.labels(reason)
+
+    def watch(self, ledger: Ledger) -> None:
+        """Serve the ledger's per-host figures (LedgerCollector) from now on."""
+        self.registry.register(LedgerCollector(ledger))

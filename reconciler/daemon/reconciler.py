@@ -106,9 +106,7 @@ class Reconciler:
         self._last_gc = self.clock.monotonic()
         self._key_published = False
         self._store_recovered = False
-        for name, hs in self.state.hosts().items():
-            if hs.version and hs.status != Status.REMOVED:
-                self.metrics.host_version.labels(name).set(hs.version)
+        self.metrics.watch(self.state)
 
     @property
     def signer(self) -> Signer:
@@ -305,18 +303,15 @@ class Reconciler:
             rebuild=len(plan.with_action(Action.REBUILD)),
         )
         states = self.state.hosts()
-        self.metrics.invalid_hosts.set(len(plan.with_action(Action.INVALID)))
         for entry in plan.entries:
             if entry.action == Action.INVALID:
                 self.state.record_failure(entry.host, Status.INVALID, entry.reasons[0])
             elif entry.action == Action.REMOVED:
                 self.state.record_failure(entry.host, Status.REMOVED, entry.reasons[0])
-                self.metrics.host_version.remove(entry.host)
                 log.event("host_removed", host=entry.host)
             elif entry.action == Action.UNCHANGED and states[entry.host].status != Status.PUBLISHED:
                 hs = states[entry.host]
                 self.state.record_published(entry.host, hs.version, hs.image or "", hs.commit or obs.commit)
-                self.metrics.host_version.labels(entry.host).set(hs.version)
         todo = plan.with_action(Action.REBUILD)
         self.metrics.build_queue_depth.set(len(todo))
         with ThreadPoolExecutor(max_workers=self.cfg.jobs, thread_name_prefix="build") as pool:
@@ -336,7 +331,6 @@ class Reconciler:
             self.metrics.build_queue_depth.dec()
         assert entry.image is not None
         self.state.record_published(host.name, release.version, entry.image, obs.commit)
-        self.metrics.host_version.labels(host.name).set(release.version)
         self.metrics.commit_to_published.observe(max(0.0, self.clock.now() - obs.commit_time))
         log.event(
             "host_published",

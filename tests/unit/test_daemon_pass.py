@@ -246,3 +246,28 @@ def test_an_unsandboxed_nix_is_refused_unless_the_config_opts_out(world: World) 
     rec.cfg = replace(rec.cfg, nix=NixConfig(sandbox=False))
     assert outcomes(rec) == {"web-1": (True, 1), "web-2": (True, 1)}
     assert rec.metrics.registry.get_sample_value("reconciler_build_sandbox") == 0
+
+
+def test_metrics_say_what_the_ledger_says_when_scraped(world: World) -> None:
+    world.source.push(FLEET)
+    rec = world.reconciler()
+    rec.reconcile()
+    sample = rec.metrics.registry.get_sample_value
+    assert sample("reconciler_host_published_version", {"host": "web-1"}) == 1
+    assert sample("reconciler_invalid_hosts") == 0
+    # A restart serves what was recorded before any pass of its own.
+    assert (
+        world.reconciler().metrics.registry.get_sample_value(
+            "reconciler_host_published_version", {"host": "web-2"}
+        )
+        == 1
+    )
+    world.source.push({"hosts/web-1.yaml": FLEET["hosts/web-1.yaml"], "hosts/web-2.yaml": "name: [web-2]\n"})
+    rec.reconcile()
+    assert sample("reconciler_invalid_hosts") == 1
+    world.source.push({"hosts/web-1.yaml": FLEET["hosts/web-1.yaml"]})
+    rec.reconcile()
+    # A removed host's series is gone, the others stay.
+    assert sample("reconciler_host_published_version", {"host": "web-2"}) is None
+    assert sample("reconciler_host_published_version", {"host": "web-1"}) == 1
+    assert sample("reconciler_invalid_hosts") == 0
