@@ -60,10 +60,16 @@ class Observation:
 
 @dataclass(frozen=True)
 class HostOutcome:
+    """What acting on one host came to; recorded with the rest of the pass in
+    Reconciler._record."""
+
     host: str
     ok: bool
+    image: str  # the image derivation acted on
     version: int | None = None
     error: str | None = None
+    artifacts: tuple[str, ...] = ()
+    published_at: float | None = None  # unix time
 
 
 @dataclass(frozen=True)
@@ -302,6 +308,35 @@ class Reconciler:
             hosts=len(obs.fleet.hosts),
             rebuild=len(plan.with_action(Action.REBUILD)),
         )
+        todo = plan.with_action(Action.REBUILD)
+        self.metrics.build_queue_depth.set(len(todo))
+        with ThreadPoolExecutor(max_workers=self.cfg.jobs, thread_name_prefix="build") as pool:
+            outcomes = tuple(pool.map(lambda e: self._act(e, obs), todo))
+        self._record(obs, plan, outcomes)
+        return ReconcileResult(plan, outcomes)
+
+    def _act(self, entry: HostPlan, obs: Observation) -> HostOutcome:
+        """Build, sign and publish one host; what came of it is recorded later, with
+        the rest of the pass (a crash before that is met by adoption next pass)."""
+        host = obs.fleet.hosts[entry.host]
+        assert entry.image is not None
+        try:
+            release = self._build_and_publish(host, entry, obs.commit)
+        except ReconcilerError as exc:
+            return HostOutcome(host.name, ok=False, image=entry.image, error=str(exc))
+        finally:
+            self.metrics.build_queue_depth.dec()
+        return HostOutcome(
+            host.name,
+            ok=True,
+            image=entry.image,
+            version=release.version,
+            artifacts=tuple(a.name for a in release.artifacts),
+            published_at=self.clock.now(),
+        )
+
+    def _record(self, obs: Observation, plan: Plan, outcomes: tuple[HostOutcome, ...]) -> None:
+        """Summarize the pass: the ledger, the logs and the per-host metrics, in one place."""
         states = self.state.hosts()
         for entry in plan.entries:
             if entry.action == Action.INVALID:
@@ -312,46 +347,36 @@ class Reconciler:
             elif entry.action == Action.UNCHANGED and states[entry.host].status != Status.PUBLISHED:
                 hs = states[entry.host]
                 self.state.record_published(entry.host, hs.version, hs.image or "", hs.commit or obs.commit)
-        todo = plan.with_action(Action.REBUILD)
-        self.metrics.build_queue_depth.set(len(todo))
-        with ThreadPoolExecutor(max_workers=self.cfg.jobs, thread_name_prefix="build") as pool:
-            outcomes = tuple(pool.map(lambda e: self._act(e, obs), todo))
+        retry = self.cfg.retry
+        for o in outcomes:
+            if o.ok:
+                assert o.version is not None and o.published_at is not None
+                self.state.record_published(o.host, o.version, o.image, obs.commit)
+                self.metrics.commit_to_published.observe(max(0.0, o.published_at - obs.commit_time))
+                log.event(
+                    "host_published",
+                    host=o.host,
+                    version=o.version,
+                    commit=obs.commit,
+                    artifacts=",".join(o.artifacts),
+                )
+                continue
+            prev = states.get(o.host)
+            failures = prev.failures + 1 if prev is not None and prev.failed_image == o.image else 1
+            delay = retry_delay(failures, retry.initial.total_seconds(), retry.max.total_seconds())
+            self.state.record_build_failure(
+                o.host, o.error or "", o.image, failures, self.clock.now() + delay
+            )
+            log.event(
+                "host_failed",
+                logging.ERROR,
+                host=o.host,
+                error=o.error,
+                failures=failures,
+                retry_in=round(delay),
+            )
         self.state.set_meta(COMMIT_KEY, obs.commit)
         self.metrics.source.info({"commit": obs.commit, "branch": self.cfg.repo.branch})
-        return ReconcileResult(plan, outcomes)
-
-    def _act(self, entry: HostPlan, obs: Observation) -> HostOutcome:
-        host = obs.fleet.hosts[entry.host]
-        try:
-            release = self._build_and_publish(host, entry, obs.commit)
-        except ReconcilerError as exc:
-            self._record_failure(host.name, entry, str(exc))
-            return HostOutcome(host.name, ok=False, error=str(exc))
-        finally:
-            self.metrics.build_queue_depth.dec()
-        assert entry.image is not None
-        self.state.record_published(host.name, release.version, entry.image, obs.commit)
-        self.metrics.commit_to_published.observe(max(0.0, self.clock.now() - obs.commit_time))
-        log.event(
-            "host_published",
-            host=host.name,
-            version=release.version,
-            commit=obs.commit,
-            artifacts=",".join(a.name for a in release.artifacts),
-        )
-        return HostOutcome(host.name, ok=True, version=release.version)
-
-    def _record_failure(self, host: str, entry: HostPlan, error: str) -> None:
-        assert entry.image is not None
-        prev = self.state.hosts().get(host)
-        failures = prev.failures + 1 if prev is not None and prev.failed_image == entry.image else 1
-        delay = retry_delay(
-            failures, self.cfg.retry.initial.total_seconds(), self.cfg.retry.max.total_seconds()
-        )
-        self.state.record_build_failure(host, error, entry.image, failures, self.clock.now() + delay)
-        log.event(
-            "host_failed", logging.ERROR, host=host, error=error, failures=failures, retry_in=round(delay)
-        )
 
     def _in_store(self, host: str, version: int | None = None) -> Release | None:
         """``host``'s release ``version`` in the store (its latest.json without one);
