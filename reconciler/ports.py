@@ -8,6 +8,7 @@ the unit tests in-memory fakes (tests/fakes.py).
 from __future__ import annotations
 
 import builtins
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +93,10 @@ class Ledger(Protocol):
     version and last outcome, and the evaluation cache."""
 
     def close(self) -> None: ...
+    def transaction(self) -> contextlib.AbstractContextManager[None]:
+        """Writes inside are committed together, or not at all."""
+        ...
+
     def get_meta(self, key: str) -> str | None: ...
     def set_meta(self, key: str, value: str) -> None: ...
     def hosts(self) -> Mapping[str, HostState]: ...

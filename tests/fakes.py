@@ -7,9 +7,10 @@ can say what a pass did without git, Nix, gpg, a store or sqlite.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -215,6 +216,15 @@ class MemoryLedger:
 
     def close(self) -> None:
         pass
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        saved = (dict(self.meta), dict(self.states), dict(self.evaluations))
+        try:
+            yield
+        except BaseException:
+            self.meta, self.states, self.evaluations = saved
+            raise
 
     def get_meta(self, key: str) -> str | None:
         return self.meta.get(key)

@@ -7,10 +7,11 @@ the outcome of the last attempt.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from reconciler.core.model import HostState, Status
@@ -77,6 +78,21 @@ class State:
 
     def close(self) -> None:
         self._db.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """What is written inside is committed together when the block ends, or not at
+        all if it raises (or the process dies meanwhile)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            with self._lock:
+                self._db.execute("ROLLBACK")
+            raise
+        with self._lock:
+            self._db.execute("COMMIT")
 
     def get_meta(self, key: str) -> str | None:
         with self._lock:

@@ -336,7 +336,13 @@ class Reconciler:
         )
 
     def _record(self, obs: Observation, plan: Plan, outcomes: tuple[HostOutcome, ...]) -> None:
-        """Summarize the pass: the ledger, the logs and the per-host metrics, in one place."""
+        """Summarize the pass: the ledger (in one transaction), the logs and the
+        per-host metrics, in one place."""
+        with self.state.transaction():
+            self._apply(obs, plan, outcomes)
+        self.metrics.source.info({"commit": obs.commit, "branch": self.cfg.repo.branch})
+
+    def _apply(self, obs: Observation, plan: Plan, outcomes: tuple[HostOutcome, ...]) -> None:
         states = self.state.hosts()
         for entry in plan.entries:
             if entry.action == Action.INVALID:
@@ -376,7 +382,6 @@ class Reconciler:
                 retry_in=round(delay),
             )
         self.state.set_meta(COMMIT_KEY, obs.commit)
-        self.metrics.source.info({"commit": obs.commit, "branch": self.cfg.repo.branch})
 
     def _in_store(self, host: str, version: int | None = None) -> Release | None:
         """``host``'s release ``version`` in the store (its latest.json without one);

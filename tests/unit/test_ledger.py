@@ -1,0 +1,45 @@
+"""The sqlite ledger (reconciler.adapters.ledger): transactions and the read-only copy."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from reconciler.adapters.ledger import State
+from reconciler.core.model import Status
+
+
+def test_a_transaction_commits_all_or_nothing(tmp_path: Path) -> None:
+    ledger = State(tmp_path)
+    with pytest.raises(RuntimeError), ledger.transaction():
+        ledger.record_published("web-1", 1, "/nix/store/x-image.drv", "c" * 40)
+        ledger.set_meta("commit", "c" * 40)
+        raise RuntimeError("the process dies here")
+    assert ledger.hosts() == {} and ledger.get_meta("commit") is None
+    with ledger.transaction():
+        ledger.record_published("web-1", 1, "/nix/store/x-image.drv", "c" * 40)
+        # Another reader (the CLI's status) sees nothing until the commit.
+        assert State(tmp_path, read_only=True).hosts() == {}
+    assert State(tmp_path, read_only=True).hosts()["web-1"].status == Status.PUBLISHED
+    ledger.close()
+
+
+def test_a_read_only_ledger_reads_the_file_and_writes_nothing(tmp_path: Path) -> None:
+    missing = tmp_path / "never-reconciled"
+    assert State(missing, read_only=True).hosts() == {}
+    assert not missing.exists()
+
+    ledger = State(tmp_path)
+    ledger.set_meta("commit", "a" * 40)
+    ledger.close()
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in tmp_path.iterdir()}
+    copy = State(tmp_path, read_only=True)
+    assert copy.get_meta("commit") == "a" * 40
+    copy.set_meta("commit", "b" * 40)
+    copy.record_failure("web-1", Status.INVALID, "bad")
+    copy.close()
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in tmp_path.iterdir()} == before
+    assert State(tmp_path, read_only=True).get_meta("commit") == "a" * 40
+    assert sorted(os.listdir(tmp_path)) == ["state.db"]
