@@ -12,8 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from reconciler.core.gc import needed_releases, plan_gc
 from reconciler.core.release import Artifact, Release, blob_path, latest_path, new_release, release_path
-from reconciler.daemon.gc import collect, needed_releases, plan_gc
+from reconciler.daemon.gc import collect
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 SHAS = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(8)]
