@@ -41,7 +41,8 @@ from reconciler.adapters.gpg import Verifier
 from reconciler.adapters.http import Server
 from reconciler.config import parse_duration, read_yaml
 from reconciler.core.hosts import FORMATS, NAME_RE, check_keys
-from reconciler.core.release import Release, latest_path, parse_release, release_path
+from reconciler.core.layout import latest_path, release_path
+from reconciler.core.release import Release, parse_release
 from reconciler.errors import ConfigError, FetchError, ReconcilerError, VerificationError
 from reconciler.verify import METADATA_LIMIT, SIGNATURE_LIMIT, read_keys, verify_blob
 

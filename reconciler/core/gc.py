@@ -17,16 +17,13 @@ progress and is never touched.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from reconciler.core.release import Release, release_path
+from reconciler.core.layout import BlobKey, LatestKey, ReleaseKey, parse_key, release_path
+from reconciler.core.release import Release
 
 DEFAULT_KEEP = 10
-RELEASE_RE = re.compile(r"^hosts/([^/]+)/releases/([1-9][0-9]{0,17})\.json(\.asc)?$")
-LATEST_RE = re.compile(r"^hosts/([^/]+)/latest\.json$")
-BLOB_RE = re.compile(r"^blobs/sha256/([0-9a-f]{64})(\.asc)?$")
 
 
 @dataclass
@@ -48,13 +45,13 @@ class _Layout:
 def _layout(listing: Iterable[str]) -> _Layout:
     out = _Layout()
     for key in listing:
-        if m := RELEASE_RE.fullmatch(key):
-            host = out.hosts.setdefault(m.group(1), _Host())
-            host.versions.setdefault(int(m.group(2)), []).append(key)
-        elif m := LATEST_RE.fullmatch(key):
-            out.hosts.setdefault(m.group(1), _Host()).latest = key
-        elif m := BLOB_RE.fullmatch(key):
-            out.blobs.setdefault(m.group(1), []).append(key)
+        match parse_key(key):
+            case ReleaseKey(host=name, version=version):
+                out.hosts.setdefault(name, _Host()).versions.setdefault(version, []).append(key)
+            case LatestKey(host=name, signature=False):
+                out.hosts.setdefault(name, _Host()).latest = key
+            case BlobKey(sha256=sha):
+                out.blobs.setdefault(sha, []).append(key)
     return out
 
 

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from reconciler.core.layout import blob_path
 from reconciler.errors import VerificationError
 
 SCHEMA = "reconciler.release/v1"
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")
-BLOB_PREFIX = "blobs/sha256/"
 
 
 @dataclass(frozen=True)
@@ -60,18 +60,6 @@ class Release:
 
     def artifact(self, fmt: str) -> Artifact | None:
         return next((a for a in self.artifacts if a.format == fmt), None)
-
-
-def blob_path(sha256: str) -> str:
-    return BLOB_PREFIX + sha256
-
-
-def release_path(host: str, version: int) -> str:
-    return f"hosts/{host}/releases/{version}.json"
-
-
-def latest_path(host: str) -> str:
-    return f"hosts/{host}/latest.json"
 
 
 def format_time(t: datetime) -> str:

@@ -15,7 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from reconciler.core.release import Release, latest_path, release_path
+from reconciler.core.layout import latest_path, release_path
+from reconciler.core.release import Release
 from reconciler.errors import StoreError
 from reconciler.ports import Store
 

@@ -22,9 +22,10 @@ from pathlib import Path
 from reconciler import log
 from reconciler.config import Config
 from reconciler.core.hosts import Fleet, Host, ParseCache, eval_key, parse_fleet
+from reconciler.core.layout import PUBLISHER_KEY, latest_path, release_path
 from reconciler.core.model import Action, BuildOutput, Evaluation, Status
 from reconciler.core.plan import HostPlan, Plan, make_plan, retry_delay
-from reconciler.core.release import Artifact, Release, latest_path, new_release, parse_release, release_path
+from reconciler.core.release import Artifact, Release, new_release, parse_release
 from reconciler.core.versions import MAX_TAKEN, Adopt, Decision, Taken, decide, first_candidate
 from reconciler.daemon.gate import CommitRefusedError
 from reconciler.daemon.gc import collect
@@ -42,7 +43,6 @@ from reconciler.errors import (
 from reconciler.ports import Ledger, Ports, Signer
 
 COMMIT_KEY = "commit"
-PUBLISHER_KEY = "keys/publisher.asc"
 # Why the newest commit was not built (refused by the commit gate), or empty.
 SOURCE_ERROR_KEY = "source_error"
 # Whether builds run in Nix's sandbox, as the last probe found: "on" or "off".

@@ -36,15 +36,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 from reconciler.adapters.gpg import Signer
 from reconciler.adapters.store import FilesystemStore, S3Credentials, S3Store
 from reconciler.config import load_config
-from reconciler.core.release import (
-    Artifact,
-    Release,
-    blob_path,
-    latest_path,
-    new_release,
-    parse_release,
-    release_path,
-)
+from reconciler.core.layout import blob_path, latest_path, release_path
+from reconciler.core.release import Artifact, Release, new_release, parse_release
 from reconciler.daemon.gc import collect
 from reconciler.daemon.publish import publish
 from reconciler.errors import StoreError

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from reconciler.config import Config, NixConfig, RepoConfig, RetentionConfig, SigningConfig, StoreConfig
+from reconciler.core.layout import latest_path, release_path
 from reconciler.core.model import Action, Status
-from reconciler.core.release import latest_path, release_path
 from reconciler.daemon.gate import CommitRefusedError, Gate
 from reconciler.daemon.reconciler import COMMIT_KEY, SOURCE_ERROR_KEY, Reconciler
 from reconciler.errors import ConfigError

@@ -11,17 +11,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from reconciler.core.layout import blob_path, latest_path, release_path
 from reconciler.core.release import (
     SCHEMA,
     Artifact,
     Release,
-    blob_path,
     format_time,
-    latest_path,
     new_release,
     parse_release,
     parse_time,
-    release_path,
 )
 from reconciler.errors import VerificationError
 

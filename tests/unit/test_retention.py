@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reconciler.core.gc import needed_releases, plan_gc
-from reconciler.core.release import Artifact, Release, blob_path, latest_path, new_release, release_path
+from reconciler.core.layout import blob_path, latest_path, release_path
+from reconciler.core.release import Artifact, Release, new_release
 from reconciler.daemon.gc import collect
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
