@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from reconciler.adapters.gpg import Signer  # noqa: E402
-from reconciler.agent import Agent, load_agent_config  # noqa: E402
+from reconciler.agent.config import load_agent_config  # noqa: E402
+from reconciler.agent.updater import Agent  # noqa: E402
 from reconciler.config import load_config  # noqa: E402
 from reconciler.daemon.reconciler import Reconciler  # noqa: E402
 from reconciler.demo import init  # noqa: E402

@@ -129,7 +129,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from reconciler.verify import verify
+    from reconciler.agent.verify import verify
 
     for line in verify([Path(k) for k in args.key], args.target):
         print(line)
@@ -151,7 +151,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    from reconciler.agent import Agent, load_agent_config
+    from reconciler.agent.config import load_agent_config
+    from reconciler.agent.updater import Agent
 
     agent = Agent(load_agent_config(Path(args.config)))
     if args.once:

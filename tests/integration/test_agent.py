@@ -20,7 +20,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -30,7 +30,9 @@ import pytest
 import yaml
 
 from reconciler import log
-from reconciler.agent import Agent, load_agent_config
+from reconciler.adapters.clock import SystemClock
+from reconciler.agent.config import load_agent_config
+from reconciler.agent.updater import Agent
 from reconciler.config import load_config
 from reconciler.core.release import parse_release
 from reconciler.daemon.reconciler import Reconciler
@@ -221,6 +223,16 @@ def running(tmp_path: Path, stores: Stores, signing: Signing) -> Iterator[Runnin
     assert page(stores.port) is None, "the app outlived the agent"
 
 
+class Later(SystemClock):
+    """The system clock, but its wall time is ``at``."""
+
+    def __init__(self, at: datetime) -> None:
+        self.at = at
+
+    def now(self) -> datetime:
+        return self.at
+
+
 def still_on_v1(r: Running) -> None:
     assert r.agent.state.version == 1
     assert (r.agent.current.resolve()).name == "1"
@@ -348,7 +360,7 @@ def test_replayed_old_metadata_is_refused(running: Running, stores: Stores, even
 def test_expired_metadata_is_refused(running: Running, stores: Stores, events: io.StringIO) -> None:
     running.serve(stores.v2)
     expires = parse_release((stores.v2 / "hosts/web-1/releases/2.json").read_bytes(), "r").expires
-    running.agent.clock = lambda: (expires + timedelta(seconds=1)).timestamp()
+    running.agent.clock = Later(expires + timedelta(seconds=1))
     attack(running, events, "expired", "release 2 expired at")
 
 

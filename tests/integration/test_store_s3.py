@@ -35,6 +35,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from reconciler.adapters.gpg import Signer
 from reconciler.adapters.store import FilesystemStore, S3Credentials, S3Store, Store
+from reconciler.agent.verify import verify
 from reconciler.config import load_config
 from reconciler.core.release import (
     Artifact,
@@ -49,7 +50,6 @@ from reconciler.daemon.gc import collect
 from reconciler.daemon.publish import publish
 from reconciler.daemon.reconciler import Reconciler
 from reconciler.errors import StoreError
-from reconciler.verify import verify
 from tests.conftest import ConfigRepo, Signing, gpg_verify, standard_fleet, write_config
 
 if TYPE_CHECKING:
