@@ -28,10 +28,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from reconciler.adapters.gpg import Signer  # noqa: E402
-from reconciler.agent import Agent, load_agent_config  # noqa: E402
+from reconciler.agent.config import load_agent_config  # noqa: E402
 from reconciler.config import load_config  # noqa: E402
 from reconciler.demo import init  # noqa: E402
-from reconciler.wiring import open_reconciler  # noqa: E402
+from reconciler.wiring import open_agent, open_reconciler  # noqa: E402
 
 
 class Counter:
@@ -119,7 +119,7 @@ def main() -> int:
                 }
             )
         )
-        agent = Agent(load_agent_config(agent_cfg))
+        agent = open_agent(load_agent_config(agent_cfg))
         # Validators younger than two seconds are not trusted (HTTP dates have
         # one-second resolution); a real publish happened long before the poll.
         time.sleep(2.1)

@@ -135,7 +135,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from reconciler.verify import verify
+    from reconciler.agent.verify import verify
 
     for line in verify([Path(k) for k in args.key], args.target):
         print(line)
@@ -157,9 +157,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    from reconciler.agent import Agent, load_agent_config
+    from reconciler.agent.config import load_agent_config
+    from reconciler.wiring import open_agent
 
-    agent = Agent(load_agent_config(Path(args.config)))
+    agent = open_agent(load_agent_config(Path(args.config)))
     if args.once:
         if agent.app is not None:
             raise ReconcilerError(f"{args.config}: supervise: needs the long-running agent, not --once")

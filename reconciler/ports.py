@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+from types import TracebackType
 from typing import Protocol
 
+from reconciler.adapters import fetch
 from reconciler.core.hosts import Host
 from reconciler.core.model import BuildOutput, Evaluation, HostState, Status
 
@@ -110,11 +113,55 @@ class Ledger(Protocol):
 
 
 class Clock(Protocol):
-    def now(self) -> float:
-        """Unix time, seconds."""
+    """Wall time for expiry and timestamps; monotonic time for deadlines and intervals."""
+
+    def now(self) -> datetime:
+        """Timezone-aware, UTC."""
         ...
 
     def monotonic(self) -> float: ...
+    def sleep(self, seconds: float) -> None: ...
+
+
+class Fetcher(Protocol):
+    """Reads store objects by URL, each read bounded in size (reconciler.adapters.fetch)."""
+
+    def get(
+        self,
+        target: str,
+        limit: int,
+        since: fetch.Validators | None = ...,
+        timeout: float = ...,
+        count: Callable[[int], None] = ...,
+    ) -> fetch.Fetched | None:
+        """All of ``target``, at most ``limit`` bytes; None if unchanged ``since``."""
+        ...
+
+    def download(
+        self,
+        target: str,
+        dest: Path,
+        size: int,
+        timeout: float = ...,
+        count: Callable[[int], None] = ...,
+    ) -> str:
+        """``target`` into ``dest``, exactly ``size`` bytes; the sha256 of what was written."""
+        ...
+
+
+class SignatureChecker(Protocol):
+    """Detached signatures checked against the keys it was made from, and only those
+    (reconciler.adapters.gpg.Verifier)."""
+
+    def verify(self, data_path: Path, signature: bytes, what: str) -> str: ...
+
+    def verify_bytes(self, data: bytes, signature: bytes, what: str) -> str: ...
+
+    def __enter__(self) -> SignatureChecker: ...
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None, /
+    ) -> None: ...
 
 
 class Gate(Protocol):

@@ -6,30 +6,27 @@ pass (reconciler.daemon.reconciler) sees only the ports (reconciler.ports).
 
 from __future__ import annotations
 
-import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from reconciler.adapters.clock import SystemClock
+from reconciler.adapters.fetch import HttpFetcher
 from reconciler.adapters.git import GitSource, Snapshot
-from reconciler.adapters.gpg import Signer
+from reconciler.adapters.gpg import Signer, Verifier
 from reconciler.adapters.ledger import State
 from reconciler.adapters.nix import Nix
 from reconciler.adapters.store import FilesystemStore, S3Store, read_credentials
+from reconciler.agent import health
+from reconciler.agent.config import AgentConfig
+from reconciler.agent.updater import Agent
 from reconciler.config import Config, StoreConfig
 from reconciler.daemon.gate import Gate
 from reconciler.daemon.loop import Daemon
 from reconciler.daemon.metrics import Metrics
 from reconciler.daemon.reconciler import Reconciler
 from reconciler.errors import StoreError
-from reconciler.ports import Ledger, Ports, Store
-
-
-class SystemClock:
-    def now(self) -> float:
-        return time.time()
-
-    def monotonic(self) -> float:
-        return time.monotonic()
+from reconciler.ports import Ledger, Ports, SignatureChecker, Store
 
 
 def open_store(cfg: StoreConfig) -> Store:
@@ -103,3 +100,13 @@ def open_daemon(cfg: Config) -> Daemon:
 
 def open_ledger(cfg: Config, read_only: bool = False) -> Ledger:
     return State(cfg.state_dir, read_only=read_only)
+
+
+def open_agent(cfg: AgentConfig) -> Agent:
+    """The host agent with the real fetcher, clock, gpg and health probe."""
+    return Agent(cfg, fetcher=HttpFetcher(), clock=SystemClock(), checker=_gpg_checker, probe=health.probe)
+
+
+def _gpg_checker(keys: Sequence[bytes]) -> SignatureChecker:
+    """Signatures checked against the pinned ``keys`` only."""
+    return Verifier(list(keys))

@@ -12,6 +12,7 @@ import hashlib
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 from reconciler.core.hosts import Host
@@ -262,11 +263,14 @@ class FakeClock:
     def __init__(self, now: float = 1_700_000_100.0) -> None:
         self.t = now
 
-    def now(self) -> float:
-        return self.t
+    def now(self) -> datetime:
+        return datetime.fromtimestamp(self.t, UTC)
 
     def monotonic(self) -> float:
         return self.t
+
+    def sleep(self, seconds: float) -> None:
+        self.t += seconds
 
     def advance(self, seconds: float) -> None:
         self.t += seconds

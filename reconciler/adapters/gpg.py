@@ -33,6 +33,17 @@ SIGN_TIMEOUT = 30.0
 HASH_RATE = 16 * 1024 * 1024
 
 
+def read_keys(key_files: list[Path]) -> list[bytes]:
+    """The armored public keys in ``key_files``: the pinned keys a Verifier is made of."""
+    keys = []
+    for k in key_files:
+        try:
+            keys.append(k.read_bytes())
+        except OSError as exc:
+            raise VerificationError(f"cannot read key {k}: {exc.strerror}") from None
+    return keys
+
+
 def deadline(base: float, size: int) -> float:
     """Seconds allowed for a gpg run that hashes ``size`` bytes."""
     return base + size / HASH_RATE

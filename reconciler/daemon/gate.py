@@ -22,12 +22,11 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TypeVar
 
-from reconciler.adapters.gpg import Verifier
+from reconciler.adapters.gpg import Verifier, read_keys
 from reconciler.config import RepoConfig
 from reconciler.core import openpgp
 from reconciler.errors import SourceError, VerificationError
 from reconciler.ports import Source
-from reconciler.verify import read_keys
 
 # Verdicts remembered per gate; a head moves a few times a day, an attacker's pushes
 # must not grow the daemon without bound.

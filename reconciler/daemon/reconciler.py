@@ -16,7 +16,6 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 from reconciler import log
@@ -210,7 +209,7 @@ class Reconciler:
             obs.evaluation.errors,
             self.state.hosts(),
             obs.changed,
-            now=self.clock.now() if respect_backoff else None,
+            now=self.clock.now().timestamp() if respect_backoff else None,
         )
         return obs, plan
 
@@ -239,7 +238,7 @@ class Reconciler:
                 self.metrics.reconcile_duration.observe(self.clock.monotonic() - started)
             self.metrics.reconcile_runs.labels("success" if result.ok else "failure").inc()
             if result.ok:
-                self.metrics.last_success.set(self.clock.now())
+                self.metrics.last_success.set(self.clock.now().timestamp())
             log.event(
                 "reconcile_done",
                 commit=result.plan.commit,
@@ -332,7 +331,7 @@ class Reconciler:
             image=entry.image,
             version=release.version,
             artifacts=tuple(a.name for a in release.artifacts),
-            published_at=self.clock.now(),
+            published_at=self.clock.now().timestamp(),
         )
 
     def _record(self, obs: Observation, plan: Plan, outcomes: tuple[HostOutcome, ...]) -> None:
@@ -371,7 +370,7 @@ class Reconciler:
             failures = prev.failures + 1 if prev is not None and prev.failed_image == o.image else 1
             delay = retry_delay(failures, retry.initial.total_seconds(), retry.max.total_seconds())
             self.state.record_build_failure(
-                o.host, o.error or "", o.image, failures, self.clock.now() + delay
+                o.host, o.error or "", o.image, failures, self.clock.now().timestamp() + delay
             )
             log.event(
                 "host_failed",
@@ -495,7 +494,7 @@ class Reconciler:
             commit,
             out.derivation,
             artifacts,
-            now=datetime.fromtimestamp(self.clock.now(), UTC),
+            now=self.clock.now(),
             lifetime=self.cfg.release_lifetime,
         )
 

@@ -8,6 +8,7 @@ back, the old release keeps serving, a log line says why and a metric counts it.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -30,11 +31,13 @@ import pytest
 import yaml
 
 from reconciler import log
-from reconciler.agent import Agent, load_agent_config
+from reconciler.adapters.clock import SystemClock
+from reconciler.agent.config import load_agent_config
+from reconciler.agent.updater import Agent
 from reconciler.config import load_config
 from reconciler.core.release import parse_release
 from reconciler.demo import make_signing_key
-from reconciler.wiring import open_reconciler
+from reconciler.wiring import open_agent, open_reconciler
 from tests.conftest import ConfigRepo, Signing, free_port, wait_for, write_config
 from tests.integration.test_gate import compression_bomb
 
@@ -209,7 +212,7 @@ def running(tmp_path: Path, stores: Stores, signing: Signing) -> Iterator[Runnin
     served = tmp_path / "served"
     shutil.copytree(stores.v1, served)
     server = StoreServer(served)
-    agent = Agent(load_agent_config(agent_config(tmp_path, server.url, signing.public_key, stores.port)))
+    agent = open_agent(load_agent_config(agent_config(tmp_path, server.url, signing.public_key, stores.port)))
     try:
         assert agent.poll() == "updated"
         assert page(stores.port) == "one"
@@ -219,6 +222,16 @@ def running(tmp_path: Path, stores: Stores, signing: Signing) -> Iterator[Runnin
             agent.app.stop()
         server.stop()
     assert page(stores.port) is None, "the app outlived the agent"
+
+
+class Later(SystemClock):
+    """The system clock, but its wall time is ``at``."""
+
+    def __init__(self, at: datetime) -> None:
+        self.at = at
+
+    def now(self) -> datetime:
+        return self.at
 
 
 def still_on_v1(r: Running) -> None:
@@ -293,15 +306,24 @@ def test_endless_data_is_cut_at_the_released_size(
 
 
 def test_release_signed_by_another_key_is_refused(
-    running: Running, stores: Stores, events: io.StringIO, tmp_path: Path
+    running: Running, stores: Stores, events: io.StringIO, tmp_path: Path, signing: Signing
 ) -> None:
     running.serve(stores.v2)
     other = tmp_path / "other-gnupg"
     fpr = make_signing_key(other, name="Attacker")
-    for key in ("hosts/web-1/releases/2.json", "hosts/web-1/latest.json"):
+    release = parse_release((running.served / "hosts/web-1/latest.json").read_bytes(), "latest")
+    art = release.artifact("appimage")
+    assert art is not None
+    for key in ("hosts/web-1/releases/2.json", "hosts/web-1/latest.json", art.blob):
         sign = ["gpg", "--homedir", str(other), "--armor", "--detach-sign", "-u", fpr, "-o", "-"]
         sig = subprocess.run([*sign, str(running.served / key)], check=True, capture_output=True).stdout
         (running.served / (key + ".asc")).write_bytes(sig)
+    # Whoever controls the store also serves their key as the publisher's: the agent
+    # trusts only the key pinned in its config, never one found in the store.
+    published_key = running.served / "keys/publisher.asc"
+    assert published_key.read_bytes() == signing.public_key.read_bytes()
+    export = ["gpg", "--homedir", str(other), "--armor", "--export", fpr]
+    published_key.write_bytes(subprocess.run(export, check=True, capture_output=True).stdout)
     subprocess.run(["gpgconf", "--homedir", str(other), "--kill", "all"], capture_output=True)
     attack(running, events, "bad-signature", "signed by a key that is not trusted")
 
@@ -348,7 +370,7 @@ def test_replayed_old_metadata_is_refused(running: Running, stores: Stores, even
 def test_expired_metadata_is_refused(running: Running, stores: Stores, events: io.StringIO) -> None:
     running.serve(stores.v2)
     expires = parse_release((stores.v2 / "hosts/web-1/releases/2.json").read_bytes(), "r").expires
-    running.agent.clock = lambda: (expires + timedelta(seconds=1)).timestamp()
+    running.agent.clock = Later(expires + timedelta(seconds=1))
     attack(running, events, "expired", "release 2 expired at")
 
 
@@ -400,9 +422,20 @@ def test_update_failing_its_health_check_is_rolled_back(
     still_on_v1(running)
     assert running.metric("reconciler_agent_rollbacks_total") == 1
     assert "event=agent_rolled_back" in events.getvalue() and "health check failed" in events.getvalue()
-    # The bad version is not tried again.
-    assert running.agent.poll() in ("idle", "current")
+    # The bad version is not tried again, even when latest.json is served as changed
+    # (a newer date, older than the two seconds that make a date untrusted).
+    latest = running.served / "hosts/web-1/latest.json"
+    republished = time.time() - 3
+    assert latest.stat().st_mtime < republished
+    os.utime(latest, (republished, republished))
+    before = running.metric("reconciler_agent_downloaded_bytes_total")
+    assert running.agent.poll() == "current"
+    assert running.metric("reconciler_agent_downloaded_bytes_total") - before < 4096
     assert running.metric("reconciler_agent_rollbacks_total") == 1
+    installs = [ln for ln in events.getvalue().splitlines() if "event=agent_installed" in ln]
+    assert len([ln for ln in installs if "version=2" in ln]) == 1
+    still_on_v1(running)
+    assert running.agent.poll() == "idle"
 
 
 def test_store_on_a_local_path_and_once_mode(tmp_path: Path, stores: Stores, signing: Signing) -> None:
@@ -471,23 +504,28 @@ def test_a_crashing_app_is_restarted_with_backoff(running: Running, events: io.S
     agent = running.agent
     assert agent.app is not None
     agent.app.stop()
-    # The installed artifact now exits at once, as a crashing app would.
+    # The installed artifact now exits at once, as a crashing app would, noting when.
     starts = running.served.parent / "starts"
     artifact = agent.artifact(1)
     artifact.unlink()
-    artifact.write_text(f"#!/bin/sh\necho start >> {starts}\nexit 3\n")
+    artifact.write_text(f"#!/bin/sh\ndate +%s.%N >> {starts}\nexit 3\n")
     artifact.chmod(0o755)
+
+    def started() -> list[float]:
+        return [float(t) for t in starts.read_text().split()] if starts.exists() else []
+
     stopping = threading.Event()
     loop = threading.Thread(target=agent.run, args=(stopping,))
     loop.start()
     try:
-        time.sleep(8)
+        wait_for(lambda: len(started()) >= 4, 60, "four starts of the crashing app")
     finally:
         stopping.set()
         loop.join(60)
-    # Restarts after 1, 2, 4 s instead of every second: three starts in 8 s, not eight.
-    count = len(starts.read_text().splitlines())
-    assert 2 <= count <= 4, count
+    # Restarted after 1, 2, then 4 s, not every second.
+    at = started()
+    gaps = [b - a for a, b in itertools.pairwise(at[:4])]
+    assert all(gap >= delay - 0.05 for gap, delay in zip(gaps, (1, 2, 4), strict=True)), gaps
     exits = [ln for ln in events.getvalue().splitlines() if "event=app_exited" in ln]
-    assert exits and "status=3" in exits[0] and "restart_in=1" in exits[0]
-    assert any("restart_in=2" in ln for ln in exits)
+    assert "status=3" in exits[0]
+    assert [ln.split("restart_in=")[1].split()[0] for ln in exits[:3]] == ["1", "2", "4"]

@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 import yaml
 
-from reconciler.agent import load_agent_config
+from reconciler.agent.config import load_agent_config
 from reconciler.config import load_config
 from tests.conftest import ConfigRepo, Signing, free_port, standard_fleet, wait_for, write_config
 

@@ -35,6 +35,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from reconciler.adapters.gpg import Signer
 from reconciler.adapters.store import FilesystemStore, S3Credentials, S3Store
+from reconciler.agent.verify import verify
 from reconciler.config import load_config
 from reconciler.core.layout import blob_path, latest_path, release_path
 from reconciler.core.release import Artifact, Release, new_release, parse_release
@@ -42,7 +43,6 @@ from reconciler.daemon.gc import collect
 from reconciler.daemon.publish import publish
 from reconciler.errors import StoreError
 from reconciler.ports import Store
-from reconciler.verify import verify
 from reconciler.wiring import open_reconciler
 from tests.conftest import ConfigRepo, Signing, gpg_verify, standard_fleet, write_config
 

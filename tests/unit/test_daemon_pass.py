@@ -166,7 +166,7 @@ def test_a_failed_build_backs_off_doubling_then_retries(world: World) -> None:
     rec = world.reconciler()
     assert outcomes(rec)["web-1"] == (False, None)
     first = world.ledger.states["web-1"]
-    assert (first.failures, first.retry_at) == (1, world.clock.now() + 30)
+    assert (first.failures, first.retry_at) == (1, world.clock.t + 30)
     world.clock.advance(29)
     result = rec.reconcile()
     assert [e.action for e in result.plan.entries if e.host == "web-1"] == [Action.BACKOFF]
@@ -174,7 +174,7 @@ def test_a_failed_build_backs_off_doubling_then_retries(world: World) -> None:
     world.clock.advance(2)
     assert outcomes(rec)["web-1"] == (False, None)
     second = world.ledger.states["web-1"]
-    assert (second.failures, second.retry_at) == (2, world.clock.now() + 60)
+    assert (second.failures, second.retry_at) == (2, world.clock.t + 60)
     world.nix.failing.clear()
     world.clock.advance(61)
     assert outcomes(rec)["web-1"] == (True, 1)

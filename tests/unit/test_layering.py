@@ -93,6 +93,14 @@ def test_the_daemon_is_composed_elsewhere(path: Path) -> None:
         )
 
 
+@pytest.mark.parametrize("path", modules("agent"), ids=rel)
+def test_the_agent_is_composed_elsewhere_and_knows_nothing_of_the_daemon(path: Path) -> None:
+    for name in imports(path):
+        assert not under(name, "reconciler.wiring", "reconciler.cli", "reconciler.daemon"), (
+            f"{rel(path)} imports {name}"
+        )
+
+
 def test_the_daemon_s_pass_sees_only_ports() -> None:
     for name in imports(PACKAGE / "daemon" / "reconciler.py"):
         assert not under(name, "reconciler.adapters"), f"the pass imports {name}; give it a port instead"

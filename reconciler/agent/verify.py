@@ -1,4 +1,4 @@
-"""Verifying what the publisher put in a store, from a file path or URL.
+"""Verifying what the publisher put in a store, from a file path or URL (`reconciler verify`).
 
 A release file (``*.json``) is checked against its signature, its expiry, and then
 every artifact it lists is fetched from the same store and checked for size,
@@ -12,27 +12,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from reconciler.adapters import fetch
-from reconciler.adapters.gpg import Verifier
-from reconciler.core import openpgp
+from reconciler.adapters.gpg import Verifier, read_keys
+from reconciler.core import openpgp, trust
 from reconciler.core.release import Release, parse_release
 from reconciler.errors import VerificationError
 
 # Release metadata and signatures are small; anything larger is not ours. A longer
-# signature would be refused unread anyway (reconciler.openpgp): stop fetching there.
+# signature would be refused unread anyway (reconciler.core.openpgp): stop fetching there.
 METADATA_LIMIT = 1 << 20
 SIGNATURE_LIMIT = openpgp.ARMORED_LIMIT
 # A plain artifact checked on its own has no release to bound its size.
 ARTIFACT_LIMIT = 1 << 40
-
-
-def read_keys(key_files: list[Path]) -> list[bytes]:
-    keys = []
-    for k in key_files:
-        try:
-            keys.append(k.read_bytes())
-        except OSError as exc:
-            raise VerificationError(f"cannot read key {k}: {exc.strerror}") from None
-    return keys
 
 
 def _store_root(target: str) -> str:
@@ -83,5 +73,6 @@ def _get(target: str, limit: int) -> bytes:
 
 
 def check_fresh(release: Release, target: str, now: datetime) -> None:
-    if release.expires <= now:
+    """Refuse an expired release, by the agent's own rule."""
+    if trust.expired(release, now):
         raise VerificationError(f"{target}: expired at {release.expires.isoformat()}")

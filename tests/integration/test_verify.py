@@ -1,0 +1,62 @@
+"""`reconciler verify` (reconciler.agent.verify) against a store signed with real gpg."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from reconciler.adapters.gpg import Signer
+from reconciler.agent.verify import verify
+from reconciler.core.layout import release_path
+from reconciler.core.release import Artifact, Release, new_release
+from reconciler.errors import VerificationError
+from tests.conftest import Signing, cli
+
+pytestmark = pytest.mark.integration
+
+BLOB = b"an AppImage, as far as verify cares"
+
+
+def store_with(
+    tmp_path: Path, signing: Signing, created: datetime, lifetime: timedelta
+) -> tuple[Path, Release]:
+    """A filesystem store holding web-1's release 1 and its artifact, all signed."""
+    signer = Signer(signing.gnupghome, signing.fingerprint)
+    root = tmp_path / "store"
+    art = Artifact("appimage", "web-1-1-x86_64.AppImage", len(BLOB), hashlib.sha256(BLOB).hexdigest())
+    release = new_release("web-1", 1, "c" * 40, "/nix/store/x.drv", (art,), created, lifetime)
+    blob = root / art.blob
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(BLOB)
+    blob.with_name(blob.name + ".asc").write_bytes(signer.sign(BLOB))
+    meta = root / release_path("web-1", 1)
+    meta.parent.mkdir(parents=True)
+    meta.write_bytes(release.to_json())
+    meta.with_name(meta.name + ".asc").write_bytes(signer.sign(release.to_json()))
+    return meta, release
+
+
+def test_verify_accepts_a_release_until_it_expires(tmp_path: Path, signing: Signing) -> None:
+    meta, release = store_with(tmp_path, signing, datetime.now(UTC), timedelta(days=1))
+    lines = verify([signing.public_key], str(meta), now=release.expires - timedelta(seconds=1))
+    assert [ln.split()[0] for ln in lines] == ["OK", "OK"]
+    with pytest.raises(VerificationError) as err:
+        verify([signing.public_key], str(meta), now=release.expires)
+    assert str(err.value) == f"{meta}: expired at {release.expires.isoformat()}"
+
+
+def test_the_cli_refuses_an_expired_release(tmp_path: Path, signing: Signing) -> None:
+    fresh, _ = store_with(tmp_path / "fresh", signing, datetime.now(UTC), timedelta(days=1))
+    ok = cli("verify", "--key", str(signing.public_key), str(fresh), timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    # Signed like the fresh one, every byte intact; only its expiry has passed.
+    old, release = store_with(
+        tmp_path / "old", signing, datetime.now(UTC) - timedelta(days=2), timedelta(days=1)
+    )
+    res = cli("verify", "--key", str(signing.public_key), str(old), timeout=60)
+    assert res.returncode == 1
+    assert res.stderr.strip() == f"reconciler: error: {old}: expired at {release.expires.isoformat()}"
+    assert res.stdout == ""
