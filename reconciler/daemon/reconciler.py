@@ -335,52 +335,61 @@ class Reconciler:
         )
 
     def _record(self, obs: Observation, plan: Plan, outcomes: tuple[HostOutcome, ...]) -> None:
-        """Summarize the pass: the ledger (in one transaction), the logs and the
-        per-host metrics, in one place."""
-        with self.state.transaction():
-            self._apply(obs, plan, outcomes)
-        self.metrics.source.info({"commit": obs.commit, "branch": self.cfg.repo.branch})
-
-    def _apply(self, obs: Observation, plan: Plan, outcomes: tuple[HostOutcome, ...]) -> None:
+        """Summarize the pass in one place: the ledger in one transaction, then, once
+        it is committed, the logs and metrics that say what it holds."""
         states = self.state.hosts()
-        for entry in plan.entries:
-            if entry.action == Action.INVALID:
-                self.state.record_failure(entry.host, Status.INVALID, entry.reasons[0])
-            elif entry.action == Action.REMOVED:
-                self.state.record_failure(entry.host, Status.REMOVED, entry.reasons[0])
-                log.event("host_removed", host=entry.host)
-            elif entry.action == Action.UNCHANGED and states[entry.host].status != Status.PUBLISHED:
-                hs = states[entry.host]
-                self.state.record_published(entry.host, hs.version, hs.image or "", hs.commit or obs.commit)
         retry = self.cfg.retry
+        removed = [e.host for e in plan.entries if e.action == Action.REMOVED]
+        backoff: dict[str, tuple[int, float]] = {}
+        for o in outcomes:
+            if not o.ok:
+                prev = states.get(o.host)
+                failures = prev.failures + 1 if prev is not None and prev.failed_image == o.image else 1
+                backoff[o.host] = (
+                    failures,
+                    retry_delay(failures, retry.initial.total_seconds(), retry.max.total_seconds()),
+                )
+        now = self.clock.now().timestamp()
+        with self.state.transaction():
+            for entry in plan.entries:
+                if entry.action == Action.INVALID:
+                    self.state.record_failure(entry.host, Status.INVALID, entry.reasons[0])
+                elif entry.action == Action.REMOVED:
+                    self.state.record_failure(entry.host, Status.REMOVED, entry.reasons[0])
+                elif entry.action == Action.UNCHANGED and states[entry.host].status != Status.PUBLISHED:
+                    hs = states[entry.host]
+                    self.state.record_published(
+                        entry.host, hs.version, hs.image or "", hs.commit or obs.commit
+                    )
+            for o in outcomes:
+                if o.ok:
+                    assert o.version is not None
+                    self.state.record_published(o.host, o.version, o.image, obs.commit)
+                else:
+                    failures, delay = backoff[o.host]
+                    self.state.record_build_failure(o.host, o.error or "", o.image, failures, now + delay)
+            self.state.set_meta(COMMIT_KEY, obs.commit)
+        for host in removed:
+            log.event("host_removed", host=host)
         for o in outcomes:
             if o.ok:
-                assert o.version is not None and o.published_at is not None
-                self.state.record_published(o.host, o.version, o.image, obs.commit)
+                assert o.published_at is not None
                 self.metrics.commit_to_published.observe(max(0.0, o.published_at - obs.commit_time))
+                artifacts = ",".join(o.artifacts)
                 log.event(
-                    "host_published",
-                    host=o.host,
-                    version=o.version,
-                    commit=obs.commit,
-                    artifacts=",".join(o.artifacts),
+                    "host_published", host=o.host, version=o.version, commit=obs.commit, artifacts=artifacts
                 )
-                continue
-            prev = states.get(o.host)
-            failures = prev.failures + 1 if prev is not None and prev.failed_image == o.image else 1
-            delay = retry_delay(failures, retry.initial.total_seconds(), retry.max.total_seconds())
-            self.state.record_build_failure(
-                o.host, o.error or "", o.image, failures, self.clock.now().timestamp() + delay
-            )
-            log.event(
-                "host_failed",
-                logging.ERROR,
-                host=o.host,
-                error=o.error,
-                failures=failures,
-                retry_in=round(delay),
-            )
-        self.state.set_meta(COMMIT_KEY, obs.commit)
+            else:
+                failures, delay = backoff[o.host]
+                log.event(
+                    "host_failed",
+                    logging.ERROR,
+                    host=o.host,
+                    error=o.error,
+                    failures=failures,
+                    retry_in=round(delay),
+                )
+        self.metrics.source.info({"commit": obs.commit, "branch": self.cfg.repo.branch})
 
     def _in_store(self, host: str, version: int | None = None) -> Release | None:
         """``host``'s release ``version`` in the store (its latest.json without one);

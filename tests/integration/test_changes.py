@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from reconciler.core.plan import Plan
 from reconciler.core.release import parse_release
 from reconciler.daemon.reconciler import Reconciler
 from reconciler.wiring import open_reconciler
-from tests.conftest import WEB, ConfigRepo, Signing, write_config
+from tests.conftest import WEB, ConfigRepo, Signing, wait_for, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -254,41 +255,63 @@ def test_restart_rebuilds_nothing_already_published(rec: Reconciler, config: Pat
 def test_reconcile_killed_mid_pass_resumes_and_completes(
     repo: ConfigRepo, config: Path, tmp_path: Path
 ) -> None:
+    # One host builds for seconds (a nonce keeps Nix from finding it built), so the
+    # pass is still running when the others are published.
+    repo.write(
+        "packages/slow.nix",
+        '{ toolchain }: derivation { name = "slow"; system = "x86_64-linux"; '
+        f'builder = toolchain.busybox; nonce = "{uuid.uuid4().hex}"; '
+        'args = [ "sh" "-c" "${toolchain.busybox} sleep 8; ${toolchain.busybox} mkdir -p $out" ]; }\n',
+    )
+    repo.write(
+        "hosts/z-slow.yaml",
+        "name: z-slow\nformats: [aci]\nservices:\n  s: {package: slow, exec: [bin/busybox, sleep, '9']}\n",
+    )
+    repo.commit("a slow host")
     cfg = load_config(config)
+    store = tmp_path / "store"
     cmd = [sys.executable, "-m", "reconciler", "reconcile", "-c", str(config)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    assert proc.stderr is not None
-    killed_after = None
-    deadline = time.monotonic() + 300
-    for line in proc.stderr:
-        if "event=host_published" in line:
-            killed_after = line
-            proc.send_signal(signal.SIGKILL)
-            break
-        assert time.monotonic() < deadline, "no host was published in time"
-    proc.wait(30)
-    assert killed_after is not None and proc.returncode == -signal.SIGKILL
-    first_host = killed_after.split("host=")[1].split()[0]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        # Killed once a host is published and before the pass has recorded anything:
+        # outcomes are recorded at the end of the pass, in one transaction.
+        def published() -> list[Path]:
+            return sorted(store.glob("hosts/*/latest.json"))
+
+        wait_for(lambda: bool(published()) or proc.poll() is not None, 300, "a host's latest.json")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL, "the pass ended before it could be killed"
+    first = published()[0]
+    first_host = first.parent.name
+    release = first.parent / "releases" / "1.json"
+    written = {p: p.stat().st_mtime_ns for p in [release, *store.glob("blobs/sha256/*")]}
 
     rec = open_reconciler(cfg)
     try:
         result = rec.reconcile()
-        assert result.ok
-        # The host published before the kill is not published again.
-        assert first_host not in {o.host for o in result.outcomes}
+        assert result.ok, [(e.host, e.action, e.reasons) for e in result.plan.entries]
+        # The host published before the kill is adopted: the same version, nothing of
+        # its release written again.
+        assert {o.host: o.version for o in result.outcomes}.get(first_host, 1) == 1
         assert {h: hs.version for h, hs in rec.state.hosts().items()} == {
             "web-1": 1,
             "web-2": 1,
             "worker-1": 1,
+            "z-slow": 1,
         }
     finally:
         rec.close()
-    for host in ("web-1", "web-2", "worker-1"):
-        releases = sorted(p.name for p in (tmp_path / "store/hosts" / host / "releases").iterdir())
+    assert first_host != "z-slow"
+    assert {p: p.stat().st_mtime_ns for p in written} == written
+    for host in ("web-1", "web-2", "worker-1", "z-slow"):
+        releases = sorted(p.name for p in (store / "hosts" / host / "releases").iterdir())
         assert releases == ["1.json", "1.json.asc"], (host, releases)
-        assert json.loads((tmp_path / "store/hosts" / host / "latest.json").read_text())["version"] == 1
+        assert json.loads((store / "hosts" / host / "latest.json").read_text())["version"] == 1
     # Whatever write the kill cut short left no temporary file behind the restarted pass.
-    assert not list((tmp_path / "store").rglob(".tmp-*"))
+    assert not list(store.rglob(".tmp-*"))
 
 
 def test_temporary_files_of_killed_writes_go_at_the_first_pass_only(
