@@ -14,13 +14,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from reconciler.core.hosts import check_keys, parse_yaml
+from reconciler.core.schema import check_keys, parse_duration, parse_seconds, parse_size, parse_yaml
 from reconciler.errors import ConfigError
-
-DURATION_RE = re.compile(r"^(\d+)([smhd])$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-SIZE_RE = re.compile(r"^(\d+)\s*([KMGT]?)i?B?$", re.IGNORECASE)
-_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 @dataclass(frozen=True)
@@ -361,31 +356,3 @@ def load_config(path: Path) -> Config:
         ),
         retention=RetentionConfig(keep=keep, interval=retention_interval),
     )
-
-
-def parse_seconds(path: str, key: str, value: Any) -> float:
-    """A number of seconds (fractions allowed) or a duration like 2s."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if not 0 < value < float("inf"):
-            raise ConfigError(path, key, "must be a positive number of seconds")
-        return float(value)
-    return parse_duration(path, key, value).total_seconds()
-
-
-def parse_duration(path: str, key: str, value: Any) -> timedelta:
-    m = DURATION_RE.fullmatch(str(value))
-    if not m or int(m.group(1)) <= 0:
-        raise ConfigError(path, key, f"must be a duration like 90s, 15m, 12h or 30d, got {value!r}")
-    return timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
-
-
-def parse_size(path: str, key: str, value: Any) -> int:
-    """A positive number of bytes, or a size like 512M or 4GiB (powers of 1024)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value <= 0:
-            raise ConfigError(path, key, "must be a positive number of bytes")
-        return value
-    m = SIZE_RE.fullmatch(str(value).strip())
-    if not m or int(m.group(1)) <= 0:
-        raise ConfigError(path, key, f"must be a size like 512M or 4G, got {value!r}")
-    return int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]

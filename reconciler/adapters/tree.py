@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from reconciler.core.hosts import MAX_FILE_BYTES, SYMLINK, TOO_BIG, UNREADABLE
+from reconciler.core.hosts import SYMLINK, TOO_BIG, UNREADABLE
+from reconciler.core.schema import MAX_FILE_BYTES
 from reconciler.errors import ConfigError
 
 

@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from reconciler.adapters import fetch
-from reconciler.config import parse_duration, read_yaml
-from reconciler.core.hosts import FORMATS, NAME_RE, check_keys
+from reconciler.config import read_yaml
+from reconciler.core.hosts import FORMATS, NAME_RE
+from reconciler.core.schema import check_keys, parse_duration
 from reconciler.errors import ConfigError
 
 

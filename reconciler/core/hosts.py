@@ -1,9 +1,9 @@
 """Host definitions: parse, merge profiles, validate, normalise.
 
-The core is pure: :func:`parse_fleet` takes the repository's files as a mapping of
-relative path to text and returns validated :class:`Host` values plus one
-:class:`~reconciler.errors.ConfigError` per invalid host. Only :func:`read_tree`
-touches the disk.
+Pure: :func:`parse_fleet` takes the repository's files as a mapping of relative
+path to text (reconciler.adapters.tree reads them) and returns validated :class:`Host`
+values plus one :class:`~reconciler.errors.ConfigError` per invalid host. YAML itself
+is reconciler.core.schema's.
 """
 
 from __future__ import annotations
@@ -14,14 +14,11 @@ import ipaddress
 import json
 import posixpath
 import re
-from collections.abc import Callable, Hashable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-from yaml.events import AliasEvent, CollectionEndEvent, CollectionStartEvent, Event, ScalarEvent
-from yaml.nodes import MappingNode, Node, SequenceNode
-
+from reconciler.core.schema import MAX_FILE_BYTES, check_keys, kind, parse_yaml
 from reconciler.errors import ConfigError
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -38,20 +35,6 @@ SERVICE_KEYS = frozenset({"package", "exec", "restart"})
 RESERVED_PREFIXES = ("AppRun", ".reconciler", "etc/reconciler", "etc/service", "bin/busybox", ".DirIcon")
 # The AppImage's desktop entry and icon at the image root (nix/host.nix).
 RESERVED_TOP_SUFFIXES = (".desktop", ".svg")
-MAX_FILE_BYTES = 1 << 20
-# A definition is about five levels deep (services.web.exec[0]). libyaml composes nodes
-# by recursing in C once per level, where some ten thousand levels overflow the stack
-# and kill the daemon (SIGSEGV, no exception to catch); deep_merge and JSON for Nix
-# recurse too. Checked on the parser's event stream, aliases counted as the nodes they
-# stand for, before anything recursive runs.
-MAX_DEPTH = 64
-# Nodes and scalar characters a document may hold once every alias is counted as what
-# it stands for. A MAX_FILE_BYTES document written out without aliases stays within
-# both (a node takes about a byte of text or more, a scalar's value is no longer than
-# its text), so aliases ("billion laughs") cannot make a file cost more in deep_merge,
-# validation and the JSON handed to Nix than the largest file read_tree accepts.
-MAX_NODES = MAX_FILE_BYTES
-MAX_SCALAR_CHARS = MAX_FILE_BYTES
 
 
 @dataclass(frozen=True)
@@ -126,178 +109,6 @@ class Fleet:
 SYMLINK = "\0symlink"
 TOO_BIG = "\0too-big"
 UNREADABLE = "\0unreadable:"
-
-
-class _RefusedError(Exception):
-    """A document the loaders would accept but we do not; parse_yaml names the file."""
-
-    def __init__(self, key: str, reason: str) -> None:
-        super().__init__(reason)
-        self.key = key
-        self.reason = reason
-
-
-_MERGE_TAG = "tag:yaml.org,2002:merge"
-
-
-class _UniqueKeys(yaml.constructor.SafeConstructor):
-    """Refuses a mapping that states a key twice.
-
-    PyYAML keeps the last value silently, so the file would mean something other than
-    what a reader who stopped at the first one sees. Keys that a merge (``<<``) brings
-    in may still be overridden: that is what merging is for.
-    """
-
-    _root: Node | None = None
-    _checked: set[int]
-
-    def construct_document(self, node: Node) -> Any:
-        self._root, self._checked = node, set()
-        return super().construct_document(node)
-
-    def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[Hashable, Any]:
-        self._check_unique(node)
-        return super().construct_mapping(node, deep=deep)
-
-    def _check_unique(self, node: MappingNode) -> None:
-        # Once per node and before flatten_mapping rewrites it: a merge source, once
-        # flattened, holds the merged keys beside its own.
-        if id(node) in self._checked:
-            return
-        self._checked.add(id(node))
-        seen: dict[Any, Node] = {}
-        for key_node, value_node in node.value:
-            if key_node.tag == _MERGE_TAG:
-                sources = value_node.value if isinstance(value_node, SequenceNode) else [value_node]
-                for src in sources:
-                    if isinstance(src, MappingNode):
-                        self._check_unique(src)
-                continue
-            key = self.construct_object(key_node)
-            if not isinstance(key, Hashable):
-                continue  # SafeConstructor refuses it, with its position
-            first = seen.setdefault(key, key_node)
-            if first is not key_node:
-                raise _RefusedError(
-                    _key_path(self._root, node, key),
-                    f"duplicate key at {_position(key_node)} (first at {_position(first)}): "
-                    "ambiguous, YAML would silently keep only the last",
-                )
-
-
-class _PyLoader(_UniqueKeys, yaml.SafeLoader):
-    """Pure Python: slower, but says more precisely where and why a document is invalid."""
-
-
-# libyaml's loader when PyYAML was built with it: parsing dominates planning a large fleet.
-_LOADER: type[yaml.SafeLoader] | type[yaml.CSafeLoader] = _PyLoader
-if getattr(yaml, "__with_libyaml__", False):
-
-    class _CLoader(_UniqueKeys, yaml.CSafeLoader):
-        pass
-
-    _LOADER = _CLoader
-
-
-def _position(item: Node | Event) -> str:
-    mark = item.start_mark
-    return f"line {mark.line + 1}, column {mark.column + 1}" if mark else "an unknown position"
-
-
-def _key_path(root: Node | None, target: MappingNode, key: object) -> str:
-    """The dotted path of ``key`` in ``target``, found from the document root.
-
-    Only on error, so a walk of the whole document is cheap enough.
-    """
-    todo: list[tuple[Node, str]] = [(root, "")] if root is not None else []
-    visited: set[int] = set()
-    while todo:
-        node, prefix = todo.pop()
-        if node is target:
-            return f"{prefix}.{key}" if prefix else str(key)
-        if id(node) in visited:
-            continue
-        visited.add(id(node))
-        if isinstance(node, MappingNode):
-            for k, v in node.value:
-                seg = str(k.value) if isinstance(k.value, str) else "?"
-                todo.append((v, f"{prefix}.{seg}" if prefix else seg))
-        elif isinstance(node, SequenceNode):
-            todo.extend((v, f"{prefix}[{i}]") for i, v in enumerate(node.value))
-    return str(key)
-
-
-def _check_limits(text: str, loader: type[yaml.SafeLoader] | type[yaml.CSafeLoader]) -> None:
-    """Refuse a document too deep or too large before a loader builds it.
-
-    Walks the parser's event stream (both parsers are iterative, only composing nodes
-    recurses) and stops at the first limit broken, so a hostile document costs no more
-    than the text up to that point. An alias counts as the whole node it names:
-    its nodes, its scalar characters and its height below the alias.
-    """
-    # Per open collection: its anchor, and nodes and characters before it began.
-    open_: list[tuple[str | None, int, int]] = []
-    # Per open collection: the height of its tallest child so far.
-    heights: list[int] = []
-    # Per anchor: (nodes, characters, height); None while the anchored node is open.
-    anchors: dict[str, tuple[int, int, int] | None] = {}
-    nodes = chars = 0
-    for event in yaml.parse(text, Loader=loader):
-        if isinstance(event, ScalarEvent):
-            n, c, h = 1, len(event.value), 0
-            if event.anchor is not None:
-                anchors[event.anchor] = (n, c, h)
-        elif isinstance(event, AliasEvent):
-            if event.anchor not in anchors:
-                continue  # the composer reports the undefined alias
-            size = anchors[event.anchor]
-            if size is None:
-                raise _RefusedError(
-                    "", f"alias *{event.anchor} at {_position(event)} refers to a node containing it"
-                )
-            n, c, h = size
-            if len(open_) + h > MAX_DEPTH:
-                raise _RefusedError(
-                    "", f"nested deeper than {MAX_DEPTH} levels (alias *{event.anchor} at {_position(event)})"
-                )
-        elif isinstance(event, CollectionStartEvent):
-            if len(open_) >= MAX_DEPTH:
-                raise _RefusedError("", f"nested deeper than {MAX_DEPTH} levels at {_position(event)}")
-            open_.append((event.anchor, nodes, chars))
-            heights.append(0)
-            if event.anchor is not None:
-                anchors[event.anchor] = None
-            nodes += 1
-            _check_size(nodes, chars, event)
-            continue
-        elif isinstance(event, CollectionEndEvent):
-            anchor, nodes_before, chars_before = open_.pop()
-            h = heights.pop() + 1
-            if anchor is not None:
-                anchors[anchor] = (nodes - nodes_before, chars - chars_before, h)
-            if heights:
-                heights[-1] = max(heights[-1], h)
-            continue
-        else:
-            continue
-        if heights:
-            heights[-1] = max(heights[-1], h)
-        nodes += n
-        chars += c
-        _check_size(nodes, chars, event)
-
-
-def _check_size(nodes: int, chars: int, event: Event) -> None:
-    if nodes > MAX_NODES:
-        raise _RefusedError(
-            "", f"holds more than {MAX_NODES} nodes, aliases expanded (reached at {_position(event)})"
-        )
-    if chars > MAX_SCALAR_CHARS:
-        raise _RefusedError(
-            "",
-            f"holds more than {MAX_SCALAR_CHARS} characters of scalars, aliases expanded "
-            f"(reached at {_position(event)})",
-        )
 
 
 @dataclass
@@ -409,37 +220,6 @@ Load = Callable[[str, str], dict[str, Any]]
 Resolved = tuple[dict[str, Any], tuple[str, ...]]
 
 
-def parse_yaml(path: str, text: str) -> Any:
-    """The YAML document ``text`` read from ``path``; errors name the file, line and column.
-
-    Refuses what loading would make costly or ambiguous: more than MAX_FILE_BYTES,
-    nesting beyond MAX_DEPTH, more than MAX_NODES or MAX_SCALAR_CHARS once aliases are
-    expanded, an alias inside the node it names, a key stated twice in one mapping.
-    """
-    if len(text) > MAX_FILE_BYTES or len(text.encode("utf-8", "surrogatepass")) > MAX_FILE_BYTES:
-        raise ConfigError(path, "", f"is larger than {MAX_FILE_BYTES} bytes")
-    try:
-        try:
-            return _load(text, _LOADER)
-        except yaml.YAMLError:
-            # The Python loader says more precisely where and why; errors are rare.
-            return _load(text, _PyLoader)
-    except _RefusedError as exc:
-        raise ConfigError(path, exc.key, exc.reason) from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(path, "", f"invalid YAML{where}: {problem}") from None
-    except RecursionError:
-        raise ConfigError(path, "", "invalid YAML: nested too deeply") from None
-
-
-def _load(text: str, loader: type[yaml.SafeLoader] | type[yaml.CSafeLoader]) -> Any:
-    _check_limits(text, loader)
-    return yaml.load(text, Loader=loader)
-
-
 def _parse_yaml(path: str, text: str) -> dict[str, Any]:
     if text == SYMLINK:
         raise ConfigError(path, "", "is a symlink; definitions must live in the repository")
@@ -451,7 +231,7 @@ def _parse_yaml(path: str, text: str) -> dict[str, Any]:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(path, "", f"must be a mapping, not {_kind(data)}")
+        raise ConfigError(path, "", f"must be a mapping, not {kind(data)}")
     return data
 
 
@@ -556,22 +336,6 @@ def _parse_host(
     )
 
 
-def check_keys(path: str, prefix: str, data: Mapping[Any, Any], allowed: frozenset[str]) -> None:
-    """Refuse a key of ``data`` (at dotted ``prefix`` in file ``path``) not in ``allowed``."""
-    for k in data:
-        if not isinstance(k, str):
-            raise ConfigError(path, prefix or "", f"key {k!r} must be a string")
-        if k not in allowed:
-            key = f"{prefix}.{k}" if prefix else k
-            raise ConfigError(path, key, f"unknown key (allowed: {', '.join(sorted(allowed))})")
-
-
-def _kind(v: object) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string", type(None): "empty"}.get(
-        type(v), type(v).__name__
-    )
-
-
 def _formats(path: str, value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [value]
@@ -585,7 +349,7 @@ def _formats(path: str, value: Any) -> tuple[str, ...]:
 
 def _network(path: str, value: Any) -> Network:
     if not isinstance(value, dict):
-        raise ConfigError(path, "network", f"must be a mapping, not {_kind(value)}")
+        raise ConfigError(path, "network", f"must be a mapping, not {kind(value)}")
     check_keys(path, "network", value, NETWORK_KEYS)
     address = value.get("address")
     if address is not None:
@@ -613,7 +377,7 @@ def _network(path: str, value: Any) -> Network:
 
 def _services(path: str, value: Any, packages: set[str]) -> tuple[Service, ...]:
     if not isinstance(value, dict):
-        raise ConfigError(path, "services", f"must be a mapping, not {_kind(value)}")
+        raise ConfigError(path, "services", f"must be a mapping, not {kind(value)}")
     out = []
     for name in sorted(value, key=str):
         key = f"services.{name}"
@@ -621,7 +385,7 @@ def _services(path: str, value: Any, packages: set[str]) -> tuple[Service, ...]:
             raise ConfigError(path, key, f"service name must match {SERVICE_RE.pattern}")
         spec = value[name]
         if not isinstance(spec, dict):
-            raise ConfigError(path, key, f"must be a mapping, not {_kind(spec)}")
+            raise ConfigError(path, key, f"must be a mapping, not {kind(spec)}")
         check_keys(path, key, spec, SERVICE_KEYS)
         package = spec.get("package", "busybox")
         if not isinstance(package, str) or not PACKAGE_RE.fullmatch(package):
@@ -662,7 +426,7 @@ def _relative_path(path: str, key: str, p: str) -> str:
 
 def _files(path: str, value: Any, host: str) -> tuple[tuple[str, str], ...]:
     if not isinstance(value, dict):
-        raise ConfigError(path, "files", f"must be a mapping, not {_kind(value)}")
+        raise ConfigError(path, "files", f"must be a mapping, not {kind(value)}")
     out = []
     for name in sorted(value, key=str):
         key = f"files.{name}"
@@ -676,7 +440,7 @@ def _files(path: str, value: Any, host: str) -> tuple[tuple[str, str], ...]:
             raise ConfigError(path, key, "is reserved for the image builder")
         content = value[name]
         if not isinstance(content, str):
-            raise ConfigError(path, key, f"content must be a string, not {_kind(content)}")
+            raise ConfigError(path, key, f"content must be a string, not {kind(content)}")
         if "\0" in content:
             raise ConfigError(path, key, "content must be text without NUL characters")
         out.append((name, content))

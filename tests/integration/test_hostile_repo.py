@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.core.hosts import MAX_DEPTH
+from reconciler.core.schema import MAX_DEPTH
 from tests.conftest import ConfigRepo, Signing, cli, standard_fleet, write_config
 
 pytestmark = pytest.mark.integration

@@ -20,8 +20,8 @@ from reconciler.config import (
     SigningConfig,
     StoreConfig,
     load_config,
-    parse_duration,
 )
+from reconciler.core.schema import parse_duration
 from reconciler.errors import ConfigError
 
 MINIMAL: dict[str, Any] = {

@@ -17,21 +17,9 @@ from hypothesis import strategies as st
 
 from reconciler.adapters.tree import read_tree
 from reconciler.config import load_config
-from reconciler.core import hosts
-from reconciler.core.hosts import (
-    MAX_DEPTH,
-    MAX_FILE_BYTES,
-    MAX_NODES,
-    MAX_SCALAR_CHARS,
-    Fleet,
-    Host,
-    Network,
-    ParseCache,
-    Service,
-    deep_merge,
-    parse_fleet,
-    parse_yaml,
-)
+from reconciler.core import hosts, schema
+from reconciler.core.hosts import Fleet, Host, Network, ParseCache, Service, deep_merge, parse_fleet
+from reconciler.core.schema import MAX_DEPTH, MAX_FILE_BYTES, MAX_NODES, MAX_SCALAR_CHARS, parse_yaml
 from reconciler.errors import ConfigError
 
 HOST = "hosts/web-1.yaml"
@@ -1182,9 +1170,9 @@ def test_limits_count_what_the_aliases_expand_to(doc: dict[str, Any]) -> None:
     nodes, chars = expanded(doc)
     depth = depth_of(doc)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(hosts, "MAX_NODES", nodes)
-        mp.setattr(hosts, "MAX_SCALAR_CHARS", chars)
-        mp.setattr(hosts, "MAX_DEPTH", depth)
+        mp.setattr(schema, "MAX_NODES", nodes)
+        mp.setattr(schema, "MAX_SCALAR_CHARS", chars)
+        mp.setattr(schema, "MAX_DEPTH", depth)
         assert parse_yaml("f.yaml", text) == doc
         for limit, value, reason in (
             ("MAX_NODES", nodes, "nodes"),
@@ -1193,9 +1181,9 @@ def test_limits_count_what_the_aliases_expand_to(doc: dict[str, Any]) -> None:
         ):
             if limit == "MAX_SCALAR_CHARS" and chars == 0:
                 continue
-            mp.setattr(hosts, limit, value - 1)
+            mp.setattr(schema, limit, value - 1)
             assert reason in refusal(text).reason
-            mp.setattr(hosts, limit, value)
+            mp.setattr(schema, limit, value)
 
 
 # -- YAML: duplicate keys ------------------------------------------------------------------------
@@ -1207,9 +1195,9 @@ def loader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> s
     if request.param == "libyaml":
         if not yaml.__with_libyaml__:
             pytest.skip("PyYAML without libyaml")
-        monkeypatch.setattr(hosts, "_LOADER", hosts._CLoader)
+        monkeypatch.setattr(schema, "_LOADER", schema._CLoader)
     else:
-        monkeypatch.setattr(hosts, "_LOADER", hosts._PyLoader)
+        monkeypatch.setattr(schema, "_LOADER", schema._PyLoader)
     return str(request.param)
 
 
