@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -202,3 +204,16 @@ def no_ambient_aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+
+
+def aci_file(store: Path, host: str, name: str, version: int | None = None) -> bytes | None:
+    """A file of ``host``'s published ACI (its latest, or release ``version``), or None
+    if the image has none."""
+    meta = store / "hosts" / host / ("latest.json" if version is None else f"releases/{version}.json")
+    (aci,) = [a for a in json.loads(meta.read_text())["artifacts"] if a["format"] == "aci"]
+    with tarfile.open(store / aci["blob"]) as tar:
+        try:
+            member = tar.extractfile(f"rootfs/{name}")
+        except KeyError:
+            return None
+        return member.read() if member is not None else None

@@ -9,13 +9,12 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ConfigRepo, Signing, cli, wait_for, write_config
+from tests.conftest import ConfigRepo, Signing, aci_file, cli, wait_for, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -52,15 +51,6 @@ def fleet(repo: ConfigRepo, text: str) -> str:
     return repo.commit(f"site says {text}")
 
 
-def aci_file(store: Path, host: str, version: int, name: str) -> bytes:
-    release = json.loads((store / "hosts" / host / "releases" / f"{version}.json").read_text())
-    (aci,) = release["artifacts"]
-    with tarfile.open(store / aci["blob"]) as tar:
-        member = tar.extractfile(f"rootfs/{name}")
-        assert member is not None
-        return member.read()
-
-
 def test_plan_during_a_pass_changes_nothing_the_pass_builds(
     tmp_path: Path, config_repo: ConfigRepo, signing: Signing
 ) -> None:
@@ -92,7 +82,7 @@ def test_plan_during_a_pass_changes_nothing_the_pass_builds(
     release = json.loads((store / "hosts/b-site/releases/1.json").read_text())
     assert release["commit"] == first
     # What the release says it was built from is what it holds.
-    assert aci_file(store, "b-site", 1, "srv/index.html") == b"first\n"
+    assert aci_file(store, "b-site", "srv/index.html", version=1) == b"first\n"
 
 
 def test_plan_writes_nothing(tmp_path: Path, config_repo: ConfigRepo, signing: Signing) -> None:

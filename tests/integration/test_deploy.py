@@ -33,7 +33,7 @@ import yaml
 
 from reconciler.agent.config import load_agent_config
 from reconciler.config import load_config
-from tests.conftest import ConfigRepo, Signing, free_port, standard_fleet, wait_for, write_config
+from tests.conftest import ConfigRepo, Signing, aci_file, free_port, standard_fleet, wait_for, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -374,18 +374,6 @@ derivation {{
   '' ];
 }}
 """
-
-
-def aci_file(store: Path, host: str, name: str) -> bytes | None:
-    """A file of ``host``'s published ACI, or None if the image has none."""
-    release = json.loads((store / "hosts" / host / "latest.json").read_text())
-    (aci,) = [a for a in release["artifacts"] if a["format"] == "aci"]
-    with tarfile.open(store / aci["blob"]) as tar:
-        try:
-            member = tar.extractfile(f"rootfs/{name}")
-        except KeyError:
-            return None
-        return member.read() if member is not None else None
 
 
 def blocking_dirs(paths: list[Path]) -> list[tuple[Path, str]]:

@@ -11,7 +11,6 @@ import json
 import os
 import socket
 import subprocess
-import tarfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ import pytest
 
 from reconciler.config import load_config
 from reconciler.wiring import open_reconciler
-from tests.conftest import ConfigRepo, Signing, cli, wait_for, write_config
+from tests.conftest import ConfigRepo, Signing, aci_file, cli, wait_for, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -71,18 +70,6 @@ def host_error(cfg: Path, host: str) -> str:
     hosts = status(cfg)["hosts"]
     assert isinstance(hosts, dict)
     return str(hosts[host]["error"])
-
-
-def image_file(store: Path, host: str, name: str) -> bytes | None:
-    """A file of ``host``'s published ACI, or None if the image has none."""
-    release = json.loads((store / "hosts" / host / "latest.json").read_text())
-    (aci,) = [a for a in release["artifacts"] if a["format"] == "aci"]
-    with tarfile.open(store / aci["blob"]) as tar:
-        try:
-            member = tar.extractfile(f"rootfs/{name}")
-        except KeyError:
-            return None
-        return member.read() if member is not None else None
 
 
 def test_evaluation_cannot_read_the_signing_key(
@@ -166,7 +153,7 @@ def test_builder_reaches_no_network_and_writes_nothing_outside(
         with pytest.raises(BlockingIOError):
             listener.accept()
     assert not pwned.exists()
-    assert image_file(tmp_path / "store", "evil", "etc/stolen") == b""
+    assert aci_file(tmp_path / "store", "evil", "etc/stolen") == b""
     assert status(cfg)["sandbox"] == "on"
 
 
@@ -269,7 +256,7 @@ def test_reconcile_through_a_nix_daemon_with_build_users(
     res = cli("reconcile", "-c", str(cfg), env=sandboxing_daemon.env)
     assert res.returncode == 0, res.stdout + res.stderr
     assert published(tmp_path / "store", "good") and published(tmp_path / "store", "evil")
-    assert image_file(tmp_path / "store", "evil", "etc/ok") == b"ok\n"
+    assert aci_file(tmp_path / "store", "evil", "etc/ok") == b"ok\n"
     assert status(cfg)["sandbox"] == "on"
     # The builds went through this daemon: it logs every client it accepts.
     assert "accepted connection" in sandboxing_daemon.log.read_text()
@@ -307,4 +294,4 @@ def test_a_nix_that_builds_unsandboxed_is_refused_unless_the_config_opts_out(
     # Even unsandboxed, the builder runs as a build user: the key's directory (0700,
     # the daemon's own user) stays out of its reach.
     assert os.stat(signing.gnupghome).st_mode & 0o077 == 0
-    assert image_file(tmp_path / "store", "evil", "etc/stolen") == b""
+    assert aci_file(tmp_path / "store", "evil", "etc/stolen") == b""
