@@ -733,6 +733,23 @@ def test_deep_merge_identity_and_idempotence(d: dict[str, Any]) -> None:
     assert deep_merge(d, d) == d
 
 
+def check_accepted(host: Host, stem: str) -> None:
+    """What every accepted host satisfies: a valid name that is its file's stem, only
+    known formats and clean names, and a normalised form (``to_nix``, what Nix gets)
+    that is itself a host file parsing back to the same host."""
+    assert host.name == stem and hosts.NAME_RE.fullmatch(host.name)
+    assert host.formats and host.formats == tuple(f for f in hosts.FORMATS if f in host.formats)
+    assert all(hosts.SERVICE_RE.fullmatch(s.name) and s.exec for s in host.services)
+    assert all(s.restart in hosts.RESTART_POLICIES for s in host.services)
+    for name, content in host.files:
+        assert not name.startswith("/") and posixpath.normpath(name) == name and "\0" not in content
+    packages = {f"packages/{p}.nix": "" for p in host.packages if p not in hosts.BUILTIN_PACKAGES}
+    again = parse_fleet({f"hosts/{stem}.yaml": yaml.safe_dump(host.to_nix()), **packages})
+    assert again.errors == (), [str(e) for e in again.errors]
+    assert again.hosts[stem] == host
+    assert again.hosts[stem].to_nix() == host.to_nix()
+
+
 @PROPERTY
 @given(st.text(), st.text())
 def test_parse_fleet_never_raises_on_arbitrary_text(host_text: str, profile_text: str) -> None:
@@ -742,6 +759,8 @@ def test_parse_fleet_never_raises_on_arbitrary_text(host_text: str, profile_text
         assert e.path == HOST
         assert e.reason
     assert fleet.invalid == ({"web-1"} if fleet.errors else set())
+    for host in fleet.hosts.values():
+        check_accepted(host, "web-1")
 
 
 yaml_values: st.SearchStrategy[Any] = st.recursive(
@@ -811,6 +830,7 @@ def test_parse_fleet_never_raises_on_arbitrary_structures(
         nix = fleet.hosts["web-1"].to_nix()
         assert nix["name"] == "web-1"
         assert nix["formats"] in (["aci"], ["appimage"], ["aci", "appimage"])
+        check_accepted(fleet.hosts["web-1"], "web-1")
 
 
 segments = st.one_of(
@@ -1010,6 +1030,8 @@ def test_every_host_file_gives_one_host_or_one_error(
     assert set(fleet.hosts) | fleet.invalid == stems
     assert not set(fleet.hosts) & fleet.invalid
     assert sorted(Path(e.path).stem for e in fleet.errors) == sorted(fleet.invalid)
+    for name, host in fleet.hosts.items():
+        check_accepted(host, name)
 
 
 # -- YAML limits: depth, size, aliases -----------------------------------------------------------
