@@ -17,7 +17,7 @@ from typing import Any
 from reconciler.core.hosts import check_keys, parse_yaml
 from reconciler.errors import ConfigError
 
-DURATION_RE = re.compile(r"^(\d+)([smhd])$")
+DURATION_RE = re.compile(r"^([0-9]+)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 SIZE_RE = re.compile(r"^(\d+)\s*([KMGT]?)i?B?$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -374,9 +374,12 @@ def parse_seconds(path: str, key: str, value: Any) -> float:
 
 def parse_duration(path: str, key: str, value: Any) -> timedelta:
     m = DURATION_RE.fullmatch(str(value))
-    if not m or int(m.group(1)) <= 0:
+    if not m or not m.group(1).strip("0"):
         raise ConfigError(path, key, f"must be a duration like 90s, 15m, 12h or 30d, got {value!r}")
-    return timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
+    try:
+        return timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
+    except (OverflowError, ValueError):  # ValueError: more digits than int() converts
+        raise ConfigError(path, key, f"{value!r} is longer than a duration can be") from None
 
 
 def parse_size(path: str, key: str, value: Any) -> int:
