@@ -964,6 +964,7 @@ def test_to_nix_is_stable_under_yaml_reserialisation(
     assert again.errors == ()
     assert again.hosts["web-1"] == host
     assert again.hosts["web-1"].to_nix() == host.to_nix()
+    check_accepted(host, "web-1")
     # And the normalised form reflects the data.
     nix = host.to_nix()
     assert nix["files"] == data.get("files", {})
