@@ -590,6 +590,27 @@ def test_read_tree_reads_definitions_and_package_names(tmp_path: Path) -> None:
     assert fleet.hosts["web-1"].inputs() == ("hosts/web-1.yaml", "profiles/base.yaml", "packages/site.nix")
 
 
+def test_read_tree_reads_yml_files_and_every_directory_present(tmp_path: Path) -> None:
+    # No hosts/ at all: profiles/ and packages/ are still read.
+    write(tmp_path, "profiles/base.yml", BASE)
+    write(tmp_path, "packages/webapp.nix", "{ toolchain }: derivation {}")
+    assert read_tree(tmp_path) == {"profiles/base.yml": BASE, "packages/webapp.nix": ""}
+    write(
+        tmp_path,
+        "hosts/web-1.yml",
+        "name: web-1\ninclude: [base]\nservices: {web: {package: webapp, exec: [x]}}\n",
+    )
+    fleet = parse_fleet(read_tree(tmp_path))
+    assert fleet.errors == ()
+    assert fleet.hosts["web-1"].packages == ("webapp",)
+    assert fleet.hosts["web-1"].inputs() == ("hosts/web-1.yml", "profiles/base.yml", "packages/webapp.nix")
+
+
+def test_a_key_that_is_not_a_string_is_reported_at_its_mapping() -> None:
+    err = error_of("name: web-1\nnetwork: {1: x}\n")
+    assert (err.key, err.reason) == ("network", "key 1 must be a string")
+
+
 def test_read_tree_of_an_empty_checkout(tmp_path: Path) -> None:
     assert read_tree(tmp_path) == {}
     assert parse_fleet({}) == Fleet(hosts={}, errors=())
