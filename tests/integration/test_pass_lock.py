@@ -96,11 +96,14 @@ def test_gc_and_a_second_pass_wait_for_the_pass_in_progress(
     tmp_path: Path, config_repo: ConfigRepo, signing: Signing
 ) -> None:
     standard_fleet(config_repo)
+    cfg = str(write_config(tmp_path, config_repo, signing, retention={"keep": 1, "interval": 0}))
+    assert cli("reconcile", "-c", cfg).returncode == 0
+    # Then only slow-1 builds: while its builder sleeps, the pass waits on it and
+    # writes nothing (its state database included) when it is frozen.
     nonce = f"nonce-{uuid.uuid4().hex}"
     config_repo.write("packages/slow.nix", SLOW.format(nonce=nonce))
     config_repo.write("hosts/slow-1.yaml", SLOW_HOST)
     config_repo.commit("a host whose build takes a while")
-    cfg = str(write_config(tmp_path, config_repo, signing, retention={"keep": 1, "interval": 0}))
     procs: list[subprocess.Popen[str]] = []
 
     def start(*args: str) -> subprocess.Popen[str]:
