@@ -611,6 +611,24 @@ def test_a_key_that_is_not_a_string_is_reported_at_its_mapping() -> None:
     assert (err.key, err.reason) == ("network", "key 1 must be a string")
 
 
+def test_a_file_below_another_file_is_refused_at_any_depth() -> None:
+    err = error_of("name: web-1\nfiles: {srv/a: x, srv/a/b/c/d: y}\n")
+    assert (err.key, err.reason) == ("files.srv/a/b/c/d", "its parent 'srv/a' is also a file")
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "reason"),
+    [
+        ("services: {1: {exec: [x]}, web: {exec: [x]}}", "services.1", "service name must match"),
+        ("files: {1: x, etc/motd: y}", "files.1", "file names must be strings"),
+        ('files: {"srv/a\\0b": x}', "files.srv/a\0b", "must be a relative path inside the image"),
+    ],
+)
+def test_names_of_any_type_or_content_are_refused_cleanly(text: str, key: str, reason: str) -> None:
+    err = error_of(f"name: web-1\n{text}\n")
+    assert err.key == key and reason in err.reason, err
+
+
 def test_read_tree_of_an_empty_checkout(tmp_path: Path) -> None:
     assert read_tree(tmp_path) == {}
     assert parse_fleet({}) == Fleet(hosts={}, errors=())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -312,6 +313,22 @@ def test_round_trip_property(r: Release) -> None:
     assert data.endswith(b"}\n")
     # Canonical: what json.dumps makes of it with sorted keys and indent 2.
     assert json.dumps(json.loads(data), indent=2, sort_keys=True).encode() + b"\n" == data
+
+
+def test_times_are_written_in_utc_whatever_the_local_zone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        plus_two = datetime(2024, 1, 2, 5, 4, 5, tzinfo=timezone(timedelta(hours=2)))
+        assert format_time(plus_two) == "2024-01-02T03:04:05Z"
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+def test_a_fraction_of_a_second_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match=r"'2024-01-02T03:04:05.5Z' has a fraction of a second"):
+        parse_time("2024-01-02T03:04:05.5Z")
 
 
 def check_accepted(r: Release) -> None:
