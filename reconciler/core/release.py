@@ -63,13 +63,17 @@ class Release:
 
 
 def format_time(t: datetime) -> str:
-    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    # Not strftime: its %Y leaves years before 1000 unpadded, which parse_time refuses.
+    return t.astimezone(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 def parse_time(s: str) -> datetime:
     t = datetime.fromisoformat(s.replace("Z", "+00:00"))
     if t.tzinfo is None:
         raise ValueError(f"{s!r} has no time zone")
+    if t.microsecond:
+        # The canonical form has whole seconds: a fraction would not survive it.
+        raise ValueError(f"{s!r} has a fraction of a second")
     return t.astimezone(UTC)
 
 

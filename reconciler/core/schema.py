@@ -29,9 +29,9 @@ MAX_DEPTH = 64
 # validation and the JSON handed to Nix than the largest file read_tree accepts.
 MAX_NODES = MAX_FILE_BYTES
 MAX_SCALAR_CHARS = MAX_FILE_BYTES
-DURATION_RE = re.compile(r"^(\d+)([smhd])$")
+DURATION_RE = re.compile(r"^([0-9]+)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-SIZE_RE = re.compile(r"^(\d+)\s*([KMGT]?)i?B?$", re.IGNORECASE)
+SIZE_RE = re.compile(r"^([0-9]+)\s*([KMGT]?)i?B?$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -265,9 +265,12 @@ def parse_seconds(path: str, key: str, value: Any) -> float:
 
 def parse_duration(path: str, key: str, value: Any) -> timedelta:
     m = DURATION_RE.fullmatch(str(value))
-    if not m or int(m.group(1)) <= 0:
+    if not m or not m.group(1).strip("0"):
         raise ConfigError(path, key, f"must be a duration like 90s, 15m, 12h or 30d, got {value!r}")
-    return timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
+    try:
+        return timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
+    except (OverflowError, ValueError):  # ValueError: more digits than int() converts
+        raise ConfigError(path, key, f"{value!r} is longer than a duration can be") from None
 
 
 def parse_size(path: str, key: str, value: Any) -> int:
@@ -277,6 +280,7 @@ def parse_size(path: str, key: str, value: Any) -> int:
             raise ConfigError(path, key, "must be a positive number of bytes")
         return value
     m = SIZE_RE.fullmatch(str(value).strip())
-    if not m or int(m.group(1)) <= 0:
+    # Past 40 digits no size means anything, and int() refuses thousands of them.
+    if not m or not m.group(1).strip("0") or len(m.group(1)) > 40:
         raise ConfigError(path, key, f"must be a size like 512M or 4G, got {value!r}")
     return int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]

@@ -83,22 +83,28 @@ def authenticate(headers: Mapping[str, str], body: bytes, secret: bytes) -> Push
     h = {k.lower(): v for k, v in headers.items()}
     if "x-gitlab-event" in h:
         token = h.get("x-gitlab-token", "")
-        if not hmac.compare_digest(token.encode(), secret):
+        if not hmac.compare_digest(_octets(token), secret):
             raise Unauthorized("gitlab: wrong or missing X-Gitlab-Token")
         return Push("gitlab", _ref(body), h["x-gitlab-event"])
     expected = hmac.new(secret, body, hashlib.sha256).hexdigest()
     if "x-gitea-event" in h:
         # Gitea also sends X-Hub-Signature-256; its own header is the hex digest.
         given = h.get("x-gitea-signature", "")
-        if not hmac.compare_digest(given, expected):
+        if not hmac.compare_digest(_octets(given), expected.encode()):
             raise Unauthorized("gitea: wrong or missing X-Gitea-Signature")
         return Push("gitea", _ref(body), h["x-gitea-event"])
     if "x-github-event" in h:
         given = h.get("x-hub-signature-256", "")
-        if not hmac.compare_digest(given, "sha256=" + expected):
+        if not hmac.compare_digest(_octets(given), b"sha256=" + expected.encode()):
             raise Unauthorized("github: wrong or missing X-Hub-Signature-256")
         return Push("github", _ref(body), h["x-github-event"])
     raise Unauthorized("not a GitHub, Gitea or GitLab webhook (no event header)")
+
+
+def _octets(header: str) -> bytes:
+    """A header value as bytes to compare: compare_digest raises on a str with
+    non-ASCII characters, and a client's wrong credential must be only wrong."""
+    return header.encode("utf-8", "surrogatepass")
 
 
 def _ref(body: bytes) -> str | None:

@@ -44,7 +44,7 @@ def test_an_installed_wheel_carries_the_nix_library_and_publishes(tmp_path: Path
     env = {**os.environ, "PATH": f"{venv / 'bin'}:{os.environ['PATH']}"}
     env.pop("PYTHONPATH", None)
     where = subprocess.run(
-        [str(venv / "bin/python"), "-c", "import reconciler.nix as n; print(n.NIX_DIR)"],
+        [str(venv / "bin/python"), "-c", "import reconciler.adapters.nix as n; print(n.NIX_DIR)"],
         cwd=tmp_path,
         env=env,
         capture_output=True,

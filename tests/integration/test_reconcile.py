@@ -170,3 +170,46 @@ def test_verify_refuses_a_tampered_artifact(
     res = cli("verify", "--key", str(signing.public_key), str(blob))
     assert res.returncode == 1
     assert "bad signature" in res.stderr
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_what_a_host_published_stays_published_while_its_file_is_invalid(
+    tmp_path: Path, config_repo: ConfigRepo, signing: Signing
+) -> None:
+    standard_fleet(config_repo)
+    cfg = str(write_config(tmp_path, config_repo, signing, retention={"keep": 1, "interval": 0}))
+    assert cli("reconcile", "-c", cfg).returncode == 0
+    # web-1 moves on to version 2, so gc has a release to delete (keep: 1).
+    config_repo.write("hosts/web-1.yaml", WEB.format(name="web-1", address="10.42.0.99/24", port=18081))
+    config_repo.commit("move web-1")
+    assert cli("reconcile", "-c", cfg).returncode == 0
+    store = tmp_path / "store"
+    before = snapshot(store / "hosts" / "web-2")
+    release = parse_release(before["latest.json"], "web-2 latest.json")
+    blobs = {a.blob: (store / a.blob).read_bytes() for a in release.artifacts}
+    blobs |= {b + ".asc": (store / (b + ".asc")).read_bytes() for b in list(blobs)}
+
+    config_repo.write("hosts/web-2.yaml", "name: web-2\nservices:\n  web:\n    exec: bin/busybox httpd\n")
+    config_repo.commit("break web-2")
+    for _ in range(2):  # the pass that finds it invalid, and one that finds it still invalid
+        res = cli("reconcile", "-c", cfg)
+        assert res.returncode == 1
+        assert "web-2: invalid (hosts/web-2.yaml: services.web.exec:" in res.stdout, res.stdout
+        assert "Traceback" not in res.stderr
+        status = json.loads(cli("status", "-c", cfg, "--json").stdout)["hosts"]["web-2"]
+        assert (status["status"], status["version"]) == ("invalid", 1)
+        assert "services.web.exec" in status["error"]
+    gc = cli("gc", "-c", cfg)
+    assert gc.returncode == 0, gc.stderr
+    assert "deleted hosts/web-1/releases/1.json\n" in gc.stdout  # gc did run
+    assert "web-2" not in gc.stdout
+
+    assert snapshot(store / "hosts" / "web-2") == before
+    assert {key: (store / key).read_bytes() for key in blobs} == blobs
+    ok = cli("verify", "--key", str(signing.public_key), str(store / "hosts" / "web-2" / "latest.json"))
+    assert ok.returncode == 0, ok.stderr
+    for art in release.artifacts:
+        assert f"OK {art.name} " in ok.stdout, ok.stdout

@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator
@@ -114,8 +113,6 @@ def test_webhooks_wake_the_daemon_and_bad_signatures_get_401(
         assert post(hook, body, {"X-GitHub-Event": "push", "X-Hub-Signature-256": bad}) == 401
         assert post(hook, body, {"X-GitHub-Event": "push"}) == 401
         assert metric(d.base, "reconciler_webhook_requests_total", {"result": "unauthorized"}) == 2
-        time.sleep(1.5)
-        assert published(d.store, "web-1") == 1, "an unauthorized webhook started a pass"
         other = json.dumps({"ref": "refs/heads/dev"}).encode()
         sig = "sha256=" + hmac.new(SECRET.encode(), other, hashlib.sha256).hexdigest()
         assert post(hook, other, {"X-GitHub-Event": "push", "X-Hub-Signature-256": sig}) == 200
@@ -133,21 +130,69 @@ def test_webhooks_wake_the_daemon_and_bad_signatures_get_401(
     assert "event=webhook_refused" in d.log.read_text()
 
 
+def wakeups(d: Daemon) -> dict[str, float]:
+    """What woke the daemon's loop so far, by trigger (a burst counts once, under its
+    first trigger)."""
+    return {t: metric(d.base, "reconciler_wakeups_total", {"trigger": t}) for t in ("webhook", "filesystem")}
+
+
+def test_webhooks_that_are_refused_or_ignored_wake_nothing(
+    tmp_path: Path, fleet: ConfigRepo, signing: Signing
+) -> None:
+    """A refused or ignored webhook must not wake the loop. Whether it did is read
+    from the next wake-up, not from a pause: a commit (a filesystem trigger) comes
+    after the webhooks, and a wake-up is counted under its first trigger, so any
+    webhook that woke the loop shows in the webhook count, early or late."""
+    (tmp_path / "secret").write_text(SECRET + "\n")
+    d = Daemon(
+        tmp_path, fleet, signing, triggers={"webhook_secret_file": str(tmp_path / "secret"), "watch": True}
+    )
+    try:
+        hook = d.base + "/webhook"
+        body = json.dumps({"ref": "refs/heads/main"}).encode()
+        bad = "sha256=" + hmac.new(b"guess", body, hashlib.sha256).hexdigest()
+        assert post(hook, body, {"X-GitHub-Event": "push", "X-Hub-Signature-256": bad}) == 401
+        assert post(hook, body, {"X-GitHub-Event": "push"}) == 401
+        assert post(hook, body, {"X-Gitlab-Event": "Push Hook", "X-Gitlab-Token": "guess"}) == 401
+        other = json.dumps({"ref": "refs/heads/dev"}).encode()
+        sig = "sha256=" + hmac.new(SECRET.encode(), other, hashlib.sha256).hexdigest()
+        assert post(hook, other, {"X-GitHub-Event": "push", "X-Hub-Signature-256": sig}) == 200
+        move(fleet, 33)
+        wait_for(lambda: published(d.store, "web-1") == 2, 60, "version 2 after the commit")
+        woken = wakeups(d)
+        assert woken["webhook"] == 0 and woken["filesystem"] >= 1, woken
+        assert metric(d.base, "reconciler_webhook_requests_total", {"result": "unauthorized"}) == 3
+        assert metric(d.base, "reconciler_webhook_requests_total", {"result": "ignored"}) == 1
+    finally:
+        d.stop()
+
+
 def test_commits_to_a_local_repository_are_noticed_without_polling(
     tmp_path: Path, fleet: ConfigRepo, signing: Signing
 ) -> None:
-    d = Daemon(tmp_path, fleet, signing)
+    (tmp_path / "secret").write_text(SECRET + "\n")
+    d = Daemon(tmp_path, fleet, signing, triggers={"webhook_secret_file": str(tmp_path / "secret")})
     try:
         move(fleet, 41)
         wait_for(lambda: published(d.store, "web-1") == 2, 60, "version 2 after a commit")
         woken = metric(d.base, "reconciler_wakeups_total", {"trigger": "filesystem"})
         assert woken >= 1
         assert metric(d.base, "reconciler_wakeups_total", {"trigger": "poll"}) == 0
-        # The daemon's own reads of the repository (its fetch) do not wake it again.
-        runs = metric(d.base, "reconciler_reconcile_runs_total", {"result": "success"})
-        time.sleep(2)
-        assert metric(d.base, "reconciler_wakeups_total", {"trigger": "filesystem"}) == woken
-        assert metric(d.base, "reconciler_reconcile_runs_total", {"result": "success"}) == runs
+        # The daemon's own reads of the repository (its fetch) must not wake it again.
+        # Had that pass's fetch woken it, the wake-up would be queued already and
+        # counted as "filesystem" before or together with this webhook's (a burst
+        # counts under its first trigger), so the webhook's wake-up is the barrier.
+        body = json.dumps({"ref": "refs/heads/main"}).encode()
+        sig = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+        assert post(d.base + "/webhook", body, {"X-GitHub-Event": "push", "X-Hub-Signature-256": sig}) == 202
+
+        def woken_by_the_webhook() -> bool:
+            now = wakeups(d)
+            if now["filesystem"] != woken:
+                raise AssertionError(f"the daemon's own fetch woke it: {now}")
+            return now["webhook"] == 1
+
+        wait_for(woken_by_the_webhook, 60, "the webhook to wake the daemon")
     finally:
         d.stop()
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from reconciler.config import (
@@ -220,6 +221,16 @@ def duration(value: Any) -> str:
             "nix.max_output_size",
             "must be a size like 512M or 4G, got '0G'",
         ),
+        (
+            merged(nix__max_output_size="٣G"),
+            "nix.max_output_size",
+            "must be a size like 512M or 4G, got '٣G'",
+        ),
+        (
+            merged(nix__max_output_size="9" * 5000 + "G"),
+            "nix.max_output_size",
+            f"must be a size like 512M or 4G, got {'9' * 5000 + 'G'!r}",
+        ),
         (merged(repo=DELETE), "repo", "is required"),
         (merged(repo=["x"]), "repo", "must be a mapping"),
         (merged(repo__url=DELETE), "repo.url", "is required"),
@@ -352,16 +363,33 @@ def test_parse_duration_property(n: int, unit: str) -> None:
     assert parse_duration("f", "k", f"{n}{unit}") == timedelta(seconds=n * factor)
 
 
-@given(st.one_of(st.text(max_size=10), st.integers(), st.none(), st.floats()))
+@given(
+    st.one_of(
+        st.text(max_size=10),
+        st.integers(),
+        st.none(),
+        st.floats(),
+        st.from_regex(r"[0-9]{1,30}[smhd]", fullmatch=True),
+        st.from_regex(r"\d{1,3}[smhd]", fullmatch=True),  # any Unicode digit
+    )
+)
+@example("٣s")  # ARABIC-INDIC DIGIT THREE
+@example("9999999999d")  # beyond what a timedelta holds
+@example("9" * 5000 + "s")  # beyond what int() converts
+@example("000s")
 def test_parse_duration_refuses_with_config_error_only(value: object) -> None:
     try:
         d = parse_duration("f.yaml", "release_lifetime", value)
     except ConfigError as exc:
         assert (exc.path, exc.key) == ("f.yaml", "release_lifetime")
-        assert exc.reason == duration(value)
+        assert exc.reason in (duration(value), f"{value!r} is longer than a duration can be")
     else:
+        # Accepted: ASCII digits and a unit, meaning exactly what they say.
         assert isinstance(value, str)
-        assert d > timedelta(0)
+        m = re.fullmatch(r"([0-9]+)([smhd])", value)
+        assert m is not None, value
+        factor = {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+        assert d == timedelta(seconds=int(m.group(1)) * factor) > timedelta(0)
 
 
 def test_retry_backoff_defaults_and_overrides(tmp_path: Path) -> None:

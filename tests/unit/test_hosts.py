@@ -578,6 +578,45 @@ def test_read_tree_reads_definitions_and_package_names(tmp_path: Path) -> None:
     assert fleet.hosts["web-1"].inputs() == ("hosts/web-1.yaml", "profiles/base.yaml", "packages/site.nix")
 
 
+def test_read_tree_reads_yml_files_and_every_directory_present(tmp_path: Path) -> None:
+    # No hosts/ at all: profiles/ and packages/ are still read.
+    write(tmp_path, "profiles/base.yml", BASE)
+    write(tmp_path, "packages/webapp.nix", "{ toolchain }: derivation {}")
+    assert read_tree(tmp_path) == {"profiles/base.yml": BASE, "packages/webapp.nix": ""}
+    write(
+        tmp_path,
+        "hosts/web-1.yml",
+        "name: web-1\ninclude: [base]\nservices: {web: {package: webapp, exec: [x]}}\n",
+    )
+    fleet = parse_fleet(read_tree(tmp_path))
+    assert fleet.errors == ()
+    assert fleet.hosts["web-1"].packages == ("webapp",)
+    assert fleet.hosts["web-1"].inputs() == ("hosts/web-1.yml", "profiles/base.yml", "packages/webapp.nix")
+
+
+def test_a_key_that_is_not_a_string_is_reported_at_its_mapping() -> None:
+    err = error_of("name: web-1\nnetwork: {1: x}\n")
+    assert (err.key, err.reason) == ("network", "key 1 must be a string")
+
+
+def test_a_file_below_another_file_is_refused_at_any_depth() -> None:
+    err = error_of("name: web-1\nfiles: {srv/a: x, srv/a/b/c/d: y}\n")
+    assert (err.key, err.reason) == ("files.srv/a/b/c/d", "its parent 'srv/a' is also a file")
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "reason"),
+    [
+        ("services: {1: {exec: [x]}, web: {exec: [x]}}", "services.1", "service name must match"),
+        ("files: {1: x, etc/motd: y}", "files.1", "file names must be strings"),
+        ('files: {"srv/a\\0b": x}', "files.srv/a\0b", "must be a relative path inside the image"),
+    ],
+)
+def test_names_of_any_type_or_content_are_refused_cleanly(text: str, key: str, reason: str) -> None:
+    err = error_of(f"name: web-1\n{text}\n")
+    assert err.key == key and reason in err.reason, err
+
+
 def test_read_tree_of_an_empty_checkout(tmp_path: Path) -> None:
     assert read_tree(tmp_path) == {}
     assert parse_fleet({}) == Fleet(hosts={}, errors=())
@@ -721,6 +760,23 @@ def test_deep_merge_identity_and_idempotence(d: dict[str, Any]) -> None:
     assert deep_merge(d, d) == d
 
 
+def check_accepted(host: Host, stem: str) -> None:
+    """What every accepted host satisfies: a valid name that is its file's stem, only
+    known formats and clean names, and a normalised form (``to_nix``, what Nix gets)
+    that is itself a host file parsing back to the same host."""
+    assert host.name == stem and hosts.NAME_RE.fullmatch(host.name)
+    assert host.formats and host.formats == tuple(f for f in hosts.FORMATS if f in host.formats)
+    assert all(hosts.SERVICE_RE.fullmatch(s.name) and s.exec for s in host.services)
+    assert all(s.restart in hosts.RESTART_POLICIES for s in host.services)
+    for name, content in host.files:
+        assert not name.startswith("/") and posixpath.normpath(name) == name and "\0" not in content
+    packages = {f"packages/{p}.nix": "" for p in host.packages if p not in hosts.BUILTIN_PACKAGES}
+    again = parse_fleet({f"hosts/{stem}.yaml": yaml.safe_dump(host.to_nix()), **packages})
+    assert again.errors == (), [str(e) for e in again.errors]
+    assert again.hosts[stem] == host
+    assert again.hosts[stem].to_nix() == host.to_nix()
+
+
 @PROPERTY
 @given(st.text(), st.text())
 def test_parse_fleet_never_raises_on_arbitrary_text(host_text: str, profile_text: str) -> None:
@@ -730,6 +786,8 @@ def test_parse_fleet_never_raises_on_arbitrary_text(host_text: str, profile_text
         assert e.path == HOST
         assert e.reason
     assert fleet.invalid == ({"web-1"} if fleet.errors else set())
+    for host in fleet.hosts.values():
+        check_accepted(host, "web-1")
 
 
 yaml_values: st.SearchStrategy[Any] = st.recursive(
@@ -799,6 +857,7 @@ def test_parse_fleet_never_raises_on_arbitrary_structures(
         nix = fleet.hosts["web-1"].to_nix()
         assert nix["name"] == "web-1"
         assert nix["formats"] in (["aci"], ["appimage"], ["aci", "appimage"])
+        check_accepted(fleet.hosts["web-1"], "web-1")
 
 
 segments = st.one_of(
@@ -932,6 +991,7 @@ def test_to_nix_is_stable_under_yaml_reserialisation(
     assert again.errors == ()
     assert again.hosts["web-1"] == host
     assert again.hosts["web-1"].to_nix() == host.to_nix()
+    check_accepted(host, "web-1")
     # And the normalised form reflects the data.
     nix = host.to_nix()
     assert nix["files"] == data.get("files", {})
@@ -998,6 +1058,8 @@ def test_every_host_file_gives_one_host_or_one_error(
     assert set(fleet.hosts) | fleet.invalid == stems
     assert not set(fleet.hosts) & fleet.invalid
     assert sorted(Path(e.path).stem for e in fleet.errors) == sorted(fleet.invalid)
+    for name, host in fleet.hosts.items():
+        check_accepted(host, name)
 
 
 # -- YAML limits: depth, size, aliases -----------------------------------------------------------

@@ -81,3 +81,9 @@ def test_no_path_outside_the_repository_survives(
     shown = redact(text, HOW, unsandboxed_build=unsandboxed)
     for _, d, n, _ in lines:
         assert f"{d}/{n}" not in shown
+
+
+def test_the_repository_itself_is_shown_as_a_dot() -> None:
+    assert HOW.path("/var/lib/reconciler/checkout") == "."
+    assert HOW.path("/var/lib/reconciler/checkout/hosts") == "hosts"
+    assert HOW.path("/var/lib/reconciler/checkout-old") == OUTSIDE

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import zlib
 
 import pytest
@@ -136,12 +135,82 @@ def test_signatures_beyond_the_size_limit_are_refused_unread() -> None:
     refused(armor(body_of(RSA), padding), f"larger than {ARMORED_LIMIT} bytes")
 
 
+def test_a_signature_of_exactly_the_size_limit_is_read() -> None:
+    plain = armor(body_of(RSA), ("Comment: x",))
+    exact = plain.replace(b"Comment: x", b"Comment: " + b"x" * (1 + ARMORED_LIMIT - len(plain)))
+    assert len(exact) == ARMORED_LIMIT
+    assert detached_signature(exact, "sig.asc") == body_of(RSA)
+    refused(exact.replace(b"Comment: ", b"Comment:  "), f"larger than {ARMORED_LIMIT} bytes")
+
+
+# Each length encoding at the edges of its range (RFC 4880 §4.2): new format one
+# octet up to 191, two octets 192 to 8383, five octets; old format 1, 2 or 4 octets.
+EDGES = [
+    ("new1", 0),
+    ("new1", 191),
+    ("new2", 192),
+    ("new2", 193),
+    ("new2", 447),
+    ("new2", 448),
+    ("new2", 8383),
+    ("new5", 0),
+    ("new5", 8384),
+    ("old1", 0),
+    ("old1", 255),
+    ("old2", 256),
+    ("old2", 8000),
+    ("old4", 300),
+]
+
+
+@pytest.mark.parametrize(("fmt", "size"), EDGES)
+def test_every_length_encoding_is_read_to_the_exact_end_of_its_packet(fmt: str, size: int) -> None:
+    # A second packet right after the first: a length read wrong by even one octet
+    # puts the walk inside a packet, or past the end.
+    first = packet(SIGNATURE, bytes(range(256)) * (size // 256) + bytes(size % 256), fmt)
+    data = first + packet(SIGNATURE, b"\x04sig", "old1")
+    assert detached_signature(armor(data), "sig.asc") == data
+    refused(armor(data[:-1]), "truncated")
+    refused(armor(first + packet(COMPRESSED, b"\x00", "old1")), "packet of type 8, not a signature")
+
+
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        (bytes([0x08, 1, 0]), "not an OpenPGP packet"),  # bit 7 clear: would read as old-format tag 2
+        (bytes([0x01, 1, 0]), "not an OpenPGP packet"),
+        (bytes([0xC2]), "truncated in a packet header"),
+        (bytes([0xC2, 0xC0]), "truncated in a packet header"),
+        (bytes([0xC2, 0xFF, 0, 0, 1]), "truncated in a packet header"),
+        (bytes([0xC2, 0xE0]), "partial length"),
+        (bytes([0xC2, 0xFE]), "partial length"),
+        (bytes([0x89, 0]), "truncated in a packet header"),
+    ],
+)
+def test_packet_headers_are_read_strictly(data: bytes, why: str) -> None:
+    refused(armor(data), why)
+
+
+def test_the_armor_checksum_is_optional_but_must_be_base64_when_present() -> None:
+    data = body_of(RSA)
+    without = b"\n".join(ln for ln in armor(data).split(b"\n") if not ln.startswith(b"="))
+    assert detached_signature(without, "sig.asc") == data
+    crc = armor(data).split(b"\n")[-3]
+    refused(armor(data).replace(crc, crc[:2] + b"!" + crc[2:]), "not valid base64")
+
+
 @pytest.mark.parametrize(
     ("mangle", "why"),
     [
         (lambda a: b"junk before\n" + a, "not one armored PGP SIGNATURE block"),
         (lambda a: a + a, "not one armored PGP SIGNATURE block"),
         (lambda a: a.replace(b"SIGNATURE", b"MESSAGE"), "not one armored PGP SIGNATURE block"),
+        (lambda a: a.replace(b"BEGIN PGP SIGNATURE", b"BEGIN PGP MESSAGE"), "not one armored"),
+        (lambda a: a.replace(b"END PGP SIGNATURE", b"END PGP MESSAGE"), "not one armored"),
+        (lambda a: a.replace(b"-----\n\n", b"-----\n-----BEGIN PGP SIGNATURE-----\n\n"), "not one armored"),
+        (lambda a: a.replace(b"\n-----END", b"\n-----END PGP SIGNATURE-----\n-----END"), "not one armored"),
+        (lambda a: b"-----BEGIN PGP SIGNATURE-----\n\n-----END PGP SIGNATURE-----\n", "holds no packets"),
+        (lambda a: a.replace(b"=\n", b"=\x0c\n", 1), "not valid base64"),
         (lambda a: a.replace(b"-----\n\n", b"-----\n"), "no blank line"),
         (lambda a: a.replace(b"-----\n\n", b"-----\nnot a header\n\n"), "malformed header line"),
         (lambda a: a.replace(b"=iCc4", b"=iCc5"), "checksum does not match"),
@@ -194,22 +263,62 @@ def test_truncated_signatures_are_refused(sigs: list[tuple[bytes, str]], data: s
     refused(armor(whole[:cut]), "truncated")
 
 
+def split_packets(data: bytes) -> list[tuple[int, bytes]]:
+    """(tag, body) of each packet in ``data``, read independently of the code under
+    test (RFC 4880 §4.2, definite lengths only); AssertionError if it does not split."""
+    out = []
+    pos = 0
+    while pos < len(data):
+        ctb = data[pos]
+        assert ctb & 0x80, f"no packet at {pos}"
+        if ctb & 0x40:
+            tag, first = ctb & 0x3F, data[pos + 1]
+            if first < 192:
+                size, start = first, pos + 2
+            elif first < 224:
+                size, start = ((first - 192) << 8) + data[pos + 2] + 192, pos + 3
+            else:
+                assert first == 255, "partial length"
+                size, start = int.from_bytes(data[pos + 2 : pos + 6], "big"), pos + 6
+        else:
+            tag, kind = ctb >> 2 & 0x0F, ctb & 0x03
+            assert kind != 3, "indeterminate length"
+            width = (1, 2, 4)[kind]
+            size, start = int.from_bytes(data[pos + 1 : pos + 1 + width], "big"), pos + 1 + width
+        assert start + size <= len(data), "truncated"
+        out.append((tag, data[start : start + size]))
+        pos = start + size
+    return out
+
+
+def check_accepted(armored: bytes, packets_: bytes) -> None:
+    """What every accepted signature satisfies: small enough, one or more complete
+    signature packets and nothing else, and the same packets once armored anew."""
+    assert len(armored) <= ARMORED_LIMIT
+    split = split_packets(packets_)
+    assert split and all(tag == SIGNATURE for tag, _ in split)
+    assert detached_signature(armor(packets_), "again.asc") == packets_
+
+
 @PROPERTY
 @given(st.binary(max_size=2000))
 def test_any_packet_data_is_accepted_only_as_signatures_or_refused_cleanly(data: bytes) -> None:
     try:
-        assert detached_signature(armor(data), "sig.asc") == data
+        packets_ = detached_signature(armor(data), "sig.asc")
     except VerificationError:
         return
-    # Accepted: then it walks as a sequence of signature packets.
-    assert data[0] & 0x80 and (data[0] & 0x3F if data[0] & 0x40 else data[0] >> 2 & 0x0F) == SIGNATURE
+    assert packets_ == data
+    check_accepted(armor(data), packets_)
 
 
 @PROPERTY
-@given(st.binary(max_size=4000))
+@given(st.one_of(st.binary(max_size=4000), st.binary(max_size=1500).map(armor)))
 def test_arbitrary_input_raises_nothing_but_verification_error(raw: bytes) -> None:
-    with contextlib.suppress(VerificationError):
-        detached_signature(raw, "sig.asc")
+    try:
+        packets_ = detached_signature(raw, "sig.asc")
+    except VerificationError:
+        return
+    check_accepted(raw, packets_)
 
 
 @PROPERTY
@@ -222,4 +331,7 @@ def test_mangled_real_signatures_raise_nothing_but_verification_error(name: str,
         packets_ = detached_signature(bytes(armored), "sig.asc")
     except VerificationError:
         return
-    assert packets_  # still one block of signature packets (e.g. a changed header value)
+    # Accepted only where the change does not reach the data (line endings, unused
+    # bits of the last base64 digit): the checksum stops every other change.
+    assert packets_ == body_of(REAL[name])
+    check_accepted(bytes(armored), packets_)

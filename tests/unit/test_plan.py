@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from reconciler.core.hosts import Fleet, Host, Network, Service, parse_fleet
@@ -317,3 +317,85 @@ def test_retry_delay_is_monotonic_and_capped(failures: int, initial: float, maxi
     d = retry_delay(failures, initial, maximum)
     assert d <= maximum
     assert retry_delay(failures + 1, initial, maximum) >= d
+
+
+def test_the_exponent_stops_doubling_at_2_to_the_62nd() -> None:
+    # Past it the delay is the cap (a float, however many failures), never an overflow.
+    assert retry_delay(63, 1.0, float("inf")) == 2.0**62
+    assert retry_delay(10**9, 1.0, float("inf")) == 2.0**62
+
+
+def test_an_invalid_host_is_named_after_its_whole_file_stem() -> None:
+    f = parse_fleet({"hosts/web.1.yaml": "name: web.1\n", "hosts/web.yaml": "name: web\n"})
+    assert f.invalid == {"web.1"}
+    p = make_plan(COMMIT, f, {"web": IMG_A}, {}, states(published("web")), frozenset())
+    assert [(e.host, e.action) for e in p.entries] == [("web", Action.UNCHANGED), ("web.1", Action.INVALID)]
+
+
+before_states = st.tuples(
+    st.sampled_from([0, 1, 2]),  # version: 0 is never published
+    st.one_of(st.none(), images),  # image it was published from
+    st.one_of(st.none(), images),  # image whose build failed
+    st.sampled_from([None, 50.0, 150.0]),  # its retry time
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    # Per host: its image now (None: not in the fleet), what the state says of it
+    # (None: nothing), and whether its evaluation failed.
+    st.dictionaries(
+        names,
+        st.tuples(st.one_of(st.none(), images), st.one_of(st.none(), before_states), st.booleans()),
+        max_size=8,
+    ),
+    st.sampled_from([None, 100.0]),
+)
+# Cases a random search may miss, each once got wrong on purpose (mutation testing):
+@example({"a": (IMG_A, (0, IMG_A, None, None), False)}, None)  # never published, same image
+@example({"a": (IMG_A, (1, IMG_A, None, None), False)}, None)  # version 1 is published
+@example({"a": (IMG_A, (2, None, None, None), False)}, None)  # published from no known image
+@example({"a": (IMG_A, (2, IMG_B, IMG_A, 150.0), False), "b": (IMG_A, None, False)}, 100.0)
+@example({"a": (IMG_A, None, True), "b": (IMG_A, None, False)}, None)
+def test_every_host_gets_the_action_its_state_calls_for(
+    fleet_and_state: Mapping[
+        str, tuple[str | None, tuple[int, str | None, str | None, float | None] | None, bool]
+    ],
+    now: float | None,
+) -> None:
+    """A reference model of the decision, over many hosts at once (so that one host's
+    entry can never stop the others')."""
+    current = {n: img for n, (img, _, _) in fleet_and_state.items() if img is not None}
+    before = {n: s for n, (_, s, _) in fleet_and_state.items() if s is not None}
+    eval_failed = {n for n, (_, _, failed) in fleet_and_state.items() if failed}
+    f = fleet(*(host(n) for n in current))
+    prev = {
+        n: HostState(n, v, img, "d" * 40, Status.FAILED, None, 0.0, 1, failed_img, retry_at)
+        for n, (v, img, failed_img, retry_at) in before.items()
+    }
+    errors = {n: "boom" for n in eval_failed & set(current)}
+    images = {n: img for n, img in current.items() if n not in errors}
+    p = make_plan(COMMIT, f, images, errors, prev, frozenset(), now=now)
+    assert [e.host for e in p.entries] == sorted(set(current) | set(before))
+    for e in p.entries:
+        s = prev.get(e.host)
+        if e.host not in current:
+            expected = Action.REMOVED
+        elif e.host in errors:
+            expected = Action.INVALID
+        elif s is not None and s.version > 0 and s.image == current[e.host]:
+            expected = Action.UNCHANGED
+        elif (
+            s is not None
+            and now is not None
+            and s.failed_image == current[e.host]
+            and s.retry_at is not None
+            and now < s.retry_at
+        ):
+            expected = Action.BACKOFF
+        else:
+            expected = Action.REBUILD
+        assert e.action == expected, (e, s)
+        never = s is None or s.version == 0 or s.image is None
+        if expected in (Action.REBUILD, Action.BACKOFF):
+            assert ("new host, never published" in e.reasons) == never, (e, s)

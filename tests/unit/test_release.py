@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from reconciler.core.layout import blob_path, latest_path, release_path
 from reconciler.core.release import (
+    COMMIT_RE,
+    HEX64,
     SCHEMA,
     Artifact,
     Release,
@@ -310,13 +313,67 @@ def test_round_trip_property(r: Release) -> None:
     assert json.dumps(json.loads(data), indent=2, sort_keys=True).encode() + b"\n" == data
 
 
+def test_times_are_written_in_utc_whatever_the_local_zone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        plus_two = datetime(2024, 1, 2, 5, 4, 5, tzinfo=timezone(timedelta(hours=2)))
+        assert format_time(plus_two) == "2024-01-02T03:04:05Z"
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+def test_a_fraction_of_a_second_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match=r"'2024-01-02T03:04:05.5Z' has a fraction of a second"):
+        parse_time("2024-01-02T03:04:05.5Z")
+
+
+def check_accepted(r: Release) -> None:
+    """What every release the parser accepts satisfies: the fields it validates hold,
+    times are UTC, and its canonical form parses back to the same release."""
+    assert r.version >= 1
+    assert COMMIT_RE.fullmatch(r.commit)
+    assert r.created.tzinfo is UTC and r.expires.tzinfo is UTC
+    for a in r.artifacts:
+        assert a.format in ("aci", "appimage") and a.size >= 0 and HEX64.fullmatch(a.sha256)
+        assert a.name and "/" not in a.name and not a.name.startswith(".")
+    data = r.to_json()
+    assert parse_release(data, SRC) == r
+    assert parse_release(data, SRC).to_json() == data
+
+
+@PROPERTY
+@given(
+    st.sampled_from(["created", "expires"]),
+    st.datetimes(timezones=st.one_of(st.none(), st.just(UTC), zones)),
+    st.sampled_from(["auto", "seconds", "milliseconds", "microseconds"]),
+    st.sampled_from(["T", " "]),
+)
+# Both once went wrong: a year before 1000 was written unpadded (and then refused),
+# and a fraction of a second was accepted but dropped by the canonical form.
+@example("created", datetime(999, 1, 1, tzinfo=UTC), "auto", "T")
+@example("expires", datetime(2000, 1, 1, 0, 0, 0, 1, tzinfo=UTC), "auto", "T")
+def test_any_time_the_parser_accepts_round_trips(key: str, t: datetime, spec: str, sep: str) -> None:
+    doc = valid_doc()
+    doc[key] = t.isoformat(sep=sep, timespec=spec)
+    try:
+        r = parse_doc(doc)
+    except VerificationError as exc:
+        assert str(exc).startswith(f"{SRC}: {key}: ")
+    else:
+        check_accepted(r)
+
+
 @PROPERTY
 @given(st.binary(max_size=300))
 def test_garbage_bytes_only_raise_verification_error(data: bytes) -> None:
     try:
-        parse_release(data, SRC)
+        r = parse_release(data, SRC)
     except VerificationError as exc:
         assert str(exc).startswith(f"{SRC}: ")
+    else:
+        check_accepted(r)
 
 
 json_values: st.SearchStrategy[Any] = st.recursive(
@@ -335,6 +392,12 @@ json_values: st.SearchStrategy[Any] = st.recursive(
                 f"blobs/sha256/{SHA_A}",
                 "2024-05-01T12:00:00Z",
                 "0001-01-01T00:00:00+01:00",
+                "9999-12-31T23:59:59-01:00",
+                "2024-05-01T12:00:00+05:30",
+                "2024-05-01T12:00:00.5Z",
+                "2024-05-01 12:00:00Z",
+                "2024-05-01T12:00Z",
+                "2024-05-01T12:00:00",
             ]
         ),
     ),
@@ -365,14 +428,15 @@ def test_mutated_release_only_raises_verification_error(key: str, value: Any, ar
         expected_key = key if art_key is None else "artifacts[1]."
         assert str(exc).startswith(f"{SRC}: {expected_key}")
     else:
-        # Whatever was accepted serialises canonically and parses back the same.
-        assert parse_release(r.to_json(), SRC) == r
+        check_accepted(r)
 
 
 @PROPERTY
 @given(json_values)
 def test_arbitrary_json_only_raises_verification_error(doc: Any) -> None:
     try:
-        parse_doc(doc)
+        r = parse_doc(doc)
     except VerificationError as exc:
         assert str(exc).startswith(f"{SRC}: ")
+    else:
+        check_accepted(r)

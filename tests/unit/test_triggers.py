@@ -47,6 +47,10 @@ def test_gitlab_push_with_the_token() -> None:
         ({"X-Gitlab-Event": "Push Hook", "X-Gitlab-Token": "wrong"}, "gitlab"),
         ({"X-Gitlab-Event": "Push Hook"}, "gitlab"),
         ({"Content-Type": "application/json"}, "no event header"),
+        # Not ASCII (http.server decodes header bytes as Latin-1): wrong, not a crash.
+        ({"X-GitHub-Event": "push", "X-Hub-Signature-256": "sha256=\x80"}, "github"),
+        ({"X-Gitea-Event": "push", "X-Gitea-Signature": "é" * 64}, "gitea"),
+        ({"X-Gitlab-Event": "Push Hook", "X-Gitlab-Token": "s3cr\udcff"}, "gitlab"),
     ],
 )
 def test_bad_or_missing_credentials_are_unauthorized(headers: dict[str, str], why: str) -> None:
@@ -60,6 +64,80 @@ def test_a_body_changed_after_signing_is_refused(body: bytes, extra: bytes) -> N
     headers = {"X-GitHub-Event": "push", "X-Hub-Signature-256": "sha256=" + sig(body)}
     with pytest.raises(Unauthorized):
         authenticate(headers, body + extra, SECRET)
+
+
+def ref_of(body: bytes) -> str | None:
+    """What a push body says its ref is: a string "ref" of a JSON object, or nothing."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return None
+    ref = doc.get("ref") if isinstance(doc, dict) else None
+    return ref if isinstance(ref, str) else None
+
+
+bodies = st.one_of(
+    st.binary(max_size=200),
+    st.dictionaries(
+        st.sampled_from(["ref", "after", "x"]), st.one_of(st.text(max_size=20), st.integers())
+    ).map(lambda d: json.dumps(d).encode()),
+)
+secrets = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=40).map(
+    str.encode
+)
+
+
+def signed(forge: str, body: bytes, secret: bytes) -> dict[str, str]:
+    if forge == "github":
+        return {"X-GitHub-Event": "push", "X-Hub-Signature-256": "sha256=" + sig(body, secret)}
+    if forge == "gitea":
+        return {"X-Gitea-Event": "push", "X-Gitea-Signature": sig(body, secret)}
+    return {"X-Gitlab-Event": "Push Hook", "X-Gitlab-Token": secret.decode()}
+
+
+@given(st.sampled_from(["github", "gitea", "gitlab"]), bodies, secrets)
+def test_a_correctly_signed_push_is_accepted_with_its_ref(forge: str, body: bytes, secret: bytes) -> None:
+    headers = signed(forge, body, secret)
+    push = authenticate({k.lower(): v for k, v in headers.items()}, body, secret)
+    event = next(v for k, v in headers.items() if k.endswith("-Event"))
+    assert push == Push(forge, ref_of(body), event)
+
+
+CREDENTIALS = ("X-Hub-Signature-256", "X-Gitea-Signature", "X-Gitlab-Token")
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            ["X-GitHub-Event", "X-Gitea-Event", "X-Gitlab-Event", *CREDENTIALS, "x-gitlab-token"]
+        ),
+        st.one_of(st.text(max_size=70), st.sampled_from(["push", "Push Hook", SECRET.decode(), "sha256="])),
+    ),
+    bodies,
+    st.data(),
+)
+def test_any_request_is_refused_or_carries_its_forges_credential(
+    headers: dict[str, str], body: bytes, data: st.DataObject
+) -> None:
+    # Sometimes the right credential, so that acceptance is explored too.
+    if data.draw(st.booleans()):
+        right = {"X-Hub-Signature-256": "sha256=" + sig(body), "X-Gitea-Signature": sig(body)}
+        right["X-Gitlab-Token"] = SECRET.decode()
+        key = data.draw(st.sampled_from(CREDENTIALS))
+        headers[key] = right[key]
+    try:
+        push = authenticate(headers, body, SECRET)
+    except Unauthorized:
+        return
+    h = {k.lower(): v for k, v in headers.items()}
+    credential = {
+        "github": ("x-hub-signature-256", "sha256=" + sig(body)),
+        "gitea": ("x-gitea-signature", sig(body)),
+        "gitlab": ("x-gitlab-token", SECRET.decode()),
+    }[push.forge]
+    assert h.get(credential[0]) == credential[1]
+    assert push.event == h[f"x-{push.forge}-event"]
+    assert push.ref == ref_of(body)
 
 
 def test_only_pushes_to_the_tracked_branch_concern_us() -> None:
@@ -84,26 +162,37 @@ def test_a_burst_is_debounced_into_one_wakeup() -> None:
             w.notify("webhook")
             time.sleep(0.02)
 
-    threading.Thread(target=burst).start()
+    sender = threading.Thread(target=burst)
+    sender.start()
     assert w.wait(5) == ["webhook"] * 10
-    assert w.wait(0.3) == []
+    sender.join()
+    # Nothing is left over for the next wait: it would return it (after the quiet
+    # period) instead of timing out at once.
+    assert w.wait(0) == []
 
 
 def test_a_steady_stream_still_wakes_after_max_delay() -> None:
     w = Wakeup(quiet=0.5, max_delay=0.3)
     stop = threading.Event()
+    # The stream never goes quiet for `quiet` seconds while it lasts (up to 10 s,
+    # so a wait that ignores max_delay ends with it instead of hanging the test).
+    intervals = 200
 
     def stream() -> None:
-        while not stop.is_set():
+        for _ in range(intervals):
+            if stop.is_set():
+                return
             w.notify("filesystem")
             time.sleep(0.05)
 
-    threading.Thread(target=stream).start()
+    sender = threading.Thread(target=stream)
+    sender.start()
     try:
-        t = time.monotonic()
         reasons = w.wait(5)
-        waited = time.monotonic() - t
+        # Woken while triggers kept coming: max_delay, not quiet, ended the wait.
+        assert sender.is_alive(), "the wait lasted as long as the stream"
     finally:
         stop.set()
+        sender.join()
     assert reasons and set(reasons) == {"filesystem"}
-    assert waited < 2.5, "max_delay did not bound the wait"
+    assert len(reasons) < intervals

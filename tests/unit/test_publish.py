@@ -1,0 +1,171 @@
+"""Unit tests for reconciler.daemon.publish: SPEC's publication order, on a store in memory.
+
+Readers trust what latest.json names, so everything it points at must be in the
+store before it: blobs and their signatures, then the release file's signature and
+the release file, then latest.json's signature and latest.json, last.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from reconciler.core.layout import latest_path, release_path
+from reconciler.core.release import Artifact, Release
+from reconciler.daemon.publish import publish
+from reconciler.errors import StoreError
+
+SHA_ACI = "a" * 64
+SHA_APP = "b" * 64
+RELEASE = Release(
+    host="web-1",
+    version=3,
+    commit="0123456789abcdef0123456789abcdef01234567",
+    derivation="/nix/store/0000-host-web-1-image.drv",
+    created=datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC),
+    expires=datetime(2024, 5, 31, 12, 0, 0, tzinfo=UTC),
+    artifacts=(
+        Artifact("aci", "web-1-3-linux-amd64.aci", 3, SHA_ACI),
+        Artifact("appimage", "web-1-3-x86_64.AppImage", 3, SHA_APP),
+    ),
+)
+RELEASE_KEY = release_path("web-1", 3)
+LATEST_KEY = latest_path("web-1")
+BLOB_ACI = f"blobs/sha256/{SHA_ACI}"
+BLOB_APP = f"blobs/sha256/{SHA_APP}"
+# Every write of a publish into an empty store, in SPEC's order.
+ORDER = [
+    BLOB_ACI,
+    BLOB_ACI + ".asc",
+    BLOB_APP,
+    BLOB_APP + ".asc",
+    RELEASE_KEY + ".asc",
+    RELEASE_KEY,
+    LATEST_KEY + ".asc",
+    LATEST_KEY,
+]
+
+
+class CrashError(StoreError):
+    """The process died here: the write did not happen."""
+
+
+class MemoryStore:
+    """The part of the Store protocol publish uses; records every write in order.
+    With ``crash_at``, the write of that index fails."""
+
+    def __init__(self, objects: dict[str, bytes] | None = None, crash_at: int | None = None) -> None:
+        self.objects = dict(objects or {})
+        self.writes: list[str] = []
+        self.crash_at = crash_at
+
+    def _put(self, key: str, data: bytes) -> None:
+        if len(self.writes) == self.crash_at:
+            raise CrashError(f"crash before writing {key}")
+        self.writes.append(key)
+        self.objects[key] = data
+
+    def put_file(self, key: str, path: Path) -> None:
+        self._put(key, path.read_bytes())
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self._put(key, data)
+
+    def get_bytes(self, key: str) -> bytes | None:
+        return self.objects.get(key)
+
+    def exists(self, key: str) -> bool:
+        return key in self.objects
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> dict[str, Path]:
+    aci, app = tmp_path / "web-1.aci", tmp_path / "web-1.AppImage"
+    aci.write_bytes(b"ACI")
+    app.write_bytes(b"APP")
+    return {"aci": aci, "appimage": app}
+
+
+def sign_file(path: Path) -> bytes:
+    return b"sig of file " + path.read_bytes()
+
+
+def sign_bytes(data: bytes) -> bytes:
+    return b"sig of " + data
+
+
+def run(store: MemoryStore, files: dict[str, Path], release: Release = RELEASE) -> list[str]:
+    published: list[str] = []
+    publish(store, release, files, sign_file, sign_bytes, on_artifact=published.append)
+    return published
+
+
+def test_an_empty_store_gets_every_object_in_spec_order(files: dict[str, Path]) -> None:
+    store = MemoryStore()
+    assert run(store, files) == ["aci", "appimage"]
+    assert store.writes == ORDER
+    meta = RELEASE.to_json()
+    assert store.objects == {
+        BLOB_ACI: b"ACI",
+        BLOB_ACI + ".asc": b"sig of file ACI",
+        BLOB_APP: b"APP",
+        BLOB_APP + ".asc": b"sig of file APP",
+        RELEASE_KEY + ".asc": b"sig of " + meta,
+        RELEASE_KEY: meta,
+        LATEST_KEY + ".asc": b"sig of " + meta,
+        LATEST_KEY: meta,
+    }
+
+
+@pytest.mark.parametrize("crash_at", range(len(ORDER)))
+def test_a_crash_at_any_write_leaves_only_objects_nothing_points_at_yet(
+    files: dict[str, Path], crash_at: int
+) -> None:
+    store = MemoryStore(crash_at=crash_at)
+    with pytest.raises(CrashError):
+        run(store, files)
+    written = ORDER[:crash_at]
+    assert store.writes == written
+    if RELEASE_KEY in store.objects:
+        assert {BLOB_ACI, BLOB_ACI + ".asc", BLOB_APP, BLOB_APP + ".asc"} <= set(store.objects)
+    assert LATEST_KEY not in store.objects
+    # The next attempt completes it, writing only what is missing (a release file's
+    # signature again while the release file itself is not there).
+    store.crash_at = None
+    run(store, files)
+    again = [k for k in ORDER[:4] if k not in written]
+    if RELEASE_KEY not in written:
+        again += [RELEASE_KEY + ".asc", RELEASE_KEY]
+    assert store.writes[crash_at:] == [*again, LATEST_KEY + ".asc", LATEST_KEY]
+    assert store.objects[LATEST_KEY] == store.objects[RELEASE_KEY] == RELEASE.to_json()
+    assert store.objects[LATEST_KEY + ".asc"] == store.objects[RELEASE_KEY + ".asc"]
+
+
+def test_blobs_and_signatures_already_stored_are_not_written_again(files: dict[str, Path]) -> None:
+    store = MemoryStore({BLOB_ACI: b"ACI", BLOB_ACI + ".asc": b"old sig", BLOB_APP: b"APP"})
+    assert run(store, files) == ["aci", "appimage"]
+    assert store.writes == [BLOB_APP + ".asc", *ORDER[4:]]
+    assert store.objects[BLOB_ACI + ".asc"] == b"old sig"
+
+
+def test_a_release_written_before_is_kept_and_latest_written_after_it(files: dict[str, Path]) -> None:
+    meta = RELEASE.to_json()
+    before = {k: b"x" for k in ORDER[:4]} | {RELEASE_KEY: meta, RELEASE_KEY + ".asc": b"first sig"}
+    store = MemoryStore(before)
+    run(store, files)
+    assert store.writes == [LATEST_KEY + ".asc", LATEST_KEY]
+    assert store.objects[RELEASE_KEY + ".asc"] == b"first sig"
+    assert store.objects[LATEST_KEY] == meta
+
+
+def test_a_release_number_taken_by_other_content_is_refused_before_latest_moves(
+    files: dict[str, Path],
+) -> None:
+    store = MemoryStore({RELEASE_KEY: b"another release", LATEST_KEY: b"the old latest"})
+    with pytest.raises(StoreError, match=f"{RELEASE_KEY} already exists with other content"):
+        run(store, files)
+    assert store.objects[RELEASE_KEY] == b"another release"
+    assert store.objects[LATEST_KEY] == b"the old latest"
+    assert not [k for k in store.writes if k.startswith("hosts/")]
