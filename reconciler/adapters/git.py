@@ -13,7 +13,6 @@ import shlex
 import shutil
 import signal
 import subprocess
-import tarfile
 from pathlib import Path
 
 import git
@@ -117,22 +116,25 @@ class GitSource:
         """Write ``commit``'s tree into the new directory ``dest`` from git objects."""
         repo = self._open()
         dest.mkdir(parents=True)
-        proc = subprocess.Popen(
+        archive = subprocess.Popen(
             ["git", "-C", str(repo.git_dir), "archive", "--format=tar", commit],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             stdin=subprocess.DEVNULL,
         )
-        assert proc.stdout is not None
-        try:
-            with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
-                # As git checks out: symlinks stay symlinks, wherever they point (the
-                # readers refuse or confine them).
-                tar.extractall(dest, filter="tar")
-        finally:
-            proc.stdout.close()
-            if proc.wait(timeout=EXPORT_TIMEOUT) != 0:
-                raise SourceError(f"cannot export {commit} of {self.url}: git archive failed")
+        # The system's tar, as git checks out: symlinks stay symlinks, wherever they
+        # point (the readers refuse or confine them); nothing lands outside ``dest``.
+        untar = subprocess.run(
+            ["tar", "-x", "--no-same-owner", "-C", str(dest)],
+            stdin=archive.stdout,
+            capture_output=True,
+            timeout=EXPORT_TIMEOUT,
+        )
+        assert archive.stdout is not None
+        archive.stdout.close()
+        if archive.wait(timeout=EXPORT_TIMEOUT) != 0 or untar.returncode != 0:
+            why = untar.stderr.decode(errors="replace").strip() or "git archive failed"
+            raise SourceError(f"cannot export {commit} of {self.url}: {why}")
 
     def signature(self, commit: str) -> bytes | None:
         """The signature in ``commit``'s header, as `git verify-commit` hands it to
