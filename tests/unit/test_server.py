@@ -191,6 +191,7 @@ def test_clients_that_reset_leave_no_traceback_and_a_crashing_route_one_event(
         raise RuntimeError("a bug in a route")
 
     running = serve({"/slow": slow, "/crash": crash})
+    # Threads of earlier tests may still end meanwhile: at most as many as before.
     threads = threading.active_count()
     for _ in range(3):
         called.clear()
@@ -201,12 +202,12 @@ def test_clients_that_reset_leave_no_traceback_and_a_crashing_route_one_event(
         reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         reset.close()
         release.set()
-        wait_for(lambda: threading.active_count() == threads, WAIT, "the handler to finish")
+        wait_for(lambda: threading.active_count() <= threads, WAIT, "the handler to finish")
         release.clear()
     crashing = running.connect()
     crashing.sendall(b"POST /crash HTTP/1.0\r\nContent-Length: 0\r\n\r\n")
     with caplog.at_level(logging.INFO, logger="reconciler"):
         assert until_closed(crashing) == b""
-        wait_for(lambda: threading.active_count() == threads, WAIT, "the handler to finish")
+        wait_for(lambda: threading.active_count() <= threads, WAIT, "the handler to finish")
     assert "Traceback" not in capfd.readouterr().err
     assert [r.getMessage() for r in caplog.records] == ["http_handler_crashed"]
