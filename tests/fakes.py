@@ -166,17 +166,25 @@ class FakeSigner:
         return b"-----PUBLIC KEY-----\n"
 
 
-class MemoryStore:
-    """A store in a dict. ``full`` makes every write fail as a full disk does."""
+class CrashError(StoreError):
+    """The process died here: the write did not happen."""
 
-    def __init__(self) -> None:
-        self.objects: dict[str, bytes] = {}
+
+class MemoryStore:
+    """A store in a dict that records every write in order. ``full`` makes every write
+    fail as a full disk does; with ``crash_at``, the write of that index dies."""
+
+    def __init__(self, objects: Mapping[str, bytes] | None = None, crash_at: int | None = None) -> None:
+        self.objects: dict[str, bytes] = dict(objects or {})
         self.writes: list[str] = []
         self.full = False
+        self.crash_at = crash_at
 
     def _put(self, key: str, data: bytes) -> None:
         if self.full:
             raise StoreError(f"cannot write {key}: No space left on device")
+        if len(self.writes) == self.crash_at:
+            raise CrashError(f"crash before writing {key}")
         self.writes.append(key)
         self.objects[key] = data
 

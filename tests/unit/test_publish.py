@@ -16,6 +16,7 @@ from reconciler.core.layout import latest_path, release_path
 from reconciler.core.release import Artifact, Release
 from reconciler.daemon.publish import publish
 from reconciler.errors import StoreError
+from tests.fakes import CrashError, MemoryStore
 
 SHA_ACI = "a" * 64
 SHA_APP = "b" * 64
@@ -46,38 +47,6 @@ ORDER = [
     LATEST_KEY + ".asc",
     LATEST_KEY,
 ]
-
-
-class CrashError(StoreError):
-    """The process died here: the write did not happen."""
-
-
-class MemoryStore:
-    """The part of the Store protocol publish uses; records every write in order.
-    With ``crash_at``, the write of that index fails."""
-
-    def __init__(self, objects: dict[str, bytes] | None = None, crash_at: int | None = None) -> None:
-        self.objects = dict(objects or {})
-        self.writes: list[str] = []
-        self.crash_at = crash_at
-
-    def _put(self, key: str, data: bytes) -> None:
-        if len(self.writes) == self.crash_at:
-            raise CrashError(f"crash before writing {key}")
-        self.writes.append(key)
-        self.objects[key] = data
-
-    def put_file(self, key: str, path: Path) -> None:
-        self._put(key, path.read_bytes())
-
-    def put_bytes(self, key: str, data: bytes) -> None:
-        self._put(key, data)
-
-    def get_bytes(self, key: str) -> bytes | None:
-        return self.objects.get(key)
-
-    def exists(self, key: str) -> bool:
-        return key in self.objects
 
 
 @pytest.fixture
