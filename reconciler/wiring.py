@@ -6,7 +6,7 @@ pass (reconciler.daemon.reconciler) sees only the ports (reconciler.ports).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from reconciler.daemon.loop import Daemon
 from reconciler.daemon.metrics import Metrics
 from reconciler.daemon.reconciler import Reconciler
 from reconciler.errors import StoreError
-from reconciler.ports import Ledger, Ports, SignatureChecker, Store
+from reconciler.ports import Ledger, Ports, SignatureChecker, Source, Store
 
 
 def open_store(cfg: StoreConfig) -> Store:
@@ -48,23 +48,10 @@ def source(cfg: Config) -> GitSource:
     return _clone_in(cfg, cfg.state_dir / "checkout")
 
 
-def open_reconciler(cfg: Config, metrics: Metrics | None = None, ledger: Ledger | None = None) -> Reconciler:
-    """The daemon's pass with the real adapters. ``ledger`` replaces the state
-    database (``reconciler plan`` reads it without writing)."""
-    # What can fail on bad configuration comes before the state is opened.
-    store = open_store(cfg.store)
-    gate = Gate(cfg.repo)
-    s = cfg.signing
-    ports = Ports(
-        source=source(cfg),
-        nix=Nix(cfg.state_dir, cfg.nix),
-        store=store,
-        ledger=ledger if ledger is not None else State(cfg.state_dir),
-        gate=gate,
-        signer=lambda: Signer(s.gnupghome, s.key, s.passphrase_file),
-        clock=SystemClock(),
-    )
-    return Reconciler(cfg, ports, metrics)
+def open_reconciler(cfg: Config, metrics: Metrics | None = None) -> Reconciler:
+    """The daemon's pass with the real adapters."""
+    nix = Nix(cfg.state_dir, cfg.nix)
+    return Reconciler(cfg, _ports(cfg, source(cfg), nix, lambda: State(cfg.state_dir)), metrics)
 
 
 def open_planner(cfg: Config, workdir: Path) -> Reconciler:
@@ -75,18 +62,29 @@ def open_planner(cfg: Config, workdir: Path) -> Reconciler:
     keyed by content, may grow."""
     checkout = cfg.state_dir / "checkout"
     git = source(cfg) if (checkout / ".git").is_dir() else _clone_in(cfg, workdir / "clone")
-    s = cfg.signing
     nix_settings = replace(cfg.nix, toolchain_dir=cfg.nix.toolchain_dir or cfg.state_dir / "toolchain")
-    ports = Ports(
-        source=Snapshot(git, workdir),
-        nix=Nix(workdir, nix_settings),
-        store=open_store(cfg.store),
-        ledger=State(cfg.state_dir, read_only=True),
-        gate=Gate(cfg.repo),
+    nix = Nix(workdir, nix_settings)
+    return Reconciler(
+        cfg, _ports(cfg, Snapshot(git, workdir), nix, lambda: State(cfg.state_dir, read_only=True))
+    )
+
+
+def _ports(cfg: Config, source: Source, nix: Nix, open_ledger: Callable[[], Ledger]) -> Ports:
+    """A pass's ports around its ``source``, ``nix`` and ledger: the store, the gate, a
+    signer opened on first use, the system clock."""
+    # What can fail on bad configuration comes before the ledger is opened.
+    store = open_store(cfg.store)
+    gate = Gate(cfg.repo)
+    s = cfg.signing
+    return Ports(
+        source=source,
+        nix=nix,
+        store=store,
+        ledger=open_ledger(),
+        gate=gate,
         signer=lambda: Signer(s.gnupghome, s.key, s.passphrase_file),
         clock=SystemClock(),
     )
-    return Reconciler(cfg, ports)
 
 
 def _clone_in(cfg: Config, checkout: Path) -> GitSource:

@@ -171,23 +171,5 @@ class HttpFetcher:
     """The store read over http(s), file: URLs or local paths: this module as an object,
     for whoever takes a fetcher (the agent's updater, `reconciler verify`)."""
 
-    def get(
-        self,
-        target: str,
-        limit: int,
-        since: Validators | None = None,
-        timeout: float = TIMEOUT,
-        count: Callable[[int], None] = lambda n: None,
-    ) -> Fetched | None:
-        return get(target, limit, since, timeout, count)
-
-    def download(
-        self,
-        target: str,
-        dest: Path,
-        size: int,
-        timeout: float = TIMEOUT,
-        count: Callable[[int], None] = lambda n: None,
-        exact: bool = True,
-    ) -> str:
-        return download(target, dest, size, timeout, count, exact)
+    get = staticmethod(get)
+    download = staticmethod(download)
