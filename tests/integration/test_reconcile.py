@@ -213,3 +213,31 @@ def test_what_a_host_published_stays_published_while_its_file_is_invalid(
     assert ok.returncode == 0, ok.stderr
     for art in release.artifacts:
         assert f"OK {art.name} " in ok.stdout, ok.stdout
+
+
+@pytest.mark.parametrize(
+    ("extra", "said"),
+    [
+        (
+            {
+                "repo": {
+                    "url": "REPO",
+                    "verify_commits": {"keys": ["missing.asc"], "fingerprints": ["A" * 40]},
+                }
+            },
+            "missing.asc",
+        ),
+        ({"store": {"type": "s3", "bucket": "fleet", "credentials_file": "missing.creds"}}, "missing.creds"),
+    ],
+    ids=["commit keys", "store credentials"],
+)
+def test_bad_keys_or_store_fail_before_the_state_is_created(
+    tmp_path: Path, config_repo: ConfigRepo, signing: Signing, extra: dict[str, object], said: str
+) -> None:
+    standard_fleet(config_repo)
+    if "repo" in extra:
+        extra = {"repo": {**extra["repo"], "url": str(config_repo.path)}}  # type: ignore[dict-item]
+    cfg = write_config(tmp_path, config_repo, signing, **extra)
+    res = cli("reconcile", "-c", str(cfg))
+    assert res.returncode != 0 and said in res.stderr, res.stderr
+    assert not (tmp_path / "state").exists()
