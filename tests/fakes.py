@@ -40,7 +40,6 @@ class FakeSource:
     def __init__(self) -> None:
         self.commits: dict[str, Commit] = {}
         self.head: str | None = None
-        self.fetches = 0
 
     def push(self, files: Mapping[str, str], parent: str | None = "head", at: float = 1_700_000_000.0) -> str:
         """A new commit with ``files``; its parent is the current head unless given."""
@@ -55,7 +54,6 @@ class FakeSource:
         return Path("/nonexistent/checkout")
 
     def fetch(self) -> str:
-        self.fetches += 1
         assert self.head is not None, "nothing pushed"
         return self.head
 

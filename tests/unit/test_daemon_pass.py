@@ -97,11 +97,14 @@ def test_an_unchanged_fleet_builds_nothing_and_a_change_rebuilds_only_its_host(w
     world.source.push(FLEET)
     rec = world.reconciler()
     rec.reconcile()
-    builds = len(world.nix.builds)
+    builds, evaluated = len(world.nix.builds), len(world.nix.evaluated)
     rec.reconcile()
     assert len(world.nix.builds) == builds
+    # Nor is anything evaluated again: the ledger keeps each host's image by its inputs.
+    assert len(world.nix.evaluated) == evaluated
     world.source.push({**FLEET, "hosts/web-2.yaml": HOST.format(name="web-2", address="10.0.0.9/24")})
     assert outcomes(rec) == {"web-2": (True, 2)}
+    assert world.nix.evaluated[evaluated:] == ["web-2"]
     assert world.latest("web-1")["version"] == 1
 
 
