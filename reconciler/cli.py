@@ -14,6 +14,7 @@ from types import FrameType
 
 from reconciler import __version__, log
 from reconciler.config import Config, load_config
+from reconciler.core.tufrepo import RoleName
 from reconciler.errors import ReconcilerError
 
 
@@ -134,6 +135,38 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    from functools import partial
+
+    from reconciler.core import tufrepo
+    from reconciler.wiring import open_reconciler, read_metadata_key, signers_in
+
+    cfg = _load(args)
+    homes = [Path(h) for h in args.gnupghome] or [cfg.signing.gnupghome]
+    rec = open_reconciler(cfg)
+    try:
+        if args.action == "list":
+            md = rec.tuf.load()
+            for role in tufrepo.RoleName:
+                keyids, threshold = tufrepo.role_keys(md.root.signed, md.targets.signed, role)
+                print(f"{role}: {threshold} of {len(keyids)}: {', '.join(keyids)}")
+            print(f"root version {md.root.signed.version}, expires {md.root.signed.expires.isoformat()}")
+            return 0
+        role = tufrepo.RoleName(args.role)
+        change: Callable[..., None]
+        if args.action == "add":
+            change = partial(tufrepo.add_key, role=role, key=read_metadata_key(args.key, homes))
+        elif args.action == "revoke":
+            change = partial(tufrepo.revoke_key, role=role, keyid=args.key.lower())
+        else:
+            change = partial(tufrepo.set_threshold, role=role, threshold=int(args.key))
+        changed = rec.change_keys(role, lambda root, targets: change(root, targets), signers_in(homes))
+        print(f"{changed.signed.type} version {changed.signed.version} published")
+    finally:
+        rec.close()
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from reconciler.agent.verify import verify
 
@@ -201,6 +234,16 @@ def parser() -> argparse.ArgumentParser:
     )
     add("gc", cmd_gc, "delete releases beyond retention.keep per host and unreferenced blobs").add_argument(
         "--dry-run", action="store_true", help="print what would be deleted, delete nothing"
+    )
+    k = add("keys", cmd_keys, "list or change the TUF roles' keys and thresholds")
+    k.add_argument("action", choices=["list", "add", "revoke", "threshold"])
+    k.add_argument("role", nargs="?", choices=[r.value for r in RoleName], help="the role to change")
+    k.add_argument("key", nargs="?", help="fingerprint or public key file (add), keyid (revoke), or K")
+    k.add_argument(
+        "--gnupghome",
+        action="append",
+        default=[],
+        help="a keyring whose secret keys sign the change (repeatable; default: signing.gnupghome)",
     )
     v = add("verify", cmd_verify, "check an artifact or release file/URL against public keys", config=False)
     v.add_argument("--key", action="append", required=True, help="armored public key file (repeatable)")

@@ -9,12 +9,13 @@ from __future__ import annotations
 import math
 import re
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from reconciler.core.schema import check_keys, parse_duration, parse_seconds, parse_size, parse_yaml
+from reconciler.core.tufrepo import Lifetimes
 from reconciler.errors import ConfigError
 
 
@@ -103,6 +104,15 @@ class RetentionConfig:
 
 
 @dataclass(frozen=True)
+class TufConfig:
+    """The store's TUF metadata (reconciler.core.tufrepo)."""
+
+    lifetimes: Lifetimes = field(default_factory=Lifetimes)
+    # 2**bit_length hash bins: 256 keep an agent's poll under 20 KiB at 10,000 hosts.
+    bit_length: int = 8
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     repo: RepoConfig
@@ -117,6 +127,7 @@ class Config:
     retry: RetryConfig = RetryConfig()
     triggers: TriggerConfig = TriggerConfig()
     retention: RetentionConfig = RetentionConfig()
+    tuf: TufConfig = TufConfig()
 
 
 TOP_KEYS = frozenset(
@@ -133,6 +144,7 @@ TOP_KEYS = frozenset(
         "retry",
         "retention",
         "triggers",
+        "tuf",
     }
 )
 # The store section's keys depend on its type.
@@ -162,6 +174,9 @@ SECTION_KEYS = {
     ),
     "retry": frozenset({"initial", "max"}),
     "retention": frozenset({"keep", "interval"}),
+    "tuf": frozenset(
+        {"bins", "root_lifetime", "targets_lifetime", "snapshot_lifetime", "timestamp_lifetime"}
+    ),
 }
 
 
@@ -355,4 +370,26 @@ def load_config(path: Path) -> Config:
             max=parse_duration(p, "retry.max", retry.get("max", "1h")),
         ),
         retention=RetentionConfig(keep=keep, interval=retention_interval),
+        tuf=_tuf_config(p, section("tuf", required=False)),
     )
+
+
+def _tuf_config(p: str, sec: dict[str, Any]) -> TufConfig:
+    bins = sec.get("bins", 256)
+    if not isinstance(bins, int) or isinstance(bins, bool) or bins < 2 or bins > 65536 or bins & (bins - 1):
+        raise ConfigError(p, "tuf.bins", "must be a power of two from 2 to 65536")
+    default = Lifetimes()
+
+    def lifetime(key: str, fallback: timedelta) -> timedelta:
+        value = parse_duration(p, f"tuf.{key}", sec.get(key, f"{int(fallback.total_seconds())}s"))
+        if value < timedelta(minutes=2):
+            raise ConfigError(p, f"tuf.{key}", "must be at least 2m (it is re-signed at half of it)")
+        return value
+
+    lifetimes = Lifetimes(
+        root=lifetime("root_lifetime", default.root),
+        targets=lifetime("targets_lifetime", default.targets),
+        snapshot=lifetime("snapshot_lifetime", default.snapshot),
+        timestamp=lifetime("timestamp_lifetime", default.timestamp),
+    )
+    return TufConfig(lifetimes=lifetimes, bit_length=bins.bit_length() - 1)

@@ -16,6 +16,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Protocol
 
+from securesystemslib.signer import Signer as MetadataSigner
+
 from reconciler.adapters import fetch
 from reconciler.core.hosts import Host
 from reconciler.core.model import BuildOutput, Evaluation, HostState, Status
@@ -68,6 +70,9 @@ class Signer(Protocol):
     def sign(self, data: bytes) -> bytes: ...
     def sign_file(self, path: Path) -> bytes: ...
     def public_key(self) -> bytes: ...
+    def metadata_signer(self) -> MetadataSigner:
+        """The same key as a securesystemslib signer, for TUF metadata."""
+        ...
 
 
 class Store(Protocol):

@@ -6,14 +6,17 @@ pass (reconciler.daemon.reconciler) sees only the ports (reconciler.ports).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+
+from securesystemslib.signer import Key
+from securesystemslib.signer import Signer as MetadataSigner
 
 from reconciler.adapters.clock import SystemClock
 from reconciler.adapters.fetch import HttpFetcher
 from reconciler.adapters.git import GitSource, Snapshot
-from reconciler.adapters.gpg import Signer, Verifier
+from reconciler.adapters.gpg import Signer, metadata_keys, metadata_signer, metadata_signers, read_keys
 from reconciler.adapters.ledger import State
 from reconciler.adapters.nix import Nix
 from reconciler.adapters.store import FilesystemStore, S3Store, read_credentials
@@ -25,8 +28,8 @@ from reconciler.daemon.gate import Gate
 from reconciler.daemon.loop import Daemon
 from reconciler.daemon.metrics import Metrics
 from reconciler.daemon.reconciler import Reconciler
-from reconciler.errors import StoreError
-from reconciler.ports import Ledger, Ports, SignatureChecker, Source, Store
+from reconciler.errors import ConfigError, SigningError, StoreError
+from reconciler.ports import Ledger, Ports, Source, Store
 
 
 def open_store(cfg: StoreConfig) -> Store:
@@ -92,6 +95,27 @@ def _clone_in(cfg: Config, checkout: Path) -> GitSource:
     return GitSource(r.url, r.branch, checkout, r.depth, r.credentials_file, r.ssh_key, r.known_hosts)
 
 
+def signers_in(homes: list[Path]) -> dict[str, MetadataSigner]:
+    """Every secret key of ``homes`` as a TUF signer, by keyid (for `reconciler keys`)."""
+    return {s.public_key.keyid: s for home in homes for s in metadata_signers(home)}
+
+
+def read_metadata_key(spec: str, homes: list[Path]) -> Key:
+    """A TUF key from an armored public key file, or by fingerprint from ``homes``."""
+    path = Path(spec)
+    if path.is_file():
+        keys = metadata_keys(read_keys([path]))
+        if len(keys) != 1:
+            raise ConfigError(spec, "", f"holds {len(keys)} keys; give a file with one")
+        return keys[0]
+    for home in homes:
+        try:
+            return metadata_signer(home, spec).public_key
+        except SigningError:
+            continue
+    raise ConfigError(spec, "", "is neither a public key file nor a key in " + ", ".join(map(str, homes)))
+
+
 def open_daemon(cfg: Config) -> Daemon:
     return Daemon(cfg, open_reconciler(cfg))
 
@@ -102,9 +126,10 @@ def open_ledger(cfg: Config, read_only: bool = False) -> Ledger:
 
 def open_agent(cfg: AgentConfig) -> Agent:
     """The host agent with the real fetcher, clock, gpg and health probe."""
-    return Agent(cfg, fetcher=HttpFetcher(), clock=SystemClock(), checker=_gpg_checker, probe=health.probe)
-
-
-def _gpg_checker(keys: Sequence[bytes]) -> SignatureChecker:
-    """Signatures checked against the pinned ``keys`` only."""
-    return Verifier(list(keys))
+    return Agent(
+        cfg,
+        fetcher=HttpFetcher(),
+        clock=SystemClock(),
+        pinned_keys=lambda keys: metadata_keys(list(keys)),
+        probe=health.probe,
+    )

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from securesystemslib.signer import CryptoSigner
+
 from reconciler.core.hosts import Host
 from reconciler.core.model import BuildOutput, Evaluation, HostState, Status
 from reconciler.daemon.gate import CommitRefusedError, Refusal
@@ -147,6 +149,7 @@ class FakeSigner:
     def __init__(self) -> None:
         self.broken = False
         self.signed = 0
+        self._metadata_signer: CryptoSigner | None = None
 
     def _sig(self, data: bytes) -> bytes:
         if self.broken:
@@ -162,6 +165,14 @@ class FakeSigner:
 
     def public_key(self) -> bytes:
         return b"-----PUBLIC KEY-----\n"
+
+    def metadata_signer(self) -> CryptoSigner:
+        """A real ed25519 key for the TUF metadata (no gpg): made once per signer."""
+        if self.broken:
+            raise SigningError("gpg could not sign: the key is unusable")
+        if self._metadata_signer is None:
+            self._metadata_signer = CryptoSigner.generate_ed25519()
+        return self._metadata_signer
 
 
 class CrashError(StoreError):

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import gnupg
+from securesystemslib.signer import GPGSigner, Key
 
 from reconciler.core import openpgp
 from reconciler.errors import ReconcilerError, SigningError, VerificationError
@@ -118,6 +119,7 @@ class Signer:
 
     def __init__(self, gnupghome: Path, key: str, passphrase_file: Path | None = None) -> None:
         self.key = key
+        self.gnupghome = gnupghome
         self._gpg = _GPG(str(gnupghome), SigningError)
         self._passphrase = None
         if passphrase_file is not None:
@@ -153,12 +155,48 @@ class Signer:
             raise SigningError(f"gpg could not sign {path.name}: {sig.status or 'no output'}")
         return bytes(sig.data)
 
+    def metadata_signer(self) -> GPGSigner:
+        """This key as securesystemslib's GPGSigner, which signs TUF metadata (gpg
+        with its own 10 s deadline). A passphrase reaches it only through gpg-agent."""
+        return metadata_signer(self.gnupghome, self.fingerprint)
+
     def public_key(self) -> bytes:
         with self._gpg.deadline(f"exporting public key {self.fingerprint}", GPG_TIMEOUT):
             armored = self._gpg.export_keys(self.fingerprint)
         if not armored:
             raise SigningError(f"cannot export public key {self.fingerprint}")
         return str(armored).encode()
+
+
+def metadata_signer(gnupghome: Path, fingerprint: str) -> GPGSigner:
+    """The key ``fingerprint`` of ``gnupghome`` as a signer of TUF metadata."""
+    try:
+        _, key = GPGSigner.import_(fingerprint.lower(), str(gnupghome))
+    except (ValueError, OSError, subprocess.SubprocessError) as exc:
+        raise SigningError(f"cannot use key {fingerprint} of {gnupghome} for TUF metadata: {exc}") from None
+    return GPGSigner(key, str(gnupghome))
+
+
+def metadata_signers(gnupghome: Path) -> list[GPGSigner]:
+    """Every secret key of ``gnupghome`` as a signer of TUF metadata."""
+    gpg = _GPG(str(gnupghome), SigningError)
+    with gpg.deadline(f"listing the secret keys of {gnupghome}", GPG_TIMEOUT):
+        secret = gpg.list_keys(secret=True)
+    return [metadata_signer(gnupghome, k["fingerprint"]) for k in secret]
+
+
+def metadata_keys(public_keys: list[bytes]) -> list[Key]:
+    """Armored public keys (an agent's pinned ones) as keys of TUF metadata, one per
+    primary key (the key that signs: a signing subkey is not supported)."""
+    with Verifier(public_keys) as v:
+        keys: list[Key] = []
+        for fpr in sorted(v.fingerprints):
+            try:
+                _, primary = GPGSigner.import_(fpr.lower(), str(v.home))
+            except (ValueError, OSError, subprocess.SubprocessError) as exc:
+                raise VerificationError(f"cannot read pinned key {fpr}: {exc}") from None
+            keys.append(primary)
+        return keys
 
 
 class Verifier:

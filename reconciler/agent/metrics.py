@@ -15,6 +15,7 @@ class PollResult(StrEnum):
     DEFERRED = "deferred"  # its download failed before; this poll is part of the backoff
     UPDATED = "updated"  # switched to a new release, and it is healthy
     REFUSED = "refused"  # a trust rule refused it
+    STALE = "stale"  # the newest metadata the store offers has expired: frozen
     ROLLED_BACK = "rolled-back"  # switched, unhealthy, switched back
     ERROR = "error"  # the store could not be read; nothing changed
 
@@ -44,6 +45,17 @@ class AgentMetrics:
         )
         self.downloaded = Counter(
             "reconciler_agent_downloaded_bytes", "Bytes of metadata and artifacts downloaded.", registry=r
+        )
+        self.stale = Gauge(
+            "reconciler_agent_metadata_stale",
+            "1 while the store's newest TUF metadata has expired (a freeze, or a stopped "
+            "publisher): this host keeps running its release and sees no update.",
+            registry=r,
+        )
+        self.metadata_expiry = Gauge(
+            "reconciler_agent_metadata_expiry_timestamp_seconds",
+            "Unix time at which the trusted TUF timestamp expires.",
+            registry=r,
         )
         for result in PollResult:
             self.polls.labels(result)

@@ -18,8 +18,8 @@ from reconciler.errors import ReconcilerError
 # A release whose download keeps failing is tried at polls 1, 2, 4, 8 ... apart, at
 # most this many apart: a tampered or unreachable blob is not fetched every poll.
 MAX_POLLS_BETWEEN_TRIES = 64
-# state.json keeps the newest failed versions, this many: one older than these is
-# retried if a store points at it again and it is newer than the running one.
+# state.json keeps the newest failed artifacts, this many: one older than these is
+# tried again if a store offers it again in a release newer than the running one.
 FAILED_KEPT = 20
 
 
@@ -27,7 +27,9 @@ FAILED_KEPT = 20
 class AgentState:
     version: int = 0
     previous: int = 0
-    failed: list[int] = field(default_factory=list)  # versions that failed their health check
+    # The sha256 of artifacts that failed their activation or health check here.
+    failed: list[str] = field(default_factory=list)
+    stale: bool = False  # the store's metadata had expired at the last poll
     validators: fetch.Validators = field(default_factory=fetch.Validators)
     # The version whose download failed ``retry_failures`` times in a row, and how
     # many polls to let pass before the next try.
@@ -60,7 +62,9 @@ class AgentState:
         return cls(
             version=int(doc.get("version", 0)),
             previous=int(doc.get("previous", 0)),
-            failed=[int(v) for v in doc.get("failed", [])],
+            # Before TUF, failures were kept by version number: those are dropped.
+            failed=[v for v in doc.get("failed", []) if isinstance(v, str)],
+            stale=bool(doc.get("stale", False)),
             validators=fetch.Validators(**doc.get("validators", {})),
             retry_version=int(doc.get("retry_version", 0)),
             retry_failures=int(doc.get("retry_failures", 0)),
@@ -72,6 +76,7 @@ class AgentState:
             "version": self.version,
             "previous": self.previous,
             "failed": self.failed[-FAILED_KEPT:],
+            "stale": self.stale,
             "validators": self.validators.to_json(),
             "retry_version": self.retry_version,
             "retry_failures": self.retry_failures,

@@ -1,23 +1,26 @@
-"""The host side: pull this host's signed releases, verify, install, switch, check, roll back.
+"""The host side: pull this host's releases with TUF's protections, install, switch,
+check, roll back.
 
-One poll reads ``hosts/<host>/latest.json`` with a conditional GET (an idle poll
-downloads nothing), learns the newest version from it, then reads and verifies the
-immutable signed ``releases/<N>.json`` against the pinned keys only. What the store
-serves is judged by reconciler.core.trust: the release must name this host, be newer
-than what runs (no rollback), not have failed here before and not be expired (no
-freeze); the artifact must have the size, sha256 and signature the release says (no
-tampering; no endless data either, the download stops at the size). It is installed
-beside the old release, the ``current`` symlink is flipped by rename, the app is
-activated and health-checked, and on failure ``current`` flips back and the old
-release is activated again.
+One poll reads the store's ``tuf/timestamp.json`` with a conditional GET (an idle poll
+downloads nothing). When it changed, python-tuf's ngclient (reconciler.agent.tufclient)
+brings the host's TUF metadata up to date and hands over the verified entry for
+``hosts/<host>/latest.json``: the release number N and the length and sha256 of
+``releases/<N>.json``. What follows is judged by reconciler.core.trust: the release file
+must be those bytes and release N of this host, newer than what runs (no rollback),
+unexpired, with an artifact that did not fail here before; the artifact must have the
+size and sha256 the release says (no tampering; no endless data either, the download
+stops at the size). It is installed beside the old release, the ``current`` symlink is
+flipped by rename, the app is activated and health-checked, and on failure ``current``
+flips back and the old release is activated again.
 
-The store is read through a :class:`Fetcher`, time comes from a :class:`Clock` and
-signatures are checked by a :class:`SignatureChecker` made from the pinned keys: all
-three are injected, so a poll runs in memory in tests.
+The store is read through a :class:`Fetcher` (every request bounded in size and time),
+time comes from a :class:`Clock`, and the pinned keys become TUF keys through
+``pinned_keys``: all injected, so a poll runs in memory in tests.
 
 State directory:
     releases/<N>/<artifact>, releases/<N>/release.json   installed releases
     current -> releases/<N>                              what runs
+    tuf/                                                 ngclient's trusted metadata
     state.json                                          version, previous, failed, validators
 """
 
@@ -33,6 +36,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from prometheus_client import write_to_textfile
+from securesystemslib.signer import Key
+from tuf.api.metadata import TargetFile
 
 from reconciler import log
 from reconciler.adapters import fetch
@@ -43,22 +48,19 @@ from reconciler.agent.config import AgentConfig, HealthConfig
 from reconciler.agent.metrics import AgentMetrics, PollResult
 from reconciler.agent.state import AgentState
 from reconciler.agent.supervisor import App
-from reconciler.agent.verify import METADATA_LIMIT, SIGNATURE_LIMIT
-from reconciler.core.layout import latest_path, release_path
+from reconciler.agent.tufclient import StaleError, TufClient
+from reconciler.core.layout import release_path
 from reconciler.core.release import Release, parse_release
-from reconciler.core.trust import Downloaded, Pinned, RefusalError, SignatureVerdict, TrustedState
+from reconciler.core.trust import Downloaded, Expected, Pinned, Reason, RefusalError, TrustedState
+from reconciler.core.tufrepo import entry_version, target_path
 from reconciler.errors import FetchError, VerificationError
-from reconciler.ports import Clock, Fetcher, SignatureChecker
+from reconciler.ports import Clock, Fetcher
+
+# A timestamp is a few hundred bytes; python-tuf allows 16 KiB.
+TIMESTAMP_LIMIT = 16 * 1024
 
 # The long-running agent looks at its app and its poll timer this often.
 TICK = 1.0
-
-
-def _verdict(check: Callable[[], str]) -> SignatureVerdict:
-    try:
-        return SignatureVerdict.good(check())
-    except VerificationError as exc:
-        return SignatureVerdict.bad(str(exc))
 
 
 class Agent:
@@ -69,7 +71,7 @@ class Agent:
         *,
         fetcher: Fetcher,
         clock: Clock,
-        checker: Callable[[Sequence[bytes]], SignatureChecker],
+        pinned_keys: Callable[[Sequence[bytes]], Sequence[Key]],
         probe: Callable[[HealthConfig], str],
     ) -> None:
         """The composition root (reconciler.wiring.open_agent) hands in the adapters."""
@@ -77,7 +79,6 @@ class Agent:
         self.metrics = metrics or AgentMetrics()
         self.fetcher = fetcher
         self.clock = clock
-        self._checker = checker
         self._probe = probe
         self.releases = cfg.state_dir / "releases"
         self.current = cfg.state_dir / "current"
@@ -85,9 +86,17 @@ class Agent:
         self.state_file = cfg.state_dir / "state.json"
         self.state = AgentState.load(self.state_file)
         self.app = App(cfg.host, self.clock.monotonic) if cfg.supervise else None
-        # Trust is pinned here, once: signatures are checked against these keys only,
-        # never against a key the store serves.
-        self._keys = read_keys(list(cfg.keys))
+        # Trust is pinned here, once: the first TUF root must be signed by these keys,
+        # never by a key the store serves; read only when a first root is needed.
+        keys = read_keys(list(cfg.keys))
+        self.tuf = TufClient(
+            fetcher,
+            cfg.store,
+            cfg.state_dir / "tuf",
+            lambda: pinned_keys(keys),
+            cfg.timeout,
+            self._count,
+        )
         if self.state.version:
             self.metrics.running_version.labels(cfg.host).set(self.state.version)
 
@@ -108,12 +117,28 @@ class Agent:
     def _pinned(self) -> Pinned:
         return Pinned(self.cfg.host, self.cfg.format, self.state.version, frozenset(self.state.failed))
 
+    def _stale(self, why: str | None) -> None:
+        """Note whether the store's metadata is stale (None: fresh); logged on change."""
+        self.metrics.stale.set(1 if why else 0)
+        if bool(why) != self.state.stale:
+            self.state.stale = bool(why)
+            self.state.save(self.state_file)
+            if why:
+                log.event(
+                    "agent_stale", logging.WARNING, host=self.cfg.host, running=self.state.version, why=why
+                )
+            else:
+                log.event("agent_fresh", host=self.cfg.host)
+
     # -- one poll ---------------------------------------------------------------
 
     def poll(self) -> PollResult:
         """Look for a newer release and switch to it; return the poll's result."""
         try:
             result = self._poll()
+        except StaleError as exc:
+            result = PollResult.STALE
+            self._stale(str(exc))
         except RefusalError as exc:
             result = PollResult.REFUSED
             self.metrics.refusals.labels(exc.reason).inc()
@@ -130,33 +155,44 @@ class Agent:
 
     def _poll(self) -> PollResult:
         got = self.fetcher.get(
-            self._url(latest_path(self.cfg.host)),
-            METADATA_LIMIT,
-            self.state.validators,
-            self.cfg.timeout,
-            self._count,
+            self.tuf.timestamp_url, TIMESTAMP_LIMIT, self.state.validators, self.cfg.timeout, self._count
         )
         if got is None:
+            # Nothing changed in the store; what was trusted must still be in date.
+            ts = self.tuf.trusted_timestamp()
+            if ts is not None:
+                self.metrics.metadata_expiry.set(ts.signed.expires.timestamp())
+                if ts.signed.is_expired(self.clock.now()):
+                    raise StaleError(f"the trusted TUF timestamp expired at {ts.signed.expires.isoformat()}")
+            self._stale(None)
             return PollResult.IDLE
-        trusted = TrustedState(self._pinned(), self.clock.now())
-        latest = trusted.update_latest(got.data)
-        if not latest.new:
+        info = self.tuf.target(target_path(self.cfg.host), got.data)
+        ts = self.tuf.trusted_timestamp()
+        if ts is not None:
+            self.metrics.metadata_expiry.set(ts.signed.expires.timestamp())
+        self._stale(None)
+        if info is None:
             self._remember(got.validators)
             return PollResult.CURRENT
-        if self.state.defer(latest.version):
-            self.state.save(self.state_file)
-            log.event(
-                "agent_deferred",
-                host=self.cfg.host,
-                version=latest.version,
-                failures=self.state.retry_failures,
-                polls_left=self.state.retry_skip,
-            )
-            return PollResult.DEFERRED
+        trusted = TrustedState(self._pinned(), self.clock.now())
         try:
-            release = self._trusted_release(trusted)
+            latest = trusted.update_target(entry_version(info))
+            if not latest.new:
+                self._remember(got.validators)
+                return PollResult.CURRENT
+            if self.state.defer(latest.version):
+                self.state.save(self.state_file)
+                log.event(
+                    "agent_deferred",
+                    host=self.cfg.host,
+                    version=latest.version,
+                    failures=self.state.retry_failures,
+                    polls_left=self.state.retry_skip,
+                )
+                return PollResult.DEFERRED
+            release = self._trusted_release(trusted, info)
         except RefusalError:
-            # A refusal is final for this latest.json; a new one gets a new look.
+            # A refusal is final for this timestamp; a new one gets a new look.
             self._remember(got.validators)
             raise
         try:
@@ -165,7 +201,7 @@ class Agent:
             self.state.download_failed(latest.version)
             self.state.save(self.state_file)
             raise
-        result = self._switch(release.version)
+        result = self._switch(release)
         self._remember(got.validators)
         return result
 
@@ -173,21 +209,16 @@ class Agent:
         self.state.validators = validators
         self.state.save(self.state_file)
 
-    def _trusted_release(self, trusted: TrustedState) -> Release:
-        """releases/<N>.json, checked against the pinned keys only (never the store's)."""
+    def _trusted_release(self, trusted: TrustedState, info: TargetFile) -> Release:
+        """releases/<N>.json, checked against the host's verified TUF entry."""
         assert trusted.latest is not None
+        sha256 = info.hashes.get("sha256")
+        if sha256 is None:
+            raise RefusalError(Reason.MALFORMED, f"{info.path}: the entry has no sha256")
         key = release_path(self.cfg.host, trusted.latest.version)
-        try:
-            sig = self.fetcher.get(
-                self._url(key + ".asc"), SIGNATURE_LIMIT, timeout=self.cfg.timeout, count=self._count
-            )
-        except FetchError as exc:
-            return trusted.update_release(b"", SignatureVerdict.missing(str(exc)))
-        meta = self.fetcher.get(self._url(key), METADATA_LIMIT, timeout=self.cfg.timeout, count=self._count)
-        assert sig is not None and meta is not None  # unconditional reads always answer
-        with self._checker(self._keys) as checker:
-            verdict = _verdict(lambda: checker.verify_bytes(meta.data, sig.data, key))
-        return trusted.update_release(meta.data, verdict)
+        meta = self.fetcher.get(self._url(key), info.length, timeout=self.cfg.timeout, count=self._count)
+        assert meta is not None  # unconditional reads always answer
+        return trusted.update_release(meta.data, Expected(info.length, sha256))
 
     def _install(self, trusted: TrustedState, release: Release) -> None:
         """Download, check and unpack ``release`` into releases/<N>, beside the old one."""
@@ -199,13 +230,6 @@ class Agent:
             where, dest = self._url(art.blob), work / art.name
             digest = self.fetcher.download(where, dest, art.size, self.cfg.timeout, self._count)
             trusted.update_artifact(Downloaded(where, dest.stat().st_size, digest))
-            sig = self.fetcher.get(
-                where + ".asc", SIGNATURE_LIMIT, timeout=self.cfg.timeout, count=self._count
-            )
-            assert sig is not None
-            with self._checker(self._keys) as checker:
-                verdict = _verdict(lambda: checker.verify(dest, sig.data, where))
-            trusted.update_artifact_signature(verdict)
             dest.chmod(0o555)
             (work / "release.json").write_bytes(release.to_json())
             if final.exists():
@@ -223,7 +247,8 @@ class Agent:
         tmp.symlink_to(Path("releases") / str(version))
         os.replace(tmp, self.current)
 
-    def _switch(self, version: int) -> PollResult:
+    def _switch(self, release: Release) -> PollResult:
+        version = release.version
         old = self.state.version
         self._point_current(version)
         failure = self._activate(version)
@@ -235,7 +260,9 @@ class Agent:
             log.event("agent_switched", host=self.cfg.host, version=version, previous=old)
             self._prune()
             return PollResult.UPDATED
-        self.state.failed.append(version)
+        art = release.artifact(self.cfg.format)
+        assert art is not None
+        self.state.failed.append(art.sha256)
         self.metrics.rollbacks.inc()
         log.event(
             "agent_rolled_back",

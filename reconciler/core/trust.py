@@ -1,45 +1,51 @@
 """The agent's trust rules: what a host accepts from a store it does not trust. Pure.
 
 Modelled on python-tuf's ``TrustedMetadataSet`` (tuf/ngclient/_internal/
-trusted_metadata_set.py). A :class:`TrustedState` starts from what the host pinned
-(its name, the artifact format it runs, the version it runs and the versions that
-failed here) and the time of the poll, then takes what the store served, in order:
+trusted_metadata_set.py), and taking over where it ends: python-tuf's ngclient has
+verified the store's TUF metadata (root chain, thresholds, timestamp, snapshot, the
+host's bin: no freeze, rollback, mix-and-match or key compromise below threshold) and
+hands over the host's entry, ``hosts/<h>/latest.json``. A :class:`TrustedState`
+starts from what the host pinned (its name, the artifact format it runs, the version
+it runs and the artifacts that failed here) and the time of the poll, then takes, in
+order:
 
-    latest.json  ->  releases/<N>.json with gpg's verdict on its signature
-                 ->  the artifact's size and sha256  ->  gpg's verdict on its signature
+    the entry's release number  ->  releases/<N>.json, checked against the entry's
+    length and sha256           ->  the artifact's size and sha256 (from the release)
 
 Each step returns the object it now trusts, or raises :class:`RefusalError` naming
 the rule broken (``reason`` is the metric label). A refusal leaves the state as it
 was. A step taken out of order is a bug of the caller (RuntimeError), not a refusal.
 
-IO is not handled here: fetching is the updater's, and checking a signature is gpg's
-(reconciler.adapters.gpg), against the pinned keys only; this module takes its verdict.
+IO is not handled here: fetching and the TUF client are the updater's.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 from dataclasses import dataclass
 from datetime import datetime
-from enum import Enum, StrEnum
+from enum import StrEnum
 
-from reconciler.core.layout import latest_path, release_path
+from tuf.api import exceptions as tuf_exceptions
+
+from reconciler.core.layout import release_path
 from reconciler.core.release import Artifact, Release, parse_release
+from reconciler.core.tufrepo import target_path
 from reconciler.errors import ReconcilerError, VerificationError
 
 
 class Reason(StrEnum):
     """Why a release is refused; the value is the metric label."""
 
-    MALFORMED = "malformed"  # latest.json or the release file does not parse
-    UNSIGNED = "unsigned"  # the release file has no signature
-    BAD_SIGNATURE = "bad-signature"  # not signed by a pinned key, or changed since
+    MALFORMED = "malformed"  # metadata or the release file does not parse
+    BAD_SIGNATURE = "bad-signature"  # below its role's threshold of good signatures
     WRONG_HOST = "wrong-host"  # another host's release
-    ROLLBACK = "rollback"  # not newer than what runs: a replay or a downgrade
-    FAILED_BEFORE = "failed-before"  # failed its health check on this host already
-    EXPIRED = "expired"  # past its expiry: a freeze on an old release
+    WRONG_VERSION = "wrong-version"  # releases/N.json holds another number's release
+    ROLLBACK = "rollback"  # not newer than what runs, or metadata older than trusted
+    FAILED_BEFORE = "failed-before"  # its artifact failed its health check here already
+    EXPIRED = "expired"  # past its expiry: a freeze on old metadata or an old release
     NO_ARTIFACT = "no-artifact"  # nothing in the format this host runs
-    TAMPERED = "tampered"  # the artifact differs from what the release says
+    TAMPERED = "tampered"  # bytes differ from what the signed metadata says
 
 
 class RefusalError(ReconcilerError):
@@ -50,31 +56,18 @@ class RefusalError(ReconcilerError):
         super().__init__(message)
 
 
-class SignatureStatus(Enum):
-    GOOD = "good"
-    MISSING = "missing"
-    BAD = "bad"
-
-
-@dataclass(frozen=True)
-class SignatureVerdict:
-    """What gpg said of a detached signature: ``detail`` is the signer's fingerprint
-    when good, else why not."""
-
-    status: SignatureStatus
-    detail: str
-
-    @classmethod
-    def good(cls, fingerprint: str) -> SignatureVerdict:
-        return cls(SignatureStatus.GOOD, fingerprint)
-
-    @classmethod
-    def missing(cls, why: str) -> SignatureVerdict:
-        return cls(SignatureStatus.MISSING, why)
-
-    @classmethod
-    def bad(cls, why: str) -> SignatureVerdict:
-        return cls(SignatureStatus.BAD, why)
+def refusal(exc: tuf_exceptions.RepositoryError) -> RefusalError:
+    """What python-tuf's refusal of the store's metadata is, in this module's terms."""
+    reason = Reason.MALFORMED
+    if isinstance(exc, tuf_exceptions.ExpiredMetadataError):
+        reason = Reason.EXPIRED
+    elif isinstance(exc, tuf_exceptions.BadVersionNumberError):
+        reason = Reason.ROLLBACK
+    elif isinstance(exc, tuf_exceptions.UnsignedMetadataError):
+        reason = Reason.BAD_SIGNATURE
+    elif isinstance(exc, tuf_exceptions.LengthOrHashMismatchError):
+        reason = Reason.TAMPERED
+    return RefusalError(reason, f"TUF metadata: {exc}")
 
 
 @dataclass(frozen=True)
@@ -84,15 +77,25 @@ class Pinned:
     host: str
     format: str
     running: int  # 0 before the first install
-    failed: frozenset[int] = frozenset()  # versions that failed their health check here
+    # The sha256 of artifacts that failed their activation or health check here: a
+    # release is judged by what it would run, whatever its number.
+    failed: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
 class Latest:
-    """The version an unverified ``latest.json`` claims: only a hint of what to fetch."""
+    """The release number the host's TUF entry names."""
 
     version: int
-    new: bool  # False: it runs already, or it failed here before; nothing to fetch
+    new: bool  # False: it runs already; nothing to fetch
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What the host's TUF entry says the release file is."""
+
+    length: int
+    sha256: str
 
 
 @dataclass(frozen=True)
@@ -102,17 +105,6 @@ class Downloaded:
     source: str  # where it was read from, for messages
     size: int
     sha256: str
-
-
-def peek_version(data: bytes, source: str) -> int:
-    """The version an unverified ``latest.json`` claims."""
-    try:
-        version = json.loads(data).get("version")
-    except (ValueError, AttributeError, RecursionError):
-        version = None
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise RefusalError(Reason.MALFORMED, f"{source}: no valid version")
-    return version
 
 
 def expired(release: Release, now: datetime) -> bool:
@@ -133,10 +125,6 @@ def check_release(release: Release, pinned: Pinned, now: datetime) -> Artifact:
         raise RefusalError(
             Reason.ROLLBACK, f"version {release.version} is not newer than the running {pinned.running}"
         )
-    if release.version in pinned.failed:
-        raise RefusalError(
-            Reason.FAILED_BEFORE, f"version {release.version} failed its health check here before"
-        )
     if expired(release, now):
         raise RefusalError(
             Reason.EXPIRED, f"release {release.version} expired at {release.expires.isoformat()}"
@@ -144,6 +132,11 @@ def check_release(release: Release, pinned: Pinned, now: datetime) -> Artifact:
     art = release.artifact(pinned.format)
     if art is None:
         raise RefusalError(Reason.NO_ARTIFACT, f"release {release.version} has no {pinned.format} artifact")
+    if art.sha256 in pinned.failed:
+        raise RefusalError(
+            Reason.FAILED_BEFORE,
+            f"release {release.version} runs {art.sha256[:12]}, which failed its health check here before",
+        )
     return art
 
 
@@ -155,7 +148,6 @@ class TrustedState:
         self.reference_time = now
         self._latest: Latest | None = None
         self._release: Release | None = None
-        self._downloaded: Artifact | None = None  # size and digest match, signature not yet
         self._artifact: Artifact | None = None
 
     @property
@@ -168,35 +160,43 @@ class TrustedState:
 
     @property
     def artifact(self) -> Artifact | None:
-        """The artifact to install, once its bytes and signature were checked."""
+        """The artifact to install, once its bytes were checked."""
         return self._artifact
 
-    def update_latest(self, data: bytes) -> Latest:
-        """Take ``latest.json``: which version to look at, if any."""
+    def update_target(self, version: int | None) -> Latest:
+        """Take the release number of the host's verified TUF entry."""
         if self._release is not None:
-            raise RuntimeError("latest.json cannot change once a release is trusted")
-        version = peek_version(data, latest_path(self.pinned.host))
-        new = version != self.pinned.running and version not in self.pinned.failed
-        self._latest = Latest(version, new)
+            raise RuntimeError("the entry cannot change once a release is trusted")
+        if version is None:
+            raise RefusalError(Reason.MALFORMED, f"{target_path(self.pinned.host)}: no valid release number")
+        self._latest = Latest(version, version != self.pinned.running)
         return self._latest
 
-    def update_release(self, data: bytes, signature: SignatureVerdict) -> Release:
-        """Take ``releases/<N>.json`` (N from latest.json) and gpg's verdict on its signature."""
+    def update_release(self, data: bytes, expected: Expected) -> Release:
+        """Take ``releases/<N>.json`` (N from the entry), which must be the bytes the
+        entry describes and the release it numbers."""
         if self._latest is None:
-            raise RuntimeError("a release needs latest.json first")
+            raise RuntimeError("a release needs the host's entry first")
         if not self._latest.new:
-            raise RuntimeError(f"latest.json names version {self._latest.version}, which is not new")
+            raise RuntimeError(f"the entry names version {self._latest.version}, which runs already")
         if self._release is not None:
             raise RuntimeError("a release is trusted already")
         key = release_path(self.pinned.host, self._latest.version)
-        if signature.status is SignatureStatus.MISSING:
-            raise RefusalError(Reason.UNSIGNED, f"{key}: no signature ({signature.detail})")
-        if signature.status is SignatureStatus.BAD:
-            raise RefusalError(Reason.BAD_SIGNATURE, signature.detail)
+        digest = hashlib.sha256(data).hexdigest()
+        if len(data) != expected.length or digest != expected.sha256:
+            raise RefusalError(
+                Reason.TAMPERED,
+                f"{key}: {len(data)} bytes, sha256 {digest}; the signed entry says "
+                f"{expected.length} bytes, sha256 {expected.sha256}",
+            )
         try:
             release = parse_release(data, key)
         except VerificationError as exc:
             raise RefusalError(Reason.MALFORMED, str(exc)) from None
+        if release.version != self._latest.version:
+            raise RefusalError(
+                Reason.WRONG_VERSION, f"{key} holds release {release.version}, not {self._latest.version}"
+            )
         check_release(release, self.pinned, self.reference_time)
         self._release = release
         return release
@@ -205,7 +205,7 @@ class TrustedState:
         """Take the size and sha256 of the downloaded artifact."""
         if self._release is None:
             raise RuntimeError("an artifact needs a trusted release first")
-        if self._downloaded is not None:
+        if self._artifact is not None:
             raise RuntimeError("the artifact was taken already")
         art = self._release.artifact(self.pinned.format)
         assert art is not None  # check_release made sure
@@ -215,18 +215,5 @@ class TrustedState:
             raise RefusalError(
                 Reason.TAMPERED, f"{got.source}: sha256 {got.sha256}, release says {art.sha256}"
             )
-        self._downloaded = art
+        self._artifact = art
         return art
-
-    def update_artifact_signature(self, signature: SignatureVerdict) -> Artifact:
-        """Take gpg's verdict on the artifact's signature: the artifact is trusted."""
-        if self._downloaded is None:
-            raise RuntimeError("an artifact's signature needs its size and digest first")
-        if self._artifact is not None:
-            raise RuntimeError("the artifact is trusted already")
-        if signature.status is SignatureStatus.MISSING:
-            raise RefusalError(Reason.UNSIGNED, f"{self._downloaded.blob}: no signature ({signature.detail})")
-        if signature.status is SignatureStatus.BAD:
-            raise RefusalError(Reason.TAMPERED, signature.detail)
-        self._artifact = self._downloaded
-        return self._artifact

@@ -10,6 +10,7 @@ from prometheus_client.registry import Collector
 
 from reconciler.core.model import Status
 from reconciler.daemon.gate import Refusal
+from reconciler.daemon.tuf import TufRepository
 from reconciler.ports import Ledger
 
 # Builds of real hosts take seconds to minutes; reconciles of an unchanged fleet
@@ -21,7 +22,8 @@ STAGE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 60
 LATENCY_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
 # fetch, parse and evaluate happen once per pass; build, sign and publish once per
 # host release (publish includes the signing it waits for).
-STAGES = ("fetch", "parse", "evaluate", "build", "sign", "publish")
+# metadata: bringing the TUF metadata up to date, once per pass.
+STAGES = ("fetch", "parse", "evaluate", "build", "sign", "publish", "metadata")
 
 
 class LedgerCollector(Collector):
@@ -46,6 +48,37 @@ class LedgerCollector(Collector):
             "Host definitions that failed validation or evaluation.",
             value=invalid,
         )
+
+
+class TufCollector(Collector):
+    """Each TUF role's version and expiry, read from the repository at scrape time."""
+
+    def __init__(self, repo: TufRepository) -> None:
+        self._repo = repo
+
+    def collect(self) -> Iterator[Metric]:
+        md = self._repo.md
+        expiry = GaugeMetricFamily(
+            "reconciler_tuf_expiry_timestamp_seconds",
+            "Unix time at which the newest signed metadata of each TUF role expires.",
+            labels=["role"],
+        )
+        version = GaugeMetricFamily(
+            "reconciler_tuf_version", "Version of each TUF role's newest metadata.", labels=["role"]
+        )
+        if md is not None:
+            for role, m in (
+                ("root", md.root),
+                ("targets", md.targets),
+                ("snapshot", md.snapshot),
+                ("timestamp", md.timestamp),
+            ):
+                expiry.add_metric([role], m.signed.expires.timestamp())
+                version.add_metric([role], m.signed.version)
+            if md.bins:
+                expiry.add_metric(["bins"], min(b.signed.expires for b in md.bins.values()).timestamp())
+        yield expiry
+        yield version
 
 
 class Metrics:
@@ -93,6 +126,11 @@ class Metrics:
         self.gc_deleted = Counter(
             "reconciler_gc_deleted_objects", "Store objects deleted by garbage collection.", registry=r
         )
+        self.metadata_failures = Counter(
+            "reconciler_tuf_failures",
+            "Passes whose TUF metadata could not be brought up to date (agents see no update).",
+            registry=r,
+        )
         self.publish_failures = Counter(
             "reconciler_publish_failures", "Releases the store refused or failed to take.", registry=r
         )
@@ -135,6 +173,8 @@ class Metrics:
         for reason in Refusal:
             self.untrusted_commits.labels(reason)
 
-    def watch(self, ledger: Ledger) -> None:
-        """Serve the ledger's per-host figures (LedgerCollector) from now on."""
+    def watch(self, ledger: Ledger, tuf: TufRepository) -> None:
+        """Serve the ledger's per-host figures (LedgerCollector) and the TUF roles'
+        (TufCollector) from now on."""
         self.registry.register(LedgerCollector(ledger))
+        self.registry.register(TufCollector(tuf))

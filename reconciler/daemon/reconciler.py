@@ -17,6 +17,10 @@ from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from securesystemslib.signer import Signer as MetadataSigner
+from tuf.api.metadata import Metadata
 
 from reconciler import log
 from reconciler.config import Config
@@ -25,11 +29,13 @@ from reconciler.core.layout import PUBLISHER_KEY, latest_path, release_path
 from reconciler.core.model import Action, BuildOutput, Evaluation, Status
 from reconciler.core.plan import HostPlan, Plan, make_plan, retry_delay
 from reconciler.core.release import Artifact, Release, new_release, parse_release
+from reconciler.core.tufrepo import RoleName
 from reconciler.core.versions import MAX_TAKEN, Adopt, Decision, Taken, decide, first_candidate
 from reconciler.daemon.gate import CommitRefusedError
 from reconciler.daemon.gc import collect
 from reconciler.daemon.metrics import Metrics
 from reconciler.daemon.publish import publish
+from reconciler.daemon.tuf import KeyChange, TufError, TufRepository
 from reconciler.errors import (
     BuildError,
     ConfigError,
@@ -76,10 +82,14 @@ class ReconcileResult:
     plan: Plan
     outcomes: tuple[HostOutcome, ...]
 
+    # Why the TUF metadata could not be brought up to date, or None.
+    metadata_error: str | None = None
+
     @property
     def ok(self) -> bool:
         return (
-            all(o.ok for o in self.outcomes)
+            self.metadata_error is None
+            and all(o.ok for o in self.outcomes)
             and not self.plan.with_action(Action.INVALID)
             and not self.plan.with_action(Action.BACKOFF)
         )
@@ -111,7 +121,10 @@ class Reconciler:
         self._last_gc = self.clock.monotonic()
         self._key_published = False
         self._store_recovered = False
-        self.metrics.watch(self.state)
+        self.tuf = TufRepository(
+            self.store, cfg.state_dir / "tuf", lambda: self.signer.metadata_signer(), self.clock, cfg.tuf
+        )
+        self.metrics.watch(self.state, self.tuf)
 
     @property
     def signer(self) -> Signer:
@@ -233,6 +246,9 @@ class Reconciler:
                 result = self._reconcile(respect_backoff)
             except ReconcilerError:
                 self.metrics.reconcile_runs.labels("failure").inc()
+                # What was published stays fresh while the source cannot be read.
+                if self.tuf.exists():
+                    self.sync_metadata()
                 raise
             finally:
                 self.metrics.reconcile_duration.observe(self.clock.monotonic() - started)
@@ -264,6 +280,16 @@ class Reconciler:
         with self._pass_lock, (self.cfg.state_dir / "pass.lock").open("w") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             yield
+
+    def change_keys(
+        self, role: RoleName, change: KeyChange, signers: Mapping[str, MetadataSigner]
+    ) -> Metadata[Any]:
+        """A TUF key change (reconciler.core.tufrepo), signed by ``signers``; under the
+        pass lock, so no pass signs metadata meanwhile."""
+        with self.exclusive():
+            changed = self.tuf.change_keys(role, change, signers)
+            log.event("tuf_keys_changed", role=role, version=changed.signed.version)
+            return changed
 
     def collect_garbage(self, dry_run: bool, on_delete: Callable[[str], None]) -> list[str]:
         """Delete releases beyond retention.keep and blobs nothing kept refers to."""
@@ -312,7 +338,24 @@ class Reconciler:
         with ThreadPoolExecutor(max_workers=self.cfg.jobs, thread_name_prefix="build") as pool:
             outcomes = tuple(pool.map(lambda e: self._act(e, obs), todo))
         self._record(obs, plan, outcomes)
-        return ReconcileResult(plan, outcomes)
+        return ReconcileResult(plan, outcomes, self.sync_metadata())
+
+    def sync_metadata(self) -> str | None:
+        """Make the TUF metadata list every host's published release (the ledger's)
+        and re-sign what is due; why it could not, or None. Under the pass lock."""
+        published = {
+            name: hs.version
+            for name, hs in self.state.hosts().items()
+            if hs.version and hs.status != Status.REMOVED
+        }
+        try:
+            with self.metrics.stage_duration.labels("metadata").time():
+                self.tuf.sync(published)
+        except (TufError, StoreError, SigningError) as exc:
+            self.metrics.metadata_failures.inc()
+            log.event("tuf_failed", logging.ERROR, error=str(exc))
+            return str(exc)
+        return None
 
     def _act(self, entry: HostPlan, obs: Observation) -> HostOutcome:
         """Build, sign and publish one host; what came of it is recorded later, with

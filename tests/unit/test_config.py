@@ -161,6 +161,7 @@ TOP = (
             "state_dir",
             "store",
             "triggers",
+            "tuf",
         ]
     )
     + ")"

@@ -1,0 +1,170 @@
+"""The agent's TUF client: python-tuf's ngclient over the agent's own fetcher.
+
+ngclient does what The Update Framework asks of a client (root rotation with
+thresholds, timestamp, snapshot, consistent snapshots, hash-binned delegations,
+rollback and freeze checks); this module gives it the store through the agent's
+:class:`Fetcher` (every read bounded in size and time), a trusted first root, and a
+cheap idle poll:
+
+- An idle poll is one conditional GET of ``tuf/timestamp.json``. Unchanged (304), the
+  store has nothing new: every change of the repository, root rotations included,
+  signs a new timestamp (reconciler.daemon.tuf). The trusted timestamp on disk then
+  only has to be unexpired, or the store is frozen (:class:`StaleError`).
+- The first root is the store's first ``N.root.json`` signed by a threshold of the
+  keys pinned in the agent's config; ngclient walks on from there to the newest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+from securesystemslib.signer import Key
+from tuf.api import exceptions as tuf_exceptions
+from tuf.api.metadata import Metadata, Root, TargetFile, Timestamp
+from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
+
+from reconciler.adapters import fetch
+from reconciler.core.trust import Reason, RefusalError, refusal
+from reconciler.core.tufrepo import TUF_DIR, metadata_key
+from reconciler.errors import FetchError, FetchKind
+from reconciler.ports import Fetcher
+
+# python-tuf's limits per role; a timestamp is a few hundred bytes.
+CONFIG = UpdaterConfig(
+    max_root_rotations=64,
+    timestamp_max_length=16 * 1024,
+    snapshot_max_length=4 << 20,
+    targets_max_length=8 << 20,
+    prefix_targets_with_hash=False,  # targets are content-addressed or immutable already
+)
+MAX_BOOTSTRAP_ROOTS = 64
+
+
+class StaleError(RefusalError):
+    """The newest metadata the store offers has expired: it is frozen, or its
+    publisher stopped signing."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(Reason.EXPIRED, message)
+
+
+class _StoreDownloads(FetcherInterface):
+    """ngclient's downloads through the agent's fetcher; ``served`` holds bodies this
+    poll read already (the timestamp of the conditional GET)."""
+
+    def __init__(self, fetcher: Fetcher, timeout: float, count: Callable[[int], None]) -> None:
+        self._fetcher = fetcher
+        self._timeout = timeout
+        self._count = count
+        self.served: dict[str, bytes] = {}
+
+    def _fetch(self, url: str) -> Iterator[bytes]:  # pragma: no cover - download_bytes is used
+        raise NotImplementedError
+
+    def download_bytes(self, url: str, max_length: int) -> bytes:
+        if url in self.served:
+            return self.served.pop(url)
+        try:
+            got = self._fetcher.get(url, max_length, timeout=self._timeout, count=self._count)
+        except FetchError as exc:
+            if exc.status is not None:
+                raise tuf_exceptions.DownloadHTTPError(str(exc), exc.status) from None
+            if exc.kind is FetchKind.DEADLINE:
+                raise tuf_exceptions.SlowRetrievalError(str(exc)) from None
+            if exc.kind is FetchKind.TOO_LARGE:
+                raise tuf_exceptions.DownloadLengthMismatchError(str(exc)) from None
+            raise tuf_exceptions.DownloadError(str(exc)) from None
+        assert got is not None  # an unconditional read always answers
+        return got.data
+
+
+class TufClient:
+    def __init__(
+        self,
+        fetcher: Fetcher,
+        store: str,
+        metadata_dir: Path,
+        pinned: Callable[[], Sequence[Key]],
+        timeout: float,
+        count: Callable[[int], None],
+    ) -> None:
+        self.store = store
+        self.dir = metadata_dir
+        self._pinned = pinned
+        self._downloads = _StoreDownloads(fetcher, timeout, count)
+
+    def _url(self, role: str, version: int | None) -> str:
+        return fetch.join(self.store, metadata_key(role, version))
+
+    @property
+    def timestamp_url(self) -> str:
+        return self._url("timestamp", None)
+
+    def trusted_timestamp(self) -> Metadata[Timestamp] | None:
+        """The timestamp ngclient verified last, or None before the first."""
+        try:
+            return Metadata.from_bytes((self.dir / "timestamp.json").read_bytes())
+        except (OSError, ValueError):
+            return None
+
+    def target(self, path: str, timestamp: bytes) -> TargetFile | None:
+        """Refresh the metadata (with ``timestamp`` as just read from the store) and
+        return the verified entry for ``path``, or None if the repository has none."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        bootstrap = None if (self.dir / "root.json").exists() else self._bootstrap()
+        self._downloads.served = {self.timestamp_url: timestamp}
+        try:
+            updater = Updater(
+                str(self.dir),
+                fetch.join(self.store, TUF_DIR),
+                fetcher=self._downloads,
+                config=CONFIG,
+                bootstrap=bootstrap,
+            )
+            updater.refresh()
+            return updater.get_targetinfo(path)
+        except tuf_exceptions.ExpiredMetadataError as exc:
+            raise StaleError(f"TUF metadata: {exc}") from None
+        except tuf_exceptions.RepositoryError as exc:
+            raise refusal(exc) from None
+        except tuf_exceptions.DownloadError as exc:
+            raise FetchError(f"TUF metadata: {exc}") from None
+        finally:
+            self._downloads.served = {}
+
+    def _bootstrap(self) -> bytes:
+        """The store's first root signed by a threshold of the pinned keys."""
+        pinned = {k.keyid: k for k in self._pinned()}
+        for version in range(1, MAX_BOOTSTRAP_ROOTS + 1):
+            try:
+                data = self._downloads.download_bytes(self._url("root", version), CONFIG.root_max_length)
+            except tuf_exceptions.DownloadHTTPError as exc:
+                if exc.status_code in (403, 404):
+                    break
+                raise FetchError(f"TUF root {version}: {exc}") from None
+            except tuf_exceptions.DownloadError as exc:
+                raise FetchError(f"TUF root {version}: {exc}") from None
+            try:
+                root: Metadata[Root] = Metadata.from_bytes(data)
+            except ValueError as exc:
+                raise RefusalError(Reason.MALFORMED, f"TUF root {version}: {exc}") from None
+            role = root.signed.roles.get("root")
+            if root.signed.version != version or role is None:
+                raise RefusalError(Reason.MALFORMED, f"TUF root {version}: not root version {version}")
+            good = 0
+            for keyid in set(role.keyids) & pinned.keys():
+                sig = root.signatures.get(keyid)
+                if sig is None:
+                    continue
+                try:
+                    pinned[keyid].verify_signature(sig, root.signed_bytes)
+                    good += 1
+                except Exception:
+                    continue
+            if good >= role.threshold:
+                return data
+        raise RefusalError(
+            Reason.BAD_SIGNATURE,
+            "no TUF root in the store is signed by a threshold of the pinned keys",
+        )

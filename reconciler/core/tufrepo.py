@@ -1,0 +1,272 @@
+"""The store's TUF repository (The Update Framework, python-tuf's Metadata API): what
+each role says, and how it changes. Pure: nothing here signs, reads or writes.
+
+Roles and keys:
+
+    root       k of n offline keys (`reconciler keys`); names every other role's keys
+    targets    k of n keys; delegates every target to hash-binned roles ``bins-XX``
+    bins-XX    the publisher's online key: one entry per host, ``hosts/<h>/latest.json``
+    snapshot   the publisher's online key: the version of targets and of every bin
+    timestamp  the publisher's online key: the snapshot's version; short-lived, re-signed
+               by the daemon even when nothing changes, so a frozen store shows
+
+A host's entry names the newest release of that host: its length and sha256 are those
+of ``hosts/<h>/releases/<N>.json`` (the same bytes as its latest.json) and its custom
+field ``version`` is N, so an agent reads the immutable release file and checks it
+against the entry. Hash-binned delegation (TUF's succinct roles) keeps one agent's
+poll small at any fleet size: it reads the timestamp, the snapshot and its one bin.
+
+Store layout (consistent snapshots): ``tuf/<V>.root.json``, ``tuf/timestamp.json``,
+``tuf/<V>.snapshot.json``, ``tuf/<V>.targets.json``, ``tuf/<V>.bins-XX.json``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from securesystemslib.signer import Key
+from tuf.api.metadata import (
+    Delegations,
+    Metadata,
+    MetaFile,
+    Role,
+    Root,
+    Snapshot,
+    SuccinctRoles,
+    TargetFile,
+    Targets,
+    Timestamp,
+)
+from tuf.api.serialization.json import JSONSerializer
+
+from reconciler.errors import ReconcilerError
+
+TUF_DIR = "tuf/"
+BINS_PREFIX = "bins"
+# Compact JSON: every agent reads the snapshot and its bin after each publication.
+SERIALIZER = JSONSerializer(compact=True)
+
+
+class RoleName(StrEnum):
+    ROOT = "root"
+    TARGETS = "targets"
+    SNAPSHOT = "snapshot"
+    TIMESTAMP = "timestamp"
+    BINS = "bins"  # the delegated hash bins, all under one key set
+
+
+TOP_ROLES = (RoleName.ROOT, RoleName.TARGETS, RoleName.SNAPSHOT, RoleName.TIMESTAMP)
+
+
+class KeyChangeError(ReconcilerError):
+    """A key or threshold change that would leave a role unusable."""
+
+
+@dataclass(frozen=True)
+class Lifetimes:
+    """How long each role's metadata is valid after it is signed."""
+
+    root: timedelta = timedelta(days=365)
+    targets: timedelta = timedelta(days=365)
+    snapshot: timedelta = timedelta(days=7)  # also the bins': both are online
+    timestamp: timedelta = timedelta(days=1)  # the window in which a freeze shows
+
+    def of(self, role: RoleName) -> timedelta:
+        return {
+            RoleName.ROOT: self.root,
+            RoleName.TARGETS: self.targets,
+            RoleName.SNAPSHOT: self.snapshot,
+            RoleName.BINS: self.snapshot,
+            RoleName.TIMESTAMP: self.timestamp,
+        }[role]
+
+
+def target_path(host: str) -> str:
+    """The target naming ``host``'s newest release."""
+    return f"hosts/{host}/latest.json"
+
+
+def metadata_key(role: str, version: int | None) -> str:
+    """The store key of ``role``'s metadata (timestamp.json is the one unversioned name)."""
+    return f"{TUF_DIR}{role}.json" if version is None else f"{TUF_DIR}{version}.{role}.json"
+
+
+def succinct(targets: Metadata[Targets]) -> SuccinctRoles:
+    delegations = targets.signed.delegations
+    assert delegations is not None and delegations.succinct_roles is not None
+    return delegations.succinct_roles
+
+
+def entry(host: str, version: int, release_json: bytes) -> TargetFile:
+    """A host's entry in its bin: the release file's length and sha256, and N."""
+    info = TargetFile.from_data(target_path(host), release_json, ["sha256"])
+    info.unrecognized_fields["custom"] = {"version": version}
+    return info
+
+
+def entry_version(info: TargetFile) -> int | None:
+    """The release number an entry names, or None if it names none validly."""
+    custom = info.unrecognized_fields.get("custom")
+    version = custom.get("version") if isinstance(custom, dict) else None
+    if isinstance(version, int) and not isinstance(version, bool) and version >= 1:
+        return version
+    return None
+
+
+def _expiry(now: datetime, lifetime: timedelta) -> datetime:
+    return now.replace(microsecond=0) + lifetime
+
+
+def bump(md: Metadata[Any], now: datetime, lifetime: timedelta) -> None:
+    """A new version of ``md``: its old signatures go, its expiry moves on."""
+    md.signed.version += 1
+    md.signed.expires = _expiry(now, lifetime)
+    md.signatures.clear()
+
+
+def due(md: Metadata[Any], now: datetime, lifetime: timedelta) -> bool:
+    """Whether ``md`` has less than half its lifetime left: re-sign it now, so that
+    agents never see it expire while the publisher runs."""
+    expires: datetime = md.signed.expires
+    return expires - now < lifetime / 2
+
+
+@dataclass(frozen=True)
+class KeySet:
+    keys: tuple[Key, ...]
+    threshold: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.keys:
+            raise KeyChangeError("a role needs at least one key")
+        if not 1 <= self.threshold <= len(self.keys):
+            raise KeyChangeError(f"threshold {self.threshold} needs between 1 and {len(self.keys)} keys")
+
+
+def new_repository(
+    root_keys: KeySet,
+    targets_keys: KeySet,
+    online: Key,
+    bit_length: int,
+    now: datetime,
+    lifetimes: Lifetimes,
+) -> tuple[Metadata[Root], Metadata[Targets], dict[str, Metadata[Targets]]]:
+    """Version 1 of root and targets, and every bin empty (all unsigned)."""
+    root = Root(expires=_expiry(now, lifetimes.root), consistent_snapshot=True)
+    for role, keyset in (
+        (RoleName.ROOT, root_keys),
+        (RoleName.TARGETS, targets_keys),
+        (RoleName.SNAPSHOT, KeySet((online,))),
+        (RoleName.TIMESTAMP, KeySet((online,))),
+    ):
+        for key in keyset.keys:
+            root.add_key(key, role)
+        root.roles[role].threshold = keyset.threshold
+    targets = Targets(expires=_expiry(now, lifetimes.targets))
+    bins = SuccinctRoles([online.keyid], 1, bit_length, BINS_PREFIX)
+    targets.delegations = Delegations(keys={online.keyid: online}, succinct_roles=bins)
+    empty = {name: Metadata(Targets(expires=_expiry(now, lifetimes.snapshot))) for name in bins.get_roles()}
+    return Metadata(root), Metadata(targets), empty
+
+
+def new_snapshot(
+    targets: Metadata[Targets], bins: Mapping[str, Metadata[Targets]], now: datetime, lifetimes: Lifetimes
+) -> Metadata[Snapshot]:
+    meta = {"targets.json": MetaFile(targets.signed.version)}
+    meta.update({f"{name}.json": MetaFile(md.signed.version) for name, md in sorted(bins.items())})
+    return Metadata(Snapshot(expires=_expiry(now, lifetimes.snapshot), meta=meta))
+
+
+def new_timestamp(snapshot: Metadata[Snapshot], now: datetime, lifetimes: Lifetimes) -> Metadata[Timestamp]:
+    return Metadata(
+        Timestamp(expires=_expiry(now, lifetimes.timestamp), snapshot_meta=MetaFile(snapshot.signed.version))
+    )
+
+
+def set_entries(
+    targets: Metadata[Targets],
+    bins: Mapping[str, Metadata[Targets]],
+    wanted: Mapping[str, TargetFile | None],
+) -> set[str]:
+    """Put each host's entry (None: remove it) in its bin; the bins that changed."""
+    roles = succinct(targets)
+    changed = set()
+    for host, info in wanted.items():
+        path = target_path(host)
+        name = roles.get_role_for_target(path)
+        listed = bins[name].signed.targets
+        if info is None:
+            if listed.pop(path, None) is not None:
+                changed.add(name)
+        elif listed.get(path) != info:
+            listed[path] = info
+            changed.add(name)
+    return changed
+
+
+def record_versions(snapshot: Metadata[Snapshot], roles: Mapping[str, Metadata[Targets]]) -> None:
+    for name, md in roles.items():
+        snapshot.signed.meta[f"{name}.json"] = MetaFile(md.signed.version)
+
+
+def hosts_listed(bins: Iterable[Metadata[Targets]]) -> dict[str, int]:
+    """Every host the bins name, with the release number its entry names."""
+    listed = {}
+    for md in bins:
+        for path, info in md.signed.targets.items():
+            parts = path.split("/")
+            version = entry_version(info)
+            if len(parts) == 3 and parts[0] == "hosts" and version is not None:
+                listed[parts[1]] = version
+    return listed
+
+
+# -- key changes (each one new version of root, or of targets for the bins) ----------
+
+
+def role_keys(root: Root, targets: Targets, role: RoleName) -> tuple[list[str], int]:
+    """The keyids and threshold of ``role``."""
+    if role is RoleName.BINS:
+        roles = succinct(Metadata(targets))
+        return list(roles.keyids), roles.threshold
+    r: Role = root.roles[role]
+    return list(r.keyids), r.threshold
+
+
+def add_key(root: Root, targets: Targets, role: RoleName, key: Key) -> None:
+    if key.keyid in role_keys(root, targets, role)[0]:
+        raise KeyChangeError(f"key {key.keyid} is already a {role} key")
+    if role is RoleName.BINS:
+        assert targets.delegations is not None
+        targets.add_key(key, None)
+    else:
+        root.add_key(key, role)
+
+
+def revoke_key(root: Root, targets: Targets, role: RoleName, keyid: str) -> None:
+    keyids, threshold = role_keys(root, targets, role)
+    if keyid not in keyids:
+        raise KeyChangeError(f"{keyid} is not a {role} key")
+    if len(keyids) - 1 < threshold:
+        raise KeyChangeError(
+            f"revoking {keyid} would leave {role} {len(keyids) - 1} key(s) for a threshold of "
+            f"{threshold}: add a key first or lower the threshold"
+        )
+    if role is RoleName.BINS:
+        targets.revoke_key(keyid, None)
+    else:
+        root.revoke_key(keyid, role)
+
+
+def set_threshold(root: Root, targets: Targets, role: RoleName, threshold: int) -> None:
+    keyids, _ = role_keys(root, targets, role)
+    if not 1 <= threshold <= len(keyids):
+        raise KeyChangeError(f"{role} has {len(keyids)} key(s): its threshold must be 1 to {len(keyids)}")
+    if role is RoleName.BINS:
+        succinct(Metadata(targets)).threshold = threshold
+    else:
+        root.roles[role].threshold = threshold

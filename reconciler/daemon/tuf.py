@@ -1,0 +1,335 @@
+"""The publisher's side of the store's TUF repository (reconciler.core.tufrepo).
+
+The daemon holds its copy of the metadata in ``<state_dir>/tuf/``: that copy is what
+it signs again, never what the store serves (a store is not trusted to keep the
+daemon's word). Without that copy (a new state directory) it reads the store's
+metadata and takes it only if every file verifies: root by root from version 1, then
+timestamp, snapshot, targets and every bin, each against the keys its delegator names;
+with no metadata anywhere it starts a repository with its own key in every role.
+
+After each pass :meth:`TufRepository.sync` makes the bins list each host's newest
+release (the ledger's versions), and re-signs whatever has less than half of its
+lifetime left, so that the timestamp stays fresh while nothing changes. The order of
+writes keeps readers consistent: changed bins and the snapshot under new version
+numbers first, ``timestamp.json`` last.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from securesystemslib.signer import Signer as MetadataSigner
+from tuf.api.exceptions import RepositoryError
+from tuf.api.metadata import Metadata, Root, Snapshot, Targets, Timestamp
+
+from reconciler import log
+from reconciler.config import TufConfig
+from reconciler.core import tufrepo
+from reconciler.core.layout import release_path
+from reconciler.core.tufrepo import SERIALIZER, KeySet, RoleName, metadata_key
+from reconciler.errors import ReconcilerError, StoreError
+from reconciler.ports import Clock, Store
+
+# A change of keys or thresholds applied to (root, targets): core.tufrepo's add_key,
+# revoke_key or set_threshold with their other arguments bound.
+KeyChange = Callable[[Root, Targets], None]
+
+
+class TufError(ReconcilerError):
+    """The TUF metadata could not be loaded, verified or signed."""
+
+
+@dataclass
+class Metadatas:
+    """One consistent set of the repository's metadata."""
+
+    root: Metadata[Root]
+    targets: Metadata[Targets]
+    bins: dict[str, Metadata[Targets]]
+    snapshot: Metadata[Snapshot]
+    timestamp: Metadata[Timestamp]
+
+
+class TufRepository:
+    def __init__(
+        self,
+        store: Store,
+        local: Path,
+        online: Callable[[], MetadataSigner],
+        clock: Clock,
+        settings: TufConfig,
+    ) -> None:
+        """``online`` opens the signer of timestamp, snapshot and bins (the daemon's
+        key), on first use."""
+        self.store = store
+        self.local = local
+        self._open_online = online
+        self._online: MetadataSigner | None = None
+        self.clock = clock
+        self.settings = settings
+        self.md: Metadatas | None = None
+        self._stamp: tuple[int, ...] = ()
+
+    @property
+    def online(self) -> MetadataSigner:
+        if self._online is None:
+            self._online = self._open_online()
+        return self._online
+
+    # -- loading ---------------------------------------------------------------
+
+    def _local_stamp(self) -> tuple[int, ...]:
+        try:
+            return tuple((self.local / n).stat().st_mtime_ns for n in ("root.json", "targets.json"))
+        except FileNotFoundError:
+            return ()
+
+    def exists(self) -> bool:
+        return (
+            self.md is not None
+            or (self.local / "root.json").exists()
+            or self.store.exists(metadata_key("root", 1))
+        )
+
+    def load(self) -> Metadatas:
+        """The current metadata; read again when a key change (another process, under
+        the same pass lock) rewrote root or targets."""
+        if self.md is not None and self._stamp != self._local_stamp():
+            self.md = None
+        if self.md is None:
+            if (self.local / "root.json").exists():
+                self.md = self._read_local()
+            elif self.store.exists(metadata_key("root", 1)):
+                self.md = self._import()
+                self._save_local(self.md, all_bins=True)
+                log.event("tuf_imported", root=self.md.root.signed.version)
+            else:
+                self.md = self._create()
+                log.event("tuf_created", bins=len(self.md.bins))
+            self._check_online_key(self.md)
+            self._stamp = self._local_stamp()
+        return self.md
+
+    def _check_online_key(self, md: Metadatas) -> None:
+        keyid = self.online.public_key.keyid
+        for role in (RoleName.TIMESTAMP, RoleName.SNAPSHOT, RoleName.BINS):
+            if keyid not in tufrepo.role_keys(md.root.signed, md.targets.signed, role)[0]:
+                raise TufError(
+                    f"the TUF {role} role does not list the signing key {keyid}: "
+                    f"add it with `reconciler keys add {role} {keyid}`, or sign with a key it lists"
+                )
+
+    def _read_local(self) -> Metadatas:
+        def read(name: str) -> Metadata[Any]:
+            try:
+                return Metadata.from_bytes((self.local / name).read_bytes())
+            except (OSError, ValueError) as exc:
+                raise TufError(f"{self.local / name}: unreadable TUF metadata ({exc})") from None
+
+        targets = read("targets.json")
+        bins = {name: read(f"bins/{name}.json") for name in tufrepo.succinct(targets).get_roles()}
+        return Metadatas(read("root.json"), targets, bins, read("snapshot.json"), read("timestamp.json"))
+
+    def _create(self) -> Metadatas:
+        now, lt = self.clock.now(), self.settings.lifetimes
+        key = self.online.public_key
+        root, targets, bins = tufrepo.new_repository(
+            KeySet((key,)), KeySet((key,)), key, self.settings.bit_length, now, lt
+        )
+        snapshot = tufrepo.new_snapshot(targets, bins, now, lt)
+        md = Metadatas(root, targets, bins, snapshot, tufrepo.new_timestamp(snapshot, now, lt))
+        every: list[Metadata[Any]] = [root, targets, *bins.values(), snapshot, md.timestamp]
+        for m in every:
+            m.sign(self.online)
+        self._write(md, root=True, targets=True, bins=bins)
+        return md
+
+    def _get(self, key: str) -> Metadata[Any]:
+        data = self.store.get_bytes(key)
+        if data is None:
+            raise TufError(f"the store's TUF metadata lacks {key}")
+        try:
+            return Metadata.from_bytes(data)
+        except ValueError as exc:
+            raise TufError(f"{key}: malformed TUF metadata ({exc})") from None
+
+    def _import(self) -> Metadatas:
+        """The store's metadata, each file verified by the keys its delegator names."""
+        try:
+            root = self._get(metadata_key("root", 1))
+            root.verify_delegate("root", root)
+            while self.store.exists(metadata_key("root", root.signed.version + 1)):
+                new = self._get(metadata_key("root", root.signed.version + 1))
+                root.verify_delegate("root", new)
+                new.verify_delegate("root", new)
+                if new.signed.version != root.signed.version + 1:
+                    raise TufError(f"root version {new.signed.version} stored as {root.signed.version + 1}")
+                root = new
+            timestamp = self._get(metadata_key("timestamp", None))
+            root.verify_delegate("timestamp", timestamp)
+            snapshot = self._get(metadata_key("snapshot", timestamp.signed.snapshot_meta.version))
+            root.verify_delegate("snapshot", snapshot)
+            targets = self._get(metadata_key("targets", snapshot.signed.meta["targets.json"].version))
+            root.verify_delegate("targets", targets)
+            bins = {}
+            for name in tufrepo.succinct(targets).get_roles():
+                bins[name] = self._get(metadata_key(name, snapshot.signed.meta[f"{name}.json"].version))
+                targets.verify_delegate(name, bins[name])
+        except (RepositoryError, KeyError, ValueError) as exc:
+            raise TufError(f"the store's TUF metadata does not verify: {exc}") from None
+        return Metadatas(root, targets, bins, snapshot, timestamp)
+
+    # -- writing ---------------------------------------------------------------
+
+    def _put(self, key: str, md: Metadata[Any]) -> None:
+        self.store.put_bytes(key, md.to_bytes(SERIALIZER))
+
+    def _write(
+        self,
+        md: Metadatas,
+        root: bool = False,
+        targets: bool = False,
+        bins: Mapping[str, Metadata[Targets]] | None = None,
+    ) -> None:
+        """Write what changed under new names, then the snapshot, the timestamp last;
+        and the local copy once the store has it."""
+        if root:
+            self._put(metadata_key("root", md.root.signed.version), md.root)
+        if targets:
+            self._put(metadata_key("targets", md.targets.signed.version), md.targets)
+        for name, b in (bins or {}).items():
+            self._put(metadata_key(name, b.signed.version), b)
+        self._put(metadata_key("snapshot", md.snapshot.signed.version), md.snapshot)
+        self._put(metadata_key("timestamp", None), md.timestamp)
+        self._save_local(md, bins=bins)
+        self._stamp = self._local_stamp()
+        self._forget_old(md, targets, bins or {})
+
+    def _save_local(
+        self, md: Metadatas, bins: Mapping[str, Metadata[Targets]] | None = None, all_bins: bool = False
+    ) -> None:
+        (self.local / "bins").mkdir(parents=True, exist_ok=True)
+        files: dict[str, Metadata[Any]] = {
+            "root.json": md.root,
+            "targets.json": md.targets,
+            "snapshot.json": md.snapshot,
+            "timestamp.json": md.timestamp,
+        }
+        files.update({f"bins/{n}.json": b for n, b in (md.bins if all_bins else bins or {}).items()})
+        for name, m in files.items():
+            path = self.local / name
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_bytes(m.to_bytes(SERIALIZER))
+            os.replace(tmp, path)
+
+    def _forget_old(self, md: Metadatas, targets: bool, bins: Mapping[str, Metadata[Targets]]) -> None:
+        """Delete the version before the previous one of what was rewritten: an agent
+        that read the previous timestamp can still finish; older ones are dead."""
+        old = [metadata_key("snapshot", md.snapshot.signed.version - 2)]
+        if targets:
+            old.append(metadata_key("targets", md.targets.signed.version - 2))
+        old += [metadata_key(name, b.signed.version - 2) for name, b in bins.items()]
+        for key in old:
+            try:
+                self.store.delete(key)
+            except StoreError as exc:
+                log.event("tuf_cleanup_failed", logging.WARNING, key=key, error=str(exc))
+
+    # -- the pass --------------------------------------------------------------
+
+    def sync(self, published: Mapping[str, int]) -> bool:
+        """List each host's release ``published`` (host -> N) and no other; re-sign
+        what is due. Whether anything was written."""
+        md = self.load()
+        now, lt = self.clock.now(), self.settings.lifetimes
+        listed = tufrepo.hosts_listed(md.bins.values())
+        wanted: dict[str, Any] = {h: None for h in listed.keys() - published.keys()}
+        for host, version in published.items():
+            if listed.get(host) == version:
+                continue
+            data = self.store.get_bytes(release_path(host, version))
+            if data is None:
+                log.event("tuf_release_missing", logging.WARNING, host=host, version=version)
+                continue
+            wanted[host] = tufrepo.entry(host, version, data)
+        names = tufrepo.set_entries(md.targets, md.bins, wanted)
+        names |= {n for n, b in md.bins.items() if tufrepo.due(b, now, lt.snapshot)}
+        changed = {n: md.bins[n] for n in sorted(names)}
+        for b in changed.values():
+            tufrepo.bump(b, now, lt.snapshot)
+            b.sign(self.online)
+        if changed or tufrepo.due(md.snapshot, now, lt.snapshot):
+            tufrepo.record_versions(md.snapshot, changed)
+            tufrepo.bump(md.snapshot, now, lt.snapshot)
+            md.snapshot.signed.meta["targets.json"].version = md.targets.signed.version
+            md.snapshot.sign(self.online)
+        elif not tufrepo.due(md.timestamp, now, lt.timestamp):
+            return False
+        self._new_timestamp(md)
+        self._write(md, bins=changed)
+        if changed:
+            log.event("tuf_published", bins=len(changed), snapshot=md.snapshot.signed.version)
+        return True
+
+    def _new_timestamp(self, md: Metadatas) -> None:
+        tufrepo.bump(md.timestamp, self.clock.now(), self.settings.lifetimes.timestamp)
+        md.timestamp.signed.snapshot_meta.version = md.snapshot.signed.version
+        md.timestamp.sign(self.online)
+
+    # -- key changes -----------------------------------------------------------
+
+    def change_keys(
+        self, role: RoleName, change: KeyChange, signers: Mapping[str, MetadataSigner]
+    ) -> Metadata[Any]:
+        """Apply ``change(root, targets)`` (core.tufrepo's add_key, revoke_key,
+        set_threshold) as a new root, or new targets for the bins, signed by what
+        ``signers`` (keyid -> signer) hold; a new snapshot and timestamp follow."""
+        md = self.load()
+        now, lt = self.clock.now(), self.settings.lifetimes
+        root: Metadata[Root] = Metadata.from_bytes(md.root.to_bytes(SERIALIZER))
+        targets: Metadata[Targets] = Metadata.from_bytes(md.targets.to_bytes(SERIALIZER))
+        change(root.signed, targets.signed)
+        changed: Metadata[Any]
+        if role is RoleName.BINS:
+            tufrepo.bump(targets, now, lt.targets)
+            self._sign(targets, "targets", signers, [md.root])
+            md.targets = targets
+            changed = targets
+        else:
+            tufrepo.bump(root, now, lt.root)
+            # A new root is signed by a threshold of the old root's keys and its own.
+            self._sign(root, "root", signers, [md.root, root])
+            md.root = root
+            changed = root
+        self._check_online_key(md)
+        md.snapshot.signed.meta["targets.json"].version = md.targets.signed.version
+        tufrepo.bump(md.snapshot, now, lt.snapshot)
+        md.snapshot.sign(self.online)
+        self._new_timestamp(md)
+        self._write(md, root=role is not RoleName.BINS, targets=role is RoleName.BINS)
+        self._stamp = self._local_stamp()
+        return changed
+
+    @staticmethod
+    def _sign(
+        md: Metadata[Any], role: str, signers: Mapping[str, MetadataSigner], delegators: list[Metadata[Root]]
+    ) -> None:
+        needed: set[str] = set()
+        for d in delegators:
+            needed |= set(d.signed.roles[role].keyids)
+        for keyid in sorted(needed & signers.keys()):
+            md.sign(signers[keyid], append=True)
+        for d in delegators:
+            r = d.signed.roles[role]
+            have = [k for k in r.keyids if k in md.signatures]
+            if len(have) < r.threshold:
+                raise TufError(
+                    f"the new {role} needs {r.threshold} signature(s) of the {role} keys of root version "
+                    f"{d.signed.version} ({', '.join(r.keyids)}); signed by {len(have)}: give the "
+                    "gnupghome(s) holding more of them"
+                )
