@@ -30,6 +30,8 @@ class AgentState:
     # The sha256 of artifacts that failed their activation or health check here.
     failed: list[str] = field(default_factory=list)
     stale: bool = False  # the store's metadata had expired at the last poll
+    # The sha256 of the last TUF entry refused or rolled back: not looked at again.
+    settled: str = ""
     validators: fetch.Validators = field(default_factory=fetch.Validators)
     # The version whose download failed ``retry_failures`` times in a row, and how
     # many polls to let pass before the next try.
@@ -65,6 +67,7 @@ class AgentState:
             # Before TUF, failures were kept by version number: those are dropped.
             failed=[v for v in doc.get("failed", []) if isinstance(v, str)],
             stale=bool(doc.get("stale", False)),
+            settled=str(doc.get("settled", "")),
             validators=fetch.Validators(**doc.get("validators", {})),
             retry_version=int(doc.get("retry_version", 0)),
             retry_failures=int(doc.get("retry_failures", 0)),
@@ -77,6 +80,7 @@ class AgentState:
             "previous": self.previous,
             "failed": self.failed[-FAILED_KEPT:],
             "stale": self.stale,
+            "settled": self.settled,
             "validators": self.validators.to_json(),
             "retry_version": self.retry_version,
             "retry_failures": self.retry_failures,

