@@ -6,6 +6,8 @@ the CLI to print one line that says what to fix.
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 
 class ReconcilerError(Exception):
     """Base of every error the reconciler raises on purpose."""
@@ -50,5 +52,26 @@ class StoreError(ReconcilerError):
     """The artifact store refused or failed an operation."""
 
 
+class FetchKind(StrEnum):
+    """What went wrong with a read, for a caller that answers each differently."""
+
+    HTTP_STATUS = "http_status"  # the server answered with an error status (``FetchError.status``)
+    TOO_LARGE = "too_large"  # more bytes than the limit
+    TRUNCATED = "truncated"  # fewer bytes than announced or expected
+    DEADLINE = "deadline"  # no complete answer within the request's deadline
+    UNREACHABLE = "unreachable"  # no answer at all: name, connection, TLS, local file
+    INTERRUPTED = "interrupted"  # the answer broke off or was not HTTP
+
+
 class FetchError(ReconcilerError):
-    """A store object could not be read, or its answer broke a limit."""
+    """A store object could not be read, or its answer broke a limit.
+
+    ``kind`` says which; ``status`` is the HTTP status of an error answer (else None).
+    """
+
+    def __init__(
+        self, message: str, *, kind: FetchKind = FetchKind.UNREACHABLE, status: int | None = None
+    ) -> None:
+        self.kind = kind
+        self.status = status
+        super().__init__(message)

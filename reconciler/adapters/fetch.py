@@ -1,26 +1,30 @@
 """Reading store objects by URL (http, https, file) or local path.
 
-Every read has a size limit and a timeout: whatever serves the store is not
-trusted to end its answers. A conditional read returns None when the object has
-not changed since the validators of an earlier read.
+Every read has a size limit and one deadline for the whole request (connecting, the
+headers, the body): whatever serves the store is not trusted to end its answers, nor to
+send them at any useful speed. A conditional read returns None when the object has not
+changed since the validators of an earlier read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import hashlib
+import http
 import http.client
 import os
+import socket
+import ssl
+import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from reconciler.errors import FetchError
+from reconciler.errors import FetchError, FetchKind
 
 TIMEOUT = 60.0
 CHUNK = 1 << 16
@@ -28,6 +32,7 @@ CHUNK = 1 << 16
 # second keeps its Last-Modified (and nginx's ETag), so validators younger than
 # this are not trusted for a conditional read.
 FRESH_SECONDS = 2.0
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
 @dataclass(frozen=True)
@@ -57,23 +62,220 @@ def join(base: str, key: str) -> str:
 
 
 def _reason(exc: BaseException) -> str:
-    if isinstance(exc, urllib.error.HTTPError):
-        return f"HTTP {exc.code} {exc.reason}"
-    reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
+    if isinstance(exc, http.client.RemoteDisconnected):
+        return "closed the connection without an answer"
+    if isinstance(exc, http.client.HTTPException):
+        # Not str(exc): a bad status line would be the server's own text.
+        return f"not a valid HTTP answer ({type(exc).__name__})"
+    reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
     return str(reason)
 
 
-def _open(target: str, headers: dict[str, str], timeout: float) -> tuple[BinaryIO, dict[str, str]]:
-    if is_url(target) and not target.startswith("file:"):
-        req = urllib.request.Request(target, headers=headers)
-        resp = urllib.request.urlopen(req, timeout=timeout)
-        return resp, {k.lower(): v for k, v in resp.headers.items()}
+@dataclass(frozen=True)
+class _Answer:
+    """An answer whose body is still to be read: ``chunks`` until its end."""
+
+    meta: dict[str, str]  # header names in lower case
+    chunks: Iterator[bytes]
+    length: int | None = None  # what the answer announced, if it did
+
+
+class _Deadline:
+    """One request's deadline.
+
+    Socket timeouts bound each read, not the request: a server sending a byte a second
+    never trips them. So a watchdog shuts the connection down when the deadline passes,
+    which wakes a read blocked anywhere, in http.client (status line, headers, chunk
+    sizes, trailers) or in the body loop; whoever wakes checks ``passed``.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.end = time.monotonic() + timeout
+        self.fired = False
+        self._timer: threading.Timer | None = None
+        self._handle: socket.socket | None = None
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+    def passed(self) -> bool:
+        return self.fired or self.left() <= 0
+
+    def watch(self, sock: socket.socket) -> None:
+        # A duplicate descriptor, because TLS takes ``sock`` over; a shutdown through
+        # either ends the one connection.
+        self._handle = sock.dup()
+        self._timer = threading.Timer(max(self.left(), 0.0), self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _fire(self) -> None:
+        self.fired = True
+        if self._handle is not None:
+            with contextlib.suppress(OSError):
+                self._handle.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer.join()
+        if self._handle is not None:
+            self._handle.close()
+
+    def error(self, target: str, during: str) -> FetchError:
+        return FetchError(
+            f"cannot fetch {target}: no complete answer within {self.timeout:g}s (slow retrieval; {during})",
+            kind=FetchKind.DEADLINE,
+        )
+
+
+def _connect(host: str, port: int, deadline: _Deadline) -> socket.socket:
+    """A connection to one of ``host``'s addresses, all tried within the deadline (not
+    socket.create_connection: it gives each address the whole timeout)."""
+    error = OSError(f"no address for {host}")
+    for family, kind, proto, _, addr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        if deadline.passed():
+            break
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(max(deadline.left(), 0.001))
+            sock.connect(addr)
+        except OSError as exc:
+            sock.close()
+            error = exc
+            continue
+        return sock
+    raise error
+
+
+@contextlib.contextmanager
+def _open(target: str, headers: dict[str, str], timeout: float) -> Iterator[_Answer | None]:
+    """The answer to a GET of ``target``; None when a conditional GET (``headers`` set)
+    is answered "not modified"."""
+    if not is_url(target) or target.startswith("file:"):
+        with _open_local(target) as answer:
+            yield answer
+        return
+    deadline = _Deadline(timeout)
+    conn: http.client.HTTPConnection | None = None
+    resp: http.client.HTTPResponse | None = None
+    try:
+        try:
+            url = urllib.parse.urlsplit(target)
+            host, https = url.hostname, url.scheme == "https"
+            if not host:
+                raise ValueError("no host in the URL")
+            port = url.port or (443 if https else 80)
+            ctx = ssl.create_default_context() if https else None
+            conn = (
+                http.client.HTTPSConnection(host, port, context=ctx)
+                if ctx
+                else http.client.HTTPConnection(host, port)
+            )
+            # Our own socket, so that the deadline covers connecting and can cut it.
+            conn.sock = _connect(host, port, deadline)
+            deadline.watch(conn.sock)
+            if ctx is not None:
+                conn.sock = ctx.wrap_socket(conn.sock, server_hostname=host)
+            path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+            conn.request("GET", path, headers={**headers, "User-Agent": "reconciler", "Connection": "close"})
+        except (OSError, ValueError, http.client.HTTPException) as exc:
+            raise _failed(target, deadline, "connecting", exc, FetchKind.UNREACHABLE) from None
+        try:
+            resp = conn.getresponse()
+        except (OSError, ValueError, http.client.HTTPException) as exc:
+            raise _failed(target, deadline, "waiting for the headers", exc, FetchKind.INTERRUPTED) from None
+        if resp.status == 304 and headers:
+            yield None
+            return
+        if resp.status != 200:
+            raise _status_error(target, resp.status)
+        meta = {k.lower(): v for k, v in resp.getheaders()}
+        yield _Answer(meta, _body(resp, target, deadline), resp.length)
+    finally:
+        deadline.close()
+        if resp is not None:
+            resp.close()
+        if conn is not None:
+            conn.close()
+
+
+def _failed(target: str, deadline: _Deadline, during: str, exc: BaseException, kind: FetchKind) -> FetchError:
+    if deadline.passed():
+        # Whatever broke, it broke because the watchdog cut the connection, or too late.
+        return deadline.error(target, during)
+    return FetchError(f"cannot fetch {target}: {_reason(exc)}", kind=kind)
+
+
+def _status_error(target: str, status: int) -> FetchError:
+    # The standard phrase, not the server's: its reason text is whatever it likes.
+    try:
+        what = f"HTTP {status} {http.HTTPStatus(status).phrase}"
+    except ValueError:
+        what = f"HTTP {status}"
+    if status in REDIRECTS:
+        what += " (a store answers directly: redirects are not followed)"
+    elif status == 304:
+        what += " (to a request that was not conditional)"
+    return FetchError(f"cannot fetch {target}: {what}", kind=FetchKind.HTTP_STATUS, status=status)
+
+
+def _body(resp: http.client.HTTPResponse, target: str, deadline: _Deadline) -> Iterator[bytes]:
+    got = 0
+    while True:
+        try:
+            chunk = resp.read1(CHUNK)
+        except http.client.IncompleteRead:
+            if deadline.passed():
+                raise deadline.error(target, f"{got} bytes of the body read") from None
+            raise FetchError(
+                f"{target}: the answer ended after {got} bytes (truncated)", kind=FetchKind.TRUNCATED
+            ) from None
+        except (OSError, ValueError, http.client.HTTPException) as exc:
+            raise _failed(
+                target, deadline, f"{got} bytes of the body read", exc, FetchKind.INTERRUPTED
+            ) from None
+        # Checked after every read, even one that returned data: an end the watchdog
+        # caused looks like the end of an answer without a length.
+        if deadline.passed():
+            raise deadline.error(target, f"{got} bytes of the body read")
+        if not chunk:
+            break
+        got += len(chunk)
+        yield chunk
+    if resp.length:
+        raise FetchError(
+            f"{target}: the answer ended after {got} of the {got + resp.length} bytes announced (truncated)",
+            kind=FetchKind.TRUNCATED,
+        )
+
+
+@contextlib.contextmanager
+def _open_local(target: str) -> Iterator[_Answer]:
     path = Path(urllib.parse.urlparse(target).path if target.startswith("file:") else target)
-    f = path.open("rb")
-    st = os.fstat(f.fileno())
-    # A local file's identity: a rename-over (how the store writes) changes the inode.
-    tag = f'"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"'
-    return f, {"etag": tag, "x-local": "1"}
+    try:
+        f = path.open("rb")
+    except OSError as exc:
+        raise FetchError(f"cannot fetch {target}: {_reason(exc)}", kind=FetchKind.UNREACHABLE) from None
+    with f:
+        st = os.fstat(f.fileno())
+        # A local file's identity: a rename-over (how the store writes) changes the inode.
+        tag = f'"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"'
+        yield _Answer({"etag": tag, "x-local": "1"}, _file_chunks(f, target))
+
+
+def _file_chunks(f: BinaryIO, target: str) -> Iterator[bytes]:
+    got = 0
+    try:
+        while chunk := f.read(CHUNK):
+            got += len(chunk)
+            yield chunk
+    except OSError as exc:
+        raise FetchError(
+            f"cannot fetch {target}: interrupted after {got} bytes ({_reason(exc)})",
+            kind=FetchKind.INTERRUPTED,
+        ) from None
 
 
 def get(
@@ -83,60 +285,54 @@ def get(
     timeout: float = TIMEOUT,
     count: Callable[[int], None] = lambda n: None,
 ) -> Fetched | None:
-    """Read all of ``target``, at most ``limit`` bytes; None if unchanged ``since``."""
+    """Read all of ``target``, at most ``limit`` bytes within ``timeout`` seconds; None
+    if unchanged ``since``."""
     headers = {}
     if since is not None and since.etag:
         headers["If-None-Match"] = since.etag
     if since is not None and since.last_modified:
         headers["If-Modified-Since"] = since.last_modified
-    try:
-        src, meta = _open(target, headers, timeout)
-    except urllib.error.HTTPError as exc:
-        if exc.code == 304:
+    with _open(target, headers, timeout) as answer:
+        if answer is None:
             return None
-        raise FetchError(f"cannot fetch {target}: {_reason(exc)}") from None
-    except (OSError, urllib.error.URLError, ValueError, http.client.HTTPException) as exc:
-        raise FetchError(f"cannot fetch {target}: {_reason(exc)}") from None
-    with src:
-        if "x-local" in meta and since is not None and since.etag == meta["etag"]:
+        if "x-local" in answer.meta and since is not None and since.etag == answer.meta["etag"]:
             return None
-        data = _read_limited(src, target, limit, count)
-    return Fetched(data, _validators(meta))
+        parts: list[bytes] = []
+        _stream(answer, target, limit, count, parts.append)
+    return Fetched(b"".join(parts), _validators(answer.meta))
 
 
 def _validators(meta: dict[str, str]) -> Validators:
     etag, modified = meta.get("etag"), meta.get("last-modified")
     if modified and "x-local" not in meta:
-        changed = email.utils.parsedate_to_datetime(modified).timestamp()
         served = meta.get("date")
-        now = email.utils.parsedate_to_datetime(served).timestamp() if served else time.time()
+        try:
+            changed = email.utils.parsedate_to_datetime(modified).timestamp()
+            now = email.utils.parsedate_to_datetime(served).timestamp() if served else time.time()
+        except (ValueError, TypeError, OverflowError):
+            # Dates the server garbled prove nothing: read unconditionally next time.
+            return Validators()
         if now - changed < FRESH_SECONDS:
             return Validators()
     return Validators(etag=etag, last_modified=modified)
 
 
 def _stream(
-    src: BinaryIO, target: str, limit: int, count: Callable[[int], None], sink: Callable[[bytes], object]
+    answer: _Answer, target: str, limit: int, count: Callable[[int], None], sink: Callable[[bytes], object]
 ) -> int:
-    """Pass ``src`` to ``sink`` chunk by chunk, refusing more than ``limit`` bytes; the
-    number of bytes read."""
+    """Pass the body of ``answer`` to ``sink`` chunk by chunk, refusing more than
+    ``limit`` bytes; the number of bytes read."""
+    too_large = FetchError(f"{target}: larger than the {limit} bytes expected", kind=FetchKind.TOO_LARGE)
+    if answer.length is not None and answer.length > limit:
+        raise too_large
     got = 0
-    try:
-        while chunk := src.read(CHUNK):
-            got += len(chunk)
-            count(len(chunk))
-            if got > limit:
-                raise FetchError(f"{target}: larger than the {limit} bytes expected")
-            sink(chunk)
-    except (OSError, ValueError, http.client.HTTPException) as exc:
-        raise FetchError(f"cannot fetch {target}: interrupted after {got} bytes ({_reason(exc)})") from None
+    for chunk in answer.chunks:
+        got += len(chunk)
+        count(len(chunk))
+        if got > limit:
+            raise too_large
+        sink(chunk)
     return got
-
-
-def _read_limited(src: BinaryIO, target: str, limit: int, count: Callable[[int], None]) -> bytes:
-    parts: list[bytes] = []
-    _stream(src, target, limit, count, parts.append)
-    return b"".join(parts)
 
 
 def download(
@@ -147,23 +343,20 @@ def download(
     count: Callable[[int], None] = lambda n: None,
     exact: bool = True,
 ) -> str:
-    """Stream ``target`` into ``dest``, refusing more than ``size`` bytes and, when
-    ``exact``, fewer (a truncated answer); return the sha256 of what was written."""
-    try:
-        src, _ = _open(target, {}, timeout)
-    except (OSError, urllib.error.URLError, ValueError, http.client.HTTPException) as exc:
-        raise FetchError(f"cannot fetch {target}: {_reason(exc)}") from None
+    """Stream ``target`` into ``dest`` within ``timeout`` seconds, refusing more than
+    ``size`` bytes and, when ``exact``, fewer (a truncated answer); return the sha256 of
+    what was written."""
     digest = hashlib.sha256()
-
-    with src, dest.open("wb") as out:
+    with _open(target, {}, timeout) as answer, dest.open("wb") as out:
+        assert answer is not None  # only a conditional read is answered "not modified"
 
         def sink(chunk: bytes) -> None:
             digest.update(chunk)
             out.write(chunk)
 
-        got = _stream(src, target, size, count, sink)
+        got = _stream(answer, target, size, count, sink)
     if exact and got != size:
-        raise FetchError(f"{target}: got {got} bytes, expected {size} (truncated)")
+        raise FetchError(f"{target}: got {got} bytes, expected {size} (truncated)", kind=FetchKind.TRUNCATED)
     return digest.hexdigest()
 
 

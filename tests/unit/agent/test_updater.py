@@ -21,7 +21,7 @@ from reconciler.agent.state import AgentState
 from reconciler.agent.updater import Agent
 from reconciler.core.layout import latest_path, release_path
 from reconciler.core.release import Artifact, Release, new_release
-from reconciler.errors import FetchError, VerificationError
+from reconciler.errors import FetchError, FetchKind, VerificationError
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 LIFETIME = timedelta(days=7)
@@ -93,7 +93,9 @@ class MemoryStore:
         key = target[len(ROOT) + 1 :]
         self.requests.append(key)
         if key not in self.objects:
-            raise FetchError(f"cannot fetch {target}: HTTP 404 Not Found")
+            raise FetchError(
+                f"cannot fetch {target}: HTTP 404 Not Found", kind=FetchKind.HTTP_STATUS, status=404
+            )
         return key, self.objects[key]
 
     def get(
@@ -109,7 +111,7 @@ class MemoryStore:
             return None
         count(min(len(data), limit + 1))
         if len(data) > limit:
-            raise FetchError(f"{target}: larger than the {limit} bytes expected")
+            raise FetchError(f"{target}: larger than the {limit} bytes expected", kind=FetchKind.TOO_LARGE)
         return Fetched(data, Validators(etag=self.etags[key]))
 
     def download(
@@ -123,10 +125,12 @@ class MemoryStore:
         _, data = self._read(target)
         count(min(len(data), size + 1))
         if len(data) > size:
-            raise FetchError(f"{target}: larger than the {size} bytes expected")
+            raise FetchError(f"{target}: larger than the {size} bytes expected", kind=FetchKind.TOO_LARGE)
         dest.write_bytes(data)
         if len(data) != size:
-            raise FetchError(f"{target}: got {len(data)} bytes, expected {size} (truncated)")
+            raise FetchError(
+                f"{target}: got {len(data)} bytes, expected {size} (truncated)", kind=FetchKind.TRUNCATED
+            )
         return sha(data)
 
 
