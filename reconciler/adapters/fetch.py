@@ -256,6 +256,11 @@ def _open_local(target: str) -> Iterator[_Answer]:
     path = Path(urllib.parse.urlparse(target).path if target.startswith("file:") else target)
     try:
         f = path.open("rb")
+    except FileNotFoundError as exc:
+        # As a server answers a missing object: a caller may take it as "none yet".
+        raise FetchError(
+            f"cannot fetch {target}: {_reason(exc)}", kind=FetchKind.HTTP_STATUS, status=404
+        ) from None
     except OSError as exc:
         raise FetchError(f"cannot fetch {target}: {_reason(exc)}", kind=FetchKind.UNREACHABLE) from None
     with f:
