@@ -6,6 +6,8 @@ the CLI to print one line that says what to fix.
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 
 class ReconcilerError(Exception):
     """Base of every error the reconciler raises on purpose."""
@@ -50,5 +52,27 @@ class StoreError(ReconcilerError):
     """The artifact store refused or failed an operation."""
 
 
+class FetchKind(StrEnum):
+    """Why a read failed: a TUF client answers each differently."""
+
+    HTTP_STATUS = "http_status"  # the server answered an error status (see ``status``)
+    TOO_LARGE = "too_large"  # more bytes than the limit
+    TRUNCATED = "truncated"  # fewer bytes than announced
+    DEADLINE = "deadline"  # the read outlived its deadline
+    UNREACHABLE = "unreachable"  # no answer: connection refused, DNS, ...
+    INTERRUPTED = "interrupted"  # the answer broke off
+
+
 class FetchError(ReconcilerError):
-    """A store object could not be read, or its answer broke a limit."""
+    """A store object could not be read, or its answer broke a limit.
+
+    ``status`` is the HTTP status of an error answer; 404 also for a missing local
+    file, so that "not there" reads the same over every transport.
+    """
+
+    def __init__(
+        self, message: str, *, kind: FetchKind = FetchKind.UNREACHABLE, status: int | None = None
+    ) -> None:
+        self.kind = kind
+        self.status = status
+        super().__init__(message)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from reconciler.errors import FetchError
+from reconciler.errors import FetchError, FetchKind
 
 TIMEOUT = 60.0
 CHUNK = 1 << 16
@@ -63,6 +63,17 @@ def _reason(exc: BaseException) -> str:
     return str(reason)
 
 
+def _open_error(target: str, exc: BaseException) -> FetchError:
+    """The error of a read that got no answer body; a missing local file is a 404, as
+    over HTTP, so that callers tell "not there" from "unreachable" on every transport."""
+    message = f"cannot fetch {target}: {_reason(exc)}"
+    if isinstance(exc, urllib.error.HTTPError):
+        return FetchError(message, kind=FetchKind.HTTP_STATUS, status=exc.code)
+    if isinstance(exc, FileNotFoundError):
+        return FetchError(message, kind=FetchKind.HTTP_STATUS, status=404)
+    return FetchError(message)
+
+
 def _open(target: str, headers: dict[str, str], timeout: float) -> tuple[BinaryIO, dict[str, str]]:
     if is_url(target) and not target.startswith("file:"):
         req = urllib.request.Request(target, headers=headers)
@@ -94,9 +105,9 @@ def get(
     except urllib.error.HTTPError as exc:
         if exc.code == 304:
             return None
-        raise FetchError(f"cannot fetch {target}: {_reason(exc)}") from None
+        raise _open_error(target, exc) from None
     except (OSError, urllib.error.URLError, ValueError, http.client.HTTPException) as exc:
-        raise FetchError(f"cannot fetch {target}: {_reason(exc)}") from None
+        raise _open_error(target, exc) from None
     with src:
         if "x-local" in meta and since is not None and since.etag == meta["etag"]:
             return None
@@ -152,7 +163,7 @@ def download(
     try:
         src, _ = _open(target, {}, timeout)
     except (OSError, urllib.error.URLError, ValueError, http.client.HTTPException) as exc:
-        raise FetchError(f"cannot fetch {target}: {_reason(exc)}") from None
+        raise _open_error(target, exc) from None
     digest = hashlib.sha256()
 
     with src, dest.open("wb") as out:
