@@ -729,6 +729,52 @@ def test_nginx_serves_the_store_for_agents(tmp_path: Path, config_repo: ConfigRe
         stop(proc, signal.SIGQUIT)
 
 
+def test_nginx_serves_the_tuf_metadata(tmp_path: Path) -> None:
+    """The agent's idle poll is a conditional GET of tuf/timestamp.json; the versioned
+    metadata is immutable, and the 404 of the next root (the agent's probe) is not."""
+    nginx = need("nginx")
+    store = tmp_path / "store"
+    (store / "tuf").mkdir(parents=True)
+    for name in ("timestamp.json", "1.root.json", "3.snapshot.json", "2.bins-0a.json", ".tmp-x"):
+        (store / "tuf" / name).write_text("{}")
+    past = time.time() - 60
+    for f in (store / "tuf").iterdir():
+        os.utime(f, (past, past))
+    web = tmp_path / "nginx"
+    web.mkdir()
+    port = free_port()
+    conf = nginx_conf(web, store, port)
+    checked = run([nginx, "-t", "-c", str(conf), "-p", str(web)])
+    assert checked.returncode == 0, checked.stderr
+    proc = subprocess.Popen(
+        [nginx, "-c", str(conf), "-p", str(web)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    base = f"http://127.0.0.1:{port}/tuf/"
+    try:
+
+        def up() -> bool:
+            try:
+                return http(base + "1.root.json")[0] in (200, 404)
+            except OSError:
+                return False
+
+        wait_for(up, 20, "nginx")
+        status, headers, _ = http(base + "timestamp.json")
+        assert status == 200 and headers["cache-control"] == "no-cache"
+        assert headers["content-type"].startswith("application/json")
+        assert http(base + "timestamp.json", {"If-None-Match": headers["etag"]})[0] == 304
+        assert http(base + "timestamp.json", {"If-Modified-Since": headers["last-modified"]})[0] == 304
+        for name in ("1.root.json", "3.snapshot.json", "2.bins-0a.json"):
+            status, headers, _ = http(base + name)
+            assert status == 200 and "immutable" in headers["cache-control"], name
+        status, headers, _ = http(base + "2.root.json")
+        assert status == 404 and "immutable" not in headers.get("cache-control", "")
+        assert http(base + ".tmp-x")[0] == 404
+        assert http(base + "timestamp.json", method="PUT")[0] == 405
+    finally:
+        stop(proc, signal.SIGQUIT)
+
+
 # -- Prometheus rules, config and dashboard -------------------------------------------
 
 

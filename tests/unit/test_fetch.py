@@ -451,3 +451,10 @@ def test_local_files_read_the_same(tmp_path: Path, as_url: bool) -> None:
     assert refusal(lambda: fetch.download(target, tmp_path / "out", 11)).kind == FetchKind.TRUNCATED
     missing = refusal(lambda: fetch.get(target + "-missing", 100))
     assert missing.kind == FetchKind.UNREACHABLE and missing.status is None
+
+
+def test_a_missing_local_file_reads_as_a_404(tmp_path: Path) -> None:
+    for target in (str(tmp_path / "missing.json"), (tmp_path / "missing.json").as_uri()):
+        with pytest.raises(FetchError) as err:
+            fetch.get(target, 1024)
+        assert (err.value.kind, err.value.status) == (FetchKind.HTTP_STATUS, 404)
