@@ -449,8 +449,8 @@ def test_local_files_read_the_same(tmp_path: Path, as_url: bool) -> None:
     assert fetch.download(target, tmp_path / "out", 10) == hashlib.sha256(b"local data").hexdigest()
     assert refusal(lambda: fetch.get(target, 5)).kind == FetchKind.TOO_LARGE
     assert refusal(lambda: fetch.download(target, tmp_path / "out", 11)).kind == FetchKind.TRUNCATED
-    missing = refusal(lambda: fetch.get(target + "-missing", 100))
-    assert missing.kind == FetchKind.UNREACHABLE and missing.status is None
+    unreadable = refusal(lambda: fetch.get(str(tmp_path), 100))  # a directory
+    assert unreadable.kind == FetchKind.UNREACHABLE and unreadable.status is None
 
 
 def test_a_missing_local_file_reads_as_a_404(tmp_path: Path) -> None:
