@@ -12,12 +12,19 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from reconciler.core.hosts import NAME_RE
 from reconciler.core.layout import blob_path
 from reconciler.errors import VerificationError
 
 SCHEMA = "reconciler.release/v1"
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")
+# What the agent writes to disk under a signed name: one plain file name, nothing a
+# path, a terminal or a C string (NUL) would read differently.
+ARTIFACT_NAME_RE = re.compile(r"^(?!\.)[A-Za-z0-9._+-]{1,255}$")
+NAME_RULE = (
+    "must be a plain file name (1 to 255 letters, digits, '.', '_', '+' or '-', not starting with '.')"
+)
 
 
 @dataclass(frozen=True)
@@ -104,8 +111,17 @@ def parse_release(data: bytes, source: str) -> Release:
     def bad(key: str, why: str) -> VerificationError:
         return VerificationError(f"{source}: {key}: {why}" if key else f"{source}: {why}")
 
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        # Two readers of a document with a repeated key may each take a different one.
+        obj: dict[str, Any] = {}
+        for k, v in pairs:
+            if k in obj:
+                raise bad("", f"key {k!r} appears more than once")
+            obj[k] = v
+        return obj
+
     try:
-        doc = json.loads(data)
+        doc = json.loads(data, object_pairs_hook=unique)
     except (ValueError, UnicodeDecodeError) as exc:
         raise bad("", f"not valid JSON ({exc})") from None
     except RecursionError:
@@ -122,6 +138,8 @@ def parse_release(data: bytes, source: str) -> Release:
         return v
 
     host = field("host", str)
+    if not NAME_RE.fullmatch(host):
+        raise bad("host", f"must be a host name ({NAME_RE.pattern})")
     version = field("version", int)
     if version < 1:
         raise bad("version", "must be >= 1")
@@ -129,13 +147,15 @@ def parse_release(data: bytes, source: str) -> Release:
     if not COMMIT_RE.fullmatch(commit):
         raise bad("commit", "must be a full git commit id")
     derivation = field("derivation", str)
+    if not derivation.isprintable():
+        raise bad("derivation", "must not contain control or unprintable characters")
     times = {}
     for key in ("created", "expires"):
         try:
             times[key] = parse_time(field(key, str))
         except (ValueError, OverflowError) as exc:
             raise bad(key, str(exc)) from None
-    arts = []
+    arts: list[Artifact] = []
     for i, a in enumerate(field("artifacts", list)):
         key = f"artifacts[{i}]"
         if not isinstance(a, dict):
@@ -143,8 +163,10 @@ def parse_release(data: bytes, source: str) -> Release:
         fmt, name, size, sha = a.get("format"), a.get("name"), a.get("size"), a.get("sha256")
         if fmt not in ("aci", "appimage"):
             raise bad(f"{key}.format", f"unknown format {fmt!r}")
-        if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
-            raise bad(f"{key}.name", "must be a plain file name")
+        if any(other.format == fmt for other in arts):
+            raise bad(f"{key}.format", f"a second {fmt!r} artifact")
+        if not isinstance(name, str) or not ARTIFACT_NAME_RE.fullmatch(name):
+            raise bad(f"{key}.name", NAME_RULE)
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise bad(f"{key}.size", "must be a non-negative integer")
         if not isinstance(sha, str) or not HEX64.fullmatch(sha):

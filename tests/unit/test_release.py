@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import time
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -12,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from reconciler.core.hosts import NAME_RE
 from reconciler.core.layout import blob_path, latest_path, release_path
 from reconciler.core.release import (
     COMMIT_RE,
@@ -26,6 +28,12 @@ from reconciler.core.release import (
 )
 from reconciler.errors import VerificationError
 
+NAME_RULE = (
+    "must be a plain file name (1 to 255 letters, digits, '.', '_', '+' or '-', not starting with '.')"
+)
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9._+-]{0,254}")
+HOST_RULE = f"must be a host name ({NAME_RE.pattern})"
+DRV_RULE = "must not contain control or unprintable characters"
 PROPERTY = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SRC = "hosts/web-1/releases/3.json"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -208,11 +216,35 @@ def with_artifact(key: str, value: Any, index: int = 0) -> dict[str, Any]:
         (with_value("artifacts", ["aci"]), "artifacts[0]: must be an object"),
         (with_artifact("format", "docker"), "artifacts[0].format: unknown format 'docker'"),
         (with_artifact("format", DELETE), "artifacts[0].format: unknown format None"),
-        (with_artifact("name", "../web-1.aci"), "artifacts[0].name: must be a plain file name"),
-        (with_artifact("name", "dir/web-1.aci"), "artifacts[0].name: must be a plain file name"),
-        (with_artifact("name", ".hidden"), "artifacts[0].name: must be a plain file name"),
-        (with_artifact("name", ""), "artifacts[0].name: must be a plain file name"),
-        (with_artifact("name", 7, index=1), "artifacts[1].name: must be a plain file name"),
+        (with_artifact("name", "../web-1.aci"), f"artifacts[0].name: {NAME_RULE}"),
+        (with_artifact("name", "dir/web-1.aci"), f"artifacts[0].name: {NAME_RULE}"),
+        (with_artifact("name", ".hidden"), f"artifacts[0].name: {NAME_RULE}"),
+        (with_artifact("name", ""), f"artifacts[0].name: {NAME_RULE}"),
+        (with_artifact("name", 7, index=1), f"artifacts[1].name: {NAME_RULE}"),
+        (with_artifact("name", "web-1.aci\0.sh"), f"artifacts[0].name: {NAME_RULE}"),
+        (with_artifact("name", "web-1\n.aci"), f"artifacts[0].name: {NAME_RULE}"),
+        (with_artifact("name", "web-1.aci\n"), f"artifacts[0].name: {NAME_RULE}"),
+        (with_artifact("name", "\x1b[2Jweb-1.aci"), f"artifacts[0].name: {NAME_RULE}"),
+        (with_artifact("name", ".."), f"artifacts[0].name: {NAME_RULE}"),
+        (with_artifact("name", "."), f"artifacts[0].name: {NAME_RULE}"),
+        (with_artifact("name", "..\\web-1.aci"), f"artifacts[0].name: {NAME_RULE}"),
+        (with_artifact("name", "web 1.aci"), f"artifacts[0].name: {NAME_RULE}"),
+        (with_artifact("name", "wéb-1.aci"), f"artifacts[0].name: {NAME_RULE}"),
+        (with_artifact("name", "\ud800.aci"), f"artifacts[0].name: {NAME_RULE}"),
+        (with_artifact("name", "a" * 256), f"artifacts[0].name: {NAME_RULE}"),
+        (with_artifact("format", "aci", index=1), "artifacts[1].format: a second 'aci' artifact"),
+        (with_value("host", "web-1\0"), f"host: {HOST_RULE}"),
+        (with_value("host", "../web-1"), f"host: {HOST_RULE}"),
+        (with_value("host", "Web-1"), f"host: {HOST_RULE}"),
+        (with_value("host", ""), f"host: {HOST_RULE}"),
+        (with_value("host", "-web"), f"host: {HOST_RULE}"),
+        (with_value("host", "web-1\n"), f"host: {HOST_RULE}"),
+        (with_value("host", "w" * 64), f"host: {HOST_RULE}"),
+        (with_value("derivation", DRV + "\0"), f"derivation: {DRV_RULE}"),
+        (with_value("derivation", DRV + "\n"), f"derivation: {DRV_RULE}"),
+        (with_value("derivation", "\x1b]0;owned\x07"), f"derivation: {DRV_RULE}"),
+        (with_value("derivation", DRV + "\u202e"), f"derivation: {DRV_RULE}"),
+        (with_value("derivation", "\ud800"), f"derivation: {DRV_RULE}"),
         (with_artifact("size", -1), "artifacts[0].size: must be a non-negative integer"),
         (with_artifact("size", "1024"), "artifacts[0].size: must be a non-negative integer"),
         (with_artifact("size", True), "artifacts[0].size: must be a non-negative integer"),
@@ -280,7 +312,7 @@ any_zone_times = st.builds(lambda t, z: t.astimezone(z), utc_times, zones)
 artifacts = st.builds(
     Artifact,
     format=st.sampled_from(["aci", "appimage"]),
-    name=st.text(min_size=1, max_size=30).filter(lambda s: "/" not in s and not s.startswith(".")),
+    name=st.from_regex(r"[A-Za-z0-9_+-][A-Za-z0-9._+-]{0,30}", fullmatch=True),
     size=st.integers(min_value=0, max_value=2**63),
     sha256=hexes,
 )
@@ -292,10 +324,10 @@ releases = st.builds(
         st.text(alphabet="0123456789abcdef", min_size=40, max_size=40),
         st.text(alphabet="0123456789abcdef", min_size=64, max_size=64),
     ),
-    derivation=st.text(max_size=80),
+    derivation=st.text(st.characters(codec="utf-8").filter(str.isprintable), max_size=80),
     created=any_zone_times,
     expires=any_zone_times,
-    artifacts=st.lists(artifacts, max_size=3).map(tuple),
+    artifacts=st.lists(artifacts, max_size=2, unique_by=lambda a: a.format).map(tuple),
 )
 
 
@@ -337,7 +369,9 @@ def check_accepted(r: Release) -> None:
     assert r.created.tzinfo is UTC and r.expires.tzinfo is UTC
     for a in r.artifacts:
         assert a.format in ("aci", "appimage") and a.size >= 0 and HEX64.fullmatch(a.sha256)
-        assert a.name and "/" not in a.name and not a.name.startswith(".")
+        assert PLAIN_NAME.fullmatch(a.name)
+    assert NAME_RE.fullmatch(r.host) and r.derivation.isprintable()
+    assert len({a.format for a in r.artifacts}) == len(r.artifacts)
     data = r.to_json()
     assert parse_release(data, SRC) == r
     assert parse_release(data, SRC).to_json() == data
@@ -440,3 +474,86 @@ def test_arbitrary_json_only_raises_verification_error(doc: Any) -> None:
         assert str(exc).startswith(f"{SRC}: ")
     else:
         check_accepted(r)
+
+
+# -- signed names the agent uses as paths and log fields ------------------------------------------------
+
+# Any string at all, lone surrogates and control characters included, mixed with the
+# near misses and with strings that do satisfy each rule.
+any_string = st.one_of(
+    st.text(st.characters(exclude_categories=()), max_size=300),
+    st.text(alphabet="a-.\0\n/\\ é", max_size=8),
+    st.text(st.characters(categories=["Cs", "Cc", "Cf", "Zl", "Ll"]), max_size=8),
+    st.sampled_from(["", ".", "..", "../x", "x/..", "a\0b", "web-1\n", "\u202eexe.aci", "a" * 256]),
+    st.from_regex(PLAIN_NAME, fullmatch=True),
+    st.from_regex(NAME_RE, fullmatch=True),
+)
+
+
+def parsed_or_refused(doc: dict[str, Any], key: str) -> Release | None:
+    """The release, or None when refused by a VerificationError naming ``key``; any other
+    exception fails the test."""
+    try:
+        return parse_doc(doc)
+    except VerificationError as exc:
+        assert str(exc).startswith(f"{SRC}: {key}: "), exc
+        return None
+
+
+@PROPERTY
+@given(any_string, st.sampled_from([0, 1]))
+def test_an_artifact_name_is_a_plain_file_name_or_refused(name: str, index: int) -> None:
+    r = parsed_or_refused(with_artifact("name", name, index), f"artifacts[{index}].name")
+    assert (r is not None) == bool(PLAIN_NAME.fullmatch(name))
+    if r is not None:
+        assert r.artifacts[index].name == name
+        check_accepted(r)
+
+
+@PROPERTY
+@given(any_string)
+def test_a_host_is_a_host_name_or_refused(host: str) -> None:
+    r = parsed_or_refused(with_value("host", host), "host")
+    assert (r is not None) == bool(NAME_RE.fullmatch(host))
+    if r is not None:
+        check_accepted(r)
+
+
+@PROPERTY
+@given(any_string)
+def test_a_derivation_is_printable_or_refused(derivation: str) -> None:
+    r = parsed_or_refused(with_value("derivation", derivation), "derivation")
+    assert (r is not None) == derivation.isprintable()
+    if r is not None:
+        check_accepted(r)
+
+
+def json_object(pairs: list[tuple[str, Any]]) -> str:
+    return "{" + ", ".join(f"{json.dumps(k)}: {v}" for k, v in pairs) + "}"
+
+
+@PROPERTY
+@given(st.data(), st.booleans())
+def test_a_repeated_key_is_refused_wherever_it_is(data: st.DataObject, in_artifact: bool) -> None:
+    doc = valid_doc()
+    obj = doc["artifacts"][0] if in_artifact else doc
+    key = data.draw(st.sampled_from(sorted(obj)))
+    # The repeat carries the same value or another: either way the document is refused.
+    again = data.draw(st.one_of(st.just(obj[key]), json_values))
+    pairs = [(k, json.dumps(v)) for k, v in obj.items()]
+    pairs.insert(data.draw(st.integers(0, len(pairs))), (key, json.dumps(again)))
+    text = json_object(pairs)
+    if in_artifact:
+        rest = [json.dumps(a) for a in doc["artifacts"][1:]]
+        outer = {k: json.dumps(v) for k, v in doc.items() if k != "artifacts"}
+        text = json_object([*outer.items(), ("artifacts", "[" + ", ".join([text, *rest]) + "]")])
+    with pytest.raises(VerificationError) as exc:
+        parse_release(text.encode(), SRC)
+    assert str(exc.value) == f"{SRC}: key {key!r} appears more than once"
+
+
+def test_a_repeated_key_is_refused_even_when_the_last_one_is_valid() -> None:
+    # json.loads alone keeps the last "host"; another reader may keep the first.
+    text = EXPECTED_JSON.decode().replace('"host": "web-1",', '"host": "web-2", "host": "web-1",')
+    with pytest.raises(VerificationError, match=r": key 'host' appears more than once$"):
+        parse_release(text.encode(), SRC)

@@ -388,6 +388,25 @@ def attack_malformed(h: Host) -> None:
     h.store.put("hosts/web-1/releases/2.json.asc", sign(PUBLISHER, meta))
 
 
+def resign_release(h: Host, version: int, change: Callable[[bytes], bytes]) -> None:
+    """Change releases/<version>.json and sign it again with the publisher's key: a
+    malformed document the publisher's key vouches for."""
+    key = release_path("web-1", version)
+    meta = change(h.store.objects[key])
+    h.store.put(key, meta)
+    h.store.put(key + ".asc", sign(PUBLISHER, meta))
+
+
+def attack_signed_nul_in_name(h: Host) -> None:
+    h.publish(2)
+    resign_release(h, 2, lambda meta: meta.replace(b'.AppImage"', b'.AppImage\\u0000"'))
+
+
+def attack_signed_repeated_key(h: Host) -> None:
+    h.publish(2)
+    resign_release(h, 2, lambda meta: meta.replace(b'"host": "web-1"', b'"host": "web-2", "host": "web-1"'))
+
+
 def attack_other_host(h: Host) -> None:
     h.publish(2, host="web-2", latest=False)
     for suffix in ("", ".asc"):
@@ -427,6 +446,8 @@ ATTACKS: list[tuple[Callable[[Host], None], str, str]] = [
     (attack_key_in_store, "bad-signature", "signed by a key that is not trusted"),
     (attack_changed_after_signing, "bad-signature", "bad signature (BAD)"),
     (attack_malformed, "malformed", "releases/2.json: host: must be a str"),
+    (attack_signed_nul_in_name, "malformed", "releases/2.json: artifacts[0].name: must be a plain file name"),
+    (attack_signed_repeated_key, "malformed", "releases/2.json: key 'host' appears more than once"),
     (attack_other_host, "wrong-host", "release is for host 'web-2', this is 'web-1'"),
     (attack_replay, "rollback", "version 1 is not newer than the running 2"),
     (attack_freeze, "expired", "release 2 expired at"),
