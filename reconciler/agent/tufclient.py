@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+from securesystemslib import exceptions as sslib_exceptions
 from securesystemslib.signer import Key
 from tuf.api import exceptions as tuf_exceptions
 from tuf.api.metadata import Metadata, Root, TargetFile, Timestamp
@@ -160,7 +161,7 @@ class TufClient:
                 try:
                     pinned[keyid].verify_signature(sig, root.signed_bytes)
                     good += 1
-                except Exception:
+                except (sslib_exceptions.Error, ValueError):
                     continue
             if good >= role.threshold:
                 return data

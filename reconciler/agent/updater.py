@@ -86,6 +86,9 @@ class Agent:
         self.state_file = cfg.state_dir / "state.json"
         self.state = AgentState.load(self.state_file)
         self.app = App(cfg.host, self.clock.monotonic) if cfg.supervise else None
+        # Held by a switch (stop, start, health check) and by the supervision of the
+        # app between polls, which run in different threads.
+        self._app_lock = threading.RLock()
         # Trust is pinned here, once: the first TUF root must be signed by these keys,
         # never by a key the store serves; read only when a first root is needed.
         keys = read_keys(list(cfg.keys))
@@ -147,6 +150,9 @@ class Agent:
             # Nothing is switched; the same update is tried again at the next poll.
             result = PollResult.ERROR
             log.event("agent_poll_failed", logging.ERROR, host=self.cfg.host, error=str(exc))
+        except Exception as exc:  # the loop must outlive a bug a store can trigger
+            result = PollResult.ERROR
+            log.event("agent_poll_crashed", logging.ERROR, host=self.cfg.host, error=repr(exc))
         self.metrics.polls.labels(result).inc()
         self.metrics.last_poll.set(self.clock.now().timestamp())
         if self.cfg.metrics_file is not None:
@@ -255,6 +261,10 @@ class Agent:
         os.replace(tmp, self.current)
 
     def _switch(self, release: Release) -> PollResult:
+        with self._app_lock:
+            return self._switch_to(release)
+
+    def _switch_to(self, release: Release) -> PollResult:
         version = release.version
         old = self.state.version
         self._point_current(version)
@@ -332,30 +342,52 @@ class Agent:
     # -- the long-running agent -------------------------------------------------
 
     def run(self, stopping: threading.Event) -> None:
-        """Poll every interval until ``stopping``; with ``supervise``, keep the app running."""
+        """Poll every interval until ``stopping``; with ``supervise``, keep the app
+        running meanwhile: polls run in a thread of their own, so a slow store delays
+        updates, never a restart of the app."""
         server = None
         if self.cfg.listen is not None:
             server = Server(self.cfg.listen, self.metrics.registry, lambda: (True, "ok"), self._ready)
             server.start()
         log.event("agent_start", host=self.cfg.host, store=self.cfg.store, version=self.state.version)
+        done = threading.Event()
+        poller = threading.Thread(target=self._poll_loop, args=(stopping, done), name="poll", daemon=True)
+        poller.start()
         try:
-            next_poll = 0.0
-            while not stopping.is_set():
-                if self.app is not None and self.state.version and not self.app.running():
-                    if self.app.proc is not None:
-                        self.app.exited()
-                    if self.app.restart_due():
-                        self.app.start(self.current / self.artifact(self.state.version).name)
-                if self.clock.monotonic() >= next_poll:
-                    self.poll()
-                    next_poll = self.clock.monotonic() + self.cfg.poll_interval
+            while not stopping.is_set() and not done.is_set():
+                self._supervise()
                 stopping.wait(TICK)
         finally:
-            if self.app is not None:
-                self.app.stop()
+            stopping.set()
+            # Every read has a deadline: a poll in flight ends within a few of them.
+            poller.join(self.cfg.timeout * 4)
+            with self._app_lock:
+                if self.app is not None:
+                    self.app.stop()
             if server is not None:
                 server.stop()
             log.event("agent_stop", host=self.cfg.host)
+
+    def _poll_loop(self, stopping: threading.Event, done: threading.Event) -> None:
+        try:
+            while not stopping.is_set():
+                self.poll()
+                stopping.wait(self.cfg.poll_interval)
+        finally:
+            done.set()
+
+    def _supervise(self) -> None:
+        """Restart the app when it exited (with backoff), unless a switch holds it."""
+        if self.app is None or not self._app_lock.acquire(blocking=False):
+            return
+        try:
+            if self.state.version and not self.app.running():
+                if self.app.proc is not None:
+                    self.app.exited()
+                if self.app.restart_due():
+                    self.app.start(self.current / self.artifact(self.state.version).name)
+        finally:
+            self._app_lock.release()
 
     def _ready(self) -> tuple[bool, str]:
         return (True, "ok") if self.state.version else (False, "no release installed yet")

@@ -73,9 +73,16 @@ class StoreServer:
         self.root = root
         self.truncate_blobs_at: int | None = None
         self.die_mid_blob = False
+        self.hold = threading.Event()  # while set, every request waits (a hung store)
+        self.released = threading.Event()
         server = self
 
         class Handler(SimpleHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802  (http.server's name)
+                if server.hold.is_set():
+                    server.released.wait(30)
+                super().do_GET()
+
             def copyfile(self, source: Any, outputfile: Any) -> None:
                 if "/blobs/" in self.path and not self.path.endswith(".asc"):
                     if server.truncate_blobs_at is not None:
@@ -540,3 +547,31 @@ def test_a_crashing_app_is_restarted_with_backoff(running: Running, events: io.S
     exits = [ln for ln in events.getvalue().splitlines() if "event=app_exited" in ln]
     assert "status=3" in exits[0]
     assert [ln.split("restart_in=")[1].split()[0] for ln in exits[:3]] == ["1", "2", "4"]
+
+
+def test_the_app_is_restarted_while_a_poll_hangs_on_the_store(running: Running) -> None:
+    """Polls run beside the supervision: a store that does not answer delays updates,
+    not the restart of a crashed app."""
+    agent = running.agent
+    assert agent.app is not None and agent.app.proc is not None
+    running.server.hold.set()
+    stopping = threading.Event()
+    loop = threading.Thread(target=agent.run, args=(stopping,))
+    loop.start()
+    try:
+        time.sleep(1.5)  # the first poll is waiting on the store now
+        first = agent.app.proc
+        assert first is not None
+        os.killpg(first.pid, signal.SIGKILL)
+        wait_for(
+            lambda: agent.app is not None and agent.app.proc is not None and agent.app.proc is not first,
+            15,
+            "the crashed app to be restarted while the poll waits",
+        )
+        wait_for(lambda: page(running.port) == "one", 15, "the restarted app to serve")
+        assert running.metric("reconciler_agent_polls_total", {"result": "idle"}) == 0
+    finally:
+        running.server.released.set()
+        stopping.set()
+        loop.join(60)
+    assert not loop.is_alive()
