@@ -6,6 +6,8 @@ the CLI to print one line that says what to fix.
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 
 class ReconcilerError(Exception):
     """Base of every error the reconciler raises on purpose."""
@@ -50,5 +52,24 @@ class StoreError(ReconcilerError):
     """The artifact store refused or failed an operation."""
 
 
+class FetchKind(StrEnum):
+    """How a read of a store object failed."""
+
+    HTTP_STATUS = "http-status"  # the server answered with an error status
+    TOO_LARGE = "too-large"  # more bytes than the limit
+    TRUNCATED = "truncated"  # fewer bytes than announced or expected
+    DEADLINE = "deadline"  # the whole read took longer than allowed
+    UNREACHABLE = "unreachable"  # no answer: connection, DNS, file system
+    INTERRUPTED = "interrupted"  # the answer broke off midway
+
+
 class FetchError(ReconcilerError):
-    """A store object could not be read, or its answer broke a limit."""
+    """A store object could not be read, or its answer broke a limit; ``kind`` says
+    how, ``status`` is the HTTP status when the server answered with one."""
+
+    def __init__(
+        self, message: str, *, kind: FetchKind = FetchKind.UNREACHABLE, status: int | None = None
+    ) -> None:
+        self.kind = kind
+        self.status = status
+        super().__init__(message)
