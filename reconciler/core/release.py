@@ -143,7 +143,8 @@ def parse_release(data: bytes, source: str) -> Release:
         fmt, name, size, sha = a.get("format"), a.get("name"), a.get("size"), a.get("sha256")
         if fmt not in ("aci", "appimage"):
             raise bad(f"{key}.format", f"unknown format {fmt!r}")
-        if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+        # NUL too: no file can be named with it, and the agent would fail to write it.
+        if not isinstance(name, str) or not name or "/" in name or "\0" in name or name.startswith("."):
             raise bad(f"{key}.name", "must be a plain file name")
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise bad(f"{key}.size", "must be a non-negative integer")

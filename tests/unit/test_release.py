@@ -211,6 +211,7 @@ def with_artifact(key: str, value: Any, index: int = 0) -> dict[str, Any]:
         (with_artifact("name", "../web-1.aci"), "artifacts[0].name: must be a plain file name"),
         (with_artifact("name", "dir/web-1.aci"), "artifacts[0].name: must be a plain file name"),
         (with_artifact("name", ".hidden"), "artifacts[0].name: must be a plain file name"),
+        (with_artifact("name", "web-1\0.aci"), "artifacts[0].name: must be a plain file name"),
         (with_artifact("name", ""), "artifacts[0].name: must be a plain file name"),
         (with_artifact("name", 7, index=1), "artifacts[1].name: must be a plain file name"),
         (with_artifact("size", -1), "artifacts[0].size: must be a non-negative integer"),
