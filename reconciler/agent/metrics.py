@@ -10,8 +10,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 class PollResult(StrEnum):
     """What one poll did; the value is the metric label."""
 
-    IDLE = "idle"  # latest.json unchanged since the last poll: nothing downloaded
-    CURRENT = "current"  # it names what runs, or a version that failed here
+    IDLE = "idle"  # tuf/timestamp.json unchanged since the last poll: nothing downloaded
+    CURRENT = "current"  # it names what runs, or nothing for this host
     DEFERRED = "deferred"  # its download failed before; this poll is part of the backoff
     UPDATED = "updated"  # switched to a new release, and it is healthy
     REFUSED = "refused"  # a trust rule refused it

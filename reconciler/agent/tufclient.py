@@ -106,7 +106,7 @@ class TufClient:
         """The timestamp ngclient verified last, or None before the first."""
         try:
             return Metadata.from_bytes((self.dir / "timestamp.json").read_bytes())
-        except (OSError, ValueError):
+        except (OSError, ValueError, tuf_exceptions.RepositoryError):
             return None
 
     def target(self, path: str, timestamp: bytes) -> TargetFile | None:
@@ -148,9 +148,10 @@ class TufClient:
                 raise FetchError(f"TUF root {version}: {exc}") from None
             try:
                 root: Metadata[Root] = Metadata.from_bytes(data)
-            except ValueError as exc:
+            except (ValueError, tuf_exceptions.RepositoryError) as exc:  # DeserializationError is the latter
                 raise RefusalError(Reason.MALFORMED, f"TUF root {version}: {exc}") from None
-            role = root.signed.roles.get("root")
+            # Any role's metadata parses: only a root names the root keys.
+            role = root.signed.roles.get("root") if isinstance(root.signed, Root) else None
             if root.signed.version != version or role is None:
                 raise RefusalError(Reason.MALFORMED, f"TUF root {version}: not root version {version}")
             good = 0

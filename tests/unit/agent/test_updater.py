@@ -1,97 +1,82 @@
-"""Unit tests of the agent's updater: whole polls against an in-memory store, a fake clock,
-signatures that are checked without gpg and a health probe that answers as told. No
-network, no process, no sleep."""
+"""Unit tests of the agent's updater: whole polls against an in-memory store that the
+real publisher (reconciler.daemon.publish and the TUF repository of reconciler.daemon.tuf)
+writes and signs with real ed25519 keys, a fake clock and a health probe that answers as
+told. No network, no process, no sleep, no gpg."""
 
 from __future__ import annotations
 
 import hashlib
-import json
+import itertools
+import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import TracebackType
+from typing import Any
 
 import pytest
+from securesystemslib.signer import CryptoSigner, Key
+from tuf.api.metadata import Metadata
 
 from reconciler.adapters.fetch import Fetched, Validators
 from reconciler.agent.config import AgentConfig, HealthConfig
 from reconciler.agent.state import AgentState
 from reconciler.agent.updater import Agent
-from reconciler.core.layout import latest_path, release_path
+from reconciler.config import TufConfig
+from reconciler.core import tufrepo
+from reconciler.core.layout import release_path
 from reconciler.core.release import Artifact, Release, new_release
-from reconciler.errors import FetchError, FetchKind, VerificationError
+from reconciler.core.tufrepo import SERIALIZER, metadata_key, target_path
+from reconciler.daemon.publish import publish
+from reconciler.daemon.tuf import TufRepository
+from reconciler.errors import FetchError, FetchKind
+from tests import fakes
 
-NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
-LIFETIME = timedelta(days=7)
-PUBLISHER = b"-----BEGIN PGP PUBLIC KEY BLOCK----- publisher"
-ATTACKER = b"-----BEGIN PGP PUBLIC KEY BLOCK----- attacker"
-ROOT = "mem://store"
+STORE = "mem://store"
+TIMESTAMP = metadata_key("timestamp", None)
+NEXT_ROOT = metadata_key("root", 2)  # what ngclient asks for on every refresh
+TUF = TufConfig(bit_length=2)  # four bins
+RELEASE_LIFETIME = timedelta(days=7)
+TIMESTAMP_LIFETIME = TUF.lifetimes.timestamp
+
+PUBLISHER = CryptoSigner.generate_ed25519()
+ATTACKER = CryptoSigner.generate_ed25519()
+# The agent's pinned key files hold these bytes; ``pinned_keys`` makes TUF keys of them
+# (gpg does in the real agent).
+PUBLISHER_FILE = b"-----BEGIN PGP PUBLIC KEY BLOCK----- publisher"
+KEYS: dict[bytes, Key] = {PUBLISHER_FILE: PUBLISHER.public_key}
 
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def sign(key: bytes, data: bytes) -> bytes:
-    """A stand-in detached signature: who signed, and the digest of what."""
-    return b"signed|" + key + b"|" + sha(data).encode()
-
-
-class FakeChecker:
-    """Checks stand-in signatures against the keys it was made from, as gpg.Verifier does."""
-
-    made: list[list[bytes]]  # the keys of every checker made, per test
-
-    def __init__(self, keys: Sequence[bytes]) -> None:
-        self.keys = list(keys)
-        FakeChecker.made.append(self.keys)
-
-    def verify_bytes(self, data: bytes, signature: bytes, what: str) -> str:
-        parts = signature.split(b"|")
-        if len(parts) != 3 or parts[0] != b"signed":
-            raise VerificationError(f"{what}: bad signature (not a signature)")
-        if parts[1] not in self.keys:
-            raise VerificationError(f"{what}: bad signature (signed by a key that is not trusted)")
-        if parts[2] != sha(data).encode():
-            raise VerificationError(f"{what}: bad signature (BAD)")
-        return sha(parts[1])[:40].upper()
-
-    def verify(self, data_path: Path, signature: bytes, what: str) -> str:
-        return self.verify_bytes(data_path.read_bytes(), signature, what)
-
-    def __enter__(self) -> FakeChecker:
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None, /
-    ) -> None:
-        pass
-
-
-class MemoryStore:
-    """A store in a dict, read as the HTTP fetcher reads: bounded, conditional by ETag."""
+class MemoryStore(fakes.MemoryStore):
+    """The daemon's in-memory store (tests.fakes), read as the agent's HTTP fetcher reads
+    it: bounded, conditional by ETag, a missing key an HTTP 404."""
 
     def __init__(self) -> None:
-        self.objects: dict[str, bytes] = {}
+        super().__init__()
         self.etags: dict[str, str] = {}
         self.requests: list[str] = []
-        self._writes = 0
+        self.down = False
+        self._tags = itertools.count(1)
 
-    def put(self, key: str, data: bytes) -> None:
-        self._writes += 1
-        self.objects[key] = data
-        self.etags[key] = f'"{self._writes}"'
+    def _put(self, key: str, data: bytes) -> None:
+        super()._put(key, data)
+        self.etags[key] = f'"{next(self._tags)}"'
 
     def touch(self, key: str) -> None:
-        """Write ``key`` again, same bytes: a new ETag, as a republished object has."""
-        self.put(key, self.objects[key])
+        """Write ``key`` again, same bytes: a new ETag, as a rewritten object has."""
+        self.put_bytes(key, self.objects[key])
 
     def _read(self, target: str) -> tuple[str, bytes]:
-        assert target.startswith(ROOT + "/"), target
-        key = target[len(ROOT) + 1 :]
+        assert target.startswith(STORE + "/"), target
+        key = target[len(STORE) + 1 :]
         self.requests.append(key)
+        if self.down:
+            raise FetchError(f"cannot fetch {target}: Connection refused", kind=FetchKind.UNREACHABLE)
         if key not in self.objects:
             raise FetchError(
                 f"cannot fetch {target}: HTTP 404 Not Found", kind=FetchKind.HTTP_STATUS, status=404
@@ -128,15 +113,16 @@ class MemoryStore:
             raise FetchError(f"{target}: larger than the {size} bytes expected", kind=FetchKind.TOO_LARGE)
         dest.write_bytes(data)
         if len(data) != size:
-            raise FetchError(
-                f"{target}: got {len(data)} bytes, expected {size} (truncated)", kind=FetchKind.TRUNCATED
-            )
+            raise FetchError(f"{target}: got {len(data)} bytes, expected {size}", kind=FetchKind.TRUNCATED)
         return sha(data)
 
 
 class FakeClock:
     def __init__(self) -> None:
-        self.wall = NOW
+        # python-tuf's ngclient judges the expiry of what it downloads by the system
+        # clock, the agent (its idle poll, a release's expiry) by this one: starting at
+        # the real time, both agree on what the publisher signs at this clock's time.
+        self.wall = datetime.now(UTC).replace(microsecond=0)
         self.mono = 1000.0
 
     def now(self) -> datetime:
@@ -166,37 +152,45 @@ class Probe:
 
 @dataclass
 class Host:
-    agent: Agent
     store: MemoryStore
     clock: FakeClock
     probe: Probe
     tmp: Path
+    publisher: TufRepository
+    published: dict[str, int] = field(default_factory=dict)
+    pinned: list[list[bytes]] = field(default_factory=list)  # what pinned_keys was given
+    agent: Agent = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.agent = make_agent(self)
 
     def publish(
-        self,
-        version: int,
-        key: bytes = PUBLISHER,
-        host: str = "web-1",
-        blob: bytes | None = None,
-        latest: bool = True,
+        self, version: int, host: str = "web-1", blob: bytes | None = None, sync: bool = True
     ) -> Release:
-        """What the daemon's publish does, in its order, signed with ``key``."""
+        """What the daemon's pass does: publish the release, then list it in the TUF bins."""
         blob = blob if blob is not None else f"AppImage of {host} {version}".encode()
         art = Artifact("appimage", f"{host}-{version}-x86_64.AppImage", len(blob), sha(blob))
-        r = new_release(host, version, "c" * 40, "/nix/store/x.drv", (art,), self.clock.now(), LIFETIME)
-        self.store.put(art.blob, blob)
-        self.store.put(art.blob + ".asc", sign(key, blob))
-        meta = r.to_json()
-        self.store.put(release_path(host, version) + ".asc", sign(key, meta))
-        self.store.put(release_path(host, version), meta)
-        if latest:
-            self.point_latest(version, key, meta)
+        r = new_release(
+            host, version, "c" * 40, "/nix/store/x.drv", (art,), self.clock.now(), RELEASE_LIFETIME
+        )
+        built = self.tmp / "build" / f"{host}-{version}"
+        built.parent.mkdir(exist_ok=True)
+        built.write_bytes(blob)
+        publish(self.store, r, {"appimage": built}, lambda p: b"signature", lambda d: b"signature")
+        if sync:
+            self.point(version, host)
         return r
 
-    def point_latest(self, version: int, key: bytes = PUBLISHER, meta: bytes | None = None) -> None:
-        meta = meta or json.dumps({"version": version}).encode()
-        self.store.put(latest_path("web-1") + ".asc", sign(key, meta))
-        self.store.put(latest_path("web-1"), meta)
+    def point(self, version: int, host: str = "web-1") -> None:
+        """The daemon's metadata pass: ``host``'s entry names ``releases/<version>.json``,
+        whatever the store holds there."""
+        self.published[host] = version
+        self.publisher.sync(self.published)
+
+    def resign(self, after: timedelta = timedelta(0)) -> None:
+        """The daemon's metadata pass ``after`` from now, nothing new: what is due is re-signed."""
+        self.clock.wall += after
+        self.publisher.sync(self.published)
 
     def poll(self) -> str:
         """One poll; what it requested is in ``self.requested``."""
@@ -216,34 +210,46 @@ class Host:
     def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
         return self.agent.metrics.registry.get_sample_value(name, labels or {}) or 0.0
 
-    def restart(self, **cfg: object) -> None:
+    def restart(self, **cfg: Any) -> None:
         """A new agent process on the same state directory (as `--once` under a timer)."""
-        self.agent = make_agent(self.tmp, self.store, self.clock, self.probe, **cfg)
+        self.agent = make_agent(self, **cfg)
+
+    def bin_of(self, host: str = "web-1") -> str:
+        md = self.publisher.load()
+        return tufrepo.succinct(md.targets).get_role_for_target(target_path(host))
 
 
-def make_agent(tmp: Path, store: MemoryStore, clock: FakeClock, probe: Probe, **cfg: object) -> Agent:
-    key = tmp / "publisher.asc"
-    key.write_bytes(PUBLISHER)
+def make_agent(h: Host, **cfg: Any) -> Agent:
+    key = h.tmp / "publisher.asc"
+    key.write_bytes(PUBLISHER_FILE)
     config = AgentConfig(
-        path=tmp / "agent.yaml",
+        path=h.tmp / "agent.yaml",
         host="web-1",
-        store=ROOT,
+        store=STORE,
         keys=(key,),
-        state_dir=tmp / "agent",
+        state_dir=h.tmp / "agent",
         health=HealthConfig(command=("probe",), timeout=5.0, interval=1.0),
-        **cfg,  # type: ignore[arg-type]
+        **cfg,
     )
-    return Agent(config, fetcher=store, clock=clock, checker=FakeChecker, probe=probe)
+
+    def pinned_keys(files: Sequence[bytes]) -> list[Key]:
+        h.pinned.append(list(files))
+        return [KEYS[f] for f in files]
+
+    return Agent(config, fetcher=h.store, clock=h.clock, pinned_keys=pinned_keys, probe=h.probe)
+
+
+def make_host(tmp: Path, signer: CryptoSigner = PUBLISHER) -> Host:
+    """An agent for web-1 and a publisher signing the store's TUF metadata with ``signer``."""
+    store, clock = MemoryStore(), FakeClock()
+    probe = Probe(tmp / "agent" / "current")
+    publisher = TufRepository(store, tmp / "daemon-tuf", lambda: signer, clock, TUF)
+    return Host(store, clock, probe, tmp, publisher)
 
 
 @pytest.fixture
-def host(tmp_path: Path) -> Iterator[Host]:
-    FakeChecker.made = []
-    store, clock = MemoryStore(), FakeClock()
-    probe = Probe(tmp_path / "agent" / "current")
-    # The store also serves the publisher's key, as the daemon publishes it: for people.
-    store.put("keys/publisher.asc", PUBLISHER)
-    yield Host(make_agent(tmp_path, store, clock, probe), store, clock, probe, tmp_path)
+def host(tmp_path: Path) -> Host:
+    return make_host(tmp_path)
 
 
 @pytest.fixture
@@ -254,42 +260,70 @@ def on_v1(host: Host) -> Host:
     return host
 
 
+def refusals(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.fields["error"] for r in caplog.records if r.getMessage() == "agent_refused"]  # type: ignore[attr-defined]
+
+
 # -- updates -------------------------------------------------------------------------------
 
 
 def test_first_poll_installs_switches_and_records(host: Host) -> None:
     r = host.publish(1)
     assert host.poll() == "updated"
+    md = host.publisher.load()
     art = r.artifacts[0]
     assert host.requested == [
-        "hosts/web-1/latest.json",
-        "hosts/web-1/releases/1.json.asc",
-        "hosts/web-1/releases/1.json",
+        TIMESTAMP,
+        # The first root, signed by the pinned key, then ngclient's look for a newer one.
+        metadata_key("root", 1),
+        NEXT_ROOT,
+        metadata_key("snapshot", md.snapshot.signed.version),
+        metadata_key("targets", md.targets.signed.version),
+        metadata_key(host.bin_of(), md.bins[host.bin_of()].signed.version),
+        release_path("web-1", 1),
         art.blob,
-        art.blob + ".asc",
     ]
+    assert host.pinned == [[PUBLISHER_FILE]]
     assert host.running() == 1
     assert (host.agent.current / art.name).read_bytes() == b"AppImage of web-1 1"
     assert (host.agent.current / art.name).stat().st_mode & 0o777 == 0o555
     assert AgentState.load(host.agent.state_file).version == 1
     assert host.metric("reconciler_agent_running_version", {"host": "web-1"}) == 1
     assert host.metric("reconciler_agent_polls_total", {"result": "updated"}) == 1
+    assert host.metric("reconciler_agent_metadata_stale") == 0
+    assert host.metric("reconciler_agent_metadata_expiry_timestamp_seconds") == (
+        md.timestamp.signed.expires.timestamp()
+    )
     # Every byte read counts, the artifact's too.
-    served = sum(len(host.store.objects[k]) for k in host.requested)
+    served = sum(len(host.store.objects.get(k, b"")) for k in host.requested)
     assert host.metric("reconciler_agent_downloaded_bytes_total") == served
     assert host.metric("reconciler_agent_last_poll_timestamp_seconds") == host.clock.now().timestamp()
 
 
-def test_an_unchanged_latest_is_one_request(on_v1: Host) -> None:
+def test_an_idle_poll_is_one_conditional_get_of_the_timestamp(on_v1: Host) -> None:
+    downloaded = on_v1.metric("reconciler_agent_downloaded_bytes_total")
     assert on_v1.poll() == "idle"
-    assert on_v1.requested == ["hosts/web-1/latest.json"]
+    assert on_v1.requested == [TIMESTAMP]
+    assert on_v1.metric("reconciler_agent_downloaded_bytes_total") == downloaded
 
 
-def test_a_republished_latest_naming_what_runs_is_current(on_v1: Host) -> None:
-    on_v1.store.touch("hosts/web-1/latest.json")
+def test_a_republished_timestamp_naming_what_runs_is_current(on_v1: Host) -> None:
+    # The same bytes written again.
+    on_v1.store.touch(TIMESTAMP)
     assert on_v1.poll() == "current"
-    assert on_v1.requested == ["hosts/web-1/latest.json"]
+    assert on_v1.requested == [TIMESTAMP, NEXT_ROOT]
+    # The daemon re-signs the timestamp once half its lifetime is gone: a new version
+    # that names the same snapshot, so nothing else is read.
+    on_v1.resign(TIMESTAMP_LIFETIME / 2 + timedelta(seconds=1))
+    assert on_v1.poll() == "current"
+    assert on_v1.requested == [TIMESTAMP, NEXT_ROOT]
     assert on_v1.poll() == "idle"
+
+
+def test_another_host_publishing_is_current_and_reads_no_release(on_v1: Host) -> None:
+    on_v1.publish(1, host="web-2")
+    assert on_v1.poll() == "current"
+    assert not [k for k in on_v1.requested if not k.startswith("tuf/")]
 
 
 def test_update_keeps_the_previous_release(on_v1: Host) -> None:
@@ -308,7 +342,7 @@ def test_the_first_release_failing_its_check_leaves_nothing_current(host: Host) 
     assert AgentState.load(host.agent.state_file).version == 0
 
 
-def test_the_health_check_waits_on_the_clock(on_v1: Host) -> None:
+def test_a_failed_health_check_rolls_back_on_the_clock(on_v1: Host) -> None:
     on_v1.publish(2)
     on_v1.probe.unhealthy.add(2)
     start = on_v1.clock.monotonic()
@@ -316,143 +350,172 @@ def test_the_health_check_waits_on_the_clock(on_v1: Host) -> None:
     # Probed every second for the check's 5 s, then version 1 once, healthy again.
     assert on_v1.probe.probed == [1, 2, 2, 2, 2, 2, 2, 1]
     assert on_v1.clock.monotonic() - start == 5.0
+    assert on_v1.running() == 1
+    state = AgentState.load(on_v1.agent.state_file)
+    assert (state.version, state.previous) == (1, 0)
+    assert on_v1.metric("reconciler_agent_rollbacks_total") == 1
 
 
-# -- a failed version is never retried -----------------------------------------------------
+def test_expiry_is_read_from_the_clock(on_v1: Host) -> None:
+    r = on_v1.publish(2)
+    on_v1.resign(r.expires - on_v1.clock.now() - timedelta(seconds=1))
+    assert on_v1.poll() == "updated"
 
 
-def test_a_version_that_failed_its_health_check_is_never_retried(on_v1: Host) -> None:
+# -- a failed artifact is never activated again ------------------------------------------
+
+
+def test_a_release_that_failed_its_health_check_is_never_activated_again(on_v1: Host) -> None:
     on_v1.publish(2)
     on_v1.probe.unhealthy.add(2)
     assert on_v1.poll() == "rolled-back"
-    assert on_v1.running() == 1
-    assert on_v1.metric("reconciler_agent_rollbacks_total") == 1
-    # The store keeps naming version 2, republished so that the poll reads it.
+    # The store keeps naming release 2, under timestamps the daemon re-signs.
     for agent in ("the same agent", "a restarted agent"):
         if agent == "a restarted agent":
             on_v1.restart()
         probed = len(on_v1.probe.probed)
-        on_v1.store.touch("hosts/web-1/latest.json")
-        assert on_v1.poll() == "current", agent
-        assert on_v1.requested == ["hosts/web-1/latest.json"], agent
-        assert len(on_v1.probe.probed) == probed, f"{agent} activated a version again"
+        on_v1.resign(TIMESTAMP_LIFETIME / 2 + timedelta(seconds=1))
+        assert on_v1.poll() == "refused", agent
+        assert on_v1.poll() == "idle", agent
+        assert len(on_v1.probe.probed) == probed, f"{agent} activated a failed release again"
         assert on_v1.running() == 1
-    # The next version is taken.
+    assert on_v1.metric("reconciler_agent_refusals_total", {"reason": "failed-before"}) == 1  # since restart
+    # The next release is taken.
     on_v1.publish(3)
     assert on_v1.poll() == "updated" and on_v1.running() == 3
 
 
-def test_a_failed_version_behind_another_number_is_refused(on_v1: Host) -> None:
-    on_v1.publish(2)
+def test_a_failed_artifact_under_a_new_release_number_is_refused(
+    on_v1: Host, caplog: pytest.LogCaptureFixture
+) -> None:
+    bad = b"an AppImage that fails its health check"
+    on_v1.publish(2, blob=bad)
     on_v1.probe.unhealthy.add(2)
     assert on_v1.poll() == "rolled-back"
-    # latest.json names 3, and releases/3.json is the genuine, signed release 2.
-    for suffix in ("", ".asc"):
-        on_v1.store.put(
-            release_path("web-1", 3) + suffix, on_v1.store.objects[release_path("web-1", 2) + suffix]
-        )
-    on_v1.point_latest(3)
+    # Release 3, genuinely signed, runs the same artifact: it would pass the probe.
+    on_v1.publish(3, blob=bad)
     assert on_v1.poll() == "refused"
     assert on_v1.metric("reconciler_agent_refusals_total", {"reason": "failed-before"}) == 1
-    assert on_v1.running() == 1 and on_v1.probe.probed.count(2) == 6
+    assert f"release 3 runs {sha(bad)[:12]}, which failed its health check here before" in refusals(caplog)[0]
+    assert 3 not in on_v1.probe.probed and on_v1.running() == 1
+    assert on_v1.installed() == [1, 2]
+    # A restarted agent remembers it by content too.
+    on_v1.restart()
+    on_v1.publish(4, blob=bad)
+    assert on_v1.poll() == "refused" and 4 not in on_v1.probe.probed
 
 
 # -- refusals ----------------------------------------------------------------------------
 
 
-def attack_unsigned(h: Host) -> None:
+def sign_as_attacker(h: Host, key: str, change: Callable[[Metadata[Any]], None]) -> None:
+    """Rewrite the store's ``key`` with ``change`` applied, signed by the attacker's key."""
+    md: Metadata[Any] = Metadata.from_bytes(h.store.objects[key])
+    change(md)
+    md.sign(ATTACKER)
+    h.store.put_bytes(key, md.to_bytes(SERIALIZER))
+
+
+def attack_timestamp_signed_by_another_key(h: Host) -> None:
+    def newer(md: Metadata[Any]) -> None:
+        md.signed.version += 1
+
+    sign_as_attacker(h, TIMESTAMP, newer)
+
+
+def attack_bin_signed_by_another_key(h: Host) -> None:
+    # The genuine publisher lists release 2; the attacker swaps the bin that names it for
+    # one of the same version naming their own release.
     h.publish(2)
-    del h.store.objects["hosts/web-1/releases/2.json.asc"]
+    evil = new_release("web-1", 2, "e" * 40, "/nix/store/evil.drv", (), h.clock.now(), RELEASE_LIFETIME)
+    h.store.put_bytes(release_path("web-1", 2), evil.to_json())
+    name = h.bin_of()
+
+    def names_evil(md: Metadata[Any]) -> None:
+        md.signed.targets[target_path("web-1")] = tufrepo.entry("web-1", 2, evil.to_json())
+
+    sign_as_attacker(h, metadata_key(name, h.publisher.load().bins[name].signed.version), names_evil)
 
 
-def attack_other_key(h: Host) -> None:
-    h.publish(2, key=ATTACKER)
-
-
-def attack_key_in_store(h: Host) -> None:
-    # Whoever controls the store serves their own key as the publisher's and signs with it.
-    h.store.put("keys/publisher.asc", ATTACKER)
-    h.publish(2, key=ATTACKER)
+def attack_metadata_rollback(h: Host) -> None:
+    # The store serves the timestamp the agent trusted before its last update.
+    old = h.store.objects[TIMESTAMP]
+    h.publish(2)
+    assert h.poll() == "updated"
+    h.store.put_bytes(TIMESTAMP, old)
 
 
 def attack_changed_after_signing(h: Host) -> None:
     h.publish(2)
-    meta = h.store.objects["hosts/web-1/releases/2.json"]
-    h.store.put("hosts/web-1/releases/2.json", meta.replace(b'"expires": "', b'"expires": "2'))
+    meta = h.store.objects[release_path("web-1", 2)]
+    h.store.put_bytes(release_path("web-1", 2), meta.replace(b'"expires": "', b'"expires": "2')[: len(meta)])
 
 
 def attack_malformed(h: Host) -> None:
-    h.publish(2)
-    meta = b'{"schema": "reconciler.release/v1", "version": 2}'
-    h.store.put("hosts/web-1/releases/2.json", meta)
-    h.store.put("hosts/web-1/releases/2.json.asc", sign(PUBLISHER, meta))
+    # The entry is signed over what the store holds: the online key signs a bad release.
+    h.store.put_bytes(release_path("web-1", 2), b'{"schema": "reconciler.release/v1", "version": 2}')
+    h.point(2)
 
 
-def resign_release(h: Host, version: int, change: Callable[[bytes], bytes]) -> None:
-    """Change releases/<version>.json and sign it again with the publisher's key: a
-    malformed document the publisher's key vouches for."""
-    key = release_path("web-1", version)
-    meta = change(h.store.objects[key])
-    h.store.put(key, meta)
-    h.store.put(key + ".asc", sign(PUBLISHER, meta))
-
-
-def attack_signed_nul_in_name(h: Host) -> None:
-    h.publish(2)
-    resign_release(h, 2, lambda meta: meta.replace(b'.AppImage"', b'.AppImage\\u0000"'))
-
-
-def attack_signed_repeated_key(h: Host) -> None:
-    h.publish(2)
-    resign_release(h, 2, lambda meta: meta.replace(b'"host": "web-1"', b'"host": "web-2", "host": "web-1"'))
+def attack_nul_in_artifact_name(h: Host) -> None:
+    r = h.publish(2, sync=False)
+    art = r.artifacts[0]
+    bad = Release(
+        r.host,
+        r.version,
+        r.commit,
+        r.derivation,
+        r.created,
+        r.expires,
+        (Artifact(art.format, "a\0b", art.size, art.sha256),),
+    )
+    h.store.put_bytes(release_path("web-1", 2), bad.to_json())
+    h.point(2)
 
 
 def attack_other_host(h: Host) -> None:
-    h.publish(2, host="web-2", latest=False)
-    for suffix in ("", ".asc"):
-        h.store.put(
-            "hosts/web-1/releases/2.json" + suffix, h.store.objects["hosts/web-2/releases/2.json" + suffix]
-        )
-    h.point_latest(2)
+    h.publish(2, host="web-2")
+    h.store.put_bytes(release_path("web-1", 2), h.store.objects[release_path("web-2", 2)])
+    h.point(2)
+
+
+def attack_version_alias(h: Host) -> None:
+    # releases/3.json serves the genuine release 2, and the entry naming 3 matches its bytes.
+    h.publish(2, sync=False)
+    h.store.put_bytes(release_path("web-1", 3), h.store.objects[release_path("web-1", 2)])
+    h.point(3)
 
 
 def attack_replay(h: Host) -> None:
     h.publish(2)
     assert h.poll() == "updated"
-    h.point_latest(1)  # the genuine, signed release 1 again
+    h.point(1)  # the genuine, signed release 1 again
 
 
-def attack_freeze(h: Host) -> None:
+def attack_expired_release(h: Host) -> None:
     r = h.publish(2)
-    h.clock.wall = r.expires
+    h.resign(r.expires - h.clock.now())
 
 
 def attack_tampered_blob(h: Host) -> None:
     r = h.publish(2)
     blob = bytearray(h.store.objects[r.artifacts[0].blob])
     blob[3] ^= 1
-    h.store.put(r.artifacts[0].blob, bytes(blob))
-
-
-def attack_blob_signed_by_another_key(h: Host) -> None:
-    r = h.publish(2)
-    blob = h.store.objects[r.artifacts[0].blob]
-    h.store.put(r.artifacts[0].blob + ".asc", sign(ATTACKER, blob))
+    h.store.put_bytes(r.artifacts[0].blob, bytes(blob))
 
 
 ATTACKS: list[tuple[Callable[[Host], None], str, str]] = [
-    (attack_unsigned, "unsigned", "releases/2.json.asc: HTTP 404"),
-    (attack_other_key, "bad-signature", "signed by a key that is not trusted"),
-    (attack_key_in_store, "bad-signature", "signed by a key that is not trusted"),
-    (attack_changed_after_signing, "bad-signature", "bad signature (BAD)"),
+    (attack_timestamp_signed_by_another_key, "bad-signature", "timestamp was signed by 0/1 keys"),
+    (attack_bin_signed_by_another_key, "bad-signature", "was signed by 0/1 keys"),
+    (attack_metadata_rollback, "rollback", "timestamp version"),
+    (attack_changed_after_signing, "tampered", "the signed entry says"),
     (attack_malformed, "malformed", "releases/2.json: host: must be a str"),
-    (attack_signed_nul_in_name, "malformed", "releases/2.json: artifacts[0].name: must be a plain file name"),
-    (attack_signed_repeated_key, "malformed", "releases/2.json: key 'host' appears more than once"),
+    (attack_nul_in_artifact_name, "malformed", "artifacts[0].name: must be a plain file name"),
     (attack_other_host, "wrong-host", "release is for host 'web-2', this is 'web-1'"),
+    (attack_version_alias, "wrong-version", "releases/3.json holds release 2, not 3"),
     (attack_replay, "rollback", "version 1 is not newer than the running 2"),
-    (attack_freeze, "expired", "release 2 expired at"),
+    (attack_expired_release, "expired", "release 2 expired at"),
     (attack_tampered_blob, "tampered", "release says"),
-    (attack_blob_signed_by_another_key, "tampered", "signed by a key that is not trusted"),
 ]
 
 
@@ -468,22 +531,95 @@ def test_each_attack_is_refused_and_nothing_changes(
     after = AgentState.load(on_v1.agent.state_file)
     assert (after.version, after.previous, after.failed) == (state.version, state.previous, state.failed)
     assert on_v1.metric("reconciler_agent_refusals_total", {"reason": reason}) == 1
-    refusals = [r for r in caplog.records if r.getMessage() == "agent_refused"]
-    assert len(refusals) == 1 and message in refusals[0].fields["error"]  # type: ignore[attr-defined]
-    # Trust stays pinned: no checker was ever made from a key but the configured one.
-    assert FakeChecker.made and all(keys == [PUBLISHER] for keys in FakeChecker.made)
+    errors = refusals(caplog)
+    assert len(errors) == 1 and message in errors[0], errors
+    # Trust stays pinned: the configured key, read once for the first root.
+    assert on_v1.pinned == [[PUBLISHER_FILE]]
 
 
-def test_metadata_refusals_are_final_for_that_latest(on_v1: Host) -> None:
-    attack_other_key(on_v1)
-    assert on_v1.poll() == "refused"
+def test_a_root_not_signed_by_the_pinned_key_is_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The store's whole TUF repository is the attacker's, each file validly signed.
+    h = make_host(tmp_path, signer=ATTACKER)
+    h.publish(1)
+    assert h.poll() == "refused"
+    assert h.requested == [TIMESTAMP, metadata_key("root", 1), NEXT_ROOT]
+    assert h.metric("reconciler_agent_refusals_total", {"reason": "bad-signature"}) == 1
+    assert "no TUF root in the store is signed by a threshold of the pinned keys" in refusals(caplog)[0]
+    assert not h.agent.current.exists() and h.installed() == []
+    assert not (h.agent.cfg.state_dir / "tuf" / "root.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("what", "error"),
+    [
+        # Genuinely signed metadata of another role where the first root should be.
+        ("timestamp", "TUF root 1: not root version 1"),
+        ("garbage", "TUF root 1: Failed to deserialize JSON"),
+    ],
+)
+def test_a_first_root_that_is_not_a_root_is_refused(
+    host: Host, caplog: pytest.LogCaptureFixture, what: str, error: str
+) -> None:
+    host.publish(1)
+    data = host.store.objects[TIMESTAMP] if what == "timestamp" else b"\xff not JSON"
+    host.store.put_bytes(metadata_key("root", 1), data)
+    assert host.poll() == "refused"
+    assert host.metric("reconciler_agent_refusals_total", {"reason": "malformed"}) == 1
+    assert refusals(caplog) == [error]
+    assert not host.agent.current.exists()
+
+
+def test_an_overlong_release_file_is_read_no_further_than_its_entry(on_v1: Host) -> None:
+    on_v1.publish(2)
+    key = release_path("web-1", 2)
+    length = len(on_v1.store.objects[key])
+    on_v1.store.put_bytes(key, on_v1.store.objects[key] + b" " * (1 << 20))
+    before = on_v1.metric("reconciler_agent_downloaded_bytes_total")
+    assert on_v1.poll() == "error"
+    read = on_v1.metric("reconciler_agent_downloaded_bytes_total") - before
+    metadata = sum(len(on_v1.store.objects.get(k, b"")) for k in on_v1.requested if k.startswith("tuf/"))
+    assert read == metadata + length + 1
+    assert on_v1.running() == 1
+
+
+# -- a store that stops signing ----------------------------------------------------------
+
+
+def test_a_timestamp_left_to_expire_is_stale_until_the_publisher_signs_again(
+    on_v1: Host, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "reconciler")
+    ts = on_v1.agent.tuf.trusted_timestamp()
+    assert ts is not None
+    expires = ts.signed.expires
+    on_v1.clock.wall = expires - timedelta(seconds=1)
     assert on_v1.poll() == "idle"
-
-
-def test_expiry_is_read_from_the_clock(on_v1: Host) -> None:
-    r = on_v1.publish(2)
-    on_v1.clock.wall = r.expires - timedelta(seconds=1)
-    assert on_v1.poll() == "updated"
+    assert on_v1.metric("reconciler_agent_metadata_stale") == 0
+    # The publisher stopped re-signing (or the store is frozen): nothing changes in the
+    # store, and the timestamp the agent trusts expires.
+    on_v1.clock.wall = expires
+    for _ in range(2):
+        assert on_v1.poll() == "stale"
+        assert on_v1.requested == [TIMESTAMP]
+        assert on_v1.metric("reconciler_agent_metadata_stale") == 1
+        assert on_v1.metric("reconciler_agent_polls_total", {"result": "stale"}) >= 1
+    assert on_v1.metric("reconciler_agent_metadata_expiry_timestamp_seconds") == expires.timestamp()
+    assert on_v1.running() == 1
+    assert AgentState.load(on_v1.agent.state_file).stale
+    assert [r.getMessage() for r in caplog.records].count("agent_stale") == 1
+    # The publisher signs again, at the time it is now.
+    on_v1.resign()
+    assert on_v1.poll() == "current"
+    assert on_v1.metric("reconciler_agent_metadata_stale") == 0
+    assert (
+        on_v1.metric("reconciler_agent_metadata_expiry_timestamp_seconds")
+        == (on_v1.clock.now() + TIMESTAMP_LIFETIME).timestamp()
+    )
+    assert not AgentState.load(on_v1.agent.state_file).stale
+    assert [r.getMessage() for r in caplog.records].count("agent_fresh") == 1
+    assert on_v1.poll() == "idle"
 
 
 # -- failed downloads ----------------------------------------------------------------------
@@ -494,27 +630,40 @@ def test_a_download_that_keeps_failing_is_tried_at_doubling_distances(on_v1: Hos
     del on_v1.store.objects[r.artifacts[0].blob]
     results = [on_v1.poll() for _ in range(4)]
     assert results == ["error", "error", "deferred", "error"]
-    assert on_v1.poll() == "deferred" and on_v1.requested == ["hosts/web-1/latest.json"]
+    # A deferred poll reads no release and no artifact.
+    assert on_v1.poll() == "deferred" and on_v1.requested == [TIMESTAMP, NEXT_ROOT]
     assert on_v1.installed() == [1] and not [
         p for p in on_v1.agent.releases.iterdir() if p.name.startswith(".")
     ]
-    on_v1.store.put(r.artifacts[0].blob, b"AppImage of web-1 2")
+    on_v1.store.put_bytes(r.artifacts[0].blob, b"AppImage of web-1 2")
     assert [on_v1.poll() for _ in range(3)][-1] == "updated"
 
 
-def test_an_unreadable_store_changes_nothing(on_v1: Host) -> None:
-    del on_v1.store.objects["hosts/web-1/latest.json"]
+@pytest.mark.parametrize("how", ["unreachable", "no timestamp", "no snapshot"])
+def test_an_unreadable_store_changes_nothing(on_v1: Host, how: str) -> None:
+    on_v1.publish(2)
+    if how == "unreachable":
+        on_v1.store.down = True
+    elif how == "no timestamp":
+        del on_v1.store.objects[TIMESTAMP]
+    else:
+        del on_v1.store.objects[metadata_key("snapshot", on_v1.publisher.load().snapshot.signed.version)]
     assert on_v1.poll() == "error"
-    assert on_v1.running() == 1
+    assert on_v1.running() == 1 and on_v1.installed() == [1]
     assert on_v1.metric("reconciler_agent_polls_total", {"result": "error"}) == 1
+    assert on_v1.metric("reconciler_agent_metadata_stale") == 0
+    # Once the store answers again, the update goes through.
+    on_v1.store.down = False
+    on_v1.publish(3)
+    assert on_v1.poll() == "updated" and on_v1.running() == 3
 
 
 def test_a_truncated_artifact_is_an_error_and_retried(on_v1: Host) -> None:
     r = on_v1.publish(2)
     blob = on_v1.store.objects[r.artifacts[0].blob]
-    on_v1.store.put(r.artifacts[0].blob, blob[:5])
+    on_v1.store.put_bytes(r.artifacts[0].blob, blob[:5])
     assert on_v1.poll() == "error"
-    on_v1.store.put(r.artifacts[0].blob, blob)
+    on_v1.store.put_bytes(r.artifacts[0].blob, blob)
     assert on_v1.poll() == "updated"
 
 
