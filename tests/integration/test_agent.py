@@ -78,7 +78,7 @@ class StoreServer:
         server = self
 
         class Handler(SimpleHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802  (http.server's name)
+            def do_GET(self) -> None:
                 if server.hold.is_set():
                     server.released.wait(30)
                 super().do_GET()
@@ -562,7 +562,7 @@ def test_the_app_is_restarted_while_a_poll_hangs_on_the_store(running: Running) 
         time.sleep(1.5)  # the first poll is waiting on the store now
         first = agent.app.proc
         assert first is not None
-        os.killpg(first.pid, signal.SIGKILL)
+        first.terminate()  # the app exits (its services stop with it)
         wait_for(
             lambda: agent.app is not None and agent.app.proc is not None and agent.app.proc is not first,
             15,
