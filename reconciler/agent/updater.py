@@ -172,7 +172,12 @@ class Agent:
                     raise StaleError(f"the trusted TUF timestamp expired at {ts.signed.expires.isoformat()}")
             self._stale(None)
             return PollResult.IDLE
-        info = self.tuf.target(target_path(self.cfg.host), got.data)
+        try:
+            info = self.tuf.target(target_path(self.cfg.host), got.data)
+        except RefusalError:
+            # Final for this timestamp: a new one gets a new look, the same one no download.
+            self._remember(got.validators)
+            raise
         ts = self.tuf.trusted_timestamp()
         if ts is not None:
             self.metrics.metadata_expiry.set(ts.signed.expires.timestamp())

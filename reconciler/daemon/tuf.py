@@ -74,6 +74,7 @@ class TufRepository:
         self.settings = settings
         self.md: Metadatas | None = None
         self._stamp: tuple[int, ...] = ()
+        self._missing: dict[str, int] = {}  # host -> a published version not in the store
 
     @property
     def online(self) -> MetadataSigner:
@@ -252,8 +253,13 @@ class TufRepository:
         for host, version in published.items():
             if listed.get(host) == version:
                 continue
+            if self._missing.get(host) == version:
+                continue
             data = self.store.get_bytes(release_path(host, version))
             if data is None:
+                # Said once per process: a store that lost its files is not read again
+                # for each host on every pass.
+                self._missing[host] = version
                 log.event("tuf_release_missing", logging.WARNING, host=host, version=version)
                 continue
             wanted[host] = tufrepo.entry(host, version, data)
