@@ -13,7 +13,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from types import TracebackType
 from typing import Protocol
 
 from securesystemslib.signer import Signer as MetadataSigner
@@ -152,21 +151,6 @@ class Fetcher(Protocol):
     ) -> str:
         """``target`` into ``dest``, exactly ``size`` bytes; the sha256 of what was written."""
         ...
-
-
-class SignatureChecker(Protocol):
-    """Detached signatures checked against the keys it was made from, and only those
-    (reconciler.adapters.gpg.Verifier)."""
-
-    def verify(self, data_path: Path, signature: bytes, what: str) -> str: ...
-
-    def verify_bytes(self, data: bytes, signature: bytes, what: str) -> str: ...
-
-    def __enter__(self) -> SignatureChecker: ...
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None, /
-    ) -> None: ...
 
 
 class Gate(Protocol):
