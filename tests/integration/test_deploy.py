@@ -6,6 +6,7 @@ daemon, and helm."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import grp
 import hashlib
 import json
@@ -642,8 +643,36 @@ def nginx_conf(tmp: Path, store: Path, port: int) -> Path:
     return conf
 
 
-def test_nginx_serves_the_store_for_agents(tmp_path: Path, config_repo: ConfigRepo, signing: Signing) -> None:
+@contextlib.contextmanager
+def nginx_serving(tmp_path: Path, store: Path, probe: str) -> Iterator[tuple[str, Path]]:
+    """nginx with deploy/nginx/store.conf serving ``store`` on 127.0.0.1: its base URL and
+    its directory (logs), once ``probe`` (a path) is answered."""
     nginx = need("nginx")
+    web = tmp_path / "nginx"
+    web.mkdir()
+    port = free_port()
+    conf = nginx_conf(web, store, port)
+    checked = run([nginx, "-t", "-c", str(conf), "-p", str(web)])
+    assert checked.returncode == 0, checked.stderr
+    proc = subprocess.Popen(
+        [nginx, "-c", str(conf), "-p", str(web)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+
+        def up() -> bool:
+            try:
+                return http(base + probe)[0] in (200, 404)
+            except OSError:
+                return False
+
+        wait_for(up, 20, "nginx")
+        yield base, web
+    finally:
+        stop(proc, signal.SIGQUIT)
+
+
+def test_nginx_serves_the_store_for_agents(tmp_path: Path, config_repo: ConfigRepo, signing: Signing) -> None:
     standard_fleet(config_repo)
     cfg = write_config(tmp_path, config_repo, signing)
     got = run([sys.executable, "-m", "reconciler", "reconcile", "-c", str(cfg)], timeout=600)
@@ -660,25 +689,7 @@ def test_nginx_serves_the_store_for_agents(tmp_path: Path, config_repo: ConfigRe
     for f in store.rglob("*"):
         os.utime(f, (past, past))
 
-    web = tmp_path / "nginx"
-    web.mkdir()
-    port = free_port()
-    conf = nginx_conf(web, store, port)
-    checked = run([nginx, "-t", "-c", str(conf), "-p", str(web)])
-    assert checked.returncode == 0, checked.stderr
-    proc = subprocess.Popen(
-        [nginx, "-c", str(conf), "-p", str(web)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-
-        def up() -> bool:
-            try:
-                return http(base + "/keys/publisher.asc")[0] == 200
-            except OSError:
-                return False
-
-        wait_for(up, 20, "nginx")
+    with nginx_serving(tmp_path, store, "/keys/publisher.asc") as (base, web):
         status, headers, body = http(base + "/hosts/web-1/latest.json")
         assert status == 200 and json.loads(body)["host"] == "web-1"
         assert headers["content-type"].startswith("application/json")
@@ -724,15 +735,12 @@ def test_nginx_serves_the_store_for_agents(tmp_path: Path, config_repo: ConfigRe
             assert f'reconciler_agent_polls_total{{result="{expected}"}} 1.0' in metrics.read_text()
         assert (tmp_path / "agent/current").resolve().name == "1"
         log = (web / "access_log.log").read_text()
-        assert re.search(r'"GET /hosts/web-1/latest\.json HTTP/1\.1" 304 0 ', log), log[-2000:]
-    finally:
-        stop(proc, signal.SIGQUIT)
+        assert re.search(r'"GET /tuf/timestamp\.json HTTP/1\.1" 304 0 ', log), log[-2000:]
 
 
 def test_nginx_serves_the_tuf_metadata(tmp_path: Path) -> None:
     """The agent's idle poll is a conditional GET of tuf/timestamp.json; the versioned
     metadata is immutable, and the 404 of the next root (the agent's probe) is not."""
-    nginx = need("nginx")
     store = tmp_path / "store"
     (store / "tuf").mkdir(parents=True)
     for name in ("timestamp.json", "1.root.json", "3.snapshot.json", "2.bins-0a.json", ".tmp-x"):
@@ -740,25 +748,8 @@ def test_nginx_serves_the_tuf_metadata(tmp_path: Path) -> None:
     past = time.time() - 60
     for f in (store / "tuf").iterdir():
         os.utime(f, (past, past))
-    web = tmp_path / "nginx"
-    web.mkdir()
-    port = free_port()
-    conf = nginx_conf(web, store, port)
-    checked = run([nginx, "-t", "-c", str(conf), "-p", str(web)])
-    assert checked.returncode == 0, checked.stderr
-    proc = subprocess.Popen(
-        [nginx, "-c", str(conf), "-p", str(web)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    base = f"http://127.0.0.1:{port}/tuf/"
-    try:
-
-        def up() -> bool:
-            try:
-                return http(base + "1.root.json")[0] in (200, 404)
-            except OSError:
-                return False
-
-        wait_for(up, 20, "nginx")
+    with nginx_serving(tmp_path, store, "/tuf/1.root.json") as (url, _):
+        base = url + "/tuf/"
         status, headers, _ = http(base + "timestamp.json")
         assert status == 200 and headers["cache-control"] == "no-cache"
         assert headers["content-type"].startswith("application/json")
@@ -771,8 +762,6 @@ def test_nginx_serves_the_tuf_metadata(tmp_path: Path) -> None:
         assert status == 404 and "immutable" not in headers.get("cache-control", "")
         assert http(base + ".tmp-x")[0] == 404
         assert http(base + "timestamp.json", method="PUT")[0] == 405
-    finally:
-        stop(proc, signal.SIGQUIT)
 
 
 # -- Prometheus rules, config and dashboard -------------------------------------------
