@@ -4,6 +4,7 @@ blobs/sha256/<hex>(.asc)                 artifact bytes, content-addressed, and 
 hosts/<host>/releases/<N>.json(.asc)     immutable signed release metadata
 hosts/<host>/latest.json(.asc)           newest release, written last
 keys/publisher.asc                       the publisher's public key (never trusted by agents)
+tuf/<V>.<role>.json, tuf/timestamp.json  TUF metadata (reconciler.core.tufrepo)
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ SIGNATURE = ".asc"
 _RELEASE = re.compile(r"^hosts/([^/]+)/releases/([1-9][0-9]{0,17})\.json(\.asc)?$")
 _LATEST = re.compile(r"^hosts/([^/]+)/latest\.json(\.asc)?$")
 _BLOB = re.compile(r"^blobs/sha256/([0-9a-f]{64})(\.asc)?$")
+_TUF = re.compile(r"^tuf/(?:([1-9][0-9]{0,17})\.)?([a-z]+(?:-[0-9a-f]+)?)\.json$")
+TUF_PREFIX = "tuf/"
 
 
 def blob_path(sha256: str) -> str:
@@ -30,6 +33,11 @@ def release_path(host: str, version: int) -> str:
 
 def latest_path(host: str) -> str:
     return f"hosts/{host}/latest.json"
+
+
+def tuf_path(role: str, version: int | None) -> str:
+    """TUF metadata of ``role``: versioned (consistent snapshots), but for timestamp.json."""
+    return f"{TUF_PREFIX}{role}.json" if version is None else f"{TUF_PREFIX}{version}.{role}.json"
 
 
 def signature_path(key: str) -> str:
@@ -56,7 +64,13 @@ class BlobKey:
     signature: bool
 
 
-Key = ReleaseKey | LatestKey | BlobKey
+@dataclass(frozen=True)
+class TufKey:
+    role: str
+    version: int | None  # None: timestamp.json
+
+
+Key = ReleaseKey | LatestKey | BlobKey | TufKey
 
 
 def parse_key(key: str) -> Key | None:
@@ -67,4 +81,8 @@ def parse_key(key: str) -> Key | None:
         return LatestKey(m.group(1), m.group(2) is not None)
     if m := _BLOB.fullmatch(key):
         return BlobKey(m.group(1), m.group(2) is not None)
+    if m := _TUF.fullmatch(key):
+        version = int(m.group(1)) if m.group(1) else None
+        if (version is None) == (m.group(2) == "timestamp"):
+            return TufKey(m.group(2), version)
     return None

@@ -43,10 +43,13 @@ from tuf.api.metadata import (
 )
 from tuf.api.serialization.json import JSONSerializer
 
+from reconciler.core.layout import TUF_PREFIX, tuf_path
 from reconciler.errors import ReconcilerError
 
-TUF_DIR = "tuf/"
 BINS_PREFIX = "bins"
+# The store keys of the metadata are the layout's (reconciler.core.layout).
+TUF_DIR = TUF_PREFIX
+metadata_key = tuf_path
 # Compact JSON: every agent reads the snapshot and its bin after each publication.
 SERIALIZER = JSONSerializer(compact=True)
 
@@ -88,11 +91,6 @@ class Lifetimes:
 def target_path(host: str) -> str:
     """The target naming ``host``'s newest release."""
     return f"hosts/{host}/latest.json"
-
-
-def metadata_key(role: str, version: int | None) -> str:
-    """The store key of ``role``'s metadata (timestamp.json is the one unversioned name)."""
-    return f"{TUF_DIR}{role}.json" if version is None else f"{TUF_DIR}{version}.{role}.json"
 
 
 def succinct(targets: Metadata[Targets]) -> SuccinctRoles:

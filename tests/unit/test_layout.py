@@ -10,11 +10,13 @@ from reconciler.core.layout import (
     BlobKey,
     LatestKey,
     ReleaseKey,
+    TufKey,
     blob_path,
     latest_path,
     parse_key,
     release_path,
     signature_path,
+    tuf_path,
 )
 
 HOSTS = st.from_regex(r"[a-z0-9][a-z0-9-]{0,62}", fullmatch=True)
@@ -47,5 +49,19 @@ def test_keys_outside_the_layout_are_nothing() -> None:
         "blobs/sha256/" + "A" * 64,
         "blobs/sha256/" + "a" * 63,
         ".tmp-x",
+        "tuf/snapshot.json",  # only the timestamp is unversioned
+        "tuf/3.timestamp.json",
+        "tuf/0.root.json",
+        "tuf/1.Root.json",
+        "tuf/1.root.json.tmp",
     ):
         assert parse_key(key) is None, key
+
+
+@given(
+    st.sampled_from(["root", "targets", "snapshot"]) | st.from_regex(r"bins-[0-9a-f]{1,4}", fullmatch=True),
+    st.integers(1, 10**17),
+)
+def test_a_tuf_key_reads_back(role: str, version: int) -> None:
+    assert parse_key(tuf_path(role, version)) == TufKey(role, version)
+    assert parse_key(tuf_path("timestamp", None)) == TufKey("timestamp", None)
