@@ -16,9 +16,10 @@ numbers first, ``timestamp.json`` last.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -246,6 +247,21 @@ class TufRepository:
     def sync(self, published: Mapping[str, int]) -> bool:
         """List each host's release ``published`` (host -> N) and no other; re-sign
         what is due. Whether anything was written."""
+        with self._undone_on_failure():
+            return self._sync(published)
+
+    @contextlib.contextmanager
+    def _undone_on_failure(self) -> Iterator[None]:
+        """A change that fails half-way (a store or gpg error) leaves the copy in memory
+        ahead of what was written: forget it, so the next attempt starts from the local
+        copy, which is only written once the store has everything."""
+        try:
+            yield
+        except BaseException:
+            self.md = None
+            raise
+
+    def _sync(self, published: Mapping[str, int]) -> bool:
         md = self.load()
         now, lt = self.clock.now(), self.settings.lifetimes
         listed = tufrepo.hosts_listed(md.bins.values())
