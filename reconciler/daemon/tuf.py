@@ -17,6 +17,7 @@ numbers first, ``timestamp.json`` last.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -39,6 +40,10 @@ from reconciler.ports import Clock, Store
 # A change of keys or thresholds applied to (root, targets): core.tufrepo's add_key,
 # revoke_key or set_threshold with their other arguments bound.
 KeyChange = Callable[[Root, Targets], None]
+
+
+# The daemon's copy of the metadata, in its TUF directory.
+LOCAL_FILE = "metadata.json"
 
 
 class TufError(ReconcilerError):
@@ -85,31 +90,38 @@ class TufRepository:
 
     # -- loading ---------------------------------------------------------------
 
+    @property
+    def _local_file(self) -> Path:
+        return self.local / LOCAL_FILE
+
     def _local_stamp(self) -> tuple[int, ...]:
         try:
-            return tuple((self.local / n).stat().st_mtime_ns for n in ("root.json", "targets.json"))
+            st = self._local_file.stat()
         except FileNotFoundError:
             return ()
+        return (st.st_ino, st.st_mtime_ns)
 
     def exists(self) -> bool:
-        return (
-            self.md is not None
-            or (self.local / "root.json").exists()
-            or self.store.exists(metadata_key("root", 1))
-        )
+        return self.md is not None or self._local_file.exists() or self.store.exists(metadata_key("root", 1))
 
     def load(self) -> Metadatas:
-        """The current metadata; read again when a key change (another process, under
-        the same pass lock) rewrote root or targets."""
+        """The current metadata; read again when another process (a key change, under
+        the same pass lock) rewrote the local copy."""
         if self.md is not None and self._stamp != self._local_stamp():
             self.md = None
         if self.md is None:
-            if (self.local / "root.json").exists():
+            if self._local_file.exists():
                 self.md = self._read_local()
+                if self._store_ahead(self.md):
+                    # A process died after writing the store, before its local copy:
+                    # carry on from what agents may have seen, never under its numbers.
+                    self.md = self._import()
+                    self._save_local(self.md)
+                    log.event("tuf_imported", root=self.md.root.signed.version, why="store ahead")
             elif self.store.exists(metadata_key("root", 1)):
                 self.md = self._import()
-                self._save_local(self.md, all_bins=True)
-                log.event("tuf_imported", root=self.md.root.signed.version)
+                self._save_local(self.md)
+                log.event("tuf_imported", root=self.md.root.signed.version, why="no local copy")
             else:
                 self.md = self._create()
                 log.event("tuf_created", bins=len(self.md.bins))
@@ -127,15 +139,29 @@ class TufRepository:
                 )
 
     def _read_local(self) -> Metadatas:
-        def read(name: str) -> Metadata[Any]:
-            try:
-                return Metadata.from_bytes((self.local / name).read_bytes())
-            except (OSError, ValueError) as exc:
-                raise TufError(f"{self.local / name}: unreadable TUF metadata ({exc})") from None
+        path = self._local_file
+        try:
+            doc = json.loads(path.read_bytes())
+            targets: Metadata[Targets] = Metadata.from_dict(doc["targets"])
+            names = tufrepo.succinct(targets).get_roles()
+            bins: dict[str, Metadata[Targets]] = {n: Metadata.from_dict(doc["bins"][n]) for n in names}
+            return Metadatas(
+                Metadata.from_dict(doc["root"]),
+                targets,
+                bins,
+                Metadata.from_dict(doc["snapshot"]),
+                Metadata.from_dict(doc["timestamp"]),
+            )
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RepositoryError) as exc:
+            raise TufError(f"{path}: unreadable TUF metadata ({exc!r})") from None
 
-        targets = read("targets.json")
-        bins = {name: read(f"bins/{name}.json") for name in tufrepo.succinct(targets).get_roles()}
-        return Metadatas(read("root.json"), targets, bins, read("snapshot.json"), read("timestamp.json"))
+    def _store_ahead(self, md: Metadatas) -> bool:
+        data = self.store.get_bytes(metadata_key("timestamp", None))
+        try:
+            stored = Metadata.from_bytes(data) if data is not None else None
+        except (ValueError, RepositoryError):
+            return False  # not ours: overwritten by the next timestamp
+        return stored is not None and stored.signed.version > md.timestamp.signed.version
 
     def _create(self) -> Metadatas:
         now, lt = self.clock.now(), self.settings.lifetimes
@@ -208,26 +234,26 @@ class TufRepository:
             self._put(metadata_key(name, b.signed.version), b)
         self._put(metadata_key("snapshot", md.snapshot.signed.version), md.snapshot)
         self._put(metadata_key("timestamp", None), md.timestamp)
-        self._save_local(md, bins=bins)
-        self._stamp = self._local_stamp()
+        self._save_local(md)
         self._forget_old(md, targets, bins or {})
 
-    def _save_local(
-        self, md: Metadatas, bins: Mapping[str, Metadata[Targets]] | None = None, all_bins: bool = False
-    ) -> None:
-        (self.local / "bins").mkdir(parents=True, exist_ok=True)
-        files: dict[str, Metadata[Any]] = {
-            "root.json": md.root,
-            "targets.json": md.targets,
-            "snapshot.json": md.snapshot,
-            "timestamp.json": md.timestamp,
+    def _save_local(self, md: Metadatas) -> None:
+        """The local copy, whole or not at all (one file, replaced by rename)."""
+        doc = {
+            "root": md.root.to_dict(),
+            "targets": md.targets.to_dict(),
+            "bins": {name: b.to_dict() for name, b in md.bins.items()},
+            "snapshot": md.snapshot.to_dict(),
+            "timestamp": md.timestamp.to_dict(),
         }
-        files.update({f"bins/{n}.json": b for n, b in (md.bins if all_bins else bins or {}).items()})
-        for name, m in files.items():
-            path = self.local / name
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_bytes(m.to_bytes(SERIALIZER))
-            os.replace(tmp, path)
+        self.local.mkdir(parents=True, exist_ok=True)
+        tmp = self._local_file.with_name(LOCAL_FILE + ".tmp")
+        with tmp.open("wb") as f:
+            f.write(json.dumps(doc, separators=(",", ":")).encode())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._local_file)
+        self._stamp = self._local_stamp()
 
     def _forget_old(self, md: Metadatas, targets: bool, bins: Mapping[str, Metadata[Targets]]) -> None:
         """Delete the version before the previous one of what was rewritten: an agent
@@ -333,7 +359,6 @@ class TufRepository:
         md.snapshot.sign(self._role_signer(md, RoleName.SNAPSHOT, signers))
         self._new_timestamp(md, self._role_signer(md, RoleName.TIMESTAMP, signers))
         self._write(md, root=role is not RoleName.BINS, targets=role is RoleName.BINS)
-        self._stamp = self._local_stamp()
         return changed
 
     def _role_signer(

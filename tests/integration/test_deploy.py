@@ -87,6 +87,9 @@ ALERTS = {
     "AgentRollbacks",
     "AgentRefusals",
     "AgentNotPolling",
+    "AgentMetadataStale",
+    "TufMetadataFailing",
+    "TufMetadataExpiringSoon",
 }
 # Grafana's variables, replaced by what a query would get, for checking expressions.
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h"}
