@@ -16,6 +16,7 @@ numbers first, ``timestamp.json`` last.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -25,7 +26,7 @@ from typing import Any
 
 from securesystemslib.signer import Signer as MetadataSigner
 from tuf.api.exceptions import RepositoryError
-from tuf.api.metadata import Metadata, Root, Snapshot, Targets, Timestamp
+from tuf.api.metadata import Metadata, Root, Snapshot, SuccinctRoles, Targets, Timestamp
 
 from reconciler import log
 from reconciler.config import TufConfig
@@ -44,6 +45,26 @@ class TufError(ReconcilerError):
     """The TUF metadata could not be loaded, verified or signed."""
 
 
+def parse(data: bytes, role: str, where: str) -> Metadata[Any]:
+    """``data`` as metadata of the type ``role`` is (a bin's is targets), or TufError:
+    python-tuf checks a signature over whatever type it is given."""
+    try:
+        md: Metadata[Any] = Metadata.from_bytes(data)
+    except (RepositoryError, ValueError) as exc:  # DeserializationError is a RepositoryError
+        raise TufError(f"{where}: malformed TUF metadata ({exc})") from None
+    expected = Targets.type if role.startswith(f"{tufrepo.BINS_PREFIX}-") else role
+    if md.signed.type != expected:
+        raise TufError(f"{where}: {md.signed.type} metadata where {expected} belongs")
+    return md
+
+
+def bins_of(targets: Metadata[Targets], where: str) -> SuccinctRoles:
+    delegations = targets.signed.delegations
+    if delegations is None or delegations.succinct_roles is None:
+        raise TufError(f"{where}: targets that delegate to no hash bins")
+    return delegations.succinct_roles
+
+
 @dataclass
 class Metadatas:
     """One consistent set of the repository's metadata."""
@@ -53,6 +74,10 @@ class Metadatas:
     bins: dict[str, Metadata[Targets]]
     snapshot: Metadata[Snapshot]
     timestamp: Metadata[Timestamp]
+
+
+def copy(md: Metadata[Any]) -> Metadata[Any]:
+    return Metadata.from_bytes(md.to_bytes(SERIALIZER))
 
 
 class TufRepository:
@@ -73,7 +98,7 @@ class TufRepository:
         self.clock = clock
         self.settings = settings
         self.md: Metadatas | None = None
-        self._stamp: tuple[int, ...] = ()
+        self._stamp: tuple[bytes, ...] = ()
 
     @property
     def online(self) -> MetadataSigner:
@@ -83,10 +108,13 @@ class TufRepository:
 
     # -- loading ---------------------------------------------------------------
 
-    def _local_stamp(self) -> tuple[int, ...]:
+    def _local_stamp(self) -> tuple[bytes, ...]:
+        # By content: a coarse file clock gives two writes in one tick the same mtime.
         try:
-            return tuple((self.local / n).stat().st_mtime_ns for n in ("root.json", "targets.json"))
-        except FileNotFoundError:
+            return tuple(
+                hashlib.sha256((self.local / n).read_bytes()).digest() for n in ("root.json", "targets.json")
+            )
+        except OSError:
             return ()
 
     def exists(self) -> bool:
@@ -125,15 +153,26 @@ class TufRepository:
                 )
 
     def _read_local(self) -> Metadatas:
-        def read(name: str) -> Metadata[Any]:
+        def read(name: str, role: str) -> Metadata[Any]:
+            path = self.local / name
             try:
-                return Metadata.from_bytes((self.local / name).read_bytes())
-            except (OSError, ValueError) as exc:
-                raise TufError(f"{self.local / name}: unreadable TUF metadata ({exc})") from None
+                data = path.read_bytes()
+            except OSError as exc:
+                raise TufError(f"{path}: unreadable TUF metadata ({exc})") from None
+            return parse(data, role, str(path))
 
-        targets = read("targets.json")
-        bins = {name: read(f"bins/{name}.json") for name in tufrepo.succinct(targets).get_roles()}
-        return Metadatas(read("root.json"), targets, bins, read("snapshot.json"), read("timestamp.json"))
+        targets = read("targets.json", Targets.type)
+        bins = {
+            name: read(f"bins/{name}.json", name)
+            for name in bins_of(targets, str(self.local / "targets.json")).get_roles()
+        }
+        return Metadatas(
+            read("root.json", Root.type),
+            targets,
+            bins,
+            read("snapshot.json", Snapshot.type),
+            read("timestamp.json", Timestamp.type),
+        )
 
     def _create(self) -> Metadatas:
         now, lt = self.clock.now(), self.settings.lifetimes
@@ -149,36 +188,37 @@ class TufRepository:
         self._write(md, root=True, targets=True, bins=bins)
         return md
 
-    def _get(self, key: str) -> Metadata[Any]:
+    def _get(self, role: str, version: int | None) -> Metadata[Any]:
+        """``role``'s metadata from the store, of its type and (if given) ``version``."""
+        key = metadata_key(role, version)
         data = self.store.get_bytes(key)
         if data is None:
             raise TufError(f"the store's TUF metadata lacks {key}")
-        try:
-            return Metadata.from_bytes(data)
-        except ValueError as exc:
-            raise TufError(f"{key}: malformed TUF metadata ({exc})") from None
+        md = parse(data, role, key)
+        if version is not None and md.signed.version != version:
+            # A replay of an older version under a newer name.
+            raise TufError(f"{key}: holds version {md.signed.version} of {role}")
+        return md
 
     def _import(self) -> Metadatas:
         """The store's metadata, each file verified by the keys its delegator names."""
         try:
-            root = self._get(metadata_key("root", 1))
+            root = self._get("root", 1)
             root.verify_delegate("root", root)
             while self.store.exists(metadata_key("root", root.signed.version + 1)):
-                new = self._get(metadata_key("root", root.signed.version + 1))
+                new = self._get("root", root.signed.version + 1)
                 root.verify_delegate("root", new)
                 new.verify_delegate("root", new)
-                if new.signed.version != root.signed.version + 1:
-                    raise TufError(f"root version {new.signed.version} stored as {root.signed.version + 1}")
                 root = new
-            timestamp = self._get(metadata_key("timestamp", None))
+            timestamp = self._get("timestamp", None)
             root.verify_delegate("timestamp", timestamp)
-            snapshot = self._get(metadata_key("snapshot", timestamp.signed.snapshot_meta.version))
+            snapshot = self._get("snapshot", timestamp.signed.snapshot_meta.version)
             root.verify_delegate("snapshot", snapshot)
-            targets = self._get(metadata_key("targets", snapshot.signed.meta["targets.json"].version))
+            targets = self._get("targets", snapshot.signed.meta["targets.json"].version)
             root.verify_delegate("targets", targets)
             bins = {}
-            for name in tufrepo.succinct(targets).get_roles():
-                bins[name] = self._get(metadata_key(name, snapshot.signed.meta[f"{name}.json"].version))
+            for name in bins_of(targets, metadata_key("targets", targets.signed.version)).get_roles():
+                bins[name] = self._get(name, snapshot.signed.meta[f"{name}.json"].version)
                 targets.verify_delegate(name, bins[name])
         except (RepositoryError, KeyError, ValueError) as exc:
             raise TufError(f"the store's TUF metadata does not verify: {exc}") from None
@@ -195,6 +235,7 @@ class TufRepository:
         root: bool = False,
         targets: bool = False,
         bins: Mapping[str, Metadata[Targets]] | None = None,
+        snapshot: bool = True,
     ) -> None:
         """Write what changed under new names, then the snapshot, the timestamp last;
         and the local copy once the store has it."""
@@ -204,11 +245,12 @@ class TufRepository:
             self._put(metadata_key("targets", md.targets.signed.version), md.targets)
         for name, b in (bins or {}).items():
             self._put(metadata_key(name, b.signed.version), b)
-        self._put(metadata_key("snapshot", md.snapshot.signed.version), md.snapshot)
+        if snapshot:
+            self._put(metadata_key("snapshot", md.snapshot.signed.version), md.snapshot)
         self._put(metadata_key("timestamp", None), md.timestamp)
         self._save_local(md, bins=bins)
         self._stamp = self._local_stamp()
-        self._forget_old(md, targets, bins or {})
+        self._forget_old(md, snapshot, targets, bins or {})
 
     def _save_local(
         self, md: Metadatas, bins: Mapping[str, Metadata[Targets]] | None = None, all_bins: bool = False
@@ -227,10 +269,14 @@ class TufRepository:
             tmp.write_bytes(m.to_bytes(SERIALIZER))
             os.replace(tmp, path)
 
-    def _forget_old(self, md: Metadatas, targets: bool, bins: Mapping[str, Metadata[Targets]]) -> None:
+    def _forget_old(
+        self, md: Metadatas, snapshot: bool, targets: bool, bins: Mapping[str, Metadata[Targets]]
+    ) -> None:
         """Delete the version before the previous one of what was rewritten: an agent
         that read the previous timestamp can still finish; older ones are dead."""
-        old = [metadata_key("snapshot", md.snapshot.signed.version - 2)]
+        old = []
+        if snapshot:
+            old.append(metadata_key("snapshot", md.snapshot.signed.version - 2))
         if targets:
             old.append(metadata_key("targets", md.targets.signed.version - 2))
         old += [metadata_key(name, b.signed.version - 2) for name, b in bins.items()]
@@ -263,7 +309,8 @@ class TufRepository:
         for b in changed.values():
             tufrepo.bump(b, now, lt.snapshot)
             b.sign(self.online)
-        if changed or tufrepo.due(md.snapshot, now, lt.snapshot):
+        snapshot = bool(changed) or tufrepo.due(md.snapshot, now, lt.snapshot)
+        if snapshot:
             tufrepo.record_versions(md.snapshot, changed)
             tufrepo.bump(md.snapshot, now, lt.snapshot)
             md.snapshot.signed.meta["targets.json"].version = md.targets.signed.version
@@ -271,7 +318,8 @@ class TufRepository:
         elif not tufrepo.due(md.timestamp, now, lt.timestamp):
             return False
         self._new_timestamp(md)
-        self._write(md, bins=changed)
+        # The timestamp alone when only it was due: N.snapshot.json is written once.
+        self._write(md, bins=changed, snapshot=snapshot)
         if changed:
             log.event("tuf_published", bins=len(changed), snapshot=md.snapshot.signed.version)
         return True
@@ -289,29 +337,28 @@ class TufRepository:
         """Apply ``change(root, targets)`` (core.tufrepo's add_key, revoke_key,
         set_threshold) as a new root, or new targets for the bins, signed by what
         ``signers`` (keyid -> signer) hold; a new snapshot and timestamp follow."""
-        md = self.load()
+        old = self.load()
         now, lt = self.clock.now(), self.settings.lifetimes
-        root: Metadata[Root] = Metadata.from_bytes(md.root.to_bytes(SERIALIZER))
-        targets: Metadata[Targets] = Metadata.from_bytes(md.targets.to_bytes(SERIALIZER))
-        change(root.signed, targets.signed)
+        # On copies, kept only once all is signed and written: a change refused half
+        # way leaves this process signing over the old root, as the store has it.
+        md = Metadatas(copy(old.root), copy(old.targets), old.bins, copy(old.snapshot), copy(old.timestamp))
+        change(md.root.signed, md.targets.signed)
         changed: Metadata[Any]
         if role is RoleName.BINS:
-            tufrepo.bump(targets, now, lt.targets)
-            self._sign(targets, "targets", signers, [md.root])
-            md.targets = targets
-            changed = targets
+            tufrepo.bump(md.targets, now, lt.targets)
+            self._sign(md.targets, "targets", signers, [old.root])
+            changed = md.targets
         else:
-            tufrepo.bump(root, now, lt.root)
+            tufrepo.bump(md.root, now, lt.root)
             # A new root is signed by a threshold of the old root's keys and its own.
-            self._sign(root, "root", signers, [md.root, root])
-            md.root = root
-            changed = root
+            self._sign(md.root, "root", signers, [old.root, md.root])
+            changed = md.root
         md.snapshot.signed.meta["targets.json"].version = md.targets.signed.version
         tufrepo.bump(md.snapshot, now, lt.snapshot)
         md.snapshot.sign(self._role_signer(md, RoleName.SNAPSHOT, signers))
         self._new_timestamp(md, self._role_signer(md, RoleName.TIMESTAMP, signers))
         self._write(md, root=role is not RoleName.BINS, targets=role is RoleName.BINS)
-        self._stamp = self._local_stamp()
+        self.md = md
         return changed
 
     def _role_signer(
