@@ -141,6 +141,9 @@ def cmd_keys(args: argparse.Namespace) -> int:
     from reconciler.core import tufrepo
     from reconciler.wiring import open_reconciler, read_metadata_key, signers_in
 
+    what = {"add": "KEY (a fingerprint or public key file)", "revoke": "KEYID", "threshold": "K"}
+    if args.action != "list" and (args.role is None or args.key is None):
+        raise ReconcilerError(f"keys {args.action}: needs a ROLE and a {what[args.action]}")
     cfg = _load(args)
     homes = [Path(h) for h in args.gnupghome] or [cfg.signing.gnupghome]
     rec = open_reconciler(cfg)
@@ -159,7 +162,11 @@ def cmd_keys(args: argparse.Namespace) -> int:
         elif args.action == "revoke":
             change = partial(tufrepo.revoke_key, role=role, keyid=args.key.lower())
         else:
-            change = partial(tufrepo.set_threshold, role=role, threshold=int(args.key))
+            try:
+                k = int(args.key)
+            except ValueError:
+                raise ReconcilerError(f"keys threshold: {args.key!r} is not a number of keys") from None
+            change = partial(tufrepo.set_threshold, role=role, threshold=k)
         changed = rec.change_keys(role, lambda root, targets: change(root, targets), signers_in(homes))
         print(f"{changed.signed.type} version {changed.signed.version} published")
     finally:

@@ -17,6 +17,7 @@ numbers first, ``timestamp.json`` last.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ from typing import Any
 
 from securesystemslib.signer import Signer as MetadataSigner
 from tuf.api.exceptions import RepositoryError
-from tuf.api.metadata import Metadata, Root, Snapshot, Targets, Timestamp
+from tuf.api.metadata import Metadata, Root, Snapshot, SuccinctRoles, Targets, Timestamp
 
 from reconciler import log
 from reconciler.config import TufConfig
@@ -44,10 +45,36 @@ KeyChange = Callable[[Root, Targets], None]
 
 # The daemon's copy of the metadata, in its TUF directory.
 LOCAL_FILE = "metadata.json"
+# A published release whose file the store lacks is looked for again after this long.
+MISSING_RETRY = 600.0
 
 
 class TufError(ReconcilerError):
     """The TUF metadata could not be loaded, verified or signed."""
+
+
+def parse(data: bytes, role: str, where: str) -> Metadata[Any]:
+    """``data`` as metadata of the type ``role`` is (a bin's is targets), or TufError:
+    python-tuf checks a signature over whatever type it is given."""
+    try:
+        md: Metadata[Any] = Metadata.from_bytes(data)
+    except (RepositoryError, ValueError) as exc:  # DeserializationError is a RepositoryError
+        raise TufError(f"{where}: malformed TUF metadata ({exc})") from None
+    return typed(md, role, where)
+
+
+def typed(md: Metadata[Any], role: str, where: str) -> Metadata[Any]:
+    expected = Targets.type if role.startswith(f"{tufrepo.BINS_PREFIX}-") else role
+    if md.signed.type != expected:
+        raise TufError(f"{where}: {md.signed.type} metadata where {expected} belongs")
+    return md
+
+
+def bins_of(targets: Metadata[Targets], where: str) -> SuccinctRoles:
+    delegations = targets.signed.delegations
+    if delegations is None or delegations.succinct_roles is None:
+        raise TufError(f"{where}: targets that delegate to no hash bins")
+    return delegations.succinct_roles
 
 
 @dataclass
@@ -59,6 +86,10 @@ class Metadatas:
     bins: dict[str, Metadata[Targets]]
     snapshot: Metadata[Snapshot]
     timestamp: Metadata[Timestamp]
+
+
+def copy(md: Metadata[Any]) -> Metadata[Any]:
+    return Metadata.from_bytes(md.to_bytes(SERIALIZER))
 
 
 class TufRepository:
@@ -79,8 +110,9 @@ class TufRepository:
         self.clock = clock
         self.settings = settings
         self.md: Metadatas | None = None
-        self._stamp: tuple[int, ...] = ()
-        self._missing: dict[str, int] = {}  # host -> a published version not in the store
+        self._stamp: tuple[bytes, ...] = ()
+        # host -> (a published version not in the store, when to look for it again)
+        self._missing: dict[str, tuple[int, float]] = {}
 
     @property
     def online(self) -> MetadataSigner:
@@ -94,12 +126,12 @@ class TufRepository:
     def _local_file(self) -> Path:
         return self.local / LOCAL_FILE
 
-    def _local_stamp(self) -> tuple[int, ...]:
+    def _local_stamp(self) -> tuple[bytes, ...]:
+        # By content: a coarse file clock gives two writes in one tick the same mtime.
         try:
-            st = self._local_file.stat()
-        except FileNotFoundError:
+            return (hashlib.sha256(self._local_file.read_bytes()).digest(),)
+        except OSError:
             return ()
-        return (st.st_ino, st.st_mtime_ns)
 
     def exists(self) -> bool:
         return self.md is not None or self._local_file.exists() or self.store.exists(metadata_key("root", 1))
@@ -142,15 +174,18 @@ class TufRepository:
         path = self._local_file
         try:
             doc = json.loads(path.read_bytes())
-            targets: Metadata[Targets] = Metadata.from_dict(doc["targets"])
-            names = tufrepo.succinct(targets).get_roles()
-            bins: dict[str, Metadata[Targets]] = {n: Metadata.from_dict(doc["bins"][n]) for n in names}
+            where = str(path)
+            targets: Metadata[Targets] = typed(Metadata.from_dict(doc["targets"]), Targets.type, where)
+            names = bins_of(targets, where).get_roles()
+            bins: dict[str, Metadata[Targets]] = {
+                n: typed(Metadata.from_dict(doc["bins"][n]), n, where) for n in names
+            }
             return Metadatas(
-                Metadata.from_dict(doc["root"]),
+                typed(Metadata.from_dict(doc["root"]), Root.type, where),
                 targets,
                 bins,
-                Metadata.from_dict(doc["snapshot"]),
-                Metadata.from_dict(doc["timestamp"]),
+                typed(Metadata.from_dict(doc["snapshot"]), Snapshot.type, where),
+                typed(Metadata.from_dict(doc["timestamp"]), Timestamp.type, where),
             )
         except (OSError, ValueError, KeyError, TypeError, AttributeError, RepositoryError) as exc:
             raise TufError(f"{path}: unreadable TUF metadata ({exc!r})") from None
@@ -177,36 +212,37 @@ class TufRepository:
         self._write(md, root=True, targets=True, bins=bins)
         return md
 
-    def _get(self, key: str) -> Metadata[Any]:
+    def _get(self, role: str, version: int | None) -> Metadata[Any]:
+        """``role``'s metadata from the store, of its type and (if given) ``version``."""
+        key = metadata_key(role, version)
         data = self.store.get_bytes(key)
         if data is None:
             raise TufError(f"the store's TUF metadata lacks {key}")
-        try:
-            return Metadata.from_bytes(data)
-        except ValueError as exc:
-            raise TufError(f"{key}: malformed TUF metadata ({exc})") from None
+        md = parse(data, role, key)
+        if version is not None and md.signed.version != version:
+            # A replay of an older version under a newer name.
+            raise TufError(f"{key}: holds version {md.signed.version} of {role}")
+        return md
 
     def _import(self) -> Metadatas:
         """The store's metadata, each file verified by the keys its delegator names."""
         try:
-            root = self._get(metadata_key("root", 1))
+            root = self._get("root", 1)
             root.verify_delegate("root", root)
             while self.store.exists(metadata_key("root", root.signed.version + 1)):
-                new = self._get(metadata_key("root", root.signed.version + 1))
+                new = self._get("root", root.signed.version + 1)
                 root.verify_delegate("root", new)
                 new.verify_delegate("root", new)
-                if new.signed.version != root.signed.version + 1:
-                    raise TufError(f"root version {new.signed.version} stored as {root.signed.version + 1}")
                 root = new
-            timestamp = self._get(metadata_key("timestamp", None))
+            timestamp = self._get("timestamp", None)
             root.verify_delegate("timestamp", timestamp)
-            snapshot = self._get(metadata_key("snapshot", timestamp.signed.snapshot_meta.version))
+            snapshot = self._get("snapshot", timestamp.signed.snapshot_meta.version)
             root.verify_delegate("snapshot", snapshot)
-            targets = self._get(metadata_key("targets", snapshot.signed.meta["targets.json"].version))
+            targets = self._get("targets", snapshot.signed.meta["targets.json"].version)
             root.verify_delegate("targets", targets)
             bins = {}
-            for name in tufrepo.succinct(targets).get_roles():
-                bins[name] = self._get(metadata_key(name, snapshot.signed.meta[f"{name}.json"].version))
+            for name in bins_of(targets, metadata_key("targets", targets.signed.version)).get_roles():
+                bins[name] = self._get(name, snapshot.signed.meta[f"{name}.json"].version)
                 targets.verify_delegate(name, bins[name])
         except (RepositoryError, KeyError, ValueError) as exc:
             raise TufError(f"the store's TUF metadata does not verify: {exc}") from None
@@ -223,6 +259,7 @@ class TufRepository:
         root: bool = False,
         targets: bool = False,
         bins: Mapping[str, Metadata[Targets]] | None = None,
+        snapshot: bool = True,
     ) -> None:
         """Write what changed under new names, then the snapshot, the timestamp last;
         and the local copy once the store has it."""
@@ -232,10 +269,11 @@ class TufRepository:
             self._put(metadata_key("targets", md.targets.signed.version), md.targets)
         for name, b in (bins or {}).items():
             self._put(metadata_key(name, b.signed.version), b)
-        self._put(metadata_key("snapshot", md.snapshot.signed.version), md.snapshot)
+        if snapshot:
+            self._put(metadata_key("snapshot", md.snapshot.signed.version), md.snapshot)
         self._put(metadata_key("timestamp", None), md.timestamp)
         self._save_local(md)
-        self._forget_old(md, targets, bins or {})
+        self._forget_old(md, snapshot, targets, bins or {})
 
     def _save_local(self, md: Metadatas) -> None:
         """The local copy, whole or not at all (one file, replaced by rename)."""
@@ -255,10 +293,14 @@ class TufRepository:
         os.replace(tmp, self._local_file)
         self._stamp = self._local_stamp()
 
-    def _forget_old(self, md: Metadatas, targets: bool, bins: Mapping[str, Metadata[Targets]]) -> None:
+    def _forget_old(
+        self, md: Metadatas, snapshot: bool, targets: bool, bins: Mapping[str, Metadata[Targets]]
+    ) -> None:
         """Delete the version before the previous one of what was rewritten: an agent
         that read the previous timestamp can still finish; older ones are dead."""
-        old = [metadata_key("snapshot", md.snapshot.signed.version - 2)]
+        old = []
+        if snapshot:
+            old.append(metadata_key("snapshot", md.snapshot.signed.version - 2))
         if targets:
             old.append(metadata_key("targets", md.targets.signed.version - 2))
         old += [metadata_key(name, b.signed.version - 2) for name, b in bins.items()]
@@ -295,13 +337,13 @@ class TufRepository:
         for host, version in published.items():
             if listed.get(host) == version:
                 continue
-            if self._missing.get(host) == version:
+            missing = self._missing.get(host)
+            if missing is not None and missing[0] == version and self.clock.monotonic() < missing[1]:
                 continue
             data = self.store.get_bytes(release_path(host, version))
             if data is None:
-                # Said once per process: a store that lost its files is not read again
-                # for each host on every pass.
-                self._missing[host] = version
+                # A store that lost its files is not read for every host on every pass.
+                self._missing[host] = (version, self.clock.monotonic() + MISSING_RETRY)
                 log.event("tuf_release_missing", logging.WARNING, host=host, version=version)
                 continue
             wanted[host] = tufrepo.entry(host, version, data)
@@ -311,7 +353,8 @@ class TufRepository:
         for b in changed.values():
             tufrepo.bump(b, now, lt.snapshot)
             b.sign(self.online)
-        if changed or tufrepo.due(md.snapshot, now, lt.snapshot):
+        snapshot = bool(changed) or tufrepo.due(md.snapshot, now, lt.snapshot)
+        if snapshot:
             tufrepo.record_versions(md.snapshot, changed)
             tufrepo.bump(md.snapshot, now, lt.snapshot)
             md.snapshot.signed.meta["targets.json"].version = md.targets.signed.version
@@ -319,7 +362,8 @@ class TufRepository:
         elif not tufrepo.due(md.timestamp, now, lt.timestamp):
             return False
         self._new_timestamp(md)
-        self._write(md, bins=changed)
+        # The timestamp alone when only it was due: N.snapshot.json is written once.
+        self._write(md, bins=changed, snapshot=snapshot)
         if changed:
             log.event("tuf_published", bins=len(changed), snapshot=md.snapshot.signed.version)
         return True
@@ -337,28 +381,28 @@ class TufRepository:
         """Apply ``change(root, targets)`` (core.tufrepo's add_key, revoke_key,
         set_threshold) as a new root, or new targets for the bins, signed by what
         ``signers`` (keyid -> signer) hold; a new snapshot and timestamp follow."""
-        md = self.load()
+        old = self.load()
         now, lt = self.clock.now(), self.settings.lifetimes
-        root: Metadata[Root] = Metadata.from_bytes(md.root.to_bytes(SERIALIZER))
-        targets: Metadata[Targets] = Metadata.from_bytes(md.targets.to_bytes(SERIALIZER))
-        change(root.signed, targets.signed)
+        # On copies, kept only once all is signed and written: a change refused half
+        # way leaves this process signing over the old root, as the store has it.
+        md = Metadatas(copy(old.root), copy(old.targets), old.bins, copy(old.snapshot), copy(old.timestamp))
+        change(md.root.signed, md.targets.signed)
         changed: Metadata[Any]
         if role is RoleName.BINS:
-            tufrepo.bump(targets, now, lt.targets)
-            self._sign(targets, "targets", signers, [md.root])
-            md.targets = targets
-            changed = targets
+            tufrepo.bump(md.targets, now, lt.targets)
+            self._sign(md.targets, "targets", signers, [old.root])
+            changed = md.targets
         else:
-            tufrepo.bump(root, now, lt.root)
+            tufrepo.bump(md.root, now, lt.root)
             # A new root is signed by a threshold of the old root's keys and its own.
-            self._sign(root, "root", signers, [md.root, root])
-            md.root = root
-            changed = root
+            self._sign(md.root, "root", signers, [old.root, md.root])
+            changed = md.root
         md.snapshot.signed.meta["targets.json"].version = md.targets.signed.version
         tufrepo.bump(md.snapshot, now, lt.snapshot)
         md.snapshot.sign(self._role_signer(md, RoleName.SNAPSHOT, signers))
         self._new_timestamp(md, self._role_signer(md, RoleName.TIMESTAMP, signers))
         self._write(md, root=role is not RoleName.BINS, targets=role is RoleName.BINS)
+        self.md = md
         return changed
 
     def _role_signer(
