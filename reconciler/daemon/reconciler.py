@@ -352,6 +352,8 @@ class Reconciler:
             with self.metrics.stage_duration.labels("metadata").time():
                 self.tuf.sync(published)
         except (TufError, StoreError, SigningError) as exc:
+            if isinstance(exc, SigningError):
+                self.metrics.signing_failures.inc()
             self.metrics.metadata_failures.inc()
             log.event("tuf_failed", logging.ERROR, error=str(exc))
             return str(exc)

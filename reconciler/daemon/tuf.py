@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from securesystemslib.signer import Signer as MetadataSigner
-from tuf.api.exceptions import RepositoryError
+from tuf.api.exceptions import RepositoryError, UnsignedMetadataError
 from tuf.api.metadata import Metadata, Root, Snapshot, SuccinctRoles, Targets, Timestamp
 
 from reconciler import log
@@ -35,7 +35,7 @@ from reconciler.config import TufConfig
 from reconciler.core import tufrepo
 from reconciler.core.layout import release_path
 from reconciler.core.tufrepo import SERIALIZER, KeySet, RoleName, metadata_key
-from reconciler.errors import ReconcilerError, StoreError
+from reconciler.errors import ReconcilerError, SigningError, StoreError
 from reconciler.ports import Clock, Store
 
 # A change of keys or thresholds applied to (root, targets): core.tufrepo's add_key,
@@ -51,6 +51,16 @@ MISSING_RETRY = 600.0
 
 class TufError(ReconcilerError):
     """The TUF metadata could not be loaded, verified or signed."""
+
+
+def sign(md: Metadata[Any], signer: MetadataSigner, append: bool = False) -> None:
+    """Sign ``md``; gpg failing (a wrong passphrase, a missing key, its deadline) is a
+    SigningError, as for the release files."""
+    try:
+        md.sign(signer, append=append)
+    except UnsignedMetadataError as exc:
+        cause = exc.__cause__ or exc
+        raise SigningError(f"cannot sign TUF {md.signed.type} metadata: {cause}") from None
 
 
 def parse(data: bytes, role: str, where: str) -> Metadata[Any]:
@@ -208,7 +218,7 @@ class TufRepository:
         md = Metadatas(root, targets, bins, snapshot, tufrepo.new_timestamp(snapshot, now, lt))
         every: list[Metadata[Any]] = [root, targets, *bins.values(), snapshot, md.timestamp]
         for m in every:
-            m.sign(self.online)
+            sign(m, self.online)
         self._write(md, root=True, targets=True, bins=bins)
         return md
 
@@ -352,13 +362,13 @@ class TufRepository:
         changed = {n: md.bins[n] for n in sorted(names)}
         for b in changed.values():
             tufrepo.bump(b, now, lt.snapshot)
-            b.sign(self.online)
+            sign(b, self.online)
         snapshot = bool(changed) or tufrepo.due(md.snapshot, now, lt.snapshot)
         if snapshot:
             tufrepo.record_versions(md.snapshot, changed)
             tufrepo.bump(md.snapshot, now, lt.snapshot)
             md.snapshot.signed.meta["targets.json"].version = md.targets.signed.version
-            md.snapshot.sign(self.online)
+            sign(md.snapshot, self.online)
         elif not tufrepo.due(md.timestamp, now, lt.timestamp):
             return False
         self._new_timestamp(md)
@@ -371,7 +381,7 @@ class TufRepository:
     def _new_timestamp(self, md: Metadatas, signer: MetadataSigner | None = None) -> None:
         tufrepo.bump(md.timestamp, self.clock.now(), self.settings.lifetimes.timestamp)
         md.timestamp.signed.snapshot_meta.version = md.snapshot.signed.version
-        md.timestamp.sign(signer or self.online)
+        sign(md.timestamp, signer or self.online)
 
     # -- key changes -----------------------------------------------------------
 
@@ -399,7 +409,7 @@ class TufRepository:
             changed = md.root
         md.snapshot.signed.meta["targets.json"].version = md.targets.signed.version
         tufrepo.bump(md.snapshot, now, lt.snapshot)
-        md.snapshot.sign(self._role_signer(md, RoleName.SNAPSHOT, signers))
+        sign(md.snapshot, self._role_signer(md, RoleName.SNAPSHOT, signers))
         self._new_timestamp(md, self._role_signer(md, RoleName.TIMESTAMP, signers))
         self._write(md, root=role is not RoleName.BINS, targets=role is RoleName.BINS)
         self.md = md
@@ -426,7 +436,7 @@ class TufRepository:
         for d in delegators:
             needed |= set(d.signed.roles[role].keyids)
         for keyid in sorted(needed & signers.keys()):
-            md.sign(signers[keyid], append=True)
+            sign(md, signers[keyid], append=True)
         for d in delegators:
             r = d.signed.roles[role]
             have = [k for k in r.keyids if k in md.signatures]

@@ -26,6 +26,7 @@ from reconciler.core import tufrepo
 from reconciler.core.layout import release_path
 from reconciler.core.tufrepo import SERIALIZER, RoleName, metadata_key, target_path
 from reconciler.daemon.tuf import LOCAL_FILE, TufError, TufRepository
+from reconciler.errors import SigningError
 from tests.fakes import FakeClock, MemoryStore
 
 TUF = TufConfig(bit_length=2)  # four bins: bins-0 .. bins-3
@@ -707,3 +708,34 @@ def test_a_rotation_of_the_online_key_leaves_the_old_daemon_a_clear_error(
     world.publish("web-9", 1)
     assert rotated.sync({**PUBLISHED, "web-9": 1})
     assert world.client().listed("web-9") == 1
+
+
+class RefusingSigner(Signer):
+    """The daemon's key as gpg refuses it (a wrong passphrase): it signs nothing."""
+
+    def __init__(self, key: Signer) -> None:
+        self._key = key
+
+    @property
+    def public_key(self) -> Any:
+        return self._key.public_key
+
+    @classmethod
+    def from_priv_key_uri(cls, priv_key_uri: str, public_key: Any, secrets_handler: Any = None) -> Signer:
+        raise NotImplementedError
+
+    def sign(self, payload: bytes) -> Any:
+        raise OSError("gpg: signing failed: Bad passphrase")
+
+
+def test_gpg_refusing_to_sign_is_a_signing_error_and_writes_nothing(
+    world: World, synced: TufRepository
+) -> None:
+    world.publish("web-9", 1)
+    writes = list(world.store.writes)
+    with pytest.raises(SigningError, match="Bad passphrase"):
+        world.repo(signer=RefusingSigner(ONLINE)).sync({**PUBLISHED, "web-9": 1})
+    assert world.store.writes == writes
+    with pytest.raises(SigningError, match="cannot sign TUF"):
+        world.repo("new-state-dir-and-store", signer=RefusingSigner(ONLINE))._create()
+    assert world.store.writes == writes
