@@ -62,6 +62,9 @@ DAEMON_METRICS = {
     "reconciler_invalid_hosts",
     "reconciler_stage_duration_seconds",
     "reconciler_commit_to_published_seconds",
+    "reconciler_tuf_failures_total",
+    "reconciler_tuf_expiry_timestamp_seconds",
+    "reconciler_tuf_version",
 }
 AGENT_METRICS = {
     "reconciler_agent_polls_total",
@@ -71,6 +74,8 @@ AGENT_METRICS = {
     "reconciler_agent_running_version",
     "reconciler_agent_last_poll_timestamp_seconds",
     "reconciler_agent_downloaded_bytes_total",
+    "reconciler_agent_metadata_stale",
+    "reconciler_agent_metadata_expiry_timestamp_seconds",
 }
 HISTOGRAMS = {
     "reconciler_reconcile_duration_seconds",
