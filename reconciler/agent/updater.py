@@ -33,6 +33,7 @@ import subprocess
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 
 from prometheus_client import write_to_textfile
@@ -165,11 +166,9 @@ class Agent:
         )
         if got is None:
             # Nothing changed in the store; what was trusted must still be in date.
-            ts = self.tuf.trusted_timestamp()
-            if ts is not None:
-                self.metrics.metadata_expiry.set(ts.signed.expires.timestamp())
-                if ts.signed.is_expired(self.clock.now()):
-                    raise StaleError(f"the trusted TUF timestamp expired at {ts.signed.expires.isoformat()}")
+            expires = self._trusted_expiry()
+            if expires is not None and expires <= self.clock.now():
+                raise StaleError(f"the trusted TUF timestamp expired at {expires.isoformat()}")
             self._stale(None)
             return PollResult.IDLE
         try:
@@ -178,9 +177,7 @@ class Agent:
             # Final for this timestamp: a new one gets a new look, the same one no download.
             self._remember(got.validators)
             raise
-        ts = self.tuf.trusted_timestamp()
-        if ts is not None:
-            self.metrics.metadata_expiry.set(ts.signed.expires.timestamp())
+        self._trusted_expiry()
         self._stale(None)
         if info is None:
             self._remember(got.validators)
@@ -222,6 +219,15 @@ class Agent:
             self.state.settled = entry
         self._remember(got.validators)
         return result
+
+    def _trusted_expiry(self) -> datetime | None:
+        """When the trusted timestamp expires (also the metric), None before the first."""
+        ts = self.tuf.trusted_timestamp()
+        if ts is None:
+            return None
+        expires: datetime = ts.signed.expires
+        self.metrics.metadata_expiry.set(expires.timestamp())
+        return expires
 
     def _remember(self, validators: fetch.Validators) -> None:
         self.state.validators = validators
