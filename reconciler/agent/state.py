@@ -2,7 +2,7 @@
 
 A timer running ``--once`` is a new process every poll, so everything a later poll
 must know (what runs, what failed here, the download backoff, the validators of the
-last latest.json) is here, written by rename.
+last tuf/timestamp.json) is here, written by rename.
 """
 
 from __future__ import annotations
