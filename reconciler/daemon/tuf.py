@@ -144,7 +144,12 @@ class TufRepository:
             return ()
 
     def exists(self) -> bool:
-        return self.md is not None or self._local_file.exists() or self.store.exists(metadata_key("root", 1))
+        return self.md is not None or self._local_file.exists() or self._in_store()
+
+    def _in_store(self) -> bool:
+        """Whether the store holds a repository: its timestamp is written last, so a
+        creation killed before it left nothing an agent could have used."""
+        return self.store.exists(metadata_key("timestamp", None))
 
     def load(self) -> Metadatas:
         """The current metadata; read again when another process (a key change, under
@@ -160,7 +165,7 @@ class TufRepository:
                     self.md = self._import()
                     self._save_local(self.md)
                     log.event("tuf_imported", root=self.md.root.signed.version, why="store ahead")
-            elif self.store.exists(metadata_key("root", 1)):
+            elif self._in_store():
                 self.md = self._import()
                 self._save_local(self.md)
                 log.event("tuf_imported", root=self.md.root.signed.version, why="no local copy")

@@ -27,7 +27,7 @@ from reconciler.core.layout import release_path
 from reconciler.core.tufrepo import SERIALIZER, RoleName, metadata_key, target_path
 from reconciler.daemon.tuf import LOCAL_FILE, TufError, TufRepository
 from reconciler.errors import SigningError
-from tests.fakes import FakeClock, MemoryStore
+from tests.fakes import CrashError, FakeClock, MemoryStore
 
 TUF = TufConfig(bit_length=2)  # four bins: bins-0 .. bins-3
 BINS = [f"bins-{i}" for i in range(4)]
@@ -739,3 +739,33 @@ def test_gpg_refusing_to_sign_is_a_signing_error_and_writes_nothing(
     with pytest.raises(SigningError, match="cannot sign TUF"):
         world.repo("new-state-dir-and-store", signer=RefusingSigner(ONLINE))._create()
     assert world.store.writes == writes
+
+
+@pytest.mark.parametrize("crash_at", [0, 1, 3, 6, 7, 8])
+def test_a_publisher_killed_at_any_write_carries_on_where_the_store_is(world: World, crash_at: int) -> None:
+    """A kill before, within or after the store's writes of a creation or an update (the
+    local copy is written last): the next process brings the store up to date, and an
+    agent that read whatever was there takes what follows."""
+    for host, version in PUBLISHED.items():
+        world.publish(host, version)
+    agent = None
+    published = dict(PUBLISHED)
+    if crash_at >= 7:  # kill during an update: create first, then one host's new release
+        world.repo().sync(PUBLISHED)
+        agent = world.client()
+        agent.updater()
+        world.publish("web-9", 1)
+        crash_at -= 7
+        published["web-9"] = 1
+    world.store.crash_at = len(world.store.writes) + crash_at
+    with pytest.raises(CrashError):
+        world.repo().sync(published)
+    world.store.crash_at = None
+    if agent is None and metadata_key("root", 1) in world.store.objects:
+        agent = world.client()  # trusts the root of a creation that died
+    restarted = world.repo()
+    restarted.sync(published)
+    assert tufrepo.hosts_listed(restarted.load().bins.values()) == published
+    agent = agent or world.client()
+    assert agent.listed("web-1") == PUBLISHED["web-1"]
+    assert world.client("fresh-agent").listed("web-2") == PUBLISHED["web-2"]
