@@ -159,8 +159,10 @@ def test_a_gpg_failure_publishes_nothing_unsigned(world: World) -> None:
     world.signer.broken = True
     rec = world.reconciler()
     assert outcomes(rec) == {"web-1": (False, None), "web-2": (False, None)}
-    assert not any(k.startswith("hosts/") for k in world.store.objects)
-    assert rec.metrics.registry.get_sample_value("reconciler_signing_failures_total") == 2
+    assert not any(k.startswith(("hosts/", "tuf/")) for k in world.store.objects)
+    # Two releases, then the TUF metadata: each refused by gpg, each counted.
+    assert rec.metrics.registry.get_sample_value("reconciler_signing_failures_total") == 3
+    assert rec.metrics.registry.get_sample_value("reconciler_tuf_failures_total") == 1
 
 
 def test_a_failed_build_backs_off_doubling_then_retries(world: World) -> None:
