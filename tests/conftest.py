@@ -17,8 +17,14 @@ from pathlib import Path
 import git
 import pytest
 import yaml
+from hypothesis import settings
 
 from reconciler.demo import make_signing_key
+
+# Property tests check properties, not speed: no per-example deadline, which a loaded
+# CI machine (or the first call into python-tuf) would trip now and then.
+settings.register_profile("reconciler", deadline=None)
+settings.load_profile("reconciler")
 
 # The staged toolchain is content-addressed and restaged when its sources change,
 # so test runs share one copy instead of compiling the runtime per test.
