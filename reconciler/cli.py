@@ -9,6 +9,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 
@@ -117,7 +118,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     for name, h in hosts.items():
         extra = f" ({h['error']})" if h["error"] else ""
         print(f"{name}: version {h['version']} {h['status']}{extra}")
+    builders = st["builders"]
+    assert isinstance(builders, dict)
+    for name, b in builders.items():
+        last = "never" if b["last_build"] is None else _when(b["last_build"])
+        line = f"builder {name}: {b['builds']} built, {b['failures']} failed, {b['unreachable']} unreachable"
+        line += f"; last build {last}"
+        if b["last_error"]:
+            line += f"; last error {_when(b['last_error_at'])}: {b['last_error']}"
+        print(line)
     return 0
+
+
+def _when(unix: float) -> str:
+    return datetime.fromtimestamp(unix, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def cmd_gc(args: argparse.Namespace) -> int:

@@ -9,11 +9,13 @@ from __future__ import annotations
 import math
 import re
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from reconciler.core.builders import Builder, valid_uri
 from reconciler.core.schema import check_keys, parse_duration, parse_seconds, parse_size, parse_yaml
 from reconciler.core.tufrepo import Lifetimes
 from reconciler.errors import ConfigError
@@ -84,6 +86,9 @@ class NixConfig:
     eval_timeout: timedelta = timedelta(minutes=5)
     # A host whose build closure (everything it produced and used) is larger fails.
     max_output_size: int = 4 << 30
+    # Whether this machine builds too; false hands every build to the builders
+    # (--max-jobs 0), which then fails when none of them can take it.
+    local_builds: bool = True
 
 
 @dataclass(frozen=True)
@@ -128,6 +133,8 @@ class Config:
     triggers: TriggerConfig = TriggerConfig()
     retention: RetentionConfig = RetentionConfig()
     tuf: TufConfig = TufConfig()
+    # Nix remote builders (reconciler.core.builders), scheduled by Nix.
+    builders: tuple[Builder, ...] = ()
 
 
 TOP_KEYS = frozenset(
@@ -145,8 +152,14 @@ TOP_KEYS = frozenset(
         "retention",
         "triggers",
         "tuf",
+        "builders",
     }
 )
+BUILDER_KEYS = frozenset(
+    {"name", "uri", "systems", "ssh_key", "host_key", "max_jobs", "speed_factor", "features"}
+)
+# A word without whitespace: Nix's machines file and NIX_SSHOPTS split on whitespace.
+_WORD = re.compile(r"[^\s,]+")
 # The store section's keys depend on its type.
 STORE_KEYS = {
     "filesystem": frozenset({"type", "path"}),
@@ -170,7 +183,15 @@ SECTION_KEYS = {
     "store": frozenset().union(*STORE_KEYS.values()),  # checked per type in load_config
     "signing": frozenset({"gnupghome", "key", "passphrase_file"}),
     "nix": frozenset(
-        {"toolchain", "toolchain_dir", "sandbox", "build_timeout", "eval_timeout", "max_output_size"}
+        {
+            "toolchain",
+            "toolchain_dir",
+            "sandbox",
+            "build_timeout",
+            "eval_timeout",
+            "max_output_size",
+            "local_builds",
+        }
     ),
     "retry": frozenset({"initial", "max"}),
     "retention": frozenset({"keep", "interval"}),
@@ -310,6 +331,15 @@ def load_config(path: Path) -> Config:
     sandbox = nix.get("sandbox", True)
     if not isinstance(sandbox, bool):
         raise ConfigError(p, "nix.sandbox", "must be true or false")
+    local_builds = nix.get("local_builds", True)
+    if not isinstance(local_builds, bool):
+        raise ConfigError(p, "nix.local_builds", "must be true or false")
+    builders = _builders(p, data.get("builders"), path_of)
+    if not local_builds and not builders:
+        raise ConfigError(p, "nix.local_builds", "false needs at least one entry in builders")
+    for where in (str(base), str(path_of(string(data, "state_dir", "state_dir")))):
+        if builders and not _WORD.fullmatch(where):
+            raise ConfigError(p, "builders", f"{where}: Nix's ssh options cannot hold a path with whitespace")
 
     retry = section("retry", required=False)
     listen = data.get("listen", "127.0.0.1:9180")
@@ -360,7 +390,9 @@ def load_config(path: Path) -> Config:
             build_timeout=parse_duration(p, "nix.build_timeout", nix.get("build_timeout", "1h")),
             eval_timeout=parse_duration(p, "nix.eval_timeout", nix.get("eval_timeout", "5m")),
             max_output_size=parse_size(p, "nix.max_output_size", nix.get("max_output_size", "4G")),
+            local_builds=local_builds,
         ),
+        builders=builders,
         listen=listen,
         poll_interval=float(poll),
         jobs=jobs,
@@ -372,6 +404,85 @@ def load_config(path: Path) -> Config:
         retention=RetentionConfig(keep=keep, interval=retention_interval),
         tuf=_tuf_config(p, section("tuf", required=False)),
     )
+
+
+def _builders(p: str, entries: Any, path_of: Callable[[str], Path]) -> tuple[Builder, ...]:
+    """The ``builders:`` list: Nix machines entries, each with the one host key accepted."""
+    if entries is None:
+        return ()
+    if not isinstance(entries, list):
+        raise ConfigError(p, "builders", "must be a list of builders")
+    out: list[Builder] = []
+    for i, entry in enumerate(entries):
+        at = f"builders[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(p, at, "must be a mapping")
+        check_keys(p, at, entry, BUILDER_KEYS)
+
+        def word(key: str, required: bool = True, e: dict[str, Any] = entry, at: str = at) -> str | None:
+            v = e.get(key)
+            if v is None and not required:
+                return None
+            if not isinstance(v, str) or not _WORD.fullmatch(v):
+                why = "is required" if v is None else "must be one word (no whitespace or commas)"
+                raise ConfigError(p, f"{at}.{key}", why)
+            return v
+
+        def words(key: str, default: list[str], e: dict[str, Any] = entry, at: str = at) -> tuple[str, ...]:
+            v = e.get(key, default)
+            if not isinstance(v, list) or not all(isinstance(w, str) and _WORD.fullmatch(w) for w in v):
+                raise ConfigError(p, f"{at}.{key}", "must be a list of words (no whitespace or commas)")
+            return tuple(v)
+
+        def count(key: str, e: dict[str, Any] = entry, at: str = at) -> int:
+            v = e.get(key, 1)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(p, f"{at}.{key}", "must be an integer >= 1")
+            return v
+
+        uri = word("uri")
+        assert uri is not None
+        if not valid_uri(uri):
+            raise ConfigError(p, f"{at}.uri", "must be ssh-ng://[USER@]HOST[:PORT][?remote-store=...]")
+        key = word("ssh_key")
+        assert key is not None
+        host_key = entry.get("host_key")
+        parts = host_key.split() if isinstance(host_key, str) else []
+        # A known_hosts line ("HOST TYPE KEY") or the .pub file's ("TYPE KEY [COMMENT]").
+        if len(parts) >= 3 and not parts[0].startswith(("ssh-", "ecdsa-", "sk-")):
+            parts = parts[1:]
+        if len(parts) < 2 or not parts[0].startswith(("ssh-", "ecdsa-", "sk-")):
+            raise ConfigError(
+                p, f"{at}.host_key", "must be the builder's public host key (its ssh_host_*_key.pub line)"
+            )
+        systems = words("systems", ["x86_64-linux"])
+        if not systems:
+            raise ConfigError(p, f"{at}.systems", "must name at least one system")
+        out.append(
+            Builder(
+                name=word("name", required=False) or uri,
+                uri=uri,
+                ssh_key=str(path_of(key)),
+                host_key=" ".join(parts[:2]),
+                systems=systems,
+                max_jobs=count("max_jobs"),
+                speed_factor=count("speed_factor"),
+                features=words("features", []),
+            )
+        )
+    identities: tuple[tuple[str, list[str]], ...] = (
+        ("name", [b.name for b in out]),
+        ("URI", [b.nix_uri for b in out]),
+    )
+    for what, names in identities:
+        dup = next((n for n in names if names.count(n) > 1), None)
+        if dup is not None:
+            raise ConfigError(p, "builders", f"two builders have the {what} {dup!r}")
+    ports: dict[str, int | None] = {}
+    for b in out:
+        if ports.setdefault(b.host, b.port) != b.port:
+            raise ConfigError(p, "builders", f"builders on host {b.host} must share one ssh port")
+    return tuple(out)
 
 
 def _tuf_config(p: str, sec: dict[str, Any]) -> TufConfig:

@@ -6,6 +6,7 @@ the CLI to print one line that says what to fix.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
 
 
@@ -32,11 +33,19 @@ class SourceError(ReconcilerError):
 
 
 class BuildError(ReconcilerError):
-    """Nix evaluation or a host build failed."""
+    """Nix evaluation or a host build failed.
 
-    def __init__(self, host: str, reason: str) -> None:
+    ``builder`` is the builder a failed build ran on, if it got that far; ``refused``
+    the builders that could not be used for it, and why.
+    """
+
+    def __init__(
+        self, host: str, reason: str, builder: str | None = None, refused: Mapping[str, str] | None = None
+    ) -> None:
         self.host = host
         self.reason = reason
+        self.builder = builder
+        self.refused: Mapping[str, str] = refused or {}
         super().__init__(f"build of host {host!r} failed: {reason}" if host else reason)
 
 

@@ -19,7 +19,7 @@ from securesystemslib.signer import Signer as MetadataSigner
 
 from reconciler.adapters import fetch
 from reconciler.core.hosts import Host
-from reconciler.core.model import BuildOutput, Evaluation, HostState, Status
+from reconciler.core.model import BuilderState, BuildOutput, Evaluation, HostState, Status
 
 
 class Source(Protocol):
@@ -114,6 +114,10 @@ class Ledger(Protocol):
         self, name: str, error: str, image: str, failures: int, retry_at: float
     ) -> None: ...
     def record_failure(self, name: str, status: Status, error: str) -> None: ...
+    def builders(self) -> Mapping[str, BuilderState]: ...
+    def record_builder(self, name: str, result: str, seconds: float | None, error: str | None) -> None:
+        """One host build on builder ``name``: ``result`` success, failure or unreachable."""
+        ...
 
 
 class Clock(Protocol):

@@ -53,7 +53,7 @@ def source(cfg: Config) -> GitSource:
 
 def open_reconciler(cfg: Config, metrics: Metrics | None = None) -> Reconciler:
     """The daemon's pass with the real adapters."""
-    nix = Nix(cfg.state_dir, cfg.nix)
+    nix = Nix(cfg.state_dir, cfg.nix, builders=cfg.builders)
     return Reconciler(cfg, _ports(cfg, source(cfg), nix, lambda: State(cfg.state_dir)), metrics)
 
 

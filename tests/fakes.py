@@ -11,14 +11,14 @@ import contextlib
 import hashlib
 import json
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 from securesystemslib.signer import CryptoSigner
 
 from reconciler.core.hosts import Host
-from reconciler.core.model import BuildOutput, Evaluation, HostState, Status
+from reconciler.core.model import BuilderState, BuildOutput, Evaluation, HostState, Status
 from reconciler.daemon.gate import CommitRefusedError, Refusal
 from reconciler.errors import BuildError, SigningError, StoreError
 from reconciler.ports import Source
@@ -104,6 +104,8 @@ class FakeNix:
         self.evaluated: list[str] = []
         self.failing: set[str] = set()  # hosts whose build fails
         self.broken: set[str] = set()  # hosts whose evaluation fails
+        self.builder_of: dict[str, str] = {}  # host -> the builder that builds it (default local)
+        self.refused: dict[str, dict[str, str]] = {}  # host -> builders that could not take it
 
     def recipe_digest(self) -> str | None:
         return "recipe-1"
@@ -126,8 +128,10 @@ class FakeNix:
     def realise(self, host: Host, drv: str, repo: Path, root: str) -> BuildOutput:
         _, version = self._drvs[drv]
         self.builds.append((host.name, version))
+        builder = self.builder_of.get(host.name, "local")
+        refused = self.refused.get(host.name, {})
         if host.name in self.failing:
-            raise BuildError(host.name, "builder failed with exit code 1")
+            raise BuildError(host.name, "builder failed with exit code 1", builder=builder, refused=refused)
         out = self.workdir / digest(drv)[:16]
         out.mkdir(parents=True, exist_ok=True)
         files = {}
@@ -139,7 +143,7 @@ class FakeNix:
             )
             (out / name).write_bytes(f"{fmt} of {self.image(host)} as {version}".encode())
             files[fmt] = out / name
-        return BuildOutput(derivation=drv, out=out, files=files)
+        return BuildOutput(derivation=drv, out=out, files=files, builder=builder, refused=refused)
 
     def probe_sandbox(self, key_dir: Path) -> bool:
         return self.sandboxed
@@ -231,6 +235,7 @@ class MemoryLedger:
     meta: dict[str, str] = field(default_factory=dict)
     states: dict[str, HostState] = field(default_factory=dict)
     evaluations: dict[str, tuple[str, str]] = field(default_factory=dict)
+    builder_states: dict[str, BuilderState] = field(default_factory=dict)
 
     def close(self) -> None:
         pass
@@ -274,6 +279,19 @@ class MemoryLedger:
     def record_failure(self, name: str, status: Status, error: str) -> None:
         p = self._prev(name)
         self.states[name] = HostState(name, p.version, p.image, p.commit, status, error, 0.0)
+
+    def builders(self) -> Mapping[str, BuilderState]:
+        return dict(self.builder_states)
+
+    def record_builder(self, name: str, result: str, seconds: float | None, error: str | None) -> None:
+        b = self.builder_states.get(name) or BuilderState(name, 0, 0, 0, None, None, None, None)
+        if result == "success":
+            b = replace(b, builds=b.builds + 1, last_build=0.0, last_seconds=seconds)
+        elif result == "failure":
+            b = replace(b, failures=b.failures + 1, last_error=error, last_error_at=0.0)
+        else:
+            b = replace(b, unreachable=b.unreachable + 1, last_error=error, last_error_at=0.0)
+        self.builder_states[name] = b
 
 
 class FakeClock:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from reconciler.core.model import HostState, Status
+from reconciler.core.model import BuilderState, HostState, Status
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -33,11 +33,22 @@ CREATE TABLE IF NOT EXISTS hosts (
 -- The image derivation each host evaluated to, under the key of its inputs
 -- (nix.eval_key): a host whose key is unchanged need not be evaluated again.
 CREATE TABLE IF NOT EXISTS evaluations (host TEXT PRIMARY KEY, key TEXT NOT NULL, image TEXT NOT NULL);
+-- Per Nix builder (remote, or "local"): what host builds came to there.
+CREATE TABLE IF NOT EXISTS builders (
+    name TEXT PRIMARY KEY,
+    builds INTEGER NOT NULL DEFAULT 0,
+    failures INTEGER NOT NULL DEFAULT 0,
+    unreachable INTEGER NOT NULL DEFAULT 0,
+    last_build REAL,
+    last_seconds REAL,
+    last_error TEXT,
+    last_error_at REAL
+);
 """
 
 
 # The tables a read-only ledger copies from the file.
-TABLES = ("meta", "hosts", "evaluations")
+TABLES = ("meta", "hosts", "evaluations", "builders")
 
 
 class State:
@@ -163,4 +174,27 @@ class State:
                 f"INSERT INTO hosts(name, {names}) VALUES(?, {marks}) "
                 f"ON CONFLICT(name) DO UPDATE SET {updates}",
                 (name, *cols.values()),
+            )
+
+    def builders(self) -> Mapping[str, BuilderState]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT name, builds, failures, unreachable, last_build, last_seconds, last_error,"
+                " last_error_at FROM builders ORDER BY name"
+            ).fetchall()
+        return {r[0]: BuilderState(*r) for r in rows}
+
+    def record_builder(self, name: str, result: str, seconds: float | None, error: str | None) -> None:
+        """One host build on builder ``name``: ``result`` success, failure or unreachable."""
+        column = {"success": "builds", "failure": "failures", "unreachable": "unreachable"}[result]
+        now = time.time()
+        args: tuple[object, ...]
+        if result == "success":
+            sets, args = "last_build = ?, last_seconds = ?", (now, seconds)
+        else:
+            sets, args = "last_error = ?, last_error_at = ?", (error, now)
+        with self._lock:
+            self._db.execute("INSERT INTO builders(name) VALUES(?) ON CONFLICT(name) DO NOTHING", (name,))
+            self._db.execute(
+                f"UPDATE builders SET {column} = {column} + 1, {sets} WHERE name = ?", (*args, name)
             )

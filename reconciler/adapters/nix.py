@@ -26,6 +26,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from reconciler.config import NixConfig
+from reconciler.core import builders as remote
+from reconciler.core.builders import Builder
 from reconciler.core.hosts import Host
 from reconciler.core.model import BuildOutput, Evaluation
 from reconciler.core.nixlog import Redaction, redact, tail
@@ -82,8 +84,16 @@ def _environment() -> dict[str, str]:
 
 
 class Nix:
-    def __init__(self, state_dir: Path, settings: NixConfig | None = None, nix_dir: Path = NIX_DIR) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        settings: NixConfig | None = None,
+        nix_dir: Path = NIX_DIR,
+        builders: Sequence[Builder] = (),
+    ) -> None:
         self.settings = settings or NixConfig()
+        self.builders = tuple(builders)
+        self.builders_dir = state_dir / "builders"
         self.nix_dir = nix_dir
         self.toolchain = self.settings.toolchain
         self.toolchain_dir = self.settings.toolchain_dir or state_dir / "toolchain"
@@ -99,14 +109,19 @@ class Nix:
             self.env = dict(os.environ)
 
     def _run(
-        self, args: Sequence[str], timeout: float, what: str, host: str = ""
+        self,
+        args: Sequence[str],
+        timeout: float,
+        what: str,
+        host: str = "",
+        env: dict[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
         try:
             return subprocess.run(
                 list(args),
                 capture_output=True,
                 text=True,
-                env=self.env,
+                env=env or self.env,
                 timeout=timeout,
                 stdin=subprocess.DEVNULL,
             )
@@ -311,10 +326,49 @@ class Nix:
             raise BuildError(host.name, f"evaluation failed: {redact(inst.stderr, self.redaction(repo))}")
         return inst.stdout.strip().splitlines()[-1]
 
+    def _write_builders(self) -> Path:
+        """The machines file, known hosts and ssh configuration of the builders, written
+        anew (the config may have changed since): the ssh configuration's path."""
+        d = self.builders_dir
+        d.mkdir(parents=True, exist_ok=True)
+        known = d / "known_hosts"
+        files = {
+            "machines": remote.machines(self.builders),
+            "known_hosts": remote.known_hosts(self.builders),
+            "ssh_config": remote.ssh_config(self.builders, str(known.resolve())),
+        }
+        for name, text in files.items():
+            tmp = d / f".{name}.tmp"
+            tmp.write_text(text)
+            tmp.replace(d / name)
+        return d / "ssh_config"
+
+    def _builder_args(self) -> tuple[list[str], dict[str, str] | None]:
+        """Options and environment that hand a realisation's builds to Nix's remote
+        builders: Nix schedules them over the machines file and copies outputs back.
+        Nothing is substituted on a builder (no binary cache, as here); ssh runs with
+        the generated configuration only (-F): the builders' host keys and no other,
+        no prompt."""
+        if not self.builders:
+            return [], None
+        ssh_config = self._write_builders()
+        args = [
+            "--builders",
+            f"@{(self.builders_dir / 'machines').resolve()}",
+            "--option",
+            "builders-use-substitutes",
+            "false",
+        ]
+        if not self.settings.local_builds:
+            args += ["--max-jobs", "0"]
+        return args, {**self.env, "NIX_SSHOPTS": f"-F {ssh_config.resolve()}"}
+
     def realise(self, host: Host, drv: str, repo: Path, root: str) -> BuildOutput:
-        """Build ``drv`` (from :meth:`instantiate`); the output is kept as the GC root
-        ``root`` (the pass's per host, another for ``reconciler build``)."""
+        """Build ``drv`` (from :meth:`instantiate`), on a remote builder when Nix picks
+        one; the output is kept as the GC root ``root`` (the pass's per host, another
+        for ``reconciler build``)."""
         self.gcroots.mkdir(parents=True, exist_ok=True)
+        extra, env = self._builder_args()
         real = self._run(
             [
                 "nix-store",
@@ -324,14 +378,24 @@ class Nix:
                 str(self.gcroots / root),
                 "--indirect",
                 *self._build_options(),
+                *extra,
             ],
             self.settings.build_timeout.total_seconds() + EXIT_GRACE,
             "the build",
             host.name,
+            env,
         )
+        how = self.redaction(repo)
+        where = remote.placement(real.stderr, self.builders)
+        builder = next((name for name, drvs in where.built.items() if drv in drvs), None)
+        refused = {name: redact(why, how) for name, why in where.refused.items()}
         if real.returncode != 0:
-            how = self.redaction(repo)
-            raise BuildError(host.name, redact(real.stderr, how, unsandboxed_build=not self.sandboxed))
+            reason = redact(real.stderr, how, unsandboxed_build=not self.sandboxed)
+            if refused and builder is None:
+                # Say first which builders could not take it: that is what to fix.
+                down = "; ".join(f"builder {name} refused: {why}" for name, why in sorted(refused.items()))
+                reason = f"{down}; {reason}"
+            raise BuildError(host.name, reason, builder=builder, refused=refused)
         self._check_size(host.name, drv)
         out = Path(real.stdout.strip().splitlines()[-1])
         files = {}
@@ -341,7 +405,7 @@ class Nix:
         missing = set(host.formats) - set(files)
         if missing:
             raise BuildError(host.name, f"build produced no {', '.join(sorted(missing))} artifact")
-        return BuildOutput(derivation=drv, out=out, files=files)
+        return BuildOutput(derivation=drv, out=out, files=files, builder=builder, refused=refused)
 
     def _check_size(self, host: str, drv: str) -> None:
         """Fail ``host`` when its build closure (every output it built or used, and

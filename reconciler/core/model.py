@@ -4,7 +4,7 @@ and the kinds of plan action and host status. Pure data."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
@@ -54,3 +54,22 @@ class BuildOutput:
     derivation: str
     out: Path
     files: Mapping[str, Path]  # format -> artifact, named as it is published
+    # The builder that built the host's image (core.builders.LOCAL for this machine);
+    # None when Nix built nothing (the output was in the store already).
+    builder: str | None = None
+    # Builders Nix could not use for this build, and why (the build went elsewhere).
+    refused: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BuilderState:
+    """What the ledger holds per builder (``reconciler status``)."""
+
+    name: str
+    builds: int  # host builds that succeeded there
+    failures: int  # host builds that failed there
+    unreachable: int  # host builds Nix could not hand to it
+    last_build: float | None  # unix time the last successful build there ended
+    last_seconds: float | None  # how long it took
+    last_error: str | None  # the last failure or refusal
+    last_error_at: float | None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -23,6 +23,7 @@ LATENCY_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 864
 # fetch, parse and evaluate happen once per pass; build, sign and publish once per
 # host release (publish includes the signing it waits for).
 # metadata: bringing the TUF metadata up to date, once per pass.
+BUILDER_RESULTS = ("success", "failure", "unreachable")
 STAGES = ("fetch", "parse", "evaluate", "build", "sign", "publish", "metadata")
 
 
@@ -159,6 +160,21 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        # Per remote builder (core.builders.LOCAL: this machine). result: success,
+        # failure (the build failed there), unreachable (Nix could not use it).
+        self.builder_builds = Counter(
+            "reconciler_builder_builds",
+            "Host builds per builder by result.",
+            ["builder", "result"],
+            registry=r,
+        )
+        self.builder_build_duration = Histogram(
+            "reconciler_builder_build_duration_seconds",
+            "Duration of one host build that ran on the builder.",
+            ["builder"],
+            buckets=BUILD_BUCKETS,
+            registry=r,
+        )
         for stage in STAGES:
             self.stage_duration.labels(stage)
         for result in ("accepted", "ignored", "unauthorized"):
@@ -172,6 +188,13 @@ class Metrics:
             self.artifacts_published.labels(fmt)
         for reason in Refusal:
             self.untrusted_commits.labels(reason)
+
+    def known_builders(self, names: Iterable[str]) -> None:
+        """Export every builder's series from the start, zero until it builds."""
+        for name in names:
+            for result in BUILDER_RESULTS:
+                self.builder_builds.labels(name, result)
+            self.builder_build_duration.labels(name)
 
     def watch(self, ledger: Ledger, tuf: TufRepository) -> None:
         """Serve the ledger's per-host figures (LedgerCollector) and the TUF roles'

@@ -24,6 +24,7 @@ from tuf.api.metadata import Metadata
 
 from reconciler import log
 from reconciler.config import Config
+from reconciler.core.builders import LOCAL
 from reconciler.core.hosts import Fleet, Host, ParseCache, eval_key, parse_fleet
 from reconciler.core.layout import PUBLISHER_KEY, latest_path, release_path
 from reconciler.core.model import Action, BuildOutput, Evaluation, Status
@@ -125,6 +126,7 @@ class Reconciler:
             self.store, cfg.state_dir / "tuf", lambda: self.signer.metadata_signer(), self.clock, cfg.tuf
         )
         self.metrics.watch(self.state, self.tuf)
+        self.metrics.known_builders([LOCAL, *(b.name for b in cfg.builders)])
 
     @property
     def signer(self) -> Signer:
@@ -470,12 +472,40 @@ class Reconciler:
         try:
             with self.metrics.stage_duration.labels("build").time():
                 out = self.nix.realise(host, drv, self.source.checkout, gcroot)
-        except BuildError:
+        except BuildError as exc:
             self.metrics.host_builds.labels("failure").inc()
+            self._record_builders(host, exc.builder, exc.refused, None, str(exc))
             raise
+        seconds = self.clock.monotonic() - started
         self.metrics.host_builds.labels("success").inc()
-        self.metrics.build_duration.observe(self.clock.monotonic() - started)
+        self.metrics.build_duration.observe(seconds)
+        self._record_builders(host, out.builder, out.refused, seconds, None)
         return out
+
+    def _record_builders(
+        self,
+        host: Host,
+        builder: str | None,
+        refused: Mapping[str, str],
+        seconds: float | None,
+        error: str | None,
+    ) -> None:
+        """Where a host's build ran and which builders could not take it: metrics, the
+        ledger's per-builder rows (``status``) and a log line per refusal."""
+        for name, why in sorted(refused.items()):
+            self.metrics.builder_builds.labels(name, "unreachable").inc()
+            self.state.record_builder(name, "unreachable", None, f"{host.name}: {why}")
+            log.event("builder_unreachable", logging.WARNING, host=host.name, builder=name, error=why)
+        if builder is None:
+            return
+        result = "success" if error is None else "failure"
+        self.metrics.builder_builds.labels(builder, result).inc()
+        if seconds is not None:
+            self.metrics.builder_build_duration.labels(builder).observe(seconds)
+        self.state.record_builder(
+            builder, result, seconds, None if error is None else f"{host.name}: {error}"
+        )
+        log.event("host_built", host=host.name, builder=builder, result=result)
 
     def _decide(self, host: Host) -> tuple[Decision, str]:
         """The version decision for ``host`` and the derivation it is for: only
@@ -562,5 +592,17 @@ def status(state: Ledger) -> Mapping[str, object]:
         "hosts": {
             name: {"version": hs.version, "status": hs.status, "error": hs.error, "commit": hs.commit}
             for name, hs in state.hosts().items()
+        },
+        "builders": {
+            name: {
+                "builds": b.builds,
+                "failures": b.failures,
+                "unreachable": b.unreachable,
+                "last_build": b.last_build,
+                "last_seconds": b.last_seconds,
+                "last_error": b.last_error,
+                "last_error_at": b.last_error_at,
+            }
+            for name, b in state.builders().items()
         },
     }

@@ -149,6 +149,7 @@ TOP = (
     "unknown key (allowed: "
     + ", ".join(
         [
+            "builders",
             "jobs",
             "listen",
             "nix",
@@ -205,8 +206,8 @@ def duration(value: Any) -> str:
         (
             merged(nix__sandboxed=True),
             "nix.sandboxed",
-            "unknown key (allowed: build_timeout, eval_timeout, max_output_size, sandbox, toolchain, "
-            "toolchain_dir)",
+            "unknown key (allowed: build_timeout, eval_timeout, local_builds, max_output_size, sandbox, "
+            "toolchain, toolchain_dir)",
         ),
         (merged(nix__sandbox="no"), "nix.sandbox", "must be true or false"),
         (merged(nix__build_timeout="soon"), "nix.build_timeout", duration("soon")),
@@ -502,3 +503,81 @@ def test_trigger_setting_errors(tmp_path: Path) -> None:
     assert config_error(tmp_path / "a", merged(triggers={"watch": "yes"})).key == "triggers.watch"
     assert config_error(tmp_path / "b", merged(triggers={"debounce": -1})).key == "triggers.debounce"
     assert config_error(tmp_path / "c", merged(triggers={"webhook": "x"})).key == "triggers.webhook"
+
+
+HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHo6aV0fvzBNvWmlBFq0oD0nb1R4vqHjyvj6cfSJRYOx"
+
+
+def builder(**changes: Any) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "uri": "ssh-ng://nix@build-1.example:2222",
+        "ssh_key": "keys/b1",
+        "host_key": HOST_KEY,
+    }
+    entry.update(changes)
+    return entry
+
+
+def test_builders_are_read_with_defaults(tmp_path: Path) -> None:
+    second = builder(
+        uri="ssh-ng://root@127.0.0.1?remote-store=local%3Froot%3D/srv/b2",
+        name="b2",
+        systems=["x86_64-linux", "i686-linux"],
+        max_jobs=4,
+        speed_factor=2,
+        features=["big-parallel"],
+        host_key=f"127.0.0.1 {HOST_KEY}",
+    )
+    cfg = load_config(write_config(tmp_path, merged(builders=[builder(), second], nix__local_builds=False)))
+    first, other = cfg.builders
+    assert not cfg.nix.local_builds
+    assert (first.name, first.host, first.port, first.nix_uri) == (
+        "ssh-ng://nix@build-1.example:2222",
+        "build-1.example",
+        2222,
+        "ssh-ng://nix@build-1.example",
+    )
+    assert first.ssh_key == str(tmp_path / "keys/b1")
+    assert (first.systems, first.max_jobs, first.speed_factor, first.features) == (
+        ("x86_64-linux",),
+        1,
+        1,
+        (),
+    )
+    assert other.name == "b2" and other.host_key == HOST_KEY and other.port is None
+    assert (other.systems, other.max_jobs, other.speed_factor, other.features) == (
+        ("x86_64-linux", "i686-linux"),
+        4,
+        2,
+        ("big-parallel",),
+    )
+    assert load_config(write_config(tmp_path / "none", MINIMAL)).builders == ()
+
+
+@pytest.mark.parametrize(
+    ("data", "key", "reason"),
+    [
+        (merged(builders={"uri": "x"}), "builders", "must be a list of builders"),
+        (merged(builders=[builder(uri="ssh://nix@b1")]), "builders[0].uri", "must be ssh-ng://"),
+        (merged(builders=[builder(uri="ssh-ng://b1:99999")]), "builders[0].uri", "must be ssh-ng://"),
+        (merged(builders=[builder(host_key=None)]), "builders[0].host_key", "must be the builder's public"),
+        (merged(builders=[builder(host_key="AAAA")]), "builders[0].host_key", "must be the builder's public"),
+        (merged(builders=[builder(ssh_key=None)]), "builders[0].ssh_key", "is required"),
+        (merged(builders=[builder(ssh_key="a b")]), "builders[0].ssh_key", "must be one word"),
+        (merged(builders=[builder(max_jobs=0)]), "builders[0].max_jobs", "must be an integer >= 1"),
+        (merged(builders=[builder(systems=[])]), "builders[0].systems", "must name at least one system"),
+        (merged(builders=[builder(features="kvm")]), "builders[0].features", "must be a list of words"),
+        (merged(builders=[builder(colour=1)]), "builders[0].colour", "unknown key"),
+        (merged(builders=[builder(), builder()]), "builders", "two builders have the name"),
+        (
+            merged(builders=[builder(), builder(uri="ssh-ng://nix@build-1.example:2200", name="x")]),
+            "builders",
+            "two builders have the URI",
+        ),
+        (merged(nix__local_builds=False), "nix.local_builds", "false needs at least one entry in builders"),
+        (merged(nix__local_builds="no"), "nix.local_builds", "must be true or false"),
+    ],
+)
+def test_bad_builders_name_file_and_key(tmp_path: Path, data: dict[str, Any], key: str, reason: str) -> None:
+    err = config_error(tmp_path, data)
+    assert err.key == key and err.reason.startswith(reason), (err.key, err.reason)

@@ -276,3 +276,25 @@ def test_metrics_say_what_the_ledger_says_when_scraped(world: World) -> None:
     assert sample("reconciler_host_published_version", {"host": "web-2"}) is None
     assert sample("reconciler_host_published_version", {"host": "web-1"}) == 1
     assert sample("reconciler_invalid_hosts") == 0
+
+
+def test_builds_are_counted_per_builder_with_the_builders_that_could_not_take_them(world: World) -> None:
+    world.source.push(FLEET)
+    world.nix.builder_of = {"web-1": "b1", "web-2": "local"}
+    world.nix.refused = {"web-2": {"b1": "ssh: connect to host b1 port 22: Connection refused"}}
+    rec = world.reconciler()
+    assert outcomes(rec) == {"web-1": (True, 1), "web-2": (True, 1)}
+    world.source.push({**FLEET, "hosts/web-1.yaml": HOST.format(name="web-1", address="10.0.0.7/24")})
+    world.nix.failing.add("web-1")
+    assert outcomes(rec) == {"web-1": (False, None)}
+
+    def sample(builder: str, result: str) -> float | None:
+        labels = {"builder": builder, "result": result}
+        return rec.metrics.registry.get_sample_value("reconciler_builder_builds_total", labels)
+
+    assert (sample("b1", "success"), sample("b1", "failure"), sample("b1", "unreachable")) == (1, 1, 1)
+    assert (sample("local", "success"), sample("local", "failure")) == (1, 0)
+    b1 = world.ledger.builder_states["b1"]
+    assert (b1.builds, b1.failures, b1.unreachable) == (1, 1, 1)
+    assert b1.last_error is not None and b1.last_error.startswith("web-1: build of host 'web-1' failed")
+    assert world.ledger.builder_states["local"].builds == 1

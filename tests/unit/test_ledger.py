@@ -43,3 +43,18 @@ def test_a_read_only_ledger_reads_the_file_and_writes_nothing(tmp_path: Path) ->
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in tmp_path.iterdir()} == before
     assert State(tmp_path, read_only=True).get_meta("commit") == "a" * 40
     assert sorted(os.listdir(tmp_path)) == ["state.db"]
+
+
+def test_builders_are_counted_and_a_read_only_copy_sees_them(tmp_path: Path) -> None:
+    state = State(tmp_path)
+    state.record_builder("b1", "success", 12.5, None)
+    state.record_builder("b1", "unreachable", None, "web-1: Host key verification failed.")
+    state.record_builder("b1", "failure", None, "web-2: exit code 1")
+    state.record_builder("local", "success", 3.0, None)
+    state.close()
+    copy = State(tmp_path, read_only=True)
+    b1 = copy.builders()["b1"]
+    assert (b1.builds, b1.failures, b1.unreachable, b1.last_seconds) == (1, 1, 1, 12.5)
+    assert b1.last_error == "web-2: exit code 1" and b1.last_build and b1.last_error_at
+    assert copy.builders()["local"].builds == 1
+    copy.close()
