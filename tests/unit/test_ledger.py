@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,23 @@ def test_a_read_only_ledger_reads_the_file_and_writes_nothing(tmp_path: Path) ->
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in tmp_path.iterdir()} == before
     assert State(tmp_path, read_only=True).get_meta("commit") == "a" * 40
     assert sorted(os.listdir(tmp_path)) == ["state.db"]
+
+
+def test_evaluations_are_recorded_in_one_transaction(tmp_path: Path) -> None:
+    # A row that cannot be written (an image is NOT NULL) takes the whole batch with
+    # it: the rows were not committed one by one.
+    ledger = State(tmp_path)
+    entries: dict[str, tuple[str, str]] = {f"web-{i}": ("k", f"/nix/store/{i}-image.drv") for i in range(50)}
+    entries["web-bad"] = ("k", None)  # type: ignore[assignment]
+    with pytest.raises(sqlite3.IntegrityError):
+        ledger.record_evaluated(entries)
+    assert ledger.evaluated(dict.fromkeys(entries, "k")) == {}
+    del entries["web-bad"]
+    ledger.record_evaluated(entries)
+    assert len(ledger.evaluated(dict.fromkeys(entries, "k"))) == 50
+    # Inside a transaction of the caller's, it is part of that one.
+    with pytest.raises(RuntimeError), ledger.transaction():
+        ledger.record_evaluated({"web-x": ("k", "/nix/store/x-image.drv")})
+        raise RuntimeError("the pass dies")
+    assert ledger.evaluated({"web-x": "k"}) == {}
+    ledger.close()
