@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -24,7 +25,7 @@ from tuf.api.metadata import Metadata
 
 from reconciler import log
 from reconciler.config import Config
-from reconciler.core.hosts import Fleet, Host, ParseCache, eval_key, parse_fleet
+from reconciler.core.hosts import Fleet, Host, ParseCache, eval_key, package_names, parse_fleet
 from reconciler.core.layout import PUBLISHER_KEY, latest_path, release_path
 from reconciler.core.model import Action, BuildOutput, Evaluation, Status
 from reconciler.core.plan import HostPlan, Plan, make_plan, retry_delay
@@ -52,6 +53,8 @@ COMMIT_KEY = "commit"
 SOURCE_ERROR_KEY = "source_error"
 # Whether builds run in Nix's sandbox, as the last probe found: "on" or "off".
 SANDBOX_KEY = "sandbox"
+# The packages' ids (Nix.package_ids) and what they were evaluated from, as JSON.
+PACKAGES_KEY = "package_ids"
 
 
 @dataclass(frozen=True)
@@ -202,14 +205,32 @@ class Reconciler:
         hosts = list(fleet.hosts.values())
         if recipe is None:
             return self.nix.evaluate(hosts, self.source.checkout)
-        # Everything in the repository but host and profile files can reach a build
-        # (packages import what they like); those two are in the normalised host.
-        recipe += self.source.tree_digest(commit, exclude=frozenset({"hosts", "profiles"}))
-        keys = {h.name: eval_key(h, recipe) for h in hosts}
-        known = self.state.evaluated(keys)
+        packages = self._package_ids(commit, recipe, package_names(hosts))
+        keys = {h.name: eval_key(h, recipe, packages) for h in hosts}
+        known = self.state.evaluated({name: key for name, key in keys.items() if key is not None})
         fresh = self.nix.evaluate([h for h in hosts if h.name not in known], self.source.checkout)
-        self.state.record_evaluated({name: (keys[name], image) for name, image in fresh.images.items()})
+        self.state.record_evaluated(
+            {name: (key, image) for name, image in fresh.images.items() if (key := keys[name]) is not None}
+        )
         return Evaluation(images={**known, **fresh.images}, errors=fresh.errors)
+
+    def _package_ids(self, commit: str, recipe: str, names: tuple[str, ...]) -> dict[str, str]:
+        """The packages' ids (Nix.package_ids), evaluated again only when a file they
+        could read changed: anything outside hosts/ and profiles/ (a package may import
+        any file of the repository). A README edit costs this one small evaluation of
+        the packages, and no host's."""
+        tree = self.source.tree_digest(commit, exclude=frozenset({"hosts", "profiles"}))
+        key = hashlib.sha256(json.dumps([recipe, tree, names]).encode()).hexdigest()
+        stored = self.state.get_meta(PACKAGES_KEY)
+        if stored is not None:
+            data = json.loads(stored)
+            if data.get("key") == key:
+                return dict(data["ids"])
+        ids = self.nix.package_ids(names, self.source.checkout)
+        # Only a complete answer is kept: a package that did not evaluate is tried again.
+        if len(ids) == len(names):
+            self.state.set_meta(PACKAGES_KEY, json.dumps({"key": key, "ids": ids}))
+        return ids
 
     # -- diff ------------------------------------------------------------------
 
