@@ -42,6 +42,7 @@ class FakeSource:
     def __init__(self) -> None:
         self.commits: dict[str, Commit] = {}
         self.head: str | None = None
+        self.reads = 0  # of the tree
 
     def push(self, files: Mapping[str, str], parent: str | None = "head", at: float = 1_700_000_000.0) -> str:
         """A new commit with ``files``; its parent is the current head unless given."""
@@ -61,6 +62,7 @@ class FakeSource:
 
     def read_tree(self) -> dict[str, str]:
         assert self.head is not None
+        self.reads += 1
         return dict(self.commits[self.head].files)
 
     def commit_time(self, commit: str) -> float:

@@ -160,14 +160,25 @@ def test_a_host_whose_package_does_not_evaluate_is_evaluated_each_time(world: Wo
     world.source.push(files)
     rec = world.reconciler()
     rec.plan()
+    world.source.push({**files, "README.md": "edited"})
     rec.plan()
     assert world.nix.evaluated == ["web-0", "web-1", "web-0"]
     # Once it evaluates again, it is cached like the others.
     files["packages/rare.nix"] = PKG.format(comment="fixed", name="rare")
     world.source.push(files)
     rec.plan()
+    world.source.push({**files, "README.md": "edited"})
     rec.plan()
     assert world.nix.evaluated == ["web-0", "web-1", "web-0", "web-0"]
+
+
+def test_a_pass_at_an_unchanged_head_reads_and_evaluates_nothing_again(world: World) -> None:
+    world.source.push(FLEET)
+    rec = world.reconciler()
+    rec.reconcile()
+    reads = world.source.reads
+    rec.reconcile()
+    assert world.source.reads == reads and len(world.nix.evaluated) == 2
 
 
 def test_a_pass_that_died_after_publishing_is_adopted_not_published_again(world: World) -> None:
