@@ -2,6 +2,7 @@
 # validated host definitions:  { "hosts": { "<name>": <normalised host> } }
 #
 #   nix-instantiate --eval --strict --json fleet.nix -A images ...   # change detection
+#   nix-instantiate --eval --strict --json fleet.nix -A packageIds ... # what packages give
 #   nix-build fleet.nix -A 'hosts."web-1".artifacts' --argstr version 3 ...
 { fleetFile
 , repoDir                       # checkout of the config repository (packages/ lives there)
@@ -13,7 +14,9 @@ let
   fleet = builtins.fromJSON (builtins.readFile fleetFile);
   repo = /. + repoDir;
   # One instance per package name, shared by every host using it.
-  packageNames = builtins.concatMap
+  # Beside the hosts' packages, those the fleet file lists under "packages" (their
+  # packageIds without evaluating any host).
+  packageNames = (fleet.packages or [ ]) ++ builtins.concatMap
     (h: map (s: s.package) (builtins.attrValues h.services))
     (builtins.attrValues fleet.hosts);
   packages = builtins.listToAttrs (map
@@ -26,4 +29,12 @@ in
   inherit hosts toolchain;
   # Change detection keys on the version-independent image derivation.
   images = builtins.mapAttrs (_: h: h.image.drvPath) hosts;
+  # All of a package that reaches an image (host.nix interpolates it): its output
+  # path and derivation. The evaluation cache keys hosts on these instead of on the
+  # package's files, so an edit that leaves a package's derivation as it was (a
+  # comment, a file it does not use) re-evaluates no host.
+  packageIds = builtins.mapAttrs
+    (_: p: builtins.concatStringsSep " "
+      ([ "${p}" ] ++ (if builtins.isAttrs p && p ? drvPath then [ p.drvPath ] else [ ])))
+    packages;
 }

@@ -42,6 +42,7 @@ class FakeSource:
     def __init__(self) -> None:
         self.commits: dict[str, Commit] = {}
         self.head: str | None = None
+        self.reads = 0  # of the tree
 
     def push(self, files: Mapping[str, str], parent: str | None = "head", at: float = 1_700_000_000.0) -> str:
         """A new commit with ``files``; its parent is the current head unless given."""
@@ -61,6 +62,7 @@ class FakeSource:
 
     def read_tree(self) -> dict[str, str]:
         assert self.head is not None
+        self.reads += 1
         return dict(self.commits[self.head].files)
 
     def commit_time(self, commit: str) -> float:
@@ -95,8 +97,11 @@ class FakeNix:
     """Evaluation and builds as pure functions of the host; a build writes small
     artifact files under ``workdir``."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, source: FakeSource | None = None) -> None:
         self.workdir = workdir
+        # Where package_ids reads the packages from (the head's files), like Nix the checkout.
+        self.source = source
+        self.package_evaluations = 0
         self.sandboxed = True
         self.builds: list[tuple[str, int]] = []
         self.instantiated: list[tuple[str, int]] = []
@@ -109,6 +114,19 @@ class FakeNix:
 
     def recipe_digest(self) -> str | None:
         return "recipe-1"
+
+    def package_ids(self, names: Sequence[str], repo: Path) -> dict[str, str]:
+        """A package's id is its text without comment lines: as in Nix, where a comment
+        does not reach the derivation."""
+        self.package_evaluations += 1
+        files = self.source.read_tree() if self.source is not None else {}
+        ids = {}
+        for n in names:
+            text = files.get(f"packages/{n}.nix", "")
+            if "broken" not in text:
+                code = [ln for ln in text.splitlines() if not ln.lstrip().startswith("#")]
+                ids[n] = digest(code)
+        return ids
 
     def image(self, host: Host) -> str:
         return f"/nix/store/{digest(host.to_nix())[:32]}-host-{host.name}-image.drv"

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import git
 
-from reconciler.adapters.tree import read_tree
-from reconciler.errors import SourceError, VerificationError
+from reconciler.core.hosts import SYMLINK, TOO_BIG, UNREADABLE
+from reconciler.core.schema import MAX_FILE_BYTES
+from reconciler.errors import ConfigError, SourceError, VerificationError
 
 # A commit is read whole to find its signature header; a longer one (it is its
 # message that grows) is not read at all. Real commits are a few KB.
@@ -31,6 +32,10 @@ VERIFY_TIMEOUT = 10.0
 DEEPEN_STEPS = (100, 1000, 10000)
 # Writing a commit's tree out of git objects (`reconciler plan`).
 EXPORT_TIMEOUT = 300.0
+# Reading a commit's definition files out of git objects.
+READ_TIMEOUT = 300.0
+# The folders whose files parse_fleet reads (only the names of packages/*.nix).
+DEFINITIONS = ("hosts", "profiles", "packages")
 
 
 class GitSource:
@@ -49,6 +54,12 @@ class GitSource:
         self.checkout = checkout
         self.depth = depth
         self._repo: git.Repo | None = None
+        # The commit this process last checked out, work tree cleaned.
+        self._checked_out: str | None = None
+        # Text of the definition files last read, by blob id: a file is read out of
+        # git once while it is unchanged, and the same str handed to parse_fleet,
+        # whose cache then finds it at the cost of a dict lookup.
+        self._blobs: dict[str, str] = {}
         # A daemon has no one to answer a prompt: fail instead of waiting for one.
         self.env = {"GIT_TERMINAL_PROMPT": "0"}
         if credentials_file is not None:
@@ -92,11 +103,18 @@ class GitSource:
         """Fetch the branch, check its head out, and return the commit id."""
         repo = self._open()
         commit = self.fetch_objects(f"refs/remotes/origin/{self.branch}")
+        # Nix reads the packages (and what they import) from the work tree, which only
+        # this process writes: a poll whose head did not move leaves it as it is
+        # (checking out and cleaning 10,000 host files took most of an idle pass).
+        if commit == self._checked_out:
+            return commit
+        self._checked_out = None
         try:
             repo.git.checkout("--force", "--detach", commit)
             repo.git.clean("-ffdx")
         except git.GitCommandError as exc:
             raise SourceError(f"cannot check out {commit} of {self.url}: {_why(exc)}") from None
+        self._checked_out = commit
         return commit
 
     def fetch_objects(self, ref: str) -> str:
@@ -112,12 +130,14 @@ class GitSource:
         except git.GitCommandError as exc:
             raise SourceError(f"cannot fetch branch {self.branch!r} from {self.url}: {_why(exc)}") from None
 
-    def export(self, commit: str, dest: Path) -> None:
-        """Write ``commit``'s tree into the new directory ``dest`` from git objects."""
+    def export(self, commit: str, dest: Path, exclude: tuple[str, ...] = ()) -> None:
+        """Write ``commit``'s tree into the new directory ``dest`` from git objects,
+        without the top-level entries ``exclude``."""
         repo = self._open()
         dest.mkdir(parents=True)
+        paths = ["--", ".", *(f":(top,exclude){e}" for e in exclude)] if exclude else []
         archive = subprocess.Popen(
-            ["git", "-C", str(repo.git_dir), "archive", "--format=tar", commit],
+            ["git", "-C", str(repo.git_dir), "archive", "--format=tar", commit, *paths],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             stdin=subprocess.DEVNULL,
@@ -214,7 +234,74 @@ class GitSource:
 
     def read_tree(self) -> dict[str, str]:
         """The definition files of the checked-out commit."""
-        return read_tree(self.checkout)
+        if self._checked_out is None:
+            raise SourceError("nothing is checked out yet")
+        return self.read_objects(self._checked_out)
+
+    def _git(self, *args: str, stdin: bytes | None = None) -> bytes:
+        proc = subprocess.run(
+            ["git", "-C", str(self._open().git_dir), *args],
+            input=stdin,
+            capture_output=True,
+            timeout=READ_TIMEOUT,
+            env={**os.environ, **self.env},
+        )
+        if proc.returncode != 0:
+            why = proc.stderr.decode(errors="replace").strip().splitlines()
+            raise SourceError(f"cannot read {args[-1]} of {self.url}: {why[-1] if why else 'git failed'}")
+        return proc.stdout
+
+    def read_objects(self, commit: str) -> dict[str, str]:
+        """What adapters.tree.read_tree reads from a checkout, read from ``commit``'s git
+        objects instead: no work tree is written or cleaned, and a file whose blob was
+        read before is not read again."""
+        top = self._git("ls-tree", "-z", commit, "--", *DEFINITIONS)
+        for entry in filter(None, top.split(b"\0")):
+            meta, _, top_name = entry.partition(b"\t")
+            if meta.split()[0] == b"120000":
+                raise ConfigError(
+                    top_name.decode(), "", "is a symlink; definitions must live in the repository"
+                )
+        listing = self._git("ls-tree", "-z", "--long", commit, "--", *(f"{d}/" for d in DEFINITIONS))
+        files: dict[str, str] = {}
+        wanted: dict[str, str] = {}  # path -> blob id
+        for entry in filter(None, listing.split(b"\0")):
+            meta, _, raw = entry.partition(b"\t")
+            mode, kind, blob, length = meta.decode().split()
+            path = raw.decode(errors="surrogateescape")
+            folder, name = path.split("/", 1)
+            if folder == "packages":
+                if name.endswith(".nix"):
+                    files[path] = ""
+                continue
+            if not name.endswith((".yaml", ".yml")):
+                continue
+            if mode == "120000":
+                files[path] = SYMLINK
+            elif kind != "blob":
+                files[path] = UNREADABLE + f"is a {'directory' if kind == 'tree' else kind}"
+            elif int(length) > MAX_FILE_BYTES:
+                files[path] = TOO_BIG
+            else:
+                wanted[path] = blob
+        missing = sorted({b for b in wanted.values() if b not in self._blobs})
+        blobs = {b: self._blobs[b] for b in wanted.values() if b in self._blobs}
+        if missing:
+            out = self._git("cat-file", "--batch", stdin="".join(b + "\n" for b in missing).encode())
+            at = 0
+            for b in missing:
+                header_end = out.index(b"\n", at)
+                end = header_end + 1 + int(out[at:header_end].split()[2])
+                data = out[header_end + 1 : end]
+                at = end + 1
+                try:
+                    blobs[b] = data.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    blobs[b] = UNREADABLE + str(exc)
+        for path, blob in wanted.items():
+            files[path] = blobs[blob]
+        self._blobs = blobs
+        return dict(sorted(files.items()))
 
     def commit_time(self, commit: str) -> float:
         """The committer time of ``commit``, unix seconds."""
@@ -270,6 +357,7 @@ class Snapshot:
     def __init__(self, git: GitSource, workdir: Path) -> None:
         self._git = git
         self._tree = workdir / "tree"
+        self._commit: str | None = None
 
     @property
     def checkout(self) -> Path:
@@ -279,11 +367,16 @@ class Snapshot:
         commit = self._git.fetch_objects(self.REF)
         if self._tree.exists():
             shutil.rmtree(self._tree)
-        self._git.export(commit, self._tree)
+        # What Nix reads: anything but the host and profile files, which it is given
+        # normalised (read_tree reads those from git objects).
+        self._git.export(commit, self._tree, exclude=("hosts", "profiles"))
+        self._commit = commit
         return commit
 
     def read_tree(self) -> dict[str, str]:
-        return read_tree(self._tree)
+        if self._commit is None:
+            raise SourceError("nothing is fetched yet")
+        return self._git.read_objects(self._commit)
 
     def commit_time(self, commit: str) -> float:
         return self._git.commit_time(commit)

@@ -79,11 +79,12 @@ class State:
         live = path.with_name(path.name + "-wal").exists()
         disk = sqlite3.connect(f"file:{path}?{'mode=ro' if live else 'immutable=1'}", uri=True)
         try:
-            for table in TABLES:
-                rows = disk.execute(f"SELECT * FROM {table}").fetchall()
-                if rows:
-                    marks = ",".join("?" * len(rows[0]))
-                    self._db.executemany(f"INSERT INTO {table} VALUES ({marks})", rows)
+            with self._batch():
+                for table in TABLES:
+                    rows = disk.execute(f"SELECT * FROM {table}").fetchall()
+                    if rows:
+                        marks = ",".join("?" * len(rows[0]))
+                        self._db.executemany(f"INSERT INTO {table} VALUES ({marks})", rows)
         finally:
             disk.close()
 
@@ -104,6 +105,23 @@ class State:
             raise
         with self._lock:
             self._db.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def _batch(self) -> Iterator[None]:
+        """Many writes as one transaction, or as part of the caller's. The connection
+        autocommits (isolation_level=None, so that transaction() decides), which makes
+        every row of an executemany its own commit and fsync: 10,000 evaluated hosts
+        took seconds instead of milliseconds."""
+        if self._db.in_transaction:
+            yield
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def get_meta(self, key: str) -> str | None:
         with self._lock:
@@ -134,7 +152,7 @@ class State:
 
     def record_evaluated(self, entries: Mapping[str, tuple[str, str]]) -> None:
         """Remember host -> (key, image derivation)."""
-        with self._lock, self._db:
+        with self._lock, self._batch():
             self._db.executemany(
                 "INSERT INTO evaluations(host, key, image) VALUES(?, ?, ?) "
                 "ON CONFLICT(host) DO UPDATE SET key = excluded.key, image = excluded.image",

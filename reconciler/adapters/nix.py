@@ -252,10 +252,14 @@ class Nix:
         self.sandboxed = verdict == "sandboxed"
         return self.sandboxed
 
-    def write_fleet(self, hosts: Sequence[Host]) -> Path:
-        """Write the normalised fleet for fleet.nix; the name is unique per content."""
+    def write_fleet(self, hosts: Sequence[Host], packages: Sequence[str] = ()) -> Path:
+        """Write the normalised fleet for fleet.nix (and ``packages`` to evaluate
+        besides the hosts'); the name is unique per content."""
         self.work.mkdir(parents=True, exist_ok=True)
-        data = json.dumps({"hosts": {h.name: h.to_nix() for h in hosts}}, sort_keys=True).encode()
+        fleet: dict[str, object] = {"hosts": {h.name: h.to_nix() for h in hosts}}
+        if packages:
+            fleet["packages"] = list(packages)
+        data = json.dumps(fleet, sort_keys=True).encode()
         fd, tmp = tempfile.mkstemp(dir=self.work, prefix="fleet-", suffix=".json")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -282,6 +286,37 @@ class Nix:
             return Evaluation(images=images, errors=errors)
         finally:
             fleet_file.unlink(missing_ok=True)
+
+    def package_ids(self, names: Sequence[str], repo: Path) -> dict[str, str]:
+        """What each package of ``names`` gives an image (fleet.nix's packageIds): one
+        evaluation of the packages alone, no host. A package that does not evaluate
+        is left out (its hosts' own evaluation reports why)."""
+        self.ensure_toolchain()
+        if not names:
+            return {}
+        fleet_file = self.write_fleet([], names)
+        try:
+            proc = self._run(
+                [
+                    "nix-instantiate",
+                    "--eval",
+                    "--strict",
+                    "--json",
+                    "-A",
+                    "packageIds",
+                    *self._args(fleet_file, repo),
+                ],
+                self.settings.eval_timeout.total_seconds(),
+                "evaluation",
+            )
+        finally:
+            fleet_file.unlink(missing_ok=True)
+        if proc.returncode == 0:
+            ids: dict[str, str] = json.loads(proc.stdout)
+            return ids
+        if len(names) == 1:
+            return {}
+        return {k: v for n in names for k, v in self.package_ids([n], repo).items()}
 
     def eval_command(self, fleet_file: Path, repo: Path) -> list[str]:
         """The one nix-instantiate that evaluates every host of ``fleet_file`` to its image

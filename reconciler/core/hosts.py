@@ -454,8 +454,20 @@ def _files(path: str, value: Any, host: str) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def eval_key(host: Host, recipe: str) -> str:
-    """What a host's image derivation is a function of: its normalised definition and
-    ``recipe`` (the digest of every other input). Equal keys, equal derivations."""
-    data = json.dumps(host.to_nix(), sort_keys=True, separators=(",", ":"))
+def eval_key(host: Host, recipe: str, packages: Mapping[str, str]) -> str | None:
+    """What a host's image derivation is a function of: its normalised definition,
+    ``recipe`` (the digest of the Nix library, the toolchain and Nix) and what each
+    package it uses gives an image (``packages``: name -> id, from Nix). Nothing else
+    in the repository reaches it, so nothing else is in the key. Equal keys, equal
+    derivations. None when a package is missing from ``packages`` (it did not
+    evaluate): such a host is evaluated every time, and never cached."""
+    used = {p: packages.get(p) for p in host.packages if p not in BUILTIN_PACKAGES}
+    if None in used.values():
+        return None
+    data = json.dumps([host.to_nix(), used], sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(f"{recipe}\n{data}".encode()).hexdigest()
+
+
+def package_names(hosts: Iterable[Host]) -> tuple[str, ...]:
+    """The packages of ``hosts`` that Nix evaluates (busybox is the toolchain's)."""
+    return tuple(sorted({p for h in hosts for p in h.packages if p not in BUILTIN_PACKAGES}))

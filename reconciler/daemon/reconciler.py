@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -25,7 +26,7 @@ from tuf.api.metadata import Metadata
 from reconciler import log
 from reconciler.config import Config
 from reconciler.core.builders import LOCAL
-from reconciler.core.hosts import Fleet, Host, ParseCache, eval_key, parse_fleet
+from reconciler.core.hosts import Fleet, Host, ParseCache, eval_key, package_names, parse_fleet
 from reconciler.core.layout import PUBLISHER_KEY, latest_path, release_path
 from reconciler.core.model import Action, BuildOutput, Evaluation, Status
 from reconciler.core.plan import HostPlan, Plan, make_plan, retry_delay
@@ -53,6 +54,8 @@ COMMIT_KEY = "commit"
 SOURCE_ERROR_KEY = "source_error"
 # Whether builds run in Nix's sandbox, as the last probe found: "on" or "off".
 SANDBOX_KEY = "sandbox"
+# The packages' ids (Nix.package_ids) and what they were evaluated from, as JSON.
+PACKAGES_KEY = "package_ids"
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,10 @@ class Reconciler:
         self._sandbox_checked = False
         self._signer: Signer | None = None
         self._parse_cache = ParseCache()
+        # The last observation and the recipe it was evaluated with: a pass whose head
+        # and recipe are unchanged reuses its fleet and images instead of reading,
+        # parsing and keying every host again.
+        self._last: tuple[Observation, str | None] | None = None
         self._pass_lock = threading.Lock()
         self._last_gc = self.clock.monotonic()
         self._key_published = False
@@ -176,14 +183,28 @@ class Reconciler:
             self.metrics.git_fetch_errors.inc()
             raise
         self.check_head(commit)
-        with stage.labels("parse").time():
-            fleet = parse_fleet(self.source.read_tree(), self._parse_cache)
+        recipe = self.nix.recipe_digest()
+        changed = self.source.changed_files(self.state.get_meta(COMMIT_KEY), commit)
+        last = self._last
+        # An evaluation that failed somewhere may have failed for a passing reason
+        # (a timeout): it is repeated.
+        if (
+            last is not None
+            and last[0].commit == commit
+            and last[1] == recipe
+            and not last[0].evaluation.errors
+        ):
+            fleet, evaluation = last[0].fleet, last[0].evaluation
+        else:
+            with stage.labels("parse").time():
+                fleet = parse_fleet(self.source.read_tree(), self._parse_cache)
+            with stage.labels("evaluate").time():
+                evaluation = self._evaluate(commit, fleet, recipe)
         for err in fleet.errors:
             log.event("host_invalid", logging.WARNING, file=err.path, key=err.key, reason=err.reason)
-        with stage.labels("evaluate").time():
-            evaluation = self._evaluate(commit, fleet)
-        changed = self.source.changed_files(self.state.get_meta(COMMIT_KEY), commit)
-        return Observation(commit, fleet, evaluation, changed, self.source.commit_time(commit))
+        obs = Observation(commit, fleet, evaluation, changed, self.source.commit_time(commit))
+        self._last = (obs, recipe)
+        return obs
 
     def check_head(self, commit: str) -> None:
         """Build nothing from a head commit the commit gate refuses (reconciler.gate);
@@ -197,21 +218,38 @@ class Reconciler:
             raise
         self.state.set_meta(SOURCE_ERROR_KEY, "")
 
-    def _evaluate(self, commit: str, fleet: Fleet) -> Evaluation:
+    def _evaluate(self, commit: str, fleet: Fleet, recipe: str | None) -> Evaluation:
         """Every host's image derivation, evaluating in Nix only the hosts whose
         inputs changed since they were last evaluated (one process for all of them)."""
-        recipe = self.nix.recipe_digest()
         hosts = list(fleet.hosts.values())
         if recipe is None:
             return self.nix.evaluate(hosts, self.source.checkout)
-        # Everything in the repository but host and profile files can reach a build
-        # (packages import what they like); those two are in the normalised host.
-        recipe += self.source.tree_digest(commit, exclude=frozenset({"hosts", "profiles"}))
-        keys = {h.name: eval_key(h, recipe) for h in hosts}
-        known = self.state.evaluated(keys)
+        packages = self._package_ids(commit, recipe, package_names(hosts))
+        keys = {h.name: eval_key(h, recipe, packages) for h in hosts}
+        known = self.state.evaluated({name: key for name, key in keys.items() if key is not None})
         fresh = self.nix.evaluate([h for h in hosts if h.name not in known], self.source.checkout)
-        self.state.record_evaluated({name: (keys[name], image) for name, image in fresh.images.items()})
+        self.state.record_evaluated(
+            {name: (key, image) for name, image in fresh.images.items() if (key := keys[name]) is not None}
+        )
         return Evaluation(images={**known, **fresh.images}, errors=fresh.errors)
+
+    def _package_ids(self, commit: str, recipe: str, names: tuple[str, ...]) -> dict[str, str]:
+        """The packages' ids (Nix.package_ids), evaluated again only when a file they
+        could read changed: anything outside hosts/ and profiles/ (a package may import
+        any file of the repository). A README edit costs this one small evaluation of
+        the packages, and no host's."""
+        tree = self.source.tree_digest(commit, exclude=frozenset({"hosts", "profiles"}))
+        key = hashlib.sha256(json.dumps([recipe, tree, names]).encode()).hexdigest()
+        stored = self.state.get_meta(PACKAGES_KEY)
+        if stored is not None:
+            data = json.loads(stored)
+            if data.get("key") == key:
+                return dict(data["ids"])
+        ids = self.nix.package_ids(names, self.source.checkout)
+        # Only a complete answer is kept: a package that did not evaluate is tried again.
+        if len(ids) == len(names):
+            self.state.set_meta(PACKAGES_KEY, json.dumps({"key": key, "ids": ids}))
+        return ids
 
     # -- diff ------------------------------------------------------------------
 

@@ -37,7 +37,7 @@ class World:
     nix: FakeNix = field(init=False)
 
     def __post_init__(self) -> None:
-        self.nix = FakeNix(self.tmp / "builds")
+        self.nix = FakeNix(self.tmp / "builds", self.source)
 
     def config(self) -> Config:
         return Config(
@@ -106,6 +106,79 @@ def test_an_unchanged_fleet_builds_nothing_and_a_change_rebuilds_only_its_host(w
     assert outcomes(rec) == {"web-2": (True, 2)}
     assert world.nix.evaluated[evaluated:] == ["web-2"]
     assert world.latest("web-1")["version"] == 1
+
+
+PKG = '{{ toolchain }}:\n# {comment}\nderivation {{ name = "{name}"; }}\n'
+
+
+def package_fleet(hosts: int = 20) -> dict[str, str]:
+    """``hosts`` hosts of which one in twenty (web-0) uses package ``rare``, the rest ``common``."""
+    files = {f"packages/{p}.nix": PKG.format(comment="v1", name=p) for p in ("common", "rare")}
+    files["README.md"] = "# fleet\n"
+    for i in range(hosts):
+        pkg = "rare" if i % 20 == 0 else "common"
+        files[f"hosts/web-{i}.yaml"] = (
+            HOST.format(name=f"web-{i}", address=f"10.0.0.{i + 1}/24")
+            + f"services: {{web: {{package: {pkg}, exec: [bin/web]}}}}\n"
+        )
+    return files
+
+
+def test_only_what_reaches_a_host_re_evaluates_it(world: World) -> None:
+    files = package_fleet()
+    world.source.push(files)
+    rec = world.reconciler()
+    rec.plan()
+    assert len(world.nix.evaluated) == 20
+    # A README edit: the packages are evaluated again (a package may read any file),
+    # their ids are unchanged, and no host is evaluated.
+    files["README.md"] = "# fleet\nmore docs\n"
+    world.source.push(files)
+    before = world.nix.package_evaluations
+    rec.plan()
+    assert len(world.nix.evaluated) == 20 and world.nix.package_evaluations == before + 1
+    # A new commit that changes nothing outside hosts/ and profiles/ does not evaluate
+    # the packages either.
+    world.source.push({**files, "hosts/web-1.yaml": files["hosts/web-1.yaml"] + "\n"})
+    rec.plan()
+    assert world.nix.package_evaluations == before + 1 and len(world.nix.evaluated) == 20
+    # A comment in a package: its derivation is the same, no host is evaluated.
+    files["packages/rare.nix"] = PKG.format(comment="v2", name="rare")
+    world.source.push(files)
+    rec.plan()
+    assert len(world.nix.evaluated) == 20
+    # A real change to the package one host in twenty uses: those hosts alone.
+    files["packages/rare.nix"] = PKG.format(comment="v2", name="rare-2")
+    world.source.push(files)
+    rec.plan()
+    assert world.nix.evaluated[20:] == ["web-0"]
+
+
+def test_a_host_whose_package_does_not_evaluate_is_evaluated_each_time(world: World) -> None:
+    files = package_fleet(2)
+    files["packages/rare.nix"] = "broken"
+    world.source.push(files)
+    rec = world.reconciler()
+    rec.plan()
+    world.source.push({**files, "README.md": "edited"})
+    rec.plan()
+    assert world.nix.evaluated == ["web-0", "web-1", "web-0"]
+    # Once it evaluates again, it is cached like the others.
+    files["packages/rare.nix"] = PKG.format(comment="fixed", name="rare")
+    world.source.push(files)
+    rec.plan()
+    world.source.push({**files, "README.md": "edited"})
+    rec.plan()
+    assert world.nix.evaluated == ["web-0", "web-1", "web-0", "web-0"]
+
+
+def test_a_pass_at_an_unchanged_head_reads_and_evaluates_nothing_again(world: World) -> None:
+    world.source.push(FLEET)
+    rec = world.reconciler()
+    rec.reconcile()
+    reads = world.source.reads
+    rec.reconcile()
+    assert world.source.reads == reads and len(world.nix.evaluated) == 2
 
 
 def test_a_pass_that_died_after_publishing_is_adopted_not_published_again(world: World) -> None:

@@ -18,7 +18,17 @@ from hypothesis import strategies as st
 from reconciler.adapters.tree import read_tree
 from reconciler.config import load_config
 from reconciler.core import hosts, schema
-from reconciler.core.hosts import Fleet, Host, Network, ParseCache, Service, deep_merge, parse_fleet
+from reconciler.core.hosts import (
+    Fleet,
+    Host,
+    Network,
+    ParseCache,
+    Service,
+    deep_merge,
+    eval_key,
+    package_names,
+    parse_fleet,
+)
 from reconciler.core.schema import MAX_DEPTH, MAX_FILE_BYTES, MAX_NODES, MAX_SCALAR_CHARS, parse_yaml
 from reconciler.errors import ConfigError
 
@@ -1452,3 +1462,45 @@ def test_a_profile_shared_by_many_hosts_and_profiles_is_parsed_once(monkeypatch:
     assert len(fleet.errors) == 10
     assert all("profiles/bad.yaml: invalid YAML at line 2" in e.reason for e in fleet.errors)
     assert sorted(parsed) == sorted(files)
+
+
+def _fleet_using(packages: list[str]) -> Fleet:
+    files = {f"packages/{p}.nix": "" for p in set(packages)}
+    for i, pkg in enumerate(packages):
+        files[f"hosts/h{i}.yaml"] = (
+            f"name: h{i}\nservices: {{web: {{package: {pkg}, exec: [bin/web]}}, sh: {{exec: [bin/sh]}}}}\n"
+        )
+    fleet = parse_fleet(files)
+    assert not fleet.errors
+    return fleet
+
+
+@PROPERTY
+@given(
+    st.lists(st.sampled_from(["a", "b", "c", "busybox"]), min_size=1, max_size=12),
+    st.dictionaries(st.sampled_from(["a", "b", "c"]), st.text(min_size=1, max_size=8)),
+    st.sampled_from(["a", "b", "c"]),
+)
+def test_a_package_id_reaches_exactly_the_keys_of_its_users(
+    used: list[str], ids: dict[str, str], changed: str
+) -> None:
+    fleet = _fleet_using(used)
+    ids = {p: ids.get(p, "id-" + p) for p in ("a", "b", "c")}
+    before = {n: eval_key(h, "recipe", ids) for n, h in fleet.hosts.items()}
+    after = {n: eval_key(h, "recipe", {**ids, changed: ids[changed] + "'"}) for n, h in fleet.hosts.items()}
+    assert {n for n in before if before[n] != after[n]} == {
+        n for n, h in fleet.hosts.items() if changed in h.packages
+    }
+    # Ids of packages no host uses, or given in another order, change nothing.
+    extra = {"z": "unused", **dict(reversed(list(ids.items())))}
+    assert {n: eval_key(h, "recipe", extra) for n, h in fleet.hosts.items()} == before
+    # Nor does anything that is not a package: keys see no file but the host's own.
+    assert all(k is not None for k in before.values())
+    assert eval_key(fleet.hosts["h0"], "other recipe", ids) != before["h0"]
+
+
+def test_a_host_whose_package_did_not_evaluate_has_no_key() -> None:
+    fleet = _fleet_using(["a", "busybox"])
+    assert eval_key(fleet.hosts["h0"], "recipe", {}) is None
+    assert eval_key(fleet.hosts["h1"], "recipe", {}) is not None
+    assert package_names(fleet.hosts.values()) == ("a",)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,23 @@ def test_builders_are_counted_and_a_read_only_copy_sees_them(tmp_path: Path) -> 
     assert b1.last_error == "web-2: exit code 1" and b1.last_build and b1.last_error_at
     assert copy.builders()["local"].builds == 1
     copy.close()
+
+
+def test_evaluations_are_recorded_in_one_transaction(tmp_path: Path) -> None:
+    # A row that cannot be written (an image is NOT NULL) takes the whole batch with
+    # it: the rows were not committed one by one.
+    ledger = State(tmp_path)
+    entries: dict[str, tuple[str, str]] = {f"web-{i}": ("k", f"/nix/store/{i}-image.drv") for i in range(50)}
+    entries["web-bad"] = ("k", None)  # type: ignore[assignment]
+    with pytest.raises(sqlite3.IntegrityError):
+        ledger.record_evaluated(entries)
+    assert ledger.evaluated(dict.fromkeys(entries, "k")) == {}
+    del entries["web-bad"]
+    ledger.record_evaluated(entries)
+    assert len(ledger.evaluated(dict.fromkeys(entries, "k"))) == 50
+    # Inside a transaction of the caller's, it is part of that one.
+    with pytest.raises(RuntimeError), ledger.transaction():
+        ledger.record_evaluated({"web-x": ("k", "/nix/store/x-image.drv")})
+        raise RuntimeError("the pass dies")
+    assert ledger.evaluated({"web-x": "k"}) == {}
+    ledger.close()

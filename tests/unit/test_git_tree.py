@@ -1,0 +1,85 @@
+"""GitSource.read_objects: the definition files read out of git objects are what
+adapters.tree.read_tree reads from a checkout of the same commit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from reconciler.adapters.git import GitSource
+from reconciler.adapters.tree import read_tree
+from reconciler.core.schema import MAX_FILE_BYTES
+from reconciler.errors import ConfigError
+
+
+def git(repo: Path, *args: str) -> str:
+    out = subprocess.run(
+        ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.invalid", *args],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return out.stdout.strip()
+
+
+def commit_all(repo: Path) -> str:
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "c")
+    return git(repo, "rev-parse", "HEAD")
+
+
+def test_read_objects_reads_what_a_checkout_holds(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    for d in ("hosts/nested", "profiles", "packages/lib"):
+        (repo / d).mkdir(parents=True)
+    git(repo, "init", "-q", "-b", "main")
+    (repo / "hosts/web-1.yaml").write_text("name: web-1\n")
+    (repo / "hosts/web-2.yml").write_text("name: web-2\n")
+    (repo / "hosts/same.yaml").write_text("name: web-1\n")  # a blob two paths share
+    (repo / "hosts/notes.txt").write_text("not a definition")
+    (repo / "hosts/nested/deep.yaml").write_text("name: deep\n")
+    (repo / "hosts/big.yaml").write_text("#" * (MAX_FILE_BYTES + 1))
+    (repo / "hosts/latin1.yaml").write_bytes(b"name: caf\xe9\n")
+    os.symlink("web-1.yaml", repo / "hosts/link.yaml")
+    (repo / "profiles/base.yaml").write_text("network: {gateway: 10.0.0.1}\n")
+    (repo / "packages/site.nix").write_text("{ toolchain }: toolchain.busybox\n")
+    (repo / "packages/lib/util.nix").write_text("{}")
+    (repo / "README.md").write_text("docs")
+    commit = commit_all(repo)
+    source = GitSource(str(repo), "main", tmp_path / "clone")
+    assert source.fetch() == commit
+    expected = read_tree(source.checkout)
+    got = source.read_objects(commit)
+    assert sorted(got) == sorted(expected)
+    for path, text in expected.items():
+        # The decode error's wording differs; what matters is that the file is refused alone.
+        assert got[path] == text or (
+            got[path].startswith("\0unreadable:") and text.startswith("\0unreadable:")
+        )
+    assert source.read_tree() == got
+    # A later commit: only the changed blob is new; unchanged files are the same objects.
+    (repo / "hosts/web-2.yml").write_text("name: web-2\nformats: [aci]\n")
+    (repo / "hosts/web-1.yaml").unlink()
+    commit = commit_all(repo)
+    assert source.fetch() == commit
+    again = source.read_tree()
+    assert "hosts/web-1.yaml" not in again and again["hosts/web-2.yml"].endswith("[aci]\n")
+    assert again["profiles/base.yaml"] is got["profiles/base.yaml"]
+
+
+def test_a_definition_folder_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    (repo / "real").mkdir(parents=True)
+    git(repo, "init", "-q", "-b", "main")
+    (repo / "real/web-1.yaml").write_text("name: web-1\n")
+    os.symlink("real", repo / "hosts")
+    commit = commit_all(repo)
+    source = GitSource(str(repo), "main", tmp_path / "clone")
+    source.fetch()
+    with pytest.raises(ConfigError, match="symlink"):
+        read_tree(source.checkout)
+    with pytest.raises(ConfigError, match="symlink"):
+        source.read_objects(commit)
