@@ -12,7 +12,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from reconciler.core.schema import check_keys, parse_duration, parse_seconds, parse_size, parse_yaml
 from reconciler.core.tufrepo import Lifetimes
@@ -84,6 +84,12 @@ class NixConfig:
     eval_timeout: timedelta = timedelta(minutes=5)
     # A host whose build closure (everything it produced and used) is larger fails.
     max_output_size: int = 4 << 30
+    # Concurrent nix-instantiate processes, each over a shard of the hosts; "auto": one
+    # per core this process may run on.
+    eval_workers: int | Literal["auto"] = 1
+    # Address space of each evaluation process: a host that allocates past it fails
+    # alone, instead of the machine running out of memory.
+    eval_memory: int = 4 << 30
 
 
 @dataclass(frozen=True)
@@ -152,6 +158,7 @@ STORE_KEYS = {
     "filesystem": frozenset({"type", "path"}),
     "s3": frozenset({"type", "bucket", "prefix", "endpoint", "region", "credentials_file"}),
 }
+MIN_EVAL_MEMORY = 256 << 20
 BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 SECTION_KEYS = {
     "repo": frozenset(
@@ -170,7 +177,16 @@ SECTION_KEYS = {
     "store": frozenset().union(*STORE_KEYS.values()),  # checked per type in load_config
     "signing": frozenset({"gnupghome", "key", "passphrase_file"}),
     "nix": frozenset(
-        {"toolchain", "toolchain_dir", "sandbox", "build_timeout", "eval_timeout", "max_output_size"}
+        {
+            "toolchain",
+            "toolchain_dir",
+            "sandbox",
+            "build_timeout",
+            "eval_timeout",
+            "max_output_size",
+            "eval_workers",
+            "eval_memory",
+        }
     ),
     "retry": frozenset({"initial", "max"}),
     "retention": frozenset({"keep", "interval"}),
@@ -310,6 +326,15 @@ def load_config(path: Path) -> Config:
     sandbox = nix.get("sandbox", True)
     if not isinstance(sandbox, bool):
         raise ConfigError(p, "nix.sandbox", "must be true or false")
+    eval_workers = nix.get("eval_workers", 1)
+    if eval_workers != "auto" and (
+        not isinstance(eval_workers, int) or isinstance(eval_workers, bool) or not 1 <= eval_workers <= 64
+    ):
+        raise ConfigError(p, "nix.eval_workers", "must be an integer from 1 to 64, or auto")
+    eval_memory = parse_size(p, "nix.eval_memory", nix.get("eval_memory", "4G"))
+    # Below this nix-instantiate cannot map its own code and first heap.
+    if eval_memory < MIN_EVAL_MEMORY:
+        raise ConfigError(p, "nix.eval_memory", "must be at least 256M")
 
     retry = section("retry", required=False)
     listen = data.get("listen", "127.0.0.1:9180")
@@ -360,6 +385,8 @@ def load_config(path: Path) -> Config:
             build_timeout=parse_duration(p, "nix.build_timeout", nix.get("build_timeout", "1h")),
             eval_timeout=parse_duration(p, "nix.eval_timeout", nix.get("eval_timeout", "5m")),
             max_output_size=parse_size(p, "nix.max_output_size", nix.get("max_output_size", "4G")),
+            eval_workers=eval_workers,
+            eval_memory=eval_memory,
         ),
         listen=listen,
         poll_interval=float(poll),
