@@ -123,6 +123,9 @@ class Nix:
         self.env = _environment()
         workers = self.settings.eval_workers
         self.eval_workers = len(os.sched_getaffinity(0)) if workers == "auto" else workers
+        # nix-instantiate processes run by evaluate() so far: more than the shards
+        # means some were narrowed down after a failure.
+        self.evaluations = 0
         if self.toolchain == "nixpkgs":
             # nixpkgs comes from the operator's search path; it becomes readable too.
             self.env = dict(os.environ)
@@ -297,6 +300,7 @@ class Nix:
                 for future in done:
                     batch = running.pop(future)
                     attempt = future.result()
+                    self.evaluations += 1
                     if attempt.images is not None:
                         work.succeeded(batch, attempt.images)
                         continue
