@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -81,13 +82,19 @@ def make_repo(repo: Path, hosts: int, hog: bool) -> None:
         )
 
 
-def median_time(fn: Callable[[], object], repeat: int) -> float:
-    times = []
+def median_time(fn: Callable[[], object], repeat: int) -> tuple[float, float]:
+    """Median wall time of ``repeat`` calls, and the median CPU time of the processes
+    they ran: on a busy machine the wall time of parallel workers says little, their
+    CPU time (the same for 1 and N workers if nothing is evaluated twice) does."""
+    times, cpu = [], []
     for _ in range(repeat):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+    return statistics.median(times), statistics.median(cpu)
 
 
 def measure(work: Path, hosts: list[Host], repo: Path, workers: list[int], repeat: int) -> bool:
@@ -99,9 +106,9 @@ def measure(work: Path, hosts: list[Host], repo: Path, workers: list[int], repea
         def run(nix: Nix = nix, n: int = n) -> None:
             results[n] = nix.evaluate(hosts, repo)
 
-        seconds = median_time(run, repeat)
+        seconds, cpu = median_time(run, repeat)
         print(
-            f"  {n} worker(s): {seconds:7.3f}s  ({len(results[n].images)} images, "
+            f"  {n} worker(s): {seconds:7.3f}s, Nix CPU {cpu:7.3f}s  ({len(results[n].images)} images, "
             f"{len(results[n].errors)} errors, {nix.evaluations // repeat} nix-instantiate runs)"
         )
     first = results[workers[0]]
@@ -116,7 +123,8 @@ def main() -> int:
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="reconciler-bench-eval-"))
     try:
-        print(f"{os.cpu_count()} cores; nix.eval_memory {MEMORY >> 20} MiB per worker")
+        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        print(f"{os.cpu_count()} cores, load {load}; nix.eval_memory {MEMORY >> 20} MiB per worker")
         same = True
         for hog in (False, True):
             repo = work / ("repo-hog" if hog else "repo")
@@ -127,7 +135,7 @@ def main() -> int:
                 # Stage the toolchain and write every .drv once: no run pays for that.
                 nix = Nix(work / "state", NixConfig(toolchain_dir=TOOLCHAIN_DIR))
                 nix.evaluate(hosts, repo)
-                bare = median_time(
+                bare, bare_cpu = median_time(
                     partial(
                         subprocess.run,
                         nix.eval_command(nix.write_fleet(hosts), repo),
@@ -136,7 +144,7 @@ def main() -> int:
                     ),
                     args.repeat,
                 )
-                print(f"{len(hosts)} hosts, bare nix-instantiate: {bare:.3f}s")
+                print(f"{len(hosts)} hosts, bare nix-instantiate: {bare:.3f}s, CPU {bare_cpu:.3f}s")
             else:
                 print(f"{len(hosts)} hosts, one of them over nix.eval_memory:")
             same = measure(work, hosts, repo, args.workers, args.repeat) and same
