@@ -12,7 +12,7 @@ from reconciler.adapters.tree import read_tree
 from reconciler.config import NixConfig
 from reconciler.core.hosts import Fleet, parse_fleet
 from reconciler.core.model import Evaluation
-from tests.conftest import SITE, TOOLCHAIN_DIR, ConfigRepo
+from tests.conftest import SITE, TOOLCHAIN_DIR, ConfigRepo, Signing, cli, standard_fleet, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -86,3 +86,23 @@ def test_three_workers_give_the_result_of_one_and_the_memory_hog_fails_alone(
     assert "thrower refuses" in one.errors["h-09"]
     assert "packages/broken.nix" in one.errors["h-04"]
     assert one.errors["h-04"] == one.errors["h-18"]
+
+
+def test_plan_with_workers_and_a_memory_limit_names_the_one_host_over_it(
+    tmp_path: Path, config_repo: ConfigRepo, signing: Signing
+) -> None:
+    standard_fleet(config_repo)
+    config_repo.write("packages/hog.nix", HOG)
+    config_repo.write("hosts/hog-1.yaml", HOST.format(name="hog-1", package="hog", n=1))
+    config_repo.commit("a host whose package allocates 800 MB at once")
+    nix = {"toolchain_dir": str(TOOLCHAIN_DIR), "eval_workers": "auto", "eval_memory": "512M"}
+    cfg = write_config(tmp_path, config_repo, signing, nix=nix)
+    res = cli("plan", "-c", str(cfg))
+    assert res.returncode == 0, res.stderr
+    lines = set(res.stdout.splitlines())
+    assert (
+        "hog-1: invalid: nix evaluation failed: "
+        "evaluation needed more memory than nix.eval_memory (512M) and was stopped"
+    ) in lines, res.stdout
+    for host in ("web-1", "web-2", "worker-1"):
+        assert f"{host}: rebuild: new host, never published" in lines, res.stdout
