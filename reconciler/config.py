@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from reconciler.core.builders import Builder, valid_uri
 from reconciler.core.schema import check_keys, parse_duration, parse_seconds, parse_size, parse_yaml
@@ -89,6 +89,12 @@ class NixConfig:
     # Whether this machine builds too; false hands every build to the builders
     # (--max-jobs 0), which then fails when none of them can take it.
     local_builds: bool = True
+    # Concurrent nix-instantiate processes, each over a shard of the hosts; "auto": one
+    # per core this process may run on.
+    eval_workers: int | Literal["auto"] = 1
+    # Address space of each evaluation process: a host that allocates past it fails
+    # alone, instead of the machine running out of memory.
+    eval_memory: int = 4 << 30
 
 
 @dataclass(frozen=True)
@@ -165,6 +171,7 @@ STORE_KEYS = {
     "filesystem": frozenset({"type", "path"}),
     "s3": frozenset({"type", "bucket", "prefix", "endpoint", "region", "credentials_file"}),
 }
+MIN_EVAL_MEMORY = 256 << 20
 BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 SECTION_KEYS = {
     "repo": frozenset(
@@ -191,6 +198,8 @@ SECTION_KEYS = {
             "eval_timeout",
             "max_output_size",
             "local_builds",
+            "eval_workers",
+            "eval_memory",
         }
     ),
     "retry": frozenset({"initial", "max"}),
@@ -340,6 +349,15 @@ def load_config(path: Path) -> Config:
     for where in (str(base), str(path_of(string(data, "state_dir", "state_dir")))):
         if builders and not _WORD.fullmatch(where):
             raise ConfigError(p, "builders", f"{where}: Nix's ssh options cannot hold a path with whitespace")
+    eval_workers = nix.get("eval_workers", 1)
+    if eval_workers != "auto" and (
+        not isinstance(eval_workers, int) or isinstance(eval_workers, bool) or not 1 <= eval_workers <= 64
+    ):
+        raise ConfigError(p, "nix.eval_workers", "must be an integer from 1 to 64, or auto")
+    eval_memory = parse_size(p, "nix.eval_memory", nix.get("eval_memory", "4G"))
+    # Below this nix-instantiate cannot map its own code and first heap.
+    if eval_memory < MIN_EVAL_MEMORY:
+        raise ConfigError(p, "nix.eval_memory", "must be at least 256M")
 
     retry = section("retry", required=False)
     listen = data.get("listen", "127.0.0.1:9180")
@@ -391,6 +409,8 @@ def load_config(path: Path) -> Config:
             eval_timeout=parse_duration(p, "nix.eval_timeout", nix.get("eval_timeout", "5m")),
             max_output_size=parse_size(p, "nix.max_output_size", nix.get("max_output_size", "4G")),
             local_builds=local_builds,
+            eval_workers=eval_workers,
+            eval_memory=eval_memory,
         ),
         builders=builders,
         listen=listen,

@@ -1,7 +1,9 @@
 """Thin wrapper around nix-instantiate / nix-store for nix/fleet.nix.
 
-The whole fleet is evaluated in one process; only when that fails is each host
-evaluated alone, so that one broken host or package costs only itself.
+The fleet is evaluated by ``nix.eval_workers`` processes at once, each over a shard
+of the hosts (reconciler.core.evalwork); a shard that fails is cut in parts until
+each failing host stands alone, so that one broken host or package costs only
+itself. Each evaluation process has an address-space limit (``nix.eval_memory``).
 
 The config repository is untrusted, so Nix sees it through three walls:
 evaluation is restricted to the checkout, the Nix library, the staged toolchain
@@ -23,11 +25,14 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 
 from reconciler.config import NixConfig
 from reconciler.core import builders as remote
 from reconciler.core.builders import Builder
+from reconciler.core.evalwork import Batch, EvalWork, Failure
 from reconciler.core.hosts import Host
 from reconciler.core.model import BuildOutput, Evaluation
 from reconciler.core.nixlog import Redaction, redact, tail
@@ -77,6 +82,28 @@ def _tail(text: str) -> str:
     return tail([ln.strip() for ln in text.splitlines() if ln.strip()])
 
 
+def _size(n: int) -> str:
+    for unit, shift in (("G", 30), ("M", 20), ("K", 10)):
+        if n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return f"{n} bytes"
+
+
+def _out_of_memory(stderr: str) -> bool:
+    """Whether a failed nix-instantiate ran into its address-space limit: Nix's
+    allocator (Boehm GC) warns before Nix reports it; other allocations throw."""
+    return "GC Warning: Out of Memory!" in stderr or "std::bad_alloc" in stderr
+
+
+@dataclass(frozen=True)
+class _Attempt:
+    """What one nix-instantiate over a batch of hosts gave: images, or why not."""
+
+    images: dict[str, str] | None
+    failure: Failure = Failure.ERROR
+    reason: str = ""
+
+
 def _environment() -> dict[str, str]:
     """The environment of every Nix process: the daemon's, without a search path
     (NIX_PATH entries would become readable to evaluation)."""
@@ -104,6 +131,11 @@ class Nix:
         # Until a probe build says otherwise, a builder's output may have seen anything.
         self.sandboxed = False
         self.env = _environment()
+        workers = self.settings.eval_workers
+        self.eval_workers = len(os.sched_getaffinity(0)) if workers == "auto" else workers
+        # nix-instantiate processes run by evaluate() so far: more than the shards
+        # means some were narrowed down after a failure.
+        self.evaluations = 0
         if self.toolchain == "nixpkgs":
             # nixpkgs comes from the operator's search path; it becomes readable too.
             self.env = dict(os.environ)
@@ -115,10 +147,15 @@ class Nix:
         what: str,
         host: str = "",
         env: dict[str, str] | None = None,
+        memory: int | None = None,
     ) -> subprocess.CompletedProcess[str]:
+        """Run a Nix command with a deadline and, given ``memory``, that much address
+        space (prlimit sets it before Nix starts; a preexec_fn would not be safe in a
+        process with threads)."""
+        limit = ["prlimit", f"--as={memory}", "--"] if memory is not None else []
         try:
             return subprocess.run(
-                list(args),
+                [*limit, *args],
                 capture_output=True,
                 text=True,
                 env=env or self.env,
@@ -266,26 +303,55 @@ class Nix:
         return Path(tmp)
 
     def evaluate(self, hosts: Sequence[Host], repo: Path) -> Evaluation:
-        """Image derivation path of every host, in one evaluation when possible."""
+        """Image derivation path of every host, or why it has none: shards evaluated by
+        ``eval_workers`` processes at once, a failed one narrowed down to its failing
+        hosts; the result is that of one evaluation (reconciler.core.evalwork)."""
         self.ensure_toolchain()
-        if not hosts:
-            return Evaluation(images={}, errors={})
+        by_name = {h.name: h for h in hosts}
+        work = EvalWork(by_name, self.eval_workers)
+        with ThreadPoolExecutor(self.eval_workers, thread_name_prefix="nix-eval") as pool:
+
+            def submit(batch: Batch) -> Future[_Attempt]:
+                return pool.submit(self._attempt, [by_name[n] for n in batch], repo)
+
+            running = {submit(batch): batch for batch in work.initial}
+            while running:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    batch = running.pop(future)
+                    attempt = future.result()
+                    self.evaluations += 1
+                    if attempt.images is not None:
+                        work.succeeded(batch, attempt.images)
+                        continue
+                    for part in work.failed(batch, attempt.failure, attempt.reason):
+                        running[submit(part)] = part
+        return work.result()
+
+    def _attempt(self, hosts: Sequence[Host], repo: Path) -> _Attempt:
+        """One nix-instantiate over ``hosts``, within the deadline and memory limit."""
         fleet_file = self.write_fleet(hosts)
         try:
-            ok, out = self._eval_images(fleet_file, repo)
-            if ok:
-                return Evaluation(images=json.loads(out), errors={})
-            if len(hosts) == 1:
-                return Evaluation(images={}, errors={hosts[0].name: out})
-            images: dict[str, str] = {}
-            errors: dict[str, str] = {}
-            for h in hosts:
-                one = self.evaluate([h], repo)
-                images.update(one.images)
-                errors.update(one.errors)
-            return Evaluation(images=images, errors=errors)
+            proc = self._run(
+                self.eval_command(fleet_file, repo),
+                self.settings.eval_timeout.total_seconds(),
+                "evaluation",
+                memory=self.settings.eval_memory,
+            )
+        except BuildError as exc:
+            return _Attempt(None, Failure.TIMEOUT, exc.reason)
         finally:
             fleet_file.unlink(missing_ok=True)
+        if proc.returncode == 0:
+            images: dict[str, str] = json.loads(proc.stdout)
+            return _Attempt(images)
+        if _out_of_memory(proc.stderr):
+            return _Attempt(None, Failure.MEMORY, self._memory_error())
+        return _Attempt(None, Failure.ERROR, redact(proc.stderr, self.redaction(repo)))
+
+    def _memory_error(self) -> str:
+        limit = _size(self.settings.eval_memory)
+        return f"evaluation needed more memory than nix.eval_memory ({limit}) and was stopped"
 
     def package_ids(self, names: Sequence[str], repo: Path) -> dict[str, str]:
         """What each package of ``names`` gives an image (fleet.nix's packageIds): one
@@ -324,17 +390,6 @@ class Nix:
         args = self._args(fleet_file, repo)
         return ["nix-instantiate", "--eval", "--strict", "--json", "-A", "images", *args]
 
-    def _eval_images(self, fleet_file: Path, repo: Path) -> tuple[bool, str]:
-        try:
-            proc = self._run(
-                self.eval_command(fleet_file, repo), self.settings.eval_timeout.total_seconds(), "evaluation"
-            )
-        except BuildError as exc:
-            return False, exc.reason
-        if proc.returncode != 0:
-            return False, redact(proc.stderr, self.redaction(repo))
-        return True, proc.stdout
-
     def instantiate(self, host: Host, version: int, repo: Path) -> str:
         """The derivation of ``host``'s release artifacts as ``version``; builds nothing."""
         self.ensure_toolchain()
@@ -354,9 +409,12 @@ class Nix:
                 self.settings.eval_timeout.total_seconds(),
                 "evaluation",
                 host.name,
+                memory=self.settings.eval_memory,
             )
         finally:
             fleet_file.unlink(missing_ok=True)
+        if inst.returncode != 0 and _out_of_memory(inst.stderr):
+            raise BuildError(host.name, self._memory_error())
         if inst.returncode != 0:
             raise BuildError(host.name, f"evaluation failed: {redact(inst.stderr, self.redaction(repo))}")
         return inst.stdout.strip().splitlines()[-1]

@@ -220,7 +220,7 @@ class Reconciler:
 
     def _evaluate(self, commit: str, fleet: Fleet, recipe: str | None) -> Evaluation:
         """Every host's image derivation, evaluating in Nix only the hosts whose
-        inputs changed since they were last evaluated (one process for all of them)."""
+        inputs changed since they were last evaluated (by the Nix adapter, in nix.eval_workers processes)."""
         hosts = list(fleet.hosts.values())
         if recipe is None:
             return self.nix.evaluate(hosts, self.source.checkout)

@@ -105,6 +105,8 @@ def test_every_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
                 "build_timeout": "20m",
                 "eval_timeout": "90s",
                 "max_output_size": "512MiB",
+                "eval_workers": 3,
+                "eval_memory": "1536M",
             },
             "listen": "[::1]:9100",
             "poll_interval": 2.5,
@@ -126,9 +128,16 @@ def test_every_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         build_timeout=timedelta(minutes=20),
         eval_timeout=timedelta(seconds=90),
         max_output_size=512 << 20,
+        eval_workers=3,
+        eval_memory=1536 << 20,
     )
     assert (cfg.listen, cfg.poll_interval, cfg.jobs) == ("[::1]:9100", 2.5, 64)
     assert cfg.release_lifetime == timedelta(hours=12)
+
+
+def test_eval_workers_auto_is_kept_for_the_evaluator_to_count_cores(tmp_path: Path) -> None:
+    cfg = load_config(write_config(tmp_path, merged(nix__eval_workers="auto")))
+    assert (cfg.nix.eval_workers, cfg.nix.eval_memory) == ("auto", 4 << 30)
 
 
 @pytest.mark.parametrize(
@@ -181,6 +190,7 @@ def s3(**keys: Any) -> dict[str, Any]:
 
 POLL = "must be a positive number of seconds"
 JOBS = "must be an integer from 1 to 64"
+WORKERS = "must be an integer from 1 to 64, or auto"
 
 
 def duration(value: Any) -> str:
@@ -206,8 +216,8 @@ def duration(value: Any) -> str:
         (
             merged(nix__sandboxed=True),
             "nix.sandboxed",
-            "unknown key (allowed: build_timeout, eval_timeout, local_builds, max_output_size, sandbox, "
-            "toolchain, toolchain_dir)",
+            "unknown key (allowed: build_timeout, eval_memory, eval_timeout, eval_workers, local_builds, "
+            "max_output_size, sandbox, toolchain, toolchain_dir)",
         ),
         (merged(nix__sandbox="no"), "nix.sandbox", "must be true or false"),
         (merged(nix__build_timeout="soon"), "nix.build_timeout", duration("soon")),
@@ -218,6 +228,14 @@ def duration(value: Any) -> str:
             "must be a size like 512M or 4G, got 'lots'",
         ),
         (merged(nix__max_output_size=0), "nix.max_output_size", "must be a positive number of bytes"),
+        (merged(nix__eval_workers=0), "nix.eval_workers", WORKERS),
+        (merged(nix__eval_workers=65), "nix.eval_workers", WORKERS),
+        (merged(nix__eval_workers=True), "nix.eval_workers", WORKERS),
+        (merged(nix__eval_workers="4"), "nix.eval_workers", WORKERS),
+        (merged(nix__eval_workers="cores"), "nix.eval_workers", WORKERS),
+        (merged(nix__eval_memory="lots"), "nix.eval_memory", "must be a size like 512M or 4G, got 'lots'"),
+        (merged(nix__eval_memory=-1), "nix.eval_memory", "must be a positive number of bytes"),
+        (merged(nix__eval_memory="255M"), "nix.eval_memory", "must be at least 256M"),
         (
             merged(nix__max_output_size="0G"),
             "nix.max_output_size",
