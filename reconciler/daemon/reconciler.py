@@ -219,8 +219,9 @@ class Reconciler:
         self.state.set_meta(SOURCE_ERROR_KEY, "")
 
     def _evaluate(self, commit: str, fleet: Fleet, recipe: str | None) -> Evaluation:
-        """Every host's image derivation, evaluating in Nix only the hosts whose
-        inputs changed since they were last evaluated (by the Nix adapter, in nix.eval_workers processes)."""
+        """Every host's image derivation, evaluating in Nix only the hosts whose inputs
+        changed since they were last evaluated (the adapter shards them over
+        nix.eval_workers processes)."""
         hosts = list(fleet.hosts.values())
         if recipe is None:
             return self.nix.evaluate(hosts, self.source.checkout)
