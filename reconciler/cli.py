@@ -15,7 +15,7 @@ from types import FrameType
 
 from reconciler import __version__, log
 from reconciler.config import Config, load_config
-from reconciler.core.tufrepo import RoleName
+from reconciler.core.tufroles import RoleName
 from reconciler.errors import ReconcilerError
 
 

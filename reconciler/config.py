@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from reconciler.core.builders import Builder, valid_uri
 from reconciler.core.schema import check_keys, parse_duration, parse_seconds, parse_size, parse_yaml
-from reconciler.core.tufrepo import Lifetimes
+from reconciler.core.tufroles import Lifetimes
 from reconciler.errors import ConfigError
 
 

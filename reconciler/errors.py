@@ -57,6 +57,10 @@ class VerificationError(ReconcilerError):
     """A signature, checksum or release check failed."""
 
 
+class TufError(ReconcilerError):
+    """The TUF metadata could not be loaded, verified or signed."""
+
+
 class StoreError(ReconcilerError):
     """The artifact store refused or failed an operation."""
 

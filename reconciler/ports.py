@@ -13,13 +13,16 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Protocol
-
-from securesystemslib.signer import Signer as MetadataSigner
+from typing import TYPE_CHECKING, Protocol
 
 from reconciler.adapters import fetch
 from reconciler.core.hosts import Host
 from reconciler.core.model import BuilderState, BuildOutput, Evaluation, HostState, Status
+
+if TYPE_CHECKING:
+    # python-tuf's signer type; importing securesystemslib costs a command that never
+    # signs (`reconciler plan`) boto3 and more.
+    from securesystemslib.signer import Signer as MetadataSigner
 
 
 class Source(Protocol):

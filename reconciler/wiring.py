@@ -2,6 +2,12 @@
 
 The only module that opens adapters for the daemon; the CLI calls it, the daemon's
 pass (reconciler.daemon.reconciler) sees only the ports (reconciler.ports).
+
+What only some commands need is imported by the function that opens it, here and
+nowhere else: boto3 for an s3 store, python-tuf and securesystemslib (which imports
+boto3 too) for what signs or pins TUF metadata, the agent for `reconciler agent`.
+Together they cost more than a plan of a thousand hosts (tests/integration/
+test_commands.py checks what `reconciler plan` imports).
 """
 
 from __future__ import annotations
@@ -9,32 +15,35 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-
-from securesystemslib.signer import Key
-from securesystemslib.signer import Signer as MetadataSigner
+from typing import TYPE_CHECKING
 
 from reconciler.adapters.clock import SystemClock
-from reconciler.adapters.fetch import HttpFetcher
 from reconciler.adapters.git import GitSource, Snapshot
-from reconciler.adapters.gpg import Signer, metadata_keys, metadata_signer, metadata_signers, read_keys
+from reconciler.adapters.gpg import read_keys
 from reconciler.adapters.ledger import State
 from reconciler.adapters.nix import Nix
-from reconciler.adapters.store import FilesystemStore, S3Store, read_credentials
-from reconciler.agent import health
-from reconciler.agent.config import AgentConfig
-from reconciler.agent.updater import Agent
-from reconciler.config import Config, StoreConfig
+from reconciler.adapters.store import FilesystemStore
+from reconciler.config import Config, SigningConfig, StoreConfig
 from reconciler.daemon.gate import Gate
-from reconciler.daemon.loop import Daemon
 from reconciler.daemon.metrics import Metrics
-from reconciler.daemon.reconciler import Reconciler
+from reconciler.daemon.reconciler import OpenTuf, Reconciler
 from reconciler.errors import ConfigError, SigningError, StoreError
-from reconciler.ports import Ledger, Ports, Source, Store
+from reconciler.ports import Ledger, Ports, Signer, Source, Store
+
+if TYPE_CHECKING:
+    from securesystemslib.signer import Key
+    from securesystemslib.signer import Signer as MetadataSigner
+
+    from reconciler.agent.config import AgentConfig
+    from reconciler.agent.updater import Agent
+    from reconciler.daemon.loop import Daemon
 
 
 def open_store(cfg: StoreConfig) -> Store:
     """The store ``cfg`` describes (reconciler.yaml's ``store`` section)."""
     if cfg.type == "s3":
+        from reconciler.adapters.s3 import S3Store, read_credentials
+
         if not cfg.bucket:
             raise StoreError("an s3 store needs a bucket")
         credentials = read_credentials(cfg.credentials_file) if cfg.credentials_file else None
@@ -54,7 +63,18 @@ def source(cfg: Config) -> GitSource:
 def open_reconciler(cfg: Config, metrics: Metrics | None = None) -> Reconciler:
     """The daemon's pass with the real adapters."""
     nix = Nix(cfg.state_dir, cfg.nix, builders=cfg.builders)
-    return Reconciler(cfg, _ports(cfg, source(cfg), nix, lambda: State(cfg.state_dir)), metrics)
+    ports = _ports(cfg, source(cfg), nix, lambda: State(cfg.state_dir))
+    return Reconciler(cfg, ports, metrics, _tuf(cfg, ports))
+
+
+def _tuf(cfg: Config, ports: Ports) -> OpenTuf:
+    """How the pass opens the store's TUF repository; a plan is handed none."""
+    from reconciler.daemon.tuf import TufRepository
+
+    def open_tuf(online: Callable[[], MetadataSigner]) -> TufRepository:
+        return TufRepository(ports.store, cfg.state_dir / "tuf", online, ports.clock, cfg.tuf)
+
+    return open_tuf
 
 
 def open_planner(cfg: Config, workdir: Path) -> Reconciler:
@@ -85,9 +105,15 @@ def _ports(cfg: Config, source: Source, nix: Nix, open_ledger: Callable[[], Ledg
         store=store,
         ledger=open_ledger(),
         gate=gate,
-        signer=lambda: Signer(s.gnupghome, s.key, s.passphrase_file),
+        signer=lambda: _signer(s),
         clock=SystemClock(),
     )
+
+
+def _signer(s: SigningConfig) -> Signer:
+    from reconciler.adapters.tufkeys import TufSigner
+
+    return TufSigner(s.gnupghome, s.key, s.passphrase_file)
 
 
 def _clone_in(cfg: Config, checkout: Path) -> GitSource:
@@ -97,11 +123,15 @@ def _clone_in(cfg: Config, checkout: Path) -> GitSource:
 
 def signers_in(homes: list[Path]) -> dict[str, MetadataSigner]:
     """Every secret key of ``homes`` as a TUF signer, by keyid (for `reconciler keys`)."""
+    from reconciler.adapters.tufkeys import metadata_signers
+
     return {s.public_key.keyid: s for home in homes for s in metadata_signers(home)}
 
 
 def read_metadata_key(spec: str, homes: list[Path]) -> Key:
     """A TUF key from an armored public key file, or by fingerprint from ``homes``."""
+    from reconciler.adapters.tufkeys import metadata_keys, metadata_signer
+
     path = Path(spec)
     if path.is_file():
         keys = metadata_keys(read_keys([path]))
@@ -117,6 +147,8 @@ def read_metadata_key(spec: str, homes: list[Path]) -> Key:
 
 
 def open_daemon(cfg: Config) -> Daemon:
+    from reconciler.daemon.loop import Daemon
+
     return Daemon(cfg, open_reconciler(cfg))
 
 
@@ -126,6 +158,11 @@ def open_ledger(cfg: Config, read_only: bool = False) -> Ledger:
 
 def open_agent(cfg: AgentConfig) -> Agent:
     """The host agent with the real fetcher, clock, gpg and health probe."""
+    from reconciler.adapters.fetch import HttpFetcher
+    from reconciler.adapters.tufkeys import metadata_keys
+    from reconciler.agent import health
+    from reconciler.agent.updater import Agent
+
     return Agent(
         cfg,
         fetcher=HttpFetcher(),

@@ -5,6 +5,7 @@ Verification always happens in a throwaway keyring holding only the pinned keys:
 a key that merely sits in the user's keyring or in the store is never trusted.
 A signature is shown to gpg only after reconciler.openpgp found it to be nothing but
 signature packets, and every gpg run has a deadline.
+The same keys as signers of TUF metadata are reconciler.adapters.tufkeys'.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import gnupg
-from securesystemslib.signer import GPGSigner, Key
 
 from reconciler.core import openpgp
 from reconciler.errors import ReconcilerError, SigningError, VerificationError
@@ -155,48 +155,12 @@ class Signer:
             raise SigningError(f"gpg could not sign {path.name}: {sig.status or 'no output'}")
         return bytes(sig.data)
 
-    def metadata_signer(self) -> GPGSigner:
-        """This key as securesystemslib's GPGSigner, which signs TUF metadata (gpg
-        with its own 10 s deadline). A passphrase reaches it only through gpg-agent."""
-        return metadata_signer(self.gnupghome, self.fingerprint)
-
     def public_key(self) -> bytes:
         with self._gpg.deadline(f"exporting public key {self.fingerprint}", GPG_TIMEOUT):
             armored = self._gpg.export_keys(self.fingerprint)
         if not armored:
             raise SigningError(f"cannot export public key {self.fingerprint}")
         return str(armored).encode()
-
-
-def metadata_signer(gnupghome: Path, fingerprint: str) -> GPGSigner:
-    """The key ``fingerprint`` of ``gnupghome`` as a signer of TUF metadata."""
-    try:
-        _, key = GPGSigner.import_(fingerprint.lower(), str(gnupghome))
-    except (ValueError, OSError, subprocess.SubprocessError) as exc:
-        raise SigningError(f"cannot use key {fingerprint} of {gnupghome} for TUF metadata: {exc}") from None
-    return GPGSigner(key, str(gnupghome))
-
-
-def metadata_signers(gnupghome: Path) -> list[GPGSigner]:
-    """Every secret key of ``gnupghome`` as a signer of TUF metadata."""
-    gpg = _GPG(str(gnupghome), SigningError)
-    with gpg.deadline(f"listing the secret keys of {gnupghome}", GPG_TIMEOUT):
-        secret = gpg.list_keys(secret=True)
-    return [metadata_signer(gnupghome, k["fingerprint"]) for k in secret]
-
-
-def metadata_keys(public_keys: list[bytes]) -> list[Key]:
-    """Armored public keys (an agent's pinned ones) as keys of TUF metadata, one per
-    primary key (the key that signs: a signing subkey is not supported)."""
-    with Verifier(public_keys) as v:
-        keys: list[Key] = []
-        for fpr in sorted(v.fingerprints):
-            try:
-                _, primary = GPGSigner.import_(fpr.lower(), str(v.home))
-            except (ValueError, OSError, subprocess.SubprocessError) as exc:
-                raise VerificationError(f"cannot read pinned key {fpr}: {exc}") from None
-            keys.append(primary)
-        return keys
 
 
 class Verifier:

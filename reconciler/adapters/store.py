@@ -1,57 +1,36 @@
 """The artifact store: a key -> bytes namespace laid out as SPEC says.
 
-Backends implement reconciler.ports.Store: :class:`FilesystemStore` (a directory tree) and
-:class:`S3Store` (a bucket of an S3-compatible service); reconciler.wiring picks one
-from the configuration. Every write is atomic: a reader sees the old object or the
-whole new one, never a prefix. Every failure is a :class:`StoreError` naming the key
-and the reason in one line.
+Backends implement reconciler.ports.Store: :class:`FilesystemStore` (a directory tree)
+here and :class:`reconciler.adapters.s3.S3Store` (a bucket of an S3-compatible
+service), a module of its own so that only an S3 store imports boto3;
+reconciler.wiring picks one from the configuration. Every write is atomic: a reader
+sees the old object or the whole new one, never a prefix. Every failure is a
+:class:`StoreError` naming the key and the reason in one line.
 """
 
 from __future__ import annotations
 
 import builtins
-import configparser
 import errno
 import os
 import shutil
 import stat
 import tempfile
-import urllib.parse
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-import boto3
-from boto3.exceptions import S3UploadFailedError
-from boto3.s3.transfer import TransferConfig
-from botocore.config import Config as BotoConfig
-from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
-    ConnectTimeoutError,
-    EndpointConnectionError,
-    NoCredentialsError,
-    PartialCredentialsError,
-    ReadTimeoutError,
-)
-
-from reconciler.errors import ConfigError, StoreError
-
-if TYPE_CHECKING:
-    from types_boto3_s3.client import S3Client
+from reconciler.errors import StoreError
 
 
-def _check_key(key: str) -> None:
+def check_key(key: str) -> None:
     parts = key.split("/")
     if key.startswith("/") or any(p in ("", ".", "..") for p in parts):
         raise StoreError(f"invalid store key {key!r}")
 
 
-def _check_prefix(prefix: str) -> None:
+def check_prefix(prefix: str) -> None:
     """A listing prefix: like a key, but it may be empty or end in ``/``."""
     if prefix:
-        _check_key(prefix[:-1] if prefix.endswith("/") else prefix)
+        check_key(prefix[:-1] if prefix.endswith("/") else prefix)
 
 
 TMP_PREFIX = ".tmp-"
@@ -64,7 +43,7 @@ class FilesystemStore:
         self.root = root
 
     def _path(self, key: str) -> Path:
-        _check_key(key)
+        check_key(key)
         return self.root / key
 
     def _write(self, key: str, fill: object) -> None:
@@ -126,7 +105,7 @@ class FilesystemStore:
         return self._path(key).as_uri()
 
     def list(self, prefix: str = "") -> builtins.list[str]:
-        _check_prefix(prefix)
+        check_prefix(prefix)
         # Walk only the deepest directory the prefix names; temporary files of
         # writes in progress are not objects.
         start = self.root / prefix.rpartition("/")[0]
@@ -163,268 +142,3 @@ class FilesystemStore:
             except OSError as exc:
                 raise StoreError(f"cannot remove {tmp}: {exc.strerror or exc}") from None
         return removed
-
-
-@dataclass(frozen=True)
-class S3Credentials:
-    access_key_id: str
-    secret_access_key: str = field(repr=False)
-    session_token: str | None = field(default=None, repr=False)
-
-
-_CREDENTIAL_KEYS = {
-    "access_key_id": "access_key_id",
-    "aws_access_key_id": "access_key_id",
-    "secret_access_key": "secret_access_key",
-    "aws_secret_access_key": "secret_access_key",
-    "session_token": "session_token",
-    "aws_session_token": "session_token",
-}
-
-
-def read_credentials(path: Path) -> S3Credentials:
-    """Read S3 credentials from ``path``; errors name the file and key.
-
-    Two forms: lines ``access_key_id = ...`` and ``secret_access_key = ...`` (``:``
-    also separates, ``#`` starts a comment), or an AWS-style ini file whose
-    ``[default]`` section (or only section) holds ``aws_access_key_id`` and
-    ``aws_secret_access_key``. ``session_token`` is optional in both.
-    """
-    p = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(p, "", f"cannot read: {getattr(exc, 'strerror', None) or exc}") from None
-    lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1)]
-    lines = [(n, line) for n, line in lines if line and not line.startswith(("#", ";"))]
-    values: dict[str, str] = {}
-    if any(line.startswith("[") for _, line in lines):
-        ini = configparser.ConfigParser(interpolation=None)
-        try:
-            ini.read_string(text, source=p)
-        except configparser.Error as exc:
-            raise ConfigError(p, "", f"invalid ini file: {' '.join(str(exc).split())}") from None
-        sections = ini.sections()
-        if "default" in sections:
-            name = "default"
-        elif len(sections) == 1:
-            name = sections[0]
-        else:
-            raise ConfigError(p, "", f"has profiles {', '.join(sections)} but no [default]")
-        items = ini.items(name)
-    else:
-        items = []
-        for n, line in lines:
-            sep = min((i for i in (line.find("="), line.find(":")) if i > 0), default=-1)
-            if sep < 0:
-                raise ConfigError(p, "", f"line {n}: expected 'access_key_id = VALUE'")
-            items.append((line[:sep].strip().lower(), line[sep + 1 :].strip()))
-    for k, v in items:
-        if k in _CREDENTIAL_KEYS:
-            values[_CREDENTIAL_KEYS[k]] = v.strip().strip("\"'")
-    for k in ("access_key_id", "secret_access_key"):
-        if not values.get(k):
-            raise ConfigError(p, k, "is required")
-    return S3Credentials(
-        access_key_id=values["access_key_id"],
-        secret_access_key=values["secret_access_key"],
-        session_token=values.get("session_token") or None,
-    )
-
-
-_CONTENT_TYPES = {".json": "application/json", ".asc": "application/pgp-signature"}
-_MISSING = frozenset({"404", "NoSuchKey", "NotFound"})
-_DENIED = frozenset({"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden"})
-
-
-class S3Store:
-    """A bucket (and optional key prefix) of an S3-compatible object store.
-
-    Each put is a single PUT, or a multipart upload that becomes visible only when
-    completed, so a reader sees the old object or the whole new one. ``credentials``
-    None means boto3's standard chain (environment, shared files, instance role).
-    """
-
-    def __init__(
-        self,
-        bucket: str,
-        prefix: str = "",
-        endpoint_url: str | None = None,
-        region: str = "us-east-1",
-        credentials: S3Credentials | None = None,
-        *,
-        max_attempts: int = 3,
-        connect_timeout: float = 10.0,
-        read_timeout: float = 60.0,
-        multipart_threshold: int = 64 << 20,
-        multipart_chunksize: int = 16 << 20,
-    ) -> None:
-        self.bucket = bucket
-        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
-        _check_prefix(self.prefix)
-        self.endpoint_url = endpoint_url.rstrip("/") if endpoint_url else None
-        self.region = region
-        self.location = f"s3://{bucket}/{self.prefix}" + (f" at {self.endpoint_url}" if endpoint_url else "")
-        self._transfer = TransferConfig(
-            multipart_threshold=multipart_threshold,
-            multipart_chunksize=multipart_chunksize,
-            max_concurrency=4,
-        )
-        config = BotoConfig(
-            region_name=region,
-            signature_version="s3v4",
-            connect_timeout=connect_timeout,
-            read_timeout=read_timeout,
-            retries={"mode": "standard", "max_attempts": max_attempts},
-            # Most S3-compatible services (SeaweedFS, MinIO, Ceph) want path-style URLs.
-            s3={"addressing_style": "path" if endpoint_url else "auto"},
-        )
-        try:
-            session = boto3.session.Session(
-                aws_access_key_id=credentials.access_key_id if credentials else None,
-                aws_secret_access_key=credentials.secret_access_key if credentials else None,
-                aws_session_token=credentials.session_token if credentials else None,
-                region_name=region,
-            )
-            self.client: S3Client = session.client("s3", endpoint_url=self.endpoint_url, config=config)
-        except (BotoCoreError, ValueError) as exc:
-            raise StoreError(f"cannot set up an S3 client for {self.location}: {self._reason(exc)}") from None
-
-    def _key(self, key: str) -> str:
-        _check_key(key)
-        return self.prefix + key
-
-    def _reason(self, exc: BaseException) -> str:
-        # boto3's managed transfer wraps the client's error; report the original.
-        while isinstance(exc, S3UploadFailedError) and exc.__context__ is not None:
-            exc = exc.__context__
-        if isinstance(exc, ClientError):
-            err = exc.response.get("Error", {})
-            code = str(err.get("Code") or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
-            message = str(err.get("Message") or "")
-            if code == "NoSuchBucket":
-                text = f"bucket {self.bucket!r} does not exist"
-            elif code in _DENIED:
-                text = f"access denied ({code}{': ' + message if message else ''}); check the credentials"
-            else:
-                text = f"{code}: {message}" if message else f"error {code}"
-        elif isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
-            text = (
-                "no usable S3 credentials (set store.credentials_file, or AWS_ACCESS_KEY_ID and "
-                "AWS_SECRET_ACCESS_KEY)"
-            )
-        elif isinstance(exc, EndpointConnectionError):
-            text = f"cannot connect to {self.endpoint_url or 'the S3 endpoint'}"
-        elif isinstance(exc, (ConnectTimeoutError, ReadTimeoutError)):
-            text = f"timed out talking to {self.endpoint_url or 'the S3 endpoint'}"
-        elif isinstance(exc, OSError) and exc.strerror:
-            text = exc.strerror
-        else:
-            text = str(exc) or type(exc).__name__
-        return " ".join(text.split())
-
-    def _error(self, action: str, key: str, exc: BaseException) -> StoreError:
-        return StoreError(f"cannot {action} {key} in {self.location}: {self._reason(exc)}")
-
-    @staticmethod
-    def _code(exc: ClientError) -> str:
-        return str(exc.response.get("Error", {}).get("Code", ""))
-
-    def put_file(self, key: str, path: Path) -> None:
-        full = self._key(key)
-        try:
-            self.client.upload_file(
-                str(path),
-                self.bucket,
-                full,
-                ExtraArgs={"ContentType": _content_type(key)},
-                Config=self._transfer,
-            )
-        except (BotoCoreError, ClientError, S3UploadFailedError, OSError) as exc:
-            raise self._error("write", key, exc) from None
-
-    def put_bytes(self, key: str, data: bytes) -> None:
-        full = self._key(key)
-        try:
-            self.client.put_object(Bucket=self.bucket, Key=full, Body=data, ContentType=_content_type(key))
-        except (BotoCoreError, ClientError) as exc:
-            raise self._error("write", key, exc) from None
-
-    def get_bytes(self, key: str) -> bytes | None:
-        full = self._key(key)
-        try:
-            body = self.client.get_object(Bucket=self.bucket, Key=full)["Body"]
-            try:
-                return body.read()
-            finally:
-                body.close()
-        except ClientError as exc:
-            if self._code(exc) in _MISSING:
-                return None
-            raise self._error("read", key, exc) from None
-        except BotoCoreError as exc:
-            raise self._error("read", key, exc) from None
-
-    def size(self, key: str) -> int | None:
-        full = self._key(key)
-        try:
-            return self.client.head_object(Bucket=self.bucket, Key=full)["ContentLength"]
-        except ClientError as exc:
-            # HEAD has no body: a missing key is a bare 404 (so is a missing bucket).
-            if self._code(exc) in _MISSING:
-                return None
-            raise self._error("stat", key, exc) from None
-        except BotoCoreError as exc:
-            raise self._error("stat", key, exc) from None
-
-    def exists(self, key: str) -> bool:
-        return self.size(key) is not None
-
-    def url(self, key: str) -> str:
-        path = urllib.parse.quote(self._key(key), safe="/~")
-        if self.endpoint_url:
-            return f"{self.endpoint_url}/{self.bucket}/{path}"
-        return f"https://{self.bucket}.s3.{self.region}.amazonaws.com/{path}"
-
-    def _pages(self, prefix: str) -> Iterator[str]:
-        paginator = self.client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
-            for obj in page.get("Contents", []):
-                key = obj.get("Key", "")
-                if key.startswith(self.prefix) and not key.endswith("/"):
-                    yield key[len(self.prefix) :]
-
-    def list(self, prefix: str = "") -> builtins.list[str]:
-        _check_prefix(prefix)
-        try:
-            return sorted(self._pages(prefix))
-        except (BotoCoreError, ClientError) as exc:
-            raise StoreError(f"cannot list {prefix or '/'} in {self.location}: {self._reason(exc)}") from None
-
-    def delete(self, key: str) -> None:
-        full = self._key(key)
-        try:
-            self.client.delete_object(Bucket=self.bucket, Key=full)
-        except (BotoCoreError, ClientError) as exc:
-            raise self._error("delete", key, exc) from None
-
-    def sweep(self) -> builtins.list[str]:
-        """Abort the multipart uploads that writes which died left: unseen, but stored."""
-        removed = []
-        try:
-            paginator = self.client.get_paginator("list_multipart_uploads")
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
-                for upload in page.get("Uploads", []):
-                    key, upload_id = upload.get("Key", ""), upload.get("UploadId", "")
-                    if not key.startswith(self.prefix):
-                        continue
-                    self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
-                    removed.append(f"{key[len(self.prefix) :]} (upload {upload_id})")
-        except (BotoCoreError, ClientError) as exc:
-            reason = self._reason(exc)
-            raise StoreError(f"cannot abort unfinished uploads in {self.location}: {reason}") from None
-        return removed
-
-
-def _content_type(key: str) -> str:
-    return _CONTENT_TYPES.get(Path(key).suffix, "application/octet-stream")

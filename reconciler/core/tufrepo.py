@@ -25,7 +25,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from enum import StrEnum
 from typing import Any
 
 from securesystemslib.signer import Key
@@ -44,6 +43,8 @@ from tuf.api.metadata import (
 from tuf.api.serialization.json import JSONSerializer
 
 from reconciler.core.layout import TUF_PREFIX, tuf_path
+from reconciler.core.tufroles import Lifetimes as Lifetimes
+from reconciler.core.tufroles import RoleName as RoleName
 from reconciler.errors import ReconcilerError
 
 BINS_PREFIX = "bins"
@@ -54,38 +55,11 @@ metadata_key = tuf_path
 SERIALIZER = JSONSerializer(compact=True)
 
 
-class RoleName(StrEnum):
-    ROOT = "root"
-    TARGETS = "targets"
-    SNAPSHOT = "snapshot"
-    TIMESTAMP = "timestamp"
-    BINS = "bins"  # the delegated hash bins, all under one key set
-
-
 TOP_ROLES = (RoleName.ROOT, RoleName.TARGETS, RoleName.SNAPSHOT, RoleName.TIMESTAMP)
 
 
 class KeyChangeError(ReconcilerError):
     """A key or threshold change that would leave a role unusable."""
-
-
-@dataclass(frozen=True)
-class Lifetimes:
-    """How long each role's metadata is valid after it is signed."""
-
-    root: timedelta = timedelta(days=365)
-    targets: timedelta = timedelta(days=365)
-    snapshot: timedelta = timedelta(days=7)  # also the bins': both are online
-    timestamp: timedelta = timedelta(days=1)  # the window in which a freeze shows
-
-    def of(self, role: RoleName) -> timedelta:
-        return {
-            RoleName.ROOT: self.root,
-            RoleName.TARGETS: self.targets,
-            RoleName.SNAPSHOT: self.snapshot,
-            RoleName.BINS: self.snapshot,
-            RoleName.TIMESTAMP: self.timestamp,
-        }[role]
 
 
 def target_path(host: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -10,8 +11,10 @@ from prometheus_client.registry import Collector
 
 from reconciler.core.model import Status
 from reconciler.daemon.gate import Refusal
-from reconciler.daemon.tuf import TufRepository
 from reconciler.ports import Ledger
+
+if TYPE_CHECKING:
+    from reconciler.daemon.tuf import TufRepository
 
 # Builds of real hosts take seconds to minutes; reconciles of an unchanged fleet
 # take well under a second.
@@ -196,8 +199,9 @@ class Metrics:
                 self.builder_builds.labels(name, result)
             self.builder_build_duration.labels(name)
 
-    def watch(self, ledger: Ledger, tuf: TufRepository) -> None:
+    def watch(self, ledger: Ledger, tuf: TufRepository | None) -> None:
         """Serve the ledger's per-host figures (LedgerCollector) and the TUF roles'
         (TufCollector) from now on."""
         self.registry.register(LedgerCollector(ledger))
-        self.registry.register(TufCollector(tuf))
+        if tuf is not None:
+            self.registry.register(TufCollector(tuf))

@@ -18,10 +18,7 @@ from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from securesystemslib.signer import Signer as MetadataSigner
-from tuf.api.metadata import Metadata
+from typing import TYPE_CHECKING, Any
 
 from reconciler import log
 from reconciler.config import Config
@@ -31,13 +28,12 @@ from reconciler.core.layout import PUBLISHER_KEY, latest_path, release_path
 from reconciler.core.model import Action, BuildOutput, Evaluation, Status
 from reconciler.core.plan import HostPlan, Plan, make_plan, retry_delay
 from reconciler.core.release import Artifact, Release, new_release, parse_release
-from reconciler.core.tufrepo import RoleName
+from reconciler.core.tufroles import RoleName
 from reconciler.core.versions import MAX_TAKEN, Adopt, Decision, Taken, decide, first_candidate
 from reconciler.daemon.gate import CommitRefusedError
 from reconciler.daemon.gc import collect
 from reconciler.daemon.metrics import Metrics
 from reconciler.daemon.publish import publish
-from reconciler.daemon.tuf import KeyChange, TufError, TufRepository
 from reconciler.errors import (
     BuildError,
     ConfigError,
@@ -45,9 +41,21 @@ from reconciler.errors import (
     SigningError,
     SourceError,
     StoreError,
+    TufError,
     VerificationError,
 )
 from reconciler.ports import Ledger, Ports, Signer
+
+if TYPE_CHECKING:
+    # Types only: python-tuf (and boto3 through securesystemslib) is imported by whoever
+    # opens the repository (reconciler.wiring), never by a plan.
+    from securesystemslib.signer import Signer as MetadataSigner
+    from tuf.api.metadata import Metadata
+
+    from reconciler.daemon.tuf import KeyChange, TufRepository
+
+# How a pass opens its TUF repository, given how to get the online signing key.
+OpenTuf = Callable[[Callable[[], "MetadataSigner"]], "TufRepository"]
 
 COMMIT_KEY = "commit"
 # Why the newest commit was not built (refused by the commit gate), or empty.
@@ -108,7 +116,11 @@ class Reconciler:
     """The pass over its ports (reconciler.ports); reconciler.wiring builds one from a
     Config with the real adapters."""
 
-    def __init__(self, cfg: Config, ports: Ports, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, cfg: Config, ports: Ports, metrics: Metrics | None = None, tuf: OpenTuf | None = None
+    ) -> None:
+        """``tuf`` opens the store's TUF repository; without one (`reconciler plan`)
+        the pass can plan but not publish."""
         self.cfg = cfg
         self.metrics = metrics or Metrics()
         self.source = ports.source
@@ -129,11 +141,15 @@ class Reconciler:
         self._last_gc = self.clock.monotonic()
         self._key_published = False
         self._store_recovered = False
-        self.tuf = TufRepository(
-            self.store, cfg.state_dir / "tuf", lambda: self.signer.metadata_signer(), self.clock, cfg.tuf
-        )
-        self.metrics.watch(self.state, self.tuf)
+        self._tuf = tuf(lambda: self.signer.metadata_signer()) if tuf is not None else None
+        self.metrics.watch(self.state, self._tuf)
         self.metrics.known_builders([LOCAL, *(b.name for b in cfg.builders)])
+
+    @property
+    def tuf(self) -> TufRepository:
+        if self._tuf is None:
+            raise ReconcilerError("this pass has no TUF repository: it can plan, not publish")
+        return self._tuf
 
     @property
     def signer(self) -> Signer:

@@ -35,7 +35,7 @@ from reconciler.config import TufConfig
 from reconciler.core import tufrepo
 from reconciler.core.layout import release_path
 from reconciler.core.tufrepo import SERIALIZER, KeySet, RoleName, metadata_key
-from reconciler.errors import ReconcilerError, SigningError, StoreError
+from reconciler.errors import SigningError, StoreError, TufError
 from reconciler.ports import Clock, Store
 
 # A change of keys or thresholds applied to (root, targets): core.tufrepo's add_key,
@@ -47,10 +47,6 @@ KeyChange = Callable[[Root, Targets], None]
 LOCAL_FILE = "metadata.json"
 # A published release whose file the store lacks is looked for again after this long.
 MISSING_RETRY = 600.0
-
-
-class TufError(ReconcilerError):
-    """The TUF metadata could not be loaded, verified or signed."""
 
 
 def sign(md: Metadata[Any], signer: MetadataSigner, append: bool = False) -> None:

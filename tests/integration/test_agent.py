@@ -33,7 +33,7 @@ from tuf.api.metadata import Metadata
 
 from reconciler import log
 from reconciler.adapters.clock import SystemClock
-from reconciler.adapters.gpg import metadata_signer
+from reconciler.adapters.tufkeys import metadata_signer
 from reconciler.agent.config import load_agent_config
 from reconciler.agent.updater import Agent
 from reconciler.config import load_config

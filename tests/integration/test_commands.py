@@ -135,3 +135,35 @@ def test_build_keeps_the_published_builds_gc_root(
     mine = tmp_path / "state" / "gcroots" / "b-site.build"
     assert os.readlink(mine) != published
     assert built.stdout.strip() == f"{mine}/b-site-2-linux-amd64.aci"
+
+
+# What only signing, pinning or an s3 store needs: together they took longer to import
+# than a plan of a thousand hosts takes to run (issue 13).
+NOT_FOR_A_PLAN = ("boto3", "botocore", "tuf", "securesystemslib", "watchdog")
+# The plan command, then the packages it imported, one a line, after a marker.
+PLAN_IMPORTS = """
+import sys
+from reconciler import cli
+code = cli.main(sys.argv[1:])
+print("--- imported")
+print("\\n".join(sorted({m.split(".")[0] for m in sys.modules})))
+sys.exit(code)
+"""
+
+
+def test_plan_imports_nothing_for_signing_or_s3(
+    tmp_path: Path, config_repo: ConfigRepo, signing: Signing
+) -> None:
+    fleet(config_repo, "first")
+    cfg = write_config(tmp_path, config_repo, signing)
+    planned = subprocess.run(
+        [sys.executable, "-c", PLAN_IMPORTS, "plan", "-c", str(cfg)],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=600,
+    )
+    assert planned.returncode == 0, planned.stderr
+    out, _, imported = planned.stdout.partition("--- imported\n")
+    assert "b-site: rebuild: new host, never published" in out
+    assert sorted(set(NOT_FOR_A_PLAN) & set(imported.split())) == []

@@ -34,7 +34,8 @@ from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
 from reconciler.adapters.gpg import Signer
-from reconciler.adapters.store import FilesystemStore, S3Credentials, S3Store
+from reconciler.adapters.s3 import S3Credentials, S3Store
+from reconciler.adapters.store import FilesystemStore
 from reconciler.agent.verify import verify
 from reconciler.config import load_config
 from reconciler.core.layout import blob_path, latest_path, release_path

@@ -28,8 +28,8 @@ from tuf.api.metadata import Metadata, Root, Targets
 
 from reconciler.adapters.clock import SystemClock
 from reconciler.adapters.fetch import HttpFetcher
-from reconciler.adapters.gpg import metadata_keys, metadata_signer
 from reconciler.adapters.store import FilesystemStore
+from reconciler.adapters.tufkeys import metadata_keys, metadata_signer
 from reconciler.agent import health
 from reconciler.agent.config import AgentConfig
 from reconciler.agent.updater import Agent

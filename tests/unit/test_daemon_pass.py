@@ -13,6 +13,7 @@ from reconciler.core.layout import latest_path, release_path
 from reconciler.core.model import Action, Status
 from reconciler.daemon.gate import CommitRefusedError, Gate
 from reconciler.daemon.reconciler import COMMIT_KEY, SOURCE_ERROR_KEY, Reconciler
+from reconciler.daemon.tuf import TufRepository
 from reconciler.errors import ConfigError
 from reconciler.ports import Ports
 from tests.fakes import FakeClock, FakeNix, FakeSigner, FakeSource, MemoryLedger, MemoryStore, RefusingGate
@@ -56,7 +57,11 @@ class World:
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         gate = self.gate if self.gate is not None else Gate(cfg.repo)
         ports = Ports(self.source, self.nix, self.store, self.ledger, gate, lambda: self.signer, self.clock)
-        return Reconciler(cfg, ports)
+        return Reconciler(
+            cfg,
+            ports,
+            tuf=lambda online: TufRepository(self.store, cfg.state_dir / "tuf", online, self.clock, cfg.tuf),
+        )
 
     def latest(self, host: str) -> dict[str, object]:
         data = self.store.get_bytes(latest_path(host))

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.adapters.store import FilesystemStore, S3Credentials, S3Store, read_credentials
+from reconciler.adapters.s3 import S3Credentials, S3Store, read_credentials
+from reconciler.adapters.store import FilesystemStore
 from reconciler.config import StoreConfig
 from reconciler.errors import ConfigError, StoreError
 from reconciler.wiring import open_store

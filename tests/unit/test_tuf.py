@@ -25,8 +25,8 @@ from reconciler.config import TufConfig
 from reconciler.core import tufrepo
 from reconciler.core.layout import release_path
 from reconciler.core.tufrepo import SERIALIZER, RoleName, metadata_key, target_path
-from reconciler.daemon.tuf import LOCAL_FILE, TufError, TufRepository
-from reconciler.errors import SigningError
+from reconciler.daemon.tuf import LOCAL_FILE, TufRepository
+from reconciler.errors import SigningError, TufError
 from tests.fakes import CrashError, FakeClock, MemoryStore
 
 TUF = TufConfig(bit_length=2)  # four bins: bins-0 .. bins-3

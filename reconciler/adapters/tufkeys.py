@@ -1,0 +1,56 @@
+"""gpg keys as signers and keys of TUF metadata (securesystemslib's GPGSigner).
+
+Apart from reconciler.adapters.gpg because securesystemslib imports boto3 and more:
+only what signs or pins TUF metadata imports this (through reconciler.wiring), never
+a plan.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from securesystemslib.signer import GPGSigner, Key
+
+from reconciler.adapters.gpg import _GPG, GPG_TIMEOUT, Signer, Verifier
+from reconciler.errors import SigningError, VerificationError
+
+
+class TufSigner(Signer):
+    """A gpg signer that also signs TUF metadata (reconciler.ports.Signer)."""
+
+    def metadata_signer(self) -> GPGSigner:
+        """This key as securesystemslib's GPGSigner, which signs TUF metadata (gpg
+        with its own 10 s deadline). A passphrase reaches it only through gpg-agent."""
+        return metadata_signer(self.gnupghome, self.fingerprint)
+
+
+def metadata_signer(gnupghome: Path, fingerprint: str) -> GPGSigner:
+    """The key ``fingerprint`` of ``gnupghome`` as a signer of TUF metadata."""
+    try:
+        _, key = GPGSigner.import_(fingerprint.lower(), str(gnupghome))
+    except (ValueError, OSError, subprocess.SubprocessError) as exc:
+        raise SigningError(f"cannot use key {fingerprint} of {gnupghome} for TUF metadata: {exc}") from None
+    return GPGSigner(key, str(gnupghome))
+
+
+def metadata_signers(gnupghome: Path) -> list[GPGSigner]:
+    """Every secret key of ``gnupghome`` as a signer of TUF metadata."""
+    gpg = _GPG(str(gnupghome), SigningError)
+    with gpg.deadline(f"listing the secret keys of {gnupghome}", GPG_TIMEOUT):
+        secret = gpg.list_keys(secret=True)
+    return [metadata_signer(gnupghome, k["fingerprint"]) for k in secret]
+
+
+def metadata_keys(public_keys: list[bytes]) -> list[Key]:
+    """Armored public keys (an agent's pinned ones) as keys of TUF metadata, one per
+    primary key (the key that signs: a signing subkey is not supported)."""
+    with Verifier(public_keys) as v:
+        keys: list[Key] = []
+        for fpr in sorted(v.fingerprints):
+            try:
+                _, primary = GPGSigner.import_(fpr.lower(), str(v.home))
+            except (ValueError, OSError, subprocess.SubprocessError) as exc:
+                raise VerificationError(f"cannot read pinned key {fpr}: {exc}") from None
+            keys.append(primary)
+        return keys
