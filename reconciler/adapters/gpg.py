@@ -114,6 +114,13 @@ class _GPG(gnupg.GPG):  # type: ignore[misc]  # python-gnupg ships no type hints
         return proc
 
 
+def secret_fingerprints(gnupghome: Path) -> list[str]:
+    """The fingerprints of every secret key in ``gnupghome``."""
+    gpg = _GPG(str(gnupghome), SigningError)
+    with gpg.deadline(f"listing the secret keys of {gnupghome}", GPG_TIMEOUT):
+        return [str(k["fingerprint"]) for k in gpg.list_keys(secret=True)]
+
+
 class Signer:
     """Signs bytes with one secret key from a GNUPGHOME."""
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from securesystemslib.signer import GPGSigner, Key
 
-from reconciler.adapters.gpg import _GPG, GPG_TIMEOUT, Signer, Verifier
+from reconciler.adapters.gpg import Signer, Verifier, secret_fingerprints
 from reconciler.errors import SigningError, VerificationError
 
 
@@ -36,10 +36,7 @@ def metadata_signer(gnupghome: Path, fingerprint: str) -> GPGSigner:
 
 def metadata_signers(gnupghome: Path) -> list[GPGSigner]:
     """Every secret key of ``gnupghome`` as a signer of TUF metadata."""
-    gpg = _GPG(str(gnupghome), SigningError)
-    with gpg.deadline(f"listing the secret keys of {gnupghome}", GPG_TIMEOUT):
-        secret = gpg.list_keys(secret=True)
-    return [metadata_signer(gnupghome, k["fingerprint"]) for k in secret]
+    return [metadata_signer(gnupghome, fpr) for fpr in secret_fingerprints(gnupghome)]
 
 
 def metadata_keys(public_keys: list[bytes]) -> list[Key]:
