@@ -1,11 +1,14 @@
 """The publisher's side of the store's TUF repository (reconciler.core.tufrepo).
 
-The daemon holds its copy of the metadata in ``<state_dir>/tuf/``: that copy is what
-it signs again, never what the store serves (a store is not trusted to keep the
-daemon's word). Without that copy (a new state directory) it reads the store's
-metadata and takes it only if every file verifies: root by root from version 1, then
-timestamp, snapshot, targets and every bin, each against the keys its delegator names;
-with no metadata anywhere it starts a repository with its own key in every role.
+The daemon holds its copy of the metadata in ``<state_dir>/tuf/metadata.json`` (one
+file, replaced whole once the store has everything): that copy is what it signs again,
+never what the store serves (a store is not trusted to keep the daemon's word).
+Without that copy (a new state directory), or when the store's timestamp is newer than
+it (a process killed between the two), it reads the store's metadata and takes it
+only if every file verifies: root by root from version 1, then timestamp, snapshot,
+targets and every bin, each against the keys its delegator names. With no timestamp
+in the store (none, or a creation killed before its end) it starts a repository with
+its own key in every role.
 
 After each pass :meth:`TufRepository.sync` makes the bins list each host's newest
 release (the ledger's versions), and re-signs whatever has less than half of its
@@ -41,7 +44,6 @@ from reconciler.ports import Clock, Store
 # A change of keys or thresholds applied to (root, targets): core.tufrepo's add_key,
 # revoke_key or set_threshold with their other arguments bound.
 KeyChange = Callable[[Root, Targets], None]
-
 
 # The daemon's copy of the metadata, in its TUF directory.
 LOCAL_FILE = "metadata.json"
