@@ -374,10 +374,14 @@ class Nix:
                 ],
                 self.settings.eval_timeout.total_seconds(),
                 "evaluation",
+                memory=self.settings.eval_memory,
             )
+        except BuildError:
+            # Past its deadline: as a failure, a package that never ends is found alone.
+            proc = None
         finally:
             fleet_file.unlink(missing_ok=True)
-        if proc.returncode == 0:
+        if proc is not None and proc.returncode == 0:
             ids: dict[str, str] = json.loads(proc.stdout)
             return ids
         if len(names) == 1:
