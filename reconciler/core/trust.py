@@ -112,14 +112,20 @@ def expired(release: Release, now: datetime) -> bool:
     return release.expires <= now
 
 
-def check_release(release: Release, pinned: Pinned, now: datetime) -> Artifact:
-    """The artifact this host would run from ``release``, or :class:`RefusalError`.
+def check_release(release: Release, pinned: Pinned, now: datetime, *, number: int) -> Artifact:
+    """The artifact this host would run from ``release``, read as its release
+    ``number``, or :class:`RefusalError`.
 
     The host is checked first: another host's genuine release is named as such
     whatever its version."""
     if release.host != pinned.host:
         raise RefusalError(
             Reason.WRONG_HOST, f"release is for host {release.host!r}, this is {pinned.host!r}"
+        )
+    if release.version != number:
+        raise RefusalError(
+            Reason.WRONG_VERSION,
+            f"{release_path(pinned.host, number)} holds release {release.version}, not {number}",
         )
     if release.version <= pinned.running:
         raise RefusalError(
@@ -193,11 +199,7 @@ class TrustedState:
             release = parse_release(data, key)
         except VerificationError as exc:
             raise RefusalError(Reason.MALFORMED, str(exc)) from None
-        if release.version != self._latest.version and release.host == self.pinned.host:
-            raise RefusalError(
-                Reason.WRONG_VERSION, f"{key} holds release {release.version}, not {self._latest.version}"
-            )
-        check_release(release, self.pinned, self.reference_time)
+        check_release(release, self.pinned, self.reference_time, number=self._latest.version)
         self._release = release
         return release
 

@@ -229,7 +229,7 @@ def refusal_of(
     r: Release, running: int = 4, fmt: str = "appimage", failed: frozenset[str] = frozenset()
 ) -> tuple[str, str]:
     with pytest.raises(RefusalError) as err:
-        check_release(r, pinned(running, fmt, failed), NOW)
+        check_release(r, pinned(running, fmt, failed), NOW, number=r.version)
     return err.value.reason, str(err.value)
 
 
@@ -242,7 +242,7 @@ def test_the_host_is_named_first() -> None:
 def test_a_failure_is_remembered_by_artifact_not_by_number() -> None:
     # Another artifact under the number that failed is fine; the failed artifact under
     # any number is not.
-    assert check_release(release(version=5), pinned(failed=frozenset({FAILED})), NOW).sha256 == SHA
+    assert check_release(release(version=5), pinned(failed=frozenset({FAILED})), NOW, number=5).sha256 == SHA
     assert refusal_of(release(version=6, sha256=FAILED), failed=frozenset({FAILED}))[0] == "failed-before"
 
 
