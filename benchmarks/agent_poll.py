@@ -453,7 +453,7 @@ def main() -> int:
             pub.sync()
             t2 = time.perf_counter()
             signed_first = pub.signer.count
-            bins = tufrepo.succinct(pub.tuf.load().targets)
+            bins = tufrepo.succinct(pub.tuf.load().targets.signed)
             tmpfs = (
                 " (tmpfs: the times leave out a disk's fsyncs)" if str(work).startswith("/dev/shm") else ""
             )

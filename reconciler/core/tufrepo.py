@@ -45,7 +45,7 @@ from tuf.api.serialization.json import JSONSerializer
 from reconciler.core.layout import TUF_PREFIX, tuf_path
 from reconciler.core.tufroles import Lifetimes as Lifetimes
 from reconciler.core.tufroles import RoleName as RoleName
-from reconciler.errors import ReconcilerError
+from reconciler.errors import ReconcilerError, TufError
 
 BINS_PREFIX = "bins"
 # The store keys of the metadata are the layout's (reconciler.core.layout).
@@ -67,9 +67,11 @@ def target_path(host: str) -> str:
     return f"hosts/{host}/latest.json"
 
 
-def succinct(targets: Metadata[Targets]) -> SuccinctRoles:
-    delegations = targets.signed.delegations
-    assert delegations is not None and delegations.succinct_roles is not None
+def succinct(targets: Targets, where: str = "targets") -> SuccinctRoles:
+    """The hash bins ``targets`` delegates to, or TufError naming ``where``."""
+    delegations = targets.delegations
+    if delegations is None or delegations.succinct_roles is None:
+        raise TufError(f"{where}: targets that delegate to no hash bins")
     return delegations.succinct_roles
 
 
@@ -165,7 +167,7 @@ def set_entries(
     wanted: Mapping[str, TargetFile | None],
 ) -> set[str]:
     """Put each host's entry (None: remove it) in its bin; the bins that changed."""
-    roles = succinct(targets)
+    roles = succinct(targets.signed)
     changed = set()
     for host, info in wanted.items():
         path = target_path(host)
@@ -203,7 +205,7 @@ def hosts_listed(bins: Iterable[Metadata[Targets]]) -> dict[str, int]:
 def role_keys(root: Root, targets: Targets, role: RoleName) -> tuple[list[str], int]:
     """The keyids and threshold of ``role``."""
     if role is RoleName.BINS:
-        roles = succinct(Metadata(targets))
+        roles = succinct(targets)
         return list(roles.keyids), roles.threshold
     r: Role = root.roles[role]
     return list(r.keyids), r.threshold
@@ -239,6 +241,6 @@ def set_threshold(root: Root, targets: Targets, role: RoleName, threshold: int) 
     if not 1 <= threshold <= len(keyids):
         raise KeyChangeError(f"{role} has {len(keyids)} key(s): its threshold must be 1 to {len(keyids)}")
     if role is RoleName.BINS:
-        succinct(Metadata(targets)).threshold = threshold
+        succinct(targets).threshold = threshold
     else:
         root.roles[role].threshold = threshold

@@ -31,7 +31,7 @@ from typing import Any
 
 from securesystemslib.signer import Signer as MetadataSigner
 from tuf.api.exceptions import RepositoryError, UnsignedMetadataError
-from tuf.api.metadata import Metadata, Root, Snapshot, SuccinctRoles, Targets, Timestamp
+from tuf.api.metadata import Metadata, Root, Snapshot, Targets, Timestamp
 
 from reconciler import log
 from reconciler.config import TufConfig
@@ -76,13 +76,6 @@ def typed(md: Metadata[Any], role: str, where: str) -> Metadata[Any]:
     if md.signed.type != expected:
         raise TufError(f"{where}: {md.signed.type} metadata where {expected} belongs")
     return md
-
-
-def bins_of(targets: Metadata[Targets], where: str) -> SuccinctRoles:
-    delegations = targets.signed.delegations
-    if delegations is None or delegations.succinct_roles is None:
-        raise TufError(f"{where}: targets that delegate to no hash bins")
-    return delegations.succinct_roles
 
 
 @dataclass
@@ -189,7 +182,7 @@ class TufRepository:
             doc = json.loads(path.read_bytes())
             where = str(path)
             targets: Metadata[Targets] = typed(Metadata.from_dict(doc["targets"]), Targets.type, where)
-            names = bins_of(targets, where).get_roles()
+            names = tufrepo.succinct(targets.signed, where).get_roles()
             bins: dict[str, Metadata[Targets]] = {
                 n: typed(Metadata.from_dict(doc["bins"][n]), n, where) for n in names
             }
@@ -254,7 +247,9 @@ class TufRepository:
             targets = self._get("targets", snapshot.signed.meta["targets.json"].version)
             root.verify_delegate("targets", targets)
             bins = {}
-            for name in bins_of(targets, metadata_key("targets", targets.signed.version)).get_roles():
+            for name in tufrepo.succinct(
+                targets.signed, metadata_key("targets", targets.signed.version)
+            ).get_roles():
                 bins[name] = self._get(name, snapshot.signed.meta[f"{name}.json"].version)
                 targets.verify_delegate(name, bins[name])
         except (RepositoryError, KeyError, ValueError) as exc:

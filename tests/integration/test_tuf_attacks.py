@@ -323,7 +323,7 @@ def test_rollback_to_older_metadata_is_refused(world: World, on_v1: Agent) -> No
 def test_mix_and_match_of_metadata_is_refused(world: World, on_v1: Agent) -> None:
     """A bin from an older snapshot served under the newer one's name."""
     targets = world.read("targets", 1)
-    name = tufrepo.succinct(targets).get_role_for_target(tufrepo.target_path(HOST))
+    name = tufrepo.succinct(targets.signed).get_role_for_target(tufrepo.target_path(HOST))
     snapshot = world.read("snapshot", world.read("timestamp", None).signed.snapshot_meta.version)
     old_bin = (
         world.store_dir / metadata_key(name, snapshot.signed.meta[f"{name}.json"].version)

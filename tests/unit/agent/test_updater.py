@@ -216,7 +216,7 @@ class Host:
 
     def bin_of(self, host: str = "web-1") -> str:
         md = self.publisher.load()
-        return tufrepo.succinct(md.targets).get_role_for_target(target_path(host))
+        return tufrepo.succinct(md.targets.signed).get_role_for_target(target_path(host))
 
 
 def make_agent(h: Host, **cfg: Any) -> Agent:

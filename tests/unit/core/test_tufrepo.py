@@ -75,7 +75,7 @@ def test_new_repository_delegates_to_2_pow_bit_length_empty_bins_under_the_onlin
     bit_length: int,
 ) -> None:
     _, targets, bins = repository(bit_length=bit_length)
-    roles = tufrepo.succinct(targets)
+    roles = tufrepo.succinct(targets.signed)
     assert roles.bit_length == bit_length and roles.name_prefix == tufrepo.BINS_PREFIX
     assert len(bins) == 2**bit_length == roles.number_of_bins
     assert set(bins) == set(roles.get_roles())
@@ -113,7 +113,7 @@ def test_snapshot_and_timestamp_name_the_versions_they_cover() -> None:
 
 
 def bin_of(targets: Metadata[Targets], host: str) -> str:
-    return tufrepo.succinct(targets).get_role_for_target(tufrepo.target_path(host))
+    return tufrepo.succinct(targets.signed).get_role_for_target(tufrepo.target_path(host))
 
 
 def test_set_entries_puts_each_entry_in_its_hash_bin_and_reports_the_bins_changed() -> None:
