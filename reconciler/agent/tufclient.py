@@ -26,8 +26,8 @@ from tuf.api.metadata import Metadata, Root, TargetFile, Timestamp
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
 from reconciler.adapters import fetch
+from reconciler.core.layout import TUF_PREFIX, tuf_path
 from reconciler.core.trust import Reason, RefusalError, refusal
-from reconciler.core.tufrepo import TUF_DIR, metadata_key
 from reconciler.errors import FetchError, FetchKind
 from reconciler.ports import Fetcher
 
@@ -96,7 +96,7 @@ class TufClient:
         self._downloads = _StoreDownloads(fetcher, timeout, count)
 
     def _url(self, role: str, version: int | None) -> str:
-        return fetch.join(self.store, metadata_key(role, version))
+        return fetch.join(self.store, tuf_path(role, version))
 
     @property
     def timestamp_url(self) -> str:
@@ -118,7 +118,7 @@ class TufClient:
         try:
             updater = Updater(
                 str(self.dir),
-                fetch.join(self.store, TUF_DIR),
+                fetch.join(self.store, TUF_PREFIX),
                 fetcher=self._downloads,
                 config=CONFIG,
                 bootstrap=bootstrap,

@@ -42,15 +42,11 @@ from tuf.api.metadata import (
 )
 from tuf.api.serialization.json import JSONSerializer
 
-from reconciler.core.layout import TUF_PREFIX, tuf_path
 from reconciler.core.tufroles import Lifetimes as Lifetimes
 from reconciler.core.tufroles import RoleName as RoleName
 from reconciler.errors import ReconcilerError, TufError
 
 BINS_PREFIX = "bins"
-# The store keys of the metadata are the layout's (reconciler.core.layout).
-TUF_DIR = TUF_PREFIX
-metadata_key = tuf_path
 # Compact JSON: every agent reads the snapshot and its bin after each publication.
 SERIALIZER = JSONSerializer(compact=True)
 

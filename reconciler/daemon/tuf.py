@@ -36,8 +36,8 @@ from tuf.api.metadata import Metadata, Root, Snapshot, Targets, Timestamp
 from reconciler import log
 from reconciler.config import TufConfig
 from reconciler.core import tufrepo
-from reconciler.core.layout import release_path
-from reconciler.core.tufrepo import SERIALIZER, KeySet, RoleName, metadata_key
+from reconciler.core.layout import release_path, tuf_path
+from reconciler.core.tufrepo import SERIALIZER, KeySet, RoleName
 from reconciler.errors import SigningError, StoreError, TufError
 from reconciler.ports import Clock, Store
 
@@ -140,7 +140,7 @@ class TufRepository:
     def _in_store(self) -> bool:
         """Whether the store holds a repository: its timestamp is written last, so a
         creation killed before it left nothing an agent could have used."""
-        return self.store.exists(metadata_key("timestamp", None))
+        return self.store.exists(tuf_path("timestamp", None))
 
     def load(self) -> Metadatas:
         """The current metadata; read again when another process (a key change, under
@@ -197,7 +197,7 @@ class TufRepository:
             raise TufError(f"{path}: unreadable TUF metadata ({exc!r})") from None
 
     def _store_ahead(self, md: Metadatas) -> bool:
-        data = self.store.get_bytes(metadata_key("timestamp", None))
+        data = self.store.get_bytes(tuf_path("timestamp", None))
         try:
             stored = Metadata.from_bytes(data) if data is not None else None
         except (ValueError, RepositoryError):
@@ -220,7 +220,7 @@ class TufRepository:
 
     def _get(self, role: str, version: int | None) -> Metadata[Any]:
         """``role``'s metadata from the store, of its type and (if given) ``version``."""
-        key = metadata_key(role, version)
+        key = tuf_path(role, version)
         data = self.store.get_bytes(key)
         if data is None:
             raise TufError(f"the store's TUF metadata lacks {key}")
@@ -235,7 +235,7 @@ class TufRepository:
         try:
             root = self._get("root", 1)
             root.verify_delegate("root", root)
-            while self.store.exists(metadata_key("root", root.signed.version + 1)):
+            while self.store.exists(tuf_path("root", root.signed.version + 1)):
                 new = self._get("root", root.signed.version + 1)
                 root.verify_delegate("root", new)
                 new.verify_delegate("root", new)
@@ -248,7 +248,7 @@ class TufRepository:
             root.verify_delegate("targets", targets)
             bins = {}
             for name in tufrepo.succinct(
-                targets.signed, metadata_key("targets", targets.signed.version)
+                targets.signed, tuf_path("targets", targets.signed.version)
             ).get_roles():
                 bins[name] = self._get(name, snapshot.signed.meta[f"{name}.json"].version)
                 targets.verify_delegate(name, bins[name])
@@ -272,14 +272,14 @@ class TufRepository:
         """Write what changed under new names, then the snapshot, the timestamp last;
         and the local copy once the store has it."""
         if root:
-            self._put(metadata_key("root", md.root.signed.version), md.root)
+            self._put(tuf_path("root", md.root.signed.version), md.root)
         if targets:
-            self._put(metadata_key("targets", md.targets.signed.version), md.targets)
+            self._put(tuf_path("targets", md.targets.signed.version), md.targets)
         for name, b in (bins or {}).items():
-            self._put(metadata_key(name, b.signed.version), b)
+            self._put(tuf_path(name, b.signed.version), b)
         if snapshot:
-            self._put(metadata_key("snapshot", md.snapshot.signed.version), md.snapshot)
-        self._put(metadata_key("timestamp", None), md.timestamp)
+            self._put(tuf_path("snapshot", md.snapshot.signed.version), md.snapshot)
+        self._put(tuf_path("timestamp", None), md.timestamp)
         self._save_local(md)
         self._forget_old(md, snapshot, targets, bins or {})
 
@@ -308,10 +308,10 @@ class TufRepository:
         that read the previous timestamp can still finish; older ones are dead."""
         old = []
         if snapshot:
-            old.append(metadata_key("snapshot", md.snapshot.signed.version - 2))
+            old.append(tuf_path("snapshot", md.snapshot.signed.version - 2))
         if targets:
-            old.append(metadata_key("targets", md.targets.signed.version - 2))
-        old += [metadata_key(name, b.signed.version - 2) for name, b in bins.items()]
+            old.append(tuf_path("targets", md.targets.signed.version - 2))
+        old += [tuf_path(name, b.signed.version - 2) for name, b in bins.items()]
         for key in old:
             try:
                 self.store.delete(key)

@@ -35,9 +35,9 @@ from reconciler.agent.config import AgentConfig
 from reconciler.agent.updater import Agent
 from reconciler.config import TufConfig
 from reconciler.core import tufrepo
-from reconciler.core.layout import latest_path, release_path
+from reconciler.core.layout import latest_path, release_path, tuf_path
 from reconciler.core.release import Artifact, new_release
-from reconciler.core.tufrepo import SERIALIZER, Lifetimes, RoleName, metadata_key
+from reconciler.core.tufrepo import SERIALIZER, Lifetimes, RoleName
 from reconciler.daemon.tuf import TufRepository
 from reconciler.demo import make_signing_key
 
@@ -205,7 +205,7 @@ class World:
         return agent
 
     def read(self, role: str, version: int | None) -> Metadata[Any]:
-        return Metadata.from_bytes((self.store_dir / metadata_key(role, version)).read_bytes())
+        return Metadata.from_bytes((self.store_dir / tuf_path(role, version)).read_bytes())
 
     def timestamp_version(self) -> int:
         return int(self.read("timestamp", None).signed.version)
@@ -263,12 +263,12 @@ def test_arbitrary_installation_is_refused(world: World, on_v1: Agent) -> None:
 
 def test_endless_data_is_cut_at_the_limit(world: World, on_v1: Agent) -> None:
     world.publish()
-    world.server.answers[metadata_key("timestamp", None)] = endless
+    world.server.answers[tuf_path("timestamp", None)] = endless
     started = time.monotonic()
     assert on_v1.poll() == "error"
     assert time.monotonic() - started < 10
     # The endless artifact: cut at the size its release says.
-    del world.server.answers[metadata_key("timestamp", None)]
+    del world.server.answers[tuf_path("timestamp", None)]
     release = json.loads((world.store_dir / release_path(HOST, 2)).read_bytes())
     world.server.answers[release["artifacts"][0]["blob"]] = endless
     assert on_v1.poll() == "error"
@@ -280,7 +280,7 @@ def test_slow_retrieval_is_cut_at_the_deadline(world: World, on_v1: Agent) -> No
     """A server trickling a byte at a time cannot hold a poll past its deadline."""
     world.publish()
     slow = world.agent(name="slow", timeout=2.0)
-    world.server.answers[metadata_key("timestamp", None)] = trickle
+    world.server.answers[tuf_path("timestamp", None)] = trickle
     started = time.monotonic()
     assert slow.poll() == "error"
     assert time.monotonic() - started < 8
@@ -312,10 +312,10 @@ def test_indefinite_freeze_is_seen_and_counted(world: World) -> None:
 
 
 def test_rollback_to_older_metadata_is_refused(world: World, on_v1: Agent) -> None:
-    old = (world.store_dir / metadata_key("timestamp", None)).read_bytes()
+    old = (world.store_dir / tuf_path("timestamp", None)).read_bytes()
     world.publish("web-2")
     assert on_v1.poll() == "current"
-    world.server.answers[metadata_key("timestamp", None)] = serve_bytes(old)
+    world.server.answers[tuf_path("timestamp", None)] = serve_bytes(old)
     assert on_v1.poll() == "refused"
     assert metric(on_v1, "reconciler_agent_refusals_total", {"reason": "rollback"}) == 1
 
@@ -325,16 +325,14 @@ def test_mix_and_match_of_metadata_is_refused(world: World, on_v1: Agent) -> Non
     targets = world.read("targets", 1)
     name = tufrepo.succinct(targets.signed).get_role_for_target(tufrepo.target_path(HOST))
     snapshot = world.read("snapshot", world.read("timestamp", None).signed.snapshot_meta.version)
-    old_bin = (
-        world.store_dir / metadata_key(name, snapshot.signed.meta[f"{name}.json"].version)
-    ).read_bytes()
+    old_bin = (world.store_dir / tuf_path(name, snapshot.signed.meta[f"{name}.json"].version)).read_bytes()
     world.publish()
     snapshot = world.read("snapshot", world.read("timestamp", None).signed.snapshot_meta.version)
     new_version = snapshot.signed.meta[f"{name}.json"].version
-    world.server.answers[metadata_key(name, new_version)] = serve_bytes(old_bin)
+    world.server.answers[tuf_path(name, new_version)] = serve_bytes(old_bin)
     assert on_v1.poll() == "refused"
     assert running(on_v1) == 1
-    del world.server.answers[metadata_key(name, new_version)]
+    del world.server.answers[tuf_path(name, new_version)]
     world.publish("web-2")
     assert on_v1.poll() == "updated" and running(on_v1) == 2
 
@@ -365,9 +363,9 @@ def test_fast_forward_recovery_after_the_online_key_is_rotated(world: World, on_
     leaked.signed.version = 1_000_000
     leaked.signatures.clear()
     leaked.sign(world.keys["online"].signer)
-    world.server.answers[metadata_key("timestamp", None)] = serve_bytes(leaked.to_bytes(SERIALIZER))
+    world.server.answers[tuf_path("timestamp", None)] = serve_bytes(leaked.to_bytes(SERIALIZER))
     assert on_v1.poll() == "current"  # validly signed: TUF cannot tell yet
-    del world.server.answers[metadata_key("timestamp", None)]
+    del world.server.answers[tuf_path("timestamp", None)]
     assert on_v1.poll() == "refused"  # the honest timestamp now looks like a rollback
     rotate_online(world, "online2")
     world.publish()
@@ -415,7 +413,7 @@ def test_key_compromise_below_threshold_is_refused(world: World, on_v1: Agent) -
     evil.signatures.clear()
     evil.sign(root2.signer)
     evil.sign(attacker.signer, append=True)
-    (world.store_dir / metadata_key("root", 4)).write_bytes(evil.to_bytes(SERIALIZER))
+    (world.store_dir / tuf_path("root", 4)).write_bytes(evil.to_bytes(SERIALIZER))
     world.publish("web-2")
     assert on_v1.poll() == "refused"
     assert metric(on_v1, "reconciler_agent_refusals_total", {"reason": "bad-signature"}) == 1
@@ -455,7 +453,7 @@ def test_non_consecutive_root_version_is_refused(world: World, on_v1: Agent) -> 
     skip.signed.version = 3
     skip.signatures.clear()
     skip.sign(online.signer)
-    (world.store_dir / metadata_key("root", 2)).write_bytes(skip.to_bytes(SERIALIZER))
+    (world.store_dir / tuf_path("root", 2)).write_bytes(skip.to_bytes(SERIALIZER))
     world.publish()
     assert on_v1.poll() == "refused"
     assert running(on_v1) == 1

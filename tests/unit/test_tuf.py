@@ -23,15 +23,15 @@ from tuf.ngclient import FetcherInterface, Updater
 
 from reconciler.config import TufConfig
 from reconciler.core import tufrepo
-from reconciler.core.layout import release_path
-from reconciler.core.tufrepo import SERIALIZER, RoleName, metadata_key, target_path
+from reconciler.core.layout import release_path, tuf_path
+from reconciler.core.tufrepo import SERIALIZER, RoleName, target_path
 from reconciler.daemon.tuf import LOCAL_FILE, TufRepository
 from reconciler.errors import SigningError, TufError
 from tests.fakes import CrashError, FakeClock, MemoryStore
 
 TUF = TufConfig(bit_length=2)  # four bins: bins-0 .. bins-3
 BINS = [f"bins-{i}" for i in range(4)]
-TIMESTAMP = metadata_key("timestamp", None)
+TIMESTAMP = tuf_path("timestamp", None)
 TIMESTAMP_LIFETIME = TUF.lifetimes.timestamp
 SNAPSHOT_LIFETIME = TUF.lifetimes.snapshot
 
@@ -84,7 +84,7 @@ class Client:
         self.store = store
         self.home = home
         home.mkdir()
-        (home / "root.json").write_bytes(store.objects[metadata_key("root", 1)])
+        (home / "root.json").write_bytes(store.objects[tuf_path("root", 1)])
 
     def updater(self) -> Updater:
         updater = Updater(
@@ -151,12 +151,12 @@ def test_first_sync_creates_version_1_of_every_role_and_lists_the_hosts(world: W
     assert repo.sync(PUBLISHED)
     assert repo.exists()
 
-    created = [metadata_key(r, 1) for r in ("root", "targets", *BINS, "snapshot")]
+    created = [tuf_path(r, 1) for r in ("root", "targets", *BINS, "snapshot")]
     assert [w for w in world.store.writes if w in created] == created
-    root = stored(world.store, metadata_key("root", 1))
+    root = stored(world.store, tuf_path("root", 1))
     assert isinstance(root.signed, Root) and root.signed.consistent_snapshot
     for name in BINS:
-        assert stored(world.store, metadata_key(name, 1)).signed.targets == {}
+        assert stored(world.store, tuf_path(name, 1)).signed.targets == {}
     assert world.store.writes[-1] == TIMESTAMP
 
     client = world.client()
@@ -191,11 +191,11 @@ class CheckingStore(MemoryStore):
         if key == TIMESTAMP:
             self.timestamps += 1
             ts: Metadata[Timestamp] = Metadata.from_bytes(data)
-            snapshot_key = metadata_key("snapshot", ts.signed.snapshot_meta.version)
+            snapshot_key = tuf_path("snapshot", ts.signed.snapshot_meta.version)
             assert snapshot_key in self.objects, f"timestamp written before {snapshot_key}"
             snapshot: Metadata[Snapshot] = Metadata.from_bytes(self.objects[snapshot_key])
             for name, meta in snapshot.signed.meta.items():
-                role_key = metadata_key(name.removesuffix(".json"), meta.version)
+                role_key = tuf_path(name.removesuffix(".json"), meta.version)
                 assert role_key in self.objects, f"timestamp written before {role_key}"
         super()._put(key, data)
 
@@ -253,8 +253,8 @@ def test_after_half_the_snapshot_lifetime_the_bins_and_snapshot_are_signed_again
     world.clock.advance(SNAPSHOT_LIFETIME.total_seconds() / 2 + 1)
     assert synced.sync(PUBLISHED)
     written = world.store.writes[before:]
-    assert sorted(written[:4]) == sorted(metadata_key(n, v) for n, v in synced_versions(synced).items())
-    assert written[4:] == [metadata_key("snapshot", snapshot + 1), TIMESTAMP]
+    assert sorted(written[:4]) == sorted(tuf_path(n, v) for n, v in synced_versions(synced).items())
+    assert written[4:] == [tuf_path("snapshot", snapshot + 1), TIMESTAMP]
     assert client.listed("db-1") == 2
 
 
@@ -271,7 +271,7 @@ def test_a_host_dropped_from_published_leaves_its_bin(world: World, synced: TufR
     assert {n for n in BINS if after[n] != before[n]} == {bin_of("web-1")}
     assert (
         target_path("web-1")
-        not in stored(world.store, metadata_key(bin_of("web-1"), after[bin_of("web-1")])).signed.targets
+        not in stored(world.store, tuf_path(bin_of("web-1"), after[bin_of("web-1")])).signed.targets
     )
     assert client.listed("web-1") is None
     assert client.listed("web-2") == 4
@@ -348,7 +348,7 @@ def resign(md: Metadata[Any], *signers: Signer) -> bytes:
 
 
 def tamper_bin(store: MemoryStore) -> None:
-    key = metadata_key(bin_of("web-1"), 2)
+    key = tuf_path(bin_of("web-1"), 2)
     md = stored(store, key)
     md.signed.targets[target_path("web-1")].length += 1  # the signature no longer covers it
     store.objects[key] = md.to_bytes(SERIALIZER)
@@ -365,33 +365,33 @@ def timestamp_by_another_key(store: MemoryStore) -> None:
 
 
 def bin_by_another_key(store: MemoryStore) -> None:
-    key = metadata_key(bin_of("web-1"), 2)
+    key = tuf_path(bin_of("web-1"), 2)
     store.objects[key] = resign(stored(store, key), OTHER)
 
 
 def root_2_by_another_key(store: MemoryStore) -> None:
     """A second root whose root key is the attacker's, signed by it alone (every other
     role as before, so that only the chain can refuse it)."""
-    md: Metadata[Root] = stored(store, metadata_key("root", 1))
+    md: Metadata[Root] = stored(store, tuf_path("root", 1))
     md.signed.version = 2
     md.signed.add_key(OTHER.public_key, "root")
     md.signed.revoke_key(ONLINE.public_key.keyid, "root")
-    store.objects[metadata_key("root", 2)] = resign(md, OTHER)
+    store.objects[tuf_path("root", 2)] = resign(md, OTHER)
 
 
 def root_2_claiming_version_3(store: MemoryStore) -> None:
-    md: Metadata[Root] = stored(store, metadata_key("root", 1))
+    md: Metadata[Root] = stored(store, tuf_path("root", 1))
     md.signed.version = 3
-    store.objects[metadata_key("root", 2)] = resign(md, ONLINE)
+    store.objects[tuf_path("root", 2)] = resign(md, ONLINE)
 
 
 def root_1_not_signed_by_its_keys(store: MemoryStore) -> None:
-    key = metadata_key("root", 1)
+    key = tuf_path("root", 1)
     store.objects[key] = resign(stored(store, key), OTHER)
 
 
 def bin_not_json(store: MemoryStore) -> None:
-    store.objects[metadata_key(bin_of("web-1"), 2)] = b"\x00 not metadata"
+    store.objects[tuf_path(bin_of("web-1"), 2)] = b"\x00 not metadata"
 
 
 def timestamp_not_metadata(store: MemoryStore) -> None:
@@ -400,20 +400,20 @@ def timestamp_not_metadata(store: MemoryStore) -> None:
 
 def root_3_not_json(store: MemoryStore) -> None:
     """A good root 2, then garbage as root 3."""
-    md: Metadata[Root] = stored(store, metadata_key("root", 1))
+    md: Metadata[Root] = stored(store, tuf_path("root", 1))
     md.signed.version = 2
-    store.objects[metadata_key("root", 2)] = resign(md, ONLINE)
-    store.objects[metadata_key("root", 3)] = b"{"
+    store.objects[tuf_path("root", 2)] = resign(md, ONLINE)
+    store.objects[tuf_path("root", 3)] = b"{"
 
 
 def bin_missing(store: MemoryStore) -> None:
-    del store.objects[metadata_key(bin_of("web-1"), 2)]
+    del store.objects[tuf_path(bin_of("web-1"), 2)]
 
 
 def snapshot_without_a_bin(store: MemoryStore) -> None:
     """Signed by the right key, but naming no version of one bin."""
     ts: Metadata[Timestamp] = stored(store, TIMESTAMP)
-    key = metadata_key("snapshot", ts.signed.snapshot_meta.version)
+    key = tuf_path("snapshot", ts.signed.snapshot_meta.version)
     md: Metadata[Snapshot] = stored(store, key)
     del md.signed.meta[f"{bin_of('web-1')}.json"]
     store.objects[key] = resign(md, ONLINE)
@@ -421,30 +421,30 @@ def snapshot_without_a_bin(store: MemoryStore) -> None:
 
 def targets_as_the_timestamp(store: MemoryStore) -> None:
     """Another role's metadata, signed by a key the timestamp role lists."""
-    store.objects[TIMESTAMP] = resign(stored(store, metadata_key("targets", 1)), ONLINE)
+    store.objects[TIMESTAMP] = resign(stored(store, tuf_path("targets", 1)), ONLINE)
 
 
 def timestamp_as_root_2(store: MemoryStore) -> None:
-    store.objects[metadata_key("root", 2)] = resign(stored(store, TIMESTAMP), ONLINE)
+    store.objects[tuf_path("root", 2)] = resign(stored(store, TIMESTAMP), ONLINE)
 
 
 def targets_without_bins(store: MemoryStore) -> None:
     """Signed by the targets key, but delegating nothing: no bin to read."""
-    md: Metadata[Targets] = stored(store, metadata_key("targets", 1))
+    md: Metadata[Targets] = stored(store, tuf_path("targets", 1))
     md.signed.delegations = None
-    store.objects[metadata_key("targets", 1)] = resign(md, ONLINE)
+    store.objects[tuf_path("targets", 1)] = resign(md, ONLINE)
 
 
 def snapshot_replayed_under_a_newer_number(store: MemoryStore) -> None:
     """The previous snapshot (signed, but naming older bins) served as the current one."""
     ts: Metadata[Timestamp] = stored(store, TIMESTAMP)
     v = ts.signed.snapshot_meta.version
-    store.objects[metadata_key("snapshot", v)] = store.objects[metadata_key("snapshot", v - 1)]
+    store.objects[tuf_path("snapshot", v)] = store.objects[tuf_path("snapshot", v - 1)]
 
 
 def bin_replayed_under_a_newer_number(store: MemoryStore) -> None:
     name = bin_of("web-1")
-    store.objects[metadata_key(name, 2)] = store.objects[metadata_key(name, 1)]
+    store.objects[tuf_path(name, 2)] = store.objects[tuf_path(name, 1)]
 
 
 TAMPERINGS = [
@@ -592,7 +592,7 @@ def test_a_root_key_added_then_a_threshold_of_two_needs_both_signatures(
 
     root = synced.change_keys(RoleName.ROOT, threshold(RoleName.ROOT, 2), by(ONLINE, OFFLINE))
     assert root.signed.version == 3 and len(root.signatures) == 2
-    v2 = stored(world.store, metadata_key("root", 2))
+    v2 = stored(world.store, tuf_path("root", 2))
     v2.verify_delegate("root", root)
     root.verify_delegate("root", root)
 
@@ -635,7 +635,7 @@ def test_a_bins_key_change_is_a_new_targets_named_by_the_snapshot(
     assert isinstance(changed.signed, Targets) and changed.signed.version == 2
     assert versions_of(world.store, "root") == [1]
     snapshot: Metadata[Snapshot] = stored(
-        world.store, metadata_key("snapshot", synced.load().snapshot.signed.version)
+        world.store, tuf_path("snapshot", synced.load().snapshot.signed.version)
     )
     assert snapshot.signed.meta["targets.json"].version == 2
     assert client.listed("web-2") == 4
@@ -761,7 +761,7 @@ def test_a_publisher_killed_at_any_write_carries_on_where_the_store_is(world: Wo
     with pytest.raises(CrashError):
         world.repo().sync(published)
     world.store.crash_at = None
-    if agent is None and metadata_key("root", 1) in world.store.objects:
+    if agent is None and tuf_path("root", 1) in world.store.objects:
         agent = world.client()  # trusts the root of a creation that died
     restarted = world.repo()
     restarted.sync(published)

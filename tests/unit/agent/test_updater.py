@@ -25,17 +25,17 @@ from reconciler.agent.state import AgentState
 from reconciler.agent.updater import Agent
 from reconciler.config import TufConfig
 from reconciler.core import tufrepo
-from reconciler.core.layout import release_path
+from reconciler.core.layout import release_path, tuf_path
 from reconciler.core.release import Artifact, Release, new_release
-from reconciler.core.tufrepo import SERIALIZER, metadata_key, target_path
+from reconciler.core.tufrepo import SERIALIZER, target_path
 from reconciler.daemon.publish import publish
 from reconciler.daemon.tuf import TufRepository
 from reconciler.errors import FetchError, FetchKind
 from tests import fakes
 
 STORE = "mem://store"
-TIMESTAMP = metadata_key("timestamp", None)
-NEXT_ROOT = metadata_key("root", 2)  # what ngclient asks for on every refresh
+TIMESTAMP = tuf_path("timestamp", None)
+NEXT_ROOT = tuf_path("root", 2)  # what ngclient asks for on every refresh
 TUF = TufConfig(bit_length=2)  # four bins
 RELEASE_LIFETIME = timedelta(days=7)
 TIMESTAMP_LIFETIME = TUF.lifetimes.timestamp
@@ -275,11 +275,11 @@ def test_first_poll_installs_switches_and_records(host: Host) -> None:
     assert host.requested == [
         TIMESTAMP,
         # The first root, signed by the pinned key, then ngclient's look for a newer one.
-        metadata_key("root", 1),
+        tuf_path("root", 1),
         NEXT_ROOT,
-        metadata_key("snapshot", md.snapshot.signed.version),
-        metadata_key("targets", md.targets.signed.version),
-        metadata_key(host.bin_of(), md.bins[host.bin_of()].signed.version),
+        tuf_path("snapshot", md.snapshot.signed.version),
+        tuf_path("targets", md.targets.signed.version),
+        tuf_path(host.bin_of(), md.bins[host.bin_of()].signed.version),
         release_path("web-1", 1),
         art.blob,
     ]
@@ -434,7 +434,7 @@ def attack_bin_signed_by_another_key(h: Host) -> None:
     def names_evil(md: Metadata[Any]) -> None:
         md.signed.targets[target_path("web-1")] = tufrepo.entry("web-1", 2, evil.to_json())
 
-    sign_as_attacker(h, metadata_key(name, h.publisher.load().bins[name].signed.version), names_evil)
+    sign_as_attacker(h, tuf_path(name, h.publisher.load().bins[name].signed.version), names_evil)
 
 
 def attack_metadata_rollback(h: Host) -> None:
@@ -544,7 +544,7 @@ def test_a_root_not_signed_by_the_pinned_key_is_refused(
     h = make_host(tmp_path, signer=ATTACKER)
     h.publish(1)
     assert h.poll() == "refused"
-    assert h.requested == [TIMESTAMP, metadata_key("root", 1), NEXT_ROOT]
+    assert h.requested == [TIMESTAMP, tuf_path("root", 1), NEXT_ROOT]
     assert h.metric("reconciler_agent_refusals_total", {"reason": "bad-signature"}) == 1
     assert "no TUF root in the store is signed by a threshold of the pinned keys" in refusals(caplog)[0]
     assert not h.agent.current.exists() and h.installed() == []
@@ -564,7 +564,7 @@ def test_a_first_root_that_is_not_a_root_is_refused(
 ) -> None:
     host.publish(1)
     data = host.store.objects[TIMESTAMP] if what == "timestamp" else b"\xff not JSON"
-    host.store.put_bytes(metadata_key("root", 1), data)
+    host.store.put_bytes(tuf_path("root", 1), data)
     assert host.poll() == "refused"
     assert host.metric("reconciler_agent_refusals_total", {"reason": "malformed"}) == 1
     assert refusals(caplog) == [error]
@@ -647,7 +647,7 @@ def test_an_unreadable_store_changes_nothing(on_v1: Host, how: str) -> None:
     elif how == "no timestamp":
         del on_v1.store.objects[TIMESTAMP]
     else:
-        del on_v1.store.objects[metadata_key("snapshot", on_v1.publisher.load().snapshot.signed.version)]
+        del on_v1.store.objects[tuf_path("snapshot", on_v1.publisher.load().snapshot.signed.version)]
     assert on_v1.poll() == "error"
     assert on_v1.running() == 1 and on_v1.installed() == [1]
     assert on_v1.metric("reconciler_agent_polls_total", {"result": "error"}) == 1

@@ -16,6 +16,7 @@ from securesystemslib.signer import CryptoSigner, Key
 from tuf.api.metadata import Metadata, Root, TargetFile, Targets
 
 from reconciler.core import tufrepo
+from reconciler.core.layout import tuf_path
 from reconciler.core.tufrepo import KeyChangeError, KeySet, Lifetimes, RoleName
 
 NOW = datetime(2026, 11, 24, 12, 0, 0, 500_000, tzinfo=UTC)
@@ -354,6 +355,6 @@ def test_a_threshold_outside_1_to_n_is_refused(role: RoleName, offset: str) -> N
 
 
 def test_metadata_key_names() -> None:
-    assert tufrepo.metadata_key("timestamp", None) == "tuf/timestamp.json"
-    assert tufrepo.metadata_key("bins-3", 4) == "tuf/4.bins-3.json"
+    assert tuf_path("timestamp", None) == "tuf/timestamp.json"
+    assert tuf_path("bins-3", 4) == "tuf/4.bins-3.json"
     assert tufrepo.target_path("web-1") == "hosts/web-1/latest.json"
