@@ -42,6 +42,12 @@ class HostState:
     failed_image: str | None = None
     retry_at: float | None = None  # unix time before which failed_image is not retried
 
+    @property
+    def serving(self) -> bool:
+        """Whether hosts are offered its published release (metrics, TUF metadata): it
+        has one and was not removed from the repository."""
+        return bool(self.version) and self.status != Status.REMOVED
+
 
 @dataclass(frozen=True)
 class Evaluation:

@@ -43,7 +43,7 @@ class LedgerCollector(Collector):
         )
         invalid = 0
         for name, hs in sorted(self._ledger.hosts().items()):
-            if hs.version and hs.status != Status.REMOVED:
+            if hs.serving:
                 version.add_metric([name], hs.version)
             invalid += hs.status == Status.INVALID
         yield version

@@ -400,11 +400,7 @@ class Reconciler:
     def sync_metadata(self) -> str | None:
         """Make the TUF metadata list every host's published release (the ledger's)
         and re-sign what is due; why it could not, or None. Under the pass lock."""
-        published = {
-            name: hs.version
-            for name, hs in self.state.hosts().items()
-            if hs.version and hs.status != Status.REMOVED
-        }
+        published = {name: hs.version for name, hs in self.state.hosts().items() if hs.serving}
         try:
             with self.metrics.stage_duration.labels("metadata").time():
                 self.tuf.sync(published)
