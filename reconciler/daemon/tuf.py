@@ -111,7 +111,7 @@ class TufRepository:
         self.clock = clock
         self.settings = settings
         self.md: Metadatas | None = None
-        self._stamp: tuple[bytes, ...] = ()
+        self._stamp = b""  # the sha256 of the local copy as this process last read or wrote it
         # host -> (a published version not in the store, when to look for it again)
         self._missing: dict[str, tuple[int, float]] = {}
 
@@ -127,12 +127,12 @@ class TufRepository:
     def _local_file(self) -> Path:
         return self.local / LOCAL_FILE
 
-    def _local_stamp(self) -> tuple[bytes, ...]:
+    def _local_stamp(self) -> bytes:
         # By content: a coarse file clock gives two writes in one tick the same mtime.
         try:
-            return (hashlib.sha256(self._local_file.read_bytes()).digest(),)
+            return hashlib.sha256(self._local_file.read_bytes()).digest()
         except OSError:
-            return ()
+            return b""
 
     def exists(self) -> bool:
         return self.md is not None or self._local_file.exists() or self._in_store()
@@ -164,7 +164,6 @@ class TufRepository:
                 self.md = self._create()
                 log.event("tuf_created", bins=len(self.md.bins))
             self._check_online_key(self.md)
-            self._stamp = self._local_stamp()
         return self.md
 
     def _check_online_key(self, md: Metadatas) -> None:
@@ -179,14 +178,15 @@ class TufRepository:
     def _read_local(self) -> Metadatas:
         path = self._local_file
         try:
-            doc = json.loads(path.read_bytes())
+            data = path.read_bytes()
+            doc = json.loads(data)
             where = str(path)
             targets: Metadata[Targets] = typed(Metadata.from_dict(doc["targets"]), Targets.type, where)
             names = tufrepo.succinct(targets.signed, where).get_roles()
             bins: dict[str, Metadata[Targets]] = {
                 n: typed(Metadata.from_dict(doc["bins"][n]), n, where) for n in names
             }
-            return Metadatas(
+            md = Metadatas(
                 typed(Metadata.from_dict(doc["root"]), Root.type, where),
                 targets,
                 bins,
@@ -195,6 +195,8 @@ class TufRepository:
             )
         except (OSError, ValueError, KeyError, TypeError, AttributeError, RepositoryError) as exc:
             raise TufError(f"{path}: unreadable TUF metadata ({exc!r})") from None
+        self._stamp = hashlib.sha256(data).digest()
+        return md
 
     def _store_ahead(self, md: Metadatas) -> bool:
         data = self.store.get_bytes(tuf_path("timestamp", None))
@@ -293,13 +295,14 @@ class TufRepository:
             "timestamp": md.timestamp.to_dict(),
         }
         self.local.mkdir(parents=True, exist_ok=True)
+        data = json.dumps(doc, separators=(",", ":")).encode()
         tmp = self._local_file.with_name(LOCAL_FILE + ".tmp")
         with tmp.open("wb") as f:
-            f.write(json.dumps(doc, separators=(",", ":")).encode())
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self._local_file)
-        self._stamp = self._local_stamp()
+        self._stamp = hashlib.sha256(data).digest()
 
     def _forget_old(
         self, md: Metadatas, snapshot: bool, targets: bool, bins: Mapping[str, Metadata[Targets]]
