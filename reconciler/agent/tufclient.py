@@ -63,11 +63,17 @@ class _StoreDownloads(FetcherInterface):
     def _fetch(self, url: str) -> Iterator[bytes]:  # pragma: no cover - download_bytes is used
         raise NotImplementedError
 
+    def read(self, url: str, limit: int) -> bytes:
+        """All of ``url``, at most ``limit`` bytes, within the deadline; FetchError."""
+        got = self._fetcher.get(url, limit, timeout=self._timeout, count=self._count)
+        assert got is not None  # an unconditional read always answers
+        return got.data
+
     def download_bytes(self, url: str, max_length: int) -> bytes:
         if url in self.served:
             return self.served.pop(url)
         try:
-            got = self._fetcher.get(url, max_length, timeout=self._timeout, count=self._count)
+            return self.read(url, max_length)
         except FetchError as exc:
             if exc.status is not None:
                 raise tuf_exceptions.DownloadHTTPError(str(exc), exc.status) from None
@@ -76,8 +82,6 @@ class _StoreDownloads(FetcherInterface):
             if exc.kind is FetchKind.TOO_LARGE:
                 raise tuf_exceptions.DownloadLengthMismatchError(str(exc)) from None
             raise tuf_exceptions.DownloadError(str(exc)) from None
-        assert got is not None  # an unconditional read always answers
-        return got.data
 
 
 class TufClient:
@@ -139,13 +143,11 @@ class TufClient:
         pinned = {k.keyid: k for k in self._pinned()}
         for version in range(1, MAX_BOOTSTRAP_ROOTS + 1):
             try:
-                data = self._downloads.download_bytes(self._url("root", version), CONFIG.root_max_length)
-            except tuf_exceptions.DownloadHTTPError as exc:
-                if exc.status_code in (403, 404):
+                data = self._downloads.read(self._url("root", version), CONFIG.root_max_length)
+            except FetchError as exc:
+                if exc.status in (403, 404):
                     break
-                raise FetchError(f"TUF root {version}: {exc}") from None
-            except tuf_exceptions.DownloadError as exc:
-                raise FetchError(f"TUF root {version}: {exc}") from None
+                raise
             try:
                 root: Metadata[Root] = Metadata.from_bytes(data)
             except (ValueError, tuf_exceptions.RepositoryError) as exc:  # DeserializationError is the latter
