@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from reconciler.adapters import fetch
-from reconciler.core.hosts import Host
+from reconciler.core.hosts import Host, ParseKey
 from reconciler.core.model import BuilderState, BuildOutput, Evaluation, HostState, Status
 
 if TYPE_CHECKING:
@@ -117,6 +117,11 @@ class Ledger(Protocol):
     def hosts(self) -> Mapping[str, HostState]: ...
     def evaluated(self, keys: Mapping[str, str]) -> dict[str, str]: ...
     def record_evaluated(self, entries: Mapping[str, tuple[str, str]]) -> None: ...
+    def parsed(self) -> dict[ParseKey, str]:
+        """Host files' parse results as core.hosts.encode_parsed wrote them."""
+        ...
+
+    def record_parsed(self, entries: Mapping[ParseKey, str], removed: Iterable[str]) -> None: ...
     def record_published(self, name: str, version: int, image: str, commit: str) -> None: ...
     def record_build_failure(
         self, name: str, error: str, image: str, failures: int, retry_at: float

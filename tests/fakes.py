@@ -10,14 +10,14 @@ import builtins
 import contextlib
 import hashlib
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 from securesystemslib.signer import CryptoSigner
 
-from reconciler.core.hosts import Host
+from reconciler.core.hosts import Host, ParseKey
 from reconciler.core.model import BuilderState, BuildOutput, Evaluation, HostState, Status
 from reconciler.daemon.gate import CommitRefusedError, Refusal
 from reconciler.errors import BuildError, SigningError, StoreError
@@ -253,6 +253,8 @@ class MemoryLedger:
     meta: dict[str, str] = field(default_factory=dict)
     states: dict[str, HostState] = field(default_factory=dict)
     evaluations: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # path -> (text digest, context digest, encoded result)
+    parse_results: dict[str, tuple[str, str, str]] = field(default_factory=dict)
     builder_states: dict[str, BuilderState] = field(default_factory=dict)
 
     def close(self) -> None:
@@ -281,6 +283,15 @@ class MemoryLedger:
 
     def record_evaluated(self, entries: Mapping[str, tuple[str, str]]) -> None:
         self.evaluations.update(entries)
+
+    def parsed(self) -> dict[ParseKey, str]:
+        return {(path, digest, context): r for path, (digest, context, r) in self.parse_results.items()}
+
+    def record_parsed(self, entries: Mapping[ParseKey, str], removed: Iterable[str]) -> None:
+        for path in removed:
+            self.parse_results.pop(path, None)
+        for (path, digest, context), result in entries.items():
+            self.parse_results[path] = (digest, context, result)
 
     def _prev(self, name: str) -> HostState:
         return self.states.get(name) or HostState(name, 0, None, None, Status.FAILED, None, 0.0)

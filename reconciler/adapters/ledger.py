@@ -8,12 +8,15 @@ the outcome of the last attempt.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
+from reconciler.core import hosts, schema
+from reconciler.core.hosts import ParseKey
 from reconciler.core.model import BuilderState, HostState, Status
 
 SCHEMA = """
@@ -33,6 +36,13 @@ CREATE TABLE IF NOT EXISTS hosts (
 -- The image derivation each host evaluated to, under the key of its inputs
 -- (nix.eval_key): a host whose key is unchanged need not be evaluated again.
 CREATE TABLE IF NOT EXISTS evaluations (host TEXT PRIMARY KEY, key TEXT NOT NULL, image TEXT NOT NULL);
+-- Each host file's parse result (core.hosts.encode_parsed) under the digests of its
+-- text and of what else its validation read, and of the parser's own code: a new
+-- process parses only the host files that changed since.
+CREATE TABLE IF NOT EXISTS parsed (
+    path TEXT PRIMARY KEY, digest TEXT NOT NULL, context TEXT NOT NULL, parser TEXT NOT NULL,
+    result TEXT NOT NULL
+);
 -- Per Nix builder (remote, or "local"): what host builds came to there.
 CREATE TABLE IF NOT EXISTS builders (
     name TEXT PRIMARY KEY,
@@ -47,8 +57,14 @@ CREATE TABLE IF NOT EXISTS builders (
 """
 
 
+# The code whose results the parsed table holds: another version of the parser may
+# accept, refuse or normalise a file differently.
+PARSER = hashlib.sha256(
+    b"".join(Path(m.__file__).read_bytes() for m in (hosts, schema) if m.__file__ is not None)
+).hexdigest()
+
 # The tables a read-only ledger copies from the file.
-TABLES = ("meta", "hosts", "evaluations", "builders")
+TABLES = ("meta", "hosts", "evaluations", "parsed", "builders")
 
 
 class State:
@@ -58,6 +74,7 @@ class State:
 
     def __init__(self, state_dir: Path, read_only: bool = False) -> None:
         self._lock = threading.Lock()
+        self._hosts: tuple[int, dict[str, HostState]] | None = None
         path = state_dir / "state.db"
         if read_only:
             self._db = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
@@ -101,6 +118,7 @@ class State:
             yield
         except BaseException:
             with self._lock:
+                self._hosts = None
                 self._db.execute("ROLLBACK")
             raise
         with self._lock:
@@ -138,11 +156,20 @@ class State:
 
     def hosts(self) -> Mapping[str, HostState]:
         with self._lock:
+            # A pass asks more than once, and at 10,000 hosts reading the rows again
+            # was most of what a pass with nothing to do cost. data_version moves when
+            # another connection commits (a one-shot `reconcile` beside the daemon);
+            # this one's own writes drop the copy.
+            version = self._db.execute("PRAGMA data_version").fetchone()[0]
+            if self._hosts is not None and self._hosts[0] == version:
+                return dict(self._hosts[1])
             rows = self._db.execute(
                 "SELECT name, version, image, commit_id, status, error, updated,"
                 " failures, failed_image, retry_at FROM hosts ORDER BY name"
             ).fetchall()
-        return {r[0]: HostState(r[0], r[1], r[2], r[3], Status(r[4]), *r[5:]) for r in rows}
+            hosts = {r[0]: HostState(r[0], r[1], r[2], r[3], Status(r[4]), *r[5:]) for r in rows}
+            self._hosts = (version, hosts)
+        return dict(hosts)
 
     def evaluated(self, keys: Mapping[str, str]) -> dict[str, str]:
         """Image derivations recorded for hosts whose key (host -> key) is unchanged."""
@@ -157,6 +184,28 @@ class State:
                 "INSERT INTO evaluations(host, key, image) VALUES(?, ?, ?) "
                 "ON CONFLICT(host) DO UPDATE SET key = excluded.key, image = excluded.image",
                 [(host, key, image) for host, (key, image) in entries.items()],
+            )
+
+    def parsed(self) -> dict[ParseKey, str]:
+        """Parse results recorded by this version of the parser, as encoded."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT path, digest, context, result FROM parsed WHERE parser = ?", (PARSER,)
+            ).fetchall()
+        return {(path, digest, context): result for path, digest, context, result in rows}
+
+    def record_parsed(self, entries: Mapping[ParseKey, str], removed: Iterable[str]) -> None:
+        """Remember parse results (one per host file) and forget the files ``removed``."""
+        with self._lock, self._batch():
+            self._db.executemany("DELETE FROM parsed WHERE path = ?", [(p,) for p in removed])
+            self._db.executemany(
+                "INSERT INTO parsed(path, digest, context, parser, result) VALUES(?, ?, ?, ?, ?) "
+                "ON CONFLICT(path) DO UPDATE SET digest = excluded.digest, context = excluded.context,"
+                " parser = excluded.parser, result = excluded.result",
+                [
+                    (path, digest, context, PARSER, result)
+                    for (path, digest, context), result in entries.items()
+                ],
             )
 
     def record_published(self, name: str, version: int, image: str, commit: str) -> None:
@@ -188,6 +237,7 @@ class State:
         marks = ", ".join("?" for _ in cols)
         updates = ", ".join(f"{c} = excluded.{c}" for c in cols)
         with self._lock:
+            self._hosts = None
             self._db.execute(
                 f"INSERT INTO hosts(name, {names}) VALUES(?, {marks}) "
                 f"ON CONFLICT(name) DO UPDATE SET {updates}",

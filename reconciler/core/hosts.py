@@ -67,8 +67,9 @@ class Host:
     # profile it includes, transitively. Used to explain why a host rebuilds.
     sources: tuple[str, ...] = field(default=(), compare=False)
 
-    @property
+    @functools.cached_property
     def packages(self) -> tuple[str, ...]:
+        # Asked per host by every plan, also of a pass with nothing to do.
         return tuple(sorted({s.package for s in self.services}))
 
     def inputs(self) -> tuple[str, ...]:
@@ -111,18 +112,58 @@ TOO_BIG = "\0too-big"
 UNREADABLE = "\0unreadable:"
 
 
+# (host file, digest of its text, digest of every profile and package name): what a
+# host's validation is a function of.
+ParseKey = tuple[str, str, str]
+
+
 @dataclass
 class ParseCache:
     """What one :func:`parse_fleet` call parsed, for the next call to reuse.
 
     ``docs`` maps file text to its parsed document; documents are shared between
     hosts and calls, so nothing may mutate them (deep_merge builds new mappings).
-    ``hosts`` maps (host file, its text, digest of every profile and package name)
-    to the resulting host or error.
+    ``hosts`` maps each host's ParseKey to the resulting host or error; the daemon
+    keeps it in its ledger (encode_parsed), so that a new process parses only
+    what changed.
     """
 
     docs: dict[str, dict[str, Any]] = field(default_factory=dict)
-    hosts: dict[tuple[str, str, str], Host | ConfigError] = field(default_factory=dict)
+    hosts: dict[ParseKey, Host | ConfigError] = field(default_factory=dict)
+
+
+def text_digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def encode_parsed(result: Host | ConfigError) -> str:
+    """A parse result as JSON, for decode_parsed in a later process."""
+    if isinstance(result, ConfigError):
+        return json.dumps({"error": [result.path, result.key, result.reason]})
+    return json.dumps({"host": result.to_nix(), "sources": list(result.sources)})
+
+
+def decode_parsed(text: str) -> Host | ConfigError:
+    """What encode_parsed wrote. Raises ValueError (or KeyError, TypeError) on
+    anything else: the caller parses the file again."""
+    data = json.loads(text)
+    if "error" in data:
+        path, key, reason = data["error"]
+        return ConfigError(str(path), str(key), str(reason))
+    h, net = data["host"], data["host"]["network"]
+    return Host(
+        name=str(h["name"]),
+        formats=tuple(h["formats"]),
+        network=Network(
+            address=net.get("address"), gateway=net.get("gateway"), dns=tuple(net.get("dns", ()))
+        ),
+        services=tuple(
+            Service(name=n, package=s["package"], exec=tuple(s["exec"]), restart=s["restart"])
+            for n, s in h["services"].items()
+        ),
+        files=tuple(h["files"].items()),
+        sources=tuple(data["sources"]),
+    )
 
 
 def parse_fleet(files: Mapping[str, str], cache: ParseCache | None = None) -> Fleet:
@@ -154,7 +195,7 @@ def parse_fleet(files: Mapping[str, str], cache: ParseCache | None = None) -> Fl
             invalid.add(stem)
             continue
         (path,) = paths
-        key = (path, files[path], context)
+        key = (path, text_digest(files[path]), context)
         result = old.hosts.get(key)
         if result is None:
             try:

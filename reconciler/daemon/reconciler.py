@@ -23,7 +23,17 @@ from typing import TYPE_CHECKING, Any
 from reconciler import log
 from reconciler.config import Config
 from reconciler.core.builders import LOCAL
-from reconciler.core.hosts import Fleet, Host, ParseCache, eval_key, package_names, parse_fleet
+from reconciler.core.hosts import (
+    Fleet,
+    Host,
+    ParseCache,
+    ParseKey,
+    decode_parsed,
+    encode_parsed,
+    eval_key,
+    package_names,
+    parse_fleet,
+)
 from reconciler.core.layout import PUBLISHER_KEY, latest_path, release_path
 from reconciler.core.model import Action, BuildOutput, Evaluation, Status
 from reconciler.core.plan import HostPlan, Plan, make_plan, retry_delay
@@ -133,6 +143,8 @@ class Reconciler:
         self._sandbox_checked = False
         self._signer: Signer | None = None
         self._parse_cache = ParseCache()
+        # Host file -> the ParseKey the ledger holds for it; None until first read.
+        self._recorded_parses: dict[str, ParseKey] | None = None
         # The last observation and the recipe it was evaluated with: a pass whose head
         # and recipe are unchanged reuses its fleet and images instead of reading,
         # parsing and keying every host again.
@@ -213,7 +225,7 @@ class Reconciler:
             fleet, evaluation = last[0].fleet, last[0].evaluation
         else:
             with stage.labels("parse").time():
-                fleet = parse_fleet(self.source.read_tree(), self._parse_cache)
+                fleet = self._parse(self.source.read_tree())
             with stage.labels("evaluate").time():
                 evaluation = self._evaluate(commit, fleet, recipe)
         for err in fleet.errors:
@@ -221,6 +233,32 @@ class Reconciler:
         obs = Observation(commit, fleet, evaluation, changed, self.source.commit_time(commit))
         self._last = (obs, recipe)
         return obs
+
+    def _parse(self, files: Mapping[str, str]) -> Fleet:
+        """parse_fleet with the results the ledger holds from earlier processes: only
+        host files (or what they include) changed since are parsed. What this parse
+        added or dropped is written back."""
+        cache = self._parse_cache
+        if self._recorded_parses is None:
+            self._recorded_parses = {}
+            for key, encoded in self.state.parsed().items():
+                try:
+                    cache.hosts[key] = decode_parsed(encoded)
+                except (ValueError, KeyError, TypeError):
+                    continue  # parsed again, and rewritten
+                self._recorded_parses[key[0]] = key
+        fleet = parse_fleet(files, cache)
+        now = {key[0]: key for key in cache.hosts}
+        added = {
+            key: encode_parsed(cache.hosts[key])
+            for p, key in now.items()
+            if self._recorded_parses.get(p) != key
+        }
+        removed = [p for p in self._recorded_parses if p not in now]
+        if added or removed:
+            self.state.record_parsed(added, removed)
+        self._recorded_parses = now
+        return fleet
 
     def check_head(self, commit: str) -> None:
         """Build nothing from a head commit the commit gate refuses (reconciler.gate);

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from reconciler.config import Config, NixConfig, RepoConfig, RetentionConfig, SigningConfig, StoreConfig
+from reconciler.core import hosts
 from reconciler.core.layout import latest_path, release_path
 from reconciler.core.model import Action, Status
 from reconciler.daemon.gate import CommitRefusedError, Gate
@@ -184,6 +186,42 @@ def test_a_pass_at_an_unchanged_head_reads_and_evaluates_nothing_again(world: Wo
     reads = world.source.reads
     rec.reconcile()
     assert world.source.reads == reads and len(world.nix.evaluated) == 2
+
+
+def test_a_new_process_parses_only_the_host_files_that_changed(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parsed: list[str] = []
+    real = hosts._parse_host
+
+    def counting(path: str, *args: Any) -> hosts.Host:
+        parsed.append(path)
+        return real(path, *args)
+
+    monkeypatch.setattr(hosts, "_parse_host", counting)
+    files = {**FLEET, "hosts/bad.yaml": "name: bad\nformats: [tar]\n"}
+    world.source.push(files)
+    first = world.reconciler()
+    errors = [str(e) for e in first.plan()[0].fleet.errors]
+    assert sorted(parsed) == ["hosts/bad.yaml", "hosts/web-1.yaml", "hosts/web-2.yaml"]
+    first.close()
+    # A restart at a commit that changed one host: that file alone is parsed, and the
+    # others (the invalid one with its error) are as the first process found them.
+    world.source.push({**files, "hosts/web-2.yaml": HOST.format(name="web-2", address="10.0.0.9/24")})
+    second = world.reconciler()
+    obs, plan = second.plan()
+    assert parsed[3:] == ["hosts/web-2.yaml"]
+    assert [str(e) for e in obs.fleet.errors] == errors and "unknown format 'tar'" in errors[0]
+    assert obs.fleet.hosts["web-1"].sources == ("hosts/web-1.yaml",)
+    assert [(e.host, e.action) for e in plan.entries if e.host != "bad"] == [
+        ("web-1", Action.REBUILD),
+        ("web-2", Action.REBUILD),
+    ]
+    # A deleted host file is forgotten.
+    world.source.push({"hosts/web-1.yaml": FLEET["hosts/web-1.yaml"]})
+    second.plan()
+    assert set(world.ledger.parse_results) == {"hosts/web-1.yaml"}
+    second.close()
 
 
 def test_a_pass_that_died_after_publishing_is_adopted_not_published_again(world: World) -> None:

@@ -24,7 +24,9 @@ from reconciler.core.hosts import (
     Network,
     ParseCache,
     Service,
+    decode_parsed,
     deep_merge,
+    encode_parsed,
     eval_key,
     package_names,
     parse_fleet,
@@ -1007,6 +1009,29 @@ def test_to_nix_is_stable_under_yaml_reserialisation(
     assert nix["files"] == data.get("files", {})
     assert sorted(nix["services"]) == sorted(data.get("services", {}))
     assert nix["formats"] == [f for f in ("aci", "appimage") if f in data.get("formats", ["aci", "appimage"])]
+
+
+@PROPERTY
+@given(valid_hosts, st.sampled_from([[], ["base"]]))
+def test_a_parse_result_reads_back_as_the_same_host(data: dict[str, Any], include: list[str]) -> None:
+    files = {
+        "hosts/web-1.yaml": yaml.safe_dump({**data, "include": include}),
+        "profiles/base.yaml": "files: {etc/base: x}\n",
+        "packages/site.nix": "",
+    }
+    host = parse_fleet(files).hosts["web-1"]
+    again = decode_parsed(encode_parsed(host))
+    assert again == host and again.sources == host.sources and again.to_nix() == host.to_nix()
+
+
+def test_a_parse_error_reads_back_as_the_same_error() -> None:
+    (error,) = parse_fleet({"hosts/a.yaml": "name: a\nformats: [tar]\n"}).errors
+    again = decode_parsed(encode_parsed(error))
+    assert isinstance(again, ConfigError) and (again.path, again.key, again.reason) == (
+        error.path,
+        error.key,
+        error.reason,
+    )
 
 
 @pytest.mark.parametrize("name", [".DirIcon", "web-1.desktop", "web-1.svg"])

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from reconciler.adapters import ledger as ledger_module
 from reconciler.adapters.ledger import State
 from reconciler.core.model import Status
 
@@ -79,3 +80,42 @@ def test_evaluations_are_recorded_in_one_transaction(tmp_path: Path) -> None:
         raise RuntimeError("the pass dies")
     assert ledger.evaluated({"web-x": "k"}) == {}
     ledger.close()
+
+
+def test_parse_results_are_kept_per_file_and_only_for_the_same_parser(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger = State(tmp_path)
+    ledger.record_parsed({("hosts/a.yaml", "d1", "c"): "A1", ("hosts/b.yaml", "d1", "c"): "B1"}, [])
+    ledger.record_parsed({("hosts/a.yaml", "d2", "c"): "A2"}, ["hosts/b.yaml"])
+    assert ledger.parsed() == {("hosts/a.yaml", "d2", "c"): "A2"}
+    ledger.close()
+    # What the plan command reads: a copy of the file.
+    copy = State(tmp_path, read_only=True)
+    assert copy.parsed() == {("hosts/a.yaml", "d2", "c"): "A2"}
+    copy.close()
+    # Another version of the parser may decide differently: nothing it recorded is used.
+    monkeypatch.setattr(ledger_module, "PARSER", "another parser")
+    again = State(tmp_path)
+    assert again.parsed() == {}
+    again.close()
+
+
+def test_hosts_read_again_after_any_write_of_this_or_another_connection(tmp_path: Path) -> None:
+    daemon, oneshot = State(tmp_path), State(tmp_path)
+    daemon.record_published("web-1", 1, "/nix/store/a.drv", "c1")
+    assert daemon.hosts()["web-1"].version == 1
+    # Another process's pass (a one-shot `reconcile` beside the daemon) commits.
+    oneshot.record_published("web-1", 2, "/nix/store/b.drv", "c2")
+    assert daemon.hosts()["web-1"].version == 2
+    with pytest.raises(RuntimeError), daemon.transaction():
+        daemon.record_failure("web-1", Status.FAILED, "boom")
+        assert daemon.hosts()["web-1"].status == Status.FAILED
+        raise RuntimeError("the pass dies")
+    assert daemon.hosts()["web-1"].status == Status.PUBLISHED
+    # What a caller does with the mapping it got is not what the next caller sees.
+    got = daemon.hosts()
+    got.clear()  # type: ignore[attr-defined]
+    assert "web-1" in daemon.hosts()
+    daemon.close()
+    oneshot.close()
