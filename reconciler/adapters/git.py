@@ -126,8 +126,9 @@ class GitSource:
             # reconciler.daemon.gate's decision.
             shallow = [f"--depth={self.depth}"] if self.depth else []
             repo.git.fetch("origin", f"+refs/heads/{self.branch}:{ref}", "--prune", *shallow)
-            return str(repo.git.rev_parse(ref + "^{commit}"))
-        except git.GitCommandError as exc:
+            # Read from the ref files: a process less on every poll.
+            return str(repo.commit(ref).hexsha)
+        except (git.GitCommandError, git.exc.ODBError, ValueError) as exc:
             raise SourceError(f"cannot fetch branch {self.branch!r} from {self.url}: {_why(exc)}") from None
 
     def export(self, commit: str, dest: Path, exclude: tuple[str, ...] = ()) -> None:
@@ -323,6 +324,8 @@ class GitSource:
         (first run, or history rewritten by a force-push)."""
         if old is None:
             return None
+        if old == new:
+            return frozenset()
         repo = self._open()
         try:
             out = repo.git.diff("--name-only", "--no-renames", old, new)
