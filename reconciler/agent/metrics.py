@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from reconciler.core.trust import Reason
 
 
 class PollResult(StrEnum):
@@ -57,5 +60,46 @@ class AgentMetrics:
             "Unix time at which the trusted TUF timestamp expires.",
             registry=r,
         )
+        # Every series from the start at 0: increase() sees the first refusal as a
+        # rise, which a series born at 1 never shows (AgentRefusals would not fire).
         for result in PollResult:
             self.polls.labels(result)
+        for reason in Reason:
+            self.refusals.labels(reason)
+
+    def counters(self) -> dict[str, float]:
+        """Every counter sample as ``name{labels}`` -> value, for carry_over."""
+        out: dict[str, float] = {}
+        for metric in self.registry.collect():
+            if metric.type != "counter":
+                continue
+            for sample in metric.samples:
+                if sample.name.endswith("_total"):
+                    out[_sample_key(sample.name, sample.labels)] = sample.value
+        return out
+
+    def carry_over(self, totals: Mapping[str, float]) -> None:
+        """Start the counters at ``totals`` (what counters() gave in an earlier run).
+
+        An agent run by a timer (``--once`` with ``metrics_file``) is a new process per
+        poll: without this every counter in the textfile would restart at each run and
+        a refusal in every run would look like no increase at all."""
+        for counter, labelled in (
+            (self.polls, True),
+            (self.refusals, True),
+            (self.updates, False),
+            (self.rollbacks, False),
+            (self.downloaded, False),
+        ):
+            for metric in counter.collect():
+                for sample in metric.samples:
+                    if not sample.name.endswith("_total"):
+                        continue
+                    value = totals.get(_sample_key(sample.name, sample.labels), 0.0)
+                    if value > 0:
+                        child = counter.labels(**sample.labels) if labelled else counter
+                        child.inc(value)
+
+
+def _sample_key(name: str, labels: Mapping[str, str]) -> str:
+    return name + "{" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())) + "}"

@@ -26,13 +26,14 @@ State directory:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -86,6 +87,10 @@ class Agent:
         self.releases.mkdir(parents=True, exist_ok=True)
         self.state_file = cfg.state_dir / "state.json"
         self.state = AgentState.load(self.state_file)
+        # The textfile's counters go on from where the last run left them.
+        self.counters_file = cfg.state_dir / "counters.json"
+        if cfg.metrics_file is not None:
+            self.metrics.carry_over(_read_counters(self.counters_file))
         self.app = App(cfg.host, self.clock.monotonic) if cfg.supervise else None
         # Held by a switch (stop, start, health check) and by the supervision of the
         # app between polls, which run in different threads.
@@ -157,6 +162,7 @@ class Agent:
         self.metrics.polls.labels(result).inc()
         self.metrics.last_poll.set(self.clock.now().timestamp())
         if self.cfg.metrics_file is not None:
+            _write_counters(self.counters_file, self.metrics.counters())
             write_to_textfile(str(self.cfg.metrics_file), self.metrics.registry)
         return result
 
@@ -402,3 +408,20 @@ class Agent:
 
     def _ready(self) -> tuple[bool, str]:
         return (True, "ok") if self.state.version else (False, "no release installed yet")
+
+
+def _read_counters(path: Path) -> dict[str, float]:
+    """What _write_counters left; nothing (counters from 0) if it is missing or unreadable."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(doc, dict):
+        return {}
+    return {k: float(v) for k, v in doc.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _write_counters(path: Path, totals: Mapping[str, float]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(totals, sort_keys=True) + "\n")
+    tmp.replace(path)

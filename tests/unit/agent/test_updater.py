@@ -27,6 +27,7 @@ from reconciler.config import TufConfig
 from reconciler.core import tufrepo
 from reconciler.core.layout import release_path, tuf_path
 from reconciler.core.release import Artifact, Release, new_release
+from reconciler.core.trust import Reason
 from reconciler.core.tufrepo import SERIALIZER, target_path
 from reconciler.daemon.publish import publish
 from reconciler.daemon.tuf import TufRepository
@@ -535,6 +536,31 @@ def test_each_attack_is_refused_and_nothing_changes(
     assert len(errors) == 1 and message in errors[0], errors
     # Trust stays pinned: the configured key, read once for the first root.
     assert on_v1.pinned == [[PUBLISHER_FILE]]
+
+
+def test_every_refusal_reason_is_exported_from_the_start_at_zero(host: Host) -> None:
+    # A series that appears at 1 shows no increase(): the alert would never fire.
+    reg = host.agent.metrics.registry
+    for reason in Reason:
+        assert reg.get_sample_value("reconciler_agent_refusals_total", {"reason": reason}) == 0.0
+
+
+def test_counters_of_a_timer_run_agent_go_on_from_the_last_run(on_v1: Host, tmp_path: Path) -> None:
+    textfile = tmp_path / "agent.prom"
+    on_v1.restart(metrics_file=textfile)
+    attack_tampered_blob(on_v1)
+    assert on_v1.poll() == "refused"
+    downloaded = on_v1.metric("reconciler_agent_downloaded_bytes_total")
+    # The next run by the timer: a new process that refuses the same again.
+    on_v1.restart(metrics_file=textfile)
+    assert on_v1.poll() == "refused"
+    assert on_v1.metric("reconciler_agent_refusals_total", {"reason": "tampered"}) == 2
+    assert on_v1.metric("reconciler_agent_polls_total", {"result": "refused"}) == 2
+    assert on_v1.metric("reconciler_agent_downloaded_bytes_total") > downloaded
+    assert 'reconciler_agent_refusals_total{reason="tampered"} 2.0' in textfile.read_text()
+    # A long-running agent (no textfile) starts its counters at 0, as Prometheus expects.
+    on_v1.restart()
+    assert on_v1.metric("reconciler_agent_refusals_total", {"reason": "tampered"}) == 0
 
 
 def test_a_root_not_signed_by_the_pinned_key_is_refused(
