@@ -20,7 +20,7 @@ from securesystemslib.signer import CryptoSigner
 from reconciler.core.hosts import Host, ParseKey
 from reconciler.core.model import BuilderState, BuildOutput, Evaluation, HostState, Status
 from reconciler.daemon.gate import CommitRefusedError, Refusal
-from reconciler.errors import BuildError, SigningError, StoreError
+from reconciler.errors import BuildError, SigningError, SourceError, StoreError
 from reconciler.ports import Source
 
 
@@ -43,6 +43,7 @@ class FakeSource:
         self.commits: dict[str, Commit] = {}
         self.head: str | None = None
         self.reads = 0  # of the tree
+        self.unreachable: str | None = None  # why fetch fails, while set
 
     def push(self, files: Mapping[str, str], parent: str | None = "head", at: float = 1_700_000_000.0) -> str:
         """A new commit with ``files``; its parent is the current head unless given."""
@@ -57,6 +58,8 @@ class FakeSource:
         return Path("/nonexistent/checkout")
 
     def fetch(self) -> str:
+        if self.unreachable is not None:
+            raise SourceError(self.unreachable)
         assert self.head is not None, "nothing pushed"
         return self.head
 

@@ -8,6 +8,18 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
+# Keys of the ledger's meta table.
+# The last reconciled commit.
+COMMIT_KEY = "commit"
+# Why the newest commit was not built (refused by the commit gate), or empty.
+SOURCE_ERROR_KEY = "source_error"
+# Whether builds run in Nix's sandbox, as the last probe found: "on" or "off".
+SANDBOX_KEY = "sandbox"
+# The packages' ids (Nix.package_ids) and what they were evaluated from, as JSON.
+PACKAGES_KEY = "package_ids"
+# Unix time at which the last pass that succeeded (ReconcileResult.succeeded) ended.
+LAST_SUCCESS_KEY = "last_success"
+
 
 class Action(StrEnum):
     """What a pass does with a host (``reconciler plan`` prints these)."""

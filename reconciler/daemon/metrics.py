@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from reconciler.core.model import Status
+from reconciler.core.model import COMMIT_KEY, LAST_SUCCESS_KEY, Status
 from reconciler.daemon.gate import Refusal
 from reconciler.ports import Ledger
 
@@ -34,24 +34,48 @@ class LedgerCollector(Collector):
     """Per-host figures read from the ledger when Prometheus scrapes (client_python's
     custom collector), so /metrics says what the ledger says, however a pass ended."""
 
-    def __init__(self, ledger: Ledger) -> None:
+    def __init__(self, ledger: Ledger, branch: str) -> None:
         self._ledger = ledger
+        self._branch = branch
 
     def collect(self) -> Iterator[Metric]:
         version = GaugeMetricFamily(
             "reconciler_host_published_version", "Published release version per host.", labels=["host"]
         )
+        # A series per host that is not as its definition says, and only for those:
+        # 10,000 healthy hosts cost nothing here.
+        failing = GaugeMetricFamily(
+            "reconciler_host_failing",
+            "1 per host whose last build or publication failed (status failed) or whose"
+            " definition is invalid (status invalid); what it published before stays served.",
+            labels=["host", "status"],
+        )
         invalid = 0
         for name, hs in sorted(self._ledger.hosts().items()):
             if hs.serving:
                 version.add_metric([name], hs.version)
+            if hs.status in (Status.FAILED, Status.INVALID):
+                failing.add_metric([name, hs.status], 1)
             invalid += hs.status == Status.INVALID
         yield version
+        yield failing
         yield GaugeMetricFamily(
             "reconciler_invalid_hosts",
             "Host definitions that failed validation or evaluation.",
             value=invalid,
         )
+        # From the ledger, so that a restart neither resets them nor loses the labels.
+        yield GaugeMetricFamily(
+            "reconciler_last_successful_reconcile_timestamp_seconds",
+            "Unix time of the last reconcile pass whose builds, publications and metadata"
+            " update all succeeded (0: none yet).",
+            value=float(self._ledger.get_meta(LAST_SUCCESS_KEY) or 0),
+        )
+        commit = self._ledger.get_meta(COMMIT_KEY)
+        if commit is not None:
+            info = InfoMetricFamily("reconciler_source", "The config repository commit last reconciled.")
+            info.add_metric([], {"commit": commit, "branch": self._branch})
+            yield info
 
 
 class TufCollector(Collector):
@@ -97,12 +121,6 @@ class Metrics:
             buckets=RECONCILE_BUCKETS,
             registry=r,
         )
-        self.last_success = Gauge(
-            "reconciler_last_successful_reconcile_timestamp_seconds",
-            "Unix time of the last reconcile in which every host succeeded.",
-            registry=r,
-        )
-        self.source = Info("reconciler_source", "The config repository commit last reconciled.", registry=r)
         self.host_builds = Counter("reconciler_host_builds", "Host builds by result.", ["result"], registry=r)
         self.build_duration = Histogram(
             "reconciler_build_duration_seconds",
@@ -199,9 +217,9 @@ class Metrics:
                 self.builder_builds.labels(name, result)
             self.builder_build_duration.labels(name)
 
-    def watch(self, ledger: Ledger, tuf: TufRepository | None) -> None:
+    def watch(self, ledger: Ledger, tuf: TufRepository | None, branch: str) -> None:
         """Serve the ledger's per-host figures (LedgerCollector) and the TUF roles'
         (TufCollector) from now on."""
-        self.registry.register(LedgerCollector(ledger))
+        self.registry.register(LedgerCollector(ledger, branch))
         if tuf is not None:
             self.registry.register(TufCollector(tuf))

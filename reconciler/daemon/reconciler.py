@@ -35,7 +35,17 @@ from reconciler.core.hosts import (
     parse_fleet,
 )
 from reconciler.core.layout import PUBLISHER_KEY, latest_path, release_path
-from reconciler.core.model import Action, BuildOutput, Evaluation, Status
+from reconciler.core.model import (
+    COMMIT_KEY,
+    LAST_SUCCESS_KEY,
+    PACKAGES_KEY,
+    SANDBOX_KEY,
+    SOURCE_ERROR_KEY,
+    Action,
+    BuildOutput,
+    Evaluation,
+    Status,
+)
 from reconciler.core.plan import HostPlan, Plan, make_plan, retry_delay
 from reconciler.core.release import Artifact, Release, new_release, parse_release
 from reconciler.core.tufroles import RoleName
@@ -66,14 +76,6 @@ if TYPE_CHECKING:
 
 # How a pass opens its TUF repository, given how to get the online signing key.
 OpenTuf = Callable[[Callable[[], "MetadataSigner"]], "TufRepository"]
-
-COMMIT_KEY = "commit"
-# Why the newest commit was not built (refused by the commit gate), or empty.
-SOURCE_ERROR_KEY = "source_error"
-# Whether builds run in Nix's sandbox, as the last probe found: "on" or "off".
-SANDBOX_KEY = "sandbox"
-# The packages' ids (Nix.package_ids) and what they were evaluated from, as JSON.
-PACKAGES_KEY = "package_ids"
 
 
 @dataclass(frozen=True)
@@ -109,12 +111,19 @@ class ReconcileResult:
 
     @property
     def ok(self) -> bool:
+        """Every host is as its definition says: what `reconcile` exits 0 for."""
         return (
-            self.metadata_error is None
-            and all(o.ok for o in self.outcomes)
+            self.succeeded
             and not self.plan.with_action(Action.INVALID)
             and not self.plan.with_action(Action.BACKOFF)
         )
+
+    @property
+    def succeeded(self) -> bool:
+        """Everything this pass tried worked: its builds, publications and the metadata.
+        A host whose definition is invalid, or that waits out a backoff, does not fail
+        the pass that leaves it alone (reconciler_host_failing says which hosts are)."""
+        return self.metadata_error is None and all(o.ok for o in self.outcomes)
 
 
 def sha256_file(path: Path) -> str:
@@ -154,7 +163,7 @@ class Reconciler:
         self._key_published = False
         self._store_recovered = False
         self._tuf = tuf(lambda: self.signer.metadata_signer()) if tuf is not None else None
-        self.metrics.watch(self.state, self._tuf)
+        self.metrics.watch(self.state, self._tuf, cfg.repo.branch)
         self.metrics.known_builders([LOCAL, *(b.name for b in cfg.builders)])
 
     @property
@@ -347,9 +356,9 @@ class Reconciler:
                 raise
             finally:
                 self.metrics.reconcile_duration.observe(self.clock.monotonic() - started)
-            self.metrics.reconcile_runs.labels("success" if result.ok else "failure").inc()
-            if result.ok:
-                self.metrics.last_success.set(self.clock.now().timestamp())
+            self.metrics.reconcile_runs.labels("success" if result.succeeded else "failure").inc()
+            if result.succeeded:
+                self.state.set_meta(LAST_SUCCESS_KEY, repr(self.clock.now().timestamp()))
             log.event(
                 "reconcile_done",
                 commit=result.plan.commit,
@@ -525,7 +534,6 @@ class Reconciler:
                     failures=failures,
                     retry_in=round(delay),
                 )
-        self.metrics.source.info({"commit": obs.commit, "branch": self.cfg.repo.branch})
 
     def _in_store(self, host: str, version: int | None = None) -> Release | None:
         """``host``'s release ``version`` in the store (its latest.json without one);

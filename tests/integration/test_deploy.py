@@ -65,6 +65,12 @@ DAEMON_METRICS = {
     "reconciler_tuf_failures_total",
     "reconciler_tuf_expiry_timestamp_seconds",
     "reconciler_tuf_version",
+    "reconciler_host_failing",
+    "reconciler_publish_failures_total",
+    "reconciler_untrusted_commits_total",
+    "reconciler_webhook_requests_total",
+    # Prometheus's own, per target.
+    "up",
 }
 AGENT_METRICS = {
     "reconciler_agent_polls_total",
@@ -95,6 +101,13 @@ ALERTS = {
     "AgentMetadataStale",
     "TufMetadataFailing",
     "TufMetadataExpiringSoon",
+    "ReconcilerDown",
+    "ReconcilerAbsent",
+    "InvalidHosts",
+    "HostBuildFailing",
+    "PublishFailures",
+    "UntrustedCommit",
+    "WebhookUnauthorizedBurst",
 }
 # Grafana's variables, replaced by what a query would get, for checking expressions.
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h"}

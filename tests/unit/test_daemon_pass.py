@@ -16,7 +16,7 @@ from reconciler.core.model import Action, Status
 from reconciler.daemon.gate import CommitRefusedError, Gate
 from reconciler.daemon.reconciler import COMMIT_KEY, SOURCE_ERROR_KEY, Reconciler
 from reconciler.daemon.tuf import TufRepository
-from reconciler.errors import ConfigError
+from reconciler.errors import ConfigError, ReconcilerError
 from reconciler.ports import Ports
 from tests.fakes import FakeClock, FakeNix, FakeSigner, FakeSource, MemoryLedger, MemoryStore, RefusingGate
 
@@ -392,6 +392,45 @@ def test_metrics_say_what_the_ledger_says_when_scraped(world: World) -> None:
     assert sample("reconciler_host_published_version", {"host": "web-2"}) is None
     assert sample("reconciler_host_published_version", {"host": "web-1"}) == 1
     assert sample("reconciler_invalid_hosts") == 0
+
+
+def test_an_invalid_host_fails_itself_not_the_pass(world: World) -> None:
+    world.source.push({**FLEET, "hosts/web-2.yaml": "name: [web-2]\n"})
+    rec = world.reconciler()
+    result = rec.reconcile()
+    sample = rec.metrics.registry.get_sample_value
+    # `reconcile` still exits 1 (not every host is as defined), but the pass did all
+    # it could: ReconcileFailing is for passes that fail, not for one bad file.
+    assert not result.ok and result.succeeded
+    assert sample("reconciler_reconcile_runs_total", {"result": "success"}) == 1
+    assert sample("reconciler_reconcile_runs_total", {"result": "failure"}) == 0
+    assert sample("reconciler_host_failing", {"host": "web-2", "status": "invalid"}) == 1
+    assert sample("reconciler_host_failing", {"host": "web-1", "status": "invalid"}) is None
+    assert sample("reconciler_last_successful_reconcile_timestamp_seconds") == world.clock.now().timestamp()
+    # A build that fails does fail the pass, and its host shows as failed.
+    world.source.push(FLEET)
+    world.nix.failing.add("web-2")
+    assert not rec.reconcile().succeeded
+    assert sample("reconciler_reconcile_runs_total", {"result": "failure"}) == 1
+    assert sample("reconciler_host_failing", {"host": "web-2", "status": "failed"}) == 1
+
+
+def test_a_restart_keeps_the_last_success_and_the_source_while_the_repo_is_broken(world: World) -> None:
+    world.source.push(FLEET)
+    first = world.reconciler()
+    first.reconcile()
+    at = first.metrics.registry.get_sample_value("reconciler_last_successful_reconcile_timestamp_seconds")
+    assert at == world.clock.now().timestamp()
+    world.clock.advance(3600)
+    world.source.unreachable = "cannot fetch: connection refused"
+    again = world.reconciler()
+    with pytest.raises(ReconcilerError):
+        again.reconcile()
+    sample = again.metrics.registry.get_sample_value
+    # Not 0 (ReconcileStalled would be pending from the restart on) and not the time
+    # of the failed pass.
+    assert sample("reconciler_last_successful_reconcile_timestamp_seconds") == at
+    assert sample("reconciler_source_info", {"commit": world.source.head or "", "branch": "main"}) == 1
 
 
 def test_builds_are_counted_per_builder_with_the_builders_that_could_not_take_them(world: World) -> None:
