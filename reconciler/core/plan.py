@@ -45,10 +45,14 @@ def make_plan(
     published: Mapping[str, HostState],
     changed: frozenset[str] | None,
     now: float | None = None,
+    max_wait: float = math.inf,
 ) -> Plan:
     """``changed`` is the set of repo paths changed since the last reconciled commit,
     or None when that is unknown (first run, rewritten history). With ``now`` (unix
-    time), a build that failed is not retried before its recorded retry time."""
+    time), a build that failed is not retried before its recorded retry time, unless
+    that is more than ``max_wait`` (retry.max) away: no backoff is that long, so the
+    clock went back since it was recorded (or retry.max was lowered), and waiting
+    for it could take as long as the clock jumped."""
     entries: list[HostPlan] = []
     for err in fleet.errors:
         name = err.path.rsplit("/", 1)[-1].rsplit(".", 1)[0]
@@ -77,7 +81,7 @@ def make_plan(
             and prev is not None
             and prev.failed_image == image
             and prev.retry_at is not None
-            and now < prev.retry_at
+            and now < prev.retry_at <= now + max_wait
         ):
             wait = math.ceil(prev.retry_at - now)
             why = (f"build failed {prev.failures} time(s) in a row; next retry in {wait}s", *why)

@@ -327,6 +327,7 @@ class Reconciler:
             self.state.hosts(),
             obs.changed,
             now=self.clock.now().timestamp() if respect_backoff else None,
+            max_wait=self.cfg.retry.max.total_seconds(),
         )
         return obs, plan
 

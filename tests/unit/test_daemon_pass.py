@@ -301,6 +301,19 @@ def test_a_failed_build_backs_off_doubling_then_retries(world: World) -> None:
     assert outcomes(rec)["web-1"] == (True, 1)
 
 
+def test_a_backoff_recorded_under_a_clock_ahead_ends_once_the_clock_is_back(world: World) -> None:
+    world.source.push(FLEET)
+    world.nix.failing.add("web-1")
+    rec = world.reconciler()
+    world.clock.advance(30 * 86400)
+    assert outcomes(rec)["web-1"] == (False, None)
+    world.nix.failing.clear()
+    world.clock.advance(-30 * 86400)
+    # The longest backoff (retry.max) has passed since, whatever the clock said then.
+    world.clock.advance(world.config().retry.max.total_seconds())
+    assert outcomes(rec)["web-1"] == (True, 1)
+
+
 def test_an_invalid_host_costs_only_itself_and_keeps_what_it_published(world: World) -> None:
     world.source.push(FLEET)
     rec = world.reconciler()

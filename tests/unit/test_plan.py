@@ -301,6 +301,22 @@ def test_a_failed_build_is_retried_once_its_time_has_come_or_backoff_is_ignored(
         assert [e.action for e in p.entries] == [Action.REBUILD]
 
 
+def test_a_retry_time_beyond_the_longest_backoff_is_due_now() -> None:
+    # Recorded while the clock was 30 days ahead: the clock came back, and waiting for
+    # it would keep the host in backoff for 30 days with retry.max at 4s.
+    prev = failed(IMG_B, 1, retry_at=1000.0 + 30 * 86400)
+    p = make_plan(
+        COMMIT, fleet(WEB), {"web-1": IMG_B}, {}, states(prev), frozenset(), now=1000.0, max_wait=4.0
+    )
+    assert [e.action for e in p.entries] == [Action.REBUILD]
+    # Within retry.max it is waited for.
+    prev = failed(IMG_B, 1, retry_at=1003.0)
+    p = make_plan(
+        COMMIT, fleet(WEB), {"web-1": IMG_B}, {}, states(prev), frozenset(), now=1000.0, max_wait=4.0
+    )
+    assert [e.action for e in p.entries] == [Action.BACKOFF]
+
+
 def test_a_different_build_does_not_wait_for_the_failed_ones_backoff() -> None:
     prev = failed("/nix/store/cccc-host-web-1-image.drv", 5, retry_at=10_000.0)
     p = make_plan(COMMIT, fleet(WEB), {"web-1": IMG_B}, {}, states(prev), frozenset(), now=1.0)
