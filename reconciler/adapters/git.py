@@ -8,6 +8,7 @@ reconciler.gate's decision, from what this module reads.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shlex
 import shutil
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import git
 
+from reconciler import log
 from reconciler.core.hosts import SYMLINK, TOO_BIG, UNREADABLE
 from reconciler.core.schema import MAX_FILE_BYTES
 from reconciler.errors import ConfigError, SourceError, VerificationError
@@ -100,7 +102,35 @@ class GitSource:
         return repo
 
     def fetch(self) -> str:
-        """Fetch the branch, check its head out, and return the commit id."""
+        """Fetch the branch, check its head out, and return the commit id.
+
+        When that fails while the remote answers for the branch, what is broken is
+        this clone (a corrupt object, a half-written ref): it is cloned afresh, once,
+        instead of every pass failing until someone deletes it."""
+        try:
+            return self._fetch_and_check_out()
+        except SourceError as exc:
+            if not self._remote_has_branch():
+                raise
+            log.event("checkout_repaired", logging.WARNING, url=self.url, error=str(exc))
+            self._repo, self._checked_out, self._blobs = None, None, {}
+            shutil.rmtree(self.checkout, ignore_errors=True)
+            return self._fetch_and_check_out()
+
+    def _remote_has_branch(self) -> bool:
+        try:
+            proc = subprocess.run(
+                ["git", "ls-remote", "--heads", "--", self.url, f"refs/heads/{self.branch}"],
+                capture_output=True,
+                timeout=READ_TIMEOUT,
+                env={**os.environ, **self.env},
+                cwd="/",
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        return proc.returncode == 0 and bool(proc.stdout.strip())
+
+    def _fetch_and_check_out(self) -> str:
         repo = self._open()
         commit = self.fetch_objects(f"refs/remotes/origin/{self.branch}")
         # Nix reads the packages (and what they import) from the work tree, which only

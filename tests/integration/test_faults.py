@@ -24,7 +24,7 @@ from reconciler.config import load_config
 from reconciler.core.release import parse_release
 from reconciler.daemon.reconciler import Reconciler
 from reconciler.wiring import open_reconciler
-from tests.conftest import ConfigRepo, Signing, standard_fleet, write_config
+from tests.conftest import WEB, ConfigRepo, Signing, standard_fleet, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -242,3 +242,45 @@ def test_gpg_failure_fails_clearly_with_a_metric_and_publishes_nothing(
     store = tmp_path / "store"
     assert not list(store.glob("hosts/*/latest.json"))
     assert not list(store.glob("hosts/*/releases/*.json"))
+
+
+def test_a_corrupt_checkout_is_cloned_again_and_the_pass_goes_on(
+    tmp_path: Path, fleet: ConfigRepo, signing: Signing, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = load_config(write_config(tmp_path, fleet, signing))
+    rec = open_reconciler(cfg)
+    try:
+        assert rec.reconcile().ok
+        # Every object of the daemon's own clone is lost or damaged (a disk error, an
+        # interrupted gc): the remote is fine. (Unlinked first: a clone of a local
+        # path hardlinks the remote's object files.)
+        objects = cfg.state_dir / "checkout" / ".git" / "objects"
+        for f in [f for f in objects.rglob("*") if f.is_file() and f.parent.name != "info"]:
+            f.unlink()
+            f.write_bytes(b"")
+        fleet.write("hosts/web-1.yaml", WEB.format(name="web-1", address="10.42.0.99/24", port=18081))
+        fleet.commit("a change after the damage")
+        result = rec.reconcile()
+        assert result.ok, [(e.host, e.reasons) for e in result.plan.entries]
+        assert {o.host: o.version for o in result.outcomes} == {"web-1": 2}
+        assert [r for r in caplog.records if r.getMessage() == "checkout_repaired"]
+    finally:
+        rec.close()
+
+
+def test_an_unreachable_remote_is_not_mistaken_for_a_corrupt_checkout(
+    tmp_path: Path, fleet: ConfigRepo, signing: Signing, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = load_config(write_config(tmp_path, fleet, signing))
+    rec = open_reconciler(cfg)
+    try:
+        assert rec.reconcile().ok
+        clone = cfg.state_dir / "checkout"
+        shutil.move(fleet.path, tmp_path / "moved-away")
+        with pytest.raises(Exception, match="cannot fetch"):
+            rec.reconcile()
+        # The clone is kept for when the remote is back.
+        assert (clone / ".git").is_dir()
+        assert not [r for r in caplog.records if r.getMessage() == "checkout_repaired"]
+    finally:
+        rec.close()
