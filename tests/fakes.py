@@ -10,7 +10,7 @@ import builtins
 import contextlib
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -114,6 +114,7 @@ class FakeNix:
         self.broken: set[str] = set()  # hosts whose evaluation fails
         self.builder_of: dict[str, str] = {}  # host -> the builder that builds it (default local)
         self.refused: dict[str, dict[str, str]] = {}  # host -> builders that could not take it
+        self.while_building: Callable[[str], None] | None = None  # called with the host built
 
     def recipe_digest(self) -> str | None:
         return "recipe-1"
@@ -149,6 +150,8 @@ class FakeNix:
     def realise(self, host: Host, drv: str, repo: Path, root: str) -> BuildOutput:
         _, version = self._drvs[drv]
         self.builds.append((host.name, version))
+        if self.while_building is not None:
+            self.while_building(host.name)
         builder = self.builder_of.get(host.name, "local")
         refused = self.refused.get(host.name, {})
         if host.name in self.failing:

@@ -105,4 +105,5 @@ class Daemon:
 
     def stop(self) -> None:
         self.stopping.set()
+        self.reconciler.stop()
         self.wakeup.notify("stop")

@@ -108,6 +108,8 @@ class ReconcileResult:
 
     # Why the TUF metadata could not be brought up to date, or None.
     metadata_error: str | None = None
+    # Hosts to rebuild that were not started: the daemon was asked to stop.
+    interrupted: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -123,7 +125,7 @@ class ReconcileResult:
         """Everything this pass tried worked: its builds, publications and the metadata.
         A host whose definition is invalid, or that waits out a backoff, does not fail
         the pass that leaves it alone (reconciler_host_failing says which hosts are)."""
-        return self.metadata_error is None and all(o.ok for o in self.outcomes)
+        return self.metadata_error is None and all(o.ok for o in self.outcomes) and not self.interrupted
 
 
 def sha256_file(path: Path) -> str:
@@ -159,6 +161,7 @@ class Reconciler:
         # parsing and keying every host again.
         self._last: tuple[Observation, str | None] | None = None
         self._pass_lock = threading.Lock()
+        self._stopping = threading.Event()
         self._last_gc = self.clock.monotonic()
         self._key_published = False
         self._store_recovered = False
@@ -441,9 +444,18 @@ class Reconciler:
         todo = plan.with_action(Action.REBUILD)
         self.metrics.build_queue_depth.set(len(todo))
         with ThreadPoolExecutor(max_workers=self.cfg.jobs, thread_name_prefix="build") as pool:
-            outcomes = tuple(pool.map(lambda e: self._act(e, obs), todo))
+            acted = tuple(pool.map(lambda e: self._act(e, obs), todo))
+        outcomes = tuple(o for o in acted if o is not None)
+        interrupted = tuple(e.host for e, o in zip(todo, acted, strict=True) if o is None)
+        if interrupted:
+            log.event("reconcile_interrupted", not_started=len(interrupted))
         self._record(obs, plan, outcomes)
-        return ReconcileResult(plan, outcomes, self.sync_metadata())
+        return ReconcileResult(plan, outcomes, self.sync_metadata(), interrupted)
+
+    def stop(self) -> None:
+        """Start no further build: a pass in progress finishes the builds it started,
+        records them and ends. The hosts it did not start are rebuilt by the next."""
+        self._stopping.set()
 
     def sync_metadata(self) -> str | None:
         """Make the TUF metadata list every host's published release (the ledger's)
@@ -460,9 +472,13 @@ class Reconciler:
             return str(exc)
         return None
 
-    def _act(self, entry: HostPlan, obs: Observation) -> HostOutcome:
+    def _act(self, entry: HostPlan, obs: Observation) -> HostOutcome | None:
         """Build, sign and publish one host; what came of it is recorded later, with
-        the rest of the pass (a crash before that is met by adoption next pass)."""
+        the rest of the pass (a crash before that is met by adoption next pass).
+        None: not started, the daemon is stopping."""
+        if self._stopping.is_set():
+            self.metrics.build_queue_depth.dec()
+            return None
         host = obs.fleet.hosts[entry.host]
         assert entry.image is not None
         try:

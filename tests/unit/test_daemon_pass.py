@@ -314,6 +314,22 @@ def test_a_backoff_recorded_under_a_clock_ahead_ends_once_the_clock_is_back(worl
     assert outcomes(rec)["web-1"] == (True, 1)
 
 
+def test_a_stop_during_a_pass_finishes_the_builds_started_and_starts_no_other(world: World) -> None:
+    world.source.push({**FLEET, "hosts/web-3.yaml": HOST.format(name="web-3", address="10.0.0.3/24")})
+    rec = world.reconciler()  # jobs: 1, so the hosts are built one after another
+    world.nix.while_building = lambda host: rec.stop()
+    result = rec.reconcile()
+    assert world.nix.builds == [("web-1", 1)]
+    assert {o.host: o.ok for o in result.outcomes} == {"web-1": True}
+    assert result.interrupted == ("web-2", "web-3") and not result.succeeded and not result.ok
+    # What was not started is not a failure: no backoff, built by the next process.
+    assert world.ledger.states["web-1"].version == 1
+    assert "web-2" not in world.ledger.states
+    world.nix.while_building = None
+    again = world.reconciler()
+    assert outcomes(again) == {"web-2": (True, 1), "web-3": (True, 1)}
+
+
 def test_an_invalid_host_costs_only_itself_and_keeps_what_it_published(world: World) -> None:
     world.source.push(FLEET)
     rec = world.reconciler()
