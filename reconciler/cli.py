@@ -68,7 +68,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"commit {plan.commit}")
         for e in plan.entries:
             print(f"{e.host}: {e.action}: {'; '.join(e.reasons)}")
-    return 0
+        print(plan.summary())
+    return plan.exit_code(args.detailed_exitcode)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -246,8 +247,14 @@ def parser() -> argparse.ArgumentParser:
 
     add("run", cmd_run, "the daemon: watch, reconcile, serve /metrics, /healthz, /readyz")
     add("reconcile", cmd_reconcile, "one reconcile pass, then exit (non-zero if any host failed)")
-    add("plan", cmd_plan, "which hosts would rebuild and why; changes nothing").add_argument(
-        "--json", action="store_true", help="machine-readable output"
+    pl = add(
+        "plan", cmd_plan, "which hosts would rebuild and why; changes nothing (exit 1: a host is invalid)"
+    )
+    pl.add_argument("--json", action="store_true", help="machine-readable output")
+    pl.add_argument(
+        "--detailed-exitcode",
+        action="store_true",
+        help="exit 2 when a pass would rebuild or remove a host, 0 when it would change nothing",
     )
     add("build", cmd_build, "build one host and print the artifact paths").add_argument("host")
     add("status", cmd_status, "last reconciled commit and each host's published version").add_argument(

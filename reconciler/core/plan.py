@@ -34,7 +34,32 @@ class Plan:
         return tuple(e for e in self.entries if e.action == action)
 
     def to_json(self) -> dict[str, object]:
-        return {"commit": self.commit, "hosts": [e.to_json() for e in self.entries]}
+        return {
+            "commit": self.commit,
+            "summary": self.counts(),
+            "hosts": [e.to_json() for e in self.entries],
+        }
+
+    def counts(self) -> dict[str, int]:
+        """Hosts per action, every action named."""
+        return {a.value: len(self.with_action(a)) for a in Action}
+
+    def summary(self) -> str:
+        c = self.counts()
+        return (
+            f"plan: {c[Action.REBUILD]} to rebuild, {c[Action.REMOVED]} to remove, "
+            f"{c[Action.INVALID]} invalid, {c[Action.BACKOFF]} in backoff, {c[Action.UNCHANGED]} unchanged"
+        )
+
+    def exit_code(self, detailed: bool = False) -> int:
+        """What `reconciler plan` exits with: 1 when a host is invalid (a pull request
+        that breaks a host file fails its check); with ``detailed``, as `terraform plan
+        -detailed-exitcode`: 2 when a pass would change the store, else 0."""
+        if self.with_action(Action.INVALID):
+            return 1
+        if detailed and (self.with_action(Action.REBUILD) or self.with_action(Action.REMOVED)):
+            return 2
+        return 0
 
 
 def make_plan(

@@ -92,6 +92,8 @@ def test_plan_writes_nothing(tmp_path: Path, config_repo: ConfigRepo, signing: S
     planned = cli("plan", "-c", str(cfg))
     assert planned.returncode == 0, planned.stderr
     assert "b-site: rebuild: new host, never published" in planned.stdout
+    assert planned.stdout.splitlines()[-1].startswith("plan: 2 to rebuild, 0 to remove, 0 invalid")
+    assert cli("plan", "-c", str(cfg), "--detailed-exitcode").returncode == 2
     # No ledger, no clone of the daemon's: only the content-addressed toolchain cache.
     assert not (state / "state.db").exists()
     assert not (state / "checkout").exists()
@@ -116,6 +118,10 @@ def test_plan_writes_nothing(tmp_path: Path, config_repo: ConfigRepo, signing: S
         ).stdout
         == ""
     )
+    # Nothing to do once reconciled: 0 with --detailed-exitcode too.
+    assert cli("reconcile", "-c", str(cfg)).returncode == 0
+    quiet = cli("plan", "-c", str(cfg), "--detailed-exitcode")
+    assert quiet.returncode == 0 and "plan: 0 to rebuild" in quiet.stdout, quiet.stdout
 
 
 def test_build_keeps_the_published_builds_gc_root(

@@ -219,6 +219,7 @@ def test_entries_are_sorted_by_host_and_serialise() -> None:
     assert [e.host for e in p.with_action(Action.REBUILD)] == ["a-1", "z-1"]
     assert p.to_json() == {
         "commit": COMMIT,
+        "summary": {"rebuild": 2, "unchanged": 1, "invalid": 1, "removed": 1, "backoff": 0},
         "hosts": [
             {"host": "a-1", "action": "rebuild", "reasons": ["new host, never published"], "image": IMG_B},
             {
@@ -415,3 +416,24 @@ def test_every_host_gets_the_action_its_state_calls_for(
         never = s is None or s.version == 0 or s.image is None
         if expected in (Action.REBUILD, Action.BACKOFF):
             assert ("new host, never published" in e.reasons) == never, (e, s)
+
+
+def test_summary_and_exit_codes_say_whether_a_pass_would_change_anything() -> None:
+    def plan_of(*actions: Action) -> Plan:
+        return Plan(COMMIT, tuple(HostPlan(f"h{i}", a, ("why",)) for i, a in enumerate(actions)))
+
+    quiet = plan_of(Action.UNCHANGED, Action.BACKOFF)
+    assert (quiet.exit_code(), quiet.exit_code(detailed=True)) == (0, 0)
+    assert quiet.summary() == "plan: 0 to rebuild, 0 to remove, 0 invalid, 1 in backoff, 1 unchanged"
+    for changes in (Action.REBUILD, Action.REMOVED):
+        busy = plan_of(Action.UNCHANGED, changes)
+        assert (busy.exit_code(), busy.exit_code(detailed=True)) == (0, 2)
+    broken = plan_of(Action.REBUILD, Action.INVALID)
+    assert (broken.exit_code(), broken.exit_code(detailed=True)) == (1, 1)
+    assert broken.to_json()["summary"] == {
+        "rebuild": 1,
+        "unchanged": 0,
+        "invalid": 1,
+        "removed": 0,
+        "backoff": 0,
+    }
