@@ -6,7 +6,7 @@
  *   <dir>/bin/busybox sh <dir>/.reconciler/apprun.sh ARGS...
  *
  * where <dir> is the directory holding this executable (realpath of
- * /proc/self/exe). APPDIR is set to <dir> unless already set (the AppImage
+ * /proc/self/exe, or of argv[0] without /proc). APPDIR is set to <dir> unless already set (the AppImage
  * runtime sets it; the ACI manifest sets it to /).
  *
  * Linked statically against musl and without stdio, it stays a few kilobytes.
@@ -53,6 +53,9 @@ static char *join(const char *dir, const char *rel) {
 
 int main(int argc, char **argv) {
     char *dir = realpath("/proc/self/exe", NULL);
+    /* A bare root (a chroot without /proc) still has the path it was run by. */
+    if (!dir && argc > 0 && strchr(argv[0], '/'))
+        dir = realpath(argv[0], NULL);
     if (!dir)
         fail("cannot find its own path (/proc/self/exe): ", strerror(errno), "", "");
     char *slash = strrchr(dir, '/');

@@ -17,14 +17,16 @@
  *
  * SIGTERM, SIGINT and SIGHUP stop everything: each service's process group is
  * sent SIGTERM (and SIGCONT), then, after STOP_S seconds (10) or at a second
- * signal, SIGKILL; the supervisor exits 0 once none of its descendants is left.
- * It is a child subreaper, so what services leave behind is reaped, and
- * stopped, by it; its parent's death counts as SIGTERM, and each service is
- * killed if the supervisor itself is.
+ * signal, SIGKILL; the supervisor exits 0 once none of its descendants is left
+ * (or a few seconds after SIGKILL, should one be stuck in the kernel). It is a
+ * child subreaper, so what services leave behind (even in a session of its
+ * own) becomes its child, is reaped and, with /proc, stopped too. Its parent's
+ * death counts as SIGTERM, and each service is killed if the supervisor is.
  *
  * Static, single-threaded, no stdio: it must keep working after the image it
  * runs from is gone (a killed AppImage runtime takes its FUSE mount along), so
- * it locks its pages in memory at start and touches no file while stopping.
+ * it locks its pages in memory at start and reads nothing of the image while
+ * stopping.
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -49,6 +51,7 @@
 #define NAME "reconciler-supervise"
 #define LINE_MAX_LEN 4096 /* longer lines are cut into pieces of this size */
 #define SWEEP_MS 100      /* while stopping: how often leftovers are looked for */
+#define GIVE_UP_MS 3000   /* after SIGKILL: what still has not gone cannot be waited for */
 
 enum policy { ALWAYS, ON_FAILURE, NEVER };
 static const char *const policy_names[] = {"always", "on-failure", "never"};
@@ -286,8 +289,11 @@ static void start(struct service *s) {
         setpgid(0, 0);
         if (prctl(PR_SET_PDEATHSIG, SIGKILL) < 0 || getppid() != self)
             _exit(127);
+        /* No input (a closed one where a bare root has no /dev/null). */
         int null = open("/dev/null", O_RDONLY | O_CLOEXEC);
-        if (null < 0 || dup2(null, 0) < 0 || dup2(s->log_wr, 1) < 0 || dup2(s->log_wr, 2) < 0)
+        if (null < 0 ? close(0) < 0 && errno != EBADF : dup2(null, 0) < 0)
+            _exit(127);
+        if (dup2(s->log_wr, 1) < 0 || dup2(s->log_wr, 2) < 0)
             _exit(127);
         signal(SIGPIPE, SIG_DFL);
         sigprocmask(SIG_UNBLOCK, &handled, NULL);
@@ -357,12 +363,11 @@ static void deliver(pid_t target, int sig) {
 }
 
 /* Send sig to every process whose parent we are: services, and what they left
-   behind (reparented to us, the subreaper). Returns how many there are. */
-static size_t signal_children(int sig) {
-    size_t found = 0;
+   behind (reparented to us, the subreaper). Best effort: it needs /proc. */
+static void signal_children(int sig) {
     DIR *d = opendir("/proc");
     if (!d)
-        return 0;
+        return;
     pid_t self = getpid();
     struct dirent *e;
     while ((e = readdir(d))) {
@@ -386,12 +391,17 @@ static size_t signal_children(int sig) {
             continue;
         if (strtol(p + 4, NULL, 10) != self)
             continue;
-        found++;
         if (sig != SIGTERM || first_term((pid_t)pid))
             deliver((pid_t)pid, sig);
     }
     closedir(d);
-    return found;
+}
+
+/* Whether any child of ours is left (exited ones not yet reaped count). */
+static bool have_children(void) {
+    siginfo_t info;
+    memset(&info, 0, sizeof info);
+    return waitid(P_ALL, 0, &info, WEXITED | WNOHANG | WNOWAIT) == 0;
 }
 
 /* Each running service's whole process group: what it started goes too. */
@@ -473,7 +483,7 @@ int main(int argc, char **argv) {
 
     struct pollfd *pfds = xmalloc(sizeof *pfds * (nservices + 1));
     bool stopping = false;
-    int64_t kill_at = 0;
+    int64_t kill_at = 0, give_up_at = 0;
     int kill_sig = SIGTERM;
     for (;;) {
         int64_t now = now_ms();
@@ -507,7 +517,7 @@ int main(int argc, char **argv) {
             if (si.ssi_signo == SIGCHLD)
                 continue; /* reaped below, whoever it was */
             if (stopping) {
-                kill_sig = SIGKILL; /* a second stop signal: no more waiting */
+                kill_at = 0; /* a second stop signal: no more waiting */
                 continue;
             }
             char sn[24];
@@ -531,15 +541,20 @@ int main(int argc, char **argv) {
         }
 
         if (stopping) {
-            if (kill_sig != SIGKILL && now_ms() >= kill_at) {
+            now = now_ms();
+            if (kill_sig != SIGKILL && now >= kill_at && have_children()) {
                 say("stop timeout reached; killing what is left", NULL);
                 kill_sig = SIGKILL;
+                give_up_at = now + GIVE_UP_MS;
             }
             if (kill_sig == SIGKILL)
                 signal_groups(SIGKILL);
-            /* Leftovers reparented to us since the last look get their TERM
-               (or KILL); with no process of ours left, we are done. */
-            if (signal_children(kill_sig) == 0) {
+            /* Leftovers reparented to us since the last look get their TERM (or KILL). */
+            signal_children(kill_sig);
+            bool gave_up = kill_sig == SIGKILL && now >= give_up_at;
+            if (!have_children() || gave_up) {
+                if (gave_up)
+                    say("some processes did not end; leaving them", NULL);
                 for (size_t i = 0; i < nservices; i++) {
                     drain(&services[i]);
                     emit(&services[i], true);

@@ -521,6 +521,19 @@ def test_launcher_and_supervisor_are_small_and_static(built: Built, name: str) -
     assert exe.stat().st_size < 64 * 1024
 
 
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("chroot") is None, reason="needs root for chroot")
+def test_launcher_in_a_bare_root_without_proc(built: Built, tmp_path: Path) -> None:
+    """An ACI root run as it is (no /proc, /dev or /tmp): AppRun finds itself by argv[0]."""
+    appdir = make_appdir(tmp_path, built)
+    chroot = shutil.which("chroot")
+    assert chroot is not None
+    result = run([chroot, str(appdir), "/AppRun", "info", "z"], env={"PATH": "/bin"})
+    assert result.returncode == 0, result.stderr
+    info = parse_info(result.stdout)
+    # (busybox runs most applets through /proc/self/exe: only the launcher's part is checked)
+    assert info["APPDIR"] == ["/"] and info["ARG"] == ["z"]
+
+
 # -------------------------------------------------------------- supervisor
 
 
