@@ -1,6 +1,7 @@
-# A host's supervision tree: the AppRun launcher, the runit supervisor and, per
-# service, what apprun.sh turns into a runit service directory at start:
-#   etc/service/<name>/run      the command, run from the image root
+# A host's supervision tree: the AppRun launcher, the static supervisor
+# (.reconciler/reconciler-supervise, see apprun.sh) and, per service, the
+# runit-style directory it reads:
+#   etc/service/<name>/run      the command, run by the image's busybox sh from the image root
 #   etc/service/<name>/restart  always | on-failure | never
 { toolchain, name, services }:
 let
@@ -27,7 +28,7 @@ derivation {
     mkdir -p "$out/.reconciler" "$out/etc/service"
     cp ${toolchain.runtimeBin}/AppRun "$out/AppRun"
     cp ${./apprun.sh} "$out/.reconciler/apprun.sh"
-    cp -RP ${toolchain.runit} "$out/.reconciler/runit"
+    cp ${toolchain.supervisor} "$out/.reconciler/reconciler-supervise"
     ${builtins.concatStringsSep "\n" (builtins.attrValues (builtins.mapAttrs install services))}
     chmod -R u+w "$out"
   '' ];

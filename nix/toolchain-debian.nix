@@ -9,5 +9,5 @@ in {
   tar = viaLoader "tar";
   mksquashfs = viaLoader "mksquashfs";
   runtimeBin = "${tc}/runtime";   # the AppImage runtime and the AppRun launcher
-  runit = "${tc}/runit";          # runsvdir, runsv, sv with their loader and libc
+  supervisor = "${tc}/runtime/reconciler-supervise";   # static, from runtime/supervise.c
 }

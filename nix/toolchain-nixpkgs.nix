@@ -14,19 +14,15 @@ let
     nativeBuildInputs = [ static.buildPackages.pkg-config ];
     # squashfuse links every decompressor it was built with: all need static libraries.
     buildInputs = [ static.squashfuse static.fuse3 static.zlib static.zstd static.xz static.lz4 static.lzo ];
-    buildPhase = "sh ./build.sh $out";
+    # AppRun and the supervisor take SMALL_CC, musl-gcc on Debian: here CC is musl already.
+    buildPhase = "SMALL_CC=$CC sh ./build.sh $out";
     dontInstall = true;
   };
-  # apprun.sh runs runit's tools from libexec/ (directly when they are static).
-  runit = pkgs.runCommand "reconciler-runit" { } ''
-    mkdir -p $out/libexec
-    for t in runsvdir runsv sv; do cp ${static.runit}/bin/$t $out/libexec/; done
-  '';
 in
 {
   busybox = "${static.busybox}/bin/busybox";
   tar = "${pkgs.gnutar}/bin/tar";
   mksquashfs = "${pkgs.squashfsTools}/bin/mksquashfs";
   runtimeBin = "${runtimeBin}";
-  runit = "${runit}";
+  supervisor = "${runtimeBin}/reconciler-supervise";
 }

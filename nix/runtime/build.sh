@@ -1,8 +1,15 @@
 #!/bin/sh
-# Build the static AppImage type 2 runtime (OUTDIR/runtime) and the AppRun
-# launcher (OUTDIR/AppRun) from runtime.c and launcher.c beside this script,
-# against Debian's static libraries (see packages.txt), or with the compiler and
-# tools a Nix stdenv names in CC, NM, READELF and PKG_CONFIG (toolchain-nixpkgs.nix).
+# Build the static AppImage type 2 runtime (OUTDIR/runtime), the AppRun
+# launcher (OUTDIR/AppRun) and the images' process manager
+# (OUTDIR/reconciler-supervise) from runtime.c, launcher.c and supervise.c beside
+# this script, against Debian's static libraries (see packages.txt), or with the
+# compiler and tools a Nix stdenv names in CC, NM, READELF and PKG_CONFIG
+# (toolchain-nixpkgs.nix).
+#
+# The runtime links glibc, as Debian's static libfuse3 and libsquashfuse were
+# built against it. AppRun and the supervisor need only libc: they are linked
+# against musl (SMALL_CC, musl-gcc by default), tens of kilobytes instead of
+# hundreds, as every image carries them.
 #
 # Reproducible: the same sources and Debian package versions give the same
 # bytes, whatever the source and output directories, the time or the locale.
@@ -19,6 +26,7 @@ export LC_ALL TZ SOURCE_DATE_EPOCH
 fail() { echo "runtime/build.sh: $*" >&2; exit 1; }
 
 cc=${CC:-gcc}
+small_cc=${SMALL_CC:-musl-gcc}
 nm=${NM:-nm}
 readelf=${READELF:-readelf}
 pkgconf=${PKG_CONFIG:-pkg-config}
@@ -42,6 +50,7 @@ need_header() { # HEADER PACKAGE CFLAGS...
 }
 
 need_cmd "$cc" gcc
+need_cmd "$small_cc" musl-tools
 need_cmd "$pkgconf" pkg-config
 need_cmd "$nm" binutils
 need_cmd "$readelf" binutils
@@ -92,6 +101,7 @@ done
 cflags="-std=gnu11 -O2 -Wall -Wextra -Werror=implicit-function-declaration -D_FILE_OFFSET_BITS=64 \
 -ffile-prefix-map=$src=. -fdebug-prefix-map=$src=. -frandom-seed=appimage-runtime"
 ldflags="-static -s -Wl,--build-id=none"
+small_flags="-Os -ffunction-sections -fdata-sections -Wl,--gc-sections"
 libs="-lsquashfuse_ll $("$pkgconf" --static --libs fuse3)$libs_comp"
 
 mkdir -p "$out"
@@ -111,7 +121,13 @@ cd "$src"
 }
 grep -v -e "in function \`fuse_get_module'" -e "Using 'dlopen' in statically linked" "$work/gcc.log" >&2 || true
 # shellcheck disable=SC2086
-"$cc" $cflags -Os -o "$work/AppRun" launcher.c $ldflags
+"$small_cc" $cflags $small_flags -o "$work/AppRun" launcher.c $ldflags
+# shellcheck disable=SC2086
+"$small_cc" $cflags $small_flags -o "$work/reconciler-supervise" supervise.c $ldflags
+for exe in AppRun reconciler-supervise; do
+  # Static: no dynamic section, so nothing for a loader to find on the host.
+  if "$readelf" -d "$work/$exe" | grep -q NEEDED; then fail "$exe is not statically linked"; fi
+done
 
 # AppImage type 2 magic at offset 8 of the ELF header (EI_PAD, unused by ELF).
 printf 'AI\002' | dd of="$work/runtime" bs=1 seek=8 count=3 conv=notrunc 2>/dev/null
@@ -130,7 +146,8 @@ size=$(wc -c <"$work/runtime" | tr -d ' ')
 offset=$("$work/runtime" --appimage-offset) || fail "the runtime does not run (--appimage-offset failed)"
 [ "$offset" = "$size" ] || fail "payload offset $offset differs from the runtime size $size"
 
-chmod 755 "$work/runtime" "$work/AppRun"
+chmod 755 "$work/runtime" "$work/AppRun" "$work/reconciler-supervise"
 mv -f "$work/runtime" "$out/runtime"
 mv -f "$work/AppRun" "$out/AppRun"
-echo "runtime/build.sh: built $out/runtime (decompressors:$comps) and $out/AppRun" >&2
+mv -f "$work/reconciler-supervise" "$out/reconciler-supervise"
+echo "runtime/build.sh: built $out/runtime (decompressors:$comps), $out/AppRun and $out/reconciler-supervise" >&2

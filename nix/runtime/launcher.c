@@ -6,59 +6,74 @@
  *   <dir>/bin/busybox sh <dir>/.reconciler/apprun.sh ARGS...
  *
  * where <dir> is the directory holding this executable (realpath of
- * /proc/self/exe). APPDIR is set to <dir> unless already set (the AppImage
+ * /proc/self/exe, or of argv[0] without /proc). APPDIR is set to <dir> unless already set (the AppImage
  * runtime sets it; the ACI manifest sets it to /).
+ *
+ * Linked statically against musl and without stdio, it stays a few kilobytes.
  */
 #define _GNU_SOURCE
 #include <errno.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+
+static void say(const char *a, const char *b, const char *c, const char *d) {
+    const char *parts[] = {"AppRun: ", a, b, c, d, "\n"};
+    for (size_t i = 0; i < sizeof parts / sizeof *parts; i++) {
+        size_t len = strlen(parts[i]);
+        while (len > 0) {
+            ssize_t n = write(2, parts[i], len);
+            if (n <= 0)
+                return;
+            parts[i] += n;
+            len -= (size_t)n;
+        }
+    }
+}
+
+static _Noreturn void fail(const char *a, const char *b, const char *c, const char *d) {
+    say(a, b, c, d);
+    _exit(127);
+}
 
 static char *join(const char *dir, const char *rel) {
     /* "/" + "bin/busybox" must not become "//bin/busybox". */
     size_t n = strlen(dir);
     while (n > 0 && dir[n - 1] == '/')
         n--;
-    size_t len = n + 1 + strlen(rel) + 1;
-    char *s = malloc(len);
-    if (!s) {
-        fputs("AppRun: out of memory\n", stderr);
-        exit(127);
-    }
-    snprintf(s, len, "%.*s/%s", (int)n, dir, rel);
+    size_t len = strlen(rel);
+    char *s = malloc(n + 1 + len + 1);
+    if (!s)
+        fail("out of memory", "", "", "");
+    memcpy(s, dir, n);
+    s[n] = '/';
+    memcpy(s + n + 1, rel, len + 1);
     return s;
 }
 
 int main(int argc, char **argv) {
     char *dir = realpath("/proc/self/exe", NULL);
-    if (!dir) {
-        fprintf(stderr, "AppRun: cannot find its own path (/proc/self/exe): %s\n", strerror(errno));
-        return 127;
-    }
+    /* A bare root (a chroot without /proc) still has the path it was run by. */
+    if (!dir && argc > 0 && strchr(argv[0], '/'))
+        dir = realpath(argv[0], NULL);
+    if (!dir)
+        fail("cannot find its own path (/proc/self/exe): ", strerror(errno), "", "");
     char *slash = strrchr(dir, '/');
-    if (!slash) {
-        fprintf(stderr, "AppRun: unexpected path of its own: %s\n", dir);
-        return 127;
-    }
+    if (!slash)
+        fail("unexpected path of its own: ", dir, "", "");
     if (slash == dir)
         slash[1] = '\0'; /* the executable is /AppRun */
     else
         *slash = '\0';
 
-    if (!getenv("APPDIR") && setenv("APPDIR", dir, 1) < 0) {
-        fprintf(stderr, "AppRun: cannot set APPDIR: %s\n", strerror(errno));
-        return 127;
-    }
+    if (!getenv("APPDIR") && setenv("APPDIR", dir, 1) < 0)
+        fail("cannot set APPDIR: ", strerror(errno), "", "");
     char *busybox = join(dir, "bin/busybox");
     char *script = join(dir, ".reconciler/apprun.sh");
 
     char **args = malloc(sizeof *args * ((size_t)argc + 2));
-    if (!args) {
-        fputs("AppRun: out of memory\n", stderr);
-        return 127;
-    }
+    if (!args)
+        fail("out of memory", "", "", "");
     size_t n = 0;
     args[n++] = "sh";
     args[n++] = script;
@@ -67,6 +82,5 @@ int main(int argc, char **argv) {
     args[n] = NULL;
 
     execv(busybox, args);
-    fprintf(stderr, "AppRun: cannot execute %s: %s\n", busybox, strerror(errno));
-    return 127;
+    fail("cannot execute ", busybox, ": ", strerror(errno));
 }

@@ -26,6 +26,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
@@ -1128,16 +1129,20 @@ static int supervise(struct children *c) {
 
 /* --------------------------------------------------------------- running */
 
-static char *temp_dir(const char *kind, const char *self) {
+/* $TMPDIR (or /tmp), absolute, so that APPDIR stays valid wherever AppRun goes. */
+static char *temp_base(void) {
     const char *tmp = getenv("TMPDIR");
     if (!tmp || !*tmp)
         tmp = "/tmp";
-    /* Absolute, so that APPDIR stays valid wherever AppRun goes. */
     char *base = realpath(tmp, NULL);
     if (!base)
         die("cannot use the temporary directory %s: %s", tmp, strerror(errno));
+    return base;
+}
+
+/* Up to 6 characters of the AppImage's file name, as a hint in directory names. */
+static void name_tag(const char *self, char tag[7]) {
     const char *name = strrchr(self, '/') ? strrchr(self, '/') + 1 : self;
-    char tag[7];
     size_t i = 0;
     for (; i < 6 && name[i]; i++) {
         char ch = name[i];
@@ -1146,11 +1151,98 @@ static char *temp_dir(const char *kind, const char *self) {
                      : '_';
     }
     tag[i] = '\0';
+}
+
+static char *temp_dir(const char *kind, const char *self) {
+    char *base = temp_base();
+    char tag[7];
+    name_tag(self, tag);
     char *path = xasprintf("%s/%s%sXXXXXX", base, kind, tag);
     if (!mkdtemp(path))
         die("cannot create a temporary directory in %s: %s", base, strerror(errno));
     free(base);
     return path;
+}
+
+/* Extracted copies are named appimage_extracted_<tag>.XXXXXX: the dot is in
+   no name an older version of this runtime or the upstream runtime (which
+   uses an MD5 in hex) gives, so only copies made as below are ever removed
+   by remove_stale_copies. */
+#define EXTRACTED_PREFIX "appimage_extracted_"
+
+static bool is_locked_copy_name(const char *name) {
+    size_t plen = strlen(EXTRACTED_PREFIX);
+    if (strncmp(name, EXTRACTED_PREFIX, plen) != 0)
+        return false;
+    const char *p = name + plen;
+    size_t tag = strspn(p, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_");
+    if (tag > 6 || p[tag] != '.')
+        return false;
+    p += tag + 1;
+    return strlen(p) == 6 && strspn(p, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789") == 6;
+}
+
+/* Whether path still names the directory open as fd. */
+static bool same_dir(int fd, const char *path) {
+    struct stat a, b;
+    return fstat(fd, &a) == 0 && lstat(path, &b) == 0 && a.st_dev == b.st_dev && a.st_ino == b.st_ino;
+}
+
+/* A new directory for the extracted payload, held with an exclusive flock()
+   on *lockfd (close-on-exec: the lock is the runtime's alone) for as long as
+   the runtime lives. The kernel drops the lock when the runtime dies however
+   it dies, so a copy nobody holds is one a killed run left behind. */
+static char *locked_copy_dir(const char *self, int *lockfd) {
+    char *base = temp_base();
+    char tag[7];
+    name_tag(self, tag);
+    for (int attempt = 0; attempt < 100; attempt++) {
+        char *path = xasprintf("%s/" EXTRACTED_PREFIX "%s.XXXXXX", base, tag);
+        if (!mkdtemp(path))
+            die("cannot create a temporary directory in %s: %s", base, strerror(errno));
+        int fd = open(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+        if (fd < 0)
+            die("cannot open %s: %s", path, strerror(errno));
+        /* Blocks only while another start is removing it (found unlocked
+           between mkdtemp and here): then it is gone, and we try again. */
+        while (flock(fd, LOCK_EX) < 0)
+            if (errno != EINTR)
+                die("cannot lock %s: %s", path, strerror(errno));
+        if (same_dir(fd, path)) {
+            free(base);
+            *lockfd = fd;
+            return path;
+        }
+        close(fd);
+        free(path);
+    }
+    die("cannot create a temporary directory in %s that stays", base);
+}
+
+/* Remove the extracted copies in base that killed runs left: ours (by name and
+   owner) that no live runtime holds locked. */
+static void remove_stale_copies(const char *base) {
+    DIR *d = opendir(base);
+    if (!d)
+        return;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        if (!is_locked_copy_name(e->d_name))
+            continue;
+        int fd = openat(dirfd(d), e->d_name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+        if (fd < 0)
+            continue;
+        struct stat st;
+        char *path = xasprintf("%s/%s", base, e->d_name);
+        /* Removed while still locked, so a start that created it meanwhile
+           (and waits for the lock) sees it gone and makes another. */
+        if (fstat(fd, &st) == 0 && st.st_uid == geteuid() && flock(fd, LOCK_EX | LOCK_NB) == 0 &&
+            same_dir(fd, path))
+            remove_tree(path);
+        free(path);
+        close(fd);
+    }
+    closedir(d);
 }
 
 /* Fail early, with one clear message, if there is no readable payload. */
@@ -1179,8 +1271,15 @@ static int run_app(int argc, char **argv, int first_arg, const char *self, int i
     if (!owd)
         warnx("cannot get the working directory (%s); OWD is not set", strerror(errno));
 
+    /* Whatever a killed run of ours extracted (the runtime could not clean up
+       after itself) goes now. */
+    char *base = temp_base();
+    remove_stale_copies(base);
+    free(base);
+
     struct children c = {.app = -1, .fuse = -1};
     char *appdir = NULL;
+    int lockfd = -1;
     bool mounted = false;
     if (!extract) {
         char why[512] = "";
@@ -1196,9 +1295,10 @@ static int run_app(int argc, char **argv, int first_arg, const char *self, int i
         }
     }
     if (!mounted) {
-        appdir = temp_dir("appimage_extracted_", self);
+        appdir = locked_copy_dir(self, &lockfd);
         if (extract_payload(imgfd, offset, appdir, NULL, NULL, true) < 0) {
             remove_tree(appdir);
+            close(lockfd);
             int sig = pending_stop_signal();
             return sig ? 128 + sig : 1;
         }
@@ -1246,8 +1346,10 @@ static int run_app(int argc, char **argv, int first_arg, const char *self, int i
 
     if (mounted) {
         stop_fuse(&c, appdir);
-    } else if (remove_tree(appdir) < 0 && code == 0) {
-        code = 1;
+    } else {
+        if (remove_tree(appdir) < 0 && code == 0)
+            code = 1;
+        close(lockfd);
     }
     free(appdir);
     free(owd);

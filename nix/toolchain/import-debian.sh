@@ -3,9 +3,10 @@
 # builtins.path to import into the Nix store (toolchain-debian.nix).
 #
 # Static binaries are copied as they are; dynamically linked tools (GNU tar,
-# mksquashfs, and runit, which Debian ships only dynamically linked) are copied
-# with every library ldd resolves and the loader, and are run through that
-# loader, so the store copy (and an image carrying runit) needs nothing from the host.
+# mksquashfs) are copied with every library ldd resolves and the loader, and are
+# run through that loader, so the store copy needs nothing from the host. What goes
+# into the images (busybox, and the AppImage runtime, AppRun and the supervisor
+# that runtime/build.sh compiles) is static.
 # The result depends only on the Debian package versions and our sources, so it
 # has the same NAR hash on every machine with the same packages.
 set -eu
@@ -16,7 +17,6 @@ need() { [ -e "$1" ] || { echo "import-debian: missing $1 (install Debian packag
 need /bin/busybox busybox-static
 need /usr/bin/mksquashfs squashfs-tools
 need /bin/tar tar
-need /usr/bin/runsvdir runit
 file -L /bin/busybox | grep -q 'statically linked' || {
   echo "import-debian: /bin/busybox is not static (install busybox-static)" >&2; exit 1; }
 
@@ -52,8 +52,6 @@ libgcc_s() {
 bundle "$tmp" /bin/tar
 bundle "$tmp" /usr/bin/mksquashfs
 libgcc_s "$tmp"
-# runit goes into the images, so it gets a directory of its own with only its libraries.
-for tool in runsvdir runsv sv; do bundle "$tmp/runit" "/usr/bin/$tool"; done
 
 sh "$here/runtime/build.sh" "$tmp/runtime"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -26,7 +27,8 @@ from tests.conftest import ConfigRepo, Signing, free_port, standard_fleet, wait_
 
 pytestmark = pytest.mark.integration
 
-# A host with two services: httpd to fetch from, and a chatty one to see log prefixes.
+# A host with three services: httpd to fetch from, a chatty one to see log prefixes,
+# and one that crashes at once, saying when it started (seconds since boot).
 SERVED = """\
 name: served
 include: [base]
@@ -38,7 +40,11 @@ services:
     restart: always
   chatter:
     exec: [bin/busybox, sh, -c, "while true; do echo hello from chatter; sleep 1; done"]
+  crasher:
+    exec: [bin/busybox, sh, -c, "read up idle < /proc/uptime; echo started at $up; exit 3"]
+    restart: on-failure
 """
+SUPERVISOR = "reconciler-supervise"
 
 
 def pids_matching(needle: str) -> set[int]:
@@ -54,6 +60,24 @@ def pids_matching(needle: str) -> set[int]:
         if needle in cmdline and int(entry.name) != os.getpid():
             found.add(int(entry.name))
     return found
+
+
+def supervisors_under(root: Path) -> set[int]:
+    """The supervisors `pidof` finds that run from an image below ``root``."""
+    found = subprocess.run(["pidof", SUPERVISOR], capture_output=True, text=True).stdout.split()
+    ours = set()
+    for pid in map(int, found):
+        try:
+            if os.readlink(f"/proc/{pid}/exe").startswith(str(root)):
+                ours.add(pid)
+        except OSError:
+            continue
+    return ours
+
+
+def crasher_starts(log: Path) -> list[float]:
+    prefix = "crasher: started at "
+    return [float(ln.removeprefix(prefix)) for ln in log.read_text().splitlines() if ln.startswith(prefix)]
 
 
 def fetch(url: str) -> str | None:
@@ -121,16 +145,17 @@ def test_every_aci_is_valid_and_carries_its_host(fleet: Fleet, tmp_path: Path) -
         labels = {lab["name"]: lab["value"] for lab in manifest["labels"]}
         assert labels == {"version": str(release.version), "os": "linux", "arch": "amd64"}
         assert manifest["app"]["exec"] == ["/AppRun"]
-        # A fat image: the supervisor, its tools and the services' files are all inside.
+        # A fat image: the supervisor and the services' files are all inside.
         for needed in (
             "rootfs/AppRun",
             "rootfs/bin/busybox",
             "rootfs/.reconciler/apprun.sh",
-            "rootfs/.reconciler/runit/libexec/runsv",
-            "rootfs/.reconciler/runit/lib/libc.so.6",
+            f"rootfs/.reconciler/{SUPERVISOR}",
             "rootfs/etc/motd",
         ):
             assert needed in names, f"{host}: {needed} missing"
+        # Everything in it is static: no loader, no shared library.
+        assert not [n for n in names if ".so" in Path(n).name or "ld-linux" in n], host
         assert f"HOSTNAME={host}" in network and "GATEWAY=10.42.0.1" in network
     with tarfile.open(fleet.artifact("web-1", "aci")) as tar:
         assert "rootfs/srv/www/index.html" in tar.getnames()
@@ -201,6 +226,14 @@ def test_appimage_supervises_its_services_and_stops_cleanly(
             lambda: bool(pids_matching(httpd) - {first}) and fetch(url) is not None, 15, "httpd restarted"
         )
         wait_for(lambda: "chatter: hello from chatter" in (tmp_path / "out.log").read_text(), 10, "log line")
+        # The supervisor is itself, found by name (not a loader running it).
+        assert len(supervisors_under(tmp_path)) == 1
+        # The crash loop backs off: restarts 1, 2, then 4 s apart (stamps are to 10 ms).
+        wait_for(lambda: len(crasher_starts(tmp_path / "out.log")) >= 4, 30, "four crasher starts")
+        starts = crasher_starts(tmp_path / "out.log")
+        gaps = [b - a for a, b in itertools.pairwise(starts[:4])]
+        assert [round(g) for g in gaps] == [1, 2, 4], gaps
+        assert all(g >= want - 0.02 for g, want in zip(gaps, (1, 2, 4), strict=True)), gaps
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     finally:
@@ -216,7 +249,58 @@ def test_appimage_supervises_its_services_and_stops_cleanly(
     assert all(not ln.startswith("hello") for ln in lines), "a log line without its service prefix"
     mounts = Path("/proc/self/mounts").read_text()
     assert str(tmp_path) not in mounts
-    assert not list(tmp_path.glob("reconciler-run.*")), "the runtime directory was left behind"
+    assert not list(tmp_path.glob("appimage_extracted_*")) and not list(tmp_path.glob(".mount_*"))
+
+
+@pytest.mark.parametrize("mode", ["fuse", "extract-and-run"])
+def test_a_killed_appimage_leaves_no_process_and_the_next_start_cleans_up(
+    fleet: Fleet, tmp_path: Path, plain_env: dict[str, str], mode: str
+) -> None:
+    app = tmp_path / "served.AppImage"
+    shutil.copy(fleet.artifact("served", "appimage"), app)
+    app.chmod(0o755)
+    env = dict(plain_env)
+    if mode == "extract-and-run":
+        env["APPIMAGE_EXTRACT_AND_RUN"] = "1"
+    url = f"http://127.0.0.1:{fleet.port}/"
+    httpd = f"httpd -f -p {fleet.port}"
+    assert not pids_matching(httpd), "port already served by a leftover"
+
+    def start() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [str(app)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path
+        )
+
+    proc = start()
+    try:
+        wait_for(lambda: fetch(url) == "<h1>fleet</h1>\n", 30, "the page")
+        assert supervisors_under(tmp_path) and pids_matching(httpd)
+        proc.kill()
+        proc.wait(10)
+        # The supervisor, told by the runtime's death, stops every service.
+        wait_for(lambda: not pids_matching(str(tmp_path)), 20, "no process from the image")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert not pids_matching(httpd) and not pids_matching("hello from chatter")
+    assert str(tmp_path) not in Path("/proc/self/mounts").read_text()
+    assert not list(tmp_path.glob(".mount_*"))
+    left = list(tmp_path.glob("appimage_extracted_*"))
+    assert len(left) == (1 if mode == "extract-and-run" else 0), left
+
+    # The next start removes what the killed one left, and runs as usual.
+    again = start()
+    try:
+        wait_for(lambda: fetch(url) == "<h1>fleet</h1>\n", 30, "the page again")
+        assert not any(p.exists() for p in left)
+        again.send_signal(signal.SIGTERM)
+        assert again.wait(30) == 0
+    finally:
+        if again.poll() is None:
+            again.kill()
+            again.wait(10)
+    assert not list(tmp_path.glob("appimage_extracted_*")) and not pids_matching(str(tmp_path))
 
 
 def build_outputs(rec: Reconciler, host: str) -> dict[str, bytes]:
@@ -298,7 +382,7 @@ def test_the_nixpkgs_toolchain_offers_what_the_builds_use() -> None:
 
 def test_the_toolchain_import_takes_nothing_from_the_callers_loader_environment(tmp_path: Path) -> None:
     """LD_PRELOAD and LD_LIBRARY_PATH of whoever stages the toolchain must not add their
-    libraries to it: its runit goes into every image."""
+    libraries to it: its content hash decides every build."""
     extra = tmp_path / "extra-libs"
     extra.mkdir()
     # A library tar would otherwise resolve from LD_LIBRARY_PATH, and one preloaded into all.
