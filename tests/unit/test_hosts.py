@@ -1529,3 +1529,49 @@ def test_a_host_whose_package_did_not_evaluate_has_no_key() -> None:
     assert eval_key(fleet.hosts["h0"], "recipe", {}) is None
     assert eval_key(fleet.hosts["h1"], "recipe", {}) is not None
     assert package_names(fleet.hosts.values()) == ("a",)
+
+
+# -- the plain-tree loader gives what PyYAML gives ------------------------------------------------
+
+yaml_data = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@PROPERTY
+@given(yaml_data, st.sampled_from([None, True, False]))
+def test_the_plain_tree_loader_gives_what_pyyaml_gives(data: object, flow: bool | None) -> None:
+    text = yaml.safe_dump(data, default_flow_style=flow, allow_unicode=True)
+    assert schema._load_tree(text, schema._LOADER) == yaml.load(text, Loader=schema._LOADER)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a: 1\nb: 2019-01-01\nc: 2019-01-01 10:00:00\nd: !!str 123\ne: !!binary aGVsbG8=\nf: 0x1f\ng: ~\n",
+        "base: {x: 1}\nover:\n  <<: {x: 2, y: 3}\n  x: 4\n",
+        "? [a, b]\n: c\n",
+        "s: !!set {a, b}\no: !!omap [{a: 1}]\n",
+        "- - - deep\n  - x\n- {a: [1, {b: c}]}\n",
+        "",
+        "just a string\n",
+        "1: int key\n1.5: float key\ntrue: bool key\n",
+    ],
+)
+def test_the_plain_tree_loader_on_what_it_hands_back_or_builds(text: str) -> None:
+    def outcome(load: Callable[[], object]) -> object:
+        try:
+            return load()
+        except Exception as exc:  # the same refusal either way
+            return (type(exc), str(exc))
+
+    assert outcome(lambda: schema._load_tree(text, schema._LOADER)) == outcome(
+        lambda: yaml.load(text, Loader=schema._LOADER)
+    )
+
+
+def test_duplicate_keys_and_unknown_tags_fail_as_before() -> None:
+    assert "duplicate key" in refusal("a: 1\nb: 2\na: 3\n").reason
+    assert "invalid YAML" in refusal("a: !something 1\n").reason
