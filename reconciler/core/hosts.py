@@ -183,10 +183,7 @@ def parse_fleet(files: Mapping[str, str], cache: ParseCache | None = None) -> Fl
     hosts: dict[str, Host] = {}
     errors: list[ConfigError] = []
     invalid: set[str] = set()
-    # A host's validation depends on its own text, every profile and the package names.
-    context = hashlib.sha256(
-        json.dumps([sorted(packages), [(p, files[p]) for ps in profiles.values() for p in ps]]).encode()
-    ).hexdigest()
+    context = parse_context(files)
     for stem, paths in _by_stem(files, "hosts/").items():
         if len(paths) > 1:
             # x.yaml beside x.yml: neither is taken, whichever is valid.
@@ -211,6 +208,26 @@ def parse_fleet(files: Mapping[str, str], cache: ParseCache | None = None) -> Fl
     if cache is not None:
         cache.docs, cache.hosts = new.docs, new.hosts
     return Fleet(hosts=hosts, errors=tuple(errors), invalid=frozenset(invalid))
+
+
+def parse_context(files: Mapping[str, str]) -> str:
+    """What a host's validation depends on besides its own text: every profile and the
+    package names (the last part of its ParseKey)."""
+    profiles = _by_stem(files, "profiles/")
+    packages = {posixpath.basename(p)[:-4] for p in files if p.startswith("packages/")}
+    return hashlib.sha256(
+        json.dumps([sorted(packages), [(p, files[p]) for ps in profiles.values() for p in ps]]).encode()
+    ).hexdigest()
+
+
+def unparsed(files: Mapping[str, str], cache: ParseCache) -> list[str]:
+    """The host files of ``files`` that parse_fleet would parse, given ``cache``."""
+    context = parse_context(files)
+    return [
+        p
+        for paths in _by_stem(files, "hosts/").values()
+        if len(paths) == 1 and ((p := paths[0]), text_digest(files[p]), context) not in cache.hosts
+    ]
 
 
 def _is_yaml(path: str) -> bool:

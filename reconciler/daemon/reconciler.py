@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +51,7 @@ from reconciler.core.plan import HostPlan, Plan, make_plan, retry_delay
 from reconciler.core.release import Artifact, Release, new_release, parse_release
 from reconciler.core.tufroles import RoleName
 from reconciler.core.versions import MAX_TAKEN, Adopt, Decision, Taken, decide, first_candidate
+from reconciler.daemon import parsing
 from reconciler.daemon.gate import CommitRefusedError
 from reconciler.daemon.gc import collect
 from reconciler.daemon.metrics import Metrics
@@ -156,6 +158,9 @@ class Reconciler:
         self._parse_cache = ParseCache()
         # Host file -> the ParseKey the ledger holds for it; None until first read.
         self._recorded_parses: dict[str, ParseKey] | None = None
+        # Parsing many host files at once uses as many processes as evaluating them.
+        workers = cfg.nix.eval_workers
+        self._parse_workers = len(os.sched_getaffinity(0)) if workers == "auto" else workers
         # The last observation and the recipe it was evaluated with: a pass whose head
         # and recipe are unchanged reuses its fleet and images instead of reading,
         # parsing and keying every host again.
@@ -259,6 +264,7 @@ class Reconciler:
                 except (ValueError, KeyError, TypeError):
                     continue  # parsed again, and rewritten
                 self._recorded_parses[key[0]] = key
+        parsing.prefill(files, cache, self._parse_workers)
         fleet = parse_fleet(files, cache)
         now = {key[0]: key for key in cache.hosts}
         added = {
