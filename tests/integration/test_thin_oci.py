@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from reconciler.adapters.nix import NIX_DIR
 from reconciler.adapters.tree import read_tree
 from reconciler.agent.verify import verify
 from reconciler.config import load_config
@@ -225,7 +226,11 @@ def test_thin_and_base_acis_are_valid_and_the_base_is_stored_once(fleet: Fleet) 
     # `reconciler verify` takes every artifact of the release: sizes, digests, signatures.
     latest = fleet.store / "hosts" / "served" / "latest.json"
     lines = verify([fleet.signing.public_key], str(latest))
-    assert len(lines) == 1 + len(served.artifacts) and all(ln.startswith("OK ") for ln in lines)
+    assert len(lines) == 1 + len(served.artifacts) + 2 and all(ln.startswith("OK ") for ln in lines)
+    assert lines[-2:] == [
+        f"OK served release {served.version}: the OCI manifest names its blobs",
+        f"OK served release {served.version}: the thin ACI depends on its base",
+    ]
     assert quiet.artifact("aci") is None and quiet.artifact("appimage") is None
 
 
@@ -472,3 +477,25 @@ def test_thin_and_oci_artifacts_are_reproducible_and_leak_nothing(fleet: Fleet) 
         with tarfile.open(path) as tar:
             for m in tar.getmembers():
                 assert (m.uid, m.gid, m.uname, m.gname, m.mtime) == (0, 0, "", "", 1), (path, m.name)
+
+
+def test_the_services_ports_become_the_images_exposed_ports() -> None:
+    """nix/oci.nix reads a per-service ``ports`` list (numbers, or {port, protocol});
+    evaluated alone, without building anything."""
+
+    def config(services: str) -> dict[str, Any]:
+        expr = (
+            f'(import {NIX_DIR}/oci.nix {{ toolchain = {{ busybox = "/bb"; tar = "/tar"; }};'
+            f' base = "/base"; }} {{ name = "web-1"; version = "3"; thin = "/thin";'
+            f" host = {{ network = {{ }}; services = {services}; }}; }}).config.config"
+        )
+        out = subprocess.run(
+            ["nix-instantiate", "--eval", "--strict", "--json", "-E", expr], capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr
+        doc: dict[str, Any] = json.loads(out.stdout)
+        return doc
+
+    ports = '{ web = { ports = [ 8080 { port = 53; protocol = "udp"; } ]; }; tick = { }; }'
+    assert config(ports)["ExposedPorts"] == {"8080/tcp": {}, "53/udp": {}}
+    assert "ExposedPorts" not in config("{ tick = { }; }")
