@@ -133,6 +133,7 @@ let
           '{ sub(/"@RECONCILER_BASE@"/, dep); printf "%s", $0 }' ${thinManifest} > "$TMPDIR/thin/manifest"
         cp -RP ${thin}/root "$TMPDIR/thin/rootfs"
         chmod -R u+w "$TMPDIR/thin/rootfs"
+        [ ! -d "$TMPDIR/thin/rootfs/tmp" ] || chmod 1777 "$TMPDIR/thin/rootfs/tmp"
         pack "$TMPDIR/thin" "$out/${name}-${version}-linux-amd64.thin.aci" manifest rootfs
         ln -s ${base}/*.base.aci "$out/"
       '' else ""}

@@ -49,6 +49,8 @@ derivation {
     done < "$TMPDIR/dirs"
     cd "$out"
 
+    # A host file under tmp/ keeps the directory in the thin root: with the fat mode.
+    [ ! -d "$root/tmp" ] || chmod 1777 "$root/tmp"
     pack "$root" "$TMPDIR/layer.tar"
     sha256 "$TMPDIR/layer.tar" > "$out/layer.diffid"
     gzip -c "$TMPDIR/layer.tar" > "$out/layer.tar.gz"

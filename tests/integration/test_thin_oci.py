@@ -39,6 +39,8 @@ services:
   web:
     package: site
     exec: [bin/busybox, httpd, -f, -p, "{port}", -h, srv/www]
+# A host file under tmp/: the thin root keeps /tmp, which must keep its mode.
+files: {{tmp/kept: "kept\n"}}
 """
 QUIET = """\
 name: quiet
