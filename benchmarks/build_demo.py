@@ -1,5 +1,6 @@
 """Build time per host and artifact sizes for the demo fleet (`reconciler init`),
-with Nix's sandbox on next to off.
+with Nix's sandbox on next to off; then the store bytes a fleet of web hosts takes
+with fat images next to thin ones (ACI and OCI).
 
 Every derivation of each host (its packages, services, image and release
 artifacts) is built again from scratch with `nix-store --realise --check`, which
@@ -7,12 +8,20 @@ also proves the rebuild gives the same bytes. The toolchain import is not counte
 Each repetition builds the host once in the sandbox and once outside it, in turn,
 so both see the same machine; the ratio is sandboxed over unsandboxed.
 
-    python3 benchmarks/build_demo.py [--repeat 3]
+The fleet part publishes N hosts (default 100, the demo's web host with its own
+address and port each) in formats aci, aci-thin and oci with one real reconcile
+pass, and sums the bytes of the distinct blobs each format's artifacts take in the
+store (content-addressed: a blob two hosts share is stored once). For comparison,
+the OCI archives the build makes beside the artifacts (one file per host holding
+every layer, which the pass does not publish).
+
+    python3 benchmarks/build_demo.py [--repeat 3] [--fleet 100]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import subprocess
 import sys
@@ -26,8 +35,10 @@ sys.path.insert(0, str(ROOT))
 from reconciler.adapters.nix import NIX_OPTIONS  # noqa: E402
 from reconciler.adapters.tree import read_tree  # noqa: E402
 from reconciler.config import load_config  # noqa: E402
+from reconciler.core.formats import PARTS, Format  # noqa: E402
 from reconciler.core.hosts import parse_fleet  # noqa: E402
-from reconciler.demo import init  # noqa: E402
+from reconciler.core.release import parse_release  # noqa: E402
+from reconciler.demo import WEB_HOST, init  # noqa: E402
 from reconciler.wiring import open_reconciler  # noqa: E402
 
 
@@ -56,9 +67,68 @@ def rebuild(drvs: list[str], sandbox: bool) -> float:
     return time.perf_counter() - t
 
 
+def fleet_store(n: int) -> None:
+    """Publish ``n`` web hosts in the fat and thin formats and print the store bytes
+    of each format side by side."""
+    with tempfile.TemporaryDirectory(prefix="reconciler-fleet-bench-") as tmp:
+        demo = Path(tmp) / "demo"
+        cfg_path = init(demo)
+        repo = demo / "repo"
+        for old in (repo / "hosts").iterdir():
+            old.unlink()
+        for i in range(n):
+            address = f"10.42.{i // 200}.{i % 200 + 10}/16"
+            text = WEB_HOST.format(name=f"web-{i}", address=address, port=8000 + i)
+            text = text.replace("formats: [aci, appimage]", "formats: [aci, aci-thin, oci]")
+            (repo / "hosts" / f"web-{i}.yaml").write_text(text)
+        subprocess.run(["git", "-C", str(repo), "add", "-A"], check=True)
+        subprocess.run(["git", "-C", str(repo), "commit", "-qm", f"{n} hosts"], check=True)
+        cfg = load_config(cfg_path)
+        rec = open_reconciler(cfg)
+        try:
+            t = time.perf_counter()
+            result = rec.reconcile()
+            seconds = time.perf_counter() - t
+        finally:
+            rec.close()
+        if not result.ok:
+            raise SystemExit(f"the pass failed: {result.outcomes}")
+        store = cfg.store.path
+        assert store is not None
+        releases = [
+            parse_release(p.read_bytes(), str(p)) for p in sorted((store / "hosts").glob("*/latest.json"))
+        ]
+        print(f"\n{len(releases)} hosts published in {seconds:.0f}s (one pass); store bytes per format:")
+        print(f"{'format':<10} {'store bytes':>14} {'per host':>12} {'shared once':>12}  blobs")
+        for fmt in (Format.ACI, Format.ACI_THIN, Format.OCI):
+            blobs: dict[str, int] = {}
+            users: dict[str, int] = {}
+            for release in releases:
+                for art in release.artifacts:
+                    if art.format in PARTS[fmt]:
+                        blobs[art.sha256] = art.size
+                        users[art.sha256] = users.get(art.sha256, 0) + 1
+            shared = sum(size for sha, size in blobs.items() if users[sha] > 1)
+            own = sum(size for sha, size in blobs.items() if users[sha] == 1)
+            total = shared + own
+            print(f"{fmt.value:<10} {total:>14,} {own / len(releases):>12,.0f} {shared:>12,}  {len(blobs)}")
+        archives = 0
+        for release in releases:
+            archive = cfg.state_dir / "gcroots" / release.host / f"{release.host}-{release.version}.oci.tar"
+            archives += archive.stat().st_size
+        per_host = archives / len(releases)
+        print(f"{'oci-archive':<10} {archives:>14,} {per_host:>12,.0f} {0:>12,}  {len(releases)}")
+        print("  (oci-archive: one self-contained file per host, what `skopeo copy oci-archive:` takes;")
+        print("   built beside the artifacts, not published)")
+        blob_bytes = sum(p.stat().st_size for p in (store / "blobs").rglob("*") if p.is_file())
+        print(f"whole store blobs/ (every format, signatures too): {blob_bytes:,} bytes")
+        print(json.dumps({"hosts": len(releases), "pass_seconds": round(seconds, 1)}))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--fleet", type=int, default=100, help="hosts in the store-bytes part (0: skip it)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="reconciler-build-bench-") as tmp:
         cfg = load_config(init(Path(tmp) / "demo"))
@@ -98,6 +168,8 @@ def main() -> int:
             print(f"sandbox probe at start: builds sandboxed = {rec.nix.sandboxed}")
         finally:
             rec.close()
+    if args.fleet:
+        fleet_store(args.fleet)
     return 0
 
 

@@ -1,6 +1,9 @@
 # One host: a version-independent image (root tree + AppImage), then the release
 # artifacts, which add only what names the release number (ACI manifest, file names).
-{ toolchain, packages, version }:
+{ toolchain, packages, version
+  # The thin images' shared base: one per toolchain (fleet.nix applies this file once).
+, base ? import ./base.nix { inherit toolchain; }
+}:
 host:
 let
   bb = toolchain.busybox;
@@ -59,7 +62,7 @@ let
                    (builtins.filter (p: p != "busybox") usedPackages))}
       cp -RP ${services}/. .
       chmod -R u+w .
-      mkdir -p bin etc/reconciler
+      mkdir -p bin etc/reconciler tmp
       cp ${bb} bin/busybox
       cp ${hostJson} etc/reconciler/host.json
       cp ${networkEnv} etc/reconciler/network.env
@@ -77,7 +80,7 @@ let
     '' ];
   };
 
-  manifest = builtins.toFile "manifest" (builtins.toJSON {
+  manifestDoc = {
     acKind = "ImageManifest";
     acVersion = "0.8.11";
     inherit name;
@@ -92,7 +95,17 @@ let
       group = "0";
       environment = [ { name = "APPDIR"; value = "/"; } ];
     };
-  });
+  };
+  manifest = builtins.toFile "manifest" (builtins.toJSON manifestDoc);
+
+  # The thin ACI: the fat one's manifest, named <name>-thin, with the base as its
+  # dependency (name, image ID, labels and size come from the base's build).
+  thin = import ./thin.nix { inherit toolchain base; } { inherit name image; };
+  thinManifest = builtins.toFile "thin-manifest" (builtins.toJSON (manifestDoc // {
+    name = "${manifestDoc.name}-thin";
+    dependencies = [ "@RECONCILER_BASE@" ];
+  }));
+  oci = import ./oci.nix { inherit toolchain base; } { inherit name version host thin; };
 
   artifacts = derivation {
     name = "host-${name}-${version}";
@@ -105,6 +118,7 @@ let
         mkdir "$TMPDIR/aci"
         cp ${manifest} "$TMPDIR/aci/manifest"
         cp -RP ${image}/root "$TMPDIR/aci/rootfs"
+        chmod 1777 "$TMPDIR/aci/rootfs/tmp"
         ${toolchain.tar} -C "$TMPDIR/aci" -cf "$out/${name}-${version}-linux-amd64.aci" \
           --sort=name --format=gnu --owner=0 --group=0 --numeric-owner --mtime=@1 \
           --mode=u+w --no-acls --no-xattrs --no-selinux manifest rootfs
@@ -112,9 +126,26 @@ let
       ${if has "appimage" then ''
         ln -s ${image}/image.AppImage "$out/${name}-${version}-x86_64.AppImage"
       '' else ""}
+      ${if has "aci-thin" then ''
+        ${(import ./layers.nix { inherit toolchain; }).pack}
+        mkdir "$TMPDIR/thin"
+        awk -v dep="$(cat ${base}/aci-dependency.json)" \
+          '{ sub(/"@RECONCILER_BASE@"/, dep); printf "%s", $0 }' ${thinManifest} > "$TMPDIR/thin/manifest"
+        cp -RP ${thin}/root "$TMPDIR/thin/rootfs"
+        chmod -R u+w "$TMPDIR/thin/rootfs"
+        [ ! -d "$TMPDIR/thin/rootfs/tmp" ] || chmod 1777 "$TMPDIR/thin/rootfs/tmp"
+        pack "$TMPDIR/thin" "$out/${name}-${version}-linux-amd64.thin.aci" manifest rootfs
+        ln -s ${base}/*.base.aci "$out/"
+      '' else ""}
+      ${if has "oci" then ''
+        ln -s ${oci}/publish/* "$out/"
+        # Not published (the blobs above are the image), for `skopeo copy` and the like.
+        ln -s ${oci}/layout "$out/${name}-${version}.oci-layout"
+        ln -s ${oci}/${name}-${version}.oci.tar "$out/${name}-${version}.oci.tar"
+      '' else ""}
     '' ];
   };
 in
 {
-  inherit image artifacts;
+  inherit image artifacts base thin oci;
 }

@@ -33,6 +33,7 @@ from reconciler.config import NixConfig
 from reconciler.core import builders as remote
 from reconciler.core.builders import Builder
 from reconciler.core.evalwork import Batch, EvalWork, Failure
+from reconciler.core.formats import Kind, kind_of, kinds
 from reconciler.core.hosts import Host
 from reconciler.core.model import BuildOutput, Evaluation
 from reconciler.core.nixlog import Redaction, redact, tail
@@ -495,13 +496,19 @@ class Nix:
             raise BuildError(host.name, reason, builder=builder, refused=refused)
         self._check_size(host.name, drv)
         out = Path(real.stdout.strip().splitlines()[-1])
-        files = {}
+        built: dict[Kind, list[Path]] = {}
         for entry in sorted(out.iterdir()):
-            fmt = "aci" if entry.name.endswith(".aci") else "appimage"
-            files[fmt] = entry
-        missing = set(host.formats) - set(files)
+            kind = kind_of(entry.name)
+            if kind is not None:
+                built.setdefault(kind, []).append(entry)
+        wanted = kinds(host.formats)
+        missing = [k for k in wanted if k not in built]
         if missing:
-            raise BuildError(host.name, f"build produced no {', '.join(sorted(missing))} artifact")
+            raise BuildError(host.name, f"build produced no {', '.join(missing)} artifact")
+        several = [k for k in wanted if len(built[k]) > 1]
+        if several:
+            raise BuildError(host.name, f"build produced more than one {', '.join(several)} artifact")
+        files = {k.value: built[k][0] for k in wanted}
         return BuildOutput(derivation=drv, out=out, files=files, builder=builder, refused=refused)
 
     def _check_size(self, host: str, drv: str) -> None:

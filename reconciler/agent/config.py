@@ -8,9 +8,13 @@ from typing import Any
 
 from reconciler.adapters import fetch
 from reconciler.config import read_yaml
-from reconciler.core.hosts import FORMATS, NAME_RE
+from reconciler.core.formats import Format
+from reconciler.core.hosts import NAME_RE
 from reconciler.core.schema import check_keys, parse_duration
 from reconciler.errors import ConfigError
+
+# The formats the agent can install: those that are one file.
+AGENT_FORMATS = (Format.ACI.value, Format.APPIMAGE.value)
 
 
 @dataclass(frozen=True)
@@ -97,8 +101,9 @@ def load_agent_config(path: Path) -> AgentConfig:
     if not isinstance(keys, list) or not keys:
         raise ConfigError(p, "keys", "must list the publisher's public key file(s): trust is pinned here")
     fmt = data.get("format", "appimage")
-    if fmt not in FORMATS:
-        raise ConfigError(p, "format", f"must be one of {', '.join(FORMATS)}")
+    if fmt not in AGENT_FORMATS:
+        # A thin ACI or an OCI image is several blobs; the agent installs one file.
+        raise ConfigError(p, "format", f"must be one of {', '.join(AGENT_FORMATS)}")
     health = data.get("health")
     health_cfg = None
     if health is not None:

@@ -2,18 +2,23 @@
 
 A release file (``*.json``) is checked against its signature, its expiry, and then
 every artifact it lists is fetched from the same store and checked for size,
-sha256 and signature. Any other file is checked against its ``.asc``.
+sha256 and signature; a thin ACI and an OCI image must name the blobs the release
+lists beside them (reconciler.core.imagecheck). Any other file is checked against
+its ``.asc``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import tarfile
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
 from reconciler.adapters import fetch
 from reconciler.adapters.gpg import Verifier, read_keys
-from reconciler.core import openpgp, trust
+from reconciler.core import imagecheck, openpgp, trust
+from reconciler.core.formats import Kind
 from reconciler.core.release import Release, parse_release
 from reconciler.errors import VerificationError
 
@@ -49,13 +54,47 @@ def verify(key_files: list[Path], target: str, now: datetime | None = None) -> l
         release = parse_release(meta, target)
         check_fresh(release, target, now or datetime.now(UTC))
         root = _store_root(target)
+        # What the image checks need of a blob, taken while it is here.
+        oci_manifest = thin_manifest = base_sha512 = None
         for art in release.artifacts:
             where = fetch.join(root, art.blob)
             blob = Path(tmp) / art.sha256
             verify_blob(verifier, where, blob, art.size, art.sha256)
             lines.append(f"OK {art.name} ({art.format}, {art.size} bytes, sha256 {art.sha256})")
+            if art.format == Kind.OCI:
+                oci_manifest = blob.read_bytes()
+            elif art.format == Kind.ACI_THIN:
+                thin_manifest = _aci_manifest(blob, where)
+            elif art.format == Kind.ACI_BASE:
+                base_sha512 = _sha512(blob)
             blob.unlink()
+        if oci_manifest is not None:
+            imagecheck.check_oci(release, oci_manifest)
+            lines.append(f"OK {release.host} release {release.version}: the OCI manifest names its blobs")
+        if thin_manifest is not None:
+            imagecheck.check_thin(release, thin_manifest, base_sha512 or "")
+            lines.append(f"OK {release.host} release {release.version}: the thin ACI depends on its base")
         return lines
+
+
+def _aci_manifest(path: Path, where: str) -> bytes:
+    """The ``manifest`` file of an ACI (a tar, verified already)."""
+    try:
+        with tarfile.open(path) as tar:
+            member = tar.extractfile("manifest")
+            if member is None:
+                raise KeyError("manifest")
+            return member.read(imagecheck.MANIFEST_LIMIT + 1)
+    except (tarfile.TarError, KeyError, OSError) as exc:
+        raise VerificationError(f"{where}: not an ACI with a manifest ({exc})") from None
+
+
+def _sha512(path: Path) -> str:
+    h = hashlib.sha512()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def verify_blob(verifier: Verifier, where: str, dest: Path, size: int, sha256: str) -> None:

@@ -18,13 +18,14 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from reconciler.core.formats import DEFAULT_FORMATS, Format
 from reconciler.core.schema import MAX_FILE_BYTES, check_keys, kind, parse_yaml
 from reconciler.errors import ConfigError
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 SERVICE_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-FORMATS = ("aci", "appimage")
+FORMATS = tuple(f.value for f in Format)
 RESTART_POLICIES = ("always", "on-failure", "never")
 BUILTIN_PACKAGES = frozenset({"busybox"})
 HOST_KEYS = frozenset({"name", "include", "formats", "network", "services", "files"})
@@ -386,7 +387,7 @@ def _parse_host(
     # Report errors against the host file: that is where the operator looks first.
     return Host(
         name=stem,
-        formats=_formats(path, merged.get("formats", list(FORMATS))),
+        formats=_formats(path, merged.get("formats", list(DEFAULT_FORMATS))),
         network=_network(path, merged.get("network", {})),
         services=_services(path, merged.get("services", {}), packages),
         files=_files(path, merged.get("files", {}), stem),

@@ -352,10 +352,14 @@ EXEC_LIST = "must be a non-empty list of strings"
         ("include: 3", "include", "must be a list of profile names"),
         ("include: [[a]]", "include", "must be a list of profile names"),
         # formats
-        ("formats: []", "formats", "must be a non-empty list of aci, appimage"),
-        ("formats: {aci: 1}", "formats", "must be a non-empty list of aci, appimage"),
-        ("formats: [aci, docker]", "formats", "unknown format 'docker' (allowed: aci, appimage)"),
-        ("formats: [ACI]", "formats", "unknown format 'ACI' (allowed: aci, appimage)"),
+        ("formats: []", "formats", "must be a non-empty list of aci, aci-thin, appimage, oci"),
+        ("formats: {aci: 1}", "formats", "must be a non-empty list of aci, aci-thin, appimage, oci"),
+        (
+            "formats: [aci, docker]",
+            "formats",
+            "unknown format 'docker' (allowed: aci, aci-thin, appimage, oci)",
+        ),
+        ("formats: [ACI]", "formats", "unknown format 'ACI' (allowed: aci, aci-thin, appimage, oci)"),
         # network
         ("network: [10.0.0.1]", "network", "must be a mapping, not a list"),
         ("network: {mtu: 1500}", "network.mtu", "unknown key (allowed: address, dns, gateway)"),
@@ -493,6 +497,13 @@ def test_network_is_normalised() -> None:
 def test_formats_are_normalised() -> None:
     assert host_of("name: web-1\nformats: [appimage, aci, appimage]\n").formats == ("aci", "appimage")
     assert host_of("name: web-1\nformats: aci\n").formats == ("aci",)
+    every = host_of("name: web-1\nformats: [oci, appimage, aci-thin, aci]\n")
+    assert every.formats == ("aci", "aci-thin", "appimage", "oci")
+
+
+def test_the_default_formats_stay_those_of_every_release_so_far() -> None:
+    """An upgrade must not change the shape of an existing fleet's releases."""
+    assert host_of("name: web-1\n").formats == ("aci", "appimage")
 
 
 def test_exec_numbers_become_strings() -> None:

@@ -43,6 +43,9 @@ def test_config_defaults_and_relative_paths(tmp_path: Path) -> None:
         ({"keys": []}, "keys", "must list the publisher's public key file(s): trust is pinned here"),
         ({"store": None}, "store", "is required: a URL or a directory"),
         ({"format": "tar"}, "format", "must be one of aci, appimage"),
+        # Several blobs each: not what the agent installs.
+        ({"format": "oci"}, "format", "must be one of aci, appimage"),
+        ({"format": "aci-thin"}, "format", "must be one of aci, appimage"),
         (
             {"health": {"url": "http://x/", "command": "true"}},
             "health",
