@@ -111,6 +111,26 @@ def _environment() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "NIX_PATH"}
 
 
+def write_builders(builders: Sequence[Builder], directory: Path) -> Path:
+    """Write the machines file, known hosts and ssh configuration of ``builders`` into
+    ``directory`` (the ssh configuration names the known hosts there): the ssh
+    configuration's path. Each file is replaced whole, mode 0644: ssh refuses a
+    configuration others may write, and none holds a secret (the key is a path)."""
+    directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+    known = directory.resolve() / "known_hosts"
+    files = {
+        "machines": remote.machines(builders),
+        "known_hosts": remote.known_hosts(builders),
+        "ssh_config": remote.ssh_config(builders, str(known)),
+    }
+    for name, text in files.items():
+        tmp = directory / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.chmod(0o644)
+        tmp.replace(directory / name)
+    return directory / "ssh_config"
+
+
 class Nix:
     def __init__(
         self,
@@ -425,21 +445,9 @@ class Nix:
         return inst.stdout.strip().splitlines()[-1]
 
     def _write_builders(self) -> Path:
-        """The machines file, known hosts and ssh configuration of the builders, written
-        anew (the config may have changed since): the ssh configuration's path."""
-        d = self.builders_dir
-        d.mkdir(parents=True, exist_ok=True)
-        known = d / "known_hosts"
-        files = {
-            "machines": remote.machines(self.builders),
-            "known_hosts": remote.known_hosts(self.builders),
-            "ssh_config": remote.ssh_config(self.builders, str(known.resolve())),
-        }
-        for name, text in files.items():
-            tmp = d / f".{name}.tmp"
-            tmp.write_text(text)
-            tmp.replace(d / name)
-        return d / "ssh_config"
+        """The builders' files in the state dir, written anew before each build (the
+        config may have changed since): the ssh configuration's path."""
+        return write_builders(self.builders, self.builders_dir)
 
     def _builder_args(self) -> tuple[list[str], dict[str, str] | None]:
         """Options and environment that hand a realisation's builds to Nix's remote
