@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 from reconciler import log
 from reconciler.config import Config
+from reconciler.core.appc import discovery_page
 from reconciler.core.builders import LOCAL
 from reconciler.core.hosts import Fleet, Host, ParseCache, eval_key, package_names, parse_fleet
-from reconciler.core.layout import PUBLISHER_KEY, latest_path, release_path
+from reconciler.core.layout import PUBLISHER_KEY, discovery_page_path, latest_path, release_path
 from reconciler.core.model import Action, BuildOutput, Evaluation, Status
 from reconciler.core.plan import HostPlan, Plan, make_plan, retry_delay
 from reconciler.core.release import Artifact, Release, new_release, parse_release
@@ -140,6 +141,7 @@ class Reconciler:
         self._pass_lock = threading.Lock()
         self._last_gc = self.clock.monotonic()
         self._key_published = False
+        self._page_published = False
         self._store_recovered = False
         self._tuf = tuf(lambda: self.signer.metadata_signer()) if tuf is not None else None
         self.metrics.watch(self.state, self._tuf)
@@ -592,6 +594,7 @@ class Reconciler:
 
         try:
             self._publish_key()
+            self._publish_discovery_page()
             with self.metrics.stage_duration.labels("publish").time():
                 publish(
                     self.store,
@@ -600,6 +603,7 @@ class Reconciler:
                     sign_file,
                     sign_bytes,
                     on_artifact=lambda fmt: self.metrics.artifacts_published.labels(fmt).inc(),
+                    name_prefix=self.cfg.images.name_prefix,
                 )
         except SigningError:
             self.metrics.signing_failures.inc()
@@ -617,6 +621,17 @@ class Reconciler:
         if self.store.get_bytes(PUBLISHER_KEY) != key:
             self.store.put_bytes(PUBLISHER_KEY, key)
         self._key_published = True
+
+    def _publish_discovery_page(self) -> None:
+        """The page answering appc discovery for the image name prefix (core.appc)."""
+        if self._page_published:
+            return
+        images = self.cfg.images
+        page = discovery_page(images.name_prefix, images.store_url, PUBLISHER_KEY)
+        key = discovery_page_path(images.name_prefix)
+        if self.store.get_bytes(key) != page:
+            self.store.put_bytes(key, page)
+        self._page_published = True
 
     def _new_release(self, host: Host, version: int, out: BuildOutput, commit: str) -> Release:
         artifacts = tuple(
