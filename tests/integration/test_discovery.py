@@ -166,8 +166,13 @@ def reconcile(config: Path) -> None:
 
 
 def test_a_published_aci_is_found_fetched_and_verified_by_appc_discovery(
-    tmp_path: Path, config_repo: ConfigRepo, signing: Signing, served_store: tuple[Path, int], gpg_home: Path
+    tmp_path: Path,
+    config_repo: ConfigRepo,
+    rsa_signing: Signing,
+    served_store: tuple[Path, int],
+    gpg_home: Path,
 ) -> None:
+    signing = rsa_signing  # the demo's key type, the one rkt verifies
     store, port = served_store
     standard_fleet(config_repo)
     images = {"name_prefix": PREFIX, "store_url": f"http://127.0.0.1:{port}/"}
@@ -197,6 +202,11 @@ def test_a_published_aci_is_found_fetched_and_verified_by_appc_discovery(
         check = gpg_verify(key, aci, asc, gpg_home)
         assert check.returncode == 0, check.stderr
         assert "Good signature" in check.stderr
+        # An RSA signature (OpenPGP public key algorithm 1), as rkt's library needs.
+        packets = subprocess.run(
+            ["gpg", "--homedir", str(gpg_home), "--list-packets", str(asc)], capture_output=True, text=True
+        ).stdout
+        assert re.search(r"^:signature packet: algo 1,", packets, re.M), packets
         # appc: the name and labels discovered with must be the manifest's.
         with tarfile.open(aci) as tar:
             manifest = json.load(tar.extractfile("manifest"))  # type: ignore[arg-type]
