@@ -1,6 +1,8 @@
 # One host: a version-independent image (root tree + AppImage), then the release
 # artifacts, which add only what names the release number (ACI manifest, file names).
-{ toolchain, packages, version
+# `aci` is what the daemon's configuration says of the ACI: its name (the host's
+# under a prefix such as example.com/fleet) and annotations.
+{ toolchain, packages, version, aci ? { }
   # The thin images' shared base: one per toolchain (fleet.nix applies this file once).
 , base ? import ./base.nix { inherit toolchain; }
 }:
@@ -80,10 +82,20 @@ let
     '' ];
   };
 
+  # appc 0.8 ImageManifest (spec/aci.md). Ports come from the services' `ports`;
+  # no-new-privileges because nothing in the image needs setuid to gain rights.
+  ports = builtins.concatMap
+    (s: map (p: {
+      inherit (p) name port protocol;
+      count = 1;
+      socketActivated = false;
+    }) (s.ports or [ ]))
+    (builtins.attrValues host.services);
+  annotations = aci.annotations or [ ];
   manifestDoc = {
     acKind = "ImageManifest";
     acVersion = "0.8.11";
-    inherit name;
+    name = aci.name or name;
     labels = [
       { name = "version"; value = version; }
       { name = "os"; value = "linux"; }
@@ -93,9 +105,11 @@ let
       exec = [ "/AppRun" ];
       user = "0";
       group = "0";
+      workingDirectory = "/";
       environment = [ { name = "APPDIR"; value = "/"; } ];
-    };
-  };
+      isolators = [ { name = "os/linux/no-new-privileges"; value = true; } ];
+    } // (if ports != [ ] then { inherit ports; } else { });
+  } // (if annotations != [ ] then { inherit annotations; } else { });
   manifest = builtins.toFile "manifest" (builtins.toJSON manifestDoc);
 
   # The thin ACI: the fat one's manifest, named <name>-thin, with the base as its
@@ -118,7 +132,17 @@ let
         mkdir "$TMPDIR/aci"
         cp ${manifest} "$TMPDIR/aci/manifest"
         cp -RP ${image}/root "$TMPDIR/aci/rootfs"
-        chmod 1777 "$TMPDIR/aci/rootfs/tmp"
+        # What appc's Linux environment (OS-SPEC.md) does not promise: a writable
+        # /tmp and /var/tmp, /run;
+        # and empty mount points for what the executor mounts (/dev, /proc, /sys).
+        chmod u+w "$TMPDIR/aci/rootfs"
+        mkdir -p "$TMPDIR/aci/rootfs/var"
+        chmod u+w "$TMPDIR/aci/rootfs/var"
+        mkdir -p "$TMPDIR/aci/rootfs/tmp" "$TMPDIR/aci/rootfs/var/tmp" "$TMPDIR/aci/rootfs/run" \
+          "$TMPDIR/aci/rootfs/dev" "$TMPDIR/aci/rootfs/proc" "$TMPDIR/aci/rootfs/sys"
+        chmod 1777 "$TMPDIR/aci/rootfs/tmp" "$TMPDIR/aci/rootfs/var/tmp"
+        chmod 755 "$TMPDIR/aci/rootfs/run" "$TMPDIR/aci/rootfs/dev" "$TMPDIR/aci/rootfs/proc" \
+          "$TMPDIR/aci/rootfs/sys"
         ${toolchain.tar} -C "$TMPDIR/aci" -cf "$out/${name}-${version}-linux-amd64.aci" \
           --sort=name --format=gnu --owner=0 --group=0 --numeric-owner --mtime=@1 \
           --mode=u+w --no-acls --no-xattrs --no-selinux manifest rootfs

@@ -15,6 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
+from reconciler.core.appc import DEFAULT_NAME_PREFIX, default_store_url, is_ac_identifier
 from reconciler.core.builders import Builder, valid_uri
 from reconciler.core.schema import check_keys, parse_duration, parse_seconds, parse_size, parse_yaml
 from reconciler.core.tufroles import Lifetimes
@@ -124,6 +125,19 @@ class TufConfig:
 
 
 @dataclass(frozen=True)
+class ImagesConfig:
+    """What the images say about themselves: ACI names and annotations, and where the
+    store is served for appc discovery (reconciler.core.appc)."""
+
+    # ACI names are <name_prefix>/<host>; discovery copies live under it in the store.
+    name_prefix: str = DEFAULT_NAME_PREFIX
+    # The store's public base URL, which the discovery page's templates point into.
+    store_url: str = default_store_url(DEFAULT_NAME_PREFIX)
+    # ACI manifest annotations (appc: authors, homepage, documentation, or any AC Identifier).
+    annotations: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     repo: RepoConfig
@@ -141,6 +155,7 @@ class Config:
     tuf: TufConfig = TufConfig()
     # Nix remote builders (reconciler.core.builders), scheduled by Nix.
     builders: tuple[Builder, ...] = ()
+    images: ImagesConfig = ImagesConfig()
 
 
 TOP_KEYS = frozenset(
@@ -159,6 +174,7 @@ TOP_KEYS = frozenset(
         "triggers",
         "tuf",
         "builders",
+        "images",
     }
 )
 BUILDER_KEYS = frozenset(
@@ -203,6 +219,7 @@ SECTION_KEYS = {
         }
     ),
     "retry": frozenset({"initial", "max"}),
+    "images": frozenset({"name_prefix", "store_url", "annotations"}),
     "retention": frozenset({"keep", "interval"}),
     "tuf": frozenset(
         {"bins", "root_lifetime", "targets_lifetime", "snapshot_lifetime", "timestamp_lifetime"}
@@ -423,6 +440,7 @@ def load_config(path: Path) -> Config:
         ),
         retention=RetentionConfig(keep=keep, interval=retention_interval),
         tuf=_tuf_config(p, section("tuf", required=False)),
+        images=_images_config(p, section("images", required=False)),
     )
 
 
@@ -524,3 +542,51 @@ def _tuf_config(p: str, sec: dict[str, Any]) -> TufConfig:
         timestamp=lifetime("timestamp_lifetime", default.timestamp),
     )
     return TufConfig(lifetimes=lifetimes, bit_length=bins.bit_length() - 1)
+
+
+# Top-level folders of the store's own layout (reconciler.core.layout): a name prefix
+# whose domain were one of them would mix discovery copies into them.
+_LAYOUT_FOLDERS = frozenset({"blobs", "hosts", "keys", "tuf"})
+# appc's well-known annotations whose value is a URL (spec/aci.md); "created" is a
+# date, which would make the same commit build different bytes at another time.
+_URL_ANNOTATIONS = frozenset({"homepage", "documentation"})
+
+
+def _http_url(value: object) -> bool:
+    if not isinstance(value, str) or any(c.isspace() for c in value):
+        return False
+    parsed = urllib.parse.urlsplit(value)
+    return parsed.scheme in ("http", "https") and bool(parsed.hostname)
+
+
+def _images_config(p: str, sec: dict[str, Any]) -> ImagesConfig:
+    prefix = sec.get("name_prefix", DEFAULT_NAME_PREFIX)
+    if not isinstance(prefix, str) or not is_ac_identifier(prefix):
+        why = "must be an AC Identifier: lowercase words joined by -._~/ (e.g. example.com/fleet)"
+        raise ConfigError(p, "images.name_prefix", why)
+    if prefix.split("/", 1)[0] in _LAYOUT_FOLDERS:
+        why = f"must not start with a folder of the store ({', '.join(sorted(_LAYOUT_FOLDERS))})"
+        raise ConfigError(p, "images.name_prefix", why)
+    url = sec.get("store_url", default_store_url(prefix))
+    if not _http_url(url) or urllib.parse.urlsplit(url).query or urllib.parse.urlsplit(url).fragment:
+        why = "must be an http:// or https:// URL without query or fragment"
+        raise ConfigError(p, "images.store_url", why)
+    annotations = sec.get("annotations", {})
+    if not isinstance(annotations, dict):
+        raise ConfigError(p, "images.annotations", "must be a mapping of AC Identifiers to strings")
+    for name, value in annotations.items():
+        key = f"images.annotations.{name}"
+        if not isinstance(name, str) or not is_ac_identifier(name):
+            why = "annotation names must be AC Identifiers (lowercase words joined by -._~/)"
+            raise ConfigError(p, key, why)
+        if name == "created":
+            raise ConfigError(p, key, "is not allowed: a build date would make every build differ")
+        if not isinstance(value, str) or not value:
+            raise ConfigError(p, key, "must be a non-empty string")
+        if name in _URL_ANNOTATIONS and not _http_url(value):
+            raise ConfigError(p, key, "must be an http:// or https:// URL")
+    return ImagesConfig(
+        name_prefix=prefix,
+        store_url=url if url.endswith("/") else url + "/",
+        annotations=tuple(sorted(annotations.items())),
+    )

@@ -93,6 +93,11 @@ class Store(Protocol):
         """Every key that starts with ``prefix`` (a plain string prefix), sorted."""
         ...
 
+    def copy(self, src: str, dst: str) -> None:
+        """Make ``dst`` an object with ``src``'s bytes, atomically like a put: a hard
+        link or a copy inside the backend where it has one, never through this process."""
+        ...
+
     def delete(self, key: str) -> None:
         """Remove ``key``; removing a missing key is not an error."""
         ...

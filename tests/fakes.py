@@ -247,6 +247,14 @@ class MemoryStore:
     def list(self, prefix: str = "") -> builtins.list[str]:
         return sorted(k for k in self.objects if k.startswith(prefix))
 
+    def copy(self, src: str, dst: str) -> None:
+        data = self.objects.get(src)
+        if data is None:
+            raise StoreError(f"cannot copy {src} to {dst}: no such object")
+        # As FilesystemStore's hard link: nothing to write when dst is src's already.
+        if self.objects.get(dst) is not data:
+            self._put(dst, data)
+
     def delete(self, key: str) -> None:
         self.objects.pop(key, None)
 

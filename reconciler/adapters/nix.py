@@ -29,8 +29,9 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
-from reconciler.config import NixConfig
+from reconciler.config import ImagesConfig, NixConfig
 from reconciler.core import builders as remote
+from reconciler.core.appc import image_name
 from reconciler.core.builders import Builder
 from reconciler.core.evalwork import Batch, EvalWork, Failure
 from reconciler.core.formats import Kind, kind_of, kinds
@@ -138,8 +139,10 @@ class Nix:
         settings: NixConfig | None = None,
         nix_dir: Path = NIX_DIR,
         builders: Sequence[Builder] = (),
+        images: ImagesConfig | None = None,
     ) -> None:
         self.settings = settings or NixConfig()
+        self.images = images or ImagesConfig()
         self.builders = tuple(builders)
         self.builders_dir = state_dir / "builders"
         self.nix_dir = nix_dir
@@ -415,6 +418,18 @@ class Nix:
         args = self._args(fleet_file, repo)
         return ["nix-instantiate", "--eval", "--strict", "--json", "-A", "images", *args]
 
+    def _aci(self, host: Host) -> str:
+        """What the ACI manifest says beside the host's definition (nix/host.nix): its
+        name under the configured prefix and the annotations. Only the release step
+        reads it, so the image derivation, and with it change detection, does not."""
+        return json.dumps(
+            {
+                "name": image_name(self.images.name_prefix, host.name),
+                "annotations": [{"name": k, "value": v} for k, v in self.images.annotations],
+            },
+            sort_keys=True,
+        )
+
     def instantiate(self, host: Host, version: int, repo: Path) -> str:
         """The derivation of ``host``'s release artifacts as ``version``; builds nothing."""
         self.ensure_toolchain()
@@ -429,6 +444,9 @@ class Nix:
                     "--argstr",
                     "version",
                     str(version),
+                    "--argstr",
+                    "aci",
+                    self._aci(host),
                     *self._args(fleet_file, repo),
                 ],
                 self.settings.eval_timeout.total_seconds(),

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from reconciler.core.appc import PortProtocol, is_ac_name
 from reconciler.core.formats import DEFAULT_FORMATS, Format
 from reconciler.core.schema import MAX_FILE_BYTES, check_keys, kind, parse_yaml
 from reconciler.errors import ConfigError
@@ -31,11 +32,35 @@ BUILTIN_PACKAGES = frozenset({"busybox"})
 HOST_KEYS = frozenset({"name", "include", "formats", "network", "services", "files"})
 PROFILE_KEYS = HOST_KEYS - {"name"}
 NETWORK_KEYS = frozenset({"address", "gateway", "dns"})
-SERVICE_KEYS = frozenset({"package", "exec", "restart"})
-# Paths the image builder owns; a host's `files` may not shadow them.
-RESERVED_PREFIXES = ("AppRun", ".reconciler", "etc/reconciler", "etc/service", "bin/busybox", ".DirIcon")
+SERVICE_KEYS = frozenset({"package", "exec", "restart", "ports"})
+PORT_KEYS = frozenset({"name", "port", "protocol"})
+# Paths the image builder owns; a host's `files` may not shadow them. The last six
+# are the ACI's directories for the executor's mounts and for temporary files.
+RESERVED_PREFIXES = (
+    "AppRun",
+    ".reconciler",
+    "etc/reconciler",
+    "etc/service",
+    "bin/busybox",
+    ".DirIcon",
+    "tmp",
+    "var/tmp",
+    "run",
+    "dev",
+    "proc",
+    "sys",
+)
 # The AppImage's desktop entry and icon at the image root (nix/host.nix).
 RESERVED_TOP_SUFFIXES = (".desktop", ".svg")
+
+
+@dataclass(frozen=True)
+class Port:
+    """A port a service listens on: the ACI manifest's ``app.ports`` (appc)."""
+
+    name: str  # an appc ACName (words joined by -), unique in the host
+    port: int
+    protocol: PortProtocol = PortProtocol.TCP
 
 
 @dataclass(frozen=True)
@@ -46,6 +71,15 @@ class Service:
     package: str
     exec: tuple[str, ...]
     restart: str
+    ports: tuple[Port, ...] = ()
+
+    def to_nix(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"package": self.package, "exec": list(self.exec), "restart": self.restart}
+        # Only when there are any: a host without ports keeps the image (and the
+        # derivation) it had before services could declare them.
+        if self.ports:
+            out["ports"] = [{"name": p.name, "port": p.port, "protocol": str(p.protocol)} for p in self.ports]
+        return out
 
 
 @dataclass(frozen=True)
@@ -91,10 +125,7 @@ class Host:
             "name": self.name,
             "formats": list(self.formats),
             "network": net,
-            "services": {
-                s.name: {"package": s.package, "exec": list(s.exec), "restart": s.restart}
-                for s in self.services
-            },
+            "services": {s.name: s.to_nix() for s in self.services},
             "files": dict(self.files),
         }
 
@@ -159,7 +190,15 @@ def decode_parsed(text: str) -> Host | ConfigError:
             address=net.get("address"), gateway=net.get("gateway"), dns=tuple(net.get("dns", ()))
         ),
         services=tuple(
-            Service(name=n, package=s["package"], exec=tuple(s["exec"]), restart=s["restart"])
+            Service(
+                name=n,
+                package=s["package"],
+                exec=tuple(s["exec"]),
+                restart=s["restart"],
+                ports=tuple(
+                    Port(p["name"], int(p["port"]), PortProtocol(p["protocol"])) for p in s.get("ports", ())
+                ),
+            )
             for n, s in h["services"].items()
         ),
         files=tuple(h["files"].items()),
@@ -385,9 +424,13 @@ def _parse_host(
         sources += inc_sources
     merged = deep_merge(merged, {k: v for k, v in data.items() if k != "include"})
     # Report errors against the host file: that is where the operator looks first.
+    formats = _formats(path, merged.get("formats", list(DEFAULT_FORMATS)))
+    if any(f in formats for f in (Format.ACI, Format.ACI_THIN)) and stem.endswith("-"):
+        # appc's ACIdentifier, which an ACI's name is, ends in a letter or digit.
+        raise ConfigError(path, "name", f"{stem!r} cannot name an ACI: it must end with a letter or digit")
     return Host(
         name=stem,
-        formats=_formats(path, merged.get("formats", list(DEFAULT_FORMATS))),
+        formats=formats,
         network=_network(path, merged.get("network", {})),
         services=_services(path, merged.get("services", {}), packages),
         files=_files(path, merged.get("files", {}), stem),
@@ -469,7 +512,58 @@ def _services(path: str, value: Any, packages: set[str]) -> tuple[Service, ...]:
             raise ConfigError(
                 path, f"{key}.restart", f"must be one of {', '.join(RESTART_POLICIES)}, got {restart!r}"
             )
-        out.append(Service(name=name, package=package, exec=tuple(argv), restart=restart))
+        ports = _ports(path, f"{key}.ports", spec.get("ports", []))
+        out.append(Service(name=name, package=package, exec=tuple(argv), restart=restart, ports=ports))
+    # One ACI holds every service: a port's name, and its number per protocol, are the
+    # host's (appc: app.ports names are unique).
+    names: dict[str, str] = {}
+    numbers: dict[tuple[int, PortProtocol], str] = {}
+    for svc in out:
+        for i, port in enumerate(svc.ports):
+            at = f"services.{svc.name}.ports[{i}]"
+            first = names.setdefault(port.name, at)
+            if first != at:
+                raise ConfigError(path, f"{at}.name", f"port name {port.name!r} is already used by {first}")
+            first = numbers.setdefault((port.port, port.protocol), at)
+            if first != at:
+                why = f"{port.protocol} port {port.port} is already declared by {first}"
+                raise ConfigError(path, f"{at}.port", why)
+    return tuple(out)
+
+
+MAX_PORT_NAME = 63
+
+
+def _ports(path: str, key: str, value: Any) -> tuple[Port, ...]:
+    """A service's ``ports``: a list of {name, port, protocol} (unique in the host:
+    :func:`_services` checks)."""
+    if not isinstance(value, list):
+        raise ConfigError(path, key, f"must be a list of {{name, port, protocol}}, not {kind(value)}")
+    out: list[Port] = []
+    for i, entry in enumerate(value):
+        at = f"{key}[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(path, at, f"must be a mapping with name, port and protocol, not {kind(entry)}")
+        check_keys(path, at, entry, PORT_KEYS)
+        name = entry.get("name")
+        if name is None:
+            raise ConfigError(path, f"{at}.name", "is required")
+        if not isinstance(name, str) or len(name) > MAX_PORT_NAME or not is_ac_name(name):
+            raise ConfigError(
+                path,
+                f"{at}.name",
+                f"must be an AC Name of at most {MAX_PORT_NAME} characters: lowercase words joined by -",
+            )
+        number = entry.get("port")
+        if number is None:
+            raise ConfigError(path, f"{at}.port", "is required")
+        if not isinstance(number, int) or isinstance(number, bool) or not 1 <= number <= 65535:
+            raise ConfigError(path, f"{at}.port", f"must be a port number from 1 to 65535, got {number!r}")
+        protocol = entry.get("protocol", PortProtocol.TCP.value)
+        allowed = ", ".join(p.value for p in PortProtocol)
+        if not isinstance(protocol, str) or protocol not in {p.value for p in PortProtocol}:
+            raise ConfigError(path, f"{at}.protocol", f"must be one of {allowed}, got {protocol!r}")
+        out.append(Port(name=name, port=number, protocol=PortProtocol(protocol)))
     return tuple(out)
 
 

@@ -1,6 +1,8 @@
 """Publishing a release in the crash-safe order SPEC fixes.
 
-1. each blob, then its signature (content-addressed, so rewriting is harmless);
+1. each blob, then its signature (content-addressed, so rewriting is harmless), then
+   for an ACI the copies appc discovery reads, ``<prefix>/<name>`` and its ``.asc``
+   (hard links or copies inside the store; release N's bytes until N is published);
 2. ``releases/<N>.json.asc`` then ``releases/<N>.json`` (immutable once written);
 3. ``latest.json.asc`` then ``latest.json`` last.
 
@@ -15,13 +17,15 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from reconciler.core.layout import latest_path, release_path
+from reconciler.core.layout import discovery_path, latest_path, release_path
 from reconciler.core.release import Release
 from reconciler.errors import StoreError
 from reconciler.ports import Store
 
 SignFile = Callable[[Path], bytes]
 SignBytes = Callable[[bytes], bytes]
+# The formats appc discovery serves (an image name, a version, os and arch).
+DISCOVERABLE = frozenset({"aci"})
 
 
 def publish(
@@ -31,13 +35,21 @@ def publish(
     sign_file: SignFile,
     sign_bytes: SignBytes,
     on_artifact: Callable[[str], None] = lambda fmt: None,
+    name_prefix: str | None = None,
 ) -> None:
-    """Put ``release`` and its artifact ``files`` (format -> path) into ``store``."""
+    """Put ``release`` and its artifact ``files`` (format -> path) into ``store``; with
+    ``name_prefix``, also where appc discovery finds its ACI under that prefix."""
     for art in release.artifacts:
         if not store.exists(art.blob):
             store.put_file(art.blob, files[art.format])
         if not store.exists(art.blob + ".asc"):
             store.put_bytes(art.blob + ".asc", sign_file(files[art.format]))
+        if name_prefix is not None and art.format in DISCOVERABLE:
+            # Always (re)made: a pass that died before the release file may have left
+            # another build's bytes under this version's name.
+            copy = discovery_path(name_prefix, art.name)
+            store.copy(art.blob, copy)
+            store.copy(art.blob + ".asc", copy + ".asc")
         on_artifact(art.format)
     meta = release.to_json()
     key = release_path(release.host, release.version)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from reconciler import log
 from reconciler.config import Config
+from reconciler.core.appc import discovery_page
 from reconciler.core.builders import LOCAL
 from reconciler.core.hosts import (
     Fleet,
@@ -35,7 +36,7 @@ from reconciler.core.hosts import (
     package_names,
     parse_fleet,
 )
-from reconciler.core.layout import PUBLISHER_KEY, latest_path, release_path
+from reconciler.core.layout import PUBLISHER_KEY, discovery_page_path, latest_path, release_path
 from reconciler.core.model import (
     COMMIT_KEY,
     LAST_SUCCESS_KEY,
@@ -169,6 +170,7 @@ class Reconciler:
         self._stopping = threading.Event()
         self._last_gc = self.clock.monotonic()
         self._key_published = False
+        self._page_published = False
         self._store_recovered = False
         self._tuf = tuf(lambda: self.signer.metadata_signer()) if tuf is not None else None
         self.metrics.watch(self.state, self._tuf, cfg.repo.branch)
@@ -661,6 +663,7 @@ class Reconciler:
 
         try:
             self._publish_key()
+            self._publish_discovery_page()
             with self.metrics.stage_duration.labels("publish").time():
                 publish(
                     self.store,
@@ -669,6 +672,7 @@ class Reconciler:
                     sign_file,
                     sign_bytes,
                     on_artifact=lambda fmt: self.metrics.artifacts_published.labels(fmt).inc(),
+                    name_prefix=self.cfg.images.name_prefix,
                 )
         except SigningError:
             self.metrics.signing_failures.inc()
@@ -686,6 +690,17 @@ class Reconciler:
         if self.store.get_bytes(PUBLISHER_KEY) != key:
             self.store.put_bytes(PUBLISHER_KEY, key)
         self._key_published = True
+
+    def _publish_discovery_page(self) -> None:
+        """The page answering appc discovery for the image name prefix (core.appc)."""
+        if self._page_published:
+            return
+        images = self.cfg.images
+        page = discovery_page(images.name_prefix, images.store_url, PUBLISHER_KEY)
+        key = discovery_page_path(images.name_prefix)
+        if self.store.get_bytes(key) != page:
+            self.store.put_bytes(key, page)
+        self._page_published = True
 
     def _new_release(self, host: Host, version: int, out: BuildOutput, commit: str) -> Release:
         artifacts = tuple(

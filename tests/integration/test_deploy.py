@@ -202,6 +202,13 @@ def test_example_configs_load_with_the_projects_loaders() -> None:
     # nginx serves what the daemon publishes.
     nginx_root = re.search(r"^\s*root\s+([^;]+);", (DEPLOY / "nginx/store.conf").read_text(), re.M)
     assert nginx_root and cfg.store.path == Path(nginx_root.group(1))
+    # ... including what appc discovery reads, for the prefix the example names.
+    nginx = (DEPLOY / "nginx/store.conf").read_text()
+    server_name = re.search(r"^\s*server_name\s+([^;]+);", nginx, re.M)
+    assert server_name and cfg.images.store_url == f"https://{server_name.group(1)}/"
+    path = cfg.images.name_prefix.partition("/")[2]
+    for location in (f"location = /{path} ", f"location /{path}/ ", f"location /{cfg.images.name_prefix}/ "):
+        assert location in nginx, location
     # The gpg home must be writable: inside the state dir, which systemd makes writable.
     assert cfg.signing.gnupghome.is_relative_to(cfg.state_dir)
 
@@ -708,7 +715,8 @@ def nginx_serving(tmp_path: Path, store: Path, probe: str) -> Iterator[tuple[str
 
 def test_nginx_serves_the_store_for_agents(tmp_path: Path, config_repo: ConfigRepo, signing: Signing) -> None:
     standard_fleet(config_repo)
-    cfg = write_config(tmp_path, config_repo, signing)
+    prefix = "artifacts.example.com/fleet"  # the prefix deploy/nginx/store.conf serves
+    cfg = write_config(tmp_path, config_repo, signing, images={"name_prefix": prefix})
     got = run([sys.executable, "-m", "reconciler", "reconcile", "-c", str(cfg)], timeout=600)
     assert got.returncode == 0, got.stderr[-3000:]
     store = tmp_path / "store"
@@ -743,6 +751,18 @@ def test_nginx_serves_the_store_for_agents(tmp_path: Path, config_repo: ConfigRe
         status, headers, _ = http(base + "/hosts/web-1/releases/1.json")
         assert status == 200 and "immutable" in headers["cache-control"]
         assert http(base + "/hosts/web-1/latest.json.asc")[1]["cache-control"] == "no-cache"
+        # appc discovery: /fleet/web-1 is no page, /fleet redirects to the publisher's page;
+        # the ACI and its signature are under the image name, immutable.
+        assert http(base + "/fleet/web-1?ac-discovery=1")[0] == 404
+        status, headers, body = http(base + "/fleet?ac-discovery=1")
+        assert status == 200 and headers["content-type"].startswith("text/html")
+        assert b'<meta name="ac-discovery" content="artifacts.example.com/fleet ' in body
+        aci = next(a for a in release["artifacts"] if a["format"] == "aci")
+        status, headers, body = http(f"{base}/{prefix}/web-1-1-linux-amd64.aci")
+        assert status == 200 and hashlib.sha256(body).hexdigest() == aci["sha256"]
+        assert "immutable" in headers["cache-control"]
+        assert http(f"{base}/{prefix}/web-1-1-linux-amd64.aci.asc")[0] == 200
+
         # No listings, no half-written files, nothing outside the store's layout, read-only.
         for path in ("/", "/hosts/", "/blobs/sha256/", "/hosts/web-1/.tmp-partial", "/nope"):
             assert http(base + path)[0] in (403, 404), path

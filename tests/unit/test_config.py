@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from reconciler.config import (
     Config,
+    ImagesConfig,
     NixConfig,
     RepoConfig,
     RetentionConfig,
@@ -49,6 +50,11 @@ def config_error(tmp_path: Path, data: Any) -> ConfigError:
 
 
 DELETE = object()
+AC_PREFIX = "must be an AC Identifier: lowercase words joined by -._~/ (e.g. example.com/fleet)"
+LAYOUT = "must not start with a folder of the store (blobs, hosts, keys, tuf)"
+STORE_URL = "must be an http:// or https:// URL without query or fragment"
+ANNOTATION = "annotation names must be AC Identifiers (lowercase words joined by -._~/)"
+HTTP_URL = "must be an http:// or https:// URL"
 
 
 def merged(**changes: Any) -> dict[str, Any]:
@@ -86,6 +92,36 @@ def test_defaults_and_relative_paths(tmp_path: Path, monkeypatch: pytest.MonkeyP
         release_lifetime=timedelta(days=30),
     )
     assert cfg.path.is_absolute()
+
+
+def test_images_default_to_a_local_prefix_served_at_its_domain(tmp_path: Path) -> None:
+    cfg = load_config(write_config(tmp_path, MINIMAL))
+    assert cfg.images == ImagesConfig("localhost/fleet", "https://localhost/", ())
+    cfg = load_config(write_config(tmp_path, merged(images={"name_prefix": "example.com/fleet"})))
+    assert cfg.images == ImagesConfig("example.com/fleet", "https://example.com/", ())
+
+
+def test_images_settings(tmp_path: Path) -> None:
+    images = {
+        "name_prefix": "images.example.com/prod/fleet_1",
+        "store_url": "http://127.0.0.1:8080/store",
+        "annotations": {
+            "homepage": "https://example.com/",
+            "authors": "Ops <ops@example.com>",
+            "example.com/x": "y",
+        },
+    }
+    cfg = load_config(write_config(tmp_path, merged(images=images)))
+    assert cfg.images == ImagesConfig(
+        name_prefix="images.example.com/prod/fleet_1",
+        # A base URL: the templates append the image's path to it.
+        store_url="http://127.0.0.1:8080/store/",
+        annotations=(
+            ("authors", "Ops <ops@example.com>"),
+            ("example.com/x", "y"),
+            ("homepage", "https://example.com/"),
+        ),
+    )
 
 
 def test_every_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -159,6 +195,7 @@ TOP = (
     + ", ".join(
         [
             "builders",
+            "images",
             "jobs",
             "listen",
             "nix",
@@ -281,6 +318,67 @@ def duration(value: Any) -> str:
         (merged(store=s3(region="")), "store.region", "must be a non-empty string"),
         (merged(store=s3(credentials_file="")), "store.credentials_file", "must be a path"),
         (merged(store=s3(credentials_file=["a"])), "store.credentials_file", "must be a path"),
+        # images
+        (merged(images="example.com"), "images", "must be a mapping"),
+        (
+            merged(images={"prefix": "a"}),
+            "images.prefix",
+            "unknown key (allowed: annotations, name_prefix, store_url)",
+        ),
+        *[
+            (merged(images={"name_prefix": bad}), "images.name_prefix", AC_PREFIX)
+            for bad in (
+                "",
+                "Example.com",
+                "example.com/",
+                "/fleet",
+                "example.com//fleet",
+                "a b",
+                "x:8080/f",
+                3,
+                None,
+            )
+        ],
+        *[
+            (merged(images={"name_prefix": f"{folder}/fleet"}), "images.name_prefix", LAYOUT)
+            for folder in ("blobs", "hosts", "keys", "tuf")
+        ],
+        *[
+            (merged(images={"store_url": bad}), "images.store_url", STORE_URL)
+            for bad in ("store.example", "ftp://store.example/", "https://", "https://s.example/?a=1", "", 8)
+        ],
+        (
+            merged(images={"annotations": ["homepage"]}),
+            "images.annotations",
+            "must be a mapping of AC Identifiers to strings",
+        ),
+        (merged(images={"annotations": {"Home": "x"}}), "images.annotations.Home", ANNOTATION),
+        (merged(images={"annotations": {"a-": "x"}}), "images.annotations.a-", ANNOTATION),
+        (
+            merged(images={"annotations": {"authors": ""}}),
+            "images.annotations.authors",
+            "must be a non-empty string",
+        ),
+        (
+            merged(images={"annotations": {"authors": 3}}),
+            "images.annotations.authors",
+            "must be a non-empty string",
+        ),
+        (
+            merged(images={"annotations": {"homepage": "example.com"}}),
+            "images.annotations.homepage",
+            HTTP_URL,
+        ),
+        (
+            merged(images={"annotations": {"documentation": "file:///x"}}),
+            "images.annotations.documentation",
+            HTTP_URL,
+        ),
+        (
+            merged(images={"annotations": {"created": "2026-01-01T00:00:00Z"}}),
+            "images.annotations.created",
+            "is not allowed: a build date would make every build differ",
+        ),
         (merged(retention="10"), "retention", "must be a mapping"),
         (merged(retention={"kep": 3}), "retention.kep", "unknown key (allowed: interval, keep)"),
         (merged(retention={"keep": 0}), "retention.keep", KEEP),

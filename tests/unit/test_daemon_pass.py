@@ -9,7 +9,15 @@ from typing import Any
 
 import pytest
 
-from reconciler.config import Config, NixConfig, RepoConfig, RetentionConfig, SigningConfig, StoreConfig
+from reconciler.config import (
+    Config,
+    ImagesConfig,
+    NixConfig,
+    RepoConfig,
+    RetentionConfig,
+    SigningConfig,
+    StoreConfig,
+)
 from reconciler.core import hosts
 from reconciler.core.layout import latest_path, release_path
 from reconciler.core.model import Action, Status
@@ -36,6 +44,7 @@ class World:
     signer: FakeSigner = field(default_factory=FakeSigner)
     clock: FakeClock = field(default_factory=FakeClock)
     allow_force_push: bool = False
+    images: ImagesConfig = field(default_factory=ImagesConfig)
     gate: RefusingGate | None = None
     nix: FakeNix = field(init=False)
 
@@ -51,6 +60,7 @@ class World:
             signing=SigningConfig(gnupghome=self.tmp / "gnupg", key="K"),
             nix=NixConfig(),
             retention=RetentionConfig(interval=0),
+            images=self.images,
         )
 
     def reconciler(self) -> Reconciler:
@@ -98,6 +108,30 @@ def test_a_commit_publishes_every_host_signed_and_in_order(world: World) -> None
             assert world.store.exists(key + ".asc")
     assert world.ledger.meta[COMMIT_KEY] == commit
     assert {h: s.version for h, s in world.ledger.states.items()} == {"web-1": 1, "web-2": 1}
+
+
+def test_each_aci_is_published_where_appc_discovery_finds_it_with_the_page_that_says_so(world: World) -> None:
+    world.images = ImagesConfig("example.com/fleet", "https://store.example/", ())
+    world.source.push(FLEET)
+    world.reconciler().reconcile()
+    for host in ("web-1", "web-2"):
+        (aci,) = world.latest(host)["artifacts"]  # type: ignore[misc]
+        copy = f"example.com/fleet/{host}-1-linux-amd64.aci"
+        assert world.store.objects[copy] == world.store.objects[aci["blob"]]
+        assert world.store.objects[copy + ".asc"] == world.store.objects[aci["blob"] + ".asc"]
+        # Before the release file names the build.
+        assert world.store.writes.index(copy + ".asc") < world.store.writes.index(release_path(host, 1))
+    page = world.store.objects["fleet/index.html"].decode()
+    assert (
+        '<meta name="ac-discovery" content="example.com/fleet '
+        'https://store.example/{name}-{version}-{os}-{arch}.{ext}">' in page
+    )
+    assert (
+        '<meta name="ac-discovery-pubkeys" content="example.com/fleet https://store.example/keys/publisher.asc">'
+        in page
+    )
+    # Written once, not by every publish.
+    assert world.store.writes.count("fleet/index.html") == 1
 
 
 def test_an_unchanged_fleet_builds_nothing_and_a_change_rebuilds_only_its_host(world: World) -> None:

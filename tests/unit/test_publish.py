@@ -138,3 +138,51 @@ def test_a_release_number_taken_by_other_content_is_refused_before_latest_moves(
     assert store.objects[RELEASE_KEY] == b"another release"
     assert store.objects[LATEST_KEY] == b"the old latest"
     assert not [k for k in store.writes if k.startswith("hosts/")]
+
+
+# -- appc discovery's copies ---------------------------------------------------------------------
+
+PREFIX = "example.com/fleet"
+COPY = f"{PREFIX}/web-1-3-linux-amd64.aci"
+# With a name prefix: the ACI's discovery copies right after its blob and signature.
+DISCOVERY_ORDER = [*ORDER[:2], COPY, COPY + ".asc", *ORDER[2:]]
+
+
+def run_named(store: MemoryStore, files: dict[str, Path]) -> None:
+    publish(store, RELEASE, files, sign_file, sign_bytes, name_prefix=PREFIX)
+
+
+def test_the_aci_is_also_where_appc_discovery_looks_before_the_release_names_it(
+    files: dict[str, Path],
+) -> None:
+    store = MemoryStore()
+    run_named(store, files)
+    assert store.writes == DISCOVERY_ORDER
+    # The same bytes and signature as the blob; only the ACI is discoverable.
+    assert store.objects[COPY] == store.objects[BLOB_ACI] == b"ACI"
+    assert store.objects[COPY + ".asc"] == store.objects[BLOB_ACI + ".asc"] == b"sig of file ACI"
+    assert [k for k in store.objects if k.startswith(PREFIX)] == [COPY, COPY + ".asc"]
+
+
+@pytest.mark.parametrize("crash_at", range(len(DISCOVERY_ORDER)))
+def test_a_crash_leaves_copies_of_signed_blobs_only_and_the_next_attempt_completes(
+    files: dict[str, Path], crash_at: int
+) -> None:
+    store = MemoryStore(crash_at=crash_at)
+    with pytest.raises(CrashError):
+        run_named(store, files)
+    if COPY in store.objects:
+        assert {BLOB_ACI, BLOB_ACI + ".asc"} <= set(store.objects)
+    if RELEASE_KEY in store.objects:
+        assert {COPY, COPY + ".asc"} <= set(store.objects)
+    store.crash_at = None
+    run_named(store, files)
+    assert store.objects[COPY] == b"ACI" and store.objects[COPY + ".asc"] == b"sig of file ACI"
+
+
+def test_a_copy_another_build_left_under_this_version_is_replaced(files: dict[str, Path]) -> None:
+    # A pass died after copying its build as release 3 and before writing the release;
+    # this pass publishes another build as 3.
+    store = MemoryStore({COPY: b"OTHER", COPY + ".asc": b"sig of file OTHER"})
+    run_named(store, files)
+    assert store.objects[COPY] == b"ACI" and store.objects[COPY + ".asc"] == b"sig of file ACI"
