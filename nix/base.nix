@@ -61,7 +61,8 @@ derivation {
     mkdir "$TMPDIR/aci"
     sed "s/@VERSION@/$version/" ${manifest} > "$TMPDIR/aci/manifest"
     cp -RP "$root" "$TMPDIR/aci/rootfs"
-    chmod 1777 "$TMPDIR/aci/rootfs/tmp"
+    ${lib.aciDirs}
+    aci_dirs "$TMPDIR/aci/rootfs"
     aci="$out/${stem}-$version-linux-amd64.base.aci"
     pack "$TMPDIR/aci" "$aci" manifest rootfs
     # appc: an image ID is the sha512 of the uncompressed image tar.

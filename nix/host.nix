@@ -132,17 +132,8 @@ let
         mkdir "$TMPDIR/aci"
         cp ${manifest} "$TMPDIR/aci/manifest"
         cp -RP ${image}/root "$TMPDIR/aci/rootfs"
-        # What appc's Linux environment (OS-SPEC.md) does not promise: a writable
-        # /tmp and /var/tmp, /run;
-        # and empty mount points for what the executor mounts (/dev, /proc, /sys).
-        chmod u+w "$TMPDIR/aci/rootfs"
-        mkdir -p "$TMPDIR/aci/rootfs/var"
-        chmod u+w "$TMPDIR/aci/rootfs/var"
-        mkdir -p "$TMPDIR/aci/rootfs/tmp" "$TMPDIR/aci/rootfs/var/tmp" "$TMPDIR/aci/rootfs/run" \
-          "$TMPDIR/aci/rootfs/dev" "$TMPDIR/aci/rootfs/proc" "$TMPDIR/aci/rootfs/sys"
-        chmod 1777 "$TMPDIR/aci/rootfs/tmp" "$TMPDIR/aci/rootfs/var/tmp"
-        chmod 755 "$TMPDIR/aci/rootfs/run" "$TMPDIR/aci/rootfs/dev" "$TMPDIR/aci/rootfs/proc" \
-          "$TMPDIR/aci/rootfs/sys"
+        ${(import ./layers.nix { inherit toolchain; }).aciDirs}
+        aci_dirs "$TMPDIR/aci/rootfs"
         ${toolchain.tar} -C "$TMPDIR/aci" -cf "$out/${name}-${version}-linux-amd64.aci" \
           --sort=name --format=gnu --owner=0 --group=0 --numeric-owner --mtime=@1 \
           --mode=u+w --no-acls --no-xattrs --no-selinux manifest rootfs

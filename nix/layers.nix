@@ -32,4 +32,20 @@ in
     sha256() { sha256sum "$1" | cut -d' ' -f1; }
     size() { wc -c < "$1" | tr -d ' '; }
   '';
+
+  # aci_dirs ROOTFS: what appc's Linux environment (OS-SPEC.md) does not promise an
+  # ACI's app: a writable /tmp and /var/tmp, /run; and empty mount points for what the
+  # executor mounts (/dev, /proc, /sys). The fat ACI and the base ACI both get them,
+  # so a thin ACI rendered over its base is the fat one's rootfs.
+  aciDirs = ''
+    aci_dirs() {
+      r=$1
+      chmod u+w "$r"
+      mkdir -p "$r/var"
+      chmod u+w "$r/var"
+      mkdir -p "$r/tmp" "$r/var/tmp" "$r/run" "$r/dev" "$r/proc" "$r/sys"
+      chmod 1777 "$r/tmp" "$r/var/tmp"
+      chmod 755 "$r/run" "$r/dev" "$r/proc" "$r/sys"
+    }
+  '';
 }
