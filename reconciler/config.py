@@ -62,6 +62,9 @@ class StoreConfig:
     endpoint: str | None = None
     region: str = "us-east-1"
     credentials_file: Path | None = None
+    # Where agents and people reach the store (http or https), without a trailing
+    # slash; named in AppImages' update information. None: no update information.
+    public_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -168,8 +171,8 @@ BUILDER_KEYS = frozenset(
 _WORD = re.compile(r"[^\s,]+")
 # The store section's keys depend on its type.
 STORE_KEYS = {
-    "filesystem": frozenset({"type", "path"}),
-    "s3": frozenset({"type", "bucket", "prefix", "endpoint", "region", "credentials_file"}),
+    "filesystem": frozenset({"type", "path", "public_url"}),
+    "s3": frozenset({"type", "bucket", "prefix", "endpoint", "region", "credentials_file", "public_url"}),
 }
 MIN_EVAL_MEMORY = 256 << 20
 BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -294,8 +297,13 @@ def load_config(path: Path) -> Config:
         supported = ", ".join(sorted(STORE_KEYS))
         raise ConfigError(p, "store.type", f"unsupported store type {store_type!r} (supported: {supported})")
     check_keys(p, "store", store, STORE_KEYS[store_type])
+    public_url = store.get("public_url")
+    if public_url is not None:
+        public_url = _public_url(p, public_url)
     if store_type == "filesystem":
-        store_config = StoreConfig(type=store_type, path=path_of(string(store, "path", "store.path")))
+        store_config = StoreConfig(
+            type=store_type, path=path_of(string(store, "path", "store.path")), public_url=public_url
+        )
     else:
         bucket = string(store, "bucket", "store.bucket")
         if not BUCKET_RE.fullmatch(bucket) or ".." in bucket:
@@ -325,6 +333,7 @@ def load_config(path: Path) -> Config:
             endpoint=endpoint,
             region=string(store, "region", "store.region", "us-east-1"),
             credentials_file=path_of(cred) if cred else None,
+            public_url=public_url,
         )
     signing = section("signing")
     pf = signing.get("passphrase_file")
@@ -524,3 +533,26 @@ def _tuf_config(p: str, sec: dict[str, Any]) -> TufConfig:
         timestamp=lifetime("timestamp_lifetime", default.timestamp),
     )
     return TufConfig(lifetimes=lifetimes, bit_length=bins.bit_length() - 1)
+
+
+def _public_url(path: str, value: object) -> str:
+    """``store.public_url``: an http(s) URL of printable ASCII without '|', as it goes
+    into AppImages' update information (``zsync|<URL>``)."""
+    rule = "must be the http:// or https:// URL the store is served at (printable ASCII, no '|')"
+    if not isinstance(value, str):
+        raise ConfigError(path, "store.public_url", rule)
+    parsed = urllib.parse.urlsplit(value)
+    if (
+        parsed.scheme not in ("http", "https")
+        or not parsed.hostname
+        or parsed.query
+        or parsed.fragment
+        or "|" in value
+        or any(not 0x21 <= ord(c) <= 0x7E for c in value)
+    ):
+        raise ConfigError(path, "store.public_url", rule)
+    try:
+        _ = parsed.port
+    except ValueError:
+        raise ConfigError(path, "store.public_url", rule) from None
+    return value.rstrip("/")

@@ -10,7 +10,7 @@ import builtins
 import contextlib
 import hashlib
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -195,6 +195,38 @@ class FakeSigner:
         if self._metadata_signer is None:
             self._metadata_signer = CryptoSigner.generate_ed25519()
         return self._metadata_signer
+
+
+class FakePackager:
+    """Seals by appending what would be embedded; a zsync file names what it indexes.
+    Records the AppImages sealed."""
+
+    def __init__(self) -> None:
+        self.sealed: list[str] = []
+        self.disk_full = False
+
+    def seal_appimage(
+        self,
+        built: Path,
+        dest: Path,
+        update_information: bytes,
+        public_key: bytes,
+        sign: Callable[[bytes], bytes],
+    ) -> None:
+        if self.disk_full:
+            raise OSError(28, "No space left on device", str(dest))
+        data = built.read_bytes()
+        dest.write_bytes(data + b"|" + update_information + b"|" + public_key + b"|" + sign(data))
+        self.sealed.append(built.name)
+
+    def zsync(self, artifact: Path, name: str, url: str) -> bytes:
+        size = artifact.stat().st_size
+        blocks = -(-size // 2048)
+        header = (
+            f"zsync: 0.6.2\nFilename: {name}\nBlocksize: 2048\nLength: {size}\n"
+            f"Hash-Lengths: 2,2,4\nURL: {url}"
+        )
+        return header.encode() + b"\n\n" + bytes(6 * blocks)
 
 
 class CrashError(StoreError):

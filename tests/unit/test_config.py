@@ -177,10 +177,11 @@ TOP = (
     + ")"
 )
 PORT = "must be HOST:PORT"
-S3_KEYS = "unknown key (allowed: bucket, credentials_file, endpoint, prefix, region, type)"
+S3_KEYS = "unknown key (allowed: bucket, credentials_file, endpoint, prefix, public_url, region, type)"
 BUCKET = "must be a bucket name: 3 to 63 lowercase letters, digits, '.' and '-'"
 PREFIX = "must be a key prefix like fleet/prod"
 ENDPOINT = "must be an http:// or https:// URL"
+PUBLIC_URL = "must be the http:// or https:// URL the store is served at (printable ASCII, no '|')"
 KEEP = "must be an integer >= 1"
 
 
@@ -207,7 +208,7 @@ def duration(value: Any) -> str:
             "unknown key (allowed: allow_force_push, branch, credentials_file, depth, known_hosts, "
             "ssh_key, url, verify_commits)",
         ),
-        (merged(store__bucket="b"), "store.bucket", "unknown key (allowed: path, type)"),
+        (merged(store__bucket="b"), "store.bucket", "unknown key (allowed: path, public_url, type)"),
         (
             merged(signing__passphrase="x"),
             "signing.passphrase",
@@ -279,6 +280,13 @@ def duration(value: Any) -> str:
         (merged(store=s3(endpoint="http://127.0.0.1:99999")), "store.endpoint", ENDPOINT),
         (merged(store=s3(endpoint=8333)), "store.endpoint", ENDPOINT),
         (merged(store=s3(region="")), "store.region", "must be a non-empty string"),
+        (merged(store__public_url="store.example"), "store.public_url", PUBLIC_URL),
+        (merged(store__public_url="ftp://store.example/"), "store.public_url", PUBLIC_URL),
+        (merged(store__public_url="https://store.example/a b"), "store.public_url", PUBLIC_URL),
+        (merged(store__public_url="https://store.example/a|b"), "store.public_url", PUBLIC_URL),
+        (merged(store__public_url="https://store.example/?v=1"), "store.public_url", PUBLIC_URL),
+        (merged(store__public_url="https://store.example:99999/"), "store.public_url", PUBLIC_URL),
+        (merged(store=s3(public_url=["https://store.example"])), "store.public_url", PUBLIC_URL),
         (merged(store=s3(credentials_file="")), "store.credentials_file", "must be a path"),
         (merged(store=s3(credentials_file=["a"])), "store.credentials_file", "must be a path"),
         (merged(retention="10"), "retention", "must be a mapping"),
@@ -456,6 +464,14 @@ def test_s3_store_every_setting(tmp_path: Path) -> None:
         region="eu-west-1",
         credentials_file=cfg_dir / "secret" / "s3.creds",
     )
+
+
+def test_the_store_s_public_url_loses_its_trailing_slash(tmp_path: Path) -> None:
+    cfg = load_config(write_config(tmp_path / "a", merged(store__public_url="https://store.example/fleet/")))
+    assert cfg.store.public_url == "https://store.example/fleet"
+    cfg = load_config(write_config(tmp_path / "b", merged(store=s3(public_url="http://10.0.0.1:8080"))))
+    assert cfg.store.public_url == "http://10.0.0.1:8080"
+    assert load_config(write_config(tmp_path / "c", merged())).store.public_url is None
 
 
 def test_filesystem_is_the_default_store_type(tmp_path: Path) -> None:
