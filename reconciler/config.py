@@ -63,6 +63,9 @@ class StoreConfig:
     endpoint: str | None = None
     region: str = "us-east-1"
     credentials_file: Path | None = None
+    # Where agents and people reach the store (http or https), without a trailing
+    # slash; named in AppImages' update information. None: no update information.
+    public_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -184,8 +187,8 @@ BUILDER_KEYS = frozenset(
 _WORD = re.compile(r"[^\s,]+")
 # The store section's keys depend on its type.
 STORE_KEYS = {
-    "filesystem": frozenset({"type", "path"}),
-    "s3": frozenset({"type", "bucket", "prefix", "endpoint", "region", "credentials_file"}),
+    "filesystem": frozenset({"type", "path", "public_url"}),
+    "s3": frozenset({"type", "bucket", "prefix", "endpoint", "region", "credentials_file", "public_url"}),
 }
 MIN_EVAL_MEMORY = 256 << 20
 BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -219,7 +222,7 @@ SECTION_KEYS = {
         }
     ),
     "retry": frozenset({"initial", "max"}),
-    "images": frozenset({"name_prefix", "store_url", "annotations"}),
+    "images": frozenset({"name_prefix", "annotations"}),
     "retention": frozenset({"keep", "interval"}),
     "tuf": frozenset(
         {"bins", "root_lifetime", "targets_lifetime", "snapshot_lifetime", "timestamp_lifetime"}
@@ -311,8 +314,13 @@ def load_config(path: Path) -> Config:
         supported = ", ".join(sorted(STORE_KEYS))
         raise ConfigError(p, "store.type", f"unsupported store type {store_type!r} (supported: {supported})")
     check_keys(p, "store", store, STORE_KEYS[store_type])
+    public_url = store.get("public_url")
+    if public_url is not None:
+        public_url = _public_url(p, public_url)
     if store_type == "filesystem":
-        store_config = StoreConfig(type=store_type, path=path_of(string(store, "path", "store.path")))
+        store_config = StoreConfig(
+            type=store_type, path=path_of(string(store, "path", "store.path")), public_url=public_url
+        )
     else:
         bucket = string(store, "bucket", "store.bucket")
         if not BUCKET_RE.fullmatch(bucket) or ".." in bucket:
@@ -342,6 +350,7 @@ def load_config(path: Path) -> Config:
             endpoint=endpoint,
             region=string(store, "region", "store.region", "us-east-1"),
             credentials_file=path_of(cred) if cred else None,
+            public_url=public_url,
         )
     signing = section("signing")
     pf = signing.get("passphrase_file")
@@ -440,7 +449,7 @@ def load_config(path: Path) -> Config:
         ),
         retention=RetentionConfig(keep=keep, interval=retention_interval),
         tuf=_tuf_config(p, section("tuf", required=False)),
-        images=_images_config(p, section("images", required=False)),
+        images=_images_config(p, section("images", required=False), store_config.public_url),
     )
 
 
@@ -559,7 +568,7 @@ def _http_url(value: object) -> bool:
     return parsed.scheme in ("http", "https") and bool(parsed.hostname)
 
 
-def _images_config(p: str, sec: dict[str, Any]) -> ImagesConfig:
+def _images_config(p: str, sec: dict[str, Any], public_url: str | None) -> ImagesConfig:
     prefix = sec.get("name_prefix", DEFAULT_NAME_PREFIX)
     if not isinstance(prefix, str) or not is_ac_identifier(prefix):
         why = "must be an AC Identifier: lowercase words joined by -._~/ (e.g. example.com/fleet)"
@@ -567,10 +576,9 @@ def _images_config(p: str, sec: dict[str, Any]) -> ImagesConfig:
     if prefix.split("/", 1)[0] in _LAYOUT_FOLDERS:
         why = f"must not start with a folder of the store ({', '.join(sorted(_LAYOUT_FOLDERS))})"
         raise ConfigError(p, "images.name_prefix", why)
-    url = sec.get("store_url", default_store_url(prefix))
-    if not _http_url(url) or urllib.parse.urlsplit(url).query or urllib.parse.urlsplit(url).fragment:
-        why = "must be an http:// or https:// URL without query or fragment"
-        raise ConfigError(p, "images.store_url", why)
+    # Where discovery's templates point: the store's public URL, else a guess from
+    # the prefix's domain (a page is no signed artifact, unlike update information).
+    url = public_url if public_url is not None else default_store_url(prefix)
     annotations = sec.get("annotations", {})
     if not isinstance(annotations, dict):
         raise ConfigError(p, "images.annotations", "must be a mapping of AC Identifiers to strings")
@@ -590,3 +598,26 @@ def _images_config(p: str, sec: dict[str, Any]) -> ImagesConfig:
         store_url=url if url.endswith("/") else url + "/",
         annotations=tuple(sorted(annotations.items())),
     )
+
+
+def _public_url(path: str, value: object) -> str:
+    """``store.public_url``: an http(s) URL of printable ASCII without '|', as it goes
+    into AppImages' update information (``zsync|<URL>``)."""
+    rule = "must be the http:// or https:// URL the store is served at (printable ASCII, no '|')"
+    if not isinstance(value, str):
+        raise ConfigError(path, "store.public_url", rule)
+    parsed = urllib.parse.urlsplit(value)
+    if (
+        parsed.scheme not in ("http", "https")
+        or not parsed.hostname
+        or parsed.query
+        or parsed.fragment
+        or "|" in value
+        or any(not 0x21 <= ord(c) <= 0x7E for c in value)
+    ):
+        raise ConfigError(path, "store.public_url", rule)
+    try:
+        _ = parsed.port
+    except ValueError:
+        raise ConfigError(path, "store.public_url", rule) from None
+    return value.rstrip("/")

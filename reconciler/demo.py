@@ -87,7 +87,7 @@ jobs: 2
 release_lifetime: 30d
 images:
   # ACIs are named example.com/fleet/<host>; serve the store at https://example.com/
-  # (or set store_url) and appc discovery resolves them.
+  # (or set store.public_url) and appc discovery resolves them.
   name_prefix: example.com/fleet
   annotations:
     authors: Reconciler Demo <reconciler@example.invalid>

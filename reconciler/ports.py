@@ -108,6 +108,26 @@ class Store(Protocol):
         ...
 
 
+class Packager(Protocol):
+    """What the publisher adds to built artifacts (reconciler.adapters.appimage)."""
+
+    def seal_appimage(
+        self,
+        built: Path,
+        dest: Path,
+        update_information: bytes,
+        public_key: bytes,
+        sign: Callable[[bytes], bytes],
+    ) -> None:
+        """``built`` to ``dest`` with its digest, signature, key and update information
+        embedded (AppImage spec)."""
+        ...
+
+    def zsync(self, artifact: Path, name: str, url: str) -> bytes:
+        """The zsync control file of ``artifact`` (saved as ``name``, fetched from ``url``)."""
+        ...
+
+
 class Ledger(Protocol):
     """What the daemon recorded: the reconciled commit, per host its published
     version and last outcome, and the evaluation cache."""
@@ -194,6 +214,7 @@ class Ports:
     gate: Gate
     signer: SignerFactory
     clock: Clock
+    packager: Packager
 
 
 class SignerFactory(Protocol):

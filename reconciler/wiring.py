@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from reconciler.adapters.appimage import Packager
 from reconciler.adapters.clock import SystemClock
 from reconciler.adapters.git import GitSource, Snapshot
 from reconciler.adapters.gpg import read_keys
@@ -107,6 +108,7 @@ def _ports(cfg: Config, source: Source, nix: Nix, open_ledger: Callable[[], Ledg
         gate=gate,
         signer=lambda: _signer(s),
         clock=SystemClock(),
+        packager=Packager(),
     )
 
 

@@ -41,6 +41,9 @@ class AgentConfig:
     metrics_file: Path | None = None
     keep: int = 3
     timeout: float = 60.0
+    # Fetch an AppImage update as the blocks the running one lacks (Debian's zsync,
+    # http stores); false: always whole.
+    zsync: bool = True
 
 
 AGENT_KEYS = frozenset(
@@ -58,6 +61,7 @@ AGENT_KEYS = frozenset(
         "metrics_file",
         "keep",
         "timeout",
+        "zsync",
     }
 )
 HEALTH_KEYS = frozenset({"url", "command", "timeout", "interval"})
@@ -131,6 +135,9 @@ def load_agent_config(path: Path) -> AgentConfig:
         raise ConfigError(p, "supervise", "must be true or false")
     if supervise and fmt != "appimage":
         raise ConfigError(p, "supervise", "runs an AppImage; set format: appimage")
+    zsync = data.get("zsync", True)
+    if not isinstance(zsync, bool):
+        raise ConfigError(p, "zsync", "must be true or false")
     listen = data.get("listen")
     if listen is not None and not isinstance(listen, str):
         raise ConfigError(p, "listen", "must be HOST:PORT")
@@ -150,6 +157,7 @@ def load_agent_config(path: Path) -> AgentConfig:
         metrics_file=path_of("metrics_file", mf) if mf is not None else None,
         keep=keep,
         timeout=_seconds(p, "timeout", data.get("timeout", "60s")),
+        zsync=zsync,
     )
 
 

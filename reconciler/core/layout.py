@@ -1,8 +1,12 @@
 """The store's layout (SPEC, "The store"): every key, both ways. Pure.
 
 blobs/sha256/<hex>(.asc)                 artifact bytes, content-addressed, and signature
+blobs/sha256/<hex>.zsync                 zsync control file of an AppImage blob
 hosts/<host>/releases/<N>.json(.asc)     immutable signed release metadata
 hosts/<host>/latest.json(.asc)           newest release, written last
+hosts/<host>/<host>-latest-x86_64.AppImage.zsync
+                                         the newest AppImage's zsync control file, at the
+                                         URL its update information names (AppImage spec)
 keys/publisher.asc                       the publisher's public key (never trusted by agents)
 tuf/<V>.<role>.json, tuf/timestamp.json  TUF metadata (reconciler.core.tufrepo)
 <prefix>/<host>-<N>-<os>-<arch>.aci(.asc)  appc discovery's name of release N's ACI: the
@@ -18,10 +22,12 @@ from dataclasses import dataclass
 BLOB_PREFIX = "blobs/sha256/"
 PUBLISHER_KEY = "keys/publisher.asc"
 SIGNATURE = ".asc"
+ZSYNC = ".zsync"
 
 _RELEASE = re.compile(r"^hosts/([^/]+)/releases/([1-9][0-9]{0,17})\.json(\.asc)?$")
 _LATEST = re.compile(r"^hosts/([^/]+)/latest\.json(\.asc)?$")
-_BLOB = re.compile(r"^blobs/sha256/([0-9a-f]{64})(\.asc)?$")
+_BLOB = re.compile(r"^blobs/sha256/([0-9a-f]{64})(\.asc|\.zsync)?$")
+_UPDATE = re.compile(r"^hosts/([^/]+)/([^/]+)-latest-x86_64\.AppImage\.zsync$")
 # The prefix is an AC Name (at least its domain); the host and N are the artifact's.
 _DISCOVERY = re.compile(
     r"^((?:[a-z0-9]+(?:[-._~][a-z0-9]+)*/)+)"
@@ -69,6 +75,17 @@ def signature_path(key: str) -> str:
     return key + SIGNATURE
 
 
+def zsync_path(blob: str) -> str:
+    """Where the zsync control file of the blob at ``blob`` is."""
+    return blob + ZSYNC
+
+
+def update_path(host: str) -> str:
+    """The stable key of ``host``'s newest AppImage's zsync control file: the spec wants
+    the URL in an AppImage's update information to stay the same across versions."""
+    return f"hosts/{host}/{host}-latest-x86_64.AppImage.zsync"
+
+
 @dataclass(frozen=True)
 class ReleaseKey:
     host: str
@@ -86,6 +103,12 @@ class LatestKey:
 class BlobKey:
     sha256: str
     signature: bool
+    zsync: bool = False  # the blob's zsync control file
+
+
+@dataclass(frozen=True)
+class UpdateKey:
+    host: str
 
 
 @dataclass(frozen=True)
@@ -104,7 +127,7 @@ class DiscoveryKey:
     signature: bool
 
 
-Key = ReleaseKey | LatestKey | BlobKey | TufKey | DiscoveryKey
+Key = ReleaseKey | LatestKey | BlobKey | UpdateKey | TufKey | DiscoveryKey
 
 
 def parse_key(key: str) -> Key | None:
@@ -114,7 +137,9 @@ def parse_key(key: str) -> Key | None:
     if m := _LATEST.fullmatch(key):
         return LatestKey(m.group(1), m.group(2) is not None)
     if m := _BLOB.fullmatch(key):
-        return BlobKey(m.group(1), m.group(2) is not None)
+        return BlobKey(m.group(1), m.group(2) == SIGNATURE, m.group(2) == ZSYNC)
+    if (m := _UPDATE.fullmatch(key)) and m.group(1) == m.group(2):
+        return UpdateKey(m.group(1))
     if m := _DISCOVERY.fullmatch(key):
         return DiscoveryKey(m.group(1)[:-1], m.group(2), int(m.group(3)), m.group(6) is not None)
     if m := _TUF.fullmatch(key):

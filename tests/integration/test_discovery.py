@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from reconciler.config import load_config
 from reconciler.core.release import parse_release
@@ -175,8 +176,12 @@ def test_a_published_aci_is_found_fetched_and_verified_by_appc_discovery(
     signing = rsa_signing  # the demo's key type, the one rkt verifies
     store, port = served_store
     standard_fleet(config_repo)
-    images = {"name_prefix": PREFIX, "store_url": f"http://127.0.0.1:{port}/"}
+    images = {"name_prefix": PREFIX}
     config = write_config(tmp_path, config_repo, signing, images=images, retention={"keep": 1, "interval": 0})
+    # Where the store is served: discovery's templates point there.
+    cfg = yaml.safe_load(config.read_text())
+    cfg["store"]["public_url"] = f"http://127.0.0.1:{port}/"
+    config.write_text(yaml.safe_dump(cfg))
     reconcile(config)
     resolve = {"example.com": f"127.0.0.1:{port}"}
 

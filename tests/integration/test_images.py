@@ -209,6 +209,11 @@ def test_appimage_is_type_2_with_a_squashfs_payload(fleet: Fleet, tmp_path: Path
     )
     assert 0 < offset < app.stat().st_size
     assert app.read_bytes()[offset : offset + 4] == b"hsqs"
+    # xz with the x86 BCJ filter, as measured to be smallest (nix/host.nix).
+    superblock = subprocess.run(
+        ["unsquashfs", "-o", str(offset), "-s", str(app)], capture_output=True, text=True, check=True
+    ).stdout
+    assert "Compression xz" in superblock and "x86" in superblock, superblock
     listing = subprocess.run(
         ["unsquashfs", "-o", str(offset), "-l", "-d", "", str(app)],
         capture_output=True,

@@ -499,9 +499,10 @@ def test_publish_through_s3_in_spec_order_and_verify_over_http(
     publish(rec, release, files, signer.sign_file, signer.sign)
     assert rec.writes == ["hosts/web-1/latest.json.asc", "hosts/web-1/latest.json"]
     # A different release under a taken version number is refused.
-    other = make_release("web-1", 1, make_artifacts(tmp_path, "web-1", 1, "other")[0])
+    other_arts, other_files = make_artifacts(tmp_path, "web-1", 1, "other")
+    other = make_release("web-1", 1, other_arts)
     with pytest.raises(StoreError, match="already exists with other content"):
-        publish(rec, other, files, signer.sign_file, signer.sign)
+        publish(rec, other, other_files, signer.sign_file, signer.sign)
 
 
 # -- outages and misconfiguration: StoreError, one line, no traceback ---------------
@@ -738,7 +739,10 @@ def test_reconciler_publishes_the_fleet_to_s3(
             assert (rel.host, rel.version, rel.commit) == (host, 1, commit)
             assert s3.get_bytes(release_path(host, 1)) == data
             lines = verify([signing.public_key], s3.url(latest_path(host)))
-            assert len(lines) == 1 + len(rel.artifacts), lines
+            # The release, each artifact, and an AppImage's embedded signature.
+            appimages = sum(a.format == "appimage" for a in rel.artifacts)
+            assert len(lines) == 1 + len(rel.artifacts) + appimages, lines
+            assert sum("embedded signature (.sha256_sig)" in ln for ln in lines) == appimages, lines
             # appc discovery's copies (default prefix), copied inside the bucket.
             (aci,) = [a for a in rel.artifacts if a.format == "aci"]
             copy = f"localhost/fleet/{host}-1-linux-amd64.aci"

@@ -12,6 +12,7 @@ from reconciler.core.layout import (
     LatestKey,
     ReleaseKey,
     TufKey,
+    UpdateKey,
     blob_path,
     discovery_page_path,
     discovery_path,
@@ -20,6 +21,8 @@ from reconciler.core.layout import (
     release_path,
     signature_path,
     tuf_path,
+    update_path,
+    zsync_path,
 )
 
 HOSTS = st.from_regex(r"[a-z0-9][a-z0-9-]{0,62}", fullmatch=True)
@@ -41,6 +44,16 @@ def test_a_latest_key_reads_back(host: str, signed: bool) -> None:
 def test_a_blob_key_reads_back(sha: str, signed: bool) -> None:
     key = blob_path(sha)
     assert parse_key(signature_path(key) if signed else key) == BlobKey(sha, signed)
+
+
+@given(st.from_regex(r"[0-9a-f]{64}", fullmatch=True))
+def test_a_blob_s_zsync_key_reads_back(sha: str) -> None:
+    assert parse_key(zsync_path(blob_path(sha))) == BlobKey(sha, signature=False, zsync=True)
+
+
+@given(HOSTS)
+def test_a_host_s_update_key_reads_back(host: str) -> None:
+    assert parse_key(update_path(host)) == UpdateKey(host)
 
 
 def test_keys_outside_the_layout_are_nothing() -> None:
@@ -67,6 +80,9 @@ def test_keys_outside_the_layout_are_nothing() -> None:
         "example.com/-web-3-linux-amd64.aci",
         "example.com/web-1-3-linux-amd64.aci.sig",
         "example.com/fleet/index.html",
+        "blobs/sha256/" + "a" * 64 + ".zsync.asc",
+        "hosts/web-1/web-2-latest-x86_64.AppImage.zsync",
+        "hosts/web-1/latest-x86_64.AppImage.zsync",
     ):
         assert parse_key(key) is None, key
 

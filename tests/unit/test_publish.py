@@ -7,6 +7,7 @@ the release file, then latest.json's signature and latest.json, last.
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -18,8 +19,8 @@ from reconciler.daemon.publish import publish
 from reconciler.errors import StoreError
 from tests.fakes import CrashError, MemoryStore
 
-SHA_ACI = "a" * 64
-SHA_APP = "b" * 64
+SHA_ACI = hashlib.sha256(b"ACI").hexdigest()
+SHA_APP = hashlib.sha256(b"APP").hexdigest()
 RELEASE = Release(
     host="web-1",
     version=3,
@@ -65,9 +66,17 @@ def sign_bytes(data: bytes) -> bytes:
     return b"sig of " + data
 
 
-def run(store: MemoryStore, files: dict[str, Path], release: Release = RELEASE) -> list[str]:
+def run(
+    store: MemoryStore,
+    files: dict[str, Path],
+    release: Release = RELEASE,
+    zsync: dict[str, bytes] | None = None,
+    update: bytes | None = None,
+) -> list[str]:
     published: list[str] = []
-    publish(store, release, files, sign_file, sign_bytes, on_artifact=published.append)
+    publish(
+        store, release, files, sign_file, sign_bytes, on_artifact=published.append, zsync=zsync, update=update
+    )
     return published
 
 
@@ -186,3 +195,27 @@ def test_a_copy_another_build_left_under_this_version_is_replaced(files: dict[st
     store = MemoryStore({COPY: b"OTHER", COPY + ".asc": b"sig of file OTHER"})
     run_named(store, files)
     assert store.objects[COPY] == b"ACI" and store.objects[COPY + ".asc"] == b"sig of file ACI"
+
+
+def test_zsync_files_go_beside_their_blob_and_the_hosts_before_latest(files: dict[str, Path]) -> None:
+    store = MemoryStore()
+    run(store, files, zsync={"appimage": b"control"}, update=b"control with URL")
+    update_key = "hosts/web-1/web-1-latest-x86_64.AppImage.zsync"
+    assert store.writes == [*ORDER[:4], BLOB_APP + ".zsync", *ORDER[4:6], update_key, *ORDER[6:]]
+    assert store.objects[BLOB_APP + ".zsync"] == b"control"
+    assert store.objects[update_key] == b"control with URL"
+    # Written again: the blob's control file stays, the host's follows the newest release.
+    run(store, files, zsync={"appimage": b"other"}, update=b"newer")
+    assert store.objects[BLOB_APP + ".zsync"] == b"control"
+    assert store.objects[update_key] == b"newer"
+
+
+def test_a_file_that_is_not_the_missing_blob_is_not_stored_under_its_name(
+    files: dict[str, Path],
+) -> None:
+    files["appimage"].write_bytes(b"APP sealed again, another signature")
+    store = MemoryStore()
+    with pytest.raises(StoreError, match=f"{BLOB_APP} is missing and web-1.AppImage is not it"):
+        run(store, files)
+    assert BLOB_APP not in store.objects
+    assert not [k for k in store.writes if k.startswith("hosts/")]

@@ -20,6 +20,8 @@ from reconciler.core.layout import (
     latest_path,
     parse_key,
     release_path,
+    update_path,
+    zsync_path,
 )
 from reconciler.core.release import Artifact, Release, new_release
 from reconciler.daemon.gc import collect
@@ -101,6 +103,24 @@ def test_blobs_of_latest_stay_even_when_its_release_file_is_gone() -> None:
 
 def blob_keys(sha: str) -> list[str]:
     return [blob_path(sha), blob_path(sha) + ".asc"]
+
+
+def test_a_blob_s_zsync_file_goes_with_it_and_the_host_s_stays() -> None:
+    s = state({"a": {1: [SHAS[0]], 2: [SHAS[1]]}}, latest={"a": 2}, blobs=SHAS[:2])
+    update = update_path("a")
+    listing = [*s.listing, zsync_path(blob_path(SHAS[0])), zsync_path(blob_path(SHAS[1])), update]
+    plan = plan_gc(listing, s.releases, keep=1)
+    assert plan == [
+        "hosts/a/releases/1.json",
+        "hosts/a/releases/1.json.asc",
+        # The blob first, its signature last: nothing is left signed without its blob.
+        blob_path(SHAS[0]),
+        zsync_path(blob_path(SHAS[0])),
+        blob_path(SHAS[0]) + ".asc",
+    ]
+    # A control file left without its blob (a collection that died half-way) goes too.
+    orphan = zsync_path(blob_path(SHAS[4]))
+    assert orphan in plan_gc([*listing, orphan], s.releases, keep=1)
 
 
 def test_a_publish_in_progress_is_left_alone() -> None:
