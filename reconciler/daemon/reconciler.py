@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from reconciler import log
 from reconciler.config import Config
 from reconciler.core.builders import LOCAL
+from reconciler.core.events import Event, EventType, Scalar, summary
 from reconciler.core.hosts import (
     Fleet,
     Host,
@@ -44,6 +45,7 @@ from reconciler.core.model import (
     Action,
     BuildOutput,
     Evaluation,
+    HostState,
     Status,
 )
 from reconciler.core.plan import HostPlan, Plan, make_plan, retry_delay
@@ -99,6 +101,10 @@ class HostOutcome:
     error: str | None = None
     artifacts: tuple[str, ...] = ()
     published_at: float | None = None  # unix time
+    adopted: bool = False  # the release was in the store already (core.versions.Adopt)
+    seconds: float | None = None  # acting on the host took this long
+    build_seconds: float | None = None  # of which the build
+    builder: str | None = None  # where Nix built it (None: nothing was built)
 
 
 @dataclass(frozen=True)
@@ -128,6 +134,16 @@ class ReconcileResult:
         return self.metadata_error is None and all(o.ok for o in self.outcomes) and not self.interrupted
 
 
+@dataclass(frozen=True)
+class _Published:
+    """What _build_and_publish did for a host, for its HostOutcome."""
+
+    release: Release
+    adopted: bool
+    build_seconds: float
+    builder: str | None
+
+
 def sha256_file(path: Path) -> str:
     with path.open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
@@ -150,6 +166,7 @@ class Reconciler:
         self.state = ports.ledger
         self.clock = ports.clock
         self._gate = ports.gate
+        self._events = ports.events
         self._open_signer = ports.signer
         self._sandbox_checked = False
         self._signer: Signer | None = None
@@ -211,6 +228,18 @@ class Reconciler:
     def close(self) -> None:
         self.state.close()
         self._gate.close()
+        if self._events is not None:
+            self._events.close()
+
+    def record_event(
+        self, type: EventType, host: str | None = None, error: str | None = None, **data: Scalar
+    ) -> None:
+        """Record an event in the history (and notify whoever wants it), now."""
+        self._emit(Event(type, self.clock.now().timestamp(), host=host, error=error, data=data))
+
+    def _emit(self, *events: Event) -> None:
+        if self._events is not None:
+            self._events.record(*events)
 
     # -- observe ---------------------------------------------------------------
 
@@ -279,6 +308,17 @@ class Reconciler:
             self._gate.check(self.source, commit, self.state.get_meta(COMMIT_KEY))
         except CommitRefusedError as exc:
             self.metrics.untrusted_commits.labels(exc.reason).inc()
+            # Once per refused head in the history, not once per pass that meets it again.
+            if self.state.get_meta(SOURCE_ERROR_KEY) != str(exc):
+                self._emit(
+                    Event(
+                        EventType.COMMIT_UNTRUSTED,
+                        self.clock.now().timestamp(),
+                        commit=commit,
+                        error=summary(exc.why),
+                        data={"reason": exc.reason.value},
+                    )
+                )
             self.state.set_meta(SOURCE_ERROR_KEY, str(exc))
             log.event("commit_refused", logging.WARNING, commit=commit, reason=exc.reason, why=exc.why)
             raise
@@ -352,8 +392,18 @@ class Reconciler:
                     # Leftovers are invisible to readers: publish anyway, sweep next pass.
                     log.event("store_recover_failed", logging.WARNING, error=str(exc))
                 result = self._reconcile(respect_backoff)
-            except ReconcilerError:
+            except ReconcilerError as exc:
                 self.metrics.reconcile_runs.labels("failure").inc()
+                self._emit(
+                    Event(
+                        EventType.PASS_FINISHED,
+                        self.clock.now().timestamp(),
+                        commit=exc.commit if isinstance(exc, CommitRefusedError) else None,
+                        seconds=self.clock.monotonic() - started,
+                        error=summary(str(exc)),
+                        data={"ok": False},
+                    )
+                )
                 # What was published stays fresh while the source cannot be read.
                 if self.tuf.exists():
                     self.sync_metadata()
@@ -363,6 +413,7 @@ class Reconciler:
             self.metrics.reconcile_runs.labels("success" if result.succeeded else "failure").inc()
             if result.succeeded:
                 self.state.set_meta(LAST_SUCCESS_KEY, repr(self.clock.now().timestamp()))
+            seconds = self.clock.monotonic() - started
             log.event(
                 "reconcile_done",
                 commit=result.plan.commit,
@@ -370,7 +421,24 @@ class Reconciler:
                 rebuilt=sum(o.ok for o in result.outcomes),
                 failed=sum(not o.ok for o in result.outcomes),
                 invalid=len(result.plan.with_action(Action.INVALID)),
-                seconds=round(self.clock.monotonic() - started, 3),
+                seconds=round(seconds, 3),
+            )
+            self._emit(
+                Event(
+                    EventType.PASS_FINISHED,
+                    self.clock.now().timestamp(),
+                    commit=result.plan.commit,
+                    seconds=seconds,
+                    error=None if result.metadata_error is None else summary(result.metadata_error),
+                    data={
+                        "ok": result.ok,
+                        "published": sum(o.ok for o in result.outcomes),
+                        "failed": sum(not o.ok for o in result.outcomes),
+                        "invalid": len(result.plan.with_action(Action.INVALID)),
+                        "backoff": len(result.plan.with_action(Action.BACKOFF)),
+                        "interrupted": len(result.interrupted),
+                    },
+                )
             )
             interval = self.cfg.retention.interval
             if interval and self.clock.monotonic() - self._last_gc >= interval:
@@ -442,6 +510,14 @@ class Reconciler:
             rebuild=len(plan.with_action(Action.REBUILD)),
         )
         todo = plan.with_action(Action.REBUILD)
+        self._emit(
+            Event(
+                EventType.PASS_STARTED,
+                self.clock.now().timestamp(),
+                commit=obs.commit,
+                data={"hosts": len(obs.fleet.hosts), "rebuild": len(todo)},
+            )
+        )
         self.metrics.build_queue_depth.set(len(todo))
         with ThreadPoolExecutor(max_workers=self.cfg.jobs, thread_name_prefix="build") as pool:
             acted = tuple(pool.map(lambda e: self._act(e, obs), todo))
@@ -481,19 +557,30 @@ class Reconciler:
             return None
         host = obs.fleet.hosts[entry.host]
         assert entry.image is not None
+        started = self.clock.monotonic()
         try:
-            release = self._build_and_publish(host, entry, obs.commit)
+            done = self._build_and_publish(host, entry, obs.commit)
         except ReconcilerError as exc:
-            return HostOutcome(host.name, ok=False, image=entry.image, error=str(exc))
+            return HostOutcome(
+                host.name,
+                ok=False,
+                image=entry.image,
+                error=str(exc),
+                seconds=self.clock.monotonic() - started,
+            )
         finally:
             self.metrics.build_queue_depth.dec()
         return HostOutcome(
             host.name,
             ok=True,
             image=entry.image,
-            version=release.version,
-            artifacts=tuple(a.name for a in release.artifacts),
+            version=done.release.version,
+            artifacts=tuple(a.name for a in done.release.artifacts),
             published_at=self.clock.now().timestamp(),
+            adopted=done.adopted,
+            seconds=self.clock.monotonic() - started,
+            build_seconds=done.build_seconds,
+            builder=done.builder,
         )
 
     def _record(self, obs: Observation, plan: Plan, outcomes: tuple[HostOutcome, ...]) -> None:
@@ -533,6 +620,7 @@ class Reconciler:
             self.state.set_meta(COMMIT_KEY, obs.commit)
         for host in removed:
             log.event("host_removed", host=host)
+        self._emit(*self._host_events(obs, plan, outcomes, states, backoff, now))
         for o in outcomes:
             if o.ok:
                 assert o.published_at is not None
@@ -551,6 +639,58 @@ class Reconciler:
                     failures=failures,
                     retry_in=round(delay),
                 )
+
+    def _host_events(
+        self,
+        obs: Observation,
+        plan: Plan,
+        outcomes: tuple[HostOutcome, ...],
+        before: Mapping[str, HostState],
+        backoff: Mapping[str, tuple[int, float]],
+        now: float,
+    ) -> list[Event]:
+        """The history's account of the hosts in this pass, given what the ledger held
+        ``before`` it: a host that turned invalid (once, not every pass it stays so),
+        and what came of each host acted on."""
+        events: list[Event] = []
+        for entry in plan.with_action(Action.INVALID):
+            prev = before.get(entry.host)
+            if prev is None or prev.status != Status.INVALID or prev.error != entry.reasons[0]:
+                error = summary(entry.reasons[0])
+                events.append(Event(EventType.HOST_INVALID, now, entry.host, obs.commit, error=error))
+        for o in outcomes:
+            if not o.ok:
+                failures, delay = backoff[o.host]
+                data: dict[str, Scalar] = {"failures": failures, "retry_in": round(delay)}
+                events.append(
+                    Event(
+                        EventType.HOST_FAILED,
+                        now,
+                        o.host,
+                        obs.commit,
+                        seconds=o.seconds,
+                        error=summary(o.error or ""),
+                        data=data,
+                    )
+                )
+                continue
+            assert o.published_at is not None
+            if o.build_seconds is not None:
+                built = {"builder": o.builder}
+                events.append(
+                    Event(
+                        EventType.HOST_BUILT, now, o.host, obs.commit, o.version, o.build_seconds, data=built
+                    )
+                )
+            prev = before.get(o.host)
+            data = {
+                "latency": max(0.0, o.published_at - obs.commit_time),
+                "artifacts": ",".join(o.artifacts),
+                "recovered": prev is not None and prev.status in (Status.FAILED, Status.INVALID),
+            }
+            kind = EventType.HOST_ADOPTED if o.adopted else EventType.HOST_PUBLISHED
+            events.append(Event(kind, o.published_at, o.host, obs.commit, o.version, o.seconds, data=data))
+        return events
 
     def _in_store(self, host: str, version: int | None = None) -> Release | None:
         """``host``'s release ``version`` in the store (its latest.json without one);
@@ -633,13 +773,15 @@ class Reconciler:
             version += 1
         raise BuildError(host.name, f"versions up to {version - 1} are taken by other releases")
 
-    def _build_and_publish(self, host: Host, entry: HostPlan, commit: str) -> Release:
+    def _build_and_publish(self, host: Host, entry: HostPlan, commit: str) -> _Published:
         decision, drv = self._decide(host)
         version = decision.release.version if isinstance(decision, Adopt) else decision.version
         log.event("host_build", host=host.name, version=version, reasons="; ".join(entry.reasons))
         # An adopted release is built too: its artifacts are what publish() reads if a
         # blob is missing, and Nix finds the build it kept under the host's root.
+        build_started = self.clock.monotonic()
         out = self._realise(host, drv, host.name)
+        build_seconds = self.clock.monotonic() - build_started
         release = (
             decision.release if isinstance(decision, Adopt) else self._new_release(host, version, out, commit)
         )
@@ -670,7 +812,7 @@ class Reconciler:
         except StoreError:
             self.metrics.publish_failures.inc()
             raise
-        return release
+        return _Published(release, isinstance(decision, Adopt), build_seconds, out.builder)
 
     def _publish_key(self) -> None:
         """keys/publisher.asc, for people and tools (agents pin their own copy)."""
