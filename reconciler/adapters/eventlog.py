@@ -13,6 +13,7 @@ import logging
 import sqlite3
 import threading
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -70,10 +71,15 @@ class EventLog:
             self._db.close()
 
     def record(self, *events: Event) -> None:
-        """Append ``events`` (their ids are assigned here) and apply the retention.
-        A history that cannot be written is logged, never the pass's failure."""
+        """Append ``events`` and apply the retention. A history that cannot be written
+        is logged, never the caller's failure."""
+        self.append(*events)
+
+    def append(self, *events: Event) -> list[Event]:
+        """record(), returning the events with the ids they were given (without, if
+        they could not be written)."""
         if not events or self._read_only:
-            return
+            return list(events)
         assert self._db is not None
         rows = [
             (
@@ -98,6 +104,8 @@ class EventLog:
                         " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                         rows,
                     )
+                    # One writer at a time (BEGIN IMMEDIATE) and AUTOINCREMENT: the rows
+                    # just inserted have the ids up to the largest, in order.
                     last = self._db.execute("SELECT MAX(id) FROM events").fetchone()[0]
                     self._db.execute(
                         "DELETE FROM events WHERE id < ? OR time < ?",
@@ -109,6 +117,9 @@ class EventLog:
                 self._db.execute("COMMIT")
         except sqlite3.Error as exc:
             log.event("events_not_recorded", logging.ERROR, events=len(rows), error=str(exc))
+            return list(events)
+        first = last - len(events) + 1
+        return [replace(e, id=first + i) for i, e in enumerate(events)]
 
     def query(self, q: EventQuery) -> list[Event]:
         """The events ``q`` asks for, oldest first."""

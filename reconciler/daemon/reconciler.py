@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from reconciler import log
 from reconciler.config import Config
 from reconciler.core.builders import LOCAL
-from reconciler.core.events import Event, EventType, Scalar, summary
+from reconciler.core.events import Event, EventQuery, EventType, Scalar, summary
 from reconciler.core.hosts import (
     Fleet,
     Host,
@@ -236,6 +236,10 @@ class Reconciler:
     ) -> None:
         """Record an event in the history (and notify whoever wants it), now."""
         self._emit(Event(type, self.clock.now().timestamp(), host=host, error=error, data=data))
+
+    def history(self, q: EventQuery) -> list[Event]:
+        """The recorded events ``q`` asks for, oldest first (none without a history)."""
+        return [] if self._events is None else self._events.query(q)
 
     def _emit(self, *events: Event) -> None:
         if self._events is not None:

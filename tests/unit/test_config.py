@@ -159,9 +159,11 @@ TOP = (
     + ", ".join(
         [
             "builders",
+            "events",
             "jobs",
             "listen",
             "nix",
+            "notifications",
             "poll_interval",
             "release_lifetime",
             "repo",
