@@ -160,6 +160,11 @@ class _Sender:
             thread = self._thread
         if thread is not None:
             thread.join(max(0.0, deadline - time.monotonic()))
+        # What a request still running at the deadline kept waiting is not sent: that
+        # request ends at its own deadline, and is not tried again.
+        with self._cond:
+            while self._queue:
+                self._drop(*self._queue.popleft(), "the daemon stopped before it was sent")
 
     def idle(self) -> bool:
         with self._cond:
