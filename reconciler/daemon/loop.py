@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from pathlib import Path
 
 from reconciler import log
@@ -73,7 +72,7 @@ class Daemon:
 
     def _record_refusal(self, reason: str) -> None:
         with self._refusals:
-            now = time.monotonic()
+            now = self.reconciler.clock.monotonic()
             last = self._refusal_recorded
             if last is not None and now - last < REFUSALS_RECORDED_EVERY:
                 self._refusals_suppressed += 1
