@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from reconciler import log
 from reconciler.config import Config
 from reconciler.core.builders import LOCAL
-from reconciler.core.events import Event, EventQuery, EventType, Scalar, summary
+from reconciler.core.events import Event, EventQuery, EventType, Scalar
 from reconciler.core.hosts import (
     Fleet,
     Host,
@@ -45,13 +45,13 @@ from reconciler.core.model import (
     Action,
     BuildOutput,
     Evaluation,
-    HostState,
     Status,
 )
 from reconciler.core.plan import HostPlan, Plan, make_plan, retry_delay
 from reconciler.core.release import Artifact, Release, new_release, parse_release
 from reconciler.core.tufroles import RoleName
 from reconciler.core.versions import MAX_TAKEN, Adopt, Decision, Taken, decide, first_candidate
+from reconciler.daemon import history
 from reconciler.daemon.gate import CommitRefusedError
 from reconciler.daemon.gc import collect
 from reconciler.daemon.metrics import Metrics
@@ -314,15 +314,7 @@ class Reconciler:
             self.metrics.untrusted_commits.labels(exc.reason).inc()
             # Once per refused head in the history, not once per pass that meets it again.
             if self.state.get_meta(SOURCE_ERROR_KEY) != str(exc):
-                self._emit(
-                    Event(
-                        EventType.COMMIT_UNTRUSTED,
-                        self.clock.now().timestamp(),
-                        commit=commit,
-                        error=summary(exc.why),
-                        data={"reason": exc.reason.value},
-                    )
-                )
+                self._emit(history.commit_untrusted(exc, self.clock.now().timestamp()))
             self.state.set_meta(SOURCE_ERROR_KEY, str(exc))
             log.event("commit_refused", logging.WARNING, commit=commit, reason=exc.reason, why=exc.why)
             raise
@@ -398,16 +390,8 @@ class Reconciler:
                 result = self._reconcile(respect_backoff)
             except ReconcilerError as exc:
                 self.metrics.reconcile_runs.labels("failure").inc()
-                self._emit(
-                    Event(
-                        EventType.PASS_FINISHED,
-                        self.clock.now().timestamp(),
-                        commit=exc.commit if isinstance(exc, CommitRefusedError) else None,
-                        seconds=self.clock.monotonic() - started,
-                        error=summary(str(exc)),
-                        data={"ok": False},
-                    )
-                )
+                seconds = self.clock.monotonic() - started
+                self._emit(history.pass_failed(exc, seconds, self.clock.now().timestamp()))
                 # What was published stays fresh while the source cannot be read.
                 if self.tuf.exists():
                     self.sync_metadata()
@@ -427,23 +411,7 @@ class Reconciler:
                 invalid=len(result.plan.with_action(Action.INVALID)),
                 seconds=round(seconds, 3),
             )
-            self._emit(
-                Event(
-                    EventType.PASS_FINISHED,
-                    self.clock.now().timestamp(),
-                    commit=result.plan.commit,
-                    seconds=seconds,
-                    error=None if result.metadata_error is None else summary(result.metadata_error),
-                    data={
-                        "ok": result.ok,
-                        "published": sum(o.ok for o in result.outcomes),
-                        "failed": sum(not o.ok for o in result.outcomes),
-                        "invalid": len(result.plan.with_action(Action.INVALID)),
-                        "backoff": len(result.plan.with_action(Action.BACKOFF)),
-                        "interrupted": len(result.interrupted),
-                    },
-                )
-            )
+            self._emit(history.pass_finished(result, seconds, self.clock.now().timestamp()))
             interval = self.cfg.retention.interval
             if interval and self.clock.monotonic() - self._last_gc >= interval:
                 try:
@@ -514,14 +482,7 @@ class Reconciler:
             rebuild=len(plan.with_action(Action.REBUILD)),
         )
         todo = plan.with_action(Action.REBUILD)
-        self._emit(
-            Event(
-                EventType.PASS_STARTED,
-                self.clock.now().timestamp(),
-                commit=obs.commit,
-                data={"hosts": len(obs.fleet.hosts), "rebuild": len(todo)},
-            )
-        )
+        self._emit(history.pass_started(obs, len(todo), self.clock.now().timestamp()))
         self.metrics.build_queue_depth.set(len(todo))
         with ThreadPoolExecutor(max_workers=self.cfg.jobs, thread_name_prefix="build") as pool:
             acted = tuple(pool.map(lambda e: self._act(e, obs), todo))
@@ -624,7 +585,7 @@ class Reconciler:
             self.state.set_meta(COMMIT_KEY, obs.commit)
         for host in removed:
             log.event("host_removed", host=host)
-        self._emit(*self._host_events(obs, plan, outcomes, states, backoff, now))
+        self._emit(*history.host_events(obs.commit, obs.commit_time, plan, outcomes, states, backoff, now))
         for o in outcomes:
             if o.ok:
                 assert o.published_at is not None
@@ -643,58 +604,6 @@ class Reconciler:
                     failures=failures,
                     retry_in=round(delay),
                 )
-
-    def _host_events(
-        self,
-        obs: Observation,
-        plan: Plan,
-        outcomes: tuple[HostOutcome, ...],
-        before: Mapping[str, HostState],
-        backoff: Mapping[str, tuple[int, float]],
-        now: float,
-    ) -> list[Event]:
-        """The history's account of the hosts in this pass, given what the ledger held
-        ``before`` it: a host that turned invalid (once, not every pass it stays so),
-        and what came of each host acted on."""
-        events: list[Event] = []
-        for entry in plan.with_action(Action.INVALID):
-            prev = before.get(entry.host)
-            if prev is None or prev.status != Status.INVALID or prev.error != entry.reasons[0]:
-                error = summary(entry.reasons[0])
-                events.append(Event(EventType.HOST_INVALID, now, entry.host, obs.commit, error=error))
-        for o in outcomes:
-            if not o.ok:
-                failures, delay = backoff[o.host]
-                data: dict[str, Scalar] = {"failures": failures, "retry_in": round(delay)}
-                events.append(
-                    Event(
-                        EventType.HOST_FAILED,
-                        now,
-                        o.host,
-                        obs.commit,
-                        seconds=o.seconds,
-                        error=summary(o.error or ""),
-                        data=data,
-                    )
-                )
-                continue
-            assert o.published_at is not None
-            if o.build_seconds is not None:
-                built = {"builder": o.builder}
-                events.append(
-                    Event(
-                        EventType.HOST_BUILT, now, o.host, obs.commit, o.version, o.build_seconds, data=built
-                    )
-                )
-            prev = before.get(o.host)
-            data = {
-                "latency": max(0.0, o.published_at - obs.commit_time),
-                "artifacts": ",".join(o.artifacts),
-                "recovered": prev is not None and prev.status in (Status.FAILED, Status.INVALID),
-            }
-            kind = EventType.HOST_ADOPTED if o.adopted else EventType.HOST_PUBLISHED
-            events.append(Event(kind, o.published_at, o.host, obs.commit, o.version, o.seconds, data=data))
-        return events
 
     def _in_store(self, host: str, version: int | None = None) -> Release | None:
         """``host``'s release ``version`` in the store (its latest.json without one);
