@@ -80,6 +80,7 @@ def host_events(
     that turned invalid (once, not every pass it stays so), and what came of each host
     acted on (``backoff``: the failed ones' failures in a row and retry delay)."""
     events: list[Event] = []
+    why = {e.host: "; ".join(e.reasons) for e in plan.with_action(Action.REBUILD)}
     for entry in plan.with_action(Action.INVALID):
         prev = before.get(entry.host)
         if prev is None or prev.status != Status.INVALID or prev.error != entry.reasons[0]:
@@ -89,7 +90,11 @@ def host_events(
     for o in outcomes:
         if not o.ok:
             failures, delay = backoff[o.host]
-            failed: dict[str, Scalar] = {"failures": failures, "retry_in": round(delay)}
+            failed: dict[str, Scalar] = {
+                "failures": failures,
+                "retry_in": round(delay),
+                "reasons": why.get(o.host),
+            }
             error = summary(o.error or "")
             events.append(
                 Event(EventType.HOST_FAILED, now, o.host, commit, seconds=o.seconds, error=error, data=failed)
@@ -106,6 +111,7 @@ def host_events(
             "latency": max(0.0, o.published_at - commit_time),
             "artifacts": ",".join(o.artifacts),
             "recovered": prev is not None and prev.status in (Status.FAILED, Status.INVALID),
+            "reasons": why.get(o.host),
         }
         kind = EventType.HOST_ADOPTED if o.adopted else EventType.HOST_PUBLISHED
         events.append(Event(kind, o.published_at, o.host, commit, o.version, o.seconds, data=published))

@@ -136,7 +136,6 @@ class _Sender:
         self._thread: threading.Thread | None = None
         # Set by close(): deliver what is queued until then, and no later.
         self._deadline: float | None = None
-        self._busy = False
 
     def submit(self, event: Event, msg: Message) -> None:
         with self._cond:
@@ -165,10 +164,6 @@ class _Sender:
         with self._cond:
             while self._queue:
                 self._drop(*self._queue.popleft(), "the daemon stopped before it was sent")
-
-    def idle(self) -> bool:
-        with self._cond:
-            return not self._queue and not self._busy
 
     def _drop(self, event: Event, msg: Message, why: str) -> None:
         self._dropped.inc()
@@ -206,14 +201,10 @@ class _Sender:
                         self._drop(*self._queue.popleft(), "the daemon stopped before it was sent")
                     return
                 event, msg = self._queue.popleft()
-                self._busy = True
             try:
                 self._deliver(event, msg)
             except Exception as exc:  # a bug here must not end the target's deliveries
                 self._drop(event, msg, f"internal error: {exc!r}")
-            finally:
-                with self._cond:
-                    self._busy = False
 
     def _deliver(self, event: Event, msg: Message) -> None:
         cfg = self.target.cfg
@@ -282,10 +273,6 @@ class Notifier:
                 msg = render(sender.target.cfg.route, e)
                 if msg is not None:
                     sender.submit(e, msg)
-
-    def idle(self) -> bool:
-        """Nothing queued or being sent."""
-        return all(s.idle() for s in self._senders)
 
     def close(self, timeout: float = FLUSH_TIMEOUT) -> None:
         """Send what is queued for at most ``timeout`` seconds, then drop the rest."""

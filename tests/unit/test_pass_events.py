@@ -68,6 +68,8 @@ def test_a_pass_records_its_start_each_host_built_and_published_and_its_end(worl
     # Commit to published, by the clocks the pass read: 40 s.
     assert {e.data["latency"] for e in published} == {40.0}
     assert all(e.data["recovered"] is False and e.data["artifacts"] for e in published)
+    # Why each was rebuilt, as `reconciler plan` says it.
+    assert {e.data["reasons"] for e in published} == {"new host, never published"}
     built = world.history.of(EventType.HOST_BUILT)
     assert {(e.host, e.version, e.data["builder"]) for e in built} == {
         ("web-1", 1, "local"),
@@ -85,7 +87,7 @@ def test_a_failure_is_recorded_with_its_error_and_the_next_publication_as_a_reco
     rec.reconcile()
     (failed,) = world.history.of(EventType.HOST_FAILED)
     assert failed.host == "web-1" and failed.error is not None and "exit code 1" in failed.error
-    assert dict(failed.data) == {"failures": 1, "retry_in": 30}
+    assert dict(failed.data) == {"failures": 1, "retry_in": 30, "reasons": "new host, never published"}
     end = world.history.of(EventType.PASS_FINISHED)[-1]
     assert end.data["ok"] is False and end.data["failed"] == 1 and end.data["published"] == 1
     world.nix.failing.clear()
