@@ -131,6 +131,35 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_events(args: argparse.Namespace) -> int:
+    import time
+
+    from reconciler.core.events import describe, parse_query
+    from reconciler.wiring import open_events
+
+    cfg = _load(args)
+    params = {
+        key: [value]
+        for key, value in (("host", args.host), ("since", args.since), ("limit", str(args.limit)))
+        if value is not None
+    }
+    if args.type:
+        params["type"] = args.type
+    # The same filters, read the same way, as GET /api/events.
+    q = parse_query(params, time.time())
+    history = open_events(cfg, read_only=True)
+    try:
+        events = history.query(q)
+    finally:
+        history.close()
+    if args.json:
+        print(json.dumps({"events": [e.to_json() for e in events]}, indent=2))
+        return 0
+    for e in events:
+        print(f"{_when(e.time)}  {e.type.value:<16} {describe(e)}")
+    return 0
+
+
 def _when(unix: float) -> str:
     return datetime.fromtimestamp(unix, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
@@ -279,6 +308,14 @@ def parser() -> argparse.ArgumentParser:
     add("status", cmd_status, "last reconciled commit and each host's published version").add_argument(
         "--json", action="store_true", help="machine-readable output"
     )
+    ev = add("events", cmd_events, "the event history, oldest first: passes, builds, publications, failures")
+    ev.add_argument("--host", help="only this host's events")
+    ev.add_argument(
+        "--type", action="append", help="only events of this type (repeatable, or comma-separated)"
+    )
+    ev.add_argument("--since", help="only events since: a duration back (24h, 7d) or an RFC 3339 time")
+    ev.add_argument("--limit", type=int, default=100, help="the newest N matching events (default 100)")
+    ev.add_argument("--json", action="store_true", help="machine-readable output, as GET /api/events")
     add("gc", cmd_gc, "delete releases beyond retention.keep per host and unreferenced blobs").add_argument(
         "--dry-run", action="store_true", help="print what would be deleted, delete nothing"
     )

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from reconciler.adapters import fetch
+from reconciler.core.events import Event, EventQuery
 from reconciler.core.hosts import Host, ParseKey
 from reconciler.core.model import BuilderState, BuildOutput, Evaluation, HostState, Status
 
@@ -158,6 +159,18 @@ class Ledger(Protocol):
         ...
 
 
+class EventLog(Protocol):
+    """The event history (reconciler.core.events) and whoever else hears of events
+    (notifications): ``record`` returns at once and never fails the caller."""
+
+    def record(self, *events: Event) -> None: ...
+    def query(self, q: EventQuery) -> list[Event]:
+        """The events ``q`` asks for, oldest first."""
+        ...
+
+    def close(self) -> None: ...
+
+
 class Clock(Protocol):
     """Wall time for expiry and timestamps; monotonic time for deadlines and intervals."""
 
@@ -205,7 +218,7 @@ class Gate(Protocol):
 @dataclass(frozen=True)
 class Ports:
     """Everything a pass talks to. ``signer`` is opened on first use: a pass with
-    nothing to publish needs no key."""
+    nothing to publish needs no key. Without ``events`` (a plan), nothing is recorded."""
 
     source: Source
     nix: Nix
@@ -215,6 +228,7 @@ class Ports:
     signer: SignerFactory
     clock: Clock
     packager: Packager
+    events: EventLog | None = None
 
 
 class SignerFactory(Protocol):

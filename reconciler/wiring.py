@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from reconciler.adapters.appimage import Packager
 from reconciler.adapters.clock import SystemClock
+from reconciler.adapters.eventlog import EventLog
 from reconciler.adapters.git import GitSource, Snapshot
 from reconciler.adapters.gpg import read_keys
 from reconciler.adapters.ledger import State
@@ -29,6 +30,7 @@ from reconciler.daemon.gate import Gate
 from reconciler.daemon.metrics import Metrics
 from reconciler.daemon.reconciler import OpenTuf, Reconciler
 from reconciler.errors import ConfigError, SigningError, StoreError
+from reconciler.ports import EventLog as EventLogPort
 from reconciler.ports import Ledger, Ports, Signer, Source, Store
 
 if TYPE_CHECKING:
@@ -63,9 +65,32 @@ def source(cfg: Config) -> GitSource:
 
 def open_reconciler(cfg: Config, metrics: Metrics | None = None) -> Reconciler:
     """The daemon's pass with the real adapters."""
+    metrics = metrics or Metrics()
+    events = _events(cfg, metrics)
     nix = Nix(cfg.state_dir, cfg.nix, builders=cfg.builders, images=cfg.images)
-    ports = _ports(cfg, source(cfg), nix, lambda: State(cfg.state_dir))
+    ports = replace(_ports(cfg, source(cfg), nix, lambda: State(cfg.state_dir)), events=events)
     return Reconciler(cfg, ports, metrics, _tuf(cfg, ports))
+
+
+def open_events(cfg: Config, read_only: bool = False) -> EventLog:
+    """The event history in the state database: ``read_only`` for what only reads it
+    (`reconciler events`); writable for a command that records an event of its own."""
+    return EventLog(cfg.state_dir, cfg.events, read_only=read_only)
+
+
+def _events(cfg: Config, metrics: Metrics) -> EventLogPort:
+    """The history a pass records in, which also notifies the configured targets."""
+    history = open_events(cfg)
+    if not cfg.notifications:
+        return history
+    from reconciler.daemon.notify import Notifier, NotifyingLog, Target
+
+    try:
+        targets = [Target(n, cfg.path, i) for i, n in enumerate(cfg.notifications)]
+    except ConfigError:
+        history.close()
+        raise
+    return NotifyingLog(history, Notifier(targets, metrics.registry))
 
 
 def _tuf(cfg: Config, ports: Ports) -> OpenTuf:

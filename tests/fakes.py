@@ -17,6 +17,7 @@ from pathlib import Path
 
 from securesystemslib.signer import CryptoSigner
 
+from reconciler.core.events import Event, EventQuery, EventType
 from reconciler.core.hosts import Host, ParseKey
 from reconciler.core.model import BuilderState, BuildOutput, Evaluation, HostState, Status
 from reconciler.daemon.gate import CommitRefusedError, Refusal
@@ -398,3 +399,24 @@ class RefusingGate:
 
     def close(self) -> None:
         pass
+
+
+class MemoryEvents:
+    """The event history in a list: ids in order, queries as core.events answers them."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.closed = False
+
+    def record(self, *events: Event) -> None:
+        for e in events:
+            self.events.append(replace(e, id=len(self.events) + 1))
+
+    def query(self, q: EventQuery) -> list[Event]:
+        return q.select(self.events)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def of(self, *types: EventType) -> list[Event]:
+        return [e for e in self.events if e.type in types]

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from pathlib import Path
 
 from reconciler import log
-from reconciler.adapters.http import PostHandler, Server
+from reconciler.adapters.http import GetHandler, PostHandler, Request, Response, Server
 from reconciler.config import Config
+from reconciler.core.events import EventType, QueryError, parse_query
 from reconciler.daemon.reconciler import Reconciler
 from reconciler.daemon.triggers import RepoWatcher, Unauthorized, Wakeup, authenticate, concerns
 from reconciler.errors import ConfigError, ReconcilerError
+
+# A refused webhook is recorded in the event history at most this often (seconds), with
+# the number of refusals since: anyone who reaches the port can send them, and must not
+# push the rest of the history out.
+REFUSALS_RECORDED_EVERY = 60.0
 
 
 class Daemon:
@@ -38,7 +45,12 @@ class Daemon:
             if not self._webhook_secret:
                 raise ConfigError(str(cfg.path), "triggers.webhook_secret_file", "the file is empty")
             post["/webhook"] = self.webhook
-        self.server = Server(cfg.listen, self.metrics.registry, self.healthy, self.ready, post)
+        self._refusals = threading.Lock()
+        self._refusal_recorded: float | None = None
+        self._refusals_suppressed = 0
+        # Read-only JSON; the fleet page's access control (a Server guard) covers these.
+        get: dict[str, GetHandler] = {"/api/events": self.api_events}
+        self.server = Server(cfg.listen, self.metrics.registry, self.healthy, self.ready, post, get)
         self.watcher = RepoWatcher(Path(cfg.repo.url), self.wakeup) if cfg.repo.is_local and t.watch else None
 
     def webhook(self, headers: dict[str, str], body: bytes) -> tuple[int, str, bytes]:
@@ -48,6 +60,7 @@ class Daemon:
         except Unauthorized as exc:
             self.metrics.webhook_requests.labels("unauthorized").inc()
             log.event("webhook_refused", logging.WARNING, reason=str(exc))
+            self._record_refusal(str(exc))
             return 401, "text/plain", b"unauthorized\n"
         if not concerns(push, self.cfg.repo.branch):
             self.metrics.webhook_requests.labels("ignored").inc()
@@ -56,6 +69,27 @@ class Daemon:
         log.event("webhook_push", forge=push.forge, ref=push.ref)
         self.wakeup.notify("webhook")
         return 202, "text/plain", b"accepted\n"
+
+    def _record_refusal(self, reason: str) -> None:
+        with self._refusals:
+            now = self.reconciler.clock.monotonic()
+            last = self._refusal_recorded
+            if last is not None and now - last < REFUSALS_RECORDED_EVERY:
+                self._refusals_suppressed += 1
+                return
+            suppressed, self._refusals_suppressed = self._refusals_suppressed, 0
+            self._refusal_recorded = now
+        self.reconciler.record_event(EventType.WEBHOOK_REFUSED, error=reason, suppressed=suppressed)
+
+    def api_events(self, request: Request) -> Response:
+        """GET /api/events?host=&type=&since=&until=&after=&before=&limit=: the event
+        history as JSON (reconciler.core.events.parse_query)."""
+        try:
+            q = parse_query(request.query, self.reconciler.clock.now().timestamp())
+        except QueryError as exc:
+            return 400, "application/json", json.dumps({"error": str(exc)}).encode() + b"\n"
+        events = [e.to_json() for e in self.reconciler.history(q)]
+        return 200, "application/json", json.dumps({"events": events}).encode() + b"\n"
 
     def healthy(self) -> tuple[bool, str]:
         return (not self.stopping.is_set()), ("stopping" if self.stopping.is_set() else "ok")

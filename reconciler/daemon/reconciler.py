@@ -29,6 +29,7 @@ from reconciler.core import zsync
 from reconciler.core.appc import discovery_page
 from reconciler.core.appimage import update_information
 from reconciler.core.builders import LOCAL
+from reconciler.core.events import Event, EventQuery, EventType, Scalar
 from reconciler.core.formats import Kind
 from reconciler.core.hosts import (
     Fleet,
@@ -64,7 +65,7 @@ from reconciler.core.plan import HostPlan, Plan, make_plan, retry_delay
 from reconciler.core.release import Artifact, Release, new_release, parse_release
 from reconciler.core.tufroles import RoleName
 from reconciler.core.versions import MAX_TAKEN, Adopt, Decision, Taken, decide, first_candidate
-from reconciler.daemon import parsing
+from reconciler.daemon import history, parsing
 from reconciler.daemon.gate import CommitRefusedError
 from reconciler.daemon.gc import collect
 from reconciler.daemon.metrics import Metrics
@@ -114,6 +115,10 @@ class HostOutcome:
     error: str | None = None
     artifacts: tuple[str, ...] = ()
     published_at: float | None = None  # unix time
+    adopted: bool = False  # the release was in the store already (core.versions.Adopt)
+    seconds: float | None = None  # acting on the host took this long
+    build_seconds: float | None = None  # of which the build
+    builder: str | None = None  # where Nix built it (None: nothing was built)
 
 
 @dataclass(frozen=True)
@@ -143,6 +148,16 @@ class ReconcileResult:
         return self.metadata_error is None and all(o.ok for o in self.outcomes) and not self.interrupted
 
 
+@dataclass(frozen=True)
+class _Published:
+    """What _build_and_publish did for a host, for its HostOutcome."""
+
+    release: Release
+    adopted: bool
+    build_seconds: float
+    builder: str | None
+
+
 def sha256_file(path: Path) -> str:
     with path.open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
@@ -165,6 +180,7 @@ class Reconciler:
         self.state = ports.ledger
         self.clock = ports.clock
         self._gate = ports.gate
+        self._events = ports.events
         self._open_signer = ports.signer
         self.packager = ports.packager
         self._sandbox_checked = False
@@ -231,6 +247,22 @@ class Reconciler:
     def close(self) -> None:
         self.state.close()
         self._gate.close()
+        if self._events is not None:
+            self._events.close()
+
+    def record_event(
+        self, type: EventType, host: str | None = None, error: str | None = None, **data: Scalar
+    ) -> None:
+        """Record an event in the history (and notify whoever wants it), now."""
+        self._emit(Event(type, self.clock.now().timestamp(), host=host, error=error, data=data))
+
+    def history(self, q: EventQuery) -> list[Event]:
+        """The recorded events ``q`` asks for, oldest first (none without a history)."""
+        return [] if self._events is None else self._events.query(q)
+
+    def _emit(self, *events: Event) -> None:
+        if self._events is not None:
+            self._events.record(*events)
 
     # -- observe ---------------------------------------------------------------
 
@@ -300,6 +332,9 @@ class Reconciler:
             self._gate.check(self.source, commit, self.state.get_meta(COMMIT_KEY))
         except CommitRefusedError as exc:
             self.metrics.untrusted_commits.labels(exc.reason).inc()
+            # Once per refused head in the history, not once per pass that meets it again.
+            if self.state.get_meta(SOURCE_ERROR_KEY) != str(exc):
+                self._emit(history.commit_untrusted(exc, self.clock.now().timestamp()))
             self.state.set_meta(SOURCE_ERROR_KEY, str(exc))
             log.event("commit_refused", logging.WARNING, commit=commit, reason=exc.reason, why=exc.why)
             raise
@@ -373,8 +408,10 @@ class Reconciler:
                     # Leftovers are invisible to readers: publish anyway, sweep next pass.
                     log.event("store_recover_failed", logging.WARNING, error=str(exc))
                 result = self._reconcile(respect_backoff)
-            except ReconcilerError:
+            except ReconcilerError as exc:
                 self.metrics.reconcile_runs.labels("failure").inc()
+                seconds = self.clock.monotonic() - started
+                self._emit(history.pass_failed(exc, seconds, self.clock.now().timestamp()))
                 # What was published stays fresh while the source cannot be read.
                 if self.tuf.exists():
                     self.sync_metadata()
@@ -384,6 +421,7 @@ class Reconciler:
             self.metrics.reconcile_runs.labels("success" if result.succeeded else "failure").inc()
             if result.succeeded:
                 self.state.set_meta(LAST_SUCCESS_KEY, repr(self.clock.now().timestamp()))
+            seconds = self.clock.monotonic() - started
             log.event(
                 "reconcile_done",
                 commit=result.plan.commit,
@@ -391,8 +429,9 @@ class Reconciler:
                 rebuilt=sum(o.ok for o in result.outcomes),
                 failed=sum(not o.ok for o in result.outcomes),
                 invalid=len(result.plan.with_action(Action.INVALID)),
-                seconds=round(self.clock.monotonic() - started, 3),
+                seconds=round(seconds, 3),
             )
+            self._emit(history.pass_finished(result, seconds, self.clock.now().timestamp()))
             interval = self.cfg.retention.interval
             if interval and self.clock.monotonic() - self._last_gc >= interval:
                 try:
@@ -466,6 +505,7 @@ class Reconciler:
             rebuild=len(plan.with_action(Action.REBUILD)),
         )
         todo = plan.with_action(Action.REBUILD)
+        self._emit(history.pass_started(obs, len(todo), self.clock.now().timestamp()))
         self.metrics.build_queue_depth.set(len(todo))
         with ThreadPoolExecutor(max_workers=self.cfg.jobs, thread_name_prefix="build") as pool:
             acted = tuple(pool.map(lambda e: self._act(e, obs), todo))
@@ -505,19 +545,30 @@ class Reconciler:
             return None
         host = obs.fleet.hosts[entry.host]
         assert entry.image is not None
+        started = self.clock.monotonic()
         try:
-            release = self._build_and_publish(host, entry, obs.commit)
+            done = self._build_and_publish(host, entry, obs.commit)
         except ReconcilerError as exc:
-            return HostOutcome(host.name, ok=False, image=entry.image, error=str(exc))
+            return HostOutcome(
+                host.name,
+                ok=False,
+                image=entry.image,
+                error=str(exc),
+                seconds=self.clock.monotonic() - started,
+            )
         finally:
             self.metrics.build_queue_depth.dec()
         return HostOutcome(
             host.name,
             ok=True,
             image=entry.image,
-            version=release.version,
-            artifacts=tuple(a.name for a in release.artifacts),
+            version=done.release.version,
+            artifacts=tuple(a.name for a in done.release.artifacts),
             published_at=self.clock.now().timestamp(),
+            adopted=done.adopted,
+            seconds=self.clock.monotonic() - started,
+            build_seconds=done.build_seconds,
+            builder=done.builder,
         )
 
     def _record(self, obs: Observation, plan: Plan, outcomes: tuple[HostOutcome, ...]) -> None:
@@ -557,6 +608,7 @@ class Reconciler:
             self.state.set_meta(COMMIT_KEY, obs.commit)
         for host in removed:
             log.event("host_removed", host=host)
+        self._emit(*history.host_events(obs.commit, obs.commit_time, plan, outcomes, states, backoff, now))
         for o in outcomes:
             if o.ok:
                 assert o.published_at is not None
@@ -657,13 +709,15 @@ class Reconciler:
             version += 1
         raise BuildError(host.name, f"versions up to {version - 1} are taken by other releases")
 
-    def _build_and_publish(self, host: Host, entry: HostPlan, commit: str) -> Release:
+    def _build_and_publish(self, host: Host, entry: HostPlan, commit: str) -> _Published:
         decision, drv = self._decide(host)
         version = decision.release.version if isinstance(decision, Adopt) else decision.version
         log.event("host_build", host=host.name, version=version, reasons="; ".join(entry.reasons))
         # An adopted release is built too: its artifacts are what publish() reads if a
         # blob is missing, and Nix finds the build it kept under the host's root.
+        build_started = self.clock.monotonic()
         out = self._realise(host, drv, host.name)
+        build_seconds = self.clock.monotonic() - build_started
         signing = self.metrics.stage_duration.labels("sign")
 
         def sign_file(path: Path) -> bytes:
@@ -708,7 +762,7 @@ class Reconciler:
             raise
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        return release
+        return _Published(release, isinstance(decision, Adopt), build_seconds, out.builder)
 
     def _seal(
         self, host: Host, built: Mapping[str, Path], work: Path, sign: Callable[[bytes], bytes]

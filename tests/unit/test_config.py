@@ -196,10 +196,12 @@ TOP = (
     + ", ".join(
         [
             "builders",
+            "events",
             "images",
             "jobs",
             "listen",
             "nix",
+            "notifications",
             "poll_interval",
             "release_lifetime",
             "repo",
