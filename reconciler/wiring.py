@@ -66,9 +66,11 @@ def source(cfg: Config) -> GitSource:
 def open_reconciler(cfg: Config, metrics: Metrics | None = None) -> Reconciler:
     """The daemon's pass with the real adapters."""
     metrics = metrics or Metrics()
-    events = _events(cfg, metrics)
     nix = Nix(cfg.state_dir, cfg.nix, builders=cfg.builders, images=cfg.images)
-    ports = replace(_ports(cfg, source(cfg), nix, lambda: State(cfg.state_dir)), events=events)
+    # The event log after the ports: a config whose keys or store credentials are
+    # refused must not have created the state directory.
+    ports = _ports(cfg, source(cfg), nix, lambda: State(cfg.state_dir))
+    ports = replace(ports, events=_events(cfg, metrics))
     return Reconciler(cfg, ports, metrics, _tuf(cfg, ports))
 
 
