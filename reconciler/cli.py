@@ -8,6 +8,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,6 +40,10 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         result = rec.reconcile(respect_backoff=False)
     finally:
         rec.close()
+    if result.fleet_suspended:
+        raise ReconcilerError(
+            f"the fleet is suspended: nothing was reconciled (reconciler resume -c {args.config} first)"
+        )
     print(f"commit {result.plan.commit}")
     outcomes = {o.host: o for o in result.outcomes}
     for entry in result.plan.entries:
@@ -114,11 +119,19 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"source: {st['source_error']}")
     if st["sandbox"] == "off":
         print("sandbox: off (nix.sandbox: false): builds can read the machine's files and reach the network")
+    suspended = st["suspended"]
+    assert isinstance(suspended, dict)
+    if suspended["fleet"] is not None:
+        print(f"suspended: the whole fleet, since {_when(suspended['fleet'])} (reconciler resume)")
     hosts = st["hosts"]
     assert isinstance(hosts, dict)
     for name, h in hosts.items():
         extra = f" ({h['error']})" if h["error"] else ""
+        if name in suspended["hosts"]:
+            extra += f"; suspended since {_when(suspended['hosts'][name])}"
         print(f"{name}: version {h['version']} {h['status']}{extra}")
+    for name in sorted(suspended["hosts"].keys() - hosts.keys()):
+        print(f"{name}: never reconciled; suspended since {_when(suspended['hosts'][name])}")
     builders = st["builders"]
     assert isinstance(builders, dict)
     for name, b in builders.items():
@@ -129,6 +142,53 @@ def cmd_status(args: argparse.Namespace) -> int:
             line += f"; last error {_when(b['last_error_at'])}: {b['last_error']}"
         print(line)
     return 0
+
+
+def cmd_suspend(args: argparse.Namespace) -> int:
+    """Suspend a host or the fleet: recorded in the ledger, which a running daemon reads
+    at its next pass, and before each build of a pass in progress."""
+    from reconciler.wiring import open_ledger
+
+    host = _host_arg(args.host)
+    what = f"host {host}" if host else "the fleet"
+    state = open_ledger(_load(args))
+    try:
+        if state.suspend(host, time.time()):
+            log.event("suspend", scope="host" if host else "fleet", host=host or "")
+            print(f"suspended {what}: passes leave it as it is; what it published stays served")
+        else:
+            since = state.suspensions().fleet if host is None else state.suspensions().hosts[host]
+            print(f"{what} was suspended already, since {_when(since or 0)}")
+    finally:
+        state.close()
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from reconciler.wiring import open_ledger
+
+    host = _host_arg(args.host)
+    what = f"host {host}" if host else "the fleet"
+    state = open_ledger(_load(args))
+    try:
+        if state.resume(host):
+            log.event("resume", scope="host" if host else "fleet", host=host or "")
+            print(f"resumed {what}: the daemon's next pass reconciles it")
+        else:
+            print(f"{what} was not suspended")
+        if host and state.suspensions().fleet is not None:
+            print("the whole fleet is still suspended (reconciler resume without a host lifts that)")
+    finally:
+        state.close()
+    return 0
+
+
+def _host_arg(host: str | None) -> str | None:
+    from reconciler.core.hosts import NAME_RE
+
+    if host is not None and not NAME_RE.fullmatch(host):
+        raise ReconcilerError(f"{host!r} is not a host name ({NAME_RE.pattern})")
+    return host
 
 
 def _when(unix: float) -> str:
@@ -259,6 +319,12 @@ def parser() -> argparse.ArgumentParser:
     add("build", cmd_build, "build one host and print the artifact paths").add_argument("host")
     add("status", cmd_status, "last reconciled commit and each host's published version").add_argument(
         "--json", action="store_true", help="machine-readable output"
+    )
+    add(
+        "suspend", cmd_suspend, "suspend a host, or the whole fleet: passes leave it as it is until resumed"
+    ).add_argument("host", nargs="?", help="the host to suspend (default: the whole fleet)")
+    add("resume", cmd_resume, "lift a suspension of a host, or of the whole fleet").add_argument(
+        "host", nargs="?", help="the host to resume (default: the fleet's own suspension)"
     )
     add("gc", cmd_gc, "delete releases beyond retention.keep per host and unreferenced blobs").add_argument(
         "--dry-run", action="store_true", help="print what would be deleted, delete nothing"

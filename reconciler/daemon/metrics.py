@@ -59,6 +59,23 @@ class LedgerCollector(Collector):
             invalid += hs.status == Status.INVALID
         yield version
         yield failing
+        # Read at each scrape: `reconciler suspend` writes the ledger from another process.
+        suspended = self._ledger.suspensions()
+        hosts = GaugeMetricFamily(
+            "reconciler_host_suspended",
+            "1 per host an operator suspended by itself (reconciler suspend HOST): passes leave"
+            " it as it is, and what it published stays served.",
+            labels=["host"],
+        )
+        for name in sorted(suspended.hosts):
+            hosts.add_metric([name], 1)
+        yield hosts
+        yield GaugeMetricFamily(
+            "reconciler_fleet_suspended",
+            "1 while an operator has suspended the whole fleet (reconciler suspend): passes fetch"
+            " and build nothing, and only re-sign the TUF metadata.",
+            value=0 if suspended.fleet is None else 1,
+        )
         yield GaugeMetricFamily(
             "reconciler_invalid_hosts",
             "Host definitions that failed validation or evaluation.",
