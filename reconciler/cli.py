@@ -294,6 +294,18 @@ def cmd_agent(args: argparse.Namespace) -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reconciler", description="GitOps reconciler for Nix-built host images.")
     p.add_argument("--version", action="version", version=f"reconciler {__version__}")
+    p.add_argument(
+        "--log-format",
+        choices=[f.value for f in log.Format],
+        default=log.Format.TEXT.value,
+        help="events on stderr as key=value pairs (text, the default) or one JSON object per line",
+    )
+    p.add_argument(
+        "--log-level",
+        choices=list(log.LEVELS),
+        default="info",
+        help="the least severe events logged (default: info)",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(
@@ -353,7 +365,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    log.configure()
+    log.configure(log.LEVELS[args.log_level], log.Format(args.log_format))
     try:
         return int(args.fn(args))
     except ReconcilerError as exc:
