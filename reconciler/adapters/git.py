@@ -166,6 +166,12 @@ class GitSource:
         without the top-level entries ``exclude``."""
         repo = self._open()
         dest.mkdir(parents=True)
+        if exclude:
+            # git archive refuses pathspecs that match nothing: a repository of nothing
+            # but host and profile files exports as an empty directory.
+            top = self._git("ls-tree", "-z", "--name-only", commit).split(b"\0")
+            if not {name.decode(errors="replace") for name in top if name} - set(exclude):
+                return
         paths = ["--", ".", *(f":(top,exclude){e}" for e in exclude)] if exclude else []
         archive = subprocess.Popen(
             ["git", "-C", str(repo.git_dir), "archive", "--format=tar", commit, *paths],
