@@ -265,9 +265,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     def on_signal(signum: int, frame: FrameType | None) -> None:
         daemon.stop()
 
+    def on_hangup(signum: int, frame: FrameType | None) -> None:
+        daemon.request_reload()
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # systemd's ExecReload (and `kill -HUP`): read reconciler.yaml again, between passes.
+    signal.signal(signal.SIGHUP, on_hangup)
     daemon.run()
+    return 0
+
+
+def cmd_reconcile_now(args: argparse.Namespace) -> int:
+    from reconciler.wiring import request_reconcile
+
+    print(request_reconcile(_load(args)))
     return 0
 
 
@@ -319,6 +331,11 @@ def parser() -> argparse.ArgumentParser:
 
     add("run", cmd_run, "the daemon: watch, reconcile, serve /metrics, /healthz, /readyz")
     add("reconcile", cmd_reconcile, "one reconcile pass, then exit (non-zero if any host failed)")
+    add(
+        "reconcile-now",
+        cmd_reconcile_now,
+        "ask the running daemon for a pass at once (POST /reconcile with triggers.reconcile_token_file)",
+    )
     pl = add(
         "plan", cmd_plan, "which hosts would rebuild and why; changes nothing (exit 1: a host is invalid)"
     )

@@ -27,7 +27,7 @@ from reconciler.config import Config, SigningConfig, StoreConfig
 from reconciler.daemon.gate import Gate
 from reconciler.daemon.metrics import Metrics
 from reconciler.daemon.reconciler import OpenTuf, Reconciler
-from reconciler.errors import ConfigError, SigningError, StoreError
+from reconciler.errors import ConfigError, ReconcilerError, SigningError, StoreError
 from reconciler.ports import Ledger, Ports, Signer, Source, Store
 
 if TYPE_CHECKING:
@@ -150,6 +150,25 @@ def open_daemon(cfg: Config) -> Daemon:
     from reconciler.daemon.loop import Daemon
 
     return Daemon(cfg, open_reconciler(cfg))
+
+
+def request_reconcile(cfg: Config) -> str:
+    """Ask the daemon running with ``cfg`` for a pass at once (POST /reconcile with the
+    reconcile token); what it answered. Refused or unreachable: ReconcilerError."""
+    from reconciler.adapters.http import local_url, post
+    from reconciler.daemon.loop import read_secret
+
+    t = cfg.triggers
+    token = read_secret(cfg, "triggers.reconcile_token_file", t.reconcile_token_file)
+    if not token:
+        raise ConfigError(
+            str(cfg.path), "triggers.reconcile_token_file", "is not set, so the daemon takes no such request"
+        )
+    url = local_url(cfg.listen, "/reconcile")
+    status, answer = post(url, {"Authorization": "Bearer " + token.decode("latin-1")})
+    if status != 202:
+        raise ReconcilerError(f"the daemon at {url} refused ({status}): {answer}")
+    return answer
 
 
 def open_ledger(cfg: Config, read_only: bool = False) -> Ledger:

@@ -159,6 +159,12 @@ class Metrics:
         self.webhook_requests = Counter(
             "reconciler_webhook_requests", "Webhook requests by result.", ["result"], registry=r
         )
+        self.reconcile_requests = Counter(
+            "reconciler_reconcile_requests",
+            "POST /reconcile requests (reconciler reconcile-now) by result.",
+            ["result"],
+            registry=r,
+        )
         self.wakeups = Counter(
             "reconciler_wakeups", "Reconcile passes by what started them.", ["trigger"], registry=r
         )
@@ -217,8 +223,10 @@ class Metrics:
             self.stage_duration.labels(stage)
         for result in ("accepted", "ignored", "unauthorized"):
             self.webhook_requests.labels(result)
-        for trigger in ("poll", "webhook", "filesystem"):
+        for trigger in ("poll", "webhook", "filesystem", "manual"):
             self.wakeups.labels(trigger)
+        for result in ("accepted", "unauthorized", "suspended"):
+            self.reconcile_requests.labels(result)
         for result in ("success", "failure"):
             self.reconcile_runs.labels(result)
             self.host_builds.labels(result)
