@@ -276,6 +276,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    """Preflight: one line per check, exit 1 if any failed."""
+    from reconciler.daemon import preflight
+    from reconciler.errors import ConfigError
+    from reconciler.wiring import preflight as checks
+
+    try:
+        cfg = _load(args)
+    except ConfigError as exc:
+        print(preflight.Result(preflight.CheckName.CONFIG, False, str(exc)).line())
+        return 1
+    results = preflight.run(checks(cfg))
+    for result in results:
+        print(result.line())
+    return 0 if all(r.ok for r in results) else 1
+
+
 def cmd_reconcile_now(args: argparse.Namespace) -> int:
     from reconciler.wiring import request_reconcile
 
@@ -331,6 +348,11 @@ def parser() -> argparse.ArgumentParser:
 
     add("run", cmd_run, "the daemon: watch, reconcile, serve /metrics, /healthz, /readyz")
     add("reconcile", cmd_reconcile, "one reconcile pass, then exit (non-zero if any host failed)")
+    add(
+        "check",
+        cmd_check,
+        "preflight: the config, signing key, store, Nix sandbox and repository; exit 1 if any check fails",
+    )
     add(
         "reconcile-now",
         cmd_reconcile_now,

@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from reconciler import log
 from reconciler.adapters.http import PostHandler, Server
 from reconciler.config import Config, TriggerConfig, load_config, reload
+from reconciler.daemon import preflight
 from reconciler.daemon.reconciler import Reconciler
 from reconciler.daemon.triggers import (
     Reason,
@@ -49,9 +51,11 @@ def _secrets(cfg: Config) -> tuple[bytes, bytes]:
 class Daemon:
     """`reconciler run`: reconcile on every poll interval and serve the endpoints."""
 
-    def __init__(self, cfg: Config, reconciler: Reconciler) -> None:
+    def __init__(self, cfg: Config, reconciler: Reconciler, checks: Sequence[preflight.Check] = ()) -> None:
+        """``checks``: what must hold before the daemon listens or builds (preflight)."""
         self.cfg = cfg
         self.reconciler = reconciler
+        self.checks = checks
         self.stopping = threading.Event()
         self._observed = False
         self._last_error: str | None = None
@@ -115,8 +119,9 @@ class Daemon:
         return False, self._last_error or "first reconcile not finished"
 
     def run(self) -> None:
-        # Before anything listens or builds: a Nix that would build unsandboxed
-        # stops the start (unless the config accepts it).
+        # Before anything listens or builds: a wrong key, an unwritable store or a Nix
+        # that would build unsandboxed (unless the config accepts it) stops the start.
+        preflight.at_start(self.checks)
         self.reconciler.check_sandbox()
         self.server.start()
         log.event(

@@ -55,6 +55,7 @@ from reconciler.core.versions import MAX_TAKEN, Adopt, Decision, Taken, decide, 
 from reconciler.daemon.gate import CommitRefusedError
 from reconciler.daemon.gc import collect
 from reconciler.daemon.metrics import Metrics
+from reconciler.daemon.preflight import sandbox_verdict
 from reconciler.daemon.publish import publish
 from reconciler.errors import (
     BuildError,
@@ -164,7 +165,7 @@ class Reconciler:
         self.clock = ports.clock
         self._gate = ports.gate
         self._open_signer = ports.signer
-        self._sandbox_checked = False
+        self._sandbox_verdict: str | None = None
         self._signer: Signer | None = None
         self._parse_cache = ParseCache()
         # Host file -> the ParseKey the ledger holds for it; None until first read.
@@ -200,28 +201,26 @@ class Reconciler:
                 raise
         return self._signer
 
-    def check_sandbox(self) -> None:
+    def check_sandbox(self) -> str:
         """Refuse to build with a Nix that would build unsandboxed, unless the config
         opts out explicitly; once per process, by a probe build (a setting can be
-        overridden by a Nix daemon, a probe cannot)."""
-        if self._sandbox_checked:
-            return
+        overridden by a Nix daemon, a probe cannot). What it found, in one line."""
+        if self._sandbox_verdict is not None:
+            return self._sandbox_verdict
         sandboxed = self.nix.probe_sandbox(self.cfg.signing.gnupghome)
         self.metrics.build_sandbox.set(1 if sandboxed else 0)
         self.state.set_meta(SANDBOX_KEY, "on" if sandboxed else "off")
-        if not sandboxed and self.cfg.nix.sandbox:
+        try:
+            verdict = sandbox_verdict(self.cfg, sandboxed)
+        except ConfigError:
             log.event("sandbox_missing", logging.ERROR)
-            raise ConfigError(
-                str(self.cfg.path),
-                "nix.sandbox",
-                "Nix builds unsandboxed here (a probe build saw the machine's files): set 'sandbox = true' "
-                "in nix.conf (scripts/setup does), or set nix.sandbox: false to accept unsandboxed builds",
-            )
+            raise
         if sandboxed:
             log.event("sandbox_probe", sandbox="on")
         else:
             log.event("sandbox_off", logging.WARNING, reason="nix.sandbox: false in the config")
-        self._sandbox_checked = True
+        self._sandbox_verdict = verdict
+        return verdict
 
     def close(self) -> None:
         self.state.close()

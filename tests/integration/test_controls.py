@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -251,3 +252,100 @@ def test_sighup_reloads_the_config_between_passes_and_keeps_it_when_invalid(
     # One JSON object per line, every line.
     assert all(isinstance(e, dict) and {"ts", "level", "event"} <= e.keys() for e in d.events())
     assert os.path.getsize(d.log) > 0
+
+
+def expired_key(home: Path) -> str:
+    """A key in ``home`` that expired a second after it was made."""
+    home.mkdir(mode=0o700)
+    gpg = ["gpg", "--homedir", str(home), "--batch"]
+    subprocess.run(
+        [
+            *gpg,
+            "--passphrase",
+            "",
+            "--quick-gen-key",
+            "Expired <e@example.invalid>",
+            "ed25519",
+            "sign",
+            "seconds=1",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    out = subprocess.run(
+        [*gpg, "--with-colons", "--list-secret-keys"], check=True, capture_output=True, text=True
+    )
+    return next(line.split(":")[9] for line in out.stdout.splitlines() if line.startswith("fpr:"))
+
+
+def test_check_says_each_thing_that_would_fail_in_one_line(
+    tmp_path: Path, config_repo: ConfigRepo, signing: Signing
+) -> None:
+    fleet(config_repo, "one")
+    cfg = write_config(tmp_path, config_repo, signing)
+    base = yaml.safe_load(cfg.read_text())
+    got = cli("check", "-c", str(cfg), timeout=300)
+    assert got.returncode == 0, got.stdout + got.stderr
+    lines = got.stdout.splitlines()
+    assert [line.split(": ", 2)[:2] for line in lines] == [
+        [name, "ok"] for name in ("config", "state_dir", "signing", "store", "nix", "git")
+    ]
+    assert lines[2] == f"signing: ok: key {signing.fingerprint}, expires never, signs"
+    assert lines[4] == "nix: ok: builds run in Nix's sandbox"
+    assert lines[5] == f"git: ok: {config_repo.path} answers: main is at {config_repo.head}"
+    # The probe object is gone again.
+    assert not [p for p in (tmp_path / "store").iterdir() if p.name.startswith(".reconciler-check-")]
+
+    (tmp_path / "a-file").write_text("not a directory\n")
+    faults_home = tmp_path / "expired-gnupg"
+    expired = expired_key(faults_home)
+    time.sleep(2)
+    signing_of = base["signing"]
+    faults: list[tuple[dict[str, Any], str]] = [
+        (
+            {"signing": {**signing_of, "key": "ABCDEF" + "0" * 34}},
+            f"signing: FAILED: {cfg}: signing.key: no secret key 'ABCDEF{'0' * 34}' in {signing.gnupghome}",
+        ),
+        (
+            {"signing": {**signing_of, "passphrase_file": str(tmp_path / "no-passphrase")}},
+            f"signing: FAILED: {cfg}: signing.passphrase_file: {tmp_path / 'no-passphrase'} does not exist",
+        ),
+        (
+            {"signing": {**signing_of, "gnupghome": str(tmp_path / "no-gnupg")}},
+            f"signing: FAILED: {cfg}: signing.gnupghome: {tmp_path / 'no-gnupg'} does not exist",
+        ),
+        (
+            {"signing": {"gnupghome": str(faults_home), "key": expired}},
+            f"signing: FAILED: {cfg}: signing.key: key {expired} expired on ",
+        ),
+        (
+            {"store": {"type": "filesystem", "path": str(tmp_path / "a-file" / "store")}},
+            "store: FAILED: cannot write .reconciler-check-",
+        ),
+        (
+            {"repo": {"url": str(tmp_path / "no-repo"), "branch": "main"}},
+            f"git: FAILED: cannot reach {tmp_path / 'no-repo'}: '{tmp_path / 'no-repo'}'"
+            " does not appear to be a git repository",
+        ),
+    ]
+    try:
+        for change, expected in faults:
+            cfg.write_text(yaml.safe_dump({**base, **change}))
+            got = cli("check", "-c", str(cfg), timeout=300)
+            assert got.returncode == 1, (change, got.stdout)
+            lines = got.stdout.splitlines()
+            assert len(lines) == 6 and "Traceback" not in got.stderr, got.stdout + got.stderr
+            failed = [line for line in lines if ": FAILED: " in line]
+            assert len(failed) == 1 and failed[0].startswith(expected), (failed, expected)
+
+        # The daemon runs the same checks and does not start.
+        cfg.write_text(yaml.safe_dump({**base, **faults[0][0]}))
+        got = cli("run", "-c", str(cfg), timeout=300)
+        assert got.returncode == 1
+        assert got.stderr.splitlines()[-1] == "reconciler: error: preflight: " + faults[0][1].replace(
+            ": FAILED", ""
+        )
+        assert "Traceback" not in got.stderr
+        assert not (tmp_path / "store" / "hosts").exists()
+    finally:
+        subprocess.run(["gpgconf", "--homedir", str(faults_home), "--kill", "all"], capture_output=True)
