@@ -10,7 +10,7 @@ import math
 import re
 import urllib.parse
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -50,6 +50,8 @@ class TriggerConfig:
     """What wakes the daemon before its poll interval, and how bursts are merged."""
 
     webhook_secret_file: Path | None = None  # HMAC secret (GitHub, Gitea) or token (GitLab)
+    # Bearer token of POST /reconcile (`reconciler reconcile-now`): a pass at once.
+    reconcile_token_file: Path | None = None
     watch: bool = True  # filesystem events, for a repository on local disk
     debounce: float = 0.2  # quiet time that ends a burst
 
@@ -230,7 +232,7 @@ SECTION_KEYS = {
             "allow_force_push",
         }
     ),
-    "triggers": frozenset({"webhook_secret_file", "watch", "debounce"}),
+    "triggers": frozenset({"webhook_secret_file", "reconcile_token_file", "watch", "debounce"}),
     "store": frozenset().union(*STORE_KEYS.values()),  # checked per type in load_config
     "signing": frozenset({"gnupghome", "key", "passphrase_file"}),
     "nix": frozenset(
@@ -443,6 +445,7 @@ def load_config(path: Path) -> Config:
         ),
         triggers=TriggerConfig(
             webhook_secret_file=optional_path(triggers, "triggers.webhook_secret_file"),
+            reconcile_token_file=optional_path(triggers, "triggers.reconcile_token_file"),
             watch=watch,
             debounce=parse_seconds(p, "triggers.debounce", triggers.get("debounce", 0.2)),
         ),
@@ -479,6 +482,55 @@ def load_config(path: Path) -> Config:
         events=_events_config(p, section("events", required=False)),
         notifications=_notifications(p, data.get("notifications"), path_of),
     )
+
+
+# What a reload (SIGHUP) changes in a running daemon, from its next pass on; a change of
+# anything else (where it listens, its state, store, key, repository, Nix, builders, TUF
+# settings, watching) is reported as needing a restart and the old value stays.
+RELOADABLE = frozenset(
+    {
+        "poll_interval",
+        "jobs",
+        "release_lifetime",
+        "retry",
+        "retention",
+        "triggers.webhook_secret_file",
+        "triggers.reconcile_token_file",
+        "triggers.debounce",
+    }
+)
+
+
+def reload(old: Config, new: Config) -> tuple[Config, list[str], list[str]]:
+    """What a running daemon with ``old`` takes of ``new``: the config to run with, the
+    dotted keys that changed and are applied, and those that changed but need a restart."""
+    applied: list[str] = []
+    restart: list[str] = []
+    merged = old
+    for f in fields(Config):
+        if f.name == "path":
+            continue
+        before, after = getattr(old, f.name), getattr(new, f.name)
+        if before == after:
+            continue
+        if f.name == "triggers":
+            kept = before
+            for sub in fields(TriggerConfig):
+                key = f"triggers.{sub.name}"
+                if getattr(before, sub.name) == getattr(after, sub.name):
+                    continue
+                if key in RELOADABLE:
+                    kept = replace(kept, **{sub.name: getattr(after, sub.name)})
+                    applied.append(key)
+                else:
+                    restart.append(key)
+            merged = replace(merged, triggers=kept)
+        elif f.name in RELOADABLE:
+            merged = replace(merged, **{f.name: after})
+            applied.append(f.name)
+        else:
+            restart.append(f.name)
+    return merged, applied, restart
 
 
 def _builders(p: str, entries: Any, path_of: Callable[[str], Path]) -> tuple[Builder, ...]:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 from reconciler.adapters import fetch
 from reconciler.core.events import Event, EventQuery
 from reconciler.core.hosts import Host, ParseKey
-from reconciler.core.model import BuilderState, BuildOutput, Evaluation, HostState, Status
+from reconciler.core.model import BuilderState, BuildOutput, Evaluation, HostState, Status, Suspensions
 
 if TYPE_CHECKING:
     # python-tuf's signer type; importing securesystemslib costs a command that never
@@ -156,6 +156,19 @@ class Ledger(Protocol):
     def builders(self) -> Mapping[str, BuilderState]: ...
     def record_builder(self, name: str, result: str, seconds: float | None, error: str | None) -> None:
         """One host build on builder ``name``: ``result`` success, failure or unreachable."""
+        ...
+
+    def suspensions(self) -> Suspensions:
+        """What operators suspended; read anew on each call (another process writes it)."""
+        ...
+
+    def suspend(self, host: str | None, at: float) -> bool:
+        """Suspend ``host`` (None: the whole fleet) from unix time ``at``; False if it
+        was already."""
+        ...
+
+    def resume(self, host: str | None) -> bool:
+        """Lift ``host``'s suspension (None: the fleet's); False if there was none."""
         ...
 
 

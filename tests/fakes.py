@@ -19,7 +19,7 @@ from securesystemslib.signer import CryptoSigner
 
 from reconciler.core.events import Event, EventQuery, EventType
 from reconciler.core.hosts import Host, ParseKey
-from reconciler.core.model import BuilderState, BuildOutput, Evaluation, HostState, Status
+from reconciler.core.model import BuilderState, BuildOutput, Evaluation, HostState, Status, Suspensions
 from reconciler.daemon.gate import CommitRefusedError, Refusal
 from reconciler.errors import BuildError, SigningError, SourceError, StoreError
 from reconciler.ports import Source
@@ -303,6 +303,8 @@ class MemoryLedger:
     # path -> (text digest, context digest, encoded result)
     parse_results: dict[str, tuple[str, str, str]] = field(default_factory=dict)
     builder_states: dict[str, BuilderState] = field(default_factory=dict)
+    # host (None: the fleet) -> unix time suspended at
+    suspended: dict[str | None, float] = field(default_factory=dict)
 
     def close(self) -> None:
         pass
@@ -368,6 +370,19 @@ class MemoryLedger:
         else:
             b = replace(b, unreachable=b.unreachable + 1, last_error=error, last_error_at=0.0)
         self.builder_states[name] = b
+
+    def suspensions(self) -> Suspensions:
+        hosts = {h: t for h, t in self.suspended.items() if h is not None}
+        return Suspensions(fleet=self.suspended.get(None), hosts=hosts)
+
+    def suspend(self, host: str | None, at: float) -> bool:
+        if host in self.suspended:
+            return False
+        self.suspended[host] = at
+        return True
+
+    def resume(self, host: str | None) -> bool:
+        return self.suspended.pop(host, None) is not None
 
 
 class FakeClock:

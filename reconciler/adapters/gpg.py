@@ -14,6 +14,7 @@ import contextlib
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -237,3 +238,32 @@ class Verifier:
                 reason = "signed by a key that is not trusted"
             raise VerificationError(f"{what}: bad signature ({reason})")
         return str(fpr)
+
+
+def check_signing_key(gnupghome: Path, key: str, passphrase_file: Path | None, now: float) -> str:
+    """What `reconciler check` finds of the signing key at unix time ``now``: a line
+    saying which key it is and until when it is valid, once it has signed a probe with
+    it (with the passphrase file, if one is given). A key that is missing, expired,
+    revoked, created after ``now`` (a clock behind) or cannot sign is a SigningError
+    saying so, where gpg itself would only say "invalid signer"."""
+    signer = Signer(gnupghome, key, passphrase_file)
+    fpr = signer.fingerprint
+    with signer._gpg.deadline(f"listing secret key {fpr}", GPG_TIMEOUT):
+        (info,) = signer._gpg.list_keys(secret=True, keys=[fpr])
+    expires = int(info.get("expires") or 0)
+    created = int(info.get("date") or 0)
+    if info.get("trust") == "r":
+        raise SigningError(f"key {fpr} is revoked")
+    if info.get("trust") == "e" or 0 < expires <= now:
+        raise SigningError(f"key {fpr} expired on {_day(expires)}")
+    if created > now:
+        raise SigningError(
+            f"key {fpr} was created on {_day(created)}, after this machine's clock"
+            f" ({_day(now)}): is the clock behind?"
+        )
+    signer.sign(b"reconciler check\n")
+    return f"key {fpr}, expires {_day(expires) if expires else 'never'}, signs"
+
+
+def _day(unix: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(unix))

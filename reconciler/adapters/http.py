@@ -328,6 +328,34 @@ class _RequestReader(io.RawIOBase):
         return n
 
 
+def local_url(listen: str, path: str) -> str:
+    """The URL of ``path`` on a server listening on ``listen`` (HOST:PORT), from this
+    machine: a wildcard address is reached through loopback."""
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}{path}"
+
+
+def post(url: str, headers: dict[str, str], timeout: float = 10.0) -> tuple[int, str]:
+    """POST an empty body to ``url``: the answer's status and its first line. A server
+    that cannot be reached is a ReconcilerError saying so in one line."""
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=b"", headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            status, body = int(r.status), r.read(4096)
+    except urllib.error.HTTPError as exc:
+        status, body = exc.code, exc.read(4096)
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        why = getattr(reason, "strerror", None) or str(reason)
+        raise ReconcilerError(f"cannot reach {url}: {why}") from None
+    return status, (body.decode("utf-8", "replace").strip().splitlines() or [""])[0]
+
+
 def _probe(check: Check) -> tuple[int, str, bytes]:
     ok, reason = check()
     return (200 if ok else 503), "text/plain", (reason + "\n").encode()
