@@ -16,6 +16,7 @@ from types import FrameType
 
 from reconciler import __version__, log
 from reconciler.config import Config, load_config
+from reconciler.core.events import EventType
 from reconciler.core.tufroles import RoleName
 from reconciler.errors import ReconcilerError
 
@@ -184,6 +185,7 @@ def cmd_suspend(args: argparse.Namespace) -> int:
     try:
         if state.suspend(host, time.time()):
             log.event("suspend", scope="host" if host else "fleet", host=host or "")
+            _record(args, EventType.SUSPENDED, host)
             print(f"suspended {what}: passes leave it as it is; what it published stays served")
         else:
             since = state.suspensions().fleet if host is None else state.suspensions().hosts[host]
@@ -202,6 +204,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     try:
         if state.resume(host):
             log.event("resume", scope="host" if host else "fleet", host=host or "")
+            _record(args, EventType.RESUMED, host)
             print(f"resumed {what}: the daemon's next pass reconciles it")
         else:
             print(f"{what} was not suspended")
@@ -210,6 +213,18 @@ def cmd_resume(args: argparse.Namespace) -> int:
     finally:
         state.close()
     return 0
+
+
+def _record(args: argparse.Namespace, kind: EventType, host: str | None) -> None:
+    """Into the event history (``reconciler events``, the page), as the daemon records."""
+    from reconciler.core.events import Event
+    from reconciler.wiring import open_events
+
+    history = open_events(_load(args))
+    try:
+        history.record(Event(kind, time.time(), host=host))
+    finally:
+        history.close()
 
 
 def _host_arg(host: str | None) -> str | None:

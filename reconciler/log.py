@@ -84,4 +84,10 @@ def configure(level: int = logging.INFO, fmt: Format = Format.TEXT) -> None:
 
 def event(name: str, level: int = logging.INFO, **fields: Any) -> None:
     """Log one event; ``fields`` become key=value pairs. Never pass secrets."""
+    # A field named like one of the line's own would replace it (the event would be
+    # logged as another): it keeps a trailing underscore instead.
+    fields = {f"{k}_" if k in _RESERVED else k: v for k, v in fields.items()}
     _LOG.log(level, name, extra={"fields": fields})
+
+
+_RESERVED = frozenset({"ts", "level", "event"})

@@ -172,7 +172,7 @@ class _Sender:
             logging.ERROR,
             target=self.target.name,
             notice=msg.notice,
-            event=event.type,
+            about=event.type,
             host=event.host,
             reason=why,
         )
@@ -229,7 +229,7 @@ class _Sender:
                     "notification_sent",
                     target=self.target.name,
                     notice=msg.notice,
-                    event=event.type,
+                    about=event.type,
                     host=event.host,
                     status=status,
                 )
@@ -242,7 +242,7 @@ class _Sender:
                 logging.WARNING,
                 target=self.target.name,
                 notice=msg.notice,
-                event=event.type,
+                about=event.type,
                 host=event.host,
                 attempt=failed,
                 error=error,

@@ -123,6 +123,9 @@ def test_suspend_and_reconcile_now_against_a_running_daemon(daemon: Daemon, conf
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("suspended host a-1")
     assert "event=suspend " in done.stderr and "host=a-1" in done.stderr
+    # And in the event history, as the daemon records its own.
+    history = cli("events", "-c", str(d.cfg), "--type", "suspended", "--json")
+    assert [e["host"] for e in json.loads(history.stdout)["events"]] == ["a-1"], history.stderr
     head = fleet(config_repo, "two")
 
     # The daemon polls once an hour: only reconcile-now brings the new commit in.

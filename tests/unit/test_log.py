@@ -87,3 +87,12 @@ def test_other_libraries_records_and_warnings_are_one_event_per_line(
     else:
         assert "event=library_log logger=watchdog.observers.inotify_buffer" in got[0]
         assert "Traceback" not in "".join(got)
+
+
+def test_a_field_named_like_the_lines_own_does_not_replace_them(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="reconciler"):
+        log.event("notification_dropped", event="host_published", ts="x")
+    (record,) = caplog.records
+    fields = log.fields_of(record)
+    assert fields["event"] == "notification_dropped" and fields["ts"] != "x"
+    assert fields["event_"] == "host_published" and fields["ts_"] == "x"
