@@ -197,6 +197,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    from reconciler.core.hostschema import Kind, schema
+
+    print(json.dumps(schema(Kind(args.kind)), indent=2))
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from reconciler.wiring import open_daemon
 
@@ -279,6 +286,9 @@ def parser() -> argparse.ArgumentParser:
     agent = add("agent", cmd_agent, "the host side: pull, verify, switch, roll back", config=False)
     agent.add_argument("-c", "--config", required=True, help="path to the agent's config")
     agent.add_argument("--once", action="store_true", help="poll once and exit (for a timer)")
+    add(
+        "schema", cmd_schema, "print the JSON Schema of host or profile files (for editors)", config=False
+    ).add_argument("kind", choices=["host", "profile"])
     add(
         "init", cmd_init, "create a demo: config repo, signing key, reconciler.yaml", config=False
     ).add_argument("dir")
