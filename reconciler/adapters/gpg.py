@@ -231,9 +231,21 @@ class Verifier:
     def _check(self, res: gnupg.Verify, what: str) -> str:
         # A good signature from a subkey reports the primary key's fingerprint too.
         fpr = res.pubkey_fingerprint or res.fingerprint
-        if not res.valid or fpr not in self.fingerprints:
-            reason = res.status or "no valid signature"
-            if res.status == "no public key":
-                reason = "signed by a key that is not trusted"
-            raise VerificationError(f"{what}: bad signature ({reason})")
-        return str(fpr)
+        if res.valid and fpr in self.fingerprints:
+            return str(fpr)
+        trusted = ", ".join(sorted(self.fingerprints))
+        if res.status == "no public key":
+            # gpg names the signer from the signature: its issuer fingerprint (ERRSIG,
+            # gpg 2.2.7 and later) or else the 16-digit key id (NO_PUBKEY).
+            signer = res.fingerprint or res.key_id or "unknown"
+            raise VerificationError(
+                f"{what}: bad signature: signed by key {signer}, which is not a trusted key "
+                f"(trusted: {trusted})"
+            )
+        if res.status == "signature bad":
+            raise VerificationError(
+                f"{what}: bad signature: the data does not match the signature by key {res.key_id} "
+                "(changed after signing)"
+            )
+        reason = res.status or "no valid signature"
+        raise VerificationError(f"{what}: bad signature ({reason}; trusted: {trusted})")
