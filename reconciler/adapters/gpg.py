@@ -14,8 +14,11 @@ import contextlib
 import subprocess
 import tempfile
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import gnupg
 
@@ -121,12 +124,40 @@ def secret_fingerprints(gnupghome: Path) -> list[str]:
         return [str(k["fingerprint"]) for k in gpg.list_keys(secret=True)]
 
 
+def _when(unix: float) -> str:
+    return datetime.fromtimestamp(unix, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def unusable(key: Mapping[str, Any], now: float) -> str | None:
+    """Why gpg will not sign with ``key`` (a python-gnupg listing of a secret key) at
+    ``now``, or None. gpg itself says only "invalid signer" for each of these."""
+    if key.get("trust") == "r":
+        return "is revoked"
+    expires = str(key.get("expires") or "")
+    if expires.isdigit() and int(expires) <= now:
+        return (
+            f"expired at {_when(int(expires))} (now {_when(now)}): extend it "
+            f"(gpg --quick-set-expire {key.get('fingerprint')} 1y) and give agents the new public key"
+        )
+    created = str(key.get("date") or "")
+    if created.isdigit() and int(created) > now:
+        return (
+            f"was created at {_when(int(created))}, after this machine's clock ({_when(now)}): "
+            "the clock is behind (check NTP), or it ran ahead where the key was made"
+        )
+    return None
+
+
 class Signer:
     """Signs bytes with one secret key from a GNUPGHOME."""
 
     def __init__(self, gnupghome: Path, key: str, passphrase_file: Path | None = None) -> None:
         self.key = key
         self.gnupghome = gnupghome
+        if not gnupghome.is_dir():
+            # python-gnupg's own word for it is a ValueError about "gnupghome".
+            what = "does not exist" if not gnupghome.exists() else "is not a directory"
+            raise SigningError(f"signing.gnupghome {gnupghome} {what}: it must hold the signing key")
         self._gpg = _GPG(str(gnupghome), SigningError)
         self._passphrase = None
         if passphrase_file is not None:
@@ -139,6 +170,19 @@ class Signer:
         if not secret:
             raise SigningError(f"no secret key {key!r} in {gnupghome}")
         self.fingerprint: str = secret[0]["fingerprint"]
+        problem = unusable(secret[0], time.time())
+        if problem is not None:
+            raise SigningError(f"signing key {self.fingerprint} {problem}")
+
+    def _failed(self, what: str, status: str | None) -> SigningError:
+        """Why gpg did not sign: the key's state when that explains it (it may have
+        expired since the start), else gpg's status."""
+        with self._gpg.deadline(f"listing secret key {self.fingerprint}", GPG_TIMEOUT):
+            secret = self._gpg.list_keys(secret=True, keys=[self.fingerprint])
+        problem = unusable(secret[0], time.time()) if secret else "is no longer in the keyring"
+        if problem is not None:
+            return SigningError(f"gpg could not sign {what}: signing key {self.fingerprint} {problem}")
+        return SigningError(f"gpg could not sign {what} with {self.fingerprint}: {status or 'no output'}")
 
     def sign(self, data: bytes) -> bytes:
         """A detached armored signature of ``data``."""
@@ -147,7 +191,7 @@ class Signer:
                 data, keyid=self.fingerprint, detach=True, clearsign=False, passphrase=self._passphrase
             )
         if not sig.data or not sig.fingerprint:
-            raise SigningError(f"gpg could not sign with {self.fingerprint}: {sig.status or 'no output'}")
+            raise self._failed(f"{len(data)} bytes", sig.status)
         return bytes(sig.data)
 
     def sign_file(self, path: Path) -> bytes:
@@ -159,7 +203,7 @@ class Signer:
                 f, keyid=self.fingerprint, detach=True, clearsign=False, passphrase=self._passphrase
             )
         if not sig.data or not sig.fingerprint:
-            raise SigningError(f"gpg could not sign {path.name}: {sig.status or 'no output'}")
+            raise self._failed(path.name, sig.status)
         return bytes(sig.data)
 
     def public_key(self) -> bytes:
@@ -170,6 +214,20 @@ class Signer:
         return str(armored).encode()
 
 
+def _import_problems(stderr: str) -> list[str]:
+    """What gpg said about a key it did not import, with a hint for a clock that is
+    behind (gpg will not take a key "created in the future")."""
+    out = []
+    for line in stderr.splitlines():
+        if not line.startswith("gpg: key "):
+            continue
+        said = line.removeprefix("gpg: ")
+        if "in the future" in said:
+            said += ": is this machine's clock behind?"
+        out.append(said)
+    return out
+
+
 class Verifier:
     """Checks detached signatures against a fixed set of armored public keys."""
 
@@ -178,16 +236,20 @@ class Verifier:
         try:
             self._gpg = _GPG(self._home.name, VerificationError)
             self.fingerprints: set[str] = set()
+            refused: list[str] = []
             for k in public_keys:
                 with self._gpg.deadline("importing a public key", GPG_TIMEOUT):
                     res = self._gpg.import_keys(k.decode(errors="replace"))
                 self.fingerprints.update(res.fingerprints)
+                if not res.fingerprints:
+                    refused += _import_problems(str(res.stderr or ""))
         except VerificationError:
             self._home.cleanup()
             raise
         if not self.fingerprints:
             self._home.cleanup()
-            raise VerificationError("no usable public key was given")
+            why = f": {'; '.join(dict.fromkeys(refused))}" if refused else ""
+            raise VerificationError(f"no usable public key was given{why}")
 
     @property
     def home(self) -> Path:
