@@ -108,6 +108,7 @@ class Agent:
         )
         if self.state.version:
             self.metrics.running_version.labels(cfg.host).set(self.state.version)
+        self._told_unpublished = False
 
     def _url(self, key: str) -> str:
         return fetch.join(self.cfg.store, key)
@@ -167,9 +168,20 @@ class Agent:
         return result
 
     def _poll(self) -> PollResult:
-        got = self.fetcher.get(
-            self.tuf.timestamp_url, TIMESTAMP_LIMIT, self.state.validators, self.cfg.timeout, self._count
-        )
+        try:
+            got = self.fetcher.get(
+                self.tuf.timestamp_url, TIMESTAMP_LIMIT, self.state.validators, self.cfg.timeout, self._count
+            )
+        except FetchError as exc:
+            if exc.status != 404:
+                raise
+            # A bare 404 says nothing to someone setting up their first host.
+            raise FetchError(
+                f"the store {self.cfg.store} has no TUF metadata ({exc}): is `store` the root the "
+                "daemon publishes to, and has it published anything yet?",
+                kind=exc.kind,
+                status=exc.status,
+            ) from None
         if got is None:
             # Nothing changed in the store; what was trusted must still be in date.
             expires = self._trusted_expiry()
@@ -187,7 +199,11 @@ class Agent:
         self._stale(None)
         if info is None:
             self._remember(got.validators)
-            return PollResult.CURRENT
+            if self.state.version:
+                return PollResult.CURRENT
+            self._unpublished()
+            return PollResult.UNPUBLISHED
+        self._told_unpublished = False
         entry = info.hashes.get("sha256", "")
         if entry and entry == self.state.settled:
             # Refused or rolled back before: final for this entry; a new one gets a look.
@@ -225,6 +241,20 @@ class Agent:
             self.state.settled = entry
         self._remember(got.validators)
         return result
+
+    def _unpublished(self) -> None:
+        """Say once (per process, and again after a release came) that this host has no
+        release: the usual cause is a typo in ``host`` or a host the daemon has not built."""
+        if self._told_unpublished:
+            return
+        self._told_unpublished = True
+        log.event(
+            "agent_unpublished",
+            logging.WARNING,
+            host=self.cfg.host,
+            error=f"host {self.cfg.host} has no release in the store's TUF metadata (is the host name "
+            "right? has the daemon published it?); nothing is installed",
+        )
 
     def _trusted_expiry(self) -> datetime | None:
         """When the trusted timestamp expires (also the metric), None before the first."""

@@ -327,6 +327,41 @@ def test_another_host_publishing_is_current_and_reads_no_release(on_v1: Host) ->
     assert not [k for k in on_v1.requested if not k.startswith("tuf/")]
 
 
+def events(caplog: pytest.LogCaptureFixture, name: str) -> list[dict[str, Any]]:
+    return [r.fields for r in caplog.records if r.getMessage() == name]  # type: ignore[attr-defined]
+
+
+def test_a_host_never_published_is_told_once_not_current(
+    host: Host, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A typo in ``host`` or a host the daemon has not built: the store has metadata,
+    but none for this host, and nothing runs here."""
+    caplog.set_level(logging.INFO, "reconciler")
+    host.publish(1, host="web-2")
+    assert host.poll() == "unpublished"
+    host.store.touch(TIMESTAMP)
+    assert host.poll() == "unpublished"
+    assert host.poll() == "idle"
+    told = events(caplog, "agent_unpublished")
+    assert [t["error"] for t in told] == [
+        "host web-1 has no release in the store's TUF metadata (is the host name right? has the daemon "
+        "published it?); nothing is installed"
+    ]
+    assert host.metric("reconciler_agent_polls_total", {"result": "unpublished"}) == 2
+    host.publish(1)
+    assert host.poll() == "updated"
+
+
+def test_a_store_without_metadata_says_what_to_check(host: Host, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "reconciler")
+    assert host.poll() == "error"
+    (failed,) = events(caplog, "agent_poll_failed")
+    assert failed["error"] == (
+        f"the store {STORE} has no TUF metadata (cannot fetch {STORE}/{TIMESTAMP}: HTTP 404 Not Found): "
+        "is `store` the root the daemon publishes to, and has it published anything yet?"
+    )
+
+
 def test_update_keeps_the_previous_release(on_v1: Host) -> None:
     on_v1.publish(2)
     assert on_v1.poll() == "updated"
