@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import tempfile
@@ -301,6 +302,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.fn(args))
     except ReconcilerError as exc:
+        print(f"reconciler: error: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # The reader went away (`reconciler status | head`): nothing more to say, and
+        # Python's flush at exit must not say it either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as exc:
+        # The machine refused something no check above foresaw (a full disk, a path
+        # under a file): still one line, naming the file.
         print(f"reconciler: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -55,7 +55,7 @@ from reconciler.core.layout import release_path
 from reconciler.core.release import Release, parse_release
 from reconciler.core.trust import Downloaded, Expected, Pinned, Reason, RefusalError, TrustedState
 from reconciler.core.tufrepo import entry_version, target_path
-from reconciler.errors import FetchError, VerificationError
+from reconciler.errors import ConfigError, FetchError, VerificationError
 from reconciler.ports import Clock, Fetcher
 
 # A timestamp is a few hundred bytes; python-tuf allows 16 KiB.
@@ -84,7 +84,12 @@ class Agent:
         self._probe = probe
         self.releases = cfg.state_dir / "releases"
         self.current = cfg.state_dir / "current"
-        self.releases.mkdir(parents=True, exist_ok=True)
+        try:
+            self.releases.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                str(cfg.path), "state_dir", f"cannot create {self.releases}: {exc.strerror or exc}"
+            ) from None
         self.state_file = cfg.state_dir / "state.json"
         self.state = AgentState.load(self.state_file)
         # The textfile's counters go on from where the last run left them.
