@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from reconciler.adapters import fetch
 from reconciler.core.hosts import Host, ParseKey
-from reconciler.core.model import BuilderState, BuildOutput, Evaluation, HostState, Status
+from reconciler.core.model import BuilderState, BuildOutput, BuildProgress, Evaluation, HostState, Status
 
 if TYPE_CHECKING:
     # python-tuf's signer type; importing securesystemslib costs a command that never
@@ -66,8 +66,11 @@ class Nix(Protocol):
         """The derivation of ``host``'s artifacts as ``version``; builds nothing."""
         ...
 
-    def realise(self, host: Host, drv: str, repo: Path, root: str) -> BuildOutput:
-        """Build ``drv``, kept from garbage collection under the GC root ``root``."""
+    def realise(
+        self, host: Host, drv: str, repo: Path, root: str, progress: BuildProgress | None = None
+    ) -> BuildOutput:
+        """Build ``drv``, kept from garbage collection under the GC root ``root``;
+        ``progress`` hears now and then how long it has run and its last line."""
         ...
 
     def probe_sandbox(self, key_dir: Path) -> bool: ...
