@@ -126,6 +126,14 @@ def load_agent_config(path: Path) -> AgentConfig:
         raise ConfigError(p, "supervise", "must be true or false")
     if supervise and fmt != "appimage":
         raise ConfigError(p, "supervise", "runs an AppImage; set format: appimage")
+    if supervise and data.get("activate") is not None:
+        # Two ways to run the release would both start it: say which one runs it.
+        raise ConfigError(
+            p,
+            "activate",
+            "cannot be used with supervise: true; the agent runs the AppImage itself with "
+            "supervise, and activate is for a release something else runs (a service manager)",
+        )
     listen = data.get("listen")
     if listen is not None and not isinstance(listen, str):
         raise ConfigError(p, "listen", "must be HOST:PORT")

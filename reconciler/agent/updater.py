@@ -380,8 +380,8 @@ class Agent:
         if self.cfg.health is None:
             return None
         app = self.app
-        alive = app.running if app is not None else lambda: True
-        return health.wait_healthy(self.cfg.health, self.clock, alive, self._probe)
+        down = app.failure if app is not None else lambda: None
+        return health.wait_healthy(self.cfg.health, self.clock, down, self._probe)
 
     def _prune(self) -> None:
         """Keep the newest ``keep`` releases, and always the current and previous ones."""
@@ -401,7 +401,32 @@ class Agent:
         if self.cfg.listen is not None:
             server = Server(self.cfg.listen, self.metrics.registry, lambda: (True, "ok"), self._ready)
             server.start()
-        log.event("agent_start", host=self.cfg.host, store=self.cfg.store, version=self.state.version)
+        if self.cfg.supervise:
+            log.event(
+                "agent_start",
+                host=self.cfg.host,
+                store=self.cfg.store,
+                version=self.state.version,
+                runs="supervise",
+            )
+        elif self.cfg.activate is not None:
+            log.event(
+                "agent_start",
+                host=self.cfg.host,
+                store=self.cfg.store,
+                version=self.state.version,
+                runs="activate",
+            )
+        else:
+            log.event(
+                "agent_start",
+                logging.WARNING,
+                host=self.cfg.host,
+                store=self.cfg.store,
+                version=self.state.version,
+                runs="nothing",
+                note="neither supervise nor activate is set: releases are installed, nothing runs them",
+            )
         done = threading.Event()
         poller = threading.Thread(target=self._poll_loop, args=(stopping, done), name="poll", daemon=True)
         poller.start()

@@ -9,6 +9,7 @@ import hashlib
 import itertools
 import logging
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -748,3 +749,28 @@ def test_prune_keeps_the_current_and_previous_releases(host: Host) -> None:
     host.publish(7)
     assert host.poll() == "updated"
     assert host.installed() == [2, 6, 7]
+
+
+@pytest.mark.parametrize(
+    ("cfg", "runs", "level"),
+    [
+        ({"supervise": True}, "supervise", logging.INFO),
+        ({"activate": ("systemctl", "restart", "app")}, "activate", logging.INFO),
+        ({}, "nothing", logging.WARNING),
+    ],
+)
+def test_the_start_says_what_runs_the_releases(
+    host: Host, caplog: pytest.LogCaptureFixture, cfg: dict[str, Any], runs: str, level: int
+) -> None:
+    caplog.set_level(logging.INFO, "reconciler")
+    host.restart(**cfg)
+    stopping = threading.Event()
+    stopping.set()
+    host.agent.run(stopping)
+    (start,) = [r for r in caplog.records if r.getMessage() == "agent_start"]
+    assert start.fields["runs"] == runs  # type: ignore[attr-defined]
+    assert start.levelno == level
+    if runs == "nothing":
+        assert start.fields["note"] == (  # type: ignore[attr-defined]
+            "neither supervise nor activate is set: releases are installed, nothing runs them"
+        )
