@@ -1,5 +1,7 @@
 """Build time per host and artifact sizes for the demo fleet (`reconciler init`),
-with Nix's sandbox on next to off.
+with Nix's sandbox on next to off; then the store bytes a fleet of web hosts takes
+with fat images next to thin ones (ACI and OCI); then the bytes an agent downloads
+for a one-file change of a host, with zsync and without.
 
 Every derivation of each host (its packages, services, image and release
 artifacts) is built again from scratch with `nix-store --realise --check`, which
@@ -7,12 +9,26 @@ also proves the rebuild gives the same bytes. The toolchain import is not counte
 Each repetition builds the host once in the sandbox and once outside it, in turn,
 so both see the same machine; the ratio is sandboxed over unsandboxed.
 
-    python3 benchmarks/build_demo.py [--repeat 3]
+The fleet part publishes N hosts (default 100, the demo's web host with its own
+address and port each) in formats aci, aci-thin and oci with one real reconcile
+pass, and sums the bytes of the distinct blobs each format's artifacts take in the
+store (content-addressed: a blob two hosts share is stored once). For comparison,
+the OCI archives the build makes beside the artifacts (one file per host holding
+every layer, which the pass does not publish).
+
+The agent figures: the demo is published, served by nginx, and two agents of web-1
+(one with `zsync: false`) install release 1; then one file of web-1 changes
+(etc/motd), release 2 is published, and each agent's downloaded bytes for it (TUF
+metadata, release file, zsync control file and blocks, or the whole AppImage) are
+shown side by side.
+
+    python3 benchmarks/build_demo.py [--repeat 3] [--fleet 100] [--agent-only]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import subprocess
 import sys
@@ -20,15 +36,23 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from reconciler.adapters.nix import NIX_OPTIONS  # noqa: E402
 from reconciler.adapters.tree import read_tree  # noqa: E402
+from reconciler.agent.config import load_agent_config  # noqa: E402
 from reconciler.config import load_config  # noqa: E402
+from reconciler.core.formats import PARTS, Format  # noqa: E402
 from reconciler.core.hosts import parse_fleet  # noqa: E402
-from reconciler.demo import init  # noqa: E402
-from reconciler.wiring import open_reconciler  # noqa: E402
+from reconciler.core.release import parse_release  # noqa: E402
+from reconciler.demo import WEB_HOST, init  # noqa: E402
+from reconciler.wiring import open_agent, open_reconciler  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from appimage_compression import nginx  # noqa: E402
 
 
 def host_derivations(artifacts_drv: str) -> list[str]:
@@ -56,49 +80,175 @@ def rebuild(drvs: list[str], sandbox: bool) -> float:
     return time.perf_counter() - t
 
 
+def fleet_store(n: int) -> None:
+    """Publish ``n`` web hosts in the fat and thin formats and print the store bytes
+    of each format side by side."""
+    with tempfile.TemporaryDirectory(prefix="reconciler-fleet-bench-") as tmp:
+        demo = Path(tmp) / "demo"
+        cfg_path = init(demo)
+        repo = demo / "repo"
+        for old in (repo / "hosts").iterdir():
+            old.unlink()
+        for i in range(n):
+            address = f"10.42.{i // 200}.{i % 200 + 10}/16"
+            text = WEB_HOST.format(name=f"web-{i}", address=address, port=8000 + i)
+            text = text.replace("formats: [aci, appimage]", "formats: [aci, aci-thin, oci]")
+            (repo / "hosts" / f"web-{i}.yaml").write_text(text)
+        subprocess.run(["git", "-C", str(repo), "add", "-A"], check=True)
+        subprocess.run(["git", "-C", str(repo), "commit", "-qm", f"{n} hosts"], check=True)
+        cfg = load_config(cfg_path)
+        rec = open_reconciler(cfg)
+        try:
+            t = time.perf_counter()
+            result = rec.reconcile()
+            seconds = time.perf_counter() - t
+        finally:
+            rec.close()
+        if not result.ok:
+            raise SystemExit(f"the pass failed: {result.outcomes}")
+        store = cfg.store.path
+        assert store is not None
+        releases = [
+            parse_release(p.read_bytes(), str(p)) for p in sorted((store / "hosts").glob("*/latest.json"))
+        ]
+        print(f"\n{len(releases)} hosts published in {seconds:.0f}s (one pass); store bytes per format:")
+        print(f"{'format':<10} {'store bytes':>14} {'per host':>12} {'shared once':>12}  blobs")
+        for fmt in (Format.ACI, Format.ACI_THIN, Format.OCI):
+            blobs: dict[str, int] = {}
+            users: dict[str, int] = {}
+            for release in releases:
+                for art in release.artifacts:
+                    if art.format in PARTS[fmt]:
+                        blobs[art.sha256] = art.size
+                        users[art.sha256] = users.get(art.sha256, 0) + 1
+            shared = sum(size for sha, size in blobs.items() if users[sha] > 1)
+            own = sum(size for sha, size in blobs.items() if users[sha] == 1)
+            total = shared + own
+            print(f"{fmt.value:<10} {total:>14,} {own / len(releases):>12,.0f} {shared:>12,}  {len(blobs)}")
+        archives = 0
+        for release in releases:
+            archive = cfg.state_dir / "gcroots" / release.host / f"{release.host}-{release.version}.oci.tar"
+            archives += archive.stat().st_size
+        per_host = archives / len(releases)
+        print(f"{'oci-archive':<10} {archives:>14,} {per_host:>12,.0f} {0:>12,}  {len(releases)}")
+        print("  (oci-archive: one self-contained file per host, what `skopeo copy oci-archive:` takes;")
+        print("   built beside the artifacts, not published)")
+        blob_bytes = sum(p.stat().st_size for p in (store / "blobs").rglob("*") if p.is_file())
+        print(f"whole store blobs/ (every format, signatures too): {blob_bytes:,} bytes")
+        print(json.dumps({"hosts": len(releases), "pass_seconds": round(seconds, 1)}))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--fleet", type=int, default=100, help="hosts in the store-bytes part (0: skip it)")
+    ap.add_argument("--agent-only", action="store_true", help="only the agent's bytes with and without zsync")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="reconciler-build-bench-") as tmp:
-        cfg = load_config(init(Path(tmp) / "demo"))
+        try:
+            if not args.agent_only:
+                build_times(Path(tmp), args.repeat)
+                if args.fleet:
+                    fleet_store(args.fleet)
+            agent_bytes(Path(tmp))
+        finally:
+            subprocess.run(["gpgconf", "--homedir", str(Path(tmp) / "demo" / "gnupg"), "--kill", "all"])
+    return 0
+
+
+def agent_bytes(tmp: Path) -> None:
+    """The bytes an agent downloads for a one-file change of web-1, with zsync and without."""
+    demo = tmp / "demo"
+    if not (demo / "reconciler.yaml").exists():
+        init(demo)
+    cfg = load_config(demo / "reconciler.yaml")
+    assert cfg.store.path is not None
+
+    def publish() -> None:
         rec = open_reconciler(cfg)
         try:
-            rec.source.fetch()
-            fleet = parse_fleet(read_tree(rec.source.checkout))
-            t = time.perf_counter()
-            rec.nix.ensure_toolchain()
-            print(f"toolchain ready in {time.perf_counter() - t:.1f}s (staged once, then content-addressed)")
-            print(
-                f"{'host':<10} {'sandbox s':>10} {'no sandbox s':>13} {'ratio':>6} {'ACI bytes':>12}"
-                f" {'AppImage bytes':>15}  derivations"
-            )
-            totals = {True: 0.0, False: 0.0}
-            for name, host in sorted(fleet.hosts.items()):
-                out = rec.build(host, 1)
-                drvs = host_derivations(out.derivation)
-                times: dict[bool, list[float]] = {True: [], False: []}
-                for _ in range(args.repeat):
-                    for sandbox in (True, False):
-                        times[sandbox].append(rebuild(drvs, sandbox))
-                seconds = {sandbox: statistics.median(t) for sandbox, t in times.items()}
-                for sandbox in totals:
-                    totals[sandbox] += seconds[sandbox]
-                sizes = {fmt: path.stat().st_size for fmt, path in out.files.items()}
-                ratio = seconds[True] / seconds[False]
-                print(
-                    f"{name:<10} {seconds[True]:>10.2f} {seconds[False]:>13.2f} {ratio:>6.2f}"
-                    f" {sizes.get('aci', 0):>12,} {sizes.get('appimage', 0):>15,}  {len(drvs)}"
-                )
-            ratio = totals[True] / totals[False]
-            print(
-                f"{'total':<10} {totals[True]:>10.2f} {totals[False]:>13.2f} {ratio:>6.2f}"
-                f"  (median of {args.repeat} rebuilds per host and mode, one at a time)"
-            )
-            print(f"sandbox probe at start: builds sandboxed = {rec.nix.sandboxed}")
+            if not rec.reconcile().ok:
+                raise RuntimeError("the demo did not publish")
         finally:
             rec.close()
-    return 0
+
+    publish()
+    with nginx(cfg.store.path, tmp / "nginx") as url:
+        agents = {}
+        for method in ("zsync", "full"):
+            conf = tmp / f"agent-{method}.yaml"
+            conf.write_text(
+                yaml.safe_dump(
+                    {
+                        "host": "web-1",
+                        "store": url,
+                        "keys": [str(cfg.store.path / "keys" / "publisher.asc")],
+                        "state_dir": str(tmp / f"agent-{method}"),
+                        "zsync": method == "zsync",
+                    }
+                )
+            )
+            agents[method] = open_agent(load_agent_config(conf))
+            if agents[method].poll() != "updated":
+                raise RuntimeError("the agent did not install release 1")
+        host = demo / "repo" / "hosts" / "web-1.yaml"
+        host.write_text(host.read_text() + 'files: {etc/motd: "changed for the benchmark\\n"}\n')
+        subprocess.run(["git", "-C", str(demo / "repo"), "commit", "-qam", "web-1: motd"], check=True)
+        publish()
+        got = {}
+        for method, agent in agents.items():
+            before = agent.metrics.registry.get_sample_value("reconciler_agent_downloaded_bytes_total") or 0
+            if agent.poll() != "updated":
+                raise RuntimeError("the agent did not install release 2")
+            after = agent.metrics.registry.get_sample_value("reconciler_agent_downloaded_bytes_total") or 0
+            got[method] = after - before
+        size = agents["zsync"].artifact(2).stat().st_size
+        print(
+            f"agent bytes for a one-file change of web-1 (etc/motd), AppImage of {size:,} bytes:"
+            f" {got['zsync']:,.0f} with zsync, {got['full']:,.0f} without"
+            f" ({got['zsync'] / got['full']:.1%})"
+        )
+
+
+def build_times(tmp: Path, repeat: int) -> None:
+    """Build time per host, sandbox on and off, and artifact sizes."""
+    cfg = load_config(init(tmp / "demo"))
+    rec = open_reconciler(cfg)
+    try:
+        rec.source.fetch()
+        fleet = parse_fleet(read_tree(rec.source.checkout))
+        t = time.perf_counter()
+        rec.nix.ensure_toolchain()
+        print(f"toolchain ready in {time.perf_counter() - t:.1f}s (staged once, then content-addressed)")
+        print(
+            f"{'host':<10} {'sandbox s':>10} {'no sandbox s':>13} {'ratio':>6} {'ACI bytes':>12}"
+            f" {'AppImage bytes':>15}  derivations"
+        )
+        totals = {True: 0.0, False: 0.0}
+        for name, host in sorted(fleet.hosts.items()):
+            out = rec.build(host, 1)
+            drvs = host_derivations(out.derivation)
+            times: dict[bool, list[float]] = {True: [], False: []}
+            for _ in range(repeat):
+                for sandbox in (True, False):
+                    times[sandbox].append(rebuild(drvs, sandbox))
+            seconds = {sandbox: statistics.median(t) for sandbox, t in times.items()}
+            for sandbox in totals:
+                totals[sandbox] += seconds[sandbox]
+            sizes = {fmt: path.stat().st_size for fmt, path in out.files.items()}
+            ratio = seconds[True] / seconds[False]
+            print(
+                f"{name:<10} {seconds[True]:>10.2f} {seconds[False]:>13.2f} {ratio:>6.2f}"
+                f" {sizes.get('aci', 0):>12,} {sizes.get('appimage', 0):>15,}  {len(drvs)}"
+            )
+        ratio = totals[True] / totals[False]
+        print(
+            f"{'total':<10} {totals[True]:>10.2f} {totals[False]:>13.2f} {ratio:>6.2f}"
+            f"  (median of {repeat} rebuilds per host and mode, one at a time)"
+        )
+        print(f"sandbox probe at start: builds sandboxed = {rec.nix.sandboxed}")
+    finally:
+        rec.close()
 
 
 if __name__ == "__main__":

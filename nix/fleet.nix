@@ -9,6 +9,7 @@
 , toolchainDir ? null           # staged by toolchain/import-debian.sh
 , toolchain ? import ./toolchain-debian.nix { dir = toolchainDir; }
 , version ? "0"                 # release number, only baked into the artifacts step
+, aci ? "{}"                    # JSON: the ACI's name and annotations (artifacts step only)
 }:
 let
   fleet = builtins.fromJSON (builtins.readFile fleetFile);
@@ -22,7 +23,7 @@ let
   packages = builtins.listToAttrs (map
     (p: { name = p; value = import (repo + "/packages/${p}.nix") { inherit toolchain; }; })
     (builtins.filter (p: p != "busybox") packageNames));
-  mkHost = import ./host.nix { inherit toolchain packages version; };
+  mkHost = import ./host.nix { inherit toolchain packages version; aci = builtins.fromJSON aci; };
   hosts = builtins.mapAttrs (_: mkHost) fleet.hosts;
 in
 {

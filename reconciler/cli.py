@@ -136,6 +136,25 @@ def _when(unix: float) -> str:
     return datetime.fromtimestamp(unix, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
+def cmd_builders(args: argparse.Namespace) -> int:
+    """The builders' files for a nix-daemon run as root, which takes no builders from
+    the reconciler (not a trusted user): run as root into a root-owned DIR, so that
+    nothing the reconciler's user can write reaches the root daemon's ssh."""
+    from reconciler.adapters.nix import write_builders
+
+    cfg = _load(args)
+    directory = Path(args.dir)
+    directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+    if directory.stat().st_mode & 0o022:
+        # Whoever may write there may replace the ssh configuration the daemon runs.
+        raise ReconcilerError(f"{directory}: writable by group or others; make it 0755")
+    ssh_config = write_builders(cfg.builders, directory)
+    print(f"wrote {len(cfg.builders)} builders to {directory.resolve()}: machines, known_hosts, ssh_config")
+    print(f"nix-daemon: NIX_CONFIG='builders = @{(directory / 'machines').resolve()}'")
+    print(f"nix-daemon: NIX_SSHOPTS='-F {ssh_config.resolve()}'")
+    return 0
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
     from reconciler.wiring import open_reconciler
 
@@ -271,6 +290,9 @@ def parser() -> argparse.ArgumentParser:
     add("gc", cmd_gc, "delete releases beyond retention.keep per host and unreferenced blobs").add_argument(
         "--dry-run", action="store_true", help="print what would be deleted, delete nothing"
     )
+    add(
+        "builders", cmd_builders, "write the builders' Nix machines file and ssh config for a root nix-daemon"
+    ).add_argument("dir", help="a directory only root may write (e.g. /etc/nix/builders)")
     k = add("keys", cmd_keys, "list or change the TUF roles' keys and thresholds")
     k.add_argument("action", choices=["list", "add", "revoke", "threshold"])
     k.add_argument("role", nargs="?", choices=[r.value for r in RoleName], help="the role to change")

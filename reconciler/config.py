@@ -15,6 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
+from reconciler.core.appc import DEFAULT_NAME_PREFIX, default_store_url, is_ac_identifier
 from reconciler.core.builders import Builder, valid_uri
 from reconciler.core.schema import check_keys, parse_duration, parse_seconds, parse_size, parse_yaml
 from reconciler.core.tufroles import Lifetimes
@@ -62,6 +63,9 @@ class StoreConfig:
     endpoint: str | None = None
     region: str = "us-east-1"
     credentials_file: Path | None = None
+    # Where agents and people reach the store (http or https), without a trailing
+    # slash; named in AppImages' update information. None: no update information.
+    public_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,19 @@ class TufConfig:
 
 
 @dataclass(frozen=True)
+class ImagesConfig:
+    """What the images say about themselves: ACI names and annotations, and where the
+    store is served for appc discovery (reconciler.core.appc)."""
+
+    # ACI names are <name_prefix>/<host>; discovery copies live under it in the store.
+    name_prefix: str = DEFAULT_NAME_PREFIX
+    # The store's public base URL, which the discovery page's templates point into.
+    store_url: str = default_store_url(DEFAULT_NAME_PREFIX)
+    # ACI manifest annotations (appc: authors, homepage, documentation, or any AC Identifier).
+    annotations: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     repo: RepoConfig
@@ -144,6 +161,7 @@ class Config:
     tuf: TufConfig = TufConfig()
     # Nix remote builders (reconciler.core.builders), scheduled by Nix.
     builders: tuple[Builder, ...] = ()
+    images: ImagesConfig = ImagesConfig()
 
 
 TOP_KEYS = frozenset(
@@ -162,6 +180,7 @@ TOP_KEYS = frozenset(
         "triggers",
         "tuf",
         "builders",
+        "images",
     }
 )
 BUILDER_KEYS = frozenset(
@@ -171,8 +190,8 @@ BUILDER_KEYS = frozenset(
 _WORD = re.compile(r"[^\s,]+")
 # The store section's keys depend on its type.
 STORE_KEYS = {
-    "filesystem": frozenset({"type", "path"}),
-    "s3": frozenset({"type", "bucket", "prefix", "endpoint", "region", "credentials_file"}),
+    "filesystem": frozenset({"type", "path", "public_url"}),
+    "s3": frozenset({"type", "bucket", "prefix", "endpoint", "region", "credentials_file", "public_url"}),
 }
 MIN_EVAL_MEMORY = 256 << 20
 BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -207,6 +226,7 @@ SECTION_KEYS = {
         }
     ),
     "retry": frozenset({"initial", "max"}),
+    "images": frozenset({"name_prefix", "annotations"}),
     "retention": frozenset({"keep", "interval"}),
     "tuf": frozenset(
         {"bins", "root_lifetime", "targets_lifetime", "snapshot_lifetime", "timestamp_lifetime"}
@@ -298,8 +318,13 @@ def load_config(path: Path) -> Config:
         supported = ", ".join(sorted(STORE_KEYS))
         raise ConfigError(p, "store.type", f"unsupported store type {store_type!r} (supported: {supported})")
     check_keys(p, "store", store, STORE_KEYS[store_type])
+    public_url = store.get("public_url")
+    if public_url is not None:
+        public_url = _public_url(p, public_url)
     if store_type == "filesystem":
-        store_config = StoreConfig(type=store_type, path=path_of(string(store, "path", "store.path")))
+        store_config = StoreConfig(
+            type=store_type, path=path_of(string(store, "path", "store.path")), public_url=public_url
+        )
     else:
         bucket = string(store, "bucket", "store.bucket")
         if not BUCKET_RE.fullmatch(bucket) or ".." in bucket:
@@ -329,6 +354,7 @@ def load_config(path: Path) -> Config:
             endpoint=endpoint,
             region=string(store, "region", "store.region", "us-east-1"),
             credentials_file=path_of(cred) if cred else None,
+            public_url=public_url,
         )
     signing = section("signing")
     pf = signing.get("passphrase_file")
@@ -428,6 +454,7 @@ def load_config(path: Path) -> Config:
         ),
         retention=RetentionConfig(keep=keep, interval=retention_interval),
         tuf=_tuf_config(p, section("tuf", required=False)),
+        images=_images_config(p, section("images", required=False), store_config.public_url),
     )
 
 
@@ -529,3 +556,73 @@ def _tuf_config(p: str, sec: dict[str, Any]) -> TufConfig:
         timestamp=lifetime("timestamp_lifetime", default.timestamp),
     )
     return TufConfig(lifetimes=lifetimes, bit_length=bins.bit_length() - 1)
+
+
+# Top-level folders of the store's own layout (reconciler.core.layout): a name prefix
+# whose domain were one of them would mix discovery copies into them.
+_LAYOUT_FOLDERS = frozenset({"blobs", "hosts", "keys", "tuf"})
+# appc's well-known annotations whose value is a URL (spec/aci.md); "created" is a
+# date, which would make the same commit build different bytes at another time.
+_URL_ANNOTATIONS = frozenset({"homepage", "documentation"})
+
+
+def _http_url(value: object) -> bool:
+    if not isinstance(value, str) or any(c.isspace() for c in value):
+        return False
+    parsed = urllib.parse.urlsplit(value)
+    return parsed.scheme in ("http", "https") and bool(parsed.hostname)
+
+
+def _images_config(p: str, sec: dict[str, Any], public_url: str | None) -> ImagesConfig:
+    prefix = sec.get("name_prefix", DEFAULT_NAME_PREFIX)
+    if not isinstance(prefix, str) or not is_ac_identifier(prefix):
+        why = "must be an AC Identifier: lowercase words joined by -._~/ (e.g. example.com/fleet)"
+        raise ConfigError(p, "images.name_prefix", why)
+    if prefix.split("/", 1)[0] in _LAYOUT_FOLDERS:
+        why = f"must not start with a folder of the store ({', '.join(sorted(_LAYOUT_FOLDERS))})"
+        raise ConfigError(p, "images.name_prefix", why)
+    # Where discovery's templates point: the store's public URL, else a guess from
+    # the prefix's domain (a page is no signed artifact, unlike update information).
+    url = public_url if public_url is not None else default_store_url(prefix)
+    annotations = sec.get("annotations", {})
+    if not isinstance(annotations, dict):
+        raise ConfigError(p, "images.annotations", "must be a mapping of AC Identifiers to strings")
+    for name, value in annotations.items():
+        key = f"images.annotations.{name}"
+        if not isinstance(name, str) or not is_ac_identifier(name):
+            why = "annotation names must be AC Identifiers (lowercase words joined by -._~/)"
+            raise ConfigError(p, key, why)
+        if name == "created":
+            raise ConfigError(p, key, "is not allowed: a build date would make every build differ")
+        if not isinstance(value, str) or not value:
+            raise ConfigError(p, key, "must be a non-empty string")
+        if name in _URL_ANNOTATIONS and not _http_url(value):
+            raise ConfigError(p, key, "must be an http:// or https:// URL")
+    return ImagesConfig(
+        name_prefix=prefix,
+        store_url=url if url.endswith("/") else url + "/",
+        annotations=tuple(sorted(annotations.items())),
+    )
+
+
+def _public_url(path: str, value: object) -> str:
+    """``store.public_url``: an http(s) URL of printable ASCII without '|', as it goes
+    into AppImages' update information (``zsync|<URL>``)."""
+    rule = "must be the http:// or https:// URL the store is served at (printable ASCII, no '|')"
+    if not isinstance(value, str):
+        raise ConfigError(path, "store.public_url", rule)
+    parsed = urllib.parse.urlsplit(value)
+    if (
+        parsed.scheme not in ("http", "https")
+        or not parsed.hostname
+        or parsed.query
+        or parsed.fragment
+        or "|" in value
+        or any(not 0x21 <= ord(c) <= 0x7E for c in value)
+    ):
+        raise ConfigError(path, "store.public_url", rule)
+    try:
+        _ = parsed.port
+    except ValueError:
+        raise ConfigError(path, "store.public_url", rule) from None
+    return value.rstrip("/")

@@ -8,6 +8,7 @@ points the daemon at them with a filesystem store in DIR/store.
 from __future__ import annotations
 
 import os
+from enum import StrEnum
 from pathlib import Path
 
 import git
@@ -35,6 +36,8 @@ services:
     package: site
     exec: [bin/busybox, httpd, -f, -p, "{port}", -h, srv/www]
     restart: always
+    ports:                     # the ACI manifest's app.ports
+      - {{name: http, port: {port}, protocol: tcp}}
 """
 
 WORKER_HOST = """\
@@ -82,17 +85,37 @@ listen: 127.0.0.1:9180
 poll_interval: 30
 jobs: 2
 release_lifetime: 30d
+images:
+  # ACIs are named example.com/fleet/<host>; serve the store at https://example.com/
+  # (or set store.public_url) and appc discovery resolves them.
+  name_prefix: example.com/fleet
+  annotations:
+    authors: Reconciler Demo <reconciler@example.invalid>
 """
 
 
-def make_signing_key(gnupghome: Path, name: str = "Reconciler Demo") -> str:
-    """Create an ed25519 signing key without passphrase; return its fingerprint."""
+class KeyType(StrEnum):
+    """OpenPGP key algorithms for the publisher's key (README, "Signing keys")."""
+
+    # rkt's OpenPGP library (golang.org/x/crypto/openpgp) refuses EdDSA keys ("public
+    # key type: 22"); gpg, python-gnupg and the TUF metadata accept both.
+    RSA = "rsa"
+    ED25519 = "ed25519"
+
+
+def make_signing_key(gnupghome: Path, name: str = "Reconciler Demo", key_type: KeyType = KeyType.RSA) -> str:
+    """Create a signing key without passphrase (RSA 3072 by default, which every
+    verifier of ACIs accepts); return its fingerprint."""
     gnupghome.mkdir(parents=True, exist_ok=True)
     os.chmod(gnupghome, 0o700)
     gpg = gnupg.GPG(gnupghome=str(gnupghome))
+    algorithm: dict[str, str | int] = (
+        {"key_type": "RSA", "key_length": 3072}
+        if key_type is KeyType.RSA
+        else {"key_type": "EDDSA", "key_curve": "ed25519"}
+    )
     params = gpg.gen_key_input(
-        key_type="EDDSA",
-        key_curve="ed25519",
+        **algorithm,
         key_usage="sign",
         name_real=name,
         name_email="reconciler@example.invalid",

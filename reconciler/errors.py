@@ -27,6 +27,10 @@ class ConfigError(ReconcilerError):
         where = f"{path}: {key}" if key else path
         super().__init__(f"{where}: {reason}")
 
+    def __reduce__(self) -> tuple[type[ConfigError], tuple[str, str, str]]:
+        # Parse results cross process boundaries (reconciler.daemon.parsing).
+        return (type(self), (self.path, self.key, self.reason))
+
 
 class SourceError(ReconcilerError):
     """The config repository could not be fetched or read."""

@@ -96,6 +96,11 @@ class Store(Protocol):
         """Every key that starts with ``prefix`` (a plain string prefix), sorted."""
         ...
 
+    def copy(self, src: str, dst: str) -> None:
+        """Make ``dst`` an object with ``src``'s bytes, atomically like a put: a hard
+        link or a copy inside the backend where it has one, never through this process."""
+        ...
+
     def delete(self, key: str) -> None:
         """Remove ``key``; removing a missing key is not an error."""
         ...
@@ -103,6 +108,26 @@ class Store(Protocol):
     def sweep(self) -> builtins.list[str]:
         """Remove what writes that died mid-way left (never visible as keys); call it
         only where no write can be in progress. Returns what was removed."""
+        ...
+
+
+class Packager(Protocol):
+    """What the publisher adds to built artifacts (reconciler.adapters.appimage)."""
+
+    def seal_appimage(
+        self,
+        built: Path,
+        dest: Path,
+        update_information: bytes,
+        public_key: bytes,
+        sign: Callable[[bytes], bytes],
+    ) -> None:
+        """``built`` to ``dest`` with its digest, signature, key and update information
+        embedded (AppImage spec)."""
+        ...
+
+    def zsync(self, artifact: Path, name: str, url: str) -> bytes:
+        """The zsync control file of ``artifact`` (saved as ``name``, fetched from ``url``)."""
         ...
 
 
@@ -192,6 +217,7 @@ class Ports:
     gate: Gate
     signer: SignerFactory
     clock: Clock
+    packager: Packager
 
 
 class SignerFactory(Protocol):

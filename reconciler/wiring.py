@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from reconciler.adapters.appimage import Packager
 from reconciler.adapters.clock import SystemClock
 from reconciler.adapters.git import GitSource, Snapshot
 from reconciler.adapters.gpg import read_keys
@@ -62,7 +63,7 @@ def source(cfg: Config) -> GitSource:
 
 def open_reconciler(cfg: Config, metrics: Metrics | None = None) -> Reconciler:
     """The daemon's pass with the real adapters."""
-    nix = Nix(cfg.state_dir, cfg.nix, builders=cfg.builders)
+    nix = Nix(cfg.state_dir, cfg.nix, builders=cfg.builders, images=cfg.images)
     ports = _ports(cfg, source(cfg), nix, lambda: State(cfg.state_dir))
     return Reconciler(cfg, ports, metrics, _tuf(cfg, ports))
 
@@ -86,7 +87,7 @@ def open_planner(cfg: Config, workdir: Path) -> Reconciler:
     checkout = cfg.state_dir / "checkout"
     git = source(cfg) if (checkout / ".git").is_dir() else _clone_in(cfg, workdir / "clone")
     nix_settings = replace(cfg.nix, toolchain_dir=cfg.nix.toolchain_dir or cfg.state_dir / "toolchain")
-    nix = Nix(workdir, nix_settings)
+    nix = Nix(workdir, nix_settings, images=cfg.images)
     return Reconciler(
         cfg, _ports(cfg, Snapshot(git, workdir), nix, lambda: State(cfg.state_dir, read_only=True))
     )
@@ -107,6 +108,7 @@ def _ports(cfg: Config, source: Source, nix: Nix, open_ledger: Callable[[], Ledg
         gate=gate,
         signer=lambda: _signer(s),
         clock=SystemClock(),
+        packager=Packager(),
     )
 
 

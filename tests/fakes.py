@@ -205,6 +205,38 @@ class FakeSigner:
         return self._metadata_signer
 
 
+class FakePackager:
+    """Seals by appending what would be embedded; a zsync file names what it indexes.
+    Records the AppImages sealed."""
+
+    def __init__(self) -> None:
+        self.sealed: list[str] = []
+        self.disk_full = False
+
+    def seal_appimage(
+        self,
+        built: Path,
+        dest: Path,
+        update_information: bytes,
+        public_key: bytes,
+        sign: Callable[[bytes], bytes],
+    ) -> None:
+        if self.disk_full:
+            raise OSError(28, "No space left on device", str(dest))
+        data = built.read_bytes()
+        dest.write_bytes(data + b"|" + update_information + b"|" + public_key + b"|" + sign(data))
+        self.sealed.append(built.name)
+
+    def zsync(self, artifact: Path, name: str, url: str) -> bytes:
+        size = artifact.stat().st_size
+        blocks = -(-size // 2048)
+        header = (
+            f"zsync: 0.6.2\nFilename: {name}\nBlocksize: 2048\nLength: {size}\n"
+            f"Hash-Lengths: 2,2,4\nURL: {url}"
+        )
+        return header.encode() + b"\n\n" + bytes(6 * blocks)
+
+
 class CrashError(StoreError):
     """The process died here: the write did not happen."""
 
@@ -248,6 +280,14 @@ class MemoryStore:
 
     def list(self, prefix: str = "") -> builtins.list[str]:
         return sorted(k for k in self.objects if k.startswith(prefix))
+
+    def copy(self, src: str, dst: str) -> None:
+        data = self.objects.get(src)
+        if data is None:
+            raise StoreError(f"cannot copy {src} to {dst}: no such object")
+        # As FilesystemStore's hard link: nothing to write when dst is src's already.
+        if self.objects.get(dst) is not data:
+            self._put(dst, data)
 
     def delete(self, key: str) -> None:
         self.objects.pop(key, None)

@@ -135,7 +135,7 @@ printf 'AI\002' | dd of="$work/runtime" bs=1 seek=8 count=3 conv=notrunc 2>/dev/
 
 # Sanity checks: reserved sections for AppImage tooling, and the payload
 # offset (end of the ELF) equal to the file size when nothing is appended.
-for section in .upd_info:1024 .sha256_sig:1024 .sig_key:8192; do
+for section in .upd_info:1024 .sha256_sig:1024 .sig_key:8192 .digest_md5:16; do
   name=${section%%:*} want=${section#*:}
   # "[Nr] Name Type Address Off Size ..." -> "Type Size" (hex) of that section.
   set -- $("$readelf" -SW "$work/runtime" | sed -n 's/^ *\[ *[0-9]*\] *//p' | awk -v n="$name" '$1 == n { print $2, $5 }')

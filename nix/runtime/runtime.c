@@ -45,11 +45,14 @@
 #define RUNTIME_VERSION "1.0"
 
 /* Sections reserved for AppImage tooling, with the names and sizes the official
-   runtime has: appimagetool writes update information and signatures into them
-   in the file. They must be PROGBITS (present in the file), hence initialised. */
+   runtime has: appimagetool writes update information, libappimage's MD5 digest
+   (.digest_md5), the signature and its key into them in the file; here the
+   publisher does, after the build (reconciler/adapters/appimage.py). They must be
+   PROGBITS (present in the file), hence initialised. */
 __attribute__((section(".upd_info"), used)) char appimage_update_information[1024] = {0};
 __attribute__((section(".sha256_sig"), used)) char appimage_signature[1024] = {0};
 __attribute__((section(".sig_key"), used)) char appimage_signature_key[8192] = {0};
+__attribute__((section(".digest_md5"), used)) char appimage_digest_md5[16] = {0};
 
 #if UINTPTR_MAX > 0xffffffffu
 typedef Elf64_Ehdr Ehdr;

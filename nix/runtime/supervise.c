@@ -454,8 +454,11 @@ int main(int argc, char **argv) {
     shell = argv[optind];
     const char *dir = argv[optind + 1];
 
-    /* Stop when whoever started us dies (the AppImage runtime sets this too). */
-    prctl(PR_SET_PDEATHSIG, SIGTERM);
+    /* Stop when whoever started us dies (the AppImage runtime sets this too).
+       Not as a container's init (PID 1 of its namespace): whoever started it
+       there (runc run --detach) exits at once by design. */
+    if (getpid() != 1)
+        prctl(PR_SET_PDEATHSIG, SIGTERM);
     if (prctl(PR_SET_CHILD_SUBREAPER, 1) < 0)
         die("cannot become a subreaper", strerror(errno));
     /* Best effort: with the image unmounted, a page not yet read in could not

@@ -29,10 +29,12 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
-from reconciler.config import NixConfig
+from reconciler.config import ImagesConfig, NixConfig
 from reconciler.core import builders as remote
+from reconciler.core.appc import image_name
 from reconciler.core.builders import Builder
 from reconciler.core.evalwork import Batch, EvalWork, Failure
+from reconciler.core.formats import Kind, kind_of, kinds
 from reconciler.core.hosts import Host
 from reconciler.core.model import BuildOutput, BuildProgress, Evaluation
 from reconciler.core.nixlog import Redaction, build_failure, last_line, redact, tail
@@ -110,6 +112,26 @@ def _environment() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "NIX_PATH"}
 
 
+def write_builders(builders: Sequence[Builder], directory: Path) -> Path:
+    """Write the machines file, known hosts and ssh configuration of ``builders`` into
+    ``directory`` (the ssh configuration names the known hosts there): the ssh
+    configuration's path. Each file is replaced whole, mode 0644: ssh refuses a
+    configuration others may write, and none holds a secret (the key is a path)."""
+    directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+    known = directory.resolve() / "known_hosts"
+    files = {
+        "machines": remote.machines(builders),
+        "known_hosts": remote.known_hosts(builders),
+        "ssh_config": remote.ssh_config(builders, str(known)),
+    }
+    for name, text in files.items():
+        tmp = directory / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.chmod(0o644)
+        tmp.replace(directory / name)
+    return directory / "ssh_config"
+
+
 class Nix:
     def __init__(
         self,
@@ -117,8 +139,10 @@ class Nix:
         settings: NixConfig | None = None,
         nix_dir: Path = NIX_DIR,
         builders: Sequence[Builder] = (),
+        images: ImagesConfig | None = None,
     ) -> None:
         self.settings = settings or NixConfig()
+        self.images = images or ImagesConfig()
         self.builders = tuple(builders)
         self.builders_dir = state_dir / "builders"
         self.nix_dir = nix_dir
@@ -394,6 +418,18 @@ class Nix:
         args = self._args(fleet_file, repo)
         return ["nix-instantiate", "--eval", "--strict", "--json", "-A", "images", *args]
 
+    def _aci(self, host: Host) -> str:
+        """What the ACI manifest says beside the host's definition (nix/host.nix): its
+        name under the configured prefix and the annotations. Only the release step
+        reads it, so the image derivation, and with it change detection, does not."""
+        return json.dumps(
+            {
+                "name": image_name(self.images.name_prefix, host.name),
+                "annotations": [{"name": k, "value": v} for k, v in self.images.annotations],
+            },
+            sort_keys=True,
+        )
+
     def instantiate(self, host: Host, version: int, repo: Path) -> str:
         """The derivation of ``host``'s release artifacts as ``version``; builds nothing."""
         self.ensure_toolchain()
@@ -408,6 +444,9 @@ class Nix:
                     "--argstr",
                     "version",
                     str(version),
+                    "--argstr",
+                    "aci",
+                    self._aci(host),
                     *self._args(fleet_file, repo),
                 ],
                 self.settings.eval_timeout.total_seconds(),
@@ -424,21 +463,9 @@ class Nix:
         return inst.stdout.strip().splitlines()[-1]
 
     def _write_builders(self) -> Path:
-        """The machines file, known hosts and ssh configuration of the builders, written
-        anew (the config may have changed since): the ssh configuration's path."""
-        d = self.builders_dir
-        d.mkdir(parents=True, exist_ok=True)
-        known = d / "known_hosts"
-        files = {
-            "machines": remote.machines(self.builders),
-            "known_hosts": remote.known_hosts(self.builders),
-            "ssh_config": remote.ssh_config(self.builders, str(known.resolve())),
-        }
-        for name, text in files.items():
-            tmp = d / f".{name}.tmp"
-            tmp.write_text(text)
-            tmp.replace(d / name)
-        return d / "ssh_config"
+        """The builders' files in the state dir, written anew before each build (the
+        config may have changed since): the ssh configuration's path."""
+        return write_builders(self.builders, self.builders_dir)
 
     def _builder_args(self) -> tuple[list[str], dict[str, str] | None]:
         """Options and environment that hand a realisation's builds to Nix's remote
@@ -502,13 +529,19 @@ class Nix:
             raise BuildError(host.name, reason, builder=builder, refused=refused)
         self._check_size(host.name, drv)
         out = Path(real.stdout.strip().splitlines()[-1])
-        files = {}
+        built: dict[Kind, list[Path]] = {}
         for entry in sorted(out.iterdir()):
-            fmt = "aci" if entry.name.endswith(".aci") else "appimage"
-            files[fmt] = entry
-        missing = set(host.formats) - set(files)
+            kind = kind_of(entry.name)
+            if kind is not None:
+                built.setdefault(kind, []).append(entry)
+        wanted = kinds(host.formats)
+        missing = [k for k in wanted if k not in built]
         if missing:
-            raise BuildError(host.name, f"build produced no {', '.join(sorted(missing))} artifact")
+            raise BuildError(host.name, f"build produced no {', '.join(missing)} artifact")
+        several = [k for k in wanted if len(built[k]) > 1]
+        if several:
+            raise BuildError(host.name, f"build produced more than one {', '.join(several)} artifact")
+        files = {k.value: built[k][0] for k in wanted}
         return BuildOutput(derivation=drv, out=out, files=files, builder=builder, refused=refused)
 
     def _build(

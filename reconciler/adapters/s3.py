@@ -102,7 +102,11 @@ def read_credentials(path: Path) -> S3Credentials:
     )
 
 
-_CONTENT_TYPES = {".json": "application/json", ".asc": "application/pgp-signature"}
+_CONTENT_TYPES = {
+    ".json": "application/json",
+    ".asc": "application/pgp-signature",
+    ".html": "text/html; charset=utf-8",
+}
 _MISSING = frozenset({"404", "NoSuchKey", "NotFound"})
 _DENIED = frozenset({"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden"})
 
@@ -219,6 +223,21 @@ class S3Store:
             self.client.put_object(Bucket=self.bucket, Key=full, Body=data, ContentType=_content_type(key))
         except (BotoCoreError, ClientError) as exc:
             raise self._error("write", key, exc) from None
+
+    def copy(self, src: str, dst: str) -> None:
+        """A copy inside the service (CopyObject, multipart above the threshold): the
+        bytes do not pass through this process."""
+        source, full = self._key(src), self._key(dst)
+        try:
+            self.client.copy(
+                {"Bucket": self.bucket, "Key": source},
+                self.bucket,
+                full,
+                ExtraArgs={"ContentType": _content_type(dst), "MetadataDirective": "REPLACE"},
+                Config=self._transfer,
+            )
+        except (BotoCoreError, ClientError, S3UploadFailedError, OSError) as exc:
+            raise StoreError(f"cannot copy {src} to {dst} in {self.location}: {self._reason(exc)}") from None
 
     def get_bytes(self, key: str) -> bytes | None:
         full = self._key(key)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import builtins
 import errno
 import os
+import secrets
 import shutil
 import stat
 import tempfile
@@ -80,6 +81,36 @@ class FilesystemStore:
 
     def put_bytes(self, key: str, data: bytes) -> None:
         self._write(key, data)
+
+    def copy(self, src: str, dst: str) -> None:
+        """A hard link: the same bytes at no cost in space (objects are never written in
+        place, so the two cannot drift apart); a copy where links are not possible."""
+        source, target = self._path(src), self._path(dst)
+        try:
+            if target.exists() and os.path.samefile(source, target):
+                return
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.parent / (TMP_PREFIX + secrets.token_hex(8))
+            try:
+                os.link(source, tmp)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP):
+                    raise
+                self._write(dst, source)
+                return
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            dfd = os.open(target.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError as exc:
+            reason = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+            raise StoreError(f"cannot copy {src} to {dst} in {self.root}: {reason}") from None
 
     def get_bytes(self, key: str) -> bytes | None:
         try:

@@ -8,9 +8,13 @@ from typing import Any
 
 from reconciler.adapters import fetch
 from reconciler.config import read_yaml
-from reconciler.core.hosts import FORMATS, NAME_RE
+from reconciler.core.formats import Format
+from reconciler.core.hosts import NAME_RE
 from reconciler.core.schema import check_keys, parse_duration
 from reconciler.errors import ConfigError
+
+# The formats the agent can install: those that are one file.
+AGENT_FORMATS = (Format.ACI.value, Format.APPIMAGE.value)
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,9 @@ class AgentConfig:
     metrics_file: Path | None = None
     keep: int = 3
     timeout: float = 60.0
+    # Fetch an AppImage update as the blocks the running one lacks (Debian's zsync,
+    # http stores); false: always whole.
+    zsync: bool = True
 
 
 AGENT_KEYS = frozenset(
@@ -54,6 +61,7 @@ AGENT_KEYS = frozenset(
         "metrics_file",
         "keep",
         "timeout",
+        "zsync",
     }
 )
 HEALTH_KEYS = frozenset({"url", "command", "timeout", "interval"})
@@ -97,8 +105,9 @@ def load_agent_config(path: Path) -> AgentConfig:
     if not isinstance(keys, list) or not keys:
         raise ConfigError(p, "keys", "must list the publisher's public key file(s): trust is pinned here")
     fmt = data.get("format", "appimage")
-    if fmt not in FORMATS:
-        raise ConfigError(p, "format", f"must be one of {', '.join(FORMATS)}")
+    if fmt not in AGENT_FORMATS:
+        # A thin ACI or an OCI image is several blobs; the agent installs one file.
+        raise ConfigError(p, "format", f"must be one of {', '.join(AGENT_FORMATS)}")
     health = data.get("health")
     health_cfg = None
     if health is not None:
@@ -134,6 +143,9 @@ def load_agent_config(path: Path) -> AgentConfig:
             "cannot be used with supervise: true; the agent runs the AppImage itself with "
             "supervise, and activate is for a release something else runs (a service manager)",
         )
+    zsync = data.get("zsync", True)
+    if not isinstance(zsync, bool):
+        raise ConfigError(p, "zsync", "must be true or false")
     listen = data.get("listen")
     if listen is not None and not isinstance(listen, str):
         raise ConfigError(p, "listen", "must be HOST:PORT")
@@ -153,6 +165,7 @@ def load_agent_config(path: Path) -> AgentConfig:
         metrics_file=path_of("metrics_file", mf) if mf is not None else None,
         keep=keep,
         timeout=_seconds(p, "timeout", data.get("timeout", "60s")),
+        zsync=zsync,
     )
 
 

@@ -24,6 +24,13 @@ class PollResult(StrEnum):
     ERROR = "error"  # the store could not be read; nothing changed
 
 
+class DownloadMethod(StrEnum):
+    """How an artifact came; the value is the metric label."""
+
+    ZSYNC = "zsync"  # the blocks the running release lacked, by zsync
+    FULL = "full"  # the whole blob
+
+
 class AgentMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
@@ -50,6 +57,12 @@ class AgentMetrics:
         self.downloaded = Counter(
             "reconciler_agent_downloaded_bytes", "Bytes of metadata and artifacts downloaded.", registry=r
         )
+        self.artifact_downloads = Counter(
+            "reconciler_agent_artifact_downloads",
+            "Artifacts downloaded and found to be what the release names, by method.",
+            ["method"],
+            registry=r,
+        )
         self.stale = Gauge(
             "reconciler_agent_metadata_stale",
             "1 while the store's newest TUF metadata has expired (a freeze, or a stopped "
@@ -65,6 +78,8 @@ class AgentMetrics:
         # rise, which a series born at 1 never shows (AgentRefusals would not fire).
         for result in PollResult:
             self.polls.labels(result)
+        for method in DownloadMethod:
+            self.artifact_downloads.labels(method)
         for reason in Reason:
             self.refusals.labels(reason)
 
@@ -91,6 +106,7 @@ class AgentMetrics:
             (self.updates, False),
             (self.rollbacks, False),
             (self.downloaded, False),
+            (self.artifact_downloads, True),
         ):
             for metric in counter.collect():
                 for sample in metric.samples:

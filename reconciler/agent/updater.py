@@ -9,7 +9,11 @@ brings the host's TUF metadata up to date and hands over the verified entry for
 must be those bytes and release N of this host, newer than what runs (no rollback),
 unexpired, with an artifact that did not fail here before; the artifact must have the
 size and sha256 the release says (no tampering; no endless data either, the download
-stops at the size). It is installed beside the old release, the ``current`` symlink is
+stops at the size). With a release already installed, a store served over http and
+the artifact's zsync control file beside its blob, only the blocks the running
+release lacks are fetched (Debian's zsync, under the same deadline as a download);
+whatever zsync builds is checked like a download, and anything wrong with it means a
+full download instead. It is installed beside the old release, the ``current`` symlink is
 flipped by rename, the app is activated and health-checked, and on failure ``current``
 flips back and the old release is activated again.
 
@@ -26,6 +30,7 @@ State directory:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -42,17 +47,18 @@ from securesystemslib.signer import Key
 from tuf.api.metadata import TargetFile
 
 from reconciler import log
-from reconciler.adapters import fetch
+from reconciler.adapters import fetch, zsync
 from reconciler.adapters.gpg import read_keys
 from reconciler.adapters.http import Server
 from reconciler.agent import health
 from reconciler.agent.config import AgentConfig, HealthConfig
-from reconciler.agent.metrics import AgentMetrics, PollResult
+from reconciler.agent.metrics import AgentMetrics, DownloadMethod, PollResult
 from reconciler.agent.state import AgentState
 from reconciler.agent.supervisor import App
 from reconciler.agent.tufclient import StaleError, TufClient
-from reconciler.core.layout import release_path
-from reconciler.core.release import Release, parse_release
+from reconciler.core import zsync as control
+from reconciler.core.layout import release_path, zsync_path
+from reconciler.core.release import Artifact, Release, parse_release
 from reconciler.core.trust import Downloaded, Expected, Pinned, Reason, RefusalError, TrustedState
 from reconciler.core.tufrepo import entry_version, target_path
 from reconciler.errors import ConfigError, FetchError, VerificationError
@@ -293,8 +299,13 @@ class Agent:
         work = Path(tempfile.mkdtemp(prefix=f".{release.version}.", dir=self.releases))
         try:
             where, dest = self._url(art.blob), work / art.name
-            digest = self.fetcher.download(where, dest, art.size, self.cfg.timeout, self._count)
+            digest = self._zsync(art, dest)
+            method = DownloadMethod.ZSYNC
+            if digest is None:
+                digest = self.fetcher.download(where, dest, art.size, self.cfg.timeout, self._count)
+                method = DownloadMethod.FULL
             trusted.update_artifact(Downloaded(where, dest.stat().st_size, digest))
+            self.metrics.artifact_downloads.labels(method).inc()
             dest.chmod(0o555)
             (work / "release.json").write_bytes(release.to_json())
             if final.exists():
@@ -303,7 +314,69 @@ class Agent:
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
-        log.event("agent_installed", host=self.cfg.host, version=release.version, artifact=art.name)
+        log.event(
+            "agent_installed", host=self.cfg.host, version=release.version, artifact=art.name, method=method
+        )
+
+    def _seed(self) -> Path | None:
+        """The running release's artifact, if it is installed."""
+        d = self.releases / str(self.state.version)
+        if not self.state.version or not (d / "release.json").is_file():
+            return None
+        try:
+            art = parse_release((d / "release.json").read_bytes(), str(d / "release.json")).artifact(
+                self.cfg.format
+            )
+        except (OSError, VerificationError):
+            return None
+        return d / art.name if art is not None and (d / art.name).is_file() else None
+
+    def _zsync(self, art: Artifact, dest: Path) -> str | None:
+        """Build ``dest`` with zsync from the running release; its sha256, or None
+        when zsync cannot be used (logged when it was tried and failed)."""
+        # Only AppImages have control files; zsync reads plain HTTP only.
+        if (
+            not self.cfg.zsync
+            or art.format != "appimage"
+            or not self.cfg.store.startswith("http://")
+            or not zsync.available()
+        ):
+            return None
+        seed = self._seed()
+        if seed is None:
+            return None
+        where = self._url(zsync_path(art.blob))
+        local = dest.with_name(dest.name + ".zsync")
+        try:
+            got = self.fetcher.get(
+                where, control.size_limit(art.size), timeout=self.cfg.timeout, count=self._count
+            )
+            assert got is not None  # unconditional reads always answer
+            # The store's control file, pointed at the blob the signed release names.
+            local.write_bytes(control.parse(got.data, art.size, where).with_url(self._url(art.blob)))
+            fetched = zsync.sync(seed, local, dest, self.cfg.timeout)
+            self._count(fetched)
+            with dest.open("rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+            if digest != art.sha256:
+                raise VerificationError(f"zsync built other bytes than {art.blob} (sha256 {digest})")
+        except (FetchError, VerificationError, OSError) as exc:
+            dest.unlink(missing_ok=True)
+            # No control file: a release from before them, or published without one.
+            if not isinstance(exc, FetchError) or exc.status != 404:
+                log.event(
+                    "agent_zsync_failed",
+                    logging.WARNING,
+                    host=self.cfg.host,
+                    artifact=art.name,
+                    error=str(exc),
+                )
+            return None
+        finally:
+            for leftover in local, dest.with_name(dest.name + ".part"), dest.with_name(dest.name + ".zs-old"):
+                leftover.unlink(missing_ok=True)
+        log.event("agent_zsync", host=self.cfg.host, artifact=art.name, fetched=fetched, size=art.size)
+        return digest
 
     def _point_current(self, version: int) -> None:
         """Flip ``current`` to releases/<version> with one rename: never missing, never half."""

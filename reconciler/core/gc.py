@@ -3,7 +3,9 @@
 Per host the newest ``keep`` published releases (``hosts/<h>/releases/<N>.json``
 with their ``.asc``) stay, and so does the one ``latest.json`` names; older ones go.
 Blobs (``blobs/sha256/<hex>`` and ``.asc``) are shared between hosts: one goes only
-when no kept release of any host and no ``latest.json`` references it.
+when no kept release of any host and no ``latest.json`` references it. The copies
+appc discovery reads (``<prefix>/<host>-<N>-<os>-<arch>.aci`` and ``.asc``, under any
+prefix) belong to release N of their host: they go with it.
 
 :func:`plan_gc` decides on plain data; reconciler.daemon.gc lists the store, reads
 what the plan depends on and deletes, releases first, then blobs.
@@ -20,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from reconciler.core.layout import BlobKey, LatestKey, ReleaseKey, parse_key, release_path
+from reconciler.core.layout import BlobKey, DiscoveryKey, LatestKey, ReleaseKey, parse_key, release_path
 from reconciler.core.release import Release
 
 DEFAULT_KEEP = 10
@@ -46,7 +48,7 @@ def _layout(listing: Iterable[str]) -> _Layout:
     out = _Layout()
     for key in listing:
         match parse_key(key):
-            case ReleaseKey(host=name, version=version):
+            case ReleaseKey(host=name, version=version) | DiscoveryKey(host=name, version=version):
                 out.hosts.setdefault(name, _Host()).versions.setdefault(version, []).append(key)
             case LatestKey(host=name, signature=False):
                 out.hosts.setdefault(name, _Host()).latest = key
@@ -87,7 +89,8 @@ def plan_gc(
 ) -> list[str]:
     """The keys to delete, in the order to delete them (releases, then blobs).
 
-    ``listing`` is every key under ``hosts/`` and ``blobs/``; ``releases`` maps
+    ``listing`` is every key of the store (at least those under ``hosts/``, ``blobs/``
+    and the discovery prefixes); ``releases`` maps
     release and ``latest.json`` keys to their parsed content, None for one that
     could not be read. It must hold every key :func:`needed_releases` names;
     without one, or with None for one, no blob is deleted.
@@ -108,7 +111,11 @@ def plan_gc(
         newest = published[-1] if published else 0
         for v in sorted(host.versions):
             if v not in kept and v < newest:
-                doomed += sorted(host.versions[v], key=lambda k: k.endswith(".asc"))
+                # The release file, its signature, then the discovery copies (whatever
+                # order the listing had).
+                doomed += sorted(
+                    host.versions[v], key=lambda k: (not k.startswith("hosts/"), k.endswith(".asc"), k)
+                )
         # What stays referenced: the kept releases and latest.json.
         live = [release_path(name, v) for v in sorted(kept) if v in published]
         for key in [*live, host.latest] if host.latest else live:

@@ -18,23 +18,49 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from reconciler.core.appc import PortProtocol, is_ac_name
+from reconciler.core.formats import DEFAULT_FORMATS, Format
 from reconciler.core.schema import MAX_FILE_BYTES, check_keys, kind, parse_yaml
 from reconciler.errors import ConfigError
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 SERVICE_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-FORMATS = ("aci", "appimage")
+FORMATS = tuple(f.value for f in Format)
 RESTART_POLICIES = ("always", "on-failure", "never")
 BUILTIN_PACKAGES = frozenset({"busybox"})
 HOST_KEYS = frozenset({"name", "include", "formats", "network", "services", "files"})
 PROFILE_KEYS = HOST_KEYS - {"name"}
 NETWORK_KEYS = frozenset({"address", "gateway", "dns"})
-SERVICE_KEYS = frozenset({"package", "exec", "restart"})
-# Paths the image builder owns; a host's `files` may not shadow them.
-RESERVED_PREFIXES = ("AppRun", ".reconciler", "etc/reconciler", "etc/service", "bin/busybox", ".DirIcon")
+SERVICE_KEYS = frozenset({"package", "exec", "restart", "ports"})
+PORT_KEYS = frozenset({"name", "port", "protocol"})
+# Paths the image builder owns; a host's `files` may not shadow them. The last six
+# are the ACI's directories for the executor's mounts and for temporary files.
+RESERVED_PREFIXES = (
+    "AppRun",
+    ".reconciler",
+    "etc/reconciler",
+    "etc/service",
+    "bin/busybox",
+    ".DirIcon",
+    "tmp",
+    "var/tmp",
+    "run",
+    "dev",
+    "proc",
+    "sys",
+)
 # The AppImage's desktop entry and icon at the image root (nix/host.nix).
 RESERVED_TOP_SUFFIXES = (".desktop", ".svg")
+
+
+@dataclass(frozen=True)
+class Port:
+    """A port a service listens on: the ACI manifest's ``app.ports`` (appc)."""
+
+    name: str  # an appc ACName (words joined by -), unique in the host
+    port: int
+    protocol: PortProtocol = PortProtocol.TCP
 
 
 @dataclass(frozen=True)
@@ -45,6 +71,15 @@ class Service:
     package: str
     exec: tuple[str, ...]
     restart: str
+    ports: tuple[Port, ...] = ()
+
+    def to_nix(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"package": self.package, "exec": list(self.exec), "restart": self.restart}
+        # Only when there are any: a host without ports keeps the image (and the
+        # derivation) it had before services could declare them.
+        if self.ports:
+            out["ports"] = [{"name": p.name, "port": p.port, "protocol": str(p.protocol)} for p in self.ports]
+        return out
 
 
 @dataclass(frozen=True)
@@ -90,10 +125,7 @@ class Host:
             "name": self.name,
             "formats": list(self.formats),
             "network": net,
-            "services": {
-                s.name: {"package": s.package, "exec": list(s.exec), "restart": s.restart}
-                for s in self.services
-            },
+            "services": {s.name: s.to_nix() for s in self.services},
             "files": dict(self.files),
         }
 
@@ -158,7 +190,15 @@ def decode_parsed(text: str) -> Host | ConfigError:
             address=net.get("address"), gateway=net.get("gateway"), dns=tuple(net.get("dns", ()))
         ),
         services=tuple(
-            Service(name=n, package=s["package"], exec=tuple(s["exec"]), restart=s["restart"])
+            Service(
+                name=n,
+                package=s["package"],
+                exec=tuple(s["exec"]),
+                restart=s["restart"],
+                ports=tuple(
+                    Port(p["name"], int(p["port"]), PortProtocol(p["protocol"])) for p in s.get("ports", ())
+                ),
+            )
             for n, s in h["services"].items()
         ),
         files=tuple(h["files"].items()),
@@ -183,10 +223,7 @@ def parse_fleet(files: Mapping[str, str], cache: ParseCache | None = None) -> Fl
     hosts: dict[str, Host] = {}
     errors: list[ConfigError] = []
     invalid: set[str] = set()
-    # A host's validation depends on its own text, every profile and the package names.
-    context = hashlib.sha256(
-        json.dumps([sorted(packages), [(p, files[p]) for ps in profiles.values() for p in ps]]).encode()
-    ).hexdigest()
+    context = parse_context(files)
     for stem, paths in _by_stem(files, "hosts/").items():
         if len(paths) > 1:
             # x.yaml beside x.yml: neither is taken, whichever is valid.
@@ -211,6 +248,26 @@ def parse_fleet(files: Mapping[str, str], cache: ParseCache | None = None) -> Fl
     if cache is not None:
         cache.docs, cache.hosts = new.docs, new.hosts
     return Fleet(hosts=hosts, errors=tuple(errors), invalid=frozenset(invalid))
+
+
+def parse_context(files: Mapping[str, str]) -> str:
+    """What a host's validation depends on besides its own text: every profile and the
+    package names (the last part of its ParseKey)."""
+    profiles = _by_stem(files, "profiles/")
+    packages = {posixpath.basename(p)[:-4] for p in files if p.startswith("packages/")}
+    return hashlib.sha256(
+        json.dumps([sorted(packages), [(p, files[p]) for ps in profiles.values() for p in ps]]).encode()
+    ).hexdigest()
+
+
+def unparsed(files: Mapping[str, str], cache: ParseCache) -> list[str]:
+    """The host files of ``files`` that parse_fleet would parse, given ``cache``."""
+    context = parse_context(files)
+    return [
+        p
+        for paths in _by_stem(files, "hosts/").values()
+        if len(paths) == 1 and ((p := paths[0]), text_digest(files[p]), context) not in cache.hosts
+    ]
 
 
 def _is_yaml(path: str) -> bool:
@@ -367,9 +424,13 @@ def _parse_host(
         sources += inc_sources
     merged = deep_merge(merged, {k: v for k, v in data.items() if k != "include"})
     # Report errors against the host file: that is where the operator looks first.
+    formats = _formats(path, merged.get("formats", list(DEFAULT_FORMATS)))
+    if any(f in formats for f in (Format.ACI, Format.ACI_THIN)) and stem.endswith("-"):
+        # appc's ACIdentifier, which an ACI's name is, ends in a letter or digit.
+        raise ConfigError(path, "name", f"{stem!r} cannot name an ACI: it must end with a letter or digit")
     return Host(
         name=stem,
-        formats=_formats(path, merged.get("formats", list(FORMATS))),
+        formats=formats,
         network=_network(path, merged.get("network", {})),
         services=_services(path, merged.get("services", {}), packages),
         files=_files(path, merged.get("files", {}), stem),
@@ -451,7 +512,58 @@ def _services(path: str, value: Any, packages: set[str]) -> tuple[Service, ...]:
             raise ConfigError(
                 path, f"{key}.restart", f"must be one of {', '.join(RESTART_POLICIES)}, got {restart!r}"
             )
-        out.append(Service(name=name, package=package, exec=tuple(argv), restart=restart))
+        ports = _ports(path, f"{key}.ports", spec.get("ports", []))
+        out.append(Service(name=name, package=package, exec=tuple(argv), restart=restart, ports=ports))
+    # One ACI holds every service: a port's name, and its number per protocol, are the
+    # host's (appc: app.ports names are unique).
+    names: dict[str, str] = {}
+    numbers: dict[tuple[int, PortProtocol], str] = {}
+    for svc in out:
+        for i, port in enumerate(svc.ports):
+            at = f"services.{svc.name}.ports[{i}]"
+            first = names.setdefault(port.name, at)
+            if first != at:
+                raise ConfigError(path, f"{at}.name", f"port name {port.name!r} is already used by {first}")
+            first = numbers.setdefault((port.port, port.protocol), at)
+            if first != at:
+                why = f"{port.protocol} port {port.port} is already declared by {first}"
+                raise ConfigError(path, f"{at}.port", why)
+    return tuple(out)
+
+
+MAX_PORT_NAME = 63
+
+
+def _ports(path: str, key: str, value: Any) -> tuple[Port, ...]:
+    """A service's ``ports``: a list of {name, port, protocol} (unique in the host:
+    :func:`_services` checks)."""
+    if not isinstance(value, list):
+        raise ConfigError(path, key, f"must be a list of {{name, port, protocol}}, not {kind(value)}")
+    out: list[Port] = []
+    for i, entry in enumerate(value):
+        at = f"{key}[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(path, at, f"must be a mapping with name, port and protocol, not {kind(entry)}")
+        check_keys(path, at, entry, PORT_KEYS)
+        name = entry.get("name")
+        if name is None:
+            raise ConfigError(path, f"{at}.name", "is required")
+        if not isinstance(name, str) or len(name) > MAX_PORT_NAME or not is_ac_name(name):
+            raise ConfigError(
+                path,
+                f"{at}.name",
+                f"must be an AC Name of at most {MAX_PORT_NAME} characters: lowercase words joined by -",
+            )
+        number = entry.get("port")
+        if number is None:
+            raise ConfigError(path, f"{at}.port", "is required")
+        if not isinstance(number, int) or isinstance(number, bool) or not 1 <= number <= 65535:
+            raise ConfigError(path, f"{at}.port", f"must be a port number from 1 to 65535, got {number!r}")
+        protocol = entry.get("protocol", PortProtocol.TCP.value)
+        allowed = ", ".join(p.value for p in PortProtocol)
+        if not isinstance(protocol, str) or protocol not in {p.value for p in PortProtocol}:
+            raise ConfigError(path, f"{at}.protocol", f"must be one of {allowed}, got {protocol!r}")
+        out.append(Port(name=name, port=number, protocol=PortProtocol(protocol)))
     return tuple(out)
 
 

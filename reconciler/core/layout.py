@@ -1,10 +1,17 @@
 """The store's layout (SPEC, "The store"): every key, both ways. Pure.
 
 blobs/sha256/<hex>(.asc)                 artifact bytes, content-addressed, and signature
+blobs/sha256/<hex>.zsync                 zsync control file of an AppImage blob
 hosts/<host>/releases/<N>.json(.asc)     immutable signed release metadata
 hosts/<host>/latest.json(.asc)           newest release, written last
+hosts/<host>/<host>-latest-x86_64.AppImage.zsync
+                                         the newest AppImage's zsync control file, at the
+                                         URL its update information names (AppImage spec)
 keys/publisher.asc                       the publisher's public key (never trusted by agents)
 tuf/<V>.<role>.json, tuf/timestamp.json  TUF metadata (reconciler.core.tufrepo)
+<prefix>/<host>-<N>-<os>-<arch>.aci(.asc)  appc discovery's name of release N's ACI: the
+                                         blob's bytes and signature again (core.appc)
+<path of prefix>/index.html              the page answering appc discovery for the prefix
 """
 
 from __future__ import annotations
@@ -15,10 +22,17 @@ from dataclasses import dataclass
 BLOB_PREFIX = "blobs/sha256/"
 PUBLISHER_KEY = "keys/publisher.asc"
 SIGNATURE = ".asc"
+ZSYNC = ".zsync"
 
 _RELEASE = re.compile(r"^hosts/([^/]+)/releases/([1-9][0-9]{0,17})\.json(\.asc)?$")
 _LATEST = re.compile(r"^hosts/([^/]+)/latest\.json(\.asc)?$")
-_BLOB = re.compile(r"^blobs/sha256/([0-9a-f]{64})(\.asc)?$")
+_BLOB = re.compile(r"^blobs/sha256/([0-9a-f]{64})(\.asc|\.zsync)?$")
+_UPDATE = re.compile(r"^hosts/([^/]+)/([^/]+)-latest-x86_64\.AppImage\.zsync$")
+# The prefix is an AC Name (at least its domain); the host and N are the artifact's.
+_DISCOVERY = re.compile(
+    r"^((?:[a-z0-9]+(?:[-._~][a-z0-9]+)*/)+)"
+    r"([a-z0-9][a-z0-9-]{0,62})-([1-9][0-9]{0,17})-([a-z0-9]+)-([a-z0-9_]+)\.aci(\.asc)?$"
+)
 _TUF = re.compile(r"^tuf/(?:([1-9][0-9]{0,17})\.)?([a-z]+(?:-[0-9a-f]+)?)\.json$")
 TUF_PREFIX = "tuf/"
 
@@ -40,9 +54,36 @@ def tuf_path(role: str, version: int | None) -> str:
     return f"{TUF_PREFIX}{role}.json" if version is None else f"{TUF_PREFIX}{version}.{role}.json"
 
 
+def discovery_path(prefix: str, file_name: str) -> str:
+    """Where appc discovery finds the ACI ``file_name`` (``web-1-3-linux-amd64.aci``)
+    named under ``prefix``: the template's ``{name}-{version}-{os}-{arch}.{ext}`` with
+    the image name ``<prefix>/<host>``."""
+    return f"{prefix}/{file_name}"
+
+
+def discovery_page_path(prefix: str) -> str:
+    """The page answering discovery for ``prefix`` when the store is served at the root
+    of the prefix's domain: ``https://example.com/fleet?ac-discovery=1`` is answered
+    by ``fleet/index.html`` (a server's directory index), ``https://example.com`` by
+    ``index.html``."""
+    path = prefix.partition("/")[2]
+    return f"{path}/index.html" if path else "index.html"
+
+
 def signature_path(key: str) -> str:
     """Where the detached signature of the object at ``key`` is."""
     return key + SIGNATURE
+
+
+def zsync_path(blob: str) -> str:
+    """Where the zsync control file of the blob at ``blob`` is."""
+    return blob + ZSYNC
+
+
+def update_path(host: str) -> str:
+    """The stable key of ``host``'s newest AppImage's zsync control file: the spec wants
+    the URL in an AppImage's update information to stay the same across versions."""
+    return f"hosts/{host}/{host}-latest-x86_64.AppImage.zsync"
 
 
 @dataclass(frozen=True)
@@ -62,6 +103,12 @@ class LatestKey:
 class BlobKey:
     sha256: str
     signature: bool
+    zsync: bool = False  # the blob's zsync control file
+
+
+@dataclass(frozen=True)
+class UpdateKey:
+    host: str
 
 
 @dataclass(frozen=True)
@@ -70,7 +117,17 @@ class TufKey:
     version: int | None  # None: timestamp.json
 
 
-Key = ReleaseKey | LatestKey | BlobKey | TufKey
+@dataclass(frozen=True)
+class DiscoveryKey:
+    """A copy of release ``version``'s ACI (or its signature) under an image name prefix."""
+
+    prefix: str
+    host: str
+    version: int
+    signature: bool
+
+
+Key = ReleaseKey | LatestKey | BlobKey | UpdateKey | TufKey | DiscoveryKey
 
 
 def parse_key(key: str) -> Key | None:
@@ -80,7 +137,11 @@ def parse_key(key: str) -> Key | None:
     if m := _LATEST.fullmatch(key):
         return LatestKey(m.group(1), m.group(2) is not None)
     if m := _BLOB.fullmatch(key):
-        return BlobKey(m.group(1), m.group(2) is not None)
+        return BlobKey(m.group(1), m.group(2) == SIGNATURE, m.group(2) == ZSYNC)
+    if (m := _UPDATE.fullmatch(key)) and m.group(1) == m.group(2):
+        return UpdateKey(m.group(1))
+    if m := _DISCOVERY.fullmatch(key):
+        return DiscoveryKey(m.group(1)[:-1], m.group(2), int(m.group(3)), m.group(6) is not None)
     if m := _TUF.fullmatch(key):
         version = int(m.group(1)) if m.group(1) else None
         if (version is None) == (m.group(2) == "timestamp"):

@@ -12,11 +12,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from reconciler.core.formats import Kind
 from reconciler.core.hosts import NAME_RE
 from reconciler.core.layout import blob_path
 from reconciler.errors import VerificationError
 
 SCHEMA = "reconciler.release/v1"
+KINDS = frozenset(k.value for k in Kind)
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")
 # What the agent writes to disk under a signed name: one plain file name, nothing a
@@ -161,7 +163,7 @@ def parse_release(data: bytes, source: str) -> Release:
         if not isinstance(a, dict):
             raise bad(key, "must be an object")
         fmt, name, size, sha = a.get("format"), a.get("name"), a.get("size"), a.get("sha256")
-        if fmt not in ("aci", "appimage"):
+        if not isinstance(fmt, str) or fmt not in KINDS:
             raise bad(f"{key}.format", f"unknown format {fmt!r}")
         if any(other.format == fmt for other in arts):
             raise bad(f"{key}.format", f"a second {fmt!r} artifact")

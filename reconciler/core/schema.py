@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 from yaml.events import AliasEvent, CollectionEndEvent, CollectionStartEvent, Event, ScalarEvent
-from yaml.nodes import MappingNode, Node, SequenceNode
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from reconciler.errors import ConfigError
 
@@ -134,14 +134,16 @@ def _key_path(root: Node | None, target: MappingNode, key: object) -> str:
     return str(key)
 
 
-def _check_limits(text: str, loader: type[yaml.SafeLoader] | type[yaml.CSafeLoader]) -> None:
-    """Refuse a document too deep or too large before a loader builds it.
+def _check_limits(text: str, loader: type[yaml.SafeLoader] | type[yaml.CSafeLoader]) -> bool:
+    """Refuse a document too deep or too large before a loader builds it; whether it
+    is a plain tree (no anchor, no alias).
 
     Walks the parser's event stream (both parsers are iterative, only composing nodes
     recurses) and stops at the first limit broken, so a hostile document costs no more
     than the text up to that point. An alias counts as the whole node it names:
     its nodes, its scalar characters and its height below the alias.
     """
+    plain = True
     # Per open collection: its anchor, and nodes and characters before it began.
     open_: list[tuple[str | None, int, int]] = []
     # Per open collection: the height of its tallest child so far.
@@ -154,7 +156,9 @@ def _check_limits(text: str, loader: type[yaml.SafeLoader] | type[yaml.CSafeLoad
             n, c, h = 1, len(event.value), 0
             if event.anchor is not None:
                 anchors[event.anchor] = (n, c, h)
+                plain = False
         elif isinstance(event, AliasEvent):
+            plain = False
             if event.anchor not in anchors:
                 continue  # the composer reports the undefined alias
             size = anchors[event.anchor]
@@ -174,6 +178,7 @@ def _check_limits(text: str, loader: type[yaml.SafeLoader] | type[yaml.CSafeLoad
             heights.append(0)
             if event.anchor is not None:
                 anchors[event.anchor] = None
+                plain = False
             nodes += 1
             _check_size(nodes, chars, event)
             continue
@@ -192,6 +197,7 @@ def _check_limits(text: str, loader: type[yaml.SafeLoader] | type[yaml.CSafeLoad
         nodes += n
         chars += c
         _check_size(nodes, chars, event)
+    return plain
 
 
 def _check_size(nodes: int, chars: int, event: Event) -> None:
@@ -234,7 +240,54 @@ def parse_yaml(path: str, text: str) -> Any:
 
 
 def _load(text: str, loader: type[yaml.SafeLoader] | type[yaml.CSafeLoader]) -> Any:
-    _check_limits(text, loader)
+    if _check_limits(text, loader) and loader is not _PyLoader:
+        return _load_tree(text, loader)
+    return yaml.load(text, Loader=loader)
+
+
+_STR, _SEQ, _MAP = "tag:yaml.org,2002:str", "tag:yaml.org,2002:seq", "tag:yaml.org,2002:map"
+
+
+class _NotPlainError(Exception):
+    """A node _load_tree leaves to PyYAML's own constructor."""
+
+
+def _load_tree(text: str, loader: type[yaml.SafeLoader] | type[yaml.CSafeLoader]) -> Any:
+    """What yaml.load gives for a document without anchors or aliases, built straight
+    from the composed nodes: PyYAML's constructor machinery (recursion bookkeeping,
+    generators for deep construction, merge flattening) is what a node graph needs,
+    and cost most of the parse of a fleet of small host files. Every scalar that is
+    not a plain string is still constructed by PyYAML; a merge key, a tag we do not
+    build here or an unhashable key hands the whole document to yaml.load."""
+    ldr = loader(text)
+    try:
+        root = ldr.get_single_node()
+        if root is None:
+            return None
+
+        def build(node: Node) -> Any:
+            if isinstance(node, ScalarNode):
+                return node.value if node.tag == _STR else ldr.construct_object(node)
+            if isinstance(node, SequenceNode) and node.tag == _SEQ:
+                return [build(child) for child in node.value]
+            if isinstance(node, MappingNode) and node.tag == _MAP:
+                out: dict[Any, Any] = {}
+                for key_node, value_node in node.value:
+                    if not isinstance(key_node, ScalarNode) or key_node.tag == _MERGE_TAG:
+                        raise _NotPlainError
+                    key = build(key_node)
+                    if key in out:
+                        raise _NotPlainError  # refused by _UniqueKeys, with its message
+                    out[key] = build(value_node)
+                return out
+            raise _NotPlainError
+
+        try:
+            return build(root)
+        except _NotPlainError:
+            pass
+    finally:
+        ldr.dispose()
     return yaml.load(text, Loader=loader)
 
 

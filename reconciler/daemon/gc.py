@@ -26,7 +26,9 @@ def collect(
 ) -> list[str]:
     """Delete what :func:`plan_gc` plans for ``store``; returns the keys (deleted, or
     that would be with ``dry_run``). ``on_delete`` is called after each deletion."""
-    listing = store.list("hosts/") + store.list("blobs/")
+    # The whole store: the ACI copies appc discovery reads sit under the image name
+    # prefixes, which may have changed since they were written.
+    listing = store.list()
     releases: dict[str, Release | None] = {}
     # First the latest.json files, then the releases they and `keep` retain.
     for _ in range(2):

@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from reconciler.core.formats import Kind
 from reconciler.core.model import COMMIT_KEY, LAST_SUCCESS_KEY, Status
 from reconciler.daemon.gate import Refusal
 from reconciler.ports import Ledger
@@ -205,7 +206,7 @@ class Metrics:
         for result in ("success", "failure"):
             self.reconcile_runs.labels(result)
             self.host_builds.labels(result)
-        for fmt in ("aci", "appimage"):
+        for fmt in Kind:
             self.artifacts_published.labels(fmt)
         for reason in Refusal:
             self.untrusted_commits.labels(reason)

@@ -1,8 +1,13 @@
 """Publishing a release in the crash-safe order SPEC fixes.
 
-1. each blob, then its signature (content-addressed, so rewriting is harmless);
+1. each blob, then its signature, then its zsync control file (an AppImage's)
+   (keyed by the blob's content, so rewriting them is harmless), then for an ACI the
+   copies appc discovery reads, ``<prefix>/<name>`` and its ``.asc`` (hard links or
+   copies inside the store; release N's bytes until N is published);
 2. ``releases/<N>.json.asc`` then ``releases/<N>.json`` (immutable once written);
-3. ``latest.json.asc`` then ``latest.json`` last.
+3. the host's stable zsync control file (what an AppImage's update information
+   names: it points at a blob already there);
+4. ``latest.json.asc`` then ``latest.json`` last.
 
 A crash between any two steps leaves only objects nothing points at yet, and the
 next reconcile repeats the steps, skipping what is already there. The one window a
@@ -12,16 +17,19 @@ does not match and must retry; it can never accept an unsigned pointer.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from reconciler.core.layout import latest_path, release_path
+from reconciler.core.layout import discovery_path, latest_path, release_path, update_path, zsync_path
 from reconciler.core.release import Release
 from reconciler.errors import StoreError
 from reconciler.ports import Store
 
 SignFile = Callable[[Path], bytes]
 SignBytes = Callable[[bytes], bytes]
+# The formats appc discovery serves (an image name, a version, os and arch).
+DISCOVERABLE = frozenset({"aci"})
 
 
 def publish(
@@ -31,13 +39,38 @@ def publish(
     sign_file: SignFile,
     sign_bytes: SignBytes,
     on_artifact: Callable[[str], None] = lambda fmt: None,
+    name_prefix: str | None = None,
+    zsync: Mapping[str, bytes] | None = None,
+    update: bytes | None = None,
 ) -> None:
-    """Put ``release`` and its artifact ``files`` (format -> path) into ``store``."""
+    """Put ``release`` and its artifact ``files`` (format -> path) into ``store``, with
+    the ``zsync`` control files (format -> bytes) beside their blobs and ``update``,
+    the newest AppImage's control file, at the host's stable key; with
+    ``name_prefix``, also where appc discovery finds its ACI under that prefix."""
     for art in release.artifacts:
         if not store.exists(art.blob):
+            # Content-addressed: a file that is not the blob (an AppImage sealed again,
+            # with a new signature, for a release adopted after a crash) must not
+            # land under its name.
+            with files[art.format].open("rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+            if digest != art.sha256:
+                raise StoreError(
+                    f"{art.blob} is missing and {files[art.format].name} is not it (sha256 {digest}); "
+                    "the release cannot be completed"
+                )
             store.put_file(art.blob, files[art.format])
         if not store.exists(art.blob + ".asc"):
             store.put_bytes(art.blob + ".asc", sign_file(files[art.format]))
+        control = (zsync or {}).get(art.format)
+        if control is not None and not store.exists(zsync_path(art.blob)):
+            store.put_bytes(zsync_path(art.blob), control)
+        if name_prefix is not None and art.format in DISCOVERABLE:
+            # Always (re)made: a pass that died before the release file may have left
+            # another build's bytes under this version's name.
+            copy = discovery_path(name_prefix, art.name)
+            store.copy(art.blob, copy)
+            store.copy(art.blob + ".asc", copy + ".asc")
         on_artifact(art.format)
     meta = release.to_json()
     key = release_path(release.host, release.version)
@@ -48,5 +81,7 @@ def publish(
     if existing is None:
         store.put_bytes(key + ".asc", signature)
         store.put_bytes(key, meta)
+    if update is not None:
+        store.put_bytes(update_path(release.host), update)
     store.put_bytes(latest_path(release.host) + ".asc", signature)
     store.put_bytes(latest_path(release.host), meta)

@@ -13,6 +13,9 @@ import fcntl
 import hashlib
 import json
 import logging
+import os
+import shutil
+import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +26,11 @@ from typing import TYPE_CHECKING, Any
 
 from reconciler import log
 from reconciler.config import Config
+from reconciler.core import zsync
+from reconciler.core.appc import discovery_page
+from reconciler.core.appimage import update_information
 from reconciler.core.builders import LOCAL
+from reconciler.core.formats import Kind
 from reconciler.core.hosts import (
     Fleet,
     Host,
@@ -35,7 +42,14 @@ from reconciler.core.hosts import (
     package_names,
     parse_fleet,
 )
-from reconciler.core.layout import PUBLISHER_KEY, latest_path, release_path
+from reconciler.core.layout import (
+    PUBLISHER_KEY,
+    discovery_page_path,
+    latest_path,
+    release_path,
+    update_path,
+    zsync_path,
+)
 from reconciler.core.model import (
     COMMIT_KEY,
     LAST_SUCCESS_KEY,
@@ -51,6 +65,7 @@ from reconciler.core.plan import HostPlan, Plan, make_plan, retry_delay
 from reconciler.core.release import Artifact, Release, new_release, parse_release
 from reconciler.core.tufroles import RoleName
 from reconciler.core.versions import MAX_TAKEN, Adopt, Decision, Taken, decide, first_candidate
+from reconciler.daemon import parsing
 from reconciler.daemon.gate import CommitRefusedError
 from reconciler.daemon.gc import collect
 from reconciler.daemon.metrics import Metrics
@@ -152,11 +167,15 @@ class Reconciler:
         self.clock = ports.clock
         self._gate = ports.gate
         self._open_signer = ports.signer
+        self.packager = ports.packager
         self._sandbox_checked = False
         self._signer: Signer | None = None
         self._parse_cache = ParseCache()
         # Host file -> the ParseKey the ledger holds for it; None until first read.
         self._recorded_parses: dict[str, ParseKey] | None = None
+        # Parsing many host files at once uses as many processes as evaluating them.
+        workers = cfg.nix.eval_workers
+        self._parse_workers = len(os.sched_getaffinity(0)) if workers == "auto" else workers
         # The last observation and the recipe it was evaluated with: a pass whose head
         # and recipe are unchanged reuses its fleet and images instead of reading,
         # parsing and keying every host again.
@@ -165,6 +184,7 @@ class Reconciler:
         self._stopping = threading.Event()
         self._last_gc = self.clock.monotonic()
         self._key_published = False
+        self._page_published = False
         self._store_recovered = False
         self._tuf = tuf(lambda: self.signer.metadata_signer()) if tuf is not None else None
         self.metrics.watch(self.state, self._tuf, cfg.repo.branch)
@@ -260,6 +280,7 @@ class Reconciler:
                 except (ValueError, KeyError, TypeError):
                     continue  # parsed again, and rewritten
                 self._recorded_parses[key[0]] = key
+        parsing.prefill(files, cache, self._parse_workers)
         fleet = parse_fleet(files, cache)
         now = {key[0]: key for key in cache.hosts}
         added = {
@@ -419,6 +440,9 @@ class Reconciler:
         """
         if self._store_recovered:
             return
+        # What a killed pass left while sealing AppImages (reconciler._build_and_publish).
+        for work in self.cfg.state_dir.glob("publish-*"):
+            shutil.rmtree(work, ignore_errors=True)
         removed = self.store.sweep()
         if removed:
             log.event("store_recovered", removed=len(removed), leftovers=",".join(removed))
@@ -641,9 +665,6 @@ class Reconciler:
         # An adopted release is built too: its artifacts are what publish() reads if a
         # blob is missing, and Nix finds the build it kept under the host's root.
         out = self._realise(host, drv, host.name)
-        release = (
-            decision.release if isinstance(decision, Adopt) else self._new_release(host, version, out, commit)
-        )
         signing = self.metrics.stage_duration.labels("sign")
 
         def sign_file(path: Path) -> bytes:
@@ -655,15 +676,30 @@ class Reconciler:
                 return self.signer.sign(data)
 
         try:
+            work = tempfile.mkdtemp(prefix="publish-", dir=self.cfg.state_dir)
+        except OSError as exc:
+            raise BuildError(host.name, f"cannot prepare its artifacts for publishing: {exc}") from None
+        try:
+            if isinstance(decision, Adopt):
+                # Published before, sealed then: the blobs are in the store already.
+                release, files = decision.release, out.files
+            else:
+                files = self._seal(host, out.files, Path(work), sign_bytes)
+                release = self._new_release(host, version, out.derivation, files, commit)
+            controls, update = self._zsync(release, files, adopted=isinstance(decision, Adopt))
             self._publish_key()
+            self._publish_discovery_page()
             with self.metrics.stage_duration.labels("publish").time():
                 publish(
                     self.store,
                     release,
-                    out.files,
+                    files,
                     sign_file,
                     sign_bytes,
                     on_artifact=lambda fmt: self.metrics.artifacts_published.labels(fmt).inc(),
+                    name_prefix=self.cfg.images.name_prefix,
+                    zsync=controls,
+                    update=update,
                 )
         except SigningError:
             self.metrics.signing_failures.inc()
@@ -671,7 +707,56 @@ class Reconciler:
         except StoreError:
             self.metrics.publish_failures.inc()
             raise
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
         return release
+
+    def _seal(
+        self, host: Host, built: Mapping[str, Path], work: Path, sign: Callable[[bytes], bytes]
+    ) -> dict[str, Path]:
+        """The files to publish: the AppImage with its update information, the
+        publisher's key, libappimage's digest and the signature embedded (the key never
+        enters a build, so this happens here, after it); the others as built."""
+        files = dict(built)
+        if Kind.APPIMAGE not in files:
+            return files
+        source = files[Kind.APPIMAGE]
+        public = self.cfg.store.public_url
+        info = update_information(f"{public}/{update_path(host.name)}" if public else None)
+        sealed = work / source.name
+        try:
+            self.packager.seal_appimage(source, sealed, info, self.signer.public_key(), sign)
+        except (VerificationError, OSError) as exc:
+            raise BuildError(host.name, f"cannot seal {source.name}: {exc}") from None
+        files[Kind.APPIMAGE] = sealed
+        return files
+
+    def _zsync(
+        self, release: Release, files: Mapping[str, Path], adopted: bool
+    ) -> tuple[dict[str, bytes], bytes | None]:
+        """The zsync control file of the AppImage, beside its blob (its URL relative:
+        the blob's name), and the copy the AppImage's update information names, at
+        the host's stable key (its URL absolute: ``store.public_url``)."""
+        art = release.artifact(Kind.APPIMAGE)
+        if art is None:
+            return {}, None
+        key = zsync_path(art.blob)
+        controls: dict[str, bytes] = {}
+        if adopted:
+            # What was built now is not what was published (another signature): the
+            # control file published then stands.
+            control = self.store.get_bytes(key)
+        else:
+            control = self.packager.zsync(files[Kind.APPIMAGE], art.name, art.sha256)
+            controls[Kind.APPIMAGE] = control
+        public = self.cfg.store.public_url
+        if control is None or public is None:
+            return controls, None
+        try:
+            update = zsync.parse(control, art.size, key).with_url(f"{public}/{art.blob}")
+        except VerificationError as exc:
+            raise StoreError(f"{key}: {exc}") from None
+        return controls, update
 
     def _publish_key(self) -> None:
         """keys/publisher.asc, for people and tools (agents pin their own copy)."""
@@ -682,16 +767,29 @@ class Reconciler:
             self.store.put_bytes(PUBLISHER_KEY, key)
         self._key_published = True
 
-    def _new_release(self, host: Host, version: int, out: BuildOutput, commit: str) -> Release:
+    def _publish_discovery_page(self) -> None:
+        """The page answering appc discovery for the image name prefix (core.appc)."""
+        if self._page_published:
+            return
+        images = self.cfg.images
+        page = discovery_page(images.name_prefix, images.store_url, PUBLISHER_KEY)
+        key = discovery_page_path(images.name_prefix)
+        if self.store.get_bytes(key) != page:
+            self.store.put_bytes(key, page)
+        self._page_published = True
+
+    def _new_release(
+        self, host: Host, version: int, derivation: str, files: Mapping[str, Path], commit: str
+    ) -> Release:
         artifacts = tuple(
             Artifact(format=fmt, name=path.name, size=path.stat().st_size, sha256=sha256_file(path))
-            for fmt, path in sorted(out.files.items())
+            for fmt, path in sorted(files.items())
         )
         return new_release(
             host.name,
             version,
             commit,
-            out.derivation,
+            derivation,
             artifacts,
             now=self.clock.now(),
             lifetime=self.cfg.release_lifetime,

@@ -1,8 +1,12 @@
 """Nix remote builders for real on one machine: an sshd on 127.0.0.1 whose root runs
-`nix-daemon --stdio` over a second Nix store (`remote-store=local?root=...`)."""
+`nix-daemon --stdio` over a second Nix store (`remote-store=local?root=...`); directly,
+and through a local nix-daemon as production has it (deploy/README.md)."""
 
 from __future__ import annotations
 
+import os
+import re
+import shlex
 import shutil
 import subprocess
 import uuid
@@ -16,10 +20,13 @@ from reconciler.config import load_config
 from reconciler.core.release import parse_release
 from reconciler.daemon.reconciler import Reconciler, status
 from reconciler.wiring import open_reconciler
-from tests.conftest import ConfigRepo, Signing, free_port, write_config
+from tests.conftest import ConfigRepo, Signing, cli, free_port, wait_for, write_config
 from tests.integration.test_sources import Sshd
 
 pytestmark = pytest.mark.integration
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+DROP_IN = DEPLOY / "systemd/nix-daemon.service.d/reconciler-builders.conf"
 
 
 def tiny_host(repo: ConfigRepo) -> None:
@@ -162,3 +169,101 @@ def yaml_nix(cfg: Path, local_builds: bool) -> Path:
     data["nix"]["local_builds"] = local_builds
     cfg.write_text(yaml.safe_dump(data))
     return cfg
+
+
+def drop_in_environment(directory: Path) -> dict[str, str]:
+    """The environment deploy/systemd's nix-daemon drop-in gives the daemon, with its
+    /etc/nix/builders moved to ``directory``."""
+    env: dict[str, str] = {}
+    for line in DROP_IN.read_text().splitlines():
+        if line.startswith("Environment="):
+            for assignment in shlex.split(line.removeprefix("Environment=")):
+                name, _, value = assignment.partition("=")
+                env[name] = value.replace("/etc/nix/builders", str(directory))
+    return env
+
+
+def test_builds_through_an_untrusted_nix_daemon_run_on_its_builders(
+    tmp_path: Path, sshd: Sshd, config_repo: ConfigRepo, signing: Signing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """deploy/README.md's layout: the builders are the root nix-daemon's (the drop-in's
+    environment, the files `reconciler builders` wrote), the reconciler is a client the
+    daemon does not trust, whose --builders it ignores. The build runs on the builder,
+    and the daemon passes Nix's "building ... on ..." on, so it is counted there."""
+    tiny_host(config_repo)
+    remote = tmp_path / "builder"
+    builder = {
+        "name": "b1",
+        "uri": f"ssh-ng://root@127.0.0.1:{sshd.port}?remote-store={second_store(remote)}",
+        "ssh_key": str(sshd.key),
+        "host_key": host_key(tmp_path),
+    }
+    cfg = yaml_nix(write_config(tmp_path, config_repo, signing, builders=[builder]), local_builds=False)
+    conf = tmp_path / "nix-daemon-conf"
+    conf.mkdir()
+    # Production's nix.conf, but trusting no user (root, as this test runs, is trusted by
+    # deploy/nix/nix.conf) and serving any.
+    (conf / "nix.conf").write_text(
+        "build-users-group = nixbld\nsubstituters =\nsandbox = true\ntrusted-users =\nallowed-users = *\n"
+    )
+    files = tmp_path / "etc-nix-builders"
+    sock = tmp_path / "nix-daemon.socket"
+    daemon_log = tmp_path / "nix-daemon.log"
+    env = {k: v for k, v in os.environ.items() if k not in ("NIX_CONFIG", "NIX_SSHOPTS")}
+    env |= {"NIX_CONF_DIR": str(conf), "NIX_DAEMON_SOCKET_PATH": str(sock), **drop_in_environment(files)}
+    # Started as the image starts it (the chart's sidecar has the same two variables).
+    entry = ["sh", str(DEPLOY / "container/reconciler-nix-daemon")]
+    with daemon_log.open("w") as sink:
+        daemon = subprocess.Popen(entry, env=env, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        wait_for(sock.exists, 30, "the nix-daemon's socket")
+        # Written after the daemon started: Nix reads them for each build.
+        wrote = cli("builders", "-c", str(cfg), str(files))
+        assert wrote.returncode == 0, wrote.stderr
+        assert (files / "machines").read_text().startswith("ssh-ng://root@127.0.0.1?remote-store=")
+
+        monkeypatch.setenv("NIX_REMOTE", "daemon")
+        monkeypatch.setenv("NIX_DAEMON_SOCKET_PATH", str(sock))
+        rec = open_reconciler(load_config(cfg))
+        try:
+            (outcome,) = rec.reconcile().outcomes
+            assert outcome.ok, outcome.error
+            assert builds(rec, "b1", "success") == 1
+            assert builds(rec, "local", "success") == 0
+            b1 = status(rec.state)["builders"]["b1"]  # type: ignore[index]
+            assert b1["builds"] == 1 and b1["last_error"] is None
+            release_file = tmp_path / "store/hosts/tiny/releases/1.json"
+            drv = parse_release(release_file.read_bytes(), str(release_file)).derivation
+            out = subprocess.run(
+                ["nix-store", "-q", "--outputs", drv], capture_output=True, text=True, check=True
+            )
+            out_path = Path(out.stdout.strip())
+            assert out_path.is_dir() and (remote / out_path.relative_to("/")).is_dir()
+            # The sandbox probe too went where the daemon sent it: to the builder.
+            assert list((remote / "nix/store").glob("*-reconciler-sandbox-probe"))
+
+            # The builder down: with local_builds false (--max-jobs 0, which the daemon
+            # takes from any client) the host fails naming it, and nothing builds here.
+            sshd.stop()
+            tiny_host(config_repo)
+            (outcome,) = rec.reconcile().outcomes
+            assert not outcome.ok
+            # Nix's words reach the client; ssh's own ("Connection refused") go to the
+            # daemon's stderr, as the hook's other output does.
+            assert outcome.error is not None, outcome
+            assert "builder b1 refused: error: cannot open connection to remote store" in outcome.error
+            assert builds(rec, "b1", "unreachable") == 1
+            assert builds(rec, "local", "success") == builds(rec, "local", "failure") == 0
+            b1 = status(rec.state)["builders"]["b1"]  # type: ignore[index]
+            assert b1["unreachable"] == 1 and "cannot open connection" in b1["last_error"], b1
+        finally:
+            rec.close()
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=30)
+    # Every client was served untrusted ("accepted connection from pid N, user U" gains
+    # " (trusted)" for a trusted one), so the builders were the daemon's own.
+    logged = daemon_log.read_text()
+    accepted = re.findall(r"^accepted connection from pid \d+, user .*$", logged, re.M)
+    assert accepted and not any("trusted" in line for line in accepted), accepted
+    assert re.search(rf"^ssh: connect to host 127.0.0.1 port {sshd.port}: Connection refused$", logged, re.M)

@@ -14,6 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from reconciler.adapters.tree import read_tree
+from reconciler.config import load_config
+from reconciler.core.appc import PortProtocol
+from reconciler.core.hosts import Port, parse_fleet
 from tests.conftest import ConfigRepo, Signing, aci_file, cli, wait_for, write_config
 
 pytestmark = pytest.mark.integration
@@ -173,3 +177,28 @@ def test_plan_imports_nothing_for_signing_or_s3(
     out, _, imported = planned.stdout.partition("--- imported\n")
     assert "b-site: rebuild: new host, never published" in out
     assert sorted(set(NOT_FOR_A_PLAN) & set(imported.split())) == []
+
+
+def test_init_makes_an_rsa_key_and_a_fleet_declaring_ports_under_a_name_prefix(tmp_path: Path) -> None:
+    demo = tmp_path / "demo"
+    res = cli("init", str(demo))
+    assert res.returncode == 0, res.stderr
+    try:
+        keys = subprocess.run(
+            ["gpg", "--homedir", str(demo / "gnupg"), "--with-colons", "--list-secret-keys"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    finally:
+        subprocess.run(["gpgconf", "--homedir", str(demo / "gnupg"), "--kill", "all"], capture_output=True)
+    # OpenPGP public key algorithm 1 (RSA), 3072 bits: what rkt's library verifies
+    # (it refuses EdDSA, algorithm 22).
+    (sec,) = [line.split(":") for line in keys.splitlines() if line.startswith("sec:")]
+    assert (sec[3], sec[2]) == ("1", "3072")
+    cfg = load_config(demo / "reconciler.yaml")
+    assert cfg.images.name_prefix == "example.com/fleet"
+    fleet = parse_fleet(read_tree(demo / "repo"))
+    assert fleet.errors == ()
+    (web,) = fleet.hosts["web-1"].services
+    assert web.ports == (Port("http", 8081, PortProtocol.TCP),)

@@ -101,9 +101,10 @@ def test_daemon_publishes_serves_metrics_and_picks_up_new_commits(
     assert m[("reconciler_last_successful_reconcile_timestamp_seconds", ())] > time.time() - 600
     for stage in ("fetch", "parse", "evaluate", "build", "sign", "publish"):
         assert m[("reconciler_stage_duration_seconds_count", (("stage", stage),))] >= 1, stage
-    # Three hosts, each: two or three signatures (blobs and the release), one build, one publish.
+    # Three hosts, each: a signature per blob, one embedded in its AppImage (two hosts have
+    # one), one of the release; one build, one publish.
     assert m[("reconciler_stage_duration_seconds_count", (("stage", "build"),))] == 3
-    assert m[("reconciler_stage_duration_seconds_count", (("stage", "sign"),))] == 3 + 2 + 3
+    assert m[("reconciler_stage_duration_seconds_count", (("stage", "sign"),))] == 3 + 2 + 2 + 3
     assert m[("reconciler_commit_to_published_seconds_count", ())] == 3
     assert m[("reconciler_commit_to_published_seconds_sum", ())] > 0
     info = [k for k in m if k[0] == "reconciler_source_info"]

@@ -32,6 +32,7 @@ from typing import Any
 import pytest
 import yaml
 
+from reconciler.adapters.appimage import unsealed
 from reconciler.agent.config import load_agent_config
 from reconciler.config import load_config
 from tests.conftest import ConfigRepo, Signing, aci_file, free_port, standard_fleet, wait_for, write_config
@@ -202,6 +203,13 @@ def test_example_configs_load_with_the_projects_loaders() -> None:
     # nginx serves what the daemon publishes.
     nginx_root = re.search(r"^\s*root\s+([^;]+);", (DEPLOY / "nginx/store.conf").read_text(), re.M)
     assert nginx_root and cfg.store.path == Path(nginx_root.group(1))
+    # ... including what appc discovery reads, for the prefix the example names.
+    nginx = (DEPLOY / "nginx/store.conf").read_text()
+    server_name = re.search(r"^\s*server_name\s+([^;]+);", nginx, re.M)
+    assert server_name and cfg.images.store_url == f"https://{server_name.group(1)}/"
+    path = cfg.images.name_prefix.partition("/")[2]
+    for location in (f"location = /{path} ", f"location /{path}/ ", f"location /{cfg.images.name_prefix}/ "):
+        assert location in nginx, location
     # The gpg home must be writable: inside the state dir, which systemd makes writable.
     assert cfg.signing.gnupghome.is_relative_to(cfg.state_dir)
 
@@ -276,8 +284,21 @@ def test_systemd_units_verify_clean(tmp_path: Path) -> None:
     for name, text in DEBIAN_NIX_UNITS.items():
         installed = Path("/lib/systemd/system") / name
         (units / name).write_text(installed.read_text() if installed.is_file() else text)
+    # Ours for Debian's nix-daemon: a drop-in giving it the reconciler's builders.
+    shutil.copytree(DEPLOY / "systemd/nix-daemon.service.d", units / "nix-daemon.service.d")
     got = run([analyze, "verify", *names, *DEBIAN_NIX_UNITS], cwd=units)
     assert got.returncode == 0 and not (got.stdout + got.stderr).strip(), got.stdout + got.stderr
+    # What systemd makes of the drop-in (its debug dump of the loaded unit).
+    got = run(
+        [analyze, "verify", "nix-daemon.service"], cwd=units, env={**os.environ, "SYSTEMD_LOG_LEVEL": "debug"}
+    )
+    dump = got.stdout + got.stderr
+    assert f"DropIn Path: {units}/nix-daemon.service.d/reconciler-builders.conf" in dump, dump[-3000:]
+    environment = re.findall(r"^\s*Environment: (.*)$", dump, re.M)
+    assert environment == [
+        "NIX_CONFIG=builders = @/etc/nix/builders/machines",
+        "NIX_SSHOPTS=-F /etc/nix/builders/ssh_config",
+    ], environment
 
     daemon = (DEPLOY / "systemd/reconciler.service").read_text()
     assert "ExecStart=/opt/reconciler/venv/bin/reconciler run -c /etc/reconciler/reconciler.yaml" in daemon
@@ -612,9 +633,14 @@ def test_reconciler_as_its_own_user_builds_through_a_root_nix_daemon(
             mine = json.loads((base / f"store/hosts/{host}/latest.json").read_text())
             roots = json.loads((tmp_path / f"root/store/hosts/{host}/latest.json").read_text())
             assert mine["derivation"] == roots["derivation"], host
-            assert [(a["format"], a["sha256"]) for a in mine["artifacts"]] == [
-                (a["format"], a["sha256"]) for a in roots["artifacts"]
-            ], host
+            # An AppImage carries its publication's signature: without it, the same bytes.
+            assert [a["format"] for a in mine["artifacts"]] == [a["format"] for a in roots["artifacts"]]
+            for a, b in zip(mine["artifacts"], roots["artifacts"], strict=True):
+                if a["format"] == "appimage":
+                    theirs = tmp_path / "root" / "store" / b["blob"]
+                    assert unsealed(base / "store" / a["blob"], host) == unsealed(theirs, host), host
+                else:
+                    assert a["sha256"] == b["sha256"], host
         assert aci_file(base / "store", "thief", "etc/ran") == b"ran\n"
         assert aci_file(base / "store", "thief", "etc/stolen") == b""
 
@@ -695,7 +721,8 @@ def nginx_serving(tmp_path: Path, store: Path, probe: str) -> Iterator[tuple[str
 
 def test_nginx_serves_the_store_for_agents(tmp_path: Path, config_repo: ConfigRepo, signing: Signing) -> None:
     standard_fleet(config_repo)
-    cfg = write_config(tmp_path, config_repo, signing)
+    prefix = "artifacts.example.com/fleet"  # the prefix deploy/nginx/store.conf serves
+    cfg = write_config(tmp_path, config_repo, signing, images={"name_prefix": prefix})
     got = run([sys.executable, "-m", "reconciler", "reconcile", "-c", str(cfg)], timeout=600)
     assert got.returncode == 0, got.stderr[-3000:]
     store = tmp_path / "store"
@@ -730,6 +757,18 @@ def test_nginx_serves_the_store_for_agents(tmp_path: Path, config_repo: ConfigRe
         status, headers, _ = http(base + "/hosts/web-1/releases/1.json")
         assert status == 200 and "immutable" in headers["cache-control"]
         assert http(base + "/hosts/web-1/latest.json.asc")[1]["cache-control"] == "no-cache"
+        # appc discovery: /fleet/web-1 is no page, /fleet redirects to the publisher's page;
+        # the ACI and its signature are under the image name, immutable.
+        assert http(base + "/fleet/web-1?ac-discovery=1")[0] == 404
+        status, headers, body = http(base + "/fleet?ac-discovery=1")
+        assert status == 200 and headers["content-type"].startswith("text/html")
+        assert b'<meta name="ac-discovery" content="artifacts.example.com/fleet ' in body
+        aci = next(a for a in release["artifacts"] if a["format"] == "aci")
+        status, headers, body = http(f"{base}/{prefix}/web-1-1-linux-amd64.aci")
+        assert status == 200 and hashlib.sha256(body).hexdigest() == aci["sha256"]
+        assert "immutable" in headers["cache-control"]
+        assert http(f"{base}/{prefix}/web-1-1-linux-amd64.aci.asc")[0] == 200
+
         # No listings, no half-written files, nothing outside the store's layout, read-only.
         for path in ("/", "/hosts/", "/blobs/sha256/", "/hosts/web-1/.tmp-partial", "/nope"):
             assert http(base + path)[0] in (403, 404), path
@@ -1060,8 +1099,10 @@ def helm_run(helm: Path, args: list[str], tmp: Path) -> str:
     return got.stdout
 
 
-def render(helm: Path, tmp: Path, *sets: str) -> list[dict[str, Any]]:
+def render(helm: Path, tmp: Path, *sets: str, values: Path | None = None) -> list[dict[str, Any]]:
     args = ["template", "fleet", str(CHART), "--namespace", "infra"]
+    if values is not None:
+        args += ["--values", str(values)]
     for s in sets:
         args += ["--set-file" if s.startswith("file:") else "--set", s.removeprefix("file:")]
     return [d for d in yaml.safe_load_all(helm_run(helm, args, tmp)) if d]
@@ -1126,9 +1167,12 @@ def test_helm_chart_lints_and_renders(helm: Path, tmp_path: Path) -> None:
     assert main_mounts["nix"]["readOnly"] is True
     assert daemon_mounts["state"]["readOnly"] is True  # the GC follows the reconciler's root links
     assert not {"run", "signing", "config"} & set(daemon_mounts)
+    # No builders configured: none of their parts.
+    assert "nix-builders" not in inits and "builder-ssh-key" not in daemon_mounts
     env = {e["name"]: e.get("value") for e in main["env"]}
     daemon_env = {e["name"]: e.get("value") for e in nixd["env"]}
     assert env["NIX_REMOTE"] == "daemon"
+    assert not {"NIX_CONFIG", "NIX_SSHOPTS"} & set(daemon_env)
     socket_path = Path(env["NIX_DAEMON_SOCKET_PATH"])
     assert daemon_env["NIX_DAEMON_SOCKET_PATH"] == str(socket_path)
     shared = [n for n, m in main_mounts.items() if m["mountPath"] == str(socket_path.parent)]
@@ -1235,3 +1279,158 @@ def test_helm_init_container_imports_the_signing_key(helm: Path, tmp_path: Path,
     finally:
         run(["gpgconf", "--homedir", str(short / "g"), "--kill", "all"])
         shutil.rmtree(short, ignore_errors=True)
+
+
+def test_helm_builders_are_the_nix_daemons_from_root_owned_files(helm: Path, tmp_path: Path) -> None:
+    """builders: values become reconciler.yaml's builders, with the key from an existing
+    Secret; the nix-daemon sidecar (which takes no builders from the untrusted
+    reconciler) gets them from files root writes where the reconciler cannot, with the
+    environment of deploy/systemd's nix-daemon drop-in. The init container's script is
+    run here against the rendered config."""
+    host_key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEXAMPLEEXAMPLEEXAMPLEEXAMPLEEXAMPLEEXAMPLE0"
+    values = tmp_path / "values.yaml"
+    values.write_text(
+        yaml.safe_dump(
+            {
+                "builders": [
+                    {
+                        "name": "build-1",
+                        "uri": "ssh-ng://nixbuilder@build-1.example.com:2222",
+                        "host_key": host_key,
+                        "systems": ["x86_64-linux", "i686-linux"],
+                        "max_jobs": 4,
+                        "speed_factor": 2,
+                        "features": ["big-parallel"],
+                    },
+                    {"uri": "ssh-ng://nixbuilder@build-2.example.com", "host_key": host_key},
+                ],
+                "builderSshKey": {"existingSecret": "fleet-builders"},
+                "config": {"nix": {"toolchain": "debian", "local_builds": False}},
+            }
+        )
+    )
+    lint = helm_run(helm, ["lint", "--strict", "--values", str(values), str(CHART)], tmp_path)
+    assert "0 chart(s) failed" in lint
+    docs = render(helm, tmp_path, values=values)
+    cm = one(docs, "ConfigMap")
+    cfg_file = tmp_path / "reconciler.yaml"
+    cfg_file.write_text(cm["data"]["reconciler.yaml"])
+    cfg = load_config(cfg_file)
+    assert not cfg.nix.local_builds
+    b1, b2 = cfg.builders
+    assert (b1.name, b1.uri, b1.host, b1.port) == (
+        "build-1",
+        "ssh-ng://nixbuilder@build-1.example.com:2222",
+        "build-1.example.com",
+        2222,
+    )
+    assert (b1.systems, b1.max_jobs, b1.speed_factor, b1.features) == (
+        ("x86_64-linux", "i686-linux"),
+        4,
+        2,
+        ("big-parallel",),
+    )
+    assert b1.host_key == host_key and b2.name == b2.uri and b2.max_jobs == 1
+
+    pod = one(docs, "StatefulSet")["spec"]["template"]["spec"]
+    inits = {c["name"]: c for c in pod["initContainers"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    main = next(c for c in pod["containers"] if c["name"] == "reconciler")
+    nixd = inits["nix-daemon"]
+    daemon_mounts = {m["name"]: m for m in nixd["volumeMounts"]}
+    # The key: the existing Secret, root's and 0400, read-only in the nix-daemon only.
+    key = volumes["builder-ssh-key"]["secret"]
+    assert key == {"secretName": "fleet-builders", "defaultMode": 0o400}
+    key_mount = daemon_mounts["builder-ssh-key"]
+    assert key_mount["readOnly"] is True
+    assert {b.ssh_key for b in cfg.builders} == {str(Path(key_mount["mountPath"]) / "ssh-privatekey")}
+    for c in [main, *(c for n, c in inits.items() if n != "nix-daemon")]:
+        assert "builder-ssh-key" not in {m["name"] for m in c["volumeMounts"]}, c["name"]
+
+    # The files: written by root, no privilege beyond that, into a volume only it and
+    # the nix-daemon (read-only) mount.
+    writer = inits["nix-builders"]
+    assert list(inits).index("nix-builders") < list(inits).index("nix-daemon")
+    assert writer["image"] == nixd["image"]
+    sc = writer["securityContext"]
+    assert sc["runAsUser"] == 0 and sc["capabilities"] == {"drop": ["ALL"]}
+    assert sc["allowPrivilegeEscalation"] is False and not sc.get("privileged")
+    writer_mounts = {m["name"]: m for m in writer["volumeMounts"]}
+    assert set(writer_mounts) == {"config", "nix-builders"} and writer_mounts["config"]["readOnly"] is True
+    files_dir = daemon_mounts["nix-builders"]["mountPath"]
+    assert daemon_mounts["nix-builders"]["readOnly"] is True
+    assert writer_mounts["nix-builders"]["mountPath"] == files_dir
+    assert "emptyDir" in volumes["nix-builders"]
+    mounting = [
+        c["name"]
+        for c in [*pod["initContainers"], *pod["containers"]]
+        if "nix-builders" in {m["name"] for m in c["volumeMounts"]}
+    ]
+    assert sorted(mounting) == ["nix-builders", "nix-daemon"]
+    # The nix-daemon's environment is the systemd drop-in's, in the pod's directory.
+    daemon_env = {e["name"]: e.get("value") for e in nixd["env"]}
+    drop_in = (DEPLOY / "systemd/nix-daemon.service.d/reconciler-builders.conf").read_text()
+    for name in ("NIX_CONFIG", "NIX_SSHOPTS"):
+        systemd = re.search(rf'^Environment="{name}=(.*)"$', drop_in, re.M)
+        assert systemd and daemon_env[name] == systemd.group(1).replace("/etc/nix/builders", files_dir)
+
+    # The init container's script, here: as an emptyDir comes (0777), into a directory
+    # standing for the volume, with this checkout's reconciler.
+    script = writer["command"][-1]
+    out = tmp_path / "volume"
+    out.mkdir()
+    out.chmod(0o777)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "reconciler").write_text(f'#!/bin/sh\nexec {sys.executable} -m reconciler "$@"\n')
+    (bin_dir / "reconciler").chmod(0o755)
+    # Not into it as it comes: others could replace what the root daemon's ssh reads.
+    refused = run([sys.executable, "-m", "reconciler", "builders", "-c", str(cfg_file), str(out)], cwd=ROOT)
+    assert refused.returncode == 1 and "writable by group or others" in refused.stderr, refused.stderr
+    assert not list(out.iterdir())
+    script = script.replace("/etc/reconciler/reconciler.yaml", str(cfg_file)).replace(files_dir, str(out))
+    got = run(
+        ["/bin/sh", "-ec", script],
+        env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT)},
+    )
+    assert got.returncode == 0, got.stdout + got.stderr
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    for name in ("machines", "known_hosts", "ssh_config"):
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o644, name
+    machines = (out / "machines").read_text().splitlines()
+    assert machines == [
+        f"ssh-ng://nixbuilder@build-1.example.com x86_64-linux,i686-linux {b1.ssh_key} 4 2 big-parallel - -",
+        f"ssh-ng://nixbuilder@build-2.example.com x86_64-linux {b1.ssh_key} 1 1 - - -",
+    ]
+    assert (out / "known_hosts").read_text() == (
+        f"[build-1.example.com]:2222 {host_key}\nbuild-2.example.com {host_key}\n"
+    )
+    ssh_config = (out / "ssh_config").read_text()
+    assert "Host build-1.example.com\n  Port 2222\n" in ssh_config
+    assert f"  UserKnownHostsFile {out}/known_hosts\n" in ssh_config
+    # ssh itself reads the configuration (-G prints what it would use; connects nowhere).
+    if shutil.which("ssh"):
+        got = run(["ssh", "-G", "-F", str(out / "ssh_config"), "build-1.example.com"])
+        assert got.returncode == 0, got.stderr
+        effective = got.stdout.splitlines()
+        assert "port 2222" in effective and "stricthostkeychecking true" in effective
+        assert f"userknownhostsfile {out}/known_hosts" in effective
+
+    # builders: without the Secret is refused at render time.
+    got = run(
+        [
+            str(helm),
+            "template",
+            "fleet",
+            str(CHART),
+            "--set",
+            "builders[0].uri=ssh-ng://b",
+            "--set",
+            "builders[0].host_key=x",
+        ],
+        env={
+            **os.environ,
+            **{f"HELM_{k}_HOME": str(tmp_path / k.lower()) for k in ("CACHE", "CONFIG", "DATA")},
+        },
+    )
+    assert got.returncode != 0 and "builderSshKey.existingSecret" in got.stderr, got.stderr

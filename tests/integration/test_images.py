@@ -27,6 +27,8 @@ from tests.conftest import ConfigRepo, Signing, free_port, standard_fleet, wait_
 
 pytestmark = pytest.mark.integration
 
+PREFIX = "example.com/fleet"
+
 # A host with three services: httpd to fetch from, a chatty one to see log prefixes,
 # and one that crashes at once, saying when it started (seconds since boot).
 SERVED = """\
@@ -38,6 +40,7 @@ services:
     package: site
     exec: [bin/busybox, httpd, -f, -p, "{port}", -h, srv/www]
     restart: always
+    ports: [{{name: http, port: {port}}}, {{name: status, port: 9, protocol: udp}}]
   chatter:
     exec: [bin/busybox, sh, -c, "while true; do echo hello from chatter; sleep 1; done"]
   crasher:
@@ -98,7 +101,11 @@ class Fleet:
         standard_fleet(self.repo)
         self.repo.write("hosts/served.yaml", SERVED.format(port=port))
         self.repo.commit("add served")
-        self.config = load_config(write_config(root, self.repo, signing))
+        images = {
+            "name_prefix": PREFIX,
+            "annotations": {"homepage": "https://example.com/fleet", "authors": "Ops"},
+        }
+        self.config = load_config(write_config(root, self.repo, signing, images=images))
         rec = open_reconciler(self.config)
         try:
             result = rec.reconcile()
@@ -141,10 +148,35 @@ def test_every_aci_is_valid_and_carries_its_host(fleet: Fleet, tmp_path: Path) -
             names = set(tar.getnames())
             network = tar.extractfile("rootfs/etc/reconciler/network.env").read().decode()  # type: ignore[union-attr]
         assert manifest["acKind"] == "ImageManifest"
-        assert manifest["name"] == host
+        assert manifest["name"] == f"{PREFIX}/{host}"
         labels = {lab["name"]: lab["value"] for lab in manifest["labels"]}
         assert labels == {"version": str(release.version), "os": "linux", "arch": "amd64"}
         assert manifest["app"]["exec"] == ["/AppRun"]
+        assert manifest["app"]["isolators"] == [{"name": "os/linux/no-new-privileges", "value": True}]
+        assert manifest["annotations"] == [
+            {"name": "authors", "value": "Ops"},
+            {"name": "homepage", "value": "https://example.com/fleet"},
+        ]
+        # What appc's Linux environment does not promise is in the image: a sticky,
+        # world-writable /tmp and /var/tmp, /run, and the executor's mount points.
+        with tarfile.open(blob) as tar:
+            modes = {d: tar.getmember(f"rootfs/{d}") for d in ("tmp", "var/tmp", "run", "dev", "proc", "sys")}
+        assert {d: (m.isdir(), m.mode) for d, m in modes.items()} == {
+            "tmp": (True, 0o1777),
+            "var/tmp": (True, 0o1777),
+            "run": (True, 0o755),
+            "dev": (True, 0o755),
+            "proc": (True, 0o755),
+            "sys": (True, 0o755),
+        }
+        ports = manifest["app"].get("ports")
+        if host == "served":
+            assert ports == [
+                {"name": "http", "protocol": "tcp", "port": fleet.port, "count": 1, "socketActivated": False},
+                {"name": "status", "protocol": "udp", "port": 9, "count": 1, "socketActivated": False},
+            ]
+        else:
+            assert ports is None
         # A fat image: the supervisor and the services' files are all inside.
         for needed in (
             "rootfs/AppRun",
@@ -177,6 +209,11 @@ def test_appimage_is_type_2_with_a_squashfs_payload(fleet: Fleet, tmp_path: Path
     )
     assert 0 < offset < app.stat().st_size
     assert app.read_bytes()[offset : offset + 4] == b"hsqs"
+    # xz with the x86 BCJ filter, as measured to be smallest (nix/host.nix).
+    superblock = subprocess.run(
+        ["unsquashfs", "-o", str(offset), "-s", str(app)], capture_output=True, text=True, check=True
+    ).stdout
+    assert "Compression xz" in superblock and "x86" in superblock, superblock
     listing = subprocess.run(
         ["unsquashfs", "-o", str(offset), "-l", "-d", "", str(app)],
         capture_output=True,
@@ -301,6 +338,87 @@ def test_a_killed_appimage_leaves_no_process_and_the_next_start_cleans_up(
             again.kill()
             again.wait(10)
     assert not list(tmp_path.glob("appimage_extracted_*")) and not pids_matching(str(tmp_path))
+
+
+# An App Container Executor's part, as appc's OS-SPEC.md gives it for os=linux and no
+# more: /proc, /sys, the listed devices, /dev/pts, /dev/ptmx and /dev/shm. The mount
+# points are made if the image lacks them (an executor does); nothing else is added.
+APPC_MINIMUM = r"""
+set -eu
+root=$1; shift
+mkdir -p "$root/proc" "$root/sys" "$root/dev"
+mount -t proc proc "$root/proc"
+mount -t sysfs sysfs "$root/sys"
+mount -t tmpfs -o mode=755,nosuid tmpfs "$root/dev"
+for d in null zero full random urandom tty console; do
+  touch "$root/dev/$d"
+  mount --bind "/dev/$d" "$root/dev/$d"
+done
+mkdir "$root/dev/pts" "$root/dev/shm"
+mount -t devpts -o newinstance,ptmxmode=0666 devpts "$root/dev/pts"
+ln -s pts/ptmx "$root/dev/ptmx"
+mount -t tmpfs -o nosuid,nodev tmpfs "$root/dev/shm"
+exec env -i "$@" chroot "$root" "$APP_EXEC"
+"""
+
+
+UNSHARE = ["unshare", "--mount", "--pid", "--fork", "--propagation", "private"]
+
+
+def children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_the_aci_runs_on_the_appc_minimum_filesystem(fleet: Fleet, tmp_path: Path) -> None:
+    """Unpacked and chrooted into with only what appc's executor promises (no /tmp
+    from outside): the services start, answer, log with their prefix and stop on TERM."""
+    if os.geteuid() != 0 or subprocess.run(["unshare", "-m", "-p", "-f", "true"]).returncode != 0:
+        pytest.skip("needs root and mount/PID namespaces (unshare -m -p -f)")
+    aci = fleet.artifact("served", "aci")
+    image = tmp_path / "image"
+    image.mkdir()
+    subprocess.run(["tar", "-C", str(image), "-xf", str(aci), "--numeric-owner"], check=True)
+    manifest = json.loads((image / "manifest").read_text())
+    (exec_path,) = manifest["app"]["exec"]
+    # appc ace.md: PATH, AC_APP_NAME and container, then the image's environment.
+    env = [
+        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        f"AC_APP_NAME={manifest['name']}",
+        "container=reconciler-test",
+        *(f"{e['name']}={e['value']}" for e in manifest["app"]["environment"]),
+    ]
+    url = f"http://127.0.0.1:{fleet.port}/"
+    assert not pids_matching(f"httpd -f -p {fleet.port}"), "port already served by a leftover"
+    log = (tmp_path / "out.log").open("w")
+    proc = subprocess.Popen(
+        [*UNSHARE, "sh", "-c", APPC_MINIMUM, "sh", str(image / "rootfs"), *env],
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "APP_EXEC": exec_path},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(
+            lambda: fetch(url) == "<h1>fleet</h1>\n" or proc.poll() is not None, 30, "the page or an exit"
+        )
+        assert proc.poll() is None, (tmp_path / "out.log").read_text()
+        wait_for(lambda: "chatter: hello from chatter" in (tmp_path / "out.log").read_text(), 10, "log line")
+        # The namespace's first process is the image's entry point: TERM it, as an
+        # executor stops an app.
+        (app,) = children(proc.pid)
+        os.kill(app, signal.SIGTERM)
+        assert proc.wait(30) == 0, (tmp_path / "out.log").read_text()
+    finally:
+        if proc.poll() is None:
+            for child in children(proc.pid):
+                os.kill(child, signal.SIGKILL)
+            proc.kill()
+            proc.wait(10)
+        log.close()
+    lines = (tmp_path / "out.log").read_text().splitlines()
+    assert all(not ln.startswith("hello") for ln in lines), "a log line without its service prefix"
+    assert not any("mktemp" in ln for ln in lines), lines
+    assert list((image / "rootfs/tmp").iterdir()) == [], "the runtime directory was left behind"
+    assert str(image) not in Path("/proc/self/mounts").read_text()
 
 
 def build_outputs(rec: Reconciler, host: str) -> dict[str, bytes]:

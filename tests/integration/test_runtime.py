@@ -253,6 +253,7 @@ def test_magic_sections_and_offset(built: Built, image: Image) -> None:
     assert sections[".upd_info"] == (sht_progbits, 1024)
     assert sections[".sha256_sig"] == (sht_progbits, 1024)
     assert sections[".sig_key"] == (sht_progbits, 8192)
+    assert sections[".digest_md5"] == (sht_progbits, 16)
     (shoff,) = struct.unpack_from("<Q", data, 0x28)
     shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
     assert shoff + shnum * shentsize == len(data)

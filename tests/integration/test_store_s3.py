@@ -288,6 +288,37 @@ def test_list_is_a_sorted_string_prefix_match(store: Store) -> None:
         store.list("../")
 
 
+def test_copy_makes_an_object_with_the_same_bytes_and_replaces_what_was_there(
+    store: Store, tmp_path: Path
+) -> None:
+    data = os.urandom(11 << 20)  # above the multipart threshold: a multipart copy on S3
+    src = tmp_path / "web-1.aci"
+    src.write_bytes(data)
+    blob = blob_path(hashlib.sha256(data).hexdigest())
+    store.put_file(blob, src)
+    copy = "example.com/fleet/web-1-3-linux-amd64.aci"
+    store.put_bytes(copy, b"what a dead publish left")
+    store.copy(blob, copy)
+    assert store.get_bytes(copy) == data and store.get_bytes(blob) == data
+    store.copy(blob, copy)  # again: nothing changes
+    assert store.size(copy) == len(data)
+    assert store.list("example.com/") == [copy]
+    # The copy lives on when the blob goes (garbage collection deletes them separately).
+    store.delete(blob)
+    assert store.get_bytes(copy) == data
+    with pytest.raises(StoreError, match=f"cannot copy {blob} to {copy}"):
+        store.copy(blob, copy)
+    if isinstance(store, FilesystemStore):
+        store.put_file(blob, src)
+        store.copy(blob, copy)
+        # A hard link: no second copy of the bytes on disk.
+        assert os.path.samefile(store.root / blob, store.root / copy)
+        assert not [p for p in store.root.rglob(".tmp-*")]
+    else:
+        head = store.client.head_object(Bucket=store.bucket, Key=store.prefix + copy)
+        assert head["ContentType"] == "application/octet-stream"
+
+
 def test_delete_is_idempotent(store: Store) -> None:
     store.put_bytes("hosts/a/releases/1.json", b"1")
     store.put_bytes("hosts/a/releases/1.json.asc", b"s")
@@ -468,9 +499,10 @@ def test_publish_through_s3_in_spec_order_and_verify_over_http(
     publish(rec, release, files, signer.sign_file, signer.sign)
     assert rec.writes == ["hosts/web-1/latest.json.asc", "hosts/web-1/latest.json"]
     # A different release under a taken version number is refused.
-    other = make_release("web-1", 1, make_artifacts(tmp_path, "web-1", 1, "other")[0])
+    other_arts, other_files = make_artifacts(tmp_path, "web-1", 1, "other")
+    other = make_release("web-1", 1, other_arts)
     with pytest.raises(StoreError, match="already exists with other content"):
-        publish(rec, other, files, signer.sign_file, signer.sign)
+        publish(rec, other, other_files, signer.sign_file, signer.sign)
 
 
 # -- outages and misconfiguration: StoreError, one line, no traceback ---------------
@@ -549,7 +581,7 @@ def test_cli_reports_an_unreachable_store_in_one_line(tmp_path: Path) -> None:
     )
     res = cli("gc", "-c", str(cfg))
     assert res.returncode == 1
-    assert res.stderr.startswith("reconciler: error: cannot list hosts/ in s3://reconciler-test/ at ")
+    assert res.stderr.startswith("reconciler: error: cannot list / in s3://reconciler-test/ at ")
     assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr, res.stderr
 
 
@@ -581,19 +613,20 @@ def gc_config(tmp_path: Path, store: dict[str, str], keep: int) -> Path:
 
 
 def fill_history(store: Store, tmp_path: Path, signing: Signing) -> dict[tuple[str, int], Release]:
-    """Host a: versions 1-4; host b: version 1 reuses a's version 1 ACI (blobs are shared)."""
+    """Host a: versions 1-4; host b: version 1 reuses a's version 1 ACI (blobs are shared).
+    Every ACI is also under the name prefix example.com/fleet, for appc discovery."""
     signer = Signer(signing.gnupghome, signing.fingerprint)
     out = {}
     for version in range(1, 5):
         arts, files = make_artifacts(tmp_path, "a", version, f"a{version}")
         out["a", version] = rel = make_release("a", version, arts)
-        publish(store, rel, files, signer.sign_file, signer.sign)
+        publish(store, rel, files, signer.sign_file, signer.sign, name_prefix="example.com/fleet")
     a1_aci = out["a", 1].artifacts[0]
     arts, files = make_artifacts(tmp_path, "b", 1, "b1")
     files["aci"] = tmp_path / f"a1-{a1_aci.name}"
     shared = (Artifact("aci", "b-1-linux-amd64.aci", a1_aci.size, a1_aci.sha256), arts[1])
     out["b", 1] = rel = make_release("b", 1, shared)
-    publish(store, rel, files, signer.sign_file, signer.sign)
+    publish(store, rel, files, signer.sign_file, signer.sign, name_prefix="example.com/fleet")
     return out
 
 
@@ -622,13 +655,26 @@ def test_gc_keeps_the_newest_releases_and_every_blob_they_use(
         assert {blob, blob + ".asc"} <= after
     for blob in dead_blobs:
         assert not {blob, blob + ".asc"} & after
-    assert deleted[:4] == [
+    assert deleted[:8] == [
         "hosts/a/releases/1.json",
         "hosts/a/releases/1.json.asc",
+        "example.com/fleet/a-1-linux-amd64.aci",
+        "example.com/fleet/a-1-linux-amd64.aci.asc",
         "hosts/a/releases/2.json",
         "hosts/a/releases/2.json.asc",
+        "example.com/fleet/a-2-linux-amd64.aci",
+        "example.com/fleet/a-2-linux-amd64.aci.asc",
     ]
     assert {"hosts/a/latest.json", "hosts/b/latest.json", "keys/publisher.asc"} <= after
+    # appc discovery's copies go with their releases; b's, of a's first ACI, stays.
+    assert store.list("example.com/") == [
+        f"example.com/fleet/{h}-{v}-linux-amd64.aci{sfx}"
+        for h, v in (("a", 3), ("a", 4), ("b", 1))
+        for sfx in ("", ".asc")
+    ]
+    assert store.get_bytes("example.com/fleet/b-1-linux-amd64.aci") == store.get_bytes(
+        history["a", 1].artifacts[0].blob
+    )
     assert collect(store, keep=2) == []
 
 
@@ -693,7 +739,18 @@ def test_reconciler_publishes_the_fleet_to_s3(
             assert (rel.host, rel.version, rel.commit) == (host, 1, commit)
             assert s3.get_bytes(release_path(host, 1)) == data
             lines = verify([signing.public_key], s3.url(latest_path(host)))
-            assert len(lines) == 1 + len(rel.artifacts), lines
+            # The release, each artifact, and an AppImage's embedded signature.
+            appimages = sum(a.format == "appimage" for a in rel.artifacts)
+            assert len(lines) == 1 + len(rel.artifacts) + appimages, lines
+            assert sum("embedded signature (.sha256_sig)" in ln for ln in lines) == appimages, lines
+            # appc discovery's copies (default prefix), copied inside the bucket.
+            (aci,) = [a for a in rel.artifacts if a.format == "aci"]
+            copy = f"localhost/fleet/{host}-1-linux-amd64.aci"
+            assert s3.get_bytes(copy) == s3.get_bytes(aci.blob)
+            assert s3.get_bytes(copy + ".asc") == s3.get_bytes(aci.blob + ".asc")
+        page = s3.client.get_object(Bucket=s3.bucket, Key=s3.prefix + "fleet/index.html")
+        assert page["ContentType"] == "text/html; charset=utf-8"
+        assert b'<meta name="ac-discovery" content="localhost/fleet https://localhost/' in page["Body"].read()
         # A second pass finds the published releases in S3 and builds nothing.
         again = rec.reconcile(respect_backoff=False)
         assert again.ok and not again.outcomes

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from reconciler.config import (
     Config,
+    ImagesConfig,
     NixConfig,
     RepoConfig,
     RetentionConfig,
@@ -49,6 +50,10 @@ def config_error(tmp_path: Path, data: Any) -> ConfigError:
 
 
 DELETE = object()
+AC_PREFIX = "must be an AC Identifier: lowercase words joined by -._~/ (e.g. example.com/fleet)"
+LAYOUT = "must not start with a folder of the store (blobs, hosts, keys, tuf)"
+ANNOTATION = "annotation names must be AC Identifiers (lowercase words joined by -._~/)"
+HTTP_URL = "must be an http:// or https:// URL"
 
 
 def merged(**changes: Any) -> dict[str, Any]:
@@ -86,6 +91,38 @@ def test_defaults_and_relative_paths(tmp_path: Path, monkeypatch: pytest.MonkeyP
         release_lifetime=timedelta(days=30),
     )
     assert cfg.path.is_absolute()
+
+
+def test_images_default_to_a_local_prefix_served_at_its_domain(tmp_path: Path) -> None:
+    cfg = load_config(write_config(tmp_path, MINIMAL))
+    assert cfg.images == ImagesConfig("localhost/fleet", "https://localhost/", ())
+    cfg = load_config(write_config(tmp_path, merged(images={"name_prefix": "example.com/fleet"})))
+    assert cfg.images == ImagesConfig("example.com/fleet", "https://example.com/", ())
+
+
+def test_images_settings(tmp_path: Path) -> None:
+    images = {
+        "name_prefix": "images.example.com/prod/fleet_1",
+        "annotations": {
+            "homepage": "https://example.com/",
+            "authors": "Ops <ops@example.com>",
+            "example.com/x": "y",
+        },
+    }
+    cfg = load_config(
+        write_config(tmp_path, merged(images=images, store__public_url="http://127.0.0.1:8080/store"))
+    )
+    assert cfg.images == ImagesConfig(
+        name_prefix="images.example.com/prod/fleet_1",
+        # Where the store is served (store.public_url), as a base URL: the templates
+        # append the image's path to it.
+        store_url="http://127.0.0.1:8080/store/",
+        annotations=(
+            ("authors", "Ops <ops@example.com>"),
+            ("example.com/x", "y"),
+            ("homepage", "https://example.com/"),
+        ),
+    )
 
 
 def test_every_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -161,6 +198,7 @@ TOP = (
     + ", ".join(
         [
             "builders",
+            "images",
             "jobs",
             "listen",
             "nix",
@@ -179,10 +217,11 @@ TOP = (
     + ")"
 )
 PORT = "must be HOST:PORT"
-S3_KEYS = "unknown key (allowed: bucket, credentials_file, endpoint, prefix, region, type)"
+S3_KEYS = "unknown key (allowed: bucket, credentials_file, endpoint, prefix, public_url, region, type)"
 BUCKET = "must be a bucket name: 3 to 63 lowercase letters, digits, '.' and '-'"
 PREFIX = "must be a key prefix like fleet/prod"
 ENDPOINT = "must be an http:// or https:// URL"
+PUBLIC_URL = "must be the http:// or https:// URL the store is served at (printable ASCII, no '|')"
 KEEP = "must be an integer >= 1"
 
 
@@ -209,7 +248,7 @@ def duration(value: Any) -> str:
             "unknown key (allowed: allow_force_push, branch, credentials_file, depth, known_hosts, "
             "ssh_key, url, verify_commits)",
         ),
-        (merged(store__bucket="b"), "store.bucket", "unknown key (allowed: path, type)"),
+        (merged(store__bucket="b"), "store.bucket", "unknown key (allowed: path, public_url, type)"),
         (
             merged(signing__passphrase="x"),
             "signing.passphrase",
@@ -281,8 +320,72 @@ def duration(value: Any) -> str:
         (merged(store=s3(endpoint="http://127.0.0.1:99999")), "store.endpoint", ENDPOINT),
         (merged(store=s3(endpoint=8333)), "store.endpoint", ENDPOINT),
         (merged(store=s3(region="")), "store.region", "must be a non-empty string"),
+        (merged(store__public_url="store.example"), "store.public_url", PUBLIC_URL),
+        (merged(store__public_url="ftp://store.example/"), "store.public_url", PUBLIC_URL),
+        (merged(store__public_url="https://store.example/a b"), "store.public_url", PUBLIC_URL),
+        (merged(store__public_url="https://store.example/a|b"), "store.public_url", PUBLIC_URL),
+        (merged(store__public_url="https://store.example/?v=1"), "store.public_url", PUBLIC_URL),
+        (merged(store__public_url="https://store.example:99999/"), "store.public_url", PUBLIC_URL),
+        (merged(store=s3(public_url=["https://store.example"])), "store.public_url", PUBLIC_URL),
         (merged(store=s3(credentials_file="")), "store.credentials_file", "must be a path"),
         (merged(store=s3(credentials_file=["a"])), "store.credentials_file", "must be a path"),
+        # images
+        (merged(images="example.com"), "images", "must be a mapping"),
+        (
+            merged(images={"prefix": "a"}),
+            "images.prefix",
+            "unknown key (allowed: annotations, name_prefix)",
+        ),
+        *[
+            (merged(images={"name_prefix": bad}), "images.name_prefix", AC_PREFIX)
+            for bad in (
+                "",
+                "Example.com",
+                "example.com/",
+                "/fleet",
+                "example.com//fleet",
+                "a b",
+                "x:8080/f",
+                3,
+                None,
+            )
+        ],
+        *[
+            (merged(images={"name_prefix": f"{folder}/fleet"}), "images.name_prefix", LAYOUT)
+            for folder in ("blobs", "hosts", "keys", "tuf")
+        ],
+        (
+            merged(images={"annotations": ["homepage"]}),
+            "images.annotations",
+            "must be a mapping of AC Identifiers to strings",
+        ),
+        (merged(images={"annotations": {"Home": "x"}}), "images.annotations.Home", ANNOTATION),
+        (merged(images={"annotations": {"a-": "x"}}), "images.annotations.a-", ANNOTATION),
+        (
+            merged(images={"annotations": {"authors": ""}}),
+            "images.annotations.authors",
+            "must be a non-empty string",
+        ),
+        (
+            merged(images={"annotations": {"authors": 3}}),
+            "images.annotations.authors",
+            "must be a non-empty string",
+        ),
+        (
+            merged(images={"annotations": {"homepage": "example.com"}}),
+            "images.annotations.homepage",
+            HTTP_URL,
+        ),
+        (
+            merged(images={"annotations": {"documentation": "file:///x"}}),
+            "images.annotations.documentation",
+            HTTP_URL,
+        ),
+        (
+            merged(images={"annotations": {"created": "2026-01-01T00:00:00Z"}}),
+            "images.annotations.created",
+            "is not allowed: a build date would make every build differ",
+        ),
         (merged(retention="10"), "retention", "must be a mapping"),
         (merged(retention={"kep": 3}), "retention.kep", "unknown key (allowed: interval, keep)"),
         (merged(retention={"keep": 0}), "retention.keep", KEEP),
@@ -458,6 +561,14 @@ def test_s3_store_every_setting(tmp_path: Path) -> None:
         region="eu-west-1",
         credentials_file=cfg_dir / "secret" / "s3.creds",
     )
+
+
+def test_the_store_s_public_url_loses_its_trailing_slash(tmp_path: Path) -> None:
+    cfg = load_config(write_config(tmp_path / "a", merged(store__public_url="https://store.example/fleet/")))
+    assert cfg.store.public_url == "https://store.example/fleet"
+    cfg = load_config(write_config(tmp_path / "b", merged(store=s3(public_url="http://10.0.0.1:8080"))))
+    assert cfg.store.public_url == "http://10.0.0.1:8080"
+    assert load_config(write_config(tmp_path / "c", merged())).store.public_url is None
 
 
 def test_filesystem_is_the_default_store_type(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -9,7 +10,15 @@ from typing import Any
 
 import pytest
 
-from reconciler.config import Config, NixConfig, RepoConfig, RetentionConfig, SigningConfig, StoreConfig
+from reconciler.config import (
+    Config,
+    ImagesConfig,
+    NixConfig,
+    RepoConfig,
+    RetentionConfig,
+    SigningConfig,
+    StoreConfig,
+)
 from reconciler.core import hosts
 from reconciler.core.layout import latest_path, release_path
 from reconciler.core.model import Action, Status
@@ -18,7 +27,16 @@ from reconciler.daemon.reconciler import COMMIT_KEY, SOURCE_ERROR_KEY, Reconcile
 from reconciler.daemon.tuf import TufRepository
 from reconciler.errors import ConfigError, ReconcilerError
 from reconciler.ports import Ports
-from tests.fakes import FakeClock, FakeNix, FakeSigner, FakeSource, MemoryLedger, MemoryStore, RefusingGate
+from tests.fakes import (
+    FakeClock,
+    FakeNix,
+    FakePackager,
+    FakeSigner,
+    FakeSource,
+    MemoryLedger,
+    MemoryStore,
+    RefusingGate,
+)
 
 HOST = "name: {name}\nformats: [aci]\nnetwork: {{address: {address}}}\n"
 FLEET = {
@@ -36,7 +54,10 @@ class World:
     signer: FakeSigner = field(default_factory=FakeSigner)
     clock: FakeClock = field(default_factory=FakeClock)
     allow_force_push: bool = False
+    images: ImagesConfig = field(default_factory=ImagesConfig)
     gate: RefusingGate | None = None
+    public_url: str | None = None
+    packager: FakePackager = field(default_factory=FakePackager)
     nix: FakeNix = field(init=False)
 
     def __post_init__(self) -> None:
@@ -46,11 +67,12 @@ class World:
         return Config(
             path=self.tmp / "reconciler.yaml",
             repo=RepoConfig(url="/nonexistent/repo", allow_force_push=self.allow_force_push),
-            store=StoreConfig(type="filesystem", path=self.tmp / "unused-store"),
+            store=StoreConfig(type="filesystem", path=self.tmp / "unused-store", public_url=self.public_url),
             state_dir=self.tmp / "state",
             signing=SigningConfig(gnupghome=self.tmp / "gnupg", key="K"),
             nix=NixConfig(),
             retention=RetentionConfig(interval=0),
+            images=self.images,
         )
 
     def reconciler(self) -> Reconciler:
@@ -58,7 +80,16 @@ class World:
         cfg = self.config()
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         gate = self.gate if self.gate is not None else Gate(cfg.repo)
-        ports = Ports(self.source, self.nix, self.store, self.ledger, gate, lambda: self.signer, self.clock)
+        ports = Ports(
+            self.source,
+            self.nix,
+            self.store,
+            self.ledger,
+            gate,
+            lambda: self.signer,
+            self.clock,
+            self.packager,
+        )
         return Reconciler(
             cfg,
             ports,
@@ -98,6 +129,30 @@ def test_a_commit_publishes_every_host_signed_and_in_order(world: World) -> None
             assert world.store.exists(key + ".asc")
     assert world.ledger.meta[COMMIT_KEY] == commit
     assert {h: s.version for h, s in world.ledger.states.items()} == {"web-1": 1, "web-2": 1}
+
+
+def test_each_aci_is_published_where_appc_discovery_finds_it_with_the_page_that_says_so(world: World) -> None:
+    world.images = ImagesConfig("example.com/fleet", "https://store.example/", ())
+    world.source.push(FLEET)
+    world.reconciler().reconcile()
+    for host in ("web-1", "web-2"):
+        (aci,) = world.latest(host)["artifacts"]  # type: ignore[misc]
+        copy = f"example.com/fleet/{host}-1-linux-amd64.aci"
+        assert world.store.objects[copy] == world.store.objects[aci["blob"]]
+        assert world.store.objects[copy + ".asc"] == world.store.objects[aci["blob"] + ".asc"]
+        # Before the release file names the build.
+        assert world.store.writes.index(copy + ".asc") < world.store.writes.index(release_path(host, 1))
+    page = world.store.objects["fleet/index.html"].decode()
+    assert (
+        '<meta name="ac-discovery" content="example.com/fleet '
+        'https://store.example/{name}-{version}-{os}-{arch}.{ext}">' in page
+    )
+    assert (
+        '<meta name="ac-discovery-pubkeys" content="example.com/fleet https://store.example/keys/publisher.asc">'
+        in page
+    )
+    # Written once, not by every publish.
+    assert world.store.writes.count("fleet/index.html") == 1
 
 
 def test_an_unchanged_fleet_builds_nothing_and_a_change_rebuilds_only_its_host(world: World) -> None:
@@ -238,6 +293,92 @@ def test_a_pass_that_died_after_publishing_is_adopted_not_published_again(world:
         key + sfx for h in ("web-1", "web-2") for key in (latest_path(h),) for sfx in ("", ".asc")
     }
     assert world.ledger.states["web-1"].version == 1
+
+
+APPIMAGE_FLEET = {"hosts/app-1.yaml": "name: app-1\nformats: [aci, appimage]\n"}
+
+
+def test_the_published_appimage_is_the_sealed_one_with_its_zsync_files(world: World) -> None:
+    world.public_url = "https://store.example/fleet"
+    world.source.push(APPIMAGE_FLEET)
+    assert outcomes(world.reconciler()) == {"app-1": (True, 1)}
+    (app,) = [a for a in world.latest("app-1")["artifacts"] if a["format"] == "appimage"]  # type: ignore[attr-defined]
+    blob = world.store.objects[app["blob"]]
+    # What was built, then what the publisher embeds after the build: the update
+    # information naming the host's stable zsync file, the key, the signature.
+    built = b"appimage of "
+    assert blob.startswith(built)
+    assert b"|zsync|https://store.example/fleet/hosts/app-1/app-1-latest-x86_64.AppImage.zsync|" in blob
+    assert b"-----PUBLIC KEY-----" in blob
+    assert hashlib.sha256(blob).hexdigest() == app["sha256"] and len(blob) == app["size"]
+    assert world.packager.sealed == ["app-1-1.AppImage"]
+    # Beside the blob its control file (URL relative: the blob's name), before the
+    # release; at the stable key the same with the blob's public URL, before latest.json.
+    control = world.store.objects[app["blob"] + ".zsync"]
+    assert f"URL: {app['sha256']}\n".encode() in control
+    update = world.store.objects["hosts/app-1/app-1-latest-x86_64.AppImage.zsync"]
+    assert f"URL: https://store.example/fleet/{app['blob']}\n".encode() in update
+    assert (
+        update.replace(f"https://store.example/fleet/{app['blob']}".encode(), app["sha256"].encode())
+        == control
+    )
+    order = world.store.writes.index
+    assert order(app["blob"]) < order(app["blob"] + ".zsync") < order(release_path("app-1", 1))
+    assert order(release_path("app-1", 1)) < order("hosts/app-1/app-1-latest-x86_64.AppImage.zsync")
+    assert order("hosts/app-1/app-1-latest-x86_64.AppImage.zsync") < order(latest_path("app-1") + ".asc")
+    # Only the AppImage has a control file.
+    (aci,) = [a for a in world.latest("app-1")["artifacts"] if a["format"] == "aci"]  # type: ignore[attr-defined]
+    assert not world.store.exists(aci["blob"] + ".zsync")
+
+
+def test_without_a_public_url_the_appimage_has_no_update_information(world: World) -> None:
+    world.source.push(APPIMAGE_FLEET)
+    assert outcomes(world.reconciler()) == {"app-1": (True, 1)}
+    (app,) = [a for a in world.latest("app-1")["artifacts"] if a["format"] == "appimage"]  # type: ignore[attr-defined]
+    assert b"||-----PUBLIC KEY-----" in world.store.objects[app["blob"]]
+    assert world.store.exists(app["blob"] + ".zsync")
+    assert not [k for k in world.store.objects if k.startswith("hosts/app-1/") and k.endswith(".zsync")]
+
+
+def test_an_adopted_release_keeps_the_appimage_it_published(world: World) -> None:
+    world.public_url = "http://store.example"
+    world.source.push(APPIMAGE_FLEET)
+    world.reconciler().reconcile()
+    published = dict(world.store.objects)
+    # Died before recording, and before the host's stable zsync file was written.
+    world.ledger = MemoryLedger()
+    del world.store.objects["hosts/app-1/app-1-latest-x86_64.AppImage.zsync"]
+    assert outcomes(world.reconciler()) == {"app-1": (True, 1)}
+    # Not sealed again (that would be another signature, another blob): the release
+    # stands as published, and the stable zsync file is made from the stored one.
+    assert world.packager.sealed == ["app-1-1.AppImage"]
+    assert world.store.objects == published
+
+
+def test_a_missing_blob_of_an_adopted_release_is_not_replaced_by_other_bytes(world: World) -> None:
+    world.source.push(APPIMAGE_FLEET)
+    world.reconciler().reconcile()
+    (app,) = [a for a in world.latest("app-1")["artifacts"] if a["format"] == "appimage"]  # type: ignore[attr-defined]
+    world.ledger = MemoryLedger()
+    del world.store.objects[app["blob"]]
+    rec = world.reconciler()
+    assert outcomes(rec) == {"app-1": (False, None)}
+    assert not world.store.exists(app["blob"])
+    assert "is missing and app-1-1.AppImage is not it" in (world.ledger.states["app-1"].error or "")
+
+
+def test_a_full_disk_while_sealing_fails_that_host_and_leaves_nothing(world: World) -> None:
+    # A killed pass left a sealed copy behind: the next process removes it.
+    leftover = world.tmp / "state" / "publish-x1y2"
+    leftover.mkdir(parents=True)
+    (leftover / "app-1-1.AppImage").write_bytes(b"half")
+    world.packager.disk_full = True
+    world.source.push({**APPIMAGE_FLEET, **FLEET})
+    result = {o.host: o for o in world.reconciler().reconcile().outcomes}
+    assert not result["app-1"].ok and result["web-1"].ok and result["web-2"].ok
+    assert "cannot seal app-1-1.AppImage: [Errno 28] No space left on device" in (result["app-1"].error or "")
+    assert not [k for k in world.store.objects if k.startswith("hosts/app-1/")]
+    assert not list((world.tmp / "state").glob("publish-*"))
 
 
 def test_a_version_taken_by_another_build_is_skipped(world: World) -> None:

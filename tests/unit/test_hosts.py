@@ -17,12 +17,13 @@ from hypothesis import strategies as st
 
 from reconciler.adapters.tree import read_tree
 from reconciler.config import load_config
-from reconciler.core import hosts, schema
+from reconciler.core import appc, hosts, schema
 from reconciler.core.hosts import (
     Fleet,
     Host,
     Network,
     ParseCache,
+    Port,
     Service,
     decode_parsed,
     deep_merge,
@@ -234,11 +235,20 @@ def test_invalid_file_stem(stem: str) -> None:
     assert str(err) == f"{path}: {err.reason}"
 
 
-@pytest.mark.parametrize("stem", ["a", "0", "web-1", "a" * 63, "9-9", "web-"])
+@pytest.mark.parametrize("stem", ["a", "0", "web-1", "a" * 63, "9-9", "web--1"])
 def test_valid_file_stem(stem: str) -> None:
     fleet = parse_fleet({f"hosts/{stem}.yaml": f"name: '{stem}'\n"})
     assert fleet.errors == ()
     assert list(fleet.hosts) == [stem]
+
+
+def test_a_name_ending_in_a_dash_is_a_host_but_cannot_name_an_aci() -> None:
+    # appc's ACIdentifier (an ACI's name) ends in a letter or digit; actool refuses "web-".
+    fleet = parse_fleet({"hosts/web-.yaml": "name: web-\nformats: [appimage]\n"})
+    assert fleet.errors == () and list(fleet.hosts) == ["web-"]
+    err = error_of("name: web-\nformats: [aci]\n", path="hosts/web-.yaml")
+    assert (err.key, err.reason) == ("name", "'web-' cannot name an ACI: it must end with a letter or digit")
+    assert error_of("name: web-\n", path="hosts/web-.yaml").key == "name"
 
 
 def test_yml_extension_and_non_yaml_files() -> None:
@@ -344,6 +354,7 @@ NOT_RELATIVE = "must be a relative path inside the image"
 BAD_COMPONENTS = "must not contain empty, '.' or '..' components"
 RESERVED = "is reserved for the image builder"
 EXEC_LIST = "must be a non-empty list of strings"
+PORT_NAME = "must be an AC Name of at most 63 characters: lowercase words joined by -"
 
 
 @pytest.mark.parametrize(
@@ -352,10 +363,14 @@ EXEC_LIST = "must be a non-empty list of strings"
         ("include: 3", "include", "must be a list of profile names"),
         ("include: [[a]]", "include", "must be a list of profile names"),
         # formats
-        ("formats: []", "formats", "must be a non-empty list of aci, appimage"),
-        ("formats: {aci: 1}", "formats", "must be a non-empty list of aci, appimage"),
-        ("formats: [aci, docker]", "formats", "unknown format 'docker' (allowed: aci, appimage)"),
-        ("formats: [ACI]", "formats", "unknown format 'ACI' (allowed: aci, appimage)"),
+        ("formats: []", "formats", "must be a non-empty list of aci, aci-thin, appimage, oci"),
+        ("formats: {aci: 1}", "formats", "must be a non-empty list of aci, aci-thin, appimage, oci"),
+        (
+            "formats: [aci, docker]",
+            "formats",
+            "unknown format 'docker' (allowed: aci, aci-thin, appimage, oci)",
+        ),
+        ("formats: [ACI]", "formats", "unknown format 'ACI' (allowed: aci, aci-thin, appimage, oci)"),
         # network
         ("network: [10.0.0.1]", "network", "must be a mapping, not a list"),
         ("network: {mtu: 1500}", "network.mtu", "unknown key (allowed: address, dns, gateway)"),
@@ -393,7 +408,7 @@ EXEC_LIST = "must be a non-empty list of strings"
         (
             "services: {web: {exec: [bin/sh], user: root}}",
             "services.web.user",
-            "unknown key (allowed: exec, package, restart)",
+            "unknown key (allowed: exec, package, ports, restart)",
         ),
         ("services: {web: {}}", "services.web.exec", EXEC_LIST),
         ("services: {web: {exec: []}}", "services.web.exec", EXEC_LIST),
@@ -434,6 +449,78 @@ EXEC_LIST = "must be a non-empty list of strings"
             "services.web.restart",
             "must be one of always, on-failure, never, got ['always']",
         ),
+        # ports
+        (
+            "services: {web: {exec: [x], ports: {http: 80}}}",
+            "services.web.ports",
+            "must be a list of {name, port, protocol}, not a mapping",
+        ),
+        (
+            "services: {web: {exec: [x], ports: [80]}}",
+            "services.web.ports[0]",
+            "must be a mapping with name, port and protocol, not int",
+        ),
+        (
+            "services: {web: {exec: [x], ports: [{name: http, port: 80, proto: tcp}]}}",
+            "services.web.ports[0].proto",
+            "unknown key (allowed: name, port, protocol)",
+        ),
+        ("services: {web: {exec: [x], ports: [{port: 80}]}}", "services.web.ports[0].name", "is required"),
+        ("services: {web: {exec: [x], ports: [{name: http}]}}", "services.web.ports[0].port", "is required"),
+        *[
+            (
+                f"services: {{web: {{exec: [x], ports: [{{name: {name}, port: 80}}]}}}}",
+                "services.web.ports[0].name",
+                PORT_NAME,
+            )
+            for name in ("HTTP", "web.http", "http-", "-http", "a_b", "'a/b'", "3", "a" * 64, "''")
+        ],
+        *[
+            (
+                f"services: {{web: {{exec: [x], ports: [{{name: http, port: {port}}}]}}}}",
+                "services.web.ports[0].port",
+                f"must be a port number from 1 to 65535, got {shown}",
+            )
+            for port, shown in (
+                ("0", "0"),
+                ("65536", "65536"),
+                ("-1", "-1"),
+                ("'80'", "'80'"),
+                ("true", "True"),
+            )
+        ],
+        (
+            "services: {web: {exec: [x], ports: [{name: http, port: 80, protocol: TCP}]}}",
+            "services.web.ports[0].protocol",
+            "must be one of tcp, udp, got 'TCP'",
+        ),
+        (
+            "services: {web: {exec: [x], ports: [{name: http, port: 80, protocol: sctp}]}}",
+            "services.web.ports[0].protocol",
+            "must be one of tcp, udp, got 'sctp'",
+        ),
+        (
+            "services: {web: {exec: [x], ports: [{name: http, port: 80}, {name: http, port: 81}]}}",
+            "services.web.ports[1].name",
+            "port name 'http' is already used by services.web.ports[0]",
+        ),
+        (
+            "services: {web: {exec: [x], ports: [{name: a, port: 80}, {name: b, port: 80, protocol: tcp}]}}",
+            "services.web.ports[1].port",
+            "tcp port 80 is already declared by services.web.ports[0]",
+        ),
+        (
+            "services: {a: {exec: [x], ports: [{name: http, port: 80}]},"
+            " b: {exec: [x], ports: [{name: dns, port: 53, protocol: udp}, {name: http, port: 81}]}}",
+            "services.b.ports[1].name",
+            "port name 'http' is already used by services.a.ports[0]",
+        ),
+        (
+            "services: {a: {exec: [x], ports: [{name: one, port: 53, protocol: udp}]},"
+            " b: {exec: [x], ports: [{name: two, port: 53, protocol: udp}]}}",
+            "services.b.ports[0].port",
+            "udp port 53 is already declared by services.a.ports[0]",
+        ),
         # files
         ("files: [etc/motd]", "files", "must be a mapping, not a list"),
         ("files: {../x: a}", "files.../x", f"'../x' {BAD_COMPONENTS}"),
@@ -449,6 +536,12 @@ EXEC_LIST = "must be a non-empty list of strings"
         ("files: {etc/reconciler/host.json: a}", "files.etc/reconciler/host.json", RESERVED),
         ("files: {etc/service/web/run: a}", "files.etc/service/web/run", RESERVED),
         ("files: {bin/busybox: a}", "files.bin/busybox", RESERVED),
+        # The ACI's directories for the executor's mounts and for temporary files.
+        *[
+            (f"files: {{{p}: a}}", f"files.{p}", RESERVED)
+            for p in ("tmp", "tmp/x", "var/tmp/x", "var", "run/x")
+        ],
+        *[(f"files: {{{p}: a}}", f"files.{p}", RESERVED) for p in ("dev/null", "proc/x", "sys", "dev")],
         # A file that is a parent directory of a reserved path would shadow it too.
         ("files: {etc: a}", "files.etc", RESERVED),
         ("files: {bin: a}", "files.bin", RESERVED),
@@ -493,6 +586,13 @@ def test_network_is_normalised() -> None:
 def test_formats_are_normalised() -> None:
     assert host_of("name: web-1\nformats: [appimage, aci, appimage]\n").formats == ("aci", "appimage")
     assert host_of("name: web-1\nformats: aci\n").formats == ("aci",)
+    every = host_of("name: web-1\nformats: [oci, appimage, aci-thin, aci]\n")
+    assert every.formats == ("aci", "aci-thin", "appimage", "oci")
+
+
+def test_the_default_formats_stay_those_of_every_release_so_far() -> None:
+    """An upgrade must not change the shape of an existing fleet's releases."""
+    assert host_of("name: web-1\n").formats == ("aci", "appimage")
 
 
 def test_exec_numbers_become_strings() -> None:
@@ -782,6 +882,9 @@ def check_accepted(host: Host, stem: str) -> None:
     assert all(s.restart in hosts.RESTART_POLICIES for s in host.services)
     for name, content in host.files:
         assert not name.startswith("/") and posixpath.normpath(name) == name and "\0" not in content
+    ports = [p for s in host.services for p in s.ports]
+    assert all(appc.is_ac_name(p.name) and 1 <= p.port <= 65535 for p in ports)
+    assert len({p.name for p in ports}) == len({(p.port, p.protocol) for p in ports}) == len(ports)
     packages = {f"packages/{p}.nix": "" for p in host.packages if p not in hosts.BUILTIN_PACKAGES}
     again = parse_fleet({f"hosts/{stem}.yaml": yaml.safe_dump(host.to_nix()), **packages})
     assert again.errors == (), [str(e) for e in again.errors]
@@ -1529,3 +1632,160 @@ def test_a_host_whose_package_did_not_evaluate_has_no_key() -> None:
     assert eval_key(fleet.hosts["h0"], "recipe", {}) is None
     assert eval_key(fleet.hosts["h1"], "recipe", {}) is not None
     assert package_names(fleet.hosts.values()) == ("a",)
+
+
+# -- the plain-tree loader gives what PyYAML gives ------------------------------------------------
+
+yaml_data = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@PROPERTY
+@given(yaml_data, st.sampled_from([None, True, False]))
+def test_the_plain_tree_loader_gives_what_pyyaml_gives(data: object, flow: bool | None) -> None:
+    text = yaml.safe_dump(data, default_flow_style=flow, allow_unicode=True)
+    assert schema._load_tree(text, schema._LOADER) == yaml.load(text, Loader=schema._LOADER)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a: 1\nb: 2019-01-01\nc: 2019-01-01 10:00:00\nd: !!str 123\ne: !!binary aGVsbG8=\nf: 0x1f\ng: ~\n",
+        "base: {x: 1}\nover:\n  <<: {x: 2, y: 3}\n  x: 4\n",
+        "? [a, b]\n: c\n",
+        "s: !!set {a, b}\no: !!omap [{a: 1}]\n",
+        "- - - deep\n  - x\n- {a: [1, {b: c}]}\n",
+        "",
+        "just a string\n",
+        "1: int key\n1.5: float key\ntrue: bool key\n",
+    ],
+)
+def test_the_plain_tree_loader_on_what_it_hands_back_or_builds(text: str) -> None:
+    def outcome(load: Callable[[], object]) -> object:
+        try:
+            return load()
+        except Exception as exc:  # the same refusal either way
+            return (type(exc), str(exc))
+
+    assert outcome(lambda: schema._load_tree(text, schema._LOADER)) == outcome(
+        lambda: yaml.load(text, Loader=schema._LOADER)
+    )
+
+
+def test_duplicate_keys_and_unknown_tags_fail_as_before() -> None:
+    assert "duplicate key" in refusal("a: 1\nb: 2\na: 3\n").reason
+    assert "invalid YAML" in refusal("a: !something 1\n").reason
+
+
+# -- ports -----------------------------------------------------------------------------------------
+
+
+def test_ports_are_parsed_with_tcp_by_default_and_reach_nix_in_order() -> None:
+    host = host_of(
+        "name: web-1\nservices:\n"
+        "  web: {exec: [bin/busybox, httpd], ports: [{name: http, port: 8080}, {name: alt, port: 81}]}\n"
+        "  dns: {exec: [bin/busybox, sh], ports: [{name: dns, port: 53, protocol: udp}]}\n"
+        "  tick: {exec: [bin/busybox, sh]}\n"
+    )
+    by_name = {s.name: s for s in host.services}
+    assert by_name["web"].ports == (Port("http", 8080), Port("alt", 81))
+    assert by_name["dns"].ports == (Port("dns", 53, appc.PortProtocol.UDP),)
+    services = host.to_nix()["services"]
+    assert services["web"]["ports"] == [
+        {"name": "http", "port": 8080, "protocol": "tcp"},
+        {"name": "alt", "port": 81, "protocol": "tcp"},
+    ]
+    assert services["dns"]["ports"] == [{"name": "dns", "port": 53, "protocol": "udp"}]
+    # A service without ports hands Nix what it did before ports existed.
+    assert "ports" not in services["tick"]
+    # The same number on both protocols is two ports.
+    both = host_of(
+        "name: web-1\nservices:\n"
+        "  dns: {exec: [x], ports: [{name: a, port: 53}, {name: b, port: 53, protocol: udp}]}\n"
+    )
+    assert [p.protocol for p in both.services[0].ports] == ["tcp", "udp"]
+
+
+port_entries = st.lists(
+    st.tuples(
+        st.from_regex(r"[a-z0-9]{1,5}(-[a-z0-9]{1,5}){0,2}", fullmatch=True),
+        st.integers(1, 65535),
+        st.sampled_from([None, "tcp", "udp"]),
+    ),
+    max_size=8,
+    unique_by=(lambda t: t[0], lambda t: (t[1], t[2] or "tcp")),
+)
+
+
+def ports_yaml(entries: list[tuple[str, int, str | None]]) -> list[dict[str, Any]]:
+    return [{"name": n, "port": p, **({"protocol": proto} if proto else {})} for n, p, proto in entries]
+
+
+def services_with(entries: list[tuple[str, int, str | None]], owners: list[int]) -> dict[str, Any]:
+    """Three services sharing ``entries``: entry i belongs to service ``owners[i] % 3``."""
+    services: dict[str, Any] = {f"s{i}": {"exec": ["bin/busybox", "true"], "ports": []} for i in range(3)}
+    for entry, owner in zip(entries, owners, strict=False):
+        services[f"s{owner % 3}"]["ports"] += ports_yaml([entry])
+    return services
+
+
+@PROPERTY
+@given(port_entries, st.lists(st.integers(0, 2), min_size=8, max_size=8))
+def test_unique_ports_are_accepted_wherever_they_are_declared(
+    entries: list[tuple[str, int, str | None]], owners: list[int]
+) -> None:
+    data = {"name": "web-1", "services": services_with(entries, owners)}
+    host = host_of(yaml.safe_dump(data))
+    check_accepted(host, "web-1")
+    for svc in host.services:
+        want = ports_yaml([e for e, o in zip(entries, owners, strict=False) if f"s{o % 3}" == svc.name])
+        got = svc.to_nix().get("ports", [])
+        assert got == [{**w, "protocol": w.get("protocol", "tcp")} for w in want]
+
+
+@PROPERTY
+@given(
+    port_entries.filter(bool),
+    st.lists(st.integers(0, 2), min_size=9, max_size=9),
+    st.integers(0, 7),
+    st.booleans(),
+)
+def test_a_second_port_with_a_taken_name_or_number_is_refused_at_its_key(
+    entries: list[tuple[str, int, str | None]], owners: list[int], pick: int, same_name: bool
+) -> None:
+    name, port, proto = entries[pick % len(entries)]
+    if same_name:
+        clash = (name, port % 65535 + 1 if port != 65535 else 1, "udp" if proto == "tcp" else "tcp")
+        assume(all((clash[1], clash[2]) != (p, q or "tcp") for _, p, q in entries))
+    else:
+        clash = ("zz-clash", port, proto)
+    services = services_with(entries, owners)
+    original = ports_yaml([entries[pick % len(entries)]])[0]
+    first = next(
+        (svc, spec["ports"].index(original)) for svc, spec in services.items() if original in spec["ports"]
+    )
+    target = f"s{owners[8] % 3}"
+    services[target]["ports"].append(ports_yaml([clash])[0])
+    err = error_of(yaml.safe_dump({"name": "web-1", "services": services}))
+    # Services are read in name order: whichever of the two comes later is refused.
+    svc, index = max(first, (target, len(services[target]["ports"]) - 1))
+    assert err.key == f"services.{svc}.ports[{index}].{'name' if same_name else 'port'}"
+    assert "is already" in err.reason
+
+
+@PROPERTY
+@given(st.one_of(st.text(max_size=70), st.from_regex(r"[a-z0-9-]{1,70}", fullmatch=True)))
+def test_a_port_name_is_accepted_exactly_when_it_is_an_ac_name(name: str) -> None:
+    fleet = one_host(
+        yaml.safe_dump(
+            {"name": "web-1", "services": {"web": {"exec": ["x"], "ports": [{"name": name, "port": 80}]}}}
+        )
+    )
+    ok = len(name) <= 63 and appc.AC_NAME_RE.fullmatch(name) is not None
+    if ok:
+        assert fleet.errors == () and fleet.hosts["web-1"].services[0].ports == (Port(name, 80),)
+    else:
+        assert [(e.key, e.reason) for e in fleet.errors] == [("services.web.ports[0].name", PORT_NAME)]

@@ -8,15 +8,21 @@ from hypothesis import strategies as st
 from reconciler.core.layout import (
     PUBLISHER_KEY,
     BlobKey,
+    DiscoveryKey,
     LatestKey,
     ReleaseKey,
     TufKey,
+    UpdateKey,
     blob_path,
+    discovery_page_path,
+    discovery_path,
     latest_path,
     parse_key,
     release_path,
     signature_path,
     tuf_path,
+    update_path,
+    zsync_path,
 )
 
 HOSTS = st.from_regex(r"[a-z0-9][a-z0-9-]{0,62}", fullmatch=True)
@@ -40,6 +46,16 @@ def test_a_blob_key_reads_back(sha: str, signed: bool) -> None:
     assert parse_key(signature_path(key) if signed else key) == BlobKey(sha, signed)
 
 
+@given(st.from_regex(r"[0-9a-f]{64}", fullmatch=True))
+def test_a_blob_s_zsync_key_reads_back(sha: str) -> None:
+    assert parse_key(zsync_path(blob_path(sha))) == BlobKey(sha, signature=False, zsync=True)
+
+
+@given(HOSTS)
+def test_a_host_s_update_key_reads_back(host: str) -> None:
+    assert parse_key(update_path(host)) == UpdateKey(host)
+
+
 def test_keys_outside_the_layout_are_nothing() -> None:
     for key in (
         PUBLISHER_KEY,
@@ -54,6 +70,19 @@ def test_keys_outside_the_layout_are_nothing() -> None:
         "tuf/0.root.json",
         "tuf/1.Root.json",
         "tuf/1.root.json.tmp",
+        # Discovery copies: a prefix (at least a domain), the host, N, os and arch.
+        "web-1-3-linux-amd64.aci",
+        "example.com/web-1-0-linux-amd64.aci",
+        "example.com/web-3.aci",
+        "example.com/Web-1-3-linux-amd64.aci",
+        "Example.com/web-1-3-linux-amd64.aci",
+        "example.com//web-1-3-linux-amd64.aci",
+        "example.com/-web-3-linux-amd64.aci",
+        "example.com/web-1-3-linux-amd64.aci.sig",
+        "example.com/fleet/index.html",
+        "blobs/sha256/" + "a" * 64 + ".zsync.asc",
+        "hosts/web-1/web-2-latest-x86_64.AppImage.zsync",
+        "hosts/web-1/latest-x86_64.AppImage.zsync",
     ):
         assert parse_key(key) is None, key
 
@@ -65,3 +94,21 @@ def test_keys_outside_the_layout_are_nothing() -> None:
 def test_a_tuf_key_reads_back(role: str, version: int) -> None:
     assert parse_key(tuf_path(role, version)) == TufKey(role, version)
     assert parse_key(tuf_path("timestamp", None)) == TufKey("timestamp", None)
+
+
+PREFIXES = st.from_regex(
+    r"[a-z0-9]{1,8}(\.[a-z0-9]{1,8}){0,2}(/[a-z0-9]{1,6}([-._~][a-z0-9]{1,4})?){0,3}", fullmatch=True
+)
+
+
+@given(PREFIXES, HOSTS, st.integers(1, 10**17), st.booleans())
+def test_a_discovery_key_reads_back(prefix: str, host: str, version: int, signed: bool) -> None:
+    key = discovery_path(prefix, f"{host}-{version}-linux-amd64.aci")
+    assert key == f"{prefix}/{host}-{version}-linux-amd64.aci"
+    assert parse_key(signature_path(key) if signed else key) == DiscoveryKey(prefix, host, version, signed)
+
+
+def test_the_discovery_page_is_the_index_of_the_prefix_path() -> None:
+    assert discovery_page_path("example.com/fleet") == "fleet/index.html"
+    assert discovery_page_path("example.com/a/b") == "a/b/index.html"
+    assert discovery_page_path("example.com") == "index.html"

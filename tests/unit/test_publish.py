@@ -7,6 +7,7 @@ the release file, then latest.json's signature and latest.json, last.
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -18,8 +19,8 @@ from reconciler.daemon.publish import publish
 from reconciler.errors import StoreError
 from tests.fakes import CrashError, MemoryStore
 
-SHA_ACI = "a" * 64
-SHA_APP = "b" * 64
+SHA_ACI = hashlib.sha256(b"ACI").hexdigest()
+SHA_APP = hashlib.sha256(b"APP").hexdigest()
 RELEASE = Release(
     host="web-1",
     version=3,
@@ -65,9 +66,17 @@ def sign_bytes(data: bytes) -> bytes:
     return b"sig of " + data
 
 
-def run(store: MemoryStore, files: dict[str, Path], release: Release = RELEASE) -> list[str]:
+def run(
+    store: MemoryStore,
+    files: dict[str, Path],
+    release: Release = RELEASE,
+    zsync: dict[str, bytes] | None = None,
+    update: bytes | None = None,
+) -> list[str]:
     published: list[str] = []
-    publish(store, release, files, sign_file, sign_bytes, on_artifact=published.append)
+    publish(
+        store, release, files, sign_file, sign_bytes, on_artifact=published.append, zsync=zsync, update=update
+    )
     return published
 
 
@@ -137,4 +146,76 @@ def test_a_release_number_taken_by_other_content_is_refused_before_latest_moves(
         run(store, files)
     assert store.objects[RELEASE_KEY] == b"another release"
     assert store.objects[LATEST_KEY] == b"the old latest"
+    assert not [k for k in store.writes if k.startswith("hosts/")]
+
+
+# -- appc discovery's copies ---------------------------------------------------------------------
+
+PREFIX = "example.com/fleet"
+COPY = f"{PREFIX}/web-1-3-linux-amd64.aci"
+# With a name prefix: the ACI's discovery copies right after its blob and signature.
+DISCOVERY_ORDER = [*ORDER[:2], COPY, COPY + ".asc", *ORDER[2:]]
+
+
+def run_named(store: MemoryStore, files: dict[str, Path]) -> None:
+    publish(store, RELEASE, files, sign_file, sign_bytes, name_prefix=PREFIX)
+
+
+def test_the_aci_is_also_where_appc_discovery_looks_before_the_release_names_it(
+    files: dict[str, Path],
+) -> None:
+    store = MemoryStore()
+    run_named(store, files)
+    assert store.writes == DISCOVERY_ORDER
+    # The same bytes and signature as the blob; only the ACI is discoverable.
+    assert store.objects[COPY] == store.objects[BLOB_ACI] == b"ACI"
+    assert store.objects[COPY + ".asc"] == store.objects[BLOB_ACI + ".asc"] == b"sig of file ACI"
+    assert [k for k in store.objects if k.startswith(PREFIX)] == [COPY, COPY + ".asc"]
+
+
+@pytest.mark.parametrize("crash_at", range(len(DISCOVERY_ORDER)))
+def test_a_crash_leaves_copies_of_signed_blobs_only_and_the_next_attempt_completes(
+    files: dict[str, Path], crash_at: int
+) -> None:
+    store = MemoryStore(crash_at=crash_at)
+    with pytest.raises(CrashError):
+        run_named(store, files)
+    if COPY in store.objects:
+        assert {BLOB_ACI, BLOB_ACI + ".asc"} <= set(store.objects)
+    if RELEASE_KEY in store.objects:
+        assert {COPY, COPY + ".asc"} <= set(store.objects)
+    store.crash_at = None
+    run_named(store, files)
+    assert store.objects[COPY] == b"ACI" and store.objects[COPY + ".asc"] == b"sig of file ACI"
+
+
+def test_a_copy_another_build_left_under_this_version_is_replaced(files: dict[str, Path]) -> None:
+    # A pass died after copying its build as release 3 and before writing the release;
+    # this pass publishes another build as 3.
+    store = MemoryStore({COPY: b"OTHER", COPY + ".asc": b"sig of file OTHER"})
+    run_named(store, files)
+    assert store.objects[COPY] == b"ACI" and store.objects[COPY + ".asc"] == b"sig of file ACI"
+
+
+def test_zsync_files_go_beside_their_blob_and_the_hosts_before_latest(files: dict[str, Path]) -> None:
+    store = MemoryStore()
+    run(store, files, zsync={"appimage": b"control"}, update=b"control with URL")
+    update_key = "hosts/web-1/web-1-latest-x86_64.AppImage.zsync"
+    assert store.writes == [*ORDER[:4], BLOB_APP + ".zsync", *ORDER[4:6], update_key, *ORDER[6:]]
+    assert store.objects[BLOB_APP + ".zsync"] == b"control"
+    assert store.objects[update_key] == b"control with URL"
+    # Written again: the blob's control file stays, the host's follows the newest release.
+    run(store, files, zsync={"appimage": b"other"}, update=b"newer")
+    assert store.objects[BLOB_APP + ".zsync"] == b"control"
+    assert store.objects[update_key] == b"newer"
+
+
+def test_a_file_that_is_not_the_missing_blob_is_not_stored_under_its_name(
+    files: dict[str, Path],
+) -> None:
+    files["appimage"].write_bytes(b"APP sealed again, another signature")
+    store = MemoryStore()
+    with pytest.raises(StoreError, match=f"{BLOB_APP} is missing and web-1.AppImage is not it"):
+        run(store, files)
+    assert BLOB_APP not in store.objects
     assert not [k for k in store.writes if k.startswith("hosts/")]

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from reconciler.core.formats import Kind
 from reconciler.core.hosts import NAME_RE
 from reconciler.core.layout import blob_path, latest_path, release_path
 from reconciler.core.release import (
@@ -216,6 +217,8 @@ def with_artifact(key: str, value: Any, index: int = 0) -> dict[str, Any]:
         (with_value("artifacts", ["aci"]), "artifacts[0]: must be an object"),
         (with_artifact("format", "docker"), "artifacts[0].format: unknown format 'docker'"),
         (with_artifact("format", DELETE), "artifacts[0].format: unknown format None"),
+        (with_artifact("format", ["oci"]), "artifacts[0].format: unknown format ['oci']"),
+        (with_artifact("format", "oci-layers"), "artifacts[0].format: unknown format 'oci-layers'"),
         (with_artifact("name", "../web-1.aci"), f"artifacts[0].name: {NAME_RULE}"),
         (with_artifact("name", "dir/web-1.aci"), f"artifacts[0].name: {NAME_RULE}"),
         (with_artifact("name", ".hidden"), f"artifacts[0].name: {NAME_RULE}"),
@@ -311,7 +314,7 @@ zones = st.integers(-23 * 60 - 59, 23 * 60 + 59).map(lambda m: timezone(timedelt
 any_zone_times = st.builds(lambda t, z: t.astimezone(z), utc_times, zones)
 artifacts = st.builds(
     Artifact,
-    format=st.sampled_from(["aci", "appimage"]),
+    format=st.sampled_from([k.value for k in Kind]),
     name=st.from_regex(r"[A-Za-z0-9_+-][A-Za-z0-9._+-]{0,30}", fullmatch=True),
     size=st.integers(min_value=0, max_value=2**63),
     sha256=hexes,
@@ -327,7 +330,7 @@ releases = st.builds(
     derivation=st.text(st.characters(codec="utf-8").filter(str.isprintable), max_size=80),
     created=any_zone_times,
     expires=any_zone_times,
-    artifacts=st.lists(artifacts, max_size=2, unique_by=lambda a: a.format).map(tuple),
+    artifacts=st.lists(artifacts, max_size=len(Kind), unique_by=lambda a: a.format).map(tuple),
 )
 
 

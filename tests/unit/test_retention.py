@@ -13,7 +13,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reconciler.core.gc import needed_releases, plan_gc
-from reconciler.core.layout import blob_path, latest_path, release_path
+from reconciler.core.layout import (
+    DiscoveryKey,
+    blob_path,
+    discovery_path,
+    latest_path,
+    parse_key,
+    release_path,
+    update_path,
+    zsync_path,
+)
 from reconciler.core.release import Artifact, Release, new_release
 from reconciler.daemon.gc import collect
 
@@ -96,6 +105,24 @@ def blob_keys(sha: str) -> list[str]:
     return [blob_path(sha), blob_path(sha) + ".asc"]
 
 
+def test_a_blob_s_zsync_file_goes_with_it_and_the_host_s_stays() -> None:
+    s = state({"a": {1: [SHAS[0]], 2: [SHAS[1]]}}, latest={"a": 2}, blobs=SHAS[:2])
+    update = update_path("a")
+    listing = [*s.listing, zsync_path(blob_path(SHAS[0])), zsync_path(blob_path(SHAS[1])), update]
+    plan = plan_gc(listing, s.releases, keep=1)
+    assert plan == [
+        "hosts/a/releases/1.json",
+        "hosts/a/releases/1.json.asc",
+        # The blob first, its signature last: nothing is left signed without its blob.
+        blob_path(SHAS[0]),
+        zsync_path(blob_path(SHAS[0])),
+        blob_path(SHAS[0]) + ".asc",
+    ]
+    # A control file left without its blob (a collection that died half-way) goes too.
+    orphan = zsync_path(blob_path(SHAS[4]))
+    assert orphan in plan_gc([*listing, orphan], s.releases, keep=1)
+
+
 def test_a_publish_in_progress_is_left_alone() -> None:
     s = state({"a": {1: [SHAS[0]], 2: [SHAS[1]]}}, latest={"a": 2}, blobs=SHAS[:2])
     # Version 3's signature is written, its release file not yet; a stray old .asc goes.
@@ -135,6 +162,36 @@ def test_an_unreadable_kept_release_or_latest_deletes_no_blob(unreadable: str) -
     assert plan_gc(s.listing, s.releases, keep=1) == plan
 
 
+def copies(host: str, version: int, prefix: str = "example.com/fleet") -> list[str]:
+    """The ACI and signature appc discovery reads for release ``version`` of ``host``."""
+    key = discovery_path(prefix, f"{host}-{version}-linux-amd64.aci")
+    return [key, key + ".asc"]
+
+
+def test_discovery_copies_go_with_their_release_under_any_prefix() -> None:
+    s = state({"web-1": {1: [SHAS[0]], 2: [SHAS[1]], 3: [SHAS[2]]}}, latest={"web-1": 3}, blobs=SHAS[:3])
+    # Release 1 was published under an older prefix; 2 and 3 under today's. A copy
+    # of version 9 is a publish in progress; one of version 2 of a host named
+    # "web" must not be taken for web-1's.
+    s.listing += copies("web-1", 1, "old.example/images") + copies("web-1", 2) + copies("web-1", 3)
+    s.listing += copies("web-1", 9) + copies("web", 1)
+    plan = plan_gc(s.listing, s.releases, keep=1)
+    assert plan == [
+        "hosts/web-1/releases/1.json",
+        "hosts/web-1/releases/1.json.asc",
+        "old.example/images/web-1-1-linux-amd64.aci",
+        "old.example/images/web-1-1-linux-amd64.aci.asc",
+        "hosts/web-1/releases/2.json",
+        "hosts/web-1/releases/2.json.asc",
+        "example.com/fleet/web-1-2-linux-amd64.aci",
+        "example.com/fleet/web-1-2-linux-amd64.aci.asc",
+        blob_path(SHAS[0]),
+        blob_path(SHAS[0]) + ".asc",
+        blob_path(SHAS[1]),
+        blob_path(SHAS[1]) + ".asc",
+    ]
+
+
 def test_keep_must_be_positive() -> None:
     with pytest.raises(ValueError):
         plan_gc([], {}, keep=0)
@@ -168,6 +225,15 @@ def stores(draw: st.DrawFn) -> tuple[Fixture, int]:
         for v in draw(st.lists(st.integers(min_value=1, max_value=10), max_size=2)):
             if release_path(h, v) + ".asc" not in s.listing:
                 s.listing.append(release_path(h, v) + ".asc")
+    # appc discovery's copies of releases (under two prefixes), and of versions whose
+    # release is not (or no longer) there.
+    for h, versions in hosts.items():
+        for v in versions:
+            if draw(st.booleans()):
+                s.listing += copies(h, v, draw(st.sampled_from(["example.com/fleet", "old.example"])))
+        for v in draw(st.lists(st.integers(min_value=1, max_value=10), max_size=2, unique=True)):
+            if v not in versions:
+                s.listing += copies(h, v)
     # Release files lost (a half-done deletion): latest.json may then name a missing one.
     lost = draw(st.lists(st.sampled_from(sorted(s.releases)), max_size=2)) if s.releases else []
     s.listing = [k for k in s.listing if k not in lost or k.endswith("latest.json")]
@@ -226,6 +292,21 @@ def test_no_kept_release_or_latest_ever_references_a_deleted_blob(case: tuple[Fi
             assert k.split("/")[2].removesuffix(".asc") in refs
     kinds = [k.startswith("blobs/") for k in plan]
     assert kinds == sorted(kinds)
+    # A discovery copy goes exactly when its release file does; one without a release
+    # file only below the host's newest release (never a publish in progress).
+    for k in s.listing:
+        match parse_key(k):
+            case DiscoveryKey(host=h, version=v):
+                release_key = release_path(h, v)
+                if release_key in s.listing:
+                    assert (k in plan) == (release_key in plan), k
+                elif k in plan:
+                    assert any(
+                        key.startswith(f"hosts/{h}/releases/")
+                        and key.endswith(".json")
+                        and int(key.split("/")[3][:-5]) > v
+                        for key in s.listing
+                    ), k
     for k in plan:
         if k.endswith(".asc") and k[:-4] in plan:
             assert plan.index(k[:-4]) < plan.index(k)

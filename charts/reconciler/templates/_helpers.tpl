@@ -57,6 +57,11 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{/* The nix-daemon's socket, in an emptyDir only the reconciler and nix-daemon containers mount. */}}
 {{- define "reconciler.nixDaemonSocketDir" -}}/run/nix-daemon{{- end }}
 
+{{/* The builders' files for the nix-daemon sidecar (root's: written by the nix-builders
+init container) and the mounted ssh key of the builders. */}}
+{{- define "reconciler.nixBuildersDir" -}}/run/nix-builders{{- end }}
+{{- define "reconciler.builderKeyDir" -}}/etc/reconciler-builder-ssh{{- end }}
+
 {{/* reconciler.yaml */}}
 {{- define "reconciler.config" -}}
 {{- $signing := dict "gnupghome" (include "reconciler.gnupgHome" .) "key" .Values.signing.fingerprint }}
@@ -74,6 +79,17 @@ app.kubernetes.io/instance: {{ .Release.Name }}
       "jobs" .Values.config.jobs
       "release_lifetime" .Values.config.release_lifetime
       "retry" .Values.config.retry }}
+{{- if .Values.builders }}
+{{- if not .Values.builderSshKey.existingSecret }}
+{{- fail "builders: needs builderSshKey.existingSecret, the Secret with the builders' ssh key" }}
+{{- end }}
+{{- $key := printf "%s/%s" (include "reconciler.builderKeyDir" .) .Values.builderSshKey.key }}
+{{- $builders := list }}
+{{- range .Values.builders }}
+{{- $builders = append $builders (merge (dict "ssh_key" $key) (deepCopy .)) }}
+{{- end }}
+{{- $_ := set $cfg "builders" $builders }}
+{{- end }}
 {{- toYaml (mergeOverwrite $cfg (deepCopy .Values.extraConfig)) }}
 {{- end }}
 

@@ -33,6 +33,8 @@ def test_config_defaults_and_relative_paths(tmp_path: Path) -> None:
     assert (cfg.format, cfg.poll_interval, cfg.keep, cfg.supervise) == ("appimage", 60.0, 3, False)
     assert cfg.activate == ("/bin/sh", "-c", "systemctl restart app")
     assert cfg.health is None
+    assert cfg.zsync is True
+    assert load_agent_config(write(tmp_path, store="store", zsync=False)).zsync is False
 
 
 @pytest.mark.parametrize(
@@ -43,6 +45,9 @@ def test_config_defaults_and_relative_paths(tmp_path: Path) -> None:
         ({"keys": []}, "keys", "must list the publisher's public key file(s): trust is pinned here"),
         ({"store": None}, "store", "is required: a URL or a directory"),
         ({"format": "tar"}, "format", "must be one of aci, appimage"),
+        # Several blobs each: not what the agent installs.
+        ({"format": "oci"}, "format", "must be one of aci, appimage"),
+        ({"format": "aci-thin"}, "format", "must be one of aci, appimage"),
         (
             {"health": {"url": "http://x/", "command": "true"}},
             "health",
@@ -59,6 +64,7 @@ def test_config_defaults_and_relative_paths(tmp_path: Path) -> None:
         ),
         ({"poll_interval": "soon"}, "poll_interval", "must be a duration"),
         ({"colour": "blue"}, "colour", "unknown key"),
+        ({"zsync": "yes"}, "zsync", "must be true or false"),
     ],
 )
 def test_config_errors_name_the_key(tmp_path: Path, data: dict[str, Any], key: str, reason: str) -> None:
