@@ -16,6 +16,8 @@ from enum import StrEnum
 from typing import Any
 
 from reconciler.core import hosts
+from reconciler.core.appc import AC_NAME_RE, PortProtocol
+from reconciler.core.formats import DEFAULT_FORMATS
 
 DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
@@ -80,6 +82,18 @@ NETWORK: dict[str, dict[str, Any]] = {
     },
 }
 
+PORT: dict[str, dict[str, Any]] = {
+    "name": {
+        "description": "An AC Name: lowercase words of letters and digits joined by -.",
+        "type": "string",
+        "pattern": _pattern(AC_NAME_RE),
+        "maxLength": hosts.MAX_PORT_NAME,
+    },
+    "port": {"description": "The port number.", "type": "integer", "minimum": 1, "maximum": 65535},
+    "protocol": {"enum": [p.value for p in PortProtocol], "default": PortProtocol.TCP.value},
+}
+PORT_REQUIRED = ("name", "port")
+
 SERVICE: dict[str, dict[str, Any]] = {
     "package": {
         "description": "The package whose output is merged into the image root: packages/<name>.nix "
@@ -100,6 +114,18 @@ SERVICE: dict[str, dict[str, Any]] = {
         "description": "When the supervisor starts the service again after it exits (with backoff).",
         "enum": list(hosts.RESTART_POLICIES),
         "default": "always",
+    },
+    "ports": {
+        "description": "Ports the service listens on, declared in the ACI's manifest (app.ports); "
+        "names and port/protocol pairs are unique in the host.",
+        "type": "array",
+        "items": {
+            "type": "object",
+            "properties": PORT,
+            "required": list(PORT_REQUIRED),
+            "additionalProperties": False,
+        },
+        "default": [],
     },
 }
 SERVICE_REQUIRED = ("exec",)
@@ -122,7 +148,7 @@ HOST: dict[str, dict[str, Any]] = {
         "description": "The artifacts built for the host.",
         **_one_or_list({"enum": list(hosts.FORMATS)}),
         "minItems": 1,
-        "default": list(hosts.FORMATS),
+        "default": [str(f) for f in DEFAULT_FORMATS],
     },
     "network": {
         "description": "Written to etc/reconciler/network.env in the image (HOSTNAME, ADDRESS, "
@@ -167,6 +193,7 @@ def schema(kind: Kind) -> dict[str, Any]:
     _checked(HOST, hosts.HOST_KEYS, "host")
     _checked(NETWORK, hosts.NETWORK_KEYS, "network")
     _checked(SERVICE, hosts.SERVICE_KEYS, "service")
+    _checked(PORT, hosts.PORT_KEYS, "port")
     keys = hosts.HOST_KEYS if kind is Kind.HOST else hosts.PROFILE_KEYS
     doc: dict[str, Any] = {
         "$schema": DIALECT,

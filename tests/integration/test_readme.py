@@ -118,6 +118,7 @@ def test_the_table_of_host_file_keys_lists_every_key_the_parser_knows() -> None:
         | {f"network.{k}" for k in hosts.NETWORK_KEYS}
         | {"services.<name>"}
         | {f"services.<name>.{k}" for k in hosts.SERVICE_KEYS}
+        | {f"services.<name>.ports[].{k}" for k in hosts.PORT_KEYS}
         | {"files.<path>"}
     )
     assert documented == expected

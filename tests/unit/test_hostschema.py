@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from reconciler.cli import parser
 from reconciler.core import hosts
+from reconciler.core.appc import AC_NAME_RE, PortProtocol
 from reconciler.core.hosts import parse_fleet
 from reconciler.core.hostschema import Kind, schema
 
@@ -71,6 +72,13 @@ network = st.fixed_dictionaries(
     {},
     optional={"address": interface | st.none(), "gateway": ip | st.none(), "dns": st.lists(ip, max_size=3)},
 )
+port = st.fixed_dictionaries(
+    {
+        "name": st.from_regex(AC_NAME_RE, fullmatch=True).filter(lambda n: len(n) <= 63),
+        "port": st.integers(1, 65535),
+    },
+    optional={"protocol": st.sampled_from([p.value for p in PortProtocol])},
+)
 service = st.fixed_dictionaries(
     {
         "exec": st.tuples(relative_path | number, st.lists(text | number, max_size=3)).map(
@@ -80,8 +88,29 @@ service = st.fixed_dictionaries(
     optional={
         "package": st.sampled_from(("busybox", *PACKAGES)),
         "restart": st.sampled_from(hosts.RESTART_POLICIES),
+        "ports": st.lists(port, max_size=2),
     },
 )
+
+
+def unique_ports(doc: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` without the ports whose name or number another port of the host has
+    (the parser refuses those; the schema cannot say it)."""
+    names: set[str] = set()
+    numbers: set[tuple[int, str]] = set()
+    for svc in doc.get("services", {}).values():
+        kept = []
+        for p in svc.get("ports", []):
+            number = (p["port"], p.get("protocol", "tcp"))
+            if p["name"] not in names and number not in numbers:
+                names.add(p["name"])
+                numbers.add(number)
+                kept.append(p)
+        if "ports" in svc:
+            svc["ports"] = kept
+    return doc
+
+
 service_name = st.from_regex(hosts.SERVICE_RE, fullmatch=True)
 # One level below a directory of its own: no name is a builder's or another file's parent.
 file_name = component.map(lambda c: f"srv/{c}")
@@ -96,8 +125,8 @@ body = {
         max_size=3,
     ),
 }
-host_doc = st.fixed_dictionaries({"name": st.just("h-1")}, optional=body)
-profile_doc = st.fixed_dictionaries({}, optional=body)
+host_doc = st.fixed_dictionaries({"name": st.just("h-1")}, optional=body).map(unique_ports)
+profile_doc = st.fixed_dictionaries({}, optional=body).map(unique_ports)
 
 
 @PROPERTY
@@ -134,6 +163,7 @@ wild_service = st.fixed_dictionaries(
         "exec": sometimes(service.map(lambda s: s["exec"])),
         "package": sometimes(st.sampled_from(("busybox", "nope", *PACKAGES))),
         "restart": sometimes(st.sampled_from(hosts.RESTART_POLICIES)),
+        "ports": sometimes(st.lists(sometimes(port), max_size=2)),
     },
 )
 wild_body = {
@@ -179,7 +209,7 @@ unknown = st.text(st.characters(min_codepoint=ord("a"), max_codepoint=ord("z")),
 
 
 @PROPERTY
-@given(host_doc, unknown, st.sampled_from(("", "network", "services")), st.sampled_from(Kind))
+@given(host_doc, unknown, st.sampled_from(("", "network", "services", "ports")), st.sampled_from(Kind))
 def test_an_unknown_key_is_refused_by_both(doc: dict[str, Any], key: str, where: str, kind: Kind) -> None:
     if kind is Kind.PROFILE:
         doc.pop("name")
@@ -189,10 +219,17 @@ def test_an_unknown_key_is_refused_by_both(doc: dict[str, Any], key: str, where:
     elif where == "network":
         target = doc.setdefault("network", {})
         allowed = hosts.NETWORK_KEYS
-    else:
+    elif where == "services":
         services = doc.setdefault("services", {})
         target = services.setdefault("svc", {"exec": ["bin/busybox"]})
         allowed = hosts.SERVICE_KEYS
+    else:
+        # The host's only port, so that nothing but the unknown key is wrong with it.
+        for svc in doc.get("services", {}).values():
+            svc.pop("ports", None)
+        target = {"name": "extra", "port": 1, "protocol": "udp"}
+        doc.setdefault("services", {})["svc-extra"] = {"exec": ["bin/busybox"], "ports": [target]}
+        allowed = hosts.PORT_KEYS
     if key in allowed:
         return
     target[key] = "x"
@@ -227,6 +264,15 @@ def test_a_profile_may_not_have_a_name() -> None:
         {"name": "h-1", "network": {"dns": "10.0.0.1"}},
         {"name": "h-1", "network": {"address": "10.0.0.1"}},
         {"name": "h-1", "include": [1]},
+        {"name": "h-1", "services": {"web": {"exec": ["bin/x"], "ports": [{"name": "http"}]}}},
+        {"name": "h-1", "services": {"web": {"exec": ["bin/x"], "ports": [{"name": "Http", "port": 80}]}}},
+        {"name": "h-1", "services": {"web": {"exec": ["bin/x"], "ports": [{"name": "http", "port": 0}]}}},
+        {
+            "name": "h-1",
+            "services": {"web": {"exec": ["bin/x"], "ports": [{"name": "h", "port": 1, "protocol": "sctp"}]}},
+        },
+        {"name": "h-1", "formats": ["oci", "zip"]},
+        {"name": "h-1", "files": {"tmp/x": "y"}},
     ],
 )
 def test_what_the_schema_refuses_the_parser_refuses_too(doc: dict[str, Any]) -> None:
@@ -242,14 +288,15 @@ def test_the_schema_is_made_of_the_parsers_constants() -> None:
     svc = host["properties"]["services"]["additionalProperties"]
     assert set(svc["properties"]) == hosts.SERVICE_KEYS
     assert svc["properties"]["restart"]["enum"] == list(hosts.RESTART_POLICIES)
+    assert set(svc["properties"]["ports"]["items"]["properties"]) == hosts.PORT_KEYS
     assert set(host["properties"]["network"]["properties"]) == hosts.NETWORK_KEYS
     for k in Kind:
         jsonschema.Draft202012Validator.check_schema(schema(k))
 
 
 def test_a_key_the_parser_learns_without_a_schema_fails_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hosts, "SERVICE_KEYS", hosts.SERVICE_KEYS | {"ports"})
-    with pytest.raises(RuntimeError, match="ports"):
+    monkeypatch.setattr(hosts, "SERVICE_KEYS", hosts.SERVICE_KEYS | {"user"})
+    with pytest.raises(RuntimeError, match="user"):
         schema(Kind.HOST)
 
 
