@@ -9,6 +9,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,6 +41,10 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         result = rec.reconcile(respect_backoff=False)
     finally:
         rec.close()
+    if result.fleet_suspended:
+        raise ReconcilerError(
+            f"the fleet is suspended: nothing was reconciled (reconciler resume -c {args.config} first)"
+        )
     print(f"commit {result.plan.commit}")
     outcomes = {o.host: o for o in result.outcomes}
     for entry in result.plan.entries:
@@ -115,11 +120,19 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"source: {st['source_error']}")
     if st["sandbox"] == "off":
         print("sandbox: off (nix.sandbox: false): builds can read the machine's files and reach the network")
+    suspended = st["suspended"]
+    assert isinstance(suspended, dict)
+    if suspended["fleet"] is not None:
+        print(f"suspended: the whole fleet, since {_when(suspended['fleet'])} (reconciler resume)")
     hosts = st["hosts"]
     assert isinstance(hosts, dict)
     for name, h in hosts.items():
         extra = f" ({h['error']})" if h["error"] else ""
+        if name in suspended["hosts"]:
+            extra += f"; suspended since {_when(suspended['hosts'][name])}"
         print(f"{name}: version {h['version']} {h['status']}{extra}")
+    for name in sorted(suspended["hosts"].keys() - hosts.keys()):
+        print(f"{name}: never reconciled; suspended since {_when(suspended['hosts'][name])}")
     builders = st["builders"]
     assert isinstance(builders, dict)
     for name, b in builders.items():
@@ -130,6 +143,82 @@ def cmd_status(args: argparse.Namespace) -> int:
             line += f"; last error {_when(b['last_error_at'])}: {b['last_error']}"
         print(line)
     return 0
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    import time
+
+    from reconciler.core.events import describe, parse_query
+    from reconciler.wiring import open_events
+
+    cfg = _load(args)
+    params = {
+        key: [value]
+        for key, value in (("host", args.host), ("since", args.since), ("limit", str(args.limit)))
+        if value is not None
+    }
+    if args.type:
+        params["type"] = args.type
+    # The same filters, read the same way, as GET /api/events.
+    q = parse_query(params, time.time())
+    history = open_events(cfg, read_only=True)
+    try:
+        events = history.query(q)
+    finally:
+        history.close()
+    if args.json:
+        print(json.dumps({"events": [e.to_json() for e in events]}, indent=2))
+        return 0
+    for e in events:
+        print(f"{_when(e.time)}  {e.type.value:<16} {describe(e)}")
+    return 0
+
+
+def cmd_suspend(args: argparse.Namespace) -> int:
+    """Suspend a host or the fleet: recorded in the ledger, which a running daemon reads
+    at its next pass, and before each build of a pass in progress."""
+    from reconciler.wiring import open_ledger
+
+    host = _host_arg(args.host)
+    what = f"host {host}" if host else "the fleet"
+    state = open_ledger(_load(args))
+    try:
+        if state.suspend(host, time.time()):
+            log.event("suspend", scope="host" if host else "fleet", host=host or "")
+            print(f"suspended {what}: passes leave it as it is; what it published stays served")
+        else:
+            since = state.suspensions().fleet if host is None else state.suspensions().hosts[host]
+            print(f"{what} was suspended already, since {_when(since or 0)}")
+    finally:
+        state.close()
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from reconciler.wiring import open_ledger
+
+    host = _host_arg(args.host)
+    what = f"host {host}" if host else "the fleet"
+    state = open_ledger(_load(args))
+    try:
+        if state.resume(host):
+            log.event("resume", scope="host" if host else "fleet", host=host or "")
+            print(f"resumed {what}: the daemon's next pass reconciles it")
+        else:
+            print(f"{what} was not suspended")
+        if host and state.suspensions().fleet is not None:
+            print("the whole fleet is still suspended (reconciler resume without a host lifts that)")
+    finally:
+        state.close()
+    return 0
+
+
+def _host_arg(host: str | None) -> str | None:
+    from reconciler.core.hosts import NAME_RE
+
+    if host is not None and not NAME_RE.fullmatch(host):
+        raise ReconcilerError(f"{host!r} is not a host name ({NAME_RE.pattern})")
+    return host
 
 
 def _when(unix: float) -> str:
@@ -232,9 +321,38 @@ def cmd_run(args: argparse.Namespace) -> int:
     def on_signal(signum: int, frame: FrameType | None) -> None:
         daemon.stop()
 
+    def on_hangup(signum: int, frame: FrameType | None) -> None:
+        daemon.request_reload()
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # systemd's ExecReload (and `kill -HUP`): read reconciler.yaml again, between passes.
+    signal.signal(signal.SIGHUP, on_hangup)
     daemon.run()
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Preflight: one line per check, exit 1 if any failed."""
+    from reconciler.daemon import preflight
+    from reconciler.errors import ConfigError
+    from reconciler.wiring import preflight as checks
+
+    try:
+        cfg = _load(args)
+    except ConfigError as exc:
+        print(preflight.Result(preflight.CheckName.CONFIG, False, str(exc)).line())
+        return 1
+    results = preflight.run(checks(cfg))
+    for result in results:
+        print(result.line())
+    return 0 if all(r.ok for r in results) else 1
+
+
+def cmd_reconcile_now(args: argparse.Namespace) -> int:
+    from reconciler.wiring import request_reconcile
+
+    print(request_reconcile(_load(args)))
     return 0
 
 
@@ -261,6 +379,18 @@ def cmd_agent(args: argparse.Namespace) -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reconciler", description="GitOps reconciler for Nix-built host images.")
     p.add_argument("--version", action="version", version=f"reconciler {__version__}")
+    p.add_argument(
+        "--log-format",
+        choices=[f.value for f in log.Format],
+        default=log.Format.TEXT.value,
+        help="events on stderr as key=value pairs (text, the default) or one JSON object per line",
+    )
+    p.add_argument(
+        "--log-level",
+        choices=list(log.LEVELS),
+        default="info",
+        help="the least severe events logged (default: info)",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(
@@ -274,6 +404,16 @@ def parser() -> argparse.ArgumentParser:
 
     add("run", cmd_run, "the daemon: watch, reconcile, serve /metrics, /healthz, /readyz")
     add("reconcile", cmd_reconcile, "one reconcile pass, then exit (non-zero if any host failed)")
+    add(
+        "check",
+        cmd_check,
+        "preflight: the config, signing key, store, Nix sandbox and repository; exit 1 if any check fails",
+    )
+    add(
+        "reconcile-now",
+        cmd_reconcile_now,
+        "ask the running daemon for a pass at once (POST /reconcile with triggers.reconcile_token_file)",
+    )
     pl = add(
         "plan", cmd_plan, "which hosts would rebuild and why; changes nothing (exit 1: a host is invalid)"
     )
@@ -286,6 +426,20 @@ def parser() -> argparse.ArgumentParser:
     add("build", cmd_build, "build one host and print the artifact paths").add_argument("host")
     add("status", cmd_status, "last reconciled commit and each host's published version").add_argument(
         "--json", action="store_true", help="machine-readable output"
+    )
+    ev = add("events", cmd_events, "the event history, oldest first: passes, builds, publications, failures")
+    ev.add_argument("--host", help="only this host's events")
+    ev.add_argument(
+        "--type", action="append", help="only events of this type (repeatable, or comma-separated)"
+    )
+    ev.add_argument("--since", help="only events since: a duration back (24h, 7d) or an RFC 3339 time")
+    ev.add_argument("--limit", type=int, default=100, help="the newest N matching events (default 100)")
+    ev.add_argument("--json", action="store_true", help="machine-readable output, as GET /api/events")
+    add(
+        "suspend", cmd_suspend, "suspend a host, or the whole fleet: passes leave it as it is until resumed"
+    ).add_argument("host", nargs="?", help="the host to suspend (default: the whole fleet)")
+    add("resume", cmd_resume, "lift a suspension of a host, or of the whole fleet").add_argument(
+        "host", nargs="?", help="the host to resume (default: the fleet's own suspension)"
     )
     add("gc", cmd_gc, "delete releases beyond retention.keep per host and unreferenced blobs").add_argument(
         "--dry-run", action="store_true", help="print what would be deleted, delete nothing"
@@ -320,7 +474,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    log.configure()
+    log.configure(log.LEVELS[args.log_level], log.Format(args.log_format))
     try:
         return int(args.fn(args))
     except ReconcilerError as exc:

@@ -10,13 +10,15 @@ import math
 import re
 import urllib.parse
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 from reconciler.core.appc import DEFAULT_NAME_PREFIX, default_store_url, is_ac_identifier
 from reconciler.core.builders import Builder, valid_uri
+from reconciler.core.events import Retention
+from reconciler.core.notify import Backoff, Notice, Provider, Route
 from reconciler.core.schema import check_keys, parse_duration, parse_seconds, parse_size, parse_yaml
 from reconciler.core.tufroles import Lifetimes
 from reconciler.errors import ConfigError
@@ -48,6 +50,8 @@ class TriggerConfig:
     """What wakes the daemon before its poll interval, and how bursts are merged."""
 
     webhook_secret_file: Path | None = None  # HMAC secret (GitHub, Gitea) or token (GitLab)
+    # Bearer token of POST /reconcile (`reconciler reconcile-now`): a pass at once.
+    reconcile_token_file: Path | None = None
     watch: bool = True  # filesystem events, for a repository on local disk
     debounce: float = 0.2  # quiet time that ends a burst
 
@@ -144,6 +148,24 @@ class ImagesConfig:
 
 
 @dataclass(frozen=True)
+class NotificationConfig:
+    """One notification target (reconciler.core.notify): where, what it is told, and
+    how hard delivery tries. The URL, token and secret are read from their files by
+    the daemon; none of them is ever logged (a target is named by ``name``)."""
+
+    name: str
+    route: Route
+    url: str | None = field(default=None, repr=False)
+    url_file: Path | None = None  # a file holding the URL (a Slack webhook URL is a secret)
+    token_file: Path | None = None  # commit statuses: the API token; webhook: a bearer token
+    secret_file: Path | None = None  # webhook: HMAC-SHA256 key of the body's signature header
+    timeout: float = 10.0  # one request, connecting to the whole answer
+    backoff: Backoff = field(default_factory=Backoff)
+    max_per_minute: int = 60
+    queue: int = 1000  # messages waiting at most; past it the oldest is dropped
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     repo: RepoConfig
@@ -162,6 +184,9 @@ class Config:
     # Nix remote builders (reconciler.core.builders), scheduled by Nix.
     builders: tuple[Builder, ...] = ()
     images: ImagesConfig = ImagesConfig()
+    # How much of the event history the state database keeps.
+    events: Retention = field(default_factory=Retention)
+    notifications: tuple[NotificationConfig, ...] = ()
 
 
 TOP_KEYS = frozenset(
@@ -181,6 +206,8 @@ TOP_KEYS = frozenset(
         "tuf",
         "builders",
         "images",
+        "events",
+        "notifications",
     }
 )
 BUILDER_KEYS = frozenset(
@@ -208,7 +235,7 @@ SECTION_KEYS = {
             "allow_force_push",
         }
     ),
-    "triggers": frozenset({"webhook_secret_file", "watch", "debounce"}),
+    "triggers": frozenset({"webhook_secret_file", "reconcile_token_file", "watch", "debounce"}),
     "store": frozenset().union(*STORE_KEYS.values()),  # checked per type in load_config
     "signing": frozenset({"gnupghome", "key", "passphrase_file"}),
     "nix": frozenset(
@@ -228,6 +255,7 @@ SECTION_KEYS = {
     "retry": frozenset({"initial", "max"}),
     "images": frozenset({"name_prefix", "annotations"}),
     "retention": frozenset({"keep", "interval"}),
+    "events": frozenset({"keep", "max_age"}),
     "tuf": frozenset(
         {"bins", "root_lifetime", "targets_lifetime", "snapshot_lifetime", "timestamp_lifetime"}
     ),
@@ -421,6 +449,7 @@ def load_config(path: Path) -> Config:
         ),
         triggers=TriggerConfig(
             webhook_secret_file=optional_path(triggers, "triggers.webhook_secret_file"),
+            reconcile_token_file=optional_path(triggers, "triggers.reconcile_token_file"),
             watch=watch,
             debounce=parse_seconds(p, "triggers.debounce", triggers.get("debounce", 0.2)),
         ),
@@ -455,7 +484,58 @@ def load_config(path: Path) -> Config:
         retention=RetentionConfig(keep=keep, interval=retention_interval),
         tuf=_tuf_config(p, section("tuf", required=False)),
         images=_images_config(p, section("images", required=False), store_config.public_url),
+        events=_events_config(p, section("events", required=False)),
+        notifications=_notifications(p, data.get("notifications"), path_of),
     )
+
+
+# What a reload (SIGHUP) changes in a running daemon, from its next pass on; a change of
+# anything else (where it listens, its state, store, key, repository, Nix, builders, TUF
+# settings, watching) is reported as needing a restart and the old value stays.
+RELOADABLE = frozenset(
+    {
+        "poll_interval",
+        "jobs",
+        "release_lifetime",
+        "retry",
+        "retention",
+        "triggers.webhook_secret_file",
+        "triggers.reconcile_token_file",
+        "triggers.debounce",
+    }
+)
+
+
+def reload(old: Config, new: Config) -> tuple[Config, list[str], list[str]]:
+    """What a running daemon with ``old`` takes of ``new``: the config to run with, the
+    dotted keys that changed and are applied, and those that changed but need a restart."""
+    applied: list[str] = []
+    restart: list[str] = []
+    merged = old
+    for f in fields(Config):
+        if f.name == "path":
+            continue
+        before, after = getattr(old, f.name), getattr(new, f.name)
+        if before == after:
+            continue
+        if f.name == "triggers":
+            kept = before
+            for sub in fields(TriggerConfig):
+                key = f"triggers.{sub.name}"
+                if getattr(before, sub.name) == getattr(after, sub.name):
+                    continue
+                if key in RELOADABLE:
+                    kept = replace(kept, **{sub.name: getattr(after, sub.name)})
+                    applied.append(key)
+                else:
+                    restart.append(key)
+            merged = replace(merged, triggers=kept)
+        elif f.name in RELOADABLE:
+            merged = replace(merged, **{f.name: after})
+            applied.append(f.name)
+        else:
+            restart.append(f.name)
+    return merged, applied, restart
 
 
 def _builders(p: str, entries: Any, path_of: Callable[[str], Path]) -> tuple[Builder, ...]:
@@ -566,13 +646,6 @@ _LAYOUT_FOLDERS = frozenset({"blobs", "hosts", "keys", "tuf"})
 _URL_ANNOTATIONS = frozenset({"homepage", "documentation"})
 
 
-def _http_url(value: object) -> bool:
-    if not isinstance(value, str) or any(c.isspace() for c in value):
-        return False
-    parsed = urllib.parse.urlsplit(value)
-    return parsed.scheme in ("http", "https") and bool(parsed.hostname)
-
-
 def _images_config(p: str, sec: dict[str, Any], public_url: str | None) -> ImagesConfig:
     prefix = sec.get("name_prefix", DEFAULT_NAME_PREFIX)
     if not isinstance(prefix, str) or not is_ac_identifier(prefix):
@@ -596,8 +669,8 @@ def _images_config(p: str, sec: dict[str, Any], public_url: str | None) -> Image
             raise ConfigError(p, key, "is not allowed: a build date would make every build differ")
         if not isinstance(value, str) or not value:
             raise ConfigError(p, key, "must be a non-empty string")
-        if name in _URL_ANNOTATIONS and not _http_url(value):
-            raise ConfigError(p, key, "must be an http:// or https:// URL")
+        if name in _URL_ANNOTATIONS:
+            _http_url(p, key, value)
     return ImagesConfig(
         name_prefix=prefix,
         store_url=url if url.endswith("/") else url + "/",
@@ -626,3 +699,163 @@ def _public_url(path: str, value: object) -> str:
     except ValueError:
         raise ConfigError(path, "store.public_url", rule) from None
     return value.rstrip("/")
+
+
+def _events_config(p: str, sec: dict[str, Any]) -> Retention:
+    keep = sec.get("keep", Retention.keep)
+    if not isinstance(keep, int) or isinstance(keep, bool) or not 1 <= keep <= 10_000_000:
+        raise ConfigError(p, "events.keep", "must be an integer from 1 to 10000000")
+    max_age = parse_duration(p, "events.max_age", sec.get("max_age", "30d"))
+    return Retention(keep=keep, max_age=max_age.total_seconds())
+
+
+NOTIFICATION_KEYS = frozenset(
+    {
+        "name",
+        "type",
+        "url",
+        "url_file",
+        "on",
+        "token_file",
+        "secret_file",
+        "repository",
+        "context",
+        "target_url",
+        "timeout",
+        "retry",
+        "max_per_minute",
+        "queue",
+    }
+)
+# The API a commit status goes to when no url is given (Gitea has no public default).
+DEFAULT_API = {Provider.GITHUB: "https://api.github.com", Provider.GITLAB: "https://gitlab.com/api/v4"}
+_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+_CONTEXT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,99}")
+_SEGMENT = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
+_GITHUB_REPO_RE = re.compile(rf"{_SEGMENT}/{_SEGMENT}")
+_GITLAB_PROJECT_RE = re.compile(rf"[0-9]+|{_SEGMENT}(/{_SEGMENT})+")
+
+
+def _http_url(p: str, key: str, v: Any) -> str:
+    parsed = urllib.parse.urlsplit(v) if isinstance(v, str) else None
+    try:
+        ok = parsed is not None and parsed.scheme in ("http", "https") and bool(parsed.hostname)
+        _ = parsed is not None and parsed.port  # raises on a bad port
+    except ValueError:
+        ok = False
+    if not ok or any(c.isspace() for c in str(v)):
+        raise ConfigError(p, key, "must be an http:// or https:// URL")
+    return str(v)
+
+
+def _notifications(p: str, entries: Any, path_of: Callable[[str], Path]) -> tuple[NotificationConfig, ...]:
+    """The ``notifications:`` list (reconciler.core.notify)."""
+    if entries is None:
+        return ()
+    if not isinstance(entries, list):
+        raise ConfigError(p, "notifications", "must be a list of targets")
+    out: list[NotificationConfig] = []
+    for i, entry in enumerate(entries):
+        at = f"notifications[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(p, at, "must be a mapping")
+        check_keys(p, at, entry, NOTIFICATION_KEYS)
+        try:
+            provider = Provider(str(entry.get("type")))
+        except ValueError:
+            raise ConfigError(
+                p, f"{at}.type", f"must be one of {', '.join(v.value for v in Provider)}"
+            ) from None
+
+        def text(key: str, e: dict[str, Any] = entry, at: str = at) -> str | None:
+            v = e.get(key)
+            if v is not None and (not isinstance(v, str) or not v):
+                raise ConfigError(p, f"{at}.{key}", "must be a non-empty string")
+            return v
+
+        def file(key: str, e: dict[str, Any] = entry, at: str = at) -> Path | None:
+            v = text(key, e, at)
+            return None if v is None else path_of(v)
+
+        def number(key: str, default: int, high: int, e: dict[str, Any] = entry, at: str = at) -> int:
+            v = e.get(key, default)
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= high:
+                raise ConfigError(p, f"{at}.{key}", f"must be an integer from 1 to {high}")
+            return v
+
+        name = text("name") or f"{provider.value}-{i + 1}"
+        if not _NAME_RE.fullmatch(name):
+            raise ConfigError(p, f"{at}.name", "must be lowercase letters, digits, '.', '_' and '-'")
+        url, url_file = text("url"), file("url_file")
+        if url is not None and url_file is not None:
+            raise ConfigError(p, f"{at}.url", "give url or url_file, not both")
+        if url is not None:
+            url = _http_url(p, f"{at}.url", url)
+        elif url_file is None:
+            url = DEFAULT_API.get(provider)
+            if url is None:
+                raise ConfigError(p, f"{at}.url", "is required (or url_file)")
+        on = entry.get("on", [n.value for n in Notice])
+        if not isinstance(on, list) or not on:
+            raise ConfigError(p, f"{at}.on", f"must list some of {', '.join(n.value for n in Notice)}")
+        try:
+            notices = frozenset(Notice(n) for n in on)
+        except ValueError:
+            raise ConfigError(
+                p, f"{at}.on", f"must list some of {', '.join(n.value for n in Notice)}"
+            ) from None
+        token_file, secret_file = file("token_file"), file("secret_file")
+        repository = text("repository")
+        if provider.commit_status:
+            if token_file is None:
+                raise ConfigError(p, f"{at}.token_file", f"is required for a {provider.value} commit status")
+            pattern = _GITLAB_PROJECT_RE if provider == Provider.GITLAB else _GITHUB_REPO_RE
+            what = "a project id or path" if provider == Provider.GITLAB else "owner/name"
+            if repository is None or not pattern.fullmatch(repository):
+                raise ConfigError(p, f"{at}.repository", f"must be the repository as {what}")
+        else:
+            if repository is not None:
+                raise ConfigError(p, f"{at}.repository", "is only for commit statuses")
+            if provider == Provider.SLACK and token_file is not None:
+                raise ConfigError(
+                    p, f"{at}.token_file", "a Slack webhook's URL is its credential: use url_file"
+                )
+        if secret_file is not None and provider != Provider.WEBHOOK:
+            raise ConfigError(p, f"{at}.secret_file", "is only for a webhook")
+        context = text("context") or "reconciler"
+        if not _CONTEXT_RE.fullmatch(context):
+            raise ConfigError(p, f"{at}.context", "must be letters, digits, '.', '_', '-' and '/'")
+        target_url = text("target_url")
+        if target_url is not None:
+            target_url = _http_url(p, f"{at}.target_url", target_url)
+        timeout = parse_seconds(p, f"{at}.timeout", entry.get("timeout", 10))
+        if timeout > 300:
+            raise ConfigError(p, f"{at}.timeout", "must be at most 300 seconds")
+        retry = entry.get("retry", {})
+        if not isinstance(retry, dict):
+            raise ConfigError(p, f"{at}.retry", "must be a mapping")
+        check_keys(p, f"{at}.retry", retry, frozenset({"attempts", "initial", "max"}))
+        backoff = Backoff(
+            attempts=number("attempts", 5, 20, retry, f"{at}.retry"),
+            initial=parse_seconds(p, f"{at}.retry.initial", retry.get("initial", 1)),
+            max=parse_seconds(p, f"{at}.retry.max", retry.get("max", 60)),
+        )
+        out.append(
+            NotificationConfig(
+                name=name,
+                route=Route(provider, notices, repository, context, target_url),
+                url=url,
+                url_file=url_file,
+                token_file=token_file,
+                secret_file=secret_file,
+                timeout=timeout,
+                backoff=backoff,
+                max_per_minute=number("max_per_minute", 60, 10_000),
+                queue=number("queue", 1000, 100_000),
+            )
+        )
+    names = [n.name for n in out]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup is not None:
+        raise ConfigError(p, "notifications", f"two targets are named {dup!r}")
+    return tuple(out)

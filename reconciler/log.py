@@ -1,41 +1,85 @@
-"""Structured logging: one event per line as key=value pairs."""
+"""Structured logging: one event per line, as key=value pairs or as a JSON object.
+
+Both formats carry the same fields: ``ts``, ``level``, ``event`` and the event's own.
+Records of the libraries underneath (watchdog, python-tuf, boto3, Python's warnings)
+are events too (``event=library_log``, with ``logger`` and ``message``), on one line
+however many their message or traceback had: a log shipper reads one event per line.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
+import traceback
+from enum import StrEnum
 from typing import Any
 
 _LOG = logging.getLogger("reconciler")
 
+# --log-level's names.
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+class Format(StrEnum):
+    """--log-format: how each event is written."""
+
+    TEXT = "text"  # key=value pairs
+    JSON = "json"  # one JSON object per line
+
 
 def _fmt(v: Any) -> str:
     s = str(v)
-    if s == "" or any(c in s for c in ' "=\n\t'):
-        s = '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if s == "" or any(c in s for c in ' "=\n\t\r'):
+        s = '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r") + '"'
     return s
+
+
+def fields_of(record: logging.LogRecord) -> dict[str, Any]:
+    """The event a record is: ts, level, event and its fields, in this order."""
+    ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+    out: dict[str, Any] = {"ts": f"{ts}.{int(record.msecs):03d}Z", "level": record.levelname.lower()}
+    if record.name == _LOG.name:
+        out["event"] = record.getMessage()
+        out.update(getattr(record, "fields", {}))
+        return out
+    # Another library's record: its message (and exception, without the traceback) on
+    # one line; the logger says whose it is.
+    out["event"] = "library_log"
+    out["logger"] = record.name
+    out["message"] = " ".join(record.getMessage().split())
+    if record.exc_info and record.exc_info[1] is not None:
+        exc = record.exc_info[1]
+        out["error"] = " ".join("".join(traceback.format_exception_only(type(exc), exc)).split())
+    return out
 
 
 class KeyValueFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        fields = getattr(record, "fields", {})
-        parts = [
-            f"ts={ts}.{int(record.msecs):03d}Z",
-            f"level={record.levelname.lower()}",
-            f"event={_fmt(record.getMessage())}",
-        ]
-        parts += [f"{k}={_fmt(v)}" for k, v in fields.items()]
-        return " ".join(parts)
+        return " ".join(f"{k}={_fmt(v)}" for k, v in fields_of(record).items())
 
 
-def configure(level: int = logging.INFO) -> None:
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        # Values that are not JSON types (a Path, an enum member) as their text.
+        return json.dumps(fields_of(record), default=str, ensure_ascii=False)
+
+
+def configure(level: int = logging.INFO, fmt: Format = Format.TEXT) -> None:
+    """Events of ``level`` and above on stderr in ``fmt``; other libraries' records from
+    WARNING up (or ``level``, if higher), in the same format."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(KeyValueFormatter())
+    handler.setFormatter(JsonFormatter() if fmt == Format.JSON else KeyValueFormatter())
     _LOG.handlers[:] = [handler]
     _LOG.setLevel(level)
     _LOG.propagate = False
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(max(level, logging.WARNING))
+    # Python's warnings (a DeprecationWarning of a library) become records, not lines
+    # of source code on stderr.
+    logging.captureWarnings(True)
 
 
 def event(name: str, level: int = logging.INFO, **fields: Any) -> None:

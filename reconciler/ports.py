@@ -16,8 +16,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from reconciler.adapters import fetch
+from reconciler.core.events import Event, EventQuery
 from reconciler.core.hosts import Host, ParseKey
-from reconciler.core.model import BuilderState, BuildOutput, BuildProgress, Evaluation, HostState, Status
+from reconciler.core.model import (
+    BuilderState,
+    BuildOutput,
+    BuildProgress,
+    Evaluation,
+    HostState,
+    Status,
+    Suspensions,
+)
 
 if TYPE_CHECKING:
     # python-tuf's signer type; importing securesystemslib costs a command that never
@@ -160,6 +169,31 @@ class Ledger(Protocol):
         """One host build on builder ``name``: ``result`` success, failure or unreachable."""
         ...
 
+    def suspensions(self) -> Suspensions:
+        """What operators suspended; read anew on each call (another process writes it)."""
+        ...
+
+    def suspend(self, host: str | None, at: float) -> bool:
+        """Suspend ``host`` (None: the whole fleet) from unix time ``at``; False if it
+        was already."""
+        ...
+
+    def resume(self, host: str | None) -> bool:
+        """Lift ``host``'s suspension (None: the fleet's); False if there was none."""
+        ...
+
+
+class EventLog(Protocol):
+    """The event history (reconciler.core.events) and whoever else hears of events
+    (notifications): ``record`` returns at once and never fails the caller."""
+
+    def record(self, *events: Event) -> None: ...
+    def query(self, q: EventQuery) -> list[Event]:
+        """The events ``q`` asks for, oldest first."""
+        ...
+
+    def close(self) -> None: ...
+
 
 class Clock(Protocol):
     """Wall time for expiry and timestamps; monotonic time for deadlines and intervals."""
@@ -208,7 +242,7 @@ class Gate(Protocol):
 @dataclass(frozen=True)
 class Ports:
     """Everything a pass talks to. ``signer`` is opened on first use: a pass with
-    nothing to publish needs no key."""
+    nothing to publish needs no key. Without ``events`` (a plan), nothing is recorded."""
 
     source: Source
     nix: Nix
@@ -218,6 +252,7 @@ class Ports:
     signer: SignerFactory
     clock: Clock
     packager: Packager
+    events: EventLog | None = None
 
 
 class SignerFactory(Protocol):

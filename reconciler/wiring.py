@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from reconciler.adapters.appimage import Packager
 from reconciler.adapters.clock import SystemClock
+from reconciler.adapters.eventlog import EventLog
 from reconciler.adapters.git import GitSource, Snapshot
 from reconciler.adapters.gpg import read_keys
 from reconciler.adapters.ledger import State
@@ -28,7 +29,8 @@ from reconciler.config import Config, SigningConfig, StoreConfig
 from reconciler.daemon.gate import Gate
 from reconciler.daemon.metrics import Metrics
 from reconciler.daemon.reconciler import OpenTuf, Reconciler
-from reconciler.errors import ConfigError, SigningError, StoreError
+from reconciler.errors import ConfigError, ReconcilerError, SigningError, StoreError
+from reconciler.ports import EventLog as EventLogPort
 from reconciler.ports import Ledger, Ports, Signer, Source, Store
 
 if TYPE_CHECKING:
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
     from reconciler.agent.config import AgentConfig
     from reconciler.agent.updater import Agent
     from reconciler.daemon.loop import Daemon
+    from reconciler.daemon.preflight import Check
 
 
 def open_store(cfg: StoreConfig) -> Store:
@@ -63,9 +66,34 @@ def source(cfg: Config) -> GitSource:
 
 def open_reconciler(cfg: Config, metrics: Metrics | None = None) -> Reconciler:
     """The daemon's pass with the real adapters."""
+    metrics = metrics or Metrics()
     nix = Nix(cfg.state_dir, cfg.nix, builders=cfg.builders, images=cfg.images)
+    # The event log after the ports: a config whose keys or store credentials are
+    # refused must not have created the state directory.
     ports = _ports(cfg, source(cfg), nix, lambda: State(cfg.state_dir))
+    ports = replace(ports, events=_events(cfg, metrics))
     return Reconciler(cfg, ports, metrics, _tuf(cfg, ports))
+
+
+def open_events(cfg: Config, read_only: bool = False) -> EventLog:
+    """The event history in the state database: ``read_only`` for what only reads it
+    (`reconciler events`); writable for a command that records an event of its own."""
+    return EventLog(cfg.state_dir, cfg.events, read_only=read_only)
+
+
+def _events(cfg: Config, metrics: Metrics) -> EventLogPort:
+    """The history a pass records in, which also notifies the configured targets."""
+    history = open_events(cfg)
+    if not cfg.notifications:
+        return history
+    from reconciler.daemon.notify import Notifier, NotifyingLog, Target
+
+    try:
+        targets = [Target(n, cfg.path, i) for i, n in enumerate(cfg.notifications)]
+    except ConfigError:
+        history.close()
+        raise
+    return NotifyingLog(history, Notifier(targets, metrics.registry))
 
 
 def _tuf(cfg: Config, ports: Ports) -> OpenTuf:
@@ -151,7 +179,102 @@ def read_metadata_key(spec: str, homes: list[Path]) -> Key:
 def open_daemon(cfg: Config) -> Daemon:
     from reconciler.daemon.loop import Daemon
 
-    return Daemon(cfg, open_reconciler(cfg))
+    rec = open_reconciler(cfg)
+    # The daemon's own probe: its verdict is kept for status and metrics, and the first
+    # pass does not probe again.
+    return Daemon(cfg, rec, preflight(cfg, sandbox=rec.check_sandbox))
+
+
+def preflight(cfg: Config, sandbox: Callable[[], str] | None = None) -> list[Check]:
+    """`reconciler check`'s checks, in order, with the real adapters: the config's
+    files, the state directory, the signing key, the store, Nix's sandbox (``sandbox``
+    probes it, default: a probe of its own) and the repository."""
+    import time
+
+    from reconciler.adapters.gpg import check_signing_key
+    from reconciler.daemon import preflight as pf
+    from reconciler.daemon.loop import read_secret
+
+    p = str(cfg.path)
+
+    def config() -> str:
+        t, r = cfg.triggers, cfg.repo
+        pf.check_files(
+            cfg,
+            [
+                ("repo.credentials_file", r.credentials_file),
+                ("repo.ssh_key", r.ssh_key),
+                ("repo.known_hosts", r.known_hosts),
+                *((f"repo.verify_commits.keys[{i}]", k) for i, k in enumerate(r.trusted_keys)),
+                ("store.credentials_file", cfg.store.credentials_file),
+                *((f"builders[{i}].ssh_key", Path(b.ssh_key)) for i, b in enumerate(cfg.builders)),
+            ],
+        )
+        read_secret(cfg, "triggers.webhook_secret_file", t.webhook_secret_file)
+        read_secret(cfg, "triggers.reconcile_token_file", t.reconcile_token_file)
+        return f"{p} is valid"
+
+    def signing() -> str:
+        s = cfg.signing
+        if not s.gnupghome.is_dir():
+            why = "is not a directory" if s.gnupghome.exists() else "does not exist"
+            raise ConfigError(p, "signing.gnupghome", f"{s.gnupghome} {why}")
+        pf.check_files(cfg, [("signing.passphrase_file", s.passphrase_file)])
+        try:
+            found = check_signing_key(s.gnupghome, s.key, s.passphrase_file, time.time())
+            _check_metadata_signing(s)
+        except SigningError as exc:
+            raise ConfigError(p, "signing.key", str(exc)) from None
+        return found
+
+    def store() -> str:
+        return pf.check_store(open_store(cfg.store))
+
+    def own_probe() -> str:
+        nix = Nix(cfg.state_dir, cfg.nix, builders=cfg.builders)
+        return pf.sandbox_verdict(cfg, nix.probe_sandbox(cfg.signing.gnupghome))
+
+    def git() -> str:
+        head = _clone_in(cfg, cfg.state_dir / "checkout").remote_head(timeout=GIT_CHECK_TIMEOUT)
+        return f"{cfg.repo.url} answers: {cfg.repo.branch} is at {head}"
+
+    return [
+        (pf.CheckName.CONFIG, config),
+        (pf.CheckName.STATE_DIR, lambda: pf.check_state_dir(cfg)),
+        (pf.CheckName.SIGNING, signing),
+        (pf.CheckName.STORE, store),
+        (pf.CheckName.SANDBOX, sandbox or own_probe),
+        (pf.CheckName.GIT, git),
+    ]
+
+
+# How long `check` waits for the repository to answer: an operator is waiting.
+GIT_CHECK_TIMEOUT = 60.0
+
+
+def _check_metadata_signing(s: SigningConfig) -> None:
+    from reconciler.adapters.tufkeys import check_metadata_signing
+
+    check_metadata_signing(s.gnupghome, s.key)
+
+
+def request_reconcile(cfg: Config) -> str:
+    """Ask the daemon running with ``cfg`` for a pass at once (POST /reconcile with the
+    reconcile token); what it answered. Refused or unreachable: ReconcilerError."""
+    from reconciler.adapters.http import local_url, post
+    from reconciler.daemon.loop import read_secret
+
+    t = cfg.triggers
+    token = read_secret(cfg, "triggers.reconcile_token_file", t.reconcile_token_file)
+    if not token:
+        raise ConfigError(
+            str(cfg.path), "triggers.reconcile_token_file", "is not set, so the daemon takes no such request"
+        )
+    url = local_url(cfg.listen, "/reconcile")
+    status, answer = post(url, {"Authorization": "Bearer " + token.decode("latin-1")})
+    if status != 202:
+        raise ReconcilerError(f"the daemon at {url} refused ({status}): {answer}")
+    return answer
 
 
 def open_ledger(cfg: Config, read_only: bool = False) -> Ledger:

@@ -17,8 +17,17 @@ from pathlib import Path
 
 from securesystemslib.signer import CryptoSigner
 
+from reconciler.core.events import Event, EventQuery, EventType
 from reconciler.core.hosts import Host, ParseKey
-from reconciler.core.model import BuilderState, BuildOutput, BuildProgress, Evaluation, HostState, Status
+from reconciler.core.model import (
+    BuilderState,
+    BuildOutput,
+    BuildProgress,
+    Evaluation,
+    HostState,
+    Status,
+    Suspensions,
+)
 from reconciler.daemon.gate import CommitRefusedError, Refusal
 from reconciler.errors import BuildError, SigningError, SourceError, StoreError
 from reconciler.ports import Source
@@ -304,6 +313,8 @@ class MemoryLedger:
     # path -> (text digest, context digest, encoded result)
     parse_results: dict[str, tuple[str, str, str]] = field(default_factory=dict)
     builder_states: dict[str, BuilderState] = field(default_factory=dict)
+    # host (None: the fleet) -> unix time suspended at
+    suspended: dict[str | None, float] = field(default_factory=dict)
 
     def close(self) -> None:
         pass
@@ -370,6 +381,19 @@ class MemoryLedger:
             b = replace(b, unreachable=b.unreachable + 1, last_error=error, last_error_at=0.0)
         self.builder_states[name] = b
 
+    def suspensions(self) -> Suspensions:
+        hosts = {h: t for h, t in self.suspended.items() if h is not None}
+        return Suspensions(fleet=self.suspended.get(None), hosts=hosts)
+
+    def suspend(self, host: str | None, at: float) -> bool:
+        if host in self.suspended:
+            return False
+        self.suspended[host] = at
+        return True
+
+    def resume(self, host: str | None) -> bool:
+        return self.suspended.pop(host, None) is not None
+
 
 class FakeClock:
     def __init__(self, now: float = 1_700_000_100.0) -> None:
@@ -400,3 +424,24 @@ class RefusingGate:
 
     def close(self) -> None:
         pass
+
+
+class MemoryEvents:
+    """The event history in a list: ids in order, queries as core.events answers them."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.closed = False
+
+    def record(self, *events: Event) -> None:
+        for e in events:
+            self.events.append(replace(e, id=len(self.events) + 1))
+
+    def query(self, q: EventQuery) -> list[Event]:
+        return q.select(self.events)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def of(self, *types: EventType) -> list[Event]:
+        return [e for e in self.events if e.type in types]

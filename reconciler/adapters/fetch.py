@@ -365,6 +365,75 @@ def download(
     return digest.hexdigest()
 
 
+@dataclass(frozen=True)
+class Posted:
+    """The answer to a POST: its status, and how long the server asks to wait before
+    another try (Retry-After in seconds), if it says."""
+
+    status: int
+    retry_after: float | None = None
+
+
+def post(url: str, body: bytes, headers: dict[str, str], timeout: float, label: str = "") -> Posted:
+    """POST ``body`` to ``url`` and wait for the answer's status and headers, all within
+    ``timeout`` seconds (connecting, sending, answering), however slowly the server goes.
+    The body of the answer is not read. Errors name ``label``, never the URL, which may
+    hold a credential (a Slack webhook's does); raises FetchError when no answer came."""
+    deadline = _Deadline(timeout)
+    conn: http.client.HTTPConnection | None = None
+    label = label or "the server"
+    during = "connecting"
+    try:
+        parsed = urllib.parse.urlsplit(url)
+        host, https = parsed.hostname, parsed.scheme == "https"
+        if not host:
+            raise FetchError(f"{label}: no host in the URL", kind=FetchKind.UNREACHABLE)
+        port = parsed.port or (443 if https else 80)
+        ctx = ssl.create_default_context() if https else None
+        conn = (
+            http.client.HTTPSConnection(host, port, context=ctx)
+            if ctx
+            else http.client.HTTPConnection(host, port)
+        )
+        conn.sock = _connect(host, port, deadline)
+        deadline.watch(conn.sock)
+        if ctx is not None:
+            conn.sock = ctx.wrap_socket(conn.sock, server_hostname=host)
+        during = "sending"
+        path = (parsed.path or "/") + (f"?{parsed.query}" if parsed.query else "")
+        conn.request(
+            "POST", path, body=body, headers={"User-Agent": "reconciler", **headers, "Connection": "close"}
+        )
+        during = "waiting for the answer"
+        resp = conn.getresponse()
+        if deadline.passed():
+            raise FetchError(f"{label}: no answer within {timeout:g}s ({during})", kind=FetchKind.DEADLINE)
+        return Posted(resp.status, _retry_after(resp.getheader("Retry-After")))
+    except (OSError, ValueError, http.client.HTTPException) as exc:
+        if deadline.passed():
+            raise FetchError(
+                f"{label}: no answer within {timeout:g}s ({during})", kind=FetchKind.DEADLINE
+            ) from None
+        kind = FetchKind.UNREACHABLE if during == "connecting" else FetchKind.INTERRUPTED
+        raise FetchError(f"{label}: {_reason(exc)} ({during})", kind=kind) from None
+    finally:
+        deadline.close()
+        if conn is not None:
+            conn.close()
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After as seconds: a number of them, or an HTTP date."""
+    if value is None:
+        return None
+    if value.strip().isdigit():
+        return float(value.strip())
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (ValueError, TypeError, OverflowError):
+        return None
+
+
 class HttpFetcher:
     """The store read over http(s), file: URLs or local paths: this module as an object,
     for whoever takes a fetcher (the agent's updater, `reconciler verify`)."""

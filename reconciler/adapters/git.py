@@ -130,6 +130,33 @@ class GitSource:
             return False
         return proc.returncode == 0 and bool(proc.stdout.strip())
 
+    def remote_head(self, timeout: float = READ_TIMEOUT) -> str:
+        """The commit the remote's branch points at, asked with `git ls-remote` (as a
+        fetch would authenticate); SourceError saying why when it cannot be had."""
+        try:
+            proc = subprocess.run(
+                ["git", "ls-remote", "--heads", "--", self.url, f"refs/heads/{self.branch}"],
+                capture_output=True,
+                timeout=timeout,
+                env={**os.environ, **self.env},
+                cwd="/",
+                stdin=subprocess.DEVNULL,
+            )
+        except subprocess.TimeoutExpired:
+            raise SourceError(f"{self.url} did not answer within {timeout:.0f} s") from None
+        except OSError as exc:
+            raise SourceError(f"cannot run git ls-remote: {exc.strerror or exc}") from None
+        if proc.returncode != 0:
+            # git's first fatal line says what happened; advice about access rights follows.
+            lines = [ln.strip() for ln in proc.stderr.decode(errors="replace").splitlines() if ln.strip()]
+            fatal = [ln.removeprefix("fatal: ") for ln in lines if ln.startswith("fatal: ")]
+            why = fatal[0] if fatal else lines[-1] if lines else "git ls-remote failed"
+            raise SourceError(f"cannot reach {self.url}: {why}")
+        line = proc.stdout.decode(errors="replace").split()
+        if not line:
+            raise SourceError(f"{self.url} has no branch {self.branch!r}")
+        return line[0]
+
     def _fetch_and_check_out(self) -> str:
         repo = self._open()
         commit = self.fetch_objects(f"refs/remotes/origin/{self.branch}")
@@ -166,6 +193,12 @@ class GitSource:
         without the top-level entries ``exclude``."""
         repo = self._open()
         dest.mkdir(parents=True)
+        if exclude:
+            # git archive refuses pathspecs that match nothing: a repository of nothing
+            # but host and profile files exports as an empty directory.
+            top = self._git("ls-tree", "-z", "--name-only", commit).split(b"\0")
+            if not {name.decode(errors="replace") for name in top if name} - set(exclude):
+                return
         paths = ["--", ".", *(f":(top,exclude){e}" for e in exclude)] if exclude else []
         archive = subprocess.Popen(
             ["git", "-C", str(repo.git_dir), "archive", "--format=tar", commit, *paths],

@@ -134,15 +134,17 @@ def unusable(key: Mapping[str, Any], now: float) -> str | None:
     if key.get("trust") == "r":
         return "is revoked"
     expires = str(key.get("expires") or "")
+    extend = (
+        f"extend it (gpg --quick-set-expire {key.get('fingerprint')} 1y) and give agents the new public key"
+    )
     if expires.isdigit() and int(expires) <= now:
-        return (
-            f"expired at {_when(int(expires))} (now {_when(now)}): extend it "
-            f"(gpg --quick-set-expire {key.get('fingerprint')} 1y) and give agents the new public key"
-        )
+        return f"expired on {_when(int(expires))} (now {_when(now)}): {extend}"
+    if key.get("trust") == "e":
+        return f"has expired: {extend}"
     created = str(key.get("date") or "")
     if created.isdigit() and int(created) > now:
         return (
-            f"was created at {_when(int(created))}, after this machine's clock ({_when(now)}): "
+            f"was created on {_when(int(created))}, after this machine's clock ({_when(now)}): "
             "the clock is behind (check NTP), or it ran ahead where the key was made"
         )
     return None
@@ -311,3 +313,21 @@ class Verifier:
             )
         reason = res.status or "no valid signature"
         raise VerificationError(f"{what}: bad signature ({reason}; trusted: {trusted})")
+
+
+def check_signing_key(gnupghome: Path, key: str, passphrase_file: Path | None, now: float) -> str:
+    """What `reconciler check` finds of the signing key at unix time ``now``: a line
+    saying which key it is and until when it is valid, once it has signed a probe with
+    it (with the passphrase file, if one is given). A key that is missing, expired,
+    revoked, created after ``now`` (a clock behind) or cannot sign is a SigningError
+    saying so (:func:`unusable`), where gpg itself would only say "invalid signer"."""
+    signer = Signer(gnupghome, key, passphrase_file)
+    fpr = signer.fingerprint
+    with signer._gpg.deadline(f"listing secret key {fpr}", GPG_TIMEOUT):
+        (info,) = signer._gpg.list_keys(secret=True, keys=[fpr])
+    problem = unusable(info, now)
+    if problem is not None:
+        raise SigningError(f"key {fpr} {problem}")
+    signer.sign(b"reconciler check\n")
+    expires = int(info.get("expires") or 0)
+    return f"key {fpr}, expires {_when(expires) if expires else 'never'}, signs"

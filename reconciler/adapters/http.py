@@ -1,4 +1,5 @@
-"""HTTP endpoints of the daemon: /metrics, /healthz, /readyz and POST routes such as /webhook.
+"""HTTP endpoints of the daemon: /metrics, /healthz, /readyz, POST routes such as /webhook
+and read-only GET routes such as /api/events.
 
 Anyone who can reach the port can open connections, so no connection may hold a thread
 for long and only so many are served at once: the rest are refused on arrival.
@@ -13,7 +14,9 @@ import socket
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import Enum
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
@@ -30,6 +33,25 @@ Check = Callable[[], tuple[bool, str]]
 Response = tuple[int, str, bytes]
 # A POST handler gets the request's headers and body.
 PostHandler = Callable[[dict[str, str], bytes], Response]
+# Query parameters a GET route parses at most: a query is a few filters.
+MAX_QUERY_FIELDS = 64
+
+
+@dataclass(frozen=True)
+class Request:
+    """A GET request to one of the routes a Server is given in ``get``."""
+
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, str]
+    client: str  # the peer's address
+
+
+GetHandler = Callable[[Request], Response]
+# Decides whether a request may reach a ``get`` route (the probes and /metrics are not
+# guarded): None serves it, a response refuses it. Where access control goes (a token,
+# basic auth) for a listener that is not loopback.
+Guard = Callable[[Request], Response | None]
 # Webhook payloads are a few kilobytes; anything far larger is refused unread.
 MAX_BODY = 5 << 20
 # A request (line, headers and body) must have arrived whole this long after the server
@@ -92,7 +114,9 @@ class Server:
         healthy: Check,
         ready: Check,
         post: dict[str, PostHandler] | None = None,
+        get: dict[str, GetHandler] | None = None,
         *,
+        guard: Guard | None = None,
         max_connections: int = MAX_CONNECTIONS,
         request_timeout: float = REQUEST_TIMEOUT,
         idle_timeout: float = IDLE_TIMEOUT,
@@ -100,6 +124,7 @@ class Server:
         host, _, port = listen.rpartition(":")
         host = host.strip("[]")
         post_routes = post or {}
+        get_routes = get or {}
         routes: dict[str, Callable[[], Response]] = {
             "/metrics": lambda: (200, CONTENT_TYPE_LATEST, generate_latest(registry)),
             "/healthz": lambda: _probe(healthy),
@@ -129,8 +154,25 @@ class Server:
                 super().end_headers()
 
             def do_GET(self) -> None:
-                route = routes.get(self.path.split("?", 1)[0])
-                self._answer(*(route() if route else (404, "text/plain", b"not found\n")))
+                path, _, query = self.path.partition("?")
+                route = routes.get(path)
+                if route is not None:
+                    self._answer(*route())
+                    return
+                handler = get_routes.get(path)
+                if handler is None:
+                    self._answer(404, "text/plain", b"not found\n")
+                    return
+                try:
+                    params = urllib.parse.parse_qs(
+                        query, keep_blank_values=True, strict_parsing=False, max_num_fields=MAX_QUERY_FIELDS
+                    )
+                except ValueError:
+                    self._answer(400, "text/plain", b"too many query parameters\n")
+                    return
+                request = Request(path, params, dict(self.headers.items()), str(self.client_address[0]))
+                refused = guard(request) if guard is not None else None
+                self._answer(*(refused if refused is not None else handler(request)))
 
             def do_POST(self) -> None:
                 handler = post_routes.get(self.path.split("?", 1)[0])
@@ -284,6 +326,34 @@ class _RequestReader(io.RawIOBase):
             raise
         self._started = True
         return n
+
+
+def local_url(listen: str, path: str) -> str:
+    """The URL of ``path`` on a server listening on ``listen`` (HOST:PORT), from this
+    machine: a wildcard address is reached through loopback."""
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}{path}"
+
+
+def post(url: str, headers: dict[str, str], timeout: float = 10.0) -> tuple[int, str]:
+    """POST an empty body to ``url``: the answer's status and its first line. A server
+    that cannot be reached is a ReconcilerError saying so in one line."""
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=b"", headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            status, body = int(r.status), r.read(4096)
+    except urllib.error.HTTPError as exc:
+        status, body = exc.code, exc.read(4096)
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        why = getattr(reason, "strerror", None) or str(reason)
+        raise ReconcilerError(f"cannot reach {url}: {why}") from None
+    return status, (body.decode("utf-8", "replace").strip().splitlines() or [""])[0]
 
 
 def _probe(check: Check) -> tuple[int, str, bytes]:

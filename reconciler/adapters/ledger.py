@@ -17,7 +17,7 @@ from pathlib import Path
 
 from reconciler.core import hosts, schema
 from reconciler.core.hosts import ParseKey
-from reconciler.core.model import BuilderState, HostState, Status
+from reconciler.core.model import BuilderState, HostState, Status, Suspensions
 from reconciler.errors import StateError
 
 SCHEMA = """
@@ -55,6 +55,9 @@ CREATE TABLE IF NOT EXISTS builders (
     last_error TEXT,
     last_error_at REAL
 );
+-- What operators suspended (`reconciler suspend`) and since when (unix time); the
+-- host FLEET ('*', never a host name) is the whole fleet.
+CREATE TABLE IF NOT EXISTS suspended (host TEXT PRIMARY KEY, since REAL NOT NULL);
 """
 
 
@@ -65,7 +68,9 @@ PARSER = hashlib.sha256(
 ).hexdigest()
 
 # The tables a read-only ledger copies from the file.
-TABLES = ("meta", "hosts", "evaluations", "parsed", "builders")
+TABLES = ("meta", "hosts", "evaluations", "parsed", "builders", "suspended")
+# The suspended table's row for the whole fleet.
+FLEET = "*"
 
 
 class State:
@@ -276,3 +281,26 @@ class State:
             self._db.execute(
                 f"UPDATE builders SET {column} = {column} + 1, {sets} WHERE name = ?", (*args, name)
             )
+
+    def suspensions(self) -> Suspensions:
+        with self._lock:
+            rows = self._db.execute("SELECT host, since FROM suspended").fetchall()
+        since = dict(rows)
+        fleet = since.pop(FLEET, None)
+        return Suspensions(fleet=fleet, hosts=since)
+
+    def suspend(self, host: str | None, at: float) -> bool:
+        """Suspend ``host`` (None: the fleet) from unix time ``at``; False if it was
+        suspended already (its time stays)."""
+        with self._lock:
+            cur = self._db.execute(
+                "INSERT INTO suspended(host, since) VALUES(?, ?) ON CONFLICT(host) DO NOTHING",
+                (host or FLEET, at),
+            )
+        return cur.rowcount == 1
+
+    def resume(self, host: str | None) -> bool:
+        """Lift the suspension of ``host`` (None: the fleet's); False if there was none."""
+        with self._lock:
+            cur = self._db.execute("DELETE FROM suspended WHERE host = ?", (host or FLEET,))
+        return cur.rowcount == 1

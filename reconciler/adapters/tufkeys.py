@@ -51,3 +51,14 @@ def metadata_keys(public_keys: list[bytes]) -> list[Key]:
                 raise VerificationError(f"cannot read pinned key {fpr}: {exc}") from None
             keys.append(primary)
         return keys
+
+
+def check_metadata_signing(gnupghome: Path, fingerprint: str) -> None:
+    """Sign a probe as TUF metadata is signed (securesystemslib's GPGSigner, whose gpg
+    gets a passphrase only from gpg-agent); SigningError saying why it cannot."""
+    signer = metadata_signer(gnupghome, fingerprint)
+    try:
+        signer.sign(b"reconciler check\n")
+    except (ValueError, OSError, subprocess.SubprocessError) as exc:
+        why = " ".join(str(exc).split()) or type(exc).__name__
+        raise SigningError(f"cannot sign TUF metadata with key {fingerprint}: {why}") from None

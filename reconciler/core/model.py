@@ -30,6 +30,9 @@ class Action(StrEnum):
     REMOVED = "removed"
     # Would rebuild, but the same build failed recently and its retry time has not come.
     BACKOFF = "backoff"
+    # An operator suspended the host or the whole fleet (`reconciler suspend`): the pass
+    # leaves it as it is, and what it published stays served.
+    SUSPENDED = "suspended"
 
 
 class Status(StrEnum):
@@ -59,6 +62,24 @@ class HostState:
         """Whether hosts are offered its published release (metrics, TUF metadata): it
         has one and was not removed from the repository."""
         return bool(self.version) and self.status != Status.REMOVED
+
+
+@dataclass(frozen=True)
+class Suspensions:
+    """What operators suspended (`reconciler suspend [HOST]`), each with the unix time
+    it was suspended at: the whole fleet, or single hosts."""
+
+    fleet: float | None = None
+    hosts: Mapping[str, float] = field(default_factory=dict)
+
+    def since(self, host: str) -> float | None:
+        """When ``host`` was suspended, by itself or with the fleet (the earlier); None
+        if it is not."""
+        times = [t for t in (self.fleet, self.hosts.get(host)) if t is not None]
+        return min(times) if times else None
+
+    def covers(self, host: str) -> bool:
+        return self.fleet is not None or host in self.hosts
 
 
 @dataclass(frozen=True)

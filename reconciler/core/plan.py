@@ -7,11 +7,11 @@ published release was built from. The git diff only explains the decision.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from reconciler.core.hosts import Fleet
-from reconciler.core.model import Action, HostState, Status
+from reconciler.core.model import Action, HostState, Status, Suspensions
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,15 @@ class Plan:
             "hosts": [e.to_json() for e in self.entries],
         }
 
+    def suspend(self, hosts: Iterable[str], suspended: Suspensions) -> Plan:
+        """This plan with ``hosts`` suspended (as ``suspended`` says): a pass that finds
+        them suspended when their turn comes leaves them."""
+        names = frozenset(hosts)
+        return Plan(
+            self.commit,
+            tuple(_suspended(e, suspended) if e.host in names else e for e in self.entries),
+        )
+
     def counts(self) -> dict[str, int]:
         """Hosts per action, every action named."""
         return {a.value: len(self.with_action(a)) for a in Action}
@@ -48,7 +57,8 @@ class Plan:
         c = self.counts()
         return (
             f"plan: {c[Action.REBUILD]} to rebuild, {c[Action.REMOVED]} to remove, "
-            f"{c[Action.INVALID]} invalid, {c[Action.BACKOFF]} in backoff, {c[Action.UNCHANGED]} unchanged"
+            f"{c[Action.INVALID]} invalid, {c[Action.BACKOFF]} in backoff, {c[Action.SUSPENDED]} suspended, "
+            f"{c[Action.UNCHANGED]} unchanged"
         )
 
     def exit_code(self, detailed: bool = False) -> int:
@@ -62,6 +72,9 @@ class Plan:
         return 0
 
 
+NONE_SUSPENDED = Suspensions()
+
+
 def make_plan(
     commit: str,
     fleet: Fleet,
@@ -71,13 +84,18 @@ def make_plan(
     changed: frozenset[str] | None,
     now: float | None = None,
     max_wait: float = math.inf,
+    suspended: Suspensions = NONE_SUSPENDED,
 ) -> Plan:
     """``changed`` is the set of repo paths changed since the last reconciled commit,
     or None when that is unknown (first run, rewritten history). With ``now`` (unix
     time), a build that failed is not retried before its recorded retry time, unless
     that is more than ``max_wait`` (retry.max) away: no backoff is that long, so the
     clock went back since it was recorded (or retry.max was lowered), and waiting
-    for it could take as long as the clock jumped."""
+    for it could take as long as the clock jumped.
+
+    A host that ``suspended`` covers is left as it is (Action.SUSPENDED, saying what
+    the pass would otherwise do), removed from the repository or not; an invalid
+    definition is still reported as invalid, which changes nothing in the store."""
     entries: list[HostPlan] = []
     for err in fleet.errors:
         name = err.path.rsplit("/", 1)[-1].rsplit(".", 1)[0]
@@ -118,7 +136,32 @@ def make_plan(
         if name not in present and prev.status != Status.REMOVED:
             entries.append(HostPlan(name, Action.REMOVED, (f"hosts/{name}.yaml no longer exists",)))
     entries.sort(key=lambda e: e.host)
-    return Plan(commit=commit, entries=tuple(entries))
+    return Plan(commit=commit, entries=tuple(_suspended(e, suspended) for e in entries))
+
+
+def _suspended(entry: HostPlan, suspended: Suspensions) -> HostPlan:
+    if entry.action in (Action.INVALID, Action.SUSPENDED) or not suspended.covers(entry.host):
+        return entry
+    if suspended.fleet is not None:
+        why = "the fleet is suspended (reconciler resume)"
+    else:
+        why = f"the host is suspended (reconciler resume {entry.host})"
+    otherwise = f"otherwise {entry.action}: {'; '.join(entry.reasons)}"
+    return HostPlan(entry.host, Action.SUSPENDED, (why, otherwise), entry.image)
+
+
+def suspended_fleet(commit: str, published: Mapping[str, HostState]) -> Plan:
+    """The plan of a pass that finds the whole fleet suspended: it fetches nothing, so
+    it knows only the hosts recorded, and leaves each as it is."""
+    why = ("the fleet is suspended (reconciler resume)",)
+    return Plan(
+        commit,
+        tuple(
+            HostPlan(name, Action.SUSPENDED, why, hs.image)
+            for name, hs in sorted(published.items())
+            if hs.status != Status.REMOVED
+        ),
+    )
 
 
 def retry_delay(failures: int, initial: float, maximum: float) -> float:

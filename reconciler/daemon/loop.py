@@ -2,52 +2,96 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from reconciler import log
-from reconciler.adapters.http import PostHandler, Server
-from reconciler.config import Config
+from reconciler.adapters.http import GetHandler, PostHandler, Request, Response, Server
+from reconciler.config import Config, TriggerConfig, load_config, reload
+from reconciler.core.events import EventType, QueryError, parse_query
+from reconciler.daemon import preflight
 from reconciler.daemon.reconciler import Reconciler
-from reconciler.daemon.triggers import RepoWatcher, Unauthorized, Wakeup, authenticate, concerns
+from reconciler.daemon.triggers import (
+    Reason,
+    RepoWatcher,
+    Unauthorized,
+    Wakeup,
+    authenticate,
+    check_bearer,
+    concerns,
+)
 from reconciler.errors import ConfigError, ReconcilerError
+
+# A refused webhook is recorded in the event history at most this often (seconds), with
+# the number of refusals since: anyone who reaches the port can send them, and must not
+# push the rest of the history out.
+REFUSALS_RECORDED_EVERY = 60.0
+
+
+def read_secret(cfg: Config, key: str, path: Path | None) -> bytes:
+    """The secret in the file at ``path`` (the config's ``key``), stripped; empty if
+    none is configured. An unreadable or empty file is the config's error."""
+    if path is None:
+        return b""
+    try:
+        secret = path.read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(str(cfg.path), key, exc.strerror or str(exc)) from None
+    if not secret:
+        raise ConfigError(str(cfg.path), key, "the file is empty")
+    return secret
+
+
+def _secrets(cfg: Config) -> tuple[bytes, bytes]:
+    """The webhook secret and the reconcile token (empty when not configured)."""
+    t: TriggerConfig = cfg.triggers
+    return (
+        read_secret(cfg, "triggers.webhook_secret_file", t.webhook_secret_file),
+        read_secret(cfg, "triggers.reconcile_token_file", t.reconcile_token_file),
+    )
 
 
 class Daemon:
     """`reconciler run`: reconcile on every poll interval and serve the endpoints."""
 
-    def __init__(self, cfg: Config, reconciler: Reconciler) -> None:
+    def __init__(self, cfg: Config, reconciler: Reconciler, checks: Sequence[preflight.Check] = ()) -> None:
+        """``checks``: what must hold before the daemon listens or builds (preflight)."""
         self.cfg = cfg
         self.reconciler = reconciler
+        self.checks = checks
         self.stopping = threading.Event()
         self._observed = False
         self._last_error: str | None = None
+        self._reload = threading.Event()
         self.metrics = self.reconciler.metrics
         t = cfg.triggers
         self.wakeup = Wakeup(quiet=t.debounce, max_delay=max(2.0, 10 * t.debounce))
-        post: dict[str, PostHandler] = {}
-        self._webhook_secret = b""
-        if t.webhook_secret_file is not None:
-            try:
-                self._webhook_secret = t.webhook_secret_file.read_bytes().strip()
-            except OSError as exc:
-                raise ConfigError(
-                    str(cfg.path), "triggers.webhook_secret_file", exc.strerror or str(exc)
-                ) from None
-            if not self._webhook_secret:
-                raise ConfigError(str(cfg.path), "triggers.webhook_secret_file", "the file is empty")
-            post["/webhook"] = self.webhook
-        self.server = Server(cfg.listen, self.metrics.registry, self.healthy, self.ready, post)
+        # Either may be configured, changed or dropped by a reload: each route answers
+        # 404, as an unknown one does, while its secret is not configured.
+        self._webhook_secret, self._reconcile_token = _secrets(cfg)
+        post: dict[str, PostHandler] = {"/webhook": self.webhook, "/reconcile": self.reconcile_now}
+        self._refusals = threading.Lock()
+        self._refusal_recorded: float | None = None
+        self._refusals_suppressed = 0
+        # Read-only JSON; the fleet page's access control (a Server guard) covers these.
+        get: dict[str, GetHandler] = {"/api/events": self.api_events}
+        self.server = Server(cfg.listen, self.metrics.registry, self.healthy, self.ready, post, get)
         self.watcher = RepoWatcher(Path(cfg.repo.url), self.wakeup) if cfg.repo.is_local and t.watch else None
 
     def webhook(self, headers: dict[str, str], body: bytes) -> tuple[int, str, bytes]:
         """POST /webhook: a forge's push event, authenticated, wakes the loop."""
+        if not self._webhook_secret:
+            return 404, "text/plain", b"not found\n"
         try:
             push = authenticate(headers, body, self._webhook_secret)
         except Unauthorized as exc:
             self.metrics.webhook_requests.labels("unauthorized").inc()
             log.event("webhook_refused", logging.WARNING, reason=str(exc))
+            self._record_refusal(str(exc))
             # Why, so that whoever sets the hook up sees what to fix (no secret in it).
             return 401, "text/plain", f"unauthorized: {exc}\n".encode()
         if not concerns(push, self.cfg.repo.branch):
@@ -57,6 +101,47 @@ class Daemon:
         log.event("webhook_push", forge=push.forge, ref=push.ref)
         self.wakeup.notify("webhook")
         return 202, "text/plain", b"accepted\n"
+
+    def _record_refusal(self, reason: str) -> None:
+        with self._refusals:
+            now = self.reconciler.clock.monotonic()
+            last = self._refusal_recorded
+            if last is not None and now - last < REFUSALS_RECORDED_EVERY:
+                self._refusals_suppressed += 1
+                return
+            suppressed, self._refusals_suppressed = self._refusals_suppressed, 0
+            self._refusal_recorded = now
+        self.reconciler.record_event(EventType.WEBHOOK_REFUSED, error=reason, suppressed=suppressed)
+
+    def api_events(self, request: Request) -> Response:
+        """GET /api/events?host=&type=&since=&until=&after=&before=&limit=: the event
+        history as JSON (reconciler.core.events.parse_query)."""
+        try:
+            q = parse_query(request.query, self.reconciler.clock.now().timestamp())
+        except QueryError as exc:
+            return 400, "application/json", json.dumps({"error": str(exc)}).encode() + b"\n"
+        events = [e.to_json() for e in self.reconciler.history(q)]
+        return 200, "application/json", json.dumps({"events": events}).encode() + b"\n"
+
+    def reconcile_now(self, headers: dict[str, str], body: bytes) -> tuple[int, str, bytes]:
+        """POST /reconcile with the reconcile token (`reconciler reconcile-now`): a pass
+        at once, or right after the one running; hosts in backoff are retried."""
+        token = self._reconcile_token
+        if not token:
+            return 404, "text/plain", b"not found\n"
+        try:
+            check_bearer(headers, token)
+        except Unauthorized as exc:
+            self.metrics.reconcile_requests.labels("unauthorized").inc()
+            log.event("reconcile_request_refused", logging.WARNING, reason=str(exc))
+            return 401, "text/plain", f"unauthorized: {exc}\n".encode()
+        if self.reconciler.state.suspensions().fleet is not None:
+            self.metrics.reconcile_requests.labels("suspended").inc()
+            return 409, "text/plain", b"the fleet is suspended: reconciler resume first\n"
+        self.metrics.reconcile_requests.labels("accepted").inc()
+        log.event("reconcile_requested")
+        self.wakeup.notify(Reason.MANUAL)
+        return 202, "text/plain", b"accepted: a pass starts now, or right after the one running\n"
 
     def healthy(self) -> tuple[bool, str]:
         return (not self.stopping.is_set()), ("stopping" if self.stopping.is_set() else "ok")
@@ -69,8 +154,9 @@ class Daemon:
         return False, self._last_error or "first reconcile not finished"
 
     def run(self) -> None:
-        # Before anything listens or builds: a Nix that would build unsandboxed
-        # stops the start (unless the config accepts it).
+        # Before anything listens or builds: a wrong key, an unwritable store or a Nix
+        # that would build unsandboxed (unless the config accepts it) stops the start.
+        preflight.at_start(self.checks)
         self.reconciler.check_sandbox()
         self.server.start()
         log.event(
@@ -83,20 +169,13 @@ class Daemon:
         if self.watcher is not None:
             self.watcher.start()
         try:
+            forced = False
             while not self.stopping.is_set():
-                try:
-                    self.reconciler.reconcile()
-                    self._observed = True
-                except ReconcilerError as exc:
-                    self._last_error = str(exc)
-                    log.event("reconcile_failed", logging.ERROR, error=str(exc))
-                except Exception as exc:
-                    # A bug must not stop the daemon: log it and try again next interval.
-                    self._last_error = f"internal error: {exc!r}"
-                    log.event("reconcile_crashed", logging.ERROR, error=repr(exc))
-                reasons = self.wakeup.wait(self.cfg.poll_interval)
+                self._pass(forced)
+                reasons = self._wait()
+                forced = Reason.MANUAL in reasons
                 # A burst of triggers is one pass; it is counted under what started it.
-                self.metrics.wakeups.labels(reasons[0] if reasons else "poll").inc()
+                self.metrics.wakeups.labels(reasons[0] if reasons else Reason.POLL).inc()
         finally:
             if self.watcher is not None:
                 self.watcher.stop()
@@ -104,7 +183,64 @@ class Daemon:
             self.reconciler.close()
             log.event("daemon_stop")
 
+    def _pass(self, forced: bool) -> None:
+        """One pass; ``forced`` (reconcile-now) retries hosts in backoff at once."""
+        try:
+            self.reconciler.reconcile(respect_backoff=not forced)
+            self._observed = True
+        except ReconcilerError as exc:
+            self._last_error = str(exc)
+            log.event("reconcile_failed", logging.ERROR, error=str(exc))
+        except Exception as exc:
+            # A bug must not stop the daemon: log it and try again next interval.
+            self._last_error = f"internal error: {exc!r}"
+            log.event("reconcile_crashed", logging.ERROR, error=repr(exc))
+
+    def _wait(self) -> list[str]:
+        """Wait for the poll interval or a trigger; what woke the loop for a pass (empty:
+        the interval passed). A reload is done here, between passes, and wakes no pass:
+        the interval goes on from the last pass, at its new length."""
+        last_pass = time.monotonic()
+        while True:
+            left = last_pass + self.cfg.poll_interval - time.monotonic()
+            reasons = self.wakeup.wait(max(0.0, left))
+            if self._reload.is_set():
+                self._reload.clear()
+                self.reload()
+            passes = [r for r in reasons if r != Reason.RELOAD]
+            if passes or not reasons or self.stopping.is_set():
+                return passes
+
+    def request_reload(self) -> None:
+        """From a signal handler (SIGHUP): read the config again between passes."""
+        self._reload.set()
+        self.wakeup.notify(Reason.RELOAD)
+
+    def reload(self) -> None:
+        """Read the config file again. A valid one takes effect from the next pass, as
+        far as it can without a restart (config.RELOADABLE); the rest is logged as
+        needing one. An invalid one is logged, and the config in use stays."""
+        try:
+            new = load_config(self.cfg.path)
+            secrets = _secrets(new)
+        except ConfigError as exc:
+            log.event("config_reload_failed", logging.ERROR, file=exc.path, key=exc.key, reason=exc.reason)
+            return
+        except ReconcilerError as exc:
+            log.event("config_reload_failed", logging.ERROR, file=str(self.cfg.path), key="", reason=str(exc))
+            return
+        merged, applied, restart = reload(self.cfg, new)
+        if restart:
+            log.event("config_reload_needs_restart", logging.WARNING, keys=",".join(restart))
+        self.cfg = merged
+        self.reconciler.cfg = merged
+        t = merged.triggers
+        self.wakeup.quiet, self.wakeup.max_delay = t.debounce, max(2.0, 10 * t.debounce)
+        # Re-read even when the paths did not change: a rotated secret is a new file content.
+        self._webhook_secret, self._reconcile_token = secrets
+        log.event("config_reloaded", file=str(self.cfg.path), changed=",".join(applied) or "nothing")
+
     def stop(self) -> None:
         self.stopping.set()
         self.reconciler.stop()
-        self.wakeup.notify("stop")
+        self.wakeup.notify(Reason.STOP)

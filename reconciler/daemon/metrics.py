@@ -60,6 +60,23 @@ class LedgerCollector(Collector):
             invalid += hs.status == Status.INVALID
         yield version
         yield failing
+        # Read at each scrape: `reconciler suspend` writes the ledger from another process.
+        suspended = self._ledger.suspensions()
+        hosts = GaugeMetricFamily(
+            "reconciler_host_suspended",
+            "1 per host an operator suspended by itself (reconciler suspend HOST): passes leave"
+            " it as it is, and what it published stays served.",
+            labels=["host"],
+        )
+        for name in sorted(suspended.hosts):
+            hosts.add_metric([name], 1)
+        yield hosts
+        yield GaugeMetricFamily(
+            "reconciler_fleet_suspended",
+            "1 while an operator has suspended the whole fleet (reconciler suspend): passes fetch"
+            " and build nothing, and only re-sign the TUF metadata.",
+            value=0 if suspended.fleet is None else 1,
+        )
         yield GaugeMetricFamily(
             "reconciler_invalid_hosts",
             "Host definitions that failed validation or evaluation.",
@@ -143,6 +160,12 @@ class Metrics:
         self.webhook_requests = Counter(
             "reconciler_webhook_requests", "Webhook requests by result.", ["result"], registry=r
         )
+        self.reconcile_requests = Counter(
+            "reconciler_reconcile_requests",
+            "POST /reconcile requests (reconciler reconcile-now) by result.",
+            ["result"],
+            registry=r,
+        )
         self.wakeups = Counter(
             "reconciler_wakeups", "Reconcile passes by what started them.", ["trigger"], registry=r
         )
@@ -201,8 +224,10 @@ class Metrics:
             self.stage_duration.labels(stage)
         for result in ("accepted", "ignored", "unauthorized"):
             self.webhook_requests.labels(result)
-        for trigger in ("poll", "webhook", "filesystem"):
+        for trigger in ("poll", "webhook", "filesystem", "manual"):
             self.wakeups.labels(trigger)
+        for result in ("accepted", "unauthorized", "suspended"):
+            self.reconcile_requests.labels(result)
         for result in ("success", "failure"):
             self.reconcile_runs.labels(result)
             self.host_builds.labels(result)

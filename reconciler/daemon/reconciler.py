@@ -20,6 +20,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from enum import Enum
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,7 @@ from reconciler.core import zsync
 from reconciler.core.appc import discovery_page
 from reconciler.core.appimage import update_information
 from reconciler.core.builders import LOCAL
+from reconciler.core.events import Event, EventQuery, EventType, Scalar
 from reconciler.core.formats import Kind
 from reconciler.core.hosts import (
     Fleet,
@@ -60,15 +62,17 @@ from reconciler.core.model import (
     BuildOutput,
     Evaluation,
     Status,
+    Suspensions,
 )
-from reconciler.core.plan import HostPlan, Plan, make_plan, retry_delay
+from reconciler.core.plan import HostPlan, Plan, make_plan, retry_delay, suspended_fleet
 from reconciler.core.release import Artifact, Release, new_release, parse_release
 from reconciler.core.tufroles import RoleName
 from reconciler.core.versions import MAX_TAKEN, Adopt, Decision, Taken, decide, first_candidate
-from reconciler.daemon import parsing
+from reconciler.daemon import history, parsing
 from reconciler.daemon.gate import CommitRefusedError
 from reconciler.daemon.gc import collect
 from reconciler.daemon.metrics import Metrics
+from reconciler.daemon.preflight import sandbox_verdict
 from reconciler.daemon.publish import publish
 from reconciler.errors import (
     BuildError,
@@ -115,6 +119,10 @@ class HostOutcome:
     error: str | None = None
     artifacts: tuple[str, ...] = ()
     published_at: float | None = None  # unix time
+    adopted: bool = False  # the release was in the store already (core.versions.Adopt)
+    seconds: float | None = None  # acting on the host took this long
+    build_seconds: float | None = None  # of which the build
+    builder: str | None = None  # where Nix built it (None: nothing was built)
 
 
 @dataclass(frozen=True)
@@ -126,12 +134,16 @@ class ReconcileResult:
     metadata_error: str | None = None
     # Hosts to rebuild that were not started: the daemon was asked to stop.
     interrupted: tuple[str, ...] = ()
+    # The whole fleet is suspended: the pass fetched nothing and only kept the TUF
+    # metadata fresh (the plan holds the recorded hosts, each suspended).
+    fleet_suspended: bool = False
 
     @property
     def ok(self) -> bool:
         """Every host is as its definition says: what `reconcile` exits 0 for."""
         return (
             self.succeeded
+            and not self.fleet_suspended
             and not self.plan.with_action(Action.INVALID)
             and not self.plan.with_action(Action.BACKOFF)
         )
@@ -142,6 +154,23 @@ class ReconcileResult:
         A host whose definition is invalid, or that waits out a backoff, does not fail
         the pass that leaves it alone (reconciler_host_failing says which hosts are)."""
         return self.metadata_error is None and all(o.ok for o in self.outcomes) and not self.interrupted
+
+
+@dataclass(frozen=True)
+class _Published:
+    """What _build_and_publish did for a host, for its HostOutcome."""
+
+    release: Release
+    adopted: bool
+    build_seconds: float
+    builder: str | None
+
+
+class Skipped(Enum):
+    """Why a pass did not start a host it planned to rebuild."""
+
+    STOPPING = "stopping"
+    SUSPENDED = "suspended"
 
 
 def sha256_file(path: Path) -> str:
@@ -166,9 +195,10 @@ class Reconciler:
         self.state = ports.ledger
         self.clock = ports.clock
         self._gate = ports.gate
+        self._events = ports.events
         self._open_signer = ports.signer
         self.packager = ports.packager
-        self._sandbox_checked = False
+        self._sandbox_verdict: str | None = None
         self._signer: Signer | None = None
         self._parse_cache = ParseCache()
         # Host file -> the ParseKey the ledger holds for it; None until first read.
@@ -186,6 +216,8 @@ class Reconciler:
         self._key_published = False
         self._page_published = False
         self._store_recovered = False
+        # The suspensions the last pass honoured, to log what changed since.
+        self._suspensions = Suspensions()
         self._tuf = tuf(lambda: self.signer.metadata_signer()) if tuf is not None else None
         self.metrics.watch(self.state, self._tuf, cfg.repo.branch)
         self.metrics.known_builders([LOCAL, *(b.name for b in cfg.builders)])
@@ -206,32 +238,46 @@ class Reconciler:
                 raise
         return self._signer
 
-    def check_sandbox(self) -> None:
+    def check_sandbox(self) -> str:
         """Refuse to build with a Nix that would build unsandboxed, unless the config
         opts out explicitly; once per process, by a probe build (a setting can be
-        overridden by a Nix daemon, a probe cannot)."""
-        if self._sandbox_checked:
-            return
+        overridden by a Nix daemon, a probe cannot). What it found, in one line."""
+        if self._sandbox_verdict is not None:
+            return self._sandbox_verdict
         sandboxed = self.nix.probe_sandbox(self.cfg.signing.gnupghome)
         self.metrics.build_sandbox.set(1 if sandboxed else 0)
         self.state.set_meta(SANDBOX_KEY, "on" if sandboxed else "off")
-        if not sandboxed and self.cfg.nix.sandbox:
+        try:
+            verdict = sandbox_verdict(self.cfg, sandboxed)
+        except ConfigError:
             log.event("sandbox_missing", logging.ERROR)
-            raise ConfigError(
-                str(self.cfg.path),
-                "nix.sandbox",
-                "Nix builds unsandboxed here (a probe build saw the machine's files): set 'sandbox = true' "
-                "in nix.conf (scripts/setup does), or set nix.sandbox: false to accept unsandboxed builds",
-            )
+            raise
         if sandboxed:
             log.event("sandbox_probe", sandbox="on")
         else:
             log.event("sandbox_off", logging.WARNING, reason="nix.sandbox: false in the config")
-        self._sandbox_checked = True
+        self._sandbox_verdict = verdict
+        return verdict
 
     def close(self) -> None:
         self.state.close()
         self._gate.close()
+        if self._events is not None:
+            self._events.close()
+
+    def record_event(
+        self, type: EventType, host: str | None = None, error: str | None = None, **data: Scalar
+    ) -> None:
+        """Record an event in the history (and notify whoever wants it), now."""
+        self._emit(Event(type, self.clock.now().timestamp(), host=host, error=error, data=data))
+
+    def history(self, q: EventQuery) -> list[Event]:
+        """The recorded events ``q`` asks for, oldest first (none without a history)."""
+        return [] if self._events is None else self._events.query(q)
+
+    def _emit(self, *events: Event) -> None:
+        if self._events is not None:
+            self._events.record(*events)
 
     # -- observe ---------------------------------------------------------------
 
@@ -301,6 +347,9 @@ class Reconciler:
             self._gate.check(self.source, commit, self.state.get_meta(COMMIT_KEY))
         except CommitRefusedError as exc:
             self.metrics.untrusted_commits.labels(exc.reason).inc()
+            # Once per refused head in the history, not once per pass that meets it again.
+            if self.state.get_meta(SOURCE_ERROR_KEY) != str(exc):
+                self._emit(history.commit_untrusted(exc, self.clock.now().timestamp()))
             self.state.set_meta(SOURCE_ERROR_KEY, str(exc))
             log.event("commit_refused", logging.WARNING, commit=commit, reason=exc.reason, why=exc.why)
             raise
@@ -344,6 +393,7 @@ class Reconciler:
 
     def plan(self, respect_backoff: bool = True) -> tuple[Observation, Plan]:
         obs = self.observe()
+        suspended = self.state.suspensions()
         plan = make_plan(
             obs.commit,
             obs.fleet,
@@ -353,6 +403,7 @@ class Reconciler:
             obs.changed,
             now=self.clock.now().timestamp() if respect_backoff else None,
             max_wait=self.cfg.retry.max.total_seconds(),
+            suspended=suspended,
         )
         return obs, plan
 
@@ -365,6 +416,9 @@ class Reconciler:
         ``respect_backoff`` is false (an operator's one-shot pass retries at once).
         """
         with self.exclusive():
+            suspended = self._note_suspensions()
+            if suspended.fleet is not None:
+                return self._fleet_suspended()
             started = self.clock.monotonic()
             try:
                 self.check_sandbox()
@@ -374,8 +428,10 @@ class Reconciler:
                     # Leftovers are invisible to readers: publish anyway, sweep next pass.
                     log.event("store_recover_failed", logging.WARNING, error=str(exc))
                 result = self._reconcile(respect_backoff)
-            except ReconcilerError:
+            except ReconcilerError as exc:
                 self.metrics.reconcile_runs.labels("failure").inc()
+                seconds = self.clock.monotonic() - started
+                self._emit(history.pass_failed(exc, seconds, self.clock.now().timestamp()))
                 # What was published stays fresh while the source cannot be read.
                 if self.tuf.exists():
                     self.sync_metadata()
@@ -385,6 +441,7 @@ class Reconciler:
             self.metrics.reconcile_runs.labels("success" if result.succeeded else "failure").inc()
             if result.succeeded:
                 self.state.set_meta(LAST_SUCCESS_KEY, repr(self.clock.now().timestamp()))
+            seconds = self.clock.monotonic() - started
             log.event(
                 "reconcile_done",
                 commit=result.plan.commit,
@@ -392,8 +449,9 @@ class Reconciler:
                 rebuilt=sum(o.ok for o in result.outcomes),
                 failed=sum(not o.ok for o in result.outcomes),
                 invalid=len(result.plan.with_action(Action.INVALID)),
-                seconds=round(self.clock.monotonic() - started, 3),
+                seconds=round(seconds, 3),
             )
+            self._emit(history.pass_finished(result, seconds, self.clock.now().timestamp()))
             interval = self.cfg.retention.interval
             if interval and self.clock.monotonic() - self._last_gc >= interval:
                 try:
@@ -402,6 +460,27 @@ class Reconciler:
                     # What was published stands; collection is tried again next interval.
                     log.event("gc_failed", logging.ERROR, error=str(exc))
             return result
+
+    def _note_suspensions(self) -> Suspensions:
+        """The suspensions now in the ledger; each one begun or lifted since the last
+        pass is logged (the CLI that wrote it logs too, but on the operator's terminal)."""
+        now, before = self.state.suspensions(), self._suspensions
+        if (now.fleet is None) != (before.fleet is None):
+            log.event("fleet_suspended" if now.fleet is not None else "fleet_resumed")
+        for host in sorted(now.hosts.keys() - before.hosts.keys()):
+            log.event("host_suspended", host=host)
+        for host in sorted(before.hosts.keys() - now.hosts.keys()):
+            log.event("host_resumed", host=host)
+        self._suspensions = now
+        return now
+
+    def _fleet_suspended(self) -> ReconcileResult:
+        """A pass over a suspended fleet: nothing is fetched, built or recorded, but
+        what was published stays served, so the TUF metadata is re-signed when due."""
+        error = self.sync_metadata() if self.tuf.exists() else None
+        plan = suspended_fleet(self.state.get_meta(COMMIT_KEY) or "", self.state.hosts())
+        log.event("reconcile_suspended", hosts=len(plan.entries))
+        return ReconcileResult(plan, (), metadata_error=error, fleet_suspended=True)
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -467,13 +546,20 @@ class Reconciler:
             rebuild=len(plan.with_action(Action.REBUILD)),
         )
         todo = plan.with_action(Action.REBUILD)
+        self._emit(history.pass_started(obs, len(todo), self.clock.now().timestamp()))
         self.metrics.build_queue_depth.set(len(todo))
         with ThreadPoolExecutor(max_workers=self.cfg.jobs, thread_name_prefix="build") as pool:
             acted = tuple(pool.map(lambda e: self._act(e, obs), todo))
-        outcomes = tuple(o for o in acted if o is not None)
-        interrupted = tuple(e.host for e, o in zip(todo, acted, strict=True) if o is None)
+        outcomes = tuple(o for o in acted if isinstance(o, HostOutcome))
+        interrupted = tuple(e.host for e, o in zip(todo, acted, strict=True) if o is Skipped.STOPPING)
         if interrupted:
             log.event("reconcile_interrupted", not_started=len(interrupted))
+        left = [e.host for e, o in zip(todo, acted, strict=True) if o is Skipped.SUSPENDED]
+        if left:
+            # Suspended while the pass waited to build them: left as they are.
+            plan = plan.suspend(left, self.state.suspensions())
+            for host in left:
+                log.event("host_left_suspended", host=host)
         self._record(obs, plan, outcomes)
         return ReconcileResult(plan, outcomes, self.sync_metadata(), interrupted)
 
@@ -497,28 +583,45 @@ class Reconciler:
             return str(exc)
         return None
 
-    def _act(self, entry: HostPlan, obs: Observation) -> HostOutcome | None:
+    def _act(self, entry: HostPlan, obs: Observation) -> HostOutcome | Skipped:
         """Build, sign and publish one host; what came of it is recorded later, with
         the rest of the pass (a crash before that is met by adoption next pass).
-        None: not started, the daemon is stopping."""
+        Skipped: not started, because the daemon is stopping or an operator suspended
+        the host (or the fleet) since the pass began."""
         if self._stopping.is_set():
             self.metrics.build_queue_depth.dec()
-            return None
+            return Skipped.STOPPING
+        # Read when the host's turn comes, not when the pass began: a suspension is
+        # honoured by the pass that is running.
+        if self.state.suspensions().covers(entry.host):
+            self.metrics.build_queue_depth.dec()
+            return Skipped.SUSPENDED
         host = obs.fleet.hosts[entry.host]
         assert entry.image is not None
+        started = self.clock.monotonic()
         try:
-            release = self._build_and_publish(host, entry, obs.commit)
+            done = self._build_and_publish(host, entry, obs.commit)
         except ReconcilerError as exc:
-            return HostOutcome(host.name, ok=False, image=entry.image, error=str(exc))
+            return HostOutcome(
+                host.name,
+                ok=False,
+                image=entry.image,
+                error=str(exc),
+                seconds=self.clock.monotonic() - started,
+            )
         finally:
             self.metrics.build_queue_depth.dec()
         return HostOutcome(
             host.name,
             ok=True,
             image=entry.image,
-            version=release.version,
-            artifacts=tuple(a.name for a in release.artifacts),
+            version=done.release.version,
+            artifacts=tuple(a.name for a in done.release.artifacts),
             published_at=self.clock.now().timestamp(),
+            adopted=done.adopted,
+            seconds=self.clock.monotonic() - started,
+            build_seconds=done.build_seconds,
+            builder=done.builder,
         )
 
     def _record(self, obs: Observation, plan: Plan, outcomes: tuple[HostOutcome, ...]) -> None:
@@ -558,6 +661,7 @@ class Reconciler:
             self.state.set_meta(COMMIT_KEY, obs.commit)
         for host in removed:
             log.event("host_removed", host=host)
+        self._emit(*history.host_events(obs.commit, obs.commit_time, plan, outcomes, states, backoff, now))
         for o in outcomes:
             if o.ok:
                 assert o.published_at is not None
@@ -658,13 +762,15 @@ class Reconciler:
             version += 1
         raise BuildError(host.name, f"versions up to {version - 1} are taken by other releases")
 
-    def _build_and_publish(self, host: Host, entry: HostPlan, commit: str) -> Release:
+    def _build_and_publish(self, host: Host, entry: HostPlan, commit: str) -> _Published:
         decision, drv = self._decide(host)
         version = decision.release.version if isinstance(decision, Adopt) else decision.version
         log.event("host_build", host=host.name, version=version, reasons="; ".join(entry.reasons))
         # An adopted release is built too: its artifacts are what publish() reads if a
         # blob is missing, and Nix finds the build it kept under the host's root.
+        build_started = self.clock.monotonic()
         out = self._realise(host, drv, host.name)
+        build_seconds = self.clock.monotonic() - build_started
         signing = self.metrics.stage_duration.labels("sign")
 
         def sign_file(path: Path) -> bytes:
@@ -709,7 +815,7 @@ class Reconciler:
             raise
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        return release
+        return _Published(release, isinstance(decision, Adopt), build_seconds, out.builder)
 
     def _seal(
         self, host: Host, built: Mapping[str, Path], work: Path, sign: Callable[[bytes], bytes]
@@ -798,12 +904,21 @@ class Reconciler:
 
 def status(state: Ledger) -> Mapping[str, object]:
     """What the daemon last recorded, as plain data for the CLI."""
+    suspended = state.suspensions()
     return {
         "commit": state.get_meta(COMMIT_KEY),
         "source_error": state.get_meta(SOURCE_ERROR_KEY) or None,
         "sandbox": state.get_meta(SANDBOX_KEY),
+        # Unix times each was suspended at (reconciler suspend).
+        "suspended": {"fleet": suspended.fleet, "hosts": dict(sorted(suspended.hosts.items()))},
         "hosts": {
-            name: {"version": hs.version, "status": hs.status, "error": hs.error, "commit": hs.commit}
+            name: {
+                "version": hs.version,
+                "status": hs.status,
+                "error": hs.error,
+                "commit": hs.commit,
+                "suspended_since": suspended.since(name),
+            }
             for name, hs in state.hosts().items()
         },
         "builders": {

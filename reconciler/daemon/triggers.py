@@ -15,12 +15,24 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from reconciler import log
+
+
+class Reason(StrEnum):
+    """Why the loop woke (Wakeup.notify), the label of reconciler_wakeups_total."""
+
+    POLL = "poll"  # the poll interval passed
+    WEBHOOK = "webhook"
+    FILESYSTEM = "filesystem"
+    MANUAL = "manual"  # POST /reconcile (`reconciler reconcile-now`): a pass at once, backoff ignored
+    RELOAD = "reload"  # SIGHUP: read the config again; no pass of its own
+    STOP = "stop"
 
 
 class Wakeup:
@@ -116,6 +128,20 @@ def authenticate(headers: Mapping[str, str], body: bytes, secret: bytes) -> Push
         return Push("github", _ref(body), h[GITHUB[0].lower()])
     events = ", ".join(event for event, _ in (GITHUB, GITEA, GITLAB))
     raise Unauthorized(f"not a GitHub, Gitea or GitLab webhook: no {events} header")
+
+
+def check_bearer(headers: Mapping[str, str], token: bytes) -> None:
+    """Whether the request carries ``Authorization: Bearer <token>`` (POST /reconcile);
+    compared in constant time, so the answer's timing tells nothing of the token."""
+    h = {k.lower(): v for k, v in headers.items()}
+    given = h.get("authorization")
+    if given is None:
+        raise Unauthorized("no Authorization header (send Authorization: Bearer TOKEN)")
+    scheme, _, credential = given.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        raise Unauthorized("the Authorization header is not a Bearer token")
+    if not hmac.compare_digest(_octets(credential.strip()), token):
+        raise Unauthorized("wrong token")
 
 
 def _octets(header: str) -> bytes:

@@ -68,7 +68,7 @@ def test_an_expired_key_is_named_as_expired(homes: Path) -> None:
     with pytest.raises(SigningError) as err:
         Signer(home, fpr)
     assert re.fullmatch(
-        f"signing key {fpr} expired at 2020-01-02 {AT} \\(now \\S+ {AT}\\): extend it "
+        f"signing key {fpr} expired on 2020-01-02 {AT} \\(now \\S+ {AT}\\): extend it "
         f"\\(gpg --quick-set-expire {fpr} 1y\\) and give agents the new public key",
         str(err.value),
     ), str(err.value)
@@ -84,7 +84,7 @@ def test_a_key_that_expires_while_the_daemon_runs(homes: Path) -> None:
     with pytest.raises(SigningError) as err:
         signer.sign(b"now what")
     assert re.match(
-        f"gpg could not sign 8 bytes: signing key {fpr} expired at 2020-01-03 {AT} ", str(err.value)
+        f"gpg could not sign 8 bytes: signing key {fpr} expired on 2020-01-03 {AT} ", str(err.value)
     ), str(err.value)
 
 
@@ -94,7 +94,7 @@ def test_a_key_from_the_future_blames_the_clock(homes: Path) -> None:
     with pytest.raises(SigningError) as err:
         Signer(home, fpr)
     assert re.match(
-        f"signing key {fpr} was created at 2040-01-01 {AT}, after this machine's clock \\(", str(err.value)
+        f"signing key {fpr} was created on 2040-01-01 {AT}, after this machine's clock \\(", str(err.value)
     )
     assert "the clock is behind" in str(err.value)
 

@@ -22,6 +22,7 @@ from reconciler.config import (
     SigningConfig,
     StoreConfig,
     load_config,
+    reload,
 )
 from reconciler.core.schema import parse_duration
 from reconciler.errors import ConfigError
@@ -198,10 +199,12 @@ TOP = (
     + ", ".join(
         [
             "builders",
+            "events",
             "images",
             "jobs",
             "listen",
             "nix",
+            "notifications",
             "poll_interval",
             "release_lifetime",
             "repo",
@@ -712,3 +715,29 @@ def test_builders_are_read_with_defaults(tmp_path: Path) -> None:
 def test_bad_builders_name_file_and_key(tmp_path: Path, data: dict[str, Any], key: str, reason: str) -> None:
     err = config_error(tmp_path, data)
     assert err.key == key and err.reason.startswith(reason), (err.key, err.reason)
+
+
+def test_a_reload_applies_what_can_change_live_and_names_what_needs_a_restart(tmp_path: Path) -> None:
+    old = load_config(write_config(tmp_path / "a", merged(triggers={"watch": True})))
+    new = load_config(
+        write_config(
+            tmp_path / "a",
+            merged(
+                poll_interval=5,
+                jobs=7,
+                retry={"initial": "1s", "max": "4s"},
+                listen="127.0.0.1:9999",
+                state_dir="elsewhere",
+                triggers={"watch": False, "debounce": 1, "reconcile_token_file": "token"},
+            ),
+        )
+    )
+    running, applied, restart = reload(old, new)
+    assert applied == ["poll_interval", "jobs", "retry", "triggers.reconcile_token_file", "triggers.debounce"]
+    assert restart == ["state_dir", "listen", "triggers.watch"]
+    assert (running.poll_interval, running.jobs, running.retry.max) == (5.0, 7, timedelta(seconds=4))
+    assert running.triggers.reconcile_token_file == tmp_path / "a" / "token"
+    assert running.triggers.debounce == 1.0
+    # What needs a restart keeps its old value until then.
+    assert (running.listen, running.state_dir, running.triggers.watch) == (old.listen, old.state_dir, True)
+    assert reload(old, old) == (old, [], [])

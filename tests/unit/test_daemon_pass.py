@@ -623,3 +623,78 @@ def test_builds_are_counted_per_builder_with_the_builders_that_could_not_take_th
     assert (b1.builds, b1.failures, b1.unreachable) == (1, 1, 1)
     assert b1.last_error is not None and b1.last_error.startswith("web-1: build of host 'web-1' failed")
     assert world.ledger.builder_states["local"].builds == 1
+
+
+def test_a_suspended_host_keeps_what_it_published_until_resumed(world: World) -> None:
+    world.source.push(FLEET)
+    rec = world.reconciler()
+    rec.reconcile()
+    published = world.store.get_bytes(latest_path("web-1"))
+    world.ledger.suspend("web-1", world.clock.t)
+    moved = {k: HOST.format(name=k[6:-5], address="10.0.0.9/24") for k in FLEET}
+    world.source.push(moved)
+    result = rec.reconcile()
+    assert {o.host: o.version for o in result.outcomes} == {"web-2": 2}
+    assert [e.action for e in result.plan.entries] == [Action.SUSPENDED, Action.REBUILD]
+    assert result.ok
+    assert world.store.get_bytes(latest_path("web-1")) == published
+    sample = rec.metrics.registry.get_sample_value
+    assert sample("reconciler_host_suspended", {"host": "web-1"}) == 1
+    assert sample("reconciler_host_suspended", {"host": "web-2"}) is None
+    assert sample("reconciler_fleet_suspended") == 0
+    # Its file removed, a suspended host is still served (not removed from the metadata).
+    world.source.push({"hosts/web-2.yaml": moved["hosts/web-2.yaml"]})
+    rec.reconcile()
+    assert world.ledger.states["web-1"].serving
+    assert sample("reconciler_host_published_version", {"host": "web-1"}) == 1
+    world.source.push(moved)
+    world.ledger.resume("web-1")
+    assert outcomes(rec) == {"web-1": (True, 2)}
+    assert sample("reconciler_host_suspended", {"host": "web-1"}) is None
+
+
+def test_a_suspended_fleet_fetches_and_builds_nothing_but_keeps_its_metadata_fresh(world: World) -> None:
+    world.source.push(FLEET)
+    rec = world.reconciler()
+    rec.reconcile()
+    world.ledger.suspend(None, world.clock.t)
+    world.source.push({k: HOST.format(name=k[6:-5], address="10.0.0.9/24") for k in FLEET})
+    # Unreachable: a suspended fleet's pass does not even fetch.
+    world.source.unreachable = "the remote is being migrated"
+    builds, timestamp = len(world.nix.builds), world.store.get_bytes("tuf/timestamp.json")
+    world.clock.advance(86400 * 0.6)  # past half the timestamp's lifetime (1 day)
+    result = rec.reconcile()
+    assert result.fleet_suspended and not result.ok and result.outcomes == ()
+    assert [(e.host, e.action) for e in result.plan.entries] == [
+        ("web-1", Action.SUSPENDED),
+        ("web-2", Action.SUSPENDED),
+    ]
+    assert len(world.nix.builds) == builds
+    assert world.store.get_bytes("tuf/timestamp.json") != timestamp
+    assert rec.metrics.registry.get_sample_value("reconciler_fleet_suspended") == 1
+    # Not a pass that failed (nor one that succeeded).
+    runs = rec.metrics.registry.get_sample_value
+    assert runs("reconciler_reconcile_runs_total", {"result": "failure"}) == 0
+    world.ledger.resume(None)
+    world.source.unreachable = None
+    assert outcomes(rec) == {"web-1": (True, 2), "web-2": (True, 2)}
+
+
+def test_a_host_suspended_while_its_build_waits_is_not_started(world: World) -> None:
+    world.source.push({**FLEET, "hosts/web-3.yaml": HOST.format(name="web-3", address="10.0.0.3/24")})
+    rec = world.reconciler()
+    rec.cfg = replace(rec.cfg, jobs=1)  # the hosts are built one after another
+
+    def suspend_web_2(host: str) -> None:
+        if host == "web-1":
+            world.ledger.suspend("web-2", world.clock.t)
+
+    world.nix.while_building = suspend_web_2
+    result = rec.reconcile()
+    assert [h for h, _ in world.nix.builds] == ["web-1", "web-3"]
+    assert {e.host: e.action for e in result.plan.entries}["web-2"] == Action.SUSPENDED
+    # Left, not failed: nothing recorded, no backoff.
+    assert "web-2" not in world.ledger.states and result.succeeded and result.ok
+    assert rec.metrics.registry.get_sample_value("reconciler_build_queue_depth") == 0
+    world.ledger.resume("web-2")
+    assert outcomes(rec) == {"web-2": (True, 1)}

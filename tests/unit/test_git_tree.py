@@ -83,3 +83,20 @@ def test_a_definition_folder_that_is_a_symlink_is_refused(tmp_path: Path) -> Non
         read_tree(source.checkout)
     with pytest.raises(ConfigError, match="symlink"):
         source.read_objects(commit)
+
+
+def test_a_repository_of_only_host_files_exports_as_an_empty_tree(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    (repo / "hosts").mkdir(parents=True)
+    git(repo, "init", "-q", "-b", "main")
+    (repo / "hosts/web-1.yaml").write_text("name: web-1\n")
+    commit = commit_all(repo)
+    source = GitSource(str(repo), "main", tmp_path / "clone")
+    source.fetch()
+    source.export(commit, tmp_path / "out", exclude=("hosts", "profiles"))
+    assert list((tmp_path / "out").iterdir()) == []
+    (repo / "README").write_text("fleet\n")
+    commit = commit_all(repo)
+    source.fetch()
+    source.export(commit, tmp_path / "out2", exclude=("hosts", "profiles"))
+    assert [p.name for p in (tmp_path / "out2").iterdir()] == ["README"]

@@ -119,3 +119,20 @@ def test_hosts_read_again_after_any_write_of_this_or_another_connection(tmp_path
     assert "web-1" in daemon.hosts()
     daemon.close()
     oneshot.close()
+
+
+def test_suspensions_persist_and_a_read_only_copy_sees_them(tmp_path: Path) -> None:
+    ledger = State(tmp_path)
+    assert ledger.suspend("web-1", 100.0) and ledger.suspend(None, 200.0)
+    # Suspended again: the first time stays.
+    assert not ledger.suspend("web-1", 300.0)
+    ledger.close()
+    again = State(tmp_path)
+    s = again.suspensions()
+    assert (s.fleet, dict(s.hosts)) == (200.0, {"web-1": 100.0})
+    assert s.since("web-1") == 100.0 and s.since("web-2") == 200.0
+    assert State(tmp_path, read_only=True).suspensions() == s
+    assert again.resume(None) and not again.resume(None)
+    assert again.suspensions().fleet is None and again.suspensions().covers("web-1")
+    assert not again.suspensions().covers("web-2")
+    again.close()

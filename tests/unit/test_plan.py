@@ -8,8 +8,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from reconciler.core.hosts import Fleet, Host, Network, Service, parse_fleet
-from reconciler.core.model import Action, HostState, Status
-from reconciler.core.plan import HostPlan, Plan, make_plan, retry_delay
+from reconciler.core.model import Action, HostState, Status, Suspensions
+from reconciler.core.plan import HostPlan, Plan, make_plan, retry_delay, suspended_fleet
 from reconciler.errors import ConfigError
 
 COMMIT = "c" * 40
@@ -219,7 +219,7 @@ def test_entries_are_sorted_by_host_and_serialise() -> None:
     assert [e.host for e in p.with_action(Action.REBUILD)] == ["a-1", "z-1"]
     assert p.to_json() == {
         "commit": COMMIT,
-        "summary": {"rebuild": 2, "unchanged": 1, "invalid": 1, "removed": 1, "backoff": 0},
+        "summary": {"rebuild": 2, "unchanged": 1, "invalid": 1, "removed": 1, "backoff": 0, "suspended": 0},
         "hosts": [
             {"host": "a-1", "action": "rebuild", "reasons": ["new host, never published"], "image": IMG_B},
             {
@@ -424,7 +424,10 @@ def test_summary_and_exit_codes_say_whether_a_pass_would_change_anything() -> No
 
     quiet = plan_of(Action.UNCHANGED, Action.BACKOFF)
     assert (quiet.exit_code(), quiet.exit_code(detailed=True)) == (0, 0)
-    assert quiet.summary() == "plan: 0 to rebuild, 0 to remove, 0 invalid, 1 in backoff, 1 unchanged"
+    assert (
+        quiet.summary()
+        == "plan: 0 to rebuild, 0 to remove, 0 invalid, 1 in backoff, 0 suspended, 1 unchanged"
+    )
     for changes in (Action.REBUILD, Action.REMOVED):
         busy = plan_of(Action.UNCHANGED, changes)
         assert (busy.exit_code(), busy.exit_code(detailed=True)) == (0, 2)
@@ -436,4 +439,63 @@ def test_summary_and_exit_codes_say_whether_a_pass_would_change_anything() -> No
         "invalid": 1,
         "removed": 0,
         "backoff": 0,
+        "suspended": 0,
     }
+
+
+def test_a_suspended_host_is_left_as_it_is_and_the_plan_says_what_it_would_do() -> None:
+    err = ConfigError("hosts/bad-1.yaml", "formats", "unknown format 'tarball'")
+    prev = states(
+        published("web-1"), published("web-2"), published("old-1"), published("bad-1"), published("db-1")
+    )
+    f = fleet(WEB, host("web-2"), host("db-1"), errors=(err,), invalid=frozenset({"bad-1"}))
+    images = {"web-1": IMG_B, "web-2": IMG_B, "db-1": IMG_B}
+    only = Suspensions(hosts={"web-1": 1.0, "old-1": 2.0, "bad-1": 3.0, "db-1": 4.0})
+    p = make_plan(COMMIT, f, images, {}, prev, frozenset({"hosts/web-1.yaml"}), suspended=only)
+    by_host = {e.host: e for e in p.entries}
+    assert by_host["web-1"] == HostPlan(
+        "web-1",
+        Action.SUSPENDED,
+        ("the host is suspended (reconciler resume web-1)", "otherwise rebuild: hosts/web-1.yaml changed"),
+        IMG_B,
+    )
+    # A suspended host whose file is gone keeps what it published (not removed).
+    assert by_host["old-1"].action == Action.SUSPENDED
+    assert by_host["old-1"].reasons[1] == "otherwise removed: hosts/old-1.yaml no longer exists"
+    # An invalid definition is reported whatever the suspension: a pull request check
+    # still fails on it, and the pass changes nothing in the store for it either way.
+    assert by_host["bad-1"].action == Action.INVALID
+    assert by_host["web-2"].action == Action.REBUILD
+    assert p.summary().endswith("1 invalid, 0 in backoff, 3 suspended, 0 unchanged")
+    assert (p.exit_code(), p.exit_code(detailed=True)) == (1, 1)
+
+    fleet_wide = make_plan(
+        COMMIT,
+        fleet(WEB),
+        {"web-1": IMG_A},
+        {},
+        states(published("web-1")),
+        None,
+        suspended=Suspensions(fleet=5.0),
+    )
+    (entry,) = fleet_wide.entries
+    assert entry.action == Action.SUSPENDED
+    assert entry.reasons == (
+        "the fleet is suspended (reconciler resume)",
+        "otherwise unchanged: inputs unchanged",
+    )
+    assert (fleet_wide.exit_code(), fleet_wide.exit_code(detailed=True)) == (0, 0)
+
+
+def test_a_plan_suspends_hosts_found_suspended_during_a_pass() -> None:
+    p = make_plan(COMMIT, fleet(WEB, host("web-2")), {"web-1": IMG_B, "web-2": IMG_B}, {}, {}, None)
+    later = p.suspend(["web-2"], Suspensions(hosts={"web-2": 9.0}))
+    assert [e.action for e in later.entries] == [Action.REBUILD, Action.SUSPENDED]
+    assert later.entries[1].reasons[1] == "otherwise rebuild: new host, never published"
+
+
+def test_a_suspended_fleet_s_plan_lists_the_hosts_recorded() -> None:
+    p = suspended_fleet(COMMIT, states(published("web-1"), published("gone-1", status=Status.REMOVED)))
+    assert p.entries == (
+        HostPlan("web-1", Action.SUSPENDED, ("the fleet is suspended (reconciler resume)",), IMG_A),
+    )

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from reconciler.daemon.triggers import Push, Unauthorized, Wakeup, authenticate, concerns
+from reconciler.daemon.triggers import Push, Unauthorized, Wakeup, authenticate, check_bearer, concerns
 
 SECRET = b"s3cret"
 BODY = json.dumps({"ref": "refs/heads/main", "after": "a" * 40}).encode()
@@ -231,3 +231,25 @@ def test_a_steady_stream_still_wakes_after_max_delay() -> None:
         sender.join()
     assert reasons and set(reasons) == {"filesystem"}
     assert len(reasons) < intervals
+
+
+def test_the_reconcile_token_is_a_bearer_token() -> None:
+    check_bearer({"Authorization": "Bearer s3cret"}, SECRET)
+    check_bearer({"authorization": "bearer  s3cret "}, SECRET)
+
+
+@pytest.mark.parametrize(
+    ("headers", "why"),
+    [
+        ({}, "no Authorization header"),
+        ({"Authorization": "Basic czNjcmV0"}, "not a Bearer token"),
+        ({"Authorization": "s3cret"}, "not a Bearer token"),
+        ({"Authorization": "Bearer s3cre"}, "wrong token"),
+        ({"Authorization": "Bearer s3cret2"}, "wrong token"),
+        ({"Authorization": "Bearer "}, "wrong token"),
+        ({"Authorization": "Bearer s3cr\udcff"}, "wrong token"),
+    ],
+)
+def test_a_missing_or_wrong_reconcile_token_is_unauthorized(headers: dict[str, str], why: str) -> None:
+    with pytest.raises(Unauthorized, match=why):
+        check_bearer(headers, SECRET)
