@@ -11,6 +11,7 @@ The same keys as signers of TUF metadata are reconciler.adapters.tufkeys'.
 from __future__ import annotations
 
 import contextlib
+import logging
 import subprocess
 import tempfile
 import threading
@@ -35,6 +36,18 @@ SIGN_TIMEOUT = 30.0
 # gpg hashes what it signs or verifies; each byte adds to the deadline at this rate
 # (bytes per second), slower than any disk an image is read from.
 HASH_RATE = 16 * 1024 * 1024
+
+
+class _ExitCodeFilter(logging.Filter):
+    """python-gnupg warns of every non-zero gpg exit, which a refused signature, a
+    missing key or an expired one each are: this module turns those results into one
+    error that says why, and the warning would only repeat "error code 2" beside it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("gpg returned a non-zero error code")
+
+
+logging.getLogger("gnupg").addFilter(_ExitCodeFilter())
 
 
 def read_keys(key_files: list[Path]) -> list[bytes]:
