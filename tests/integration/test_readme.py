@@ -95,6 +95,7 @@ def test_your_own_fleet_from_scratch_runs_as_written(workdir: Path) -> None:
     assert proc.returncode == 0, out[-6000:]
     assert "<h1>hello from web-1</h1>" in out and "<h1>hello again</h1>" in out, out[-6000:]
     assert re.search(r"^OK store/hosts/web-1/latest.json signed by [0-9A-F]{40}$", out, re.M), out[-6000:]
+    assert re.search(r"^signing: ok: key [0-9A-F]{40}, expires \d{4}-", out, re.M), out[-6000:]
     assert "web-1: published version 2" in out
     assert "event=agent_switched host=web-1 version=2 previous=1" in out
 
