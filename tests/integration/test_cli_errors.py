@@ -49,7 +49,7 @@ def test_a_damaged_ledger(tmp_path: Path, config_repo: ConfigRepo, signing: Sign
     cfg = write_config(tmp_path, config_repo, signing)
     (tmp_path / "state").mkdir()
     (tmp_path / "state" / "state.db").write_text("not a database, whatever it was\n")
-    for command in ("status", "reconcile", "plan"):
+    for command in ("status", "reconcile", "plan", "events", "suspend"):
         assert one_line_error(cli(command, "-c", str(cfg))) == (
             f"{tmp_path / 'state' / 'state.db'}: file is not a database "
             "(a damaged ledger: move it away to start afresh)"
