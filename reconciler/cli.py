@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import tempfile
@@ -320,6 +321,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    from reconciler.core.hostschema import Kind, schema
+
+    print(json.dumps(schema(Kind(args.kind)), indent=2))
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from reconciler.wiring import open_daemon
 
@@ -471,6 +479,9 @@ def parser() -> argparse.ArgumentParser:
     agent.add_argument("-c", "--config", required=True, help="path to the agent's config")
     agent.add_argument("--once", action="store_true", help="poll once and exit (for a timer)")
     add(
+        "schema", cmd_schema, "print the JSON Schema of host or profile files (for editors)", config=False
+    ).add_argument("kind", choices=["host", "profile"])
+    add(
         "init", cmd_init, "create a demo: config repo, signing key, reconciler.yaml", config=False
     ).add_argument("dir")
     return p
@@ -482,6 +493,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.fn(args))
     except ReconcilerError as exc:
+        print(f"reconciler: error: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # The reader went away (`reconciler status | head`): nothing more to say, and
+        # Python's flush at exit must not say it either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as exc:
+        # The machine refused something no check above foresaw (a full disk, a path
+        # under a file): still one line, naming the file.
         print(f"reconciler: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -103,6 +103,9 @@ class NixConfig:
     # Address space of each evaluation process: a host that allocates past it fails
     # alone, instead of the machine running out of memory.
     eval_memory: int = 4 << 30
+    # A running build logs how long it has run (event host_building) this often, in
+    # seconds: a long build is not silent.
+    heartbeat: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -246,6 +249,7 @@ SECTION_KEYS = {
             "local_builds",
             "eval_workers",
             "eval_memory",
+            "heartbeat",
         }
     ),
     "retry": frozenset({"initial", "max"}),
@@ -466,6 +470,7 @@ def load_config(path: Path) -> Config:
             local_builds=local_builds,
             eval_workers=eval_workers,
             eval_memory=eval_memory,
+            heartbeat=parse_seconds(p, "nix.heartbeat", nix.get("heartbeat", "30s")),
         ),
         builders=builders,
         listen=listen,

@@ -151,9 +151,12 @@ def write_repo(repo_dir: Path) -> str:
 
 def init(target: Path) -> Path:
     """Create the demo in ``target``; return the config file path."""
-    if target.exists() and any(target.iterdir()):
-        raise ReconcilerError(f"{target} is not empty; init only writes into a new directory")
-    target.mkdir(parents=True, exist_ok=True)
+    try:
+        if target.exists() and any(target.iterdir()):
+            raise ReconcilerError(f"{target} is not empty; init only writes into a new directory")
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ReconcilerError(f"cannot create {target}: {exc.strerror or exc}") from None
     write_repo(target / "repo")
     fingerprint = make_signing_key(target / "gnupg")
     cfg = target / "reconciler.yaml"

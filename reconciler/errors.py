@@ -65,6 +65,10 @@ class TufError(ReconcilerError):
     """The TUF metadata could not be loaded, verified or signed."""
 
 
+class StateError(ReconcilerError):
+    """The state directory, or the ledger in it, cannot be created or read."""
+
+
 class StoreError(ReconcilerError):
     """The artifact store refused or failed an operation."""
 

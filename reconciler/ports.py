@@ -18,7 +18,15 @@ from typing import TYPE_CHECKING, Protocol
 from reconciler.adapters import fetch
 from reconciler.core.events import Event, EventQuery
 from reconciler.core.hosts import Host, ParseKey
-from reconciler.core.model import BuilderState, BuildOutput, Evaluation, HostState, Status, Suspensions
+from reconciler.core.model import (
+    BuilderState,
+    BuildOutput,
+    BuildProgress,
+    Evaluation,
+    HostState,
+    Status,
+    Suspensions,
+)
 
 if TYPE_CHECKING:
     # python-tuf's signer type; importing securesystemslib costs a command that never
@@ -67,8 +75,11 @@ class Nix(Protocol):
         """The derivation of ``host``'s artifacts as ``version``; builds nothing."""
         ...
 
-    def realise(self, host: Host, drv: str, repo: Path, root: str) -> BuildOutput:
-        """Build ``drv``, kept from garbage collection under the GC root ``root``."""
+    def realise(
+        self, host: Host, drv: str, repo: Path, root: str, progress: BuildProgress | None = None
+    ) -> BuildOutput:
+        """Build ``drv``, kept from garbage collection under the GC root ``root``;
+        ``progress`` hears now and then how long it has run and its last line."""
         ...
 
     def probe_sandbox(self, key_dir: Path) -> bool: ...

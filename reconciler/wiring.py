@@ -29,7 +29,7 @@ from reconciler.config import Config, SigningConfig, StoreConfig
 from reconciler.daemon.gate import Gate
 from reconciler.daemon.metrics import Metrics
 from reconciler.daemon.reconciler import OpenTuf, Reconciler
-from reconciler.errors import ConfigError, ReconcilerError, SigningError, StoreError
+from reconciler.errors import ConfigError, ReconcilerError, SigningError, StoreError, VerificationError
 from reconciler.ports import EventLog as EventLogPort
 from reconciler.ports import Ledger, Ports, Signer, Source, Store
 
@@ -164,7 +164,10 @@ def read_metadata_key(spec: str, homes: list[Path]) -> Key:
 
     path = Path(spec)
     if path.is_file():
-        keys = metadata_keys(read_keys([path]))
+        try:
+            keys = metadata_keys(read_keys([path]))
+        except VerificationError as exc:
+            raise ConfigError(spec, "", str(exc)) from None
         if len(keys) != 1:
             raise ConfigError(spec, "", f"holds {len(keys)} keys; give a file with one")
         return keys[0]

@@ -19,7 +19,15 @@ from securesystemslib.signer import CryptoSigner
 
 from reconciler.core.events import Event, EventQuery, EventType
 from reconciler.core.hosts import Host, ParseKey
-from reconciler.core.model import BuilderState, BuildOutput, Evaluation, HostState, Status, Suspensions
+from reconciler.core.model import (
+    BuilderState,
+    BuildOutput,
+    BuildProgress,
+    Evaluation,
+    HostState,
+    Status,
+    Suspensions,
+)
 from reconciler.daemon.gate import CommitRefusedError, Refusal
 from reconciler.errors import BuildError, SigningError, SourceError, StoreError
 from reconciler.ports import Source
@@ -148,7 +156,9 @@ class FakeNix:
         self._drvs[drv] = (host, version)
         return drv
 
-    def realise(self, host: Host, drv: str, repo: Path, root: str) -> BuildOutput:
+    def realise(
+        self, host: Host, drv: str, repo: Path, root: str, progress: BuildProgress | None = None
+    ) -> BuildOutput:
         _, version = self._drvs[drv]
         self.builds.append((host.name, version))
         if self.while_building is not None:

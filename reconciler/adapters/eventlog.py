@@ -19,6 +19,7 @@ from typing import Any
 
 from reconciler import log
 from reconciler.core.events import Event, EventQuery, EventType, Retention
+from reconciler.errors import StateError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -48,7 +49,7 @@ class EventLog:
         self._lock = threading.Lock()
         self._retention = retention or Retention()
         self._read_only = read_only
-        path = state_dir / "state.db"
+        path = self._path = state_dir / "state.db"
         self._db: sqlite3.Connection | None
         if read_only:
             if not path.exists():
@@ -153,7 +154,12 @@ class EventLog:
             # A database no daemon of this version has written yet has no history.
             if "no such table" in str(exc):
                 return []
-            raise
+            raise StateError(f"{self._path}: {exc}") from None
+        except sqlite3.DatabaseError as exc:
+            # Read-only, the file is first read here: said as the ledger says it.
+            raise StateError(
+                f"{self._path}: {exc} (a damaged ledger: move it away to start afresh)"
+            ) from None
         return [e for e in map(_event, reversed(rows)) if e is not None]
 
 

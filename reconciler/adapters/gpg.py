@@ -11,12 +11,15 @@ The same keys as signers of TUF metadata are reconciler.adapters.tufkeys'.
 from __future__ import annotations
 
 import contextlib
+import logging
 import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import gnupg
 
@@ -33,6 +36,18 @@ SIGN_TIMEOUT = 30.0
 # gpg hashes what it signs or verifies; each byte adds to the deadline at this rate
 # (bytes per second), slower than any disk an image is read from.
 HASH_RATE = 16 * 1024 * 1024
+
+
+class _ExitCodeFilter(logging.Filter):
+    """python-gnupg warns of every non-zero gpg exit, which a refused signature, a
+    missing key or an expired one each are: this module turns those results into one
+    error that says why, and the warning would only repeat "error code 2" beside it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("gpg returned a non-zero error code")
+
+
+logging.getLogger("gnupg").addFilter(_ExitCodeFilter())
 
 
 def read_keys(key_files: list[Path]) -> list[bytes]:
@@ -122,12 +137,42 @@ def secret_fingerprints(gnupghome: Path) -> list[str]:
         return [str(k["fingerprint"]) for k in gpg.list_keys(secret=True)]
 
 
+def _when(unix: float) -> str:
+    return datetime.fromtimestamp(unix, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def unusable(key: Mapping[str, Any], now: float) -> str | None:
+    """Why gpg will not sign with ``key`` (a python-gnupg listing of a secret key) at
+    ``now``, or None. gpg itself says only "invalid signer" for each of these."""
+    if key.get("trust") == "r":
+        return "is revoked"
+    expires = str(key.get("expires") or "")
+    extend = (
+        f"extend it (gpg --quick-set-expire {key.get('fingerprint')} 1y) and give agents the new public key"
+    )
+    if expires.isdigit() and int(expires) <= now:
+        return f"expired on {_when(int(expires))} (now {_when(now)}): {extend}"
+    if key.get("trust") == "e":
+        return f"has expired: {extend}"
+    created = str(key.get("date") or "")
+    if created.isdigit() and int(created) > now:
+        return (
+            f"was created on {_when(int(created))}, after this machine's clock ({_when(now)}): "
+            "the clock is behind (check NTP), or it ran ahead where the key was made"
+        )
+    return None
+
+
 class Signer:
     """Signs bytes with one secret key from a GNUPGHOME."""
 
     def __init__(self, gnupghome: Path, key: str, passphrase_file: Path | None = None) -> None:
         self.key = key
         self.gnupghome = gnupghome
+        if not gnupghome.is_dir():
+            # python-gnupg's own word for it is a ValueError about "gnupghome".
+            what = "does not exist" if not gnupghome.exists() else "is not a directory"
+            raise SigningError(f"signing.gnupghome {gnupghome} {what}: it must hold the signing key")
         self._gpg = _GPG(str(gnupghome), SigningError)
         self._passphrase = None
         if passphrase_file is not None:
@@ -140,6 +185,19 @@ class Signer:
         if not secret:
             raise SigningError(f"no secret key {key!r} in {gnupghome}")
         self.fingerprint: str = secret[0]["fingerprint"]
+        problem = unusable(secret[0], time.time())
+        if problem is not None:
+            raise SigningError(f"signing key {self.fingerprint} {problem}")
+
+    def _failed(self, what: str, status: str | None) -> SigningError:
+        """Why gpg did not sign: the key's state when that explains it (it may have
+        expired since the start), else gpg's status."""
+        with self._gpg.deadline(f"listing secret key {self.fingerprint}", GPG_TIMEOUT):
+            secret = self._gpg.list_keys(secret=True, keys=[self.fingerprint])
+        problem = unusable(secret[0], time.time()) if secret else "is no longer in the keyring"
+        if problem is not None:
+            return SigningError(f"gpg could not sign {what}: signing key {self.fingerprint} {problem}")
+        return SigningError(f"gpg could not sign {what} with {self.fingerprint}: {status or 'no output'}")
 
     def sign(self, data: bytes) -> bytes:
         """A detached armored signature of ``data``."""
@@ -148,7 +206,7 @@ class Signer:
                 data, keyid=self.fingerprint, detach=True, clearsign=False, passphrase=self._passphrase
             )
         if not sig.data or not sig.fingerprint:
-            raise SigningError(f"gpg could not sign with {self.fingerprint}: {sig.status or 'no output'}")
+            raise self._failed(f"{len(data)} bytes", sig.status)
         return bytes(sig.data)
 
     def sign_file(self, path: Path) -> bytes:
@@ -160,7 +218,7 @@ class Signer:
                 f, keyid=self.fingerprint, detach=True, clearsign=False, passphrase=self._passphrase
             )
         if not sig.data or not sig.fingerprint:
-            raise SigningError(f"gpg could not sign {path.name}: {sig.status or 'no output'}")
+            raise self._failed(path.name, sig.status)
         return bytes(sig.data)
 
     def public_key(self) -> bytes:
@@ -171,6 +229,20 @@ class Signer:
         return str(armored).encode()
 
 
+def _import_problems(stderr: str) -> list[str]:
+    """What gpg said about a key it did not import, with a hint for a clock that is
+    behind (gpg will not take a key "created in the future")."""
+    out = []
+    for line in stderr.splitlines():
+        if not line.startswith("gpg: key "):
+            continue
+        said = line.removeprefix("gpg: ")
+        if "in the future" in said:
+            said += ": is this machine's clock behind?"
+        out.append(said)
+    return out
+
+
 class Verifier:
     """Checks detached signatures against a fixed set of armored public keys."""
 
@@ -179,16 +251,20 @@ class Verifier:
         try:
             self._gpg = _GPG(self._home.name, VerificationError)
             self.fingerprints: set[str] = set()
+            refused: list[str] = []
             for k in public_keys:
                 with self._gpg.deadline("importing a public key", GPG_TIMEOUT):
                     res = self._gpg.import_keys(k.decode(errors="replace"))
                 self.fingerprints.update(res.fingerprints)
+                if not res.fingerprints:
+                    refused += _import_problems(str(res.stderr or ""))
         except VerificationError:
             self._home.cleanup()
             raise
         if not self.fingerprints:
             self._home.cleanup()
-            raise VerificationError("no usable public key was given")
+            why = f": {'; '.join(dict.fromkeys(refused))}" if refused else ""
+            raise VerificationError(f"no usable public key was given{why}")
 
     @property
     def home(self) -> Path:
@@ -232,12 +308,24 @@ class Verifier:
     def _check(self, res: gnupg.Verify, what: str) -> str:
         # A good signature from a subkey reports the primary key's fingerprint too.
         fpr = res.pubkey_fingerprint or res.fingerprint
-        if not res.valid or fpr not in self.fingerprints:
-            reason = res.status or "no valid signature"
-            if res.status == "no public key":
-                reason = "signed by a key that is not trusted"
-            raise VerificationError(f"{what}: bad signature ({reason})")
-        return str(fpr)
+        if res.valid and fpr in self.fingerprints:
+            return str(fpr)
+        trusted = ", ".join(sorted(self.fingerprints))
+        if res.status == "no public key":
+            # gpg names the signer from the signature: its issuer fingerprint (ERRSIG,
+            # gpg 2.2.7 and later) or else the 16-digit key id (NO_PUBKEY).
+            signer = res.fingerprint or res.key_id or "unknown"
+            raise VerificationError(
+                f"{what}: bad signature: signed by key {signer}, which is not a trusted key "
+                f"(trusted: {trusted})"
+            )
+        if res.status == "signature bad":
+            raise VerificationError(
+                f"{what}: bad signature: the data does not match the signature by key {res.key_id} "
+                "(changed after signing)"
+            )
+        reason = res.status or "no valid signature"
+        raise VerificationError(f"{what}: bad signature ({reason}; trusted: {trusted})")
 
 
 def check_signing_key(gnupghome: Path, key: str, passphrase_file: Path | None, now: float) -> str:
@@ -245,25 +333,14 @@ def check_signing_key(gnupghome: Path, key: str, passphrase_file: Path | None, n
     saying which key it is and until when it is valid, once it has signed a probe with
     it (with the passphrase file, if one is given). A key that is missing, expired,
     revoked, created after ``now`` (a clock behind) or cannot sign is a SigningError
-    saying so, where gpg itself would only say "invalid signer"."""
+    saying so (:func:`unusable`), where gpg itself would only say "invalid signer"."""
     signer = Signer(gnupghome, key, passphrase_file)
     fpr = signer.fingerprint
     with signer._gpg.deadline(f"listing secret key {fpr}", GPG_TIMEOUT):
         (info,) = signer._gpg.list_keys(secret=True, keys=[fpr])
-    expires = int(info.get("expires") or 0)
-    created = int(info.get("date") or 0)
-    if info.get("trust") == "r":
-        raise SigningError(f"key {fpr} is revoked")
-    if info.get("trust") == "e" or 0 < expires <= now:
-        raise SigningError(f"key {fpr} expired on {_day(expires)}")
-    if created > now:
-        raise SigningError(
-            f"key {fpr} was created on {_day(created)}, after this machine's clock"
-            f" ({_day(now)}): is the clock behind?"
-        )
+    problem = unusable(info, now)
+    if problem is not None:
+        raise SigningError(f"key {fpr} {problem}")
     signer.sign(b"reconciler check\n")
-    return f"key {fpr}, expires {_day(expires) if expires else 'never'}, signs"
-
-
-def _day(unix: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(unix))
+    expires = int(info.get("expires") or 0)
+    return f"key {fpr}, expires {_when(expires) if expires else 'never'}, signs"

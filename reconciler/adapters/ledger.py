@@ -18,6 +18,7 @@ from pathlib import Path
 from reconciler.core import hosts, schema
 from reconciler.core.hosts import ParseKey
 from reconciler.core.model import BuilderState, HostState, Status, Suspensions
+from reconciler.errors import StateError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -81,6 +82,15 @@ class State:
         self._lock = threading.Lock()
         self._hosts: tuple[int, dict[str, HostState]] | None = None
         path = state_dir / "state.db"
+        try:
+            self._open(state_dir, path, read_only)
+        except OSError as exc:
+            raise StateError(f"state_dir {state_dir}: cannot create it: {exc.strerror or exc}") from None
+        except sqlite3.Error as exc:
+            # A file that is not a database, or one damaged: said, not a traceback.
+            raise StateError(f"{path}: {exc} (a damaged ledger: move it away to start afresh)") from None
+
+    def _open(self, state_dir: Path, path: Path, read_only: bool) -> None:
         if read_only:
             self._db = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
             self._db.executescript(SCHEMA)

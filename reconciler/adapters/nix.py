@@ -24,7 +24,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +36,8 @@ from reconciler.core.builders import Builder
 from reconciler.core.evalwork import Batch, EvalWork, Failure
 from reconciler.core.formats import Kind, kind_of, kinds
 from reconciler.core.hosts import Host
-from reconciler.core.model import BuildOutput, Evaluation
-from reconciler.core.nixlog import Redaction, redact, tail
+from reconciler.core.model import BuildOutput, BuildProgress, Evaluation
+from reconciler.core.nixlog import Redaction, build_failure, last_line, redact, tail
 from reconciler.errors import BuildError
 
 _PACKAGE = Path(__file__).resolve().parent.parent
@@ -487,13 +487,22 @@ class Nix:
             args += ["--max-jobs", "0"]
         return args, {**self.env, "NIX_SSHOPTS": f"-F {ssh_config.resolve()}"}
 
-    def realise(self, host: Host, drv: str, repo: Path, root: str) -> BuildOutput:
+    def realise(
+        self, host: Host, drv: str, repo: Path, root: str, progress: BuildProgress | None = None
+    ) -> BuildOutput:
         """Build ``drv`` (from :meth:`instantiate`), on a remote builder when Nix picks
         one; the output is kept as the GC root ``root`` (the pass's per host, another
-        for ``reconciler build``)."""
+        for ``reconciler build``). While it runs, ``progress`` is told every
+        ``nix.heartbeat`` seconds how long it has run and its output's last line."""
         self.gcroots.mkdir(parents=True, exist_ok=True)
         extra, env = self._builder_args()
-        real = self._run(
+        how = self.redaction(repo)
+
+        def beat(seconds: float, output: str) -> None:
+            if progress is not None:
+                progress(seconds, last_line(output, how, unsandboxed_build=not self.sandboxed))
+
+        real = self._build(
             [
                 "nix-store",
                 "--realise",
@@ -504,17 +513,15 @@ class Nix:
                 *self._build_options(),
                 *extra,
             ],
-            self.settings.build_timeout.total_seconds() + EXIT_GRACE,
-            "the build",
             host.name,
             env,
+            beat,
         )
-        how = self.redaction(repo)
         where = remote.placement(real.stderr, self.builders)
         builder = next((name for name, drvs in where.built.items() if drv in drvs), None)
         refused = {name: redact(why, how) for name, why in where.refused.items()}
         if real.returncode != 0:
-            reason = redact(real.stderr, how, unsandboxed_build=not self.sandboxed)
+            reason = build_failure(real.stderr, how, unsandboxed_build=not self.sandboxed)
             if refused and builder is None:
                 # Say first which builders could not take it: that is what to fix.
                 down = "; ".join(f"builder {name} refused: {why}" for name, why in sorted(refused.items()))
@@ -536,6 +543,40 @@ class Nix:
             raise BuildError(host.name, f"build produced more than one {', '.join(several)} artifact")
         files = {k.value: built[k][0] for k in wanted}
         return BuildOutput(derivation=drv, out=out, files=files, builder=builder, refused=refused)
+
+    def _build(
+        self, args: list[str], host: str, env: dict[str, str] | None, beat: Callable[[float, str], None]
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a realisation to its end or its deadline, calling ``beat`` with the
+        seconds so far and the output so far every ``nix.heartbeat`` seconds: a long
+        build is not silent."""
+        timeout = self.settings.build_timeout.total_seconds() + EXIT_GRACE
+        started = time.monotonic()
+        proc = subprocess.Popen(
+            args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            env=env or self.env,
+            text=True,
+        )
+        with proc:
+            while True:
+                left = started + timeout - time.monotonic()
+                try:
+                    out, err = proc.communicate(timeout=max(0.0, min(self.settings.heartbeat, left)))
+                    break
+                except subprocess.TimeoutExpired as exc:
+                    if time.monotonic() - started >= timeout:
+                        proc.kill()
+                        proc.communicate()
+                        raise BuildError(
+                            host, f"the build took longer than {round(timeout)}s and was stopped"
+                        ) from None
+                    # What communicate() read so far (it keeps it for the next call).
+                    so_far = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else ""
+                    beat(time.monotonic() - started, so_far)
+        return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
     def _check_size(self, host: str, drv: str) -> None:
         """Fail ``host`` when its build closure (every output it built or used, and

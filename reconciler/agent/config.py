@@ -135,6 +135,14 @@ def load_agent_config(path: Path) -> AgentConfig:
         raise ConfigError(p, "supervise", "must be true or false")
     if supervise and fmt != "appimage":
         raise ConfigError(p, "supervise", "runs an AppImage; set format: appimage")
+    if supervise and data.get("activate") is not None:
+        # Two ways to run the release would both start it: say which one runs it.
+        raise ConfigError(
+            p,
+            "activate",
+            "cannot be used with supervise: true; the agent runs the AppImage itself with "
+            "supervise, and activate is for a release something else runs (a service manager)",
+        )
     zsync = data.get("zsync", True)
     if not isinstance(zsync, bool):
         raise ConfigError(p, "zsync", "must be true or false")

@@ -42,15 +42,18 @@ def probe(h: HealthConfig) -> str:
 def wait_healthy(
     h: HealthConfig,
     clock: Ticks,
-    alive: Callable[[], bool] = lambda: True,
+    down: Callable[[], str | None] = lambda: None,
     check: Callable[[HealthConfig], str] = probe,
 ) -> str | None:
     """Probe every ``h.interval`` until healthy or ``h.timeout`` passed; None when
-    healthy, else why not. ``alive`` says whether the supervised app still runs."""
+    healthy, else why not. ``down`` says why the supervised app is not running as it
+    should (it exited, or a service of it did), None while it is: that ends the wait
+    at once, as no later probe can pass."""
     deadline = clock.monotonic() + h.timeout
     while True:
-        if not alive():
-            return "the app exited"
+        gone = down()
+        if gone is not None:
+            return gone
         last = check(h)
         if not last:
             return None

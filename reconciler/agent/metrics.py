@@ -14,7 +14,8 @@ class PollResult(StrEnum):
     """What one poll did; the value is the metric label."""
 
     IDLE = "idle"  # tuf/timestamp.json unchanged since the last poll: nothing downloaded
-    CURRENT = "current"  # it names what runs, or nothing for this host
+    CURRENT = "current"  # it names what runs (or nothing, for a host that runs a release)
+    UNPUBLISHED = "unpublished"  # it names nothing for this host, and nothing is installed
     DEFERRED = "deferred"  # its download failed before; this poll is part of the backoff
     UPDATED = "updated"  # switched to a new release, and it is healthy
     REFUSED = "refused"  # a trust rule refused it

@@ -1,17 +1,36 @@
 """The host's AppImage, run by the agent itself (``supervise: true``): started, stopped
-by TERM to its process group, restarted with backoff while it keeps crashing."""
+by TERM to its process group, restarted with backoff while it keeps crashing.
+
+The image's own supervisor (nix/runtime/supervise.c) restarts a service that dies
+inside a running AppImage, so the AppImage itself lives on; what the agent learns of
+such a death is the supervisor's line on the AppImage's stderr ("reconciler-supervise:
+web exited with status 1; restarting in 1000 ms"). The agent reads that stream (and
+passes every line on to its own stderr), so that the health check after a switch can
+roll back at once instead of waiting out its timeout.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 from reconciler import log
+
+# What the image's supervisor says on stderr when a service ended (supervise.c, exited()).
+# A service's own output goes to stdout, prefixed with its name, so it cannot say this.
+SERVICE_ENDED = re.compile(
+    r"^reconciler-supervise: (?P<service>\S+) "
+    r"(?P<how>exited with status (?P<status>\d+)|killed by signal \d+)"
+)
 
 # The app gets this long to stop on TERM before its process group is killed.
 STOP_TIMEOUT = 30.0
@@ -33,11 +52,39 @@ class App:
         self.started = 0.0
         self.crashes = 0  # exits in a row, each soon after its start
         self.restart_at = 0.0
+        # Services the image's supervisor saw fail since the last start (read from its stderr).
+        self._failures: list[str] = []
 
     def start(self, artifact: Path) -> None:
-        self.proc = subprocess.Popen([str(artifact)], cwd=artifact.parent, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [str(artifact)], cwd=artifact.parent, start_new_session=True, stderr=subprocess.PIPE
+        )
         self.started = self._monotonic()
+        self._failures = []
+        assert self.proc.stderr is not None
+        threading.Thread(
+            target=self._read_stderr, args=(self.proc.stderr, self._failures), name="app-stderr", daemon=True
+        ).start()
         log.event("app_started", host=self.host, artifact=str(artifact), pid=self.proc.pid)
+
+    @staticmethod
+    def _read_stderr(stream: IO[bytes], failures: list[str]) -> None:
+        """Pass the app's stderr on, line by line, and note each service that failed
+        (a one-shot service that exited 0 did not)."""
+        with stream:
+            for raw in stream:
+                sys.stderr.buffer.write(raw)
+                sys.stderr.buffer.flush()
+                m = SERVICE_ENDED.match(raw.decode(errors="replace"))
+                if m and m.group("status") != "0":
+                    failures.append(f"service {m.group('service')} {m.group('how')}")
+
+    def failure(self) -> str | None:
+        """Why the app since its last start is not well: it exited, or one of its
+        services did (the first such); None while both run."""
+        if self.proc is None or self.proc.poll() is not None:
+            return "the app exited"
+        return self._failures[0] if self._failures else None
 
     def exited(self) -> None:
         """Note that the app exited on its own; restarts back off while it keeps crashing."""

@@ -61,7 +61,7 @@ from reconciler.core.layout import release_path, zsync_path
 from reconciler.core.release import Artifact, Release, parse_release
 from reconciler.core.trust import Downloaded, Expected, Pinned, Reason, RefusalError, TrustedState
 from reconciler.core.tufrepo import entry_version, target_path
-from reconciler.errors import FetchError, VerificationError
+from reconciler.errors import ConfigError, FetchError, VerificationError
 from reconciler.ports import Clock, Fetcher
 
 # A timestamp is a few hundred bytes; python-tuf allows 16 KiB.
@@ -90,7 +90,12 @@ class Agent:
         self._probe = probe
         self.releases = cfg.state_dir / "releases"
         self.current = cfg.state_dir / "current"
-        self.releases.mkdir(parents=True, exist_ok=True)
+        try:
+            self.releases.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                str(cfg.path), "state_dir", f"cannot create {self.releases}: {exc.strerror or exc}"
+            ) from None
         self.state_file = cfg.state_dir / "state.json"
         self.state = AgentState.load(self.state_file)
         # The textfile's counters go on from where the last run left them.
@@ -114,6 +119,7 @@ class Agent:
         )
         if self.state.version:
             self.metrics.running_version.labels(cfg.host).set(self.state.version)
+        self._told_unpublished = False
 
     def _url(self, key: str) -> str:
         return fetch.join(self.cfg.store, key)
@@ -173,9 +179,20 @@ class Agent:
         return result
 
     def _poll(self) -> PollResult:
-        got = self.fetcher.get(
-            self.tuf.timestamp_url, TIMESTAMP_LIMIT, self.state.validators, self.cfg.timeout, self._count
-        )
+        try:
+            got = self.fetcher.get(
+                self.tuf.timestamp_url, TIMESTAMP_LIMIT, self.state.validators, self.cfg.timeout, self._count
+            )
+        except FetchError as exc:
+            if exc.status != 404:
+                raise
+            # A bare 404 says nothing to someone setting up their first host.
+            raise FetchError(
+                f"the store {self.cfg.store} has no TUF metadata ({exc}): is `store` the root the "
+                "daemon publishes to, and has it published anything yet?",
+                kind=exc.kind,
+                status=exc.status,
+            ) from None
         if got is None:
             # Nothing changed in the store; what was trusted must still be in date.
             expires = self._trusted_expiry()
@@ -193,7 +210,11 @@ class Agent:
         self._stale(None)
         if info is None:
             self._remember(got.validators)
-            return PollResult.CURRENT
+            if self.state.version:
+                return PollResult.CURRENT
+            self._unpublished()
+            return PollResult.UNPUBLISHED
+        self._told_unpublished = False
         entry = info.hashes.get("sha256", "")
         if entry and entry == self.state.settled:
             # Refused or rolled back before: final for this entry; a new one gets a look.
@@ -231,6 +252,20 @@ class Agent:
             self.state.settled = entry
         self._remember(got.validators)
         return result
+
+    def _unpublished(self) -> None:
+        """Say once (per process, and again after a release came) that this host has no
+        release: the usual cause is a typo in ``host`` or a host the daemon has not built."""
+        if self._told_unpublished:
+            return
+        self._told_unpublished = True
+        log.event(
+            "agent_unpublished",
+            logging.WARNING,
+            host=self.cfg.host,
+            error=f"host {self.cfg.host} has no release in the store's TUF metadata (is the host name "
+            "right? has the daemon published it?); nothing is installed",
+        )
 
     def _trusted_expiry(self) -> datetime | None:
         """When the trusted timestamp expires (also the metric), None before the first."""
@@ -418,8 +453,8 @@ class Agent:
         if self.cfg.health is None:
             return None
         app = self.app
-        alive = app.running if app is not None else lambda: True
-        return health.wait_healthy(self.cfg.health, self.clock, alive, self._probe)
+        down = app.failure if app is not None else lambda: None
+        return health.wait_healthy(self.cfg.health, self.clock, down, self._probe)
 
     def _prune(self) -> None:
         """Keep the newest ``keep`` releases, and always the current and previous ones."""
@@ -439,7 +474,32 @@ class Agent:
         if self.cfg.listen is not None:
             server = Server(self.cfg.listen, self.metrics.registry, lambda: (True, "ok"), self._ready)
             server.start()
-        log.event("agent_start", host=self.cfg.host, store=self.cfg.store, version=self.state.version)
+        if self.cfg.supervise:
+            log.event(
+                "agent_start",
+                host=self.cfg.host,
+                store=self.cfg.store,
+                version=self.state.version,
+                runs="supervise",
+            )
+        elif self.cfg.activate is not None:
+            log.event(
+                "agent_start",
+                host=self.cfg.host,
+                store=self.cfg.store,
+                version=self.state.version,
+                runs="activate",
+            )
+        else:
+            log.event(
+                "agent_start",
+                logging.WARNING,
+                host=self.cfg.host,
+                store=self.cfg.store,
+                version=self.state.version,
+                runs="nothing",
+                note="neither supervise nor activate is set: releases are installed, nothing runs them",
+            )
         done = threading.Event()
         poller = threading.Thread(target=self._poll_loop, args=(stopping, done), name="poll", daemon=True)
         poller.start()

@@ -3,7 +3,7 @@ and the kinds of plan action and host status. Pure data."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -86,6 +86,11 @@ class Suspensions:
 class Evaluation:
     images: Mapping[str, str]  # host -> image derivation path
     errors: Mapping[str, str]  # host -> why it could not be evaluated
+
+
+# What a running build reports now and then (Nix.realise): the seconds it has run, and
+# the last line of its output that may be shown (None before the first).
+BuildProgress = Callable[[float, str | None], None]
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,23 @@ _NIX_VERDICT = re.compile(
 )
 
 
+# How many lines of a failed builder's output its error keeps (build_failure).
+BUILD_TAIL_LINES = 10
+# Nix's verdict on the derivation whose build failed (the first: the one to look at).
+_FAILED = re.compile(
+    r"^error: (?:builder for|building of|build of) '(?P<drv>/nix/store/[0-9a-z]{32}-[\w+.?=-]+\.drv)'"
+    r"(?: failed with exit code \d+;?| timed out after \d+ seconds;?| failed)$"
+)
+# Progress Nix prints while building, and the failures that only follow from another.
+_PROGRESS = re.compile(
+    r"^(?:(?:building|copying|querying info about) '/nix/store/[^']*'"
+    r"|these \d+ (?:derivations|paths) will be (?:built|fetched)"
+    r"|this (?:derivation|path) will be (?:built|fetched)"
+    r"|/nix/store/\S+$)"
+)
+_CASCADE = re.compile(r"^error: \d+ dependencies of derivation '[^']*' failed to build$")
+
+
 @dataclass(frozen=True)
 class Redaction:
     """How to rewrite paths: the repository checkout becomes repo-relative, each of
@@ -62,6 +79,11 @@ def redact(text: str, how: Redaction, unsandboxed_build: bool = False) -> str:
     builder sees nothing but the repository and the store, an unsandboxed one the
     whole machine. (Evaluation runs no builder: import-from-derivation is off.)
     """
+    return tail(_shown(text, how, unsandboxed_build))
+
+
+def _shown(text: str, how: Redaction, unsandboxed_build: bool) -> list[str]:
+    """The lines of ``text`` that may be shown, redacted (see :func:`redact`)."""
     kept: list[str] = []
     for raw in text.splitlines():
         line = raw.strip()
@@ -70,7 +92,36 @@ def redact(text: str, how: Redaction, unsandboxed_build: bool = False) -> str:
         if unsandboxed_build and not _NIX_VERDICT.match(line):
             continue
         kept.append(_PATH.sub(lambda m: how.path(m.group(0)), line))
-    return tail(kept)
+    return kept
+
+
+def build_failure(text: str, how: Redaction, unsandboxed_build: bool = False) -> str:
+    """Why a build failed, from Nix's ``text``, redacted as :func:`redact` does.
+
+    The derivation that failed and how, then the last BUILD_TAIL_LINES lines of its
+    builder's output (Nix's progress lines and the cascade of dependents that could
+    not be built left out), then where the whole log is. Several lines: a log event
+    quotes them as one. Without such a verdict (Nix failed before building), the
+    redacted tail as :func:`redact` gives it.
+    """
+    lines = _shown(text, how, unsandboxed_build)
+    failed = next((m for m in map(_FAILED.match, lines) if m), None)
+    if failed is None:
+        return tail(lines)
+    output = [ln for ln in lines if not (_FAILED.match(ln) or _PROGRESS.match(ln) or _CASCADE.match(ln))]
+    out = [failed.group(0).removeprefix("error: ").rstrip(";")]
+    if output:
+        out[0] += "; its last lines:"
+        out += ["  " + ln for ln in output[-BUILD_TAIL_LINES:]]
+    out.append(f"whole log: nix-store --read-log {failed.group('drv')}")
+    return "\n".join(out)
+
+
+def last_line(text: str, how: Redaction, unsandboxed_build: bool = False) -> str | None:
+    """The last line of a running build's output ``text`` that may be shown, not
+    counting Nix's progress lines; None if there is none yet."""
+    lines = [ln for ln in _shown(text, how, unsandboxed_build) if not _PROGRESS.match(ln)]
+    return lines[-1] if lines else None
 
 
 def tail(lines: Sequence[str]) -> str:

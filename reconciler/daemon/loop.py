@@ -92,7 +92,8 @@ class Daemon:
             self.metrics.webhook_requests.labels("unauthorized").inc()
             log.event("webhook_refused", logging.WARNING, reason=str(exc))
             self._record_refusal(str(exc))
-            return 401, "text/plain", b"unauthorized\n"
+            # Why, so that whoever sets the hook up sees what to fix (no secret in it).
+            return 401, "text/plain", f"unauthorized: {exc}\n".encode()
         if not concerns(push, self.cfg.repo.branch):
             self.metrics.webhook_requests.labels("ignored").inc()
             return 200, "text/plain", b"ignored: not a push to the tracked branch\n"

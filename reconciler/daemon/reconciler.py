@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -713,7 +714,7 @@ class Reconciler:
         started = self.clock.monotonic()
         try:
             with self.metrics.stage_duration.labels("build").time():
-                out = self.nix.realise(host, drv, self.source.checkout, gcroot)
+                out = self.nix.realise(host, drv, self.source.checkout, gcroot, partial(_building, host.name))
         except BuildError as exc:
             self.metrics.host_builds.labels("failure").inc()
             self._record_builders(host, exc.builder, exc.refused, None, str(exc))
@@ -933,3 +934,11 @@ def status(state: Ledger) -> Mapping[str, object]:
             for name, b in state.builders().items()
         },
     }
+
+
+def _building(host: str, seconds: float, last: str | None) -> None:
+    """A build still running: how long so far, and its last line (redacted by Nix's adapter)."""
+    if last is None:
+        log.event("host_building", host=host, seconds=round(seconds))
+    else:
+        log.event("host_building", host=host, seconds=round(seconds), last=last)

@@ -86,31 +86,48 @@ class Push:
 
 
 class Unauthorized(Exception):  # noqa: N818 -- a verdict, not a failure of ours
-    """The request's signature or token is missing or wrong."""
+    """The request's signature or token is missing or wrong. The message is one line
+    for the sender (the 401's body) naming the header; it never holds a header's value,
+    the secret or a digest made with it."""
+
+
+# Per forge: its event header, and the header carrying its credential.
+GITLAB = ("X-Gitlab-Event", "X-Gitlab-Token")
+GITEA = ("X-Gitea-Event", "X-Gitea-Signature")
+GITHUB = ("X-GitHub-Event", "X-Hub-Signature-256")
 
 
 def authenticate(headers: Mapping[str, str], body: bytes, secret: bytes) -> Push:
     """Identify the forge from its headers and check the request against ``secret``
     (HMAC-SHA256 of the body for GitHub and Gitea, a shared token for GitLab)."""
     h = {k.lower(): v for k, v in headers.items()}
-    if "x-gitlab-event" in h:
-        token = h.get("x-gitlab-token", "")
-        if not hmac.compare_digest(_octets(token), secret):
-            raise Unauthorized("gitlab: wrong or missing X-Gitlab-Token")
-        return Push("gitlab", _ref(body), h["x-gitlab-event"])
+
+    def credential(forge: str, header: str, what: str) -> bytes:
+        given = h.get(header.lower())
+        if given is None:
+            raise Unauthorized(f"{forge}: missing {header} header ({what})")
+        return _octets(given)
+
+    if GITLAB[0].lower() in h:
+        token = credential("gitlab", GITLAB[1], "the secret token set on the webhook")
+        if not hmac.compare_digest(token, secret):
+            raise Unauthorized(f"gitlab: {GITLAB[1]} is not the webhook secret")
+        return Push("gitlab", _ref(body), h[GITLAB[0].lower()])
     expected = hmac.new(secret, body, hashlib.sha256).hexdigest()
-    if "x-gitea-event" in h:
+    mismatch = "does not match the body: signed with another secret, or the body changed"
+    if GITEA[0].lower() in h:
         # Gitea also sends X-Hub-Signature-256; its own header is the hex digest.
-        given = h.get("x-gitea-signature", "")
-        if not hmac.compare_digest(_octets(given), expected.encode()):
-            raise Unauthorized("gitea: wrong or missing X-Gitea-Signature")
-        return Push("gitea", _ref(body), h["x-gitea-event"])
-    if "x-github-event" in h:
-        given = h.get("x-hub-signature-256", "")
-        if not hmac.compare_digest(_octets(given), b"sha256=" + expected.encode()):
-            raise Unauthorized("github: wrong or missing X-Hub-Signature-256")
-        return Push("github", _ref(body), h["x-github-event"])
-    raise Unauthorized("not a GitHub, Gitea or GitLab webhook (no event header)")
+        given = credential("gitea", GITEA[1], "HMAC-SHA256 of the body with the webhook secret")
+        if not hmac.compare_digest(given, expected.encode()):
+            raise Unauthorized(f"gitea: {GITEA[1]} {mismatch}")
+        return Push("gitea", _ref(body), h[GITEA[0].lower()])
+    if GITHUB[0].lower() in h:
+        given = credential("github", GITHUB[1], "sha256=HMAC of the body with the webhook secret")
+        if not hmac.compare_digest(given, b"sha256=" + expected.encode()):
+            raise Unauthorized(f"github: {GITHUB[1]} {mismatch}")
+        return Push("github", _ref(body), h[GITHUB[0].lower()])
+    events = ", ".join(event for event, _ in (GITHUB, GITEA, GITLAB))
+    raise Unauthorized(f"not a GitHub, Gitea or GitLab webhook: no {events} header")
 
 
 def check_bearer(headers: Mapping[str, str], token: bytes) -> None:

@@ -319,7 +319,7 @@ def test_check_says_each_thing_that_would_fail_in_one_line(
         ),
         (
             {"signing": {"gnupghome": str(faults_home), "key": expired}},
-            f"signing: FAILED: {cfg}: signing.key: key {expired} expired on ",
+            f"signing: FAILED: {cfg}: signing.key: signing key {expired} expired on ",
         ),
         (
             {"store": {"type": "filesystem", "path": str(tmp_path / "a-file" / "store")}},

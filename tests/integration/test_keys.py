@@ -204,7 +204,7 @@ def test_keys_refuses_bad_roles_keys_and_thresholds_in_one_line(setup: Setup, of
         ("add", "root", fpr): "already a root key",
         ("add", "root", offline.fingerprint): "is neither a public key file nor a key in",
         ("add", "root", "0000"): "is neither a public key file nor a key in",
-        ("add", "root", str(setup.config)): "no usable public key",
+        ("add", "root", str(setup.config)): f"{setup.config}: no usable public key",
         ("revoke", "root", "deadbeef"): "deadbeef is not a root key",
         ("revoke", "timestamp", fpr): "add a key first",
         ("add", "root", offline.fingerprint, "--gnupghome", str(setup.store / "nowhere")): "nowhere",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from reconciler.adapters.gpg import Signer
 from reconciler.agent.verify import verify
 from reconciler.core.layout import release_path
 from reconciler.core.release import Artifact, Release, new_release
+from reconciler.demo import make_signing_key
 from reconciler.errors import VerificationError
 from tests.conftest import Signing, cli
 
@@ -60,3 +63,40 @@ def test_the_cli_refuses_an_expired_release(tmp_path: Path, signing: Signing) ->
     assert res.returncode == 1
     assert res.stderr.strip() == f"reconciler: error: {old}: expired at {release.expires.isoformat()}"
     assert res.stdout == ""
+
+
+@pytest.fixture
+def other_key(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """Another publisher's fingerprint and exported public key."""
+    home = tmp_path / "other-gnupg"
+    fpr = make_signing_key(home, name="Someone Else")
+    pub = tmp_path / "other.asc"
+    pub.write_bytes(
+        subprocess.run(
+            ["gpg", "--homedir", str(home), "--armor", "--export", fpr], check=True, capture_output=True
+        ).stdout
+    )
+    yield fpr, pub
+    subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], capture_output=True)
+
+
+def test_the_wrong_key_names_the_signer_and_the_trusted_keys(
+    tmp_path: Path, signing: Signing, other_key: tuple[str, Path]
+) -> None:
+    meta, _ = store_with(tmp_path, signing, datetime.now(UTC), timedelta(days=1))
+    other, other_pub = other_key
+    res = cli("verify", "--key", str(other_pub), str(meta), timeout=60)
+    assert res.returncode == 1
+    assert res.stderr == (
+        f"reconciler: error: {meta}: bad signature: signed by key {signing.fingerprint}, "
+        f"which is not a trusted key (trusted: {other})\n"
+    )
+    # Changed after signing by a trusted key: that, not an unknown signer.
+    meta.write_bytes(meta.read_bytes().replace(b"web-1", b"web-2"))
+    with pytest.raises(VerificationError) as err:
+        verify([signing.public_key], str(meta))
+    key_id = signing.fingerprint[-16:]
+    assert str(err.value) == (
+        f"{meta}: bad signature: the data does not match the signature by key {key_id} "
+        "(changed after signing)"
+    )

@@ -145,6 +145,7 @@ def test_every_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
                 "max_output_size": "512MiB",
                 "eval_workers": 3,
                 "eval_memory": "1536M",
+                "heartbeat": "5s",
             },
             "listen": "[::1]:9100",
             "poll_interval": 2.5,
@@ -168,6 +169,7 @@ def test_every_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         max_output_size=512 << 20,
         eval_workers=3,
         eval_memory=1536 << 20,
+        heartbeat=5.0,
     )
     assert (cfg.listen, cfg.poll_interval, cfg.jobs) == ("[::1]:9100", 2.5, 64)
     assert cfg.release_lifetime == timedelta(hours=12)
@@ -258,8 +260,8 @@ def duration(value: Any) -> str:
         (
             merged(nix__sandboxed=True),
             "nix.sandboxed",
-            "unknown key (allowed: build_timeout, eval_memory, eval_timeout, eval_workers, local_builds, "
-            "max_output_size, sandbox, toolchain, toolchain_dir)",
+            "unknown key (allowed: build_timeout, eval_memory, eval_timeout, eval_workers, heartbeat, "
+            "local_builds, max_output_size, sandbox, toolchain, toolchain_dir)",
         ),
         (merged(nix__sandbox="no"), "nix.sandbox", "must be true or false"),
         (merged(nix__build_timeout="soon"), "nix.build_timeout", duration("soon")),

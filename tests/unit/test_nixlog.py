@@ -5,7 +5,15 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from reconciler.core.nixlog import OUTSIDE, TAIL_LINES, Redaction, redact
+from reconciler.core.nixlog import (
+    BUILD_TAIL_LINES,
+    OUTSIDE,
+    TAIL_LINES,
+    Redaction,
+    build_failure,
+    last_line,
+    redact,
+)
 
 HOW = Redaction(repo="/var/lib/reconciler/checkout", labels={"/opt/reconciler/nix": "<reconciler nix>"})
 DRV = "/nix/store/" + "a" * 32 + "-host-web-1-image.drv"
@@ -81,6 +89,74 @@ def test_no_path_outside_the_repository_survives(
     shown = redact(text, HOW, unsandboxed_build=unsandboxed)
     for _, d, n, _ in lines:
         assert f"{d}/{n}" not in shown
+
+
+PKG = "/nix/store/" + "b" * 32 + "-broken.drv"
+ARTIFACTS = "/nix/store/" + "c" * 32 + "-host-web-1-3.drv"
+# What nix-store --realise (Nix 2.8) prints when a package of a host fails to build.
+FAILED_BUILD = (
+    "these 3 derivations will be built:\n"
+    f"  {PKG}\n  {DRV}\n  {ARTIFACTS}\n"
+    f"building '{PKG}'...\n"
+    + "".join(f"compiling part {i}\n" for i in range(1, 21))
+    + "cannot open /root/.ssh/id_ed25519: Permission denied\n"
+    + f"error: builder for '{PKG}' failed with exit code 3;\n"
+    f"error: 1 dependencies of derivation '{DRV}' failed to build\n"
+    f"error: 1 dependencies of derivation '{ARTIFACTS}' failed to build\n"
+)
+
+
+def test_a_failed_build_names_the_derivation_its_last_lines_and_where_the_log_is() -> None:
+    shown = build_failure(FAILED_BUILD, HOW)
+    assert shown.splitlines() == [
+        f"builder for '{PKG}' failed with exit code 3; its last lines:",
+        *(f"  compiling part {i}" for i in range(21 - BUILD_TAIL_LINES + 1, 21)),
+        f"  cannot open {OUTSIDE}: Permission denied",
+        f"whole log: nix-store --read-log {PKG}",
+    ]
+    assert "/root" not in shown
+
+
+def test_an_unsandboxed_build_failure_keeps_only_the_verdict_and_the_hint() -> None:
+    assert build_failure(FAILED_BUILD, HOW, unsandboxed_build=True).splitlines() == [
+        f"builder for '{PKG}' failed with exit code 3",
+        f"whole log: nix-store --read-log {PKG}",
+    ]
+
+
+def test_a_timed_out_build_and_one_that_never_started() -> None:
+    timed_out = f"building '{PKG}'...\nstill at it\nerror: building of '{PKG}' timed out after 3 seconds\n"
+    assert build_failure(timed_out, HOW).splitlines() == [
+        f"building of '{PKG}' timed out after 3 seconds; its last lines:",
+        "  still at it",
+        f"whole log: nix-store --read-log {PKG}",
+    ]
+    short = f"these 2 derivations will be built:\n  {PKG}\n  {DRV}\nbuilding '{PKG}'...\noops\n"
+    short += f"error: builder for '{PKG}' failed with exit code 1;\n"
+    assert build_failure(short, HOW).splitlines()[1:] == ["  oops", f"whole log: nix-store --read-log {PKG}"]
+    # No verdict: Nix failed before any builder ran. As redact() says it.
+    nothing = "error: cannot connect to daemon at '/nix/var/nix/daemon-socket/socket': Connection refused\n"
+    assert build_failure(nothing, HOW) == redact(nothing, HOW)
+
+
+@given(st.lists(st.tuples(_NOISE, _SECRET_DIRS, _NAME, _NOISE), min_size=1, max_size=8), st.booleans())
+def test_no_path_outside_the_repository_survives_a_build_failure(
+    lines: list[tuple[str, str, str, str]], unsandboxed: bool
+) -> None:
+    text = "\n".join(f"{a} {d}/{n}:1:2: {b}" for a, d, n, b in lines)
+    text += f"\nerror: builder for '{PKG}' failed with exit code 1;\n"
+    shown = build_failure(text, HOW, unsandboxed_build=unsandboxed)
+    for _, d, n, _ in lines:
+        assert f"{d}/{n}" not in shown
+    assert last_line(text, HOW, unsandboxed) is not None
+    for _, d, n, _ in lines:
+        assert f"{d}/{n}" not in (last_line(text, HOW, unsandboxed) or "")
+
+
+def test_the_last_line_of_a_running_build() -> None:
+    assert last_line(f"building '{PKG}'...\n", HOW) is None
+    assert last_line(f"building '{PKG}'...\nstep 1\nreading /etc/passwd\n", HOW) == f"reading {OUTSIDE}"
+    assert last_line(f"building '{PKG}'...\nstep 1\n", HOW, unsandboxed_build=True) is None
 
 
 def test_the_repository_itself_is_shown_as_a_dot() -> None:

@@ -40,13 +40,21 @@ def test_gitlab_push_with_the_token() -> None:
 @pytest.mark.parametrize(
     ("headers", "why"),
     [
-        ({"X-GitHub-Event": "push", "X-Hub-Signature-256": "sha256=" + sig(BODY, b"other")}, "github"),
-        ({"X-GitHub-Event": "push"}, "github: wrong or missing"),
-        ({"X-GitHub-Event": "push", "X-Hub-Signature-256": sig(BODY)}, "github"),  # no sha256= prefix
-        ({"X-Gitea-Event": "push", "X-Gitea-Signature": sig(BODY + b" ")}, "gitea"),
-        ({"X-Gitlab-Event": "Push Hook", "X-Gitlab-Token": "wrong"}, "gitlab"),
-        ({"X-Gitlab-Event": "Push Hook"}, "gitlab"),
-        ({"Content-Type": "application/json"}, "no event header"),
+        (
+            {"X-GitHub-Event": "push", "X-Hub-Signature-256": "sha256=" + sig(BODY, b"other")},
+            "github: X-Hub-Signature-256 does not match the body",
+        ),
+        ({"X-GitHub-Event": "push"}, "github: missing X-Hub-Signature-256 header"),
+        # No sha256= prefix.
+        ({"X-GitHub-Event": "push", "X-Hub-Signature-256": sig(BODY)}, "X-Hub-Signature-256 does not match"),
+        (
+            {"X-Gitea-Event": "push", "X-Gitea-Signature": sig(BODY + b" ")},
+            "gitea: X-Gitea-Signature does not",
+        ),
+        ({"X-Gitea-Event": "push"}, "gitea: missing X-Gitea-Signature header"),
+        ({"X-Gitlab-Event": "Push Hook", "X-Gitlab-Token": "wrong"}, "gitlab: X-Gitlab-Token is not the"),
+        ({"X-Gitlab-Event": "Push Hook"}, "gitlab: missing X-Gitlab-Token header"),
+        ({"Content-Type": "application/json"}, "no X-GitHub-Event, X-Gitea-Event, X-Gitlab-Event header"),
         # Not ASCII (http.server decodes header bytes as Latin-1): wrong, not a crash.
         ({"X-GitHub-Event": "push", "X-Hub-Signature-256": "sha256=\x80"}, "github"),
         ({"X-Gitea-Event": "push", "X-Gitea-Signature": "é" * 64}, "gitea"),
@@ -57,6 +65,33 @@ def test_bad_or_missing_credentials_are_unauthorized(headers: dict[str, str], wh
     with pytest.raises(Unauthorized) as err:
         authenticate(headers, BODY, SECRET)
     assert why in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@given(
+    st.binary(min_size=1, max_size=40),
+    st.text("0123456789abcdef", min_size=16, max_size=70),
+    st.sampled_from(
+        [
+            ("X-GitHub-Event", "X-Hub-Signature-256"),
+            ("X-Gitea-Event", "X-Gitea-Signature"),
+            ("X-Gitlab-Event", "X-Gitlab-Token"),
+        ]
+    ),
+)
+def test_a_refusal_never_tells_a_secret_or_what_was_sent(
+    secret: bytes, given_value: str, forge: tuple[str, str]
+) -> None:
+    """The reason is the 401's body: it names the header, never the value sent (which
+    may be a near-miss of the secret), the secret or the digest made with it."""
+    event, credential = forge
+    with pytest.raises(Unauthorized) as err:
+        authenticate({event: "push", credential: given_value}, BODY, secret + b"!")
+    reason = str(err.value)
+    assert credential in reason
+    digest = hmac.new(secret + b"!", BODY, hashlib.sha256).hexdigest()
+    for told in (given_value, digest, (secret + b"!").decode(errors="replace")):
+        assert told not in reason
 
 
 @given(st.binary(max_size=300), st.binary(min_size=1, max_size=40))

@@ -57,6 +57,11 @@ def test_config_defaults_and_relative_paths(tmp_path: Path) -> None:
         ({"health": {"url": "http://x/", "retries": 3}}, "health.retries", "unknown key"),
         ({"keep": 1}, "keep", "must be an integer of at least 2"),
         ({"supervise": True, "format": "aci"}, "supervise", "runs an AppImage; set format: appimage"),
+        (
+            {"supervise": True, "activate": "systemctl restart app"},
+            "activate",
+            "cannot be used with supervise: true",
+        ),
         ({"poll_interval": "soon"}, "poll_interval", "must be a duration"),
         ({"colour": "blue"}, "colour", "unknown key"),
         ({"zsync": "yes"}, "zsync", "must be true or false"),

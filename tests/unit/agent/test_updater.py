@@ -9,6 +9,7 @@ import hashlib
 import itertools
 import logging
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -325,6 +326,41 @@ def test_another_host_publishing_is_current_and_reads_no_release(on_v1: Host) ->
     on_v1.publish(1, host="web-2")
     assert on_v1.poll() == "current"
     assert not [k for k in on_v1.requested if not k.startswith("tuf/")]
+
+
+def events(caplog: pytest.LogCaptureFixture, name: str) -> list[dict[str, Any]]:
+    return [r.fields for r in caplog.records if r.getMessage() == name]  # type: ignore[attr-defined]
+
+
+def test_a_host_never_published_is_told_once_not_current(
+    host: Host, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A typo in ``host`` or a host the daemon has not built: the store has metadata,
+    but none for this host, and nothing runs here."""
+    caplog.set_level(logging.INFO, "reconciler")
+    host.publish(1, host="web-2")
+    assert host.poll() == "unpublished"
+    host.store.touch(TIMESTAMP)
+    assert host.poll() == "unpublished"
+    assert host.poll() == "idle"
+    told = events(caplog, "agent_unpublished")
+    assert [t["error"] for t in told] == [
+        "host web-1 has no release in the store's TUF metadata (is the host name right? has the daemon "
+        "published it?); nothing is installed"
+    ]
+    assert host.metric("reconciler_agent_polls_total", {"result": "unpublished"}) == 2
+    host.publish(1)
+    assert host.poll() == "updated"
+
+
+def test_a_store_without_metadata_says_what_to_check(host: Host, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "reconciler")
+    assert host.poll() == "error"
+    (failed,) = events(caplog, "agent_poll_failed")
+    assert failed["error"] == (
+        f"the store {STORE} has no TUF metadata (cannot fetch {STORE}/{TIMESTAMP}: HTTP 404 Not Found): "
+        "is `store` the root the daemon publishes to, and has it published anything yet?"
+    )
 
 
 def test_update_keeps_the_previous_release(on_v1: Host) -> None:
@@ -713,3 +749,28 @@ def test_prune_keeps_the_current_and_previous_releases(host: Host) -> None:
     host.publish(7)
     assert host.poll() == "updated"
     assert host.installed() == [2, 6, 7]
+
+
+@pytest.mark.parametrize(
+    ("cfg", "runs", "level"),
+    [
+        ({"supervise": True}, "supervise", logging.INFO),
+        ({"activate": ("systemctl", "restart", "app")}, "activate", logging.INFO),
+        ({}, "nothing", logging.WARNING),
+    ],
+)
+def test_the_start_says_what_runs_the_releases(
+    host: Host, caplog: pytest.LogCaptureFixture, cfg: dict[str, Any], runs: str, level: int
+) -> None:
+    caplog.set_level(logging.INFO, "reconciler")
+    host.restart(**cfg)
+    stopping = threading.Event()
+    stopping.set()
+    host.agent.run(stopping)
+    (start,) = [r for r in caplog.records if r.getMessage() == "agent_start"]
+    assert start.fields["runs"] == runs  # type: ignore[attr-defined]
+    assert start.levelno == level
+    if runs == "nothing":
+        assert start.fields["note"] == (  # type: ignore[attr-defined]
+            "neither supervise nor activate is set: releases are installed, nothing runs them"
+        )

@@ -1,0 +1,94 @@
+"""The CLI's error paths as an operator meets them: one line on stderr, exit 1, no
+traceback (SPEC: "Every command prints a clear one-line error")."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ConfigRepo, Signing, cli, write_config
+
+pytestmark = pytest.mark.integration
+
+
+def one_line_error(res: subprocess.CompletedProcess[str]) -> str:
+    assert res.returncode == 1, (res.stdout, res.stderr)
+    assert "Traceback" not in res.stderr, res.stderr
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("reconciler: error: "), res.stderr
+    return lines[0].removeprefix("reconciler: error: ")
+
+
+@pytest.fixture
+def under_a_file(tmp_path: Path) -> Path:
+    """A path that cannot be created: its parent is a file."""
+    (tmp_path / "a-file").write_text("")
+    return tmp_path / "a-file" / "dir"
+
+
+def test_a_state_dir_that_cannot_be_created(
+    tmp_path: Path, config_repo: ConfigRepo, signing: Signing, under_a_file: Path
+) -> None:
+    config_repo.write("hosts/h-1.yaml", "name: h-1\n")
+    config_repo.commit()
+    cfg = write_config(tmp_path, config_repo, signing, state_dir=str(under_a_file))
+    for command in ("reconcile", "gc"):
+        assert one_line_error(cli(command, "-c", str(cfg))) == (
+            f"state_dir {under_a_file}: cannot create it: Not a directory"
+        )
+    # status creates nothing: there is nothing to report yet.
+    res = cli("status", "-c", str(cfg))
+    assert (res.returncode, res.stdout) == (0, "commit (never reconciled)\n"), res.stderr
+
+
+def test_a_damaged_ledger(tmp_path: Path, config_repo: ConfigRepo, signing: Signing) -> None:
+    cfg = write_config(tmp_path, config_repo, signing)
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "state.db").write_text("not a database, whatever it was\n")
+    for command in ("status", "reconcile", "plan", "events", "suspend"):
+        assert one_line_error(cli(command, "-c", str(cfg))) == (
+            f"{tmp_path / 'state' / 'state.db'}: file is not a database "
+            "(a damaged ledger: move it away to start afresh)"
+        )
+
+
+def test_init_where_nothing_can_be_created(under_a_file: Path) -> None:
+    assert one_line_error(cli("init", str(under_a_file))) == f"cannot create {under_a_file}: Not a directory"
+
+
+def test_an_agent_whose_state_dir_cannot_be_created(
+    tmp_path: Path, signing: Signing, under_a_file: Path
+) -> None:
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "host": "h-1",
+                "store": str(tmp_path),
+                "keys": [str(signing.public_key)],
+                "state_dir": str(under_a_file),
+            }
+        )
+    )
+    assert one_line_error(cli("agent", "-c", str(cfg), "--once")) == (
+        f"{cfg}: state_dir: cannot create {under_a_file}/releases: Not a directory"
+    )
+
+
+def test_a_reader_that_goes_away(tmp_path: Path) -> None:
+    """`reconciler schema host | head -1`: the pipe closes before the output is written."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "reconciler", "schema", "host"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(60) == 1
+    assert err == ""
