@@ -57,14 +57,28 @@ class Published:
     built: Path  # release 2's AppImage as Nix built it
     repo: ConfigRepo
 
+    served_times: int = 0
+
     def serve(self, store: Path) -> None:
         shutil.rmtree(self.served)
         shutil.copytree(store, self.served)
+        # nginx's validators are the mtime's second and the size: v1's and v2's
+        # timestamp.json, written in the same second and as long, would answer 304 to
+        # the agent's conditional GET. Each serve is a new second, as on a real store.
+        self.served_times += 1
+        renew(self.served, time.time() + 10 * self.served_times)
 
     def appimage(self, store: Path, version: int) -> tuple[Path, dict[str, Any]]:
         meta = yaml.safe_load((store / "hosts" / "web-1" / "releases" / f"{version}.json").read_text())
         (art,) = [a for a in meta["artifacts"] if a["format"] == "appimage"]
         return store / art["blob"], art
+
+
+def renew(root: Path, when: float) -> None:
+    """Every file under ``root`` modified at ``when``: what a server's validators
+    (Last-Modified, nginx's ETag) are made of."""
+    for path in root.rglob("*"):
+        os.utime(path, (when, when), follow_symlinks=False)
 
 
 def run(args: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
@@ -467,6 +481,8 @@ def test_zsync_from_a_store_that_hangs_is_stopped_at_the_deadline(
         # the full download after it too, and the poll ends.
         shutil.rmtree(root)
         shutil.copytree(published.v2, root)
+        # Release 1's files may have been written in the same second (If-Modified-Since).
+        renew(root, time.time() + 10)
         server.hang = True
         started = time.monotonic()
         result = agent.poll()
