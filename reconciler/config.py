@@ -115,6 +115,18 @@ class RetentionConfig:
 
 
 @dataclass(frozen=True)
+class LeaseConfig:
+    """The store's publisher lease (reconciler.core.lease): of daemons sharing a store,
+    one publishes and the others stand by."""
+
+    enabled: bool = True
+    # A holder that has not renewed for this long is replaced (seconds).
+    duration: float = 60.0
+    # How often the holder renews, and a standby looks (seconds); default duration / 3.
+    renew: float = 20.0
+
+
+@dataclass(frozen=True)
 class TufConfig:
     """The store's TUF metadata (reconciler.core.tufrepo)."""
 
@@ -139,6 +151,7 @@ class Config:
     triggers: TriggerConfig = TriggerConfig()
     retention: RetentionConfig = RetentionConfig()
     tuf: TufConfig = TufConfig()
+    lease: LeaseConfig = LeaseConfig()
     # Nix remote builders (reconciler.core.builders), scheduled by Nix.
     builders: tuple[Builder, ...] = ()
 
@@ -159,6 +172,7 @@ TOP_KEYS = frozenset(
         "triggers",
         "tuf",
         "builders",
+        "lease",
     }
 )
 BUILDER_KEYS = frozenset(
@@ -204,6 +218,7 @@ SECTION_KEYS = {
     ),
     "retry": frozenset({"initial", "max"}),
     "retention": frozenset({"keep", "interval"}),
+    "lease": frozenset({"enabled", "duration", "renew"}),
     "tuf": frozenset(
         {"bins", "root_lifetime", "targets_lifetime", "snapshot_lifetime", "timestamp_lifetime"}
     ),
@@ -423,6 +438,7 @@ def load_config(path: Path) -> Config:
         ),
         retention=RetentionConfig(keep=keep, interval=retention_interval),
         tuf=_tuf_config(p, section("tuf", required=False)),
+        lease=_lease_config(p, section("lease", required=False)),
     )
 
 
@@ -503,6 +519,26 @@ def _builders(p: str, entries: Any, path_of: Callable[[str], Path]) -> tuple[Bui
         if ports.setdefault(b.host, b.port) != b.port:
             raise ConfigError(p, "builders", f"builders on host {b.host} must share one ssh port")
     return tuple(out)
+
+
+# Bounds of lease.duration: under a second a renewal cannot be counted on; a day is
+# longer than anyone waits for a takeover.
+MIN_LEASE = 1.0
+MAX_LEASE = 86400.0
+
+
+def _lease_config(p: str, sec: dict[str, Any]) -> LeaseConfig:
+    enabled = sec.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise ConfigError(p, "lease.enabled", "must be true or false")
+    duration = parse_seconds(p, "lease.duration", sec.get("duration", "60s"))
+    if not MIN_LEASE <= duration <= MAX_LEASE:
+        raise ConfigError(p, "lease.duration", "must be from 1s to 1d")
+    renew = parse_seconds(p, "lease.renew", sec["renew"]) if "renew" in sec else duration / 3
+    # Two attempts within a duration: one renewal that fails does not lose the lease.
+    if renew > duration / 2:
+        raise ConfigError(p, "lease.renew", f"must be at most half of lease.duration ({duration / 2:g}s)")
+    return LeaseConfig(enabled=enabled, duration=duration, renew=renew)
 
 
 def _tuf_config(p: str, sec: dict[str, Any]) -> TufConfig:

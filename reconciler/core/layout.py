@@ -5,6 +5,8 @@ hosts/<host>/releases/<N>.json(.asc)     immutable signed release metadata
 hosts/<host>/latest.json(.asc)           newest release, written last
 keys/publisher.asc                       the publisher's public key (never trusted by agents)
 tuf/<V>.<role>.json, tuf/timestamp.json  TUF metadata (reconciler.core.tufrepo)
+lease/<T>.json                           the publisher lease, one record per term
+                                         (reconciler.core.lease); never garbage
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ _LATEST = re.compile(r"^hosts/([^/]+)/latest\.json(\.asc)?$")
 _BLOB = re.compile(r"^blobs/sha256/([0-9a-f]{64})(\.asc)?$")
 _TUF = re.compile(r"^tuf/(?:([1-9][0-9]{0,17})\.)?([a-z]+(?:-[0-9a-f]+)?)\.json$")
 TUF_PREFIX = "tuf/"
+LEASE_PREFIX = "lease/"
+_LEASE = re.compile(r"^lease/([1-9][0-9]{0,17})\.json$")
 
 
 def blob_path(sha256: str) -> str:
@@ -38,6 +42,11 @@ def latest_path(host: str) -> str:
 def tuf_path(role: str, version: int | None) -> str:
     """TUF metadata of ``role``: versioned (consistent snapshots), but for timestamp.json."""
     return f"{TUF_PREFIX}{role}.json" if version is None else f"{TUF_PREFIX}{version}.{role}.json"
+
+
+def lease_path(term: int) -> str:
+    """The record of the publisher lease's ``term`` (core.lease)."""
+    return f"{LEASE_PREFIX}{term}.json"
 
 
 def signature_path(key: str) -> str:
@@ -70,7 +79,12 @@ class TufKey:
     version: int | None  # None: timestamp.json
 
 
-Key = ReleaseKey | LatestKey | BlobKey | TufKey
+@dataclass(frozen=True)
+class LeaseKey:
+    term: int
+
+
+Key = ReleaseKey | LatestKey | BlobKey | TufKey | LeaseKey
 
 
 def parse_key(key: str) -> Key | None:
@@ -85,4 +99,6 @@ def parse_key(key: str) -> Key | None:
         version = int(m.group(1)) if m.group(1) else None
         if (version is None) == (m.group(2) == "timestamp"):
             return TufKey(m.group(2), version)
+    if m := _LEASE.fullmatch(key):
+        return LeaseKey(int(m.group(1)))
     return None

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from reconciler.config import (
     Config,
+    LeaseConfig,
     NixConfig,
     RepoConfig,
     RetentionConfig,
@@ -160,6 +161,7 @@ TOP = (
         [
             "builders",
             "jobs",
+            "lease",
             "listen",
             "nix",
             "poll_interval",
@@ -599,3 +601,33 @@ def test_builders_are_read_with_defaults(tmp_path: Path) -> None:
 def test_bad_builders_name_file_and_key(tmp_path: Path, data: dict[str, Any], key: str, reason: str) -> None:
     err = config_error(tmp_path, data)
     assert err.key == key and err.reason.startswith(reason), (err.key, err.reason)
+
+
+def test_the_publisher_lease_is_on_by_default_and_configurable(tmp_path: Path) -> None:
+    assert load_config(write_config(tmp_path / "a", merged())).lease == LeaseConfig(
+        enabled=True, duration=60.0, renew=20.0
+    )
+    cfg = load_config(write_config(tmp_path / "b", merged(lease={"duration": "3s"})))
+    assert cfg.lease == LeaseConfig(enabled=True, duration=3.0, renew=1.0)
+    cfg = load_config(write_config(tmp_path / "c", merged(lease={"duration": "2m", "renew": 15})))
+    assert cfg.lease == LeaseConfig(enabled=True, duration=120.0, renew=15.0)
+    assert not load_config(write_config(tmp_path / "d", merged(lease={"enabled": False}))).lease.enabled
+
+
+@pytest.mark.parametrize(
+    ("lease", "key", "reason"),
+    [
+        ({"enabled": "yes"}, "lease.enabled", "must be true or false"),
+        ({"duration": "0.5"}, "lease.duration", "must be a duration"),
+        ({"duration": 0.5}, "lease.duration", "must be from 1s to 1d"),
+        ({"duration": "2d"}, "lease.duration", "must be from 1s to 1d"),
+        ({"duration": "10s", "renew": "6s"}, "lease.renew", "must be at most half of lease.duration (5s)"),
+        ({"renew": "soon"}, "lease.renew", "must be a duration"),
+        ({"term": 3}, "lease.term", "unknown key"),
+        ([], "lease", "must be a mapping"),
+    ],
+)
+def test_bad_lease_settings_name_the_key(tmp_path: Path, lease: Any, key: str, reason: str) -> None:
+    err = config_error(tmp_path, merged(lease=lease))
+    assert err.key == key
+    assert err.reason.startswith(reason), err.reason

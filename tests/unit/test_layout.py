@@ -9,10 +9,12 @@ from reconciler.core.layout import (
     PUBLISHER_KEY,
     BlobKey,
     LatestKey,
+    LeaseKey,
     ReleaseKey,
     TufKey,
     blob_path,
     latest_path,
+    lease_path,
     parse_key,
     release_path,
     signature_path,
@@ -54,6 +56,10 @@ def test_keys_outside_the_layout_are_nothing() -> None:
         "tuf/0.root.json",
         "tuf/1.Root.json",
         "tuf/1.root.json.tmp",
+        "lease/0.json",
+        "lease/01.json",
+        "lease/3.json.probe-0123abcd",
+        "lease/.tmp-3",
     ):
         assert parse_key(key) is None, key
 
@@ -65,3 +71,8 @@ def test_keys_outside_the_layout_are_nothing() -> None:
 def test_a_tuf_key_reads_back(role: str, version: int) -> None:
     assert parse_key(tuf_path(role, version)) == TufKey(role, version)
     assert parse_key(tuf_path("timestamp", None)) == TufKey("timestamp", None)
+
+
+@given(st.integers(1, 10**17))
+def test_a_lease_key_reads_back(term: int) -> None:
+    assert parse_key(lease_path(term)) == LeaseKey(term)
