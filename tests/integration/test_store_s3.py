@@ -299,6 +299,69 @@ def test_delete_is_idempotent(store: Store) -> None:
     assert store.list() == ["hosts/a/releases/1.json.asc"]
 
 
+def test_create_writes_only_where_no_object_is(store: Store) -> None:
+    assert store.create("lease/1.json", b"first\n")
+    assert not store.create("lease/1.json", b"second\n")
+    assert store.get_bytes("lease/1.json") == b"first\n"
+    # An ordinary put still replaces it (the holder renewing its own record).
+    store.put_bytes("lease/1.json", b"renewed\n")
+    assert store.get_bytes("lease/1.json") == b"renewed\n"
+    assert store.create("lease/2.json", b"")
+    # Nothing else is left behind: no temporary file, no probe object.
+    assert store.list() == ["lease/1.json", "lease/2.json"]
+
+
+def test_of_writers_racing_to_create_a_key_exactly_one_wins(store: Store) -> None:
+    """The publisher lease's election: eight writers per key, at once, twenty keys."""
+    writers, keys = 8, 20
+    store.create("lease/probe.json", b"")  # an S3 store checks conditional writes once, first
+    winners: dict[str, list[int]] = {}
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    start = threading.Barrier(writers)
+
+    def race(i: int) -> None:
+        start.wait()
+        try:
+            for k in range(keys):
+                if store.create(f"lease/{k + 1}.json", f"writer {i}\n".encode()):
+                    with lock:
+                        winners.setdefault(f"lease/{k + 1}.json", []).append(i)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    assert sorted(winners) == sorted(f"lease/{k + 1}.json" for k in range(keys))
+    for key, won in winners.items():
+        assert len(won) == 1, f"{key} was created by writers {won}"
+        assert store.get_bytes(key) == f"writer {won[0]}\n".encode()
+
+
+def test_an_s3_service_that_ignores_conditional_writes_is_refused(weed: Weed) -> None:
+    """As a service without conditional writes would: the real server, with the
+    If-None-Match header taken off every PUT. The first create finds out and refuses,
+    rather than let two daemons both win a term."""
+    store = weed.store()
+
+    def strip(request: object, **kwargs: object) -> None:
+        headers = getattr(request, "headers")  # noqa: B009 -- botocore's AWSRequest
+        if "If-None-Match" in headers:
+            del headers["If-None-Match"]
+
+    store.client.meta.events.register("before-sign.s3.PutObject", strip)
+    with pytest.raises(StoreError, match=r"does not honour conditional writes .* lease\.enabled: false"):
+        store.create("lease/1.json", b"x")
+    assert store.list() == []
+    # The same store with the header intact.
+    store.client.meta.events.unregister("before-sign.s3.PutObject", strip)
+    assert store.create("lease/1.json", b"x") and not store.create("lease/1.json", b"y")
+
+
 def test_sweep_removes_what_dead_writes_left_and_nothing_else(store: Store, tmp_path: Path) -> None:
     store.put_bytes("hosts/a/latest.json", b"1")
     key = "blobs/sha256/" + "cd" * 32
@@ -383,6 +446,10 @@ class Recording:
         self._check(key, data)
         self.writes.append(key)
         self.inner.put_bytes(key, data)
+
+    def create(self, key: str, data: bytes) -> bool:
+        self.writes.append(key)
+        return self.inner.create(key, data)
 
     def get_bytes(self, key: str) -> bytes | None:
         return self.inner.get_bytes(key)
