@@ -12,6 +12,9 @@ test_commands.py checks what `reconciler plan` imports).
 
 from __future__ import annotations
 
+import os
+import socket
+import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -24,10 +27,13 @@ from reconciler.adapters.ledger import State
 from reconciler.adapters.nix import Nix
 from reconciler.adapters.store import FilesystemStore
 from reconciler.config import Config, SigningConfig, StoreConfig
+from reconciler.core.layout import LEASE_PREFIX, LeaseKey, lease_path, parse_key
+from reconciler.core.lease import Holder, parse_record
 from reconciler.daemon.gate import Gate
+from reconciler.daemon.lease import FencedStore, PublisherLease
 from reconciler.daemon.metrics import Metrics
 from reconciler.daemon.reconciler import OpenTuf, Reconciler
-from reconciler.errors import ConfigError, SigningError, StoreError
+from reconciler.errors import ConfigError, SigningError, StoreError, VerificationError
 from reconciler.ports import Ledger, Ports, Signer, Source, Store
 
 if TYPE_CHECKING:
@@ -61,10 +67,69 @@ def source(cfg: Config) -> GitSource:
 
 
 def open_reconciler(cfg: Config, metrics: Metrics | None = None) -> Reconciler:
-    """The daemon's pass with the real adapters."""
+    """The daemon's pass with the real adapters: it writes to the store only while it
+    holds the store's publisher lease (unless lease.enabled is false)."""
     nix = Nix(cfg.state_dir, cfg.nix, builders=cfg.builders)
     ports = _ports(cfg, source(cfg), nix, lambda: State(cfg.state_dir))
-    return Reconciler(cfg, ports, metrics, _tuf(cfg, ports))
+    lease = None
+    if cfg.lease.enabled:
+        lease = PublisherLease(ports.store, cfg.lease, holder(cfg), ports.clock)
+        ports = replace(ports, store=FencedStore(ports.store, lease))
+    return Reconciler(cfg, ports, metrics, _tuf(cfg, ports), lease)
+
+
+HOLDER_FILE = "publisher.id"
+
+
+def holder(cfg: Config, create: bool = True) -> Holder:
+    """Who this state directory is in the publisher lease: an id made once and kept in
+    ``state_dir/publisher.id`` (so a restart takes its own lease back at once), and a
+    name for people. A copied state directory must lose that file."""
+    path = cfg.state_dir / HOLDER_FILE
+    name = f"{socket.gethostname()}:{cfg.state_dir}"
+    try:
+        return Holder(path.read_text().strip() or "-", name)
+    except FileNotFoundError:
+        if not create:
+            return Holder("", name)
+    except OSError as exc:
+        raise ConfigError(str(path), "", f"cannot read: {exc.strerror or exc}") from None
+    try:
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(uuid.uuid4().hex + "\n")
+    except FileExistsError:
+        pass  # another process of this state directory made it first
+    except OSError as exc:
+        raise ConfigError(str(path), "", f"cannot create: {exc.strerror or exc}") from None
+    return holder(cfg, create=False)
+
+
+def lease_status(cfg: Config) -> dict[str, object]:
+    """The store's publisher lease as `reconciler status` shows it: its newest record,
+    and whether this state directory holds it."""
+    if not cfg.lease.enabled:
+        return {"enabled": False}
+    store = open_store(cfg.store)
+    terms = sorted(k.term for key in store.list(LEASE_PREFIX) if isinstance(k := parse_key(key), LeaseKey))
+    if not terms:
+        return {"enabled": True, "term": None}
+    key = lease_path(terms[-1])
+    data = store.get_bytes(key)
+    try:
+        record = parse_record(data or b"", terms[-1], key)
+    except VerificationError as exc:
+        return {"enabled": True, "term": terms[-1], "error": str(exc)}
+    return {
+        "enabled": True,
+        "term": record.term,
+        "holder": record.name,
+        "this_state_dir": record.holder == holder(cfg, create=False).id,
+        "renewed": record.renewed.isoformat(),
+        "duration": record.duration,
+        "released": record.released,
+    }
 
 
 def _tuf(cfg: Config, ports: Ports) -> OpenTuf:

@@ -16,7 +16,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +44,7 @@ from reconciler.core.model import (
     Action,
     BuildOutput,
     Evaluation,
+    HostState,
     Status,
 )
 from reconciler.core.plan import HostPlan, Plan, make_plan, retry_delay
@@ -52,11 +53,13 @@ from reconciler.core.tufroles import RoleName
 from reconciler.core.versions import MAX_TAKEN, Adopt, Decision, Taken, decide, first_candidate
 from reconciler.daemon.gate import CommitRefusedError
 from reconciler.daemon.gc import collect
+from reconciler.daemon.lease import PublisherLease
 from reconciler.daemon.metrics import Metrics
 from reconciler.daemon.publish import publish
 from reconciler.errors import (
     BuildError,
     ConfigError,
+    LeaseLostError,
     ReconcilerError,
     SigningError,
     SourceError,
@@ -108,8 +111,12 @@ class ReconcileResult:
 
     # Why the TUF metadata could not be brought up to date, or None.
     metadata_error: str | None = None
-    # Hosts to rebuild that were not started: the daemon was asked to stop.
+    # Hosts to rebuild that were not started: the daemon was asked to stop, or lost
+    # the publisher lease.
     interrupted: tuple[str, ...] = ()
+    # Another daemon holds the store's publisher lease: this pass observed and
+    # planned, and built, signed and published nothing.
+    standby: bool = False
 
     @property
     def ok(self) -> bool:
@@ -138,10 +145,17 @@ class Reconciler:
     Config with the real adapters."""
 
     def __init__(
-        self, cfg: Config, ports: Ports, metrics: Metrics | None = None, tuf: OpenTuf | None = None
+        self,
+        cfg: Config,
+        ports: Ports,
+        metrics: Metrics | None = None,
+        tuf: OpenTuf | None = None,
+        lease: PublisherLease | None = None,
     ) -> None:
         """``tuf`` opens the store's TUF repository; without one (`reconciler plan`)
-        the pass can plan but not publish."""
+        the pass can plan but not publish. ``lease``: the store's publisher lease,
+        which a pass holds before it writes (``ports.store`` checks it before every
+        write, reconciler.daemon.lease.FencedStore); None: this is the only publisher."""
         self.cfg = cfg
         self.metrics = metrics or Metrics()
         self.source = ports.source
@@ -166,7 +180,13 @@ class Reconciler:
         self._key_published = False
         self._store_recovered = False
         self._tuf = tuf(lambda: self.signer.metadata_signer()) if tuf is not None else None
+        self.lease = lease
+        # After this process won the lease from another daemon: host -> the version
+        # the store's latest.json has, newer than the ledger's (_catch_up).
+        self._behind: dict[str, int] = {}
+        self._catching_up = False
         self.metrics.watch(self.state, self._tuf, cfg.repo.branch)
+        self.metrics.watch_lease(lease)
         self.metrics.known_builders([LOCAL, *(b.name for b in cfg.builders)])
 
     @property
@@ -209,6 +229,9 @@ class Reconciler:
         self._sandbox_checked = True
 
     def close(self) -> None:
+        """Release the publisher lease (the next daemon takes over at once) and close."""
+        if self.lease is not None:
+            self.lease.close()
         self.state.close()
         self._gate.close()
 
@@ -322,44 +345,104 @@ class Reconciler:
 
     def plan(self, respect_backoff: bool = True) -> tuple[Observation, Plan]:
         obs = self.observe()
+        if self._catching_up:
+            self._catch_up(obs)
         plan = make_plan(
             obs.commit,
             obs.fleet,
             obs.evaluation.images,
             obs.evaluation.errors,
-            self.state.hosts(),
+            self._recorded(),
             obs.changed,
             now=self.clock.now().timestamp() if respect_backoff else None,
             max_wait=self.cfg.retry.max.total_seconds(),
         )
+        if self._behind:
+            why = "published by another daemon (version {}) while this one stood by"
+            plan = replace(
+                plan,
+                entries=tuple(
+                    replace(e, reasons=(why.format(self._behind[e.host]),))
+                    if e.host in self._behind and e.action == Action.REBUILD
+                    else e
+                    for e in plan.entries
+                ),
+            )
         return obs, plan
+
+    def _recorded(self) -> Mapping[str, HostState]:
+        """The ledger's hosts, with those another daemon published since (``_behind``)
+        at the store's version and no known image: the plan rebuilds them, and the
+        version decision adopts the release it finds (core.versions)."""
+        hosts = dict(self.state.hosts())
+        for name, version in self._behind.items():
+            prev = hosts.get(name)
+            hosts[name] = (
+                replace(prev, version=version, image=None)
+                if prev is not None
+                else HostState(name, version, None, None, Status.PUBLISHED, None, 0.0)
+            )
+        return hosts
+
+    def _catch_up(self, obs: Observation) -> None:
+        """After winning the lease from another daemon: which hosts of the fleet the
+        store has a newer latest.json for than this ledger says. Once per takeover,
+        one read per host; until each is published (adopted) again, the TUF metadata
+        lists the store's version, never this ledger's older one."""
+        recorded = self.state.hosts()
+        behind = {}
+        for name in sorted(obs.fleet.hosts):
+            latest = self._in_store(name)
+            prev = recorded.get(name)
+            if latest is not None and latest.version > (prev.version if prev is not None else 0):
+                behind[name] = latest.version
+        self._behind = behind
+        self._catching_up = False
+        if behind:
+            log.event("lease_catch_up", hosts=len(behind))
 
     # -- act and record --------------------------------------------------------
 
-    def reconcile(self, respect_backoff: bool = True) -> ReconcileResult:
+    def reconcile(self, respect_backoff: bool = True, standby: bool = True) -> ReconcileResult:
         """One pass. Raises only when nothing could be observed.
 
         Hosts whose last build failed wait out their backoff unless
         ``respect_backoff`` is false (an operator's one-shot pass retries at once).
+        When another daemon holds the store's publisher lease, the pass observes and
+        plans only (``standby``, the daemon), or waits for the lease to lapse and
+        raises LeaseHeldError once its holder renews it (a one-shot command).
         """
         with self.exclusive():
             started = self.clock.monotonic()
+            active = False
             try:
                 self.check_sandbox()
-                try:
-                    self._recover_store()
-                except StoreError as exc:
-                    # Leftovers are invisible to readers: publish anyway, sweep next pass.
-                    log.event("store_recover_failed", logging.WARNING, error=str(exc))
-                result = self._reconcile(respect_backoff)
+                active = self._hold_lease(wait=not standby)
+                if active:
+                    try:
+                        self._recover_store()
+                    except StoreError as exc:
+                        # Leftovers are invisible to readers: publish anyway, sweep next pass.
+                        log.event("store_recover_failed", logging.WARNING, error=str(exc))
+                result = self._reconcile(respect_backoff, active)
             except ReconcilerError:
                 self.metrics.reconcile_runs.labels("failure").inc()
                 # What was published stays fresh while the source cannot be read.
-                if self.tuf.exists():
+                if active and self._publishing and self.tuf.exists():
                     self.sync_metadata()
                 raise
             finally:
                 self.metrics.reconcile_duration.observe(self.clock.monotonic() - started)
+            if result.standby:
+                self.metrics.reconcile_runs.labels("standby").inc()
+                assert self.lease is not None
+                log.event(
+                    "reconcile_standby",
+                    commit=result.plan.commit,
+                    rebuild=len(result.plan.with_action(Action.REBUILD)),
+                    lease=self.lease.status().describe(),
+                )
+                return result
             self.metrics.reconcile_runs.labels("success" if result.succeeded else "failure").inc()
             if result.succeeded:
                 self.state.set_meta(LAST_SUCCESS_KEY, repr(self.clock.now().timestamp()))
@@ -381,6 +464,30 @@ class Reconciler:
                     log.event("gc_failed", logging.ERROR, error=str(exc))
             return result
 
+    @property
+    def _publishing(self) -> bool:
+        """Whether this process may write to the store: it holds the lease, or has none."""
+        return self.lease is None or self.lease.held
+
+    def _hold_lease(self, wait: bool) -> bool:
+        """Acquire or renew the store's publisher lease (under the pass lock): whether
+        this process publishes. ``wait``: see PublisherLease.acquire."""
+        if self.lease is None:
+            return True
+        if not self.lease.acquire(wait=wait):
+            return False
+        handover, previous = self.lease.take_handover()
+        if handover:
+            # Another daemon may have written the store since this process last did:
+            # its TUF metadata is read again, leftovers of its writes are swept, and
+            # the next plan catches up with the hosts it published.
+            self._catching_up = True
+            self._store_recovered = False
+            if self._tuf is not None:
+                self._tuf.forget()
+            log.event("lease_handover", previous=previous.name if previous is not None else "")
+        return True
+
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
         """Hold the pass lock: one pass or garbage collection at a time, in this
@@ -395,6 +502,7 @@ class Reconciler:
         """A TUF key change (reconciler.core.tufrepo), signed by ``signers``; under the
         pass lock, so no pass signs metadata meanwhile."""
         with self.exclusive():
+            self._hold_lease(wait=True)
             changed = self.tuf.change_keys(role, change, signers)
             log.event("tuf_keys_changed", role=role, version=changed.signed.version)
             return changed
@@ -402,6 +510,8 @@ class Reconciler:
     def collect_garbage(self, dry_run: bool, on_delete: Callable[[str], None]) -> list[str]:
         """Delete releases beyond retention.keep and blobs nothing kept refers to."""
         with self.exclusive():
+            if not dry_run:
+                self._hold_lease(wait=True)
             keys = self._collect(dry_run, on_delete)
             if not dry_run:
                 self._recover_store()
@@ -433,8 +543,10 @@ class Reconciler:
         log.event("gc_done", deleted=len(keys), dry_run=dry_run, keep=self.cfg.retention.keep)
         return keys
 
-    def _reconcile(self, respect_backoff: bool) -> ReconcileResult:
+    def _reconcile(self, respect_backoff: bool, active: bool = True) -> ReconcileResult:
         obs, plan = self.plan(respect_backoff)
+        if not active:
+            return ReconcileResult(plan, (), standby=True)
         log.event(
             "reconcile_start",
             commit=obs.commit,
@@ -450,17 +562,24 @@ class Reconciler:
         if interrupted:
             log.event("reconcile_interrupted", not_started=len(interrupted))
         self._record(obs, plan, outcomes)
+        for host in [o.host for o in outcomes if o.ok] + [e.host for e in plan.with_action(Action.REMOVED)]:
+            self._behind.pop(host, None)
+        if not self._publishing:
+            # The lease was lost during the pass: its new holder brings the metadata up to date.
+            lost = "the publisher lease was lost during the pass"
+            return ReconcileResult(plan, outcomes, lost, interrupted)
         return ReconcileResult(plan, outcomes, self.sync_metadata(), interrupted)
 
     def stop(self) -> None:
         """Start no further build: a pass in progress finishes the builds it started,
-        records them and ends. The hosts it did not start are rebuilt by the next."""
+        records them and ends. The hosts it did not start are rebuilt by the next.
+        (As when the publisher lease is lost during a pass.)"""
         self._stopping.set()
 
     def sync_metadata(self) -> str | None:
         """Make the TUF metadata list every host's published release (the ledger's)
         and re-sign what is due; why it could not, or None. Under the pass lock."""
-        published = {name: hs.version for name, hs in self.state.hosts().items() if hs.serving}
+        published = {name: hs.version for name, hs in self._recorded().items() if hs.serving}
         try:
             with self.metrics.stage_duration.labels("metadata").time():
                 self.tuf.sync(published)
@@ -476,13 +595,16 @@ class Reconciler:
         """Build, sign and publish one host; what came of it is recorded later, with
         the rest of the pass (a crash before that is met by adoption next pass).
         None: not started, the daemon is stopping."""
-        if self._stopping.is_set():
+        if self._stopping.is_set() or not self._publishing:
             self.metrics.build_queue_depth.dec()
             return None
         host = obs.fleet.hosts[entry.host]
         assert entry.image is not None
         try:
             release = self._build_and_publish(host, entry, obs.commit)
+        except LeaseLostError:
+            # Not published by this process: the lease's new holder publishes it.
+            return None
         except ReconcilerError as exc:
             return HostOutcome(host.name, ok=False, image=entry.image, error=str(exc))
         finally:
@@ -666,6 +788,8 @@ class Reconciler:
                 )
         except SigningError:
             self.metrics.signing_failures.inc()
+            raise
+        except LeaseLostError:
             raise
         except StoreError:
             self.metrics.publish_failures.inc()
