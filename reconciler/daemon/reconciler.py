@@ -560,7 +560,8 @@ class Reconciler:
         outcomes = tuple(o for o in acted if o is not None)
         interrupted = tuple(e.host for e, o in zip(todo, acted, strict=True) if o is None)
         if interrupted:
-            log.event("reconcile_interrupted", not_started=len(interrupted))
+            why = "stopping" if self._publishing else "publisher lease lost"
+            log.event("reconcile_interrupted", not_started=len(interrupted), reason=why)
         self._record(obs, plan, outcomes)
         for host in [o.host for o in outcomes if o.ok] + [e.host for e in plan.with_action(Action.REMOVED)]:
             self._behind.pop(host, None)
@@ -791,10 +792,26 @@ class Reconciler:
             raise
         except LeaseLostError:
             raise
-        except StoreError:
+        except StoreError as exc:
+            # A paused holder that resumes may first meet what the new holder wrote
+            # (releases/N.json with other content) before a write of its own is fenced.
+            if self._lease_lost():
+                raise LeaseLostError(f"not published, the publisher lease is lost: {exc}") from None
             self.metrics.publish_failures.inc()
             raise
         return release
+
+    def _lease_lost(self) -> bool:
+        """Whether this process turns out not to hold the publisher lease (any more)."""
+        if self.lease is None:
+            return False
+        try:
+            self.lease.check()
+        except LeaseLostError:
+            return True
+        except StoreError:
+            return False  # the store cannot tell; the original error stands
+        return False
 
     def _publish_key(self) -> None:
         """keys/publisher.asc, for people and tools (agents pin their own copy)."""
