@@ -258,7 +258,18 @@ class PublisherLease:
         if self._held is None:
             return
         self._held = None
-        log.event("lease_lost", logging.ERROR, term=d.term, reason=d.reason)
+        seen = self._seen
+        if (
+            seen is not None
+            and seen.term > d.term
+            and seen.record is not None
+            and seen.record.holder == self.holder.id
+        ):
+            # A command of this same state directory (`reconciler gc`, `reconcile`)
+            # took the next term; it releases it when done and this daemon takes it back.
+            log.event("lease_passed", term=d.term, to_term=seen.term)
+        else:
+            log.event("lease_lost", logging.ERROR, term=d.term, reason=d.reason)
         self.on_wake()
 
     def _note_standby(self, d: Standby) -> None:

@@ -41,6 +41,7 @@ from reconciler.config import load_config
 from reconciler.core.layout import blob_path, latest_path, release_path
 from reconciler.core.release import Artifact, Release, new_release, parse_release
 from reconciler.daemon.gc import collect
+from reconciler.daemon.lease import FencedStore
 from reconciler.daemon.publish import publish
 from reconciler.errors import StoreError
 from reconciler.ports import Store
@@ -616,7 +617,8 @@ def test_cli_reports_an_unreachable_store_in_one_line(tmp_path: Path) -> None:
     )
     res = cli("gc", "-c", str(cfg))
     assert res.returncode == 1
-    assert res.stderr.startswith("reconciler: error: cannot list hosts/ in s3://reconciler-test/ at ")
+    # gc first reads the publisher lease (it deletes only while holding it).
+    assert res.stderr.startswith("reconciler: error: cannot list lease/ in s3://reconciler-test/ at ")
     assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr, res.stderr
 
 
@@ -722,7 +724,9 @@ def test_gc_command(backend: str, tmp_path: Path, signing: Signing, request: pyt
     lines = real.stdout.splitlines()
     assert lines[:-1] == [ln.replace("would delete", "deleted") for ln in dry.stdout.splitlines()[:-1]]
     assert lines[-1] == f"deleted {len(lines) - 1} objects (keeping 3 releases per host)"
-    assert set(store.list()) == set(before) - {ln.split()[-1] for ln in lines[:-1]}
+    # It deleted what it printed, holding the publisher lease (released when done).
+    assert set(store.list()) == set(before) - {ln.split()[-1] for ln in lines[:-1]} | {"lease/1.json"}
+    assert json.loads(store.get_bytes("lease/1.json") or b"")["released"] is True
     assert "hosts/a/releases/1.json" not in store.list()
 
 
@@ -746,7 +750,8 @@ def test_reconciler_publishes_the_fleet_to_s3(
     cfg = load_config(write_config(tmp_path, config_repo, signing, store=section))
     rec = open_reconciler(cfg)
     try:
-        assert isinstance(rec.store, S3Store)
+        # Every write checks the publisher lease first.
+        assert isinstance(rec.store, FencedStore) and isinstance(rec.store.inner, S3Store)
         result = rec.reconcile(respect_backoff=False)
         assert result.ok, result.outcomes
         assert {o.host: o.version for o in result.outcomes} == {"web-1": 1, "web-2": 1, "worker-1": 1}
@@ -766,3 +771,44 @@ def test_reconciler_publishes_the_fleet_to_s3(
         assert again.ok and not again.outcomes
     finally:
         rec.close()
+
+
+def test_two_daemons_on_one_bucket_elect_one_publisher(
+    weed: Weed, tmp_path: Path, config_repo: ConfigRepo, signing: Signing
+) -> None:
+    """The publisher lease over S3 (conditional PUTs): the second daemon stands by until
+    the first releases the lease, then publishes (adopting what the first published)."""
+    standard_fleet(config_repo)
+    creds = tmp_path / "s3.creds"
+    creds.write_text(f"access_key_id = {ACCESS_KEY}\nsecret_access_key = {SECRET_KEY}\n")
+    section = {
+        "type": "s3",
+        "bucket": BUCKET,
+        "prefix": f"ha/{uuid.uuid4().hex[:8]}",
+        "endpoint": weed.endpoint,
+        "credentials_file": str(creds),
+    }
+    first, second = (
+        open_reconciler(load_config(write_config(tmp_path / name, config_repo, signing, store=section)))
+        for name in ("a", "b")
+    )
+    try:
+        assert first.reconcile().ok
+        standby = second.reconcile()
+        assert standby.standby and standby.outcomes == ()
+        s3 = weed.store(prefix=section["prefix"])
+        assert s3.list("lease/") == ["lease/1.json"]
+        assert first.lease is not None
+        assert json.loads(s3.get_bytes("lease/1.json") or b"")["holder"] == first.lease.holder.id
+        first.close()
+        assert json.loads(s3.get_bytes("lease/1.json") or b"")["released"] is True
+        took_over = second.reconcile()
+        assert not took_over.standby and took_over.ok
+        assert {o.version for o in took_over.outcomes} == {1}  # adopted, not published again
+        assert sorted(k for k in s3.list("hosts/web-1/releases/") if k.endswith(".json")) == [
+            "hosts/web-1/releases/1.json"
+        ]
+        assert s3.list("lease/") == ["lease/1.json", "lease/2.json"]
+    finally:
+        first.close()
+        second.close()

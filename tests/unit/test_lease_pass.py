@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -441,3 +442,27 @@ def test_a_daemon_that_wins_the_lease_back_signs_on_from_the_other_s_metadata(fl
     assert versions == sorted(set(versions)), versions
     assert b.listed() == {"web-1": 2, "web-2": 2}
     assert [int(k.split("/")[1].split(".")[0]) for k in fleet.store.list(LEASE_PREFIX)] == [1, 2, 3]
+
+
+def test_a_command_of_the_same_state_directory_borrows_the_lease_without_an_alarm(
+    fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`reconciler gc` beside the running daemon: it takes the next term, releases it when
+    done, and the daemon takes the one after; nothing is logged as an error."""
+    fleet.source.push(FLEET)
+    ledger = MemoryLedger()
+    running = daemon(fleet, "a", ledger=ledger)
+    running.rec.reconcile()
+    gc = daemon(fleet, "a-gc", holder="a", ledger=ledger)
+    gc.rec.collect_garbage(dry_run=False, on_delete=lambda key: None)
+    gc.rec.close()
+    assert record(fleet, 2)["released"] is True
+    caplog.set_level(logging.INFO, logger="reconciler")
+    caplog.clear()
+    running.lease.tick()
+    assert running.woken == ["a"]
+    assert [r.getMessage() for r in caplog.records] == ["lease_passed"]
+    assert all(r.levelname == "INFO" for r in caplog.records)
+    fleet.source.push(CHANGED)
+    assert {o.host: o.version for o in running.rec.reconcile().outcomes} == {"web-2": 2}
+    assert record(fleet, 3)["holder"] == "a"
