@@ -89,28 +89,25 @@ class PublisherLease:
 
     @property
     def held(self) -> bool:
-        """Whether this process holds the lease and its deadline has not passed."""
-        with self._lock:
-            return self._held is not None and self.clock.monotonic() < self._held.valid_until
+        """Whether this process holds the lease and its deadline has not passed. Without
+        the lock (one read of an attribute): /readyz and /metrics must not wait for a
+        renewal stuck on a slow store."""
+        held = self._held
+        return held is not None and self.clock.monotonic() < held.valid_until
 
     def status(self) -> LeaseStatus:
-        with self._lock:
-            if self.held:
-                assert self._held is not None
-                return LeaseStatus(Role.ACTIVE, self._held.term, self.holder.name)
-            seen = self._seen
-            if seen is None:
-                return LeaseStatus(Role.STANDBY, None, None)
-            record = seen.record
-            lapses_in = None
-            if record is not None and not record.released:
-                lapses_in = max(0.0, seen.since + record.duration - self.clock.monotonic())
-            return LeaseStatus(
-                Role.STANDBY,
-                seen.term,
-                record.name if record is not None else "an unreadable record",
-                lapses_in,
-            )
+        """As :attr:`held`, without the lock."""
+        held, seen = self._held, self._seen
+        if held is not None and self.clock.monotonic() < held.valid_until:
+            return LeaseStatus(Role.ACTIVE, held.term, self.holder.name)
+        if seen is None:
+            return LeaseStatus(Role.STANDBY, None, None)
+        record = seen.record
+        lapses_in = None
+        if record is not None and not record.released:
+            lapses_in = max(0.0, seen.since + record.duration - self.clock.monotonic())
+        name = record.name if record is not None else "an unreadable record"
+        return LeaseStatus(Role.STANDBY, seen.term, name, lapses_in)
 
     def take_handover(self) -> tuple[bool, LeaseRecord | None]:
         """Once after a term was won from another holder (or from no record at all):
@@ -132,8 +129,8 @@ class PublisherLease:
             self._start_keeper()
             first: Seen | None = None
             while True:
+                self._look()
                 now = self.clock.monotonic()
-                self._look(now)
                 d = decide(self.holder.id, self._held, self._seen, now, self.settings.duration)
                 if isinstance(d, Lost):
                     self._lose(d)
@@ -189,9 +186,12 @@ class PublisherLease:
                 log.event("lease_unreadable", logging.WARNING, error=str(exc))
         return terms[-1], record, terms
 
-    def _look(self, now: float) -> list[int]:
+    def _look(self) -> list[int]:
+        """Read the newest record and note it. A record new to this process counts as
+        seen when the read has ended, never earlier: a slow read that returns a renewal
+        must not start the wait for its lapse before the renewal was written."""
         term, record, terms = self._read()
-        self._seen = observe(self._seen, term, record, now)
+        self._seen = observe(self._seen, term, record, self.clock.monotonic())
         return terms
 
     def _record(self, term: int, renewal: int, released: bool = False) -> LeaseRecord:
@@ -212,7 +212,7 @@ class PublisherLease:
             return False
         # A daemon that read an older listing may have created a number long deleted;
         # only the newest term is the lease.
-        terms = self._look(self.clock.monotonic())
+        terms = self._look()
         if terms[-1] != d.term:
             log.event("lease_superseded", logging.WARNING, term=d.term, newest=terms[-1])
             return False
@@ -250,7 +250,7 @@ class PublisherLease:
         )
         # A daemon that judged the term lapsed just before this write may have taken
         # the next one meanwhile: the newest term decides.
-        terms = self._look(self.clock.monotonic())
+        terms = self._look()
         if terms and terms[-1] > d.term:
             self._lose(Lost(d.term, f"term {terms[-1]} was taken while renewing"))
 
@@ -318,10 +318,11 @@ class PublisherLease:
                 self._lose(Lost(held.term, "not renewed in time"))
                 held = None
             try:
-                self._look(now)
+                self._look()
             except StoreError as exc:
                 log.event("lease_read_failed", logging.WARNING, error=str(exc))
                 return self.settings.renew
+            now = self.clock.monotonic()
             d = decide(self.holder.id, self._held, self._seen, now, self.settings.duration)
             if isinstance(d, Renew):
                 try:
@@ -361,7 +362,7 @@ class PublisherLease:
                 return
             self._held = None
             try:
-                terms = self._look(self.clock.monotonic())
+                terms = self._look()
                 if terms and terms[-1] == held.term:
                     self.store.put_bytes(
                         lease_path(held.term),

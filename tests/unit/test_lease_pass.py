@@ -6,6 +6,7 @@ from __future__ import annotations
 import builtins
 import json
 import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,7 +68,9 @@ class Tagged:
         self.inner.delete(key)
 
     def get_bytes(self, key: str) -> bytes | None:
-        return self.inner.get_bytes(key)
+        data = self.inner.get_bytes(key)
+        self.on_read()
+        return data
 
     def exists(self, key: str) -> bool:
         return self.inner.exists(key)
@@ -83,6 +86,9 @@ class Tagged:
 
     def sweep(self) -> builtins.list[str]:
         return self.inner.sweep()
+
+    def on_read(self) -> None:
+        """Called when a read has its answer (a slow store advances the clock here)."""
 
 
 @dataclass
@@ -116,6 +122,7 @@ class Daemon:
     lease: PublisherLease
     ledger: MemoryLedger
     woken: list[str]
+    store: Tagged
 
     def listed(self) -> dict[str, int]:
         md = self.rec.tuf.load()
@@ -153,7 +160,7 @@ def daemon(
     )
     woken: list[str] = []
     lease.on_wake = lambda: woken.append(name)
-    return Daemon(name, rec, lease, ledger, woken)
+    return Daemon(name, rec, lease, ledger, woken, tagged)
 
 
 @pytest.fixture
@@ -466,3 +473,43 @@ def test_a_command_of_the_same_state_directory_borrows_the_lease_without_an_alar
     fleet.source.push(CHANGED)
     assert {o.host: o.version for o in running.rec.reconcile().outcomes} == {"web-2": 2}
     assert record(fleet, 3)["holder"] == "a"
+
+
+def test_a_record_counts_as_seen_when_a_slow_read_of_it_ends(fleet: Fleet) -> None:
+    """A read that takes 20s and returns a fresh renewal: its lapse is counted from the
+    end of the read (the renewal may have been written just before it ended)."""
+    fleet.source.push(FLEET)
+    a, b = daemon(fleet, "a"), daemon(fleet, "b")
+    a.rec.reconcile()
+    b.store.on_read = lambda: fleet.clock.advance(20)  # type: ignore[method-assign]
+    assert b.lease.tick() == pytest.approx(DURATION / 3)
+    status = b.lease.status()
+    assert status.role is Role.STANDBY and status.lapses_in == pytest.approx(DURATION)
+
+
+def test_held_and_status_do_not_wait_for_a_renewal_stuck_on_the_store(fleet: Fleet) -> None:
+    """/readyz and /metrics ask while the keeper's renewal hangs on a slow store."""
+    fleet.source.push(FLEET)
+    a = daemon(fleet, "a")
+    a.rec.reconcile()
+    stuck, release = threading.Event(), threading.Event()
+    put = a.store.put_bytes
+
+    def hanging(key: str, data: bytes) -> None:
+        stuck.set()
+        release.wait(10)
+        put(key, data)
+
+    a.store.put_bytes = hanging  # type: ignore[method-assign]
+    keeper = threading.Thread(target=a.lease.tick)
+    keeper.start()
+    try:
+        assert stuck.wait(10)
+        asked: list[object] = []
+        probe = threading.Thread(target=lambda: asked.extend([a.lease.held, a.lease.status().role]))
+        probe.start()
+        probe.join(2)
+        assert asked == [True, Role.ACTIVE], "held/status waited for the stuck renewal"
+    finally:
+        release.set()
+        keeper.join(10)
