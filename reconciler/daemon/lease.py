@@ -12,9 +12,12 @@ What remains without fencing by the store itself: a write whose check passed is 
 whatever happens next. A process paused between the check and the write (or a request
 delayed in the network) longer than its lease's remaining margin can still land that
 one write after another daemon took over: at most one object per writing thread (a
-pass writes from ``jobs`` build threads and its own), and only the key that write was
-for. Neither a directory nor S3 can refuse a write because a *different* object
-(the lease) changed; a store with such fencing tokens would close this window.
+pass writes from ``jobs`` build threads and its own), only the key that write was for,
+and only until the new holder writes that key again. Such a write is one the old holder
+had checked in full (a ``latest.json`` whose release is whole and signed, a TUF file it
+signed), so readers may be sent back to an older release or refuse a mismatched pair,
+never offered anything unsigned. Neither a directory nor S3 can refuse a write because a
+*different* object (the lease) changed; a store with such fencing tokens would close it.
 """
 
 from __future__ import annotations
