@@ -190,7 +190,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
     rec = open_reconciler(cfg)
     try:
         if args.action == "list":
-            md = rec.tuf.load()
+            md = rec.load_tuf()
             for role in tufrepo.RoleName:
                 keyids, threshold = tufrepo.role_keys(md.root.signed, md.targets.signed, role)
                 print(f"{role}: {threshold} of {len(keyids)}: {', '.join(keyids)}")

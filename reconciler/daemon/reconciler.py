@@ -75,7 +75,7 @@ if TYPE_CHECKING:
     from securesystemslib.signer import Signer as MetadataSigner
     from tuf.api.metadata import Metadata
 
-    from reconciler.daemon.tuf import KeyChange, TufRepository
+    from reconciler.daemon.tuf import KeyChange, Metadatas, TufRepository
 
 # How a pass opens its TUF repository, given how to get the online signing key.
 OpenTuf = Callable[[Callable[[], "MetadataSigner"]], "TufRepository"]
@@ -495,6 +495,14 @@ class Reconciler:
         with self._pass_lock, (self.cfg.state_dir / "pass.lock").open("w") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             yield
+
+    def load_tuf(self) -> Metadatas:
+        """The store's TUF metadata (`reconciler keys list`): only read, unless the store
+        has none yet and it is created, which takes the publisher lease like a pass."""
+        with self.exclusive():
+            if not self.tuf.exists():
+                self._hold_lease(wait=True)
+            return self.tuf.load()
 
     def change_keys(
         self, role: RoleName, change: KeyChange, signers: Mapping[str, MetadataSigner]
