@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
@@ -84,23 +85,35 @@ HOLDER_FILE = "publisher.id"
 def holder(cfg: Config, create: bool = True) -> Holder:
     """Who this state directory is in the publisher lease: an id made once and kept in
     ``state_dir/publisher.id`` (so a restart takes its own lease back at once), and a
-    name for people. A copied state directory must lose that file."""
+    name for people. A copied state directory must lose that file. ``create`` false:
+    the id is empty when there is none yet (`reconciler status`)."""
     path = cfg.state_dir / HOLDER_FILE
     name = f"{socket.gethostname()}:{cfg.state_dir}"
     try:
-        return Holder(path.read_text().strip() or "-", name)
+        text = path.read_text().strip()
     except FileNotFoundError:
-        if not create:
-            return Holder("", name)
+        text = ""
     except OSError as exc:
         raise ConfigError(str(path), "", f"cannot read: {exc.strerror or exc}") from None
+    if text or not create:
+        return Holder(text, name)
     try:
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        with os.fdopen(fd, "w") as f:
-            f.write(uuid.uuid4().hex + "\n")
-    except FileExistsError:
-        pass  # another process of this state directory made it first
+        fd, tmp = tempfile.mkstemp(dir=cfg.state_dir, prefix=f".{HOLDER_FILE}.")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(uuid.uuid4().hex + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            try:
+                # Whole or not at all; another process of this state directory may be first.
+                os.link(tmp, path)
+            except FileExistsError:
+                if not path.read_text().strip():  # an empty file a crash left
+                    os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
     except OSError as exc:
         raise ConfigError(str(path), "", f"cannot create: {exc.strerror or exc}") from None
     return holder(cfg, create=False)

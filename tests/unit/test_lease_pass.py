@@ -32,6 +32,7 @@ from reconciler.daemon.reconciler import Reconciler
 from reconciler.daemon.tuf import TufRepository
 from reconciler.errors import LeaseHeldError, LeaseLostError
 from reconciler.ports import Ports
+from reconciler.wiring import holder
 from tests.fakes import FakeClock, FakeNix, FakeSigner, FakeSource, MemoryLedger, MemoryStore
 
 HOST = "name: {name}\nformats: [aci]\nnetwork: {{address: {address}}}\n"
@@ -513,3 +514,28 @@ def test_held_and_status_do_not_wait_for_a_renewal_stuck_on_the_store(fleet: Fle
     finally:
         release.set()
         keeper.join(10)
+
+
+def test_a_state_directory_keeps_one_lease_identity(tmp_path: Path) -> None:
+    def cfg(state: Path) -> Config:
+        return Config(
+            path=tmp_path / "reconciler.yaml",
+            repo=RepoConfig(url="/nonexistent/repo"),
+            store=StoreConfig(type="filesystem", path=tmp_path / "store"),
+            state_dir=state,
+            signing=SigningConfig(gnupghome=tmp_path / "gnupg", key="K"),
+            nix=NixConfig(),
+        )
+
+    a, b = cfg(tmp_path / "a"), cfg(tmp_path / "b")
+    assert holder(a, create=False).id == ""  # `status` creates nothing
+    assert not (tmp_path / "a").exists()
+    first = holder(a)
+    assert len(first.id) == 32 and first.name.endswith(f":{tmp_path / 'a'}")
+    assert holder(a) == first == holder(a, create=False)
+    assert holder(b).id not in ("", first.id)
+    # An empty file (a crash between creating and writing it) is replaced.
+    (tmp_path / "a" / "publisher.id").write_text("")
+    again = holder(a)
+    assert again.id not in ("", first.id) and holder(a) == again
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["publisher.id"]
