@@ -39,7 +39,8 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
     rec = open_reconciler(_load(args))
     try:
-        result = rec.reconcile(respect_backoff=False)
+        # Against a store another daemon publishes to: wait for its lease to lapse, or fail.
+        result = rec.reconcile(respect_backoff=False, standby=False)
     finally:
         rec.close()
     if result.fleet_suspended:
@@ -105,20 +106,26 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from reconciler.daemon.reconciler import status
-    from reconciler.wiring import open_ledger
+    from reconciler.errors import StoreError
+    from reconciler.wiring import lease_status, open_ledger
 
     cfg = _load(args)
     state = open_ledger(cfg, read_only=True)
     try:
-        st = status(state)
+        st = dict(status(state))
     finally:
         state.close()
+    try:
+        st["lease"] = lease_status(cfg)
+    except StoreError as exc:
+        st["lease"] = {"enabled": cfg.lease.enabled, "error": str(exc)}
     if args.json:
         print(json.dumps(st, indent=2))
         return 0
     print(f"commit {st['commit'] or '(never reconciled)'}")
     if st["source_error"]:
         print(f"source: {st['source_error']}")
+    print(_lease_line(st["lease"]))
     if st["sandbox"] == "off":
         print("sandbox: off (nix.sandbox: false): builds can read the machine's files and reach the network")
     suspended = st["suspended"]
@@ -236,6 +243,25 @@ def _host_arg(host: str | None) -> str | None:
     return host
 
 
+def _lease_line(lease: object) -> str:
+    """The publisher lease in one line: who publishes to the store."""
+    assert isinstance(lease, dict)
+    if not lease.get("enabled"):
+        return "publisher: lease off (lease.enabled: false): this daemon assumes it is the only publisher"
+    if lease.get("error"):
+        return f"publisher: unknown: {lease['error']}"
+    if lease.get("term") is None:
+        return "publisher: no daemon has taken the store's publisher lease yet"
+    who = "this state directory" if lease["this_state_dir"] else lease["holder"]
+    if lease["released"]:
+        return f"publisher: none (term {lease['term']}, released by {who} at {lease['renewed']})"
+    role = "active" if lease["this_state_dir"] else "standby"
+    return (
+        f"publisher: {role}: the lease is held by {who} (term {lease['term']}, last renewed at "
+        f"{lease['renewed']}, lapses {lease['duration']:g}s after its last renewal)"
+    )
+
+
 def _when(unix: float) -> str:
     return datetime.fromtimestamp(unix, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
@@ -288,7 +314,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
     rec = open_reconciler(cfg)
     try:
         if args.action == "list":
-            md = rec.tuf.load()
+            md = rec.load_tuf()
             for role in tufrepo.RoleName:
                 keyids, threshold = tufrepo.role_keys(md.root.signed, md.targets.signed, role)
                 print(f"{role}: {threshold} of {len(keyids)}: {', '.join(keyids)}")

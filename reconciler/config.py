@@ -126,6 +126,18 @@ class RetentionConfig:
 
 
 @dataclass(frozen=True)
+class LeaseConfig:
+    """The store's publisher lease (reconciler.core.lease): of daemons sharing a store,
+    one publishes and the others stand by."""
+
+    enabled: bool = True
+    # A holder that has not renewed for this long is replaced (seconds).
+    duration: float = 60.0
+    # How often the holder renews, and a standby looks (seconds); default duration / 3.
+    renew: float = 20.0
+
+
+@dataclass(frozen=True)
 class TufConfig:
     """The store's TUF metadata (reconciler.core.tufrepo)."""
 
@@ -181,6 +193,7 @@ class Config:
     triggers: TriggerConfig = TriggerConfig()
     retention: RetentionConfig = RetentionConfig()
     tuf: TufConfig = TufConfig()
+    lease: LeaseConfig = LeaseConfig()
     # Nix remote builders (reconciler.core.builders), scheduled by Nix.
     builders: tuple[Builder, ...] = ()
     images: ImagesConfig = ImagesConfig()
@@ -208,6 +221,7 @@ TOP_KEYS = frozenset(
         "images",
         "events",
         "notifications",
+        "lease",
     }
 )
 BUILDER_KEYS = frozenset(
@@ -256,6 +270,7 @@ SECTION_KEYS = {
     "images": frozenset({"name_prefix", "annotations"}),
     "retention": frozenset({"keep", "interval"}),
     "events": frozenset({"keep", "max_age"}),
+    "lease": frozenset({"enabled", "duration", "renew"}),
     "tuf": frozenset(
         {"bins", "root_lifetime", "targets_lifetime", "snapshot_lifetime", "timestamp_lifetime"}
     ),
@@ -486,6 +501,7 @@ def load_config(path: Path) -> Config:
         images=_images_config(p, section("images", required=False), store_config.public_url),
         events=_events_config(p, section("events", required=False)),
         notifications=_notifications(p, data.get("notifications"), path_of),
+        lease=_lease_config(p, section("lease", required=False)),
     )
 
 
@@ -617,6 +633,26 @@ def _builders(p: str, entries: Any, path_of: Callable[[str], Path]) -> tuple[Bui
     return tuple(out)
 
 
+# Bounds of lease.duration: under a second a renewal cannot be counted on; a day is
+# longer than anyone waits for a takeover.
+MIN_LEASE = 1.0
+MAX_LEASE = 86400.0
+
+
+def _lease_config(p: str, sec: dict[str, Any]) -> LeaseConfig:
+    enabled = sec.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise ConfigError(p, "lease.enabled", "must be true or false")
+    duration = parse_seconds(p, "lease.duration", sec.get("duration", "60s"))
+    if not MIN_LEASE <= duration <= MAX_LEASE:
+        raise ConfigError(p, "lease.duration", "must be from 1s to 1d")
+    renew = parse_seconds(p, "lease.renew", sec["renew"]) if "renew" in sec else duration / 3
+    # Two attempts within a duration: one renewal that fails does not lose the lease.
+    if renew > duration / 2:
+        raise ConfigError(p, "lease.renew", f"must be at most half of lease.duration ({duration / 2:g}s)")
+    return LeaseConfig(enabled=enabled, duration=duration, renew=renew)
+
+
 def _tuf_config(p: str, sec: dict[str, Any]) -> TufConfig:
     bins = sec.get("bins", 256)
     if not isinstance(bins, int) or isinstance(bins, bool) or bins < 2 or bins > 65536 or bins & (bins - 1):
@@ -640,7 +676,7 @@ def _tuf_config(p: str, sec: dict[str, Any]) -> TufConfig:
 
 # Top-level folders of the store's own layout (reconciler.core.layout): a name prefix
 # whose domain were one of them would mix discovery copies into them.
-_LAYOUT_FOLDERS = frozenset({"blobs", "hosts", "keys", "tuf"})
+_LAYOUT_FOLDERS = frozenset({"blobs", "hosts", "keys", "lease", "tuf"})
 # appc's well-known annotations whose value is a URL (spec/aci.md); "created" is a
 # date, which would make the same commit build different bytes at another time.
 _URL_ANNOTATIONS = frozenset({"homepage", "documentation"})

@@ -73,6 +73,19 @@ class StoreError(ReconcilerError):
     """The artifact store refused or failed an operation."""
 
 
+class LeaseError(StoreError):
+    """A write to the store refused because this process does not hold the store's
+    publisher lease (reconciler.core.lease)."""
+
+
+class LeaseLostError(LeaseError):
+    """This process held the publisher lease and no longer does: it writes nothing more."""
+
+
+class LeaseHeldError(LeaseError):
+    """Another daemon holds the publisher lease and renews it (a one-shot command)."""
+
+
 class FetchKind(StrEnum):
     """What went wrong with a read, for a caller that answers each differently."""
 

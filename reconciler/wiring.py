@@ -12,6 +12,10 @@ test_commands.py checks what `reconciler plan` imports).
 
 from __future__ import annotations
 
+import os
+import socket
+import tempfile
+import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -26,7 +30,10 @@ from reconciler.adapters.ledger import State
 from reconciler.adapters.nix import Nix
 from reconciler.adapters.store import FilesystemStore
 from reconciler.config import Config, SigningConfig, StoreConfig
+from reconciler.core.layout import LEASE_PREFIX, LeaseKey, lease_path, parse_key
+from reconciler.core.lease import Holder, parse_record
 from reconciler.daemon.gate import Gate
+from reconciler.daemon.lease import FencedStore, PublisherLease
 from reconciler.daemon.metrics import Metrics
 from reconciler.daemon.reconciler import OpenTuf, Reconciler
 from reconciler.errors import ConfigError, ReconcilerError, SigningError, StoreError, VerificationError
@@ -65,14 +72,85 @@ def source(cfg: Config) -> GitSource:
 
 
 def open_reconciler(cfg: Config, metrics: Metrics | None = None) -> Reconciler:
-    """The daemon's pass with the real adapters."""
+    """The daemon's pass with the real adapters: it writes to the store only while it
+    holds the store's publisher lease (unless lease.enabled is false)."""
     metrics = metrics or Metrics()
     nix = Nix(cfg.state_dir, cfg.nix, builders=cfg.builders, images=cfg.images)
+    ports = _ports(cfg, source(cfg), nix, lambda: State(cfg.state_dir))
+    lease = None
+    if cfg.lease.enabled:
+        lease = PublisherLease(ports.store, cfg.lease, holder(cfg), ports.clock)
+        ports = replace(ports, store=FencedStore(ports.store, lease))
     # The event log after the ports: a config whose keys or store credentials are
     # refused must not have created the state directory.
-    ports = _ports(cfg, source(cfg), nix, lambda: State(cfg.state_dir))
     ports = replace(ports, events=_events(cfg, metrics))
-    return Reconciler(cfg, ports, metrics, _tuf(cfg, ports))
+    return Reconciler(cfg, ports, metrics, _tuf(cfg, ports), lease)
+
+
+HOLDER_FILE = "publisher.id"
+
+
+def holder(cfg: Config, create: bool = True) -> Holder:
+    """Who this state directory is in the publisher lease: an id made once and kept in
+    ``state_dir/publisher.id`` (so a restart takes its own lease back at once), and a
+    name for people. A copied state directory must lose that file. ``create`` false:
+    the id is empty when there is none yet (`reconciler status`)."""
+    path = cfg.state_dir / HOLDER_FILE
+    name = f"{socket.gethostname()}:{cfg.state_dir}"
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        text = ""
+    except OSError as exc:
+        raise ConfigError(str(path), "", f"cannot read: {exc.strerror or exc}") from None
+    if text or not create:
+        return Holder(text, name)
+    try:
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cfg.state_dir, prefix=f".{HOLDER_FILE}.")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(uuid.uuid4().hex + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            try:
+                # Whole or not at all; another process of this state directory may be first.
+                os.link(tmp, path)
+            except FileExistsError:
+                if not path.read_text().strip():  # an empty file a crash left
+                    os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    except OSError as exc:
+        raise ConfigError(str(path), "", f"cannot create: {exc.strerror or exc}") from None
+    return holder(cfg, create=False)
+
+
+def lease_status(cfg: Config) -> dict[str, object]:
+    """The store's publisher lease as `reconciler status` shows it: its newest record,
+    and whether this state directory holds it."""
+    if not cfg.lease.enabled:
+        return {"enabled": False}
+    store = open_store(cfg.store)
+    terms = sorted(k.term for key in store.list(LEASE_PREFIX) if isinstance(k := parse_key(key), LeaseKey))
+    if not terms:
+        return {"enabled": True, "term": None}
+    key = lease_path(terms[-1])
+    data = store.get_bytes(key)
+    try:
+        record = parse_record(data or b"", terms[-1], key)
+    except VerificationError as exc:
+        return {"enabled": True, "term": terms[-1], "error": str(exc)}
+    return {
+        "enabled": True,
+        "term": record.term,
+        "holder": record.name,
+        "this_state_dir": record.holder == holder(cfg, create=False).id,
+        "renewed": record.renewed.isoformat(),
+        "duration": record.duration,
+        "released": record.released,
+    }
 
 
 def open_events(cfg: Config, read_only: bool = False) -> EventLog:

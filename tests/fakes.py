@@ -274,6 +274,12 @@ class MemoryStore:
     def put_bytes(self, key: str, data: bytes) -> None:
         self._put(key, data)
 
+    def create(self, key: str, data: bytes) -> bool:
+        if key in self.objects:
+            return False
+        self._put(key, data)
+        return True
+
     def get_bytes(self, key: str) -> bytes | None:
         return self.objects.get(key)
 

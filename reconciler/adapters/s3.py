@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import builtins
 import configparser
+import contextlib
 import urllib.parse
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,6 +110,10 @@ _CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",
 }
 _MISSING = frozenset({"404", "NoSuchKey", "NotFound"})
+# A conditional create refused: the key exists (412), or another conditional write of
+# it is in progress (409, AWS).
+_EXISTS = frozenset({"412", "PreconditionFailed", "409", "ConditionalRequestConflict"})
+_UNSUPPORTED = frozenset({"501", "NotImplemented"})
 _DENIED = frozenset({"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden"})
 
 
@@ -138,6 +144,7 @@ class S3Store:
         check_prefix(self.prefix)
         self.endpoint_url = endpoint_url.rstrip("/") if endpoint_url else None
         self.region = region
+        self._conditional_checked = False
         self.location = f"s3://{bucket}/{self.prefix}" + (f" at {self.endpoint_url}" if endpoint_url else "")
         self._transfer = TransferConfig(
             multipart_threshold=multipart_threshold,
@@ -238,6 +245,59 @@ class S3Store:
             )
         except (BotoCoreError, ClientError, S3UploadFailedError, OSError) as exc:
             raise StoreError(f"cannot copy {src} to {dst} in {self.location}: {self._reason(exc)}") from None
+
+    def create(self, key: str, data: bytes) -> bool:
+        """A PUT with ``If-None-Match: *`` (S3 conditional writes): the service answers
+        412 if the key exists, 409 while another conditional write of it is in flight.
+        ``data`` must be unique to this writer: a refusal is read back, and an object
+        holding exactly ``data`` is this writer's own (an earlier attempt of the PUT).
+        A service that ignored the header would let two writers both "create" the key,
+        so the first create of a process checks that it is honoured (see
+        :meth:`_check_conditional_writes`) and refuses to go on if not."""
+        if not self._conditional_checked:
+            self._check_conditional_writes(key)
+        return self._create(key, data)
+
+    def _create(self, key: str, data: bytes) -> bool:
+        full = self._key(key)
+        try:
+            self.client.put_object(
+                Bucket=self.bucket, Key=full, Body=data, ContentType=_content_type(key), IfNoneMatch="*"
+            )
+        except ClientError as exc:
+            if self._code(exc) in _EXISTS:
+                # A retried PUT (the first attempt's answer lost or garbled, which
+                # SeaweedFS does now and then under concurrent conditional writes) is
+                # refused by the object the first attempt wrote: the bytes say whose
+                # it is (callers write content that is theirs alone, as a lease record).
+                return self.get_bytes(key) == data
+            if self._code(exc) in _UNSUPPORTED:
+                raise self._unsupported() from None
+            raise self._error("create", key, exc) from None
+        except BotoCoreError as exc:
+            raise self._error("create", key, exc) from None
+        return True
+
+    def _check_conditional_writes(self, key: str) -> None:
+        """Create a probe object beside ``key`` twice: the second must be refused."""
+        probe = f"{key}.probe-{uuid.uuid4().hex}"
+        try:
+            if not self._create(probe, b"probe 1\n"):
+                raise StoreError(f"cannot create {probe} in {self.location}: it exists")
+            if self._create(probe, b"probe 2\n"):
+                raise self._unsupported()
+        finally:
+            with contextlib.suppress(StoreError):
+                self.delete(probe)
+        self._conditional_checked = True
+
+    def _unsupported(self) -> StoreError:
+        return StoreError(
+            f"{self.location} does not honour conditional writes (PUT with If-None-Match: *), "
+            "so two daemons could both take the publisher lease: use a service that does "
+            "(AWS S3 does; SeaweedFS 4.48 is tested), or set lease.enabled: false and run "
+            "only one daemon against this store"
+        )
 
     def get_bytes(self, key: str) -> bytes | None:
         full = self._key(key)

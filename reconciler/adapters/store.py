@@ -103,14 +103,36 @@ class FilesystemStore:
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
-            dfd = os.open(target.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            _sync_dir(target.parent)
         except OSError as exc:
             reason = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
             raise StoreError(f"cannot copy {src} to {dst} in {self.root}: {reason}") from None
+
+    def create(self, key: str, data: bytes) -> bool:
+        """The whole object is written to a temporary file first and then linked to
+        ``key`` with link(2), which fails if the name exists: never a partial object,
+        and atomic on local file systems and NFS alike (where O_EXCL was not always)."""
+        target = self._path(key)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=TMP_PREFIX)
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    out.write(data)
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.chmod(tmp, 0o644)
+                try:
+                    os.link(tmp, target)
+                except FileExistsError:
+                    return False
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+            _sync_dir(target.parent)
+        except OSError as exc:
+            reason = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+            raise StoreError(f"cannot create {key} in {self.root}: {reason}") from None
+        return True
 
     def get_bytes(self, key: str) -> bytes | None:
         try:
@@ -173,3 +195,12 @@ class FilesystemStore:
             except OSError as exc:
                 raise StoreError(f"cannot remove {tmp}: {exc.strerror or exc}") from None
         return removed
+
+
+def _sync_dir(path: Path) -> None:
+    """A new name in ``path`` survives a crash once the directory is synced."""
+    dfd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

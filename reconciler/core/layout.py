@@ -12,6 +12,8 @@ tuf/<V>.<role>.json, tuf/timestamp.json  TUF metadata (reconciler.core.tufrepo)
 <prefix>/<host>-<N>-<os>-<arch>.aci(.asc)  appc discovery's name of release N's ACI: the
                                          blob's bytes and signature again (core.appc)
 <path of prefix>/index.html              the page answering appc discovery for the prefix
+lease/<T>.json                           the publisher lease, one record per term
+                                         (reconciler.core.lease); never garbage
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ _DISCOVERY = re.compile(
 )
 _TUF = re.compile(r"^tuf/(?:([1-9][0-9]{0,17})\.)?([a-z]+(?:-[0-9a-f]+)?)\.json$")
 TUF_PREFIX = "tuf/"
+LEASE_PREFIX = "lease/"
+_LEASE = re.compile(r"^lease/([1-9][0-9]{0,17})\.json$")
 
 
 def blob_path(sha256: str) -> str:
@@ -68,6 +72,11 @@ def discovery_page_path(prefix: str) -> str:
     ``index.html``."""
     path = prefix.partition("/")[2]
     return f"{path}/index.html" if path else "index.html"
+
+
+def lease_path(term: int) -> str:
+    """The record of the publisher lease's ``term`` (core.lease)."""
+    return f"{LEASE_PREFIX}{term}.json"
 
 
 def signature_path(key: str) -> str:
@@ -127,7 +136,12 @@ class DiscoveryKey:
     signature: bool
 
 
-Key = ReleaseKey | LatestKey | BlobKey | UpdateKey | TufKey | DiscoveryKey
+@dataclass(frozen=True)
+class LeaseKey:
+    term: int
+
+
+Key = ReleaseKey | LatestKey | BlobKey | UpdateKey | TufKey | DiscoveryKey | LeaseKey
 
 
 def parse_key(key: str) -> Key | None:
@@ -146,4 +160,6 @@ def parse_key(key: str) -> Key | None:
         version = int(m.group(1)) if m.group(1) else None
         if (version is None) == (m.group(2) == "timestamp"):
             return TufKey(m.group(2), version)
+    if m := _LEASE.fullmatch(key):
+        return LeaseKey(int(m.group(1)))
     return None

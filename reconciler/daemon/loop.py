@@ -80,6 +80,9 @@ class Daemon:
         # Read-only JSON; the fleet page's access control (a Server guard) covers these.
         get: dict[str, GetHandler] = {"/api/events": self.api_events}
         self.server = Server(cfg.listen, self.metrics.registry, self.healthy, self.ready, post, get)
+        if reconciler.lease is not None:
+            # A standby's pass runs as soon as the holder's lease lapses or is released.
+            reconciler.lease.on_wake = lambda: self.wakeup.notify("lease")
         self.watcher = RepoWatcher(Path(cfg.repo.url), self.wakeup) if cfg.repo.is_local and t.watch else None
 
     def webhook(self, headers: dict[str, str], body: bytes) -> tuple[int, str, bytes]:
@@ -148,8 +151,12 @@ class Daemon:
 
     def ready(self) -> tuple[bool, str]:
         """Ready once a pass has observed the repository; a later fetch error keeps
-        it ready, because what it published is still served."""
+        it ready, because what it published is still served. A standby is ready too
+        (a Deployment of two rolls out), and says it is one."""
         if self._observed:
+            lease = self.reconciler.lease
+            if lease is not None and not lease.held:
+                return True, lease.status().describe()
             return True, "ok"
         return False, self._last_error or "first reconcile not finished"
 

@@ -10,11 +10,13 @@ from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from reconciler.core.formats import Kind
+from reconciler.core.lease import Role
 from reconciler.core.model import COMMIT_KEY, LAST_SUCCESS_KEY, Status
 from reconciler.daemon.gate import Refusal
 from reconciler.ports import Ledger
 
 if TYPE_CHECKING:
+    from reconciler.daemon.lease import PublisherLease
     from reconciler.daemon.tuf import TufRepository
 
 # Builds of real hosts take seconds to minutes; reconciles of an unchanged fleet
@@ -127,6 +129,29 @@ class TufCollector(Collector):
         yield version
 
 
+class LeaseCollector(Collector):
+    """Whether this daemon publishes (holds the store's publisher lease), read when
+    Prometheus scrapes; without a lease (lease.enabled: false) it always does."""
+
+    def __init__(self, lease: PublisherLease | None) -> None:
+        self._lease = lease
+
+    def collect(self) -> Iterator[Metric]:
+        status = self._lease.status() if self._lease is not None else None
+        yield GaugeMetricFamily(
+            "reconciler_publisher_active",
+            "1 while this daemon holds the store's publisher lease and publishes; 0 on a standby.",
+            value=1 if status is None or status.role is Role.ACTIVE else 0,
+        )
+        if status is not None and status.term is not None:
+            yield GaugeMetricFamily(
+                "reconciler_lease_term",
+                "The newest term of the store's publisher lease this daemon has seen (it grows at"
+                " every change of holder).",
+                value=status.term,
+            )
+
+
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
@@ -224,13 +249,15 @@ class Metrics:
             self.stage_duration.labels(stage)
         for result in ("accepted", "ignored", "unauthorized"):
             self.webhook_requests.labels(result)
-        for trigger in ("poll", "webhook", "filesystem", "manual"):
+        for trigger in ("poll", "webhook", "filesystem", "manual", "lease"):
             self.wakeups.labels(trigger)
         for result in ("accepted", "unauthorized", "suspended"):
             self.reconcile_requests.labels(result)
         for result in ("success", "failure"):
             self.reconcile_runs.labels(result)
             self.host_builds.labels(result)
+        # A pass of a standby: it planned and published nothing.
+        self.reconcile_runs.labels("standby")
         for fmt in Kind:
             self.artifacts_published.labels(fmt)
         for reason in Refusal:
@@ -249,3 +276,7 @@ class Metrics:
         self.registry.register(LedgerCollector(ledger, branch))
         if tuf is not None:
             self.registry.register(TufCollector(tuf))
+
+    def watch_lease(self, lease: PublisherLease | None) -> None:
+        """Serve reconciler_publisher_active and reconciler_lease_term from now on."""
+        self.registry.register(LeaseCollector(lease))

@@ -19,7 +19,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from functools import partial
 from pathlib import Path
@@ -61,6 +61,7 @@ from reconciler.core.model import (
     Action,
     BuildOutput,
     Evaluation,
+    HostState,
     Status,
     Suspensions,
 )
@@ -71,12 +72,14 @@ from reconciler.core.versions import MAX_TAKEN, Adopt, Decision, Taken, decide, 
 from reconciler.daemon import history, parsing
 from reconciler.daemon.gate import CommitRefusedError
 from reconciler.daemon.gc import collect
+from reconciler.daemon.lease import PublisherLease
 from reconciler.daemon.metrics import Metrics
 from reconciler.daemon.preflight import sandbox_verdict
 from reconciler.daemon.publish import publish
 from reconciler.errors import (
     BuildError,
     ConfigError,
+    LeaseLostError,
     ReconcilerError,
     SigningError,
     SourceError,
@@ -92,7 +95,7 @@ if TYPE_CHECKING:
     from securesystemslib.signer import Signer as MetadataSigner
     from tuf.api.metadata import Metadata
 
-    from reconciler.daemon.tuf import KeyChange, TufRepository
+    from reconciler.daemon.tuf import KeyChange, Metadatas, TufRepository
 
 # How a pass opens its TUF repository, given how to get the online signing key.
 OpenTuf = Callable[[Callable[[], "MetadataSigner"]], "TufRepository"]
@@ -132,11 +135,15 @@ class ReconcileResult:
 
     # Why the TUF metadata could not be brought up to date, or None.
     metadata_error: str | None = None
-    # Hosts to rebuild that were not started: the daemon was asked to stop.
+    # Hosts to rebuild that were not started: the daemon was asked to stop, or lost
+    # the publisher lease.
     interrupted: tuple[str, ...] = ()
     # The whole fleet is suspended: the pass fetched nothing and only kept the TUF
     # metadata fresh (the plan holds the recorded hosts, each suspended).
     fleet_suspended: bool = False
+    # Another daemon holds the store's publisher lease: this pass observed and
+    # planned, and built, signed and published nothing.
+    standby: bool = False
 
     @property
     def ok(self) -> bool:
@@ -183,10 +190,17 @@ class Reconciler:
     Config with the real adapters."""
 
     def __init__(
-        self, cfg: Config, ports: Ports, metrics: Metrics | None = None, tuf: OpenTuf | None = None
+        self,
+        cfg: Config,
+        ports: Ports,
+        metrics: Metrics | None = None,
+        tuf: OpenTuf | None = None,
+        lease: PublisherLease | None = None,
     ) -> None:
         """``tuf`` opens the store's TUF repository; without one (`reconciler plan`)
-        the pass can plan but not publish."""
+        the pass can plan but not publish. ``lease``: the store's publisher lease,
+        which a pass holds before it writes (``ports.store`` checks it before every
+        write, reconciler.daemon.lease.FencedStore); None: this is the only publisher."""
         self.cfg = cfg
         self.metrics = metrics or Metrics()
         self.source = ports.source
@@ -219,7 +233,13 @@ class Reconciler:
         # The suspensions the last pass honoured, to log what changed since.
         self._suspensions = Suspensions()
         self._tuf = tuf(lambda: self.signer.metadata_signer()) if tuf is not None else None
+        self.lease = lease
+        # After this process won the lease from another daemon: host -> the version
+        # the store's latest.json has, newer than the ledger's (_catch_up).
+        self._behind: dict[str, int] = {}
+        self._catching_up = False
         self.metrics.watch(self.state, self._tuf, cfg.repo.branch)
+        self.metrics.watch_lease(lease)
         self.metrics.known_builders([LOCAL, *(b.name for b in cfg.builders)])
 
     @property
@@ -260,6 +280,9 @@ class Reconciler:
         return verdict
 
     def close(self) -> None:
+        """Release the publisher lease (the next daemon takes over at once) and close."""
+        if self.lease is not None:
+            self.lease.close()
         self.state.close()
         self._gate.close()
         if self._events is not None:
@@ -393,51 +416,111 @@ class Reconciler:
 
     def plan(self, respect_backoff: bool = True) -> tuple[Observation, Plan]:
         obs = self.observe()
+        if self._catching_up:
+            self._catch_up(obs)
         suspended = self.state.suspensions()
         plan = make_plan(
             obs.commit,
             obs.fleet,
             obs.evaluation.images,
             obs.evaluation.errors,
-            self.state.hosts(),
+            self._recorded(),
             obs.changed,
             now=self.clock.now().timestamp() if respect_backoff else None,
             max_wait=self.cfg.retry.max.total_seconds(),
             suspended=suspended,
         )
+        if self._behind:
+            why = "published by another daemon (version {}) while this one stood by"
+            plan = replace(
+                plan,
+                entries=tuple(
+                    replace(e, reasons=(why.format(self._behind[e.host]),))
+                    if e.host in self._behind and e.action == Action.REBUILD
+                    else e
+                    for e in plan.entries
+                ),
+            )
         return obs, plan
+
+    def _recorded(self) -> Mapping[str, HostState]:
+        """The ledger's hosts, with those another daemon published since (``_behind``)
+        at the store's version and no known image: the plan rebuilds them, and the
+        version decision adopts the release it finds (core.versions)."""
+        hosts = dict(self.state.hosts())
+        for name, version in self._behind.items():
+            prev = hosts.get(name)
+            hosts[name] = (
+                replace(prev, version=version, image=None)
+                if prev is not None
+                else HostState(name, version, None, None, Status.PUBLISHED, None, 0.0)
+            )
+        return hosts
+
+    def _catch_up(self, obs: Observation) -> None:
+        """After winning the lease from another daemon: which hosts of the fleet the
+        store has a newer latest.json for than this ledger says. Once per takeover,
+        one read per host; until each is published (adopted) again, the TUF metadata
+        lists the store's version, never this ledger's older one."""
+        recorded = self.state.hosts()
+        behind = {}
+        for name in sorted(obs.fleet.hosts):
+            latest = self._in_store(name)
+            prev = recorded.get(name)
+            if latest is not None and latest.version > (prev.version if prev is not None else 0):
+                behind[name] = latest.version
+        self._behind = behind
+        self._catching_up = False
+        if behind:
+            log.event("lease_catch_up", hosts=len(behind))
 
     # -- act and record --------------------------------------------------------
 
-    def reconcile(self, respect_backoff: bool = True) -> ReconcileResult:
+    def reconcile(self, respect_backoff: bool = True, standby: bool = True) -> ReconcileResult:
         """One pass. Raises only when nothing could be observed.
 
         Hosts whose last build failed wait out their backoff unless
         ``respect_backoff`` is false (an operator's one-shot pass retries at once).
+        When another daemon holds the store's publisher lease, the pass observes and
+        plans only (``standby``, the daemon), or waits for the lease to lapse and
+        raises LeaseHeldError once its holder renews it (a one-shot command).
         """
         with self.exclusive():
             suspended = self._note_suspensions()
             if suspended.fleet is not None:
                 return self._fleet_suspended()
             started = self.clock.monotonic()
+            active = False
             try:
                 self.check_sandbox()
-                try:
-                    self._recover_store()
-                except StoreError as exc:
-                    # Leftovers are invisible to readers: publish anyway, sweep next pass.
-                    log.event("store_recover_failed", logging.WARNING, error=str(exc))
-                result = self._reconcile(respect_backoff)
+                active = self._hold_lease(wait=not standby)
+                if active:
+                    try:
+                        self._recover_store()
+                    except StoreError as exc:
+                        # Leftovers are invisible to readers: publish anyway, sweep next pass.
+                        log.event("store_recover_failed", logging.WARNING, error=str(exc))
+                result = self._reconcile(respect_backoff, active)
             except ReconcilerError as exc:
                 self.metrics.reconcile_runs.labels("failure").inc()
                 seconds = self.clock.monotonic() - started
                 self._emit(history.pass_failed(exc, seconds, self.clock.now().timestamp()))
                 # What was published stays fresh while the source cannot be read.
-                if self.tuf.exists():
+                if active and self._publishing and self.tuf.exists():
                     self.sync_metadata()
                 raise
             finally:
                 self.metrics.reconcile_duration.observe(self.clock.monotonic() - started)
+            if result.standby:
+                self.metrics.reconcile_runs.labels("standby").inc()
+                assert self.lease is not None
+                log.event(
+                    "reconcile_standby",
+                    commit=result.plan.commit,
+                    rebuild=len(result.plan.with_action(Action.REBUILD)),
+                    lease=self.lease.status().describe(),
+                )
+                return result
             self.metrics.reconcile_runs.labels("success" if result.succeeded else "failure").inc()
             if result.succeeded:
                 self.state.set_meta(LAST_SUCCESS_KEY, repr(self.clock.now().timestamp()))
@@ -477,10 +560,37 @@ class Reconciler:
     def _fleet_suspended(self) -> ReconcileResult:
         """A pass over a suspended fleet: nothing is fetched, built or recorded, but
         what was published stays served, so the TUF metadata is re-signed when due."""
-        error = self.sync_metadata() if self.tuf.exists() else None
+        # Only the publisher signs: a standby's fleet is suspended as well, by the ledger
+        # of its own state directory, and leaves the metadata to the lease's holder.
+        publishing = self._hold_lease(wait=False) if self.tuf.exists() else False
+        error = self.sync_metadata() if publishing else None
         plan = suspended_fleet(self.state.get_meta(COMMIT_KEY) or "", self.state.hosts())
         log.event("reconcile_suspended", hosts=len(plan.entries))
         return ReconcileResult(plan, (), metadata_error=error, fleet_suspended=True)
+
+    @property
+    def _publishing(self) -> bool:
+        """Whether this process may write to the store: it holds the lease, or has none."""
+        return self.lease is None or self.lease.held
+
+    def _hold_lease(self, wait: bool) -> bool:
+        """Acquire or renew the store's publisher lease (under the pass lock): whether
+        this process publishes. ``wait``: see PublisherLease.acquire."""
+        if self.lease is None:
+            return True
+        if not self.lease.acquire(wait=wait):
+            return False
+        handover, previous = self.lease.take_handover()
+        if handover:
+            # Another daemon may have written the store since this process last did:
+            # its TUF metadata is read again, leftovers of its writes are swept, and
+            # the next plan catches up with the hosts it published.
+            self._catching_up = True
+            self._store_recovered = False
+            if self._tuf is not None:
+                self._tuf.forget()
+            log.event("lease_handover", previous=previous.name if previous is not None else "")
+        return True
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -490,12 +600,21 @@ class Reconciler:
             fcntl.flock(f, fcntl.LOCK_EX)
             yield
 
+    def load_tuf(self) -> Metadatas:
+        """The store's TUF metadata (`reconciler keys list`): only read, unless the store
+        has none yet and it is created, which takes the publisher lease like a pass."""
+        with self.exclusive():
+            if not self.tuf.exists():
+                self._hold_lease(wait=True)
+            return self.tuf.load()
+
     def change_keys(
         self, role: RoleName, change: KeyChange, signers: Mapping[str, MetadataSigner]
     ) -> Metadata[Any]:
         """A TUF key change (reconciler.core.tufrepo), signed by ``signers``; under the
         pass lock, so no pass signs metadata meanwhile."""
         with self.exclusive():
+            self._hold_lease(wait=True)
             changed = self.tuf.change_keys(role, change, signers)
             log.event("tuf_keys_changed", role=role, version=changed.signed.version)
             return changed
@@ -503,6 +622,8 @@ class Reconciler:
     def collect_garbage(self, dry_run: bool, on_delete: Callable[[str], None]) -> list[str]:
         """Delete releases beyond retention.keep and blobs nothing kept refers to."""
         with self.exclusive():
+            if not dry_run:
+                self._hold_lease(wait=True)
             keys = self._collect(dry_run, on_delete)
             if not dry_run:
                 self._recover_store()
@@ -537,8 +658,10 @@ class Reconciler:
         log.event("gc_done", deleted=len(keys), dry_run=dry_run, keep=self.cfg.retention.keep)
         return keys
 
-    def _reconcile(self, respect_backoff: bool) -> ReconcileResult:
+    def _reconcile(self, respect_backoff: bool, active: bool = True) -> ReconcileResult:
         obs, plan = self.plan(respect_backoff)
+        if not active:
+            return ReconcileResult(plan, (), standby=True)
         log.event(
             "reconcile_start",
             commit=obs.commit,
@@ -553,7 +676,8 @@ class Reconciler:
         outcomes = tuple(o for o in acted if isinstance(o, HostOutcome))
         interrupted = tuple(e.host for e, o in zip(todo, acted, strict=True) if o is Skipped.STOPPING)
         if interrupted:
-            log.event("reconcile_interrupted", not_started=len(interrupted))
+            why = "stopping" if self._publishing else "publisher lease lost"
+            log.event("reconcile_interrupted", not_started=len(interrupted), reason=why)
         left = [e.host for e, o in zip(todo, acted, strict=True) if o is Skipped.SUSPENDED]
         if left:
             # Suspended while the pass waited to build them: left as they are.
@@ -561,17 +685,24 @@ class Reconciler:
             for host in left:
                 log.event("host_left_suspended", host=host)
         self._record(obs, plan, outcomes)
+        for host in [o.host for o in outcomes if o.ok] + [e.host for e in plan.with_action(Action.REMOVED)]:
+            self._behind.pop(host, None)
+        if not self._publishing:
+            # The lease was lost during the pass: its new holder brings the metadata up to date.
+            lost = "the publisher lease was lost during the pass"
+            return ReconcileResult(plan, outcomes, lost, interrupted)
         return ReconcileResult(plan, outcomes, self.sync_metadata(), interrupted)
 
     def stop(self) -> None:
         """Start no further build: a pass in progress finishes the builds it started,
-        records them and ends. The hosts it did not start are rebuilt by the next."""
+        records them and ends. The hosts it did not start are rebuilt by the next.
+        (As when the publisher lease is lost during a pass.)"""
         self._stopping.set()
 
     def sync_metadata(self) -> str | None:
         """Make the TUF metadata list every host's published release (the ledger's)
         and re-sign what is due; why it could not, or None. Under the pass lock."""
-        published = {name: hs.version for name, hs in self.state.hosts().items() if hs.serving}
+        published = {name: hs.version for name, hs in self._recorded().items() if hs.serving}
         try:
             with self.metrics.stage_duration.labels("metadata").time():
                 self.tuf.sync(published)
@@ -588,7 +719,7 @@ class Reconciler:
         the rest of the pass (a crash before that is met by adoption next pass).
         Skipped: not started, because the daemon is stopping or an operator suspended
         the host (or the fleet) since the pass began."""
-        if self._stopping.is_set():
+        if self._stopping.is_set() or not self._publishing:
             self.metrics.build_queue_depth.dec()
             return Skipped.STOPPING
         # Read when the host's turn comes, not when the pass began: a suspension is
@@ -601,6 +732,9 @@ class Reconciler:
         started = self.clock.monotonic()
         try:
             done = self._build_and_publish(host, entry, obs.commit)
+        except LeaseLostError:
+            # Not published by this process: the lease's new holder publishes it.
+            return Skipped.STOPPING
         except ReconcilerError as exc:
             return HostOutcome(
                 host.name,
@@ -810,7 +944,13 @@ class Reconciler:
         except SigningError:
             self.metrics.signing_failures.inc()
             raise
-        except StoreError:
+        except LeaseLostError:
+            raise
+        except StoreError as exc:
+            # A paused holder that resumes may first meet what the new holder wrote
+            # (releases/N.json with other content) before a write of its own is fenced.
+            if self._lease_lost():
+                raise LeaseLostError(f"not published, the publisher lease is lost: {exc}") from None
             self.metrics.publish_failures.inc()
             raise
         finally:
@@ -863,6 +1003,18 @@ class Reconciler:
         except VerificationError as exc:
             raise StoreError(f"{key}: {exc}") from None
         return controls, update
+
+    def _lease_lost(self) -> bool:
+        """Whether this process turns out not to hold the publisher lease (any more)."""
+        if self.lease is None:
+            return False
+        try:
+            self.lease.check()
+        except LeaseLostError:
+            return True
+        except StoreError:
+            return False  # the store cannot tell; the original error stands
+        return False
 
     def _publish_key(self) -> None:
         """keys/publisher.asc, for people and tools (agents pin their own copy)."""

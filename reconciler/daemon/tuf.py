@@ -134,6 +134,11 @@ class TufRepository:
         except OSError:
             return b""
 
+    def forget(self) -> None:
+        """Read the metadata again before its next use: another publisher may have
+        written the store since (a takeover of the publisher lease)."""
+        self.md = None
+
     def exists(self) -> bool:
         return self.md is not None or self._local_file.exists() or self._in_store()
 

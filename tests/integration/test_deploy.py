@@ -70,6 +70,8 @@ DAEMON_METRICS = {
     "reconciler_publish_failures_total",
     "reconciler_untrusted_commits_total",
     "reconciler_webhook_requests_total",
+    "reconciler_publisher_active",
+    "reconciler_lease_term",
     # Prometheus's own, per target.
     "up",
 }
@@ -109,6 +111,8 @@ ALERTS = {
     "PublishFailures",
     "UntrustedCommit",
     "WebhookUnauthorizedBurst",
+    "NoActivePublisher",
+    "MultiplePublishers",
 }
 # Grafana's variables, replaced by what a query would get, for checking expressions.
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h"}

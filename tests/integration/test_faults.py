@@ -7,7 +7,6 @@ missing or unsigned object, and what failed is said in one clear error and a met
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import shutil
 import signal
@@ -23,6 +22,7 @@ from reconciler.adapters.gpg import Verifier
 from reconciler.config import load_config
 from reconciler.core.release import parse_release
 from reconciler.daemon.reconciler import Reconciler
+from reconciler.errors import StoreError
 from reconciler.wiring import open_reconciler
 from tests.conftest import WEB, ConfigRepo, Signing, standard_fleet, write_config
 
@@ -176,22 +176,25 @@ def test_store_outage_fails_clearly_with_a_metric_and_no_partial_release(
     blocked.write_text("not a directory\n")
     rec = open_reconciler(load_config(write_config(tmp_path, fleet, signing)))
     try:
-        result = rec.reconcile()
-        assert not result.ok and len(result.outcomes) == 3
-        for o in result.outcomes:
-            assert not o.ok and o.error is not None
-            assert o.error.startswith("cannot ") and str(blocked) in o.error, o.error
+        # The first write of a pass is the store's publisher lease: the pass stops there,
+        # before building anything, naming the store.
+        with pytest.raises(StoreError, match=f"^cannot create lease/1.json in {blocked}: Not a directory$"):
+            rec.reconcile()
         assert metrics_of(rec)["runs_failed"] == 1
+        assert metrics_of(rec)["builds_failed"] == 0
     finally:
         rec.close()
     assert blocked.read_text() == "not a directory\n"
     res = subprocess.run(
-        [sys.executable, "-m", "reconciler", "status", "-c", str(tmp_path / "reconciler.yaml"), "--json"],
+        [sys.executable, "-m", "reconciler", "reconcile", "-c", str(tmp_path / "reconciler.yaml")],
         capture_output=True,
         text=True,
     )
-    status = json.loads(res.stdout)
-    assert {h: s["status"] for h, s in status["hosts"].items()} == dict.fromkeys(HOSTS, "failed")
+    assert res.returncode == 1
+    assert res.stderr.splitlines()[-1:] == [
+        f"reconciler: error: cannot create lease/1.json in {blocked}: Not a directory"
+    ]
+    assert "Traceback" not in res.stderr
 
 
 @pytest.mark.parametrize("fault", ["secret key gone", "wrong passphrase"])

@@ -41,6 +41,7 @@ from reconciler.config import load_config
 from reconciler.core.layout import blob_path, latest_path, release_path
 from reconciler.core.release import Artifact, Release, new_release, parse_release
 from reconciler.daemon.gc import collect
+from reconciler.daemon.lease import FencedStore
 from reconciler.daemon.publish import publish
 from reconciler.errors import StoreError
 from reconciler.ports import Store
@@ -330,6 +331,69 @@ def test_delete_is_idempotent(store: Store) -> None:
     assert store.list() == ["hosts/a/releases/1.json.asc"]
 
 
+def test_create_writes_only_where_no_object_is(store: Store) -> None:
+    assert store.create("lease/1.json", b"first\n")
+    assert not store.create("lease/1.json", b"second\n")
+    assert store.get_bytes("lease/1.json") == b"first\n"
+    # An ordinary put still replaces it (the holder renewing its own record).
+    store.put_bytes("lease/1.json", b"renewed\n")
+    assert store.get_bytes("lease/1.json") == b"renewed\n"
+    assert store.create("lease/2.json", b"")
+    # Nothing else is left behind: no temporary file, no probe object.
+    assert store.list() == ["lease/1.json", "lease/2.json"]
+
+
+def test_of_writers_racing_to_create_a_key_exactly_one_wins(store: Store) -> None:
+    """The publisher lease's election: eight writers per key, at once, twenty keys."""
+    writers, keys = 8, 20
+    store.create("lease/probe.json", b"")  # an S3 store checks conditional writes once, first
+    winners: dict[str, list[int]] = {}
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    start = threading.Barrier(writers)
+
+    def race(i: int) -> None:
+        start.wait()
+        try:
+            for k in range(keys):
+                if store.create(f"lease/{k + 1}.json", f"writer {i}\n".encode()):
+                    with lock:
+                        winners.setdefault(f"lease/{k + 1}.json", []).append(i)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    assert sorted(winners) == sorted(f"lease/{k + 1}.json" for k in range(keys))
+    for key, won in winners.items():
+        assert len(won) == 1, f"{key} was created by writers {won}"
+        assert store.get_bytes(key) == f"writer {won[0]}\n".encode()
+
+
+def test_an_s3_service_that_ignores_conditional_writes_is_refused(weed: Weed) -> None:
+    """As a service without conditional writes would: the real server, with the
+    If-None-Match header taken off every PUT. The first create finds out and refuses,
+    rather than let two daemons both win a term."""
+    store = weed.store()
+
+    def strip(request: object, **kwargs: object) -> None:
+        headers = getattr(request, "headers")  # noqa: B009 -- botocore's AWSRequest
+        if "If-None-Match" in headers:
+            del headers["If-None-Match"]
+
+    store.client.meta.events.register("before-sign.s3.PutObject", strip)
+    with pytest.raises(StoreError, match=r"does not honour conditional writes .* lease\.enabled: false"):
+        store.create("lease/1.json", b"x")
+    assert store.list() == []
+    # The same store with the header intact.
+    store.client.meta.events.unregister("before-sign.s3.PutObject", strip)
+    assert store.create("lease/1.json", b"x") and not store.create("lease/1.json", b"y")
+
+
 def test_sweep_removes_what_dead_writes_left_and_nothing_else(store: Store, tmp_path: Path) -> None:
     store.put_bytes("hosts/a/latest.json", b"1")
     key = "blobs/sha256/" + "cd" * 32
@@ -414,6 +478,10 @@ class Recording:
         self._check(key, data)
         self.writes.append(key)
         self.inner.put_bytes(key, data)
+
+    def create(self, key: str, data: bytes) -> bool:
+        self.writes.append(key)
+        return self.inner.create(key, data)
 
     def get_bytes(self, key: str) -> bytes | None:
         return self.inner.get_bytes(key)
@@ -581,7 +649,8 @@ def test_cli_reports_an_unreachable_store_in_one_line(tmp_path: Path) -> None:
     )
     res = cli("gc", "-c", str(cfg))
     assert res.returncode == 1
-    assert res.stderr.startswith("reconciler: error: cannot list / in s3://reconciler-test/ at ")
+    # gc first reads the publisher lease (it deletes only while holding it).
+    assert res.stderr.startswith("reconciler: error: cannot list lease/ in s3://reconciler-test/ at ")
     assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr, res.stderr
 
 
@@ -701,7 +770,9 @@ def test_gc_command(backend: str, tmp_path: Path, signing: Signing, request: pyt
     lines = real.stdout.splitlines()
     assert lines[:-1] == [ln.replace("would delete", "deleted") for ln in dry.stdout.splitlines()[:-1]]
     assert lines[-1] == f"deleted {len(lines) - 1} objects (keeping 3 releases per host)"
-    assert set(store.list()) == set(before) - {ln.split()[-1] for ln in lines[:-1]}
+    # It deleted what it printed, holding the publisher lease (released when done).
+    assert set(store.list()) == set(before) - {ln.split()[-1] for ln in lines[:-1]} | {"lease/1.json"}
+    assert json.loads(store.get_bytes("lease/1.json") or b"")["released"] is True
     assert "hosts/a/releases/1.json" not in store.list()
 
 
@@ -725,7 +796,8 @@ def test_reconciler_publishes_the_fleet_to_s3(
     cfg = load_config(write_config(tmp_path, config_repo, signing, store=section))
     rec = open_reconciler(cfg)
     try:
-        assert isinstance(rec.store, S3Store)
+        # Every write checks the publisher lease first.
+        assert isinstance(rec.store, FencedStore) and isinstance(rec.store.inner, S3Store)
         result = rec.reconcile(respect_backoff=False)
         assert result.ok, result.outcomes
         assert {o.host: o.version for o in result.outcomes} == {"web-1": 1, "web-2": 1, "worker-1": 1}
@@ -756,3 +828,44 @@ def test_reconciler_publishes_the_fleet_to_s3(
         assert again.ok and not again.outcomes
     finally:
         rec.close()
+
+
+def test_two_daemons_on_one_bucket_elect_one_publisher(
+    weed: Weed, tmp_path: Path, config_repo: ConfigRepo, signing: Signing
+) -> None:
+    """The publisher lease over S3 (conditional PUTs): the second daemon stands by until
+    the first releases the lease, then publishes (adopting what the first published)."""
+    standard_fleet(config_repo)
+    creds = tmp_path / "s3.creds"
+    creds.write_text(f"access_key_id = {ACCESS_KEY}\nsecret_access_key = {SECRET_KEY}\n")
+    section = {
+        "type": "s3",
+        "bucket": BUCKET,
+        "prefix": f"ha/{uuid.uuid4().hex[:8]}",
+        "endpoint": weed.endpoint,
+        "credentials_file": str(creds),
+    }
+    first, second = (
+        open_reconciler(load_config(write_config(tmp_path / name, config_repo, signing, store=section)))
+        for name in ("a", "b")
+    )
+    try:
+        assert first.reconcile().ok
+        standby = second.reconcile()
+        assert standby.standby and standby.outcomes == ()
+        s3 = weed.store(prefix=section["prefix"])
+        assert s3.list("lease/") == ["lease/1.json"]
+        assert first.lease is not None
+        assert json.loads(s3.get_bytes("lease/1.json") or b"")["holder"] == first.lease.holder.id
+        first.close()
+        assert json.loads(s3.get_bytes("lease/1.json") or b"")["released"] is True
+        took_over = second.reconcile()
+        assert not took_over.standby and took_over.ok
+        assert {o.version for o in took_over.outcomes} == {1}  # adopted, not published again
+        assert sorted(k for k in s3.list("hosts/web-1/releases/") if k.endswith(".json")) == [
+            "hosts/web-1/releases/1.json"
+        ]
+        assert s3.list("lease/") == ["lease/1.json", "lease/2.json"]
+    finally:
+        first.close()
+        second.close()

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from reconciler.config import (
     Config,
     ImagesConfig,
+    LeaseConfig,
     NixConfig,
     RepoConfig,
     RetentionConfig,
@@ -52,7 +53,7 @@ def config_error(tmp_path: Path, data: Any) -> ConfigError:
 
 DELETE = object()
 AC_PREFIX = "must be an AC Identifier: lowercase words joined by -._~/ (e.g. example.com/fleet)"
-LAYOUT = "must not start with a folder of the store (blobs, hosts, keys, tuf)"
+LAYOUT = "must not start with a folder of the store (blobs, hosts, keys, lease, tuf)"
 ANNOTATION = "annotation names must be AC Identifiers (lowercase words joined by -._~/)"
 HTTP_URL = "must be an http:// or https:// URL"
 
@@ -202,6 +203,7 @@ TOP = (
             "events",
             "images",
             "jobs",
+            "lease",
             "listen",
             "nix",
             "notifications",
@@ -741,3 +743,33 @@ def test_a_reload_applies_what_can_change_live_and_names_what_needs_a_restart(tm
     # What needs a restart keeps its old value until then.
     assert (running.listen, running.state_dir, running.triggers.watch) == (old.listen, old.state_dir, True)
     assert reload(old, old) == (old, [], [])
+
+
+def test_the_publisher_lease_is_on_by_default_and_configurable(tmp_path: Path) -> None:
+    assert load_config(write_config(tmp_path / "a", merged())).lease == LeaseConfig(
+        enabled=True, duration=60.0, renew=20.0
+    )
+    cfg = load_config(write_config(tmp_path / "b", merged(lease={"duration": "3s"})))
+    assert cfg.lease == LeaseConfig(enabled=True, duration=3.0, renew=1.0)
+    cfg = load_config(write_config(tmp_path / "c", merged(lease={"duration": "2m", "renew": 15})))
+    assert cfg.lease == LeaseConfig(enabled=True, duration=120.0, renew=15.0)
+    assert not load_config(write_config(tmp_path / "d", merged(lease={"enabled": False}))).lease.enabled
+
+
+@pytest.mark.parametrize(
+    ("lease", "key", "reason"),
+    [
+        ({"enabled": "yes"}, "lease.enabled", "must be true or false"),
+        ({"duration": "0.5"}, "lease.duration", "must be a duration"),
+        ({"duration": 0.5}, "lease.duration", "must be from 1s to 1d"),
+        ({"duration": "2d"}, "lease.duration", "must be from 1s to 1d"),
+        ({"duration": "10s", "renew": "6s"}, "lease.renew", "must be at most half of lease.duration (5s)"),
+        ({"renew": "soon"}, "lease.renew", "must be a duration"),
+        ({"term": 3}, "lease.term", "unknown key"),
+        ([], "lease", "must be a mapping"),
+    ],
+)
+def test_bad_lease_settings_name_the_key(tmp_path: Path, lease: Any, key: str, reason: str) -> None:
+    err = config_error(tmp_path, merged(lease=lease))
+    assert err.key == key
+    assert err.reason.startswith(reason), err.reason

@@ -10,6 +10,7 @@ from reconciler.core.layout import (
     BlobKey,
     DiscoveryKey,
     LatestKey,
+    LeaseKey,
     ReleaseKey,
     TufKey,
     UpdateKey,
@@ -17,6 +18,7 @@ from reconciler.core.layout import (
     discovery_page_path,
     discovery_path,
     latest_path,
+    lease_path,
     parse_key,
     release_path,
     signature_path,
@@ -83,6 +85,10 @@ def test_keys_outside_the_layout_are_nothing() -> None:
         "blobs/sha256/" + "a" * 64 + ".zsync.asc",
         "hosts/web-1/web-2-latest-x86_64.AppImage.zsync",
         "hosts/web-1/latest-x86_64.AppImage.zsync",
+        "lease/0.json",
+        "lease/01.json",
+        "lease/3.json.probe-0123abcd",
+        "lease/.tmp-3",
     ):
         assert parse_key(key) is None, key
 
@@ -112,3 +118,8 @@ def test_the_discovery_page_is_the_index_of_the_prefix_path() -> None:
     assert discovery_page_path("example.com/fleet") == "fleet/index.html"
     assert discovery_page_path("example.com/a/b") == "a/b/index.html"
     assert discovery_page_path("example.com") == "index.html"
+
+
+@given(st.integers(1, 10**17))
+def test_a_lease_key_reads_back(term: int) -> None:
+    assert parse_key(lease_path(term)) == LeaseKey(term)

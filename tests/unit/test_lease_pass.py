@@ -1,0 +1,554 @@
+"""Two daemons, one store: passes under the publisher lease (reconciler.daemon.lease) on
+in-memory fakes of every port, with one clock they share (tests/fakes.py)."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from reconciler.config import (
+    Config,
+    LeaseConfig,
+    NixConfig,
+    RepoConfig,
+    RetentionConfig,
+    SigningConfig,
+    StoreConfig,
+)
+from reconciler.core import tufrepo
+from reconciler.core.layout import LEASE_PREFIX, latest_path, lease_path, release_path
+from reconciler.core.lease import Holder, LeaseRecord, Role
+from reconciler.core.model import Status
+from reconciler.daemon.gate import Gate
+from reconciler.daemon.lease import FencedStore, PublisherLease
+from reconciler.daemon.reconciler import Reconciler
+from reconciler.daemon.tuf import TufRepository
+from reconciler.errors import LeaseHeldError, LeaseLostError
+from reconciler.ports import Ports
+from reconciler.wiring import holder
+from tests.fakes import FakeClock, FakeNix, FakePackager, FakeSigner, FakeSource, MemoryLedger, MemoryStore
+
+HOST = "name: {name}\nformats: [aci]\nnetwork: {{address: {address}}}\n"
+FLEET = {
+    "hosts/web-1.yaml": HOST.format(name="web-1", address="10.0.0.1/24"),
+    "hosts/web-2.yaml": HOST.format(name="web-2", address="10.0.0.2/24"),
+}
+CHANGED = {**FLEET, "hosts/web-2.yaml": HOST.format(name="web-2", address="10.0.0.9/24")}
+DURATION = 60.0
+
+
+class Tagged:
+    """The shared store, recording which daemon wrote what."""
+
+    def __init__(self, store: MemoryStore, who: str, log: list[tuple[str, str]]) -> None:
+        self.inner, self.who, self.log = store, who, log
+
+    def put_file(self, key: str, path: Path) -> None:
+        self.log.append((self.who, key))
+        self.inner.put_file(key, path)
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self.log.append((self.who, key))
+        self.inner.put_bytes(key, data)
+
+    def copy(self, src: str, dst: str) -> None:
+        self.log.append((self.who, dst))
+        self.inner.copy(src, dst)
+
+    def create(self, key: str, data: bytes) -> bool:
+        created = self.inner.create(key, data)
+        if created:
+            self.log.append((self.who, key))
+        return created
+
+    def delete(self, key: str) -> None:
+        self.log.append((self.who, f"delete {key}"))
+        self.inner.delete(key)
+
+    def get_bytes(self, key: str) -> bytes | None:
+        data = self.inner.get_bytes(key)
+        self.on_read()
+        return data
+
+    def exists(self, key: str) -> bool:
+        return self.inner.exists(key)
+
+    def size(self, key: str) -> int | None:
+        return self.inner.size(key)
+
+    def url(self, key: str) -> str:
+        return self.inner.url(key)
+
+    def list(self, prefix: str = "") -> builtins.list[str]:
+        return self.inner.list(prefix)
+
+    def sweep(self) -> builtins.list[str]:
+        return self.inner.sweep()
+
+    def on_read(self) -> None:
+        """Called when a read has its answer (a slow store advances the clock here)."""
+
+
+@dataclass
+class Fleet:
+    """What the daemons share: the repository, the store, the signing key, Nix and time."""
+
+    tmp: Path
+    source: FakeSource = field(default_factory=FakeSource)
+    store: MemoryStore = field(default_factory=MemoryStore)
+    signer: FakeSigner = field(default_factory=FakeSigner)
+    clock: FakeClock = field(default_factory=FakeClock)
+    writes: list[tuple[str, str]] = field(default_factory=list)
+    nix: FakeNix = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.nix = FakeNix(self.tmp / "builds", self.source)
+
+    def published_by(self, who: str) -> list[str]:
+        """What ``who`` wrote to the store, but its lease records."""
+        return [key for w, key in self.writes if w == who and not key.startswith(LEASE_PREFIX)]
+
+    def releases(self, host: str) -> list[int]:
+        prefix = f"hosts/{host}/releases/"
+        return sorted(int(k[len(prefix) : -5]) for k in self.store.list(prefix) if k.endswith(".json"))
+
+
+@dataclass
+class Daemon:
+    name: str
+    rec: Reconciler
+    lease: PublisherLease
+    ledger: MemoryLedger
+    woken: list[str]
+    store: Tagged
+
+    def listed(self) -> dict[str, int]:
+        md = self.rec.tuf.load()
+        return tufrepo.hosts_listed(md.bins.values())
+
+
+def daemon(
+    fleet: Fleet, name: str, holder: str | None = None, ledger: MemoryLedger | None = None, keep: int = 10
+) -> Daemon:
+    """A daemon process with a state directory of its own (``holder``: its lease id)."""
+    state = fleet.tmp / name
+    state.mkdir(parents=True, exist_ok=True)
+    cfg = Config(
+        path=fleet.tmp / "reconciler.yaml",
+        repo=RepoConfig(url="/nonexistent/repo"),
+        store=StoreConfig(type="filesystem", path=fleet.tmp / "unused-store"),
+        state_dir=state,
+        signing=SigningConfig(gnupghome=fleet.tmp / "gnupg", key="K"),
+        nix=NixConfig(),
+        retention=RetentionConfig(keep=keep, interval=0),
+        lease=LeaseConfig(duration=DURATION, renew=DURATION / 3),
+    )
+    ledger = ledger if ledger is not None else MemoryLedger()
+    tagged = Tagged(fleet.store, name, fleet.writes)
+    lease = PublisherLease(
+        tagged, cfg.lease, Holder(holder or name, f"host-{name}"), fleet.clock, background=False
+    )
+    store = FencedStore(tagged, lease)
+    ports = Ports(
+        fleet.source,
+        fleet.nix,
+        store,
+        ledger,
+        Gate(cfg.repo),
+        lambda: fleet.signer,
+        fleet.clock,
+        FakePackager(),
+    )
+    rec = Reconciler(
+        cfg,
+        ports,
+        tuf=lambda online: TufRepository(store, state / "tuf", online, fleet.clock, cfg.tuf),
+        lease=lease,
+    )
+    woken: list[str] = []
+    lease.on_wake = lambda: woken.append(name)
+    return Daemon(name, rec, lease, ledger, woken, tagged)
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Fleet:
+    return Fleet(tmp_path)
+
+
+def gauge(registry: CollectorRegistry, name: str) -> float | None:
+    return registry.get_sample_value(name)
+
+
+def record(fleet: Fleet, term: int) -> dict[str, object]:
+    data = fleet.store.get_bytes(lease_path(term))
+    assert data is not None
+    doc = json.loads(data)
+    assert isinstance(doc, dict)
+    return doc
+
+
+def test_of_two_daemons_only_the_lease_holder_builds_signs_and_publishes(fleet: Fleet) -> None:
+    fleet.source.push(FLEET)
+    a, b = daemon(fleet, "a"), daemon(fleet, "b")
+    result = a.rec.reconcile()
+    assert {o.host: o.version for o in result.outcomes} == {"web-1": 1, "web-2": 1}
+    builds, signed = len(fleet.nix.builds), fleet.signer
+    standby = b.rec.reconcile()
+    assert standby.standby and standby.outcomes == () and standby.ok
+    # It observed and planned: both hosts would be rebuilt by it.
+    assert [e.host for e in standby.plan.entries] == ["web-1", "web-2"]
+    assert fleet.published_by("b") == [] and len(fleet.nix.builds) == builds and signed is fleet.signer
+    assert b.ledger.states == {} and "commit" not in b.ledger.meta
+    assert b.lease.status().role is Role.STANDBY and b.lease.status().holder == "host-a"
+    assert record(fleet, 1)["holder"] == "a" and fleet.store.list(LEASE_PREFIX) == [lease_path(1)]
+    # A commit later: still only the holder publishes.
+    fleet.source.push(CHANGED)
+    assert b.rec.reconcile().standby
+    assert {o.host: o.version for o in a.rec.reconcile().outcomes} == {"web-2": 2}
+    assert fleet.published_by("b") == [] and fleet.releases("web-2") == [1, 2]
+    registry_a, registry_b = a.rec.metrics.registry, b.rec.metrics.registry
+    assert gauge(registry_a, "reconciler_publisher_active") == 1
+    assert gauge(registry_b, "reconciler_publisher_active") == 0
+    assert gauge(registry_a, "reconciler_lease_term") == gauge(registry_b, "reconciler_lease_term") == 1
+    assert registry_b.get_sample_value("reconciler_reconcile_runs_total", {"result": "standby"}) == 2
+    assert registry_b.get_sample_value("reconciler_reconcile_runs_total", {"result": "success"}) == 0
+
+
+def test_a_standby_takes_over_once_the_holder_stops_renewing_and_catches_up(fleet: Fleet) -> None:
+    fleet.source.push(FLEET)
+    a, b = daemon(fleet, "a"), daemon(fleet, "b")
+    a.rec.reconcile()
+    assert b.rec.reconcile().standby  # b sees a's record from now on
+    # a dies (kill -9: no release). Its record is unchanged for the whole duration.
+    fleet.clock.advance(DURATION - 1)
+    assert b.lease.tick() == pytest.approx(1.0) and b.woken == []
+    assert b.rec.reconcile().standby
+    fleet.clock.advance(1)
+    b.lease.tick()
+    assert b.woken == ["b"]  # the daemon's loop runs a pass now
+    fleet.source.push(CHANGED)
+    result = b.rec.reconcile()
+    assert not result.standby and result.ok
+    # web-1 is as a published it: adopted (built, not published again); web-2 changed.
+    assert {o.host: o.version for o in result.outcomes} == {"web-1": 1, "web-2": 2}
+    assert fleet.releases("web-1") == [1] and fleet.releases("web-2") == [1, 2]
+    reasons = {e.host: e.reasons for e in result.plan.entries}
+    assert reasons["web-1"] == ("published by another daemon (version 1) while this one stood by",)
+    assert json.loads(fleet.store.get_bytes(latest_path("web-2")) or b"")["version"] == 2
+    assert b.listed() == {"web-1": 1, "web-2": 2}
+    assert record(fleet, 2)["holder"] == "b" and b.lease.status().role is Role.ACTIVE
+    assert {h: s.version for h, s in b.ledger.states.items()} == {"web-1": 1, "web-2": 2}
+
+
+def test_a_paused_holder_that_resumes_after_a_takeover_writes_nothing(fleet: Fleet) -> None:
+    fleet.source.push(FLEET)
+    a, b = daemon(fleet, "a"), daemon(fleet, "b")
+    a.rec.reconcile()
+    b.rec.reconcile()
+    fleet.source.push(CHANGED)
+    took_over: list[int] = []
+
+    def pause(host: str) -> None:
+        # a is stopped (SIGSTOP) in the middle of building web-2; b takes over and
+        # publishes the same commit; then a goes on.
+        if took_over:
+            return
+        took_over.append(len(fleet.writes))
+        b.lease.tick()  # b sees the renewal a's pass began with
+        fleet.clock.advance(DURATION)
+        b.lease.tick()
+        assert b.rec.reconcile().outcomes[-1].version == 2
+
+    fleet.nix.while_building = pause
+    result = a.rec.reconcile()
+    after = [key for who, key in fleet.writes[took_over[0] :] if who == "a"]
+    assert after == [], f"a wrote {after} after it lost the lease"
+    assert result.interrupted == ("web-2",) and result.outcomes == ()
+    assert result.metadata_error == "the publisher lease was lost during the pass"
+    # Not a failure of the host: no backoff, no failed status in a's ledger.
+    assert a.ledger.states["web-2"].status == Status.PUBLISHED and a.ledger.states["web-2"].failures == 0
+    assert a.lease.status().role is Role.STANDBY and not a.lease.held
+    assert fleet.releases("web-2") == [1, 2]
+    assert json.loads(fleet.store.get_bytes(release_path("web-2", 2)) or b"")["commit"] == fleet.source.head
+
+
+def test_a_holder_whose_deadline_has_not_passed_still_stops_at_a_newer_term(fleet: Fleet) -> None:
+    fleet.source.push(FLEET)
+    a = daemon(fleet, "a")
+    a.rec.reconcile()
+    # Another daemon won term 2 (how it judged term 1 lapsed does not matter here).
+    other = LeaseRecord(2, "c", "host-c", 0, DURATION, fleet.clock.now())
+    assert fleet.store.create(lease_path(2), other.to_json())
+    assert a.lease.held  # by its own clock
+    with pytest.raises(LeaseLostError, match="term 2 was taken"):
+        a.rec.store.put_bytes("hosts/web-1/latest.json", b"stale")
+    assert not a.lease.held and json.loads(fleet.store.get_bytes(latest_path("web-1")) or b"")["version"] == 1
+    fleet.source.push(CHANGED)
+    assert a.rec.reconcile().standby
+
+
+def test_a_clean_stop_hands_the_lease_over_at_once(fleet: Fleet) -> None:
+    fleet.source.push(FLEET)
+    a, b = daemon(fleet, "a"), daemon(fleet, "b")
+    a.rec.reconcile()
+    assert b.rec.reconcile().standby
+    a.rec.close()
+    assert record(fleet, 1)["released"] is True
+    b.lease.tick()
+    assert b.woken == ["b"]
+    fleet.source.push(CHANGED)
+    result = b.rec.reconcile()
+    assert {o.host: o.version for o in result.outcomes} == {"web-1": 1, "web-2": 2}
+    assert record(fleet, 2)["holder"] == "b"
+
+
+def test_a_restarted_daemon_takes_its_own_lease_back_at_once(fleet: Fleet) -> None:
+    fleet.source.push(FLEET)
+    ledger = MemoryLedger()
+    first = daemon(fleet, "a", ledger=ledger)
+    first.rec.reconcile()
+    # kill -9, and the same state directory (its id, its ledger) starts again at once.
+    again = daemon(fleet, "a-again", holder="a", ledger=ledger)
+    fleet.source.push(CHANGED)
+    result = again.rec.reconcile()
+    assert {o.host: o.version for o in result.outcomes} == {"web-2": 2}
+    assert record(fleet, 2)["holder"] == "a"
+    # Its own ledger is current: no catch-up reads, no adoption of web-1.
+    assert [e.host for e in result.plan.entries if e.action == "rebuild"] == ["web-2"]
+
+
+def test_a_one_shot_command_fails_against_a_renewing_holder(fleet: Fleet) -> None:
+    fleet.source.push(FLEET)
+    a, b = daemon(fleet, "a"), daemon(fleet, "b")
+    a.rec.reconcile()
+    sleep = fleet.clock.sleep
+
+    def renewing(seconds: float) -> None:
+        sleep(seconds)
+        a.lease.tick()
+
+    fleet.clock.sleep = renewing  # type: ignore[method-assign]
+    started = fleet.clock.t
+    with pytest.raises(LeaseHeldError, match=r"held by host-a \(term 1\), which renews it"):
+        b.rec.reconcile(standby=False)
+    assert fleet.clock.t - started <= DURATION / 3
+    assert fleet.published_by("b") == []
+
+
+def test_a_one_shot_command_waits_out_a_dead_holder_and_publishes(fleet: Fleet) -> None:
+    fleet.source.push(FLEET)
+    a, b = daemon(fleet, "a"), daemon(fleet, "b")
+    a.rec.reconcile()
+    fleet.source.push(CHANGED)
+    started = fleet.clock.t
+    result = b.rec.reconcile(standby=False)
+    assert DURATION <= fleet.clock.t - started <= DURATION + 1
+    assert {o.host: o.version for o in result.outcomes} == {"web-1": 1, "web-2": 2}
+    b.rec.close()
+    assert record(fleet, 2)["released"] is True
+
+
+def test_daemons_taking_turns_never_publish_a_version_twice_or_list_an_old_one(fleet: Fleet) -> None:
+    """b publishes, a takes over and publishes a change, b takes over again with its
+    ledger two releases behind: it adopts what a published and lists it in TUF."""
+    fleet.source.push(FLEET)
+    a, b = daemon(fleet, "a"), daemon(fleet, "b")
+    b.rec.reconcile()
+    b.rec.close()
+    b = daemon(fleet, "b", ledger=b.ledger)  # restarted
+    fleet.source.push(CHANGED)
+    a.rec.reconcile()
+    fleet.source.push({**CHANGED, "hosts/web-1.yaml": HOST.format(name="web-1", address="10.0.0.7/24")})
+    a.rec.reconcile()
+    assert fleet.releases("web-1") == [1, 2] and fleet.releases("web-2") == [1, 2]
+    a.rec.close()
+    result = b.rec.reconcile()
+    assert {o.host: o.version for o in result.outcomes} == {"web-1": 2, "web-2": 2}
+    assert fleet.releases("web-1") == [1, 2] and fleet.releases("web-2") == [1, 2]
+    assert b.listed() == {"web-1": 2, "web-2": 2}
+    assert {h: s.version for h, s in b.ledger.states.items()} == {"web-1": 2, "web-2": 2}
+    # Caught up: the next pass has nothing to do.
+    again = b.rec.reconcile()
+    assert again.outcomes == () and {e.action for e in again.plan.entries} == {"unchanged"}
+
+
+def test_a_failed_adoption_after_a_takeover_keeps_the_store_s_version_listed(fleet: Fleet) -> None:
+    fleet.source.push(FLEET)
+    a, b = daemon(fleet, "a"), daemon(fleet, "b")
+    b.rec.reconcile()
+    b.rec.close()
+    b = daemon(fleet, "b", ledger=b.ledger)  # restarted
+    fleet.source.push(CHANGED)
+    a.rec.reconcile()
+    a.rec.close()
+    fleet.nix.failing.add("web-2")
+    result = b.rec.reconcile()
+    assert [(o.host, o.ok) for o in result.outcomes] == [("web-2", False)]
+    # b's ledger says web-2 is version 1; the store and TUF say 2, and stay so.
+    assert b.ledger.states["web-2"].version == 1
+    assert b.listed() == {"web-1": 1, "web-2": 2}
+
+
+def test_garbage_collection_never_deletes_the_lease(fleet: Fleet) -> None:
+    fleet.source.push(FLEET)
+    a, b = daemon(fleet, "a", keep=1), daemon(fleet, "b", keep=1)
+    for i in range(4):
+        fleet.source.push({**FLEET, "hosts/web-2.yaml": HOST.format(name="web-2", address=f"10.0.1.{i}/24")})
+        a.rec.reconcile()
+    deleted = a.rec.collect_garbage(dry_run=False, on_delete=lambda key: None)
+    assert deleted and not [k for k in deleted if k.startswith(LEASE_PREFIX)]
+    assert fleet.store.list(LEASE_PREFIX) == [lease_path(1)]
+    # A standby's `reconciler gc` waits for the lease like any one-shot command.
+    with pytest.raises(LeaseHeldError):
+        fleet.clock.sleep = lambda s: (fleet.clock.advance(s), a.lease.tick())  # type: ignore[method-assign]
+        b.rec.collect_garbage(dry_run=False, on_delete=lambda key: None)
+    assert not [k for w, k in fleet.writes if w == "b" and k.startswith("delete")]
+
+
+def test_old_terms_are_deleted_by_a_new_holder(fleet: Fleet) -> None:
+    fleet.source.push(FLEET)
+    for i in range(6):
+        d = daemon(fleet, f"d{i}")
+        d.rec.reconcile()
+        d.rec.close()
+    assert fleet.store.list(LEASE_PREFIX) == [lease_path(t) for t in (4, 5, 6)]
+
+
+def test_without_the_lease_the_store_refuses_every_write(fleet: Fleet) -> None:
+    a = daemon(fleet, "a")
+    for write in (
+        lambda: a.rec.store.put_bytes("hosts/x/latest.json", b"x"),
+        lambda: a.rec.store.delete("hosts/x/latest.json"),
+        lambda: a.rec.store.sweep(),
+        lambda: a.rec.store.create("x", b"x"),
+    ):
+        with pytest.raises(LeaseLostError, match="does not hold the store's publisher lease"):
+            write()
+    assert fleet.store.objects == {}
+
+
+def timestamp_version(fleet: Fleet) -> int:
+    data = fleet.store.get_bytes("tuf/timestamp.json")
+    assert data is not None
+    return int(json.loads(data)["signed"]["version"])
+
+
+def test_a_daemon_that_wins_the_lease_back_signs_on_from_the_other_s_metadata(fleet: Fleet) -> None:
+    """One process each, back and forth: the TUF timestamp's version only grows, and the
+    bins list what the last holder published (an agent would refuse a rollback)."""
+    fleet.source.push(FLEET)
+    a, b = daemon(fleet, "a"), daemon(fleet, "b")
+    b.rec.reconcile()
+    versions = [timestamp_version(fleet)]
+    assert a.rec.reconcile().standby
+    fleet.clock.advance(DURATION)  # b stops renewing (paused)
+    a.lease.tick()
+    fleet.source.push(CHANGED)
+    assert a.rec.reconcile().outcomes[-1].version == 2
+    versions.append(timestamp_version(fleet))
+    assert b.rec.reconcile().standby  # b resumes: it lost term 1, stands by for term 2
+    fleet.clock.advance(DURATION)  # now a stops renewing
+    b.lease.tick()
+    fleet.source.push({**CHANGED, "hosts/web-1.yaml": HOST.format(name="web-1", address="10.0.0.7/24")})
+    result = b.rec.reconcile()
+    assert {o.host: o.version for o in result.outcomes} == {"web-1": 2, "web-2": 2}
+    versions.append(timestamp_version(fleet))
+    assert versions == sorted(set(versions)), versions
+    assert b.listed() == {"web-1": 2, "web-2": 2}
+    assert [int(k.split("/")[1].split(".")[0]) for k in fleet.store.list(LEASE_PREFIX)] == [1, 2, 3]
+
+
+def test_a_command_of_the_same_state_directory_borrows_the_lease_without_an_alarm(
+    fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`reconciler gc` beside the running daemon: it takes the next term, releases it when
+    done, and the daemon takes the one after; nothing is logged as an error."""
+    fleet.source.push(FLEET)
+    ledger = MemoryLedger()
+    running = daemon(fleet, "a", ledger=ledger)
+    running.rec.reconcile()
+    gc = daemon(fleet, "a-gc", holder="a", ledger=ledger)
+    gc.rec.collect_garbage(dry_run=False, on_delete=lambda key: None)
+    gc.rec.close()
+    assert record(fleet, 2)["released"] is True
+    caplog.set_level(logging.INFO, logger="reconciler")
+    caplog.clear()
+    running.lease.tick()
+    assert running.woken == ["a"]
+    assert [r.getMessage() for r in caplog.records] == ["lease_passed"]
+    assert all(r.levelname == "INFO" for r in caplog.records)
+    fleet.source.push(CHANGED)
+    assert {o.host: o.version for o in running.rec.reconcile().outcomes} == {"web-2": 2}
+    assert record(fleet, 3)["holder"] == "a"
+
+
+def test_a_record_counts_as_seen_when_a_slow_read_of_it_ends(fleet: Fleet) -> None:
+    """A read that takes 20s and returns a fresh renewal: its lapse is counted from the
+    end of the read (the renewal may have been written just before it ended)."""
+    fleet.source.push(FLEET)
+    a, b = daemon(fleet, "a"), daemon(fleet, "b")
+    a.rec.reconcile()
+    b.store.on_read = lambda: fleet.clock.advance(20)  # type: ignore[method-assign]
+    assert b.lease.tick() == pytest.approx(DURATION / 3)
+    status = b.lease.status()
+    assert status.role is Role.STANDBY and status.lapses_in == pytest.approx(DURATION)
+
+
+def test_held_and_status_do_not_wait_for_a_renewal_stuck_on_the_store(fleet: Fleet) -> None:
+    """/readyz and /metrics ask while the keeper's renewal hangs on a slow store."""
+    fleet.source.push(FLEET)
+    a = daemon(fleet, "a")
+    a.rec.reconcile()
+    stuck, release = threading.Event(), threading.Event()
+    put = a.store.put_bytes
+
+    def hanging(key: str, data: bytes) -> None:
+        stuck.set()
+        release.wait(10)
+        put(key, data)
+
+    a.store.put_bytes = hanging  # type: ignore[method-assign]
+    keeper = threading.Thread(target=a.lease.tick)
+    keeper.start()
+    try:
+        assert stuck.wait(10)
+        asked: list[object] = []
+        probe = threading.Thread(target=lambda: asked.extend([a.lease.held, a.lease.status().role]))
+        probe.start()
+        probe.join(2)
+        assert asked == [True, Role.ACTIVE], "held/status waited for the stuck renewal"
+    finally:
+        release.set()
+        keeper.join(10)
+
+
+def test_a_state_directory_keeps_one_lease_identity(tmp_path: Path) -> None:
+    def cfg(state: Path) -> Config:
+        return Config(
+            path=tmp_path / "reconciler.yaml",
+            repo=RepoConfig(url="/nonexistent/repo"),
+            store=StoreConfig(type="filesystem", path=tmp_path / "store"),
+            state_dir=state,
+            signing=SigningConfig(gnupghome=tmp_path / "gnupg", key="K"),
+            nix=NixConfig(),
+        )
+
+    a, b = cfg(tmp_path / "a"), cfg(tmp_path / "b")
+    assert holder(a, create=False).id == ""  # `status` creates nothing
+    assert not (tmp_path / "a").exists()
+    first = holder(a)
+    assert len(first.id) == 32 and first.name.endswith(f":{tmp_path / 'a'}")
+    assert holder(a) == first == holder(a, create=False)
+    assert holder(b).id not in ("", first.id)
+    # An empty file (a crash between creating and writing it) is replaced.
+    (tmp_path / "a" / "publisher.id").write_text("")
+    again = holder(a)
+    assert again.id not in ("", first.id) and holder(a) == again
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["publisher.id"]
