@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 from reconciler.adapters import fetch
 from reconciler.core.hosts import Host, ParseKey
 from reconciler.core.model import BuilderState, BuildOutput, Evaluation, HostState, Status
+from reconciler.core.provenance import NixInputs
 
 if TYPE_CHECKING:
     # python-tuf's signer type; importing securesystemslib costs a command that never
@@ -71,6 +72,10 @@ class Nix(Protocol):
         ...
 
     def probe_sandbox(self, key_dir: Path) -> bool: ...
+
+    def inputs(self, host: Host, drv: str) -> NixInputs:
+        """What went into building ``drv`` (realised already), for its provenance."""
+        ...
 
 
 class Signer(Protocol):

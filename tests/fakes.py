@@ -19,6 +19,7 @@ from securesystemslib.signer import CryptoSigner
 
 from reconciler.core.hosts import Host, ParseKey
 from reconciler.core.model import BuilderState, BuildOutput, Evaluation, HostState, Status
+from reconciler.core.provenance import DebianPackage, NixInputs, Role, StorePath
 from reconciler.daemon.gate import CommitRefusedError, Refusal
 from reconciler.errors import BuildError, SigningError, SourceError, StoreError
 from reconciler.ports import Source
@@ -171,6 +172,19 @@ class FakeNix:
 
     def probe_sandbox(self, key_dir: Path) -> bool:
         return self.sandboxed
+
+    def inputs(self, host: Host, drv: str) -> NixInputs:
+        """The closure of a build: its output, the host's image and the toolchain."""
+        out = self.workdir / digest(drv)[:16]
+        closure = (str(out), self.image(host).removesuffix(".drv"), "/nix/store/0000-reconciler-toolchain")
+        return NixInputs(
+            nix_version="2.8.0",
+            library_digest=digest("nix library"),
+            toolchain="debian",
+            toolchain_digest=digest("toolchain"),
+            debian_packages=(DebianPackage("busybox-static", "1:1.35.0-4", "amd64", Role.CONTAINED),),
+            closure=tuple(StorePath(p, digest(p), 1) for p in closure),
+        )
 
 
 class FakeSigner:

@@ -621,6 +621,28 @@ def read_sbom(statement: Statement, source: str) -> SbomSummary:
     )
 
 
+def parse_registrations(text: str) -> tuple[StorePath, ...]:
+    """Store paths with their NAR hash and size, from ``nix-store --dump-db PATHS``
+    (Nix's validity registrations: the path, its NAR's sha256 in hex, its NAR size, its
+    deriver, the number of references and the references, a line each), sorted by
+    path; ValueError if the text is not that."""
+    lines = text.splitlines()
+    out = []
+    i = 0
+    while i < len(lines):
+        try:
+            path, nar, size, refs = lines[i], lines[i + 1], int(lines[i + 2]), int(lines[i + 4])
+        except (IndexError, ValueError):
+            raise ValueError(f"line {i + 1}: not a validity registration") from None
+        if not path.startswith("/") or not HEX64.fullmatch(nar) or size < 0 or refs < 0:
+            raise ValueError(f"line {i + 1}: not a validity registration")
+        out.append(StorePath(path, nar, size))
+        i += 5 + refs
+    if i != len(lines):
+        raise ValueError("the last registration is cut short")
+    return tuple(sorted(out, key=lambda p: p.path))
+
+
 def parse_debian_packages(text: str) -> tuple[DebianPackage, ...]:
     """debian-packages.tsv as nix/toolchain/import-debian.sh writes it; ValueError
     naming the line that is not name, version, architecture and role."""

@@ -15,13 +15,15 @@ import json
 import logging
 import os
 import threading
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from reconciler import log
+from reconciler import __version__, log
 from reconciler.config import Config
 from reconciler.core.builders import LOCAL
 from reconciler.core.hosts import (
@@ -48,10 +50,12 @@ from reconciler.core.model import (
     Status,
 )
 from reconciler.core.plan import HostPlan, Plan, make_plan, retry_delay
+from reconciler.core.provenance import BuildRecord, public_url
 from reconciler.core.release import Artifact, Release, new_release, parse_release
 from reconciler.core.tufroles import RoleName
 from reconciler.core.versions import MAX_TAKEN, Adopt, Decision, Taken, decide, first_candidate
 from reconciler.daemon import parsing
+from reconciler.daemon.attest import attest, pae_signer
 from reconciler.daemon.gate import CommitRefusedError
 from reconciler.daemon.gc import collect
 from reconciler.daemon.metrics import Metrics
@@ -645,10 +649,9 @@ class Reconciler:
         log.event("host_build", host=host.name, version=version, reasons="; ".join(entry.reasons))
         # An adopted release is built too: its artifacts are what publish() reads if a
         # blob is missing, and Nix finds the build it kept under the host's root.
+        started = self.clock.now()
         out = self._realise(host, drv, host.name)
-        release = (
-            decision.release if isinstance(decision, Adopt) else self._new_release(host, version, out, commit)
-        )
+        finished = self.clock.now()
         signing = self.metrics.stage_duration.labels("sign")
 
         def sign_file(path: Path) -> bytes:
@@ -660,6 +663,12 @@ class Reconciler:
                 return self.signer.sign(data)
 
         try:
+            # An adopted release keeps the attestations it names.
+            release, attestations = (
+                (decision.release, {})
+                if isinstance(decision, Adopt)
+                else self._attest(self._new_release(host, version, out, commit), host, out, started, finished)
+            )
             self._publish_key()
             with self.metrics.stage_duration.labels("publish").time():
                 publish(
@@ -669,6 +678,7 @@ class Reconciler:
                     sign_file,
                     sign_bytes,
                     on_artifact=lambda fmt: self.metrics.artifacts_published.labels(fmt).inc(),
+                    attestations=attestations,
                 )
         except SigningError:
             self.metrics.signing_failures.inc()
@@ -677,6 +687,31 @@ class Reconciler:
             self.metrics.publish_failures.inc()
             raise
         return release
+
+    def _attest(
+        self, release: Release, host: Host, out: BuildOutput, started: datetime, finished: datetime
+    ) -> tuple[Release, dict[str, bytes]]:
+        """``release`` naming its provenance and SBOM, and their signed envelopes
+        (reconciler.daemon.attest)."""
+        with self.metrics.stage_duration.labels("attest").time():
+            record = BuildRecord(
+                repository=public_url(self.cfg.repo.url),
+                branch=self.cfg.repo.branch,
+                commit=release.commit,
+                host=host.name,
+                derivation=out.derivation,
+                output=str(out.out),
+                inputs=self.nix.inputs(host, out.derivation),
+                reconciler_version=__version__,
+                builder=out.builder,
+                builder_uri=next((b.uri for b in self.cfg.builders if b.name == out.builder), None),
+                invocation_id=str(uuid.uuid4()),
+                started=started,
+                finished=finished,
+            )
+        sign = pae_signer(self.signer.metadata_signer())
+        with self.metrics.stage_duration.labels("sign").time():
+            return attest(release, record, sign)
 
     def _publish_key(self) -> None:
         """keys/publisher.asc, for people and tools (agents pin their own copy)."""

@@ -477,3 +477,20 @@ def test_a_host_requiring_provenance_refuses_a_release_without() -> None:
     assert err.value.reason is Reason.NO_PROVENANCE
     assert str(err.value) == "release 3 names no provenance, and this host requires it"
     assert state.provenance is None
+
+
+def test_store_paths_are_read_from_nix_validity_registrations() -> None:
+    dump = (
+        f"/nix/store/b-image\n{sha(b'image')}\n8846768\n/nix/store/x-image.drv\n0\n"
+        f"/nix/store/a-out\n{sha(b'out')}\n4926016\n/nix/store/y.drv\n1\n/nix/store/b-image\n"
+        f"/nix/store/c-toolchain\n{sha(b'tc')}\n12700464\n\n0\n"
+    )
+    assert prov.parse_registrations(dump) == (
+        prov.StorePath("/nix/store/a-out", sha(b"out"), 4926016),
+        prov.StorePath("/nix/store/b-image", sha(b"image"), 8846768),
+        prov.StorePath("/nix/store/c-toolchain", sha(b"tc"), 12700464),
+    )
+    assert prov.parse_registrations("") == ()
+    for broken in (dump[:-20], dump.replace("8846768", "big"), dump.replace(sha(b"tc"), "sha256:abc")):
+        with pytest.raises(ValueError):
+            prov.parse_registrations(broken)
