@@ -41,6 +41,9 @@ class AgentConfig:
     metrics_file: Path | None = None
     keep: int = 3
     timeout: float = 60.0
+    # Install only releases whose SLSA provenance is signed by a pinned key and names
+    # exactly their artifacts, host, commit and derivation.
+    require_provenance: bool = False
 
 
 AGENT_KEYS = frozenset(
@@ -58,6 +61,7 @@ AGENT_KEYS = frozenset(
         "metrics_file",
         "keep",
         "timeout",
+        "require_provenance",
     }
 )
 HEALTH_KEYS = frozenset({"url", "command", "timeout", "interval"})
@@ -131,6 +135,9 @@ def load_agent_config(path: Path) -> AgentConfig:
         raise ConfigError(p, "supervise", "must be true or false")
     if supervise and fmt != "appimage":
         raise ConfigError(p, "supervise", "runs an AppImage; set format: appimage")
+    require_provenance = data.get("require_provenance", False)
+    if not isinstance(require_provenance, bool):
+        raise ConfigError(p, "require_provenance", "must be true or false")
     listen = data.get("listen")
     if listen is not None and not isinstance(listen, str):
         raise ConfigError(p, "listen", "must be HOST:PORT")
@@ -150,6 +157,7 @@ def load_agent_config(path: Path) -> AgentConfig:
         metrics_file=path_of("metrics_file", mf) if mf is not None else None,
         keep=keep,
         timeout=_seconds(p, "timeout", data.get("timeout", "60s")),
+        require_provenance=require_provenance,
     )
 
 

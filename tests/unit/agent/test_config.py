@@ -33,6 +33,8 @@ def test_config_defaults_and_relative_paths(tmp_path: Path) -> None:
     assert (cfg.format, cfg.poll_interval, cfg.keep, cfg.supervise) == ("appimage", 60.0, 3, False)
     assert cfg.activate == ("/bin/sh", "-c", "systemctl restart app")
     assert cfg.health is None
+    assert cfg.require_provenance is False
+    assert load_agent_config(write(tmp_path, require_provenance=True)).require_provenance is True
 
 
 @pytest.mark.parametrize(
@@ -57,6 +59,7 @@ def test_config_defaults_and_relative_paths(tmp_path: Path) -> None:
         ({"supervise": True, "format": "aci"}, "supervise", "runs an AppImage; set format: appimage"),
         ({"poll_interval": "soon"}, "poll_interval", "must be a duration"),
         ({"colour": "blue"}, "colour", "unknown key"),
+        ({"require_provenance": "yes"}, "require_provenance", "must be true or false"),
     ],
 )
 def test_config_errors_name_the_key(tmp_path: Path, data: dict[str, Any], key: str, reason: str) -> None:
