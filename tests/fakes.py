@@ -184,6 +184,7 @@ class FakeNix:
             toolchain_digest=digest("toolchain"),
             debian_packages=(DebianPackage("busybox-static", "1:1.35.0-4", "amd64", Role.CONTAINED),),
             closure=tuple(StorePath(p, digest(p), 1) for p in closure),
+            outputs=(str(out),),
         )
 
 

@@ -240,8 +240,10 @@ class Nix:
         )
         paths = [p for p in req.stdout.split() if not p.endswith(".drv")]
         db = self._run(["nix-store", "--dump-db", *paths], deadline, "provenance", host.name)
-        if req.returncode != 0 or db.returncode != 0:
-            raise BuildError(host.name, f"cannot read the build's closure: {_tail(req.stderr + db.stderr)}")
+        outputs = self._run(["nix-store", "--query", "--outputs", drv], deadline, "provenance", host.name)
+        if req.returncode != 0 or db.returncode != 0 or outputs.returncode != 0:
+            why = _tail(req.stderr + db.stderr + outputs.stderr)
+            raise BuildError(host.name, f"cannot read the build's closure: {why}")
         try:
             closure = parse_registrations(db.stdout)
         except ValueError as exc:
@@ -254,9 +256,10 @@ class Nix:
             listing = self.toolchain_dir / DEBIAN_PACKAGES
             try:
                 packages = parse_debian_packages(listing.read_text())
-            except (OSError, ValueError) as exc:
-                why = exc.strerror if isinstance(exc, OSError) else str(exc)
-                raise BuildError(host.name, f"toolchain {listing}: {why} (stage it again)") from None
+            except OSError as exc:
+                raise BuildError(host.name, f"toolchain {listing}: {exc.strerror} (stage it again)") from None
+            except ValueError as exc:
+                raise BuildError(host.name, f"toolchain {listing}: {exc} (stage it again)") from None
         return NixInputs(
             nix_version=self.nix_version().rsplit(" ", 1)[-1],
             library_digest=_digest_files(self.nix_dir, self.nix_dir.rglob("*")),
@@ -264,6 +267,7 @@ class Nix:
             toolchain_digest=toolchain,
             debian_packages=packages,
             closure=closure,
+            outputs=tuple(outputs.stdout.split()),
         )
 
     def _search_path(self, *allowed: Path) -> list[str]:

@@ -118,6 +118,8 @@ class NixInputs:
     debian_packages: tuple[DebianPackage, ...]
     # Every store path the build used or made (the outputs of the derivation's closure).
     closure: tuple[StorePath, ...]
+    # The derivation's own outputs (of the closure): where the artifacts are.
+    outputs: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,6 @@ class BuildRecord:
     commit: str
     host: str
     derivation: str
-    output: str  # the store path holding the artifacts
     inputs: NixInputs
     reconciler_version: str
     builder: str | None  # where Nix built the image; None: it was in the store already
@@ -242,14 +243,14 @@ def provenance(release: Release, record: BuildRecord) -> Statement:
                 "digest": {"sha256": inputs.toolchain_digest},
             }
         )
-    dependencies += [_nar(p) for p in inputs.closure if p.path != record.output]
+    dependencies += [_nar(p) for p in inputs.closure if p.path not in inputs.outputs]
     builder: dict[str, Any] = {
         "name": record.builder or "none",
         "annotations": {"role": "nix-builder", "built": record.builder is not None},
     }
     if record.builder_uri:
         builder["uri"] = record.builder_uri
-    output = [_nar(p) for p in inputs.closure if p.path == record.output]
+    output = [_nar(p) for p in inputs.closure if p.path in inputs.outputs]
     predicate: dict[str, Any] = {
         "buildDefinition": {
             "buildType": BUILD_TYPE,
@@ -323,7 +324,7 @@ def sbom(release: Release, record: BuildRecord) -> Statement:
             }
         )
         for artifact in artifacts:
-            if p.path == record.output:
+            if p.path in record.inputs.outputs:
                 relate(spdx_id, "CONTAINS", artifact)
             else:
                 relate(artifact, "GENERATED_FROM", spdx_id)

@@ -700,7 +700,6 @@ class Reconciler:
                 commit=release.commit,
                 host=host.name,
                 derivation=out.derivation,
-                output=str(out.out),
                 inputs=self.nix.inputs(host, out.derivation),
                 reconciler_version=__version__,
                 builder=out.builder,

@@ -142,14 +142,13 @@ class FakeClock:
 def build_record(r: Release, now: datetime) -> BuildRecord:
     """How the daemon built ``r``, as its provenance says."""
     out = StorePath(f"/nix/store/{'0' * 32}-host-{r.host}-{r.version}", sha(b"out"), 1)
-    inputs = NixInputs("2.8.0", sha(b"nix"), "debian", sha(b"toolchain"), (), (out,))
+    inputs = NixInputs("2.8.0", sha(b"nix"), "debian", sha(b"toolchain"), (), (out,), (out.path,))
     return BuildRecord(
         repository="https://git.example/fleet.git",
         branch="main",
         commit=r.commit,
         host=r.host,
         derivation=r.derivation,
-        output=out.path,
         inputs=inputs,
         reconciler_version="0.1.0",
         builder="local",

@@ -78,6 +78,7 @@ INPUTS = prov.NixInputs(
     toolchain_digest=sha(b"toolchain content"),
     debian_packages=DEBIAN,
     closure=CLOSURE,
+    outputs=(OUTPUT,),
 )
 RECORD = prov.BuildRecord(
     repository="https://git.example/fleet.git",
@@ -85,7 +86,6 @@ RECORD = prov.BuildRecord(
     commit=COMMIT,
     host="web-1",
     derivation=DRV,
-    output=OUTPUT,
     inputs=INPUTS,
     reconciler_version="0.1.0",
     builder="build-1",
