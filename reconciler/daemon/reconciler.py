@@ -667,7 +667,9 @@ class Reconciler:
             release, attestations = (
                 (decision.release, {})
                 if isinstance(decision, Adopt)
-                else self._attest(self._new_release(host, version, out, commit), host, out, started, finished)
+                else self.attestations(
+                    self._new_release(host, version, out, commit), host, out, started, finished
+                )
             )
             self._publish_key()
             with self.metrics.stage_duration.labels("publish").time():
@@ -688,7 +690,7 @@ class Reconciler:
             raise
         return release
 
-    def _attest(
+    def attestations(
         self, release: Release, host: Host, out: BuildOutput, started: datetime, finished: datetime
     ) -> tuple[Release, dict[str, bytes]]:
         """``release`` naming its provenance and SBOM, and their signed envelopes
