@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 from reconciler.adapters import fetch
 from reconciler.core.hosts import Host, ParseKey
 from reconciler.core.model import BuilderState, BuildOutput, Evaluation, HostState, Status
-from reconciler.core.provenance import NixInputs
+from reconciler.core.provenance import NixInputs, Signature
 
 if TYPE_CHECKING:
     # python-tuf's signer type; importing securesystemslib costs a command that never
@@ -84,6 +84,10 @@ class Signer(Protocol):
     def public_key(self) -> bytes: ...
     def metadata_signer(self) -> MetadataSigner:
         """The same key as a securesystemslib signer, for TUF metadata."""
+        ...
+
+    def sign_attestation(self, pae: bytes) -> Signature:
+        """The same key's DSSE signature of an envelope's pre-authentication encoding."""
         ...
 
 

@@ -16,10 +16,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from securesystemslib.signer import CryptoSigner
+from securesystemslib.signer import Signer as SslibSigner
 
 from reconciler.core.hosts import Host, ParseKey
 from reconciler.core.model import BuilderState, BuildOutput, Evaluation, HostState, Status
-from reconciler.core.provenance import DebianPackage, NixInputs, Role, StorePath
+from reconciler.core.provenance import DebianPackage, NixInputs, Role, Signature, StorePath
 from reconciler.daemon.gate import CommitRefusedError, Refusal
 from reconciler.errors import BuildError, SigningError, SourceError, StoreError
 from reconciler.ports import Source
@@ -209,6 +210,9 @@ class FakeSigner:
     def public_key(self) -> bytes:
         return b"-----PUBLIC KEY-----\n"
 
+    def sign_attestation(self, pae: bytes) -> Signature:
+        return sslib_signer(self.metadata_signer())(pae)
+
     def metadata_signer(self) -> CryptoSigner:
         """A real ed25519 key for the TUF metadata (no gpg): made once per signer."""
         if self.broken:
@@ -216,6 +220,18 @@ class FakeSigner:
         if self._metadata_signer is None:
             self._metadata_signer = CryptoSigner.generate_ed25519()
         return self._metadata_signer
+
+
+def sslib_signer(signer: SslibSigner) -> Callable[[bytes], Signature]:
+    """A securesystemslib signer's signatures (a real ed25519 key, no gpg) as the signer
+    port's sign_attestation gives them."""
+
+    def sign(pae: bytes) -> Signature:
+        sig = signer.sign(pae)
+        extra = tuple(sorted((k, str(v)) for k, v in sig.unrecognized_fields.items()))
+        return Signature(sig.keyid, bytes.fromhex(sig.signature), extra)
+
+    return sign
 
 
 class CrashError(StoreError):

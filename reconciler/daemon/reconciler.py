@@ -55,7 +55,7 @@ from reconciler.core.release import Artifact, Release, new_release, parse_releas
 from reconciler.core.tufroles import RoleName
 from reconciler.core.versions import MAX_TAKEN, Adopt, Decision, Taken, decide, first_candidate
 from reconciler.daemon import parsing
-from reconciler.daemon.attest import attest, pae_signer
+from reconciler.daemon.attest import attest
 from reconciler.daemon.gate import CommitRefusedError
 from reconciler.daemon.gc import collect
 from reconciler.daemon.metrics import Metrics
@@ -710,9 +710,8 @@ class Reconciler:
                 started=started,
                 finished=finished,
             )
-        sign = pae_signer(self.signer.metadata_signer())
         with self.metrics.stage_duration.labels("sign").time():
-            return attest(release, record, sign)
+            return attest(release, record, self.signer.sign_attestation)
 
     def _publish_key(self) -> None:
         """keys/publisher.asc, for people and tools (agents pin their own copy)."""

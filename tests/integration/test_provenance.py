@@ -29,12 +29,11 @@ from securesystemslib.signer import GPGSigner, Key
 from spdx_tools.spdx.parser.jsonlikedict.json_like_dict_parser import JsonLikeDictParser
 from spdx_tools.spdx.validation.document_validator import validate_full_spdx_document
 
-from reconciler.adapters.tufkeys import metadata_signer
+from reconciler.adapters.tufkeys import TufSigner
 from reconciler.config import load_config
 from reconciler.core import provenance as prov
 from reconciler.core.layout import AttestationKind, attestation_path, release_path
 from reconciler.core.release import Release, parse_release
-from reconciler.daemon.attest import pae_signer
 from reconciler.demo import make_signing_key
 from reconciler.wiring import open_reconciler
 from tests.conftest import ConfigRepo, Signing, cli, write_config
@@ -205,7 +204,7 @@ def _resign(
     doc = statement(published.envelope())
     change(doc)
     env = prov.Envelope(json.dumps(doc).encode(), prov.PAYLOAD_TYPE)
-    sig = pae_signer(metadata_signer(home, fingerprint))(env.pae())
+    sig = TufSigner(home, fingerprint).sign_attestation(env.pae())
     return replace(env, signatures=(sig,)).to_json()
 
 

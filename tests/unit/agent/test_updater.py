@@ -30,7 +30,7 @@ from reconciler.core.provenance import BuildRecord, NixInputs, StorePath
 from reconciler.core.release import Artifact, Release, new_release
 from reconciler.core.trust import Reason
 from reconciler.core.tufrepo import SERIALIZER, target_path
-from reconciler.daemon.attest import attest, pae_signer
+from reconciler.daemon.attest import attest
 from reconciler.daemon.publish import publish
 from reconciler.daemon.tuf import TufRepository
 from reconciler.errors import FetchError, FetchKind
@@ -204,7 +204,7 @@ class Host:
         )
         envelopes: dict[str, bytes] = {}
         if attest_by is not None:
-            r, envelopes = attest(r, build_record(r, self.clock.now()), pae_signer(attest_by))
+            r, envelopes = attest(r, build_record(r, self.clock.now()), fakes.sslib_signer(attest_by))
         built = self.tmp / "build" / f"{host}-{version}"
         built.parent.mkdir(exist_ok=True)
         built.write_bytes(blob)
