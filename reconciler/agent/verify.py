@@ -53,6 +53,8 @@ def verify(
     line per verified object (and what the provenance says) or raise."""
     with Verifier(read_keys(key_files)) as verifier, tempfile.TemporaryDirectory(prefix="reconciler-") as tmp:
         if not target.endswith(".json"):
+            if provenance:
+                raise VerificationError(f"{target}: --provenance checks a release file, not an artifact")
             data = Path(tmp) / "target"
             fetch.download(target, data, ARTIFACT_LIMIT, exact=False)
             sig = _get(target + ".asc", SIGNATURE_LIMIT)

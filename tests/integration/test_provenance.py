@@ -332,3 +332,13 @@ def test_an_agent_requiring_provenance_refuses_a_tampered_one_and_takes_the_real
     aci = published.release.artifact("aci")
     assert aci is not None
     assert (tmp_path / "fresh" / "agent-state" / "current" / aci.name).is_file()
+
+
+def test_provenance_is_a_release_files_not_an_artifacts(published: Published, signing: Signing) -> None:
+    blob = published.store / published.release.artifacts[0].blob
+    res = cli("verify", "--provenance", "--key", str(signing.public_key), str(blob), timeout=60)
+    assert res.returncode == 1
+    assert (
+        res.stderr.strip()
+        == f"reconciler: error: {blob}: --provenance checks a release file, not an artifact"
+    )
