@@ -342,3 +342,29 @@ def test_provenance_is_a_release_files_not_an_artifacts(published: Published, si
         res.stderr.strip()
         == f"reconciler: error: {blob}: --provenance checks a release file, not an artifact"
     )
+
+
+def test_a_key_behind_a_passphrase_file_signs_attestations_securesystemslib_verifies(tmp_path: Path) -> None:
+    home = tmp_path / "protected"
+    home.mkdir(mode=0o700)
+    gpg = ["gpg", "--homedir", str(home), "--batch", "--pinentry-mode", "loopback"]
+    subprocess.run(
+        [*gpg, "--passphrase", "right", "--quick-gen-key", "P <p@example.invalid>", "ed25519", "sign", "0"],
+        check=True,
+        capture_output=True,
+    )
+    # No agent holds the passphrase: only the file can give it.
+    subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], check=True)
+    listing = subprocess.run(
+        ["gpg", "--homedir", str(home), "--with-colons", "--list-secret-keys"], capture_output=True, text=True
+    ).stdout
+    fpr = next(ln.split(":")[9] for ln in listing.splitlines() if ln.startswith("fpr:"))
+    (tmp_path / "passphrase").write_text("right\n")
+    try:
+        env = prov.Envelope(b'{"_type": "x"}', prov.PAYLOAD_TYPE)
+        sig = TufSigner(home, fpr, tmp_path / "passphrase").sign_attestation(env.pae())
+        signed = SslibEnvelope.from_dict(json.loads(replace(env, signatures=(sig,)).to_json()))
+        _, key = GPGSigner.import_(fpr.lower(), str(home))
+        assert set(signed.verify([key], 1)) == {fpr.lower()}
+    finally:
+        subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], capture_output=True)
