@@ -342,7 +342,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from reconciler.agent.verify import verify
 
-    for line in verify([Path(k) for k in args.key], args.target):
+    for line in verify([Path(k) for k in args.key], args.target, provenance=args.provenance):
         print(line)
     return 0
 
@@ -500,6 +500,11 @@ def parser() -> argparse.ArgumentParser:
     )
     v = add("verify", cmd_verify, "check an artifact or release file/URL against public keys", config=False)
     v.add_argument("--key", action="append", required=True, help="armored public key file (repeatable)")
+    v.add_argument(
+        "--provenance",
+        action="store_true",
+        help="also check the release's signed provenance and SBOM, and print where it came from",
+    )
     v.add_argument("target", help="file path or URL of an artifact or release .json")
     agent = add("agent", cmd_agent, "the host side: pull, verify, switch, roll back", config=False)
     agent.add_argument("-c", "--config", required=True, help="path to the agent's config")

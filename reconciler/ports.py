@@ -27,6 +27,7 @@ from reconciler.core.model import (
     Status,
     Suspensions,
 )
+from reconciler.core.provenance import NixInputs, Signature
 
 if TYPE_CHECKING:
     # python-tuf's signer type; importing securesystemslib costs a command that never
@@ -84,6 +85,10 @@ class Nix(Protocol):
 
     def probe_sandbox(self, key_dir: Path) -> bool: ...
 
+    def inputs(self, host: Host, drv: str) -> NixInputs:
+        """What went into building ``drv`` (realised already), for its provenance."""
+        ...
+
 
 class Signer(Protocol):
     def sign(self, data: bytes) -> bytes: ...
@@ -91,6 +96,10 @@ class Signer(Protocol):
     def public_key(self) -> bytes: ...
     def metadata_signer(self) -> MetadataSigner:
         """The same key as a securesystemslib signer, for TUF metadata."""
+        ...
+
+    def sign_attestation(self, pae: bytes) -> Signature:
+        """The same key's DSSE signature of an envelope's pre-authentication encoding."""
         ...
 
 

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from securesystemslib.signer import CryptoSigner
+from securesystemslib.signer import Signer as SslibSigner
 
 from reconciler.core.events import Event, EventQuery, EventType
 from reconciler.core.hosts import Host, ParseKey
@@ -28,6 +29,7 @@ from reconciler.core.model import (
     Status,
     Suspensions,
 )
+from reconciler.core.provenance import DebianPackage, NixInputs, Role, Signature, StorePath
 from reconciler.daemon.gate import CommitRefusedError, Refusal
 from reconciler.errors import BuildError, SigningError, SourceError, StoreError
 from reconciler.ports import Source
@@ -183,6 +185,20 @@ class FakeNix:
     def probe_sandbox(self, key_dir: Path) -> bool:
         return self.sandboxed
 
+    def inputs(self, host: Host, drv: str) -> NixInputs:
+        """The closure of a build: its output, the host's image and the toolchain."""
+        out = self.workdir / digest(drv)[:16]
+        closure = (str(out), self.image(host).removesuffix(".drv"), "/nix/store/0000-reconciler-toolchain")
+        return NixInputs(
+            nix_version="2.8.0",
+            library_digest=digest("nix library"),
+            toolchain="debian",
+            toolchain_digest=digest("toolchain"),
+            debian_packages=(DebianPackage("busybox-static", "1:1.35.0-4", "amd64", Role.CONTAINED),),
+            closure=tuple(StorePath(p, digest(p), 1) for p in closure),
+            outputs=(str(out),),
+        )
+
 
 class FakeSigner:
     def __init__(self) -> None:
@@ -204,6 +220,9 @@ class FakeSigner:
 
     def public_key(self) -> bytes:
         return b"-----PUBLIC KEY-----\n"
+
+    def sign_attestation(self, pae: bytes) -> Signature:
+        return sslib_signer(self.metadata_signer())(pae)
 
     def metadata_signer(self) -> CryptoSigner:
         """A real ed25519 key for the TUF metadata (no gpg): made once per signer."""
@@ -244,6 +263,18 @@ class FakePackager:
             f"Hash-Lengths: 2,2,4\nURL: {url}"
         )
         return header.encode() + b"\n\n" + bytes(6 * blocks)
+
+
+def sslib_signer(signer: SslibSigner) -> Callable[[bytes], Signature]:
+    """A securesystemslib signer's signatures (a real ed25519 key, no gpg) as the signer
+    port's sign_attestation gives them."""
+
+    def sign(pae: bytes) -> Signature:
+        sig = signer.sign(pae)
+        extra = tuple(sorted((k, str(v)) for k, v in sig.unrecognized_fields.items()))
+        return Signature(sig.keyid, bytes.fromhex(sig.signature), extra)
+
+    return sign
 
 
 class CrashError(StoreError):

@@ -209,6 +209,23 @@ class Signer:
             raise self._failed(f"{len(data)} bytes", sig.status)
         return bytes(sig.data)
 
+    def sign_binary(self, data: bytes) -> bytes:
+        """A detached binary OpenPGP signature of ``data``, hashed with SHA-256: what a
+        DSSE envelope carries (reconciler.adapters.tufkeys.TufSigner.sign_attestation)."""
+        with self._gpg.deadline(f"signing {len(data)} bytes", deadline(SIGN_TIMEOUT, len(data))):
+            sig = self._gpg.sign(
+                data,
+                keyid=self.fingerprint,
+                detach=True,
+                binary=True,
+                clearsign=False,
+                passphrase=self._passphrase,
+                extra_args=["--digest-algo", "SHA256"],
+            )
+        if not sig.data or not sig.fingerprint:
+            raise SigningError(f"gpg could not sign with {self.fingerprint}: {sig.status or 'no output'}")
+        return bytes(sig.data)
+
     def sign_file(self, path: Path) -> bytes:
         with (
             path.open("rb") as f,

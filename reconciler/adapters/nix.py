@@ -38,6 +38,7 @@ from reconciler.core.formats import Kind, kind_of, kinds
 from reconciler.core.hosts import Host
 from reconciler.core.model import BuildOutput, BuildProgress, Evaluation
 from reconciler.core.nixlog import Redaction, build_failure, last_line, redact, tail
+from reconciler.core.provenance import DebianPackage, NixInputs, parse_debian_packages, parse_registrations
 from reconciler.errors import BuildError
 
 _PACKAGE = Path(__file__).resolve().parent.parent
@@ -70,6 +71,8 @@ HERMETIC_OPTIONS = (
 EXIT_GRACE = 60.0
 # What a builder sees of the machine only when it is not sandboxed.
 PROBE_PATHS = ("/usr", "/home", "/root", "/var")
+# What nix/toolchain/import-debian.sh records of the Debian packages it staged from.
+DEBIAN_PACKAGES = "debian-packages.tsv"
 
 
 def _digest_files(root: Path, paths: Iterable[Path]) -> str:
@@ -236,11 +239,59 @@ class Nix:
         toolchain = self.ensure_toolchain()
         if toolchain is None:
             return None
+        library = _digest_files(self.nix_dir, self.nix_dir.rglob("*"))
+        return hashlib.sha256(f"{self.nix_version()}\n{toolchain}\n{library}".encode()).hexdigest()
+
+    def nix_version(self) -> str:
+        """What ``nix-instantiate --version`` says, e.g. ``nix-instantiate (Nix) 2.8.0``."""
         if self._nix_version is None:
             proc = subprocess.run(["nix-instantiate", "--version"], capture_output=True, text=True)
             self._nix_version = proc.stdout.strip()
-        library = _digest_files(self.nix_dir, self.nix_dir.rglob("*"))
-        return hashlib.sha256(f"{self._nix_version}\n{toolchain}\n{library}".encode()).hexdigest()
+        return self._nix_version
+
+    def inputs(self, host: Host, drv: str) -> NixInputs:
+        """What went into building ``drv``, for its provenance: every store path of its
+        closure (each output built or used, and the sources) with its NAR's sha256, the
+        Nix version, the Nix library and the toolchain by digest, and the Debian packages
+        the toolchain was staged from. Read from Nix's database: nothing is hashed again."""
+        deadline = self.settings.eval_timeout.total_seconds()
+        req = self._run(
+            ["nix-store", "--query", "--requisites", "--include-outputs", drv],
+            deadline,
+            "provenance",
+            host.name,
+        )
+        paths = [p for p in req.stdout.split() if not p.endswith(".drv")]
+        db = self._run(["nix-store", "--dump-db", *paths], deadline, "provenance", host.name)
+        outputs = self._run(["nix-store", "--query", "--outputs", drv], deadline, "provenance", host.name)
+        if req.returncode != 0 or db.returncode != 0 or outputs.returncode != 0:
+            why = _tail(req.stderr + db.stderr + outputs.stderr)
+            raise BuildError(host.name, f"cannot read the build's closure: {why}")
+        try:
+            closure = parse_registrations(db.stdout)
+        except ValueError as exc:
+            raise BuildError(
+                host.name, f"cannot read the build's closure: nix-store --dump-db: {exc}"
+            ) from None
+        toolchain = self.ensure_toolchain()
+        packages: tuple[DebianPackage, ...] = ()
+        if self.toolchain == "debian":
+            listing = self.toolchain_dir / DEBIAN_PACKAGES
+            try:
+                packages = parse_debian_packages(listing.read_text())
+            except OSError as exc:
+                raise BuildError(host.name, f"toolchain {listing}: {exc.strerror} (stage it again)") from None
+            except ValueError as exc:
+                raise BuildError(host.name, f"toolchain {listing}: {exc} (stage it again)") from None
+        return NixInputs(
+            nix_version=self.nix_version().rsplit(" ", 1)[-1],
+            library_digest=_digest_files(self.nix_dir, self.nix_dir.rglob("*")),
+            toolchain=self.toolchain,
+            toolchain_digest=toolchain,
+            debian_packages=packages,
+            closure=closure,
+            outputs=tuple(outputs.stdout.split()),
+        )
 
     def _search_path(self, *allowed: Path) -> list[str]:
         """-I entries: in restricted mode, the only paths evaluation may read."""

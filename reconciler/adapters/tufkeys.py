@@ -10,14 +10,32 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+from securesystemslib._gpg.common import parse_signature_packet
 from securesystemslib.signer import GPGSigner, Key
 
 from reconciler.adapters.gpg import Signer, Verifier, secret_fingerprints
+from reconciler.core import provenance
 from reconciler.errors import SigningError, VerificationError
 
 
 class TufSigner(Signer):
-    """A gpg signer that also signs TUF metadata (reconciler.ports.Signer)."""
+    """A gpg signer that also signs TUF metadata and attestations (reconciler.ports.Signer)."""
+
+    def sign_attestation(self, pae: bytes) -> provenance.Signature:
+        """A DSSE signature of ``pae`` as securesystemslib's GPGSigner makes it (so that
+        securesystemslib and in-toto verify it with this key as a GPGKey), made by this
+        signer's gpg: with its passphrase file and deadline, which GPGSigner has not."""
+        packet = self.sign_binary(pae)
+        try:
+            # securesystemslib's own reading of a signature packet, which GPGSigner uses.
+            fields = parse_signature_packet(packet)  # type: ignore[no-untyped-call]  # untyped library
+        except (ValueError, IndexError) as exc:
+            raise SigningError(f"gpg made a signature securesystemslib cannot read: {exc}") from None
+        if fields["keyid"] != self.fingerprint.lower():
+            raise SigningError(f"gpg signed with {fields['keyid']}, not the primary key {self.fingerprint}")
+        return provenance.Signature(
+            fields["keyid"], bytes.fromhex(fields["signature"]), (("other_headers", fields["other_headers"]),)
+        )
 
     def metadata_signer(self) -> GPGSigner:
         """This key as securesystemslib's GPGSigner, which signs TUF metadata (gpg

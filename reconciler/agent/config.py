@@ -44,6 +44,9 @@ class AgentConfig:
     # Fetch an AppImage update as the blocks the running one lacks (Debian's zsync,
     # http stores); false: always whole.
     zsync: bool = True
+    # Install only releases whose SLSA provenance is signed by a pinned key and names
+    # exactly their artifacts, host, commit and derivation.
+    require_provenance: bool = False
 
 
 AGENT_KEYS = frozenset(
@@ -62,6 +65,7 @@ AGENT_KEYS = frozenset(
         "keep",
         "timeout",
         "zsync",
+        "require_provenance",
     }
 )
 HEALTH_KEYS = frozenset({"url", "command", "timeout", "interval"})
@@ -146,6 +150,9 @@ def load_agent_config(path: Path) -> AgentConfig:
     zsync = data.get("zsync", True)
     if not isinstance(zsync, bool):
         raise ConfigError(p, "zsync", "must be true or false")
+    require_provenance = data.get("require_provenance", False)
+    if not isinstance(require_provenance, bool):
+        raise ConfigError(p, "require_provenance", "must be true or false")
     listen = data.get("listen")
     if listen is not None and not isinstance(listen, str):
         raise ConfigError(p, "listen", "must be HOST:PORT")
@@ -166,6 +173,7 @@ def load_agent_config(path: Path) -> AgentConfig:
         keep=keep,
         timeout=_seconds(p, "timeout", data.get("timeout", "60s")),
         zsync=zsync,
+        require_provenance=require_provenance,
     )
 
 

@@ -7,7 +7,9 @@ brings the host's TUF metadata up to date and hands over the verified entry for
 ``hosts/<host>/latest.json``: the release number N and the length and sha256 of
 ``releases/<N>.json``. What follows is judged by reconciler.core.trust: the release file
 must be those bytes and release N of this host, newer than what runs (no rollback),
-unexpired, with an artifact that did not fail here before; the artifact must have the
+unexpired, with an artifact that did not fail here before; with ``require_provenance``
+its provenance must be the DSSE envelope the release names, signed by a pinned key, of
+exactly this release; the artifact must have the
 size and sha256 the release says (no tampering; no endless data either, the download
 stops at the size). With a release already installed, a store served over http and
 the artifact's zsync control file beside its blob, only the blocks the running
@@ -57,11 +59,12 @@ from reconciler.agent.state import AgentState
 from reconciler.agent.supervisor import App
 from reconciler.agent.tufclient import StaleError, TufClient
 from reconciler.core import zsync as control
-from reconciler.core.layout import release_path, zsync_path
+from reconciler.core.layout import AttestationKind, release_path, zsync_path
+from reconciler.core.provenance import ATTESTATION_LIMIT
 from reconciler.core.release import Artifact, Release, parse_release
 from reconciler.core.trust import Downloaded, Expected, Pinned, Reason, RefusalError, TrustedState
 from reconciler.core.tufrepo import entry_version, target_path
-from reconciler.errors import ConfigError, FetchError, VerificationError
+from reconciler.errors import ConfigError, FetchError, FetchKind, VerificationError
 from reconciler.ports import Clock, Fetcher
 
 # A timestamp is a few hundred bytes; python-tuf allows 16 KiB.
@@ -109,11 +112,19 @@ class Agent:
         # Trust is pinned here, once: the first TUF root must be signed by these keys,
         # never by a key the store serves; read only when a first root is needed.
         keys = read_keys(list(cfg.keys))
+        pinned: list[Sequence[Key]] = []
+
+        def pinned_once() -> Sequence[Key]:
+            if not pinned:
+                pinned.append(pinned_keys(keys))
+            return pinned[0]
+
+        self._pinned_keys = pinned_once
         self.tuf = TufClient(
             fetcher,
             cfg.store,
             cfg.state_dir / "tuf",
-            lambda: pinned_keys(keys),
+            pinned_once,
             cfg.timeout,
             self._count,
         )
@@ -136,7 +147,13 @@ class Agent:
         return d / art.name
 
     def _pinned(self) -> Pinned:
-        return Pinned(self.cfg.host, self.cfg.format, self.state.version, frozenset(self.state.failed))
+        return Pinned(
+            self.cfg.host,
+            self.cfg.format,
+            self.state.version,
+            frozenset(self.state.failed),
+            require_provenance=self.cfg.require_provenance,
+        )
 
     def _stale(self, why: str | None) -> None:
         """Note whether the store's metadata is stale (None: fresh); logged on change."""
@@ -237,6 +254,8 @@ class Agent:
                 )
                 return PollResult.DEFERRED
             release = self._trusted_release(trusted, info)
+            if self.cfg.require_provenance:
+                self._trusted_provenance(trusted, release)
         except RefusalError:
             self.state.settled = entry
             self._remember(got.validators)
@@ -290,6 +309,37 @@ class Agent:
         meta = self.fetcher.get(self._url(key), info.length, timeout=self.cfg.timeout, count=self._count)
         assert meta is not None  # unconditional reads always answer
         return trusted.update_release(meta.data, Expected(info.length, sha256))
+
+    def _trusted_provenance(self, trusted: TrustedState, release: Release) -> None:
+        """The provenance the trusted release names, checked against the pinned keys."""
+        ref = release.attestation(AttestationKind.PROVENANCE)
+        data = None
+        if ref is not None:
+            try:
+                got = self.fetcher.get(
+                    self._url(ref.path),
+                    min(ref.size, ATTESTATION_LIMIT),
+                    timeout=self.cfg.timeout,
+                    count=self._count,
+                )
+            except FetchError as exc:
+                if exc.kind is not FetchKind.TOO_LARGE:
+                    raise
+                # The release, which is trusted, says how long it is.
+                raise RefusalError(
+                    Reason.BAD_PROVENANCE, f"{ref.path}: larger than the {ref.size} bytes the release names"
+                ) from None
+            assert got is not None  # an unconditional read always answers
+            data = got.data
+        where = ref.path if ref is not None else release_path(self.cfg.host, release.version)
+        attested = trusted.update_provenance(data, self._pinned_keys(), where)
+        log.event(
+            "agent_provenance",
+            host=self.cfg.host,
+            version=release.version,
+            commit=release.commit,
+            signed_by=attested.keyid,
+        )
 
     def _install(self, trusted: TrustedState, release: Release) -> None:
         """Download, check and unpack ``release`` into releases/<N>, beside the old one."""

@@ -8,6 +8,11 @@ its ``.asc``. An AppImage is also checked as the AppImage spec has it: the signa
 embedded in ``.sha256_sig`` (over the hex SHA-256 of the file with that section and
 ``.sig_key`` zeroed) against the same keys, and ``.digest_md5`` against libappimage's
 digest.
+
+With ``provenance``, the release's attestations are checked too, by the agent's rule
+(reconciler.core.trust.check_attestation): its SLSA provenance and its SBOM, each the
+DSSE envelope the release names, signed by one of the keys, about exactly its
+artifacts; what the provenance says is printed (where the bytes came from).
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ from reconciler.adapters import appimage, fetch
 from reconciler.adapters.gpg import Verifier, read_keys
 from reconciler.core import imagecheck, openpgp, trust
 from reconciler.core.formats import Kind
-from reconciler.core.release import Release, parse_release
+from reconciler.core.layout import AttestationKind
+from reconciler.core.provenance import ATTESTATION_LIMIT, ProvenanceSummary, SbomSummary
+from reconciler.core.release import Release, format_time, parse_release
 from reconciler.errors import VerificationError
 
 # Release metadata and signatures are small; anything larger is not ours. A longer
@@ -42,10 +49,15 @@ def _store_root(target: str) -> str:
     return target[:i]
 
 
-def verify(key_files: list[Path], target: str, now: datetime | None = None) -> list[str]:
-    """Check ``target``; return one line per verified object or raise."""
+def verify(
+    key_files: list[Path], target: str, now: datetime | None = None, provenance: bool = False
+) -> list[str]:
+    """Check ``target`` (with ``provenance``, a release's attestations too); return one
+    line per verified object (and what the provenance says) or raise."""
     with Verifier(read_keys(key_files)) as verifier, tempfile.TemporaryDirectory(prefix="reconciler-") as tmp:
         if not target.endswith(".json"):
+            if provenance:
+                raise VerificationError(f"{target}: --provenance checks a release file, not an artifact")
             data = Path(tmp) / "target"
             fetch.download(target, data, ARTIFACT_LIMIT, exact=False)
             sig = _get(target + ".asc", SIGNATURE_LIMIT)
@@ -82,7 +94,51 @@ def verify(key_files: list[Path], target: str, now: datetime | None = None) -> l
         if thin_manifest is not None:
             imagecheck.check_thin(release, thin_manifest, base_sha512 or "")
             lines.append(f"OK {release.host} release {release.version}: the thin ACI depends on its base")
+        if provenance:
+            lines += verify_attestations(key_files, release, root, target)
         return lines
+
+
+def verify_attestations(key_files: list[Path], release: Release, root: str, target: str) -> list[str]:
+    """Check ``release``'s provenance and SBOM against the keys in ``key_files``."""
+    # securesystemslib (which reads the pinned keys as its GPGKeys) is imported only here.
+    from reconciler.adapters.tufkeys import metadata_keys
+
+    keys = metadata_keys(read_keys(key_files))
+    lines = []
+    for kind in AttestationKind:
+        ref = release.attestation(kind)
+        if ref is None:
+            raise VerificationError(f"{target}: names no {kind} attestation (published before provenance?)")
+        where = fetch.join(root, ref.path)
+        # Read past the size the release names (up to the limit of any attestation):
+        # what is wrong with a tampered one is said more precisely than "too long".
+        data = _get(where, ATTESTATION_LIMIT)
+        try:
+            got = trust.check_attestation(kind, data, release, keys, where)
+        except trust.RefusalError as exc:
+            raise VerificationError(str(exc)) from None
+        count = len(release.artifacts)
+        if isinstance(got.summary, ProvenanceSummary):
+            p = got.summary
+            versions = ", ".join(f"{k} {v}" for k, v in sorted(p.versions.items()))
+            on = p.builder if p.built else "none, the output was in the Nix store already"
+            lines += [
+                f"OK {where}: SLSA provenance v1 signed by {got.keyid}, of the release's {count} artifacts",
+                f"  source: {p.repository} branch {p.branch} commit {p.commit}, host {p.host}",
+                f"  derivation: {p.derivation}",
+                f"  built by: {versions}; on builder {on}",
+                f"  built: {format_time(p.started)} to {format_time(p.finished)}, run {p.invocation_id}",
+                f"  resolved dependencies: {p.dependencies}, {p.store_paths} store paths by NAR sha256",
+                f"  reproducibility check: {p.reproducibility}",
+            ]
+        elif isinstance(got.summary, SbomSummary):
+            b = got.summary
+            lines.append(
+                f"OK {where}: SPDX 2.3 SBOM signed by {got.keyid}, of the release's {count} artifacts: "
+                f"{b.store_paths} store paths, {len(b.debian)} Debian packages"
+            )
+    return lines
 
 
 def _aci_manifest(path: Path, where: str) -> bytes:

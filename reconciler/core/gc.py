@@ -1,7 +1,8 @@
 """Retention planning: which releases and blobs garbage collection deletes. Pure.
 
 Per host the newest ``keep`` published releases (``hosts/<h>/releases/<N>.json``
-with their ``.asc``) stay, and so does the one ``latest.json`` names; older ones go.
+with their ``.asc`` and attestations ``<N>.<kind>.json``) stay, and so does the one
+``latest.json`` names; older ones go, the release file before what it names.
 Blobs (``blobs/sha256/<hex>`` and ``.asc``) are shared between hosts: one goes only
 when no kept release of any host and no ``latest.json`` references it. The copies
 appc discovery reads (``<prefix>/<host>-<N>-<os>-<arch>.aci`` and ``.asc``, under any
@@ -31,11 +32,13 @@ DEFAULT_KEEP = 10
 @dataclass
 class _Host:
     versions: dict[int, list[str]] = field(default_factory=dict)  # N -> its keys present
+    files: set[int] = field(default_factory=set)  # N whose release file is present
     latest: str | None = None
 
     def published(self) -> list[int]:
-        """Versions whose release file (not only its signature) exists, ascending."""
-        return sorted(v for v, keys in self.versions.items() if any(k.endswith(".json") for k in keys))
+        """Versions whose release file (not only its signature or attestations) exists,
+        ascending: what a publish writes last of a release."""
+        return sorted(self.files)
 
 
 @dataclass
@@ -48,7 +51,12 @@ def _layout(listing: Iterable[str]) -> _Layout:
     out = _Layout()
     for key in listing:
         match parse_key(key):
-            case ReleaseKey(host=name, version=version) | DiscoveryKey(host=name, version=version):
+            case ReleaseKey(host=name, version=version, signature=signature, attestation=attestation):
+                host = out.hosts.setdefault(name, _Host())
+                host.versions.setdefault(version, []).append(key)
+                if not signature and attestation is None:
+                    host.files.add(version)
+            case DiscoveryKey(host=name, version=version):
                 out.hosts.setdefault(name, _Host()).versions.setdefault(version, []).append(key)
             case LatestKey(host=name, signature=False):
                 out.hosts.setdefault(name, _Host()).latest = key
@@ -111,10 +119,11 @@ def plan_gc(
         newest = published[-1] if published else 0
         for v in sorted(host.versions):
             if v not in kept and v < newest:
-                # The release file, its signature, then the discovery copies (whatever
-                # order the listing had).
+                # The release file first (then nothing names what is left of it), the
+                # rest of the release's files, then the discovery copies.
                 doomed += sorted(
-                    host.versions[v], key=lambda k: (not k.startswith("hosts/"), k.endswith(".asc"), k)
+                    host.versions[v],
+                    key=lambda k: (k != release_path(name, v), not k.startswith("hosts/"), k),
                 )
         # What stays referenced: the kept releases and latest.json.
         live = [release_path(name, v) for v in sorted(kept) if v in published]

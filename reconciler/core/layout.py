@@ -3,6 +3,8 @@
 blobs/sha256/<hex>(.asc)                 artifact bytes, content-addressed, and signature
 blobs/sha256/<hex>.zsync                 zsync control file of an AppImage blob
 hosts/<host>/releases/<N>.json(.asc)     immutable signed release metadata
+hosts/<host>/releases/<N>.<kind>.json    its attestations (DSSE envelopes, signed inside):
+                                         provenance (SLSA v1) and sbom (SPDX 2.3)
 hosts/<host>/latest.json(.asc)           newest release, written last
 hosts/<host>/<host>-latest-x86_64.AppImage.zsync
                                          the newest AppImage's zsync control file, at the
@@ -20,13 +22,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from enum import StrEnum
 
 BLOB_PREFIX = "blobs/sha256/"
 PUBLISHER_KEY = "keys/publisher.asc"
 SIGNATURE = ".asc"
 ZSYNC = ".zsync"
 
-_RELEASE = re.compile(r"^hosts/([^/]+)/releases/([1-9][0-9]{0,17})\.json(\.asc)?$")
+_RELEASE = re.compile(r"^hosts/([^/]+)/releases/([1-9][0-9]{0,17})(?:\.([a-z]+))?\.json(\.asc)?$")
 _LATEST = re.compile(r"^hosts/([^/]+)/latest\.json(\.asc)?$")
 _BLOB = re.compile(r"^blobs/sha256/([0-9a-f]{64})(\.asc|\.zsync)?$")
 _UPDATE = re.compile(r"^hosts/([^/]+)/([^/]+)-latest-x86_64\.AppImage\.zsync$")
@@ -41,12 +44,26 @@ LEASE_PREFIX = "lease/"
 _LEASE = re.compile(r"^lease/([1-9][0-9]{0,17})\.json$")
 
 
+class AttestationKind(StrEnum):
+    """An in-toto attestation published beside a release (reconciler.core.provenance)."""
+
+    PROVENANCE = "provenance"
+    SBOM = "sbom"
+
+
+_KINDS = frozenset(k.value for k in AttestationKind)
+
+
 def blob_path(sha256: str) -> str:
     return BLOB_PREFIX + sha256
 
 
 def release_path(host: str, version: int) -> str:
     return f"hosts/{host}/releases/{version}.json"
+
+
+def attestation_path(host: str, version: int, kind: AttestationKind) -> str:
+    return f"hosts/{host}/releases/{version}.{kind}.json"
 
 
 def latest_path(host: str) -> str:
@@ -100,6 +117,7 @@ class ReleaseKey:
     host: str
     version: int
     signature: bool
+    attestation: AttestationKind | None = None  # None: the release file (or its signature)
 
 
 @dataclass(frozen=True)
@@ -147,7 +165,11 @@ Key = ReleaseKey | LatestKey | BlobKey | UpdateKey | TufKey | DiscoveryKey | Lea
 def parse_key(key: str) -> Key | None:
     """What ``key`` is in the layout; None for a key the layout does not name."""
     if m := _RELEASE.fullmatch(key):
-        return ReleaseKey(m.group(1), int(m.group(2)), m.group(3) is not None)
+        kind = m.group(3)
+        if kind is None:
+            return ReleaseKey(m.group(1), int(m.group(2)), m.group(4) is not None)
+        if kind in _KINDS and m.group(4) is None:
+            return ReleaseKey(m.group(1), int(m.group(2)), False, AttestationKind(kind))
     if m := _LATEST.fullmatch(key):
         return LatestKey(m.group(1), m.group(2) is not None)
     if m := _BLOB.fullmatch(key):

@@ -14,11 +14,12 @@ from typing import Any
 
 from reconciler.core.formats import Kind
 from reconciler.core.hosts import NAME_RE
-from reconciler.core.layout import blob_path
+from reconciler.core.layout import AttestationKind, attestation_path, blob_path
 from reconciler.errors import VerificationError
 
 SCHEMA = "reconciler.release/v1"
 KINDS = frozenset(k.value for k in Kind)
+ATTESTATION_KINDS = frozenset(k.value for k in AttestationKind)
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")
 # What the agent writes to disk under a signed name: one plain file name, nothing a
@@ -42,6 +43,17 @@ class Artifact:
 
 
 @dataclass(frozen=True)
+class Attestation:
+    """An in-toto attestation of the release (reconciler.core.provenance), stored at
+    ``path`` beside the release file: the release's signature covers its digest."""
+
+    kind: AttestationKind
+    path: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
 class Release:
     host: str
     version: int
@@ -50,6 +62,8 @@ class Release:
     created: datetime
     expires: datetime
     artifacts: tuple[Artifact, ...]
+    # Releases published before provenance have none, and their JSON no such key.
+    attestations: tuple[Attestation, ...] = ()
 
     def to_json(self) -> bytes:
         doc = {
@@ -65,10 +79,18 @@ class Release:
                 for a in self.artifacts
             ],
         }
+        if self.attestations:
+            doc["attestations"] = [
+                {"kind": a.kind.value, "path": a.path, "size": a.size, "sha256": a.sha256}
+                for a in self.attestations
+            ]
         return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
 
     def artifact(self, fmt: str) -> Artifact | None:
         return next((a for a in self.artifacts if a.format == fmt), None)
+
+    def attestation(self, kind: AttestationKind) -> Attestation | None:
+        return next((a for a in self.attestations if a.kind == kind), None)
 
 
 def format_time(t: datetime) -> str:
@@ -176,6 +198,27 @@ def parse_release(data: bytes, source: str) -> Release:
         if a.get("blob") != blob_path(sha):
             raise bad(f"{key}.blob", f"must be {blob_path(sha)!r}")
         arts.append(Artifact(format=fmt, name=name, size=size, sha256=sha))
+    atts: list[Attestation] = []
+    raw = doc.get("attestations", [])
+    if not isinstance(raw, list):
+        raise bad("attestations", "must be a list")
+    for i, a in enumerate(raw):
+        key = f"attestations[{i}]"
+        if not isinstance(a, dict):
+            raise bad(key, "must be an object")
+        kind, path, size, sha = a.get("kind"), a.get("path"), a.get("size"), a.get("sha256")
+        if not isinstance(kind, str) or kind not in ATTESTATION_KINDS:
+            raise bad(f"{key}.kind", f"unknown attestation {kind!r}")
+        if any(other.kind == kind for other in atts):
+            raise bad(f"{key}.kind", f"a second {kind!r} attestation")
+        where = attestation_path(host, version, AttestationKind(kind))
+        if path != where:
+            raise bad(f"{key}.path", f"must be {where!r}")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise bad(f"{key}.size", "must be a non-negative integer")
+        if not isinstance(sha, str) or not HEX64.fullmatch(sha):
+            raise bad(f"{key}.sha256", "must be 64 lowercase hex digits")
+        atts.append(Attestation(AttestationKind(kind), where, size, sha))
     return Release(
         host=host,
         version=version,
@@ -184,4 +227,5 @@ def parse_release(data: bytes, source: str) -> Release:
         created=times["created"],
         expires=times["expires"],
         artifacts=tuple(arts),
+        attestations=tuple(atts),
     )

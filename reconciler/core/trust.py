@@ -12,6 +12,11 @@ order:
     the entry's release number  ->  releases/<N>.json, checked against the entry's
     length and sha256           ->  the artifact's size and sha256 (from the release)
 
+With ``require_provenance`` the release's provenance is taken between the release and
+the artifact: the DSSE envelope the release names, signed by a pinned key, whose
+statement is SLSA v1 provenance of exactly this release's artifacts, host, commit and
+derivation (:func:`check_attestation`, which `reconciler verify --provenance` runs too).
+
 Each step returns the object it now trusts, or raises :class:`RefusalError` naming
 the rule broken (``reason`` is the metric label). A refusal leaves the state as it
 was. A step taken out of order is a bug of the caller (RuntimeError), not a refusal.
@@ -22,13 +27,18 @@ IO is not handled here: fetching and the TUF client are the updater's.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
+from securesystemslib import dsse
+from securesystemslib.signer import Key
+from securesystemslib.signer import Signature as KeySignature
 from tuf.api import exceptions as tuf_exceptions
 
-from reconciler.core.layout import release_path
+from reconciler.core import provenance
+from reconciler.core.layout import AttestationKind, release_path
 from reconciler.core.release import Artifact, Release, parse_release
 from reconciler.core.tufrepo import target_path
 from reconciler.errors import ReconcilerError, VerificationError
@@ -46,6 +56,8 @@ class Reason(StrEnum):
     EXPIRED = "expired"  # past its expiry: a freeze on old metadata or an old release
     NO_ARTIFACT = "no-artifact"  # nothing in the format this host runs
     TAMPERED = "tampered"  # bytes differ from what the signed metadata says
+    NO_PROVENANCE = "no-provenance"  # required, and the release names none
+    BAD_PROVENANCE = "bad-provenance"  # its provenance is not a signed account of this release
 
 
 class RefusalError(ReconcilerError):
@@ -80,6 +92,8 @@ class Pinned:
     # The sha256 of artifacts that failed their activation or health check here: a
     # release is judged by what it would run, whatever its number.
     failed: frozenset[str] = frozenset()
+    # Install only a release with provenance signed by a pinned key.
+    require_provenance: bool = False
 
 
 @dataclass(frozen=True)
@@ -146,6 +160,73 @@ def check_release(release: Release, pinned: Pinned, now: datetime, *, number: in
     return art
 
 
+@dataclass(frozen=True)
+class Attested:
+    """An attestation that checked out: its statement, who signed it, what it says."""
+
+    statement: provenance.Statement
+    keyid: str
+    summary: provenance.ProvenanceSummary | provenance.SbomSummary
+
+
+def verify_envelope(envelope: provenance.Envelope, keys: Sequence[Key], source: str) -> str:
+    """The keyid of the key of ``keys`` whose signature over the envelope's
+    pre-authentication encoding holds (securesystemslib verifies), or VerificationError."""
+    signatures = {s.keyid: KeySignature(s.keyid, s.sig.hex(), dict(s.extra)) for s in envelope.signatures}
+    checked = dsse.Envelope(envelope.payload, envelope.payload_type, signatures)
+    try:
+        accepted = checked.verify(list(keys), 1)
+    except Exception as exc:
+        # The signature and its headers are the store's bytes: whatever a key type's
+        # parser makes of them, they are not a good signature by a pinned key.
+        known = {k.keyid for k in keys} & set(signatures)
+        why = "no signature by a pinned key" if not known else f"bad signature ({type(exc).__name__})"
+        raise VerificationError(f"{source}: {why}") from None
+    return next(iter(accepted))
+
+
+def check_attestation(
+    kind: AttestationKind, data: bytes, release: Release, keys: Sequence[Key], source: str
+) -> Attested:
+    """Check the attestation ``kind`` of ``release``, whose bytes are ``data``: a DSSE
+    envelope of an in-toto statement, signed by one of ``keys``, of the predicate type
+    of ``kind``, about exactly the release's artifacts (and, for provenance, its host,
+    commit and derivation), the very bytes the release names. RefusalError:
+    NO_PROVENANCE when the release names none, else BAD_PROVENANCE."""
+    ref = release.attestation(kind)
+    if ref is None:
+        raise RefusalError(Reason.NO_PROVENANCE, f"release {release.version} names no {kind} attestation")
+    try:
+        envelope = provenance.parse_envelope(data, source)
+        if envelope.payload_type != provenance.PAYLOAD_TYPE:
+            raise VerificationError(
+                f"{source}: payloadType is {envelope.payload_type!r}, not {provenance.PAYLOAD_TYPE!r}"
+            )
+        keyid = verify_envelope(envelope, keys, source)
+        statement = provenance.parse_statement(envelope.payload, source)
+        want = provenance.PREDICATE_TYPES[kind]
+        if statement.predicate_type != want:
+            raise VerificationError(f"{source}: predicateType is {statement.predicate_type!r}, not {want!r}")
+        provenance.check_subjects(statement, release, source)
+        summary: provenance.ProvenanceSummary | provenance.SbomSummary = (
+            provenance.read_provenance(statement, release, source)
+            if kind is AttestationKind.PROVENANCE
+            else provenance.read_sbom(statement, source)
+        )
+        # Signed by the publisher and about these artifacts, yet maybe of another build
+        # of them (a reproducible build gives the same bytes from another commit): it
+        # must be the one the release names.
+        digest = hashlib.sha256(data).hexdigest()
+        if len(data) != ref.size or digest != ref.sha256:
+            raise VerificationError(
+                f"{source}: {len(data)} bytes, sha256 {digest}; the release says "
+                f"{ref.size} bytes, sha256 {ref.sha256}"
+            )
+    except VerificationError as exc:
+        raise RefusalError(Reason.BAD_PROVENANCE, str(exc)) from None
+    return Attested(statement, keyid, summary)
+
+
 class TrustedState:
     """What one poll trusts so far; see the module's docstring for the order."""
 
@@ -155,6 +236,7 @@ class TrustedState:
         self._latest: Latest | None = None
         self._release: Release | None = None
         self._artifact: Artifact | None = None
+        self._provenance: Attested | None = None
 
     @property
     def latest(self) -> Latest | None:
@@ -203,10 +285,33 @@ class TrustedState:
         self._release = release
         return release
 
+    @property
+    def provenance(self) -> Attested | None:
+        return self._provenance
+
+    def update_provenance(self, data: bytes | None, keys: Sequence[Key], source: str) -> Attested:
+        """Take the release's provenance: ``data``, read from where the release says,
+        or None when it names none."""
+        if self._release is None:
+            raise RuntimeError("provenance needs a trusted release first")
+        if self._provenance is not None:
+            raise RuntimeError("the provenance was taken already")
+        if (data is None) != (self._release.attestation(AttestationKind.PROVENANCE) is None):
+            raise RuntimeError("provenance read where the release names none, or not read where it does")
+        if data is None:
+            raise RefusalError(
+                Reason.NO_PROVENANCE,
+                f"release {self._release.version} names no provenance, and this host requires it",
+            )
+        self._provenance = check_attestation(AttestationKind.PROVENANCE, data, self._release, keys, source)
+        return self._provenance
+
     def update_artifact(self, got: Downloaded) -> Artifact:
         """Take the size and sha256 of the downloaded artifact."""
         if self._release is None:
             raise RuntimeError("an artifact needs a trusted release first")
+        if self.pinned.require_provenance and self._provenance is None:
+            raise RuntimeError("an artifact needs the release's provenance first")
         if self._artifact is not None:
             raise RuntimeError("the artifact was taken already")
         art = self._release.artifact(self.pinned.format)

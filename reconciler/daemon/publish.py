@@ -4,8 +4,10 @@
    (keyed by the blob's content, so rewriting them is harmless), then for an ACI the
    copies appc discovery reads, ``<prefix>/<name>`` and its ``.asc`` (hard links or
    copies inside the store; release N's bytes until N is published);
-2. ``releases/<N>.json.asc`` then ``releases/<N>.json`` (immutable once written);
-3. the host's stable zsync control file (what an AppImage's update information
+2. the release's attestations ``releases/<N>.<kind>.json`` (signed inside; rewritten
+   while no release file names them);
+3. ``releases/<N>.json.asc`` then ``releases/<N>.json`` (immutable once written);
+   then the host's stable zsync control file (what an AppImage's update information
    names: it points at a blob already there);
 4. ``latest.json.asc`` then ``latest.json`` last.
 
@@ -42,11 +44,14 @@ def publish(
     name_prefix: str | None = None,
     zsync: Mapping[str, bytes] | None = None,
     update: bytes | None = None,
+    attestations: Mapping[str, bytes] | None = None,
 ) -> None:
-    """Put ``release`` and its artifact ``files`` (format -> path) into ``store``, with
-    the ``zsync`` control files (format -> bytes) beside their blobs and ``update``,
-    the newest AppImage's control file, at the host's stable key; with
-    ``name_prefix``, also where appc discovery finds its ACI under that prefix."""
+    """Put ``release``, its artifact ``files`` (format -> path) and ``attestations``
+    (store key -> envelope, those the release names) into ``store``, with the ``zsync``
+    control files (format -> bytes) beside their blobs and ``update``, the newest
+    AppImage's control file, at the host's stable key; with ``name_prefix``, also where
+    appc discovery finds its ACI under that prefix. A release written before (adopted)
+    keeps the attestations it names, which must be there."""
     for art in release.artifacts:
         if not store.exists(art.blob):
             # Content-addressed: a file that is not the blob (an AppImage sealed again,
@@ -77,6 +82,15 @@ def publish(
     existing = store.get_bytes(key)
     if existing is not None and existing != meta:
         raise StoreError(f"{key} already exists with other content; releases are immutable")
+    for att in release.attestations:
+        if existing is None:
+            # Nothing names what an interrupted publish left here: replace it.
+            data = (attestations or {}).get(att.path)
+            if data is None:
+                raise StoreError(f"{att.path}: the release names it, and there is nothing to publish there")
+            store.put_bytes(att.path, data)
+        elif not store.exists(att.path):
+            raise StoreError(f"{att.path} is missing; the published {key} names it")
     signature = sign_bytes(meta)
     if existing is None:
         store.put_bytes(key + ".asc", signature)

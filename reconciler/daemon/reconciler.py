@@ -17,15 +17,17 @@ import os
 import shutil
 import tempfile
 import threading
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from datetime import datetime
 from enum import Enum
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from reconciler import log
+from reconciler import __version__, log
 from reconciler.config import Config
 from reconciler.core import zsync
 from reconciler.core.appc import discovery_page
@@ -66,10 +68,12 @@ from reconciler.core.model import (
     Suspensions,
 )
 from reconciler.core.plan import HostPlan, Plan, make_plan, retry_delay, suspended_fleet
+from reconciler.core.provenance import BuildRecord, public_url
 from reconciler.core.release import Artifact, Release, new_release, parse_release
 from reconciler.core.tufroles import RoleName
 from reconciler.core.versions import MAX_TAKEN, Adopt, Decision, Taken, decide, first_candidate
 from reconciler.daemon import history, parsing
+from reconciler.daemon.attest import attest
 from reconciler.daemon.gate import CommitRefusedError
 from reconciler.daemon.gc import collect
 from reconciler.daemon.lease import PublisherLease
@@ -902,9 +906,11 @@ class Reconciler:
         log.event("host_build", host=host.name, version=version, reasons="; ".join(entry.reasons))
         # An adopted release is built too: its artifacts are what publish() reads if a
         # blob is missing, and Nix finds the build it kept under the host's root.
+        started = self.clock.now()
         build_started = self.clock.monotonic()
         out = self._realise(host, drv, host.name)
         build_seconds = self.clock.monotonic() - build_started
+        finished = self.clock.now()
         signing = self.metrics.stage_duration.labels("sign")
 
         def sign_file(path: Path) -> bytes:
@@ -921,11 +927,20 @@ class Reconciler:
             raise BuildError(host.name, f"cannot prepare its artifacts for publishing: {exc}") from None
         try:
             if isinstance(decision, Adopt):
-                # Published before, sealed then: the blobs are in the store already.
+                # Published before, sealed then: the blobs are in the store already, and
+                # it keeps the attestations it names.
                 release, files = decision.release, out.files
+                attestations: dict[str, bytes] = {}
             else:
                 files = self._seal(host, out.files, Path(work), sign_bytes)
-                release = self._new_release(host, version, out.derivation, files, commit)
+                # The attestations are about the files as published (sealed).
+                release, attestations = self.attestations(
+                    self._new_release(host, version, out.derivation, files, commit),
+                    host,
+                    out,
+                    started,
+                    finished,
+                )
             controls, update = self._zsync(release, files, adopted=isinstance(decision, Adopt))
             self._publish_key()
             self._publish_discovery_page()
@@ -940,6 +955,7 @@ class Reconciler:
                     name_prefix=self.cfg.images.name_prefix,
                     zsync=controls,
                     update=update,
+                    attestations=attestations,
                 )
         except SigningError:
             self.metrics.signing_failures.inc()
@@ -1015,6 +1031,29 @@ class Reconciler:
         except StoreError:
             return False  # the store cannot tell; the original error stands
         return False
+
+    def attestations(
+        self, release: Release, host: Host, out: BuildOutput, started: datetime, finished: datetime
+    ) -> tuple[Release, dict[str, bytes]]:
+        """``release`` naming its provenance and SBOM, and their signed envelopes
+        (reconciler.daemon.attest)."""
+        with self.metrics.stage_duration.labels("attest").time():
+            record = BuildRecord(
+                repository=public_url(self.cfg.repo.url),
+                branch=self.cfg.repo.branch,
+                commit=release.commit,
+                host=host.name,
+                derivation=out.derivation,
+                inputs=self.nix.inputs(host, out.derivation),
+                reconciler_version=__version__,
+                builder=out.builder,
+                builder_uri=next((b.uri for b in self.cfg.builders if b.name == out.builder), None),
+                invocation_id=str(uuid.uuid4()),
+                started=started,
+                finished=finished,
+            )
+        with self.metrics.stage_duration.labels("sign").time():
+            return attest(release, record, self.signer.sign_attestation)
 
     def _publish_key(self) -> None:
         """keys/publisher.asc, for people and tools (agents pin their own copy)."""

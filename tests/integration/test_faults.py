@@ -55,6 +55,11 @@ def check_store(store: Path, verifier: Verifier) -> dict[str, int]:
             assert blob.with_name(blob.name + ".asc").exists(), f"{art.blob} is unsigned"
             with blob.open("rb") as f:
                 assert hashlib.file_digest(f, "sha256").hexdigest() == art.sha256
+        assert release.attestations, f"{latest} names no attestations"
+        for att in release.attestations:
+            path = store / att.path
+            assert path.exists(), f"{latest} points at missing {att.path}"
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == att.sha256, att.path
     return versions
 
 
@@ -115,7 +120,10 @@ def test_kill_9_at_many_points_never_exposes_a_broken_release(
             for host in HOSTS:
                 listed = config.store.path / "hosts" / host / "releases"
                 releases = sorted(p.name for p in listed.iterdir())
-                assert releases == ["1.json", "1.json.asc"], (host, releases)
+                assert releases == ["1.json", "1.json.asc", "1.provenance.json", "1.sbom.json"], (
+                    host,
+                    releases,
+                )
             # What writes cut short by the kills left, the completing pass removed.
             assert not list(config.store.path.rglob(".tmp-*"))
     # The kills must have hit passes in flight, not only finished ones (resumed passes

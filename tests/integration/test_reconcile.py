@@ -102,6 +102,8 @@ def test_second_commit_publishes_version_2_for_the_changed_host_only(
     assert sorted(p.name for p in (store / "hosts" / "web-2" / "releases").iterdir()) == [
         "1.json",
         "1.json.asc",
+        "1.provenance.json",
+        "1.sbom.json",
     ]
     assert (store / "hosts" / "web-1" / "releases" / "1.json").exists()  # history is kept
 

@@ -20,8 +20,11 @@ from reconciler.config import (
     StoreConfig,
 )
 from reconciler.core import hosts
-from reconciler.core.layout import latest_path, release_path
+from reconciler.core.layout import AttestationKind, attestation_path, latest_path, release_path
 from reconciler.core.model import Action, Status
+from reconciler.core.provenance import ProvenanceSummary
+from reconciler.core.release import parse_release
+from reconciler.core.trust import check_attestation
 from reconciler.daemon.gate import CommitRefusedError, Gate
 from reconciler.daemon.reconciler import COMMIT_KEY, SOURCE_ERROR_KEY, Reconciler
 from reconciler.daemon.tuf import TufRepository
@@ -153,6 +156,39 @@ def test_each_aci_is_published_where_appc_discovery_finds_it_with_the_page_that_
     )
     # Written once, not by every publish.
     assert world.store.writes.count("fleet/index.html") == 1
+
+
+def test_every_release_carries_its_signed_provenance_and_sbom(world: World) -> None:
+    commit = world.source.push(FLEET)
+    world.nix.builder_of["web-2"] = "build-1"
+    assert outcomes(world.reconciler()) == {"web-1": (True, 1), "web-2": (True, 1)}
+    keys = [world.signer.metadata_signer().public_key]
+    for host in ("web-1", "web-2"):
+        release = parse_release(world.store.objects[release_path(host, 1)], host)
+        assert [a.kind for a in release.attestations] == [AttestationKind.PROVENANCE, AttestationKind.SBOM]
+        order = world.store.writes.index
+        for att in release.attestations:
+            assert att.path == attestation_path(host, 1, att.kind)
+            assert order(att.path) < order(release_path(host, 1) + ".asc")
+            got = check_attestation(att.kind, world.store.objects[att.path], release, keys, att.path)
+            assert got.keyid == keys[0].keyid
+        prov = check_attestation(
+            AttestationKind.PROVENANCE,
+            world.store.objects[attestation_path(host, 1, AttestationKind.PROVENANCE)],
+            release,
+            keys,
+            host,
+        ).summary
+        assert isinstance(prov, ProvenanceSummary)
+        assert (prov.commit, prov.host, prov.repository, prov.branch) == (
+            commit,
+            host,
+            "/nonexistent/repo",
+            "main",
+        )
+        assert (prov.builder, prov.built) == ("build-1" if host == "web-2" else "local", True)
+        assert prov.reproducibility == "not run"
+        assert prov.store_paths == 2  # the image and the toolchain; the output is a byproduct
 
 
 def test_an_unchanged_fleet_builds_nothing_and_a_change_rebuilds_only_its_host(world: World) -> None:
@@ -389,6 +425,7 @@ def test_a_version_taken_by_another_build_is_skipped(world: World) -> None:
     assert taken is not None
     doc = json.loads(taken)
     doc.update(version=2, derivation="/nix/store/" + "0" * 32 + "-other.drv")
+    del doc["attestations"]  # release 1's are no other release's
     world.store.objects[release_path("web-1", 2)] = json.dumps(doc).encode()
     world.store.objects[latest_path("web-1")] = json.dumps(doc).encode()
     world.source.push({**FLEET, "hosts/web-1.yaml": HOST.format(name="web-1", address="10.0.0.7/24")})

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from reconciler.core.layout import (
     PUBLISHER_KEY,
+    AttestationKind,
     BlobKey,
     DiscoveryKey,
     LatestKey,
@@ -14,6 +15,7 @@ from reconciler.core.layout import (
     ReleaseKey,
     TufKey,
     UpdateKey,
+    attestation_path,
     blob_path,
     discovery_page_path,
     discovery_path,
@@ -34,6 +36,13 @@ HOSTS = st.from_regex(r"[a-z0-9][a-z0-9-]{0,62}", fullmatch=True)
 def test_a_release_key_reads_back(host: str, version: int, signed: bool) -> None:
     key = release_path(host, version)
     assert parse_key(signature_path(key) if signed else key) == ReleaseKey(host, version, signed)
+
+
+@given(HOSTS, st.integers(1, 10**17), st.sampled_from(AttestationKind))
+def test_an_attestation_key_reads_back(host: str, version: int, kind: AttestationKind) -> None:
+    key = attestation_path(host, version, kind)
+    assert key == f"hosts/{host}/releases/{version}.{kind}.json"
+    assert parse_key(key) == ReleaseKey(host, version, False, kind)
 
 
 @given(HOSTS, st.booleans())
@@ -63,6 +72,9 @@ def test_keys_outside_the_layout_are_nothing() -> None:
         PUBLISHER_KEY,
         "hosts/web-1/releases/0.json",
         "hosts/web-1/releases/01.json",
+        "hosts/web-1/releases/1.other.json",  # no such attestation
+        "hosts/web-1/releases/1.provenance.json.asc",  # attestations are signed inside
+        "hosts/web-1/releases/1.Provenance.json",
         "hosts/web-1/latest.json.tmp",
         "blobs/sha256/" + "A" * 64,
         "blobs/sha256/" + "a" * 63,

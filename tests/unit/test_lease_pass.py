@@ -117,7 +117,9 @@ class Fleet:
 
     def releases(self, host: str) -> list[int]:
         prefix = f"hosts/{host}/releases/"
-        return sorted(int(k[len(prefix) : -5]) for k in self.store.list(prefix) if k.endswith(".json"))
+        # Release files only, not their attestations (N.provenance.json).
+        names = [k[len(prefix) : -5] for k in self.store.list(prefix) if k.endswith(".json")]
+        return sorted(int(n) for n in names if n.isdigit())
 
 
 @dataclass

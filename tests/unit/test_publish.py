@@ -8,13 +8,14 @@ the release file, then latest.json's signature and latest.json, last.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from reconciler.core.layout import latest_path, release_path
-from reconciler.core.release import Artifact, Release
+from reconciler.core.layout import AttestationKind, attestation_path, latest_path, release_path
+from reconciler.core.release import Artifact, Attestation, Release, parse_release
 from reconciler.daemon.publish import publish
 from reconciler.errors import StoreError
 from tests.fakes import CrashError, MemoryStore
@@ -219,3 +220,80 @@ def test_a_file_that_is_not_the_missing_blob_is_not_stored_under_its_name(
         run(store, files)
     assert BLOB_APP not in store.objects
     assert not [k for k in store.writes if k.startswith("hosts/")]
+
+
+# -- attestations ----------------------------------------------------------------------------
+
+PROVENANCE_KEY = attestation_path("web-1", 3, AttestationKind.PROVENANCE)
+SBOM_KEY = attestation_path("web-1", 3, AttestationKind.SBOM)
+ENVELOPES = {PROVENANCE_KEY: b"provenance envelope", SBOM_KEY: b"sbom envelope"}
+ATTESTED = replace(
+    RELEASE,
+    attestations=tuple(
+        Attestation(kind, key, len(ENVELOPES[key]), hashlib.sha256(ENVELOPES[key]).hexdigest())
+        for kind, key in ((AttestationKind.PROVENANCE, PROVENANCE_KEY), (AttestationKind.SBOM, SBOM_KEY))
+    ),
+)
+ATTESTED_ORDER = [*ORDER[:4], PROVENANCE_KEY, SBOM_KEY, *ORDER[4:]]
+
+
+def attest_run(store: MemoryStore, files: dict[str, Path], envelopes: dict[str, bytes] = ENVELOPES) -> None:
+    publish(store, ATTESTED, files, sign_file, sign_bytes, attestations=envelopes)
+
+
+def test_attestations_are_written_after_the_blobs_and_before_the_release_naming_them(
+    files: dict[str, Path],
+) -> None:
+    store = MemoryStore()
+    attest_run(store, files)
+    assert store.writes == ATTESTED_ORDER
+    assert {k: store.objects[k] for k in ENVELOPES} == ENVELOPES
+    assert store.objects[RELEASE_KEY] == ATTESTED.to_json()
+
+
+@pytest.mark.parametrize("crash_at", range(len(ATTESTED_ORDER)))
+def test_a_crash_at_any_write_leaves_no_release_naming_a_missing_attestation(
+    files: dict[str, Path], crash_at: int
+) -> None:
+    store = MemoryStore(crash_at=crash_at)
+    with pytest.raises(CrashError):
+        attest_run(store, files)
+    if RELEASE_KEY in store.objects:
+        assert set(ENVELOPES) <= set(store.objects)
+    # The next attempt signs anew (other envelopes): what nothing names yet is replaced.
+    store.crash_at = None
+    again = {k: v + b" again" for k, v in ENVELOPES.items()}
+    attested = replace(
+        ATTESTED,
+        attestations=tuple(
+            replace(a, size=len(again[a.path]), sha256=hashlib.sha256(again[a.path]).hexdigest())
+            for a in ATTESTED.attestations
+        ),
+    )
+    if RELEASE_KEY in store.objects:
+        attested, again = ATTESTED, {}  # published already: adopted as it is
+    publish(store, attested, files, sign_file, sign_bytes, attestations=again)
+    published = parse_release(store.objects[LATEST_KEY], LATEST_KEY)
+    for a in published.attestations:
+        assert hashlib.sha256(store.objects[a.path]).hexdigest() == a.sha256
+
+
+def test_an_adopted_release_keeps_its_attestations_and_needs_them(files: dict[str, Path]) -> None:
+    store = MemoryStore()
+    attest_run(store, files)
+    writes = len(store.writes)
+    # Adopted: the release file is there, nothing new to attest.
+    publish(store, ATTESTED, files, sign_file, sign_bytes)
+    assert store.writes[writes:] == [LATEST_KEY + ".asc", LATEST_KEY]
+    del store.objects[SBOM_KEY]
+    del store.objects[LATEST_KEY]
+    with pytest.raises(StoreError, match=f"{SBOM_KEY} is missing; the published {RELEASE_KEY} names it"):
+        publish(store, ATTESTED, files, sign_file, sign_bytes)
+    assert LATEST_KEY not in store.objects
+
+
+def test_a_new_release_naming_an_attestation_it_was_not_given_is_refused(files: dict[str, Path]) -> None:
+    store = MemoryStore()
+    with pytest.raises(StoreError, match=f"{SBOM_KEY}: the release names it, and there is nothing"):
+        attest_run(store, files, {PROVENANCE_KEY: ENVELOPES[PROVENANCE_KEY]})
+    assert RELEASE_KEY not in store.objects

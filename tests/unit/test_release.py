@@ -6,6 +6,7 @@ import copy
 import json
 import re
 import time
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -15,12 +16,13 @@ from hypothesis import strategies as st
 
 from reconciler.core.formats import Kind
 from reconciler.core.hosts import NAME_RE
-from reconciler.core.layout import blob_path, latest_path, release_path
+from reconciler.core.layout import AttestationKind, attestation_path, blob_path, latest_path, release_path
 from reconciler.core.release import (
     COMMIT_RE,
     HEX64,
     SCHEMA,
     Artifact,
+    Attestation,
     Release,
     format_time,
     new_release,
@@ -560,3 +562,107 @@ def test_a_repeated_key_is_refused_even_when_the_last_one_is_valid() -> None:
     text = EXPECTED_JSON.decode().replace('"host": "web-1",', '"host": "web-2", "host": "web-1",')
     with pytest.raises(VerificationError, match=r": key 'host' appears more than once$"):
         parse_release(text.encode(), SRC)
+
+
+# -- attestations --------------------------------------------------------------------------------
+
+PROVENANCE_KEY = "hosts/web-1/releases/3.provenance.json"
+SBOM_KEY = "hosts/web-1/releases/3.sbom.json"
+ATTESTED = replace(
+    RELEASE,
+    attestations=(
+        Attestation(AttestationKind.PROVENANCE, PROVENANCE_KEY, 4321, "c" * 64),
+        Attestation(AttestationKind.SBOM, SBOM_KEY, 999, "d" * 64),
+    ),
+)
+
+
+def attested_doc(index: int | None = None, key: str = "", value: Any = None) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(ATTESTED.to_json())
+    if index is not None:
+        if value is DELETE:
+            del doc["attestations"][index][key]
+        else:
+            doc["attestations"][index][key] = value
+    return doc
+
+
+def test_a_release_names_its_attestations_and_reads_them_back() -> None:
+    data = ATTESTED.to_json()
+    doc = json.loads(data)
+    assert doc["attestations"] == [
+        {"kind": "provenance", "path": PROVENANCE_KEY, "sha256": "c" * 64, "size": 4321},
+        {"kind": "sbom", "path": SBOM_KEY, "sha256": "d" * 64, "size": 999},
+    ]
+    back = parse_release(data, SRC)
+    assert back == ATTESTED
+    assert back.to_json() == data
+    assert back.attestation(AttestationKind.SBOM) == ATTESTED.attestations[1]
+    assert RELEASE.attestation(AttestationKind.PROVENANCE) is None
+
+
+def test_a_release_without_attestations_keeps_its_bytes() -> None:
+    # Releases published before provenance are adopted, compared and verified by
+    # their bytes: no empty key may appear in them.
+    assert b"attestations" not in RELEASE.to_json()
+    assert parse_release(EXPECTED_JSON, SRC).attestations == ()
+
+
+def test_an_older_reader_sees_an_attested_release_as_before() -> None:
+    # Releases are parsed by key; an agent that knows no attestations ignores them.
+    doc = attested_doc()
+    assert parse_doc({k: v for k, v in doc.items() if k != "attestations"}) == RELEASE
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        (with_value("attestations", {}), "attestations: must be a list"),
+        (with_value("attestations", ["provenance"]), "attestations[0]: must be an object"),
+        (attested_doc(0, "kind", "vex"), "attestations[0].kind: unknown attestation 'vex'"),
+        (attested_doc(0, "kind", DELETE), "attestations[0].kind: unknown attestation None"),
+        (attested_doc(1, "kind", "provenance"), "attestations[1].kind: a second 'provenance' attestation"),
+        (attested_doc(0, "path", SBOM_KEY), f"attestations[0].path: must be {PROVENANCE_KEY!r}"),
+        (
+            attested_doc(0, "path", "hosts/web-2/releases/3.provenance.json"),
+            f"attestations[0].path: must be {PROVENANCE_KEY!r}",
+        ),
+        (
+            attested_doc(0, "path", "../../../etc/passwd"),
+            f"attestations[0].path: must be {PROVENANCE_KEY!r}",
+        ),
+        (attested_doc(0, "path", DELETE), f"attestations[0].path: must be {PROVENANCE_KEY!r}"),
+        (attested_doc(1, "size", -1), "attestations[1].size: must be a non-negative integer"),
+        (attested_doc(1, "size", True), "attestations[1].size: must be a non-negative integer"),
+        (attested_doc(1, "sha256", "C" * 64), "attestations[1].sha256: must be 64 lowercase hex digits"),
+        (attested_doc(1, "sha256", DELETE), "attestations[1].sha256: must be 64 lowercase hex digits"),
+    ],
+)
+def test_each_attestation_error_names_source_and_key(doc: dict[str, Any], message: str) -> None:
+    assert error_of(doc) == f"{SRC}: {message}"
+
+
+def _attest(r: Release, kinds: list[AttestationKind], sizes: list[int], shas: list[str]) -> Release:
+    return replace(
+        r,
+        attestations=tuple(
+            Attestation(k, attestation_path(r.host, r.version, k), size, sha)
+            for k, size, sha in zip(kinds, sizes, shas, strict=False)
+        ),
+    )
+
+
+@PROPERTY
+@given(
+    releases,
+    st.lists(st.sampled_from(AttestationKind), unique=True),
+    st.lists(st.integers(0, 2**40), min_size=2, max_size=2),
+    st.lists(hexes, min_size=2, max_size=2),
+)
+def test_attested_round_trip_property(
+    r: Release, kinds: list[AttestationKind], sizes: list[int], shas: list[str]
+) -> None:
+    attested = _attest(r, kinds, sizes, shas)
+    data = attested.to_json()
+    assert parse_release(data, SRC) == attested
+    assert parse_release(data, SRC).to_json() == data

@@ -14,7 +14,10 @@ from hypothesis import strategies as st
 
 from reconciler.core.gc import needed_releases, plan_gc
 from reconciler.core.layout import (
+    AttestationKind,
     DiscoveryKey,
+    ReleaseKey,
+    attestation_path,
     blob_path,
     discovery_path,
     latest_path,
@@ -132,6 +135,27 @@ def test_a_publish_in_progress_is_left_alone() -> None:
     assert plan == ["hosts/a/releases/1.json", "hosts/a/releases/1.json.asc", *blob_keys(SHAS[0])]
 
 
+def test_attestations_go_with_their_release_after_its_file_and_never_count_as_one() -> None:
+    s = state({"a": {1: [SHAS[0]], 2: [SHAS[1]]}}, latest={"a": 2}, blobs=SHAS[:2])
+    attestations = [attestation_path("a", v, k) for v in (1, 2) for k in AttestationKind]
+    # Version 3 has its attestations and signature, not its file yet: a publish in progress.
+    in_progress = [attestation_path("a", 3, k) for k in AttestationKind]
+    listing = [*s.listing, *attestations, *in_progress, "hosts/a/releases/3.json.asc"]
+    plan = plan_gc(sorted(listing), s.releases, keep=1)
+    assert plan == [
+        "hosts/a/releases/1.json",
+        "hosts/a/releases/1.json.asc",
+        "hosts/a/releases/1.provenance.json",
+        "hosts/a/releases/1.sbom.json",
+        *blob_keys(SHAS[0]),
+    ]
+    # Attestations without their release file publish nothing: version 2 stays the newest.
+    assert needed_releases(sorted(listing), s.releases, keep=1) == [
+        "hosts/a/latest.json",
+        "hosts/a/releases/2.json",
+    ]
+
+
 def test_releases_without_latest_count_and_hosts_without_releases_are_kept() -> None:
     s = state({"a": {1: [SHAS[0]], 2: [SHAS[1]]}}, latest={}, blobs=SHAS[:3])
     plan = plan_gc([*s.listing, "hosts/b/releases/1.json.asc"], s.releases, keep=1)
@@ -225,6 +249,11 @@ def stores(draw: st.DrawFn) -> tuple[Fixture, int]:
         for v in draw(st.lists(st.integers(min_value=1, max_value=10), max_size=2)):
             if release_path(h, v) + ".asc" not in s.listing:
                 s.listing.append(release_path(h, v) + ".asc")
+        # Attestations, of published releases or of ones in progress.
+        for v in draw(st.lists(st.integers(min_value=1, max_value=10), max_size=2)):
+            key = attestation_path(h, v, draw(st.sampled_from(AttestationKind)))
+            if key not in s.listing:
+                s.listing.append(key)
     # appc discovery's copies of releases (under two prefixes), and of versions whose
     # release is not (or no longer) there.
     for h, versions in hosts.items():
@@ -240,6 +269,15 @@ def stores(draw: st.DrawFn) -> tuple[Fixture, int]:
     # Blobs whose .asc is missing, or .asc whose blob is.
     s.listing = [k for k in s.listing if not draw(st.booleans()) or not k.startswith("blobs/")]
     return s, draw(st.integers(min_value=1, max_value=4))
+
+
+def release_file(key: str, host: str) -> int | None:
+    """The version of ``key`` if it is a release file of ``host`` (not a signature or
+    an attestation)."""
+    match parse_key(key):
+        case ReleaseKey(host=h, version=v, signature=False, attestation=None) if h == host:
+            return v
+    return None
 
 
 def live_references(listing: builtins.list[str], releases: dict[str, Release | None]) -> set[str]:
@@ -267,20 +305,12 @@ def test_no_kept_release_or_latest_ever_references_a_deleted_blob(case: tuple[Fi
         assert not key.endswith("latest.json") or key in remaining
     hosts = {k.split("/")[1] for k in s.listing if k.startswith("hosts/")}
     for h in hosts:
-        published = sorted(
-            int(k.split("/")[3][:-5])
-            for k in s.listing
-            if k.startswith(f"hosts/{h}/releases/") and k.endswith(".json")
-        )
+        published = sorted(v for k in s.listing if (v := release_file(k, h)) is not None)
         expect = set(published[-keep:])
         lat = s.releases.get(latest_path(h))
         if lat is not None and lat.version in published:
             expect.add(lat.version)
-        kept = {
-            int(k.split("/")[3][:-5])
-            for k in remaining
-            if k.startswith(f"hosts/{h}/releases/") and k.endswith(".json")
-        }
+        kept = {v for k in remaining if (v := release_file(k, h)) is not None}
         assert kept == expect
         # Deleted release files are older than the newest; signatures go with them.
         for k in plan:
@@ -310,6 +340,10 @@ def test_no_kept_release_or_latest_ever_references_a_deleted_blob(case: tuple[Fi
     for k in plan:
         if k.endswith(".asc") and k[:-4] in plan:
             assert plan.index(k[:-4]) < plan.index(k)
+        # What a release names goes after the release file.
+        match parse_key(k):
+            case ReleaseKey(host=h, version=v, attestation=AttestationKind()) if release_path(h, v) in plan:
+                assert plan.index(release_path(h, v)) < plan.index(k)
 
 
 @settings(max_examples=100, deadline=None)

@@ -35,6 +35,8 @@ def test_config_defaults_and_relative_paths(tmp_path: Path) -> None:
     assert cfg.health is None
     assert cfg.zsync is True
     assert load_agent_config(write(tmp_path, store="store", zsync=False)).zsync is False
+    assert cfg.require_provenance is False
+    assert load_agent_config(write(tmp_path, require_provenance=True)).require_provenance is True
 
 
 @pytest.mark.parametrize(
@@ -65,6 +67,7 @@ def test_config_defaults_and_relative_paths(tmp_path: Path) -> None:
         ({"poll_interval": "soon"}, "poll_interval", "must be a duration"),
         ({"colour": "blue"}, "colour", "unknown key"),
         ({"zsync": "yes"}, "zsync", "must be true or false"),
+        ({"require_provenance": "yes"}, "require_provenance", "must be true or false"),
     ],
 )
 def test_config_errors_name_the_key(tmp_path: Path, data: dict[str, Any], key: str, reason: str) -> None:

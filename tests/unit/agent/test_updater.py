@@ -26,10 +26,12 @@ from reconciler.agent.state import AgentState
 from reconciler.agent.updater import Agent
 from reconciler.config import TufConfig
 from reconciler.core import tufrepo
-from reconciler.core.layout import release_path, tuf_path
+from reconciler.core.layout import AttestationKind, attestation_path, release_path, tuf_path
+from reconciler.core.provenance import BuildRecord, NixInputs, StorePath
 from reconciler.core.release import Artifact, Release, new_release
 from reconciler.core.trust import Reason
 from reconciler.core.tufrepo import SERIALIZER, target_path
+from reconciler.daemon.attest import attest
 from reconciler.daemon.publish import publish
 from reconciler.daemon.tuf import TufRepository
 from reconciler.errors import FetchError, FetchKind
@@ -138,6 +140,26 @@ class FakeClock:
         self.wall += timedelta(seconds=seconds)
 
 
+def build_record(r: Release, now: datetime) -> BuildRecord:
+    """How the daemon built ``r``, as its provenance says."""
+    out = StorePath(f"/nix/store/{'0' * 32}-host-{r.host}-{r.version}", sha(b"out"), 1)
+    inputs = NixInputs("2.8.0", sha(b"nix"), "debian", sha(b"toolchain"), (), (out,), (out.path,))
+    return BuildRecord(
+        repository="https://git.example/fleet.git",
+        branch="main",
+        commit=r.commit,
+        host=r.host,
+        derivation=r.derivation,
+        inputs=inputs,
+        reconciler_version="0.1.0",
+        builder="local",
+        builder_uri=None,
+        invocation_id=f"{r.host}-{r.version}",
+        started=now,
+        finished=now,
+    )
+
+
 @dataclass
 class Probe:
     """The health probe: a version is unhealthy while it is in ``unhealthy``."""
@@ -167,18 +189,34 @@ class Host:
         self.agent = make_agent(self)
 
     def publish(
-        self, version: int, host: str = "web-1", blob: bytes | None = None, sync: bool = True
+        self,
+        version: int,
+        host: str = "web-1",
+        blob: bytes | None = None,
+        sync: bool = True,
+        attest_by: CryptoSigner | None = None,
     ) -> Release:
-        """What the daemon's pass does: publish the release, then list it in the TUF bins."""
+        """What the daemon's pass does: publish the release (with its provenance and SBOM
+        signed by ``attest_by``), then list it in the TUF bins."""
         blob = blob if blob is not None else f"AppImage of {host} {version}".encode()
         art = Artifact("appimage", f"{host}-{version}-x86_64.AppImage", len(blob), sha(blob))
         r = new_release(
             host, version, "c" * 40, "/nix/store/x.drv", (art,), self.clock.now(), RELEASE_LIFETIME
         )
+        envelopes: dict[str, bytes] = {}
+        if attest_by is not None:
+            r, envelopes = attest(r, build_record(r, self.clock.now()), fakes.sslib_signer(attest_by))
         built = self.tmp / "build" / f"{host}-{version}"
         built.parent.mkdir(exist_ok=True)
         built.write_bytes(blob)
-        publish(self.store, r, {"appimage": built}, lambda p: b"signature", lambda d: b"signature")
+        publish(
+            self.store,
+            r,
+            {"appimage": built},
+            lambda p: b"signature",
+            lambda d: b"signature",
+            attestations=envelopes,
+        )
         if sync:
             self.point(version, host)
         return r
@@ -774,3 +812,85 @@ def test_the_start_says_what_runs_the_releases(
         assert start.fields["note"] == (  # type: ignore[attr-defined]
             "neither supervise nor activate is set: releases are installed, nothing runs them"
         )
+
+
+# -- provenance ----------------------------------------------------------------------------
+
+PROVENANCE_1 = attestation_path("web-1", 1, AttestationKind.PROVENANCE)
+
+
+def test_a_host_requiring_provenance_installs_a_release_whose_provenance_checks_out(host: Host) -> None:
+    host.restart(require_provenance=True)
+    r = host.publish(1, attest_by=PUBLISHER)
+    assert host.poll() == "updated"
+    # Read after the release that names it and before the artifact.
+    assert host.requested[-3:] == [release_path("web-1", 1), PROVENANCE_1, r.artifacts[0].blob]
+    assert host.running() == 1
+
+
+def test_a_host_not_requiring_provenance_reads_none(host: Host) -> None:
+    host.publish(1, attest_by=PUBLISHER)
+    assert host.poll() == "updated"
+    assert PROVENANCE_1 not in host.requested
+
+
+def test_a_release_without_provenance_is_refused_where_it_is_required(
+    host: Host, caplog: pytest.LogCaptureFixture
+) -> None:
+    host.restart(require_provenance=True)
+    r = host.publish(1)
+    assert host.poll() == "refused"
+    assert host.metric("reconciler_agent_refusals_total", {"reason": "no-provenance"}) == 1
+    assert refusals(caplog) == ["release 1 names no provenance, and this host requires it"]
+    assert r.artifacts[0].blob not in host.requested
+    assert host.installed() == [] and not host.agent.current.exists()
+    # Final for this timestamp: nothing is read again until a new one.
+    assert host.poll() == "idle"
+    host.publish(2, attest_by=PUBLISHER)
+    assert host.poll() == "updated"
+    assert host.running() == 2
+
+
+def _retype(data: bytes) -> bytes:
+    return data.replace(b'"application/vnd.in-toto+json"', b'"application/vnd.in-toto+jsoN"')
+
+
+@pytest.mark.parametrize(
+    ("tamper", "message"),
+    [
+        pytest.param(_retype, "payloadType is 'application/vnd.in-toto+jsoN'", id="payload-type"),
+        pytest.param(lambda d: d + b" ", "larger than the", id="longer"),
+        pytest.param(
+            lambda d: d.replace(b'"payload": "ey', b'"payload": "ex'), "bad signature", id="payload"
+        ),
+    ],
+)
+def test_a_tampered_provenance_is_refused_and_nothing_installed(
+    on_v1: Host, caplog: pytest.LogCaptureFixture, tamper: Callable[[bytes], bytes], message: str
+) -> None:
+    on_v1.restart(require_provenance=True)
+    r = on_v1.publish(2, attest_by=PUBLISHER)
+    key = attestation_path("web-1", 2, AttestationKind.PROVENANCE)
+    on_v1.store.objects[key] = tamper(on_v1.store.objects[key])
+    assert on_v1.poll() == "refused"
+    assert on_v1.metric("reconciler_agent_refusals_total", {"reason": "bad-provenance"}) == 1
+    (error,) = refusals(caplog)
+    assert error.startswith(f"{key}: ") and message in error, error
+    assert r.artifacts[0].blob not in on_v1.requested
+    assert on_v1.running() == 1 and on_v1.installed() == [1]
+
+
+def test_provenance_signed_by_a_key_not_pinned_is_refused(
+    on_v1: Host, caplog: pytest.LogCaptureFixture
+) -> None:
+    on_v1.restart(require_provenance=True)
+    on_v1.publish(2, attest_by=ATTACKER)
+    assert on_v1.poll() == "refused"
+    assert on_v1.metric("reconciler_agent_refusals_total", {"reason": "bad-provenance"}) == 1
+    assert refusals(caplog) == [
+        f"{attestation_path('web-1', 2, AttestationKind.PROVENANCE)}: no signature by a pinned key"
+    ]
+    assert on_v1.running() == 1
+    # Provenance is checked against the configured keys: each agent process read them
+    # once, the first for the first TUF root, the restarted one for the provenance.
+    assert on_v1.pinned == [[PUBLISHER_FILE], [PUBLISHER_FILE]]
