@@ -691,18 +691,29 @@ def nginx_conf(tmp: Path, store: Path, port: int) -> Path:
 
 
 @contextlib.contextmanager
-def nginx_serving(tmp_path: Path, store: Path, probe: str) -> Iterator[tuple[str, Path]]:
+def nginx_serving(
+    tmp_path: Path, store: Path, probe: str, user: str | None = None
+) -> Iterator[tuple[str, Path]]:
     """nginx with deploy/nginx/store.conf serving ``store`` on 127.0.0.1: its base URL and
-    its directory (logs), once ``probe`` (a path) is answered."""
+    its directory (logs), once ``probe`` (a path) is answered. With ``user``, nginx runs
+    as that user (setpriv), as it does beside the systemd units: it reads the store as
+    another user than the daemon that wrote it."""
     nginx = need("nginx")
     web = tmp_path / "nginx"
     web.mkdir()
     port = free_port()
     conf = nginx_conf(web, store, port)
-    checked = run([nginx, "-t", "-c", str(conf), "-p", str(web)])
+    prefix: list[str] = []
+    if user is not None:
+        pw = pwd.getpwnam(user)
+        shutil.chown(web, pw.pw_uid, pw.pw_gid)
+        prefix = [need("setpriv"), f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups", "--"]
+    checked = run([*prefix, nginx, "-t", "-c", str(conf), "-p", str(web)])
     assert checked.returncode == 0, checked.stderr
     proc = subprocess.Popen(
-        [nginx, "-c", str(conf), "-p", str(web)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [*prefix, nginx, "-c", str(conf), "-p", str(web)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -719,13 +730,39 @@ def nginx_serving(tmp_path: Path, store: Path, probe: str) -> Iterator[tuple[str
         stop(proc, signal.SIGQUIT)
 
 
+def unit_umask(unit: str) -> int:
+    """The UMask= of a shipped systemd unit."""
+    found = re.findall(r"^UMask=([0-7]+)$", (DEPLOY / "systemd" / unit).read_text(), re.M)
+    assert len(found) == 1, found
+    return int(found[0], 8)
+
+
 def test_nginx_serves_the_store_for_agents(tmp_path: Path, config_repo: ConfigRepo, signing: Signing) -> None:
     standard_fleet(config_repo)
     prefix = "artifacts.example.com/fleet"  # the prefix deploy/nginx/store.conf serves
-    cfg = write_config(tmp_path, config_repo, signing, images={"name_prefix": prefix})
-    got = run([sys.executable, "-m", "reconciler", "reconcile", "-c", str(cfg)], timeout=600)
+    # The store as reconciler.service writes it: under the unit's UMask, and read by nginx
+    # as another user (nobody, when the test runs as root), as beside the systemd units.
+    # Its parent is the test's, open to others as /srv/reconciler is.
+    served = Path(tempfile.mkdtemp(prefix="store-", dir="/tmp"))
+    served.chmod(0o755)
+    store = served / "store"
+    cfg = write_config(
+        tmp_path,
+        config_repo,
+        signing,
+        images={"name_prefix": prefix},
+        store={"type": "filesystem", "path": str(store)},
+    )
+    umask = unit_umask("reconciler.service")
+    got = run(
+        [sys.executable, "-m", "reconciler", "reconcile", "-c", str(cfg)],
+        timeout=600,
+        preexec_fn=lambda: os.umask(umask),
+    )
     assert got.returncode == 0, got.stderr[-3000:]
-    store = tmp_path / "store"
+    # The private parts stay private whatever the umask: the state dir and the gpg home.
+    state = tmp_path / "state"
+    assert stat.S_IMODE(state.stat().st_mode) & 0o077 == 0, oct(state.stat().st_mode)
     keys = store / "keys" / "publisher.asc"
     if not keys.exists():  # the daemon may not export it (yet); the location is served all the same
         keys.parent.mkdir(parents=True, exist_ok=True)
@@ -737,7 +774,15 @@ def test_nginx_serves_the_store_for_agents(tmp_path: Path, config_repo: ConfigRe
     for f in store.rglob("*"):
         os.utime(f, (past, past))
 
-    with nginx_serving(tmp_path, store, "/keys/publisher.asc") as (base, web):
+    reader = "nobody" if os.geteuid() == 0 else None
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(shutil.rmtree, served, ignore_errors=True)
+        base, web = cleanup.enter_context(nginx_serving(served, store, "/keys/publisher.asc", user=reader))
+        check_nginx_store(base, web, prefix, signing, tmp_path)
+
+
+def check_nginx_store(base: str, web: Path, prefix: str, signing: Signing, tmp_path: Path) -> None:
+    if True:
         status, headers, body = http(base + "/hosts/web-1/latest.json")
         assert status == 200 and json.loads(body)["host"] == "web-1"
         assert headers["content-type"].startswith("application/json")
