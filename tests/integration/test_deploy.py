@@ -36,6 +36,7 @@ from reconciler.adapters.appimage import unsealed
 from reconciler.agent.config import load_agent_config
 from reconciler.config import load_config
 from tests.conftest import ConfigRepo, Signing, aci_file, free_port, standard_fleet, wait_for, write_config
+from tests.integration.test_store_s3 import ACCESS_KEY, BUCKET, SECRET_KEY, Weed, weed  # noqa: F401
 
 pytestmark = pytest.mark.integration
 
@@ -1144,8 +1145,18 @@ def helm_run(helm: Path, args: list[str], tmp: Path) -> str:
     return got.stdout
 
 
+# What the chart requires of every install (values.schema.json and the templates refuse
+# an install without them): the signing key's fingerprint and the key (or its Secret).
+REQUIRED = [
+    "--set",
+    "signing.fingerprint=0123456789ABCDEF0123456789ABCDEF01234567",
+    "--set",
+    "signing.secretKey=-----BEGIN PGP PRIVATE KEY BLOCK-----",
+]
+
+
 def render(helm: Path, tmp: Path, *sets: str, values: Path | None = None) -> list[dict[str, Any]]:
-    args = ["template", "fleet", str(CHART), "--namespace", "infra"]
+    args = ["template", "fleet", str(CHART), "--namespace", "infra", *REQUIRED]
     if values is not None:
         args += ["--values", str(values)]
     for s in sets:
@@ -1160,7 +1171,7 @@ def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
 
 
 def test_helm_chart_lints_and_renders(helm: Path, tmp_path: Path) -> None:
-    out = helm_run(helm, ["lint", "--strict", str(CHART)], tmp_path)
+    out = helm_run(helm, ["lint", "--strict", *REQUIRED, str(CHART)], tmp_path)
     assert "0 chart(s) failed" in out
     # The chart's copies of the alerts and the nginx server block are the deploy/ files.
     assert (CHART / "files/alerts.yml").read_bytes() == (DEPLOY / "prometheus/alerts.yml").read_bytes()
@@ -1192,7 +1203,8 @@ def test_helm_chart_lints_and_renders(helm: Path, tmp_path: Path) -> None:
     assert main["securityContext"]["allowPrivilegeEscalation"] is False
     assert main["securityContext"]["capabilities"]["drop"] == ["ALL"]
     assert main["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert main["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # Readiness must not hang on git: the store sidecar shares the pod's readiness.
+    assert main["readinessProbe"]["httpGet"]["path"] == "/healthz"
     mounts = {m["name"]: m["mountPath"] for m in main["volumeMounts"]}
     assert mounts["nix"] == "/nix"
     port = next(p["containerPort"] for p in main["ports"] if p["name"] == "metrics")
@@ -1354,7 +1366,7 @@ def test_helm_builders_are_the_nix_daemons_from_root_owned_files(helm: Path, tmp
             }
         )
     )
-    lint = helm_run(helm, ["lint", "--strict", "--values", str(values), str(CHART)], tmp_path)
+    lint = helm_run(helm, ["lint", "--strict", *REQUIRED, "--values", str(values), str(CHART)], tmp_path)
     assert "0 chart(s) failed" in lint
     docs = render(helm, tmp_path, values=values)
     cm = one(docs, "ConfigMap")
@@ -1468,6 +1480,7 @@ def test_helm_builders_are_the_nix_daemons_from_root_owned_files(helm: Path, tmp
             "template",
             "fleet",
             str(CHART),
+            *REQUIRED,
             "--set",
             "builders[0].uri=ssh-ng://b",
             "--set",
@@ -1479,3 +1492,81 @@ def test_helm_builders_are_the_nix_daemons_from_root_owned_files(helm: Path, tmp
         },
     )
     assert got.returncode != 0 and "builderSshKey.existingSecret" in got.stderr, got.stderr
+
+
+def rendered_config(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    cfg: dict[str, Any] = yaml.safe_load(one(docs, "ConfigMap")["data"]["reconciler.yaml"])
+    return cfg
+
+
+@pytest.mark.parametrize("backend", ["filesystem", "s3"])
+def test_helm_rendered_config_passes_reconciler_check(
+    backend: str,
+    helm: Path,
+    tmp_path: Path,
+    config_repo: ConfigRepo,
+    signing: Signing,
+    request: pytest.FixtureRequest,
+) -> None:
+    """The chart's reconciler.yaml, for each store type, through the real `reconciler
+    check` (config, key, store writable, Nix sandbox, repository): an S3 store against the
+    SeaweedFS of test_store_s3. Only the pod's paths are mapped to the test's."""
+    standard_fleet(config_repo)
+    sets = [f"signing.fingerprint={signing.fingerprint}", f"config.repo.url={config_repo.path}"]
+    if backend == "s3":
+        request.getfixturevalue("no_ambient_aws")
+        weed: Weed = request.getfixturevalue("weed")
+        creds = tmp_path / "s3.creds"
+        creds.write_text(
+            f"[default]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = {SECRET_KEY}\n"
+        )
+        sets += [
+            "config.store.type=s3",
+            f"config.store.bucket={BUCKET}",
+            "config.store.prefix=helm-check",
+            f"config.store.endpoint={weed.endpoint}",
+            f"config.store.credentials_file={creds}",
+        ]
+    docs = render(helm, tmp_path, *sets)
+    rendered = rendered_config(docs)
+    containers = [c["name"] for c in one(docs, "StatefulSet")["spec"]["template"]["spec"]["containers"]]
+    if backend == "s3":
+        # Only the S3 store's keys: no default path merged in, and no nginx sidecar.
+        assert rendered["store"] == {
+            "type": "s3",
+            "bucket": BUCKET,
+            "prefix": "helm-check",
+            "endpoint": weed.endpoint,
+            "credentials_file": str(creds),
+        }
+        assert containers == ["reconciler"]
+    else:
+        assert rendered["store"] == {"type": "filesystem", "path": "/var/lib/reconciler/store"}
+        assert "store" in containers
+    text = one(docs, "ConfigMap")["data"]["reconciler.yaml"]
+    text = text.replace("/run/reconciler/gnupg", str(signing.gnupghome))
+    text = text.replace("/var/lib/reconciler", str(tmp_path / "state"))
+    cfg = tmp_path / "reconciler.yaml"
+    cfg.write_text(text)
+    assert load_config(cfg).store.type == backend
+    got = run([sys.executable, "-m", "reconciler", "check", "-c", str(cfg)], timeout=300)
+    assert got.returncode == 0, got.stdout + got.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (["signing.fingerprint=REPLACE-WITH-THE-SIGNING-KEY-FINGERPRINT"], "fingerprint"),
+        (["signing.secretKey="], "signing.existingSecret"),
+        (["config.store.type=s3"], "bucket"),
+        (["config.store.type=s3", "config.store.bucket=fleet", "config.store.path=/x"], "path"),
+        (["config.store.type=ftp"], "type"),
+    ],
+)
+def test_helm_refuses_bad_values(helm: Path, tmp_path: Path, sets: list[str], message: str) -> None:
+    args = [str(helm), "template", "fleet", str(CHART), *REQUIRED]
+    for s in sets:
+        args += ["--set", s]
+    env = {**os.environ, **{f"HELM_{k}_HOME": str(tmp_path / k.lower()) for k in ("CACHE", "CONFIG", "DATA")}}
+    got = run(args, env=env)
+    assert got.returncode != 0 and message in got.stderr, got.stdout[-500:] + got.stderr

@@ -68,9 +68,12 @@ init container) and the mounted ssh key of the builders. */}}
 {{- if or .Values.signing.passphrase .Values.signing.existingSecret }}
 {{- $_ := set $signing "passphrase_file" (printf "%s/passphrase" (include "reconciler.signingDir" .)) }}
 {{- end }}
+{{- if not (or .Values.signing.secretKey .Values.signing.existingSecret) }}
+{{- fail "signing: set signing.secretKey (gpg --armor --export-secret-keys FINGERPRINT) or signing.existingSecret (a Secret with signing-key.asc)" }}
+{{- end }}
 {{- $cfg := dict
       "repo" .Values.config.repo
-      "store" .Values.config.store
+      "store" (include "reconciler.store" . | fromYaml)
       "state_dir" (include "reconciler.stateDir" .)
       "signing" $signing
       "nix" (.Values.config.nix | default dict)
@@ -99,8 +102,24 @@ init container) and the mounted ssh key of the builders. */}}
 {{- $conf = regexReplaceAll "(?m)^\\s*listen\\s+\\[::\\][^;]*;\\n" $conf "" }}
 {{- $conf = regexReplaceAll "(?m)^(\\s*)listen\\s+80;" $conf (printf "${1}listen %d;" (int .Values.storeServer.port)) }}
 {{- $conf = regexReplaceAll "(?m)^(\\s*)server_name\\s+[^;]*;" $conf "${1}server_name _;" }}
-{{- $conf = regexReplaceAll "(?m)^(\\s*)root\\s+[^;]*;" $conf (printf "${1}root %s;" (.Values.config.store.path | default "/var/lib/reconciler/store")) }}
+{{- $conf = regexReplaceAll "(?m)^(\\s*)root\\s+[^;]*;" $conf (printf "${1}root %s;" (include "reconciler.store" . | fromYaml).path) }}
 {{- $conf = regexReplaceAll "(?m)^(\\s*)access_log\\s+[^;]*;" $conf "${1}access_log /dev/stdout;" }}
 {{- $conf = regexReplaceAll "(?m)^(\\s*)error_log\\s+[^;]*;" $conf "${1}error_log /dev/stderr;" }}
 {{- $conf }}
+{{- end }}
+
+{{/* The store of reconciler.yaml, by its type: a filesystem store gets its default path,
+an S3 store gets only its own keys (never a path merged in from a default). */}}
+{{- define "reconciler.store" -}}
+{{- $store := deepCopy (.Values.config.store | default dict) }}
+{{- $type := $store.type | default "filesystem" }}
+{{- $_ := set $store "type" $type }}
+{{- if eq $type "filesystem" }}
+{{- $_ := set $store "path" ($store.path | default (printf "%s/store" (include "reconciler.stateDir" .))) }}
+{{- else if eq $type "s3" }}
+{{- if not $store.bucket }}
+{{- fail "config.store: an s3 store needs config.store.bucket" }}
+{{- end }}
+{{- end }}
+{{- toYaml $store }}
 {{- end }}
