@@ -966,11 +966,95 @@ def test_grafana_dashboard_uses_only_known_metrics_and_valid_promql(tmp_path: Pa
     assert got.returncode == 0, got.stdout + got.stderr
 
 
-def test_containerfile_installs_through_scripts_setup() -> None:
+def containerfile_stages() -> list[tuple[str, list[str]]]:
+    """deploy/container/Containerfile as (FROM line, its instructions), comments dropped and
+    continuation lines joined."""
+    text = (DEPLOY / "container/Containerfile").read_text()
+    logical = re.sub(
+        r"\\\n", " ", "\n".join(ln for ln in text.splitlines() if not ln.lstrip().startswith("#"))
+    )
+    stages: list[tuple[str, list[str]]] = []
+    for line in logical.splitlines():
+        if line.startswith("FROM "):
+            stages.append((line, []))
+        elif line.strip():
+            assert stages, line
+            stages[-1][1].append(line)
+    return stages
+
+
+def test_containerfile_is_multi_stage_and_carries_only_the_wheel(tmp_path: Path) -> None:
+    stages = containerfile_stages()
+    assert len(stages) >= 2
+    assert all(re.match(r"FROM debian:bookworm", f) for f, _ in stages)
+    (build_from, build), final = stages[0], stages[-1][1]
+    assert build_from.endswith(" AS build")
+    assert any("pip wheel" in i for i in build)
+    # The runtime stage: no copy of the whole context, no editable install, no scripts/setup
+    # (test tools), the wheel from the build stage, the rest of the work tree file by file.
+    copies = [i.split()[1:] for i in final if i.startswith("COPY ")]
+    for args in copies:
+        sources = [a for a in args[:-1] if not a.startswith("--")]
+        assert sources and all(src not in (".", "./", "/") for src in sources), args
+    assert ["--from=build", "/wheels/", "/tmp/wheels/"] in copies
+    runs = " ".join(i for i in final if i.startswith("RUN "))
+    assert "pip install /tmp/wheels/*.whl" in runs
+    assert not re.search(r"pip install[^&]*(-e|--editable)\b", runs)
+    assert "scripts/setup" not in runs
+    for tool in ("nginx", "prometheus", "openssh-server", "skopeo", "umoci", "runc", "appc-spec", "pytest"):
+        assert not re.search(rf"(?<![\w-]){re.escape(tool)}(?![\w-])", runs), tool
+    for needed in ("nix-bin", "git", "gnupg", "busybox-static", "squashfs-tools", "runtime-packages.txt"):
+        assert needed in runs, needed
+
+    # The ignore files: the same allowlist for podman and docker, leaving out everything
+    # first, with no rule that lets demo/, .git, tests or keys back in.
+    ignore = (ROOT / ".containerignore").read_text()
+    assert (ROOT / ".dockerignore").read_text() == ignore
+    patterns = [ln.strip() for ln in ignore.splitlines() if ln.strip() and not ln.startswith("#")]
+    assert patterns[0] == "*"
+    allowed = [p[1:] for p in patterns if p.startswith("!")]
+    assert not [p for p in allowed if re.match(r"(demo|\.git|tests|state|.*gnupg|.*\.asc)", p)], allowed
+    for p in ("**/*.asc", "**/gnupg", "**/.gnupg"):
+        assert p in patterns[patterns.index("!" + allowed[-1]) :], p
+    # What the Containerfile copies is what the allowlist lets in (files named there).
+    copied = {
+        a.rstrip("/") for args in copies for a in args[:-1] if not a.startswith("--") and "/wheels" not in a
+    }
+    copied |= {a.rstrip("/") for i in build if i.startswith("COPY ") for a in i.split()[1:-1]}
+    allowed_paths = [p.rstrip("/") for p in allowed]
+    outside = [c for c in copied if not any(c == a or c.startswith(a + "/") for a in allowed_paths)]
+    assert not outside, outside
+
+    # The build stage's wheel, from exactly those sources, carries nix/ (the daemon needs it).
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, ctx / name)
+    for name in ("reconciler", "nix"):
+        shutil.copytree(ROOT / name, ctx / name, ignore=shutil.ignore_patterns("__pycache__"))
+    got = run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "-w",
+            str(tmp_path / "w"),
+            str(ctx),
+        ],
+        timeout=300,
+    )
+    assert got.returncode == 0, got.stdout[-2000:] + got.stderr[-2000:]
+    (wheel,) = (tmp_path / "w").glob("reconciler-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "reconciler/_nix/fleet.nix" in names and "reconciler/_nix/runtime/packages.txt" in names
+    assert not [n for n in names if n.startswith(("tests/", "demo/")) or n.endswith(".asc")]
+
+
+def test_containerfile_layout() -> None:
     text = (DEPLOY / "container/Containerfile").read_text()
     steps = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
-    assert re.search(r"^FROM debian:bookworm", steps, re.M)
-    assert re.search(r"^RUN scripts/setup", steps, re.M)
     # The reconciler by default: unprivileged, a client of the nix-daemon, owning no /nix.
     assert re.search(r"^USER 10001:10001$", steps, re.M)
     assert re.search(r'^CMD \["reconciler", "run", "-c", "/etc/reconciler/reconciler.yaml"\]$', steps, re.M)
@@ -980,7 +1064,7 @@ def test_containerfile_installs_through_scripts_setup() -> None:
     assert "chmod 0700 /var/lib/reconciler /var/lib/reconciler/gnupg" in steps
     # The nix-daemon from the same image: build users, the production nix.conf, and an
     # entry point that does not inherit the reconciler's NIX_REMOTE.
-    assert "install -m 0644 deploy/nix/nix.conf /etc/nix/nix.conf" in steps
+    assert "COPY deploy/nix/nix.conf /etc/nix/nix.conf" in steps
     assert "--gid nixbld" in steps and '"nixbld$n"' in steps
     assert "deploy/container/reconciler-nix-daemon /usr/local/sbin/reconciler-nix-daemon" in steps
     entry = (DEPLOY / "container/reconciler-nix-daemon").read_text()
