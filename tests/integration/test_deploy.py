@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -1654,3 +1655,30 @@ def test_helm_refuses_bad_values(helm: Path, tmp_path: Path, sets: list[str], me
     env = {**os.environ, **{f"HELM_{k}_HOME": str(tmp_path / k.lower()) for k in ("CACHE", "CONFIG", "DATA")}}
     got = run(args, env=env)
     assert got.returncode != 0 and message in got.stderr, got.stdout[-500:] + got.stderr
+
+
+@pytest.mark.parametrize("version", ["1.29.0", kubernetes_validate.latest_version()])
+def test_helm_manifests_validate_against_kubernetes_schemas(helm: Path, tmp_path: Path, version: str) -> None:
+    """Every rendered manifest, for a filesystem and an S3 store with every option on, against
+    the Kubernetes OpenAPI schemas (strict: no unknown fields) of the chart's minimum
+    version (kubeVersion >=1.29) and the newest kubernetes-validate knows. The Prometheus
+    Operator's kinds are CRDs, outside those schemas: checked by their group only."""
+    everything = [
+        "serviceMonitor.enabled=true",
+        "prometheusRule.enabled=true",
+        "builderSshKey.existingSecret=fleet-builders",
+        "builders[0].uri=ssh-ng://nixbuilder@build-1.example.com",
+        "builders[0].host_key=ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9",
+    ]
+    s3 = ["config.store.type=s3", "config.store.bucket=fleet", "config.store.endpoint=https://s3.example.com"]
+    checked: set[str] = set()
+    for sets in (everything, [*everything, *s3]):
+        for doc in render(helm, tmp_path, *sets):
+            if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+                continue
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                pytest.fail(f"{doc['kind']} {doc['metadata']['name']}: {e.message} at {list(e.path)}")
+            checked.add(doc["kind"])
+    assert {"StatefulSet", "Service", "ConfigMap", "Secret", "ServiceAccount"} <= checked
