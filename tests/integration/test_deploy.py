@@ -1667,6 +1667,9 @@ def test_helm_manifests_validate_against_kubernetes_schemas(helm: Path, tmp_path
         "serviceMonitor.enabled=true",
         "prometheusRule.enabled=true",
         "builderSshKey.existingSecret=fleet-builders",
+        "secrets.webhook.existingSecret=fleet-webhook",
+        "secrets.reconcileToken.existingSecret=fleet-token",
+        "secrets.repoSsh.existingSecret=fleet-deploy-key",
         "builders[0].uri=ssh-ng://nixbuilder@build-1.example.com",
         "builders[0].host_key=ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9",
     ]
@@ -1682,3 +1685,42 @@ def test_helm_manifests_validate_against_kubernetes_schemas(helm: Path, tmp_path
                 pytest.fail(f"{doc['kind']} {doc['metadata']['name']}: {e.message} at {list(e.path)}")
             checked.add(doc["kind"])
     assert {"StatefulSet", "Service", "ConfigMap", "Secret", "ServiceAccount"} <= checked
+
+
+def test_helm_daemon_secrets_are_mounted_read_only_and_configured(helm: Path, tmp_path: Path) -> None:
+    """The webhook secret, the reconcile token and the repository's credentials come from
+    existing Secrets by name: mounted read-only in the reconciler's container alone, their
+    files named in reconciler.yaml, which the daemon's loader accepts."""
+    docs = render(
+        helm,
+        tmp_path,
+        "secrets.webhook.existingSecret=fleet-webhook",
+        "secrets.reconcileToken.existingSecret=fleet-token",
+        "secrets.repoHttps.existingSecret=fleet-git",
+        "secrets.repoSsh.existingSecret=fleet-deploy-key",
+    )
+    pod = one(docs, "StatefulSet")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    by_secret = {v["secret"]["secretName"]: n for n, v in volumes.items() if "secret" in v}
+    main = next(c for c in pod["containers"] if c["name"] == "reconciler")
+    mounts = {m["name"]: m for m in main["volumeMounts"]}
+    files = {}
+    for secret in ("fleet-webhook", "fleet-token", "fleet-git", "fleet-deploy-key"):
+        name = by_secret[secret]
+        assert mounts[name]["readOnly"] is True
+        files[secret] = Path(mounts[name]["mountPath"])
+        others = [c for c in [*pod["containers"], *pod["initContainers"]] if c["name"] != "reconciler"]
+        assert not [c["name"] for c in others if name in {m["name"] for m in c.get("volumeMounts", [])}]
+    cfg_file = tmp_path / "reconciler.yaml"
+    cfg_file.write_text(one(docs, "ConfigMap")["data"]["reconciler.yaml"])
+    cfg = load_config(cfg_file)
+    assert cfg.triggers.webhook_secret_file == files["fleet-webhook"] / "webhook-secret"
+    assert cfg.triggers.reconcile_token_file == files["fleet-token"] / "reconcile-token"
+    assert cfg.repo.credentials_file == files["fleet-git"] / "credentials"
+    assert cfg.repo.ssh_key == files["fleet-deploy-key"] / "ssh-privatekey"
+    assert cfg.repo.known_hosts == files["fleet-deploy-key"] / "known_hosts"
+    # None set: none mounted, none configured.
+    plain = render(helm, tmp_path)
+    pod = one(plain, "StatefulSet")["spec"]["template"]["spec"]
+    assert not [v for v in pod["volumes"] if v["name"].startswith("secret-")]
+    assert "triggers" not in rendered_config(plain)

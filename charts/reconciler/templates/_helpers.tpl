@@ -54,6 +54,18 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "reconciler.stateDir" -}}/var/lib/reconciler{{- end }}
 {{- define "reconciler.gnupgHome" -}}/run/reconciler/gnupg{{- end }}
 {{- define "reconciler.signingDir" -}}/etc/reconciler-signing{{- end }}
+{{- define "reconciler.secretsDir" -}}/etc/reconciler-secrets{{- end }}
+
+{{/* The daemon's Secrets that are set: name (of the volume and directory) -> Secret. */}}
+{{- define "reconciler.daemonSecrets" -}}
+{{- $out := dict }}
+{{- range $name, $key := dict "webhook" "webhook" "reconcile-token" "reconcileToken" "repo-https" "repoHttps" "repo-ssh" "repoSsh" }}
+{{- with (index $.Values.secrets $key).existingSecret }}
+{{- $_ := set $out $name . }}
+{{- end }}
+{{- end }}
+{{- toYaml $out }}
+{{- end }}
 {{/* The nix-daemon's socket, in an emptyDir only the reconciler and nix-daemon containers mount. */}}
 {{- define "reconciler.nixDaemonSocketDir" -}}/run/nix-daemon{{- end }}
 
@@ -82,6 +94,26 @@ init container) and the mounted ssh key of the builders. */}}
       "jobs" .Values.config.jobs
       "release_lifetime" .Values.config.release_lifetime
       "retry" .Values.config.retry }}
+{{- $dir := include "reconciler.secretsDir" . }}
+{{- $triggers := deepCopy (.Values.config.triggers | default dict) }}
+{{- with .Values.secrets.webhook }}{{- if .existingSecret }}
+{{- $_ := set $triggers "webhook_secret_file" (printf "%s/webhook/%s" $dir .key) }}
+{{- end }}{{- end }}
+{{- with .Values.secrets.reconcileToken }}{{- if .existingSecret }}
+{{- $_ := set $triggers "reconcile_token_file" (printf "%s/reconcile-token/%s" $dir .key) }}
+{{- end }}{{- end }}
+{{- if $triggers }}
+{{- $_ := set $cfg "triggers" $triggers }}
+{{- end }}
+{{- $repo := deepCopy .Values.config.repo }}
+{{- with .Values.secrets.repoHttps }}{{- if .existingSecret }}
+{{- $_ := set $repo "credentials_file" (printf "%s/repo-https/%s" $dir .key) }}
+{{- end }}{{- end }}
+{{- with .Values.secrets.repoSsh }}{{- if .existingSecret }}
+{{- $_ := set $repo "ssh_key" (printf "%s/repo-ssh/%s" $dir .key) }}
+{{- $_ := set $repo "known_hosts" (printf "%s/repo-ssh/%s" $dir .knownHostsKey) }}
+{{- end }}{{- end }}
+{{- $_ := set $cfg "repo" $repo }}
 {{- if .Values.builders }}
 {{- if not .Values.builderSshKey.existingSecret }}
 {{- fail "builders: needs builderSshKey.existingSecret, the Secret with the builders' ssh key" }}
