@@ -1670,12 +1670,15 @@ def test_helm_manifests_validate_against_kubernetes_schemas(helm: Path, tmp_path
         "secrets.webhook.existingSecret=fleet-webhook",
         "secrets.reconcileToken.existingSecret=fleet-token",
         "secrets.repoSsh.existingSecret=fleet-deploy-key",
+        "ingress.enabled=true",
+        "ingress.webhook.host=hooks.example.com",
         "builders[0].uri=ssh-ng://nixbuilder@build-1.example.com",
         "builders[0].host_key=ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9",
     ]
     s3 = ["config.store.type=s3", "config.store.bucket=fleet", "config.store.endpoint=https://s3.example.com"]
+    store_ingress = ["ingress.store.host=store.example.com", "ingress.tls[0].secretName=tls"]
     checked: set[str] = set()
-    for sets in (everything, [*everything, *s3]):
+    for sets in ([*everything, *store_ingress], [*everything, *s3]):
         for doc in render(helm, tmp_path, *sets):
             if doc["apiVersion"].startswith("monitoring.coreos.com/"):
                 continue
@@ -1684,7 +1687,41 @@ def test_helm_manifests_validate_against_kubernetes_schemas(helm: Path, tmp_path
             except kubernetes_validate.ValidationError as e:
                 pytest.fail(f"{doc['kind']} {doc['metadata']['name']}: {e.message} at {list(e.path)}")
             checked.add(doc["kind"])
-    assert {"StatefulSet", "Service", "ConfigMap", "Secret", "ServiceAccount"} <= checked
+    assert {"StatefulSet", "Service", "ConfigMap", "Secret", "ServiceAccount", "Ingress"} <= checked
+
+
+def test_helm_ingress_routes_the_store_and_only_the_webhook(helm: Path, tmp_path: Path) -> None:
+    docs = render(
+        helm,
+        tmp_path,
+        "ingress.enabled=true",
+        "ingress.store.host=store.example.com",
+        "ingress.webhook.host=hooks.example.com",
+    )
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    rules = {r["host"]: r["http"]["paths"] for r in one(docs, "Ingress")["spec"]["rules"]}
+    (store,) = rules["store.example.com"]
+    svc = services[store["backend"]["service"]["name"]]
+    assert svc["metadata"]["labels"]["app.kubernetes.io/component"] == "store"
+    assert store["backend"]["service"]["port"]["name"] in {p["name"] for p in svc["spec"]["ports"]}
+    # The daemon's Service also carries /metrics: only the webhook path, exactly.
+    assert [(p["path"], p["pathType"]) for p in rules["hooks.example.com"]] == [("/webhook", "Exact")]
+    assert "Ingress" not in [d["kind"] for d in render(helm, tmp_path)]
+    env = {**os.environ, **{f"HELM_{k}_HOME": str(tmp_path / k.lower()) for k in ("CACHE", "CONFIG", "DATA")}}
+    args = [str(helm), "template", "fleet", str(CHART), *REQUIRED, "--set", "ingress.enabled=true"]
+    got = run(
+        [
+            *args,
+            "--set",
+            "config.store.type=s3",
+            "--set",
+            "config.store.bucket=fleet",
+            "--set",
+            "ingress.store.host=store.example.com",
+        ],
+        env=env,
+    )
+    assert got.returncode != 0 and "storeServer" in got.stderr, got.stderr
 
 
 def test_helm_daemon_secrets_are_mounted_read_only_and_configured(helm: Path, tmp_path: Path) -> None:
