@@ -1646,6 +1646,7 @@ def test_helm_rendered_config_passes_reconciler_check(
         (["config.store.type=s3"], "bucket"),
         (["config.store.type=s3", "config.store.bucket=fleet", "config.store.path=/x"], "path"),
         (["config.store.type=ftp"], "type"),
+        (["secrets.s3.existingSecret=fleet-s3"], "secrets.s3"),
     ],
 )
 def test_helm_refuses_bad_values(helm: Path, tmp_path: Path, sets: list[str], message: str) -> None:
@@ -1675,7 +1676,12 @@ def test_helm_manifests_validate_against_kubernetes_schemas(helm: Path, tmp_path
         "builders[0].uri=ssh-ng://nixbuilder@build-1.example.com",
         "builders[0].host_key=ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9",
     ]
-    s3 = ["config.store.type=s3", "config.store.bucket=fleet", "config.store.endpoint=https://s3.example.com"]
+    s3 = [
+        "config.store.type=s3",
+        "config.store.bucket=fleet",
+        "config.store.endpoint=https://s3.example.com",
+        "secrets.s3.existingSecret=fleet-s3",
+    ]
     store_ingress = ["ingress.store.host=store.example.com", "ingress.tls[0].secretName=tls"]
     checked: set[str] = set()
     for sets in ([*everything, *store_ingress], [*everything, *s3]):
@@ -1756,6 +1762,21 @@ def test_helm_daemon_secrets_are_mounted_read_only_and_configured(helm: Path, tm
     assert cfg.repo.credentials_file == files["fleet-git"] / "credentials"
     assert cfg.repo.ssh_key == files["fleet-deploy-key"] / "ssh-privatekey"
     assert cfg.repo.known_hosts == files["fleet-deploy-key"] / "known_hosts"
+    # S3 credentials, for an S3 store only.
+    docs = render(
+        helm,
+        tmp_path,
+        "config.store.type=s3",
+        "config.store.bucket=fleet",
+        "secrets.s3.existingSecret=fleet-s3",
+    )
+    cfg_file.write_text(one(docs, "ConfigMap")["data"]["reconciler.yaml"])
+    pod = one(docs, "StatefulSet")["spec"]["template"]["spec"]
+    name = next(v["name"] for v in pod["volumes"] if v.get("secret", {}).get("secretName") == "fleet-s3")
+    main = next(c for c in pod["containers"] if c["name"] == "reconciler")
+    mount = next(m for m in main["volumeMounts"] if m["name"] == name)
+    assert load_config(cfg_file).store.credentials_file == Path(mount["mountPath"]) / "credentials"
+    assert mount["readOnly"] is True
     # None set: none mounted, none configured.
     plain = render(helm, tmp_path)
     pod = one(plain, "StatefulSet")["spec"]["template"]["spec"]

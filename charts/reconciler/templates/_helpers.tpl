@@ -59,7 +59,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{/* The daemon's Secrets that are set: name (of the volume and directory) -> Secret. */}}
 {{- define "reconciler.daemonSecrets" -}}
 {{- $out := dict }}
-{{- range $name, $key := dict "webhook" "webhook" "reconcile-token" "reconcileToken" "repo-https" "repoHttps" "repo-ssh" "repoSsh" }}
+{{- range $name, $key := dict "webhook" "webhook" "reconcile-token" "reconcileToken" "repo-https" "repoHttps" "repo-ssh" "repoSsh" "s3" "s3" }}
 {{- with (index $.Values.secrets $key).existingSecret }}
 {{- $_ := set $out $name . }}
 {{- end }}
@@ -152,6 +152,12 @@ an S3 store gets only its own keys (never a path merged in from a default). */}}
 {{- if not $store.bucket }}
 {{- fail "config.store: an s3 store needs config.store.bucket" }}
 {{- end }}
+{{- with .Values.secrets.s3 }}{{- if .existingSecret }}
+{{- $_ := set $store "credentials_file" (printf "%s/s3/%s" (include "reconciler.secretsDir" $) .key) }}
+{{- end }}{{- end }}
+{{- end }}
+{{- if and .Values.secrets.s3.existingSecret (ne $type "s3") }}
+{{- fail "secrets.s3: S3 credentials for a store that is not config.store.type: s3" }}
 {{- end }}
 {{- toYaml $store }}
 {{- end }}
