@@ -97,7 +97,8 @@ class State:
             if path.exists():
                 self._copy_from(path)
             return
-        state_dir.mkdir(parents=True, exist_ok=True)
+        # 0700 whatever the umask: the unit's UMask=0022 is for the store nginx reads.
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")

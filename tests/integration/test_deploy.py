@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -36,6 +37,7 @@ from reconciler.adapters.appimage import unsealed
 from reconciler.agent.config import load_agent_config
 from reconciler.config import load_config
 from tests.conftest import ConfigRepo, Signing, aci_file, free_port, standard_fleet, wait_for, write_config
+from tests.integration.test_store_s3 import ACCESS_KEY, BUCKET, SECRET_KEY, Weed, weed  # noqa: F401
 
 pytestmark = pytest.mark.integration
 
@@ -695,18 +697,29 @@ def nginx_conf(tmp: Path, store: Path, port: int) -> Path:
 
 
 @contextlib.contextmanager
-def nginx_serving(tmp_path: Path, store: Path, probe: str) -> Iterator[tuple[str, Path]]:
+def nginx_serving(
+    tmp_path: Path, store: Path, probe: str, user: str | None = None
+) -> Iterator[tuple[str, Path]]:
     """nginx with deploy/nginx/store.conf serving ``store`` on 127.0.0.1: its base URL and
-    its directory (logs), once ``probe`` (a path) is answered."""
+    its directory (logs), once ``probe`` (a path) is answered. With ``user``, nginx runs
+    as that user (setpriv), as it does beside the systemd units: it reads the store as
+    another user than the daemon that wrote it."""
     nginx = need("nginx")
     web = tmp_path / "nginx"
     web.mkdir()
     port = free_port()
     conf = nginx_conf(web, store, port)
-    checked = run([nginx, "-t", "-c", str(conf), "-p", str(web)])
+    prefix: list[str] = []
+    if user is not None:
+        pw = pwd.getpwnam(user)
+        shutil.chown(web, pw.pw_uid, pw.pw_gid)
+        prefix = [need("setpriv"), f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups", "--"]
+    checked = run([*prefix, nginx, "-t", "-c", str(conf), "-p", str(web)])
     assert checked.returncode == 0, checked.stderr
     proc = subprocess.Popen(
-        [nginx, "-c", str(conf), "-p", str(web)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [*prefix, nginx, "-c", str(conf), "-p", str(web)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -723,13 +736,39 @@ def nginx_serving(tmp_path: Path, store: Path, probe: str) -> Iterator[tuple[str
         stop(proc, signal.SIGQUIT)
 
 
+def unit_umask(unit: str) -> int:
+    """The UMask= of a shipped systemd unit."""
+    found = re.findall(r"^UMask=([0-7]+)$", (DEPLOY / "systemd" / unit).read_text(), re.M)
+    assert len(found) == 1, found
+    return int(found[0], 8)
+
+
 def test_nginx_serves_the_store_for_agents(tmp_path: Path, config_repo: ConfigRepo, signing: Signing) -> None:
     standard_fleet(config_repo)
     prefix = "artifacts.example.com/fleet"  # the prefix deploy/nginx/store.conf serves
-    cfg = write_config(tmp_path, config_repo, signing, images={"name_prefix": prefix})
-    got = run([sys.executable, "-m", "reconciler", "reconcile", "-c", str(cfg)], timeout=600)
+    # The store as reconciler.service writes it: under the unit's UMask, and read by nginx
+    # as another user (nobody, when the test runs as root), as beside the systemd units.
+    # Its parent is the test's, open to others as /srv/reconciler is.
+    served = Path(tempfile.mkdtemp(prefix="store-", dir="/tmp"))
+    served.chmod(0o755)
+    store = served / "store"
+    cfg = write_config(
+        tmp_path,
+        config_repo,
+        signing,
+        images={"name_prefix": prefix},
+        store={"type": "filesystem", "path": str(store)},
+    )
+    umask = unit_umask("reconciler.service")
+    got = run(
+        [sys.executable, "-m", "reconciler", "reconcile", "-c", str(cfg)],
+        timeout=600,
+        preexec_fn=lambda: os.umask(umask),
+    )
     assert got.returncode == 0, got.stderr[-3000:]
-    store = tmp_path / "store"
+    # The private parts stay private whatever the umask: the state dir and the gpg home.
+    state = tmp_path / "state"
+    assert stat.S_IMODE(state.stat().st_mode) & 0o077 == 0, oct(state.stat().st_mode)
     keys = store / "keys" / "publisher.asc"
     if not keys.exists():  # the daemon may not export it (yet); the location is served all the same
         keys.parent.mkdir(parents=True, exist_ok=True)
@@ -741,7 +780,15 @@ def test_nginx_serves_the_store_for_agents(tmp_path: Path, config_repo: ConfigRe
     for f in store.rglob("*"):
         os.utime(f, (past, past))
 
-    with nginx_serving(tmp_path, store, "/keys/publisher.asc") as (base, web):
+    reader = "nobody" if os.geteuid() == 0 else None
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(shutil.rmtree, served, ignore_errors=True)
+        base, web = cleanup.enter_context(nginx_serving(served, store, "/keys/publisher.asc", user=reader))
+        check_nginx_store(base, web, prefix, signing, tmp_path)
+
+
+def check_nginx_store(base: str, web: Path, prefix: str, signing: Signing, tmp_path: Path) -> None:
+    if True:
         status, headers, body = http(base + "/hosts/web-1/latest.json")
         assert status == 200 and json.loads(body)["host"] == "web-1"
         assert headers["content-type"].startswith("application/json")
@@ -924,11 +971,95 @@ def test_grafana_dashboard_uses_only_known_metrics_and_valid_promql(tmp_path: Pa
     assert got.returncode == 0, got.stdout + got.stderr
 
 
-def test_containerfile_installs_through_scripts_setup() -> None:
+def containerfile_stages() -> list[tuple[str, list[str]]]:
+    """deploy/container/Containerfile as (FROM line, its instructions), comments dropped and
+    continuation lines joined."""
+    text = (DEPLOY / "container/Containerfile").read_text()
+    logical = re.sub(
+        r"\\\n", " ", "\n".join(ln for ln in text.splitlines() if not ln.lstrip().startswith("#"))
+    )
+    stages: list[tuple[str, list[str]]] = []
+    for line in logical.splitlines():
+        if line.startswith("FROM "):
+            stages.append((line, []))
+        elif line.strip():
+            assert stages, line
+            stages[-1][1].append(line)
+    return stages
+
+
+def test_containerfile_is_multi_stage_and_carries_only_the_wheel(tmp_path: Path) -> None:
+    stages = containerfile_stages()
+    assert len(stages) >= 2
+    assert all(re.match(r"FROM debian:bookworm", f) for f, _ in stages)
+    (build_from, build), final = stages[0], stages[-1][1]
+    assert build_from.endswith(" AS build")
+    assert any("pip wheel" in i for i in build)
+    # The runtime stage: no copy of the whole context, no editable install, no scripts/setup
+    # (test tools), the wheel from the build stage, the rest of the work tree file by file.
+    copies = [i.split()[1:] for i in final if i.startswith("COPY ")]
+    for args in copies:
+        sources = [a for a in args[:-1] if not a.startswith("--")]
+        assert sources and all(src not in (".", "./", "/") for src in sources), args
+    assert ["--from=build", "/wheels/", "/tmp/wheels/"] in copies
+    runs = " ".join(i for i in final if i.startswith("RUN "))
+    assert "pip install /tmp/wheels/*.whl" in runs
+    assert not re.search(r"pip install[^&]*(-e|--editable)\b", runs)
+    assert "scripts/setup" not in runs
+    for tool in ("nginx", "prometheus", "openssh-server", "skopeo", "umoci", "runc", "appc-spec", "pytest"):
+        assert not re.search(rf"(?<![\w-]){re.escape(tool)}(?![\w-])", runs), tool
+    for needed in ("nix-bin", "git", "gnupg", "busybox-static", "squashfs-tools", "runtime-packages.txt"):
+        assert needed in runs, needed
+
+    # The ignore files: the same allowlist for podman and docker, leaving out everything
+    # first, with no rule that lets demo/, .git, tests or keys back in.
+    ignore = (ROOT / ".containerignore").read_text()
+    assert (ROOT / ".dockerignore").read_text() == ignore
+    patterns = [ln.strip() for ln in ignore.splitlines() if ln.strip() and not ln.startswith("#")]
+    assert patterns[0] == "*"
+    allowed = [p[1:] for p in patterns if p.startswith("!")]
+    assert not [p for p in allowed if re.match(r"(demo|\.git|tests|state|.*gnupg|.*\.asc)", p)], allowed
+    for p in ("**/*.asc", "**/gnupg", "**/.gnupg"):
+        assert p in patterns[patterns.index("!" + allowed[-1]) :], p
+    # What the Containerfile copies is what the allowlist lets in (files named there).
+    copied = {
+        a.rstrip("/") for args in copies for a in args[:-1] if not a.startswith("--") and "/wheels" not in a
+    }
+    copied |= {a.rstrip("/") for i in build if i.startswith("COPY ") for a in i.split()[1:-1]}
+    allowed_paths = [p.rstrip("/") for p in allowed]
+    outside = [c for c in copied if not any(c == a or c.startswith(a + "/") for a in allowed_paths)]
+    assert not outside, outside
+
+    # The build stage's wheel, from exactly those sources, carries nix/ (the daemon needs it).
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, ctx / name)
+    for name in ("reconciler", "nix"):
+        shutil.copytree(ROOT / name, ctx / name, ignore=shutil.ignore_patterns("__pycache__"))
+    got = run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "-w",
+            str(tmp_path / "w"),
+            str(ctx),
+        ],
+        timeout=300,
+    )
+    assert got.returncode == 0, got.stdout[-2000:] + got.stderr[-2000:]
+    (wheel,) = (tmp_path / "w").glob("reconciler-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "reconciler/_nix/fleet.nix" in names and "reconciler/_nix/runtime/packages.txt" in names
+    assert not [n for n in names if n.startswith(("tests/", "demo/")) or n.endswith(".asc")]
+
+
+def test_containerfile_layout() -> None:
     text = (DEPLOY / "container/Containerfile").read_text()
     steps = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
-    assert re.search(r"^FROM debian:bookworm", steps, re.M)
-    assert re.search(r"^RUN scripts/setup", steps, re.M)
     # The reconciler by default: unprivileged, a client of the nix-daemon, owning no /nix.
     assert re.search(r"^USER 10001:10001$", steps, re.M)
     assert re.search(r'^CMD \["reconciler", "run", "-c", "/etc/reconciler/reconciler.yaml"\]$', steps, re.M)
@@ -938,7 +1069,7 @@ def test_containerfile_installs_through_scripts_setup() -> None:
     assert "chmod 0700 /var/lib/reconciler /var/lib/reconciler/gnupg" in steps
     # The nix-daemon from the same image: build users, the production nix.conf, and an
     # entry point that does not inherit the reconciler's NIX_REMOTE.
-    assert "install -m 0644 deploy/nix/nix.conf /etc/nix/nix.conf" in steps
+    assert "COPY deploy/nix/nix.conf /etc/nix/nix.conf" in steps
     assert "--gid nixbld" in steps and '"nixbld$n"' in steps
     assert "deploy/container/reconciler-nix-daemon /usr/local/sbin/reconciler-nix-daemon" in steps
     entry = (DEPLOY / "container/reconciler-nix-daemon").read_text()
@@ -1103,8 +1234,18 @@ def helm_run(helm: Path, args: list[str], tmp: Path) -> str:
     return got.stdout
 
 
+# What the chart requires of every install (values.schema.json and the templates refuse
+# an install without them): the signing key's fingerprint and the key (or its Secret).
+REQUIRED = [
+    "--set",
+    "signing.fingerprint=0123456789ABCDEF0123456789ABCDEF01234567",
+    "--set",
+    "signing.secretKey=-----BEGIN PGP PRIVATE KEY BLOCK-----",
+]
+
+
 def render(helm: Path, tmp: Path, *sets: str, values: Path | None = None) -> list[dict[str, Any]]:
-    args = ["template", "fleet", str(CHART), "--namespace", "infra"]
+    args = ["template", "fleet", str(CHART), "--namespace", "infra", *REQUIRED]
     if values is not None:
         args += ["--values", str(values)]
     for s in sets:
@@ -1119,7 +1260,7 @@ def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
 
 
 def test_helm_chart_lints_and_renders(helm: Path, tmp_path: Path) -> None:
-    out = helm_run(helm, ["lint", "--strict", str(CHART)], tmp_path)
+    out = helm_run(helm, ["lint", "--strict", *REQUIRED, str(CHART)], tmp_path)
     assert "0 chart(s) failed" in out
     # The chart's copies of the alerts and the nginx server block are the deploy/ files.
     assert (CHART / "files/alerts.yml").read_bytes() == (DEPLOY / "prometheus/alerts.yml").read_bytes()
@@ -1151,7 +1292,8 @@ def test_helm_chart_lints_and_renders(helm: Path, tmp_path: Path) -> None:
     assert main["securityContext"]["allowPrivilegeEscalation"] is False
     assert main["securityContext"]["capabilities"]["drop"] == ["ALL"]
     assert main["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert main["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # Readiness must not hang on git: the store sidecar shares the pod's readiness.
+    assert main["readinessProbe"]["httpGet"]["path"] == "/healthz"
     mounts = {m["name"]: m["mountPath"] for m in main["volumeMounts"]}
     assert mounts["nix"] == "/nix"
     port = next(p["containerPort"] for p in main["ports"] if p["name"] == "metrics")
@@ -1313,7 +1455,7 @@ def test_helm_builders_are_the_nix_daemons_from_root_owned_files(helm: Path, tmp
             }
         )
     )
-    lint = helm_run(helm, ["lint", "--strict", "--values", str(values), str(CHART)], tmp_path)
+    lint = helm_run(helm, ["lint", "--strict", *REQUIRED, "--values", str(values), str(CHART)], tmp_path)
     assert "0 chart(s) failed" in lint
     docs = render(helm, tmp_path, values=values)
     cm = one(docs, "ConfigMap")
@@ -1427,6 +1569,7 @@ def test_helm_builders_are_the_nix_daemons_from_root_owned_files(helm: Path, tmp
             "template",
             "fleet",
             str(CHART),
+            *REQUIRED,
             "--set",
             "builders[0].uri=ssh-ng://b",
             "--set",
@@ -1438,3 +1581,208 @@ def test_helm_builders_are_the_nix_daemons_from_root_owned_files(helm: Path, tmp
         },
     )
     assert got.returncode != 0 and "builderSshKey.existingSecret" in got.stderr, got.stderr
+
+
+def rendered_config(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    cfg: dict[str, Any] = yaml.safe_load(one(docs, "ConfigMap")["data"]["reconciler.yaml"])
+    return cfg
+
+
+@pytest.mark.parametrize("backend", ["filesystem", "s3"])
+def test_helm_rendered_config_passes_reconciler_check(
+    backend: str,
+    helm: Path,
+    tmp_path: Path,
+    config_repo: ConfigRepo,
+    signing: Signing,
+    request: pytest.FixtureRequest,
+) -> None:
+    """The chart's reconciler.yaml, for each store type, through the real `reconciler
+    check` (config, key, store writable, Nix sandbox, repository): an S3 store against the
+    SeaweedFS of test_store_s3. Only the pod's paths are mapped to the test's."""
+    standard_fleet(config_repo)
+    sets = [f"signing.fingerprint={signing.fingerprint}", f"config.repo.url={config_repo.path}"]
+    if backend == "s3":
+        request.getfixturevalue("no_ambient_aws")
+        weed: Weed = request.getfixturevalue("weed")
+        creds = tmp_path / "s3.creds"
+        creds.write_text(
+            f"[default]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = {SECRET_KEY}\n"
+        )
+        sets += [
+            "config.store.type=s3",
+            f"config.store.bucket={BUCKET}",
+            "config.store.prefix=helm-check",
+            f"config.store.endpoint={weed.endpoint}",
+            f"config.store.credentials_file={creds}",
+        ]
+    docs = render(helm, tmp_path, *sets)
+    rendered = rendered_config(docs)
+    containers = [c["name"] for c in one(docs, "StatefulSet")["spec"]["template"]["spec"]["containers"]]
+    if backend == "s3":
+        # Only the S3 store's keys: no default path merged in, and no nginx sidecar.
+        assert rendered["store"] == {
+            "type": "s3",
+            "bucket": BUCKET,
+            "prefix": "helm-check",
+            "endpoint": weed.endpoint,
+            "credentials_file": str(creds),
+        }
+        assert containers == ["reconciler"]
+    else:
+        assert rendered["store"] == {"type": "filesystem", "path": "/var/lib/reconciler/store"}
+        assert "store" in containers
+    text = one(docs, "ConfigMap")["data"]["reconciler.yaml"]
+    text = text.replace("/run/reconciler/gnupg", str(signing.gnupghome))
+    text = text.replace("/var/lib/reconciler", str(tmp_path / "state"))
+    cfg = tmp_path / "reconciler.yaml"
+    cfg.write_text(text)
+    assert load_config(cfg).store.type == backend
+    got = run([sys.executable, "-m", "reconciler", "check", "-c", str(cfg)], timeout=300)
+    assert got.returncode == 0, got.stdout + got.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (["signing.fingerprint=REPLACE-WITH-THE-SIGNING-KEY-FINGERPRINT"], "fingerprint"),
+        (["signing.secretKey="], "signing.existingSecret"),
+        (["config.store.type=s3"], "bucket"),
+        (["config.store.type=s3", "config.store.bucket=fleet", "config.store.path=/x"], "path"),
+        (["config.store.type=ftp"], "type"),
+        (["secrets.s3.existingSecret=fleet-s3"], "secrets.s3"),
+    ],
+)
+def test_helm_refuses_bad_values(helm: Path, tmp_path: Path, sets: list[str], message: str) -> None:
+    args = [str(helm), "template", "fleet", str(CHART), *REQUIRED]
+    for s in sets:
+        args += ["--set", s]
+    env = {**os.environ, **{f"HELM_{k}_HOME": str(tmp_path / k.lower()) for k in ("CACHE", "CONFIG", "DATA")}}
+    got = run(args, env=env)
+    assert got.returncode != 0 and message in got.stderr, got.stdout[-500:] + got.stderr
+
+
+@pytest.mark.parametrize("version", ["1.29.0", kubernetes_validate.latest_version()])
+def test_helm_manifests_validate_against_kubernetes_schemas(helm: Path, tmp_path: Path, version: str) -> None:
+    """Every rendered manifest, for a filesystem and an S3 store with every option on, against
+    the Kubernetes OpenAPI schemas (strict: no unknown fields) of the chart's minimum
+    version (kubeVersion >=1.29) and the newest kubernetes-validate knows. The Prometheus
+    Operator's kinds are CRDs, outside those schemas: checked by their group only."""
+    everything = [
+        "serviceMonitor.enabled=true",
+        "prometheusRule.enabled=true",
+        "builderSshKey.existingSecret=fleet-builders",
+        "secrets.webhook.existingSecret=fleet-webhook",
+        "secrets.reconcileToken.existingSecret=fleet-token",
+        "secrets.repoSsh.existingSecret=fleet-deploy-key",
+        "ingress.enabled=true",
+        "ingress.webhook.host=hooks.example.com",
+        "builders[0].uri=ssh-ng://nixbuilder@build-1.example.com",
+        "builders[0].host_key=ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9",
+    ]
+    s3 = [
+        "config.store.type=s3",
+        "config.store.bucket=fleet",
+        "config.store.endpoint=https://s3.example.com",
+        "secrets.s3.existingSecret=fleet-s3",
+    ]
+    store_ingress = ["ingress.store.host=store.example.com", "ingress.tls[0].secretName=tls"]
+    checked: set[str] = set()
+    for sets in ([*everything, *store_ingress], [*everything, *s3]):
+        for doc in render(helm, tmp_path, *sets):
+            if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+                continue
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                pytest.fail(f"{doc['kind']} {doc['metadata']['name']}: {e.message} at {list(e.path)}")
+            checked.add(doc["kind"])
+    assert {"StatefulSet", "Service", "ConfigMap", "Secret", "ServiceAccount", "Ingress"} <= checked
+
+
+def test_helm_ingress_routes_the_store_and_only_the_webhook(helm: Path, tmp_path: Path) -> None:
+    docs = render(
+        helm,
+        tmp_path,
+        "ingress.enabled=true",
+        "ingress.store.host=store.example.com",
+        "ingress.webhook.host=hooks.example.com",
+    )
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    rules = {r["host"]: r["http"]["paths"] for r in one(docs, "Ingress")["spec"]["rules"]}
+    (store,) = rules["store.example.com"]
+    svc = services[store["backend"]["service"]["name"]]
+    assert svc["metadata"]["labels"]["app.kubernetes.io/component"] == "store"
+    assert store["backend"]["service"]["port"]["name"] in {p["name"] for p in svc["spec"]["ports"]}
+    # The daemon's Service also carries /metrics: only the webhook path, exactly.
+    assert [(p["path"], p["pathType"]) for p in rules["hooks.example.com"]] == [("/webhook", "Exact")]
+    assert "Ingress" not in [d["kind"] for d in render(helm, tmp_path)]
+    env = {**os.environ, **{f"HELM_{k}_HOME": str(tmp_path / k.lower()) for k in ("CACHE", "CONFIG", "DATA")}}
+    args = [str(helm), "template", "fleet", str(CHART), *REQUIRED, "--set", "ingress.enabled=true"]
+    got = run(
+        [
+            *args,
+            "--set",
+            "config.store.type=s3",
+            "--set",
+            "config.store.bucket=fleet",
+            "--set",
+            "ingress.store.host=store.example.com",
+        ],
+        env=env,
+    )
+    assert got.returncode != 0 and "storeServer" in got.stderr, got.stderr
+
+
+def test_helm_daemon_secrets_are_mounted_read_only_and_configured(helm: Path, tmp_path: Path) -> None:
+    """The webhook secret, the reconcile token and the repository's credentials come from
+    existing Secrets by name: mounted read-only in the reconciler's container alone, their
+    files named in reconciler.yaml, which the daemon's loader accepts."""
+    docs = render(
+        helm,
+        tmp_path,
+        "secrets.webhook.existingSecret=fleet-webhook",
+        "secrets.reconcileToken.existingSecret=fleet-token",
+        "secrets.repoHttps.existingSecret=fleet-git",
+        "secrets.repoSsh.existingSecret=fleet-deploy-key",
+    )
+    pod = one(docs, "StatefulSet")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    by_secret = {v["secret"]["secretName"]: n for n, v in volumes.items() if "secret" in v}
+    main = next(c for c in pod["containers"] if c["name"] == "reconciler")
+    mounts = {m["name"]: m for m in main["volumeMounts"]}
+    files = {}
+    for secret in ("fleet-webhook", "fleet-token", "fleet-git", "fleet-deploy-key"):
+        name = by_secret[secret]
+        assert mounts[name]["readOnly"] is True
+        files[secret] = Path(mounts[name]["mountPath"])
+        others = [c for c in [*pod["containers"], *pod["initContainers"]] if c["name"] != "reconciler"]
+        assert not [c["name"] for c in others if name in {m["name"] for m in c.get("volumeMounts", [])}]
+    cfg_file = tmp_path / "reconciler.yaml"
+    cfg_file.write_text(one(docs, "ConfigMap")["data"]["reconciler.yaml"])
+    cfg = load_config(cfg_file)
+    assert cfg.triggers.webhook_secret_file == files["fleet-webhook"] / "webhook-secret"
+    assert cfg.triggers.reconcile_token_file == files["fleet-token"] / "reconcile-token"
+    assert cfg.repo.credentials_file == files["fleet-git"] / "credentials"
+    assert cfg.repo.ssh_key == files["fleet-deploy-key"] / "ssh-privatekey"
+    assert cfg.repo.known_hosts == files["fleet-deploy-key"] / "known_hosts"
+    # S3 credentials, for an S3 store only.
+    docs = render(
+        helm,
+        tmp_path,
+        "config.store.type=s3",
+        "config.store.bucket=fleet",
+        "secrets.s3.existingSecret=fleet-s3",
+    )
+    cfg_file.write_text(one(docs, "ConfigMap")["data"]["reconciler.yaml"])
+    pod = one(docs, "StatefulSet")["spec"]["template"]["spec"]
+    name = next(v["name"] for v in pod["volumes"] if v.get("secret", {}).get("secretName") == "fleet-s3")
+    main = next(c for c in pod["containers"] if c["name"] == "reconciler")
+    mount = next(m for m in main["volumeMounts"] if m["name"] == name)
+    assert load_config(cfg_file).store.credentials_file == Path(mount["mountPath"]) / "credentials"
+    assert mount["readOnly"] is True
+    # None set: none mounted, none configured.
+    plain = render(helm, tmp_path)
+    pod = one(plain, "StatefulSet")["spec"]["template"]["spec"]
+    assert not [v for v in pod["volumes"] if v["name"].startswith("secret-")]
+    assert "triggers" not in rendered_config(plain)
