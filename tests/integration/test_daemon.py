@@ -102,9 +102,10 @@ def test_daemon_publishes_serves_metrics_and_picks_up_new_commits(
     for stage in ("fetch", "parse", "evaluate", "build", "sign", "publish"):
         assert m[("reconciler_stage_duration_seconds_count", (("stage", stage),))] >= 1, stage
     # Three hosts, each: a signature per blob, one embedded in its AppImage (two hosts have
-    # one), one of the release; one build, one publish.
+    # one), one of the release, one of its attestations (provenance and SBOM, timed
+    # together); one build, one publish.
     assert m[("reconciler_stage_duration_seconds_count", (("stage", "build"),))] == 3
-    assert m[("reconciler_stage_duration_seconds_count", (("stage", "sign"),))] == 3 + 2 + 2 + 3
+    assert m[("reconciler_stage_duration_seconds_count", (("stage", "sign"),))] == 3 + 2 + 2 + 3 + 3
     assert m[("reconciler_commit_to_published_seconds_count", ())] == 3
     assert m[("reconciler_commit_to_published_seconds_sum", ())] > 0
     info = [k for k in m if k[0] == "reconciler_source_info"]
