@@ -115,6 +115,8 @@ class Pair:
         """Each release of host ``name`` in the store: version -> the commit it was built from."""
         out = {}
         for path in sorted((self.store / "hosts" / name / "releases").glob("*.json")):
+            if not path.stem.isdigit():
+                continue  # its attestations (N.provenance.json, N.sbom.json)
             release = parse_release(path.read_bytes(), str(path))
             out[release.version] = release.commit
         return out
