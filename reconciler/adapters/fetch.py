@@ -130,6 +130,23 @@ class _Deadline:
         )
 
 
+def _connection(host: str, port: int | None, https: bool, deadline: _Deadline) -> http.client.HTTPConnection:
+    """A connection to ``host`` over our own socket, so that ``deadline`` covers
+    connecting (and the TLS handshake) and can cut it."""
+    port = port or (443 if https else 80)
+    ctx = ssl.create_default_context() if https else None
+    conn = (
+        http.client.HTTPSConnection(host, port, context=ctx)
+        if ctx
+        else http.client.HTTPConnection(host, port)
+    )
+    conn.sock = _connect(host, port, deadline)
+    deadline.watch(conn.sock)
+    if ctx is not None:
+        conn.sock = ctx.wrap_socket(conn.sock, server_hostname=host)
+    return conn
+
+
 def _connect(host: str, port: int, deadline: _Deadline) -> socket.socket:
     """A connection to one of ``host``'s addresses, all tried within the deadline (not
     socket.create_connection: it gives each address the whole timeout)."""
@@ -166,18 +183,7 @@ def _open(target: str, headers: dict[str, str], timeout: float) -> Iterator[_Ans
             host, https = url.hostname, url.scheme == "https"
             if not host:
                 raise ValueError("no host in the URL")
-            port = url.port or (443 if https else 80)
-            ctx = ssl.create_default_context() if https else None
-            conn = (
-                http.client.HTTPSConnection(host, port, context=ctx)
-                if ctx
-                else http.client.HTTPConnection(host, port)
-            )
-            # Our own socket, so that the deadline covers connecting and can cut it.
-            conn.sock = _connect(host, port, deadline)
-            deadline.watch(conn.sock)
-            if ctx is not None:
-                conn.sock = ctx.wrap_socket(conn.sock, server_hostname=host)
+            conn = _connection(host, url.port, https, deadline)
             path = (url.path or "/") + (f"?{url.query}" if url.query else "")
             conn.request("GET", path, headers={**headers, "User-Agent": "reconciler", "Connection": "close"})
         except (OSError, ValueError, http.client.HTTPException) as exc:
@@ -388,17 +394,7 @@ def post(url: str, body: bytes, headers: dict[str, str], timeout: float, label: 
         host, https = parsed.hostname, parsed.scheme == "https"
         if not host:
             raise FetchError(f"{label}: no host in the URL", kind=FetchKind.UNREACHABLE)
-        port = parsed.port or (443 if https else 80)
-        ctx = ssl.create_default_context() if https else None
-        conn = (
-            http.client.HTTPSConnection(host, port, context=ctx)
-            if ctx
-            else http.client.HTTPConnection(host, port)
-        )
-        conn.sock = _connect(host, port, deadline)
-        deadline.watch(conn.sock)
-        if ctx is not None:
-            conn.sock = ctx.wrap_socket(conn.sock, server_hostname=host)
+        conn = _connection(host, parsed.port, https, deadline)
         during = "sending"
         path = (parsed.path or "/") + (f"?{parsed.query}" if parsed.query else "")
         conn.request(
