@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields, replace
 from datetime import timedelta
 from pathlib import Path
@@ -554,18 +554,27 @@ def reload(old: Config, new: Config) -> tuple[Config, list[str], list[str]]:
     return merged, applied, restart
 
 
-def _builders(p: str, entries: Any, path_of: Callable[[str], Path]) -> tuple[Builder, ...]:
-    """The ``builders:`` list: Nix machines entries, each with the one host key accepted."""
+def _mappings(
+    p: str, key: str, entries: Any, allowed: frozenset[str], not_a_list: str
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """A list setting of mappings (absent: none): each entry with where it is
+    (``key[i]``), its keys checked against ``allowed``."""
     if entries is None:
-        return ()
+        return
     if not isinstance(entries, list):
-        raise ConfigError(p, "builders", "must be a list of builders")
-    out: list[Builder] = []
+        raise ConfigError(p, key, not_a_list)
     for i, entry in enumerate(entries):
-        at = f"builders[{i}]"
+        at = f"{key}[{i}]"
         if not isinstance(entry, dict):
             raise ConfigError(p, at, "must be a mapping")
-        check_keys(p, at, entry, BUILDER_KEYS)
+        check_keys(p, at, entry, allowed)
+        yield at, entry
+
+
+def _builders(p: str, entries: Any, path_of: Callable[[str], Path]) -> tuple[Builder, ...]:
+    """The ``builders:`` list: Nix machines entries, each with the one host key accepted."""
+    out: list[Builder] = []
+    for at, entry in _mappings(p, "builders", entries, BUILDER_KEYS, "must be a list of builders"):
 
         def word(key: str, required: bool = True, e: dict[str, Any] = entry, at: str = at) -> str | None:
             v = e.get(key)
@@ -786,16 +795,8 @@ def _http_url(p: str, key: str, v: Any) -> str:
 
 def _notifications(p: str, entries: Any, path_of: Callable[[str], Path]) -> tuple[NotificationConfig, ...]:
     """The ``notifications:`` list (reconciler.core.notify)."""
-    if entries is None:
-        return ()
-    if not isinstance(entries, list):
-        raise ConfigError(p, "notifications", "must be a list of targets")
     out: list[NotificationConfig] = []
-    for i, entry in enumerate(entries):
-        at = f"notifications[{i}]"
-        if not isinstance(entry, dict):
-            raise ConfigError(p, at, "must be a mapping")
-        check_keys(p, at, entry, NOTIFICATION_KEYS)
+    for at, entry in _mappings(p, "notifications", entries, NOTIFICATION_KEYS, "must be a list of targets"):
         try:
             provider = Provider(str(entry.get("type")))
         except ValueError:
@@ -819,7 +820,7 @@ def _notifications(p: str, entries: Any, path_of: Callable[[str], Path]) -> tupl
                 raise ConfigError(p, f"{at}.{key}", f"must be an integer from 1 to {high}")
             return v
 
-        name = text("name") or f"{provider.value}-{i + 1}"
+        name = text("name") or f"{provider.value}-{len(out) + 1}"  # its place in the list
         if not _NAME_RE.fullmatch(name):
             raise ConfigError(p, f"{at}.name", "must be lowercase letters, digits, '.', '_' and '-'")
         url, url_file = text("url"), file("url_file")
