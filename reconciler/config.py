@@ -57,6 +57,16 @@ class TriggerConfig:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    """Who may read the fleet page and the JSON APIs on ``listen`` (reconciler.daemon.web):
+    with neither file, anyone who reaches a loopback address, and nobody on any other."""
+
+    token_file: Path | None = None  # one token: Authorization: Bearer <token>
+    # htpasswd lines with bcrypt hashes (htpasswd -B): Authorization: Basic
+    basic_auth_file: Path | None = None
+
+
+@dataclass(frozen=True)
 class StoreConfig:
     """``type`` filesystem uses ``path``; ``type`` s3 uses the other fields."""
 
@@ -200,6 +210,7 @@ class Config:
     # How much of the event history the state database keeps.
     events: Retention = field(default_factory=Retention)
     notifications: tuple[NotificationConfig, ...] = ()
+    web: WebConfig = WebConfig()
 
 
 TOP_KEYS = frozenset(
@@ -222,6 +233,7 @@ TOP_KEYS = frozenset(
         "events",
         "notifications",
         "lease",
+        "web",
     }
 )
 BUILDER_KEYS = frozenset(
@@ -271,6 +283,7 @@ SECTION_KEYS = {
     "retention": frozenset({"keep", "interval"}),
     "events": frozenset({"keep", "max_age"}),
     "lease": frozenset({"enabled", "duration", "renew"}),
+    "web": frozenset({"token_file", "basic_auth_file"}),
     "tuf": frozenset(
         {"bins", "root_lifetime", "targets_lifetime", "snapshot_lifetime", "timestamp_lifetime"}
     ),
@@ -433,6 +446,7 @@ def load_config(path: Path) -> Config:
         raise ConfigError(p, "nix.eval_memory", "must be at least 256M")
 
     retry = section("retry", required=False)
+    web = section("web", required=False)
     listen = data.get("listen", "127.0.0.1:9180")
     m = re.fullmatch(r"[\w.\-\[\]:]+:(\d{1,5})", listen) if isinstance(listen, str) else None
     if not m or int(m.group(1)) > 65535:
@@ -502,6 +516,10 @@ def load_config(path: Path) -> Config:
         events=_events_config(p, section("events", required=False)),
         notifications=_notifications(p, data.get("notifications"), path_of),
         lease=_lease_config(p, section("lease", required=False)),
+        web=WebConfig(
+            token_file=optional_path(web, "web.token_file"),
+            basic_auth_file=optional_path(web, "web.basic_auth_file"),
+        ),
     )
 
 

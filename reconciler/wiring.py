@@ -274,7 +274,7 @@ def preflight(cfg: Config, sandbox: Callable[[], str] | None = None) -> list[Che
 
     from reconciler.adapters.gpg import check_signing_key
     from reconciler.daemon import preflight as pf
-    from reconciler.daemon.loop import read_secret
+    from reconciler.daemon.loop import access, read_secret
 
     p = str(cfg.path)
 
@@ -293,6 +293,7 @@ def preflight(cfg: Config, sandbox: Callable[[], str] | None = None) -> list[Che
         )
         read_secret(cfg, "triggers.webhook_secret_file", t.webhook_secret_file)
         read_secret(cfg, "triggers.reconcile_token_file", t.reconcile_token_file)
+        access(cfg)  # the fleet page's token and basic-auth files
         return f"{p} is valid"
 
     def signing() -> str:

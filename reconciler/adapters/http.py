@@ -117,6 +117,8 @@ class Server:
         get: dict[str, GetHandler] | None = None,
         *,
         guard: Guard | None = None,
+        get_headers: dict[str, str] | None = None,
+        challenge: str | None = None,
         max_connections: int = MAX_CONNECTIONS,
         request_timeout: float = REQUEST_TIMEOUT,
         idle_timeout: float = IDLE_TIMEOUT,
@@ -125,6 +127,9 @@ class Server:
         host = host.strip("[]")
         post_routes = post or {}
         get_routes = get or {}
+        # Sent with every answer of a ``get`` route (and of its guard): the fleet page's
+        # Content-Security-Policy and the like.
+        route_headers = dict(get_headers or {})
         routes: dict[str, Callable[[], Response]] = {
             "/metrics": lambda: (200, CONTENT_TYPE_LATEST, generate_latest(registry)),
             "/healthz": lambda: _probe(healthy),
@@ -172,7 +177,11 @@ class Server:
                     return
                 request = Request(path, params, dict(self.headers.items()), str(self.client_address[0]))
                 refused = guard(request) if guard is not None else None
-                self._answer(*(refused if refused is not None else handler(request)))
+                headers = route_headers
+                if refused is not None and refused[0] == 401 and challenge is not None:
+                    # A browser asks for a user and password only when told how.
+                    headers = {**route_headers, "WWW-Authenticate": challenge}
+                self._answer(*(refused if refused is not None else handler(request)), headers)
 
             def do_POST(self) -> None:
                 handler = post_routes.get(self.path.split("?", 1)[0])
@@ -193,10 +202,14 @@ class Server:
                         return
                     self._answer(*handler({k: v for k, v in self.headers.items()}, body))
 
-            def _answer(self, code: int, ctype: str, body: bytes) -> None:
+            def _answer(
+                self, code: int, ctype: str, body: bytes, headers: dict[str, str] | None = None
+            ) -> None:
                 self.send_response(code)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(body)
 

@@ -24,6 +24,7 @@ from reconciler.daemon.triggers import (
     check_bearer,
     concerns,
 )
+from reconciler.daemon.web import SECURITY_HEADERS, Access, FleetPage, read_users
 from reconciler.errors import ConfigError, ReconcilerError
 
 # A refused webhook is recorded in the event history at most this often (seconds), with
@@ -55,6 +56,17 @@ def _secrets(cfg: Config) -> tuple[bytes, bytes]:
     )
 
 
+def access(cfg: Config) -> Access:
+    """Who may read the fleet page and the JSON APIs (reconciler.daemon.web)."""
+    w = cfg.web
+    return Access(
+        cfg.listen,
+        cfg.path,
+        read_secret(cfg, "web.token_file", w.token_file),
+        read_users(w.basic_auth_file, cfg.path),
+    )
+
+
 class Daemon:
     """`reconciler run`: reconcile on every poll interval and serve the endpoints."""
 
@@ -77,9 +89,21 @@ class Daemon:
         self._refusals = threading.Lock()
         self._refusal_recorded: float | None = None
         self._refusals_suppressed = 0
-        # Read-only JSON; the fleet page's access control (a Server guard) covers these.
-        get: dict[str, GetHandler] = {"/api/events": self.api_events}
-        self.server = Server(cfg.listen, self.metrics.registry, self.healthy, self.ready, post, get)
+        # The fleet page and the read-only JSON, behind the page's access control.
+        self.access = access(cfg)
+        self.page = FleetPage(reconciler)
+        get: dict[str, GetHandler] = {"/api/events": self.api_events, **self.page.routes()}
+        self.server = Server(
+            cfg.listen,
+            self.metrics.registry,
+            self.healthy,
+            self.ready,
+            post,
+            get,
+            guard=self.access.guard,
+            get_headers=SECURITY_HEADERS,
+            challenge=self.access.challenge,
+        )
         if reconciler.lease is not None:
             # A standby's pass runs as soon as the holder's lease lapses or is released.
             reconciler.lease.on_wake = lambda: self.wakeup.notify("lease")
@@ -173,6 +197,14 @@ class Daemon:
             repo=self.cfg.repo.url,
             poll_interval=self.cfg.poll_interval,
         )
+        if self.access.closed:
+            log.event(
+                "web_closed",
+                logging.WARNING,
+                listen=self.cfg.listen,
+                reason="not a loopback address: set web.token_file or web.basic_auth_file to serve the "
+                "fleet page and /api/",
+            )
         if self.watcher is not None:
             self.watcher.start()
         try:

@@ -447,6 +447,27 @@ class Reconciler:
             )
         return obs, plan
 
+    def next_plan(self) -> Plan | None:
+        """What the next pass would do if the head stays where the last pass found it:
+        that pass's observation planned against the ledger as it is now (the fleet
+        page). Nothing is fetched or evaluated, and no lock is taken: a pass running
+        meanwhile is seen as far as it has recorded. None before any pass observed."""
+        last = self._last
+        if last is None:
+            return None
+        obs = last[0]
+        return make_plan(
+            obs.commit,
+            obs.fleet,
+            obs.evaluation.images,
+            obs.evaluation.errors,
+            self._recorded(),
+            obs.changed,
+            now=self.clock.now().timestamp(),
+            max_wait=self.cfg.retry.max.total_seconds(),
+            suspended=self.state.suspensions(),
+        )
+
     def _recorded(self) -> Mapping[str, HostState]:
         """The ledger's hosts, with those another daemon published since (``_behind``)
         at the store's version and no known image: the plan rebuilds them, and the

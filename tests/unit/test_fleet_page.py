@@ -1,0 +1,327 @@
+"""The fleet page without a browser: its views over a pass on in-memory ports, the HTML
+they render (every string from the repository escaped), the plots, and who may read it
+(reconciler.daemon.page, reconciler.daemon.web)."""
+
+from __future__ import annotations
+
+import base64
+import re
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import bcrypt
+import pytest
+from prometheus_client import CollectorRegistry
+
+from reconciler.adapters.http import Request, Server
+from reconciler.config import load_config
+from reconciler.core.events import Event, EventType
+from reconciler.core.model import Action, HostState, Status
+from reconciler.core.plan import HostPlan, Plan
+from reconciler.daemon import page
+from reconciler.daemon.page import Filter, HostRow, Point, Series
+from reconciler.daemon.web import (
+    SECURITY_HEADERS,
+    Access,
+    FleetPage,
+    fleet_rows,
+    is_loopback,
+    parse_htpasswd,
+    streaks,
+)
+from reconciler.errors import ConfigError
+from tests.unit.test_daemon_pass import FLEET, HOST
+from tests.unit.test_pass_events import EventWorld
+
+EVIL = "<script>alert(1)</script>"
+# Cost 4: the tests check what is compared, not how slowly.
+HASH = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(4)).decode()
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> EventWorld:
+    return EventWorld(tmp_path)
+
+
+def req(path: str = "/", headers: dict[str, str] | None = None, **query: str) -> Request:
+    return Request(path, {k: [v] for k, v in query.items()}, headers or {}, "127.0.0.1")
+
+
+def text(html: str) -> str:
+    """What a browser shows of ``html``, roughly: tags out, entities as characters."""
+    import html as h
+
+    return h.unescape(re.sub(r"<[^>]+>", " ", html))
+
+
+# -- views over a pass ---------------------------------------------------------
+
+
+def test_the_fleet_view_shows_each_host_its_status_and_the_next_pass(world: EventWorld) -> None:
+    world.source.push({**FLEET, "hosts/db-1.yaml": HOST.format(name="db-1", address="10.0.0.3/24")})
+    world.nix.failing.add("db-1")
+    rec = world.reconciler()
+    site = FleetPage(rec)
+    assert rec.next_plan() is None
+    rec.reconcile()
+    view = site.fleet_view()
+    by = {r.name: r for r in view.rows}
+    assert (by["web-1"].status, by["web-1"].version, by["web-1"].action) == ("published", 1, Action.UNCHANGED)
+    assert (by["db-1"].status, by["db-1"].action) == ("failed", Action.BACKOFF)
+    assert "exit code 1" in (by["db-1"].error or "")
+    # The failure streak's start comes from the history.
+    assert by["db-1"].since == world.clock.t
+    assert view.plan is not None and [e.host for e in view.plan.entries] == ["db-1"]
+    assert view.counts()[Filter.FAILING] == 1 and view.counts()[Filter.PENDING] == 1
+    # Once its backoff is over, the next pass rebuilds it.
+    world.clock.advance(31)
+    (entry,) = site.fleet_view().plan.entries  # type: ignore[union-attr]
+    assert entry.action == Action.REBUILD
+    code, ctype, body = site.fleet(req(status="failing"))
+    assert (code, ctype) == (200, "text/html; charset=utf-8")
+    assert 'data-host="db-1"' in body.decode() and 'data-host="web-1"' not in body.decode()
+    assert site.fleet(req(status="broken"))[0] == 400
+
+
+def test_a_host_view_lists_its_releases_with_artifacts_and_its_failure_log(world: EventWorld) -> None:
+    world.source.push(FLEET)
+    rec = world.reconciler()
+    rec.reconcile()
+    world.nix.failing.add("web-1")
+    world.source.push({**FLEET, "hosts/web-1.yaml": HOST.format(name="web-1", address="10.0.0.9/24")})
+    world.clock.advance(5)
+    rec.reconcile()
+    site = FleetPage(rec)
+    view = site.host_view("web-1")
+    assert view is not None
+    assert [(r.kind, r.version) for r in view.history] == [("host_failed", None), ("host_published", 1)]
+    failed, published = view.history
+    assert failed.reasons == "hosts/web-1.yaml changed"
+    assert published.reasons == "new host, never published" and published.build_seconds is not None
+    assert published.artifacts is not None and [a.name for a in published.artifacts] == [
+        "web-1-1-linux-amd64.aci"
+    ]
+    assert view.log_tail is not None and "exit code 1" in view.log_tail
+    assert view.failures == 1 and view.retry_at == world.clock.t + 30
+    body = site.host(req("/host", name="web-1"))[2].decode()
+    digest = published.artifacts[0].sha256
+    assert f'title="sha256:{digest}"' in body and "exit code 1" in body
+    assert site.host(req("/host", name="nobody"))[0] == 404
+    assert site.host(req("/host"))[0] == 400
+
+
+def test_a_collected_release_is_said_to_be_gone() -> None:
+    rel = page.Release("host_published", 0.0, 3, "c" * 40, None, 1.0, None, None, None)
+    assert "(no longer in the store)" in page._artifacts(rel)
+
+
+# -- rendering -----------------------------------------------------------------
+
+
+def evil_views() -> tuple[page.FleetView, page.HostView]:
+    row = HostRow(EVIL, 2, EVIL, "failed", 100.0, False, Action.REBUILD, EVIL)
+    plan = page.PlanView(EVIL, (HostPlan(EVIL, Action.REBUILD, (EVIL,)),))
+    fleet = page.FleetView(
+        1000.0, EVIL, (row,), Filter.ALL, None, plan, (Series(EVIL, "s", (Point(900.0, 1.0),)),)
+    )
+    rel = page.Release("host_failed", 900.0, None, EVIL, EVIL, 1.0, None, EVIL)
+    host = page.HostView(1000.0, row, plan.entries[0], 1, 1030.0, (rel,), f"line 1\n{EVIL}\n")
+    return fleet, host
+
+
+def test_everything_from_the_repository_is_escaped() -> None:
+    fleet, host = evil_views()
+    for html in (page.render_fleet(fleet), page.render_host(host)):
+        assert "<script" not in html
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+        assert EVIL in text(html)
+    # In a link, the name is a query parameter, never a path or markup.
+    assert 'href="/host?name=%3Cscript%3Ealert%281%29%3C%2Fscript%3E"' in page.render_fleet(fleet)
+
+
+def test_the_log_tail_is_capped_to_its_end() -> None:
+    _, host = evil_views()
+    long = "x" * page.LOG_TAIL_CHARS + "THE END"
+    html = page.render_host(page.HostView(0.0, host.row, None, 1, None, (), long))
+    shown = re.search(r"<pre>(.*)</pre>", html, re.S)
+    assert (
+        shown is not None
+        and len(shown.group(1)) == page.LOG_TAIL_CHARS
+        and shown.group(1).endswith("THE END")
+    )
+
+
+def test_a_plot_shows_the_last_day_only() -> None:
+    now = 100_000.0
+    points = (Point(now - 90_000, 5.0), Point(now - 3600, 2.0), Point(now - 60, 4.0))
+    svg = page.plot(Series("pass duration", "s", points), now)
+    assert svg.count("<circle") == 2
+    assert "(2 in the last 1d00h)" in svg and ">4.0s<" in svg  # the axis tops at the largest
+    assert page.plot(Series("empty", "s", ()), now).count("<circle") == 0
+
+
+def test_filters_select_rows() -> None:
+    rows = {
+        "failed": HostRow("a", 1, None, "failed", None, False, Action.BACKOFF, None),
+        "invalid": HostRow("b", 0, None, "invalid", None, False, Action.INVALID, None),
+        "suspended": HostRow("c", 1, None, "published", None, True, Action.SUSPENDED, None),
+        "new": HostRow("d", 0, None, "new", None, False, Action.REBUILD, None),
+        "fine": HostRow("e", 1, None, "published", None, False, Action.UNCHANGED, None),
+    }
+    chosen = {f: sorted(k for k, r in rows.items() if r.matches(f)) for f in Filter}
+    assert chosen == {
+        Filter.ALL: sorted(rows),
+        Filter.FAILING: ["failed"],
+        Filter.INVALID: ["invalid"],
+        Filter.SUSPENDED: ["suspended"],
+        Filter.PENDING: ["failed", "new"],
+    }
+
+
+def test_a_status_holds_since_the_first_failure_after_the_last_publication() -> None:
+    def ev(t: float, kind: EventType, host: str = "a") -> Event:
+        return Event(kind, t, host)
+
+    events = [
+        ev(1, EventType.HOST_FAILED),
+        ev(2, EventType.HOST_PUBLISHED),
+        ev(3, EventType.HOST_FAILED),
+        ev(4, EventType.HOST_FAILED),
+        ev(5, EventType.HOST_PUBLISHED, "b"),
+    ]
+    assert streaks(events) == {"a": 3, "b": 5}
+    hosts = {
+        "a": HostState("a", 1, "i", "c", Status.FAILED, "boom\nmore", 4.0),
+        "z": HostState("z", 1, "i", "c", Status.FAILED, "boom", 9.0),
+    }
+    plan = Plan("c", (HostPlan("new-1", Action.REBUILD, ("new host, never published",)),))
+    rows = {r.name: r for r in fleet_rows(hosts, plan, lambda h: h == "z", streaks(events))}
+    assert (rows["a"].since, rows["a"].error, rows["a"].action) == (3, "boom", None)
+    assert (rows["z"].since, rows["z"].suspended) == (9.0, True)  # nothing in the history: the ledger's
+    assert (rows["new-1"].status, rows["new-1"].action) == ("new", Action.REBUILD)
+
+
+# -- access ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("listen", "loopback"),
+    [
+        ("127.0.0.1:9180", True),
+        ("127.0.0.53:9180", True),
+        ("localhost:9180", True),
+        ("[::1]:9180", True),
+        ("0.0.0.0:9180", False),
+        ("[::]:9180", False),
+        ("10.0.0.5:9180", False),
+        ("fleet.example:9180", False),
+    ],
+)
+def test_loopback_addresses(listen: str, loopback: bool) -> None:
+    assert is_loopback(listen) is loopback
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def test_on_loopback_the_page_is_open_and_elsewhere_closed_without_a_credential(tmp_path: Path) -> None:
+    assert Access("127.0.0.1:9180", tmp_path / "r.yaml").guard(req()) is None
+    closed = Access("0.0.0.0:9180", tmp_path / "r.yaml")
+    refused = closed.guard(req())
+    assert closed.closed and refused is not None and refused[0] == 403
+    assert (
+        b"web.token_file or web.basic_auth_file" in refused[2]
+        and str(tmp_path / "r.yaml").encode() in refused[2]
+    )
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:9180", "0.0.0.0:9180"])
+def test_a_token_or_a_password_is_needed_wherever_one_is_configured(tmp_path: Path, listen: str) -> None:
+    access = Access(listen, tmp_path / "r.yaml", b"tok3n", parse_htpasswd(f"ops:{HASH}\n", "r.yaml"))
+    assert access.challenge is not None
+    assert access.guard(req(headers={"Authorization": "Bearer tok3n"})) is None
+    assert access.guard(req(headers=basic("ops", "s3cret"))) is None
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": "Bearer tok3né"},
+        basic("ops", "wrong"),
+        basic("nobody", "s3cret"),
+        {"Authorization": "Basic !!!not base64"},
+        {"Authorization": "Basic " + base64.b64encode(b"\xff\xfe").decode()},
+    ):
+        refused = access.guard(req(headers=headers))
+        assert refused is not None and refused[0] == 401, headers
+    # A token alone: no basic-auth prompt, and a password is no way in.
+    only_token = Access(listen, tmp_path / "r.yaml", b"tok3n")
+    assert only_token.challenge is None
+    assert only_token.guard(req(headers=basic("ops", "s3cret"))) is not None
+
+
+def test_the_basic_auth_file_takes_only_bcrypt_hashes(tmp_path: Path) -> None:
+    assert parse_htpasswd(f"# ops\n\nops:{HASH}\nci:{HASH.replace('$2b$', '$2y$')}\n", "f") == {
+        "ops": HASH.encode(),
+        "ci": HASH.replace("$2b$", "$2y$").encode(),
+    }
+    for bad, why in (
+        ("ops:$apr1$abc$def\n", "line 1: only bcrypt hashes are accepted (htpasswd -B)"),
+        ("ops:{SHA}abc=\n", "line 1: only bcrypt hashes are accepted (htpasswd -B)"),
+        ("# none\n", "lists no user"),
+        (f"ops:{HASH}\njust-a-name\n", "line 2: must be USER:HASH (htpasswd -B)"),
+    ):
+        with pytest.raises(ConfigError) as exc:
+            parse_htpasswd(bad, "reconciler.yaml")
+        assert (exc.value.key, exc.value.reason) == ("web.basic_auth_file", why)
+
+
+def test_the_config_names_the_web_files(tmp_path: Path) -> None:
+    base = (
+        "repo: {url: /r}\nstore: {type: filesystem, path: /s}\nstate_dir: /st\n"
+        "signing: {gnupghome: /g, key: K}\n"
+    )
+    (tmp_path / "r.yaml").write_text(
+        base + "web: {token_file: web.token, basic_auth_file: /etc/web.htpasswd}\n"
+    )
+    cfg = load_config(tmp_path / "r.yaml")
+    assert (cfg.web.token_file, cfg.web.basic_auth_file) == (
+        tmp_path / "web.token",
+        Path("/etc/web.htpasswd"),
+    )
+    (tmp_path / "r.yaml").write_text(base + "web: {password: x}\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(tmp_path / "r.yaml")
+    assert exc.value.key.startswith("web")
+
+
+def test_the_server_sends_the_policy_and_asks_a_browser_for_a_password(tmp_path: Path) -> None:
+    access = Access("127.0.0.1:0", tmp_path / "r.yaml", users=parse_htpasswd(f"ops:{HASH}", "f"))
+    server = Server(
+        "127.0.0.1:0",
+        CollectorRegistry(),
+        lambda: (True, "ok"),
+        lambda: (True, "ok"),
+        get={"/": lambda r: (200, "text/html", b"<p>fleet</p>")},
+        guard=access.guard,
+        get_headers=SECURITY_HEADERS,
+        challenge=access.challenge,
+    )
+    server.start()
+    url = f"http://127.0.0.1:{server.port}/"
+    try:
+        with pytest.raises(urllib.error.HTTPError) as exc:
+            urllib.request.urlopen(url, timeout=10)
+        assert exc.value.code == 401
+        assert exc.value.headers["WWW-Authenticate"] == 'Basic realm="reconciler", charset="UTF-8"'
+        with urllib.request.urlopen(
+            urllib.request.Request(url, headers=basic("ops", "s3cret")), timeout=10
+        ) as r:
+            assert r.read() == b"<p>fleet</p>"
+            assert r.headers["Content-Security-Policy"] == SECURITY_HEADERS["Content-Security-Policy"]
+            assert r.headers["X-Content-Type-Options"] == "nosniff"
+        # The probes stay unguarded and carry no page headers.
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=10) as r:
+            assert r.headers["Content-Security-Policy"] is None
+    finally:
+        server.stop()
