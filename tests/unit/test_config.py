@@ -217,6 +217,7 @@ TOP = (
             "store",
             "triggers",
             "tuf",
+            "web",
         ]
     )
     + ")"
