@@ -473,7 +473,8 @@ class Reconciler:
         at the store's version and no known image: the plan rebuilds them, and the
         version decision adopts the release it finds (core.versions)."""
         hosts = dict(self.state.hosts())
-        for name, version in self._behind.items():
+        # A copy: the fleet page plans from another thread while a pass changes it.
+        for name, version in dict(self._behind).items():
             prev = hosts.get(name)
             hosts[name] = (
                 replace(prev, version=version, image=None)

@@ -325,3 +325,35 @@ def test_the_server_sends_the_policy_and_asks_a_browser_for_a_password(tmp_path:
             assert r.headers["Content-Security-Policy"] is None
     finally:
         server.stop()
+
+
+def test_the_daemon_reads_the_web_files_and_names_the_key_of_a_bad_one(tmp_path: Path) -> None:
+    from reconciler.daemon.loop import access
+
+    base = (
+        "repo: {url: /r}\nstore: {type: filesystem, path: /s}\nstate_dir: /st\n"
+        "signing: {gnupghome: /g, key: K}\nlisten: 0.0.0.0:9180\n"
+    )
+    path = tmp_path / "r.yaml"
+    path.write_text(base)
+    assert access(load_config(path)).closed
+    (tmp_path / "web.token").write_text("tok3n\n")
+    (tmp_path / "web.htpasswd").write_text(f"ops:{HASH}\n")
+    path.write_text(base + "web: {token_file: web.token, basic_auth_file: web.htpasswd}\n")
+    got = access(load_config(path))
+    assert not got.closed and got.guard(req(headers={"Authorization": "Bearer tok3n"})) is None
+    assert got.guard(req(headers=basic("ops", "s3cret"))) is None
+    for files, key, reason in (
+        ("{token_file: missing.token}", "web.token_file", "No such file or directory"),
+        ("{token_file: empty.token}", "web.token_file", "the file is empty"),
+        ("{basic_auth_file: md5.htpasswd}", "web.basic_auth_file", "line 1: only bcrypt hashes"),
+    ):
+        (tmp_path / "empty.token").write_text("\n")
+        (tmp_path / "md5.htpasswd").write_text("ops:$apr1$salt$hash\n")
+        path.write_text(base + f"web: {files}\n")
+        with pytest.raises(ConfigError) as exc:
+            access(load_config(path))
+        assert (exc.value.path, exc.value.key) == (str(path), key)
+        assert exc.value.reason.startswith(reason)
+        # Never what the file holds.
+        assert "$apr1$" not in str(exc.value)
