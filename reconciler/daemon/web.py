@@ -19,6 +19,7 @@ import binascii
 import functools
 import hmac
 import ipaddress
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -69,7 +70,9 @@ def _dummy() -> bytes:
     return bcrypt.hashpw(b"not a password", bcrypt.gensalt(10))
 
 
-_BCRYPT = (b"$2a$", b"$2b$", b"$2y$")
+# A bcrypt hash as htpasswd -B and bcrypt.hashpw write it: variant, cost, 22 characters
+# of salt and 31 of hash.
+_BCRYPT = re.compile(r"\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
 
 
 def is_loopback(listen: str) -> bool:
@@ -95,8 +98,10 @@ def parse_htpasswd(text: str, file: str, key: str = "web.basic_auth_file") -> di
         user, sep, hashed = line.partition(":")
         if not sep or not user or not hashed:
             raise ConfigError(file, key, f"line {n}: must be USER:HASH (htpasswd -B)")
-        if not hashed.encode().startswith(_BCRYPT):
+        if not hashed.startswith("$2"):
             raise ConfigError(file, key, f"line {n}: only bcrypt hashes are accepted (htpasswd -B)")
+        if not _BCRYPT.fullmatch(hashed):
+            raise ConfigError(file, key, f"line {n}: not a whole bcrypt hash")
         users[user] = hashed.encode()
     if not users:
         raise ConfigError(file, key, "lists no user")

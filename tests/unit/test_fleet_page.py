@@ -239,10 +239,13 @@ def test_on_loopback_the_page_is_open_and_elsewhere_closed_without_a_credential(
 
 @pytest.mark.parametrize("listen", ["127.0.0.1:9180", "0.0.0.0:9180"])
 def test_a_token_or_a_password_is_needed_wherever_one_is_configured(tmp_path: Path, listen: str) -> None:
-    access = Access(listen, tmp_path / "r.yaml", b"tok3n", parse_htpasswd(f"ops:{HASH}\n", "r.yaml"))
+    # $2y$: what Apache's htpasswd -B writes.
+    users = parse_htpasswd(f"ops:{HASH}\nci:{HASH.replace('$2b$', '$2y$')}\n", "r.yaml")
+    access = Access(listen, tmp_path / "r.yaml", b"tok3n", users)
     assert access.challenge is not None
     assert access.guard(req(headers={"Authorization": "Bearer tok3n"})) is None
     assert access.guard(req(headers=basic("ops", "s3cret"))) is None
+    assert access.guard(req(headers=basic("ci", "s3cret"))) is None
     for headers in (
         {},
         {"Authorization": "Bearer wrong"},
@@ -269,6 +272,8 @@ def test_the_basic_auth_file_takes_only_bcrypt_hashes(tmp_path: Path) -> None:
         ("ops:$apr1$abc$def\n", "line 1: only bcrypt hashes are accepted (htpasswd -B)"),
         ("ops:{SHA}abc=\n", "line 1: only bcrypt hashes are accepted (htpasswd -B)"),
         ("# none\n", "lists no user"),
+        (f"ops:{HASH[:-1]}\n", "line 1: not a whole bcrypt hash"),
+        ("ops:$2b$99$" + "a" * 53 + "\n", "line 1: not a whole bcrypt hash"),
         (f"ops:{HASH}\njust-a-name\n", "line 2: must be USER:HASH (htpasswd -B)"),
     ):
         with pytest.raises(ConfigError) as exc:
