@@ -19,6 +19,7 @@ import binascii
 import functools
 import hmac
 import ipaddress
+import logging
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import bcrypt
 
+from reconciler import log
 from reconciler.adapters.http import GetHandler, Request, Response
 from reconciler.core.events import MAX_LIMIT, Event, EventQuery, EventType
 from reconciler.core.layout import release_path
@@ -191,13 +193,19 @@ class FleetPage:
         except ValueError:
             known = ", ".join(f.value for f in Filter if f.value)
             return 400, "text/plain; charset=utf-8", f"status: must be one of {known}\n".encode()
-        return 200, HTML, page.render_fleet(self.fleet_view(chosen)).encode()
+        try:
+            return 200, HTML, page.render_fleet(self.fleet_view(chosen)).encode()
+        except ReconcilerError as exc:
+            return _unavailable(exc)
 
     def host(self, request: Request) -> Response:
         names = request.query.get("name") or []
         if len(names) != 1:
             return 400, "text/plain; charset=utf-8", b"name: give one host name\n"
-        view = self.host_view(names[0])
+        try:
+            view = self.host_view(names[0])
+        except ReconcilerError as exc:
+            return _unavailable(exc)
         if view is None:
             return 404, "text/plain; charset=utf-8", b"no such host\n"
         return 200, HTML, page.render_host(view).encode()
@@ -301,6 +309,13 @@ class FleetPage:
             return None if data is None else parse_release(data, key).artifacts
         except ReconcilerError:
             return None
+
+
+def _unavailable(exc: ReconcilerError) -> Response:
+    """The state could not be read (a damaged database): said in a line, not a dropped
+    connection."""
+    log.event("fleet_page_failed", logging.ERROR, error=str(exc))
+    return 503, "text/plain; charset=utf-8", f"cannot read the daemon's state: {exc}\n".encode()
 
 
 def streaks(events: list[Event]) -> dict[str, float]:

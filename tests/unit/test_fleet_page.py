@@ -362,3 +362,25 @@ def test_the_daemon_reads_the_web_files_and_names_the_key_of_a_bad_one(tmp_path:
         assert exc.value.reason.startswith(reason)
         # Never what the file holds.
         assert "$apr1$" not in str(exc.value)
+
+
+def test_a_state_that_cannot_be_read_is_said_in_a_line(
+    world: EventWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from reconciler.errors import StateError
+
+    world.source.push(FLEET)
+    rec = world.reconciler()
+    rec.reconcile()
+
+    def damaged() -> dict[str, HostState]:
+        raise StateError("state.db: file is not a database")
+
+    monkeypatch.setattr(world.ledger, "hosts", damaged)
+    site = FleetPage(rec)
+    for answer in (site.fleet(req()), site.host(req("/host", name="web-1"))):
+        assert answer == (
+            503,
+            "text/plain; charset=utf-8",
+            b"cannot read the daemon's state: state.db: file is not a database\n",
+        )
