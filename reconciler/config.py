@@ -124,6 +124,14 @@ class TufConfig:
 
 
 @dataclass(frozen=True)
+class TransparencyLogConfig:
+    """The store's transparency log of releases (reconciler.daemon.tlog)."""
+
+    # The log's name in its checkpoints; None: reconciler/<the signing key's fingerprint>.
+    origin: str | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     repo: RepoConfig
@@ -141,6 +149,7 @@ class Config:
     tuf: TufConfig = TufConfig()
     # Nix remote builders (reconciler.core.builders), scheduled by Nix.
     builders: tuple[Builder, ...] = ()
+    transparency_log: TransparencyLogConfig = TransparencyLogConfig()
 
 
 TOP_KEYS = frozenset(
@@ -159,6 +168,7 @@ TOP_KEYS = frozenset(
         "triggers",
         "tuf",
         "builders",
+        "transparency_log",
     }
 )
 BUILDER_KEYS = frozenset(
@@ -207,7 +217,10 @@ SECTION_KEYS = {
     "tuf": frozenset(
         {"bins", "root_lifetime", "targets_lifetime", "snapshot_lifetime", "timestamp_lifetime"}
     ),
+    "transparency_log": frozenset({"origin"}),
 }
+# A checkpoint's first line and the publisher's key name (c2sp.org/tlog-checkpoint).
+ORIGIN_RE = re.compile(r"^[!-*,-~]{1,255}$")
 
 
 def read_yaml(path: Path) -> Any:
@@ -423,7 +436,16 @@ def load_config(path: Path) -> Config:
         ),
         retention=RetentionConfig(keep=keep, interval=retention_interval),
         tuf=_tuf_config(p, section("tuf", required=False)),
+        transparency_log=_log_config(p, section("transparency_log", required=False)),
     )
+
+
+def _log_config(p: str, sec: dict[str, Any]) -> TransparencyLogConfig:
+    origin = sec.get("origin")
+    if origin is not None and (not isinstance(origin, str) or not ORIGIN_RE.fullmatch(origin)):
+        why = "must be printable ASCII without spaces or '+', like fleet.example/log"
+        raise ConfigError(p, "transparency_log.origin", why)
+    return TransparencyLogConfig(origin=origin)
 
 
 def _builders(p: str, entries: Any, path_of: Callable[[str], Path]) -> tuple[Builder, ...]:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 from reconciler.adapters import fetch
 from reconciler.core.hosts import Host, ParseKey
 from reconciler.core.model import BuilderState, BuildOutput, Evaluation, HostState, Status
+from reconciler.core.note import Note
 
 if TYPE_CHECKING:
     # python-tuf's signer type; importing securesystemslib costs a command that never
@@ -79,6 +80,30 @@ class Signer(Protocol):
     def public_key(self) -> bytes: ...
     def metadata_signer(self) -> MetadataSigner:
         """The same key as a securesystemslib signer, for TUF metadata."""
+        ...
+
+
+class NoteSigner(Protocol):
+    """A key that signs the transparency log's checkpoints (signed notes): the
+    publisher's, or a witness's (reconciler.adapters.notes)."""
+
+    @property
+    def fingerprint(self) -> str:
+        """The OpenPGP fingerprint of the key (its note key ID is made of it)."""
+        ...
+
+    def sign_note(self, text: bytes) -> bytes:
+        """The signature of a note's text (binary OpenPGP detached signature)."""
+        ...
+
+
+class NoteVerifier(Protocol):
+    """Pinned keys that check a signed note's signatures (reconciler.adapters.notes)."""
+
+    def verified(self, note: Note) -> set[str]:
+        """The fingerprints of the pinned keys with a good signature on ``note``;
+        VerificationError when a signature by a pinned key is bad (the note is then
+        rejected whole, as c2sp.org/signed-note asks)."""
         ...
 
 

@@ -26,9 +26,9 @@ from reconciler.adapters.store import FilesystemStore
 from reconciler.config import Config, SigningConfig, StoreConfig
 from reconciler.daemon.gate import Gate
 from reconciler.daemon.metrics import Metrics
-from reconciler.daemon.reconciler import OpenTuf, Reconciler
+from reconciler.daemon.reconciler import OpenLog, OpenTuf, Reconciler
 from reconciler.errors import ConfigError, SigningError, StoreError
-from reconciler.ports import Ledger, Ports, Signer, Source, Store
+from reconciler.ports import Ledger, NoteSigner, NoteVerifier, Ports, Signer, Source, Store
 
 if TYPE_CHECKING:
     from securesystemslib.signer import Key
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from reconciler.agent.config import AgentConfig
     from reconciler.agent.updater import Agent
     from reconciler.daemon.loop import Daemon
+    from reconciler.daemon.tlog import TransparencyLog
 
 
 def open_store(cfg: StoreConfig) -> Store:
@@ -64,7 +65,7 @@ def open_reconciler(cfg: Config, metrics: Metrics | None = None) -> Reconciler:
     """The daemon's pass with the real adapters."""
     nix = Nix(cfg.state_dir, cfg.nix, builders=cfg.builders)
     ports = _ports(cfg, source(cfg), nix, lambda: State(cfg.state_dir))
-    return Reconciler(cfg, ports, metrics, _tuf(cfg, ports))
+    return Reconciler(cfg, ports, metrics, _tuf(cfg, ports), _tlog(cfg, ports))
 
 
 def _tuf(cfg: Config, ports: Ports) -> OpenTuf:
@@ -75,6 +76,40 @@ def _tuf(cfg: Config, ports: Ports) -> OpenTuf:
         return TufRepository(ports.store, cfg.state_dir / "tuf", online, ports.clock, cfg.tuf)
 
     return open_tuf
+
+
+def _tlog(cfg: Config, ports: Ports) -> OpenLog:
+    """How the pass opens the store's transparency log, signed with the daemon's key."""
+
+    def open_log(signer: Callable[[], Signer]) -> TransparencyLog:
+        from reconciler.daemon.tlog import TransparencyLog
+
+        return TransparencyLog(
+            ports.store,
+            lambda: note_signer(signer()),
+            lambda: note_verifier([signer().public_key()]),
+            cfg.state_dir / "tlog",
+            cfg.transparency_log.origin,
+        )
+
+    return open_log
+
+
+def note_signer(signer: Signer) -> NoteSigner:
+    """A gpg signer as the signer of log checkpoints."""
+    from reconciler.adapters.gpg import Signer as GpgSigner
+    from reconciler.adapters.notes import OpenPgpNoteSigner
+
+    if not isinstance(signer, GpgSigner):
+        raise SigningError("the transparency log is signed with a gpg key")
+    return OpenPgpNoteSigner(signer)
+
+
+def note_verifier(public_keys: list[bytes]) -> NoteVerifier:
+    """Armored public keys that check log checkpoints' signatures."""
+    from reconciler.adapters.notes import OpenPgpNoteVerifier
+
+    return OpenPgpNoteVerifier(public_keys)
 
 
 def open_planner(cfg: Config, workdir: Path) -> Reconciler:

@@ -19,8 +19,9 @@ from securesystemslib.signer import CryptoSigner
 
 from reconciler.core.hosts import Host, ParseKey
 from reconciler.core.model import BuilderState, BuildOutput, Evaluation, HostState, Status
+from reconciler.core.note import Note, openpgp_key_id
 from reconciler.daemon.gate import CommitRefusedError, Refusal
-from reconciler.errors import BuildError, SigningError, SourceError, StoreError
+from reconciler.errors import BuildError, SigningError, SourceError, StoreError, VerificationError
 from reconciler.ports import Source
 
 
@@ -358,3 +359,31 @@ class RefusingGate:
 
     def close(self) -> None:
         pass
+
+
+class FakeNoteKey:
+    """A signed-note key in memory (reconciler.ports.NoteSigner and NoteVerifier of
+    itself): a signature is sha256(secret || text), checked by recomputing it."""
+
+    def __init__(self, fingerprint: str = "AB" * 20, secret: bytes = b"publisher") -> None:
+        self._fingerprint = fingerprint
+        self.secret = secret
+        self.signed = 0
+
+    @property
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def sign_note(self, text: bytes) -> bytes:
+        self.signed += 1
+        return hashlib.sha256(self.secret + text).digest()
+
+    def verified(self, note: Note) -> set[str]:
+        good = set()
+        for sig in note.signatures:
+            if sig.key_id != openpgp_key_id(sig.name, self._fingerprint):
+                continue
+            if sig.signature != hashlib.sha256(self.secret + note.text).digest():
+                raise VerificationError(f"the checkpoint signature of {sig.name}: bad signature")
+            good.add(self._fingerprint)
+        return good

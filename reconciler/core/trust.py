@@ -46,6 +46,8 @@ class Reason(StrEnum):
     EXPIRED = "expired"  # past its expiry: a freeze on old metadata or an old release
     NO_ARTIFACT = "no-artifact"  # nothing in the format this host runs
     TAMPERED = "tampered"  # bytes differ from what the signed metadata says
+    NOT_IN_LOG = "not-in-log"  # no checkable entry in the store's transparency log
+    SPLIT_VIEW = "split-view"  # the log's head and one seen before are not one history
 
 
 class RefusalError(ReconcilerError):

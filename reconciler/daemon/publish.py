@@ -2,7 +2,9 @@
 
 1. each blob, then its signature (content-addressed, so rewriting is harmless);
 2. ``releases/<N>.json.asc`` then ``releases/<N>.json`` (immutable once written);
-3. ``latest.json.asc`` then ``latest.json`` last.
+3. the release's entry in the transparency log (reconciler.daemon.tlog: tiles, its
+   inclusion proof, the signed checkpoint), when the daemon keeps one;
+4. ``latest.json.asc`` then ``latest.json`` last.
 
 A crash between any two steps leaves only objects nothing points at yet, and the
 next reconcile repeats the steps, skipping what is already there. The one window a
@@ -31,8 +33,10 @@ def publish(
     sign_file: SignFile,
     sign_bytes: SignBytes,
     on_artifact: Callable[[str], None] = lambda fmt: None,
+    log: Callable[[Release, bytes], None] | None = None,
 ) -> None:
-    """Put ``release`` and its artifact ``files`` (format -> path) into ``store``."""
+    """Put ``release`` and its artifact ``files`` (format -> path) into ``store``;
+    ``log`` appends the release file's bytes to the transparency log."""
     for art in release.artifacts:
         if not store.exists(art.blob):
             store.put_file(art.blob, files[art.format])
@@ -48,5 +52,7 @@ def publish(
     if existing is None:
         store.put_bytes(key + ".asc", signature)
         store.put_bytes(key, meta)
+    if log is not None:
+        log(release, meta)
     store.put_bytes(latest_path(release.host) + ".asc", signature)
     store.put_bytes(latest_path(release.host), meta)

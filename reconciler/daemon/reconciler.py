@@ -74,10 +74,13 @@ if TYPE_CHECKING:
     from securesystemslib.signer import Signer as MetadataSigner
     from tuf.api.metadata import Metadata
 
+    from reconciler.daemon.tlog import TransparencyLog
     from reconciler.daemon.tuf import KeyChange, TufRepository
 
 # How a pass opens its TUF repository, given how to get the online signing key.
 OpenTuf = Callable[[Callable[[], "MetadataSigner"]], "TufRepository"]
+# How a pass opens the store's transparency log, given how to get the signing key.
+OpenLog = Callable[[Callable[[], Signer]], "TransparencyLog"]
 
 
 @dataclass(frozen=True)
@@ -140,10 +143,16 @@ class Reconciler:
     Config with the real adapters."""
 
     def __init__(
-        self, cfg: Config, ports: Ports, metrics: Metrics | None = None, tuf: OpenTuf | None = None
+        self,
+        cfg: Config,
+        ports: Ports,
+        metrics: Metrics | None = None,
+        tuf: OpenTuf | None = None,
+        tlog: OpenLog | None = None,
     ) -> None:
         """``tuf`` opens the store's TUF repository; without one (`reconciler plan`)
-        the pass can plan but not publish."""
+        the pass can plan but not publish. ``tlog`` opens the store's transparency
+        log; without one, releases are published unlogged."""
         self.cfg = cfg
         self.metrics = metrics or Metrics()
         self.source = ports.source
@@ -171,6 +180,7 @@ class Reconciler:
         self._key_published = False
         self._store_recovered = False
         self._tuf = tuf(lambda: self.signer.metadata_signer()) if tuf is not None else None
+        self.tlog = tlog(lambda: self.signer) if tlog is not None else None
         self.metrics.watch(self.state, self._tuf, cfg.repo.branch)
         self.metrics.known_builders([LOCAL, *(b.name for b in cfg.builders)])
 
@@ -669,6 +679,7 @@ class Reconciler:
                     sign_file,
                     sign_bytes,
                     on_artifact=lambda fmt: self.metrics.artifacts_published.labels(fmt).inc(),
+                    log=self._log_release if self.tlog is not None else None,
                 )
         except SigningError:
             self.metrics.signing_failures.inc()
@@ -677,6 +688,12 @@ class Reconciler:
             self.metrics.publish_failures.inc()
             raise
         return release
+
+    def _log_release(self, release: Release, meta: bytes) -> None:
+        """Append the release to the transparency log, before latest.json moves."""
+        assert self.tlog is not None
+        with self.metrics.stage_duration.labels("log").time():
+            self.tlog.append_release(release.host, release.version, meta)
 
     def _publish_key(self) -> None:
         """keys/publisher.asc, for people and tools (agents pin their own copy)."""
