@@ -318,6 +318,8 @@ def test_reasons_are_the_metric_labels() -> None:
         "expired",
         "no-artifact",
         "tampered",
+        "not-in-log",
+        "split-view",
     }
 
 
