@@ -1,7 +1,9 @@
 """Retention planning: which releases and blobs garbage collection deletes. Pure.
 
 Per host the newest ``keep`` published releases (``hosts/<h>/releases/<N>.json``
-with their ``.asc``) stay, and so does the one ``latest.json`` names; older ones go.
+with their ``.asc``) stay, and so does the one ``latest.json`` names; older ones go,
+and their inclusion proofs (``<N>.inclusion.json``) with them. Nothing of the
+transparency log (``log/``) is ever deleted: its entries outlive the releases.
 Blobs (``blobs/sha256/<hex>`` and ``.asc``) are shared between hosts: one goes only
 when no kept release of any host and no ``latest.json`` references it.
 
@@ -20,7 +22,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from reconciler.core.layout import BlobKey, LatestKey, ReleaseKey, parse_key, release_path
+from reconciler.core.layout import (
+    BlobKey,
+    InclusionKey,
+    LatestKey,
+    ReleaseKey,
+    inclusion_path,
+    parse_key,
+    release_path,
+)
 from reconciler.core.release import Release
 
 DEFAULT_KEEP = 10
@@ -30,6 +40,7 @@ DEFAULT_KEEP = 10
 class _Host:
     versions: dict[int, list[str]] = field(default_factory=dict)  # N -> its keys present
     latest: str | None = None
+    inclusions: set[int] = field(default_factory=set)  # N whose inclusion proof is present
 
     def published(self) -> list[int]:
         """Versions whose release file (not only its signature) exists, ascending."""
@@ -50,6 +61,8 @@ def _layout(listing: Iterable[str]) -> _Layout:
                 out.hosts.setdefault(name, _Host()).versions.setdefault(version, []).append(key)
             case LatestKey(host=name, signature=False):
                 out.hosts.setdefault(name, _Host()).latest = key
+            case InclusionKey(host=name, version=version):
+                out.hosts.setdefault(name, _Host()).inclusions.add(version)
             case BlobKey(sha256=sha):
                 out.blobs.setdefault(sha, []).append(key)
     return out
@@ -109,6 +122,8 @@ def plan_gc(
         for v in sorted(host.versions):
             if v not in kept and v < newest:
                 doomed += sorted(host.versions[v], key=lambda k: k.endswith(".asc"))
+                if v in host.inclusions:
+                    doomed.append(inclusion_path(name, v))
         # What stays referenced: the kept releases and latest.json.
         live = [release_path(name, v) for v in sorted(kept) if v in published]
         for key in [*live, host.latest] if host.latest else live:

@@ -10,9 +10,8 @@ log/tile/<L>/<N>[.p/<W>]                 its Merkle tiles, and entry bundles und
                                          log/tile/entries/ (reconciler.core.tlog); append-only
 hosts/<host>/releases/<N>.inclusion.json where release N is in the log, and the proof
 
-Garbage collection never deletes a log file or an inclusion proof: it lists only
-hosts/ and blobs/, and an inclusion proof is not a key it plans for (parse_key says
-InclusionKey, which reconciler.core.gc does not collect).
+Garbage collection never deletes a log file: it lists only hosts/ and blobs/. An
+inclusion proof goes with its release (reconciler.core.gc).
 """
 
 from __future__ import annotations

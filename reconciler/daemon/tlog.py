@@ -152,7 +152,7 @@ class TransparencyLog:
         is in the log already; raises LogError, StoreError or SigningError."""
         entry = tlog.release_entry(host, version, hashlib.sha256(data).hexdigest())
         with self._lock:
-            edge = self._load()
+            edge = self._current()
             if self._backfill:
                 self._append_existing(edge)
                 self._backfill = False
@@ -160,6 +160,16 @@ class TransparencyLog:
                 self._append([(host, version, entry)])
 
     # -- reading the store's log ---------------------------------------------------
+
+    def _current(self) -> Edge:
+        """The edge of the store's log as it is now: read again when another process
+        (a `reconciler reconcile` beside the daemon, under the same pass lock) moved
+        it since, so that this one never extends a head that is no longer the last."""
+        if self._edge is not None:
+            found = self._reader.checkpoint()
+            if (found[1] if found is not None else None) != self._checkpoint:
+                self._edge = None
+        return self._load()
 
     def _load(self) -> Edge:
         if self._edge is not None:

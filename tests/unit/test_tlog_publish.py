@@ -227,6 +227,26 @@ def test_a_crash_at_any_write_leaves_one_history_with_every_release_once(tmp_pat
             w.check(agent, host, version)
 
 
+def test_two_processes_taking_turns_extend_one_history(world: World) -> None:
+    """The daemon and a `reconciler reconcile` beside it, one pass at a time."""
+    daemon, once = world.daemon(), world.daemon()
+    world.publish(daemon, "web-1", 1)
+    world.publish(once, "web-2", 1)
+    world.publish(daemon, "web-3", 1)
+    world.publish(once, "web-1", 2)
+    assert [(e.host, e.version) for e in entries(world.store)] == [
+        ("web-1", 1),
+        ("web-2", 1),
+        ("web-3", 1),
+        ("web-1", 2),
+    ]
+    assert world.audit() == []
+    leaves = [tlog.leaf_hash(tlog.release_entry(e.host, e.version, e.sha256)) for e in entries(world.store)]
+    for data in world.store.checkpoints:
+        cp = tlog.parse_checkpoint(parse_note(data).text)
+        assert tlog.merkle_root(leaves[: cp.size]) == cp.root
+
+
 def test_the_daemon_will_not_extend_a_log_that_went_back(world: World) -> None:
     log = world.daemon()
     world.publish(log, "web-1", 1)
