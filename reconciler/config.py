@@ -178,6 +178,14 @@ class NotificationConfig:
 
 
 @dataclass(frozen=True)
+class TransparencyLogConfig:
+    """The store's transparency log of releases (reconciler.daemon.tlog)."""
+
+    # The log's name in its checkpoints; None: reconciler/<the signing key's fingerprint>.
+    origin: str | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     repo: RepoConfig
@@ -200,6 +208,7 @@ class Config:
     # How much of the event history the state database keeps.
     events: Retention = field(default_factory=Retention)
     notifications: tuple[NotificationConfig, ...] = ()
+    transparency_log: TransparencyLogConfig = TransparencyLogConfig()
 
 
 TOP_KEYS = frozenset(
@@ -222,6 +231,7 @@ TOP_KEYS = frozenset(
         "events",
         "notifications",
         "lease",
+        "transparency_log",
     }
 )
 BUILDER_KEYS = frozenset(
@@ -274,7 +284,10 @@ SECTION_KEYS = {
     "tuf": frozenset(
         {"bins", "root_lifetime", "targets_lifetime", "snapshot_lifetime", "timestamp_lifetime"}
     ),
+    "transparency_log": frozenset({"origin"}),
 }
+# A checkpoint's first line and the publisher's key name (c2sp.org/tlog-checkpoint).
+ORIGIN_RE = re.compile(r"^[!-*,-~]{1,255}$")
 
 
 def read_yaml(path: Path) -> Any:
@@ -502,6 +515,7 @@ def load_config(path: Path) -> Config:
         events=_events_config(p, section("events", required=False)),
         notifications=_notifications(p, data.get("notifications"), path_of),
         lease=_lease_config(p, section("lease", required=False)),
+        transparency_log=_log_config(p, section("transparency_log", required=False)),
     )
 
 
@@ -569,6 +583,14 @@ def _mappings(
             raise ConfigError(p, at, "must be a mapping")
         check_keys(p, at, entry, allowed)
         yield at, entry
+
+
+def _log_config(p: str, sec: dict[str, Any]) -> TransparencyLogConfig:
+    origin = sec.get("origin")
+    if origin is not None and (not isinstance(origin, str) or not ORIGIN_RE.fullmatch(origin)):
+        why = "must be printable ASCII without spaces or '+', like fleet.example/log"
+        raise ConfigError(p, "transparency_log.origin", why)
+    return TransparencyLogConfig(origin=origin)
 
 
 def _builders(p: str, entries: Any, path_of: Callable[[str], Path]) -> tuple[Builder, ...]:
