@@ -312,8 +312,9 @@ def open_daemon(cfg: Config) -> Daemon:
 
 def preflight(cfg: Config, sandbox: Callable[[], str] | None = None) -> list[Check]:
     """`reconciler check`'s checks, in order, with the real adapters: the config's
-    files, the state directory, the signing key, the store, Nix's sandbox (``sandbox``
-    probes it, default: a probe of its own) and the repository."""
+    files, the state directory, the signing key, the store, its transparency log (one
+    this daemon can extend, or none yet), Nix's sandbox (``sandbox`` probes it,
+    default: a probe of its own) and the repository."""
     import time
 
     from reconciler.adapters.gpg import check_signing_key
@@ -355,6 +356,18 @@ def preflight(cfg: Config, sandbox: Callable[[], str] | None = None) -> list[Che
     def store() -> str:
         return pf.check_store(open_store(cfg.store))
 
+    def transparency_log() -> str:
+        from reconciler.daemon.tlog import TransparencyLog
+
+        signer = _signer(cfg.signing)
+        return TransparencyLog(
+            open_store(cfg.store),
+            lambda: note_signer(signer),
+            lambda: note_verifier([signer.public_key()]),
+            cfg.state_dir / "tlog",
+            cfg.transparency_log.origin,
+        ).describe()
+
     def own_probe() -> str:
         nix = Nix(cfg.state_dir, cfg.nix, builders=cfg.builders)
         return pf.sandbox_verdict(cfg, nix.probe_sandbox(cfg.signing.gnupghome))
@@ -368,6 +381,7 @@ def preflight(cfg: Config, sandbox: Callable[[], str] | None = None) -> list[Che
         (pf.CheckName.STATE_DIR, lambda: pf.check_state_dir(cfg)),
         (pf.CheckName.SIGNING, signing),
         (pf.CheckName.STORE, store),
+        (pf.CheckName.LOG, transparency_log),
         (pf.CheckName.SANDBOX, sandbox or own_probe),
         (pf.CheckName.GIT, git),
     ]

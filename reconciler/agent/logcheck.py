@@ -319,7 +319,9 @@ def audit(
     tree = {item.path: d for item, d in rebuilt.items() if isinstance(item, Tile)}
     if listing is not None:
         keys = [(k, parse_key(k)) for k in listing]
-        releases = [(k, p) for k, p in keys if isinstance(p, ReleaseKey) and not p.signature]
+        releases = [
+            (k, p) for k, p in keys if isinstance(p, ReleaseKey) and not p.signature and p.attestation is None
+        ]
         inclusions = [p for _, p in keys if isinstance(p, InclusionKey)]
     else:
         releases = [(release_path(h, v), ReleaseKey(h, v, False)) for h, v in sorted(logged)]

@@ -154,10 +154,24 @@ class TransparencyLog:
         with self._lock:
             edge = self._current()
             if self._backfill:
+                log.event("tlog_new", origin=self.origin)
                 self._append_existing(edge)
                 self._backfill = False
             if not self._included(host, version, entry):
                 self._append([(host, version, entry)])
+
+    def describe(self) -> str:
+        """What `reconciler check` finds, reading only: that the store's log is one this
+        daemon can extend (its origin, signed by this key, extending the head this state
+        directory signed last, tiles that hash to its root), or that there is none yet.
+        LogError (or SigningError, StoreError) says why it could not extend it."""
+        with self._lock:
+            self._edge = None
+            self._load()
+            cp = self._checkpoint
+        if cp is None:
+            return "no log in the store yet: the first release published starts it"
+        return f"{cp.origin} at size {cp.size}: signed by this key, its tiles hash to its head"
 
     # -- reading the store's log ---------------------------------------------------
 
@@ -184,7 +198,6 @@ class TransparencyLog:
                     f"({self._state}): restore the store's log/, or remove that file to start a new log"
                 )
             self._edge, self._checkpoint, self._backfill = Edge(0), None, True
-            log.event("tlog_new", origin=self.origin)
             return self._edge
         note, cp = found
         if cp.origin != self.origin:
@@ -269,7 +282,7 @@ class TransparencyLog:
         found = []
         for key in self.store.list("hosts/"):
             k = parse_key(key)
-            if isinstance(k, ReleaseKey) and not k.signature:
+            if isinstance(k, ReleaseKey) and not k.signature and k.attestation is None:
                 data = self.store.get_bytes(key)
                 if data is not None:
                     sha = hashlib.sha256(data).hexdigest()

@@ -438,8 +438,8 @@ def test_collect_deletes_an_old_release_s_inclusion_proof_and_nothing_of_the_log
     deleted = collect(store, 1)
     assert deleted[:3] == [
         "hosts/a/releases/1.json",
-        "hosts/a/releases/1.json.asc",
         "hosts/a/releases/1.inclusion.json",
+        "hosts/a/releases/1.json.asc",
     ]
     assert "hosts/a/releases/3.inclusion.json" in store.objects
     assert all(key in store.objects for key in log_keys)

@@ -258,6 +258,21 @@ def test_the_daemon_will_not_extend_a_log_that_went_back(world: World) -> None:
     assert latest_path("web-3") not in world.store.objects
 
 
+def test_the_preflight_says_whether_the_daemon_can_extend_the_store_s_log(world: World) -> None:
+    assert world.daemon().describe() == "no log in the store yet: the first release published starts it"
+    log = world.daemon()
+    world.publish(log, "web-1", 1)
+    older = world.store.objects[CHECKPOINT]
+    world.publish(log, "web-2", 1)
+    origin = default_origin(world.key.fingerprint)
+    writes = len(world.store.writes)
+    assert world.daemon().describe() == f"{origin} at size 2: signed by this key, its tiles hash to its head"
+    world.store.objects[CHECKPOINT] = older
+    with pytest.raises(LogError, match="went back or forked"):
+        world.daemon().describe()
+    assert len(world.store.writes) == writes  # a check writes nothing
+
+
 def test_the_daemon_will_not_extend_a_forked_log(world: World, tmp_path: Path) -> None:
     log = world.daemon()
     world.publish(log, "web-1", 1)
@@ -484,7 +499,9 @@ def test_a_pass_logs_every_host_it_publishes_before_latest_moves(tmp_path: Path)
     key = FakeNoteKey()
     cfg = pw.config()
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
-    ports = Ports(pw.source, pw.nix, pw.store, pw.ledger, Gate(cfg.repo), lambda: pw.signer, pw.clock)
+    ports = Ports(
+        pw.source, pw.nix, pw.store, pw.ledger, Gate(cfg.repo), lambda: pw.signer, pw.clock, pw.packager
+    )
     rec = Reconciler(
         cfg,
         ports,
