@@ -359,11 +359,11 @@ def preflight(cfg: Config, sandbox: Callable[[], str] | None = None) -> list[Che
     def transparency_log() -> str:
         from reconciler.daemon.tlog import TransparencyLog
 
-        signer = _signer(cfg.signing)
+        # The key is opened only for a log that exists: a broken key is the signing check's.
         return TransparencyLog(
             open_store(cfg.store),
-            lambda: note_signer(signer),
-            lambda: note_verifier([signer.public_key()]),
+            lambda: note_signer(_signer(cfg.signing)),
+            lambda: note_verifier([_signer(cfg.signing).public_key()]),
             cfg.state_dir / "tlog",
             cfg.transparency_log.origin,
         ).describe()
