@@ -42,7 +42,7 @@ from reconciler.core.note import Note  # noqa: E402
 from reconciler.core.release import Artifact, new_release  # noqa: E402
 from reconciler.daemon.publish import publish  # noqa: E402
 from reconciler.daemon.tlog import TransparencyLog, default_origin, sign, write_state  # noqa: E402
-from reconciler.demo import make_signing_key  # noqa: E402
+from reconciler.demo import KeyType, make_signing_key  # noqa: E402
 
 
 @dataclass
@@ -174,7 +174,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="tlog-bench-") as d:
         tmp = Path(d)
         home = tmp / "gnupg"
-        fpr = make_signing_key(home, name="tlog benchmark")
+        fpr = make_signing_key(home, name="tlog benchmark", key_type=KeyType.ED25519)
         try:
             signer = Signer(home, fpr)
             verifier = OpenPgpNoteVerifier([signer.public_key()])
