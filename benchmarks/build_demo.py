@@ -28,7 +28,15 @@ from scratch (`--check`, sandboxed) beside what attesting a release adds (readin
 closure and its NAR hashes from Nix, the two statements, two gpg signatures), and the
 attestations' bytes beside the artifacts'.
 
-    python3 benchmarks/build_demo.py [--repeat 3] [--fleet 100] [--no-provenance] [--agent-only]
+The log part prices each release's entry in the transparency log next to its build:
+the demo's hosts are published by one real pass (its `log` stage beside its `publish`
+stage, which includes it), then per host the build is timed again from scratch
+(`--check`, sandboxed) beside an append of that host's release file to a log signed
+with the demo's gpg key (tiles, entry bundle, inclusion proof, signed checkpoint: one
+gpg signature), and the bytes the append writes beside the artifacts'.
+
+    python3 benchmarks/build_demo.py [--repeat 3] [--fleet 100] [--no-provenance] [--no-log]
+                                     [--agent-only]
 """
 
 from __future__ import annotations
@@ -49,14 +57,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from reconciler.adapters.nix import NIX_OPTIONS  # noqa: E402
+from reconciler.adapters.store import FilesystemStore  # noqa: E402
 from reconciler.adapters.tree import read_tree  # noqa: E402
 from reconciler.agent.config import load_agent_config  # noqa: E402
 from reconciler.config import load_config  # noqa: E402
 from reconciler.core.formats import PARTS, Format  # noqa: E402
 from reconciler.core.hosts import parse_fleet  # noqa: E402
+from reconciler.core.layout import release_path  # noqa: E402
 from reconciler.core.release import parse_release  # noqa: E402
 from reconciler.demo import WEB_HOST, init  # noqa: E402
-from reconciler.wiring import open_agent, open_reconciler  # noqa: E402
+from reconciler.wiring import note_signer, note_verifier, open_agent, open_reconciler  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from appimage_compression import nginx  # noqa: E402
@@ -196,6 +206,93 @@ def provenance_cost(repeat: int) -> None:
             rec.close()
 
 
+class _CountedStore(FilesystemStore):
+    """A filesystem store that counts the objects and bytes written to it."""
+
+    writes = 0
+    written = 0
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self.writes += 1
+        self.written += len(data)
+        super().put_bytes(key, data)
+
+
+def log_cost(repeat: int) -> None:
+    """Per host of the demo: the build from scratch next to what logging its release
+    costs, in seconds (median of ``repeat``) and bytes written."""
+    from reconciler.daemon.tlog import TransparencyLog
+
+    with tempfile.TemporaryDirectory(prefix="reconciler-tlog-bench-") as tmp:
+        cfg = load_config(init(Path(tmp) / "demo"))
+        rec = open_reconciler(cfg)
+        try:
+            if not rec.reconcile().ok:
+                raise SystemExit("the demo's pass failed")
+            store = cfg.store.path
+            assert store is not None
+            registry = rec.metrics.registry
+
+            def stage(name: str) -> tuple[float, float]:
+                labels = {"stage": name}
+                total = registry.get_sample_value("reconciler_stage_duration_seconds_sum", labels)
+                count = registry.get_sample_value("reconciler_stage_duration_seconds_count", labels)
+                return total or 0.0, count or 0.0
+
+            (pub_s, pub_n), (log_s, log_n) = stage("publish"), stage("log")
+            print("\ntransparency log per release (tiles, entry bundle, inclusion proof, signed checkpoint):")
+            print(
+                f"in the demo's pass: {pub_n:.0f} releases published in {pub_s:.2f} s,"
+                f" of it {log_n:.0f} log appends in {log_s:.2f} s ({log_s / pub_s:.0%} of publishing)"
+            )
+            scratch = _CountedStore(Path(tmp) / "log-store")
+            signer = rec.signer
+            log = TransparencyLog(
+                scratch,
+                lambda: note_signer(signer),
+                lambda: note_verifier([signer.public_key()]),
+                Path(tmp) / "log-state",
+                cfg.transparency_log.origin,
+            )
+            # The first append reads the key and starts the log: not a release's cost.
+            log.append_release("warm-up", 1, b"{}")
+            fleet = parse_fleet(read_tree(rec.source.checkout))
+            print(
+                f"{'host':<10} {'build s':>8} {'log s':>7} {'ratio':>6}"
+                f" {'artifact bytes':>15} {'log bytes':>10} {'ratio':>7}  objects written"
+            )
+            totals = [0.0, 0.0, 0, 0]
+            for name, host in sorted(fleet.hosts.items()):
+                release = parse_release((store / "hosts" / name / "latest.json").read_bytes(), name)
+                meta = (store / release_path(name, release.version)).read_bytes()
+                out = rec.build(host, release.version)
+                build, append, written, writes = [], [], [], []
+                for i in range(repeat):
+                    build.append(rebuild(host_derivations(out.derivation), True))
+                    before = scratch.written, scratch.writes
+                    t = time.perf_counter()
+                    # A new entry each time (another release number of the host).
+                    log.append_release(name, release.version + i, meta)
+                    append.append(time.perf_counter() - t)
+                    written.append(scratch.written - before[0])
+                    writes.append(scratch.writes - before[1])
+                b, a = statistics.median(build), statistics.median(append)
+                w = int(statistics.median(written))
+                art_bytes = sum(x.size for x in release.artifacts)
+                totals = [totals[0] + b, totals[1] + a, totals[2] + art_bytes, totals[3] + w]
+                print(
+                    f"{name:<10} {b:>8.2f} {a:>7.3f} {a / b:>6.3f}"
+                    f" {art_bytes:>15,} {w:>10,} {w / art_bytes:>7.3%}  {int(statistics.median(writes))}"
+                )
+            print(
+                f"{'total':<10} {totals[0]:>8.2f} {totals[1]:>7.3f} {totals[1] / totals[0]:>6.3f}"
+                f" {int(totals[2]):>15,} {int(totals[3]):>10,} {totals[3] / totals[2]:>7.3%}"
+                f"  (median of {repeat}; a log of up to {log.size} entries)"
+            )
+        finally:
+            rec.close()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=3)
@@ -204,6 +301,7 @@ def main() -> int:
     ap.add_argument(
         "--no-provenance", dest="provenance", action="store_false", help="skip the provenance part"
     )
+    ap.add_argument("--no-log", dest="log", action="store_false", help="skip the transparency log part")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="reconciler-build-bench-") as tmp:
         try:
@@ -211,6 +309,8 @@ def main() -> int:
                 build_times(Path(tmp), args.repeat)
                 if args.provenance:
                     provenance_cost(args.repeat)
+                if args.log:
+                    log_cost(args.repeat)
                 if args.fleet:
                     fleet_store(args.fleet)
             agent_bytes(Path(tmp))

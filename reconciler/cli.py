@@ -354,6 +354,55 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_log(args: argparse.Namespace) -> int:
+    if args.action == "cosign":
+        return _log_cosign(args)
+    from reconciler.wiring import audit_log
+
+    if (args.config is None) == (args.store is None):
+        raise ReconcilerError("log verify: give -c CONFIG, or --store DIR|URL with --key")
+    cfg = _load(args) if args.config else None
+    found = audit_log(
+        cfg,
+        args.store,
+        [Path(k) for k in args.key],
+        [Path(k) for k in args.witness_key],
+        [Path(f) for f in args.seen],
+    )
+    cp = found.checkpoint
+    if cp is not None:
+        print(f"log {cp.origin}: size {cp.size}, root {cp.root.hex()}")
+        print(
+            f"{found.entries} entries; {found.tiles} tiles and bundles match them; "
+            f"{found.releases} release files checked against the log, {found.collected} collected"
+        )
+    for note in found.notes:
+        print(f"note: {note}")
+    for problem in found.problems:
+        print(f"FAILED: {problem}")
+    if found.problems:
+        return 1
+    print("OK: the log checks out")
+    return 0
+
+
+def _log_cosign(args: argparse.Namespace) -> int:
+    from reconciler.wiring import cosign_log
+
+    if args.config is None or args.gnupghome is None:
+        raise ReconcilerError("log cosign: give -c CONFIG and the witness's --gnupghome")
+    cp, new, name = cosign_log(
+        _load(args),
+        Path(args.gnupghome),
+        args.witness,
+        args.name,
+        Path(args.state) if args.state else None,
+        Path(args.key[0]) if args.key else None,
+    )
+    print(f"{name} co-signed {cp.origin} at size {cp.size}{'' if new else ' (seen before)'}")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from reconciler.wiring import open_daemon
 
@@ -506,6 +555,32 @@ def parser() -> argparse.ArgumentParser:
         help="also check the release's signed provenance and SBOM, and print where it came from",
     )
     v.add_argument("target", help="file path or URL of an artifact or release .json")
+    lg = add(
+        "log", cmd_log, "audit the transparency log, or co-sign its checkpoint as a witness", config=False
+    )
+    lg.add_argument("action", choices=["verify", "cosign"])
+    lg.add_argument("-c", "--config", help="path to reconciler.yaml (the store, keys and lock from it)")
+    lg.add_argument("--store", help="verify: a store directory or URL instead of a config")
+    lg.add_argument(
+        "--key", action="append", default=[], help="the publisher's armored public key (repeatable)"
+    )
+    lg.add_argument(
+        "--witness-key", action="append", default=[], help="verify: a witness that must co-sign (repeatable)"
+    )
+    lg.add_argument(
+        "--seen",
+        action="append",
+        default=[],
+        help="verify: a checkpoint seen elsewhere (an agent's state_dir/log-checkpoint) to check against",
+    )
+    lg.add_argument("--gnupghome", help="cosign: the witness's keyring")
+    lg.add_argument(
+        "--witness", help="cosign: the witness key's fingerprint (default: the keyring's only key)"
+    )
+    lg.add_argument(
+        "--name", help="cosign: the witness's key name in the note (default: witness/FINGERPRINT)"
+    )
+    lg.add_argument("--state", help="cosign: where the witness keeps the last head it co-signed")
     agent = add("agent", cmd_agent, "the host side: pull, verify, switch, roll back", config=False)
     agent.add_argument("-c", "--config", required=True, help="path to the agent's config")
     agent.add_argument("--once", action="store_true", help="poll once and exit (for a timer)")

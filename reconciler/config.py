@@ -188,6 +188,14 @@ class NotificationConfig:
 
 
 @dataclass(frozen=True)
+class TransparencyLogConfig:
+    """The store's transparency log of releases (reconciler.daemon.tlog)."""
+
+    # The log's name in its checkpoints; None: reconciler/<the signing key's fingerprint>.
+    origin: str | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     repo: RepoConfig
@@ -211,6 +219,7 @@ class Config:
     events: Retention = field(default_factory=Retention)
     notifications: tuple[NotificationConfig, ...] = ()
     web: WebConfig = WebConfig()
+    transparency_log: TransparencyLogConfig = TransparencyLogConfig()
 
 
 TOP_KEYS = frozenset(
@@ -234,6 +243,7 @@ TOP_KEYS = frozenset(
         "notifications",
         "lease",
         "web",
+        "transparency_log",
     }
 )
 BUILDER_KEYS = frozenset(
@@ -287,7 +297,10 @@ SECTION_KEYS = {
     "tuf": frozenset(
         {"bins", "root_lifetime", "targets_lifetime", "snapshot_lifetime", "timestamp_lifetime"}
     ),
+    "transparency_log": frozenset({"origin"}),
 }
+# A checkpoint's first line and the publisher's key name (c2sp.org/tlog-checkpoint).
+ORIGIN_RE = re.compile(r"^[!-*,-~]{1,255}$")
 
 
 def read_yaml(path: Path) -> Any:
@@ -520,6 +533,7 @@ def load_config(path: Path) -> Config:
             token_file=optional_path(web, "web.token_file"),
             basic_auth_file=optional_path(web, "web.basic_auth_file"),
         ),
+        transparency_log=_log_config(p, section("transparency_log", required=False)),
     )
 
 
@@ -587,6 +601,14 @@ def _mappings(
             raise ConfigError(p, at, "must be a mapping")
         check_keys(p, at, entry, allowed)
         yield at, entry
+
+
+def _log_config(p: str, sec: dict[str, Any]) -> TransparencyLogConfig:
+    origin = sec.get("origin")
+    if origin is not None and (not isinstance(origin, str) or not ORIGIN_RE.fullmatch(origin)):
+        why = "must be printable ASCII without spaces or '+', like fleet.example/log"
+        raise ConfigError(p, "transparency_log.origin", why)
+    return TransparencyLogConfig(origin=origin)
 
 
 def _builders(p: str, entries: Any, path_of: Callable[[str], Path]) -> tuple[Builder, ...]:

@@ -86,6 +86,11 @@ class LeaseHeldError(LeaseError):
     """Another daemon holds the publisher lease and renews it (a one-shot command)."""
 
 
+class LogError(StoreError):
+    """The store's transparency log cannot be appended to or trusted: its checkpoint or
+    tiles do not match what this publisher signed, or a proof does not check out."""
+
+
 class FetchKind(StrEnum):
     """What went wrong with a read, for a caller that answers each differently."""
 

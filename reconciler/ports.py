@@ -27,6 +27,7 @@ from reconciler.core.model import (
     Status,
     Suspensions,
 )
+from reconciler.core.note import Note
 from reconciler.core.provenance import NixInputs, Signature
 
 if TYPE_CHECKING:
@@ -100,6 +101,30 @@ class Signer(Protocol):
 
     def sign_attestation(self, pae: bytes) -> Signature:
         """The same key's DSSE signature of an envelope's pre-authentication encoding."""
+        ...
+
+
+class NoteSigner(Protocol):
+    """A key that signs the transparency log's checkpoints (signed notes): the
+    publisher's, or a witness's (reconciler.adapters.notes)."""
+
+    @property
+    def fingerprint(self) -> str:
+        """The OpenPGP fingerprint of the key (its note key ID is made of it)."""
+        ...
+
+    def sign_note(self, text: bytes) -> bytes:
+        """The signature of a note's text (binary OpenPGP detached signature)."""
+        ...
+
+
+class NoteVerifier(Protocol):
+    """Pinned keys that check a signed note's signatures (reconciler.adapters.notes)."""
+
+    def verified(self, note: Note) -> set[str]:
+        """The fingerprints of the pinned keys with a good signature on ``note``;
+        VerificationError when a signature by a pinned key is bad (the note is then
+        rejected whole, as c2sp.org/signed-note asks)."""
         ...
 
 

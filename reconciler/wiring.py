@@ -35,19 +35,29 @@ from reconciler.core.lease import Holder, parse_record
 from reconciler.daemon.gate import Gate
 from reconciler.daemon.lease import FencedStore, PublisherLease
 from reconciler.daemon.metrics import Metrics
-from reconciler.daemon.reconciler import OpenTuf, Reconciler
-from reconciler.errors import ConfigError, ReconcilerError, SigningError, StoreError, VerificationError
+from reconciler.daemon.reconciler import OpenLog, OpenTuf, Reconciler
+from reconciler.errors import (
+    ConfigError,
+    FetchError,
+    ReconcilerError,
+    SigningError,
+    StoreError,
+    VerificationError,
+)
 from reconciler.ports import EventLog as EventLogPort
-from reconciler.ports import Ledger, Ports, Signer, Source, Store
+from reconciler.ports import Ledger, NoteSigner, NoteVerifier, Ports, Signer, Source, Store
 
 if TYPE_CHECKING:
     from securesystemslib.signer import Key
     from securesystemslib.signer import Signer as MetadataSigner
 
     from reconciler.agent.config import AgentConfig
+    from reconciler.agent.logcheck import Audit
     from reconciler.agent.updater import Agent
+    from reconciler.core.tlog import Checkpoint
     from reconciler.daemon.loop import Daemon
     from reconciler.daemon.preflight import Check
+    from reconciler.daemon.tlog import TransparencyLog
 
 
 def open_store(cfg: StoreConfig) -> Store:
@@ -84,7 +94,7 @@ def open_reconciler(cfg: Config, metrics: Metrics | None = None) -> Reconciler:
     # The event log after the ports: a config whose keys or store credentials are
     # refused must not have created the state directory.
     ports = replace(ports, events=_events(cfg, metrics))
-    return Reconciler(cfg, ports, metrics, _tuf(cfg, ports), lease)
+    return Reconciler(cfg, ports, metrics, _tuf(cfg, ports), lease, _tlog(cfg, ports))
 
 
 HOLDER_FILE = "publisher.id"
@@ -184,6 +194,40 @@ def _tuf(cfg: Config, ports: Ports) -> OpenTuf:
     return open_tuf
 
 
+def _tlog(cfg: Config, ports: Ports) -> OpenLog:
+    """How the pass opens the store's transparency log, signed with the daemon's key."""
+
+    def open_log(signer: Callable[[], Signer]) -> TransparencyLog:
+        from reconciler.daemon.tlog import TransparencyLog
+
+        return TransparencyLog(
+            ports.store,
+            lambda: note_signer(signer()),
+            lambda: note_verifier([signer().public_key()]),
+            cfg.state_dir / "tlog",
+            cfg.transparency_log.origin,
+        )
+
+    return open_log
+
+
+def note_signer(signer: Signer) -> NoteSigner:
+    """A gpg signer as the signer of log checkpoints."""
+    from reconciler.adapters.gpg import Signer as GpgSigner
+    from reconciler.adapters.notes import OpenPgpNoteSigner
+
+    if not isinstance(signer, GpgSigner):
+        raise SigningError("the transparency log is signed with a gpg key")
+    return OpenPgpNoteSigner(signer)
+
+
+def note_verifier(public_keys: list[bytes]) -> NoteVerifier:
+    """Armored public keys that check log checkpoints' signatures."""
+    from reconciler.adapters.notes import OpenPgpNoteVerifier
+
+    return OpenPgpNoteVerifier(public_keys)
+
+
 def open_planner(cfg: Config, workdir: Path) -> Reconciler:
     """The pass for ``reconciler plan``, which changes nothing a daemon uses: the head
     is read from git objects into ``workdir`` (the daemon's clone serves as the object
@@ -268,8 +312,9 @@ def open_daemon(cfg: Config) -> Daemon:
 
 def preflight(cfg: Config, sandbox: Callable[[], str] | None = None) -> list[Check]:
     """`reconciler check`'s checks, in order, with the real adapters: the config's
-    files, the state directory, the signing key, the store, Nix's sandbox (``sandbox``
-    probes it, default: a probe of its own) and the repository."""
+    files, the state directory, the signing key, the store, its transparency log (one
+    this daemon can extend, or none yet), Nix's sandbox (``sandbox`` probes it,
+    default: a probe of its own) and the repository."""
     import time
 
     from reconciler.adapters.gpg import check_signing_key
@@ -312,6 +357,18 @@ def preflight(cfg: Config, sandbox: Callable[[], str] | None = None) -> list[Che
     def store() -> str:
         return pf.check_store(open_store(cfg.store))
 
+    def transparency_log() -> str:
+        from reconciler.daemon.tlog import TransparencyLog
+
+        # The key is opened only for a log that exists: a broken key is the signing check's.
+        return TransparencyLog(
+            open_store(cfg.store),
+            lambda: note_signer(_signer(cfg.signing)),
+            lambda: note_verifier([_signer(cfg.signing).public_key()]),
+            cfg.state_dir / "tlog",
+            cfg.transparency_log.origin,
+        ).describe()
+
     def own_probe() -> str:
         nix = Nix(cfg.state_dir, cfg.nix, builders=cfg.builders)
         return pf.sandbox_verdict(cfg, nix.probe_sandbox(cfg.signing.gnupghome))
@@ -325,6 +382,7 @@ def preflight(cfg: Config, sandbox: Callable[[], str] | None = None) -> list[Che
         (pf.CheckName.STATE_DIR, lambda: pf.check_state_dir(cfg)),
         (pf.CheckName.SIGNING, signing),
         (pf.CheckName.STORE, store),
+        (pf.CheckName.LOG, transparency_log),
         (pf.CheckName.SANDBOX, sandbox or own_probe),
         (pf.CheckName.GIT, git),
     ]
@@ -377,3 +435,99 @@ def open_agent(cfg: AgentConfig) -> Agent:
         pinned_keys=lambda keys: metadata_keys(list(keys)),
         probe=health.probe,
     )
+
+
+def audit_log(
+    cfg: Config | None,
+    store: str | None,
+    keys: list[Path],
+    witness_keys: list[Path],
+    seen: list[Path],
+) -> Audit:
+    """`reconciler log verify`: the log of the config's store (listed whole, the daemon's
+    last signed head among those seen, its key unless ``keys`` are given), or of the
+    store at ``store`` (a directory, listed; or a URL, read entry by entry)."""
+    from reconciler.adapters import fetch
+    from reconciler.adapters.gpg import read_keys
+    from reconciler.adapters.notes import OpenPgpNoteVerifier
+    from reconciler.agent.logcheck import audit
+
+    heads = list(seen)
+    if cfg is not None:
+        opened = open_store(cfg.store)
+        own = cfg.state_dir / "tlog" / "checkpoint"
+        if own.exists():
+            heads.append(own)
+        public = read_keys(keys) if keys else [_signer(cfg.signing).public_key()]
+    elif store is not None and not fetch.is_url(store):
+        opened = FilesystemStore(Path(store))
+        public = read_keys(keys)
+    else:
+        assert store is not None
+        opened = None
+        public = read_keys(keys)
+    if not public:
+        raise ConfigError("log verify", "--key", "give the publisher's public key")
+    listing: list[str] | None = None
+    if opened is not None:
+        s = opened
+        listing = s.list("")
+
+        def read(key: str, limit: int) -> bytes | None:
+            return s.get_bytes(key)
+    else:
+        base = store or ""
+
+        def read(key: str, limit: int) -> bytes | None:
+            try:
+                got = fetch.get(fetch.join(base, key), limit)
+            except FetchError as exc:
+                if exc.status in (403, 404):
+                    return None
+                raise
+            return got.data if got is not None else None
+
+    witnesses = OpenPgpNoteVerifier(read_keys(witness_keys)) if witness_keys else None
+    need = witnesses.fingerprints if witnesses is not None else frozenset()
+    seen_notes = []
+    for path in heads:
+        try:
+            seen_notes.append((str(path), path.read_bytes()))
+        except OSError as exc:
+            raise ConfigError(str(path), "", f"cannot read: {exc.strerror}") from None
+    return audit(read, listing, note_verifier(public), witnesses, need, seen_notes)
+
+
+def cosign_log(
+    cfg: Config,
+    gnupghome: Path,
+    key: str | None,
+    name: str | None,
+    state: Path | None,
+    publisher_key: Path | None,
+) -> tuple[Checkpoint, bool, str]:
+    """`reconciler log cosign`: the key ``key`` of ``gnupghome`` (its only secret key
+    by default) co-signs the store's checkpoint as a witness, under the pass lock and
+    the publisher lease (its write of the checkpoint is fenced like a pass's)."""
+    from reconciler.adapters.gpg import Signer as GpgSigner
+    from reconciler.adapters.gpg import read_keys, secret_fingerprints
+    from reconciler.daemon.tlog import cosign
+
+    if key is None:
+        found = secret_fingerprints(gnupghome)
+        if len(found) != 1:
+            raise ConfigError(str(gnupghome), "", f"holds {len(found)} secret keys; name one with --key")
+        key = found[0]
+    from reconciler.adapters.notes import OpenPgpNoteSigner
+
+    witness = OpenPgpNoteSigner(GpgSigner(gnupghome, key))
+    public = read_keys([publisher_key]) if publisher_key else [_signer(cfg.signing).public_key()]
+    witness_name = name or f"witness/{witness.fingerprint}"
+    rec = open_reconciler(cfg)
+    try:
+        with rec.leased():
+            where = state or cfg.state_dir / "tlog" / f"witness-{witness.fingerprint}"
+            cp, new = cosign(rec.store, note_verifier(public), witness, witness_name, where)
+    finally:
+        rec.close()
+    return cp, new, witness_name

@@ -29,9 +29,10 @@ from reconciler.core.model import (
     Status,
     Suspensions,
 )
+from reconciler.core.note import Note, openpgp_key_id
 from reconciler.core.provenance import DebianPackage, NixInputs, Role, Signature, StorePath
 from reconciler.daemon.gate import CommitRefusedError, Refusal
-from reconciler.errors import BuildError, SigningError, SourceError, StoreError
+from reconciler.errors import BuildError, SigningError, SourceError, StoreError, VerificationError
 from reconciler.ports import Source
 
 
@@ -482,3 +483,31 @@ class MemoryEvents:
 
     def of(self, *types: EventType) -> list[Event]:
         return [e for e in self.events if e.type in types]
+
+
+class FakeNoteKey:
+    """A signed-note key in memory (reconciler.ports.NoteSigner and NoteVerifier of
+    itself): a signature is sha256(secret || text), checked by recomputing it."""
+
+    def __init__(self, fingerprint: str = "AB" * 20, secret: bytes = b"publisher") -> None:
+        self._fingerprint = fingerprint
+        self.secret = secret
+        self.signed = 0
+
+    @property
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def sign_note(self, text: bytes) -> bytes:
+        self.signed += 1
+        return hashlib.sha256(self.secret + text).digest()
+
+    def verified(self, note: Note) -> set[str]:
+        good = set()
+        for sig in note.signatures:
+            if sig.key_id != openpgp_key_id(sig.name, self._fingerprint):
+                continue
+            if sig.signature != hashlib.sha256(self.secret + note.text).digest():
+                raise VerificationError(f"the checkpoint signature of {sig.name}: bad signature")
+            good.add(self._fingerprint)
+        return good

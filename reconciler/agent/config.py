@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from reconciler.adapters import fetch
-from reconciler.config import read_yaml
+from reconciler.config import ORIGIN_RE, read_yaml
 from reconciler.core.formats import Format
 from reconciler.core.hosts import NAME_RE
 from reconciler.core.schema import check_keys, parse_duration
@@ -47,6 +47,10 @@ class AgentConfig:
     # Install only releases whose SLSA provenance is signed by a pinned key and names
     # exactly their artifacts, host, commit and derivation.
     require_provenance: bool = False
+    # The transparency log (reconciler.agent.logcheck): a release must be in it.
+    require_log: bool = False
+    log_witnesses: tuple[Path, ...] = ()  # each must co-sign the log's checkpoint
+    log_origin: str | None = None  # None: the origin of the first checkpoint trusted
 
 
 AGENT_KEYS = frozenset(
@@ -66,6 +70,9 @@ AGENT_KEYS = frozenset(
         "timeout",
         "zsync",
         "require_provenance",
+        "require_log",
+        "log_witnesses",
+        "log_origin",
     }
 )
 HEALTH_KEYS = frozenset({"url", "command", "timeout", "interval"})
@@ -157,6 +164,19 @@ def load_agent_config(path: Path) -> AgentConfig:
     if listen is not None and not isinstance(listen, str):
         raise ConfigError(p, "listen", "must be HOST:PORT")
     mf = data.get("metrics_file")
+    require_log = data.get("require_log", False)
+    if not isinstance(require_log, bool):
+        raise ConfigError(p, "require_log", "must be true or false")
+    witnesses = data.get("log_witnesses", [])
+    if isinstance(witnesses, str):
+        witnesses = [witnesses]
+    if not isinstance(witnesses, list):
+        raise ConfigError(p, "log_witnesses", "must list the witnesses' public key files")
+    if witnesses and not require_log:
+        raise ConfigError(p, "log_witnesses", "needs require_log: true (the log is checked only then)")
+    origin = data.get("log_origin")
+    if origin is not None and (not isinstance(origin, str) or not ORIGIN_RE.fullmatch(origin)):
+        raise ConfigError(p, "log_origin", "must be a log's origin (printable ASCII without spaces or '+')")
     return AgentConfig(
         path=path.resolve(),
         host=host,
@@ -174,6 +194,9 @@ def load_agent_config(path: Path) -> AgentConfig:
         timeout=_seconds(p, "timeout", data.get("timeout", "60s")),
         zsync=zsync,
         require_provenance=require_provenance,
+        require_log=require_log,
+        log_witnesses=tuple(path_of("log_witnesses", w) for w in witnesses),
+        log_origin=origin,
     )
 
 

@@ -28,6 +28,10 @@ State directory:
     current -> releases/<N>                              what runs
     tuf/                                                 ngclient's trusted metadata
     state.json                                          version, previous, failed, validators
+    log-checkpoint                                       the log's last head seen (require_log)
+
+With ``require_log``, a release must also be in the store's transparency log, in a
+history that extends the one this host saw before (reconciler.agent.logcheck).
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ from reconciler.adapters.gpg import read_keys
 from reconciler.adapters.http import Server
 from reconciler.agent import health
 from reconciler.agent.config import AgentConfig, HealthConfig
+from reconciler.agent.logcheck import LogClient
 from reconciler.agent.metrics import AgentMetrics, DownloadMethod, PollResult
 from reconciler.agent.state import AgentState
 from reconciler.agent.supervisor import App
@@ -131,6 +136,40 @@ class Agent:
         if self.state.version:
             self.metrics.running_version.labels(cfg.host).set(self.state.version)
         self._told_unpublished = False
+        self._log: LogClient | None = None
+
+    @property
+    def log(self) -> LogClient | None:
+        """The transparency log's check, with ``require_log``; its keys are read on
+        first use."""
+        if self.cfg.require_log and self._log is None:
+            from reconciler.adapters.notes import OpenPgpNoteVerifier
+
+            witnesses = (
+                OpenPgpNoteVerifier(read_keys(list(self.cfg.log_witnesses)))
+                if self.cfg.log_witnesses
+                else None
+            )
+            self._log = LogClient(
+                self._read,
+                OpenPgpNoteVerifier(read_keys(list(self.cfg.keys))),
+                witnesses,
+                witnesses.fingerprints if witnesses is not None else frozenset(),
+                self.cfg.state_dir / "log-checkpoint",
+                self.cfg.log_origin,
+            )
+        return self._log
+
+    def _read(self, key: str, limit: int) -> bytes | None:
+        """A store object, None if the store has none."""
+        try:
+            got = self.fetcher.get(self._url(key), limit, timeout=self.cfg.timeout, count=self._count)
+        except FetchError as exc:
+            if exc.status in (403, 404):
+                return None
+            raise
+        assert got is not None  # unconditional reads always answer
+        return got.data
 
     def _url(self, key: str) -> str:
         return fetch.join(self.cfg.store, key)
@@ -256,9 +295,14 @@ class Agent:
             release = self._trusted_release(trusted, info)
             if self.cfg.require_provenance:
                 self._trusted_provenance(trusted, release)
-        except RefusalError:
-            self.state.settled = entry
-            self._remember(got.validators)
+            if self.log is not None:
+                self.log.check(self.cfg.host, release.version, entry)
+        except RefusalError as exc:
+            # A log that lags (a witness yet to co-sign, a mirror behind) gets another
+            # look at the next poll; any other refusal is final for this entry.
+            if exc.reason is not Reason.NOT_IN_LOG:
+                self.state.settled = entry
+                self._remember(got.validators)
             raise
         try:
             self._install(trusted, release)

@@ -1,8 +1,10 @@
 """Retention planning: which releases and blobs garbage collection deletes. Pure.
 
 Per host the newest ``keep`` published releases (``hosts/<h>/releases/<N>.json``
-with their ``.asc`` and attestations ``<N>.<kind>.json``) stay, and so does the one
-``latest.json`` names; older ones go, the release file before what it names.
+with their ``.asc``, attestations ``<N>.<kind>.json`` and inclusion proof
+``<N>.inclusion.json``) stay, and so does the one ``latest.json`` names; older ones
+go, the release file before what it names. Nothing of the transparency log (``log/``)
+is ever deleted: its entries outlive the releases.
 Blobs (``blobs/sha256/<hex>`` and ``.asc``) are shared between hosts: one goes only
 when no kept release of any host and no ``latest.json`` references it. The copies
 appc discovery reads (``<prefix>/<host>-<N>-<os>-<arch>.aci`` and ``.asc``, under any
@@ -23,7 +25,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from reconciler.core.layout import BlobKey, DiscoveryKey, LatestKey, ReleaseKey, parse_key, release_path
+from reconciler.core.layout import (
+    BlobKey,
+    DiscoveryKey,
+    InclusionKey,
+    LatestKey,
+    ReleaseKey,
+    parse_key,
+    release_path,
+)
 from reconciler.core.release import Release
 
 DEFAULT_KEEP = 10
@@ -56,7 +66,7 @@ def _layout(listing: Iterable[str]) -> _Layout:
                 host.versions.setdefault(version, []).append(key)
                 if not signature and attestation is None:
                     host.files.add(version)
-            case DiscoveryKey(host=name, version=version):
+            case DiscoveryKey(host=name, version=version) | InclusionKey(host=name, version=version):
                 out.hosts.setdefault(name, _Host()).versions.setdefault(version, []).append(key)
             case LatestKey(host=name, signature=False):
                 out.hosts.setdefault(name, _Host()).latest = key

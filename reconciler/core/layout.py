@@ -16,6 +16,13 @@ tuf/<V>.<role>.json, tuf/timestamp.json  TUF metadata (reconciler.core.tufrepo)
 <path of prefix>/index.html              the page answering appc discovery for the prefix
 lease/<T>.json                           the publisher lease, one record per term
                                          (reconciler.core.lease); never garbage
+log/checkpoint                           the transparency log's signed checkpoint (written last)
+log/tile/<L>/<N>[.p/<W>]                 its Merkle tiles, and entry bundles under
+                                         log/tile/entries/ (reconciler.core.tlog); append-only
+hosts/<host>/releases/<N>.inclusion.json where release N is in the log, and the proof
+
+Garbage collection never deletes a log file (it does not list log/), nor a lease
+record; an inclusion proof goes with its release (reconciler.core.gc).
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import StrEnum
+
+from reconciler.core.tlog import Bundle, Tile, parse_tile_path
 
 BLOB_PREFIX = "blobs/sha256/"
 PUBLISHER_KEY = "keys/publisher.asc"
@@ -52,6 +61,9 @@ class AttestationKind(StrEnum):
 
 
 _KINDS = frozenset(k.value for k in AttestationKind)
+LOG_PREFIX = "log/"
+CHECKPOINT = LOG_PREFIX + "checkpoint"
+_INCLUSION = re.compile(r"^hosts/([^/]+)/releases/([1-9][0-9]{0,17})\.inclusion\.json$")
 
 
 def blob_path(sha256: str) -> str:
@@ -94,6 +106,16 @@ def discovery_page_path(prefix: str) -> str:
 def lease_path(term: int) -> str:
     """The record of the publisher lease's ``term`` (core.lease)."""
     return f"{LEASE_PREFIX}{term}.json"
+
+
+def log_path(item: Tile | Bundle) -> str:
+    """Where a tile or an entry bundle of the transparency log is."""
+    return LOG_PREFIX + item.path
+
+
+def inclusion_path(host: str, version: int) -> str:
+    """Where release ``version`` of ``host``'s inclusion proof is (beside the release)."""
+    return f"hosts/{host}/releases/{version}.inclusion.json"
 
 
 def signature_path(key: str) -> str:
@@ -159,7 +181,18 @@ class LeaseKey:
     term: int
 
 
-Key = ReleaseKey | LatestKey | BlobKey | UpdateKey | TufKey | DiscoveryKey | LeaseKey
+@dataclass(frozen=True)
+class InclusionKey:
+    host: str
+    version: int
+
+
+@dataclass(frozen=True)
+class LogKey:
+    item: Tile | Bundle | None  # None: the checkpoint
+
+
+Key = ReleaseKey | LatestKey | BlobKey | UpdateKey | TufKey | DiscoveryKey | LeaseKey | InclusionKey | LogKey
 
 
 def parse_key(key: str) -> Key | None:
@@ -178,6 +211,12 @@ def parse_key(key: str) -> Key | None:
         return UpdateKey(m.group(1))
     if m := _DISCOVERY.fullmatch(key):
         return DiscoveryKey(m.group(1)[:-1], m.group(2), int(m.group(3)), m.group(6) is not None)
+    if m := _INCLUSION.fullmatch(key):
+        return InclusionKey(m.group(1), int(m.group(2)))
+    if key == CHECKPOINT:
+        return LogKey(None)
+    if key.startswith(LOG_PREFIX) and (item := parse_tile_path(key[len(LOG_PREFIX) :])) is not None:
+        return LogKey(item)
     if m := _TUF.fullmatch(key):
         version = int(m.group(1)) if m.group(1) else None
         if (version is None) == (m.group(2) == "timestamp"):

@@ -79,6 +79,15 @@ def dearmor(armored: bytes, what: str) -> bytes:
     return data
 
 
+def armor(packets: bytes) -> bytes:
+    """Binary signature packets as one ``PGP SIGNATURE`` armor block (RFC 4880 §6.2),
+    the form gpg and :func:`detached_signature` read."""
+    body = base64.b64encode(packets).decode()
+    lines = [BEGIN, "", *(body[i : i + 64] for i in range(0, len(body), 64))]
+    lines += ["=" + base64.b64encode(crc24(packets).to_bytes(3, "big")).decode(), END]
+    return ("\n".join(lines) + "\n").encode()
+
+
 def check_packets(data: bytes, what: str) -> None:
     """Walk the packet headers (RFC 4880 §4.2) of ``data``: only complete signature
     packets with definite lengths, at least one."""

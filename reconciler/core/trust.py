@@ -58,6 +58,8 @@ class Reason(StrEnum):
     TAMPERED = "tampered"  # bytes differ from what the signed metadata says
     NO_PROVENANCE = "no-provenance"  # required, and the release names none
     BAD_PROVENANCE = "bad-provenance"  # its provenance is not a signed account of this release
+    NOT_IN_LOG = "not-in-log"  # no checkable entry in the store's transparency log
+    SPLIT_VIEW = "split-view"  # the log's head and one seen before are not one history
 
 
 class RefusalError(ReconcilerError):

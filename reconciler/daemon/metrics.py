@@ -30,7 +30,7 @@ LATENCY_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 864
 # host release (publish includes the signing it waits for).
 # metadata: bringing the TUF metadata up to date, once per pass.
 BUILDER_RESULTS = ("success", "failure", "unreachable")
-STAGES = ("fetch", "parse", "evaluate", "build", "attest", "sign", "publish", "metadata")
+STAGES = ("fetch", "parse", "evaluate", "build", "attest", "sign", "publish", "log", "metadata")
 
 
 class LedgerCollector(Collector):

@@ -31,6 +31,7 @@ class CheckName(StrEnum):
     STATE_DIR = "state_dir"
     SIGNING = "signing"
     STORE = "store"
+    LOG = "log"
     SANDBOX = "nix"
     GIT = "git"
 

@@ -7,6 +7,8 @@
 2. the release's attestations ``releases/<N>.<kind>.json`` (signed inside; rewritten
    while no release file names them);
 3. ``releases/<N>.json.asc`` then ``releases/<N>.json`` (immutable once written);
+   then, when the daemon keeps one, the release's entry in the transparency log
+   (reconciler.daemon.tlog: tiles, its inclusion proof, the signed checkpoint);
    then the host's stable zsync control file (what an AppImage's update information
    names: it points at a blob already there);
 4. ``latest.json.asc`` then ``latest.json`` last.
@@ -45,13 +47,15 @@ def publish(
     zsync: Mapping[str, bytes] | None = None,
     update: bytes | None = None,
     attestations: Mapping[str, bytes] | None = None,
+    log: Callable[[Release, bytes], None] | None = None,
 ) -> None:
     """Put ``release``, its artifact ``files`` (format -> path) and ``attestations``
     (store key -> envelope, those the release names) into ``store``, with the ``zsync``
     control files (format -> bytes) beside their blobs and ``update``, the newest
     AppImage's control file, at the host's stable key; with ``name_prefix``, also where
     appc discovery finds its ACI under that prefix. A release written before (adopted)
-    keeps the attestations it names, which must be there."""
+    keeps the attestations it names, which must be there. ``log`` appends the release
+    file's bytes to the transparency log before any pointer to the release moves."""
     for art in release.artifacts:
         if not store.exists(art.blob):
             # Content-addressed: a file that is not the blob (an AppImage sealed again,
@@ -95,6 +99,8 @@ def publish(
     if existing is None:
         store.put_bytes(key + ".asc", signature)
         store.put_bytes(key, meta)
+    if log is not None:
+        log(release, meta)
     if update is not None:
         store.put_bytes(update_path(release.host), update)
     store.put_bytes(latest_path(release.host) + ".asc", signature)

@@ -99,10 +99,13 @@ if TYPE_CHECKING:
     from securesystemslib.signer import Signer as MetadataSigner
     from tuf.api.metadata import Metadata
 
+    from reconciler.daemon.tlog import TransparencyLog
     from reconciler.daemon.tuf import KeyChange, Metadatas, TufRepository
 
 # How a pass opens its TUF repository, given how to get the online signing key.
 OpenTuf = Callable[[Callable[[], "MetadataSigner"]], "TufRepository"]
+# How a pass opens the store's transparency log, given how to get the signing key.
+OpenLog = Callable[[Callable[[], Signer]], "TransparencyLog"]
 
 
 @dataclass(frozen=True)
@@ -200,11 +203,14 @@ class Reconciler:
         metrics: Metrics | None = None,
         tuf: OpenTuf | None = None,
         lease: PublisherLease | None = None,
+        tlog: OpenLog | None = None,
     ) -> None:
         """``tuf`` opens the store's TUF repository; without one (`reconciler plan`)
         the pass can plan but not publish. ``lease``: the store's publisher lease,
         which a pass holds before it writes (``ports.store`` checks it before every
-        write, reconciler.daemon.lease.FencedStore); None: this is the only publisher."""
+        write, reconciler.daemon.lease.FencedStore); None: this is the only publisher.
+        ``tlog`` opens the store's transparency log (writing through the same fenced
+        store); without one, releases are published unlogged."""
         self.cfg = cfg
         self.metrics = metrics or Metrics()
         self.source = ports.source
@@ -242,6 +248,7 @@ class Reconciler:
         # the store's latest.json has, newer than the ledger's (_catch_up).
         self._behind: dict[str, int] = {}
         self._catching_up = False
+        self.tlog = tlog(lambda: self.signer) if tlog is not None else None
         self.metrics.watch(self.state, self._tuf, cfg.repo.branch)
         self.metrics.watch_lease(lease)
         self.metrics.known_builders([LOCAL, *(b.name for b in cfg.builders)])
@@ -626,6 +633,14 @@ class Reconciler:
             fcntl.flock(f, fcntl.LOCK_EX)
             yield
 
+    @contextlib.contextmanager
+    def leased(self) -> Iterator[None]:
+        """The pass lock and the publisher lease, for a command that writes to the
+        store outside a pass (`reconciler log cosign`): its writes are fenced too."""
+        with self.exclusive():
+            self._hold_lease(wait=True)
+            yield
+
     def load_tuf(self) -> Metadatas:
         """The store's TUF metadata (`reconciler keys list`): only read, unless the store
         has none yet and it is created, which takes the publisher lease like a pass."""
@@ -978,6 +993,7 @@ class Reconciler:
                     zsync=controls,
                     update=update,
                     attestations=attestations,
+                    log=self._log_release if self.tlog is not None else None,
                 )
         except SigningError:
             self.metrics.signing_failures.inc()
@@ -1076,6 +1092,12 @@ class Reconciler:
             )
         with self.metrics.stage_duration.labels("sign").time():
             return attest(release, record, self.signer.sign_attestation)
+
+    def _log_release(self, release: Release, meta: bytes) -> None:
+        """Append the release to the transparency log, before latest.json moves."""
+        assert self.tlog is not None
+        with self.metrics.stage_duration.labels("log").time():
+            self.tlog.append_release(release.host, release.version, meta)
 
     def _publish_key(self) -> None:
         """keys/publisher.asc, for people and tools (agents pin their own copy)."""

@@ -311,7 +311,13 @@ def test_reconcile_killed_mid_pass_resumes_and_completes(
     assert {p: p.stat().st_mtime_ns for p in written} == written
     for host in ("web-1", "web-2", "worker-1", "z-slow"):
         releases = sorted(p.name for p in (store / "hosts" / host / "releases").iterdir())
-        assert releases == ["1.json", "1.json.asc", "1.provenance.json", "1.sbom.json"], (host, releases)
+        assert releases == [
+            "1.inclusion.json",
+            "1.json",
+            "1.json.asc",
+            "1.provenance.json",
+            "1.sbom.json",
+        ], (host, releases)
         assert json.loads((store / "hosts" / host / "latest.json").read_text())["version"] == 1
     # Whatever write the kill cut short left no temporary file behind the restarted pass.
     assert not list(store.rglob(".tmp-*"))
@@ -468,7 +474,7 @@ def test_the_daemon_collects_garbage_under_its_pass_lock(
         time.sleep(1.1)
         assert [(o.host, o.version) for o in rec.reconcile().outcomes] == [("worker-1", 2)]
         releases = sorted(p.name for p in (tmp_path / "store/hosts/worker-1/releases").iterdir())
-        assert releases == ["2.json", "2.json.asc", "2.provenance.json", "2.sbom.json"]
+        assert releases == ["2.inclusion.json", "2.json", "2.json.asc", "2.provenance.json", "2.sbom.json"]
         # The old release's blob went with it; the other hosts' releases stay.
         assert not (tmp_path / "store" / first.artifacts[0].blob).exists()
         assert (tmp_path / "store/hosts/web-1/releases/1.json").exists()

@@ -291,11 +291,12 @@ def test_check_says_each_thing_that_would_fail_in_one_line(
     assert got.returncode == 0, got.stdout + got.stderr
     lines = got.stdout.splitlines()
     assert [line.split(": ", 2)[:2] for line in lines] == [
-        [name, "ok"] for name in ("config", "state_dir", "signing", "store", "nix", "git")
+        [name, "ok"] for name in ("config", "state_dir", "signing", "store", "log", "nix", "git")
     ]
     assert lines[2] == f"signing: ok: key {signing.fingerprint}, expires never, signs"
-    assert lines[4] == "nix: ok: builds run in Nix's sandbox"
-    assert lines[5] == f"git: ok: {config_repo.path} answers: main is at {config_repo.head}"
+    assert lines[4] == "log: ok: no log in the store yet: the first release published starts it"
+    assert lines[5] == "nix: ok: builds run in Nix's sandbox"
+    assert lines[6] == f"git: ok: {config_repo.path} answers: main is at {config_repo.head}"
     # The probe object is gone again.
     assert not [p for p in (tmp_path / "store").iterdir() if p.name.startswith(".reconciler-check-")]
 
@@ -337,7 +338,7 @@ def test_check_says_each_thing_that_would_fail_in_one_line(
             got = cli("check", "-c", str(cfg), timeout=300)
             assert got.returncode == 1, (change, got.stdout)
             lines = got.stdout.splitlines()
-            assert len(lines) == 6 and "Traceback" not in got.stderr, got.stdout + got.stderr
+            assert len(lines) == 7 and "Traceback" not in got.stderr, got.stdout + got.stderr
             failed = [line for line in lines if ": FAILED: " in line]
             assert len(failed) == 1 and failed[0].startswith(expected), (failed, expected)
 

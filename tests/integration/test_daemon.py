@@ -106,6 +106,8 @@ def test_daemon_publishes_serves_metrics_and_picks_up_new_commits(
     # together); one build, one publish.
     assert m[("reconciler_stage_duration_seconds_count", (("stage", "build"),))] == 3
     assert m[("reconciler_stage_duration_seconds_count", (("stage", "sign"),))] == 3 + 2 + 2 + 3 + 3
+    # Each release's entry in the transparency log (its checkpoint signed there, not in sign).
+    assert m[("reconciler_stage_duration_seconds_count", (("stage", "log"),))] == 3
     assert m[("reconciler_commit_to_published_seconds_count", ())] == 3
     assert m[("reconciler_commit_to_published_seconds_sum", ())] > 0
     info = [k for k in m if k[0] == "reconciler_source_info"]

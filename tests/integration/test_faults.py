@@ -23,7 +23,7 @@ from reconciler.config import load_config
 from reconciler.core.release import parse_release
 from reconciler.daemon.reconciler import Reconciler
 from reconciler.errors import StoreError
-from reconciler.wiring import open_reconciler
+from reconciler.wiring import audit_log, open_reconciler
 from tests.conftest import WEB, ConfigRepo, Signing, standard_fleet, write_config
 
 pytestmark = pytest.mark.integration
@@ -120,10 +120,17 @@ def test_kill_9_at_many_points_never_exposes_a_broken_release(
             for host in HOSTS:
                 listed = config.store.path / "hosts" / host / "releases"
                 releases = sorted(p.name for p in listed.iterdir())
-                assert releases == ["1.json", "1.json.asc", "1.provenance.json", "1.sbom.json"], (
-                    host,
-                    releases,
-                )
+                assert releases == [
+                    "1.inclusion.json",
+                    "1.json",
+                    "1.json.asc",
+                    "1.provenance.json",
+                    "1.sbom.json",
+                ], (host, releases)
+            # The transparency log continued as one history through every kill, and
+            # holds each release once.
+            found = audit_log(config, None, [signing.public_key], [], [])
+            assert found.problems == [] and found.entries == len(HOSTS), found
             # What writes cut short by the kills left, the completing pass removed.
             assert not list(config.store.path.rglob(".tmp-*"))
     # The kills must have hit passes in flight, not only finished ones (resumed passes

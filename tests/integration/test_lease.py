@@ -18,8 +18,10 @@ import pytest
 import yaml
 
 from reconciler.adapters.gpg import Verifier
+from reconciler.config import load_config
 from reconciler.core.layout import LEASE_PREFIX
 from reconciler.core.release import parse_release
+from reconciler.wiring import audit_log
 from tests.conftest import BASE, SITE, WEB, ConfigRepo, Signing, cli, wait_for, write_config
 from tests.integration.test_daemon import get, samples
 from tests.integration.test_faults import check_store
@@ -226,16 +228,28 @@ def test_one_daemon_publishes_and_the_standby_takes_over_when_it_is_killed(
     p.repo.write("hosts/web-1.yaml", host("web-1", 21))
     third = p.repo.commit("move web-1")
     wait_for(lambda: 2 in p.releases("web-1"), BUILD_TIMEOUT, "b publishes web-1 v2")
+
+    # The release file is written before its log entry and latest.json: the publish ends later.
+    def published() -> list[str]:
+        return [e["version"] for e in p.b.events("host_published") if e["host"] == "web-1"]
+
+    wait_for(lambda: "2" in published(), 60, "b to finish publishing web-1 v2")
     assert p.releases("web-1") == {1: first, 2: third}
     assert p.releases("web-2") == {1: first, 2: second}
     # b adopted web-1 v1 at the takeover (its ledger knew nothing) and published v2;
     # the release files a wrote are untouched.
-    assert [e["version"] for e in p.b.events("host_published") if e["host"] == "web-1"] == ["1", "2"]
+    assert published() == ["1", "2"]
     after = p.snapshot()
     assert {k: after[k] for k in releases_before} == releases_before
     with Verifier([signing.public_key.read_bytes()]) as verifier:
         assert check_store(p.store, verifier) == {"web-1": 2, "web-2": 2}
     assert sorted(path.name for path in (p.store / "lease").iterdir()) == ["1.json", "2.json"]
+    # The transparency log went on as one history: b extended the head a signed last,
+    # and every release is in it once.
+    found = audit_log(
+        load_config(p.b.cfg), None, [signing.public_key], [], [p.a.cfg.parent / "state/tlog/checkpoint"]
+    )
+    assert found.problems == [] and found.entries == found.releases == 4, found
 
 
 def test_a_paused_active_daemon_that_resumes_after_losing_the_lease_publishes_nothing(

@@ -100,6 +100,7 @@ def test_second_commit_publishes_version_2_for_the_changed_host_only(
     assert latest(store, "web-1")["commit"] == second_commit
     assert latest(store, "web-2")["version"] == 1
     assert sorted(p.name for p in (store / "hosts" / "web-2" / "releases").iterdir()) == [
+        "1.inclusion.json",
         "1.json",
         "1.json.asc",
         "1.provenance.json",

@@ -38,14 +38,14 @@ from reconciler.adapters.s3 import S3Credentials, S3Store
 from reconciler.adapters.store import FilesystemStore
 from reconciler.agent.verify import verify
 from reconciler.config import load_config
-from reconciler.core.layout import blob_path, latest_path, release_path
+from reconciler.core.layout import CHECKPOINT, blob_path, latest_path, release_path
 from reconciler.core.release import Artifact, Release, new_release, parse_release
 from reconciler.daemon.gc import collect
 from reconciler.daemon.lease import FencedStore
 from reconciler.daemon.publish import publish
 from reconciler.errors import StoreError
 from reconciler.ports import Store
-from reconciler.wiring import open_reconciler
+from reconciler.wiring import audit_log, open_reconciler
 from tests.conftest import ConfigRepo, Signing, gpg_verify, standard_fleet, write_config
 
 if TYPE_CHECKING:
@@ -823,6 +823,13 @@ def test_reconciler_publishes_the_fleet_to_s3(
         page = s3.client.get_object(Bucket=s3.bucket, Key=s3.prefix + "fleet/index.html")
         assert page["ContentType"] == "text/html; charset=utf-8"
         assert b'<meta name="ac-discovery" content="localhost/fleet https://localhost/' in page["Body"].read()
+        # The transparency log is in the bucket too, tile by tile: audited through the
+        # store, and over HTTP as agents read it.
+        found = audit_log(cfg, None, [signing.public_key], [], [])
+        assert found.problems == [] and found.entries == 3, found
+        base = s3.url(CHECKPOINT)[: -len(CHECKPOINT)]
+        over_http = audit_log(None, base, [signing.public_key], [], [])
+        assert over_http.problems == [] and over_http.releases == 3, over_http
         # A second pass finds the published releases in S3 and builds nothing.
         again = rec.reconcile(respect_backoff=False)
         assert again.ok and not again.outcomes

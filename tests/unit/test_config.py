@@ -215,6 +215,7 @@ TOP = (
             "signing",
             "state_dir",
             "store",
+            "transparency_log",
             "triggers",
             "tuf",
             "web",
@@ -267,6 +268,12 @@ def duration(value: Any) -> str:
             "local_builds, max_output_size, sandbox, toolchain, toolchain_dir)",
         ),
         (merged(nix__sandbox="no"), "nix.sandbox", "must be true or false"),
+        (
+            merged(transparency_log__origin="fleet log"),
+            "transparency_log.origin",
+            "must be printable ASCII without spaces or '+', like fleet.example/log",
+        ),
+        (merged(transparency_log__origine="x"), "transparency_log.origine", "unknown key (allowed: origin)"),
         (merged(nix__build_timeout="soon"), "nix.build_timeout", duration("soon")),
         (merged(nix__eval_timeout=0), "nix.eval_timeout", duration(0)),
         (

@@ -135,3 +135,20 @@ def test_the_discovery_page_is_the_index_of_the_prefix_path() -> None:
 @given(st.integers(1, 10**17))
 def test_a_lease_key_reads_back(term: int) -> None:
     assert parse_key(lease_path(term)) == LeaseKey(term)
+
+
+def test_log_keys_and_inclusion_proofs_read_back() -> None:
+    from reconciler.core.layout import CHECKPOINT, InclusionKey, LogKey, inclusion_path, log_path
+    from reconciler.core.tlog import Bundle, Tile
+
+    assert parse_key(CHECKPOINT) == LogKey(None)
+    for item in (Tile(0, 1_234_067, 256), Tile(3, 2, 17), Bundle(0, 1)):
+        assert parse_key(log_path(item)) == LogKey(item)
+    assert parse_key(inclusion_path("web-1", 7)) == InclusionKey("web-1", 7)
+    for key in (
+        "log/checkpoint.asc",
+        "log/tile/0/1",
+        "log/tile/0/000.p/256",
+        "hosts/web-1/releases/0.inclusion.json",
+    ):
+        assert parse_key(key) is None, key

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
+from reconciler.agent.logcheck import audit
 from reconciler.config import (
     Config,
     LeaseConfig,
@@ -23,17 +24,34 @@ from reconciler.config import (
     StoreConfig,
 )
 from reconciler.core import tufrepo
-from reconciler.core.layout import LEASE_PREFIX, latest_path, lease_path, release_path
+from reconciler.core.layout import (
+    CHECKPOINT,
+    LEASE_PREFIX,
+    inclusion_path,
+    latest_path,
+    lease_path,
+    release_path,
+)
 from reconciler.core.lease import Holder, LeaseRecord, Role
 from reconciler.core.model import Status
 from reconciler.daemon.gate import Gate
 from reconciler.daemon.lease import FencedStore, PublisherLease
 from reconciler.daemon.reconciler import Reconciler
+from reconciler.daemon.tlog import TransparencyLog
 from reconciler.daemon.tuf import TufRepository
 from reconciler.errors import LeaseHeldError, LeaseLostError
 from reconciler.ports import Ports
 from reconciler.wiring import holder
-from tests.fakes import FakeClock, FakeNix, FakePackager, FakeSigner, FakeSource, MemoryLedger, MemoryStore
+from tests.fakes import (
+    FakeClock,
+    FakeNix,
+    FakeNoteKey,
+    FakePackager,
+    FakeSigner,
+    FakeSource,
+    MemoryLedger,
+    MemoryStore,
+)
 
 HOST = "name: {name}\nformats: [aci]\nnetwork: {{address: {address}}}\n"
 FLEET = {
@@ -137,9 +155,15 @@ class Daemon:
 
 
 def daemon(
-    fleet: Fleet, name: str, holder: str | None = None, ledger: MemoryLedger | None = None, keep: int = 10
+    fleet: Fleet,
+    name: str,
+    holder: str | None = None,
+    ledger: MemoryLedger | None = None,
+    keep: int = 10,
+    log_key: FakeNoteKey | None = None,
 ) -> Daemon:
-    """A daemon process with a state directory of its own (``holder``: its lease id)."""
+    """A daemon process with a state directory of its own (``holder``: its lease id);
+    with ``log_key``, it keeps the store's transparency log, through the fenced store."""
     state = fleet.tmp / name
     state.mkdir(parents=True, exist_ok=True)
     cfg = Config(
@@ -173,6 +197,11 @@ def daemon(
         ports,
         tuf=lambda online: TufRepository(store, state / "tuf", online, fleet.clock, cfg.tuf),
         lease=lease,
+        tlog=(
+            (lambda signer: TransparencyLog(store, lambda: log_key, lambda: log_key, state / "tlog"))
+            if log_key is not None
+            else None
+        ),
     )
     woken: list[str] = []
     lease.on_wake = lambda: woken.append(name)
@@ -279,6 +308,67 @@ def test_a_paused_holder_that_resumes_after_a_takeover_writes_nothing(fleet: Fle
     assert a.lease.status().role is Role.STANDBY and not a.lease.held
     assert fleet.releases("web-2") == [1, 2]
     assert json.loads(fleet.store.get_bytes(release_path("web-2", 2)) or b"")["commit"] == fleet.source.head
+
+
+def test_the_log_goes_on_as_one_history_across_a_takeover(fleet: Fleet) -> None:
+    key = FakeNoteKey()  # the publisher's key, which both daemons sign with
+    fleet.source.push(FLEET)
+    a, b = daemon(fleet, "a", log_key=key), daemon(fleet, "b", log_key=key)
+    a.rec.reconcile()
+    b.rec.reconcile()
+    fleet.source.push(CHANGED)
+    paused_at: list[int] = []
+
+    def pause(host: str) -> None:
+        # a is stopped mid-build; b takes over and logs web-2 v2 on top of a's log.
+        if paused_at:
+            return
+        paused_at.append(len(fleet.writes))
+        b.lease.tick()
+        fleet.clock.advance(DURATION)
+        b.lease.tick()
+        assert b.rec.reconcile().outcomes[-1].version == 2
+
+    fleet.nix.while_building = pause
+    a.rec.reconcile()
+    # a's log append would come after its build: fenced like every other write.
+    after = [key for who, key in fleet.writes[paused_at[0] :] if who == "a"]
+    assert after == [], f"a wrote {after} after it lost the lease"
+    # a signed the heads of the first commit (one or two: its two build threads may have
+    # written both release files before the first append logged them together), b the last.
+    signers = [w for w, k in fleet.writes if k == CHECKPOINT]
+    assert signers[-1] == "b" and set(signers[:-1]) == {"a"}, signers
+    found = audit(lambda k, n: fleet.store.get_bytes(k), fleet.store.list(), key)
+    assert found.problems == [] and found.entries == 3 and found.releases == 3
+
+
+def test_a_holder_that_lost_the_lease_after_a_release_file_does_not_append_to_the_log(
+    fleet: Fleet,
+) -> None:
+    key = FakeNoteKey()
+    fleet.source.push(FLEET)
+    a = daemon(fleet, "a", log_key=key)
+    a.rec.reconcile()
+    fleet.source.push(CHANGED)
+    written = a.store.put_bytes
+
+    def put_bytes(k: str, data: bytes) -> None:
+        written(k, data)
+        if k == release_path("web-2", 2):
+            # Another daemon wins term 2 between the release file and the log append.
+            other = LeaseRecord(2, "c", "host-c", 0, DURATION, fleet.clock.now())
+            assert fleet.store.create(lease_path(2), other.to_json())
+
+    a.store.put_bytes = put_bytes  # type: ignore[method-assign]
+    head = fleet.store.get_bytes(CHECKPOINT)
+    result = a.rec.reconcile()
+    assert result.interrupted == ("web-2",) and not a.lease.held
+    after = [k for who, k in fleet.writes if who == "a"]
+    assert after[-1] == release_path("web-2", 2), after[-3:]
+    # The log is as the lease's holder left it: its new holder logs web-2 v2 when it
+    # adopts the release.
+    assert fleet.store.get_bytes(CHECKPOINT) == head
+    assert fleet.store.get_bytes(inclusion_path("web-2", 2)) is None
 
 
 def test_a_holder_whose_deadline_has_not_passed_still_stops_at_a_newer_term(fleet: Fleet) -> None:

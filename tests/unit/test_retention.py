@@ -427,3 +427,19 @@ def test_collect_treats_a_corrupt_latest_as_unknown() -> None:
     store.objects["hosts/a/latest.json"] = store.objects["hosts/a/releases/2.json"]
     store.objects["hosts/a/releases/2.json"] = b"garbage"
     assert collect(store, 1) == ["hosts/a/releases/1.json", "hosts/a/releases/1.json.asc"]
+
+
+def test_collect_deletes_an_old_release_s_inclusion_proof_and_nothing_of_the_log() -> None:
+    s = state({"a": {1: [SHAS[0]], 2: [SHAS[1]], 3: [SHAS[2]]}}, latest={"a": 3}, blobs=SHAS[:3])
+    store = memory_store(s)
+    log_keys = ["log/checkpoint", "log/tile/0/000.p/3", "log/tile/entries/000.p/3", "log/tile/0/000.p/2"]
+    for key in [*log_keys, "hosts/a/releases/1.inclusion.json", "hosts/a/releases/3.inclusion.json"]:
+        store.objects[key] = b"x"
+    deleted = collect(store, 1)
+    assert deleted[:3] == [
+        "hosts/a/releases/1.json",
+        "hosts/a/releases/1.inclusion.json",
+        "hosts/a/releases/1.json.asc",
+    ]
+    assert "hosts/a/releases/3.inclusion.json" in store.objects
+    assert all(key in store.objects for key in log_keys)

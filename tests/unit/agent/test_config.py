@@ -68,6 +68,10 @@ def test_config_defaults_and_relative_paths(tmp_path: Path) -> None:
         ({"colour": "blue"}, "colour", "unknown key"),
         ({"zsync": "yes"}, "zsync", "must be true or false"),
         ({"require_provenance": "yes"}, "require_provenance", "must be true or false"),
+        ({"require_log": "yes"}, "require_log", "must be true or false"),
+        ({"log_witnesses": ["w.asc"]}, "log_witnesses", "needs require_log: true"),
+        ({"require_log": True, "log_witnesses": {"w": 1}}, "log_witnesses", "must list"),
+        ({"require_log": True, "log_origin": "two words"}, "log_origin", "must be a log's origin"),
     ],
 )
 def test_config_errors_name_the_key(tmp_path: Path, data: dict[str, Any], key: str, reason: str) -> None:
@@ -76,3 +80,15 @@ def test_config_errors_name_the_key(tmp_path: Path, data: dict[str, Any], key: s
     assert err.value.path == str(tmp_path / "agent.yaml")
     assert err.value.key == key
     assert err.value.reason.startswith(reason), err.value.reason
+
+
+def test_the_log_is_off_unless_required_and_witnesses_are_paths(tmp_path: Path) -> None:
+    assert load_agent_config(write(tmp_path)).require_log is False
+    cfg = load_agent_config(
+        write(tmp_path, require_log=True, log_witnesses="w.asc", log_origin="fleet.example/log")
+    )
+    assert (cfg.require_log, cfg.log_witnesses, cfg.log_origin) == (
+        True,
+        (tmp_path / "w.asc",),
+        "fleet.example/log",
+    )

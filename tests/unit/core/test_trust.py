@@ -320,6 +320,8 @@ def test_reasons_are_the_metric_labels() -> None:
         "tampered",
         "no-provenance",
         "bad-provenance",
+        "not-in-log",
+        "split-view",
     }
 
 
