@@ -143,7 +143,8 @@ def write_builders(builders: Sequence[Builder], directory: Path) -> Path:
         "ssh_config": remote.ssh_config(builders, str(known)),
     }
     for name, text in files.items():
-        tmp = directory / f".{name}.tmp"
+        # Per thread: the hosts of a pass build at once, each writing these first.
+        tmp = directory / f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"
         tmp.write_text(text)
         tmp.chmod(0o644)
         tmp.replace(directory / name)
@@ -672,9 +673,8 @@ class Nix:
     ) -> ReproCheck:
         """Build every derivation of ``drv``'s closure a second time (but those in
         ``skip``, reproduced before) and compare with the outputs in the store, bit for
-        bit: Nix's --check, sandboxed and offline as every build. Nix 2.8 runs a check
-        on this machine only, never on a remote builder (derivation-goal.cc), so it
-        runs here even with ``nix.local_builds: false``. A second build that differs is
+        bit: Nix's --check, sandboxed and offline as every build, on this machine even
+        with ``nix.local_builds: false`` (a builder would not build it again). A second build that differs is
         described (``Mismatch.summary``) and then removed; a check that cannot run
         raises BuildError."""
         deadline = self.settings.eval_timeout.total_seconds()
@@ -698,7 +698,10 @@ class Nix:
         if real.returncode != 0:
             why = build_failure(real.stderr, self.redaction(repo), unsandboxed_build=not self.sandboxed)
             raise BuildError(host.name, f"reproducibility check: the closure does not build: {why}")
-        jobs = [] if self.settings.local_builds else ["--max-jobs", "1"]
+        # Here, never through the build hook: Nix 2.8 hands a --check to a remote builder
+        # when --max-jobs is 0, and the builder, whose output is valid already, passes it
+        # without building again (tests/integration/test_builders.py).
+        jobs = ["--option", "builders", ""] + ([] if self.settings.local_builds else ["--max-jobs", "1"])
         check = self._build(
             [
                 "nix-store",
