@@ -674,9 +674,9 @@ class Nix:
         """Build every derivation of ``drv``'s closure a second time (but those in
         ``skip``, reproduced before) and compare with the outputs in the store, bit for
         bit: Nix's --check, sandboxed and offline as every build, on this machine even
-        with ``nix.local_builds: false`` (a builder would not build it again). A second build that differs is
-        described (``Mismatch.summary``) and then removed; a check that cannot run
-        raises BuildError."""
+        with ``nix.local_builds: false`` (a builder would not build it again). A second
+        build that differs is described (``Mismatch.summary``) and then removed; a
+        check that cannot run raises BuildError."""
         deadline = self.settings.eval_timeout.total_seconds()
         req = self._run(
             ["nix-store", "--query", "--requisites", drv], deadline, "reproducibility check", host.name

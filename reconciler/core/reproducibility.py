@@ -15,11 +15,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
+from reconciler.core.builders import LOCAL
+
 # The builder name of a check run on the daemon's own machine (core.builders.LOCAL),
 # the only place the gate runs one: Nix 2.8 hands a --check to a remote builder when
 # --max-jobs is 0, and the builder, whose output is valid already, passes it without
 # building again.
-CHECK_LOCAL = "local"
+CHECK_LOCAL = LOCAL
 # Files named in a summary; the rest are counted.
 MAX_FILES = 8
 
