@@ -35,8 +35,17 @@ stage, which includes it), then per host the build is timed again from scratch
 with the demo's gpg key (tiles, entry bundle, inclusion proof, signed checkpoint: one
 gpg signature), and the bytes the append writes beside the artifacts'.
 
-    python3 benchmarks/build_demo.py [--repeat 3] [--fleet 100] [--no-provenance] [--no-log]
-                                     [--agent-only]
+The reproducibility gate part prices `reproducibility: {check: true}` per release next
+to the plain build: two copies of the demo, one with the gate and one without, each
+published once (the gated one builds the whole closure a second time then, packages
+included), then, in turn, `--repeat` times: a one-file change of every host
+(etc/motd of the profile they include, new bytes each time), one timed pass of each. Per release: the
+pass's seconds over the hosts, of which the build and the gate's second build (the
+image and artifacts derivations; the packages were reproduced in the first pass by
+the same process).
+
+    python3 benchmarks/build_demo.py [--repeat 3] [--fleet 100] [--no-provenance] [--no-log] [--no-gate]
+                                     [--agent-only] [--gate-only]
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import replace
 from pathlib import Path
 
@@ -65,6 +75,7 @@ from reconciler.core.formats import PARTS, Format  # noqa: E402
 from reconciler.core.hosts import parse_fleet  # noqa: E402
 from reconciler.core.layout import release_path  # noqa: E402
 from reconciler.core.release import parse_release  # noqa: E402
+from reconciler.daemon.reconciler import Reconciler  # noqa: E402
 from reconciler.demo import WEB_HOST, init  # noqa: E402
 from reconciler.wiring import note_signer, note_verifier, open_agent, open_reconciler  # noqa: E402
 
@@ -293,6 +304,82 @@ def log_cost(repeat: int) -> None:
             rec.close()
 
 
+def gate_cost(repeat: int) -> None:
+    """Per release of the demo's hosts: a pass with the reproducibility gate next to one
+    without (median of ``repeat`` one-file changes of every host), and the first pass of each."""
+    with tempfile.TemporaryDirectory(prefix="reconciler-gate-bench-") as tmp:
+        recs: dict[bool, Reconciler] = {}
+        profiles: dict[bool, str] = {}
+        hosts: dict[bool, int] = {}
+        first: dict[bool, tuple[float, float, float]] = {}
+        # Both copies share one staged toolchain (the same derivations' inputs).
+        toolchain = Path(tmp) / "toolchain"
+        try:
+            for gate in (False, True):
+                path = init(Path(tmp) / f"demo-{'gate' if gate else 'plain'}")
+                doc = yaml.safe_load(path.read_text())
+                doc["reproducibility"] = {"check": gate}
+                doc["nix"] = {"toolchain_dir": str(toolchain)}
+                path.write_text(yaml.safe_dump(doc))
+                repo = path.parent / "repo"
+                profiles[gate] = (repo / "profiles" / "base.yaml").read_text()
+                hosts[gate] = len(list((repo / "hosts").glob("*.yaml")))
+                # A nonce per copy: the two build their own images, not each other's.
+                release(repo, profiles[gate], f"first {uuid.uuid4()}")
+                recs[gate] = open_reconciler(load_config(path))
+                recs[gate].nix.recipe_digest()  # stages the toolchain, untimed
+                first[gate] = timed_pass(recs[gate])
+            runs: dict[bool, list[tuple[float, float, float]]] = {False: [], True: []}
+            for i in range(repeat):
+                for gate in (False, True):
+                    repo = recs[gate].cfg.path.parent / "repo"
+                    release(repo, profiles[gate], f"release {i} {uuid.uuid4()}")
+                    runs[gate].append(timed_pass(recs[gate]))
+        finally:
+            for rec in recs.values():
+                rec.close()
+        n = hosts[True]
+        print(
+            f"\nreproducibility gate per release ({n} demo hosts per pass, jobs 2; seconds per host release):"
+        )
+        print(f"{'':<26} {'pass s':>8} {'build s':>8} {'gate s':>8} {'pass / plain':>13}")
+        plain_pass = statistics.median(r[0] for r in runs[False])
+        for label, rows in (
+            ("first release, plain", [first[False]]),
+            ("first release, gate", [first[True]]),
+            ("one-file change, plain", runs[False]),
+            ("one-file change, gate", runs[True]),
+        ):
+            p, b, g = (statistics.median(r[k] for r in rows) / n for k in range(3))
+            ratio = f"{p * n / plain_pass:>13.2f}" if "change" in label else f"{'':>13}"
+            print(f"{label:<26} {p:>8.2f} {b:>8.2f} {g:>8.2f} {ratio}")
+        print(f"  (one-file change: median of {repeat} passes each; the first release's gate builds every")
+        print("   derivation of the closure again, the packages included, once per daemon process)")
+
+
+def release(repo: Path, profile: str, nonce: str) -> None:
+    """Commit a change of one file of every host (etc/motd, from the profile they all
+    include): each gets a new image."""
+    text = profile.replace("managed by reconciler", f"managed by reconciler, {nonce}")
+    assert text != profile
+    (repo / "profiles" / "base.yaml").write_text(text)
+    subprocess.run(["git", "-C", str(repo), "commit", "-qam", nonce], check=True)
+
+
+def timed_pass(rec: Reconciler) -> tuple[float, float, float]:
+    """One pass: its seconds, the hosts' build seconds and the gate's, summed."""
+    stage = "reconciler_stage_duration_seconds_sum"
+    before = rec.metrics.registry.get_sample_value(stage, {"stage": "check"}) or 0.0
+    t = time.perf_counter()
+    result = rec.reconcile()
+    seconds = time.perf_counter() - t
+    if not result.ok:
+        raise SystemExit(f"the pass failed: {[o.error for o in result.outcomes if not o.ok]}")
+    builds = sum(o.build_seconds or 0.0 for o in result.outcomes)
+    gate = (rec.metrics.registry.get_sample_value(stage, {"stage": "check"}) or 0.0) - before
+    return seconds, builds, gate
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=3)
@@ -302,7 +389,12 @@ def main() -> int:
         "--no-provenance", dest="provenance", action="store_false", help="skip the provenance part"
     )
     ap.add_argument("--no-log", dest="log", action="store_false", help="skip the transparency log part")
+    ap.add_argument("--no-gate", dest="gate", action="store_false", help="skip the reproducibility gate part")
+    ap.add_argument("--gate-only", action="store_true", help="only the reproducibility gate part")
     args = ap.parse_args()
+    if args.gate_only:
+        gate_cost(args.repeat)
+        return 0
     with tempfile.TemporaryDirectory(prefix="reconciler-build-bench-") as tmp:
         try:
             if not args.agent_only:
@@ -311,6 +403,8 @@ def main() -> int:
                     provenance_cost(args.repeat)
                 if args.log:
                     log_cost(args.repeat)
+                if args.gate:
+                    gate_cost(args.repeat)
                 if args.fleet:
                     fleet_store(args.fleet)
             agent_bytes(Path(tmp))

@@ -119,6 +119,18 @@ class NixConfig:
 
 
 @dataclass(frozen=True)
+class ReproducibilityConfig:
+    """The reproducibility gate: with ``check``, every derivation of a host's image is
+    built a second time (Nix's --check, on this machine) before anything is signed, and
+    a host whose second build differs is refused and publishes nothing."""
+
+    check: bool = False
+    # diffoscope (when installed) gets this long to describe two builds that differ;
+    # past it, or without it, the summary lists the differing files by size and sha256.
+    diff_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
 class RetryConfig:
     """Backoff of failed host builds: ``initial`` after the first failure, doubling up to ``max``."""
 
@@ -220,6 +232,7 @@ class Config:
     notifications: tuple[NotificationConfig, ...] = ()
     web: WebConfig = WebConfig()
     transparency_log: TransparencyLogConfig = TransparencyLogConfig()
+    reproducibility: ReproducibilityConfig = ReproducibilityConfig()
 
 
 TOP_KEYS = frozenset(
@@ -244,6 +257,7 @@ TOP_KEYS = frozenset(
         "lease",
         "web",
         "transparency_log",
+        "reproducibility",
     }
 )
 BUILDER_KEYS = frozenset(
@@ -294,6 +308,7 @@ SECTION_KEYS = {
     "events": frozenset({"keep", "max_age"}),
     "lease": frozenset({"enabled", "duration", "renew"}),
     "web": frozenset({"token_file", "basic_auth_file"}),
+    "reproducibility": frozenset({"check", "diff_timeout"}),
     "tuf": frozenset(
         {"bins", "root_lifetime", "targets_lifetime", "snapshot_lifetime", "timestamp_lifetime"}
     ),
@@ -534,6 +549,7 @@ def load_config(path: Path) -> Config:
             basic_auth_file=optional_path(web, "web.basic_auth_file"),
         ),
         transparency_log=_log_config(p, section("transparency_log", required=False)),
+        reproducibility=_reproducibility_config(p, section("reproducibility", required=False)),
     )
 
 
@@ -700,6 +716,14 @@ def _lease_config(p: str, sec: dict[str, Any]) -> LeaseConfig:
     if renew > duration / 2:
         raise ConfigError(p, "lease.renew", f"must be at most half of lease.duration ({duration / 2:g}s)")
     return LeaseConfig(enabled=enabled, duration=duration, renew=renew)
+
+
+def _reproducibility_config(p: str, sec: dict[str, Any]) -> ReproducibilityConfig:
+    check = sec.get("check", False)
+    if not isinstance(check, bool):
+        raise ConfigError(p, "reproducibility.check", "must be true or false")
+    diff_timeout = parse_seconds(p, "reproducibility.diff_timeout", sec.get("diff_timeout", "60s"))
+    return ReproducibilityConfig(check=check, diff_timeout=diff_timeout)
 
 
 def _tuf_config(p: str, sec: dict[str, Any]) -> TufConfig:

@@ -53,6 +53,11 @@ class BuildError(ReconcilerError):
         super().__init__(f"build of host {host!r} failed: {reason}" if host else reason)
 
 
+class NotReproducibleError(BuildError):
+    """The reproducibility gate refused a host: a derivation built a second time gave
+    other bytes (reconciler.core.reproducibility)."""
+
+
 class SigningError(ReconcilerError):
     """gpg could not sign or the signing key is unusable."""
 

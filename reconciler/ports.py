@@ -29,6 +29,7 @@ from reconciler.core.model import (
 )
 from reconciler.core.note import Note
 from reconciler.core.provenance import NixInputs, Signature
+from reconciler.core.reproducibility import ReproCheck
 
 if TYPE_CHECKING:
     # python-tuf's signer type; importing securesystemslib costs a command that never
@@ -85,6 +86,11 @@ class Nix(Protocol):
         ...
 
     def probe_sandbox(self, key_dir: Path) -> bool: ...
+
+    def check_reproducible(self, host: Host, drv: str, repo: Path, skip: frozenset[str]) -> ReproCheck:
+        """Build the derivations of ``drv``'s closure (realised already) but ``skip`` a
+        second time and compare with the first build (the reproducibility gate)."""
+        ...
 
     def inputs(self, host: Host, drv: str) -> NixInputs:
         """What went into building ``drv`` (realised already), for its provenance."""

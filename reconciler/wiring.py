@@ -85,7 +85,9 @@ def open_reconciler(cfg: Config, metrics: Metrics | None = None) -> Reconciler:
     """The daemon's pass with the real adapters: it writes to the store only while it
     holds the store's publisher lease (unless lease.enabled is false)."""
     metrics = metrics or Metrics()
-    nix = Nix(cfg.state_dir, cfg.nix, builders=cfg.builders, images=cfg.images)
+    nix = Nix(
+        cfg.state_dir, cfg.nix, builders=cfg.builders, images=cfg.images, reproducibility=cfg.reproducibility
+    )
     ports = _ports(cfg, source(cfg), nix, lambda: State(cfg.state_dir))
     lease = None
     if cfg.lease.enabled:

@@ -31,6 +31,7 @@ from reconciler.core.model import (
 )
 from reconciler.core.note import Note, openpgp_key_id
 from reconciler.core.provenance import DebianPackage, NixInputs, Role, Signature, StorePath
+from reconciler.core.reproducibility import CHECK_LOCAL, Mismatch, ReproCheck
 from reconciler.daemon.gate import CommitRefusedError, Refusal
 from reconciler.errors import BuildError, SigningError, SourceError, StoreError, VerificationError
 from reconciler.ports import Source
@@ -108,6 +109,10 @@ class FakeSource:
         return False
 
 
+# A derivation in every host's closure (FakeNix.check_reproducible).
+BASE_DRV = "/nix/store/" + "b" * 32 + "-base.drv"
+
+
 class FakeNix:
     """Evaluation and builds as pure functions of the host; a build writes small
     artifact files under ``workdir``."""
@@ -127,6 +132,9 @@ class FakeNix:
         self.builder_of: dict[str, str] = {}  # host -> the builder that builds it (default local)
         self.refused: dict[str, dict[str, str]] = {}  # host -> builders that could not take it
         self.while_building: Callable[[str], None] | None = None  # called with the host built
+        self.unreproducible: set[str] = set()  # hosts whose image builds differently each time
+        self.check_broken: set[str] = set()  # hosts whose second build cannot run
+        self.checks: list[tuple[str, tuple[str, ...]]] = []  # host, derivations built again
 
     def recipe_digest(self) -> str | None:
         return "recipe-1"
@@ -185,6 +193,21 @@ class FakeNix:
 
     def probe_sandbox(self, key_dir: Path) -> bool:
         return self.sandboxed
+
+    def check_reproducible(self, host: Host, drv: str, repo: Path, skip: frozenset[str]) -> ReproCheck:
+        """The closure is a base every host shares, the host's image and its artifacts
+        derivation; the image of an ``unreproducible`` host differs in its second build."""
+        closure = (BASE_DRV, self.image(host), drv)
+        todo = tuple(d for d in closure if d not in skip)
+        self.checks.append((host.name, todo))
+        if host.name in self.check_broken:
+            raise BuildError(host.name, "reproducibility check: the second build failed: out of disk")
+        image = self.image(host)
+        if host.name in self.unreproducible and image in todo:
+            out = image.removesuffix(".drv")
+            summary = "root/id: 37 bytes, sha256 0123456789abcdef vs 37 bytes, sha256 fedcba9876543210"
+            return ReproCheck((), (), CHECK_LOCAL, (Mismatch(image, out, out + ".check", summary),))
+        return ReproCheck(closure, todo, CHECK_LOCAL)
 
     def inputs(self, host: Host, drv: str) -> NixInputs:
         """The closure of a build: its output, the host's image and the toolchain."""

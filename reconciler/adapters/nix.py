@@ -16,10 +16,14 @@ closure a size limit.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
 import os
+import re
+import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -29,7 +33,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
-from reconciler.config import ImagesConfig, NixConfig
+from reconciler.config import ImagesConfig, NixConfig, ReproducibilityConfig
 from reconciler.core import builders as remote
 from reconciler.core.appc import image_name
 from reconciler.core.builders import Builder
@@ -39,6 +43,15 @@ from reconciler.core.hosts import Host
 from reconciler.core.model import BuildOutput, BuildProgress, Evaluation
 from reconciler.core.nixlog import Redaction, build_failure, last_line, redact, tail
 from reconciler.core.provenance import DebianPackage, NixInputs, parse_debian_packages, parse_registrations
+from reconciler.core.reproducibility import (
+    CHECK_LOCAL,
+    Entry,
+    Mismatch,
+    ReproCheck,
+    compare,
+    parse_check,
+    summarise,
+)
 from reconciler.errors import BuildError
 
 _PACKAGE = Path(__file__).resolve().parent.parent
@@ -71,6 +84,8 @@ HERMETIC_OPTIONS = (
 EXIT_GRACE = 60.0
 # What a builder sees of the machine only when it is not sandboxed.
 PROBE_PATHS = ("/usr", "/home", "/root", "/var")
+# A build directory Nix keeps (--keep-failed): <TMPDIR>/nix-build-<drv name>-<n>.
+_BUILD_DIR = re.compile(r"nix-build-[A-Za-z0-9+._?=-]+\.drv-[0-9]+")
 # What nix/toolchain/import-debian.sh records of the Debian packages it staged from.
 DEBIAN_PACKAGES = "debian-packages.tsv"
 
@@ -128,7 +143,8 @@ def write_builders(builders: Sequence[Builder], directory: Path) -> Path:
         "ssh_config": remote.ssh_config(builders, str(known)),
     }
     for name, text in files.items():
-        tmp = directory / f".{name}.tmp"
+        # Per thread: the hosts of a pass build at once, each writing these first.
+        tmp = directory / f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"
         tmp.write_text(text)
         tmp.chmod(0o644)
         tmp.replace(directory / name)
@@ -143,9 +159,13 @@ class Nix:
         nix_dir: Path = NIX_DIR,
         builders: Sequence[Builder] = (),
         images: ImagesConfig | None = None,
+        reproducibility: ReproducibilityConfig | None = None,
     ) -> None:
         self.settings = settings or NixConfig()
         self.images = images or ImagesConfig()
+        self.reproducibility = reproducibility or ReproducibilityConfig()
+        # Where diffoscope's reports of builds that differ are kept.
+        self.reports = state_dir / "reproducibility"
         self.builders = tuple(builders)
         self.builders_dir = state_dir / "builders"
         self.nix_dir = nix_dir
@@ -647,3 +667,180 @@ class Nix:
             raise BuildError(
                 host, f"the build's closure is {total} bytes, over nix.max_output_size ({limit} bytes)"
             )
+
+    def check_reproducible(
+        self, host: Host, drv: str, repo: Path, skip: frozenset[str] = frozenset()
+    ) -> ReproCheck:
+        """Build every derivation of ``drv``'s closure a second time (but those in
+        ``skip``, reproduced before) and compare with the outputs in the store, bit for
+        bit: Nix's --check, sandboxed and offline as every build, on this machine even
+        with ``nix.local_builds: false`` (a builder would not build it again). A second
+        build that differs is described (``Mismatch.summary``) and then removed; a
+        check that cannot run raises BuildError."""
+        deadline = self.settings.eval_timeout.total_seconds()
+        req = self._run(
+            ["nix-store", "--query", "--requisites", drv], deadline, "reproducibility check", host.name
+        )
+        if req.returncode != 0:
+            raise BuildError(
+                host.name, f"reproducibility check: cannot read the closure: {_tail(req.stderr)}"
+            )
+        closure = tuple(p for p in req.stdout.split() if p.endswith(".drv"))
+        todo = [p for p in closure if p not in skip]
+        if not todo:
+            return ReproCheck(derivations=closure, rebuilt=(), where=CHECK_LOCAL)
+        extra, env = self._builder_args()
+        # An output of the closure collected since the build (only the artifacts are a
+        # GC root) is built again first: --check compares with what is in the store.
+        real = self._build(
+            ["nix-store", "--realise", *todo, *self._build_options(), *extra], host.name, env, _quiet
+        )
+        if real.returncode != 0:
+            why = build_failure(real.stderr, self.redaction(repo), unsandboxed_build=not self.sandboxed)
+            raise BuildError(host.name, f"reproducibility check: the closure does not build: {why}")
+        # Here, never through the build hook: Nix 2.8 hands a --check to a remote builder
+        # when --max-jobs is 0, and the builder, whose output is valid already, passes it
+        # without building again (tests/integration/test_builders.py).
+        jobs = ["--option", "builders", ""] + ([] if self.settings.local_builds else ["--max-jobs", "1"])
+        check = self._build(
+            [
+                "nix-store",
+                "--realise",
+                "--check",
+                "--keep-going",
+                "--keep-failed",
+                *todo,
+                *self._build_options(),
+                *jobs,
+            ],
+            host.name,
+            None,
+            _quiet,
+        )
+        # A build's log is on the same stderr: only what names an output of these
+        # derivations, and a build directory where Nix makes them, is taken from it.
+        outcome = parse_check(check.stderr)
+        outputs = self._outputs(host, todo) if outcome.mismatches else frozenset()
+        mismatches = [m for m in outcome.mismatches if m.output in outputs and m.derivation in todo]
+        tmp = Path((env or self.env).get("TMPDIR", "/tmp")).resolve()
+        kept = [d for d in map(Path, outcome.kept_dirs) if d.parent == tmp and _BUILD_DIR.fullmatch(d.name)]
+        try:
+            if check.returncode == 0:
+                return ReproCheck(derivations=closure, rebuilt=tuple(todo), where=CHECK_LOCAL)
+            if not mismatches:
+                why = build_failure(check.stderr, self.redaction(repo), unsandboxed_build=not self.sandboxed)
+                raise BuildError(host.name, f"reproducibility check: the second build failed: {why}")
+            described = tuple(
+                Mismatch(m.derivation, m.output, m.check, self._describe(m)) for m in mismatches
+            )
+            return ReproCheck(derivations=(), rebuilt=(), where=CHECK_LOCAL, mismatches=described)
+        finally:
+            for m in mismatches:
+                _remove(Path(m.output + ".check"))
+            for d in kept:
+                _remove(d)
+
+    def _outputs(self, host: Host, drvs: Sequence[str]) -> frozenset[str]:
+        proc = self._run(
+            ["nix-store", "--query", "--outputs", *drvs],
+            self.settings.eval_timeout.total_seconds(),
+            "reproducibility check",
+            host.name,
+        )
+        if proc.returncode != 0:
+            raise BuildError(
+                host.name, f"reproducibility check: cannot read the outputs: {_tail(proc.stderr)}"
+            )
+        return frozenset(proc.stdout.split())
+
+    def _describe(self, m: Mismatch) -> str:
+        """What differs between the output and its second build: the differing files by
+        size and sha256 and, when diffoscope is installed, where its report is."""
+        second = Path(m.output + ".check")
+        if m.check != str(second) or not second.exists():
+            return "Nix kept no second build to compare"
+        lines = compare(_listing(Path(m.output)), _listing(second))
+        summary = summarise(lines)
+        report = self._diffoscope(Path(m.output), second)
+        return f"{summary} (diffoscope: {report})" if report else summary
+
+    def _diffoscope(self, first: Path, second: Path) -> str | None:
+        """diffoscope's text report of the two builds, written under the state
+        directory (it shows file contents, which stay out of logs and the ledger): its
+        path, or None without diffoscope. Bounded by ``reproducibility.diff_timeout``."""
+        tool = shutil.which("diffoscope")
+        if tool is None:
+            return None
+        self.reports.mkdir(parents=True, exist_ok=True)
+        report = self.reports / f"{first.name}.diffoscope.txt"
+        timeout = self.reproducibility.diff_timeout
+        try:
+            proc = subprocess.run(
+                [
+                    tool,
+                    "--no-progress",
+                    "--text",
+                    str(report),
+                    "--max-text-report-size",
+                    str(1 << 20),
+                    "--timeout",
+                    str(max(1, round(timeout / 2))),
+                    "--exclude-directory-metadata",
+                    "recursive",
+                    str(first),
+                    str(second),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                stdin=subprocess.DEVNULL,
+            )
+        except subprocess.TimeoutExpired:
+            return f"stopped after {round(timeout)}s, see reproducibility.diff_timeout"
+        # 1: the two differ (the report is written); 0: diffoscope sees no difference.
+        if proc.returncode not in (0, 1):
+            return f"failed with exit status {proc.returncode}"
+        return str(report)
+
+
+def _quiet(seconds: float, output: str) -> None:
+    """A check's heartbeat: it says nothing (the build before it did)."""
+
+
+def _listing(root: Path) -> dict[str, Entry]:
+    """Every file under ``root`` (or ``root`` itself) as the gate compares it."""
+    out: dict[str, Entry] = {}
+
+    def entry(p: Path) -> Entry:
+        st = p.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            return Entry("symlink", target=os.readlink(p))
+        if stat.S_ISDIR(st.st_mode):
+            return Entry("directory")
+        if stat.S_ISREG(st.st_mode):
+            with p.open("rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+            return Entry("file", st.st_size, digest, executable=bool(st.st_mode & 0o111))
+        return Entry("other")
+
+    out[""] = entry(root)
+    if out[""].kind == "directory":
+        for dirpath, dirnames, filenames in os.walk(root):
+            for name in (*dirnames, *filenames):
+                p = Path(dirpath) / name
+                out[p.relative_to(root).as_posix()] = entry(p)
+    return out
+
+
+def _remove(path: Path) -> None:
+    """Remove what a check left (a second build in the store, a build directory),
+    read-only directories included; what cannot be removed is left to Nix's garbage
+    collector (an invalid store path is garbage)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.exists():
+        # Store paths are read-only: their directories are made writable first.
+        for dirpath, _, _ in os.walk(path):
+            with contextlib.suppress(OSError):
+                os.chmod(dirpath, 0o755)
+        shutil.rmtree(path, ignore_errors=True)

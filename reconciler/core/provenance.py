@@ -70,15 +70,29 @@ class Role(StrEnum):
 
 
 class ReproStatus(StrEnum):
-    """Whether the image was built twice and compared before signing."""
+    """Whether the image was built twice and compared before signing (the gate,
+    ``reproducibility: {check: true}``). A release whose second build differs is never
+    signed, so no provenance says "mismatch"."""
 
     NOT_RUN = "not run"
+    PASSED = "passed"
 
 
 @dataclass(frozen=True)
 class Reproducibility:
     status: ReproStatus = ReproStatus.NOT_RUN
-    where: tuple[str, ...] = ()  # the builders that built it again
+    where: tuple[str, ...] = ()  # the builders that built it again ("local": the daemon's machine)
+    # The derivations of the closure built twice with equal bytes (in this pass, or
+    # earlier by the same daemon process: the same output path, reproduced then).
+    derivations: int = 0
+
+    def describe(self) -> str:
+        if self.status is ReproStatus.NOT_RUN:
+            return self.status.value
+        return (
+            f"{self.status.value}: {self.derivations} derivations built again on "
+            f"{', '.join(self.where)} gave the same bytes"
+        )
 
 
 @dataclass(frozen=True)
@@ -267,6 +281,7 @@ def provenance(release: Release, record: BuildRecord) -> Statement:
                 "reproducibility": {
                     "status": record.reproducibility.status.value,
                     "where": list(record.reproducibility.where),
+                    "derivations": record.reproducibility.derivations,
                 },
             },
             "resolvedDependencies": dependencies,
@@ -586,10 +601,24 @@ def read_provenance(statement: Statement, release: Release, source: str) -> Prov
         finished=times["finishedOn"],
         dependencies=len(deps),
         store_paths=sum(1 for d in deps if isinstance(d, dict) and d.get("mediaType") == NAR_MEDIA_TYPE),
-        reproducibility=_string(
-            p, source, "buildDefinition", "internalParameters", "reproducibility", "status"
-        ),
+        reproducibility=_reproducibility(p, source).describe(),
     )
+
+
+def _reproducibility(p: Any, source: str) -> Reproducibility:
+    """What the provenance says of the reproducibility check (a provenance written
+    before the gate has no ``derivations``)."""
+    at = ("buildDefinition", "internalParameters", "reproducibility")
+    status = _string(p, source, *at, "status")
+    if status not in {s.value for s in ReproStatus}:
+        raise VerificationError(f"{source}: predicate.{'.'.join(at)}.status: unknown status {status!r}")
+    where = _at(p, source, *at).get("where", [])
+    count = _at(p, source, *at).get("derivations", 0)
+    if not isinstance(where, list) or not all(isinstance(w, str) and w.isprintable() for w in where):
+        raise VerificationError(f"{source}: predicate.{'.'.join(at)}.where: must list builder names")
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        raise VerificationError(f"{source}: predicate.{'.'.join(at)}.derivations: must be a count")
+    return Reproducibility(ReproStatus(status), tuple(where), count)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from prometheus_client.registry import Collector
 from reconciler.core.formats import Kind
 from reconciler.core.lease import Role
 from reconciler.core.model import COMMIT_KEY, LAST_SUCCESS_KEY, Status
+from reconciler.core.reproducibility import CheckResult
 from reconciler.daemon.gate import Refusal
 from reconciler.ports import Ledger
 
@@ -30,7 +31,8 @@ LATENCY_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 864
 # host release (publish includes the signing it waits for).
 # metadata: bringing the TUF metadata up to date, once per pass.
 BUILDER_RESULTS = ("success", "failure", "unreachable")
-STAGES = ("fetch", "parse", "evaluate", "build", "attest", "sign", "publish", "log", "metadata")
+# check: the reproducibility gate's second build (reproducibility.check), once per host release.
+STAGES = ("fetch", "parse", "evaluate", "build", "check", "attest", "sign", "publish", "log", "metadata")
 
 
 class LedgerCollector(Collector):
@@ -245,6 +247,16 @@ class Metrics:
             buckets=BUILD_BUCKETS,
             registry=r,
         )
+        self.reproducibility_checks = Counter(
+            "reconciler_reproducibility_checks",
+            "Host releases the reproducibility gate built a second time, by result: passed (signed"
+            " and published), mismatch (other bytes: refused, nothing published), failed (the"
+            " second build could not run: refused).",
+            ["result"],
+            registry=r,
+        )
+        for check in CheckResult:
+            self.reproducibility_checks.labels(check)
         for stage in STAGES:
             self.stage_duration.labels(stage)
         for result in ("accepted", "ignored", "unauthorized"):

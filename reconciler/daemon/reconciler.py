@@ -68,8 +68,9 @@ from reconciler.core.model import (
     Suspensions,
 )
 from reconciler.core.plan import HostPlan, Plan, make_plan, retry_delay, suspended_fleet
-from reconciler.core.provenance import BuildRecord, public_url
+from reconciler.core.provenance import BuildRecord, Reproducibility, ReproStatus, public_url
 from reconciler.core.release import Artifact, Release, new_release, parse_release
+from reconciler.core.reproducibility import CheckResult, refusal
 from reconciler.core.tufroles import RoleName
 from reconciler.core.versions import MAX_TAKEN, Adopt, Decision, Taken, decide, first_candidate
 from reconciler.daemon import history, parsing
@@ -84,6 +85,7 @@ from reconciler.errors import (
     BuildError,
     ConfigError,
     LeaseLostError,
+    NotReproducibleError,
     ReconcilerError,
     SigningError,
     SourceError,
@@ -187,6 +189,12 @@ class Skipped(Enum):
     SUSPENDED = "suspended"
 
 
+# Derivations the gate found reproducible, remembered by a daemon process (their output
+# paths do not change): a host sharing them with one checked before is not built again
+# for them. Bounded: an attacker's commits must not grow the daemon without limit.
+REPRODUCED_CACHE = 4096
+
+
 def sha256_file(path: Path) -> str:
     with path.open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
@@ -249,6 +257,9 @@ class Reconciler:
         self._behind: dict[str, int] = {}
         self._catching_up = False
         self.tlog = tlog(lambda: self.signer) if tlog is not None else None
+        # The reproducibility gate's derivations found reproducible (insertion order: oldest first).
+        self._reproduced: dict[str, None] = {}
+        self._reproduced_lock = threading.Lock()
         self.metrics.watch(self.state, self._tuf, cfg.repo.branch)
         self.metrics.watch_lease(lease)
         self.metrics.known_builders([LOCAL, *(b.name for b in cfg.builders)])
@@ -948,6 +959,8 @@ class Reconciler:
         out = self._realise(host, drv, host.name)
         build_seconds = self.clock.monotonic() - build_started
         finished = self.clock.now()
+        # Before anything is signed: a host that does not build twice the same stops here.
+        reproducibility = self._check_reproducible(host, out)
         signing = self.metrics.stage_duration.labels("sign")
 
         def sign_file(path: Path) -> bytes:
@@ -977,6 +990,7 @@ class Reconciler:
                     out,
                     started,
                     finished,
+                    reproducibility,
                 )
             controls, update = self._zsync(release, files, adopted=isinstance(decision, Adopt))
             self._publish_key()
@@ -1010,6 +1024,47 @@ class Reconciler:
         finally:
             shutil.rmtree(work, ignore_errors=True)
         return _Published(release, isinstance(decision, Adopt), build_seconds, out.builder)
+
+    def _check_reproducible(self, host: Host, out: BuildOutput) -> Reproducibility:
+        """The reproducibility gate (``reproducibility.check``): every derivation of the
+        build's closure, but those found reproducible before, built a second time and
+        compared bit for bit. Raises NotReproducibleError (the host publishes nothing)
+        when one differs, BuildError when the second build cannot run."""
+        if not self.cfg.reproducibility.check:
+            return Reproducibility()
+        checks = self.metrics.reproducibility_checks
+        with self._reproduced_lock:
+            skip = frozenset(self._reproduced)
+        try:
+            with self.metrics.stage_duration.labels("check").time():
+                found = self.nix.check_reproducible(host, out.derivation, self.source.checkout, skip)
+        except BuildError:
+            checks.labels(CheckResult.FAILED).inc()
+            raise
+        if found.mismatches:
+            checks.labels(CheckResult.MISMATCH).inc()
+            log.event(
+                "host_not_reproducible",
+                logging.ERROR,
+                host=host.name,
+                where=found.where,
+                derivations=",".join(m.derivation for m in found.mismatches),
+            )
+            raise NotReproducibleError(host.name, refusal(found.mismatches, found.where))
+        checks.labels(CheckResult.PASSED).inc()
+        with self._reproduced_lock:
+            for drv in found.rebuilt:
+                self._reproduced[drv] = None
+            while len(self._reproduced) > REPRODUCED_CACHE:
+                del self._reproduced[next(iter(self._reproduced))]
+        log.event(
+            "host_reproduced",
+            host=host.name,
+            where=found.where,
+            derivations=len(found.derivations),
+            rebuilt=len(found.rebuilt),
+        )
+        return Reproducibility(ReproStatus.PASSED, (found.where,), len(found.derivations))
 
     def _seal(
         self, host: Host, built: Mapping[str, Path], work: Path, sign: Callable[[bytes], bytes]
@@ -1071,7 +1126,13 @@ class Reconciler:
         return False
 
     def attestations(
-        self, release: Release, host: Host, out: BuildOutput, started: datetime, finished: datetime
+        self,
+        release: Release,
+        host: Host,
+        out: BuildOutput,
+        started: datetime,
+        finished: datetime,
+        reproducibility: Reproducibility | None = None,
     ) -> tuple[Release, dict[str, bytes]]:
         """``release`` naming its provenance and SBOM, and their signed envelopes
         (reconciler.daemon.attest)."""
@@ -1089,6 +1150,7 @@ class Reconciler:
                 invocation_id=str(uuid.uuid4()),
                 started=started,
                 finished=finished,
+                reproducibility=reproducibility or Reproducibility(),
             )
         with self.metrics.stage_duration.labels("sign").time():
             return attest(release, record, self.signer.sign_attestation)

@@ -4,6 +4,8 @@ and through a local nix-daemon as production has it (deploy/README.md)."""
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import re
 import shlex
@@ -27,6 +29,19 @@ pytestmark = pytest.mark.integration
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 DROP_IN = DEPLOY / "systemd/nix-daemon.service.d/reconciler-builders.conf"
+
+
+# A package with a new random id in every build (NONCE: new to every store).
+STAMP = """\
+{ toolchain }:
+derivation {
+  name = "stamp";
+  nonce = "NONCE";
+  system = "x86_64-linux";
+  builder = toolchain.busybox;
+  args = [ "sh" "-c" "${toolchain.busybox} cat /proc/sys/kernel/random/uuid > $out" ];
+}
+"""
 
 
 def tiny_host(repo: ConfigRepo) -> None:
@@ -80,7 +95,15 @@ def builds(rec: Reconciler, builder: str, result: str) -> float:
 def test_a_host_is_built_on_the_builder_and_copied_back(
     tmp_path: Path, sshd: Sshd, config_repo: ConfigRepo, signing: Signing
 ) -> None:
+    """Also the reproducibility gate with every build handed to a builder: its second
+    build runs here. Nix 2.8 hands a --check to a builder when --max-jobs is 0, and the
+    builder, whose output is valid already, passes it without building again: a
+    non-deterministic package would go through. The provenance names both machines."""
     tiny_host(config_repo)
+    config_repo.write("packages/stamp.nix", STAMP.replace("NONCE", str(uuid.uuid4())))
+    services = "services:\n  idle: {package: stamp, exec: [bin/busybox, sleep, '3600']}\n"
+    config_repo.write("hosts/bad.yaml", "name: bad\nformats: [aci]\n" + services)
+    config_repo.commit("bad")
     remote = tmp_path / "builder"
     builder = {
         "name": "b1",
@@ -88,18 +111,18 @@ def test_a_host_is_built_on_the_builder_and_copied_back(
         "ssh_key": str(sshd.key),
         "host_key": host_key(tmp_path),
     }
-    cfg = write_config(tmp_path, config_repo, signing, builders=[builder])
-    nix = yaml_nix(cfg, local_builds=False)
-    rec, ok, error = one_pass(nix)
+    cfg = write_config(tmp_path, config_repo, signing, builders=[builder], reproducibility={"check": True})
+    rec = open_reconciler(load_config(yaml_nix(cfg, local_builds=False)))
     try:
-        assert ok, error
-        assert builds(rec, "b1", "success") == 1
+        result = {o.host: o for o in rec.reconcile().outcomes}
+        assert result["tiny"].ok, result["tiny"].error
+        assert builds(rec, "b1", "success") == 2
         assert builds(rec, "local", "success") == 0
         assert rec.metrics.registry.get_sample_value(
             "reconciler_builder_build_duration_seconds_count", {"builder": "b1"}
         )
         b1 = status(rec.state)["builders"]["b1"]  # type: ignore[index]
-        assert b1["builds"] == 1 and b1["last_build"] and b1["last_error"] is None
+        assert b1["builds"] == 2 and b1["last_build"] and b1["last_error"] is None
     finally:
         rec.close()
     # Built there, and copied back: the output is in both stores.
@@ -109,6 +132,16 @@ def test_a_host_is_built_on_the_builder_and_copied_back(
     out_path = Path(out.stdout.strip())
     assert out_path.is_dir()
     assert (remote / out_path.relative_to("/")).is_dir()
+    # Built again here, where the package writing a random id gives other bytes.
+    assert not result["bad"].ok
+    assert "-stamp.drv built again here gave other bytes than" in (result["bad"].error or "")
+    assert not (tmp_path / "store/hosts/bad").exists()
+    envelope = (tmp_path / "store/hosts/tiny/releases/1.provenance.json").read_bytes()
+    predicate = json.loads(base64.b64decode(json.loads(envelope)["payload"]))["predicate"]
+    (first,) = predicate["runDetails"]["builder"]["builderDependencies"]
+    assert first["name"] == "b1" and first["annotations"]["built"] is True
+    repro = predicate["buildDefinition"]["internalParameters"]["reproducibility"]
+    assert repro["status"] == "passed" and repro["where"] == ["local"] and repro["derivations"] >= 3
 
 
 def test_a_dead_builder_fails_over_to_local_builds(

@@ -71,6 +71,7 @@ DAEMON_METRICS = {
     "reconciler_host_failing",
     "reconciler_publish_failures_total",
     "reconciler_untrusted_commits_total",
+    "reconciler_reproducibility_checks_total",
     "reconciler_webhook_requests_total",
     "reconciler_publisher_active",
     "reconciler_lease_term",
@@ -115,6 +116,7 @@ ALERTS = {
     "WebhookUnauthorizedBurst",
     "NoActivePublisher",
     "MultiplePublishers",
+    "ReproducibilityMismatch",
 }
 # Grafana's variables, replaced by what a query would get, for checking expressions.
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h"}

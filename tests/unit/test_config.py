@@ -210,6 +210,7 @@ TOP = (
             "poll_interval",
             "release_lifetime",
             "repo",
+            "reproducibility",
             "retention",
             "retry",
             "signing",
