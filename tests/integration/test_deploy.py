@@ -80,6 +80,8 @@ DAEMON_METRICS = {
     "reconciler_webhook_requests_total",
     "reconciler_publisher_active",
     "reconciler_lease_term",
+    "reconciler_fleet_suspended",
+    "reconciler_host_suspended",
     # Prometheus's own, per target.
     "up",
 }
