@@ -39,6 +39,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from reconciler.adapters.appimage import unsealed
 from reconciler.agent.config import load_agent_config
+from reconciler.agent.metrics import PollResult
 from reconciler.config import load_config
 from reconciler.core.model import Status
 from reconciler.core.release import parse_release
@@ -792,6 +793,14 @@ def test_nginx_serves_the_store_for_agents(tmp_path: Path, config_repo: ConfigRe
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(shutil.rmtree, served, ignore_errors=True)
         base, web = cleanup.enter_context(nginx_serving(served, store, "/keys/publisher.asc", user=reader))
+        # The publisher lease's records name the holder's host and state directory: agents
+        # never read them, and nginx does not serve them.
+        leases = sorted(store.glob("lease/*.json"))
+        assert leases, "the pass took the publisher lease"
+        for lease in leases:
+            status, _, body = http(f"{base}/lease/{lease.name}")
+            assert status == 404 and b"state_dir" not in body and str(tmp_path).encode() not in body, lease
+        assert http(f"{base}/lease/")[0] == 404
         check_nginx_store(base, web, prefix, signing, tmp_path)
 
 
@@ -957,6 +966,10 @@ def test_grafana_dashboard_uses_only_known_metrics_and_valid_promql(tmp_path: Pa
     titles = " ".join(p["title"].lower() for p in panels)
     for topic in ("reconcile", "stage", "commit to published", "builds", "artifacts", "skew", "refusals"):
         assert topic in titles, topic
+    # The polls panel says what each result is, every result the agent counts.
+    polls = next(p for p in panels if any("reconciler_agent_polls_total" in t["expr"] for t in p["targets"]))
+    named = set(re.findall(r"(?:^|; )([a-z-]+)(?=[:;( ]|\.$)", polls["description"]))
+    assert named == {r.value for r in PollResult}, named
     skew = next(p for p in panels if "skew" in p["title"].lower())
     assert any("reconciler_agent_running_version" in t["expr"] for t in skew["targets"])
     assert any("reconciler_host_published_version" in t["expr"] for t in skew["targets"])
