@@ -10,10 +10,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from reconciler import log
+from reconciler.adapters.eventlog import EventLog
 from reconciler.adapters.http import GetHandler, PostHandler, Request, Response, Server
 from reconciler.config import Config, TriggerConfig, load_config, reload
 from reconciler.core.events import EventType, QueryError, parse_query
 from reconciler.daemon import preflight
+from reconciler.daemon.notify import Notifier, NotifyingLog, Target
 from reconciler.daemon.reconciler import Reconciler
 from reconciler.daemon.triggers import (
     Reason,
@@ -230,6 +232,8 @@ class Daemon:
         try:
             new = load_config(self.cfg.path)
             secrets = _secrets(new)
+            # Read now: a target whose URL or token file cannot be read refuses the reload.
+            targets = [Target(n, new.path, i) for i, n in enumerate(new.notifications)]
         except ConfigError as exc:
             log.event("config_reload_failed", logging.ERROR, file=exc.path, key=exc.key, reason=exc.reason)
             return
@@ -245,7 +249,29 @@ class Daemon:
         self.wakeup.quiet, self.wakeup.max_delay = t.debounce, max(2.0, 10 * t.debounce)
         # Re-read even when the paths did not change: a rotated secret is a new file content.
         self._webhook_secret, self._reconcile_token = secrets
+        renotified = self._retarget(targets)
+        if renotified and "notifications" not in applied:
+            applied.append("notifications")  # the same settings, a file's content changed
+        if self.reconciler.lease is not None:
+            # The next renewal writes the new duration; until then the lease is held for
+            # the one last written (core.lease.Held), and standbys read it from the record.
+            self.reconciler.lease.settings = merged.lease
         log.event("config_reloaded", file=str(self.cfg.path), changed=",".join(applied) or "nothing")
+
+    def _retarget(self, targets: list[Target]) -> bool:
+        """Notify ``targets`` from now on; whether that changed anything."""
+        events = self.reconciler.events
+        if isinstance(events, NotifyingLog):
+            old = events.notifier.targets
+            if len(old) == len(targets) and all(a.same(b) for a, b in zip(old, targets, strict=True)):
+                return False
+            events.notifier.retarget(targets)
+            return True
+        if not targets or not isinstance(events, EventLog):
+            return False
+        # The first targets of a daemon started without any.
+        self.reconciler.events = NotifyingLog(events, Notifier(targets, self.metrics.registry))
+        return True
 
     def stop(self) -> None:
         self.stopping.set()

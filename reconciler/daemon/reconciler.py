@@ -97,6 +97,7 @@ from reconciler.errors import (
     TufError,
     VerificationError,
 )
+from reconciler.ports import EventLog as EventLogPort
 from reconciler.ports import Ledger, Ports, Signer
 
 if TYPE_CHECKING:
@@ -307,6 +308,17 @@ class Reconciler:
     def history(self, q: EventQuery) -> list[Event]:
         """The recorded events ``q`` asks for, oldest first (none without a history)."""
         return [] if self._events is None else self._events.query(q)
+
+    @property
+    def events(self) -> EventLogPort | None:
+        """Where the pass records its events (and, through it, notifies)."""
+        return self._events
+
+    @events.setter
+    def events(self, events: EventLogPort | None) -> None:
+        # One assignment: a webhook's thread recording a refusal meanwhile uses the old
+        # or the new one, never half of either.
+        self._events = events
 
     def _emit(self, *events: Event) -> None:
         if self._events is not None:
