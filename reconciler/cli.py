@@ -439,10 +439,22 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_reconcile_now(args: argparse.Namespace) -> int:
+    """Exit 0 once asked (without --wait); with --wait, 0 if the pass left every host as
+    defined, 1 if not (a host failed, is invalid or waits out a backoff, or the pass
+    failed), 2 if it did not finish within --timeout."""
+    from reconciler.core.schema import parse_duration
     from reconciler.wiring import request_reconcile
 
-    print(request_reconcile(_load(args)))
-    return 0
+    cfg = _load(args)
+    if not args.wait:
+        print(request_reconcile(cfg)[1])
+        return 0
+    timeout = parse_duration("reconcile-now", "--timeout", args.timeout).total_seconds()
+    status, answer = request_reconcile(cfg, wait=timeout)
+    print(answer)
+    if status == 202:
+        return 2
+    return 0 if answer.startswith("ok:") else 1
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
@@ -498,11 +510,18 @@ def parser() -> argparse.ArgumentParser:
         cmd_check,
         "preflight: the config, signing key, store, Nix sandbox and repository; exit 1 if any check fails",
     )
-    add(
+    now = add(
         "reconcile-now",
         cmd_reconcile_now,
         "ask the running daemon for a pass at once (POST /reconcile with triggers.reconcile_token_file)",
     )
+    now.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait for that pass to finish and print its result: exit 0 if every host is as defined,"
+        " 1 if not, 2 if it did not finish within --timeout",
+    )
+    now.add_argument("--timeout", default="30m", help="how long --wait waits at most (default 30m)")
     pl = add(
         "plan", cmd_plan, "which hosts would rebuild and why; changes nothing (exit 1: a host is invalid)"
     )

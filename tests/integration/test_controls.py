@@ -166,6 +166,12 @@ def test_suspend_and_reconcile_now_against_a_running_daemon(daemon: Daemon, conf
     assert code == 202
     wait_for(lambda: version(d.store, "a-1") == 2, 120, "a-1 version 2 once resumed")
     wait_for(lambda: bool(d.events("host_resumed")), 10, "event=host_resumed")
+    # --wait: the pass it asked for, finished, and its result as the exit code.
+    waited = d.cli("reconcile-now", "--wait", "--timeout", "2m")
+    assert waited.returncode == 0, waited.stdout + waited.stderr
+    assert re.fullmatch(
+        rf"ok: pass \d+: commit {head[:12]}: 0 published, 0 failed, 0 invalid, 0 in backoff\n", waited.stdout
+    ), waited.stdout
 
     # A suspended fleet takes no request for a pass.
     assert d.cli("suspend").returncode == 0

@@ -74,11 +74,13 @@ def capture_events() -> Iterator[list[str]]:
         lines.extend(out.getvalue().splitlines())
 
 
-def post(url: str, token: str | None) -> tuple[int, str]:
+def post(url: str, token: str | None, wait: float | None = None) -> tuple[int, str]:
     headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+    if wait is not None:
+        headers["Prefer"] = f"wait={wait}"
     req = urllib.request.Request(url, data=b"", headers=headers, method="POST")
     try:
-        with urllib.request.urlopen(req, timeout=5) as r:
+        with urllib.request.urlopen(req, timeout=5 + (wait or 0)) as r:
             return int(r.status), r.read().decode()
     except urllib.error.HTTPError as e:
         return int(e.code), e.read().decode()
@@ -194,3 +196,34 @@ def test_sighup_applies_new_notification_targets_and_lease_timings(tmp_path: Pat
     finally:
         receiver.close()
         rec.close()
+
+
+def test_reconcile_now_can_wait_for_its_pass_and_answers_with_its_result(
+    running: tuple[World, Daemon, str],
+) -> None:
+    world, _, url = running
+    commit = (world.source.head or "")[:12]
+    # web-1 still fails: the pass it asked for is retried at once, and fails.
+    code, body = post(url, "t0ken", wait=10)
+    assert (code, body) == (
+        200,
+        f"failed: pass 2: commit {commit}: 0 published, 1 failed, 0 invalid, 0 in backoff (failed: web-1)\n",
+    )
+    world.nix.failing.clear()
+    code, body = post(url, "t0ken", wait=10)
+    assert (code, body) == (
+        200,
+        f"ok: pass 3: commit {commit}: 1 published, 0 failed, 0 invalid, 0 in backoff\n",
+    )
+
+    # A pass that outlasts the wait: said so, and it goes on.
+    release = threading.Event()
+    world.nix.while_building = lambda host: release.wait(10)
+    world.source.push(
+        {**FLEET, "hosts/web-2.yaml": FLEET["hosts/web-2.yaml"].replace("10.0.0.2", "10.0.0.6")}
+    )
+    try:
+        assert post(url, "t0ken", wait=0.5) == (202, "accepted: pass 4 did not finish within 0.5s\n")
+    finally:
+        release.set()
+    wait_for(lambda: world.ledger.states["web-2"].version == 2, 10, "pass 4 to publish web-2")
