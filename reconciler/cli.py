@@ -10,10 +10,11 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from reconciler import __version__, log
 from reconciler.config import Config, load_config
@@ -110,9 +111,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     from reconciler.wiring import lease_status, open_ledger
 
     cfg = _load(args)
+    now = time.time()
     state = open_ledger(cfg, read_only=True)
     try:
-        st = dict(status(state))
+        st = dict(status(state, now, cfg.retry.max.total_seconds()))
     finally:
         state.close()
     try:
@@ -122,35 +124,81 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(st, indent=2))
         return 0
-    print(f"commit {st['commit'] or '(never reconciled)'}")
-    if st["source_error"]:
-        print(f"source: {st['source_error']}")
-    print(_lease_line(st["lease"]))
-    if st["sandbox"] == "off":
-        print("sandbox: off (nix.sandbox: false): builds can read the machine's files and reach the network")
-    suspended = st["suspended"]
-    assert isinstance(suspended, dict)
-    if suspended["fleet"] is not None:
-        print(f"suspended: the whole fleet, since {_when(suspended['fleet'])} (reconciler resume)")
-    hosts = st["hosts"]
-    assert isinstance(hosts, dict)
-    for name, h in hosts.items():
-        extra = f" ({h['error']})" if h["error"] else ""
-        if name in suspended["hosts"]:
-            extra += f"; suspended since {_when(suspended['hosts'][name])}"
-        print(f"{name}: version {h['version']} {h['status']}{extra}")
-    for name in sorted(suspended["hosts"].keys() - hosts.keys()):
-        print(f"{name}: never reconciled; suspended since {_when(suspended['hosts'][name])}")
-    builders = st["builders"]
-    assert isinstance(builders, dict)
-    for name, b in builders.items():
-        last = "never" if b["last_build"] is None else _when(b["last_build"])
-        line = f"builder {name}: {b['builds']} built, {b['failures']} failed, {b['unreachable']} unreachable"
-        line += f"; last build {last}"
-        if b["last_error"]:
-            line += f"; last error {_when(b['last_error_at'])}: {b['last_error']}"
+    for line in status_lines(st, now):
         print(line)
     return 0
+
+
+def status_lines(st: Mapping[str, Any], now: float) -> list[str]:
+    """``reconciler status`` as text, from what status() and the lease say, at ``now``."""
+    out = [f"commit {st['commit'] or '(never reconciled)'}"]
+    last = st["last_pass"]
+    if last is None:
+        out.append("last pass: none recorded")
+    else:
+        line = f"last pass: {_when(last['at'])} ({_ago(now - last['at'])}), {last['result']}"
+        line += f" in {last['seconds']:.1f}s"
+        if last["error"]:
+            line += f": {last['error']}"
+        out.append(line)
+        if last["result"] != "success":
+            success = st["last_success"]
+            out.append(f"last successful pass: {'never' if success is None else _when(success)}")
+    fetch = st["fetch_error"]
+    if fetch is not None:
+        out.append(
+            f"fetch: FAILING since {_when(fetch['since'])} ({fetch['passes']} pass(es) in a row, the last at"
+            f" {_when(fetch['at'])}): {fetch['error']}"
+        )
+        out.append(
+            f"hosts: as of commit {st['commit'] or '(none)'}: newer commits are not seen while the"
+            " repository cannot be fetched"
+        )
+    if st["source_error"]:
+        out.append(f"source: {st['source_error']}")
+    out.append(_lease_line(st["lease"]))
+    if st["sandbox"] == "off":
+        out.append(
+            "sandbox: off (nix.sandbox: false): builds can read the machine's files and reach the network"
+        )
+    suspended = st["suspended"]
+    if suspended["fleet"] is not None:
+        out.append(f"suspended: the whole fleet, since {_when(suspended['fleet'])} (reconciler resume)")
+    for name, h in st["hosts"].items():
+        out.append(f"{name}: {_host_line(h)}")
+        if name in suspended["hosts"]:
+            out[-1] += f"; suspended since {_when(suspended['hosts'][name])}"
+    for name in sorted(suspended["hosts"].keys() - st["hosts"].keys()):
+        out.append(f"{name}: never reconciled; suspended since {_when(suspended['hosts'][name])}")
+    for name, b in st["builders"].items():
+        last_build = "never" if b["last_build"] is None else _when(b["last_build"])
+        line = f"builder {name}: {b['builds']} built, {b['failures']} failed, {b['unreachable']} unreachable"
+        line += f"; last build {last_build}"
+        if b["last_error"]:
+            line += f"; last error {_when(b['last_error_at'])}: {b['last_error']}"
+        out.append(line)
+    return out
+
+
+def _host_line(h: Mapping[str, Any]) -> str:
+    """One host: what it serves and since when, and what went wrong with it."""
+    since = _when(h["since"])
+    if h["status"] != "failed":
+        line = f"version {h['version']} {h['status']} since {since}"
+        return line + (f" ({h['error']})" if h["error"] else "")
+    served = f"version {h['version']} published" if h["version"] else "nothing published"
+    line = f"{served}; version {h['attempt_version']} failed since {since}"
+    line += f" ({h['failures']} attempt(s) in a row): {h['error']}"
+    retry = h["next_retry"]
+    return line + ("; retried at the next pass" if retry is None else f"; next retry at {_when(retry)}")
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"
 
 
 def cmd_events(args: argparse.Namespace) -> int:
@@ -440,10 +488,22 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_reconcile_now(args: argparse.Namespace) -> int:
+    """Exit 0 once asked (without --wait); with --wait, 0 if the pass left every host as
+    defined, 1 if not (a host failed, is invalid or waits out a backoff, or the pass
+    failed), 2 if it did not finish within --timeout."""
+    from reconciler.core.schema import parse_duration
     from reconciler.wiring import request_reconcile
 
-    print(request_reconcile(_load(args)))
-    return 0
+    cfg = _load(args)
+    if not args.wait:
+        print(request_reconcile(cfg)[1])
+        return 0
+    timeout = parse_duration("reconcile-now", "--timeout", args.timeout).total_seconds()
+    status, answer = request_reconcile(cfg, wait=timeout)
+    print(answer)
+    if status == 202:
+        return 2
+    return 0 if answer.startswith("ok:") else 1
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
@@ -499,11 +559,18 @@ def parser() -> argparse.ArgumentParser:
         cmd_check,
         "preflight: the config, signing key, store, Nix sandbox and repository; exit 1 if any check fails",
     )
-    add(
+    now = add(
         "reconcile-now",
         cmd_reconcile_now,
         "ask the running daemon for a pass at once (POST /reconcile with triggers.reconcile_token_file)",
     )
+    now.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait for that pass to finish and print its result: exit 0 if every host is as defined,"
+        " 1 if not, 2 if it did not finish within --timeout",
+    )
+    now.add_argument("--timeout", default="30m", help="how long --wait waits at most (default 30m)")
     pl = add(
         "plan", cmd_plan, "which hosts would rebuild and why; changes nothing (exit 1: a host is invalid)"
     )

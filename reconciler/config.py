@@ -555,7 +555,9 @@ def load_config(path: Path) -> Config:
 
 # What a reload (SIGHUP) changes in a running daemon, from its next pass on; a change of
 # anything else (where it listens, its state, store, key, repository, Nix, builders, TUF
-# settings, watching) is reported as needing a restart and the old value stays.
+# settings, watching, whether the lease is used at all) is reported as needing a restart
+# and the old value stays. The lease's timings apply live: each renewal writes the
+# duration it holds the lease for, and a standby reads the holder's from its record.
 RELOADABLE = frozenset(
     {
         "poll_interval",
@@ -563,11 +565,16 @@ RELOADABLE = frozenset(
         "release_lifetime",
         "retry",
         "retention",
+        "notifications",
         "triggers.webhook_secret_file",
         "triggers.reconcile_token_file",
         "triggers.debounce",
+        "lease.duration",
+        "lease.renew",
     }
 )
+# The sections a reload takes key by key (the rest are taken or left whole).
+_RELOADED_BY_KEY = frozenset({"triggers", "lease"})
 
 
 def reload(old: Config, new: Config) -> tuple[Config, list[str], list[str]]:
@@ -582,10 +589,10 @@ def reload(old: Config, new: Config) -> tuple[Config, list[str], list[str]]:
         before, after = getattr(old, f.name), getattr(new, f.name)
         if before == after:
             continue
-        if f.name == "triggers":
+        if f.name in _RELOADED_BY_KEY:
             kept = before
-            for sub in fields(TriggerConfig):
-                key = f"triggers.{sub.name}"
+            for sub in fields(before):
+                key = f"{f.name}.{sub.name}"
                 if getattr(before, sub.name) == getattr(after, sub.name):
                     continue
                 if key in RELOADABLE:
@@ -593,7 +600,7 @@ def reload(old: Config, new: Config) -> tuple[Config, list[str], list[str]]:
                     applied.append(key)
                 else:
                     restart.append(key)
-            merged = replace(merged, triggers=kept)
+            merged = replace(merged, **{f.name: kept})
         elif f.name in RELOADABLE:
             merged = replace(merged, **{f.name: after})
             applied.append(f.name)

@@ -400,9 +400,11 @@ def _check_metadata_signing(s: SigningConfig) -> None:
     check_metadata_signing(s.gnupghome, s.key)
 
 
-def request_reconcile(cfg: Config) -> str:
+def request_reconcile(cfg: Config, wait: float | None = None) -> tuple[int, str]:
     """Ask the daemon running with ``cfg`` for a pass at once (POST /reconcile with the
-    reconcile token); what it answered. Refused or unreachable: ReconcilerError."""
+    reconcile token): the status and first line of its answer. ``wait``: seconds to wait
+    for that pass to finish (``Prefer: wait``): 200 and its result, or 202 if it did not
+    finish in time. Refused or unreachable: ReconcilerError."""
     from reconciler.adapters.http import local_url, post
     from reconciler.daemon.loop import read_secret
 
@@ -413,10 +415,16 @@ def request_reconcile(cfg: Config) -> str:
             str(cfg.path), "triggers.reconcile_token_file", "is not set, so the daemon takes no such request"
         )
     url = local_url(cfg.listen, "/reconcile")
-    status, answer = post(url, {"Authorization": "Bearer " + token.decode("latin-1")})
-    if status != 202:
+    headers = {"Authorization": "Bearer " + token.decode("latin-1")}
+    if wait is None:
+        status, answer = post(url, headers)
+    else:
+        headers["Prefer"] = f"wait={wait:g}"
+        # The daemon answers within ``wait``; the margin covers a slow answer, not a pass.
+        status, answer = post(url, headers, timeout=wait + 30)
+    if status not in (200, 202):
         raise ReconcilerError(f"the daemon at {url} refused ({status}): {answer}")
-    return answer
+    return status, answer
 
 
 def open_ledger(cfg: Config, read_only: bool = False) -> Ledger:

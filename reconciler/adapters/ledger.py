@@ -248,10 +248,19 @@ class State:
         self._upsert(name, status=status, error=error)
 
     def _upsert(self, name: str, **cols: object) -> None:
+        # ``updated`` is since when the host is as it is (`reconciler status`): it moves
+        # when its status changes (or, published, its version), not at every pass that
+        # finds it invalid or fails its build again.
+        same = " AND ".join(f"hosts.{c} IS excluded.{c}" for c in ("status", "version") if c in cols)
         cols["updated"] = time.time()
         names = ", ".join(cols)
         marks = ", ".join("?" for _ in cols)
-        updates = ", ".join(f"{c} = excluded.{c}" for c in cols)
+        updates = ", ".join(
+            f"{c} = CASE WHEN {same} THEN hosts.{c} ELSE excluded.{c} END"
+            if c == "updated"
+            else f"{c} = excluded.{c}"
+            for c in cols
+        )
         with self._lock:
             self._hosts = None
             self._db.execute(

@@ -3,6 +3,7 @@ and the kinds of plan action and host status. Pure data."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -19,6 +20,11 @@ SANDBOX_KEY = "sandbox"
 PACKAGES_KEY = "package_ids"
 # Unix time at which the last pass that succeeded (ReconcileResult.succeeded) ended.
 LAST_SUCCESS_KEY = "last_success"
+# The last pass: when it ended and how (PassRecord, as JSON).
+LAST_PASS_KEY = "last_pass"
+# The config repository's fetch failing since when, how often (FetchFailure, as JSON), or
+# empty since a fetch worked.
+FETCH_ERROR_KEY = "fetch_error"
 
 
 class Action(StrEnum):
@@ -52,7 +58,7 @@ class HostState:
     commit: str | None
     status: Status
     error: str | None
-    updated: float
+    updated: float  # unix time since which it has had this status (and, published, this version)
     failures: int = 0  # consecutive failed builds of failed_image
     failed_image: str | None = None
     retry_at: float | None = None  # unix time before which failed_image is not retried
@@ -117,3 +123,86 @@ class BuilderState:
     last_seconds: float | None  # how long it took
     last_error: str | None  # the last failure or refusal
     last_error_at: float | None
+
+
+class PassResult(StrEnum):
+    """How a pass ended, as ``reconciler status`` says it."""
+
+    SUCCESS = "success"  # everything it tried worked (ReconcileResult.succeeded)
+    FAILURE = "failure"  # a build, publication or the metadata failed, or nothing could be observed
+    STANDBY = "standby"  # another daemon holds the publisher lease: planned only
+    SUSPENDED = "suspended"  # the whole fleet is suspended: fetched and built nothing
+
+
+@dataclass(frozen=True)
+class PassRecord:
+    """The last pass, in the ledger's meta table (LAST_PASS_KEY)."""
+
+    at: float  # unix time it ended
+    result: PassResult
+    seconds: float
+    commit: str | None = None
+    error: str | None = None  # one line: why it failed
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "at": self.at,
+                "result": self.result.value,
+                "seconds": self.seconds,
+                "commit": self.commit,
+                "error": self.error,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str | None) -> PassRecord | None:
+        """None for nothing recorded, or for what this version cannot read (a record is
+        informational: an unreadable one must not stop ``status``)."""
+        try:
+            d = json.loads(text or "")
+            return cls(
+                float(d["at"]),
+                PassResult(d["result"]),
+                float(d["seconds"]),
+                d.get("commit"),
+                d.get("error"),
+            )
+        except (ValueError, KeyError, TypeError):
+            return None
+
+
+@dataclass(frozen=True)
+class FetchFailure:
+    """Fetches of the config repository failing in a row (FETCH_ERROR_KEY): newer
+    commits are not seen, and what the ledger says of the hosts is as of the last
+    commit fetched."""
+
+    since: float  # unix time of the first failure in a row
+    at: float  # of the last one
+    passes: int  # failures in a row
+    error: str
+
+    def after(self, at: float, error: str) -> FetchFailure:
+        """This failure, failed once more at ``at``."""
+        return FetchFailure(self.since, at, self.passes + 1, error)
+
+    def to_json(self) -> str:
+        return json.dumps({"since": self.since, "at": self.at, "passes": self.passes, "error": self.error})
+
+    @classmethod
+    def from_json(cls, text: str | None) -> FetchFailure | None:
+        try:
+            d = json.loads(text or "")
+            return cls(float(d["since"]), float(d["at"]), int(d["passes"]), str(d["error"]))
+        except (ValueError, KeyError, TypeError):
+            return None
+
+
+def next_retry(hs: HostState, now: float, max_wait: float) -> float | None:
+    """When the daemon next tries ``hs``'s failed build: its retry time, or None if that
+    has come (retried at the next pass). A retry time further than ``max_wait`` (retry.max)
+    away was recorded under a clock that ran ahead, and the plan ignores it: so does this."""
+    if hs.status != Status.FAILED or hs.retry_at is None:
+        return None
+    return hs.retry_at if now < hs.retry_at <= now + max_wait else None

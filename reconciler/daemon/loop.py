@@ -10,11 +10,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from reconciler import log
+from reconciler.adapters.eventlog import EventLog
 from reconciler.adapters.http import GetHandler, PostHandler, Request, Response, Server
 from reconciler.config import Config, TriggerConfig, load_config, reload
 from reconciler.core.events import EventType, QueryError, parse_query
+from reconciler.core.model import Action
 from reconciler.daemon import preflight
-from reconciler.daemon.reconciler import Reconciler
+from reconciler.daemon.notify import Notifier, NotifyingLog, Target
+from reconciler.daemon.reconciler import Reconciler, ReconcileResult
 from reconciler.daemon.triggers import (
     Reason,
     RepoWatcher,
@@ -23,6 +26,7 @@ from reconciler.daemon.triggers import (
     authenticate,
     check_bearer,
     concerns,
+    preferred_wait,
 )
 from reconciler.daemon.web import SECURITY_HEADERS, Access, FleetPage, read_users
 from reconciler.errors import ConfigError, ReconcilerError
@@ -31,6 +35,8 @@ from reconciler.errors import ConfigError, ReconcilerError
 # the number of refusals since: anyone who reaches the port can send them, and must not
 # push the rest of the history out.
 REFUSALS_RECORDED_EVERY = 60.0
+# Results of the newest passes kept for requests waiting on them (reconcile-now --wait).
+RESULTS_KEPT = 64
 
 
 def read_secret(cfg: Config, key: str, path: Path | None) -> bytes:
@@ -79,6 +85,12 @@ class Daemon:
         self._observed = False
         self._last_error: str | None = None
         self._reload = threading.Event()
+        # Passes numbered from 1 as they start; each one's result once it finished, for
+        # POST /reconcile requests that wait for the pass they asked for.
+        self._passes = threading.Condition()
+        self._started = 0
+        self._finished = 0
+        self._results: dict[int, tuple[bool, str]] = {}
         self.metrics = self.reconciler.metrics
         t = cfg.triggers
         self.wakeup = Wakeup(quiet=t.debounce, max_delay=max(2.0, 10 * t.debounce))
@@ -166,9 +178,24 @@ class Daemon:
             self.metrics.reconcile_requests.labels("suspended").inc()
             return 409, "text/plain", b"the fleet is suspended: reconciler resume first\n"
         self.metrics.reconcile_requests.labels("accepted").inc()
-        log.event("reconcile_requested")
+        wait = preferred_wait(headers)
+        with self._passes:
+            # Every pass numbered up to now had started before this request: the one
+            # that answers it is the next to start, after the wakeup below.
+            target = self._started + 1
+        log.event("reconcile_requested", waits=wait is not None)
         self.wakeup.notify(Reason.MANUAL)
-        return 202, "text/plain", b"accepted: a pass starts now, or right after the one running\n"
+        if wait is None:
+            return 202, "text/plain", b"accepted: a pass starts now, or right after the one running\n"
+        with self._passes:
+            self._passes.wait_for(lambda: self._finished >= target or self.stopping.is_set(), wait)
+            result = self._results.get(target)
+        if result is None:
+            if self.stopping.is_set():
+                return 503, "text/plain", f"the daemon stopped before pass {target} finished\n".encode()
+            return 202, "text/plain", f"accepted: pass {target} did not finish within {wait:g}s\n".encode()
+        ok, line = result
+        return 200, "text/plain", f"{'ok' if ok else 'failed'}: pass {target}: {line}\n".encode()
 
     def healthy(self) -> tuple[bool, str]:
         return (not self.stopping.is_set()), ("stopping" if self.stopping.is_set() else "ok")
@@ -224,16 +251,29 @@ class Daemon:
 
     def _pass(self, forced: bool) -> None:
         """One pass; ``forced`` (reconcile-now) retries hosts in backoff at once."""
+        with self._passes:
+            self._started += 1
+            number = self._started
+        outcome = (False, "the pass did not finish")
         try:
-            self.reconciler.reconcile(respect_backoff=not forced)
+            result = self.reconciler.reconcile(respect_backoff=not forced)
             self._observed = True
+            outcome = (result.ok, describe(result))
         except ReconcilerError as exc:
             self._last_error = str(exc)
             log.event("reconcile_failed", logging.ERROR, error=str(exc))
+            outcome = (False, str(exc))
         except Exception as exc:
             # A bug must not stop the daemon: log it and try again next interval.
             self._last_error = f"internal error: {exc!r}"
             log.event("reconcile_crashed", logging.ERROR, error=repr(exc))
+            outcome = (False, f"internal error: {exc!r}")
+        finally:
+            with self._passes:
+                self._finished = number
+                self._results[number] = outcome
+                self._results.pop(number - RESULTS_KEPT, None)
+                self._passes.notify_all()
 
     def _wait(self) -> list[str]:
         """Wait for the poll interval or a trigger; what woke the loop for a pass (empty:
@@ -262,6 +302,8 @@ class Daemon:
         try:
             new = load_config(self.cfg.path)
             secrets = _secrets(new)
+            # Read now: a target whose URL or token file cannot be read refuses the reload.
+            targets = [Target(n, new.path, i) for i, n in enumerate(new.notifications)]
         except ConfigError as exc:
             log.event("config_reload_failed", logging.ERROR, file=exc.path, key=exc.key, reason=exc.reason)
             return
@@ -277,9 +319,53 @@ class Daemon:
         self.wakeup.quiet, self.wakeup.max_delay = t.debounce, max(2.0, 10 * t.debounce)
         # Re-read even when the paths did not change: a rotated secret is a new file content.
         self._webhook_secret, self._reconcile_token = secrets
+        renotified = self._retarget(targets)
+        if renotified and "notifications" not in applied:
+            applied.append("notifications")  # the same settings, a file's content changed
+        if self.reconciler.lease is not None:
+            # The next renewal writes the new duration; until then the lease is held for
+            # the one last written (core.lease.Held), and standbys read it from the record.
+            self.reconciler.lease.settings = merged.lease
         log.event("config_reloaded", file=str(self.cfg.path), changed=",".join(applied) or "nothing")
+
+    def _retarget(self, targets: list[Target]) -> bool:
+        """Notify ``targets`` from now on; whether that changed anything."""
+        events = self.reconciler.events
+        if isinstance(events, NotifyingLog):
+            old = events.notifier.targets
+            if len(old) == len(targets) and all(a.same(b) for a, b in zip(old, targets, strict=True)):
+                return False
+            events.notifier.retarget(targets)
+            return True
+        if not targets or not isinstance(events, EventLog):
+            return False
+        # The first targets of a daemon started without any.
+        self.reconciler.events = NotifyingLog(events, Notifier(targets, self.metrics.registry))
+        return True
 
     def stop(self) -> None:
         self.stopping.set()
+        with self._passes:
+            self._passes.notify_all()
         self.reconciler.stop()
         self.wakeup.notify(Reason.STOP)
+
+
+def describe(result: ReconcileResult) -> str:
+    """A pass in one line, for a request that waited for it."""
+    if result.fleet_suspended:
+        return "the fleet is suspended: nothing was reconciled"
+    plan = result.plan
+    if result.standby:
+        return f"commit {plan.commit[:12]}: standby, another daemon holds the publisher lease and publishes"
+    failed = sorted(o.host for o in result.outcomes if not o.ok)
+    invalid, backoff = len(plan.with_action(Action.INVALID)), len(plan.with_action(Action.BACKOFF))
+    line = (
+        f"commit {plan.commit[:12]}: {sum(o.ok for o in result.outcomes)} published, {len(failed)} failed"
+        f", {invalid} invalid, {backoff} in backoff"
+    )
+    if failed:
+        line += f" (failed: {', '.join(failed[:5])}{', ...' if len(failed) > 5 else ''})"
+    if result.metadata_error is not None:
+        line += f"; TUF metadata: {result.metadata_error}"
+    return line

@@ -98,6 +98,15 @@ class Target:
     def __repr__(self) -> str:
         return f"Target({self.name!r})"
 
+    def same(self, other: Target) -> bool:
+        """Whether ``other`` sends the same way: its settings and what its files held."""
+        return (self.cfg, self._url, self._token, self._secret) == (
+            other.cfg,
+            other._url,
+            other._token,
+            other._secret,
+        )
+
     def request(self, msg: Message) -> _Request:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         provider = self.cfg.route.provider
@@ -263,8 +272,38 @@ class Notifier:
     def __init__(
         self, targets: Sequence[Target], registry: CollectorRegistry, post: Post = fetch.post
     ) -> None:
-        counter = notifications_counter(registry, [t.name for t in targets])
-        self._senders = [_Sender(t, post, counter) for t in targets]
+        self._counter = notifications_counter(registry, [t.name for t in targets])
+        self._post = post
+        self._senders = [_Sender(t, post, self._counter) for t in targets]
+
+    @property
+    def targets(self) -> list[Target]:
+        return [s.target for s in self._senders]
+
+    def retarget(self, targets: Sequence[Target]) -> None:
+        """Send to ``targets`` from now on (a reload). A target unchanged keeps its queue
+        and its thread; the others' queues are delivered for at most FLUSH_TIMEOUT in the
+        background, so that the daemon's loop does not wait for them."""
+        keep = {s.target.name: s for s in self._senders}
+        senders = []
+        for t in targets:
+            old = keep.get(t.name)
+            if old is not None and old.target.same(t):
+                senders.append(keep.pop(t.name))
+            else:
+                for r in RESULTS:
+                    self._counter.labels(t.name, r)
+                senders.append(_Sender(t, self._post, self._counter))
+        self._senders = senders
+        gone = list(keep.values())
+        if gone:
+            deadline = time.monotonic() + FLUSH_TIMEOUT
+
+            def retire() -> None:
+                for s in gone:
+                    s.close(deadline)
+
+            threading.Thread(target=retire, name="notify-retired", daemon=True).start()
 
     def submit(self, events: Sequence[Event]) -> None:
         """Queue what ``events`` give each target; returns at once."""
@@ -287,14 +326,14 @@ class NotifyingLog:
 
     def __init__(self, history: EventLog, notifier: Notifier) -> None:
         self._history = history
-        self._notifier = notifier
+        self.notifier = notifier
 
     def record(self, *events: Event) -> None:
-        self._notifier.submit(self._history.append(*events))
+        self.notifier.submit(self._history.append(*events))
 
     def query(self, q: EventQuery) -> list[Event]:
         return self._history.query(q)
 
     def close(self) -> None:
-        self._notifier.close()
+        self.notifier.close()
         self._history.close()

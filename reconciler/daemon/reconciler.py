@@ -33,7 +33,7 @@ from reconciler.core import zsync
 from reconciler.core.appc import discovery_page
 from reconciler.core.appimage import update_information
 from reconciler.core.builders import LOCAL
-from reconciler.core.events import Event, EventQuery, EventType, Scalar
+from reconciler.core.events import Event, EventQuery, EventType, Scalar, summary
 from reconciler.core.formats import Kind
 from reconciler.core.hosts import (
     Fleet,
@@ -56,6 +56,8 @@ from reconciler.core.layout import (
 )
 from reconciler.core.model import (
     COMMIT_KEY,
+    FETCH_ERROR_KEY,
+    LAST_PASS_KEY,
     LAST_SUCCESS_KEY,
     PACKAGES_KEY,
     SANDBOX_KEY,
@@ -63,9 +65,13 @@ from reconciler.core.model import (
     Action,
     BuildOutput,
     Evaluation,
+    FetchFailure,
     HostState,
+    PassRecord,
+    PassResult,
     Status,
     Suspensions,
+    next_retry,
 )
 from reconciler.core.plan import HostPlan, Plan, make_plan, retry_delay, suspended_fleet
 from reconciler.core.provenance import BuildRecord, Reproducibility, ReproStatus, public_url
@@ -93,6 +99,7 @@ from reconciler.errors import (
     TufError,
     VerificationError,
 )
+from reconciler.ports import EventLog as EventLogPort
 from reconciler.ports import Ledger, Ports, Signer
 
 if TYPE_CHECKING:
@@ -320,6 +327,17 @@ class Reconciler:
         """The recorded events ``q`` asks for, oldest first (none without a history)."""
         return [] if self._events is None else self._events.query(q)
 
+    @property
+    def events(self) -> EventLogPort | None:
+        """Where the pass records its events (and, through it, notifies)."""
+        return self._events
+
+    @events.setter
+    def events(self, events: EventLogPort | None) -> None:
+        # One assignment: a webhook's thread recording a refusal meanwhile uses the old
+        # or the new one, never half of either.
+        self._events = events
+
     def _emit(self, *events: Event) -> None:
         if self._events is not None:
             self._events.record(*events)
@@ -331,9 +349,17 @@ class Reconciler:
         try:
             with stage.labels("fetch").time():
                 commit = self.source.fetch()
-        except SourceError:
+        except SourceError as exc:
             self.metrics.git_fetch_errors.inc()
+            # For `reconciler status`: since when every fetch fails, so that it does not
+            # show hosts as fine while newer commits cannot be seen.
+            now, error = self.clock.now().timestamp(), summary(str(exc))
+            prev = FetchFailure.from_json(self.state.get_meta(FETCH_ERROR_KEY))
+            failure = prev.after(now, error) if prev is not None else FetchFailure(now, now, 1, error)
+            self.state.set_meta(FETCH_ERROR_KEY, failure.to_json())
             raise
+        if self.state.get_meta(FETCH_ERROR_KEY):
+            self.state.set_meta(FETCH_ERROR_KEY, "")
         self.check_head(commit)
         recipe = self.nix.recipe_digest()
         changed = self.source.changed_files(self.state.get_meta(COMMIT_KEY), commit)
@@ -532,7 +558,12 @@ class Reconciler:
         with self.exclusive():
             suspended = self._note_suspensions()
             if suspended.fleet is not None:
-                return self._fleet_suspended()
+                started = self.clock.monotonic()
+                result = self._fleet_suspended()
+                self._record_pass(
+                    PassResult.SUSPENDED, started, result.plan.commit or None, result.metadata_error
+                )
+                return result
             started = self.clock.monotonic()
             active = False
             try:
@@ -549,6 +580,8 @@ class Reconciler:
                 self.metrics.reconcile_runs.labels("failure").inc()
                 seconds = self.clock.monotonic() - started
                 self._emit(history.pass_failed(exc, seconds, self.clock.now().timestamp()))
+                commit = exc.commit if isinstance(exc, CommitRefusedError) else None
+                self._record_pass(PassResult.FAILURE, started, commit, str(exc))
                 # What was published stays fresh while the source cannot be read.
                 if active and self._publishing and self.tuf.exists():
                     self.sync_metadata()
@@ -557,6 +590,7 @@ class Reconciler:
                 self.metrics.reconcile_duration.observe(self.clock.monotonic() - started)
             if result.standby:
                 self.metrics.reconcile_runs.labels("standby").inc()
+                self._record_pass(PassResult.STANDBY, started, result.plan.commit, None)
                 assert self.lease is not None
                 log.event(
                     "reconcile_standby",
@@ -568,6 +602,12 @@ class Reconciler:
             self.metrics.reconcile_runs.labels("success" if result.succeeded else "failure").inc()
             if result.succeeded:
                 self.state.set_meta(LAST_SUCCESS_KEY, repr(self.clock.now().timestamp()))
+            self._record_pass(
+                PassResult.SUCCESS if result.succeeded else PassResult.FAILURE,
+                started,
+                result.plan.commit,
+                None if result.succeeded else _why_failed(result),
+            )
             seconds = self.clock.monotonic() - started
             log.event(
                 "reconcile_done",
@@ -587,6 +627,17 @@ class Reconciler:
                     # What was published stands; collection is tried again next interval.
                     log.event("gc_failed", logging.ERROR, error=str(exc))
             return result
+
+    def _record_pass(self, result: PassResult, started: float, commit: str | None, error: str | None) -> None:
+        """The pass that ends now, for `reconciler status` (the last pass, its result)."""
+        record = PassRecord(
+            self.clock.now().timestamp(),
+            result,
+            round(self.clock.monotonic() - started, 3),
+            commit,
+            None if error is None else summary(error),
+        )
+        self.state.set_meta(LAST_PASS_KEY, record.to_json())
 
     def _note_suspensions(self) -> Suspensions:
         """The suspensions now in the ledger; each one begun or lifted since the last
@@ -1199,13 +1250,30 @@ class Reconciler:
         )
 
 
-def status(state: Ledger) -> Mapping[str, object]:
-    """What the daemon last recorded, as plain data for the CLI."""
+def status(state: Ledger, now: float, max_wait: float) -> Mapping[str, object]:
+    """What the daemon last recorded, as plain data for the CLI, at unix time ``now``
+    (``max_wait``: retry.max, beyond which a recorded retry time is not believed)."""
     suspended = state.suspensions()
+    last = PassRecord.from_json(state.get_meta(LAST_PASS_KEY))
+    fetch = FetchFailure.from_json(state.get_meta(FETCH_ERROR_KEY))
     return {
         "commit": state.get_meta(COMMIT_KEY),
         "source_error": state.get_meta(SOURCE_ERROR_KEY) or None,
         "sandbox": state.get_meta(SANDBOX_KEY),
+        "last_pass": None
+        if last is None
+        else {
+            "at": last.at,
+            "result": last.result.value,
+            "seconds": last.seconds,
+            "commit": last.commit,
+            "error": last.error,
+        },
+        "last_success": float(state.get_meta(LAST_SUCCESS_KEY) or 0) or None,
+        # Every pass since ``since`` failed to fetch: the hosts are as of ``commit``.
+        "fetch_error": None
+        if fetch is None
+        else {"since": fetch.since, "at": fetch.at, "passes": fetch.passes, "error": fetch.error},
         # Unix times each was suspended at (reconciler suspend).
         "suspended": {"fleet": suspended.fleet, "hosts": dict(sorted(suspended.hosts.items()))},
         "hosts": {
@@ -1214,6 +1282,14 @@ def status(state: Ledger) -> Mapping[str, object]:
                 "status": hs.status,
                 "error": hs.error,
                 "commit": hs.commit,
+                # Unix time it has been in this status (and, published, at this version).
+                "since": hs.updated,
+                # A failed host: the version its failed attempt would have published, how
+                # many attempts failed in a row, and when the daemon tries again (None: at
+                # its next pass).
+                "attempt_version": hs.version + 1 if hs.status == Status.FAILED else None,
+                "failures": hs.failures if hs.status == Status.FAILED else 0,
+                "next_retry": next_retry(hs, now, max_wait),
                 "suspended_since": suspended.since(name),
             }
             for name, hs in state.hosts().items()
@@ -1231,6 +1307,21 @@ def status(state: Ledger) -> Mapping[str, object]:
             for name, b in state.builders().items()
         },
     }
+
+
+def _why_failed(result: ReconcileResult) -> str:
+    """A failed pass in one line: which hosts failed, or the metadata."""
+    failed = sorted(o.host for o in result.outcomes if not o.ok)
+    parts = []
+    if failed:
+        parts.append(
+            f"{len(failed)} host(s) failed: {', '.join(failed[:5])}{', ...' if len(failed) > 5 else ''}"
+        )
+    if result.metadata_error is not None:
+        parts.append(f"TUF metadata: {result.metadata_error}")
+    if result.interrupted:
+        parts.append(f"{len(result.interrupted)} host(s) not started (stopping, or the lease was lost)")
+    return "; ".join(parts) or "failed"
 
 
 def _building(host: str, seconds: float, last: str | None) -> None:

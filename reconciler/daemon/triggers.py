@@ -208,3 +208,23 @@ class _RefHandler(FileSystemEventHandler):
             if "/refs/heads/" in path or path.endswith(("packed-refs", "/HEAD")):
                 self.wakeup.notify("filesystem")
                 return
+
+
+# How long POST /reconcile holds a request that asks to wait for its pass (seconds).
+MAX_WAIT = 6 * 3600.0
+
+
+def preferred_wait(headers: Mapping[str, str]) -> float | None:
+    """The seconds ``Prefer: wait=N`` (RFC 7240) asks an answer within, capped at
+    MAX_WAIT: `reconciler reconcile-now --wait` waits for the pass it asked for. None
+    without it (or with another preference only): answer at once."""
+    h = {k.lower(): v for k, v in headers.items()}
+    for pref in h.get("prefer", "").split(","):
+        name, _, value = pref.strip().partition("=")
+        if name.strip().lower() == "wait":
+            try:
+                seconds = float(value.strip().strip('"'))
+            except ValueError:
+                return None
+            return min(max(seconds, 0.0), MAX_WAIT) if seconds == seconds else None
+    return None

@@ -45,6 +45,7 @@ def test_a_state_dir_that_cannot_be_created(
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines() == [
         "commit (never reconciled)",
+        "last pass: none recorded",
         "publisher: no daemon has taken the store's publisher lease yet",
     ], res.stdout
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -144,7 +145,9 @@ def test_suspend_and_reconcile_now_against_a_running_daemon(daemon: Daemon, conf
     assert status["commit"] == head
     assert status["hosts"]["a-1"]["version"] == 1 and status["hosts"]["a-1"]["suspended_since"] > 0
     assert status["hosts"]["b-1"]["suspended_since"] is None
-    assert "a-1: version 1 published; suspended since " in d.cli("status").stdout
+    text = d.cli("status").stdout
+    assert re.search(r"^a-1: version 1 published since \S+ \S+Z; suspended since ", text, re.M), text
+    assert re.search(r"^last pass: \S+ \S+Z \(\d+s ago\), success in ", text, re.M), text
     plan = d.cli("plan")
     assert plan.returncode == 0, plan.stderr
     assert "a-1: suspended: the host is suspended (reconciler resume a-1); otherwise rebuild:" in plan.stdout
@@ -163,6 +166,12 @@ def test_suspend_and_reconcile_now_against_a_running_daemon(daemon: Daemon, conf
     assert code == 202
     wait_for(lambda: version(d.store, "a-1") == 2, 120, "a-1 version 2 once resumed")
     wait_for(lambda: bool(d.events("host_resumed")), 10, "event=host_resumed")
+    # --wait: the pass it asked for, finished, and its result as the exit code.
+    waited = d.cli("reconcile-now", "--wait", "--timeout", "2m")
+    assert waited.returncode == 0, waited.stdout + waited.stderr
+    assert re.fullmatch(
+        rf"ok: pass \d+: commit {head[:12]}: 0 published, 0 failed, 0 invalid, 0 in backoff\n", waited.stdout
+    ), waited.stdout
 
     # A suspended fleet takes no request for a pass.
     assert d.cli("suspend").returncode == 0

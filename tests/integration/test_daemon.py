@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import WEB, ConfigRepo, Signing, standard_fleet, wait_for, write_config
+from tests.conftest import WEB, ConfigRepo, Signing, cli, standard_fleet, wait_for, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -159,6 +160,17 @@ def test_git_fetch_errors_are_counted_and_not_ready(tmp_path: Path, signing: Sig
         code, body = get(base + "/readyz")
         assert code == 503
         assert "cannot clone" in body
+        # status says so too, rather than nothing at all.
+        status = cli("status", "-c", str(cfg))
+        assert status.returncode == 0, status.stderr
+        lines = status.stdout.splitlines()
+        assert lines[0] == "commit (never reconciled)"
+        assert (
+            lines[1].startswith("last pass: ") and ", failure in " in lines[1] and "cannot clone" in lines[1]
+        )
+        assert lines[2] == "last successful pass: never"
+        assert lines[3].startswith("fetch: FAILING since ") and "cannot clone" in lines[3], lines
+        assert json.loads(cli("status", "-c", str(cfg), "--json").stdout)["fetch_error"]["passes"] >= 2
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)

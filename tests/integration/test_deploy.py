@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import grp
 import hashlib
 import json
@@ -20,22 +21,28 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
 from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from reconciler.adapters.appimage import unsealed
 from reconciler.agent.config import load_agent_config
+from reconciler.agent.metrics import PollResult
 from reconciler.config import load_config
+from reconciler.core.model import Status
+from reconciler.core.release import parse_release
 from tests.conftest import ConfigRepo, Signing, aci_file, free_port, standard_fleet, wait_for, write_config
 from tests.integration.test_store_s3 import ACCESS_KEY, BUCKET, SECRET_KEY, Weed, weed  # noqa: F401
 
@@ -75,6 +82,8 @@ DAEMON_METRICS = {
     "reconciler_webhook_requests_total",
     "reconciler_publisher_active",
     "reconciler_lease_term",
+    "reconciler_fleet_suspended",
+    "reconciler_host_suspended",
     # Prometheus's own, per target.
     "up",
 }
@@ -786,6 +795,14 @@ def test_nginx_serves_the_store_for_agents(tmp_path: Path, config_repo: ConfigRe
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(shutil.rmtree, served, ignore_errors=True)
         base, web = cleanup.enter_context(nginx_serving(served, store, "/keys/publisher.asc", user=reader))
+        # The publisher lease's records name the holder's host and state directory: agents
+        # never read them, and nginx does not serve them.
+        leases = sorted(store.glob("lease/*.json"))
+        assert leases, "the pass took the publisher lease"
+        for lease in leases:
+            status, _, body = http(f"{base}/lease/{lease.name}")
+            assert status == 404 and b"state_dir" not in body and str(tmp_path).encode() not in body, lease
+        assert http(f"{base}/lease/")[0] == 404
         check_nginx_store(base, web, prefix, signing, tmp_path)
 
 
@@ -951,6 +968,10 @@ def test_grafana_dashboard_uses_only_known_metrics_and_valid_promql(tmp_path: Pa
     titles = " ".join(p["title"].lower() for p in panels)
     for topic in ("reconcile", "stage", "commit to published", "builds", "artifacts", "skew", "refusals"):
         assert topic in titles, topic
+    # The polls panel says what each result is, every result the agent counts.
+    polls = next(p for p in panels if any("reconciler_agent_polls_total" in t["expr"] for t in p["targets"]))
+    named = set(re.findall(r"(?:^|; )([a-z-]+)(?=[:;( ]|\.$)", polls["description"]))
+    assert named == {r.value for r in PollResult}, named
     skew = next(p for p in panels if "skew" in p["title"].lower())
     assert any("reconciler_agent_running_version" in t["expr"] for t in skew["targets"])
     assert any("reconciler_host_published_version" in t["expr"] for t in skew["targets"])
@@ -1106,16 +1127,114 @@ def daemon_url(tmp_path: Path, config_repo: ConfigRepo, signing: Signing) -> Ite
         log.close()
 
 
-def test_real_prometheus_scrapes_the_daemon_and_loads_the_alerts(tmp_path: Path, daemon_url: str) -> None:
+class TamperingStore:
+    """The daemon's store over HTTP, as a compromised mirror would serve it: the one blob
+    named ``tampered`` comes with a byte flipped, and only once ``gate`` is set (until then
+    its request waits, so Prometheus can scrape the agent's counters at 0 first)."""
+
+    def __init__(self, root: Path) -> None:
+        self.tampered = ""  # URL path of the blob to tamper with
+        self.gate = threading.Event()
+        server = self
+
+        class Handler(SimpleHTTPRequestHandler):
+            def copyfile(self, source: Any, outputfile: Any) -> None:
+                if server.tampered and self.path == server.tampered:
+                    server.gate.wait(60)
+                    data = bytearray(source.read())
+                    data[len(data) // 2] ^= 0x01
+                    outputfile.write(bytes(data))
+                    return
+                super().copyfile(source, outputfile)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.gate.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def start_agent(
+    tmp_path: Path, name: str, host: str, store: str, key: Path, listen: str, poll: int = 1
+) -> subprocess.Popen[Any]:
+    """A real agent process for ``host`` (installs, runs nothing), its metrics on ``listen``."""
+    cfg = tmp_path / f"{name}.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "host": host,
+                "store": store,
+                "keys": [str(key)],
+                "state_dir": str(tmp_path / name),
+                "poll_interval": poll,
+                "timeout": "60s",
+                "listen": listen,
+            }
+        )
+    )
+    log = (tmp_path / f"{name}.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "reconciler", "agent", "-c", str(cfg)], stdout=log, stderr=subprocess.STDOUT
+    )
+    log.close()
+    return proc
+
+
+def scrape(address: str) -> dict[str, list[dict[str, str]]]:
+    """A target's /metrics as Prometheus reads it: each sample name -> its samples' labels."""
+    status, _, body = http(f"http://{address}/metrics")
+    assert status == 200, address
+    out: dict[str, list[dict[str, str]]] = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            out.setdefault(sample.name, []).append(dict(sample.labels))
+    return out
+
+
+def alert_test_series() -> list[tuple[str, dict[str, str]]]:
+    """Every input series of alerts_test.yml as (metric name, labels)."""
+    out = []
+    for case in yaml.safe_load((DEPLOY / "prometheus/alerts_test.yml").read_text())["tests"]:
+        for series in case["input_series"]:
+            m = re.fullmatch(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\{(.*)\}", series["series"])
+            assert m, series
+            labels = dict(re.findall(r'([a-zA-Z_]\w*)="([^"]*)"', m.group(2)))
+            out.append((m.group(1), labels))
+    return out
+
+
+def test_real_prometheus_evaluates_the_alerts_against_a_real_daemon_and_agents(
+    tmp_path: Path, daemon_url: str, config_repo: ConfigRepo, signing: Signing
+) -> None:
+    """A real Prometheus with the shipped rules scrapes a real daemon and two real agents
+    of its store; one agent gets a tampered artifact (a compromised mirror), refuses it,
+    and AgentRefusals fires for it. alerts_test.yml's series are shaped as these scrapes."""
     prometheus = need("prometheus")
     port = free_port()
+    store = TamperingStore(tmp_path / "daemon" / "store")
+    agent_ok, agent_bad = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    ok_proc = start_agent(tmp_path, "agent-ok", "web-1", store.url, signing.public_key, agent_ok)
+    bad_proc: subprocess.Popen[Any] | None = None
     config = tmp_path / "prometheus.yml"
     config.write_text(
         yaml.safe_dump(
             {
                 "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
                 "rule_files": [str(DEPLOY / "prometheus/alerts.yml")],
-                "scrape_configs": [{"job_name": "reconciler", "static_configs": [{"targets": [daemon_url]}]}],
+                "scrape_configs": [
+                    {"job_name": "reconciler", "static_configs": [{"targets": [daemon_url]}]},
+                    {
+                        "job_name": "reconciler-agent",
+                        "static_configs": [{"targets": [agent_ok, agent_bad]}],
+                    },
+                ],
             }
         )
     )
@@ -1157,8 +1276,16 @@ def test_real_prometheus_scrapes_the_daemon_and_loads_the_alerts(tmp_path: Path,
             for r in prom_query(base, "reconciler_host_published_version")
         }
         assert hosts == {"web-1": 1.0, "web-2": 1.0, "worker-1": 1.0}
+        wait_for(
+            lambda: (
+                [float(r["value"][1]) for r in prom_query(base, "reconciler_agent_running_version")] == [1.0]
+            ),
+            60,
+            "the healthy agent running web-1's version 1",
+        )
 
-        # The alert rules: loaded, evaluated without error, and quiet on a healthy daemon.
+        # The alert rules: loaded, evaluated without error, and quiet on a healthy daemon
+        # and agent (the second agent's target is still down: no rule is about that job's up).
         groups = {g["name"] for g in yaml.safe_load((DEPLOY / "prometheus/alerts.yml").read_text())["groups"]}
 
         def rules_healthy_and_quiet() -> bool:
@@ -1172,25 +1299,103 @@ def test_real_prometheus_scrapes_the_daemon_and_loads_the_alerts(tmp_path: Path,
 
         wait_for(rules_healthy_and_quiet, 30, "every alert rule loaded, healthy and inactive")
 
-        # Every dashboard query runs against real data; the daemon's return some (rates once
-        # there are two scrapes in their window). No agent reports here.
+        # Every dashboard query runs against real data from the daemon and the agent (rates
+        # once there are two scrapes in their window).
         empty: list[tuple[int, str, str]] = []
 
         def dashboard_has_data() -> bool:
             empty.clear()
             for pid, ref, expr in dashboard_targets():
-                result = prom_query(base, grafana_expr(expr))
-                if not result and "reconciler_agent" not in expr:
+                if not prom_query(base, grafana_expr(expr)):
                     empty.append((pid, ref, expr))
             return not empty
 
         try:
-            wait_for(dashboard_has_data, 30, "data for the dashboard's daemon panels")
+            wait_for(dashboard_has_data, 30, "data for the dashboard's panels")
         except AssertionError:
             raise AssertionError(f"dashboard queries without data: {empty}") from None
+
+        # The second agent, for web-2, through the mirror that flips a byte of web-2's blob.
+        release = parse_release((tmp_path / "daemon/store/hosts/web-2/latest.json").read_bytes(), "latest")
+        artifact = release.artifact("appimage")
+        assert artifact is not None
+        store.tampered = "/" + artifact.blob
+        # It polls once in the test (the next poll is minutes away): one refusal must fire the
+        # alert, as one refused attack would in production.
+        bad_proc = start_agent(
+            tmp_path, "agent-bad", "web-2", store.url, signing.public_key, agent_bad, poll=600
+        )
+        # Its blob request waits until Prometheus has scraped it once: what its counters hold
+        # before the refusal is what the code exports, not what the test expects.
+        wait_for(
+            lambda: bool(prom_query(base, f'reconciler_agent_polls_total{{instance="{agent_bad}"}}')),
+            30,
+            "the tampering agent scraped",
+        )
+        store.gate.set()
+
+        def refusal_firing() -> list[dict[str, Any]]:
+            alerts = json.loads(http(base + "/api/v1/alerts")[2])["data"]["alerts"]
+            return [
+                a for a in alerts if a["labels"]["alertname"] == "AgentRefusals" and a["state"] == "firing"
+            ]
+
+        started = time.monotonic()
+        wait_for(lambda: bool(refusal_firing()), 30, "AgentRefusals firing")
+        assert time.monotonic() - started < 30
+        (firing,) = refusal_firing()
+        assert firing["labels"] == {
+            "alertname": "AgentRefusals",
+            "severity": "critical",
+            "instance": agent_bad,
+            "job": "reconciler-agent",
+            "reason": "tampered",
+        }
+        assert "possible attack" in firing["annotations"]["summary"]
+        tampered = f'reconciler_agent_refusals_total{{reason="tampered",instance="{agent_bad}"}}'
+        assert [r["value"][1] for r in prom_query(base, tampered)] == ["1"]
+        assert "agent_refused" in (tmp_path / "agent-bad.log").read_text()
+
+        # An invalid host, so that the daemon's scrape carries reconciler_host_failing too.
+        config_repo.write("hosts/broken.yaml", "name: broken\nno_such_key: 1\n")
+        config_repo.commit("an invalid host")
+        wait_for(
+            lambda: "reconciler_host_failing" in scrape(daemon_url),
+            60,
+            "the invalid host in the daemon's metrics",
+        )
+
+        # alerts_test.yml's input series, against these real scrapes: every metric exists,
+        # with exactly the label names the code gives it (Prometheus adds instance and job),
+        # and label values the code emits (host names are the fleet's own).
+        scraped: dict[str, list[dict[str, str]]] = {}
+        for target in (daemon_url, agent_ok, agent_bad):
+            for name, samples in scrape(target).items():
+                scraped.setdefault(name, []).extend(samples)
+        for name, labels in alert_test_series():
+            assert {"instance", "job"} <= labels.keys(), (name, labels)
+            own = {k: v for k, v in labels.items() if k not in ("instance", "job")}
+            if name == "up":
+                assert not own
+                continue
+            assert name in scraped, f"{name}: in alerts_test.yml, not in a real scrape"
+            shapes = {frozenset(s) for s in scraped[name]}
+            assert shapes == {frozenset(own)}, (name, own, shapes)
+            for key, value in own.items():
+                if key == "host":
+                    continue
+                if (name, key) == ("reconciler_host_failing", "status"):
+                    assert value in (Status.FAILED, Status.INVALID), (name, value)
+                    continue
+                emitted = {s[key] for s in scraped[name]}
+                assert value in emitted, (name, key, value, emitted)
     finally:
         stop(proc)
         log.close()
+        for p in (ok_proc, bad_proc):
+            if p is not None:
+                stop(p)
+        store.close()
 
 
 # -- the Helm chart --------------------------------------------------------------------

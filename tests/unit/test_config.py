@@ -754,6 +754,25 @@ def test_a_reload_applies_what_can_change_live_and_names_what_needs_a_restart(tm
     assert reload(old, old) == (old, [], [])
 
 
+def test_a_reload_applies_notification_targets_and_the_lease_timings_not_the_lease_itself(
+    tmp_path: Path,
+) -> None:
+    old = load_config(write_config(tmp_path / "a", merged()))
+    target = {"name": "chat", "type": "webhook", "url": "https://chat.example/hook"}
+    new = load_config(
+        write_config(
+            tmp_path / "a",
+            merged(notifications=[target], lease={"enabled": False, "duration": "30s", "renew": "5s"}),
+        )
+    )
+    running, applied, restart = reload(old, new)
+    assert applied == ["lease.duration", "lease.renew", "notifications"]
+    # Whether daemons elect a publisher at all is not changed under a running one.
+    assert restart == ["lease.enabled"]
+    assert [n.name for n in running.notifications] == ["chat"]
+    assert running.lease == LeaseConfig(enabled=True, duration=30.0, renew=5.0)
+
+
 def test_the_publisher_lease_is_on_by_default_and_configurable(tmp_path: Path) -> None:
     assert load_config(write_config(tmp_path / "a", merged())).lease == LeaseConfig(
         enabled=True, duration=60.0, renew=20.0

@@ -3,16 +3,29 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+import logging
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
-from reconciler.config import TriggerConfig
+from reconciler import log
+from reconciler.adapters.eventlog import EventLog
+from reconciler.config import LeaseConfig, TriggerConfig
+from reconciler.core.layout import LEASE_PREFIX, lease_path
+from reconciler.core.lease import Holder, parse_record
+from reconciler.daemon.lease import PublisherLease
 from reconciler.daemon.loop import Daemon
 from tests.conftest import wait_for
 from tests.unit.test_daemon_pass import FLEET, World
@@ -42,11 +55,32 @@ def running(tmp_path: Path) -> Iterator[tuple[World, Daemon, str]]:
         thread.join(10)
 
 
-def post(url: str, token: str | None) -> tuple[int, str]:
+@contextlib.contextmanager
+def capture_events() -> Iterator[list[str]]:
+    """The daemon's log lines while the block runs."""
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(log.KeyValueFormatter())
+    logger = logging.getLogger("reconciler")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    lines: list[str] = []
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        lines.extend(out.getvalue().splitlines())
+
+
+def post(url: str, token: str | None, wait: float | None = None) -> tuple[int, str]:
     headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+    if wait is not None:
+        headers["Prefer"] = f"wait={wait}"
     req = urllib.request.Request(url, data=b"", headers=headers, method="POST")
     try:
-        with urllib.request.urlopen(req, timeout=5) as r:
+        with urllib.request.urlopen(req, timeout=5 + (wait or 0)) as r:
             return int(r.status), r.read().decode()
     except urllib.error.HTTPError as e:
         return int(e.code), e.read().decode()
@@ -76,3 +110,120 @@ def test_a_suspended_fleet_takes_no_request_for_a_pass(running: tuple[World, Dae
     world.ledger.suspend(None, world.clock.t)
     assert post(url, "t0ken") == (409, "the fleet is suspended: reconciler resume first\n")
     assert daemon.metrics.registry.get_sample_value("reconciler_wakeups_total", {"trigger": "manual"}) == 0
+
+
+class Receiver:
+    """A notification target on 127.0.0.1: the bodies POSTed to it."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                data = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.bodies.append(json.loads(data))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hook"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_sighup_applies_new_notification_targets_and_lease_timings(tmp_path: Path) -> None:
+    world = World(tmp_path)
+    world.source.push(FLEET)
+    rec = world.reconciler()
+    lease = PublisherLease(world.store, LeaseConfig(), Holder("d1", "host-d1"), world.clock, background=False)
+    rec.lease = lease
+    # The history every daemon records in (wiring), started without targets.
+    rec.events = EventLog(tmp_path / "state")
+    daemon = Daemon(rec.cfg, rec)
+    assert lease.acquire()
+    receiver = Receiver()
+    try:
+        # The file the daemon reads at SIGHUP: a target added, the lease's timings changed,
+        # and lease.enabled, which only a restart changes.
+        target = {"name": "ops", "type": "webhook", "url": receiver.url, "on": ["published"]}
+        path = tmp_path / "reconciler.yaml"
+        yaml_cfg = {
+            "repo": {"url": "repo"},
+            "store": {"path": "store"},
+            "state_dir": "state",
+            "signing": {"gnupghome": "gnupg", "key": "K"},
+            "notifications": [target],
+            "lease": {"enabled": False, "duration": "30s", "renew": "5s"},
+        }
+        path.write_text(yaml.safe_dump(yaml_cfg))
+        with capture_events() as lines:
+            daemon.reload()
+        reloaded = next(ln for ln in lines if "event=config_reloaded" in ln)
+        assert "notifications" in reloaded and "lease.duration" in reloaded, reloaded
+        assert any("event=config_reload_needs_restart" in ln and "lease.enabled" in ln for ln in lines), lines
+        assert lease.settings == LeaseConfig(enabled=True, duration=30.0, renew=5.0)
+        assert daemon.cfg.lease.enabled
+
+        # The next pass notifies the new target, without a restart.
+        assert rec.reconcile().ok
+        wait_for(lambda: len(receiver.bodies) == 2, 10, "two host_published notifications")
+        assert sorted(str(b["event"]["host"]) for b in receiver.bodies) == ["web-1", "web-2"]
+        # The next renewal holds the lease for the new duration.
+        lease.tick()
+        term = max(
+            int(k.removeprefix(LEASE_PREFIX).removesuffix(".json")) for k in world.store.list(LEASE_PREFIX)
+        )
+        record = parse_record(world.store.get_bytes(lease_path(term)) or b"", term, "test")
+        assert record.duration == 30.0
+
+        # Dropped again: nothing more is sent to it.
+        yaml_cfg["notifications"] = []
+        path.write_text(yaml.safe_dump(yaml_cfg))
+        daemon.reload()
+        world.source.push(
+            {**FLEET, "hosts/web-1.yaml": FLEET["hosts/web-1.yaml"].replace("10.0.0.1", "10.0.0.5")}
+        )
+        assert rec.reconcile().ok
+        time.sleep(0.5)
+        assert len(receiver.bodies) == 2
+    finally:
+        receiver.close()
+        rec.close()
+
+
+def test_reconcile_now_can_wait_for_its_pass_and_answers_with_its_result(
+    running: tuple[World, Daemon, str],
+) -> None:
+    world, _, url = running
+    commit = (world.source.head or "")[:12]
+    # web-1 still fails: the pass it asked for is retried at once, and fails.
+    code, body = post(url, "t0ken", wait=10)
+    assert (code, body) == (
+        200,
+        f"failed: pass 2: commit {commit}: 0 published, 1 failed, 0 invalid, 0 in backoff (failed: web-1)\n",
+    )
+    world.nix.failing.clear()
+    code, body = post(url, "t0ken", wait=10)
+    assert (code, body) == (
+        200,
+        f"ok: pass 3: commit {commit}: 1 published, 0 failed, 0 invalid, 0 in backoff\n",
+    )
+
+    # A pass that outlasts the wait: said so, and it goes on.
+    release = threading.Event()
+    world.nix.while_building = lambda host: release.wait(10)
+    world.source.push(
+        {**FLEET, "hosts/web-2.yaml": FLEET["hosts/web-2.yaml"].replace("10.0.0.2", "10.0.0.6")}
+    )
+    try:
+        assert post(url, "t0ken", wait=0.5) == (202, "accepted: pass 4 did not finish within 0.5s\n")
+    finally:
+        release.set()
+    wait_for(lambda: world.ledger.states["web-2"].version == 2, 10, "pass 4 to publish web-2")

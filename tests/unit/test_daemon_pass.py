@@ -5,11 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from reconciler.cli import status_lines
 from reconciler.config import (
     Config,
     ImagesConfig,
@@ -21,12 +23,12 @@ from reconciler.config import (
 )
 from reconciler.core import hosts
 from reconciler.core.layout import AttestationKind, attestation_path, latest_path, release_path
-from reconciler.core.model import Action, Status
+from reconciler.core.model import LAST_PASS_KEY, Action, PassRecord, PassResult, Status
 from reconciler.core.provenance import ProvenanceSummary
 from reconciler.core.release import parse_release
 from reconciler.core.trust import check_attestation
 from reconciler.daemon.gate import CommitRefusedError, Gate
-from reconciler.daemon.reconciler import COMMIT_KEY, SOURCE_ERROR_KEY, Reconciler
+from reconciler.daemon.reconciler import COMMIT_KEY, SOURCE_ERROR_KEY, Reconciler, status
 from reconciler.daemon.tuf import TufRepository
 from reconciler.errors import ConfigError, ReconcilerError
 from reconciler.ports import Ports
@@ -712,6 +714,8 @@ def test_a_suspended_fleet_fetches_and_builds_nothing_but_keeps_its_metadata_fre
     # Not a pass that failed (nor one that succeeded).
     runs = rec.metrics.registry.get_sample_value
     assert runs("reconciler_reconcile_runs_total", {"result": "failure"}) == 0
+    last = PassRecord.from_json(world.ledger.get_meta(LAST_PASS_KEY))
+    assert last is not None and (last.result, last.at) == (PassResult.SUSPENDED, world.clock.t)
     world.ledger.resume(None)
     world.source.unreachable = None
     assert outcomes(rec) == {"web-1": (True, 2), "web-2": (True, 2)}
@@ -735,3 +739,83 @@ def test_a_host_suspended_while_its_build_waits_is_not_started(world: World) -> 
     assert rec.metrics.registry.get_sample_value("reconciler_build_queue_depth") == 0
     world.ledger.resume("web-2")
     assert outcomes(rec) == {"web-2": (True, 1)}
+
+
+def status_now(world: World) -> dict[str, Any]:
+    """What `reconciler status --json` says now, and its text (the lease left out)."""
+    st = dict(status(world.ledger, world.clock.t, world.config().retry.max.total_seconds()))
+    st["lease"] = {"enabled": False}
+    st["text"] = "\n".join(status_lines(st, world.clock.t))
+    return st
+
+
+def test_status_says_when_the_last_pass_ran_and_that_every_fetch_fails(world: World) -> None:
+    world.source.push(FLEET)
+    rec = world.reconciler()
+    rec.reconcile()
+    ok_at = world.clock.t
+    st = status_now(world)
+    assert st["last_pass"]["result"] == "success" and st["last_pass"]["at"] == ok_at
+    assert st["fetch_error"] is None and "fetch:" not in st["text"]
+    assert (
+        f"last pass: {datetime.fromtimestamp(ok_at, UTC):%Y-%m-%d %H:%M:%S}Z (0s ago), success" in st["text"]
+    )
+
+    world.source.unreachable = "fatal: unable to access 'https://git.example/fleet': Connection refused"
+    world.clock.advance(60)
+    first = world.clock.t
+    with pytest.raises(ReconcilerError):
+        rec.reconcile()
+    world.clock.advance(60)
+    with pytest.raises(ReconcilerError):
+        rec.reconcile()
+    world.clock.advance(30)
+    st = status_now(world)
+    assert st["fetch_error"] == {
+        "since": first,
+        "at": first + 60,
+        "passes": 2,
+        "error": "fatal: unable to access 'https://git.example/fleet': Connection refused",
+    }
+    assert st["last_pass"]["result"] == "failure" and "Connection refused" in st["last_pass"]["error"]
+    assert st["last_success"] == ok_at
+    lines = st["text"].splitlines()
+    assert lines[1].startswith("last pass: ") and "(30s ago), failure in " in lines[1], lines
+    assert lines[2] == f"last successful pass: {datetime.fromtimestamp(ok_at, UTC):%Y-%m-%d %H:%M:%S}Z"
+    assert lines[3].startswith("fetch: FAILING since ") and "(2 pass(es) in a row" in lines[3], lines
+    assert lines[4] == (
+        f"hosts: as of commit {world.source.head}: newer commits are not seen while the repository"
+        " cannot be fetched"
+    )
+    # The first fetch that works again clears it.
+    world.source.unreachable = None
+    rec.reconcile()
+    st = status_now(world)
+    assert st["fetch_error"] is None and st["last_pass"]["result"] == "success"
+    assert "FAILING" not in st["text"] and "last successful pass" not in st["text"]
+
+
+def test_status_names_the_failed_attempts_version_and_its_next_retry(world: World) -> None:
+    world.source.push(FLEET)
+    rec = world.reconciler()
+    rec.reconcile()
+    world.source.push({**FLEET, "hosts/web-1.yaml": HOST.format(name="web-1", address="10.0.0.7/24")})
+    world.nix.failing.add("web-1")
+    failed_at = world.clock.t
+    rec.reconcile()
+    st = status_now(world)
+    web1 = st["hosts"]["web-1"]
+    assert (web1["version"], web1["status"], web1["attempt_version"], web1["failures"]) == (1, "failed", 2, 1)
+    assert web1["next_retry"] == failed_at + 30
+    assert st["hosts"]["web-2"]["attempt_version"] is None and st["hosts"]["web-2"]["next_retry"] is None
+    line = next(ln for ln in st["text"].splitlines() if ln.startswith("web-1: "))
+    assert line.startswith("web-1: version 1 published; version 2 failed since "), line
+    assert "(1 attempt(s) in a row): " in line and "build of host 'web-1' failed" in line
+    retry = datetime.fromtimestamp(failed_at + 30, UTC)
+    assert line.endswith(f"; next retry at {retry:%Y-%m-%d %H:%M:%S}Z"), line
+    assert st["last_pass"]["result"] == "failure" and st["last_pass"]["error"] == "1 host(s) failed: web-1"
+    # Its retry time come, the next pass retries it.
+    world.clock.advance(31)
+    st = status_now(world)
+    assert st["hosts"]["web-1"]["next_retry"] is None
+    assert "; retried at the next pass" in st["text"]

@@ -136,3 +136,33 @@ def test_suspensions_persist_and_a_read_only_copy_sees_them(tmp_path: Path) -> N
     assert again.suspensions().fleet is None and again.suspensions().covers("web-1")
     assert not again.suspensions().covers("web-2")
     again.close()
+
+
+def test_a_host_is_dated_since_its_status_changed_not_since_the_last_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger = State(tmp_path)
+    clock = [1000.0]
+    monkeypatch.setattr(ledger_module.time, "time", lambda: clock[0])
+
+    def since(host: str) -> float:
+        return ledger.hosts()[host].updated
+
+    ledger.record_published("web-1", 1, "/nix/store/a-image.drv", "a" * 40)
+    ledger.record_failure("web-2", Status.INVALID, "hosts/web-2.yaml: name: must be a string")
+    clock[0] = 2000.0
+    # Every pass finds web-2 invalid again, and web-1's next build fails twice.
+    ledger.record_failure("web-2", Status.INVALID, "hosts/web-2.yaml: name: must be a string")
+    ledger.record_build_failure("web-1", "build failed", "/nix/store/b-image.drv", 1, 2030.0)
+    clock[0] = 3000.0
+    ledger.record_build_failure("web-1", "build failed", "/nix/store/b-image.drv", 2, 3060.0)
+    assert since("web-2") == 1000.0
+    assert since("web-1") == 2000.0 and ledger.hosts()["web-1"].failures == 2
+    clock[0] = 4000.0
+    ledger.record_published("web-1", 2, "/nix/store/b-image.drv", "b" * 40)
+    assert since("web-1") == 4000.0
+    clock[0] = 5000.0
+    ledger.record_published("web-1", 3, "/nix/store/c-image.drv", "c" * 40)
+    assert since("web-1") == 5000.0
+    assert State(tmp_path, read_only=True).hosts()["web-2"].updated == 1000.0
+    ledger.close()
