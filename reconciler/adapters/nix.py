@@ -702,6 +702,8 @@ class Nix:
         # when --max-jobs is 0, and the builder, whose output is valid already, passes it
         # without building again (tests/integration/test_builders.py).
         jobs = ["--option", "builders", ""] + ([] if self.settings.local_builds else ["--max-jobs", "1"])
+        tmp = Path(self.env.get("TMPDIR", "/tmp")).resolve()
+        before = _build_dirs(tmp)
         check = self._build(
             [
                 "nix-store",
@@ -722,8 +724,7 @@ class Nix:
         outcome = parse_check(check.stderr)
         outputs = self._outputs(host, todo) if outcome.mismatches else frozenset()
         mismatches = [m for m in outcome.mismatches if m.output in outputs and m.derivation in todo]
-        tmp = Path((env or self.env).get("TMPDIR", "/tmp")).resolve()
-        kept = [d for d in map(Path, outcome.kept_dirs) if d.parent == tmp and _BUILD_DIR.fullmatch(d.name)]
+        kept = kept_build_dirs(outcome.kept_dirs, tmp, before, todo)
         try:
             if check.returncode == 0:
                 return ReproCheck(derivations=closure, rebuilt=tuple(todo), where=CHECK_LOCAL)
@@ -801,6 +802,34 @@ class Nix:
         if proc.returncode not in (0, 1):
             return f"failed with exit status {proc.returncode}"
         return str(report)
+
+
+def _build_dirs(tmp: Path) -> frozenset[str]:
+    """The names of the build directories in ``tmp`` (Nix's, kept or in use)."""
+    try:
+        return frozenset(p.name for p in tmp.iterdir() if _BUILD_DIR.fullmatch(p.name))
+    except OSError:
+        return frozenset()
+
+
+def kept_build_dirs(
+    named: Iterable[str], tmp: Path, before: frozenset[str], drvs: Iterable[str]
+) -> list[Path]:
+    """The build directories a check's log says Nix kept (``named``) that are the
+    check's own, for the gate to remove: in ``tmp``, there not ``before`` the check
+    began, and named for one of the derivations it built again (``drvs``;
+    ``nix-build-<drv name>-<n>``). The log carries the builds' own output, which may
+    print Nix's words: a line naming another host's build directory, in use or kept
+    for an operator, must not have it deleted."""
+    names = {Path(d).name.partition("-")[2] for d in drvs}
+    out = []
+    for d in map(Path, named):
+        m = _BUILD_DIR.fullmatch(d.name)
+        if m is None or d.parent != tmp or d.name in before:
+            continue
+        if d.name.removeprefix("nix-build-").rpartition("-")[0] in names:
+            out.append(d)
+    return out
 
 
 def _quiet(seconds: float, output: str) -> None:

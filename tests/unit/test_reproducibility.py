@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from reconciler.adapters.nix import _build_dirs, kept_build_dirs
 from reconciler.config import Config, ReproducibilityConfig, load_config
 from reconciler.core.events import EventType
 from reconciler.core.layout import AttestationKind, attestation_path, release_path
@@ -192,3 +193,24 @@ def test_the_gate_is_configured_with_clear_errors(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as exc:
             load_config(path)
         assert key in str(exc.value)
+
+
+def test_only_the_checks_own_kept_build_directories_are_removed(tmp_path: Path) -> None:
+    # The check's log carries the builds' own output: a package can print Nix's words.
+    # Another host's build directory, in use while this check runs, and one an operator
+    # kept, must survive a line naming them; the check's own is removed.
+    other = tmp_path / "nix-build-other-host-site.drv-0"  # another host building now
+    other.mkdir()
+    earlier = tmp_path / "nix-build-nd-501.drv-0"  # kept by an earlier failed build
+    earlier.mkdir()
+    before = _build_dirs(tmp_path)
+    own = tmp_path / "nix-build-nd-501.drv-1"
+    own.mkdir()
+    late = tmp_path / "nix-build-web-2-site.drv-0"  # another host's, started during the check
+    late.mkdir()
+    log = "".join(
+        f"note: keeping build directory '{d}'\n"
+        for d in (other, earlier, own, late, tmp_path / "sub" / "nix-build-nd-501.drv-3", Path("/etc"))
+    )
+    named = parse_check(NIX_CHECK + log).kept_dirs
+    assert kept_build_dirs(named, tmp_path, before, [DRV]) == [own]
