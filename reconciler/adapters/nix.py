@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import tempfile
@@ -774,34 +775,7 @@ class Nix:
             return None
         self.reports.mkdir(parents=True, exist_ok=True)
         report = self.reports / f"{first.name}.diffoscope.txt"
-        timeout = self.reproducibility.diff_timeout
-        try:
-            proc = subprocess.run(
-                [
-                    tool,
-                    "--no-progress",
-                    "--text",
-                    str(report),
-                    "--max-text-report-size",
-                    str(1 << 20),
-                    "--timeout",
-                    str(max(1, round(timeout / 2))),
-                    "--exclude-directory-metadata",
-                    "recursive",
-                    str(first),
-                    str(second),
-                ],
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                stdin=subprocess.DEVNULL,
-            )
-        except subprocess.TimeoutExpired:
-            return f"stopped after {round(timeout)}s, see reproducibility.diff_timeout"
-        # 1: the two differ (the report is written); 0: diffoscope sees no difference.
-        if proc.returncode not in (0, 1):
-            return f"failed with exit status {proc.returncode}"
-        return str(report)
+        return diffoscope(tool, first, second, report, self.reproducibility.diff_timeout)
 
 
 def _build_dirs(tmp: Path) -> frozenset[str]:
@@ -830,6 +804,58 @@ def kept_build_dirs(
         if d.name.removeprefix("nix-build-").rpartition("-")[0] in names:
             out.append(d)
     return out
+
+
+def diffoscope(tool: str, first: Path, second: Path, report: Path, timeout: float) -> str | None:
+    """Run diffoscope over two builds, its text report to ``report``: the report's path,
+    or what stopped it. The builds are the repository's: diffoscope hands their files to
+    many tools (unpackers, disassemblers), which run in a process group of their own
+    that the deadline kills whole (killing diffoscope alone would leave a tool stuck on
+    a crafted file running), with an environment of their own (none of the daemon's:
+    not its GNUPGHOME, nor a store's credentials) and a scratch HOME and TMPDIR."""
+    with tempfile.TemporaryDirectory(prefix="reconciler-diffoscope-") as scratch:
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "LC_ALL": "C.UTF-8",
+            "HOME": scratch,
+            "TMPDIR": scratch,
+        }
+        args = [
+            tool,
+            "--no-progress",
+            "--text",
+            str(report),
+            "--max-text-report-size",
+            str(1 << 20),
+            "--timeout",
+            str(max(1, round(timeout / 2))),
+            "--exclude-directory-metadata",
+            "recursive",
+            str(first),
+            str(second),
+        ]
+        with subprocess.Popen(
+            args,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        ) as proc:
+            try:
+                code = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                code = None
+            # Whatever diffoscope started and left behind goes with it.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    if code is None:
+        return f"stopped after {round(timeout)}s, see reproducibility.diff_timeout"
+    # 1: the two differ (the report is written); 0: diffoscope sees no difference.
+    if code not in (0, 1):
+        return f"failed with exit status {code}"
+    return str(report)
 
 
 def _quiet(seconds: float, output: str) -> None:
