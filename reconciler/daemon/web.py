@@ -15,7 +15,6 @@ nobody: the page is refused with a message naming the keys to set.
 from __future__ import annotations
 
 import base64
-import binascii
 import functools
 import hmac
 import ipaddress
@@ -172,7 +171,9 @@ class Access:
     def _basic(self, credential: str) -> bool:
         try:
             user, sep, password = base64.b64decode(credential, validate=True).decode("utf-8").partition(":")
-        except (binascii.Error, UnicodeDecodeError):
+        # binascii.Error, UnicodeDecodeError, or a plain ValueError for a character
+        # outside ASCII (http.server reads header values as Latin-1).
+        except ValueError:
             return False
         hashed = self._users.get(user)
         # bcrypt 5 raises on a password longer than it reads, which would crash the

@@ -405,6 +405,14 @@ def test_a_password_longer_than_bcrypt_reads_is_refused_not_a_crash(tmp_path: Pa
     assert access.guard(req(headers=basic("ops", long + "tail"))) is None
 
 
+def test_a_basic_credential_outside_ascii_is_refused_not_a_crash(tmp_path: Path) -> None:
+    # http.server reads header values as Latin-1; base64 raised a plain ValueError on
+    # them, which the guard did not catch: the handler crashed.
+    access = Access("0.0.0.0:9180", tmp_path / "r.yaml", users=parse_htpasswd(f"ops:{HASH}", "f"))
+    refused = access.guard(req(headers={"Authorization": "Basic b3BzOnMzY3JldA\u00e9="}))
+    assert refused is not None and refused[0] == 401
+
+
 def test_an_unknown_user_is_checked_at_the_cost_of_the_known_ones() -> None:
     # A dummy of another cost than the users' would let the timing tell which exist.
     costly = bcrypt.hashpw(b"x", bcrypt.gensalt(5))
