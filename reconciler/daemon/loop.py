@@ -100,7 +100,8 @@ class Daemon:
             self.ready,
             post,
             get,
-            guard=self.access.guard,
+            # Through the attribute: a reload puts the credentials read again there.
+            guard=lambda request: self.access.guard(request),
             get_headers=SECURITY_HEADERS,
             challenge=self.access.challenge,
         )
@@ -262,13 +263,17 @@ class Daemon:
         try:
             new = load_config(self.cfg.path)
             secrets = _secrets(new)
+            merged, applied, restart = reload(self.cfg, new)
+            # The page's token and passwords are read again from the files in use (a
+            # change of their paths needs a restart): rotating a leaked token and
+            # sending SIGHUP must shut the old one out, as it does the triggers'.
+            guard = access(merged)
         except ConfigError as exc:
             log.event("config_reload_failed", logging.ERROR, file=exc.path, key=exc.key, reason=exc.reason)
             return
         except ReconcilerError as exc:
             log.event("config_reload_failed", logging.ERROR, file=str(self.cfg.path), key="", reason=str(exc))
             return
-        merged, applied, restart = reload(self.cfg, new)
         if restart:
             log.event("config_reload_needs_restart", logging.WARNING, keys=",".join(restart))
         self.cfg = merged
@@ -277,6 +282,7 @@ class Daemon:
         self.wakeup.quiet, self.wakeup.max_delay = t.debounce, max(2.0, 10 * t.debounce)
         # Re-read even when the paths did not change: a rotated secret is a new file content.
         self._webhook_secret, self._reconcile_token = secrets
+        self.access = guard
         log.event("config_reloaded", file=str(self.cfg.path), changed=",".join(applied) or "nothing")
 
     def stop(self) -> None:
