@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.adapters.nix import _build_dirs, diffoscope, kept_build_dirs
+from reconciler.adapters.nix import _build_dirs, _listing, diffoscope, kept_build_dirs
 from reconciler.config import Config, ReproducibilityConfig, load_config
 from reconciler.core.events import EventType
 from reconciler.core.layout import AttestationKind, attestation_path, release_path
@@ -251,3 +251,18 @@ def _alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def test_a_second_build_of_any_size_is_listed_without_reading_past_a_budget(tmp_path: Path) -> None:
+    # The second build is not measured as the first was: a package can make it differ
+    # by a sparse file of a terabyte, which costs no disk but would be hashed whole.
+    out = tmp_path / "out.check"
+    out.mkdir()
+    (out / "small").write_bytes(b"x" * 10)
+    with (out / "huge").open("wb") as f:
+        f.truncate(1 << 40)
+    start = time.monotonic()
+    listed = _listing(out, 1 << 20)
+    assert time.monotonic() - start < 2
+    assert listed["huge"] == Entry("file", 1 << 40)
+    assert listed["small"].sha256 and listed["huge"].describe() == f"{1 << 40} bytes, not read"
