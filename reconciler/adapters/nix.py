@@ -85,6 +85,11 @@ HERMETIC_OPTIONS = (
 EXIT_GRACE = 60.0
 # What a builder sees of the machine only when it is not sandboxed.
 PROBE_PATHS = ("/usr", "/home", "/root", "/var")
+# The log a build may write before Nix stops it. A build's log reaches this process
+# whole (the realisation's stderr, kept for the failure's tail and the gate's messages):
+# without a limit, a package printing without end would fill the daemon's memory before
+# the build deadline.
+MAX_BUILD_LOG = 64 << 20
 # A build directory Nix keeps (--keep-failed): <TMPDIR>/nix-build-<drv name>-<n>.
 _BUILD_DIR = re.compile(r"nix-build-[A-Za-z0-9+._?=-]+\.drv-[0-9]+")
 # What nix/toolchain/import-debian.sh records of the Debian packages it staged from.
@@ -343,10 +348,15 @@ class Nix:
 
     def _build_options(self) -> list[str]:
         """Options of every realisation: sandbox as configured (a Nix daemon decides
-        for clients it does not trust; the probe tells), and the deadline."""
+        for clients it does not trust; the probe tells), the deadline, and how much
+        log a build may write (MAX_BUILD_LOG)."""
         timeout = str(round(self.settings.build_timeout.total_seconds()))
         sandbox = "true" if self.settings.sandbox else "false"
-        return [*NIX_OPTIONS, "--option", "sandbox", sandbox, "--option", "timeout", timeout]
+        return [
+            *NIX_OPTIONS,
+            *("--option", "sandbox", sandbox, "--option", "timeout", timeout),
+            *("--option", "max-build-log-size", str(MAX_BUILD_LOG)),
+        ]
 
     def probe_sandbox(self, key_dir: Path) -> bool:
         """Whether builds run in Nix's sandbox here, found by building a derivation
