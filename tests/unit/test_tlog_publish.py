@@ -542,3 +542,27 @@ def test_an_audit_reads_nothing_past_a_checkpoint_nobody_pinned_signed(world: Wo
     assert found.problems == [
         f"the checkpoint of example.com/log (size {tlog.MAX_SIZE}) is not signed by a pinned key"
     ]
+
+
+def test_a_checkpoint_or_proof_with_a_character_outside_ascii_is_refused_not_a_crash(
+    world: World,
+) -> None:
+    # base64 raised a plain ValueError on such a character, past the agent's refusal.
+    log = world.daemon()
+    world.publish(log, "web-1", 1)
+    agent = world.agent()
+    good = world.store.objects[CHECKPOINT]
+    inclusion = world.store.objects[inclusion_path("web-1", 1)]
+    note = parse_note(good)
+    world.store.objects[CHECKPOINT] = (
+        note.text + b"\n" + f"\u2014 {note.signatures[0].name} \u00e9AAAAAAA\n".encode()
+    )
+    with pytest.raises(RefusalError) as sig:
+        world.check(agent, "web-1", 1)
+    world.store.objects[CHECKPOINT] = good
+    world.store.objects[inclusion_path("web-1", 1)] = inclusion.replace(
+        b'"proof": [', '"proof": ["\u00e9", '.encode()
+    )
+    with pytest.raises(RefusalError) as proof:
+        world.check(agent, "web-1", 1)
+    assert sig.value.reason is proof.value.reason is Reason.NOT_IN_LOG
