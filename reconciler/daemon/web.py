@@ -137,7 +137,6 @@ class Access:
     ):
         self._token = token
         self._users = dict(users or {})
-        self._dummy = dummy_hash(self._users) if self._users else b""
         self._open = is_loopback(listen) and not token and not self._users
         self._closed = (not is_loopback(listen)) and not token and not self._users
         self._refusal = (
@@ -180,7 +179,9 @@ class Access:
         # handler: it gets what bcrypt reads of it, as htpasswd -B hashed it.
         secret = password.encode()[:MAX_PASSWORD]
         # checkpw compares in constant time; an unknown user costs a check all the same.
-        ok = bcrypt.checkpw(secret, hashed if hashed is not None else self._dummy)
+        # The dummy is made on first use (cached): at a high cost it takes as long as a
+        # login, which a daemon's start need not wait for.
+        ok = bcrypt.checkpw(secret, hashed if hashed is not None else dummy_hash(self._users))
         return ok and hashed is not None and bool(sep)
 
 
