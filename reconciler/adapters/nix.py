@@ -915,8 +915,11 @@ def _remove(path: Path) -> None:
     if path.is_symlink() or path.is_file():
         path.unlink(missing_ok=True)
     elif path.exists():
-        # Store paths are read-only: their directories are made writable first.
-        for dirpath, _, _ in os.walk(path):
+        # Store paths are read-only: their directories are made writable first,
+        # through descriptors (os.fwalk): a name a build's process swapped for a symlink
+        # meanwhile (an unsandboxed build's may outlive it) is never followed to a
+        # directory elsewhere, as chmod by path would between listing and changing it.
+        for _, _, _, fd in os.fwalk(path):
             with contextlib.suppress(OSError):
-                os.chmod(dirpath, 0o755)
+                os.fchmod(fd, 0o755)
         shutil.rmtree(path, ignore_errors=True)
