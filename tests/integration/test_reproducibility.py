@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import uuid
 from pathlib import Path
 
 import pytest
@@ -98,8 +99,9 @@ def test_a_build_that_logs_without_end_is_stopped_at_the_log_limit(
     monkeypatch.setattr(nix, "MAX_BUILD_LOG", limit)
     loud = PACKAGE.format(
         name="loud",
-        # One line without end: Nix counts bytes, and lines would cost it time each.
-        body=f"${{toolchain.busybox}} head -c {limit + (1 << 20)} /dev/zero >&2; echo 1",
+        # One line without end: Nix counts bytes, and lines would cost it time each. A
+        # nonce: a store that holds this output from another run would not build it.
+        body=f"${{toolchain.busybox}} head -c {limit + (1 << 20)} /dev/zero >&2; echo {uuid.uuid4().hex}",
     )
     repo = ConfigRepo(tmp_path / "repo")
     repo.write("packages/loud.nix", loud)
