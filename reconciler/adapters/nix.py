@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import tempfile
@@ -84,6 +85,11 @@ HERMETIC_OPTIONS = (
 EXIT_GRACE = 60.0
 # What a builder sees of the machine only when it is not sandboxed.
 PROBE_PATHS = ("/usr", "/home", "/root", "/var")
+# The log a build may write before Nix stops it. A build's log reaches this process
+# whole (the realisation's stderr, kept for the failure's tail and the gate's messages):
+# without a limit, a package printing without end would fill the daemon's memory before
+# the build deadline.
+MAX_BUILD_LOG = 64 << 20
 # A build directory Nix keeps (--keep-failed): <TMPDIR>/nix-build-<drv name>-<n>.
 _BUILD_DIR = re.compile(r"nix-build-[A-Za-z0-9+._?=-]+\.drv-[0-9]+")
 # What nix/toolchain/import-debian.sh records of the Debian packages it staged from.
@@ -342,10 +348,15 @@ class Nix:
 
     def _build_options(self) -> list[str]:
         """Options of every realisation: sandbox as configured (a Nix daemon decides
-        for clients it does not trust; the probe tells), and the deadline."""
+        for clients it does not trust; the probe tells), the deadline, and how much
+        log a build may write (MAX_BUILD_LOG)."""
         timeout = str(round(self.settings.build_timeout.total_seconds()))
         sandbox = "true" if self.settings.sandbox else "false"
-        return [*NIX_OPTIONS, "--option", "sandbox", sandbox, "--option", "timeout", timeout]
+        return [
+            *NIX_OPTIONS,
+            *("--option", "sandbox", sandbox, "--option", "timeout", timeout),
+            *("--option", "max-build-log-size", str(MAX_BUILD_LOG)),
+        ]
 
     def probe_sandbox(self, key_dir: Path) -> bool:
         """Whether builds run in Nix's sandbox here, found by building a derivation
@@ -702,6 +713,8 @@ class Nix:
         # when --max-jobs is 0, and the builder, whose output is valid already, passes it
         # without building again (tests/integration/test_builders.py).
         jobs = ["--option", "builders", ""] + ([] if self.settings.local_builds else ["--max-jobs", "1"])
+        tmp = Path(self.env.get("TMPDIR", "/tmp")).resolve()
+        before = _build_dirs(tmp)
         check = self._build(
             [
                 "nix-store",
@@ -722,8 +735,7 @@ class Nix:
         outcome = parse_check(check.stderr)
         outputs = self._outputs(host, todo) if outcome.mismatches else frozenset()
         mismatches = [m for m in outcome.mismatches if m.output in outputs and m.derivation in todo]
-        tmp = Path((env or self.env).get("TMPDIR", "/tmp")).resolve()
-        kept = [d for d in map(Path, outcome.kept_dirs) if d.parent == tmp and _BUILD_DIR.fullmatch(d.name)]
+        kept = kept_build_dirs(outcome.kept_dirs, tmp, before, todo)
         try:
             if check.returncode == 0:
                 return ReproCheck(derivations=closure, rebuilt=tuple(todo), where=CHECK_LOCAL)
@@ -759,7 +771,10 @@ class Nix:
         second = Path(m.output + ".check")
         if m.check != str(second) or not second.exists():
             return "Nix kept no second build to compare"
-        lines = compare(_listing(Path(m.output)), _listing(second))
+        # The second build is not measured against nix.max_output_size as the first was:
+        # it may be made to differ by a file of any size (a sparse one costs no disk).
+        budget = self.settings.max_output_size
+        lines = compare(_listing(Path(m.output), budget), _listing(second, budget))
         summary = summarise(lines)
         report = self._diffoscope(Path(m.output), second)
         return f"{summary} (diffoscope: {report})" if report else summary
@@ -773,54 +788,115 @@ class Nix:
             return None
         self.reports.mkdir(parents=True, exist_ok=True)
         report = self.reports / f"{first.name}.diffoscope.txt"
-        timeout = self.reproducibility.diff_timeout
-        try:
-            proc = subprocess.run(
-                [
-                    tool,
-                    "--no-progress",
-                    "--text",
-                    str(report),
-                    "--max-text-report-size",
-                    str(1 << 20),
-                    "--timeout",
-                    str(max(1, round(timeout / 2))),
-                    "--exclude-directory-metadata",
-                    "recursive",
-                    str(first),
-                    str(second),
-                ],
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                stdin=subprocess.DEVNULL,
-            )
-        except subprocess.TimeoutExpired:
-            return f"stopped after {round(timeout)}s, see reproducibility.diff_timeout"
-        # 1: the two differ (the report is written); 0: diffoscope sees no difference.
-        if proc.returncode not in (0, 1):
-            return f"failed with exit status {proc.returncode}"
-        return str(report)
+        return diffoscope(tool, first, second, report, self.reproducibility.diff_timeout)
+
+
+def _build_dirs(tmp: Path) -> frozenset[str]:
+    """The names of the build directories in ``tmp`` (Nix's, kept or in use)."""
+    try:
+        return frozenset(p.name for p in tmp.iterdir() if _BUILD_DIR.fullmatch(p.name))
+    except OSError:
+        return frozenset()
+
+
+def kept_build_dirs(
+    named: Iterable[str], tmp: Path, before: frozenset[str], drvs: Iterable[str]
+) -> list[Path]:
+    """The build directories a check's log says Nix kept (``named``) that are the
+    check's own, for the gate to remove: in ``tmp``, there not ``before`` the check
+    began, and named for one of the derivations it built again (``drvs``;
+    ``nix-build-<drv name>-<n>``). The log carries the builds' own output, which may
+    print Nix's words: a line naming another host's build directory, in use or kept
+    for an operator, must not have it deleted."""
+    names = {Path(d).name.partition("-")[2] for d in drvs}
+    out = []
+    for d in map(Path, named):
+        m = _BUILD_DIR.fullmatch(d.name)
+        if m is None or d.parent != tmp or d.name in before:
+            continue
+        if d.name.removeprefix("nix-build-").rpartition("-")[0] in names:
+            out.append(d)
+    return out
+
+
+def diffoscope(tool: str, first: Path, second: Path, report: Path, timeout: float) -> str | None:
+    """Run diffoscope over two builds, its text report to ``report``: the report's path,
+    or what stopped it. The builds are the repository's: diffoscope hands their files to
+    many tools (unpackers, disassemblers), which run in a process group of their own
+    that the deadline kills whole (killing diffoscope alone would leave a tool stuck on
+    a crafted file running), with an environment of their own (none of the daemon's:
+    not its GNUPGHOME, nor a store's credentials) and a scratch HOME and TMPDIR."""
+    with tempfile.TemporaryDirectory(prefix="reconciler-diffoscope-") as scratch:
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "LC_ALL": "C.UTF-8",
+            "HOME": scratch,
+            "TMPDIR": scratch,
+        }
+        args = [
+            tool,
+            "--no-progress",
+            "--text",
+            str(report),
+            "--max-text-report-size",
+            str(1 << 20),
+            "--timeout",
+            str(max(1, round(timeout / 2))),
+            "--exclude-directory-metadata",
+            "recursive",
+            str(first),
+            str(second),
+        ]
+        with subprocess.Popen(
+            args,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        ) as proc:
+            try:
+                code = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                code = None
+            # Whatever diffoscope started and left behind goes with it.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    if code is None:
+        return f"stopped after {round(timeout)}s, see reproducibility.diff_timeout"
+    # 1: the two differ (the report is written); 0: diffoscope sees no difference.
+    if code not in (0, 1):
+        return f"failed with exit status {code}"
+    return str(report)
 
 
 def _quiet(seconds: float, output: str) -> None:
     """A check's heartbeat: it says nothing (the build before it did)."""
 
 
-def _listing(root: Path) -> dict[str, Entry]:
-    """Every file under ``root`` (or ``root`` itself) as the gate compares it."""
+def _listing(root: Path, budget: int) -> dict[str, Entry]:
+    """Every file under ``root`` (or ``root`` itself) as the gate compares it; files are
+    hashed while their sizes add up to no more than ``budget`` bytes, the rest compared
+    by size alone."""
     out: dict[str, Entry] = {}
+    left = budget
 
     def entry(p: Path) -> Entry:
+        nonlocal left
         st = p.lstat()
         if stat.S_ISLNK(st.st_mode):
             return Entry("symlink", target=os.readlink(p))
         if stat.S_ISDIR(st.st_mode):
             return Entry("directory")
         if stat.S_ISREG(st.st_mode):
+            executable = bool(st.st_mode & 0o111)
+            if st.st_size > left:
+                return Entry("file", st.st_size, executable=executable)
+            left -= st.st_size
             with p.open("rb") as f:
                 digest = hashlib.file_digest(f, "sha256").hexdigest()
-            return Entry("file", st.st_size, digest, executable=bool(st.st_mode & 0o111))
+            return Entry("file", st.st_size, digest, executable=executable)
         return Entry("other")
 
     out[""] = entry(root)
@@ -839,8 +915,11 @@ def _remove(path: Path) -> None:
     if path.is_symlink() or path.is_file():
         path.unlink(missing_ok=True)
     elif path.exists():
-        # Store paths are read-only: their directories are made writable first.
-        for dirpath, _, _ in os.walk(path):
+        # Store paths are read-only: their directories are made writable first,
+        # through descriptors (os.fwalk): a name a build's process swapped for a symlink
+        # meanwhile (an unsandboxed build's may outlive it) is never followed to a
+        # directory elsewhere, as chmod by path would between listing and changing it.
+        for _, _, _, fd in os.fwalk(path):
             with contextlib.suppress(OSError):
-                os.chmod(dirpath, 0o755)
+                os.fchmod(fd, 0o755)
         shutil.rmtree(path, ignore_errors=True)

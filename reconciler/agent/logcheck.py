@@ -72,9 +72,18 @@ def check_signatures(
 ) -> list[str]:
     """Why the signatures of ``note`` are not enough: none by a publisher key, or none
     by a witness key in ``need``; empty when they are."""
-    problems = []
+    return _signatures(note, cp, publisher, witnesses, need)[0]
+
+
+def _signatures(
+    note: Note, cp: Checkpoint, publisher: NoteVerifier, witnesses: NoteVerifier | None, need: frozenset[str]
+) -> tuple[list[str], bool]:
+    """check_signatures' problems, and whether the publisher signed ``note``."""
+    problems: list[str] = []
+    signed = False
     try:
-        if not publisher.verified(note):
+        signed = bool(publisher.verified(note))
+        if not signed:
             problems.append(f"the checkpoint of {cp.origin} (size {cp.size}) is not signed by a pinned key")
         if witnesses is not None:
             missing = need - witnesses.verified(note)
@@ -85,7 +94,8 @@ def check_signatures(
                 )
     except VerificationError as exc:
         problems.append(str(exc))
-    return problems
+        signed = False
+    return problems, signed
 
 
 class LogClient:
@@ -248,7 +258,12 @@ def audit(
         out.problems.append(str(exc))
         return out
     out.checkpoint = cp
-    out.problems += check_signatures(note, cp, publisher, witnesses, witness_fingerprints)
+    problems, signed = _signatures(note, cp, publisher, witnesses, witness_fingerprints)
+    out.problems += problems
+    if not signed:
+        # Its size and root are nobody's word: a checkpoint anyone wrote could name a
+        # tree of 2**48 entries and have this read bundles from a mirror without end.
+        return out
 
     # Every entry, from the bundles; the whole tree from them.
     entries: list[bytes] = []

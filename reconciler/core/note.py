@@ -13,7 +13,6 @@ the fingerprint as its 20 (v4) or 32 (v5) bytes.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import re
 from dataclasses import dataclass
@@ -90,7 +89,8 @@ def parse_note(data: bytes, what: str = "note") -> Note:
             raise LogFormatError(f"{what}: malformed signature line {line[:80]!r}")
         try:
             raw = base64.b64decode(parts[2], validate=True)
-        except binascii.Error:
+        # binascii.Error, or a plain ValueError for a character outside ASCII.
+        except ValueError:
             raise LogFormatError(f"{what}: a signature of {parts[1]} is not base64") from None
         if len(raw) < 5:
             raise LogFormatError(f"{what}: a signature of {parts[1]} is too short")

@@ -90,14 +90,15 @@ class Entry:
 
     kind: str  # "file", "symlink", "directory" or "other"
     size: int = 0
-    sha256: str = ""
+    sha256: str = ""  # empty: not read (past the gate's budget of bytes to hash)
     target: str = ""
     executable: bool = False
 
     def describe(self) -> str:
         if self.kind == "file":
             mode = ", executable" if self.executable else ""
-            return f"{self.size} bytes, sha256 {self.sha256[:16]}{mode}"
+            digest = f"sha256 {self.sha256[:16]}" if self.sha256 else "not read"
+            return f"{self.size} bytes, {digest}{mode}"
         if self.kind == "symlink":
             return f"symlink to {printable(self.target)}"
         return self.kind

@@ -25,7 +25,6 @@ so that one cannot hide the other's mistake.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import json
 import re
@@ -604,7 +603,8 @@ def parse_checkpoint(text: bytes) -> Checkpoint:
         raise LogFormatError(f"checkpoint of {origin!r}: tree size {size!r} is not a number")
     try:
         digest = base64.b64decode(root, validate=True)
-    except binascii.Error:
+    # binascii.Error, or a plain ValueError for a character outside ASCII.
+    except ValueError:
         digest = b""
     if len(digest) != HASH_SIZE or base64.b64encode(digest).decode() != root:
         raise LogFormatError(f"checkpoint of {origin!r}: the root hash is not 32 bytes of base64")
@@ -659,7 +659,8 @@ def parse_inclusion(data: bytes, source: str) -> Inclusion:
     for h in proof:
         try:
             raw = base64.b64decode(h, validate=True) if isinstance(h, str) else b""
-        except binascii.Error:
+        # binascii.Error, or a plain ValueError for a character outside ASCII.
+        except ValueError:
             raw = b""
         if len(raw) != HASH_SIZE:
             raise LogFormatError(f"{source}: a proof hash is not 32 bytes of base64")

@@ -112,7 +112,8 @@ class Daemon:
             self.ready,
             post,
             get,
-            guard=self.access.guard,
+            # Through the attribute: a reload puts the credentials read again there.
+            guard=lambda request: self.access.guard(request),
             get_headers=SECURITY_HEADERS,
             challenge=self.access.challenge,
         )
@@ -304,13 +305,17 @@ class Daemon:
             secrets = _secrets(new)
             # Read now: a target whose URL or token file cannot be read refuses the reload.
             targets = [Target(n, new.path, i) for i, n in enumerate(new.notifications)]
+            merged, applied, restart = reload(self.cfg, new)
+            # The page's token and passwords are read again from the files in use (a
+            # change of their paths needs a restart): rotating a leaked token and
+            # sending SIGHUP must shut the old one out, as it does the triggers'.
+            guard = access(merged)
         except ConfigError as exc:
             log.event("config_reload_failed", logging.ERROR, file=exc.path, key=exc.key, reason=exc.reason)
             return
         except ReconcilerError as exc:
             log.event("config_reload_failed", logging.ERROR, file=str(self.cfg.path), key="", reason=str(exc))
             return
-        merged, applied, restart = reload(self.cfg, new)
         if restart:
             log.event("config_reload_needs_restart", logging.WARNING, keys=",".join(restart))
         self.cfg = merged
@@ -326,6 +331,7 @@ class Daemon:
             # The next renewal writes the new duration; until then the lease is held for
             # the one last written (core.lease.Held), and standbys read it from the record.
             self.reconciler.lease.settings = merged.lease
+        self.access = guard
         log.event("config_reloaded", file=str(self.cfg.path), changed=",".join(applied) or "nothing")
 
     def _retarget(self, targets: list[Target]) -> bool:

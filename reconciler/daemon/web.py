@@ -15,12 +15,12 @@ nobody: the page is refused with a message naming the keys to set.
 from __future__ import annotations
 
 import base64
-import binascii
 import functools
 import hmac
 import ipaddress
 import logging
 import re
+import socket
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -66,10 +66,22 @@ HOST_EVENTS = 500
 
 
 # A bcrypt hash compared when the user is unknown, so the answer takes as long as for a
-# known one: the timing does not tell which users exist.
+# known one: the timing does not tell which users exist. Its cost is the highest of the
+# file's (a check's time doubles with each step of cost: a dummy of another cost than
+# the users' would tell a known user from an unknown one).
 @functools.cache
-def _dummy() -> bytes:
-    return bcrypt.hashpw(b"not a password", bcrypt.gensalt(10))
+def _dummy(cost: int = 10) -> bytes:
+    return bcrypt.hashpw(b"not a password", bcrypt.gensalt(cost))
+
+
+def dummy_hash(users: Mapping[str, bytes]) -> bytes:
+    """The hash an unknown user's password is checked against (see _dummy)."""
+    return _dummy(max((int(h[4:6]) for h in users.values()), default=10))
+
+
+# bcrypt reads at most this many bytes of a password (htpasswd -B hashes no more);
+# bcrypt 5 raises ValueError on longer ones instead of cutting them.
+MAX_PASSWORD = 72
 
 
 # A bcrypt hash as htpasswd -B and bcrypt.hashpw write it: variant, cost, 22 characters
@@ -81,7 +93,14 @@ def is_loopback(listen: str) -> bool:
     """Whether ``listen`` (HOST:PORT) is reachable only from this machine."""
     host = listen.rpartition(":")[0].strip("[]")
     if host == "localhost":
-        return True
+        # The listener binds to what the name resolves to (an IPv4 address: the
+        # Server's family), which /etc/hosts may make any address: loopback only if
+        # every address it names is.
+        try:
+            found = {a[4][0] for a in socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)}
+        except OSError:
+            return False
+        return bool(found) and all(ipaddress.ip_address(a).is_loopback for a in found)
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -151,11 +170,18 @@ class Access:
     def _basic(self, credential: str) -> bool:
         try:
             user, sep, password = base64.b64decode(credential, validate=True).decode("utf-8").partition(":")
-        except (binascii.Error, UnicodeDecodeError):
+        # binascii.Error, UnicodeDecodeError, or a plain ValueError for a character
+        # outside ASCII (http.server reads header values as Latin-1).
+        except ValueError:
             return False
         hashed = self._users.get(user)
+        # bcrypt 5 raises on a password longer than it reads, which would crash the
+        # handler: it gets what bcrypt reads of it, as htpasswd -B hashed it.
+        secret = password.encode()[:MAX_PASSWORD]
         # checkpw compares in constant time; an unknown user costs a check all the same.
-        ok = bcrypt.checkpw(password.encode(), hashed if hashed is not None else _dummy())
+        # The dummy is made on first use (cached): at a high cost it takes as long as a
+        # login, which a daemon's start need not wait for.
+        ok = bcrypt.checkpw(secret, hashed if hashed is not None else dummy_hash(self._users))
         return ok and hashed is not None and bool(sep)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import uuid
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,35 @@ def test_a_host_that_does_not_build_twice_the_same_publishes_nothing(
     # The package, the services tree, the image and the artifacts, each built twice.
     assert repro["status"] == "passed" and repro["where"] == ["local"] and repro["derivations"] >= 4
     assert (store / release_path("good", 1)).exists()
+
+
+def test_a_build_that_logs_without_end_is_stopped_at_the_log_limit(
+    tmp_path: Path, signing: Signing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The build log reaches the daemon whole: a package printing more than its limit
+    # is stopped by Nix, not held in the daemon's memory until the build deadline
+    # (nix.MAX_BUILD_LOG).
+    from reconciler.adapters import nix
+
+    # 1 MiB here: the limit is what is tested, not its 64 MiB (which takes longer to write).
+    limit = 1 << 20
+    monkeypatch.setattr(nix, "MAX_BUILD_LOG", limit)
+    loud = PACKAGE.format(
+        name="loud",
+        # One line without end: Nix counts bytes, and lines would cost it time each. A
+        # nonce: a store that holds this output from another run would not build it.
+        body=f"${{toolchain.busybox}} head -c {limit + (1 << 20)} /dev/zero >&2; echo {uuid.uuid4().hex}",
+    )
+    repo = ConfigRepo(tmp_path / "repo")
+    repo.write("packages/loud.nix", loud)
+    repo.write("hosts/loud.yaml", HOST.format(name="loud", package="loud"))
+    repo.commit("a loud host")
+    cfg = load_config(write_config(tmp_path / "daemon", repo, signing))
+    rec = open_reconciler(cfg)
+    try:
+        result = rec.reconcile()
+    finally:
+        rec.close()
+    (out,) = result.outcomes
+    assert not out.ok
+    assert f"killed after writing more than {limit} bytes of log output" in (out.error or "")

@@ -227,3 +227,39 @@ def test_reconcile_now_can_wait_for_its_pass_and_answers_with_its_result(
     finally:
         release.set()
     wait_for(lambda: world.ledger.states["web-2"].version == 2, 10, "pass 4 to publish web-2")
+
+
+def test_a_reload_reads_the_fleet_page_s_token_again(tmp_path: Path) -> None:
+    # A leaked token is rotated by writing the file anew and sending SIGHUP, as the
+    # triggers' secrets are: the old one must stop opening the page.
+    from reconciler.config import load_config
+
+    world = World(tmp_path)
+    (tmp_path / "web.token").write_text("old-t0ken\n")
+    (tmp_path / "r.yaml").write_text(
+        "repo: {url: /r}\nstore: {type: filesystem, path: /s}\nstate_dir: /st\n"
+        "signing: {gnupghome: /g, key: K}\nlisten: 127.0.0.1:0\nweb: {token_file: web.token}\n"
+    )
+    cfg = load_config(tmp_path / "r.yaml")
+    rec = world.reconciler()
+    rec.cfg = replace(rec.cfg, path=cfg.path, listen=cfg.listen, web=cfg.web)
+    daemon = Daemon(rec.cfg, rec)
+    daemon.server.start()
+    url = f"http://127.0.0.1:{daemon.server.port}/page.css"
+
+    def get(token: str) -> int:
+        req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+        try:
+            with urllib.request.urlopen(req, timeout=5) as r:
+                return int(r.status)
+        except urllib.error.HTTPError as e:
+            return int(e.code)
+
+    try:
+        assert (get("old-t0ken"), get("new-t0ken")) == (200, 401)
+        (tmp_path / "web.token").write_text("new-t0ken\n")
+        daemon.reload()
+        assert (get("old-t0ken"), get("new-t0ken")) == (401, 200)
+    finally:
+        daemon.server.stop()
+        rec.close()

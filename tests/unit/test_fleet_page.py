@@ -9,6 +9,7 @@ import re
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import bcrypt
 import pytest
@@ -25,6 +26,7 @@ from reconciler.daemon.web import (
     SECURITY_HEADERS,
     Access,
     FleetPage,
+    dummy_hash,
     fleet_rows,
     is_loopback,
     parse_htpasswd,
@@ -384,3 +386,51 @@ def test_a_state_that_cannot_be_read_is_said_in_a_line(
             "text/plain; charset=utf-8",
             b"cannot read the daemon's state: state.db: file is not a database\n",
         )
+
+
+# -- review: attacks on the guard ---------------------------------------------------
+
+
+def test_a_password_longer_than_bcrypt_reads_is_refused_not_a_crash(tmp_path: Path) -> None:
+    # bcrypt 5 raises ValueError on more than 72 bytes: the guard raised, the handler
+    # crashed and every such request logged an internal error.
+    access = Access("0.0.0.0:9180", tmp_path / "r.yaml", users=parse_htpasswd(f"ops:{HASH}", "f"))
+    for user in ("ops", "nobody"):
+        refused = access.guard(req(headers=basic(user, "x" * 100)))
+        assert refused is not None and refused[0] == 401
+    # What htpasswd -B hashed of a long password (its first 72 bytes) lets its user in.
+    long = "p" * 72
+    cut = bcrypt.hashpw(long.encode(), bcrypt.gensalt(4)).decode()
+    access = Access("0.0.0.0:9180", tmp_path / "r.yaml", users=parse_htpasswd(f"ops:{cut}", "f"))
+    assert access.guard(req(headers=basic("ops", long + "tail"))) is None
+
+
+def test_a_basic_credential_outside_ascii_is_refused_not_a_crash(tmp_path: Path) -> None:
+    # http.server reads header values as Latin-1; base64 raised a plain ValueError on
+    # them, which the guard did not catch: the handler crashed.
+    access = Access("0.0.0.0:9180", tmp_path / "r.yaml", users=parse_htpasswd(f"ops:{HASH}", "f"))
+    refused = access.guard(req(headers={"Authorization": "Basic b3BzOnMzY3JldA\u00e9="}))
+    assert refused is not None and refused[0] == 401
+
+
+def test_an_unknown_user_is_checked_at_the_cost_of_the_known_ones() -> None:
+    # A dummy of another cost than the users' would let the timing tell which exist.
+    costly = bcrypt.hashpw(b"x", bcrypt.gensalt(5))
+    assert dummy_hash({"ops": costly})[:7] == b"$2b$05$"
+    assert dummy_hash({"ops": HASH.encode(), "ci": costly})[:7] == b"$2b$05$"
+
+
+def test_localhost_is_loopback_only_where_it_resolves_to_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    assert is_loopback("localhost:9180")  # this machine's /etc/hosts
+    real = socket.getaddrinfo
+
+    def hosts(host: str, *args: Any, **kwargs: Any) -> Any:
+        if host == "localhost":  # an /etc/hosts that maps localhost to the LAN
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.0.0.5", 0))]
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", hosts)
+    assert not is_loopback("localhost:9180")
+    assert Access("localhost:9180", Path("r.yaml")).closed

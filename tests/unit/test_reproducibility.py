@@ -4,11 +4,13 @@ publishes nothing, the others go on, and the provenance says whether and where t
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 
+from reconciler.adapters.nix import _build_dirs, _listing, diffoscope, kept_build_dirs
 from reconciler.config import Config, ReproducibilityConfig, load_config
 from reconciler.core.events import EventType
 from reconciler.core.layout import AttestationKind, attestation_path, release_path
@@ -192,3 +194,75 @@ def test_the_gate_is_configured_with_clear_errors(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as exc:
             load_config(path)
         assert key in str(exc.value)
+
+
+def test_only_the_checks_own_kept_build_directories_are_removed(tmp_path: Path) -> None:
+    # The check's log carries the builds' own output: a package can print Nix's words.
+    # Another host's build directory, in use while this check runs, and one an operator
+    # kept, must survive a line naming them; the check's own is removed.
+    other = tmp_path / "nix-build-other-host-site.drv-0"  # another host building now
+    other.mkdir()
+    earlier = tmp_path / "nix-build-nd-501.drv-0"  # kept by an earlier failed build
+    earlier.mkdir()
+    before = _build_dirs(tmp_path)
+    own = tmp_path / "nix-build-nd-501.drv-1"
+    own.mkdir()
+    late = tmp_path / "nix-build-web-2-site.drv-0"  # another host's, started during the check
+    late.mkdir()
+    log = "".join(
+        f"note: keeping build directory '{d}'\n"
+        for d in (other, earlier, own, late, tmp_path / "sub" / "nix-build-nd-501.drv-3", Path("/etc"))
+    )
+    named = parse_check(NIX_CHECK + log).kept_dirs
+    assert kept_build_dirs(named, tmp_path, before, [DRV]) == [own]
+
+
+def test_diffoscope_runs_in_a_group_the_deadline_kills_whole_without_the_daemons_env(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # diffoscope hands the repository's files to other tools; one stuck on a crafted
+    # file must not outlive the deadline (killing diffoscope alone left it running),
+    # and none of them sees the daemon's environment (its GNUPGHOME, a store's keys).
+    # This stand-in for diffoscope starts such a tool and waits for it.
+    tool = tmp_path / "diffoscope"
+    tool.write_text(
+        '#!/bin/sh\nenv > "$(dirname "$0")/env"\nsleep 60 & echo $! > "$(dirname "$0")/tool.pid"\nwait\n'
+    )
+    tool.chmod(0o755)
+    monkeypatch.setenv("GNUPGHOME", "/var/lib/reconciler/gnupg")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cret")
+    start = time.monotonic()
+    got = diffoscope(str(tool), tmp_path / "a", tmp_path / "b", tmp_path / "report.txt", 0.5)
+    assert got == "stopped after 0s, see reproducibility.diff_timeout"
+    assert time.monotonic() - start < 5
+    pid = int((tmp_path / "tool.pid").read_text())
+    deadline = time.monotonic() + 5
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not _alive(pid), "the tool diffoscope started outlived its deadline"
+    env = (tmp_path / "env").read_text()
+    assert "GNUPGHOME" not in env and "s3cret" not in env
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting for init to reap it does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def test_a_second_build_of_any_size_is_listed_without_reading_past_a_budget(tmp_path: Path) -> None:
+    # The second build is not measured as the first was: a package can make it differ
+    # by a sparse file of a terabyte, which costs no disk but would be hashed whole.
+    out = tmp_path / "out.check"
+    out.mkdir()
+    (out / "small").write_bytes(b"x" * 10)
+    with (out / "huge").open("wb") as f:
+        f.truncate(1 << 40)
+    start = time.monotonic()
+    listed = _listing(out, 1 << 20)
+    assert time.monotonic() - start < 2
+    assert listed["huge"] == Entry("file", 1 << 40)
+    assert listed["small"].sha256 and listed["huge"].describe() == f"{1 << 40} bytes, not read"

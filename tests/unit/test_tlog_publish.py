@@ -19,7 +19,7 @@ import pytest
 from reconciler.agent.logcheck import LogClient, audit
 from reconciler.core import tlog
 from reconciler.core.layout import CHECKPOINT, inclusion_path, latest_path, log_path, release_path
-from reconciler.core.note import parse_note
+from reconciler.core.note import Note, Signature, openpgp_key_id, parse_note
 from reconciler.core.release import Artifact, Release, new_release
 from reconciler.core.trust import Reason, RefusalError
 from reconciler.daemon.gate import Gate
@@ -521,3 +521,48 @@ def test_a_pass_logs_every_host_it_publishes_before_latest_moves(tmp_path: Path)
         rec.metrics.registry.get_sample_value("reconciler_stage_duration_seconds_count", {"stage": "log"})
         == 2
     )
+
+
+def test_an_audit_reads_nothing_past_a_checkpoint_nobody_pinned_signed(world: World) -> None:
+    # Its size is nobody's word: a mirror could serve a head of 2**48 entries and then
+    # bundles without end, which the audit would read one by one.
+    forged = FakeNoteKey(secret=b"someone else")
+    text = tlog.Checkpoint("example.com/log", tlog.MAX_SIZE, bytes(32)).text()
+    name = "example.com/log"
+    note = Note(text, (Signature(name, openpgp_key_id(name, "CD" * 20), forged.sign_note(text)),))
+    reads: list[str] = []
+
+    def read(key: str, limit: int) -> bytes | None:
+        reads.append(key)
+        assert len(reads) < 10, "the audit reads on past an unsigned checkpoint"
+        return note.to_bytes() if key == CHECKPOINT else None
+
+    found = audit(read, None, world.key)
+    assert reads == [CHECKPOINT]
+    assert found.problems == [
+        f"the checkpoint of example.com/log (size {tlog.MAX_SIZE}) is not signed by a pinned key"
+    ]
+
+
+def test_a_checkpoint_or_proof_with_a_character_outside_ascii_is_refused_not_a_crash(
+    world: World,
+) -> None:
+    # base64 raised a plain ValueError on such a character, past the agent's refusal.
+    log = world.daemon()
+    world.publish(log, "web-1", 1)
+    agent = world.agent()
+    good = world.store.objects[CHECKPOINT]
+    inclusion = world.store.objects[inclusion_path("web-1", 1)]
+    note = parse_note(good)
+    world.store.objects[CHECKPOINT] = (
+        note.text + b"\n" + f"\u2014 {note.signatures[0].name} \u00e9AAAAAAA\n".encode()
+    )
+    with pytest.raises(RefusalError) as sig:
+        world.check(agent, "web-1", 1)
+    world.store.objects[CHECKPOINT] = good
+    world.store.objects[inclusion_path("web-1", 1)] = inclusion.replace(
+        b'"proof": [', '"proof": ["\u00e9", '.encode()
+    )
+    with pytest.raises(RefusalError) as proof:
+        world.check(agent, "web-1", 1)
+    assert sig.value.reason is proof.value.reason is Reason.NOT_IN_LOG
