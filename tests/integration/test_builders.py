@@ -11,8 +11,9 @@ import re
 import shlex
 import shutil
 import subprocess
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,11 @@ pytestmark = pytest.mark.integration
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 DROP_IN = DEPLOY / "systemd/nix-daemon.service.d/reconciler-builders.conf"
+
+
+def recorded(rec: Reconciler) -> Mapping[str, object]:
+    """What `reconciler status` would show now."""
+    return status(rec.state, time.time(), rec.cfg.retry.max.total_seconds())
 
 
 # A package with a new random id in every build (NONCE: new to every store).
@@ -121,7 +127,7 @@ def test_a_host_is_built_on_the_builder_and_copied_back(
         assert rec.metrics.registry.get_sample_value(
             "reconciler_builder_build_duration_seconds_count", {"builder": "b1"}
         )
-        b1 = status(rec.state)["builders"]["b1"]  # type: ignore[index]
+        b1 = recorded(rec)["builders"]["b1"]  # type: ignore[index]
         assert b1["builds"] == 2 and b1["last_build"] and b1["last_error"] is None
     finally:
         rec.close()
@@ -165,7 +171,7 @@ def test_a_dead_builder_fails_over_to_local_builds(
         assert ok, error
         assert builds(rec, "dead", "unreachable") == 1
         assert builds(rec, "local", "success") == 1
-        row = status(rec.state)["builders"]["dead"]  # type: ignore[index]
+        row = recorded(rec)["builders"]["dead"]  # type: ignore[index]
         assert row["unreachable"] == 1 and "Connection refused" in row["last_error"], row
     finally:
         rec.close()
@@ -190,7 +196,7 @@ def test_an_unknown_host_key_is_refused_naming_the_builder(
         assert error is not None and "builder b1 refused: Host key verification failed." in error, error
         assert builds(rec, "b1", "unreachable") == 1
         assert builds(rec, "b1", "success") == 0
-        assert status(rec.state)["hosts"]["tiny"]["status"] == "failed"  # type: ignore[index]
+        assert recorded(rec)["hosts"]["tiny"]["status"] == "failed"  # type: ignore[index]
     finally:
         rec.close()
     assert not (remote / "nix/store").exists() or not any((remote / "nix/store").iterdir())
@@ -263,7 +269,7 @@ def test_builds_through_an_untrusted_nix_daemon_run_on_its_builders(
             assert outcome.ok, outcome.error
             assert builds(rec, "b1", "success") == 1
             assert builds(rec, "local", "success") == 0
-            b1 = status(rec.state)["builders"]["b1"]  # type: ignore[index]
+            b1 = recorded(rec)["builders"]["b1"]  # type: ignore[index]
             assert b1["builds"] == 1 and b1["last_error"] is None
             release_file = tmp_path / "store/hosts/tiny/releases/1.json"
             drv = parse_release(release_file.read_bytes(), str(release_file)).derivation
@@ -287,7 +293,7 @@ def test_builds_through_an_untrusted_nix_daemon_run_on_its_builders(
             assert "builder b1 refused: error: cannot open connection to remote store" in outcome.error
             assert builds(rec, "b1", "unreachable") == 1
             assert builds(rec, "local", "success") == builds(rec, "local", "failure") == 0
-            b1 = status(rec.state)["builders"]["b1"]  # type: ignore[index]
+            b1 = recorded(rec)["builders"]["b1"]  # type: ignore[index]
             assert b1["unreachable"] == 1 and "cannot open connection" in b1["last_error"], b1
         finally:
             rec.close()
