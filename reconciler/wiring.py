@@ -484,7 +484,7 @@ def audit_log(
         listing = s.list("")
 
         def read(key: str, limit: int) -> bytes | None:
-            return s.get_bytes(key)
+            return s.get_bytes(key, limit)
     else:
         base = store or ""
 

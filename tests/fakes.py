@@ -335,8 +335,11 @@ class MemoryStore:
         self._put(key, data)
         return True
 
-    def get_bytes(self, key: str) -> bytes | None:
-        return self.objects.get(key)
+    def get_bytes(self, key: str, limit: int | None = None) -> bytes | None:
+        data = self.objects.get(key)
+        if data is not None and limit is not None and len(data) > limit:
+            raise StoreError(f"cannot read {key} from memory: larger than {limit} bytes")
+        return data
 
     def exists(self, key: str) -> bool:
         return key in self.objects

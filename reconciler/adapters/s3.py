@@ -299,12 +299,13 @@ class S3Store:
             "only one daemon against this store"
         )
 
-    def get_bytes(self, key: str) -> bytes | None:
+    def get_bytes(self, key: str, limit: int | None = None) -> bytes | None:
         full = self._key(key)
         try:
             body = self.client.get_object(Bucket=self.bucket, Key=full)["Body"]
             try:
-                return body.read()
+                # Not a Range request: an empty object answers one with 416.
+                data: bytes = body.read() if limit is None else body.read(limit + 1)
             finally:
                 body.close()
         except ClientError as exc:
@@ -313,6 +314,9 @@ class S3Store:
             raise self._error("read", key, exc) from None
         except BotoCoreError as exc:
             raise self._error("read", key, exc) from None
+        if limit is not None and len(data) > limit:
+            raise StoreError(f"cannot read {key} in {self.location}: larger than {limit} bytes")
+        return data
 
     def size(self, key: str) -> int | None:
         full = self._key(key)

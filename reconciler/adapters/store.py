@@ -134,13 +134,17 @@ class FilesystemStore:
             raise StoreError(f"cannot create {key} in {self.root}: {reason}") from None
         return True
 
-    def get_bytes(self, key: str) -> bytes | None:
+    def get_bytes(self, key: str, limit: int | None = None) -> bytes | None:
         try:
-            return self._path(key).read_bytes()
+            with self._path(key).open("rb") as f:
+                data = f.read() if limit is None else f.read(limit + 1)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
         except OSError as exc:
             raise StoreError(f"cannot read {key} from {self.root}: {exc.strerror}") from None
+        if limit is not None and len(data) > limit:
+            raise StoreError(f"cannot read {key} from {self.root}: larger than {limit} bytes")
+        return data
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()

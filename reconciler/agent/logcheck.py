@@ -54,10 +54,9 @@ from reconciler.core.trust import Reason, RefusalError
 from reconciler.errors import VerificationError
 from reconciler.ports import NoteVerifier
 
-# An inclusion file is a few dozen hashes; a tile 8 KiB; a bundle 256 short entries.
-INCLUSION_LIMIT = 16 * 1024
-TILE_LIMIT = TILE_WIDTH * tlog.HASH_SIZE
-BUNDLE_LIMIT = TILE_WIDTH * (tlog.MAX_ENTRY + 2)
+INCLUSION_LIMIT = tlog.INCLUSION_LIMIT
+TILE_LIMIT = tlog.TILE_LIMIT
+BUNDLE_LIMIT = tlog.BUNDLE_LIMIT
 
 Read = Callable[[str, int], bytes | None]  # a store key, at most so many bytes -> bytes, None if missing
 

@@ -46,6 +46,12 @@ INCLUSION_SCHEMA = "reconciler.tlog-inclusion/v1"
 # Far more than any log of releases reaches; bounds what a reader parses.
 MAX_SIZE = 1 << 48
 MAX_PROOF = 64
+# The most bytes a reader takes of each file of a log (a hostile store's larger one
+# is refused unread): an inclusion file is a few dozen hashes, a tile 256 hashes, an
+# entry bundle 256 length-prefixed entries.
+INCLUSION_LIMIT = 16 * 1024
+TILE_LIMIT = TILE_WIDTH * HASH_SIZE
+BUNDLE_LIMIT = TILE_WIDTH * (MAX_ENTRY + 2)
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _INDEX = re.compile(r"^(?:x[0-9]{3}/)*[0-9]{3}$")

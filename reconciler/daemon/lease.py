@@ -413,8 +413,8 @@ class FencedStore:
         self.lease.check()
         return self.inner.sweep()
 
-    def get_bytes(self, key: str) -> bytes | None:
-        return self.inner.get_bytes(key)
+    def get_bytes(self, key: str, limit: int | None = None) -> bytes | None:
+        return self.inner.get_bytes(key, limit)
 
     def exists(self, key: str) -> bool:
         return self.inner.exists(key)

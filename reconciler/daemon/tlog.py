@@ -40,8 +40,8 @@ from pathlib import Path
 from reconciler import log
 from reconciler.core import tlog
 from reconciler.core.layout import CHECKPOINT, ReleaseKey, inclusion_path, log_path, parse_key
-from reconciler.core.note import Note, Signature, add_signature, openpgp_key_id, parse_note
-from reconciler.core.tlog import Checkpoint, Edge, Inclusion, LogFormatError, Node, Tile
+from reconciler.core.note import MAX_NOTE, Note, Signature, add_signature, openpgp_key_id, parse_note
+from reconciler.core.tlog import Bundle, Checkpoint, Edge, Inclusion, LogFormatError, Node, Tile
 from reconciler.errors import LogError, VerificationError
 from reconciler.ports import NoteSigner, NoteVerifier, Store
 
@@ -81,11 +81,13 @@ class StoreLog:
         self.store = store
 
     def read(self, path: str) -> bytes | None:
-        """A path under the log's prefix (a tile or bundle)."""
-        return self.store.get_bytes("log/" + path)
+        """A path under the log's prefix (a tile or bundle), no larger than the format
+        lets it be (StoreError else)."""
+        limit = tlog.BUNDLE_LIMIT if isinstance(tlog.parse_tile_path(path), Bundle) else tlog.TILE_LIMIT
+        return self.store.get_bytes("log/" + path, limit)
 
     def checkpoint(self) -> tuple[Note, Checkpoint] | None:
-        data = self.store.get_bytes(CHECKPOINT)
+        data = self.store.get_bytes(CHECKPOINT, MAX_NOTE)
         if data is None:
             return None
         try:
@@ -247,7 +249,7 @@ class TransparencyLog:
         """Whether release ``version`` of ``host`` is in the log already: its inclusion
         file names an index the log's tiles hold its entry at."""
         cp = self._checkpoint
-        data = self.store.get_bytes(inclusion_path(host, version))
+        data = self.store.get_bytes(inclusion_path(host, version), tlog.INCLUSION_LIMIT)
         if cp is None or data is None:
             return False
         try:

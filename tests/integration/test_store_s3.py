@@ -240,6 +240,12 @@ def test_put_get_exists_size_and_missing_keys(store: Store, tmp_path: Path) -> N
     assert store.size("hosts/a/latest.json") == 9
     store.put_bytes("hosts/a/empty", b"")
     assert store.get_bytes("hosts/a/empty") == b"" and store.size("hosts/a/empty") == 0
+    # A bounded read: up to the limit whole, past it refused by key.
+    assert store.get_bytes("hosts/a/latest.json", limit=9) == b'{"v": 1}\n'
+    assert store.get_bytes("hosts/a/empty", limit=0) == b""
+    assert store.get_bytes("hosts/a/missing", limit=0) is None
+    with pytest.raises(StoreError, match=r"hosts/a/latest\.json.*larger than 8 bytes"):
+        store.get_bytes("hosts/a/latest.json", limit=8)
     # A missing key next to present ones, and a "directory" is not an object.
     assert store.get_bytes("hosts/a/latest.json.asc") is None
     assert store.get_bytes("hosts/a") is None and not store.exists("hosts")
@@ -483,8 +489,8 @@ class Recording:
         self.writes.append(key)
         return self.inner.create(key, data)
 
-    def get_bytes(self, key: str) -> bytes | None:
-        return self.inner.get_bytes(key)
+    def get_bytes(self, key: str, limit: int | None = None) -> bytes | None:
+        return self.inner.get_bytes(key, limit)
 
     def exists(self, key: str) -> bool:
         return self.inner.exists(key)

@@ -90,8 +90,8 @@ class Tagged:
         self.log.append((self.who, f"delete {key}"))
         self.inner.delete(key)
 
-    def get_bytes(self, key: str) -> bytes | None:
-        data = self.inner.get_bytes(key)
+    def get_bytes(self, key: str, limit: int | None = None) -> bytes | None:
+        data = self.inner.get_bytes(key, limit)
         self.on_read()
         return data
 

@@ -372,7 +372,7 @@ class MemoryStore:
     def put_bytes(self, key: str, data: bytes) -> None:
         self.objects[key] = data
 
-    def get_bytes(self, key: str) -> bytes | None:
+    def get_bytes(self, key: str, limit: int | None = None) -> bytes | None:
         self.reads.append(key)
         return self.objects.get(key)
 

@@ -135,3 +135,12 @@ def test_filesystem_list_skips_writes_in_progress(tmp_path: Path) -> None:
     (tmp_path / "hosts" / "a" / ".tmp-123").write_bytes(b"partial")
     assert store.list() == ["hosts/a/latest.json"]
     assert store.list("nothing/here/") == []
+
+
+def test_filesystem_get_bytes_with_a_limit_refuses_a_larger_object(tmp_path: Path) -> None:
+    store = FilesystemStore(tmp_path)
+    store.put_bytes("log/checkpoint", b"x" * 10)
+    assert store.get_bytes("log/checkpoint", limit=10) == b"x" * 10
+    assert store.get_bytes("log/other", limit=10) is None
+    with pytest.raises(StoreError, match=r"log/checkpoint.*larger than 9 bytes"):
+        store.get_bytes("log/checkpoint", limit=9)

@@ -27,7 +27,7 @@ from reconciler.daemon.publish import publish
 from reconciler.daemon.reconciler import Reconciler
 from reconciler.daemon.tlog import TransparencyLog, cosign, default_origin
 from reconciler.daemon.tuf import TufRepository
-from reconciler.errors import LogError
+from reconciler.errors import LogError, StoreError
 from reconciler.ports import Ports
 from tests.fakes import CrashError, FakeNoteKey, MemoryStore
 from tests.unit.test_daemon_pass import FLEET
@@ -566,3 +566,21 @@ def test_a_checkpoint_or_proof_with_a_character_outside_ascii_is_refused_not_a_c
     with pytest.raises(RefusalError) as proof:
         world.check(agent, "web-1", 1)
     assert sig.value.reason is proof.value.reason is Reason.NOT_IN_LOG
+
+
+@pytest.mark.parametrize("key", [CHECKPOINT, "log/tile/0/000.p/1", "log/tile/entries/000.p/1"])
+def test_the_daemon_and_the_witness_read_no_log_file_past_its_format_s_size(
+    world: World, tmp_path: Path, key: str
+) -> None:
+    world.publish(world.daemon(), "web-1", 1)
+    assert key in world.store.objects
+    # A hostile store's oversized file: refused by its key, never read whole (the
+    # memory store raises past the limit it is given; an unbounded read passes it).
+    world.store.objects[key] += b"\n" * (tlog.BUNDLE_LIMIT + 1)
+    witness = FakeNoteKey("CD" * 20, b"witness")
+    if "entries" not in key:  # the witness reads tiles, not bundles
+        with pytest.raises(StoreError, match=f"{key}.*larger than"):
+            cosign(world.store, world.key, witness, "witness.example", tmp_path / "witness" / "checkpoint")
+    (world.tmp / "state" / "tlog" / "checkpoint").unlink()
+    with pytest.raises(StoreError, match=f"{key}.*larger than"):
+        world.publish(world.daemon(), "web-2", 1)
