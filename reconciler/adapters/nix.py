@@ -29,7 +29,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +46,7 @@ from reconciler.core.nixlog import Redaction, build_failure, last_line, redact, 
 from reconciler.core.provenance import DebianPackage, NixInputs, parse_debian_packages, parse_registrations
 from reconciler.core.reproducibility import (
     CHECK_LOCAL,
+    MAX_LISTED,
     Entry,
     Mismatch,
     ReproCheck,
@@ -774,8 +775,10 @@ class Nix:
         # The second build is not measured against nix.max_output_size as the first was:
         # it may be made to differ by a file of any size (a sparse one costs no disk).
         budget = self.settings.max_output_size
-        lines = compare(_listing(Path(m.output), budget), _listing(second, budget))
-        summary = summarise(lines)
+        first, cut_first = _listing(Path(m.output), budget)
+        other, cut_other = _listing(second, budget)
+        truncated = cut_first or cut_other
+        summary = summarise(compare(first, other, truncated), listed=MAX_LISTED if truncated else None)
         report = self._diffoscope(Path(m.output), second)
         return f"{summary} (diffoscope: {report})" if report else summary
 
@@ -875,8 +878,24 @@ def _quiet(seconds: float, output: str) -> None:
     """A check's heartbeat: it says nothing (the build before it did)."""
 
 
-def _listing(root: Path, budget: int) -> dict[str, Entry]:
-    """Every file under ``root`` (or ``root`` itself) as the gate compares it; files are
+def _walk(root: Path) -> Iterator[Path]:
+    """Every path under the directory ``root``, one directory read at a time (unlike
+    os.walk, which holds a directory's every name): unreadable directories skipped."""
+    stack = [root]
+    while stack:
+        try:
+            with os.scandir(stack.pop()) as it:
+                for e in it:
+                    yield Path(e.path)
+                    if e.is_dir(follow_symlinks=False):
+                        stack.append(Path(e.path))
+        except OSError:
+            continue
+
+
+def _listing(root: Path, budget: int, limit: int = MAX_LISTED) -> tuple[dict[str, Entry], bool]:
+    """The files under ``root`` (and ``root`` itself) as the gate compares them, at
+    most ``limit`` of them besides ``root``, and whether there were more; files are
     hashed while their sizes add up to no more than ``budget`` bytes, the rest compared
     by size alone."""
     out: dict[str, Entry] = {}
@@ -901,11 +920,11 @@ def _listing(root: Path, budget: int) -> dict[str, Entry]:
 
     out[""] = entry(root)
     if out[""].kind == "directory":
-        for dirpath, dirnames, filenames in os.walk(root):
-            for name in (*dirnames, *filenames):
-                p = Path(dirpath) / name
-                out[p.relative_to(root).as_posix()] = entry(p)
-    return out
+        for p in _walk(root):
+            if len(out) > limit:
+                return out, True
+            out[p.relative_to(root).as_posix()] = entry(p)
+    return out, False
 
 
 def _remove(path: Path) -> None:

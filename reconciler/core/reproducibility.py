@@ -24,6 +24,9 @@ from reconciler.core.builders import LOCAL
 CHECK_LOCAL = LOCAL
 # Files named in a summary; the rest are counted.
 MAX_FILES = 8
+# Files listed of each build: a build of tens of millions of files must not take
+# gigabytes of the daemon's memory to say how it differs.
+MAX_LISTED = 100_000
 
 _MISMATCH = re.compile(
     r"derivation '(?P<drv>/[^']+\.drv)' may not be deterministic: output '(?P<out>/[^']+)' differs"
@@ -112,11 +115,14 @@ def printable(name: str) -> str:
     )
 
 
-def compare(first: Mapping[str, Entry], second: Mapping[str, Entry]) -> list[str]:
+def compare(first: Mapping[str, Entry], second: Mapping[str, Entry], truncated: bool = False) -> list[str]:
     """What differs between two listings of an output (relative path -> Entry): one
-    line per file that is only in one build or differs, sorted by path."""
+    line per file that is only in one build or differs, sorted by path. ``truncated``
+    (either listing stopped at MAX_LISTED): only the files in both are compared, as
+    a file past one listing's end is not missing from its build."""
     lines = []
-    for path in sorted(first.keys() | second.keys()):
+    paths = first.keys() & second.keys() if truncated else first.keys() | second.keys()
+    for path in sorted(paths):
         a, b = first.get(path), second.get(path)
         name = printable(path) or "."
         if a is None:
@@ -129,13 +135,18 @@ def compare(first: Mapping[str, Entry], second: Mapping[str, Entry]) -> list[str
     return lines
 
 
-def summarise(lines: Sequence[str], limit: int = MAX_FILES) -> str:
-    """The first ``limit`` differences on one line, and how many more there are."""
+def summarise(lines: Sequence[str], limit: int = MAX_FILES, listed: int | None = None) -> str:
+    """The first ``limit`` differences on one line, and how many more there are.
+    ``listed``: the listings were cut at so many files of each build."""
+    cut = f"listed only the first {listed} files of each build" if listed is not None else None
     if not lines:
+        if cut is not None:
+            return f"no file differs among those compared ({cut})"
         return "the outputs differ in metadata only (no file differs by content, type or mode)"
     shown = "; ".join(lines[:limit])
     more = len(lines) - limit
-    return f"{shown}; and {more} more" if more > 0 else shown
+    text = f"{shown}; and {more} more" if more > 0 else shown
+    return f"{text} ({cut})" if cut is not None else text
 
 
 def refusal(mismatches: Sequence[Mismatch], where: str) -> str:

@@ -262,7 +262,30 @@ def test_a_second_build_of_any_size_is_listed_without_reading_past_a_budget(tmp_
     with (out / "huge").open("wb") as f:
         f.truncate(1 << 40)
     start = time.monotonic()
-    listed = _listing(out, 1 << 20)
+    listed, truncated = _listing(out, 1 << 20)
+    assert not truncated
     assert time.monotonic() - start < 2
     assert listed["huge"] == Entry("file", 1 << 40)
     assert listed["small"].sha256 and listed["huge"].describe() == f"{1 << 40} bytes, not read"
+
+
+def test_a_build_of_more_files_than_the_cap_is_listed_only_up_to_it(tmp_path: Path) -> None:
+    first, second = tmp_path / "out", tmp_path / "out.check"
+    for root in (first, second):
+        (root / "d").mkdir(parents=True)
+        for i in range(6):
+            (root / "d" / f"f{i}").write_bytes(b"same")
+    (second / "d" / "f0").write_bytes(b"other")
+    a, cut_a = _listing(first, 1 << 20, limit=4)
+    b, cut_b = _listing(second, 1 << 20, limit=4)
+    assert cut_a and cut_b and len(a) == len(b) == 5  # the root and 4 files
+    assert _listing(first, 1 << 20, limit=7) == (_listing(first, 1 << 20)[0], False)
+    # A file past one listing's end is not "only in" the other build; the summary
+    # says the listing stopped, whether or not a listed file differs.
+    lines = compare(a, b, truncated=True)
+    assert not any("only in" in line for line in lines)
+    assert summarise(lines, listed=4).endswith("(listed only the first 4 files of each build)")
+    assert (
+        summarise([], listed=4)
+        == "no file differs among those compared (listed only the first 4 files of each build)"
+    )
