@@ -791,7 +791,21 @@ class Nix:
             return None
         self.reports.mkdir(parents=True, exist_ok=True)
         report = self.reports / f"{first.name}.diffoscope.txt"
-        return diffoscope(tool, first, second, report, self.reproducibility.diff_timeout)
+        found = diffoscope(tool, first, second, report, self.reproducibility.diff_timeout)
+        prune_reports(self.reports, MAX_REPORTS)
+        return found
+
+
+def prune_reports(directory: Path, keep: int) -> None:
+    """Remove all but the ``keep`` newest diffoscope reports in ``directory``: one is
+    written per output that builds differently, up to 1 MiB each, and nothing else
+    removes them."""
+    reports = []
+    for p in directory.glob("*.diffoscope.txt"):
+        with contextlib.suppress(OSError):
+            reports.append((p.stat().st_mtime_ns, p.name, p))
+    for *_, p in sorted(reports, reverse=True)[keep:]:
+        p.unlink(missing_ok=True)
 
 
 def _build_dirs(tmp: Path) -> frozenset[str]:
@@ -872,6 +886,10 @@ def diffoscope(tool: str, first: Path, second: Path, report: Path, timeout: floa
     if code not in (0, 1):
         return f"failed with exit status {code}"
     return str(report)
+
+
+# The diffoscope reports kept under STATE_DIR/reproducibility (the newest).
+MAX_REPORTS = 50
 
 
 def _quiet(seconds: float, output: str) -> None:

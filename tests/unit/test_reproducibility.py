@@ -4,13 +4,14 @@ publishes nothing, the others go on, and the provenance says whether and where t
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 
-from reconciler.adapters.nix import _build_dirs, _listing, diffoscope, kept_build_dirs
+from reconciler.adapters.nix import MAX_REPORTS, Nix, _build_dirs, _listing, diffoscope, kept_build_dirs
 from reconciler.config import Config, ReproducibilityConfig, load_config
 from reconciler.core.events import EventType
 from reconciler.core.layout import AttestationKind, attestation_path, release_path
@@ -289,3 +290,25 @@ def test_a_build_of_more_files_than_the_cap_is_listed_only_up_to_it(tmp_path: Pa
         summarise([], listed=4)
         == "no file differs among those compared (listed only the first 4 files of each build)"
     )
+
+
+def test_only_the_newest_diffoscope_reports_are_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A stand-in diffoscope that writes its report and says the builds differ.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "diffoscope").write_text('#!/bin/sh\necho differs > "$3"\nexit 1\n')
+    (bin_dir / "diffoscope").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    nix = Nix(tmp_path / "state")
+    reports = tmp_path / "state" / "reproducibility"
+    reports.mkdir(parents=True)
+    (reports / "notes").write_text("an operator's")
+    for i in range(MAX_REPORTS):
+        old = reports / f"{i:02d}-old.diffoscope.txt"
+        old.write_text("old")
+        os.utime(old, ns=(i * 10**9, i * 10**9))
+    got = nix._diffoscope(tmp_path / "aaaa-new", tmp_path / "aaaa-new.check")
+    assert got == str(reports / "aaaa-new.diffoscope.txt")
+    kept = sorted(p.name for p in reports.glob("*.diffoscope.txt"))
+    assert len(kept) == MAX_REPORTS and "00-old.diffoscope.txt" not in kept
+    assert "aaaa-new.diffoscope.txt" in kept and (reports / "notes").exists()
