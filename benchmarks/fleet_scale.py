@@ -11,16 +11,20 @@ Per fleet size (default 1,000 and 10,000 generated hosts sharing profiles; packa
     package 5% of hosts use send to Nix again;
   - a daemon pass at an unchanged head, against the same pass of the code in
     --baseline (a checkout of the commit before this work) when given;
+  - with --baseline, its `reconciler plan` cold and warm too, each on a state its
+    own code seeded, timed in turn with this code's and the bare evaluation (on a
+    shared machine the load moves: only ratios taken side by side compare);
   - the daemon's peak RSS over its first pass of the whole fleet;
 then PASS/FAIL per target. Nothing is built: the state is seeded as if every host
 had been published from the first commit.
 
-    python3 benchmarks/fleet_scale.py [--hosts 1000 10000] [--baseline DIR] [--keep DIR]
+    python3 benchmarks/fleet_scale.py [--hosts 1000 10000] [--baseline DIR] [--keep DIR] [--plans-only]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import signal
@@ -42,8 +46,7 @@ sys.path.insert(0, str(ROOT))
 from reconciler.adapters.nix import Nix  # noqa: E402
 from reconciler.config import load_config  # noqa: E402
 from reconciler.core.hosts import Host  # noqa: E402
-from reconciler.core.model import Evaluation  # noqa: E402
-from reconciler.daemon.reconciler import COMMIT_KEY  # noqa: E402
+from reconciler.core.model import COMMIT_KEY, Evaluation  # noqa: E402
 from reconciler.demo import KeyType, make_signing_key  # noqa: E402
 from reconciler.wiring import open_reconciler  # noqa: E402
 
@@ -170,6 +173,16 @@ def seed(cfg_path: Path) -> None:
         rec.close()
 
 
+def seed_with(code: Path, cfg_path: Path) -> None:
+    """seed() by the reconciler in ``code``, in a process of its own."""
+    subprocess.run(
+        [sys.executable, __file__, "--seed", str(cfg_path)],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "RECONCILER_CODE": str(code)},
+    )
+
+
 def idle_pass(cfg_path: Path, repeat: int) -> float:
     """Seed, run one pass (it signs the TUF metadata once), then the median of
     ``repeat`` passes at the same head: what every poll costs while nothing changes."""
@@ -194,7 +207,7 @@ class Counting:
         return self.evaluate(hosts, repo)
 
 
-def run(work: Path, hosts: int, repeat: int, baseline: Path | None) -> dict[str, bool]:
+def run(work: Path, hosts: int, repeat: int, baseline: Path | None, plans_only: bool) -> dict[str, bool]:
     print(f"\n== {hosts} hosts")
     repo = work / "repo"
     t = time.perf_counter()
@@ -205,6 +218,13 @@ def run(work: Path, hosts: int, repeat: int, baseline: Path | None) -> dict[str,
     fpr = make_signing_key(work / "gnupg", name="Bench", key_type=KeyType.ED25519)
     cfg_path = write_config(work / "reconciler.yaml", work, repo, "state", fpr)
     seed(cfg_path)
+    # The baseline's plans read a ledger its own code wrote (parse results are kept
+    # per parser version).
+    codes = {"this": ROOT} | ({"baseline": baseline} if baseline is not None else {})
+    configs = {"this": cfg_path}
+    if baseline is not None:
+        configs["baseline"] = write_config(work / "baseline.yaml", work, repo, "state-base", fpr)
+        seed_with(baseline, configs["baseline"])
     cfg = load_config(cfg_path)
     rec = open_reconciler(cfg)
     results: dict[str, bool] = {}
@@ -214,49 +234,74 @@ def run(work: Path, hosts: int, repeat: int, baseline: Path | None) -> dict[str,
         assert isinstance(rec.nix, Nix)
         fleet_file = rec.nix.write_fleet(list(obs.fleet.hosts.values()))
         bare_cmd = rec.nix.eval_command(fleet_file, rec.source.checkout)
-        bare = timed(lambda: subprocess.run(bare_cmd, check=True, capture_output=True), repeat)
-        fleet_file.unlink()
-        print(f"bare nix-instantiate of {hosts} hosts:        {bare:.3f}s (median of {repeat})")
 
-        plan_cmd = [sys.executable, "-m", "reconciler", "plan", "-c"]
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        def bare() -> float:
+            return timed(lambda: subprocess.run(bare_cmd, check=True, capture_output=True), 1)
+
+        def plan(code: str, config: Path) -> float:
+            env = {**os.environ, "PYTHONPATH": str(codes[code])}
+            t = time.perf_counter()
+            subprocess.run(
+                [sys.executable, "-m", "reconciler", "plan", "-c", str(config)],
+                check=True,
+                capture_output=True,
+                env=env,
+            )
+            return time.perf_counter() - t
 
         # Cold: a state directory of its own holding only the daemon's clone.
-        def cold_plan(workers: int | str) -> float:
+        def cold_plan(code: str, workers: int | str) -> float:
             state = work / "state-cold"
             shutil.rmtree(state, ignore_errors=True)
             state.mkdir()
             shutil.copytree(work / "state/checkout", state / "checkout", symlinks=True)
-            cold_cfg = write_config(work / "cold.yaml", work, repo, "state-cold", fpr, workers=workers)
-            t = time.perf_counter()
-            subprocess.run([*plan_cmd, str(cold_cfg)], check=True, capture_output=True, env=env)
-            return time.perf_counter() - t
+            return plan(
+                code, write_config(work / "cold.yaml", work, repo, "state-cold", fpr, workers=workers)
+            )
 
-        cold = statistics.median(cold_plan(1) for _ in range(repeat))
+        # Each round times the bare evaluation and then each code's plan, so that each
+        # ratio compares what ran under the same load.
+        def rounds(runs: dict[str, Callable[[], float]]) -> dict[str, float]:
+            times: dict[str, list[float]] = {what: [] for what in runs}
+            for _ in range(repeat):
+                for what, run_once in runs.items():
+                    times[what].append(run_once())
+            return {what: statistics.median(ts) for what, ts in times.items()}
+
         # eval_workers: auto parses and evaluates with one process per core.
-        cold_auto = statistics.median(cold_plan("auto") for _ in range(repeat))
+        cold = rounds(
+            {"bare": bare}
+            | {code: functools.partial(cold_plan, code, 1) for code in codes}
+            | {f"{code} auto": functools.partial(cold_plan, code, "auto") for code in codes}
+        )
 
         (repo / "hosts/host-00007.yaml").write_text(host_yaml(7, address_octet=99))
         commit(repo, "move host 7")
-        warm = timed(
-            lambda: subprocess.run([*plan_cmd, str(cfg_path)], check=True, capture_output=True, env=env),
-            repeat,
-        )
-        print(f"`reconciler plan` cold (new process):     {cold:.3f}s  ratio {cold / bare:.2f}x")
+        warm = rounds({"bare": bare} | {code: functools.partial(plan, code, configs[code]) for code in codes})
+        fleet_file.unlink()
+        print(f"bare nix-instantiate of {hosts} hosts:        {cold['bare']:.3f}s (median of {repeat})")
         cores = len(os.sched_getaffinity(0))
-        print(
-            f"  the same, nix.eval_workers auto ({cores}):  {cold_auto:.3f}s  ratio {cold_auto / bare:.2f}x"
-        )
-        print(f"`reconciler plan` warm, one-host commit:  {warm:.3f}s  ratio {warm / bare:.2f}x")
+        for code in codes:
+            which = "" if code == "this" else f" ({code}: {codes[code]})"
+            print(f"`reconciler plan` cold (new process){which}")
+            print(f"  eval_workers 1:            {cold[code]:.3f}s  ratio {cold[code] / cold['bare']:.2f}x")
+            auto = cold[f"{code} auto"]
+            print(f"  eval_workers auto ({cores}):     {auto:.3f}s  ratio {auto / cold['bare']:.2f}x")
+            print(
+                f"  warm, one-host commit:     {warm[code]:.3f}s  ratio {warm[code] / warm['bare']:.2f}x"
+                f" (bare beside it {warm['bare']:.3f}s)"
+            )
         results[f"plan command warm <= {TARGETS['warm']}x bare ({hosts} hosts)"] = (
-            warm <= TARGETS["warm"] * bare
+            warm["this"] <= TARGETS["warm"] * warm["bare"]
         )
         results[f"plan command cold <= {TARGETS['cold']}x bare ({hosts} hosts)"] = (
-            cold <= TARGETS["cold"] * bare
+            cold["this"] <= TARGETS["cold"] * cold["bare"]
         )
         results[f"plan command cold, eval_workers auto, <= {TARGETS['cold']}x bare ({hosts} hosts)"] = (
-            cold_auto <= TARGETS["cold"] * bare
+            cold["this auto"] <= TARGETS["cold"] * cold["bare"]
         )
+        if plans_only:
+            return results
 
         # Which hosts each kind of edit sends to Nix again, in the daemon's own plan.
         counting = Counting(rec.nix.evaluate)
@@ -353,10 +398,17 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hosts", type=int, nargs="+", default=[1000, 10000])
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--baseline", type=Path, help="a checkout of the code to compare the idle pass with")
+    ap.add_argument(
+        "--baseline", type=Path, help="a checkout of the code to compare plans and the idle pass with"
+    )
     ap.add_argument("--keep", type=Path, help="work in this directory and keep it")
+    ap.add_argument("--plans-only", action="store_true", help="time the plans against Nix, nothing else")
     ap.add_argument("--idle-pass", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--seed", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.seed is not None:
+        seed(args.seed)
+        return 0
     if args.idle_pass is not None:
         print(idle_pass(args.idle_pass, args.repeat))
         return 0
@@ -370,7 +422,7 @@ def main() -> int:
         work = (args.keep / str(n)) if args.keep else Path(tempfile.mkdtemp(prefix="reconciler-bench-"))
         work.mkdir(parents=True, exist_ok=True)
         try:
-            results.update(run(work, n, args.repeat, args.baseline))
+            results.update(run(work, n, args.repeat, args.baseline, args.plans_only))
         finally:
             if args.keep is None:
                 shutil.rmtree(work, ignore_errors=True)

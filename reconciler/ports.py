@@ -160,6 +160,10 @@ class Ledger(Protocol):
     """What the daemon recorded: the reconciled commit, per host its published
     version and last outcome, and the evaluation cache."""
 
+    # Whether what is recorded outlives this process: False for the read-only copy a
+    # plan works on, where caches (parse results, evaluations) are not worth writing.
+    durable: bool
+
     def close(self) -> None: ...
     def transaction(self) -> contextlib.AbstractContextManager[None]:
         """Writes inside are committed together, or not at all."""
