@@ -15,7 +15,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from reconciler.adapters import fetch
 from reconciler.core.events import Event, EventQuery
 from reconciler.core.hosts import Host, ParseKey
 from reconciler.core.model import (
@@ -33,6 +32,10 @@ if TYPE_CHECKING:
     # python-tuf's signer type; importing securesystemslib costs a command that never
     # signs (`reconciler plan`) boto3 and more.
     from securesystemslib.signer import Signer as MetadataSigner
+
+    # Types only: the fetch adapter brings http.client, ssl and email, which a plan
+    # does not use either.
+    from reconciler.adapters import fetch
 
 
 class Source(Protocol):
