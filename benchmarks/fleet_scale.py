@@ -254,11 +254,11 @@ def run(work: Path, hosts: int, repeat: int, baseline: Path | None, plans_only: 
         fleet_file = rec.nix.write_fleet(list(obs.fleet.hosts.values()))
         bare_cmd = rec.nix.eval_command(fleet_file, rec.source.checkout)
 
-        def measured(cmd: list[str], env: dict[str, str] | None = None) -> Cost:
+        def measured(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> Cost:
             """Wall time, and CPU time of the process and every process it waited for."""
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
             t = time.perf_counter()
-            subprocess.run(cmd, check=True, capture_output=True, env=env)
+            subprocess.run(cmd, check=True, capture_output=True, env=env, cwd=cwd)
             wall = time.perf_counter() - t
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
             cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
@@ -269,7 +269,10 @@ def run(work: Path, hosts: int, repeat: int, baseline: Path | None, plans_only: 
 
         def plan(code: str, config: Path) -> Cost:
             env = {**os.environ, "PYTHONPATH": str(codes[code])}
-            return measured([sys.executable, "-m", "reconciler", "plan", "-c", str(config)], env)
+            # In the code's own directory: `python -m` puts the working directory first
+            # on the path, before PYTHONPATH, and a checkout there would be what ran.
+            cmd = [sys.executable, "-m", "reconciler", "plan", "-c", str(config)]
+            return measured(cmd, env, cwd=codes[code])
 
         # Cold: a state directory of its own holding only the daemon's clone.
         def cold_plan(code: str, workers: int | str) -> Cost:
@@ -402,6 +405,7 @@ def daemon_peak_rss(cfg_path: Path) -> float:
     """Run `reconciler run` until its first pass is done; return its peak RSS in MB."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "reconciler", "run", "-c", str(cfg_path)],
+        cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
