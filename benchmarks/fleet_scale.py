@@ -6,22 +6,29 @@ Per fleet size (default 1,000 and 10,000 generated hosts sharing profiles; packa
     and `reconciler plan` as a user runs it (a new process) cold (a fresh state
     directory beside the daemon's clone: nothing parsed or evaluated yet) and warm
     (after a one-host commit, the daemon's ledger as its last pass left it), with
-    their ratios to the bare evaluation;
+    their ratios to the bare evaluation timed beside them in each round (wall clock,
+    the targets' measure, and CPU time of all processes, which the machine's other
+    work moves less);
   - how many hosts a README edit, a comment-only package edit and an edit of the
     package 5% of hosts use send to Nix again;
   - a daemon pass at an unchanged head, against the same pass of the code in
     --baseline (a checkout of the commit before this work) when given;
+  - with --baseline, its `reconciler plan` cold and warm too, each on a state its
+    own code seeded, timed in turn with this code's and the bare evaluation (on a
+    shared machine the load moves: only ratios taken side by side compare);
   - the daemon's peak RSS over its first pass of the whole fleet;
 then PASS/FAIL per target. Nothing is built: the state is seeded as if every host
 had been published from the first commit.
 
-    python3 benchmarks/fleet_scale.py [--hosts 1000 10000] [--baseline DIR] [--keep DIR]
+    python3 benchmarks/fleet_scale.py [--hosts 1000 10000] [--baseline DIR] [--keep DIR] [--plans-only]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import resource
 import shutil
 import signal
 import statistics
@@ -31,6 +38,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -42,8 +50,7 @@ sys.path.insert(0, str(ROOT))
 from reconciler.adapters.nix import Nix  # noqa: E402
 from reconciler.config import load_config  # noqa: E402
 from reconciler.core.hosts import Host  # noqa: E402
-from reconciler.core.model import Evaluation  # noqa: E402
-from reconciler.daemon.reconciler import COMMIT_KEY  # noqa: E402
+from reconciler.core.model import COMMIT_KEY, Evaluation  # noqa: E402
 from reconciler.demo import KeyType, make_signing_key  # noqa: E402
 from reconciler.wiring import open_reconciler  # noqa: E402
 
@@ -170,6 +177,16 @@ def seed(cfg_path: Path) -> None:
         rec.close()
 
 
+def seed_with(code: Path, cfg_path: Path) -> None:
+    """seed() by the reconciler in ``code``, in a process of its own."""
+    subprocess.run(
+        [sys.executable, __file__, "--seed", str(cfg_path)],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "RECONCILER_CODE": str(code)},
+    )
+
+
 def idle_pass(cfg_path: Path, repeat: int) -> float:
     """Seed, run one pass (it signs the TUF metadata once), then the median of
     ``repeat`` passes at the same head: what every poll costs while nothing changes."""
@@ -180,6 +197,21 @@ def idle_pass(cfg_path: Path, repeat: int) -> float:
         return timed(rec.reconcile, repeat)
     finally:
         rec.close()
+
+
+@dataclass(frozen=True)
+class Cost:
+    wall: float  # seconds
+    cpu: float  # seconds of CPU, user and system, of a process and those it waited for
+
+
+@dataclass(frozen=True)
+class Ratios:
+    """A command's cost over the bare evaluation's: medians of per-round ratios."""
+
+    wall: float
+    cpu: float
+    seconds: float  # median wall time
 
 
 class Counting:
@@ -194,7 +226,7 @@ class Counting:
         return self.evaluate(hosts, repo)
 
 
-def run(work: Path, hosts: int, repeat: int, baseline: Path | None) -> dict[str, bool]:
+def run(work: Path, hosts: int, repeat: int, baseline: Path | None, plans_only: bool) -> dict[str, bool]:
     print(f"\n== {hosts} hosts")
     repo = work / "repo"
     t = time.perf_counter()
@@ -205,6 +237,13 @@ def run(work: Path, hosts: int, repeat: int, baseline: Path | None) -> dict[str,
     fpr = make_signing_key(work / "gnupg", name="Bench", key_type=KeyType.ED25519)
     cfg_path = write_config(work / "reconciler.yaml", work, repo, "state", fpr)
     seed(cfg_path)
+    # The baseline's plans read a ledger its own code wrote (parse results are kept
+    # per parser version).
+    codes = {"this": ROOT} | ({"baseline": baseline} if baseline is not None else {})
+    configs = {"this": cfg_path}
+    if baseline is not None:
+        configs["baseline"] = write_config(work / "baseline.yaml", work, repo, "state-base", fpr)
+        seed_with(baseline, configs["baseline"])
     cfg = load_config(cfg_path)
     rec = open_reconciler(cfg)
     results: dict[str, bool] = {}
@@ -214,49 +253,91 @@ def run(work: Path, hosts: int, repeat: int, baseline: Path | None) -> dict[str,
         assert isinstance(rec.nix, Nix)
         fleet_file = rec.nix.write_fleet(list(obs.fleet.hosts.values()))
         bare_cmd = rec.nix.eval_command(fleet_file, rec.source.checkout)
-        bare = timed(lambda: subprocess.run(bare_cmd, check=True, capture_output=True), repeat)
-        fleet_file.unlink()
-        print(f"bare nix-instantiate of {hosts} hosts:        {bare:.3f}s (median of {repeat})")
 
-        plan_cmd = [sys.executable, "-m", "reconciler", "plan", "-c"]
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        def measured(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> Cost:
+            """Wall time, and CPU time of the process and every process it waited for."""
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            t = time.perf_counter()
+            subprocess.run(cmd, check=True, capture_output=True, env=env, cwd=cwd)
+            wall = time.perf_counter() - t
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+            return Cost(wall, cpu)
+
+        def bare() -> Cost:
+            return measured(bare_cmd)
+
+        def plan(code: str, config: Path) -> Cost:
+            env = {**os.environ, "PYTHONPATH": str(codes[code])}
+            # In the code's own directory: `python -m` puts the working directory first
+            # on the path, before PYTHONPATH, and a checkout there would be what ran.
+            cmd = [sys.executable, "-m", "reconciler", "plan", "-c", str(config)]
+            return measured(cmd, env, cwd=codes[code])
 
         # Cold: a state directory of its own holding only the daemon's clone.
-        def cold_plan(workers: int | str) -> float:
+        def cold_plan(code: str, workers: int | str) -> Cost:
             state = work / "state-cold"
             shutil.rmtree(state, ignore_errors=True)
             state.mkdir()
             shutil.copytree(work / "state/checkout", state / "checkout", symlinks=True)
-            cold_cfg = write_config(work / "cold.yaml", work, repo, "state-cold", fpr, workers=workers)
-            t = time.perf_counter()
-            subprocess.run([*plan_cmd, str(cold_cfg)], check=True, capture_output=True, env=env)
-            return time.perf_counter() - t
+            config = write_config(work / "cold.yaml", work, repo, "state-cold", fpr, workers=workers)
+            return plan(code, config)
 
-        cold = statistics.median(cold_plan(1) for _ in range(repeat))
+        # Each round times the bare evaluation and then each code's plan; a ratio is the
+        # median over the rounds of each round's own ratio, so that it compares what ran
+        # under the same load (other work on the machine moves it by a factor of 3).
+        def rounds(runs: dict[str, Callable[[], Cost]]) -> dict[str, Ratios]:
+            costs: dict[str, list[Cost]] = {what: [] for what in runs}
+            for _ in range(repeat):
+                for what, run_once in runs.items():
+                    costs[what].append(run_once())
+            bare_costs = costs["bare"]
+            return {
+                what: Ratios(
+                    wall=statistics.median(c.wall / b.wall for c, b in zip(cs, bare_costs, strict=True)),
+                    cpu=statistics.median(c.cpu / b.cpu for c, b in zip(cs, bare_costs, strict=True)),
+                    seconds=statistics.median(c.wall for c in cs),
+                )
+                for what, cs in costs.items()
+            }
+
         # eval_workers: auto parses and evaluates with one process per core.
-        cold_auto = statistics.median(cold_plan("auto") for _ in range(repeat))
+        cold = rounds(
+            {"bare": bare}
+            | {code: functools.partial(cold_plan, code, 1) for code in codes}
+            | {f"{code} auto": functools.partial(cold_plan, code, "auto") for code in codes}
+        )
 
         (repo / "hosts/host-00007.yaml").write_text(host_yaml(7, address_octet=99))
         commit(repo, "move host 7")
-        warm = timed(
-            lambda: subprocess.run([*plan_cmd, str(cfg_path)], check=True, capture_output=True, env=env),
-            repeat,
-        )
-        print(f"`reconciler plan` cold (new process):     {cold:.3f}s  ratio {cold / bare:.2f}x")
-        cores = len(os.sched_getaffinity(0))
+        warm = rounds({"bare": bare} | {code: functools.partial(plan, code, configs[code]) for code in codes})
+        fleet_file.unlink()
         print(
-            f"  the same, nix.eval_workers auto ({cores}):  {cold_auto:.3f}s  ratio {cold_auto / bare:.2f}x"
+            f"bare nix-instantiate of {hosts} hosts:        {cold['bare'].seconds:.3f}s"
+            f" (median of {repeat}; {warm['bare'].seconds:.3f}s beside the warm plans)"
         )
-        print(f"`reconciler plan` warm, one-host commit:  {warm:.3f}s  ratio {warm / bare:.2f}x")
+        print("ratios to the bare evaluation beside it: wall clock (CPU time of all processes)")
+        cores = len(os.sched_getaffinity(0))
+        for code in codes:
+            which = "" if code == "this" else f" ({code}: {codes[code]})"
+            print(f"`reconciler plan` (new process){which}")
+            for what, r in (
+                ("cold, eval_workers 1:", cold[code]),
+                (f"cold, eval_workers auto ({cores}):", cold[f"{code} auto"]),
+                ("warm, one-host commit:", warm[code]),
+            ):
+                print(f"  {what:30s} {r.seconds:7.3f}s  ratio {r.wall:.2f}x ({r.cpu:.2f}x)")
         results[f"plan command warm <= {TARGETS['warm']}x bare ({hosts} hosts)"] = (
-            warm <= TARGETS["warm"] * bare
+            warm["this"].wall <= TARGETS["warm"]
         )
         results[f"plan command cold <= {TARGETS['cold']}x bare ({hosts} hosts)"] = (
-            cold <= TARGETS["cold"] * bare
+            cold["this"].wall <= TARGETS["cold"]
         )
         results[f"plan command cold, eval_workers auto, <= {TARGETS['cold']}x bare ({hosts} hosts)"] = (
-            cold_auto <= TARGETS["cold"] * bare
+            cold["this auto"].wall <= TARGETS["cold"]
         )
+        if plans_only:
+            return results
 
         # Which hosts each kind of edit sends to Nix again, in the daemon's own plan.
         counting = Counting(rec.nix.evaluate)
@@ -324,6 +405,7 @@ def daemon_peak_rss(cfg_path: Path) -> float:
     """Run `reconciler run` until its first pass is done; return its peak RSS in MB."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "reconciler", "run", "-c", str(cfg_path)],
+        cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -353,10 +435,17 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hosts", type=int, nargs="+", default=[1000, 10000])
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--baseline", type=Path, help="a checkout of the code to compare the idle pass with")
+    ap.add_argument(
+        "--baseline", type=Path, help="a checkout of the code to compare plans and the idle pass with"
+    )
     ap.add_argument("--keep", type=Path, help="work in this directory and keep it")
+    ap.add_argument("--plans-only", action="store_true", help="time the plans against Nix, nothing else")
     ap.add_argument("--idle-pass", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--seed", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.seed is not None:
+        seed(args.seed)
+        return 0
     if args.idle_pass is not None:
         print(idle_pass(args.idle_pass, args.repeat))
         return 0
@@ -370,7 +459,7 @@ def main() -> int:
         work = (args.keep / str(n)) if args.keep else Path(tempfile.mkdtemp(prefix="reconciler-bench-"))
         work.mkdir(parents=True, exist_ok=True)
         try:
-            results.update(run(work, n, args.repeat, args.baseline))
+            results.update(run(work, n, args.repeat, args.baseline, args.plans_only))
         finally:
             if args.keep is None:
                 shutil.rmtree(work, ignore_errors=True)

@@ -15,7 +15,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from reconciler.adapters import fetch
 from reconciler.core.events import Event, EventQuery
 from reconciler.core.hosts import Host, ParseKey
 from reconciler.core.model import (
@@ -35,6 +34,10 @@ if TYPE_CHECKING:
     # python-tuf's signer type; importing securesystemslib costs a command that never
     # signs (`reconciler plan`) boto3 and more.
     from securesystemslib.signer import Signer as MetadataSigner
+
+    # Types only: the fetch adapter brings http.client, ssl and email, which a plan
+    # does not use either.
+    from reconciler.adapters import fetch
 
 
 class Source(Protocol):
@@ -195,6 +198,10 @@ class Packager(Protocol):
 class Ledger(Protocol):
     """What the daemon recorded: the reconciled commit, per host its published
     version and last outcome, and the evaluation cache."""
+
+    # Whether what is recorded outlives this process: False for the read-only copy a
+    # plan works on, where caches (parse results, evaluations) are not worth writing.
+    durable: bool
 
     def close(self) -> None: ...
     def transaction(self) -> contextlib.AbstractContextManager[None]:

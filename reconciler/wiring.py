@@ -25,7 +25,6 @@ from reconciler.adapters.appimage import Packager
 from reconciler.adapters.clock import SystemClock
 from reconciler.adapters.eventlog import EventLog
 from reconciler.adapters.git import GitSource, Snapshot
-from reconciler.adapters.gpg import read_keys
 from reconciler.adapters.ledger import State
 from reconciler.adapters.nix import Nix
 from reconciler.adapters.store import FilesystemStore
@@ -284,6 +283,7 @@ def signers_in(homes: list[Path]) -> dict[str, MetadataSigner]:
 
 def read_metadata_key(spec: str, homes: list[Path]) -> Key:
     """A TUF key from an armored public key file, or by fingerprint from ``homes``."""
+    from reconciler.adapters.gpg import read_keys
     from reconciler.adapters.tufkeys import metadata_keys, metadata_signer
 
     path = Path(spec)

@@ -379,6 +379,7 @@ class MemoryLedger:
     builder_states: dict[str, BuilderState] = field(default_factory=dict)
     # host (None: the fleet) -> unix time suspended at
     suspended: dict[str | None, float] = field(default_factory=dict)
+    durable: bool = True
 
     def close(self) -> None:
         pass

@@ -174,15 +174,17 @@ class GitSource:
         self._checked_out = commit
         return commit
 
-    def fetch_objects(self, ref: str) -> str:
+    def fetch_objects(self, ref: str, maintenance: bool = True) -> str:
         """Fetch the branch into ``ref`` and return its head commit; the work tree is
-        not touched."""
+        not touched. ``maintenance``: git may start its housekeeping of the clone
+        (`git maintenance run --auto`) after the fetch, as it does by default."""
         repo = self._open()
         try:
             # '+': the ref follows a force-push; whether such a head is built is
             # reconciler.daemon.gate's decision.
             shallow = [f"--depth={self.depth}"] if self.depth else []
-            repo.git.fetch("origin", f"+refs/heads/{self.branch}:{ref}", "--prune", *shallow)
+            quiet = [] if maintenance else ["--no-auto-maintenance"]
+            repo.git.fetch("origin", f"+refs/heads/{self.branch}:{ref}", "--prune", *shallow, *quiet)
             # Read from the ref files: a process less on every poll.
             return str(repo.commit(ref).hexsha)
         except (git.GitCommandError, git.exc.ODBError, ValueError) as exc:
@@ -430,7 +432,9 @@ class Snapshot:
         return self._tree
 
     def fetch(self) -> str:
-        commit = self._git.fetch_objects(self.REF)
+        # The daemon's clone is the daemon's to keep: a plan leaves its housekeeping
+        # (a process more per plan, and a repack now and then) to the daemon's fetches.
+        commit = self._git.fetch_objects(self.REF, maintenance=False)
         if self._tree.exists():
             shutil.rmtree(self._tree)
         # What Nix reads: anything but the host and profile files, which it is given

@@ -81,6 +81,7 @@ class State:
     def __init__(self, state_dir: Path, read_only: bool = False) -> None:
         self._lock = threading.Lock()
         self._hosts: tuple[int, dict[str, HostState]] | None = None
+        self.durable = not read_only
         path = state_dir / "state.db"
         try:
             self._open(state_dir, path, read_only)

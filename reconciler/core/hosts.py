@@ -52,6 +52,11 @@ RESERVED_PREFIXES = (
 )
 # The AppImage's desktop entry and icon at the image root (nix/host.nix).
 RESERVED_TOP_SUFFIXES = (".desktop", ".svg")
+# A file may not be a reserved path, lie below one, or be a directory above one: the
+# last set holds those directories (etc for etc/reconciler, var for var/tmp).
+_RESERVED = frozenset(RESERVED_PREFIXES)
+_RESERVED_BELOW = tuple(r + "/" for r in RESERVED_PREFIXES)
+_RESERVED_ABOVE = frozenset(r[:i] for r in RESERVED_PREFIXES for i, c in enumerate(r) if c == "/")
 
 
 @dataclass(frozen=True)
@@ -449,6 +454,13 @@ def _formats(path: str, value: Any) -> tuple[str, ...]:
     return tuple(f for f in FORMATS if f in value)
 
 
+@functools.lru_cache(maxsize=1024)
+def _address(text: str) -> str:
+    """An IP address as ipaddress writes it; ValueError if it is none. Cached: the
+    gateway and the DNS servers of most hosts come from one profile."""
+    return str(ipaddress.ip_address(text))
+
+
 def _network(path: str, value: Any) -> Network:
     if not isinstance(value, dict):
         raise ConfigError(path, "network", f"must be a mapping, not {kind(value)}")
@@ -464,14 +476,14 @@ def _network(path: str, value: Any) -> Network:
     gateway = value.get("gateway")
     if gateway is not None:
         try:
-            gateway = str(ipaddress.ip_address(str(gateway)))
+            gateway = _address(str(gateway))
         except ValueError:
             raise ConfigError(path, "network.gateway", f"{gateway!r} is not an IP address") from None
     dns = value.get("dns", [])
     if not isinstance(dns, list):
         raise ConfigError(path, "network.dns", "must be a list of IP addresses")
     try:
-        dns_t = tuple(str(ipaddress.ip_address(str(d))) for d in dns)
+        dns_t = tuple(_address(str(d)) for d in dns)
     except ValueError as exc:
         raise ConfigError(path, "network.dns", str(exc)) from None
     return Network(address=address, gateway=gateway, dns=dns_t)
@@ -586,9 +598,7 @@ def _files(path: str, value: Any, host: str) -> tuple[tuple[str, str], ...]:
         if not isinstance(name, str):
             raise ConfigError(path, key, "file names must be strings")
         _relative_path(path, key, name)
-        builder_owned = any(
-            name == r or name.startswith(r + "/") or r.startswith(name + "/") for r in RESERVED_PREFIXES
-        )
+        builder_owned = name in _RESERVED or name in _RESERVED_ABOVE or name.startswith(_RESERVED_BELOW)
         if builder_owned or name in (host + sfx for sfx in RESERVED_TOP_SUFFIXES):
             raise ConfigError(path, key, "is reserved for the image builder")
         content = value[name]

@@ -240,9 +240,34 @@ def parse_yaml(path: str, text: str) -> Any:
 
 
 def _load(text: str, loader: type[yaml.SafeLoader] | type[yaml.CSafeLoader]) -> Any:
+    if loader is not _PyLoader and _may_skip_limits(text):
+        try:
+            return _load_tree(text, loader, limits=True)
+        except _WalkFirstError:
+            pass
     if _check_limits(text, loader) and loader is not _PyLoader:
         return _load_tree(text, loader)
     return yaml.load(text, Loader=loader)
+
+
+# Characters of which a collection has at least one of its own: "[" or "{" opens a flow
+# collection, every block sequence has a "-" entry, every mapping (block, flow or a
+# single pair in a flow sequence) a ":" or "?". Their count bounds the nesting depth.
+_COLLECTION_MARKS = "[{-?:"
+# libyaml's composer recurses in C once per level: to this depth it is far from the
+# stack's end (some ten thousand levels overflow it).
+_FAST_DEPTH = 1000
+
+
+def _may_skip_limits(text: str) -> bool:
+    """Whether ``text`` can be composed before its limits are checked: it has no
+    anchor or alias ("&", "*"), so its nodes are what the text writes out and the
+    composed tree shows every limit exactly; and it cannot nest deep enough for
+    libyaml's recursion to matter. Most host files are such; the event walk of
+    _check_limits, which the others need, was half of what parsing them cost."""
+    if "&" in text or "*" in text:
+        return False
+    return sum(text.count(c) for c in _COLLECTION_MARKS) < _FAST_DEPTH
 
 
 _STR, _SEQ, _MAP = "tag:yaml.org,2002:str", "tag:yaml.org,2002:seq", "tag:yaml.org,2002:map"
@@ -252,40 +277,66 @@ class _NotPlainError(Exception):
     """A node _load_tree leaves to PyYAML's own constructor."""
 
 
-def _load_tree(text: str, loader: type[yaml.SafeLoader] | type[yaml.CSafeLoader]) -> Any:
+class _WalkFirstError(Exception):
+    """A document composed before its limits were checked that needs _check_limits
+    after all: beyond a limit (it says which, and where), or one _load_tree leaves to
+    yaml.load."""
+
+
+def _load_tree(
+    text: str, loader: type[yaml.SafeLoader] | type[yaml.CSafeLoader], limits: bool = False
+) -> Any:
     """What yaml.load gives for a document without anchors or aliases, built straight
     from the composed nodes: PyYAML's constructor machinery (recursion bookkeeping,
     generators for deep construction, merge flattening) is what a node graph needs,
     and cost most of the parse of a fleet of small host files. Every scalar that is
     not a plain string is still constructed by PyYAML; a merge key, a tag we do not
-    build here or an unhashable key hands the whole document to yaml.load."""
+    build here or an unhashable key hands the whole document to yaml.load.
+
+    ``limits``: the document was not walked by _check_limits (_may_skip_limits), and
+    its limits are counted here instead, as that walk counts them: raises
+    _WalkFirstError for one that nests deeper than MAX_DEPTH (before building below
+    that depth), holds more than MAX_NODES nodes or MAX_SCALAR_CHARS characters of
+    scalars, or is not a plain tree."""
     ldr = loader(text)
+    nodes = chars = 0
     try:
         root = ldr.get_single_node()
         if root is None:
             return None
 
-        def build(node: Node) -> Any:
+        def build(node: Node, depth: int) -> Any:
+            # depth: the collections around ``node``.
+            nonlocal nodes, chars
+            nodes += 1
             if isinstance(node, ScalarNode):
+                chars += len(node.value)
                 return node.value if node.tag == _STR else ldr.construct_object(node)
+            if limits and depth >= MAX_DEPTH:
+                raise _WalkFirstError
             if isinstance(node, SequenceNode) and node.tag == _SEQ:
-                return [build(child) for child in node.value]
+                return [build(child, depth + 1) for child in node.value]
             if isinstance(node, MappingNode) and node.tag == _MAP:
                 out: dict[Any, Any] = {}
                 for key_node, value_node in node.value:
                     if not isinstance(key_node, ScalarNode) or key_node.tag == _MERGE_TAG:
                         raise _NotPlainError
-                    key = build(key_node)
+                    key = build(key_node, depth + 1)
                     if key in out:
                         raise _NotPlainError  # refused by _UniqueKeys, with its message
-                    out[key] = build(value_node)
+                    out[key] = build(value_node, depth + 1)
                 return out
             raise _NotPlainError
 
         try:
-            return build(root)
+            data = build(root, 0)
         except _NotPlainError:
-            pass
+            if limits:
+                raise _WalkFirstError from None
+        else:
+            if limits and (nodes > MAX_NODES or chars > MAX_SCALAR_CHARS):
+                raise _WalkFirstError
+            return data
     finally:
         ldr.dispose()
     return yaml.load(text, Loader=loader)

@@ -20,13 +20,15 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from reconciler.adapters.gpg import Verifier, read_keys
 from reconciler.config import RepoConfig
 from reconciler.core import openpgp
 from reconciler.errors import SourceError, VerificationError
 from reconciler.ports import Source
+
+if TYPE_CHECKING:
+    from reconciler.adapters.gpg import Verifier
 
 # Verdicts remembered per gate; a head moves a few times a day, an attacker's pushes
 # must not grow the daemon without bound.
@@ -67,7 +69,12 @@ class Gate:
     def __init__(self, repo: RepoConfig) -> None:
         self._trusted = repo.trusted_fingerprints
         self._allow_force_push = repo.allow_force_push
-        self._keys = Verifier(read_keys(list(repo.trusted_keys))) if repo.trusted_fingerprints else None
+        self._keys: Verifier | None = None
+        if repo.trusted_fingerprints:
+            # python-gnupg only for a gate that checks signatures.
+            from reconciler.adapters.gpg import Verifier, read_keys
+
+            self._keys = Verifier(read_keys(list(repo.trusted_keys)))
         self._signatures: dict[str, _Verdict] = {}
         self._ancestry: dict[tuple[str, str], bool | None] = {}
 

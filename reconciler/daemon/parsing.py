@@ -10,9 +10,7 @@ parse_fleet of the pass then reads. Spawned, not forked: the daemon has threads
 
 from __future__ import annotations
 
-import multiprocessing
 from collections.abc import Mapping
-from concurrent.futures import ProcessPoolExecutor
 
 from reconciler.core.hosts import Host, ParseCache, ParseKey, parse_fleet, unparsed
 from reconciler.errors import ConfigError
@@ -29,6 +27,10 @@ def prefill(files: Mapping[str, str], cache: ParseCache, workers: int) -> int:
     count = min(workers, len(todo) // MIN_PER_WORKER)
     if count < 2:
         return 0
+    # Only here: multiprocessing is some milliseconds of every plan's start.
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     shared = {p: t for p, t in files.items() if not p.startswith("hosts/")}
     shares = [{**shared, **{p: files[p] for p in todo[i::count]}} for i in range(count)]
     with ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn")) as pool:

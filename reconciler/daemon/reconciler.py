@@ -400,14 +400,15 @@ class Reconciler:
         parsing.prefill(files, cache, self._parse_workers)
         fleet = parse_fleet(files, cache)
         now = {key[0]: key for key in cache.hosts}
-        added = {
-            key: encode_parsed(cache.hosts[key])
-            for p, key in now.items()
-            if self._recorded_parses.get(p) != key
-        }
-        removed = [p for p in self._recorded_parses if p not in now]
-        if added or removed:
-            self.state.record_parsed(added, removed)
+        if self.state.durable:
+            added = {
+                key: encode_parsed(cache.hosts[key])
+                for p, key in now.items()
+                if self._recorded_parses.get(p) != key
+            }
+            removed = [p for p in self._recorded_parses if p not in now]
+            if added or removed:
+                self.state.record_parsed(added, removed)
         self._recorded_parses = now
         return fleet
 
@@ -437,9 +438,10 @@ class Reconciler:
         keys = {h.name: eval_key(h, recipe, packages) for h in hosts}
         known = self.state.evaluated({name: key for name, key in keys.items() if key is not None})
         fresh = self.nix.evaluate([h for h in hosts if h.name not in known], self.source.checkout)
-        self.state.record_evaluated(
-            {name: (key, image) for name, image in fresh.images.items() if (key := keys[name]) is not None}
-        )
+        if self.state.durable:
+            self.state.record_evaluated(
+                {name: (key, image) for name, image in fresh.images.items() if (key := keys[name])}
+            )
         return Evaluation(images={**known, **fresh.images}, errors=fresh.errors)
 
     def _package_ids(self, commit: str, recipe: str, names: tuple[str, ...]) -> dict[str, str]:

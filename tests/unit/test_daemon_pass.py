@@ -317,6 +317,20 @@ def test_a_new_process_parses_only_the_host_files_that_changed(
     second.close()
 
 
+def test_a_plan_on_a_copy_of_the_ledger_spends_nothing_on_caches_it_drops(world: World) -> None:
+    # `reconciler plan` works on a read-only copy (State(read_only=True)), gone at exit:
+    # encoding 10,000 parse results into it was a tenth of a cold plan.
+    world.source.push(FLEET)
+    world.ledger.durable = False
+    obs, plan = world.reconciler().plan()
+    assert world.ledger.parse_results == {} and world.ledger.evaluations == {}
+    assert sorted(obs.evaluation.images) == ["web-1", "web-2"]
+    assert [(e.host, e.action) for e in plan.entries] == [
+        ("web-1", Action.REBUILD),
+        ("web-2", Action.REBUILD),
+    ]
+
+
 def test_a_pass_that_died_after_publishing_is_adopted_not_published_again(world: World) -> None:
     world.source.push(FLEET)
     world.reconciler().reconcile()

@@ -1675,6 +1675,31 @@ def test_the_plain_tree_loader_on_what_it_hands_back_or_builds(text: str) -> Non
     )
 
 
+def test_a_plain_document_is_loaded_without_the_event_walk(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The walk was half the cost of parsing a fleet of small host files; a document
+    # without anchors or aliases has its limits counted on the composed nodes instead.
+    walked: list[str] = []
+    real = schema._check_limits
+
+    def walk(text: str, loader: Any) -> bool:
+        walked.append(text)
+        return real(text, loader)
+
+    monkeypatch.setattr(schema, "_check_limits", walk)
+    plain = "name: web-1\nservices:\n  web: {exec: [bin/busybox, httpd]}\n"
+    assert parse_yaml("f.yaml", plain) == yaml.safe_load(plain)
+    assert walked == []
+    shared = "a: &x [1]\nb: *x\n"
+    assert parse_yaml("f.yaml", shared) == {"a": [1], "b": [1]}
+    # Beyond a limit, or too many collection marks to compose first: walked, and
+    # refused as before.
+    deep = "a: " + "[" * 2000 + "]" * 2000 + "\n"
+    assert refusal(deep).reason.startswith(f"nested deeper than {MAX_DEPTH} levels")
+    monkeypatch.setattr(schema, "MAX_NODES", 4)
+    assert refusal("a: [1, 2]\n").reason.startswith("holds more than 4 nodes")
+    assert walked == [shared, deep, "a: [1, 2]\n"]
+
+
 def test_duplicate_keys_and_unknown_tags_fail_as_before() -> None:
     assert "duplicate key" in refusal("a: 1\nb: 2\na: 3\n").reason
     assert "invalid YAML" in refusal("a: !something 1\n").reason
