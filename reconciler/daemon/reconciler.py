@@ -468,7 +468,9 @@ class Reconciler:
         obs = self.observe()
         if self._catching_up:
             self._catch_up(obs)
-        suspended = self.state.suspensions()
+        return obs, self._plan_of(obs, self.clock.now().timestamp() if respect_backoff else None)
+
+    def _plan_of(self, obs: Observation, now: float | None) -> Plan:
         plan = make_plan(
             obs.commit,
             obs.fleet,
@@ -476,22 +478,23 @@ class Reconciler:
             obs.evaluation.errors,
             self._recorded(),
             obs.changed,
-            now=self.clock.now().timestamp() if respect_backoff else None,
+            now=now,
             max_wait=self.cfg.retry.max.total_seconds(),
-            suspended=suspended,
+            suspended=self.state.suspensions(),
         )
-        if self._behind:
+        behind = dict(self._behind)  # a pass may change it while the page plans
+        if behind:
             why = "published by another daemon (version {}) while this one stood by"
             plan = replace(
                 plan,
                 entries=tuple(
-                    replace(e, reasons=(why.format(self._behind[e.host]),))
-                    if e.host in self._behind and e.action == Action.REBUILD
+                    replace(e, reasons=(why.format(behind[e.host]),))
+                    if e.host in behind and e.action == Action.REBUILD
                     else e
                     for e in plan.entries
                 ),
             )
-        return obs, plan
+        return plan
 
     def next_plan(self) -> Plan | None:
         """What the next pass would do if the head stays where the last pass found it:
@@ -501,18 +504,7 @@ class Reconciler:
         last = self._last
         if last is None:
             return None
-        obs = last[0]
-        return make_plan(
-            obs.commit,
-            obs.fleet,
-            obs.evaluation.images,
-            obs.evaluation.errors,
-            self._recorded(),
-            obs.changed,
-            now=self.clock.now().timestamp(),
-            max_wait=self.cfg.retry.max.total_seconds(),
-            suspended=self.state.suspensions(),
-        )
+        return self._plan_of(last[0], self.clock.now().timestamp())
 
     def _recorded(self) -> Mapping[str, HostState]:
         """The ledger's hosts, with those another daemon published since (``_behind``)
