@@ -876,6 +876,7 @@ def test_two_daemons_on_one_bucket_elect_one_publisher(
         assert not took_over.standby and took_over.ok
         assert {o.version for o in took_over.outcomes} == {1}  # adopted, not published again
         assert sorted(k for k in s3.list("hosts/web-1/releases/") if k.endswith(".json")) == [
+            "hosts/web-1/releases/1.inclusion.json",
             "hosts/web-1/releases/1.json",
             "hosts/web-1/releases/1.provenance.json",
             "hosts/web-1/releases/1.sbom.json",
