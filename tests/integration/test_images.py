@@ -257,6 +257,9 @@ def test_appimage_supervises_its_services_and_stops_cleanly(
     proc = subprocess.Popen([str(app)], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
     try:
         wait_for(lambda: fetch(url) == "<h1>fleet</h1>\n", 30, "the page")
+        # busybox httpd serves each connection in a forked child, which may still be
+        # exiting after the answer: the server is the one process left.
+        wait_for(lambda: len(pids_matching(httpd)) == 1, 10, "one httpd")
         (first,) = pids_matching(httpd)
         os.kill(first, signal.SIGKILL)
         wait_for(
