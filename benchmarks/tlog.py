@@ -64,8 +64,8 @@ class Counted:
         self.written += path.stat().st_size
         self.inner.put_file(key, path)
 
-    def get_bytes(self, key: str) -> bytes | None:
-        data = self.inner.get_bytes(key)
+    def get_bytes(self, key: str, limit: int | None = None) -> bytes | None:
+        data = self.inner.get_bytes(key, limit)
         self.reads.append((key, len(data) if data is not None else 0))
         return data
 
