@@ -98,6 +98,9 @@ class Hanging:
         self._sock.bind(("127.0.0.1", 0))
         self._sock.listen(64)
         self.connections: list[socket.socket] = []
+        # When each connection was accepted (monotonic): what a test of deadlines measures,
+        # not when some other target happened to be heard from.
+        self.accepted: list[float] = []
         self._stop = False
         threading.Thread(target=self._accept, daemon=True).start()
         self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
@@ -108,6 +111,7 @@ class Hanging:
                 conn, _ = self._sock.accept()
             except OSError:
                 return
+            self.accepted.append(time.monotonic())
             self.connections.append(conn)
 
     def close(self) -> None:
@@ -416,7 +420,6 @@ def test_a_daemon_publishes_notifies_and_serves_its_history(
     )
     try:
         wait_for(lambda: len(receiver.at("/github")) == 1, 600, "web-1's commit status")
-        published_at = time.monotonic()
         (status,) = receiver.at("/github")
         assert status.path == f"/github/repos/acme/fleet/statuses/{head}"
         assert status.body["state"] == "success" and status.body["context"] == "reconciler/web-1"
@@ -440,7 +443,10 @@ def test_a_daemon_publishes_notifies_and_serves_its_history(
 
         wait_for(lambda: metric("hangs", "dropped") == 1, 60, "the hanging target's message dropped")
         dropped_at = time.time()
-        assert time.monotonic() - published_at >= 9
+        # Three tries, each given its whole 3 s (less what the accepting thread may lag).
+        tries = hanging.accepted
+        assert len(tries) == 3 and time.monotonic() - tries[0] >= 8.5, tries
+        assert all(b - a >= 2.5 for a, b in zip(tries, tries[1:])), tries
         assert (
             metric("hangs", "failed") == 3 and metric("down", "dropped") == 1 and metric("hook", "sent") == 1
         )
