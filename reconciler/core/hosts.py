@@ -224,7 +224,7 @@ def parse_fleet(files: Mapping[str, str], cache: ParseCache | None = None) -> Fl
     # expanding includes afresh at every mention costs 2**depth for a diamond.
     resolved: dict[str, Resolved] = {}
     profiles = _by_stem(files, "profiles/")
-    packages = {posixpath.basename(p)[:-4] for p in files if p.startswith("packages/")}
+    packages = defined_packages(files)
     hosts: dict[str, Host] = {}
     errors: list[ConfigError] = []
     invalid: set[str] = set()
@@ -259,10 +259,15 @@ def parse_context(files: Mapping[str, str]) -> str:
     """What a host's validation depends on besides its own text: every profile and the
     package names (the last part of its ParseKey)."""
     profiles = _by_stem(files, "profiles/")
-    packages = {posixpath.basename(p)[:-4] for p in files if p.startswith("packages/")}
+    packages = defined_packages(files)
     return hashlib.sha256(
         json.dumps([sorted(packages), [(p, files[p]) for ps in profiles.values() for p in ps]]).encode()
     ).hexdigest()
+
+
+def defined_packages(files: Iterable[str]) -> frozenset[str]:
+    """The packages the repository has: packages/NAME.nix."""
+    return frozenset(posixpath.basename(p)[:-4] for p in files if p.startswith("packages/"))
 
 
 def unparsed(files: Mapping[str, str], cache: ParseCache) -> list[str]:
@@ -402,7 +407,7 @@ def _parse_host(
     path: str,
     files: Mapping[str, str],
     profiles: Mapping[str, tuple[str, ...]],
-    packages: set[str],
+    packages: frozenset[str],
     load: Load,
     resolved: dict[str, Resolved],
 ) -> Host:
@@ -489,7 +494,7 @@ def _network(path: str, value: Any) -> Network:
     return Network(address=address, gateway=gateway, dns=dns_t)
 
 
-def _services(path: str, value: Any, packages: set[str]) -> tuple[Service, ...]:
+def _services(path: str, value: Any, packages: frozenset[str]) -> tuple[Service, ...]:
     if not isinstance(value, dict):
         raise ConfigError(path, "services", f"must be a mapping, not {kind(value)}")
     out = []

@@ -1,45 +1,65 @@
-"""A large parse spread over processes: the first plan of a fleet of thousands of
-host files, when nothing is in the ledger's parse cache yet.
+"""The parse of the host files a cache holds no result for, in batches: a fleet's first
+plan parses thousands of files, and each batch's hosts can go to Nix while the next is
+parsed (reconciler.daemon.reconciler overlaps the two).
 
-YAML and validation are pure Python, so threads would take turns; each worker
-process parses a share of the host files with every profile and package name (the
-same ParseKey context as one parse), and its results fill the cache the one
+YAML and validation are pure Python, so threads would take turns; with enough files
+the batches are parsed in worker processes, each with every profile and package name
+(the same ParseKey context as one parse), and their results fill the cache the one
 parse_fleet of the pass then reads. Spawned, not forked: the daemon has threads
 (HTTP server, watchers) whose locks a fork would copy held.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 from reconciler.core.hosts import Host, ParseCache, ParseKey, parse_fleet, unparsed
 from reconciler.errors import ConfigError
 
 # Below this many host files per worker, starting a process costs more than it saves.
 MIN_PER_WORKER = 1000
+# Batches per worker process: results come back a batch at a time, so that Nix can
+# start on the first while the others are parsed.
+BATCHES_PER_WORKER = 4
+# A batch parsed in this process has at least this many files (or all there are): its
+# evaluation starts a nix-instantiate, whose loading of the library (some 30 ms) should
+# be small beside the batch's parse, and at most BATCHES of them.
+MIN_BATCH = 500
+BATCHES = 8
+
+Results = dict[ParseKey, Host | ConfigError]
 
 
-def prefill(files: Mapping[str, str], cache: ParseCache, workers: int) -> int:
-    """Parse in up to ``workers`` processes the host files ``cache`` holds no result
-    for, and add what they give to ``cache``; how many processes ran (0: too few
-    files to be worth it, the caller's parse does them)."""
+def batches(files: Mapping[str, str], cache: ParseCache, workers: int) -> Iterator[Results]:
+    """Parse the host files of ``files`` that ``cache`` holds no result for, a batch at
+    a time: each batch's results are added to ``cache`` and yielded once it is parsed,
+    in up to ``workers`` processes when there are enough files, else in this one. A
+    host file with a twin (x.yaml beside x.yml) is left to parse_fleet."""
     todo = unparsed(files, cache)
+    if not todo:
+        return
+    shared = {p: t for p, t in files.items() if not p.startswith("hosts/")}
     count = min(workers, len(todo) // MIN_PER_WORKER)
     if count < 2:
-        return 0
+        size = max(MIN_BATCH, -(-len(todo) // BATCHES))
+        for i in range(0, len(todo), size):
+            results = _parse_share({**shared, **{p: files[p] for p in todo[i : i + size]}})
+            cache.hosts.update(results)
+            yield results
+        return
     # Only here: multiprocessing is some milliseconds of every plan's start.
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    shared = {p: t for p, t in files.items() if not p.startswith("hosts/")}
-    shares = [{**shared, **{p: files[p] for p in todo[i::count]}} for i in range(count)]
+    n = count * BATCHES_PER_WORKER
+    shares = [{**shared, **{p: files[p] for p in todo[i::n]}} for i in range(n)]
     with ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn")) as pool:
         for results in pool.map(_parse_share, shares):
             cache.hosts.update(results)
-    return count
+            yield results
 
 
-def _parse_share(files: Mapping[str, str]) -> dict[ParseKey, Host | ConfigError]:
+def _parse_share(files: Mapping[str, str]) -> Results:
     cache = ParseCache()
     parse_fleet(files, cache)
     return cache.hosts

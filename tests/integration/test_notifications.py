@@ -10,6 +10,7 @@ down and one that never answers are retried, dropped, and hold up no pass.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import signal
 import socket
@@ -446,7 +447,7 @@ def test_a_daemon_publishes_notifies_and_serves_its_history(
         # Three tries, each given its whole 3 s (less what the accepting thread may lag).
         tries = hanging.accepted
         assert len(tries) == 3 and time.monotonic() - tries[0] >= 8.5, tries
-        assert all(b - a >= 2.5 for a, b in zip(tries, tries[1:])), tries
+        assert all(b - a >= 2.5 for a, b in itertools.pairwise(tries)), tries
         assert (
             metric("hangs", "failed") == 3 and metric("down", "dropped") == 1 and metric("hook", "sent") == 1
         )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,10 +25,11 @@ from reconciler.config import (
 )
 from reconciler.core import hosts
 from reconciler.core.layout import AttestationKind, attestation_path, latest_path, release_path
-from reconciler.core.model import LAST_PASS_KEY, Action, PassRecord, PassResult, Status
+from reconciler.core.model import LAST_PASS_KEY, Action, Evaluation, PassRecord, PassResult, Status
 from reconciler.core.provenance import ProvenanceSummary
 from reconciler.core.release import parse_release
 from reconciler.core.trust import check_attestation
+from reconciler.daemon import parsing
 from reconciler.daemon.gate import CommitRefusedError, Gate
 from reconciler.daemon.reconciler import COMMIT_KEY, SOURCE_ERROR_KEY, Reconciler, status
 from reconciler.daemon.tuf import TufRepository
@@ -252,6 +255,38 @@ def test_only_what_reaches_a_host_re_evaluates_it(world: World) -> None:
     world.source.push(files)
     rec.plan()
     assert world.nix.evaluated[20:] == ["web-0"]
+
+
+def test_each_batch_of_parsed_hosts_is_evaluated_while_the_next_is_parsed(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(parsing, "MIN_BATCH", 5)
+    files = package_fleet(20)
+    world.source.push(files)
+    first_evaluated = threading.Event()
+    real_evaluate, real_parse = world.nix.evaluate, parsing._parse_share
+    seen_while_parsing: list[bool] = []
+
+    def evaluate(batch: Sequence[hosts.Host], repo: Path) -> Evaluation:
+        first_evaluated.set()
+        return real_evaluate(batch, repo)
+
+    def parse(share: Mapping[str, str]) -> parsing.Results:
+        # The second batch waits (boundedly) until Nix has the first one.
+        if parses:
+            seen_while_parsing.append(first_evaluated.wait(5))
+        parses.append(share)
+        return real_parse(share)
+
+    parses: list[Mapping[str, str]] = []
+    monkeypatch.setattr(world.nix, "evaluate", evaluate)
+    monkeypatch.setattr(parsing, "_parse_share", parse)
+    obs, plan = world.reconciler().plan()
+    assert len(parses) == 4 and seen_while_parsing == [True, True, True]
+    # What one evaluation of the whole fleet gives.
+    assert sorted(world.nix.evaluated) == sorted(f"web-{i}" for i in range(20))
+    assert dict(obs.evaluation.images) == {h.name: world.nix.image(h) for h in obs.fleet.hosts.values()}
+    assert plan.counts()["rebuild"] == 20
 
 
 def test_a_host_whose_package_does_not_evaluate_is_evaluated_each_time(world: World) -> None:

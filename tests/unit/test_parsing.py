@@ -1,4 +1,5 @@
-"""The parse of many host files spread over processes (reconciler.daemon.parsing)."""
+"""The parse of host files in batches, over processes when there are many
+(reconciler.daemon.parsing)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,10 @@ def test_workers_fill_the_cache_with_what_one_parse_gives(monkeypatch: pytest.Mo
     files = fleet_files(45)
     alone = parse_fleet(files)
     cache = ParseCache()
-    assert parsing.prefill(files, cache, workers=3) == 3
+    got = list(parsing.batches(files, cache, workers=3))
+    # Three workers, four batches each, every result in the cache as its batch comes.
+    assert len(got) == 3 * parsing.BATCHES_PER_WORKER
+    assert {k: v for batch in got for k, v in batch.items()} == cache.hosts
     # Every single host file has its result; the twin files are left to parse_fleet.
     assert len(cache.hosts) == 45
     together = parse_fleet(files, cache)
@@ -38,12 +42,17 @@ def test_workers_fill_the_cache_with_what_one_parse_gives(monkeypatch: pytest.Mo
     assert all(h.sources == alone.hosts[n].sources for n, h in together.hosts.items())
 
 
-def test_too_few_files_for_more_than_one_worker_start_none(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fewer_files_are_parsed_here_in_batches_and_nothing_twice(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(parsing, "MIN_PER_WORKER", 10)
+    monkeypatch.setattr(parsing, "MIN_BATCH", 3)
+    files = fleet_files(19)
     cache = ParseCache()
-    assert parsing.prefill(fleet_files(19), cache, workers=8) == 0
-    assert cache.hosts == {}
-    # Nor is anything parsed again that the cache holds.
-    files = fleet_files(45)
-    parse_fleet(files, cache)
-    assert parsing.prefill(files, cache, workers=3) == 0
+    # Too few for two workers: parsed in this process, at most BATCHES batches.
+    got = list(parsing.batches(files, cache, workers=8))
+    assert [len(b) for b in got] == [3] * 6 + [1]
+    assert parse_fleet(files, cache).hosts == parse_fleet(files).hosts
+    # Nothing is parsed again that the cache holds.
+    assert list(parsing.batches(files, cache, workers=8)) == []
+    # Of a fleet with two more hosts (the same profiles and packages), those two.
+    (batch,) = parsing.batches(fleet_files(21), cache, workers=1)
+    assert sorted(path for path, _, _ in batch) == ["hosts/h-19.yaml", "hosts/h-20.yaml"]
