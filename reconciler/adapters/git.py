@@ -12,13 +12,13 @@ import logging
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 from pathlib import Path
 
 import git
 
 from reconciler import log
+from reconciler.adapters.process import run_with_deadline
 from reconciler.core.hosts import SYMLINK, TOO_BIG, UNREADABLE
 from reconciler.core.schema import MAX_FILE_BYTES
 from reconciler.errors import ConfigError, SourceError, VerificationError
@@ -256,23 +256,13 @@ class GitSource:
         env = {**os.environ, **self.env, "GNUPGHOME": str(gnupghome)}
         args = ["git", "-C", str(self.checkout), "verify-commit", "--raw", commit]
         # A process group of its own: a timeout kills the gpg git started, too.
-        with subprocess.Popen(
-            args,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env=env,
-            start_new_session=True,
-        ) as proc:
-            try:
-                _, status = proc.communicate(timeout=VERIFY_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                raise SourceError(
-                    f"checking the signature of commit {commit} timed out after {VERIFY_TIMEOUT:g} s"
-                ) from None
-        return status.decode(errors="replace")
+        try:
+            proc = run_with_deadline(args, env=env, timeout=VERIFY_TIMEOUT, stderr=True)
+        except subprocess.TimeoutExpired:
+            raise SourceError(
+                f"checking the signature of commit {commit} timed out after {VERIFY_TIMEOUT:g} s"
+            ) from None
+        return proc.stderr.decode(errors="replace")
 
     def is_ancestor(self, old: str, new: str) -> bool | None:
         """Whether ``old`` is ``new`` or an ancestor of it; None when a shallow clone,

@@ -23,7 +23,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import stat
 import subprocess
 import tempfile
@@ -34,6 +33,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
+from reconciler.adapters.process import run_with_deadline
 from reconciler.config import ImagesConfig, NixConfig, ReproducibilityConfig
 from reconciler.core import builders as remote
 from reconciler.core.appc import image_name
@@ -864,22 +864,13 @@ def diffoscope(tool: str, first: Path, second: Path, report: Path, timeout: floa
             str(first),
             str(second),
         ]
-        with subprocess.Popen(
-            args,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        ) as proc:
-            try:
-                code = proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                code = None
+        try:
             # Whatever diffoscope started and left behind goes with it.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            code: int | None = run_with_deadline(
+                args, env=env, timeout=timeout, kill_leftovers=True
+            ).returncode
+        except subprocess.TimeoutExpired:
+            code = None
     if code is None:
         return f"stopped after {round(timeout)}s, see reproducibility.diff_timeout"
     # 1: the two differ (the report is written); 0: diffoscope sees no difference.

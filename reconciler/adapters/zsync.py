@@ -14,11 +14,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
 from pathlib import Path
 
+from reconciler.adapters.process import run_with_deadline
 from reconciler.errors import FetchError, FetchKind, StoreError
 
 MAKE_TIMEOUT = 60.0
@@ -35,22 +35,7 @@ def available() -> bool:
 def _run(args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess[bytes]:
     """``args`` in ``cwd`` with no proxy, no terminal and a deadline for the whole run."""
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(cwd), "LC_ALL": "C"}
-    with subprocess.Popen(
-        args,
-        cwd=cwd,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    ) as proc:
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-            raise
-    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+    return run_with_deadline(args, env=env, cwd=cwd, timeout=timeout, stdout=True, stderr=True)
 
 
 def _tail(proc: subprocess.CompletedProcess[bytes]) -> str:

@@ -130,17 +130,27 @@ def authenticate(headers: Mapping[str, str], body: bytes, secret: bytes) -> Push
     raise Unauthorized(f"not a GitHub, Gitea or GitLab webhook: no {events} header")
 
 
+def authorization(headers: Mapping[str, str]) -> tuple[str, str] | None:
+    """The scheme (lower case) and the credential of the request's Authorization
+    header, None without one."""
+    given = {k.lower(): v for k, v in headers.items()}.get("authorization")
+    if given is None:
+        return None
+    scheme, _, credential = given.strip().partition(" ")
+    return scheme.lower(), credential.strip()
+
+
 def check_bearer(headers: Mapping[str, str], token: bytes) -> None:
-    """Whether the request carries ``Authorization: Bearer <token>`` (POST /reconcile);
-    compared in constant time, so the answer's timing tells nothing of the token."""
-    h = {k.lower(): v for k, v in headers.items()}
-    given = h.get("authorization")
+    """Whether the request carries ``Authorization: Bearer <token>`` (POST /reconcile,
+    and the fleet page's guard with web.token_file); compared in constant time, so the
+    answer's timing tells nothing of the token."""
+    given = authorization(headers)
     if given is None:
         raise Unauthorized("no Authorization header (send Authorization: Bearer TOKEN)")
-    scheme, _, credential = given.strip().partition(" ")
-    if scheme.lower() != "bearer":
+    scheme, credential = given
+    if scheme != "bearer":
         raise Unauthorized("the Authorization header is not a Bearer token")
-    if not hmac.compare_digest(_octets(credential.strip()), token):
+    if not hmac.compare_digest(_octets(credential), token):
         raise Unauthorized("wrong token")
 
 

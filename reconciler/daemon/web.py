@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import functools
-import hmac
 import ipaddress
 import logging
 import re
@@ -36,6 +35,7 @@ from reconciler.core.plan import Plan
 from reconciler.core.release import Artifact, parse_release
 from reconciler.daemon import page
 from reconciler.daemon.page import Filter, HostRow, Point, Series
+from reconciler.daemon.triggers import Unauthorized, authorization, check_bearer
 from reconciler.errors import ConfigError, ReconcilerError
 
 if TYPE_CHECKING:
@@ -158,12 +158,15 @@ class Access:
             return None
         if self._closed:
             return 403, "text/plain; charset=utf-8", self._refusal
-        given = next((v for k, v in request.headers.items() if k.lower() == "authorization"), "")
-        scheme, _, credential = given.strip().partition(" ")
-        if self._token and scheme.lower() == "bearer":
-            if hmac.compare_digest(credential.strip().encode("utf-8", "surrogatepass"), self._token):
+        if self._token:
+            try:
+                check_bearer(request.headers, self._token)
+            except Unauthorized:
+                pass  # maybe a password, below; the answer says no more than "unauthorized"
+            else:
                 return None
-        elif self._users and scheme.lower() == "basic" and self._basic(credential.strip()):
+        scheme, credential = authorization(request.headers) or ("", "")
+        if self._users and scheme == "basic" and self._basic(credential):
             return None
         return 401, "text/plain; charset=utf-8", b"unauthorized\n"
 

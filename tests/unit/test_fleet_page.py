@@ -22,6 +22,7 @@ from reconciler.core.model import Action, HostState, Status
 from reconciler.core.plan import HostPlan, Plan
 from reconciler.daemon import page
 from reconciler.daemon.page import Filter, HostRow, Point, Series
+from reconciler.daemon.triggers import Unauthorized, check_bearer
 from reconciler.daemon.web import (
     SECURITY_HEADERS,
     Access,
@@ -263,6 +264,38 @@ def test_a_token_or_a_password_is_needed_wherever_one_is_configured(tmp_path: Pa
     only_token = Access(listen, tmp_path / "r.yaml", b"tok3n")
     assert only_token.challenge is None
     assert only_token.guard(req(headers=basic("ops", "s3cret"))) is not None
+
+
+def test_the_page_takes_a_token_exactly_when_post_reconcile_does(tmp_path: Path) -> None:
+    # Both check the bearer token one way (triggers.check_bearer): a header that one
+    # lets in and the other refuses would be a way around either. Malformed and
+    # non-ASCII headers (http.server reads them as Latin-1) are refused, not a crash.
+    access = Access("0.0.0.0:9180", tmp_path / "r.yaml", b"tok3n")
+    for given in (
+        "Bearer tok3n",
+        "bearer   tok3n ",
+        " BEARER tok3n",
+        "Bearer tok3n2",
+        "Bearer tok3",
+        "Bearer",
+        "Bearer ",
+        "Bearer\ttok3n",
+        "Token tok3n",
+        "tok3n",
+        "Bearer tok3n\u00e9",
+        "Bearer \udcfftok3n",
+        "",
+    ):
+        headers = {"Authorization": given}
+        try:
+            check_bearer(headers, b"tok3n")
+            taken = True
+        except Unauthorized:
+            taken = False
+        answer = access.guard(req(headers=headers))
+        assert (answer is None) is taken, given
+        assert answer is None or answer[:2] == (401, "text/plain; charset=utf-8"), given
+    assert access.guard(req()) is not None
 
 
 def test_the_basic_auth_file_takes_only_bcrypt_hashes(tmp_path: Path) -> None:

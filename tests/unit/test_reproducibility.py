@@ -21,6 +21,7 @@ from reconciler.core.release import parse_release
 from reconciler.core.reproducibility import Entry, compare, parse_check, printable, summarise
 from reconciler.core.trust import check_attestation
 from reconciler.errors import ConfigError
+from tests.conftest import alive
 from tests.fakes import BASE_DRV
 from tests.unit.test_daemon_pass import FLEET, outcomes
 from tests.unit.test_pass_events import EventWorld
@@ -238,20 +239,11 @@ def test_diffoscope_runs_in_a_group_the_deadline_kills_whole_without_the_daemons
     assert time.monotonic() - start < 5
     pid = int((tmp_path / "tool.pid").read_text())
     deadline = time.monotonic() + 5
-    while _alive(pid) and time.monotonic() < deadline:
+    while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert not _alive(pid), "the tool diffoscope started outlived its deadline"
+    assert not alive(pid), "the tool diffoscope started outlived its deadline"
     env = (tmp_path / "env").read_text()
     assert "GNUPGHOME" not in env and "s3cret" not in env
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie waiting for init to reap it does not)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def test_a_second_build_of_any_size_is_listed_without_reading_past_a_budget(tmp_path: Path) -> None:

@@ -12,7 +12,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from reconciler.daemon.triggers import Push, Unauthorized, Wakeup, authenticate, check_bearer, concerns
+from reconciler.daemon.triggers import (
+    Push,
+    Unauthorized,
+    Wakeup,
+    authenticate,
+    authorization,
+    check_bearer,
+    concerns,
+)
 
 SECRET = b"s3cret"
 BODY = json.dumps({"ref": "refs/heads/main", "after": "a" * 40}).encode()
@@ -253,3 +261,22 @@ def test_the_reconcile_token_is_a_bearer_token() -> None:
 def test_a_missing_or_wrong_reconcile_token_is_unauthorized(headers: dict[str, str], why: str) -> None:
     with pytest.raises(Unauthorized, match=why):
         check_bearer(headers, SECRET)
+
+
+@pytest.mark.parametrize(
+    ("headers", "parsed"),
+    [
+        ({}, None),
+        ({"Accept": "*/*"}, None),
+        ({"AUTHORIZATION": " Basic  b3BzOng= "}, ("basic", "b3BzOng=")),
+        ({"authorization": "BEARER tok3n"}, ("bearer", "tok3n")),
+        ({"Authorization": "tok3n"}, ("tok3n", "")),
+        ({"Authorization": ""}, ("", "")),
+        ({"Authorization": "Bearer t\u00f6k\udcff"}, ("bearer", "t\u00f6k\udcff")),
+    ],
+)
+def test_the_authorization_header_is_read_as_a_scheme_and_a_credential(
+    headers: dict[str, str], parsed: tuple[str, str] | None
+) -> None:
+    # One reading for POST /reconcile's token and the fleet page's token or password.
+    assert authorization(headers) == parsed
