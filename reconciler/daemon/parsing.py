@@ -20,12 +20,12 @@ from reconciler.errors import ConfigError
 MIN_PER_WORKER = 1000
 # Batches per worker process: results come back a batch at a time, so that Nix can
 # start on the first while the others are parsed.
-BATCHES_PER_WORKER = 4
+BATCHES_PER_WORKER = 2
 # A batch parsed in this process has at least this many files (or all there are): its
 # evaluation starts a nix-instantiate, whose loading of the library (some 30 ms) should
 # be small beside the batch's parse, and at most BATCHES of them.
 MIN_BATCH = 500
-BATCHES = 8
+BATCHES = 4
 
 Results = dict[ParseKey, Host | ConfigError]
 
