@@ -45,6 +45,7 @@ def test_workers_fill_the_cache_with_what_one_parse_gives(monkeypatch: pytest.Mo
 def test_fewer_files_are_parsed_here_in_batches_and_nothing_twice(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(parsing, "MIN_PER_WORKER", 10)
     monkeypatch.setattr(parsing, "MIN_BATCH", 3)
+    monkeypatch.setattr(parsing, "BATCHES", 8)
     files = fleet_files(19)
     cache = ParseCache()
     # Too few for two workers: parsed in this process, at most BATCHES batches.
