@@ -58,6 +58,18 @@ CREATE TABLE IF NOT EXISTS builders (
 -- What operators suspended (`reconciler suspend`) and since when (unix time); the
 -- host FLEET ('*', never a host name) is the whole fleet.
 CREATE TABLE IF NOT EXISTS suspended (host TEXT PRIMARY KEY, since REAL NOT NULL);
+-- How often the hosts table changed, counted by triggers whichever connection writes:
+-- the daemon keeps its copy of the rows while the count stays (State.hosts). SQLite's
+-- data_version would not do: the event history's connection commits to this file at
+-- every pass.
+CREATE TABLE IF NOT EXISTS revisions (name TEXT PRIMARY KEY, n INTEGER NOT NULL);
+INSERT OR IGNORE INTO revisions VALUES ('hosts', 0);
+CREATE TRIGGER IF NOT EXISTS hosts_inserted AFTER INSERT ON hosts
+BEGIN UPDATE revisions SET n = n + 1 WHERE name = 'hosts'; END;
+CREATE TRIGGER IF NOT EXISTS hosts_updated AFTER UPDATE ON hosts
+BEGIN UPDATE revisions SET n = n + 1 WHERE name = 'hosts'; END;
+CREATE TRIGGER IF NOT EXISTS hosts_deleted AFTER DELETE ON hosts
+BEGIN UPDATE revisions SET n = n + 1 WHERE name = 'hosts'; END;
 """
 
 
@@ -174,10 +186,10 @@ class State:
     def hosts(self) -> Mapping[str, HostState]:
         with self._lock:
             # A pass asks more than once, and at 10,000 hosts reading the rows again
-            # was most of what a pass with nothing to do cost. data_version moves when
-            # another connection commits (a one-shot `reconcile` beside the daemon);
-            # this one's own writes drop the copy.
-            version = self._db.execute("PRAGMA data_version").fetchone()[0]
+            # was most of what a pass with nothing to do cost. The count moves with
+            # every change of the table, this connection's or another's (a one-shot
+            # `reconcile` beside the daemon); a rolled-back transaction drops the copy.
+            version = self._db.execute("SELECT n FROM revisions WHERE name = 'hosts'").fetchone()[0]
             if self._hosts is not None and self._hosts[0] == version:
                 return dict(self._hosts[1])
             rows = self._db.execute(

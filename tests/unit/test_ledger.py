@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from reconciler.adapters import ledger as ledger_module
+from reconciler.adapters.eventlog import EventLog
 from reconciler.adapters.ledger import State
+from reconciler.core.events import Event, EventType
 from reconciler.core.model import Status
 
 
@@ -119,6 +121,23 @@ def test_hosts_read_again_after_any_write_of_this_or_another_connection(tmp_path
     assert "web-1" in daemon.hosts()
     daemon.close()
     oneshot.close()
+
+
+def test_hosts_are_not_read_again_while_only_other_tables_change(tmp_path: Path) -> None:
+    daemon = State(tmp_path)
+    daemon.record_published("web-1", 1, "/nix/store/a.drv", "c1")
+    reads: list[str] = []
+    daemon._db.set_trace_callback(lambda sql: reads.append(sql) if "FROM hosts" in sql else None)
+    assert daemon.hosts()["web-1"].version == 1
+    # The event history writes the same file through a connection of its own at every
+    # pass; the meta rows change too: neither is a reason to read 10,000 rows again.
+    history = EventLog(tmp_path)
+    history.record(Event(EventType.PASS_STARTED, 1e9))
+    daemon.set_meta("commit", "c2")
+    assert daemon.hosts()["web-1"].version == 1
+    assert len(reads) == 1
+    history.close()
+    daemon.close()
 
 
 def test_suspensions_persist_and_a_read_only_copy_sees_them(tmp_path: Path) -> None:
