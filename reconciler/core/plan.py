@@ -106,7 +106,8 @@ def make_plan(
             continue
         image = images[name]
         prev = published.get(name)
-        touched = sorted(set(host.inputs()) & changed) if changed is not None else []
+        # Nothing changed (a pass at the same head): no host's inputs are looked at.
+        touched = sorted(set(host.inputs()) & changed) if changed else []
         if prev is not None and prev.version > 0 and prev.image == image:
             why = tuple(f"{p} changed but not its build" for p in touched) or ("inputs unchanged",)
             entries.append(HostPlan(name, Action.UNCHANGED, why, image))
