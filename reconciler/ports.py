@@ -147,10 +147,11 @@ class Store(Protocol):
         from another's by the bytes)."""
         ...
 
-    def get_bytes(self, key: str, limit: int | None = None) -> bytes | None:
-        """``key``'s bytes, None if missing. With ``limit``: StoreError naming the key
-        when it holds more than ``limit`` bytes, having read no more than ``limit + 1``
-        (a hostile store's object never lands in memory whole)."""
+    def get_bytes(self, key: str, limit: int) -> bytes | None:
+        """``key``'s bytes, None if missing; ObjectTooLargeError (a StoreError) naming
+        the key and ``limit`` when it holds more than ``limit`` bytes, having read no
+        more than ``limit + 1``: an object someone else planted in a shared store never
+        lands in memory whole. Every reader names the limit of what it reads."""
         ...
 
     def exists(self, key: str) -> bool: ...

@@ -33,7 +33,14 @@ from reconciler.core.note import Note, openpgp_key_id
 from reconciler.core.provenance import DebianPackage, NixInputs, Role, Signature, StorePath
 from reconciler.core.reproducibility import CHECK_LOCAL, Mismatch, ReproCheck
 from reconciler.daemon.gate import CommitRefusedError, Refusal
-from reconciler.errors import BuildError, SigningError, SourceError, StoreError, VerificationError
+from reconciler.errors import (
+    BuildError,
+    ObjectTooLargeError,
+    SigningError,
+    SourceError,
+    StoreError,
+    VerificationError,
+)
 from reconciler.ports import Source
 
 
@@ -335,10 +342,10 @@ class MemoryStore:
         self._put(key, data)
         return True
 
-    def get_bytes(self, key: str, limit: int | None = None) -> bytes | None:
+    def get_bytes(self, key: str, limit: int) -> bytes | None:
         data = self.objects.get(key)
-        if data is not None and limit is not None and len(data) > limit:
-            raise StoreError(f"cannot read {key} from memory: larger than {limit} bytes")
+        if data is not None and len(data) > limit:
+            raise ObjectTooLargeError(f"cannot read {key} from memory: larger than {limit} bytes")
         return data
 
     def exists(self, key: str) -> bool:

@@ -112,7 +112,7 @@ def check_store(store: Store) -> str:
     data = b"reconciler check " + key.encode() + b"\n"
     store.put_bytes(key, data)
     try:
-        if store.get_bytes(key) != data:
+        if store.get_bytes(key, len(data)) != data:
             raise ReconcilerError(f"{store.url(key)} reads back other bytes than were written")
     finally:
         store.delete(key)

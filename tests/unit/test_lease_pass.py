@@ -32,8 +32,12 @@ from reconciler.core.layout import (
     lease_path,
     release_path,
 )
-from reconciler.core.lease import Holder, LeaseRecord, Role
+from reconciler.core.lease import RECORD_LIMIT, Holder, LeaseRecord, Role
 from reconciler.core.model import Status
+from reconciler.core.note import MAX_NOTE
+from reconciler.core.release import RELEASE_LIMIT
+from reconciler.core.tlog import INCLUSION_LIMIT
+from reconciler.core.tufroles import TIMESTAMP_LIMIT
 from reconciler.daemon.gate import Gate
 from reconciler.daemon.lease import FencedStore, PublisherLease
 from reconciler.daemon.reconciler import Reconciler
@@ -90,7 +94,7 @@ class Tagged:
         self.log.append((self.who, f"delete {key}"))
         self.inner.delete(key)
 
-    def get_bytes(self, key: str, limit: int | None = None) -> bytes | None:
+    def get_bytes(self, key: str, limit: int) -> bytes | None:
         data = self.inner.get_bytes(key, limit)
         self.on_read()
         return data
@@ -218,7 +222,7 @@ def gauge(registry: CollectorRegistry, name: str) -> float | None:
 
 
 def record(fleet: Fleet, term: int) -> dict[str, object]:
-    data = fleet.store.get_bytes(lease_path(term))
+    data = fleet.store.get_bytes(lease_path(term), RECORD_LIMIT)
     assert data is not None
     doc = json.loads(data)
     assert isinstance(doc, dict)
@@ -272,7 +276,7 @@ def test_a_standby_takes_over_once_the_holder_stops_renewing_and_catches_up(flee
     assert fleet.releases("web-1") == [1] and fleet.releases("web-2") == [1, 2]
     reasons = {e.host: e.reasons for e in result.plan.entries}
     assert reasons["web-1"] == ("published by another daemon (version 1) while this one stood by",)
-    assert json.loads(fleet.store.get_bytes(latest_path("web-2")) or b"")["version"] == 2
+    assert json.loads(fleet.store.get_bytes(latest_path("web-2"), RELEASE_LIMIT) or b"")["version"] == 2
     assert b.listed() == {"web-1": 1, "web-2": 2}
     assert record(fleet, 2)["holder"] == "b" and b.lease.status().role is Role.ACTIVE
     assert {h: s.version for h, s in b.ledger.states.items()} == {"web-1": 1, "web-2": 2}
@@ -307,7 +311,10 @@ def test_a_paused_holder_that_resumes_after_a_takeover_writes_nothing(fleet: Fle
     assert a.ledger.states["web-2"].status == Status.PUBLISHED and a.ledger.states["web-2"].failures == 0
     assert a.lease.status().role is Role.STANDBY and not a.lease.held
     assert fleet.releases("web-2") == [1, 2]
-    assert json.loads(fleet.store.get_bytes(release_path("web-2", 2)) or b"")["commit"] == fleet.source.head
+    assert (
+        json.loads(fleet.store.get_bytes(release_path("web-2", 2), RELEASE_LIMIT) or b"")["commit"]
+        == fleet.source.head
+    )
 
 
 def test_the_log_goes_on_as_one_history_across_a_takeover(fleet: Fleet) -> None:
@@ -338,7 +345,7 @@ def test_the_log_goes_on_as_one_history_across_a_takeover(fleet: Fleet) -> None:
     # written both release files before the first append logged them together), b the last.
     signers = [w for w, k in fleet.writes if k == CHECKPOINT]
     assert signers[-1] == "b" and set(signers[:-1]) == {"a"}, signers
-    found = audit(lambda k, n: fleet.store.get_bytes(k), fleet.store.list(), key)
+    found = audit(lambda k, n: fleet.store.get_bytes(k, n), fleet.store.list(), key)
     assert found.problems == [] and found.entries == 3 and found.releases == 3
 
 
@@ -360,15 +367,15 @@ def test_a_holder_that_lost_the_lease_after_a_release_file_does_not_append_to_th
             assert fleet.store.create(lease_path(2), other.to_json())
 
     a.store.put_bytes = put_bytes  # type: ignore[method-assign]
-    head = fleet.store.get_bytes(CHECKPOINT)
+    head = fleet.store.get_bytes(CHECKPOINT, MAX_NOTE)
     result = a.rec.reconcile()
     assert result.interrupted == ("web-2",) and not a.lease.held
     after = [k for who, k in fleet.writes if who == "a"]
     assert after[-1] == release_path("web-2", 2), after[-3:]
     # The log is as the lease's holder left it: its new holder logs web-2 v2 when it
     # adopts the release.
-    assert fleet.store.get_bytes(CHECKPOINT) == head
-    assert fleet.store.get_bytes(inclusion_path("web-2", 2)) is None
+    assert fleet.store.get_bytes(CHECKPOINT, MAX_NOTE) == head
+    assert fleet.store.get_bytes(inclusion_path("web-2", 2), INCLUSION_LIMIT) is None
 
 
 def test_a_holder_whose_deadline_has_not_passed_still_stops_at_a_newer_term(fleet: Fleet) -> None:
@@ -381,7 +388,10 @@ def test_a_holder_whose_deadline_has_not_passed_still_stops_at_a_newer_term(flee
     assert a.lease.held  # by its own clock
     with pytest.raises(LeaseLostError, match="term 2 was taken"):
         a.rec.store.put_bytes("hosts/web-1/latest.json", b"stale")
-    assert not a.lease.held and json.loads(fleet.store.get_bytes(latest_path("web-1")) or b"")["version"] == 1
+    assert (
+        not a.lease.held
+        and json.loads(fleet.store.get_bytes(latest_path("web-1"), RELEASE_LIMIT) or b"")["version"] == 1
+    )
     fleet.source.push(CHANGED)
     assert a.rec.reconcile().standby
 
@@ -527,7 +537,7 @@ def test_without_the_lease_the_store_refuses_every_write(fleet: Fleet) -> None:
 
 
 def timestamp_version(fleet: Fleet) -> int:
-    data = fleet.store.get_bytes("tuf/timestamp.json")
+    data = fleet.store.get_bytes("tuf/timestamp.json", TIMESTAMP_LIMIT)
     assert data is not None
     return int(json.loads(data)["signed"]["version"])
 

@@ -28,6 +28,7 @@ from reconciler.core.layout import (
 )
 from reconciler.core.release import Artifact, Release, new_release
 from reconciler.daemon.gc import collect
+from reconciler.errors import ObjectTooLargeError
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 SHAS = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(8)]
@@ -372,9 +373,12 @@ class MemoryStore:
     def put_bytes(self, key: str, data: bytes) -> None:
         self.objects[key] = data
 
-    def get_bytes(self, key: str, limit: int | None = None) -> bytes | None:
+    def get_bytes(self, key: str, limit: int) -> bytes | None:
         self.reads.append(key)
-        return self.objects.get(key)
+        data = self.objects.get(key)
+        if data is not None and len(data) > limit:
+            raise ObjectTooLargeError(f"cannot read {key}: larger than {limit} bytes")
+        return data
 
     def exists(self, key: str) -> bool:
         return key in self.objects

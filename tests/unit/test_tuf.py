@@ -25,6 +25,7 @@ from reconciler.config import TufConfig
 from reconciler.core import tufrepo
 from reconciler.core.layout import release_path, tuf_path
 from reconciler.core.tufrepo import SERIALIZER, RoleName, target_path
+from reconciler.core.tufroles import TARGETS_LIMIT
 from reconciler.daemon.tuf import LOCAL_FILE, TufRepository
 from reconciler.errors import SigningError, TufError
 from tests.fakes import CrashError, FakeClock, MemoryStore
@@ -70,7 +71,8 @@ class StoreFetcher(FetcherInterface):
 
     def _fetch(self, url: str) -> Iterator[bytes]:
         key = url.removeprefix("mem://store/")
-        data = self.store.get_bytes(key)
+        # ngclient checks each file's own limit; no file it reads may exceed this one.
+        data = self.store.get_bytes(key, TARGETS_LIMIT)
         if data is None:
             raise DownloadHTTPError(f"{key} not found", 404)
         return iter([data])
