@@ -580,6 +580,27 @@ def test_an_invalid_host_costs_only_itself_and_keeps_what_it_published(world: Wo
     assert world.store.get_bytes(latest_path("web-1"), RELEASE_LIMIT) == published
 
 
+@pytest.mark.parametrize("planted", ["latest", "release"])
+def test_a_release_file_larger_than_any_is_refused_unread_and_costs_only_its_host(
+    world: World, planted: str
+) -> None:
+    """Another daemon sharing the store, or whoever can write to the bucket, left a
+    file larger than any release (still valid JSON, the same release padded) where
+    the pass reads one: latest.json for the next version, or the release file of the
+    version it would take. Read no further than the limit; the host fails saying so."""
+    world.source.push(FLEET)
+    rec = world.reconciler()
+    rec.reconcile()
+    key = latest_path("web-1") if planted == "latest" else release_path("web-1", 2)
+    world.store.objects[key] = world.store.objects[latest_path("web-1")] + b" " * RELEASE_LIMIT
+    world.source.push({**FLEET, "hosts/web-1.yaml": HOST.format(name="web-1", address="10.0.0.9/24")})
+    before = len(world.store.writes)
+    assert outcomes(rec) == {"web-1": (False, None)}
+    error = world.ledger.states["web-1"].error or ""
+    assert key in error and f"larger than {RELEASE_LIMIT} bytes" in error, error
+    assert not [k for k in world.store.writes[before:] if k.startswith("hosts/web-1/")]
+
+
 def test_an_untrusted_commit_builds_nothing_and_says_why(world: World) -> None:
     world.gate = RefusingGate()
     world.gate.refused.add(world.source.push(FLEET))

@@ -8,11 +8,13 @@ import json
 import logging
 import threading
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
 
+from reconciler.adapters.store import FilesystemStore
 from reconciler.agent.logcheck import audit
 from reconciler.config import (
     Config,
@@ -45,7 +47,7 @@ from reconciler.daemon.tlog import TransparencyLog
 from reconciler.daemon.tuf import TufRepository
 from reconciler.errors import LeaseHeldError, LeaseLostError
 from reconciler.ports import Ports
-from reconciler.wiring import holder
+from reconciler.wiring import holder, lease_status
 from tests.fakes import (
     FakeClock,
     FakeNix,
@@ -411,6 +413,30 @@ def test_a_clean_stop_hands_the_lease_over_at_once(fleet: Fleet) -> None:
     assert record(fleet, 2)["holder"] == "b"
 
 
+def test_a_record_larger_than_any_is_refused_unread_and_waited_out(
+    fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A released record someone else padded (still valid JSON): not read, so not taken
+    at its word; unreadable as a malformed record is, it lapses after a duration."""
+    fleet.source.push(FLEET)
+    a, b = daemon(fleet, "a"), daemon(fleet, "b")
+    a.rec.reconcile()
+    a.rec.close()
+    key = lease_path(1)
+    fleet.store.objects[key] += b" " * RECORD_LIMIT
+    caplog.set_level(logging.WARNING, logger="reconciler")
+    assert b.rec.reconcile().standby
+    errors = [
+        getattr(r, "fields", {}).get("error") for r in caplog.records if r.getMessage() == "lease_unreadable"
+    ]
+    assert errors and all(f"{key}" in e and f"larger than {RECORD_LIMIT} bytes" in e for e in errors)
+    fleet.clock.advance(DURATION)
+    b.lease.tick()
+    assert b.woken == ["b"]
+    assert not b.rec.reconcile().standby
+    assert record(fleet, 2)["holder"] == "b"
+
+
 def test_a_restarted_daemon_takes_its_own_lease_back_at_once(fleet: Fleet) -> None:
     fleet.source.push(FLEET)
     ledger = MemoryLedger()
@@ -654,3 +680,21 @@ def test_a_state_directory_keeps_one_lease_identity(tmp_path: Path) -> None:
     again = holder(a)
     assert again.id not in ("", first.id) and holder(a) == again
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["publisher.id"]
+
+
+def test_status_reads_no_record_past_its_limit(tmp_path: Path) -> None:
+    """`reconciler status` on a store where someone padded the newest record."""
+    cfg = Config(
+        path=tmp_path / "reconciler.yaml",
+        repo=RepoConfig(url="/nonexistent/repo"),
+        store=StoreConfig(type="filesystem", path=tmp_path / "store"),
+        state_dir=tmp_path / "state",
+        signing=SigningConfig(gnupghome=tmp_path / "gnupg", key="K"),
+        nix=NixConfig(),
+    )
+    key = lease_path(1)
+    padded = LeaseRecord(1, "x", "host-x", 0, DURATION, datetime.now(UTC)).to_json() + b" " * RECORD_LIMIT
+    FilesystemStore(tmp_path / "store").put_bytes(key, padded)
+    status = lease_status(cfg)
+    assert (status["enabled"], status["term"]) == (True, 1) and "holder" not in status
+    assert key in str(status["error"]) and f"larger than {RECORD_LIMIT} bytes" in str(status["error"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import hashlib
+import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,7 +27,7 @@ from reconciler.core.layout import (
     update_path,
     zsync_path,
 )
-from reconciler.core.release import Artifact, Release, new_release
+from reconciler.core.release import RELEASE_LIMIT, Artifact, Release, new_release
 from reconciler.daemon.gc import collect
 from reconciler.errors import ObjectTooLargeError
 
@@ -431,6 +432,21 @@ def test_collect_treats_a_corrupt_latest_as_unknown() -> None:
     store.objects["hosts/a/latest.json"] = store.objects["hosts/a/releases/2.json"]
     store.objects["hosts/a/releases/2.json"] = b"garbage"
     assert collect(store, 1) == ["hosts/a/releases/1.json", "hosts/a/releases/1.json.asc"]
+
+
+def test_collect_reads_no_release_past_its_limit_and_treats_it_as_unknown(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """latest.json padded by someone else (still the release, as JSON): refused unread,
+    so its host loses no blob, and the warning says which file and why."""
+    s = state({"a": {1: [SHAS[0]], 2: [SHAS[1]]}}, latest={"a": 2}, blobs=SHAS[:3])
+    store = memory_store(s)
+    store.objects["hosts/a/latest.json"] += b" " * RELEASE_LIMIT
+    caplog.set_level(logging.WARNING, logger="reconciler")
+    assert collect(store, 1) == []
+    (warning,) = [r for r in caplog.records if r.getMessage() == "gc_release_unreadable"]
+    error = getattr(warning, "fields", {})["error"]
+    assert "hosts/a/latest.json" in error and f"larger than {RELEASE_LIMIT} bytes" in error
 
 
 def test_collect_deletes_an_old_release_s_inclusion_proof_and_nothing_of_the_log() -> None:
