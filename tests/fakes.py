@@ -313,12 +313,14 @@ class CrashError(StoreError):
 
 
 class MemoryStore:
-    """A store in a dict that records every write in order. ``full`` makes every write
-    fail as a full disk does; with ``crash_at``, the write of that index dies."""
+    """A store in a dict that records every write in order, and the limit of each key's
+    last read. ``full`` makes every write fail as a full disk does; with ``crash_at``,
+    the write of that index dies."""
 
     def __init__(self, objects: Mapping[str, bytes] | None = None, crash_at: int | None = None) -> None:
         self.objects: dict[str, bytes] = dict(objects or {})
         self.writes: list[str] = []
+        self.limits: dict[str, int] = {}
         self.full = False
         self.crash_at = crash_at
 
@@ -343,6 +345,7 @@ class MemoryStore:
         return True
 
     def get_bytes(self, key: str, limit: int) -> bytes | None:
+        self.limits[key] = limit
         data = self.objects.get(key)
         if data is not None and len(data) > limit:
             raise ObjectTooLargeError(f"cannot read {key} from memory: larger than {limit} bytes")

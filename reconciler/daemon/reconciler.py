@@ -98,7 +98,7 @@ from reconciler.errors import (
     VerificationError,
 )
 from reconciler.ports import EventLog as EventLogPort
-from reconciler.ports import Ledger, Ports, Signer
+from reconciler.ports import Ledger, Ports, Signer, holds
 
 if TYPE_CHECKING:
     # Types only: python-tuf (and boto3 through securesystemslib) is imported by whoever
@@ -1211,7 +1211,7 @@ class Reconciler:
         if self._key_published:
             return
         key = self.signer.public_key()
-        if self.store.get_bytes(PUBLISHER_KEY, len(key)) != key:
+        if not holds(self.store, PUBLISHER_KEY, key):
             self.store.put_bytes(PUBLISHER_KEY, key)
         self._key_published = True
 
@@ -1222,7 +1222,7 @@ class Reconciler:
         images = self.cfg.images
         page = discovery_page(images.name_prefix, images.store_url, PUBLISHER_KEY)
         key = discovery_page_path(images.name_prefix)
-        if self.store.get_bytes(key, len(page)) != page:
+        if not holds(self.store, key, page):
             self.store.put_bytes(key, page)
         self._page_published = True
 

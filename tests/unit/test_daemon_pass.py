@@ -601,6 +601,21 @@ def test_a_release_file_larger_than_any_is_refused_unread_and_costs_only_its_hos
     assert not [k for k in world.store.writes[before:] if k.startswith("hosts/web-1/")]
 
 
+def test_a_longer_object_where_the_key_or_the_discovery_page_goes_is_written_over_unread(
+    world: World,
+) -> None:
+    world.images = ImagesConfig("example.com/fleet", "https://store.example/", ())
+    for key in ("keys/publisher.asc", "fleet/index.html"):
+        world.store.objects[key] = b" " * RELEASE_LIMIT
+    world.source.push(FLEET)
+    assert outcomes(world.reconciler()) == {"web-1": (True, 1), "web-2": (True, 1)}
+    key = world.signer.public_key()
+    assert world.store.objects["keys/publisher.asc"] == key
+    assert world.store.limits["keys/publisher.asc"] == len(key)
+    page = world.store.objects["fleet/index.html"]
+    assert b"ac-discovery" in page and world.store.limits["fleet/index.html"] == len(page)
+
+
 def test_an_untrusted_commit_builds_nothing_and_says_why(world: World) -> None:
     world.gate = RefusingGate()
     world.gate.refused.add(world.source.push(FLEET))
