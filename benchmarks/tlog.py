@@ -39,7 +39,7 @@ from reconciler.agent.logcheck import LogClient  # noqa: E402
 from reconciler.core import tlog  # noqa: E402
 from reconciler.core.layout import CHECKPOINT, log_path, release_path  # noqa: E402
 from reconciler.core.note import Note  # noqa: E402
-from reconciler.core.release import Artifact, new_release  # noqa: E402
+from reconciler.core.release import RELEASE_LIMIT, Artifact, new_release  # noqa: E402
 from reconciler.daemon.publish import publish  # noqa: E402
 from reconciler.daemon.tlog import TransparencyLog, default_origin, sign, write_state  # noqa: E402
 from reconciler.demo import KeyType, make_signing_key  # noqa: E402
@@ -64,7 +64,7 @@ class Counted:
         self.written += path.stat().st_size
         self.inner.put_file(key, path)
 
-    def get_bytes(self, key: str, limit: int | None = None) -> bytes | None:
+    def get_bytes(self, key: str, limit: int) -> bytes | None:
         data = self.inner.get_bytes(key, limit)
         self.reads.append((key, len(data) if data is not None else 0))
         return data
@@ -152,8 +152,8 @@ def agent_check(
     state = tmp / name / "log-checkpoint"
     state.parent.mkdir(parents=True)
     state.write_bytes(seen)
-    client = LogClient(lambda key, limit: store.get_bytes(key), verifier, None, frozenset(), state)
-    data = store.inner.get_bytes(release_path("new-host", 1))
+    client = LogClient(lambda key, limit: store.get_bytes(key, limit), verifier, None, frozenset(), state)
+    data = store.inner.get_bytes(release_path("new-host", 1), RELEASE_LIMIT)
     assert data is not None
     store.reads.clear()
     t = time.perf_counter()

@@ -78,6 +78,13 @@ class StoreError(ReconcilerError):
     """The artifact store refused or failed an operation."""
 
 
+class ObjectTooLargeError(StoreError):
+    """An object larger than its reader's limit (``Store.get_bytes``), refused having
+    read at most one byte past it: none of the daemon's own writes is that large, so
+    someone else put it there (another daemon sharing the store, whoever can write to
+    the bucket)."""
+
+
 class LeaseError(StoreError):
     """A write to the store refused because this process does not hold the store's
     publisher lease (reconciler.core.lease)."""

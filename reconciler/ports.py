@@ -29,6 +29,7 @@ from reconciler.core.model import (
 from reconciler.core.note import Note
 from reconciler.core.provenance import NixInputs, Signature
 from reconciler.core.reproducibility import ReproCheck
+from reconciler.errors import ObjectTooLargeError
 
 if TYPE_CHECKING:
     # python-tuf's signer type; importing securesystemslib costs a command that never
@@ -147,10 +148,11 @@ class Store(Protocol):
         from another's by the bytes)."""
         ...
 
-    def get_bytes(self, key: str, limit: int | None = None) -> bytes | None:
-        """``key``'s bytes, None if missing. With ``limit``: StoreError naming the key
-        when it holds more than ``limit`` bytes, having read no more than ``limit + 1``
-        (a hostile store's object never lands in memory whole)."""
+    def get_bytes(self, key: str, limit: int) -> bytes | None:
+        """``key``'s bytes, None if missing; ObjectTooLargeError (a StoreError) naming
+        the key and ``limit`` when it holds more than ``limit`` bytes, having read no
+        more than ``limit + 1``: an object someone else planted in a shared store never
+        lands in memory whole. Every reader names the limit of what it reads."""
         ...
 
     def exists(self, key: str) -> bool: ...
@@ -173,6 +175,15 @@ class Store(Protocol):
         """Remove what writes that died mid-way left (never visible as keys); call it
         only where no write can be in progress. Returns what was removed."""
         ...
+
+
+def holds(store: Store, key: str, data: bytes) -> bool:
+    """Whether ``key`` holds exactly ``data``, read no further than one byte past it:
+    whatever else is there (a longer object someone planted too) is to be written over."""
+    try:
+        return store.get_bytes(key, len(data)) == data
+    except ObjectTooLargeError:
+        return False
 
 
 class Packager(Protocol):

@@ -30,7 +30,7 @@ from reconciler.adapters.nix import Nix
 from reconciler.adapters.store import FilesystemStore
 from reconciler.config import Config, SigningConfig, StoreConfig
 from reconciler.core.layout import LEASE_PREFIX, LeaseKey, lease_path, parse_key
-from reconciler.core.lease import Holder, parse_record
+from reconciler.core.lease import RECORD_LIMIT, Holder, parse_record
 from reconciler.daemon.gate import Gate
 from reconciler.daemon.lease import FencedStore, PublisherLease
 from reconciler.daemon.metrics import Metrics
@@ -38,6 +38,7 @@ from reconciler.daemon.reconciler import OpenLog, OpenTuf, Reconciler
 from reconciler.errors import (
     ConfigError,
     FetchError,
+    ObjectTooLargeError,
     ReconcilerError,
     SigningError,
     StoreError,
@@ -148,10 +149,9 @@ def lease_status(cfg: Config) -> dict[str, object]:
     if not terms:
         return {"enabled": True, "term": None}
     key = lease_path(terms[-1])
-    data = store.get_bytes(key)
     try:
-        record = parse_record(data or b"", terms[-1], key)
-    except VerificationError as exc:
+        record = parse_record(store.get_bytes(key, RECORD_LIMIT) or b"", terms[-1], key)
+    except (VerificationError, ObjectTooLargeError) as exc:
         return {"enabled": True, "term": terms[-1], "error": str(exc)}
     return {
         "enabled": True,

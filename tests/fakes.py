@@ -33,7 +33,14 @@ from reconciler.core.note import Note, openpgp_key_id
 from reconciler.core.provenance import DebianPackage, NixInputs, Role, Signature, StorePath
 from reconciler.core.reproducibility import CHECK_LOCAL, Mismatch, ReproCheck
 from reconciler.daemon.gate import CommitRefusedError, Refusal
-from reconciler.errors import BuildError, SigningError, SourceError, StoreError, VerificationError
+from reconciler.errors import (
+    BuildError,
+    ObjectTooLargeError,
+    SigningError,
+    SourceError,
+    StoreError,
+    VerificationError,
+)
 from reconciler.ports import Source
 
 
@@ -306,12 +313,14 @@ class CrashError(StoreError):
 
 
 class MemoryStore:
-    """A store in a dict that records every write in order. ``full`` makes every write
-    fail as a full disk does; with ``crash_at``, the write of that index dies."""
+    """A store in a dict that records every write in order, and the limit of each key's
+    last read. ``full`` makes every write fail as a full disk does; with ``crash_at``,
+    the write of that index dies."""
 
     def __init__(self, objects: Mapping[str, bytes] | None = None, crash_at: int | None = None) -> None:
         self.objects: dict[str, bytes] = dict(objects or {})
         self.writes: list[str] = []
+        self.limits: dict[str, int] = {}
         self.full = False
         self.crash_at = crash_at
 
@@ -335,10 +344,11 @@ class MemoryStore:
         self._put(key, data)
         return True
 
-    def get_bytes(self, key: str, limit: int | None = None) -> bytes | None:
+    def get_bytes(self, key: str, limit: int) -> bytes | None:
+        self.limits[key] = limit
         data = self.objects.get(key)
-        if data is not None and limit is not None and len(data) > limit:
-            raise StoreError(f"cannot read {key} from memory: larger than {limit} bytes")
+        if data is not None and len(data) > limit:
+            raise ObjectTooLargeError(f"cannot read {key} from memory: larger than {limit} bytes")
         return data
 
     def exists(self, key: str) -> bool:

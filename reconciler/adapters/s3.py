@@ -31,7 +31,7 @@ from botocore.exceptions import (
 )
 
 from reconciler.adapters.store import check_key, check_prefix
-from reconciler.errors import ConfigError, StoreError
+from reconciler.errors import ConfigError, ObjectTooLargeError, StoreError
 
 if TYPE_CHECKING:
     from types_boto3_s3.client import S3Client
@@ -270,7 +270,10 @@ class S3Store:
                 # SeaweedFS does now and then under concurrent conditional writes) is
                 # refused by the object the first attempt wrote: the bytes say whose
                 # it is (callers write content that is theirs alone, as a lease record).
-                return self.get_bytes(key) == data
+                try:
+                    return self.get_bytes(key, len(data)) == data
+                except ObjectTooLargeError:
+                    return False  # longer than what was written: another's
             if self._code(exc) in _UNSUPPORTED:
                 raise self._unsupported() from None
             raise self._error("create", key, exc) from None
@@ -299,13 +302,13 @@ class S3Store:
             "only one daemon against this store"
         )
 
-    def get_bytes(self, key: str, limit: int | None = None) -> bytes | None:
+    def get_bytes(self, key: str, limit: int) -> bytes | None:
         full = self._key(key)
         try:
             body = self.client.get_object(Bucket=self.bucket, Key=full)["Body"]
             try:
                 # Not a Range request: an empty object answers one with 416.
-                data: bytes = body.read() if limit is None else body.read(limit + 1)
+                data: bytes = body.read(limit + 1)
             finally:
                 body.close()
         except ClientError as exc:
@@ -314,8 +317,8 @@ class S3Store:
             raise self._error("read", key, exc) from None
         except BotoCoreError as exc:
             raise self._error("read", key, exc) from None
-        if limit is not None and len(data) > limit:
-            raise StoreError(f"cannot read {key} in {self.location}: larger than {limit} bytes")
+        if len(data) > limit:
+            raise ObjectTooLargeError(f"cannot read {key} in {self.location}: larger than {limit} bytes")
         return data
 
     def size(self, key: str) -> int | None:

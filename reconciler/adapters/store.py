@@ -19,7 +19,7 @@ import stat
 import tempfile
 from pathlib import Path
 
-from reconciler.errors import StoreError
+from reconciler.errors import ObjectTooLargeError, StoreError
 
 
 def check_key(key: str) -> None:
@@ -134,16 +134,16 @@ class FilesystemStore:
             raise StoreError(f"cannot create {key} in {self.root}: {reason}") from None
         return True
 
-    def get_bytes(self, key: str, limit: int | None = None) -> bytes | None:
+    def get_bytes(self, key: str, limit: int) -> bytes | None:
         try:
             with self._path(key).open("rb") as f:
-                data = f.read() if limit is None else f.read(limit + 1)
+                data = f.read(limit + 1)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
         except OSError as exc:
             raise StoreError(f"cannot read {key} from {self.root}: {exc.strerror}") from None
-        if limit is not None and len(data) > limit:
-            raise StoreError(f"cannot read {key} from {self.root}: larger than {limit} bytes")
+        if len(data) > limit:
+            raise ObjectTooLargeError(f"cannot read {key} from {self.root}: larger than {limit} bytes")
         return data
 
     def exists(self, key: str) -> bool:

@@ -28,15 +28,17 @@ from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 from reconciler.adapters import fetch
 from reconciler.core.layout import TUF_PREFIX, tuf_path
 from reconciler.core.trust import Reason, RefusalError, refusal
+from reconciler.core.tufroles import ROOT_LIMIT, SNAPSHOT_LIMIT, TARGETS_LIMIT, TIMESTAMP_LIMIT
 from reconciler.errors import FetchError, FetchKind
 from reconciler.ports import Fetcher
 
-# python-tuf's limits per role; a timestamp is a few hundred bytes.
+# The limits per role the publisher reads its own metadata with (core.tufroles).
 CONFIG = UpdaterConfig(
     max_root_rotations=64,
-    timestamp_max_length=16 * 1024,
-    snapshot_max_length=4 << 20,
-    targets_max_length=8 << 20,
+    root_max_length=ROOT_LIMIT,
+    timestamp_max_length=TIMESTAMP_LIMIT,
+    snapshot_max_length=SNAPSHOT_LIMIT,
+    targets_max_length=TARGETS_LIMIT,
     prefix_targets_with_hash=False,  # targets are content-addressed or immutable already
 )
 MAX_BOOTSTRAP_ROOTS = 64

@@ -63,6 +63,7 @@ from reconciler.agent.metrics import AgentMetrics, DownloadMethod, PollResult
 from reconciler.agent.state import AgentState
 from reconciler.agent.supervisor import App
 from reconciler.agent.tufclient import StaleError, TufClient
+from reconciler.core import tufroles
 from reconciler.core import zsync as control
 from reconciler.core.layout import AttestationKind, release_path, zsync_path
 from reconciler.core.provenance import ATTESTATION_LIMIT
@@ -73,7 +74,7 @@ from reconciler.errors import ConfigError, FetchError, FetchKind, VerificationEr
 from reconciler.ports import Clock, Fetcher
 
 # A timestamp is a few hundred bytes; python-tuf allows 16 KiB.
-TIMESTAMP_LIMIT = 16 * 1024
+TIMESTAMP_LIMIT = tufroles.TIMESTAMP_LIMIT
 
 # The long-running agent looks at its app and its poll timer this often.
 TICK = 1.0

@@ -29,12 +29,12 @@ from reconciler.core import imagecheck, openpgp, trust
 from reconciler.core.formats import Kind
 from reconciler.core.layout import AttestationKind
 from reconciler.core.provenance import ATTESTATION_LIMIT, ProvenanceSummary, SbomSummary
-from reconciler.core.release import Release, format_time, parse_release
+from reconciler.core.release import RELEASE_LIMIT, Release, format_time, parse_release
 from reconciler.errors import VerificationError
 
 # Release metadata and signatures are small; anything larger is not ours. A longer
 # signature would be refused unread anyway (reconciler.core.openpgp): stop fetching there.
-METADATA_LIMIT = 1 << 20
+METADATA_LIMIT = RELEASE_LIMIT
 SIGNATURE_LIMIT = openpgp.ARMORED_LIMIT
 # A plain artifact checked on its own has no release to bound its size.
 ARTIFACT_LIMIT = 1 << 40

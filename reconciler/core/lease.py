@@ -45,6 +45,10 @@ KEEP_TERMS = 3
 # Bounds of a record's duration: what a reader accepts from a record it did not write.
 MIN_DURATION = 1.0
 MAX_DURATION = 86400.0
+# The most bytes of a record anyone reads: to_json writes seven short fields, a few
+# hundred bytes with the longest holder name a configuration gives. A larger object
+# under lease/ was not written by a daemon, and counts as an unreadable record.
+RECORD_LIMIT = 64 * 1024
 
 
 class Role(StrEnum):

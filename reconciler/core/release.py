@@ -28,6 +28,12 @@ ARTIFACT_NAME_RE = re.compile(r"^(?!\.)[A-Za-z0-9._+-]{1,255}$")
 NAME_RULE = (
     "must be a plain file name (1 to 255 letters, digits, '.', '_', '+' or '-', not starting with '.')"
 )
+# The most bytes of a release file (or latest.json) anyone reads. to_json writes at
+# most one artifact per Kind (8) and one attestation per AttestationKind (2), each a
+# few hundred bytes even with a 255-character name: under 8 KiB. The rest is room for
+# releases of a future schema; an agent reads them with this limit too
+# (reconciler.agent.verify), so the daemon must not accept a larger one as its own.
+RELEASE_LIMIT = 1 << 20
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 from reconciler import log
 from reconciler.core.gc import DEFAULT_KEEP, needed_releases, plan_gc
-from reconciler.core.release import Release, parse_release
-from reconciler.errors import VerificationError
+from reconciler.core.release import RELEASE_LIMIT, Release, parse_release
+from reconciler.errors import ObjectTooLargeError, VerificationError
 from reconciler.ports import Store
 
 
@@ -45,7 +45,13 @@ def collect(
 
 
 def _read(store: Store, key: str) -> Release | None:
-    data = store.get_bytes(key)
+    """The release at ``key``; None, logged, for one missing or not a release (larger
+    than any is, too): a host with such a release loses no blob (core.gc)."""
+    try:
+        data = store.get_bytes(key, RELEASE_LIMIT)
+    except ObjectTooLargeError as exc:
+        log.event("gc_release_unreadable", logging.WARNING, key=key, error=str(exc))
+        return None
     if data is None:
         log.event("gc_release_missing", logging.WARNING, key=key)
         return None

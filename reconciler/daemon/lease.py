@@ -32,6 +32,7 @@ from reconciler import log
 from reconciler.config import LeaseConfig
 from reconciler.core.layout import LEASE_PREFIX, LeaseKey, lease_path, parse_key
 from reconciler.core.lease import (
+    RECORD_LIMIT,
     Acquire,
     Held,
     Holder,
@@ -49,7 +50,13 @@ from reconciler.core.lease import (
     parse_record,
     valid_until,
 )
-from reconciler.errors import LeaseHeldError, LeaseLostError, StoreError, VerificationError
+from reconciler.errors import (
+    LeaseHeldError,
+    LeaseLostError,
+    ObjectTooLargeError,
+    StoreError,
+    VerificationError,
+)
 from reconciler.ports import Clock, Store
 
 # The shortest a keeper thread sleeps between looks (seconds): a lapse computed as due
@@ -180,13 +187,15 @@ class PublisherLease:
         if not terms:
             return None, None, terms
         key = lease_path(terms[-1])
-        data = self.store.get_bytes(key)
         record = None
-        if data is not None:
-            try:
+        try:
+            # No daemon writes a record that large: it is unreadable as a malformed
+            # one is (it lapses after the longest duration, and is taken over).
+            data = self.store.get_bytes(key, RECORD_LIMIT)
+            if data is not None:
                 record = parse_record(data, terms[-1], key)
-            except VerificationError as exc:
-                log.event("lease_unreadable", logging.WARNING, error=str(exc))
+        except (VerificationError, ObjectTooLargeError) as exc:
+            log.event("lease_unreadable", logging.WARNING, error=str(exc))
         return terms[-1], record, terms
 
     def _look(self) -> list[int]:
@@ -413,7 +422,7 @@ class FencedStore:
         self.lease.check()
         return self.inner.sweep()
 
-    def get_bytes(self, key: str, limit: int | None = None) -> bytes | None:
+    def get_bytes(self, key: str, limit: int) -> bytes | None:
         return self.inner.get_bytes(key, limit)
 
     def exists(self, key: str) -> bool:

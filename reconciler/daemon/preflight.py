@@ -19,7 +19,7 @@ from pathlib import Path
 from reconciler import log
 from reconciler.config import Config
 from reconciler.errors import ConfigError, ReconcilerError
-from reconciler.ports import Store
+from reconciler.ports import Store, holds
 
 # The store object a check writes and deletes again; a name no release, blob or TUF
 # file has, so that nothing an agent reads is ever touched.
@@ -112,7 +112,7 @@ def check_store(store: Store) -> str:
     data = b"reconciler check " + key.encode() + b"\n"
     store.put_bytes(key, data)
     try:
-        if store.get_bytes(key) != data:
+        if not holds(store, key, data):
             raise ReconcilerError(f"{store.url(key)} reads back other bytes than were written")
     finally:
         store.delete(key)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from reconciler.core.layout import discovery_path, latest_path, release_path, update_path, zsync_path
 from reconciler.core.release import Release
-from reconciler.errors import StoreError
+from reconciler.errors import ObjectTooLargeError, StoreError
 from reconciler.ports import Store
 
 SignFile = Callable[[Path], bytes]
@@ -83,9 +83,14 @@ def publish(
         on_artifact(art.format)
     meta = release.to_json()
     key = release_path(release.host, release.version)
-    existing = store.get_bytes(key)
+    immutable = f"{key} already exists with other content; releases are immutable"
+    try:
+        # Only these bytes may be there already: a longer object is not this release.
+        existing = store.get_bytes(key, len(meta))
+    except ObjectTooLargeError:
+        raise StoreError(f"{immutable} (it is larger than this release's {len(meta)} bytes)") from None
     if existing is not None and existing != meta:
-        raise StoreError(f"{key} already exists with other content; releases are immutable")
+        raise StoreError(immutable)
     for att in release.attestations:
         if existing is None:
             # Nothing names what an interrupted publish left here: replace it.

@@ -72,7 +72,7 @@ from reconciler.core.model import (
 )
 from reconciler.core.plan import HostPlan, Plan, make_plan, retry_delay, suspended_fleet
 from reconciler.core.provenance import BuildRecord, Reproducibility, ReproStatus, public_url
-from reconciler.core.release import Artifact, Release, new_release, parse_release
+from reconciler.core.release import RELEASE_LIMIT, Artifact, Release, new_release, parse_release
 from reconciler.core.reproducibility import CheckResult, refusal
 from reconciler.core.tufroles import RoleName
 from reconciler.core.versions import MAX_TAKEN, Adopt, Decision, Taken, decide, first_candidate
@@ -98,7 +98,7 @@ from reconciler.errors import (
     VerificationError,
 )
 from reconciler.ports import EventLog as EventLogPort
-from reconciler.ports import Ledger, Ports, Signer
+from reconciler.ports import Ledger, Ports, Signer, holds
 
 if TYPE_CHECKING:
     # Types only: python-tuf (and boto3 through securesystemslib) is imported by whoever
@@ -916,7 +916,7 @@ class Reconciler:
         """``host``'s release ``version`` in the store (its latest.json without one);
         None if there is none or it cannot be read (logged)."""
         key = latest_path(host) if version is None else release_path(host, version)
-        data = self.store.get_bytes(key)
+        data = self.store.get_bytes(key, RELEASE_LIMIT)
         if data is None:
             return None
         try:
@@ -1145,7 +1145,7 @@ class Reconciler:
         if adopted:
             # What was built now is not what was published (another signature): the
             # control file published then stands.
-            control = self.store.get_bytes(key)
+            control = self.store.get_bytes(key, zsync.size_limit(art.size))
         else:
             control = self.packager.zsync(files[Kind.APPIMAGE], art.name, art.sha256)
             controls[Kind.APPIMAGE] = control
@@ -1211,7 +1211,7 @@ class Reconciler:
         if self._key_published:
             return
         key = self.signer.public_key()
-        if self.store.get_bytes(PUBLISHER_KEY) != key:
+        if not holds(self.store, PUBLISHER_KEY, key):
             self.store.put_bytes(PUBLISHER_KEY, key)
         self._key_published = True
 
@@ -1222,7 +1222,7 @@ class Reconciler:
         images = self.cfg.images
         page = discovery_page(images.name_prefix, images.store_url, PUBLISHER_KEY)
         key = discovery_page_path(images.name_prefix)
-        if self.store.get_bytes(key) != page:
+        if not holds(self.store, key, page):
             self.store.put_bytes(key, page)
         self._page_published = True
 

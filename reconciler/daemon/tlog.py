@@ -41,6 +41,7 @@ from reconciler import log
 from reconciler.core import tlog
 from reconciler.core.layout import CHECKPOINT, ReleaseKey, inclusion_path, log_path, parse_key
 from reconciler.core.note import MAX_NOTE, Note, Signature, add_signature, openpgp_key_id, parse_note
+from reconciler.core.release import RELEASE_LIMIT
 from reconciler.core.tlog import Bundle, Checkpoint, Edge, Inclusion, LogFormatError, Node, Tile
 from reconciler.errors import LogError, VerificationError
 from reconciler.ports import NoteSigner, NoteVerifier, Store
@@ -285,7 +286,7 @@ class TransparencyLog:
         for key in self.store.list("hosts/"):
             k = parse_key(key)
             if isinstance(k, ReleaseKey) and not k.signature and k.attestation is None:
-                data = self.store.get_bytes(key)
+                data = self.store.get_bytes(key, RELEASE_LIMIT)
                 if data is not None:
                     sha = hashlib.sha256(data).hexdigest()
                     found.append((k.host, k.version, tlog.release_entry(k.host, k.version, sha)))

@@ -37,8 +37,10 @@ from reconciler import log
 from reconciler.config import TufConfig
 from reconciler.core import tufrepo
 from reconciler.core.layout import release_path, tuf_path
+from reconciler.core.release import RELEASE_LIMIT
 from reconciler.core.tufrepo import SERIALIZER, KeySet, RoleName
-from reconciler.errors import SigningError, StoreError, TufError
+from reconciler.core.tufroles import ROOT_LIMIT, SNAPSHOT_LIMIT, TARGETS_LIMIT, TIMESTAMP_LIMIT
+from reconciler.errors import ObjectTooLargeError, SigningError, StoreError, TufError
 from reconciler.ports import Clock, Store
 
 # A change of keys or thresholds applied to (root, targets): core.tufrepo's add_key,
@@ -69,6 +71,13 @@ def parse(data: bytes, role: str, where: str) -> Metadata[Any]:
     except (RepositoryError, ValueError) as exc:  # DeserializationError is a RepositoryError
         raise TufError(f"{where}: malformed TUF metadata ({exc})") from None
     return typed(md, role, where)
+
+
+def size_limit(role: str) -> int:
+    """The most bytes of ``role``'s metadata read from the store (core.tufroles): a
+    bin's is targets metadata."""
+    limits = {Root.type: ROOT_LIMIT, Timestamp.type: TIMESTAMP_LIMIT, Snapshot.type: SNAPSHOT_LIMIT}
+    return limits.get(role, TARGETS_LIMIT)
 
 
 def typed(md: Metadata[Any], role: str, where: str) -> Metadata[Any]:
@@ -204,10 +213,10 @@ class TufRepository:
         return md
 
     def _store_ahead(self, md: Metadatas) -> bool:
-        data = self.store.get_bytes(tuf_path("timestamp", None))
         try:
+            data = self.store.get_bytes(tuf_path("timestamp", None), TIMESTAMP_LIMIT)
             stored = Metadata.from_bytes(data) if data is not None else None
-        except (ValueError, RepositoryError):
+        except (ValueError, RepositoryError, ObjectTooLargeError):
             return False  # not ours: overwritten by the next timestamp
         return stored is not None and stored.signed.version > md.timestamp.signed.version
 
@@ -228,7 +237,7 @@ class TufRepository:
     def _get(self, role: str, version: int | None) -> Metadata[Any]:
         """``role``'s metadata from the store, of its type and (if given) ``version``."""
         key = tuf_path(role, version)
-        data = self.store.get_bytes(key)
+        data = self.store.get_bytes(key, size_limit(role))
         if data is None:
             raise TufError(f"the store's TUF metadata lacks {key}")
         md = parse(data, role, key)
@@ -356,7 +365,7 @@ class TufRepository:
             missing = self._missing.get(host)
             if missing is not None and missing[0] == version and self.clock.monotonic() < missing[1]:
                 continue
-            data = self.store.get_bytes(release_path(host, version))
+            data = self.store.get_bytes(release_path(host, version), RELEASE_LIMIT)
             if data is None:
                 # A store that lost its files is not read for every host on every pass.
                 self._missing[host] = (version, self.clock.monotonic() + MISSING_RETRY)

@@ -32,7 +32,7 @@ from reconciler.core.events import MAX_LIMIT, Event, EventQuery, EventType
 from reconciler.core.layout import release_path
 from reconciler.core.model import COMMIT_KEY, Action, HostState, Status
 from reconciler.core.plan import Plan
-from reconciler.core.release import Artifact, parse_release
+from reconciler.core.release import RELEASE_LIMIT, Artifact, parse_release
 from reconciler.daemon import page
 from reconciler.daemon.page import Filter, HostRow, Point, Series
 from reconciler.daemon.triggers import Unauthorized, authorization, check_bearer
@@ -334,7 +334,7 @@ class FleetPage:
     def _artifacts(self, host: str, version: int) -> tuple[Artifact, ...] | None:
         key = release_path(host, version)
         try:
-            data = self.reconciler.store.get_bytes(key)
+            data = self.reconciler.store.get_bytes(key, RELEASE_LIMIT)
             return None if data is None else parse_release(data, key).artifacts
         except ReconcilerError:
             return None

@@ -58,6 +58,8 @@ SECRET_KEY = "reconciler-test-secret"
 BUCKET = "reconciler-test"
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 1.0
+# What these tests read back is theirs, and small: the limit of a read is tested apart.
+READ = 1 << 30
 
 
 def weed_binary() -> str:
@@ -231,15 +233,15 @@ def fetch_url(url: str) -> bytes:
 
 
 def test_put_get_exists_size_and_missing_keys(store: Store, tmp_path: Path) -> None:
-    assert store.get_bytes("hosts/a/latest.json") is None
+    assert store.get_bytes("hosts/a/latest.json", READ) is None
     assert not store.exists("hosts/a/latest.json")
     assert store.size("hosts/a/latest.json") is None
     store.put_bytes("hosts/a/latest.json", b'{"v": 1}\n')
-    assert store.get_bytes("hosts/a/latest.json") == b'{"v": 1}\n'
+    assert store.get_bytes("hosts/a/latest.json", READ) == b'{"v": 1}\n'
     assert store.exists("hosts/a/latest.json")
     assert store.size("hosts/a/latest.json") == 9
     store.put_bytes("hosts/a/empty", b"")
-    assert store.get_bytes("hosts/a/empty") == b"" and store.size("hosts/a/empty") == 0
+    assert store.get_bytes("hosts/a/empty", READ) == b"" and store.size("hosts/a/empty") == 0
     # A bounded read: up to the limit whole, past it refused by key.
     assert store.get_bytes("hosts/a/latest.json", limit=9) == b'{"v": 1}\n'
     assert store.get_bytes("hosts/a/empty", limit=0) == b""
@@ -247,12 +249,12 @@ def test_put_get_exists_size_and_missing_keys(store: Store, tmp_path: Path) -> N
     with pytest.raises(StoreError, match=r"hosts/a/latest\.json.*larger than 8 bytes"):
         store.get_bytes("hosts/a/latest.json", limit=8)
     # A missing key next to present ones, and a "directory" is not an object.
-    assert store.get_bytes("hosts/a/latest.json.asc") is None
-    assert store.get_bytes("hosts/a") is None and not store.exists("hosts")
+    assert store.get_bytes("hosts/a/latest.json.asc", READ) is None
+    assert store.get_bytes("hosts/a", READ) is None and not store.exists("hosts")
     src = tmp_path / "artifact"
     src.write_bytes(os.urandom(1000))
     store.put_file("blobs/sha256/" + "ab" * 32, src)
-    assert store.get_bytes("blobs/sha256/" + "ab" * 32) == src.read_bytes()
+    assert store.get_bytes("blobs/sha256/" + "ab" * 32, READ) == src.read_bytes()
     # The URL serves the same bytes (anonymous HTTP read for S3, file:// here).
     assert fetch_url(store.url("hosts/a/latest.json")) == b'{"v": 1}\n'
 
@@ -264,7 +266,7 @@ def test_put_file_of_a_large_artifact(store: Store, tmp_path: Path) -> None:
     key = blob_path(hashlib.sha256(data).hexdigest())
     store.put_file(key, big)
     assert store.size(key) == len(data)
-    got = store.get_bytes(key)
+    got = store.get_bytes(key, READ)
     assert got is not None and hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
     if isinstance(store, S3Store):
         # 11 MiB in 5 MiB parts: a multipart upload (its ETag says how many parts).
@@ -306,13 +308,13 @@ def test_copy_makes_an_object_with_the_same_bytes_and_replaces_what_was_there(
     copy = "example.com/fleet/web-1-3-linux-amd64.aci"
     store.put_bytes(copy, b"what a dead publish left")
     store.copy(blob, copy)
-    assert store.get_bytes(copy) == data and store.get_bytes(blob) == data
+    assert store.get_bytes(copy, READ) == data and store.get_bytes(blob, READ) == data
     store.copy(blob, copy)  # again: nothing changes
     assert store.size(copy) == len(data)
     assert store.list("example.com/") == [copy]
     # The copy lives on when the blob goes (garbage collection deletes them separately).
     store.delete(blob)
-    assert store.get_bytes(copy) == data
+    assert store.get_bytes(copy, READ) == data
     with pytest.raises(StoreError, match=f"cannot copy {blob} to {copy}"):
         store.copy(blob, copy)
     if isinstance(store, FilesystemStore):
@@ -330,7 +332,7 @@ def test_delete_is_idempotent(store: Store) -> None:
     store.put_bytes("hosts/a/releases/1.json", b"1")
     store.put_bytes("hosts/a/releases/1.json.asc", b"s")
     store.delete("hosts/a/releases/1.json")
-    assert store.get_bytes("hosts/a/releases/1.json") is None
+    assert store.get_bytes("hosts/a/releases/1.json", READ) is None
     assert not store.exists("hosts/a/releases/1.json")
     store.delete("hosts/a/releases/1.json")
     store.delete("never/there")
@@ -340,10 +342,10 @@ def test_delete_is_idempotent(store: Store) -> None:
 def test_create_writes_only_where_no_object_is(store: Store) -> None:
     assert store.create("lease/1.json", b"first\n")
     assert not store.create("lease/1.json", b"second\n")
-    assert store.get_bytes("lease/1.json") == b"first\n"
+    assert store.get_bytes("lease/1.json", READ) == b"first\n"
     # An ordinary put still replaces it (the holder renewing its own record).
     store.put_bytes("lease/1.json", b"renewed\n")
-    assert store.get_bytes("lease/1.json") == b"renewed\n"
+    assert store.get_bytes("lease/1.json", READ) == b"renewed\n"
     assert store.create("lease/2.json", b"")
     # Nothing else is left behind: no temporary file, no probe object.
     assert store.list() == ["lease/1.json", "lease/2.json"]
@@ -377,7 +379,7 @@ def test_of_writers_racing_to_create_a_key_exactly_one_wins(store: Store) -> Non
     assert sorted(winners) == sorted(f"lease/{k + 1}.json" for k in range(keys))
     for key, won in winners.items():
         assert len(won) == 1, f"{key} was created by writers {won}"
-        assert store.get_bytes(key) == f"writer {won[0]}\n".encode()
+        assert store.get_bytes(key, READ) == f"writer {won[0]}\n".encode()
 
 
 def test_an_s3_service_that_ignores_conditional_writes_is_refused(weed: Weed) -> None:
@@ -419,8 +421,8 @@ def test_sweep_removes_what_dead_writes_left_and_nothing_else(store: Store, tmp_
     removed = store.sweep()
     assert len(removed) == 1 and removed[0].startswith("blobs/sha256/"), removed
     assert store.sweep() == []
-    assert store.list() == ["hosts/a/latest.json"] and store.get_bytes("hosts/a/latest.json") == b"1"
-    assert store.get_bytes(key) is None
+    assert store.list() == ["hosts/a/latest.json"] and store.get_bytes("hosts/a/latest.json", READ) == b"1"
+    assert store.get_bytes(key, READ) is None
     if isinstance(store, S3Store):
         left = store.client.list_multipart_uploads(Bucket=store.bucket, Prefix=store.prefix)
         assert not left.get("Uploads"), left
@@ -438,7 +440,7 @@ def test_overwrite_is_atomic_for_concurrent_readers(store: Store, tmp_path: Path
 
     def reader() -> None:
         while not done.is_set() and len(seen) < 500:
-            seen.append(store.get_bytes(key))
+            seen.append(store.get_bytes(key, READ))
 
     t = threading.Thread(target=reader)
     t.start()
@@ -452,7 +454,7 @@ def test_overwrite_is_atomic_for_concurrent_readers(store: Store, tmp_path: Path
         done.set()
         t.join(30)
     assert seen and all(s in (one, two) for s in seen), {len(s) if s else s for s in seen}
-    assert store.get_bytes(key) in (one, two)
+    assert store.get_bytes(key, READ) in (one, two)
 
 
 # -- publishing through S3 in SPEC order --------------------------------------------
@@ -489,7 +491,7 @@ class Recording:
         self.writes.append(key)
         return self.inner.create(key, data)
 
-    def get_bytes(self, key: str, limit: int | None = None) -> bytes | None:
+    def get_bytes(self, key: str, limit: int) -> bytes | None:
         return self.inner.get_bytes(key, limit)
 
     def exists(self, key: str) -> bool:
@@ -559,7 +561,7 @@ def test_publish_through_s3_in_spec_order_and_verify_over_http(
     ]
     # Plain gpg accepts what came back from S3.
     for key in ("hosts/web-1/latest.json", blobs[0]):
-        data, sig = s3.get_bytes(key), s3.get_bytes(key + ".asc")
+        data, sig = s3.get_bytes(key, READ), s3.get_bytes(key + ".asc", READ)
         assert data is not None and sig is not None
         (tmp_path / "d").write_bytes(data)
         (tmp_path / "d.asc").write_bytes(sig)
@@ -595,13 +597,13 @@ def test_server_going_away_is_a_clear_store_error(tmp_path: Path) -> None:
     try:
         s3 = server.store(prefix="p", max_attempts=1)
         s3.put_bytes("hosts/a/latest.json", b"1")
-        assert s3.get_bytes("hosts/a/latest.json") == b"1"
+        assert s3.get_bytes("hosts/a/latest.json", READ) == b"1"
     finally:
         server.stop()
     where = f"s3://{BUCKET}/p/ at {server.endpoint}"
     reason = f"cannot connect to {server.endpoint}"
     calls: dict[str, Callable[[], object]] = {
-        "read": lambda: s3.get_bytes("hosts/a/latest.json"),
+        "read": lambda: s3.get_bytes("hosts/a/latest.json", READ),
         "write": lambda: s3.put_bytes("hosts/a/latest.json", b"2"),
         "stat": lambda: s3.exists("hosts/a/latest.json"),
         "delete": lambda: s3.delete("hosts/a/latest.json"),
@@ -625,7 +627,7 @@ def test_closed_port_with_default_retries_fails_within_seconds() -> None:
     s3 = S3Store(BUCKET, "", f"http://127.0.0.1:{port}", "us-east-1", S3Credentials("a", "b"))
     started = time.monotonic()
     with pytest.raises(StoreError) as exc:
-        s3.get_bytes("hosts/a/latest.json")
+        s3.get_bytes("hosts/a/latest.json", READ)
     assert time.monotonic() - started < 15
     assert_clean(exc.value, "hosts/a/latest.json", f"cannot connect to http://127.0.0.1:{port}")
 
@@ -639,7 +641,7 @@ def test_wrong_credentials_and_missing_bucket(weed: Weed) -> None:
         "no-such-bucket", "", weed.endpoint, "us-east-1", S3Credentials(ACCESS_KEY, SECRET_KEY)
     )
     for call in (
-        lambda: nobucket.get_bytes("k"),
+        lambda: nobucket.get_bytes("k", READ),
         lambda: nobucket.put_bytes("k", b"1"),
         lambda: nobucket.list(),
     ):
@@ -747,8 +749,8 @@ def test_gc_keeps_the_newest_releases_and_every_blob_they_use(
         for h, v in (("a", 3), ("a", 4), ("b", 1))
         for sfx in ("", ".asc")
     ]
-    assert store.get_bytes("example.com/fleet/b-1-linux-amd64.aci") == store.get_bytes(
-        history["a", 1].artifacts[0].blob
+    assert store.get_bytes("example.com/fleet/b-1-linux-amd64.aci", READ) == store.get_bytes(
+        history["a", 1].artifacts[0].blob, READ
     )
     assert collect(store, keep=2) == []
 
@@ -778,7 +780,7 @@ def test_gc_command(backend: str, tmp_path: Path, signing: Signing, request: pyt
     assert lines[-1] == f"deleted {len(lines) - 1} objects (keeping 3 releases per host)"
     # It deleted what it printed, holding the publisher lease (released when done).
     assert set(store.list()) == set(before) - {ln.split()[-1] for ln in lines[:-1]} | {"lease/1.json"}
-    assert json.loads(store.get_bytes("lease/1.json") or b"")["released"] is True
+    assert json.loads(store.get_bytes("lease/1.json", READ) or b"")["released"] is True
     assert "hosts/a/releases/1.json" not in store.list()
 
 
@@ -811,11 +813,11 @@ def test_reconciler_publishes_the_fleet_to_s3(
         assert not (tmp_path / "store").exists()
         s3 = weed.store(prefix=prefix)
         for host in ("web-1", "web-2", "worker-1"):
-            data = s3.get_bytes(latest_path(host))
+            data = s3.get_bytes(latest_path(host), READ)
             assert data is not None
             rel = parse_release(data, latest_path(host))
             assert (rel.host, rel.version, rel.commit) == (host, 1, commit)
-            assert s3.get_bytes(release_path(host, 1)) == data
+            assert s3.get_bytes(release_path(host, 1), READ) == data
             lines = verify([signing.public_key], s3.url(latest_path(host)))
             # The release, each artifact, and an AppImage's embedded signature.
             appimages = sum(a.format == "appimage" for a in rel.artifacts)
@@ -824,8 +826,8 @@ def test_reconciler_publishes_the_fleet_to_s3(
             # appc discovery's copies (default prefix), copied inside the bucket.
             (aci,) = [a for a in rel.artifacts if a.format == "aci"]
             copy = f"localhost/fleet/{host}-1-linux-amd64.aci"
-            assert s3.get_bytes(copy) == s3.get_bytes(aci.blob)
-            assert s3.get_bytes(copy + ".asc") == s3.get_bytes(aci.blob + ".asc")
+            assert s3.get_bytes(copy, READ) == s3.get_bytes(aci.blob, READ)
+            assert s3.get_bytes(copy + ".asc", READ) == s3.get_bytes(aci.blob + ".asc", READ)
         page = s3.client.get_object(Bucket=s3.bucket, Key=s3.prefix + "fleet/index.html")
         assert page["ContentType"] == "text/html; charset=utf-8"
         assert b'<meta name="ac-discovery" content="localhost/fleet https://localhost/' in page["Body"].read()
@@ -869,9 +871,9 @@ def test_two_daemons_on_one_bucket_elect_one_publisher(
         s3 = weed.store(prefix=section["prefix"])
         assert s3.list("lease/") == ["lease/1.json"]
         assert first.lease is not None
-        assert json.loads(s3.get_bytes("lease/1.json") or b"")["holder"] == first.lease.holder.id
+        assert json.loads(s3.get_bytes("lease/1.json", READ) or b"")["holder"] == first.lease.holder.id
         first.close()
-        assert json.loads(s3.get_bytes("lease/1.json") or b"")["released"] is True
+        assert json.loads(s3.get_bytes("lease/1.json", READ) or b"")["released"] is True
         took_over = second.reconcile()
         assert not took_over.standby and took_over.ok
         assert {o.version for o in took_over.outcomes} == {1}  # adopted, not published again

@@ -24,7 +24,7 @@ from reconciler import log
 from reconciler.adapters.eventlog import EventLog
 from reconciler.config import LeaseConfig, TriggerConfig
 from reconciler.core.layout import LEASE_PREFIX, lease_path
-from reconciler.core.lease import Holder, parse_record
+from reconciler.core.lease import RECORD_LIMIT, Holder, parse_record
 from reconciler.daemon.lease import PublisherLease
 from reconciler.daemon.loop import Daemon
 from tests.conftest import wait_for
@@ -180,7 +180,7 @@ def test_sighup_applies_new_notification_targets_and_lease_timings(tmp_path: Pat
         term = max(
             int(k.removeprefix(LEASE_PREFIX).removesuffix(".json")) for k in world.store.list(LEASE_PREFIX)
         )
-        record = parse_record(world.store.get_bytes(lease_path(term)) or b"", term, "test")
+        record = parse_record(world.store.get_bytes(lease_path(term), RECORD_LIMIT) or b"", term, "test")
         assert record.duration == 30.0
 
         # Dropped again: nothing more is sent to it.

@@ -27,8 +27,9 @@ from reconciler.core import hosts
 from reconciler.core.layout import AttestationKind, attestation_path, latest_path, release_path
 from reconciler.core.model import LAST_PASS_KEY, Action, Evaluation, PassRecord, PassResult, Status
 from reconciler.core.provenance import ProvenanceSummary
-from reconciler.core.release import parse_release
+from reconciler.core.release import RELEASE_LIMIT, parse_release
 from reconciler.core.trust import check_attestation
+from reconciler.core.tufroles import TIMESTAMP_LIMIT
 from reconciler.daemon import parsing
 from reconciler.daemon.gate import CommitRefusedError, Gate
 from reconciler.daemon.reconciler import COMMIT_KEY, SOURCE_ERROR_KEY, Reconciler, status
@@ -105,7 +106,7 @@ class World:
         )
 
     def latest(self, host: str) -> dict[str, object]:
-        data = self.store.get_bytes(latest_path(host))
+        data = self.store.get_bytes(latest_path(host), RELEASE_LIMIT)
         assert data is not None, f"{host} has no latest.json"
         doc = json.loads(data)
         assert isinstance(doc, dict)
@@ -472,7 +473,7 @@ def test_a_version_taken_by_another_build_is_skipped(world: World) -> None:
     world.source.push(FLEET)
     world.reconciler().reconcile()
     # Another release 2 of web-1 exists (not this daemon's), unknown to the ledger.
-    taken = world.store.get_bytes(release_path("web-1", 1))
+    taken = world.store.get_bytes(release_path("web-1", 1), RELEASE_LIMIT)
     assert taken is not None
     doc = json.loads(taken)
     doc.update(version=2, derivation="/nix/store/" + "0" * 32 + "-other.drv")
@@ -563,7 +564,7 @@ def test_an_invalid_host_costs_only_itself_and_keeps_what_it_published(world: Wo
     world.source.push(FLEET)
     rec = world.reconciler()
     rec.reconcile()
-    published = world.store.get_bytes(latest_path("web-1"))
+    published = world.store.get_bytes(latest_path("web-1"), RELEASE_LIMIT)
     world.source.push(
         {
             **FLEET,
@@ -576,7 +577,43 @@ def test_an_invalid_host_costs_only_itself_and_keeps_what_it_published(world: Wo
     assert {o.host: o.version for o in result.outcomes} == {"web-2": 2}
     assert world.ledger.states["web-1"].status == Status.INVALID
     assert "formats" in (world.ledger.states["web-1"].error or "")
-    assert world.store.get_bytes(latest_path("web-1")) == published
+    assert world.store.get_bytes(latest_path("web-1"), RELEASE_LIMIT) == published
+
+
+@pytest.mark.parametrize("planted", ["latest", "release"])
+def test_a_release_file_larger_than_any_is_refused_unread_and_costs_only_its_host(
+    world: World, planted: str
+) -> None:
+    """Another daemon sharing the store, or whoever can write to the bucket, left a
+    file larger than any release (still valid JSON, the same release padded) where
+    the pass reads one: latest.json for the next version, or the release file of the
+    version it would take. Read no further than the limit; the host fails saying so."""
+    world.source.push(FLEET)
+    rec = world.reconciler()
+    rec.reconcile()
+    key = latest_path("web-1") if planted == "latest" else release_path("web-1", 2)
+    world.store.objects[key] = world.store.objects[latest_path("web-1")] + b" " * RELEASE_LIMIT
+    world.source.push({**FLEET, "hosts/web-1.yaml": HOST.format(name="web-1", address="10.0.0.9/24")})
+    before = len(world.store.writes)
+    assert outcomes(rec) == {"web-1": (False, None)}
+    error = world.ledger.states["web-1"].error or ""
+    assert key in error and f"larger than {RELEASE_LIMIT} bytes" in error, error
+    assert not [k for k in world.store.writes[before:] if k.startswith("hosts/web-1/")]
+
+
+def test_a_longer_object_where_the_key_or_the_discovery_page_goes_is_written_over_unread(
+    world: World,
+) -> None:
+    world.images = ImagesConfig("example.com/fleet", "https://store.example/", ())
+    for key in ("keys/publisher.asc", "fleet/index.html"):
+        world.store.objects[key] = b" " * RELEASE_LIMIT
+    world.source.push(FLEET)
+    assert outcomes(world.reconciler()) == {"web-1": (True, 1), "web-2": (True, 1)}
+    key = world.signer.public_key()
+    assert world.store.objects["keys/publisher.asc"] == key
+    assert world.store.limits["keys/publisher.asc"] == len(key)
+    page = world.store.objects["fleet/index.html"]
+    assert b"ac-discovery" in page and world.store.limits["fleet/index.html"] == len(page)
 
 
 def test_an_untrusted_commit_builds_nothing_and_says_why(world: World) -> None:
@@ -717,7 +754,7 @@ def test_a_suspended_host_keeps_what_it_published_until_resumed(world: World) ->
     world.source.push(FLEET)
     rec = world.reconciler()
     rec.reconcile()
-    published = world.store.get_bytes(latest_path("web-1"))
+    published = world.store.get_bytes(latest_path("web-1"), RELEASE_LIMIT)
     world.ledger.suspend("web-1", world.clock.t)
     moved = {k: HOST.format(name=k[6:-5], address="10.0.0.9/24") for k in FLEET}
     world.source.push(moved)
@@ -725,7 +762,7 @@ def test_a_suspended_host_keeps_what_it_published_until_resumed(world: World) ->
     assert {o.host: o.version for o in result.outcomes} == {"web-2": 2}
     assert [e.action for e in result.plan.entries] == [Action.SUSPENDED, Action.REBUILD]
     assert result.ok
-    assert world.store.get_bytes(latest_path("web-1")) == published
+    assert world.store.get_bytes(latest_path("web-1"), RELEASE_LIMIT) == published
     sample = rec.metrics.registry.get_sample_value
     assert sample("reconciler_host_suspended", {"host": "web-1"}) == 1
     assert sample("reconciler_host_suspended", {"host": "web-2"}) is None
@@ -749,7 +786,7 @@ def test_a_suspended_fleet_fetches_and_builds_nothing_but_keeps_its_metadata_fre
     world.source.push({k: HOST.format(name=k[6:-5], address="10.0.0.9/24") for k in FLEET})
     # Unreachable: a suspended fleet's pass does not even fetch.
     world.source.unreachable = "the remote is being migrated"
-    builds, timestamp = len(world.nix.builds), world.store.get_bytes("tuf/timestamp.json")
+    builds, timestamp = len(world.nix.builds), world.store.get_bytes("tuf/timestamp.json", TIMESTAMP_LIMIT)
     world.clock.advance(86400 * 0.6)  # past half the timestamp's lifetime (1 day)
     result = rec.reconcile()
     assert result.fleet_suspended and not result.ok and result.outcomes == ()
@@ -758,7 +795,7 @@ def test_a_suspended_fleet_fetches_and_builds_nothing_but_keeps_its_metadata_fre
         ("web-2", Action.SUSPENDED),
     ]
     assert len(world.nix.builds) == builds
-    assert world.store.get_bytes("tuf/timestamp.json") != timestamp
+    assert world.store.get_bytes("tuf/timestamp.json", TIMESTAMP_LIMIT) != timestamp
     assert rec.metrics.registry.get_sample_value("reconciler_fleet_suspended") == 1
     # Not a pass that failed (nor one that succeeded).
     runs = rec.metrics.registry.get_sample_value

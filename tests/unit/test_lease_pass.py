@@ -8,11 +8,13 @@ import json
 import logging
 import threading
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
 
+from reconciler.adapters.store import FilesystemStore
 from reconciler.agent.logcheck import audit
 from reconciler.config import (
     Config,
@@ -32,8 +34,12 @@ from reconciler.core.layout import (
     lease_path,
     release_path,
 )
-from reconciler.core.lease import Holder, LeaseRecord, Role
+from reconciler.core.lease import RECORD_LIMIT, Holder, LeaseRecord, Role
 from reconciler.core.model import Status
+from reconciler.core.note import MAX_NOTE
+from reconciler.core.release import RELEASE_LIMIT
+from reconciler.core.tlog import INCLUSION_LIMIT
+from reconciler.core.tufroles import TIMESTAMP_LIMIT
 from reconciler.daemon.gate import Gate
 from reconciler.daemon.lease import FencedStore, PublisherLease
 from reconciler.daemon.reconciler import Reconciler
@@ -41,7 +47,7 @@ from reconciler.daemon.tlog import TransparencyLog
 from reconciler.daemon.tuf import TufRepository
 from reconciler.errors import LeaseHeldError, LeaseLostError
 from reconciler.ports import Ports
-from reconciler.wiring import holder
+from reconciler.wiring import holder, lease_status
 from tests.fakes import (
     FakeClock,
     FakeNix,
@@ -90,7 +96,7 @@ class Tagged:
         self.log.append((self.who, f"delete {key}"))
         self.inner.delete(key)
 
-    def get_bytes(self, key: str, limit: int | None = None) -> bytes | None:
+    def get_bytes(self, key: str, limit: int) -> bytes | None:
         data = self.inner.get_bytes(key, limit)
         self.on_read()
         return data
@@ -218,7 +224,7 @@ def gauge(registry: CollectorRegistry, name: str) -> float | None:
 
 
 def record(fleet: Fleet, term: int) -> dict[str, object]:
-    data = fleet.store.get_bytes(lease_path(term))
+    data = fleet.store.get_bytes(lease_path(term), RECORD_LIMIT)
     assert data is not None
     doc = json.loads(data)
     assert isinstance(doc, dict)
@@ -272,7 +278,7 @@ def test_a_standby_takes_over_once_the_holder_stops_renewing_and_catches_up(flee
     assert fleet.releases("web-1") == [1] and fleet.releases("web-2") == [1, 2]
     reasons = {e.host: e.reasons for e in result.plan.entries}
     assert reasons["web-1"] == ("published by another daemon (version 1) while this one stood by",)
-    assert json.loads(fleet.store.get_bytes(latest_path("web-2")) or b"")["version"] == 2
+    assert json.loads(fleet.store.get_bytes(latest_path("web-2"), RELEASE_LIMIT) or b"")["version"] == 2
     assert b.listed() == {"web-1": 1, "web-2": 2}
     assert record(fleet, 2)["holder"] == "b" and b.lease.status().role is Role.ACTIVE
     assert {h: s.version for h, s in b.ledger.states.items()} == {"web-1": 1, "web-2": 2}
@@ -307,7 +313,10 @@ def test_a_paused_holder_that_resumes_after_a_takeover_writes_nothing(fleet: Fle
     assert a.ledger.states["web-2"].status == Status.PUBLISHED and a.ledger.states["web-2"].failures == 0
     assert a.lease.status().role is Role.STANDBY and not a.lease.held
     assert fleet.releases("web-2") == [1, 2]
-    assert json.loads(fleet.store.get_bytes(release_path("web-2", 2)) or b"")["commit"] == fleet.source.head
+    assert (
+        json.loads(fleet.store.get_bytes(release_path("web-2", 2), RELEASE_LIMIT) or b"")["commit"]
+        == fleet.source.head
+    )
 
 
 def test_the_log_goes_on_as_one_history_across_a_takeover(fleet: Fleet) -> None:
@@ -338,7 +347,7 @@ def test_the_log_goes_on_as_one_history_across_a_takeover(fleet: Fleet) -> None:
     # written both release files before the first append logged them together), b the last.
     signers = [w for w, k in fleet.writes if k == CHECKPOINT]
     assert signers[-1] == "b" and set(signers[:-1]) == {"a"}, signers
-    found = audit(lambda k, n: fleet.store.get_bytes(k), fleet.store.list(), key)
+    found = audit(lambda k, n: fleet.store.get_bytes(k, n), fleet.store.list(), key)
     assert found.problems == [] and found.entries == 3 and found.releases == 3
 
 
@@ -360,15 +369,15 @@ def test_a_holder_that_lost_the_lease_after_a_release_file_does_not_append_to_th
             assert fleet.store.create(lease_path(2), other.to_json())
 
     a.store.put_bytes = put_bytes  # type: ignore[method-assign]
-    head = fleet.store.get_bytes(CHECKPOINT)
+    head = fleet.store.get_bytes(CHECKPOINT, MAX_NOTE)
     result = a.rec.reconcile()
     assert result.interrupted == ("web-2",) and not a.lease.held
     after = [k for who, k in fleet.writes if who == "a"]
     assert after[-1] == release_path("web-2", 2), after[-3:]
     # The log is as the lease's holder left it: its new holder logs web-2 v2 when it
     # adopts the release.
-    assert fleet.store.get_bytes(CHECKPOINT) == head
-    assert fleet.store.get_bytes(inclusion_path("web-2", 2)) is None
+    assert fleet.store.get_bytes(CHECKPOINT, MAX_NOTE) == head
+    assert fleet.store.get_bytes(inclusion_path("web-2", 2), INCLUSION_LIMIT) is None
 
 
 def test_a_holder_whose_deadline_has_not_passed_still_stops_at_a_newer_term(fleet: Fleet) -> None:
@@ -381,7 +390,10 @@ def test_a_holder_whose_deadline_has_not_passed_still_stops_at_a_newer_term(flee
     assert a.lease.held  # by its own clock
     with pytest.raises(LeaseLostError, match="term 2 was taken"):
         a.rec.store.put_bytes("hosts/web-1/latest.json", b"stale")
-    assert not a.lease.held and json.loads(fleet.store.get_bytes(latest_path("web-1")) or b"")["version"] == 1
+    assert (
+        not a.lease.held
+        and json.loads(fleet.store.get_bytes(latest_path("web-1"), RELEASE_LIMIT) or b"")["version"] == 1
+    )
     fleet.source.push(CHANGED)
     assert a.rec.reconcile().standby
 
@@ -398,6 +410,30 @@ def test_a_clean_stop_hands_the_lease_over_at_once(fleet: Fleet) -> None:
     fleet.source.push(CHANGED)
     result = b.rec.reconcile()
     assert {o.host: o.version for o in result.outcomes} == {"web-1": 1, "web-2": 2}
+    assert record(fleet, 2)["holder"] == "b"
+
+
+def test_a_record_larger_than_any_is_refused_unread_and_waited_out(
+    fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A released record someone else padded (still valid JSON): not read, so not taken
+    at its word; unreadable as a malformed record is, it lapses after a duration."""
+    fleet.source.push(FLEET)
+    a, b = daemon(fleet, "a"), daemon(fleet, "b")
+    a.rec.reconcile()
+    a.rec.close()
+    key = lease_path(1)
+    fleet.store.objects[key] += b" " * RECORD_LIMIT
+    caplog.set_level(logging.WARNING, logger="reconciler")
+    assert b.rec.reconcile().standby
+    errors = [
+        getattr(r, "fields", {}).get("error") for r in caplog.records if r.getMessage() == "lease_unreadable"
+    ]
+    assert errors and all(f"{key}" in e and f"larger than {RECORD_LIMIT} bytes" in e for e in errors)
+    fleet.clock.advance(DURATION)
+    b.lease.tick()
+    assert b.woken == ["b"]
+    assert not b.rec.reconcile().standby
     assert record(fleet, 2)["holder"] == "b"
 
 
@@ -527,7 +563,7 @@ def test_without_the_lease_the_store_refuses_every_write(fleet: Fleet) -> None:
 
 
 def timestamp_version(fleet: Fleet) -> int:
-    data = fleet.store.get_bytes("tuf/timestamp.json")
+    data = fleet.store.get_bytes("tuf/timestamp.json", TIMESTAMP_LIMIT)
     assert data is not None
     return int(json.loads(data)["signed"]["version"])
 
@@ -644,3 +680,21 @@ def test_a_state_directory_keeps_one_lease_identity(tmp_path: Path) -> None:
     again = holder(a)
     assert again.id not in ("", first.id) and holder(a) == again
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["publisher.id"]
+
+
+def test_status_reads_no_record_past_its_limit(tmp_path: Path) -> None:
+    """`reconciler status` on a store where someone padded the newest record."""
+    cfg = Config(
+        path=tmp_path / "reconciler.yaml",
+        repo=RepoConfig(url="/nonexistent/repo"),
+        store=StoreConfig(type="filesystem", path=tmp_path / "store"),
+        state_dir=tmp_path / "state",
+        signing=SigningConfig(gnupghome=tmp_path / "gnupg", key="K"),
+        nix=NixConfig(),
+    )
+    key = lease_path(1)
+    padded = LeaseRecord(1, "x", "host-x", 0, DURATION, datetime.now(UTC)).to_json() + b" " * RECORD_LIMIT
+    FilesystemStore(tmp_path / "store").put_bytes(key, padded)
+    status = lease_status(cfg)
+    assert (status["enabled"], status["term"]) == (True, 1) and "holder" not in status
+    assert key in str(status["error"]) and f"larger than {RECORD_LIMIT} bytes" in str(status["error"])

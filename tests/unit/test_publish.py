@@ -150,6 +150,18 @@ def test_a_release_number_taken_by_other_content_is_refused_before_latest_moves(
     assert not [k for k in store.writes if k.startswith("hosts/")]
 
 
+def test_a_release_number_taken_by_a_longer_object_is_refused_unread(files: dict[str, Path]) -> None:
+    """Only this release's bytes may be there already: a longer object is read no
+    further than them, and refused as other content."""
+    meta = RELEASE.to_json()
+    store = MemoryStore({RELEASE_KEY: meta + b" " * 4096})
+    with pytest.raises(
+        StoreError, match=f"{RELEASE_KEY} already exists .*larger than this release's {len(meta)} bytes"
+    ):
+        run(store, files)
+    assert not [k for k in store.writes if k.startswith("hosts/")]
+
+
 # -- appc discovery's copies ---------------------------------------------------------------------
 
 PREFIX = "example.com/fleet"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import hashlib
+import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,8 +27,9 @@ from reconciler.core.layout import (
     update_path,
     zsync_path,
 )
-from reconciler.core.release import Artifact, Release, new_release
+from reconciler.core.release import RELEASE_LIMIT, Artifact, Release, new_release
 from reconciler.daemon.gc import collect
+from reconciler.errors import ObjectTooLargeError
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 SHAS = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(8)]
@@ -372,9 +374,12 @@ class MemoryStore:
     def put_bytes(self, key: str, data: bytes) -> None:
         self.objects[key] = data
 
-    def get_bytes(self, key: str, limit: int | None = None) -> bytes | None:
+    def get_bytes(self, key: str, limit: int) -> bytes | None:
         self.reads.append(key)
-        return self.objects.get(key)
+        data = self.objects.get(key)
+        if data is not None and len(data) > limit:
+            raise ObjectTooLargeError(f"cannot read {key}: larger than {limit} bytes")
+        return data
 
     def exists(self, key: str) -> bool:
         return key in self.objects
@@ -427,6 +432,21 @@ def test_collect_treats_a_corrupt_latest_as_unknown() -> None:
     store.objects["hosts/a/latest.json"] = store.objects["hosts/a/releases/2.json"]
     store.objects["hosts/a/releases/2.json"] = b"garbage"
     assert collect(store, 1) == ["hosts/a/releases/1.json", "hosts/a/releases/1.json.asc"]
+
+
+def test_collect_reads_no_release_past_its_limit_and_treats_it_as_unknown(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """latest.json padded by someone else (still the release, as JSON): refused unread,
+    so its host loses no blob, and the warning says which file and why."""
+    s = state({"a": {1: [SHAS[0]], 2: [SHAS[1]]}}, latest={"a": 2}, blobs=SHAS[:3])
+    store = memory_store(s)
+    store.objects["hosts/a/latest.json"] += b" " * RELEASE_LIMIT
+    caplog.set_level(logging.WARNING, logger="reconciler")
+    assert collect(store, 1) == []
+    (warning,) = [r for r in caplog.records if r.getMessage() == "gc_release_unreadable"]
+    error = getattr(warning, "fields", {})["error"]
+    assert "hosts/a/latest.json" in error and f"larger than {RELEASE_LIMIT} bytes" in error
 
 
 def test_collect_deletes_an_old_release_s_inclusion_proof_and_nothing_of_the_log() -> None:

@@ -114,7 +114,7 @@ def test_invalid_keys_are_refused_by_both_backends(tmp_path: Path, key: str) -> 
         S3Store("fleet", endpoint_url="http://127.0.0.1:1", credentials=CREDS),
     ):
         with pytest.raises(StoreError, match="invalid store key"):
-            store.get_bytes(key)
+            store.get_bytes(key, 1)
         with pytest.raises(StoreError, match="invalid store key"):
             store.delete(key)
 

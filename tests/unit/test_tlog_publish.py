@@ -20,7 +20,7 @@ from reconciler.agent.logcheck import LogClient, audit
 from reconciler.core import tlog
 from reconciler.core.layout import CHECKPOINT, inclusion_path, latest_path, log_path, release_path
 from reconciler.core.note import Note, Signature, openpgp_key_id, parse_note
-from reconciler.core.release import Artifact, Release, new_release
+from reconciler.core.release import RELEASE_LIMIT, Artifact, Release, new_release
 from reconciler.core.trust import Reason, RefusalError
 from reconciler.daemon.gate import Gate
 from reconciler.daemon.publish import publish
@@ -87,15 +87,13 @@ class World:
         return r
 
     def read(self, key: str, limit: int) -> bytes | None:
-        data = self.store.get_bytes(key)
-        assert data is None or len(data) <= limit, f"{key}: {len(data)} bytes, over {limit}"
-        return data
+        return self.store.get_bytes(key, limit)
 
     def agent(self, name: str = "agent", **kw: object) -> LogClient:
         return LogClient(self.read, self.key, None, frozenset(), self.tmp / name / "log-checkpoint", **kw)  # type: ignore[arg-type]
 
     def check(self, agent: LogClient, host: str, version: int) -> tlog.Checkpoint:
-        data = self.store.get_bytes(release_path(host, version))
+        data = self.store.get_bytes(release_path(host, version), RELEASE_LIMIT)
         assert data is not None
         return agent.check(host, version, hashlib.sha256(data).hexdigest())
 
@@ -516,7 +514,7 @@ def test_a_pass_logs_every_host_it_publishes_before_latest_moves(tmp_path: Path)
         assert order(release_path(host, 1)) < order(inclusion_path(host, 1)) < order(latest_path(host))
     # Two builds ran at once (jobs: 2); their appends were one after the other.
     assert len(entries(pw.store)) == 2
-    assert audit(lambda k, n: pw.store.get_bytes(k), pw.store.list(), key).problems == []
+    assert audit(lambda k, n: pw.store.get_bytes(k, n), pw.store.list(), key).problems == []
     assert (
         rec.metrics.registry.get_sample_value("reconciler_stage_duration_seconds_count", {"stage": "log"})
         == 2

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,8 +26,9 @@ from reconciler.config import TufConfig
 from reconciler.core import tufrepo
 from reconciler.core.layout import release_path, tuf_path
 from reconciler.core.tufrepo import SERIALIZER, RoleName, target_path
-from reconciler.daemon.tuf import LOCAL_FILE, TufRepository
-from reconciler.errors import SigningError, TufError
+from reconciler.core.tufroles import ROOT_LIMIT, SNAPSHOT_LIMIT, TARGETS_LIMIT, TIMESTAMP_LIMIT
+from reconciler.daemon.tuf import LOCAL_FILE, Metadatas, TufRepository
+from reconciler.errors import ObjectTooLargeError, SigningError, TufError
 from tests.fakes import CrashError, FakeClock, MemoryStore
 
 TUF = TufConfig(bit_length=2)  # four bins: bins-0 .. bins-3
@@ -70,7 +72,8 @@ class StoreFetcher(FetcherInterface):
 
     def _fetch(self, url: str) -> Iterator[bytes]:
         key = url.removeprefix("mem://store/")
-        data = self.store.get_bytes(key)
+        # ngclient checks each file's own limit; no file it reads may exceed this one.
+        data = self.store.get_bytes(key, TARGETS_LIMIT)
         if data is None:
             raise DownloadHTTPError(f"{key} not found", 404)
         return iter([data])
@@ -482,6 +485,55 @@ def test_an_import_of_a_store_that_does_not_verify_fails_with_a_tuf_error(
         fresh.sync(PUBLISHED)
     assert world.store.writes == writes
     assert not (world.tmp / "new-state-dir" / LOCAL_FILE).exists(), "nothing unverified is kept"
+
+
+def stored_key(md: Metadatas, role: str) -> str:
+    """Where the store holds ``role``'s current metadata ("bin": web-1's bin)."""
+    if role == "bin":
+        return tuf_path(bin_of("web-1"), md.bins[bin_of("web-1")].signed.version)
+    current = {"root": md.root, "timestamp": None, "snapshot": md.snapshot, "targets": md.targets}[role]
+    return tuf_path(role, None if current is None else current.signed.version)
+
+
+@pytest.mark.parametrize(
+    ("role", "limit"),
+    [
+        ("root", ROOT_LIMIT),
+        ("timestamp", TIMESTAMP_LIMIT),
+        ("snapshot", SNAPSHOT_LIMIT),
+        ("targets", TARGETS_LIMIT),
+        ("bin", TARGETS_LIMIT),
+    ],
+)
+def test_an_import_reads_no_metadata_past_its_role_s_limit(
+    world: World, synced: TufRepository, role: str, limit: int
+) -> None:
+    """Metadata someone else padded (still valid JSON, every signature still good):
+    refused by its key and limit, never read whole (the memory store raises past the
+    limit it is given; an unbounded read takes the padded file)."""
+    key = stored_key(synced.load(), role)
+    world.store.objects[key] += b" " * limit
+    writes = list(world.store.writes)
+    with pytest.raises(ObjectTooLargeError, match=f"{re.escape(key)}.*larger than {limit} bytes"):
+        world.repo("new-state-dir").load()
+    assert world.store.writes == writes
+    assert not (world.tmp / "new-state-dir" / LOCAL_FILE).exists()
+
+
+def test_a_timestamp_past_its_limit_is_not_the_store_ahead_of_the_local_copy(
+    world: World, synced: TufRepository
+) -> None:
+    """A newer timestamp, padded: not read, so not imported; the local copy goes on and
+    its next timestamp replaces the padded one."""
+    before = synced.load().timestamp.signed.version
+    newer = stored(world.store, TIMESTAMP)
+    newer.signed.version += 1
+    world.store.objects[TIMESTAMP] = resign(newer, ONLINE) + b" " * TIMESTAMP_LIMIT
+    repo = world.repo()
+    assert repo.load().timestamp.signed.version == before
+    world.clock.advance(TIMESTAMP_LIFETIME.total_seconds() / 2 + 1)
+    assert repo.sync(PUBLISHED)
+    assert stored(world.store, TIMESTAMP).signed.version == before + 1
 
 
 # -- a corrupt local copy ----------------------------------------------------------
