@@ -1782,6 +1782,7 @@ def test_a_second_port_with_a_taken_name_or_number_is_refused_at_its_key(
     entries: list[tuple[str, int, str | None]], owners: list[int], pick: int, same_name: bool
 ) -> None:
     name, port, proto = entries[pick % len(entries)]
+    clash: tuple[str, int, str | None]
     if same_name:
         clash = (name, port % 65535 + 1 if port != 65535 else 1, "udp" if proto == "tcp" else "tcp")
         assume(all((clash[1], clash[2]) != (p, q or "tcp") for _, p, q in entries))

@@ -352,9 +352,9 @@ def test_a_holder_that_lost_the_lease_after_a_release_file_does_not_append_to_th
     fleet.source.push(CHANGED)
     written = a.store.put_bytes
 
-    def put_bytes(k: str, data: bytes) -> None:
-        written(k, data)
-        if k == release_path("web-2", 2):
+    def put_bytes(key: str, data: bytes) -> None:
+        written(key, data)
+        if key == release_path("web-2", 2):
             # Another daemon wins term 2 between the release file and the log append.
             other = LeaseRecord(2, "c", "host-c", 0, DURATION, fleet.clock.now())
             assert fleet.store.create(lease_path(2), other.to_json())
@@ -497,9 +497,14 @@ def test_garbage_collection_never_deletes_the_lease(fleet: Fleet) -> None:
     deleted = a.rec.collect_garbage(dry_run=False, on_delete=lambda key: None)
     assert deleted and not [k for k in deleted if k.startswith(LEASE_PREFIX)]
     assert fleet.store.list(LEASE_PREFIX) == [lease_path(1)]
+
     # A standby's `reconciler gc` waits for the lease like any one-shot command.
+    def sleep(seconds: float) -> None:
+        fleet.clock.advance(seconds)
+        a.lease.tick()
+
     with pytest.raises(LeaseHeldError):
-        fleet.clock.sleep = lambda s: (fleet.clock.advance(s), a.lease.tick())  # type: ignore[method-assign]
+        fleet.clock.sleep = sleep  # type: ignore[method-assign]
         b.rec.collect_garbage(dry_run=False, on_delete=lambda key: None)
     assert not [k for w, k in fleet.writes if w == "b" and k.startswith("delete")]
 

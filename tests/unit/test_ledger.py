@@ -143,7 +143,7 @@ def test_a_host_is_dated_since_its_status_changed_not_since_the_last_pass(
 ) -> None:
     ledger = State(tmp_path)
     clock = [1000.0]
-    monkeypatch.setattr(ledger_module.time, "time", lambda: clock[0])
+    monkeypatch.setattr("reconciler.adapters.ledger.time.time", lambda: clock[0])
 
     def since(host: str) -> float:
         return ledger.hosts()[host].updated
