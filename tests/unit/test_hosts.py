@@ -1358,7 +1358,11 @@ def expanded(value: object) -> tuple[int, int]:
     """Nodes and characters of scalars, every alias counted as what it stands for."""
     if isinstance(value, str):
         return 1, len(value)
-    children = [*value.keys(), *value.values()] if isinstance(value, dict) else list(value)  # type: ignore[call-overload]
+    if isinstance(value, dict):
+        children = [*value.keys(), *value.values()]
+    else:
+        assert isinstance(value, list), value
+        children = value
     sizes = [expanded(c) for c in children]
     return 1 + sum(n for n, _ in sizes), sum(c for _, c in sizes)
 
