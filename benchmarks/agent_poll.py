@@ -53,8 +53,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from reconciler.adapters.clock import SystemClock  # noqa: E402
-from reconciler.adapters.gpg import Signer  # noqa: E402
 from reconciler.adapters.store import FilesystemStore  # noqa: E402
+from reconciler.adapters.tufkeys import TufSigner  # noqa: E402
 from reconciler.agent.config import AgentConfig  # noqa: E402
 from reconciler.agent.updater import Agent  # noqa: E402
 from reconciler.config import TufConfig  # noqa: E402
@@ -302,7 +302,7 @@ class Publisher:
         # Ed25519, as when the README's figures were taken: an RSA 3072 signature (the
         # demo's default) makes each signed TUF file some 640 bytes larger and slower to sign.
         fingerprint = make_signing_key(self.gnupghome, key_type=KeyType.ED25519)
-        gpg = Signer(self.gnupghome, fingerprint)
+        gpg = TufSigner(self.gnupghome, fingerprint)
         self.public_key = work / "publisher.asc"
         self.public_key.write_bytes(gpg.public_key())
         self.signer = CountingSigner(gpg.metadata_signer())

@@ -67,6 +67,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from reconciler.adapters.nix import NIX_OPTIONS  # noqa: E402
+from reconciler.adapters.nix import Nix as NixAdapter  # noqa: E402
 from reconciler.adapters.store import FilesystemStore  # noqa: E402
 from reconciler.adapters.tree import read_tree  # noqa: E402
 from reconciler.agent.config import load_agent_config  # noqa: E402
@@ -475,6 +476,7 @@ def build_times(tmp: Path, repeat: int) -> None:
         rec.source.fetch()
         fleet = parse_fleet(read_tree(rec.source.checkout))
         t = time.perf_counter()
+        assert isinstance(rec.nix, NixAdapter)
         rec.nix.ensure_toolchain()
         print(f"toolchain ready in {time.perf_counter() - t:.1f}s (staged once, then content-addressed)")
         print(

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,7 +45,16 @@ def fleet(repo: ConfigRepo, hosts: int) -> None:
     repo.commit(f"fleet {nonce}")
 
 
-def run(base: Path, repo: ConfigRepo, signing: Signing, builders: list[dict[str, object]], jobs: int) -> dict:
+@dataclass(frozen=True)
+class Throughput:
+    hosts: int
+    seconds: float
+    per_builder: dict[str, int]  # builds by builder name ("local": this machine)
+
+
+def run(
+    base: Path, repo: ConfigRepo, signing: Signing, builders: list[dict[str, object]], jobs: int
+) -> Throughput:
     cfg_path = write_config(base, repo, signing, builders=builders, jobs=jobs)
     data = yaml.safe_load(cfg_path.read_text())
     data["nix"]["local_builds"] = not builders
@@ -67,7 +77,7 @@ def run(base: Path, repo: ConfigRepo, signing: Signing, builders: list[dict[str,
             )
             for n in names
         }
-        return {"hosts": len(result.outcomes), "seconds": seconds, "per_builder": per}
+        return Throughput(len(result.outcomes), seconds, per)
     finally:
         rec.close()
 
@@ -106,19 +116,19 @@ def main() -> int:
                 fleet(repo, args.hosts)
                 row = run(work / label.replace(" ", "-"), repo, signing, builders, args.jobs)
                 rows.append((label, row))
-                print(f"{label}: {row['hosts']} hosts in {row['seconds']:.1f}s", flush=True)
+                print(f"{label}: {row.hosts} hosts in {row.seconds:.1f}s", flush=True)
         finally:
             sshd.stop()
     print(f"\n{'':12} {'hosts':>5} {'seconds':>8} {'hosts/min':>9}  built per builder")
     for label, row in rows:
-        per = ", ".join(f"{n} {c}" for n, c in row["per_builder"].items())
-        rate = row["hosts"] / row["seconds"] * 60
-        print(f"{label:12} {row['hosts']:>5} {row['seconds']:>8.1f} {rate:>9.1f}  {per}")
+        per = ", ".join(f"{n} {c}" for n, c in row.per_builder.items())
+        rate = row.hosts / row.seconds * 60
+        print(f"{label:12} {row.hosts:>5} {row.seconds:>8.1f} {rate:>9.1f}  {per}")
     # The one check: with builders, every build ran on one, and each built some.
     for label, row in rows[1:]:
-        per = row["per_builder"]
-        assert per["local"] == 0, f"{label}: {per['local']} builds ran locally"
-        assert all(per[n] > 0 for n in per if n != "local"), f"{label}: a builder built nothing: {per}"
+        built = row.per_builder
+        assert built["local"] == 0, f"{label}: {built['local']} builds ran locally"
+        assert all(built[n] > 0 for n in built if n != "local"), f"{label}: a builder built nothing: {built}"
     return 0
 
 

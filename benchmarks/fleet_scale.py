@@ -341,7 +341,7 @@ def run(work: Path, hosts: int, repeat: int, baseline: Path | None, plans_only: 
 
         # Which hosts each kind of edit sends to Nix again, in the daemon's own plan.
         counting = Counting(rec.nix.evaluate)
-        rec.nix.evaluate = counting  # type: ignore[method-assign]
+        rec.nix.evaluate = counting  # type: ignore[method-assign]  # counts the daemon's own evaluations
         rec.plan()
 
         def evaluated_after(edit: Callable[[], object], what: str) -> int:

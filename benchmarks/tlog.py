@@ -19,6 +19,7 @@ having seen the head one release before, and having seen a head N/2 entries befo
 from __future__ import annotations
 
 import argparse
+import builtins
 import hashlib
 import statistics
 import subprocess
@@ -64,6 +65,11 @@ class Counted:
         self.written += path.stat().st_size
         self.inner.put_file(key, path)
 
+    def create(self, key: str, data: bytes) -> bool:
+        self.writes += 1
+        self.written += len(data)
+        return self.inner.create(key, data)
+
     def get_bytes(self, key: str, limit: int) -> bytes | None:
         data = self.inner.get_bytes(key, limit)
         self.reads.append((key, len(data) if data is not None else 0))
@@ -78,13 +84,18 @@ class Counted:
     def url(self, key: str) -> str:
         return self.inner.url(key)
 
-    def list(self, prefix: str = "") -> list[str]:
+    def list(self, prefix: str = "") -> builtins.list[str]:
         return self.inner.list(prefix)
+
+    def copy(self, src: str, dst: str) -> None:
+        # One object written, by a link or a copy inside the store: no bytes sent from here.
+        self.writes += 1
+        self.inner.copy(src, dst)
 
     def delete(self, key: str) -> None:
         self.inner.delete(key)
 
-    def sweep(self) -> list[str]:
+    def sweep(self) -> builtins.list[str]:
         return self.inner.sweep()
 
 

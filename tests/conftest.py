@@ -236,6 +236,13 @@ def no_ambient_aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
 
 
+def tar_member(tar: tarfile.TarFile, name: str) -> bytes:
+    """The bytes of the regular file ``name`` in ``tar``."""
+    member = tar.extractfile(name)
+    assert member is not None, f"{name} is not a regular file"
+    return member.read()
+
+
 def aci_file(store: Path, host: str, name: str, version: int | None = None) -> bytes | None:
     """A file of ``host``'s published ACI (its latest, or release ``version``), or None
     if the image has none."""

@@ -315,7 +315,7 @@ def test_endless_data_is_cut_at_the_released_size(
     assert "larger than the" in events.getvalue()
 
 
-def resign_timestamp(running: Running, sign: Callable[[Metadata[Any]], None]) -> None:
+def resign_timestamp(running: Running, sign: Callable[[Metadata[Any]], object]) -> None:
     """The served timestamp, one version on, signed by ``sign``."""
     path = running.served / "tuf/timestamp.json"
     md: Metadata[Any] = Metadata.from_bytes(path.read_bytes())

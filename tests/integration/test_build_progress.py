@@ -59,7 +59,9 @@ def test_a_running_build_beats_and_a_failed_one_ends_in_its_last_lines(
 
     beats = [ln for ln in res.stderr.splitlines() if "event=host_building host=a-slow" in ln]
     assert len(beats) >= 2, res.stderr
-    seconds = [int(re.search(r" seconds=(\d+)", ln).group(1)) for ln in beats]  # type: ignore[union-attr]
+    matches = [re.search(r" seconds=(\d+)", ln) for ln in beats]
+    seconds = [int(m.group(1)) for m in matches if m is not None]
+    assert len(seconds) == len(beats), beats
     assert seconds == sorted(seconds) and seconds[-1] >= 2
     assert any(re.search(r' last="step [1-4]"', ln) for ln in beats), beats
 

@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -35,6 +36,16 @@ DROP_IN = DEPLOY / "systemd/nix-daemon.service.d/reconciler-builders.conf"
 def recorded(rec: Reconciler) -> Mapping[str, object]:
     """What `reconciler status` would show now."""
     return status(rec.state, time.time(), rec.cfg.retry.max.total_seconds())
+
+
+def recorded_row(rec: Reconciler, table: str, name: str) -> Mapping[str, Any]:
+    """One builder's or host's entry (``table``: "builders" or "hosts") in what
+    `reconciler status` would show now."""
+    rows = recorded(rec)[table]
+    assert isinstance(rows, Mapping), rows
+    row = rows[name]
+    assert isinstance(row, Mapping), row
+    return row
 
 
 # A package with a new random id in every build (NONCE: new to every store).
@@ -127,7 +138,7 @@ def test_a_host_is_built_on_the_builder_and_copied_back(
         assert rec.metrics.registry.get_sample_value(
             "reconciler_builder_build_duration_seconds_count", {"builder": "b1"}
         )
-        b1 = recorded(rec)["builders"]["b1"]  # type: ignore[index]
+        b1 = recorded_row(rec, "builders", "b1")
         assert b1["builds"] == 2 and b1["last_build"] and b1["last_error"] is None
     finally:
         rec.close()
@@ -171,7 +182,7 @@ def test_a_dead_builder_fails_over_to_local_builds(
         assert ok, error
         assert builds(rec, "dead", "unreachable") == 1
         assert builds(rec, "local", "success") == 1
-        row = recorded(rec)["builders"]["dead"]  # type: ignore[index]
+        row = recorded_row(rec, "builders", "dead")
         assert row["unreachable"] == 1 and "Connection refused" in row["last_error"], row
     finally:
         rec.close()
@@ -196,7 +207,7 @@ def test_an_unknown_host_key_is_refused_naming_the_builder(
         assert error is not None and "builder b1 refused: Host key verification failed." in error, error
         assert builds(rec, "b1", "unreachable") == 1
         assert builds(rec, "b1", "success") == 0
-        assert recorded(rec)["hosts"]["tiny"]["status"] == "failed"  # type: ignore[index]
+        assert recorded_row(rec, "hosts", "tiny")["status"] == "failed"
     finally:
         rec.close()
     assert not (remote / "nix/store").exists() or not any((remote / "nix/store").iterdir())
@@ -269,7 +280,7 @@ def test_builds_through_an_untrusted_nix_daemon_run_on_its_builders(
             assert outcome.ok, outcome.error
             assert builds(rec, "b1", "success") == 1
             assert builds(rec, "local", "success") == 0
-            b1 = recorded(rec)["builders"]["b1"]  # type: ignore[index]
+            b1 = recorded_row(rec, "builders", "b1")
             assert b1["builds"] == 1 and b1["last_error"] is None
             release_file = tmp_path / "store/hosts/tiny/releases/1.json"
             drv = parse_release(release_file.read_bytes(), str(release_file)).derivation
@@ -293,7 +304,7 @@ def test_builds_through_an_untrusted_nix_daemon_run_on_its_builders(
             assert "builder b1 refused: error: cannot open connection to remote store" in outcome.error
             assert builds(rec, "b1", "unreachable") == 1
             assert builds(rec, "local", "success") == builds(rec, "local", "failure") == 0
-            b1 = recorded(rec)["builders"]["b1"]  # type: ignore[index]
+            b1 = recorded_row(rec, "builders", "b1")
             assert b1["unreachable"] == 1 and "cannot open connection" in b1["last_error"], b1
         finally:
             rec.close()

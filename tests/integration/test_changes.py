@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.adapters.nix import NIX_DIR, Evaluation, Nix
+from reconciler.adapters.nix import NIX_DIR, Nix
 from reconciler.config import load_config
 from reconciler.core.hosts import Host
+from reconciler.core.model import Evaluation
 from reconciler.core.plan import Plan
 from reconciler.core.release import parse_release
 from reconciler.daemon.reconciler import Reconciler
@@ -368,7 +369,9 @@ def test_state_behind_the_store_adopts_the_published_release(rec: Reconciler, co
             ("web-2", 1),
             ("worker-1", 1),
         ]
-        assert not (rec.cfg.store.path / "hosts/web-1/releases/2.json").exists()
+        store = rec.cfg.store.path
+        assert store is not None, "the test's store is a directory"
+        assert not (store / "hosts/web-1/releases/2.json").exists()
     finally:
         again.close()
 

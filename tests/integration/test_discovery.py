@@ -34,7 +34,7 @@ import yaml
 from reconciler.config import load_config
 from reconciler.core.release import parse_release
 from reconciler.wiring import open_reconciler
-from tests.conftest import WEB, ConfigRepo, Signing, gpg_verify, standard_fleet, write_config
+from tests.conftest import WEB, ConfigRepo, Signing, gpg_verify, standard_fleet, tar_member, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -214,7 +214,7 @@ def test_a_published_aci_is_found_fetched_and_verified_by_appc_discovery(
         assert re.search(r"^:signature packet: algo 1,", packets, re.M), packets
         # appc: the name and labels discovered with must be the manifest's.
         with tarfile.open(aci) as tar:
-            manifest = json.load(tar.extractfile("manifest"))  # type: ignore[arg-type]
+            manifest = json.loads(tar_member(tar, "manifest"))
         assert manifest["name"] == name
         assert {lab["name"]: lab["value"] for lab in manifest["labels"]} == labels
         valid = subprocess.run(["actool", "validate", str(aci)], capture_output=True, text=True)

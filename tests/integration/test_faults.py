@@ -84,6 +84,8 @@ def test_kill_9_at_many_points_never_exposes_a_broken_release(
 ) -> None:
     cfg = write_config(tmp_path, fleet, signing)
     config = load_config(cfg)
+    store = config.store.path
+    assert store is not None, "the test's store is a directory"
     # How long a whole pass takes here, Nix outputs already built: kills spread over it.
     warm = tmp_path / "warm"
     t = time.monotonic()
@@ -97,7 +99,7 @@ def test_kill_9_at_many_points_never_exposes_a_broken_release(
     for run in range(KILL_RUNS):
         # Every fifth run starts afresh; the others resume whatever the last kill left.
         if run % 5 == 0:
-            shutil.rmtree(config.store.path, ignore_errors=True)
+            shutil.rmtree(store, ignore_errors=True)
             shutil.rmtree(config.state_dir, ignore_errors=True)
             published_before = {}
         proc = subprocess.Popen(reconcile_cmd(cfg), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -110,7 +112,7 @@ def test_kill_9_at_many_points_never_exposes_a_broken_release(
             killed_mid_pass += 1
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
-        versions = check_store(config.store.path, verifier)
+        versions = check_store(store, verifier)
         # A kill never takes back or skips a version: each host is at 1 or unpublished.
         assert set(versions.values()) <= {1}, versions
         assert versions.keys() >= published_before.keys()
@@ -120,9 +122,9 @@ def test_kill_9_at_many_points_never_exposes_a_broken_release(
             assert done.returncode == 0, done.stderr
             # Hosts already published are not published again; the rest are, as version 1.
             assert "published version 2" not in done.stdout
-            assert check_store(config.store.path, verifier) == dict.fromkeys(HOSTS, 1)
+            assert check_store(store, verifier) == dict.fromkeys(HOSTS, 1)
             for host in HOSTS:
-                listed = config.store.path / "hosts" / host / "releases"
+                listed = store / "hosts" / host / "releases"
                 releases = sorted(p.name for p in listed.iterdir())
                 assert releases == [
                     "1.inclusion.json",
@@ -136,7 +138,7 @@ def test_kill_9_at_many_points_never_exposes_a_broken_release(
             found = audit_log(config, None, [signing.public_key], [], [])
             assert found.problems == [] and found.entries == len(HOSTS), found
             # What writes cut short by the kills left, the completing pass removed.
-            assert not list(config.store.path.rglob(".tmp-*"))
+            assert not list(store.rglob(".tmp-*"))
     # The kills must have hit passes in flight, not only finished ones (resumed passes
     # have less to do, so some end before their kill).
     assert killed_mid_pass >= KILL_RUNS // 3, killed_mid_pass

@@ -104,7 +104,11 @@ def trusting(developer: tuple[Path, str, Path]) -> dict[str, object]:
 
 
 def test_a_compressed_packet_signature_is_refused_before_gpg_reads_it(
-    tmp_path: Path, config_repo: ConfigRepo, signing: Signing, developer: tuple[Path, str, Path]
+    tmp_path: Path,
+    config_repo: ConfigRepo,
+    signing: Signing,
+    developer: tuple[Path, str, Path],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     standard_fleet(config_repo)
     relocate(config_repo, 70)
@@ -129,7 +133,7 @@ def test_a_compressed_packet_signature_is_refused_before_gpg_reads_it(
         reads.append(commit)
         return real(commit)
 
-    rec.source.signature = signature  # type: ignore[method-assign]
+    monkeypatch.setattr(rec.source, "signature", signature)
     try:
         for passes in (1, 2, 3):
             with pytest.raises(SourceError, match=why):

@@ -23,7 +23,7 @@ from reconciler.core.hosts import parse_fleet
 from reconciler.core.release import Release, parse_release
 from reconciler.daemon.reconciler import Reconciler
 from reconciler.wiring import open_reconciler
-from tests.conftest import ConfigRepo, Signing, free_port, standard_fleet, wait_for, write_config
+from tests.conftest import ConfigRepo, Signing, free_port, standard_fleet, tar_member, wait_for, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -144,9 +144,9 @@ def test_every_aci_is_valid_and_carries_its_host(fleet: Fleet, tmp_path: Path) -
         val = subprocess.run(["actool", "validate", str(blob)], capture_output=True, text=True)
         assert val.returncode == 0, val.stdout + val.stderr
         with tarfile.open(blob) as tar:
-            manifest = json.load(tar.extractfile("manifest"))  # type: ignore[arg-type]
+            manifest = json.loads(tar_member(tar, "manifest"))
             names = set(tar.getnames())
-            network = tar.extractfile("rootfs/etc/reconciler/network.env").read().decode()  # type: ignore[union-attr]
+            network = tar_member(tar, "rootfs/etc/reconciler/network.env").decode()
         assert manifest["acKind"] == "ImageManifest"
         assert manifest["name"] == f"{PREFIX}/{host}"
         labels = {lab["name"]: lab["value"] for lab in manifest["labels"]}
@@ -191,8 +191,8 @@ def test_every_aci_is_valid_and_carries_its_host(fleet: Fleet, tmp_path: Path) -
         assert f"HOSTNAME={host}" in network and "GATEWAY=10.42.0.1" in network
     with tarfile.open(fleet.artifact("web-1", "aci")) as tar:
         assert "rootfs/srv/www/index.html" in tar.getnames()
-        run = tar.extractfile("rootfs/etc/service/web/run").read().decode()  # type: ignore[union-attr]
-        network = tar.extractfile("rootfs/etc/reconciler/network.env").read().decode()  # type: ignore[union-attr]
+        run = tar_member(tar, "rootfs/etc/service/web/run").decode()
+        network = tar_member(tar, "rootfs/etc/reconciler/network.env").decode()
     assert run == "exec './bin/busybox' 'httpd' '-f' '-p' '18081' '-h' 'srv/www'\n"
     assert "ADDRESS=10.42.0.11/24" in network
 

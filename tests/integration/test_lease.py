@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import pytest
 import yaml
@@ -49,7 +50,7 @@ class Daemon:
     base: str = ""
     proc: subprocess.Popen[str] | None = None
     paused: bool = False
-    opened: list[object] = field(default_factory=list)
+    opened: list[TextIO] = field(default_factory=list)
 
     def start(self) -> Daemon:
         out = self.log.open("a")
@@ -103,7 +104,7 @@ class Daemon:
             self.proc.kill()
             self.proc.wait(10)
         for f in self.opened:
-            f.close()  # type: ignore[attr-defined]
+            f.close()
 
 
 @dataclass

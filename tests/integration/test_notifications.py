@@ -333,7 +333,11 @@ def test_every_kind_of_target_is_told_and_receivers_down_or_hanging_delay_no_pas
     # Meanwhile the receiver that is down and the one that hangs were tried twice per
     # message (web-2's failure, the untrusted commit) and given up.
     for name in ("down", "hangs"):
-        wait_for(lambda n=name: counted(world.registry, n, "dropped") == 2, 60, f"{name}'s messages dropped")
+
+        def dropped(target: str = name) -> bool:
+            return counted(world.registry, target, "dropped") == 2
+
+        wait_for(dropped, 60, f"{name}'s messages dropped")
         assert counted(world.registry, name, "failed") == 4 and counted(world.registry, name, "sent") == 0
     assert counted(world.registry, "hook", "sent") == 4 and counted(world.registry, "hook", "dropped") == 0
     assert len(hanging.connections) == 4

@@ -238,8 +238,10 @@ def test_bad_keys_or_store_fail_before_the_state_is_created(
     tmp_path: Path, config_repo: ConfigRepo, signing: Signing, extra: dict[str, object], said: str
 ) -> None:
     standard_fleet(config_repo)
-    if "repo" in extra:
-        extra = {"repo": {**extra["repo"], "url": str(config_repo.path)}}  # type: ignore[dict-item]
+    repo = extra.get("repo")
+    if repo is not None:
+        assert isinstance(repo, dict)
+        extra = {"repo": {**repo, "url": str(config_repo.path)}}
     cfg = write_config(tmp_path, config_repo, signing, **extra)
     res = cli("reconcile", "-c", str(cfg))
     assert res.returncode != 0 and said in res.stderr, res.stderr

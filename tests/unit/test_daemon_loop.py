@@ -218,7 +218,11 @@ def test_reconcile_now_can_wait_for_its_pass_and_answers_with_its_result(
 
     # A pass that outlasts the wait: said so, and it goes on.
     release = threading.Event()
-    world.nix.while_building = lambda host: release.wait(10)
+
+    def hold(host: str) -> None:
+        release.wait(10)
+
+    world.nix.while_building = hold
     world.source.push(
         {**FLEET, "hosts/web-2.yaml": FLEET["hosts/web-2.yaml"].replace("10.0.0.2", "10.0.0.6")}
     )

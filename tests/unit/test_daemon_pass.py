@@ -25,14 +25,23 @@ from reconciler.config import (
 )
 from reconciler.core import hosts
 from reconciler.core.layout import AttestationKind, attestation_path, latest_path, release_path
-from reconciler.core.model import LAST_PASS_KEY, Action, Evaluation, PassRecord, PassResult, Status
+from reconciler.core.model import (
+    COMMIT_KEY,
+    LAST_PASS_KEY,
+    SOURCE_ERROR_KEY,
+    Action,
+    Evaluation,
+    PassRecord,
+    PassResult,
+    Status,
+)
 from reconciler.core.provenance import ProvenanceSummary
 from reconciler.core.release import RELEASE_LIMIT, parse_release
 from reconciler.core.trust import check_attestation
 from reconciler.core.tufroles import TIMESTAMP_LIMIT
 from reconciler.daemon import parsing
 from reconciler.daemon.gate import CommitRefusedError, Gate
-from reconciler.daemon.reconciler import COMMIT_KEY, SOURCE_ERROR_KEY, Reconciler, status
+from reconciler.daemon.reconciler import Reconciler, status
 from reconciler.daemon.tuf import TufRepository
 from reconciler.errors import ConfigError, ReconcilerError
 from reconciler.ports import Ports
@@ -105,7 +114,7 @@ class World:
             tuf=lambda online: TufRepository(self.store, cfg.state_dir / "tuf", online, self.clock, cfg.tuf),
         )
 
-    def latest(self, host: str) -> dict[str, object]:
+    def latest(self, host: str) -> dict[str, Any]:
         data = self.store.get_bytes(latest_path(host), RELEASE_LIMIT)
         assert data is not None, f"{host} has no latest.json"
         doc = json.loads(data)
@@ -130,7 +139,7 @@ def test_a_commit_publishes_every_host_signed_and_in_order(world: World) -> None
         assert world.latest(host)["commit"] == commit
         # SPEC's order: blobs and their signatures, the release file, latest.json last.
         release, latest = release_path(host, 1), latest_path(host)
-        blobs = [str(a["blob"]) for a in world.latest(host)["artifacts"]]  # type: ignore[attr-defined]
+        blobs = [str(a["blob"]) for a in world.latest(host)["artifacts"]]
         order = world.store.writes.index
         assert max(order(b + sfx) for b in blobs for sfx in ("", ".asc")) < order(release + ".asc")
         assert order(release + ".asc") < order(release) < order(latest + ".asc") < order(latest)
@@ -145,7 +154,7 @@ def test_each_aci_is_published_where_appc_discovery_finds_it_with_the_page_that_
     world.source.push(FLEET)
     world.reconciler().reconcile()
     for host in ("web-1", "web-2"):
-        (aci,) = world.latest(host)["artifacts"]  # type: ignore[misc]
+        (aci,) = world.latest(host)["artifacts"]
         copy = f"example.com/fleet/{host}-1-linux-amd64.aci"
         assert world.store.objects[copy] == world.store.objects[aci["blob"]]
         assert world.store.objects[copy + ".asc"] == world.store.objects[aci["blob"] + ".asc"]
@@ -390,7 +399,7 @@ def test_the_published_appimage_is_the_sealed_one_with_its_zsync_files(world: Wo
     world.public_url = "https://store.example/fleet"
     world.source.push(APPIMAGE_FLEET)
     assert outcomes(world.reconciler()) == {"app-1": (True, 1)}
-    (app,) = [a for a in world.latest("app-1")["artifacts"] if a["format"] == "appimage"]  # type: ignore[attr-defined]
+    (app,) = [a for a in world.latest("app-1")["artifacts"] if a["format"] == "appimage"]
     blob = world.store.objects[app["blob"]]
     # What was built, then what the publisher embeds after the build: the update
     # information naming the host's stable zsync file, the key, the signature.
@@ -415,14 +424,14 @@ def test_the_published_appimage_is_the_sealed_one_with_its_zsync_files(world: Wo
     assert order(release_path("app-1", 1)) < order("hosts/app-1/app-1-latest-x86_64.AppImage.zsync")
     assert order("hosts/app-1/app-1-latest-x86_64.AppImage.zsync") < order(latest_path("app-1") + ".asc")
     # Only the AppImage has a control file.
-    (aci,) = [a for a in world.latest("app-1")["artifacts"] if a["format"] == "aci"]  # type: ignore[attr-defined]
+    (aci,) = [a for a in world.latest("app-1")["artifacts"] if a["format"] == "aci"]
     assert not world.store.exists(aci["blob"] + ".zsync")
 
 
 def test_without_a_public_url_the_appimage_has_no_update_information(world: World) -> None:
     world.source.push(APPIMAGE_FLEET)
     assert outcomes(world.reconciler()) == {"app-1": (True, 1)}
-    (app,) = [a for a in world.latest("app-1")["artifacts"] if a["format"] == "appimage"]  # type: ignore[attr-defined]
+    (app,) = [a for a in world.latest("app-1")["artifacts"] if a["format"] == "appimage"]
     assert b"||-----PUBLIC KEY-----" in world.store.objects[app["blob"]]
     assert world.store.exists(app["blob"] + ".zsync")
     assert not [k for k in world.store.objects if k.startswith("hosts/app-1/") and k.endswith(".zsync")]
@@ -446,7 +455,7 @@ def test_an_adopted_release_keeps_the_appimage_it_published(world: World) -> Non
 def test_a_missing_blob_of_an_adopted_release_is_not_replaced_by_other_bytes(world: World) -> None:
     world.source.push(APPIMAGE_FLEET)
     world.reconciler().reconcile()
-    (app,) = [a for a in world.latest("app-1")["artifacts"] if a["format"] == "appimage"]  # type: ignore[attr-defined]
+    (app,) = [a for a in world.latest("app-1")["artifacts"] if a["format"] == "appimage"]
     world.ledger = MemoryLedger()
     del world.store.objects[app["blob"]]
     rec = world.reconciler()
@@ -609,9 +618,9 @@ def test_a_longer_object_where_the_key_or_the_discovery_page_goes_is_written_ove
         world.store.objects[key] = b" " * RELEASE_LIMIT
     world.source.push(FLEET)
     assert outcomes(world.reconciler()) == {"web-1": (True, 1), "web-2": (True, 1)}
-    key = world.signer.public_key()
-    assert world.store.objects["keys/publisher.asc"] == key
-    assert world.store.limits["keys/publisher.asc"] == len(key)
+    published = world.signer.public_key()
+    assert world.store.objects["keys/publisher.asc"] == published
+    assert world.store.limits["keys/publisher.asc"] == len(published)
     page = world.store.objects["fleet/index.html"]
     assert b"ac-discovery" in page and world.store.limits["fleet/index.html"] == len(page)
 

@@ -20,6 +20,7 @@ from reconciler.core.events import (
     EventType,
     QueryError,
     Retention,
+    Scalar,
     describe,
     parse_query,
     summary,
@@ -148,8 +149,8 @@ def test_descriptions_say_what_happened() -> None:
 # -- the history in sqlite -------------------------------------------------------------
 
 
-def event(kind: EventType, t: float, host: str | None = None, **data: object) -> Event:
-    return Event(kind, t, host=host, commit="c" * 40, data=data)  # type: ignore[arg-type]
+def event(kind: EventType, t: float, host: str | None = None, **data: Scalar) -> Event:
+    return Event(kind, t, host=host, commit="c" * 40, data=data)
 
 
 def test_the_history_keeps_what_is_recorded_and_answers_queries(tmp_path: Path) -> None:

@@ -79,7 +79,9 @@ def test_the_fleet_view_shows_each_host_its_status_and_the_next_pass(world: Even
     assert view.counts()[Filter.FAILING] == 1 and view.counts()[Filter.PENDING] == 1
     # Once its backoff is over, the next pass rebuilds it.
     world.clock.advance(31)
-    (entry,) = site.fleet_view().plan.entries  # type: ignore[union-attr]
+    plan = site.fleet_view().plan
+    assert plan is not None
+    (entry,) = plan.entries
     assert entry.action == Action.REBUILD
     code, ctype, body = site.fleet(req(status="failing"))
     assert (code, ctype) == (200, "text/html; charset=utf-8")

@@ -1358,7 +1358,11 @@ def expanded(value: object) -> tuple[int, int]:
     """Nodes and characters of scalars, every alias counted as what it stands for."""
     if isinstance(value, str):
         return 1, len(value)
-    children = [*value.keys(), *value.values()] if isinstance(value, dict) else list(value)  # type: ignore[call-overload]
+    if isinstance(value, dict):
+        children = [*value.keys(), *value.values()]
+    else:
+        assert isinstance(value, list), value
+        children = value
     sizes = [expanded(c) for c in children]
     return 1 + sum(n for n, _ in sizes), sum(c for _, c in sizes)
 
@@ -1782,6 +1786,7 @@ def test_a_second_port_with_a_taken_name_or_number_is_refused_at_its_key(
     entries: list[tuple[str, int, str | None]], owners: list[int], pick: int, same_name: bool
 ) -> None:
     name, port, proto = entries[pick % len(entries)]
+    clash: tuple[str, int, str | None]
     if same_name:
         clash = (name, port % 65535 + 1 if port != 65535 else 1, "udp" if proto == "tcp" else "tcp")
         assume(all((clash[1], clash[2]) != (p, q or "tcp") for _, p, q in entries))

@@ -8,7 +8,7 @@ both. Documents go through YAML text both ways, as an editor and the daemon read
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, TypeVar
 
 import jsonschema
 import pytest
@@ -25,6 +25,7 @@ from reconciler.core.hostschema import Kind, schema
 PROPERTY = settings(deadline=None, max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 PACKAGES = ("site", "db")
 PROFILES = ("base", "extra")
+T = TypeVar("T")
 VALIDATORS = {k: jsonschema.Draft202012Validator(schema(k)) for k in Kind}
 
 
@@ -66,7 +67,11 @@ ip = ipv4 | st.ip_addresses(v=6).map(str)
 interface = st.one_of(
     st.tuples(st.ip_addresses(v=4), st.integers(0, 32)), st.tuples(st.ip_addresses(v=6), st.integers(0, 128))
 ).map(lambda t: f"{t[0]}/{t[1]}")
-one_or_list = lambda item: item | st.lists(item, min_size=1, max_size=3)  # noqa: E731
+
+
+def one_or_list(item: st.SearchStrategy[T]) -> st.SearchStrategy[T | list[T]]:
+    return item | st.lists(item, min_size=1, max_size=3)
+
 
 network = st.fixed_dictionaries(
     {},
@@ -121,7 +126,7 @@ body = {
     "services": st.dictionaries(service_name, service, max_size=3),
     "files": st.dictionaries(
         file_name,
-        st.text(st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)), max_size=20),
+        st.text(st.characters(blacklist_characters="\0", blacklist_categories=["Cs"]), max_size=20),
         max_size=3,
     ),
 }

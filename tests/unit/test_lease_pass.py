@@ -7,6 +7,7 @@ import builtins
 import json
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -73,6 +74,8 @@ class Tagged:
 
     def __init__(self, store: MemoryStore, who: str, log: list[tuple[str, str]]) -> None:
         self.inner, self.who, self.log = store, who, log
+        # Called when a read has its answer (a slow store advances the clock here).
+        self.on_read: Callable[[], object] = lambda: None
 
     def put_file(self, key: str, path: Path) -> None:
         self.log.append((self.who, key))
@@ -115,9 +118,6 @@ class Tagged:
 
     def sweep(self) -> builtins.list[str]:
         return self.inner.sweep()
-
-    def on_read(self) -> None:
-        """Called when a read has its answer (a slow store advances the clock here)."""
 
 
 @dataclass
@@ -352,7 +352,7 @@ def test_the_log_goes_on_as_one_history_across_a_takeover(fleet: Fleet) -> None:
 
 
 def test_a_holder_that_lost_the_lease_after_a_release_file_does_not_append_to_the_log(
-    fleet: Fleet,
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     key = FakeNoteKey()
     fleet.source.push(FLEET)
@@ -361,14 +361,14 @@ def test_a_holder_that_lost_the_lease_after_a_release_file_does_not_append_to_th
     fleet.source.push(CHANGED)
     written = a.store.put_bytes
 
-    def put_bytes(k: str, data: bytes) -> None:
-        written(k, data)
-        if k == release_path("web-2", 2):
+    def put_bytes(key: str, data: bytes) -> None:
+        written(key, data)
+        if key == release_path("web-2", 2):
             # Another daemon wins term 2 between the release file and the log append.
             other = LeaseRecord(2, "c", "host-c", 0, DURATION, fleet.clock.now())
             assert fleet.store.create(lease_path(2), other.to_json())
 
-    a.store.put_bytes = put_bytes  # type: ignore[method-assign]
+    monkeypatch.setattr(a.store, "put_bytes", put_bytes)
     head = fleet.store.get_bytes(CHECKPOINT, MAX_NOTE)
     result = a.rec.reconcile()
     assert result.interrupted == ("web-2",) and not a.lease.held
@@ -427,7 +427,9 @@ def test_a_record_larger_than_any_is_refused_unread_and_waited_out(
     caplog.set_level(logging.WARNING, logger="reconciler")
     assert b.rec.reconcile().standby
     errors = [
-        getattr(r, "fields", {}).get("error") for r in caplog.records if r.getMessage() == "lease_unreadable"
+        str(getattr(r, "fields", {}).get("error"))
+        for r in caplog.records
+        if r.getMessage() == "lease_unreadable"
     ]
     assert errors and all(f"{key}" in e and f"larger than {RECORD_LIMIT} bytes" in e for e in errors)
     fleet.clock.advance(DURATION)
@@ -452,7 +454,9 @@ def test_a_restarted_daemon_takes_its_own_lease_back_at_once(fleet: Fleet) -> No
     assert [e.host for e in result.plan.entries if e.action == "rebuild"] == ["web-2"]
 
 
-def test_a_one_shot_command_fails_against_a_renewing_holder(fleet: Fleet) -> None:
+def test_a_one_shot_command_fails_against_a_renewing_holder(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
     fleet.source.push(FLEET)
     a, b = daemon(fleet, "a"), daemon(fleet, "b")
     a.rec.reconcile()
@@ -462,7 +466,7 @@ def test_a_one_shot_command_fails_against_a_renewing_holder(fleet: Fleet) -> Non
         sleep(seconds)
         a.lease.tick()
 
-    fleet.clock.sleep = renewing  # type: ignore[method-assign]
+    monkeypatch.setattr(fleet.clock, "sleep", renewing)
     started = fleet.clock.t
     with pytest.raises(LeaseHeldError, match=r"held by host-a \(term 1\), which renews it"):
         b.rec.reconcile(standby=False)
@@ -524,7 +528,7 @@ def test_a_failed_adoption_after_a_takeover_keeps_the_store_s_version_listed(fle
     assert b.listed() == {"web-1": 1, "web-2": 2}
 
 
-def test_garbage_collection_never_deletes_the_lease(fleet: Fleet) -> None:
+def test_garbage_collection_never_deletes_the_lease(fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
     fleet.source.push(FLEET)
     a, b = daemon(fleet, "a", keep=1), daemon(fleet, "b", keep=1)
     for i in range(4):
@@ -533,9 +537,14 @@ def test_garbage_collection_never_deletes_the_lease(fleet: Fleet) -> None:
     deleted = a.rec.collect_garbage(dry_run=False, on_delete=lambda key: None)
     assert deleted and not [k for k in deleted if k.startswith(LEASE_PREFIX)]
     assert fleet.store.list(LEASE_PREFIX) == [lease_path(1)]
+
     # A standby's `reconciler gc` waits for the lease like any one-shot command.
+    def sleep(seconds: float) -> None:
+        fleet.clock.advance(seconds)
+        a.lease.tick()
+
     with pytest.raises(LeaseHeldError):
-        fleet.clock.sleep = lambda s: (fleet.clock.advance(s), a.lease.tick())  # type: ignore[method-assign]
+        monkeypatch.setattr(fleet.clock, "sleep", sleep)
         b.rec.collect_garbage(dry_run=False, on_delete=lambda key: None)
     assert not [k for w, k in fleet.writes if w == "b" and k.startswith("delete")]
 
@@ -623,13 +632,15 @@ def test_a_record_counts_as_seen_when_a_slow_read_of_it_ends(fleet: Fleet) -> No
     fleet.source.push(FLEET)
     a, b = daemon(fleet, "a"), daemon(fleet, "b")
     a.rec.reconcile()
-    b.store.on_read = lambda: fleet.clock.advance(20)  # type: ignore[method-assign]
+    b.store.on_read = lambda: fleet.clock.advance(20)
     assert b.lease.tick() == pytest.approx(DURATION / 3)
     status = b.lease.status()
     assert status.role is Role.STANDBY and status.lapses_in == pytest.approx(DURATION)
 
 
-def test_held_and_status_do_not_wait_for_a_renewal_stuck_on_the_store(fleet: Fleet) -> None:
+def test_held_and_status_do_not_wait_for_a_renewal_stuck_on_the_store(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """/readyz and /metrics ask while the keeper's renewal hangs on a slow store."""
     fleet.source.push(FLEET)
     a = daemon(fleet, "a")
@@ -642,7 +653,7 @@ def test_held_and_status_do_not_wait_for_a_renewal_stuck_on_the_store(fleet: Fle
         release.wait(10)
         put(key, data)
 
-    a.store.put_bytes = hanging  # type: ignore[method-assign]
+    monkeypatch.setattr(a.store, "put_bytes", hanging)
     keeper = threading.Thread(target=a.lease.tick)
     keeper.start()
     try:

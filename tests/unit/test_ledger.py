@@ -69,7 +69,7 @@ def test_evaluations_are_recorded_in_one_transaction(tmp_path: Path) -> None:
     # it: the rows were not committed one by one.
     ledger = State(tmp_path)
     entries: dict[str, tuple[str, str]] = {f"web-{i}": ("k", f"/nix/store/{i}-image.drv") for i in range(50)}
-    entries["web-bad"] = ("k", None)  # type: ignore[assignment]
+    entries["web-bad"] = ("k", None)  # type: ignore[assignment]  # the row the database refuses
     with pytest.raises(sqlite3.IntegrityError):
         ledger.record_evaluated(entries)
     assert ledger.evaluated(dict.fromkeys(entries, "k")) == {}
@@ -117,7 +117,7 @@ def test_hosts_read_again_after_any_write_of_this_or_another_connection(tmp_path
     assert daemon.hosts()["web-1"].status == Status.PUBLISHED
     # What a caller does with the mapping it got is not what the next caller sees.
     got = daemon.hosts()
-    got.clear()  # type: ignore[attr-defined]
+    got.clear()  # type: ignore[attr-defined]  # a caller that mutates the read-only mapping anyway
     assert "web-1" in daemon.hosts()
     daemon.close()
     oneshot.close()
@@ -162,7 +162,7 @@ def test_a_host_is_dated_since_its_status_changed_not_since_the_last_pass(
 ) -> None:
     ledger = State(tmp_path)
     clock = [1000.0]
-    monkeypatch.setattr(ledger_module.time, "time", lambda: clock[0])
+    monkeypatch.setattr("reconciler.adapters.ledger.time.time", lambda: clock[0])
 
     def since(host: str) -> float:
         return ledger.hosts()[host].updated

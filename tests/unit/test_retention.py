@@ -7,7 +7,6 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -29,7 +28,7 @@ from reconciler.core.layout import (
 )
 from reconciler.core.release import RELEASE_LIMIT, Artifact, Release, new_release
 from reconciler.daemon.gc import collect
-from reconciler.errors import ObjectTooLargeError
+from tests import fakes
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 SHAS = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(8)]
@@ -362,40 +361,21 @@ def test_needed_releases_are_all_plan_gc_reads(case: tuple[Fixture, int]) -> Non
 # -- collect on an in-memory store ------------------------------------------------
 
 
-class MemoryStore:
+class MemoryStore(fakes.MemoryStore):
+    """The tests' in-memory store (tests.fakes), recording what is read and deleted."""
+
     def __init__(self, objects: dict[str, bytes]) -> None:
-        self.objects = dict(objects)
+        super().__init__(objects)
         self.reads: builtins.list[str] = []
         self.deleted: builtins.list[str] = []
 
-    def put_file(self, key: str, path: Path) -> None:
-        self.objects[key] = path.read_bytes()
-
-    def put_bytes(self, key: str, data: bytes) -> None:
-        self.objects[key] = data
-
     def get_bytes(self, key: str, limit: int) -> bytes | None:
         self.reads.append(key)
-        data = self.objects.get(key)
-        if data is not None and len(data) > limit:
-            raise ObjectTooLargeError(f"cannot read {key}: larger than {limit} bytes")
-        return data
-
-    def exists(self, key: str) -> bool:
-        return key in self.objects
-
-    def size(self, key: str) -> int | None:
-        return len(self.objects[key]) if key in self.objects else None
-
-    def url(self, key: str) -> str:
-        return f"memory:{key}"
-
-    def list(self, prefix: str = "") -> builtins.list[str]:
-        return sorted(k for k in self.objects if k.startswith(prefix))
+        return super().get_bytes(key, limit)
 
     def delete(self, key: str) -> None:
         self.deleted.append(key)
-        self.objects.pop(key, None)
+        super().delete(key)
 
 
 def memory_store(s: Fixture) -> MemoryStore:

@@ -89,8 +89,8 @@ class World:
     def read(self, key: str, limit: int) -> bytes | None:
         return self.store.get_bytes(key, limit)
 
-    def agent(self, name: str = "agent", **kw: object) -> LogClient:
-        return LogClient(self.read, self.key, None, frozenset(), self.tmp / name / "log-checkpoint", **kw)  # type: ignore[arg-type]
+    def agent(self, name: str = "agent", origin: str | None = None) -> LogClient:
+        return LogClient(self.read, self.key, None, frozenset(), self.tmp / name / "log-checkpoint", origin)
 
     def check(self, agent: LogClient, host: str, version: int) -> tlog.Checkpoint:
         data = self.store.get_bytes(release_path(host, version), RELEASE_LIMIT)
@@ -150,7 +150,8 @@ def test_inclusion_and_consistency_check_out_across_many_publishes(world: World)
         if i % 37 == 0 or i > 290:
             sizes.append(world.check(agent, host, version).size)
     assert sizes == sorted(sizes) and sizes[-1] == 299
-    assert agent.seen() is not None and agent.seen().size == 299  # type: ignore[union-attr]
+    seen = agent.seen()
+    assert seen is not None and seen.size == 299
     # An old release is proved against the newest head by consistency.
     world.check(agent, "web-1", 1)
     assert world.audit() == []

@@ -166,7 +166,8 @@ def test_first_sync_creates_version_1_of_every_role_and_lists_the_hosts(world: W
     assert {h: client.listed(h) for h in PUBLISHED} == PUBLISHED
     assert client.listed("not-published") is None
     info = client.updater().get_targetinfo(target_path("web-2"))
-    assert info is not None and info.verify_length_and_hashes(release("web-2", 4)) is None
+    assert info is not None
+    info.verify_length_and_hashes(release("web-2", 4))  # raises on a length or hash mismatch
     assert tufrepo.hosts_listed(repo.load().bins.values()) == PUBLISHED
 
 
@@ -554,7 +555,7 @@ def section(change: Callable[[dict[str, Any]], None]) -> Callable[[Path], None]:
     return corrupt
 
 
-CORRUPTIONS: dict[str, Callable[[Path], None]] = {
+CORRUPTIONS: dict[str, Callable[[Path], object]] = {
     "garbage": garbage,
     "empty": lambda p: p.write_bytes(b""),
     "truncated": lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]),
@@ -573,7 +574,9 @@ CORRUPTIONS: dict[str, Callable[[Path], None]] = {
 
 
 @pytest.mark.parametrize("corrupt", CORRUPTIONS.values(), ids=CORRUPTIONS.keys())
-def test_a_corrupt_local_copy_is_a_tuf_error(world: World, synced: TufRepository, corrupt: Any) -> None:
+def test_a_corrupt_local_copy_is_a_tuf_error(
+    world: World, synced: TufRepository, corrupt: Callable[[Path], object]
+) -> None:
     path = world.tmp / "daemon" / LOCAL_FILE
     assert path.exists()
     corrupt(path)

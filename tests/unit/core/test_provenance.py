@@ -354,7 +354,7 @@ def test_another_signed_build_of_the_same_release_is_not_the_one_it_names() -> N
         ),
     ],
 )
-def test_a_signed_provenance_of_another_build_is_refused(change: dict[str, str], message: str) -> None:
+def test_a_signed_provenance_of_another_build_is_refused(change: dict[str, Any], message: str) -> None:
     # Signed by the publisher, and named by the release: still not its provenance.
     data = signed(prov.provenance(RELEASE, replace(RECORD, **change)))
     assert check(data, attested(RELEASE, {AttestationKind.PROVENANCE: data})) == f"{SOURCE}: {message}"

@@ -91,7 +91,8 @@ def test_new_repository_delegates_to_2_pow_bit_length_empty_bins_under_the_onlin
 
 def test_new_repository_signs_nothing() -> None:
     root, targets, bins = repository()
-    assert [m.signatures for m in (root, targets, *bins.values())] == [{}] * (2 + len(bins))
+    metadata: list[Metadata[Any]] = [root, targets, *bins.values()]
+    assert [m.signatures for m in metadata] == [{}] * (2 + len(bins))
 
 
 def test_snapshot_and_timestamp_name_the_versions_they_cover() -> None:
