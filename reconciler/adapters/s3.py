@@ -135,7 +135,11 @@ class S3Store:
         *,
         max_attempts: int = 3,
         connect_timeout: float = 10.0,
-        read_timeout: float = 60.0,
+        # botocore's 60 s is the publisher lease's whole duration: SeaweedFS now and then
+        # leaves a conditional PUT racing others unanswered, and the lease's create then
+        # waited a minute for its retry. A third of it (the renew interval) still gives
+        # a slow server time to answer; the retry follows at once.
+        read_timeout: float = 20.0,
         multipart_threshold: int = 64 << 20,
         multipart_chunksize: int = 16 << 20,
     ) -> None:
