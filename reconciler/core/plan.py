@@ -107,7 +107,7 @@ def make_plan(
         image = images[name]
         prev = published.get(name)
         # Nothing changed (a pass at the same head): no host's inputs are looked at.
-        touched = sorted(set(host.inputs()) & changed) if changed else []
+        touched = sorted(changed.intersection(host.inputs())) if changed else []
         if prev is not None and prev.version > 0 and prev.image == image:
             why = tuple(f"{p} changed but not its build" for p in touched) or ("inputs unchanged",)
             entries.append(HostPlan(name, Action.UNCHANGED, why, image))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import posixpath
 import random
@@ -1629,6 +1631,42 @@ def test_a_package_id_reaches_exactly_the_keys_of_its_users(
     # Nor does anything that is not a package: keys see no file but the host's own.
     assert all(k is not None for k in before.values())
     assert eval_key(fleet.hosts["h0"], "other recipe", ids) != before["h0"]
+
+
+@PROPERTY
+@given(
+    st.lists(st.sampled_from(["a", "b", "c", "busybox"]), min_size=1, max_size=6),
+    st.dictionaries(st.sampled_from(["a", "b", "c"]), st.text(max_size=8)),
+    st.text(max_size=20),
+)
+def test_a_key_is_what_ledgers_hold_it_as(used: list[str], ids: dict[str, str], recipe: str) -> None:
+    """The digest of [to_nix, the used packages' ids] as canonical JSON, as it was
+    before the host's JSON was kept: keys in existing ledgers stay valid."""
+    ids = {p: ids.get(p, "id-" + p) for p in ("a", "b", "c")}
+    for host in _fleet_using(used).hosts.values():
+        used_ids = {p: ids[p] for p in host.packages if p != "busybox"}
+        data = json.dumps([host.to_nix(), used_ids], sort_keys=True, separators=(",", ":"))
+        assert eval_key(host, recipe, ids) == hashlib.sha256(f"{recipe}\n{data}".encode()).hexdigest()
+
+
+@PROPERTY
+@given(
+    st.lists(
+        st.lists(
+            st.sampled_from(["hosts", "profiles", "a", ".yaml", "x.yml", "y.yaml", "z.nix", ""]),
+            max_size=4,
+        )
+    ).map(lambda ps: ["/".join(p) for p in ps])
+)
+def test_files_are_grouped_by_stem_as_paths_say(paths: list[str]) -> None:
+    for folder in ("hosts/", "profiles/"):
+        expected: dict[str, tuple[str, ...]] = {}
+        for path in sorted(paths):
+            directory = posixpath.dirname(path)
+            if path.startswith(folder) and path.endswith((".yaml", ".yml")) and directory.count("/") == 0:
+                stem = posixpath.splitext(posixpath.basename(path))[0]
+                expected[stem] = (*expected.get(stem, ()), path)
+        assert hosts._by_stem(paths, folder) == expected
 
 
 def test_a_host_whose_package_did_not_evaluate_has_no_key() -> None:
