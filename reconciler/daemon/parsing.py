@@ -24,7 +24,7 @@ BATCHES_PER_WORKER = 2
 # A batch parsed in this process has at least this many files (or all there are): its
 # evaluation starts a nix-instantiate, whose loading of the library (some 30 ms) should
 # be small beside the batch's parse, and at most BATCHES of them.
-MIN_BATCH = 500
+MIN_BATCH = 1000
 BATCHES = 4
 
 Results = dict[ParseKey, Host | ConfigError]

@@ -403,13 +403,14 @@ class Reconciler:
                     if batch:
                         pending.append(nix.submit(self.nix.evaluate, batch, self.source.checkout))
                 fleet = self._parse(files)
+                parsed = self.clock.monotonic()
+                stage.labels("parse").observe(parsed - started)
+                for future in pending:
+                    work.add(future.result())
             except BaseException:
+                # The observation fails: the batches not started yet are not evaluated.
                 nix.shutdown(cancel_futures=True)
                 raise
-            parsed = self.clock.monotonic()
-            stage.labels("parse").observe(parsed - started)
-            for future in pending:
-                work.add(future.result())
         rest = work.unknown([h for h in fleet.hosts.values() if not work.has(h.name)])
         if rest:
             work.add(self.nix.evaluate(rest, self.source.checkout))
