@@ -19,7 +19,6 @@ having seen the head one release before, and having seen a head N/2 entries befo
 from __future__ import annotations
 
 import argparse
-import builtins
 import hashlib
 import statistics
 import subprocess
@@ -44,59 +43,26 @@ from reconciler.core.release import RELEASE_LIMIT, Artifact, new_release  # noqa
 from reconciler.daemon.publish import publish  # noqa: E402
 from reconciler.daemon.tlog import TransparencyLog, default_origin, sign, write_state  # noqa: E402
 from reconciler.demo import KeyType, make_signing_key  # noqa: E402
+from tests.fakes import StoreProxy  # noqa: E402
 
 
-@dataclass
-class Counted:
-    """A filesystem store that counts what is written to it and read from it."""
+class Counted(StoreProxy):
+    """A store that counts what is written to it and read from it."""
 
-    inner: FilesystemStore
-    writes: int = 0
-    written: int = 0
-    reads: list[tuple[str, int]] = field(default_factory=list)
+    def __init__(self, inner: FilesystemStore) -> None:
+        super().__init__(inner)
+        self.writes = 0
+        self.written = 0
+        self.reads: list[tuple[str, int]] = []
 
-    def put_bytes(self, key: str, data: bytes) -> None:
+    def wrote(self, key: str, size: int) -> None:
+        # A copy is one object written, by a link or a copy inside the store: no bytes
+        # sent from here (size 0).
         self.writes += 1
-        self.written += len(data)
-        self.inner.put_bytes(key, data)
+        self.written += size
 
-    def put_file(self, key: str, path: Path) -> None:
-        self.writes += 1
-        self.written += path.stat().st_size
-        self.inner.put_file(key, path)
-
-    def create(self, key: str, data: bytes) -> bool:
-        self.writes += 1
-        self.written += len(data)
-        return self.inner.create(key, data)
-
-    def get_bytes(self, key: str, limit: int) -> bytes | None:
-        data = self.inner.get_bytes(key, limit)
+    def read(self, key: str, data: bytes | None) -> None:
         self.reads.append((key, len(data) if data is not None else 0))
-        return data
-
-    def exists(self, key: str) -> bool:
-        return self.inner.exists(key)
-
-    def size(self, key: str) -> int | None:
-        return self.inner.size(key)
-
-    def url(self, key: str) -> str:
-        return self.inner.url(key)
-
-    def list(self, prefix: str = "") -> builtins.list[str]:
-        return self.inner.list(prefix)
-
-    def copy(self, src: str, dst: str) -> None:
-        # One object written, by a link or a copy inside the store: no bytes sent from here.
-        self.writes += 1
-        self.inner.copy(src, dst)
-
-    def delete(self, key: str) -> None:
-        self.inner.delete(key)
-
-    def sweep(self) -> builtins.list[str]:
-        return self.inner.sweep()
 
 
 @dataclass
