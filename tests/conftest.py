@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import os
 import shutil
 import socket
@@ -10,7 +13,7 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +22,7 @@ import pytest
 import yaml
 from hypothesis import settings
 
+from reconciler import log
 from reconciler.demo import KeyType, make_signing_key
 
 # Property tests check properties, not speed: no per-example deadline, which a loaded
@@ -50,6 +54,19 @@ files:
   etc/motd: "managed\\n"
 """
 
+# A site whose page says ``page``: a new page is a new build, where a test wants a
+# new version.
+PAGE_SITE = """\
+{{ toolchain }}:
+derivation {{
+  name = "site";
+  system = "x86_64-linux";
+  builder = toolchain.busybox;
+  args = [ "sh" "-c" "${{toolchain.busybox}} mkdir -p $out/srv/www &&
+    echo {page} > $out/srv/www/index.html" ];
+}}
+"""
+
 SITE = """\
 { toolchain }:
 derivation {
@@ -71,8 +88,8 @@ class Signing:
     public_key: Path
 
 
-def make_signing(home: Path, key_type: KeyType) -> Signing:
-    fpr = make_signing_key(home, name="Reconciler Test", key_type=key_type)
+def make_signing(home: Path, key_type: KeyType, name: str = "Reconciler Test") -> Signing:
+    fpr = make_signing_key(home, name=name, key_type=key_type)
     pub = home / "publisher.asc"
     pub.write_bytes(
         subprocess.run(
@@ -80,6 +97,23 @@ def make_signing(home: Path, key_type: KeyType) -> Signing:
         ).stdout
     )
     return Signing(home, fpr, pub)
+
+
+@contextlib.contextmanager
+def signing_keys(
+    tmp_path_factory: pytest.TempPathFactory, label: str, names: Iterable[str]
+) -> Iterator[dict[str, Signing]]:
+    """An RSA key a name (its uid ``label name``), each in a keyring of its own: a module
+    fixture's keys; the gpg agents they start are killed on leaving."""
+    made = {
+        name: make_signing(tmp_path_factory.mktemp(f"gnupg-{name}"), KeyType.RSA, f"{label} {name}")
+        for name in names
+    }
+    try:
+        yield made
+    finally:
+        for k in made.values():
+            subprocess.run(["gpgconf", "--homedir", str(k.gnupghome), "--kill", "all"], capture_output=True)
 
 
 @pytest.fixture(scope="session")
@@ -215,6 +249,30 @@ def gpg_verify(public_key: Path, data: Path, signature: Path, home: Path) -> sub
     return subprocess.run(
         ["gpg", "--homedir", str(home), "--verify", str(signature), str(data)], capture_output=True, text=True
     )
+
+
+@contextlib.contextmanager
+def reconciler_log() -> Iterator[io.StringIO]:
+    """What the reconciler logs (at INFO, a line an event) while the block runs."""
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(log.KeyValueFormatter())
+    logger = logging.getLogger("reconciler")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        yield out
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+@pytest.fixture
+def events() -> Iterator[io.StringIO]:
+    """The log lines of the agent or daemon a test runs in-process."""
+    with reconciler_log() as out:
+        yield out
 
 
 @pytest.fixture
