@@ -8,12 +8,15 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,9 +24,13 @@ import git
 import pytest
 import yaml
 from hypothesis import settings
+from prometheus_client.parser import text_string_to_metric_families
 
 from reconciler import log
+from reconciler.config import load_config
+from reconciler.core.release import Artifact, Release, parse_release
 from reconciler.demo import KeyType, make_signing_key
+from reconciler.wiring import open_reconciler
 
 # Property tests check properties, not speed: no per-example deadline, which a loaded
 # CI machine (or the first call into python-tuf) would trip now and then.
@@ -215,6 +222,67 @@ def alive(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] != "Z"
 
 
+@contextlib.contextmanager
+def reconciler_run(
+    cfg: Path, log: Path, stop: float = 60, env: Mapping[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`python -m reconciler run -c cfg`, its stdout and stderr in ``log``. On leaving while
+    it runs: SIGTERM, and a kill where it has not stopped within ``stop`` seconds."""
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "reconciler", "run", "-c", str(cfg)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(stop)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(10)
+
+
+def is_ready(base: str) -> bool:
+    """Whether the daemon listening at ``base`` answers /readyz with 200."""
+    try:
+        with urllib.request.urlopen(base + "/readyz", timeout=2) as r:
+            return int(r.status) == 200
+    except OSError:
+        return False
+
+
+def metric_value(base: str, name: str, labels: dict[str, str] | None = None) -> float | None:
+    """The sample ``name`` with exactly ``labels`` on ``base``/metrics; None where it has none."""
+    with urllib.request.urlopen(base + "/metrics", timeout=5) as r:
+        text = r.read().decode()
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name and s.labels == (labels or {}):
+                return float(s.value)
+    return None
+
+
+def answer(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, str]:
+    """The status and body of a POST."""
+    req = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return int(r.status), r.read().decode()
+    except urllib.error.HTTPError as e:
+        return int(e.code), e.read().decode()
+
+
+def latest_version(store: Path, host: str) -> int:
+    """The version ``host``'s latest.json names in a filesystem store; 0 before any."""
+    latest = store / "hosts" / host / "latest.json"
+    return int(json.loads(latest.read_text())["version"]) if latest.exists() else 0
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -238,6 +306,47 @@ def write_config(tmp_path: Path, source: ConfigRepo, keys: Signing, /, **extra: 
     path = tmp_path / "reconciler.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+class ReconciledFleet:
+    """The standard fleet and ``files`` committed to a config repo under ``root``, and
+    reconciled once into ``root``/store; ``config`` replaces top-level config keys."""
+
+    def __init__(
+        self,
+        root: Path,
+        signing: Signing,
+        port: int,
+        message: str,
+        files: Mapping[str, str],
+        **config: object,
+    ) -> None:
+        self.root, self.port, self.signing = root, port, signing
+        self.repo = ConfigRepo(root / "repo")
+        standard_fleet(self.repo)
+        for path, text in files.items():
+            self.repo.write(path, text)
+        self.repo.commit(message)
+        self.config = load_config(write_config(root, self.repo, signing, **config))
+        rec = open_reconciler(self.config)
+        try:
+            result = rec.reconcile()
+        finally:
+            rec.close()
+        assert result.ok, result.outcomes
+        self.store = root / "store"
+
+    def release(self, host: str) -> Release:
+        path = self.store / "hosts" / host / "latest.json"
+        return parse_release(path.read_bytes(), str(path))
+
+    def art(self, host: str, fmt: str) -> Artifact:
+        art = self.release(host).artifact(fmt)
+        assert art is not None, f"{host} has no {fmt}"
+        return art
+
+    def blob(self, host: str, fmt: str) -> Path:
+        return self.store / self.art(host, fmt).blob
 
 
 def gpg_verify(public_key: Path, data: Path, signature: Path, home: Path) -> subprocess.CompletedProcess[str]:

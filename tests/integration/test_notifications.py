@@ -12,10 +12,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -38,7 +35,7 @@ from reconciler.daemon.notify import Notifier, NotifyingLog, Target
 from reconciler.daemon.reconciler import Reconciler
 from reconciler.daemon.tuf import TufRepository
 from reconciler.ports import Ports
-from tests.conftest import ConfigRepo, Signing, cli, free_port, wait_for, write_config
+from tests.conftest import ConfigRepo, Signing, cli, free_port, reconciler_run, wait_for, write_config
 from tests.fakes import RefusingGate
 from tests.unit.test_daemon_pass import FLEET, World
 
@@ -416,14 +413,7 @@ def test_a_daemon_publishes_notifies_and_serves_its_history(
         events={"keep": 1000, "max_age": "1d"},
     )
     base = "http://" + yaml.safe_load(cfg.read_text())["listen"]
-    log = (tmp_path / "daemon.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "reconciler", "run", "-c", str(cfg)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
+    with reconciler_run(cfg, tmp_path / "daemon.log") as proc:
         wait_for(lambda: len(receiver.at("/github")) == 1, 600, "web-1's commit status")
         (status,) = receiver.at("/github")
         assert status.path == f"/github/repos/acme/fleet/statuses/{head}"
@@ -488,12 +478,6 @@ def test_a_daemon_publishes_notifies_and_serves_its_history(
         assert event["host"] == "web-1" and event["commit"] == head
         bad = cli("events", "-c", str(cfg), "--type", "host_exploded", timeout=60)
         assert bad.returncode == 1 and bad.stderr.startswith("reconciler: error: type: unknown event type")
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        finally:
-            log.close()
     assert proc.returncode == 0
     text = (tmp_path / "daemon.log").read_text()
     # Targets are named in the log; their URLs and credentials never.
