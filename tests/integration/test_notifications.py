@@ -30,11 +30,9 @@ from prometheus_client import CollectorRegistry
 from reconciler.adapters.eventlog import EventLog
 from reconciler.config import load_config
 from reconciler.core.events import Event, EventQuery, EventType
-from reconciler.daemon.gate import CommitRefusedError, Gate
+from reconciler.daemon.gate import CommitRefusedError
 from reconciler.daemon.notify import Notifier, NotifyingLog, Target
 from reconciler.daemon.reconciler import Reconciler
-from reconciler.daemon.tuf import TufRepository
-from reconciler.ports import Ports
 from tests.conftest import ConfigRepo, Signing, cli, free_port, reconciler_run, wait_for, write_config
 from tests.fakes import RefusingGate
 from tests.unit.test_daemon_pass import FLEET, World
@@ -220,27 +218,7 @@ class NotifyingWorld(World):
         cfg = load_config(path)
         notifier = Notifier([Target(n, path, i) for i, n in enumerate(cfg.notifications)], self.registry)
         self.history = NotifyingLog(EventLog(self.tmp / "state"), notifier)
-        base = self.config()
-        base.state_dir.mkdir(parents=True, exist_ok=True)
-        gate = self.gate if self.gate is not None else Gate(base.repo)
-        ports = Ports(
-            self.source,
-            self.nix,
-            self.store,
-            self.ledger,
-            gate,
-            lambda: self.signer,
-            self.clock,
-            self.packager,
-            events=self.history,
-        )
-        return Reconciler(
-            base,
-            ports,
-            tuf=lambda online: TufRepository(
-                self.store, base.state_dir / "tuf", online, self.clock, base.tuf
-            ),
-        )
+        return super().reconciler()
 
 
 def timed_pass(rec: Reconciler) -> float:
