@@ -247,6 +247,15 @@ def reconciler_run(
                     proc.wait(10)
 
 
+def fetch(url: str) -> str | None:
+    """The body of a GET, None where nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return str(r.read().decode())
+    except OSError:
+        return None
+
+
 def is_ready(base: str) -> bool:
     """Whether the daemon listening at ``base`` answers /readyz with 200."""
     try:

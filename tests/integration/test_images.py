@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import tarfile
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from tests.conftest import (
     ConfigRepo,
     ReconciledFleet,
     Signing,
+    fetch,
     free_port,
     standard_fleet,
     tar_member,
@@ -89,14 +89,6 @@ def supervisors_under(root: Path) -> set[int]:
 def crasher_starts(log: Path) -> list[float]:
     prefix = "crasher: started at "
     return [float(ln.removeprefix(prefix)) for ln in log.read_text().splitlines() if ln.startswith(prefix)]
-
-
-def fetch(url: str) -> str | None:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return str(r.read().decode())
-    except OSError:
-        return None
 
 
 class Fleet(ReconciledFleet):

@@ -11,7 +11,6 @@ import signal
 import stat
 import subprocess
 import tarfile
-import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from reconciler.wiring import open_reconciler
 from tests.conftest import (
     ReconciledFleet,
     Signing,
+    fetch,
     free_port,
     wait_for,
 )
@@ -52,14 +52,6 @@ services:
 """
 # What an appc executor sets beside the manifest's environment (appc spec, ace.md).
 ACE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-def fetch(url: str) -> str | None:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return str(r.read().decode())
-    except OSError:
-        return None
 
 
 class Fleet(ReconciledFleet):

@@ -22,12 +22,10 @@ import pytest
 import yaml
 
 from reconciler.adapters.clock import SystemClock
-from reconciler.adapters.fetch import HttpFetcher
 from reconciler.adapters.gpg import Signer
 from reconciler.adapters.notes import OpenPgpNoteSigner, OpenPgpNoteVerifier
 from reconciler.adapters.store import FilesystemStore
-from reconciler.adapters.tufkeys import metadata_keys, metadata_signer
-from reconciler.agent import health
+from reconciler.adapters.tufkeys import metadata_signer
 from reconciler.agent.config import AgentConfig, load_agent_config
 from reconciler.agent.updater import Agent
 from reconciler.config import TufConfig, load_config
@@ -41,7 +39,7 @@ from reconciler.daemon.tlog import TransparencyLog
 from reconciler.daemon.tuf import TufRepository
 from reconciler.wiring import open_agent, open_reconciler
 from tests.conftest import PAGE_SITE, ConfigRepo, Signing, cli, gpg_verify, signing_keys, write_config
-from tests.integration.test_tuf_attacks import Server
+from tests.integration.test_tuf_attacks import Server, http_agent
 
 pytestmark = pytest.mark.integration
 
@@ -123,13 +121,7 @@ class World:
             require_log=True,
             **cfg,
         )
-        agent = Agent(
-            config,
-            fetcher=HttpFetcher(),
-            clock=self.clock,
-            pinned_keys=lambda ks: metadata_keys(list(ks)),
-            probe=health.probe,
-        )
+        agent = http_agent(config, self.clock)
         self.agents.append(agent)
         return agent
 

@@ -123,6 +123,17 @@ def trickle(h: SimpleHTTPRequestHandler) -> None:
         pass
 
 
+def http_agent(config: AgentConfig, clock: SystemClock) -> Agent:
+    """An agent as reconciler.wiring makes one: over HTTP, its health probe real."""
+    return Agent(
+        config,
+        fetcher=HttpFetcher(),
+        clock=clock,
+        pinned_keys=lambda ks: metadata_keys(list(ks)),
+        probe=health.probe,
+    )
+
+
 @dataclass
 class World:
     store_dir: Path
@@ -177,13 +188,7 @@ class World:
             timeout=cfg.pop("timeout", 10.0),
             **cfg,
         )
-        agent = Agent(
-            config,
-            fetcher=HttpFetcher(),
-            clock=self.clock,
-            pinned_keys=lambda ks: metadata_keys(list(ks)),
-            probe=health.probe,
-        )
+        agent = http_agent(config, self.clock)
         self.agents.append(agent)
         return agent
 
