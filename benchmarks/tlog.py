@@ -72,31 +72,45 @@ class Run:
     written: list[int] = field(default_factory=list)
 
 
+def publish_one(
+    store: Counted,
+    tmp: Path,
+    signer: Signer,
+    release: tuple[str, int, bytes, datetime],
+    log: TransparencyLog | None,
+) -> tuple[float, int, int]:
+    """One release (host, version, its one artifact's bytes, when) of a stand-in AppImage
+    published, with its log entry where there is a log: seconds, objects and bytes written."""
+    host, version, content, now = release
+    blob = tmp / f"{host}-{version}.AppImage"
+    blob.write_bytes(content)
+    art = Artifact("appimage", blob.name, blob.stat().st_size, hashlib.sha256(blob.read_bytes()).hexdigest())
+    r = new_release(host, version, "c" * 40, "/nix/store/x.drv", (art,), now, timedelta(days=30))
+    writes, written = store.writes, store.written
+    t = time.perf_counter()
+    publish(
+        store,
+        r,
+        {"appimage": blob},
+        signer.sign_file,
+        signer.sign,
+        log=(lambda rel, meta: log.append_release(rel.host, rel.version, meta)) if log else None,
+    )
+    return time.perf_counter() - t, store.writes - writes, store.written - written
+
+
 def publish_all(store: Counted, tmp: Path, signer: Signer, releases: int, log: TransparencyLog | None) -> Run:
     run = Run()
     now = datetime.now(UTC)
     for i in range(releases):
         host = f"web-{i % 50}"
         version = i // 50 + 1
-        blob = tmp / f"{host}-{version}.AppImage"
-        blob.write_bytes(f"{host} {version} ".encode() * 256)
-        art = Artifact(
-            "appimage", blob.name, blob.stat().st_size, hashlib.sha256(blob.read_bytes()).hexdigest()
+        seconds, writes, written = publish_one(
+            store, tmp, signer, (host, version, f"{host} {version} ".encode() * 256, now), log
         )
-        r = new_release(host, version, "c" * 40, "/nix/store/x.drv", (art,), now, timedelta(days=30))
-        writes, written = store.writes, store.written
-        t = time.perf_counter()
-        publish(
-            store,
-            r,
-            {"appimage": blob},
-            signer.sign_file,
-            signer.sign,
-            log=(lambda rel, meta: log.append_release(rel.host, rel.version, meta)) if log else None,
-        )
-        run.seconds.append(time.perf_counter() - t)
-        run.writes.append(store.writes - writes)
-        run.written.append(store.written - written)
+        run.seconds.append(seconds)
+        run.writes.append(writes)
+        run.written.append(written)
     return run
 
 
@@ -214,23 +228,7 @@ def main() -> int:
 def publish_all_one(
     store: Counted, tmp: Path, signer: Signer, log: TransparencyLog
 ) -> tuple[float, int, int]:
-    blob = tmp / "new-host-1.AppImage"
-    blob.write_bytes(b"new host" * 512)
-    art = Artifact("appimage", blob.name, blob.stat().st_size, hashlib.sha256(blob.read_bytes()).hexdigest())
-    r = new_release(
-        "new-host", 1, "c" * 40, "/nix/store/x.drv", (art,), datetime.now(UTC), timedelta(days=30)
-    )
-    writes, written = store.writes, store.written
-    t = time.perf_counter()
-    publish(
-        store,
-        r,
-        {"appimage": blob},
-        signer.sign_file,
-        signer.sign,
-        log=lambda rel, meta: log.append_release(rel.host, rel.version, meta),
-    )
-    return time.perf_counter() - t, store.writes - writes, store.written - written
+    return publish_one(store, tmp, signer, ("new-host", 1, b"new host" * 512, datetime.now(UTC)), log)
 
 
 if __name__ == "__main__":
