@@ -20,12 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -33,12 +30,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fleet_scale import ROOT, make_repo, seed, write_config
+from fleet_scale import ROOT, make_repo, run_each, seed, write_config
 
 from reconciler.adapters.eventlog import EventLog
 from reconciler.adapters.ledger import State
 from reconciler.core.events import Event, EventType
 from reconciler.demo import KeyType, make_signing_key
+from tests.conftest import is_ready, reconciler_run
 
 CHROMIUM = "/usr/bin/chromium"
 # Seconds. The page must come up at once for an operator who opens it during an incident.
@@ -189,44 +187,32 @@ def run(work: Path, hosts: int, repeat: int) -> dict[str, bool]:
     seed(cfg)
     history(cfg, work, hosts, time.time())
     print(f"  set up in {time.perf_counter() - t:.1f}s")
-    log = (work / "daemon.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "reconciler", "run", "-c", str(cfg)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
     base = f"http://127.0.0.1:{port}"
     try:
-        t = time.perf_counter()
-        deadline = time.monotonic() + 1800
-        while True:
-            try:
-                if get(base + "/readyz")[0] == 200:
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the daemon did not become ready; see {work / 'daemon.log'}")
-            time.sleep(0.5)
-        print(f"  daemon ready after its first pass in {time.perf_counter() - t:.1f}s")
-        fleet, size = median_get(base + "/", repeat)
-        failing, failing_size = median_get(base + "/?status=failing", repeat)
-        host, _ = median_get(base + f"/host?name=host-{1:05d}", repeat)
-        print(
-            f"  server: / {fleet * 1000:.0f} ms ({size / 1024:.0f} KiB), "
-            f"/?status=failing {failing * 1000:.0f} ms ({failing_size / 1024:.0f} KiB), "
-            f"a failing host's page {host * 1000:.0f} ms"
-        )
-        fcp, load, rows = browser_times(base + "/", repeat)
-        print(
-            f"  chromium: first contentful paint {fcp * 1000:.0f} ms, load {load * 1000:.0f} ms, {rows} rows"
-        )
-        assert rows == hosts, rows
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        with reconciler_run(cfg, work / "daemon.log", env=env) as proc:
+            t = time.perf_counter()
+            deadline = time.monotonic() + 1800
+            while not is_ready(base):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the daemon did not become ready; see {work / 'daemon.log'}")
+                time.sleep(0.5)
+            print(f"  daemon ready after its first pass in {time.perf_counter() - t:.1f}s")
+            fleet, size = median_get(base + "/", repeat)
+            failing, failing_size = median_get(base + "/?status=failing", repeat)
+            host, _ = median_get(base + f"/host?name=host-{1:05d}", repeat)
+            print(
+                f"  server: / {fleet * 1000:.0f} ms ({size / 1024:.0f} KiB), "
+                f"/?status=failing {failing * 1000:.0f} ms ({failing_size / 1024:.0f} KiB), "
+                f"a failing host's page {host * 1000:.0f} ms"
+            )
+            fcp, load, rows = browser_times(base + "/", repeat)
+            print(
+                f"  chromium: first contentful paint {fcp * 1000:.0f} ms, load {load * 1000:.0f} ms, "
+                f"{rows} rows"
+            )
+            assert rows == hosts, rows
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
-        log.close()
         subprocess.run(["gpgconf", "--homedir", str(work / "gnupg"), "--kill", "all"], capture_output=True)
     measured = {"server_fleet": fleet, "server_host": host, "first_contentful_paint": fcp, "load": load}
     return {
@@ -243,19 +229,9 @@ def main() -> int:
     ap.add_argument("--keep", type=Path, help="work in this directory and keep it")
     args = ap.parse_args()
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "reconciler")], check=True)
-    results: dict[str, bool] = {}
-    for n in args.hosts:
-        work = (args.keep / str(n)) if args.keep else Path(tempfile.mkdtemp(prefix="reconciler-page-bench-"))
-        work.mkdir(parents=True, exist_ok=True)
-        try:
-            results.update(run(work, n, args.repeat))
-        finally:
-            if args.keep is None:
-                shutil.rmtree(work, ignore_errors=True)
-    print()
-    for what, ok in results.items():
-        print(f"{'PASS' if ok else 'FAIL'}  {what}")
-    return 0 if all(results.values()) else 1
+    return run_each(
+        args.hosts, args.keep, "reconciler-page-bench-", lambda work, n: run(work, n, args.repeat)
+    )
 
 
 if __name__ == "__main__":

@@ -431,6 +431,26 @@ def daemon_peak_rss(cfg_path: Path) -> float:
         proc.wait(60)
 
 
+def run_each(
+    hosts: list[int], keep: Path | None, prefix: str, run: Callable[[Path, int], dict[str, bool]]
+) -> int:
+    """``run`` a fleet size, each in a work directory of its own (under ``keep``, else a
+    temporary one removed after); then a PASS or FAIL line a target, and 0 if all passed."""
+    results: dict[str, bool] = {}
+    for n in hosts:
+        work = (keep / str(n)) if keep else Path(tempfile.mkdtemp(prefix=prefix))
+        work.mkdir(parents=True, exist_ok=True)
+        try:
+            results.update(run(work, n))
+        finally:
+            if keep is None:
+                shutil.rmtree(work, ignore_errors=True)
+    print()
+    for what, ok in results.items():
+        print(f"{'PASS' if ok else 'FAIL'}  {what}")
+    return 0 if all(results.values()) else 1
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hosts", type=int, nargs="+", default=[1000, 10000])
@@ -454,19 +474,12 @@ def main() -> int:
     for code in (ROOT, args.baseline):
         if code is not None:
             subprocess.run([sys.executable, "-m", "compileall", "-q", str(code / "reconciler")], check=True)
-    results: dict[str, bool] = {}
-    for n in args.hosts:
-        work = (args.keep / str(n)) if args.keep else Path(tempfile.mkdtemp(prefix="reconciler-bench-"))
-        work.mkdir(parents=True, exist_ok=True)
-        try:
-            results.update(run(work, n, args.repeat, args.baseline, args.plans_only))
-        finally:
-            if args.keep is None:
-                shutil.rmtree(work, ignore_errors=True)
-    print()
-    for what, ok in results.items():
-        print(f"{'PASS' if ok else 'FAIL'}  {what}")
-    return 0 if all(results.values()) else 1
+    return run_each(
+        args.hosts,
+        args.keep,
+        "reconciler-bench-",
+        lambda work, n: run(work, n, args.repeat, args.baseline, args.plans_only),
+    )
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ having seen the head one release before, and having seen a head N/2 entries befo
 from __future__ import annotations
 
 import argparse
-import builtins
 import hashlib
 import statistics
 import subprocess
@@ -44,59 +43,26 @@ from reconciler.core.release import RELEASE_LIMIT, Artifact, new_release  # noqa
 from reconciler.daemon.publish import publish  # noqa: E402
 from reconciler.daemon.tlog import TransparencyLog, default_origin, sign, write_state  # noqa: E402
 from reconciler.demo import KeyType, make_signing_key  # noqa: E402
+from tests.fakes import StoreProxy  # noqa: E402
 
 
-@dataclass
-class Counted:
-    """A filesystem store that counts what is written to it and read from it."""
+class Counted(StoreProxy):
+    """A store that counts what is written to it and read from it."""
 
-    inner: FilesystemStore
-    writes: int = 0
-    written: int = 0
-    reads: list[tuple[str, int]] = field(default_factory=list)
+    def __init__(self, inner: FilesystemStore) -> None:
+        super().__init__(inner)
+        self.writes = 0
+        self.written = 0
+        self.reads: list[tuple[str, int]] = []
 
-    def put_bytes(self, key: str, data: bytes) -> None:
+    def wrote(self, key: str, size: int) -> None:
+        # A copy is one object written, by a link or a copy inside the store: no bytes
+        # sent from here (size 0).
         self.writes += 1
-        self.written += len(data)
-        self.inner.put_bytes(key, data)
+        self.written += size
 
-    def put_file(self, key: str, path: Path) -> None:
-        self.writes += 1
-        self.written += path.stat().st_size
-        self.inner.put_file(key, path)
-
-    def create(self, key: str, data: bytes) -> bool:
-        self.writes += 1
-        self.written += len(data)
-        return self.inner.create(key, data)
-
-    def get_bytes(self, key: str, limit: int) -> bytes | None:
-        data = self.inner.get_bytes(key, limit)
+    def read(self, key: str, data: bytes | None) -> None:
         self.reads.append((key, len(data) if data is not None else 0))
-        return data
-
-    def exists(self, key: str) -> bool:
-        return self.inner.exists(key)
-
-    def size(self, key: str) -> int | None:
-        return self.inner.size(key)
-
-    def url(self, key: str) -> str:
-        return self.inner.url(key)
-
-    def list(self, prefix: str = "") -> builtins.list[str]:
-        return self.inner.list(prefix)
-
-    def copy(self, src: str, dst: str) -> None:
-        # One object written, by a link or a copy inside the store: no bytes sent from here.
-        self.writes += 1
-        self.inner.copy(src, dst)
-
-    def delete(self, key: str) -> None:
-        self.inner.delete(key)
-
-    def sweep(self) -> builtins.list[str]:
-        return self.inner.sweep()
 
 
 @dataclass
@@ -106,31 +72,45 @@ class Run:
     written: list[int] = field(default_factory=list)
 
 
+def publish_one(
+    store: Counted,
+    tmp: Path,
+    signer: Signer,
+    release: tuple[str, int, bytes, datetime],
+    log: TransparencyLog | None,
+) -> tuple[float, int, int]:
+    """One release (host, version, its one artifact's bytes, when) of a stand-in AppImage
+    published, with its log entry where there is a log: seconds, objects and bytes written."""
+    host, version, content, now = release
+    blob = tmp / f"{host}-{version}.AppImage"
+    blob.write_bytes(content)
+    art = Artifact("appimage", blob.name, blob.stat().st_size, hashlib.sha256(blob.read_bytes()).hexdigest())
+    r = new_release(host, version, "c" * 40, "/nix/store/x.drv", (art,), now, timedelta(days=30))
+    writes, written = store.writes, store.written
+    t = time.perf_counter()
+    publish(
+        store,
+        r,
+        {"appimage": blob},
+        signer.sign_file,
+        signer.sign,
+        log=(lambda rel, meta: log.append_release(rel.host, rel.version, meta)) if log else None,
+    )
+    return time.perf_counter() - t, store.writes - writes, store.written - written
+
+
 def publish_all(store: Counted, tmp: Path, signer: Signer, releases: int, log: TransparencyLog | None) -> Run:
     run = Run()
     now = datetime.now(UTC)
     for i in range(releases):
         host = f"web-{i % 50}"
         version = i // 50 + 1
-        blob = tmp / f"{host}-{version}.AppImage"
-        blob.write_bytes(f"{host} {version} ".encode() * 256)
-        art = Artifact(
-            "appimage", blob.name, blob.stat().st_size, hashlib.sha256(blob.read_bytes()).hexdigest()
+        seconds, writes, written = publish_one(
+            store, tmp, signer, (host, version, f"{host} {version} ".encode() * 256, now), log
         )
-        r = new_release(host, version, "c" * 40, "/nix/store/x.drv", (art,), now, timedelta(days=30))
-        writes, written = store.writes, store.written
-        t = time.perf_counter()
-        publish(
-            store,
-            r,
-            {"appimage": blob},
-            signer.sign_file,
-            signer.sign,
-            log=(lambda rel, meta: log.append_release(rel.host, rel.version, meta)) if log else None,
-        )
-        run.seconds.append(time.perf_counter() - t)
-        run.writes.append(store.writes - writes)
-        run.written.append(store.written - written)
+        run.seconds.append(seconds)
+        run.writes.append(writes)
+        run.written.append(written)
     return run
 
 
@@ -248,23 +228,7 @@ def main() -> int:
 def publish_all_one(
     store: Counted, tmp: Path, signer: Signer, log: TransparencyLog
 ) -> tuple[float, int, int]:
-    blob = tmp / "new-host-1.AppImage"
-    blob.write_bytes(b"new host" * 512)
-    art = Artifact("appimage", blob.name, blob.stat().st_size, hashlib.sha256(blob.read_bytes()).hexdigest())
-    r = new_release(
-        "new-host", 1, "c" * 40, "/nix/store/x.drv", (art,), datetime.now(UTC), timedelta(days=30)
-    )
-    writes, written = store.writes, store.written
-    t = time.perf_counter()
-    publish(
-        store,
-        r,
-        {"appimage": blob},
-        signer.sign_file,
-        signer.sign,
-        log=lambda rel, meta: log.append_release(rel.host, rel.version, meta),
-    )
-    return time.perf_counter() - t, store.writes - writes, store.written - written
+    return publish_one(store, tmp, signer, ("new-host", 1, b"new host" * 512, datetime.now(UTC)), log)
 
 
 if __name__ == "__main__":

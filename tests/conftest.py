@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Callable, Iterator
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +24,13 @@ import git
 import pytest
 import yaml
 from hypothesis import settings
+from prometheus_client.parser import text_string_to_metric_families
 
+from reconciler import log
+from reconciler.config import load_config
+from reconciler.core.release import Artifact, Release, parse_release
 from reconciler.demo import KeyType, make_signing_key
+from reconciler.wiring import open_reconciler
 
 # Property tests check properties, not speed: no per-example deadline, which a loaded
 # CI machine (or the first call into python-tuf) would trip now and then.
@@ -50,6 +61,19 @@ files:
   etc/motd: "managed\\n"
 """
 
+# A site whose page says ``page``: a new page is a new build, where a test wants a
+# new version.
+PAGE_SITE = """\
+{{ toolchain }}:
+derivation {{
+  name = "site";
+  system = "x86_64-linux";
+  builder = toolchain.busybox;
+  args = [ "sh" "-c" "${{toolchain.busybox}} mkdir -p $out/srv/www &&
+    echo {page} > $out/srv/www/index.html" ];
+}}
+"""
+
 SITE = """\
 { toolchain }:
 derivation {
@@ -71,8 +95,8 @@ class Signing:
     public_key: Path
 
 
-def make_signing(home: Path, key_type: KeyType) -> Signing:
-    fpr = make_signing_key(home, name="Reconciler Test", key_type=key_type)
+def make_signing(home: Path, key_type: KeyType, name: str = "Reconciler Test") -> Signing:
+    fpr = make_signing_key(home, name=name, key_type=key_type)
     pub = home / "publisher.asc"
     pub.write_bytes(
         subprocess.run(
@@ -80,6 +104,23 @@ def make_signing(home: Path, key_type: KeyType) -> Signing:
         ).stdout
     )
     return Signing(home, fpr, pub)
+
+
+@contextlib.contextmanager
+def signing_keys(
+    tmp_path_factory: pytest.TempPathFactory, label: str, names: Iterable[str]
+) -> Iterator[dict[str, Signing]]:
+    """An RSA key a name (its uid ``label name``), each in a keyring of its own: a module
+    fixture's keys; the gpg agents they start are killed on leaving."""
+    made = {
+        name: make_signing(tmp_path_factory.mktemp(f"gnupg-{name}"), KeyType.RSA, f"{label} {name}")
+        for name in names
+    }
+    try:
+        yield made
+    finally:
+        for k in made.values():
+            subprocess.run(["gpgconf", "--homedir", str(k.gnupghome), "--kill", "all"], capture_output=True)
 
 
 @pytest.fixture(scope="session")
@@ -181,6 +222,76 @@ def alive(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] != "Z"
 
 
+@contextlib.contextmanager
+def reconciler_run(
+    cfg: Path, log: Path, stop: float = 60, env: Mapping[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`python -m reconciler run -c cfg`, its stdout and stderr in ``log``. On leaving while
+    it runs: SIGTERM, and a kill where it has not stopped within ``stop`` seconds."""
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "reconciler", "run", "-c", str(cfg)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(stop)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(10)
+
+
+def fetch(url: str) -> str | None:
+    """The body of a GET, None where nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return str(r.read().decode())
+    except OSError:
+        return None
+
+
+def is_ready(base: str) -> bool:
+    """Whether the daemon listening at ``base`` answers /readyz with 200."""
+    try:
+        with urllib.request.urlopen(base + "/readyz", timeout=2) as r:
+            return int(r.status) == 200
+    except OSError:
+        return False
+
+
+def metric_value(base: str, name: str, labels: dict[str, str] | None = None) -> float | None:
+    """The sample ``name`` with exactly ``labels`` on ``base``/metrics; None where it has none."""
+    with urllib.request.urlopen(base + "/metrics", timeout=5) as r:
+        text = r.read().decode()
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name and s.labels == (labels or {}):
+                return float(s.value)
+    return None
+
+
+def answer(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, str]:
+    """The status and body of a POST."""
+    req = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return int(r.status), r.read().decode()
+    except urllib.error.HTTPError as e:
+        return int(e.code), e.read().decode()
+
+
+def latest_version(store: Path, host: str) -> int:
+    """The version ``host``'s latest.json names in a filesystem store; 0 before any."""
+    latest = store / "hosts" / host / "latest.json"
+    return int(json.loads(latest.read_text())["version"]) if latest.exists() else 0
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -206,6 +317,47 @@ def write_config(tmp_path: Path, source: ConfigRepo, keys: Signing, /, **extra: 
     return path
 
 
+class ReconciledFleet:
+    """The standard fleet and ``files`` committed to a config repo under ``root``, and
+    reconciled once into ``root``/store; ``config`` replaces top-level config keys."""
+
+    def __init__(
+        self,
+        root: Path,
+        signing: Signing,
+        port: int,
+        message: str,
+        files: Mapping[str, str],
+        **config: object,
+    ) -> None:
+        self.root, self.port, self.signing = root, port, signing
+        self.repo = ConfigRepo(root / "repo")
+        standard_fleet(self.repo)
+        for path, text in files.items():
+            self.repo.write(path, text)
+        self.repo.commit(message)
+        self.config = load_config(write_config(root, self.repo, signing, **config))
+        rec = open_reconciler(self.config)
+        try:
+            result = rec.reconcile()
+        finally:
+            rec.close()
+        assert result.ok, result.outcomes
+        self.store = root / "store"
+
+    def release(self, host: str) -> Release:
+        path = self.store / "hosts" / host / "latest.json"
+        return parse_release(path.read_bytes(), str(path))
+
+    def art(self, host: str, fmt: str) -> Artifact:
+        art = self.release(host).artifact(fmt)
+        assert art is not None, f"{host} has no {fmt}"
+        return art
+
+    def blob(self, host: str, fmt: str) -> Path:
+        return self.store / self.art(host, fmt).blob
+
+
 def gpg_verify(public_key: Path, data: Path, signature: Path, home: Path) -> subprocess.CompletedProcess[str]:
     """Plain `gpg --verify` in a fresh keyring holding only ``public_key``."""
     home.mkdir(mode=0o700, exist_ok=True)
@@ -215,6 +367,30 @@ def gpg_verify(public_key: Path, data: Path, signature: Path, home: Path) -> sub
     return subprocess.run(
         ["gpg", "--homedir", str(home), "--verify", str(signature), str(data)], capture_output=True, text=True
     )
+
+
+@contextlib.contextmanager
+def reconciler_log() -> Iterator[io.StringIO]:
+    """What the reconciler logs (at INFO, a line an event) while the block runs."""
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(log.KeyValueFormatter())
+    logger = logging.getLogger("reconciler")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        yield out
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+@pytest.fixture
+def events() -> Iterator[io.StringIO]:
+    """The log lines of the agent or daemon a test runs in-process."""
+    with reconciler_log() as out:
+        yield out
 
 
 @pytest.fixture

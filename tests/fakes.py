@@ -41,7 +41,7 @@ from reconciler.errors import (
     StoreError,
     VerificationError,
 )
-from reconciler.ports import Source
+from reconciler.ports import Source, Store
 
 
 def digest(*parts: object) -> str:
@@ -377,6 +377,62 @@ class MemoryStore:
 
     def sweep(self) -> builtins.list[str]:
         return []
+
+
+class StoreProxy:
+    """Passes every Store call on to ``inner``, telling ``wrote`` of each write before it
+    is made (a create only once it made the object) and ``read`` of each get_bytes
+    answer: the wrappers that count, record or check what a pass writes override those."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+
+    def wrote(self, key: str, size: int) -> None:
+        """``key`` is written with ``size`` bytes sent (0 for a copy inside the store)."""
+
+    def read(self, key: str, data: bytes | None) -> None:
+        """``key`` was read, giving ``data``."""
+
+    def put_file(self, key: str, path: Path) -> None:
+        self.wrote(key, path.stat().st_size)
+        self.inner.put_file(key, path)
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self.wrote(key, len(data))
+        self.inner.put_bytes(key, data)
+
+    def copy(self, src: str, dst: str) -> None:
+        self.wrote(dst, 0)
+        self.inner.copy(src, dst)
+
+    def create(self, key: str, data: bytes) -> bool:
+        created = self.inner.create(key, data)
+        if created:
+            self.wrote(key, len(data))
+        return created
+
+    def get_bytes(self, key: str, limit: int) -> bytes | None:
+        data = self.inner.get_bytes(key, limit)
+        self.read(key, data)
+        return data
+
+    def exists(self, key: str) -> bool:
+        return self.inner.exists(key)
+
+    def size(self, key: str) -> int | None:
+        return self.inner.size(key)
+
+    def url(self, key: str) -> str:
+        return self.inner.url(key)
+
+    def list(self, prefix: str = "") -> builtins.list[str]:
+        return self.inner.list(prefix)
+
+    def delete(self, key: str) -> None:
+        self.inner.delete(key)
+
+    def sweep(self) -> builtins.list[str]:
+        return self.inner.sweep()
 
 
 @dataclass

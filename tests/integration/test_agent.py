@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import itertools
 import json
-import logging
 import os
 import shutil
 import signal
@@ -31,7 +30,6 @@ import pytest
 import yaml
 from tuf.api.metadata import Metadata
 
-from reconciler import log
 from reconciler.adapters.clock import SystemClock
 from reconciler.adapters.tufkeys import metadata_signer
 from reconciler.agent.config import load_agent_config
@@ -41,7 +39,7 @@ from reconciler.core.release import parse_release
 from reconciler.core.tufrepo import SERIALIZER
 from reconciler.demo import make_signing_key
 from reconciler.wiring import open_agent, open_reconciler
-from tests.conftest import ConfigRepo, Signing, free_port, wait_for, write_config
+from tests.conftest import PAGE_SITE, ConfigRepo, Signing, free_port, wait_for, write_config
 from tests.integration.test_gate import compression_bomb
 
 pytestmark = pytest.mark.integration
@@ -53,16 +51,6 @@ services:
   web:
     package: site
     exec: [bin/busybox, httpd, -f, -p, "{port}", -h, srv/www]
-"""
-SITE = """\
-{{ toolchain }}:
-derivation {{
-  name = "site";
-  system = "x86_64-linux";
-  builder = toolchain.busybox;
-  args = [ "sh" "-c" "${{toolchain.busybox}} mkdir -p $out/srv/www &&
-    echo {page} > $out/srv/www/index.html" ];
-}}
 """
 
 
@@ -138,7 +126,7 @@ def stores(tmp_path_factory: pytest.TempPathFactory, signing: Signing) -> Stores
     root = tmp_path_factory.mktemp("agent-stores")
     port = free_port()
     repo = ConfigRepo(root / "repo")
-    repo.write("packages/site.nix", SITE.format(page="one"))
+    repo.write("packages/site.nix", PAGE_SITE.format(page="one"))
     repo.write("hosts/web-1.yaml", HOST.format(name="web-1", octet=11, port=port))
     repo.write("hosts/web-2.yaml", HOST.format(name="web-2", octet=12, port=free_port()))
     repo.commit("one")
@@ -146,12 +134,12 @@ def stores(tmp_path_factory: pytest.TempPathFactory, signing: Signing) -> Stores
     publish(root, "a", repo, signing, good)
     v1 = root / "v1"
     shutil.copytree(good, v1)
-    repo.write("packages/site.nix", SITE.format(page="two"))
+    repo.write("packages/site.nix", PAGE_SITE.format(page="two"))
     repo.commit("two")
     publish(root, "a", repo, signing, good)
     broken = root / "broken"
     shutil.copytree(v1, broken)
-    repo.write("packages/site.nix", SITE.format(page="one"))
+    repo.write("packages/site.nix", PAGE_SITE.format(page="one"))
     repo.write(
         "hosts/web-1.yaml",
         HOST.format(name="web-1", octet=11, port=port).replace("httpd, -f", "httpd, --no-such-option, -f"),
@@ -167,19 +155,6 @@ def page(port: int) -> str | None:
             return str(r.read().decode().strip())
     except OSError:
         return None
-
-
-@pytest.fixture
-def events() -> Iterator[io.StringIO]:
-    """The agent's log lines."""
-    out = io.StringIO()
-    handler = logging.StreamHandler(out)
-    handler.setFormatter(log.KeyValueFormatter())
-    logger = logging.getLogger("reconciler")
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield out
-    logger.removeHandler(handler)
 
 
 @dataclass
@@ -490,7 +465,7 @@ def test_store_on_a_local_path_and_once_mode(tmp_path: Path, stores: Stores, sig
 def test_daemon_publishes_version_2_and_the_running_agent_switches(tmp_path: Path, signing: Signing) -> None:
     port = free_port()
     repo = ConfigRepo(tmp_path / "repo")
-    repo.write("packages/site.nix", SITE.format(page="one"))
+    repo.write("packages/site.nix", PAGE_SITE.format(page="one"))
     repo.write("hosts/web-1.yaml", HOST.format(name="web-1", octet=11, port=port))
     repo.commit("one")
     daemon_cfg = write_config(tmp_path / "daemon", repo, signing)
@@ -504,7 +479,7 @@ def test_daemon_publishes_version_2_and_the_running_agent_switches(tmp_path: Pat
             log_file = (tmp_path / f"{args[0]}.log").open("w")
             procs.append(subprocess.Popen([sys.executable, "-m", "reconciler", *args], stderr=log_file))
         wait_for(lambda: page(port) == "one", 180, "version 1 served through the agent")
-        repo.write("packages/site.nix", SITE.format(page="two"))
+        repo.write("packages/site.nix", PAGE_SITE.format(page="two"))
         repo.commit("two")
         wait_for(lambda: page(port) == "two", 180, "version 2 served through the agent")
         # The page changes when the new app starts; the switch is recorded once it is healthy.

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import io
-import logging
 import os
 import shutil
 import socket
@@ -27,7 +26,6 @@ from typing import Any
 import pytest
 import yaml
 
-from reconciler import log
 from reconciler.adapters import appimage as sealed
 from reconciler.agent.config import load_agent_config
 from reconciler.config import load_config
@@ -356,18 +354,6 @@ def test_debian_s_zsync_updates_release_1_from_the_update_information(
     assert (tmp_path / "new.AppImage").read_bytes() == new.read_bytes()
     fetched = int(synced.stdout.rsplit("fetched ", 1)[1].split()[0])
     assert fetched < art["size"] // 10, synced.stdout
-
-
-@pytest.fixture
-def events() -> Iterator[io.StringIO]:
-    out = io.StringIO()
-    handler = logging.StreamHandler(out)
-    handler.setFormatter(log.KeyValueFormatter())
-    logger = logging.getLogger("reconciler")
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield out
-    logger.removeHandler(handler)
 
 
 def agent_for(tmp: Path, store: str, signing: Signing, timeout: str = "20s") -> Any:

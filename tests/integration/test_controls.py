@@ -11,17 +11,25 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ConfigRepo, Signing, cli, free_port, wait_for, write_config
+from tests.conftest import (
+    ConfigRepo,
+    Signing,
+    answer,
+    cli,
+    free_port,
+    is_ready,
+    latest_version,
+    metric_value,
+    wait_for,
+    write_config,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -35,28 +43,8 @@ def fleet(repo: ConfigRepo, motd: str) -> str:
     return repo.commit(f"motd {motd}")
 
 
-def metric(base: str, name: str, labels: dict[str, str] | None = None) -> float | None:
-    with urllib.request.urlopen(base + "/metrics", timeout=5) as r:
-        text = r.read().decode()
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name == name and s.labels == (labels or {}):
-                return float(s.value)
-    return None
-
-
 def post(url: str, headers: dict[str, str]) -> tuple[int, str]:
-    req = urllib.request.Request(url, data=b"", headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=5) as r:
-            return int(r.status), r.read().decode()
-    except urllib.error.HTTPError as e:
-        return int(e.code), e.read().decode()
-
-
-def version(store: Path, host: str) -> int:
-    latest = store / "hosts" / host / "latest.json"
-    return int(json.loads(latest.read_text())["version"]) if latest.exists() else 0
+    return answer(url, b"", headers)
 
 
 class Daemon:
@@ -81,11 +69,7 @@ class Daemon:
             )
 
     def ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(self.base + "/readyz", timeout=2) as r:
-                return int(r.status) == 200
-        except OSError:
-            return False
+        return is_ready(self.base)
 
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
         """The daemon's events so far; every line of its log is one JSON object."""
@@ -118,8 +102,8 @@ def daemon(tmp_path: Path, config_repo: ConfigRepo, signing: Signing) -> Iterato
 
 def test_suspend_and_reconcile_now_against_a_running_daemon(daemon: Daemon, config_repo: ConfigRepo) -> None:
     d = daemon
-    wait_for(lambda: version(d.store, "b-1") == 1, 60, "the first releases")
-    assert version(d.store, "a-1") == 1
+    wait_for(lambda: latest_version(d.store, "b-1") == 1, 60, "the first releases")
+    assert latest_version(d.store, "a-1") == 1
     done = cli("suspend", "-c", str(d.cfg), "a-1")
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("suspended host a-1")
@@ -133,12 +117,12 @@ def test_suspend_and_reconcile_now_against_a_running_daemon(daemon: Daemon, conf
     now = d.cli("reconcile-now")
     assert now.returncode == 0, now.stderr
     assert now.stdout.startswith("accepted")
-    wait_for(lambda: version(d.store, "b-1") == 2, 120, "b-1 version 2")
-    assert version(d.store, "a-1") == 1
-    assert metric(d.base, "reconciler_host_suspended", {"host": "a-1"}) == 1
-    assert metric(d.base, "reconciler_host_suspended", {"host": "b-1"}) is None
-    assert metric(d.base, "reconciler_fleet_suspended") == 0
-    assert metric(d.base, "reconciler_wakeups_total", {"trigger": "manual"}) == 1
+    wait_for(lambda: latest_version(d.store, "b-1") == 2, 120, "b-1 version 2")
+    assert latest_version(d.store, "a-1") == 1
+    assert metric_value(d.base, "reconciler_host_suspended", {"host": "a-1"}) == 1
+    assert metric_value(d.base, "reconciler_host_suspended", {"host": "b-1"}) is None
+    assert metric_value(d.base, "reconciler_fleet_suspended") == 0
+    assert metric_value(d.base, "reconciler_wakeups_total", {"trigger": "manual"}) == 1
     assert [e["host"] for e in d.events("host_suspended")] == ["a-1"]
 
     status = json.loads(d.cli("status", "--json").stdout)
@@ -158,13 +142,13 @@ def test_suspend_and_reconcile_now_against_a_running_daemon(daemon: Daemon, conf
     assert (code, body) == (401, "unauthorized: no Authorization header (send Authorization: Bearer TOKEN)\n")
     code, body = post(d.base + "/reconcile", {"Authorization": "Bearer " + TOKEN[:-1]})
     assert (code, body) == (401, "unauthorized: wrong token\n")
-    assert metric(d.base, "reconciler_reconcile_requests_total", {"result": "unauthorized"}) == 2
+    assert metric_value(d.base, "reconciler_reconcile_requests_total", {"result": "unauthorized"}) == 2
 
     resumed = d.cli("resume", "a-1")
     assert resumed.returncode == 0 and resumed.stdout.startswith("resumed host a-1")
     code, _ = post(d.base + "/reconcile", {"Authorization": f"Bearer {TOKEN}"})
     assert code == 202
-    wait_for(lambda: version(d.store, "a-1") == 2, 120, "a-1 version 2 once resumed")
+    wait_for(lambda: latest_version(d.store, "a-1") == 2, 120, "a-1 version 2 once resumed")
     wait_for(lambda: bool(d.events("host_resumed")), 10, "event=host_resumed")
     # --wait: the pass it asked for, finished, and its result as the exit code.
     waited = d.cli("reconcile-now", "--wait", "--timeout", "2m")
@@ -179,7 +163,7 @@ def test_suspend_and_reconcile_now_against_a_running_daemon(daemon: Daemon, conf
     assert refused.returncode == 1
     assert refused.stderr.strip().endswith("refused (409): the fleet is suspended: reconciler resume first")
     assert len(refused.stderr.strip().splitlines()) == 1
-    assert metric(d.base, "reconciler_fleet_suspended") == 1
+    assert metric_value(d.base, "reconciler_fleet_suspended") == 1
     assert "suspended: the whole fleet, since" in d.cli("status").stdout
     once = d.cli("reconcile")
     assert once.returncode == 1 and "the fleet is suspended" in once.stderr
@@ -218,7 +202,7 @@ def test_sighup_reloads_the_config_between_passes_and_keeps_it_when_invalid(
     d = Daemon(tmp_path, config_repo, signing)
     try:
         wait_for(d.ready, 300, "the first pass")
-        assert metric(d.base, "reconciler_wakeups_total", {"trigger": "poll"}) == 0
+        assert metric_value(d.base, "reconciler_wakeups_total", {"trigger": "poll"}) == 0
         listen = yaml.safe_load(d.cfg.read_text())["listen"]
         d.cfg.write_text(
             yaml.safe_dump(
@@ -232,7 +216,7 @@ def test_sighup_reloads_the_config_between_passes_and_keeps_it_when_invalid(
         d.proc.send_signal(signal.SIGHUP)
         # Polled every second from now on, on the address it listened on already.
         wait_for(
-            lambda: (metric(d.base, "reconciler_wakeups_total", {"trigger": "poll"}) or 0) >= 2,
+            lambda: (metric_value(d.base, "reconciler_wakeups_total", {"trigger": "poll"}) or 0) >= 2,
             30,
             "passes at the new poll interval",
         )
@@ -250,9 +234,9 @@ def test_sighup_reloads_the_config_between_passes_and_keeps_it_when_invalid(
         assert (failed["file"], failed["key"]) == (str(d.cfg), "poll_interval")
         assert failed["reason"] == "must be a positive number of seconds"
         # Still running, with the config it had.
-        polls = metric(d.base, "reconciler_wakeups_total", {"trigger": "poll"}) or 0
+        polls = metric_value(d.base, "reconciler_wakeups_total", {"trigger": "poll"}) or 0
         wait_for(
-            lambda: (metric(d.base, "reconciler_wakeups_total", {"trigger": "poll"}) or 0) > polls + 1,
+            lambda: (metric_value(d.base, "reconciler_wakeups_total", {"trigger": "poll"}) or 0) > polls + 1,
             30,
             "polls going on at one a second",
         )

@@ -16,7 +16,16 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import WEB, ConfigRepo, Signing, cli, standard_fleet, wait_for, write_config
+from tests.conftest import (
+    WEB,
+    ConfigRepo,
+    Signing,
+    cli,
+    reconciler_run,
+    standard_fleet,
+    wait_for,
+    write_config,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -54,28 +63,16 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 @pytest.fixture
 def daemon(
     tmp_path: Path, config_repo: ConfigRepo, signing: Signing
-) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     standard_fleet(config_repo)
     cfg = write_config(tmp_path, config_repo, signing)
     base = "http://" + yaml.safe_load(cfg.read_text())["listen"]
-    log = (tmp_path / "daemon.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "reconciler", "run", "-c", str(cfg)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
+    with reconciler_run(cfg, tmp_path / "daemon.log") as proc:
         yield base, proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        log.close()
 
 
 def test_daemon_publishes_serves_metrics_and_picks_up_new_commits(
-    daemon: tuple[str, subprocess.Popen[str]], config_repo: ConfigRepo, tmp_path: Path
+    daemon: tuple[str, subprocess.Popen[bytes]], config_repo: ConfigRepo, tmp_path: Path
 ) -> None:
     base, proc = daemon
 

@@ -9,9 +9,7 @@ the top of the repository).
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -23,7 +21,7 @@ import pytest
 import yaml
 from playwright.sync_api import Browser, Page, sync_playwright
 
-from tests.conftest import TOOLCHAIN_DIR, cli, free_port, wait_for
+from tests.conftest import TOOLCHAIN_DIR, cli, free_port, reconciler_run, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -96,26 +94,14 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     port = free_port()
     cfg.update(listen=f"127.0.0.1:{port}", poll_interval=3600, nix={"toolchain_dir": str(TOOLCHAIN_DIR)})
     cfg_path.write_text(yaml.safe_dump(cfg))
-    log = (demo / "daemon.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "reconciler", "run", "-c", str(cfg_path)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: proc.poll() is not None or ready(base), 300, "the first pass")
-        assert proc.poll() is None, (demo / "daemon.log").read_text()[-3000:]
-        yield Daemon(base, demo)
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        with reconciler_run(cfg_path, demo / "daemon.log", stop=20, env=env) as proc:
+            wait_for(lambda: proc.poll() is not None or ready(base), 300, "the first pass")
+            assert proc.poll() is None, (demo / "daemon.log").read_text()[-3000:]
+            yield Daemon(base, demo)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-        log.close()
         subprocess.run(["gpgconf", "--homedir", str(demo / "gnupg"), "--kill", "all"], capture_output=True)
 
 

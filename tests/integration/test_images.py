@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import tarfile
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,10 +19,19 @@ from reconciler.adapters.nix import NIX_DIR
 from reconciler.adapters.tree import read_tree
 from reconciler.config import load_config
 from reconciler.core.hosts import parse_fleet
-from reconciler.core.release import Release, parse_release
 from reconciler.daemon.reconciler import Reconciler
 from reconciler.wiring import open_reconciler
-from tests.conftest import ConfigRepo, Signing, free_port, standard_fleet, tar_member, wait_for, write_config
+from tests.conftest import (
+    ConfigRepo,
+    ReconciledFleet,
+    Signing,
+    fetch,
+    free_port,
+    standard_fleet,
+    tar_member,
+    wait_for,
+    write_config,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -83,45 +91,16 @@ def crasher_starts(log: Path) -> list[float]:
     return [float(ln.removeprefix(prefix)) for ln in log.read_text().splitlines() if ln.startswith(prefix)]
 
 
-def fetch(url: str) -> str | None:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return str(r.read().decode())
-    except OSError:
-        return None
-
-
-class Fleet:
+class Fleet(ReconciledFleet):
     """A config repo reconciled once into a store."""
 
     def __init__(self, root: Path, signing: Signing, port: int) -> None:
-        self.root = root
-        self.port = port
-        self.repo = ConfigRepo(root / "repo")
-        standard_fleet(self.repo)
-        self.repo.write("hosts/served.yaml", SERVED.format(port=port))
-        self.repo.commit("add served")
         images = {
             "name_prefix": PREFIX,
             "annotations": {"homepage": "https://example.com/fleet", "authors": "Ops"},
         }
-        self.config = load_config(write_config(root, self.repo, signing, images=images))
-        rec = open_reconciler(self.config)
-        try:
-            result = rec.reconcile()
-        finally:
-            rec.close()
-        assert result.ok, result.outcomes
-        self.store = root / "store"
-
-    def release(self, host: str) -> Release:
-        path = self.store / "hosts" / host / "latest.json"
-        return parse_release(path.read_bytes(), str(path))
-
-    def artifact(self, host: str, fmt: str) -> Path:
-        art = self.release(host).artifact(fmt)
-        assert art is not None, f"{host} has no {fmt}"
-        return self.store / art.blob
+        files = {"hosts/served.yaml": SERVED.format(port=port)}
+        super().__init__(root, signing, port, "add served", files, images=images)
 
     @property
     def hosts(self) -> list[str]:
@@ -189,7 +168,7 @@ def test_every_aci_is_valid_and_carries_its_host(fleet: Fleet, tmp_path: Path) -
         # Everything in it is static: no loader, no shared library.
         assert not [n for n in names if ".so" in Path(n).name or "ld-linux" in n], host
         assert f"HOSTNAME={host}" in network and "GATEWAY=10.42.0.1" in network
-    with tarfile.open(fleet.artifact("web-1", "aci")) as tar:
+    with tarfile.open(fleet.blob("web-1", "aci")) as tar:
         assert "rootfs/srv/www/index.html" in tar.getnames()
         run = tar_member(tar, "rootfs/etc/service/web/run").decode()
         network = tar_member(tar, "rootfs/etc/reconciler/network.env").decode()
@@ -198,7 +177,7 @@ def test_every_aci_is_valid_and_carries_its_host(fleet: Fleet, tmp_path: Path) -
 
 
 def test_appimage_is_type_2_with_a_squashfs_payload(fleet: Fleet, tmp_path: Path) -> None:
-    blob = fleet.artifact("served", "appimage")
+    blob = fleet.blob("served", "appimage")
     app = tmp_path / "served.AppImage"
     shutil.copy(blob, app)
     app.chmod(0o755)
@@ -245,7 +224,7 @@ def test_appimage_supervises_its_services_and_stops_cleanly(
     fleet: Fleet, tmp_path: Path, plain_env: dict[str, str], mode: str
 ) -> None:
     app = tmp_path / "served.AppImage"
-    shutil.copy(fleet.artifact("served", "appimage"), app)
+    shutil.copy(fleet.blob("served", "appimage"), app)
     app.chmod(0o755)
     env = dict(plain_env)
     if mode == "extract-and-run":
@@ -297,7 +276,7 @@ def test_a_killed_appimage_leaves_no_process_and_the_next_start_cleans_up(
     fleet: Fleet, tmp_path: Path, plain_env: dict[str, str], mode: str
 ) -> None:
     app = tmp_path / "served.AppImage"
-    shutil.copy(fleet.artifact("served", "appimage"), app)
+    shutil.copy(fleet.blob("served", "appimage"), app)
     app.chmod(0o755)
     env = dict(plain_env)
     if mode == "extract-and-run":
@@ -377,7 +356,7 @@ def test_the_aci_runs_on_the_appc_minimum_filesystem(fleet: Fleet, tmp_path: Pat
     from outside): the services start, answer, log with their prefix and stop on TERM."""
     if os.geteuid() != 0 or subprocess.run(["unshare", "-m", "-p", "-f", "true"]).returncode != 0:
         pytest.skip("needs root and mount/PID namespaces (unshare -m -p -f)")
-    aci = fleet.artifact("served", "aci")
+    aci = fleet.blob("served", "aci")
     image = tmp_path / "image"
     image.mkdir()
     subprocess.run(["tar", "-C", str(image), "-xf", str(aci), "--numeric-owner"], check=True)

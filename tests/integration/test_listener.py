@@ -17,7 +17,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ConfigRepo, Signing, standard_fleet, wait_for, write_config
+from tests.conftest import ConfigRepo, Signing, is_ready, standard_fleet, wait_for, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -28,14 +28,6 @@ OPEN_BOUND = 30.0
 # Far past the daemon's deadlines (5 s for a connection that sends nothing, 10 s for a
 # whole request); before them, every one of these connections stayed open for good.
 BOUND = 30.0
-
-
-def ready(base: str) -> bool:
-    try:
-        with urllib.request.urlopen(base + "/readyz", timeout=2) as r:
-            return int(r.status) == 200
-    except OSError:
-        return False
 
 
 def still_open(conns: list[socket.socket], bound: float) -> int:
@@ -76,7 +68,7 @@ def test_a_flood_of_idle_connections_is_shed_and_metrics_still_answer(
     with (tmp_path / "daemon.log").open("w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "reconciler", "run", "-c", str(cfg)], stderr=log)
     try:
-        wait_for(lambda: ready(base), 180, "/readyz")
+        wait_for(lambda: is_ready(base), 180, "/readyz")
         opening = time.monotonic() + OPEN_BOUND
         while len(conns) < FLOOD and time.monotonic() < opening:
             conns.append(socket.create_connection((host, int(port)), timeout=10))

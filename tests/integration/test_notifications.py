@@ -12,10 +12,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -33,12 +30,10 @@ from prometheus_client import CollectorRegistry
 from reconciler.adapters.eventlog import EventLog
 from reconciler.config import load_config
 from reconciler.core.events import Event, EventQuery, EventType
-from reconciler.daemon.gate import CommitRefusedError, Gate
+from reconciler.daemon.gate import CommitRefusedError
 from reconciler.daemon.notify import Notifier, NotifyingLog, Target
 from reconciler.daemon.reconciler import Reconciler
-from reconciler.daemon.tuf import TufRepository
-from reconciler.ports import Ports
-from tests.conftest import ConfigRepo, Signing, cli, free_port, wait_for, write_config
+from tests.conftest import ConfigRepo, Signing, cli, free_port, reconciler_run, wait_for, write_config
 from tests.fakes import RefusingGate
 from tests.unit.test_daemon_pass import FLEET, World
 
@@ -223,27 +218,7 @@ class NotifyingWorld(World):
         cfg = load_config(path)
         notifier = Notifier([Target(n, path, i) for i, n in enumerate(cfg.notifications)], self.registry)
         self.history = NotifyingLog(EventLog(self.tmp / "state"), notifier)
-        base = self.config()
-        base.state_dir.mkdir(parents=True, exist_ok=True)
-        gate = self.gate if self.gate is not None else Gate(base.repo)
-        ports = Ports(
-            self.source,
-            self.nix,
-            self.store,
-            self.ledger,
-            gate,
-            lambda: self.signer,
-            self.clock,
-            self.packager,
-            events=self.history,
-        )
-        return Reconciler(
-            base,
-            ports,
-            tuf=lambda online: TufRepository(
-                self.store, base.state_dir / "tuf", online, self.clock, base.tuf
-            ),
-        )
+        return super().reconciler()
 
 
 def timed_pass(rec: Reconciler) -> float:
@@ -416,14 +391,7 @@ def test_a_daemon_publishes_notifies_and_serves_its_history(
         events={"keep": 1000, "max_age": "1d"},
     )
     base = "http://" + yaml.safe_load(cfg.read_text())["listen"]
-    log = (tmp_path / "daemon.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "reconciler", "run", "-c", str(cfg)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
+    with reconciler_run(cfg, tmp_path / "daemon.log") as proc:
         wait_for(lambda: len(receiver.at("/github")) == 1, 600, "web-1's commit status")
         (status,) = receiver.at("/github")
         assert status.path == f"/github/repos/acme/fleet/statuses/{head}"
@@ -488,12 +456,6 @@ def test_a_daemon_publishes_notifies_and_serves_its_history(
         assert event["host"] == "web-1" and event["commit"] == head
         bad = cli("events", "-c", str(cfg), "--type", "host_exploded", timeout=60)
         assert bad.returncode == 1 and bad.stderr.startswith("reconciler: error: type: unknown event type")
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        finally:
-            log.close()
     assert proc.returncode == 0
     text = (tmp_path / "daemon.log").read_text()
     # Targets are named in the log; their URLs and credentials never.

@@ -12,8 +12,6 @@ import socket
 import subprocess
 import sys
 import threading
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,12 +19,24 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from reconciler.config import load_config
 from reconciler.demo import make_signing_key
 from reconciler.wiring import open_reconciler
-from tests.conftest import WEB, ConfigRepo, Signing, cli, free_port, standard_fleet, wait_for, write_config
+from tests.conftest import (
+    WEB,
+    ConfigRepo,
+    Signing,
+    answer,
+    cli,
+    free_port,
+    is_ready,
+    latest_version,
+    metric_value,
+    standard_fleet,
+    wait_for,
+    write_config,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -34,32 +44,11 @@ SECRET = "webhook-secret-for-tests"
 
 
 def metric(base: str, name: str, labels: dict[str, str] | None = None) -> float:
-    with urllib.request.urlopen(base + "/metrics", timeout=5) as r:
-        text = r.read().decode()
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name == name and s.labels == (labels or {}):
-                return float(s.value)
-    return 0.0
+    return metric_value(base, name, labels) or 0.0
 
 
 def post(url: str, body: bytes, headers: dict[str, str]) -> int:
     return answer(url, body, headers)[0]
-
-
-def answer(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, str]:
-    """The status and body of a POST."""
-    req = urllib.request.Request(url, data=body, headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=5) as r:
-            return int(r.status), r.read().decode()
-    except urllib.error.HTTPError as e:
-        return int(e.code), e.read().decode()
-
-
-def published(store: Path, host: str) -> int:
-    latest = store / "hosts" / host / "latest.json"
-    return int(json.loads(latest.read_text())["version"]) if latest.exists() else 0
 
 
 class Daemon:
@@ -75,11 +64,7 @@ class Daemon:
         wait_for(self.ready, 180, "the first pass")
 
     def ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(self.base + "/readyz", timeout=2) as r:
-                return int(r.status) == 200
-        except OSError:
-            return False
+        return is_ready(self.base)
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -109,7 +94,7 @@ def test_webhooks_wake_the_daemon_and_bad_signatures_get_401(
         tmp_path, fleet, signing, triggers={"webhook_secret_file": str(tmp_path / "secret"), "watch": False}
     )
     try:
-        assert published(d.store, "web-1") == 1
+        assert latest_version(d.store, "web-1") == 1
         move(fleet, 31)
         body = json.dumps({"ref": "refs/heads/main"}).encode()
         good = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
@@ -131,11 +116,11 @@ def test_webhooks_wake_the_daemon_and_bad_signatures_get_401(
         sig = "sha256=" + hmac.new(SECRET.encode(), other, hashlib.sha256).hexdigest()
         assert post(hook, other, {"X-GitHub-Event": "push", "X-Hub-Signature-256": sig}) == 200
         assert post(hook, body, {"X-GitHub-Event": "push", "X-Hub-Signature-256": good}) == 202
-        wait_for(lambda: published(d.store, "web-1") == 2, 60, "version 2 after the GitHub webhook")
+        wait_for(lambda: latest_version(d.store, "web-1") == 2, 60, "version 2 after the GitHub webhook")
         move(fleet, 32)
         gitlab = {"X-Gitlab-Event": "Push Hook", "X-Gitlab-Token": SECRET}
         assert post(hook, body, gitlab) == 202
-        wait_for(lambda: published(d.store, "web-1") == 3, 60, "version 3 after the GitLab webhook")
+        wait_for(lambda: latest_version(d.store, "web-1") == 3, 60, "version 3 after the GitLab webhook")
         assert metric(d.base, "reconciler_webhook_requests_total", {"result": "accepted"}) == 2
         assert metric(d.base, "reconciler_webhook_requests_total", {"result": "ignored"}) == 1
         assert metric(d.base, "reconciler_wakeups_total", {"trigger": "webhook"}) >= 2
@@ -172,7 +157,7 @@ def test_webhooks_that_are_refused_or_ignored_wake_nothing(
         sig = "sha256=" + hmac.new(SECRET.encode(), other, hashlib.sha256).hexdigest()
         assert post(hook, other, {"X-GitHub-Event": "push", "X-Hub-Signature-256": sig}) == 200
         move(fleet, 33)
-        wait_for(lambda: published(d.store, "web-1") == 2, 60, "version 2 after the commit")
+        wait_for(lambda: latest_version(d.store, "web-1") == 2, 60, "version 2 after the commit")
         woken = wakeups(d)
         assert woken["webhook"] == 0 and woken["filesystem"] >= 1, woken
         assert metric(d.base, "reconciler_webhook_requests_total", {"result": "unauthorized"}) == 3
@@ -188,7 +173,7 @@ def test_commits_to_a_local_repository_are_noticed_without_polling(
     d = Daemon(tmp_path, fleet, signing, triggers={"webhook_secret_file": str(tmp_path / "secret")})
     try:
         move(fleet, 41)
-        wait_for(lambda: published(d.store, "web-1") == 2, 60, "version 2 after a commit")
+        wait_for(lambda: latest_version(d.store, "web-1") == 2, 60, "version 2 after a commit")
         woken = metric(d.base, "reconciler_wakeups_total", {"trigger": "filesystem"})
         assert woken >= 1
         assert metric(d.base, "reconciler_wakeups_total", {"trigger": "poll"}) == 0
@@ -263,7 +248,7 @@ def test_only_commits_signed_by_a_trusted_key_are_built(
         good = signed_commit(config_repo, dev_home, dev, "signed by the developer")
         result = rec.reconcile()
         assert result.ok and result.plan.commit == good
-        assert published(tmp_path / "store", "web-1") == 1
+        assert latest_version(tmp_path / "store", "web-1") == 1
         status = cli("status", "-c", str(cfg))
         assert "source:" not in status.stdout
     finally:

@@ -47,6 +47,7 @@ from reconciler.errors import StoreError
 from reconciler.ports import Store
 from reconciler.wiring import audit_log, open_reconciler
 from tests.conftest import ConfigRepo, Signing, gpg_verify, standard_fleet, write_config
+from tests.fakes import StoreProxy
 
 if TYPE_CHECKING:
     from types_boto3_s3.client import S3Client
@@ -461,16 +462,19 @@ def test_overwrite_is_atomic_for_concurrent_readers(store: Store, tmp_path: Path
 # -- publishing through S3 in SPEC order --------------------------------------------
 
 
-class Recording:
+class Recording(StoreProxy):
     """A store wrapper that checks SPEC's invariant at every write: nothing written
     points at an object that is missing or unsigned."""
 
     def __init__(self, inner: S3Store) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.writes: list[str] = []
 
-    def _check(self, key: str, data: bytes | None) -> None:
-        if key.endswith(".json") and data is not None:
+    def wrote(self, key: str, size: int) -> None:
+        self.writes.append(key)
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        if key.endswith(".json"):
             rel = parse_release(data, key)
             for art in rel.artifacts:
                 assert self.inner.exists(art.blob) and self.inner.exists(art.blob + ".asc"), key
@@ -478,44 +482,7 @@ class Recording:
             if key.endswith("latest.json"):
                 rk = release_path(rel.host, rel.version)
                 assert self.inner.exists(rk) and self.inner.exists(rk + ".asc"), key
-
-    def put_file(self, key: str, path: Path) -> None:
-        self.writes.append(key)
-        self.inner.put_file(key, path)
-
-    def put_bytes(self, key: str, data: bytes) -> None:
-        self._check(key, data)
-        self.writes.append(key)
-        self.inner.put_bytes(key, data)
-
-    def create(self, key: str, data: bytes) -> bool:
-        self.writes.append(key)
-        return self.inner.create(key, data)
-
-    def get_bytes(self, key: str, limit: int) -> bytes | None:
-        return self.inner.get_bytes(key, limit)
-
-    def exists(self, key: str) -> bool:
-        return self.inner.exists(key)
-
-    def size(self, key: str) -> int | None:
-        return self.inner.size(key)
-
-    def url(self, key: str) -> str:
-        return self.inner.url(key)
-
-    def copy(self, src: str, dst: str) -> None:
-        self.writes.append(dst)
-        self.inner.copy(src, dst)
-
-    def sweep(self) -> list[str]:
-        return self.inner.sweep()
-
-    def list(self, prefix: str = "") -> list[str]:
-        return self.inner.list(prefix)
-
-    def delete(self, key: str) -> None:
-        self.inner.delete(key)
+        super().put_bytes(key, data)
 
 
 def make_artifacts(

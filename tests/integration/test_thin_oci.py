@@ -11,7 +11,6 @@ import signal
 import stat
 import subprocess
 import tarfile
-import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -21,11 +20,15 @@ import pytest
 from reconciler.adapters.nix import NIX_DIR
 from reconciler.adapters.tree import read_tree
 from reconciler.agent.verify import verify
-from reconciler.config import load_config
 from reconciler.core.hosts import parse_fleet
-from reconciler.core.release import Artifact, Release, parse_release
 from reconciler.wiring import open_reconciler
-from tests.conftest import ConfigRepo, Signing, free_port, standard_fleet, wait_for, write_config
+from tests.conftest import (
+    ReconciledFleet,
+    Signing,
+    fetch,
+    free_port,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -51,44 +54,12 @@ services:
 ACE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-def fetch(url: str) -> str | None:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return str(r.read().decode())
-    except OSError:
-        return None
-
-
-class Fleet:
+class Fleet(ReconciledFleet):
     """A config repo with two thin-format hosts, reconciled once into a store."""
 
     def __init__(self, root: Path, signing: Signing, port: int) -> None:
-        self.root, self.port, self.signing = root, port, signing
-        self.repo = ConfigRepo(root / "repo")
-        standard_fleet(self.repo)
-        self.repo.write("hosts/served.yaml", SERVED.format(port=port))
-        self.repo.write("hosts/quiet.yaml", QUIET)
-        self.repo.commit("thin hosts")
-        self.config = load_config(write_config(root, self.repo, signing))
-        rec = open_reconciler(self.config)
-        try:
-            result = rec.reconcile()
-        finally:
-            rec.close()
-        assert result.ok, result.outcomes
-        self.store = root / "store"
-
-    def release(self, host: str) -> Release:
-        path = self.store / "hosts" / host / "latest.json"
-        return parse_release(path.read_bytes(), str(path))
-
-    def art(self, host: str, fmt: str) -> Artifact:
-        art = self.release(host).artifact(fmt)
-        assert art is not None, f"{host} has no {fmt}"
-        return art
-
-    def blob(self, host: str, fmt: str) -> Path:
-        return self.store / self.art(host, fmt).blob
+        files = {"hosts/served.yaml": SERVED.format(port=port), "hosts/quiet.yaml": QUIET}
+        super().__init__(root, signing, port, "thin hosts", files)
 
 
 @pytest.fixture(scope="module")

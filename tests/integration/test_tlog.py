@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -23,12 +22,10 @@ import pytest
 import yaml
 
 from reconciler.adapters.clock import SystemClock
-from reconciler.adapters.fetch import HttpFetcher
 from reconciler.adapters.gpg import Signer
 from reconciler.adapters.notes import OpenPgpNoteSigner, OpenPgpNoteVerifier
 from reconciler.adapters.store import FilesystemStore
-from reconciler.adapters.tufkeys import metadata_keys, metadata_signer
-from reconciler.agent import health
+from reconciler.adapters.tufkeys import metadata_signer
 from reconciler.agent.config import AgentConfig, load_agent_config
 from reconciler.agent.updater import Agent
 from reconciler.config import TufConfig, load_config
@@ -40,43 +37,19 @@ from reconciler.core.tufrepo import Lifetimes
 from reconciler.daemon.publish import publish
 from reconciler.daemon.tlog import TransparencyLog
 from reconciler.daemon.tuf import TufRepository
-from reconciler.demo import make_signing_key
 from reconciler.wiring import open_agent, open_reconciler
-from tests.conftest import ConfigRepo, Signing, cli, gpg_verify, write_config
-from tests.integration.test_tuf_attacks import Server
+from tests.conftest import PAGE_SITE, ConfigRepo, Signing, cli, gpg_verify, signing_keys, write_config
+from tests.integration.test_tuf_attacks import Server, http_agent
 
 pytestmark = pytest.mark.integration
 
 HOST = "web-1"
 
 
-@dataclass
-class Key:
-    home: Path
-    fingerprint: str
-    public: Path
-
-
-def make_key(home: Path, name: str) -> Key:
-    fpr = make_signing_key(home, name=name)
-    pub = home / "key.asc"
-    pub.write_bytes(
-        subprocess.run(
-            ["gpg", "--homedir", str(home), "--armor", "--export", fpr], check=True, capture_output=True
-        ).stdout
-    )
-    return Key(home, fpr, pub)
-
-
 @pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Key]]:
-    made = {
-        name: make_key(tmp_path_factory.mktemp(f"gnupg-{name}"), f"tlog {name}")
-        for name in ("pub", "witness")
-    }
-    yield made
-    for k in made.values():
-        subprocess.run(["gpgconf", "--homedir", str(k.home), "--kill", "all"], capture_output=True)
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Signing]]:
+    with signing_keys(tmp_path_factory, "tlog", ("pub", "witness")) as made:
+        yield made
 
 
 @dataclass
@@ -84,7 +57,7 @@ class World:
     """A store published to in the daemon's order, served over HTTP, with agents."""
 
     tmp: Path
-    keys: dict[str, Key]
+    keys: dict[str, Signing]
     clock: SystemClock = field(default_factory=SystemClock)
     versions: dict[str, int] = field(default_factory=dict)
     agents: list[Agent] = field(default_factory=list)
@@ -95,11 +68,11 @@ class World:
         self.store = FilesystemStore(self.store_dir)
         self.server = Server(self.store_dir)
         pub = self.keys["pub"]
-        self.signer = Signer(pub.home, pub.fingerprint)
+        self.signer = Signer(pub.gnupghome, pub.fingerprint)
         self.tuf = TufRepository(
             self.store,
             self.tmp / "publisher-tuf",
-            lambda: metadata_signer(pub.home, pub.fingerprint),
+            lambda: metadata_signer(pub.gnupghome, pub.fingerprint),
             self.clock,
             TufConfig(Lifetimes(timestamp=timedelta(hours=1)), bit_length=2),
         )
@@ -109,7 +82,7 @@ class World:
         return TransparencyLog(
             store,
             lambda: OpenPgpNoteSigner(self.signer),
-            lambda: OpenPgpNoteVerifier([self.keys["pub"].public.read_bytes()]),
+            lambda: OpenPgpNoteVerifier([self.keys["pub"].public_key.read_bytes()]),
             state,
         )
 
@@ -142,19 +115,13 @@ class World:
             path=self.tmp / f"{name}.yaml",
             host=HOST,
             store=self.server.url,
-            keys=(self.keys["pub"].public,),
+            keys=(self.keys["pub"].public_key,),
             state_dir=self.tmp / f"agent-{name}",
             timeout=10.0,
             require_log=True,
             **cfg,
         )
-        agent = Agent(
-            config,
-            fetcher=HttpFetcher(),
-            clock=self.clock,
-            pinned_keys=lambda ks: metadata_keys(list(ks)),
-            probe=health.probe,
-        )
+        agent = http_agent(config, self.clock)
         self.agents.append(agent)
         return agent
 
@@ -163,7 +130,7 @@ class World:
 
 
 @pytest.fixture
-def world(tmp_path: Path, keys: dict[str, Key]) -> Iterator[World]:
+def world(tmp_path: Path, keys: dict[str, Signing]) -> Iterator[World]:
     w = World(tmp_path, keys)
     try:
         yield w
@@ -199,18 +166,18 @@ def test_inclusion_and_consistency_check_out_release_after_release(world: World)
     (world.tmp / "cp.txt").write_bytes(note.text)
     (world.tmp / "cp.asc").write_bytes(openpgp.armor(note.signatures[0].signature))
     verified = gpg_verify(
-        world.keys["pub"].public, world.tmp / "cp.txt", world.tmp / "cp.asc", world.tmp / "v"
+        world.keys["pub"].public_key, world.tmp / "cp.txt", world.tmp / "cp.asc", world.tmp / "v"
     )
     assert verified.returncode == 0, verified.stderr
     # And the whole log audits clean, with the agent's head as a head seen elsewhere.
     out = cli(
-        "log", "verify", "--store", str(world.store_dir), "--key", str(world.keys["pub"].public),
+        "log", "verify", "--store", str(world.store_dir), "--key", str(world.keys["pub"].public_key),
         "--seen", str(agent.cfg.state_dir / "log-checkpoint"),
     )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
     assert "8 entries" in out.stdout and "OK: the log checks out" in out.stdout
     # Over HTTP, without a listing: each logged release is read back.
-    out = cli("log", "verify", "--store", world.server.url, "--key", str(world.keys["pub"].public))
+    out = cli("log", "verify", "--store", world.server.url, "--key", str(world.keys["pub"].public_key))
     assert out.returncode == 0, out.stdout + out.stderr
     assert "8 release files checked" in out.stdout
 
@@ -229,7 +196,7 @@ def test_an_agent_refuses_a_release_when_a_leaf_was_rewritten(world: World) -> N
     assert agent.poll() == "refused"
     assert refusals(agent, "not-in-log") == 1
     assert agent.state.version == 1
-    out = cli("log", "verify", "--store", str(world.store_dir), "--key", str(world.keys["pub"].public))
+    out = cli("log", "verify", "--store", str(world.store_dir), "--key", str(world.keys["pub"].public_key))
     assert out.returncode == 1
     assert "tile/0/000.p/3 does not match the log's entries" in out.stdout
     # Put right, the same release goes through at the next poll (not-in-log is not final).
@@ -266,14 +233,14 @@ def test_an_agent_refuses_a_forked_tree_head_of_the_size_it_saw(world: World) ->
     assert agent.state.version == 1 and seen(agent) == honest
     # An audit with the head the agent saw says the same.
     out = cli(
-        "log", "verify", "--store", str(world.store_dir), "--key", str(world.keys["pub"].public),
+        "log", "verify", "--store", str(world.store_dir), "--key", str(world.keys["pub"].public_key),
         "--seen", str(agent.cfg.state_dir / "log-checkpoint"),
     )  # fmt: skip
     assert out.returncode == 1
     assert "split view" in out.stdout
     # A host that saw nothing yet cannot tell the fork from the log, unless it needs a
     # witness, which co-signs only what extends what it co-signed before.
-    witnessed = world.agent("witnessed", log_witnesses=(world.keys["witness"].public,))
+    witnessed = world.agent("witnessed", log_witnesses=(world.keys["witness"].public_key,))
     assert witnessed.poll() == "refused"
     assert refusals(witnessed, "not-in-log") == 1
 
@@ -283,43 +250,33 @@ def test_an_agent_that_needs_a_witness_waits_for_its_cosignature(world: World, t
     cfg = write_config(
         tmp_path / "daemon",
         ConfigRepo(tmp_path / "repo"),
-        Signing(pub.home, pub.fingerprint, pub.public),
+        pub,
         store={"type": "filesystem", "path": str(world.store_dir)},
     )
     witness = world.keys["witness"]
     world.publish()
-    agent = world.agent(log_witnesses=(witness.public,))
+    agent = world.agent(log_witnesses=(witness.public_key,))
     assert agent.poll() == "refused"
     assert refusals(agent, "not-in-log") == 1
-    out = cli("log", "cosign", "-c", str(cfg), "--gnupghome", str(witness.home))
+    out = cli("log", "cosign", "-c", str(cfg), "--gnupghome", str(witness.gnupghome))
     assert out.returncode == 0, out.stderr
     assert f"witness/{witness.fingerprint} co-signed" in out.stdout
     assert agent.poll() == "updated"
     world.publish()
     assert agent.poll() == "refused"  # the new head is not co-signed yet
     assert refusals(agent, "not-in-log") == 2
-    assert cli("log", "cosign", "-c", str(cfg), "--gnupghome", str(witness.home)).returncode == 0
+    assert cli("log", "cosign", "-c", str(cfg), "--gnupghome", str(witness.gnupghome)).returncode == 0
     assert agent.poll() == "updated"
-    out = cli("log", "verify", "-c", str(cfg), "--witness-key", str(witness.public))
+    out = cli("log", "verify", "-c", str(cfg), "--witness-key", str(witness.public_key))
     assert out.returncode == 0, out.stdout + out.stderr
     # The publisher's and the witness's signatures, each a plain OpenPGP one.
     note = parse_note((world.store_dir / CHECKPOINT).read_bytes())
     assert len(note.signatures) == 2
-    assert OpenPgpNoteVerifier([witness.public.read_bytes()]).verified(note) == {witness.fingerprint}
+    assert OpenPgpNoteVerifier([witness.public_key.read_bytes()]).verified(note) == {witness.fingerprint}
 
 
 # -- several real passes ----------------------------------------------------------
 
-SITE = """\
-{{ toolchain }}:
-derivation {{
-  name = "site";
-  system = "x86_64-linux";
-  builder = toolchain.busybox;
-  args = [ "sh" "-c" "${{toolchain.busybox}} mkdir -p $out/srv/www &&
-    echo {page} > $out/srv/www/index.html" ];
-}}
-"""
 WEB = """\
 name: {name}
 formats: [appimage]
@@ -330,10 +287,10 @@ services:
 
 
 def test_real_passes_log_every_release_and_the_agent_follows(
-    tmp_path: Path, signing: Signing, keys: dict[str, Key]
+    tmp_path: Path, signing: Signing, keys: dict[str, Signing]
 ) -> None:
     repo = ConfigRepo(tmp_path / "repo")
-    repo.write("packages/site.nix", SITE.format(page="one"))
+    repo.write("packages/site.nix", PAGE_SITE.format(page="one"))
     repo.write("hosts/web-1.yaml", WEB.format(name="web-1", octet=11))
     repo.commit("one")
     cfg_path = write_config(tmp_path / "daemon", repo, signing)
@@ -353,7 +310,7 @@ def test_real_passes_log_every_release_and_the_agent_follows(
     agent = open_agent(load_agent_config(agent_cfg))
     for n, page in enumerate(["one", "two", "three"], start=1):
         if n > 1:
-            repo.write("packages/site.nix", SITE.format(page=page))
+            repo.write("packages/site.nix", PAGE_SITE.format(page=page))
             if n == 3:
                 repo.write("hosts/web-2.yaml", WEB.format(name="web-2", octet=12))
             repo.commit(page)
@@ -375,7 +332,7 @@ def test_real_passes_log_every_release_and_the_agent_follows(
     tile.write_bytes(data[:8] + bytes([data[8] ^ 1]) + data[9:])
     out = cli("log", "verify", "-c", str(cfg_path))
     assert out.returncode == 1 and "does not match the log's entries" in out.stdout
-    repo.write("packages/site.nix", SITE.format(page="four"))
+    repo.write("packages/site.nix", PAGE_SITE.format(page="four"))
     repo.commit("four")
     out = cli("reconcile", "-c", str(cfg_path))
     assert out.returncode == 1

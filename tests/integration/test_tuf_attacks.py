@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -39,22 +38,17 @@ from reconciler.core.layout import latest_path, release_path, tuf_path
 from reconciler.core.release import Artifact, new_release
 from reconciler.core.tufrepo import SERIALIZER, Lifetimes, RoleName
 from reconciler.daemon.tuf import TufRepository
-from reconciler.demo import make_signing_key
+from tests.conftest import Signing, signing_keys
 
 pytestmark = pytest.mark.integration
 
 HOST = "web-1"
 
 
-@dataclass
-class Key:
-    home: Path
-    fingerprint: str
-    public: Path
-
+class Key(Signing):
     @property
     def signer(self) -> MetadataSigner:
-        return metadata_signer(self.home, self.fingerprint)
+        return metadata_signer(self.gnupghome, self.fingerprint)
 
     @property
     def keyid(self) -> str:
@@ -63,20 +57,9 @@ class Key:
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Key]]:
-    made = {}
-    for name in ("online", "root2", "root3", "attacker", "online2"):
-        home = tmp_path_factory.mktemp(f"gnupg-{name}")
-        fpr = make_signing_key(home, name=f"TUF {name}")
-        pub = home / "key.asc"
-        pub.write_bytes(
-            subprocess.run(
-                ["gpg", "--homedir", str(home), "--armor", "--export", fpr], check=True, capture_output=True
-            ).stdout
-        )
-        made[name] = Key(home, fpr, pub)
-    yield made
-    for k in made.values():
-        subprocess.run(["gpgconf", "--homedir", str(k.home), "--kill", "all"], capture_output=True)
+    names = ("online", "root2", "root3", "attacker", "online2")
+    with signing_keys(tmp_path_factory, "TUF", names) as made:
+        yield {name: Key(k.gnupghome, k.fingerprint, k.public_key) for name, k in made.items()}
 
 
 class Server:
@@ -140,6 +123,17 @@ def trickle(h: SimpleHTTPRequestHandler) -> None:
         pass
 
 
+def http_agent(config: AgentConfig, clock: SystemClock) -> Agent:
+    """An agent as reconciler.wiring makes one: over HTTP, its health probe real."""
+    return Agent(
+        config,
+        fetcher=HttpFetcher(),
+        clock=clock,
+        pinned_keys=lambda ks: metadata_keys(list(ks)),
+        probe=health.probe,
+    )
+
+
 @dataclass
 class World:
     store_dir: Path
@@ -189,18 +183,12 @@ class World:
             path=self.tmp / f"{name}.yaml",
             host=cfg.pop("host", HOST),
             store=self.server.url,
-            keys=(self.keys[pinned].public,),
+            keys=(self.keys[pinned].public_key,),
             state_dir=self.tmp / f"agent-{name}",
             timeout=cfg.pop("timeout", 10.0),
             **cfg,
         )
-        agent = Agent(
-            config,
-            fetcher=HttpFetcher(),
-            clock=self.clock,
-            pinned_keys=lambda ks: metadata_keys(list(ks)),
-            probe=health.probe,
-        )
+        agent = http_agent(config, self.clock)
         self.agents.append(agent)
         return agent
 

@@ -4,9 +4,7 @@
 from __future__ import annotations
 
 import contextlib
-import io
 import json
-import logging
 import threading
 import time
 import urllib.error
@@ -20,14 +18,13 @@ from typing import Any
 import pytest
 import yaml
 
-from reconciler import log
 from reconciler.adapters.eventlog import EventLog
 from reconciler.config import LeaseConfig, TriggerConfig
 from reconciler.core.layout import LEASE_PREFIX, lease_path
 from reconciler.core.lease import RECORD_LIMIT, Holder, parse_record
 from reconciler.daemon.lease import PublisherLease
 from reconciler.daemon.loop import Daemon
-from tests.conftest import wait_for
+from tests.conftest import reconciler_log, wait_for
 from tests.unit.test_daemon_pass import FLEET, World
 
 
@@ -58,20 +55,12 @@ def running(tmp_path: Path) -> Iterator[tuple[World, Daemon, str]]:
 @contextlib.contextmanager
 def capture_events() -> Iterator[list[str]]:
     """The daemon's log lines while the block runs."""
-    out = io.StringIO()
-    handler = logging.StreamHandler(out)
-    handler.setFormatter(log.KeyValueFormatter())
-    logger = logging.getLogger("reconciler")
-    logger.addHandler(handler)
-    level = logger.level
-    logger.setLevel(logging.INFO)
     lines: list[str] = []
-    try:
-        yield lines
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-        lines.extend(out.getvalue().splitlines())
+    with reconciler_log() as out:
+        try:
+            yield lines
+        finally:
+            lines.extend(out.getvalue().splitlines())
 
 
 def post(url: str, token: str | None, wait: float | None = None) -> tuple[int, str]:

@@ -44,7 +44,7 @@ from reconciler.daemon.gate import CommitRefusedError, Gate
 from reconciler.daemon.reconciler import Reconciler, status
 from reconciler.daemon.tuf import TufRepository
 from reconciler.errors import ConfigError, ReconcilerError
-from reconciler.ports import Ports
+from reconciler.ports import EventLog, Ports
 from tests.fakes import (
     FakeClock,
     FakeNix,
@@ -76,6 +76,8 @@ class World:
     gate: RefusingGate | None = None
     public_url: str | None = None
     packager: FakePackager = field(default_factory=FakePackager)
+    # Where a pass records its events; none kept here (subclasses keep them).
+    history: EventLog | None = None
     nix: FakeNix = field(init=False)
 
     def __post_init__(self) -> None:
@@ -107,6 +109,7 @@ class World:
             lambda: self.signer,
             self.clock,
             self.packager,
+            events=self.history,
         )
         return Reconciler(
             cfg,

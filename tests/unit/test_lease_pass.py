@@ -3,7 +3,6 @@ in-memory fakes of every port, with one clock they share (tests/fakes.py)."""
 
 from __future__ import annotations
 
-import builtins
 import json
 import logging
 import threading
@@ -58,6 +57,7 @@ from tests.fakes import (
     FakeSource,
     MemoryLedger,
     MemoryStore,
+    StoreProxy,
 )
 
 HOST = "name: {name}\nformats: [aci]\nnetwork: {{address: {address}}}\n"
@@ -69,55 +69,24 @@ CHANGED = {**FLEET, "hosts/web-2.yaml": HOST.format(name="web-2", address="10.0.
 DURATION = 60.0
 
 
-class Tagged:
+class Tagged(StoreProxy):
     """The shared store, recording which daemon wrote what."""
 
     def __init__(self, store: MemoryStore, who: str, log: list[tuple[str, str]]) -> None:
-        self.inner, self.who, self.log = store, who, log
+        super().__init__(store)
+        self.who, self.log = who, log
         # Called when a read has its answer (a slow store advances the clock here).
         self.on_read: Callable[[], object] = lambda: None
 
-    def put_file(self, key: str, path: Path) -> None:
+    def wrote(self, key: str, size: int) -> None:
         self.log.append((self.who, key))
-        self.inner.put_file(key, path)
 
-    def put_bytes(self, key: str, data: bytes) -> None:
-        self.log.append((self.who, key))
-        self.inner.put_bytes(key, data)
-
-    def copy(self, src: str, dst: str) -> None:
-        self.log.append((self.who, dst))
-        self.inner.copy(src, dst)
-
-    def create(self, key: str, data: bytes) -> bool:
-        created = self.inner.create(key, data)
-        if created:
-            self.log.append((self.who, key))
-        return created
+    def read(self, key: str, data: bytes | None) -> None:
+        self.on_read()
 
     def delete(self, key: str) -> None:
         self.log.append((self.who, f"delete {key}"))
-        self.inner.delete(key)
-
-    def get_bytes(self, key: str, limit: int) -> bytes | None:
-        data = self.inner.get_bytes(key, limit)
-        self.on_read()
-        return data
-
-    def exists(self, key: str) -> bool:
-        return self.inner.exists(key)
-
-    def size(self, key: str) -> int | None:
-        return self.inner.size(key)
-
-    def url(self, key: str) -> str:
-        return self.inner.url(key)
-
-    def list(self, prefix: str = "") -> builtins.list[str]:
-        return self.inner.list(prefix)
-
-    def sweep(self) -> builtins.list[str]:
-        return self.inner.sweep()
+        super().delete(key)
 
 
 @dataclass

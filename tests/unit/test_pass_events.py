@@ -8,10 +8,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.core.events import EventType
-from reconciler.daemon.gate import CommitRefusedError, Gate
-from reconciler.daemon.reconciler import Reconciler
-from reconciler.daemon.tuf import TufRepository
-from reconciler.ports import Ports
+from reconciler.daemon.gate import CommitRefusedError
 from tests.fakes import MemoryEvents, MemoryLedger, RefusingGate
 from tests.unit.test_daemon_pass import FLEET, HOST, World
 
@@ -19,27 +16,6 @@ from tests.unit.test_daemon_pass import FLEET, HOST, World
 @dataclass
 class EventWorld(World):
     history: MemoryEvents = field(default_factory=MemoryEvents)
-
-    def reconciler(self) -> Reconciler:
-        cfg = self.config()
-        cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        gate = self.gate if self.gate is not None else Gate(cfg.repo)
-        ports = Ports(
-            self.source,
-            self.nix,
-            self.store,
-            self.ledger,
-            gate,
-            lambda: self.signer,
-            self.clock,
-            self.packager,
-            events=self.history,
-        )
-        return Reconciler(
-            cfg,
-            ports,
-            tuf=lambda online: TufRepository(self.store, cfg.state_dir / "tuf", online, self.clock, cfg.tuf),
-        )
 
 
 @pytest.fixture
