@@ -29,16 +29,15 @@ from reconciler.adapters.ledger import State
 from reconciler.adapters.nix import Nix
 from reconciler.adapters.store import FilesystemStore
 from reconciler.config import Config, SigningConfig, StoreConfig
-from reconciler.core.layout import LEASE_PREFIX, LeaseKey, lease_path, parse_key
-from reconciler.core.lease import RECORD_LIMIT, Holder, parse_record
+from reconciler.core.layout import lease_path
+from reconciler.core.lease import Holder, parse_record
 from reconciler.daemon.gate import Gate
-from reconciler.daemon.lease import FencedStore, PublisherLease
+from reconciler.daemon.lease import FencedStore, PublisherLease, read_record, terms_in
 from reconciler.daemon.metrics import Metrics
 from reconciler.daemon.reconciler import OpenLog, OpenTuf, Reconciler
 from reconciler.errors import (
     ConfigError,
     FetchError,
-    ObjectTooLargeError,
     ReconcilerError,
     SigningError,
     StoreError,
@@ -145,13 +144,14 @@ def lease_status(cfg: Config) -> dict[str, object]:
     if not cfg.lease.enabled:
         return {"enabled": False}
     store = open_store(cfg.store)
-    terms = sorted(k.term for key in store.list(LEASE_PREFIX) if isinstance(k := parse_key(key), LeaseKey))
+    terms = terms_in(store)
     if not terms:
         return {"enabled": True, "term": None}
-    key = lease_path(terms[-1])
     try:
-        record = parse_record(store.get_bytes(key, RECORD_LIMIT) or b"", terms[-1], key)
-    except (VerificationError, ObjectTooLargeError) as exc:
+        record = read_record(store, terms[-1])
+        if record is None:  # gone since listed: as unreadable as an empty record
+            record = parse_record(b"", terms[-1], lease_path(terms[-1]))
+    except VerificationError as exc:
         return {"enabled": True, "term": terms[-1], "error": str(exc)}
     return {
         "enabled": True,

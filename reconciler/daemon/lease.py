@@ -64,6 +64,23 @@ from reconciler.ports import Clock, Store
 MIN_TICK = 0.05
 
 
+def terms_in(store: Store) -> list[int]:
+    """Every term with a record in ``store``, ascending."""
+    keys = (parse_key(key) for key in store.list(LEASE_PREFIX))
+    return sorted(k.term for k in keys if isinstance(k, LeaseKey))
+
+
+def read_record(store: Store, term: int) -> LeaseRecord | None:
+    """``term``'s record in ``store``, None if there is none; VerificationError naming
+    the key if it is not one, malformed or larger than any record a daemon writes."""
+    key = lease_path(term)
+    try:
+        data = store.get_bytes(key, RECORD_LIMIT)
+    except ObjectTooLargeError as exc:
+        raise VerificationError(str(exc)) from None
+    return None if data is None else parse_record(data, term, key)
+
+
 class PublisherLease:
     """``holder``'s side of the lease on ``store``, with ``settings`` (lease: in the
     config). ``background``: renew and watch in a thread of its own once the first
@@ -176,25 +193,16 @@ class PublisherLease:
             self._thread = threading.Thread(target=self._keep, name="lease", daemon=True)
             self._thread.start()
 
-    def _terms(self) -> list[int]:
-        """Every term with a record in the store, ascending."""
-        keys = (parse_key(key) for key in self.store.list(LEASE_PREFIX))
-        return sorted(k.term for k in keys if isinstance(k, LeaseKey))
-
     def _read(self) -> tuple[int | None, LeaseRecord | None, list[int]]:
         """The newest term in the store, its record (None if unreadable) and every term."""
-        terms = self._terms()
+        terms = terms_in(self.store)
         if not terms:
             return None, None, terms
-        key = lease_path(terms[-1])
         record = None
         try:
-            # No daemon writes a record that large: it is unreadable as a malformed
-            # one is (it lapses after the longest duration, and is taken over).
-            data = self.store.get_bytes(key, RECORD_LIMIT)
-            if data is not None:
-                record = parse_record(data, terms[-1], key)
-        except (VerificationError, ObjectTooLargeError) as exc:
+            record = read_record(self.store, terms[-1])
+        except VerificationError as exc:
+            # It lapses after the longest duration, and is taken over.
             log.event("lease_unreadable", logging.WARNING, error=str(exc))
         return terms[-1], record, terms
 
@@ -309,7 +317,7 @@ class PublisherLease:
                 self._lose(Lost(held.term, "not renewed in time"))
                 raise LeaseLostError(f"the publisher lease (term {held.term}) was not renewed in time")
             # Only the listing: a term is created whole, so a newer one is a newer holder.
-            terms = self._terms()
+            terms = terms_in(self.store)
             if not terms or terms[-1] != held.term:
                 if terms and terms[-1] > held.term:
                     reason = f"term {terms[-1]} was taken by another daemon"
