@@ -92,8 +92,16 @@ class GitSource:
                     shutil.rmtree(self.checkout)
                 self.checkout.parent.mkdir(parents=True, exist_ok=True)
                 shallow = [f"--depth={self.depth}"] if self.depth else []
+                # --no-local: a repository on this machine is cloned as a remote one
+                # is, through git's transport: only the branch's objects, in a pack,
+                # instead of its object directory hard-linked or copied whole (loose
+                # objects read ten times slower, and what else that directory holds
+                # is not ours to take).
                 repo = git.Repo.clone_from(
-                    self.url, self.checkout, env=self.env, multi_options=["--no-checkout", *shallow]
+                    self.url,
+                    self.checkout,
+                    env=self.env,
+                    multi_options=["--no-checkout", "--no-local", *shallow],
                 )
         except (git.GitCommandError, git.InvalidGitRepositoryError, OSError) as exc:
             raise SourceError(f"cannot clone {self.url}: {_why(exc)}") from None

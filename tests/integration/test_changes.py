@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -18,7 +19,7 @@ from reconciler.adapters.nix import NIX_DIR, Nix
 from reconciler.config import load_config
 from reconciler.core.hosts import Host
 from reconciler.core.model import Evaluation
-from reconciler.core.plan import Plan
+from reconciler.core.plan import Action, Plan
 from reconciler.core.release import parse_release
 from reconciler.daemon.reconciler import Reconciler
 from reconciler.wiring import open_reconciler
@@ -238,6 +239,28 @@ def test_nix_library_change_rebuilds_every_host(rec: Reconciler, tmp_path: Path)
     _, plan = rec.plan()
     recipe = ("build recipe changed (nix/ library or toolchain)",)
     assert actions(plan) == dict.fromkeys(("web-1", "web-2", "worker-1"), ("rebuild", recipe))
+
+
+def test_another_nix_instantiate_evaluates_every_host_again_and_rebuilds_nothing(
+    rec: Reconciler, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The evaluator is part of what the evaluation cache is keyed by, down to its
+    file: a rebuilt Nix of the same version may evaluate differently. Only images that
+    then differ are built."""
+    rec.nix = Nix(rec.cfg.state_dir, rec.cfg.nix)
+    rec.plan()
+    assert rec.nix.evaluations == 0  # the same evaluator: every image from the ledger
+    real = shutil.which("nix-instantiate")
+    assert real is not None
+    wrapped = tmp_path / "bin"
+    wrapped.mkdir()
+    (wrapped / "nix-instantiate").write_text(f'#!/bin/sh\nexec {real} "$@"\n')
+    (wrapped / "nix-instantiate").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{wrapped}:{os.environ['PATH']}")
+    rec.nix = Nix(rec.cfg.state_dir, rec.cfg.nix)
+    _, plan = rec.plan()
+    assert rec.nix.evaluations >= 1
+    assert {e.action for e in plan.entries} == {Action.UNCHANGED}
 
 
 def test_restart_rebuilds_nothing_already_published(rec: Reconciler, config: Path) -> None:

@@ -100,3 +100,24 @@ def test_a_repository_of_only_host_files_exports_as_an_empty_tree(tmp_path: Path
     source.fetch()
     source.export(commit, tmp_path / "out2", exclude=("hosts", "profiles"))
     assert [p.name for p in (tmp_path / "out2").iterdir()] == ["README"]
+
+
+def test_a_repository_on_this_machine_is_cloned_through_git_s_transport(tmp_path: Path) -> None:
+    """Only the branch's objects, packed: not the source's object directory hard-linked
+    (loose objects, each read through a file of its own) with whatever else it holds."""
+    repo = tmp_path / "repo"
+    (repo / "hosts").mkdir(parents=True)
+    git(repo, "init", "-q", "-b", "main")
+    for i in range(20):
+        (repo / f"hosts/h-{i}.yaml").write_text(f"name: h-{i}\n")
+    commit_all(repo)
+    (tmp_path / "stray").write_text("an object no commit holds\n")
+    stray = git(repo, "hash-object", "-w", str(tmp_path / "stray"))
+    source = GitSource(str(repo), "main", tmp_path / "clone")
+    source.fetch()
+    counts = dict(line.split(": ") for line in git(tmp_path / "clone", "count-objects", "-v").splitlines())
+    assert counts["count"] == "0" and int(counts["in-pack"]) >= 22
+    missing = subprocess.run(
+        ["git", "-C", str(tmp_path / "clone"), "cat-file", "-e", stray], capture_output=True
+    )
+    assert missing.returncode != 0
