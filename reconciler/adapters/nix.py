@@ -412,10 +412,10 @@ class Nix:
         """Write the normalised fleet for fleet.nix (and ``packages`` to evaluate
         besides the hosts'); the name is unique per content."""
         self.work.mkdir(parents=True, exist_ok=True)
-        fleet: dict[str, object] = {"hosts": {h.name: h.to_nix() for h in hosts}}
-        if packages:
-            fleet["packages"] = list(packages)
-        data = json.dumps(fleet, sort_keys=True).encode()
+        # Of each host's canonical JSON, which the pass has computed for its key.
+        members = ",".join(f"{json.dumps(h.name)}:{h.nix_json}" for h in hosts)
+        wanted = f',"packages":{json.dumps(list(packages))}' if packages else ""
+        data = f'{{"hosts":{{{members}}}{wanted}}}'.encode()
         fd, tmp = tempfile.mkstemp(dir=self.work, prefix="fleet-", suffix=".json")
         with os.fdopen(fd, "wb") as f:
             f.write(data)

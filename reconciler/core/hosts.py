@@ -185,20 +185,32 @@ def text_digest(text: str) -> str:
 
 
 def encode_parsed(result: Host | ConfigError) -> str:
-    """A parse result as JSON, for decode_parsed in a later process."""
+    """A parse result as text, for decode_parsed in a later process: a kind line, then
+    JSON lines (JSON has no raw line break). A host's canonical JSON is kept verbatim,
+    so that the host read back has it without encoding it again."""
     if isinstance(result, ConfigError):
-        return json.dumps({"error": [result.path, result.key, result.reason]})
-    return json.dumps({"host": result.to_nix(), "sources": list(result.sources)})
+        return "error\n" + json.dumps([result.path, result.key, result.reason])
+    return f"host\n{json.dumps(list(result.sources))}\n{result.nix_json}"
 
 
 def decode_parsed(text: str) -> Host | ConfigError:
     """What encode_parsed wrote. Raises ValueError (or KeyError, TypeError) on
     anything else: the caller parses the file again."""
-    data = json.loads(text)
-    if "error" in data:
-        path, key, reason = data["error"]
+    kind, _, rest = text.partition("\n")
+    if kind == "error":
+        path, key, reason = json.loads(rest)
         return ConfigError(str(path), str(key), str(reason))
-    h, net = data["host"], data["host"]["network"]
+    if kind != "host":
+        raise ValueError(f"not a parse result: {kind[:20]!r}")
+    sources, _, nix_json = rest.partition("\n")
+    host = _from_nix(json.loads(nix_json), tuple(json.loads(sources)))
+    # What to_nix gives for this host, as the process that parsed it encoded it.
+    host.__dict__["nix_json"] = nix_json
+    return host
+
+
+def _from_nix(h: dict[str, Any], sources: tuple[str, ...]) -> Host:
+    net = h["network"]
     return Host(
         name=str(h["name"]),
         formats=tuple(h["formats"]),
@@ -218,7 +230,7 @@ def decode_parsed(text: str) -> Host | ConfigError:
             for n, s in h["services"].items()
         ),
         files=tuple(h["files"].items()),
-        sources=tuple(data["sources"]),
+        sources=sources,
     )
 
 

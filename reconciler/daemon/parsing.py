@@ -62,4 +62,10 @@ def batches(files: Mapping[str, str], cache: ParseCache, workers: int) -> Iterat
 def _parse_share(files: Mapping[str, str]) -> Results:
     cache = ParseCache()
     parse_fleet(files, cache)
+    for result in cache.hosts.values():
+        if isinstance(result, Host):
+            # Computed here, in parallel, and sent back with the host (a cached
+            # property is pickled with it): the pass needs it of every new host, for its
+            # evaluation key, Nix's fleet file and the ledger.
+            result.nix_json  # noqa: B018
     return cache.hosts

@@ -1127,6 +1127,8 @@ def test_a_parse_result_reads_back_as_the_same_host(data: dict[str, Any], includ
     host = parse_fleet(files).hosts["web-1"]
     again = decode_parsed(encode_parsed(host))
     assert again == host and again.sources == host.sources and again.to_nix() == host.to_nix()
+    # The canonical JSON it carries is what it would compute (it keys the evaluation cache).
+    assert again.nix_json == json.dumps(again.to_nix(), sort_keys=True, separators=(",", ":"))
 
 
 def test_a_parse_error_reads_back_as_the_same_error() -> None:
