@@ -1,8 +1,11 @@
-"""The config repository, through gitpython.
+"""The config repository, through the git command.
 
 The daemon keeps its own clone in the state directory and checks out the tracked
 branch's head detached; whether a new head may be built (signature, ancestry) is
-reconciler.gate's decision, from what this module reads.
+reconciler.gate's decision, from what this module reads. Every operation is one git
+process under a deadline: a plan's reads cost no library import (gitpython's is 30 ms
+and more, a fifth of a bare evaluation of 1,000 hosts), and a remote that stops
+answering cannot hold a pass for ever.
 """
 
 from __future__ import annotations
@@ -14,8 +17,6 @@ import shlex
 import shutil
 import subprocess
 from pathlib import Path
-
-import git
 
 from reconciler import log
 from reconciler.adapters.process import run_with_deadline
@@ -34,8 +35,10 @@ VERIFY_TIMEOUT = 10.0
 DEEPEN_STEPS = (100, 1000, 10000)
 # Writing a commit's tree out of git objects (`reconciler plan`).
 EXPORT_TIMEOUT = 300.0
-# Reading a commit's definition files out of git objects.
+# Reading a commit's definition files out of git objects, and any other local git command.
 READ_TIMEOUT = 300.0
+# A clone, fetch or deepening of the history: past this the remote is taken for gone.
+NETWORK_TIMEOUT = 900.0
 # The folders whose files parse_fleet reads (only the names of packages/*.nix).
 DEFINITIONS = ("hosts", "profiles", "packages")
 
@@ -55,7 +58,8 @@ class GitSource:
         self.branch = branch
         self.checkout = checkout
         self.depth = depth
-        self._repo: git.Repo | None = None
+        # Whether this process found (or made) the clone and set its origin.
+        self._opened = False
         # The commit this process last checked out, work tree cleaned.
         self._checked_out: str | None = None
         # Text of the definition files last read, by blob id: a file is read out of
@@ -79,35 +83,56 @@ class GitSource:
                 ssh += ["-o", f"UserKnownHostsFile={known_hosts}", "-o", "StrictHostKeyChecking=yes"]
             self.env["GIT_SSH_COMMAND"] = shlex.join(ssh)
 
-    def _open(self) -> git.Repo:
-        if self._repo is not None:
-            return self._repo
+    def _open(self) -> Path:
+        """The clone's git directory, cloned first if there is none; its origin is the
+        configured URL."""
+        git_dir = self.checkout / ".git"
+        if self._opened:
+            return git_dir
+        if git_dir.is_dir():
+            url = self._run(git_dir, ["config", "--get", "remote.origin.url"], READ_TIMEOUT)
+            if url.returncode != 0 or url.stdout.decode(errors="replace").strip() != self.url:
+                self._checked(git_dir, ["remote", "set-url", "origin", self.url], f"cannot clone {self.url}")
+        else:
+            if self.checkout.exists():
+                shutil.rmtree(self.checkout)
+            self.checkout.parent.mkdir(parents=True, exist_ok=True)
+            shallow = [f"--depth={self.depth}"] if self.depth else []
+            # --no-local: a repository on this machine is cloned as a remote one
+            # is, through git's transport: only the branch's objects, in a pack,
+            # instead of its object directory hard-linked or copied whole (loose
+            # objects read ten times slower, and what else that directory holds
+            # is not ours to take).
+            clone = ["clone", "--no-checkout", "--no-local", *shallow, "--", self.url, str(self.checkout)]
+            self._checked(None, clone, f"cannot clone {self.url}", NETWORK_TIMEOUT)
+        self._opened = True
+        return git_dir
+
+    def _run(
+        self, git_dir: Path | None, args: list[str], timeout: float, stdin: bytes | None = None
+    ) -> subprocess.CompletedProcess[bytes]:
+        """``git args`` on ``git_dir`` (None: none, as for a clone); past ``timeout`` it is
+        killed with what it started (ssh, a credential helper)."""
+        cmd = ["git", *(["-C", str(git_dir)] if git_dir is not None else []), *args]
+        env = {**os.environ, **self.env}
         try:
-            if (self.checkout / ".git").is_dir():
-                repo = git.Repo(self.checkout)
-                if repo.remotes.origin.url != self.url:
-                    repo.remotes.origin.set_url(self.url)
-            else:
-                if self.checkout.exists():
-                    shutil.rmtree(self.checkout)
-                self.checkout.parent.mkdir(parents=True, exist_ok=True)
-                shallow = [f"--depth={self.depth}"] if self.depth else []
-                # --no-local: a repository on this machine is cloned as a remote one
-                # is, through git's transport: only the branch's objects, in a pack,
-                # instead of its object directory hard-linked or copied whole (loose
-                # objects read ten times slower, and what else that directory holds
-                # is not ours to take).
-                repo = git.Repo.clone_from(
-                    self.url,
-                    self.checkout,
-                    env=self.env,
-                    multi_options=["--no-checkout", "--no-local", *shallow],
-                )
-        except (git.GitCommandError, git.InvalidGitRepositoryError, OSError) as exc:
-            raise SourceError(f"cannot clone {self.url}: {_why(exc)}") from None
-        repo.git.update_environment(**self.env)
-        self._repo = repo
-        return repo
+            if stdin is None:
+                return run_with_deadline(cmd, env=env, timeout=timeout, stdout=True, stderr=True)
+            # Object reads on stdin start nothing else.
+            return subprocess.run(cmd, input=stdin, capture_output=True, timeout=timeout, env=env)
+        except subprocess.TimeoutExpired:
+            raise SourceError(f"git {args[0]} on {self.url} did not finish within {timeout:g} s") from None
+        except OSError as exc:
+            raise SourceError(f"cannot run git: {exc.strerror or exc}") from None
+
+    def _checked(
+        self, git_dir: Path | None, args: list[str], what: str, timeout: float = READ_TIMEOUT
+    ) -> bytes:
+        """The output of ``git args``; SourceError "``what``: git's reason" when it fails."""
+        proc = self._run(git_dir, args, timeout)
+        if proc.returncode != 0:
+            raise SourceError(f"{what}: {_cause(proc.stderr.decode(errors='replace'), proc.returncode)}")
+        return proc.stdout
 
     def fetch(self) -> str:
         """Fetch the branch, check its head out, and return the commit id.
@@ -121,7 +146,7 @@ class GitSource:
             if not self._remote_has_branch():
                 raise
             log.event("checkout_repaired", logging.WARNING, url=self.url, error=str(exc))
-            self._repo, self._checked_out, self._blobs = None, None, {}
+            self._opened, self._checked_out, self._blobs = False, None, {}
             shutil.rmtree(self.checkout, ignore_errors=True)
             return self._fetch_and_check_out()
 
@@ -166,7 +191,7 @@ class GitSource:
         return line[0]
 
     def _fetch_and_check_out(self) -> str:
-        repo = self._open()
+        git_dir = self._open()
         commit = self.fetch_objects(f"refs/remotes/origin/{self.branch}")
         # Nix reads the packages (and what they import) from the work tree, which only
         # this process writes: a poll whose head did not move leaves it as it is
@@ -174,11 +199,10 @@ class GitSource:
         if commit == self._checked_out:
             return commit
         self._checked_out = None
-        try:
-            repo.git.checkout("--force", "--detach", commit)
-            repo.git.clean("-ffdx")
-        except git.GitCommandError as exc:
-            raise SourceError(f"cannot check out {commit} of {self.url}: {_why(exc)}") from None
+        # In the work tree: checkout and clean act on the directory git runs in.
+        what = f"cannot check out {commit} of {self.url}"
+        self._checked(git_dir.parent, ["checkout", "--force", "--detach", commit], what)
+        self._checked(git_dir.parent, ["clean", "-ffdx"], what)
         self._checked_out = commit
         return commit
 
@@ -186,22 +210,21 @@ class GitSource:
         """Fetch the branch into ``ref`` and return its head commit; the work tree is
         not touched. ``maintenance``: git may start its housekeeping of the clone
         (`git maintenance run --auto`) after the fetch, as it does by default."""
-        repo = self._open()
-        try:
-            # '+': the ref follows a force-push; whether such a head is built is
-            # reconciler.daemon.gate's decision.
-            shallow = [f"--depth={self.depth}"] if self.depth else []
-            quiet = [] if maintenance else ["--no-auto-maintenance"]
-            repo.git.fetch("origin", f"+refs/heads/{self.branch}:{ref}", "--prune", *shallow, *quiet)
-            # Read from the ref files: a process less on every poll.
-            return str(repo.commit(ref).hexsha)
-        except (git.GitCommandError, git.exc.ODBError, ValueError) as exc:
-            raise SourceError(f"cannot fetch branch {self.branch!r} from {self.url}: {_why(exc)}") from None
+        git_dir = self._open()
+        what = f"cannot fetch branch {self.branch!r} from {self.url}"
+        # '+': the ref follows a force-push; whether such a head is built is
+        # reconciler.daemon.gate's decision.
+        shallow = [f"--depth={self.depth}"] if self.depth else []
+        quiet = [] if maintenance else ["--no-auto-maintenance"]
+        fetch = ["fetch", "origin", f"+refs/heads/{self.branch}:{ref}", "--prune", *shallow, *quiet]
+        self._checked(git_dir, fetch, what, NETWORK_TIMEOUT)
+        head = ["rev-parse", "--verify", "--end-of-options", f"{ref}^{{commit}}"]
+        return self._checked(git_dir, head, what).decode().strip()
 
     def export(self, commit: str, dest: Path, exclude: tuple[str, ...] = ()) -> None:
         """Write ``commit``'s tree into the new directory ``dest`` from git objects,
         without the top-level entries ``exclude``."""
-        repo = self._open()
+        git_dir = self._open()
         dest.mkdir(parents=True)
         if exclude:
             # git archive refuses pathspecs that match nothing: a repository of nothing
@@ -211,7 +234,7 @@ class GitSource:
                 return
         paths = ["--", ".", *(f":(top,exclude){e}" for e in exclude)] if exclude else []
         archive = subprocess.Popen(
-            ["git", "-C", str(repo.git_dir), "archive", "--format=tar", commit, *paths],
+            ["git", "-C", str(git_dir), "archive", "--format=tar", commit, *paths],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             stdin=subprocess.DEVNULL,
@@ -234,22 +257,19 @@ class GitSource:
         """The signature in ``commit``'s header, as `git verify-commit` hands it to
         gpg: the lines of its ``gpgsig`` headers; None if it has none. A commit larger
         than COMMIT_LIMIT is a VerificationError, unread."""
-        repo = self._open()
-        try:
-            size = int(repo.git.cat_file("-s", commit))
-            if size > COMMIT_LIMIT:
-                raise VerificationError(f"commit larger than {COMMIT_LIMIT} bytes, its signature is not read")
-            raw = repo.git.cat_file("commit", commit, stdout_as_string=False)
-            header_name = (
-                b"gpgsig" if repo.git.rev_parse("--show-object-format") == "sha1" else b"gpgsig-sha256"
-            )
-        except git.GitCommandError as exc:
-            raise SourceError(f"cannot read commit {commit}: {_why(exc)}") from None
+        git_dir = self._open()
+        what = f"cannot read commit {commit}"
+        size = int(self._checked(git_dir, ["cat-file", "-s", commit], what))
+        if size > COMMIT_LIMIT:
+            raise VerificationError(f"commit larger than {COMMIT_LIMIT} bytes, its signature is not read")
+        raw = self._checked(git_dir, ["cat-file", "commit", commit], what)
+        object_format = self._checked(git_dir, ["rev-parse", "--show-object-format"], what).strip()
+        header_name = b"gpgsig" if object_format == b"sha1" else b"gpgsig-sha256"
         # git's own rule (commit.c, parse_buffer_signed_by_header): every header line
         # named for the repository's hash, and the continuation lines after each.
         lines: list[bytes] = []
         inside = False
-        for line in bytes(raw).split(b"\n\n", 1)[0].split(b"\n"):
+        for line in raw.split(b"\n\n", 1)[0].split(b"\n"):
             if inside and line.startswith(b" "):
                 lines.append(line[1:])
                 continue
@@ -275,26 +295,25 @@ class GitSource:
     def is_ancestor(self, old: str, new: str) -> bool | None:
         """Whether ``old`` is ``new`` or an ancestor of it; None when a shallow clone,
         deepened by each of DEEPEN_STEPS in turn, still cannot tell."""
-        repo = self._open()
+        git_dir = self._open()
         steps = iter(DEEPEN_STEPS)
         while True:
-            try:
-                repo.git.merge_base("--is-ancestor", old, new)
+            proc = self._run(git_dir, ["merge-base", "--is-ancestor", old, new], READ_TIMEOUT)
+            if proc.returncode == 0:
                 return True
-            except git.GitCommandError as exc:
-                # 1: not an ancestor; 128: ``old`` is not (yet) in the local history.
-                if exc.status not in (1, 128):
-                    raise SourceError(f"cannot compare commits {old} and {new}: {_why(exc)}") from None
-            try:
-                if repo.git.rev_parse("--is-shallow-repository") != "true":
-                    return False  # all of new's history is here
-                step = next(steps, None)
-                if step is None:
-                    return None
-                # Relative to the shallow boundary; only FETCH_HEAD moves.
-                repo.git.fetch("origin", f"refs/heads/{self.branch}", f"--deepen={step}")
-            except git.GitCommandError as exc:
-                raise SourceError(f"cannot deepen the history of {self.url}: {_why(exc)}") from None
+            # 1: not an ancestor; 128: ``old`` is not (yet) in the local history.
+            if proc.returncode not in (1, 128):
+                why = _cause(proc.stderr.decode(errors="replace"), proc.returncode)
+                raise SourceError(f"cannot compare commits {old} and {new}: {why}")
+            what = f"cannot deepen the history of {self.url}"
+            if self._checked(git_dir, ["rev-parse", "--is-shallow-repository"], what).strip() != b"true":
+                return False  # all of new's history is here
+            step = next(steps, None)
+            if step is None:
+                return None
+            # Relative to the shallow boundary; only FETCH_HEAD moves.
+            deepen = ["fetch", "origin", f"refs/heads/{self.branch}", f"--deepen={step}"]
+            self._checked(git_dir, deepen, what, NETWORK_TIMEOUT)
 
     def read_tree(self) -> dict[str, str]:
         """The definition files of the checked-out commit."""
@@ -303,13 +322,7 @@ class GitSource:
         return self.read_objects(self._checked_out)
 
     def _git(self, *args: str, stdin: bytes | None = None) -> bytes:
-        proc = subprocess.run(
-            ["git", "-C", str(self._open().git_dir), *args],
-            input=stdin,
-            capture_output=True,
-            timeout=READ_TIMEOUT,
-            env={**os.environ, **self.env},
-        )
+        proc = self._run(self._open(), list(args), READ_TIMEOUT, stdin)
         if proc.returncode != 0:
             why = proc.stderr.decode(errors="replace").strip().splitlines()
             raise SourceError(f"cannot read {args[-1]} of {self.url}: {why[-1] if why else 'git failed'}")
@@ -369,17 +382,16 @@ class GitSource:
 
     def commit_time(self, commit: str) -> float:
         """The committer time of ``commit``, unix seconds."""
-        return float(self._open().commit(commit).committed_date)
+        out = self._checked(
+            self._open(), ["show", "-s", "--format=%ct", commit], f"cannot read commit {commit}"
+        )
+        return float(out)
 
     def tree_digest(self, commit: str, exclude: frozenset[str]) -> str:
         """Digest of ``commit``'s tree without the top-level ``exclude`` entries: git's
         object ids, so nothing is read or hashed here."""
-        repo = self._open()
-        try:
-            listing = repo.git.ls_tree(commit)
-        except git.GitCommandError as exc:
-            raise SourceError(f"cannot list the checkout of {self.url}: {_why(exc)}") from None
-        kept = [ln for ln in listing.splitlines() if ln.split("\t", 1)[-1] not in exclude]
+        listing = self._checked(self._open(), ["ls-tree", commit], f"cannot list the checkout of {self.url}")
+        kept = [ln for ln in listing.decode().splitlines() if ln.split("\t", 1)[-1] not in exclude]
         return hashlib.sha256("\n".join(kept).encode()).hexdigest()
 
     def changed_files(self, old: str | None, new: str) -> frozenset[str] | None:
@@ -389,25 +401,20 @@ class GitSource:
             return None
         if old == new:
             return frozenset()
-        repo = self._open()
-        try:
-            out = repo.git.diff("--name-only", "--no-renames", old, new)
-        except git.GitCommandError:
+        proc = self._run(self._open(), ["diff", "--name-only", "--no-renames", old, new, "--"], READ_TIMEOUT)
+        if proc.returncode != 0:
             return None
-        return frozenset(line for line in out.splitlines() if line)
+        return frozenset(line for line in proc.stdout.decode(errors="surrogateescape").splitlines() if line)
 
 
-def _why(exc: Exception) -> str:
+def _cause(stderr: str, status: int) -> str:
     """The cause in git's error output: its fatal line and what ssh or the remote said
-    just before it, without gitpython's quoting or git's generic advice after it."""
-    if not isinstance(exc, git.GitCommandError):
-        return str(exc)
-    # gitpython quotes the whole stderr: stderr: 'Cloning into...\nfatal: ...\n'
-    lines = [ln.strip().removeprefix("stderr: ").strip("'").strip() for ln in str(exc.stderr).splitlines()]
+    just before it, without git's generic advice after it."""
+    lines = [ln.strip() for ln in stderr.splitlines()]
     lines = [ln for ln in lines if ln and not ln.startswith("Cloning into")]
     fatal = next((i for i, ln in enumerate(lines) if ln.startswith(("fatal:", "error:"))), None)
     if fatal is None:
-        return lines[-1] if lines else f"git exited {exc.status}"
+        return lines[-1] if lines else f"git exited {status}"
     said = [ln.removeprefix("fatal: ").removeprefix("error: ") for ln in lines[max(0, fatal - 1) : fatal + 1]]
     return "; ".join(said)
 

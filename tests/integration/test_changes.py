@@ -18,8 +18,8 @@ import pytest
 from reconciler.adapters.nix import NIX_DIR, Nix
 from reconciler.config import load_config
 from reconciler.core.hosts import Host
-from reconciler.core.model import Evaluation
-from reconciler.core.plan import Action, Plan
+from reconciler.core.model import Action, Evaluation
+from reconciler.core.plan import Plan
 from reconciler.core.release import parse_release
 from reconciler.daemon.reconciler import Reconciler
 from reconciler.wiring import open_reconciler

@@ -275,13 +275,13 @@ def test_a_corrupt_checkout_is_cloned_again_and_the_pass_goes_on(
     rec = open_reconciler(cfg)
     try:
         assert rec.reconcile().ok
-        # Every object of the daemon's own clone is lost or damaged (a disk error, an
-        # interrupted gc): the remote is fine. (Unlinked first: a clone of a local
-        # path hardlinks the remote's object files.)
-        objects = cfg.state_dir / "checkout" / ".git" / "objects"
-        for f in [f for f in objects.rglob("*") if f.is_file() and f.parent.name != "info"]:
-            f.unlink()
+        # Every object of the daemon's own clone is lost or damaged and its ref of the
+        # branch half-written (a disk error, an interrupted gc): the remote is fine.
+        # (Damaged objects alone a fetch heals: it finds none here and fetches all.)
+        git_dir = cfg.state_dir / "checkout" / ".git"
+        for f in [f for f in (git_dir / "objects").rglob("*") if f.is_file() and f.parent.name != "info"]:
             f.write_bytes(b"")
+        (git_dir / "refs/remotes/origin/main").write_text("d1f")
         fleet.write("hosts/web-1.yaml", WEB.format(name="web-1", address="10.42.0.99/24", port=18081))
         fleet.commit("a change after the damage")
         result = rec.reconcile()
