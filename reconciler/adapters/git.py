@@ -103,17 +103,24 @@ class GitSource:
             # instead of its object directory hard-linked or copied whole (loose
             # objects read ten times slower, and what else that directory holds
             # is not ours to take).
-            clone = ["clone", "--no-checkout", "--no-local", *shallow, "--", self.url, str(self.checkout)]
+            target = str(self.checkout.absolute())
+            clone = ["clone", "--no-checkout", "--no-local", *shallow, "--", self.url, target]
             self._checked(None, clone, f"cannot clone {self.url}", NETWORK_TIMEOUT)
         self._opened = True
         return git_dir
 
     def _run(
-        self, git_dir: Path | None, args: list[str], timeout: float, stdin: bytes | None = None
+        self,
+        git_dir: Path | None,
+        args: list[str],
+        timeout: float,
+        stdin: bytes | None = None,
+        late: str | None = None,
     ) -> subprocess.CompletedProcess[bytes]:
-        """``git args`` on ``git_dir`` (None: none, as for a clone); past ``timeout`` it is
-        killed with what it started (ssh, a credential helper)."""
-        cmd = ["git", *(["-C", str(git_dir)] if git_dir is not None else []), *args]
+        """``git args`` on ``git_dir`` (None: in no repository, as a clone); past
+        ``timeout`` it is killed with what it started (ssh, a credential helper) and
+        SourceError says so (``late``, or which command did not finish)."""
+        cmd = ["git", "-C", str(git_dir) if git_dir is not None else "/", *args]
         env = {**os.environ, **self.env}
         try:
             if stdin is None:
@@ -121,7 +128,8 @@ class GitSource:
             # Object reads on stdin start nothing else.
             return subprocess.run(cmd, input=stdin, capture_output=True, timeout=timeout, env=env)
         except subprocess.TimeoutExpired:
-            raise SourceError(f"git {args[0]} on {self.url} did not finish within {timeout:g} s") from None
+            why = late or f"git {args[0]} on {self.url} did not finish within {timeout:g} s"
+            raise SourceError(why) from None
         except OSError as exc:
             raise SourceError(f"cannot run git: {exc.strerror or exc}") from None
 
@@ -152,33 +160,20 @@ class GitSource:
 
     def _remote_has_branch(self) -> bool:
         try:
-            proc = subprocess.run(
-                ["git", "ls-remote", "--heads", "--", self.url, f"refs/heads/{self.branch}"],
-                capture_output=True,
-                timeout=READ_TIMEOUT,
-                env={**os.environ, **self.env},
-                cwd="/",
-            )
-        except (OSError, subprocess.TimeoutExpired):
+            proc = self._run(None, self._ls_remote(), NETWORK_TIMEOUT)
+        except SourceError:
             return False
         return proc.returncode == 0 and bool(proc.stdout.strip())
+
+    def _ls_remote(self) -> list[str]:
+        return ["ls-remote", "--heads", "--", self.url, f"refs/heads/{self.branch}"]
 
     def remote_head(self, timeout: float = READ_TIMEOUT) -> str:
         """The commit the remote's branch points at, asked with `git ls-remote` (as a
         fetch would authenticate); SourceError saying why when it cannot be had."""
-        try:
-            proc = subprocess.run(
-                ["git", "ls-remote", "--heads", "--", self.url, f"refs/heads/{self.branch}"],
-                capture_output=True,
-                timeout=timeout,
-                env={**os.environ, **self.env},
-                cwd="/",
-                stdin=subprocess.DEVNULL,
-            )
-        except subprocess.TimeoutExpired:
-            raise SourceError(f"{self.url} did not answer within {timeout:.0f} s") from None
-        except OSError as exc:
-            raise SourceError(f"cannot run git ls-remote: {exc.strerror or exc}") from None
+        proc = self._run(
+            None, self._ls_remote(), timeout, late=f"{self.url} did not answer within {timeout:.0f} s"
+        )
         if proc.returncode != 0:
             # git's first fatal line says what happened; advice about access rights follows.
             lines = [ln.strip() for ln in proc.stderr.decode(errors="replace").splitlines() if ln.strip()]

@@ -4,15 +4,18 @@ adapters.tree.read_tree reads from a checkout of the same commit."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
+from reconciler.adapters import git as git_adapter
 from reconciler.adapters.git import GitSource
 from reconciler.adapters.tree import read_tree
 from reconciler.core.schema import MAX_FILE_BYTES
-from reconciler.errors import ConfigError
+from reconciler.errors import ConfigError, SourceError
 
 
 def git(repo: Path, *args: str) -> str:
@@ -121,3 +124,40 @@ def test_a_repository_on_this_machine_is_cloned_through_git_s_transport(tmp_path
         ["git", "-C", str(tmp_path / "clone"), "cat-file", "-e", stray], capture_output=True
     )
     assert missing.returncode != 0
+
+
+def test_a_remote_that_stops_answering_is_given_up_with_what_git_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # ssh that connects and then says nothing: the clone waits on it.
+    pidfile = tmp_path / "ssh.pid"
+    ssh = tmp_path / "ssh"
+    ssh.write_text(f"#!/bin/sh\necho $$ >> {pidfile}\nexec sleep 60\n")
+    ssh.chmod(0o755)
+    monkeypatch.setenv("GIT_SSH_COMMAND", str(ssh))
+    monkeypatch.setattr(git_adapter, "NETWORK_TIMEOUT", 1.0)
+    source = GitSource("ssh://git@127.0.0.1/fleet.git", "main", tmp_path / "clone")
+    with pytest.raises(
+        SourceError, match=re.escape("git clone on ssh://git@127.0.0.1/fleet.git did not finish within 1 s")
+    ):
+        started = time.monotonic()
+        try:
+            source.fetch()
+        finally:
+            # Not the ssh's minute: a second for the clone, one for asking the remote
+            # whether it has the branch (which tells a broken clone from a gone remote).
+            assert time.monotonic() - started < 30
+    # The stuck ssh went with git (the deadline kills the process group), the clone's
+    # and that of the check whether the remote has the branch (to tell a broken clone).
+    pids = [int(line) for line in pidfile.read_text().split()]
+    assert pids and not [pid for pid in pids if running(pid)]
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` runs: a killed process whose parent died too may stay a zombie
+    until the machine's init reaps it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
