@@ -173,11 +173,13 @@ class ParseCache:
     hosts and calls, so nothing may mutate them (deep_merge builds new mappings).
     ``hosts`` maps each host's ParseKey to the resulting host or error; the daemon
     keeps it in its ledger (encode_parsed), so that a new process parses only
-    what changed.
+    what changed. ``digests`` maps host file text to its text_digest (a ParseKey's
+    middle), asked of every host file by each call and by :func:`unparsed`.
     """
 
     docs: dict[str, dict[str, Any]] = field(default_factory=dict)
     hosts: dict[ParseKey, Host | ConfigError] = field(default_factory=dict)
+    digests: dict[str, str] = field(default_factory=dict)
 
 
 def text_digest(text: str) -> str:
@@ -260,7 +262,7 @@ def parse_fleet(files: Mapping[str, str], cache: ParseCache | None = None) -> Fl
             invalid.add(stem)
             continue
         (path,) = paths
-        key = (path, text_digest(files[path]), context)
+        key = (path, _digest(files[path], old.digests, new.digests), context)
         result = old.hosts.get(key)
         if result is None:
             try:
@@ -274,7 +276,7 @@ def parse_fleet(files: Mapping[str, str], cache: ParseCache | None = None) -> Fl
             continue
         hosts[result.name] = result
     if cache is not None:
-        cache.docs, cache.hosts = new.docs, new.hosts
+        cache.docs, cache.hosts, cache.digests = new.docs, new.hosts, new.digests
     return Fleet(hosts=hosts, errors=tuple(errors), invalid=frozenset(invalid))
 
 
@@ -296,11 +298,22 @@ def defined_packages(files: Iterable[str]) -> frozenset[str]:
 def unparsed(files: Mapping[str, str], cache: ParseCache) -> list[str]:
     """The host files of ``files`` that parse_fleet would parse, given ``cache``."""
     context = parse_context(files)
+    digests = cache.digests
     return [
         p
         for paths in _by_stem(files, "hosts/").values()
-        if len(paths) == 1 and ((p := paths[0]), text_digest(files[p]), context) not in cache.hosts
+        if len(paths) == 1
+        and ((p := paths[0]), _digest(files[p], digests, digests), context) not in cache.hosts
     ]
+
+
+def _digest(text: str, known: Mapping[str, str], into: dict[str, str]) -> str:
+    """text_digest of ``text``, from ``known`` when it holds it; noted ``into``."""
+    digest = known.get(text)
+    if digest is None:
+        digest = text_digest(text)
+    into[text] = digest
+    return digest
 
 
 def _by_stem(files: Iterable[str], folder: str) -> dict[str, tuple[str, ...]]:
@@ -651,12 +664,19 @@ def eval_key(host: Host, recipe: str, packages: Mapping[str, str]) -> str | None
     in the repository reaches it, so nothing else is in the key. Equal keys, equal
     derivations. None when a package is missing from ``packages`` (it did not
     evaluate): such a host is evaluated every time, and never cached."""
-    used = {p: packages.get(p) for p in host.packages if p not in BUILTIN_PACKAGES}
-    if None in used.values():
+    used = tuple((p, packages.get(p)) for p in host.packages if p not in BUILTIN_PACKAGES)
+    if any(i is None for _, i in used):
         return None
     # The canonical JSON of [to_nix, used], whose list is its members' JSON joined.
-    data = f"[{host.nix_json},{json.dumps(used, sort_keys=True, separators=(',', ':'))}]"
+    data = f"[{host.nix_json},{_packages_json(used)}]"
     return hashlib.sha256(f"{recipe}\n{data}".encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=4096)
+def _packages_json(used: tuple[tuple[str, str | None], ...]) -> str:
+    """Canonical JSON of the packages a host uses, by id: a fleet has few sets of them
+    (host.packages is sorted, so the pairs are in key order)."""
+    return json.dumps(dict(used), sort_keys=True, separators=(",", ":"))
 
 
 def package_names(hosts: Iterable[Host]) -> tuple[str, ...]:

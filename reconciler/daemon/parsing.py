@@ -43,7 +43,8 @@ def batches(files: Mapping[str, str], cache: ParseCache, workers: int) -> Iterat
     if count < 2:
         size = max(MIN_BATCH, -(-len(todo) // BATCHES))
         for i in range(0, len(todo), size):
-            results = _parse_share({**shared, **{p: files[p] for p in todo[i : i + size]}})
+            share = {**shared, **{p: files[p] for p in todo[i : i + size]}}
+            results = _parse_share(share, cache.digests)
             cache.hosts.update(results)
             yield results
         return
@@ -53,14 +54,17 @@ def batches(files: Mapping[str, str], cache: ParseCache, workers: int) -> Iterat
 
     n = count * BATCHES_PER_WORKER
     shares = [{**shared, **{p: files[p] for p in todo[i::n]}} for i in range(n)]
+    digests = [{files[p]: cache.digests[files[p]] for p in todo[i::n]} for i in range(n)]
     with ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for results in pool.map(_parse_share, shares):
+        for results in pool.map(_parse_share, shares, digests):
             cache.hosts.update(results)
             yield results
 
 
-def _parse_share(files: Mapping[str, str]) -> Results:
-    cache = ParseCache()
+def _parse_share(files: Mapping[str, str], digests: Mapping[str, str]) -> Results:
+    """parse_fleet's results for ``files``, whose host texts' digests ``unparsed``
+    took (``digests``)."""
+    cache = ParseCache(digests=dict(digests))
     parse_fleet(files, cache)
     for result in cache.hosts.values():
         if isinstance(result, Host):
