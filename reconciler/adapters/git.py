@@ -134,10 +134,15 @@ class GitSource:
             raise SourceError(f"cannot run git: {exc.strerror or exc}") from None
 
     def _checked(
-        self, git_dir: Path | None, args: list[str], what: str, timeout: float = READ_TIMEOUT
+        self,
+        git_dir: Path | None,
+        args: list[str],
+        what: str,
+        timeout: float = READ_TIMEOUT,
+        stdin: bytes | None = None,
     ) -> bytes:
         """The output of ``git args``; SourceError "``what``: git's reason" when it fails."""
-        proc = self._run(git_dir, args, timeout)
+        proc = self._run(git_dir, args, timeout, stdin)
         if proc.returncode != 0:
             raise SourceError(f"{what}: {_cause(proc.stderr.decode(errors='replace'), proc.returncode)}")
         return proc.stdout
@@ -317,11 +322,7 @@ class GitSource:
         return self.read_objects(self._checked_out)
 
     def _git(self, *args: str, stdin: bytes | None = None) -> bytes:
-        proc = self._run(self._open(), list(args), READ_TIMEOUT, stdin)
-        if proc.returncode != 0:
-            why = proc.stderr.decode(errors="replace").strip().splitlines()
-            raise SourceError(f"cannot read {args[-1]} of {self.url}: {why[-1] if why else 'git failed'}")
-        return proc.stdout
+        return self._checked(self._open(), list(args), f"cannot read {args[-1]} of {self.url}", stdin=stdin)
 
     def read_objects(self, commit: str) -> dict[str, str]:
         """What adapters.tree.read_tree reads from a checkout, read from ``commit``'s git
