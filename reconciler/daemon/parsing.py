@@ -61,10 +61,10 @@ def batches(files: Mapping[str, str], cache: ParseCache, workers: int) -> Iterat
             yield results
 
 
-def _parse_share(files: Mapping[str, str], digests: Mapping[str, str]) -> Results:
+def _parse_share(files: Mapping[str, str], digests: dict[str, str]) -> Results:
     """parse_fleet's results for ``files``, whose host texts' digests ``unparsed``
-    took (``digests``)."""
-    cache = ParseCache(digests=dict(digests))
+    took (``digests``: only read, so the pass's own is handed in, not a copy)."""
+    cache = ParseCache(digests=digests)
     parse_fleet(files, cache)
     for result in cache.hosts.values():
         if isinstance(result, Host):

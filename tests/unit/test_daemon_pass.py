@@ -284,7 +284,7 @@ def test_each_batch_of_parsed_hosts_is_evaluated_while_the_next_is_parsed(
         first_evaluated.set()
         return real_evaluate(batch, repo)
 
-    def parse(share: Mapping[str, str], digests: Mapping[str, str]) -> parsing.Results:
+    def parse(share: Mapping[str, str], digests: dict[str, str]) -> parsing.Results:
         # The second batch waits (boundedly) until Nix has the first one.
         if parses:
             seen_while_parsing.append(first_evaluated.wait(5))
