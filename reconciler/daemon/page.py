@@ -111,8 +111,10 @@ class Release:
     build_seconds: float | None
     error: str | None
     # The release's artifacts as the store's release file lists them; None when that
-    # is not read (a failure) or no longer there (collected).
+    # is not read (a failure), no longer there (collected) or cannot be read
+    # (``unreadable`` says why).
     artifacts: tuple[Artifact, ...] | None = None
+    unreadable: str | None = None
 
 
 @dataclass(frozen=True)
@@ -295,6 +297,8 @@ def _history(history: Iterable[Release], now: float) -> str:
 
 
 def _artifacts(rel: Release) -> str:
+    if rel.unreadable is not None:
+        return f"(release file unreadable: {e(rel.unreadable)})"
     if rel.artifacts is None:
         return "-" if rel.kind not in ("host_published", "host_adopted") else "(no longer in the store)"
     items = "".join(

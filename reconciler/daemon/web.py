@@ -36,7 +36,7 @@ from reconciler.core.release import RELEASE_LIMIT, Artifact, parse_release
 from reconciler.daemon import page
 from reconciler.daemon.page import Filter, HostRow, Point, Series
 from reconciler.daemon.triggers import Unauthorized, authorization, check_bearer
-from reconciler.errors import ConfigError, ReconcilerError
+from reconciler.errors import ConfigError, ObjectTooLargeError, ReconcilerError, VerificationError
 
 if TYPE_CHECKING:
     from reconciler.daemon.reconciler import Reconciler
@@ -311,10 +311,10 @@ class FleetPage:
         for ev in reversed(events):
             if ev.type not in OUTCOMES:
                 continue
-            artifacts = None
+            artifacts = unreadable = None
             if ev.type in PUBLISHED and ev.version is not None and read < ARTIFACT_RELEASES:
                 read += 1
-                artifacts = self._artifacts(host, ev.version)
+                artifacts, unreadable = self._artifacts(host, ev.version)
             reasons = ev.data.get("reasons")
             out.append(
                 page.Release(
@@ -327,17 +327,28 @@ class FleetPage:
                     build_seconds=built.get((ev.version, ev.commit)),
                     error=ev.error,
                     artifacts=artifacts,
+                    unreadable=unreadable,
                 )
             )
         return tuple(out)
 
-    def _artifacts(self, host: str, version: int) -> tuple[Artifact, ...] | None:
+    def _artifacts(self, host: str, version: int) -> tuple[tuple[Artifact, ...] | None, str | None]:
+        """The artifacts ``host``'s release ``version`` lists (None: no longer in the
+        store), or why its release file cannot be read: said on the page, not shown as
+        collected, since a release file the store holds but no one can read is what a
+        damaged or tampered store looks like. The reason names no store location."""
         key = release_path(host, version)
         try:
             data = self.reconciler.store.get_bytes(key, RELEASE_LIMIT)
-            return None if data is None else parse_release(data, key).artifacts
+            return (None if data is None else parse_release(data, key).artifacts), None
+        except ObjectTooLargeError:
+            why = f"larger than {RELEASE_LIMIT} bytes"
+        except VerificationError:
+            why = "not a valid release file"
         except ReconcilerError:
-            return None
+            why = "the store could not be read"
+        log.event("release_unreadable", logging.WARNING, host=host, version=version, reason=why)
+        return None, why
 
 
 def _unavailable(exc: ReconcilerError) -> Response:

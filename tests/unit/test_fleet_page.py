@@ -18,8 +18,10 @@ from prometheus_client import CollectorRegistry
 from reconciler.adapters.http import Request, Server
 from reconciler.config import load_config
 from reconciler.core.events import Event, EventType
+from reconciler.core.layout import release_path
 from reconciler.core.model import Action, HostState, Status
 from reconciler.core.plan import HostPlan, Plan
+from reconciler.core.release import RELEASE_LIMIT
 from reconciler.daemon import page
 from reconciler.daemon.page import Filter, HostRow, Point, Series
 from reconciler.daemon.triggers import Unauthorized, check_bearer
@@ -114,6 +116,29 @@ def test_a_host_view_lists_its_releases_with_artifacts_and_its_failure_log(world
     assert f'title="sha256:{digest}"' in body and "exit code 1" in body
     assert site.host(req("/host", name="nobody"))[0] == 404
     assert site.host(req("/host"))[0] == 400
+
+
+def test_a_release_file_the_store_holds_but_cannot_be_read_is_said_so(world: EventWorld) -> None:
+    world.source.push(FLEET)
+    rec = world.reconciler()
+    rec.reconcile()
+    site = FleetPage(rec)
+    key = release_path("web-1", 1)
+    for damage, why in (
+        (b"{not json", "not a valid release file"),
+        (b" " * (RELEASE_LIMIT + 1), f"larger than {RELEASE_LIMIT} bytes"),
+    ):
+        world.store.objects[key] = damage
+        view = site.host_view("web-1")
+        assert view is not None
+        (published,) = view.history
+        assert (published.artifacts, published.unreadable) == (None, why)
+        body = text(site.host(req("/host", name="web-1"))[2].decode())
+        assert f"(release file unreadable: {why})" in body and "no longer in the store" not in body
+    del world.store.objects[key]
+    view = site.host_view("web-1")
+    assert view is not None and view.history[0].unreadable is None
+    assert "(no longer in the store)" in text(site.host(req("/host", name="web-1"))[2].decode())
 
 
 def test_a_collected_release_is_said_to_be_gone() -> None:
