@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -238,7 +239,7 @@ class Nix:
         if self.toolchain != "debian":
             return None
         script = self.nix_dir / "toolchain" / "import-debian.sh"
-        sources = _digest_files(self.nix_dir, [script, *(self.nix_dir / "runtime").rglob("*")])
+        sources = self._toolchain_sources
         stamp = self.toolchain_dir.with_name(self.toolchain_dir.name + ".stamp")
         with self._toolchain_lock:
             self.toolchain_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -258,6 +259,14 @@ class Nix:
                 content = _digest_files(self.toolchain_dir, self.toolchain_dir.rglob("*"))
                 stamp.write_text(f"{sources}\n{content}\n")
                 return content
+
+    @functools.cached_property
+    def _toolchain_sources(self) -> str:
+        """The digest of what the toolchain is staged from: files of this package, read
+        once (every evaluation checks the toolchain; a new version of them comes with a
+        new process)."""
+        script = self.nix_dir / "toolchain" / "import-debian.sh"
+        return _digest_files(self.nix_dir, [script, *(self.nix_dir / "runtime").rglob("*")])
 
     def recipe_digest(self) -> str | None:
         """Digest of everything besides the config repository that an image derivation

@@ -241,6 +241,28 @@ def test_nix_library_change_rebuilds_every_host(rec: Reconciler, tmp_path: Path)
     assert actions(plan) == dict.fromkeys(("web-1", "web-2", "worker-1"), ("rebuild", recipe))
 
 
+def test_the_toolchain_sources_are_read_once_however_often_it_is_checked(
+    rec: Reconciler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every evaluation checks the staged toolchain, from a thread that runs beside the
+    parse: the sources it was staged from (files of this package) are read by the first
+    check only, and the others read the stamp."""
+    nix = Nix(rec.cfg.state_dir, rec.cfg.nix)
+    read: list[Path] = []
+    real = Path.read_bytes
+
+    def spy(path: Path) -> bytes:
+        read.append(path)
+        return real(path)
+
+    monkeypatch.setattr(Path, "read_bytes", spy)
+    staged = {nix.ensure_toolchain() for _ in range(3)}
+    assert len(staged) == 1 and None not in staged
+    runtime = NIX_DIR / "runtime"
+    sources = sorted(p for p in runtime.iterdir() if p.is_file())
+    assert sorted(p for p in read if p.parent == runtime) == sources
+
+
 def test_another_nix_instantiate_evaluates_every_host_again_and_rebuilds_nothing(
     rec: Reconciler, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
