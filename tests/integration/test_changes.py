@@ -23,7 +23,7 @@ from reconciler.core.plan import Plan
 from reconciler.core.release import parse_release
 from reconciler.daemon.reconciler import Reconciler
 from reconciler.wiring import open_reconciler
-from tests.conftest import WEB, ConfigRepo, Signing, wait_for, write_config
+from tests.conftest import WEB, ConfigRepo, Signing, recorded_calls, wait_for, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -248,19 +248,12 @@ def test_the_toolchain_sources_are_read_once_however_often_it_is_checked(
     parse: the sources it was staged from (files of this package) are read by the first
     check only, and the others read the stamp."""
     nix = Nix(rec.cfg.state_dir, rec.cfg.nix)
-    read: list[Path] = []
-    real = Path.read_bytes
-
-    def spy(path: Path) -> bytes:
-        read.append(path)
-        return real(path)
-
-    monkeypatch.setattr(Path, "read_bytes", spy)
+    read = recorded_calls(monkeypatch, Path, "read_bytes")
     staged = {nix.ensure_toolchain() for _ in range(3)}
     assert len(staged) == 1 and None not in staged
     runtime = NIX_DIR / "runtime"
     sources = sorted(p for p in runtime.iterdir() if p.is_file())
-    assert sorted(p for p in read if p.parent == runtime) == sources
+    assert sorted(p for (p,) in read if p.parent == runtime) == sources
 
 
 def test_another_nix_instantiate_evaluates_every_host_again_and_rebuilds_nothing(

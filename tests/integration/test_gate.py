@@ -27,7 +27,7 @@ from reconciler.core.openpgp import crc24
 from reconciler.daemon.reconciler import Reconciler
 from reconciler.errors import ReconcilerError, SigningError, SourceError
 from reconciler.wiring import open_reconciler
-from tests.conftest import ConfigRepo, Signing, cli, standard_fleet, wait_for, write_config
+from tests.conftest import ConfigRepo, Signing, cli, recorded_calls, standard_fleet, wait_for, write_config
 from tests.integration.test_sources import gpg_key, relocate, signed_commit
 
 pytestmark = pytest.mark.integration
@@ -126,20 +126,13 @@ def test_a_compressed_packet_signature_is_refused_before_gpg_reads_it(
     # In the daemon, the verdict is remembered: the same head costs no git or gpg run
     # again, and is still counted and reported every pass.
     rec = open_reconciler(load_config(cfg))
-    reads: list[str] = []
-    real = rec.source.signature
-
-    def signature(commit: str) -> bytes | None:
-        reads.append(commit)
-        return real(commit)
-
-    monkeypatch.setattr(rec.source, "signature", signature)
+    reads = recorded_calls(monkeypatch, rec.source, "signature")
     try:
         for passes in (1, 2, 3):
             with pytest.raises(SourceError, match=why):
                 rec.reconcile()
             assert refusals(rec, "malformed-signature") == passes
-        assert reads == [bomb]
+        assert reads == [(bomb,)]
     finally:
         rec.close()
 

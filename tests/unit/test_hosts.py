@@ -36,6 +36,7 @@ from reconciler.core.hosts import (
 )
 from reconciler.core.schema import MAX_DEPTH, MAX_FILE_BYTES, MAX_NODES, MAX_SCALAR_CHARS, parse_yaml
 from reconciler.errors import ConfigError
+from tests.conftest import recorded_calls
 
 HOST = "hosts/web-1.yaml"
 # Generous for slow CI machines; the examples themselves are small.
@@ -1582,14 +1583,7 @@ def test_include_cycles_are_reported_as_before(files: dict[str, str]) -> None:
 
 
 def test_a_profile_shared_by_many_hosts_and_profiles_is_parsed_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    parsed: list[str] = []
-    real = hosts._parse_yaml
-
-    def counting(path: str, text: str) -> dict[str, Any]:
-        parsed.append(path)
-        return real(path, text)
-
-    monkeypatch.setattr(hosts, "_parse_yaml", counting)
+    parsed = recorded_calls(monkeypatch, hosts, "_parse_yaml")
     files = {f"profiles/p{i}.yaml": f"include: [p{i + 1}, bad]\n" for i in range(5)}
     files["profiles/p5.yaml"] = "formats: [aci]\n"
     files["profiles/bad.yaml"] = "formats: [aci\n"
@@ -1597,7 +1591,7 @@ def test_a_profile_shared_by_many_hosts_and_profiles_is_parsed_once(monkeypatch:
     fleet = parse_fleet(files)
     assert len(fleet.errors) == 10
     assert all("profiles/bad.yaml: invalid YAML at line 2" in e.reason for e in fleet.errors)
-    assert sorted(parsed) == sorted(files)
+    assert sorted(path for path, _ in parsed) == sorted(files)
 
 
 def _fleet_using(packages: list[str]) -> Fleet:

@@ -8,6 +8,7 @@ import pytest
 from reconciler.core import hosts
 from reconciler.core.hosts import ParseCache, parse_fleet
 from reconciler.daemon import parsing
+from tests.conftest import recorded_calls
 
 
 def fleet_files(n: int) -> dict[str, str]:
@@ -63,14 +64,7 @@ def test_fewer_files_are_parsed_here_in_batches_and_nothing_twice(monkeypatch: p
 def test_a_pass_digests_each_host_file_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """unparsed, each batch's parse and the pass's parse_fleet all key hosts by their
     text's digest: it is computed once a text (of 10,000 host files, 30,000 times before)."""
-    digested: list[str] = []
-    real = hosts.text_digest
-
-    def counting(text: str) -> str:
-        digested.append(text)
-        return real(text)
-
-    monkeypatch.setattr(hosts, "text_digest", counting)
+    digested = recorded_calls(monkeypatch, hosts, "text_digest")
     monkeypatch.setattr(parsing, "MIN_BATCH", 10)
     files = fleet_files(45)
     cache = ParseCache()
@@ -78,4 +72,4 @@ def test_a_pass_digests_each_host_file_once(monkeypatch: pytest.MonkeyPatch) -> 
     parse_fleet(files, cache)
     # Twin files (dup.yaml beside dup.yml) are refused unread.
     texts = [t for p, t in files.items() if p.startswith("hosts/h-")]
-    assert sorted(digested) == sorted(texts)
+    assert sorted(t for (t,) in digested) == sorted(texts)
