@@ -111,7 +111,7 @@ def history(cfg: Path, work: Path, hosts: int, now: float) -> None:
                     data={"failures": 3, "retry_in": 240, "reasons": "packages/site.nix changed"},
                 )
             )
-            state.record_build_failure(name, error, hs.image or "", 3, now + 600)
+            state.record_build_failure(name, error, hs.image or "", 3, now + 600, hs.version + 1)
         events.append(*sorted(batch, key=lambda e: e.time))
     finally:
         events.close()

@@ -187,7 +187,8 @@ def _host_line(h: Mapping[str, Any]) -> str:
         line = f"version {h['version']} {h['status']} since {since}"
         return line + (f" ({h['error']})" if h["error"] else "")
     served = f"version {h['version']} published" if h["version"] else "nothing published"
-    line = f"{served}; version {h['attempt_version']} failed since {since}"
+    attempt = h["attempt_version"]
+    line = f"{served}; {'a build' if attempt is None else f'version {attempt}'} failed since {since}"
     line += f" ({h['failures']} attempt(s) in a row): {h['error']}"
     retry = h["next_retry"]
     return line + ("; retried at the next pass" if retry is None else f"; next retry at {_when(retry)}")

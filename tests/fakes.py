@@ -489,10 +489,12 @@ class MemoryLedger:
     def record_published(self, name: str, version: int, image: str, commit: str) -> None:
         self.states[name] = HostState(name, version, image, commit, Status.PUBLISHED, None, 0.0)
 
-    def record_build_failure(self, name: str, error: str, image: str, failures: int, retry_at: float) -> None:
+    def record_build_failure(
+        self, name: str, error: str, image: str, failures: int, retry_at: float, version: int | None
+    ) -> None:
         p = self._prev(name)
         self.states[name] = HostState(
-            name, p.version, p.image, p.commit, Status.FAILED, error, 0.0, failures, image, retry_at
+            name, p.version, p.image, p.commit, Status.FAILED, error, 0.0, failures, image, retry_at, version
         )
 
     def record_failure(self, name: str, status: Status, error: str) -> None:

@@ -32,7 +32,8 @@ CREATE TABLE IF NOT EXISTS hosts (
     updated REAL NOT NULL,
     failures INTEGER NOT NULL DEFAULT 0,
     failed_image TEXT,
-    retry_at REAL
+    retry_at REAL,
+    attempt_version INTEGER
 );
 -- The image derivation each host evaluated to, under the key of its inputs
 -- (nix.eval_key): a host whose key is unchanged need not be evaluated again.
@@ -79,6 +80,10 @@ PARSER = hashlib.sha256(
     b"".join(Path(m.__file__).read_bytes() for m in (hosts, schema) if m.__file__ is not None)
 ).hexdigest()
 
+# Columns added to a table since ledgers were first written, with their type: added to
+# a ledger that lacks them when it is opened (a new column's rows start NULL).
+ADDED_COLUMNS = {"hosts": (("attempt_version", "INTEGER"),)}
+
 # The tables a read-only ledger copies from the file.
 TABLES = ("meta", "hosts", "evaluations", "parsed", "builders", "suspended")
 # The suspended table's row for the whole fleet.
@@ -116,6 +121,11 @@ class State:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        for table, columns in ADDED_COLUMNS.items():
+            have = _columns(self._db, table)
+            for name, kind in columns:
+                if name not in have:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
     def _copy_from(self, path: Path) -> None:
         # Through a connection of its own, which SQLite's URI modes keep from writing.
@@ -127,10 +137,16 @@ class State:
         try:
             with self._batch():
                 for table in TABLES:
-                    rows = disk.execute(f"SELECT * FROM {table}").fetchall()
+                    # The columns both have: a ledger an older daemon writes lacks the
+                    # newer ones (ADDED_COLUMNS), which stay NULL in the copy.
+                    mine = set(_columns(self._db, table))
+                    names = ", ".join(c for c in _columns(disk, table) if c in mine)
+                    if not names:
+                        continue  # a table the file does not have yet
+                    rows = disk.execute(f"SELECT {names} FROM {table}").fetchall()
                     if rows:
                         marks = ",".join("?" * len(rows[0]))
-                        self._db.executemany(f"INSERT INTO {table} VALUES ({marks})", rows)
+                        self._db.executemany(f"INSERT INTO {table} ({names}) VALUES ({marks})", rows)
         finally:
             disk.close()
 
@@ -194,7 +210,7 @@ class State:
                 return dict(self._hosts[1])
             rows = self._db.execute(
                 "SELECT name, version, image, commit_id, status, error, updated,"
-                " failures, failed_image, retry_at FROM hosts ORDER BY name"
+                " failures, failed_image, retry_at, attempt_version FROM hosts ORDER BY name"
             ).fetchall()
             hosts = {r[0]: HostState(r[0], r[1], r[2], r[3], Status(r[4]), *r[5:]) for r in rows}
             self._hosts = (version, hosts)
@@ -248,12 +264,22 @@ class State:
             failures=0,
             failed_image=None,
             retry_at=None,
+            attempt_version=None,
         )
 
-    def record_build_failure(self, name: str, error: str, image: str, failures: int, retry_at: float) -> None:
-        """A failed build of ``image``: the ``failures``-th in a row, not retried before ``retry_at``."""
+    def record_build_failure(
+        self, name: str, error: str, image: str, failures: int, retry_at: float, version: int | None
+    ) -> None:
+        """A failed build of ``image`` as ``version``: the ``failures``-th in a row, not
+        retried before ``retry_at``."""
         self._upsert(
-            name, status=Status.FAILED, error=error, failures=failures, failed_image=image, retry_at=retry_at
+            name,
+            status=Status.FAILED,
+            error=error,
+            failures=failures,
+            failed_image=image,
+            retry_at=retry_at,
+            attempt_version=version,
         )
 
     def record_failure(self, name: str, status: Status, error: str) -> None:
@@ -327,3 +353,8 @@ class State:
         with self._lock:
             cur = self._db.execute("DELETE FROM suspended WHERE host = ?", (host or FLEET,))
         return cur.rowcount == 1
+
+
+def _columns(db: sqlite3.Connection, table: str) -> list[str]:
+    """The columns of ``table`` in ``db``, in their order."""
+    return [row[1] for row in db.execute(f"PRAGMA table_info({table})")]

@@ -62,6 +62,9 @@ class HostState:
     failures: int = 0  # consecutive failed builds of failed_image
     failed_image: str | None = None
     retry_at: float | None = None  # unix time before which failed_image is not retried
+    # The version the failed build was to publish (None: failed before a version was
+    # decided, or recorded by an older daemon).
+    attempt_version: int | None = None
 
     @property
     def serving(self) -> bool:

@@ -828,8 +828,10 @@ class Reconciler:
         host = obs.fleet.hosts[entry.host]
         assert entry.image is not None
         started = self.clock.monotonic()
+        decision: Decision | None = None
         try:
-            done = self._build_and_publish(host, entry, obs.commit)
+            decision, drv = self._decide(host)
+            done = self._build_and_publish(host, entry, obs.commit, decision, drv)
         except LeaseLostError:
             # Not published by this process: the lease's new holder publishes it.
             return Skipped.STOPPING
@@ -838,6 +840,7 @@ class Reconciler:
                 host.name,
                 ok=False,
                 image=entry.image,
+                version=None if decision is None else _version(decision),
                 error=str(exc),
                 seconds=self.clock.monotonic() - started,
             )
@@ -889,7 +892,9 @@ class Reconciler:
                     self.state.record_published(o.host, o.version, o.image, obs.commit)
                 else:
                     failures, delay = backoff[o.host]
-                    self.state.record_build_failure(o.host, o.error or "", o.image, failures, now + delay)
+                    self.state.record_build_failure(
+                        o.host, o.error or "", o.image, failures, now + delay, o.version
+                    )
             self.state.set_meta(COMMIT_KEY, obs.commit)
         for host in removed:
             log.event("host_removed", host=host)
@@ -994,9 +999,12 @@ class Reconciler:
             version += 1
         raise BuildError(host.name, f"versions up to {version - 1} are taken by other releases")
 
-    def _build_and_publish(self, host: Host, entry: HostPlan, commit: str) -> _Published:
-        decision, drv = self._decide(host)
-        version = decision.release.version if isinstance(decision, Adopt) else decision.version
+    def _build_and_publish(
+        self, host: Host, entry: HostPlan, commit: str, decision: Decision, drv: str
+    ) -> _Published:
+        """Build ``drv``, the derivation ``decision`` (_decide) is for, then sign and
+        publish it as that decision says."""
+        version = _version(decision)
         log.event("host_build", host=host.name, version=version, reasons="; ".join(entry.reasons))
         # An adopted release is built too: its artifacts are what publish() reads if a
         # blob is missing, and Nix finds the build it kept under the host's root.
@@ -1279,10 +1287,10 @@ def status(state: Ledger, now: float, max_wait: float) -> Mapping[str, object]:
                 "commit": hs.commit,
                 # Unix time it has been in this status (and, published, at this version).
                 "since": hs.updated,
-                # A failed host: the version its failed attempt would have published, how
-                # many attempts failed in a row, and when the daemon tries again (None: at
-                # its next pass).
-                "attempt_version": hs.version + 1 if hs.status == Status.FAILED else None,
+                # A failed host: the version its failed attempt would have published (None:
+                # it failed before one was decided), how many attempts failed in a row, and
+                # when the daemon tries again (None: at its next pass).
+                "attempt_version": hs.attempt_version if hs.status == Status.FAILED else None,
                 "failures": hs.failures if hs.status == Status.FAILED else 0,
                 "next_retry": next_retry(hs, now, max_wait),
                 "suspended_since": suspended.since(name),
@@ -1302,6 +1310,11 @@ def status(state: Ledger, now: float, max_wait: float) -> Mapping[str, object]:
             for name, b in state.builders().items()
         },
     }
+
+
+def _version(decision: Decision) -> int:
+    """The version a decision publishes: the release it adopts, or a new one."""
+    return decision.release.version if isinstance(decision, Adopt) else decision.version
 
 
 def _why_failed(result: ReconcileResult) -> str:

@@ -462,7 +462,7 @@ def test_a_missing_blob_of_an_adopted_release_is_not_replaced_by_other_bytes(wor
     world.ledger = MemoryLedger()
     del world.store.objects[app["blob"]]
     rec = world.reconciler()
-    assert outcomes(rec) == {"app-1": (False, None)}
+    assert outcomes(rec) == {"app-1": (False, 1)}
     assert not world.store.exists(app["blob"])
     assert "is missing and app-1-1.AppImage is not it" in (world.ledger.states["app-1"].error or "")
 
@@ -481,17 +481,22 @@ def test_a_full_disk_while_sealing_fails_that_host_and_leaves_nothing(world: Wor
     assert not list((world.tmp / "state").glob("publish-*"))
 
 
-def test_a_version_taken_by_another_build_is_skipped(world: World) -> None:
+def take_version_2(world: World) -> bytes:
+    """Another release 2 of web-1 in the store (not this daemon's, unknown to the
+    ledger), once web-1's release 1 is published: that release file."""
     world.source.push(FLEET)
     world.reconciler().reconcile()
-    # Another release 2 of web-1 exists (not this daemon's), unknown to the ledger.
     taken = world.store.get_bytes(release_path("web-1", 1), RELEASE_LIMIT)
     assert taken is not None
     doc = json.loads(taken)
     doc.update(version=2, derivation="/nix/store/" + "0" * 32 + "-other.drv")
     del doc["attestations"]  # release 1's are no other release's
     world.store.objects[release_path("web-1", 2)] = json.dumps(doc).encode()
-    world.store.objects[latest_path("web-1")] = json.dumps(doc).encode()
+    return world.store.objects[release_path("web-1", 2)]
+
+
+def test_a_version_taken_by_another_build_is_skipped(world: World) -> None:
+    world.store.objects[latest_path("web-1")] = take_version_2(world)
     world.source.push({**FLEET, "hosts/web-1.yaml": HOST.format(name="web-1", address="10.0.0.7/24")})
     builds = len(world.nix.builds)
     assert outcomes(world.reconciler()) == {"web-1": (True, 3)}
@@ -501,11 +506,24 @@ def test_a_version_taken_by_another_build_is_skipped(world: World) -> None:
     assert ("web-1", 2) in world.nix.instantiated
 
 
+def test_status_names_the_version_a_failed_build_was_to_publish_past_a_taken_one(world: World) -> None:
+    """Not the published version + 1: version 2 is another build's, so the failed build
+    was to be version 3."""
+    take_version_2(world)
+    world.source.push({**FLEET, "hosts/web-1.yaml": HOST.format(name="web-1", address="10.0.0.7/24")})
+    world.nix.failing.add("web-1")
+    assert outcomes(world.reconciler()) == {"web-1": (False, 3)}
+    st = status_now(world)
+    assert (st["hosts"]["web-1"]["version"], st["hosts"]["web-1"]["attempt_version"]) == (1, 3)
+    line = next(ln for ln in st["text"].splitlines() if ln.startswith("web-1: "))
+    assert line.startswith("web-1: version 1 published; version 3 failed since "), line
+
+
 def test_a_full_disk_fails_the_hosts_and_leaves_no_pointer_to_anything_missing(world: World) -> None:
     world.source.push(FLEET)
     world.store.full = True
     rec = world.reconciler()
-    assert outcomes(rec) == {"web-1": (False, None), "web-2": (False, None)}
+    assert outcomes(rec) == {"web-1": (False, 1), "web-2": (False, 1)}
     assert world.store.objects == {}
     assert world.ledger.states["web-1"].status == Status.FAILED
     assert "No space left on device" in (world.ledger.states["web-1"].error or "")
@@ -516,7 +534,7 @@ def test_a_gpg_failure_publishes_nothing_unsigned(world: World) -> None:
     world.source.push(FLEET)
     world.signer.broken = True
     rec = world.reconciler()
-    assert outcomes(rec) == {"web-1": (False, None), "web-2": (False, None)}
+    assert outcomes(rec) == {"web-1": (False, 1), "web-2": (False, 1)}
     assert not any(k.startswith(("hosts/", "tuf/")) for k in world.store.objects)
     # Two releases, then the TUF metadata: each refused by gpg, each counted.
     assert rec.metrics.registry.get_sample_value("reconciler_signing_failures_total") == 3
@@ -527,7 +545,7 @@ def test_a_failed_build_backs_off_doubling_then_retries(world: World) -> None:
     world.source.push(FLEET)
     world.nix.failing.add("web-1")
     rec = world.reconciler()
-    assert outcomes(rec)["web-1"] == (False, None)
+    assert outcomes(rec)["web-1"] == (False, 1)
     first = world.ledger.states["web-1"]
     assert (first.failures, first.retry_at) == (1, world.clock.t + 30)
     world.clock.advance(29)
@@ -535,7 +553,7 @@ def test_a_failed_build_backs_off_doubling_then_retries(world: World) -> None:
     assert [e.action for e in result.plan.entries if e.host == "web-1"] == [Action.BACKOFF]
     assert world.nix.builds.count(("web-1", 1)) == 1
     world.clock.advance(2)
-    assert outcomes(rec)["web-1"] == (False, None)
+    assert outcomes(rec)["web-1"] == (False, 1)
     second = world.ledger.states["web-1"]
     assert (second.failures, second.retry_at) == (2, world.clock.t + 60)
     world.nix.failing.clear()
@@ -548,7 +566,7 @@ def test_a_backoff_recorded_under_a_clock_ahead_ends_once_the_clock_is_back(worl
     world.nix.failing.add("web-1")
     rec = world.reconciler()
     world.clock.advance(30 * 86400)
-    assert outcomes(rec)["web-1"] == (False, None)
+    assert outcomes(rec)["web-1"] == (False, 1)
     world.nix.failing.clear()
     world.clock.advance(-30 * 86400)
     # The longest backoff (retry.max) has passed since, whatever the clock said then.
@@ -610,6 +628,9 @@ def test_a_release_file_larger_than_any_is_refused_unread_and_costs_only_its_hos
     assert outcomes(rec) == {"web-1": (False, None)}
     error = world.ledger.states["web-1"].error or ""
     assert key in error and f"larger than {RELEASE_LIMIT} bytes" in error, error
+    # It failed before a version was decided: status names none.
+    line = next(ln for ln in status_now(world)["text"].splitlines() if ln.startswith("web-1: "))
+    assert line.startswith("web-1: version 1 published; a build failed since "), line
     assert not [k for k in world.store.writes[before:] if k.startswith("hosts/web-1/")]
 
 
@@ -748,7 +769,7 @@ def test_builds_are_counted_per_builder_with_the_builders_that_could_not_take_th
     assert outcomes(rec) == {"web-1": (True, 1), "web-2": (True, 1)}
     world.source.push({**FLEET, "hosts/web-1.yaml": HOST.format(name="web-1", address="10.0.0.7/24")})
     world.nix.failing.add("web-1")
-    assert outcomes(rec) == {"web-1": (False, None)}
+    assert outcomes(rec) == {"web-1": (False, 2)}
 
     def sample(builder: str, result: str) -> float | None:
         labels = {"builder": builder, "result": result}

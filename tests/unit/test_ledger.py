@@ -172,9 +172,9 @@ def test_a_host_is_dated_since_its_status_changed_not_since_the_last_pass(
     clock[0] = 2000.0
     # Every pass finds web-2 invalid again, and web-1's next build fails twice.
     ledger.record_failure("web-2", Status.INVALID, "hosts/web-2.yaml: name: must be a string")
-    ledger.record_build_failure("web-1", "build failed", "/nix/store/b-image.drv", 1, 2030.0)
+    ledger.record_build_failure("web-1", "build failed", "/nix/store/b-image.drv", 1, 2030.0, 2)
     clock[0] = 3000.0
-    ledger.record_build_failure("web-1", "build failed", "/nix/store/b-image.drv", 2, 3060.0)
+    ledger.record_build_failure("web-1", "build failed", "/nix/store/b-image.drv", 2, 3060.0, 2)
     assert since("web-2") == 1000.0
     assert since("web-1") == 2000.0 and ledger.hosts()["web-1"].failures == 2
     clock[0] = 4000.0
@@ -184,4 +184,32 @@ def test_a_host_is_dated_since_its_status_changed_not_since_the_last_pass(
     ledger.record_published("web-1", 3, "/nix/store/c-image.drv", "c" * 40)
     assert since("web-1") == 5000.0
     assert State(tmp_path, read_only=True).hosts()["web-2"].updated == 1000.0
+    ledger.close()
+
+
+def test_a_ledger_written_before_a_column_was_added_is_read_and_migrated(tmp_path: Path) -> None:
+    """A ledger an older daemon wrote lacks the columns added since (ADDED_COLUMNS): a
+    read-only copy leaves them empty and changes nothing on disk; the daemon adds them."""
+    old = ledger_module.SCHEMA.replace(",\n    attempt_version INTEGER", "")
+    assert old != ledger_module.SCHEMA
+    db = sqlite3.connect(tmp_path / "state.db")
+    db.executescript(old)
+    db.execute(
+        "INSERT INTO hosts(name, version, status, updated, failures, failed_image, retry_at)"
+        " VALUES ('web-1', 1, 'failed', 5.0, 2, '/nix/store/b-image.drv', 9.0)"
+    )
+    db.commit()
+    db.close()
+    before = (tmp_path / "state.db").read_bytes()
+    copy = State(tmp_path, read_only=True)
+    hs = copy.hosts()["web-1"]
+    assert (hs.version, hs.failures, hs.retry_at, hs.attempt_version) == (1, 2, 9.0, None)
+    copy.close()
+    assert (tmp_path / "state.db").read_bytes() == before
+    ledger = State(tmp_path)
+    assert ledger.hosts()["web-1"].attempt_version is None
+    ledger.record_build_failure("web-1", "build failed", "/nix/store/b-image.drv", 3, 20.0, 2)
+    assert ledger.hosts()["web-1"].attempt_version == 2
+    ledger.record_published("web-1", 2, "/nix/store/b-image.drv", "b" * 40)
+    assert ledger.hosts()["web-1"].attempt_version is None
     ledger.close()
