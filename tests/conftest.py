@@ -228,12 +228,12 @@ def recorded_calls(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) ->
 
 
 def alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie waiting for init to reap it does not)."""
+    """Whether ``pid`` runs (a zombie waiting for init to reap it, or one dead, does not)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except FileNotFoundError:
         return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ from reconciler.adapters.git import GitSource
 from reconciler.adapters.tree import read_tree
 from reconciler.core.schema import MAX_FILE_BYTES
 from reconciler.errors import ConfigError, SourceError
+from tests.conftest import alive
 
 
 def git(repo: Path, *args: str) -> str:
@@ -150,14 +151,4 @@ def test_a_remote_that_stops_answering_is_given_up_with_what_git_started(
     # The stuck ssh went with git (the deadline kills the process group), the clone's
     # and that of the check whether the remote has the branch (to tell a broken clone).
     pids = [int(line) for line in pidfile.read_text().split()]
-    assert pids and not [pid for pid in pids if running(pid)]
-
-
-def running(pid: int) -> bool:
-    """Whether ``pid`` runs: a killed process whose parent died too may stay a zombie
-    until the machine's init reaps it."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    assert pids and not [pid for pid in pids if alive(pid)]
