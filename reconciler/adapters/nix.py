@@ -238,7 +238,6 @@ class Nix:
         """
         if self.toolchain != "debian":
             return None
-        script = self.nix_dir / "toolchain" / "import-debian.sh"
         sources = self._toolchain_sources
         stamp = self.toolchain_dir.with_name(self.toolchain_dir.name + ".stamp")
         with self._toolchain_lock:
@@ -249,9 +248,8 @@ class Nix:
                 recorded = stamp.read_text().split() if stamp.exists() else []
                 if self.toolchain_dir.is_dir() and len(recorded) == 2 and recorded[0] == sources:
                     return recorded[1]
-                proc = subprocess.run(
-                    ["sh", str(script), str(self.toolchain_dir)], capture_output=True, text=True
-                )
+                script = [str(self._toolchain_script), str(self.toolchain_dir)]
+                proc = subprocess.run(["sh", *script], capture_output=True, text=True)
                 if proc.returncode != 0:
                     raise BuildError("", f"toolchain import failed: {_tail(proc.stderr)}")
                 # The staged binaries come from Debian packages, which can change
@@ -265,8 +263,14 @@ class Nix:
         """The digest of what the toolchain is staged from: files of this package, read
         once (every evaluation checks the toolchain; a new version of them comes with a
         new process)."""
-        script = self.nix_dir / "toolchain" / "import-debian.sh"
-        return _digest_files(self.nix_dir, [script, *(self.nix_dir / "runtime").rglob("*")])
+        runtime = (self.nix_dir / "runtime").rglob("*")
+        return _digest_files(self.nix_dir, [self._toolchain_script, *runtime])
+
+    @property
+    def _toolchain_script(self) -> Path:
+        """What stages the Debian toolchain (and, with the runtime's sources, is what it
+        is staged from)."""
+        return self.nix_dir / "toolchain" / "import-debian.sh"
 
     def recipe_digest(self) -> str | None:
         """Digest of everything besides the config repository that an image derivation
