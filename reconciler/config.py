@@ -23,6 +23,9 @@ from reconciler.core.schema import check_keys, parse_duration, parse_seconds, pa
 from reconciler.core.tufroles import Lifetimes
 from reconciler.errors import ConfigError
 
+# repo.network_timeout's default (reconciler.adapters.git's too).
+GIT_NETWORK_TIMEOUT = timedelta(minutes=15)
+
 
 @dataclass(frozen=True)
 class RepoConfig:
@@ -39,6 +42,9 @@ class RepoConfig:
     # A new head that does not descend from the last reconciled commit is built only
     # when this is set (reconciler.gate).
     allow_force_push: bool = False
+    # A clone, fetch, deepening of a shallow history or ls-remote still running after
+    # this long is stopped, and the remote taken for gone (other git commands: 5 min).
+    network_timeout: timedelta = GIT_NETWORK_TIMEOUT
 
     @property
     def is_local(self) -> bool:
@@ -283,6 +289,7 @@ SECTION_KEYS = {
             "known_hosts",
             "verify_commits",
             "allow_force_push",
+            "network_timeout",
         }
     ),
     "triggers": frozenset({"webhook_secret_file", "reconcile_token_file", "watch", "debounce"}),
@@ -503,6 +510,11 @@ def load_config(path: Path) -> Config:
             trusted_keys=trusted_keys,
             trusted_fingerprints=trusted_fingerprints,
             allow_force_push=allow_force_push,
+            network_timeout=(
+                GIT_NETWORK_TIMEOUT
+                if repo.get("network_timeout") is None
+                else parse_duration(p, "repo.network_timeout", repo["network_timeout"])
+            ),
         ),
         triggers=TriggerConfig(
             webhook_secret_file=optional_path(triggers, "triggers.webhook_secret_file"),

@@ -271,7 +271,16 @@ def _signer(s: SigningConfig) -> Signer:
 
 def _clone_in(cfg: Config, checkout: Path) -> GitSource:
     r = cfg.repo
-    return GitSource(r.url, r.branch, checkout, r.depth, r.credentials_file, r.ssh_key, r.known_hosts)
+    return GitSource(
+        r.url,
+        r.branch,
+        checkout,
+        r.depth,
+        r.credentials_file,
+        r.ssh_key,
+        r.known_hosts,
+        r.network_timeout.total_seconds(),
+    )
 
 
 def signers_in(homes: list[Path]) -> dict[str, MetadataSigner]:

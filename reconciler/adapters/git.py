@@ -20,6 +20,7 @@ from pathlib import Path
 
 from reconciler import log
 from reconciler.adapters.process import run_with_deadline
+from reconciler.config import GIT_NETWORK_TIMEOUT
 from reconciler.core.hosts import SYMLINK, TOO_BIG, UNREADABLE
 from reconciler.core.schema import MAX_FILE_BYTES
 from reconciler.errors import ConfigError, SourceError, VerificationError
@@ -37,8 +38,6 @@ DEEPEN_STEPS = (100, 1000, 10000)
 EXPORT_TIMEOUT = 300.0
 # Reading a commit's definition files out of git objects, and any other local git command.
 READ_TIMEOUT = 300.0
-# A clone, fetch or deepening of the history: past this the remote is taken for gone.
-NETWORK_TIMEOUT = 900.0
 # The folders whose files parse_fleet reads (only the names of packages/*.nix).
 DEFINITIONS = ("hosts", "profiles", "packages")
 
@@ -53,11 +52,14 @@ class GitSource:
         credentials_file: Path | None = None,
         ssh_key: Path | None = None,
         known_hosts: Path | None = None,
+        network_timeout: float = GIT_NETWORK_TIMEOUT.total_seconds(),
     ) -> None:
         self.url = url
         self.branch = branch
         self.checkout = checkout
         self.depth = depth
+        # Seconds a clone, fetch, deepening or ls-remote may take (repo.network_timeout).
+        self.network_timeout = network_timeout
         # Whether this process found (or made) the clone and set its origin.
         self._opened = False
         # The commit this process last checked out, work tree cleaned.
@@ -105,7 +107,7 @@ class GitSource:
             # is not ours to take).
             target = str(self.checkout.absolute())
             clone = ["clone", "--no-checkout", "--no-local", *shallow, "--", self.url, target]
-            self._checked(None, clone, f"cannot clone {self.url}", NETWORK_TIMEOUT)
+            self._checked(None, clone, f"cannot clone {self.url}", self.network_timeout)
         self._opened = True
         return git_dir
 
@@ -165,7 +167,7 @@ class GitSource:
 
     def _remote_has_branch(self) -> bool:
         try:
-            proc = self._run(None, self._ls_remote(), NETWORK_TIMEOUT)
+            proc = self._run(None, self._ls_remote(), self.network_timeout)
         except SourceError:
             return False
         return proc.returncode == 0 and bool(proc.stdout.strip())
@@ -217,7 +219,7 @@ class GitSource:
         shallow = [f"--depth={self.depth}"] if self.depth else []
         quiet = [] if maintenance else ["--no-auto-maintenance"]
         fetch = ["fetch", "origin", f"+refs/heads/{self.branch}:{ref}", "--prune", *shallow, *quiet]
-        self._checked(git_dir, fetch, what, NETWORK_TIMEOUT)
+        self._checked(git_dir, fetch, what, self.network_timeout)
         head = ["rev-parse", "--verify", "--end-of-options", f"{ref}^{{commit}}"]
         return self._checked(git_dir, head, what).decode().strip()
 
@@ -313,7 +315,7 @@ class GitSource:
                 return None
             # Relative to the shallow boundary; only FETCH_HEAD moves.
             deepen = ["fetch", "origin", f"refs/heads/{self.branch}", f"--deepen={step}"]
-            self._checked(git_dir, deepen, what, NETWORK_TIMEOUT)
+            self._checked(git_dir, deepen, what, self.network_timeout)
 
     def read_tree(self) -> dict[str, str]:
         """The definition files of the checked-out commit."""

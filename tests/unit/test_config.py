@@ -12,6 +12,7 @@ import yaml
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from reconciler import wiring
 from reconciler.config import (
     Config,
     ImagesConfig,
@@ -254,7 +255,7 @@ def duration(value: Any) -> str:
             merged(repo__brnach="dev"),
             "repo.brnach",
             "unknown key (allowed: allow_force_push, branch, credentials_file, depth, known_hosts, "
-            "ssh_key, url, verify_commits)",
+            "network_timeout, ssh_key, url, verify_commits)",
         ),
         (merged(store__bucket="b"), "store.bucket", "unknown key (allowed: path, public_url, type)"),
         (
@@ -631,11 +632,22 @@ def test_repository_access_and_trust_settings(tmp_path: Path) -> None:
         ),
         ({"allow_force_push": "yes"}, "repo.allow_force_push", "must be true or false"),
         ({"allow_force_push": 1}, "repo.allow_force_push", "must be true or false"),
+        ({"network_timeout": "0m"}, "repo.network_timeout", duration("0m")),
+        ({"network_timeout": 90}, "repo.network_timeout", duration(90)),
     ],
 )
 def test_repository_setting_errors(tmp_path: Path, repo: dict[str, Any], key: str, reason: str) -> None:
     err = config_error(tmp_path, merged(repo={"url": "r", **repo}))
     assert err.key == key and err.reason.startswith(reason), (err.key, err.reason)
+
+
+def test_the_git_network_deadline_is_configured_and_reaches_the_daemons_clone(tmp_path: Path) -> None:
+    default = load_config(write_config(tmp_path / "a", merged()))
+    assert default.repo.network_timeout == timedelta(minutes=15)
+    assert wiring.source(default).network_timeout == 900.0
+    slow = load_config(write_config(tmp_path / "b", merged(repo={"url": "r", "network_timeout": "2h"})))
+    assert slow.repo.network_timeout == timedelta(hours=2)
+    assert wiring.source(slow).network_timeout == 7200.0
 
 
 def test_force_pushes_are_refused_unless_allowed(tmp_path: Path) -> None:

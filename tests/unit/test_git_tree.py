@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.adapters import git as git_adapter
 from reconciler.adapters.git import GitSource
 from reconciler.adapters.tree import read_tree
 from reconciler.core.schema import MAX_FILE_BYTES
@@ -136,8 +135,7 @@ def test_a_remote_that_stops_answering_is_given_up_with_what_git_started(
     ssh.write_text(f"#!/bin/sh\necho $$ >> {pidfile}\nexec sleep 60\n")
     ssh.chmod(0o755)
     monkeypatch.setenv("GIT_SSH_COMMAND", str(ssh))
-    monkeypatch.setattr(git_adapter, "NETWORK_TIMEOUT", 1.0)
-    source = GitSource("ssh://git@127.0.0.1/fleet.git", "main", tmp_path / "clone")
+    source = GitSource("ssh://git@127.0.0.1/fleet.git", "main", tmp_path / "clone", network_timeout=1.0)
     with pytest.raises(
         SourceError, match=re.escape("git clone on ssh://git@127.0.0.1/fleet.git did not finish within 1 s")
     ):
