@@ -66,6 +66,7 @@ def test_a_pass_digests_each_host_file_once(monkeypatch: pytest.MonkeyPatch) -> 
     text's digest: it is computed once a text (of 10,000 host files, 30,000 times before)."""
     digested = recorded_calls(monkeypatch, hosts, "text_digest")
     monkeypatch.setattr(parsing, "MIN_BATCH", 10)
+    monkeypatch.setattr(parsing, "BATCHES", 4)
     files = fleet_files(45)
     cache = ParseCache()
     assert len(list(parsing.batches(files, cache, workers=1))) == parsing.BATCHES
