@@ -172,6 +172,8 @@ def status_lines(st: Mapping[str, Any], now: float) -> list[str]:
         out.append(f"{name}: never reconciled; suspended since {_when(suspended['hosts'][name])}")
     for name, b in st["builders"].items():
         last_build = "never" if b["last_build"] is None else _when(b["last_build"])
+        if b["last_build"] is not None and b["last_seconds"] is not None:
+            last_build += f", took {_span(b['last_seconds'])}"
         line = f"builder {name}: {b['builds']} built, {b['failures']} failed, {b['unreachable']} unreachable"
         line += f"; last build {last_build}"
         if b["last_error"]:
@@ -195,11 +197,16 @@ def _host_line(h: Mapping[str, Any]) -> str:
 
 
 def _ago(seconds: float) -> str:
+    return f"{_span(seconds)} ago"
+
+
+def _span(seconds: float) -> str:
+    """A length of time in its largest whole unit: 45s, 3m, 2h, 5d."""
     seconds = max(0, round(seconds))
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
-            return f"{seconds // size}{unit} ago"
-    return f"{seconds}s ago"
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 def cmd_events(args: argparse.Namespace) -> int:

@@ -765,8 +765,14 @@ def test_builds_are_counted_per_builder_with_the_builders_that_could_not_take_th
     world.source.push(FLEET)
     world.nix.builder_of = {"web-1": "b1", "web-2": "local"}
     world.nix.refused = {"web-2": {"b1": "ssh: connect to host b1 port 22: Connection refused"}}
+    world.nix.while_building = lambda host: world.clock.advance(150 if host == "web-1" else 20)
     rec = world.reconciler()
     assert outcomes(rec) == {"web-1": (True, 1), "web-2": (True, 1)}
+    lines = status_now(world)["text"].splitlines()
+    # How long each builder's last build took (the fake ledger records it at time 0).
+    at = f"{datetime.fromtimestamp(0.0, UTC):%Y-%m-%d %H:%M:%S}Z"
+    assert lines[-2].startswith(f"builder b1: 1 built, 0 failed, 1 unreachable; last build {at}, took 2m; ")
+    assert lines[-1] == f"builder local: 1 built, 0 failed, 0 unreachable; last build {at}, took 20s"
     world.source.push({**FLEET, "hosts/web-1.yaml": HOST.format(name="web-1", address="10.0.0.7/24")})
     world.nix.failing.add("web-1")
     assert outcomes(rec) == {"web-1": (False, 2)}
