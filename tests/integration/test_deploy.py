@@ -84,6 +84,8 @@ DAEMON_METRICS = {
     "reconciler_lease_term",
     "reconciler_fleet_suspended",
     "reconciler_host_suspended",
+    "reconciler_builder_builds_total",
+    "reconciler_builder_build_duration_seconds",
     # Prometheus's own, per target.
     "up",
 }
@@ -103,9 +105,11 @@ HISTOGRAMS = {
     "reconciler_build_duration_seconds",
     "reconciler_stage_duration_seconds",
     "reconciler_commit_to_published_seconds",
+    "reconciler_builder_build_duration_seconds",
 }
 ALERTS = {
     "ReconcileFailing",
+    "BuilderUnreachable",
     "ReconcileStalled",
     "SigningFailures",
     "GitFetchFailing",
@@ -1382,8 +1386,8 @@ def test_real_prometheus_evaluates_the_alerts_against_a_real_daemon_and_agents(
             shapes = {frozenset(s) for s in scraped[name]}
             assert shapes == {frozenset(own)}, (name, own, shapes)
             for key, value in own.items():
-                if key == "host":
-                    continue
+                if key in ("host", "builder"):
+                    continue  # names the operator gives
                 if (name, key) == ("reconciler_host_failing", "status"):
                     assert value in (Status.FAILED, Status.INVALID), (name, value)
                     continue
