@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 
-from reconciler.core.model import Action
+from reconciler.core.model import Action, BuilderState
 from reconciler.core.plan import HostPlan
 from reconciler.core.release import Artifact
 
@@ -93,6 +93,8 @@ class FleetView:
     fleet_suspended: float | None
     plan: PlanView | None  # None: no pass has observed the repository yet
     plots: tuple[Series, ...]
+    # Where builds ran (local: this machine), as `reconciler status` lists them.
+    builders: tuple[BuilderState, ...] = ()
 
     def counts(self) -> dict[Filter, int]:
         return {f: sum(r.matches(f) for r in self.rows) for f in Filter}
@@ -202,6 +204,7 @@ def render_fleet(view: FleetView) -> str:
     parts.append(f'<section id="plots">{"".join(plot(s, view.now) for s in view.plots)}</section>')
     parts.append(_fleet_table(shown, view.now))
     parts.append(_plan(view.plan))
+    parts.append(_builders(view.builders, view.now))
     return _page("Fleet", "".join(parts))
 
 
@@ -245,6 +248,25 @@ def _plan(plan: PlanView | None) -> str:
     )
     table = "<table><thead><tr><th>host</th><th>action</th><th>why</th></tr></thead>"
     return head + f"{table}<tbody>{rows}</tbody></table></section>"
+
+
+def _builders(builders: Sequence[BuilderState], now: float) -> str:
+    if not builders:
+        return ""
+    head = (
+        '<section id="builders"><h2>Builders</h2><table><thead><tr><th>builder</th><th>built</th>'
+        "<th>failed</th><th>unreachable</th><th>last build</th><th>took</th><th>last error</th>"
+        "</tr></thead><tbody>"
+    )
+    rows = []
+    for b in builders:
+        took = "-" if b.last_seconds is None else duration(b.last_seconds)
+        error = "" if b.last_error is None else f"{when(b.last_error_at, now)}: {e(b.last_error)}"
+        rows.append(
+            f'<tr data-builder="{e(b.name)}"><td>{e(b.name)}</td><td>{b.builds}</td><td>{b.failures}</td>'
+            f"<td>{b.unreachable}</td><td>{when(b.last_build, now)}</td><td>{took}</td><td>{error}</td></tr>"
+        )
+    return head + "".join(rows) + "</tbody></table></section>"
 
 
 def render_host(view: HostView) -> str:

@@ -275,6 +275,7 @@ class FleetPage:
             if plan is None
             else page.PlanView(plan.commit, tuple(e for e in plan.entries if e.action in page.PLAN_SHOWN)),
             plots=plots(passes, outcomes),
+            builders=tuple(rec.state.builders().values()),
         )
 
     def host_view(self, name: str) -> page.HostView | None:

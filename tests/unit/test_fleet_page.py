@@ -19,7 +19,7 @@ from reconciler.adapters.http import Request, Server
 from reconciler.config import load_config
 from reconciler.core.events import Event, EventType
 from reconciler.core.layout import release_path
-from reconciler.core.model import Action, HostState, Status
+from reconciler.core.model import Action, BuilderState, HostState, Status
 from reconciler.core.plan import HostPlan, Plan
 from reconciler.core.release import RELEASE_LIMIT
 from reconciler.daemon import page
@@ -75,6 +75,11 @@ def test_the_fleet_view_shows_each_host_its_status_and_the_next_pass(world: Even
     assert (by["web-1"].status, by["web-1"].version, by["web-1"].action) == ("published", 1, Action.UNCHANGED)
     assert (by["db-1"].status, by["db-1"].action) == ("failed", Action.BACKOFF)
     assert "exit code 1" in (by["db-1"].error or "")
+    # Where the builds ran: web-1 and web-2 here, db-1's failure too.
+    (local,) = view.builders
+    assert (local.name, local.builds, local.failures, local.unreachable) == ("local", 2, 1, 0)
+    html = page.render_fleet(view)
+    assert '<section id="builders">' in html and '<tr data-builder="local">' in html
     # The failure streak's start comes from the history.
     assert by["db-1"].since == world.clock.t
     assert view.plan is not None and [e.host for e in view.plan.entries] == ["db-1"]
@@ -152,8 +157,9 @@ def test_a_collected_release_is_said_to_be_gone() -> None:
 def evil_views() -> tuple[page.FleetView, page.HostView]:
     row = HostRow(EVIL, 2, EVIL, "failed", 100.0, False, Action.REBUILD, EVIL)
     plan = page.PlanView(EVIL, (HostPlan(EVIL, Action.REBUILD, (EVIL,)),))
+    builder = BuilderState(EVIL, 3, 1, 2, 900.0, 75.0, EVIL, 950.0)
     fleet = page.FleetView(
-        1000.0, EVIL, (row,), Filter.ALL, None, plan, (Series(EVIL, "s", (Point(900.0, 1.0),)),)
+        1000.0, EVIL, (row,), Filter.ALL, None, plan, (Series(EVIL, "s", (Point(900.0, 1.0),)),), (builder,)
     )
     rel = page.Release("host_failed", 900.0, None, EVIL, EVIL, 1.0, None, EVIL)
     host = page.HostView(1000.0, row, plan.entries[0], 1, 1030.0, (rel,), f"line 1\n{EVIL}\n")
