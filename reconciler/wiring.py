@@ -26,7 +26,7 @@ from reconciler.adapters.clock import SystemClock
 from reconciler.adapters.eventlog import EventLog
 from reconciler.adapters.git import GitSource, Snapshot
 from reconciler.adapters.ledger import State
-from reconciler.adapters.nix import Nix
+from reconciler.adapters.nix import Nix, builds_through_daemon
 from reconciler.adapters.store import FilesystemStore
 from reconciler.config import Config, SigningConfig, StoreConfig
 from reconciler.core.layout import lease_path
@@ -344,7 +344,11 @@ def preflight(cfg: Config, sandbox: Callable[[], str] | None = None) -> list[Che
                 ("repo.known_hosts", r.known_hosts),
                 *((f"repo.verify_commits.keys[{i}]", k) for i, k in enumerate(r.trusted_keys)),
                 ("store.credentials_file", cfg.store.credentials_file),
-                *((f"builders[{i}].ssh_key", Path(b.ssh_key)) for i, b in enumerate(cfg.builders)),
+                *(
+                    (f"builders[{i}].ssh_key", Path(b.ssh_key))
+                    for i, b in enumerate(cfg.builders)
+                    if not builds_through_daemon()
+                ),
             ],
         )
         read_secret(cfg, "triggers.webhook_secret_file", t.webhook_secret_file)

@@ -29,7 +29,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +96,8 @@ MAX_BUILD_LOG = 64 << 20
 _BUILD_DIR = re.compile(r"nix-build-[A-Za-z0-9+._?=-]+\.drv-[0-9]+")
 # What nix/toolchain/import-debian.sh records of the Debian packages it staged from.
 DEBIAN_PACKAGES = "debian-packages.tsv"
+# Nix's state directory (its database, the daemon's socket): Debian's nix-bin keeps it here.
+NIX_STATE = Path("/nix/var/nix")
 
 
 def _digest_files(root: Path, paths: Iterable[Path]) -> str:
@@ -136,6 +138,18 @@ def _environment() -> dict[str, str]:
     """The environment of every Nix process: the daemon's, without a search path
     (NIX_PATH entries would become readable to evaluation)."""
     return {k: v for k, v in os.environ.items() if k != "NIX_PATH"}
+
+
+def builds_through_daemon(env: Mapping[str, str] | None = None, state: Path = NIX_STATE) -> bool:
+    """Whether Nix hands this process's builds to a nix-daemon: NIX_REMOTE says
+    ``daemon`` or a ``unix://`` socket, or it is unset (``auto``) and this user cannot
+    write the store's database, which is when Nix's auto store picks the daemon. The
+    daemon then schedules them over its own builders (root's files, `reconciler
+    builders`) and runs their ssh itself: this user need not read their keys."""
+    remote = (os.environ if env is None else env).get("NIX_REMOTE", "auto")
+    if remote == "daemon" or remote.startswith("unix://"):
+        return True
+    return remote == "auto" and not os.access(state / "db", os.W_OK)
 
 
 def write_builders(builders: Sequence[Builder], directory: Path) -> Path:

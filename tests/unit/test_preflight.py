@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from reconciler import wiring
+from reconciler.adapters.nix import builds_through_daemon
 from reconciler.config import Config, NixConfig, RepoConfig, SigningConfig, StoreConfig
+from reconciler.core.builders import Builder
 from reconciler.daemon import preflight
 from reconciler.daemon.preflight import CheckName
 from reconciler.errors import ConfigError, ReconcilerError
@@ -90,3 +94,31 @@ def test_a_start_stops_at_any_failure_but_an_unreachable_repository() -> None:
             ]
         )
     assert str(err.value) == "preflight: signing: no secret key | second line (also failed: store)"
+
+
+def test_nix_hands_builds_to_a_daemon_as_nix_remote_or_the_stores_permissions_say(tmp_path: Path) -> None:
+    (tmp_path / "db").mkdir()
+    for remote in ("daemon", "unix:///run/nix/socket"):
+        assert builds_through_daemon({"NIX_REMOTE": remote}, tmp_path)
+    assert not builds_through_daemon({"NIX_REMOTE": "local"}, tmp_path)
+    # auto (unset): the daemon when this user cannot write the store's database.
+    assert not builds_through_daemon({}, tmp_path)
+    assert builds_through_daemon({}, tmp_path / "elsewhere")
+
+
+def test_a_builders_key_is_this_users_to_read_only_when_it_builds_without_a_daemon(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With NIX_REMOTE=daemon (deploy/'s unit and the chart) the root nix-daemon builds
+    over its own builders and reads their key; the reconciler's user cannot, and its
+    container does not even mount it. A start must not refuse that."""
+    key = tmp_path / "root-only" / "builder_ed25519"
+    b1 = Builder("b1", "ssh-ng://nixbuilder@build-1.example.com", str(key), "ssh-ed25519 AAAA")
+    cfg = replace(config(tmp_path), builders=(b1,))
+    config_check = dict(wiring.preflight(cfg))[CheckName.CONFIG]
+    monkeypatch.setenv("NIX_REMOTE", "daemon")
+    assert config_check() == f"{cfg.path} is valid"
+    monkeypatch.setenv("NIX_REMOTE", "local")
+    with pytest.raises(ConfigError) as err:
+        config_check()
+    assert (err.value.key, err.value.reason) == ("builders[0].ssh_key", f"{key} does not exist")
