@@ -97,6 +97,11 @@ def ssh_config(builders: Sequence[Builder], known_hosts_file: str) -> str:
         "  IdentitiesOnly yes",
         "  ForwardAgent no",
         "  ConnectTimeout 10",
+        # A builder that stops answering mid-build (powered off, cut off): ssh ends the
+        # connection after a minute of silence, and Nix's build with it, instead of
+        # waiting on it until the build's deadline (nix.build_timeout).
+        "  ServerAliveInterval 15",
+        "  ServerAliveCountMax 4",
     ]
     return "".join(line + "\n" for line in lines)
 

@@ -37,6 +37,9 @@ def test_ssh_accepts_only_the_configured_host_keys_at_their_ports() -> None:
         "GlobalKnownHostsFile /dev/null",
         "StrictHostKeyChecking yes",
         "BatchMode yes",
+        # A builder gone silent ends the connection within a minute.
+        "ServerAliveInterval 15",
+        "ServerAliveCountMax 4",
     ):
         assert f"  {line}\n" in config
 
