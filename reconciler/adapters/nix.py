@@ -43,7 +43,7 @@ from reconciler.core.evalwork import Batch, EvalWork, Failure
 from reconciler.core.formats import Kind, kind_of, kinds
 from reconciler.core.hosts import Host
 from reconciler.core.model import BuildOutput, BuildProgress, Evaluation
-from reconciler.core.nixlog import Redaction, build_failure, last_line, redact, tail
+from reconciler.core.nixlog import Redaction, build_failure, failed_derivation, last_line, redact, tail
 from reconciler.core.provenance import DebianPackage, NixInputs, parse_debian_packages, parse_registrations
 from reconciler.core.reproducibility import (
     CHECK_LOCAL,
@@ -640,8 +640,11 @@ class Nix:
             beat,
         )
         where = remote.placement(real.stderr, self.builders)
-        builder = next((name for name, drvs in where.built.items() if drv in drvs), None)
         refused = {name: redact(why, how) for name, why in where.refused.items()}
+        # Where the image was built; of a failed build, where the derivation that failed
+        # (a package's, say) ran: the image's never did.
+        last = drv if real.returncode == 0 else failed_derivation(real.stderr) or drv
+        builder = next((name for name, drvs in where.built.items() if last in drvs), None)
         if real.returncode != 0:
             reason = build_failure(real.stderr, how, unsandboxed_build=not self.sandboxed)
             if refused and builder is None:

@@ -117,6 +117,13 @@ def build_failure(text: str, how: Redaction, unsandboxed_build: bool = False) ->
     return "\n".join(out)
 
 
+def failed_derivation(text: str) -> str | None:
+    """The derivation whose build failed first, by Nix's verdict in ``text``; None
+    when Nix failed before building."""
+    failed = next((m for m in (_FAILED.match(ln.strip()) for ln in text.splitlines()) if m), None)
+    return None if failed is None else failed.group("drv")
+
+
 def last_line(text: str, how: Redaction, unsandboxed_build: bool = False) -> str | None:
     """The last line of a running build's output ``text`` that may be shown, not
     counting Nix's progress lines; None if there is none yet."""

@@ -11,6 +11,7 @@ from reconciler.core.nixlog import (
     TAIL_LINES,
     Redaction,
     build_failure,
+    failed_derivation,
     last_line,
     redact,
 )
@@ -163,3 +164,13 @@ def test_the_repository_itself_is_shown_as_a_dot() -> None:
     assert HOW.path("/var/lib/reconciler/checkout") == "."
     assert HOW.path("/var/lib/reconciler/checkout/hosts") == "hosts"
     assert HOW.path("/var/lib/reconciler/checkout-old") == OUTSIDE
+
+
+def test_the_derivation_that_failed_is_the_first_nix_names() -> None:
+    # Not the dependents that could not be built after it (the host's image among them).
+    assert failed_derivation(FAILED_BUILD) == PKG
+    timed_out = f"building '{PKG}'...\nerror: building of '{PKG}' timed out after 3 seconds\n"
+    assert failed_derivation(timed_out) == PKG
+    assert (
+        failed_derivation("error: cannot connect to daemon at '/nix/var/nix/daemon-socket/socket'\n") is None
+    )
