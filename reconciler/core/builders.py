@@ -14,6 +14,12 @@ from dataclasses import dataclass, field
 
 # The name of the daemon's own machine as a builder (metrics, status).
 LOCAL = "local"
+# A builder that stops answering mid-build (powered off, cut off): ssh asks every
+# KEEPALIVE_INTERVAL seconds and ends the connection after KEEPALIVE_COUNT unanswered
+# asks, and Nix's build with it ("unexpected end-of-file"), instead of the build waiting
+# on it until its deadline (nix.build_timeout).
+KEEPALIVE_INTERVAL = 15
+KEEPALIVE_COUNT = 4
 
 
 @dataclass(frozen=True)
@@ -97,11 +103,8 @@ def ssh_config(builders: Sequence[Builder], known_hosts_file: str) -> str:
         "  IdentitiesOnly yes",
         "  ForwardAgent no",
         "  ConnectTimeout 10",
-        # A builder that stops answering mid-build (powered off, cut off): ssh ends the
-        # connection after a minute of silence, and Nix's build with it, instead of
-        # waiting on it until the build's deadline (nix.build_timeout).
-        "  ServerAliveInterval 15",
-        "  ServerAliveCountMax 4",
+        f"  ServerAliveInterval {KEEPALIVE_INTERVAL}",
+        f"  ServerAliveCountMax {KEEPALIVE_COUNT}",
     ]
     return "".join(line + "\n" for line in lines)
 

@@ -5,12 +5,15 @@ and through a local nix-daemon as production has it (deploy/README.md)."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -21,6 +24,7 @@ import pytest
 import yaml
 
 from reconciler.config import load_config
+from reconciler.core import builders as core_builders
 from reconciler.core.release import parse_release
 from reconciler.daemon.reconciler import Reconciler, status
 from reconciler.wiring import open_reconciler
@@ -211,6 +215,99 @@ def test_an_unknown_host_key_is_refused_naming_the_builder(
     finally:
         rec.close()
     assert not (remote / "nix/store").exists() or not any((remote / "nix/store").iterdir())
+
+
+# A package whose build runs until stopped; NONCE, new to every store, is the $0 of its
+# shell, which names the build's process (pgrep -f): the shell stays, as it would not
+# for a lone command, which it execs.
+ENDLESS = """\
+{ toolchain }:
+derivation {
+  name = "endless";
+  system = "x86_64-linux";
+  builder = toolchain.busybox;
+  args = [ "sh" "-c" "${toolchain.busybox} sleep 3600; exit 1" "NONCE" ];
+}
+"""
+
+
+def session_pids(sshd: Sshd) -> set[int]:
+    """The processes serving sshd's connections: its listener's children and theirs."""
+    found: set[int] = set()
+    parents = [sshd.proc.pid]
+    while parents:
+        out = subprocess.run(["pgrep", "-P", str(parents.pop())], capture_output=True, text=True).stdout
+        kids = {int(pid) for pid in out.split()}
+        parents += sorted(kids - found)
+        found |= kids
+    return found
+
+
+def test_a_builder_gone_silent_mid_build_fails_the_host_instead_of_holding_it(
+    tmp_path: Path, sshd: Sshd, config_repo: ConfigRepo, signing: Signing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A builder that stops answering (powered off, cut off: here its sshd's session
+    stopped with SIGSTOP) while it builds: ssh's keepalives end the connection, and the
+    host fails long before nix.build_timeout, the failure counted on that builder.
+    Keepalives every second, three unanswered (15 s and four in production). Without
+    them, a build here was still waiting on the silent builder after 30 s."""
+    monkeypatch.setattr(core_builders, "KEEPALIVE_INTERVAL", 1)
+    monkeypatch.setattr(core_builders, "KEEPALIVE_COUNT", 3)
+    nonce = str(uuid.uuid4())
+    config_repo.write("packages/endless.nix", ENDLESS.replace("NONCE", nonce))
+    services = "services:\n  idle: {package: endless, exec: [bin/busybox, sleep, '3600']}\n"
+    config_repo.write("hosts/stuck.yaml", "name: stuck\nformats: [aci]\n" + services)
+    config_repo.commit("stuck")
+    builder = {
+        "name": "b1",
+        "uri": f"ssh-ng://root@127.0.0.1:{sshd.port}?remote-store={second_store(tmp_path / 'builder')}",
+        "ssh_key": str(sshd.key),
+        "host_key": host_key(tmp_path),
+    }
+    cfg = yaml_nix(write_config(tmp_path, config_repo, signing, builders=[builder]), local_builds=False)
+    # Without keepalives the build would wait on the silent builder until this deadline.
+    data = yaml.safe_load(cfg.read_text())
+    data["nix"]["build_timeout"] = "90s"
+    cfg.write_text(yaml.safe_dump(data))
+    rec = open_reconciler(load_config(cfg))
+    stopped: list[int] = []
+    silent_at: list[float] = []
+
+    def silence_the_builder() -> None:
+        # Once the package's build runs on the builder, its sshd stops answering.
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not stopped:
+            building = subprocess.run(["pgrep", "-f", nonce], capture_output=True, text=True)
+            if building.returncode == 0:
+                stopped.extend(session_pids(sshd))
+                silent_at.append(time.monotonic())
+                for pid in stopped:
+                    os.kill(pid, signal.SIGSTOP)
+                return
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=silence_the_builder)
+    watcher.start()
+    try:
+        (outcome,) = rec.reconcile().outcomes
+        ended = time.monotonic()
+        watcher.join(5)
+        assert silent_at, "the package's build never started on the builder"
+        assert not outcome.ok
+        # 3 s of unanswered keepalives, and Nix's report: not the build's hour.
+        assert ended - silent_at[0] < 30, ended - silent_at[0]
+        assert outcome.error is not None and "unexpected end-of-file" in outcome.error, outcome.error
+        # Counted where the package's build failed: on b1 (the image was never built).
+        assert builds(rec, "b1", "failure") == 1 and builds(rec, "local", "failure") == 0
+        b1 = recorded_row(rec, "builders", "b1")
+        assert b1["failures"] == 1 and "unexpected end-of-file" in b1["last_error"], b1
+    finally:
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        watcher.join(5)
+        rec.close()
+        subprocess.run(["pkill", "-f", nonce], check=False)
 
 
 def yaml_nix(cfg: Path, local_builds: bool) -> Path:
