@@ -651,6 +651,9 @@ class Nix:
                 # Say first which builders could not take it: that is what to fix.
                 down = "; ".join(f"builder {name} refused: {why}" for name, why in sorted(refused.items()))
                 reason = f"{down}; {reason}"
+            elif builder is not None and builder != remote.LOCAL:
+                # Nix's words do not say which machine (its "builder" is the build's program).
+                reason = f"on builder {builder}: {reason}"
             raise BuildError(host.name, reason, builder=builder, refused=refused)
         self._check_size(host.name, drv)
         out = Path(real.stdout.strip().splitlines()[-1])

@@ -297,6 +297,8 @@ def test_a_builder_gone_silent_mid_build_fails_the_host_instead_of_holding_it(
         # 3 s of unanswered keepalives, and Nix's report: not the build's hour.
         assert ended - silent_at[0] < 30, ended - silent_at[0]
         assert outcome.error is not None and "unexpected end-of-file" in outcome.error, outcome.error
+        where = "build of host 'stuck' failed: on builder b1: builder for '"
+        assert outcome.error.startswith(where), outcome.error
         # Counted where the package's build failed: on b1 (the image was never built).
         assert builds(rec, "b1", "failure") == 1 and builds(rec, "local", "failure") == 0
         b1 = recorded_row(rec, "builders", "b1")
