@@ -99,6 +99,17 @@ def host_key(tmp_path: Path, name: str = "host") -> str:
     return (tmp_path / "ssh" / f"{name}.pub").read_text().strip()
 
 
+def sshd_builder(tmp_path: Path, sshd: Sshd, key: str = "host") -> dict[str, str]:
+    """builders: entry b1, the sshd's root over a second store in tmp_path/builder, with
+    the host key ``key`` of the sshd's keys as the only one accepted."""
+    return {
+        "name": "b1",
+        "uri": f"ssh-ng://root@127.0.0.1:{sshd.port}?remote-store={second_store(tmp_path / 'builder')}",
+        "ssh_key": str(sshd.key),
+        "host_key": host_key(tmp_path, key),
+    }
+
+
 def one_pass(cfg_path: Path) -> tuple[Reconciler, bool, str | None]:
     rec = open_reconciler(load_config(cfg_path))
     result = rec.reconcile()
@@ -126,12 +137,7 @@ def test_a_host_is_built_on_the_builder_and_copied_back(
     config_repo.write("hosts/bad.yaml", "name: bad\nformats: [aci]\n" + services)
     config_repo.commit("bad")
     remote = tmp_path / "builder"
-    builder = {
-        "name": "b1",
-        "uri": f"ssh-ng://root@127.0.0.1:{sshd.port}?remote-store={second_store(remote)}",
-        "ssh_key": str(sshd.key),
-        "host_key": host_key(tmp_path),
-    }
+    builder = sshd_builder(tmp_path, sshd)
     cfg = write_config(tmp_path, config_repo, signing, builders=[builder], reproducibility={"check": True})
     rec = open_reconciler(load_config(yaml_nix(cfg, local_builds=False)))
     try:
@@ -197,13 +203,8 @@ def test_an_unknown_host_key_is_refused_naming_the_builder(
 ) -> None:
     tiny_host(config_repo)
     remote = tmp_path / "builder"
-    impostor = {
-        "name": "b1",
-        "uri": f"ssh-ng://root@127.0.0.1:{sshd.port}?remote-store={second_store(remote)}",
-        "ssh_key": str(sshd.key),
-        # The builder's real key is not this one: ssh must not talk to it.
-        "host_key": host_key(tmp_path, "other-host"),
-    }
+    # The builder's real key is not this one: ssh must not talk to it.
+    impostor = sshd_builder(tmp_path, sshd, key="other-host")
     cfg = write_config(tmp_path, config_repo, signing, builders=[impostor])
     rec, ok, error = one_pass(yaml_nix(cfg, local_builds=False))
     try:
@@ -258,12 +259,7 @@ def test_a_builder_gone_silent_mid_build_fails_the_host_instead_of_holding_it(
     services = "services:\n  idle: {package: endless, exec: [bin/busybox, sleep, '3600']}\n"
     config_repo.write("hosts/stuck.yaml", "name: stuck\nformats: [aci]\n" + services)
     config_repo.commit("stuck")
-    builder = {
-        "name": "b1",
-        "uri": f"ssh-ng://root@127.0.0.1:{sshd.port}?remote-store={second_store(tmp_path / 'builder')}",
-        "ssh_key": str(sshd.key),
-        "host_key": host_key(tmp_path),
-    }
+    builder = sshd_builder(tmp_path, sshd)
     cfg = yaml_nix(write_config(tmp_path, config_repo, signing, builders=[builder]), local_builds=False)
     # Without keepalives the build would wait on the silent builder until this deadline.
     data = yaml.safe_load(cfg.read_text())
@@ -341,12 +337,7 @@ def test_builds_through_an_untrusted_nix_daemon_run_on_its_builders(
     and the daemon passes Nix's "building ... on ..." on, so it is counted there."""
     tiny_host(config_repo)
     remote = tmp_path / "builder"
-    builder = {
-        "name": "b1",
-        "uri": f"ssh-ng://root@127.0.0.1:{sshd.port}?remote-store={second_store(remote)}",
-        "ssh_key": str(sshd.key),
-        "host_key": host_key(tmp_path),
-    }
+    builder = sshd_builder(tmp_path, sshd)
     cfg = yaml_nix(write_config(tmp_path, config_repo, signing, builders=[builder]), local_builds=False)
     conf = tmp_path / "nix-daemon-conf"
     conf.mkdir()
