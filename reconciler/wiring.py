@@ -336,6 +336,12 @@ def preflight(cfg: Config, sandbox: Callable[[], str] | None = None) -> list[Che
 
     def config() -> str:
         t, r = cfg.triggers, cfg.repo
+        # Through a nix-daemon, the builders' keys are the root daemon's to read.
+        builder_keys = (
+            []
+            if builds_through_daemon()
+            else [(f"builders[{i}].ssh_key", Path(b.ssh_key)) for i, b in enumerate(cfg.builders)]
+        )
         pf.check_files(
             cfg,
             [
@@ -344,11 +350,7 @@ def preflight(cfg: Config, sandbox: Callable[[], str] | None = None) -> list[Che
                 ("repo.known_hosts", r.known_hosts),
                 *((f"repo.verify_commits.keys[{i}]", k) for i, k in enumerate(r.trusted_keys)),
                 ("store.credentials_file", cfg.store.credentials_file),
-                *(
-                    (f"builders[{i}].ssh_key", Path(b.ssh_key))
-                    for i, b in enumerate(cfg.builders)
-                    if not builds_through_daemon()
-                ),
+                *builder_keys,
             ],
         )
         read_secret(cfg, "triggers.webhook_secret_file", t.webhook_secret_file)
