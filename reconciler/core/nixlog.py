@@ -9,7 +9,7 @@ screen or a log shipper. Pure: text in, text out.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 # How many lines of Nix's output a host's error keeps (the last ones: the cause).
@@ -105,7 +105,7 @@ def build_failure(text: str, how: Redaction, unsandboxed_build: bool = False) ->
     redacted tail as :func:`redact` gives it.
     """
     lines = _shown(text, how, unsandboxed_build)
-    failed = next((m for m in map(_FAILED.match, lines) if m), None)
+    failed = _verdict(lines)
     if failed is None:
         return tail(lines)
     output = [ln for ln in lines if not (_FAILED.match(ln) or _PROGRESS.match(ln) or _CASCADE.match(ln))]
@@ -120,8 +120,13 @@ def build_failure(text: str, how: Redaction, unsandboxed_build: bool = False) ->
 def failed_derivation(text: str) -> str | None:
     """The derivation whose build failed first, by Nix's verdict in ``text``; None
     when Nix failed before building."""
-    failed = next((m for m in (_FAILED.match(ln.strip()) for ln in text.splitlines()) if m), None)
+    failed = _verdict(ln.strip() for ln in text.splitlines())
     return None if failed is None else failed.group("drv")
+
+
+def _verdict(lines: Iterable[str]) -> re.Match[str] | None:
+    """Nix's verdict on the first derivation whose build failed, among ``lines``."""
+    return next((m for m in map(_FAILED.match, lines) if m), None)
 
 
 def last_line(text: str, how: Redaction, unsandboxed_build: bool = False) -> str | None:
