@@ -260,12 +260,9 @@ def test_a_builder_gone_silent_mid_build_fails_the_host_instead_of_holding_it(
     config_repo.write("hosts/stuck.yaml", "name: stuck\nformats: [aci]\n" + services)
     config_repo.commit("stuck")
     builder = sshd_builder(tmp_path, sshd)
-    cfg = yaml_nix(write_config(tmp_path, config_repo, signing, builders=[builder]), local_builds=False)
-    # Without keepalives the build would wait on the silent builder until this deadline.
-    data = yaml.safe_load(cfg.read_text())
-    data["nix"]["build_timeout"] = "90s"
-    cfg.write_text(yaml.safe_dump(data))
-    rec = open_reconciler(load_config(cfg))
+    cfg = write_config(tmp_path, config_repo, signing, builders=[builder])
+    # Without keepalives the build would wait on the silent builder until build_timeout.
+    rec = open_reconciler(load_config(yaml_nix(cfg, local_builds=False, build_timeout="90s")))
     stopped: list[int] = []
     silent_at: list[float] = []
 
@@ -308,10 +305,10 @@ def test_a_builder_gone_silent_mid_build_fails_the_host_instead_of_holding_it(
         subprocess.run(["pkill", "-f", nonce], check=False)
 
 
-def yaml_nix(cfg: Path, local_builds: bool) -> Path:
-    """``cfg`` with nix.local_builds set."""
+def yaml_nix(cfg: Path, **settings: object) -> Path:
+    """``cfg`` with these nix: settings."""
     data = yaml.safe_load(cfg.read_text())
-    data["nix"]["local_builds"] = local_builds
+    data["nix"].update(settings)
     cfg.write_text(yaml.safe_dump(data))
     return cfg
 
