@@ -121,7 +121,7 @@ def signing_keys(
         yield made
     finally:
         for k in made.values():
-            subprocess.run(["gpgconf", "--homedir", str(k.gnupghome), "--kill", "all"], capture_output=True)
+            stop_gpg_agent(k.gnupghome)
 
 
 @pytest.fixture(scope="session")
@@ -132,7 +132,7 @@ def signing(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Signing]:
     keys = make_signing(tmp_path_factory.mktemp("gnupg"), KeyType.ED25519)
     yield keys
     # gpg started an agent for this keyring; it must not outlive the test run.
-    subprocess.run(["gpgconf", "--homedir", str(keys.gnupghome), "--kill", "all"], capture_output=True)
+    stop_gpg_agent(keys.gnupghome)
 
 
 @pytest.fixture(scope="session")
@@ -140,7 +140,7 @@ def rsa_signing(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Signing]:
     """The publisher's key as `reconciler init` makes it: RSA 3072, which rkt verifies."""
     keys = make_signing(tmp_path_factory.mktemp("gnupg-rsa"), KeyType.RSA)
     yield keys
-    subprocess.run(["gpgconf", "--homedir", str(keys.gnupghome), "--kill", "all"], capture_output=True)
+    stop_gpg_agent(keys.gnupghome)
 
 
 class ConfigRepo:
@@ -372,15 +372,21 @@ class ReconciledFleet:
         return self.store / self.art(host, fmt).blob
 
 
+def stop_gpg_agent(home: Path) -> None:
+    """Stop the agent gpg started for the keyring in ``home``, if it did."""
+    subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], capture_output=True)
+
+
 def gpg_verify(public_key: Path, data: Path, signature: Path, home: Path) -> subprocess.CompletedProcess[str]:
     """Plain `gpg --verify` in a fresh keyring holding only ``public_key``."""
     home.mkdir(mode=0o700, exist_ok=True)
-    subprocess.run(
-        ["gpg", "--homedir", str(home), "-q", "--import", str(public_key)], check=True, capture_output=True
-    )
-    return subprocess.run(
-        ["gpg", "--homedir", str(home), "--verify", str(signature), str(data)], capture_output=True, text=True
-    )
+    try:
+        gpg = ["gpg", "--homedir", str(home)]
+        subprocess.run([*gpg, "-q", "--import", str(public_key)], check=True, capture_output=True)
+        return subprocess.run([*gpg, "--verify", str(signature), str(data)], capture_output=True, text=True)
+    finally:
+        # The import starts an agent in ``home``, which callers make for this alone.
+        stop_gpg_agent(home)
 
 
 @contextlib.contextmanager
@@ -411,7 +417,7 @@ def events() -> Iterator[io.StringIO]:
 def gpg_home(tmp_path: Path) -> Iterator[Path]:
     home = tmp_path / "verify-gnupg"
     yield home
-    subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], capture_output=True)
+    stop_gpg_agent(home)
     shutil.rmtree(home, ignore_errors=True)
 
 

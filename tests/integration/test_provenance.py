@@ -36,7 +36,7 @@ from reconciler.core.layout import AttestationKind, attestation_path, release_pa
 from reconciler.core.release import Release, parse_release
 from reconciler.demo import make_signing_key
 from reconciler.wiring import open_reconciler
-from tests.conftest import ConfigRepo, Signing, cli, write_config
+from tests.conftest import ConfigRepo, Signing, cli, stop_gpg_agent, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -116,7 +116,10 @@ def publisher_key(signing: Signing, home: Path) -> Key:
     public half (what a third party verifying our attestations has)."""
     home.mkdir(mode=0o700)
     subprocess.run(["gpg", "--homedir", str(home), "-q", "--import", str(signing.public_key)], check=True)
-    _, key = GPGSigner.import_(signing.fingerprint.lower(), str(home))
+    try:
+        _, key = GPGSigner.import_(signing.fingerprint.lower(), str(home))
+    finally:
+        stop_gpg_agent(home)
     return key
 
 
@@ -214,7 +217,7 @@ def stranger(tmp_path: Path) -> Iterator[tuple[Path, str]]:
     home = tmp_path / "stranger"
     fpr = make_signing_key(home, name="Stranger")
     yield home, fpr
-    subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], capture_output=True)
+    stop_gpg_agent(home)
 
 
 def _other_subject(doc: dict[str, Any]) -> None:
@@ -367,4 +370,4 @@ def test_a_key_behind_a_passphrase_file_signs_attestations_securesystemslib_veri
         _, key = GPGSigner.import_(fpr.lower(), str(home))
         assert set(signed.verify([key], 1)) == {fpr.lower()}
     finally:
-        subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], capture_output=True)
+        stop_gpg_agent(home)
