@@ -38,7 +38,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from reconciler.adapters.nix import Nix as NixAdapter  # noqa: E402
-from reconciler.adapters.tree import read_tree  # noqa: E402
 from reconciler.config import load_config  # noqa: E402
 from reconciler.core.hosts import parse_fleet  # noqa: E402
 from reconciler.demo import init  # noqa: E402
@@ -190,7 +189,7 @@ def main() -> int:
         rec = open_reconciler(cfg)
         try:
             rec.source.fetch()
-            fleet = parse_fleet(read_tree(rec.source.checkout))
+            fleet = parse_fleet(rec.source.read_tree())
             assert isinstance(rec.nix, NixAdapter)
             rec.nix.ensure_toolchain()
             runtime = rec.nix.toolchain_dir / "runtime" / "runtime"

@@ -69,7 +69,6 @@ sys.path.insert(0, str(ROOT))
 from reconciler.adapters.nix import NIX_OPTIONS  # noqa: E402
 from reconciler.adapters.nix import Nix as NixAdapter  # noqa: E402
 from reconciler.adapters.store import FilesystemStore  # noqa: E402
-from reconciler.adapters.tree import read_tree  # noqa: E402
 from reconciler.agent.config import load_agent_config  # noqa: E402
 from reconciler.config import load_config  # noqa: E402
 from reconciler.core.formats import PARTS, Format  # noqa: E402
@@ -180,7 +179,7 @@ def provenance_cost(repeat: int) -> None:
                 raise SystemExit("the demo's pass failed")
             store = cfg.store.path
             assert store is not None
-            fleet = parse_fleet(read_tree(rec.source.checkout))
+            fleet = parse_fleet(rec.source.read_tree())
             print("\nprovenance per release (SLSA provenance + SPDX SBOM, each a gpg-signed DSSE envelope):")
             print(
                 f"{'host':<10} {'build s':>8} {'attest s':>9} {'of it Nix s':>12} {'ratio':>6}"
@@ -268,7 +267,7 @@ def log_cost(repeat: int) -> None:
             )
             # The first append reads the key and starts the log: not a release's cost.
             log.append_release("warm-up", 1, b"{}")
-            fleet = parse_fleet(read_tree(rec.source.checkout))
+            fleet = parse_fleet(rec.source.read_tree())
             print(
                 f"{'host':<10} {'build s':>8} {'log s':>7} {'ratio':>6}"
                 f" {'artifact bytes':>15} {'log bytes':>10} {'ratio':>7}  objects written"
@@ -474,7 +473,7 @@ def build_times(tmp: Path, repeat: int) -> None:
     rec = open_reconciler(cfg)
     try:
         rec.source.fetch()
-        fleet = parse_fleet(read_tree(rec.source.checkout))
+        fleet = parse_fleet(rec.source.read_tree())
         t = time.perf_counter()
         assert isinstance(rec.nix, NixAdapter)
         rec.nix.ensure_toolchain()

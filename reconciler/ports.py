@@ -42,19 +42,20 @@ if TYPE_CHECKING:
 
 
 class Source(Protocol):
-    """The config repository: its tracked branch, checked out for evaluation."""
+    """The config repository: its tracked branch, written out for evaluation."""
 
     @property
     def checkout(self) -> Path:
-        """Where the fetched commit is checked out (what Nix evaluates)."""
+        """Where the fetched commit is written out for Nix: its tree without the host
+        and profile files (core.hosts.NOT_READ_BY_PACKAGES)."""
         ...
 
     def fetch(self) -> str:
-        """Fetch the branch, check its head out and return the commit id."""
+        """Fetch the branch, write its head out and return the commit id."""
         ...
 
     def read_tree(self) -> dict[str, str]:
-        """The definition files of the checkout (core.hosts.parse_fleet's input)."""
+        """The definition files of the fetched commit (core.hosts.parse_fleet's input)."""
         ...
 
     def commit_time(self, commit: str) -> float: ...

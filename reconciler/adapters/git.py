@@ -1,11 +1,12 @@
 """The config repository, through the git command.
 
-The daemon keeps its own clone in the state directory and checks out the tracked
-branch's head detached; whether a new head may be built (signature, ancestry) is
-reconciler.gate's decision, from what this module reads. Every operation is one git
-process under a deadline: a plan's reads cost no library import (gitpython's is 30 ms
-and more, a fifth of a bare evaluation of 1,000 hosts), and a remote that stops
-answering cannot hold a pass for ever.
+The daemon keeps its own clone in the state directory and writes the tracked branch's
+head out of git objects into a tree of its own for Nix, without the host and profile
+files (core.hosts.NOT_READ_BY_PACKAGES: Nix is given those normalised); whether a new
+head may be built (signature, ancestry) is reconciler.gate's decision, from what this
+module reads. Every operation is one git process under a deadline: a plan's reads cost
+no library import (gitpython's is 30 ms and more, a fifth of a bare evaluation of 1,000
+hosts), and a remote that stops answering cannot hold a pass for ever.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 from reconciler import log
 from reconciler.adapters.process import run_with_deadline
 from reconciler.config import GIT_NETWORK_TIMEOUT
-from reconciler.core.hosts import SYMLINK, TOO_BIG, UNREADABLE
+from reconciler.core.hosts import NOT_READ_BY_PACKAGES, SYMLINK, TOO_BIG, UNREADABLE
 from reconciler.core.schema import MAX_FILE_BYTES
 from reconciler.errors import ConfigError, SourceError, VerificationError
 
@@ -43,26 +44,32 @@ DEFINITIONS = ("hosts", "profiles", "packages")
 
 
 class GitSource:
+    """The Source port over a clone in ``clone`` (a git directory and no work tree);
+    ``tree`` (default: ``tree`` beside the clone) holds the head fetch() last wrote out
+    for Nix."""
+
     def __init__(
         self,
         url: str,
         branch: str,
-        checkout: Path,
+        clone: Path,
         depth: int | None = None,
         credentials_file: Path | None = None,
         ssh_key: Path | None = None,
         known_hosts: Path | None = None,
         network_timeout: float = GIT_NETWORK_TIMEOUT.total_seconds(),
+        tree: Path | None = None,
     ) -> None:
         self.url = url
         self.branch = branch
-        self.checkout = checkout
+        self.clone = clone
+        self.checkout = tree if tree is not None else clone.parent / "tree"
         self.depth = depth
         # Seconds a clone, fetch, deepening or ls-remote may take (repo.network_timeout).
         self.network_timeout = network_timeout
         # Whether this process found (or made) the clone and set its origin.
         self._opened = False
-        # The commit this process last checked out, work tree cleaned.
+        # The commit this process last wrote out into ``checkout``.
         self._checked_out: str | None = None
         # Text of the definition files last read, by blob id: a file is read out of
         # git once while it is unchanged, and the same str handed to parse_fleet,
@@ -88,7 +95,7 @@ class GitSource:
     def _open(self) -> Path:
         """The clone's git directory, cloned first if there is none; its origin is the
         configured URL."""
-        git_dir = self.checkout / ".git"
+        git_dir = self.clone / ".git"
         if self._opened:
             return git_dir
         if git_dir.is_dir():
@@ -96,16 +103,16 @@ class GitSource:
             if url.returncode != 0 or url.stdout.decode(errors="replace").strip() != self.url:
                 self._checked(git_dir, ["remote", "set-url", "origin", self.url], f"cannot clone {self.url}")
         else:
-            if self.checkout.exists():
-                shutil.rmtree(self.checkout)
-            self.checkout.parent.mkdir(parents=True, exist_ok=True)
+            if self.clone.exists():
+                shutil.rmtree(self.clone)
+            self.clone.parent.mkdir(parents=True, exist_ok=True)
             shallow = [f"--depth={self.depth}"] if self.depth else []
             # --no-local: a repository on this machine is cloned as a remote one
             # is, through git's transport: only the branch's objects, in a pack,
             # instead of its object directory hard-linked or copied whole (loose
             # objects read ten times slower, and what else that directory holds
             # is not ours to take).
-            target = str(self.checkout.absolute())
+            target = str(self.clone.absolute())
             clone = ["clone", "--no-checkout", "--no-local", *shallow, "--", self.url, target]
             self._checked(None, clone, f"cannot clone {self.url}", self.network_timeout)
         self._opened = True
@@ -150,7 +157,7 @@ class GitSource:
         return proc.stdout
 
     def fetch(self) -> str:
-        """Fetch the branch, check its head out, and return the commit id.
+        """Fetch the branch, write its head out for Nix, and return the commit id.
 
         When that fails while the remote answers for the branch, what is broken is
         this clone (a corrupt object, a half-written ref): it is cloned afresh, once,
@@ -162,7 +169,7 @@ class GitSource:
                 raise
             log.event("checkout_repaired", logging.WARNING, url=self.url, error=str(exc))
             self._opened, self._checked_out, self._blobs = False, None, {}
-            shutil.rmtree(self.checkout, ignore_errors=True)
+            shutil.rmtree(self.clone, ignore_errors=True)
             return self._fetch_and_check_out()
 
     def _remote_has_branch(self) -> bool:
@@ -193,18 +200,13 @@ class GitSource:
         return line[0]
 
     def _fetch_and_check_out(self) -> str:
-        git_dir = self._open()
         commit = self.fetch_objects(f"refs/remotes/origin/{self.branch}")
-        # Nix reads the packages (and what they import) from the work tree, which only
-        # this process writes: a poll whose head did not move leaves it as it is
-        # (checking out and cleaning 10,000 host files took most of an idle pass).
+        # Nix reads the packages (and what they import) from the tree, which only this
+        # process writes: a poll whose head did not move leaves it as it is.
         if commit == self._checked_out:
             return commit
         self._checked_out = None
-        # In the work tree: checkout and clean act on the directory git runs in.
-        what = f"cannot check out {commit} of {self.url}"
-        self._checked(git_dir.parent, ["checkout", "--force", "--detach", commit], what)
-        self._checked(git_dir.parent, ["clean", "-ffdx"], what)
+        self.write_tree(commit, self.checkout)
         self._checked_out = commit
         return commit
 
@@ -222,6 +224,14 @@ class GitSource:
         self._checked(git_dir, fetch, what, self.network_timeout)
         head = ["rev-parse", "--verify", "--end-of-options", f"{ref}^{{commit}}"]
         return self._checked(git_dir, head, what).decode().strip()
+
+    def write_tree(self, commit: str, dest: Path) -> None:
+        """Replace ``dest`` with what Nix reads of ``commit``: its tree without the
+        folders of NOT_READ_BY_PACKAGES, whose files Nix is given validated and
+        normalised instead, so that no package can read them."""
+        if dest.exists():
+            shutil.rmtree(dest)
+        self.export(commit, dest, exclude=tuple(sorted(NOT_READ_BY_PACKAGES)))
 
     def export(self, commit: str, dest: Path, exclude: tuple[str, ...] = ()) -> None:
         """Write ``commit``'s tree into the new directory ``dest`` from git objects,
@@ -284,7 +294,7 @@ class GitSource:
         """gpg's status lines about the signature of ``commit``, checked by `git
         verify-commit` with the keys in ``gnupghome`` alone."""
         env = {**os.environ, **self.env, "GNUPGHOME": str(gnupghome)}
-        args = ["git", "-C", str(self.checkout), "verify-commit", "--raw", commit]
+        args = ["git", "-C", str(self._open()), "verify-commit", "--raw", commit]
         # A process group of its own: a timeout kills the gpg git started, too.
         try:
             proc = run_with_deadline(args, env=env, timeout=VERIFY_TIMEOUT, stderr=True)
@@ -419,9 +429,8 @@ def _cause(stderr: str, status: int) -> str:
 
 class Snapshot:
     """The Source port for what only reads (``reconciler plan``): the branch head read
-    from git objects into ``workdir``, fetched into a ref of its own. The daemon's work
-    tree and refs stay as they are, so a pass running meanwhile builds what it checked
-    out."""
+    from git objects into ``workdir``, fetched into a ref of its own. The daemon's tree
+    and refs stay as they are, so a pass running meanwhile builds what it wrote out."""
 
     REF = "refs/reconciler/snapshot"
 
@@ -438,11 +447,7 @@ class Snapshot:
         # The daemon's clone is the daemon's to keep: a plan leaves its housekeeping
         # (a process more per plan, and a repack now and then) to the daemon's fetches.
         commit = self._git.fetch_objects(self.REF, maintenance=False)
-        if self._tree.exists():
-            shutil.rmtree(self._tree)
-        # What Nix reads: anything but the host and profile files, which it is given
-        # normalised (read_tree reads those from git objects).
-        self._git.export(commit, self._tree, exclude=("hosts", "profiles"))
+        self._git.write_tree(commit, self._tree)
         self._commit = commit
         return commit
 

@@ -29,6 +29,10 @@ PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 FORMATS = tuple(f.value for f in Format)
 RESTART_POLICIES = ("always", "on-failure", "never")
 BUILTIN_PACKAGES = frozenset({"busybox"})
+# The top-level folders Nix never sees as files: it is given their hosts validated and
+# normalised (the fleet file), so a package cannot read them, and the evaluation cache
+# keys packages on everything else in the repository.
+NOT_READ_BY_PACKAGES = frozenset({"hosts", "profiles"})
 HOST_KEYS = frozenset({"name", "include", "formats", "network", "services", "files"})
 PROFILE_KEYS = HOST_KEYS - {"name"}
 NETWORK_KEYS = frozenset({"address", "gateway", "dns"})

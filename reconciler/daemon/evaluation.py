@@ -13,12 +13,9 @@ import hashlib
 import json
 from collections.abc import Sequence
 
-from reconciler.core.hosts import Fleet, Host, eval_key, package_names
+from reconciler.core.hosts import NOT_READ_BY_PACKAGES, Fleet, Host, eval_key, package_names
 from reconciler.core.model import PACKAGES_KEY, Evaluation
 from reconciler.ports import Ledger, Nix, Source
-
-# What the packages may read: anything in the repository but host and profile files.
-NOT_READ_BY_PACKAGES = frozenset({"hosts", "profiles"})
 
 
 class Evaluating:
@@ -86,11 +83,12 @@ class Evaluating:
 
     def _package_ids(self, recipe: str, names: frozenset[str]) -> dict[str, str]:
         """The ids (Nix.package_ids) of at least ``names``, evaluated again only when a
-        file the packages could read changed (anything outside hosts/ and profiles/: a
-        package may import any file of the repository): a README edit costs this one
-        small evaluation of the packages, and no host's. The ledger keeps the last
-        complete answer, and a later one asks for the packages it held too (those
-        the repository still has), so that a batch needing fewer finds them there."""
+        file the packages could read changed (anything outside hosts/ and profiles/,
+        which Nix is not given: a package may import any other file of the repository):
+        a README edit costs this one small evaluation of the packages, and no host's.
+        The ledger keeps the last complete answer, and a later one asks for the packages
+        it held too (those the repository still has), so that a batch needing fewer
+        finds them there."""
         tree = self._source.tree_digest(self._commit, exclude=NOT_READ_BY_PACKAGES)
         key = hashlib.sha256(json.dumps([recipe, tree]).encode()).hexdigest()
         stored = self._ledger.get_meta(PACKAGES_KEY)

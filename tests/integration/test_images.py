@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from reconciler.adapters.nix import NIX_DIR
-from reconciler.adapters.tree import read_tree
 from reconciler.config import load_config
 from reconciler.core.hosts import parse_fleet
 from reconciler.daemon.reconciler import Reconciler
@@ -404,7 +403,7 @@ def test_the_aci_runs_on_the_appc_minimum_filesystem(fleet: Fleet, tmp_path: Pat
 
 
 def build_outputs(rec: Reconciler, host: str) -> dict[str, bytes]:
-    fleet = parse_fleet(read_tree(rec.source.checkout))
+    fleet = parse_fleet(rec.source.read_tree())
     out = rec.build(fleet.hosts[host], 7)
     return {fmt: path.read_bytes() for fmt, path in out.files.items()}
 
@@ -422,7 +421,7 @@ def test_builds_are_bit_for_bit_reproducible(reconciler: Reconciler, tmp_path: P
     first = build_outputs(reconciler, "web-1")
     assert set(first) == {"aci", "appimage"}
     # Rebuild every derivation of the host from scratch and compare with the first build.
-    fleet = parse_fleet(read_tree(reconciler.source.checkout))
+    fleet = parse_fleet(reconciler.source.read_tree())
     out = reconciler.build(fleet.hosts["web-1"], 7)
     image = reconciler.nix.evaluate([fleet.hosts["web-1"]], reconciler.source.checkout).images["web-1"]
     requisites = subprocess.run(
@@ -443,7 +442,7 @@ def test_changing_one_address_changes_only_that_hosts_outputs(
     reconciler: Reconciler, config_repo: ConfigRepo
 ) -> None:
     checkout = reconciler.source.checkout
-    before_fleet = parse_fleet(read_tree(checkout))
+    before_fleet = parse_fleet(reconciler.source.read_tree())
     before = reconciler.nix.evaluate(list(before_fleet.hosts.values()), checkout).images
     before_web2 = build_outputs(reconciler, "web-2")
     before_web1 = build_outputs(reconciler, "web-1")
@@ -451,7 +450,7 @@ def test_changing_one_address_changes_only_that_hosts_outputs(
     config_repo.write("hosts/web-2.yaml", text)
     config_repo.commit("move web-2")
     reconciler.source.fetch()
-    after_fleet = parse_fleet(read_tree(checkout))
+    after_fleet = parse_fleet(reconciler.source.read_tree())
     after = reconciler.nix.evaluate(list(after_fleet.hosts.values()), checkout).images
     assert {h for h in before if before[h] != after[h]} == {"web-2"}
     assert build_outputs(reconciler, "web-1") == before_web1

@@ -295,3 +295,30 @@ def test_a_nix_that_builds_unsandboxed_is_refused_unless_the_config_opts_out(
     # the daemon's own user) stays out of its reach.
     assert os.stat(signing.gnupghome).st_mode & 0o077 == 0
     assert aci_file(tmp_path / "store", "evil", "etc/stolen") == b""
+
+
+@pytest.mark.parametrize("read", ["../hosts/good.yaml", "../profiles/base.yaml"])
+def test_a_package_reads_no_host_or_profile_file(
+    tmp_path: Path, config_repo: ConfigRepo, signing: Signing, read: str
+) -> None:
+    # The evaluation cache keys a package on everything outside hosts/ and profiles/: a
+    # package that could read a host file would keep its old content when that changed.
+    config_repo.write("profiles/base.yaml", "network: {dns: [10.0.0.53]}\n")
+    push(
+        config_repo,
+        builder(
+            'echo "$seen" > $out/etc/seen',
+            let=f"seen = builtins.readFile {read};",
+            extra="inherit seen;",
+        ),
+    )
+    cfg = write_config(tmp_path, config_repo, signing)
+    planned = cli("plan", "-c", str(cfg))
+    res = cli("reconcile", "-c", str(cfg))
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert published(tmp_path / "store", "good")
+    assert not published(tmp_path / "store", "evil")
+    folder = read.split("/")[1]
+    assert f"getting status of '{folder}': No such file or directory" in host_error(cfg, "evil")
+    # What `reconciler plan` said of the host beforehand.
+    assert f"evil: invalid: nix evaluation failed: error: getting status of '{folder}'" in planned.stdout

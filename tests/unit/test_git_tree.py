@@ -54,7 +54,7 @@ def test_read_objects_reads_what_a_checkout_holds(tmp_path: Path) -> None:
     commit = commit_all(repo)
     source = GitSource(str(repo), "main", tmp_path / "clone")
     assert source.fetch() == commit
-    expected = read_tree(source.checkout)
+    expected = read_tree(repo)
     got = source.read_objects(commit)
     assert sorted(got) == sorted(expected)
     for path, text in expected.items():
@@ -83,7 +83,7 @@ def test_a_definition_folder_that_is_a_symlink_is_refused(tmp_path: Path) -> Non
     source = GitSource(str(repo), "main", tmp_path / "clone")
     source.fetch()
     with pytest.raises(ConfigError, match="symlink"):
-        read_tree(source.checkout)
+        read_tree(repo)
     with pytest.raises(ConfigError, match="symlink"):
         source.read_objects(commit)
 
