@@ -5,7 +5,7 @@
 #   nix-instantiate --eval --strict --json fleet.nix -A packageIds ... # what packages give
 #   nix-build fleet.nix -A 'hosts."web-1".artifacts' --argstr version 3 ...
 { fleetFile
-, repoDir                       # checkout of the config repository (packages/ lives there)
+, repoDir                       # the head's tree (packages/ lives there; no hosts/, profiles/)
 , toolchainDir ? null           # staged by toolchain/import-debian.sh
 , toolchain ? import ./toolchain-debian.nix { dir = toolchainDir; }
 , version ? "0"                 # release number, only baked into the artifacts step
