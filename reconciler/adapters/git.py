@@ -41,6 +41,13 @@ EXPORT_TIMEOUT = 300.0
 READ_TIMEOUT = 300.0
 # The folders whose files parse_fleet reads (only the names of packages/*.nix).
 DEFINITIONS = ("hosts", "profiles", "packages")
+# The clone's own attributes (info/attributes, which outrank the repository's
+# .gitattributes): the tree written out for Nix is the committed blobs, byte for byte.
+# Else `export-subst` would put the commit's id or date in a file whose blob did not
+# change, which the evaluation cache, keyed on blob ids, could not see; and
+# `export-ignore`, end-of-line conversion, `ident` and filters would make the files
+# Nix reads differ from what was committed.
+ATTRIBUTES = "* -export-subst -export-ignore -text -eol -ident -filter -working-tree-encoding\n"
 
 
 class GitSource:
@@ -115,6 +122,13 @@ class GitSource:
             target = str(self.clone.absolute())
             clone = ["clone", "--no-checkout", "--no-local", *shallow, "--", self.url, target]
             self._checked(None, clone, f"cannot clone {self.url}", self.network_timeout)
+        attributes = git_dir / "info" / "attributes"
+        try:
+            if not attributes.is_file() or attributes.read_text() != ATTRIBUTES:
+                attributes.parent.mkdir(exist_ok=True)
+                attributes.write_text(ATTRIBUTES)
+        except OSError as exc:
+            raise SourceError(f"cannot write {attributes}: {exc.strerror or exc}") from None
         self._opened = True
         return git_dir
 

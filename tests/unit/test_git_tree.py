@@ -105,6 +105,35 @@ def test_a_repository_of_only_host_files_exports_as_an_empty_tree(tmp_path: Path
     assert [p.name for p in (tmp_path / "out2").iterdir()] == ["README"]
 
 
+def test_the_tree_written_for_nix_is_the_committed_blobs_whatever_gitattributes_say(
+    tmp_path: Path,
+) -> None:
+    repo = tmp_path / "repo"
+    (repo / "packages").mkdir(parents=True)
+    (repo / "hosts").mkdir()
+    git(repo, "init", "-q", "-b", "main")
+    (repo / ".gitattributes").write_text(
+        "* text eol=crlf ident\npackages/site.nix export-subst\npackages/hidden.nix export-ignore\n"
+    )
+    (repo / "packages/site.nix").write_text("# $Id$ $Format:%H$\n{ toolchain }: toolchain.busybox\n")
+    (repo / "packages/hidden.nix").write_text("{ toolchain }: toolchain.busybox\n")
+    (repo / "hosts/web-1.yaml").write_text("name: web-1\n")
+    commit_all(repo)
+    source = GitSource(str(repo), "main", tmp_path / "clone")
+    for i in range(2):
+        source.fetch()
+        written = {
+            p.relative_to(source.checkout).as_posix() for p in source.checkout.rglob("*") if p.is_file()
+        }
+        committed = set(git(repo, "ls-files").splitlines()) - {"hosts/web-1.yaml"}
+        assert "packages/hidden.nix" in written and written == committed
+        for name in written:
+            assert (source.checkout / name).read_bytes() == (repo / name).read_bytes(), name
+        # The next commit changes no package blob: what Nix reads stays the same too.
+        (repo / "README").write_text(f"fleet {i}\n")
+        commit_all(repo)
+
+
 def test_a_repository_on_this_machine_is_cloned_through_git_s_transport(tmp_path: Path) -> None:
     """Only the branch's objects, packed: not the source's object directory hard-linked
     (loose objects, each read through a file of its own) with whatever else it holds."""
