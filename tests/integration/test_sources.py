@@ -323,7 +323,7 @@ def test_https_style_remote_with_credentials_from_a_file_and_shallow_fetches(
         result = rec.reconcile()
         assert result.ok and result.plan.commit == fleet.head
         shallow = subprocess.run(
-            ["git", "-C", str(rec.source.clone), "rev-parse", "--is-shallow-repository"],
+            ["git", "-C", str(tmp_path / "state/checkout"), "rev-parse", "--is-shallow-repository"],
             capture_output=True,
             text=True,
         ).stdout.strip()
