@@ -2,8 +2,11 @@
 about where a build ran. Pure: the Nix adapter writes the files and runs Nix.
 
 Nix schedules builds over the machines it is given (as Hydra does); this side only
-renders the machines specification and the ssh settings, and reads back which
-builder took a build and which ones could not be reached.
+renders the machines specification and the ssh settings, reads back which builder took
+a build and which ones could not be reached, and decides which builders Nix may be
+given at all: only those a probe build found building in Nix's sandbox (a builder's
+sandbox is its own nix.conf's, which nothing here can set), unless the config accepts
+unsandboxed builds.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 
 # The name of the daemon's own machine as a builder (metrics, status).
 LOCAL = "local"
@@ -20,6 +24,10 @@ LOCAL = "local"
 # on it until its deadline (nix.build_timeout).
 KEEPALIVE_INTERVAL = 15
 KEEPALIVE_COUNT = 4
+# A builder that could not be probed (down, refusing ssh) is tried again when a build
+# comes after this many seconds, not before each build: a dead builder costs a probe
+# its ssh ConnectTimeout (10 s).
+PROBE_RETRY = 60.0
 
 
 @dataclass(frozen=True)
@@ -121,6 +129,61 @@ class Placement:
     @property
     def builder(self) -> str:
         return self.last or LOCAL
+
+
+class Sandbox(Enum):
+    """What a probe build on a builder found."""
+
+    ON = "on"  # it saw nothing but its inputs
+    OFF = "off"  # it saw the builder machine's own files
+    UNKNOWN = "unknown"  # it could not run there (the builder is down or refused it)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A builder's last sandbox probe: when (monotonic seconds), what it found and, for
+    UNKNOWN, why."""
+
+    at: float
+    sandbox: Sandbox
+    error: str = ""
+
+
+def to_probe(builders: Sequence[Builder], probes: Mapping[str, Probe], now: float) -> list[Builder]:
+    """The builders to probe before a build at ``now``: those never probed, and those
+    whose last probe could not run, PROBE_RETRY seconds after it. A verdict stands for
+    the process, as the local sandbox probe's does."""
+    due = []
+    for b in builders:
+        last = probes.get(b.name)
+        if last is None or (last.sandbox is Sandbox.UNKNOWN and now - last.at >= PROBE_RETRY):
+            due.append(b)
+    return due
+
+
+def usable(
+    builders: Sequence[Builder], probes: Mapping[str, Probe], allow_unsandboxed: bool
+) -> tuple[list[Builder], dict[str, str]]:
+    """The builders Nix may be given, and why each other one may not: one whose probe
+    saw the machine's files builds outside Nix's sandbox, where a package of the config
+    repository could reach the network and the builder's files (accepted only with
+    ``allow_unsandboxed``, nix.sandbox: false); one not probed yet cannot be trusted."""
+    ok: list[Builder] = []
+    why: dict[str, str] = {}
+    for b in builders:
+        probe = probes.get(b.name)
+        if probe is None:
+            why[b.name] = "its sandbox is not verified yet"
+        elif probe.sandbox is Sandbox.ON or (probe.sandbox is Sandbox.OFF and allow_unsandboxed):
+            ok.append(b)
+        elif probe.sandbox is Sandbox.OFF:
+            why[b.name] = (
+                "it builds outside Nix's sandbox (a probe build saw the machine's files): "
+                "set 'sandbox = true' in its nix.conf"
+            )
+        else:
+            why[b.name] = f"its sandbox could not be verified: {probe.error}"
+    return ok, why
 
 
 _BUILDING = re.compile(r"^building '(?P<drv>/[^']+\.drv)'(?: on '(?P<uri>[^']+)')?\.\.\.$")

@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
-from reconciler.core.builders import LOCAL, Builder, known_hosts, machines, placement, ssh_config
+from reconciler.core.builders import (
+    LOCAL,
+    PROBE_RETRY,
+    Builder,
+    Probe,
+    Sandbox,
+    known_hosts,
+    machines,
+    placement,
+    ssh_config,
+    to_probe,
+    usable,
+)
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHo6aV0fvzBNvWmlBFq0oD0nb1R4vqHjyvj6cfSJRYOx"
 STORE = "remote-store=local%3Froot%3D/srv/b1"
@@ -80,3 +92,38 @@ cannot build on 'ssh-ng://evil.example': error: secrets
 """
     where = placement(log, [B1])
     assert where.built == {LOCAL: (DRV,)} and where.refused == {}
+
+
+B3 = Builder(name="b3", uri="ssh-ng://nix@build-3.example", ssh_key="/k/b3", host_key=KEY)
+
+
+def test_builds_go_only_to_builders_a_probe_found_sandboxed() -> None:
+    probes = {
+        "b1": Probe(10.0, Sandbox.ON),
+        "b2": Probe(10.0, Sandbox.OFF),
+        "b3": Probe(10.0, Sandbox.UNKNOWN, "sandbox probe: ssh: connect to host build-3.example: timed out"),
+    }
+    ok, why = usable([B1, B2, B3], probes, allow_unsandboxed=False)
+    assert ok == [B1]
+    assert why["b2"].startswith("it builds outside Nix's sandbox")
+    assert (
+        why["b3"]
+        == "its sandbox could not be verified: sandbox probe: ssh: connect to host build-3.example: timed out"
+    )
+    # nix.sandbox: false accepts an unsandboxed builder, never an unverified one.
+    ok, why = usable([B1, B2, B3], probes, allow_unsandboxed=True)
+    assert ok == [B1, B2] and set(why) == {"b3"}
+    ok, why = usable([B1], {}, allow_unsandboxed=True)
+    assert ok == [] and why == {"b1": "its sandbox is not verified yet"}
+
+
+def test_a_builder_is_probed_once_unless_its_probe_could_not_run() -> None:
+    probes = {
+        "b1": Probe(100.0, Sandbox.ON),
+        "b2": Probe(100.0, Sandbox.OFF),
+        "b3": Probe(100.0, Sandbox.UNKNOWN),
+    }
+    assert to_probe([B1, B2, B3], {}, 0.0) == [B1, B2, B3]
+    assert to_probe([B1, B2, B3], probes, 100.0 + PROBE_RETRY - 1) == []
+    assert to_probe([B1, B2, B3], probes, 100.0 + PROBE_RETRY) == [B3]
+    assert to_probe([B1, B2, B3], probes, 10_000.0) == [B3]
