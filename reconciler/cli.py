@@ -176,6 +176,8 @@ def status_lines(st: Mapping[str, Any], now: float) -> list[str]:
             last_build += f", took {_span(b['last_seconds'])}"
         line = f"builder {name}: {b['builds']} built, {b['failures']} failed, {b['unreachable']} unreachable"
         line += f"; last build {last_build}"
+        if b["sandbox"] is not None:
+            line += f"; sandbox {b['sandbox']}"
         if b["last_error"]:
             line += f"; last error {_when(b['last_error_at'])}: {b['last_error']}"
         out.append(line)

@@ -15,6 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from reconciler.core.builders import Probe
 from reconciler.core.events import Event, EventQuery
 from reconciler.core.hosts import Host, ParseKey
 from reconciler.core.model import (
@@ -91,6 +92,10 @@ class Nix(Protocol):
         ...
 
     def probe_sandbox(self, key_dir: Path) -> bool: ...
+    def probe_builders(self, key_dir: Path) -> dict[str, Probe]:
+        """Probe the sandbox of the remote builders due a probe (core.builders.to_probe):
+        what each found, by name. Builds go only to those core.builders.usable allows."""
+        ...
 
     def check_reproducible(self, host: Host, drv: str, repo: Path, skip: frozenset[str]) -> ReproCheck:
         """Build the derivations of ``drv``'s closure (realised already) but ``skip`` a
@@ -241,6 +246,10 @@ class Ledger(Protocol):
     def builders(self) -> Mapping[str, BuilderState]: ...
     def record_builder(self, name: str, result: str, seconds: float | None, error: str | None) -> None:
         """One host build on builder ``name``: ``result`` success, failure or unreachable."""
+        ...
+
+    def record_builder_probe(self, name: str, sandbox: str, error: str | None) -> None:
+        """What a sandbox probe on builder ``name`` found, and why it is not used, if not."""
         ...
 
     def suspensions(self) -> Suspensions:

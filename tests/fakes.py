@@ -18,6 +18,7 @@ from pathlib import Path
 from securesystemslib.signer import CryptoSigner
 from securesystemslib.signer import Signer as SslibSigner
 
+from reconciler.core.builders import Probe
 from reconciler.core.events import Event, EventQuery, EventType
 from reconciler.core.hosts import Host, ParseKey
 from reconciler.core.model import (
@@ -142,6 +143,7 @@ class FakeNix:
         self.unreproducible: set[str] = set()  # hosts whose image builds differently each time
         self.check_broken: set[str] = set()  # hosts whose second build cannot run
         self.checks: list[tuple[str, tuple[str, ...]]] = []  # host, derivations built again
+        self.builder_probes: dict[str, Probe] = {}  # what the next probe_builders finds
 
     def recipe_digest(self) -> str | None:
         return "recipe-1"
@@ -200,6 +202,12 @@ class FakeNix:
 
     def probe_sandbox(self, key_dir: Path) -> bool:
         return self.sandboxed
+
+    def probe_builders(self, key_dir: Path) -> dict[str, Probe]:
+        """What ``builder_probes`` holds, once each, as the adapter probes a builder
+        until a probe could run."""
+        found, self.builder_probes = self.builder_probes, {}
+        return found
 
     def check_reproducible(self, host: Host, drv: str, repo: Path, skip: frozenset[str]) -> ReproCheck:
         """The closure is a base every host shares, the host's image and its artifacts
@@ -512,6 +520,13 @@ class MemoryLedger:
             b = replace(b, failures=b.failures + 1, last_error=error, last_error_at=0.0)
         else:
             b = replace(b, unreachable=b.unreachable + 1, last_error=error, last_error_at=0.0)
+        self.builder_states[name] = b
+
+    def record_builder_probe(self, name: str, sandbox: str, error: str | None) -> None:
+        b = self.builder_states.get(name) or BuilderState(name, 0, 0, 0, None, None, None, None)
+        b = replace(b, sandbox=sandbox)
+        if error is not None:
+            b = replace(b, last_error=error, last_error_at=0.0)
         self.builder_states[name] = b
 
     def suspensions(self) -> Suspensions:

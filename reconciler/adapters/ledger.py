@@ -54,7 +54,8 @@ CREATE TABLE IF NOT EXISTS builders (
     last_build REAL,
     last_seconds REAL,
     last_error TEXT,
-    last_error_at REAL
+    last_error_at REAL,
+    sandbox TEXT
 );
 -- What operators suspended (`reconciler suspend`) and since when (unix time); the
 -- host FLEET ('*', never a host name) is the whole fleet.
@@ -82,7 +83,7 @@ PARSER = hashlib.sha256(
 
 # Columns added to a table since ledgers were first written, with their type: added to
 # a ledger that lacks them when it is opened (a new column's rows start NULL).
-ADDED_COLUMNS = {"hosts": (("attempt_version", "INTEGER"),)}
+ADDED_COLUMNS = {"hosts": (("attempt_version", "INTEGER"),), "builders": (("sandbox", "TEXT"),)}
 
 # The suspended table's row for the whole fleet.
 FLEET = "*"
@@ -302,9 +303,21 @@ class State:
         with self._lock:
             rows = self._db.execute(
                 "SELECT name, builds, failures, unreachable, last_build, last_seconds, last_error,"
-                " last_error_at FROM builders ORDER BY name"
+                " last_error_at, sandbox FROM builders ORDER BY name"
             ).fetchall()
         return {r[0]: BuilderState(*r) for r in rows}
+
+    def record_builder_probe(self, name: str, sandbox: str, error: str | None) -> None:
+        """What a sandbox probe build on builder ``name`` found (core.builders.Sandbox's
+        value), and why it is not used, if it is not."""
+        with self._lock:
+            self._db.execute("INSERT INTO builders(name) VALUES(?) ON CONFLICT(name) DO NOTHING", (name,))
+            self._db.execute("UPDATE builders SET sandbox = ? WHERE name = ?", (sandbox, name))
+            if error is not None:
+                self._db.execute(
+                    "UPDATE builders SET last_error = ?, last_error_at = ? WHERE name = ?",
+                    (error, time.time(), name),
+                )
 
     def record_builder(self, name: str, result: str, seconds: float | None, error: str | None) -> None:
         """One host build on builder ``name``: ``result`` success, failure or unreachable."""

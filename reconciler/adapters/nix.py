@@ -87,6 +87,8 @@ HERMETIC_OPTIONS = (
 EXIT_GRACE = 60.0
 # What a builder sees of the machine only when it is not sandboxed.
 PROBE_PATHS = ("/usr", "/home", "/root", "/var")
+# Nothing is substituted on a builder: there is no binary cache, as here.
+_NO_BUILDER_SUBSTITUTES = ("--option", "builders-use-substitutes", "false")
 # The log a build may write before Nix stops it. A build's log reaches this process
 # whole (the realisation's stderr, kept for the failure's tail and the gate's messages):
 # without a limit, a package printing without end would fill the daemon's memory before
@@ -152,15 +154,18 @@ def builds_through_daemon(env: Mapping[str, str] | None = None, state: Path = NI
     return remote == "auto" and not os.access(state / "db", os.W_OK)
 
 
-def write_builders(builders: Sequence[Builder], directory: Path) -> Path:
-    """Write the machines file, known hosts and ssh configuration of ``builders`` into
-    ``directory`` (the ssh configuration names the known hosts there): the ssh
-    configuration's path. Each file is replaced whole, mode 0644: ssh refuses a
-    configuration others may write, and none holds a secret (the key is a path)."""
+def write_builders(
+    builders: Sequence[Builder], directory: Path, machines: Sequence[Builder] | None = None
+) -> Path:
+    """Write the machines file (of ``machines``, default all), known hosts and ssh
+    configuration of ``builders`` into ``directory`` (the ssh configuration names the
+    known hosts there): the ssh configuration's path. Each file is replaced whole, mode
+    0644: ssh refuses a configuration others may write, and none holds a secret (the
+    key is a path)."""
     directory.mkdir(mode=0o755, parents=True, exist_ok=True)
     known = directory.resolve() / "known_hosts"
     files = {
-        "machines": remote.machines(builders),
+        "machines": remote.machines(builders if machines is None else machines),
         "known_hosts": remote.known_hosts(builders),
         "ssh_config": remote.ssh_config(builders, str(known)),
     }
@@ -199,6 +204,9 @@ class Nix:
         self._nix_version: str | None = None
         # Until a probe build says otherwise, a builder's output may have seen anything.
         self.sandboxed = False
+        # Each remote builder's last sandbox probe (probe_builders), by name.
+        self._probes: dict[str, remote.Probe] = {}
+        self._probe_lock = threading.Lock()
         self.env = _environment()
         workers = self.settings.eval_workers
         self.eval_workers = len(os.sched_getaffinity(0)) if workers == "auto" else workers
@@ -403,6 +411,45 @@ class Nix:
         that looks for what only an unsandboxed builder sees: the machine's own
         directories and the signing key's. Built anew each time (a nonce): a
         setting may have changed since the last probe."""
+        self.sandboxed = self._probe(key_dir, "local", [], None)
+        return self.sandboxed
+
+    def probe_builders(self, key_dir: Path) -> dict[str, remote.Probe]:
+        """Probe the sandbox of each remote builder that is due (core.builders.to_probe)
+        with the probe build of probe_sandbox, sent to that builder alone: what each
+        probe found, by builder. Later builds go only to the builders core.builders.usable
+        allows. Nothing when a nix-daemon builds for this process: it takes no builders
+        from it (they are root's, `reconciler builders`), and it schedules the start's
+        probe itself."""
+        if not self.builders or builds_through_daemon(self.env):
+            return {}
+        with self._probe_lock:
+            due = remote.to_probe(self.builders, self._probes, time.monotonic())
+            if not due:
+                return {}
+            # The machines file as builds use it now: a build may be reading it.
+            ssh_config = self._write_builders(self._listed())
+            env = {**self.env, "NIX_SSHOPTS": f"-F {ssh_config.resolve()}"}
+            found: dict[str, remote.Probe] = {}
+            for b in due:
+                only = ["--builders", remote.machines([b]).strip(), "--max-jobs", "0"]
+                try:
+                    on = self._probe(key_dir, b.name, [*only, *_NO_BUILDER_SUBSTITUTES], env)
+                except BuildError as exc:
+                    # What Nix said of the builder (and ssh before it), else how the probe failed.
+                    why = f"sandbox probe: {exc.refused[b.name]}" if b.name in exc.refused else exc.reason
+                    found[b.name] = remote.Probe(time.monotonic(), remote.Sandbox.UNKNOWN, why)
+                    continue
+                verdict = remote.Sandbox.ON if on else remote.Sandbox.OFF
+                found[b.name] = remote.Probe(time.monotonic(), verdict)
+            self._probes.update(found)
+            return found
+
+    def _listed(self) -> list[Builder]:
+        """The builders the machines file lists (core.builders.usable; _probe_lock held)."""
+        return remote.usable(self.builders, self._probes, not self.settings.sandbox)[0]
+
+    def _probe(self, key_dir: Path, where: str, extra: list[str], env: dict[str, str] | None) -> bool:
         self.ensure_toolchain()
         inst = self._run(
             [
@@ -414,7 +461,7 @@ class Nix:
                 *self._toolchain_args(),
                 "--argstr",
                 "nonce",
-                f"{time.time_ns()}-{os.getpid()}",
+                f"{where}-{time.time_ns()}-{os.getpid()}",
                 "--argstr",
                 "paths",
                 " ".join((*PROBE_PATHS, str(key_dir.resolve()))),
@@ -425,15 +472,16 @@ class Nix:
         if inst.returncode != 0:
             raise BuildError("", f"sandbox probe: evaluation failed: {_tail(inst.stderr)}")
         real = self._run(
-            ["nix-store", "--realise", inst.stdout.strip(), *self._build_options()],
+            ["nix-store", "--realise", inst.stdout.strip(), *self._build_options(), *extra],
             self.settings.build_timeout.total_seconds() + EXIT_GRACE,
             "the sandbox probe's build",
+            env=env,
         )
         if real.returncode != 0:
-            raise BuildError("", f"sandbox probe: build failed: {_tail(real.stderr)}")
+            refused = remote.placement(real.stderr, self.builders).refused
+            raise BuildError("", f"sandbox probe: build failed: {_tail(real.stderr)}", refused=dict(refused))
         verdict = Path(real.stdout.strip().splitlines()[-1]).read_text().strip()
-        self.sandboxed = verdict == "sandboxed"
-        return self.sandboxed
+        return verdict == "sandboxed"
 
     def write_fleet(self, hosts: Sequence[Host], packages: Sequence[str] = ()) -> Path:
         """Write the normalised fleet for fleet.nix (and ``packages`` to evaluate
@@ -584,27 +632,31 @@ class Nix:
             raise BuildError(host.name, f"evaluation failed: {redact(inst.stderr, self.redaction(repo))}")
         return inst.stdout.strip().splitlines()[-1]
 
-    def _write_builders(self) -> Path:
+    def _write_builders(self, machines: Sequence[Builder]) -> Path:
         """The builders' files in the state dir, written anew before each build (the
-        config may have changed since): the ssh configuration's path."""
-        return write_builders(self.builders, self.builders_dir)
+        config may have changed since), the machines file of ``machines``: the ssh
+        configuration's path."""
+        return write_builders(self.builders, self.builders_dir, machines)
 
-    def _builder_args(self) -> tuple[list[str], dict[str, str] | None]:
+    def _builder_args(self, host: str) -> tuple[list[str], dict[str, str] | None]:
         """Options and environment that hand a realisation's builds to Nix's remote
         builders: Nix schedules them over the machines file and copies outputs back.
-        Nothing is substituted on a builder (no binary cache, as here); ssh runs with
-        the generated configuration only (-F): the builders' host keys and no other,
-        no prompt."""
+        Only the builders whose sandbox a probe verified are listed (probe_builders),
+        unless a nix-daemon builds for this process (it uses its own). Nothing is
+        substituted on a builder (no binary cache, as here); ssh runs with the
+        generated configuration only (-F): the builders' host keys and no other, no
+        prompt. BuildError when no machine may build ``host``."""
         if not self.builders:
             return [], None
-        ssh_config = self._write_builders()
-        args = [
-            "--builders",
-            f"@{(self.builders_dir / 'machines').resolve()}",
-            "--option",
-            "builders-use-substitutes",
-            "false",
-        ]
+        listed: Sequence[Builder] = self.builders
+        if not builds_through_daemon(self.env):
+            with self._probe_lock:
+                listed, why = remote.usable(self.builders, self._probes, not self.settings.sandbox)
+            if not listed and not self.settings.local_builds:
+                said = "; ".join(f"builder {name}: {reason}" for name, reason in sorted(why.items()))
+                raise BuildError(host, f"no builder may build it (nix.local_builds is false): {said}")
+        ssh_config = self._write_builders(listed)
+        args = ["--builders", f"@{(self.builders_dir / 'machines').resolve()}", *_NO_BUILDER_SUBSTITUTES]
         if not self.settings.local_builds:
             args += ["--max-jobs", "0"]
         return args, {**self.env, "NIX_SSHOPTS": f"-F {ssh_config.resolve()}"}
@@ -617,7 +669,7 @@ class Nix:
         for ``reconciler build``). While it runs, ``progress`` is told every
         ``nix.heartbeat`` seconds how long it has run and its output's last line."""
         self.gcroots.mkdir(parents=True, exist_ok=True)
-        extra, env = self._builder_args()
+        extra, env = self._builder_args(host.name)
         how = self.redaction(repo)
 
         def beat(seconds: float, output: str) -> None:
@@ -746,7 +798,7 @@ class Nix:
         todo = [p for p in closure if p not in skip]
         if not todo:
             return ReproCheck(derivations=closure, rebuilt=(), where=CHECK_LOCAL)
-        extra, env = self._builder_args()
+        extra, env = self._builder_args(host.name)
         # An output of the closure collected since the build (only the artifacts are a
         # GC root) is built again first: --check compares with what is in the store.
         real = self._build(

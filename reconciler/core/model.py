@@ -126,6 +126,7 @@ class BuilderState:
     last_seconds: float | None  # how long it took
     last_error: str | None  # the last failure or refusal
     last_error_at: float | None
+    sandbox: str | None = None  # what its last sandbox probe found (core.builders.Sandbox)
 
 
 class PassResult(StrEnum):

@@ -219,6 +219,14 @@ class Metrics:
             " (allowed only by nix.sandbox: false).",
             registry=r,
         )
+        self.builder_sandbox = Gauge(
+            "reconciler_builder_sandbox",
+            "Per remote builder: 1 when a probe build found it building in Nix's sandbox, 0 when"
+            " it builds unsandboxed or could not be probed yet (builds go only to builders at 1,"
+            " unless nix.sandbox: false).",
+            ["builder"],
+            registry=r,
+        )
         self.stage_duration = Histogram(
             "reconciler_stage_duration_seconds",
             "Duration of one stage of a reconcile pass or of a host's release.",

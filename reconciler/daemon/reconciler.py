@@ -31,7 +31,7 @@ from reconciler.config import Config
 from reconciler.core import zsync
 from reconciler.core.appc import discovery_page
 from reconciler.core.appimage import update_information
-from reconciler.core.builders import LOCAL
+from reconciler.core.builders import LOCAL, Sandbox
 from reconciler.core.events import Event, EventQuery, EventType, Scalar, summary
 from reconciler.core.formats import Kind
 from reconciler.core.hosts import (
@@ -948,6 +948,7 @@ class Reconciler:
 
     def _realise(self, host: Host, drv: str, gcroot: str) -> BuildOutput:
         self.check_sandbox()
+        self._check_builders()
         started = self.clock.monotonic()
         try:
             with self.metrics.stage_duration.labels("build").time():
@@ -961,6 +962,30 @@ class Reconciler:
         self.metrics.build_duration.observe(seconds)
         self._record_builders(host, out.builder, out.refused, seconds, None)
         return out
+
+    def _check_builders(self) -> None:
+        """Probe the sandbox of the remote builders due a probe (Nix.probe_builders),
+        before a build: builds go only to those found building in it. What each probe
+        found: the builder's sandbox gauge, its ledger row (``status``) and a log line."""
+        for name, probe in sorted(self.nix.probe_builders(self.cfg.signing.gnupghome).items()):
+            self.metrics.builder_sandbox.labels(name).set(1 if probe.sandbox is Sandbox.ON else 0)
+            if probe.sandbox is Sandbox.ON:
+                self.state.record_builder_probe(name, probe.sandbox.value, None)
+                log.event("builder_sandbox", builder=name, sandbox=probe.sandbox.value)
+            elif probe.sandbox is Sandbox.OFF:
+                used = not self.cfg.nix.sandbox
+                why = "builds outside Nix's sandbox (a probe build saw the machine's files)"
+                why += ", used as nix.sandbox: false allows" if used else ": not used"
+                self.state.record_builder_probe(name, probe.sandbox.value, f"sandbox probe: {why}")
+                log.event(
+                    "builder_unsandboxed", logging.WARNING if used else logging.ERROR, builder=name, used=used
+                )
+            else:
+                # As a build Nix could not hand to it: `status` and BuilderUnreachable see it.
+                self.state.record_builder_probe(name, probe.sandbox.value, None)
+                self.metrics.builder_builds.labels(name, "unreachable").inc()
+                self.state.record_builder(name, "unreachable", None, probe.error)
+                log.event("builder_unreachable", logging.WARNING, builder=name, error=probe.error)
 
     def _record_builders(
         self,
@@ -1306,6 +1331,7 @@ def status(state: Ledger, now: float, max_wait: float) -> Mapping[str, object]:
                 "last_seconds": b.last_seconds,
                 "last_error": b.last_error,
                 "last_error_at": b.last_error_at,
+                "sandbox": b.sandbox,
             }
             for name, b in state.builders().items()
         },

@@ -150,6 +150,9 @@ def test_a_host_is_built_on_the_builder_and_copied_back(
         )
         b1 = recorded_row(rec, "builders", "b1")
         assert b1["builds"] == 2 and b1["last_build"] and b1["last_error"] is None
+        # Its sandbox probe ran there, and found the sandbox on.
+        assert b1["sandbox"] == "on"
+        assert rec.metrics.registry.get_sample_value("reconciler_builder_sandbox", {"builder": "b1"}) == 1
     finally:
         rec.close()
     # Built there, and copied back: the output is in both stores.
@@ -159,6 +162,7 @@ def test_a_host_is_built_on_the_builder_and_copied_back(
     out_path = Path(out.stdout.strip())
     assert out_path.is_dir()
     assert (remote / out_path.relative_to("/")).is_dir()
+    assert list((remote / "nix/store").glob("*-reconciler-sandbox-probe"))
     # Built again here, where the package writing a random id gives other bytes.
     assert not result["bad"].ok
     assert "-stamp.drv built again here gave other bytes than" in (result["bad"].error or "")
@@ -194,6 +198,8 @@ def test_a_dead_builder_fails_over_to_local_builds(
         assert builds(rec, "local", "success") == 1
         row = recorded_row(rec, "builders", "dead")
         assert row["unreachable"] == 1 and "Connection refused" in row["last_error"], row
+        # Found by its sandbox probe: the host's build was not offered to it.
+        assert row["sandbox"] == "unknown" and row["last_error"].startswith("sandbox probe: "), row
     finally:
         rec.close()
 
@@ -209,7 +215,9 @@ def test_an_unknown_host_key_is_refused_naming_the_builder(
     rec, ok, error = one_pass(yaml_nix(cfg, local_builds=False))
     try:
         assert not ok
-        assert error is not None and "builder b1 refused: Host key verification failed." in error, error
+        # Found by the sandbox probe, before anything was built.
+        said = "builder b1: its sandbox could not be verified: sandbox probe: Host key verification failed."
+        assert error is not None and said in error, error
         assert builds(rec, "b1", "unreachable") == 1
         assert builds(rec, "b1", "success") == 0
         assert recorded_row(rec, "hosts", "tiny")["status"] == "failed"

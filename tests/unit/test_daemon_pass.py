@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import threading
 from collections.abc import Mapping, Sequence
@@ -24,6 +25,7 @@ from reconciler.config import (
     StoreConfig,
 )
 from reconciler.core import hosts
+from reconciler.core.builders import Probe, Sandbox
 from reconciler.core.layout import AttestationKind, attestation_path, latest_path, release_path
 from reconciler.core.model import (
     COMMIT_KEY,
@@ -787,6 +789,43 @@ def test_builds_are_counted_per_builder_with_the_builders_that_could_not_take_th
     assert (b1.builds, b1.failures, b1.unreachable) == (1, 1, 1)
     assert b1.last_error is not None and b1.last_error.startswith("web-1: build of host 'web-1' failed")
     assert world.ledger.builder_states["local"].builds == 1
+
+
+REFUSED_B3 = "ssh: connect to host b3 port 22: Connection refused"
+
+
+def test_what_each_builder_s_sandbox_probe_found_is_shown_before_its_first_build(
+    world: World, events: io.StringIO
+) -> None:
+    world.source.push(FLEET)
+    world.nix.builder_probes = {
+        "b1": Probe(0.0, Sandbox.ON),
+        "b2": Probe(0.0, Sandbox.OFF),
+        "b3": Probe(0.0, Sandbox.UNKNOWN, f"sandbox probe: {REFUSED_B3}"),
+    }
+    rec = world.reconciler()
+    assert outcomes(rec) == {"web-1": (True, 1), "web-2": (True, 1)}
+    sample = rec.metrics.registry.get_sample_value
+    assert [sample("reconciler_builder_sandbox", {"builder": b}) for b in ("b1", "b2", "b3")] == [1, 0, 0]
+    # A builder that could not be probed is one Nix could not hand a build to.
+    assert sample("reconciler_builder_builds_total", {"builder": "b3", "result": "unreachable"}) == 1
+    text = status_now(world)["text"].splitlines()
+    lines = {ln.split(":")[0]: ln for ln in text if ln.startswith("builder ")}
+    assert lines["builder b1"] == "builder b1: 0 built, 0 failed, 0 unreachable; last build never; sandbox on"
+    assert lines["builder b2"].endswith(
+        "sandbox off; last error 1970-01-01 00:00:00Z: sandbox probe: builds outside Nix's sandbox"
+        " (a probe build saw the machine's files): not used"
+    )
+    assert lines["builder b3"].startswith("builder b3: 0 built, 0 failed, 1 unreachable; last build never;")
+    assert lines["builder b3"].endswith(
+        f"sandbox unknown; last error 1970-01-01 00:00:00Z: sandbox probe: {REFUSED_B3}"
+    )
+    said = events.getvalue()
+    (refused,) = [ln for ln in said.splitlines() if "event=builder_unsandboxed" in ln]
+    assert "level=error" in refused and "builder=b2 used=False" in refused
+    assert "event=builder_sandbox builder=b1 sandbox=on" in said
+    # Once: later builds do not probe again (the adapter keeps the verdicts).
+    assert world.nix.builder_probes == {}
 
 
 def test_a_suspended_host_keeps_what_it_published_until_resumed(world: World) -> None:
