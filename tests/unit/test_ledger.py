@@ -190,20 +190,24 @@ def test_a_host_is_dated_since_its_status_changed_not_since_the_last_pass(
 def test_a_ledger_written_before_a_column_was_added_is_read_and_migrated(tmp_path: Path) -> None:
     """A ledger an older daemon wrote lacks the columns added since (ADDED_COLUMNS): a
     read-only copy leaves them empty and changes nothing on disk; the daemon adds them."""
-    old = ledger_module.SCHEMA.replace(",\n    attempt_version INTEGER", "")
-    assert old != ledger_module.SCHEMA
+    old = ledger_module.SCHEMA.replace(",\n    attempt_version INTEGER", "").replace(
+        ",\n    sandbox TEXT", ""
+    )
+    assert old.count("\n") == ledger_module.SCHEMA.count("\n") - 2
     db = sqlite3.connect(tmp_path / "state.db")
     db.executescript(old)
     db.execute(
         "INSERT INTO hosts(name, version, status, updated, failures, failed_image, retry_at)"
         " VALUES ('web-1', 1, 'failed', 5.0, 2, '/nix/store/b-image.drv', 9.0)"
     )
+    db.execute("INSERT INTO builders(name, builds) VALUES ('b1', 3)")
     db.commit()
     db.close()
     before = (tmp_path / "state.db").read_bytes()
     copy = State(tmp_path, read_only=True)
     hs = copy.hosts()["web-1"]
     assert (hs.version, hs.failures, hs.retry_at, hs.attempt_version) == (1, 2, 9.0, None)
+    assert (copy.builders()["b1"].builds, copy.builders()["b1"].sandbox) == (3, None)
     copy.close()
     assert (tmp_path / "state.db").read_bytes() == before
     ledger = State(tmp_path)
@@ -212,4 +216,7 @@ def test_a_ledger_written_before_a_column_was_added_is_read_and_migrated(tmp_pat
     assert ledger.hosts()["web-1"].attempt_version == 2
     ledger.record_published("web-1", 2, "/nix/store/b-image.drv", "b" * 40)
     assert ledger.hosts()["web-1"].attempt_version is None
+    ledger.record_builder_probe("b1", "off", "sandbox probe: builds outside Nix's sandbox")
+    b1 = ledger.builders()["b1"]
+    assert (b1.builds, b1.sandbox, b1.last_error) == (3, "off", "sandbox probe: builds outside Nix's sandbox")
     ledger.close()
