@@ -255,8 +255,8 @@ def _builders(builders: Sequence[BuilderState], now: float) -> str:
         return ""
     head = (
         '<section id="builders"><h2>Builders</h2><table><thead><tr><th>builder</th><th>built</th>'
-        "<th>failed</th><th>unreachable</th><th>last build</th><th>took</th><th>last error</th>"
-        "</tr></thead><tbody>"
+        "<th>failed</th><th>unreachable</th><th>last build</th><th>took</th><th>sandbox</th>"
+        "<th>last error</th></tr></thead><tbody>"
     )
     rows = []
     for b in builders:
@@ -264,7 +264,8 @@ def _builders(builders: Sequence[BuilderState], now: float) -> str:
         error = "" if b.last_error is None else f"{when(b.last_error_at, now)}: {e(b.last_error)}"
         rows.append(
             f'<tr data-builder="{e(b.name)}"><td>{e(b.name)}</td><td>{b.builds}</td><td>{b.failures}</td>'
-            f"<td>{b.unreachable}</td><td>{when(b.last_build, now)}</td><td>{took}</td><td>{error}</td></tr>"
+            f"<td>{b.unreachable}</td><td>{when(b.last_build, now)}</td><td>{took}</td>"
+            f"<td>{e(b.sandbox or '-')}</td><td>{error}</td></tr>"
         )
     return head + "".join(rows) + "</tbody></table></section>"
 

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from reconciler.adapters.http import Request, Server
 from reconciler.config import load_config
+from reconciler.core.builders import Probe, Sandbox
 from reconciler.core.events import Event, EventType
 from reconciler.core.layout import release_path
 from reconciler.core.model import Action, BuilderState, HostState, Status
@@ -66,6 +67,7 @@ def text(html: str) -> str:
 def test_the_fleet_view_shows_each_host_its_status_and_the_next_pass(world: EventWorld) -> None:
     world.source.push({**FLEET, "hosts/db-1.yaml": HOST.format(name="db-1", address="10.0.0.3/24")})
     world.nix.failing.add("db-1")
+    world.nix.builder_probes = {"b1": Probe(0.0, Sandbox.OFF)}
     rec = world.reconciler()
     site = FleetPage(rec)
     assert rec.next_plan() is None
@@ -75,11 +77,15 @@ def test_the_fleet_view_shows_each_host_its_status_and_the_next_pass(world: Even
     assert (by["web-1"].status, by["web-1"].version, by["web-1"].action) == ("published", 1, Action.UNCHANGED)
     assert (by["db-1"].status, by["db-1"].action) == ("failed", Action.BACKOFF)
     assert "exit code 1" in (by["db-1"].error or "")
-    # Where the builds ran: web-1 and web-2 here, db-1's failure too.
-    (local,) = view.builders
+    # Where the builds ran: web-1 and web-2 here, db-1's failure too; b1, found building
+    # outside its sandbox, got none.
+    b1, local = view.builders
     assert (local.name, local.builds, local.failures, local.unreachable) == ("local", 2, 1, 0)
+    assert (b1.name, b1.builds, b1.sandbox) == ("b1", 0, "off")
     html = page.render_fleet(view)
     assert '<section id="builders">' in html and '<tr data-builder="local">' in html
+    row = re.search(r'<tr data-builder="b1">.*?</tr>', html)
+    assert row is not None and "<td>off</td>" in row.group(0)
     # The failure streak's start comes from the history.
     assert by["db-1"].since == world.clock.t
     assert view.plan is not None and [e.host for e in view.plan.entries] == ["db-1"]
@@ -157,7 +163,7 @@ def test_a_collected_release_is_said_to_be_gone() -> None:
 def evil_views() -> tuple[page.FleetView, page.HostView]:
     row = HostRow(EVIL, 2, EVIL, "failed", 100.0, False, Action.REBUILD, EVIL)
     plan = page.PlanView(EVIL, (HostPlan(EVIL, Action.REBUILD, (EVIL,)),))
-    builder = BuilderState(EVIL, 3, 1, 2, 900.0, 75.0, EVIL, 950.0)
+    builder = BuilderState(EVIL, 3, 1, 2, 900.0, 75.0, EVIL, 950.0, EVIL)
     fleet = page.FleetView(
         1000.0, EVIL, (row,), Filter.ALL, None, plan, (Series(EVIL, "s", (Point(900.0, 1.0),)),), (builder,)
     )
