@@ -226,6 +226,99 @@ def test_an_unknown_host_key_is_refused_naming_the_builder(
     assert not (remote / "nix/store").exists() or not any((remote / "nix/store").iterdir())
 
 
+def test_a_builder_that_does_not_trust_the_reconciler_is_refused_naming_it(
+    tmp_path: Path, sshd: Sshd, config_repo: ConfigRepo, signing: Signing
+) -> None:
+    """The builder's nix-daemon does not trust the ssh user (its trusted-users leaves it
+    out), so it refuses every build handed over: the builder's ssh command hands the
+    session to that daemon, over a second store, as deploy/README.md's builder does when
+    trusted-users lacks its user. Found by the sandbox probe, before any host build."""
+    tiny_host(config_repo)
+    conf = tmp_path / "builder-conf"
+    conf.mkdir()
+    (conf / "nix.conf").write_text(
+        "build-users-group = nixbld\nsubstituters =\nsandbox = true\ntrusted-users =\nallowed-users = *\n"
+    )
+    store = second_store(tmp_path / "untrusting").replace("%3F", "?").replace("%3D", "=")
+    sock = tmp_path / "builder.socket"
+    env = {k: v for k, v in os.environ.items() if k not in ("NIX_CONFIG", "NIX_REMOTE")}
+    env |= {"NIX_CONF_DIR": str(conf), "NIX_DAEMON_SOCKET_PATH": str(sock)}
+    program = tmp_path / "builder-nix-daemon"
+    program.write_text(f'#!/bin/sh\nNIX_REMOTE=unix://{sock} exec nix-daemon "$@"\n')
+    program.chmod(0o755)
+    builder = {
+        **sshd_builder(tmp_path, sshd),
+        "uri": f"ssh-ng://root@127.0.0.1:{sshd.port}?remote-program={program}",
+    }
+    with (tmp_path / "builder-daemon.log").open("w") as sink:
+        daemon = subprocess.Popen(
+            ["nix-daemon", "--store", store], env=env, stdout=sink, stderr=subprocess.STDOUT
+        )
+    try:
+        wait_for(sock.exists, 30, "the builder's nix-daemon socket")
+        cfg = write_config(tmp_path, config_repo, signing, builders=[builder])
+        rec, ok, error = one_pass(yaml_nix(cfg, local_builds=False))
+        try:
+            assert not ok
+            assert (
+                error is not None and "builder b1: its sandbox could not be verified: sandbox probe:" in error
+            )
+            # Nix 2.8's words for a user its daemon does not trust.
+            assert "you are not privileged to build input-addressed derivations" in error, error
+            assert builds(rec, "b1", "unreachable") == 1 and builds(rec, "b1", "success") == 0
+        finally:
+            rec.close()
+        # With local builds, the host (a new commit of it: the failed one waits out its
+        # backoff) builds here instead.
+        tiny_host(config_repo)
+        rec, ok, error = one_pass(yaml_nix(cfg, local_builds=True))
+        try:
+            assert ok, error
+            assert builds(rec, "local", "success") == 1
+        finally:
+            rec.close()
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=30)
+
+
+# A package only a machine with the system feature "gpu" may build.
+NEEDS_GPU = """\
+{ toolchain }:
+derivation {
+  name = "needs-gpu";
+  system = "x86_64-linux";
+  builder = toolchain.busybox;
+  requiredSystemFeatures = [ "gpu" ];
+  args = [ "sh" "-c" "echo NONCE > $out" ];
+}
+"""
+
+
+def test_a_build_needing_a_feature_no_builder_has_fails_that_host_saying_so(
+    tmp_path: Path, sshd: Sshd, config_repo: ConfigRepo, signing: Signing
+) -> None:
+    tiny_host(config_repo)
+    config_repo.write("packages/gpu.nix", NEEDS_GPU.replace("NONCE", str(uuid.uuid4())))
+    services = "services:\n  idle: {package: gpu, exec: [bin/busybox, sleep, '3600']}\n"
+    config_repo.write("hosts/render.yaml", "name: render\nformats: [aci]\n" + services)
+    config_repo.commit("render")
+    cfg = write_config(tmp_path, config_repo, signing, builders=[sshd_builder(tmp_path, sshd)])
+    rec = open_reconciler(load_config(yaml_nix(cfg, local_builds=False)))
+    try:
+        result = {o.host: o for o in rec.reconcile().outcomes}
+        # The other host builds on the builder as ever.
+        assert result["tiny"].ok, result["tiny"].error
+        assert not result["render"].ok
+        # Nix's own account: what the derivation needs, what the machines have.
+        error = result["render"].error or ""
+        assert "required (system, features): (x86_64-linux, gpu)" in error, error
+        assert "remote machines may not have all required system features" in error, error
+        assert builds(rec, "b1", "success") == 1
+    finally:
+        rec.close()
+
+
 # A package whose build runs until stopped; NONCE, new to every store, is the $0 of its
 # shell, which names the build's process (pgrep -f): the shell stays, as it would not
 # for a lone command, which it execs.
