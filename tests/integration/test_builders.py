@@ -110,6 +110,16 @@ def sshd_builder(tmp_path: Path, sshd: Sshd, key: str = "host") -> dict[str, str
     }
 
 
+def untrusting_nix_conf(directory: Path) -> Path:
+    """A NIX_CONF_DIR of production's nix.conf, but trusting no user (root, as the tests
+    run, is trusted by deploy/nix/nix.conf) and serving any."""
+    directory.mkdir()
+    (directory / "nix.conf").write_text(
+        "build-users-group = nixbld\nsubstituters =\nsandbox = true\ntrusted-users =\nallowed-users = *\n"
+    )
+    return directory
+
+
 def one_pass(cfg_path: Path) -> tuple[Reconciler, bool, str | None]:
     rec = open_reconciler(load_config(cfg_path))
     result = rec.reconcile()
@@ -234,11 +244,7 @@ def test_a_builder_that_does_not_trust_the_reconciler_is_refused_naming_it(
     session to that daemon, over a second store, as deploy/README.md's builder does when
     trusted-users lacks its user. Found by the sandbox probe, before any host build."""
     tiny_host(config_repo)
-    conf = tmp_path / "builder-conf"
-    conf.mkdir()
-    (conf / "nix.conf").write_text(
-        "build-users-group = nixbld\nsubstituters =\nsandbox = true\ntrusted-users =\nallowed-users = *\n"
-    )
+    conf = untrusting_nix_conf(tmp_path / "builder-conf")
     store = second_store(tmp_path / "untrusting").replace("%3F", "?").replace("%3D", "=")
     sock = tmp_path / "builder.socket"
     env = {k: v for k, v in os.environ.items() if k not in ("NIX_CONFIG", "NIX_REMOTE")}
@@ -437,13 +443,7 @@ def test_builds_through_an_untrusted_nix_daemon_run_on_its_builders(
     remote = tmp_path / "builder"
     builder = sshd_builder(tmp_path, sshd)
     cfg = yaml_nix(write_config(tmp_path, config_repo, signing, builders=[builder]), local_builds=False)
-    conf = tmp_path / "nix-daemon-conf"
-    conf.mkdir()
-    # Production's nix.conf, but trusting no user (root, as this test runs, is trusted by
-    # deploy/nix/nix.conf) and serving any.
-    (conf / "nix.conf").write_text(
-        "build-users-group = nixbld\nsubstituters =\nsandbox = true\ntrusted-users =\nallowed-users = *\n"
-    )
+    conf = untrusting_nix_conf(tmp_path / "nix-daemon-conf")
     files = tmp_path / "etc-nix-builders"
     sock = tmp_path / "nix-daemon.socket"
     daemon_log = tmp_path / "nix-daemon.log"
