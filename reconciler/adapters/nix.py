@@ -428,8 +428,7 @@ class Nix:
             if not due:
                 return {}
             # The machines file as builds use it now: a build may be reading it.
-            ssh_config = self._write_builders(self._listed())
-            env = {**self.env, "NIX_SSHOPTS": f"-F {ssh_config.resolve()}"}
+            env = self._builders_env(self._listed())
             found: dict[str, remote.Probe] = {}
             for b in due:
                 only = ["--builders", remote.machines([b]).strip(), "--max-jobs", "0"]
@@ -632,11 +631,12 @@ class Nix:
             raise BuildError(host.name, f"evaluation failed: {redact(inst.stderr, self.redaction(repo))}")
         return inst.stdout.strip().splitlines()[-1]
 
-    def _write_builders(self, machines: Sequence[Builder]) -> Path:
+    def _builders_env(self, machines: Sequence[Builder]) -> dict[str, str]:
         """The builders' files in the state dir, written anew before each build (the
-        config may have changed since), the machines file of ``machines``: the ssh
-        configuration's path."""
-        return write_builders(self.builders, self.builders_dir, machines)
+        config may have changed since), the machines file of ``machines``: the
+        environment whose ssh runs with their configuration."""
+        ssh_config = write_builders(self.builders, self.builders_dir, machines)
+        return {**self.env, "NIX_SSHOPTS": f"-F {ssh_config.resolve()}"}
 
     def _builder_args(self, host: str) -> tuple[list[str], dict[str, str] | None]:
         """Options and environment that hand a realisation's builds to Nix's remote
@@ -655,11 +655,11 @@ class Nix:
             if not listed and not self.settings.local_builds:
                 said = "; ".join(f"builder {name}: {reason}" for name, reason in sorted(why.items()))
                 raise BuildError(host, f"no builder may build it (nix.local_builds is false): {said}")
-        ssh_config = self._write_builders(listed)
+        env = self._builders_env(listed)
         args = ["--builders", f"@{(self.builders_dir / 'machines').resolve()}", *_NO_BUILDER_SUBSTITUTES]
         if not self.settings.local_builds:
             args += ["--max-jobs", "0"]
-        return args, {**self.env, "NIX_SSHOPTS": f"-F {ssh_config.resolve()}"}
+        return args, env
 
     def realise(
         self, host: Host, drv: str, repo: Path, root: str, progress: BuildProgress | None = None
