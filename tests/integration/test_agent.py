@@ -39,7 +39,7 @@ from reconciler.core.release import parse_release
 from reconciler.core.tufrepo import SERIALIZER
 from reconciler.demo import make_signing_key
 from reconciler.wiring import open_agent, open_reconciler
-from tests.conftest import PAGE_SITE, ConfigRepo, Signing, free_port, wait_for, write_config
+from tests.conftest import PAGE_SITE, ConfigRepo, Signing, free_port, stop_gpg_agent, wait_for, write_config
 from tests.integration.test_gate import compression_bomb
 
 pytestmark = pytest.mark.integration
@@ -315,7 +315,7 @@ def test_metadata_signed_by_another_key_is_refused(
             subprocess.run(export, check=True, capture_output=True).stdout
         )
     finally:
-        subprocess.run(["gpgconf", "--homedir", str(other), "--kill", "all"], capture_output=True)
+        stop_gpg_agent(other)
     attack(running, events, "bad-signature", "timestamp was signed by 0/1 keys")
 
 

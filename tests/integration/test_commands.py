@@ -18,7 +18,7 @@ from reconciler.adapters.tree import read_tree
 from reconciler.config import load_config
 from reconciler.core.appc import PortProtocol
 from reconciler.core.hosts import Port, parse_fleet
-from tests.conftest import ConfigRepo, Signing, aci_file, cli, wait_for, write_config
+from tests.conftest import ConfigRepo, Signing, aci_file, cli, stop_gpg_agent, wait_for, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -195,7 +195,7 @@ def test_init_makes_an_rsa_key_and_a_fleet_declaring_ports_under_a_name_prefix(t
             check=True,
         ).stdout
     finally:
-        subprocess.run(["gpgconf", "--homedir", str(demo / "gnupg"), "--kill", "all"], capture_output=True)
+        stop_gpg_agent(demo / "gnupg")
     # OpenPGP public key algorithm 1 (RSA), 3072 bits: what rkt's library verifies
     # (it refuses EdDSA, algorithm 22).
     (sec,) = [line.split(":") for line in keys.splitlines() if line.startswith("sec:")]

@@ -27,6 +27,7 @@ from tests.conftest import (
     is_ready,
     latest_version,
     metric_value,
+    stop_gpg_agent,
     wait_for,
     write_config,
 )
@@ -345,4 +346,4 @@ def test_check_says_each_thing_that_would_fail_in_one_line(
         assert "Traceback" not in got.stderr
         assert not (tmp_path / "store" / "hosts").exists()
     finally:
-        subprocess.run(["gpgconf", "--homedir", str(faults_home), "--kill", "all"], capture_output=True)
+        stop_gpg_agent(faults_home)

@@ -24,7 +24,7 @@ from reconciler.core.release import parse_release
 from reconciler.daemon.reconciler import Reconciler
 from reconciler.errors import StoreError
 from reconciler.wiring import audit_log, open_reconciler
-from tests.conftest import WEB, ConfigRepo, Signing, standard_fleet, write_config
+from tests.conftest import WEB, ConfigRepo, Signing, standard_fleet, stop_gpg_agent, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -262,7 +262,7 @@ def test_gpg_failure_fails_clearly_with_a_metric_and_publishes_nothing(
         assert metrics_of(rec)["reconciler_signing_failures_total"] >= 3
     finally:
         rec.close()
-        subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], capture_output=True)
+        stop_gpg_agent(home)
     store = tmp_path / "store"
     assert not list(store.glob("hosts/*/latest.json"))
     assert not list(store.glob("hosts/*/releases/*.json"))

@@ -9,7 +9,6 @@ the top of the repository).
 from __future__ import annotations
 
 import os
-import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ import pytest
 import yaml
 from playwright.sync_api import Browser, Page, sync_playwright
 
-from tests.conftest import TOOLCHAIN_DIR, cli, free_port, reconciler_run, wait_for
+from tests.conftest import TOOLCHAIN_DIR, cli, free_port, reconciler_run, stop_gpg_agent, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -102,7 +101,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
             assert proc.poll() is None, (demo / "daemon.log").read_text()[-3000:]
             yield Daemon(base, demo)
     finally:
-        subprocess.run(["gpgconf", "--homedir", str(demo / "gnupg"), "--kill", "all"], capture_output=True)
+        stop_gpg_agent(demo / "gnupg")
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,16 @@ from reconciler.core.openpgp import crc24
 from reconciler.daemon.reconciler import Reconciler
 from reconciler.errors import ReconcilerError, SigningError, SourceError
 from reconciler.wiring import open_reconciler
-from tests.conftest import ConfigRepo, Signing, cli, recorded_calls, standard_fleet, wait_for, write_config
+from tests.conftest import (
+    ConfigRepo,
+    Signing,
+    cli,
+    recorded_calls,
+    standard_fleet,
+    stop_gpg_agent,
+    wait_for,
+    write_config,
+)
 from tests.integration.test_sources import gpg_key, relocate, signed_commit
 
 pytestmark = pytest.mark.integration
@@ -95,7 +104,7 @@ def developer(tmp_path: Path) -> Iterator[tuple[Path, str, Path]]:
     home = tmp_path / "dev-gnupg"
     fpr, pub = gpg_key(home, "Developer")
     yield home, fpr, pub
-    subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], capture_output=True)
+    stop_gpg_agent(home)
 
 
 def trusting(developer: tuple[Path, str, Path]) -> dict[str, object]:

@@ -18,7 +18,7 @@ from tuf.api.metadata import Metadata, Root
 from tuf.ngclient import FetcherInterface, Updater
 
 from reconciler.demo import make_signing_key
-from tests.conftest import ConfigRepo, Signing, cli, write_config
+from tests.conftest import ConfigRepo, Signing, cli, stop_gpg_agent, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -50,14 +50,14 @@ def offline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keyring]:
     """A second root key, kept away from the daemon."""
     k = keyring(tmp_path_factory.mktemp("keys") / "offline", "Offline Root")
     yield k
-    subprocess.run(["gpgconf", "--homedir", str(k.home), "--kill", "all"], capture_output=True)
+    stop_gpg_agent(k.home)
 
 
 @pytest.fixture(scope="module")
 def bins_key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keyring]:
     k = keyring(tmp_path_factory.mktemp("keys") / "bins", "Second Online")
     yield k
-    subprocess.run(["gpgconf", "--homedir", str(k.home), "--kill", "all"], capture_output=True)
+    stop_gpg_agent(k.home)
 
 
 @dataclass

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import stop_gpg_agent
+
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -73,4 +75,4 @@ def test_an_installed_wheel_carries_the_nix_library_and_publishes(tmp_path: Path
     )
     assert res.returncode == 0, res.stderr[-2000:]
     assert "web-1: published version 1" in res.stdout
-    subprocess.run(["gpgconf", "--homedir", str(demo / "gnupg"), "--kill", "all"], capture_output=True)
+    stop_gpg_agent(demo / "gnupg")

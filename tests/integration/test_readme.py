@@ -20,7 +20,7 @@ from reconciler.adapters.nix import NIX_DIR, Nix
 from reconciler.agent.config import load_agent_config
 from reconciler.config import NixConfig
 from reconciler.core import hosts
-from tests.conftest import TOOLCHAIN_DIR, ConfigRepo, Signing, cli, write_config
+from tests.conftest import TOOLCHAIN_DIR, ConfigRepo, Signing, cli, stop_gpg_agent, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -45,7 +45,7 @@ def scratch_script() -> str:
 @pytest.fixture
 def workdir(tmp_path: Path) -> Iterator[Path]:
     yield tmp_path
-    subprocess.run(["gpgconf", "--homedir", str(tmp_path / "gnupg"), "--kill", "all"], capture_output=True)
+    stop_gpg_agent(tmp_path / "gnupg")
 
 
 def test_your_own_fleet_from_scratch_runs_as_written(workdir: Path) -> None:

@@ -16,7 +16,7 @@ import pytest
 
 from reconciler.adapters.gpg import Signer, Verifier
 from reconciler.errors import SigningError, VerificationError
-from tests.conftest import ConfigRepo, Signing, cli, standard_fleet, write_config
+from tests.conftest import ConfigRepo, Signing, cli, standard_fleet, stop_gpg_agent, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -54,7 +54,7 @@ def homes(tmp_path: Path) -> Iterator[Path]:
     yield tmp_path
     for home in tmp_path.iterdir():
         if home.is_dir():
-            subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], capture_output=True)
+            stop_gpg_agent(home)
 
 
 # gpg's faked clock runs on from the time given: a key "made at midnight" may be a

@@ -34,6 +34,7 @@ from tests.conftest import (
     latest_version,
     metric_value,
     standard_fleet,
+    stop_gpg_agent,
     wait_for,
     write_config,
 )
@@ -254,7 +255,7 @@ def test_only_commits_signed_by_a_trusted_key_are_built(
     finally:
         rec.close()
         for home in (dev_home, other_home):
-            subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], capture_output=True)
+            stop_gpg_agent(home)
 
 
 class GitHttp:

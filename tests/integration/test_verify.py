@@ -16,7 +16,7 @@ from reconciler.core.layout import release_path
 from reconciler.core.release import Artifact, Release, new_release
 from reconciler.demo import make_signing_key
 from reconciler.errors import VerificationError
-from tests.conftest import Signing, cli
+from tests.conftest import Signing, cli, stop_gpg_agent
 
 pytestmark = pytest.mark.integration
 
@@ -77,7 +77,7 @@ def other_key(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         ).stdout
     )
     yield fpr, pub
-    subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], capture_output=True)
+    stop_gpg_agent(home)
 
 
 def test_the_wrong_key_names_the_signer_and_the_trusted_keys(
