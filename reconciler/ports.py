@@ -27,8 +27,6 @@ from reconciler.core.model import (
     Status,
     Suspensions,
 )
-from reconciler.core.note import Note
-from reconciler.core.provenance import NixInputs, Signature
 from reconciler.core.reproducibility import ReproCheck
 from reconciler.errors import ObjectTooLargeError
 
@@ -40,6 +38,8 @@ if TYPE_CHECKING:
     # Types only: the fetch adapter brings http.client, ssl and email, which a plan
     # does not use either.
     from reconciler.adapters import fetch
+    from reconciler.core.note import Note
+    from reconciler.core.provenance import NixInputs, Signature
 
 
 class Source(Protocol):

@@ -13,28 +13,19 @@ test_commands.py checks what `reconciler plan` imports).
 from __future__ import annotations
 
 import os
-import socket
-import tempfile
-import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from reconciler.adapters.appimage import Packager
 from reconciler.adapters.clock import SystemClock
-from reconciler.adapters.eventlog import EventLog
 from reconciler.adapters.git import GitSource, Snapshot
 from reconciler.adapters.ledger import State
 from reconciler.adapters.nix import Nix, builds_through_daemon
 from reconciler.adapters.store import FilesystemStore
 from reconciler.config import Config, SigningConfig, StoreConfig
-from reconciler.core.layout import lease_path
-from reconciler.core.lease import Holder, parse_record
 from reconciler.daemon.gate import Gate
-from reconciler.daemon.lease import FencedStore, PublisherLease, read_record, terms_in
-from reconciler.daemon.metrics import Metrics
-from reconciler.daemon.reconciler import OpenLog, OpenTuf, Reconciler
+from reconciler.daemon.observer import Observer
 from reconciler.errors import (
     ConfigError,
     FetchError,
@@ -50,12 +41,16 @@ if TYPE_CHECKING:
     from securesystemslib.signer import Key
     from securesystemslib.signer import Signer as MetadataSigner
 
+    from reconciler.adapters.eventlog import EventLog
     from reconciler.agent.config import AgentConfig
     from reconciler.agent.logcheck import Audit
     from reconciler.agent.updater import Agent
+    from reconciler.core.lease import Holder
     from reconciler.core.tlog import Checkpoint
     from reconciler.daemon.loop import Daemon
+    from reconciler.daemon.metrics import Metrics
     from reconciler.daemon.preflight import Check
+    from reconciler.daemon.reconciler import OpenLog, OpenTuf, Reconciler
     from reconciler.daemon.tlog import TransparencyLog
 
 
@@ -83,6 +78,10 @@ def source(cfg: Config) -> GitSource:
 def open_reconciler(cfg: Config, metrics: Metrics | None = None) -> Reconciler:
     """The daemon's pass with the real adapters: it writes to the store only while it
     holds the store's publisher lease (unless lease.enabled is false)."""
+    from reconciler.daemon.lease import FencedStore, PublisherLease
+    from reconciler.daemon.metrics import Metrics
+    from reconciler.daemon.reconciler import Reconciler
+
     metrics = metrics or Metrics()
     nix = Nix(
         cfg.state_dir, cfg.nix, builders=cfg.builders, images=cfg.images, reproducibility=cfg.reproducibility
@@ -106,6 +105,12 @@ def holder(cfg: Config, create: bool = True) -> Holder:
     ``state_dir/publisher.id`` (so a restart takes its own lease back at once), and a
     name for people. A copied state directory must lose that file. ``create`` false:
     the id is empty when there is none yet (`reconciler status`)."""
+    import socket
+    import tempfile
+    import uuid
+
+    from reconciler.core.lease import Holder
+
     path = cfg.state_dir / HOLDER_FILE
     name = f"{socket.gethostname()}:{cfg.state_dir}"
     try:
@@ -141,6 +146,10 @@ def holder(cfg: Config, create: bool = True) -> Holder:
 def lease_status(cfg: Config) -> dict[str, object]:
     """The store's publisher lease as `reconciler status` shows it: its newest record,
     and whether this state directory holds it."""
+    from reconciler.core.layout import lease_path
+    from reconciler.core.lease import parse_record
+    from reconciler.daemon.lease import read_record, terms_in
+
     if not cfg.lease.enabled:
         return {"enabled": False}
     store = open_store(cfg.store)
@@ -167,6 +176,8 @@ def lease_status(cfg: Config) -> dict[str, object]:
 def open_events(cfg: Config, read_only: bool = False) -> EventLog:
     """The event history in the state database: ``read_only`` for what only reads it
     (`reconciler events`); writable for a command that records an event of its own."""
+    from reconciler.adapters.eventlog import EventLog
+
     return EventLog(cfg.state_dir, cfg.events, read_only=read_only)
 
 
@@ -229,24 +240,27 @@ def note_verifier(public_keys: list[bytes]) -> NoteVerifier:
     return OpenPgpNoteVerifier(public_keys)
 
 
-def open_planner(cfg: Config, workdir: Path) -> Reconciler:
-    """The pass for ``reconciler plan``, which changes nothing a daemon uses: the head
-    is read from git objects into ``workdir`` (the daemon's clone serves as the object
-    store when there is one), the ledger is a read-only copy, and Nix writes its fleet
-    files under ``workdir``. Only Nix's store and the staged toolchain, both caches
-    keyed by content, may grow."""
+def open_planner(cfg: Config, workdir: Path) -> Observer:
+    """The observation and plan of ``reconciler plan``, which changes nothing a daemon
+    uses: the head is read from git objects into ``workdir`` (the daemon's clone serves
+    as the object store when there is one), the ledger is a read-only copy, and Nix
+    writes its fleet files under ``workdir``. Only Nix's store and the staged
+    toolchain, both caches keyed by content, may grow."""
+    from reconciler.daemon.observer import Observer
+
     checkout = cfg.state_dir / "checkout"
     git = source(cfg) if (checkout / ".git").is_dir() else _clone_in(cfg, workdir / "clone")
     nix_settings = replace(cfg.nix, toolchain_dir=cfg.nix.toolchain_dir or cfg.state_dir / "toolchain")
     nix = Nix(workdir, nix_settings, images=cfg.images)
-    return Reconciler(
-        cfg, _ports(cfg, Snapshot(git, workdir), nix, lambda: State(cfg.state_dir, read_only=True))
-    )
+    ledger = State(cfg.state_dir, read_only=True)
+    return Observer(cfg, Snapshot(git, workdir), nix, ledger, Gate(cfg.repo), SystemClock())
 
 
 def _ports(cfg: Config, source: Source, nix: Nix, open_ledger: Callable[[], Ledger]) -> Ports:
     """A pass's ports around its ``source``, ``nix`` and ledger: the store, the gate, a
     signer opened on first use, the system clock."""
+    from reconciler.adapters.appimage import Packager
+
     # What can fail on bad configuration comes before the ledger is opened.
     store = open_store(cfg.store)
     gate = Gate(cfg.repo)

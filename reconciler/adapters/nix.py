@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from reconciler.adapters.process import run_with_deadline
 from reconciler.config import ImagesConfig, NixConfig, ReproducibilityConfig
@@ -44,7 +45,6 @@ from reconciler.core.formats import Kind, kind_of, kinds
 from reconciler.core.hosts import Host
 from reconciler.core.model import BuildOutput, BuildProgress, Evaluation
 from reconciler.core.nixlog import Redaction, build_failure, failed_derivation, last_line, redact, tail
-from reconciler.core.provenance import DebianPackage, NixInputs, parse_debian_packages, parse_registrations
 from reconciler.core.reproducibility import (
     CHECK_LOCAL,
     MAX_LISTED,
@@ -56,6 +56,9 @@ from reconciler.core.reproducibility import (
     summarise,
 )
 from reconciler.errors import BuildError
+
+if TYPE_CHECKING:
+    from reconciler.core.provenance import NixInputs
 
 _PACKAGE = Path(__file__).resolve().parent.parent
 # The Nix library: beside the package in a checkout (or an editable install), inside
@@ -328,6 +331,14 @@ class Nix:
         closure (each output built or used, and the sources) with its NAR's sha256, the
         Nix version, the Nix library and the toolchain by digest, and the Debian packages
         the toolchain was staged from. Read from Nix's database: nothing is hashed again."""
+        # Here, not above: provenance brings the store's layout, which a plan does not use.
+        from reconciler.core.provenance import (
+            DebianPackage,
+            NixInputs,
+            parse_debian_packages,
+            parse_registrations,
+        )
+
         deadline = self.settings.eval_timeout.total_seconds()
         req = self._run(
             ["nix-store", "--query", "--requisites", "--include-outputs", drv],

@@ -13,7 +13,8 @@ from reconciler.core.plan import Plan
 from reconciler.daemon.gate import CommitRefusedError
 
 if TYPE_CHECKING:
-    from reconciler.daemon.reconciler import HostOutcome, Observation, ReconcileResult
+    from reconciler.daemon.observer import Observation
+    from reconciler.daemon.reconciler import HostOutcome, ReconcileResult
 
 
 def pass_started(obs: Observation, rebuild: int, now: float) -> Event:

@@ -290,6 +290,17 @@ class Metrics:
                 self.builder_builds.labels(name, result)
             self.builder_build_duration.labels(name)
 
+    # What an observation counts and times (reconciler.daemon.observer.ObserveMetrics).
+
+    def stage(self, stage: str, seconds: float) -> None:
+        self.stage_duration.labels(stage).observe(seconds)
+
+    def fetch_failed(self) -> None:
+        self.git_fetch_errors.inc()
+
+    def commit_refused(self, reason: Refusal) -> None:
+        self.untrusted_commits.labels(reason).inc()
+
     def watch(self, ledger: Ledger, tuf: TufRepository | None, branch: str) -> None:
         """Serve the ledger's per-host figures (LedgerCollector) and the TUF roles'
         (TufCollector) from now on."""

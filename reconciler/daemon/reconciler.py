@@ -12,13 +12,12 @@ import contextlib
 import fcntl
 import hashlib
 import logging
-import os
 import shutil
 import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import Enum
@@ -35,14 +34,7 @@ from reconciler.core.builders import LOCAL, Sandbox
 from reconciler.core.events import Event, EventQuery, EventType, Scalar, summary
 from reconciler.core.formats import Kind
 from reconciler.core.hosts import (
-    Fleet,
     Host,
-    ParseCache,
-    ParseKey,
-    decode_parsed,
-    defined_packages,
-    encode_parsed,
-    parse_fleet,
 )
 from reconciler.core.layout import (
     PUBLISHER_KEY,
@@ -61,7 +53,6 @@ from reconciler.core.model import (
     SOURCE_ERROR_KEY,
     Action,
     BuildOutput,
-    Evaluation,
     FetchFailure,
     HostState,
     PassRecord,
@@ -70,19 +61,19 @@ from reconciler.core.model import (
     Suspensions,
     next_retry,
 )
-from reconciler.core.plan import HostPlan, Plan, make_plan, retry_delay, suspended_fleet
+from reconciler.core.plan import HostPlan, Plan, retry_delay, suspended_fleet
 from reconciler.core.provenance import BuildRecord, Reproducibility, ReproStatus, public_url
 from reconciler.core.release import RELEASE_LIMIT, Artifact, Release, new_release, parse_release
 from reconciler.core.reproducibility import CheckResult, refusal
 from reconciler.core.tufroles import RoleName
 from reconciler.core.versions import MAX_TAKEN, Adopt, Decision, Taken, decide, first_candidate
-from reconciler.daemon import history, parsing
+from reconciler.daemon import history
 from reconciler.daemon.attest import attest
-from reconciler.daemon.evaluation import Evaluating
 from reconciler.daemon.gate import CommitRefusedError
 from reconciler.daemon.gc import collect
 from reconciler.daemon.lease import PublisherLease
 from reconciler.daemon.metrics import Metrics
+from reconciler.daemon.observer import Observation, Observer
 from reconciler.daemon.preflight import sandbox_verdict
 from reconciler.daemon.publish import publish
 from reconciler.errors import (
@@ -92,7 +83,6 @@ from reconciler.errors import (
     NotReproducibleError,
     ReconcilerError,
     SigningError,
-    SourceError,
     StoreError,
     TufError,
     VerificationError,
@@ -113,15 +103,6 @@ if TYPE_CHECKING:
 OpenTuf = Callable[[Callable[[], "MetadataSigner"]], "TufRepository"]
 # How a pass opens the store's transparency log, given how to get the signing key.
 OpenLog = Callable[[Callable[[], Signer]], "TransparencyLog"]
-
-
-@dataclass(frozen=True)
-class Observation:
-    commit: str
-    fleet: Fleet
-    evaluation: Evaluation
-    changed: frozenset[str] | None
-    commit_time: float  # committer time, unix seconds
 
 
 @dataclass(frozen=True)
@@ -233,20 +214,13 @@ class Reconciler:
         self.clock = ports.clock
         self._gate = ports.gate
         self._events = ports.events
+        self.observer = Observer(
+            cfg, ports.source, ports.nix, ports.ledger, ports.gate, ports.clock, self.metrics, self._emit
+        )
         self._open_signer = ports.signer
         self.packager = ports.packager
         self._sandbox_verdict: str | None = None
         self._signer: Signer | None = None
-        self._parse_cache = ParseCache()
-        # Host file -> the ParseKey the ledger holds for it; None until first read.
-        self._recorded_parses: dict[str, ParseKey] | None = None
-        # Parsing many host files at once uses as many processes as evaluating them.
-        workers = cfg.nix.eval_workers
-        self._parse_workers = len(os.sched_getaffinity(0)) if workers == "auto" else workers
-        # The last observation and the recipe it was evaluated with: a pass whose head
-        # and recipe are unchanged reuses its fleet and images instead of reading,
-        # parsing and keying every host again.
-        self._last: tuple[Observation, str | None] | None = None
         self._pass_lock = threading.Lock()
         self._stopping = threading.Event()
         self._last_gc = self.clock.monotonic()
@@ -343,125 +317,12 @@ class Reconciler:
     # -- observe ---------------------------------------------------------------
 
     def observe(self) -> Observation:
-        stage = self.metrics.stage_duration
-        try:
-            with stage.labels("fetch").time():
-                commit = self.source.fetch()
-        except SourceError as exc:
-            self.metrics.git_fetch_errors.inc()
-            # For `reconciler status`: since when every fetch fails, so that it does not
-            # show hosts as fine while newer commits cannot be seen.
-            now, error = self.clock.now().timestamp(), summary(str(exc))
-            prev = FetchFailure.from_json(self.state.get_meta(FETCH_ERROR_KEY))
-            failure = prev.after(now, error) if prev is not None else FetchFailure(now, now, 1, error)
-            self.state.set_meta(FETCH_ERROR_KEY, failure.to_json())
-            raise
-        if self.state.get_meta(FETCH_ERROR_KEY):
-            self.state.set_meta(FETCH_ERROR_KEY, "")
-        self.check_head(commit)
-        recipe = self.nix.recipe_digest()
-        changed = self.source.changed_files(self.state.get_meta(COMMIT_KEY), commit)
-        last = self._last
-        # An evaluation that failed somewhere may have failed for a passing reason
-        # (a timeout): it is repeated.
-        if (
-            last is not None
-            and last[0].commit == commit
-            and last[1] == recipe
-            and not last[0].evaluation.errors
-        ):
-            fleet, evaluation = last[0].fleet, last[0].evaluation
-        else:
-            fleet, evaluation = self._parse_and_evaluate(commit, self.source.read_tree(), recipe)
-        for err in fleet.errors:
-            log.event("host_invalid", logging.WARNING, file=err.path, key=err.key, reason=err.reason)
-        obs = Observation(commit, fleet, evaluation, changed, self.source.commit_time(commit))
-        self._last = (obs, recipe)
-        return obs
-
-    def _parse_and_evaluate(
-        self, commit: str, files: Mapping[str, str], recipe: str | None
-    ) -> tuple[Fleet, Evaluation]:
-        """The fleet ``files`` define and every host's image derivation.
-
-        Host files the ledger holds no parse of are parsed in batches
-        (reconciler.daemon.parsing), and each batch's hosts go to Nix while the next is
-        parsed: on a fleet's first plan the two take about as long (some 160 and 150
-        microseconds a host), so overlapped the plan takes little more than the longer.
-        The hosts parsed before are evaluated after, if their inputs changed. The
-        parse's stage duration runs until every file is parsed, the evaluation's from
-        there to the last image."""
-        stage = self.metrics.stage_duration
-        started = self.clock.monotonic()
-        work = Evaluating(self.state, self.nix, self.source, commit, recipe, defined_packages(files))
-        # One Nix evaluation at a time (each spread over nix.eval_workers processes).
-        with ThreadPoolExecutor(1, thread_name_prefix="nix-eval-batches") as nix:
-            pending: list[Future[Evaluation]] = []
-            try:
-                for results in parsing.batches(files, self._recorded_parse_cache(), self._parse_workers):
-                    batch = work.unknown([r for r in results.values() if isinstance(r, Host)])
-                    if batch:
-                        pending.append(nix.submit(self.nix.evaluate, batch, self.source.checkout))
-                fleet = self._parse(files)
-                parsed = self.clock.monotonic()
-                stage.labels("parse").observe(parsed - started)
-                for future in pending:
-                    work.add(future.result())
-            except BaseException:
-                # The observation fails: the batches not started yet are not evaluated.
-                nix.shutdown(cancel_futures=True)
-                raise
-        rest = work.unknown([h for h in fleet.hosts.values() if not work.has(h.name)])
-        if rest:
-            work.add(self.nix.evaluate(rest, self.source.checkout))
-        evaluation = work.result(fleet)
-        stage.labels("evaluate").observe(self.clock.monotonic() - parsed)
-        return fleet, evaluation
-
-    def _recorded_parse_cache(self) -> ParseCache:
-        """The parse cache, with the results the ledger holds from earlier processes
-        (read once per process)."""
-        cache = self._parse_cache
-        if self._recorded_parses is None:
-            self._recorded_parses = {}
-            for key, encoded in self.state.parsed().items():
-                try:
-                    cache.hosts[key] = decode_parsed(encoded)
-                except (ValueError, KeyError, TypeError):
-                    continue  # parsed again, and rewritten
-                self._recorded_parses[key[0]] = key
-        return cache
-
-    def _parse(self, files: Mapping[str, str]) -> Fleet:
-        """parse_fleet with the results the cache holds (_recorded_parse_cache): only
-        host files (or what they include) changed since are parsed. What this parse
-        added or dropped is written back to the ledger."""
-        cache = self._recorded_parse_cache()
-        recorded = self._recorded_parses or {}
-        fleet = parse_fleet(files, cache)
-        now = {key[0]: key for key in cache.hosts}
-        if self.state.durable:
-            added = {key: encode_parsed(cache.hosts[key]) for p, key in now.items() if recorded.get(p) != key}
-            removed = [p for p in recorded if p not in now]
-            if added or removed:
-                self.state.record_parsed(added, removed)
-        self._recorded_parses = now
-        return fleet
+        return self.observer.observe()
 
     def check_head(self, commit: str) -> None:
         """Build nothing from a head commit the commit gate refuses (reconciler.gate);
         every path that builds passes through here."""
-        try:
-            self._gate.check(self.source, commit, self.state.get_meta(COMMIT_KEY))
-        except CommitRefusedError as exc:
-            self.metrics.untrusted_commits.labels(exc.reason).inc()
-            # Once per refused head in the history, not once per pass that meets it again.
-            if self.state.get_meta(SOURCE_ERROR_KEY) != str(exc):
-                self._emit(history.commit_untrusted(exc, self.clock.now().timestamp()))
-            self.state.set_meta(SOURCE_ERROR_KEY, str(exc))
-            log.event("commit_refused", logging.WARNING, commit=commit, reason=exc.reason, why=exc.why)
-            raise
-        self.state.set_meta(SOURCE_ERROR_KEY, "")
+        self.observer.check_head(commit)
 
     # -- diff ------------------------------------------------------------------
 
@@ -472,17 +333,7 @@ class Reconciler:
         return obs, self._plan_of(obs, self.clock.now().timestamp() if respect_backoff else None)
 
     def _plan_of(self, obs: Observation, now: float | None) -> Plan:
-        plan = make_plan(
-            obs.commit,
-            obs.fleet,
-            obs.evaluation.images,
-            obs.evaluation.errors,
-            self._recorded(),
-            obs.changed,
-            now=now,
-            max_wait=self.cfg.retry.max.total_seconds(),
-            suspended=self.state.suspensions(),
-        )
+        plan = self.observer.plan_of(obs, self._recorded(), now)
         behind = dict(self._behind)  # a pass may change it while the page plans
         if behind:
             why = "published by another daemon (version {}) while this one stood by"
@@ -502,10 +353,10 @@ class Reconciler:
         that pass's observation planned against the ledger as it is now (the fleet
         page). Nothing is fetched or evaluated, and no lock is taken: a pass running
         meanwhile is seen as far as it has recorded. None before any pass observed."""
-        last = self._last
+        last = self.observer.last
         if last is None:
             return None
-        return self._plan_of(last[0], self.clock.now().timestamp())
+        return self._plan_of(last, self.clock.now().timestamp())
 
     def _recorded(self) -> Mapping[str, HostState]:
         """The ledger's hosts, with those another daemon published since (``_behind``)
