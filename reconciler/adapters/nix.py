@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 from reconciler.adapters.process import run_with_deadline
 from reconciler.config import ImagesConfig, NixConfig, ReproducibilityConfig
 from reconciler.core import builders as remote
+from reconciler.core import derivations
 from reconciler.core.appc import image_name
 from reconciler.core.builders import Builder
 from reconciler.core.evalwork import Batch, EvalWork, Failure
@@ -69,6 +70,11 @@ NIX_DIR = next(
 )
 # Offline: no binary cache is reachable and none is wanted for reproducibility.
 NIX_OPTIONS = ("--option", "substituters", "")
+# Nix 2.8's `nix` command, which `show-derivation` needs, is experimental.
+NIX_COMMAND = ("nix", "--extra-experimental-features", "nix-command")
+# Derivations a process remembers passing check_offline: bounded, as an attacker's
+# commits could make any number.
+OFFLINE_CACHE = 4096
 # Evaluation sees only what -I names (see Nix._search_path): restricted mode, no
 # URL, no search path from nix.conf, and no builds while evaluating (a builder run
 # by import-from-derivation would escape the build deadline and the output limit).
@@ -210,6 +216,9 @@ class Nix:
         # Each remote builder's last sandbox probe (probe_builders), by name.
         self._probes: dict[str, remote.Probe] = {}
         self._probe_lock = threading.Lock()
+        # Derivations whose closure check_offline passed (insertion order: oldest first).
+        self._offline: dict[str, None] = {}
+        self._offline_lock = threading.Lock()
         self.env = _environment()
         workers = self.settings.eval_workers
         self.eval_workers = len(os.sched_getaffinity(0)) if workers == "auto" else workers
@@ -679,6 +688,7 @@ class Nix:
         one; the output is kept as the GC root ``root`` (the pass's per host, another
         for ``reconciler build``). While it runs, ``progress`` is told every
         ``nix.heartbeat`` seconds how long it has run and its output's last line."""
+        self.check_offline(host.name, drv)
         self.gcroots.mkdir(parents=True, exist_ok=True)
         extra, env = self._builder_args(host.name)
         how = self.redaction(repo)
@@ -769,6 +779,38 @@ class Nix:
                     beat(time.monotonic() - started, so_far)
         return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
+    def check_offline(self, host: str, drv: str) -> None:
+        """Fail ``host`` before anything of ``drv``'s closure is built if Nix would build
+        a derivation of it with the network or outside its sandbox (core.derivations):
+        a fixed-output derivation's builder has the network, whatever the sandbox."""
+        with self._offline_lock:
+            if drv in self._offline:
+                return
+        deadline = self.settings.eval_timeout.total_seconds()
+        what = "reading the build's derivations"
+        shown = self._run([*NIX_COMMAND, "show-derivation", "--recursive", drv], deadline, what, host)
+        if shown.returncode != 0:
+            raise BuildError(host, f"cannot read the build's derivations: {_tail(shown.stderr)}")
+        try:
+            drvs = derivations.parse_shown(shown.stdout)
+        except ValueError as exc:
+            raise BuildError(host, f"cannot read the build's derivations: {exc}") from None
+        outputs = [out for d in derivations.networked(drvs) for out in d.outputs]
+        valid: frozenset[str] = frozenset()
+        if outputs:
+            check = ["nix-store", "--check-validity", "--print-invalid", *outputs]
+            listed = self._run(check, deadline, what, host)
+            if listed.returncode != 0:
+                raise BuildError(host, f"cannot read the build's derivations: {_tail(listed.stderr)}")
+            valid = frozenset(outputs) - set(listed.stdout.split())
+        why = derivations.refusal(drvs, valid)
+        if why is not None:
+            raise BuildError(host, why)
+        with self._offline_lock:
+            self._offline[drv] = None
+            while len(self._offline) > OFFLINE_CACHE:
+                del self._offline[next(iter(self._offline))]
+
     def _check_size(self, host: str, drv: str) -> None:
         """Fail ``host`` when its build closure (every output it built or used, and
         its sources) is larger than the limit. Nix 2.8 has no limit during a build;
@@ -809,6 +851,7 @@ class Nix:
         todo = [p for p in closure if p not in skip]
         if not todo:
             return ReproCheck(derivations=closure, rebuilt=(), where=CHECK_LOCAL)
+        self.check_offline(host.name, drv)
         extra, env = self._builder_args(host.name)
         # An output of the closure collected since the build (only the artifacts are a
         # GC root) is built again first: --check compares with what is in the store.

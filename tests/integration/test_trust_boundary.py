@@ -157,6 +157,49 @@ def test_builder_reaches_no_network_and_writes_nothing_outside(
     assert status(cfg)["sandbox"] == "on"
 
 
+# A fixed-output derivation: Nix gives its build the network (the output's hash is
+# checked only after), and `__noChroot` asks for no sandbox where Nix's is relaxed.
+NETWORK_ATTRS = {
+    "fixed output": 'outputHashMode = "flat"; outputHashAlgo = "sha256"; outputHash = "' + "0" * 64 + '";',
+    "fixed output, recursive": (
+        'outputHashMode = "recursive"; outputHashAlgo = "sha256"; outputHash = "' + "0" * 64 + '";'
+    ),
+    "no chroot": "__noChroot = true;",
+}
+
+
+@pytest.mark.parametrize("attrs", list(NETWORK_ATTRS.values()), ids=list(NETWORK_ATTRS))
+@pytest.mark.parametrize("depth", ["the package", "a dependency of the package"])
+def test_no_derivation_that_nix_would_build_with_the_network_is_built(
+    tmp_path: Path, config_repo: ConfigRepo, signing: Signing, attrs: str, depth: str
+) -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        port = listener.getsockname()[1]
+        call = f"echo reached | $bb timeout 5 $bb nc 127.0.0.1 {port}; $bb mkdir -p $out"
+        if depth == "the package":
+            package = builder(call, extra=attrs)
+        else:
+            dep = (
+                f'dep = derivation {{ name = "dep"; system = "x86_64-linux"; builder = bb; {attrs}'
+                f' args = [ "sh" "-c" "bb=${{bb}}; {call}" ]; }};'
+            )
+            package = builder("$bb ls ${dep} > /dev/null", let=dep)
+        push(config_repo, package)
+        cfg = write_config(tmp_path, config_repo, signing)
+        res = cli("reconcile", "-c", str(cfg))
+        assert res.returncode == 1, res.stdout + res.stderr
+        listener.setblocking(False)
+        # The builds are over: a connection one made would be waiting in the backlog.
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+    assert published(tmp_path / "store", "good")
+    assert not published(tmp_path / "store", "evil")
+    error = host_error(cfg, "evil")
+    assert "network" in error or "sandbox" in error, error
+
+
 # About 10^10 additions: hours of evaluation, in constant memory.
 SPIN = (
     "builtins.foldl' (a: _: builtins.foldl' (x: _: x + 1) a (builtins.genList (x: x) 100000))"

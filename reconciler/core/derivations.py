@@ -1,0 +1,89 @@
+"""Which derivation closures may be built: none holding a derivation that Nix would
+build with the network or outside its sandbox.
+
+Nix's sandbox keeps the network from a build, except from a fixed-output derivation
+(one declaring its output's hash, as fetchurl does): its builder runs with the host's
+network, and the hash is checked only after it ends. `__noChroot` asks for no sandbox
+at all, which Nix grants where its sandbox is `relaxed`; `__impure` (an experimental
+feature) asks for the network too. A config repository is untrusted, and nothing it
+defines may reach the network, so a closure that would build any of these is not
+built. One whose outputs are in the store already is not built, and passes: the
+nixpkgs toolchain's bootstrap sources are fixed-output derivations an operator
+fetched before. The Debian toolchain and the reconciler's Nix library have none.
+
+Pure: `nix show-derivation --recursive`'s JSON in, a verdict out.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+# A store path's base name: 32 characters of hash, "-", the name.
+_HASH_PART = 33
+
+
+@dataclass(frozen=True)
+class Derivation:
+    path: str  # /nix/store/...-NAME.drv
+    outputs: tuple[str, ...]  # their store paths
+    fixed_output: bool  # an output declares its hash: built with the network
+    no_chroot: bool  # __noChroot: built outside the sandbox where Nix's is relaxed
+    impure: bool  # __impure: built with the network
+
+    @property
+    def name(self) -> str:
+        base = self.path.rsplit("/", 1)[-1]
+        return base[_HASH_PART:].removesuffix(".drv")
+
+
+def parse_shown(text: str) -> tuple[Derivation, ...]:
+    """The derivations `nix show-derivation --recursive` printed; ValueError when the
+    text is not what it prints."""
+    data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError("not a mapping of derivations")
+    drvs = []
+    for path, drv in sorted(data.items()):
+        if not isinstance(drv, dict):
+            raise ValueError(f"{path}: not a derivation")
+        outputs, env = drv.get("outputs"), drv.get("env")
+        if not isinstance(outputs, dict) or not isinstance(env, dict):
+            raise ValueError(f"{path}: no outputs or environment")
+        if not all(isinstance(out, dict) and isinstance(out.get("path"), str) for out in outputs.values()):
+            raise ValueError(f"{path}: an output without a path")
+        fixed = any("hash" in out or "hashAlgo" in out for out in outputs.values())
+        drvs.append(
+            Derivation(
+                path=path,
+                outputs=tuple(sorted(out["path"] for out in outputs.values())),
+                fixed_output=fixed or "outputHash" in env,
+                no_chroot=env.get("__noChroot", "") not in ("", "0"),
+                impure=env.get("__impure", "") not in ("", "0"),
+            )
+        )
+    return tuple(drvs)
+
+
+def networked(drvs: tuple[Derivation, ...]) -> tuple[Derivation, ...]:
+    """Those of ``drvs`` that Nix builds with the network or unsandboxed."""
+    return tuple(d for d in drvs if d.fixed_output or d.impure or d.no_chroot)
+
+
+def refusal(drvs: tuple[Derivation, ...], valid: frozenset[str]) -> str | None:
+    """Why a closure of ``drvs`` is not built, naming the first derivation it would
+    build with the network or unsandboxed (one with an output not in ``valid``, the
+    store paths that exist); None when it would build none."""
+    for d in networked(drvs):
+        if all(out in valid for out in d.outputs):
+            continue
+        if d.fixed_output:
+            why = "is fixed-output (it declares its output's hash), which Nix builds with the network"
+        elif d.impure:
+            why = "is impure (__impure), which Nix builds with the network"
+        elif d.no_chroot:
+            why = "asks to be built outside the sandbox (__noChroot)"
+        else:
+            continue
+        return f"derivation {d.name} ({d.path}) {why}: no derivation of the config repository may"
+    return None
