@@ -53,16 +53,30 @@ def parse_shown(text: str) -> tuple[Derivation, ...]:
         if not all(isinstance(out, dict) and isinstance(out.get("path"), str) for out in outputs.values()):
             raise ValueError(f"{path}: an output without a path")
         fixed = any("hash" in out or "hashAlgo" in out for out in outputs.values())
+        # With __structuredAttrs the attributes are one JSON document, which Nix reads
+        # them from instead.
+        attrs: dict[str, object] = dict(env)
+        if "__json" in env:
+            structured = json.loads(env["__json"])
+            if not isinstance(structured, dict):
+                raise ValueError(f"{path}: __json is not a mapping")
+            attrs |= structured
         drvs.append(
             Derivation(
                 path=path,
                 outputs=tuple(sorted(out["path"] for out in outputs.values())),
-                fixed_output=fixed or "outputHash" in env,
-                no_chroot=env.get("__noChroot", "") not in ("", "0"),
-                impure=env.get("__impure", "") not in ("", "0"),
+                fixed_output=fixed or "outputHash" in attrs,
+                no_chroot=_asks(attrs.get("__noChroot")),
+                impure=_asks(attrs.get("__impure")),
             )
         )
     return tuple(drvs)
+
+
+def _asks(value: object) -> bool:
+    """Whether a derivation attribute asks for what it names: Nix's true is "1" (or
+    true, structured), anything but empty, "0" or false is taken as it, to be safe."""
+    return value not in (None, "", "0", False)
 
 
 def networked(drvs: tuple[Derivation, ...]) -> tuple[Derivation, ...]:

@@ -21,7 +21,7 @@ def drv(name: str, env: dict[str, str] | None = None, fixed: bool = False) -> tu
         "outputs": {"out": out},
         "inputSrcs": [],
         "inputDrvs": {},
-        "platform": "x86_64-linux",
+        "system": "x86_64-linux",
         "builder": f"{STORE}{HASH}-busybox",
         "args": ["sh", "-c", "true"],
         "env": {"name": name, "out": out["path"], **(env or {})},
@@ -50,8 +50,17 @@ def test_a_closure_built_offline_in_the_sandbox_passes() -> None:
         (drv("fetch", env={"outputHash": "ab" * 32}), "is fixed-output"),
         (drv("fetch", env={"__impure": "1"}), "is impure (__impure)"),
         (drv("fetch", env={"__noChroot": "1"}), "asks to be built outside the sandbox (__noChroot)"),
+        (drv("fetch", env={"__json": json.dumps({"__noChroot": True})}), "(__noChroot)"),
+        (drv("fetch", env={"__json": json.dumps({"__impure": True})}), "(__impure)"),
     ],
-    ids=["fixed output", "output hash in env", "impure", "no chroot"],
+    ids=[
+        "fixed output",
+        "output hash in env",
+        "impure",
+        "no chroot",
+        "structured no chroot",
+        "structured impure",
+    ],
 )
 def test_a_derivation_that_would_build_with_the_network_refuses_the_closure(
     entry: tuple[str, dict[str, object]], said: str
@@ -73,6 +82,8 @@ def test_one_whose_outputs_are_in_the_store_is_not_built_and_passes() -> None:
 def test_a_false_attribute_asks_for_nothing(value: str) -> None:
     drvs = parse_shown(shown(drv("x", env={"__noChroot": value, "__impure": value})))
     assert refusal(drvs, frozenset()) is None
+    structured = json.dumps({"__noChroot": False, "__impure": False})
+    assert refusal(parse_shown(shown(drv("x", env={"__json": structured}))), frozenset()) is None
 
 
 @pytest.mark.parametrize(
@@ -83,6 +94,8 @@ def test_a_false_attribute_asks_for_nothing(value: str) -> None:
         json.dumps({"/nix/store/x.drv": {"outputs": {}}}),
         json.dumps({"/nix/store/x.drv": {"outputs": {"out": "p"}, "env": {}}}),
         json.dumps({"/nix/store/x.drv": {"outputs": {"out": {}}, "env": {}}}),
+        json.dumps({"/nix/store/x.drv": {"outputs": {"out": {"path": "p"}}, "env": {"__json": "[]"}}}),
+        json.dumps({"/nix/store/x.drv": {"outputs": {"out": {"path": "p"}}, "env": {"__json": "{"}}}),
     ],
 )
 def test_what_nix_does_not_print_is_an_error(text: str) -> None:
