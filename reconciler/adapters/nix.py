@@ -72,6 +72,8 @@ NIX_DIR = next(
 NIX_OPTIONS = ("--option", "substituters", "")
 # Nix 2.8's `nix` command, which `show-derivation` needs, is experimental.
 NIX_COMMAND = ("nix", "--extra-experimental-features", "nix-command")
+# Derivations check_offline reads with one `nix show-derivation` (some 1 KiB each).
+SHOW_BATCH = 500
 # Derivations a process remembers passing check_offline: bounded, as an attacker's
 # commits could make any number.
 OFFLINE_CACHE = 4096
@@ -782,28 +784,45 @@ class Nix:
     def check_offline(self, host: str, drv: str) -> None:
         """Fail ``host`` before anything of ``drv``'s closure is built if Nix would build
         a derivation of it with the network or outside its sandbox (core.derivations):
-        a fixed-output derivation's builder has the network, whatever the sandbox."""
+        a fixed-output derivation's builder has the network, whatever the sandbox.
+
+        The closure's derivations are read SHOW_BATCH at a time, so that a package
+        defining a great many holds only so much of Nix's output in memory at once,
+        and all within nix.eval_timeout."""
         with self._offline_lock:
             if drv in self._offline:
                 return
-        deadline = self.settings.eval_timeout.total_seconds()
+        timeout = self.settings.eval_timeout.total_seconds()
+        end = time.monotonic() + timeout
         what = "reading the build's derivations"
-        shown = self._run([*NIX_COMMAND, "show-derivation", "--recursive", drv], deadline, what, host)
-        if shown.returncode != 0:
-            raise BuildError(host, f"cannot read the build's derivations: {_tail(shown.stderr)}")
-        try:
-            drvs = derivations.parse_shown(shown.stdout)
-        except ValueError as exc:
-            raise BuildError(host, f"cannot read the build's derivations: {exc}") from None
+
+        def run(args: list[str]) -> str:
+            left = end - time.monotonic()
+            try:
+                done = self._run(args, left, what, host)
+            except BuildError:
+                raise BuildError(host, f"{what} took longer than {round(timeout)}s and was stopped") from None
+            if done.returncode != 0:
+                raise BuildError(host, f"cannot read the build's derivations: {_tail(done.stderr)}")
+            return done.stdout
+
+        closure = [
+            p for p in run(["nix-store", "--query", "--requisites", drv]).split() if p.endswith(".drv")
+        ]
+        found: list[derivations.Derivation] = []
+        for at in range(0, len(closure), SHOW_BATCH):
+            try:
+                found += derivations.parse_shown(
+                    run([*NIX_COMMAND, "show-derivation", *closure[at : at + SHOW_BATCH]])
+                )
+            except ValueError as exc:
+                raise BuildError(host, f"cannot read the build's derivations: {exc}") from None
+        drvs = tuple(found)
         outputs = [out for d in derivations.networked(drvs) for out in d.outputs]
-        valid: frozenset[str] = frozenset()
-        if outputs:
-            check = ["nix-store", "--check-validity", "--print-invalid", *outputs]
-            listed = self._run(check, deadline, what, host)
-            if listed.returncode != 0:
-                raise BuildError(host, f"cannot read the build's derivations: {_tail(listed.stderr)}")
-            valid = frozenset(outputs) - set(listed.stdout.split())
-        why = derivations.refusal(drvs, valid)
+        invalid = (
+            run(["nix-store", "--check-validity", "--print-invalid", *outputs]).split() if outputs else []
+        )
+        why = derivations.refusal(drvs, frozenset(outputs) - set(invalid))
         if why is not None:
             raise BuildError(host, why)
         with self._offline_lock:

@@ -169,7 +169,7 @@ NETWORK_ATTRS = {
 
 
 @pytest.mark.parametrize("attrs", list(NETWORK_ATTRS.values()), ids=list(NETWORK_ATTRS))
-@pytest.mark.parametrize("depth", ["the package", "a dependency of the package"])
+@pytest.mark.parametrize("depth", ["the package", "a dependency of the package", "one of 1,200 dependencies"])
 def test_no_derivation_that_nix_would_build_with_the_network_is_built(
     tmp_path: Path, config_repo: ConfigRepo, signing: Signing, attrs: str, depth: str
 ) -> None:
@@ -185,7 +185,16 @@ def test_no_derivation_that_nix_would_build_with_the_network_is_built(
                 f'dep = derivation {{ name = "dep"; system = "x86_64-linux"; builder = bb; {attrs}'
                 f' args = [ "sh" "-c" "bb=${{bb}}; {call}" ]; }};'
             )
-            package = builder("$bb ls ${dep} > /dev/null", let=dep)
+            if depth == "a dependency of the package":
+                package = builder("$bb ls ${dep} > /dev/null", let=dep)
+            else:
+                # More derivations than one read of the closure takes (SHOW_BATCH).
+                many = (
+                    'many = builtins.genList (i: derivation { name = "plain-${toString i}";'
+                    ' system = "x86_64-linux"; builder = bb; args = [ "sh" "-c" "$bb mkdir $out" ]; })'
+                    " 1200 ++ [ dep ];"
+                )
+                package = builder("$bb ls ${toString many} > /dev/null", let=dep + " " + many)
         push(config_repo, package)
         cfg = write_config(tmp_path, config_repo, signing)
         res = cli("reconcile", "-c", str(cfg))
