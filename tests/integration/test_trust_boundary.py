@@ -7,6 +7,7 @@ the repository, and that the other hosts still publish.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -72,6 +73,19 @@ def host_error(cfg: Path, host: str) -> str:
     return str(hosts[host]["error"])
 
 
+@contextlib.contextmanager
+def unreached() -> Iterator[int]:
+    """A port on 127.0.0.1 for a build to try; on leaving, none may have connected."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        yield listener.getsockname()[1]
+        listener.setblocking(False)
+        # What ran is over: a connection it made would be waiting in the backlog.
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+
+
 def test_evaluation_cannot_read_the_signing_key(
     tmp_path: Path, config_repo: ConfigRepo, signing: Signing
 ) -> None:
@@ -130,10 +144,7 @@ def test_builder_reaches_no_network_and_writes_nothing_outside(
     tmp_path: Path, config_repo: ConfigRepo, signing: Signing
 ) -> None:
     pwned = Path("/tmp") / f"pwned-{uuid.uuid4().hex}"
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(8)
-        port = listener.getsockname()[1]
+    with unreached() as port:
         keys = signing.gnupghome / "private-keys-v1.d"
         push(
             config_repo,
@@ -148,10 +159,6 @@ def test_builder_reaches_no_network_and_writes_nothing_outside(
         res = cli("reconcile", "-c", str(cfg))
         # The build itself succeeds: what it tried failed inside the sandbox.
         assert res.returncode == 0, res.stdout + res.stderr
-        listener.setblocking(False)
-        # The build is over: a connection it made would be waiting in the backlog.
-        with pytest.raises(BlockingIOError):
-            listener.accept()
     assert not pwned.exists()
     assert aci_file(tmp_path / "store", "evil", "etc/stolen") == b""
     assert status(cfg)["sandbox"] == "on"
@@ -173,10 +180,7 @@ NETWORK_ATTRS = {
 def test_no_derivation_that_nix_would_build_with_the_network_is_built(
     tmp_path: Path, config_repo: ConfigRepo, signing: Signing, attrs: str, depth: str
 ) -> None:
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(8)
-        port = listener.getsockname()[1]
+    with unreached() as port:
         call = f"echo reached | $bb timeout 5 $bb nc 127.0.0.1 {port}; $bb mkdir -p $out"
         if depth == "the package":
             package = builder(call, extra=attrs)
@@ -199,10 +203,6 @@ def test_no_derivation_that_nix_would_build_with_the_network_is_built(
         cfg = write_config(tmp_path, config_repo, signing)
         res = cli("reconcile", "-c", str(cfg))
         assert res.returncode == 1, res.stdout + res.stderr
-        listener.setblocking(False)
-        # The builds are over: a connection one made would be waiting in the backlog.
-        with pytest.raises(BlockingIOError):
-            listener.accept()
     assert published(tmp_path / "store", "good")
     assert not published(tmp_path / "store", "evil")
     error = host_error(cfg, "evil")
