@@ -87,8 +87,9 @@ from reconciler.errors import (
     TufError,
     VerificationError,
 )
+from reconciler.ports import Clock, Ledger, Ports, Signer, Source, holds
 from reconciler.ports import EventLog as EventLogPort
-from reconciler.ports import Ledger, Ports, Signer, holds
+from reconciler.ports import Nix as NixPort
 
 if TYPE_CHECKING:
     # Types only: python-tuf (and boto3 through securesystemslib) is imported by whoever
@@ -199,24 +200,20 @@ class Reconciler:
         lease: PublisherLease | None = None,
         tlog: OpenLog | None = None,
     ) -> None:
-        """``tuf`` opens the store's TUF repository; without one (`reconciler plan`)
-        the pass can plan but not publish. ``lease``: the store's publisher lease,
+        """``tuf`` opens the store's TUF repository; without one the pass can plan
+        but not publish. ``lease``: the store's publisher lease,
         which a pass holds before it writes (``ports.store`` checks it before every
         write, reconciler.daemon.lease.FencedStore); None: this is the only publisher.
         ``tlog`` opens the store's transparency log (writing through the same fenced
         store); without one, releases are published unlogged."""
-        self.cfg = cfg
         self.metrics = metrics or Metrics()
-        self.source = ports.source
-        self.nix = ports.nix
-        self.store = ports.store
-        self.state = ports.ledger
-        self.clock = ports.clock
-        self._gate = ports.gate
         self._events = ports.events
+        # Observes and plans; holds the config and the ports the two halves share.
         self.observer = Observer(
             cfg, ports.source, ports.nix, ports.ledger, ports.gate, ports.clock, self.metrics, self._emit
         )
+        self.store = ports.store
+        self._gate = ports.gate
         self._open_signer = ports.signer
         self.packager = ports.packager
         self._sandbox_verdict: str | None = None
@@ -242,6 +239,35 @@ class Reconciler:
         self.metrics.watch(self.state, self._tuf, cfg.repo.branch)
         self.metrics.watch_lease(lease)
         self.metrics.known_builders([LOCAL, *(b.name for b in cfg.builders)])
+
+    @property
+    def cfg(self) -> Config:
+        return self.observer.cfg
+
+    @cfg.setter
+    def cfg(self, cfg: Config) -> None:
+        # A reload (reconciler.daemon.loop) reaches the observation too: retry.max.
+        self.observer.cfg = cfg
+
+    @property
+    def nix(self) -> NixPort:
+        return self.observer.nix
+
+    @nix.setter
+    def nix(self, nix: NixPort) -> None:
+        self.observer.nix = nix
+
+    @property
+    def source(self) -> Source:
+        return self.observer.source
+
+    @property
+    def state(self) -> Ledger:
+        return self.observer.state
+
+    @property
+    def clock(self) -> Clock:
+        return self.observer.clock
 
     @property
     def tuf(self) -> TufRepository:

@@ -8,7 +8,7 @@ import json
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -573,6 +573,18 @@ def test_a_backoff_recorded_under_a_clock_ahead_ends_once_the_clock_is_back(worl
     world.clock.advance(-30 * 86400)
     # The longest backoff (retry.max) has passed since, whatever the clock said then.
     world.clock.advance(world.config().retry.max.total_seconds())
+    assert outcomes(rec)["web-1"] == (True, 1)
+
+
+def test_a_reloaded_retry_max_reaches_the_plan(world: World) -> None:
+    world.source.push(FLEET)
+    world.nix.failing.add("web-1")
+    rec = world.reconciler()
+    assert outcomes(rec)["web-1"] == (False, 1)
+    world.nix.failing.clear()
+    assert outcomes(rec) == {}  # its retry is 30s (retry.initial) away
+    # What a SIGHUP's reload sets (reconciler.daemon.loop): no backoff is longer now.
+    rec.cfg = replace(rec.cfg, retry=replace(rec.cfg.retry, max=timedelta(seconds=10)))
     assert outcomes(rec)["web-1"] == (True, 1)
 
 
