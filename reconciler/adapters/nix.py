@@ -74,8 +74,9 @@ NIX_OPTIONS = ("--option", "substituters", "")
 NIX_COMMAND = ("nix", "--extra-experimental-features", "nix-command")
 # Derivations check_offline reads with one `nix show-derivation` (some 1 KiB each).
 SHOW_BATCH = 500
-# Derivations a process remembers passing check_offline: bounded, as an attacker's
-# commits could make any number.
+# Derivations a process remembers passing check_offline, those whose closure has no
+# derivation it builds with the network at all: bounded, as an attacker's commits
+# could make any number.
 OFFLINE_CACHE = 4096
 # Evaluation sees only what -I names (see Nix._search_path): restricted mode, no
 # URL, no search path from nix.conf, and no builds while evaluating (a builder run
@@ -825,6 +826,8 @@ class Nix:
         why = derivations.refusal(drvs, frozenset(outputs) - set(invalid))
         if why is not None:
             raise BuildError(host, why)
+        if outputs:
+            return  # passed as those outputs are in the store: they may be collected since
         with self._offline_lock:
             self._offline[drv] = None
             while len(self._offline) > OFFLINE_CACHE:

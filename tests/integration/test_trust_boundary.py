@@ -8,6 +8,7 @@ the repository, and that the other hosts still publish.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import socket
@@ -207,6 +208,25 @@ def test_no_derivation_that_nix_would_build_with_the_network_is_built(
     assert not published(tmp_path / "store", "evil")
     error = host_error(cfg, "evil")
     assert "network" in error or "sandbox" in error, error
+
+
+def test_a_fixed_output_derivation_already_in_the_store_is_not_built_and_passes(
+    tmp_path: Path, config_repo: ConfigRepo, signing: Signing
+) -> None:
+    """As the nixpkgs toolchain's bootstrap sources are: fetched before, by the operator."""
+    source = tmp_path / "fetched"
+    source.write_text(f"fetched {uuid.uuid4().hex}\n")
+    subprocess.run(["nix-store", "--add-fixed", "sha256", str(source)], check=True, capture_output=True)
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    fetched = (
+        f'fetched = derivation {{ name = "fetched"; system = "x86_64-linux"; builder = bb;'
+        f' outputHashMode = "flat"; outputHashAlgo = "sha256"; outputHash = "{digest}"; }};'
+    )
+    push(config_repo, builder("$bb cp ${fetched} $out/etc/fetched", let=fetched))
+    cfg = write_config(tmp_path, config_repo, signing)
+    res = cli("reconcile", "-c", str(cfg))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert aci_file(tmp_path / "store", "evil", "etc/fetched") == source.read_bytes()
 
 
 # About 10^10 additions: hours of evaluation, in constant memory.
