@@ -74,6 +74,18 @@ def host_error(cfg: Path, host: str) -> str:
     return str(hosts[host]["error"])
 
 
+def only_evil_fails(cfg: Path, timeout: float = 600) -> tuple[subprocess.CompletedProcess[str], str]:
+    """A pass of ``cfg``: it fails, the good host publishes, the evil one does not. The
+    pass's output, and the evil host's error."""
+    res = cli("reconcile", "-c", str(cfg), timeout=timeout)
+    assert res.returncode == 1, res.stdout + res.stderr
+    store = load_config(cfg).store.path
+    assert store is not None
+    assert published(store, "good")
+    assert not published(store, "evil")
+    return res, host_error(cfg, "evil")
+
+
 @contextlib.contextmanager
 def unreached() -> Iterator[int]:
     """A port on 127.0.0.1 for a build to try; on leaving, none may have connected."""
@@ -102,12 +114,7 @@ def test_evaluation_cannot_read_the_signing_key(
         ),
     )
     cfg = write_config(tmp_path, config_repo, signing)
-    res = cli("reconcile", "-c", str(cfg))
-    store = tmp_path / "store"
-    assert res.returncode == 1, res.stdout + res.stderr
-    assert published(store, "good")
-    assert not published(store, "evil")
-    error = host_error(cfg, "evil")
+    res, error = only_evil_fails(cfg)
     assert "forbidden in restricted mode" in error
     # Not even the key's path is shown.
     for said in (res.stdout, res.stderr, error):
@@ -130,11 +137,7 @@ def test_nothing_outside_the_repository_is_read_or_shown(
     else:
         push(config_repo, f"{{ toolchain }}: import {outside}\n")
     cfg = write_config(tmp_path, config_repo, signing)
-    res = cli("reconcile", "-c", str(cfg))
-    assert res.returncode == 1, res.stdout + res.stderr
-    assert published(tmp_path / "store", "good")
-    assert not published(tmp_path / "store", "evil")
-    error = host_error(cfg, "evil")
+    res, error = only_evil_fails(cfg)
     assert "forbidden in restricted mode" in error and "<outside the repository>" in error
     shown = res.stdout + res.stderr + cli("status", "-c", str(cfg)).stdout + error
     assert marker not in shown
@@ -202,11 +205,7 @@ def test_no_derivation_that_nix_would_build_with_the_network_is_built(
                 package = builder("$bb ls ${toString many} > /dev/null", let=dep + " " + many)
         push(config_repo, package)
         cfg = write_config(tmp_path, config_repo, signing)
-        res = cli("reconcile", "-c", str(cfg))
-        assert res.returncode == 1, res.stdout + res.stderr
-    assert published(tmp_path / "store", "good")
-    assert not published(tmp_path / "store", "evil")
-    error = host_error(cfg, "evil")
+        _, error = only_evil_fails(cfg)
     assert "network" in error or "sandbox" in error, error
 
 
@@ -264,11 +263,7 @@ def test_a_limit_fails_only_the_host_that_breaks_it(
 ) -> None:
     push(config_repo, package)
     cfg = write_config(tmp_path, config_repo, signing, nix={"toolchain_dir": _toolchain(), **setting})
-    res = cli("reconcile", "-c", str(cfg), timeout=300)
-    assert res.returncode == 1
-    assert published(tmp_path / "store", "good")
-    assert not published(tmp_path / "store", "evil")
-    assert error in host_error(cfg, "evil")
+    assert error in only_evil_fails(cfg, timeout=300)[1]
 
 
 def _toolchain() -> str:
@@ -386,11 +381,7 @@ def test_a_package_reads_no_host_or_profile_file(
     )
     cfg = write_config(tmp_path, config_repo, signing)
     planned = cli("plan", "-c", str(cfg))
-    res = cli("reconcile", "-c", str(cfg))
-    assert res.returncode == 1, res.stdout + res.stderr
-    assert published(tmp_path / "store", "good")
-    assert not published(tmp_path / "store", "evil")
     folder = read.split("/")[1]
-    assert f"getting status of '{folder}': No such file or directory" in host_error(cfg, "evil")
+    assert f"getting status of '{folder}': No such file or directory" in only_evil_fails(cfg)[1]
     # What `reconciler plan` said of the host beforehand.
     assert f"evil: invalid: nix evaluation failed: error: getting status of '{folder}'" in planned.stdout
