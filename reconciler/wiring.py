@@ -86,7 +86,7 @@ def open_reconciler(cfg: Config, metrics: Metrics | None = None) -> Reconciler:
     nix = Nix(
         cfg.state_dir, cfg.nix, builders=cfg.builders, images=cfg.images, reproducibility=cfg.reproducibility
     )
-    ports = _ports(cfg, source(cfg), nix, lambda: State(cfg.state_dir))
+    ports = _ports(cfg, source(cfg), nix)
     lease = None
     if cfg.lease.enabled:
         lease = PublisherLease(ports.store, cfg.lease, holder(cfg), ports.clock)
@@ -246,8 +246,6 @@ def open_planner(cfg: Config, workdir: Path) -> Observer:
     as the object store when there is one), the ledger is a read-only copy, and Nix
     writes its fleet files under ``workdir``. Only Nix's store and the staged
     toolchain, both caches keyed by content, may grow."""
-    from reconciler.daemon.observer import Observer
-
     checkout = cfg.state_dir / "checkout"
     git = source(cfg) if (checkout / ".git").is_dir() else _clone_in(cfg, workdir / "clone")
     nix_settings = replace(cfg.nix, toolchain_dir=cfg.nix.toolchain_dir or cfg.state_dir / "toolchain")
@@ -256,9 +254,9 @@ def open_planner(cfg: Config, workdir: Path) -> Observer:
     return Observer(cfg, Snapshot(git, workdir), nix, ledger, Gate(cfg.repo), SystemClock())
 
 
-def _ports(cfg: Config, source: Source, nix: Nix, open_ledger: Callable[[], Ledger]) -> Ports:
-    """A pass's ports around its ``source``, ``nix`` and ledger: the store, the gate, a
-    signer opened on first use, the system clock."""
+def _ports(cfg: Config, source: Source, nix: Nix) -> Ports:
+    """The daemon's pass's ports around its ``source`` and ``nix``: the store, the
+    ledger, the gate, a signer opened on first use, the system clock."""
     from reconciler.adapters.appimage import Packager
 
     # What can fail on bad configuration comes before the ledger is opened.
@@ -269,7 +267,7 @@ def _ports(cfg: Config, source: Source, nix: Nix, open_ledger: Callable[[], Ledg
         source=source,
         nix=nix,
         store=store,
-        ledger=open_ledger(),
+        ledger=State(cfg.state_dir),
         gate=gate,
         signer=lambda: _signer(s),
         clock=SystemClock(),

@@ -11,7 +11,7 @@ built. One whose outputs are in the store already is not built, and passes: the
 nixpkgs toolchain's bootstrap sources are fixed-output derivations an operator
 fetched before. The Debian toolchain and the reconciler's Nix library have none.
 
-Pure: `nix show-derivation --recursive`'s JSON in, a verdict out.
+Pure: `nix show-derivation`'s JSON of a closure's derivations in, a verdict out.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class Derivation:
 
 
 def parse_shown(text: str) -> tuple[Derivation, ...]:
-    """The derivations `nix show-derivation --recursive` printed; ValueError when the
+    """The derivations `nix show-derivation` printed; ValueError when the
     text is not what it prints."""
     data = json.loads(text)
     if not isinstance(data, dict):

@@ -33,9 +33,7 @@ from reconciler.core.appimage import update_information
 from reconciler.core.builders import LOCAL, Sandbox
 from reconciler.core.events import Event, EventQuery, EventType, Scalar, summary
 from reconciler.core.formats import Kind
-from reconciler.core.hosts import (
-    Host,
-)
+from reconciler.core.hosts import Host
 from reconciler.core.layout import (
     PUBLISHER_KEY,
     discovery_page_path,
@@ -213,7 +211,6 @@ class Reconciler:
             cfg, ports.source, ports.nix, ports.ledger, ports.gate, ports.clock, self.metrics, self._emit
         )
         self.store = ports.store
-        self._gate = ports.gate
         self._open_signer = ports.signer
         self.packager = ports.packager
         self._sandbox_verdict: str | None = None
@@ -310,8 +307,7 @@ class Reconciler:
         """Release the publisher lease (the next daemon takes over at once) and close."""
         if self.lease is not None:
             self.lease.close()
-        self.state.close()
-        self._gate.close()
+        self.observer.close()
         if self._events is not None:
             self._events.close()
 

@@ -13,7 +13,7 @@ HASH = "0" * 32
 
 
 def drv(name: str, env: dict[str, str] | None = None, fixed: bool = False) -> tuple[str, dict[str, object]]:
-    """One entry of `nix show-derivation --recursive`'s JSON, as Nix 2.8 prints it."""
+    """One entry of `nix show-derivation`'s JSON, as Nix 2.8 prints it."""
     out: dict[str, str] = {"path": f"{STORE}{HASH}-{name}"}
     if fixed:
         out |= {"hashAlgo": "sha256", "hash": "ab" * 32}
