@@ -81,7 +81,17 @@ OFFLINE_CACHE = 4096
 # Evaluation sees only what -I names (see Nix._search_path): restricted mode, no
 # URL, no search path from nix.conf, and no builds while evaluating (a builder run
 # by import-from-derivation would escape the build deadline and the output limit).
+# What the operator's Nix configuration (nix.conf, NIX_CONFIG) may enable is
+# switched off, as restricted mode does not cover it: experimental features (flakes'
+# fetchTree copies any file the daemon reads into the store) and unsafe native code
+# (builtins.exec runs any command as the daemon).
 HERMETIC_OPTIONS = (
+    "--option",
+    "experimental-features",
+    "",
+    "--option",
+    "allow-unsafe-native-code-during-evaluation",
+    "false",
     "--option",
     "restrict-eval",
     "true",
@@ -419,13 +429,16 @@ class Nix:
 
     def _build_options(self) -> list[str]:
         """Options of every realisation: sandbox as configured (a Nix daemon decides
-        for clients it does not trust; the probe tells), the deadline, and how much
-        log a build may write (MAX_BUILD_LOG)."""
+        for clients it does not trust; the probe tells), and with no fallback to an
+        unsandboxed build where Nix cannot set one up (the probe passed, and a later
+        build is refused instead); the deadline, and how much log a build may write
+        (MAX_BUILD_LOG)."""
         timeout = str(round(self.settings.build_timeout.total_seconds()))
         sandbox = "true" if self.settings.sandbox else "false"
         return [
             *NIX_OPTIONS,
-            *("--option", "sandbox", sandbox, "--option", "timeout", timeout),
+            *("--option", "sandbox", sandbox, "--option", "sandbox-fallback", "false"),
+            *("--option", "timeout", timeout),
             *("--option", "max-build-log-size", str(MAX_BUILD_LOG)),
         ]
 

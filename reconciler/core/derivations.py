@@ -5,11 +5,13 @@ Nix's sandbox keeps the network from a build, except from a fixed-output derivat
 (one declaring its output's hash, as fetchurl does): its builder runs with the host's
 network, and the hash is checked only after it ends. `__noChroot` asks for no sandbox
 at all, which Nix grants where its sandbox is `relaxed`; `__impure` (an experimental
-feature) asks for the network too. A config repository is untrusted, and nothing it
-defines may reach the network, so a closure that would build any of these is not
-built. One whose outputs are in the store already is not built, and passes: the
-nixpkgs toolchain's bootstrap sources are fixed-output derivations an operator
-fetched before. The Debian toolchain and the reconciler's Nix library have none.
+feature) asks for the network too; and requiring the system feature `recursive-nix`
+(experimental as well) gives the build Nix's own daemon, through which it can build
+all of these unchecked. A config repository is untrusted, and nothing it defines may
+reach the network, so a closure that would build any of these is not built. One whose
+outputs are in the store already is not built, and passes: the nixpkgs toolchain's
+bootstrap sources are fixed-output derivations an operator fetched before. The Debian
+toolchain and the reconciler's Nix library have none.
 
 Pure: `nix show-derivation`'s JSON of a closure's derivations in, a verdict out.
 """
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 
 # A store path's base name: 32 characters of hash, "-", the name.
 _HASH_PART = 33
+RECURSIVE_NIX = "recursive-nix"
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,7 @@ class Derivation:
     fixed_output: bool  # an output declares its hash: built with the network
     no_chroot: bool  # __noChroot: built outside the sandbox where Nix's is relaxed
     impure: bool  # __impure: built with the network
+    recursive: bool = False  # requires recursive-nix: builds more through Nix's daemon
 
     @property
     def name(self) -> str:
@@ -68,6 +72,7 @@ def parse_shown(text: str) -> tuple[Derivation, ...]:
                 fixed_output=fixed or "outputHash" in attrs,
                 no_chroot=_asks(attrs.get("__noChroot")),
                 impure=_asks(attrs.get("__impure")),
+                recursive=RECURSIVE_NIX in _features(attrs.get("requiredSystemFeatures")),
             )
         )
     return tuple(drvs)
@@ -79,9 +84,18 @@ def _asks(value: object) -> bool:
     return value not in (None, "", "0", False)
 
 
+def _features(value: object) -> frozenset[str]:
+    """The system features a derivation requires: a list of them (structured), else
+    the words of the string Nix passes in the environment."""
+    if isinstance(value, list):
+        return frozenset(str(f) for f in value)
+    return frozenset(value.split()) if isinstance(value, str) else frozenset()
+
+
 def networked(drvs: tuple[Derivation, ...]) -> tuple[Derivation, ...]:
-    """Those of ``drvs`` that Nix builds with the network or unsandboxed."""
-    return tuple(d for d in drvs if d.fixed_output or d.impure or d.no_chroot)
+    """Those of ``drvs`` that Nix builds with the network or unsandboxed, or that may
+    have Nix build such."""
+    return tuple(d for d in drvs if d.fixed_output or d.impure or d.no_chroot or d.recursive)
 
 
 def refusal(drvs: tuple[Derivation, ...], valid: frozenset[str]) -> str | None:
@@ -97,6 +111,9 @@ def refusal(drvs: tuple[Derivation, ...], valid: frozenset[str]) -> str | None:
             why = "is impure (__impure), which Nix builds with the network"
         elif d.no_chroot:
             why = "asks to be built outside the sandbox (__noChroot)"
+        elif d.recursive:
+            why = f"requires {RECURSIVE_NIX}, through which its build could have Nix build more"
+            why += ", with the network"
         else:
             continue
         return f"derivation {d.name} ({d.path}) {why}: no derivation of the config repository may"

@@ -74,10 +74,12 @@ def host_error(cfg: Path, host: str) -> str:
     return str(hosts[host]["error"])
 
 
-def only_evil_fails(cfg: Path, timeout: float = 600) -> tuple[subprocess.CompletedProcess[str], str]:
-    """A pass of ``cfg``: it fails, the good host publishes, the evil one does not. The
-    pass's output, and the evil host's error."""
-    res = cli("reconcile", "-c", str(cfg), timeout=timeout)
+def only_evil_fails(
+    cfg: Path, timeout: float = 600, env: dict[str, str] | None = None
+) -> tuple[subprocess.CompletedProcess[str], str]:
+    """A pass of ``cfg`` (``env`` added to the environment): it fails, the good host
+    publishes, the evil one does not. The pass's output, and the evil host's error."""
+    res = cli("reconcile", "-c", str(cfg), timeout=timeout, env=env)
     assert res.returncode == 1, res.stdout + res.stderr
     store = load_config(cfg).store.path
     assert store is not None
@@ -168,6 +170,42 @@ def test_builder_reaches_no_network_and_writes_nothing_outside(
     assert status(cfg)["sandbox"] == "on"
 
 
+# What an operator's Nix configuration may enable (nix.conf, or NIX_CONFIG in the
+# daemon's environment), and what evaluation would then offer a package: flakes'
+# fetchTree copies any file the daemon can read into the store, restricted mode or
+# not; unsafe native code runs any command as the daemon.
+NIX_CONFIG_ATTACKS = {
+    "flakes": (
+        "experimental-features = nix-command flakes",
+        'stolen = builtins.readFile ((builtins.fetchTree { type = "path"; path = "KEYS"; }).outPath'
+        ' + "/KEY");',
+        "experimental Nix feature 'flakes' is disabled",
+    ),
+    "unsafe native code": (
+        "allow-unsafe-native-code-during-evaluation = true",
+        'stolen = builtins.exec [ "sh" "-c"'
+        ' "touch PWNED; echo \\"\\\\\\"$(base64 -w0 KEYS/KEY)\\\\\\"\\"" ];',
+        "attribute 'exec' missing",
+    ),
+}
+
+
+@pytest.mark.parametrize("attack", list(NIX_CONFIG_ATTACKS.values()), ids=list(NIX_CONFIG_ATTACKS))
+def test_evaluation_offers_nothing_an_operators_nix_configuration_enables(
+    tmp_path: Path, config_repo: ConfigRepo, signing: Signing, attack: tuple[str, str, str]
+) -> None:
+    setting, let, refused = attack
+    keys = signing.gnupghome / "private-keys-v1.d"
+    key = next(keys.iterdir()).name
+    pwned = tmp_path / f"pwned-{uuid.uuid4().hex}"
+    let = let.replace("KEYS", str(keys)).replace("KEY", key).replace("PWNED", str(pwned))
+    push(config_repo, builder('echo "$stolen" > $out/etc/stolen', let=let, extra="inherit stolen;"))
+    cfg = write_config(tmp_path, config_repo, signing)
+    _, error = only_evil_fails(cfg, env={"NIX_CONFIG": setting})
+    assert refused in error, error
+    assert not pwned.exists()
+
+
 # A fixed-output derivation: Nix gives its build the network (the output's hash is
 # checked only after), and `__noChroot` asks for no sandbox where Nix's is relaxed.
 NETWORK_ATTRS = {
@@ -176,6 +214,14 @@ NETWORK_ATTRS = {
         'outputHashMode = "recursive"; outputHashAlgo = "sha256"; outputHash = "' + "0" * 64 + '";'
     ),
     "no chroot": "__noChroot = true;",
+    # Nix's daemon inside the build, to build the above: where an operator enabled it
+    # (ENABLED), as here.
+    "recursive nix": 'requiredSystemFeatures = [ "recursive-nix" ];',
+}
+ENABLED = {
+    NETWORK_ATTRS["recursive nix"]: (
+        "extra-experimental-features = recursive-nix\nextra-system-features = recursive-nix"
+    )
 }
 
 
@@ -205,7 +251,8 @@ def test_no_derivation_that_nix_would_build_with_the_network_is_built(
                 package = builder("$bb ls ${toString many} > /dev/null", let=dep + " " + many)
         push(config_repo, package)
         cfg = write_config(tmp_path, config_repo, signing)
-        _, error = only_evil_fails(cfg)
+        enabled = {"NIX_CONFIG": ENABLED[attrs]} if attrs in ENABLED else None
+        _, error = only_evil_fails(cfg, env=enabled)
     assert "network" in error or "sandbox" in error, error
 
 

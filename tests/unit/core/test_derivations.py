@@ -52,6 +52,14 @@ def test_a_closure_built_offline_in_the_sandbox_passes() -> None:
         (drv("fetch", env={"__noChroot": "1"}), "asks to be built outside the sandbox (__noChroot)"),
         (drv("fetch", env={"__json": json.dumps({"__noChroot": True})}), "(__noChroot)"),
         (drv("fetch", env={"__json": json.dumps({"__impure": True})}), "(__impure)"),
+        (
+            drv("fetch", env={"requiredSystemFeatures": "kvm recursive-nix"}),
+            "requires recursive-nix, through which its build could have Nix build more",
+        ),
+        (
+            drv("fetch", env={"__json": json.dumps({"requiredSystemFeatures": ["recursive-nix"]})}),
+            "recursive-nix",
+        ),
     ],
     ids=[
         "fixed output",
@@ -60,6 +68,8 @@ def test_a_closure_built_offline_in_the_sandbox_passes() -> None:
         "no chroot",
         "structured no chroot",
         "structured impure",
+        "recursive nix",
+        "structured recursive nix",
     ],
 )
 def test_a_derivation_that_would_build_with_the_network_refuses_the_closure(
@@ -71,6 +81,17 @@ def test_a_derivation_that_would_build_with_the_network_refuses_the_closure(
     assert why.startswith(f"derivation fetch ({STORE}{HASH}-fetch.drv) ")
     assert said in why
     assert why.endswith("no derivation of the config repository may")
+
+
+def test_other_system_features_pass() -> None:
+    """kvm and big-parallel give a build a device or more cores, not Nix or the network."""
+    drvs = parse_shown(
+        shown(
+            drv("vm-test", env={"requiredSystemFeatures": "kvm big-parallel recursive-nixos"}),
+            drv("site", env={"__json": json.dumps({"requiredSystemFeatures": ["kvm"]})}),
+        )
+    )
+    assert networked(drvs) == ()
 
 
 def test_one_whose_outputs_are_in_the_store_is_not_built_and_passes() -> None:
