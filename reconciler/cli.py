@@ -327,8 +327,12 @@ def _when(unix: float) -> str:
 def cmd_builders(args: argparse.Namespace) -> int:
     """The builders' files for a nix-daemon run as root, which takes no builders from
     the reconciler (not a trusted user): run as root into a root-owned DIR, so that
-    nothing the reconciler's user can write reaches the root daemon's ssh."""
+    nothing the reconciler's user can write reaches the root daemon's ssh. The machines
+    file lists only the builders whose sandbox a probe build on each found on; it exits
+    1 when it leaves one out, saying why. ``--no-probe`` lists them all unverified,
+    where no build can run yet (the chart's init container, before its nix-daemon)."""
     from reconciler.adapters.nix import write_builders
+    from reconciler.wiring import verified_builders
 
     cfg = _load(args)
     directory = Path(args.dir)
@@ -336,11 +340,21 @@ def cmd_builders(args: argparse.Namespace) -> int:
     if directory.stat().st_mode & 0o022:
         # Whoever may write there may replace the ssh configuration the daemon runs.
         raise ReconcilerError(f"{directory}: writable by group or others; make it 0755")
-    ssh_config = write_builders(cfg.builders, directory)
-    print(f"wrote {len(cfg.builders)} builders to {directory.resolve()}: machines, known_hosts, ssh_config")
+    listed = list(cfg.builders)
+    left_out: dict[str, str] = {}
+    if not args.no_probe:
+        with tempfile.TemporaryDirectory(prefix="reconciler-builders-") as work:
+            listed, left_out = verified_builders(cfg, Path(work))
+    ssh_config = write_builders(cfg.builders, directory, machines=listed)
+    for name, why in left_out.items():
+        print(f"reconciler: builder {name} is not listed: {why}", file=sys.stderr)
+    print(
+        f"wrote {len(listed)} of {len(cfg.builders)} builders to {directory.resolve()}: "
+        "machines, known_hosts, ssh_config"
+    )
     print(f"nix-daemon: NIX_CONFIG='builders = @{(directory / 'machines').resolve()}'")
     print(f"nix-daemon: NIX_SSHOPTS='-F {ssh_config.resolve()}'")
-    return 0
+    return 1 if left_out else 0
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
@@ -611,9 +625,15 @@ def parser() -> argparse.ArgumentParser:
     add("gc", cmd_gc, "delete releases beyond retention.keep per host and unreferenced blobs").add_argument(
         "--dry-run", action="store_true", help="print what would be deleted, delete nothing"
     )
-    add(
+    b = add(
         "builders", cmd_builders, "write the builders' Nix machines file and ssh config for a root nix-daemon"
-    ).add_argument("dir", help="a directory only root may write (e.g. /etc/nix/builders)")
+    )
+    b.add_argument("dir", help="a directory only root may write (e.g. /etc/nix/builders)")
+    b.add_argument(
+        "--no-probe",
+        action="store_true",
+        help="list every builder without building the sandbox probe on it (where Nix cannot build yet)",
+    )
     k = add("keys", cmd_keys, "list or change the TUF roles' keys and thresholds")
     k.add_argument("action", choices=["list", "add", "revoke", "threshold"])
     k.add_argument("role", nargs="?", choices=[r.value for r in RoleName], help="the role to change")

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from reconciler.agent.config import AgentConfig
     from reconciler.agent.logcheck import Audit
     from reconciler.agent.updater import Agent
+    from reconciler.core.builders import Builder
     from reconciler.core.lease import Holder
     from reconciler.core.tlog import Checkpoint
     from reconciler.daemon.loop import Daemon
@@ -252,6 +253,27 @@ def open_planner(cfg: Config, workdir: Path) -> Observer:
     nix = Nix(workdir, nix_settings, images=cfg.images)
     ledger = State(cfg.state_dir, read_only=True)
     return Observer(cfg, Snapshot(git, workdir), nix, ledger, Gate(cfg.repo), SystemClock())
+
+
+def verified_builders(cfg: Config, workdir: Path) -> tuple[list[Builder], dict[str, str]]:
+    """`reconciler builders`: the builders a root nix-daemon's machines file may list,
+    each found sandboxed by the sandbox probe built on it alone, and why each other one
+    may not (core.builders.usable). The probes run through this process's own Nix, as
+    root runs it: such a daemon takes no builders from the reconciler, so the
+    reconciler cannot probe them one by one later. ``workdir`` takes what the probes
+    write (and the toolchain, unless nix.toolchain_dir names one): root must not fill
+    the daemon's state directory."""
+    from reconciler.core import builders as remote
+
+    settings = replace(cfg.nix, toolchain_dir=cfg.nix.toolchain_dir or workdir / "toolchain")
+    nix = Nix(workdir, settings, builders=cfg.builders)
+    if cfg.builders and builds_through_daemon(nix.env):
+        raise ReconcilerError(
+            "builders: cannot probe each builder's sandbox through a nix-daemon: run this as root "
+            "with NIX_REMOTE unset"
+        )
+    found = nix.probe_builders(cfg.signing.gnupghome)
+    return remote.usable(cfg.builders, found, not cfg.nix.sandbox)
 
 
 def _ports(cfg: Config, source: Source, nix: Nix) -> Ports:

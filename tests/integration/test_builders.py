@@ -432,6 +432,39 @@ def drop_in_environment(directory: Path) -> dict[str, str]:
     return env
 
 
+def test_the_root_daemons_machines_file_lists_only_builders_a_probe_found_sandboxed(
+    tmp_path: Path, sshd: Sshd, config_repo: ConfigRepo, signing: Signing
+) -> None:
+    """`reconciler builders`, run as root for a root nix-daemon (which takes no builders
+    from the reconciler, so the reconciler cannot probe them itself): each builder's
+    sandbox is probed on it alone first; one whose probe cannot run is left out."""
+    remote = tmp_path / "builder"
+    (tmp_path / "keys").mkdir()
+    keygen = ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "keys/k")]
+    subprocess.run(keygen, check=True)
+    dead = {
+        "name": "dead",
+        # Another address (builders on one share a port), where nothing listens.
+        "uri": f"ssh-ng://root@127.0.0.2:{free_port()}?remote-store={second_store(tmp_path / 'dead')}",
+        "ssh_key": str(tmp_path / "keys/k"),
+        "host_key": (tmp_path / "keys/k.pub").read_text(),
+    }
+    cfg = write_config(tmp_path, config_repo, signing, builders=[sshd_builder(tmp_path, sshd), dead])
+    files = tmp_path / "etc-nix-builders"
+    wrote = cli("builders", "-c", str(cfg), str(files))
+    assert wrote.returncode == 1, wrote.stdout + wrote.stderr
+    assert "wrote 1 of 2 builders" in wrote.stdout
+    said = "reconciler: builder dead is not listed: its sandbox could not be verified: sandbox probe: "
+    assert said in wrote.stderr, wrote.stderr
+    (line,) = (files / "machines").read_text().splitlines()
+    assert line.startswith(f"ssh-ng://root@127.0.0.1?remote-store=local%3Froot%3D{remote} ")
+    # The probe was built on b1 itself; nothing was written into the state directory.
+    assert list((remote / "nix/store").glob("*-reconciler-sandbox-probe"))
+    assert not (tmp_path / "state").exists() or not any((tmp_path / "state").iterdir())
+    # Both builders' ssh settings stay, for when the dead one is probed again.
+    assert len((files / "known_hosts").read_text().splitlines()) == 2
+
+
 def test_builds_through_an_untrusted_nix_daemon_run_on_its_builders(
     tmp_path: Path, sshd: Sshd, config_repo: ConfigRepo, signing: Signing, monkeypatch: pytest.MonkeyPatch
 ) -> None:
