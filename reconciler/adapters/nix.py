@@ -83,8 +83,9 @@ OFFLINE_CACHE = 4096
 # by import-from-derivation would escape the build deadline and the output limit).
 # What the operator's Nix configuration (nix.conf, NIX_CONFIG) may enable is
 # switched off, as restricted mode does not cover it: experimental features (flakes'
-# fetchTree copies any file the daemon reads into the store) and unsafe native code
-# (builtins.exec runs any command as the daemon).
+# fetchTree copies any file the daemon reads into the store), unsafe native code
+# (builtins.exec runs any command as the daemon) and plugins (whatever builtins they
+# add, nix-plugins' exec among them).
 HERMETIC_OPTIONS = (
     "--option",
     "experimental-features",
@@ -92,6 +93,9 @@ HERMETIC_OPTIONS = (
     "--option",
     "allow-unsafe-native-code-during-evaluation",
     "false",
+    "--option",
+    "plugin-files",
+    "",
     "--option",
     "restrict-eval",
     "true",
