@@ -29,11 +29,35 @@ class Format(StrEnum):
     JSON = "json"  # one JSON object per line
 
 
+# Escapes for what a reader of the log must not meet raw: a value from the config
+# repository (a file name) can hold control characters (ESC starts a terminal's
+# escape sequence) and anything str.splitlines() breaks a line at (\x85, \u2028, ...).
+_NAMED = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(c: str) -> str:
+    if c in _NAMED:
+        return _NAMED[c]
+    if c.isprintable():
+        return c
+    code = ord(c)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
 def _fmt(v: Any) -> str:
     s = str(v)
-    if s == "" or any(c in s for c in ' "=\n\t\r'):
-        s = '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r") + '"'
+    if s == "" or any(c in ' "=' or not c.isprintable() for c in s):
+        s = '"' + "".join(map(_escape, s)) + '"'
     return s
+
+
+def _json_escape(c: str) -> str:
+    """A character json.dumps leaves raw (it escapes only those below 0x20) as JSON's
+    escape when it is not printable: UTF-16, as JSON's escapes are."""
+    if c.isprintable():
+        return c
+    units = c.encode("utf-16-be")
+    return "".join(f"\\u{int.from_bytes(units[i : i + 2]):04x}" for i in range(0, len(units), 2))
 
 
 def fields_of(record: logging.LogRecord) -> dict[str, Any]:
@@ -63,7 +87,8 @@ class KeyValueFormatter(logging.Formatter):
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         # Values that are not JSON types (a Path, an enum member) as their text.
-        return json.dumps(fields_of(record), default=str, ensure_ascii=False)
+        line = json.dumps(fields_of(record), default=str, ensure_ascii=False)
+        return line if line.isprintable() else "".join(map(_json_escape, line))
 
 
 def configure(level: int = logging.INFO, fmt: Format = Format.TEXT) -> None:

@@ -52,6 +52,28 @@ def test_text_and_json_carry_the_same_fields(logged: pytest.CaptureFixture[str])
     }
 
 
+# What a config repository's file name can hold: ESC (a terminal's escape sequences),
+# C1 controls (\x9b is CSI), and what str.splitlines() breaks at besides \n and \r.
+HOSTILE = "esc\x1b[2J\x9bred\x85ts=1 level=info event=forged\u2028\u2029\x0b\x0c\x1c\x7f\U000e0001 é 中"
+
+
+@pytest.mark.parametrize("fmt", list(log.Format))
+def test_a_value_cannot_forge_a_line_or_reach_the_terminal_raw(
+    logged: pytest.CaptureFixture[str], fmt: log.Format
+) -> None:
+    log.configure(fmt=fmt)
+    log.event("host_invalid", logging.WARNING, file=HOSTILE, reason="ok")
+    # One line, however the reader splits lines (lines() splits as str.splitlines()).
+    (line,) = lines(logged)
+    assert line.isprintable(), [c for c in line if not c.isprintable()]
+    # Printable text stays as it is.
+    assert "é 中" in line
+    if fmt is log.Format.JSON:
+        assert json.loads(line)["file"] == HOSTILE
+    else:
+        assert line.endswith(" reason=ok")
+
+
 def test_the_level_drops_what_is_less_severe(logged: pytest.CaptureFixture[str]) -> None:
     log.configure(logging.WARNING, log.Format.JSON)
     log.event("reconcile_start")
