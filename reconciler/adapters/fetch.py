@@ -422,8 +422,11 @@ def _retry_after(value: str | None) -> float | None:
     """Retry-After as seconds: a number of them, or an HTTP date."""
     if value is None:
         return None
-    if value.strip().isdigit():
-        return float(value.strip())
+    seconds = value.strip()
+    # ASCII digits: str.isdigit() takes "²" too, which float() refuses; a server's
+    # odd header must not turn the answer it came with into a failure.
+    if seconds.isascii() and seconds.isdigit():
+        return float(seconds)
     try:
         return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
     except (ValueError, TypeError, OverflowError):

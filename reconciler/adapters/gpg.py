@@ -150,12 +150,12 @@ def unusable(key: Mapping[str, Any], now: float) -> str | None:
     extend = (
         f"extend it (gpg --quick-set-expire {key.get('fingerprint')} 1y) and give agents the new public key"
     )
-    if expires.isdigit() and int(expires) <= now:
+    if expires.isascii() and expires.isdigit() and int(expires) <= now:
         return f"expired on {_when(int(expires))} (now {_when(now)}): {extend}"
     if key.get("trust") == "e":
         return f"has expired: {extend}"
     created = str(key.get("date") or "")
-    if created.isdigit() and int(created) > now:
+    if created.isascii() and created.isdigit() and int(created) > now:
         return (
             f"was created on {_when(int(created))}, after this machine's clock ({_when(now)}): "
             "the clock is behind (check NTP), or it ran ahead where the key was made"

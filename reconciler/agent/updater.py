@@ -553,7 +553,9 @@ class Agent:
 
     def _prune(self) -> None:
         """Keep the newest ``keep`` releases, and always the current and previous ones."""
-        installed = sorted(int(d.name) for d in self.releases.iterdir() if d.name.isdigit())
+        installed = sorted(
+            int(d.name) for d in self.releases.iterdir() if d.name.isascii() and d.name.isdigit()
+        )
         keep = set(installed[-self.cfg.keep :]) | {self.state.version, self.state.previous}
         for v in installed:
             if v not in keep:

@@ -222,15 +222,20 @@ def parse_when(key: str, value: str, now: float) -> float:
 def _count(key: str, value: str | None, least: int) -> int | None:
     if value is None:
         return None
-    if not value.isdigit() or len(value) > 18 or int(value) < least:
+    if not _is_number(value) or len(value) > 18 or int(value) < least:
         raise QueryError(key, f"must be an event id (an integer >= {least})")
     return int(value)
+
+
+def _is_number(value: str) -> bool:
+    """ASCII digits only: str.isdigit() takes "²" too, which int() refuses."""
+    return value.isascii() and value.isdigit()
 
 
 def _limit(value: str | None) -> int:
     if value is None:
         return DEFAULT_LIMIT
-    if not (value.isdigit() and len(value) <= 6 and 1 <= int(value) <= MAX_LIMIT):
+    if not (_is_number(value) and len(value) <= 6 and 1 <= int(value) <= MAX_LIMIT):
         raise QueryError("limit", f"must be an integer from 1 to {MAX_LIMIT}")
     return int(value)
 

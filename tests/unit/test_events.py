@@ -87,6 +87,10 @@ def test_a_query_string_is_parsed_with_durations_times_and_limits() -> None:
         ({"limit": ["9" * 400]}, "limit"),
         ({"after": ["-1"]}, "after"),
         ({"before": ["0"]}, "before"),
+        # Digits to str.isdigit(), not to int().
+        ({"limit": ["\u00b2"]}, "limit"),
+        ({"after": ["\u00b9"]}, "after"),
+        ({"before": ["1\u00b2"]}, "before"),
     ],
 )
 def test_a_malformed_query_names_the_parameter(params: dict[str, list[str]], key: str) -> None:
@@ -97,7 +101,8 @@ def test_a_malformed_query_names_the_parameter(params: dict[str, list[str]], key
 
 @given(
     st.dictionaries(
-        st.sampled_from(["host", "type", "since", "until", "limit", "after"]), st.lists(st.text())
+        st.sampled_from(["host", "type", "since", "until", "limit", "after", "before"]),
+        st.lists(st.text() | st.text(st.characters(categories=["Nd", "No"]), min_size=1)),
     )
 )
 def test_any_query_string_parses_or_is_refused_as_a_query_error(params: dict[str, list[str]]) -> None:

@@ -26,6 +26,10 @@ class Handler(BaseHTTPRequestHandler):
         if self.path == "/busy":
             self.send_response(503)
             self.send_header("Retry-After", "7")
+        elif self.path == "/odd":
+            # A digit to str.isdigit(), not to float().
+            self.send_response(200)
+            self.send_header("Retry-After", "\u00b2")
         else:
             self.send_response(201)
         self.send_header("Content-Length", "0")
@@ -54,6 +58,9 @@ def test_a_post_is_sent_and_its_status_returned(server: str) -> None:
     assert headers["X-Test"] == "1" and headers["User-Agent"] == "reconciler"
     busy = post(server + "/busy", b"{}", {}, 5.0)
     assert (busy.status, busy.retry_after) == (503, 7.0)
+    # An odd header does not turn the answer it came with into a failure.
+    odd = post(server + "/odd", b"{}", {}, 5.0)
+    assert (odd.status, odd.retry_after) == (200, None)
 
 
 def test_nobody_listening_is_an_error_naming_the_label_not_the_url() -> None:
