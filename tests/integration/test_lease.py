@@ -225,15 +225,19 @@ def test_one_daemon_publishes_and_the_standby_takes_over_when_it_is_killed(
     status, body = p.b.readyz()
     assert (status, body.strip()) == (200, "ok")
 
+    def published() -> list[str]:
+        return [e["version"] for e in p.b.events("host_published") if e["host"] == "web-1"]
+
+    # b's first pass as the publisher adopts web-1 v1 (its ledger knew nothing). b is
+    # active from the lease on, before that pass fetches: a commit pushed sooner would
+    # be what it builds, and nothing adopted.
+    wait_for(lambda: published() == ["1"], 60, "b to adopt web-1 v1")
+
     # b publishes the next commit; every release exists once, as its commit.
     p.repo.write("hosts/web-1.yaml", host("web-1", 21))
     third = p.repo.commit("move web-1")
     wait_for(lambda: 2 in p.releases("web-1"), BUILD_TIMEOUT, "b publishes web-1 v2")
-
     # The release file is written before its log entry and latest.json: the publish ends later.
-    def published() -> list[str]:
-        return [e["version"] for e in p.b.events("host_published") if e["host"] == "web-1"]
-
     wait_for(lambda: "2" in published(), 60, "b to finish publishing web-1 v2")
     assert p.releases("web-1") == {1: first, 2: third}
     assert p.releases("web-2") == {1: first, 2: second}
