@@ -24,6 +24,7 @@ from reconciler.adapters.process import run_with_deadline
 from reconciler.config import GIT_NETWORK_TIMEOUT
 from reconciler.core.hosts import NOT_READ_BY_PACKAGES, SYMLINK, TOO_BIG, UNREADABLE
 from reconciler.core.schema import MAX_FILE_BYTES
+from reconciler.core.urls import without_credentials
 from reconciler.errors import ConfigError, SourceError, VerificationError
 
 # A commit is read whole to find its signature header; a longer one (it is its
@@ -68,6 +69,8 @@ class GitSource:
         tree: Path | None = None,
     ) -> None:
         self.url = url
+        # What messages and logs say: the URL without a credential written into it.
+        self.shown_url = without_credentials(url)
         self.branch = branch
         self.clone = clone
         self.checkout = tree if tree is not None else clone.parent / "tree"
@@ -108,7 +111,9 @@ class GitSource:
         if git_dir.is_dir():
             url = self._run(git_dir, ["config", "--get", "remote.origin.url"], READ_TIMEOUT)
             if url.returncode != 0 or url.stdout.decode(errors="replace").strip() != self.url:
-                self._checked(git_dir, ["remote", "set-url", "origin", self.url], f"cannot clone {self.url}")
+                self._checked(
+                    git_dir, ["remote", "set-url", "origin", self.url], f"cannot clone {self.shown_url}"
+                )
         else:
             if self.clone.exists():
                 shutil.rmtree(self.clone)
@@ -121,7 +126,7 @@ class GitSource:
             # is not ours to take).
             target = str(self.clone.absolute())
             clone = ["clone", "--no-checkout", "--no-local", *shallow, "--", self.url, target]
-            self._checked(None, clone, f"cannot clone {self.url}", self.network_timeout)
+            self._checked(None, clone, f"cannot clone {self.shown_url}", self.network_timeout)
         attributes = git_dir / "info" / "attributes"
         try:
             if not attributes.is_file() or attributes.read_text() != ATTRIBUTES:
@@ -151,7 +156,7 @@ class GitSource:
             # Object reads on stdin start nothing else.
             return subprocess.run(cmd, input=stdin, capture_output=True, timeout=timeout, env=env)
         except subprocess.TimeoutExpired:
-            why = late or f"git {args[0]} on {self.url} did not finish within {timeout:g} s"
+            why = late or f"git {args[0]} on {self.shown_url} did not finish within {timeout:g} s"
             raise SourceError(why) from None
         except OSError as exc:
             raise SourceError(f"cannot run git: {exc.strerror or exc}") from None
@@ -167,8 +172,12 @@ class GitSource:
         """The output of ``git args``; SourceError "``what``: git's reason" when it fails."""
         proc = self._run(git_dir, args, timeout, stdin)
         if proc.returncode != 0:
-            raise SourceError(f"{what}: {_cause(proc.stderr.decode(errors='replace'), proc.returncode)}")
+            raise SourceError(f"{what}: {_cause(self._said(proc.stderr), proc.returncode)}")
         return proc.stdout
+
+    def _said(self, stderr: bytes) -> str:
+        """What git said, with the URL as written (a credential in it) as shown."""
+        return stderr.decode(errors="replace").replace(self.url, self.shown_url)
 
     def fetch(self) -> str:
         """Fetch the branch, write its head out for Nix, and return the commit id.
@@ -181,7 +190,7 @@ class GitSource:
         except SourceError as exc:
             if not self._remote_has_branch():
                 raise
-            log.event("checkout_repaired", logging.WARNING, url=self.url, error=str(exc))
+            log.event("checkout_repaired", logging.WARNING, url=self.shown_url, error=str(exc))
             self._opened, self._checked_out, self._blobs = False, None, {}
             shutil.rmtree(self.clone, ignore_errors=True)
             return self._fetch_and_check_out()
@@ -200,17 +209,17 @@ class GitSource:
         """The commit the remote's branch points at, asked with `git ls-remote` (as a
         fetch would authenticate); SourceError saying why when it cannot be had."""
         proc = self._run(
-            None, self._ls_remote(), timeout, late=f"{self.url} did not answer within {timeout:.0f} s"
+            None, self._ls_remote(), timeout, late=f"{self.shown_url} did not answer within {timeout:.0f} s"
         )
         if proc.returncode != 0:
             # git's first fatal line says what happened; advice about access rights follows.
-            lines = [ln.strip() for ln in proc.stderr.decode(errors="replace").splitlines() if ln.strip()]
+            lines = [ln.strip() for ln in self._said(proc.stderr).splitlines() if ln.strip()]
             fatal = [ln.removeprefix("fatal: ") for ln in lines if ln.startswith("fatal: ")]
             why = fatal[0] if fatal else lines[-1] if lines else "git ls-remote failed"
-            raise SourceError(f"cannot reach {self.url}: {why}")
+            raise SourceError(f"cannot reach {self.shown_url}: {why}")
         line = proc.stdout.decode(errors="replace").split()
         if not line:
-            raise SourceError(f"{self.url} has no branch {self.branch!r}")
+            raise SourceError(f"{self.shown_url} has no branch {self.branch!r}")
         return line[0]
 
     def _fetch_and_check_out(self) -> str:
@@ -229,7 +238,7 @@ class GitSource:
         not touched. ``maintenance``: git may start its housekeeping of the clone
         (`git maintenance run --auto`) after the fetch, as it does by default."""
         git_dir = self._open()
-        what = f"cannot fetch branch {self.branch!r} from {self.url}"
+        what = f"cannot fetch branch {self.branch!r} from {self.shown_url}"
         # '+': the ref follows a force-push; whether such a head is built is
         # reconciler.daemon.gate's decision.
         shallow = [f"--depth={self.depth}"] if self.depth else []
@@ -276,8 +285,8 @@ class GitSource:
         assert archive.stdout is not None
         archive.stdout.close()
         if archive.wait(timeout=EXPORT_TIMEOUT) != 0 or untar.returncode != 0:
-            why = untar.stderr.decode(errors="replace").strip() or "git archive failed"
-            raise SourceError(f"cannot export {commit} of {self.url}: {why}")
+            why = self._said(untar.stderr).strip() or "git archive failed"
+            raise SourceError(f"cannot export {commit} of {self.shown_url}: {why}")
 
     def signature(self, commit: str) -> bytes | None:
         """The signature in ``commit``'s header, as `git verify-commit` hands it to
@@ -329,9 +338,9 @@ class GitSource:
                 return True
             # 1: not an ancestor; 128: ``old`` is not (yet) in the local history.
             if proc.returncode not in (1, 128):
-                why = _cause(proc.stderr.decode(errors="replace"), proc.returncode)
+                why = _cause(self._said(proc.stderr), proc.returncode)
                 raise SourceError(f"cannot compare commits {old} and {new}: {why}")
-            what = f"cannot deepen the history of {self.url}"
+            what = f"cannot deepen the history of {self.shown_url}"
             if self._checked(git_dir, ["rev-parse", "--is-shallow-repository"], what).strip() != b"true":
                 return False  # all of new's history is here
             step = next(steps, None)
@@ -348,7 +357,9 @@ class GitSource:
         return self.read_objects(self._checked_out)
 
     def _git(self, *args: str, stdin: bytes | None = None) -> bytes:
-        return self._checked(self._open(), list(args), f"cannot read {args[-1]} of {self.url}", stdin=stdin)
+        return self._checked(
+            self._open(), list(args), f"cannot read {args[-1]} of {self.shown_url}", stdin=stdin
+        )
 
     def read_objects(self, commit: str) -> dict[str, str]:
         """What adapters.tree.read_tree reads from a checkout, read from ``commit``'s git
@@ -412,7 +423,9 @@ class GitSource:
     def tree_digest(self, commit: str, exclude: frozenset[str]) -> str:
         """Digest of ``commit``'s tree without the top-level ``exclude`` entries: git's
         object ids, so nothing is read or hashed here."""
-        listing = self._checked(self._open(), ["ls-tree", commit], f"cannot list the checkout of {self.url}")
+        listing = self._checked(
+            self._open(), ["ls-tree", commit], f"cannot list the checkout of {self.shown_url}"
+        )
         kept = [ln for ln in listing.decode().splitlines() if ln.split("\t", 1)[-1] not in exclude]
         return hashlib.sha256("\n".join(kept).encode()).hexdigest()
 

@@ -140,7 +140,7 @@ class NixInputs:
 class BuildRecord:
     """The facts of one host build, gathered by the daemon."""
 
-    repository: str  # the config repository's URL, without credentials (public_url)
+    repository: str  # the config repository's URL, without credentials (core.urls)
     branch: str
     commit: str
     host: str
@@ -217,16 +217,6 @@ def pae(payload_type: str, payload: bytes) -> bytes:
 def envelope(statement: Statement) -> Envelope:
     """``statement`` in an envelope, unsigned."""
     return Envelope(statement.to_json(), PAYLOAD_TYPE)
-
-
-def public_url(url: str) -> str:
-    """``url`` without a password or token: what may be published about a repository."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme in ("http", "https") and (parts.username or parts.password):
-        host = parts.hostname or ""
-        netloc = f"{host}:{parts.port}" if parts.port else host
-        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-    return url
 
 
 # -- the two statements ---------------------------------------------------------------------

@@ -60,10 +60,11 @@ from reconciler.core.model import (
     next_retry,
 )
 from reconciler.core.plan import HostPlan, Plan, retry_delay, suspended_fleet
-from reconciler.core.provenance import BuildRecord, Reproducibility, ReproStatus, public_url
+from reconciler.core.provenance import BuildRecord, Reproducibility, ReproStatus
 from reconciler.core.release import RELEASE_LIMIT, Artifact, Release, new_release, parse_release
 from reconciler.core.reproducibility import CheckResult, refusal
 from reconciler.core.tufroles import RoleName
+from reconciler.core.urls import without_credentials
 from reconciler.core.versions import MAX_TAKEN, Adopt, Decision, Taken, decide, first_candidate
 from reconciler.daemon import history
 from reconciler.daemon.attest import attest
@@ -1090,7 +1091,7 @@ class Reconciler:
         (reconciler.daemon.attest)."""
         with self.metrics.stage_duration.labels("attest").time():
             record = BuildRecord(
-                repository=public_url(self.cfg.repo.url),
+                repository=without_credentials(self.cfg.repo.url),
                 branch=self.cfg.repo.branch,
                 commit=release.commit,
                 host=host.name,

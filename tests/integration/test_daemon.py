@@ -21,6 +21,7 @@ from tests.conftest import (
     ConfigRepo,
     Signing,
     cli,
+    free_port,
     reconciler_run,
     standard_fleet,
     wait_for,
@@ -133,10 +134,19 @@ def test_daemon_publishes_serves_metrics_and_picks_up_new_commits(
     assert proc.wait(60) == 0
 
 
-def test_git_fetch_errors_are_counted_and_not_ready(tmp_path: Path, signing: Signing) -> None:
+SECRET = "ghp-S3cr3tT0k3n"
+
+
+@pytest.mark.parametrize("where", ["missing path", "url with a credential"])
+def test_git_fetch_errors_are_counted_and_not_ready(tmp_path: Path, signing: Signing, where: str) -> None:
     missing = ConfigRepo.__new__(ConfigRepo)
     missing.path = tmp_path / "no-such-repo"
     cfg = write_config(tmp_path, missing, signing)
+    if where == "url with a credential":
+        # Nothing listens there. The credential belongs in repo.credentials_file, but
+        # wherever it was written, nothing shows it.
+        url = f"http://alice:{SECRET}@127.0.0.1:{free_port()}/fleet.git"
+        cfg = write_config(tmp_path, missing, signing, repo={"url": url, "branch": "main"})
     base = "http://" + yaml.safe_load(cfg.read_text())["listen"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "reconciler", "run", "-c", str(cfg)],
@@ -167,9 +177,15 @@ def test_git_fetch_errors_are_counted_and_not_ready(tmp_path: Path, signing: Sig
         )
         assert lines[2] == "last successful pass: never"
         assert lines[3].startswith("fetch: FAILING since ") and "cannot clone" in lines[3], lines
-        assert json.loads(cli("status", "-c", str(cfg), "--json").stdout)["fetch_error"]["passes"] >= 2
+        as_json = cli("status", "-c", str(cfg), "--json").stdout
+        assert json.loads(as_json)["fetch_error"]["passes"] >= 2
+        check = cli("check", "-c", str(cfg))
+        shown = body + status.stdout + as_json + check.stdout + check.stderr
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0
     assert "event=reconcile_failed" in err and "cannot clone" in err
+    assert SECRET not in shown + err
+    if where == "url with a credential":
+        assert "http://127.0.0.1:" in err

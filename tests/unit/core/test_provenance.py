@@ -425,20 +425,6 @@ def test_garbage_only_raises_verification_error(data: bytes) -> None:
 # -- small parts ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("url", "public"),
-    [
-        ("https://user:token@git.example/fleet.git", "https://git.example/fleet.git"),
-        ("https://token@git.example:8443/fleet.git", "https://git.example:8443/fleet.git"),
-        ("https://git.example/fleet.git", "https://git.example/fleet.git"),
-        ("ssh://git@git.example/fleet.git", "ssh://git@git.example/fleet.git"),
-        ("/srv/fleet", "/srv/fleet"),
-    ],
-)
-def test_a_published_repository_url_carries_no_credentials(url: str, public: str) -> None:
-    assert prov.public_url(url) == public
-
-
 def test_debian_packages_are_read_as_import_debian_writes_them() -> None:
     text = "busybox-static\t1:1.35.0-4+deb12u1+b1\tamd64\tcontained\ngcc\t4:12.2.0-3\tamd64\tbuilt-with\n"
     assert prov.parse_debian_packages(text) == DEBIAN
