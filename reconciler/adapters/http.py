@@ -7,8 +7,10 @@ for long and only so many are served at once: the rest are refused on arrival.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
+import ipaddress
 import logging
 import socket
 import sys
@@ -68,6 +70,15 @@ WRITE_TIMEOUT = 10.0
 # handful; past this, a connection gets a 503 and is closed at once, so a flood costs no
 # threads and holds no file descriptors, and the deadlines above free places within seconds.
 MAX_CONNECTIONS = 64
+# Connections one peer may have served at once (an IPv4 address, or an IPv6 /64, what
+# one machine is usually given): else one client, taking each place back as a deadline
+# frees it, would keep every probe and scraper out. A forge, Prometheus or a probe needs
+# one or two.
+MAX_PER_PEER = 16
+# The request line and headers of one request, in bytes, at most: http.server alone
+# takes 100 header lines of 64 KiB, and copies them as it parses, some tens of MB a
+# connection. Clients here send a few hundred bytes. Past this the answer is a 431.
+MAX_HEADER_BYTES = 64 << 10
 # Connections the kernel holds until the accept loop takes them (Linux caps it at
 # net.core.somaxconn, 4096 by default). With the socketserver default of 5, or even 128, a
 # burst of connections overflows the queue and the kernel drops SYNs: honest clients then
@@ -85,6 +96,7 @@ class Dropped(Enum):
     """Why the HTTP listener closed a connection without answering a request on it."""
 
     BUSY = "busy"  # refused on arrival: as many connections as allowed were being served
+    PEER_BUSY = "peer_busy"  # refused on arrival: its peer had MAX_PER_PEER being served
     TIMEOUT = "timeout"  # its request did not arrive in full before the deadline
 
 
@@ -120,6 +132,7 @@ class Server:
         get_headers: dict[str, str] | None = None,
         challenge: str | None = None,
         max_connections: int = MAX_CONNECTIONS,
+        max_per_peer: int = MAX_PER_PEER,
         request_timeout: float = REQUEST_TIMEOUT,
         idle_timeout: float = IDLE_TIMEOUT,
     ) -> None:
@@ -152,6 +165,16 @@ class Server:
             def handle_one_request(self) -> None:
                 self._reader.expect_request(idle_timeout, request_timeout)
                 super().handle_one_request()
+
+            def parse_request(self) -> bool:
+                parsed = super().parse_request()
+                # The body is bounded by its Content-Length (MAX_BODY), not by this.
+                too_large = self._reader.headers_read()
+                if parsed and too_large:
+                    self.close_connection = True
+                    self._answer(431, "text/plain", b"request header fields too large\n")
+                    return False
+                return parsed
 
             def end_headers(self) -> None:
                 # The response gets a deadline of its own, not what is left of the request's.
@@ -217,7 +240,7 @@ class Server:
                 pass  # scrapes every few seconds would drown the event log
 
         try:
-            self._httpd = _Listener((host, int(port)), Handler, max_connections, dropped)
+            self._httpd = _Listener((host, int(port)), Handler, max_connections, max_per_peer, dropped)
         except OSError as exc:
             registry.unregister(dropped)
             raise ReconcilerError(f"cannot listen on {listen}: {exc.strerror}") from None
@@ -257,23 +280,31 @@ class _Listener(ThreadingHTTPServer):
         address: tuple[str, int],
         handler: type[BaseHTTPRequestHandler],
         max_connections: int,
+        max_per_peer: int,
         dropped: Counter,
     ) -> None:
         self._max_connections = max_connections
+        self._max_per_peer = max_per_peer
         self._busy = dropped.labels(Dropped.BUSY.value)
+        self._peer_busy = dropped.labels(Dropped.PEER_BUSY.value)
         self._lock = threading.Lock()
-        self._serving: set[socket.socket] = set()
+        # Each connection served, with its peer (_peer); and how many each peer has.
+        self._serving: dict[socket.socket, str] = {}
+        self._per_peer: collections.Counter[str] = collections.Counter()
         super().__init__(address, handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
+        peer = _peer(client_address)
         with self._lock:
-            admitted = len(self._serving) < self._max_connections
-            if admitted:
-                self._serving.add(request)
-        if admitted:
+            full = len(self._serving) >= self._max_connections
+            peer_full = self._per_peer[peer] >= self._max_per_peer
+            if not (full or peer_full):
+                self._serving[request] = peer
+                self._per_peer[peer] += 1
+        if not (full or peer_full):
             super().process_request(request, client_address)
             return
-        self._busy.inc()
+        (self._busy if full else self._peer_busy).inc()
         try:
             # A fresh connection's send buffer is empty, so this does not block; if it
             # would, the client just sees the connection closed.
@@ -287,7 +318,11 @@ class _Listener(ThreadingHTTPServer):
         # Closed under the lock, so close_connections never shuts down a descriptor
         # number that a new connection has already been given.
         with self._lock:
-            self._serving.discard(request)
+            peer = self._serving.pop(request, None)
+            if peer is not None:
+                self._per_peer[peer] -= 1
+                if not self._per_peer[peer]:
+                    del self._per_peer[peer]
             super().shutdown_request(request)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -306,9 +341,24 @@ class _Listener(ThreadingHTTPServer):
                     conn.shutdown(socket.SHUT_RDWR)
 
 
+def _peer(address: Any) -> str:
+    """Whose connection this is, for MAX_PER_PEER: its IPv4 address, or its IPv6 /64."""
+    host = str(address[0]) if isinstance(address, tuple) else str(address)
+    try:
+        ip = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
 class _RequestReader(io.RawIOBase):
     """The read side of one connection: each read waits only as long as the request being
-    read has left, so its deadline holds however slowly the bytes come."""
+    read has left, so its deadline holds however slowly the bytes come; and the request
+    line and headers get MAX_HEADER_BYTES, past which the reader sees their end."""
 
     def __init__(self, conn: socket.socket, timed_out: Callable[[], None]) -> None:
         super().__init__()
@@ -316,28 +366,47 @@ class _RequestReader(io.RawIOBase):
         self._timed_out = timed_out
         self._first_byte_by = self._complete_by = 0.0
         self._started = False
+        # Bytes the request line and headers may still take; None while a body is read.
+        self._header_budget: int | None = None
+        self._over_budget = False
 
     def expect_request(self, idle_timeout: float, request_timeout: float) -> None:
         now = time.monotonic()
         self._first_byte_by = now + min(idle_timeout, request_timeout)
         self._complete_by = now + request_timeout
         self._started = False
+        self._header_budget, self._over_budget = MAX_HEADER_BYTES, False
+
+    def headers_read(self) -> bool:
+        """The headers were parsed: reads go on without the budget. Whether they ran
+        past it (what was parsed is then not the whole request)."""
+        self._header_budget = None
+        return self._over_budget
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: WriteableBuffer) -> int:
         left = (self._complete_by if self._started else self._first_byte_by) - time.monotonic()
+        view = memoryview(buffer).cast("B")
+        if self._header_budget is not None:
+            if self._header_budget <= 0:
+                # Seen as the end of the connection; parse_request then answers 431.
+                self._over_budget = True
+                return 0
+            view = view[: self._header_budget]
         try:
             if left <= 0:
                 raise TimeoutError("the request did not arrive before its deadline")
             self._conn.settimeout(left)
-            n = self._conn.recv_into(buffer)
+            n = self._conn.recv_into(view)
         except TimeoutError:
             # http.server drops the connection on TimeoutError; count it once, here.
             self._timed_out()
             raise
         self._started = True
+        if self._header_budget is not None:
+            self._header_budget -= n
         return n
 
 

@@ -49,10 +49,18 @@ class Running:
         self.url = f"http://127.0.0.1:{self.server.port}"
         self.clients: list[socket.socket] = []
 
-    def connect(self) -> socket.socket:
-        conn = socket.create_connection(("127.0.0.1", self.server.port), timeout=WAIT)
+    def connect(self, source: str = "127.0.0.1") -> socket.socket:
+        """A connection from ``source``: any 127.x.y.z is this machine, a peer of its own."""
+        conn = socket.create_connection(
+            ("127.0.0.1", self.server.port), timeout=WAIT, source_address=(source, 0)
+        )
         self.clients.append(conn)
         return conn
+
+    def get(self, path: str, source: str = "127.0.0.1", headers: bytes = b"") -> bytes:
+        conn = self.connect(source)
+        conn.sendall(b"GET " + path.encode() + b" HTTP/1.0\r\n" + headers + b"\r\n")
+        return until_closed(conn)
 
     def dropped(self, reason: str) -> float | None:
         return self.registry.get_sample_value("reconciler_http_connections_dropped_total", {"reason": reason})
@@ -137,6 +145,35 @@ def test_connections_past_the_bound_are_refused_until_the_deadline_frees_places(
         metrics = r.read().decode()
     assert 'reconciler_http_connections_dropped_total{reason="busy"} 6.0' in metrics
     assert 'reconciler_http_connections_dropped_total{reason="timeout"} 4.0' in metrics
+
+
+def test_one_peer_holding_its_share_of_places_leaves_the_others_served(serve: type[Running]) -> None:
+    """Else a client that takes every place back as a deadline frees it would keep
+    probes and scrapers out for as long as it likes."""
+    running = serve(max_connections=8, max_per_peer=3, idle_timeout=5, request_timeout=5)
+    holders = [running.connect("127.0.0.2") for _ in range(3)]
+    refused = running.connect("127.0.0.2")
+    assert until_closed(refused).startswith(b"HTTP/1.0 503 ")
+    assert running.dropped("peer_busy") == 1 and running.dropped("busy") == 0
+    # Another address, as a probe or Prometheus comes from, is served at once.
+    assert running.get("/healthz", "127.0.0.3").startswith(b"HTTP/1.0 200 ")
+    # The peer's places come back as its connections end.
+    holders[0].close()
+    wait_for(lambda: running.get("/healthz", "127.0.0.2").startswith(b"HTTP/1.0 200 "), WAIT, "a place")
+
+
+def test_headers_past_their_bound_are_answered_431_and_not_kept(serve: type[Running]) -> None:
+    running = serve()
+    # 40 KiB of headers is under the bound (64 KiB); 120 KiB is not, though each line is
+    # under http.server's own 64 KiB a line and the count under its 100 lines.
+    line = b"X-Big: " + b"a" * (40 << 10) + b"\r\n"
+    assert running.get("/healthz", headers=line).startswith(b"HTTP/1.0 200 ")
+    answer = running.get("/healthz", headers=line * 3)
+    assert answer.startswith(b"HTTP/1.0 431 "), answer[:80]
+    big = running.connect()
+    big.sendall(b"POST /echo HTTP/1.0\r\n" + line * 3 + b"Content-Length: 2\r\n\r\nhi")
+    assert until_closed(big).startswith(b"HTTP/1.0 431 ")
+    assert running.echo.bodies == []
 
 
 def test_a_post_with_a_body_is_answered(serve: type[Running]) -> None:
