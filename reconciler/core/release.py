@@ -34,6 +34,9 @@ NAME_RULE = (
 # releases of a future schema; an agent reads them with this limit too
 # (reconciler.agent.verify), so the daemon must not accept a larger one as its own.
 RELEASE_LIMIT = 1 << 20
+# A size a file, an S3 object or a TUF target length can have: one past it (10**400,
+# written into a tampered release file) would break whoever does arithmetic with it.
+MAX_SIZE = (1 << 63) - 1
 
 
 @dataclass(frozen=True)
@@ -197,8 +200,8 @@ def parse_release(data: bytes, source: str) -> Release:
             raise bad(f"{key}.format", f"a second {fmt!r} artifact")
         if not isinstance(name, str) or not ARTIFACT_NAME_RE.fullmatch(name):
             raise bad(f"{key}.name", NAME_RULE)
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise bad(f"{key}.size", "must be a non-negative integer")
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= MAX_SIZE:
+            raise bad(f"{key}.size", "must be a non-negative integer below 2**63")
         if not isinstance(sha, str) or not HEX64.fullmatch(sha):
             raise bad(f"{key}.sha256", "must be 64 lowercase hex digits")
         if a.get("blob") != blob_path(sha):
@@ -220,8 +223,8 @@ def parse_release(data: bytes, source: str) -> Release:
         where = attestation_path(host, version, AttestationKind(kind))
         if path != where:
             raise bad(f"{key}.path", f"must be {where!r}")
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise bad(f"{key}.size", "must be a non-negative integer")
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= MAX_SIZE:
+            raise bad(f"{key}.size", "must be a non-negative integer below 2**63")
         if not isinstance(sha, str) or not HEX64.fullmatch(sha):
             raise bad(f"{key}.sha256", "must be 64 lowercase hex digits")
         atts.append(Attestation(AttestationKind(kind), where, size, sha))
