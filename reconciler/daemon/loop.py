@@ -32,9 +32,10 @@ from reconciler.daemon.triggers import (
 from reconciler.daemon.web import SECURITY_HEADERS, Access, FleetPage, read_users
 from reconciler.errors import ConfigError, ReconcilerError
 
-# A refused webhook is recorded in the event history at most this often (seconds), with
-# the number of refusals since: anyone who reaches the port can send them, and must not
-# push the rest of the history out.
+# A refused webhook or reconcile request is logged (and a webhook recorded in the event
+# history) at most this often (seconds) for each of the two, with the number of
+# refusals since: anyone who reaches the port can send them, and must neither flood the
+# log nor push the rest of the history out.
 REFUSALS_RECORDED_EVERY = 60.0
 # Results of the newest passes kept for requests waiting on them (reconcile-now --wait).
 RESULTS_KEPT = 64
@@ -100,8 +101,8 @@ class Daemon:
         self._webhook_secret, self._reconcile_token = _secrets(cfg)
         post: dict[str, PostHandler] = {"/webhook": self.webhook, "/reconcile": self.reconcile_now}
         self._refusals = threading.Lock()
-        self._refusal_recorded: float | None = None
-        self._refusals_suppressed = 0
+        # Event name -> when it was last logged, and the refusals not logged since.
+        self._refusals_seen: dict[str, tuple[float, int]] = {}
         # The fleet page and the read-only JSON, behind the page's access control.
         self.access = access(cfg)
         self.page = FleetPage(reconciler)
@@ -131,8 +132,7 @@ class Daemon:
             push = authenticate(headers, body, self._webhook_secret)
         except Unauthorized as exc:
             self.metrics.webhook_requests.labels("unauthorized").inc()
-            log.event("webhook_refused", logging.WARNING, reason=str(exc))
-            self._record_refusal(str(exc))
+            self._refused("webhook_refused", str(exc))
             # Why, so that whoever sets the hook up sees what to fix (no secret in it).
             return 401, "text/plain", f"unauthorized: {exc}\n".encode()
         if not concerns(push, self.cfg.repo.branch):
@@ -143,16 +143,21 @@ class Daemon:
         self.wakeup.notify("webhook")
         return 202, "text/plain", b"accepted\n"
 
-    def _record_refusal(self, reason: str) -> None:
+    def _refused(self, event: str, reason: str) -> None:
+        """A refused request: logged as ``event``, and a refused webhook recorded in the
+        history, at most once per REFUSALS_RECORDED_EVERY, with how many were not since
+        (the metrics count every one)."""
         with self._refusals:
             now = self.reconciler.clock.monotonic()
-            last = self._refusal_recorded
-            if last is not None and now - last < REFUSALS_RECORDED_EVERY:
-                self._refusals_suppressed += 1
+            seen = self._refusals_seen.get(event)
+            if seen is not None and now - seen[0] < REFUSALS_RECORDED_EVERY:
+                self._refusals_seen[event] = (seen[0], seen[1] + 1)
                 return
-            suppressed, self._refusals_suppressed = self._refusals_suppressed, 0
-            self._refusal_recorded = now
-        self.reconciler.record_event(EventType.WEBHOOK_REFUSED, error=reason, suppressed=suppressed)
+            suppressed = seen[1] if seen is not None else 0
+            self._refusals_seen[event] = (now, 0)
+        log.event(event, logging.WARNING, reason=reason, suppressed=suppressed)
+        if event == EventType.WEBHOOK_REFUSED:
+            self.reconciler.record_event(EventType.WEBHOOK_REFUSED, error=reason, suppressed=suppressed)
 
     def api_events(self, request: Request) -> Response:
         """GET /api/events?host=&type=&since=&until=&after=&before=&limit=: the event
@@ -174,7 +179,7 @@ class Daemon:
             check_bearer(headers, token)
         except Unauthorized as exc:
             self.metrics.reconcile_requests.labels("unauthorized").inc()
-            log.event("reconcile_request_refused", logging.WARNING, reason=str(exc))
+            self._refused("reconcile_request_refused", str(exc))
             return 401, "text/plain", f"unauthorized: {exc}\n".encode()
         if self.reconciler.state.suspensions().fleet is not None:
             self.metrics.reconcile_requests.labels("suspended").inc()

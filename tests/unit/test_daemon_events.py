@@ -12,6 +12,7 @@ from reconciler.adapters.http import Request
 from reconciler.config import TriggerConfig
 from reconciler.core.events import EventType
 from reconciler.daemon.loop import Daemon
+from tests.conftest import reconciler_log
 from tests.unit.test_daemon_pass import FLEET
 from tests.unit.test_pass_events import EventWorld
 
@@ -26,16 +27,21 @@ def daemon(world: EventWorld, tmp_path: Path) -> Daemon:
     return Daemon(cfg, rec)
 
 
-def test_refused_webhooks_are_recorded_at_most_once_a_minute_with_a_count(tmp_path: Path) -> None:
+def test_refused_webhooks_are_recorded_and_logged_at_most_once_a_minute_with_a_count(
+    tmp_path: Path,
+) -> None:
     world = EventWorld(tmp_path)
     d = daemon(world, tmp_path)
     try:
         forged = {"X-GitHub-Event": "push", "X-Hub-Signature-256": "sha256=00"}
-        for _ in range(4):
-            assert d.webhook(forged, b"{}")[0] == 401
-            world.clock.advance(10)
-        world.clock.advance(30)  # a minute after the first
-        assert d.webhook({"X-Gitlab-Event": "Push Hook"}, b"{}")[0] == 401
+        with reconciler_log() as out:
+            for _ in range(4):
+                assert d.webhook(forged, b"{}")[0] == 401
+                world.clock.advance(10)
+            world.clock.advance(30)  # a minute after the first
+            assert d.webhook({"X-Gitlab-Event": "Push Hook"}, b"{}")[0] == 401
+        logged = [ln for ln in out.getvalue().splitlines() if "event=webhook_refused" in ln]
+        assert len(logged) == 2 and logged[1].endswith(" suppressed=3"), logged
         first, second = world.history.of(EventType.WEBHOOK_REFUSED)
         assert (
             first.data == {"suppressed": 0}
