@@ -39,6 +39,10 @@ from reconciler.errors import ConfigError, ReconcilerError
 REFUSALS_RECORDED_EVERY = 60.0
 # Results of the newest passes kept for requests waiting on them (reconcile-now --wait).
 RESULTS_KEPT = 64
+# Requests that wait for their pass at once: each holds one of the HTTP listener's
+# places for as long as the pass takes, which can be hours. Past these, a request is
+# accepted without waiting, and says so.
+MAX_WAITING = 8
 
 
 def read_secret(cfg: Config, key: str, path: Path | None) -> bytes:
@@ -93,6 +97,7 @@ class Daemon:
         self._started = 0
         self._finished = 0
         self._results: dict[int, tuple[bool, str]] = {}
+        self._waiting = 0  # requests waiting for their pass (under _passes)
         self.metrics = self.reconciler.metrics
         t = cfg.triggers
         self.wakeup = Wakeup(quiet=t.debounce, max_delay=max(2.0, 10 * t.debounce))
@@ -195,7 +200,14 @@ class Daemon:
         if wait is None:
             return 202, "text/plain", b"accepted: a pass starts now, or right after the one running\n"
         with self._passes:
-            self._passes.wait_for(lambda: self._finished >= target or self.stopping.is_set(), wait)
+            if self._waiting >= MAX_WAITING:
+                why = f"not waited for, {MAX_WAITING} requests wait already"
+                return 202, "text/plain", f"accepted: pass {target} starts now or next; {why}\n".encode()
+            self._waiting += 1
+            try:
+                self._passes.wait_for(lambda: self._finished >= target or self.stopping.is_set(), wait)
+            finally:
+                self._waiting -= 1
             result = self._results.get(target)
         if result is None:
             if self.stopping.is_set():
@@ -203,6 +215,12 @@ class Daemon:
             return 202, "text/plain", f"accepted: pass {target} did not finish within {wait:g}s\n".encode()
         ok, line = result
         return 200, "text/plain", f"{'ok' if ok else 'failed'}: pass {target}: {line}\n".encode()
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for their pass now (POST /reconcile with Prefer: wait)."""
+        with self._passes:
+            return self._waiting
 
     def healthy(self) -> tuple[bool, str]:
         return (not self.stopping.is_set()), ("stopping" if self.stopping.is_set() else "ok")

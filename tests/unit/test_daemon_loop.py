@@ -23,7 +23,7 @@ from reconciler.config import LeaseConfig, TriggerConfig
 from reconciler.core.layout import LEASE_PREFIX, lease_path
 from reconciler.core.lease import RECORD_LIMIT, Holder, parse_record
 from reconciler.daemon.lease import PublisherLease
-from reconciler.daemon.loop import Daemon
+from reconciler.daemon.loop import MAX_WAITING, Daemon
 from tests.conftest import reconciler_log, wait_for
 from tests.unit.test_daemon_pass import FLEET, World
 
@@ -190,7 +190,7 @@ def test_sighup_applies_new_notification_targets_and_lease_timings(tmp_path: Pat
 def test_reconcile_now_can_wait_for_its_pass_and_answers_with_its_result(
     running: tuple[World, Daemon, str],
 ) -> None:
-    world, _, url = running
+    world, daemon, url = running
     commit = (world.source.head or "")[:12]
     # web-1 still fails: the pass it asked for is retried at once, and fails.
     code, body = post(url, "t0ken", wait=10)
@@ -217,6 +217,17 @@ def test_reconcile_now_can_wait_for_its_pass_and_answers_with_its_result(
     )
     try:
         assert post(url, "t0ken", wait=0.5) == (202, "accepted: pass 4 did not finish within 0.5s\n")
+        # While MAX_WAITING requests wait (each holding a place of the listener), another
+        # is accepted without waiting.
+        waiting = [
+            threading.Thread(target=post, args=(url, "t0ken"), kwargs={"wait": 10}, daemon=True)
+            for _ in range(MAX_WAITING)
+        ]
+        for t in waiting:
+            t.start()
+        wait_for(lambda: daemon.waiting == MAX_WAITING, 10, "the waiting requests")
+        code, body = post(url, "t0ken", wait=10)
+        assert code == 202 and body.endswith(f"not waited for, {MAX_WAITING} requests wait already\n"), body
     finally:
         release.set()
     wait_for(lambda: world.ledger.states["web-2"].version == 2, 10, "pass 4 to publish web-2")
