@@ -14,6 +14,15 @@ class ReconcilerError(Exception):
     """Base of every error the reconciler raises on purpose."""
 
 
+# The most of a ConfigError's key and reason kept (characters).
+MAX_KEY = 200
+MAX_REASON = 1000
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 class ConfigError(ReconcilerError):
     """A configuration or definition file is invalid.
 
@@ -22,10 +31,12 @@ class ConfigError(ReconcilerError):
 
     def __init__(self, path: str, key: str, reason: str) -> None:
         self.path = path
-        self.key = key
-        self.reason = reason
-        where = f"{path}: {key}" if key else path
-        super().__init__(f"{where}: {reason}")
+        # Both may quote what the file said: a value of a megabyte would be quoted whole
+        # into every pass's log, the status and the ledger.
+        self.key = _cut(key, MAX_KEY)
+        self.reason = _cut(reason, MAX_REASON)
+        where = f"{path}: {self.key}" if self.key else path
+        super().__init__(f"{where}: {self.reason}")
 
     def __reduce__(self) -> tuple[type[ConfigError], tuple[str, str, str]]:
         # Parse results cross process boundaries (reconciler.daemon.parsing).

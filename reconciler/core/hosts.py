@@ -273,6 +273,10 @@ def parse_fleet(files: Mapping[str, str], cache: ParseCache | None = None) -> Fl
                 result = _parse_host(path, files, profiles, packages, load, resolved)
             except ConfigError as exc:
                 result = exc
+            except Exception as exc:
+                # A case the checks above did not foresee: this host is invalid, saying
+                # what went wrong, and the others are planned.
+                result = ConfigError(path, "", f"cannot be read: {type(exc).__name__}: {exc}")
         new.hosts[key] = result
         if isinstance(result, ConfigError):
             errors.append(result)

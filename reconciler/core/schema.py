@@ -92,6 +92,22 @@ class _UniqueKeys(yaml.constructor.SafeConstructor):
                 )
 
 
+# Integers a definition may state: beyond, one is a mistake or an attack (a binary
+# literal of 20,000 digits loads, and then cannot even be shown as decimal).
+MAX_INT = (1 << 63) - 1
+
+
+def _construct_int(loader: _UniqueKeys, node: Node) -> int:
+    value: int = yaml.constructor.SafeConstructor.construct_yaml_int(loader, node)  # type: ignore[arg-type]
+    if not -MAX_INT - 1 <= value <= MAX_INT:
+        raise _RefusedError("", f"an integer beyond 64 bits at {_position(node)}")
+    return value
+
+
+# (PyYAML's stubs take only its own loader classes here.)
+_UniqueKeys.add_constructor("tag:yaml.org,2002:int", _construct_int)  # type: ignore[type-var]
+
+
 class _PyLoader(_UniqueKeys, yaml.SafeLoader):
     """Pure Python: slower, but says more precisely where and why a document is invalid."""
 
@@ -237,6 +253,10 @@ def parse_yaml(path: str, text: str) -> Any:
         raise ConfigError(path, "", f"invalid YAML{where}: {problem}") from None
     except RecursionError:
         raise ConfigError(path, "", "invalid YAML: nested too deeply") from None
+    except (ValueError, OverflowError) as exc:
+        # A scalar of a type YAML resolves but Python cannot hold: a timestamp such as
+        # 2024-02-30, an integer of more digits than int() reads.
+        raise ConfigError(path, "", f"invalid YAML: a value cannot be read: {exc}") from None
 
 
 def _load(text: str, loader: type[yaml.SafeLoader] | type[yaml.CSafeLoader]) -> Any:

@@ -112,6 +112,8 @@ class Observer:
         # and recipe are unchanged reuses its fleet and images instead of reading,
         # parsing and keying every host again.
         self._last: tuple[Observation, str | None] | None = None
+        # The invalid hosts' errors the last observation logged.
+        self._invalid_logged: frozenset[str] = frozenset()
 
     @property
     def last(self) -> Observation | None:
@@ -176,8 +178,13 @@ class Observer:
             fleet, evaluation = last[0].fleet, last[0].evaluation
         else:
             fleet, evaluation = self._parse_and_evaluate(commit, self.source.read_tree(), recipe)
-        for err in fleet.errors:
-            log.event("host_invalid", logging.WARNING, file=err.path, key=err.key, reason=err.reason)
+        # Each once while it stands, not every pass: a poll every few seconds would
+        # repeat every invalid host's error into the log.
+        invalid = {str(err): err for err in fleet.errors}
+        for said, err in invalid.items():
+            if said not in self._invalid_logged:
+                log.event("host_invalid", logging.WARNING, file=err.path, key=err.key, reason=err.reason)
+        self._invalid_logged = frozenset(invalid)
         obs = Observation(commit, fleet, evaluation, changed, self.source.commit_time(commit))
         self._last = (obs, recipe)
         return obs

@@ -27,7 +27,7 @@ from reconciler.config import (
     reload,
 )
 from reconciler.core.schema import parse_duration
-from reconciler.errors import ConfigError
+from reconciler.errors import MAX_REASON, ConfigError
 
 MINIMAL: dict[str, Any] = {
     "repo": {"url": "repo"},
@@ -448,6 +448,8 @@ def duration(value: Any) -> str:
 )
 def test_bad_setting_names_file_and_key(tmp_path: Path, data: dict[str, Any], key: str, reason: str) -> None:
     err = config_error(tmp_path, data)
+    # A reason quoting a huge value is cut (errors.MAX_REASON).
+    reason = reason if len(reason) <= MAX_REASON else reason[: MAX_REASON - 1] + "…"
     assert (err.key, err.reason) == (key, reason)
     assert str(err) == f"{err.path}: {key}: {reason}"
 
@@ -522,7 +524,8 @@ def test_parse_duration_refuses_with_config_error_only(value: object) -> None:
         d = parse_duration("f.yaml", "release_lifetime", value)
     except ConfigError as exc:
         assert (exc.path, exc.key) == ("f.yaml", "release_lifetime")
-        assert exc.reason in (duration(value), f"{value!r} is longer than a duration can be")
+        said = (duration(value), f"{value!r} is longer than a duration can be")
+        assert exc.reason in [r if len(r) <= MAX_REASON else r[: MAX_REASON - 1] + "…" for r in said]
     else:
         # Accepted: ASCII digits and a unit, meaning exactly what they say.
         assert isinstance(value, str)

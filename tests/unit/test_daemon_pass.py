@@ -47,6 +47,7 @@ from reconciler.daemon.reconciler import Reconciler, status
 from reconciler.daemon.tuf import TufRepository
 from reconciler.errors import ConfigError, ReconcilerError
 from reconciler.ports import EventLog, Ports
+from tests.conftest import reconciler_log
 from tests.fakes import (
     FakeClock,
     FakeNix,
@@ -755,6 +756,18 @@ def test_an_invalid_host_fails_itself_not_the_pass(world: World) -> None:
     assert not rec.reconcile().succeeded
     assert sample("reconciler_reconcile_runs_total", {"result": "failure"}) == 1
     assert sample("reconciler_host_failing", {"host": "web-2", "status": "failed"}) == 1
+
+
+def test_an_invalid_host_is_logged_once_while_it_stands(world: World) -> None:
+    world.source.push({**FLEET, "hosts/web-2.yaml": "name: [web-2]\n"})
+    rec = world.reconciler()
+    with reconciler_log() as out:
+        rec.reconcile()
+        rec.reconcile()
+        world.source.push({**FLEET, "hosts/web-2.yaml": "name: [web-2, again]\n"})
+        rec.reconcile()
+    # Once, and once more for its new error; a poll every few seconds repeats nothing.
+    assert out.getvalue().count("event=host_invalid file=hosts/web-2.yaml") == 2
 
 
 def test_a_restart_keeps_the_last_success_and_the_source_while_the_repo_is_broken(world: World) -> None:

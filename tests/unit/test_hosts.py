@@ -1676,7 +1676,12 @@ def test_a_host_whose_package_did_not_evaluate_has_no_key() -> None:
 # -- the plain-tree loader gives what PyYAML gives ------------------------------------------------
 
 yaml_data = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    # Integers of 64 bits: both refuse larger ones (test_a_value_python_cannot_hold_...).
+    st.none()
+    | st.booleans()
+    | st.integers(-(1 << 63), (1 << 63) - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=20,
 )
@@ -1854,3 +1859,50 @@ def test_a_port_name_is_accepted_exactly_when_it_is_an_ac_name(name: str) -> Non
         assert fleet.errors == () and fleet.hosts["web-1"].services[0].ports == (Port(name, 80),)
     else:
         assert [(e.key, e.reason) for e in fleet.errors] == [("services.web.ports[0].name", PORT_NAME)]
+
+
+OK_HOST = "name: ok\nformats: [aci]\nservices:\n  a: {exec: [bin/busybox, sleep, '1']}\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        # Scalars YAML resolves to types Python cannot hold.
+        ("files:\n  etc/date: 2024-02-30\n", "invalid YAML: a value cannot be read: day is out of range"),
+        ("files:\n  etc/date: 2024-01-01 25:00:00\n", "invalid YAML: a value cannot be read: hour must be"),
+        ("services:\n  a: {exec: [sleep, " + "9" * 5000 + "]}\n", "invalid YAML: a value cannot be read"),
+        # Loads, and then cannot be shown as decimal in any error.
+        ("services:\n  a: {exec: [sleep, 0b" + "1" * 20000 + "]}\n", "an integer beyond 64 bits at line 4"),
+    ],
+    ids=["no such day", "no such hour", "too many digits", "binary of 20,000 digits"],
+)
+def test_a_value_python_cannot_hold_makes_only_its_host_invalid(text: str, said: str) -> None:
+    fleet = parse_fleet({"hosts/ok.yaml": OK_HOST, "hosts/bad.yaml": "name: bad\nformats: [aci]\n" + text})
+    assert list(fleet.hosts) == ["ok"]
+    (error,) = fleet.errors
+    assert error.path == "hosts/bad.yaml" and said in error.reason, error
+
+
+def test_a_megabyte_value_is_not_quoted_whole() -> None:
+    fleet = parse_fleet(
+        {"hosts/ok.yaml": OK_HOST, "hosts/bad.yaml": "name: bad\nrestart: " + "y" * (1 << 20) + "\n"}
+    )
+    (error,) = fleet.errors
+    assert len(str(error)) < 1500
+
+
+def test_whatever_else_goes_wrong_in_one_host_leaves_the_others_planned(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real = hosts._parse_host
+
+    def parse(path: str, *args: Any) -> Any:
+        if path == "hosts/bad.yaml":
+            raise RuntimeError("a case no check foresaw")
+        return real(path, *args)
+
+    monkeypatch.setattr(hosts, "_parse_host", parse)
+    fleet = parse_fleet({"hosts/ok.yaml": OK_HOST, "hosts/bad.yaml": "name: bad\n"})
+    assert list(fleet.hosts) == ["ok"]
+    (error,) = fleet.errors
+    assert str(error) == "hosts/bad.yaml: cannot be read: RuntimeError: a case no check foresaw"
