@@ -378,7 +378,9 @@ class GitSource:
         for entry in filter(None, listing.split(b"\0")):
             meta, _, raw = entry.partition(b"\t")
             mode, kind, blob, length = meta.decode().split()
-            path = raw.decode(errors="surrogateescape")
+            # A name that is not UTF-8 is shown escaped (caf\xe9.yaml): as a str that
+            # holds no lone surrogate, which neither sqlite nor a log line can take.
+            path = raw.decode(errors="backslashreplace")
             folder, name = path.split("/", 1)
             if folder == "packages":
                 if name.endswith(".nix"):
@@ -439,7 +441,7 @@ class GitSource:
         proc = self._run(self._open(), ["diff", "--name-only", "--no-renames", old, new, "--"], READ_TIMEOUT)
         if proc.returncode != 0:
             return None
-        return frozenset(line for line in proc.stdout.decode(errors="surrogateescape").splitlines() if line)
+        return frozenset(line for line in proc.stdout.decode(errors="backslashreplace").splitlines() if line)
 
 
 def _cause(stderr: str, status: int) -> str:

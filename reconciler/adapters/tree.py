@@ -25,7 +25,8 @@ def read_tree(root: Path) -> dict[str, str]:
         if not d.is_dir():
             continue
         for entry in sorted(os.scandir(d), key=lambda e: e.name):
-            rel = f"{sub}/{entry.name}"
+            # As GitSource.read_objects names it: a name that is not UTF-8 escaped.
+            rel = f"{sub}/{os.fsencode(entry.name).decode(errors='backslashreplace')}"
             if sub == "packages":
                 # Nix reads packages itself; we only need to know which exist.
                 if entry.name.endswith(".nix"):

@@ -4,6 +4,8 @@ the others, and never a pass that does not end (real git, Nix and gpg, through t
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -52,6 +54,32 @@ def test_a_host_nested_50000_deep_is_invalid_and_the_others_publish(
     status = json.loads(cli("status", "-c", str(cfg), "--json").stdout)
     assert status["hosts"]["deep-1"]["status"] == "invalid"
     assert status["hosts"]["deep-1"]["error"] == reason
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "reason"),
+    [
+        # A scalar YAML resolves to a date no calendar has: a ValueError stopped every pass.
+        ("bad-1.yaml", "name: bad-1\nfiles:\n  etc/date: 2024-02-30\n", "a value cannot be read"),
+        # A file name that is not UTF-8: its surrogates reached sqlite, and every pass crashed.
+        (b"caf\xe9.yaml", "name: cafe\n", "is not a valid host name"),
+    ],
+    ids=["no such date", "file name not UTF-8"],
+)
+def test_a_file_python_cannot_take_as_it_is_costs_only_its_host(
+    tmp_path: Path, config_repo: ConfigRepo, signing: Signing, name: str | bytes, text: str, reason: str
+) -> None:
+    standard_fleet(config_repo)
+    (config_repo.path / "hosts" / os.fsdecode(name)).write_text(text)
+    # git itself: GitPython cannot read back an index holding a name that is not UTF-8.
+    for args in (["add", "-A"], ["commit", "-qm", "a hostile host file"]):
+        subprocess.run(["git", "-C", str(config_repo.path), *args], check=True, capture_output=True)
+    cfg = write_config(tmp_path, config_repo, signing)
+    res = cli("reconcile", "-c", str(cfg))
+    assert res.returncode == 1, (res.returncode, res.stderr[-2000:])
+    assert "Traceback" not in res.stderr and "reconcile_crashed" not in res.stderr
+    assert reason in res.stdout, res.stdout
+    assert published(tmp_path / "store") == dict.fromkeys(HOSTS, 1)
 
 
 def test_a_duplicate_key_makes_its_host_invalid_and_the_others_publish(

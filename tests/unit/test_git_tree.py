@@ -46,6 +46,7 @@ def test_read_objects_reads_what_a_checkout_holds(tmp_path: Path) -> None:
     (repo / "hosts/nested/deep.yaml").write_text("name: deep\n")
     (repo / "hosts/big.yaml").write_text("#" * (MAX_FILE_BYTES + 1))
     (repo / "hosts/latin1.yaml").write_bytes(b"name: caf\xe9\n")
+    (repo / os.fsdecode(b"hosts/caf\xe9.yaml")).write_text("name: cafe\n")  # a name not UTF-8
     os.symlink("web-1.yaml", repo / "hosts/link.yaml")
     (repo / "profiles/base.yaml").write_text("network: {gateway: 10.0.0.1}\n")
     (repo / "packages/site.nix").write_text("{ toolchain }: toolchain.busybox\n")
@@ -63,6 +64,9 @@ def test_read_objects_reads_what_a_checkout_holds(tmp_path: Path) -> None:
             got[path].startswith("\0unreadable:") and text.startswith("\0unreadable:")
         )
     assert source.read_tree() == got
+    # Shown escaped: what sqlite and a log line can take.
+    assert "hosts/caf\\xe9.yaml" in got
+    assert all(path.encode("utf-8") for path in got)
     # A later commit: only the changed blob is new; unchanged files are the same objects.
     (repo / "hosts/web-2.yml").write_text("name: web-2\nformats: [aci]\n")
     (repo / "hosts/web-1.yaml").unlink()
