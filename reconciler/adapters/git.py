@@ -40,6 +40,14 @@ DEEPEN_STEPS = (100, 1000, 10000)
 EXPORT_TIMEOUT = 300.0
 # Reading a commit's definition files out of git objects, and any other local git command.
 READ_TIMEOUT = 300.0
+# The tree written out for Nix, in bytes, at most: git stores one blob once however many
+# paths name it, so a push of a few kilobytes can ask for terabytes of disk.
+MAX_TREE_BYTES = 1 << 30
+# What a file system takes of a name: a component of NAME_MAX bytes, a path well under
+# PATH_MAX once under the state directory. A longer one is not written (a package that
+# reads it fails to evaluate, and only its hosts with it).
+MAX_NAME_BYTES = 255
+MAX_PATH_BYTES = 3072
 # The folders whose files parse_fleet reads (only the names of packages/*.nix).
 DEFINITIONS = ("hosts", "profiles", "packages")
 # The clone's own attributes (info/attributes, which outrank the repository's
@@ -49,6 +57,11 @@ DEFINITIONS = ("hosts", "profiles", "packages")
 # `export-ignore`, end-of-line conversion, `ident` and filters would make the files
 # Nix reads differ from what was committed.
 ATTRIBUTES = "* -export-subst -export-ignore -text -eol -ident -filter -working-tree-encoding\n"
+
+
+class TreeRefusedError(SourceError):
+    """The head's tree cannot be written out for Nix (too large, or tar refused it): a
+    fault of its content, which a clone afresh would have as well."""
 
 
 class GitSource:
@@ -187,6 +200,8 @@ class GitSource:
         instead of every pass failing until someone deletes it."""
         try:
             return self._fetch_and_check_out()
+        except TreeRefusedError:
+            raise  # the head's content, not the clone: a clone afresh holds it too
         except SourceError as exc:
             if not self._remote_has_branch():
                 raise
@@ -251,14 +266,36 @@ class GitSource:
     def write_tree(self, commit: str, dest: Path) -> None:
         """Replace ``dest`` with what Nix reads of ``commit``: its tree without the
         folders of NOT_READ_BY_PACKAGES, whose files Nix is given validated and
-        normalised instead, so that no package can read them."""
+        normalised instead, so that no package can read them. TreeRefusedError when
+        it would take more than MAX_TREE_BYTES."""
         if dest.exists():
             shutil.rmtree(dest)
         self.export(commit, dest, exclude=tuple(sorted(NOT_READ_BY_PACKAGES)))
 
+    def _unwritable(self, commit: str, exclude: tuple[str, ...]) -> frozenset[str]:
+        """The paths of ``commit`` (outside ``exclude``) no file system takes as they
+        are; TreeRefusedError when its files take more than MAX_TREE_BYTES."""
+        listing = self._git("ls-tree", "-r", "-z", "--long", commit)
+        total, unwritable = 0, set()
+        for entry in filter(None, listing.split(b"\0")):
+            meta, _, raw = entry.partition(b"\t")
+            if raw.split(b"/", 1)[0].decode(errors="replace") in exclude:
+                continue
+            size = meta.split()[3]
+            total += int(size) if size.isdigit() else 0
+            if len(raw) > MAX_PATH_BYTES or any(len(part) > MAX_NAME_BYTES for part in raw.split(b"/")):
+                unwritable.add(raw.decode(errors="backslashreplace"))
+        if total > MAX_TREE_BYTES:
+            raise TreeRefusedError(
+                f"cannot export {commit} of {self.shown_url}: its files outside "
+                f"{', '.join(exclude) or 'nothing'} take {total} bytes, over {MAX_TREE_BYTES}"
+            )
+        return frozenset(unwritable)
+
     def export(self, commit: str, dest: Path, exclude: tuple[str, ...] = ()) -> None:
         """Write ``commit``'s tree into the new directory ``dest`` from git objects,
-        without the top-level entries ``exclude``."""
+        without the top-level entries ``exclude``, nor a path no file system takes
+        (logged). TreeRefusedError when its files take more than MAX_TREE_BYTES."""
         git_dir = self._open()
         dest.mkdir(parents=True)
         if exclude:
@@ -267,6 +304,7 @@ class GitSource:
             top = self._git("ls-tree", "-z", "--name-only", commit).split(b"\0")
             if not {name.decode(errors="replace") for name in top if name} - set(exclude):
                 return
+        unwritable = self._unwritable(commit, exclude)
         paths = ["--", ".", *(f":(top,exclude){e}" for e in exclude)] if exclude else []
         archive = subprocess.Popen(
             ["git", "-C", str(git_dir), "archive", "--format=tar", commit, *paths],
@@ -284,9 +322,21 @@ class GitSource:
         )
         assert archive.stdout is not None
         archive.stdout.close()
-        if archive.wait(timeout=EXPORT_TIMEOUT) != 0 or untar.returncode != 0:
-            why = self._said(untar.stderr).strip() or "git archive failed"
-            raise SourceError(f"cannot export {commit} of {self.shown_url}: {why}")
+        if archive.wait(timeout=EXPORT_TIMEOUT) != 0:
+            raise SourceError(f"cannot export {commit} of {self.shown_url}: git archive failed")
+        if untar.returncode == 0:
+            return
+        said = [ln for ln in self._said(untar.stderr).splitlines() if not ln.startswith("tar: Exiting with")]
+        # tar goes on past a member it cannot write: when those were the names too long
+        # for the file system, the tree is all there but them.
+        if unwritable and said and all(ln.endswith("File name too long") for ln in said):
+            first = min(unwritable)
+            log.event(
+                "tree_paths_skipped", logging.WARNING, commit=commit, paths=len(unwritable), first=first[:200]
+            )
+            return
+        why = "; ".join(said[:3]) or f"tar exited {untar.returncode}"
+        raise TreeRefusedError(f"cannot export {commit} of {self.shown_url}: {why}")
 
     def signature(self, commit: str) -> bytes | None:
         """The signature in ``commit``'s header, as `git verify-commit` hands it to

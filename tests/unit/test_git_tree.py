@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.adapters.git import GitSource
+from reconciler.adapters import git as git_adapter
+from reconciler.adapters.git import GitSource, TreeRefusedError
 from reconciler.adapters.tree import read_tree
 from reconciler.core.schema import MAX_FILE_BYTES
 from reconciler.errors import ConfigError, SourceError
-from tests.conftest import alive
+from tests.conftest import alive, reconciler_log
 
 
 def git(repo: Path, *args: str) -> str:
@@ -107,6 +108,60 @@ def test_a_repository_of_only_host_files_exports_as_an_empty_tree(tmp_path: Path
     source.fetch()
     source.export(commit, tmp_path / "out2", exclude=("hosts", "profiles"))
     assert [p.name for p in (tmp_path / "out2").iterdir()] == ["README"]
+
+
+def test_a_name_no_file_system_takes_is_left_out_of_the_tree_alone(tmp_path: Path) -> None:
+    """git takes a component of 300 bytes; tar cannot write it, and stopped the whole
+    export (so every pass, and each one cloned again)."""
+    repo = tmp_path / "repo"
+    (repo / "packages").mkdir(parents=True)
+    git(repo, "init", "-q", "-b", "main")
+    (repo / "packages/site.nix").write_text("{ toolchain }: toolchain.busybox\n")
+    blob = subprocess.run(
+        ["git", "-C", str(repo), "hash-object", "-w", "--stdin"], input="hi\n", capture_output=True, text=True
+    ).stdout.strip()
+    git(repo, "add", "-A")
+    # Into the index only (no file system here takes the names either); committed as is.
+    git(repo, "update-index", "--add", "--cacheinfo", f"100644,{blob},docs/{'A' * 300}.md")
+    git(repo, "update-index", "--add", "--cacheinfo", f"100644,{blob},docs/{'B' * 300}/inside.md")
+    git(repo, "commit", "-qm", "c")
+    commit = git(repo, "rev-parse", "HEAD")
+    assert len(git(repo, "ls-tree", "-r", "--name-only", commit).splitlines()) == 3
+    source = GitSource(str(repo), "main", tmp_path / "clone")
+    with reconciler_log() as out:
+        assert source.fetch() == commit
+    assert (source.checkout / "packages/site.nix").is_file()
+    docs = source.checkout / "docs"
+    assert not docs.exists() or not any(docs.iterdir())
+    assert "event=tree_paths_skipped" in out.getvalue() and " paths=2 " in out.getvalue()
+
+
+def test_a_tree_past_its_size_is_refused_and_the_clone_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One blob named a thousand times is a few KB pushed and terabytes written out."""
+    monkeypatch.setattr(git_adapter, "MAX_TREE_BYTES", 14_000)
+    repo = tmp_path / "repo"
+    (repo / "blobs").mkdir(parents=True)
+    git(repo, "init", "-q", "-b", "main")
+    for i in range(3):
+        (repo / f"blobs/z{i}").write_text("z" * 4000)
+    (repo / "hosts").mkdir()
+    (repo / "hosts/web-1.yaml").write_text("#" * 20_000)  # not written out: not counted
+    commit_all(repo)
+    source = GitSource(str(repo), "main", tmp_path / "clone")
+    source.fetch()
+    (repo / "blobs/z3").write_text("z" * 4000)
+    commit = commit_all(repo)
+    clone = (tmp_path / "clone" / ".git").stat().st_ino
+    with (
+        reconciler_log() as out,
+        pytest.raises(TreeRefusedError, match=f"cannot export {commit} .* take 16000 bytes, over 14000"),
+    ):
+        source.fetch()
+    # Its content, not the clone: not cloned again.
+    assert "checkout_repaired" not in out.getvalue()
+    assert (tmp_path / "clone" / ".git").stat().st_ino == clone
 
 
 def test_the_tree_written_for_nix_is_the_committed_blobs_whatever_gitattributes_say(
