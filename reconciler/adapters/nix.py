@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from reconciler.adapters.process import run_with_deadline
+from reconciler.adapters.process import run_keeping, run_with_deadline
 from reconciler.config import ImagesConfig, NixConfig, ReproducibilityConfig
 from reconciler.core import builders as remote
 from reconciler.core import derivations
@@ -109,6 +109,11 @@ HERMETIC_OPTIONS = (
     "nix-path",
     "",
 )
+# What this process keeps of a Nix command's standard error: where it began and its
+# end, which holds the error. Evaluation prints whatever a package traces
+# (builtins.trace of a megabyte, a thousand times), which nix.eval_memory does not bound.
+STDERR_HEAD = 64 << 10
+STDERR_TAIL = 1 << 20
 # Beyond the build's own deadline, for Nix to report the timeout and exit.
 EXIT_GRACE = 60.0
 # What a builder sees of the machine only when it is not sandboxed.
@@ -260,13 +265,12 @@ class Nix:
         process with threads)."""
         limit = ["prlimit", f"--as={memory}", "--"] if memory is not None else []
         try:
-            return subprocess.run(
+            return run_keeping(
                 [*limit, *args],
-                capture_output=True,
-                text=True,
                 env=env or self.env,
                 timeout=timeout,
-                stdin=subprocess.DEVNULL,
+                stderr_head=STDERR_HEAD,
+                stderr_tail=STDERR_TAIL,
             )
         except subprocess.TimeoutExpired:
             raise BuildError(host, f"{what} took longer than {round(timeout)}s and was stopped") from None

@@ -12,8 +12,10 @@ import contextlib
 import os
 import signal
 import subprocess
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import IO
 
 
 def run_with_deadline(
@@ -60,3 +62,71 @@ def _kill_group(pgid: int) -> None:
     # After a normal exit the group may be gone (nothing was left in it).
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGKILL)
+
+
+class _Kept:
+    """What is kept of a stream: its first ``head`` bytes and its last ``tail``."""
+
+    def __init__(self, head: int, tail: int) -> None:
+        self._head_room, self._tail_room = head, tail
+        self._head = bytearray()
+        self._tail = bytearray()
+        self.dropped = 0
+
+    def drain(self, stream: IO[bytes]) -> None:
+        while chunk := stream.read(1 << 16):
+            room = self._head_room - len(self._head)
+            self._head += chunk[:room]
+            self._tail += chunk[room:]
+            if len(self._tail) > self._tail_room:
+                cut = len(self._tail) - self._tail_room
+                del self._tail[:cut]
+                self.dropped += cut
+
+    def text(self) -> str:
+        gap = f"\n[... {self.dropped} bytes left out ...]\n" if self.dropped else ""
+        return self._head.decode(errors="replace") + gap + self._tail.decode(errors="replace")
+
+
+def run_keeping(
+    args: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    timeout: float,
+    stderr_head: int,
+    stderr_tail: int,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``args`` with no stdin, its stdout read whole and of its stderr only the first
+    ``stderr_head`` and last ``stderr_tail`` bytes kept (a tool printing without end
+    costs this process no more), both as text (bytes that are not UTF-8 replaced).
+    Past ``timeout`` seconds it is killed and subprocess.TimeoutExpired raised."""
+    with subprocess.Popen(
+        list(args),
+        env=dict(env),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    ) as proc:
+        stdout, stderr = proc.stdout, proc.stderr
+        assert stdout is not None and stderr is not None
+        out: list[bytes] = []
+        err = _Kept(stderr_head, stderr_tail)
+        readers = [
+            threading.Thread(target=lambda: out.append(stdout.read()), daemon=True),
+            threading.Thread(target=err.drain, args=(stderr,), daemon=True),
+        ]
+        for reader in readers:
+            reader.start()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+        finally:
+            # A process it started may hold the pipes open: waited for only so long.
+            for reader in readers:
+                reader.join(5.0)
+    return subprocess.CompletedProcess(
+        list(args), proc.returncode, b"".join(out).decode(errors="replace"), err.text()
+    )

@@ -82,6 +82,31 @@ def test_a_file_python_cannot_take_as_it_is_costs_only_its_host(
     assert published(tmp_path / "store") == dict.fromkeys(HOSTS, 1)
 
 
+def test_a_package_tracing_bytes_that_are_not_utf8_costs_nothing(
+    tmp_path: Path, config_repo: ConfigRepo, signing: Signing
+) -> None:
+    """What evaluation prints reached this process as text decoded strictly: a byte
+    0xff in a traced string raised UnicodeDecodeError out of the pass."""
+    standard_fleet(config_repo)
+    package = (
+        b'{ toolchain }: builtins.trace "caf\xff" (derivation { name = "chatty"; system = "x86_64-linux";'
+        b' builder = toolchain.busybox; args = [ "sh" "-c" "${toolchain.busybox} mkdir -p $out" ]; })\n'
+    )
+    (config_repo.path / "packages").mkdir(exist_ok=True)
+    (config_repo.path / "packages/chatty.nix").write_bytes(package)
+    config_repo.write(
+        "hosts/chatty-1.yaml",
+        "name: chatty-1\nformats: [aci]\n"
+        "services:\n  a: {package: chatty, exec: [bin/busybox, sleep, '1']}\n",
+    )
+    config_repo.commit("a package tracing a byte that is not UTF-8")
+    cfg = write_config(tmp_path, config_repo, signing)
+    res = cli("reconcile", "-c", str(cfg))
+    assert res.returncode == 0, (res.returncode, res.stderr[-2000:])
+    assert published(tmp_path / "store") == dict.fromkeys(HOSTS, 1)
+    assert (tmp_path / "store/hosts/chatty-1/latest.json").exists()
+
+
 def test_a_duplicate_key_makes_its_host_invalid_and_the_others_publish(
     tmp_path: Path, config_repo: ConfigRepo, signing: Signing
 ) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.adapters.process import run_with_deadline
+from reconciler.adapters.process import run_keeping, run_with_deadline
 from tests.conftest import alive, wait_for
 
 ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
@@ -92,3 +92,23 @@ def test_a_run_has_its_own_environment_directory_and_the_output_asked_for(
     assert (quiet.returncode, quiet.stdout, quiet.stderr) == (1, b"", b"oops\n")
     with pytest.raises(FileNotFoundError):
         run_with_deadline(["/nonexistent/tool"], env=ENV, timeout=5)
+
+
+def test_of_a_tool_that_prints_without_end_only_the_head_and_tail_are_kept() -> None:
+    # 5 MB on stderr, bytes that are not UTF-8 among them; the end says what went wrong.
+    script = (
+        "printf 'start\\n' >&2; head -c 5000000 /dev/zero | tr '\\0' a >&2;"
+        " printf '\\377\\nerror: the end\\n' >&2; echo out; exit 3"
+    )
+    done = run_keeping(["sh", "-c", script], env=ENV, timeout=30, stderr_head=100, stderr_tail=1000)
+    assert (done.returncode, done.stdout) == (3, "out\n")
+    assert done.stderr.startswith("start\naaa") and done.stderr.endswith("\ufffd\nerror: the end\n")
+    assert len(done.stderr) < 1200
+    assert f"[... {6 + 5_000_000 + 1 + 16 - 100 - 1000} bytes left out ...]" in done.stderr
+
+
+def test_a_tool_kept_past_its_deadline_is_killed() -> None:
+    started = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_keeping(["sleep", "30"], env=ENV, timeout=0.5, stderr_head=10, stderr_tail=10)
+    assert time.monotonic() - started < 10
