@@ -9,7 +9,10 @@ Access (a Server guard over the page and the JSON APIs; /metrics and the probes 
 guarded): on a loopback listen address anyone who reaches it; with ``web.token_file``
 (Authorization: Bearer) or ``web.basic_auth_file`` (htpasswd lines with bcrypt hashes)
 only those who present one, wherever it listens; on any other address with neither,
-nobody: the page is refused with a message naming the keys to set.
+nobody: the page is refused with a message naming the keys to set. An open loopback
+page answers only requests that name this machine's loopback in their Host header:
+else a web site whose name an attacker points at 127.0.0.1 (DNS rebinding) could read
+it from a browser on this machine, or on a laptop with an ssh tunnel to it.
 """
 
 from __future__ import annotations
@@ -107,6 +110,22 @@ def is_loopback(listen: str) -> bool:
         return False
 
 
+def _names_loopback(host: str) -> bool:
+    """Whether a Host header (NAME or NAME:PORT) names this machine's loopback:
+    localhost or a loopback address."""
+    name = host.strip().lower()
+    if name.startswith("["):
+        name = name[1:].partition("]")[0]
+    elif name.count(":") == 1:
+        name = name.partition(":")[0]
+    if name.rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 def parse_htpasswd(text: str, file: str, key: str = "web.basic_auth_file") -> dict[str, bytes]:
     """user -> bcrypt hash from htpasswd lines (``htpasswd -B``); blank lines and #
     comments are skipped. Any other hash is refused: MD5, SHA-1 and crypt(3) are too
@@ -155,7 +174,10 @@ class Access:
 
     def guard(self, request: Request) -> Response | None:
         if self._open:
-            return None
+            host = request.headers.get("Host")
+            if host is None or _names_loopback(host):
+                return None  # a client that names no host is no browser
+            return 403, "text/plain; charset=utf-8", b"forbidden: not this machine's loopback name in Host\n"
         if self._closed:
             return 403, "text/plain; charset=utf-8", self._refusal
         if self._token:

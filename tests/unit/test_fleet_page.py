@@ -279,6 +279,29 @@ def test_on_loopback_the_page_is_open_and_elsewhere_closed_without_a_credential(
     )
 
 
+@pytest.mark.parametrize(
+    ("host", "served"),
+    [
+        ("127.0.0.1:9180", True),
+        ("localhost:9180", True),
+        ("LOCALHOST.", True),
+        ("[::1]:9180", True),
+        ("127.1.2.3", True),
+        ("rebind.attacker.example:9180", False),
+        ("10.0.0.5:9180", False),
+        ("[2001:db8::1]:9180", False),
+        ("", False),
+    ],
+)
+def test_an_open_page_answers_only_requests_naming_loopback(tmp_path: Path, host: str, served: bool) -> None:
+    """Else a site whose name is pointed at 127.0.0.1 (DNS rebinding) reads it from a
+    browser on this machine."""
+    refused = Access("127.0.0.1:9180", tmp_path / "r.yaml").guard(req(headers={"Host": host}))
+    assert (refused is None) is served
+    if refused is not None:
+        assert refused[0] == 403
+
+
 @pytest.mark.parametrize("listen", ["127.0.0.1:9180", "0.0.0.0:9180"])
 def test_a_token_or_a_password_is_needed_wherever_one_is_configured(tmp_path: Path, listen: str) -> None:
     # $2y$: what Apache's htpasswd -B writes.
