@@ -145,6 +145,16 @@ def parse_htpasswd(text: str, file: str, key: str = "web.basic_auth_file") -> di
         users[user] = hashed.encode()
     if not users:
         raise ConfigError(file, key, "lists no user")
+    costs = sorted({int(h[4:6]) for h in users.values()})
+    if len(costs) > 1:
+        # A wrong password takes as long as its user's cost: with two costs, how long
+        # an answer takes tells which users exist (an unknown one costs the highest).
+        raise ConfigError(
+            file,
+            key,
+            f"hashes of different bcrypt costs ({', '.join(map(str, costs))}) tell which users exist "
+            "by how long a wrong password takes: hash every password at one cost",
+        )
     return users
 
 

@@ -372,6 +372,12 @@ def test_the_basic_auth_file_takes_only_bcrypt_hashes(tmp_path: Path) -> None:
         (f"ops:{HASH[:-1]}\n", "line 1: not a whole bcrypt hash"),
         ("ops:$2b$99$" + "a" * 53 + "\n", "line 1: not a whole bcrypt hash"),
         (f"ops:{HASH}\njust-a-name\n", "line 2: must be USER:HASH (htpasswd -B)"),
+        # Who exists would show in how long a wrong password takes.
+        (
+            f"ops:{HASH}\nci:{HASH.replace('$04$', '$05$')}\n",
+            "hashes of different bcrypt costs (4, 5) tell which users exist by how long a wrong "
+            "password takes: hash every password at one cost",
+        ),
     ):
         with pytest.raises(ConfigError) as exc:
             parse_htpasswd(bad, "reconciler.yaml")
