@@ -272,23 +272,22 @@ class GitSource:
             shutil.rmtree(dest)
         self.export(commit, dest, exclude=tuple(sorted(NOT_READ_BY_PACKAGES)))
 
-    def _unwritable(self, commit: str, exclude: tuple[str, ...]) -> frozenset[str]:
-        """The paths of ``commit`` (outside ``exclude``) no file system takes as they
-        are; TreeRefusedError when its files take more than MAX_TREE_BYTES."""
-        listing = self._git("ls-tree", "-r", "-z", "--long", commit)
+    def _unwritable(self, commit: str, top: list[str]) -> frozenset[str]:
+        """The paths of ``commit`` under the top-level entries ``top`` (none: all) that
+        no file system takes as they are; TreeRefusedError when their files take more
+        than MAX_TREE_BYTES."""
+        listing = self._git("ls-tree", "-r", "-z", "--long", "--full-tree", commit, "--", *top)
         total, unwritable = 0, set()
         for entry in filter(None, listing.split(b"\0")):
             meta, _, raw = entry.partition(b"\t")
-            if raw.split(b"/", 1)[0].decode(errors="replace") in exclude:
-                continue
             size = meta.split()[3]
             total += int(size) if size.isdigit() else 0
             if len(raw) > MAX_PATH_BYTES or any(len(part) > MAX_NAME_BYTES for part in raw.split(b"/")):
                 unwritable.add(raw.decode(errors="backslashreplace"))
         if total > MAX_TREE_BYTES:
             raise TreeRefusedError(
-                f"cannot export {commit} of {self.shown_url}: its files outside "
-                f"{', '.join(exclude) or 'nothing'} take {total} bytes, over {MAX_TREE_BYTES}"
+                f"cannot export {commit} of {self.shown_url}: the files Nix would read take "
+                f"{total} bytes, over {MAX_TREE_BYTES}"
             )
         return frozenset(unwritable)
 
@@ -298,13 +297,15 @@ class GitSource:
         (logged). TreeRefusedError when its files take more than MAX_TREE_BYTES."""
         git_dir = self._open()
         dest.mkdir(parents=True)
+        kept: list[str] = []  # the top-level entries written (none named: all)
         if exclude:
             # git archive refuses pathspecs that match nothing: a repository of nothing
             # but host and profile files exports as an empty directory.
             top = self._git("ls-tree", "-z", "--name-only", commit).split(b"\0")
-            if not {name.decode(errors="replace") for name in top if name} - set(exclude):
+            kept = sorted({name.decode(errors="surrogateescape") for name in top if name} - set(exclude))
+            if not kept:
                 return
-        unwritable = self._unwritable(commit, exclude)
+        unwritable = self._unwritable(commit, kept)
         paths = ["--", ".", *(f":(top,exclude){e}" for e in exclude)] if exclude else []
         archive = subprocess.Popen(
             ["git", "-C", str(git_dir), "archive", "--format=tar", commit, *paths],
