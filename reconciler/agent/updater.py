@@ -299,9 +299,17 @@ class Agent:
             if self.log is not None:
                 self.log.check(self.cfg.host, release.version, entry)
         except RefusalError as exc:
-            # A log that lags (a witness yet to co-sign, a mirror behind) gets another
-            # look at the next poll; any other refusal is final for this entry.
-            if exc.reason is not Reason.NOT_IN_LOG:
+            if exc.reason is Reason.TAMPERED:
+                # Bytes other than the signed ones are the store's or the network's
+                # fault, not the release's: tried again, with the downloads' backoff.
+                # Settled, one bad answer would keep the host off this release for good.
+                version = entry_version(info)
+                if version is not None:
+                    self.state.download_failed(version)
+                    self.state.save(self.state_file)
+            elif exc.reason is not Reason.NOT_IN_LOG:
+                # A log that lags (a witness yet to co-sign, a mirror behind) gets
+                # another look at the next poll; any other refusal is final for this entry.
                 self.state.settled = entry
                 self._remember(got.validators)
             raise
@@ -370,9 +378,9 @@ class Agent:
             except FetchError as exc:
                 if exc.kind is not FetchKind.TOO_LARGE:
                     raise
-                # The release, which is trusted, says how long it is.
+                # The release, which is trusted, says how long it is: other bytes.
                 raise RefusalError(
-                    Reason.BAD_PROVENANCE, f"{ref.path}: larger than the {ref.size} bytes the release names"
+                    Reason.TAMPERED, f"{ref.path}: larger than the {ref.size} bytes the release names"
                 ) from None
             assert got is not None  # an unconditional read always answers
             data = got.data
