@@ -257,12 +257,10 @@ class Agent:
                 raise StaleError(f"the trusted TUF timestamp expired at {expires.isoformat()}")
             self._stale(None)
             return PollResult.IDLE
-        try:
-            info = self.tuf.target(target_path(self.cfg.host), got.data)
-        except RefusalError:
-            # Final for this timestamp: a new one gets a new look, the same one no download.
-            self._remember(got.validators)
-            raise
+        # The timestamp's validators are remembered only once the refresh it starts is
+        # through: after one garbled snapshot or bin, the next poll would be told "not
+        # modified" and wait for a new timestamp, hours, with nothing stale to show.
+        info = self.tuf.target(target_path(self.cfg.host), got.data)
         self._trusted_expiry()
         self._stale(None)
         if info is None:

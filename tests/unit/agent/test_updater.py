@@ -764,6 +764,18 @@ def test_an_unreadable_store_changes_nothing(on_v1: Host, how: str) -> None:
     assert on_v1.poll() == "updated" and on_v1.running() == 3
 
 
+def test_a_snapshot_garbled_once_delays_the_update_by_one_poll(on_v1: Host) -> None:
+    """The timestamp's validators are kept only once its refresh is through: else the
+    next poll is told "not modified", and the update waits for a new timestamp."""
+    on_v1.publish(2)
+    key = tuf_path("snapshot", on_v1.publisher.load().snapshot.signed.version)
+    good = on_v1.store.objects[key]
+    on_v1.store.objects[key] = b"{}"
+    assert on_v1.poll() == "refused"
+    on_v1.store.objects[key] = good
+    assert on_v1.poll() == "updated" and on_v1.running() == 2
+
+
 def test_a_truncated_artifact_is_an_error_and_retried(on_v1: Host) -> None:
     r = on_v1.publish(2)
     blob = on_v1.store.objects[r.artifacts[0].blob]
