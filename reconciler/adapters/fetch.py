@@ -16,6 +16,7 @@ import http.client
 import os
 import socket
 import ssl
+import stat
 import threading
 import time
 import urllib.parse
@@ -261,7 +262,9 @@ def _body(resp: http.client.HTTPResponse, target: str, deadline: _Deadline) -> I
 def _open_local(target: str) -> Iterator[_Answer]:
     path = Path(urllib.parse.urlparse(target).path if target.startswith("file:") else target)
     try:
-        f = path.open("rb")
+        # Not blocking: opening a FIFO waits for a writer, for ever; only a regular file
+        # is read (a FIFO or a device in a store is no object the daemon wrote).
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError as exc:
         # As a server answers a missing object: a caller may take it as "none yet".
         raise FetchError(
@@ -269,7 +272,11 @@ def _open_local(target: str) -> Iterator[_Answer]:
         ) from None
     except OSError as exc:
         raise FetchError(f"cannot fetch {target}: {_reason(exc)}", kind=FetchKind.UNREACHABLE) from None
-    with f:
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise FetchError(f"cannot fetch {target}: not a regular file", kind=FetchKind.UNREACHABLE)
+    os.set_blocking(fd, True)
+    with os.fdopen(fd, "rb") as f:
         st = os.fstat(f.fileno())
         # A local file's identity: a rename-over (how the store writes) changes the inode.
         tag = f'"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"'

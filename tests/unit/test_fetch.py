@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import email.utils
 import hashlib
+import os
 import socket
 import ssl
 import threading
@@ -458,3 +459,25 @@ def test_a_missing_local_file_reads_as_a_404(tmp_path: Path) -> None:
         with pytest.raises(FetchError) as err:
             fetch.get(target, 1024)
         assert (err.value.kind, err.value.status) == (FetchKind.HTTP_STATUS, 404)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_store_directory_entry_that_is_no_regular_file_is_refused_at_once(
+    tmp_path: Path, kind: str
+) -> None:
+    """Opening a FIFO waits for a writer for ever, and no deadline covers a local read:
+    an agent polling a directory store hung on one."""
+    target = tmp_path / "timestamp.json"
+    if kind == "fifo":
+        os.mkfifo(target)
+    else:
+        target.symlink_to("/dev/zero")
+    started = time.monotonic()
+    with pytest.raises(FetchError, match="not a regular file"):
+        fetch.get(str(target), 1 << 20, timeout=5)
+    assert time.monotonic() - started < 5
+    # A regular file, also behind a symlink, is read as before.
+    (tmp_path / "real.json").write_text("{}")
+    (tmp_path / "link.json").symlink_to(tmp_path / "real.json")
+    got = fetch.get(str(tmp_path / "link.json"), 1 << 20, timeout=5)
+    assert got is not None and got.data == b"{}"
