@@ -137,6 +137,11 @@ class TufClient:
             raise refusal(exc) from None
         except tuf_exceptions.DownloadError as exc:
             raise FetchError(f"TUF metadata: {exc}") from None
+        except (sslib_exceptions.Error, KeyError, TypeError, ValueError) as exc:
+            # What a signature's fields make a key's check raise besides "unverified"
+            # (a gpg signature without other_headers, or headers not hex): the store's
+            # metadata is not what a publisher signs.
+            raise RefusalError(Reason.MALFORMED, f"TUF metadata: {type(exc).__name__}: {exc}") from None
         finally:
             self._downloads.served = {}
 
@@ -166,8 +171,8 @@ class TufClient:
                 try:
                     pinned[keyid].verify_signature(sig, root.signed_bytes)
                     good += 1
-                except (sslib_exceptions.Error, ValueError):
-                    continue
+                except (sslib_exceptions.Error, KeyError, TypeError, ValueError):
+                    continue  # not a good signature, whatever its fields hold
             if good >= role.threshold:
                 return data
         raise RefusalError(

@@ -308,6 +308,26 @@ def test_rollback_to_older_metadata_is_refused(world: World, on_v1: Agent) -> No
     assert metric(on_v1, "reconciler_agent_refusals_total", {"reason": "rollback"}) == 1
 
 
+@pytest.mark.parametrize("headers", [None, "zz", 5], ids=["none", "not hex", "not a string"])
+def test_a_gpg_signature_with_garbled_fields_is_refused_as_malformed(
+    world: World, on_v1: Agent, headers: object
+) -> None:
+    """securesystemslib's gpg key raises KeyError, binascii's Error or TypeError on these,
+    not "unverified": the poll was an error, not a refusal, and no alert fired."""
+    world.publish()
+    doc = json.loads((world.store_dir / tuf_path("timestamp", None)).read_bytes())
+    for sig in doc["signatures"]:
+        if headers is None:
+            del sig["other_headers"]
+        else:
+            sig["other_headers"] = headers
+    world.server.answers[tuf_path("timestamp", None)] = serve_bytes(json.dumps(doc).encode())
+    assert on_v1.poll() == "refused"
+    assert metric(on_v1, "reconciler_agent_refusals_total", {"reason": "malformed"}) == 1
+    del world.server.answers[tuf_path("timestamp", None)]
+    assert on_v1.poll() == "updated" and running(on_v1) == 2
+
+
 def test_mix_and_match_of_metadata_is_refused(world: World, on_v1: Agent) -> None:
     """A bin from an older snapshot served under the newer one's name."""
     targets = world.read("targets", 1)
