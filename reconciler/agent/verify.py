@@ -40,13 +40,22 @@ SIGNATURE_LIMIT = openpgp.ARMORED_LIMIT
 ARTIFACT_LIMIT = 1 << 40
 
 
-def _store_root(target: str) -> str:
-    """The store root of a release file at .../hosts/<host>/(latest|releases/N).json."""
+def _store_root(target: str) -> tuple[str, str, int | None]:
+    """The store root of a release file at .../hosts/<host>/(latest|releases/N).json,
+    the host its path names, and N (None for latest.json)."""
     marker = "/hosts/"
     i = target.rfind(marker)
     if i < 0:
         raise VerificationError(f"{target}: not inside a store's hosts/ directory")
-    return target[:i]
+    host, _, rest = target[i + len(marker) :].partition("/")
+    version = rest.removeprefix("releases/").removesuffix(".json")
+    if rest == "latest.json":
+        return target[:i], host, None
+    if rest.startswith("releases/") and version.isascii() and version.isdigit():
+        return target[:i], host, int(version)
+    raise VerificationError(
+        f"{target}: not a release file (hosts/HOST/latest.json or hosts/HOST/releases/N.json)"
+    )
 
 
 def verify(
@@ -71,7 +80,14 @@ def verify(
         lines = [f"OK {target} signed by {fpr}"]
         release = parse_release(meta, target)
         check_fresh(release, target, now or datetime.now(UTC))
-        root = _store_root(target)
+        root, host, version = _store_root(target)
+        # Signed, and yet another host's release, or another number's, moved here: what
+        # its path says is what is claimed of it.
+        if release.host != host:
+            raise VerificationError(f"{target}: holds a release of host {release.host!r}, not {host!r}")
+        if version is not None and release.version != version:
+            raise VerificationError(f"{target}: holds release {release.version}, not {version}")
+        lines[0] += f": {release.host} release {release.version}, commit {release.commit}"
         # What the image checks need of a blob, taken while it is here.
         oci_manifest = thin_manifest = base_sha512 = None
         for art in release.artifacts:

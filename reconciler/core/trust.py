@@ -195,19 +195,15 @@ def check_attestation(
     of ``kind``, about exactly the release's artifacts (and, for provenance, its host,
     commit and derivation), the very bytes the release names. RefusalError:
     NO_PROVENANCE when the release names none, TAMPERED when ``data`` are not the bytes
-    it names, else BAD_PROVENANCE."""
+    it names (saying the first thing found wrong), else BAD_PROVENANCE."""
     ref = release.attestation(kind)
     if ref is None:
         raise RefusalError(Reason.NO_PROVENANCE, f"release {release.version} names no {kind} attestation")
-    # First: bytes other than those the trusted release names are the store's fault (or
-    # the network's), not the release's, and another read may bring the right ones.
     digest = hashlib.sha256(data).hexdigest()
-    if len(data) != ref.size or digest != ref.sha256:
-        raise RefusalError(
-            Reason.TAMPERED,
-            f"{source}: {len(data)} bytes, sha256 {digest}; "
-            f"the release says {ref.size} bytes, sha256 {ref.sha256}",
-        )
+    # Bytes other than those the trusted release names are the store's fault (or the
+    # network's), not the release's, and another read may bring the right ones: such a
+    # refusal is TAMPERED, whatever is found wrong with them first.
+    tampered = len(data) != ref.size or digest != ref.sha256
     try:
         envelope = provenance.parse_envelope(data, source)
         if envelope.payload_type != provenance.PAYLOAD_TYPE:
@@ -225,8 +221,16 @@ def check_attestation(
             if kind is AttestationKind.PROVENANCE
             else provenance.read_sbom(statement, source)
         )
+        # Signed by the publisher and about these artifacts, yet maybe of another build
+        # of them (a reproducible build gives the same bytes from another commit): it
+        # must be the one the release names.
+        if tampered:
+            raise VerificationError(
+                f"{source}: {len(data)} bytes, sha256 {digest}; "
+                f"the release says {ref.size} bytes, sha256 {ref.sha256}"
+            )
     except VerificationError as exc:
-        raise RefusalError(Reason.BAD_PROVENANCE, str(exc)) from None
+        raise RefusalError(Reason.TAMPERED if tampered else Reason.BAD_PROVENANCE, str(exc)) from None
     return Attested(statement, keyid, summary)
 
 

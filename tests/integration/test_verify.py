@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -100,3 +101,31 @@ def test_the_wrong_key_names_the_signer_and_the_trusted_keys(
         f"{meta}: bad signature: the data does not match the signature by key {key_id} "
         "(changed after signing)"
     )
+
+
+@pytest.mark.parametrize("moved_to", ["latest.json", "releases/7.json", "../web-2/latest.json"])
+def test_a_signed_release_moved_to_another_path_is_refused(
+    tmp_path: Path, signing: Signing, moved_to: str
+) -> None:
+    """Signed by the publisher, and yet not what its path claims: another number's
+    release, or another host's."""
+    meta, release = store_with(tmp_path, signing, datetime.now(UTC), timedelta(days=1))
+    lines = verify([signing.public_key], str(meta))
+    assert lines[0].endswith(f"web-1 release 1, commit {release.commit}")
+    target = Path(os.path.normpath(meta.parent.parent / moved_to))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for suffix in ("", ".asc"):
+        Path(f"{target}{suffix}").write_bytes(Path(f"{meta}{suffix}").read_bytes())
+    if moved_to == "latest.json":
+        assert verify([signing.public_key], str(target))[0].endswith(
+            "web-1 release 1, commit " + release.commit
+        )
+        return
+    with pytest.raises(VerificationError) as err:
+        verify([signing.public_key], str(target))
+    said = (
+        "holds release 1, not 7"
+        if moved_to == "releases/7.json"
+        else "holds a release of host 'web-1', not 'web-2'"
+    )
+    assert str(err.value) == f"{target}: {said}"

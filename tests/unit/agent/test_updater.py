@@ -876,10 +876,10 @@ def _retype(data: bytes) -> bytes:
 @pytest.mark.parametrize(
     ("tamper", "message"),
     [
-        pytest.param(_retype, "the release says", id="payload-type"),
+        pytest.param(_retype, "payloadType is 'application/vnd.in-toto+jsoN'", id="payload-type"),
         pytest.param(lambda d: d + b" ", "larger than the", id="longer"),
         pytest.param(
-            lambda d: d.replace(b'"payload": "ey', b'"payload": "ex'), "the release says", id="payload"
+            lambda d: d.replace(b'"payload": "ey', b'"payload": "ex'), "bad signature", id="payload"
         ),
     ],
 )
