@@ -67,9 +67,12 @@ def verify(
         if not target.endswith(".json"):
             if provenance:
                 raise VerificationError(f"{target}: --provenance checks a release file, not an artifact")
+            # The signature first: an artifact without one (or a server that serves one
+            # endlessly) is refused before a byte of it is written out.
+            sig = _get(target + ".asc", SIGNATURE_LIMIT)
+            openpgp.detached_signature(sig, target + ".asc")
             data = Path(tmp) / "target"
             fetch.download(target, data, ARTIFACT_LIMIT, exact=False)
-            sig = _get(target + ".asc", SIGNATURE_LIMIT)
             fpr = verifier.verify(data, sig, target)
             lines = [f"OK {target} signed by {fpr}"]
             if appimage.is_appimage(data):

@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ from reconciler.agent.verify import verify
 from reconciler.core.layout import release_path
 from reconciler.core.release import Artifact, Release, new_release
 from reconciler.demo import make_signing_key
-from reconciler.errors import VerificationError
+from reconciler.errors import FetchError, VerificationError
 from tests.conftest import Signing, cli, stop_gpg_agent
 
 pytestmark = pytest.mark.integration
@@ -129,3 +131,31 @@ def test_a_signed_release_moved_to_another_path_is_refused(
         else "holds a release of host 'web-1', not 'web-2'"
     )
     assert str(err.value) == f"{target}: {said}"
+
+
+def test_an_artifact_without_a_signature_is_not_downloaded(tmp_path: Path, signing: Signing) -> None:
+    """Else a server answering endlessly fills the disk before the missing .asc is seen
+    (2 GiB written in 7 s)."""
+    asked: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            self.send_response(404 if self.path.endswith(".asc") else 200)
+            self.end_headers()
+            if not self.path.endswith(".asc"):
+                self.wfile.write(b"\0" * (1 << 20))
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/web-1-1-x86_64.AppImage"
+        with pytest.raises(FetchError, match="HTTP 404"):
+            verify([signing.public_key], url)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert asked == ["/web-1-1-x86_64.AppImage.asc"]
