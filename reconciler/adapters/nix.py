@@ -83,9 +83,9 @@ OFFLINE_CACHE = 4096
 # by import-from-derivation would escape the build deadline and the output limit).
 # What the operator's Nix configuration (nix.conf, NIX_CONFIG) may enable is
 # switched off, as restricted mode does not cover it: experimental features (flakes'
-# fetchTree copies any file the daemon reads into the store), unsafe native code
-# (builtins.exec runs any command as the daemon) and plugins (whatever builtins they
-# add, nix-plugins' exec among them).
+# fetchTree copies any file the daemon reads into the store) and unsafe native code
+# (builtins.exec runs any command as the daemon). Plugins too (whatever builtins they
+# add, nix-plugins' exec among them), through the environment (_without_plugins).
 HERMETIC_OPTIONS = (
     "--option",
     "experimental-features",
@@ -93,9 +93,6 @@ HERMETIC_OPTIONS = (
     "--option",
     "allow-unsafe-native-code-during-evaluation",
     "false",
-    "--option",
-    "plugin-files",
-    "",
     "--option",
     "restrict-eval",
     "true",
@@ -171,6 +168,13 @@ def _environment() -> dict[str, str]:
     """The environment of every Nix process: the daemon's, without a search path
     (NIX_PATH entries would become readable to evaluation)."""
     return {k: v for k, v in os.environ.items() if k != "NIX_PATH"}
+
+
+def _without_plugins(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` with NIX_CONFIG ending in ``plugin-files =``: it is read last, before any
+    plugin is loaded. (On the command line Nix 2.8 takes the option too late once
+    another --option is given: the plugins are loaded, and it warns.)"""
+    return {**env, "NIX_CONFIG": env.get("NIX_CONFIG", "") + "\nplugin-files ="}
 
 
 def builds_through_daemon(env: Mapping[str, str] | None = None, state: Path = NIX_STATE) -> bool:
@@ -264,10 +268,13 @@ class Nix:
         space (prlimit sets it before Nix starts; a preexec_fn would not be safe in a
         process with threads)."""
         limit = ["prlimit", f"--as={memory}", "--"] if memory is not None else []
+        env = env or self.env
+        if args[0] == "nix-instantiate":
+            env = _without_plugins(env)  # every evaluation of the config repository's code
         try:
             return run_keeping(
                 [*limit, *args],
-                env=env or self.env,
+                env=env,
                 timeout=timeout,
                 stderr_head=STDERR_HEAD,
                 stderr_tail=STDERR_TAIL,

@@ -206,6 +206,20 @@ def test_evaluation_offers_nothing_an_operators_nix_configuration_enables(
     assert not pwned.exists()
 
 
+def test_evaluation_loads_no_plugin_of_the_operators_nix_configuration(
+    tmp_path: Path, config_repo: ConfigRepo, signing: Signing
+) -> None:
+    """A plugin adds builtins restricted mode knows nothing of (nix-plugins' exec among
+    them). None can be built here; one that does not exist shows whether Nix tries."""
+    push(config_repo, builder("true"))
+    cfg = write_config(tmp_path, config_repo, signing)
+    planned = cli(
+        "plan", "-c", str(cfg), env={"NIX_CONFIG": f"plugin-files = {tmp_path / 'no-such-plugin.so'}"}
+    )
+    assert planned.returncode == 0, planned.stdout + planned.stderr
+    assert "good: rebuild" in planned.stdout and "plugin" not in planned.stdout + planned.stderr
+
+
 # A fixed-output derivation: Nix gives its build the network (the output's hash is
 # checked only after), and `__noChroot` asks for no sandbox where Nix's is relaxed.
 NETWORK_ATTRS = {
