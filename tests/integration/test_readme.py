@@ -94,7 +94,10 @@ def test_your_own_fleet_from_scratch_runs_as_written(workdir: Path) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, out[-6000:]
     assert "<h1>hello from web-1</h1>" in out and "<h1>hello again</h1>" in out, out[-6000:]
-    assert re.search(r"^OK store/hosts/web-1/latest.json signed by [0-9A-F]{40}$", out, re.M), out[-6000:]
+    verified = (
+        r"^OK store/hosts/web-1/latest.json signed by [0-9A-F]{40}: web-1 release 1, commit [0-9a-f]{40}$"
+    )
+    assert re.search(verified, out, re.M), out[-6000:]
     assert re.search(r"^signing: ok: key [0-9A-F]{40}, expires \d{4}-", out, re.M), out[-6000:]
     assert "web-1: published version 2" in out
     assert "event=agent_switched host=web-1 version=2 previous=1" in out
