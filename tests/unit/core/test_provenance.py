@@ -124,10 +124,14 @@ SOURCE = "hosts/web-1/releases/3.provenance.json"
 def check(
     data: bytes, release: Release = ATTESTED, kind: AttestationKind = AttestationKind.PROVENANCE
 ) -> str:
-    """The refusal of ``data`` as ``release``'s attestation, as a string."""
+    """The refusal of ``data`` as ``release``'s attestation, as a string. Its reason:
+    TAMPERED when ``data`` are not the bytes the release names (the store's doing, tried
+    again by an agent), else BAD_PROVENANCE."""
     with pytest.raises(RefusalError) as err:
         check_attestation(kind, data, release, KEYS, SOURCE)
-    assert err.value.reason is Reason.BAD_PROVENANCE
+    ref = release.attestation(kind)
+    named = ref is not None and (ref.size, ref.sha256) == (len(data), sha(data))
+    assert err.value.reason is (Reason.BAD_PROVENANCE if named else Reason.TAMPERED)
     return str(err.value)
 
 
