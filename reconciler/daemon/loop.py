@@ -37,6 +37,9 @@ from reconciler.errors import ConfigError, ReconcilerError
 # refusals since: anyone who reaches the port can send them, and must neither flood the
 # log nor push the rest of the history out.
 REFUSALS_RECORDED_EVERY = 60.0
+# The loop's wait for the next pass is this long at most at a time (seconds): a signal
+# handler waits for it at worst (_wait).
+SIGNAL_SLICE = 1.0
 # Results of the newest passes kept for requests waiting on them (reconcile-now --wait).
 RESULTS_KEPT = 64
 # Requests that wait for their pass at once: each holds one of the HTTP listener's
@@ -307,10 +310,16 @@ class Daemon:
         last_pass = time.monotonic()
         while True:
             left = last_pass + self.cfg.poll_interval - time.monotonic()
-            reasons = self.wakeup.wait(max(0.0, left))
+            # In slices: a signal's handler (SIGHUP's reload, SIGTERM's stop) runs in
+            # this thread, and a wait the signal did not interrupt would hold it until
+            # the interval's end. Seen: a SIGHUP sent just after a pass, reloaded 30 s
+            # later, when the SIGTERM came.
+            reasons = self.wakeup.wait(min(max(0.0, left), SIGNAL_SLICE))
             if self._reload.is_set():
                 self._reload.clear()
                 self.reload()
+            if not reasons and left > SIGNAL_SLICE and not self.stopping.is_set():
+                continue
             passes = [r for r in reasons if r != Reason.RELOAD]
             if passes or not reasons or self.stopping.is_set():
                 return passes
