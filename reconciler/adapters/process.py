@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO
@@ -117,8 +118,13 @@ def run_keeping(
         ]
         for reader in readers:
             reader.start()
+        # The readers end when the tool closes its pipes, at its exit: joined, not
+        # Popen.wait(timeout), which polls with sleeps of up to 50 ms.
+        end = time.monotonic() + timeout
+        for reader in readers:
+            reader.join(max(0.0, end - time.monotonic()))
         try:
-            proc.wait(timeout)
+            proc.wait(max(0.0, end - time.monotonic()))
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
