@@ -440,8 +440,8 @@ def test_a_daemon_publishes_notifies_and_serves_its_history(
         assert len(tries) == 3, said
         starts = [hook["event"]["time"]] + [before + backoff for before, backoff in tries[:-1]]
         held = [i for i, ln in enumerate(ended) if "no answer within 3s (waiting for the answer)" in ln]
-        # In two of three CI runs (never in 50 runs of this test alone) one try has
-        # failed a millisecond after connecting, "Broken pipe (sending)", without its
+        # In a full CI run now and then (never in 40 runs of this test alone) one try
+        # has failed a millisecond after connecting, "Broken pipe (sending)", without its
         # connection reaching this server. Not explained yet (see the notes): such a try
         # is allowed once, as long as it failed at once, and every other try was held.
         assert len(held) >= 2, said
