@@ -20,7 +20,6 @@ from reconciler import __version__, log
 from reconciler.config import Config, load_config
 from reconciler.core.events import EventType
 from reconciler.core.tufroles import RoleName
-from reconciler.core.urls import without_credentials
 from reconciler.errors import ReconcilerError
 
 
@@ -96,9 +95,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             host = fleet.hosts.get(args.host)
             if host is None:
                 why = next((str(e) for e in fleet.errors if e.path.endswith(f"/{args.host}.yaml")), None)
-                raise ReconcilerError(
-                    why or f"no host {args.host!r} in {without_credentials(rec.cfg.repo.url)}"
-                )
+                raise ReconcilerError(why or f"no host {args.host!r} in {rec.cfg.repo.shown_url}")
             # A root of its own: the published build keeps the host's.
             out = rec.build(host, rec.first_version(host.name), gcroot=f"{host.name}.build")
     finally:

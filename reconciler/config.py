@@ -21,6 +21,7 @@ from reconciler.core.events import Retention
 from reconciler.core.notify import Backoff, Notice, Provider, Route
 from reconciler.core.schema import check_keys, parse_duration, parse_seconds, parse_size, parse_yaml
 from reconciler.core.tufroles import Lifetimes
+from reconciler.core.urls import without_credentials
 from reconciler.errors import ConfigError
 
 # repo.network_timeout's default (reconciler.adapters.git's too).
@@ -49,6 +50,12 @@ class RepoConfig:
     @property
     def is_local(self) -> bool:
         return self.url.startswith("/")
+
+    @property
+    def shown_url(self) -> str:
+        """The URL as logs, errors, status and provenance give it: without a credential
+        written into it (core.urls)."""
+        return without_credentials(self.url)
 
 
 @dataclass(frozen=True)

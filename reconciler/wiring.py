@@ -24,7 +24,6 @@ from reconciler.adapters.ledger import State
 from reconciler.adapters.nix import Nix, builds_through_daemon
 from reconciler.adapters.store import FilesystemStore
 from reconciler.config import Config, SigningConfig, StoreConfig
-from reconciler.core.urls import without_credentials
 from reconciler.daemon.gate import Gate
 from reconciler.daemon.observer import Observer
 from reconciler.errors import (
@@ -427,7 +426,7 @@ def preflight(cfg: Config, sandbox: Callable[[], str] | None = None) -> list[Che
 
     def git() -> str:
         head = _clone_in(cfg, cfg.state_dir / "checkout").remote_head(timeout=GIT_CHECK_TIMEOUT)
-        return f"{without_credentials(cfg.repo.url)} answers: {cfg.repo.branch} is at {head}"
+        return f"{cfg.repo.shown_url} answers: {cfg.repo.branch} is at {head}"
 
     return [
         (pf.CheckName.CONFIG, config),

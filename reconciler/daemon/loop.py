@@ -15,7 +15,6 @@ from reconciler.adapters.http import GetHandler, PostHandler, Request, Response,
 from reconciler.config import Config, TriggerConfig, load_config, reload
 from reconciler.core.events import EventType, QueryError, parse_query
 from reconciler.core.model import Action
-from reconciler.core.urls import without_credentials
 from reconciler.daemon import preflight
 from reconciler.daemon.notify import Notifier, NotifyingLog, Target
 from reconciler.daemon.reconciler import Reconciler, ReconcileResult
@@ -249,7 +248,7 @@ class Daemon:
             "daemon_start",
             listen=f"{self.cfg.listen}",
             port=self.server.port,
-            repo=without_credentials(self.cfg.repo.url),
+            repo=self.cfg.repo.shown_url,
             poll_interval=self.cfg.poll_interval,
         )
         if self.access.closed:

@@ -64,7 +64,6 @@ from reconciler.core.provenance import BuildRecord, Reproducibility, ReproStatus
 from reconciler.core.release import RELEASE_LIMIT, Artifact, Release, new_release, parse_release
 from reconciler.core.reproducibility import CheckResult, refusal
 from reconciler.core.tufroles import RoleName
-from reconciler.core.urls import without_credentials
 from reconciler.core.versions import MAX_TAKEN, Adopt, Decision, Taken, decide, first_candidate
 from reconciler.daemon import history
 from reconciler.daemon.attest import attest
@@ -1091,7 +1090,7 @@ class Reconciler:
         (reconciler.daemon.attest)."""
         with self.metrics.stage_duration.labels("attest").time():
             record = BuildRecord(
-                repository=without_credentials(self.cfg.repo.url),
+                repository=self.cfg.repo.shown_url,
                 branch=self.cfg.repo.branch,
                 commit=release.commit,
                 host=host.name,
