@@ -46,7 +46,7 @@ def _escape(c: str) -> str:
 
 def _fmt(v: Any) -> str:
     s = str(v)
-    if s == "" or any(c in ' "=' or not c.isprintable() for c in s):
+    if s == "" or not s.isprintable() or any(c in s for c in ' "='):
         s = '"' + "".join(map(_escape, s)) + '"'
     return s
 

@@ -303,8 +303,7 @@ class Agent:
                 # Settled, one bad answer would keep the host off this release for good.
                 version = entry_version(info)
                 if version is not None:
-                    self.state.download_failed(version)
-                    self.state.save(self.state_file)
+                    self._download_failed(version)
             elif exc.reason is not Reason.NOT_IN_LOG:
                 # A log that lags (a witness yet to co-sign, a mirror behind) gets
                 # another look at the next poll; any other refusal is final for this entry.
@@ -314,14 +313,18 @@ class Agent:
         try:
             self._install(trusted, release)
         except (RefusalError, FetchError, VerificationError, OSError):
-            self.state.download_failed(latest.version)
-            self.state.save(self.state_file)
+            self._download_failed(latest.version)
             raise
         result = self._switch(release)
         if result is PollResult.ROLLED_BACK:
             self.state.settled = entry
         self._remember(got.validators)
         return result
+
+    def _download_failed(self, version: int) -> None:
+        """Count a failed try of ``version`` (the next is spaced out), kept across restarts."""
+        self.state.download_failed(version)
+        self.state.save(self.state_file)
 
     def _unpublished(self) -> None:
         """Say once (per process, and again after a release came) that this host has no

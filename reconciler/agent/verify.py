@@ -40,7 +40,7 @@ SIGNATURE_LIMIT = openpgp.ARMORED_LIMIT
 ARTIFACT_LIMIT = 1 << 40
 
 
-def _store_root(target: str) -> tuple[str, str, int | None]:
+def _release_path(target: str) -> tuple[str, str, int | None]:
     """The store root of a release file at .../hosts/<host>/(latest|releases/N).json,
     the host its path names, and N (None for latest.json)."""
     marker = "/hosts/"
@@ -83,7 +83,7 @@ def verify(
         lines = [f"OK {target} signed by {fpr}"]
         release = parse_release(meta, target)
         check_fresh(release, target, now or datetime.now(UTC))
-        root, host, version = _store_root(target)
+        root, host, version = _release_path(target)
         # Signed, and yet another host's release, or another number's, moved here: what
         # its path says is what is claimed of it.
         if release.host != host:

@@ -112,8 +112,10 @@ def refusal(drvs: tuple[Derivation, ...], valid: frozenset[str]) -> str | None:
         elif d.no_chroot:
             why = "asks to be built outside the sandbox (__noChroot)"
         elif d.recursive:
-            why = f"requires {RECURSIVE_NIX}, through which its build could have Nix build more"
-            why += ", with the network"
+            why = (
+                f"requires {RECURSIVE_NIX}, through which its build could have Nix build more, "
+                "with the network"
+            )
         else:
             continue
         return f"derivation {d.name} ({d.path}) {why}: no derivation of the config repository may"
