@@ -18,6 +18,7 @@ import shlex
 import shutil
 import subprocess
 from pathlib import Path
+from typing import NamedTuple
 
 from reconciler import log
 from reconciler.adapters.process import run_with_deadline
@@ -59,6 +60,19 @@ DEFINITIONS = ("hosts", "profiles", "packages")
 ATTRIBUTES = "* -export-subst -export-ignore -text -eol -ident -filter -working-tree-encoding\n"
 
 
+_DEFINITION_NAMES = frozenset(d.encode() for d in DEFINITIONS)
+
+
+class _Entry(NamedTuple):
+    """One line of `git ls-tree --long`."""
+
+    mode: str
+    kind: str  # blob, tree or commit (a submodule)
+    oid: str
+    size: int  # 0 for a tree or a submodule
+    path: bytes  # as git has it: not necessarily UTF-8
+
+
 class TreeRefusedError(SourceError):
     """The head's tree cannot be written out for Nix (too large, or tar refused it): a
     fault of its content, which a clone afresh would have as well."""
@@ -94,6 +108,10 @@ class GitSource:
         self._opened = False
         # The commit this process last wrote out into ``checkout``.
         self._checked_out: str | None = None
+        # The last commit listed (_listing) and its entries; the fetched head's commit
+        # time, read with its id.
+        self._listed: tuple[str, list[_Entry]] | None = None
+        self._head_time: tuple[str, float] | None = None
         # Text of the definition files last read, by blob id: a file is read out of
         # git once while it is unchanged, and the same str handed to parse_fleet,
         # whose cache then finds it at the cost of a dict lookup.
@@ -260,8 +278,12 @@ class GitSource:
         quiet = [] if maintenance else ["--no-auto-maintenance"]
         fetch = ["fetch", "origin", f"+refs/heads/{self.branch}:{ref}", "--prune", *shallow, *quiet]
         self._checked(git_dir, fetch, what, self.network_timeout)
-        head = ["rev-parse", "--verify", "--end-of-options", f"{ref}^{{commit}}"]
-        return self._checked(git_dir, head, what).decode().strip()
+        # The head's id and commit time in one process (commit_time asks for the latter).
+        show = ["show", "-s", "--no-show-signature", "--format=%H %ct"]
+        show += ["--end-of-options", f"{ref}^{{commit}}"]
+        commit, _, when = self._checked(git_dir, show, what).decode().strip().partition(" ")
+        self._head_time = (commit, float(when))
+        return commit
 
     def write_tree(self, commit: str, dest: Path) -> None:
         """Replace ``dest`` with what Nix reads of ``commit``: its tree without the
@@ -301,8 +323,8 @@ class GitSource:
         if exclude:
             # git archive refuses pathspecs that match nothing: a repository of nothing
             # but host and profile files exports as an empty directory.
-            top = self._git("ls-tree", "-z", "--name-only", commit).split(b"\0")
-            kept = sorted({name.decode(errors="surrogateescape") for name in top if name} - set(exclude))
+            top = [e.path for e in self._listing(commit) if b"/" not in e.path]
+            kept = sorted({name.decode(errors="surrogateescape") for name in top} - set(exclude))
             if not kept:
                 return
         unwritable = self._unwritable(commit, kept)
@@ -416,22 +438,22 @@ class GitSource:
         """What adapters.tree.read_tree reads from a checkout, read from ``commit``'s git
         objects instead: no work tree is written or cleaned, and a file whose blob was
         read before is not read again."""
-        top = self._git("ls-tree", "-z", commit, "--", *DEFINITIONS)
-        for entry in filter(None, top.split(b"\0")):
-            meta, _, top_name = entry.partition(b"\t")
-            if meta.split()[0] == b"120000":
+        listing = self._listing(commit)
+        for entry in listing:
+            if entry.path in _DEFINITION_NAMES and entry.mode == "120000":
                 raise ConfigError(
-                    top_name.decode(), "", "is a symlink; definitions must live in the repository"
+                    entry.path.decode(), "", "is a symlink; definitions must live in the repository"
                 )
-        listing = self._git("ls-tree", "-z", "--long", commit, "--", *(f"{d}/" for d in DEFINITIONS))
         files: dict[str, str] = {}
         wanted: dict[str, str] = {}  # path -> blob id
-        for entry in filter(None, listing.split(b"\0")):
-            meta, _, raw = entry.partition(b"\t")
-            mode, kind, blob, length = meta.decode().split()
+        for entry in listing:
+            top_name, slash, _ = entry.path.partition(b"/")
+            if not slash or top_name not in _DEFINITION_NAMES:
+                continue
+            mode, kind, blob, length = entry.mode, entry.kind, entry.oid, entry.size
             # A name that is not UTF-8 is shown escaped (caf\xe9.yaml): as a str that
             # holds no lone surrogate, which neither sqlite nor a log line can take.
-            path = raw.decode(errors="backslashreplace")
+            path = entry.path.decode(errors="backslashreplace")
             folder, name = path.split("/", 1)
             if folder == "packages":
                 if name.endswith(".nix"):
@@ -443,7 +465,7 @@ class GitSource:
                 files[path] = SYMLINK
             elif kind != "blob":
                 files[path] = UNREADABLE + f"is a {'directory' if kind == 'tree' else kind}"
-            elif int(length) > MAX_FILE_BYTES:
+            elif length > MAX_FILE_BYTES:
                 files[path] = TOO_BIG
             else:
                 wanted[path] = blob
@@ -466,20 +488,37 @@ class GitSource:
         self._blobs = blobs
         return dict(sorted(files.items()))
 
+    def _listing(self, commit: str) -> list[_Entry]:
+        """``commit``'s top-level entries, and those of its DEFINITIONS folders, one
+        level down: what export, read_objects and tree_digest read of it, in one git
+        process for the last commit asked about."""
+        if self._listed is not None and self._listed[0] == commit:
+            return self._listed[1]
+        # -t: a folder listed into is listed too; ".": the top level's other entries.
+        out = self._git("ls-tree", "-z", "--long", "-t", commit, "--", ".", *(f"{d}/" for d in DEFINITIONS))
+        entries = []
+        for raw in filter(None, out.split(b"\0")):
+            meta, _, path = raw.partition(b"\t")
+            mode, kind, oid, size = meta.decode().split()
+            entries.append(_Entry(mode, kind, oid, int(size) if size.isdigit() else 0, path))
+        self._listed = (commit, entries)
+        return entries
+
     def commit_time(self, commit: str) -> float:
         """The committer time of ``commit``, unix seconds."""
-        out = self._checked(
-            self._open(), ["show", "-s", "--format=%ct", commit], f"cannot read commit {commit}"
-        )
-        return float(out)
+        if self._head_time is not None and self._head_time[0] == commit:
+            return self._head_time[1]
+        show = ["show", "-s", "--no-show-signature", "--format=%ct", commit]
+        return float(self._checked(self._open(), show, f"cannot read commit {commit}"))
 
     def tree_digest(self, commit: str, exclude: frozenset[str]) -> str:
         """Digest of ``commit``'s tree without the top-level ``exclude`` entries: git's
         object ids, so nothing is read or hashed here."""
-        listing = self._checked(
-            self._open(), ["ls-tree", commit], f"cannot list the checkout of {self.shown_url}"
-        )
-        kept = [ln for ln in listing.decode().splitlines() if ln.split("\t", 1)[-1] not in exclude]
+        kept = [
+            f"{e.mode} {e.kind} {e.oid}\t{name}"
+            for e in self._listing(commit)
+            if b"/" not in e.path and (name := e.path.decode(errors="backslashreplace")) not in exclude
+        ]
         return hashlib.sha256("\n".join(kept).encode()).hexdigest()
 
     def changed_files(self, old: str | None, new: str) -> frozenset[str] | None:

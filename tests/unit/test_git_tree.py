@@ -78,6 +78,60 @@ def test_read_objects_reads_what_a_checkout_holds(tmp_path: Path) -> None:
     assert again["profiles/base.yaml"] is got["profiles/base.yaml"]
 
 
+def test_the_tree_digest_sees_what_nix_reads_and_commit_times_are_git_s(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    for d in ("hosts", "profiles", "packages"):
+        (repo / d).mkdir(parents=True)
+    git(repo, "init", "-q", "-b", "main")
+    (repo / "hosts/web-1.yaml").write_text("name: web-1\n")
+    (repo / "profiles/base.yaml").write_text("formats: [aci]\n")
+    (repo / "packages/site.nix").write_text("{ toolchain }: toolchain.busybox\n")
+    first = commit_all(repo)
+    source = GitSource(str(repo), "main", tmp_path / "clone")
+    assert source.fetch() == first
+    hidden = frozenset({"hosts", "profiles"})
+
+    def edit(path: str, text: str) -> str:
+        (repo / path).write_text(text)
+        # A second apart: each commit has a time of its own.
+        env = {**os.environ, "GIT_COMMITTER_DATE": f"{int(time.time()) + len(path)} +0000"}
+        subprocess.run(["git", "-C", str(repo), "add", "-A"], check=True)
+        subprocess.run(
+            [
+                "git",
+                "-C",
+                str(repo),
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@example.invalid",
+                "commit",
+                "-qm",
+                path,
+            ],
+            check=True,
+            env=env,
+        )
+        commit = git(repo, "rev-parse", "HEAD")
+        assert source.fetch() == commit
+        return commit
+
+    digests = {first: source.tree_digest(first, hidden)}
+    commits = [first]
+    for path in ("hosts/web-1.yaml", "profiles/base.yaml", "packages/site.nix", "README.md"):
+        commits.append(edit(path, f"# {path}\n"))
+        digests[commits[-1]] = source.tree_digest(commits[-1], hidden)
+    # Host and profile edits leave what Nix reads as it was; a package or a README does not.
+    seen = [digests[c] for c in commits]
+    assert seen[0] == seen[1] == seen[2] != seen[3] != seen[4]
+    # Asked again of older commits, after the listing of a newer one.
+    assert source.tree_digest(first, hidden) == seen[0]
+    assert source.tree_digest(commits[3], frozenset()) != source.tree_digest(commits[3], hidden)
+    for c in commits:
+        assert source.commit_time(c) == float(git(repo, "show", "-s", "--format=%ct", c))
+    assert len({source.commit_time(c) for c in commits}) == len(commits)
+
+
 def test_a_definition_folder_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     (repo / "real").mkdir(parents=True)
