@@ -417,6 +417,59 @@ def test_a_server_that_never_answers_is_bounded(
     deadline_refusal(reads(tmp_path)[read](server.url()))
 
 
+@pytest.fixture
+def hung_resolver(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
+    """A system resolver that does not answer for names until the event is set (as one
+    whose servers are gone takes resolv.conf's timeouts, half a minute and more); an
+    address is answered as always. No test here can make the real one hang."""
+    answer = threading.Event()
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, *args: Any, **kw: Any) -> Any:
+        if kw.get("flags", 0) & socket.AI_NUMERICHOST == 0:
+            answer.wait(BOUND * 4)
+        return real(host, *args, **kw)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    yield answer
+    answer.set()
+
+
+def test_a_name_lookup_is_held_to_the_deadline(hung_resolver: threading.Event, tmp_path: Path) -> None:
+    # localhost: the lookup, once answered, would reach nothing listening on port 9.
+    err = deadline_refusal(get("http://localhost:9/obj"))
+    assert str(err).endswith("(slow retrieval; connecting)")
+    deadline_refusal(download("http://localhost:9/obj", tmp_path / "out", 10))
+    start = time.monotonic()
+    with pytest.raises(FetchError) as posted:
+        bounded(lambda: fetch.post("http://localhost:9/hook", b"{}", {}, timeout=DEADLINE, label="hook"))
+    assert posted.value.kind == FetchKind.DEADLINE and time.monotonic() - start >= DEADLINE
+    assert str(posted.value) == "hook: no answer within 1s (connecting)"
+
+
+def test_lookups_left_unanswered_are_bounded_and_then_end(hung_resolver: threading.Event) -> None:
+    left = fetch._LOOKUPS.MAX_PENDING
+    for _ in range(left):
+        refusal(lambda: fetch.get("http://localhost:9/obj", 10, timeout=0.05))
+    # No more threads while those still wait: the next fails at once.
+    start = time.monotonic()
+    err = refusal(get("http://localhost:9/obj"))
+    assert err.kind == FetchKind.UNREACHABLE and time.monotonic() - start < DEADLINE
+    assert f"{left} name lookups are still unanswered" in str(err)
+    hung_resolver.set()
+    end = time.monotonic() + BOUND
+    while fetch._LOOKUPS._pending and time.monotonic() < end:
+        time.sleep(0.01)
+    assert fetch._LOOKUPS._pending == 0
+    assert not [t for t in threading.enumerate() if t.name == "name-lookup"]
+
+
+def test_a_name_is_looked_up_and_reached(serve: Callable[..., Server]) -> None:
+    server = serve(respond("200 OK", b"by name"))
+    got = bounded(get(server.url().replace("127.0.0.1", "localhost")))
+    assert got is not None and got.data == b"by name"
+
+
 def test_https_reads_and_is_bounded_the_same(serve: Callable[..., Server], tls: ssl.SSLContext) -> None:
     server = serve(respond("200 OK", b"secret"), tls=tls)
     got = bounded(get(server.url()))
