@@ -445,6 +445,18 @@ def post(url: str, body: bytes, headers: dict[str, str], timeout: float, label: 
     ``timeout`` seconds (connecting, sending, answering), however slowly the server goes.
     The body of the answer is not read. Errors name ``label``, never the URL, which may
     hold a credential (a Slack webhook's does); raises FetchError when no answer came."""
+    return _ask("POST", url, body, headers, timeout, label)
+
+
+def status(url: str, timeout: float, label: str = "") -> int:
+    """The status of the answer to a GET of ``url``, as post() waits for it: within
+    ``timeout`` seconds, the body unread, a redirect not followed."""
+    return _ask("GET", url, None, {}, timeout, label).status
+
+
+def _ask(
+    method: str, url: str, body: bytes | None, headers: dict[str, str], timeout: float, label: str
+) -> Posted:
     deadline = _Deadline(timeout)
     conn: http.client.HTTPConnection | None = None
     label = label or "the server"
@@ -458,7 +470,7 @@ def post(url: str, body: bytes, headers: dict[str, str], timeout: float, label: 
         during = "sending"
         path = (parsed.path or "/") + (f"?{parsed.query}" if parsed.query else "")
         conn.request(
-            "POST", path, body=body, headers={"User-Agent": "reconciler", **headers, "Connection": "close"}
+            method, path, body=body, headers={"User-Agent": "reconciler", **headers, "Connection": "close"}
         )
         during = "waiting for the answer"
         resp = conn.getresponse()

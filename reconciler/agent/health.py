@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import subprocess
-import urllib.request
 from collections.abc import Callable
 from typing import Protocol
 
+from reconciler.adapters import fetch
 from reconciler.agent.config import HealthConfig
+from reconciler.errors import FetchError
 
 # One probe never takes longer than these, however long the whole check may take:
 # a hung probe must leave time for the next one.
@@ -27,10 +28,13 @@ def probe(h: HealthConfig) -> str:
     """One health probe: empty when healthy, else why not."""
     if h.url is not None:
         try:
-            with urllib.request.urlopen(h.url, timeout=min(h.timeout, URL_PROBE_TIMEOUT)) as r:
-                return "" if 200 <= r.status < 300 else f"{h.url} answered {r.status}"
-        except OSError as exc:
-            return f"{h.url}: {getattr(exc, 'reason', exc)}"
+            # One deadline for the whole probe: an app that answers a byte at a time must
+            # not hold the wait (and the rollback after it) past its timeout.
+            answered = fetch.status(h.url, min(h.timeout, URL_PROBE_TIMEOUT), label=h.url)
+        except FetchError as exc:
+            return str(exc)
+        # As Kubernetes' httpGet probe: a redirect is an answer, not followed.
+        return "" if 200 <= answered < 400 else f"{h.url} answered {answered}"
     assert h.command is not None
     try:
         proc = subprocess.run(h.command, capture_output=True, timeout=min(h.timeout, COMMAND_PROBE_TIMEOUT))
