@@ -538,7 +538,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
     if args.once:
         if agent.app is not None:
             raise ReconcilerError(f"{args.config}: supervise: needs the long-running agent, not --once")
-        return 0 if agent.poll() in ("idle", "current", "updated") else 1
+        with agent.hold():
+            return 0 if agent.poll() in ("idle", "current", "updated") else 1
     stopping = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -11,6 +11,7 @@ roll back at once instead of waiting out its timeout.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -45,9 +46,14 @@ KILL_WAIT = 10.0
 class App:
     """The host's AppImage, run by the agent itself (``supervise: true``)."""
 
-    def __init__(self, host: str, monotonic: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, host: str, monotonic: Callable[[], float] = time.monotonic, pidfile: Path | None = None
+    ) -> None:
         self.host = host
         self._monotonic = monotonic
+        # Where the running app's process is noted (stop_orphan): an agent killed with
+        # SIGKILL leaves its app running in a session of its own.
+        self.pidfile = pidfile
         self.proc: subprocess.Popen[bytes] | None = None
         self.started = 0.0
         self.crashes = 0  # exits in a row, each soon after its start
@@ -61,6 +67,8 @@ class App:
         )
         self.started = self._monotonic()
         self._failures = []
+        if self.pidfile is not None:
+            self.pidfile.write_text(f"{self.proc.pid} {_start_time(self.proc.pid)}\n")
         assert self.proc.stderr is not None
         threading.Thread(
             target=self._read_stderr, args=(self.proc.stderr, self._failures), name="app-stderr", daemon=True
@@ -117,3 +125,40 @@ class App:
                 self.proc.wait(KILL_WAIT)
         log.event("app_stopped", host=self.host, pid=self.proc.pid, status=self.proc.returncode)
         self.proc = None
+        if self.pidfile is not None:
+            self.pidfile.unlink(missing_ok=True)
+
+    def stop_orphan(self) -> None:
+        """Stop the app an agent before this one started and did not live to stop (its
+        pidfile names it), as stop() would have: TERM to its process group, and KILL
+        after STOP_TIMEOUT. A process of that number started at another time is not
+        it, and is left alone."""
+        if self.pidfile is None:
+            return
+        try:
+            pid_text, _, started = self.pidfile.read_text().partition(" ")
+            pid = int(pid_text)
+        except (OSError, ValueError):
+            return
+        if pid > 1 and started.strip() and _start_time(pid) == started.strip():
+            log.event("app_orphan_stopped", logging.WARNING, host=self.host, pid=pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGTERM)
+                end = time.monotonic() + STOP_TIMEOUT
+                while _start_time(pid) == started.strip() and time.monotonic() < end:
+                    time.sleep(0.1)
+                os.killpg(pid, signal.SIGKILL)
+        self.pidfile.unlink(missing_ok=True)
+
+
+def _start_time(pid: int) -> str:
+    """When process ``pid`` started, in clock ticks since boot (/proc/PID/stat's 22nd
+    field): with the pid, what names one process; empty if there is none, or only its
+    zombie is left."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    # The command name, in parentheses, may hold spaces and parentheses of its own.
+    fields = stat.rpartition(")")[2].split()
+    return fields[19] if len(fields) > 19 and fields[0] != "Z" else ""

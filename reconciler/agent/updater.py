@@ -27,7 +27,10 @@ State directory:
     releases/<N>/<artifact>, releases/<N>/release.json   installed releases
     current -> releases/<N>                              what runs
     tuf/                                                 ngclient's trusted metadata
-    state.json                                          version, previous, failed, validators
+    state.json                                          version, previous, failed, validators,
+                                                         the switch under way
+    agent.lock                                           held by the one agent running here
+    app.pid                                              the app started (supervise)
     log-checkpoint                                       the log's last head seen (require_log)
 
 With ``require_log``, a release must also be in the store's transparency log, in a
@@ -36,6 +39,8 @@ history that extends the one this host saw before (reconciler.agent.logcheck).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -44,7 +49,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -60,7 +65,7 @@ from reconciler.agent import health
 from reconciler.agent.config import AgentConfig, HealthConfig
 from reconciler.agent.logcheck import LogClient
 from reconciler.agent.metrics import AgentMetrics, DownloadMethod, PollResult
-from reconciler.agent.state import AgentState
+from reconciler.agent.state import MAX_SWITCH_TRIES, AgentState
 from reconciler.agent.supervisor import App
 from reconciler.agent.tufclient import StaleError, TufClient
 from reconciler.core import tufroles
@@ -70,7 +75,7 @@ from reconciler.core.provenance import ATTESTATION_LIMIT
 from reconciler.core.release import Artifact, Release, parse_release
 from reconciler.core.trust import Downloaded, Expected, Pinned, Reason, RefusalError, TrustedState
 from reconciler.core.tufrepo import entry_version, target_path
-from reconciler.errors import ConfigError, FetchError, FetchKind, VerificationError
+from reconciler.errors import ConfigError, FetchError, FetchKind, ReconcilerError, VerificationError
 from reconciler.ports import Clock, Fetcher
 
 # A timestamp is a few hundred bytes; python-tuf allows 16 KiB.
@@ -111,7 +116,7 @@ class Agent:
         self.counters_file = cfg.state_dir / "counters.json"
         if cfg.metrics_file is not None:
             self.metrics.carry_over(_read_counters(self.counters_file))
-        self.app = App(cfg.host, self.clock.monotonic) if cfg.supervise else None
+        self.app = App(cfg.host, self.clock.monotonic, cfg.state_dir / "app.pid") if cfg.supervise else None
         # Held by a switch (stop, start, health check) and by the supervision of the
         # app between polls, which run in different threads.
         self._app_lock = threading.RLock()
@@ -315,9 +320,7 @@ class Agent:
         except (RefusalError, FetchError, VerificationError, OSError):
             self._download_failed(latest.version)
             raise
-        result = self._switch(release)
-        if result is PollResult.ROLLED_BACK:
-            self.state.settled = entry
+        result = self._switch(release, entry)
         self._remember(got.validators)
         return result
 
@@ -489,26 +492,37 @@ class Agent:
         tmp.symlink_to(Path("releases") / str(version))
         os.replace(tmp, self.current)
 
-    def _switch(self, release: Release) -> PollResult:
+    def _switch(self, release: Release, entry: str) -> PollResult:
         with self._app_lock:
-            return self._switch_to(release)
+            return self._switch_to(release, entry)
 
-    def _switch_to(self, release: Release) -> PollResult:
+    def _switch_to(self, release: Release, entry: str) -> PollResult:
+        """Switch to ``release`` (named by the TUF entry of sha256 ``entry``), or back.
+        The switch is noted in the state before ``current`` moves and its outcome before
+        anything else runs, so that an agent killed at any point finds out at its next
+        start what it was doing (_recover)."""
         version = release.version
         old = self.state.version
+        art = release.artifact(self.cfg.format)
+        assert art is not None
+        self.state.begin_switch(version, art.sha256, entry)
+        self.state.save(self.state_file)
         self._point_current(version)
         failure = self._activate(version)
         if failure is None:
             self.state.previous, self.state.version = old, version
+            self.state.end_switch()
             self.state.save(self.state_file)
             self.metrics.updates.inc()
             self.metrics.running_version.labels(self.cfg.host).set(version)
             log.event("agent_switched", host=self.cfg.host, version=version, previous=old)
             self._prune()
             return PollResult.UPDATED
-        art = release.artifact(self.cfg.format)
-        assert art is not None
-        self.state.failed.append(art.sha256)
+        # Kept before the old release is started again: a kill during the rollback
+        # must not leave the failure to be found out once more.
+        self.state.refuse(art.sha256, entry)
+        self.state.end_switch()
+        self.state.save(self.state_file)
         self.metrics.rollbacks.inc()
         log.event(
             "agent_rolled_back",
@@ -529,7 +543,6 @@ class Agent:
             self.current.unlink(missing_ok=True)
             if self.app is not None:
                 self.app.stop()
-        self.state.save(self.state_file)
         return PollResult.ROLLED_BACK
 
     def _activate(self, version: int) -> str | None:
@@ -570,12 +583,89 @@ class Agent:
             if v not in keep:
                 shutil.rmtree(self.releases / str(v), ignore_errors=True)
 
+    # -- one agent per state directory, and what a killed one left ------------------
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """This process's claim on the state directory while it polls or runs: a second
+        agent on it would start a second app, and each would write over the other's
+        state (one's rollback blamed the release for the other's port). Once claimed,
+        what an agent killed before left behind is put right (_recover)."""
+        path = self.cfg.state_dir / "agent.lock"
+        with path.open("a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read(20).strip()
+                raise ReconcilerError(
+                    f"{self.cfg.state_dir} is in use by another agent (pid {holder or 'unknown'}); "
+                    "one agent runs per state directory"
+                ) from None
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+            self._recover()
+            yield
+
+    def _recover(self) -> None:
+        """Put right what an agent killed mid-way left: the app it started, downloads
+        it did not finish, a switch it did not decide (tried again, up to
+        MAX_SWITCH_TRIES begun in all; then its release counts as failed), and
+        ``current`` where the state says the host runs."""
+        if self.app is not None:
+            self.app.stop_orphan()
+        for leftover in self.releases.iterdir():
+            if leftover.name.startswith(".") and leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+        self.current.with_name("current.tmp").unlink(missing_ok=True)
+        st = self.state
+        if st.switching:
+            final = st.switching_tries >= MAX_SWITCH_TRIES
+            log.event(
+                "agent_switch_interrupted",
+                logging.WARNING,
+                host=self.cfg.host,
+                version=st.switching_version,
+                tries=st.switching_tries,
+                outcome="failed" if final else "tried again",
+            )
+            if final:
+                st.refuse(st.switching, st.switching_entry)
+                st.end_switch()
+                self.metrics.rollbacks.inc()
+            st.save(self.state_file)
+        where = Path("releases") / str(st.version)
+        if not st.version:
+            self.current.unlink(missing_ok=True)
+        elif not self.current.is_symlink() or Path(os.readlink(self.current)) != where:
+            log.event("agent_current_restored", logging.WARNING, host=self.cfg.host, version=st.version)
+            self._point_current(st.version)
+            if self.cfg.activate is not None and not st.switching:
+                # The command last ran for the release given up: it runs for this one
+                # again, as a rollback's does. (One to be tried again is activated by the
+                # switch that tries it.) A supervised app starts from ``current`` anyway.
+                again = self._activate(st.version)
+                if again is not None:
+                    log.event(
+                        "agent_rollback_unhealthy",
+                        logging.ERROR,
+                        host=self.cfg.host,
+                        version=st.version,
+                        reason=again,
+                    )
+
     # -- the long-running agent -------------------------------------------------
 
     def run(self, stopping: threading.Event) -> None:
         """Poll every interval until ``stopping``; with ``supervise``, keep the app
         running meanwhile: polls run in a thread of their own, so a slow store delays
         updates, never a restart of the app."""
+        with self.hold():
+            self._run(stopping)
+
+    def _run(self, stopping: threading.Event) -> None:
         server = None
         if self.cfg.listen is not None:
             server = Server(self.cfg.listen, self.metrics.registry, lambda: (True, "ok"), self._ready)
