@@ -143,6 +143,9 @@ class Agent:
             self.metrics.running_version.labels(cfg.host).set(self.state.version)
         self._told_unpublished = False
         self._log: LogClient | None = None
+        # Set when the long-running agent is asked to stop (run): a health check under
+        # way gives up, and its switch is abandoned, not judged.
+        self._stopping = threading.Event()
 
     @property
     def log(self) -> LogClient | None:
@@ -226,6 +229,8 @@ class Agent:
             result = PollResult.REFUSED
             self.metrics.refusals.labels(exc.reason).inc()
             log.event("agent_refused", logging.WARNING, host=self.cfg.host, reason=exc.reason, error=str(exc))
+        except _StopRequestedError:
+            result = PollResult.ERROR  # logged where the switch was abandoned
         except (FetchError, VerificationError, OSError) as exc:
             # Nothing is switched; the same update is tried again at the next poll.
             result = PollResult.ERROR
@@ -508,7 +513,23 @@ class Agent:
         self.state.begin_switch(version, art.sha256, entry)
         self.state.save(self.state_file)
         self._point_current(version)
-        failure = self._activate(version)
+        try:
+            failure = self._activate(version)
+        except _StopRequestedError:
+            # Told to stop before the check decided: the release is not to blame. The
+            # switch is undone, and the next start makes it again.
+            self.state.end_switch()
+            self.state.save(self.state_file)
+            if old:
+                self._point_current(old)
+            else:
+                self.current.unlink(missing_ok=True)
+            log.event(
+                "agent_switch_abandoned", logging.WARNING, host=self.cfg.host, version=version, back_to=old
+            )
+            # Up through the poll, which then keeps nothing of this timestamp's: the next
+            # start reads it again and takes the release.
+            raise
         if failure is None:
             self.state.previous, self.state.version = old, version
             self.state.end_switch()
@@ -570,7 +591,12 @@ class Agent:
         if self.cfg.health is None:
             return None
         app = self.app
-        down = app.failure if app is not None else lambda: None
+
+        def down() -> str | None:
+            if self._stopping.is_set():
+                raise _StopRequestedError
+            return app.failure() if app is not None else None
+
         return health.wait_healthy(self.cfg.health, self.clock, down, self._probe)
 
     def _prune(self) -> None:
@@ -662,6 +688,7 @@ class Agent:
         """Poll every interval until ``stopping``; with ``supervise``, keep the app
         running meanwhile: polls run in a thread of their own, so a slow store delays
         updates, never a restart of the app."""
+        self._stopping = stopping
         with self.hold():
             self._run(stopping)
 
@@ -737,6 +764,10 @@ class Agent:
 
     def _ready(self) -> tuple[bool, str]:
         return (True, "ok") if self.state.version else (False, "no release installed yet")
+
+
+class _StopRequestedError(Exception):
+    """The agent was told to stop while a switch's health check was under way."""
 
 
 def _read_counters(path: Path) -> dict[str, float]:

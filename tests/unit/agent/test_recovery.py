@@ -166,3 +166,29 @@ def test_a_pidfile_naming_another_process_stops_nothing(tmp_path: Path) -> None:
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_stop_during_a_check_abandons_the_switch_without_blaming_the_release(on_v1: Host) -> None:
+    """SIGTERM while a release is checked: the agent does not wait out the check (a
+    service manager would kill it first), and the release is tried at the next start."""
+    on_v1.publish(2)
+    on_v1.probe.unhealthy.add(2)  # not healthy yet: the check would go on to its timeout
+    stopping = on_v1.agent._stopping
+
+    class StoppedWhileChecking(Probe):
+        def __call__(self, h: HealthConfig) -> str:
+            stopping.set()
+            return super().__call__(h)
+
+    on_v1.agent._probe = StoppedWhileChecking(on_v1.probe.current, {2})
+    started = on_v1.clock.monotonic()
+    assert on_v1.poll() == "error"
+    assert on_v1.clock.monotonic() - started <= 1.0  # one interval, not the 5 s timeout
+    st = state(on_v1)
+    assert (st.version, st.switching, st.failed, st.settled) == (1, "", [], "")
+    assert on_v1.running() == 1
+    on_v1.probe.unhealthy.clear()
+    on_v1.restart()
+    with on_v1.agent.hold():
+        assert on_v1.poll() == "updated"
+    assert on_v1.running() == 2
