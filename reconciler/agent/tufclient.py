@@ -16,6 +16,8 @@ cheap idle poll:
 
 from __future__ import annotations
 
+import logging
+import shutil
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from tuf.api import exceptions as tuf_exceptions
 from tuf.api.metadata import Metadata, Root, TargetFile, Timestamp
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
+from reconciler import log
 from reconciler.adapters import fetch
 from reconciler.core.layout import TUF_PREFIX, tuf_path
 from reconciler.core.trust import Reason, RefusalError, refusal
@@ -122,13 +125,7 @@ class TufClient:
         bootstrap = None if (self.dir / "root.json").exists() else self._bootstrap()
         self._downloads.served = {self.timestamp_url: timestamp}
         try:
-            updater = Updater(
-                str(self.dir),
-                fetch.join(self.store, TUF_PREFIX),
-                fetcher=self._downloads,
-                config=CONFIG,
-                bootstrap=bootstrap,
-            )
+            updater = self._updater(bootstrap)
             updater.refresh()
             return updater.get_targetinfo(path)
         except tuf_exceptions.ExpiredMetadataError as exc:
@@ -144,6 +141,32 @@ class TufClient:
             raise RefusalError(Reason.MALFORMED, f"TUF metadata: {type(exc).__name__}: {exc}") from None
         finally:
             self._downloads.served = {}
+
+    def _updater(self, bootstrap: bytes | None) -> Updater:
+        """ngclient's updater from the root trusted here, or from ``bootstrap``. A
+        trusted root on disk that does not load (a file cut short, a disk's error) was
+        this host's, not the store's: trust starts again from the pinned keys, as on
+        the first poll, instead of every poll refusing the store for it."""
+        try:
+            return self._new_updater(bootstrap)
+        except (tuf_exceptions.RepositoryError, ValueError, OSError) as exc:
+            if bootstrap is not None:
+                raise  # the store's root
+            log.event(
+                "agent_tuf_reset", logging.WARNING, dir=str(self.dir), error=f"{type(exc).__name__}: {exc}"
+            )
+        shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True)
+        return self._new_updater(self._bootstrap())
+
+    def _new_updater(self, bootstrap: bytes | None) -> Updater:
+        return Updater(
+            str(self.dir),
+            fetch.join(self.store, TUF_PREFIX),
+            fetcher=self._downloads,
+            config=CONFIG,
+            bootstrap=bootstrap,
+        )
 
     def _bootstrap(self) -> bytes:
         """The store's first root signed by a threshold of the pinned keys."""

@@ -5,6 +5,7 @@ orphaned app is a real process."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -192,3 +193,23 @@ def test_a_stop_during_a_check_abandons_the_switch_without_blaming_the_release(o
     with on_v1.agent.hold():
         assert on_v1.poll() == "updated"
     assert on_v1.running() == 2
+
+
+@pytest.mark.parametrize("damage", ["cut", "gone"])
+def test_a_trusted_root_damaged_on_disk_is_trusted_again_from_the_pinned_keys(
+    on_v1: Host, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The host's own copy, not the store: refusing the store for it at every poll would
+    leave the host off every release until someone deleted the directory by hand."""
+    root = on_v1.agent.cfg.state_dir / "tuf" / "root.json"
+    kept = root.resolve()  # root_history/<N>.root.json, as ngclient keeps it
+    if damage == "cut":
+        kept.write_bytes(kept.read_bytes()[:100])
+    else:
+        kept.unlink()  # root.json dangles
+    on_v1.publish(2)
+    on_v1.restart()
+    with caplog.at_level(logging.WARNING, logger="reconciler"):
+        assert on_v1.poll() == "updated"
+    assert on_v1.running() == 2
+    assert ("agent_tuf_reset" in caplog.text) == (damage == "cut")
