@@ -662,6 +662,14 @@ class Agent:
                 st.end_switch()
                 self.metrics.rollbacks.inc()
             st.save(self.state_file)
+        if st.version and not self._intact(st.version):
+            # What runs cannot be started again from here: it is installed afresh, as
+            # a first release is, from what the store names.
+            log.event("agent_release_damaged", logging.WARNING, host=self.cfg.host, version=st.version)
+            shutil.rmtree(self.releases / str(st.version), ignore_errors=True)
+            # The timestamp is read whole again: unchanged, it still names that release.
+            st.version, st.validators = 0, fetch.Validators()
+            st.save(self.state_file)
         where = Path("releases") / str(st.version)
         if not st.version:
             self.current.unlink(missing_ok=True)
@@ -681,6 +689,18 @@ class Agent:
                         version=st.version,
                         reason=again,
                     )
+
+    def _intact(self, version: int) -> bool:
+        """Whether release ``version`` is installed whole: its release file reads and
+        its artifact is there, as large as the release says."""
+        try:
+            release = parse_release(
+                (self.releases / str(version) / "release.json").read_bytes(), f"release {version}"
+            )
+            art = release.artifact(self.cfg.format)
+            return art is not None and (self.releases / str(version) / art.name).stat().st_size == art.size
+        except (OSError, VerificationError):
+            return False
 
     # -- the long-running agent -------------------------------------------------
 

@@ -213,3 +213,19 @@ def test_a_trusted_root_damaged_on_disk_is_trusted_again_from_the_pinned_keys(
         assert on_v1.poll() == "updated"
     assert on_v1.running() == 2
     assert ("agent_tuf_reset" in caplog.text) == (damage == "cut")
+
+
+@pytest.mark.parametrize("damage", ["release.json", "artifact"])
+def test_a_running_release_damaged_on_disk_is_installed_afresh(on_v1: Host, damage: str) -> None:
+    release = on_v1.agent.releases / "1"
+    if damage == "release.json":
+        (release / "release.json").write_bytes(b'{"host": "web-1", "vers')
+    else:
+        art = next(p for p in release.iterdir() if p.name.endswith(".AppImage"))
+        art.chmod(0o644)
+        art.write_bytes(b"cut")
+    on_v1.restart()
+    with on_v1.agent.hold():
+        assert state(on_v1).version == 0 and not on_v1.agent.current.is_symlink()
+        assert on_v1.poll() == "updated"
+    assert on_v1.running() == 1 and on_v1.agent._intact(1)
