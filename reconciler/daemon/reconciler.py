@@ -229,6 +229,10 @@ class Reconciler:
         # the store's latest.json has, newer than the ledger's (_catch_up).
         self._behind: dict[str, int] = {}
         self._catching_up = False
+        # Whether this process compared its ledger with the store's TUF metadata yet
+        # (_check_listed).
+        self._listed_checked = False
+        self._ledger_behind: frozenset[str] = frozenset()  # the hosts it found behind
         self.tlog = tlog(lambda: self.signer) if tlog is not None else None
         # The reproducibility gate's derivations found reproducible (insertion order: oldest first).
         self._reproduced: dict[str, None] = {}
@@ -352,17 +356,25 @@ class Reconciler:
         obs = self.observe()
         if self._catching_up:
             self._catch_up(obs)
+        if not self._listed_checked:
+            self._check_listed(obs)
         return obs, self._plan_of(obs, self.clock.now().timestamp() if respect_backoff else None)
 
     def _plan_of(self, obs: Observation, now: float | None) -> Plan:
         plan = self.observer.plan_of(obs, self._recorded(), now)
         behind = dict(self._behind)  # a pass may change it while the page plans
         if behind:
-            why = "published by another daemon (version {}) while this one stood by"
+            took_over = "published by another daemon (version {}) while this one stood by"
+            restored = "the store lists version {}, newer than this ledger records"
             plan = replace(
                 plan,
                 entries=tuple(
-                    replace(e, reasons=(why.format(behind[e.host]),))
+                    replace(
+                        e,
+                        reasons=(
+                            (restored if e.host in self._ledger_behind else took_over).format(behind[e.host]),
+                        ),
+                    )
                     if e.host in behind and e.action == Action.REBUILD
                     else e
                     for e in plan.entries
@@ -408,9 +420,38 @@ class Reconciler:
             if latest is not None and latest.version > (prev.version if prev is not None else 0):
                 behind[name] = latest.version
         self._behind = behind
+        self._ledger_behind -= behind.keys()  # said as published by the other daemon
         self._catching_up = False
         if behind:
             log.event("lease_catch_up", hosts=len(behind))
+
+    def _check_listed(self, obs: Observation) -> None:
+        """Once per process: the hosts of the fleet that the store's TUF metadata lists
+        at a newer release than this ledger records, as after a ledger lost or restored
+        from a backup, are caught up as after a takeover (_behind). Else a host whose
+        build fails would drop out of the metadata, and one the old ledger knew at an
+        older release would be listed at it: hosts would be offered a rollback."""
+        if self._tuf is None:
+            return
+        try:
+            listed = self._tuf.listed()
+        except (TufError, StoreError, SigningError) as exc:
+            log.event("tuf_failed", logging.ERROR, error=str(exc))
+            return  # the pass's own sync says so too; compared again next pass
+        self._listed_checked = True
+        recorded = self.state.hosts()
+        defined = obs.fleet.hosts.keys() | obs.fleet.invalid
+        behind = {}
+        for name, version in listed.items():
+            prev = recorded.get(name)
+            if name in defined and version > max(
+                prev.version if prev is not None else 0, self._behind.get(name, 0)
+            ):
+                behind[name] = version
+        if behind:
+            self._behind.update(behind)
+            self._ledger_behind = frozenset(behind)
+            log.event("ledger_behind_store", logging.WARNING, hosts=len(behind), first=min(behind))
 
     # -- act and record --------------------------------------------------------
 

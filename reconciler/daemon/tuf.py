@@ -337,6 +337,10 @@ class TufRepository:
 
     # -- the pass --------------------------------------------------------------
 
+    def listed(self) -> dict[str, int]:
+        """Each host's release the metadata lists: host -> N."""
+        return tufrepo.hosts_listed(self.load().bins.values())
+
     def sync(self, published: Mapping[str, int]) -> bool:
         """List each host's release ``published`` (host -> N) and no other; re-sign
         what is due. Whether anything was written."""

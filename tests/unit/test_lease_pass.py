@@ -3,6 +3,7 @@ in-memory fakes of every port, with one clock they share (tests/fakes.py)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import threading
@@ -495,6 +496,43 @@ def test_a_failed_adoption_after_a_takeover_keeps_the_store_s_version_listed(fle
     # b's ledger says web-2 is version 1; the store and TUF say 2, and stay so.
     assert b.ledger.states["web-2"].version == 1
     assert b.listed() == {"web-1": 1, "web-2": 2}
+
+
+def test_a_lost_ledger_keeps_a_failing_host_listed_through_restarts(fleet: Fleet) -> None:
+    fleet.source.push(FLEET)
+    a = daemon(fleet, "a")
+    a.rec.reconcile()
+    a.rec.close()
+    fleet.nix.failing.add("web-2")
+    for _ in range(2):  # state.db moved away, and the daemon restarted, twice
+        a = daemon(fleet, "a")
+        result = a.rec.reconcile()
+        a.rec.close()
+        assert [(o.host, o.ok) for o in result.outcomes] == [("web-1", True), ("web-2", False)]
+        assert a.listed() == {"web-1": 1, "web-2": 1}
+    assert fleet.releases("web-1") == [1]  # adopted, not published again
+
+
+def test_a_ledger_restored_from_an_old_backup_never_lists_an_older_release(fleet: Fleet) -> None:
+    fleet.source.push(FLEET)
+    a = daemon(fleet, "a")
+    a.rec.reconcile()
+    backup = copy.deepcopy(a.ledger)
+    fleet.source.push(CHANGED)
+    assert {o.host: o.version for o in a.rec.reconcile().outcomes} == {"web-2": 2}
+    a.rec.close()
+    fleet.nix.failing.add("web-2")
+    a = daemon(fleet, "a", ledger=backup)
+    result = a.rec.reconcile()
+    assert [(o.host, o.ok) for o in result.outcomes] == [("web-2", False)]
+    assert a.listed() == {"web-1": 1, "web-2": 2}
+    reasons = {e.host: e.reasons for e in result.plan.entries}
+    assert reasons["web-2"] == ("the store lists version 2, newer than this ledger records",)
+    fleet.nix.failing.clear()
+    # Built again, web-2 is the release the store has: adopted, not a third.
+    assert {o.host: o.version for o in a.rec.reconcile(respect_backoff=False).outcomes} == {"web-2": 2}
+    assert fleet.releases("web-2") == [1, 2] and a.listed() == {"web-1": 1, "web-2": 2}
+    assert a.ledger.states["web-2"].version == 2
 
 
 def test_garbage_collection_never_deletes_the_lease(fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
