@@ -9,12 +9,13 @@ from __future__ import annotations
 import builtins
 import configparser
 import contextlib
+import threading
 import urllib.parse
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import boto3
 from boto3.exceptions import S3UploadFailedError
@@ -117,6 +118,57 @@ _UNSUPPORTED = frozenset({"501", "NotImplemented"})
 _DENIED = frozenset({"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden"})
 
 
+T = TypeVar("T")
+
+
+class _Deadlines:
+    """One deadline for each whole request of a small object (its tries included).
+    botocore's read_timeout bounds each read, which every byte a server trickles
+    starts again: one answer sent a byte at a time held a pass, and the publisher
+    lease it renewed, for as long as the server liked. Nothing can cut a botocore
+    call short, so each runs in a thread of its own that a request past its deadline
+    leaves behind; at most MAX_LEFT are left running at once, and past that a request
+    fails at once instead of adding threads while the service does not answer."""
+
+    MAX_LEFT = 8
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._lock = threading.Lock()
+        self._left = 0
+
+    def run(self, call: Callable[[], T], late: Callable[[str], StoreError]) -> T:
+        """``call()`` within the deadline; else the StoreError ``late(why)``."""
+        with self._lock:
+            if self._left >= self.MAX_LEFT:
+                raise late(f"{self.MAX_LEFT} earlier requests are still unanswered")
+        done = threading.Event()
+        box: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                box["value"] = call()
+            except BaseException as exc:  # raised in the caller
+                box["error"] = exc
+            finally:
+                with self._lock:
+                    done.set()
+                    if box.get("left"):
+                        self._left -= 1
+
+        threading.Thread(target=work, name="s3-request", daemon=True).start()
+        if not done.wait(self.seconds):
+            with self._lock:
+                # Answered just now, or left behind for good.
+                if not done.is_set():
+                    box["left"] = True
+                    self._left += 1
+                    raise late(f"no complete answer within {self.seconds:g} s")
+        if "error" in box:
+            raise box["error"]
+        return cast(T, box["value"])
+
+
 class S3Store:
     """A bucket (and optional key prefix) of an S3-compatible object store.
 
@@ -142,6 +194,8 @@ class S3Store:
         read_timeout: float = 20.0,
         multipart_threshold: int = 64 << 20,
         multipart_chunksize: int = 16 << 20,
+        # A small object's whole request, every try of it: three reads' worth.
+        request_timeout: float = 60.0,
     ) -> None:
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
@@ -149,6 +203,7 @@ class S3Store:
         self.endpoint_url = endpoint_url.rstrip("/") if endpoint_url else None
         self.region = region
         self._conditional_checked = False
+        self._deadlines = _Deadlines(request_timeout)
         self.location = f"s3://{bucket}/{self.prefix}" + (f" at {self.endpoint_url}" if endpoint_url else "")
         self._transfer = TransferConfig(
             multipart_threshold=multipart_threshold,
@@ -211,6 +266,12 @@ class S3Store:
     def _error(self, action: str, key: str, exc: BaseException) -> StoreError:
         return StoreError(f"cannot {action} {key} in {self.location}: {self._reason(exc)}")
 
+    def _bounded(self, action: str, key: str, call: Callable[[], T]) -> T:
+        """``call()`` under the request deadline; a StoreError saying so when late."""
+        return self._deadlines.run(
+            call, lambda why: StoreError(f"cannot {action} {key} in {self.location}: {why}")
+        )
+
     @staticmethod
     def _code(exc: ClientError) -> str:
         return str(exc.response.get("Error", {}).get("Code", ""))
@@ -231,7 +292,13 @@ class S3Store:
     def put_bytes(self, key: str, data: bytes) -> None:
         full = self._key(key)
         try:
-            self.client.put_object(Bucket=self.bucket, Key=full, Body=data, ContentType=_content_type(key))
+            self._bounded(
+                "write",
+                key,
+                lambda: self.client.put_object(
+                    Bucket=self.bucket, Key=full, Body=data, ContentType=_content_type(key)
+                ),
+            )
         except (BotoCoreError, ClientError) as exc:
             raise self._error("write", key, exc) from None
 
@@ -265,8 +332,12 @@ class S3Store:
     def _create(self, key: str, data: bytes) -> bool:
         full = self._key(key)
         try:
-            self.client.put_object(
-                Bucket=self.bucket, Key=full, Body=data, ContentType=_content_type(key), IfNoneMatch="*"
+            self._bounded(
+                "create",
+                key,
+                lambda: self.client.put_object(
+                    Bucket=self.bucket, Key=full, Body=data, ContentType=_content_type(key), IfNoneMatch="*"
+                ),
             )
         except ClientError as exc:
             if self._code(exc) in _EXISTS:
@@ -308,13 +379,26 @@ class S3Store:
 
     def get_bytes(self, key: str, limit: int) -> bytes | None:
         full = self._key(key)
-        try:
+
+        def read() -> bytes:
             body = self.client.get_object(Bucket=self.bucket, Key=full)["Body"]
+            data = b""
             try:
-                # Not a Range request: an empty object answers one with 416.
-                data: bytes = body.read(limit + 1)
+                # Not a Range request: an empty object answers one with 416. Read on to
+                # the end (or past the limit): the end is where botocore checks the
+                # Content-Length, so a connection closed part-way is an error, not a
+                # shorter object.
+                while len(data) <= limit:
+                    chunk: bytes = body.read(limit + 1 - len(data))
+                    if not chunk:
+                        break
+                    data += chunk
             finally:
                 body.close()
+            return data
+
+        try:
+            data = self._bounded("read", key, read)
         except ClientError as exc:
             if self._code(exc) in _MISSING:
                 return None
@@ -328,7 +412,9 @@ class S3Store:
     def size(self, key: str) -> int | None:
         full = self._key(key)
         try:
-            return self.client.head_object(Bucket=self.bucket, Key=full)["ContentLength"]
+            return self._bounded(
+                "stat", key, lambda: self.client.head_object(Bucket=self.bucket, Key=full)["ContentLength"]
+            )
         except ClientError as exc:
             # HEAD has no body: a missing key is a bare 404 (so is a missing bucket).
             if self._code(exc) in _MISSING:
@@ -348,7 +434,9 @@ class S3Store:
 
     def _pages(self, prefix: str) -> Iterator[str]:
         paginator = self.client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
+        pages = iter(paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix))
+        # A page at a time under the deadline: a large store lists in many.
+        while (page := self._bounded("list", prefix or "/", lambda: next(pages, None))) is not None:
             for obj in page.get("Contents", []):
                 key = obj.get("Key", "")
                 if key.startswith(self.prefix) and not key.endswith("/"):
@@ -364,7 +452,7 @@ class S3Store:
     def delete(self, key: str) -> None:
         full = self._key(key)
         try:
-            self.client.delete_object(Bucket=self.bucket, Key=full)
+            self._bounded("delete", key, lambda: self.client.delete_object(Bucket=self.bucket, Key=full))
         except (BotoCoreError, ClientError) as exc:
             raise self._error("delete", key, exc) from None
 

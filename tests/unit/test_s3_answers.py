@@ -1,0 +1,118 @@
+"""S3Store against an S3 endpoint that misbehaves on 127.0.0.1 (a socket server of a
+few lines: no SeaweedFS needed to send half an answer): an answer cut short is an
+error, not a shorter object, and no request outlasts its deadline however slowly the
+service answers."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from reconciler.adapters.s3 import S3Credentials, S3Store
+from reconciler.errors import StoreError
+
+pytestmark = pytest.mark.usefixtures("no_ambient_aws")
+
+DEADLINE = 1.0
+Answer = Callable[[socket.socket, threading.Event], None]
+
+
+@pytest.fixture
+def endpoint() -> Iterator[Callable[[Answer], str]]:
+    """A server answering every connection with ``answer``; its URL."""
+    stop = threading.Event()
+    listeners: list[socket.socket] = []
+
+    def serve(answer: Answer) -> str:
+        listener = socket.create_server(("127.0.0.1", 0))
+        listeners.append(listener)
+
+        def accept() -> None:
+            while not stop.is_set():
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    return
+                conn.recv(65536)  # the request head (and a small body)
+
+                def answered(c: socket.socket = conn) -> None:
+                    with c:
+                        answer(c, stop)
+
+                threading.Thread(target=answered, daemon=True).start()
+
+        threading.Thread(target=accept, daemon=True).start()
+        return f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+    yield serve
+    stop.set()
+    for listener in listeners:
+        listener.close()
+
+
+def store(url: str) -> S3Store:
+    return S3Store(
+        "fleet", endpoint_url=url, credentials=S3Credentials("AKID", "SECRET"), request_timeout=DEADLINE
+    )
+
+
+def cut_short(conn: socket.socket, stop: threading.Event) -> None:
+    conn.sendall(b'HTTP/1.1 200 OK\r\nContent-Length: 1280\r\nContent-Type: application/json\r\n\r\n{"ver')
+
+
+def trickle(conn: socket.socket, stop: threading.Event) -> None:
+    """Each byte well within a read's timeout; the whole answer never."""
+    for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 100:
+        if stop.wait(0.2):
+            return
+        try:
+            conn.sendall(bytes([byte]))
+        except OSError:
+            return
+
+
+def test_an_object_cut_short_is_an_error_not_a_shorter_object(endpoint: Callable[[Answer], str]) -> None:
+    with pytest.raises(StoreError) as exc:
+        store(endpoint(cut_short)).get_bytes("hosts/web-1/latest.json", 1 << 20)
+    assert str(exc.value).startswith(
+        "cannot read hosts/web-1/latest.json in s3://fleet/ at http://127.0.0.1:"
+    )
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        lambda s: s.get_bytes("hosts/web-1/latest.json", 1 << 20),
+        lambda s: s.put_bytes("hosts/web-1/latest.json", b"{}"),
+        lambda s: s.size("hosts/web-1/latest.json"),
+        lambda s: s.delete("hosts/web-1/latest.json"),
+        lambda s: s.list("hosts/"),
+    ],
+    ids=["get", "put", "stat", "delete", "list"],
+)
+def test_a_trickled_answer_is_given_up_at_the_deadline(
+    endpoint: Callable[[Answer], str], request_: Callable[[S3Store], object]
+) -> None:
+    s3 = store(endpoint(trickle))
+    started = time.monotonic()
+    with pytest.raises(StoreError) as exc:
+        request_(s3)
+    took = time.monotonic() - started
+    assert str(exc.value).endswith(f"no complete answer within {DEADLINE:g} s")
+    assert DEADLINE <= took < DEADLINE + 2
+
+
+def test_requests_left_unanswered_are_bounded(endpoint: Callable[[Answer], str]) -> None:
+    s3 = store(endpoint(trickle))
+    for _ in range(s3._deadlines.MAX_LEFT):
+        with pytest.raises(StoreError):
+            s3.size("hosts/web-1/latest.json")
+    started = time.monotonic()
+    with pytest.raises(StoreError) as exc:
+        s3.size("hosts/web-1/latest.json")
+    assert time.monotonic() - started < DEADLINE
+    assert str(exc.value).endswith(f"{s3._deadlines.MAX_LEFT} earlier requests are still unanswered")
