@@ -22,12 +22,14 @@ does not match and must retry; it can never accept an unsigned pointer.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from reconciler.core.layout import discovery_path, latest_path, release_path, update_path, zsync_path
 from reconciler.core.release import Release
 from reconciler.errors import ObjectTooLargeError, StoreError
+from reconciler.log import event as log_event  # `log` is the transparency log's here
 from reconciler.ports import Store
 
 SignFile = Callable[[Path], bytes]
@@ -57,17 +59,22 @@ def publish(
     keeps the attestations it names, which must be there. ``log`` appends the release
     file's bytes to the transparency log before any pointer to the release moves."""
     for art in release.artifacts:
-        if not store.exists(art.blob):
+        # A blob of another size than its release says is not it (a write cut short, a
+        # disk's damage): written again like a missing one, not taken as published.
+        if (stored := store.size(art.blob)) != art.size:
             # Content-addressed: a file that is not the blob (an AppImage sealed again,
             # with a new signature, for a release adopted after a crash) must not
             # land under its name.
             with files[art.format].open("rb") as f:
                 digest = hashlib.file_digest(f, "sha256").hexdigest()
+            what = "missing" if stored is None else f"{stored} bytes, not {art.size}"
             if digest != art.sha256:
                 raise StoreError(
-                    f"{art.blob} is missing and {files[art.format].name} is not it (sha256 {digest}); "
+                    f"{art.blob} is {what} and {files[art.format].name} is not it (sha256 {digest}); "
                     "the release cannot be completed"
                 )
+            if stored is not None:
+                log_event("blob_replaced", logging.WARNING, blob=art.blob, stored=stored, size=art.size)
             store.put_file(art.blob, files[art.format])
         if not store.exists(art.blob + ".asc"):
             store.put_bytes(art.blob + ".asc", sign_file(files[art.format]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -468,6 +469,29 @@ def test_a_missing_blob_of_an_adopted_release_is_not_replaced_by_other_bytes(wor
     assert outcomes(rec) == {"app-1": (False, 1)}
     assert not world.store.exists(app["blob"])
     assert "is missing and app-1-1.AppImage is not it" in (world.ledger.states["app-1"].error or "")
+
+
+def test_a_blob_cut_short_in_the_store_is_written_again_not_taken_as_published(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    world.source.push({**FLEET, **APPIMAGE_FLEET})
+    world.reconciler().reconcile()
+    (aci,) = world.latest("web-1")["artifacts"]
+    (app,) = [a for a in world.latest("app-1")["artifacts"] if a["format"] == "appimage"]
+    whole = world.store.objects[aci["blob"]]
+    for art in aci, app:
+        world.store.objects[art["blob"]] = world.store.objects[art["blob"]][:10]
+    world.ledger = MemoryLedger()  # the releases are adopted: published once more
+    with caplog.at_level(logging.WARNING, logger="reconciler"):
+        result = {o.host: o for o in world.reconciler().reconcile().outcomes}
+    # The ACI is built again byte for byte: its blob is written whole.
+    assert result["web-1"].ok and world.store.objects[aci["blob"]] == whole
+    assert hashlib.sha256(whole).hexdigest() == aci["sha256"] and "blob_replaced" in caplog.text
+    # An AppImage is sealed anew, other bytes than the blob: its host fails, saying why.
+    assert not result["app-1"].ok
+    assert f"{app['blob']} is 10 bytes, not {app['size']} and app-1-1.AppImage is not it" in (
+        result["app-1"].error or ""
+    )
 
 
 def test_a_full_disk_while_sealing_fails_that_host_and_leaves_nothing(world: World) -> None:

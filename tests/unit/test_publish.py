@@ -131,12 +131,19 @@ def test_blobs_and_signatures_already_stored_are_not_written_again(files: dict[s
 
 def test_a_release_written_before_is_kept_and_latest_written_after_it(files: dict[str, Path]) -> None:
     meta = RELEASE.to_json()
-    before = {k: b"x" for k in ORDER[:4]} | {RELEASE_KEY: meta, RELEASE_KEY + ".asc": b"first sig"}
+    blobs = {BLOB_ACI: b"ACI", BLOB_ACI + ".asc": b"x", BLOB_APP: b"APP", BLOB_APP + ".asc": b"x"}
+    before = blobs | {RELEASE_KEY: meta, RELEASE_KEY + ".asc": b"first sig"}
     store = MemoryStore(before)
     run(store, files)
     assert store.writes == [LATEST_KEY + ".asc", LATEST_KEY]
     assert store.objects[RELEASE_KEY + ".asc"] == b"first sig"
     assert store.objects[LATEST_KEY] == meta
+
+
+def test_a_blob_of_another_size_is_written_again(files: dict[str, Path]) -> None:
+    store = MemoryStore({BLOB_ACI: b"AC", BLOB_APP: b"APP"})
+    run(store, files)
+    assert store.objects[BLOB_ACI] == b"ACI" and BLOB_ACI in store.writes and BLOB_APP not in store.writes
 
 
 def test_a_release_number_taken_by_other_content_is_refused_before_latest_moves(
