@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import signal
+import sqlite3
 import sys
 import tempfile
 import threading
@@ -20,7 +21,7 @@ from reconciler import __version__, log
 from reconciler.config import Config, load_config
 from reconciler.core.events import EventType
 from reconciler.core.tufroles import RoleName
-from reconciler.errors import ReconcilerError
+from reconciler.errors import ReconcilerError, ledger_advice
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -707,6 +708,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.fn(args))
     except ReconcilerError as exc:
         print(f"reconciler: error: {exc}", file=sys.stderr)
+        return 1
+    except sqlite3.Error as exc:
+        # Past the ledger's opening, which says its path (adapters.ledger).
+        print(f"reconciler: error: the ledger (state.db): {exc} ({ledger_advice(str(exc))})", file=sys.stderr)
         return 1
     except BrokenPipeError:
         # The reader went away (`reconciler status | head`): nothing more to say, and

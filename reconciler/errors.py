@@ -85,6 +85,16 @@ class StateError(ReconcilerError):
     """The state directory, or the ledger in it, cannot be created or read."""
 
 
+def ledger_advice(message: str) -> str:
+    """What an operator can do about what sqlite said (``message``) of the ledger: a
+    full disk is not a damaged ledger, and moving a whole ledger away costs more."""
+    if "full" in message:
+        return "the disk is full: free space; the next pass records what this one could not"
+    if "malformed" in message or "not a database" in message:
+        return "a damaged ledger: move it away to start afresh"
+    return "a disk error, or a full disk"
+
+
 class StoreError(ReconcilerError):
     """The artifact store refused or failed an operation."""
 

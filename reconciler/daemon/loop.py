@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Sequence
@@ -29,7 +30,7 @@ from reconciler.daemon.triggers import (
     preferred_wait,
 )
 from reconciler.daemon.web import SECURITY_HEADERS, Access, FleetPage, read_users
-from reconciler.errors import ConfigError, ReconcilerError
+from reconciler.errors import ConfigError, ReconcilerError, ledger_advice
 
 # A refused webhook or reconcile request is logged (and a webhook recorded in the event
 # history) at most this often (seconds) for each of the two, with the number of
@@ -290,6 +291,11 @@ class Daemon:
             self._last_error = str(exc)
             log.event("reconcile_failed", logging.ERROR, error=str(exc))
             outcome = (False, str(exc))
+        except sqlite3.Error as exc:
+            said = f"{self.cfg.state_dir / 'state.db'}: {exc} ({ledger_advice(str(exc))})"
+            self._last_error = said
+            log.event("reconcile_failed", logging.ERROR, error=said)
+            outcome = (False, said)
         except Exception as exc:
             # A bug must not stop the daemon: log it and try again next interval.
             self._last_error = f"internal error: {exc!r}"

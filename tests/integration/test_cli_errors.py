@@ -3,6 +3,7 @@ traceback (SPEC: "Every command prints a clear one-line error")."""
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from reconciler.adapters.ledger import State
 from tests.conftest import ConfigRepo, Signing, cli, write_config
 
 pytestmark = pytest.mark.integration
@@ -59,6 +61,30 @@ def test_a_damaged_ledger(tmp_path: Path, config_repo: ConfigRepo, signing: Sign
             f"{tmp_path / 'state' / 'state.db'}: file is not a database "
             "(a damaged ledger: move it away to start afresh)"
         )
+
+
+def test_a_ledger_damaged_past_its_first_page(
+    tmp_path: Path, config_repo: ConfigRepo, signing: Signing
+) -> None:
+    """Opened, and damaged where a command reads on: one line still, not a traceback."""
+    config_repo.write("hosts/h-1.yaml", "name: h-1\n")
+    config_repo.commit()
+    cfg = write_config(tmp_path, config_repo, signing)
+    state = State(tmp_path / "state")
+    for i in range(64):
+        state.set_meta(f"filler-{i}", "x" * 3000)
+    state.close()
+    db = tmp_path / "state" / "state.db"
+    with db.open("r+b") as f:
+        f.seek(20 * 1024)
+        f.write(random.Random(7).randbytes(8 * 1024))
+    res = cli("reconcile", "-c", str(cfg))
+    # The pass's own events come first (the lease it took and gave back).
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.splitlines()[-1] == (
+        "reconciler: error: the ledger (state.db): database disk image is malformed "
+        "(a damaged ledger: move it away to start afresh)"
+    )
 
 
 def test_init_where_nothing_can_be_created(under_a_file: Path) -> None:
