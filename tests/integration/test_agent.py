@@ -507,8 +507,12 @@ def test_a_crashing_app_is_restarted_with_backoff(running: Running, events: io.S
     # The installed artifact now exits at once, as a crashing app would, noting when.
     starts = running.served.parent / "starts"
     artifact = agent.artifact(1)
+    size = artifact.stat().st_size
     artifact.unlink()
-    artifact.write_text(f"#!/bin/sh\ndate +%s.%N >> {starts}\nexit 3\n")
+    # Of the release's size: the agent installs afresh a release whose files are not
+    # whole when it starts, and this one must be what it runs.
+    script = f"#!/bin/sh\ndate +%s.%N >> {starts}\nexit 3\n"
+    artifact.write_text(script + "#" * (size - len(script) - 1) + "\n")
     artifact.chmod(0o755)
 
     def started() -> list[float]:
