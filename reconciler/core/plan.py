@@ -118,6 +118,10 @@ def make_plan(
             why = tuple(f"{p} changed" for p in touched)
         elif changed is None:
             why = ("build inputs changed (no common history with the last reconciled commit)",)
+        elif prev.failed_image == image:
+            # At the head a build failed at (a store that was down): no input changed,
+            # and the same image is built again.
+            why = ("nothing changed since the build of this image failed",)
         else:
             why = ("build recipe changed (nix/ library or toolchain)",)
         if (

@@ -288,10 +288,15 @@ def test_a_failed_build_waits_for_its_retry_time() -> None:
             Action.BACKOFF,
             (
                 "build failed 2 time(s) in a row; next retry in 60s",
-                "build recipe changed (nix/ library or toolchain)",
+                "nothing changed since the build of this image failed",
             ),
             IMG_B,
         ),
+    )
+    # Its retry time come, the same build again: not a change of the recipe.
+    p = make_plan(COMMIT, fleet(WEB), {"web-1": IMG_B}, {}, states(prev), frozenset(), now=1000.0)
+    assert p.entries == (
+        HostPlan("web-1", Action.REBUILD, ("nothing changed since the build of this image failed",), IMG_B),
     )
 
 
