@@ -591,10 +591,15 @@ class Agent:
         if self.cfg.health is None:
             return None
         app = self.app
+        asked = [False]  # whether the stop was seen
 
         def down() -> str | None:
+            # Told to stop: one probe more, at once (an app coming up may be well
+            # now), then the check gives up.
             if self._stopping.is_set():
-                raise _StopRequestedError
+                if asked[0]:
+                    raise _StopRequestedError
+                asked[0] = True
             return app.failure() if app is not None else None
 
         return health.wait_healthy(self.cfg.health, self.clock, down, self._probe)
