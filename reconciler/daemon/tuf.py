@@ -338,7 +338,10 @@ class TufRepository:
     # -- the pass --------------------------------------------------------------
 
     def listed(self) -> dict[str, int]:
-        """Each host's release the metadata lists: host -> N."""
+        """Each host's release the metadata lists: host -> N; none while there is no
+        repository (only read: a repository is created by the first sync)."""
+        if not self.exists():
+            return {}
         return tufrepo.hosts_listed(self.load().bins.values())
 
     def sync(self, published: Mapping[str, int]) -> bool:

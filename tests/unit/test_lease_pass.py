@@ -535,6 +535,18 @@ def test_a_ledger_restored_from_an_old_backup_never_lists_an_older_release(fleet
     assert a.ledger.states["web-2"].version == 2
 
 
+def test_comparing_the_ledger_with_an_empty_store_writes_and_fails_nothing(
+    fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The comparison only reads: the first sync creates the repository, under the lease."""
+    fleet.source.push(FLEET)
+    a = daemon(fleet, "a")
+    with caplog.at_level(logging.INFO, logger="reconciler"):
+        a.rec.plan()
+    assert fleet.published_by("a") == [] and "tuf_failed" not in caplog.text
+    assert a.rec.reconcile().ok and a.listed() == {"web-1": 1, "web-2": 1}
+
+
 def test_garbage_collection_never_deletes_the_lease(fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
     fleet.source.push(FLEET)
     a, b = daemon(fleet, "a", keep=1), daemon(fleet, "b", keep=1)
