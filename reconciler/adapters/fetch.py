@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from reconciler.adapters.bounded import BoundedCalls, CrowdedError, LateError
 from reconciler.errors import FetchError, FetchKind
 
 TIMEOUT = 60.0
@@ -151,61 +152,36 @@ def _connection(host: str, port: int | None, https: bool, deadline: _Deadline) -
 # What getaddrinfo gives: family, type, protocol, canonical name, address.
 _Addresses = Sequence[tuple[socket.AddressFamily, socket.SocketKind, int, str, tuple[Any, ...]]]
 
-
-class _Lookups:
-    """Name lookups under a request's deadline. The system's resolver keeps to its own
-    timeouts (resolv.conf's tries, per server and search domain: half a minute and
-    more), and nothing can cut getaddrinfo short: it runs in a thread of its own, which
-    a request whose deadline passes leaves behind. At most MAX_PENDING are left
-    running at once; past that, a lookup fails at once instead of adding threads while
-    the resolver does not answer."""
-
-    MAX_PENDING = 8
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._pending = 0
-
-    def resolve(self, host: str, port: int, deadline: _Deadline) -> _Addresses:
-        try:
-            # An address needs no lookup, and no thread.
-            return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
-        except socket.gaierror:
-            pass
-        with self._lock:
-            if self._pending >= self.MAX_PENDING:
-                raise OSError(f"cannot look up {host}: {self.MAX_PENDING} name lookups are still unanswered")
-            self._pending += 1
-        done = threading.Event()
-        answer: list[_Addresses] = []
-        failure: list[Exception] = []
-
-        def look_up() -> None:
-            try:
-                answer.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
-            except Exception as exc:  # raised in the caller: OSError, or UnicodeError for the name
-                failure.append(exc)
-            finally:
-                with self._lock:
-                    self._pending -= 1
-                done.set()
-
-        threading.Thread(target=look_up, name="name-lookup", daemon=True).start()
-        if not done.wait(max(deadline.left(), 0.0)):
-            raise TimeoutError(f"the name lookup of {host} did not finish")
-        if failure:
-            raise failure[0]
-        return answer[0]
+# Name lookups left running past their request's deadline, at most this many at once.
+MAX_LOOKUPS_LEFT = 8
+_LOOKUPS = BoundedCalls(MAX_LOOKUPS_LEFT)
 
 
-_LOOKUPS = _Lookups()
+def _resolve(host: str, port: int, deadline: _Deadline) -> _Addresses:
+    """``host``'s addresses, looked up within the deadline (adapters.bounded: the
+    system's resolver keeps to its own timeouts)."""
+    try:
+        # An address needs no lookup, and no thread.
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+    except socket.gaierror:
+        pass
+    try:
+        return _LOOKUPS.run(
+            lambda: socket.getaddrinfo(host, port, type=socket.SOCK_STREAM), deadline.left(), "name-lookup"
+        )
+    except CrowdedError:
+        raise OSError(
+            f"cannot look up {host}: {MAX_LOOKUPS_LEFT} name lookups are still unanswered"
+        ) from None
+    except LateError:
+        raise TimeoutError(f"the name lookup of {host} did not finish") from None
 
 
 def _connect(host: str, port: int, deadline: _Deadline) -> socket.socket:
     """A connection to one of ``host``'s addresses, looked up and all tried within the
     deadline (not socket.create_connection: it gives each address the whole timeout)."""
     error = OSError(f"no address for {host}")
-    for family, kind, proto, _, addr in _LOOKUPS.resolve(host, port, deadline):
+    for family, kind, proto, _, addr in _resolve(host, port, deadline):
         if deadline.passed():
             break
         sock = socket.socket(family, kind, proto)

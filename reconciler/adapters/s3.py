@@ -9,13 +9,12 @@ from __future__ import annotations
 import builtins
 import configparser
 import contextlib
-import threading
 import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, TypeVar
 
 import boto3
 from boto3.exceptions import S3UploadFailedError
@@ -31,6 +30,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
+from reconciler.adapters.bounded import BoundedCalls, CrowdedError, LateError
 from reconciler.adapters.store import check_key, check_prefix
 from reconciler.errors import ConfigError, ObjectTooLargeError, StoreError
 
@@ -120,53 +120,8 @@ _DENIED = frozenset({"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoes
 
 T = TypeVar("T")
 
-
-class _Deadlines:
-    """One deadline for each whole request of a small object (its tries included).
-    botocore's read_timeout bounds each read, which every byte a server trickles
-    starts again: one answer sent a byte at a time held a pass, and the publisher
-    lease it renewed, for as long as the server liked. Nothing can cut a botocore
-    call short, so each runs in a thread of its own that a request past its deadline
-    leaves behind; at most MAX_LEFT are left running at once, and past that a request
-    fails at once instead of adding threads while the service does not answer."""
-
-    MAX_LEFT = 8
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self._lock = threading.Lock()
-        self._left = 0
-
-    def run(self, call: Callable[[], T], late: Callable[[str], StoreError]) -> T:
-        """``call()`` within the deadline; else the StoreError ``late(why)``."""
-        with self._lock:
-            if self._left >= self.MAX_LEFT:
-                raise late(f"{self.MAX_LEFT} earlier requests are still unanswered")
-        done = threading.Event()
-        box: dict[str, Any] = {}
-
-        def work() -> None:
-            try:
-                box["value"] = call()
-            except BaseException as exc:  # raised in the caller
-                box["error"] = exc
-            finally:
-                with self._lock:
-                    done.set()
-                    if box.get("left"):
-                        self._left -= 1
-
-        threading.Thread(target=work, name="s3-request", daemon=True).start()
-        if not done.wait(self.seconds):
-            with self._lock:
-                # Answered just now, or left behind for good.
-                if not done.is_set():
-                    box["left"] = True
-                    self._left += 1
-                    raise late(f"no complete answer within {self.seconds:g} s")
-        if "error" in box:
-            raise box["error"]
-        return cast(T, box["value"])
+# Requests left running past their deadline (adapters.bounded), at most this many at once.
+MAX_REQUESTS_LEFT = 8
 
 
 class S3Store:
@@ -203,7 +158,12 @@ class S3Store:
         self.endpoint_url = endpoint_url.rstrip("/") if endpoint_url else None
         self.region = region
         self._conditional_checked = False
-        self._deadlines = _Deadlines(request_timeout)
+        # One deadline for each whole request of a small object, its tries included:
+        # botocore's read_timeout bounds each read, which every byte a server trickles
+        # starts again (one answer sent a byte at a time held a pass, and the publisher
+        # lease it renewed, for as long as the server liked).
+        self.request_timeout = request_timeout
+        self._requests = BoundedCalls(MAX_REQUESTS_LEFT)
         self.location = f"s3://{bucket}/{self.prefix}" + (f" at {self.endpoint_url}" if endpoint_url else "")
         self._transfer = TransferConfig(
             multipart_threshold=multipart_threshold,
@@ -268,9 +228,13 @@ class S3Store:
 
     def _bounded(self, action: str, key: str, call: Callable[[], T]) -> T:
         """``call()`` under the request deadline; a StoreError saying so when late."""
-        return self._deadlines.run(
-            call, lambda why: StoreError(f"cannot {action} {key} in {self.location}: {why}")
-        )
+        try:
+            return self._requests.run(call, self.request_timeout, "s3-request")
+        except CrowdedError:
+            why = f"{MAX_REQUESTS_LEFT} earlier requests are still unanswered"
+        except LateError:
+            why = f"no complete answer within {self.request_timeout:g} s"
+        raise StoreError(f"cannot {action} {key} in {self.location}: {why}")
 
     @staticmethod
     def _code(exc: ClientError) -> str:

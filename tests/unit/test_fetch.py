@@ -448,7 +448,7 @@ def test_a_name_lookup_is_held_to_the_deadline(hung_resolver: threading.Event, t
 
 
 def test_lookups_left_unanswered_are_bounded_and_then_end(hung_resolver: threading.Event) -> None:
-    left = fetch._LOOKUPS.MAX_PENDING
+    left = fetch.MAX_LOOKUPS_LEFT
     for _ in range(left):
         refusal(lambda: fetch.get("http://localhost:9/obj", 10, timeout=0.05))
     # No more threads while those still wait: the next fails at once.
@@ -458,9 +458,9 @@ def test_lookups_left_unanswered_are_bounded_and_then_end(hung_resolver: threadi
     assert f"{left} name lookups are still unanswered" in str(err)
     hung_resolver.set()
     end = time.monotonic() + BOUND
-    while fetch._LOOKUPS._pending and time.monotonic() < end:
+    while fetch._LOOKUPS.left and time.monotonic() < end:
         time.sleep(0.01)
-    assert fetch._LOOKUPS._pending == 0
+    assert fetch._LOOKUPS.left == 0
     assert not [t for t in threading.enumerate() if t.name == "name-lookup"]
 
 

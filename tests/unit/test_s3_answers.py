@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from reconciler.adapters.s3 import S3Credentials, S3Store
+from reconciler.adapters.s3 import MAX_REQUESTS_LEFT, S3Credentials, S3Store
 from reconciler.errors import StoreError
 
 pytestmark = pytest.mark.usefixtures("no_ambient_aws")
@@ -108,11 +108,11 @@ def test_a_trickled_answer_is_given_up_at_the_deadline(
 
 def test_requests_left_unanswered_are_bounded(endpoint: Callable[[Answer], str]) -> None:
     s3 = store(endpoint(trickle))
-    for _ in range(s3._deadlines.MAX_LEFT):
+    for _ in range(MAX_REQUESTS_LEFT):
         with pytest.raises(StoreError):
             s3.size("hosts/web-1/latest.json")
     started = time.monotonic()
     with pytest.raises(StoreError) as exc:
         s3.size("hosts/web-1/latest.json")
     assert time.monotonic() - started < DEADLINE
-    assert str(exc.value).endswith(f"{s3._deadlines.MAX_LEFT} earlier requests are still unanswered")
+    assert str(exc.value).endswith(f"{MAX_REQUESTS_LEFT} earlier requests are still unanswered")
