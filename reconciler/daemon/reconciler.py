@@ -23,7 +23,7 @@ from datetime import datetime
 from enum import Enum
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from reconciler import __version__, log
 from reconciler.config import Config
@@ -185,6 +185,13 @@ def sha256_file(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+class _Behind(NamedTuple):
+    """A host the store has a newer release of than the ledger records."""
+
+    version: int
+    why: str  # the plan's reason for rebuilding it (and adopting that release)
+
+
 class Reconciler:
     """The pass over its ports (reconciler.ports); reconciler.wiring builds one from a
     Config with the real adapters."""
@@ -225,14 +232,14 @@ class Reconciler:
         self._suspensions = Suspensions()
         self._tuf = tuf(lambda: self.signer.metadata_signer()) if tuf is not None else None
         self.lease = lease
-        # After this process won the lease from another daemon: host -> the version
-        # the store's latest.json has, newer than the ledger's (_catch_up).
-        self._behind: dict[str, int] = {}
+        # The hosts the store has a newer release of than the ledger records: after
+        # this process won the lease from another daemon (_catch_up), or found its
+        # ledger behind the TUF metadata (_check_listed). Host -> that version, and
+        # why it is rebuilt.
+        self._behind: dict[str, _Behind] = {}
         self._catching_up = False
-        # Whether this process compared its ledger with the store's TUF metadata yet
-        # (_check_listed).
+        # Whether this process compared its ledger with the store's TUF metadata yet.
         self._listed_checked = False
-        self._ledger_behind: frozenset[str] = frozenset()  # the hosts it found behind
         self.tlog = tlog(lambda: self.signer) if tlog is not None else None
         # The reproducibility gate's derivations found reproducible (insertion order: oldest first).
         self._reproduced: dict[str, None] = {}
@@ -364,17 +371,10 @@ class Reconciler:
         plan = self.observer.plan_of(obs, self._recorded(), now)
         behind = dict(self._behind)  # a pass may change it while the page plans
         if behind:
-            took_over = "published by another daemon (version {}) while this one stood by"
-            restored = "the store lists version {}, newer than this ledger records"
             plan = replace(
                 plan,
                 entries=tuple(
-                    replace(
-                        e,
-                        reasons=(
-                            (restored if e.host in self._ledger_behind else took_over).format(behind[e.host]),
-                        ),
-                    )
+                    replace(e, reasons=(behind[e.host].why,))
                     if e.host in behind and e.action == Action.REBUILD
                     else e
                     for e in plan.entries
@@ -398,7 +398,7 @@ class Reconciler:
         version decision adopts the release it finds (core.versions)."""
         hosts = dict(self.state.hosts())
         # A copy: the fleet page plans from another thread while a pass changes it.
-        for name, version in dict(self._behind).items():
+        for name, (version, _) in dict(self._behind).items():
             prev = hosts.get(name)
             hosts[name] = (
                 replace(prev, version=version, image=None)
@@ -418,9 +418,9 @@ class Reconciler:
             latest = self._in_store(name)
             prev = recorded.get(name)
             if latest is not None and latest.version > (prev.version if prev is not None else 0):
-                behind[name] = latest.version
+                why = f"published by another daemon (version {latest.version}) while this one stood by"
+                behind[name] = _Behind(latest.version, why)
         self._behind = behind
-        self._ledger_behind -= behind.keys()  # said as published by the other daemon
         self._catching_up = False
         if behind:
             log.event("lease_catch_up", hosts=len(behind))
@@ -444,13 +444,15 @@ class Reconciler:
         behind = {}
         for name, version in listed.items():
             prev = recorded.get(name)
+            caught_up = self._behind.get(name)
             if name in defined and version > max(
-                prev.version if prev is not None else 0, self._behind.get(name, 0)
+                prev.version if prev is not None else 0, caught_up.version if caught_up is not None else 0
             ):
-                behind[name] = version
+                behind[name] = _Behind(
+                    version, f"the store lists version {version}, newer than this ledger records"
+                )
         if behind:
             self._behind.update(behind)
-            self._ledger_behind = frozenset(behind)
             log.event("ledger_behind_store", logging.WARNING, hosts=len(behind), first=min(behind))
 
     # -- act and record --------------------------------------------------------
