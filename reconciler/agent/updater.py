@@ -46,6 +46,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -430,19 +431,6 @@ class Agent:
             "agent_installed", host=self.cfg.host, version=release.version, artifact=art.name, method=method
         )
 
-    def _seed(self) -> Path | None:
-        """The running release's artifact, if it is installed."""
-        d = self.releases / str(self.state.version)
-        if not self.state.version or not (d / "release.json").is_file():
-            return None
-        try:
-            art = parse_release((d / "release.json").read_bytes(), str(d / "release.json")).artifact(
-                self.cfg.format
-            )
-        except (OSError, VerificationError):
-            return None
-        return d / art.name if art is not None and (d / art.name).is_file() else None
-
     def _zsync(self, art: Artifact, dest: Path) -> str | None:
         """Build ``dest`` with zsync from the running release; its sha256, or None
         when zsync cannot be used (logged when it was tried and failed)."""
@@ -454,7 +442,7 @@ class Agent:
             or not zsync.available()
         ):
             return None
-        seed = self._seed()
+        seed = self._installed(self.state.version) if self.state.version else None
         if seed is None:
             return None
         where = self._url(zsync_path(art.blob))
@@ -555,16 +543,21 @@ class Agent:
         )
         if old:
             self._point_current(old)
-            again = self._activate(old)
-            if again is not None:
-                log.event(
-                    "agent_rollback_unhealthy", logging.ERROR, host=self.cfg.host, version=old, reason=again
-                )
+            self._start_again(old)
         else:
             self.current.unlink(missing_ok=True)
             if self.app is not None:
                 self.app.stop()
         return PollResult.ROLLED_BACK
+
+    def _start_again(self, version: int) -> None:
+        """Activate ``version`` again, a release given up for it (a rollback); said
+        when it is not healthy either."""
+        again = self._activate(version)
+        if again is not None:
+            log.event(
+                "agent_rollback_unhealthy", logging.ERROR, host=self.cfg.host, version=version, reason=again
+            )
 
     def _activate(self, version: int) -> str | None:
         """Start ``version`` and check it; the reason it is unhealthy, or None."""
@@ -667,7 +660,7 @@ class Agent:
                 st.end_switch()
                 self.metrics.rollbacks.inc()
             st.save(self.state_file)
-        if st.version and not self._intact(st.version):
+        if st.version and self._installed(st.version) is None:
             # What runs cannot be started again from here: it is installed afresh, as
             # a first release is, from what the store names.
             log.event("agent_release_damaged", logging.WARNING, host=self.cfg.host, version=st.version)
@@ -685,27 +678,22 @@ class Agent:
                 # The command last ran for the release given up: it runs for this one
                 # again, as a rollback's does. (One to be tried again is activated by the
                 # switch that tries it.) A supervised app starts from ``current`` anyway.
-                again = self._activate(st.version)
-                if again is not None:
-                    log.event(
-                        "agent_rollback_unhealthy",
-                        logging.ERROR,
-                        host=self.cfg.host,
-                        version=st.version,
-                        reason=again,
-                    )
+                self._start_again(st.version)
 
-    def _intact(self, version: int) -> bool:
-        """Whether release ``version`` is installed whole: its release file reads and
-        its artifact is there, as large as the release says."""
+    def _installed(self, version: int) -> Path | None:
+        """Release ``version``'s artifact, if the release is installed whole: its
+        release file reads, and its artifact is a file as large as the release says."""
+        d = self.releases / str(version)
         try:
-            release = parse_release(
-                (self.releases / str(version) / "release.json").read_bytes(), f"release {version}"
+            art = parse_release((d / "release.json").read_bytes(), str(d / "release.json")).artifact(
+                self.cfg.format
             )
-            art = release.artifact(self.cfg.format)
-            return art is not None and (self.releases / str(version) / art.name).stat().st_size == art.size
+            if art is None:
+                return None
+            found = (d / art.name).stat()
         except (OSError, VerificationError):
-            return False
+            return None
+        return d / art.name if stat.S_ISREG(found.st_mode) and found.st_size == art.size else None
 
     # -- the long-running agent -------------------------------------------------
 

@@ -229,7 +229,7 @@ def test_a_running_release_damaged_on_disk_is_installed_afresh(on_v1: Host, dama
     with on_v1.agent.hold():
         assert state(on_v1).version == 0 and not on_v1.agent.current.is_symlink()
         assert on_v1.poll() == "updated"
-    assert on_v1.running() == 1 and on_v1.agent._intact(1)
+    assert on_v1.running() == 1 and on_v1.agent._installed(1) is not None
 
 
 def test_a_stop_during_a_check_keeps_the_switch_when_the_next_probe_passes(on_v1: Host) -> None:
