@@ -21,7 +21,7 @@ from reconciler import __version__, log
 from reconciler.config import Config, load_config
 from reconciler.core.events import EventType
 from reconciler.core.tufroles import RoleName
-from reconciler.errors import ReconcilerError, ledger_advice
+from reconciler.errors import ReconcilerError, ledger_error
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -711,7 +711,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except sqlite3.Error as exc:
         # Past the ledger's opening, which says its path (adapters.ledger).
-        print(f"reconciler: error: the ledger (state.db): {exc} ({ledger_advice(str(exc))})", file=sys.stderr)
+        print(f"reconciler: error: {ledger_error('the ledger (state.db)', str(exc))}", file=sys.stderr)
         return 1
     except BrokenPipeError:
         # The reader went away (`reconciler status | head`): nothing more to say, and

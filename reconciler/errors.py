@@ -85,14 +85,17 @@ class StateError(ReconcilerError):
     """The state directory, or the ledger in it, cannot be created or read."""
 
 
-def ledger_advice(message: str) -> str:
-    """What an operator can do about what sqlite said (``message``) of the ledger: a
-    full disk is not a damaged ledger, and moving a whole ledger away costs more."""
+def ledger_error(where: str, message: str) -> StateError:
+    """What sqlite said (``message``) of the ledger at ``where``, with what an operator
+    can do about it: a full disk is not a damaged ledger, and moving a whole ledger
+    away costs more."""
     if "full" in message:
-        return "the disk is full: free space; the next pass records what this one could not"
-    if "malformed" in message or "not a database" in message:
-        return "a damaged ledger: move it away to start afresh"
-    return "a disk error, or a full disk"
+        advice = "the disk is full: free space; the next pass records what this one could not"
+    elif "malformed" in message or "not a database" in message:
+        advice = "a damaged ledger: move it away to start afresh"
+    else:
+        advice = "a disk error, or a full disk"
+    return StateError(f"{where}: {message} ({advice})")
 
 
 class StoreError(ReconcilerError):

@@ -18,7 +18,7 @@ from pathlib import Path
 from reconciler.core import hosts, schema
 from reconciler.core.hosts import ParseKey
 from reconciler.core.model import BuilderState, HostState, Status, Suspensions
-from reconciler.errors import StateError, ledger_advice
+from reconciler.errors import StateError, ledger_error
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -105,7 +105,7 @@ class State:
             raise StateError(f"state_dir {state_dir}: cannot create it: {exc.strerror or exc}") from None
         except sqlite3.Error as exc:
             # A file that is not a database, or one damaged: said, not a traceback.
-            raise StateError(f"{path}: {exc} ({ledger_advice(str(exc))})") from None
+            raise ledger_error(str(path), str(exc)) from None
 
     def _open(self, state_dir: Path, path: Path, read_only: bool) -> None:
         if read_only:

@@ -30,7 +30,7 @@ from reconciler.daemon.triggers import (
     preferred_wait,
 )
 from reconciler.daemon.web import SECURITY_HEADERS, Access, FleetPage, read_users
-from reconciler.errors import ConfigError, ReconcilerError, ledger_advice
+from reconciler.errors import ConfigError, ReconcilerError, ledger_error
 
 # A refused webhook or reconcile request is logged (and a webhook recorded in the event
 # history) at most this often (seconds) for each of the two, with the number of
@@ -287,12 +287,13 @@ class Daemon:
             result = self.reconciler.reconcile(respect_backoff=not forced)
             self._observed = True
             outcome = (result.ok, describe(result))
-        except ReconcilerError as exc:
-            self._last_error = str(exc)
-            log.event("reconcile_failed", logging.ERROR, error=str(exc))
-            outcome = (False, str(exc))
-        except sqlite3.Error as exc:
-            said = f"{self.cfg.state_dir / 'state.db'}: {exc} ({ledger_advice(str(exc))})"
+        except (ReconcilerError, sqlite3.Error) as exc:
+            # sqlite's own: the ledger failed past its opening (a full disk, a bad page).
+            said = str(
+                exc
+                if isinstance(exc, ReconcilerError)
+                else ledger_error(str(self.cfg.state_dir / "state.db"), str(exc))
+            )
             self._last_error = said
             log.event("reconcile_failed", logging.ERROR, error=said)
             outcome = (False, said)
