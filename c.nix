@@ -1,1 +1,0 @@
-derivation { name = "c-${toString builtins.currentTime}"; system = "builtin"; builder = "builtin:fetchurl"; url = "http://127.0.0.1:47123/x"; }
