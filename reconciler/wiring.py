@@ -219,6 +219,7 @@ def _tlog(cfg: Config, ports: Ports) -> OpenLog:
             lambda: note_verifier([signer().public_key()]),
             cfg.state_dir / "tlog",
             cfg.transparency_log.origin,
+            lambda data, signature, what: verify_signed(signer().public_key(), data, signature, what),
         )
 
     return open_log
@@ -232,6 +233,15 @@ def note_signer(signer: Signer) -> NoteSigner:
     if not isinstance(signer, GpgSigner):
         raise SigningError("the transparency log is signed with a gpg key")
     return OpenPgpNoteSigner(signer)
+
+
+def verify_signed(public_key: bytes, data: bytes, signature: bytes, what: str) -> None:
+    """Check that ``signature`` is a good signature of ``data`` by the armored
+    ``public_key`` (VerificationError else)."""
+    from reconciler.adapters.gpg import Verifier
+
+    with Verifier([public_key]) as v:
+        v.verify_bytes(data, signature, what)
 
 
 def note_verifier(public_keys: list[bytes]) -> NoteVerifier:

@@ -937,6 +937,10 @@ class Reconciler:
             decision = decide(version, self._in_store(host.name, version), drv)
             if not isinstance(decision, Taken):
                 return decision, drv
+            if self.tlog is not None:
+                # Left by a pass that died before logging it, perhaps: never published,
+                # but signed, so the log must name it all the same.
+                self.tlog.append_unpublished(host.name, version)
             version += 1
         raise BuildError(host.name, f"versions up to {version - 1} are taken by other releases")
 

@@ -38,13 +38,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 from reconciler import log
-from reconciler.core import tlog
-from reconciler.core.layout import CHECKPOINT, ReleaseKey, inclusion_path, log_path, parse_key
+from reconciler.core import openpgp, tlog
+from reconciler.core.layout import CHECKPOINT, ReleaseKey, inclusion_path, log_path, parse_key, release_path
 from reconciler.core.note import MAX_NOTE, Note, Signature, add_signature, openpgp_key_id, parse_note
 from reconciler.core.release import RELEASE_LIMIT
 from reconciler.core.tlog import Bundle, Checkpoint, Edge, Inclusion, LogFormatError, Node, Tile
 from reconciler.errors import LogError, VerificationError
 from reconciler.ports import NoteSigner, NoteVerifier, Store
+
+# Checks a release file's detached signature (data, signature, what it is): raises
+# VerificationError unless it is the publisher key's good signature.
+VerifyRelease = Callable[[bytes, bytes, str], object]
 
 
 def default_origin(fingerprint: str) -> str:
@@ -113,7 +117,9 @@ class TransparencyLog:
     """Appends releases to the store's log (see the module's docstring). One per
     process; appends of concurrent publishes are serialised. ``signer`` opens the
     publisher's note key on first use, ``verifier`` its public key (to check a head
-    in the store this daemon has no copy of); ``origin`` None: :func:`default_origin`."""
+    in the store this daemon has no copy of); ``origin`` None: :func:`default_origin`;
+    ``verify_release`` checks that a release file's signature is this key's (without
+    it, :meth:`append_unpublished` logs nothing)."""
 
     def __init__(
         self,
@@ -122,8 +128,10 @@ class TransparencyLog:
         verifier: Callable[[], NoteVerifier],
         state_dir: Path,
         origin: str | None = None,
+        verify_release: VerifyRelease | None = None,
     ) -> None:
         self.store = store
+        self._verify_release = verify_release
         self._reader = StoreLog(store)
         self._open_signer = signer
         self._open_verifier = verifier
@@ -155,13 +163,45 @@ class TransparencyLog:
         is in the log already; raises LogError, StoreError or SigningError."""
         entry = tlog.release_entry(host, version, hashlib.sha256(data).hexdigest())
         with self._lock:
-            edge = self._current()
-            if self._backfill:
-                log.event("tlog_new", origin=self.origin)
-                self._append_existing(edge)
-                self._backfill = False
-            if not self._included(host, version, entry):
+            if not self._logged(host, version, entry):
                 self._append([(host, version, entry)])
+
+    def append_unpublished(self, host: str, version: int) -> None:
+        """Log release ``version`` of ``host`` that is in the store but may not be in
+        the log: a pass died between writing its file and logging it, and the host
+        changed before the release could be published. The log must still name every
+        release this key signed, so it is logged if its signature (``.asc``) is this
+        key's good signature of it; else it is left out, and said (``tlog_unsigned``)."""
+        key = release_path(host, version)
+        data = self.store.get_bytes(key, RELEASE_LIMIT)
+        if data is None:
+            return
+        entry = tlog.release_entry(host, version, hashlib.sha256(data).hexdigest())
+        with self._lock:
+            if self._logged(host, version, entry):
+                return
+            signature = self.store.get_bytes(key + ".asc", openpgp.ARMORED_LIMIT)
+            try:
+                if self._verify_release is None:
+                    raise VerificationError("there is no key to check its signature with")
+                if signature is None:
+                    raise VerificationError(f"{key}.asc is missing")
+                self._verify_release(data, signature, key)
+            except VerificationError as exc:
+                log.event("tlog_unsigned", logging.WARNING, host=host, version=version, error=str(exc))
+                return
+            log.event("tlog_unpublished", host=host, version=version)
+            self._append([(host, version, entry)])
+
+    def _logged(self, host: str, version: int, entry: bytes) -> bool:
+        """Whether ``entry`` is in the store's log, which a first append of a store
+        that had none fills with the releases already there."""
+        edge = self._current()
+        if self._backfill:
+            log.event("tlog_new", origin=self.origin)
+            self._append_existing(edge)
+            self._backfill = False
+        return self._included(host, version, entry)
 
     def describe(self) -> str:
         """What `reconciler check` finds, reading only: that the store's log is one this

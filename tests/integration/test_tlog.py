@@ -37,7 +37,8 @@ from reconciler.core.tufrepo import Lifetimes
 from reconciler.daemon.publish import publish
 from reconciler.daemon.tlog import TransparencyLog
 from reconciler.daemon.tuf import TufRepository
-from reconciler.wiring import open_agent, open_reconciler
+from reconciler.errors import VerificationError
+from reconciler.wiring import open_agent, open_reconciler, verify_signed
 from tests.conftest import PAGE_SITE, ConfigRepo, Signing, cli, gpg_verify, signing_keys, write_config
 from tests.integration.test_tuf_attacks import Server, http_agent
 
@@ -338,3 +339,17 @@ def test_real_passes_log_every_release_and_the_agent_follows(
     assert out.returncode == 1
     assert "log tiles" in out.stdout + out.stderr
     assert json.loads((cfg.store.path / "hosts/web-1/latest.json").read_bytes())["version"] == 3
+
+
+def test_only_a_release_this_key_signed_is_logged_unpublished(world: World) -> None:
+    """wiring.verify_signed, which decides whether a release a crash left out of the log
+    goes in: the publisher's own signature, checked by gpg against its public key."""
+    data = b'{"host": "web-1", "version": 2}'
+    key = world.signer.public_key()
+    verify_signed(key, data, world.signer.sign(data), "releases/2.json")
+    with pytest.raises(VerificationError, match="changed after signing"):
+        verify_signed(key, data + b" ", world.signer.sign(data), "releases/2.json")
+    witness = world.keys["witness"]
+    other = Signer(witness.gnupghome, witness.fingerprint)
+    with pytest.raises(VerificationError, match="not a trusted key"):
+        verify_signed(key, data, other.sign(data), "releases/2.json")

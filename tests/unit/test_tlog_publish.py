@@ -10,6 +10,8 @@ a split view or does not hold it."""
 from __future__ import annotations
 
 import hashlib
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,10 +29,10 @@ from reconciler.daemon.publish import publish
 from reconciler.daemon.reconciler import Reconciler
 from reconciler.daemon.tlog import TransparencyLog, cosign, default_origin
 from reconciler.daemon.tuf import TufRepository
-from reconciler.errors import LogError, StoreError
+from reconciler.errors import LogError, StoreError, VerificationError
 from reconciler.ports import Ports
-from tests.fakes import CrashError, FakeNoteKey, MemoryStore
-from tests.unit.test_daemon_pass import FLEET
+from tests.fakes import CrashError, FakeNoteKey, FakeSigner, MemoryStore
+from tests.unit.test_daemon_pass import FLEET, HOST, outcomes, take_version_2
 from tests.unit.test_daemon_pass import World as PassWorld
 
 NOW = datetime(2026, 3, 1, tzinfo=UTC)
@@ -520,6 +522,93 @@ def test_a_pass_logs_every_host_it_publishes_before_latest_moves(tmp_path: Path)
         rec.metrics.registry.get_sample_value("reconciler_stage_duration_seconds_count", {"stage": "log"})
         == 2
     )
+
+
+class CrashingLogStore(MemoryStore):
+    """A memory store that fails its first log write once ``armed``: after a release
+    file is written, before its entry is (as if the process died there)."""
+
+    armed = False
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        if self.armed and key.startswith("log/"):
+            self.armed = False
+            raise CrashError(f"crash before writing {key}")
+        super().put_bytes(key, data)
+
+
+def signed_by(signer: FakeSigner) -> Callable[[bytes, bytes, str], None]:
+    """The check of a release file's signature that wiring.verify_signed makes, for a fake key."""
+
+    def verify(data: bytes, signature: bytes, what: str) -> None:
+        if signature != FakeSigner().sign(data):
+            raise VerificationError(f"{what}: bad signature (not {signer.public_key()!r})")
+
+    return verify
+
+
+def logging_pass(pw: PassWorld, key: FakeNoteKey) -> Reconciler:
+    """A daemon process over ``pw`` that keeps a transparency log."""
+    cfg = pw.config()
+    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    ports = Ports(
+        pw.source, pw.nix, pw.store, pw.ledger, Gate(cfg.repo), lambda: pw.signer, pw.clock, pw.packager
+    )
+    return Reconciler(
+        cfg,
+        ports,
+        tuf=lambda online: TufRepository(pw.store, cfg.state_dir / "tuf", online, pw.clock, cfg.tuf),
+        tlog=lambda signer: TransparencyLog(
+            pw.store, lambda: key, lambda: key, cfg.state_dir / "tlog", verify_release=signed_by(pw.signer)
+        ),
+    )
+
+
+def moved(address: str) -> dict[str, str]:
+    return {**FLEET, "hosts/web-1.yaml": HOST.format(name="web-1", address=address)}
+
+
+def test_a_release_a_crash_left_out_of_the_log_is_logged_when_its_host_moves_on(tmp_path: Path) -> None:
+    pw = PassWorld(tmp_path, store=CrashingLogStore())
+    store = pw.store
+    assert isinstance(store, CrashingLogStore)
+    key = FakeNoteKey()
+    pw.source.push(FLEET)
+    assert logging_pass(pw, key).reconcile().succeeded
+    # Release 2 of web-1 is written, signed; the process dies before logging it.
+    pw.source.push(moved("10.0.0.7/24"))
+    store.armed = True
+    assert outcomes(logging_pass(pw, key)) == {"web-1": (False, 2)}
+    assert release_path("web-1", 2) in store.objects
+    # web-1 moves again before the next pass: release 2 is never published.
+    pw.source.push(moved("10.0.0.8/24"))
+    assert outcomes(logging_pass(pw, key)) == {"web-1": (True, 3)}
+    assert sorted((e.host, e.version) for e in entries(store)) == [
+        ("web-1", 1),
+        ("web-1", 2),
+        ("web-1", 3),
+        ("web-2", 1),
+    ]
+    assert audit(lambda k, n: store.get_bytes(k, n), store.list(), key).problems == []
+
+
+def test_a_release_in_the_store_this_key_did_not_sign_stays_out_of_the_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    pw = PassWorld(tmp_path)
+    key = FakeNoteKey()
+    pw.source.push(FLEET)
+    assert logging_pass(pw, key).reconcile().succeeded
+    # Someone who can write the store, not the publisher, put a release 2 there.
+    take_version_2(pw)
+    pw.store.objects[release_path("web-1", 2) + ".asc"] = b"-----SIG forged-----\n"
+    pw.source.push(moved("10.0.0.7/24"))
+    with caplog.at_level(logging.WARNING, logger="reconciler"):
+        assert outcomes(logging_pass(pw, key)) == {"web-1": (True, 3)}
+    assert "tlog_unsigned" in caplog.text
+    assert ("web-1", 2) not in {(e.host, e.version) for e in entries(pw.store)}
+    problems = audit(lambda k, n: pw.store.get_bytes(k, n), pw.store.list(), key).problems
+    assert [p for p in problems if "releases/2.json" in p]
 
 
 def test_an_audit_reads_nothing_past_a_checkpoint_nobody_pinned_signed(world: World) -> None:
