@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sqlite3
 import threading
 import time
 import urllib.error
@@ -267,3 +268,31 @@ def test_a_reload_reads_the_fleet_page_s_token_again(tmp_path: Path) -> None:
     finally:
         daemon.server.stop()
         rec.close()
+
+
+def test_a_ledger_that_fails_mid_pass_is_said_in_one_line_and_the_daemon_goes_on(
+    running: tuple[World, Daemon, str],
+) -> None:
+    world, daemon, url = running
+    damaged = sqlite3.DatabaseError("database disk image is malformed")
+
+    def hosts() -> Any:
+        raise damaged
+
+    healthy = world.ledger.hosts
+    world.ledger.hosts = hosts  # type: ignore[method-assign]
+    with capture_events() as lines:
+        code, body = post(url, "t0ken", wait=10)
+    said = (
+        f"{daemon.cfg.state_dir / 'state.db'}: database disk image is malformed"
+        " (a damaged ledger: move it away to start afresh)"
+    )
+    assert (code, body) == (200, f"failed: pass 2: {said}\n")
+    (failed,) = [line for line in lines if "event=reconcile_failed" in line]
+    assert "database disk image is malformed (a damaged ledger" in failed, failed
+    assert not [line for line in lines if "reconcile_crashed" in line or "Traceback" in line]
+    # The ledger mended, the next pass goes on as before.
+    world.ledger.hosts = healthy  # type: ignore[method-assign]
+    world.nix.failing.clear()
+    code, body = post(url, "t0ken", wait=10)
+    assert code == 200 and body.startswith("ok: "), body
