@@ -102,6 +102,13 @@ class StoreError(ReconcilerError):
     """The artifact store refused or failed an operation."""
 
 
+class IncompleteReleaseError(StoreError):
+    """A release in the store that this build cannot complete: a blob it names is
+    missing or damaged, and the file built again is other bytes (an AppImage is
+    sealed anew). What it names can never be written, so the release is given up
+    for a new version."""
+
+
 class ObjectTooLargeError(StoreError):
     """An object larger than its reader's limit (``Store.get_bytes``), refused having
     read at most one byte past it: none of the daemon's own writes is that large, so

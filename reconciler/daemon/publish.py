@@ -28,7 +28,7 @@ from pathlib import Path
 
 from reconciler.core.layout import discovery_path, latest_path, release_path, update_path, zsync_path
 from reconciler.core.release import Release
-from reconciler.errors import ObjectTooLargeError, StoreError
+from reconciler.errors import IncompleteReleaseError, ObjectTooLargeError, StoreError
 from reconciler.log import event as log_event  # `log` is the transparency log's here
 from reconciler.ports import Store
 
@@ -69,7 +69,7 @@ def publish(
                 digest = hashlib.file_digest(f, "sha256").hexdigest()
             what = "missing" if stored is None else f"{stored} bytes, not {art.size}"
             if digest != art.sha256:
-                raise StoreError(
+                raise IncompleteReleaseError(
                     f"{art.blob} is {what} and {files[art.format].name} is not it (sha256 {digest}); "
                     "the release cannot be completed"
                 )

@@ -77,6 +77,7 @@ from reconciler.daemon.publish import publish
 from reconciler.errors import (
     BuildError,
     ConfigError,
+    IncompleteReleaseError,
     LeaseLostError,
     NotReproducibleError,
     ReconcilerError,
@@ -747,7 +748,16 @@ class Reconciler:
         decision: Decision | None = None
         try:
             decision, drv = self._decide(host)
-            done = self._build_and_publish(host, entry, obs.commit, decision, drv)
+            try:
+                done = self._build_and_publish(host, entry, obs.commit, decision, drv)
+            except IncompleteReleaseError as exc:
+                # An adopted release whose blob is lost: no build can complete it now.
+                given_up = _version(decision)
+                log.event(
+                    "release_given_up", logging.WARNING, host=host.name, version=given_up, error=str(exc)
+                )
+                decision, drv = self._decide(host, after=given_up)
+                done = self._build_and_publish(host, entry, obs.commit, decision, drv)
         except LeaseLostError:
             # Not published by this process: the lease's new holder publishes it.
             return Skipped.STOPPING
@@ -928,10 +938,13 @@ class Reconciler:
         )
         log.event("host_built", host=host.name, builder=builder, result=result)
 
-    def _decide(self, host: Host) -> tuple[Decision, str]:
+    def _decide(self, host: Host, after: int | None = None) -> tuple[Decision, str]:
         """The version decision for ``host`` and the derivation it is for: only
-        instantiations, one per taken version; nothing is built."""
-        version = self.first_version(host.name)
+        instantiations, one per taken version; nothing is built. ``after``: a version
+        given up (IncompleteReleaseError), taken like one of another build."""
+        version = self.first_version(host.name) if after is None else after + 1
+        if after is not None and self.tlog is not None:
+            self.tlog.append_unpublished(host.name, after)
         for _ in range(MAX_TAKEN):
             drv = self.nix.instantiate(host, version, self.source.checkout)
             decision = decide(version, self._in_store(host.name, version), drv)

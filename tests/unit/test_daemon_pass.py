@@ -459,16 +459,23 @@ def test_an_adopted_release_keeps_the_appimage_it_published(world: World) -> Non
     assert world.store.objects == published
 
 
-def test_a_missing_blob_of_an_adopted_release_is_not_replaced_by_other_bytes(world: World) -> None:
+def test_a_missing_blob_of_an_adopted_release_is_not_replaced_by_other_bytes(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
     world.source.push(APPIMAGE_FLEET)
     world.reconciler().reconcile()
     (app,) = [a for a in world.latest("app-1")["artifacts"] if a["format"] == "appimage"]
     world.ledger = MemoryLedger()
     del world.store.objects[app["blob"]]
     rec = world.reconciler()
-    assert outcomes(rec) == {"app-1": (False, 1)}
+    # Release 1 can never be completed: the host moves on to a release 2 of its own.
+    with caplog.at_level(logging.WARNING, logger="reconciler"):
+        assert outcomes(rec) == {"app-1": (True, 2)}
     assert not world.store.exists(app["blob"])
-    assert "is missing and app-1-1.AppImage is not it" in (world.ledger.states["app-1"].error or "")
+    assert "release_given_up" in caplog.text
+    assert world.latest("app-1")["version"] == 2
+    for art in world.latest("app-1")["artifacts"]:
+        assert world.store.exists(art["blob"])
 
 
 def test_a_blob_cut_short_in_the_store_is_written_again_not_taken_as_published(
@@ -487,11 +494,13 @@ def test_a_blob_cut_short_in_the_store_is_written_again_not_taken_as_published(
     # The ACI is built again byte for byte: its blob is written whole.
     assert result["web-1"].ok and world.store.objects[aci["blob"]] == whole
     assert hashlib.sha256(whole).hexdigest() == aci["sha256"] and "blob_replaced" in caplog.text
-    # An AppImage is sealed anew, other bytes than the blob: its host fails, saying why.
-    assert not result["app-1"].ok
-    assert f"{app['blob']} is 10 bytes, not {app['size']} and app-1-1.AppImage is not it" in (
-        result["app-1"].error or ""
-    )
+    # An AppImage is sealed anew, other bytes than the blob: release 1 is given up, saying
+    # why, for a release 2.
+    assert result["app-1"].ok and result["app-1"].version == 2
+    (given_up,) = [r.__dict__["fields"] for r in caplog.records if r.getMessage() == "release_given_up"]
+    assert given_up["version"] == 1
+    assert f"{app['blob']} is 10 bytes, not {app['size']} and app-1-1.AppImage is not it" in given_up["error"]
+    assert len(world.store.objects[app["blob"]]) == 10
 
 
 def test_a_full_disk_while_sealing_fails_that_host_and_leaves_nothing(world: World) -> None:
