@@ -122,6 +122,9 @@ T = TypeVar("T")
 
 # Requests left running past their deadline (adapters.bounded), at most this many at once.
 MAX_REQUESTS_LEFT = 8
+# A whole transfer of a large object (an upload, a copy) is given a second more for
+# each this many bytes: a service slower than that is as good as not answering.
+MIN_TRANSFER_RATE = 1 << 20
 
 
 class S3Store:
@@ -226,14 +229,16 @@ class S3Store:
     def _error(self, action: str, key: str, exc: BaseException) -> StoreError:
         return StoreError(f"cannot {action} {key} in {self.location}: {self._reason(exc)}")
 
-    def _bounded(self, action: str, key: str, call: Callable[[], T]) -> T:
-        """``call()`` under the request deadline; a StoreError saying so when late."""
+    def _bounded(self, action: str, key: str, call: Callable[[], T], size: int = 0) -> T:
+        """``call()`` under the request deadline, longer by a second for each
+        MIN_TRANSFER_RATE bytes of ``size`` it moves; a StoreError saying so when late."""
+        seconds = self.request_timeout + size / MIN_TRANSFER_RATE
         try:
-            return self._requests.run(call, self.request_timeout, "s3-request")
+            return self._requests.run(call, seconds, "s3-request")
         except CrowdedError:
             why = f"{MAX_REQUESTS_LEFT} earlier requests are still unanswered"
         except LateError:
-            why = f"no complete answer within {self.request_timeout:g} s"
+            why = f"no complete answer within {seconds:g} s"
         raise StoreError(f"cannot {action} {key} in {self.location}: {why}")
 
     @staticmethod
@@ -243,12 +248,19 @@ class S3Store:
     def put_file(self, key: str, path: Path) -> None:
         full = self._key(key)
         try:
-            self.client.upload_file(
-                str(path),
-                self.bucket,
-                full,
-                ExtraArgs={"ContentType": _content_type(key)},
-                Config=self._transfer,
+            # Left behind, an upload may still complete: the blob's own bytes, under
+            # its content's name.
+            self._bounded(
+                "write",
+                key,
+                lambda: self.client.upload_file(
+                    str(path),
+                    self.bucket,
+                    full,
+                    ExtraArgs={"ContentType": _content_type(key)},
+                    Config=self._transfer,
+                ),
+                size=path.stat().st_size,
             )
         except (BotoCoreError, ClientError, S3UploadFailedError, OSError) as exc:
             raise self._error("write", key, exc) from None
@@ -270,13 +282,21 @@ class S3Store:
         """A copy inside the service (CopyObject, multipart above the threshold): the
         bytes do not pass through this process."""
         source, full = self._key(src), self._key(dst)
+        size = self.size(src)
+        if size is None:
+            raise StoreError(f"cannot copy {src} to {dst} in {self.location}: {src} does not exist")
         try:
-            self.client.copy(
-                {"Bucket": self.bucket, "Key": source},
-                self.bucket,
-                full,
-                ExtraArgs={"ContentType": _content_type(dst), "MetadataDirective": "REPLACE"},
-                Config=self._transfer,
+            self._bounded(
+                "copy",
+                f"{src} to {dst}",
+                lambda: self.client.copy(
+                    {"Bucket": self.bucket, "Key": source},
+                    self.bucket,
+                    full,
+                    ExtraArgs={"ContentType": _content_type(dst), "MetadataDirective": "REPLACE"},
+                    Config=self._transfer,
+                ),
+                size=size,
             )
         except (BotoCoreError, ClientError, S3UploadFailedError, OSError) as exc:
             raise StoreError(f"cannot copy {src} to {dst} in {self.location}: {self._reason(exc)}") from None

@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -18,7 +19,9 @@ from reconciler.errors import StoreError
 pytestmark = pytest.mark.usefixtures("no_ambient_aws")
 
 DEADLINE = 1.0
-Answer = Callable[[socket.socket, threading.Event], None]
+# An answer to a request, given its connection, its head (and a small body) and an
+# event set when the test is over.
+Answer = Callable[[socket.socket, bytes, threading.Event], None]
 
 
 @pytest.fixture
@@ -37,11 +40,11 @@ def endpoint() -> Iterator[Callable[[Answer], str]]:
                     conn, _ = listener.accept()
                 except OSError:
                     return
-                conn.recv(65536)  # the request head (and a small body)
+                head = conn.recv(65536)
 
-                def answered(c: socket.socket = conn) -> None:
+                def answered(c: socket.socket = conn, h: bytes = head) -> None:
                     with c:
-                        answer(c, stop)
+                        answer(c, h, stop)
 
                 threading.Thread(target=answered, daemon=True).start()
 
@@ -60,11 +63,11 @@ def store(url: str) -> S3Store:
     )
 
 
-def cut_short(conn: socket.socket, stop: threading.Event) -> None:
+def cut_short(conn: socket.socket, head: bytes, stop: threading.Event) -> None:
     conn.sendall(b'HTTP/1.1 200 OK\r\nContent-Length: 1280\r\nContent-Type: application/json\r\n\r\n{"ver')
 
 
-def trickle(conn: socket.socket, stop: threading.Event) -> None:
+def trickle(conn: socket.socket, head: bytes, stop: threading.Event) -> None:
     """Each byte well within a read's timeout; the whole answer never."""
     for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 100:
         if stop.wait(0.2):
@@ -116,3 +119,31 @@ def test_requests_left_unanswered_are_bounded(endpoint: Callable[[Answer], str])
         s3.size("hosts/web-1/latest.json")
     assert time.monotonic() - started < DEADLINE
     assert str(exc.value).endswith(f"{MAX_REQUESTS_LEFT} earlier requests are still unanswered")
+
+
+def found_then_trickle(conn: socket.socket, head: bytes, stop: threading.Event) -> None:
+    """A HEAD answered at once (the object is there, 1 MiB); anything else trickled."""
+    if head.startswith(b"HEAD "):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1048576\r\n\r\n")
+    else:
+        trickle(conn, head, stop)
+
+
+@pytest.mark.parametrize("transfer", ["upload", "copy"])
+def test_a_large_object_s_transfer_is_given_up_at_a_deadline_of_its_size(
+    endpoint: Callable[[Answer], str], tmp_path: Path, transfer: str
+) -> None:
+    s3 = store(endpoint(found_then_trickle))
+    blob = tmp_path / "blob"
+    blob.write_bytes(b"x" * (1 << 20))
+    # A second for each MiB moved, on top of a small object's deadline.
+    seconds = DEADLINE + 1
+    started = time.monotonic()
+    with pytest.raises(StoreError) as exc:
+        if transfer == "upload":
+            s3.put_file("blobs/sha256/" + "0" * 64, blob)
+        else:
+            s3.copy("blobs/sha256/" + "0" * 64, "images/web-1-1.aci")
+    took = time.monotonic() - started
+    assert str(exc.value).endswith(f"no complete answer within {seconds:g} s"), exc.value
+    assert seconds <= took < seconds + 2
