@@ -23,6 +23,13 @@ def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def internal_error(exc: BaseException) -> str:
+    """A bug's exception as a log field: its type and message, cut to MAX_REASON. Not
+    repr(): a UnicodeDecodeError's repr holds the whole input it failed on (a build's
+    log, a file of the config repository), which has no place in a log line."""
+    return _cut(f"{type(exc).__name__}: {exc}", MAX_REASON)
+
+
 class ConfigError(ReconcilerError):
     """A configuration or definition file is invalid.
 

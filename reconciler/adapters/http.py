@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
 from reconciler import log
-from reconciler.errors import ReconcilerError
+from reconciler.errors import ReconcilerError, internal_error
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -331,7 +331,7 @@ class _Listener(ThreadingHTTPServer):
         # default traceback per connection on stderr would let any client flood the log.
         if isinstance(exc, ConnectionError):
             return
-        log.event("http_handler_crashed", logging.ERROR, error=repr(exc))
+        log.event("http_handler_crashed", logging.ERROR, error=internal_error(exc))
 
     def close_connections(self) -> None:
         with self._lock:

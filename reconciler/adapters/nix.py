@@ -790,7 +790,9 @@ class Nix:
             stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
             env=env or self.env,
+            # A build's log is the package's to write: any bytes, not all UTF-8.
             text=True,
+            errors="replace",
         )
         with proc:
             while True:

@@ -76,7 +76,14 @@ from reconciler.core.provenance import ATTESTATION_LIMIT
 from reconciler.core.release import Artifact, Release, parse_release
 from reconciler.core.trust import Downloaded, Expected, Pinned, Reason, RefusalError, TrustedState
 from reconciler.core.tufrepo import entry_version, target_path
-from reconciler.errors import ConfigError, FetchError, FetchKind, ReconcilerError, VerificationError
+from reconciler.errors import (
+    ConfigError,
+    FetchError,
+    FetchKind,
+    ReconcilerError,
+    VerificationError,
+    internal_error,
+)
 from reconciler.ports import Clock, Fetcher
 
 # A timestamp is a few hundred bytes; python-tuf allows 16 KiB.
@@ -238,7 +245,7 @@ class Agent:
             log.event("agent_poll_failed", logging.ERROR, host=self.cfg.host, error=str(exc))
         except Exception as exc:  # the loop must outlive a bug a store can trigger
             result = PollResult.ERROR
-            log.event("agent_poll_crashed", logging.ERROR, host=self.cfg.host, error=repr(exc))
+            log.event("agent_poll_crashed", logging.ERROR, host=self.cfg.host, error=internal_error(exc))
         self.metrics.polls.labels(result).inc()
         self.metrics.last_poll.set(self.clock.now().timestamp())
         if self.cfg.metrics_file is not None:

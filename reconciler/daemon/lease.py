@@ -56,6 +56,7 @@ from reconciler.errors import (
     ObjectTooLargeError,
     StoreError,
     VerificationError,
+    internal_error,
 )
 from reconciler.ports import Clock, Store
 
@@ -368,7 +369,7 @@ class PublisherLease:
             try:
                 wait = self.tick()
             except Exception as exc:  # a bug must not end renewals silently
-                log.event("lease_keeper_crashed", logging.ERROR, error=repr(exc))
+                log.event("lease_keeper_crashed", logging.ERROR, error=internal_error(exc))
                 wait = self.settings.renew
 
     # -- stopping -----------------------------------------------------------------

@@ -30,7 +30,7 @@ from reconciler.daemon.triggers import (
     preferred_wait,
 )
 from reconciler.daemon.web import SECURITY_HEADERS, Access, FleetPage, read_users
-from reconciler.errors import ConfigError, ReconcilerError, ledger_error
+from reconciler.errors import ConfigError, ReconcilerError, internal_error, ledger_error
 
 # A refused webhook or reconcile request is logged (and a webhook recorded in the event
 # history) at most this often (seconds) for each of the two, with the number of
@@ -299,9 +299,9 @@ class Daemon:
             outcome = (False, said)
         except Exception as exc:
             # A bug must not stop the daemon: log it and try again next interval.
-            self._last_error = f"internal error: {exc!r}"
-            log.event("reconcile_crashed", logging.ERROR, error=repr(exc))
-            outcome = (False, f"internal error: {exc!r}")
+            self._last_error = f"internal error: {internal_error(exc)}"
+            log.event("reconcile_crashed", logging.ERROR, error=internal_error(exc))
+            outcome = (False, self._last_error)
         finally:
             with self._passes:
                 self._finished = number

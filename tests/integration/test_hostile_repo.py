@@ -107,6 +107,33 @@ def test_a_package_tracing_bytes_that_are_not_utf8_costs_nothing(
     assert (tmp_path / "store/hosts/chatty-1/latest.json").exists()
 
 
+def test_a_build_logging_bytes_that_are_not_utf8_fails_only_its_host(
+    tmp_path: Path, config_repo: ConfigRepo, signing: Signing
+) -> None:
+    """A build's log reached this process as text decoded strictly: a byte 0xe9 the
+    builder wrote raised UnicodeDecodeError out of every pass."""
+    standard_fleet(config_repo)
+    package = (
+        b'{ toolchain }: derivation { name = "latin"; system = "x86_64-linux";'
+        rb""" builder = toolchain.busybox; args = [ "sh" "-c" "printf 'caf\\351\\n' >&2; exit 1" ]; }"""
+    )
+    (config_repo.path / "packages").mkdir(exist_ok=True)
+    (config_repo.path / "packages/latin.nix").write_bytes(package)
+    config_repo.write(
+        "hosts/latin-1.yaml",
+        "name: latin-1\nformats: [aci]\nservices:\n  a: {package: latin, exec: [bin/busybox, sleep, '1']}\n",
+    )
+    config_repo.commit("a package whose build logs a byte that is not UTF-8")
+    cfg = write_config(tmp_path, config_repo, signing)
+    res = cli("reconcile", "-c", str(cfg))
+    assert res.returncode == 1, (res.returncode, res.stderr[-2000:])
+    assert "Traceback" not in res.stderr and "reconcile_crashed" not in res.stderr, res.stderr[-2000:]
+    assert published(tmp_path / "store") == dict.fromkeys(HOSTS, 1)
+    status = json.loads(cli("status", "-c", str(cfg), "--json").stdout)
+    assert status["hosts"]["latin-1"]["status"] == "failed"
+    assert "caf\ufffd" in status["hosts"]["latin-1"]["error"]
+
+
 def test_a_duplicate_key_makes_its_host_invalid_and_the_others_publish(
     tmp_path: Path, config_repo: ConfigRepo, signing: Signing
 ) -> None:

@@ -296,3 +296,23 @@ def test_a_ledger_that_fails_mid_pass_is_said_in_one_line_and_the_daemon_goes_on
     world.nix.failing.clear()
     code, body = post(url, "t0ken", wait=10)
     assert code == 200 and body.startswith("ok: "), body
+
+
+def test_a_bug_is_logged_by_its_type_and_message_never_the_input_it_met(
+    running: tuple[World, Daemon, str],
+) -> None:
+    world, _, url = running
+    # What a UnicodeDecodeError holds is the whole input: a build log, a repository file.
+    secret = b"\xe9 the contents of a file " * 1000
+
+    def hosts() -> Any:
+        secret.decode()
+
+    world.ledger.hosts = hosts  # type: ignore[method-assign]
+    with capture_events() as lines:
+        code, body = post(url, "t0ken", wait=10)
+    assert code == 200 and body.startswith("failed: pass 2: internal error: UnicodeDecodeError: "), body
+    assert "the contents of a file" not in body
+    (crashed,) = [line for line in lines if "event=reconcile_crashed" in line]
+    assert "UnicodeDecodeError: 'utf-8' codec can't decode byte 0xe9 in position 0" in crashed, crashed
+    assert "the contents of a file" not in crashed
