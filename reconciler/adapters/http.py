@@ -329,7 +329,7 @@ class _Listener(ThreadingHTTPServer):
         exc = sys.exc_info()[1]
         # A client that hangs up or resets mid-response is no fault of ours, and the
         # default traceback per connection on stderr would let any client flood the log.
-        if isinstance(exc, ConnectionError):
+        if exc is None or isinstance(exc, ConnectionError):
             return
         log.event("http_handler_crashed", logging.ERROR, error=internal_error(exc))
 
