@@ -91,11 +91,26 @@ def _expiry(now: datetime, lifetime: timedelta) -> datetime:
     return now.replace(microsecond=0) + lifetime
 
 
-def bump(md: Metadata[Any], now: datetime, lifetime: timedelta) -> None:
-    """A new version of ``md``: its old signatures go, its expiry moves on."""
-    md.signed.version += 1
+def bump(md: Metadata[Any], now: datetime, lifetime: timedelta, version: int = 0) -> None:
+    """A new version of ``md`` (``version``, if later than the next): its old signatures
+    go, its expiry moves on."""
+    md.signed.version = max(md.signed.version + 1, version)
     md.signed.expires = _expiry(now, lifetime)
     md.signatures.clear()
+
+
+def bin_version(roles: SuccinctRoles, name: str, snapshot_version: int) -> int:
+    """The version bin ``name`` is signed at for snapshot ``snapshot_version``: one no
+    other bin is ever signed at. A bin's metadata names no role and every bin is signed
+    by the same keys, so a bin verifies under any name whose version snapshot lists as
+    its own: with versions shared, a store could serve one bin for another and withhold
+    that one's hosts (Mercury, USENIX ATC '17, section 5.6). Versions of this form are
+    unique without snapshot listing each bin's hash, which would triple the snapshot
+    every agent reads when any host publishes. Later than the bin's previous version, as
+    a bin changes only with a new snapshot."""
+    index = int(name.removeprefix(f"{roles.name_prefix}-"), 16)
+    bins: int = roles.number_of_bins
+    return snapshot_version * bins + index
 
 
 def due(md: Metadata[Any], now: datetime, lifetime: timedelta) -> bool:

@@ -25,7 +25,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +96,10 @@ class Metadatas:
     bins: dict[str, Metadata[Targets]]
     snapshot: Metadata[Snapshot]
     timestamp: Metadata[Timestamp]
+    # bin -> the version it had before its current one: deleted from the store when it
+    # next changes (an agent that read the previous snapshot still finds its bins). A
+    # bin's versions are not consecutive (tufrepo.bin_version).
+    superseded: dict[str, int] = field(default_factory=dict)
 
 
 def copy(md: Metadata[Any]) -> Metadata[Any]:
@@ -206,6 +210,7 @@ class TufRepository:
                 bins,
                 typed(Metadata.from_dict(doc["snapshot"]), Snapshot.type, where),
                 typed(Metadata.from_dict(doc["timestamp"]), Timestamp.type, where),
+                {str(n): int(v) for n, v in doc.get("superseded", {}).items()},
             )
         except (OSError, ValueError, KeyError, TypeError, AttributeError, RepositoryError) as exc:
             raise TufError(f"{path}: unreadable TUF metadata ({exc!r})") from None
@@ -284,9 +289,12 @@ class TufRepository:
         targets: bool = False,
         bins: Mapping[str, Metadata[Targets]] | None = None,
         snapshot: bool = True,
+        gone: Mapping[str, int] | None = None,
     ) -> None:
         """Write what changed under new names, then the snapshot, the timestamp last;
-        and the local copy once the store has it."""
+        and the local copy once the store has it. Then delete what is no longer wanted:
+        the bins' ``gone`` versions (bin -> version), the snapshot's and targets'
+        versions before their previous ones."""
         if root:
             self._put(tuf_path("root", md.root.signed.version), md.root)
         if targets:
@@ -297,7 +305,7 @@ class TufRepository:
             self._put(tuf_path("snapshot", md.snapshot.signed.version), md.snapshot)
         self._put(tuf_path("timestamp", None), md.timestamp)
         self._save_local(md)
-        self._forget_old(md, snapshot, targets, bins or {})
+        self._forget_old(md, snapshot, targets, gone or {})
 
     def _save_local(self, md: Metadatas) -> None:
         """The local copy, whole or not at all (one file, replaced by rename)."""
@@ -307,6 +315,7 @@ class TufRepository:
             "bins": {name: b.to_dict() for name, b in md.bins.items()},
             "snapshot": md.snapshot.to_dict(),
             "timestamp": md.timestamp.to_dict(),
+            "superseded": md.superseded,
         }
         self.local.mkdir(parents=True, exist_ok=True)
         data = json.dumps(doc, separators=(",", ":")).encode()
@@ -318,9 +327,7 @@ class TufRepository:
         os.replace(tmp, self._local_file)
         self._stamp = hashlib.sha256(data).digest()
 
-    def _forget_old(
-        self, md: Metadatas, snapshot: bool, targets: bool, bins: Mapping[str, Metadata[Targets]]
-    ) -> None:
+    def _forget_old(self, md: Metadatas, snapshot: bool, targets: bool, bins: Mapping[str, int]) -> None:
         """Delete the version before the previous one of what was rewritten: an agent
         that read the previous timestamp can still finish; older ones are dead."""
         old = []
@@ -328,7 +335,7 @@ class TufRepository:
             old.append(tuf_path("snapshot", md.snapshot.signed.version - 2))
         if targets:
             old.append(tuf_path("targets", md.targets.signed.version - 2))
-        old += [tuf_path(name, b.signed.version - 2) for name, b in bins.items()]
+        old += [tuf_path(name, version) for name, version in bins.items()]
         for key in old:
             try:
                 self.store.delete(key)
@@ -382,8 +389,15 @@ class TufRepository:
         names = tufrepo.set_entries(md.targets, md.bins, wanted)
         names |= {n for n, b in md.bins.items() if tufrepo.due(b, now, lt.snapshot)}
         changed = {n: md.bins[n] for n in sorted(names)}
-        for b in changed.values():
-            tufrepo.bump(b, now, lt.snapshot)
+        roles = tufrepo.succinct(md.targets.signed)
+        next_snapshot = md.snapshot.signed.version + 1
+        gone = {}
+        for name, b in changed.items():
+            previous = b.signed.version
+            # Before bin_version, a bin's versions were consecutive.
+            gone[name] = md.superseded.get(name, previous - 1)
+            md.superseded[name] = previous
+            tufrepo.bump(b, now, lt.snapshot, tufrepo.bin_version(roles, name, next_snapshot))
             sign(b, self.online)
         snapshot = bool(changed) or tufrepo.due(md.snapshot, now, lt.snapshot)
         if snapshot:
@@ -395,7 +409,7 @@ class TufRepository:
             return False
         self._new_timestamp(md)
         # The timestamp alone when only it was due: N.snapshot.json is written once.
-        self._write(md, bins=changed, snapshot=snapshot)
+        self._write(md, bins=changed, snapshot=snapshot, gone=gone)
         if changed:
             log.event("tuf_published", bins=len(changed), snapshot=md.snapshot.signed.version)
         return True
@@ -417,7 +431,14 @@ class TufRepository:
         now, lt = self.clock.now(), self.settings.lifetimes
         # On copies, kept only once all is signed and written: a change refused half
         # way leaves this process signing over the old root, as the store has it.
-        md = Metadatas(copy(old.root), copy(old.targets), old.bins, copy(old.snapshot), copy(old.timestamp))
+        md = Metadatas(
+            copy(old.root),
+            copy(old.targets),
+            old.bins,
+            copy(old.snapshot),
+            copy(old.timestamp),
+            old.superseded,
+        )
         change(md.root.signed, md.targets.signed)
         changed: Metadata[Any]
         if role is RoleName.BINS:

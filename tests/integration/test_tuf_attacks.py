@@ -345,6 +345,26 @@ def test_mix_and_match_of_metadata_is_refused(world: World, on_v1: Agent) -> Non
     assert on_v1.poll() == "updated" and running(on_v1) == 2
 
 
+def test_another_bin_signed_at_the_same_moment_is_refused(world: World, on_v1: Agent) -> None:
+    """Every bin is signed by the one online key and names no role: a bin's genuine file
+    served under another's name verified wherever their versions matched, and withheld
+    the other bin's hosts (Mercury, section 5.6). Bins signed in one snapshot differ in
+    version."""
+    targets = tufrepo.succinct(world.read("targets", 1).signed)
+    mine, theirs = (targets.get_role_for_target(tufrepo.target_path(h)) for h in (HOST, "web-2"))
+    assert mine != theirs
+    world.publish(sync=False)
+    world.publish("web-2")  # one snapshot changes both bins
+    snapshot = world.read("snapshot", world.read("timestamp", None).signed.snapshot_meta.version)
+    listed = {name: snapshot.signed.meta[f"{name}.json"].version for name in (mine, theirs)}
+    other = (world.store_dir / tuf_path(theirs, listed[theirs])).read_bytes()
+    world.server.answers[tuf_path(mine, listed[mine])] = serve_bytes(other)
+    assert on_v1.poll() == "refused"
+    assert running(on_v1) == 1
+    del world.server.answers[tuf_path(mine, listed[mine])]
+    assert on_v1.poll() == "updated" and running(on_v1) == 2
+
+
 def test_wrong_software_installation_is_refused(world: World, on_v1: Agent) -> None:
     """Another host's genuine release, under this host's name."""
     world.publish("web-2")

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from securesystemslib.signer import CryptoSigner, Key
-from tuf.api.metadata import Metadata, Root, TargetFile, Targets
+from tuf.api.metadata import Metadata, Root, SuccinctRoles, TargetFile, Targets
 
 from reconciler.core import tufrepo
 from reconciler.core.layout import tuf_path
@@ -359,3 +359,22 @@ def test_metadata_key_names() -> None:
     assert tuf_path("timestamp", None) == "tuf/timestamp.json"
     assert tuf_path("bins-3", 4) == "tuf/4.bins-3.json"
     assert tufrepo.target_path("web-1") == "hosts/web-1/latest.json"
+
+
+@given(
+    bit_length=st.integers(min_value=1, max_value=16),
+    changes=st.lists(st.lists(st.integers(min_value=0, max_value=65535), max_size=8), max_size=30),
+)
+def test_no_two_bins_are_ever_signed_at_one_version(bit_length: int, changes: list[list[int]]) -> None:
+    """Snapshot after snapshot, each changing some bins: every version a bin is signed
+    at is its own (no other bin's, ever), and later than the bin's previous one."""
+    roles = SuccinctRoles(["k"], 1, bit_length, tufrepo.BINS_PREFIX)
+    names = list(roles.get_roles())
+    current = dict.fromkeys(names, 1)  # as new_repository makes them
+    owner: dict[int, str] = {}
+    for snapshot, changed in enumerate(changes, start=2):
+        for name in {names[i % len(names)] for i in changed}:
+            version = tufrepo.bin_version(roles, name, snapshot)
+            assert version > current[name]
+            assert owner.setdefault(version, name) == name
+            current[name] = version
