@@ -85,7 +85,7 @@ OFFLINE_CACHE = 4096
 # switched off, as restricted mode does not cover it: experimental features (flakes'
 # fetchTree copies any file the daemon reads into the store) and unsafe native code
 # (builtins.exec runs any command as the daemon). Plugins too (whatever builtins they
-# add, nix-plugins' exec among them), through the environment (_without_plugins).
+# add, nix-plugins' exec among them), through the environment (_for_evaluation).
 HERMETIC_OPTIONS = (
     "--option",
     "experimental-features",
@@ -106,6 +106,13 @@ HERMETIC_OPTIONS = (
     "nix-path",
     "",
 )
+# The search path of an evaluation: no directory. builtins.fetchGit and fetchMercurial
+# run git and hg from it, and what they are pointed at may be a repository committed to
+# the config repository (a bare one is plain files): its configuration is the
+# attacker's, and its submodules' URLs, which restricted mode never sees, reach any
+# host. Not empty, which execvp takes for the working directory: /dev/null/git is no
+# file anyone can create.
+EVALUATION_PATH = "/dev/null"
 # What this process keeps of a Nix command's standard error: where it began and its
 # end, which holds the error. Evaluation prints whatever a package traces
 # (builtins.trace of a megabyte, a thousand times), which nix.eval_memory does not bound.
@@ -170,11 +177,16 @@ def _environment() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "NIX_PATH"}
 
 
-def _without_plugins(env: Mapping[str, str]) -> dict[str, str]:
-    """``env`` with NIX_CONFIG ending in ``plugin-files =``: it is read last, before any
-    plugin is loaded. (On the command line Nix 2.8 takes the option too late once
-    another --option is given: the plugins are loaded, and it warns.)"""
-    return {**env, "NIX_CONFIG": env.get("NIX_CONFIG", "") + "\nplugin-files ="}
+def _for_evaluation(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` for an evaluation of the config repository's code: with NIX_CONFIG ending
+    in ``plugin-files =`` (read last, before any plugin is loaded; on the command line
+    Nix 2.8 takes the option too late once another --option is given), and a PATH
+    that names no program (EVALUATION_PATH)."""
+    return {
+        **env,
+        "NIX_CONFIG": env.get("NIX_CONFIG", "") + "\nplugin-files =",
+        "PATH": EVALUATION_PATH,
+    }
 
 
 def builds_through_daemon(env: Mapping[str, str] | None = None, state: Path = NIX_STATE) -> bool:
@@ -267,10 +279,13 @@ class Nix:
         """Run a Nix command with a deadline and, given ``memory``, that much address
         space (prlimit sets it before Nix starts; a preexec_fn would not be safe in a
         process with threads)."""
-        limit = ["prlimit", f"--as={memory}", "--"] if memory is not None else []
         env = env or self.env
+        limit = [self._program("prlimit", env), f"--as={memory}", "--"] if memory is not None else []
         if args[0] == "nix-instantiate":
-            env = _without_plugins(env)  # every evaluation of the config repository's code
+            # Every evaluation of the config repository's code; found where the daemon
+            # finds it, as evaluation's PATH finds nothing.
+            args = [self._program(args[0], env), *args[1:]]
+            env = _for_evaluation(env)
         try:
             return run_keeping(
                 [*limit, *args],
@@ -281,6 +296,12 @@ class Nix:
             )
         except subprocess.TimeoutExpired:
             raise BuildError(host, f"{what} took longer than {round(timeout)}s and was stopped") from None
+
+    @staticmethod
+    def _program(name: str, env: Mapping[str, str]) -> str:
+        """Where ``env``'s PATH finds ``name`` (as ``name``, failing to start as it would
+        have, when it finds none)."""
+        return shutil.which(name, path=env.get("PATH", os.defpath)) or name
 
     def redaction(self, repo: Path) -> Redaction:
         labels = {

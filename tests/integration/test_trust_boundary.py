@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.server
 import json
 import os
 import socket
 import subprocess
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -168,6 +171,85 @@ def test_builder_reaches_no_network_and_writes_nothing_outside(
     assert not pwned.exists()
     assert aci_file(tmp_path / "store", "evil", "etc/stolen") == b""
     assert status(cfg)["sandbox"] == "on"
+
+
+def git(*args: str | Path) -> str:
+    done = subprocess.run(["git", *map(str, args)], check=True, capture_output=True, text=True)
+    return done.stdout.strip()
+
+
+@contextlib.contextmanager
+def served(root: Path) -> Iterator[tuple[str, list[str]]]:
+    """``root`` over HTTP on 127.0.0.1: its URL and the paths asked for so far."""
+    asked: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            super().do_GET()
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(Handler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", asked
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def test_evaluation_runs_no_git_that_a_committed_repository_points_anywhere(
+    tmp_path: Path, config_repo: ConfigRepo, signing: Signing
+) -> None:
+    """A bare git repository is plain files, committed like any: builtins.fetchGit of
+    it ran git as the daemon, configured by the attacker, and with submodules fetched
+    whatever URL its .gitmodules named (restricted mode checks the URL fetchGit is
+    given, not the submodules'), here a repository of the machine's served over HTTP."""
+    marker = uuid.uuid4().hex
+    outside = tmp_path / "outside"
+    git("init", "-q", outside)
+    (outside / "secret.txt").write_text(marker)
+    git("-C", outside, "add", "secret.txt")
+    git("-C", outside, "-c", "user.name=o", "-c", "user.email=o@o", "commit", "-qm", "secret")
+    git("clone", "-q", "--bare", outside, tmp_path / "www" / "outside.git")
+    git("-C", tmp_path / "www" / "outside.git", "update-server-info")
+    with served(tmp_path / "www") as (url, asked):
+        inner = tmp_path / "inner"
+        git("init", "-q", inner)
+        (inner / ".gitmodules").write_text(f'[submodule "s"]\n\tpath = s\n\turl = {url}/outside.git\n')
+        git("-C", inner, "add", ".gitmodules")
+        git(
+            "-C",
+            inner,
+            "update-index",
+            "--add",
+            "--cacheinfo",
+            f"160000,{git('-C', outside, 'rev-parse', 'HEAD')},s",
+        )
+        git("-C", inner, "-c", "user.name=i", "-c", "user.email=i@i", "commit", "-qm", "vendored")
+        sub = config_repo.path / "vendor" / "sub"
+        git("clone", "-q", "--bare", inner, sub)
+        # Its refs as a loose file: git takes a directory without refs/ for none, and an
+        # empty one is not committed.
+        head = (sub / "HEAD").read_text().split()[-1]
+        (sub / head).parent.mkdir(parents=True, exist_ok=True)
+        (sub / head).write_text(git("-C", inner, "rev-parse", "HEAD") + "\n")
+        push(
+            config_repo,
+            builder(
+                "$bb cp ${src}/s/secret.txt $out/etc/secret",
+                let="src = builtins.fetchGit { url = ../vendor/sub; submodules = true; };",
+            ),
+        )
+        cfg = write_config(tmp_path, config_repo, signing)
+        _, error = only_evil_fails(cfg)
+        assert asked == []
+    assert "executing 'git'" in error, error
+    assert marker not in error
 
 
 # What an operator's Nix configuration may enable (nix.conf, or NIX_CONFIG in the
