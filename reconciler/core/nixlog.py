@@ -20,6 +20,12 @@ _SNIPPET = re.compile(r"^\s*\d*\s*\|")
 # An absolute path: starts a word with "/", ends at white space, a quote or a colon
 # (Nix writes "at /path:line:col:").
 _PATH = re.compile(r"(?<![\w./-])/[^\s'\"`:,;()<>\[\]{}]*")
+# Nix 2.8 colours what its messages quote, on a pipe too (SGR sequences); a builder
+# prints what it likes. Both go, and then every other control character: a path just
+# after a colour code starts no word (_PATH would not see it), and an escape sequence
+# would act on the terminal of an operator reading `status`.
+_SGR = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 # Paths that name nothing of the machine's: the store is world-readable and holds
 # only what builds put there; the others exist only inside the build sandbox.
 _PUBLIC = ("/nix/store", "/build", "/proc", "/dev")
@@ -85,7 +91,7 @@ def redact(text: str, how: Redaction, unsandboxed_build: bool = False) -> str:
 def _shown(text: str, how: Redaction, unsandboxed_build: bool) -> list[str]:
     """The lines of ``text`` that may be shown, redacted (see :func:`redact`)."""
     kept: list[str] = []
-    for raw in text.splitlines():
+    for raw in map(_plain, text.splitlines()):
         line = raw.strip()
         if not line or _SNIPPET.match(raw):
             continue
@@ -120,8 +126,13 @@ def build_failure(text: str, how: Redaction, unsandboxed_build: bool = False) ->
 def failed_derivation(text: str) -> str | None:
     """The derivation whose build failed first, by Nix's verdict in ``text``; None
     when Nix failed before building."""
-    failed = _verdict(ln.strip() for ln in text.splitlines())
+    failed = _verdict(_plain(ln).strip() for ln in text.splitlines())
     return None if failed is None else failed.group("drv")
+
+
+def _plain(line: str) -> str:
+    """``line`` without colours or control characters (_SGR, _CONTROL)."""
+    return _CONTROL.sub("", _SGR.sub("", line))
 
 
 def _verdict(lines: Iterable[str]) -> re.Match[str] | None:

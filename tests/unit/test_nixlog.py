@@ -92,6 +92,22 @@ def test_no_path_outside_the_repository_survives(
         assert f"{d}/{n}" not in shown
 
 
+def test_nix_s_colours_and_a_builder_s_control_characters_are_dropped_and_hide_no_path() -> None:
+    """Nix 2.8 colours what its messages quote, a pipe or not: a path right after a
+    colour code is no word's start, and passed unredacted; and escape sequences a
+    builder prints would act on an operator's terminal."""
+    nix = (
+        "\x1b[31;1merror:\x1b[0m getting status of '\x1b[35;1m/home/alice/secret\x1b[0m': "
+        "\x1b[35;1mPermission denied\x1b[0m\n"
+        "\x1b]0;a new window title\x07\x1b[2J cleared \x9b31m red\n"
+    )
+    shown = redact(nix, HOW)
+    assert shown == (
+        f"error: getting status of '{OUTSIDE}': Permission denied | ]0;a new window title cleared 31m red"
+    )
+    assert last_line(nix, HOW) == "]0;a new window title cleared 31m red"
+
+
 PKG = "/nix/store/" + "b" * 32 + "-broken.drv"
 ARTIFACTS = "/nix/store/" + "c" * 32 + "-host-web-1-3.drv"
 # What nix-store --realise (Nix 2.8) prints when a package of a host fails to build.
