@@ -14,6 +14,7 @@ import hashlib
 import http
 import http.client
 import os
+import re
 import socket
 import ssl
 import stat
@@ -34,6 +35,13 @@ CHUNK = 1 << 16
 # second keeps its Last-Modified (and nginx's ETag), so validators younger than
 # this are not trusted for a conditional read.
 FRESH_SECONDS = 2.0
+# The longest validator kept to send back. Every poll sends it: one a server sent of
+# 16 KB would have every later request refused (400) by a server that limits its
+# headers, nginx's deploy/nginx/store.conf among them. nginx's ETags have some 20
+# characters, S3's 34 (a multipart upload's a few more), an HTTP date 29.
+MAX_VALIDATOR = 128
+# What a validator sent back may hold: visible ASCII (RFC 9110's etagc, and a date's).
+_VALIDATOR = re.compile(r"[\x20-\x7e]+")
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
@@ -350,18 +358,35 @@ def get(
 
 
 def _validators(meta: dict[str, str]) -> Validators:
-    etag, modified = meta.get("etag"), meta.get("last-modified")
-    if modified and "x-local" not in meta:
-        served = meta.get("date")
-        try:
-            changed = email.utils.parsedate_to_datetime(modified).timestamp()
-            now = email.utils.parsedate_to_datetime(served).timestamp() if served else time.time()
-        except (ValueError, TypeError, OverflowError):
-            # Dates the server garbled prove nothing: read unconditionally next time.
-            return Validators()
-        if now - changed < FRESH_SECONDS:
+    """What of an answer's validators is sent back with the next read. None that is
+    long or holds what no header may (MAX_VALIDATOR). No Last-Modified that is not
+    older than FRESH_SECONDS by this machine's clock and by the server's: a date from
+    the future would have the store answer "not modified" to every later read (from
+    one hostile answer on, until that date), and one just now may hide a change made
+    within its second (then no ETag either: it may be derived from the date)."""
+    etag, modified = (_sendable(meta.get(k)) for k in ("etag", "last-modified"))
+    if meta.get("last-modified") and "x-local" not in meta:
+        changed = _date(modified)
+        now = min(time.time(), _date(meta.get("date")) or time.time())
+        if changed is None or now - changed < FRESH_SECONDS:
             return Validators()
     return Validators(etag=etag, last_modified=modified)
+
+
+def _sendable(value: str | None) -> str | None:
+    if value is None or len(value) > MAX_VALIDATOR or not _VALIDATOR.fullmatch(value):
+        return None
+    return value
+
+
+def _date(value: str | None) -> float | None:
+    """An HTTP date as a POSIX time; None when there is none or it is garbled."""
+    if not value:
+        return None
+    try:
+        return email.utils.parsedate_to_datetime(value).timestamp()
+    except (ValueError, TypeError, OverflowError):
+        return None
 
 
 def _stream(

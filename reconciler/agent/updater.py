@@ -259,6 +259,11 @@ class Agent:
                 self.tuf.timestamp_url, TIMESTAMP_LIMIT, self.state.validators, self.cfg.timeout, self._count
             )
         except FetchError as exc:
+            if exc.status is not None and self.state.validators != fetch.Validators():
+                # Refused as asked: the next read asks without them. A validator that
+                # broke the request (one too long for the server's header limit, say)
+                # would fail every poll from now on.
+                self._remember(fetch.Validators())
             if exc.status != 404:
                 raise
             # A bare 404 says nothing to someone setting up their first host.
@@ -270,16 +275,14 @@ class Agent:
             ) from None
         if got is None:
             # Nothing changed in the store; what was trusted must still be in date.
-            expires = self._trusted_expiry()
-            if expires is not None and expires <= self.clock.now():
-                raise StaleError(f"the trusted TUF timestamp expired at {expires.isoformat()}")
+            self._fresh()
             self._stale(None)
             return PollResult.IDLE
         # The timestamp's validators are remembered only once the refresh it starts is
         # through: after one garbled snapshot or bin, the next poll would be told "not
         # modified" and wait for a new timestamp, hours, with nothing stale to show.
         info = self.tuf.target(target_path(self.cfg.host), got.data)
-        self._trusted_expiry()
+        self._fresh()
         self._stale(None)
         if info is None:
             self._remember(got.validators)
@@ -355,6 +358,17 @@ class Agent:
             error=f"host {self.cfg.host} has no release in the store's TUF metadata (is the host name "
             "right? has the daemon published it?); nothing is installed",
         )
+
+    def _fresh(self) -> None:
+        """StaleError if the timestamp trusted now expired by this agent's clock (the
+        same one again is no newer one, whether the store said "not modified" or sent
+        it whole)."""
+        expires = self._trusted_expiry()
+        if expires is not None and expires <= self.clock.now():
+            # The next read asks without validators, in case they are what keeps the
+            # store's newer timestamp away ("not modified" since one of the future).
+            self._remember(fetch.Validators())
+            raise StaleError(f"the trusted TUF timestamp expired at {expires.isoformat()}")
 
     def _trusted_expiry(self) -> datetime | None:
         """When the trusted timestamp expires (also the metric), None before the first."""

@@ -365,6 +365,58 @@ def test_another_bin_signed_at_the_same_moment_is_refused(world: World, on_v1: A
     assert on_v1.poll() == "updated" and running(on_v1) == 2
 
 
+def genuine_with(
+    world: World, key: str, headers: dict[str, str]
+) -> Callable[[SimpleHTTPRequestHandler], None]:
+    """The store's own ``key``, with ``headers`` of the attacker's."""
+
+    def answer(h: SimpleHTTPRequestHandler) -> None:
+        data = (world.store_dir / key).read_bytes()
+        h.send_response_only(200)
+        for name, value in {"Content-Length": str(len(data)), **headers}.items():
+            h.send_header(name, value)
+        h.end_headers()
+        h.wfile.write(data)
+
+    return answer
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"ETag": '"' + "A" * 16000 + '"'},
+        {"Date": "Fri, 31 Dec 2100 23:59:59 GMT", "Last-Modified": "Fri, 31 Dec 2100 23:59:00 GMT"},
+        {"Last-Modified": "Fri, 31 Dec 2100 23:59:00 GMT"},
+    ],
+    ids=["an etag of 16 KB", "dates of 2100", "a last-modified of 2100"],
+)
+def test_validators_from_one_hostile_answer_do_not_keep_the_store_s_next_release_away(
+    world: World, on_v1: Agent, headers: dict[str, str]
+) -> None:
+    """What one answer says to send back with every later read: an ETag too long for a
+    server's header limit had every later read refused (400); a Last-Modified of the
+    future had every later read answered "not modified"."""
+    asked: list[dict[str, str]] = []
+    timestamp = tuf_path("timestamp", None)
+    hostile = [genuine_with(world, timestamp, headers)]
+
+    def answer(h: SimpleHTTPRequestHandler) -> None:
+        asked.append(dict(h.headers))
+        if hostile:
+            hostile.pop()(h)
+        else:
+            SimpleHTTPRequestHandler.do_GET(h)
+
+    world.publish("web-2")
+    world.server.answers[timestamp] = answer
+    assert on_v1.poll() == "current"
+    time.sleep(2.1)  # HTTP dates have one-second resolution: the honest answers' are older
+    world.publish()
+    assert on_v1.poll() == "updated" and running(on_v1) == 2
+    assert len(asked) == 2
+    assert all(len(value) <= 128 for value in asked[1].values()), "a validator was sent back whole"
+
+
 def test_wrong_software_installation_is_refused(world: World, on_v1: Agent) -> None:
     """Another host's genuine release, under this host's name."""
     world.publish("web-2")
