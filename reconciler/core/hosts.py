@@ -502,11 +502,25 @@ def _formats(path: str, value: Any) -> tuple[str, ...]:
     return tuple(f for f in FORMATS if f in value)
 
 
+# An IPv6 scope (fe80::1%eth0): an interface's name or number. ipaddress takes any
+# text after the "%", new lines and "$(...)" among it, and network.env is read by sh.
+_SCOPE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+
+
 @functools.lru_cache(maxsize=1024)
 def _address(text: str) -> str:
     """An IP address as ipaddress writes it; ValueError if it is none. Cached: the
     gateway and the DNS servers of most hosts come from one profile."""
-    return str(ipaddress.ip_address(text))
+    return _scoped(ipaddress.ip_address(text))
+
+
+def _scoped(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """``address`` as ipaddress writes it, or ValueError if its scope is no interface's
+    name (_SCOPE). (An IPv6Interface is an IPv6Address.)"""
+    scope = address.scope_id if isinstance(address, ipaddress.IPv6Address) else None
+    if scope is not None and not _SCOPE.fullmatch(scope):
+        raise ValueError(f"{scope!r} is no interface name")
+    return str(address)
 
 
 def _network(path: str, value: Any) -> Network:
@@ -516,7 +530,7 @@ def _network(path: str, value: Any) -> Network:
     address = value.get("address")
     if address is not None:
         try:
-            address = str(ipaddress.ip_interface(str(address)))
+            address = _scoped(ipaddress.ip_interface(str(address)))
         except ValueError:
             raise ConfigError(path, "network.address", f"{address!r} is not an address/prefix") from None
         if "/" not in str(value["address"]):
@@ -646,6 +660,9 @@ def _files(path: str, value: Any, host: str) -> tuple[tuple[str, str], ...]:
         if not isinstance(name, str):
             raise ConfigError(path, key, "file names must be strings")
         _relative_path(path, key, name)
+        if name.startswith("-"):
+            # The image builder hands it to cp and mkdir, which would take it for an option.
+            raise ConfigError(path, key, f"{name!r} must not start with '-'")
         builder_owned = name in _RESERVED or name in _RESERVED_ABOVE or name.startswith(_RESERVED_BELOW)
         if builder_owned or name in (host + sfx for sfx in RESERVED_TOP_SUFFIXES):
             raise ConfigError(path, key, "is reserved for the image builder")

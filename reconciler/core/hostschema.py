@@ -173,7 +173,7 @@ HOST: dict[str, dict[str, Any]] = {
     "files": {
         "description": "Extra files baked into the image: path (relative to the image root) to text content.",
         "type": "object",
-        "propertyNames": {"pattern": RELATIVE_PATH, "not": {"pattern": _reserved()}},
+        "propertyNames": {"pattern": RELATIVE_PATH, "not": {"pattern": f"{_reserved()}|^-"}},
         "additionalProperties": {"type": "string", "pattern": _TEXT},
         "default": {},
     },

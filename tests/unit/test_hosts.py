@@ -383,6 +383,18 @@ PORT_NAME = "must be an AC Name of at most 63 characters: lowercase words joined
         ("network: {address: 10.0.0.5}", "network.address", "needs a prefix length, e.g. 10.0.0.5/24"),
         ("network: {gateway: nope}", "network.gateway", "'nope' is not an IP address"),
         ("network: {gateway: 10.0.0.1/24}", "network.gateway", "'10.0.0.1/24' is not an IP address"),
+        # A scope is an interface: network.env is read by sh.
+        (
+            'network: {address: "fe80::5%x\\nHOSTNAME=spoofed\\n$(id)/64"}',
+            "network.address",
+            "'fe80::5%x\\nHOSTNAME=spoofed\\n$(id)/64' is not an address/prefix",
+        ),
+        (
+            "network: {gateway: 'fe80::1%$(id)'}",
+            "network.gateway",
+            "'fe80::1%$(id)' is not an IP address",
+        ),
+        ("network: {dns: ['fe80::1%a b']}", "network.dns", "'a b' is no interface name"),
         ("network: {dns: 10.0.0.1}", "network.dns", "must be a list of IP addresses"),
         ("network: {dns: }", "network.dns", "must be a list of IP addresses"),
         (
@@ -529,6 +541,8 @@ PORT_NAME = "must be an AC Name of at most 63 characters: lowercase words joined
         ("files: {../x: a}", "files.../x", f"'../x' {BAD_COMPONENTS}"),
         ("files: {etc/../../x: a}", "files.etc/../../x", f"'etc/../../x' {BAD_COMPONENTS}"),
         ("files: {./x: a}", "files../x", f"'./x' {BAD_COMPONENTS}"),
+        # The image builder's cp and mkdir would take it for an option.
+        ("files: {-rf: a}", "files.-rf", "'-rf' must not start with '-'"),
         ("files: {etc//x: a}", "files.etc//x", f"'etc//x' {BAD_COMPONENTS}"),
         ("files: {etc/x/: a}", "files.etc/x/", f"'etc/x/' {BAD_COMPONENTS}"),
         ("files: {/etc/x: a}", "files./etc/x", f"'/etc/x' {NOT_RELATIVE}"),
@@ -584,6 +598,8 @@ def test_network_is_normalised() -> None:
     assert host.network == Network(
         address="2001:db8::1/64", gateway="2001:db8::fe", dns=("2001:db8::53", "9.9.9.9")
     )
+    scoped = host_of("name: web-1\nnetwork: {address: 'fe80::5%eth0/64', gateway: 'fe80::1%eth0.12'}\n")
+    assert scoped.network == Network(address="fe80::5%eth0/64", gateway="fe80::1%eth0.12")
 
 
 def test_formats_are_normalised() -> None:
