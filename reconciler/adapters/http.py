@@ -19,6 +19,7 @@ import time
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
+from email.message import Message
 from enum import Enum
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 
 Check = Callable[[], tuple[bool, str]]
 Response = tuple[int, str, bytes]
-# A POST handler gets the request's headers and body.
+# A POST handler gets the request's header fields (fields) and body.
 PostHandler = Callable[[dict[str, str], bytes], Response]
 # Query parameters a GET route parses at most: a query is a few filters.
 MAX_QUERY_FIELDS = 64
@@ -45,8 +46,20 @@ class Request:
 
     path: str
     query: dict[str, list[str]]
-    headers: dict[str, str]
+    headers: dict[str, str]  # by lower-case name (fields)
     client: str  # the peer's address
+
+
+def fields(message: Message) -> dict[str, str]:
+    """A request's header fields by lower-case name, a field sent more than once as its
+    values joined by ", " (RFC 9110, section 5.3). A name is any case, and a dict of
+    them as sent would hold "host" beside "Host", or keep the last of two "Host"s, for
+    a check that reads one to pass where the other holds what it refuses."""
+    out: dict[str, str] = {}
+    for name, value in message.items():
+        key = name.lower()
+        out[key] = f"{out[key]}, {value}" if key in out else value
+    return out
 
 
 GetHandler = Callable[[Request], Response]
@@ -198,7 +211,7 @@ class Server:
                 except ValueError:
                     self._answer(400, "text/plain", b"too many query parameters\n")
                     return
-                request = Request(path, params, dict(self.headers.items()), str(self.client_address[0]))
+                request = Request(path, params, fields(self.headers), str(self.client_address[0]))
                 refused = guard(request) if guard is not None else None
                 headers = route_headers
                 if refused is not None and refused[0] == 401 and challenge is not None:
@@ -223,7 +236,7 @@ class Server:
                         # The client stopped sending: a cut body is not the request it meant.
                         self.close_connection = True
                         return
-                    self._answer(*handler({k: v for k, v in self.headers.items()}, body))
+                    self._answer(*handler(fields(self.headers), body))
 
             def _answer(
                 self, code: int, ctype: str, body: bytes, headers: dict[str, str] | None = None

@@ -184,7 +184,7 @@ class Access:
 
     def guard(self, request: Request) -> Response | None:
         if self._open:
-            host = request.headers.get("Host")
+            host = request.headers.get("host")
             if host is None or _names_loopback(host):
                 return None  # a client that names no host is no browser
             return 403, "text/plain; charset=utf-8", b"forbidden: not this machine's loopback name in Host\n"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import re
+import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -296,10 +297,40 @@ def test_on_loopback_the_page_is_open_and_elsewhere_closed_without_a_credential(
 def test_an_open_page_answers_only_requests_naming_loopback(tmp_path: Path, host: str, served: bool) -> None:
     """Else a site whose name is pointed at 127.0.0.1 (DNS rebinding) reads it from a
     browser on this machine."""
-    refused = Access("127.0.0.1:9180", tmp_path / "r.yaml").guard(req(headers={"Host": host}))
+    refused = Access("127.0.0.1:9180", tmp_path / "r.yaml").guard(req(headers={"host": host}))
     assert (refused is None) is served
     if refused is not None:
         assert refused[0] == 403
+
+
+@pytest.mark.parametrize(
+    "host_lines",
+    [b"host: rebind.attacker.example\r\n", b"Host: 127.0.0.1\r\nHost: rebind.attacker.example\r\n"],
+    ids=["lower case", "twice"],
+)
+def test_an_open_page_reads_host_whatever_its_case_and_however_often_sent(
+    tmp_path: Path, host_lines: bytes
+) -> None:
+    access = Access("127.0.0.1:0", tmp_path / "r.yaml")
+    server = Server(
+        "127.0.0.1:0",
+        CollectorRegistry(),
+        lambda: (True, "ok"),
+        lambda: (True, "ok"),
+        get={"/": lambda r: (200, "text/html", b"<p>fleet</p>")},
+        guard=access.guard,
+    )
+    server.start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as conn:
+            conn.sendall(b"GET / HTTP/1.1\r\n" + host_lines + b"Connection: close\r\n\r\n")
+            answer = b""
+            while chunk := conn.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.0 403 ") or answer.startswith(b"HTTP/1.1 403 "), answer[:100]
+        assert b"<p>fleet</p>" not in answer
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize("listen", ["127.0.0.1:9180", "0.0.0.0:9180"])
