@@ -82,6 +82,8 @@ WRITE_TIMEOUT = 10.0
 # Connections served at once, each by a thread. Prometheus, probes and a forge need a
 # handful; past this, a connection gets a 503 and is closed at once, so a flood costs no
 # threads and holds no file descriptors, and the deadlines above free places within seconds.
+# Unless a peer holds more than its share: then its oldest connection makes way (a few
+# peers at MAX_PER_PEER each would otherwise keep every probe and scraper out).
 MAX_CONNECTIONS = 64
 # Connections one peer may have served at once (an IPv4 address, or an IPv6 /64, what
 # one machine is usually given): else one client, taking each place back as a deadline
@@ -110,6 +112,7 @@ class Dropped(Enum):
 
     BUSY = "busy"  # refused on arrival: as many connections as allowed were being served
     PEER_BUSY = "peer_busy"  # refused on arrival: its peer had MAX_PER_PEER being served
+    DISPLACED = "displaced"  # closed for a newcomer: the pool was full, its peer held most
     TIMEOUT = "timeout"  # its request did not arrive in full before the deadline
 
 
@@ -300,6 +303,7 @@ class _Listener(ThreadingHTTPServer):
         self._max_per_peer = max_per_peer
         self._busy = dropped.labels(Dropped.BUSY.value)
         self._peer_busy = dropped.labels(Dropped.PEER_BUSY.value)
+        self._displaced = dropped.labels(Dropped.DISPLACED.value)
         self._lock = threading.Lock()
         # Each connection served, with its peer (_peer); and how many each peer has.
         self._serving: dict[socket.socket, str] = {}
@@ -309,8 +313,10 @@ class _Listener(ThreadingHTTPServer):
     def process_request(self, request: Any, client_address: Any) -> None:
         peer = _peer(client_address)
         with self._lock:
-            full = len(self._serving) >= self._max_connections
             peer_full = self._per_peer[peer] >= self._max_per_peer
+            full = len(self._serving) >= self._max_connections
+            if full and not peer_full and self._displace(peer):
+                full = False
             if not (full or peer_full):
                 self._serving[request] = peer
                 self._per_peer[peer] += 1
@@ -326,6 +332,21 @@ class _Listener(ThreadingHTTPServer):
         except OSError:
             pass
         self.shutdown_request(request)
+
+    def _displace(self, newcomer: str) -> bool:
+        """Close the oldest connection of the peer holding most, if it holds more than
+        one more than ``newcomer`` does: whether one made way (the lock held). Its
+        place is free at once; its thread sees the end of its connection."""
+        heaviest, most = self._per_peer.most_common(1)[0]
+        if most <= self._per_peer[newcomer] + 1:
+            return False
+        victim = next(conn for conn, peer in self._serving.items() if peer == heaviest)
+        del self._serving[victim]
+        self._per_peer[heaviest] -= 1
+        with contextlib.suppress(OSError):
+            victim.shutdown(socket.SHUT_RDWR)
+        self._displaced.inc()
+        return True
 
     def shutdown_request(self, request: Any) -> None:
         # Closed under the lock, so close_connections never shuts down a descriptor

@@ -162,6 +162,27 @@ def test_one_peer_holding_its_share_of_places_leaves_the_others_served(serve: ty
     wait_for(lambda: running.get("/healthz", "127.0.0.2").startswith(b"HTTP/1.0 200 "), WAIT, "a place")
 
 
+def test_a_few_peers_holding_every_place_make_way_for_another(serve: type[Running]) -> None:
+    """Each within its share, two peers (or four at the daemon's 64 and 16) held every
+    place: a probe or Prometheus from elsewhere got 503 for as long as they liked."""
+    running = serve(max_connections=8, max_per_peer=4, idle_timeout=5, request_timeout=5)
+    first = [running.connect("127.0.0.2") for _ in range(4)]
+    second = [running.connect("127.0.0.3") for _ in range(4)]
+    assert running.get("/healthz", "127.0.0.4").startswith(b"HTTP/1.0 200 ")
+    assert running.dropped("displaced") == 1 and running.dropped("busy") == 0
+    # The oldest connection of a peer holding most made way; the others are still open.
+    assert until_closed(first[0]) == b""
+    for held in [*first[1:], *second]:
+        held.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            held.recv(1)
+    # A peer holding no more than one over the newcomer's count keeps its places.
+    for _ in range(2):
+        running.connect("127.0.0.4")
+    crowded = running.connect("127.0.0.4")
+    assert until_closed(crowded).startswith(b"HTTP/1.0 503 ")
+
+
 def test_headers_past_their_bound_are_answered_431_and_not_kept(serve: type[Running]) -> None:
     running = serve()
     # 40 KiB of headers is under the bound (64 KiB); 120 KiB is not, though each line is
