@@ -31,11 +31,13 @@ in
   # Change detection keys on the version-independent image derivation.
   images = builtins.mapAttrs (_: h: h.image.drvPath) hosts;
   # All of a package that reaches an image (host.nix interpolates it): its output
-  # path and derivation. The evaluation cache keys hosts on these instead of on the
-  # package's files, so an edit that leaves a package's derivation as it was (a
-  # comment, a file it does not use) re-evaluates no host.
+  # path and derivation, by digest (a package that is a string of any length has an
+  # id of 64 characters, in the daemon and in its ledger). The evaluation cache keys
+  # hosts on these instead of on the package's files, so an edit that leaves a
+  # package's derivation as it was (a comment, a file it does not use) re-evaluates
+  # no host.
   packageIds = builtins.mapAttrs
-    (_: p: builtins.concatStringsSep " "
-      ([ "${p}" ] ++ (if builtins.isAttrs p && p ? drvPath then [ p.drvPath ] else [ ])))
+    (_: p: builtins.hashString "sha256" (builtins.concatStringsSep " "
+      ([ "${p}" ] ++ (if builtins.isAttrs p && p ? drvPath then [ p.drvPath ] else [ ]))))
     packages;
 }

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from reconciler.adapters.process import run_keeping, run_with_deadline
+from reconciler.adapters.process import OutputTooLargeError, run_keeping, run_with_deadline
 from reconciler.config import ImagesConfig, NixConfig, ReproducibilityConfig
 from reconciler.core import builders as remote
 from reconciler.core import derivations
@@ -118,6 +118,11 @@ EVALUATION_PATH = "/dev/null"
 # (builtins.trace of a megabyte, a thousand times), which nix.eval_memory does not bound.
 STDERR_HEAD = 64 << 10
 STDERR_TAIL = 1 << 20
+# What this process reads of a Nix command's standard output: evaluation's JSON (some
+# 100 bytes a host), derivations read SHOW_BATCH at a time. A package's strings reach
+# it (a derivation's attributes): without a bound, one of hundreds of MB (within
+# nix.eval_memory) was held by the daemon, and kept in its ledger.
+MAX_OUTPUT = 64 << 20
 # Beyond the build's own deadline, for Nix to report the timeout and exit.
 EXIT_GRACE = 60.0
 # What a builder sees of the machine only when it is not sandboxed.
@@ -293,9 +298,12 @@ class Nix:
                 timeout=timeout,
                 stderr_head=STDERR_HEAD,
                 stderr_tail=STDERR_TAIL,
+                stdout_limit=MAX_OUTPUT,
             )
         except subprocess.TimeoutExpired:
             raise BuildError(host, f"{what} took longer than {round(timeout)}s and was stopped") from None
+        except OutputTooLargeError:
+            raise BuildError(host, f"{what} printed more than {_size(MAX_OUTPUT)} and was stopped") from None
 
     @staticmethod
     def _program(name: str, env: Mapping[str, str]) -> str:

@@ -89,6 +89,10 @@ class _Kept:
         return self._head.decode(errors="replace") + gap + self._tail.decode(errors="replace")
 
 
+class OutputTooLargeError(Exception):
+    """A tool printed more than its caller reads (run_keeping's ``stdout_limit``)."""
+
+
 def run_keeping(
     args: Sequence[str],
     *,
@@ -96,24 +100,40 @@ def run_keeping(
     timeout: float,
     stderr_head: int,
     stderr_tail: int,
+    stdout_limit: int,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``args`` with no stdin, its stdout read whole and of its stderr only the first
     ``stderr_head`` and last ``stderr_tail`` bytes kept (a tool printing without end
     costs this process no more), both as text (bytes that are not UTF-8 replaced).
-    Past ``timeout`` seconds it is killed and subprocess.TimeoutExpired raised."""
+    Past ``timeout`` seconds it is killed (with its process group, as run_with_deadline
+    does) and subprocess.TimeoutExpired raised; past ``stdout_limit`` bytes of stdout,
+    killed so and OutputTooLargeError raised."""
     with subprocess.Popen(
         list(args),
         env=dict(env),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        start_new_session=True,
     ) as proc:
         stdout, stderr = proc.stdout, proc.stderr
         assert stdout is not None and stderr is not None
         out: list[bytes] = []
         err = _Kept(stderr_head, stderr_tail)
+        over = threading.Event()
+
+        def read_out() -> None:
+            got = 0
+            while chunk := stdout.read(1 << 16):
+                got += len(chunk)
+                if got > stdout_limit:
+                    over.set()
+                    _kill_group(proc.pid)
+                    return
+                out.append(chunk)
+
         readers = [
-            threading.Thread(target=lambda: out.append(stdout.read()), daemon=True),
+            threading.Thread(target=read_out, daemon=True),
             threading.Thread(target=err.drain, args=(stderr,), daemon=True),
         ]
         for reader in readers:
@@ -126,13 +146,15 @@ def run_keeping(
         try:
             proc.wait(max(0.0, end - time.monotonic()))
         except subprocess.TimeoutExpired:
-            proc.kill()
+            _kill_group(proc.pid)
             proc.wait()
             raise
         finally:
             # A process it started may hold the pipes open: waited for only so long.
             for reader in readers:
                 reader.join(5.0)
+    if over.is_set():
+        raise OutputTooLargeError(f"{args[0]} printed more than {stdout_limit} bytes")
     return subprocess.CompletedProcess(
         list(args), proc.returncode, b"".join(out).decode(errors="replace"), err.text()
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -132,6 +133,32 @@ def test_a_build_logging_bytes_that_are_not_utf8_fails_only_its_host(
     status = json.loads(cli("status", "-c", str(cfg), "--json").stdout)
     assert status["hosts"]["latin-1"]["status"] == "failed"
     assert "caf\ufffd" in status["hosts"]["latin-1"]["error"]
+
+
+def test_a_package_of_a_long_string_costs_the_daemon_and_its_ledger_no_more_than_another(
+    tmp_path: Path, config_repo: ConfigRepo, signing: Signing
+) -> None:
+    """A package's id was its whole output path, or whatever string it is: one of 8 MiB
+    was read by the daemon and kept in its ledger, each pass (at hundreds of MB, the
+    daemon's memory went with it)."""
+    standard_fleet(config_repo)
+    (config_repo.path / "packages").mkdir(exist_ok=True)
+    (config_repo.path / "packages/long.nix").write_text(
+        '{ toolchain }: builtins.concatStringsSep "" (builtins.genList (_: "0123456789abcdef") 524288)\n'
+    )
+    config_repo.write(
+        "hosts/long-1.yaml",
+        "name: long-1\nformats: [aci]\nservices:\n  a: {package: long, exec: [bin/busybox, sleep, '1']}\n",
+    )
+    config_repo.commit("a package that is a string of 8 MiB")
+    cfg = write_config(tmp_path, config_repo, signing)
+    res = cli("reconcile", "-c", str(cfg))
+    assert res.returncode == 1, (res.returncode, res.stderr[-2000:])
+    assert "Traceback" not in res.stderr
+    assert published(tmp_path / "store") == dict.fromkeys(HOSTS, 1)
+    with sqlite3.connect(tmp_path / "state" / "state.db") as db:
+        (ids,) = db.execute("SELECT value FROM meta WHERE key = 'package_ids'").fetchone()
+    assert len(ids) < 4096, len(ids)
 
 
 def test_a_duplicate_key_makes_its_host_invalid_and_the_others_publish(

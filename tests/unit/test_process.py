@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.adapters.process import run_keeping, run_with_deadline
+from reconciler.adapters.process import OutputTooLargeError, run_keeping, run_with_deadline
 from tests.conftest import alive, wait_for
 
 ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
@@ -100,7 +100,9 @@ def test_of_a_tool_that_prints_without_end_only_the_head_and_tail_are_kept() -> 
         "printf 'start\\n' >&2; head -c 5000000 /dev/zero | tr '\\0' a >&2;"
         " printf '\\377\\nerror: the end\\n' >&2; echo out; exit 3"
     )
-    done = run_keeping(["sh", "-c", script], env=ENV, timeout=30, stderr_head=100, stderr_tail=1000)
+    done = run_keeping(
+        ["sh", "-c", script], env=ENV, timeout=30, stderr_head=100, stderr_tail=1000, stdout_limit=4
+    )
     assert (done.returncode, done.stdout) == (3, "out\n")
     assert done.stderr.startswith("start\naaa") and done.stderr.endswith("\ufffd\nerror: the end\n")
     assert len(done.stderr) < 1200
@@ -110,5 +112,24 @@ def test_of_a_tool_that_prints_without_end_only_the_head_and_tail_are_kept() -> 
 def test_a_tool_kept_past_its_deadline_is_killed() -> None:
     started = time.monotonic()
     with pytest.raises(subprocess.TimeoutExpired):
-        run_keeping(["sleep", "30"], env=ENV, timeout=0.5, stderr_head=10, stderr_tail=10)
+        run_keeping(["sleep", "30"], env=ENV, timeout=0.5, stderr_head=10, stderr_tail=10, stdout_limit=10)
     assert time.monotonic() - started < 10
+
+
+def test_a_tool_printing_more_than_is_read_is_stopped_at_the_limit() -> None:
+    """Its stdout was read whole: a package's string of hundreds of MB in the daemon."""
+    started = time.monotonic()
+    with pytest.raises(OutputTooLargeError):
+        run_keeping(
+            ["sh", "-c", "yes; sleep 30"],
+            env=ENV,
+            timeout=30,
+            stderr_head=10,
+            stderr_tail=10,
+            stdout_limit=1 << 20,
+        )
+    assert time.monotonic() - started < 10
+    done = run_keeping(
+        ["printf", "1234"], env=ENV, timeout=30, stderr_head=10, stderr_tail=10, stdout_limit=4
+    )
+    assert done.stdout == "1234"
