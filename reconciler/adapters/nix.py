@@ -194,6 +194,17 @@ def _for_evaluation(env: Mapping[str, str]) -> dict[str, str]:
     }
 
 
+def _point(link: Path, target: str | None) -> None:
+    """Make ``link`` a symlink to ``target`` (replaced whole), or remove it (None)."""
+    if target is None:
+        link.unlink(missing_ok=True)
+        return
+    tmp = link.with_name(f".{link.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target)
+    tmp.replace(link)
+
+
 def builds_through_daemon(env: Mapping[str, str] | None = None, state: Path = NIX_STATE) -> bool:
     """Whether Nix hands this process's builds to a nix-daemon: NIX_REMOTE says
     ``daemon`` or a ``unix://`` socket, or it is unset (``auto``) and this user cannot
@@ -750,6 +761,8 @@ class Nix:
         ``nix.heartbeat`` seconds how long it has run and its output's last line."""
         self.check_offline(host.name, drv)
         self.gcroots.mkdir(parents=True, exist_ok=True)
+        link = self.gcroots / root
+        kept = os.readlink(link) if link.is_symlink() else None
         extra, env = self._builder_args(host.name)
         how = self.redaction(repo)
 
@@ -788,7 +801,13 @@ class Nix:
                 # Nix's words do not say which machine (its "builder" is the build's program).
                 reason = f"on builder {builder}: {reason}"
             raise BuildError(host.name, reason, builder=builder, refused=refused)
-        self._check_size(host.name, drv)
+        try:
+            self._check_size(host.name, drv)
+        except BuildError:
+            # Nix rooted what it built: a refused build is not kept from the collector,
+            # the build the root held before is.
+            _point(link, kept)
+            raise
         out = Path(real.stdout.strip().splitlines()[-1])
         built: dict[Kind, list[Path]] = {}
         for entry in sorted(out.iterdir()):

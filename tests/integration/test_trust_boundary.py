@@ -407,6 +407,9 @@ def test_a_limit_fails_only_the_host_that_breaks_it(
     push(config_repo, package)
     cfg = write_config(tmp_path, config_repo, signing, nix={"toolchain_dir": _toolchain(), **setting})
     assert error in only_evil_fails(cfg, timeout=300)[1]
+    # Nothing refused stays rooted (the host's root is its last good build's, if any):
+    # the store's garbage collector may take it back.
+    assert [root.name for root in (tmp_path / "state" / "gcroots").iterdir()] == ["good"]
 
 
 def _toolchain() -> str:
