@@ -97,10 +97,23 @@ class _UniqueKeys(yaml.constructor.SafeConstructor):
 MAX_INT = (1 << 63) - 1
 
 
+# An integer as anyone reads it. YAML 1.1 (PyYAML's) also reads 0755 as octal (493),
+# 1:30 as base 60 (90), 0x1f, 0b101 and 1_000: what a service's exec then runs with is
+# not what its author wrote, and YAML 1.2 reads them otherwise again.
+_DECIMAL = re.compile(r"[-+]?(?:0|[1-9][0-9]*)")
+
+
 def _construct_int(loader: _UniqueKeys, node: Node) -> int:
     value: int = yaml.constructor.SafeConstructor.construct_yaml_int(loader, node)  # type: ignore[arg-type]
     if not -MAX_INT - 1 <= value <= MAX_INT:
         raise _RefusedError("", f"an integer beyond 64 bits at {_position(node)}")
+    text = str(node.value)
+    if not _DECIMAL.fullmatch(text):
+        raise _RefusedError(
+            "",
+            f"{text!r} at {_position(node)} is read by YAML 1.1 as the number {value}: "
+            f"quote it ('{text}') for the text, or write the number in decimal",
+        )
     return value
 
 

@@ -1889,8 +1889,15 @@ OK_HOST = "name: ok\nformats: [aci]\nservices:\n  a: {exec: [bin/busybox, sleep,
         ("services:\n  a: {exec: [sleep, " + "9" * 5000 + "]}\n", "invalid YAML: a value cannot be read"),
         # Loads, and then cannot be shown as decimal in any error.
         ("services:\n  a: {exec: [sleep, 0b" + "1" * 20000 + "]}\n", "an integer beyond 64 bits at line 4"),
+        # YAML 1.1 reads them as numbers other than the text: the service would run
+        # with 493 and 90.
+        (
+            "services:\n  a: {exec: [bin/chmod, 0755, x]}\n",
+            "'0755' at line 4, column 25 is read by YAML 1.1 as the number 493: quote it ('0755')",
+        ),
+        ("services:\n  a: {exec: [bin/sleep, 1:30]}\n", "'1:30' at line 4, column 25 is read by YAML 1.1 as"),
     ],
-    ids=["no such day", "no such hour", "too many digits", "binary of 20,000 digits"],
+    ids=["no such day", "no such hour", "too many digits", "binary of 20,000 digits", "octal", "base 60"],
 )
 def test_a_value_python_cannot_hold_makes_only_its_host_invalid(text: str, said: str) -> None:
     fleet = parse_fleet({"hosts/ok.yaml": OK_HOST, "hosts/bad.yaml": "name: bad\nformats: [aci]\n" + text})
