@@ -28,7 +28,7 @@ def test_a_get_route_gets_its_query_and_the_guard_decides_before_it() -> None:
         return 200, "application/json", b'{"ok": true}\n'
 
     def guard(req: Request) -> Response | None:
-        if req.headers.get("Authorization") != "Bearer letmein":
+        if req.headers.get("authorization") != "Bearer letmein":
             return 401, "text/plain", b"unauthorized\n"
         return None
 
