@@ -24,6 +24,7 @@ from reconciler.core.model import (
     BuildProgress,
     Evaluation,
     HostState,
+    PackageIds,
     Status,
     Suspensions,
 )
@@ -75,9 +76,8 @@ class Nix(Protocol):
 
     def recipe_digest(self) -> str | None: ...
     def evaluate(self, hosts: Sequence[Host], repo: Path) -> Evaluation: ...
-    def package_ids(self, names: Sequence[str], repo: Path) -> dict[str, str]:
-        """What each package gives an image, by name: equal ids, equal images of the
-        hosts using it. A package that does not evaluate is missing."""
+    def package_ids(self, names: Sequence[str], repo: Path) -> PackageIds:
+        """What each package of ``names`` gives an image, or why it does not evaluate."""
         ...
 
     def instantiate(self, host: Host, version: int, repo: Path) -> str:

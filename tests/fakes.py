@@ -27,6 +27,7 @@ from reconciler.core.model import (
     BuildProgress,
     Evaluation,
     HostState,
+    PackageIds,
     Status,
     Suspensions,
 )
@@ -148,18 +149,20 @@ class FakeNix:
     def recipe_digest(self) -> str | None:
         return "recipe-1"
 
-    def package_ids(self, names: Sequence[str], repo: Path) -> dict[str, str]:
+    def package_ids(self, names: Sequence[str], repo: Path) -> PackageIds:
         """A package's id is its text without comment lines: as in Nix, where a comment
-        does not reach the derivation."""
+        does not reach the derivation. One that says "broken" does not evaluate."""
         self.package_evaluations += 1
         files = self.source.read_tree() if self.source is not None else {}
-        ids = {}
+        ids, failed = {}, {}
         for n in names:
             text = files.get(f"packages/{n}.nix", "")
-            if "broken" not in text:
+            if "broken" in text:
+                failed[n] = "error: undefined variable 'broken'"
+            else:
                 code = [ln for ln in text.splitlines() if not ln.lstrip().startswith("#")]
                 ids[n] = digest(code)
-        return ids
+        return PackageIds(ids, failed)
 
     def image(self, host: Host) -> str:
         return f"/nix/store/{digest(host.to_nix())[:32]}-host-{host.name}-image.drv"

@@ -44,7 +44,7 @@ from reconciler.core.builders import Builder
 from reconciler.core.evalwork import Batch, EvalWork, Failure
 from reconciler.core.formats import Kind, kind_of, kinds
 from reconciler.core.hosts import Host
-from reconciler.core.model import BuildOutput, BuildProgress, Evaluation
+from reconciler.core.model import BuildOutput, BuildProgress, Evaluation, PackageIds
 from reconciler.core.nixlog import Redaction, build_failure, failed_derivation, last_line, redact, tail
 from reconciler.core.reproducibility import (
     CHECK_LOCAL,
@@ -637,13 +637,13 @@ class Nix:
         limit = _size(self.settings.eval_memory)
         return f"evaluation needed more memory than nix.eval_memory ({limit}) and was stopped"
 
-    def package_ids(self, names: Sequence[str], repo: Path) -> dict[str, str]:
+    def package_ids(self, names: Sequence[str], repo: Path) -> PackageIds:
         """What each package of ``names`` gives an image (fleet.nix's packageIds): one
-        evaluation of the packages alone, no host. A package that does not evaluate
-        is left out (its hosts' own evaluation reports why)."""
+        evaluation of the packages alone, no host; after a failure, each package alone,
+        to say which does not evaluate and why (as its hosts would fail)."""
         self.ensure_toolchain()
         if not names:
-            return {}
+            return PackageIds({}, {})
         fleet_file = self.write_fleet([], names)
         try:
             proc = self._run(
@@ -660,17 +660,26 @@ class Nix:
                 "evaluation",
                 memory=self.settings.eval_memory,
             )
-        except BuildError:
-            # Past its deadline: as a failure, a package that never ends is found alone.
-            proc = None
+        except BuildError as exc:
+            # Past its deadline (or its output's bound): found alone, as any failure.
+            proc, why = None, exc.reason
         finally:
             fleet_file.unlink(missing_ok=True)
         if proc is not None and proc.returncode == 0:
-            ids: dict[str, str] = json.loads(proc.stdout)
-            return ids
+            return PackageIds(json.loads(proc.stdout), {})
+        if proc is not None:
+            why = (
+                self._memory_error()
+                if _out_of_memory(proc.stderr)
+                else redact(proc.stderr, self.redaction(repo))
+            )
         if len(names) == 1:
-            return {}
-        return {k: v for n in names for k, v in self.package_ids([n], repo).items()}
+            return PackageIds({}, {names[0]: why})
+        alone = [self.package_ids([n], repo) for n in names]
+        return PackageIds(
+            {k: v for one in alone for k, v in one.ids.items()},
+            {k: v for one in alone for k, v in one.failed.items()},
+        )
 
     def eval_command(self, fleet_file: Path, repo: Path) -> list[str]:
         """The one nix-instantiate that evaluates every host of ``fleet_file`` to its image

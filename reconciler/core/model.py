@@ -97,6 +97,14 @@ class Evaluation:
     errors: Mapping[str, str]  # host -> why it could not be evaluated
 
 
+@dataclass(frozen=True)
+class PackageIds:
+    """What each package gives an image (Nix.package_ids), or why it gives none."""
+
+    ids: Mapping[str, str]  # package -> id: equal ids, equal images of the hosts using it
+    failed: Mapping[str, str]  # package -> why it does not evaluate
+
+
 # What a running build reports now and then (Nix.realise): the seconds it has run, and
 # the last line of its output that may be shown (None before the first).
 BuildProgress = Callable[[float, str | None], None]

@@ -14,7 +14,7 @@ import json
 from collections.abc import Sequence
 
 from reconciler.core.hosts import NOT_READ_BY_PACKAGES, Fleet, Host, eval_key, package_names
-from reconciler.core.model import PACKAGES_KEY, Evaluation
+from reconciler.core.model import PACKAGES_KEY, Evaluation, PackageIds
 from reconciler.ports import Ledger, Nix, Source
 
 
@@ -35,7 +35,7 @@ class Evaluating:
         self._commit, self._recipe = commit, recipe
         self._defined = defined  # the packages the repository has (packages/NAME.nix)
         self._asked: frozenset[str] = frozenset()
-        self._packages: dict[str, str] = {}
+        self._packages = PackageIds({}, {})
         self._keys: dict[str, str | None] = {}
         self._known: dict[str, str] = {}
         self._fresh: dict[str, str] = {}
@@ -56,7 +56,16 @@ class Evaluating:
         if not names <= self._asked:
             self._asked |= names
             self._packages = self._package_ids(recipe, self._asked)
-        keys = {h.name: eval_key(h, recipe, self._packages) for h in hosts}
+        failed = self._packages.failed
+        # A host using a package that does not evaluate fails as the package did, and
+        # costs no evaluation of its own: one that never ends would cost each of its
+        # hosts the deadline, on every pass.
+        for h in hosts:
+            bad = next((p for p in h.packages if p in failed), None)
+            if bad is not None:
+                self._errors[h.name] = f"package {bad}: {failed[bad]}"
+        hosts = [h for h in hosts if h.name not in self._errors]
+        keys = {h.name: eval_key(h, recipe, self._packages.ids) for h in hosts}
         self._keys.update(keys)
         known = self._ledger.evaluated({name: key for name, key in keys.items() if key is not None})
         self._known.update(known)
@@ -81,24 +90,23 @@ class Evaluating:
         errors = {name: why for name, why in self._errors.items() if name in hosts}
         return Evaluation(images={**known, **fresh}, errors=errors)
 
-    def _package_ids(self, recipe: str, names: frozenset[str]) -> dict[str, str]:
-        """The ids (Nix.package_ids) of at least ``names``, evaluated again only when a
-        file the packages could read changed (anything outside hosts/ and profiles/,
-        which Nix is not given: a package may import any other file of the repository):
-        a README edit costs this one small evaluation of the packages, and no host's.
-        The ledger keeps the last complete answer, and a later one asks for the packages
-        it held too (those the repository still has), so that a batch needing fewer
-        finds them there."""
+    def _package_ids(self, recipe: str, names: frozenset[str]) -> PackageIds:
+        """The ids (Nix.package_ids) of at least ``names``, or why they have none,
+        evaluated again only when a file the packages could read changed (anything
+        outside hosts/ and profiles/, which Nix is not given: a package may import any
+        other file of the repository): a README edit costs this one small evaluation of
+        the packages, and no host's. The ledger keeps the last answer, and a later one
+        asks for the packages it held too (those the repository still has), so that a
+        batch needing fewer finds them there."""
         tree = self._source.tree_digest(self._commit, exclude=NOT_READ_BY_PACKAGES)
         key = hashlib.sha256(json.dumps([recipe, tree]).encode()).hexdigest()
         stored = self._ledger.get_meta(PACKAGES_KEY)
         data = json.loads(stored) if stored else {}
         ids: dict[str, str] = dict(data.get("ids") or {})
-        if data.get("key") == key and names <= ids.keys():
-            return ids
-        asked = sorted(names | (ids.keys() & self._defined))
-        ids = self._nix.package_ids(asked, self._source.checkout)
-        # Only a complete answer is kept: a package that did not evaluate is tried again.
-        if len(ids) == len(asked):
-            self._ledger.set_meta(PACKAGES_KEY, json.dumps({"key": key, "ids": ids}))
-        return ids
+        failed: dict[str, str] = dict(data.get("failed") or {})
+        if data.get("key") == key and names <= ids.keys() | failed.keys():
+            return PackageIds(ids, failed)
+        asked = sorted(names | ((ids.keys() | failed.keys()) & self._defined))
+        got = self._nix.package_ids(asked, self._source.checkout)
+        self._ledger.set_meta(PACKAGES_KEY, json.dumps({"key": key, "ids": got.ids, "failed": got.failed}))
+        return got

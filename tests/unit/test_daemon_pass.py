@@ -306,22 +306,31 @@ def test_each_batch_of_parsed_hosts_is_evaluated_while_the_next_is_parsed(
     assert plan.counts()["rebuild"] == 20
 
 
-def test_a_host_whose_package_does_not_evaluate_is_evaluated_each_time(world: World) -> None:
+def test_a_host_whose_package_does_not_evaluate_fails_as_it_without_an_evaluation_of_its_own(
+    world: World,
+) -> None:
+    """A package that never ends cost each of its hosts the evaluation deadline, and
+    again on every pass: the packages' own evaluation has said why already."""
     files = package_fleet(2)
     files["packages/rare.nix"] = "broken"
     world.source.push(files)
     rec = world.reconciler()
+    obs, plan = rec.plan()
+    assert world.nix.evaluated == ["web-1"]
+    assert dict(obs.evaluation.errors) == {"web-0": "package rare: error: undefined variable 'broken'"}
+    assert [(p.host, p.action) for p in plan.entries if p.host == "web-0"] == [("web-0", Action.INVALID)]
+    # What the packages gave is kept with the tree it was evaluated from.
+    asked = world.nix.package_evaluations
+    world.source.push({**files, "hosts/web-1.yaml": files["hosts/web-1.yaml"] + "# edited\n"})
     rec.plan()
-    world.source.push({**files, "README.md": "edited"})
-    rec.plan()
-    assert world.nix.evaluated == ["web-0", "web-1", "web-0"]
-    # Once it evaluates again, it is cached like the others.
+    assert world.nix.package_evaluations == asked and world.nix.evaluated == ["web-1"]
+    # Once it evaluates again, its host is evaluated, and cached like the others.
     files["packages/rare.nix"] = PKG.format(comment="fixed", name="rare")
     world.source.push(files)
     rec.plan()
     world.source.push({**files, "README.md": "edited"})
     rec.plan()
-    assert world.nix.evaluated == ["web-0", "web-1", "web-0", "web-0"]
+    assert world.nix.evaluated == ["web-1", "web-0"]
 
 
 def test_a_pass_at_an_unchanged_head_reads_and_evaluates_nothing_again(world: World) -> None:
