@@ -308,6 +308,8 @@ class _Listener(ThreadingHTTPServer):
         # Each connection served, with its peer (_peer); and how many each peer has.
         self._serving: dict[socket.socket, str] = {}
         self._per_peer: collections.Counter[str] = collections.Counter()
+        # An IPv6 address ("[::1]:9180") needs an IPv6 socket: the class's is IPv4.
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:

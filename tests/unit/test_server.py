@@ -269,3 +269,14 @@ def test_clients_that_reset_leave_no_traceback_and_a_crashing_route_one_event(
         wait_for(lambda: threading.active_count() <= threads, WAIT, "the handler to finish")
     assert "Traceback" not in capfd.readouterr().err
     assert [r.getMessage() for r in caplog.records] == ["http_handler_crashed"]
+
+
+def test_an_ipv6_address_is_listened_on() -> None:
+    """The configuration takes [::1]:PORT; the listener's socket was IPv4 whatever."""
+    server = Server("[::1]:0", CollectorRegistry(), lambda: (True, "ok"), lambda: (True, "ok"))
+    server.start()
+    try:
+        with urllib.request.urlopen(f"http://[::1]:{server.port}/healthz", timeout=WAIT) as r:
+            assert r.status == 200
+    finally:
+        server.stop()
