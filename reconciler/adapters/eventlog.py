@@ -48,6 +48,8 @@ class EventLog:
     def __init__(self, state_dir: Path, retention: Retention | None = None, read_only: bool = False) -> None:
         self._lock = threading.Lock()
         self._retention = retention or Retention()
+        self._reader: sqlite3.Connection | None = None
+        self._read_lock = self._lock
         self._read_only = read_only
         path = self._path = state_dir / "state.db"
         self._db: sqlite3.Connection | None
@@ -67,10 +69,17 @@ class EventLog:
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
+        # Queries (the fleet page's, up to 10,000 rows) on a connection of their own: in
+        # WAL mode a reader does not wait for the writer nor it for readers, and the pass
+        # recording its events does not wait behind a page reading them.
+        self._reader = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+        self._read_lock = threading.Lock()
 
     def close(self) -> None:
         if self._db is not None:
             self._db.close()
+        if self._reader is not None:
+            self._reader.close()
 
     def record(self, *events: Event) -> None:
         """Append ``events`` and apply the retention. A history that cannot be written
@@ -148,9 +157,10 @@ class EventLog:
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY id DESC LIMIT ?"
+        reader = self._reader or self._db
         try:
-            with self._lock:
-                rows = self._db.execute(sql, (*args, q.limit)).fetchall()
+            with self._read_lock:
+                rows = reader.execute(sql, (*args, q.limit)).fetchall()
         except sqlite3.OperationalError as exc:
             # A database no daemon of this version has written yet has no history.
             if "no such table" in str(exc):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -234,4 +235,36 @@ def test_a_database_without_a_history_has_none_and_unknown_types_are_skipped(tmp
     db.commit()
     db.close()
     assert [e.type for e in log.query(EventQuery())] == [EventType.PASS_FINISHED]
+    log.close()
+
+
+def test_a_long_query_holds_up_no_event_being_recorded(tmp_path: Path) -> None:
+    """The fleet page's queries (up to 10,000 rows) and the pass's records shared one
+    connection and its lock: a page read again and again stretched every pass."""
+    log = EventLog(tmp_path)
+    log.record(*(event(EventType.PASS_STARTED, NOW + i) for i in range(100)))
+    reading, release = threading.Event(), threading.Event()
+    reader = getattr(log, "_reader", None) or log._db
+    assert reader is not None
+
+    def held() -> int:
+        # SQLite calls this as the query runs: the query stays in its middle until released.
+        reading.set()
+        release.wait(10)
+        return 0
+
+    reader.set_progress_handler(held, 1)
+    query = threading.Thread(target=log.query, args=(EventQuery(),))
+    query.start()
+    assert reading.wait(10)
+    recorder = threading.Thread(target=log.record, args=(event(EventType.PASS_FINISHED, NOW + 200),))
+    recorder.start()
+    recorder.join(5)
+    recorded = not recorder.is_alive()
+    release.set()
+    query.join(10)
+    recorder.join(10)
+    reader.set_progress_handler(None, 1)
+    assert recorded, "recording waited for the query"
+    assert log.query(EventQuery(limit=1))[0].type is EventType.PASS_FINISHED
     log.close()
