@@ -38,6 +38,24 @@ def warm(cfg: Path) -> None:
     assert res.returncode == 0, res.stderr
 
 
+def reconcile_with_package(
+    tmp_path: Path, config_repo: ConfigRepo, signing: Signing, name: str, nix: bytes, why: str
+) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """The standard fleet, and host NAME-1 running package NAME (``nix``), committed as
+    ``why``: the configuration, and a pass of it through the CLI."""
+    standard_fleet(config_repo)
+    (config_repo.path / "packages").mkdir(exist_ok=True)
+    (config_repo.path / f"packages/{name}.nix").write_bytes(nix)
+    config_repo.write(
+        f"hosts/{name}-1.yaml",
+        f"name: {name}-1\nformats: [aci]\n"
+        f"services:\n  a: {{package: {name}, exec: [bin/busybox, sleep, '1']}}\n",
+    )
+    config_repo.commit(why)
+    cfg = write_config(tmp_path, config_repo, signing)
+    return cfg, cli("reconcile", "-c", str(cfg))
+
+
 def test_a_host_nested_50000_deep_is_invalid_and_the_others_publish(
     tmp_path: Path, config_repo: ConfigRepo, signing: Signing
 ) -> None:
@@ -88,21 +106,13 @@ def test_a_package_tracing_bytes_that_are_not_utf8_costs_nothing(
 ) -> None:
     """What evaluation prints reached this process as text decoded strictly: a byte
     0xff in a traced string raised UnicodeDecodeError out of the pass."""
-    standard_fleet(config_repo)
     package = (
         b'{ toolchain }: builtins.trace "caf\xff" (derivation { name = "chatty"; system = "x86_64-linux";'
         b' builder = toolchain.busybox; args = [ "sh" "-c" "${toolchain.busybox} mkdir -p $out" ]; })\n'
     )
-    (config_repo.path / "packages").mkdir(exist_ok=True)
-    (config_repo.path / "packages/chatty.nix").write_bytes(package)
-    config_repo.write(
-        "hosts/chatty-1.yaml",
-        "name: chatty-1\nformats: [aci]\n"
-        "services:\n  a: {package: chatty, exec: [bin/busybox, sleep, '1']}\n",
+    _, res = reconcile_with_package(
+        tmp_path, config_repo, signing, "chatty", package, "a package tracing a byte that is not UTF-8"
     )
-    config_repo.commit("a package tracing a byte that is not UTF-8")
-    cfg = write_config(tmp_path, config_repo, signing)
-    res = cli("reconcile", "-c", str(cfg))
     assert res.returncode == 0, (res.returncode, res.stderr[-2000:])
     assert published(tmp_path / "store") == dict.fromkeys(HOSTS, 1)
     assert (tmp_path / "store/hosts/chatty-1/latest.json").exists()
@@ -113,20 +123,18 @@ def test_a_build_logging_bytes_that_are_not_utf8_fails_only_its_host(
 ) -> None:
     """A build's log reached this process as text decoded strictly: a byte 0xe9 the
     builder wrote raised UnicodeDecodeError out of every pass."""
-    standard_fleet(config_repo)
     package = (
         b'{ toolchain }: derivation { name = "latin"; system = "x86_64-linux";'
         rb""" builder = toolchain.busybox; args = [ "sh" "-c" "printf 'caf\\351\\n' >&2; exit 1" ]; }"""
     )
-    (config_repo.path / "packages").mkdir(exist_ok=True)
-    (config_repo.path / "packages/latin.nix").write_bytes(package)
-    config_repo.write(
-        "hosts/latin-1.yaml",
-        "name: latin-1\nformats: [aci]\nservices:\n  a: {package: latin, exec: [bin/busybox, sleep, '1']}\n",
+    cfg, res = reconcile_with_package(
+        tmp_path,
+        config_repo,
+        signing,
+        "latin",
+        package,
+        "a package whose build logs a byte that is not UTF-8",
     )
-    config_repo.commit("a package whose build logs a byte that is not UTF-8")
-    cfg = write_config(tmp_path, config_repo, signing)
-    res = cli("reconcile", "-c", str(cfg))
     assert res.returncode == 1, (res.returncode, res.stderr[-2000:])
     assert "Traceback" not in res.stderr and "reconcile_crashed" not in res.stderr, res.stderr[-2000:]
     assert published(tmp_path / "store") == dict.fromkeys(HOSTS, 1)
@@ -141,18 +149,12 @@ def test_a_package_of_a_long_string_costs_the_daemon_and_its_ledger_no_more_than
     """A package's id was its whole output path, or whatever string it is: one of 8 MiB
     was read by the daemon and kept in its ledger, each pass (at hundreds of MB, the
     daemon's memory went with it)."""
-    standard_fleet(config_repo)
-    (config_repo.path / "packages").mkdir(exist_ok=True)
-    (config_repo.path / "packages/long.nix").write_text(
-        '{ toolchain }: builtins.concatStringsSep "" (builtins.genList (_: "0123456789abcdef") 524288)\n'
+    package = (
+        b'{ toolchain }: builtins.concatStringsSep "" (builtins.genList (_: "0123456789abcdef") 524288)\n'
     )
-    config_repo.write(
-        "hosts/long-1.yaml",
-        "name: long-1\nformats: [aci]\nservices:\n  a: {package: long, exec: [bin/busybox, sleep, '1']}\n",
+    _, res = reconcile_with_package(
+        tmp_path, config_repo, signing, "long", package, "a package that is a string of 8 MiB"
     )
-    config_repo.commit("a package that is a string of 8 MiB")
-    cfg = write_config(tmp_path, config_repo, signing)
-    res = cli("reconcile", "-c", str(cfg))
     assert res.returncode == 1, (res.returncode, res.stderr[-2000:])
     assert "Traceback" not in res.stderr
     assert published(tmp_path / "store") == dict.fromkeys(HOSTS, 1)

@@ -303,6 +303,22 @@ def test_an_open_page_answers_only_requests_naming_loopback(tmp_path: Path, host
         assert refused[0] == 403
 
 
+def page_server(access: Access) -> Server:
+    """A started listener serving a page of "<p>fleet</p>" behind ``access``, as the daemon does."""
+    server = Server(
+        "127.0.0.1:0",
+        CollectorRegistry(),
+        lambda: (True, "ok"),
+        lambda: (True, "ok"),
+        get={"/": lambda r: (200, "text/html", b"<p>fleet</p>")},
+        guard=access.guard,
+        get_headers=SECURITY_HEADERS,
+        challenge=access.challenge,
+    )
+    server.start()
+    return server
+
+
 @pytest.mark.parametrize(
     "host_lines",
     [b"host: rebind.attacker.example\r\n", b"Host: 127.0.0.1\r\nHost: rebind.attacker.example\r\n"],
@@ -311,16 +327,7 @@ def test_an_open_page_answers_only_requests_naming_loopback(tmp_path: Path, host
 def test_an_open_page_reads_host_whatever_its_case_and_however_often_sent(
     tmp_path: Path, host_lines: bytes
 ) -> None:
-    access = Access("127.0.0.1:0", tmp_path / "r.yaml")
-    server = Server(
-        "127.0.0.1:0",
-        CollectorRegistry(),
-        lambda: (True, "ok"),
-        lambda: (True, "ok"),
-        get={"/": lambda r: (200, "text/html", b"<p>fleet</p>")},
-        guard=access.guard,
-    )
-    server.start()
+    server = page_server(Access("127.0.0.1:0", tmp_path / "r.yaml"))
     try:
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as conn:
             conn.sendall(b"GET / HTTP/1.1\r\n" + host_lines + b"Connection: close\r\n\r\n")
@@ -435,18 +442,7 @@ def test_the_config_names_the_web_files(tmp_path: Path) -> None:
 
 
 def test_the_server_sends_the_policy_and_asks_a_browser_for_a_password(tmp_path: Path) -> None:
-    access = Access("127.0.0.1:0", tmp_path / "r.yaml", users=parse_htpasswd(f"ops:{HASH}", "f"))
-    server = Server(
-        "127.0.0.1:0",
-        CollectorRegistry(),
-        lambda: (True, "ok"),
-        lambda: (True, "ok"),
-        get={"/": lambda r: (200, "text/html", b"<p>fleet</p>")},
-        guard=access.guard,
-        get_headers=SECURITY_HEADERS,
-        challenge=access.challenge,
-    )
-    server.start()
+    server = page_server(Access("127.0.0.1:0", tmp_path / "r.yaml", users=parse_htpasswd(f"ops:{HASH}", "f")))
     url = f"http://127.0.0.1:{server.port}/"
     try:
         with pytest.raises(urllib.error.HTTPError) as exc:
