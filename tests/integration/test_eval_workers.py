@@ -102,7 +102,7 @@ def test_plan_with_workers_and_a_memory_limit_names_the_one_host_over_it(
     lines = set(res.stdout.splitlines())
     assert (
         "hog-1: invalid: nix evaluation failed: "
-        "evaluation needed more memory than nix.eval_memory (512M) and was stopped"
+        "package hog: evaluation needed more memory than nix.eval_memory (512M) and was stopped"
     ) in lines, res.stdout
     for host in ("web-1", "web-2", "worker-1"):
         assert f"{host}: rebuild: new host, never published" in lines, res.stdout

@@ -530,4 +530,5 @@ def test_a_package_reads_no_host_or_profile_file(
     folder = read.split("/")[1]
     assert f"getting status of '{folder}': No such file or directory" in only_evil_fails(cfg)[1]
     # What `reconciler plan` said of the host beforehand.
-    assert f"evil: invalid: nix evaluation failed: error: getting status of '{folder}'" in planned.stdout
+    said = f"evil: invalid: nix evaluation failed: package evil: error: getting status of '{folder}'"
+    assert said in planned.stdout, planned.stdout
