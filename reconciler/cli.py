@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sqlite3
 import sys
@@ -15,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TextIO
 
 from reconciler import __version__, log
 from reconciler.config import Config, load_config
@@ -700,7 +701,36 @@ def parser() -> argparse.ArgumentParser:
 SWITCH_INTERVAL = 0.001
 
 
+# What the commands print must not act on the terminal: a name from the config
+# repository (a host file's, a package's) or a path can hold ESC, which starts an escape
+# sequence (clear the screen, set the window title, move the cursor over earlier lines).
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+class _Shown:
+    """A text stream whose control characters but newline and tab are written as
+    escapes (``\\x1b``); everything else as the stream it wraps."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return self._stream.write(_CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    out, err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _Shown(out), _Shown(err)
+    try:
+        return _main(argv)
+    finally:
+        sys.stdout, sys.stderr = out, err
+
+
+def _main(argv: Sequence[str] | None) -> int:
     sys.setswitchinterval(SWITCH_INTERVAL)
     args = parser().parse_args(argv)
     log.configure(log.LEVELS[args.log_level], log.Format(args.log_format))

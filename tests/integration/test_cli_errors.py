@@ -123,3 +123,20 @@ def test_a_reader_that_goes_away(tmp_path: Path) -> None:
     err = proc.stderr.read().decode()
     assert proc.wait(60) == 1
     assert err == ""
+
+
+def test_what_the_repository_names_is_printed_without_its_control_characters(
+    tmp_path: Path, config_repo: ConfigRepo, signing: Signing
+) -> None:
+    """A host file named with ESC reached the operator's terminal as an escape sequence
+    (clear the screen, here), in `plan` and in any error naming it."""
+    config_repo.write("hosts/web-1.yaml", "name: web-1\nformats: [aci]\n")
+    config_repo.write("hosts/\x1b[2J\x1b]0;owned\x07.yaml", "name: x\n")
+    config_repo.commit("a host file whose name clears the screen")
+    cfg = write_config(tmp_path, config_repo, signing)
+    res = cli("plan", "-c", str(cfg))
+    assert "web-1: rebuild" in res.stdout, res.stdout + res.stderr
+    assert "\\x1b[2J\\x1b]0;owned\\x07" in res.stdout, res.stdout
+    assert "\x1b" not in res.stdout + res.stderr and "\x07" not in res.stdout + res.stderr
+    res = cli("status", "-c", str(tmp_path / "\x1b[2J.yaml"))
+    assert res.returncode == 1 and "\\x1b[2J.yaml" in res.stderr and "\x1b" not in res.stderr
