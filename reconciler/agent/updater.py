@@ -281,8 +281,13 @@ class Agent:
         # The timestamp's validators are remembered only once the refresh it starts is
         # through: after one garbled snapshot or bin, the next poll would be told "not
         # modified" and wait for a new timestamp, hours, with nothing stale to show.
+        before = self.tuf.trusted_timestamp()
         info = self.tuf.target(target_path(self.cfg.host), got.data)
-        self._fresh()
+        after = self.tuf.trusted_timestamp()
+        if before is not None and after is not None and after.signed.version == before.signed.version:
+            self._fresh()  # the same timestamp sent whole: as stale as "not modified" is
+        else:
+            self._trusted_expiry()
         self._stale(None)
         if info is None:
             self._remember(got.validators)
@@ -360,9 +365,7 @@ class Agent:
         )
 
     def _fresh(self) -> None:
-        """StaleError if the timestamp trusted now expired by this agent's clock (the
-        same one again is no newer one, whether the store said "not modified" or sent
-        it whole)."""
+        """StaleError if the timestamp trusted now expired by this agent's clock."""
         expires = self._trusted_expiry()
         if expires is not None and expires <= self.clock.now():
             # The next read asks without validators, in case they are what keeps the
