@@ -17,6 +17,8 @@ import os
 import shlex
 import shutil
 import subprocess
+import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -175,12 +177,13 @@ class GitSource:
         timeout: float,
         stdin: bytes | None = None,
         late: str | None = None,
+        extra_env: Mapping[str, str] | None = None,
     ) -> subprocess.CompletedProcess[bytes]:
         """``git args`` on ``git_dir`` (None: in no repository, as a clone); past
         ``timeout`` it is killed with what it started (ssh, a credential helper) and
         SourceError says so (``late``, or which command did not finish)."""
         cmd = ["git", "-C", str(git_dir) if git_dir is not None else "/", *args]
-        env = {**os.environ, **self.env}
+        env = {**os.environ, **self.env, **(extra_env or {})}
         try:
             if stdin is None:
                 return run_with_deadline(cmd, env=env, timeout=timeout, stdout=True, stderr=True)
@@ -199,9 +202,10 @@ class GitSource:
         what: str,
         timeout: float = READ_TIMEOUT,
         stdin: bytes | None = None,
+        extra_env: Mapping[str, str] | None = None,
     ) -> bytes:
         """The output of ``git args``; SourceError "``what``: git's reason" when it fails."""
-        proc = self._run(git_dir, args, timeout, stdin)
+        proc = self._run(git_dir, args, timeout, stdin, extra_env=extra_env)
         if proc.returncode != 0:
             raise SourceError(f"{what}: {_cause(self._said(proc.stderr), proc.returncode)}")
         return proc.stdout
@@ -288,35 +292,61 @@ class GitSource:
     def write_tree(self, commit: str, dest: Path) -> None:
         """Replace ``dest`` with what Nix reads of ``commit``: its tree without the
         folders of NOT_READ_BY_PACKAGES, whose files Nix is given validated and
-        normalised instead, so that no package can read them. TreeRefusedError when
-        it would take more than MAX_TREE_BYTES."""
+        normalised instead, so that no package can read them; within MAX_TREE_BYTES
+        (export)."""
         if dest.exists():
             shutil.rmtree(dest)
         self.export(commit, dest, exclude=tuple(sorted(NOT_READ_BY_PACKAGES)))
 
-    def _unwritable(self, commit: str, top: list[str]) -> frozenset[str]:
-        """The paths of ``commit`` under the top-level entries ``top`` (none: all) that
-        no file system takes as they are; TreeRefusedError when their files take more
-        than MAX_TREE_BYTES."""
+    def _unwritable(self, commit: str, top: list[str]) -> tuple[frozenset[str], list[bytes], int]:
+        """Of ``commit``'s paths under the top-level entries ``top`` (none: all): those
+        no file system takes as they are; those left out so that the rest take no more
+        than MAX_TREE_BYTES, and how many bytes they take. Left out are the paths of the
+        blobs that take most, all of a blob's at once: one blob named a thousand times
+        is what a few KB pushed can ask (terabytes); a package that reads one of them
+        fails, and only its hosts with it."""
         listing = self._git("ls-tree", "-r", "-z", "--long", "--full-tree", commit, "--", *top)
-        total, unwritable = 0, set()
+        unwritable = set()
+        paths: dict[bytes, list[bytes]] = {}
+        sizes: dict[bytes, int] = {}
         for entry in filter(None, listing.split(b"\0")):
             meta, _, raw = entry.partition(b"\t")
-            size = meta.split()[3]
-            total += int(size) if size.isdigit() else 0
+            _, kind, oid, size = meta.split()
+            if kind == b"blob":
+                paths.setdefault(oid, []).append(raw)
+                sizes[oid] = int(size) if size.isdigit() else 0
             if len(raw) > MAX_PATH_BYTES or any(len(part) > MAX_NAME_BYTES for part in raw.split(b"/")):
                 unwritable.add(raw.decode(errors="backslashreplace"))
-        if total > MAX_TREE_BYTES:
-            raise TreeRefusedError(
-                f"cannot export {commit} of {self.shown_url}: the files Nix would read take "
-                f"{total} bytes, over {MAX_TREE_BYTES}"
+        total = sum(sizes[oid] * len(named) for oid, named in paths.items())
+        left_out: list[bytes] = []
+        for oid in sorted(paths, key=lambda o: (sizes[o] * len(paths[o]), o), reverse=True):
+            if total <= MAX_TREE_BYTES:
+                break
+            total -= sizes[oid] * len(paths[oid])
+            left_out += paths[oid]
+        return frozenset(unwritable), sorted(left_out), total
+
+    def _without(self, commit: str, paths: list[bytes]) -> str:
+        """The tree of ``commit`` without ``paths``, built in an index of its own (the
+        clone's is never touched)."""
+        git_dir = self._open()
+        what = f"cannot export {commit} of {self.shown_url}"
+        with tempfile.TemporaryDirectory(prefix="reconciler-index-") as tmp:
+            env = {"GIT_INDEX_FILE": str(Path(tmp) / "index"), "GIT_LITERAL_PATHSPECS": "1"}
+            self._checked(git_dir, ["read-tree", commit], what, extra_env=env)
+            self._checked(
+                git_dir,
+                ["rm", "--cached", "-q", "--ignore-unmatch", "--pathspec-from-file=-", "--pathspec-file-nul"],
+                what,
+                stdin=b"\0".join(paths),
+                extra_env=env,
             )
-        return frozenset(unwritable)
+            return self._checked(git_dir, ["write-tree"], what, extra_env=env).decode().strip()
 
     def export(self, commit: str, dest: Path, exclude: tuple[str, ...] = ()) -> None:
         """Write ``commit``'s tree into the new directory ``dest`` from git objects,
         without the top-level entries ``exclude``, nor a path no file system takes
-        (logged). TreeRefusedError when its files take more than MAX_TREE_BYTES."""
+        (logged), nor the paths left out to stay under MAX_TREE_BYTES (logged)."""
         git_dir = self._open()
         dest.mkdir(parents=True)
         kept: list[str] = []  # the top-level entries written (none named: all)
@@ -327,10 +357,22 @@ class GitSource:
             kept = sorted({name.decode(errors="surrogateescape") for name in top} - set(exclude))
             if not kept:
                 return
-        unwritable = self._unwritable(commit, kept)
+        unwritable, left_out, total = self._unwritable(commit, kept)
+        tree = commit
+        if left_out:
+            tree = self._without(commit, left_out)
+            log.event(
+                "tree_files_left_out",
+                logging.WARNING,
+                commit=commit,
+                paths=len(left_out),
+                first=left_out[0].decode(errors="backslashreplace")[:200],
+                written=total,
+                limit=MAX_TREE_BYTES,
+            )
         paths = ["--", ".", *(f":(top,exclude){e}" for e in exclude)] if exclude else []
         archive = subprocess.Popen(
-            ["git", "-C", str(git_dir), "archive", "--format=tar", commit, *paths],
+            ["git", "-C", str(git_dir), "archive", "--format=tar", tree, *paths],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             stdin=subprocess.DEVNULL,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.adapters import git as git_adapter
-from reconciler.adapters.git import GitSource, TreeRefusedError
+from reconciler.adapters.git import GitSource
 from reconciler.adapters.tree import read_tree
 from reconciler.core.schema import MAX_FILE_BYTES
 from reconciler.errors import ConfigError, SourceError
@@ -190,31 +190,39 @@ def test_a_name_no_file_system_takes_is_left_out_of_the_tree_alone(tmp_path: Pat
     assert "event=tree_paths_skipped" in out.getvalue() and " paths=2 " in out.getvalue()
 
 
-def test_a_tree_past_its_size_is_refused_and_the_clone_kept(
+def test_a_tree_past_its_size_is_written_without_the_blobs_that_take_most(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """One blob named a thousand times is a few KB pushed and terabytes written out."""
-    monkeypatch.setattr(git_adapter, "MAX_TREE_BYTES", 14_000)
+    """One blob named a thousand times is a few KB pushed and terabytes written out. It
+    failed the whole pass; now its paths are left out, and a package that reads one
+    fails (only its hosts with it)."""
+    monkeypatch.setattr(git_adapter, "MAX_TREE_BYTES", 21_000)
     repo = tmp_path / "repo"
     (repo / "blobs").mkdir(parents=True)
+    (repo / "packages").mkdir()
     git(repo, "init", "-q", "-b", "main")
     for i in range(3):
         (repo / f"blobs/z{i}").write_text("z" * 4000)
+    (repo / "packages/site.nix").write_text("{ toolchain }: toolchain.busybox\n" + "#" * 3000)
+    (repo / "blobs/big").write_text("b" * 5000)
     (repo / "hosts").mkdir()
     (repo / "hosts/web-1.yaml").write_text("#" * 20_000)  # not written out: not counted
     commit_all(repo)
     source = GitSource(str(repo), "main", tmp_path / "clone")
     source.fetch()
+    assert (source.checkout / "blobs/z2").is_file()
     (repo / "blobs/z3").write_text("z" * 4000)
     commit = commit_all(repo)
     clone = (tmp_path / "clone" / ".git").stat().st_ino
-    with (
-        reconciler_log() as out,
-        pytest.raises(TreeRefusedError, match=f"cannot export {commit} .* take 16000 bytes, over 14000"),
-    ):
-        source.fetch()
-    # Its content, not the clone: not cloned again.
-    assert "checkout_repaired" not in out.getvalue()
+    with reconciler_log() as out:
+        assert source.fetch() == commit
+    # 16,000 bytes of one blob, 5,000 of another, 3,000 of the package: the first goes.
+    assert not (source.checkout / "blobs/z0").exists() and not (source.checkout / "blobs/z3").exists()
+    assert (source.checkout / "blobs/big").read_text() == "b" * 5000
+    assert (source.checkout / "packages/site.nix").is_file()
+    said = out.getvalue()
+    assert "event=tree_files_left_out" in said and " paths=4 " in said and " first=blobs/z0 " in said
+    assert " written=8" in said and "checkout_repaired" not in said
     assert (tmp_path / "clone" / ".git").stat().st_ino == clone
 
 
