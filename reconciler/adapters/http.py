@@ -345,6 +345,8 @@ class _Listener(ThreadingHTTPServer):
         victim = next(conn for conn, peer in self._serving.items() if peer == heaviest)
         del self._serving[victim]
         self._per_peer[heaviest] -= 1
+        if not self._per_peer[heaviest]:
+            del self._per_peer[heaviest]
         with contextlib.suppress(OSError):
             victim.shutdown(socket.SHUT_RDWR)
         self._displaced.inc()
