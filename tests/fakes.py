@@ -151,18 +151,22 @@ class FakeNix:
 
     def package_ids(self, names: Sequence[str], repo: Path) -> PackageIds:
         """A package's id is its text without comment lines: as in Nix, where a comment
-        does not reach the derivation. One that says "broken" does not evaluate."""
+        does not reach the derivation. One that says "broken" does not evaluate; one that
+        says "slow" runs into the deadline."""
         self.package_evaluations += 1
         files = self.source.read_tree() if self.source is not None else {}
-        ids, failed = {}, {}
+        ids, failed, limited = {}, {}, set()
         for n in names:
             text = files.get(f"packages/{n}.nix", "")
             if "broken" in text:
                 failed[n] = "error: undefined variable 'broken'"
+            elif "slow" in text:
+                failed[n] = "evaluation took longer than 300s and was stopped"
+                limited.add(n)
             else:
                 code = [ln for ln in text.splitlines() if not ln.lstrip().startswith("#")]
                 ids[n] = digest(code)
-        return PackageIds(ids, failed)
+        return PackageIds(ids, failed, frozenset(limited))
 
     def image(self, host: Host) -> str:
         return f"/nix/store/{digest(host.to_nix())[:32]}-host-{host.name}-image.drv"

@@ -662,23 +662,21 @@ class Nix:
             )
         except BuildError as exc:
             # Past its deadline (or its output's bound): found alone, as any failure.
-            proc, why = None, exc.reason
+            proc, why, limited = None, exc.reason, True
         finally:
             fleet_file.unlink(missing_ok=True)
         if proc is not None and proc.returncode == 0:
             return PackageIds(json.loads(proc.stdout), {})
         if proc is not None:
-            why = (
-                self._memory_error()
-                if _out_of_memory(proc.stderr)
-                else redact(proc.stderr, self.redaction(repo))
-            )
+            limited = _out_of_memory(proc.stderr)
+            why = self._memory_error() if limited else redact(proc.stderr, self.redaction(repo))
         if len(names) == 1:
-            return PackageIds({}, {names[0]: why})
+            return PackageIds({}, {names[0]: why}, frozenset(names) if limited else frozenset())
         alone = [self.package_ids([n], repo) for n in names]
         return PackageIds(
             {k: v for one in alone for k, v in one.ids.items()},
             {k: v for one in alone for k, v in one.failed.items()},
+            frozenset(k for one in alone for k in one.limited),
         )
 
     def eval_command(self, fleet_file: Path, repo: Path) -> list[str]:

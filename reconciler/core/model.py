@@ -103,6 +103,9 @@ class PackageIds:
 
     ids: Mapping[str, str]  # package -> id: equal ids, equal images of the hosts using it
     failed: Mapping[str, str]  # package -> why it does not evaluate
+    # Of ``failed``, those stopped at a limit (the deadline, the memory): a busier or
+    # a freer machine may find otherwise, so their failure is not kept.
+    limited: frozenset[str] = frozenset()
 
 
 # What a running build reports now and then (Nix.realise): the seconds it has run, and

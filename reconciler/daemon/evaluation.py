@@ -108,5 +108,8 @@ class Evaluating:
             return PackageIds(ids, failed)
         asked = sorted(names | ((ids.keys() | failed.keys()) & self._defined))
         got = self._nix.package_ids(asked, self._source.checkout)
-        self._ledger.set_meta(PACKAGES_KEY, json.dumps({"key": key, "ids": got.ids, "failed": got.failed}))
+        # A package stopped at a limit is asked again next time: the limit may have been
+        # the machine's load. Any other failure is as lasting as an id.
+        lasting = {name: why for name, why in got.failed.items() if name not in got.limited}
+        self._ledger.set_meta(PACKAGES_KEY, json.dumps({"key": key, "ids": got.ids, "failed": lasting}))
         return got

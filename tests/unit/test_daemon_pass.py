@@ -333,6 +333,24 @@ def test_a_host_whose_package_does_not_evaluate_fails_as_it_without_an_evaluatio
     assert world.nix.evaluated == ["web-1", "web-0"]
 
 
+def test_a_package_stopped_at_a_limit_is_asked_again_and_its_hosts_never_evaluated(world: World) -> None:
+    """The deadline may have been the machine's load: its failure is not kept, but its
+    hosts still cost no evaluation of their own."""
+    files = package_fleet(2)
+    files["packages/rare.nix"] = "slow"
+    world.source.push(files)
+    rec = world.reconciler()
+    obs, _ = rec.plan()
+    assert dict(obs.evaluation.errors) == {
+        "web-0": "package rare: evaluation took longer than 300s and was stopped"
+    }
+    asked = world.nix.package_evaluations
+    world.source.push({**files, "hosts/web-1.yaml": files["hosts/web-1.yaml"] + "# edited\n"})
+    obs, _ = rec.plan()
+    assert world.nix.package_evaluations == asked + 1 and world.nix.evaluated == ["web-1"]
+    assert "web-0" in obs.evaluation.errors
+
+
 def test_a_pass_at_an_unchanged_head_reads_and_evaluates_nothing_again(world: World) -> None:
     world.source.push(FLEET)
     rec = world.reconciler()
