@@ -298,7 +298,7 @@ class GitSource:
             shutil.rmtree(dest)
         self.export(commit, dest, exclude=tuple(sorted(NOT_READ_BY_PACKAGES)))
 
-    def _unwritable(self, commit: str, top: list[str]) -> tuple[frozenset[str], list[bytes], int]:
+    def _what_to_write(self, commit: str, top: list[str]) -> tuple[frozenset[str], list[bytes], int]:
         """Of ``commit``'s paths under the top-level entries ``top`` (none: all): those
         no file system takes as they are; those left out so that the rest take no more
         than MAX_TREE_BYTES, and how many bytes they take. Left out are the paths of the
@@ -357,7 +357,7 @@ class GitSource:
             kept = sorted({name.decode(errors="surrogateescape") for name in top} - set(exclude))
             if not kept:
                 return
-        unwritable, left_out, total = self._unwritable(commit, kept)
+        unwritable, left_out, total = self._what_to_write(commit, kept)
         tree = commit
         if left_out:
             tree = self._without(commit, left_out)
